@@ -1,0 +1,127 @@
+"""Quantization-aware training with a forward that *is* the golden model.
+
+Straight-through fake quantization, made exact: each training step
+
+1. re-quantizes the float shadow weights with the frozen activation formats
+   (:func:`hwgen.quant.quantize_weights`, the same pass ``hwgen quantize``
+   runs) and executes that fixed graph with :class:`~hwgen.golden.GoldenModel`,
+   recording every tensor's integer codes;
+2. runs the float semantics of each op (:data:`hwgen.float_exec.FLOAT_OPS`)
+   in torch float64 on straight-through weights ``w + (dequant(codes(w)) - w).detach()``
+   and on the previous ops' outputs;
+3. replaces each op's float output by the exact dequantized golden value while
+   keeping the float op's gradient (:class:`_ReplaceValue`).
+
+So the forward values are the golden model's, bit for bit, by construction
+(``tests/test_qat.py`` checks every tensor), and gradients are the usual
+straight-through ones. :meth:`QATModel.export` gives the fixed graph of the
+current weights.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+import torch
+
+from .fixed import FixedType
+from .float_exec import FLOAT_OPS, _RunContext
+from .golden import GoldenModel, check_feeds
+from .ir import Graph
+from .quant import QuantConfig, quantize_weights
+
+
+class _ReplaceValue(torch.autograd.Function):
+    """Forward: the exact value. Backward: the gradient of the float surrogate."""
+
+    @staticmethod
+    def forward(ctx, surrogate: torch.Tensor, exact: torch.Tensor) -> torch.Tensor:
+        return exact.clone()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad, None
+
+
+def dequantize_tensor(graph: Graph, name: str, codes: np.ndarray) -> np.ndarray:
+    """Real values of a (possibly per-channel) fixed tensor's codes."""
+    t = graph.tensors[name]
+    return np.ldexp(np.asarray(codes, dtype=np.float64), -np.asarray(t.frac_bits(), dtype=np.int64))
+
+
+@dataclass
+class StepResult:
+    outputs: dict[str, torch.Tensor]       # dequantized golden values, differentiable
+    codes: dict[str, np.ndarray]           # every tensor's golden codes
+    fixed: Graph                           # the fixed graph this step executed
+
+
+class QATModel(torch.nn.Module):
+    """Float shadow weights of a (folded) float graph with frozen activation formats."""
+
+    def __init__(self, float_graph: Graph, fmts: dict[str, FixedType], cfg: QuantConfig):
+        super().__init__()
+        self.graph = float_graph
+        self.fmts = fmts
+        self.cfg = cfg
+        self.names = sorted(float_graph.weights)
+        self.weights = torch.nn.ParameterList(
+            torch.nn.Parameter(torch.from_numpy(float_graph.weights[n].astype(np.float64)))
+            for n in self.names)
+
+    def current_float_graph(self) -> Graph:
+        g = Graph(name=self.graph.name, tensors=self.graph.tensors, nodes=self.graph.nodes,
+                  inputs=self.graph.inputs, outputs=self.graph.outputs,
+                  weights={n: p.detach().numpy().astype(np.float32)
+                           for n, p in zip(self.names, self.weights)},
+                  meta=dict(self.graph.meta))
+        return g
+
+    def export(self) -> Graph:
+        """The fixed graph of the current weights (what `hwgen quantize` saves)."""
+        return quantize_weights(self.current_float_graph(), self.fmts, self.cfg)
+
+    def step(self, feed: dict[str, np.ndarray]) -> StepResult:
+        fixed = self.export()
+        codes = GoldenModel(fixed)(feed, record=True)
+        feed = check_feeds(fixed, feed)
+        vals: dict[str, torch.Tensor] = {}
+        for name in fixed.inputs:
+            v = torch.from_numpy(np.asarray(feed[name]))
+            vals[name] = v.to(torch.float64) if fixed.tensors[name].dtype == "float" else v
+        for name, p in zip(self.names, self.weights):
+            exact = torch.from_numpy(dequantize_tensor(fixed, name, fixed.weights[name]))
+            vals[name] = p + (exact - p).detach()
+        ctx = _RunContext(state=None, offset=0, device=torch.device("cpu"))
+        for node in fixed.nodes:
+            args = [vals[t] if t else None for t in node.inputs]
+            y = FLOAT_OPS[node.op](node, args, ctx)
+            out = node.outputs[0]
+            exact = torch.from_numpy(dequantize_tensor(fixed, out, codes[out]))
+            vals[out] = _ReplaceValue.apply(y.to(torch.float64), exact)
+        return StepResult({n: vals[n] for n in fixed.outputs}, codes, fixed)
+
+
+def _cycle(feeds: list) -> Iterator:
+    while True:
+        yield from feeds
+
+
+def finetune(model: QATModel, feeds: Iterable[dict[str, np.ndarray]],
+             loss_fn: Callable[[dict[str, np.ndarray], StepResult], torch.Tensor],
+             steps: int, lr: float = 2e-5,
+             progress: Callable[[int, float], None] | None = None) -> list[float]:
+    """``steps`` Adam steps of ``loss_fn(feed, step_result)``; returns the losses."""
+    feeds = list(feeds)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    losses = []
+    for i, feed in zip(range(steps), _cycle(feeds)):
+        opt.zero_grad()
+        loss = loss_fn(feed, model.step(feed))
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+        if progress:
+            progress(i + 1, losses[-1])
+    return losses

@@ -1,0 +1,75 @@
+"""Shared fixtures: small graphs built directly with the IR API, so the golden
+model, quantizer and QAT are tested independently of the torch frontend."""
+import numpy as np
+import pytest
+
+from hwgen.ir import Graph, Node, Tensor
+
+
+def build_tiny_decoder(vocab=40, ctx=24, d=16, heads=2, ffn=32, layers=2, seed=0) -> Graph:
+    """A pre-norm causal decoder with a KV cache, in float (random weights)."""
+    rng = np.random.default_rng(seed)
+    g = Graph(name="tiny-decoder", meta={"quantized": False})
+    g.add_tensor(Tensor("ids", ("B", "S"), kind="input", dtype="index"))
+    g.inputs = ["ids"]
+
+    def w(name, *shape, scale=None):
+        scale = scale if scale is not None else 1 / np.sqrt(shape[0])
+        g.add_weight(name, (rng.normal(0, scale, shape)).astype(np.float32))
+        return name
+
+    def act(name, *shape):
+        g.add_tensor(Tensor(name, shape))
+        return name
+
+    def node(op, ins, out, layer=None, **attrs):
+        g.add_node(Node(f"n{len(g.nodes)}.{op}", op, ins, [out], attrs, source=out, layer=layer))
+        return out
+
+    h = ("B", "S", d)
+    tok = node("embedding", ["ids", w("tok", vocab, d, scale=1.0)], act("tok_e", *h))
+    pos = node("embedding", ["ids", w("pos", ctx, d, scale=0.3)], act("pos_e", *h), positions=True)
+    x = node("add", [tok, pos], act("x0", *h))
+    for i in range(layers):
+        p = f"L{i}"
+        gm = g.add_weight(f"{p}.ln1.g", (1 + 0.1 * rng.normal(size=d)).astype(np.float32)).name
+        bt = w(f"{p}.ln1.b", d, scale=0.1)
+        a = node("layernorm", [x, gm, bt], act(f"{p}.ln1", *h), i, eps=1e-5)
+        q = node("linear", [a, w(f"{p}.q.w", d, d), w(f"{p}.q.b", d, scale=0.1)], act(f"{p}.q", *h), i)
+        k = node("linear", [a, w(f"{p}.k.w", d, d), w(f"{p}.k.b", d, scale=0.1)], act(f"{p}.k", *h), i)
+        v = node("linear", [a, w(f"{p}.v.w", d, d), w(f"{p}.v.b", d, scale=0.1)], act(f"{p}.v", *h), i)
+        o = node("attention", [q, k, v], act(f"{p}.attn", *h), i, heads=heads, head_dim=d // heads,
+                 causal=True, scale=1 / np.sqrt(d // heads), kv_cache=True, max_positions=ctx)
+        o = node("linear", [o, w(f"{p}.o.w", d, d), w(f"{p}.o.b", d, scale=0.1)], act(f"{p}.o", *h), i)
+        x = node("add", [x, o], act(f"{p}.r1", *h), i)
+        gm = g.add_weight(f"{p}.ln2.g", (1 + 0.1 * rng.normal(size=d)).astype(np.float32)).name
+        a = node("layernorm", [x, gm, w(f"{p}.ln2.b", d, scale=0.1)], act(f"{p}.ln2", *h), i, eps=1e-5)
+        f = node("linear", [a, w(f"{p}.fc1.w", d, ffn), w(f"{p}.fc1.b", ffn, scale=0.1)],
+                 act(f"{p}.fc1", "B", "S", ffn), i)
+        f = node("gelu", [f], act(f"{p}.gelu", "B", "S", ffn), i, approximate="tanh")
+        f = node("linear", [f, w(f"{p}.fc2.w", ffn, d), w(f"{p}.fc2.b", d, scale=0.1)], act(f"{p}.fc2", *h), i)
+        x = node("add", [x, f], act(f"{p}.r2", *h), i)
+    gm = g.add_weight("lnf.g", np.ones(d, dtype=np.float32)).name
+    x = node("layernorm", [x, gm, w("lnf.b", d, scale=0.1)], act("lnf", *h), eps=1e-5)
+    node("linear", [x, w("head.w", d, vocab), w("head.b", vocab, scale=0.1)], act("logits", "B", "S", vocab))
+    g.outputs = ["logits"]
+    g.validate()
+    return g
+
+
+def tiny_decoder_feeds(n=3, b=2, s=12, vocab=40, seed=1):
+    rng = np.random.default_rng(seed)
+    return [{"ids": rng.integers(0, vocab, (b, s))} for _ in range(n)]
+
+
+@pytest.fixture(scope="session")
+def tiny_decoder():
+    return build_tiny_decoder()
+
+
+@pytest.fixture(scope="session")
+def tiny_decoder_fixed(tiny_decoder):
+    from hwgen.quant import QuantConfig, quantize
+
+    fixed, _ = quantize(tiny_decoder, tiny_decoder_feeds(), QuantConfig.from_bits("w8a8"))
+    return fixed
