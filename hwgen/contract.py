@@ -68,10 +68,15 @@ def matmul_int(a: np.ndarray, b: np.ndarray, bound: int) -> np.ndarray:
     operand formats); below 2**53 the product runs as a float64 GEMM, which
     is exact there, otherwise as an int64 matmul.
     """
-    if bound < FLOAT64_EXACT:
-        return np.matmul(a.astype(np.float64, copy=False),
-                         b.astype(np.float64, copy=False)).astype(np.int64)
-    return np.matmul(a.astype(np.int64, copy=False), b.astype(np.int64, copy=False))
+    dtype = np.float64 if bound < FLOAT64_EXACT else np.int64
+    a = a.astype(dtype, copy=False)
+    b = b.astype(dtype, copy=False)
+    if b.ndim == 2 and a.ndim > 2:
+        # stacked (..., K) @ (K, N): one 2-D GEMM (NumPy's stacked matmul skips BLAS)
+        out = (a.reshape(-1, a.shape[-1]) @ b).reshape(*a.shape[:-1], b.shape[-1])
+    else:
+        out = np.matmul(a, b)
+    return out.astype(np.int64, copy=False)
 
 
 def product_range(a: FixedType, b: FixedType) -> tuple[int, int]:
