@@ -52,6 +52,14 @@ class ContractError(ValueError):
     """Formats or shapes the contract cannot execute exactly; names the limit."""
 
 
+def requant(codes: np.ndarray, frac_in: int | np.ndarray, out: FixedType,
+            out_frac: int | np.ndarray | None = None) -> np.ndarray:
+    """``out.quantize`` with an optional per-channel ``out_frac`` array."""
+    if out_frac is None:
+        return out.quantize(codes, frac_in)
+    return requantize(codes, frac_in, out.width, out_frac, out.signed, out.q, out.o)
+
+
 # ----------------------------------------------------------------------------
 # exact integer matrix products
 # ----------------------------------------------------------------------------
@@ -316,14 +324,15 @@ def softmax(s: np.ndarray, s_frac: int, valid: np.ndarray | None, exp: ExpTable,
 
 def layernorm(x: np.ndarray, x_frac: int, gamma: np.ndarray, gamma_frac: int,
               beta: np.ndarray, eps_code: int, isqrt: IsqrtTable, norm: FixedType,
-              out: FixedType) -> np.ndarray:
+              out: FixedType, out_frac: int | np.ndarray | None = None) -> np.ndarray:
     """Integer layer normalization over the last axis (H channels).
 
     s1 = sum x, s2 = sum x^2, num = H*x - s1, D = H*s2 - s1^2 + eps_code
     (eps_code = :func:`layernorm_eps_code`); (r, f) = inv_sqrt(D);
     z = requant(num * r, f, norm); y = requant(z * gamma + beta,
     norm.frac_bits + gamma_frac, out). ``beta`` holds codes with
-    ``norm.frac_bits + gamma_frac`` fractional bits.
+    ``norm.frac_bits + gamma_frac`` fractional bits. ``out_frac`` (per-channel
+    output formats) overrides ``out.frac_bits``.
     """
     x = np.asarray(x, dtype=np.int64)
     h = x.shape[-1]
@@ -333,8 +342,8 @@ def layernorm(x: np.ndarray, x_frac: int, gamma: np.ndarray, gamma_frac: int,
     d = h * s2 - s1 * s1 + eps_code
     r, f = inv_sqrt(d, isqrt)
     z = norm.quantize(num * r, f)
-    return out.quantize(z * gamma.astype(np.int64) + beta.astype(np.int64),
-                        norm.frac_bits + gamma_frac)
+    return requant(z * gamma.astype(np.int64) + beta.astype(np.int64),
+                   norm.frac_bits + gamma_frac, out, out_frac)
 
 
 def layernorm_eps_code(eps: float, h: int, x_frac: int) -> int:
@@ -356,19 +365,40 @@ def layernorm_norm_format(h: int, width: int) -> FixedType:
     return FixedType(width, int_bits, signed=True, q="AP_RND", o="AP_SAT")
 
 
-def gelu(x: np.ndarray, in_fmt: FixedType, out_fmt: FixedType, approximate: str) -> np.ndarray:
-    """GELU as a table over every input code."""
-    return gelu_table(in_fmt, out_fmt, approximate)[np.asarray(x, dtype=np.int64) - in_fmt.min_code]
+def gelu_fine_format(out_fmt: FixedType, out_frac: np.ndarray) -> FixedType:
+    """Table format for per-channel GELU outputs: the finest channel's
+    fractional bits and the widest channel's integer bits."""
+    out_frac = np.asarray(out_frac)
+    frac, int_bits = int(out_frac.max()), out_fmt.width - int(out_frac.min())
+    return FixedType(int_bits + frac, int_bits, out_fmt.signed, out_fmt.q, "AP_SAT")
+
+
+def gelu(x: np.ndarray, in_fmt: FixedType, out_fmt: FixedType, approximate: str,
+         out_frac: np.ndarray | None = None) -> np.ndarray:
+    """GELU as a table over every input code.
+
+    With per-channel output formats (``out_frac``), the table holds codes of
+    :func:`gelu_fine_format` and each channel requantizes them (one rounding
+    shift and saturation per lane).
+    """
+    idx = np.asarray(x, dtype=np.int64) - in_fmt.min_code
+    if out_frac is None:
+        return gelu_table(in_fmt, out_fmt, approximate)[idx]
+    fine = gelu_fine_format(out_fmt, out_frac)
+    return requant(gelu_table(in_fmt, fine, approximate)[idx], fine.frac_bits, out_fmt, out_frac)
 
 
 def relu(x: np.ndarray, x_frac: int, out: FixedType) -> np.ndarray:
     return out.quantize(np.maximum(np.asarray(x, dtype=np.int64), 0), x_frac)
 
 
-def add(a: np.ndarray, a_frac: int, b: np.ndarray, b_frac: int, out: FixedType) -> np.ndarray:
-    """Residual add: align both to the finer fractional bits exactly, add, requantize."""
-    f = max(a_frac, b_frac)
-    acc = (np.asarray(a, dtype=np.int64) << (f - a_frac)) + (np.asarray(b, dtype=np.int64) << (f - b_frac))
+def add(a: np.ndarray, a_frac: int | np.ndarray, b: np.ndarray, b_frac: int | np.ndarray,
+        out: FixedType) -> np.ndarray:
+    """Residual add: align both (per channel, if their formats are) to the finest
+    fractional bits exactly, add, requantize."""
+    f = int(max(np.max(a_frac), np.max(b_frac)))
+    acc = (np.asarray(a, dtype=np.int64) << (f - np.asarray(a_frac))) + \
+        (np.asarray(b, dtype=np.int64) << (f - np.asarray(b_frac)))
     return out.quantize(acc, f)
 
 

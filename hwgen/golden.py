@@ -96,8 +96,15 @@ def run(graph: Graph, feeds: dict[str, np.ndarray], state: GoldenState | None = 
     return GoldenModel(graph)(feeds, state, record)
 
 
+def frac_of(graph: Graph, name: str) -> int | np.ndarray:
+    """Fractional bits of a fixed tensor: an int, or a broadcastable per-channel array."""
+    fmt_of(graph, name)
+    return graph.tensors[name].frac_bits()
+
+
 def dequantize(graph: Graph, name: str, codes: np.ndarray) -> np.ndarray:
-    return fmt_of(graph, name).to_float(codes)
+    """Real values of a fixed tensor's codes (per-channel formats included)."""
+    return np.ldexp(np.asarray(codes, dtype=np.float64), -np.asarray(frac_of(graph, name), dtype=np.int64))
 
 
 def check_feeds(graph: Graph, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -167,7 +174,9 @@ def _linear(m: GoldenModel, node: Node, ins, state) -> np.ndarray:
     x = ins[0]
     w_name = node.inputs[1]
     b_name = g.node_input(node, "bias")
-    x_frac = fmt_of(g, node.inputs[0]).frac_bits
+    # per-channel x formats are folded into the weight rows (quant.linear_row_shift):
+    # the accumulator sits at the finest channel's fractional bits
+    x_frac = int(np.max(frac_of(g, node.inputs[0])))
     w_frac = np.asarray(g.tensors[w_name].frac_bits()).reshape(-1)
     if w_frac.size == 1:
         w_frac = int(w_frac[0])
@@ -217,13 +226,15 @@ def _layernorm(m: GoldenModel, node: Node, ins, state) -> np.ndarray:
     return C.layernorm(ins[0], x_fmt.frac_bits, m.weight_i64(node.inputs[1]),
                        fmt_of(g, node.inputs[1]).frac_bits, m.weight_i64(node.inputs[2]),
                        a["eps_code"], C.IsqrtTable(**a["isqrt"]),
-                       FixedType.from_dict(a["norm_format"]), fmt_of(g, node.outputs[0]))
+                       FixedType.from_dict(a["norm_format"]), fmt_of(g, node.outputs[0]),
+                       frac_of(g, node.outputs[0]))
 
 
 def _gelu(m: GoldenModel, node: Node, ins, state) -> np.ndarray:
     g = m.graph
+    out = g.tensors[node.outputs[0]]
     return C.gelu(ins[0], fmt_of(g, node.inputs[0]), fmt_of(g, node.outputs[0]),
-                  node.attrs["approximate"])
+                  node.attrs["approximate"], frac_of(g, node.outputs[0]) if out.per_channel else None)
 
 
 def _relu(m: GoldenModel, node: Node, ins, state) -> np.ndarray:
@@ -233,8 +244,8 @@ def _relu(m: GoldenModel, node: Node, ins, state) -> np.ndarray:
 
 def _add(m: GoldenModel, node: Node, ins, state) -> np.ndarray:
     g = m.graph
-    return C.add(ins[0], fmt_of(g, node.inputs[0]).frac_bits, ins[1],
-                 fmt_of(g, node.inputs[1]).frac_bits, fmt_of(g, node.outputs[0]))
+    return C.add(ins[0], frac_of(g, node.inputs[0]), ins[1], frac_of(g, node.inputs[1]),
+                 fmt_of(g, node.outputs[0]))
 
 
 def _mean_pool(m: GoldenModel, node: Node, ins, state) -> np.ndarray:

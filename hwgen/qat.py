@@ -25,11 +25,10 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 import torch
 
-from .fixed import FixedType
 from .float_exec import FLOAT_OPS, _RunContext
-from .golden import GoldenModel, check_feeds
+from .golden import GoldenModel, check_feeds, dequantize
 from .ir import Graph
-from .quant import QuantConfig, quantize_weights
+from .quant import ActFormat, QuantConfig, linear_row_shift, quantize_weights
 
 
 class _ReplaceValue(torch.autograd.Function):
@@ -44,10 +43,13 @@ class _ReplaceValue(torch.autograd.Function):
         return grad, None
 
 
-def dequantize_tensor(graph: Graph, name: str, codes: np.ndarray) -> np.ndarray:
-    """Real values of a (possibly per-channel) fixed tensor's codes."""
-    t = graph.tensors[name]
-    return np.ldexp(np.asarray(codes, dtype=np.float64), -np.asarray(t.frac_bits(), dtype=np.int64))
+def dequantize_weight(graph: Graph, name: str) -> np.ndarray:
+    """Real values of a weight's codes, undoing a linear's row pre-scaling."""
+    real = dequantize(graph, name, graph.weights[name])
+    for node in graph.consumers(name):
+        if node.op == "linear" and node.inputs[1] == name:
+            real = np.ldexp(real, -linear_row_shift(graph, node)[:, None])
+    return real
 
 
 @dataclass
@@ -60,7 +62,7 @@ class StepResult:
 class QATModel(torch.nn.Module):
     """Float shadow weights of a (folded) float graph with frozen activation formats."""
 
-    def __init__(self, float_graph: Graph, fmts: dict[str, FixedType], cfg: QuantConfig):
+    def __init__(self, float_graph: Graph, fmts: dict[str, ActFormat], cfg: QuantConfig):
         super().__init__()
         self.graph = float_graph
         self.fmts = fmts
@@ -91,14 +93,14 @@ class QATModel(torch.nn.Module):
             v = torch.from_numpy(np.asarray(feed[name]))
             vals[name] = v.to(torch.float64) if fixed.tensors[name].dtype == "float" else v
         for name, p in zip(self.names, self.weights):
-            exact = torch.from_numpy(dequantize_tensor(fixed, name, fixed.weights[name]))
+            exact = torch.from_numpy(dequantize_weight(fixed, name))
             vals[name] = p + (exact - p).detach()
         ctx = _RunContext(state=None, offset=0, device=torch.device("cpu"))
         for node in fixed.nodes:
             args = [vals[t] if t else None for t in node.inputs]
             y = FLOAT_OPS[node.op](node, args, ctx)
             out = node.outputs[0]
-            exact = torch.from_numpy(dequantize_tensor(fixed, out, codes[out]))
+            exact = torch.from_numpy(dequantize(fixed, out, codes[out]))
             vals[out] = _ReplaceValue.apply(y.to(torch.float64), exact)
         return StepResult({n: vals[n] for n in fixed.outputs}, codes, fixed)
 

@@ -9,8 +9,8 @@ The quantizer is a short pipeline of named passes over the float graph from
 ``calibrate``             run the float graph on sample inputs and record, per
                           tensor, its range and a value sample.
 ``assign_formats``        choose every activation's format (width by role,
-                          integer bits by MSE over the samples) and every
-                          weight's (per output channel for linear weights).
+                          integer bits by MSE over the samples); layernorm
+                          outputs may get per-channel formats (below).
 ``quantize_weights``      replace float weights by integer codes; derive each
                           linear's exact accumulator width and each
                           nonlinearity's table parameters, all recorded in
@@ -20,6 +20,17 @@ Widths by role (see :class:`QuantConfig`): tensors that feed a matmul
 (linear inputs, q/k/v, probabilities) get ``act_bits``; tensors that feed a
 GELU/ReLU table get ``table_in_bits``; the residual stream and everything else
 gets ``residual_bits``.
+
+Per-channel activation formats (``smooth_bits``): transformer layernorm and
+GELU outputs have a few outlier channels (all-MiniLM-L6-v2: layernorm absmax
+~30 against a median of ~1.6), which a per-tensor 8-bit format pays for with
+a coarse LSB on every channel. A layernorm or GELU output whose consumers are
+linears, adds or pooling may instead get integer bits per channel, at most
+``smooth_bits`` finer than its widest channel. The hardware is unchanged: each consuming
+linear's weight row k is pre-scaled by ``2**s_k`` (``s_k`` = the channel's
+extra fractional bits, :func:`linear_row_shift`) before its per-column
+quantization, so the integer MAC array sees the codes as they are — a
+power-of-two form of SmoothQuant's migration of activation range into weights.
 """
 from __future__ import annotations
 
@@ -61,6 +72,7 @@ class QuantConfig:
     recip: C.RecipTable = C.RecipTable()
     isqrt: C.IsqrtTable = C.IsqrtTable()
     per_channel: bool = True
+    smooth_bits: int = 3
 
     @classmethod
     def from_bits(cls, bits: str, **overrides) -> "QuantConfig":
@@ -137,11 +149,16 @@ class TensorStats:
     lo: float = math.inf
     hi: float = -math.inf
     samples: list[np.ndarray] = field(default_factory=list)
+    chan_absmax: np.ndarray | None = None   # over the last axis
 
     def update(self, x: np.ndarray, rng: np.random.Generator, keep: int) -> None:
-        x = np.asarray(x, dtype=np.float64).reshape(-1)
+        x = np.asarray(x, dtype=np.float64)
         if x.size == 0:
             return
+        if x.ndim >= 2:
+            ca = np.abs(x.reshape(-1, x.shape[-1])).max(axis=0)
+            self.chan_absmax = ca if self.chan_absmax is None else np.maximum(self.chan_absmax, ca)
+        x = x.reshape(-1)
         self.lo = min(self.lo, float(x.min()))
         self.hi = max(self.hi, float(x.max()))
         if x.size > keep:
@@ -205,6 +222,29 @@ def choose_format(samples: np.ndarray, absmax: float, width: int, signed: bool, 
     return best
 
 
+@dataclass(frozen=True)
+class ActFormat:
+    """An activation's format: one FixedType, or per channel (last axis) integer bits."""
+
+    fmt: FixedType
+    channel_int_bits: tuple[int, ...] | None = None
+
+    @property
+    def frac(self) -> int | np.ndarray:
+        if self.channel_int_bits is None:
+            return self.fmt.frac_bits
+        return self.fmt.width - np.asarray(self.channel_int_bits, dtype=np.int64)
+
+
+def foldable_per_channel(graph: Graph, name: str) -> bool:
+    """Consumers that take per-channel formats for free: a linear's x (folded
+    into its weight rows), adds (exact alignment), mean pooling."""
+    cons = graph.consumers(name)
+    return bool(cons) and all(
+        (n.op == "linear" and n.inputs[0] == name) or n.op in ("add", "mean_pool") for n in cons) \
+        and name not in graph.outputs
+
+
 def tensor_width(graph: Graph, name: str, cfg: QuantConfig) -> int:
     """The width a tensor's role asks for (see module docstring)."""
     roles = set()
@@ -221,9 +261,9 @@ def tensor_width(graph: Graph, name: str, cfg: QuantConfig) -> int:
     return cfg.residual_bits
 
 
-def assign_formats(graph: Graph, stats: dict[str, TensorStats], cfg: QuantConfig) -> dict[str, FixedType]:
+def assign_formats(graph: Graph, stats: dict[str, TensorStats], cfg: QuantConfig) -> dict[str, ActFormat]:
     """Every activation tensor's format (graph inputs of dtype index excluded)."""
-    fmts: dict[str, FixedType] = {}
+    fmts: dict[str, ActFormat] = {}
     for node in graph.nodes:
         out = node.outputs[0]
         if node.op == "embedding":
@@ -237,7 +277,15 @@ def assign_formats(graph: Graph, stats: dict[str, TensorStats], cfg: QuantConfig
         width = tensor_width(graph, out, cfg)
         if node.op == "gelu" and width < cfg.act_bits:
             width = cfg.act_bits
-        fmts[out] = choose_format(st.sample(), st.absmax, width, True, cfg.q, cfg.o)
+        fmt = choose_format(st.sample(), st.absmax, width, True, cfg.q, cfg.o)
+        chan = None
+        if (cfg.smooth_bits > 0 and node.op in ("layernorm", "gelu") and st.chan_absmax is not None
+                and foldable_per_channel(graph, out)):
+            need = np.array([int_bits_for(float(a), width, True) for a in st.chan_absmax])
+            top = int(need.max())
+            chan = tuple(int(v) for v in np.clip(need, top - cfg.smooth_bits, top))
+            fmt = FixedType(width, top, True, cfg.q, cfg.o)
+        fmts[out] = ActFormat(fmt, chan)
     return fmts
 
 
@@ -272,9 +320,21 @@ def code_dtype(width: int, signed: bool = True) -> np.dtype:
     return np.dtype(np.int64)
 
 
-def quantize_weights(graph: Graph, fmts: dict[str, FixedType], cfg: QuantConfig) -> Graph:
+def linear_row_shift(graph: Graph, node: Node) -> np.ndarray:
+    """Per input channel k of a linear: the extra fractional bits ``s_k`` its
+    weight row is pre-scaled by (0 for a per-tensor x format), shape (K,)."""
+    x = graph.tensors[node.inputs[0]]
+    k = graph.tensors[node.inputs[1]].shape[0]
+    if x.fmt is None or not x.per_channel:
+        return np.zeros(k, dtype=np.int64)
+    frac = x.fmt.width - np.asarray(x.channel_int_bits, dtype=np.int64)
+    return frac.max() - frac
+
+
+def quantize_weights(graph: Graph, fmts: dict[str, ActFormat], cfg: QuantConfig) -> Graph:
     """The fixed graph: formats on every tensor, integer codes for every weight."""
     g = copy.deepcopy(graph)
+    fmts = dict(fmts)  # embedding outputs are added below
     fw = {k: v for k, v in g.weights.items()}
     g.weights = {}
 
@@ -287,8 +347,9 @@ def quantize_weights(graph: Graph, fmts: dict[str, FixedType], cfg: QuantConfig)
     def put(name: str, codes: np.ndarray, fmt: FixedType) -> None:
         g.weights[name] = codes.astype(code_dtype(fmt.width, fmt.signed))
 
-    for name, fmt in fmts.items():
-        set_fmt(name, fmt)
+    for name, af in fmts.items():
+        set_fmt(name, af.fmt, channel_axis=None if af.channel_int_bits is None else -1,
+                channel_int_bits=af.channel_int_bits)
 
     for node in g.nodes:
         where = f"node '{node.name}' ({node.source or node.op})"
@@ -301,16 +362,18 @@ def quantize_weights(graph: Graph, fmts: dict[str, FixedType], cfg: QuantConfig)
             set_fmt(tname, fmt)
             put(tname, fmt.from_float(w), fmt)
             set_fmt(node.outputs[0], fmt)
+            fmts[node.outputs[0]] = ActFormat(fmt)
         elif node.op == "linear":
-            x_fmt = fmts[node.inputs[0]]
+            x_fmt = fmts[node.inputs[0]].fmt
+            x_frac = int(np.max(fmts[node.inputs[0]].frac))
             wname = node.inputs[1]
-            w = fw[wname]
+            w = np.ldexp(fw[wname].astype(np.float64), linear_row_shift(g, node)[:, None])
             ib = per_channel_int_bits(w, cfg.weight_bits, 1, cfg.per_channel)
             wcodes = quantize_per_channel(w, cfg.weight_bits, ib, 1, cfg.q, cfg.o)
             wfmt = FixedType(cfg.weight_bits, int(ib.max()), True, cfg.q, cfg.o)
             set_fmt(wname, wfmt, channel_axis=1, channel_int_bits=tuple(int(v) for v in ib))
             put(wname, wcodes, wfmt)
-            acc_frac = x_fmt.frac_bits + (cfg.weight_bits - ib)
+            acc_frac = x_frac + (cfg.weight_bits - ib)
             blo = bhi = 0
             bname = g.node_input(node, "bias")
             if bname:
@@ -335,7 +398,9 @@ def quantize_weights(graph: Graph, fmts: dict[str, FixedType], cfg: QuantConfig)
             node.attrs["recip"] = cfg.recip.to_dict()
             node.attrs["prob_format"] = FixedType(cfg.prob_bits, 0, False, cfg.q, "AP_SAT").to_dict()
         elif node.op == "layernorm":
-            x_fmt = fmts[node.inputs[0]]
+            x_fmt = fmts[node.inputs[0]].fmt
+            if fmts[node.inputs[0]].channel_int_bits is not None:
+                raise QuantError(f"{where}: layernorm input must have one format for all channels")
             h = g.tensors[node.inputs[0]].shape[-1]
             try:
                 C.layernorm_check(x_fmt, h)
@@ -361,7 +426,9 @@ def quantize_weights(graph: Graph, fmts: dict[str, FixedType], cfg: QuantConfig)
             node.attrs["isqrt"] = cfg.isqrt.to_dict()
             node.attrs["norm_format"] = norm.to_dict()
         elif node.op == "gelu":
-            C.gelu_table(fmts[node.inputs[0]], fmts[node.outputs[0]], node.attrs["approximate"])
+            out = fmts[node.outputs[0]]
+            table_fmt = out.fmt if out.channel_int_bits is None else C.gelu_fine_format(out.fmt, out.frac)
+            C.gelu_table(fmts[node.inputs[0]].fmt, table_fmt, node.attrs["approximate"])
     for name, t in g.tensors.items():
         if t.kind == "weight" and name not in g.weights:
             raise GraphError(f"weight '{name}' is used by no op the quantizer knows")
@@ -388,7 +455,7 @@ def prepare(graph: Graph) -> Graph:
 
 
 def quantize(graph: Graph, calib_feeds: Iterable[dict[str, np.ndarray]], cfg: QuantConfig,
-             stats: dict[str, TensorStats] | None = None) -> tuple[Graph, dict[str, FixedType]]:
+             stats: dict[str, TensorStats] | None = None) -> tuple[Graph, dict[str, ActFormat]]:
     """Float graph + calibration inputs -> (fixed graph, activation formats)."""
     g = prepare(graph)
     if stats is None:

@@ -5,7 +5,8 @@ import torch
 
 from conftest import tiny_decoder_feeds
 from hwgen.golden import GoldenModel
-from hwgen.qat import QATModel, finetune, dequantize_tensor
+from hwgen.golden import dequantize
+from hwgen.qat import QATModel, finetune
 from hwgen.quant import QuantConfig, prepare, quantize
 
 
@@ -37,7 +38,7 @@ def test_qat_forward_is_golden_bit_for_bit(tiny_decoder):
     assert mismatches == 0
     # the differentiable output carries exactly the golden values
     out = step.outputs["logits"].detach().numpy()
-    assert np.array_equal(out, dequantize_tensor(step.fixed, "logits", golden["logits"]))
+    assert np.array_equal(out, dequantize(step.fixed, "logits", golden["logits"]))
     # and training changed the integer weights
     changed = sum(int(np.sum(step.fixed.weights[k] != fixed.weights[k])) for k in fixed.weights)
     assert changed > 0
