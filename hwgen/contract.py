@@ -38,9 +38,10 @@ from functools import lru_cache
 
 import numpy as np
 
-from .fixed import MAX_WIDTH, FixedType, bits_for_range, overflow, requantize
+from .fixed import MAX_WIDTH, FixedType, bits_for_range, requantize
 
-#: exact-integer headroom of float64 (GEMMs run in float64 while sums stay below this)
+#: exact-integer headroom of float32 / float64 (a GEMM is exact while sums stay below)
+FLOAT32_EXACT = 2 ** 24
 FLOAT64_EXACT = 2 ** 53
 #: widest accumulator the contract allows: a fixed-point format like any other
 MAX_ACC_WIDTH = MAX_WIDTH
@@ -69,22 +70,38 @@ def code_bound(fmt: FixedType) -> int:
     return max(abs(fmt.min_code), abs(fmt.max_code))
 
 
-def matmul_int(a: np.ndarray, b: np.ndarray, bound: int) -> np.ndarray:
-    """Exact integer ``a @ b`` (int64 result).
+def matmul_int(a: np.ndarray, b: np.ndarray, max_product: int) -> np.ndarray:
+    """Exact integer ``a @ b`` (int64 result), as fast as exactness allows.
 
-    ``bound`` is an upper bound of every partial sum's magnitude (from the
-    operand formats); below 2**53 the product runs as a float64 GEMM, which
-    is exact there, otherwise as an int64 matmul.
+    ``max_product`` bounds ``|a_ik * b_kj|`` (from the operand formats). Every
+    partial sum of a float GEMM is an integer, so the GEMM is exact while
+    ``K * max_product`` stays below 2**24 (float32) or 2**53 (float64). When
+    only a single product fits float32, the reduction runs in float32 chunks
+    short enough to stay exact, summed in float64. Otherwise int64.
     """
-    dtype = np.float64 if bound < FLOAT64_EXACT else np.int64
-    a = a.astype(dtype, copy=False)
-    b = b.astype(dtype, copy=False)
+    k = a.shape[-1]
+    if k * max_product < FLOAT32_EXACT:
+        return _gemm(a, b, np.float32).astype(np.int64)
+    if max_product < FLOAT32_EXACT and k * max_product < FLOAT64_EXACT:
+        step = FLOAT32_EXACT // max(max_product, 1)
+        acc = None
+        for i in range(0, k, step):
+            part = _gemm(a[..., i:i + step], b[..., i:i + step, :], np.float32).astype(np.float64)
+            acc = part if acc is None else acc + part
+        return acc.astype(np.int64)
+    if k * max_product < FLOAT64_EXACT:
+        return _gemm(a, b, np.float64).astype(np.int64)
+    return _gemm(a, b, np.int64)
+
+
+def _gemm(a: np.ndarray, b: np.ndarray, dtype) -> np.ndarray:
+    # NumPy reaches BLAS only for contiguous operands, and for stacked
+    # (..., K) @ (K, N) only through one 2-D product.
+    a = np.ascontiguousarray(a, dtype=dtype)
+    b = np.ascontiguousarray(b, dtype=dtype)
     if b.ndim == 2 and a.ndim > 2:
-        # stacked (..., K) @ (K, N): one 2-D GEMM (NumPy's stacked matmul skips BLAS)
-        out = (a.reshape(-1, a.shape[-1]) @ b).reshape(*a.shape[:-1], b.shape[-1])
-    else:
-        out = np.matmul(a, b)
-    return out.astype(np.int64, copy=False)
+        return (a.reshape(-1, a.shape[-1]) @ b).reshape(*a.shape[:-1], b.shape[-1])
+    return np.matmul(a, b)
 
 
 def product_range(a: FixedType, b: FixedType) -> tuple[int, int]:
@@ -106,21 +123,22 @@ def acc_width(a: FixedType, b: FixedType, k: int, bias_lo: int = 0, bias_hi: int
 
 def linear(x: np.ndarray, x_frac: int, w: np.ndarray, w_frac: int | np.ndarray,
            bias: np.ndarray | None, out: FixedType, acc_bits: int,
-           bound: int | None = None) -> np.ndarray:
+           max_product: int | None = None) -> np.ndarray:
     """Linear layer ``y[..., n] = requant(sum_k x[..., k] w[k, n] + bias[n])``.
 
     ``w_frac`` is an int or a per-column array of shape ``(N,)``; ``bias``
     holds codes with ``x_frac + w_frac`` fractional bits (the accumulator's).
-    ``acc_bits`` is the accumulator width from :func:`acc_width`; the sum is
-    kept in it with wrap-around (as a hardware register), which by
-    construction of that width never triggers.
+    The sum lives in an ``acc_bits`` register; :func:`acc_width` chose that
+    width so that no input in the formats can overflow it, so no wrap-around
+    step exists here (``tests/test_contract.py`` drives the worst case).
+    ``max_product`` (the largest code product, from the formats) only selects
+    the exact GEMM path.
     """
-    if bound is None:
-        bound = 2 ** (acc_bits - 1)
-    acc = matmul_int(x, w, bound)
+    if max_product is None:
+        max_product = 2 ** (acc_bits - 1)
+    acc = matmul_int(x, w, max_product)
     if bias is not None:
         acc += bias.astype(np.int64, copy=False)
-    acc = overflow(acc, acc_bits, True, "AP_WRAP")
     return out.quantize(acc, x_frac + np.asarray(w_frac, dtype=np.int64))
 
 
@@ -130,9 +148,7 @@ def matmul_act(a: np.ndarray, a_fmt: FixedType, b: np.ndarray, b_fmt: FixedType,
     second-to-last of ``b`` (batched). Returns the exact accumulator
     (``a_fmt.frac_bits + b_fmt.frac_bits`` fractional bits) or, with ``out``,
     its requantization."""
-    k = a.shape[-1]
-    bound = k * max(abs(v) for v in product_range(a_fmt, b_fmt))
-    acc = matmul_int(a, b, bound)
+    acc = matmul_int(a, b, max(abs(v) for v in product_range(a_fmt, b_fmt)))
     if out is None:
         return acc
     return out.quantize(acc, a_fmt.frac_bits + b_fmt.frac_bits)
@@ -295,6 +311,12 @@ def inv_sqrt(d: np.ndarray, p: IsqrtTable) -> tuple[np.ndarray, np.ndarray]:
 # nonlinearities
 # ----------------------------------------------------------------------------
 
+# Masked scores in softmax: far outside any accumulator (<= MAX_ACC_WIDTH bits),
+# yet every difference stays far inside int64.
+_MASKED = -(1 << (MAX_ACC_WIDTH + 2))
+_EMPTY_ROW = 1 << (MAX_ACC_WIDTH + 2)
+
+
 def softmax(s: np.ndarray, s_frac: int, valid: np.ndarray | None, exp: ExpTable,
             recip: RecipTable, out: FixedType) -> np.ndarray:
     """Integer softmax over the last axis of codes ``s`` (``s_frac`` fractional bits).
@@ -307,16 +329,19 @@ def softmax(s: np.ndarray, s_frac: int, valid: np.ndarray | None, exp: ExpTable,
     (r, f) = reciprocal(total); p = requant(e * r, f, out).
     """
     s = np.asarray(s, dtype=np.int64)
-    if valid is None:
-        valid = np.ones(s.shape, dtype=bool)
-    valid = np.broadcast_to(valid, s.shape)
-    low = np.iinfo(np.int64).min // 4
-    m = np.max(np.where(valid, s, low), axis=-1, keepdims=True)
-    d = np.where(valid, m - s, 0)
+    if valid is not None:
+        # A masked score becomes _MASKED: its distance to the row max saturates the
+        # table index onto the table's last entry, which is 0. A row with no valid
+        # score gets max _EMPTY_ROW, so every entry of it saturates the same way.
+        s = np.where(valid, s, _MASKED)
+    m = np.max(s, axis=-1, keepdims=True)
+    if valid is not None:
+        m[m == _MASKED] = _EMPTY_ROW
     table = exp_table(exp)
-    idx = requantize(d, s_frac, bits_for_range(0, exp.size - 1, False), exp.in_frac,
+    idx = requantize(m - s, s_frac, bits_for_range(0, exp.size - 1, False), exp.in_frac,
                      signed=False, q="AP_RND", o="AP_SAT")
-    e = np.where(valid, table[np.minimum(idx, exp.size - 1)], 0)
+    np.minimum(idx, exp.size - 1, out=idx)
+    e = table[idx]
     total = e.sum(axis=-1, keepdims=True)
     r, f = reciprocal(total, recip)
     return out.quantize(e * r, f)

@@ -14,6 +14,8 @@ sequence.
 """
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -48,21 +50,31 @@ def fmt_of(graph: Graph, name: str) -> FixedType:
 
 
 class GoldenModel:
-    """Executes one fixed graph; weights are converted for the GEMMs once."""
+    """Executes one fixed graph; weights are converted for the GEMMs once.
 
-    def __init__(self, graph: Graph):
+    Batch rows never interact (every op is per row), so a stateless call with
+    several rows runs its rows in ``workers`` threads (NumPy releases the GIL
+    in its kernels); results are identical to one pass.
+    """
+
+    def __init__(self, graph: Graph, workers: int | None = None):
         if not graph.is_fixed:
             raise GraphError(f"graph '{graph.name}' is a float graph; quantize it first "
                              "(`hwgen quantize`)")
         self.graph = graph
         self._f64: dict[str, np.ndarray] = {}
         self._i64: dict[str, np.ndarray] = {}
+        self.workers = workers if workers is not None else min(2, os.cpu_count() or 1)
+        self._stateful = any(n.op == "attention" and n.attrs.get("kv_cache") for n in graph.nodes)
 
     # -- weights, converted once -------------------------------------------
-    def weight_f64(self, name: str) -> np.ndarray:
+    def weight_gemm(self, name: str) -> np.ndarray:
+        """A matmul weight as the float type its exact GEMM runs in."""
         w = self._f64.get(name)
         if w is None:
-            w = self._f64[name] = self.graph.weights[name].astype(np.float64)
+            t = self.graph.tensors[name]
+            dtype = np.float32 if t.fmt.width <= 24 else np.float64
+            w = self._f64[name] = np.ascontiguousarray(self.graph.weights[name], dtype=dtype)
         return w
 
     def weight_i64(self, name: str) -> np.ndarray:
@@ -74,6 +86,19 @@ class GoldenModel:
     # -- running ------------------------------------------------------------
     def __call__(self, feeds: dict[str, np.ndarray], state: GoldenState | None = None,
                  record: bool = False) -> dict[str, np.ndarray]:
+        rows = len(np.asarray(feeds[self.graph.inputs[0]])) if self.graph.inputs and feeds.get(
+            self.graph.inputs[0]) is not None else 0
+        if self.workers > 1 and rows > 1 and not self._stateful and not record and state is None:
+            n = min(self.workers, rows)
+            parts = [{k: np.asarray(v)[i::n] for k, v in feeds.items()} for i in range(n)]
+            with ThreadPoolExecutor(n) as ex:
+                outs = list(ex.map(self._run, parts))
+            order = np.argsort(np.concatenate([np.arange(rows)[i::n] for i in range(n)]), kind="stable")
+            return {k: np.concatenate([o[k] for o in outs])[order] for k in outs[0]}
+        return self._run(feeds, state, record)
+
+    def _run(self, feeds: dict[str, np.ndarray], state: GoldenState | None = None,
+             record: bool = False) -> dict[str, np.ndarray]:
         g = self.graph
         vals: dict[str, np.ndarray] = dict(g.weights)
         vals.update(check_feeds(g, feeds))
@@ -181,8 +206,10 @@ def _linear(m: GoldenModel, node: Node, ins, state) -> np.ndarray:
     if w_frac.size == 1:
         w_frac = int(w_frac[0])
     bias = m.weight_i64(b_name) if b_name else None
-    return C.linear(x, x_frac, m.weight_f64(w_name), w_frac, bias,
-                    fmt_of(g, node.outputs[0]), node.attrs["acc_bits"])
+    x_fmt, w_fmt = fmt_of(g, node.inputs[0]), fmt_of(g, w_name)
+    return C.linear(x, x_frac, m.weight_gemm(w_name), w_frac, bias,
+                    fmt_of(g, node.outputs[0]), node.attrs["acc_bits"],
+                    max(abs(v) for v in C.product_range(x_fmt, w_fmt)))
 
 
 def _split_heads(x: np.ndarray, heads: int, hd: int) -> np.ndarray:

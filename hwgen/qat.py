@@ -60,14 +60,22 @@ class StepResult:
 
 
 class QATModel(torch.nn.Module):
-    """Float shadow weights of a (folded) float graph with frozen activation formats."""
+    """Float shadow weights of a (folded) float graph with frozen activation formats.
 
-    def __init__(self, float_graph: Graph, fmts: dict[str, ActFormat], cfg: QuantConfig):
+    Linear, layernorm and (with ``train_embeddings``) embedding weights are
+    trained; frozen weights keep their float values and are quantized each
+    step like the others.
+    """
+
+    def __init__(self, float_graph: Graph, fmts: dict[str, ActFormat], cfg: QuantConfig,
+                 train_embeddings: bool = False):
         super().__init__()
         self.graph = float_graph
         self.fmts = fmts
         self.cfg = cfg
-        self.names = sorted(float_graph.weights)
+        frozen = set() if train_embeddings else {
+            n.inputs[1] for n in float_graph.nodes if n.op == "embedding"}
+        self.names = sorted(set(float_graph.weights) - frozen)
         self.weights = torch.nn.ParameterList(
             torch.nn.Parameter(torch.from_numpy(float_graph.weights[n].astype(np.float64)))
             for n in self.names)
@@ -75,8 +83,9 @@ class QATModel(torch.nn.Module):
     def current_float_graph(self) -> Graph:
         g = Graph(name=self.graph.name, tensors=self.graph.tensors, nodes=self.graph.nodes,
                   inputs=self.graph.inputs, outputs=self.graph.outputs,
-                  weights={n: p.detach().numpy().astype(np.float32)
-                           for n, p in zip(self.names, self.weights)},
+                  weights={**self.graph.weights,
+                           **{n: p.detach().numpy().astype(np.float32)
+                              for n, p in zip(self.names, self.weights)}},
                   meta=dict(self.graph.meta))
         return g
 
@@ -92,9 +101,11 @@ class QATModel(torch.nn.Module):
         for name in fixed.inputs:
             v = torch.from_numpy(np.asarray(feed[name]))
             vals[name] = v.to(torch.float64) if fixed.tensors[name].dtype == "float" else v
-        for name, p in zip(self.names, self.weights):
+        trained = dict(zip(self.names, self.weights))
+        for name in fixed.weights:
             exact = torch.from_numpy(dequantize_weight(fixed, name))
-            vals[name] = p + (exact - p).detach()
+            p = trained.get(name)
+            vals[name] = exact if p is None else p + (exact - p).detach()
         ctx = _RunContext(state=None, offset=0, device=torch.device("cpu"))
         for node in fixed.nodes:
             args = [vals[t] if t else None for t in node.inputs]

@@ -21,12 +21,19 @@ def rand_codes(fmt: FixedType, shape) -> np.ndarray:
     return RNG.integers(fmt.min_code, fmt.max_code + 1, size=shape, dtype=np.int64)
 
 
-def test_matmul_int_float_and_int_paths_agree():
-    a = RNG.integers(-2**20, 2**20, (7, 33))
-    b = RNG.integers(-2**20, 2**20, (33, 5))
-    exact = np.array([[sum(int(x) * int(y) for x, y in zip(row, col)) for col in b.T] for row in a])
-    assert np.array_equal(C.matmul_int(a, b, bound=2**52), exact)
-    assert np.array_equal(C.matmul_int(a, b, bound=2**60), exact)
+@pytest.mark.parametrize("bits, k", [(8, 64), (8, 1536), (12, 3000), (20, 33), (28, 40)])
+def test_matmul_int_every_path_is_exact(bits, k):
+    """float32 single, float32 chunked, float64 and int64 paths, at their limits."""
+    hi = 2 ** (bits - 1)
+    a = RNG.integers(-hi, hi, (2, 3, k))
+    b = RNG.integers(-hi, hi, (k, 4))
+    a[0, 0, :] = -hi  # worst case: every product at its bound, all the same sign
+    b[:, 0] = -hi
+    exact = np.array([[[sum(int(x) * int(y) for x, y in zip(row, col)) for col in b.T]
+                       for row in batch] for batch in a], dtype=object)
+    got = C.matmul_int(a, b, hi * hi)
+    assert got.dtype == np.int64
+    assert np.array_equal(got.astype(object), exact)
 
 
 def test_acc_width_is_minimal_and_sufficient():
@@ -38,6 +45,19 @@ def test_acc_width_is_minimal_and_sufficient():
     assert worst > 2 ** (width - 2) - 1  # one bit fewer would overflow
     with pytest.raises(C.ContractError, match="accumulator of .* needs"):
         C.acc_width(FixedType(32, 2), FixedType(32, 2), 1 << 20)
+
+
+def test_linear_worst_case_accumulator_fits_acc_width():
+    """Every product at its extreme and the bias at its extreme: the exact sum
+    still fits the acc_bits register, so the kernel needs no wrap step."""
+    x_fmt, w_fmt, k = FixedType(8, 3), FixedType(8, 0), 1536
+    for xv, wv, b in [(x_fmt.min_code, w_fmt.min_code, 900), (x_fmt.min_code, w_fmt.max_code, -900)]:
+        acc_bits = C.acc_width(x_fmt, w_fmt, k, -900, 900)
+        acc = C.matmul_int(np.full((1, k), xv), np.full((k, 1), wv), 128 * 128) + b
+        assert -2 ** (acc_bits - 1) <= int(acc[0, 0]) < 2 ** (acc_bits - 1)
+        wide = FixedType(acc_bits, acc_bits)
+        assert C.linear(np.full((1, k), xv), 0, np.full((k, 1), wv), 0, np.array([b]), wide,
+                        acc_bits)[0, 0] == int(acc[0, 0])
 
 
 def test_linear_equals_python_integer_reference_per_channel():

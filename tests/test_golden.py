@@ -53,3 +53,22 @@ def test_position_overflow_and_bad_feeds(tiny_decoder_fixed):
 def test_float_graph_refused(tiny_decoder):
     with pytest.raises(GraphError, match="is a float graph"):
         GoldenModel(tiny_decoder)
+
+
+def test_threaded_rows_equal_one_pass(tiny_decoder):
+    """A stateless graph (no KV cache) splits rows over threads: same integers."""
+    import copy
+
+    from conftest import tiny_decoder_feeds
+    from hwgen.quant import QuantConfig, quantize
+
+    g = copy.deepcopy(tiny_decoder)
+    for n in g.nodes:
+        if n.op == "attention":
+            n.attrs["kv_cache"] = False
+    fixed, _ = quantize(g, tiny_decoder_feeds(), QuantConfig.from_bits("w8a8"))
+    ids = np.random.default_rng(9).integers(0, 40, (5, 9))
+    one = GoldenModel(fixed, workers=1)({"ids": ids})["logits"]
+    threaded = GoldenModel(fixed, workers=2)
+    assert threaded.workers == 2 and not threaded._stateful
+    assert np.array_equal(threaded({"ids": ids})["logits"], one)

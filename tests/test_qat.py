@@ -48,7 +48,7 @@ def test_straight_through_gradients_reach_every_weight(tiny_decoder):
     cfg = QuantConfig.from_bits("w8a8")
     feeds = tiny_decoder_feeds(1)
     _, fmts = quantize(tiny_decoder, feeds, cfg)
-    model = QATModel(prepare(tiny_decoder), fmts, cfg)
+    model = QATModel(prepare(tiny_decoder), fmts, cfg, train_embeddings=True)
     loss = _ce(feeds[0], model.step(feeds[0]))
     loss.backward()
     for name, p in zip(model.names, model.weights):
@@ -56,3 +56,15 @@ def test_straight_through_gradients_reach_every_weight(tiny_decoder):
             assert p.grad[:12].abs().sum() > 0
         else:
             assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_embeddings_frozen_by_default(tiny_decoder):
+    cfg = QuantConfig.from_bits("w8a8")
+    feeds = tiny_decoder_feeds(1)
+    fixed, fmts = quantize(tiny_decoder, feeds, cfg)
+    model = QATModel(prepare(tiny_decoder), fmts, cfg)
+    assert "tok" not in model.names and "pos" not in model.names and "L0.q.w" in model.names
+    finetune(model, feeds, _ce, steps=2, lr=1e-2)
+    out = model.export()
+    assert np.array_equal(out.weights["tok"], fixed.weights["tok"])
+    assert not np.array_equal(out.weights["L0.q.w"], fixed.weights["L0.q.w"])
