@@ -86,8 +86,8 @@ class GoldenModel:
     # -- running ------------------------------------------------------------
     def __call__(self, feeds: dict[str, np.ndarray], state: GoldenState | None = None,
                  record: bool = False) -> dict[str, np.ndarray]:
-        rows = len(np.asarray(feeds[self.graph.inputs[0]])) if self.graph.inputs and feeds.get(
-            self.graph.inputs[0]) is not None else 0
+        feeds = check_feeds(self.graph, feeds)
+        rows = len(feeds[self.graph.inputs[0]]) if self.graph.inputs else 0
         if self.workers > 1 and rows > 1 and not self._stateful and not record and state is None:
             n = min(self.workers, rows)
             parts = [{k: np.asarray(v)[i::n] for k, v in feeds.items()} for i in range(n)]
@@ -101,7 +101,7 @@ class GoldenModel:
              record: bool = False) -> dict[str, np.ndarray]:
         g = self.graph
         vals: dict[str, np.ndarray] = dict(g.weights)
-        vals.update(check_feeds(g, feeds))
+        vals.update(feeds)
         state = state if state is not None else GoldenState()
         for node in g.nodes:
             fn = _OPS.get(node.op)
