@@ -21,7 +21,7 @@ Widths by role (see :class:`QuantConfig`): tensors that feed a matmul
 GELU/ReLU table get ``table_in_bits``; the residual stream and everything else
 gets ``residual_bits``.
 
-Per-channel activation formats (``smooth_bits``): transformer layernorm and
+Per-channel activation formats (``smooth_bits``, see :meth:`QuantConfig.from_bits`): transformer layernorm and
 GELU outputs have a few outlier channels (all-MiniLM-L6-v2: layernorm absmax
 ~30 against a median of ~1.6), which a per-tensor 8-bit format pays for with
 a coarse LSB on every channel. A layernorm or GELU output whose consumers are
@@ -72,13 +72,17 @@ class QuantConfig:
     recip: C.RecipTable = C.RecipTable()
     isqrt: C.IsqrtTable = C.IsqrtTable()
     per_channel: bool = True
-    smooth_bits: int = 3
+    smooth_bits: int = 4
 
     @classmethod
     def from_bits(cls, bits: str, **overrides) -> "QuantConfig":
         """``"w8a8"`` -> weights 8 bits, matmul activations 8 bits; the
         residual stream gets ``max(16, act_bits)``, GELU tables
-        ``min(act_bits + 2, 12)``, probabilities ``act_bits``."""
+        ``min(act_bits + 2, 12)``, probabilities ``act_bits``. Per-channel
+        migration ``smooth_bits = clip(weight_bits - 4, 1, 4)``: every bit
+        moved into a weight row costs that row a bit of its weight format, which
+        narrow weights cannot spare (MiniLM W4A8 mean cosine: 0.92 at 1 bit,
+        0.85 at 2, 0.85 at 3; W8A8: 0.9940 at 3, 0.9945 at 4)."""
         m = BITS_RE.match(bits.lower())
         if not m:
             raise QuantError(f"--bits must look like w8a8 (weights, activations), got {bits!r}")
@@ -90,7 +94,7 @@ class QuantConfig:
             raise QuantError(f"activation bits {a} unsupported: choose {SUPPORTED_ACT_BITS.start}.."
                              f"{SUPPORTED_ACT_BITS.stop - 1}")
         kw = dict(weight_bits=w, act_bits=a, residual_bits=max(16, a),
-                  table_in_bits=min(a + 2, 12), prob_bits=a)
+                  table_in_bits=min(a + 2, 12), prob_bits=a, smooth_bits=min(max(w - 4, 1), 4))
         kw.update(overrides)
         return cls(**kw)
 
@@ -293,12 +297,33 @@ def assign_formats(graph: Graph, stats: dict[str, TensorStats], cfg: QuantConfig
 # pass: quantize_weights (produces the fixed graph)
 # ----------------------------------------------------------------------------
 
-def per_channel_int_bits(w: np.ndarray, width: int, axis: int, per_channel: bool) -> np.ndarray:
-    """Integer bits per channel (along ``axis``) covering each channel's max |w|."""
-    absmax = np.abs(w).max(axis=tuple(i for i in range(w.ndim) if i != axis % w.ndim))
+def per_channel_int_bits(w: np.ndarray, width: int, axis: int, per_channel: bool,
+                         q: str = "AP_RND", o: str = "AP_SAT", candidates: int = 3) -> np.ndarray:
+    """Integer bits per channel (along ``axis``): for each channel, the format
+    with the least squared error among the one covering its max |w| and
+    ``candidates - 1`` that clip one, two, ... more integer bits (what
+    :func:`choose_format` does for activations, vectorized over channels)."""
+    reduce = tuple(i for i in range(w.ndim) if i != axis % w.ndim)
+    absmax = np.abs(w).max(axis=reduce)
     if not per_channel:
         absmax = np.full_like(absmax, absmax.max())
-    return np.array([int_bits_for(float(a), width, True) for a in absmax], dtype=np.int64)
+    top = np.array([int_bits_for(float(a), width, True) for a in absmax], dtype=np.int64)
+    best, best_err = top, None
+    for c in range(candidates):
+        ib = top - c
+        codes = quantize_per_channel(w, width, ib, axis, q, o)
+        shape = [1] * w.ndim
+        shape[axis] = -1
+        err = ((np.ldexp(codes.astype(np.float64), -(width - ib).reshape(shape)) - w) ** 2).sum(axis=reduce)
+        if not per_channel:
+            err = np.full_like(err, err.sum())
+        if best_err is None:
+            best_err = err
+        else:
+            better = err < best_err
+            best = np.where(better, ib, best)
+            best_err = np.where(better, err, best_err)
+    return best
 
 
 def quantize_per_channel(w: np.ndarray, width: int, int_bits: np.ndarray, axis: int,
@@ -368,7 +393,7 @@ def quantize_weights(graph: Graph, fmts: dict[str, ActFormat], cfg: QuantConfig)
             x_frac = int(np.max(fmts[node.inputs[0]].frac))
             wname = node.inputs[1]
             w = np.ldexp(fw[wname].astype(np.float64), linear_row_shift(g, node)[:, None])
-            ib = per_channel_int_bits(w, cfg.weight_bits, 1, cfg.per_channel)
+            ib = per_channel_int_bits(w, cfg.weight_bits, 1, cfg.per_channel, cfg.q, cfg.o)
             wcodes = quantize_per_channel(w, cfg.weight_bits, ib, 1, cfg.q, cfg.o)
             wfmt = FixedType(cfg.weight_bits, int(ib.max()), True, cfg.q, cfg.o)
             set_fmt(wname, wfmt, channel_axis=1, channel_int_bits=tuple(int(v) for v in ib))

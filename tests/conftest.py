@@ -62,6 +62,17 @@ def tiny_decoder_feeds(n=3, b=2, s=12, vocab=40, seed=1):
     return [{"ids": rng.integers(0, vocab, (b, s))} for _ in range(n)]
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny torch matmuls are far faster single-threaded on a busy 2-core machine."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def tiny_decoder():
     return build_tiny_decoder()

@@ -13,6 +13,7 @@ def test_bits_parsing():
     cfg = QuantConfig.from_bits("W4A8")
     assert (cfg.weight_bits, cfg.act_bits, cfg.residual_bits, cfg.name) == (4, 8, 16, "w4a8")
     assert QuantConfig.from_bits("w16a16").table_in_bits == 12
+    assert [QuantConfig.from_bits(f"w{w}a8").smooth_bits for w in (2, 4, 6, 8, 16)] == [1, 1, 2, 4, 4]
     with pytest.raises(QuantError, match="--bits must look like w8a8"):
         QuantConfig.from_bits("int8")
     with pytest.raises(QuantError, match="weight bits 32 unsupported"):
@@ -85,3 +86,18 @@ def test_nan_weights_and_too_wide_formats_rejected():
     with pytest.raises(QuantError, match="layernorm over 16 channels"):
         quantize(build_tiny_decoder(), tiny_decoder_feeds(1),
                  QuantConfig.from_bits("w8a8", residual_bits=40))
+
+
+def test_weight_formats_minimize_squared_error_per_column():
+    from hwgen.quant import per_channel_int_bits
+
+    rng = np.random.default_rng(5)
+    w = rng.uniform(-1, 1, (256, 3))
+    w[0, 1] = 2.5  # one outlier: clipping it to 1.75 costs less than a 2x coarser LSB for 255 weights
+    ib = per_channel_int_bits(w, 4, 1, True)
+    top = [int_bits_for(float(a), 4, True) for a in np.abs(w).max(0)]
+    assert ib[1] < top[1]
+    for j in range(3):
+        err = lambda i: float(np.sum((FixedType(4, i, True, "AP_RND", "AP_SAT").to_float(
+            FixedType(4, i, True, "AP_RND", "AP_SAT").from_float(w[:, j])) - w[:, j]) ** 2))
+        assert err(int(ib[j])) <= min(err(top[j] - c) for c in range(3))

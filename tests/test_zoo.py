@@ -10,12 +10,7 @@ from hwgen.float_exec import run_float
 from hwgen.frontend import UnsupportedOpError
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _check_reference(bundle, feed, tol=1e-4):
