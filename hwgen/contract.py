@@ -139,7 +139,7 @@ def linear(x: np.ndarray, x_frac: int, w: np.ndarray, w_frac: int | np.ndarray,
     acc = matmul_int(x, w, max_product)
     if bias is not None:
         acc += bias.astype(np.int64, copy=False)
-    return out.quantize(acc, x_frac + np.asarray(w_frac, dtype=np.int64))
+    return out.quantize(acc, x_frac + np.asarray(w_frac, dtype=np.int64), in_bits=acc_bits)
 
 
 def matmul_act(a: np.ndarray, a_fmt: FixedType, b: np.ndarray, b_fmt: FixedType,
@@ -151,7 +151,8 @@ def matmul_act(a: np.ndarray, a_fmt: FixedType, b: np.ndarray, b_fmt: FixedType,
     acc = matmul_int(a, b, max(abs(v) for v in product_range(a_fmt, b_fmt)))
     if out is None:
         return acc
-    return out.quantize(acc, a_fmt.frac_bits + b_fmt.frac_bits)
+    return out.quantize(acc, a_fmt.frac_bits + b_fmt.frac_bits,
+                        in_bits=acc_width(a_fmt, b_fmt, a.shape[-1]))
 
 
 # ----------------------------------------------------------------------------
@@ -339,12 +340,12 @@ def softmax(s: np.ndarray, s_frac: int, valid: np.ndarray | None, exp: ExpTable,
         m[m == _MASKED] = _EMPTY_ROW
     table = exp_table(exp)
     idx = requantize(m - s, s_frac, bits_for_range(0, exp.size - 1, False), exp.in_frac,
-                     signed=False, q="AP_RND", o="AP_SAT")
+                     signed=False, q="AP_RND", o="AP_SAT", in_bits=MAX_ACC_WIDTH + 4)
     np.minimum(idx, exp.size - 1, out=idx)
     e = table[idx]
     total = e.sum(axis=-1, keepdims=True)
     r, f = reciprocal(total, recip)
-    return out.quantize(e * r, f)
+    return out.quantize(e * r, f, in_bits=exp.out_bits + recip.out_bits + 2)
 
 
 def layernorm(x: np.ndarray, x_frac: int, gamma: np.ndarray, gamma_frac: int,

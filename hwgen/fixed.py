@@ -217,6 +217,7 @@ def requantize(
     signed: bool = True,
     q: str = "AP_TRN",
     o: str = "AP_WRAP",
+    in_bits: int | None = None,
 ) -> np.ndarray:
     """ap_fixed assignment between fixed-point formats, on integer codes.
 
@@ -225,7 +226,9 @@ def requantize(
     bits are added), then overflow mode ``o`` maps the result into ``width`` bits.
     ``frac_in`` / ``frac_out``: ints or integer arrays broadcastable to ``codes``.
     Left shifts that leave int64 are still handled exactly (saturation compares
-    against shifted limits; wrap keeps the low bits).
+    against shifted limits; wrap keeps the low bits). ``in_bits``, when the
+    caller knows from the formats that every code fits that many signed bits,
+    spares the range scan of the fast path (a wrong claim gives wrong results).
     """
     _check_width(width, "requantize")
     _check_mode("q", q, QUANT_MODES, "requantize")
@@ -234,7 +237,7 @@ def requantize(
     d = _as_shift(frac_out, "frac_out") - _as_shift(frac_in, "frac_in")
     _, hi = _limits(width, signed)
     lo = _sym_lo(width, signed, o)
-    fast = _requantize_fast(c, d, width, signed, q, o, lo, hi)
+    fast = _requantize_fast(c, d, width, signed, q, o, lo, hi, in_bits)
     if fast is not None:
         return fast
     if d.ndim == 0 and int(d) <= 0:  # common case: one right shift (or none)
@@ -262,7 +265,7 @@ _FAST_LIMIT = 1 << 61
 
 
 def _requantize_fast(c: np.ndarray, d: np.ndarray, width: int, signed: bool, q: str, o: str,
-                     lo: int, hi: int) -> np.ndarray | None:
+                     lo: int, hi: int, in_bits: int | None = None) -> np.ndarray | None:
     """The kernels' hot case, in a few array passes: AP_TRN or AP_RND, AP_WRAP or
     AP_SAT, every shift a right shift of 0..62 bits, |codes| < 2**61 (so
     ``c + 2**(s-1)`` cannot overflow). Returns None when the case does not apply;
@@ -272,8 +275,9 @@ def _requantize_fast(c: np.ndarray, d: np.ndarray, width: int, signed: bool, q: 
     s = -d
     if (int(s.min()) if s.ndim else int(s)) < 0 or (int(s.max()) if s.ndim else int(s)) > 62:
         return None
-    if int(c.max()) >= _FAST_LIMIT or int(c.min()) < -_FAST_LIMIT:
-        return None
+    if in_bits is None or in_bits > 62:
+        if int(c.max()) >= _FAST_LIMIT or int(c.min()) < -_FAST_LIMIT:
+            return None
     if q == "AP_RND":
         r = c + ((np.int64(1) << s) >> 1)  # + half an output LSB (0 when s == 0)
         r >>= s
@@ -370,9 +374,11 @@ class FixedType:
         """codes * 2**-frac_bits as float64 (exact: |codes| < 2**48)."""
         return np.ldexp(np.asarray(codes, dtype=np.int64).astype(np.float64), -self.frac_bits)
 
-    def quantize(self, codes: IntLike, frac_bits: IntLike) -> np.ndarray:
-        """``ap_fixed<W,I,Q,O> v = src`` for source codes with ``frac_bits`` fractional bits."""
-        return requantize(codes, frac_bits, self.width, self.frac_bits, self.signed, self.q, self.o)
+    def quantize(self, codes: IntLike, frac_bits: IntLike, in_bits: int | None = None) -> np.ndarray:
+        """``ap_fixed<W,I,Q,O> v = src`` for source codes with ``frac_bits`` fractional bits
+        (``in_bits``: see :func:`requantize`)."""
+        return requantize(codes, frac_bits, self.width, self.frac_bits, self.signed, self.q, self.o,
+                          in_bits=in_bits)
 
     def with_modes(self, q: str | None = None, o: str | None = None) -> "FixedType":
         return FixedType(self.width, self.int_bits, self.signed,
