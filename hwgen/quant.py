@@ -356,6 +356,18 @@ def linear_row_shift(graph: Graph, node: Node) -> np.ndarray:
     return frac.max() - frac
 
 
+def accumulator_codes(values: np.ndarray, frac: int | np.ndarray, what: str) -> tuple[np.ndarray, int]:
+    """Codes of ``values`` at ``frac`` fractional bits (per channel allowed), rounded
+    half up, and the minimal signed width that holds them: biases that join an
+    accumulator. Raises if a value needs more than the contract's widest format."""
+    wide = FixedType(C.MAX_ACC_WIDTH, C.MAX_ACC_WIDTH, True, "AP_RND", "AP_SAT")
+    codes = wide.from_float(np.ldexp(np.asarray(values, dtype=np.float64), frac))
+    if codes.size and (codes.max() >= wide.max_code or codes.min() <= wide.min_code):
+        raise QuantError(f"{what} needs more than {C.MAX_ACC_WIDTH} bits at the accumulator's "
+                         "fractional bits; the contract supports at most that")
+    return codes, bits_for_range(min(int(codes.min()), 0), max(int(codes.max()), 0), True)
+
+
 def quantize_weights(graph: Graph, fmts: dict[str, ActFormat], cfg: QuantConfig) -> Graph:
     """The fixed graph: formats on every tensor, integer codes for every weight."""
     g = copy.deepcopy(graph)
@@ -402,13 +414,8 @@ def quantize_weights(graph: Graph, fmts: dict[str, ActFormat], cfg: QuantConfig)
             blo = bhi = 0
             bname = g.node_input(node, "bias")
             if bname:
-                bcodes = FixedType(C.MAX_ACC_WIDTH, C.MAX_ACC_WIDTH, True, "AP_RND", "AP_SAT") \
-                    .from_float(np.ldexp(fw[bname].astype(np.float64), acc_frac))
+                bcodes, bwidth = accumulator_codes(fw[bname], acc_frac, f"{where}: bias")
                 blo, bhi = int(bcodes.min()), int(bcodes.max())
-                bwidth = bits_for_range(min(blo, 0), max(bhi, 0), True)
-                if bwidth > C.MAX_ACC_WIDTH:
-                    raise QuantError(f"{where}: bias needs {bwidth} bits at the accumulator's "
-                                     f"fractional bits; the contract supports {C.MAX_ACC_WIDTH}")
                 bfmt = FixedType(bwidth, bwidth - int(acc_frac.max()), True, "AP_RND", "AP_SAT")
                 set_fmt(bname, bfmt, channel_axis=0,
                         channel_int_bits=tuple(int(bwidth - f) for f in acc_frac))
@@ -440,10 +447,7 @@ def quantize_weights(graph: Graph, fmts: dict[str, ActFormat], cfg: QuantConfig)
             set_fmt(gname, gfmt)
             put(gname, gfmt.from_float(gamma), gfmt)
             bfrac = norm.frac_bits + gfmt.frac_bits
-            beta = fw[bname].astype(np.float64)
-            bcodes = FixedType(C.MAX_ACC_WIDTH, C.MAX_ACC_WIDTH, True, "AP_RND", "AP_SAT") \
-                .from_float(np.ldexp(beta, bfrac))
-            bwidth = bits_for_range(min(int(bcodes.min()), 0), max(int(bcodes.max()), 0), True)
+            bcodes, bwidth = accumulator_codes(fw[bname], bfrac, f"{where}: beta")
             bfmt = FixedType(bwidth, bwidth - bfrac, True, "AP_RND", "AP_SAT")
             set_fmt(bname, bfmt)
             put(bname, bcodes, bfmt)

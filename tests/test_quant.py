@@ -101,3 +101,12 @@ def test_weight_formats_minimize_squared_error_per_column():
         err = lambda i: float(np.sum((FixedType(4, i, True, "AP_RND", "AP_SAT").to_float(
             FixedType(4, i, True, "AP_RND", "AP_SAT").from_float(w[:, j])) - w[:, j]) ** 2))
         assert err(int(ib[j])) <= min(err(top[j] - c) for c in range(3))
+
+
+def test_bias_beyond_the_widest_accumulator_is_refused():
+    from hwgen.quant import accumulator_codes
+
+    codes, width = accumulator_codes(np.array([1.5, -3.0]), np.array([2, 4]), "b")
+    assert codes.tolist() == [6, -48] and width == 7
+    with pytest.raises(QuantError, match="bias needs more than 48 bits"):
+        accumulator_codes(np.array([1e10]), 30, "node 'fc': bias")
