@@ -22,6 +22,7 @@ $(STAMP): pyproject.toml
 
 demo: setup
 	$(BIN)/hwgen quantize --model minilm --bits w8a8 --out $(OUT)/minilm --json
+	$(BIN)/hwgen golden $(OUT)/minilm --text "hwgen turns transformer blocks into verified FPGA kernels." --json
 
 test: setup
 	$(BIN)/python -m pytest -q -n 2

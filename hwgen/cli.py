@@ -115,8 +115,11 @@ def cmd_golden(args: argparse.Namespace) -> dict:
         f = dequantize(graph, name, codes)
         arrays[name] = codes
         arrays[name + ".float"] = f
-        result["outputs"][name] = {"shape": list(codes.shape),
-                                   "format": str(graph.tensors[name].fmt),
+        t = graph.tensors[name]
+        fmt = str(t.fmt)
+        if t.per_channel:
+            fmt += f" per channel, int_bits {min(t.channel_int_bits)}..{max(t.channel_int_bits)}"
+        result["outputs"][name] = {"shape": list(codes.shape), "format": fmt,
                                    "head": [float(v) for v in f.reshape(-1)[:8]]}
     if args.out:
         tmp = Path(args.out).with_suffix(".tmp.npz")
