@@ -72,3 +72,21 @@ def test_threaded_rows_equal_one_pass(tiny_decoder):
     threaded = GoldenModel(fixed, workers=2)
     assert threaded.workers == 2 and not threaded._stateful
     assert np.array_equal(threaded({"ids": ids})["logits"], one)
+
+
+def test_real_tiny_gpt_kv_cache_decoding_is_exact():
+    """The shipped tiny-gpt, quantized W8A8: prefill + single-token steps give
+    the same integer logits as one pass, and greedy decoding is deterministic."""
+    from hwgen import zoo
+    from hwgen.quant import QuantConfig, quantize
+
+    bundle = zoo.load("tiny-gpt")
+    fixed, _ = quantize(bundle.graph, bundle.calib_feeds[:1], QuantConfig.from_bits("w8a8"))
+    ids = zoo.feeds_from_text("tiny-gpt", "The for statement is used to iterate")["ids"]
+    m = GoldenModel(fixed)
+    full = m({"ids": ids})["logits"]
+    state = GoldenState()
+    steps = [m({"ids": ids[:, :10]}, state)["logits"]]
+    for t in range(10, ids.shape[1]):
+        steps.append(m({"ids": ids[:, t:t + 1]}, state)["logits"])
+    assert np.array_equal(np.concatenate(steps, axis=1), full)
