@@ -123,7 +123,7 @@ def acc_width(a: FixedType, b: FixedType, k: int, bias_lo: int = 0, bias_hi: int
 
 def linear(x: np.ndarray, x_frac: int, w: np.ndarray, w_frac: int | np.ndarray,
            bias: np.ndarray | None, out: FixedType, acc_bits: int,
-           max_product: int | None = None) -> np.ndarray:
+           max_product: int | None = None, out_frac: np.ndarray | None = None) -> np.ndarray:
     """Linear layer ``y[..., n] = requant(sum_k x[..., k] w[k, n] + bias[n])``.
 
     ``w_frac`` is an int or a per-column array of shape ``(N,)``; ``bias``
@@ -132,14 +132,18 @@ def linear(x: np.ndarray, x_frac: int, w: np.ndarray, w_frac: int | np.ndarray,
     width so that no input in the formats can overflow it, so no wrap-around
     step exists here (``tests/test_contract.py`` drives the worst case).
     ``max_product`` (the largest code product, from the formats) only selects
-    the exact GEMM path.
+    the exact GEMM path. ``out_frac`` (per-column output formats) overrides
+    ``out.frac_bits``.
     """
     if max_product is None:
         max_product = 2 ** (acc_bits - 1)
     acc = matmul_int(x, w, max_product)
     if bias is not None:
         acc += bias.astype(np.int64, copy=False)
-    return out.quantize(acc, x_frac + np.asarray(w_frac, dtype=np.int64), in_bits=acc_bits)
+    acc_frac = x_frac + np.asarray(w_frac, dtype=np.int64)
+    if out_frac is not None:
+        return requant(acc, acc_frac, out, out_frac)
+    return out.quantize(acc, acc_frac, in_bits=acc_bits)
 
 
 def matmul_act(a: np.ndarray, a_fmt: FixedType, b: np.ndarray, b_fmt: FixedType,

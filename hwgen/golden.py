@@ -207,9 +207,11 @@ def _linear(m: GoldenModel, node: Node, ins, state) -> np.ndarray:
         w_frac = int(w_frac[0])
     bias = m.weight_i64(b_name) if b_name else None
     x_fmt, w_fmt = fmt_of(g, node.inputs[0]), fmt_of(g, w_name)
+    out = g.tensors[node.outputs[0]]
     return C.linear(x, x_frac, m.weight_gemm(w_name), w_frac, bias,
                     fmt_of(g, node.outputs[0]), node.attrs["acc_bits"],
-                    max(abs(v) for v in C.product_range(x_fmt, w_fmt)))
+                    max(abs(v) for v in C.product_range(x_fmt, w_fmt)),
+                    frac_of(g, node.outputs[0]) if out.per_channel else None)
 
 
 def _split_heads(x: np.ndarray, heads: int, hd: int) -> np.ndarray:

@@ -78,6 +78,18 @@ def test_linear_equals_python_integer_reference_per_channel():
             assert got[i, j] == want
 
 
+def test_linear_per_column_output_formats():
+    x_fmt, w_fmt = FixedType(8, 3), FixedType(8, 0)
+    x = rand_codes(x_fmt, (3, 10))
+    w = rand_codes(w_fmt, (10, 4))
+    out = FixedType(8, 4, **RND_SAT)
+    out_frac = np.array([2, 4, 5, 7])
+    got = C.linear(x, 5, w, 7, None, out, 20, out_frac=out_frac)
+    for j, f in enumerate(out_frac):
+        col = FixedType(8, 8 - int(f), **RND_SAT)
+        assert np.array_equal(got[:, j], C.linear(x, 5, w[:, j:j + 1], 7, None, col, 20)[:, 0])
+
+
 def test_matmul_act_batched():
     a_fmt, b_fmt = FixedType(8, 3), FixedType(8, 2)
     a = rand_codes(a_fmt, (2, 3, 5, 16))

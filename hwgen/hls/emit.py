@@ -1,0 +1,409 @@
+"""Emit Vitis-HLS-style C++ for the kernels of a fixed graph.
+
+One kernel so far: ``linear`` (:func:`emit_linear`). Its integer semantics are
+exactly :func:`hwgen.contract.linear` as the golden model calls it
+(``hwgen.golden._linear``):
+
+* the MAC array sees the input *codes* unchanged. A per-channel x format is
+  already folded into the weight rows (``hwgen.quant.linear_row_shift``), so
+  the codes are read at the finest channel's fractional bits ``xf``;
+* ``acc[n] = bias_code[n] + sum_k x_code[k] * w_code[k][n]`` in an
+  ``ap_int<acc_bits>`` (``node.attrs["acc_bits"]``: :func:`hwgen.contract.acc_width`
+  chose it so that nothing can overflow);
+* column ``n`` of the accumulator has ``xf + w_frac[n]`` fractional bits. Its
+  code is reinterpreted as ``ap_fixed<acc_bits, acc_bits - (xf + w_frac[n])>``
+  and *assigned* to the output format, so the ap_fixed headers themselves do
+  the rounding and saturation (modes from the output tensor's format).
+  Columns are grouped into requantization classes, one per distinct
+  (accumulator fractional bits, output integer bits) pair; a ``switch`` on
+  the column's class picks the template instance.
+
+Weights and biases are the graph's integer codes (``graph.weights``), written
+out as constant arrays; nothing is re-quantized here.
+
+Files for a kernel named ``<name>`` (the node name made a C identifier):
+``<name>.h`` (types, requantization helper, the kernel function),
+``<name>_weights.h`` (constant arrays), and a testbench (``<name>_tb.cpp``, or
+one shared testbench for several kernels, :func:`emit_testbench`) that reads
+input codes from a text file and writes output codes to one.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..fixed import FixedType
+from ..ir import Graph, Node
+
+#: ops that have an HLS kernel
+HLS_OPS = ("linear",)
+
+#: default number of output columns computed per cycle (ARRAY_PARTITION factor)
+DEFAULT_PAR = 4
+
+
+class HLSError(ValueError):
+    """The HLS backend cannot emit, build or run something; the message names what."""
+
+
+def sanitize(name: str) -> str:
+    """A C identifier for a node name (``n4.linear`` -> ``n4_linear``)."""
+    s = re.sub(r"[^0-9A-Za-z_]", "_", name)
+    if not s or s[0].isdigit():
+        s = "k_" + s
+    return s
+
+
+@dataclass
+class KernelSources:
+    """The generated files of one kernel and what its testbench needs."""
+
+    name: str                 # C function name (and file stem)
+    node: str                 # graph node name
+    k: int                    # input features
+    n: int                    # output features
+    x_fmt: FixedType
+    y_fmt: FixedType
+    files: dict[str, str] = field(default_factory=dict)   # file name -> text (no testbench)
+
+
+def _fixed_ctype(width: int, int_bits: int, signed: bool, q: str | None = None, o: str | None = None) -> str:
+    kind = "ap_fixed" if signed else "ap_ufixed"
+    modes = f", {q}, {o}" if q is not None else ""
+    return f"{kind}<{width}, {int_bits}{modes}>"
+
+
+def _int_ctype(width: int, signed: bool) -> str:
+    return f"ap_int<{width}>" if signed else f"ap_uint<{width}>"
+
+
+def _c_int(width: int) -> str:
+    """The smallest standard signed C integer type holding ``width`` bits."""
+    for bits, name in ((8, "signed char"), (16, "short"), (32, "int")):
+        if width <= bits:
+            return name
+    return "long long"
+
+
+def _lit(v: int) -> str:
+    v = int(v)
+    return str(v) if -(2 ** 31) < v < 2 ** 31 else f"{v}LL"
+
+
+def _array_1d(values, per_line: int = 16, indent: str = "    ") -> str:
+    vals = [_lit(v) for v in np.asarray(values).reshape(-1)]
+    lines = [", ".join(vals[i:i + per_line]) for i in range(0, len(vals), per_line)]
+    return "{\n" + ",\n".join(indent + ln for ln in lines) + "\n}"
+
+
+def _array_2d(values, indent: str = "    ") -> str:
+    rows = ["{" + ", ".join(_lit(v) for v in row) + "}" for row in np.asarray(values)]
+    return "{\n" + ",\n".join(indent + r for r in rows) + "\n}"
+
+
+def _per_column(frac, n: int, what: str) -> np.ndarray:
+    a = np.asarray(frac, dtype=np.int64).reshape(-1)
+    if a.size == 1:
+        return np.full(n, int(a[0]), dtype=np.int64)
+    if a.size != n:
+        raise HLSError(f"{what}: {a.size} per-channel formats for {n} columns")
+    return a
+
+
+def _check_node(graph: Graph, node: Node) -> None:
+    if node.op not in HLS_OPS:
+        raise HLSError(f"node '{node.name}': op '{node.op}' has no HLS kernel "
+                       f"(HLS kernels exist for: {', '.join(HLS_OPS)})")
+    if not graph.is_fixed:
+        raise HLSError(f"graph '{graph.name}' is a float graph; quantize it first (`hwgen quantize`)")
+
+
+def emit_linear(graph: Graph, node: Node | str, par: int = DEFAULT_PAR) -> KernelSources:
+    """Kernel header and weights header of one ``linear`` node (see the module doc)."""
+    if isinstance(node, str):
+        node = graph.node(node)
+    _check_node(graph, node)
+    if not isinstance(par, int) or par < 1:
+        raise HLSError(f"par must be a positive int, got {par!r}")
+    name = sanitize(node.name)
+    ns = f"{name}_ns"
+    where = f"node '{node.name}'"
+    xt = graph.tensors[node.inputs[0]]
+    wname = node.inputs[1]
+    wt = graph.tensors[wname]
+    bname = graph.node_input(node, "bias")
+    yt = graph.tensors[node.outputs[0]]
+    for t in (xt, wt, yt):
+        if t.fmt is None:
+            raise HLSError(f"{where}: tensor '{t.name}' has no fixed-point format")
+    w = np.asarray(graph.weights[wname]).astype(np.int64)
+    if w.ndim != 2:
+        raise HLSError(f"{where}: weight '{wname}' has shape {list(w.shape)}, expected (K, N)")
+    k, n = (int(v) for v in w.shape)
+    if xt.shape and isinstance(xt.shape[-1], int) and xt.shape[-1] != k:
+        raise HLSError(f"{where}: input has {xt.shape[-1]} features, weight has {k} rows")
+    acc_bits = int(node.attrs["acc_bits"])
+    xf, wf, yf = xt.fmt, wt.fmt, yt.fmt
+
+    # fractional bits: x at its finest channel (rows pre-scaled), w and y per column
+    x_frac = int(np.max(np.asarray(xt.frac_bits())))
+    w_frac = _per_column(wt.frac_bits(), n, f"{where}: weight '{wname}'")
+    acc_frac = x_frac + w_frac
+    y_int = yf.width - _per_column(yt.frac_bits(), n, f"{where}: output '{yt.name}'")
+    for col in range(n):
+        shift = int(acc_frac[col]) - (yf.width - int(y_int[col]))
+        if shift >= acc_bits:
+            # ap_fixed_base.h operator= reads source bit (shift - 1) through an asserting get_bit
+            raise HLSError(f"{where}: column {col} drops {shift} fractional bits from a "
+                           f"{acc_bits}-bit accumulator; the ap_fixed headers abort on a right "
+                           "shift longer than the source width")
+    pairs = sorted({(int(a), int(i)) for a, i in zip(acc_frac, y_int)})
+    cls_of = {p: c for c, p in enumerate(pairs)}
+    col_class = np.array([cls_of[(int(a), int(i))] for a, i in zip(acc_frac, y_int)])
+
+    bias = None
+    if bname:
+        bias = np.asarray(graph.weights[bname]).astype(np.int64).reshape(-1)
+        if bias.size != n:
+            raise HLSError(f"{where}: bias '{bname}' has {bias.size} entries for {n} columns")
+        bt = graph.tensors[bname]
+        b_width = bt.fmt.width if bt.fmt is not None else 48
+    else:
+        b_width = 1
+
+    # ---------------------------------------------------------------- types
+    x_int = xf.width - x_frac
+    guard = f"HWGEN_HLS_{name.upper()}_H"
+    par_macro = f"{name.upper()}_PAR"
+    x_note = (f"per-channel format {xf.ctype()} (int bits {min(xt.channel_int_bits)}.."
+              f"{max(xt.channel_int_bits)}): its codes are read at the finest channel's "
+              f"{x_frac} fractional bits; the weight rows were pre-scaled to match"
+              if xt.per_channel else xf.ctype())
+    y_note = (f"per-channel format {yf.ctype()} (int bits {int(y_int.min())}..{int(y_int.max())}): "
+              "y_t holds each column's code; requant() applies that column's format"
+              if yt.per_channel else yf.ctype())
+    yw, ys = yf.width, yf.signed
+    out_t = "ap_fixed" if ys else "ap_ufixed"
+    class_doc = "\n".join(
+        f"//   class {c}: accumulator {a} fractional bits -> {_fixed_ctype(yw, i, ys, yf.q, yf.o)}"
+        f" ({int((col_class == c).sum())} column(s))" for c, (a, i) in enumerate(pairs))
+    cases = "\n".join(
+        f"      case {c}: y[n] = requant<{a}, {i}>(acc[n]); break;" for c, (a, i) in enumerate(pairs))
+    src = node.source or node.op
+    header = f"""\
+// {name}.h -- generated by hwgen.hls from graph '{graph.name}', node '{node.name}' ({src})
+// y[n] = requant(sum_k x[k] * w[k][n] + b[n])   (hwgen.contract.linear, bit-exact)
+//
+// x: {x_note}
+// y: {y_note}
+// Requantization classes (column -> class in COL_CLASS):
+{class_doc}
+#ifndef {guard}
+#define {guard}
+
+#include <ap_fixed.h>
+#include <ap_int.h>
+
+#ifndef {par_macro}
+#define {par_macro} {par}  // output columns per cycle (ARRAY_PARTITION / unroll factor)
+#endif
+
+namespace {ns} {{
+
+static const int K = {k};
+static const int N = {n};
+static const int PAR = {par_macro};
+static const int ACC_BITS = {acc_bits};
+
+typedef {_fixed_ctype(xf.width, x_int, xf.signed, xf.q, xf.o)} x_t;
+typedef {_int_ctype(xf.width, xf.signed)} x_code_t;  // x's integer code
+typedef ap_int<{wf.width}> w_t;  // weight codes (per-column fractional bits)
+typedef ap_int<{b_width}> b_t;  // bias codes, at the accumulator's fractional bits
+typedef ap_int<ACC_BITS> acc_t;  // exact accumulator: acc_width() says nothing overflows
+typedef {_fixed_ctype(yw, int(y_int.max()), ys, yf.q, yf.o)} y_t;
+typedef {_int_ctype(yw, ys)} y_code_t;  // y's integer code
+
+// ROM element types: the exact widths for synthesis; plain C integers for C-simulation
+// (g++ compiles large constant arrays of ap_int objects very slowly: minutes at 384x1536)
+#ifdef __SYNTHESIS__
+typedef w_t w_rom_t;
+typedef b_t b_rom_t;
+#else
+typedef {_c_int(wf.width)} w_rom_t;
+typedef {_c_int(b_width)} b_rom_t;
+#endif
+
+// The accumulator's code read as a fixed value with ACC_FRAC fractional bits,
+// assigned to the output format: the ap_fixed header rounds ({yf.q}) and saturates ({yf.o}).
+template <int ACC_FRAC, int OUT_INT>
+inline y_t requant(acc_t acc) {{
+#pragma HLS INLINE
+  ap_fixed<ACC_BITS, ACC_BITS - ACC_FRAC> a;
+  a.range() = acc.range();
+  {out_t}<{yw}, OUT_INT, {yf.q}, {yf.o}> r = a;
+  y_t y;
+  y.range() = r.range();
+  return y;
+}}
+
+}}  // namespace {ns}
+
+#include "{name}_weights.h"
+
+// One row: x[K] -> y[N].
+inline void {name}(const {ns}::x_t x[{ns}::K], {ns}::y_t y[{ns}::N]) {{
+  using namespace {ns};
+#pragma HLS ARRAY_PARTITION variable=W cyclic factor=PAR dim=2
+  acc_t acc[N];
+#pragma HLS ARRAY_PARTITION variable=acc cyclic factor=PAR dim=1
+INIT:
+  for (int n = 0; n < N; n++) {{
+#pragma HLS PIPELINE II=1
+    acc[n] = {"b_t(B[n])" if bias is not None else "0"};
+  }}
+MAC_K:
+  for (int k = 0; k < K; k++) {{
+    x_code_t xc;
+    xc.range() = x[k].range();
+  MAC_N:
+    for (int n0 = 0; n0 < N; n0 += PAR) {{
+#pragma HLS PIPELINE II=1
+    LANE:
+      for (int p = 0; p < PAR; p++) {{
+        const int n = n0 + p;
+        if (n < N) acc[n] += xc * w_t(W[k][n]);
+      }}
+    }}
+  }}
+OUT:
+  for (int n = 0; n < N; n++) {{
+#pragma HLS PIPELINE II=1
+    switch (COL_CLASS[n]) {{
+{cases}
+      default: y[n] = 0;
+    }}
+  }}
+}}
+
+#endif  // {guard}
+"""
+    weights = f"""\
+// {name}_weights.h -- integer codes of '{wname}'{f" and '{bname}'" if bias is not None else ""} (graph '{graph.name}'), as stored
+#ifndef HWGEN_HLS_{name.upper()}_WEIGHTS_H
+#define HWGEN_HLS_{name.upper()}_WEIGHTS_H
+
+namespace {ns} {{
+
+// W[k][n]: {wf.width}-bit codes; column n has {"fractional bits " + ", ".join(str(int(v)) for v in w_frac) if np.unique(w_frac).size > 1 else f"{int(w_frac[0])} fractional bits"}
+static const w_rom_t W[K][N] = {_array_2d(w)};
+{f'''
+// B[n]: codes at the accumulator's fractional bits of column n
+static const b_rom_t B[N] = {_array_1d(bias)};
+''' if bias is not None else ""}
+// requantization class of each column (see {name}.h)
+static const unsigned char COL_CLASS[N] = {_array_1d(col_class, per_line=32)};
+
+}}  // namespace {ns}
+
+#endif
+"""
+    yfmt_codes = FixedType(yw, int(y_int.max()), ys, yf.q, yf.o)
+    xfmt_codes = FixedType(xf.width, x_int, xf.signed, xf.q, xf.o)
+    return KernelSources(name=name, node=node.name, k=k, n=n, x_fmt=xfmt_codes, y_fmt=yfmt_codes,
+                         files={f"{name}.h": header, f"{name}_weights.h": weights})
+
+
+def emit_testbench(kernels: list[KernelSources]) -> str:
+    """A C++ testbench driving every kernel in ``kernels``.
+
+    Usage: ``tb KERNEL IN.txt OUT.txt``. IN.txt holds the number of rows, then
+    rows*K input codes; OUT.txt receives rows*N output codes (one row per line).
+    """
+    incs = "\n".join(f'#include "{ks.name}.h"' for ks in kernels)
+    runs = []
+    for ks in kernels:
+        ns = f"{ks.name}_ns"
+        runs.append(f"""\
+static int run_{ks.name}(FILE* fi, FILE* fo, long rows) {{
+  using namespace {ns};
+  x_t x[K];
+  y_t y[N];
+  for (long r = 0; r < rows; r++) {{
+    for (int k = 0; k < K; k++) {{
+      long long c;
+      if (fscanf(fi, "%lld", &c) != 1) return 3;
+      x_code_t xc = c;
+      x[k].range() = xc.range();
+    }}
+    {ks.name}(x, y);
+    for (int n = 0; n < N; n++) {{
+      y_code_t yc;
+      yc.range() = y[n].range();
+      fprintf(fo, "%lld%c", (long long)yc.to_int64(), n + 1 < N ? ' ' : '\\n');
+    }}
+  }}
+  return 0;
+}}
+""")
+    table = "\n".join(f'  if (!strcmp(argv[1], "{ks.name}")) rc = run_{ks.name}(fi, fo, rows);\n  else'
+                      for ks in kernels)
+    return f"""\
+// C-simulation testbench generated by hwgen.hls
+// usage: tb KERNEL IN.txt OUT.txt   (IN: rows, then rows*K input codes; OUT: rows*N output codes)
+#include <cstdio>
+#include <cstring>
+
+{incs}
+
+{"".join(runs)}
+int main(int argc, char** argv) {{
+  if (argc != 4) {{
+    fprintf(stderr, "usage: %s KERNEL IN.txt OUT.txt\\n", argv[0]);
+    return 2;
+  }}
+  FILE* fi = fopen(argv[2], "r");
+  if (!fi) {{ perror(argv[2]); return 2; }}
+  FILE* fo = fopen(argv[3], "w");
+  if (!fo) {{ perror(argv[3]); return 2; }}
+  long rows;
+  if (fscanf(fi, "%ld", &rows) != 1) {{ fprintf(stderr, "bad input header\\n"); return 3; }}
+  int rc;
+{table} {{
+    fprintf(stderr, "unknown kernel %s\\n", argv[1]);
+    rc = 2;
+  }}
+  fclose(fi);
+  if (fclose(fo) != 0) rc = 4;
+  if (rc == 3) fprintf(stderr, "input file ended early\\n");
+  return rc;
+}}
+"""
+
+
+def emit_kernels(graph: Graph, nodes: list[Node | str] | None = None, par: int = DEFAULT_PAR,
+                 tb_name: str | None = None) -> tuple[list[KernelSources], dict[str, str]]:
+    """Kernels for ``nodes`` (default: every node with an HLS kernel) and all their
+    files, a shared testbench included (``<tb_name>_tb.cpp``; for one kernel the
+    name is the kernel's)."""
+    if nodes is None:
+        nodes = [n for n in graph.nodes if n.op in HLS_OPS]
+    by_name = {n.name: n for n in graph.nodes}
+    ks: list[KernelSources] = []
+    for nd in nodes:
+        if isinstance(nd, str):
+            if nd not in by_name:
+                raise HLSError(f"graph '{graph.name}' has no node '{nd}'")
+            nd = by_name[nd]
+        _check_node(graph, nd)
+        ks.append(emit_linear(graph, nd, par))
+    names = [k.name for k in ks]
+    if len(set(names)) != len(names):
+        raise HLSError(f"node names collide as C identifiers: {names}")
+    files: dict[str, str] = {}
+    for k in ks:
+        files.update(k.files)
+    stem = tb_name or (ks[0].name if len(ks) == 1 else "csim")
+    files[f"{stem}_tb.cpp"] = emit_testbench(ks)
+    return ks, files
