@@ -1,0 +1,91 @@
+"""Accumulator requantizer: AP_RND + AP_SAT, the quantizer's default modes.
+
+Contract
+--------
+Lane ``l`` maps a signed ``in_width``-bit accumulator code ``c`` to
+``hwgen.fixed.requantize(c, frac_in, out_width, frac_out, out_signed,
+"AP_RND", "AP_SAT")`` with ``shift = frac_in - frac_out``:
+
+* ``shift > 0``: ``r = (c + 2**(shift-1)) >> shift`` (arithmetic shift: round
+  half toward +inf, ap_fixed's AP_RND);
+* ``shift == 0``: ``r = c``;  ``shift < 0``: ``r = c * 2**-shift`` (exact);
+* then ``r`` saturates to ``[lo, hi]`` of the ``out_width``-bit (un)signed
+  output format (AP_SAT).
+
+``shift`` is one int for every lane or a sequence with one int per lane
+(per-channel output or weight formats). Combinational by default; with
+``registered=True`` the output is a register (latency 1 cycle).
+
+Ports: ``inp`` (``In(ArrayLayout(signed(in_width), lanes))``) and ``out``
+(``Out(ArrayLayout(signed(out_width) or unsigned(out_width), lanes))``).
+"""
+from __future__ import annotations
+
+from amaranth import Module, Mux, Signal, signed, unsigned
+from amaranth.lib import data, wiring
+from amaranth.lib.wiring import In, Out
+
+from ..contract import MAX_ACC_WIDTH
+from .pe_array import RTLError, _is_int, check_positive, check_width
+
+#: largest |shift| supported (codes live in int64 on the software side)
+MAX_SHIFT = 62
+
+
+class Requant(wiring.Component):
+    """``lanes`` parallel AP_RND/AP_SAT requantizers (see module docstring)."""
+
+    def __init__(self, in_width: int, shift, out_width: int, out_signed: bool = True,
+                 lanes: int = 1, registered: bool = False):
+        try:
+            self._check(in_width, shift, out_width, out_signed, lanes, registered)
+        except RTLError:
+            self._MustUse__silence = True  # never built: no "unused elaboratable" warning
+            raise
+        oshape = signed(out_width) if out_signed else unsigned(out_width)
+        super().__init__({
+            "inp": In(data.ArrayLayout(signed(in_width), lanes)),
+            "out": Out(data.ArrayLayout(oshape, lanes)),
+        })
+
+    def _check(self, in_width, shift, out_width, out_signed, lanes, registered) -> None:
+        self.in_width = check_width("in_width", in_width, MAX_ACC_WIDTH)
+        self.out_width = check_width("out_width", out_width, MAX_ACC_WIDTH)
+        if not isinstance(out_signed, bool):
+            raise RTLError(f"out_signed must be a bool, got {out_signed!r}")
+        self.lanes = check_positive("lanes", lanes)
+        if not isinstance(registered, bool):
+            raise RTLError(f"registered must be a bool, got {registered!r}")
+        shifts = [shift] * lanes if _is_int(shift) else list(shift) if isinstance(shift, (list, tuple)) else None
+        if shifts is None:
+            raise RTLError(f"shift must be an int or a list of {lanes} ints, got {shift!r}")
+        if len(shifts) != lanes:
+            raise RTLError(f"shift must have one entry per lane ({lanes}), got {len(shifts)}")
+        for s in shifts:
+            if not _is_int(s) or not -MAX_SHIFT <= s <= MAX_SHIFT:
+                raise RTLError(f"shift must be an integer in {-MAX_SHIFT}..{MAX_SHIFT}, got {s!r}")
+        self.shifts = shifts
+        self.out_signed = out_signed
+        self.registered = registered
+        if out_signed:
+            self.lo, self.hi = -(1 << (out_width - 1)), (1 << (out_width - 1)) - 1
+        else:
+            self.lo, self.hi = 0, (1 << out_width) - 1
+
+    def elaborate(self, platform):
+        m = Module()
+        dom = m.d.sync if self.registered else m.d.comb
+        for lane, s in enumerate(self.shifts):
+            c = self.inp[lane]
+            if s > 0:
+                r = (c + (1 << (s - 1))) >> s   # signed: arithmetic shift
+            elif s == 0:
+                r = c
+            else:
+                r = c << -s
+            # at least out_width + 1 bits, so the slice below sees the sign extension
+            rv = Signal(signed(max(len(r), self.out_width + 1, 2)), name=f"r_{lane}")
+            m.d.comb += rv.eq(r)
+            dom += self.out[lane].eq(Mux(rv > self.hi, self.hi,
+                                         Mux(rv < self.lo, self.lo, rv[:self.out_width])))
+        return m

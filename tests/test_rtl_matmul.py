@@ -1,0 +1,312 @@
+"""Amaranth RTL (hwgen.rtl) in Amaranth's Python simulator, bit-exact against
+the contract: the PE array's accumulators vs ``contract.matmul_int`` (random
+int8 and a real quantized linear of the tiny decoder), its cycle counts vs
+the documented formula, the requantizer vs ``fixed.requantize`` (AP_RND,
+AP_SAT), and Verilog generation. Mismatch counts are printed; 0 is the only pass.
+"""
+import numpy as np
+import pytest
+from amaranth.back import verilog
+from amaranth.sim import Simulator
+from conftest import build_tiny_decoder, tiny_decoder_feeds
+
+from hwgen import contract as C
+from hwgen.fixed import FixedType, requantize
+from hwgen.golden import GoldenModel, frac_of
+from hwgen.quant import QuantConfig, quantize
+from hwgen.rtl import PEArray, Requant, RTLError
+
+INT8 = FixedType(8, 8, True)
+
+
+# ----------------------------------------------------------------------------
+# a testbench that streams tiles through a PEArray
+# ----------------------------------------------------------------------------
+
+def run_tiles(dut: PEArray, tiles, in_gap=0.0, out_stall=0.0, seed=0):
+    """Stream ``tiles`` (a list of (A[rows x K], B[K x cols])) through ``dut``
+    back to back. ``in_gap`` / ``out_stall``: probability that a cycle has
+    ``inp.valid`` / ``out.ready`` low. Returns (C tiles, per-tile cycles from
+    first accepted beat to last row taken, total cycles first beat .. last row)."""
+    rng = np.random.default_rng(seed)
+    beats = []
+    for t, (a, b) in enumerate(tiles):
+        k = a.shape[1]
+        for i in range(k):
+            beats.append((t, {"a": [int(v) for v in a[:, i]], "b": [int(v) for v in b[i]],
+                              "first": i == 0, "last": i == k - 1}))
+    got = [np.zeros((dut.rows, dut.cols), np.int64) for _ in tiles]
+    start, end, rows_seen = {}, {}, [0] * len(tiles)
+    state = {"cycles": 0}
+
+    async def tb(ctx):
+        nb, tile_out, cyc = 0, 0, 0
+        while tile_out < len(tiles):
+            valid = nb < len(beats) and rng.random() >= in_gap
+            ctx.set(dut.inp.valid, valid)
+            if valid:
+                ctx.set(dut.inp.payload, beats[nb][1])
+            ready = rng.random() >= out_stall
+            ctx.set(dut.out.ready, ready)
+            if valid and ctx.get(dut.inp.ready):
+                start.setdefault(beats[nb][0], cyc)
+                nb += 1
+            if ready and ctx.get(dut.out.valid):
+                p = ctx.get(dut.out.payload)
+                assert p.row == rows_seen[tile_out], "rows out of order"
+                got[tile_out][p.row] = [int(v) for v in p.data]
+                rows_seen[tile_out] += 1
+                assert bool(p.last) == (rows_seen[tile_out] == dut.rows)
+                if p.last:
+                    end[tile_out] = cyc
+                    tile_out += 1
+            await ctx.tick()
+            cyc += 1
+            assert cyc < 100_000, "simulation hung"
+        state["cycles"] = cyc
+
+    sim = Simulator(dut)
+    sim.add_clock(1e-8)
+    sim.add_testbench(tb)
+    sim.run()
+    per_tile = [end[t] - start[t] + 1 for t in range(len(tiles))]
+    return got, per_tile, end[len(tiles) - 1] - start[0] + 1
+
+
+def _mismatches(got, tiles):
+    return sum(int((g != C.matmul_int(a, b, 128 * 128)).sum()) for g, (a, b) in zip(got, tiles))
+
+
+def _rand_tile(rng, rows, cols, k):
+    return rng.integers(-128, 128, (rows, k)), rng.integers(-128, 128, (k, cols))
+
+
+# ----------------------------------------------------------------------------
+# PE array
+# ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("args, msg", [
+    ((0, 4, 8, 8, 21), "rows must be a positive integer, got 0"),
+    ((4, -1, 8, 8, 21), "cols must be a positive integer, got -1"),
+    ((True, 4, 8, 8, 21), "rows must be a positive integer, got True"),
+    ((4, 4, 0, 8, 21), "a_width must be an integer in 1..48, got 0"),
+    ((4, 4, 8, 8.0, 21), "b_width must be an integer in 1..48, got 8.0"),
+    ((4, 4, 8, 8, 49), "acc_width must be an integer in 1..48, got 49"),
+    ((4, 4, 8, 8, 15), "acc_width must be at least a_width + b_width = 16 (one product), got 15"),
+])
+def test_pe_array_validation(args, msg):
+    with pytest.raises(RTLError) as e:
+        PEArray(*args)
+    assert str(e.value) == msg
+
+
+def test_pe_array_random_int8_k37():
+    """4x4 array, int8 x int8, K = 37, the contract's accumulator width; exact
+    cycles of one isolated tile: K + rows + 1."""
+    rng = np.random.default_rng(1)
+    k = 37
+    dut = PEArray.for_formats(4, 4, INT8, INT8, k)
+    assert dut.acc_width == C.acc_width(INT8, INT8, k) == 21
+    # the extreme tile (every product +2**14) next to a random one
+    worst = (np.full((4, k), -128), np.full((k, 4), -128))
+    tiles = [_rand_tile(rng, 4, 4, k), worst]
+    got, per_tile, _ = run_tiles(dut, tiles[:1])
+    bad = _mismatches(got, tiles[:1])
+    got2, _, _ = run_tiles(dut, tiles[1:])
+    bad += _mismatches(got2, tiles[1:])
+    assert got2[0][0, 0] == k * 2 ** 14
+    print(f"\n[pe 4x4 K={k}] {2 * 16} accumulators, mismatches {bad}; "
+          f"cycles {per_tile[0]} (formula K+rows+1 = {PEArray.cycles(k, 4)})")
+    assert bad == 0
+    assert per_tile[0] == PEArray.cycles(k, 4)
+
+
+def test_pe_array_back_to_back_throughput():
+    """Tiles with K >= rows + 1 stream with no gap (n*K + rows + 1 cycles in
+    all, one MAC per PE per cycle); shorter tiles stall but stay exact."""
+    rng = np.random.default_rng(2)
+    dut = PEArray(4, 4, 8, 8, 21)
+    k, n = 5, 6
+    tiles = [_rand_tile(rng, 4, 4, k) for _ in range(n)]
+    got, _, total = run_tiles(dut, tiles)
+    bad = _mismatches(got, tiles)
+    print(f"\n[pe 4x4 back-to-back {n} tiles K={k}] mismatches {bad}; "
+          f"cycles {total} (n*K+rows+1 = {n * k + 4 + 1})")
+    assert bad == 0 and total == n * k + 4 + 1
+    ks = [1, 3, 2, 37, 1, 4]  # K < rows + 1 stalls the input
+    tiles = [_rand_tile(rng, 4, 4, kk) for kk in ks]
+    got, _, total = run_tiles(dut, tiles)
+    bad = _mismatches(got, tiles)
+    print(f"[pe 4x4 short tiles K={ks}] mismatches {bad}; cycles {total}")
+    assert bad == 0
+
+
+@pytest.mark.parametrize("shape", [(4, 4), (3, 5), (1, 1)])
+def test_pe_array_backpressure(shape):
+    """Random input gaps and output stalls; odd shapes: still exact."""
+    rows, cols = shape
+    rng = np.random.default_rng(3)
+    dut = PEArray(rows, cols, 8, 6, 22)
+    ks = [7, 1, 13, 2, 37]
+    tiles = [(rng.integers(-128, 128, (rows, kk)), rng.integers(-32, 32, (kk, cols))) for kk in ks]
+    got, _, total = run_tiles(dut, tiles, in_gap=0.3, out_stall=0.5, seed=4)
+    bad = _mismatches(got, tiles)
+    print(f"\n[pe {rows}x{cols} backpressure] mismatches {bad}; cycles {total}")
+    assert bad == 0
+
+
+# ----------------------------------------------------------------------------
+# a real quantized linear, tiled onto a 4x4 array
+# ----------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_w8a8():
+    g, _ = quantize(build_tiny_decoder(), tiny_decoder_feeds(), QuantConfig.from_bits("w8a8"))
+    vals = GoldenModel(g)(tiny_decoder_feeds(1)[0], record=True)
+    return g, vals
+
+
+def _requant_sim(dut: Requant, acc: np.ndarray) -> np.ndarray:
+    """Rows of ``acc`` (lanes wide) through a combinational Requant."""
+    out = []
+
+    async def tb(ctx):
+        for row in acc:
+            ctx.set(dut.inp, [int(v) for v in row])
+            out.append([int(v) for v in ctx.get(dut.out)])
+
+    sim = Simulator(dut)
+    sim.add_testbench(tb)
+    sim.run()
+    return np.array(out, dtype=np.int64)
+
+
+@pytest.mark.parametrize("name", ["n4.linear", "n8.linear", "n11.linear", "n13.linear", "n28.linear"])
+def test_pe_array_quantized_linear(tiny_w8a8, name):
+    """A tiny-decoder linear (W8A8, per-channel): its golden x codes (all 24 tokens)
+    and weight codes, tiled M x N onto a 4x4 array: every accumulator equals
+    ``matmul_int``; then + bias and a per-column Requant equal the golden
+    model's output codes."""
+    g, vals = tiny_w8a8
+    node = g.node(name)
+    x = vals[node.inputs[0]].reshape(-1, vals[node.inputs[0]].shape[-1])
+    w = g.weights[node.inputs[1]].astype(np.int64)
+    m, k = x.shape
+    n = w.shape[1]
+    x_fmt, w_fmt = g.tensors[node.inputs[0]].fmt, g.tensors[node.inputs[1]].fmt
+    dut = PEArray.for_formats(4, 4, x_fmt, w_fmt, k)
+    tiles, where = [], []
+    for i in range(0, m, 4):
+        for j in range(0, n, 4):
+            tiles.append((x[i:i + 4], w[:, j:j + 4]))
+            where.append((i, j))
+    got, per_tile, total = run_tiles(dut, tiles)
+    acc = np.zeros((m, n), np.int64)
+    for (i, j), c in zip(where, got):
+        acc[i:i + 4, j:j + 4] = c
+    max_product = max(abs(v) for v in C.product_range(x_fmt, w_fmt))
+    want = C.matmul_int(x, w, max_product)
+    bad = int((acc != want).sum())
+    # + bias, then requantize per column (accumulator frac = x_frac + w_frac[n])
+    bias = g.weights[g.node_input(node, "bias")].astype(np.int64)
+    out_t = g.tensors[node.outputs[0]]
+    x_frac = int(np.max(frac_of(g, node.inputs[0])))
+    w_frac = np.broadcast_to(np.asarray(g.tensors[node.inputs[1]].frac_bits()).reshape(-1), (n,))
+    out_frac = np.broadcast_to(np.asarray(frac_of(g, node.outputs[0])).reshape(-1), (n,))
+    shifts = [int(x_frac + wf - of) for wf, of in zip(w_frac, out_frac)]
+    rq = Requant(node.attrs["acc_bits"], shifts, out_t.fmt.width, out_t.fmt.signed, lanes=n)
+    y = _requant_sim(rq, acc + bias)
+    y_gold = vals[node.outputs[0]].reshape(-1, n)
+    bad_y = int((y != y_gold).sum())
+    print(f"\n[{name} x{x.shape}@w{w.shape} on 4x4, {len(tiles)} tiles K={k}, acc {dut.acc_width} bits] "
+          f"accumulator mismatches {bad}/{acc.size}; requant vs golden {bad_y}/{y.size}; "
+          f"cycles {total} (back to back: tiles*K+rows+1 = {len(tiles) * k + 5}), "
+          f"one tile {per_tile[0]} (K+rows+1 = {PEArray.cycles(k, 4)})")
+    assert bad == 0 and bad_y == 0
+    assert total == len(tiles) * k + 5
+
+
+# ----------------------------------------------------------------------------
+# requantizer
+# ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("in_width, shift, out_width, out_signed", [
+    (21, 7, 8, True),     # typical linear output
+    (21, 0, 8, True),     # no shift: pure saturation
+    (12, -3, 16, True),   # left shift into a wider output
+    (16, -3, 12, True),   # left shift that saturates
+    (21, 9, 8, False),    # unsigned output: negatives saturate to 0
+    (10, 15, 4, True),    # shift past the input width
+    (20, 12, 16, True),   # output wider than the shifted accumulator
+    (5, 1, 1, True),      # 1-bit signed output
+])
+def test_requant_vs_fixed(in_width, shift, out_width, out_signed):
+    rng = np.random.default_rng(in_width * 100 + shift)
+    lo, hi = -(1 << (in_width - 1)), (1 << (in_width - 1)) - 1
+    lanes = 8
+    edges = [lo, lo + 1, hi, hi - 1, 0, -1, 1]
+    if shift > 0:  # exact ties k + 1/2 and their neighbours, around zero and at the saturation limits
+        half = 1 << (shift - 1)
+        for base in (0, 1 << (shift + out_width - 1), -(1 << (shift + out_width - 1))):
+            for t in range(-6, 7):
+                edges += [base + t * 2 * half + half + d for d in (-1, 0, 1)]
+    # uniform over the input range (mostly saturating) and over the window that
+    # maps onto the output range and just past it (mostly not)
+    olo, ohi = (-(1 << (out_width - 1)), (1 << (out_width - 1)) - 1) if out_signed else (0, (1 << out_width) - 1)
+    sh = max(shift, 0)
+    near = rng.integers(max(lo, (2 * olo - 2) << sh), min(hi, (2 * ohi + 2) << sh) + 1, 2000)
+    vals = np.clip(np.concatenate([rng.integers(lo, hi + 1, 2000), near, np.array(edges)]), lo, hi)
+    vals = np.concatenate([vals, np.zeros((-len(vals)) % lanes, np.int64)]).astype(np.int64)
+    want = requantize(vals, shift, out_width, 0, out_signed, "AP_RND", "AP_SAT")
+    got = _requant_sim(Requant(in_width, shift, out_width, out_signed, lanes=lanes),
+                       vals.reshape(-1, lanes)).reshape(-1)
+    bad = int((got != want).sum())
+    sat = int(((want == ohi) | (want == olo)).sum())
+    print(f"\n[requant in {in_width} shift {shift} -> {'s' if out_signed else 'u'}{out_width}] "
+          f"{vals.size} codes ({sat} at a limit), mismatches {bad}")
+    assert bad == 0
+
+
+def test_requant_registered_and_validation():
+    dut = Requant(16, [3, 4], 8, True, lanes=2, registered=True)
+    vals = [(1000, -1000), (-32768, 32767), (12, -12)]
+    got = []
+
+    async def tb(ctx):
+        for v in vals:
+            ctx.set(dut.inp, list(v))
+            await ctx.tick()
+            got.append([int(x) for x in ctx.get(dut.out)])
+
+    sim = Simulator(dut)
+    sim.add_clock(1e-8)
+    sim.add_testbench(tb)
+    sim.run()
+    v = np.array(vals)
+    want = np.stack([requantize(v[:, 0], 3, 8, 0, True, "AP_RND", "AP_SAT"),
+                     requantize(v[:, 1], 4, 8, 0, True, "AP_RND", "AP_SAT")], axis=1)
+    assert (np.array(got) == want).all()
+    for args, kw, msg in [
+        ((0, 3, 8), {}, "in_width must be an integer in 1..48, got 0"),
+        ((16, 3, 8), {"lanes": 0}, "lanes must be a positive integer, got 0"),
+        ((16, [1, 2], 8), {"lanes": 3}, "shift must have one entry per lane (3), got 2"),
+        ((16, 63, 8), {}, "shift must be an integer in -62..62, got 63"),
+        ((16, 2.0, 8), {}, "shift must be an int or a list of 1 ints, got 2.0"),
+        ((16, 2, 8), {"out_signed": 1}, "out_signed must be a bool, got 1"),
+    ]:
+        with pytest.raises(RTLError) as e:
+            Requant(*args, **kw)
+        assert str(e.value) == msg
+
+
+# ----------------------------------------------------------------------------
+# Verilog
+# ----------------------------------------------------------------------------
+
+def test_verilog_generation():
+    v = verilog.convert(PEArray(4, 4, 8, 8, 21), name="pe_array")
+    assert "module pe_array(" in v and "endmodule" in v
+    for port in ("inp__valid", "inp__ready", "inp__payload", "out__valid", "out__ready", "out__payload"):
+        assert port in v, port
+    r = verilog.convert(Requant(21, [7, 8, 9, 10], 8, True, lanes=4), name="requant")
+    assert "module requant(" in r
