@@ -185,6 +185,13 @@ class ExpTable:
         # first i with exp(-i/2^f) * 2^b < 1/2  ->  i > (b+1) ln2 * 2^f
         return math.floor((self.out_bits + 1) * math.log(2) * 2 ** self.in_frac) + 2
 
+    def index_format(self) -> FixedType:
+        """The format d = max - s is requantized to: unsigned, ``in_frac``
+        fractional bits, just wide enough to address the table (round half
+        up, saturating; indices beyond the table then clamp onto its zero)."""
+        width = bits_for_range(0, self.size - 1, False)
+        return FixedType(width, width - self.in_frac, False, "AP_RND", "AP_SAT")
+
     def to_dict(self) -> dict:
         return asdict(self)
 
@@ -343,8 +350,7 @@ def softmax(s: np.ndarray, s_frac: int, valid: np.ndarray | None, exp: ExpTable,
     if valid is not None:
         m[m == _MASKED] = _EMPTY_ROW
     table = exp_table(exp)
-    idx = requantize(m - s, s_frac, bits_for_range(0, exp.size - 1, False), exp.in_frac,
-                     signed=False, q="AP_RND", o="AP_SAT", in_bits=MAX_ACC_WIDTH + 4)
+    idx = exp.index_format().quantize(m - s, s_frac, in_bits=MAX_ACC_WIDTH + 4)
     np.minimum(idx, exp.size - 1, out=idx)
     e = table[idx]
     total = e.sum(axis=-1, keepdims=True)
@@ -423,13 +429,13 @@ def relu(x: np.ndarray, x_frac: int, out: FixedType) -> np.ndarray:
 
 
 def add(a: np.ndarray, a_frac: int | np.ndarray, b: np.ndarray, b_frac: int | np.ndarray,
-        out: FixedType) -> np.ndarray:
+        out: FixedType, out_frac: np.ndarray | None = None) -> np.ndarray:
     """Residual add: align both (per channel, if their formats are) to the finest
-    fractional bits exactly, add, requantize."""
+    fractional bits exactly, add, requantize (per channel with ``out_frac``)."""
     f = int(max(np.max(a_frac), np.max(b_frac)))
     acc = (np.asarray(a, dtype=np.int64) << (f - np.asarray(a_frac))) + \
         (np.asarray(b, dtype=np.int64) << (f - np.asarray(b_frac)))
-    return out.quantize(acc, f)
+    return requant(acc, f, out, out_frac)
 
 
 # ----------------------------------------------------------------------------

@@ -273,8 +273,9 @@ def _relu(m: GoldenModel, node: Node, ins, state) -> np.ndarray:
 
 def _add(m: GoldenModel, node: Node, ins, state) -> np.ndarray:
     g = m.graph
+    out = g.tensors[node.outputs[0]]
     return C.add(ins[0], frac_of(g, node.inputs[0]), ins[1], frac_of(g, node.inputs[1]),
-                 fmt_of(g, node.outputs[0]))
+                 fmt_of(g, node.outputs[0]), frac_of(g, node.outputs[0]) if out.per_channel else None)
 
 
 def _mean_pool(m: GoldenModel, node: Node, ins, state) -> np.ndarray:

@@ -1,12 +1,16 @@
 """HLS C++ backend: Vitis-HLS-style kernels emitted from a fixed graph, checked
 bit for bit against the golden model by C-simulation with g++.
 
-Only the ``linear`` kernel exists so far (:mod:`hwgen.hls.emit`); every value,
-width and constant it uses is read from the :class:`~hwgen.ir.Graph` (formats,
-``acc_bits``, integer weight codes), never re-derived.
+Kernels: ``linear`` (:mod:`hwgen.hls.emit`) and ``attention``, ``layernorm``,
+``gelu``, ``add`` (:mod:`hwgen.hls.kernels`). Every value, width, table and
+constant they use is read from the :class:`~hwgen.ir.Graph` (formats,
+``acc_bits``, integer weight codes) or built by :mod:`hwgen.contract`, never
+re-derived.
 """
-from .emit import HLSError, KernelSources, emit_linear, emit_kernels, sanitize
+from .emit import HLS_OPS, HLSError, KernelSources, emit_kernels, emit_linear, emit_node, sanitize
+from .kernels import emit_add, emit_attention, emit_gelu, emit_layernorm
 from .csim import ap_types_dir, csim_linear, run_csim
 
-__all__ = ["HLSError", "KernelSources", "emit_linear", "emit_kernels", "sanitize",
+__all__ = ["HLS_OPS", "HLSError", "KernelSources", "emit_linear", "emit_attention", "emit_layernorm",
+           "emit_gelu", "emit_add", "emit_node", "emit_kernels", "sanitize",
            "run_csim", "csim_linear", "ap_types_dir"]

@@ -126,33 +126,83 @@ def build(files: dict[str, str], cache: Path | None = None) -> Path:
     return exe
 
 
-def _check_codes(ks: KernelSources, x: np.ndarray) -> np.ndarray:
+def _check_codes(ks: KernelSources, x: np.ndarray, k: int | None = None, fmt=None,
+                 what: str = "input") -> np.ndarray:
+    k = ks.k if k is None else k
+    fmt = ks.x_fmt if fmt is None else fmt
     x = np.asarray(x)
     if not np.issubdtype(x.dtype, np.integer):
-        raise HLSError(f"kernel '{ks.name}': input codes must be integers, got {x.dtype}")
-    if x.ndim < 1 or x.shape[-1] != ks.k:
-        raise HLSError(f"kernel '{ks.name}': input has shape {list(x.shape)}; the last axis "
-                       f"must be K = {ks.k}")
+        raise HLSError(f"kernel '{ks.name}': {what} codes must be integers, got {x.dtype}")
+    if x.ndim < 1 or x.shape[-1] != k:
+        raise HLSError(f"kernel '{ks.name}': {what} has shape {list(x.shape)}; the last axis "
+                       f"must be {'K = ' if what == 'input' else ''}{k}")
     x = x.astype(np.int64)
-    lo, hi = ks.x_fmt.min_code, ks.x_fmt.max_code
+    lo, hi = fmt.min_code, fmt.max_code
     if x.size and (x.min() < lo or x.max() > hi):
-        raise HLSError(f"kernel '{ks.name}': input codes outside {ks.x_fmt} [{lo}, {hi}]")
+        raise HLSError(f"kernel '{ks.name}': {what} codes outside {fmt} [{lo}, {hi}]")
     return x
+
+
+def _pack(ks: KernelSources, x) -> tuple[np.ndarray, tuple[int, ...]]:
+    """Input rows (one testbench record per row) and the output shape of one kernel.
+
+    Row kernels (linear, layernorm, gelu): codes (..., K). ``add``: a pair
+    ``(a, b)`` of codes (..., H). ``attention``: ``(q, k, v)`` or
+    ``(q, k, v, mask)`` or ``(q, k, v, mask, offset)``: q (B, S_q, DM), k and v
+    (B, S_kv, DM), mask (B, S_kv) 0/1 (None: every key valid), offset the
+    causal position of query 0.
+    """
+    if ks.op == "add":
+        if not isinstance(x, (tuple, list)) or len(x) != 2:
+            raise HLSError(f"kernel '{ks.name}' (add) takes a pair (a, b) of code arrays")
+        af, bf = ks.meta["in_fmts"]
+        a = _check_codes(ks, x[0], ks.n, af, "input a")
+        b = _check_codes(ks, x[1], ks.n, bf, "input b")
+        if a.shape != b.shape:
+            raise HLSError(f"kernel '{ks.name}': inputs have shapes {list(a.shape)} and {list(b.shape)}")
+        return np.concatenate([a, b], axis=-1).reshape(-1, 2 * ks.n), a.shape
+    if ks.op == "attention":
+        if not isinstance(x, (tuple, list)) or not 3 <= len(x) <= 5:
+            raise HLSError(f"kernel '{ks.name}' (attention) takes (q, k, v[, mask[, offset]])")
+        qf, kf, vf = ks.meta["in_fmts"]
+        q = _check_codes(ks, x[0], ks.k, qf, "q")
+        k = _check_codes(ks, x[1], ks.k, kf, "k")
+        v = _check_codes(ks, x[2], ks.k, vf, "v")
+        mask = x[3] if len(x) > 3 else None
+        offset = int(x[4]) if len(x) > 4 else 0
+        if q.ndim != 3 or k.ndim != 3 or k.shape != v.shape or k.shape[0] != q.shape[0]:
+            raise HLSError(f"kernel '{ks.name}': q {list(q.shape)}, k {list(k.shape)}, v "
+                           f"{list(v.shape)}: expected (B, S_q, DM), (B, S_kv, DM) twice")
+        b, sq, skv = q.shape[0], q.shape[1], k.shape[1]
+        if max(sq, skv) > ks.meta["s_max"]:
+            raise HLSError(f"kernel '{ks.name}': sequence of {max(sq, skv)} positions; the kernel "
+                           f"holds at most S_MAX = {ks.meta['s_max']} (emit it with a larger max_seq)")
+        parts = [np.tile([sq, skv, offset], (b, 1)), q.reshape(b, -1), k.reshape(b, -1), v.reshape(b, -1)]
+        if ks.meta["has_mask"]:
+            m = np.ones((b, skv), np.int64) if mask is None else (np.asarray(mask) != 0).astype(np.int64)
+            if m.shape != (b, skv):
+                raise HLSError(f"kernel '{ks.name}': mask has shape {list(m.shape)}, expected {[b, skv]}")
+            parts.append(m)
+        elif mask is not None:
+            raise HLSError(f"kernel '{ks.name}': the node has no padding-mask input")
+        return np.concatenate(parts, axis=1), q.shape
+    xx = _check_codes(ks, x)
+    return xx.reshape(-1, ks.k), (*xx.shape[:-1], ks.n)
 
 
 def run_csim(graph: Graph, inputs: dict[str, np.ndarray], par: int = DEFAULT_PAR,
          cache: Path | None = None) -> dict[str, np.ndarray]:
     """C-simulate the kernels of the nodes named in ``inputs`` (node name -> input
-    codes shaped (..., K)); returns node name -> output codes shaped (..., N).
+    codes: for linear, layernorm, gelu an array shaped (..., K); for add and
+    attention a tuple, see :func:`_pack`); returns node name -> output codes.
     All kernels are compiled into one binary (cached by the hash of its sources)."""
     ks, files = emit_kernels(graph, list(inputs), par)
-    xs = {k.node: _check_codes(k, inputs[k.node]) for k in ks}
+    xs = {k.node: _pack(k, inputs[k.node]) for k in ks}
     exe = build(files, cache)
     out: dict[str, np.ndarray] = {}
     with tempfile.TemporaryDirectory(prefix="hwgen-csim-") as td:
         for k in ks:
-            x = xs[k.node]
-            rows = x.reshape(-1, k.k)
+            rows, shape = xs[k.node]
             fin, fout = Path(td) / f"{k.name}.in", Path(td) / f"{k.name}.out"
             with open(fin, "w") as f:
                 f.write(f"{len(rows)}\n")
@@ -161,8 +211,9 @@ def run_csim(graph: Graph, inputs: dict[str, np.ndarray], par: int = DEFAULT_PAR
             if r.returncode != 0:
                 raise HLSError(f"C-simulation of '{k.name}' failed (exit {r.returncode}): "
                                f"{(r.stderr or r.stdout).strip()[-2000:]}")
-            y = np.loadtxt(fout, dtype=np.int64, ndmin=2) if len(rows) else np.zeros((0, k.n), np.int64)
-            out[k.node] = y.reshape(*x.shape[:-1], k.n)
+            n = int(np.prod(shape)) // max(len(rows), 1)
+            y = np.loadtxt(fout, dtype=np.int64, ndmin=2) if len(rows) and n else np.zeros((0, n), np.int64)
+            out[k.node] = y.reshape(shape)
     return out
 
 

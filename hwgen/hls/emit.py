@@ -1,6 +1,9 @@
 """Emit Vitis-HLS-style C++ for the kernels of a fixed graph.
 
-One kernel so far: ``linear`` (:func:`emit_linear`). Its integer semantics are
+This module holds ``linear`` (:func:`emit_linear`), the shared testbench and
+the dispatch (:func:`emit_node`); ``attention``, ``layernorm``, ``gelu`` and
+``add`` are in :mod:`hwgen.hls.kernels` and follow the same conventions.
+The ``linear`` kernel's integer semantics are
 exactly :func:`hwgen.contract.linear` as the golden model calls it
 (``hwgen.golden._linear``):
 
@@ -37,8 +40,8 @@ import numpy as np
 from ..fixed import FixedType
 from ..ir import Graph, Node
 
-#: ops that have an HLS kernel
-HLS_OPS = ("linear",)
+#: ops that have an HLS kernel (all but ``linear`` live in :mod:`hwgen.hls.kernels`)
+HLS_OPS = ("linear", "attention", "layernorm", "gelu", "add")
 
 #: default number of output columns computed per cycle (ARRAY_PARTITION factor)
 DEFAULT_PAR = 4
@@ -67,6 +70,9 @@ class KernelSources:
     x_fmt: FixedType
     y_fmt: FixedType
     files: dict[str, str] = field(default_factory=dict)   # file name -> text (no testbench)
+    op: str = "linear"
+    run: str = ""             # testbench driver ``run_<name>``; empty: the row driver (x[K] -> y[N])
+    meta: dict = field(default_factory=dict)              # what the csim packer needs (per op)
 
 
 def _fixed_ctype(width: int, int_bits: int, signed: bool, q: str | None = None, o: str | None = None) -> str:
@@ -315,15 +321,30 @@ static const unsigned char COL_CLASS[N] = {_array_1d(col_class, per_line=32)};
                          files={f"{name}.h": header, f"{name}_weights.h": weights})
 
 
+def emit_node(graph: Graph, node: Node, par: int = DEFAULT_PAR, **opts) -> KernelSources:
+    """The kernel of any node whose op is in :data:`HLS_OPS`."""
+    _check_node(graph, node)
+    if node.op == "linear":
+        return emit_linear(graph, node, par)
+    from . import kernels
+    return getattr(kernels, f"emit_{node.op}")(graph, node, **opts)
+
+
 def emit_testbench(kernels: list[KernelSources]) -> str:
     """A C++ testbench driving every kernel in ``kernels``.
 
     Usage: ``tb KERNEL IN.txt OUT.txt``. IN.txt holds the number of rows, then
-    rows*K input codes; OUT.txt receives rows*N output codes (one row per line).
+    the rows: K input codes each for the row kernels (linear, layernorm, gelu),
+    or the kernel's own record (``KernelSources.run``: add reads a then b,
+    attention ``S_q S_kv offset`` then q, k, v and the mask); OUT.txt receives
+    one line of output codes per row.
     """
     incs = "\n".join(f'#include "{ks.name}.h"' for ks in kernels)
     runs = []
     for ks in kernels:
+        if ks.run:
+            runs.append(ks.run)
+            continue
         ns = f"{ks.name}_ns"
         runs.append(f"""\
 static int run_{ks.name}(FILE* fi, FILE* fo, long rows) {{
@@ -331,18 +352,11 @@ static int run_{ks.name}(FILE* fi, FILE* fo, long rows) {{
   x_t x[K];
   y_t y[N];
   for (long r = 0; r < rows; r++) {{
-    for (int k = 0; k < K; k++) {{
-      long long c;
-      if (fscanf(fi, "%lld", &c) != 1) return 3;
-      x_code_t xc = c;
-      x[k].range() = xc.range();
-    }}
+    for (int k = 0; k < K; k++)
+      if (!hwgen_read<x_code_t>(fi, x[k])) return 3;
     {ks.name}(x, y);
-    for (int n = 0; n < N; n++) {{
-      y_code_t yc;
-      yc.range() = y[n].range();
-      fprintf(fo, "%lld%c", (long long)yc.to_int64(), n + 1 < N ? ' ' : '\\n');
-    }}
+    for (int n = 0; n < N; n++)
+      fprintf(fo, "%lld%c", hwgen_code<y_code_t>(y[n]), n + 1 < N ? ' ' : '\\n');
   }}
   return 0;
 }}
@@ -356,6 +370,24 @@ static int run_{ks.name}(FILE* fi, FILE* fo, long rows) {{
 #include <cstring>
 
 {incs}
+
+// one input code from the file into a fixed-point value (its bits: the code C)
+template <class C, class T>
+static bool hwgen_read(FILE* fi, T& x) {{
+  long long c;
+  if (fscanf(fi, "%lld", &c) != 1) return false;
+  C xc = c;
+  x.range() = xc.range();
+  return true;
+}}
+
+// the integer code of a fixed-point value
+template <class C, class T>
+static long long hwgen_code(const T& y) {{
+  C yc;
+  yc.range() = y.range();
+  return (long long)yc.to_int64();
+}}
 
 {"".join(runs)}
 int main(int argc, char** argv) {{
@@ -377,6 +409,7 @@ int main(int argc, char** argv) {{
   fclose(fi);
   if (fclose(fo) != 0) rc = 4;
   if (rc == 3) fprintf(stderr, "input file ended early\\n");
+  if (rc == 5) fprintf(stderr, "sequence longer than the kernel's S_MAX\\n");
   return rc;
 }}
 """
@@ -397,7 +430,7 @@ def emit_kernels(graph: Graph, nodes: list[Node | str] | None = None, par: int =
                 raise HLSError(f"graph '{graph.name}' has no node '{nd}'")
             nd = by_name[nd]
         _check_node(graph, nd)
-        ks.append(emit_linear(graph, nd, par))
+        ks.append(emit_node(graph, nd, par))
     names = [k.name for k in ks]
     if len(set(names)) != len(names):
         raise HLSError(f"node names collide as C identifiers: {names}")
