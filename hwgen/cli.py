@@ -133,6 +133,109 @@ class InputFileError(ValueError):
     pass
 
 
+class TargetError(ValueError):
+    pass
+
+
+TARGETS = ("hls",)
+
+
+def _check_target(target: str) -> None:
+    if target not in TARGETS:
+        raise TargetError(f"unknown target '{target}': expected one of {', '.join(TARGETS)}")
+
+
+def _hls_feeds(args, graph, say):
+    from .hls.project import builtin_feeds, load_inputs
+
+    if args.inputs:
+        return load_inputs(args.inputs), f"--inputs {args.inputs}"
+    feeds, note = builtin_feeds(graph)
+    say(f"inputs: {note}")
+    return feeds, note
+
+
+def _warn_unsupported(skipped: list[dict]) -> None:
+    """One stderr warning naming the nodes of kernel ops that were skipped anyway
+    (attention with a KV cache, or a node the emitter refused)."""
+    from .hls import HLS_OPS
+
+    bad = [s for s in skipped if s["op"] in HLS_OPS]
+    if bad:
+        print("hwgen: warning: skipped, no HLS kernel: "
+              + "; ".join(f"{s['name']}: {s['reason']}" for s in bad), file=sys.stderr)
+
+
+# ----------------------------------------------------------------------------
+# gen
+# ----------------------------------------------------------------------------
+
+def cmd_gen(args: argparse.Namespace) -> dict:
+    from .hls.project import first_batch, golden_io, plan, write_project
+    from .ir import Graph
+
+    _check_target(args.target)
+    say = Progress(args.quiet)
+    graph = Graph.load(args.graph)
+    kernels, skipped = plan(graph, args.layer)
+    _warn_unsupported(skipped)
+    if skipped:
+        say(f"skipping {len(skipped)} node(s) without an HLS kernel: "
+            + ", ".join(f"{s['name']} ({s['op']})" for s in skipped))
+    vectors, note = None, None
+    if not args.no_vectors and kernels:
+        try:
+            feeds, note = _hls_feeds(args, graph, say)
+        except Exception as e:
+            if args.inputs or not type(e).__module__.startswith("hwgen."):
+                raise
+            print(f"hwgen: warning: no golden vectors ({e}); run_hls.tcl will skip csim/cosim",
+                  file=sys.stderr)
+            feeds = None
+        if feeds is not None:
+            feeds = first_batch(feeds, args.batch)
+            say(f"golden vectors: {', '.join(f'{k} {list(np.shape(v))}' for k, v in feeds.items())}")
+            vectors = golden_io(graph, kernels, feeds)
+    say(f"writing {len(kernels)} kernel(s) to {args.out}")
+    man = write_project(graph, kernels, skipped, args.out, part=args.part, clock_ns=args.clock_ns,
+                        vectors=vectors, inputs_note=note)
+    say(f"wrote {args.out}: run `vitis_hls -f run_hls.tcl` there")
+    return {"target": "hls", "out": str(args.out), "kernels": [k["name"] for k in man["kernels"]],
+            "files": man["files"], "skipped": [s["name"] for s in skipped], "vectors": vectors is not None}
+
+
+# ----------------------------------------------------------------------------
+# verify
+# ----------------------------------------------------------------------------
+
+def cmd_verify(args: argparse.Namespace):
+    from .hls.project import plan, verify
+    from .ir import Graph
+
+    _check_target(args.target)
+    t0 = time.perf_counter()
+    say = Progress(args.quiet)
+    graph = Graph.load(args.graph)
+    kernels, skipped = plan(graph, args.layer)
+    say(f"{len(kernels)} kernel(s) with HLS support"
+        + (f" in layer {args.layer}" if args.layer is not None else "")
+        + (f"; skipping {len(skipped)}: " + ", ".join(f"{s['name']} ({s['op']})" for s in skipped)
+           if skipped else ""))
+    _warn_unsupported(skipped)
+    if not kernels:
+        raise TargetError(f"graph '{graph.name}': no node"
+                          + (f" of layer {args.layer}" if args.layer is not None else "")
+                          + " has an HLS kernel")
+    feeds, note = _hls_feeds(args, graph, say)
+    report = verify(graph, kernels, feeds, say=say)
+    total = sum(k["mismatches"] for k in report)
+    result = {"target": "hls", "graph": str(args.graph), "layer": args.layer, "inputs": note,
+              "kernels": report, "vectors": sum(k["vectors"] for k in report), "mismatches": total,
+              "skipped": skipped, "wall_s": time.perf_counter() - t0}
+    say(f"{len(report)} kernel(s), {result['vectors']} output codes, {total} mismatch(es)")
+    return result, (1 if total else 0)
+
+
 # ----------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -166,6 +269,35 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     g.add_argument("--quiet", action="store_true", help="no progress on stderr")
     g.set_defaults(fn=cmd_golden)
+
+    gn = sub.add_parser("gen", help="generate hardware sources (HLS C++ and a Vitis HLS script)",
+                        description="Emit one HLS C++ kernel per supported node of a fixed graph, "
+                        "a testbench, golden vectors and run_hls.tcl (vitis_hls -f run_hls.tcl).")
+    gn.add_argument("--graph", required=True, help="graph directory written by `hwgen quantize`")
+    gn.add_argument("--target", required=True, help="hls")
+    gn.add_argument("--out", required=True, help="output folder (replaced atomically)")
+    gn.add_argument("--layer", type=int, help="only the nodes of this transformer block")
+    gn.add_argument("--part", default="xcu250-figd2104-2L-e", help="FPGA part (default xcu250-figd2104-2L-e)")
+    gn.add_argument("--clock-ns", type=float, default=5.0, help="clock period in ns (default 5)")
+    gn.add_argument("--inputs", help=".npz with one array per graph input, for the golden vectors")
+    gn.add_argument("--batch", type=int, default=1,
+                    help="batch rows of the inputs used for the golden vectors (default 1)")
+    gn.add_argument("--no-vectors", action="store_true", help="write no golden vectors (no csim/cosim)")
+    gn.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    gn.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    gn.set_defaults(fn=cmd_gen)
+
+    v = sub.add_parser("verify", help="C-simulate the generated kernels against the golden model",
+                       description="Record every kernel's inputs and outputs with the golden model, "
+                       "C-simulate the HLS kernels (g++, ap_fixed headers) and count mismatching "
+                       "output codes. Exit status 1 if any.")
+    v.add_argument("--graph", required=True, help="graph directory written by `hwgen quantize`")
+    v.add_argument("--target", required=True, help="hls")
+    v.add_argument("--layer", type=int, help="only the nodes of this transformer block")
+    v.add_argument("--inputs", help=".npz with one array per graph input (default: built-in inputs)")
+    v.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    v.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    v.set_defaults(fn=cmd_verify)
     return p
 
 
@@ -173,6 +305,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         result = args.fn(args)
+        code = 0
+        if isinstance(result, tuple):
+            result, code = result
     except Exception as e:
         # hwgen's own errors (every stage defines one, named after what it checks) and
         # file-system errors are the user's to fix: one line, no traceback.
@@ -181,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"hwgen: error: {e}", file=sys.stderr)
         return 1
     _emit(result, getattr(args, "json", False))
-    return 0
+    return code
 
 
 if __name__ == "__main__":

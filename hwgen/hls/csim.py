@@ -190,6 +190,28 @@ def _pack(ks: KernelSources, x) -> tuple[np.ndarray, tuple[int, ...]]:
     return xx.reshape(-1, ks.k), (*xx.shape[:-1], ks.n)
 
 
+def write_rows(path: Path, rows: np.ndarray) -> None:
+    """A testbench input file: the number of rows, then one record per line."""
+    with open(path, "w") as f:
+        f.write(f"{len(rows)}\n")
+        np.savetxt(f, rows, fmt="%d")
+
+
+def write_vectors(ks: KernelSources, x, y: np.ndarray, stem: Path) -> int:
+    """``<stem>.in`` (testbench input records for inputs ``x``, as :func:`run_csim` takes
+    them) and ``<stem>.golden`` (the expected output codes ``y``, one line per record);
+    returns the number of records."""
+    rows, shape = _pack(ks, x)
+    y = np.asarray(y).astype(np.int64)
+    if tuple(y.shape) != tuple(shape):
+        raise HLSError(f"kernel '{ks.name}': expected outputs have shape {list(y.shape)}, "
+                       f"the inputs give {list(shape)}")
+    write_rows(Path(f"{stem}.in"), rows)
+    with open(f"{stem}.golden", "w") as f:
+        np.savetxt(f, y.reshape(max(len(rows), 1), -1) if y.size else np.zeros((0, 0)), fmt="%d")
+    return len(rows)
+
+
 def run_csim(graph: Graph, inputs: dict[str, np.ndarray], par: int = DEFAULT_PAR,
          cache: Path | None = None) -> dict[str, np.ndarray]:
     """C-simulate the kernels of the nodes named in ``inputs`` (node name -> input
@@ -204,9 +226,7 @@ def run_csim(graph: Graph, inputs: dict[str, np.ndarray], par: int = DEFAULT_PAR
         for k in ks:
             rows, shape = xs[k.node]
             fin, fout = Path(td) / f"{k.name}.in", Path(td) / f"{k.name}.out"
-            with open(fin, "w") as f:
-                f.write(f"{len(rows)}\n")
-                np.savetxt(f, rows, fmt="%d")
+            write_rows(fin, rows)
             r = subprocess.run([str(exe), k.name, str(fin), str(fout)], capture_output=True, text=True)
             if r.returncode != 0:
                 raise HLSError(f"C-simulation of '{k.name}' failed (exit {r.returncode}): "
