@@ -1,0 +1,257 @@
+"""The HLS target of ``hwgen gen`` and ``hwgen verify``.
+
+:func:`plan` picks the nodes of a fixed graph that have an HLS kernel (attention
+with a KV cache has none: the kernel keeps no state) and emits them;
+:func:`golden_io` records every kernel's input and output codes with the golden
+model; :func:`write_project` writes a Vitis HLS project folder (kernel headers,
+one synthesis top ``<name>.cpp`` per kernel, one testbench, golden vectors,
+``run_hls.tcl`` and ``manifest.json``) atomically; :func:`verify` C-simulates
+the kernels with g++ (:func:`hwgen.hls.csim.run_csim`) and counts mismatches.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from ..ir import Graph, Node
+from .csim import run_csim, write_vectors
+from .emit import DEFAULT_PAR, HLS_OPS, HLSError, KernelSources, emit_node, emit_testbench, emit_top
+
+DEFAULT_PART = "xcu250-figd2104-2L-e"
+DEFAULT_CLOCK_NS = 5.0
+TB_FILE = "hwgen_tb.cpp"
+TCL_FILE = "run_hls.tcl"
+MANIFEST_FILE = "manifest.json"
+#: eval inputs for verify: first N sentences (minilm)
+MINILM_SENTENCES = 4
+#: tiny-gpt: the first eval-corpus line with at least this many characters
+GPT_MIN_LINE = 32
+
+
+def _layer_nodes(graph: Graph, layer: int | None) -> list[Node]:
+    if layer is None:
+        return list(graph.nodes)
+    layers = sorted({n.layer for n in graph.nodes if n.layer is not None})
+    nodes = [n for n in graph.nodes if n.layer == layer]
+    if not nodes:
+        raise HLSError(f"graph '{graph.name}' has no nodes in layer {layer} "
+                       f"(layers: {', '.join(map(str, layers)) or 'none'})")
+    return nodes
+
+
+def plan(graph: Graph, layer: int | None = None, par: int = DEFAULT_PAR
+         ) -> tuple[list[KernelSources], list[dict]]:
+    """Kernels for every node (of ``layer``) that has one, and the nodes skipped:
+    ``{name, op, reason}``."""
+    if not graph.is_fixed:
+        raise HLSError(f"graph '{graph.name}' is a float graph; quantize it first (`hwgen quantize`)")
+    kernels: list[KernelSources] = []
+    skipped: list[dict] = []
+    for node in _layer_nodes(graph, layer):
+        if node.op not in HLS_OPS:
+            skipped.append({"name": node.name, "op": node.op,
+                            "reason": f"op '{node.op}' has no HLS kernel"})
+            continue
+        if node.op == "attention" and node.attrs.get("kv_cache"):
+            skipped.append({"name": node.name, "op": node.op,
+                            "reason": "attention with a KV cache (kv_cache=True) has no HLS kernel "
+                                      "(the kernel keeps no state)"})
+            continue
+        try:
+            kernels.append(emit_node(graph, node, par))
+        except HLSError as e:
+            skipped.append({"name": node.name, "op": node.op, "reason": str(e)})
+    names = [k.name for k in kernels]
+    if len(set(names)) != len(names):
+        raise HLSError(f"node names collide as C identifiers: {names}")
+    return kernels, skipped
+
+
+# ----------------------------------------------------------------------------- inputs
+
+def load_inputs(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    except (OSError, ValueError) as e:
+        raise HLSError(f"{path}: cannot read inputs ({e})") from None
+
+
+def builtin_feeds(graph: Graph) -> tuple[dict[str, np.ndarray], str]:
+    """The graph's built-in evaluation inputs (one batch) and a description."""
+    from .. import zoo
+
+    model = str(graph.meta.get("model", "") or "")
+    key = zoo._ALIASES.get(model.lower())
+    if key is None and model.endswith(".pt"):
+        key = "tiny-gpt"
+    if key == "minilm":
+        path = zoo.DATA_DIR / "sentences_eval.txt"
+        lines = [ln for ln in path.read_text().splitlines() if ln.strip()][:MINILM_SENTENCES]
+        return zoo.feeds_from_text(model, "\n".join(lines)), f"{len(lines)} sentences of {path.name}"
+    if key == "tiny-gpt":
+        path = zoo.DATA_DIR / "tiny_corpus_eval.txt"
+        lines = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+        line = next((ln for ln in lines if len(ln) >= GPT_MIN_LINE), lines[0] if lines else "")
+        return zoo.feeds_from_text(model, line), f"one line of {path.name}"
+    if not model:
+        raise HLSError(f"graph '{graph.name}' names no model (meta 'model'); give --inputs FILE.npz "
+                       f"with one array per graph input {graph.inputs}")
+    try:
+        bundle = zoo.load(model)
+    except Exception as e:  # noqa: BLE001 -- any load failure: ask for inputs
+        raise HLSError(f"cannot load model '{model}' for its calibration inputs ({e}); give --inputs "
+                       f"FILE.npz with one array per graph input {graph.inputs}") from None
+    if not bundle.calib_feeds:
+        raise HLSError(f"model '{model}' has no calibration inputs; give --inputs FILE.npz")
+    return bundle.calib_feeds[0], f"calibration inputs of {model}"
+
+
+def kernel_inputs(node: Node, vals: dict[str, np.ndarray]):
+    """A kernel's inputs as :func:`run_csim` takes them, from recorded golden values."""
+    if node.op == "attention":
+        return tuple(vals[t] for t in node.inputs[:4] if t)
+    if node.op == "add":
+        return (vals[node.inputs[0]], vals[node.inputs[1]])
+    return vals[node.inputs[0]]
+
+
+def golden_io(graph: Graph, kernels: list[KernelSources], feeds: dict[str, np.ndarray]):
+    """Node name -> kernel inputs and -> output codes, from one golden run with record=True."""
+    from ..golden import GoldenModel
+
+    vals = GoldenModel(graph)(feeds, record=True)
+    xs, ys = {}, {}
+    for ks in kernels:
+        node = graph.node(ks.node)
+        xs[ks.node] = kernel_inputs(node, vals)
+        ys[ks.node] = np.asarray(vals[node.outputs[0]])
+    return xs, ys
+
+
+def first_batch(feeds: dict[str, np.ndarray], n: int = 1) -> dict[str, np.ndarray]:
+    return {k: np.asarray(v)[:n] for k, v in feeds.items()}
+
+
+# ----------------------------------------------------------------------------- gen
+
+def _formats(graph: Graph, node: Node) -> dict:
+    data = [t for t in node.inputs[:1 if node.op in ("linear", "layernorm", "gelu") else
+                                    (2 if node.op == "add" else 3)] if t]
+    fmt = lambda t: str(graph.tensors[t].fmt) + (" per channel" if graph.tensors[t].per_channel else "")
+    return {"inputs": {t: fmt(t) for t in data}, "output": {node.outputs[0]: fmt(node.outputs[0])}}
+
+
+def emit_tcl(kernels: list[KernelSources], part: str, clock_ns: float, with_vectors: set[str],
+             graph_name: str) -> str:
+    lines = [f"# {TCL_FILE} -- Vitis HLS script generated by hwgen for graph '{graph_name}'",
+             f"# usage: vitis_hls -f {TCL_FILE}",
+             "# One project (hls_<kernel>) per kernel: C simulation against the golden vectors,",
+             "# synthesis, C/RTL co-simulation and export as an IP catalog core.",
+             "set here [file dirname [file normalize [info script]]]",
+             "cd $here",
+             ""]
+    for ks in kernels:
+        flags = "-I$here -std=c++14"
+        macro = f"HWGEN_TOP_{ks.name.upper()}"
+        argv = f"{ks.name} {ks.name}.in {ks.name}.out {ks.name}.golden"
+        lines += [f"# ---- {ks.name}: node '{ks.node}' ({ks.op})",
+                  f"open_project -reset hls_{ks.name}",
+                  f"set_top {ks.name}_top",
+                  f'add_files {ks.name}.cpp -cflags "{flags}"',
+                  f'add_files -tb {TB_FILE} -cflags "{flags} -D{macro}"']
+        if ks.name in with_vectors:
+            lines += [f"add_files -tb vectors/{ks.name}.in", f"add_files -tb vectors/{ks.name}.golden"]
+        lines += ["open_solution -reset solution1 -flow_target vivado",
+                  f"set_part {{{part}}}",
+                  f"create_clock -period {clock_ns:g} -name default"]
+        if ks.name in with_vectors:
+            lines.append(f'csim_design -argv "{argv}"')
+        else:
+            lines.append(f"# csim_design: no golden vectors were written (give `hwgen gen --inputs`)")
+        lines.append("csynth_design")
+        if ks.name in with_vectors:
+            lines.append(f'cosim_design -argv "{argv}"')
+        else:
+            lines.append(f"# cosim_design: no golden vectors were written")
+        lines += ["export_design -format ip_catalog", "close_project", ""]
+    lines.append("exit")
+    return "\n".join(lines) + "\n"
+
+
+def write_project(graph: Graph, kernels: list[KernelSources], skipped: list[dict], out: str | os.PathLike,
+                  part: str = DEFAULT_PART, clock_ns: float = DEFAULT_CLOCK_NS,
+                  vectors: tuple[dict, dict] | None = None, inputs_note: str | None = None) -> dict:
+    """Write the project folder ``out`` atomically; returns the manifest."""
+    if not kernels:
+        raise HLSError(f"graph '{graph.name}': no node has an HLS kernel "
+                       f"(skipped: {', '.join(s['name'] for s in skipped) or 'none'})")
+    if clock_ns <= 0:
+        raise HLSError(f"--clock-ns must be positive, got {clock_ns}")
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MANIFEST_FILE).is_file())):
+        raise HLSError(f"{out} exists and is not an hwgen HLS project; choose another --out "
+                       "(an existing project folder is replaced)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        files: dict[str, str] = {}
+        for ks in kernels:
+            files.update(ks.files)
+            files[f"{ks.name}.cpp"] = emit_top(ks)
+        files[TB_FILE] = emit_testbench(kernels)
+        with_vectors: set[str] = set()
+        rows: dict[str, int] = {}
+        if vectors is not None:
+            xs, ys = vectors
+            (tmp / "vectors").mkdir()
+            for ks in kernels:
+                rows[ks.name] = write_vectors(ks, xs[ks.node], ys[ks.node], tmp / "vectors" / ks.name)
+                with_vectors.add(ks.name)
+        files[TCL_FILE] = emit_tcl(kernels, part, clock_ns, with_vectors, graph.name)
+        manifest = {"graph": graph.name, "target": "hls", "part": part, "clock_ns": clock_ns,
+                    "testbench": TB_FILE, "tcl": TCL_FILE, "inputs": inputs_note, "kernels": [],
+                    "skipped": skipped}
+        for ks in kernels:
+            node = graph.node(ks.node)
+            entry = {"name": ks.name, "node": ks.node, "op": ks.op, "top": f"{ks.name}_top",
+                     "files": sorted(ks.files) + [f"{ks.name}.cpp"], "formats": _formats(graph, node)}
+            if ks.name in with_vectors:
+                entry["vectors"] = {"in": f"vectors/{ks.name}.in", "golden": f"vectors/{ks.name}.golden",
+                                    "records": rows[ks.name]}
+            manifest["kernels"].append(entry)
+        files[MANIFEST_FILE] = json.dumps(manifest, indent=1)
+        for name, text in files.items():
+            (tmp / name).write_text(text)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    manifest["files"] = sum(1 for p in out.rglob("*") if p.is_file())
+    return manifest
+
+
+# ----------------------------------------------------------------------------- verify
+
+def verify(graph: Graph, kernels: list[KernelSources], feeds: dict[str, np.ndarray],
+           par: int = DEFAULT_PAR, say=lambda msg: None) -> list[dict]:
+    """C-simulate ``kernels`` on the golden model's recorded inputs; one report per kernel."""
+    say(f"golden model on {', '.join(f'{k} {list(np.shape(v))}' for k, v in feeds.items())}")
+    xs, ys = golden_io(graph, kernels, feeds)
+    say(f"C-simulating {len(kernels)} kernel(s) with g++ (one binary, cached by its sources' hash)")
+    outs = run_csim(graph, xs, par)
+    report = []
+    for ks in kernels:
+        y, got = ys[ks.node], outs[ks.node]
+        bad = int((got != y).sum()) if got.shape == y.shape else int(y.size)
+        report.append({"name": ks.name, "node": ks.node, "op": ks.op, "vectors": int(y.size),
+                       "mismatches": bad})
+        say(f"  {ks.name:24s} {ks.op:10s} {y.size:8d} codes  mismatches {bad}")
+    return report

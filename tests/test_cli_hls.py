@@ -1,0 +1,100 @@
+"""`hwgen gen --target hls` and `hwgen verify --target hls` end to end on the
+bert-block model: the project folder (kernels, testbench, vectors, Vitis HLS
+script, manifest), C-simulation with zero mismatches, and bad input."""
+import json
+
+import pytest
+
+from hwgen.cli import main
+
+
+def run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def last_json(out: str) -> dict:
+    return json.loads(out.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def bert_block_graph(tmp_path_factory):
+    out = tmp_path_factory.mktemp("q") / "bert"
+    assert main(["quantize", "--model", "bert-block", "--bits", "w8a8", "--out", str(out),
+                 "--json", "--quiet"]) == 0
+    return out
+
+
+def test_gen_hls_project(bert_block_graph, capsys, tmp_path):
+    out = tmp_path / "hls"
+    code, stdout, _ = run(capsys, "gen", "--graph", bert_block_graph, "--target", "hls", "--out", out,
+                          "--clock-ns", "4", "--json")
+    assert code == 0
+    r = last_json(stdout)
+    assert r["target"] == "hls" and r["out"] == str(out)
+    assert set(r["kernels"]) >= {"attn_q", "attn", "ln1", "act", "add"}
+    assert r["files"] == sum(1 for p in out.rglob("*") if p.is_file())
+    man = json.loads((out / "manifest.json").read_text())
+    assert [k["name"] for k in man["kernels"]] == r["kernels"]
+    for k in man["kernels"]:
+        for f in k["files"]:
+            assert (out / f).is_file(), f
+        assert (out / k["vectors"]["in"]).is_file() and (out / k["vectors"]["golden"]).is_file()
+        assert k["formats"]["output"]
+    assert (out / "hwgen_tb.cpp").is_file()
+    tcl = (out / "run_hls.tcl").read_text()
+    lines = tcl.splitlines()
+    for cmd in ("open_project", "set_top", "add_files -tb hwgen_tb.cpp", "open_solution",
+                "set_part {xcu250-figd2104-2L-e}", "create_clock -period 4", "csim_design",
+                "csynth_design", "cosim_design", "export_design -format ip_catalog"):
+        assert sum(ln.startswith(cmd) for ln in lines) == len(r["kernels"]), cmd
+    assert "-cflags" in tcl
+    # no temporary folders left next to the output
+    assert [p.name for p in tmp_path.iterdir()] == ["hls"]
+
+
+def test_verify_hls_bit_exact(bert_block_graph, capsys):
+    code, stdout, err = run(capsys, "verify", "--graph", bert_block_graph, "--target", "hls", "--json")
+    assert code == 0, err
+    r = last_json(stdout)
+    assert r["target"] == "hls" and r["mismatches"] == 0
+    assert len(r["kernels"]) >= 12
+    assert all(k["vectors"] > 0 and k["mismatches"] == 0 for k in r["kernels"])
+    assert {k["op"] for k in r["kernels"]} == {"linear", "attention", "layernorm", "gelu", "add"}
+    assert all("reason" in s for s in r["skipped"])
+    assert r["wall_s"] > 0 and "mismatches" in err
+
+
+def test_hls_errors(bert_block_graph, capsys, tmp_path):
+    code, out, err = run(capsys, "verify", "--graph", tmp_path / "missing", "--target", "hls", "--json")
+    assert code == 1 and out == "" and err.startswith("hwgen: error:") and "graph.json" in err
+    code, _, err = run(capsys, "gen", "--graph", bert_block_graph, "--target", "vhdl",
+                       "--out", tmp_path / "o")
+    assert code == 1 and "unknown target 'vhdl'" in err and not (tmp_path / "o").exists()
+    code, _, err = run(capsys, "verify", "--graph", bert_block_graph, "--target", "hls", "--layer", "7")
+    assert code == 1 and "no nodes in layer 7" in err
+    # refuses to replace a folder that is not an hwgen project (here: the graph itself)
+    code, _, err = run(capsys, "gen", "--graph", bert_block_graph, "--target", "hls",
+                       "--out", bert_block_graph)
+    assert code == 1 and "not an hwgen HLS project" in err
+    assert (bert_block_graph / "graph.json").is_file()
+
+
+def test_verify_exit_status_on_mismatch(bert_block_graph, capsys, monkeypatch):
+    import hwgen.hls.project as project
+
+    real = project.run_csim
+
+    def off_by_one(graph, xs, *a, **kw):
+        outs = real(graph, xs, *a, **kw)
+        name = next(iter(outs))
+        outs[name] = outs[name].copy()
+        outs[name].reshape(-1)[0] += 1
+        return outs
+
+    monkeypatch.setattr(project, "run_csim", off_by_one)
+    code, stdout, _ = run(capsys, "verify", "--graph", bert_block_graph, "--target", "hls", "--json")
+    r = last_json(stdout)
+    assert code == 1 and r["mismatches"] == 1
+    assert sum(k["mismatches"] for k in r["kernels"]) == 1
