@@ -1,7 +1,6 @@
 """The `hwgen quantize` and `hwgen golden` verbs end to end, and every kind of
 bad input the quantizer must refuse: one `hwgen: error:` line naming the
 problem, exit status 1, and no output directory left behind."""
-import json
 import subprocess
 import sys
 import textwrap
@@ -10,27 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from hwgen.cli import main
+from conftest import last_json
+from conftest import run_cli as run
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def last_json(out: str) -> dict:
-    return json.loads(out.strip().splitlines()[-1])
-
-
-@pytest.fixture(scope="module")
-def bert_block_graph(tmp_path_factory):
-    out = tmp_path_factory.mktemp("q") / "bert"
-    assert main(["quantize", "--model", "bert-block", "--bits", "w8a8", "--out", str(out),
-                 "--json", "--quiet"]) == 0
-    return out
 
 
 def test_quantize_json_keys_and_output(bert_block_graph, capsys, tmp_path):

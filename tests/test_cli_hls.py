@@ -5,25 +5,10 @@ import json
 
 import pytest
 
-from hwgen.cli import main
+from conftest import last_json
+from conftest import run_cli as run
 
 
-def run(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def last_json(out: str) -> dict:
-    return json.loads(out.strip().splitlines()[-1])
-
-
-@pytest.fixture(scope="module")
-def bert_block_graph(tmp_path_factory):
-    out = tmp_path_factory.mktemp("q") / "bert"
-    assert main(["quantize", "--model", "bert-block", "--bits", "w8a8", "--out", str(out),
-                 "--json", "--quiet"]) == 0
-    return out
 
 
 def test_gen_hls_project(bert_block_graph, capsys, tmp_path):

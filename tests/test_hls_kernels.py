@@ -13,14 +13,14 @@ import time
 
 import numpy as np
 import pytest
-from conftest import build_tiny_decoder, tiny_decoder_feeds
+from conftest import GraphBuilder, build_tiny_decoder, tiny_decoder_feeds
 
 from hwgen import golden
 from hwgen.golden import GoldenModel, GoldenState
 from hwgen.hls import HLSError, run_csim
 from hwgen.hls.csim import _pack
 from hwgen.hls.kernels import emit_attention
-from hwgen.ir import Graph, Node, Tensor
+from hwgen.ir import Graph
 from hwgen.quant import QuantConfig, quantize
 
 OPS = ("attention", "layernorm", "gelu", "add")
@@ -28,25 +28,10 @@ OPS = ("attention", "layernorm", "gelu", "add")
 
 def build_tiny_encoder(vocab=30, ctx=16, d=32, heads=4, ffn=48, seed=3) -> Graph:
     """Post-norm encoder layer with a padding mask (B, S) input, in float."""
-    rng = np.random.default_rng(seed)
-    g = Graph(name="tiny-encoder", meta={"quantized": False})
-    g.add_tensor(Tensor("ids", ("B", "S"), kind="input", dtype="index"))
-    g.add_tensor(Tensor("mask", ("B", "S"), kind="input", dtype="index"))
-    g.inputs = ["ids", "mask"]
-
-    def w(name, *shape, scale=None):
-        scale = scale if scale is not None else 1 / np.sqrt(shape[0])
-        g.add_weight(name, (rng.normal(0, scale, shape)).astype(np.float32))
-        return name
-
-    def act(name, *shape):
-        g.add_tensor(Tensor(name, shape))
-        return name
-
-    def node(op, ins, out, **attrs):
-        g.add_node(Node(f"e{len(g.nodes)}.{op}", op, ins, [out], attrs, source=out, layer=0))
-        return out
-
+    b = GraphBuilder("tiny-encoder", seed, prefix="e", layer=0)
+    w, act, node = b.w, b.act, b.node
+    b.input("ids", "B", "S")
+    b.input("mask", "B", "S")
     h = ("B", "S", d)
     tok = node("embedding", ["ids", w("tok", vocab, d, scale=1.0)], act("tok_e", *h))
     pos = node("embedding", ["ids", w("pos", ctx, d, scale=0.3)], act("pos_e", *h), positions=True)
@@ -58,17 +43,13 @@ def build_tiny_encoder(vocab=30, ctx=16, d=32, heads=4, ffn=48, seed=3) -> Graph
              causal=False, scale=1 / np.sqrt(d // heads), kv_cache=False)
     o = node("linear", [o, w("o.w", d, d), w("o.b", d, scale=0.1)], act("o", *h))
     x = node("add", [x, o], act("r1", *h))
-    gm = g.add_weight("ln1.g", (1 + 0.1 * rng.normal(size=d)).astype(np.float32)).name
-    x = node("layernorm", [x, gm, w("ln1.b", d, scale=0.1)], act("ln1", *h), eps=1e-12)
+    x = node("layernorm", [x, b.gamma("ln1.g", d), w("ln1.b", d, scale=0.1)], act("ln1", *h), eps=1e-12)
     f = node("linear", [x, w("fc1.w", d, ffn), w("fc1.b", ffn, scale=0.1)], act("fc1", "B", "S", ffn))
     f = node("gelu", [f], act("gelu", "B", "S", ffn), approximate="none")
     f = node("linear", [f, w("fc2.w", ffn, d), w("fc2.b", d, scale=0.1)], act("fc2", *h))
     x = node("add", [x, f], act("r2", *h))
-    gm = g.add_weight("ln2.g", (1 + 0.1 * rng.normal(size=d)).astype(np.float32)).name
-    node("layernorm", [x, gm, w("ln2.b", d, scale=0.1)], act("out", *h), eps=1e-12)
-    g.outputs = ["out"]
-    g.validate()
-    return g
+    node("layernorm", [x, b.gamma("ln2.g", d), w("ln2.b", d, scale=0.1)], act("out", *h), eps=1e-12)
+    return b.done("out")
 
 
 def encoder_feeds(n=3, b=4, s=12, vocab=30, seed=5):

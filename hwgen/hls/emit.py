@@ -118,19 +118,21 @@ def _per_column(frac, n: int, what: str) -> np.ndarray:
     return a
 
 
-def _check_node(graph: Graph, node: Node) -> None:
+def _resolve_node(graph: Graph, node: Node | str) -> Node:
+    """The node (by name or as given), checked to have a kernel in a fixed graph."""
+    if isinstance(node, str):
+        node = graph.node(node)
     if node.op not in HLS_OPS:
         raise HLSError(f"node '{node.name}': op '{node.op}' has no HLS kernel "
                        f"(HLS kernels exist for: {', '.join(HLS_OPS)})")
     if not graph.is_fixed:
         raise HLSError(f"graph '{graph.name}' is a float graph; quantize it first (`hwgen quantize`)")
+    return node
 
 
 def emit_linear(graph: Graph, node: Node | str, par: int = DEFAULT_PAR) -> KernelSources:
     """Kernel header and weights header of one ``linear`` node (see the module doc)."""
-    if isinstance(node, str):
-        node = graph.node(node)
-    _check_node(graph, node)
+    node = _resolve_node(graph, node)
     if not isinstance(par, int) or par < 1:
         raise HLSError(f"par must be a positive int, got {par!r}")
     name = sanitize(node.name)
@@ -323,7 +325,7 @@ static const unsigned char COL_CLASS[N] = {_array_1d(col_class, per_line=32)};
 
 def emit_node(graph: Graph, node: Node, par: int = DEFAULT_PAR, **opts) -> KernelSources:
     """The kernel of any node whose op is in :data:`HLS_OPS`."""
-    _check_node(graph, node)
+    node = _resolve_node(graph, node)
     if node.op == "linear":
         return emit_linear(graph, node, par)
     from . import kernels
@@ -504,7 +506,6 @@ def emit_kernels(graph: Graph, nodes: list[Node | str] | None = None, par: int =
             if nd not in by_name:
                 raise HLSError(f"graph '{graph.name}' has no node '{nd}'")
             nd = by_name[nd]
-        _check_node(graph, nd)
         ks.append(emit_node(graph, nd, par))
     names = [k.name for k in ks]
     if len(set(names)) != len(names):

@@ -36,7 +36,7 @@ import numpy as np
 from .. import contract as C
 from ..fixed import FixedType, bits_for_range
 from ..ir import Graph, Node
-from .emit import (HLSError, KernelSources, _array_1d, _c_int, _check_node, _fixed_ctype,
+from .emit import (HLSError, KernelSources, _array_1d, _c_int, _resolve_node, _fixed_ctype,
                    _int_ctype, _per_column, sanitize)
 
 #: default longest sequence of an attention kernel whose node has no ``max_positions``
@@ -85,9 +85,7 @@ def emit_attention(graph: Graph, node: Node | str, max_seq: int | None = None) -
     (the padding mask) and the causal offset; S_q, S_kv <= ``S_MAX``
     (``max_seq``, default the node's ``max_positions``).
     """
-    if isinstance(node, str):
-        node = graph.node(node)
-    _check_node(graph, node)
+    node = _resolve_node(graph, node)
     a = node.attrs
     where = f"node '{node.name}'"
     if a.get("kv_cache"):
@@ -356,9 +354,7 @@ static int run_{name}(FILE* fi, FILE* fo, long rows) {{
 # ----------------------------------------------------------------------------
 
 def emit_layernorm(graph: Graph, node: Node | str) -> KernelSources:
-    if isinstance(node, str):
-        node = graph.node(node)
-    _check_node(graph, node)
+    node = _resolve_node(graph, node)
     a = node.attrs
     where = f"node '{node.name}'"
     name = sanitize(node.name)
@@ -550,9 +546,7 @@ static const unsigned char COL_CLASS[N] = {_array_1d(cls, per_line=32)};
 # ----------------------------------------------------------------------------
 
 def emit_gelu(graph: Graph, node: Node | str, channels: int | None = None) -> KernelSources:
-    if isinstance(node, str):
-        node = graph.node(node)
-    _check_node(graph, node)
+    node = _resolve_node(graph, node)
     where = f"node '{node.name}'"
     name = sanitize(node.name)
     ns = f"{name}_ns"
@@ -676,9 +670,7 @@ static const unsigned char COL_CLASS[N] = {_array_1d(cls, per_line=32)};
 # ----------------------------------------------------------------------------
 
 def emit_add(graph: Graph, node: Node | str, channels: int | None = None) -> KernelSources:
-    if isinstance(node, str):
-        node = graph.node(node)
-    _check_node(graph, node)
+    node = _resolve_node(graph, node)
     where = f"node '{node.name}'"
     name = sanitize(node.name)
     ns = f"{name}_ns"
