@@ -62,7 +62,7 @@ class GoldenModel:
             raise GraphError(f"graph '{graph.name}' is a float graph; quantize it first "
                              "(`hwgen quantize`)")
         self.graph = graph
-        self._f64: dict[str, np.ndarray] = {}
+        self._gemm_w: dict[str, np.ndarray] = {}
         self._i64: dict[str, np.ndarray] = {}
         self.workers = workers if workers is not None else min(2, os.cpu_count() or 1)
         self._stateful = any(n.op == "attention" and n.attrs.get("kv_cache") for n in graph.nodes)
@@ -70,11 +70,11 @@ class GoldenModel:
     # -- weights, converted once -------------------------------------------
     def weight_gemm(self, name: str) -> np.ndarray:
         """A matmul weight as the float type its exact GEMM runs in."""
-        w = self._f64.get(name)
+        w = self._gemm_w.get(name)
         if w is None:
             t = self.graph.tensors[name]
             dtype = np.float32 if t.fmt.width <= 24 else np.float64
-            w = self._f64[name] = np.ascontiguousarray(self.graph.weights[name], dtype=dtype)
+            w = self._gemm_w[name] = np.ascontiguousarray(self.graph.weights[name], dtype=dtype)
         return w
 
     def weight_i64(self, name: str) -> np.ndarray:

@@ -23,14 +23,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from .files import atomic_directory
 from .fixed import FixedFormatError, FixedType
 
 SCHEMA_VERSION = 1
@@ -321,19 +320,10 @@ class Graph:
     def save(self, directory: str | os.PathLike) -> Path:
         """Validate, then write ``graph.json`` + ``weights.npz`` atomically."""
         self.validate()
-        directory = Path(directory)
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-        try:
+        with atomic_directory(directory) as tmp:
             (tmp / GRAPH_FILE).write_text(json.dumps(self.to_json(), indent=1, default=_json_default))
             np.savez_compressed(tmp / WEIGHTS_FILE, **self.weights)
-            if directory.exists():
-                shutil.rmtree(directory)
-            os.replace(tmp, directory)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        return directory
+        return Path(directory)
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> "Graph":

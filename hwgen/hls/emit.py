@@ -130,6 +130,30 @@ def _resolve_node(graph: Graph, node: Node | str) -> Node:
     return node
 
 
+def requant_template(src_t: str, src_bits: str, src_signed: bool, out: FixedType) -> str:
+    """C++ ``requant<SRC_FRAC, OUT_INT>(v)``: the code ``v`` of type ``src_t``
+    (``src_bits`` wide), read as a fixed value with SRC_FRAC fractional bits and
+    assigned to ``out``'s width and modes with OUT_INT integer bits, so the
+    ap_fixed header does the rounding and saturation (``hwgen.fixed.requantize``).
+    Every kernel's requantization is this one template."""
+    src_fx = "ap_fixed" if src_signed else "ap_ufixed"
+    out_fx = "ap_fixed" if out.signed else "ap_ufixed"
+    return f"""\
+// v's code read as a fixed value with SRC_FRAC fractional bits, assigned to the
+// output format: the ap_fixed header rounds ({out.q}) and saturates ({out.o}).
+template <int SRC_FRAC, int OUT_INT>
+inline y_t requant({src_t} v) {{
+#pragma HLS INLINE
+  {src_fx}<{src_bits}, {src_bits} - SRC_FRAC> a;
+  a.range() = v.range();
+  {out_fx}<{out.width}, OUT_INT, {out.q}, {out.o}> r = a;
+  y_t y;
+  y.range() = r.range();
+  return y;
+}}
+"""
+
+
 def emit_linear(graph: Graph, node: Node | str, par: int = DEFAULT_PAR) -> KernelSources:
     """Kernel header and weights header of one ``linear`` node (see the module doc)."""
     node = _resolve_node(graph, node)
@@ -193,7 +217,6 @@ def emit_linear(graph: Graph, node: Node | str, par: int = DEFAULT_PAR) -> Kerne
               "y_t holds each column's code; requant() applies that column's format"
               if yt.per_channel else yf.ctype())
     yw, ys = yf.width, yf.signed
-    out_t = "ap_fixed" if ys else "ap_ufixed"
     class_doc = "\n".join(
         f"//   class {c}: accumulator {a} fractional bits -> {_fixed_ctype(yw, i, ys, yf.q, yf.o)}"
         f" ({int((col_class == c).sum())} column(s))" for c, (a, i) in enumerate(pairs))
@@ -243,19 +266,7 @@ typedef {_c_int(wf.width)} w_rom_t;
 typedef {_c_int(b_width)} b_rom_t;
 #endif
 
-// The accumulator's code read as a fixed value with ACC_FRAC fractional bits,
-// assigned to the output format: the ap_fixed header rounds ({yf.q}) and saturates ({yf.o}).
-template <int ACC_FRAC, int OUT_INT>
-inline y_t requant(acc_t acc) {{
-#pragma HLS INLINE
-  ap_fixed<ACC_BITS, ACC_BITS - ACC_FRAC> a;
-  a.range() = acc.range();
-  {out_t}<{yw}, OUT_INT, {yf.q}, {yf.o}> r = a;
-  y_t y;
-  y.range() = r.range();
-  return y;
-}}
-
+{requant_template("acc_t", "ACC_BITS", True, yf)}
 }}  // namespace {ns}
 
 #include "{name}_weights.h"

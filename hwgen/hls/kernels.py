@@ -36,8 +36,8 @@ import numpy as np
 from .. import contract as C
 from ..fixed import FixedType, bits_for_range
 from ..ir import Graph, Node
-from .emit import (HLSError, KernelSources, _array_1d, _c_int, _resolve_node, _fixed_ctype,
-                   _int_ctype, _per_column, sanitize)
+from .emit import (HLSError, KernelSources, _array_1d, _c_int, _fixed_ctype, _int_ctype,
+                   _per_column, _resolve_node, requant_template, sanitize)
 
 #: default longest sequence of an attention kernel whose node has no ``max_positions``
 DEFAULT_MAX_SEQ = 64
@@ -398,8 +398,7 @@ def emit_layernorm(graph: Graph, node: Node | str) -> KernelSources:
         _check_shift(where, acc_frac, yf.width - int(y_int[c]), acc_bits, f"channel {c}")
     pairs, cls = _classes(np.full(h, acc_frac), y_int)
     yw, ys = yf.width, yf.signed
-    out_t = "ap_fixed" if ys else "ap_ufixed"
-    cases = "\n".join(f"      case {c}: y[n] = requant<{i}>(acc); break;" for c, (_, i) in enumerate(pairs))
+    cases = "\n".join(f"      case {c}: y[n] = requant<ACC_FRAC, {i}>(acc); break;" for c, (_, i) in enumerate(pairs))
     guard = f"HWGEN_HLS_{name.upper()}_H"
     header = _row_header(name, graph, node, "y = requant(requant((H x - s1) isqrt(H s2 - s1^2 + eps)) "
                          "gamma + beta)  (hwgen.contract.layernorm, bit-exact)") + f"""\
@@ -450,18 +449,8 @@ typedef {_c_int(max(int(np.abs(beta).max()).bit_length() + 1, 2))} b_rom_t;
 typedef unsigned int isqrt_rom_t;
 #endif
 
-// z*gamma + beta (ACC_FRAC fractional bits) assigned to the channel's output format
-template <int OUT_INT>
-inline y_t requant(acc_t acc) {{
-#pragma HLS INLINE
-  ap_fixed<ACC_BITS, ACC_BITS - ACC_FRAC> a;
-  a.range() = acc.range();
-  {out_t}<{yw}, OUT_INT, {yf.q}, {yf.o}> r = a;
-  y_t y;
-  y.range() = r.range();
-  return y;
-}}
-
+// z*gamma + beta (ACC_FRAC fractional bits) goes to the channel's output format
+{requant_template("acc_t", "ACC_BITS", True, yf)}
 }}  // namespace {ns}
 
 #include "{name}_tables.h"
@@ -574,9 +563,8 @@ def emit_gelu(graph: Graph, node: Node | str, channels: int | None = None) -> Ke
     for c in range(h):
         _check_shift(where, fine.frac_bits, int(out_frac[c]), fine.width, f"channel {c}")
     yw, ys = yf.width, yf.signed
-    out_t = "ap_fixed" if ys else "ap_ufixed"
     if yt.per_channel:
-        body = "\n".join(f"      case {c}: y[n] = requant<{i}>(t); break;" for c, (_, i) in enumerate(pairs))
+        body = "\n".join(f"      case {c}: y[n] = requant<T_FRAC, {i}>(t); break;" for c, (_, i) in enumerate(pairs))
         body = f"""\
     switch (COL_CLASS[n]) {{
 {body}
@@ -616,17 +604,7 @@ typedef t_t t_rom_t;
 typedef {_c_int(fine.width + 1)} t_rom_t;
 #endif
 
-template <int OUT_INT>
-inline y_t requant(t_t t) {{
-#pragma HLS INLINE
-  {"ap_fixed" if fine.signed else "ap_ufixed"}<T_BITS, T_BITS - T_FRAC> a;
-  a.range() = t.range();
-  {out_t}<{yw}, OUT_INT, {yf.q}, {yf.o}> r = a;
-  y_t y;
-  y.range() = r.range();
-  return y;
-}}
-
+{requant_template("t_t", "T_BITS", fine.signed, yf)}
 }}  // namespace {ns}
 
 #include "{name}_tables.h"

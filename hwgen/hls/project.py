@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from ..files import atomic_directory
 from ..ir import Graph, Node
 from .csim import run_csim, write_vectors
 from .emit import DEFAULT_PAR, HLS_OPS, HLSError, KernelSources, emit_node, emit_testbench, emit_top
@@ -197,9 +196,7 @@ def write_project(graph: Graph, kernels: list[KernelSources], skipped: list[dict
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MANIFEST_FILE).is_file())):
         raise HLSError(f"{out} exists and is not an hwgen HLS project; choose another --out "
                        "(an existing project folder is replaced)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_directory(out) as tmp:
         files: dict[str, str] = {}
         for ks in kernels:
             files.update(ks.files)
@@ -228,12 +225,6 @@ def write_project(graph: Graph, kernels: list[KernelSources], skipped: list[dict
         files[MANIFEST_FILE] = json.dumps(manifest, indent=1)
         for name, text in files.items():
             (tmp / name).write_text(text)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     manifest["files"] = sum(1 for p in out.rglob("*") if p.is_file())
     return manifest
 

@@ -1,0 +1,31 @@
+"""File-system helpers shared by the stages that write output directories."""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+
+@contextmanager
+def atomic_directory(directory: str | os.PathLike) -> Iterator[Path]:
+    """Yield an empty temporary directory beside ``directory`` to fill.
+
+    When the block finishes, the temporary directory replaces ``directory``
+    (an existing one is removed first); if the block raises, it is deleted and
+    ``directory`` is left as it was. So a failed stage leaves no half-written
+    output.
+    """
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        yield tmp
+        if directory.exists():
+            shutil.rmtree(directory)
+        os.replace(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
