@@ -26,7 +26,7 @@ INT8 = FixedType(8, 8, True)
 def run_tiles(dut: PEArray, tiles, in_gap=0.0, out_stall=0.0, seed=0):
     """Stream ``tiles`` (a list of (A[rows x K], B[K x cols])) through ``dut``
     back to back. ``in_gap`` / ``out_stall``: probability that a cycle has
-    ``inp.valid`` / ``out.ready`` low. Returns (C tiles, per-tile cycles from
+    ``i.valid`` / ``o.ready`` low. Returns (C tiles, per-tile cycles from
     first accepted beat to last row taken, total cycles first beat .. last row)."""
     rng = np.random.default_rng(seed)
     beats = []
@@ -43,16 +43,16 @@ def run_tiles(dut: PEArray, tiles, in_gap=0.0, out_stall=0.0, seed=0):
         nb, tile_out, cyc = 0, 0, 0
         while tile_out < len(tiles):
             valid = nb < len(beats) and rng.random() >= in_gap
-            ctx.set(dut.inp.valid, valid)
+            ctx.set(dut.i.valid, valid)
             if valid:
-                ctx.set(dut.inp.payload, beats[nb][1])
+                ctx.set(dut.i.payload, beats[nb][1])
             ready = rng.random() >= out_stall
-            ctx.set(dut.out.ready, ready)
-            if valid and ctx.get(dut.inp.ready):
+            ctx.set(dut.o.ready, ready)
+            if valid and ctx.get(dut.i.ready):
                 start.setdefault(beats[nb][0], cyc)
                 nb += 1
-            if ready and ctx.get(dut.out.valid):
-                p = ctx.get(dut.out.payload)
+            if ready and ctx.get(dut.o.valid):
+                p = ctx.get(dut.o.payload)
                 assert p.row == rows_seen[tile_out], "rows out of order"
                 got[tile_out][p.row] = [int(v) for v in p.data]
                 rows_seen[tile_out] += 1
@@ -102,7 +102,7 @@ def test_pe_array_validation(args, msg):
 
 def test_pe_array_random_int8_k37():
     """4x4 array, int8 x int8, K = 37, the contract's accumulator width; exact
-    cycles of one isolated tile: K + rows + 1."""
+    cycles of one isolated tile: ``PEArray.cycles(K, rows)``."""
     rng = np.random.default_rng(1)
     k = 37
     dut = PEArray.for_formats(4, 4, INT8, INT8, k)
@@ -116,24 +116,25 @@ def test_pe_array_random_int8_k37():
     bad += _mismatches(got2, tiles[1:])
     assert got2[0][0, 0] == k * 2 ** 14
     print(f"\n[pe 4x4 K={k}] {2 * 16} accumulators, mismatches {bad}; "
-          f"cycles {per_tile[0]} (formula K+rows+1 = {PEArray.cycles(k, 4)})")
+          f"cycles {per_tile[0]} (PEArray.cycles = {PEArray.cycles(k, 4)})")
     assert bad == 0
     assert per_tile[0] == PEArray.cycles(k, 4)
 
 
 def test_pe_array_back_to_back_throughput():
-    """Tiles with K >= rows + 1 stream with no gap (n*K + rows + 1 cycles in
-    all, one MAC per PE per cycle); shorter tiles stall but stay exact."""
+    """Tiles with K >= rows + LATENCY - 1 stream with no gap ((n-1)*K +
+    cycles(K) in all, one MAC per PE per cycle); shorter tiles stall but stay exact."""
     rng = np.random.default_rng(2)
     dut = PEArray(4, 4, 8, 8, 21)
-    k, n = 5, 6
+    k, n = 4 + PEArray.LATENCY - 1, 6
     tiles = [_rand_tile(rng, 4, 4, k) for _ in range(n)]
     got, _, total = run_tiles(dut, tiles)
     bad = _mismatches(got, tiles)
+    want = (n - 1) * k + PEArray.cycles(k, 4)
     print(f"\n[pe 4x4 back-to-back {n} tiles K={k}] mismatches {bad}; "
-          f"cycles {total} (n*K+rows+1 = {n * k + 4 + 1})")
-    assert bad == 0 and total == n * k + 4 + 1
-    ks = [1, 3, 2, 37, 1, 4]  # K < rows + 1 stalls the input
+          f"cycles {total} ((n-1)*K + cycles(K) = {want})")
+    assert bad == 0 and total == want
+    ks = [1, 3, 2, 37, 1, 4]  # short tiles stall the input
     tiles = [_rand_tile(rng, 4, 4, kk) for kk in ks]
     got, _, total = run_tiles(dut, tiles)
     bad = _mismatches(got, tiles)
@@ -172,8 +173,8 @@ def _requant_sim(dut: Requant, acc: np.ndarray) -> np.ndarray:
 
     async def tb(ctx):
         for row in acc:
-            ctx.set(dut.inp, [int(v) for v in row])
-            out.append([int(v) for v in ctx.get(dut.out)])
+            ctx.set(dut.i, [int(v) for v in row])
+            out.append([int(v) for v in ctx.get(dut.o)])
 
     sim = Simulator(dut)
     sim.add_testbench(tb)
@@ -217,13 +218,14 @@ def test_pe_array_quantized_linear(tiny_w8a8, name):
     rq = Requant(node.attrs["acc_bits"], shifts, out_t.fmt.width, out_t.fmt.signed, lanes=n)
     y = _requant_sim(rq, acc + bias)
     y_gold = vals[node.outputs[0]].reshape(-1, n)
+    want_total = (len(tiles) - 1) * k + PEArray.cycles(k, 4)
     bad_y = int((y != y_gold).sum())
     print(f"\n[{name} x{x.shape}@w{w.shape} on 4x4, {len(tiles)} tiles K={k}, acc {dut.acc_width} bits] "
           f"accumulator mismatches {bad}/{acc.size}; requant vs golden {bad_y}/{y.size}; "
-          f"cycles {total} (back to back: tiles*K+rows+1 = {len(tiles) * k + 5}), "
-          f"one tile {per_tile[0]} (K+rows+1 = {PEArray.cycles(k, 4)})")
+          f"cycles {total} (back to back: (tiles-1)*K + cycles(K) = {want_total}), "
+          f"one tile {per_tile[0]} (PEArray.cycles = {PEArray.cycles(k, 4)})")
     assert bad == 0 and bad_y == 0
-    assert total == len(tiles) * k + 5
+    assert total == want_total
 
 
 # ----------------------------------------------------------------------------
@@ -274,9 +276,9 @@ def test_requant_registered_and_validation():
 
     async def tb(ctx):
         for v in vals:
-            ctx.set(dut.inp, list(v))
+            ctx.set(dut.i, list(v))
             await ctx.tick()
-            got.append([int(x) for x in ctx.get(dut.out)])
+            got.append([int(x) for x in ctx.get(dut.o)])
 
     sim = Simulator(dut)
     sim.add_clock(1e-8)
@@ -306,7 +308,7 @@ def test_requant_registered_and_validation():
 def test_verilog_generation():
     v = verilog.convert(PEArray(4, 4, 8, 8, 21), name="pe_array")
     assert "module pe_array(" in v and "endmodule" in v
-    for port in ("inp__valid", "inp__ready", "inp__payload", "out__valid", "out__ready", "out__payload"):
+    for port in ("i__valid", "i__ready", "i__payload", "o__valid", "o__ready", "o__payload"):
         assert port in v, port
     r = verilog.convert(Requant(21, [7, 8, 9, 10], 8, True, lanes=4), name="requant")
     assert "module requant(" in r

@@ -2,7 +2,7 @@
 
 Contract
 --------
-Every cycle the array takes one *beat* on ``inp`` (a valid/ready stream): a
+Every cycle the array takes one *beat* on ``i`` (a valid/ready stream): a
 column ``a[0..rows-1]`` of A (``a_width``-bit signed codes) and a row
 ``b[0..cols-1]`` of B (``b_width``-bit signed codes), plus two flags:
 
@@ -10,7 +10,7 @@ column ``a[0..rows-1]`` of A (``a_width``-bit signed codes) and a row
            products (the *clear*; no separate clear cycle is spent).
 ``last``   this beat ends the tile: once it is accumulated, the tile's
            ``rows x cols`` sums are copied into an output bank and drained on
-           ``out``, one row of C per beat, row 0 first, ``last`` set on row
+           ``o``, one row of C per beat, row 0 first, ``last`` set on row
            ``rows - 1``.
 
 A tile of K beats has ``first`` on beat 0 and ``last`` on beat K-1 (both on
@@ -27,21 +27,21 @@ Pipeline and timing
 Two stages: the products ``a[i] * b[j]`` are registered (stage 1), then added
 into the accumulators (stage 2); registered products are what moves Fmax on
 FPGA DSPs (DESIGN.md, Known traps). Counting cycle 0 as the one in which
-beat 0 is accepted, with beats back to back and ``out.ready`` held high:
+beat 0 is accepted, with beats back to back and ``o.ready`` held high:
 
 * beats are accepted in cycles ``0 .. K-1``;
 * the tile is copied into the output bank at the end of cycle ``K``;
-* row ``r`` of C is valid on ``out`` in cycle ``K + 1 + r``;
+* row ``r`` of C is valid on ``o`` in cycle ``K + 1 + r``;
 * so one tile takes exactly ``K + rows + 1`` cycles from its first accepted
   beat to its last output row (``latency`` from the last beat to row 0: 2).
 
 The output bank is a second register set, so the next tile streams in while
 the previous one drains: tiles can follow each other with no gap (one tile
-every K cycles) when ``K >= rows + 1`` and ``out.ready`` stays high. For
+every K cycles) when ``K >= rows + 1`` and ``o.ready`` stays high. For
 shorter tiles, or under output backpressure, a ``last`` beat that reaches
-stage 2 while the bank still drains waits there, and ``inp.ready`` falls
-until the bank frees: nothing is lost or reordered. ``inp.ready`` depends on
-registered state only (no combinational path from ``out.ready``).
+stage 2 while the bank still drains waits there, and ``i.ready`` falls
+until the bank frees: nothing is lost or reordered. ``i.ready`` depends on
+registered state only (no combinational path from ``o.ready``).
 """
 from __future__ import annotations
 
@@ -96,12 +96,12 @@ class PEArray(wiring.Component):
     """``rows x cols`` output-stationary array of signed MACs (see the module
     docstring for the stream protocol and the exact cycle counts).
 
-    Ports: ``inp`` (``In(stream.Signature(in_layout(...)))``: fields ``a``,
-    ``b``, ``first``, ``last``) and ``out`` (``Out(stream.Signature(
+    Ports: ``i`` (``In(stream.Signature(in_layout(...)))``: fields ``a``,
+    ``b``, ``first``, ``last``) and ``o`` (``Out(stream.Signature(
     out_layout(...)))``: fields ``data``, ``row``, ``last``).
     """
 
-    #: cycles from accepting a tile's last beat to its row 0 appearing on ``out``
+    #: cycles from accepting a tile's last beat to its row 0 appearing on ``o``
     LATENCY = 2
 
     def __init__(self, rows: int, cols: int, a_width: int, b_width: int, acc_width: int):
@@ -111,8 +111,8 @@ class PEArray(wiring.Component):
             self._MustUse__silence = True  # never built: no "unused elaboratable" warning
             raise
         super().__init__({
-            "inp": In(stream.Signature(in_layout(rows, cols, a_width, b_width))),
-            "out": Out(stream.Signature(out_layout(rows, cols, acc_width))),
+            "i": In(stream.Signature(in_layout(rows, cols, a_width, b_width))),
+            "o": Out(stream.Signature(out_layout(rows, cols, acc_width))),
         })
 
     def _check(self, rows, cols, a_width, b_width, acc_width) -> None:
@@ -144,14 +144,14 @@ class PEArray(wiring.Component):
         m = Module()
         R, N, W = self.rows, self.cols, self.acc_width
         pw = self.a_width + self.b_width
-        inp, out = self.inp, self.out
+        i_, o_ = self.i, self.o
 
         # stage 1: registered products and flags
         prod = [[Signal(signed(pw), name=f"p_{i}_{j}") for j in range(N)] for i in range(R)]
         s1_valid = Signal()
         s1_first = Signal()
         s1_last = Signal()
-        # stage 2: accumulators; output bank (a row shift register) drained on `out`
+        # stage 2: accumulators; output bank (a row shift register) drained on `o`
         acc = [[Signal(signed(W), name=f"acc_{i}_{j}") for j in range(N)] for i in range(R)]
         bank = [[Signal(signed(W), name=f"bank_{i}_{j}") for j in range(N)] for i in range(R)]
         bank_busy = Signal()
@@ -160,15 +160,15 @@ class PEArray(wiring.Component):
         # stage 2 advances unless a `last` beat must wait for the bank
         s1_adv = Signal()
         m.d.comb += s1_adv.eq(s1_valid & ~(s1_last & bank_busy))
-        m.d.comb += inp.ready.eq(~s1_valid | s1_adv)
+        m.d.comb += i_.ready.eq(~s1_valid | s1_adv)
 
-        with m.If(inp.ready):
-            m.d.sync += s1_valid.eq(inp.valid)
-        with m.If(inp.valid & inp.ready):
-            m.d.sync += [s1_first.eq(inp.payload.first), s1_last.eq(inp.payload.last)]
+        with m.If(i_.ready):
+            m.d.sync += s1_valid.eq(i_.valid)
+        with m.If(i_.valid & i_.ready):
+            m.d.sync += [s1_first.eq(i_.payload.first), s1_last.eq(i_.payload.last)]
             for i in range(R):
                 for j in range(N):
-                    m.d.sync += prod[i][j].eq(inp.payload.a[i] * inp.payload.b[j])
+                    m.d.sync += prod[i][j].eq(i_.payload.a[i] * i_.payload.b[j])
 
         nxt = [[Signal(signed(W), name=f"nxt_{i}_{j}") for j in range(N)] for i in range(R)]
         for i in range(R):
@@ -178,14 +178,14 @@ class PEArray(wiring.Component):
         with m.If(s1_adv):
             m.d.sync += [acc[i][j].eq(nxt[i][j]) for i in range(R) for j in range(N)]
 
-        # drain: row 0 of the bank on `out`; rows shift up as they are taken
+        # drain: row 0 of the bank on `o`; rows shift up as they are taken
         m.d.comb += [
-            out.valid.eq(bank_busy),
-            out.payload.row.eq(row),
-            out.payload.last.eq(row == R - 1),
+            o_.valid.eq(bank_busy),
+            o_.payload.row.eq(row),
+            o_.payload.last.eq(row == R - 1),
         ]
-        m.d.comb += [out.payload.data[j].eq(bank[0][j]) for j in range(N)]
-        with m.If(out.valid & out.ready):
+        m.d.comb += [o_.payload.data[j].eq(bank[0][j]) for j in range(N)]
+        with m.If(o_.valid & o_.ready):
             m.d.sync += [bank[i][j].eq(bank[i + 1][j]) for i in range(R - 1) for j in range(N)]
             m.d.sync += row.eq(row + 1)
             with m.If(row == R - 1):

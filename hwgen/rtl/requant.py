@@ -16,7 +16,7 @@ Lane ``l`` maps a signed ``in_width``-bit accumulator code ``c`` to
 (per-channel output or weight formats). Combinational by default; with
 ``registered=True`` the output is a register (latency 1 cycle).
 
-Ports: ``inp`` (``In(ArrayLayout(signed(in_width), lanes))``) and ``out``
+Ports: ``i`` (``In(ArrayLayout(signed(in_width), lanes))``) and ``o``
 (``Out(ArrayLayout(signed(out_width) or unsigned(out_width), lanes))``).
 """
 from __future__ import annotations
@@ -44,8 +44,8 @@ class Requant(wiring.Component):
             raise
         oshape = signed(out_width) if out_signed else unsigned(out_width)
         super().__init__({
-            "inp": In(data.ArrayLayout(signed(in_width), lanes)),
-            "out": Out(data.ArrayLayout(oshape, lanes)),
+            "i": In(data.ArrayLayout(signed(in_width), lanes)),
+            "o": Out(data.ArrayLayout(oshape, lanes)),
         })
 
     def _check(self, in_width, shift, out_width, out_signed, lanes, registered) -> None:
@@ -76,7 +76,7 @@ class Requant(wiring.Component):
         m = Module()
         dom = m.d.sync if self.registered else m.d.comb
         for lane, s in enumerate(self.shifts):
-            c = self.inp[lane]
+            c = self.i[lane]
             if s > 0:
                 r = (c + (1 << (s - 1))) >> s   # signed: arithmetic shift
             elif s == 0:
@@ -86,6 +86,6 @@ class Requant(wiring.Component):
             # at least out_width + 1 bits, so the slice below sees the sign extension
             rv = Signal(signed(max(len(r), self.out_width + 1, 2)), name=f"r_{lane}")
             m.d.comb += rv.eq(r)
-            dom += self.out[lane].eq(Mux(rv > self.hi, self.hi,
+            dom += self.o[lane].eq(Mux(rv > self.hi, self.hi,
                                          Mux(rv < self.lo, self.lo, rv[:self.out_width])))
         return m
