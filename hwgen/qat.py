@@ -16,6 +16,12 @@ So the forward values are the golden model's, bit for bit, by construction
 (``tests/test_qat.py`` checks every tensor), and gradients are the usual
 straight-through ones. :meth:`QATModel.export` gives the fixed graph of the
 current weights.
+
+Pruning (:mod:`hwgen.prune`): :meth:`QATModel.set_masks` fixes weights to exactly 0
+where a keep mask is False: the forward uses ``p * mask`` (so pruned weights get no
+gradient and quantize to code 0), and :func:`finetune` takes a ``before_step`` hook
+through which a gradual schedule (:class:`hwgen.prune.GradualPruner`) raises
+sparsity as training goes.
 """
 from __future__ import annotations
 
@@ -57,6 +63,7 @@ class StepResult:
     outputs: dict[str, torch.Tensor]       # dequantized golden values, differentiable
     codes: dict[str, np.ndarray]           # every tensor's golden codes
     fixed: Graph                           # the fixed graph this step executed
+    values: dict[str, torch.Tensor] | None = None  # every tensor, differentiable (distillation)
 
 
 class QATModel(torch.nn.Module):
@@ -79,13 +86,32 @@ class QATModel(torch.nn.Module):
         self.weights = torch.nn.ParameterList(
             torch.nn.Parameter(torch.from_numpy(float_graph.weights[n].astype(np.float64)))
             for n in self.names)
+        self.masks: dict[str, np.ndarray] = {}
+
+    def set_masks(self, masks: dict[str, np.ndarray]) -> None:
+        """Keep masks (weight name -> bool array, False = pruned to exactly 0)."""
+        for name, m in masks.items():
+            if name not in self.graph.weights or self.graph.weights[name].shape != m.shape:
+                raise ValueError(f"mask for '{name}' does not match a weight of the graph")
+        self.masks = {k: np.asarray(v, dtype=bool) for k, v in masks.items()}
+
+    def _masked(self, name: str, p: torch.Tensor) -> torch.Tensor:
+        m = self.masks.get(name)
+        return p if m is None else p * torch.from_numpy(m.astype(np.float64))
+
+    def float_weights(self) -> dict[str, np.ndarray]:
+        """The current float weights as the forward sees them (masks applied)."""
+        ws = {n: self._masked(n, p.detach()).numpy().astype(np.float32)
+              for n, p in zip(self.names, self.weights)}
+        for n, m in self.masks.items():
+            if n not in ws:
+                ws[n] = np.where(m, self.graph.weights[n], 0).astype(np.float32)
+        return ws
 
     def current_float_graph(self) -> Graph:
         g = Graph(name=self.graph.name, tensors=self.graph.tensors, nodes=self.graph.nodes,
                   inputs=self.graph.inputs, outputs=self.graph.outputs,
-                  weights={**self.graph.weights,
-                           **{n: p.detach().numpy().astype(np.float32)
-                              for n, p in zip(self.names, self.weights)}},
+                  weights={**self.graph.weights, **self.float_weights()},
                   meta=dict(self.graph.meta))
         return g
 
@@ -105,6 +131,8 @@ class QATModel(torch.nn.Module):
         for name in fixed.weights:
             exact = torch.from_numpy(dequantize_weight(fixed, name))
             p = trained.get(name)
+            if p is not None:
+                p = self._masked(name, p)
             vals[name] = exact if p is None else p + (exact - p).detach()
         ctx = _RunContext(state=None, offset=0, device=torch.device("cpu"))
         for node in fixed.nodes:
@@ -113,7 +141,7 @@ class QATModel(torch.nn.Module):
             out = node.outputs[0]
             exact = torch.from_numpy(dequantize(fixed, out, codes[out]))
             vals[out] = _ReplaceValue.apply(y.to(torch.float64), exact)
-        return StepResult({n: vals[n] for n in fixed.outputs}, codes, fixed)
+        return StepResult({n: vals[n] for n in fixed.outputs}, codes, fixed, vals)
 
 
 def _cycle(feeds: list) -> Iterator:
@@ -124,12 +152,16 @@ def _cycle(feeds: list) -> Iterator:
 def finetune(model: QATModel, feeds: Iterable[dict[str, np.ndarray]],
              loss_fn: Callable[[dict[str, np.ndarray], StepResult], torch.Tensor],
              steps: int, lr: float = 2e-5,
-             progress: Callable[[int, float], None] | None = None) -> list[float]:
-    """``steps`` Adam steps of ``loss_fn(feed, step_result)``; returns the losses."""
+             progress: Callable[[int, float], None] | None = None,
+             before_step: Callable[[int], None] | None = None) -> list[float]:
+    """``steps`` Adam steps of ``loss_fn(feed, step_result)``; returns the losses.
+    ``before_step(i)`` runs before step ``i`` (0-based), e.g. a pruning schedule."""
     feeds = list(feeds)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     losses = []
     for i, feed in zip(range(steps), _cycle(feeds)):
+        if before_step:
+            before_step(i)
         opt.zero_grad()
         loss = loss_fn(feed, model.step(feed))
         loss.backward()

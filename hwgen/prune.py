@@ -1,0 +1,381 @@
+"""Pruning: zero weights of a float graph's linears so the hardware can skip them.
+
+Three patterns (:class:`PruneSpec`, parsed from the CLI's ``--prune``):
+
+``unstructured:RATIO``  magnitude pruning: per linear, the ``RATIO`` fraction of
+                        weights with the smallest score become 0.
+``N:M`` (e.g. ``2:4``)  along the reduction dimension: in every group of ``M``
+                        consecutive input channels (rows ``k`` of ``W``, K x N)
+                        of every output column, only the ``N`` largest scores
+                        survive.
+``block:RATIO``         whole blocks of ``block_k`` x ``block_n`` weights (the
+                        matmul engine's weight block: ``block_k`` rows of ``W``
+                        by the PE array's ``cols``), the ``RATIO`` fraction of
+                        blocks with the smallest L2 score norm per linear. The
+                        engine issues no beats for an empty block
+                        (:class:`hwgen.rtl.matmul.MatmulEngine`), so these save
+                        cycles; the other two patterns only save storage.
+
+Scores are ``|w[k, n]|`` (magnitude), optionally times the input channel's L2
+norm over calibration inputs (``|w[k, n]| * ||x[:, k]||``, activation-aware
+magnitude: a weight that multiplies a large activation matters more;
+:func:`activation_norms`).
+
+Pruned weights are exact zeros in the float graph (:func:`apply_masks`), so
+they quantize to code 0 in any format and rounding mode; QAT keeps them at 0
+(:class:`hwgen.qat.QATModel` takes the masks) and a gradual schedule
+(:func:`gradual_fraction`, :class:`GradualPruner`) raises sparsity during
+fine-tuning. After quantization :func:`record_sparsity` writes, per linear, the
+pattern, the zero count and the block occupancy bitmap *derived from the
+integer codes* into ``node.attrs["sparsity"]``: the RTL/HLS generators and the
+cycle counts read the bitmap from there (:func:`linear_bitmap`), and
+:func:`check_sparsity` proves it agrees with the codes.
+
+Only linears inside transformer blocks (``node.layer`` set) are pruned by
+default: embeddings, poolers and the language-model head stay dense.
+"""
+from __future__ import annotations
+
+import copy
+import re
+from dataclasses import dataclass
+from typing import Iterable
+
+import numpy as np
+
+from .ir import Graph, Node
+
+
+class PruneError(ValueError):
+    """A pruning request that cannot be honoured; the message names the setting."""
+
+
+#: default weight block (rows of W x columns) when no engine geometry is given:
+#: the matmul engine's defaults (block_k 16, a 16 x 16 PE array)
+DEFAULT_BLOCK = (16, 16)
+
+_NM_RE = re.compile(r"^(\d+):(\d+)$")
+_RATIO_RE = re.compile(r"^(block|unstructured):([0-9]*\.?[0-9]+)$")
+
+
+@dataclass(frozen=True)
+class PruneSpec:
+    """One pruning pattern: ``kind`` is ``"nm"``, ``"block"`` or ``"unstructured"``."""
+
+    kind: str
+    n: int = 0
+    m: int = 0
+    ratio: float = 0.0
+    block_k: int = DEFAULT_BLOCK[0]
+    block_n: int = DEFAULT_BLOCK[1]
+
+    @classmethod
+    def parse(cls, text: str, block_k: int | None = None, block_n: int | None = None) -> "PruneSpec":
+        """``"2:4"``, ``"block:0.5"``, ``"unstructured:0.5"``."""
+        bk = DEFAULT_BLOCK[0] if block_k is None else block_k
+        bn = DEFAULT_BLOCK[1] if block_n is None else block_n
+        for name, v in (("block_k", bk), ("block_n", bn)):
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise PruneError(f"--prune: {name} must be a positive integer, got {v!r}")
+        s = str(text).strip().lower()
+        m = _NM_RE.match(s)
+        if m:
+            n_, m_ = int(m.group(1)), int(m.group(2))
+            if not 1 <= n_ < m_:
+                raise PruneError(f"--prune {text!r}: N:M needs 1 <= N < M (e.g. 2:4)")
+            return cls("nm", n=n_, m=m_, block_k=bk, block_n=bn)
+        m = _RATIO_RE.match(s)
+        if m:
+            ratio = float(m.group(2))
+            if not 0 < ratio < 1:
+                raise PruneError(f"--prune {text!r}: RATIO must be between 0 and 1 (exclusive), "
+                                 f"e.g. {m.group(1)}:0.5")
+            return cls(m.group(1), ratio=ratio, block_k=bk, block_n=bn)
+        raise PruneError(f"--prune {text!r}: expected N:M (e.g. 2:4), block:RATIO or "
+                         "unstructured:RATIO (RATIO between 0 and 1, e.g. block:0.5)")
+
+    @property
+    def name(self) -> str:
+        return f"{self.n}:{self.m}" if self.kind == "nm" else f"{self.kind}:{self.ratio:g}"
+
+    @property
+    def target_sparsity(self) -> float:
+        """Fraction of weights zeroed at the end (blocks: of whole blocks)."""
+        return 1 - self.n / self.m if self.kind == "nm" else self.ratio
+
+    def to_dict(self) -> dict:
+        d = {"pattern": self.name, "kind": self.kind, "target_sparsity": self.target_sparsity}
+        if self.kind == "block":
+            d.update(block_k=self.block_k, block_n=self.block_n)
+        return d
+
+
+# ----------------------------------------------------------------------------
+# which linears, and their scores
+# ----------------------------------------------------------------------------
+
+def prunable_linears(graph: Graph) -> list[Node]:
+    """Linears inside transformer blocks (``layer`` set), in graph order."""
+    return [n for n in graph.nodes if n.op == "linear" and n.layer is not None]
+
+
+def activation_norms(graph: Graph, feeds: Iterable[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Per input channel L2 norm of every prunable linear's input over ``feeds``
+    (float graph), keyed by the linear's weight tensor name. Padding positions
+    (a ``mask`` input of 0) are left out."""
+    from .float_exec import run_float
+
+    xs = {n.inputs[0]: n.inputs[1] for n in prunable_linears(graph)}
+    sq: dict[str, np.ndarray] = {}
+    for feed in feeds:
+        vals = run_float(graph, feed, record=True)
+        mask = np.asarray(feed["mask"]).astype(bool) if "mask" in feed else None
+        for x, w in xs.items():
+            v = vals[x].detach().cpu().numpy().astype(np.float64)
+            if mask is not None and v.ndim == 3 and v.shape[:2] == mask.shape:
+                v = v[mask]
+            v = v.reshape(-1, v.shape[-1])
+            sq[w] = sq.get(w, 0) + (v * v).sum(0)
+    return {w: np.sqrt(s) for w, s in sq.items()}
+
+
+def scores(w: np.ndarray, norm: np.ndarray | None = None) -> np.ndarray:
+    """``|w|`` (K x N), times the input channel norm ``norm[k]`` if given."""
+    s = np.abs(np.asarray(w, dtype=np.float64))
+    return s if norm is None else s * np.asarray(norm, dtype=np.float64)[:, None]
+
+
+# ----------------------------------------------------------------------------
+# masks
+# ----------------------------------------------------------------------------
+
+def _keep_top(score: np.ndarray, prune: int) -> np.ndarray:
+    """Keep mask with the ``prune`` smallest entries of ``score`` (flattened) off;
+    ties broken by position, so the count is exact."""
+    keep = np.ones(score.size, dtype=bool)
+    if prune > 0:
+        keep[np.argsort(score.reshape(-1), kind="stable")[:prune]] = False
+    return keep.reshape(score.shape)
+
+
+def block_scores(score: np.ndarray, block_k: int, block_n: int) -> np.ndarray:
+    """L2 norm of the scores in each ``block_k x block_n`` block (edge blocks partial)."""
+    k, n = score.shape
+    gk, gn = -(-k // block_k), -(-n // block_n)
+    pad = np.zeros((gk * block_k, gn * block_n))
+    pad[:k, :n] = score
+    return np.sqrt((pad.reshape(gk, block_k, gn, block_n) ** 2).sum(axis=(1, 3)))
+
+
+def expand_blocks(bitmap: np.ndarray, shape: tuple[int, int], block_k: int, block_n: int) -> np.ndarray:
+    """A block bitmap (gk x gn) as an element mask of ``shape`` (K x N)."""
+    full = np.repeat(np.repeat(np.asarray(bitmap, dtype=bool), block_k, 0), block_n, 1)
+    return full[:shape[0], :shape[1]]
+
+
+def nm_mask(score: np.ndarray, n: int, m: int, groups: float = 1.0) -> np.ndarray:
+    """N:M along axis 0 (the reduction dimension): in each group of ``m``
+    consecutive rows of each column keep the ``n`` largest scores (a partial
+    last group of ``r`` rows keeps ``min(n, r)``). With ``groups < 1`` only that
+    fraction of the groups is thinned: the ones that lose the least score."""
+    k, cols = score.shape
+    gk = -(-k // m)
+    pad = np.full((gk * m, cols), -np.inf)  # padding rows rank last (then cut)
+    pad[:k] = score
+    g = pad.reshape(gk, m, cols)
+    order = np.argsort(-g, axis=1, kind="stable")
+    rank = np.empty_like(order)
+    np.put_along_axis(rank, order, np.arange(m)[None, :, None], axis=1)
+    thin = rank < n                                              # (gk, m, cols)
+    if groups < 1:
+        lost = np.where(thin, 0.0, np.where(np.isinf(g), 0.0, g)).sum(axis=1)   # (gk, cols)
+        n_thin = int(round(groups * lost.size))
+        chosen = ~_keep_top(lost, n_thin)                        # the n_thin cheapest groups
+        thin = thin | ~chosen[:, None, :]
+    return thin.reshape(gk * m, cols)[:k]
+
+
+def mask_for(score: np.ndarray, spec: PruneSpec, fraction: float = 1.0) -> np.ndarray:
+    """Keep mask (True = kept) of one weight for ``spec`` at ``fraction`` of its
+    final sparsity (the gradual schedule; 1 = all of it)."""
+    if not 0 <= fraction <= 1:
+        raise PruneError(f"pruning fraction must be in [0, 1], got {fraction}")
+    if score.ndim != 2:
+        raise PruneError(f"pruning needs a 2-D (K x N) weight, got shape {list(score.shape)}")
+    if spec.kind == "unstructured":
+        return _keep_top(score, int(round(spec.ratio * fraction * score.size)))
+    if spec.kind == "nm":
+        return nm_mask(score, spec.n, spec.m, groups=fraction)
+    if spec.kind == "block":
+        bs = block_scores(score, spec.block_k, spec.block_n)
+        keep = _keep_top(bs, int(round(spec.ratio * fraction * bs.size)))
+        return expand_blocks(keep, score.shape, spec.block_k, spec.block_n)
+    raise PruneError(f"unknown pruning kind {spec.kind!r}")
+
+
+def compute_masks(graph: Graph, spec: PruneSpec, norms: dict[str, np.ndarray] | None = None,
+                  fraction: float = 1.0, prev: dict[str, np.ndarray] | None = None,
+                  weights: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+    """Keep masks of every prunable linear's weight (name -> bool K x N).
+
+    ``weights`` overrides the graph's float weights (QAT's current shadow
+    weights); ``prev`` masks make pruning monotone: weights already pruned
+    score 0, so they stay pruned while the fraction grows."""
+    masks = {}
+    for node in prunable_linears(graph):
+        name = node.inputs[1]
+        w = (weights or {}).get(name, graph.weights[name])
+        s = scores(w, None if norms is None else norms.get(name))
+        if prev is not None and name in prev:
+            s = np.where(prev[name], s, -1.0)
+        masks[name] = mask_for(s, spec, fraction)
+    return masks
+
+
+def apply_masks(graph: Graph, masks: dict[str, np.ndarray]) -> Graph:
+    """A copy of the float graph with the masked weights set to exactly 0."""
+    g = copy.copy(graph)
+    g.weights = dict(graph.weights)
+    g.meta = dict(graph.meta)
+    for name, keep in masks.items():
+        w = graph.weights[name]
+        if w.shape != keep.shape:
+            raise PruneError(f"mask of '{name}' has shape {list(keep.shape)}, weight {list(w.shape)}")
+        g.weights[name] = np.where(keep, w, 0).astype(w.dtype)
+    return g
+
+
+def prune(graph: Graph, spec: PruneSpec, norms: dict[str, np.ndarray] | None = None
+          ) -> tuple[Graph, dict[str, np.ndarray]]:
+    """One-shot pruning of a float graph: (pruned copy, keep masks)."""
+    masks = compute_masks(graph, spec, norms)
+    return apply_masks(graph, masks), masks
+
+
+# ----------------------------------------------------------------------------
+# gradual schedule (during QAT / distillation)
+# ----------------------------------------------------------------------------
+
+def gradual_fraction(step: int, steps: int, start: float = 0.0, end: float = 0.5) -> float:
+    """Cubic schedule (Zhu & Gupta 2017): the fraction of the final sparsity
+    reached before step ``step`` (0-based) of ``steps``, 0 until ``start * steps``,
+    rising as ``1 - (1 - t)**3`` to 1 at ``end * steps`` and staying there. The
+    step count is rounded so every step's fraction is exact in the report."""
+    if steps <= 0:
+        return 1.0
+    t0, t1 = start * steps, max(end * steps, start * steps + 1)
+    t = min(max((step + 1 - t0) / (t1 - t0), 0.0), 1.0)
+    return 1 - (1 - t) ** 3
+
+
+class GradualPruner:
+    """Updates a :class:`~hwgen.qat.QATModel`'s masks before each fine-tuning step.
+
+    ``pruner(i)`` (the hook :func:`hwgen.qat.finetune` calls) recomputes the masks
+    from the current shadow weights at :func:`gradual_fraction` of the final
+    sparsity; pruned weights stay pruned. The last update reaches the full
+    ``spec`` sparsity (fraction 1 by ``end * steps``)."""
+
+    def __init__(self, model, spec: PruneSpec, steps: int, norms: dict[str, np.ndarray] | None = None,
+                 start: float = 0.0, end: float = 0.5):
+        self.model, self.spec, self.steps, self.norms = model, spec, steps, norms
+        self.start, self.end = start, end
+        self.history: list[float] = []
+
+    def __call__(self, step: int) -> None:
+        f = gradual_fraction(step, self.steps, self.start, self.end)
+        if self.history and f == self.history[-1]:
+            self.history.append(f)
+            return
+        self.model.set_masks(compute_masks(self.model.graph, self.spec, self.norms, fraction=f,
+                                           prev=self.model.masks or None,
+                                           weights=self.model.float_weights()))
+        self.history.append(f)
+
+
+# ----------------------------------------------------------------------------
+# the fixed graph's record: sparsity and block bitmaps, from the codes
+# ----------------------------------------------------------------------------
+
+def block_bitmap(codes: np.ndarray, block_k: int, block_n: int) -> np.ndarray:
+    """Occupancy of each ``block_k x block_n`` block of a K x N weight: uint8
+    (ceil(K/block_k), ceil(N/block_n)), 1 where any code in the block is nonzero."""
+    codes = np.asarray(codes)
+    k, n = codes.shape
+    gk, gn = -(-k // block_k), -(-n // block_n)
+    pad = np.zeros((gk * block_k, gn * block_n), dtype=bool)
+    pad[:k, :n] = codes != 0
+    return pad.reshape(gk, block_k, gn, block_n).any(axis=(1, 3)).astype(np.uint8)
+
+
+def record_sparsity(fixed: Graph, spec: PruneSpec | None, block_k: int = DEFAULT_BLOCK[0],
+                    block_n: int = DEFAULT_BLOCK[1]) -> dict:
+    """Write ``node.attrs["sparsity"]`` on every prunable linear of a fixed graph
+    and ``meta["prune"]`` (the spec and the overall sparsity); returns the latter.
+
+    Per linear: ``pattern`` (spec name or ``"dense"``), ``zeros`` and ``weights``
+    (counts of zero codes and of codes), ``sparsity`` (their ratio),
+    ``block_k``/``block_n`` and ``bitmap`` (a list of rows, 1 = block holds a
+    nonzero code: :func:`block_bitmap` of the codes), ``blocks_empty``."""
+    if spec is not None and spec.kind == "block":
+        block_k, block_n = spec.block_k, spec.block_n
+    zeros = total = 0
+    for node in prunable_linears(fixed):
+        codes = fixed.weights[node.inputs[1]]
+        bm = block_bitmap(codes, block_k, block_n)
+        z = int(np.count_nonzero(codes == 0))
+        node.attrs["sparsity"] = {
+            "pattern": spec.name if spec is not None else "dense", "zeros": z, "weights": int(codes.size),
+            "sparsity": z / codes.size, "block_k": block_k, "block_n": block_n,
+            "bitmap": bm.tolist(), "blocks_empty": int(bm.size - bm.sum())}
+        zeros, total = zeros + z, total + codes.size
+    rec = {**(spec.to_dict() if spec is not None else {"pattern": "dense"}),
+           "block_k": block_k, "block_n": block_n,
+           "linears": len(prunable_linears(fixed)), "sparsity": zeros / total if total else 0.0}
+    fixed.meta["prune"] = rec
+    return rec
+
+
+def linear_bitmap(fixed: Graph, node: Node, block_k: int, block_n: int) -> np.ndarray:
+    """The block bitmap of a linear for an engine with this geometry: the
+    recorded one when the graph holds it for these block dimensions, else
+    derived from the codes (every linear has one; dense ones are all 1)."""
+    rec = node.attrs.get("sparsity")
+    if rec and rec["block_k"] == block_k and rec["block_n"] == block_n:
+        return np.asarray(rec["bitmap"], dtype=np.uint8)
+    return block_bitmap(fixed.weights[node.inputs[1]], block_k, block_n)
+
+
+def check_sparsity(fixed: Graph) -> int:
+    """Raise :class:`PruneError` if a recorded bitmap or zero count disagrees
+    with the codes; returns the number of linears checked."""
+    n = 0
+    for node in fixed.nodes:
+        rec = node.attrs.get("sparsity")
+        if node.op != "linear" or not rec:
+            continue
+        codes = fixed.weights[node.inputs[1]]
+        bm = block_bitmap(codes, rec["block_k"], rec["block_n"])
+        if not np.array_equal(bm, np.asarray(rec["bitmap"], dtype=np.uint8)):
+            raise PruneError(f"node '{node.name}': recorded block bitmap disagrees with the weight "
+                             "codes; re-run `hwgen quantize --prune` to rebuild the graph")
+        if int(np.count_nonzero(codes == 0)) != rec["zeros"]:
+            raise PruneError(f"node '{node.name}': recorded zero count {rec['zeros']} disagrees with "
+                             "the weight codes; re-run `hwgen quantize --prune`")
+        n += 1
+    return n
+
+
+def mask_violations(fixed: Graph, masks: dict[str, np.ndarray]) -> int:
+    """Count of pruned positions (mask False) whose code is not 0."""
+    return sum(int(np.count_nonzero(fixed.weights[name][~keep])) for name, keep in masks.items())
+
+
+def nm_violations(codes: np.ndarray, n: int, m: int) -> int:
+    """Groups of ``m`` consecutive rows (per column) with more than ``n`` nonzero codes."""
+    k, cols = codes.shape
+    gk = -(-k // m)
+    pad = np.zeros((gk * m, cols), dtype=bool)
+    pad[:k] = np.asarray(codes) != 0
+    return int(np.count_nonzero(pad.reshape(gk, m, cols).sum(axis=1) > n))
+

@@ -1,0 +1,193 @@
+"""Pruning: exact patterns, zeros kept through quantization and QAT, the graph's
+sparsity record derived from the codes, the golden model on pruned graphs."""
+import numpy as np
+import pytest
+
+from conftest import tiny_decoder_feeds
+from hwgen import prune as P
+from hwgen.golden import GoldenModel
+from hwgen.ir import Graph
+from hwgen.qat import QATModel, finetune
+from hwgen.quant import QuantConfig, prepare, quantize
+
+
+# ---------------------------------------------------------------- spec parsing
+
+@pytest.mark.parametrize("text,kind,target", [("2:4", "nm", 0.5), ("1:4", "nm", 0.75),
+                                              ("block:0.5", "block", 0.5),
+                                              ("unstructured:0.3", "unstructured", 0.3),
+                                              ("Block:.25", "block", 0.25)])
+def test_parse(text, kind, target):
+    s = P.PruneSpec.parse(text)
+    assert s.kind == kind and s.target_sparsity == pytest.approx(target)
+    assert P.PruneSpec.parse(s.name) == s
+
+
+@pytest.mark.parametrize("text,msg", [
+    ("4:4", "1 <= N < M"), ("0:4", "1 <= N < M"), ("block:1.5", "between 0 and 1"),
+    ("block:0", "between 0 and 1"), ("unstructured:1", "between 0 and 1"),
+    ("rows:0.5", "expected N:M"), ("", "expected N:M"), ("2-4", "expected N:M")])
+def test_parse_errors(text, msg):
+    with pytest.raises(P.PruneError, match=msg):
+        P.PruneSpec.parse(text)
+
+
+def test_parse_block_geometry_errors():
+    with pytest.raises(P.PruneError, match="block_k must be a positive integer"):
+        P.PruneSpec.parse("block:0.5", block_k=0)
+    with pytest.raises(P.PruneError, match="block_n must be a positive integer"):
+        P.PruneSpec.parse("block:0.5", block_n=2.0)
+
+
+# ---------------------------------------------------------------- masks
+
+def test_unstructured_exact_count_and_smallest():
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(37, 11))
+    keep = P.mask_for(P.scores(w), P.PruneSpec.parse("unstructured:0.4"))
+    assert keep.sum() == w.size - round(0.4 * w.size)
+    assert np.abs(w[~keep]).max() <= np.abs(w[keep]).min()
+
+
+def test_nm_along_reduction_dim():
+    rng = np.random.default_rng(1)
+    w = rng.normal(size=(18, 7))          # 18 = 4 full groups + a partial group of 2
+    keep = P.mask_for(P.scores(w), P.PruneSpec.parse("2:4"))
+    for g in range(4):
+        blk = keep[4 * g:4 * g + 4]
+        assert (blk.sum(0) == 2).all()
+        a = np.abs(w[4 * g:4 * g + 4])
+        # the two kept ones are the two largest of the group, per column
+        assert (np.where(blk, a, np.inf).min(0) >= np.where(blk, -np.inf, a).max(0)).all()
+    assert keep[16:].all()                # partial group of 2 keeps min(2, 2)
+    assert P.nm_violations(np.where(keep, 1, 0), 2, 4) == 0
+    assert P.nm_violations(np.ones((8, 3)), 2, 4) == 6
+
+
+def test_nm_fraction_thins_cheapest_groups():
+    rng = np.random.default_rng(2)
+    w = rng.normal(size=(16, 8))
+    half = P.nm_mask(P.scores(w), 2, 4, groups=0.5)
+    thinned = (half.reshape(4, 4, 8).sum(1) == 2)
+    assert thinned.sum() == 16 and (half.reshape(4, 4, 8).sum(1)[~thinned] == 4).all()
+
+
+def test_block_mask_whole_blocks_and_bitmap():
+    rng = np.random.default_rng(3)
+    w = rng.normal(size=(40, 20))          # blocks 16 x 8: 3 x 3 with partial edges
+    spec = P.PruneSpec.parse("block:0.5", block_k=16, block_n=8)
+    keep = P.mask_for(P.scores(w), spec)
+    bm = P.block_bitmap(np.where(keep, w, 0), 16, 8)
+    assert bm.shape == (3, 3) and bm.sum() == 9 - round(0.5 * 9)
+    assert np.array_equal(P.expand_blocks(bm, w.shape, 16, 8), keep)
+    # pruned blocks have the smallest L2 norms
+    bs = P.block_scores(np.abs(w), 16, 8)
+    assert bs[bm == 0].max() <= bs[bm == 1].min()
+
+
+def test_activation_aware_scores():
+    w = np.ones((4, 2))
+    s = P.scores(w, np.array([1.0, 5.0, 0.1, 2.0]))
+    keep = P.mask_for(s, P.PruneSpec.parse("2:4"))
+    assert np.array_equal(keep[:, 0], [False, True, False, True])
+
+
+def test_gradual_fraction_monotone_and_complete():
+    f = [P.gradual_fraction(i, 20, 0.0, 0.5) for i in range(20)]
+    assert all(a <= b for a, b in zip(f, f[1:])) and f[0] > 0 and f[9] == 1.0 and f[-1] == 1.0
+    assert P.gradual_fraction(0, 10, start=0.3) == 0.0
+
+
+# ---------------------------------------------------------------- through quantization
+
+@pytest.fixture(scope="module")
+def pruned(tiny_decoder, one_torch_thread):
+    spec = P.PruneSpec.parse("block:0.5", block_k=4, block_n=4)
+    folded = prepare(tiny_decoder)
+    norms = P.activation_norms(folded, tiny_decoder_feeds(1))
+    g, masks = P.prune(folded, spec, norms)
+    cfg = QuantConfig.from_bits("w8a8")
+    fixed, fmts = quantize(g, tiny_decoder_feeds(), cfg)
+    P.record_sparsity(fixed, spec)
+    return spec, g, masks, fixed, fmts, cfg
+
+
+def test_pruned_zero_codes_and_record(pruned, tmp_path):
+    spec, _, masks, fixed, _, _ = pruned
+    lin = P.prunable_linears(fixed)
+    assert {n.inputs[1] for n in lin} == set(masks) and "head.w" not in masks
+    assert P.mask_violations(fixed, masks) == 0
+    for node in lin:
+        rec = node.attrs["sparsity"]
+        codes = fixed.weights[node.inputs[1]]
+        assert rec["pattern"] == "block:0.5" and (rec["block_k"], rec["block_n"]) == (4, 4)
+        assert np.array_equal(np.asarray(rec["bitmap"]), P.block_bitmap(codes, 4, 4))
+        assert rec["blocks_empty"] >= round(0.5 * np.asarray(rec["bitmap"]).size)
+    assert fixed.meta["prune"]["sparsity"] >= 0.5
+    # survives save/load, and check_sparsity catches a tampered bitmap
+    fixed.save(tmp_path / "g")
+    back = Graph.load(tmp_path / "g")
+    assert P.check_sparsity(back) == len(lin)
+    node = P.prunable_linears(back)[0]
+    node.attrs["sparsity"]["bitmap"][0][0] ^= 1
+    with pytest.raises(P.PruneError, match="recorded block bitmap disagrees"):
+        P.check_sparsity(back)
+    node.attrs["sparsity"]["bitmap"][0][0] ^= 1
+    node.attrs["sparsity"]["zeros"] += 1
+    with pytest.raises(P.PruneError, match="zero count"):
+        P.check_sparsity(back)
+
+
+def test_linear_bitmap_reads_record_or_derives(pruned):
+    _, _, _, fixed, _, _ = pruned
+    node = P.prunable_linears(fixed)[0]
+    codes = fixed.weights[node.inputs[1]]
+    assert np.array_equal(P.linear_bitmap(fixed, node, 4, 4), np.asarray(node.attrs["sparsity"]["bitmap"]))
+    assert np.array_equal(P.linear_bitmap(fixed, node, 2, 8), P.block_bitmap(codes, 2, 8))
+
+
+def test_hls_csim_bit_exact_on_pruned_graph(pruned):
+    """The hardware check covers pruned graphs: every layer-0 linear of the
+    block-pruned graph, C-simulated (g++, ap_fixed headers) on the golden
+    model's recorded inputs, gives the golden output codes: 0 mismatches."""
+    from hwgen.hls import run_csim
+
+    _, _, _, fixed, _, _ = pruned
+    nodes = [n for n in P.prunable_linears(fixed) if n.layer == 0]
+    m = GoldenModel(fixed)
+    xs, ys = {n.name: [] for n in nodes}, {n.name: [] for n in nodes}
+    for feed in tiny_decoder_feeds(2, seed=5):
+        rec = m(feed, record=True)
+        for n in nodes:
+            xs[n.name].append(rec[n.inputs[0]])
+            ys[n.name].append(rec[n.outputs[0]])
+    out = run_csim(fixed, {k: np.concatenate(v) for k, v in xs.items()})
+    mismatches = sum(int(np.sum(out[k] != np.concatenate(ys[k]))) for k in xs)
+    print(f"\npruned graph, {len(nodes)} linear kernels C-simulated: {mismatches} mismatches")
+    assert len(nodes) == 6 and mismatches == 0
+
+
+def test_qat_keeps_pruned_weights_zero_and_gradual_schedule(tiny_decoder, pruned):
+    import torch
+
+    spec = P.PruneSpec.parse("2:4")
+    _, _, _, _, fmts, cfg = pruned
+    model = QATModel(prepare(tiny_decoder), fmts, cfg)
+    hook = P.GradualPruner(model, spec, steps=4, end=0.5)
+
+    def ce(feed, step):
+        y = step.outputs["logits"]
+        ids = torch.as_tensor(feed["ids"]).long()
+        return torch.nn.functional.cross_entropy(y[:, :-1].reshape(-1, y.shape[-1]), ids[:, 1:].reshape(-1))
+
+    finetune(model, tiny_decoder_feeds(2), ce, steps=4, lr=1e-2, before_step=hook)
+    assert hook.history[0] < 1.0 and hook.history[-1] == 1.0
+    fixed = model.export()
+    assert P.mask_violations(fixed, model.masks) == 0
+    for node in P.prunable_linears(fixed):
+        assert P.nm_violations(fixed.weights[node.inputs[1]], 2, 4) == 0
+    # the QAT forward is still the golden model of the export, bit for bit
+    probe = tiny_decoder_feeds(1, seed=9)[0]
+    step = model.step(probe)
+    gold = GoldenModel(step.fixed)(probe, record=True)
+    assert sum(int(np.sum(gold[k] != v)) for k, v in step.codes.items()) == 0
