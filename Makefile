@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.hwgen-installed
 OUT    ?= build
 
-.PHONY: setup demo test bench clean
+.PHONY: setup tools demo test bench clean
 
 setup: $(STAMP)
 
@@ -20,11 +20,25 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $@
 
+# Debian packages that PyPI has no equivalent for, installed when missing (CI runs as root):
+# Icarus Verilog (the second RTL simulator, `--sim icarus`) and Chromium (the report test
+# opens the HTML report in a real headless browser). Checked every time; cheap when present.
+DEB_TOOLS := iverilog:iverilog chromium:chromium
+
+tools:
+	@missing=""; for t in $(DEB_TOOLS); do command -v $${t%%:*} >/dev/null || missing="$$missing $${t#*:}"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" != 0 ]; then echo "missing Debian packages:$$missing (sudo apt-get install$$missing)"; exit 1; fi; \
+	  echo "installing Debian packages:$$missing"; \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing >/dev/null || \
+	  { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing >/dev/null; }; \
+	fi
+
 demo: setup
 	$(BIN)/hwgen quantize --model minilm --bits w8a8 --out $(OUT)/minilm --json
 	$(BIN)/hwgen golden $(OUT)/minilm --text "hwgen turns transformer blocks into verified FPGA kernels." --json
 
-test: setup
+test: setup tools
 	$(BIN)/python -m pytest -q -n 2
 
 bench: setup

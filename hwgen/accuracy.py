@@ -81,3 +81,48 @@ def qat_loss(bundle) -> Callable:
         return (1 - torch.nn.functional.cosine_similarity(y2, r2, dim=-1)).mean()
 
     return loss
+
+
+def layer_cosines(bundle, fixed: Graph, feeds: list[dict[str, np.ndarray]]) -> list[dict]:
+    """Per transformer block: cosine of the block's output, golden (dequantized)
+    vs the float graph (same tensor names; attention scale folded exactly as the
+    quantizer does), per token. Padded positions (``mask == 0``) are left out."""
+    from .float_exec import run_float
+    from .quant import prepare
+
+    float_graph = prepare(bundle.graph)
+    golden = GoldenModel(fixed)
+    last = {}
+    for n in fixed.nodes:
+        if n.layer is not None:
+            last[n.layer] = n.outputs[0]
+    per_layer: dict[int, list[np.ndarray]] = {layer: [] for layer in last}
+    for feed in feeds:
+        got = golden(feed, record=True)
+        ref = run_float(float_graph, feed, record=True)
+        keep = None
+        if "mask" in feed:
+            keep = np.asarray(feed["mask"]).reshape(-1) != 0
+        for layer, t in last.items():
+            c = cosine_rows(dequantize(fixed, t, got[t]), ref[t].detach().cpu().numpy())
+            per_layer[layer].append(c if keep is None or c.size != keep.size else c[keep])
+    rows = []
+    for layer in sorted(per_layer):
+        c = np.concatenate(per_layer[layer])
+        rows.append({"layer": layer, "tensor": last[layer], "cosine_mean": float(c.mean()),
+                     "cosine_min": float(c.min()), "vectors": int(c.size)})
+    return rows
+
+
+def bits_sweep(bundle, bits: list[str]) -> list[dict]:
+    """Post-training accuracy of the bundle's model at each ``wWaA`` bit width
+    (one calibration, shared: statistics do not depend on the formats)."""
+    from .quant import QuantConfig, calibrate, prepare, quantize
+
+    stats = calibrate(prepare(bundle.graph), bundle.calib_feeds)
+    rows = []
+    for b in bits:
+        cfg = QuantConfig.from_bits(b)
+        fixed, _ = quantize(bundle.graph, bundle.calib_feeds, cfg, stats=stats)
+        rows.append({"bits": cfg.name, **evaluate(bundle, fixed)})
+    return rows

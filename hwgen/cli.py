@@ -237,6 +237,52 @@ def cmd_verify(args: argparse.Namespace):
 
 
 # ----------------------------------------------------------------------------
+# accuracy, flow, report
+# ----------------------------------------------------------------------------
+
+def cmd_accuracy(args: argparse.Namespace) -> dict:
+    from . import zoo
+    from .accuracy import bits_sweep, layer_cosines
+    from .ir import Graph
+
+    say = Progress(args.quiet)
+    graph = Graph.load(args.graph)
+    model = graph.meta.get("model")
+    if not model:
+        raise InputFileError(f"{args.graph}: the graph does not name the model it was quantized from "
+                             "(graph.json meta.model); quantize it with `hwgen quantize --model`")
+    bundle = zoo.load(model)
+    feeds = bundle.eval_feeds[: args.batches]
+    say(f"per-layer cosine of {graph.name} on {len(feeds)} evaluation batch(es)")
+    layers = layer_cosines(bundle, graph, feeds)
+    bits = [b for b in args.bits.split(",") if b] if args.bits else []
+    rows = []
+    if bits:
+        say(f"post-training accuracy at {', '.join(bits)}")
+        rows = bits_sweep(bundle, bits)
+    return {"graph": str(args.graph), "model": model, "layers": layers, "bits": rows}
+
+
+def cmd_flow(args: argparse.Namespace):
+    from .flow import FlowConfig, main_flow
+
+    cfg = FlowConfig(model=args.model, out=Path(args.out), bits=args.bits, layer=args.layer,
+                     qat_steps=args.qat_steps, sim=args.sim, part=args.part, backend=args.backend,
+                     text=args.text or FlowConfig.text,
+                     only=tuple(x for x in (args.only or "").split(",") if x),
+                     skip=tuple(x for x in (args.skip or "").split(",") if x), force=args.force)
+    return main_flow(cfg, quiet=args.quiet)
+
+
+def cmd_report(args: argparse.Namespace) -> dict:
+    from .report import write_report
+
+    res = write_report(args.out)
+    Progress(args.quiet)(f"wrote {res['report']}")
+    return res
+
+
+# ----------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hwgen", description=__doc__.split("\n\n")[0],
@@ -298,6 +344,46 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     v.add_argument("--quiet", action="store_true", help="no progress on stderr")
     v.set_defaults(fn=cmd_verify)
+
+    ac = sub.add_parser("accuracy", help="float-vs-fixed accuracy per transformer block and per bit width",
+                        description="Cosine of each transformer block's output (golden, dequantized) vs "
+                        "the float model on evaluation inputs, and the model's output cosine after "
+                        "post-training quantization at each --bits width.")
+    ac.add_argument("--graph", required=True, help="graph directory written by `hwgen quantize`")
+    ac.add_argument("--bits", default="", help="comma-separated bit widths to compare, e.g. w4a8,w8a8")
+    ac.add_argument("--batches", type=int, default=2, help="evaluation batches for the per-layer cosines")
+    ac.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    ac.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    ac.set_defaults(fn=cmd_accuracy)
+
+    fl = sub.add_parser("flow", help="run every stage in order, reusing unchanged ones",
+                        description="quantize -> accuracy -> gen hls -> gen rtl -> verify hls -> verify rtl "
+                        "-> impl -> run, into one folder; a stage whose inputs (argv, graph content, "
+                        "hwgen sources) are unchanged is reused. Ends with a summary table on stderr. "
+                        "Exit status 1 if a stage failed.")
+    fl.add_argument("--model", default="minilm", help="minilm | tiny-gpt | bert-block | file.py:factory")
+    fl.add_argument("--out", default="build/minilm", help="output folder (default build/minilm)")
+    fl.add_argument("--bits", default="w8a8", help="bit width (default w8a8)")
+    fl.add_argument("--layer", type=int, default=0, help="transformer block whose kernels are built (default 0)")
+    fl.add_argument("--qat-steps", type=int, default=0, help="QAT steps of the quantize stage (default 0)")
+    fl.add_argument("--sim", default="verilator", help="RTL simulator: verilator | icarus")
+    fl.add_argument("--part", default="LFE5U-85F", help="FPGA part for impl (default LFE5U-85F)")
+    fl.add_argument("--backend", default="golden", help="accelerator backend of the run stage")
+    fl.add_argument("--text", help="input text of the run stage")
+    fl.add_argument("--only", help="comma-separated stages to run (others untouched)")
+    fl.add_argument("--skip", help="comma-separated stages to leave out")
+    fl.add_argument("--force", action="store_true", help="rerun stages even when unchanged")
+    fl.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    fl.add_argument("--quiet", action="store_true", help="no progress or table on stderr")
+    fl.set_defaults(fn=cmd_flow)
+
+    rp = sub.add_parser("report", help="write a self-contained HTML report of a flow folder",
+                        description="Read OUT/flow.json and OUT/results/*.json and write OUT/report.html "
+                        "(plots embedded; also saved as OUT/report/*.png).")
+    rp.add_argument("out", help="folder written by `hwgen flow`")
+    rp.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    rp.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    rp.set_defaults(fn=cmd_report)
     return p
 
 
