@@ -123,7 +123,8 @@ def acc_width(a: FixedType, b: FixedType, k: int, bias_lo: int = 0, bias_hi: int
 
 def linear(x: np.ndarray, x_frac: int, w: np.ndarray, w_frac: int | np.ndarray,
            bias: np.ndarray | None, out: FixedType, acc_bits: int,
-           max_product: int | None = None, out_frac: np.ndarray | None = None) -> np.ndarray:
+           max_product: int | None = None, out_frac: np.ndarray | None = None,
+           trace: dict | None = None) -> np.ndarray:
     """Linear layer ``y[..., n] = requant(sum_k x[..., k] w[k, n] + bias[n])``.
 
     ``w_frac`` is an int or a per-column array of shape ``(N,)``; ``bias``
@@ -133,7 +134,9 @@ def linear(x: np.ndarray, x_frac: int, w: np.ndarray, w_frac: int | np.ndarray,
     step exists here (``tests/test_contract.py`` drives the worst case).
     ``max_product`` (the largest code product, from the formats) only selects
     the exact GEMM path. ``out_frac`` (per-column output formats) overrides
-    ``out.frac_bits``.
+    ``out.frac_bits``. ``trace`` (a dict), when given, receives the
+    intermediate values (``acc``, ``acc_frac``): the same computation, recorded,
+    for diagnostics such as :mod:`hwgen.mismatch`.
     """
     if max_product is None:
         max_product = 2 ** (acc_bits - 1)
@@ -141,6 +144,8 @@ def linear(x: np.ndarray, x_frac: int, w: np.ndarray, w_frac: int | np.ndarray,
     if bias is not None:
         acc += bias.astype(np.int64, copy=False)
     acc_frac = x_frac + np.asarray(w_frac, dtype=np.int64)
+    if trace is not None:
+        trace.update(acc=acc, acc_frac=acc_frac)
     if out_frac is not None:
         return requant(acc, acc_frac, out, out_frac)
     return out.quantize(acc, acc_frac, in_bits=acc_bits)
@@ -330,7 +335,7 @@ _EMPTY_ROW = 1 << (MAX_ACC_WIDTH + 2)
 
 
 def softmax(s: np.ndarray, s_frac: int, valid: np.ndarray | None, exp: ExpTable,
-            recip: RecipTable, out: FixedType) -> np.ndarray:
+            recip: RecipTable, out: FixedType, trace: dict | None = None) -> np.ndarray:
     """Integer softmax over the last axis of codes ``s`` (``s_frac`` fractional bits).
 
     ``valid`` (broadcastable bool) excludes masked positions: they get
@@ -338,7 +343,8 @@ def softmax(s: np.ndarray, s_frac: int, valid: np.ndarray | None, exp: ExpTable,
     all zeros. Steps: m = max(valid s); d = m - s; index = d requantized to
     ``exp.in_frac`` fractional bits (round half up, saturating at the table's
     last, zero, entry); e = table[index]; total = sum(e);
-    (r, f) = reciprocal(total); p = requant(e * r, f, out).
+    (r, f) = reciprocal(total); p = requant(e * r, f, out). ``trace`` (a dict)
+    receives ``max``, ``index``, ``exp``, ``total``, ``recip``, ``recip_frac``.
     """
     s = np.asarray(s, dtype=np.int64)
     if valid is not None:
@@ -355,12 +361,33 @@ def softmax(s: np.ndarray, s_frac: int, valid: np.ndarray | None, exp: ExpTable,
     e = table[idx]
     total = e.sum(axis=-1, keepdims=True)
     r, f = reciprocal(total, recip)
+    if trace is not None:
+        trace.update(max=m, index=idx, exp=e, total=total, recip=r, recip_frac=f)
     return out.quantize(e * r, f, in_bits=exp.out_bits + recip.out_bits + 2)
+
+
+def attention(q: np.ndarray, q_fmt: FixedType, k: np.ndarray, k_fmt: FixedType, v: np.ndarray,
+              v_fmt: FixedType, valid: np.ndarray | None, exp: ExpTable, recip: RecipTable,
+              p_fmt: FixedType, out: FixedType, trace: dict | None = None) -> np.ndarray:
+    """Scaled dot-product attention on codes (the scale is folded into q):
+    ``q`` ``[..., s_q, hd]``, ``k``/``v`` ``[..., s_kv, hd]``. S = q k^T exact;
+    P = :func:`softmax` (S, ``valid``) in ``p_fmt``; O = requant(P v, out).
+    ``trace`` receives ``scores``, ``prob``, ``pv_acc`` and the softmax's
+    values prefixed ``softmax_``."""
+    scores = matmul_act(q, q_fmt, np.swapaxes(k, -1, -2), k_fmt)
+    sm: dict | None = {} if trace is not None else None
+    p = softmax(scores, q_fmt.frac_bits + k_fmt.frac_bits, valid, exp, recip, p_fmt, trace=sm)
+    acc = matmul_act(p, p_fmt, v, v_fmt)
+    if trace is not None:
+        trace.update(scores=scores, prob=p, pv_acc=acc, **{f"softmax_{n}": x for n, x in sm.items()})
+    return out.quantize(acc, p_fmt.frac_bits + v_fmt.frac_bits,
+                        in_bits=acc_width(p_fmt, v_fmt, p.shape[-1]))
 
 
 def layernorm(x: np.ndarray, x_frac: int, gamma: np.ndarray, gamma_frac: int,
               beta: np.ndarray, eps_code: int, isqrt: IsqrtTable, norm: FixedType,
-              out: FixedType, out_frac: int | np.ndarray | None = None) -> np.ndarray:
+              out: FixedType, out_frac: int | np.ndarray | None = None,
+              trace: dict | None = None) -> np.ndarray:
     """Integer layer normalization over the last axis (H channels).
 
     s1 = sum x, s2 = sum x^2, num = H*x - s1, D = H*s2 - s1^2 + eps_code
@@ -368,7 +395,8 @@ def layernorm(x: np.ndarray, x_frac: int, gamma: np.ndarray, gamma_frac: int,
     z = requant(num * r, f, norm); y = requant(z * gamma + beta,
     norm.frac_bits + gamma_frac, out). ``beta`` holds codes with
     ``norm.frac_bits + gamma_frac`` fractional bits. ``out_frac`` (per-channel
-    output formats) overrides ``out.frac_bits``.
+    output formats) overrides ``out.frac_bits``. ``trace`` receives ``s1``,
+    ``s2``, ``num``, ``d``, ``isqrt``, ``isqrt_frac``, ``z``.
     """
     x = np.asarray(x, dtype=np.int64)
     h = x.shape[-1]
@@ -378,6 +406,8 @@ def layernorm(x: np.ndarray, x_frac: int, gamma: np.ndarray, gamma_frac: int,
     d = h * s2 - s1 * s1 + eps_code
     r, f = inv_sqrt(d, isqrt)
     z = norm.quantize(num * r, f)
+    if trace is not None:
+        trace.update(s1=s1, s2=s2, num=num, d=d, isqrt=r, isqrt_frac=f, z=z)
     return requant(z * gamma.astype(np.int64) + beta.astype(np.int64),
                    norm.frac_bits + gamma_frac, out, out_frac)
 
@@ -429,12 +459,15 @@ def relu(x: np.ndarray, x_frac: int, out: FixedType) -> np.ndarray:
 
 
 def add(a: np.ndarray, a_frac: int | np.ndarray, b: np.ndarray, b_frac: int | np.ndarray,
-        out: FixedType, out_frac: np.ndarray | None = None) -> np.ndarray:
+        out: FixedType, out_frac: np.ndarray | None = None, trace: dict | None = None) -> np.ndarray:
     """Residual add: align both (per channel, if their formats are) to the finest
-    fractional bits exactly, add, requantize (per channel with ``out_frac``)."""
+    fractional bits exactly, add, requantize (per channel with ``out_frac``).
+    ``trace`` receives the aligned sum ``acc`` and its ``acc_frac``."""
     f = int(max(np.max(a_frac), np.max(b_frac)))
     acc = (np.asarray(a, dtype=np.int64) << (f - np.asarray(a_frac))) + \
         (np.asarray(b, dtype=np.int64) << (f - np.asarray(b_frac)))
+    if trace is not None:
+        trace.update(acc=acc, acc_frac=f)
     return requant(acc, f, out, out_frac)
 
 

@@ -219,6 +219,18 @@ def _split_heads(x: np.ndarray, heads: int, hd: int) -> np.ndarray:
     return x.reshape(b, s, heads, hd).transpose(0, 2, 1, 3)
 
 
+def attention_valid(node: Node, s_q: int, s_kv: int, offset: int = 0,
+                    mask: np.ndarray | None = None) -> np.ndarray:
+    """Which scores of an attention node enter the softmax: the causal mask
+    (queries at positions ``offset ..``) and the padding ``mask`` (``[B, s_kv]``)."""
+    valid = np.ones((s_q, s_kv), dtype=bool)
+    if node.attrs["causal"]:
+        valid = C.causal_mask(s_q, s_kv, offset)
+    if mask is not None:
+        valid = valid & C.padding_mask(mask)
+    return valid
+
+
 def _attention(m: GoldenModel, node: Node, ins, state: GoldenState) -> np.ndarray:
     g, a = m.graph, node.attrs
     if a["scale"] != 1:
@@ -235,16 +247,10 @@ def _attention(m: GoldenModel, node: Node, ins, state: GoldenState) -> np.ndarra
         k = C.kv_append(None if past is None else past[0], k, cap)
         v = C.kv_append(None if past is None else past[1], v, cap)
         state.kv[node.name] = (k, v)
-    scores = C.matmul_act(q, q_fmt, k.swapaxes(-1, -2), k_fmt)
-    valid = np.ones(scores.shape[-2:], dtype=bool)
-    if a["causal"]:
-        valid = C.causal_mask(scores.shape[-2], scores.shape[-1], offset)
-    if len(ins) > 3 and ins[3] is not None:
-        valid = valid & C.padding_mask(ins[3])
-    p_fmt = FixedType.from_dict(a["prob_format"])
-    p = C.softmax(scores, q_fmt.frac_bits + k_fmt.frac_bits, valid,
-                  C.ExpTable(**a["exp"]), C.RecipTable(**a["recip"]), p_fmt)
-    o = C.matmul_act(p, p_fmt, v, v_fmt, fmt_of(g, node.outputs[0]))
+    valid = attention_valid(node, q.shape[-2], k.shape[-2], offset, ins[3] if len(ins) > 3 else None)
+    o = C.attention(q, q_fmt, k, k_fmt, v, v_fmt, valid, C.ExpTable(**a["exp"]),
+                    C.RecipTable(**a["recip"]), FixedType.from_dict(a["prob_format"]),
+                    fmt_of(g, node.outputs[0]))
     b, _, s, _ = o.shape
     return o.transpose(0, 2, 1, 3).reshape(b, s, heads * hd)
 
