@@ -6,3 +6,7 @@ from .pe_array import PEArray, RTLError
 from .requant import Requant
 
 __all__ = ["PEArray", "Requant", "RTLError"]
+
+from .attention import AttentionEngine  # noqa: E402
+
+__all__ += ["AttentionEngine"]
