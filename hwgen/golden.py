@@ -115,6 +115,23 @@ class GoldenModel:
         return {name: vals[name] for name in g.outputs}
 
 
+def run_node(graph: Graph, node: Node | str, ins: list, state: GoldenState | None = None,
+             trace: dict | None = None, model: "GoldenModel | None" = None) -> np.ndarray:
+    """One node of ``graph`` on input codes ``ins`` (in ``node.inputs`` order,
+    ``None`` for absent optional inputs). ``trace`` (a dict) receives the
+    contract's intermediate values for the ops that record them (linear,
+    attention, layernorm, add): the golden computation itself, not a copy."""
+    node = graph.node(node) if isinstance(node, str) else node
+    fn = _OPS.get(node.op)
+    if fn is None:
+        raise GraphError(f"node '{node.name}': op '{node.op}' has no golden kernel")
+    m = model if model is not None else GoldenModel(graph, workers=1)
+    state = state if state is not None else GoldenState()
+    if trace is not None and node.op in ("linear", "attention", "layernorm", "add"):
+        return fn(m, node, ins, state, trace=trace)
+    return fn(m, node, ins, state)
+
+
 def run(graph: Graph, feeds: dict[str, np.ndarray], state: GoldenState | None = None,
         record: bool = False) -> dict[str, np.ndarray]:
     """One-shot convenience: ``GoldenModel(graph)(feeds, state, record)``."""
@@ -194,7 +211,7 @@ def _embedding(m: GoldenModel, node: Node, ins, state) -> np.ndarray:
     return C.embedding(ids, table)
 
 
-def _linear(m: GoldenModel, node: Node, ins, state) -> np.ndarray:
+def _linear(m: GoldenModel, node: Node, ins, state, trace: dict | None = None) -> np.ndarray:
     g = m.graph
     x = ins[0]
     w_name = node.inputs[1]
@@ -211,7 +228,7 @@ def _linear(m: GoldenModel, node: Node, ins, state) -> np.ndarray:
     return C.linear(x, x_frac, m.weight_gemm(w_name), w_frac, bias,
                     fmt_of(g, node.outputs[0]), node.attrs["acc_bits"],
                     max(abs(v) for v in C.product_range(x_fmt, w_fmt)),
-                    frac_of(g, node.outputs[0]) if out.per_channel else None)
+                    frac_of(g, node.outputs[0]) if out.per_channel else None, trace=trace)
 
 
 def _split_heads(x: np.ndarray, heads: int, hd: int) -> np.ndarray:
@@ -231,7 +248,8 @@ def attention_valid(node: Node, s_q: int, s_kv: int, offset: int = 0,
     return valid
 
 
-def _attention(m: GoldenModel, node: Node, ins, state: GoldenState) -> np.ndarray:
+def _attention(m: GoldenModel, node: Node, ins, state: GoldenState,
+               trace: dict | None = None) -> np.ndarray:
     g, a = m.graph, node.attrs
     if a["scale"] != 1:
         raise GraphError(f"node '{node.name}': attention scale {a['scale']} was not folded "
@@ -250,19 +268,21 @@ def _attention(m: GoldenModel, node: Node, ins, state: GoldenState) -> np.ndarra
     valid = attention_valid(node, q.shape[-2], k.shape[-2], offset, ins[3] if len(ins) > 3 else None)
     o = C.attention(q, q_fmt, k, k_fmt, v, v_fmt, valid, C.ExpTable(**a["exp"]),
                     C.RecipTable(**a["recip"]), FixedType.from_dict(a["prob_format"]),
-                    fmt_of(g, node.outputs[0]))
+                    fmt_of(g, node.outputs[0]), trace=trace)
+    if trace is not None:
+        trace.update(heads_q=q, heads_k=k, heads_v=v, valid=valid)
     b, _, s, _ = o.shape
     return o.transpose(0, 2, 1, 3).reshape(b, s, heads * hd)
 
 
-def _layernorm(m: GoldenModel, node: Node, ins, state) -> np.ndarray:
+def _layernorm(m: GoldenModel, node: Node, ins, state, trace: dict | None = None) -> np.ndarray:
     g, a = m.graph, node.attrs
     x_fmt = fmt_of(g, node.inputs[0])
     return C.layernorm(ins[0], x_fmt.frac_bits, m.weight_i64(node.inputs[1]),
                        fmt_of(g, node.inputs[1]).frac_bits, m.weight_i64(node.inputs[2]),
                        a["eps_code"], C.IsqrtTable(**a["isqrt"]),
                        FixedType.from_dict(a["norm_format"]), fmt_of(g, node.outputs[0]),
-                       frac_of(g, node.outputs[0]))
+                       frac_of(g, node.outputs[0]), trace=trace)
 
 
 def _gelu(m: GoldenModel, node: Node, ins, state) -> np.ndarray:
@@ -277,11 +297,12 @@ def _relu(m: GoldenModel, node: Node, ins, state) -> np.ndarray:
     return C.relu(ins[0], fmt_of(g, node.inputs[0]).frac_bits, fmt_of(g, node.outputs[0]))
 
 
-def _add(m: GoldenModel, node: Node, ins, state) -> np.ndarray:
+def _add(m: GoldenModel, node: Node, ins, state, trace: dict | None = None) -> np.ndarray:
     g = m.graph
     out = g.tensors[node.outputs[0]]
     return C.add(ins[0], frac_of(g, node.inputs[0]), ins[1], frac_of(g, node.inputs[1]),
-                 fmt_of(g, node.outputs[0]), frac_of(g, node.outputs[0]) if out.per_channel else None)
+                 fmt_of(g, node.outputs[0]), frac_of(g, node.outputs[0]) if out.per_channel else None,
+                 trace=trace)
 
 
 def _mean_pool(m: GoldenModel, node: Node, ins, state) -> np.ndarray:
