@@ -21,7 +21,7 @@ Ports: ``i`` (``In(ArrayLayout(signed(in_width), lanes))``) and ``o``
 """
 from __future__ import annotations
 
-from amaranth import Module, Mux, Signal, signed, unsigned
+from amaranth import Const, Module, Mux, Signal, signed, unsigned
 from amaranth.lib import data, wiring
 from amaranth.lib.wiring import In, Out
 
@@ -88,4 +88,108 @@ class Requant(wiring.Component):
             m.d.comb += rv.eq(r)
             dom += self.o[lane].eq(Mux(rv > self.hi, self.hi,
                                          Mux(rv < self.lo, self.lo, rv[:self.out_width])))
+        return m
+
+
+# ----------------------------------------------------------------------------
+# run-time shifts
+# ----------------------------------------------------------------------------
+
+def shift_pre(shift_min: int) -> tuple[int, int]:
+    """``(L, P)``: the constant exact left shift and truncating right shift that
+    :class:`ShiftRequant` applies before its run-time shift, for shifts
+    ``>= shift_min``. One of them is 0."""
+    return max(0, -shift_min), max(0, shift_min - 1)
+
+
+def shift_code(shift, shift_min: int):
+    """The run-time shift code ``t = shift + L - P`` (see :func:`shift_pre`) of a
+    requantization shift ``shift = frac_in - frac_out`` (an int or an int array):
+    what a :class:`ShiftRequant` lane (and a matmul engine's shift buffer) holds."""
+    lft, p = shift_pre(shift_min)
+    return shift + lft - p
+
+
+def shift_code_width(shift_min: int, shift_max: int) -> int:
+    """Bits of a shift code for shifts in ``shift_min .. shift_max``."""
+    return max(1, int(shift_code(shift_max, shift_min)).bit_length())
+
+
+def check_shift_range(shift_min, shift_max) -> tuple[int, int]:
+    for name, v in (("shift_min", shift_min), ("shift_max", shift_max)):
+        if not _is_int(v) or not -MAX_SHIFT <= v <= MAX_SHIFT:
+            raise RTLError(f"{name} must be an integer in {-MAX_SHIFT}..{MAX_SHIFT}, got {v!r}")
+    if shift_min > shift_max:
+        raise RTLError(f"shift_min ({shift_min}) must not exceed shift_max ({shift_max})")
+    return shift_min, shift_max
+
+
+class ShiftRequant(wiring.Component):
+    """``lanes`` pipelined AP_RND/AP_SAT requantizers with a *run-time* shift per
+    lane: the same function as :class:`Requant` (module docstring) for every
+    ``shift`` in ``shift_min .. shift_max``.
+
+    Ports: ``i`` (``In(StructLayout({"c": ArrayLayout(signed(in_width), lanes),
+    "t": ArrayLayout(unsigned(shift_code_width(...)), lanes)}))``): the
+    accumulator codes and each lane's shift *code* ``t = shift_code(shift,
+    shift_min)``; ``o`` (``Out(ArrayLayout(signed/unsigned(out_width), lanes))``).
+    A code outside ``shift_code(shift_min .. shift_max)`` gives an undefined result.
+
+    How: with ``(L, P) = shift_pre(shift_min)``, ``u = (c << L) >> P``
+    (exact left shift, or a floor right shift by ``P = shift_min - 1``, which
+    commutes with the floor of the rounding below), then
+    ``r = (u + ((1 << t) >> 1)) >> t`` (arithmetic shift: round half up), then
+    saturation. Timing: two register stages (``LATENCY = 2``): ``o`` shows the
+    result for the ``i`` presented two cycles earlier; no enable, no stall.
+    """
+
+    #: cycles from ``i`` to ``o``
+    LATENCY = 2
+
+    def __init__(self, in_width: int, shift_min: int, shift_max: int, out_width: int,
+                 out_signed: bool = True, lanes: int = 1):
+        try:
+            self.in_width = check_width("in_width", in_width, MAX_ACC_WIDTH)
+            self.shift_min, self.shift_max = check_shift_range(shift_min, shift_max)
+            self.out_width = check_width("out_width", out_width, MAX_ACC_WIDTH)
+            if not isinstance(out_signed, bool):
+                raise RTLError(f"out_signed must be a bool, got {out_signed!r}")
+            self.lanes = check_positive("lanes", lanes)
+        except RTLError:
+            self._MustUse__silence = True  # never built: no "unused elaboratable" warning
+            raise
+        self.out_signed = out_signed
+        self.t_width = shift_code_width(shift_min, shift_max)
+        if out_signed:
+            self.lo, self.hi = -(1 << (out_width - 1)), (1 << (out_width - 1)) - 1
+        else:
+            self.lo, self.hi = 0, (1 << out_width) - 1
+        oshape = signed(out_width) if out_signed else unsigned(out_width)
+        super().__init__({
+            "i": In(self.in_layout(in_width, shift_min, shift_max, lanes)),
+            "o": Out(data.ArrayLayout(oshape, lanes)),
+        })
+
+    @staticmethod
+    def in_layout(in_width: int, shift_min: int, shift_max: int, lanes: int) -> data.StructLayout:
+        return data.StructLayout({
+            "c": data.ArrayLayout(signed(in_width), lanes),
+            "t": data.ArrayLayout(unsigned(shift_code_width(shift_min, shift_max)), lanes),
+        })
+
+    def elaborate(self, platform):
+        m = Module()
+        lft, p = shift_pre(self.shift_min)
+        t_max = int(shift_code(self.shift_max, self.shift_min))
+        uw = max(self.in_width + lft - p, 1) + 1        # + the rounding constant's carry
+        rw = max(uw, self.out_width + 1, 2)
+        for lane in range(self.lanes):
+            c, t = self.i.c[lane], self.i.t[lane]
+            u = Signal(signed(uw), name=f"u_{lane}")
+            rc = Signal(max(t_max, 1), name=f"rc_{lane}")   # (1 << t) >> 1
+            m.d.comb += [u.eq((c << lft) >> p), rc.eq((Const(1, t_max + 1) << t) >> 1)]
+            r = Signal(signed(rw), name=f"r_{lane}")
+            m.d.sync += r.eq((u + rc) >> t)
+            m.d.sync += self.o[lane].eq(Mux(r > self.hi, self.hi,
+                                            Mux(r < self.lo, self.lo, r[:self.out_width])))
         return m

@@ -1,0 +1,731 @@
+"""Linear-layer engine: ``Y[M x N] = requant(X[M x K] @ W[K x N] + bias)`` on a
+:class:`~hwgen.rtl.pe_array.PEArray`, fed from on-chip buffers (``lib.memory``).
+
+Arithmetic
+----------
+Exactly :func:`hwgen.contract.linear` (what the golden model runs for a
+``linear`` node): the integer product of the codes, accumulated without
+overflow (the PE accumulators are :func:`hwgen.contract.acc_width` wide for the
+operand formats and K), plus the bias codes (the sum is ``acc_width(..., bias_lo,
+bias_hi)`` wide: the node's ``acc_bits``), then per column ``n`` the
+requantization by ``shift[n] = x_frac + w_frac[n] - out_frac[n]`` with AP_RND
+and AP_SAT (:class:`~hwgen.rtl.requant.ShiftRequant`). Per-channel input
+formats need nothing here: the quantizer folded them into the weight rows.
+
+Tiling
+------
+M is tiled by ``rows`` (``MT = ceil(m / rows)`` M-tiles, ``m`` given at run
+time, ``1 <= m <= max_m``), N by ``cols`` (``NT = ceil(n / cols)``), K by
+blocks of ``block_k`` rows of W (``KB = ceil(k / block_k)``; the last block
+has ``k - (KB - 1) * block_k`` rows). Missing rows and columns are zero
+padding (nothing is issued for them). For each M-tile, for each N-tile, the
+engine streams one PE-array tile: one beat per K row of every *occupied*
+weight block of that N-tile (the block-sparsity bitmap: ``(KB, NT)`` 0/1, block
+``(kb, nt)`` = rows ``kb*block_k ..`` x columns ``nt*cols ..`` of W, as
+:func:`hwgen.prune.linear_bitmap` with ``block_n = cols``; an empty block
+issues no beat and costs no cycle). A tile has at least
+``min_beats = rows + 1`` beats -- the PEArray's condition for tiles to follow
+each other with no gap (its output bank drains one row per cycle): a shorter
+tile is completed with beats whose weight row is forced to zero (exact: they
+add 0), so the array never stalls and the cycle count is a closed formula.
+
+Buffers (word formats; the host-side packing below is their one definition)
+--------------------------------------------------------------------------
+``a``      activations, ``MT_max * k`` words of ``ArrayLayout(x code, rows)``:
+           word ``mt * k + kk`` = ``x[mt*rows : mt*rows + rows, kk]`` (a column of
+           an A tile; rows past ``m`` are zero).
+``w``      weights, ``NT * KB * block_k`` words of ``ArrayLayout(w code, cols)``:
+           the occupied blocks packed in (N-tile, block) order, each ``block_k``
+           words: word ``b * block_k + j`` = row ``kb * block_k + j`` of W,
+           columns ``nt*cols .. nt*cols + cols - 1``, of the ``b``-th occupied block.
+``ent``    the block list, ``NT * KB`` words of :meth:`MatmulSpec.ent_layout`
+           (``kb``, ``wblk``, ``empty``, ``tile_last``, ``list_last``): one entry per
+           occupied block in the same order (``wblk`` = its block in ``w``), one
+           ``empty`` entry for an N-tile without any occupied block,
+           ``tile_last`` on an N-tile's last entry, ``list_last`` on the final one.
+``bias``   ``NT`` words of ``ArrayLayout(signed(bias_width), cols)``: accumulator codes.
+``shift``  ``NT`` words of ``ArrayLayout(unsigned(shift_code_width), cols)``: per-column
+           shift *codes* (:func:`hwgen.rtl.requant.shift_code`).
+``out``    results, ``MT_max * rows * NT`` words of ``ArrayLayout(out code, cols)``: word
+           ``r * NT + nt`` = ``y[r, nt*cols .. nt*cols + cols - 1]`` for rows ``r < m``
+           (rows ``>= m`` are not written).
+
+:meth:`MatmulSpec.pack_weights` / :meth:`MatmulSpec.pack_x` build these images
+(lists of word integers, element ``e`` of a word at bits ``e*w .. e*w + w - 1``),
+:meth:`MatmulSpec.unpack_out` reads the ``out`` image back into codes. The
+cocotb bench and the host driver use exactly these.
+
+Loading: every input buffer has a write port on the component (``a_wr``,
+``w_wr``, ``ent_wr``, ``bias_wr``, ``shift_wr``: ``addr``, ``data``, ``en``, one
+word per cycle, written at the clock edge) for host DMA, used while the engine
+is idle; ``out`` has a synchronous read port ``o_rd`` (``addr``, ``en``,
+``data`` one cycle later). For simulation, images can instead be baked in as
+initial contents (``MatmulEngine(spec, init={"a": [...], ...})``, which also
+lands in the generated Verilog), or set in Amaranth's simulator through
+``engine.mem[name]`` (``lib.memory`` ``MemoryData``: ``ctx.set(engine.mem["a"][i], word)``).
+
+Control and timing
+------------------
+``start`` (in): sampled while ``busy`` is low; the engine latches ``m`` (in,
+``1 <= m <= max_m``; 0 runs as 1) and raises ``busy``. ``done`` (out) is high
+for exactly one cycle when the last result is in ``out``; ``busy`` falls in
+that same cycle, and a new ``start`` is accepted from then on. Counting the
+cycle in which ``start`` is sampled as cycle 0, ``done`` is high in cycle
+:meth:`MatmulSpec.cycles` ``(m, bitmap)`` =
+
+    ``ISSUE_LATENCY + B - 1 + PEArray.LATENCY + rows - 1 + OUT_LATENCY``
+
+with ``B = MT * sum_nt max(T(nt), min_beats)`` beats, ``T(nt)`` = the K rows of
+N-tile ``nt``'s occupied blocks: the first beat is accepted by the array in
+cycle ``ISSUE_LATENCY`` (= 2: block-list read, then operand read), beats follow
+back to back with no gap, the last tile's last row leaves the array
+``PEArray.LATENCY + rows - 1`` cycles after its last beat, and the output
+pipeline (bias add, two ShiftRequant stages, the write) takes ``OUT_LATENCY``
+(= 5) cycles from there to ``done``. Dense MiniLM shapes at ``m = 128`` on
+16 x 16 reach utilization ``(m*k*n / (rows*cols)) / cycles`` > 0.999.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import numpy as np
+from amaranth import Module, Mux, Shape, Signal, signed, unsigned
+from amaranth.lib import data, wiring
+from amaranth.lib.memory import Memory, MemoryData, ReadPort, WritePort
+from amaranth.lib.wiring import In, Out
+
+from .. import contract as C
+from ..fixed import FixedType, bits_for_range
+from .pe_array import PEArray, RTLError, _is_int, check_positive
+from .requant import ShiftRequant, check_shift_range, shift_code, shift_code_width
+
+#: the requantization modes the engine implements (the quantizer's defaults)
+RTL_Q, RTL_O = "AP_RND", "AP_SAT"
+#: input buffers in load order, then the output buffer
+IN_BUFFERS = ("a", "w", "ent", "bias", "shift")
+
+
+def _fmt_str(f: FixedType) -> str:
+    return f"{'' if f.signed else 'u'}fixed<{f.width},{f.int_bits},{f.q},{f.o}>"
+
+
+def _check_fmt(name: str, f) -> FixedType:
+    if not isinstance(f, FixedType):
+        raise RTLError(f"{name} must be a hwgen.fixed.FixedType, got {f!r}")
+    return f
+
+
+def _code_shape(f: FixedType) -> Shape:
+    return signed(f.width) if f.signed else unsigned(f.width)
+
+
+def _bits(n: int) -> int:
+    """Bits of an unsigned counter holding 0 .. n."""
+    return max(1, int(n).bit_length())
+
+
+def _pack(layout: data.ArrayLayout, values: np.ndarray) -> list[int]:
+    """Words of ``layout`` (an ArrayLayout of integers) from ``values`` shaped
+    ``(words, len(layout))``: element ``e`` at bits ``e*w .. e*w + w - 1``."""
+    w = Shape.cast(layout.elem_shape).width
+    mask = (1 << w) - 1
+    words = np.zeros(len(values), dtype=object)
+    for e in range(layout.length):
+        words |= (values[:, e].astype(np.int64) & mask).astype(object) << (e * w)
+    return [int(v) for v in words]
+
+
+def _unpack(layout: data.ArrayLayout, words) -> np.ndarray:
+    """Inverse of :func:`_pack`: ``(words, len(layout))`` int64 codes."""
+    shape = Shape.cast(layout.elem_shape)
+    w = shape.width
+    arr = np.array([int(v) for v in words], dtype=object)
+    out = np.zeros((len(arr), layout.length), dtype=np.int64)
+    for e in range(layout.length):
+        v = ((arr >> (e * w)) & ((1 << w) - 1)).astype(np.int64)
+        if shape.signed:
+            v = np.where(v >= 1 << (w - 1), v - (1 << w), v)
+        out[:, e] = v
+    return out
+
+
+@dataclass(frozen=True)
+class MatmulSpec:
+    """Every parameter of one :class:`MatmulEngine` and everything derived from
+    them: buffer geometry and word layouts, host-side packing, the exact cycle
+    count and the manifest. Plain data (no hardware is built), so the host
+    driver and the benches use it without elaborating anything.
+
+    ``x_fmt``, ``w_fmt``: operand formats (only width and signedness matter to
+    the hardware); ``out_fmt``: output format, q/o must be AP_RND/AP_SAT (its
+    fractional bits are carried by the run-time per-column shifts);
+    ``bias_lo .. bias_hi``: range of the bias codes (0 .. 0: no bias);
+    ``shift_min .. shift_max``: range of the per-column shifts ``x_frac +
+    w_frac[n] - out_frac[n]``.
+    """
+
+    rows: int
+    cols: int
+    k: int
+    n: int
+    max_m: int
+    x_fmt: FixedType
+    w_fmt: FixedType
+    out_fmt: FixedType
+    bias_lo: int = 0
+    bias_hi: int = 0
+    shift_min: int = 0
+    shift_max: int = 0
+    block_k: int = 16
+    name: str = "matmul"
+
+    #: cycles from ``start`` to the first beat the PE array accepts
+    ISSUE_LATENCY = 2
+    #: cycles from the last result row leaving the PE array to ``done``
+    OUT_LATENCY = 3 + ShiftRequant.LATENCY
+
+    def __post_init__(self):
+        for p in ("rows", "cols", "k", "n", "max_m", "block_k"):
+            check_positive(p, getattr(self, p))
+        for p in ("x_fmt", "w_fmt", "out_fmt"):
+            _check_fmt(p, getattr(self, p))
+        if (self.out_fmt.q, self.out_fmt.o) != (RTL_Q, RTL_O):
+            raise RTLError(f"out_fmt {_fmt_str(self.out_fmt)} has q={self.out_fmt.q}, "
+                           f"o={self.out_fmt.o}; the RTL requantizer implements only "
+                           f"q={RTL_Q}, o={RTL_O} (the quantizer's defaults): quantize with those modes")
+        for p in ("bias_lo", "bias_hi"):
+            if not _is_int(getattr(self, p)):
+                raise RTLError(f"{p} must be an integer, got {getattr(self, p)!r}")
+        if self.bias_lo > self.bias_hi:
+            raise RTLError(f"bias_lo ({self.bias_lo}) must not exceed bias_hi ({self.bias_hi})")
+        check_shift_range(self.shift_min, self.shift_max)
+        if not isinstance(self.name, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", self.name):
+            raise RTLError(f"name must be an identifier ([A-Za-z_][A-Za-z0-9_]*), got {self.name!r}")
+        try:
+            self.acc_width
+            self.sum_width
+        except C.ContractError as e:
+            raise RTLError(str(e)) from None
+
+    # -- derived geometry ------------------------------------------------
+    @property
+    def acc_width(self) -> int:
+        """PE accumulator bits (``contract.acc_width`` of the operands over K)."""
+        return C.acc_width(self.x_fmt, self.w_fmt, self.k)
+
+    @property
+    def sum_width(self) -> int:
+        """Bits of accumulator + bias (``contract.acc_width`` with the bias range)."""
+        return C.acc_width(self.x_fmt, self.w_fmt, self.k, self.bias_lo, self.bias_hi)
+
+    @property
+    def bias_width(self) -> int:
+        return bits_for_range(min(self.bias_lo, 0), max(self.bias_hi, 0), True)
+
+    @property
+    def t_width(self) -> int:
+        return shift_code_width(self.shift_min, self.shift_max)
+
+    @property
+    def nt(self) -> int:
+        return -(-self.n // self.cols)
+
+    @property
+    def kb(self) -> int:
+        return -(-self.k // self.block_k)
+
+    @property
+    def mt_max(self) -> int:
+        return -(-self.max_m // self.rows)
+
+    @property
+    def min_beats(self) -> int:
+        """Fewest beats per tile: the PEArray streams tiles with no gap from rows + 1."""
+        return self.rows + 1
+
+    def block_len(self, kb: int) -> int:
+        """K rows of weight block ``kb``."""
+        return min(self.block_k, self.k - kb * self.block_k)
+
+    @property
+    def depths(self) -> dict[str, int]:
+        return {"a": self.mt_max * self.k, "w": self.nt * self.kb * self.block_k,
+                "ent": self.nt * self.kb, "bias": self.nt, "shift": self.nt,
+                "out": self.mt_max * self.rows * self.nt}
+
+    @property
+    def layouts(self) -> dict[str, data.Layout]:
+        """Word layout of every buffer."""
+        return {
+            "a": data.ArrayLayout(_code_shape(self.x_fmt), self.rows),
+            "w": data.ArrayLayout(_code_shape(self.w_fmt), self.cols),
+            "ent": self.ent_layout,
+            "bias": data.ArrayLayout(signed(self.bias_width), self.cols),
+            "shift": data.ArrayLayout(unsigned(self.t_width), self.cols),
+            "out": data.ArrayLayout(_code_shape(self.out_fmt), self.cols),
+        }
+
+    @property
+    def ent_layout(self) -> data.StructLayout:
+        return data.StructLayout({
+            "kb": unsigned(_bits(self.kb - 1)),
+            "wblk": unsigned(_bits(self.nt * self.kb - 1)),
+            "empty": 1, "tile_last": 1, "list_last": 1,
+        })
+
+    def addr_width(self, buf: str) -> int:
+        return max(1, (self.depths[buf] - 1).bit_length())
+
+    def members(self) -> dict[str, wiring.Member]:
+        """The engine's ports (its ``wiring.Signature`` members)."""
+        lay = self.layouts
+        mem = {
+            "start": In(1), "m": In(_bits(self.max_m)), "busy": Out(1), "done": Out(1),
+        }
+        for b in IN_BUFFERS:
+            mem[f"{b}_wr"] = Out(WritePort.Signature(addr_width=self.addr_width(b), shape=lay[b]))
+        mem["o_rd"] = Out(ReadPort.Signature(addr_width=self.addr_width("out"), shape=lay["out"]))
+        return mem
+
+    def ports(self) -> dict[str, dict]:
+        """Verilog-level ports: ``{name: {"dir": "in"|"out", "width": bits}}``
+        (``clk`` and ``rst`` besides); nested members joined by ``__``."""
+        out = {}
+        for path, member in wiring.Signature(self.members()).members.flatten():
+            if member.is_port:
+                out["__".join(path)] = {"dir": "in" if member.flow == wiring.In else "out",
+                                        "width": Shape.cast(member.shape).width}
+        return out
+
+    # -- cycles ----------------------------------------------------------
+    def _bitmap(self, bitmap) -> np.ndarray:
+        """The bitmap as (NT, KB) bools (the argument is (KB, NT), like W)."""
+        if bitmap is None:
+            return np.ones((self.nt, self.kb), dtype=bool)
+        b = np.asarray(bitmap)
+        if (b.shape != (self.kb, self.nt) or not (b.dtype == bool or np.issubdtype(b.dtype, np.integer))
+                or not np.isin(b, (0, 1)).all()):
+            raise RTLError(f"bitmap must be a 0/1 array of shape (KB, NT) = ({self.kb}, {self.nt}) "
+                           f"(blocks of block_k={self.block_k} rows x cols={self.cols} columns of W), "
+                           f"got {b.dtype} {tuple(b.shape)}")
+        return b.astype(bool).T
+
+    def check_m(self, m) -> int:
+        if not _is_int(m) or not 1 <= m <= self.max_m:
+            raise RTLError(f"m must be an integer in 1..max_m={self.max_m}, got {m!r}")
+        return m
+
+    def tile_beats(self, bitmap=None) -> list[int]:
+        """Beats of each N-tile's PE-array tile (occupied K rows, at least ``min_beats``)."""
+        b = self._bitmap(bitmap)
+        lens = np.array([self.block_len(kb) for kb in range(self.kb)])
+        return [max(int(lens[b[t]].sum()), self.min_beats) for t in range(self.nt)]
+
+    def beats(self, m: int, bitmap=None) -> int:
+        return -(-self.check_m(m) // self.rows) * sum(self.tile_beats(bitmap))
+
+    def cycles(self, m: int, bitmap=None) -> int:
+        """Exact cycles from ``start`` to ``done`` (module docstring)."""
+        return (self.ISSUE_LATENCY + self.beats(m, bitmap) - 1 + PEArray.LATENCY + self.rows - 1
+                + self.OUT_LATENCY)
+
+    def ideal_cycles(self, m: int) -> float:
+        """Dense MACs over PEs: the physical limit."""
+        return self.check_m(m) * self.k * self.n / (self.rows * self.cols)
+
+    def manifest(self, m: int, bitmap=None) -> dict:
+        """JSON-able description of the kernel for a run with ``m`` rows."""
+        cyc = self.cycles(m, bitmap)
+        ideal = self.ideal_cycles(m)
+        lay = self.layouts
+        bm = self._bitmap(bitmap)
+        return {
+            "kernel": self.name,
+            "op": "linear",
+            "engine": "MatmulEngine",
+            "parameters": {"rows": self.rows, "cols": self.cols, "k": self.k, "n": self.n,
+                           "max_m": self.max_m, "block_k": self.block_k,
+                           "min_beats": self.min_beats, "pe_latency": PEArray.LATENCY,
+                           "issue_latency": self.ISSUE_LATENCY, "out_latency": self.OUT_LATENCY},
+            "formats": {"x": self.x_fmt.to_dict(), "w": self.w_fmt.to_dict(),
+                        "out": self.out_fmt.to_dict(), "acc_width": self.acc_width,
+                        "sum_width": self.sum_width, "bias_width": self.bias_width,
+                        "bias_range": [self.bias_lo, self.bias_hi],
+                        "shift_range": [self.shift_min, self.shift_max],
+                        "shift_code_width": self.t_width},
+            "ports": self.ports(),
+            "buffers": {b: {"depth": self.depths[b], "width": Shape.cast(lay[b]).width,
+                            "addr_width": self.addr_width(b)} for b in (*IN_BUFFERS, "out")},
+            "m": m,
+            "shape": [m, self.k, self.n],
+            "blocks": {"occupied": int(bm.sum()), "total": int(bm.size)},
+            "macs": m * self.k * self.n,
+            "cycles": cyc,
+            "ideal_cycles": ideal,
+            "utilization": ideal / cyc,
+        }
+
+    # -- host-side packing (the one definition of every memory image) ----
+    def occupancy(self, w) -> np.ndarray:
+        """The bitmap (KB x NT bools) of ``w``'s blocks that hold a non-zero code
+        (:func:`hwgen.prune.block_bitmap` with ``block_n = cols``)."""
+        wp = np.zeros((self.kb * self.block_k, self.nt * self.cols), dtype=np.int64)
+        wp[:self.k, :self.n] = self._check_codes("w", w, (self.k, self.n), self.w_fmt)
+        return (wp.reshape(self.kb, self.block_k, self.nt, self.cols) != 0).any(axis=(1, 3))
+
+    def _check_codes(self, what, v, shape, fmt: FixedType | None = None, lo=None, hi=None):
+        a = np.asarray(v)
+        if a.shape != shape or not np.issubdtype(a.dtype, np.integer):
+            raise RTLError(f"{what} must be an integer array of shape {shape}, got {a.dtype} {tuple(a.shape)}")
+        a = a.astype(np.int64)
+        if fmt is not None:
+            lo, hi = fmt.min_code, fmt.max_code
+        if a.size and (a.min() < lo or a.max() > hi):
+            raise RTLError(f"{what} codes must lie in {lo}..{hi}, got {int(a.min())}..{int(a.max())}")
+        return a
+
+    def pack_weights(self, w, bias=None, shift=None, bitmap=None) -> dict[str, list[int]]:
+        """Images of ``w``, ``ent``, ``bias`` and ``shift`` from weight codes
+        ``w`` (k x n), bias codes (n,) in ``bias_lo .. bias_hi`` (None: 0), the
+        per-column shifts (n,) in ``shift_min .. shift_max`` (None: 0) and the
+        block bitmap (None: every block occupied). A block marked empty must
+        hold only zeros (its codes would be dropped)."""
+        w = self._check_codes("w", w, (self.k, self.n), self.w_fmt)
+        bias = np.zeros(self.n, np.int64) if bias is None else bias
+        bias = self._check_codes("bias", bias, (self.n,), lo=self.bias_lo, hi=self.bias_hi)
+        shift = np.zeros(self.n, np.int64) if shift is None else shift
+        shift = self._check_codes("shift", shift, (self.n,), lo=self.shift_min, hi=self.shift_max)
+        bm = self._bitmap(bitmap)
+        lost = self.occupancy(w).T & ~bm
+        if lost.any():
+            nt, kb = (int(v) for v in np.argwhere(lost)[0])
+            raise RTLError(f"bitmap marks weight block (nt={nt}, kb={kb}) empty but it holds "
+                           f"non-zero codes; use occupancy(w) or zero the block")
+        bk, cols = self.block_k, self.cols
+        wp = np.zeros((self.kb * bk, self.nt * cols), dtype=np.int64)
+        wp[:self.k, :self.n] = w
+        wimg = np.zeros((self.depths["w"], cols), dtype=np.int64)
+        ents, nw = [], 0   # entries (kb, wblk, empty, tile_last, list_last); occupied blocks
+        for t in range(self.nt):
+            kbs = np.flatnonzero(bm[t])
+            if not len(kbs):
+                ents.append((0, 0, 1, 1, 0))
+            for i, kb in enumerate(kbs):
+                wimg[nw * bk:(nw + 1) * bk] = wp[kb * bk:(kb + 1) * bk, t * cols:(t + 1) * cols]
+                ents.append((int(kb), nw, 0, int(i == len(kbs) - 1), 0))
+                nw += 1
+        ents[-1] = ents[-1][:4] + (1,)
+        lay = self.ent_layout
+        ent_words = []
+        for e in ents:
+            word = 0
+            for name, v in zip(("kb", "wblk", "empty", "tile_last", "list_last"), e):
+                word |= int(v) << lay[name].offset
+            ent_words.append(word)
+        pad_n = self.nt * cols - self.n
+        codes = shift_code(np.concatenate([shift, np.full(pad_n, self.shift_min, np.int64)]), self.shift_min)
+        lays = self.layouts
+        return {
+            "w": _pack(lays["w"], wimg[:nw * bk]),
+            "ent": ent_words,
+            "bias": _pack(lays["bias"], np.concatenate([bias, np.zeros(pad_n, np.int64)]).reshape(self.nt, cols)),
+            "shift": _pack(lays["shift"], codes.reshape(self.nt, cols)),
+        }
+
+    def pack_x(self, x) -> list[int]:
+        """Image of ``a`` (the first ``ceil(m / rows) * k`` words) from the
+        activation codes ``x`` (m x k, 1 <= m <= max_m)."""
+        x = np.asarray(x)
+        if x.ndim != 2 or x.shape[1] != self.k:
+            raise RTLError(f"x must be an integer array of shape (m, {self.k}), got {x.dtype} {tuple(x.shape)}")
+        m = self.check_m(int(x.shape[0]))
+        x = self._check_codes("x", x, x.shape, self.x_fmt)
+        mt = -(-m // self.rows)
+        xp = np.zeros((mt * self.rows, self.k), dtype=np.int64)
+        xp[:m] = x
+        # word mt*k + kk = column kk of M-tile mt
+        cols = xp.reshape(mt, self.rows, self.k).transpose(0, 2, 1).reshape(mt * self.k, self.rows)
+        return _pack(self.layouts["a"], cols)
+
+    def unpack_out(self, words, m: int) -> np.ndarray:
+        """Output codes ``y`` (m x n) from the ``out`` image (at least ``m * NT`` words)."""
+        self.check_m(m)
+        if len(words) < m * self.nt:
+            raise RTLError(f"the out image needs at least m * NT = {m * self.nt} words, got {len(words)}")
+        y = _unpack(self.layouts["out"], list(words)[:m * self.nt])
+        return y.reshape(m, self.nt * self.cols)[:, :self.n]
+
+    def reference(self, x, w, bias=None, shift=None) -> np.ndarray:
+        """What the engine computes, by the contract (software, for checks)."""
+        x = np.asarray(x, dtype=np.int64)
+        acc = C.matmul_int(x, np.asarray(w, dtype=np.int64), 1 << 62)
+        if bias is not None:
+            acc = acc + np.asarray(bias, dtype=np.int64)
+        s = np.zeros(self.n, np.int64) if shift is None else np.asarray(shift, dtype=np.int64)
+        return C.requant(acc, s, self.out_fmt, 0)
+
+    # -- from a graph ----------------------------------------------------
+    @classmethod
+    def for_linear(cls, graph, node, rows: int = 16, cols: int = 16, max_m: int = 128,
+                   block_k: int = 16) -> "MatmulSpec":
+        """The spec of a fixed graph's ``linear`` node (a Node or its name)."""
+        node, ops = linear_operands(graph, node)
+        w, bias, shift = ops["w"], ops["bias"], ops["shift"]
+        g = graph
+        return cls(rows=rows, cols=cols, k=int(w.shape[0]), n=int(w.shape[1]), max_m=max_m,
+                   x_fmt=g.tensors[node.inputs[0]].fmt, w_fmt=g.tensors[node.inputs[1]].fmt,
+                   out_fmt=g.tensors[node.outputs[0]].fmt,
+                   bias_lo=int(min(bias.min(), 0)), bias_hi=int(max(bias.max(), 0)),
+                   shift_min=int(shift.min()), shift_max=int(shift.max()), block_k=block_k,
+                   name=_identifier(node.name))
+
+
+def _identifier(name: str) -> str:
+    s = re.sub(r"[^0-9A-Za-z_]", "_", name)
+    return s if s and not s[0].isdigit() else "k_" + s
+
+
+def linear_operands(graph, node) -> tuple:
+    """``(node, {"w": codes (k, n), "bias": codes (n,), "shift": (n,)})`` of a
+    fixed graph's ``linear`` node: the weight and bias codes as stored and the
+    per-column requantization shift ``x_frac + w_frac[n] - out_frac[n]`` (x at
+    its finest channel, as :func:`hwgen.golden._linear`). Raises
+    :class:`RTLError` for anything the engine cannot run."""
+    from ..ir import GraphError
+    if isinstance(node, str):
+        try:
+            node = graph.node(node)
+        except GraphError as e:
+            raise RTLError(str(e)) from None
+    where = f"node '{node.name}'"
+    if node.op != "linear":
+        raise RTLError(f"{where}: op '{node.op}' is not a linear; the matmul engine runs linear nodes")
+    if not graph.is_fixed:
+        raise RTLError(f"graph '{graph.name}' is a float graph; quantize it first (`hwgen quantize`)")
+    xt, wt, yt = graph.tensors[node.inputs[0]], graph.tensors[node.inputs[1]], graph.tensors[node.outputs[0]]
+    for t in (xt, wt, yt):
+        if t.fmt is None:
+            raise RTLError(f"{where}: tensor '{t.name}' has no fixed-point format")
+    if (yt.fmt.q, yt.fmt.o) != (RTL_Q, RTL_O):
+        raise RTLError(f"{where}: output '{yt.name}' has format {_fmt_str(yt.fmt)} (q={yt.fmt.q}, "
+                       f"o={yt.fmt.o}); the RTL requantizer implements only q={RTL_Q}, o={RTL_O}: "
+                       "quantize with those modes")
+    w = np.asarray(graph.weights[node.inputs[1]]).astype(np.int64)
+    if w.ndim != 2:
+        raise RTLError(f"{where}: weight '{wt.name}' has shape {list(w.shape)}, expected (K, N)")
+    k, n = w.shape
+    bname = graph.node_input(node, "bias")
+    bias = (np.asarray(graph.weights[bname]).astype(np.int64).reshape(-1) if bname
+            else np.zeros(n, np.int64))
+    if bias.size != n:
+        raise RTLError(f"{where}: bias '{bname}' has {bias.size} entries for {n} columns")
+
+    def per_col(frac, what):
+        a = np.asarray(frac, dtype=np.int64).reshape(-1)
+        if a.size not in (1, n):
+            raise RTLError(f"{where}: {what} has {a.size} per-channel formats for {n} columns")
+        return np.broadcast_to(a, (n,))
+
+    x_frac = int(np.max(np.asarray(xt.frac_bits())))
+    shift = x_frac + per_col(wt.frac_bits(), f"weight '{wt.name}'") - per_col(yt.frac_bits(), f"output '{yt.name}'")
+    return node, {"w": w, "bias": bias, "shift": np.ascontiguousarray(shift, dtype=np.int64)}
+
+
+class MatmulEngine(wiring.Component):
+    """The linear-layer engine of a :class:`MatmulSpec` (module docstring: the
+    arithmetic, buffers and word formats, control protocol and exact timing).
+
+    Ports (``spec.ports()`` lists them flat, as in the Verilog):
+    ``start`` in 1, ``m`` in, ``busy`` out 1, ``done`` out 1;
+    ``a_wr``, ``w_wr``, ``ent_wr``, ``bias_wr``, ``shift_wr``: write ports
+    (``lib.memory.WritePort.Signature``: ``addr``, ``data`` (the word layout),
+    ``en``), all inputs; ``o_rd``: read port of ``out`` (``addr``, ``en`` in;
+    ``data`` out, one cycle after ``addr``).
+
+    ``init``: optional ``{buffer: [word, ...]}`` initial contents (the packed
+    images; shorter lists are zero-filled); ``engine.mem[buffer]`` is each
+    buffer's ``MemoryData``.
+    """
+
+    def __init__(self, spec: MatmulSpec, *, init: dict | None = None):
+        try:
+            if not isinstance(spec, MatmulSpec):
+                raise RTLError(f"spec must be a MatmulSpec, got {spec!r}")
+            init = {} if init is None else init
+            if not isinstance(init, dict) or set(init) - set((*IN_BUFFERS, "out")):
+                raise RTLError(f"init must be a dict with keys among {', '.join((*IN_BUFFERS, 'out'))}, "
+                               f"got {init!r:.80}")
+            for b, words in init.items():
+                if len(words) > spec.depths[b]:
+                    raise RTLError(f"init['{b}'] has {len(words)} words; the buffer holds {spec.depths[b]}")
+        except RTLError:
+            self._MustUse__silence = True  # never built: no "unused elaboratable" warning
+            raise
+        self.spec = spec
+        self.mem = {}
+        for b in (*IN_BUFFERS, "out"):
+            width = Shape.cast(spec.layouts[b]).width
+            self.mem[b] = MemoryData(shape=unsigned(width), depth=spec.depths[b],
+                                     init=[int(v) for v in init.get(b, [])])
+        super().__init__(spec.members())
+
+    @classmethod
+    def for_linear(cls, graph, node, rows: int = 16, cols: int = 16, max_m: int = 128,
+                   block_k: int = 16, init: dict | None = None) -> "MatmulEngine":
+        """An engine for a fixed graph's ``linear`` node (see :meth:`MatmulSpec.for_linear`)."""
+        return cls(MatmulSpec.for_linear(graph, node, rows, cols, max_m, block_k), init=init)
+
+    def cycles(self, m: int, bitmap=None) -> int:
+        return self.spec.cycles(m, bitmap)
+
+    def manifest(self, m: int, bitmap=None) -> dict:
+        return self.spec.manifest(m, bitmap)
+
+    def elaborate(self, platform):
+        m = Module()
+        s = self.spec
+        R, N = s.rows, s.cols
+        lay = s.layouts
+
+        mems = {}
+        for b in (*IN_BUFFERS, "out"):
+            m.submodules[f"mem_{b}"] = mems[b] = Memory(data=self.mem[b])
+        for b in IN_BUFFERS:  # host write ports
+            wp = mems[b].write_port()
+            port = getattr(self, f"{b}_wr")
+            m.d.comb += [wp.addr.eq(port.addr), wp.data.eq(port.data), wp.en.eq(port.en)]
+        hr = mems["out"].read_port()
+        m.d.comb += [hr.addr.eq(self.o_rd.addr), hr.en.eq(self.o_rd.en), self.o_rd.data.eq(hr.data)]
+
+        m.submodules.pe = pe = PEArray.for_formats(R, N, s.x_fmt, s.w_fmt, s.k)
+
+        # ---- control ---------------------------------------------------------
+        busy = Signal()
+        run = Signal()                       # the issue stage still has beats to send
+        m_reg = Signal(self.m.shape())
+        start = Signal()
+        done = Signal()
+        m.d.comb += [self.busy.eq(busy & ~done), start.eq(self.start & ~self.busy)]
+
+        # ---- issue stage (stage 0): block list entry -> operand addresses --------
+        ent_rd = mems["ent"].read_port()
+        a_rd = mems["a"].read_port()
+        w_rd = mems["w"].read_port()
+        e = data.View(s.ent_layout, ent_rd.data)
+        ent_idx = Signal(ent_rd.addr.shape())
+        kk = Signal(range(s.block_k))
+        tcnt = Signal(range(max(s.k, s.min_beats) + 1))   # beats of this tile so far
+        pad = Signal()                        # padding beats after the tile's last block
+        sweep_end = Signal()                  # the tile being padded is the list's last
+        r0 = Signal(range(s.mt_max * R + 1))  # first row of the M-tile
+        a_base = Signal(range(s.mt_max * s.k + 1))
+
+        s1_valid, s1_first, s1_last, s1_zero = Signal(), Signal(), Signal(), Signal()
+        stall = Signal()
+        m.d.comb += stall.eq(s1_valid & ~pe.i.ready)
+        go = Signal()
+        m.d.comb += go.eq(run & ~stall)
+
+        real = Signal()
+        blen = Signal(range(s.block_k + 1))
+        entry_end = Signal()
+        tile_end = Signal()
+        list_end = Signal()
+        advance = Signal()
+        m.d.comb += [
+            real.eq(~pad & ~e.empty),
+            blen.eq(Mux(e.kb == s.kb - 1, s.block_len(s.kb - 1), s.block_k)),
+            entry_end.eq(real & (kk == blen - 1)),
+            tile_end.eq(Mux(real, entry_end & e.tile_last, 1) & (tcnt + 1 >= s.min_beats)),
+            list_end.eq(Mux(pad, sweep_end, e.list_last)),
+            advance.eq(go & (entry_end | (~pad & e.empty & tile_end))),
+        ]
+        ent_next = Signal.like(ent_idx)
+        m.d.comb += ent_next.eq(Mux(e.list_last, 0, ent_idx + 1))
+        ent_addr = Signal.like(ent_idx)
+        m.d.comb += [ent_addr.eq(Mux(advance, ent_next, ent_idx)),
+                     ent_rd.addr.eq(ent_addr), ent_rd.en.eq(~stall)]
+        m.d.sync += ent_idx.eq(ent_addr)
+
+        m.d.comb += [
+            a_rd.addr.eq(a_base + e.kb * s.block_k + kk), a_rd.en.eq(~stall),
+            w_rd.addr.eq(e.wblk * s.block_k + kk), w_rd.en.eq(~stall),
+        ]
+        with m.If(go):
+            m.d.sync += tcnt.eq(Mux(tile_end, 0, tcnt + 1))
+            with m.If(entry_end):
+                m.d.sync += kk.eq(0)
+                with m.If(e.tile_last & ~tile_end):
+                    m.d.sync += [pad.eq(1), sweep_end.eq(e.list_last)]
+            with m.Elif(real):
+                m.d.sync += kk.eq(kk + 1)
+            with m.If(tile_end):
+                m.d.sync += pad.eq(0)
+                with m.If(list_end):
+                    m.d.sync += [r0.eq(r0 + R), a_base.eq(a_base + s.k)]
+                    with m.If(r0 + R >= m_reg):
+                        m.d.sync += run.eq(0)
+        with m.If(~stall):
+            m.d.sync += [s1_valid.eq(run), s1_first.eq(tcnt == 0), s1_last.eq(tile_end),
+                         s1_zero.eq(~real)]
+
+        # ---- operand stage (stage 1): memory data -> PE array --------------------
+        av = data.View(lay["a"], a_rd.data)
+        wv = data.View(lay["w"], w_rd.data)
+        m.d.comb += [pe.i.valid.eq(s1_valid), pe.i.payload.first.eq(s1_first),
+                     pe.i.payload.last.eq(s1_last)]
+        m.d.comb += [pe.i.payload.a[r].eq(Mux(s1_zero, 0, av[r])) for r in range(R)]
+        m.d.comb += [pe.i.payload.b[c].eq(Mux(s1_zero, 0, wv[c])) for c in range(N)]
+
+        # ---- output side: PE rows -> + bias -> requant -> out buffer -------------
+        m.d.comb += pe.o.ready.eq(1)
+        out_nt = Signal(range(max(s.nt, 2)))
+        out_r0 = Signal(range(s.mt_max * R + 1))
+        bias_rd = mems["bias"].read_port()
+        shift_rd = mems["shift"].read_port()
+        m.d.comb += [bias_rd.addr.eq(out_nt), shift_rd.addr.eq(out_nt)]
+        fin = Signal()
+        m.d.comb += fin.eq(pe.o.payload.last & (out_nt == s.nt - 1) & (out_r0 + R >= m_reg))
+        with m.If(pe.o.valid & pe.o.payload.last):
+            with m.If(out_nt == s.nt - 1):
+                m.d.sync += [out_nt.eq(0), out_r0.eq(out_r0 + R)]
+            with m.Else():
+                m.d.sync += out_nt.eq(out_nt + 1)
+
+        # stage R1: accumulator row + its bias/shift words
+        v1, fin1 = Signal(), Signal()
+        g1 = Signal(range(s.mt_max * R + 1))
+        nt1 = Signal.like(out_nt)
+        acc1 = Signal(pe.o.payload.data.shape())
+        m.d.sync += [v1.eq(pe.o.valid), fin1.eq(pe.o.valid & fin), g1.eq(out_r0 + pe.o.payload.row),
+                     nt1.eq(out_nt), acc1.eq(pe.o.payload.data)]
+        bv = data.View(lay["bias"], bias_rd.data)
+        tv = data.View(lay["shift"], shift_rd.data)
+        # stage R2: sum = acc + bias, shift codes
+        m.submodules.rq = rq = ShiftRequant(s.sum_width, s.shift_min, s.shift_max,
+                                            s.out_fmt.width, s.out_fmt.signed, lanes=N)
+        v2, fin2 = Signal(), Signal()
+        addr2 = Signal(hr.addr.shape())
+        m.d.sync += [v2.eq(v1 & (g1 < m_reg)), fin2.eq(fin1), addr2.eq(g1 * s.nt + nt1)]
+        for c in range(N):
+            m.d.sync += [rq.i.c[c].eq(acc1[c] + bv[c]), rq.i.t[c].eq(tv[c])]
+        # ShiftRequant stages (R3, R4): valid/address ride alongside
+        vq, finq, addrq = [v2], [fin2], [addr2]
+        for st in range(ShiftRequant.LATENCY):
+            vq.append(Signal(name=f"v_q{st}"))
+            finq.append(Signal(name=f"fin_q{st}"))
+            addrq.append(Signal.like(addr2, name=f"addr_q{st}"))
+            m.d.sync += [vq[-1].eq(vq[-2]), finq[-1].eq(finq[-2]), addrq[-1].eq(addrq[-2])]
+        ow = mems["out"].write_port()
+        m.d.comb += [ow.en.eq(vq[-1]), ow.addr.eq(addrq[-1]), ow.data.eq(rq.o.as_value())]
+        m.d.sync += done.eq(finq[-1])
+        m.d.comb += self.done.eq(done)
+
+        # ---- start / done (a start in the done cycle is taken) ------------------
+        with m.If(done):
+            m.d.sync += busy.eq(0)
+        with m.If(start):
+            m.d.sync += [busy.eq(1), run.eq(1), m_reg.eq(self.m), r0.eq(0), a_base.eq(0),
+                         out_nt.eq(0), out_r0.eq(0), tcnt.eq(0), kk.eq(0), pad.eq(0)]
+        return m
