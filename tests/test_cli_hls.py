@@ -35,6 +35,14 @@ def test_gen_hls_project(bert_block_graph, capsys, tmp_path):
                 "csynth_design", "cosim_design", "export_design -format ip_catalog"):
         assert sum(ln.startswith(cmd) for ln in lines) == len(r["kernels"]), cmd
     assert "-cflags" in tcl
+    # the whole layer as one top chaining the kernels; INTERFACE pragmas on every top
+    blocks = [k for k in man["kernels"] if k["op"] == "block"]
+    assert [b["name"] for b in blocks] == ["block0"] and "attn" in blocks[0]["chains"]
+    assert "set_top block0_top" in tcl
+    top = (out / "block0.cpp").read_text()
+    assert "#pragma HLS INTERFACE m_axi port=" in top and "s_axilite port=return" in top
+    row = (out / "attn_q.cpp").read_text()
+    assert "#pragma HLS INTERFACE axis port=x" in row and "#pragma HLS INTERFACE axis port=y" in row
     # no temporary folders left next to the output
     assert [p.name for p in tmp_path.iterdir()] == ["hls"]
 
@@ -46,7 +54,9 @@ def test_verify_hls_bit_exact(bert_block_graph, capsys):
     assert r["target"] == "hls" and r["mismatches"] == 0
     assert len(r["kernels"]) >= 12
     assert all(k["vectors"] > 0 and k["mismatches"] == 0 for k in r["kernels"])
-    assert {k["op"] for k in r["kernels"]} == {"linear", "attention", "layernorm", "gelu", "add"}
+    assert {k["op"] for k in r["kernels"]} == {"linear", "attention", "layernorm", "gelu", "add", "block"}
+    block = [k for k in r["kernels"] if k["op"] == "block"]
+    assert len(block) == 1 and block[0]["vectors"] > 0 and block[0]["mismatches"] == 0
     assert all("reason" in s for s in r["skipped"])
     assert r["wall_s"] > 0 and "mismatches" in err
 
@@ -69,16 +79,16 @@ def test_hls_errors(bert_block_graph, capsys, tmp_path):
 def test_verify_exit_status_on_mismatch(bert_block_graph, capsys, monkeypatch):
     import hwgen.hls.project as project
 
-    real = project.run_csim
+    real = project.run_kernels
 
-    def off_by_one(graph, xs, *a, **kw):
-        outs = real(graph, xs, *a, **kw)
+    def off_by_one(kernels, files, xs, *a, **kw):
+        outs = real(kernels, files, xs, *a, **kw)
         name = next(iter(outs))
         outs[name] = outs[name].copy()
         outs[name].reshape(-1)[0] += 1
         return outs
 
-    monkeypatch.setattr(project, "run_csim", off_by_one)
+    monkeypatch.setattr(project, "run_kernels", off_by_one)
     code, stdout, _ = run(capsys, "verify", "--graph", bert_block_graph, "--target", "hls", "--json")
     r = last_json(stdout)
     assert code == 1 and r["mismatches"] == 1

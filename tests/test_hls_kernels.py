@@ -242,11 +242,7 @@ def test_attention_errors(decoder, encoder, tmp_path):
         g = copy.deepcopy(encoder)
         z = np.zeros((1, 6, dm), np.int64)
         _pack(emit_attention(g, g.node(att.name), max_seq=4), (z, z, z, np.ones((1, 6))))
-    g = copy.deepcopy(decoder)
-    node = _nodes(g, ("attention",))[0]
-    node.attrs["kv_cache"] = True
-    with pytest.raises(HLSError, match="KV cache"):
-        emit_attention(g, node)
+    node = _nodes(decoder, ("attention",))[0]
     with pytest.raises(HLSError, match="outside"):
         run_csim(decoder, {node.name: (np.full((1, 2, 16), 1000),) * 3}, cache=tmp_path)
     with pytest.raises(HLSError, match="takes"):

@@ -161,6 +161,11 @@ def _pack(ks: KernelSources, x) -> tuple[np.ndarray, tuple[int, ...]]:
         if a.shape != b.shape:
             raise HLSError(f"kernel '{ks.name}': inputs have shapes {list(a.shape)} and {list(b.shape)}")
         return np.concatenate([a, b], axis=-1).reshape(-1, 2 * ks.n), a.shape
+    if ks.op == "block":
+        from .block import pack_block
+        return pack_block(ks, x)
+    if ks.op == "attention" and ks.meta.get("kv_cache"):
+        return _pack_kv(ks, x)
     if ks.op == "attention":
         if not isinstance(x, (tuple, list)) or not 3 <= len(x) <= 5:
             raise HLSError(f"kernel '{ks.name}' (attention) takes (q, k, v[, mask[, offset]])")
@@ -190,50 +195,118 @@ def _pack(ks: KernelSources, x) -> tuple[np.ndarray, tuple[int, ...]]:
     return xx.reshape(-1, ks.k), (*xx.shape[:-1], ks.n)
 
 
-def write_rows(path: Path, rows: np.ndarray) -> None:
-    """A testbench input file: the number of rows, then one record per line."""
+def _pack_kv(ks: KernelSources, x) -> tuple[np.ndarray, tuple[int, ...]]:
+    """Records of the KV-cache attention kernel: ``(q, k, v)`` or ``(q, k, v, reset)``
+    with q, k, v (B, S, DM) the new positions of B calls made in order (the kernel keeps
+    its cache between them); ``reset`` (bool or (B,) bools, default True: every row is a
+    fresh sequence) empties the cache before that call. Record: ``reset S`` q k v."""
+    if not isinstance(x, (tuple, list)) or not 3 <= len(x) <= 4:
+        raise HLSError(f"kernel '{ks.name}' (attention with a KV cache) takes (q, k, v[, reset])")
+    qf, kf, vf = ks.meta["in_fmts"]
+    q = _check_codes(ks, x[0], ks.k, qf, "q")
+    k = _check_codes(ks, x[1], ks.k, kf, "k")
+    v = _check_codes(ks, x[2], ks.k, vf, "v")
+    if q.ndim != 3 or q.shape != k.shape or k.shape != v.shape:
+        raise HLSError(f"kernel '{ks.name}': q {list(q.shape)}, k {list(k.shape)}, v {list(v.shape)}: "
+                       "expected three (B, S, DM) arrays of the new positions")
+    b, s = q.shape[0], q.shape[1]
+    if s > ks.meta["s_max"]:
+        raise HLSError(f"kernel '{ks.name}': {s} new positions; the KV cache holds at most "
+                       f"S_MAX = {ks.meta['s_max']}")
+    reset = np.broadcast_to(np.asarray(True if len(x) < 4 else x[3]).astype(np.int64), (b,))
+    parts = [np.stack([reset, np.full(b, s)], axis=1), q.reshape(b, -1), k.reshape(b, -1), v.reshape(b, -1)]
+    return np.concatenate(parts, axis=1), q.shape
+
+
+def write_rows(path: Path, rows) -> None:
+    """A testbench input file: the number of rows, then one record per line
+    (``rows``: a 2-D array, or a list of 1-D records of any lengths)."""
     with open(path, "w") as f:
         f.write(f"{len(rows)}\n")
-        np.savetxt(f, rows, fmt="%d")
+        if isinstance(rows, np.ndarray):
+            np.savetxt(f, rows, fmt="%d")
+        else:
+            for r in rows:
+                f.write(" ".join(str(int(v)) for v in np.asarray(r).reshape(-1)) + "\n")
 
 
-def write_vectors(ks: KernelSources, x, y: np.ndarray, stem: Path) -> int:
+def pack_calls(ks: KernelSources, x) -> tuple[list, list[tuple[int, ...]], list[int]]:
+    """Records for one kernel input or a list of them (calls made in order, in one
+    process, so a kernel with state keeps it): the records, each call's output shape
+    and record count."""
+    calls = x if isinstance(x, list) else [x]
+    recs, shapes, counts = [], [], []
+    for c in calls:
+        rows, shape = _pack(ks, c)
+        recs.extend(list(rows))
+        shapes.append(tuple(shape))
+        counts.append(len(rows))
+    return recs, shapes, counts
+
+
+def write_vectors(ks: KernelSources, x, y, stem: Path) -> int:
     """``<stem>.in`` (testbench input records for inputs ``x``, as :func:`run_csim` takes
-    them) and ``<stem>.golden`` (the expected output codes ``y``, one line per record);
-    returns the number of records."""
-    rows, shape = _pack(ks, x)
-    y = np.asarray(y).astype(np.int64)
-    if tuple(y.shape) != tuple(shape):
-        raise HLSError(f"kernel '{ks.name}': expected outputs have shape {list(y.shape)}, "
-                       f"the inputs give {list(shape)}")
-    write_rows(Path(f"{stem}.in"), rows)
+    them: one input or a list of calls) and ``<stem>.golden`` (the expected output codes
+    ``y``, an array or a list of them, one line per record); returns the number of records."""
+    recs, shapes, counts = pack_calls(ks, x)
+    ys = y if isinstance(y, list) else [y]
+    if len(ys) != len(shapes):
+        raise HLSError(f"kernel '{ks.name}': {len(ys)} expected outputs for {len(shapes)} calls")
+    lines = []
+    for yy, shape, n in zip(ys, shapes, counts):
+        yy = np.asarray(yy).astype(np.int64)
+        if tuple(yy.shape) != tuple(shape):
+            raise HLSError(f"kernel '{ks.name}': expected outputs have shape {list(yy.shape)}, "
+                           f"the inputs give {list(shape)}")
+        lines.extend(yy.reshape(n, -1) if n else [])
+    write_rows(Path(f"{stem}.in"), recs)
     with open(f"{stem}.golden", "w") as f:
-        np.savetxt(f, y.reshape(max(len(rows), 1), -1) if y.size else np.zeros((0, 0)), fmt="%d")
-    return len(rows)
+        for ln in lines:
+            f.write(" ".join(str(int(v)) for v in ln) + "\n")
+    return len(recs)
 
 
 def run_csim(graph: Graph, inputs: dict[str, np.ndarray], par: int = DEFAULT_PAR,
-         cache: Path | None = None) -> dict[str, np.ndarray]:
+             cache: Path | None = None, **opts) -> dict[str, np.ndarray]:
     """C-simulate the kernels of the nodes named in ``inputs`` (node name -> input
     codes: for linear, layernorm, gelu an array shaped (..., K); for add and
     attention a tuple, see :func:`_pack`); returns node name -> output codes.
     All kernels are compiled into one binary (cached by the hash of its sources)."""
-    ks, files = emit_kernels(graph, list(inputs), par)
-    xs = {k.node: _pack(k, inputs[k.node]) for k in ks}
+    ks, files = emit_kernels(graph, list(inputs), par, **opts)
+    return run_kernels(ks, files, {k.node: inputs[k.node] for k in ks}, cache)
+
+
+def run_kernels(ks: list[KernelSources], files: dict[str, str], inputs: dict, cache: Path | None = None
+                ) -> dict:
+    """Build ``files`` (cached) and run each kernel of ``ks`` on ``inputs[k.node]`` (one
+    input, or a list of calls run in order in one process); returns node -> output codes
+    (a list of arrays for a list of calls)."""
+    xs = {k.node: pack_calls(k, inputs[k.node]) for k in ks}
     exe = build(files, cache)
-    out: dict[str, np.ndarray] = {}
+    out: dict = {}
     with tempfile.TemporaryDirectory(prefix="hwgen-csim-") as td:
         for k in ks:
-            rows, shape = xs[k.node]
+            recs, shapes, counts = xs[k.node]
             fin, fout = Path(td) / f"{k.name}.in", Path(td) / f"{k.name}.out"
-            write_rows(fin, rows)
+            write_rows(fin, recs)
             r = subprocess.run([str(exe), k.name, str(fin), str(fout)], capture_output=True, text=True)
             if r.returncode != 0:
                 raise HLSError(f"C-simulation of '{k.name}' failed (exit {r.returncode}): "
                                f"{(r.stderr or r.stdout).strip()[-2000:]}")
-            n = int(np.prod(shape)) // max(len(rows), 1)
-            y = np.loadtxt(fout, dtype=np.int64, ndmin=2) if len(rows) and n else np.zeros((0, n), np.int64)
-            out[k.node] = y.reshape(shape)
+            with open(fout) as f:
+                lines = [np.array(ln.split(), dtype=np.int64) for ln in f]
+            if len(lines) != len(recs):
+                raise HLSError(f"C-simulation of '{k.name}' wrote {len(lines)} records for {len(recs)} inputs")
+            res, at = [], 0
+            for shape, n in zip(shapes, counts):
+                part = lines[at:at + n]
+                at += n
+                flat = np.concatenate(part) if part else np.zeros(0, np.int64)
+                if flat.size != int(np.prod(shape)):
+                    raise HLSError(f"C-simulation of '{k.name}' wrote {flat.size} codes, expected "
+                                   f"{int(np.prod(shape))}")
+                res.append(flat.reshape(shape))
+            out[k.node] = res if isinstance(inputs[k.node], list) else res[0]
     return out
 
 

@@ -51,6 +51,13 @@ class HLSError(ValueError):
     """The HLS backend cannot emit, build or run something; the message names what."""
 
 
+def check_par(par) -> int:
+    """The parallelism setting: a positive int (columns/channels/MACs per cycle)."""
+    if isinstance(par, bool) or not isinstance(par, int) or par < 1:
+        raise HLSError(f"par (the parallelism setting) must be a positive int, got {par!r}")
+    return par
+
+
 def sanitize(name: str) -> str:
     """A C identifier for a node name (``n4.linear`` -> ``n4_linear``)."""
     s = re.sub(r"[^0-9A-Za-z_]", "_", name)
@@ -157,8 +164,7 @@ inline y_t requant({src_t} v) {{
 def emit_linear(graph: Graph, node: Node | str, par: int = DEFAULT_PAR) -> KernelSources:
     """Kernel header and weights header of one ``linear`` node (see the module doc)."""
     node = _resolve_node(graph, node)
-    if not isinstance(par, int) or par < 1:
-        raise HLSError(f"par must be a positive int, got {par!r}")
+    check_par(par)
     name = sanitize(node.name)
     ns = f"{name}_ns"
     where = f"node '{node.name}'"
@@ -291,6 +297,7 @@ MAC_K:
 #pragma HLS PIPELINE II=1
     LANE:
       for (int p = 0; p < PAR; p++) {{
+#pragma HLS UNROLL
         const int n = n0 + p;
         if (n < N) acc[n] += xc * w_t(W[k][n]);
       }}
@@ -331,16 +338,19 @@ static const unsigned char COL_CLASS[N] = {_array_1d(col_class, per_line=32)};
     yfmt_codes = FixedType(yw, int(y_int.max()), ys, yf.q, yf.o)
     xfmt_codes = FixedType(xf.width, x_int, xf.signed, xf.q, xf.o)
     return KernelSources(name=name, node=node.name, k=k, n=n, x_fmt=xfmt_codes, y_fmt=yfmt_codes,
-                         files={f"{name}.h": header, f"{name}_weights.h": weights})
+                         files={f"{name}.h": header, f"{name}_weights.h": weights}, meta={"par": par})
 
 
-def emit_node(graph: Graph, node: Node, par: int = DEFAULT_PAR, **opts) -> KernelSources:
-    """The kernel of any node whose op is in :data:`HLS_OPS`."""
+def emit_node(graph: Graph, node: Node, par: int = DEFAULT_PAR, max_seq: int | None = None) -> KernelSources:
+    """The kernel of any node whose op is in :data:`HLS_OPS` (``max_seq``: the longest
+    sequence, or KV cache capacity, of an attention kernel)."""
     node = _resolve_node(graph, node)
     if node.op == "linear":
         return emit_linear(graph, node, par)
     from . import kernels
-    return getattr(kernels, f"emit_{node.op}")(graph, node, **opts)
+    if node.op == "attention":
+        return kernels.emit_attention(graph, node, max_seq=max_seq, par=par)
+    return getattr(kernels, f"emit_{node.op}")(graph, node, par=par)
 
 
 def kernel_signature(ks: KernelSources) -> tuple[str, list[str]]:
@@ -360,16 +370,79 @@ def kernel_signature(ks: KernelSources) -> tuple[str, list[str]]:
     return params, names
 
 
+_PARAM = re.compile(r"^(const\s+)?(?P<type>[\w:<>, ]+?)\s*(?P<ref>&)?\s*(?P<name>\w+)\s*"
+                    r"(?P<dims>(\[[^\]]*\]\s*)*)$")
+
+
+def kernel_params(ks: KernelSources) -> list[dict]:
+    """Each parameter of ``ks``'s kernel: ``name``, ``type``, ``const``, ``ref``, ``dims``
+    (the C++ extents as written, e.g. ``["q_ns::S_MAX", "q_ns::DM"]``)."""
+    params, _ = kernel_signature(ks)
+    out = []
+    for p in params.split(","):
+        m = _PARAM.match(p.strip())
+        if m is None:
+            raise HLSError(f"kernel '{ks.name}': cannot parse parameter '{p.strip()}'")
+        out.append({"name": m["name"], "type": m["type"].strip(), "const": bool(m.group(1)),
+                    "ref": bool(m["ref"]), "dims": re.findall(r"\[([^\]]*)\]", m["dims"] or "")})
+    return out
+
+
 def emit_top(ks: KernelSources) -> str:
     """``<name>.cpp``: the synthesis top ``<name>_top`` (a plain, non-inline function
-    with the kernel's interface) calling the header's inline kernel."""
-    params, names = kernel_signature(ks)
+    with the kernel's interface) calling the header's inline kernel, with its
+    INTERFACE pragmas.
+
+    Row kernels (one row in, one row out: linear, layernorm, gelu, add) get
+    AXI-Stream ports: the top copies each stream into a local row in order
+    (one element per cycle), calls the kernel and streams the result out, so
+    every port is read or written exactly once, in order, whatever the kernel's
+    own access pattern. Sequence kernels (attention, the block top) get m_axi
+    ports (``bundle=gmem``, ``depth`` = the array's elements) and AXI-Lite
+    scalars. Every top has an AXI-Lite control interface (``port=return``)."""
+    params = kernel_params(ks)
+    names = [p["name"] for p in params]
+    decl = ", ".join(f"{'const ' if p['const'] else ''}{p['type']}{'&' if p['ref'] else ''} {p['name']}"
+                     + "".join(f"[{d}]" for d in p["dims"]) for p in params)
+    stream = all(len(p["dims"]) == 1 for p in params)
+    lines = []
+    body = []
+    if stream:
+        call = []
+        for p in params:
+            lines.append(f"#pragma HLS INTERFACE axis port={p['name']}")
+            buf = f"{p['name']}_row"
+            body.append(f"  {p['type']} {buf}[{p['dims'][0]}];")
+            call.append(buf)
+        for p in params:
+            if p["const"]:
+                body.append(f"IN_{p['name']}:\n  for (int i = 0; i < {p['dims'][0]}; i++) {{\n"
+                            f"#pragma HLS PIPELINE II=1\n    {p['name']}_row[i] = {p['name']}[i];\n  }}")
+        body.append(f"  {ks.name}({', '.join(call)});")
+        for p in params:
+            if not p["const"]:
+                body.append(f"OUT_{p['name']}:\n  for (int i = 0; i < {p['dims'][0]}; i++) {{\n"
+                            f"#pragma HLS PIPELINE II=1\n    {p['name']}[i] = {p['name']}_row[i];\n  }}")
+    else:
+        depths = ks.meta.get("port_depth", {})
+        for p in params:
+            if p["dims"]:
+                depth = depths.get(p["name"])
+                lines.append(f"#pragma HLS INTERFACE m_axi port={p['name']} offset=slave bundle=gmem"
+                             + (f" depth={depth}" if depth else ""))
+            else:
+                lines.append(f"#pragma HLS INTERFACE s_axilite port={p['name']}")
+        body.append(f"  {ks.name}({', '.join(names)});")
+    lines.append("#pragma HLS INTERFACE s_axilite port=return")
+    pragmas = "\n".join(lines)
+    body_text = "\n".join(body)
     return f"""\
 // {ks.name}.cpp -- synthesis top of node '{ks.node}' ({ks.op}), generated by hwgen.hls
 #include "{ks.name}.h"
 
-void {ks.name}_top({params}) {{
-  {ks.name}({", ".join(names)});
+void {ks.name}_top({decl}) {{
+{pragmas}
+{body_text}
 }}
 """
 
@@ -504,7 +577,8 @@ int main(int argc, char** argv) {{
 
 
 def emit_kernels(graph: Graph, nodes: list[Node | str] | None = None, par: int = DEFAULT_PAR,
-                 tb_name: str | None = None) -> tuple[list[KernelSources], dict[str, str]]:
+                 tb_name: str | None = None, max_seq: int | None = None
+                 ) -> tuple[list[KernelSources], dict[str, str]]:
     """Kernels for ``nodes`` (default: every node with an HLS kernel) and all their
     files, a shared testbench included (``<tb_name>_tb.cpp``; for one kernel the
     name is the kernel's)."""
@@ -517,7 +591,7 @@ def emit_kernels(graph: Graph, nodes: list[Node | str] | None = None, par: int =
             if nd not in by_name:
                 raise HLSError(f"graph '{graph.name}' has no node '{nd}'")
             nd = by_name[nd]
-        ks.append(emit_node(graph, nd, par))
+        ks.append(emit_node(graph, nd, par, max_seq))
     names = [k.name for k in ks]
     if len(set(names)) != len(names):
         raise HLSError(f"node names collide as C identifiers: {names}")

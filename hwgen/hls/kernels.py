@@ -36,8 +36,8 @@ import numpy as np
 from .. import contract as C
 from ..fixed import FixedType, bits_for_range
 from ..ir import Graph, Node
-from .emit import (HLSError, KernelSources, _array_1d, _c_int, _fixed_ctype, _int_ctype,
-                   _per_column, _resolve_node, requant_template, sanitize)
+from .emit import (DEFAULT_PAR, HLSError, KernelSources, _array_1d, _c_int, _fixed_ctype, _int_ctype,
+                   _per_column, _resolve_node, check_par, requant_template, sanitize)
 
 #: default longest sequence of an attention kernel whose node has no ``max_positions``
 DEFAULT_MAX_SEQ = 64
@@ -78,30 +78,58 @@ def _row_header(name: str, graph: Graph, node: Node, what: str) -> str:
 # attention
 # ----------------------------------------------------------------------------
 
-def emit_attention(graph: Graph, node: Node | str, max_seq: int | None = None) -> KernelSources:
-    """Kernel of one ``attention`` node (no KV cache kept in the kernel).
+def kv_capacity(graph: Graph, node: Node, max_seq: int | None = None) -> int:
+    """Positions a KV-cache attention kernel holds: ``max_seq``, else the node's
+    ``max_positions``, else the graph's ``meta["max_positions"]`` (the position table)."""
+    cap = max_seq if max_seq is not None else (node.attrs.get("max_positions")
+                                               or graph.meta.get("max_positions"))
+    if not cap:
+        raise HLSError(f"node '{node.name}': attention with a KV cache needs a capacity: the node "
+                       "has no max_positions and the graph no meta max_positions; pass max_seq")
+    return int(cap)
 
-    The kernel takes q (S_q x DM), k and v (S_kv x DM), a per-key valid flag
-    (the padding mask) and the causal offset; S_q, S_kv <= ``S_MAX``
-    (``max_seq``, default the node's ``max_positions``).
+
+def emit_attention(graph: Graph, node: Node | str, max_seq: int | None = None,
+                   par: int = DEFAULT_PAR) -> KernelSources:
+    """Kernel of one ``attention`` node.
+
+    Without a KV cache the kernel takes q (S_q x DM), k and v (S_kv x DM), a
+    per-key valid flag (the padding mask) and the causal offset; S_q, S_kv <=
+    ``S_MAX`` (``max_seq``, default the node's ``max_positions`` or 64).
+
+    With ``kv_cache=True`` (the decoders) the kernel *owns the cache*: static
+    K/V arrays of ``S_MAX`` positions (:func:`kv_capacity`) and their fill
+    level persist across calls. A call appends the S_q new keys/values after
+    the cached ones (``reset`` empties the cache first) and attends causally
+    with offset = the positions cached before the call, exactly as the golden
+    model's :class:`~hwgen.golden.GoldenState` does; a call that would overflow
+    the cache changes nothing and reports ``cache_len = -1``.
+
+    ``par``: MACs per cycle of the q.k and p.v dot products (ARRAY_PARTITION
+    cyclic factor on the feature axis, UNROLL factor of the lanes).
     """
     node = _resolve_node(graph, node)
     a = node.attrs
     where = f"node '{node.name}'"
-    if a.get("kv_cache"):
-        raise HLSError(f"{where}: op 'attention' has no HLS kernel with a KV cache (kv_cache=True): "
-                       "the kernel keeps no state; quantize a graph with kv_cache=False")
+    check_par(par)
+    kv = bool(a.get("kv_cache"))
     if a.get("scale", 1) != 1:
         raise HLSError(f"{where}: attention scale {a['scale']} was not folded into the q projection")
     name = sanitize(node.name)
     ns = f"{name}_ns"
     heads, hd = int(a["heads"]), int(a["head_dim"])
     dm = heads * hd
-    s_max = int(max_seq if max_seq is not None else a.get("max_positions") or DEFAULT_MAX_SEQ)
-    if s_max < 1:
-        raise HLSError(f"{where}: max_seq must be >= 1, got {s_max}")
     qn, kn, vn = node.inputs[:3]
     mask_name = node.inputs[3] if len(node.inputs) > 3 and node.inputs[3] else None
+    if kv and mask_name:
+        raise HLSError(f"{where}: attention with a KV cache and a padding mask has no HLS kernel "
+                       "(the cached kernel attends to every cached position)")
+    if kv:
+        s_max = kv_capacity(graph, node, max_seq)
+    else:
+        s_max = int(max_seq if max_seq is not None else a.get("max_positions") or DEFAULT_MAX_SEQ)
+    if s_max < 1:
+        raise HLSError(f"{where}: max_seq must be >= 1, got {s_max}")
     for t in (qn, kn, vn, node.outputs[0]):
         if graph.tensors[t].per_channel:
             raise HLSError(f"{where}: tensor '{t}' has per-channel formats; the attention "
@@ -131,7 +159,11 @@ def emit_attention(graph: Graph, node: Node | str, max_seq: int | None = None) -
     _check_shift(where, o_frac, of.frac_bits, o_bits, "the output")
     causal = bool(a.get("causal"))
     guard = f"HWGEN_HLS_{name.upper()}_H"
-    header = _row_header(name, graph, node, "o = softmax_masked(q k^T) v per head "
+    par_macro = f"{name.upper()}_PAR"
+    fn = f"{name}_attend" if kv else name
+    what = ("o = softmax_masked(q k^T) v per head over a KV cache the kernel owns "
+            if kv else "o = softmax_masked(q k^T) v per head ")
+    header = _row_header(name, graph, node, what +
                          "(hwgen.contract.softmax + matmul_act, bit-exact)") + f"""\
 //
 // q: {qf.ctype()}  k: {kf.ctype()}  v: {vf.ctype()}  o: {of.ctype()}
@@ -143,14 +175,20 @@ def emit_attention(graph: Graph, node: Node | str, max_seq: int | None = None) -
 #include <ap_fixed.h>
 #include <ap_int.h>
 
+#ifndef {par_macro}
+#define {par_macro} {par}  // MACs per cycle of each dot product (ARRAY_PARTITION / UNROLL factor)
+#endif
+
 namespace {ns} {{
 
-static const int S_MAX = {s_max};
+static const int S_MAX = {s_max};{"  // KV cache capacity (positions)" if kv else ""}
 static const int HEADS = {heads};
 static const int HD = {hd};
 static const int DM = {dm};
+static const int PAR = {par_macro};
 static const bool CAUSAL = {"true" if causal else "false"};
 static const bool HAS_MASK = {"true" if mask_name else "false"};
+static const bool KV_CACHE = {"true" if kv else "false"};
 static const int EXP_SIZE = {exp.size};
 static const int RIB = {recip.index_bits};  // reciprocal index bits
 static const int N_MAX = {n_max};  // largest leading-one position of a row total
@@ -195,13 +233,13 @@ typedef unsigned int recip_rom_t;
 
 // q[S_q][DM], k/v[S_kv][DM] (heads side by side), valid[S_kv] (padding mask), offset:
 // absolute position of query 0 (causal: query i sees key j <= offset + i) -> o[S_q][DM]
-inline void {name}(int s_q, int s_kv, int offset, const {ns}::q_t q[{ns}::S_MAX][{ns}::DM],
+inline void {fn}(int s_q, int s_kv, int offset, const {ns}::q_t q[{ns}::S_MAX][{ns}::DM],
                    const {ns}::k_t k[{ns}::S_MAX][{ns}::DM], const {ns}::v_t v[{ns}::S_MAX][{ns}::DM],
                    const bool valid[{ns}::S_MAX], {ns}::o_t o[{ns}::S_MAX][{ns}::DM]) {{
   using namespace {ns};
-#pragma HLS ARRAY_PARTITION variable=q complete dim=2
-#pragma HLS ARRAY_PARTITION variable=k complete dim=2
-#pragma HLS ARRAY_PARTITION variable=v complete dim=2
+#pragma HLS ARRAY_PARTITION variable=q cyclic factor=PAR dim=2
+#pragma HLS ARRAY_PARTITION variable=k cyclic factor=PAR dim=2
+#pragma HLS ARRAY_PARTITION variable=v cyclic factor=PAR dim=2
 HEAD:
   for (int h = 0; h < HEADS; h++) {{
   ROW:
@@ -213,15 +251,22 @@ HEAD:
       bool any = false;
     SCORE:
       for (int j = 0; j < s_kv; j++) {{
-#pragma HLS PIPELINE II=1
         score_t acc = 0;
       DOT:
-        for (int d = 0; d < HD; d++) {{
-          q_code_t qc;
-          k_code_t kc;
-          qc.range() = q[i][h * HD + d].range();
-          kc.range() = k[j][h * HD + d].range();
-          acc += qc * kc;
+        for (int d0 = 0; d0 < HD; d0 += PAR) {{
+#pragma HLS PIPELINE II=1
+        DOT_LANE:
+          for (int p = 0; p < PAR; p++) {{
+#pragma HLS UNROLL
+            const int d = d0 + p;
+            if (d < HD) {{
+              q_code_t qc;
+              k_code_t kc;
+              qc.range() = q[i][h * HD + d].range();
+              kc.range() = k[j][h * HD + d].range();
+              acc += qc * kc;
+            }}
+          }}
         }}
         s[j] = acc;
         bool vj = valid[j] && (!CAUSAL || j <= offset + i);
@@ -262,11 +307,14 @@ HEAD:
       if (jr > (1 << RIB) - 1) jr = (1 << RIB) - 1;
       r_t r = total != 0 ? r_t(RECIP_TABLE[jr]) : r_t(0);
       oacc_t oacc[HD];
-#pragma HLS ARRAY_PARTITION variable=oacc complete
-      for (int d = 0; d < HD; d++) oacc[d] = 0;
+#pragma HLS ARRAY_PARTITION variable=oacc cyclic factor=PAR
+    OACC_INIT:
+      for (int d = 0; d < HD; d++) {{
+#pragma HLS UNROLL factor=PAR
+        oacc[d] = 0;
+      }}
     PV:
       for (int j = 0; j < s_kv; j++) {{
-#pragma HLS PIPELINE II=1
         er_t er = e[j] * r;
         ern_t ern = ern_t(er) << (N_MAX - n);  // exact: same value at ROB + N_MAX fractional bits
         ern_fx_t efx;
@@ -275,10 +323,18 @@ HEAD:
         p_code_t pc;
         pc.range() = p.range();
       PV_D:
-        for (int d = 0; d < HD; d++) {{
-          v_code_t vc;
-          vc.range() = v[j][h * HD + d].range();
-          oacc[d] += pc * vc;
+        for (int d0 = 0; d0 < HD; d0 += PAR) {{
+#pragma HLS PIPELINE II=1
+        PV_LANE:
+          for (int l = 0; l < PAR; l++) {{
+#pragma HLS UNROLL
+            const int d = d0 + l;
+            if (d < HD) {{
+              v_code_t vc;
+              vc.range() = v[j][h * HD + d].range();
+              oacc[d] += pc * vc;
+            }}
+          }}
         }}
       }}
     OUT:
@@ -291,9 +347,48 @@ HEAD:
     }}
   }}
 }}
-
-#endif  // {guard}
 """
+    if kv:
+        header += f"""
+// The KV-cache kernel: appends k/v[S_q][DM] (the new positions) to the cache it owns
+// (reset: empty it first), then attends causally from offset = positions cached before
+// the call. cache_len: positions cached after the call, or -1 if S_q new positions do not
+// fit (nothing is changed then).
+inline void {name}(bool reset, int s_q, const {ns}::q_t q[{ns}::S_MAX][{ns}::DM],
+                   const {ns}::k_t k[{ns}::S_MAX][{ns}::DM], const {ns}::v_t v[{ns}::S_MAX][{ns}::DM],
+                   {ns}::o_t o[{ns}::S_MAX][{ns}::DM], int& cache_len) {{
+  using namespace {ns};
+  static k_t K_CACHE[S_MAX][DM];
+  static v_t V_CACHE[S_MAX][DM];
+  static int LEN = 0;
+  static bool ALL_VALID[S_MAX];
+  static bool init = false;
+#pragma HLS ARRAY_PARTITION variable=K_CACHE cyclic factor=PAR dim=2
+#pragma HLS ARRAY_PARTITION variable=V_CACHE cyclic factor=PAR dim=2
+  if (!init) {{
+    for (int j = 0; j < S_MAX; j++) ALL_VALID[j] = true;
+    init = true;
+  }}
+  if (reset) LEN = 0;
+  if (s_q < 0 || LEN + s_q > S_MAX) {{
+    cache_len = -1;
+    return;
+  }}
+APPEND:
+  for (int i = 0; i < s_q; i++) {{
+    for (int d = 0; d < DM; d++) {{
+#pragma HLS PIPELINE II=1
+      K_CACHE[LEN + i][d] = k[i][d];
+      V_CACHE[LEN + i][d] = v[i][d];
+    }}
+  }}
+  const int offset = LEN;
+  LEN += s_q;
+  {fn}(s_q, LEN, offset, q, K_CACHE, V_CACHE, ALL_VALID, o);
+  cache_len = LEN;
+}}
+"""
+    header += f"\n#endif  // {guard}\n"
     tables = f"""\
 // {name}_tables.h -- hwgen.contract.exp_table({exp}) and recip_table({recip}), as built
 #ifndef HWGEN_HLS_{name.upper()}_TABLES_H
@@ -311,6 +406,36 @@ static const recip_rom_t RECIP_TABLE[{recip_t.size}] = {_array_1d(recip_t)};
 
 #endif
 """
+    read_qkv = """\
+    for (int i = 0; i < sq; i++)
+      for (int d = 0; d < DM; d++) if (!hwgen_read<q_code_t>(fi, q[i][d])) return 3;
+    for (int i = 0; i < skv; i++)
+      for (int d = 0; d < DM; d++) if (!hwgen_read<k_code_t>(fi, k[i][d])) return 3;
+    for (int i = 0; i < skv; i++)
+      for (int d = 0; d < DM; d++) if (!hwgen_read<v_code_t>(fi, v[i][d])) return 3;
+"""
+    if kv:
+        record = f"""\
+    long long rs, sq;
+    if (fscanf(fi, "%lld %lld", &rs, &sq) != 2) return 3;
+    if (sq < 0 || sq > S_MAX) return 5;
+    const long long skv = sq;
+{read_qkv}    int len = 0;
+    {name}(rs != 0, (int)sq, q, k, v, o, len);
+    if (len < 0) return 5;
+"""
+    else:
+        record = f"""\
+    long long sq, skv, off;
+    if (fscanf(fi, "%lld %lld %lld", &sq, &skv, &off) != 3) return 3;
+    if (sq < 0 || sq > S_MAX || skv < 0 || skv > S_MAX) return 5;
+{read_qkv}    for (int i = 0; i < skv; i++) {{
+      long long c = 1;
+      if (HAS_MASK && fscanf(fi, "%lld", &c) != 1) return 3;
+      valid[i] = c != 0;
+    }}
+    {name}((int)sq, (int)skv, (int)off, q, k, v, valid, o);
+"""
     run = f"""\
 static int run_{name}(FILE* fi, FILE* fo, long rows) {{
   using namespace {ns};
@@ -320,22 +445,7 @@ static int run_{name}(FILE* fi, FILE* fo, long rows) {{
   static o_t o[S_MAX][DM];
   static bool valid[S_MAX];
   for (long r = 0; r < rows; r++) {{
-    long long sq, skv, off;
-    if (fscanf(fi, "%lld %lld %lld", &sq, &skv, &off) != 3) return 3;
-    if (sq < 0 || sq > S_MAX || skv < 0 || skv > S_MAX) return 5;
-    for (int i = 0; i < sq; i++)
-      for (int d = 0; d < DM; d++) if (!hwgen_read<q_code_t>(fi, q[i][d])) return 3;
-    for (int i = 0; i < skv; i++)
-      for (int d = 0; d < DM; d++) if (!hwgen_read<k_code_t>(fi, k[i][d])) return 3;
-    for (int i = 0; i < skv; i++)
-      for (int d = 0; d < DM; d++) if (!hwgen_read<v_code_t>(fi, v[i][d])) return 3;
-    for (int i = 0; i < skv; i++) {{
-      long long c = 1;
-      if (HAS_MASK && fscanf(fi, "%lld", &c) != 1) return 3;
-      valid[i] = c != 0;
-    }}
-    {name}((int)sq, (int)skv, (int)off, q, k, v, valid, o);
-    for (int i = 0; i < sq; i++)
+{record}    for (int i = 0; i < sq; i++)
       for (int d = 0; d < DM; d++) fprintf(fo, "%lld ", hwgen_code<o_code_t>(o[i][d]));
     fprintf(fo, "\\n");
   }}
@@ -345,7 +455,10 @@ static int run_{name}(FILE* fi, FILE* fo, long rows) {{
     ks = KernelSources(name=name, node=node.name, k=dm, n=dm, x_fmt=qf, y_fmt=of,
                        files={f"{name}.h": header, f"{name}_tables.h": tables},
                        op="attention", run=run,
-                       meta={"in_fmts": [qf, kf, vf], "s_max": s_max, "has_mask": bool(mask_name)})
+                       meta={"in_fmts": [qf, kf, vf], "s_max": s_max, "has_mask": bool(mask_name),
+                             "kv_cache": kv, "par": par,
+                             "port_depth": {"q": s_max * dm, "k": s_max * dm, "v": s_max * dm,
+                                            "o": s_max * dm, "valid": s_max}})
     return ks
 
 
@@ -353,8 +466,10 @@ static int run_{name}(FILE* fi, FILE* fo, long rows) {{
 # layernorm
 # ----------------------------------------------------------------------------
 
-def emit_layernorm(graph: Graph, node: Node | str) -> KernelSources:
+def emit_layernorm(graph: Graph, node: Node | str, par: int = DEFAULT_PAR) -> KernelSources:
+    """Kernel of one ``layernorm`` node: one row x[H] -> y[H], ``par`` channels per cycle."""
     node = _resolve_node(graph, node)
+    check_par(par)
     a = node.attrs
     where = f"node '{node.name}'"
     name = sanitize(node.name)
@@ -411,10 +526,15 @@ def emit_layernorm(graph: Graph, node: Node | str) -> KernelSources:
 #include <ap_fixed.h>
 #include <ap_int.h>
 
+#ifndef {name.upper()}_PAR
+#define {name.upper()}_PAR {par}  // channels per cycle (ARRAY_PARTITION / UNROLL factor)
+#endif
+
 namespace {ns} {{
 
 static const int K = {h};
 static const int N = {h};
+static const int PAR = {name.upper()}_PAR;
 static const int IB = {isq.index_bits};  // isqrt index bits
 static const int K_MAX = {k_max};  // largest k with D = m * 4^k
 static const long long EPS_CODE = {eps}LL;
@@ -460,13 +580,22 @@ inline void {name}(const {ns}::x_t x[{ns}::K], {ns}::y_t y[{ns}::N]) {{
   using namespace {ns};
   s1_t s1 = 0;
   s2_t s2 = 0;
+#pragma HLS ARRAY_PARTITION variable=x cyclic factor=PAR
+#pragma HLS ARRAY_PARTITION variable=y cyclic factor=PAR
 SUM:
-  for (int n = 0; n < K; n++) {{
+  for (int n0 = 0; n0 < K; n0 += PAR) {{
 #pragma HLS PIPELINE II=1
-    x_code_t xc;
-    xc.range() = x[n].range();
-    s1 += xc;
-    s2 += xc * xc;
+  SUM_LANE:
+    for (int p = 0; p < PAR; p++) {{
+#pragma HLS UNROLL
+      const int n = n0 + p;
+      if (n < K) {{
+        x_code_t xc;
+        xc.range() = x[n].range();
+        s1 += xc;
+        s2 += xc * xc;
+      }}
+    }}
   }}
   d_t dd = d_t(s2 * K) - d_t(s1 * s1) + d_t(EPS_CODE);
   // normalized inverse square root: D = m * 4^k, IB bits below m's leading one index the table
@@ -485,8 +614,13 @@ LOD:
   if (j > 3 * (1 << IB) - 1) j = 3 * (1 << IB) - 1;
   r_t r = dd > 0 ? r_t(ISQRT_TABLE[j]) : r_t(0);
 OUT:
-  for (int n = 0; n < N; n++) {{
+  for (int n0 = 0; n0 < N; n0 += PAR) {{
 #pragma HLS PIPELINE II=1
+  OUT_LANE:
+    for (int p = 0; p < PAR; p++) {{
+#pragma HLS UNROLL
+    const int n = n0 + p;
+    if (n >= N) break;
     x_code_t xc;
     xc.range() = x[n].range();
     num_t num = num_t(xc * K) - num_t(s1);
@@ -500,6 +634,7 @@ OUT:
     switch (COL_CLASS[n]) {{
 {cases}
       default: y[n] = 0;
+    }}
     }}
   }}
 }}
@@ -527,15 +662,19 @@ static const unsigned char COL_CLASS[N] = {_array_1d(cls, per_line=32)};
 """
     return KernelSources(name=name, node=node.name, k=h, n=h, x_fmt=xf,
                          y_fmt=FixedType(yw, int(y_int.max()), ys, yf.q, yf.o),
-                         files={f"{name}.h": header, f"{name}_tables.h": tables}, op="layernorm")
+                         files={f"{name}.h": header, f"{name}_tables.h": tables}, op="layernorm",
+                         meta={"par": par})
 
 
 # ----------------------------------------------------------------------------
 # gelu
 # ----------------------------------------------------------------------------
 
-def emit_gelu(graph: Graph, node: Node | str, channels: int | None = None) -> KernelSources:
+def emit_gelu(graph: Graph, node: Node | str, channels: int | None = None,
+              par: int = DEFAULT_PAR) -> KernelSources:
+    """Kernel of one ``gelu`` node: one row x[H] -> y[H], ``par`` channels per cycle."""
     node = _resolve_node(graph, node)
+    check_par(par)
     where = f"node '{node.name}'"
     name = sanitize(node.name)
     ns = f"{name}_ns"
@@ -566,12 +705,12 @@ def emit_gelu(graph: Graph, node: Node | str, channels: int | None = None) -> Ke
     if yt.per_channel:
         body = "\n".join(f"      case {c}: y[n] = requant<T_FRAC, {i}>(t); break;" for c, (_, i) in enumerate(pairs))
         body = f"""\
-    switch (COL_CLASS[n]) {{
+      switch (COL_CLASS[n]) {{
 {body}
-      default: y[n] = 0;
-    }}"""
+        default: y[n] = 0;
+      }}"""
     else:
-        body = "    y[n].range() = t.range();  // the table holds output codes"
+        body = "      y[n].range() = t.range();  // the table holds output codes"
     guard = f"HWGEN_HLS_{name.upper()}_H"
     header = _row_header(name, graph, node, f"y = gelu({approx}) as a table over every input code "
                          "(hwgen.contract.gelu, bit-exact)") + f"""\
@@ -583,10 +722,15 @@ def emit_gelu(graph: Graph, node: Node | str, channels: int | None = None) -> Ke
 #include <ap_fixed.h>
 #include <ap_int.h>
 
+#ifndef {name.upper()}_PAR
+#define {name.upper()}_PAR {par}  // channels per cycle (ARRAY_PARTITION / UNROLL factor)
+#endif
+
 namespace {ns} {{
 
 static const int K = {h};
 static const int N = {h};
+static const int PAR = {name.upper()}_PAR;
 static const int TABLE_SIZE = {table.size};
 static const int MIN_CODE = {xf.min_code};
 
@@ -611,13 +755,21 @@ typedef {_c_int(fine.width + 1)} t_rom_t;
 
 inline void {name}(const {ns}::x_t x[{ns}::K], {ns}::y_t y[{ns}::N]) {{
   using namespace {ns};
+#pragma HLS ARRAY_PARTITION variable=x cyclic factor=PAR
+#pragma HLS ARRAY_PARTITION variable=y cyclic factor=PAR
 LUT:
-  for (int n = 0; n < N; n++) {{
+  for (int n0 = 0; n0 < N; n0 += PAR) {{
 #pragma HLS PIPELINE II=1
-    x_code_t xc;
-    xc.range() = x[n].range();
-    t_t t = GELU_TABLE[(int)xc - MIN_CODE];
+  LUT_LANE:
+    for (int p = 0; p < PAR; p++) {{
+#pragma HLS UNROLL
+      const int n = n0 + p;
+      if (n >= N) break;
+      x_code_t xc;
+      xc.range() = x[n].range();
+      t_t t = GELU_TABLE[(int)xc - MIN_CODE];
 {body}
+    }}
   }}
 }}
 
@@ -640,15 +792,20 @@ static const unsigned char COL_CLASS[N] = {_array_1d(cls, per_line=32)};
 """
     return KernelSources(name=name, node=node.name, k=h, n=h, x_fmt=xf,
                          y_fmt=FixedType(yw, int(y_int.max()), ys, yf.q, yf.o),
-                         files={f"{name}.h": header, f"{name}_tables.h": tables}, op="gelu")
+                         files={f"{name}.h": header, f"{name}_tables.h": tables}, op="gelu",
+                         meta={"par": par})
 
 
 # ----------------------------------------------------------------------------
 # add
 # ----------------------------------------------------------------------------
 
-def emit_add(graph: Graph, node: Node | str, channels: int | None = None) -> KernelSources:
+def emit_add(graph: Graph, node: Node | str, channels: int | None = None,
+             par: int = DEFAULT_PAR) -> KernelSources:
+    """Kernel of one ``add`` node: rows a[H], b[H] -> y[H], ``par`` channels per cycle;
+    the alignment shifts are constants in ``<name>_tables.h``."""
     node = _resolve_node(graph, node)
+    check_par(par)
     where = f"node '{node.name}'"
     name = sanitize(node.name)
     ns = f"{name}_ns"
@@ -678,9 +835,14 @@ def emit_add(graph: Graph, node: Node | str, channels: int | None = None) -> Ker
 #include <ap_fixed.h>
 #include <ap_int.h>
 
+#ifndef {name.upper()}_PAR
+#define {name.upper()}_PAR {par}  // channels per cycle (ARRAY_PARTITION / UNROLL factor)
+#endif
+
 namespace {ns} {{
 
 static const int N = {h};
+static const int PAR = {name.upper()}_PAR;
 static const int F = {f};
 static const int ACC_BITS = {acc_bits};
 
@@ -693,25 +855,32 @@ typedef {_int_ctype(yf.width, yf.signed)} y_code_t;
 typedef ap_int<ACC_BITS> acc_t;
 typedef ap_fixed<ACC_BITS, ACC_BITS - F> acc_fx_t;
 
-// alignment shifts of each channel (exact left shifts to F fractional bits)
-static const unsigned char A_SHIFT[N] = {_array_1d(a_sh, per_line=32)};
-static const unsigned char B_SHIFT[N] = {_array_1d(b_sh, per_line=32)};
-
 }}  // namespace {ns}
+
+#include "{name}_tables.h"
 
 inline void {name}(const {ns}::a_t a[{ns}::N], const {ns}::b_t b[{ns}::N], {ns}::y_t y[{ns}::N]) {{
   using namespace {ns};
+#pragma HLS ARRAY_PARTITION variable=a cyclic factor=PAR
+#pragma HLS ARRAY_PARTITION variable=b cyclic factor=PAR
+#pragma HLS ARRAY_PARTITION variable=y cyclic factor=PAR
 ADD:
-  for (int n = 0; n < N; n++) {{
+  for (int n0 = 0; n0 < N; n0 += PAR) {{
 #pragma HLS PIPELINE II=1
-    a_code_t ac;
-    b_code_t bc;
-    ac.range() = a[n].range();
-    bc.range() = b[n].range();
-    acc_t acc = (acc_t(ac) << A_SHIFT[n]) + (acc_t(bc) << B_SHIFT[n]);
-    acc_fx_t afx;
-    afx.range() = acc.range();
-    y[n] = afx;  // the header rounds ({yf.q}) and saturates ({yf.o})
+  ADD_LANE:
+    for (int p = 0; p < PAR; p++) {{
+#pragma HLS UNROLL
+      const int n = n0 + p;
+      if (n >= N) break;
+      a_code_t ac;
+      b_code_t bc;
+      ac.range() = a[n].range();
+      bc.range() = b[n].range();
+      acc_t acc = (acc_t(ac) << A_SHIFT[n]) + (acc_t(bc) << B_SHIFT[n]);
+      acc_fx_t afx;
+      afx.range() = acc.range();
+      y[n] = afx;  // the header rounds ({yf.q}) and saturates ({yf.o})
+    }}
   }}
 }}
 
@@ -733,6 +902,20 @@ static int run_{name}(FILE* fi, FILE* fo, long rows) {{
   return 0;
 }}
 """
+    tables = f"""\
+// {name}_tables.h -- alignment shifts of node '{node.name}' (exact left shifts to F = {f} fractional bits)
+#ifndef HWGEN_HLS_{name.upper()}_TABLES_H
+#define HWGEN_HLS_{name.upper()}_TABLES_H
+
+namespace {ns} {{
+
+static const unsigned char A_SHIFT[N] = {_array_1d(a_sh, per_line=32)};
+static const unsigned char B_SHIFT[N] = {_array_1d(b_sh, per_line=32)};
+
+}}  // namespace {ns}
+
+#endif
+"""
     return KernelSources(name=name, node=node.name, k=2 * h, n=h, x_fmt=af, y_fmt=yf,
-                         files={f"{name}.h": header}, op="add", run=run,
-                         meta={"in_fmts": [af, bf]})
+                         files={f"{name}.h": header, f"{name}_tables.h": tables}, op="add", run=run,
+                         meta={"in_fmts": [af, bf], "par": par})

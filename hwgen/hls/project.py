@@ -1,12 +1,15 @@
 """The HLS target of ``hwgen gen`` and ``hwgen verify``.
 
-:func:`plan` picks the nodes of a fixed graph that have an HLS kernel (attention
-with a KV cache has none: the kernel keeps no state) and emits them;
-:func:`golden_io` records every kernel's input and output codes with the golden
-model; :func:`write_project` writes a Vitis HLS project folder (kernel headers,
-one synthesis top ``<name>.cpp`` per kernel, one testbench, golden vectors,
-``run_hls.tcl`` and ``manifest.json``) atomically; :func:`verify` C-simulates
-the kernels with g++ (:func:`hwgen.hls.csim.run_csim`) and counts mismatches.
+:func:`plan` picks the nodes of a fixed graph that have an HLS kernel and emits
+them, plus one block top (:mod:`hwgen.hls.block`) per layer whose nodes all
+have kernels; :func:`golden_io` records every kernel's input and output codes
+with the golden model (for decoders with a KV cache: a prefill call and
+:data:`DECODE_STEPS` single-token calls, in order, so the cache-owning kernels
+see the same call sequence as the golden model's state); :func:`write_project`
+writes a Vitis HLS project folder (kernel headers, one synthesis top
+``<name>.cpp`` per kernel, one testbench, golden vectors, ``run_hls.tcl`` and
+``manifest.json``) atomically; :func:`verify` C-simulates the kernels with g++
+(:func:`hwgen.hls.csim.run_kernels`) and counts mismatches.
 """
 from __future__ import annotations
 
@@ -18,7 +21,8 @@ import numpy as np
 
 from ..files import atomic_directory
 from ..ir import Graph, Node
-from .csim import run_csim, write_vectors
+from .block import block_io, emit_block
+from .csim import run_kernels, write_vectors
 from .emit import DEFAULT_PAR, HLS_OPS, HLSError, KernelSources, emit_node, emit_testbench, emit_top
 
 DEFAULT_PART = "xcu250-figd2104-2L-e"
@@ -30,6 +34,8 @@ MANIFEST_FILE = "manifest.json"
 MINILM_SENTENCES = 4
 #: tiny-gpt: the first eval-corpus line with at least this many characters
 GPT_MIN_LINE = 32
+#: decoders (KV cache): golden vectors are a prefill call and this many single-token calls
+DECODE_STEPS = 4
 
 
 def _layer_nodes(graph: Graph, layer: int | None) -> list[Node]:
@@ -43,10 +49,12 @@ def _layer_nodes(graph: Graph, layer: int | None) -> list[Node]:
     return nodes
 
 
-def plan(graph: Graph, layer: int | None = None, par: int = DEFAULT_PAR
-         ) -> tuple[list[KernelSources], list[dict]]:
-    """Kernels for every node (of ``layer``) that has one, and the nodes skipped:
-    ``{name, op, reason}``."""
+def plan(graph: Graph, layer: int | None = None, par: int = DEFAULT_PAR, max_seq: int | None = None,
+         blocks: bool = True) -> tuple[list[KernelSources], list[dict]]:
+    """Kernels for every node (of ``layer``) that has one, then (``blocks``) one block
+    top per layer whose nodes all have kernels, and the nodes skipped:
+    ``{name, op, reason}``. ``par``: the parallelism setting of every kernel;
+    ``max_seq``: S_MAX of the attention kernels (KV cache: its capacity)."""
     if not graph.is_fixed:
         raise HLSError(f"graph '{graph.name}' is a float graph; quantize it first (`hwgen quantize`)")
     kernels: list[KernelSources] = []
@@ -56,15 +64,17 @@ def plan(graph: Graph, layer: int | None = None, par: int = DEFAULT_PAR
             skipped.append({"name": node.name, "op": node.op,
                             "reason": f"op '{node.op}' has no HLS kernel"})
             continue
-        if node.op == "attention" and node.attrs.get("kv_cache"):
-            skipped.append({"name": node.name, "op": node.op,
-                            "reason": "attention with a KV cache (kv_cache=True) has no HLS kernel "
-                                      "(the kernel keeps no state)"})
-            continue
         try:
-            kernels.append(emit_node(graph, node, par))
+            kernels.append(emit_node(graph, node, par, max_seq))
         except HLSError as e:
             skipped.append({"name": node.name, "op": node.op, "reason": str(e)})
+    if blocks:
+        bad = {s["name"] for s in skipped}
+        layers = sorted({n.layer for n in _layer_nodes(graph, layer) if n.layer is not None})
+        for ly in layers:
+            if any(n.name in bad for n in graph.nodes if n.layer == ly):
+                continue
+            kernels.append(emit_block(graph, ly, par, max_seq)[0])
     names = [k.name for k in kernels]
     if len(set(names)) != len(names):
         raise HLSError(f"node names collide as C identifiers: {names}")
@@ -111,8 +121,11 @@ def builtin_feeds(graph: Graph) -> tuple[dict[str, np.ndarray], str]:
     return bundle.calib_feeds[0], f"calibration inputs of {model}"
 
 
-def kernel_inputs(node: Node, vals: dict[str, np.ndarray]):
-    """A kernel's inputs as :func:`run_csim` takes them, from recorded golden values."""
+def kernel_inputs(node: Node, vals: dict[str, np.ndarray], reset: bool = True):
+    """A kernel's inputs as :func:`run_csim` takes them, from recorded golden values
+    (``reset``: a KV-cache attention call that starts a new sequence)."""
+    if node.op == "attention" and node.attrs.get("kv_cache"):
+        return tuple(vals[t] for t in node.inputs[:3]) + (reset,)
     if node.op == "attention":
         return tuple(vals[t] for t in node.inputs[:4] if t)
     if node.op == "add":
@@ -120,16 +133,46 @@ def kernel_inputs(node: Node, vals: dict[str, np.ndarray]):
     return vals[node.inputs[0]]
 
 
-def golden_io(graph: Graph, kernels: list[KernelSources], feeds: dict[str, np.ndarray]):
-    """Node name -> kernel inputs and -> output codes, from one golden run with record=True."""
-    from ..golden import GoldenModel
+def stateful(graph: Graph) -> bool:
+    return any(n.op == "attention" and n.attrs.get("kv_cache") for n in graph.nodes)
 
-    vals = GoldenModel(graph)(feeds, record=True)
-    xs, ys = {}, {}
-    for ks in kernels:
-        node = graph.node(ks.node)
-        xs[ks.node] = kernel_inputs(node, vals)
-        ys[ks.node] = np.asarray(vals[node.outputs[0]])
+
+def decode_calls(graph: Graph, feeds: dict[str, np.ndarray], steps: int = DECODE_STEPS) -> list[dict]:
+    """The golden calls for ``feeds``: one call, or for a decoder with a KV cache a
+    prefill over all but the last ``steps`` positions and one call per remaining position."""
+    if not stateful(graph):
+        return [feeds]
+    s = int(np.asarray(feeds[graph.inputs[0]]).shape[1])
+    p = max(1, s - steps)
+    calls = [{k: np.asarray(v)[:, :p] for k, v in feeds.items()}]
+    calls += [{k: np.asarray(v)[:, t:t + 1] for k, v in feeds.items()} for t in range(p, s)]
+    return calls
+
+
+def golden_io(graph: Graph, kernels: list[KernelSources], feeds: dict[str, np.ndarray] | list[dict]):
+    """Node name -> kernel inputs and -> output codes, from golden runs with record=True.
+
+    ``feeds``: one feed dict (a decoder with a KV cache is split by :func:`decode_calls`)
+    or an explicit list of calls made in order with one :class:`~hwgen.golden.GoldenState`.
+    With several calls every value is a list (one entry per call)."""
+    from ..golden import GoldenModel, GoldenState
+
+    calls = feeds if isinstance(feeds, list) else decode_calls(graph, feeds)
+    model, state = GoldenModel(graph), GoldenState()
+    xs: dict = {ks.node: [] for ks in kernels}
+    ys: dict = {ks.node: [] for ks in kernels}
+    for i, call in enumerate(calls):
+        vals = model(call, state=state, record=True)
+        for ks in kernels:
+            if ks.op == "block":
+                x, y = block_io(ks, vals, reset=(i == 0))
+            else:
+                node = graph.node(ks.node)
+                x, y = kernel_inputs(node, vals, reset=(i == 0)), np.asarray(vals[node.outputs[0]])
+            xs[ks.node].append(x)
+            ys[ks.node].append(y)
+    if len(calls) == 1:
+        return {k: v[0] for k, v in xs.items()}, {k: v[0] for k, v in ys.items()}
     return xs, ys
 
 
@@ -139,7 +182,15 @@ def first_batch(feeds: dict[str, np.ndarray], n: int = 1) -> dict[str, np.ndarra
 
 # ----------------------------------------------------------------------------- gen
 
-def _formats(graph: Graph, node: Node) -> dict:
+def _formats(graph: Graph, ks: KernelSources) -> dict:
+    fmt = lambda t: str(graph.tensors[t].fmt) + (" per channel" if graph.tensors[t].per_channel else "")
+    if ks.op == "block":
+        ports = ks.meta["ports"]
+        return {"inputs": {t: fmt(t) for t in ports.inputs}, "output": {t: fmt(t) for t in ports.outputs}}
+    return _node_formats(graph, graph.node(ks.node))
+
+
+def _node_formats(graph: Graph, node: Node) -> dict:
     data = [t for t in node.inputs[:1 if node.op in ("linear", "layernorm", "gelu") else
                                     (2 if node.op == "add" else 3)] if t]
     fmt = lambda t: str(graph.tensors[t].fmt) + (" per channel" if graph.tensors[t].per_channel else "")
@@ -215,9 +266,10 @@ def write_project(graph: Graph, kernels: list[KernelSources], skipped: list[dict
                     "testbench": TB_FILE, "tcl": TCL_FILE, "inputs": inputs_note, "kernels": [],
                     "skipped": skipped}
         for ks in kernels:
-            node = graph.node(ks.node)
             entry = {"name": ks.name, "node": ks.node, "op": ks.op, "top": f"{ks.name}_top",
-                     "files": sorted(ks.files) + [f"{ks.name}.cpp"], "formats": _formats(graph, node)}
+                     "files": sorted(ks.files) + [f"{ks.name}.cpp"], "formats": _formats(graph, ks)}
+            if ks.op == "block":
+                entry["chains"] = ks.meta["kernels"]
             if ks.name in with_vectors:
                 entry["vectors"] = {"in": f"vectors/{ks.name}.in", "golden": f"vectors/{ks.name}.golden",
                                     "records": rows[ks.name]}
@@ -231,18 +283,49 @@ def write_project(graph: Graph, kernels: list[KernelSources], skipped: list[dict
 
 # ----------------------------------------------------------------------------- verify
 
+def all_files(kernels: list[KernelSources], tb: str = TB_FILE) -> dict[str, str]:
+    """Every kernel's files and one testbench over all of them."""
+    files: dict[str, str] = {}
+    for ks in kernels:
+        files.update(ks.files)
+    files[tb] = emit_testbench(kernels)
+    return files
+
+
+def _mismatches(got, want) -> tuple[int, int]:
+    gs, ws = (got, want) if isinstance(want, list) else ([got], [want])
+    bad = size = 0
+    for g, w in zip(gs, ws):
+        w = np.asarray(w)
+        size += int(w.size)
+        bad += int((g != w).sum()) if np.shape(g) == w.shape else int(w.size)
+    return bad, size
+
+
+def fit_seq(graph: Graph, kernels: list[KernelSources], feeds: dict[str, np.ndarray], layer: int | None,
+            par: int = DEFAULT_PAR) -> list[KernelSources]:
+    """``kernels`` again with S_MAX raised to the feeds' sequence length where an
+    attention kernel (or a block) would hold fewer positions."""
+    s = int(np.asarray(feeds[graph.inputs[0]]).shape[1]) if graph.inputs else 0
+    short = [k for k in kernels if k.op in ("attention", "block") and k.meta["s_max"] < s]
+    if not short:
+        return kernels
+    return plan(graph, layer, par, max_seq=s, blocks=any(k.op == "block" for k in kernels))[0]
+
+
 def verify(graph: Graph, kernels: list[KernelSources], feeds: dict[str, np.ndarray],
-           par: int = DEFAULT_PAR, say=lambda msg: None) -> list[dict]:
+           par: int = DEFAULT_PAR, say=lambda msg: None, layer: int | None = None) -> list[dict]:
     """C-simulate ``kernels`` on the golden model's recorded inputs; one report per kernel."""
-    say(f"golden model on {', '.join(f'{k} {list(np.shape(v))}' for k, v in feeds.items())}")
+    say(f"golden model on {', '.join(f'{k} {list(np.shape(v))}' for k, v in feeds.items())}"
+        + (f", as a prefill and {DECODE_STEPS} single-token decoding steps" if stateful(graph) else ""))
+    kernels = fit_seq(graph, kernels, feeds, layer, par)
     xs, ys = golden_io(graph, kernels, feeds)
     say(f"C-simulating {len(kernels)} kernel(s) with g++ (one binary, cached by its sources' hash)")
-    outs = run_csim(graph, xs, par)
+    outs = run_kernels(kernels, all_files(kernels), xs)
     report = []
     for ks in kernels:
-        y, got = ys[ks.node], outs[ks.node]
-        bad = int((got != y).sum()) if got.shape == y.shape else int(y.size)
-        report.append({"name": ks.name, "node": ks.node, "op": ks.op, "vectors": int(y.size),
+        bad, size = _mismatches(outs[ks.node], ys[ks.node])
+        report.append({"name": ks.name, "node": ks.node, "op": ks.op, "vectors": size,
                        "mismatches": bad})
-        say(f"  {ks.name:24s} {ks.op:10s} {y.size:8d} codes  mismatches {bad}")
+        say(f"  {ks.name:24s} {ks.op:10s} {size:8d} codes  mismatches {bad}")
     return report
