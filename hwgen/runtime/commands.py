@@ -1,0 +1,114 @@
+"""The ``hwgen run`` and ``hwgen plan`` verbs (argument parsing and JSON; the work is
+in :mod:`hwgen.runtime.jobs`)."""
+from __future__ import annotations
+
+import argparse
+
+from . import cost as cost_mod
+from .backends import BACKENDS
+from .driver import DEVICES
+from .partition import DriverError, parse_force
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", help="minilm | tiny-gpt (quantized once, cached)")
+    src.add_argument("--graph", help="a graph directory written by `hwgen quantize`")
+    p.add_argument("--bits", default="w8a8", help="with --model: quantization (default w8a8)")
+    p.add_argument("--backend", default="golden", help=f"accelerator: {' | '.join(BACKENDS)} (default golden)")
+    p.add_argument("--device", default="cpu", help=f"host ops: {' | '.join(DEVICES)} (default cpu)")
+    p.add_argument("--place", action="append", metavar="NODE_OR_OP=host|accel",
+                   help="force a node or every node of an op onto a device (repeatable)")
+    p.add_argument("--accel-ops", help="comma-separated ops put on the accelerator when it has their "
+                   "kernel (default linear,attention)")
+    p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    p.add_argument("--quiet", action="store_true", help="no progress on stderr")
+
+
+def add_parsers(sub) -> None:
+    r = sub.add_parser("run", help="run a model end to end: kernels on the accelerator, the rest on CPU/GPU",
+                       description="Run minilm (sentence embeddings, --text) or tiny-gpt (generation, "
+                       "--prompt) with the kernels on an accelerator backend and the rest on torch; "
+                       "check every output integer against the golden model.")
+    _common(r)
+    r.add_argument("--text", help="minilm: sentences, one per line (each one request)")
+    r.add_argument("--prompt", help="tiny-gpt: the prompt")
+    r.add_argument("--max-new-tokens", type=int, default=16, help="tiny-gpt: tokens to generate (default 16)")
+    r.add_argument("--batch", type=int, default=8, help="minilm: sentences per batch (default 8)")
+    r.add_argument("--trace", help="write a Chrome-trace/Perfetto JSON file of what ran where and when")
+    r.add_argument("--no-float", action="store_true", help="skip the float model (cosine_vs_float null)")
+    r.set_defaults(fn=cmd_run)
+
+    p = sub.add_parser("plan", help="print the placement table: op, device, predicted time, bytes",
+                       description="Profile every op on the host, place the graph (default placement, "
+                       "--place, or --policy cost) and predict per op: accelerator cycles at the clock "
+                       "plus link time, host time from the profile, bytes moved.")
+    _common(p)
+    p.add_argument("--text", help="example input (minilm: sentences; tiny-gpt: a prompt)")
+    p.add_argument("--policy", default="kernels", help="kernels (default placement) | cost (cost model)")
+    p.add_argument("--clock-mhz", type=float, default=cost_mod.DEFAULT_CLOCK_MHZ,
+                   help=f"accelerator clock (default {cost_mod.DEFAULT_CLOCK_MHZ:g})")
+    p.add_argument("--impl", help="a `hwgen impl --json` result: its fmax_mhz is the clock")
+    p.add_argument("--link-gbps", type=float, default=cost_mod.DEFAULT_LINK_GBPS,
+                   help=f"link bandwidth in GB/s (default {cost_mod.DEFAULT_LINK_GBPS:g})")
+    p.add_argument("--link-latency-us", type=float, default=cost_mod.DEFAULT_LINK_LATENCY_US,
+                   help=f"per-transfer latency in microseconds (default {cost_mod.DEFAULT_LINK_LATENCY_US:g})")
+    p.set_defaults(fn=cmd_plan)
+
+
+def _accel_ops(args):
+    return tuple(o.strip() for o in args.accel_ops.split(",") if o.strip()) if args.accel_ops else None
+
+
+def cmd_run(args) -> dict:
+    from ..cli import Progress
+    from . import jobs
+    from .trace import Tracer
+
+    say = Progress(args.quiet)
+    force = parse_force(args.place)
+    jobs._kernel_ops(args.backend)
+    from .driver import check_device
+    check_device(args.device)
+    graph = jobs.load_graph(args.model, args.graph, args.bits, say)
+    model = jobs._model_of(graph)
+    tracer = Tracer() if args.trace else None
+    if model == "minilm":
+        if args.prompt is not None:
+            raise DriverError("minilm takes --text (sentences), not --prompt")
+        if args.text is None:
+            raise DriverError("give --text \"...\" (one sentence per line)")
+        result = jobs.run_encoder(graph, args.text, args.backend, args.device, args.batch, force,
+                                  _accel_ops(args), tracer, not args.no_float, say)
+    else:
+        prompt = args.prompt if args.prompt is not None else args.text
+        if prompt is None:
+            raise DriverError("give --prompt \"...\"")
+        result = jobs.run_decoder(graph, prompt, args.max_new_tokens, args.backend, args.device, force,
+                                  _accel_ops(args), tracer, not args.no_float, say)
+    if tracer is not None:
+        result["trace"] = str(tracer.write(args.trace))
+        say(f"wrote trace {args.trace} (open in https://ui.perfetto.dev)")
+    say(f"bit-exact vs golden: {result['bitexact_vs_golden']} ({result['mismatches']} mismatches)")
+    return result
+
+
+def cmd_plan(args) -> dict:
+    from ..cli import Progress
+    from . import jobs
+    from .driver import check_device
+
+    say = Progress(args.quiet)
+    force = parse_force(args.place)
+    jobs._kernel_ops(args.backend)
+    check_device(args.device)
+    if args.link_gbps <= 0 or args.link_latency_us < 0:
+        raise DriverError("--link-gbps must be > 0 and --link-latency-us >= 0")
+    clock = cost_mod.clock_from_impl(args.impl) if args.impl else args.clock_mhz
+    graph = jobs.load_graph(args.model, args.graph, args.bits, say)
+    feeds = jobs.example_feeds(graph, args.text)
+    link = cost_mod.Link(args.link_gbps * 1e9, args.link_latency_us * 1e-6)
+    result = jobs.plan(graph, feeds, args.backend, args.device, force, _accel_ops(args), args.policy,
+                       clock, link, say=say)
+    print(cost_mod.format_table(result["rows"]))
+    return result
