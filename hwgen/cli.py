@@ -345,6 +345,9 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--quiet", action="store_true", help="no progress on stderr")
     v.set_defaults(fn=cmd_verify)
 
+    from .runtime.commands import add_parsers as _runtime_parsers  # `hwgen run`, `hwgen plan`
+    _runtime_parsers(sub)
+
     ac = sub.add_parser("accuracy", help="float-vs-fixed accuracy per transformer block and per bit width",
                         description="Cosine of each transformer block's output (golden, dequantized) vs "
                         "the float model on evaluation inputs, and the model's output cosine after "
