@@ -56,9 +56,17 @@ def cmd_quantize(args: argparse.Namespace) -> dict:
     layers = len(bundle.graph.layers)
     say(f"traced {len(bundle.graph.nodes)} ops over {layers} layer(s); calibrating on "
         f"{len(bundle.calib_feeds)} batch(es)")
-    fixed, fmts = quantize(bundle.graph, bundle.calib_feeds, cfg)
+    compress = bool(args.prune or args.distill)  # hwgen.distill.compress does both
+    fixed, fmts = (None, None) if compress else quantize(bundle.graph, bundle.calib_feeds, cfg)
     losses: list[float] = []
-    if args.qat_steps:
+    extra: dict = {}
+    if compress:
+        from .distill import compress as run_compress
+
+        fixed, extra = run_compress(bundle, cfg, args.prune, args.distill, args.distill_steps,
+                                    args.qat_steps, args.lr, say=say)
+        losses = extra.pop("qat_losses")
+    if args.qat_steps and not compress:
         from .qat import QATModel, finetune
         from .quant import prepare
 
@@ -73,7 +81,7 @@ def cmd_quantize(args: argparse.Namespace) -> dict:
     result = {"model": args.model, "bits": cfg.name, "layers": layers, **metrics,
               "qat_steps": args.qat_steps, "qat_loss_first": losses[0] if losses else None,
               "qat_loss_last": losses[-1] if losses else None,
-              "ops": len(fixed.nodes), "out": str(out)}
+              "ops": len(fixed.nodes), "out": str(out), **extra}
     fixed.name = bundle.name
     fixed.meta.update({"model": args.model, "kind": bundle.kind, "bits": cfg.name,
                        "metrics": metrics})
@@ -300,6 +308,13 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", required=True, help="output directory (graph.json + weights.npz)")
     q.add_argument("--qat-steps", type=int, default=0, help="QAT fine-tuning steps (default 0)")
     q.add_argument("--lr", type=float, default=2e-5, help="QAT learning rate (default 2e-5)")
+    q.add_argument("--prune", metavar="2:4|block:RATIO|unstructured:RATIO",
+                   help="prune the transformer blocks' linears (see README: Compression)")
+    q.add_argument("--distill", action="store_true",
+                   help="fine-tune against the float model (outputs + hidden states): "
+                   "--distill-steps float steps, then --qat-steps QAT steps")
+    q.add_argument("--distill-steps", type=int, default=100,
+                   help="float distillation steps with --distill (default 100)")
     q.add_argument("--eval-text", help="file with one evaluation input per line "
                    "(replaces the built-in evaluation inputs)")
     q.add_argument("--json", action="store_true", help="print one JSON object as the last line")

@@ -379,3 +379,46 @@ def nm_violations(codes: np.ndarray, n: int, m: int) -> int:
     pad[:k] = np.asarray(codes) != 0
     return int(np.count_nonzero(pad.reshape(gk, m, cols).sum(axis=1) > n))
 
+
+
+# ----------------------------------------------------------------------------
+# cycles: read from the matmul engine (one call site)
+# ----------------------------------------------------------------------------
+
+def engine_geometry() -> tuple[int, int, int]:
+    """``(rows, cols, block_k)``: the defaults of
+    :meth:`hwgen.rtl.matmul.MatmulSpec.for_linear` (the engine's one definition)."""
+    import inspect
+
+    from .rtl.matmul import MatmulSpec
+
+    p = inspect.signature(MatmulSpec.for_linear).parameters
+    return p["rows"].default, p["cols"].default, p["block_k"].default
+
+
+def linear_cycles(fixed: Graph, node: Node, m: int, rows: int, cols: int, block_k: int,
+                  max_m: int | None = None) -> tuple[int, int]:
+    """(dense, sparse) cycles of one linear on the RTL matmul engine for ``m``
+    rows: :meth:`hwgen.rtl.matmul.MatmulSpec.cycles` without and with the
+    linear's block bitmap (:func:`linear_bitmap` for ``block_k x cols``)."""
+    from .rtl.matmul import MatmulSpec
+
+    spec = MatmulSpec.for_linear(fixed, node, rows=rows, cols=cols, max_m=max(m, max_m or m),
+                                 block_k=block_k)
+    return spec.cycles(m), spec.cycles(m, linear_bitmap(fixed, node, block_k, cols))
+
+
+def cycle_report(fixed: Graph, m: int, rows: int | None = None, cols: int | None = None,
+                 block_k: int | None = None, nodes: list[Node] | None = None) -> dict:
+    """Summed engine cycles of the prunable linears (default) for ``m`` rows:
+    ``cycles_m``, ``cycles_dense``, ``cycles_sparse``, ``cycles_ratio``
+    (sparse / dense), and the engine geometry. Geometry defaults: :func:`engine_geometry`."""
+    r0, c0, k0 = engine_geometry()
+    rows, cols, block_k = rows or r0, cols or c0, block_k or k0
+    dense = sparse = 0
+    for node in (prunable_linears(fixed) if nodes is None else nodes):
+        d, s = linear_cycles(fixed, node, m, rows, cols, block_k)
+        dense, sparse = dense + d, sparse + s
+    return {"cycles_m": m, "cycles_dense": dense, "cycles_sparse": sparse,
+            "cycles_ratio": sparse / dense if dense else 1.0,
+            "engine": {"rows": rows, "cols": cols, "block_k": block_k}}

@@ -1,0 +1,386 @@
+"""Knowledge distillation: a quantized (optionally pruned) student trained against a float teacher.
+
+The teacher is the float graph of the model itself (MiniLM: the pretrained
+float model; any graph the frontend traces). The student is the same graph with
+its weights being trained, in two stages that share one loss
+(:class:`DistillLoss`):
+
+1. **float stage** (:class:`FloatStudent`, :func:`distill_float`): a
+   differentiable float forward (the float executor's op semantics,
+   :data:`hwgen.float_exec.FLOAT_OPS`) with pruning masks applied, cheap enough
+   for hundreds of steps on a CPU; a gradual pruning schedule runs here;
+2. **QAT stage** (:func:`distill_qat`): the same loss on
+   :class:`hwgen.qat.QATModel`, whose forward *is* the golden model of the
+   quantized student (fake quantization in the loop, bit for bit), masks kept.
+
+Loss = ``out_weight`` x output term + ``hidden_weight`` x mean over transformer
+blocks of the normalized hidden-state error. Output term: ``1 - cosine`` per
+output vector (encoders: sentence embeddings; blocks), or for decoders the
+KL divergence of the student's next-byte distribution from the teacher's at
+``temperature`` (x T^2). Hidden states: each block's output tensor (the last
+node of that layer), ``||s - t||^2 / ||t||^2`` over valid positions (a ``mask``
+input's padding left out). Teacher values are computed once per feed.
+
+The tiny-gpt student with half the layers is a different module (fewer
+blocks), trained by ``models/distill_tiny_gpt_student.py`` with
+:func:`kd_logits` and :func:`hidden_mse` from here.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .float_exec import FLOAT_OPS, _RunContext, run_float
+from .ir import Graph
+
+
+class DistillError(ValueError):
+    """A distillation request that cannot run; the message names the setting."""
+
+
+# ----------------------------------------------------------------------------
+# loss terms (also used by models/distill_tiny_gpt_student.py)
+# ----------------------------------------------------------------------------
+
+def kd_logits(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """KL(teacher || student) of the softmax distributions at ``temperature``,
+    times T^2, averaged over positions (last axis = classes)."""
+    t = temperature
+    s = F.log_softmax(student.reshape(-1, student.shape[-1]) / t, dim=-1)
+    p = F.log_softmax(teacher.reshape(-1, teacher.shape[-1]).to(s.dtype) / t, dim=-1)
+    return F.kl_div(s, p, log_target=True, reduction="batchmean") * t * t
+
+
+def hidden_mse(student: torch.Tensor, teacher: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """``||s - t||^2 / ||t||^2`` over the rows (last axis = features) where ``valid``."""
+    s = student.reshape(-1, student.shape[-1])
+    t = teacher.reshape(-1, teacher.shape[-1]).to(s.dtype)
+    if valid is not None:
+        v = valid.reshape(-1).bool()
+        s, t = s[v], t[v]
+    return ((s - t) ** 2).sum() / (t * t).sum().clamp_min(1e-12)
+
+
+def cosine_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    s = student.reshape(-1, student.shape[-1])
+    t = teacher.reshape(-1, teacher.shape[-1]).to(s.dtype)
+    return (1 - F.cosine_similarity(s, t, dim=-1)).mean()
+
+
+def layer_outputs(graph: Graph) -> list[str]:
+    """Each transformer block's output tensor: the output of the last node of
+    each layer index, in layer order."""
+    last: dict[int, str] = {}
+    for node in graph.nodes:
+        if node.layer is not None:
+            last[node.layer] = node.outputs[0]
+    return [last[i] for i in sorted(last)]
+
+
+@dataclass
+class DistillLoss:
+    """The distillation objective for one graph (see the module docstring)."""
+
+    graph: Graph                 # the teacher's float graph (folded, unpruned)
+    kind: str                    # "encoder" | "decoder" | "block"
+    out_weight: float = 1.0
+    hidden_weight: float = 1.0
+    temperature: float = 1.0
+
+    def __post_init__(self):
+        if self.kind not in ("encoder", "decoder", "block"):
+            raise DistillError(f"model kind {self.kind!r}: distillation supports encoder, decoder, block")
+        self.hidden = layer_outputs(self.graph)
+        self.out = self.graph.outputs[0]
+        self._teacher: dict[int, dict[str, torch.Tensor]] = {}
+
+    def teacher(self, feed: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+        """Teacher values (output and block outputs) of ``feed``, computed once."""
+        key = id(feed)
+        if key not in self._teacher:
+            vals = run_float(self.graph, feed, record=True)
+            self._teacher[key] = {n: vals[n].detach().to(torch.float64) for n in [self.out, *self.hidden]}
+        return self._teacher[key]
+
+    def __call__(self, feed: dict[str, np.ndarray], values: dict[str, torch.Tensor]) -> torch.Tensor:
+        t = self.teacher(feed)
+        s_out = values[self.out]
+        if self.kind == "decoder":
+            out = kd_logits(s_out, t[self.out], self.temperature)
+        else:
+            out = cosine_loss(s_out, t[self.out])
+        loss = self.out_weight * out
+        if self.hidden_weight and self.hidden:
+            valid = None
+            if "mask" in feed:
+                valid = torch.as_tensor(np.asarray(feed["mask"]) != 0)
+            h = sum(hidden_mse(values[n], t[n], valid) for n in self.hidden) / len(self.hidden)
+            loss = loss + self.hidden_weight * h
+        return loss
+
+    def qat(self) -> Callable:
+        """The loss in :func:`hwgen.qat.finetune`'s ``loss_fn(feed, step)`` form."""
+        return lambda feed, step: self(feed, step.values)
+
+
+# ----------------------------------------------------------------------------
+# float stage
+# ----------------------------------------------------------------------------
+
+class FloatStudent(torch.nn.Module):
+    """Trainable float weights of a float graph, with keep masks (False = 0).
+
+    ``forward(feed)`` runs the float op semantics differentiably and returns
+    every tensor by name. Embedding tables are frozen (as in QAT)."""
+
+    def __init__(self, graph: Graph, masks: dict[str, np.ndarray] | None = None,
+                 train_embeddings: bool = False):
+        super().__init__()
+        self.graph = graph
+        frozen = set() if train_embeddings else {n.inputs[1] for n in graph.nodes if n.op == "embedding"}
+        self.names = sorted(set(graph.weights) - frozen)
+        self.weights = torch.nn.ParameterList(
+            torch.nn.Parameter(torch.from_numpy(np.asarray(graph.weights[n], dtype=np.float32).copy()))
+            for n in self.names)
+        self._frozen = {n: torch.from_numpy(np.asarray(graph.weights[n], dtype=np.float32))
+                        for n in frozen}
+        self.masks: dict[str, np.ndarray] = {}
+        if masks:
+            self.set_masks(masks)
+
+    def set_masks(self, masks: dict[str, np.ndarray]) -> None:
+        for name, m in masks.items():
+            if name not in self.graph.weights or self.graph.weights[name].shape != m.shape:
+                raise DistillError(f"mask for '{name}' does not match a weight of the graph")
+        self.masks = {k: np.asarray(v, dtype=bool) for k, v in masks.items()}
+        self._mask_t = {k: torch.from_numpy(v.astype(np.float32)) for k, v in self.masks.items()}
+
+    def _w(self, name: str, p: torch.Tensor) -> torch.Tensor:
+        m = getattr(self, "_mask_t", {}).get(name)
+        return p if m is None else p * m
+
+    def float_weights(self) -> dict[str, np.ndarray]:
+        """Current weights, masks applied (float32)."""
+        out = {n: self._w(n, p.detach()).numpy().copy() for n, p in zip(self.names, self.weights)}
+        return out
+
+    def current_graph(self) -> Graph:
+        """A float graph holding the current (masked) weights."""
+        return Graph(name=self.graph.name, tensors=self.graph.tensors, nodes=self.graph.nodes,
+                     inputs=self.graph.inputs, outputs=self.graph.outputs,
+                     weights={**self.graph.weights, **self.float_weights()}, meta=dict(self.graph.meta))
+
+    def forward(self, feed: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+        vals: dict[str, torch.Tensor] = {}
+        for name in self.graph.inputs:
+            v = torch.from_numpy(np.asarray(feed[name]))
+            vals[name] = v.to(torch.float32) if self.graph.tensors[name].dtype == "float" else v.long()
+        for name, p in zip(self.names, self.weights):
+            vals[name] = self._w(name, p)
+        vals.update(self._frozen)
+        ctx = _RunContext(state=None, offset=0, device=torch.device("cpu"))
+        for node in self.graph.nodes:
+            args = [vals[t] if t else None for t in node.inputs]
+            vals[node.outputs[0]] = FLOAT_OPS[node.op](node, args, ctx)
+        return vals
+
+
+def _cycle(feeds: list) -> Iterator:
+    while True:
+        yield from feeds
+
+
+def distill_float(student: FloatStudent, feeds: Iterable[dict[str, np.ndarray]], loss: DistillLoss,
+                  steps: int, lr: float = 1e-4, before_step: Callable[[int], None] | None = None,
+                  progress: Callable[[int, float], None] | None = None) -> list[float]:
+    """``steps`` Adam steps of the distillation loss on the float student;
+    ``before_step(i)`` runs first (a pruning schedule). Returns the losses."""
+    feeds = list(feeds)
+    if not feeds:
+        raise DistillError("distillation needs at least one input batch")
+    opt = torch.optim.Adam(student.parameters(), lr=lr)
+    losses = []
+    for i, feed in zip(range(steps), _cycle(feeds)):
+        if before_step:
+            before_step(i)
+        opt.zero_grad()
+        lv = loss(feed, student(feed))
+        lv.backward()
+        opt.step()
+        losses.append(float(lv.detach()))
+        if progress:
+            progress(i + 1, losses[-1])
+    return losses
+
+
+# ----------------------------------------------------------------------------
+# the whole recipe
+# ----------------------------------------------------------------------------
+
+@dataclass
+class DistillResult:
+    fixed: Graph                          # the exported quantized student
+    masks: dict[str, np.ndarray]          # final keep masks ({} without pruning)
+    float_losses: list[float]
+    qat_losses: list[float]
+    schedule: list[float]                 # pruning fraction per float (or QAT) step
+
+
+def distill(float_graph: Graph, kind: str, calib_feeds: list[dict[str, np.ndarray]], cfg,
+            spec=None, norms: dict[str, np.ndarray] | None = None, float_steps: int = 100,
+            qat_steps: int = 0, lr: float = 1e-4, qat_lr: float = 2e-5,
+            train_feeds: list[dict[str, np.ndarray]] | None = None,
+            hidden_weight: float = 1.0, say: Callable[[str], None] | None = None) -> DistillResult:
+    """Prune (gradually over the float stage, else one-shot or gradually over
+    QAT), distill in float, recalibrate, then distill with QAT; returns the
+    quantized student. ``float_graph`` is the model's float graph (unfolded,
+    as the frontend traces it); ``train_feeds`` (default ``calib_feeds``) are the
+    distillation inputs; calibration always uses ``calib_feeds``."""
+    from . import prune as P
+    from .qat import QATModel, finetune
+    from .quant import prepare, quantize
+
+    say = say or (lambda m: None)
+    teacher = prepare(float_graph)
+    loss = DistillLoss(teacher, kind, hidden_weight=hidden_weight)
+    feeds = train_feeds if train_feeds is not None else calib_feeds
+    masks: dict[str, np.ndarray] = {}
+    schedule: list[float] = []
+    f_losses: list[float] = []
+    student_graph = teacher
+    if float_steps:
+        st = FloatStudent(teacher)
+        hook = None
+        if spec is not None:
+            hook = P.GradualPruner(st, spec, float_steps, norms)
+        say(f"distill (float): {float_steps} step(s), lr {lr}"
+            + (f", pruning {spec.name} gradually" if spec is not None else ""))
+        f_losses = distill_float(st, feeds, loss, float_steps, lr=lr, before_step=hook,
+                                 progress=lambda i, l: say(f"float step {i}/{float_steps} loss {l:.6f}")
+                                 if i % 10 == 0 or i == float_steps else None)
+        if hook is not None:
+            masks, schedule = st.masks, hook.history
+        student_graph = st.current_graph()
+    elif spec is not None and not qat_steps:
+        student_graph, masks = P.prune(teacher, spec, norms)
+    # formats from the student as it is now (pruning and training move activation ranges)
+    say("calibrating the student")
+    _, fmts = quantize(student_graph, calib_feeds, cfg)
+    model = QATModel(student_graph, fmts, cfg)
+    if masks:
+        model.set_masks(masks)
+    q_losses: list[float] = []
+    if qat_steps:
+        hook = None
+        if spec is not None and not masks:
+            hook = P.GradualPruner(model, spec, qat_steps, norms)
+        say(f"distill (QAT): {qat_steps} step(s), lr {qat_lr}")
+        q_losses = finetune(model, feeds, loss.qat(), qat_steps, lr=qat_lr, before_step=hook,
+                            progress=lambda i, l: say(f"QAT step {i}/{qat_steps} loss {l:.6f}"))
+        if hook is not None:
+            schedule = hook.history
+        masks = model.masks
+    fixed = model.export()
+    fixed.meta["passes"] = fixed.meta.get("passes", []) + (["distill_float"] if float_steps else []) \
+        + (["distill_qat"] if qat_steps else [])
+    return DistillResult(fixed, masks, f_losses, q_losses, schedule)
+
+
+# ----------------------------------------------------------------------------
+# distillation inputs and the `hwgen quantize --prune/--distill` path
+# ----------------------------------------------------------------------------
+
+#: sentences of the tiny-gpt training text used as extra (unlabelled) MiniLM
+#: distillation inputs, besides the 64 calibration sentences
+EXTRA_SENTENCES = 512
+
+
+def corpus_sentences(n: int, seed: int = 0) -> list[str]:
+    """``n`` prose sentences (6..40 words, no code) of ``models/data/tiny_corpus_train.txt``
+    (the Python docs text), in a seeded random order. Never the evaluation sentences."""
+    import re
+
+    from .zoo import DATA_DIR
+
+    text = " ".join((DATA_DIR / "tiny_corpus_train.txt").read_text(encoding="utf-8").split())
+    sents = [s for s in re.split(r"(?<=[.!?])\s+", text)
+             if 6 <= len(s.split()) <= 40 and re.match(r"^[A-Z]", s) and not re.search(r"[>{}\[\]=|*]", s)]
+    order = np.random.default_rng(seed).permutation(len(sents))
+    return [sents[i] for i in order[:n]]
+
+
+def train_feeds(bundle, extra: int = EXTRA_SENTENCES) -> list[dict[str, np.ndarray]]:
+    """Distillation inputs of a model bundle: its calibration batches, plus for
+    minilm ``extra`` sentences of the training corpus in batches of 16 (the
+    teacher labels them, so any text will do; the evaluation set is never used)."""
+    feeds = list(bundle.calib_feeds)
+    if bundle.name == "minilm" and extra:
+        sents = corpus_sentences(extra)
+        feeds += [bundle.encode(sents[i:i + 16]) for i in range(0, len(sents), 16)]
+    return feeds
+
+
+def compress(bundle, cfg, prune: str | None = None, distill_on: bool = False, distill_steps: int = 100,
+             qat_steps: int = 0, lr: float = 2e-5, distill_lr: float = 1e-4, cycles_m: int = 128,
+             say: Callable[[str], None] | None = None) -> tuple[Graph, dict]:
+    """The ``hwgen quantize --prune ... --distill`` recipe on a model bundle.
+
+    Pruning without distillation: one-shot (activation-aware magnitude), or
+    gradual during ``qat_steps`` of plain QAT. With distillation: gradual over the
+    ``distill_steps`` float steps, then ``qat_steps`` of QAT on the same loss.
+    Returns the fixed graph (sparsity recorded, :func:`hwgen.prune.record_sparsity`)
+    and the extra JSON keys: ``prune``, ``sparsity``, ``cycles_m``, ``cycles_dense``,
+    ``cycles_sparse``, ``cycles_ratio``, ``distill``, ``distill_steps``,
+    ``distill_loss_first``, ``distill_loss_last``, ``qat_losses``."""
+    from . import prune as P
+    from .accuracy import qat_loss
+    from .qat import QATModel, finetune
+    from .quant import prepare, quantize
+
+    say = say or (lambda m: None)
+    rows, cols, block_k = P.engine_geometry()
+    spec = P.PruneSpec.parse(prune, block_k=block_k, block_n=cols) if prune else None
+    if distill_on and distill_steps < 0 or qat_steps < 0:
+        raise DistillError("--distill-steps and --qat-steps must be >= 0")
+    if distill_on and not (distill_steps or qat_steps):
+        raise DistillError("--distill needs --distill-steps > 0 or --qat-steps > 0")
+    folded = prepare(bundle.graph)
+    norms = None
+    if spec is not None:
+        say(f"pruning {spec.name}: activation norms over {len(bundle.calib_feeds)} calibration batch(es)")
+        norms = P.activation_norms(folded, bundle.calib_feeds)
+    f_losses: list[float] = []
+    q_losses: list[float] = []
+    if distill_on:
+        feeds = train_feeds(bundle)
+        res = distill(bundle.graph, bundle.kind, bundle.calib_feeds, cfg, spec, norms,
+                      float_steps=distill_steps, qat_steps=qat_steps, lr=distill_lr, qat_lr=lr,
+                      train_feeds=feeds, say=say)
+        fixed, masks, f_losses, q_losses = res.fixed, res.masks, res.float_losses, res.qat_losses
+    elif qat_steps:
+        # gradual pruning during plain QAT, formats from the one-shot pruned graph
+        _, masks0 = P.prune(folded, spec, norms)
+        _, fmts = quantize(P.apply_masks(folded, masks0), bundle.calib_feeds, cfg)
+        model = QATModel(folded, fmts, cfg)
+        hook = P.GradualPruner(model, spec, qat_steps, norms)
+        say(f"QAT: {qat_steps} step(s), lr {lr}, pruning {spec.name} gradually")
+        q_losses = finetune(model, bundle.calib_feeds, qat_loss(bundle), qat_steps, lr=lr, before_step=hook,
+                            progress=lambda i, l: say(f"QAT step {i}/{qat_steps} loss {l:.6f}"))
+        fixed, masks = model.export(), model.masks
+        fixed.meta["passes"] = fixed.meta.get("passes", []) + ["qat"]
+    else:
+        pruned, masks = P.prune(folded, spec, norms)
+        fixed, _ = quantize(pruned, bundle.calib_feeds, cfg)
+    bad = P.mask_violations(fixed, masks)
+    if bad:  # cannot happen: zeros quantize to 0; checked so a regression is loud
+        raise DistillError(f"{bad} pruned weight(s) have nonzero codes after quantization")
+    rec = P.record_sparsity(fixed, spec, block_k, cols)
+    cyc = P.cycle_report(fixed, cycles_m, rows=rows, cols=cols, block_k=block_k)
+    return fixed, {"prune": spec.name if spec else None, "sparsity": rec["sparsity"], **cyc,
+                   "distill": bool(distill_on), "distill_steps": distill_steps if distill_on else 0,
+                   "distill_loss_first": f_losses[0] if f_losses else None,
+                   "distill_loss_last": f_losses[-1] if f_losses else None, "qat_losses": q_losses}

@@ -1,0 +1,138 @@
+"""Distillation: loss terms, the float student equals the float executor, the
+two-stage recipe (gradual pruning in float, QAT with the golden forward) on a
+tiny decoder, and the `hwgen quantize --prune/--distill` CLI."""
+import numpy as np
+import pytest
+import torch
+
+from conftest import last_json, run_cli, tiny_decoder_feeds
+from hwgen import distill as D
+from hwgen import prune as P
+from hwgen.float_exec import run_float
+from hwgen.golden import GoldenModel
+from hwgen.ir import Graph
+from hwgen.quant import QuantConfig, prepare
+
+
+def test_loss_terms():
+    t = torch.randn(2, 5, 7, dtype=torch.float64)
+    assert float(D.kd_logits(t, t)) == pytest.approx(0, abs=1e-12)
+    assert float(D.kd_logits(t + 1.0, t)) == pytest.approx(0, abs=1e-12)   # softmax shift-invariant
+    assert float(D.kd_logits(2 * t, t)) > 0
+    assert float(D.hidden_mse(2 * t, t)) == pytest.approx(1.0)
+    valid = torch.zeros(2, 5, dtype=torch.bool)
+    valid[0, :2] = True
+    s = t.clone()
+    s[1] = 0                                          # wrong only where not valid
+    assert float(D.hidden_mse(s, t, valid)) == 0
+    assert float(D.cosine_loss(3 * t, t)) == pytest.approx(0, abs=1e-12)
+
+
+def test_layer_outputs(tiny_decoder):
+    assert D.layer_outputs(tiny_decoder) == ["L0.r2", "L1.r2"]
+
+
+def test_float_student_is_the_float_executor(tiny_decoder):
+    g = prepare(tiny_decoder)
+    st = D.FloatStudent(g)
+    feed = tiny_decoder_feeds(1)[0]
+    want = run_float(g, feed, record=True)
+    got = st(feed)
+    for name in ("L0.r2", "logits"):
+        assert torch.allclose(got[name], want[name], atol=1e-5, rtol=1e-5)
+    # masks: zeros in the forward and in the exported float graph, no gradient behind them
+    masks = P.compute_masks(g, P.PruneSpec.parse("2:4"))
+    st.set_masks(masks)
+    loss = st(feed)["logits"].square().mean()
+    loss.backward()
+    for name, p in zip(st.names, st.weights):
+        if name in masks:
+            assert float(p.grad[~torch.from_numpy(masks[name])].abs().sum()) == 0
+    cg = st.current_graph()
+    assert all(not np.any(cg.weights[n][~m]) for n, m in masks.items())
+    with pytest.raises(D.DistillError, match="does not match a weight"):
+        st.set_masks({"L0.q.w": np.ones((3, 3), bool)})
+
+
+def test_distill_recipe_tiny_decoder(tiny_decoder, one_torch_thread):
+    """Float stage lowers the distillation loss while 2:4 pruning is phased in;
+    the QAT stage's forward is the golden model of the exported student."""
+    cfg = QuantConfig.from_bits("w8a8")
+    feeds = tiny_decoder_feeds(2)
+    spec = P.PruneSpec.parse("2:4")
+    res = D.distill(tiny_decoder, "decoder", feeds, cfg, spec, float_steps=30, qat_steps=2, lr=3e-3,
+                    qat_lr=1e-4)
+    assert len(res.float_losses) == 30 and len(res.qat_losses) == 2
+    assert res.schedule[0] < 1 and res.schedule[-1] == 1
+    assert P.mask_violations(res.fixed, res.masks) == 0
+    for node in P.prunable_linears(res.fixed):
+        assert P.nm_violations(res.fixed.weights[node.inputs[1]], 2, 4) == 0
+    # after pruning is complete (step 15 on), distillation recovers: the loss falls
+    assert np.mean(res.float_losses[-5:]) < np.mean(res.float_losses[15:20])
+    assert "distill_float" in res.fixed.meta["passes"] and "distill_qat" in res.fixed.meta["passes"]
+    # the exported graph is a valid fixed graph the golden model runs
+    out = GoldenModel(res.fixed)(tiny_decoder_feeds(1, seed=4)[0])["logits"]
+    assert out.shape == (2, 12, 40)
+
+
+def test_distill_errors(tiny_decoder):
+    with pytest.raises(D.DistillError, match="encoder, decoder, block"):
+        D.DistillLoss(prepare(tiny_decoder), "classifier")
+    with pytest.raises(D.DistillError, match="at least one input batch"):
+        D.distill_float(D.FloatStudent(prepare(tiny_decoder)), [], D.DistillLoss(prepare(tiny_decoder), "decoder"), 1)
+
+
+def test_corpus_sentences_exclude_eval():
+    from hwgen.zoo import DATA_DIR
+
+    sents = D.corpus_sentences(50)
+    assert len(sents) == 50 and len(set(sents)) == 50
+    evals = set((DATA_DIR / "sentences_eval.txt").read_text().splitlines())
+    assert not evals & set(sents)
+
+
+# ---------------------------------------------------------------- CLI
+
+def test_cli_prune_block_reports_engine_cycles(capsys, tmp_path):
+    out = tmp_path / "bb"
+    code, so, _ = run_cli(capsys, "quantize", "--model", "bert-block", "--prune", "block:0.5",
+                          "--out", out, "--json", "--quiet")
+    assert code == 0
+    r = last_json(so)
+    assert r["prune"] == "block:0.5" and r["sparsity"] >= 0.5 and r["distill"] is False
+    g = Graph.load(out)
+    assert P.check_sparsity(g) == len(P.prunable_linears(g)) == 6
+    # the cycle keys are the engine's own count, summed over the pruned linears
+    from hwgen.rtl.matmul import MatmulSpec
+
+    rows, cols, bk = P.engine_geometry()
+    dense = sparse = 0
+    for node in P.prunable_linears(g):
+        spec = MatmulSpec.for_linear(g, node, rows, cols, 128, bk)
+        dense += spec.cycles(128)
+        sparse += spec.cycles(128, np.asarray(node.attrs["sparsity"]["bitmap"]))
+    assert (r["cycles_dense"], r["cycles_sparse"], r["cycles_m"]) == (dense, sparse, 128)
+    assert r["cycles_ratio"] <= 0.55
+
+
+def test_cli_prune_distill(capsys, tmp_path):
+    code, so, _ = run_cli(capsys, "quantize", "--model", "bert-block", "--prune", "2:4", "--distill",
+                          "--distill-steps", "6", "--qat-steps", "1", "--out", tmp_path / "b", "--json",
+                          "--quiet")
+    assert code == 0
+    r = last_json(so)
+    assert r["distill"] is True and r["distill_steps"] == 6 and r["qat_steps"] == 1
+    assert r["sparsity"] == pytest.approx(0.5) and r["cycles_sparse"] == r["cycles_dense"]
+    assert r["distill_loss_first"] is not None and r["qat_loss_last"] is not None
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["--prune", "block:2"], "RATIO must be between 0 and 1"),
+    (["--prune", "5:4"], "N:M needs 1 <= N < M"),
+    (["--distill", "--distill-steps", "0"], "--distill needs --distill-steps > 0"),
+])
+def test_cli_bad_compression_args(capsys, tmp_path, argv, msg):
+    out = tmp_path / "bad"
+    code, _, err = run_cli(capsys, "quantize", "--model", "bert-block", "--out", out, *argv, "--quiet")
+    assert code == 1 and msg in err and err.startswith("hwgen: error:")
+    assert not out.exists()
