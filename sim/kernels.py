@@ -71,3 +71,91 @@ def requant_bench(in_width: int, shift, out_width: int, codes: np.ndarray, out_s
     top = f"requant_{lanes}x{in_width}_{out_width}" + ("_reg" if registered else "")
     return run_bench(to_verilog(dut, top), top, "sim.bench_requant",
                      {"x": codes, "y": want}, cfg, sim=sim, waves=waves, say=say, **kw)
+
+
+# ----------------------------------------------------------------------------- MatmulEngine
+
+def matmul_bench(spec, x: np.ndarray, w: np.ndarray, bias=None, shift=None, bitmap=None,
+                 expected: np.ndarray | None = None, sim: str = "verilator", waves: bool = False,
+                 component=None, verilog: str | None = None, say=lambda msg: None, **kw) -> dict:
+    """Run ``x`` (m x k codes) through a :class:`MatmulEngine` of ``spec`` loaded
+    with ``w``/``bias``/``shift`` (the engine's own packing functions build
+    every image). ``expected`` (m x n): the golden output codes (default: the
+    contract, ``spec.reference``). Adds ``mismatches``/``vectors``/
+    ``first_mismatches``, ``ideal_cycles``, ``model_cycles`` (``spec.cycles``)
+    and ``utilization`` (ideal / measured cycles) to the bench's result."""
+    from hwgen.rtl.matmul import IN_BUFFERS, MatmulEngine
+
+    from .protocol import Comparison, hex_words
+
+    x = np.asarray(x, dtype=np.int64)
+    m = int(x.shape[0])
+    if bitmap is None:
+        bitmap = spec.occupancy(w)
+    images = dict(spec.pack_weights(w, bias, shift, bitmap))
+    images["a"] = spec.pack_x(x)
+    if expected is None:
+        expected = spec.reference(x, w, bias, shift)
+    top = spec.name
+    if verilog is None:
+        dut = component if component is not None else MatmulEngine(spec)
+        verilog = to_verilog(dut, top)
+    model = spec.cycles(m, bitmap)
+    cfg = {"buffers": [b for b in IN_BUFFERS if images.get(b)], "m": m, "out_words": m * spec.nt,
+           "max_cycles": 4 * model + 1000}
+    res = run_bench(verilog, top, "sim.bench_matmul",
+                    {f"img_{b}": hex_words(images[b]) for b in cfg["buffers"]}, cfg,
+                    sim=sim, waves=waves, say=say, **kw)
+    words = [int(str(h), 16) for h in res.pop("outputs", {}).get("out", [])]
+    cmp = Comparison()
+    got = spec.unpack_out(words, m) if len(words) >= m * spec.nt else np.zeros((0,), np.int64)
+    cmp.add("y", expected, got)
+    ideal = spec.ideal_cycles(m)
+    res.update(cmp.as_dict())
+    res.update({"shape": [m, spec.k, spec.n], "model_cycles": model, "ideal_cycles": ideal,
+                "utilization": ideal / res["cycles"] if res.get("cycles") else None})
+    return res
+
+
+# ----------------------------------------------------------------------------- AttentionEngine
+
+def attention_bench(engine, passes: list[dict], expected: list[np.ndarray], sim: str = "verilator",
+                    valid_prob: float = 1.0, ready_prob: float = 1.0, seed: int = 0,
+                    waves: bool = False, verilog: str | None = None, say=lambda msg: None,
+                    **kw) -> dict:
+    """Run ``passes`` (dicts of :meth:`AttentionEngine.pack` arguments: ``q``,
+    ``k``, ``v`` (s_q x head_dim codes), ``valid``, ``offset``) through
+    ``engine`` in order, sharing its KV cache; ``expected[p]``: the golden
+    (s_q x head_dim) output codes of pass ``p``. Adds the comparison,
+    ``model_cycles`` (sum of ``engine.cycles``), ``ideal_cycles`` and
+    ``utilization`` to the bench's result."""
+    from .protocol import Comparison, hex_words
+
+    beats, sizes, model, ideal = [], [], [], 0
+    for p in passes:
+        w = engine.pack(p["q"], p["k"], p["v"], p.get("valid"), p.get("offset", 0))
+        beats += w
+        sizes.append(len(w))
+        s_kv = p.get("offset", 0) + len(w)
+        model.append(engine.cycles(len(w), s_kv))
+        ideal += engine.ideal_cycles(len(w), s_kv)
+    top = engine.name
+    if verilog is None:
+        verilog = to_verilog(engine, top)
+    slack = 1 if valid_prob >= 1 and ready_prob >= 1 else int(4 / min(valid_prob, ready_prob))
+    cfg = {"passes": sizes, "valid_prob": valid_prob, "ready_prob": ready_prob, "seed": seed,
+           "max_cycles": slack * (sum(model) + 100 * len(passes)) + 1000}
+    res = run_bench(verilog, top, "sim.bench_attention", {"beats": hex_words(beats)}, cfg,
+                    sim=sim, waves=waves, say=say, **kw)
+    words = [int(str(h), 16) for h in res.pop("outputs", {}).get("out", [])]
+    cmp = Comparison()
+    b = 0
+    for i, (n, want) in enumerate(zip(sizes, expected)):
+        got = engine.unpack(words[b:b + n])
+        cmp.add(f"pass{i}", want, got)
+        b += n
+    res.update(cmp.as_dict())
+    res.update({"shape": [sizes, [p.get("offset", 0) + n for p, n in zip(passes, sizes)]],
+                "model_cycles": sum(model), "model_pass_cycles": model, "ideal_cycles": ideal,
+                "utilization": ideal / res["cycles"] if res.get("cycles") else None})
+    return res

@@ -9,6 +9,9 @@ A bench run lives in one directory (``$HWGEN_BENCH_DIR`` inside the simulator):
                   Amaranth component, see :func:`layout_fields`), kernel
                   parameters, the back-pressure probabilities and seed, a
                   cycle limit;
+``outputs.npz``   optional raw outputs (memory words as hex strings) that the
+                  host decodes with the kernel's own unpacking function and
+                  compares (:class:`Comparison`), merging into the result;
 ``result.json``   written by the bench: ``mismatches`` (every output integer
                   compared; 0 is the only pass), ``vectors`` (integers
                   compared), ``cycles`` (clock cycles the bench measured, as
@@ -32,6 +35,7 @@ ENV_DIR = "HWGEN_BENCH_DIR"
 VECTORS = "vectors.npz"
 CONFIG = "config.json"
 RESULT = "result.json"
+OUTPUTS = "outputs.npz"
 #: how many mismatches a result lists in full
 FIRST_MISMATCHES = 10
 
@@ -84,6 +88,23 @@ def read_result(directory: str | os.PathLike) -> dict | None:
     return json.loads(p.read_text()) if p.is_file() else None
 
 
+def read_outputs(directory: str | os.PathLike) -> dict[str, np.ndarray]:
+    p = Path(directory) / OUTPUTS
+    if not p.is_file():
+        return {}
+    with np.load(p, allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}
+
+
+def hex_words(words) -> np.ndarray:
+    """Word integers of any width as an array of hex strings (npz-safe)."""
+    return np.array([format(int(w), "x") for w in words], dtype=str)
+
+
+def words_of(hexes) -> list[int]:
+    return [int(str(h), 16) for h in hexes]
+
+
 # ----------------------------------------------------------------------------- simulator side
 
 def bench_dir() -> Path:
@@ -107,6 +128,13 @@ def write_result(result: dict) -> None:
     tmp = d / (RESULT + ".tmp")
     tmp.write_text(json.dumps(result))
     tmp.replace(d / RESULT)
+
+
+def write_outputs(arrays: dict) -> None:
+    """Raw outputs the host decodes and compares (e.g. memory words as hex)."""
+    d = bench_dir()
+    np.savez(d / (OUTPUTS + ".tmp.npz"), **{k: np.asarray(v) for k, v in arrays.items()})
+    (d / (OUTPUTS + ".tmp.npz")).replace(d / OUTPUTS)
 
 
 class Comparison:

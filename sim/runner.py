@@ -297,6 +297,9 @@ def run_bench(verilog: str, top: str, module: str, vectors: dict[str, np.ndarray
         if result is None or failed:
             raise SimError(f"bench {module} on '{top}' ({sim}) ended without a result; log tail:\n"
                            f"{_tail(log)}")
+        outputs = protocol.read_outputs(rdir)
+        if outputs:
+            result["outputs"] = outputs
         result["simulator"] = sim
         result["simulator_version"] = simulator_version(sim)
         result["build_s"] = t1 - t0
