@@ -24,33 +24,54 @@ no accumulator ever wraps; with a narrower ``acc_width`` sums wrap modulo
 
 Pipeline and timing
 -------------------
-Two stages: the products ``a[i] * b[j]`` are registered (stage 1), then added
-into the accumulators (stage 2); registered products are what moves Fmax on
-FPGA DSPs (DESIGN.md, Known traps). Counting cycle 0 as the one in which
-beat 0 is accepted, with beats back to back and ``o.ready`` held high:
+Four register stages, one beat per cycle through each, built for FPGA timing
+closure (DESIGN.md, Known traps: registered operands and products, DSP
+registers): stage 0 registers the operands (one register per row of A and
+column of B) and the flags; stages 1..3 are the multiplier's registers
+(:class:`MULT18X18D` with its input and output registers plus one in fabric, its
+behavioural twin :class:`RegisteredMul`, or the pipelined :class:`FabricMul`
+in logic, per :class:`PEMapping`); stage 4 adds the product into the
+accumulator. ``PIPE`` (4) registers sit in front of the accumulators and
+``LATENCY = PIPE + 1``. Counting cycle 0 as the one in which beat 0 is
+accepted, with beats back to back and ``o.ready`` held high:
 
 * beats are accepted in cycles ``0 .. K-1``;
-* the tile is copied into the output bank at the end of cycle ``K``;
-* row ``r`` of C is valid on ``o`` in cycle ``K + 1 + r``;
-* so one tile takes exactly ``K + rows + 1`` cycles from its first accepted
-  beat to its last output row (``latency`` from the last beat to row 0: 2).
+* the tile is copied into the output bank at the end of cycle ``K - 1 + PIPE``;
+* row ``r`` of C is valid on ``o`` in cycle ``K - 1 + LATENCY + r``;
+* so one tile takes exactly ``cycles(K, rows) = K + rows + LATENCY - 1``
+  cycles from its first accepted beat to its last output row (``LATENCY`` from
+  the last beat to row 0).
 
 The output bank is a second register set, so the next tile streams in while
 the previous one drains: tiles can follow each other with no gap (one tile
 every K cycles) when ``K >= rows + 1`` and ``o.ready`` stays high. For
 shorter tiles, or under output backpressure, a ``last`` beat that reaches
-stage 2 while the bank still drains waits there, and ``i.ready`` falls
-until the bank frees: nothing is lost or reordered. ``i.ready`` depends on
-registered state only (no combinational path from ``o.ready``).
+stage 3 while the bank still drains waits there: one clock enable holds
+stages 0..3 (the multipliers included) and ``i.ready`` falls until the bank
+frees: nothing is lost or reordered. ``i.ready`` depends on registered state
+only (no combinational path from ``o.ready``).
 """
 from __future__ import annotations
 
-from amaranth import Module, Mux, Signal, signed, unsigned
+from dataclasses import dataclass
+
+from amaranth import C, ClockSignal, Instance, Module, Mux, Signal, signed, unsigned
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.wiring import In, Out
 
 from ..contract import MAX_ACC_WIDTH
 from ..contract import acc_width as contract_acc_width
+
+
+#: registers of every multiplier (stages 1..3 of the array)
+MUL_STAGES = 3
+
+#: pipeline registers in front of the accumulators: stage 0 (operands, flags)
+#: and the multiplier's
+PIPE = 1 + MUL_STAGES
+
+#: widest operand of one MULT18X18D (signed)
+DSP_WIDTH = 18
 
 
 class RTLError(ValueError):
@@ -99,14 +120,23 @@ class PEArray(wiring.Component):
     Ports: ``i`` (``In(stream.Signature(in_layout(...)))``: fields ``a``,
     ``b``, ``first``, ``last``) and ``o`` (``Out(stream.Signature(
     out_layout(...)))``: fields ``data``, ``row``, ``last``).
+
+    ``mapping`` (a :class:`PEMapping`) chooses DSP or fabric multipliers per PE;
+    without it the ``platform`` attribute ``pe_mapping`` is used (how
+    :mod:`hwgen.impl` synthesizes an engine that contains the array), and
+    without either every PE is the behavioural :class:`RegisteredMul`.
     """
 
     #: cycles from accepting a tile's last beat to its row 0 appearing on ``o``
-    LATENCY = 2
+    LATENCY = PIPE + 1
 
-    def __init__(self, rows: int, cols: int, a_width: int, b_width: int, acc_width: int):
+    def __init__(self, rows: int, cols: int, a_width: int, b_width: int, acc_width: int,
+                 mapping: "PEMapping | None" = None):
         try:
             self._check(rows, cols, a_width, b_width, acc_width)
+            if mapping is not None and not isinstance(mapping, PEMapping):
+                raise RTLError(f"mapping must be a PEMapping or None, got {mapping!r}")
+            self.mapping = mapping
         except RTLError:
             self._MustUse__silence = True  # never built: no "unused elaboratable" warning
             raise
@@ -138,44 +168,76 @@ class PEArray(wiring.Component):
     @staticmethod
     def cycles(k: int, rows: int) -> int:
         """Cycles of one isolated tile, first accepted beat to last output row."""
-        return k + rows + 1
+        return k + rows + PEArray.LATENCY - 1
 
     def elaborate(self, platform):
         m = Module()
         R, N, W = self.rows, self.cols, self.acc_width
-        pw = self.a_width + self.b_width
         i_, o_ = self.i, self.o
+        mapping = self.mapping or getattr(platform, "pe_mapping", None)
+        kinds = pe_kinds(R, N, self.a_width, self.b_width, mapping)
+        instances = bool(mapping is not None and mapping.instances)
 
-        # stage 1: registered products and flags
-        prod = [[Signal(signed(pw), name=f"p_{i}_{j}") for j in range(N)] for i in range(R)]
-        s1_valid = Signal()
-        s1_first = Signal()
-        s1_last = Signal()
-        # stage 2: accumulators; output bank (a row shift register) drained on `o`
-        acc = [[Signal(signed(W), name=f"acc_{i}_{j}") for j in range(N)] for i in range(R)]
-        bank = [[Signal(signed(W), name=f"bank_{i}_{j}") for j in range(N)] for i in range(R)]
+        # one clock enable for the product pipeline (stages 0..3): it holds while a
+        # `last` beat at stage 3 waits for the output bank
+        hold = Signal()
+        m.d.comb += i_.ready.eq(~hold)
+
+        # stage 0: operand registers (one per row of A / column of B) and the flags
+        a0 = [Signal(signed(self.a_width), name=f"a0_{i}", reset_less=True) for i in range(R)]
+        fabric_rows = [i for i in range(R) if "fabric" in kinds[i]]
+        a0n = {i: Signal(signed(self.a_width + 1), name=f"a0n_{i}", reset_less=True)
+               for i in fabric_rows}
+        b0 = [Signal(signed(self.b_width), name=f"b0_{j}", reset_less=True) for j in range(N)]
+        valid = [Signal(name=f"v{s}") for s in range(PIPE)]
+        first = [Signal(name=f"first{s}", reset_less=True) for s in range(PIPE)]
+        last = [Signal(name=f"last{s}", reset_less=True) for s in range(PIPE)]
+        with m.If(~hold):
+            m.d.sync += [valid[0].eq(i_.valid), first[0].eq(i_.payload.first),
+                         last[0].eq(i_.payload.last)]
+            m.d.sync += [a0[i].eq(i_.payload.a[i]) for i in range(R)]
+            m.d.sync += [a0n[i].eq(-i_.payload.a[i]) for i in fabric_rows]
+            m.d.sync += [b0[j].eq(i_.payload.b[j]) for j in range(N)]
+            for s in range(1, PIPE):
+                m.d.sync += [valid[s].eq(valid[s - 1]), first[s].eq(first[s - 1]),
+                             last[s].eq(last[s - 1])]
+
+        # stages 1..3: one product per PE, MUL_STAGES registers deep (MULT18X18D
+        # with its registers, its twin, or a pipelined fabric multiplier)
+        prod = [[None] * N for _ in range(R)]
+        for i in range(R):
+            for j in range(N):
+                name = f"pe_{i}_{j}"
+                if kinds[i][j] == "dsp" and instances:
+                    mul = MULT18X18D(self.a_width, self.b_width)
+                elif kinds[i][j] == "dsp":
+                    mul = RegisteredMul(self.a_width, self.b_width)
+                else:
+                    mul = FabricMul(self.a_width, self.b_width)
+                    m.d.comb += mul.a_neg.eq(a0n[i])
+                m.submodules[name] = mul
+                m.d.comb += [mul.a.eq(a0[i]), mul.b.eq(b0[j]), mul.ce.eq(~hold)]
+                prod[i][j] = mul.p
+
+        # stage 4: accumulators; output bank (a row shift register) drained on `o`
+        sp_valid, sp_first, sp_last = valid[-1], first[-1], last[-1]
+        acc = [[Signal(signed(W), name=f"acc_{i}_{j}", reset_less=True) for j in range(N)]
+               for i in range(R)]
+        bank = [[Signal(signed(W), name=f"bank_{i}_{j}", reset_less=True) for j in range(N)]
+                for i in range(R)]
         bank_busy = Signal()
         row = Signal(out_layout(R, N, W).members["row"])
 
-        # stage 2 advances unless a `last` beat must wait for the bank
-        s1_adv = Signal()
-        m.d.comb += s1_adv.eq(s1_valid & ~(s1_last & bank_busy))
-        m.d.comb += i_.ready.eq(~s1_valid | s1_adv)
-
-        with m.If(i_.ready):
-            m.d.sync += s1_valid.eq(i_.valid)
-        with m.If(i_.valid & i_.ready):
-            m.d.sync += [s1_first.eq(i_.payload.first), s1_last.eq(i_.payload.last)]
-            for i in range(R):
-                for j in range(N):
-                    m.d.sync += prod[i][j].eq(i_.payload.a[i] * i_.payload.b[j])
+        adv = Signal()
+        m.d.comb += hold.eq(sp_valid & sp_last & bank_busy)
+        m.d.comb += adv.eq(sp_valid & ~hold)
 
         nxt = [[Signal(signed(W), name=f"nxt_{i}_{j}") for j in range(N)] for i in range(R)]
         for i in range(R):
             for j in range(N):
-                m.d.comb += nxt[i][j].eq(Mux(s1_first, prod[i][j], acc[i][j] + prod[i][j]))
+                m.d.comb += nxt[i][j].eq(Mux(sp_first, prod[i][j], acc[i][j] + prod[i][j]))
 
-        with m.If(s1_adv):
+        with m.If(adv):
             m.d.sync += [acc[i][j].eq(nxt[i][j]) for i in range(R) for j in range(N)]
 
         # drain: row 0 of the bank on `o`; rows shift up as they are taken
@@ -191,7 +253,153 @@ class PEArray(wiring.Component):
             with m.If(row == R - 1):
                 m.d.sync += [bank_busy.eq(0), row.eq(0)]
         # commit (only while the bank is free, so never together with a drain step)
-        with m.If(s1_adv & s1_last):
+        with m.If(adv & sp_last):
             m.d.sync += [bank[i][j].eq(nxt[i][j]) for i in range(R) for j in range(N)]
             m.d.sync += [bank_busy.eq(1), row.eq(0)]
+        return m
+
+
+# ----------------------------------------------------------------------------
+# the multipliers: two registers deep, one clock enable
+# ----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class PEMapping:
+    """How :class:`PEArray` builds its multipliers, passed as the ``platform``
+    attribute ``pe_mapping`` (``amaranth.back.verilog.convert(..., platform=p)``).
+
+    ``dsp``: how many PEs (row-major, first ones) get a DSP multiplier; the rest
+    get a pipelined fabric multiplier (:class:`FabricMul`). ``instances``: True
+    instantiates the ECP5 ``MULT18X18D`` primitive with its input and output
+    registers (for synthesis); False its behavioural twin :class:`RegisteredMul`
+    (same registers, same clock enable: what simulation runs). Without a mapping
+    (plain simulation or Verilog) every PE is a :class:`RegisteredMul`.
+    """
+
+    dsp: int
+    instances: bool = True
+
+    def __post_init__(self):
+        if not _is_int(self.dsp) or self.dsp < 0:
+            raise RTLError(f"PEMapping.dsp must be an integer >= 0, got {self.dsp!r}")
+        if not isinstance(self.instances, bool):
+            raise RTLError(f"PEMapping.instances must be a bool, got {self.instances!r}")
+
+
+def pe_kinds(rows: int, cols: int, a_width: int, b_width: int, mapping) -> list[list[str]]:
+    """``"dsp"`` or ``"fabric"`` per PE under ``mapping`` (see :class:`PEMapping`);
+    operands wider than one MULT18X18D stay behavioural (``"dsp"``: yosys splits them)."""
+    budget = rows * cols if mapping is None else mapping.dsp
+    if max(a_width, b_width) > DSP_WIDTH:
+        budget = rows * cols
+    return [["dsp" if i * cols + j < budget else "fabric" for j in range(cols)]
+            for i in range(rows)]
+
+
+def _mul_ports(a_width: int, b_width: int) -> dict:
+    return {"a": In(signed(a_width)), "b": In(signed(b_width)), "ce": In(1),
+            "p": Out(signed(a_width + b_width))}
+
+
+class RegisteredMul(wiring.Component):
+    """``p = a * b`` ``MUL_STAGES`` (3) cycles later: ``a``, ``b`` registered
+    (stage 1), the product registered (stage 2) and registered again (stage 3),
+    all while ``ce``; registers without reset. The behavioural twin of
+    :class:`MULT18X18D` (same registers, same enable)."""
+
+    def __init__(self, a_width: int, b_width: int):
+        self.a_width, self.b_width = a_width, b_width
+        super().__init__(_mul_ports(a_width, b_width))
+
+    def elaborate(self, platform):
+        m = Module()
+        pw = self.a_width + self.b_width
+        a1 = Signal(signed(self.a_width), reset_less=True)
+        b1 = Signal(signed(self.b_width), reset_less=True)
+        p2 = Signal(signed(pw), reset_less=True)
+        p3 = Signal(signed(pw), reset_less=True)
+        with m.If(self.ce):
+            m.d.sync += [a1.eq(self.a), b1.eq(self.b), p2.eq(a1 * b1), p3.eq(p2)]
+        m.d.comb += self.p.eq(p3)
+        return m
+
+
+class MULT18X18D(wiring.Component):
+    """The ECP5 ``MULT18X18D`` primitive, signed x signed, with its input
+    registers (``REG_INPUTA/B_CLK``, stage 1) and output register
+    (``REG_OUTPUT_CLK``, stage 2) on the ``sync`` clock and ``ce`` on CE0, then
+    a fabric register (stage 3) so that the route out of the DSP block is not
+    part of the accumulator's adder path: the same three-register pipeline as
+    :class:`RegisteredMul`. Operands are sign-extended to 18 bits; ``p`` is the
+    low ``a_width + b_width`` bits of the 36-bit product (exact: the product fits). Synthesis only: Amaranth's
+    simulator cannot run it (simulation uses :class:`RegisteredMul`)."""
+
+    def __init__(self, a_width: int, b_width: int):
+        if max(a_width, b_width) > DSP_WIDTH:
+            raise RTLError(f"MULT18X18D operands are at most {DSP_WIDTH} bits, got "
+                           f"{a_width} x {b_width}")
+        self.a_width, self.b_width = a_width, b_width
+        super().__init__(_mul_ports(a_width, b_width))
+
+    def elaborate(self, platform):
+        m = Module()
+        a18 = Signal(signed(DSP_WIDTH))
+        b18 = Signal(signed(DSP_WIDTH))
+        p36 = Signal(signed(2 * DSP_WIDTH))
+        p3 = Signal(signed(self.a_width + self.b_width), reset_less=True)
+        m.d.comb += [a18.eq(self.a), b18.eq(self.b), self.p.eq(p3)]
+        with m.If(self.ce):
+            m.d.sync += p3.eq(p36[:self.a_width + self.b_width])
+        ports = {}
+        for k in range(DSP_WIDTH):
+            ports[f"i_A{k}"] = a18[k]
+            ports[f"i_B{k}"] = b18[k]
+            ports[f"i_C{k}"] = C(0, 1)
+        ports.update({f"o_P{k}": p36[k] for k in range(2 * DSP_WIDTH)})
+        for k in range(4):
+            ports[f"i_CLK{k}"] = ClockSignal("sync") if k == 0 else C(0, 1)
+            ports[f"i_CE{k}"] = self.ce if k == 0 else C(0, 1)
+            ports[f"i_RST{k}"] = C(0, 1)
+        regs = {f"p_REG_{r}_{x}": v for r in ("INPUTA", "INPUTB", "OUTPUT")
+                for x, v in (("CLK", "CLK0"), ("CE", "CE0"), ("RST", "RST0"))}
+        m.submodules.dsp = Instance(
+            "MULT18X18D", **regs, p_GSR="DISABLED",
+            i_SIGNEDA=C(1, 1), i_SIGNEDB=C(1, 1), i_SOURCEA=C(0, 1), i_SOURCEB=C(0, 1),
+            **ports)
+        return m
+
+
+class FabricMul(wiring.Component):
+    """``p = a * b`` ``MUL_STAGES`` (3) cycles later in logic (no DSP): the
+    partial products ``b[k] ? a << k : 0``, the sign bit's taken from the
+    extra input ``a_neg`` (which must carry ``-a``, registered by the caller so
+    no negation sits in the tree), summed by a balanced adder tree whose levels
+    are spread over the three registered stages (one adder level per stage for
+    8-bit ``b``); all stages load while ``ce``; registers without reset. Same
+    ports (plus ``a_neg``) and timing as :class:`RegisteredMul`. Written without
+    ``*`` so synthesis never maps it to a DSP."""
+
+    def __init__(self, a_width: int, b_width: int):
+        self.a_width, self.b_width = a_width, b_width
+        super().__init__({**_mul_ports(a_width, b_width), "a_neg": In(signed(a_width + 1))})
+
+    def elaborate(self, platform):
+        m = Module()
+        pw = self.a_width + self.b_width
+        wb = self.b_width
+        terms = [Mux(self.b[k], self.a, 0) << k for k in range(wb - 1)]
+        terms.append(Mux(self.b[wb - 1], self.a_neg, 0) << (wb - 1))
+        levels = (len(terms) - 1).bit_length()  # adder-tree depth
+        per_stage = [levels // MUL_STAGES + (x < levels % MUL_STAGES) for x in range(MUL_STAGES)]
+        vals = terms
+        for st, n in enumerate(per_stage):
+            for _ in range(n):
+                vals = [vals[x] + vals[x + 1] if x + 1 < len(vals) else vals[x]
+                        for x in range(0, len(vals), 2)]
+            regs = [Signal(signed(pw + 1), name=f"s{st + 1}_{x}", reset_less=True)
+                    for x in range(len(vals))]
+            with m.If(self.ce):
+                m.d.sync += [r.eq(v) for r, v in zip(regs, vals)]
+            vals = regs
+        m.d.comb += self.p.eq(vals[0])
         return m
