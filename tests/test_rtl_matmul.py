@@ -14,7 +14,8 @@ from hwgen import contract as C
 from hwgen.fixed import FixedType, requantize
 from hwgen.golden import GoldenModel, frac_of
 from hwgen.quant import QuantConfig, quantize
-from hwgen.rtl import PEArray, Requant, RTLError
+from hwgen.rtl import PEArray, Requant, RTLError, ShiftRequant
+from hwgen.rtl.requant import shift_code
 
 INT8 = FixedType(8, 8, True)
 
@@ -298,6 +299,65 @@ def test_requant_registered_and_validation():
     ]:
         with pytest.raises(RTLError) as e:
             Requant(*args, **kw)
+        assert str(e.value) == msg
+
+
+@pytest.mark.parametrize("in_width, shift_min, shift_max, out_width, out_signed", [
+    (21, 3, 9, 8, True),      # typical linear outputs, positive shifts only (pre-shift right by 2)
+    (20, -3, 6, 8, True),     # left and right shifts (pre-shift left by 3)
+    (16, -6, -2, 12, True),   # left shifts only, saturating
+    (18, 0, 0, 8, False),     # one shift, unsigned output
+    (12, 10, 16, 4, True),    # shifts past the input width
+    (24, 1, 1, 16, True),     # a single shift of 1
+])
+def test_shift_requant_vs_fixed(in_width, shift_min, shift_max, out_width, out_signed):
+    """ShiftRequant with a random run-time shift per lane and value: every code
+    equals ``fixed.requantize`` (AP_RND, AP_SAT); LATENCY cycles from i to o."""
+    rng = np.random.default_rng(in_width + 7 * shift_max)
+    lanes, n = 6, 400
+    lo, hi = -(1 << (in_width - 1)), (1 << (in_width - 1)) - 1
+    sh = rng.integers(shift_min, shift_max + 1, (n, lanes))
+    half = np.where(sh > 0, 1 << np.maximum(sh - 1, 0), 0)
+    ties = rng.integers(-200, 200, (n, lanes)) * (2 * half) + half        # exact ties
+    vals = np.where(rng.random((n, lanes)) < 0.3, ties, rng.integers(lo, hi + 1, (n, lanes)))
+    vals[:4] = [[lo] * lanes, [hi] * lanes, [0] * lanes, [-1] * lanes]
+    vals = np.clip(vals, lo, hi)
+    want = requantize(vals, sh, out_width, 0, out_signed, "AP_RND", "AP_SAT")
+    dut = ShiftRequant(in_width, shift_min, shift_max, out_width, out_signed, lanes=lanes)
+    got = []
+
+    async def tb(ctx):
+        for row in range(n + ShiftRequant.LATENCY):
+            if row < n:
+                ctx.set(dut.i, {"c": [int(v) for v in vals[row]],
+                                "t": [int(shift_code(int(v), shift_min)) for v in sh[row]]})
+            await ctx.tick()
+            if row + 1 >= ShiftRequant.LATENCY:
+                got.append([int(v) for v in ctx.get(dut.o)])
+
+    sim = Simulator(dut)
+    sim.add_clock(1e-8)
+    sim.add_testbench(tb)
+    sim.run()
+    got = np.array(got[:n])
+    bad = int((got != want).sum())
+    print(f"\n[shift requant in {in_width}, shifts {shift_min}..{shift_max} -> "
+          f"{'s' if out_signed else 'u'}{out_width}] {want.size} codes, mismatches {bad}")
+    assert bad == 0
+
+
+def test_shift_requant_validation():
+    for args, msg in [
+        ((0, 0, 1, 8), "in_width must be an integer in 1..48, got 0"),
+        ((16, -63, 1, 8), "shift_min must be an integer in -62..62, got -63"),
+        ((16, 0, 1.0, 8), "shift_max must be an integer in -62..62, got 1.0"),
+        ((16, 2, 1, 8), "shift_min (2) must not exceed shift_max (1)"),
+        ((16, 0, 1, 49), "out_width must be an integer in 1..48, got 49"),
+        ((16, 0, 1, 8, "yes"), "out_signed must be a bool, got 'yes'"),
+        ((16, 0, 1, 8, True, 0), "lanes must be a positive integer, got 0"),
+    ]:
+        with pytest.raises(RTLError) as e:
+            ShiftRequant(*args)
         assert str(e.value) == msg
 
 
