@@ -1,0 +1,135 @@
+"""Adaptive precision: per-row dispatch gives exactly the low or the high
+graph's integers, checks, thresholds, cycles from the engines, the report."""
+import math
+
+import numpy as np
+import pytest
+
+from conftest import build_tiny_decoder, tiny_decoder_feeds
+from hwgen import adaptive as A
+from hwgen import prune as P
+from hwgen.golden import GoldenModel
+from hwgen.quant import QuantConfig, quantize
+
+
+@pytest.fixture(scope="module")
+def pair(tiny_decoder):
+    feeds = tiny_decoder_feeds()
+    low, _ = quantize(tiny_decoder, feeds, QuantConfig.from_bits("w4a6"))
+    high, _ = quantize(tiny_decoder, feeds, QuantConfig.from_bits("w8a8"))
+    low.meta["bits"], high.meta["bits"] = "w4a6", "w8a8"
+    return low, high
+
+
+def test_dispatch_rows_exact(pair):
+    low, high = pair
+    feed = {"ids": np.random.default_rng(3).integers(0, 40, (6, 10))}
+    r = A.AdaptiveRunner(low, high, "entropy")
+    _, scores = r.low_pass(feed)
+    r.threshold = float(np.median(scores))
+    run = r.run(feed)
+    assert 0 < run.rerun.sum() < 6 and np.array_equal(run.rerun, scores > r.threshold)
+    lo = GoldenModel(low)(feed)["logits"]
+    hi = GoldenModel(high)(feed)["logits"]
+    want = np.where(run.rerun[:, None, None], hi, lo)
+    assert int(np.sum(run.outputs["logits"] != want)) == 0
+    assert np.array_equal(run.low_outputs["logits"], lo)
+    # cycles: the low pass for every row, plus the high pass for rerun rows
+    cl, ch = r.cycles_low(10), r.cycles_high(10)
+    assert np.array_equal(run.cycles, np.where(run.rerun, cl + ch, cl))
+
+
+def test_cycles_are_the_engines(pair):
+    """GraphCycles = sum of MatmulSpec.cycles over linears + the driver's
+    attention cycle model; a block-sparse record lowers the linears' share."""
+    from hwgen.rtl.matmul import MatmulSpec
+    from hwgen.runtime.cost import CycleModel
+
+    low, _ = pair
+    rows, cols, bk = P.engine_geometry()
+    s = 7
+    want = sum(MatmulSpec.for_linear(low, n, rows, cols, 128, bk).cycles(s) for n in low.nodes
+               if n.op == "linear")
+    cm = CycleModel(low, rows=rows, cols=cols)
+    want += sum(cm.node_cycles(n, {"B": 1, "S": s}) for n in low.nodes if n.op == "attention")
+    assert A.graph_cycles(low, s) == want
+    sparse = low.__class__(**{**low.__dict__, "weights": dict(low.weights), "nodes": [
+        n.__class__(**{**n.__dict__, "attrs": dict(n.attrs)}) for n in low.nodes]})
+    node = sparse.node("n13.linear")             # L0.fc2: K = 32, two blocks of 16 rows
+    assert node.outputs[0] == "L0.fc2"
+    w = sparse.weights[node.inputs[1]].copy()
+    w[:16] = 0                                   # one whole block row of W
+    sparse.weights[node.inputs[1]] = w
+    P.record_sparsity(sparse, None, bk, cols)
+    assert A.graph_cycles(sparse, s) < want
+
+
+def test_thresholds_and_checks(pair):
+    low, high = pair
+    feeds = tiny_decoder_feeds(2, b=4)
+    r = A.AdaptiveRunner(low, high, "saturation")
+    assert r.fit_threshold(feeds, 0.0) == math.inf
+    assert not r.run(feeds[0]).rerun.any()
+    assert r.fit_threshold(feeds, 1.0) == -math.inf
+    assert r.run(feeds[0]).rerun.all()
+    r.fit_threshold(feeds, 0.5)
+    n = sum(int(r.run(f).rerun.sum()) for f in feeds)
+    assert 2 <= n <= 6
+    for check in A.CHECKS:
+        _, s = A.AdaptiveRunner(low, high, check).low_pass(feeds[0])
+        assert s.shape == (4,) and np.all(np.isfinite(s))
+
+
+def test_saturation_counts_pinned_codes(pair):
+    low, _ = pair
+    feed = tiny_decoder_feeds(1, b=2)[0]
+    rec = GoldenModel(low)(feed, record=True)
+    t = low.tensors["L0.fc1"]
+    rec = dict(rec)
+    c = rec["L0.fc1"].copy()
+    before = A.saturation_score(low, rec, feed)
+    c[0, :3, 0] = t.fmt.max_code if c[0, 0, 0] != t.fmt.max_code else c[0, 0, 0]
+    c[0, :3, 1] = t.fmt.min_code
+    extra = int(np.sum(c[0] != rec["L0.fc1"][0]))
+    rec["L0.fc1"] = c
+    after = A.saturation_score(low, rec, feed)
+    assert after[1] == before[1] and after[0] * 12 == pytest.approx(before[0] * 12 + extra)
+
+
+def test_errors(pair, bert_block_graph):
+    from hwgen.ir import Graph
+
+    low, high = pair
+    with pytest.raises(A.AdaptiveError, match="unknown check 'oracle'"):
+        A.AdaptiveRunner(low, high, "oracle")
+    bert = Graph.load(bert_block_graph)
+    with pytest.raises(A.AdaptiveError, match="must take the same inputs"):
+        A.AdaptiveRunner(low, bert)
+    with pytest.raises(A.AdaptiveError, match="rerun fraction must be in"):
+        A.AdaptiveRunner(low, high).fit_threshold([], 1.5)
+    r = A.AdaptiveRunner(bert, bert, "entropy")
+    with pytest.raises(A.AdaptiveError, match="needs per-position logits"):
+        rng = np.random.default_rng(0)
+        r.low_pass({"x": rng.normal(size=(1, 4, 64)).astype(np.float32)})
+
+
+def test_evaluate_adaptive_report(pair, tiny_decoder):
+    from types import SimpleNamespace
+
+    low, high = pair
+    # a bundle-like object: the float graph as reference, tiny feeds
+    from hwgen.float_exec import run_float
+    from hwgen.quant import prepare
+
+    fg = prepare(tiny_decoder)
+    bundle = SimpleNamespace(kind="decoder", calib_feeds=tiny_decoder_feeds(2, b=4),
+                             eval_feeds=tiny_decoder_feeds(2, b=4, seed=7),
+                             reference=lambda f: run_float(fg, f)["logits"].numpy())
+    rep = A.evaluate_adaptive(bundle, low, high, "entropy", rerun_fraction=0.25)
+    assert rep["inputs"] == 8 and rep["low_only"] + rep["rerun"] == 8
+    assert rep["high"]["cycles_mean"] == rep["low"]["cycles_mean"]     # same shapes, dense
+    want = (8 * rep["low"]["cycles_mean"] + rep["rerun"] * rep["high"]["cycles_mean"]) / 8
+    assert rep["adaptive"]["cycles_mean"] == pytest.approx(want)
+    assert rep["cycles_ratio_vs_low"] == pytest.approx(1 + rep["rerun"] / 8)
+    for k in ("low", "high", "adaptive"):
+        assert 0 <= rep[k]["top1"] <= 1 and rep[k]["ppl"] > 1 and -1 <= rep[k]["cosine_mean"] <= 1
