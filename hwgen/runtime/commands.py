@@ -70,6 +70,9 @@ def cmd_run(args) -> dict:
     jobs._kernel_ops(args.backend)
     from .driver import check_device
     check_device(args.device)
+    for flag, v in (("--text", args.text), ("--prompt", args.prompt)):
+        if v is not None and not v.strip():
+            raise DriverError(f"{flag} is empty: give at least one character")
     graph = jobs.load_graph(args.model, args.graph, args.bits, say)
     model = jobs._model_of(graph)
     tracer = Tracer() if args.trace else None
