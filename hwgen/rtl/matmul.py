@@ -38,11 +38,13 @@ Buffers (word formats; the host-side packing below is their one definition)
            the occupied blocks packed in (N-tile, block) order, each ``block_k``
            words: word ``b * block_k + j`` = row ``kb * block_k + j`` of W,
            columns ``nt*cols .. nt*cols + cols - 1``, of the ``b``-th occupied block.
-``ent``    the block list, ``NT * KB`` words of :meth:`MatmulSpec.ent_layout`
-           (``kb``, ``wblk``, ``empty``, ``tile_last``, ``list_last``): one entry per
-           occupied block in the same order (``wblk`` = its block in ``w``), one
-           ``empty`` entry for an N-tile without any occupied block,
-           ``tile_last`` on an N-tile's last entry, ``list_last`` on the final one.
+``ent``    the block list, ``NT * KB`` words of :attr:`MatmulSpec.ent_layout`: one
+           entry per occupied block in the same order -- ``k0`` = ``kb * block_k``
+           (its first K row), ``w0`` = ``b * block_k`` (its first word in ``w``),
+           ``len_m1`` = its K rows - 1 -- one ``empty`` entry (other fields 0) for
+           an N-tile without any occupied block, ``tile_last`` on an N-tile's last
+           entry, ``list_last`` on the final one. (Addresses are precomputed by
+           the host, so the issue stage has adders only, no multipliers.)
 ``bias``   ``NT`` words of ``ArrayLayout(signed(bias_width), cols)``: accumulator codes.
 ``shift``  ``NT`` words of ``ArrayLayout(unsigned(shift_code_width), cols)``: per-column
            shift *codes* (:func:`hwgen.rtl.requant.shift_code`).
@@ -268,9 +270,11 @@ class MatmulSpec:
 
     @property
     def ent_layout(self) -> data.StructLayout:
+        """One block-list entry (module docstring, buffer ``ent``)."""
         return data.StructLayout({
-            "kb": unsigned(_bits(self.kb - 1)),
-            "wblk": unsigned(_bits(self.nt * self.kb - 1)),
+            "k0": unsigned(_bits(self.k - 1)),
+            "w0": unsigned(_bits(self.depths["w"] - 1)),
+            "len_m1": unsigned(_bits(self.block_k - 1)),
             "empty": 1, "tile_last": 1, "list_last": 1,
         })
 
@@ -406,21 +410,22 @@ class MatmulSpec:
         wp = np.zeros((self.kb * bk, self.nt * cols), dtype=np.int64)
         wp[:self.k, :self.n] = w
         wimg = np.zeros((self.depths["w"], cols), dtype=np.int64)
-        ents, nw = [], 0   # entries (kb, wblk, empty, tile_last, list_last); occupied blocks
+        ents, nw = [], 0   # entries (k0, w0, len_m1, empty, tile_last, list_last); occupied blocks
         for t in range(self.nt):
             kbs = np.flatnonzero(bm[t])
             if not len(kbs):
-                ents.append((0, 0, 1, 1, 0))
+                ents.append((0, 0, 0, 1, 1, 0))
             for i, kb in enumerate(kbs):
                 wimg[nw * bk:(nw + 1) * bk] = wp[kb * bk:(kb + 1) * bk, t * cols:(t + 1) * cols]
-                ents.append((int(kb), nw, 0, int(i == len(kbs) - 1), 0))
+                ents.append((int(kb) * bk, nw * bk, self.block_len(int(kb)) - 1, 0,
+                             int(i == len(kbs) - 1), 0))
                 nw += 1
-        ents[-1] = ents[-1][:4] + (1,)
+        ents[-1] = ents[-1][:5] + (1,)
         lay = self.ent_layout
         ent_words = []
         for e in ents:
             word = 0
-            for name, v in zip(("kb", "wblk", "empty", "tile_last", "list_last"), e):
+            for name, v in zip(("k0", "w0", "len_m1", "empty", "tile_last", "list_last"), e):
                 word |= int(v) << lay[name].offset
             ent_words.append(word)
         pad_n = self.nt * cols - self.n
@@ -628,15 +633,13 @@ class MatmulEngine(wiring.Component):
         m.d.comb += go.eq(run & ~stall)
 
         real = Signal()
-        blen = Signal(range(s.block_k + 1))
         entry_end = Signal()
         tile_end = Signal()
         list_end = Signal()
         advance = Signal()
         m.d.comb += [
             real.eq(~pad & ~e.empty),
-            blen.eq(Mux(e.kb == s.kb - 1, s.block_len(s.kb - 1), s.block_k)),
-            entry_end.eq(real & (kk == blen - 1)),
+            entry_end.eq(real & (kk == e.len_m1)),
             tile_end.eq(Mux(real, entry_end & e.tile_last, 1) & (tcnt + 1 >= s.min_beats)),
             list_end.eq(Mux(pad, sweep_end, e.list_last)),
             advance.eq(go & (entry_end | (~pad & e.empty & tile_end))),
@@ -649,8 +652,8 @@ class MatmulEngine(wiring.Component):
         m.d.sync += ent_idx.eq(ent_addr)
 
         m.d.comb += [
-            a_rd.addr.eq(a_base + e.kb * s.block_k + kk), a_rd.en.eq(~stall),
-            w_rd.addr.eq(e.wblk * s.block_k + kk), w_rd.en.eq(~stall),
+            a_rd.addr.eq(a_base + e.k0 + kk), a_rd.en.eq(~stall),
+            w_rd.addr.eq(e.w0 + kk), w_rd.en.eq(~stall),
         ]
         with m.If(go):
             m.d.sync += tcnt.eq(Mux(tile_end, 0, tcnt + 1))
