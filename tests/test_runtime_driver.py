@@ -134,7 +134,7 @@ def test_run_many_pipelines_host_and_accelerator(tiny_decoder_fixed, monkeypatch
     g = tiny_decoder_fixed
     import hwgen.runtime.driver as drv_mod
 
-    monkeypatch.setattr(drv_mod, "make_backend", lambda name, graph: _SlowGolden(graph))
+    monkeypatch.setattr(drv_mod, "make_backend", lambda name, graph, *a: _SlowGolden(graph))
     tr = Tracer()
     d = Driver(g, "golden", tracer=tr)
     feeds = [{"ids": f["ids"][:1]} for f in tiny_decoder_feeds(4, b=1, s=6)]
@@ -160,7 +160,7 @@ def test_run_many_propagates_errors(tiny_decoder_fixed, monkeypatch):
             raise DriverError("boom in " + node.name)
 
     import hwgen.runtime.driver as drv_mod
-    monkeypatch.setattr(drv_mod, "make_backend", lambda name, graph: Broken(graph))
+    monkeypatch.setattr(drv_mod, "make_backend", lambda name, graph, *a: Broken(graph))
     d = Driver(g, "golden")
     with pytest.raises(DriverError, match="boom in"):
         d.run_many(tiny_decoder_feeds(2, b=1, s=4))

@@ -269,12 +269,19 @@ def rtl_available() -> str | None:
     """None when the RTL engines and the simulation runner are importable, else what is missing."""
     import importlib.util
 
-    missing = [m for m in ("hwgen.rtl.matmul", "hwgen.rtl.attention", "sim")
+    try:
+        from ..rtl.verify import _sim_package
+        _sim_package()  # puts the checkout's sim/ (the cocotb benches) on sys.path
+    except Exception as e:  # noqa: BLE001 -- reported as what is missing
+        return f"sim/ ({e})"
+    missing = [m for m in ("hwgen.rtl.matmul", "hwgen.rtl.attention", "sim.kernels", "sim.runner")
                if importlib.util.find_spec(m) is None]
     return ", ".join(missing) if missing else None
 
 
-def make_backend(name: str, graph: Graph) -> AccelBackend:
+def make_backend(name: str, graph: Graph, cycles=None) -> AccelBackend:
+    """The accelerator backend ``name``; ``cycles`` (a :class:`~hwgen.runtime.cost.CycleModel`)
+    gives the rtl backend its engine configuration, so cost model and hardware agree."""
     if name == "golden":
         return GoldenAccel(graph)
     if name == "hls":
@@ -286,5 +293,5 @@ def make_backend(name: str, graph: Graph) -> AccelBackend:
                               f"this checkout lacks ({missing}); use --backend golden or hls")
         from .rtl_backend import RTLAccel
 
-        return RTLAccel(graph)
+        return RTLAccel(graph, cycles)
     raise DriverError(f"unknown backend '{name}': expected one of {', '.join(BACKENDS)}")

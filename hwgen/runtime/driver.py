@@ -102,13 +102,13 @@ class Driver:
                  tracer: Tracer | None = None, say=None):
         self.graph = graph
         self.device = check_device(device)
-        self.accel = make_backend(backend, graph)
+        self.cycles = cycles if cycles is not None else cost_mod.CycleModel(graph)
+        self.accel = make_backend(backend, graph, self.cycles)
         self.backend = backend
         self.placement = place(graph, self.accel.kernel_ops, accel_ops, force)
         self.segments = segments(graph, self.placement)
         self.host = TorchHost(graph, self.device)
         self.bus_bits = bus_bits
-        self.cycles = cycles if cycles is not None else cost_mod.CycleModel(graph)
         self.tracer = tracer
         self._accel_lane = f"accel ({backend})"
         self._host_lane = f"host ({self.device.type})"
