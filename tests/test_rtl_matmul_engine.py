@@ -412,7 +412,10 @@ def test_minilm_shapes_utilization(k, n):
     ({"out_fmt": FixedType(8, 3, False, "AP_RND", "AP_WRAP")},
      "out_fmt ufixed<8,3,AP_RND,AP_WRAP> has q=AP_RND, o=AP_WRAP; the RTL requantizer implements only "
      "q=AP_RND, o=AP_SAT (the quantizer's defaults): quantize with those modes"),
+    ({"out_fmt": "int8"}, "out_fmt must be a hwgen.fixed.FixedType, got 'int8'"),
     ({"bias_lo": 1.5}, "bias_lo must be an integer, got 1.5"),
+    ({"bias_hi": None}, "bias_hi must be an integer, got None"),
+    ({"shift_max": 1.0}, "shift_max must be an integer in -62..62, got 1.0"),
     ({"bias_lo": 5, "bias_hi": 4}, "bias_lo (5) must not exceed bias_hi (4)"),
     ({"shift_min": 63}, "shift_min must be an integer in -62..62, got 63"),
     ({"shift_min": 3, "shift_max": 2}, "shift_min (3) must not exceed shift_max (2)"),
@@ -484,6 +487,21 @@ def test_for_linear_errors(tiny_decoder_fixed, tiny_decoder):
     assert str(e.value) == (
         "node 'n4.linear': output 'L0.q' has format fixed<8,%d,AP_TRN,AP_WRAP> (q=AP_TRN, o=AP_WRAP); "
         "the RTL requantizer implements only q=AP_RND, o=AP_SAT: quantize with those modes" % t.fmt.int_bits)
+    bad = copy.deepcopy(g)
+    bad.tensors["L0.fc1"].fmt = None
+    with pytest.raises(RTLError) as e:
+        linear_operands(bad, "n11.linear")
+    assert str(e.value) == "node 'n11.linear': tensor 'L0.fc1' has no fixed-point format"
+    bad = copy.deepcopy(g)
+    bad.weights["L0.fc1.b"] = bad.weights["L0.fc1.b"][:5]
+    with pytest.raises(RTLError) as e:
+        linear_operands(bad, "n11.linear")
+    assert str(e.value) == "node 'n11.linear': bias 'L0.fc1.b' has 5 entries for 32 columns"
+    bad = copy.deepcopy(g)
+    bad.weights["L0.fc1.w"] = bad.weights["L0.fc1.w"].reshape(-1)
+    with pytest.raises(RTLError) as e:
+        linear_operands(bad, "n11.linear")
+    assert str(e.value) == "node 'n11.linear': weight 'L0.fc1.w' has shape [512], expected (K, N)"
 
 
 # ----------------------------------------------------------------------------

@@ -69,7 +69,8 @@ lands in the generated Verilog), or set in Amaranth's simulator through
 Control and timing
 ------------------
 ``start`` (in): sampled while ``busy`` is low; the engine latches ``m`` (in,
-``1 <= m <= max_m``; 0 runs as 1) and raises ``busy``. ``done`` (out) is high
+``1 <= m <= max_m``: 0 runs one M-tile and writes nothing, ``m > max_m`` is
+undefined; the host side checks it, :meth:`MatmulSpec.check_m`) and raises ``busy``. ``done`` (out) is high
 for exactly one cycle when the last result is in ``out``; ``busy`` falls in
 that same cycle, and a new ``start`` is accepted from then on. Counting the
 cycle in which ``start`` is sampled as cycle 0, ``done`` is high in cycle
