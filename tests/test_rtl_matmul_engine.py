@@ -225,6 +225,9 @@ def test_sparse_bitmaps(pattern):
         bm[-1] = True
     w = _sparsify(spec, w, bm)
     assert (spec.occupancy(w) <= bm).all()
+    if bm.any():   # a w buffer sized to the occupied blocks only
+        spec = MatmulSpec(**{**spec.__dict__, "w_blocks": int(bm.sum())})
+        assert spec.depths["w"] == int(bm.sum()) * spec.block_k
     want = _contract_linear(spec, x, w, b, s)
     y, cycles = run_engine(spec, x, w, b, s, bitmap=bm.astype(np.uint8))
     _check(f"sparse {pattern} ({int(bm.sum())}/{bm.size} blocks)", spec, y, want, cycles, 7, bm)
@@ -420,6 +423,8 @@ def test_minilm_shapes_utilization(k, n):
     ({"shift_min": 63}, "shift_min must be an integer in -62..62, got 63"),
     ({"shift_min": 3, "shift_max": 2}, "shift_min (3) must not exceed shift_max (2)"),
     ({"name": "9x"}, "name must be an identifier ([A-Za-z_][A-Za-z0-9_]*), got '9x'"),
+    ({"w_blocks": 0}, "w_blocks must be a positive integer, got 0"),
+    ({"w_blocks": 9}, "w_blocks must be at most NT * KB = 2 (every block of W), got 9"),
     ({"k": 1 << 40, "x_fmt": FixedType(16, 8)},
      "accumulator of 1099511627776 products of ap_fixed<16,8,AP_TRN,AP_WRAP> x "
      "ap_fixed<8,4,AP_TRN,AP_WRAP> needs 64 bits; the contract supports at most 48"),
@@ -461,6 +466,8 @@ def test_engine_pack_and_cycles_validation():
         (lambda: spec.pack_x(np.full((2, 8), 0.5)),
          "x must be an integer array of shape (2, 8), got float64 (2, 8)"),
         (lambda: spec.unpack_out([0] * 5, 3), "the out image needs at least m * NT = 6 words, got 5"),
+        (lambda: _spec(4, 4, 8, 6, 8, 4).__class__(**{**spec.__dict__, "w_blocks": 3}).pack_weights(w),
+         "the bitmap has 4 occupied weight blocks; the w buffer holds w_blocks=3"),
     ]:
         with pytest.raises(RTLError) as e:
             call()

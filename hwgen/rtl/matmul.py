@@ -34,7 +34,8 @@ Buffers (word formats; the host-side packing below is their one definition)
 ``a``      activations, ``MT_max * k`` words of ``ArrayLayout(x code, rows)``:
            word ``mt * k + kk`` = ``x[mt*rows : mt*rows + rows, kk]`` (a column of
            an A tile; rows past ``m`` are zero).
-``w``      weights, ``NT * KB * block_k`` words of ``ArrayLayout(w code, cols)``:
+``w``      weights, ``w_blocks * block_k`` words (``w_blocks``: default ``NT * KB``)
+           of ``ArrayLayout(w code, cols)``:
            the occupied blocks packed in (N-tile, block) order, each ``block_k``
            words: word ``b * block_k + j`` = row ``kb * block_k + j`` of W,
            columns ``nt*cols .. nt*cols + cols - 1``, of the ``b``-th occupied block.
@@ -165,7 +166,9 @@ class MatmulSpec:
     fractional bits are carried by the run-time per-column shifts);
     ``bias_lo .. bias_hi``: range of the bias codes (0 .. 0: no bias);
     ``shift_min .. shift_max``: range of the per-column shifts ``x_frac +
-    w_frac[n] - out_frac[n]``.
+    w_frac[n] - out_frac[n]``; ``w_blocks``: capacity of the ``w`` buffer in
+    weight blocks (None: every block, ``NT * KB``; fewer stores a block-sparse
+    matrix in less memory).
     """
 
     rows: int
@@ -182,6 +185,7 @@ class MatmulSpec:
     shift_max: int = 0
     block_k: int = 16
     name: str = "matmul"
+    w_blocks: int | None = None
 
     #: cycles from ``start`` to the first beat the PE array accepts
     ISSUE_LATENCY = 2
@@ -191,6 +195,11 @@ class MatmulSpec:
     def __post_init__(self):
         for p in ("rows", "cols", "k", "n", "max_m", "block_k"):
             check_positive(p, getattr(self, p))
+        if self.w_blocks is not None:
+            check_positive("w_blocks", self.w_blocks)
+            if self.w_blocks > self.nt * self.kb:
+                raise RTLError(f"w_blocks must be at most NT * KB = {self.nt * self.kb} (every block "
+                               f"of W), got {self.w_blocks}")
         for p in ("x_fmt", "w_fmt", "out_fmt"):
             _check_fmt(p, getattr(self, p))
         if (self.out_fmt.q, self.out_fmt.o) != (RTL_Q, RTL_O):
@@ -247,13 +256,18 @@ class MatmulSpec:
         """Fewest beats per tile: the PEArray streams tiles with no gap from rows + 1."""
         return self.rows + 1
 
+    @property
+    def w_capacity(self) -> int:
+        """Weight blocks the ``w`` buffer holds."""
+        return self.nt * self.kb if self.w_blocks is None else self.w_blocks
+
     def block_len(self, kb: int) -> int:
         """K rows of weight block ``kb``."""
         return min(self.block_k, self.k - kb * self.block_k)
 
     @property
     def depths(self) -> dict[str, int]:
-        return {"a": self.mt_max * self.k, "w": self.nt * self.kb * self.block_k,
+        return {"a": self.mt_max * self.k, "w": self.w_capacity * self.block_k,
                 "ent": self.nt * self.kb, "bias": self.nt, "shift": self.nt,
                 "out": self.mt_max * self.rows * self.nt}
 
@@ -351,6 +365,7 @@ class MatmulSpec:
             "engine": "MatmulEngine",
             "parameters": {"rows": self.rows, "cols": self.cols, "k": self.k, "n": self.n,
                            "max_m": self.max_m, "block_k": self.block_k,
+                           "w_blocks": self.w_capacity,
                            "min_beats": self.min_beats, "pe_latency": PEArray.LATENCY,
                            "issue_latency": self.ISSUE_LATENCY, "out_latency": self.OUT_LATENCY},
             "formats": {"x": self.x_fmt.to_dict(), "w": self.w_fmt.to_dict(),
@@ -407,6 +422,9 @@ class MatmulSpec:
             nt, kb = (int(v) for v in np.argwhere(lost)[0])
             raise RTLError(f"bitmap marks weight block (nt={nt}, kb={kb}) empty but it holds "
                            f"non-zero codes; use occupancy(w) or zero the block")
+        if int(bm.sum()) > self.w_capacity:
+            raise RTLError(f"the bitmap has {int(bm.sum())} occupied weight blocks; the w buffer "
+                           f"holds w_blocks={self.w_capacity}")
         bk, cols = self.block_k, self.cols
         wp = np.zeros((self.kb * bk, self.nt * cols), dtype=np.int64)
         wp[:self.k, :self.n] = w
@@ -474,7 +492,7 @@ class MatmulSpec:
     # -- from a graph ----------------------------------------------------
     @classmethod
     def for_linear(cls, graph, node, rows: int = 16, cols: int = 16, max_m: int = 128,
-                   block_k: int = 16) -> "MatmulSpec":
+                   block_k: int = 16, w_blocks: int | None = None) -> "MatmulSpec":
         """The spec of a fixed graph's ``linear`` node (a Node or its name)."""
         node, ops = linear_operands(graph, node)
         w, bias, shift = ops["w"], ops["bias"], ops["shift"]
@@ -484,7 +502,7 @@ class MatmulSpec:
                    out_fmt=g.tensors[node.outputs[0]].fmt,
                    bias_lo=int(min(bias.min(), 0)), bias_hi=int(max(bias.max(), 0)),
                    shift_min=int(shift.min()), shift_max=int(shift.max()), block_k=block_k,
-                   name=_identifier(node.name))
+                   name=_identifier(node.name), w_blocks=w_blocks)
 
 
 def _identifier(name: str) -> str:
@@ -578,9 +596,10 @@ class MatmulEngine(wiring.Component):
 
     @classmethod
     def for_linear(cls, graph, node, rows: int = 16, cols: int = 16, max_m: int = 128,
-                   block_k: int = 16, init: dict | None = None) -> "MatmulEngine":
+                   block_k: int = 16, w_blocks: int | None = None,
+                   init: dict | None = None) -> "MatmulEngine":
         """An engine for a fixed graph's ``linear`` node (see :meth:`MatmulSpec.for_linear`)."""
-        return cls(MatmulSpec.for_linear(graph, node, rows, cols, max_m, block_k), init=init)
+        return cls(MatmulSpec.for_linear(graph, node, rows, cols, max_m, block_k, w_blocks), init=init)
 
     def cycles(self, m: int, bitmap=None) -> int:
         return self.spec.cycles(m, bitmap)
