@@ -145,7 +145,7 @@ class TargetError(ValueError):
     pass
 
 
-TARGETS = ("hls",)
+TARGETS = ("hls", "hls4ml")
 
 
 def _check_target(target: str) -> None:
@@ -179,13 +179,16 @@ def _warn_unsupported(skipped: list[dict]) -> None:
 # ----------------------------------------------------------------------------
 
 def cmd_gen(args: argparse.Namespace) -> dict:
-    from .hls.project import first_batch, golden_io, plan, write_project
+    from .hls.project import first_batch, fit_seq, golden_io, plan, write_project
     from .ir import Graph
 
     _check_target(args.target)
     say = Progress(args.quiet)
+    if args.target == "hls4ml":  # one hls4ml project per expressible layer: hwgen.hls.hls4ml_interop
+        from .hls.hls4ml_interop import cmd_gen_hls4ml
+        return cmd_gen_hls4ml(args, say)
     graph = Graph.load(args.graph)
-    kernels, skipped = plan(graph, args.layer)
+    kernels, skipped = plan(graph, args.layer, args.par)
     _warn_unsupported(skipped)
     if skipped:
         say(f"skipping {len(skipped)} node(s) without an HLS kernel: "
@@ -202,6 +205,7 @@ def cmd_gen(args: argparse.Namespace) -> dict:
             feeds = None
         if feeds is not None:
             feeds = first_batch(feeds, args.batch)
+            kernels = fit_seq(graph, kernels, feeds, args.layer, args.par)
             say(f"golden vectors: {', '.join(f'{k} {list(np.shape(v))}' for k, v in feeds.items())}")
             vectors = golden_io(graph, kernels, feeds)
     say(f"writing {len(kernels)} kernel(s) to {args.out}")
@@ -223,8 +227,11 @@ def cmd_verify(args: argparse.Namespace):
     _check_target(args.target)
     t0 = time.perf_counter()
     say = Progress(args.quiet)
+    if args.target == "hls4ml":  # hls4ml's own C-simulation vs golden: hwgen.hls.hls4ml_interop
+        from .hls.hls4ml_interop import cmd_verify_hls4ml
+        return cmd_verify_hls4ml(args, say)
     graph = Graph.load(args.graph)
-    kernels, skipped = plan(graph, args.layer)
+    kernels, skipped = plan(graph, args.layer, args.par)
     say(f"{len(kernels)} kernel(s) with HLS support"
         + (f" in layer {args.layer}" if args.layer is not None else "")
         + (f"; skipping {len(skipped)}: " + ", ".join(f"{s['name']} ({s['op']})" for s in skipped)
@@ -235,7 +242,7 @@ def cmd_verify(args: argparse.Namespace):
                           + (f" of layer {args.layer}" if args.layer is not None else "")
                           + " has an HLS kernel")
     feeds, note = _hls_feeds(args, graph, say)
-    report = verify(graph, kernels, feeds, say=say)
+    report = verify(graph, kernels, feeds, par=args.par, say=say, layer=args.layer)
     total = sum(k["mismatches"] for k in report)
     result = {"target": "hls", "graph": str(args.graph), "layer": args.layer, "inputs": note,
               "kernels": report, "vectors": sum(k["vectors"] for k in report), "mismatches": total,
@@ -335,7 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Emit one HLS C++ kernel per supported node of a fixed graph, "
                         "a testbench, golden vectors and run_hls.tcl (vitis_hls -f run_hls.tcl).")
     gn.add_argument("--graph", required=True, help="graph directory written by `hwgen quantize`")
-    gn.add_argument("--target", required=True, help="hls")
+    gn.add_argument("--target", required=True, help="hls | hls4ml")
     gn.add_argument("--out", required=True, help="output folder (replaced atomically)")
     gn.add_argument("--layer", type=int, help="only the nodes of this transformer block")
     gn.add_argument("--part", default="xcu250-figd2104-2L-e", help="FPGA part (default xcu250-figd2104-2L-e)")
@@ -344,6 +351,8 @@ def build_parser() -> argparse.ArgumentParser:
     gn.add_argument("--batch", type=int, default=1,
                     help="batch rows of the inputs used for the golden vectors (default 1)")
     gn.add_argument("--no-vectors", action="store_true", help="write no golden vectors (no csim/cosim)")
+    gn.add_argument("--par", type=int, default=4, help="hls: parallelism setting, columns/channels/MACs "
+                    "per cycle (ARRAY_PARTITION and UNROLL factors; default 4)")
     gn.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     gn.add_argument("--quiet", action="store_true", help="no progress on stderr")
     gn.set_defaults(fn=cmd_gen)
@@ -353,9 +362,10 @@ def build_parser() -> argparse.ArgumentParser:
                        "C-simulate the HLS kernels (g++, ap_fixed headers) and count mismatching "
                        "output codes. Exit status 1 if any.")
     v.add_argument("--graph", required=True, help="graph directory written by `hwgen quantize`")
-    v.add_argument("--target", required=True, help="hls")
+    v.add_argument("--target", required=True, help="hls | hls4ml")
     v.add_argument("--layer", type=int, help="only the nodes of this transformer block")
     v.add_argument("--inputs", help=".npz with one array per graph input (default: built-in inputs)")
+    v.add_argument("--par", type=int, default=4, help="hls: parallelism setting of the kernels (default 4)")
     v.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     v.add_argument("--quiet", action="store_true", help="no progress on stderr")
     v.set_defaults(fn=cmd_verify)
