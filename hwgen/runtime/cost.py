@@ -66,6 +66,7 @@ class CycleModel:
         self.graph = graph
         self.rows, self.cols, self.lanes, self.max_m = rows, cols, lanes, max_m
         self._engines: dict[str, object] = {}
+        self._memo: dict[tuple, int | None] = {}
         self.max_seq = int(graph.meta.get("max_positions") or 0) or 128
 
     def _engine(self, node: Node):
@@ -87,6 +88,12 @@ class CycleModel:
         return eng
 
     def node_cycles(self, node: Node, dims: dict[str, int], offset: int = 0) -> int | None:
+        key = (node.name, dims["B"], dims["S"], offset if node.attrs.get("kv_cache") else 0)
+        if key not in self._memo:
+            self._memo[key] = self._cycles(node, dims, offset)
+        return self._memo[key]
+
+    def _cycles(self, node: Node, dims: dict[str, int], offset: int) -> int | None:
         eng = self._engine(node)
         if eng is None:
             return None

@@ -239,6 +239,7 @@ class TorchHost:
         self._w: dict[str, torch.Tensor] = {}
         self._tables: dict[tuple, torch.Tensor] = {}
         self._frac: dict[str, object] = {}
+        self._consts: dict[str, tuple] = {}
 
     # -- cached device constants ------------------------------------------------
     def weight(self, name: str) -> torch.Tensor:
@@ -298,21 +299,27 @@ class TorchHost:
                                   f"got {int(ids.min())}..{int(ids.max())}")
         return table[ids]
 
+    def _linear_consts(self, node):
+        c = self._consts.get(node.name)
+        if c is None:
+            g = self.graph
+            w_name, b_name = node.inputs[1], g.node_input(node, "bias")
+            xf = self.frac(node.inputs[0])
+            x_frac = int(xf) if isinstance(xf, int) else int(xf.max())
+            w_frac = np.asarray(g.tensors[w_name].frac_bits()).reshape(-1)
+            maxp = max(abs(v) for v in C.product_range(self.fmt(node.inputs[0]), self.fmt(w_name)))
+            acc_frac = x_frac + (int(w_frac[0]) if w_frac.size == 1 else
+                                 torch.as_tensor(w_frac, device=self.device))
+            c = self._consts[node.name] = (w_name, b_name, maxp, acc_frac, self.fmt(node.outputs[0]),
+                                           self._out_frac(node))
+        return c
+
     def op_linear(self, node, ins, offset, state):
-        g = self.graph
-        x = ins[0]
-        w_name, b_name = node.inputs[1], g.node_input(node, "bias")
-        xf = self.frac(node.inputs[0])
-        x_frac = int(xf) if isinstance(xf, int) else int(xf.max())
-        w_frac = np.asarray(g.tensors[w_name].frac_bits()).reshape(-1)
-        x_fmt, w_fmt = self.fmt(node.inputs[0]), self.fmt(w_name)
-        maxp = max(abs(v) for v in C.product_range(x_fmt, w_fmt))
-        acc = matmul_int(x, self.weight(w_name), maxp)
+        w_name, b_name, maxp, acc_frac, out_fmt, out_frac = self._linear_consts(node)
+        acc = matmul_int(ins[0], self.weight(w_name), maxp)
         if b_name:
             acc = acc + self.weight(b_name)
-        acc_frac = x_frac + (int(w_frac[0]) if w_frac.size == 1 else
-                             self.table(("wfrac", w_name), lambda: w_frac))
-        return requant_fmt(acc, acc_frac, self.fmt(node.outputs[0]), self._out_frac(node))
+        return requant_fmt(acc, acc_frac, out_fmt, out_frac)
 
     def op_attention(self, node, ins, offset, state):
         g, a = self.graph, node.attrs
@@ -398,16 +405,18 @@ class TorchHost:
                            self.fmt(node.outputs[0]), self._out_frac(node))
 
     def op_gelu(self, node, ins, offset, state):
-        in_fmt, out_fmt = self.fmt(node.inputs[0]), self.fmt(node.outputs[0])
-        approx = node.attrs["approximate"]
-        idx = ins[0] - in_fmt.min_code
-        out_frac = self._out_frac(node)
-        if out_frac is None:
-            return self.table(("gelu", in_fmt, out_fmt, approx),
-                              lambda: C.gelu_table(in_fmt, out_fmt, approx))[idx]
-        fine = C.gelu_fine_format(out_fmt, self.graph.tensors[node.outputs[0]].frac_bits())
-        t = self.table(("gelu", in_fmt, fine, approx), lambda: C.gelu_table(in_fmt, fine, approx))
-        return requant_fmt(t[idx], fine.frac_bits, out_fmt, out_frac)
+        c = self._consts.get(node.name)
+        if c is None:
+            in_fmt, out_fmt = self.fmt(node.inputs[0]), self.fmt(node.outputs[0])
+            approx = node.attrs["approximate"]
+            out_frac = self._out_frac(node)
+            fine = out_fmt if out_frac is None else \
+                C.gelu_fine_format(out_fmt, self.graph.tensors[node.outputs[0]].frac_bits())
+            t = self.table(("gelu", in_fmt, fine, approx), lambda: C.gelu_table(in_fmt, fine, approx))
+            c = self._consts[node.name] = (in_fmt.min_code, t, fine, out_fmt, out_frac)
+        lo, t, fine, out_fmt, out_frac = c
+        y = t[ins[0] - lo]
+        return y if out_frac is None else requant_fmt(y, fine.frac_bits, out_fmt, out_frac)
 
     def op_relu(self, node, ins, offset, state):
         return requant_fmt(torch.clamp(ins[0], min=0), self.fmt(node.inputs[0]).frac_bits,
