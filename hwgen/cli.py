@@ -145,7 +145,7 @@ class TargetError(ValueError):
     pass
 
 
-TARGETS = ("hls", "hls4ml")
+TARGETS = ("hls", "rtl", "hls4ml")
 
 
 def _check_target(target: str) -> None:
@@ -184,6 +184,9 @@ def cmd_gen(args: argparse.Namespace) -> dict:
 
     _check_target(args.target)
     say = Progress(args.quiet)
+    if args.target == "rtl":  # Verilog + manifests: hwgen.rtl.generate
+        from .rtl.generate import cmd_gen_rtl
+        return cmd_gen_rtl(args, say)
     if args.target == "hls4ml":  # one hls4ml project per expressible layer: hwgen.hls.hls4ml_interop
         from .hls.hls4ml_interop import cmd_gen_hls4ml
         return cmd_gen_hls4ml(args, say)
@@ -227,6 +230,9 @@ def cmd_verify(args: argparse.Namespace):
     _check_target(args.target)
     t0 = time.perf_counter()
     say = Progress(args.quiet)
+    if args.target == "rtl":  # cocotb benches on Verilator/Icarus: hwgen.rtl.verify
+        from .rtl.verify import cmd_verify_rtl
+        return cmd_verify_rtl(args, say)
     if args.target == "hls4ml":  # hls4ml's own C-simulation vs golden: hwgen.hls.hls4ml_interop
         from .hls.hls4ml_interop import cmd_verify_hls4ml
         return cmd_verify_hls4ml(args, say)
@@ -299,6 +305,13 @@ def cmd_report(args: argparse.Namespace) -> dict:
 
 # ----------------------------------------------------------------------------
 
+def _rtl_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--rows", type=int, default=16, help="rtl: PE array rows (default 16)")
+    p.add_argument("--cols", type=int, default=16, help="rtl: PE array columns (default 16)")
+    p.add_argument("--max-seq", type=int, default=128, help="rtl: longest sequence (default 128)")
+    p.add_argument("--lanes", type=int, default=8, help="rtl: attention keys per cycle (default 8)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hwgen", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -342,7 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Emit one HLS C++ kernel per supported node of a fixed graph, "
                         "a testbench, golden vectors and run_hls.tcl (vitis_hls -f run_hls.tcl).")
     gn.add_argument("--graph", required=True, help="graph directory written by `hwgen quantize`")
-    gn.add_argument("--target", required=True, help="hls | hls4ml")
+    gn.add_argument("--target", required=True, help="hls | rtl | hls4ml")
     gn.add_argument("--out", required=True, help="output folder (replaced atomically)")
     gn.add_argument("--layer", type=int, help="only the nodes of this transformer block")
     gn.add_argument("--part", default="xcu250-figd2104-2L-e", help="FPGA part (default xcu250-figd2104-2L-e)")
@@ -353,6 +366,9 @@ def build_parser() -> argparse.ArgumentParser:
     gn.add_argument("--no-vectors", action="store_true", help="write no golden vectors (no csim/cosim)")
     gn.add_argument("--par", type=int, default=4, help="hls: parallelism setting, columns/channels/MACs "
                     "per cycle (ARRAY_PARTITION and UNROLL factors; default 4)")
+    _rtl_args(gn)
+    gn.add_argument("--lint", action="store_true", help="rtl: verilator --lint-only -Wall with the "
+                    "waivers (exit 1 on any warning)")
     gn.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     gn.add_argument("--quiet", action="store_true", help="no progress on stderr")
     gn.set_defaults(fn=cmd_gen)
@@ -362,10 +378,19 @@ def build_parser() -> argparse.ArgumentParser:
                        "C-simulate the HLS kernels (g++, ap_fixed headers) and count mismatching "
                        "output codes. Exit status 1 if any.")
     v.add_argument("--graph", required=True, help="graph directory written by `hwgen quantize`")
-    v.add_argument("--target", required=True, help="hls | hls4ml")
+    v.add_argument("--target", required=True, help="hls | rtl | hls4ml")
     v.add_argument("--layer", type=int, help="only the nodes of this transformer block")
     v.add_argument("--inputs", help=".npz with one array per graph input (default: built-in inputs)")
     v.add_argument("--par", type=int, default=4, help="hls: parallelism setting of the kernels (default 4)")
+    _rtl_args(v)
+    v.add_argument("--sim", default="verilator", choices=["verilator", "icarus"],
+                   help="rtl: simulator (default verilator)")
+    v.add_argument("--waves", action="store_true", help="rtl: record waves (path in the JSON)")
+    v.add_argument("--batch", type=int, default=1, help="rtl: batch rows of the inputs simulated (default 1)")
+    v.add_argument("--seq", type=int, help="rtl: pad the inputs to this many tokens (e.g. 128)")
+    v.add_argument("--heads", type=int, help="rtl: simulate only the first N heads of each attention")
+    v.add_argument("--kernel", action="append", help="rtl: only this kernel (name or node; repeatable)")
+    v.add_argument("--no-corners", action="store_true", help="rtl: no corner-case vectors")
     v.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     v.add_argument("--quiet", action="store_true", help="no progress on stderr")
     v.set_defaults(fn=cmd_verify)
