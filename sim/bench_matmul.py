@@ -1,19 +1,22 @@
 """cocotb bench: :class:`hwgen.rtl.matmul.MatmulEngine`, loaded in bulk, run to ``done``.
 
 Vectors: ``img_<buffer>`` (hex strings: the memory images that
-:meth:`MatmulSpec.pack_weights` / :meth:`MatmulSpec.pack_x` built on the
-host). Config: ``buffers`` (names, load order), ``m``, ``out_words``,
-``max_cycles``.
+:meth:`MatmulSpec.pack_weights` built on the host) and ``img_a_<r>`` (the
+activation image of run ``r``, :meth:`MatmulSpec.pack_x`). Config:
+``buffers`` (weight-side buffers, load order), ``runs`` (``[{"m", "out_words",
+"max_cycles"}]``).
 
-1. Load: every image through its write port ``<buffer>_wr`` (``addr``,
-   ``data``, ``en``), one word per cycle, as host DMA feeds the engine.
-2. Run: ``m`` and a one-cycle ``start`` pulse, then the bench awaits ``done``
-   without touching a cycle in Python, so the simulator runs at its own
-   speed. ``cycles`` = the cycle in which ``done`` is high, counting the cycle
-   in which ``start`` is sampled as 0 (``MatmulSpec.cycles``'s definition).
-3. Read: ``out_words`` words through ``o_rd`` (data one cycle after addr).
+1. Load the weight-side images once, every image through its write port
+   ``<buffer>_wr`` (``addr``, ``data``, ``en``), one word per cycle, as host
+   DMA feeds the engine. Then for each run:
+2. load its activations (``a_wr``), pulse ``start`` with ``m``, then await
+   ``done`` without touching a cycle in Python, so the simulator runs at its
+   own speed. The run's cycles = the cycle in which ``done`` is high,
+   counting the cycle in which ``start`` is sampled as 0
+   (``MatmulSpec.cycles``'s definition);
+3. read ``out_words`` words through ``o_rd`` (data one cycle after addr).
 
-The words read are returned in ``outputs.npz`` (``out``, hex); the host
+The words read are returned in ``outputs.npz`` (``out_<r>``, hex); the host
 unpacks them with :meth:`MatmulSpec.unpack_out` and compares every code.
 """
 from __future__ import annotations
@@ -31,12 +34,12 @@ from sim.streams import _u, reset
 PERIOD_NS = 10
 
 
-async def load_buffers(dut, cfg, vec) -> int:
-    """Write every image through its write port; returns cycles spent."""
+async def load_buffers(dut, images: list[tuple[str, object]]) -> int:
+    """Write every ``(buffer, hex image)`` through its write port; returns cycles spent."""
     edge = RisingEdge(dut.clk)
     n = 0
-    for b in cfg["buffers"]:
-        words = words_of(vec[f"img_{b}"])
+    for b, img in images:
+        words = words_of(img)
         addr, data, en = (getattr(dut, f"{b}_wr__{f}") for f in ("addr", "data", "en"))
         for a, w in enumerate(words):
             await edge
@@ -93,20 +96,29 @@ async def bench(dut):
     cfg, vec = load_bench()
     Clock(dut.clk, PERIOD_NS, unit="ns").start()
     dut.start.value = 0
-    for b in cfg["buffers"]:
+    for b in ("a", *cfg["buffers"]):
         getattr(dut, f"{b}_wr__en").value = 0
     dut.o_rd__en.value = 0
     await reset(dut, dut.clk)
     t0 = time.perf_counter()
-    load_cycles = await load_buffers(dut, cfg, vec)
-    t1 = time.perf_counter()
-    cycles = await run_to_done(dut, cfg["m"], cfg["max_cycles"])
-    t2 = time.perf_counter()
-    words = await read_out(dut, cfg["out_words"])
-    t3 = time.perf_counter()
-    write_outputs({"out": hex_words(words)})
-    write_result({"cycles": cycles, "load_cycles": load_cycles, "read_cycles": len(words) + 1,
-                  "sim_cycles": load_cycles + cycles + len(words) + 4,
-                  "load_wall_s": t1 - t0, "run_wall_s": t2 - t1, "read_wall_s": t3 - t2,
-                  "sim_wall_s": t3 - t0,
-                  "run_cycles_per_s": cycles / (t2 - t1) if t2 > t1 else None})
+    load_cycles = await load_buffers(dut, [(b, vec[f"img_{b}"]) for b in cfg["buffers"]])
+    t_load = time.perf_counter() - t0
+    run_cycles, run_wall, outs, sim_cycles = [], 0.0, {}, load_cycles
+    for r, run in enumerate(cfg["runs"]):
+        t1 = time.perf_counter()
+        sim_cycles += await load_buffers(dut, [("a", vec[f"img_a_{r}"])])
+        t2 = time.perf_counter()
+        cyc = await run_to_done(dut, run["m"], run["max_cycles"])
+        t3 = time.perf_counter()
+        words = await read_out(dut, run["out_words"])
+        t4 = time.perf_counter()
+        outs[f"out_{r}"] = hex_words(words)
+        run_cycles.append(cyc)
+        run_wall += t3 - t2
+        t_load += (t2 - t1) + (t4 - t3)
+        sim_cycles += cyc + 2 + len(words) + 1
+    write_outputs(outs)
+    write_result({"cycles": sum(run_cycles), "run_cycles": run_cycles, "load_cycles": load_cycles,
+                  "sim_cycles": sim_cycles, "io_wall_s": t_load, "run_wall_s": run_wall,
+                  "sim_wall_s": time.perf_counter() - t0,
+                  "run_cycles_per_s": sum(run_cycles) / run_wall if run_wall > 0 else None})

@@ -75,44 +75,54 @@ def requant_bench(in_width: int, shift, out_width: int, codes: np.ndarray, out_s
 
 # ----------------------------------------------------------------------------- MatmulEngine
 
-def matmul_bench(spec, x: np.ndarray, w: np.ndarray, bias=None, shift=None, bitmap=None,
-                 expected: np.ndarray | None = None, sim: str = "verilator", waves: bool = False,
+def matmul_bench(spec, x, w: np.ndarray, bias=None, shift=None, bitmap=None,
+                 expected=None, sim: str = "verilator", waves: bool = False,
                  component=None, verilog: str | None = None, say=lambda msg: None, **kw) -> dict:
-    """Run ``x`` (m x k codes) through a :class:`MatmulEngine` of ``spec`` loaded
-    with ``w``/``bias``/``shift`` (the engine's own packing functions build
-    every image). ``expected`` (m x n): the golden output codes (default: the
-    contract, ``spec.reference``). Adds ``mismatches``/``vectors``/
-    ``first_mismatches``, ``ideal_cycles``, ``model_cycles`` (``spec.cycles``)
-    and ``utilization`` (ideal / measured cycles) to the bench's result."""
+    """Run activations through a :class:`MatmulEngine` of ``spec`` loaded once with
+    ``w``/``bias``/``shift`` (the engine's own packing functions build every
+    image). ``x``: one (m x k) code array or a list of them (one engine run
+    each); ``expected``: the golden (m x n) output codes, same structure
+    (default: the contract, ``spec.reference``). Adds ``mismatches``/
+    ``vectors``/``first_mismatches``, ``model_cycles`` (``spec.cycles``),
+    ``ideal_cycles`` and ``utilization`` (ideal / measured cycles), summed over
+    the runs, to the bench's result."""
     from hwgen.rtl.matmul import IN_BUFFERS, MatmulEngine
 
     from .protocol import Comparison, hex_words
 
-    x = np.asarray(x, dtype=np.int64)
-    m = int(x.shape[0])
+    xs = [np.asarray(x, dtype=np.int64)] if not isinstance(x, (list, tuple)) else \
+        [np.asarray(v, dtype=np.int64) for v in x]
+    if expected is None:
+        expected = [spec.reference(v, w, bias, shift) for v in xs]
+    elif not isinstance(expected, (list, tuple)):
+        expected = [expected]
     if bitmap is None:
         bitmap = spec.occupancy(w)
     images = dict(spec.pack_weights(w, bias, shift, bitmap))
-    images["a"] = spec.pack_x(x)
-    if expected is None:
-        expected = spec.reference(x, w, bias, shift)
+    vectors = {f"img_{b}": hex_words(images[b]) for b in IN_BUFFERS if images.get(b)}
+    runs, model, ideal = [], [], 0.0
+    for r, v in enumerate(xs):
+        m = int(v.shape[0])
+        vectors[f"img_a_{r}"] = hex_words(spec.pack_x(v))
+        model.append(spec.cycles(m, bitmap))
+        ideal += spec.ideal_cycles(m)
+        runs.append({"m": m, "out_words": m * spec.nt, "max_cycles": 4 * model[-1] + 1000})
     top = spec.name
     if verilog is None:
         dut = component if component is not None else MatmulEngine(spec)
         verilog = to_verilog(dut, top)
-    model = spec.cycles(m, bitmap)
-    cfg = {"buffers": [b for b in IN_BUFFERS if images.get(b)], "m": m, "out_words": m * spec.nt,
-           "max_cycles": 4 * model + 1000}
-    res = run_bench(verilog, top, "sim.bench_matmul",
-                    {f"img_{b}": hex_words(images[b]) for b in cfg["buffers"]}, cfg,
-                    sim=sim, waves=waves, say=say, **kw)
-    words = [int(str(h), 16) for h in res.pop("outputs", {}).get("out", [])]
+    cfg = {"buffers": [b for b in IN_BUFFERS if b != "a" and images.get(b)], "runs": runs}
+    res = run_bench(verilog, top, "sim.bench_matmul", vectors, cfg, sim=sim, waves=waves, say=say, **kw)
+    outs = res.pop("outputs", {})
     cmp = Comparison()
-    got = spec.unpack_out(words, m) if len(words) >= m * spec.nt else np.zeros((0,), np.int64)
-    cmp.add("y", expected, got)
-    ideal = spec.ideal_cycles(m)
+    for r, (v, want) in enumerate(zip(xs, expected)):
+        words = [int(str(h), 16) for h in outs.get(f"out_{r}", [])]
+        m = int(v.shape[0])
+        got = spec.unpack_out(words, m) if len(words) >= m * spec.nt else np.zeros((0,), np.int64)
+        cmp.add(f"run{r}", want, got)
     res.update(cmp.as_dict())
-    res.update({"shape": [m, spec.k, spec.n], "model_cycles": model, "ideal_cycles": ideal,
+    res.update({"shape": [int(xs[0].shape[0]), spec.k, spec.n], "runs": len(xs),
+                "model_cycles": sum(model), "model_run_cycles": model, "ideal_cycles": ideal,
                 "utilization": ideal / res["cycles"] if res.get("cycles") else None})
     return res
 
