@@ -155,9 +155,9 @@ def test_changed_weights_rebuild(w8a8, tmp_path):
 
 
 def test_errors(w8a8, tmp_path, monkeypatch):
-    att = next(n for n in w8a8.nodes if n.op == "attention")
-    with pytest.raises(HLSError, match="op 'attention' has no HLS kernel"):
-        run_csim(w8a8, {att.name: np.zeros((1, 16), np.int64)})
+    emb = next(n for n in w8a8.nodes if n.op == "embedding")
+    with pytest.raises(HLSError, match="op 'embedding' has no HLS kernel"):
+        run_csim(w8a8, {emb.name: np.zeros((1, 16), np.int64)})
     lin = _linears(w8a8)[0]
     with pytest.raises(HLSError, match="outside"):
         csim_linear(w8a8, lin, np.full((1, 16), 1000), cache=tmp_path)

@@ -607,51 +607,75 @@ def write_projects(graph: Graph, out: str | os.PathLike, layer: int | None = Non
 
 # ----------------------------------------------------------------------------- frontend coverage
 
-def frontend_coverage() -> dict:
-    """Which ops of an HF BertLayer and GPT2Block hls4ml's PyTorch frontend converts,
-    and which hwgen converts (and has HLS kernels for)."""
+def _fx_ops(mod) -> tuple[list[tuple[str, bool]], str | None]:
+    """Each op of ``mod`` as hls4ml's PyTorch frontend sees it (its own fx tracer and its
+    own support lists): (name, converted?). If hls4ml's tracer fails, the leaf modules
+    (an upper bound of what it could convert) and the error."""
     import torch
-    from hls4ml.converters.pytorch_to_hls import CustomFXTracer
     from hls4ml.converters import get_supported_pytorch_layers
+    from hls4ml.converters.pytorch_to_hls import layer_name_map
+    from hls4ml.utils.torch import CustomFXTracer
+
+    supported = set(get_supported_pytorch_layers())
+    noop = {"Dropout", "Sequential", "Identity"}   # hls4ml skips these; not counted as ops
+    try:
+        graph = CustomFXTracer().trace(mod)
+    except Exception as e:  # noqa: BLE001 -- data-dependent control flow in HF modules
+        leaves = [type(m).__name__ for _, m in mod.named_modules() if not list(m.children())]
+        return ([(n, n in supported) for n in leaves if n not in noop],
+                f"{type(e).__name__}: {str(e).splitlines()[0][:160]}")
+    ops = []
+    for n in graph.nodes:
+        if n.op in ("placeholder", "output", "get_attr"):
+            continue
+        if n.op == "call_module":
+            name = type(mod.get_submodule(n.target)).__name__
+            if name in noop:
+                continue
+        else:
+            name = n.name.rsplit("_", 1)[0] if n.name.split("_")[-1].isdigit() else n.name
+            name = layer_name_map.get(name, name)
+            if name == "getitem":
+                continue
+        ops.append((name, name in supported))
+    return ops, None
+
+
+def frontend_coverage() -> dict:
+    """Which ops of an HF BertLayer and GPT2Block hls4ml's PyTorch frontend converts
+    (op by op, and whether the whole block converts), vs the ops hwgen's frontend
+    converts and those it has HLS kernels for."""
+    import warnings
 
     from .. import frontend
     from .emit import HLS_OPS
 
-    supported = set(get_supported_pytorch_layers()) | {"Dropout", "Sequential", "Identity"}
+    hls4ml = _hls4ml()
     out = {}
     for label, (mod, x) in _hf_blocks().items():
-        tr = CustomFXTracer().trace(mod)
-        gm = torch.fx.GraphModule(mod, tr)
-        ops, ok, bad = 0, 0, {}
-        for n in gm.graph.nodes:
-            if n.op in ("placeholder", "output", "get_attr"):
-                continue
-            if n.op == "call_module":
-                name = type(gm.get_submodule(n.target)).__name__
-            elif n.op == "call_function":
-                name = getattr(n.target, "__name__", str(n.target))
-            else:
-                name = str(n.target)
-            ops += 1
-            if name in supported:
-                ok += 1
-            else:
+        ops, trace_err = _fx_ops(mod)
+        bad: dict[str, int] = {}
+        for name, ok in ops:
+            if not ok:
                 bad[name] = bad.get(name, 0) + 1
-        err = None
         try:
-            hls4ml = _hls4ml()
-            with contextlib.redirect_stdout(io.StringIO()):
+            with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
                 cfg = hls4ml.utils.config_from_pytorch_model(mod, tuple(x.shape[1:]), granularity="name")
-                hls4ml.converters.convert_from_pytorch_model(mod, hls_config=cfg, output_dir="/tmp/hwgen-hls4ml-probe",
-                                                             backend="Vivado")
+                hls4ml.converters.convert_from_pytorch_model(mod, hls_config=cfg, backend="Vivado",
+                                                             output_dir=str(DEFAULT_CACHE / "probe"))
+            whole = "converted"
         except Exception as e:  # noqa: BLE001
-            err = f"{type(e).__name__}: {str(e)[:200]}"
-        g = frontend.trace(mod, x)
-        hw_ops = [n.op for n in g.nodes]
-        out[label] = {"fx_ops": ops, "hls4ml_supported": ok, "hls4ml_unsupported": bad,
-                      "hls4ml_whole_block": err or "converted",
-                      "hwgen_ops": len(hw_ops), "hwgen_hls_kernels": sum(o in HLS_OPS for o in hw_ops),
-                      "hwgen_op_counts": {o: hw_ops.count(o) for o in sorted(set(hw_ops))}}
+            whole = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}" if str(e) else type(e).__name__
+        g = frontend.trace(mod, example_input=x)
+        hw = [n.op for n in g.nodes if n.op != "quantize"]   # quantize: the input's ap_fixed type
+        out[label] = {"hls4ml_whole_block": whole,
+                      "hls4ml_counted": "leaf modules (hls4ml's fx trace fails)" if trace_err else "traced ops",
+                      "hls4ml_ops": len(ops), "hls4ml_handled": sum(ok for _, ok in ops),
+                      "hls4ml_handled_ops": sorted({n for n, ok in ops if ok}),
+                      "hls4ml_unsupported": bad,
+                      "hwgen_ops": len(hw), "hwgen_hls_kernels": sum(o in HLS_OPS for o in hw),
+                      "hwgen_op_counts": {o: hw.count(o) for o in sorted(set(hw))}}
     return out
 
 
