@@ -50,27 +50,39 @@ Architecture and exact timing
 -----------------------------
 Memories (``amaranth.lib.memory``): Q (``max_seq`` rows); K and V in
 ``lanes`` banks (position ``j`` in bank ``j % lanes`` at address
-``j // lanes``; the K word carries the padding bit); a score buffer and a
-double-buffered ``e`` buffer of ``G_max = ceil(max_seq / lanes)`` words of
-``lanes`` entries; the exp ROM (one read port per lane) and the reciprocal
-ROM. One ``lanes x D`` array of registered multipliers is shared by QK^T
-(one group of ``lanes`` keys per cycle, a dot product of D per lane) and PV
-(``lanes`` keys per cycle, every column of V at once).
+``j // lanes``; the K word carries the padding bit); score and ``e``
+buffers for two queries (``2 * G_max`` words of ``lanes`` entries,
+``G_max = ceil(max_seq / lanes)``); the exp ROM (one read port per lane)
+and the reciprocal ROM. One ``lanes x head_dim`` array of registered
+multipliers is shared by QK^T (a group of ``lanes`` keys per cycle, a dot
+product of ``head_dim`` per lane) and PV (``lanes`` keys per cycle, every
+column of V at once); an adder tree per lane (QK^T) and per column (PV)
+reads the product registers.
 
-With ``G = ceil(s_kv / lanes)`` groups per row, a pass runs: LOAD (one beat
-per cycle), then per query ``i``: phase A(i) (scores and row max, ``G + 3``
-cycles), phase BC(i) (exp, row sum and reciprocal of query ``i`` -- while
-the multipliers run PV of query ``i - 1`` -- ``G + 5`` cycles); then a last
-phase C (PV of the last query, ``G + 4`` cycles). Row ``i``'s output beat is
-valid from the cycle after its PV finishes. Counting cycle 0 as the one in
-which the first beat is accepted, with beats back to back and ``o.ready``
-high, the last output beat is taken in cycle ``cycles(s_q, s_kv) - 1``::
+With ``G = ceil(s_kv / lanes)`` groups per row, a pass is LOAD (one beat
+per cycle) then ``s_q + 2`` super-phases of ``T = period(G) = max(2 G,
+G + B_SPAN)`` cycles. Super-phase ``k`` overlaps three queries:
 
-    cycles(s_q, s_kv) = s_q + s_q * (2 G + 8) + G + 5
+* A(k): scores of query ``k`` (issue in cycles ``0 .. G-1``, products one
+  cycle later), written to the score buffer, row max;
+* B(k-1): exp, row sum and reciprocal of query ``k - 1`` (exp ROMs and
+  adders only, cycles ``0 .. G + B_SPAN - 1``);
+* C(k-2): probabilities and PV of query ``k - 2`` (issue from cycle
+  ``T - G - C_LEAD``: its products follow A's without a gap, so the
+  multipliers are busy ``2 G`` cycles of every ``T``), the accumulators
+  requantized into the output register ``C_DRAIN`` cycles after the period.
 
-``i.ready`` is high only in LOAD (after the pass's last output row has been
-computed; that beat may still wait on ``o``). Output back-pressure only
-stalls phase changes that start a new PV, never drops data.
+Row ``i`` is valid on ``o`` from the cycle after it enters the output
+register. Counting cycle 0 as the one in which the first beat is accepted,
+with beats back to back and ``o.ready`` high, the last output beat is taken
+in cycle ``cycles(s_q, s_kv) - 1``::
+
+    cycles(s_q, s_kv) = s_q + (s_q + 2) * period(G) + C_DRAIN + 1
+
+``i.ready`` is high while no pass is computing. When a finished row meets a
+full output register that ``o`` does not empty, every register and memory
+port holds for that cycle (``EnableInserter``): back-pressure delays the
+pass and never drops or reorders data; ``o.valid`` depends on registers only.
 """
 from __future__ import annotations
 
@@ -78,6 +90,7 @@ import math
 
 import numpy as np
 from amaranth import Cat, Module, Mux, Signal, signed, unsigned
+from amaranth.hdl import EnableInserter
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
@@ -87,8 +100,14 @@ from ..fixed import FixedType
 from .fxround import check_modes, fmt_shape, requant_value
 from .pe_array import RTLError, _is_int, check_positive
 
-#: pipeline tails (cycles after a phase's last issue): A scores, BC exp + reciprocal, C PV
-A_TAIL, BC_TAIL, C_TAIL = 3, 5, 4
+#: cycles from B's first issue to its reciprocal being latched, plus one: a super-phase
+#: lasts at least G + B_SPAN cycles so that B(k - 1) finishes inside it
+B_SPAN = 5
+#: PV issue starts C_LEAD + G cycles before the super-phase ends: its products
+#: (3 cycles after issue) follow A's last products (1 cycle after issue) without a gap
+C_LEAD = 2
+#: cycles the last super-phase runs past its period: PV tail and output register
+C_DRAIN = 3
 
 
 def _bits(n: int) -> int:
@@ -259,12 +278,17 @@ class AttentionEngine(wiring.Component):
         if s_kv > self.max_seq:
             raise RTLError(f"s_kv ({s_kv}) exceeds the engine's max_seq ({self.max_seq})")
 
+    @staticmethod
+    def period(groups: int) -> int:
+        """Cycles of one super-phase for rows of ``groups`` lane groups:
+        ``max(2 G, G + B_SPAN)`` (the multipliers are busy ``2 G`` of them)."""
+        return max(2 * groups, groups + B_SPAN)
+
     def cycles(self, s_q: int, s_kv: int) -> int:
         """Exact cycles of one pass, first accepted beat to last output beat
         taken (beats back to back, ``o.ready`` high)."""
         self._check_shape(s_q, s_kv)
-        g = self.groups(s_kv)
-        return s_q + s_q * ((g + A_TAIL) + (g + BC_TAIL)) + (g + C_TAIL) + 1
+        return s_q + (s_q + 2) * self.period(self.groups(s_kv)) + C_DRAIN + 1
 
     @property
     def mac_units(self) -> int:
@@ -366,7 +390,7 @@ class AttentionEngine(wiring.Component):
         D, L, lg = self.head_dim, self.lanes, self.lg_lanes
         GM = self.groups_max
         gb = _bits(GM)
-        tb = _bits(GM + BC_TAIL + 1)
+        tb = _bits(self.period(GM) + C_DRAIN)
         i_s, o_s = self.i, self.o
 
         # ---------------- memories -------------------------------------------
@@ -385,7 +409,8 @@ class AttentionEngine(wiring.Component):
             m.submodules[f"v_bank{b}"] = vm
             k_mem.append(km)
             v_mem.append(vm)
-        m.submodules.s_buf = s_buf = Memory(shape=s_word, depth=GM, init=[])
+        # score and e buffers hold two queries each (parity = query index & 1)
+        m.submodules.s_buf = s_buf = Memory(shape=s_word, depth=2 * GM, init=[])
         m.submodules.e_buf = e_buf = Memory(shape=e_word, depth=2 * GM, init=[])
         m.submodules.exp_rom = exp_rom = Memory(shape=unsigned(self.e_bits),
                                                 depth=len(self.exp_table),
@@ -394,79 +419,69 @@ class AttentionEngine(wiring.Component):
                                                     depth=len(self.recip_table),
                                                     init=[int(x) for x in self.recip_table])
 
+        def slot(parity, g):
+            return Mux(parity, g + GM, g)
+
         # ---------------- control registers ----------------------------------
-        t = Signal(tb)                 # cycle within the phase
-        qi = Signal(self.pos_bits)     # query of phases A / B
-        cq = Signal(self.pos_bits)     # query of phase C (PV)
-        c_on = Signal()                # this BC phase also runs PV of query qi - 1
-        cnt = Signal(self.seq_bits)    # beats of the pass so far
+        t = Signal(tb)                     # cycle within the super-phase
+        k = Signal(self.seq_bits + 1)      # super-phase: A(k), B(k - 1), C(k - 2)
+        cnt = Signal(self.seq_bits)        # beats of the pass so far
         s_q = Signal(self.seq_bits)
         s_kv = Signal(self.seq_bits)
         offset = Signal(self.pos_bits)
-        G = Signal(gb)
-        in_a, in_bc, in_cf = Signal(), Signal(), Signal()
+        G = Signal(gb)                     # groups of lanes keys per row
+        T = Signal(tb)                     # super-phase length: period(G)
+        c_start = Signal(tb)               # PV issue start in the super-phase: T - G - C_LEAD
+        running = Signal()
         out_valid = Signal()
         out_row = Signal(self.pos_bits)
         out_last = Signal()
-        out_free = Signal()
-        m.d.comb += out_free.eq(~out_valid | o_s.ready)
+        o_data = [Signal(fmt_shape(self.out_fmt), name=f"o_data{d}") for d in range(D)]
+        c5_v = Signal()                    # a finished row is about to enter the output register
+        stall = Signal()
+        m.d.comb += stall.eq(c5_v & out_valid & ~o_s.ready)
 
         # ---------------- LOAD: write the pass's tokens ----------------------
         q_wp = q_mem.write_port()
         take = Signal()
         pay = i_s.payload
-        m.d.comb += [take.eq(i_s.valid & i_s.ready),
+        m.d.comb += [i_s.ready.eq(~running),
+                     take.eq(i_s.valid & i_s.ready),
                      q_wp.addr.eq(cnt), q_wp.data.eq(pay.q), q_wp.en.eq(take)]
         for b in range(L):
             kw, vw = k_mem[b].write_port(), v_mem[b].write_port()
             hit = take & ((pay.pos[:lg] == b) if lg else 1)
             m.d.comb += [kw.addr.eq(pay.pos >> lg), kw.data.k.eq(pay.k), kw.data.valid.eq(pay.valid),
                          kw.en.eq(hit), vw.addr.eq(pay.pos >> lg), vw.data.eq(pay.v), vw.en.eq(hit)]
+        g_new = Signal(gb)
+        m.d.comb += g_new.eq((pay.pos + L) >> lg)
+        with m.If(take):
+            m.d.sync += cnt.eq(cnt + 1)
+            with m.If(cnt == 0):
+                m.d.sync += offset.eq(pay.pos)
+            with m.If(pay.last):
+                t_new = Mux(g_new > B_SPAN, g_new << 1, g_new + B_SPAN)
+                m.d.sync += [s_q.eq(cnt + 1), s_kv.eq(pay.pos + 1), G.eq(g_new), T.eq(t_new),
+                             c_start.eq(t_new - g_new - C_LEAD), cnt.eq(0), k.eq(0), t.eq(0),
+                             running.eq(1)]
 
-        # ---------------- phase control --------------------------------------
-        with m.FSM(name="phase"):
-            with m.State("LOAD"):
-                m.d.comb += i_s.ready.eq(1)
-                with m.If(take):
-                    m.d.sync += cnt.eq(cnt + 1)
-                    with m.If(cnt == 0):
-                        m.d.sync += offset.eq(pay.pos)
-                    with m.If(pay.last):
-                        m.d.sync += [s_q.eq(cnt + 1), s_kv.eq(pay.pos + 1),
-                                     G.eq((pay.pos + L) >> lg), cnt.eq(0),
-                                     qi.eq(0), c_on.eq(0), t.eq(0)]
-                        m.next = "A"
-            with m.State("A"):
-                m.d.comb += in_a.eq(1)
-                m.d.sync += t.eq(t + 1)
-                with m.If(t == G + (A_TAIL - 1)):
-                    m.d.sync += t.eq(0)
-                    with m.If(c_on & ~out_free):
-                        m.d.sync += t.eq(t)          # wait until the last output row is taken
-                    with m.Else():
-                        m.next = "BC"
-            with m.State("BC"):
-                m.d.comb += in_bc.eq(1)
-                m.d.sync += t.eq(t + 1)
-                with m.If(t == G + (BC_TAIL - 1)):
-                    m.d.sync += [t.eq(0), cq.eq(qi), c_on.eq(1)]
-                    with m.If(qi + 1 < s_q):
-                        m.d.sync += qi.eq(qi + 1)
-                        m.next = "A"
-                    with m.Elif(~out_free):
-                        m.d.sync += [t.eq(t), cq.eq(cq)]
-                    with m.Else():
-                        m.next = "CF"
-            with m.State("CF"):
-                m.d.comb += in_cf.eq(1)
-                m.d.sync += t.eq(t + 1)
-                with m.If(t == G + (C_TAIL - 1)):
-                    m.d.sync += t.eq(0)
-                    m.next = "LOAD"
+        # ---------------- super-phase sequencing -------------------------------
+        last_k = Signal()
+        m.d.comb += last_k.eq(k == s_q + 1)
+        with m.If(running):
+            m.d.sync += t.eq(t + 1)
+            with m.If(~last_k & (t == T - 1)):
+                m.d.sync += [t.eq(0), k.eq(k + 1)]
+            with m.If(last_k & (t == T + (C_DRAIN - 1))):
+                m.d.sync += running.eq(0)
+        a_on = running & (k < s_q)
+        b_on = running & (k >= 1) & (k <= s_q)
+        c_on = running & (k >= 2)
+        qa, qb, qc = k, k - 1, k - 2
 
         # ---------------- shared multiplier array ------------------------------
         q_rp = q_mem.read_port()
-        m.d.comb += q_rp.addr.eq(qi)
+        m.d.comb += q_rp.addr.eq(qa)
         k_rp = [km.read_port() for km in k_mem]
         v_rp = [vm.read_port() for vm in v_mem]
         a1_v = Signal()                      # A stage 1: K rows arrive; products
@@ -482,59 +497,65 @@ class AttentionEngine(wiring.Component):
                 with m.If(a1_v | c3_v):
                     m.d.sync += p.eq(e)
 
-        # ---------------- phase A: scores, masks, row max -----------------------
-        a_issue = in_a & (t < G)
+        # ---------------- A(k): scores, masks, row max -------------------------
+        a_issue = a_on & (t < G)
         a1_g, a2_g, a3_g = (Signal(gb, name=f"a{s}_g") for s in (1, 2, 3))
         a1_lm, a2_m, a3_m = (Signal(L, name=f"a{s}_m") for s in (1, 2, 3))
         a2_v, a3_v = Signal(), Signal()
+        a1_par, a2_par, a3_par = Signal(), Signal(), Signal()
         a3_s = [Signal(signed(self.s_bits), name=f"a3_s{l}") for l in range(L)]
         for rp in k_rp:
             m.d.comb += rp.addr.eq(t)
-        jb = Signal(self.seq_bits + 1 + lg)
+        jb = Signal(tb + lg)
         m.d.comb += jb.eq(t << lg)
         lane_ok = []
         for l in range(L):
             j = jb + l
             ok = j < s_kv
             if self.causal:
-                ok = ok & (j <= offset + qi)
+                ok = ok & (j <= offset + qa)
             lane_ok.append(ok)
-        m.d.sync += [a1_v.eq(a_issue), a1_g.eq(t), a1_lm.eq(Cat(*lane_ok)),
-                     a2_v.eq(a1_v), a2_g.eq(a1_g),
+        m.d.sync += [a1_v.eq(a_issue), a1_g.eq(t), a1_lm.eq(Cat(*lane_ok)), a1_par.eq(qa[0]),
+                     a2_v.eq(a1_v), a2_g.eq(a1_g), a2_par.eq(a1_par),
                      a2_m.eq(a1_lm & Cat(*[rp.data.valid for rp in k_rp])),
-                     a3_v.eq(a2_v), a3_g.eq(a2_g), a3_m.eq(a2_m)]
+                     a3_v.eq(a2_v), a3_g.eq(a2_g), a3_m.eq(a2_m), a3_par.eq(a2_par)]
         for l in range(L):
             m.d.sync += a3_s[l].eq(_tree(prod[l]))
         s_wp = s_buf.write_port()
-        m.d.comb += [s_wp.addr.eq(a3_g), s_wp.en.eq(a3_v), s_wp.data.m.eq(a3_m)]
+        m.d.comb += [s_wp.addr.eq(slot(a3_par, a3_g)), s_wp.en.eq(a3_v), s_wp.data.m.eq(a3_m)]
         m.d.comb += [s_wp.data.s[l].eq(a3_s[l]) for l in range(L)]
-        row_max = Signal(signed(self.s_bits))
-        row_any = Signal()
-        best, any_v = row_max, row_any
+        row_max = [Signal(signed(self.s_bits), name=f"row_max{i}") for i in range(2)]
+        row_any = [Signal(name=f"row_any{i}") for i in range(2)]
+        cur_max = Mux(a3_par, row_max[1], row_max[0])
+        cur_any = Mux(a3_par, row_any[1], row_any[0])
+        best, any_v = cur_max, cur_any
         for l in range(L):
             take_l = a3_m[l] & (~any_v | (a3_s[l] > best))
             best = Mux(take_l, a3_s[l], best)
             any_v = any_v | a3_m[l]
-        with m.If(in_a & (t == 0)):
-            m.d.sync += row_any.eq(0)
-        with m.Elif(a3_v):
-            m.d.sync += [row_max.eq(best), row_any.eq(any_v)]
+        for i in range(2):
+            with m.If(a_on & (t == 0) & (qa[0] == i)):
+                m.d.sync += row_any[i].eq(0)
+            with m.Elif(a3_v & (a3_par == i)):
+                m.d.sync += [row_max[i].eq(best), row_any[i].eq(any_v)]
 
-        # ---------------- phase B: exp, row sum, reciprocal ---------------------
-        b_issue = in_bc & (t < G)
+        # ---------------- B(k - 1): exp, row sum, reciprocal --------------------
+        b_issue = b_on & (t < G)
+        b_par = qb[0]
         s_rp = s_buf.read_port()
-        m.d.comb += s_rp.addr.eq(t)
+        m.d.comb += s_rp.addr.eq(slot(b_par, t))
         b1_v, b2_v, b3_v = Signal(), Signal(), Signal()
         b1_g, b2_g, b3_g = (Signal(gb, name=f"b{s}_g") for s in (1, 2, 3))
         b2_m, b3_m = Signal(L), Signal(L)
         b2_idx = [Signal(self.idx_fmt.width, name=f"b2_idx{l}") for l in range(L)]
         m.d.sync += [b1_v.eq(b_issue), b1_g.eq(t), b2_v.eq(b1_v), b2_g.eq(b1_g),
                      b2_m.eq(s_rp.data.m), b3_v.eq(b2_v), b3_g.eq(b2_g), b3_m.eq(b2_m)]
+        b_max = Mux(b_par, row_max[1], row_max[0])
         last_idx = len(self.exp_table) - 1
         exp_rp = []
         for l in range(L):
             dl = Signal(unsigned(self.s_bits + 1), name=f"b1_d{l}")
-            m.d.comb += dl.eq(row_max - s_rp.data.s[l])
+            m.d.comb += dl.eq(b_max - s_rp.data.s[l])
             ix = requant_value(m, dl, self.s_frac, self.idx_fmt, f"b1_ix{l}")
             m.d.sync += b2_idx[l].eq(Mux(ix > last_idx, last_idx, ix))
             rp = exp_rom.read_port()
@@ -542,10 +563,10 @@ class AttentionEngine(wiring.Component):
             exp_rp.append(rp)
         e_l = [Mux(b3_m[l], exp_rp[l].data, 0) for l in range(L)]
         e_wp = e_buf.write_port()
-        m.d.comb += [e_wp.addr.eq(Mux(qi[0], b3_g + GM, b3_g)), e_wp.en.eq(b3_v)]
+        m.d.comb += [e_wp.addr.eq(slot(b_par, b3_g)), e_wp.en.eq(b3_v)]
         m.d.comb += [e_wp.data[l].eq(e_l[l]) for l in range(L)]
         total = Signal(self.tot_bits)
-        with m.If(in_bc & (t == 0)):
+        with m.If(b_on & (t == 0)):
             m.d.sync += total.eq(0)
         with m.Elif(b3_v):
             m.d.sync += total.eq(total + _tree(e_l))
@@ -557,25 +578,32 @@ class AttentionEngine(wiring.Component):
         ib = self.recip.index_bits
         r_rp = recip_rom.read_port()
         m.d.comb += r_rp.addr.eq(((total << ib) >> n)[:ib])
-        # r_cur/n_cur (query qi's) are written in the phase's last cycle: this
-        # phase's PV (query qi - 1) read them for the last time in cycle G + 1.
-        r_cur, n_cur = Signal(self.r_bits), Signal(len(n))
-        with m.If(in_bc & (t == G + (BC_TAIL - 1))):
-            m.d.sync += [r_cur.eq(Mux(total == 0, 0, r_rp.data)), n_cur.eq(n)]
+        r_q = [Signal(self.r_bits, name=f"r{i}") for i in range(2)]
+        n_q = [Signal(len(n), name=f"n{i}") for i in range(2)]
+        for i in range(2):
+            with m.If(b_on & (t == G + (B_SPAN - 1)) & (b_par == i)):
+                m.d.sync += [r_q[i].eq(Mux(total == 0, 0, r_rp.data)), n_q[i].eq(n)]
 
-        # ---------------- phase C: probabilities, PV, output --------------------
-        c_issue = ((in_bc & c_on) | in_cf) & (t < G)
+        # ---------------- C(k - 2): probabilities, PV, output -------------------
+        c_issue = c_on & (t >= c_start) & (t < c_start + G)
+        c_par = qc[0]
+        c_row = Signal(self.pos_bits)
+        with m.If(c_on & (t == c_start)):
+            m.d.sync += c_row.eq(qc)
         e_rp = e_buf.read_port()
-        m.d.comb += e_rp.addr.eq(Mux(cq[0], t + GM, t))
+        m.d.comb += e_rp.addr.eq(slot(c_par, t - c_start))
         c1_v, c2_v, c4_v = Signal(), Signal(), Signal()
         c1_g, c2_g, c3_g, c4_g = (Signal(gb, name=f"c{s}_g") for s in (1, 2, 3, 4))
         c2_er = [Signal(self.er_bits, name=f"c2_er{l}") for l in range(L)]
-        m.d.sync += [c1_v.eq(c_issue), c1_g.eq(t), c2_v.eq(c1_v), c2_g.eq(c1_g),
-                     c3_v.eq(c2_v), c3_g.eq(c2_g), c4_v.eq(c3_v), c4_g.eq(c3_g)]
-        up = Signal(len(n_cur))                # left-align e * r to n_max: shift up by n_max - n
-        m.d.comb += up.eq(self.n_max - n_cur)
+        m.d.sync += [c1_v.eq(c_issue), c1_g.eq(t - c_start), c2_v.eq(c1_v), c2_g.eq(c1_g),
+                     c3_v.eq(c2_v), c3_g.eq(c2_g), c4_v.eq(c3_v), c4_g.eq(c3_g),
+                     c5_v.eq(c4_v & (c4_g == G - 1))]
+        r_c = Mux(c_par, r_q[1], r_q[0])
+        n_c = Mux(c_par, n_q[1], n_q[0])
+        up = Signal(len(n))                 # left-align e * r to n_max: shift up by n_max - n
+        m.d.comb += up.eq(self.n_max - n_c)
         for l in range(L):
-            m.d.sync += c2_er[l].eq(e_rp.data[l] * r_cur)
+            m.d.sync += c2_er[l].eq(e_rp.data[l] * r_c)
             ern = Signal(self.ern_bits, name=f"c2_ern{l}")
             m.d.comb += ern.eq(c2_er[l] << up)
             p = requant_value(m, ern, self.ern_frac, self.prob_fmt, f"c2_p{l}")
@@ -589,11 +617,13 @@ class AttentionEngine(wiring.Component):
                 m.d.sync += acc[d].eq(Mux(c4_g == 0, 0, acc[d]) + col)
         with m.If(o_s.valid & o_s.ready):
             m.d.sync += out_valid.eq(0)
-        with m.If(c4_v & (c4_g == G - 1)):
-            m.d.sync += [out_valid.eq(1), out_row.eq(cq), out_last.eq(cq + 1 == s_q)]
+        with m.If(c5_v):
+            m.d.sync += [out_valid.eq(1), out_row.eq(c_row), out_last.eq(c_row + 1 == s_q)]
+            for d in range(D):
+                m.d.sync += o_data[d].eq(
+                    requant_value(m, acc[d], self.o_frac, self.out_fmt, f"o_rq{d}"))
         m.d.comb += [o_s.valid.eq(out_valid), o_s.payload.row.eq(out_row),
                      o_s.payload.last.eq(out_last)]
-        for d in range(D):
-            m.d.comb += o_s.payload.data[d].eq(
-                requant_value(m, acc[d], self.o_frac, self.out_fmt, f"o{d}"))
-        return m
+        m.d.comb += [o_s.payload.data[d].eq(o_data[d]) for d in range(D)]
+        # output back-pressure freezes every register and memory port for the cycle
+        return EnableInserter({"sync": ~stall})(m)
