@@ -61,6 +61,7 @@ def test_plan_prints_table_and_json(capsys):
     (["run", "--model", "tiny-gpt", "--text", "x", "--batch", "0"], None),
     (["run", "--model", "bert-block", "--text", "x"], "`hwgen run` takes minilm or tiny-gpt"),
     (["plan", "--model", "tiny-gpt", "--clock-mhz", "0"], "clock must be > 0"),
+    (["run", "--model", "tiny-gpt", "--prompt", "x", "--policy", "fastest"], "unknown placement policy"),
 ])
 def test_bad_input_is_one_clear_error(capsys, tmp_path, argv, msg):
     trace = tmp_path / "t.json"
@@ -71,6 +72,16 @@ def test_bad_input_is_one_clear_error(capsys, tmp_path, argv, msg):
     assert code == 1, (out, err)
     assert err.startswith("hwgen: error: ") and msg in err, err
     assert len(err.strip().splitlines()) == 1 and not trace.exists()
+
+
+def test_run_with_cost_placement(capsys):
+    code, out, err = run_cli(capsys, "run", "--model", "tiny-gpt", "--prompt", "hi", "--max-new-tokens", "2",
+                             "--policy", "cost", "--no-float", "--json", "--quiet")
+    assert code == 0, err
+    r = last_json(out)
+    assert r["bitexact_vs_golden"] is True and r["cosine_vs_float"] is None
+    # only ops with engine cycles can win on cost; the rest stays on the host
+    assert set(r["placement"]["layernorm"]) == {"host"} and set(r["placement"]["gelu"]) == {"host"}
 
 
 def test_graph_of_another_model_is_refused(capsys, bert_block_graph):

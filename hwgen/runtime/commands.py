@@ -37,6 +37,9 @@ def add_parsers(sub) -> None:
     r.add_argument("--batch", type=int, default=8, help="minilm: sentences per batch (default 8)")
     r.add_argument("--trace", help="write a Chrome-trace/Perfetto JSON file of what ran where and when")
     r.add_argument("--no-float", action="store_true", help="skip the float model (cosine_vs_float null)")
+    r.add_argument("--policy", default="kernels",
+                   help="kernels (default placement) | cost (place by the cost model of `hwgen plan`, "
+                   "profiled on the first request, 200 MHz, 8 GB/s)")
     r.set_defaults(fn=cmd_run)
 
     p = sub.add_parser("plan", help="print the placement table: op, device, predicted time, bytes",
@@ -76,6 +79,15 @@ def cmd_run(args) -> dict:
     graph = jobs.load_graph(args.model, args.graph, args.bits, say)
     model = jobs._model_of(graph)
     tracer = Tracer() if args.trace else None
+    if args.policy not in ("kernels", "cost"):
+        raise DriverError(f"unknown placement policy '{args.policy}': expected kernels or cost")
+    if args.policy == "cost":
+        first = args.text if model == "minilm" else (args.prompt if args.prompt is not None else args.text)
+        feeds = jobs.example_feeds(graph, (first or "").splitlines()[0] if model == "minilm" else first)
+        say("placing by the cost model (profiling the host once)")
+        planned = jobs.plan(graph, feeds, args.backend, args.device, force, _accel_ops(args), "cost",
+                            repeats=1)
+        force = {r["node"]: r["device"] for r in planned["rows"] if r["node"] != "<outputs>"}
     if model == "minilm":
         if args.prompt is not None:
             raise DriverError("minilm takes --text (sentences), not --prompt")
