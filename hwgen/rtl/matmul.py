@@ -39,7 +39,9 @@ Buffers (word formats; the host-side packing below is their one definition)
            the occupied blocks packed in (N-tile, block) order, each ``block_k``
            words: word ``b * block_k + j`` = row ``kb * block_k + j`` of W,
            columns ``nt*cols .. nt*cols + cols - 1``, of the ``b``-th occupied block.
-``ent``    the block list, ``NT * KB`` words of :attr:`MatmulSpec.ent_layout`: one
+``ent``    the block list, ``NT * KB + 1`` words: word 0 is the header
+           (:attr:`MatmulSpec.ent_header_layout`: ``n_ent``, the number of entries),
+           words ``1 .. n_ent`` are entries (:attr:`MatmulSpec.ent_layout`): one
            entry per occupied block in the same order -- ``k0`` = ``kb * block_k``
            (its first K row), ``w0`` = ``b * block_k`` (its first word in ``w``),
            ``len_m1`` = its K rows - 1 -- one ``empty`` entry (other fields 0) for
@@ -71,7 +73,8 @@ Control and timing
 ------------------
 ``start`` (in): sampled while ``busy`` is low; the engine latches ``m`` (in,
 ``1 <= m <= max_m``: 0 runs one M-tile and writes nothing, ``m > max_m`` is
-undefined; the host side checks it, :meth:`MatmulSpec.check_m`) and raises ``busy``. ``done`` (out) is high
+undefined; the host side checks it, :meth:`MatmulSpec.check_m`) and raises
+``busy``. ``done`` (out) is high
 for exactly one cycle when the last result is in ``out``; ``busy`` falls in
 that same cycle, and a new ``start`` is accepted from then on. Counting the
 cycle in which ``start`` is sampled as cycle 0, ``done`` is high in cycle
@@ -81,12 +84,29 @@ cycle in which ``start`` is sampled as cycle 0, ``done`` is high in cycle
 
 with ``B = MT * sum_nt max(T(nt), min_beats)`` beats, ``T(nt)`` = the K rows of
 N-tile ``nt``'s occupied blocks: the first beat is accepted by the array in
-cycle ``ISSUE_LATENCY`` (= 2: block-list read, then operand read), beats follow
-back to back with no gap, the last tile's last row leaves the array
-``PEArray.LATENCY + rows - 1`` cycles after its last beat, and the output
-pipeline (bias add, two ShiftRequant stages, the write) takes ``OUT_LATENCY``
-(= 5) cycles from there to ``done``. Dense MiniLM shapes at ``m = 128`` on
-16 x 16 reach utilization ``(m*k*n / (rows*cols)) / cycles`` > 0.999.
+cycle ``ISSUE_LATENCY`` (= 6), beats follow back to back with no gap, the
+last tile's last row leaves the array ``PEArray.LATENCY + rows - 1`` cycles
+after its last beat, and the output pipeline takes ``OUT_LATENCY`` (= 6)
+cycles from there to ``done``. Dense MiniLM shapes at ``m = 128`` on 16 x 16
+reach utilization ``(m*k*n / (rows*cols)) / cycles`` > 0.999.
+
+Pipeline (built for FPGA timing: no memory output reaches a memory address,
+or a multiplier, in the same cycle):
+
+* entry fetch: cycle 0 reads the header, cycle 1 latches ``n_ent``; from
+  cycle 2 entries ``1 .. n_ent`` (then again from 1: one pass per M-tile) are
+  read into a 3-entry register FIFO whenever it has room (one read per cycle,
+  paced by credit: at most 3 held or in flight), so the issue stage never waits
+  for an entry once the first one is in (cycle 4);
+* issue (stage 0): from the FIFO head (registers) the operand addresses
+  ``a_base + k0 + kk`` and ``w0 + kk``, the tile flags, padding beats;
+* stage 1: the operand words on the memory read ports; stage 2: registered;
+  then the PE array's input. One stall signal (the PE array's ``i.ready``
+  low, which the padding rule avoids) holds stages 0..2 and the read enables;
+* output: PE row (``o.ready`` held high) -> register with the column
+  group's bias and shift words -> ``acc + bias`` registered -> the three
+  :class:`~hwgen.rtl.requant.ShiftRequant` stages -> write into ``out`` ->
+  ``done`` the cycle after the last write.
 """
 from __future__ import annotations
 
@@ -187,8 +207,9 @@ class MatmulSpec:
     name: str = "matmul"
     w_blocks: int | None = None
 
-    #: cycles from ``start`` to the first beat the PE array accepts
-    ISSUE_LATENCY = 2
+    #: cycles from ``start`` to the first beat the PE array accepts: header read,
+    #: first entry fetch, entry into the FIFO, operand addresses, operand read, registered
+    ISSUE_LATENCY = 6
     #: cycles from the last result row leaving the PE array to ``done``
     OUT_LATENCY = 3 + ShiftRequant.LATENCY
 
@@ -268,7 +289,7 @@ class MatmulSpec:
     @property
     def depths(self) -> dict[str, int]:
         return {"a": self.mt_max * self.k, "w": self.w_capacity * self.block_k,
-                "ent": self.nt * self.kb, "bias": self.nt, "shift": self.nt,
+                "ent": self.nt * self.kb + 1, "bias": self.nt, "shift": self.nt,
                 "out": self.mt_max * self.rows * self.nt}
 
     @property
@@ -277,7 +298,8 @@ class MatmulSpec:
         return {
             "a": data.ArrayLayout(_code_shape(self.x_fmt), self.rows),
             "w": data.ArrayLayout(_code_shape(self.w_fmt), self.cols),
-            "ent": self.ent_layout,
+            "ent": unsigned(max(Shape.cast(self.ent_layout).width,
+                                Shape.cast(self.ent_header_layout).width)),
             "bias": data.ArrayLayout(signed(self.bias_width), self.cols),
             "shift": data.ArrayLayout(unsigned(self.t_width), self.cols),
             "out": data.ArrayLayout(_code_shape(self.out_fmt), self.cols),
@@ -292,6 +314,11 @@ class MatmulSpec:
             "len_m1": unsigned(_bits(self.block_k - 1)),
             "empty": 1, "tile_last": 1, "list_last": 1,
         })
+
+    @property
+    def ent_header_layout(self) -> data.StructLayout:
+        """Word 0 of ``ent``: the number of entries that follow."""
+        return data.StructLayout({"n_ent": unsigned(_bits(self.nt * self.kb))})
 
     def addr_width(self, buf: str) -> int:
         return max(1, (self.depths[buf] - 1).bit_length())
@@ -441,7 +468,7 @@ class MatmulSpec:
                 nw += 1
         ents[-1] = ents[-1][:5] + (1,)
         lay = self.ent_layout
-        ent_words = []
+        ent_words = [len(ents) << self.ent_header_layout["n_ent"].offset]
         for e in ents:
             word = 0
             for name, v in zip(("k0", "w0", "len_m1", "empty", "tile_last", "list_last"), e):
@@ -633,12 +660,45 @@ class MatmulEngine(wiring.Component):
         done = Signal()
         m.d.comb += [self.busy.eq(busy & ~done), start.eq(self.start & ~self.busy)]
 
-        # ---- issue stage (stage 0): block list entry -> operand addresses --------
+        # ---- entry fetch: block list -> a 3-entry FIFO of registers --------------
+        # Word 0 of `ent` is the header (the entry count E); entries 1..E are read in
+        # a loop, paced by FIFO credit only. Nothing read from a memory reaches a
+        # memory address in the same cycle (a BRAM clock-to-out is long).
         ent_rd = mems["ent"].read_port()
+        hdr = data.View(s.ent_header_layout, ent_rd.data[:Shape.cast(s.ent_header_layout).width])
+        n_ent = Signal(s.ent_header_layout.members["n_ent"])
+        hdr_phase = Signal()                  # the header is on the read port
+        fetching = Signal()
+        ptr = Signal(ent_rd.addr.shape())
+        inflight = Signal()                   # a fetch issued last cycle: its entry is on the port
+        cnt = Signal(range(4))
+        fifo = [Signal(Shape.cast(s.ent_layout).width, name=f"ent_q{i}") for i in range(3)]
+        fetch = Signal()
+        pop = Signal()
+        m.d.comb += [
+            fetch.eq(fetching & run & (cnt + inflight <= 2)),
+            ent_rd.addr.eq(Mux(fetching & run, ptr, 0)),
+        ]
+        m.d.sync += inflight.eq(fetch)
+        with m.If(fetch):
+            m.d.sync += ptr.eq(Mux(ptr == n_ent, 1, ptr + 1))
+        with m.If(hdr_phase):
+            m.d.sync += [n_ent.eq(hdr.n_ent), fetching.eq(1), hdr_phase.eq(0)]
+        wr_idx = Signal(range(4))
+        m.d.comb += wr_idx.eq(cnt - pop)
+        for i in range(3):
+            with m.If(inflight & (wr_idx == i)):
+                m.d.sync += fifo[i].eq(ent_rd.data)
+            with m.Elif(pop):
+                m.d.sync += fifo[i].eq(fifo[i + 1] if i < 2 else 0)
+        m.d.sync += cnt.eq(cnt + inflight - pop)
+
+        # ---- issue stage (stage 0): FIFO head entry -> operand addresses ---------
         a_rd = mems["a"].read_port()
         w_rd = mems["w"].read_port()
-        e = data.View(s.ent_layout, ent_rd.data)
-        ent_idx = Signal(ent_rd.addr.shape())
+        e = data.View(s.ent_layout, fifo[0])
+        e_valid = Signal()
+        m.d.comb += e_valid.eq(cnt != 0)
         kk = Signal(range(s.block_k))
         tcnt = Signal(range(max(s.k, s.min_beats) + 1))   # beats of this tile so far
         pad = Signal()                        # padding beats after the tile's last block
@@ -646,31 +706,27 @@ class MatmulEngine(wiring.Component):
         r0 = Signal(range(s.mt_max * R + 1))  # first row of the M-tile
         a_base = Signal(range(s.mt_max * s.k + 1))
 
+        # stage 1 (operands on the memory ports) and stage 2 (operands registered)
         s1_valid, s1_first, s1_last, s1_zero = Signal(), Signal(), Signal(), Signal()
+        s2_valid, s2_first, s2_last, s2_zero = Signal(), Signal(), Signal(), Signal()
+        a2 = Signal(a_rd.data.shape())
+        w2 = Signal(w_rd.data.shape())
         stall = Signal()
-        m.d.comb += stall.eq(s1_valid & ~pe.i.ready)
+        m.d.comb += stall.eq(s2_valid & ~pe.i.ready)
         go = Signal()
-        m.d.comb += go.eq(run & ~stall)
+        m.d.comb += go.eq(run & ~stall & (pad | e_valid))
 
         real = Signal()
         entry_end = Signal()
         tile_end = Signal()
         list_end = Signal()
-        advance = Signal()
         m.d.comb += [
             real.eq(~pad & ~e.empty),
             entry_end.eq(real & (kk == e.len_m1)),
             tile_end.eq(Mux(real, entry_end & e.tile_last, 1) & (tcnt + 1 >= s.min_beats)),
             list_end.eq(Mux(pad, sweep_end, e.list_last)),
-            advance.eq(go & (entry_end | (~pad & e.empty & tile_end))),
+            pop.eq(go & (entry_end | (~pad & e.empty & tile_end))),
         ]
-        ent_next = Signal.like(ent_idx)
-        m.d.comb += ent_next.eq(Mux(e.list_last, 0, ent_idx + 1))
-        ent_addr = Signal.like(ent_idx)
-        m.d.comb += [ent_addr.eq(Mux(advance, ent_next, ent_idx)),
-                     ent_rd.addr.eq(ent_addr), ent_rd.en.eq(~stall)]
-        m.d.sync += ent_idx.eq(ent_addr)
-
         m.d.comb += [
             a_rd.addr.eq(a_base + e.k0 + kk), a_rd.en.eq(~stall),
             w_rd.addr.eq(e.w0 + kk), w_rd.en.eq(~stall),
@@ -690,16 +746,18 @@ class MatmulEngine(wiring.Component):
                     with m.If(r0 + R >= m_reg):
                         m.d.sync += run.eq(0)
         with m.If(~stall):
-            m.d.sync += [s1_valid.eq(run), s1_first.eq(tcnt == 0), s1_last.eq(tile_end),
-                         s1_zero.eq(~real)]
+            m.d.sync += [s1_valid.eq(go), s1_first.eq(tcnt == 0), s1_last.eq(tile_end),
+                         s1_zero.eq(~real),
+                         s2_valid.eq(s1_valid), s2_first.eq(s1_first), s2_last.eq(s1_last),
+                         s2_zero.eq(s1_zero), a2.eq(a_rd.data), w2.eq(w_rd.data)]
 
-        # ---- operand stage (stage 1): memory data -> PE array --------------------
-        av = data.View(lay["a"], a_rd.data)
-        wv = data.View(lay["w"], w_rd.data)
-        m.d.comb += [pe.i.valid.eq(s1_valid), pe.i.payload.first.eq(s1_first),
-                     pe.i.payload.last.eq(s1_last)]
-        m.d.comb += [pe.i.payload.a[r].eq(Mux(s1_zero, 0, av[r])) for r in range(R)]
-        m.d.comb += [pe.i.payload.b[c].eq(Mux(s1_zero, 0, wv[c])) for c in range(N)]
+        # ---- operand stage 2 -> PE array -------------------------------------
+        av = data.View(lay["a"], a2)
+        wv = data.View(lay["w"], w2)
+        m.d.comb += [pe.i.valid.eq(s2_valid), pe.i.payload.first.eq(s2_first),
+                     pe.i.payload.last.eq(s2_last)]
+        m.d.comb += [pe.i.payload.a[r].eq(Mux(s2_zero, 0, av[r])) for r in range(R)]
+        m.d.comb += [pe.i.payload.b[c].eq(Mux(s2_zero, 0, wv[c])) for c in range(N)]
 
         # ---- output side: PE rows -> + bias -> requant -> out buffer -------------
         m.d.comb += pe.o.ready.eq(1)
@@ -748,7 +806,8 @@ class MatmulEngine(wiring.Component):
         # ---- start / done (a start in the done cycle is taken) ------------------
         with m.If(done):
             m.d.sync += busy.eq(0)
-        with m.If(start):
+        with m.If(start):   # the header is read in this cycle (port address 0)
             m.d.sync += [busy.eq(1), run.eq(1), m_reg.eq(self.m), r0.eq(0), a_base.eq(0),
-                         out_nt.eq(0), out_r0.eq(0), tcnt.eq(0), kk.eq(0), pad.eq(0)]
+                         out_nt.eq(0), out_r0.eq(0), tcnt.eq(0), kk.eq(0), pad.eq(0),
+                         fetching.eq(0), hdr_phase.eq(1), ptr.eq(1), inflight.eq(0), cnt.eq(0)]
         return m

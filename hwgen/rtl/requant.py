@@ -139,12 +139,13 @@ class ShiftRequant(wiring.Component):
     (exact left shift, or a floor right shift by ``P = shift_min - 1``, which
     commutes with the floor of the rounding below), then
     ``r = (u + ((1 << t) >> 1)) >> t`` (arithmetic shift: round half up), then
-    saturation. Timing: two register stages (``LATENCY = 2``): ``o`` shows the
-    result for the ``i`` presented two cycles earlier; no enable, no stall.
+    saturation. Timing: three register stages (``LATENCY = 3``: the rounding
+    add, the variable shift, the saturation): ``o`` shows the result for the
+    ``i`` presented three cycles earlier; no enable, no stall.
     """
 
     #: cycles from ``i`` to ``o``
-    LATENCY = 2
+    LATENCY = 3
 
     def __init__(self, in_width: int, shift_min: int, shift_max: int, out_width: int,
                  out_signed: bool = True, lanes: int = 1):
@@ -188,8 +189,11 @@ class ShiftRequant(wiring.Component):
             u = Signal(signed(uw), name=f"u_{lane}")
             rc = Signal(max(t_max, 1), name=f"rc_{lane}")   # (1 << t) >> 1
             m.d.comb += [u.eq((c << lft) >> p), rc.eq((Const(1, t_max + 1) << t) >> 1)]
+            v = Signal(signed(max(uw, t_max + 1) + 1), name=f"v_{lane}")
+            t1 = Signal.like(t, name=f"t1_{lane}")
+            m.d.sync += [v.eq(u + rc), t1.eq(t)]                  # stage 1: rounding add
             r = Signal(signed(rw), name=f"r_{lane}")
-            m.d.sync += r.eq((u + rc) >> t)
-            m.d.sync += self.o[lane].eq(Mux(r > self.hi, self.hi,
+            m.d.sync += r.eq(v >> t1)                             # stage 2: shift
+            m.d.sync += self.o[lane].eq(Mux(r > self.hi, self.hi,  # stage 3: saturate
                                             Mux(r < self.lo, self.lo, r[:self.out_width])))
         return m
