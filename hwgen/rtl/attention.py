@@ -529,10 +529,11 @@ class AttentionEngine(wiring.Component):
         cur_max = Mux(a3_par, row_max[1], row_max[0])
         cur_any = Mux(a3_par, row_any[1], row_any[0])
         best, any_v = cur_max, cur_any
-        for l in range(L):
+        for l in range(L):          # a chain of signals (expressions would duplicate it 2**L times)
             take_l = a3_m[l] & (~any_v | (a3_s[l] > best))
-            best = Mux(take_l, a3_s[l], best)
-            any_v = any_v | a3_m[l]
+            nb, na = Signal(signed(self.s_bits), name=f"a3_best{l}"), Signal(name=f"a3_any{l}")
+            m.d.comb += [nb.eq(Mux(take_l, a3_s[l], best)), na.eq(any_v | a3_m[l])]
+            best, any_v = nb, na
         for i in range(2):
             with m.If(a_on & (t == 0) & (qa[0] == i)):
                 m.d.sync += row_any[i].eq(0)
