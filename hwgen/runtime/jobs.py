@@ -14,6 +14,9 @@
 from __future__ import annotations
 
 import hashlib
+import os
+import shutil
+import threading
 import time
 from pathlib import Path
 
@@ -65,7 +68,13 @@ def load_graph(model: str | None = None, graph_dir: str | None = None, bits: str
     fixed, _ = quantize(bundle.graph, bundle.calib_feeds, cfg)
     fixed.name = bundle.name
     fixed.meta.update({"model": key, "kind": bundle.kind, "bits": cfg.name})
-    fixed.save(d)
+    # written beside and renamed into place; a concurrent run that got there first wins
+    tmp = d.with_name(f".{d.name}.{os.getpid()}.{threading.get_ident()}")
+    fixed.save(tmp)
+    try:
+        os.rename(tmp, d)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
     return fixed
 
 
