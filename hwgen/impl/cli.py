@@ -24,7 +24,7 @@ def implement_kernels(kernels, part, freq_mhz: float = 200.0, xilinx: bool = Tru
         say(f"[{n}/{len(kernels)}] {k.name} ({k.op}): Verilog")
         v = kernel_verilog(k.component, part.device.dsp)
         r = implement_ecp5(v, part, freq_mhz=freq_mhz, timeout=timeout, cache=cache, say=say)
-        row = {"name": k.name, "op": k.op, "fmax_mhz": r["fmax_mhz"],
+        row = {"name": k.name, "op": k.op, "part": part.name, "fmax_mhz": r["fmax_mhz"],
                **{x: r[x] for x in SUM_KEYS}, "timing_met": r["timing_met"],
                "critical_path": r["critical_path"], "placed": r["placed"],
                "cycles": k.manifest.get("cycles"), "ideal_cycles": k.manifest.get("ideal_cycles"),
@@ -36,7 +36,7 @@ def implement_kernels(kernels, part, freq_mhz: float = 200.0, xilinx: bool = Tru
             x = estimate_xilinx(kernel_verilog(k.component, None), timeout=timeout, cache=cache, say=say)
             row["xilinx"] = {kk: x[kk] for kk in ("lut", "ff", "dsp", "bram", "ramb36", "ramb18", "flow")}
         rows.append(row)
-    total = {x: sum(r[x] for r in rows) for x in SUM_KEYS}
+    total = {"part": part.name, **{x: sum(r[x] for r in rows) for x in SUM_KEYS}}
     total["fmax_mhz"] = min(r["fmax_mhz"] for r in rows)
     dev = part.device
     total["fits"] = all(total[x] <= getattr(dev, a) for x, a in

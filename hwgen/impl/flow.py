@@ -316,15 +316,21 @@ def implement_ecp5(verilog_text: str, part: Part | str, top: str = "kernel", fre
             rep = json.loads((d / "report.json").read_text())
         except (OSError, ValueError):
             raise ImplError("nextpnr-ecp5: report.json is missing or unreadable") from None
+        if os.environ.get("HWGEN_IMPL_KEEP"):  # debugging: keep the tool folder
+            import shutil
+
+            shutil.copytree(d, Path(os.environ["HWGEN_IMPL_KEEP"]) / key, dirs_exist_ok=True)
     fm = rep.get("fmax") or {}
     if not fm:
         raise ImplError("nextpnr-ecp5: no clock in the timing report (no sequential logic?)")
     fmax = min(v["achieved"] for v in fm.values())
     placed = {k: v["used"] for k, v in rep.get("utilization", {}).items() if v.get("used")}
+    available = {k: rep["utilization"][k]["available"] for k in ("TRELLIS_COMB", "TRELLIS_FF", "MULT18X18D",
+                                                                  "DP16KD") if k in rep.get("utilization", {})}
     result = {"part": part.name, "fmax_mhz": round(fmax, 2), "target_mhz": freq_mhz,
               "timing_met": fmax >= freq_mhz,
               **{k: res[k] for k in ("lut", "ff", "dsp", "bram", "lutram")},
-              "cells": res["cells"], "placed": placed, "harness": h_info,
+              "cells": res["cells"], "placed": placed, "available": available, "harness": h_info,
               "critical_path": critical_path(rep) if fmax < freq_mhz else None,
               "synth_s": round(synth_s, 1), "pnr_s": round(pnr_s, 1),
               "tools": tool_versions(), "key": key, "cached": False}

@@ -69,5 +69,5 @@ def parse_part(name: str) -> Part:
     pkg = _PKG.get(mt.group(3) or "BG381")
     if pkg not in dev.packages:
         raise ImplError(f"part '{name}': package {mt.group(3)} does not exist for {dev.name} "
-                        f"(packages: {', '.join(p.replace('CA', '') for p in dev.packages)})")
+                        f"(packages: {', '.join(p.replace('CABGA', 'BG') for p in dev.packages)})")
     return Part(dev, speed, pkg)

@@ -251,6 +251,12 @@ def _point_key(point: dict, cfgd: dict, tools: dict, src: str) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
+def _transient(row: dict) -> bool:
+    """A failure worth retrying on the next run (not cached): timeouts, lost workers."""
+    why = str(row.get("reason", ""))
+    return row.get("status") != "ok" and ("timed out" in why or "ray task failed" in why)
+
+
 def pareto(rows: list[dict]) -> None:
     """Mark ``pareto`` on ok rows no other ok row beats in both latency and
     resource fraction (ties kept)."""
@@ -364,7 +370,8 @@ def run_sweep(cfg: SweepConfig, out, ray_address: str | None = None, jobs: int |
     def on_done(key, row):
         row = {**point_of[key], **row, "cached": False}
         results[key] = row
-        _atomic_write(pdir / f"{key}.json", json.dumps(row))  # resume point
+        if not _transient(row):
+            _atomic_write(pdir / f"{key}.json", json.dumps(row))  # resume point
         say(f"{row['rows']}x{row['cols']} {row['bits']} x{row['engines']}: {row['status']}"
             + (f", {row['cycles']} cycles at {row['fmax_mhz']} MHz, {row['lut']} LUT, {row['dsp']} DSP"
                if row["status"] == "ok" else f" ({row.get('reason')})"))
