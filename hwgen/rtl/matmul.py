@@ -86,7 +86,7 @@ with ``B = MT * sum_nt max(T(nt), min_beats)`` beats, ``T(nt)`` = the K rows of
 N-tile ``nt``'s occupied blocks: the first beat is accepted by the array in
 cycle ``ISSUE_LATENCY`` (= 6), beats follow back to back with no gap, the
 last tile's last row leaves the array ``PEArray.LATENCY + rows - 1`` cycles
-after its last beat, and the output pipeline takes ``OUT_LATENCY`` (= 6)
+after its last beat, and the output pipeline takes ``OUT_LATENCY`` (= 7)
 cycles from there to ``done``. Dense MiniLM shapes at ``m = 128`` on 16 x 16
 reach utilization ``(m*k*n / (rows*cols)) / cycles`` > 0.999.
 
@@ -103,8 +103,9 @@ or a multiplier, in the same cycle):
 * stage 1: the operand words on the memory read ports; stage 2: registered;
   then the PE array's input. One stall signal (the PE array's ``i.ready``
   low, which the padding rule avoids) holds stages 0..2 and the read enables;
-* output: PE row (``o.ready`` held high) -> register with the column
-  group's bias and shift words -> ``acc + bias`` registered -> the three
+* output: PE row (``o.ready`` held high) -> register (the column group's
+  bias and shift words read meanwhile) -> both registered -> ``acc + bias``
+  registered -> the three
   :class:`~hwgen.rtl.requant.ShiftRequant` stages -> write into ``out`` ->
   ``done`` the cycle after the last write.
 """
@@ -211,7 +212,7 @@ class MatmulSpec:
     #: first entry fetch, entry into the FIFO, operand addresses, operand read, registered
     ISSUE_LATENCY = 6
     #: cycles from the last result row leaving the PE array to ``done``
-    OUT_LATENCY = 3 + ShiftRequant.LATENCY
+    OUT_LATENCY = 4 + ShiftRequant.LATENCY
 
     def __post_init__(self):
         for p in ("rows", "cols", "k", "n", "max_m", "block_k"):
@@ -781,18 +782,26 @@ class MatmulEngine(wiring.Component):
         acc1 = Signal(pe.o.payload.data.shape())
         m.d.sync += [v1.eq(pe.o.valid), fin1.eq(pe.o.valid & fin), g1.eq(out_r0 + pe.o.payload.row),
                      nt1.eq(out_nt), acc1.eq(pe.o.payload.data)]
-        bv = data.View(lay["bias"], bias_rd.data)
-        tv = data.View(lay["shift"], shift_rd.data)
-        # stage R2: sum = acc + bias, shift codes
-        m.submodules.rq = rq = ShiftRequant(s.sum_width, s.shift_min, s.shift_max,
-                                            s.out_fmt.width, s.out_fmt.signed, lanes=N)
+        # stage R2: the bias/shift words registered (a memory output lands in a register)
         v2, fin2 = Signal(), Signal()
         addr2 = Signal(hr.addr.shape())
-        m.d.sync += [v2.eq(v1 & (g1 < m_reg)), fin2.eq(fin1), addr2.eq(g1 * s.nt + nt1)]
+        acc2 = Signal.like(acc1)
+        bias2 = Signal(bias_rd.data.shape())
+        shift2 = Signal(shift_rd.data.shape())
+        m.d.sync += [v2.eq(v1 & (g1 < m_reg)), fin2.eq(fin1), addr2.eq(g1 * s.nt + nt1),
+                     acc2.eq(acc1), bias2.eq(bias_rd.data), shift2.eq(shift_rd.data)]
+        bv = data.View(lay["bias"], bias2)
+        tv = data.View(lay["shift"], shift2)
+        # stage R3: sum = acc + bias, shift codes -> ShiftRequant
+        m.submodules.rq = rq = ShiftRequant(s.sum_width, s.shift_min, s.shift_max,
+                                            s.out_fmt.width, s.out_fmt.signed, lanes=N)
+        v3, fin3 = Signal(), Signal()
+        addr3 = Signal.like(addr2)
+        m.d.sync += [v3.eq(v2), fin3.eq(fin2), addr3.eq(addr2)]
         for c in range(N):
-            m.d.sync += [rq.i.c[c].eq(acc1[c] + bv[c]), rq.i.t[c].eq(tv[c])]
+            m.d.sync += [rq.i.c[c].eq(acc2[c] + bv[c]), rq.i.t[c].eq(tv[c])]
         # ShiftRequant stages (R3, R4): valid/address ride alongside
-        vq, finq, addrq = [v2], [fin2], [addr2]
+        vq, finq, addrq = [v3], [fin3], [addr3]
         for st in range(ShiftRequant.LATENCY):
             vq.append(Signal(name=f"v_q{st}"))
             finq.append(Signal(name=f"fin_q{st}"))
