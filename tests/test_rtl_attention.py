@@ -252,6 +252,7 @@ def test_cycles_formula_and_manifest():
     assert man["utilization"] == round(man["ideal_cycles"] / man["cycles"], 4)
     assert man["tables"]["exp"]["entries"] == C.ExpTable().size
     assert man["memories"]["k"] == {"banks": 16, "depth": 8, "width": 32 * 8 + 1}
+    assert man["memories"]["score"]["depth"] == man["memories"]["e"]["depth"] == 2 * 8
     assert man["ports"]["i"]["fields"] == {"q": 256, "k": 256, "v": 256, "valid": 1, "pos": 7,
                                           "last": 1}
     assert man["formats"]["score"]["width"] == C.acc_width(I8, I8, 32)
@@ -328,3 +329,18 @@ def test_minilm_shape_elaboration():
     print(f"MiniLM head: verilog {len(text.splitlines())} lines in {el:.1f} s; cycles "
           f"{man['cycles']}, ideal {man['ideal_cycles']}, utilization {man['utilization']}")
     assert "module attention_minilm" in text
+
+
+@pytest.mark.slow
+def test_minilm_shape_simulated():
+    """seq 128, head_dim 32, 16 lanes, padding: bit-exact and cycles() in Amaranth's simulator."""
+    eng = AttentionEngine(32, 128, 16, I8, I8, I8, I8, P8, C.ExpTable(), C.RecipTable(), False)
+    rng = np.random.default_rng(7)
+    q, k, v = (_rand(rng, I8, 128, 32) for _ in range(3))
+    valid = (np.arange(128) < 100).astype(np.int64)
+    t = time.perf_counter()
+    got, cycles = run_passes(eng, [eng.pack(q, k, v, valid)])
+    el = time.perf_counter() - t
+    _check(f"MiniLM shape, {cycles[0]} cycles simulated in {el:.0f} s", got,
+           [contract_head(eng, q, k, v, valid)])
+    assert cycles == [eng.cycles(128, 128)]

@@ -183,6 +183,9 @@ class AttentionEngine(wiring.Component):
         self.exp, self.recip, self.causal, self.name = exp, recip, causal, name
         self.lg_lanes = lanes.bit_length() - 1
         self.groups_max = -(-max_seq // lanes)
+        #: memory depths (words): Q rows, each K / V bank, score and e buffers (two queries each)
+        self.depths = {"q": max_seq, "kv": self.groups_max, "score": 2 * self.groups_max,
+                       "e": 2 * self.groups_max}
         try:
             self.s_bits = C.acc_width(q_fmt, k_fmt, head_dim)
             self.o_bits = C.acc_width(prob_fmt, v_fmt, max_seq)
@@ -303,7 +306,7 @@ class AttentionEngine(wiring.Component):
         """JSON-able description of the kernel and its timing for one pass."""
         cyc = self.cycles(s_q, s_kv)
         ideal = self.ideal_cycles(s_q, s_kv)
-        G = self.groups_max
+        dep = self.depths
 
         def port(direction, layout):
             return {"direction": direction, "width": layout.size,
@@ -325,13 +328,13 @@ class AttentionEngine(wiring.Component):
                                "width": self.e_bits},
                        "recip": {**self.recip.to_dict(), "entries": int(self.recip_table.size),
                                  "width": self.r_bits}},
-            "memories": {"q": {"depth": self.max_seq, "width": self.head_dim * self.q_fmt.width},
-                         "k": {"banks": self.lanes, "depth": G,
+            "memories": {"q": {"depth": dep["q"], "width": self.head_dim * self.q_fmt.width},
+                         "k": {"banks": self.lanes, "depth": dep["kv"],
                                "width": self.head_dim * self.k_fmt.width + 1},
-                         "v": {"banks": self.lanes, "depth": G,
+                         "v": {"banks": self.lanes, "depth": dep["kv"],
                                "width": self.head_dim * self.v_fmt.width},
-                         "score": {"depth": G, "width": self.lanes * (self.s_bits + 1)},
-                         "e": {"depth": 2 * G, "width": self.lanes * self.e_bits}},
+                         "score": {"depth": dep["score"], "width": self.lanes * (self.s_bits + 1)},
+                         "e": {"depth": dep["e"], "width": self.lanes * self.e_bits}},
             "shape": {"s_q": s_q, "s_kv": s_kv},
             "cycles": cyc,
             "ideal_cycles": ideal,
@@ -399,19 +402,20 @@ class AttentionEngine(wiring.Component):
         s_word = data.StructLayout({"s": data.ArrayLayout(signed(self.s_bits), L),
                                     "m": unsigned(L)})
         e_word = data.ArrayLayout(unsigned(self.e_bits), L)
+        dep = self.depths
         m.submodules.q_mem = q_mem = Memory(shape=data.ArrayLayout(fmt_shape(self.q_fmt), D),
-                                            depth=self.max_seq, init=[])
+                                            depth=dep["q"], init=[])
         k_mem, v_mem = [], []
         for b in range(L):
-            km = Memory(shape=k_word, depth=GM, init=[])
-            vm = Memory(shape=v_word, depth=GM, init=[])
+            km = Memory(shape=k_word, depth=dep["kv"], init=[])
+            vm = Memory(shape=v_word, depth=dep["kv"], init=[])
             m.submodules[f"k_bank{b}"] = km
             m.submodules[f"v_bank{b}"] = vm
             k_mem.append(km)
             v_mem.append(vm)
         # score and e buffers hold two queries each (parity = query index & 1)
-        m.submodules.s_buf = s_buf = Memory(shape=s_word, depth=2 * GM, init=[])
-        m.submodules.e_buf = e_buf = Memory(shape=e_word, depth=2 * GM, init=[])
+        m.submodules.s_buf = s_buf = Memory(shape=s_word, depth=dep["score"], init=[])
+        m.submodules.e_buf = e_buf = Memory(shape=e_word, depth=dep["e"], init=[])
         m.submodules.exp_rom = exp_rom = Memory(shape=unsigned(self.e_bits),
                                                 depth=len(self.exp_table),
                                                 init=[int(x) for x in self.exp_table])
