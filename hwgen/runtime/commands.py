@@ -126,4 +126,6 @@ def cmd_plan(args) -> dict:
     result = jobs.plan(graph, feeds, args.backend, args.device, force, _accel_ops(args), args.policy,
                        clock, link, say=say)
     print(cost_mod.format_table(result["rows"]))
+    if not args.json:  # the table already shows the rows
+        result = {k: v for k, v in result.items() if k != "rows"}
     return result

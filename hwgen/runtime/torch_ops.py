@@ -310,13 +310,20 @@ class TorchHost:
             maxp = max(abs(v) for v in C.product_range(self.fmt(node.inputs[0]), self.fmt(w_name)))
             acc_frac = x_frac + (int(w_frac[0]) if w_frac.size == 1 else
                                  torch.as_tensor(w_frac, device=self.device))
-            c = self._consts[node.name] = (w_name, b_name, maxp, acc_frac, self.fmt(node.outputs[0]),
+            # the weight once in the type its exact GEMM path runs in (matmul_int's choice)
+            k = int(g.tensors[w_name].shape[0])
+            w = self.weight(w_name)
+            if k * maxp < C.FLOAT32_EXACT or (maxp < C.FLOAT32_EXACT and k * maxp < C.FLOAT64_EXACT):
+                w = w.to(torch.float32)
+            elif k * maxp < C.FLOAT64_EXACT:
+                w = w.to(torch.float64)
+            c = self._consts[node.name] = (w, b_name, maxp, acc_frac, self.fmt(node.outputs[0]),
                                            self._out_frac(node))
         return c
 
     def op_linear(self, node, ins, offset, state):
-        w_name, b_name, maxp, acc_frac, out_fmt, out_frac = self._linear_consts(node)
-        acc = matmul_int(ins[0], self.weight(w_name), maxp)
+        w, b_name, maxp, acc_frac, out_fmt, out_frac = self._linear_consts(node)
+        acc = matmul_int(ins[0], w, maxp)
         if b_name:
             acc = acc + self.weight(b_name)
         return requant_fmt(acc, acc_frac, out_fmt, out_frac)
