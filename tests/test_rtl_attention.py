@@ -344,3 +344,27 @@ def test_minilm_shape_simulated():
     _check(f"MiniLM shape, {cycles[0]} cycles simulated in {el:.0f} s", got,
            [contract_head(eng, q, k, v, valid)])
     assert cycles == [eng.cycles(128, 128)]
+
+
+def test_schedule_sweep_lanes_and_offsets():
+    """Both period regimes (G + 5 for short rows, 2 G once G > 5), one lane,
+    odd head_dim, causal and not, multi-token passes at offsets > 0."""
+    rng = np.random.default_rng(9)
+    for lanes, hd, causal, max_seq, splits in [(1, 3, True, 9, [4, 3, 1]),
+                                                (2, 1, False, 16, [13, 1]),
+                                                (2, 2, True, 16, [3, 10, 1]),
+                                                (4, 3, True, 32, [1, 24])]:
+        eng = engine(hd=hd, max_seq=max_seq, lanes=lanes, causal=causal)
+        total = sum(splits)
+        q, k, v = (_rand(rng, I8, total, hd) for _ in range(3))
+        valid = rng.integers(0, 2, total)
+        passes, want, shapes, off = [], [], [], 0
+        for s in splits:
+            sl = slice(off, off + s)
+            passes.append(eng.pack(q[sl], k[sl], v[sl], valid[sl], offset=off))
+            want.append(contract_head(eng, q[sl], k[:off + s], v[:off + s], valid[:off + s], off))
+            shapes.append((s, off + s))
+            off += s
+        got, cycles = run_passes(eng, passes)
+        _check(f"sweep lanes={lanes} hd={hd} causal={causal} passes={splits}", got, want)
+        assert cycles == [eng.cycles(*sh) for sh in shapes]
