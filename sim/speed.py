@@ -143,7 +143,7 @@ def matmul_speed(rows: int = 16, cols: int = 16, k: int = 384, n: int = 384, m: 
     build_bin = time.perf_counter() - t0 - binr["wall_s"]
     load_words = sum(len(images[b]) for b in order)
     bin_total = binr["cycles"] + load_words + 4
-    say("cocotb + Verilator: 16 x 16 PE array streamed, Python drives every beat")
+    say(f"cocotb + Verilator: {rows} x {cols} PE array streamed, Python drives every beat")
     stream = pe_array_bench(rows, cols, 8, 8, 32, [(rng.integers(-128, 128, (rows, 64)),
                                                     rng.integers(-128, 128, (64, cols))) for _ in range(64)])
     return {

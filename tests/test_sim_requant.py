@@ -1,4 +1,5 @@
-"""cocotb bench of hwgen.rtl.Requant on Verilator and Icarus: AP_RND / AP_SAT
+"""cocotb bench of hwgen.rtl.Requant (on Icarus: instant builds; the
+engines that contain it run on Verilator in test_sim_matmul.py): AP_RND / AP_SAT
 corner codes (rounding ties of both signs, saturation at both ends, per-lane
 shifts of both signs) bit-exact against hwgen.fixed.requantize, and the
 mutation check: a variant that truncates instead of rounding must make the
@@ -35,10 +36,10 @@ def corner_codes(in_width=20, shifts=SHIFTS, n_random=64, seed=0):
     return np.clip(np.concatenate([np.stack(cols, 1), rand]), lo, hi)
 
 
-def test_requant_verilator_corner_cases():
+def test_requant_corner_cases():
     x = corner_codes()
-    r = requant_bench(20, SHIFTS, 8, x, lanes=4, registered=True)
-    print("requant verilator:", {k: r[k] for k in ("mismatches", "vectors", "cycles")})
+    r = requant_bench(20, SHIFTS, 8, x, lanes=4, registered=True, sim="icarus")
+    print("requant:", {k: r[k] for k in ("mismatches", "vectors", "cycles")})
     assert r["vectors"] == x.size
     assert r["mismatches"] == 0, r["first_mismatches"]
     assert r["cycles"] == len(x) + 1  # latency 1
@@ -69,7 +70,7 @@ class TruncatingRequant(Requant):
 def test_mutation_truncation_is_caught():
     x = corner_codes()
     mutant = TruncatingRequant(20, SHIFTS, 8, True, 4, True)
-    r = requant_bench(20, SHIFTS, 8, x, lanes=4, registered=True, component=mutant)
+    r = requant_bench(20, SHIFTS, 8, x, lanes=4, registered=True, component=mutant, sim="icarus")
     print("mutant mismatches:", r["mismatches"], r["first_mismatches"][:2])
     assert r["mismatches"] > 0
     m = r["first_mismatches"][0]

@@ -288,3 +288,45 @@ def cmd_verify_rtl(args, say) -> tuple[dict, int]:
               "skipped": [s["name"] for s in skipped], "wall_s": time.perf_counter() - t0}
     say(f"{len(report)} kernel(s), {result['vectors']} output codes, {total} mismatch(es)")
     return result, (1 if total else 0)
+
+
+# ----------------------------------------------------------------------------- make bench
+
+def rtl_sim_bench(quick: bool = False, say=None) -> dict:
+    """``make bench`` entry (hwgen/bench.py): (1) the full MiniLM W8A8 layer 0 at
+    sequence length 128 (the first evaluation sentence padded with masked
+    tokens) on Verilator, every kernel bit-exact, cycles and utilization per
+    kernel on the 16 x 16 array; (2) :func:`sim.speed.matmul_speed`: cocotb
+    bench cycles/s vs ``verilator --binary`` on the 16 x 16 engine.
+    ``quick``: two attention heads, a smaller speed case."""
+    import tempfile
+
+    from .. import zoo
+    from ..hls.project import builtin_feeds, first_batch
+    from ..quant import QuantConfig, quantize
+    from .generate import RTLOptions, plan
+
+    say = say or (lambda msg: print(f"[bench rtl] {msg}", file=sys.stderr, flush=True))
+    _sim_package()
+    from sim.speed import matmul_speed
+
+    t0 = time.perf_counter()
+    say("quantizing MiniLM W8A8")
+    bundle = zoo.load("minilm")
+    graph, _ = quantize(bundle.graph, bundle.calib_feeds, QuantConfig.from_bits("w8a8"))
+    graph.name = bundle.name
+    graph.meta.update({"model": "minilm", "kind": bundle.kind, "bits": "w8a8"})
+    feeds, note = builtin_feeds(graph)
+    feeds = pad_feeds(first_batch(feeds, 1), 128)
+    kernels, _ = plan(graph, 0, RTLOptions())
+    report = verify(graph, kernels, feeds, sim="verilator", heads=2 if quick else None, say=say)
+    layer = {"inputs": note + ", padded to 128 tokens", "heads": 2 if quick else "all",
+             "mismatches": sum(k["mismatches"] for k in report),
+             "vectors": sum(k["vectors"] for k in report),
+             "kernels": [{k: e[k] for k in ("name", "op", "shape", "vectors", "mismatches", "cycles",
+                                             "model_cycles", "ideal_cycles", "utilization", "build_s",
+                                             "sim_s")} for e in report]}
+    say("simulation speed: cocotb vs verilator --binary")
+    speed = matmul_speed(k=128 if quick else 384, n=64 if quick else 384, m=128, runs=2 if quick else 4,
+                         say=say)
+    return {"minilm_layer0_seq128": layer, "speed": speed, "wall_s": time.perf_counter() - t0}
