@@ -84,7 +84,7 @@ cycle in which ``start`` is sampled as cycle 0, ``done`` is high in cycle
 
 with ``B = MT * sum_nt max(T(nt), min_beats)`` beats, ``T(nt)`` = the K rows of
 N-tile ``nt``'s occupied blocks: the first beat is accepted by the array in
-cycle ``ISSUE_LATENCY`` (= 6), beats follow back to back with no gap, the
+cycle ``ISSUE_LATENCY`` (= 7), beats follow back to back with no gap, the
 last tile's last row leaves the array ``PEArray.LATENCY + rows - 1`` cycles
 after its last beat, and the output pipeline takes ``OUT_LATENCY`` (= 7)
 cycles from there to ``done``. Dense MiniLM shapes at ``m = 128`` on 16 x 16
@@ -95,9 +95,10 @@ or a multiplier, in the same cycle):
 
 * entry fetch: cycle 0 reads the header, cycle 1 latches ``n_ent``; from
   cycle 2 entries ``1 .. n_ent`` (then again from 1: one pass per M-tile) are
-  read into a 3-entry register FIFO whenever it has room (one read per cycle,
-  paced by credit: at most 3 held or in flight), so the issue stage never waits
-  for an entry once the first one is in (cycle 4);
+  read, registered, and pushed into a ``FIFO_DEPTH`` (4) register FIFO
+  whenever it has room (one read per cycle, paced by credit: at most 4 held or
+  in flight), so the issue stage never waits for an entry once the first one
+  is in (cycle 5);
 * issue (stage 0): from the FIFO head (registers) the operand addresses
   ``a_base + k0 + kk`` and ``w0 + kk``, the tile flags, padding beats;
 * stage 1: the operand words on the memory read ports; stage 2: registered;
@@ -129,6 +130,8 @@ from .requant import ShiftRequant, check_shift_range, shift_code, shift_code_wid
 RTL_Q, RTL_O = "AP_RND", "AP_SAT"
 #: input buffers in load order, then the output buffer
 IN_BUFFERS = ("a", "w", "ent", "bias", "shift")
+#: block-list entries held in registers (credit covers the 2-cycle fetch latency)
+FIFO_DEPTH = 4
 
 
 def _fmt_str(f: FixedType) -> str:
@@ -210,7 +213,7 @@ class MatmulSpec:
 
     #: cycles from ``start`` to the first beat the PE array accepts: header read,
     #: first entry fetch, entry into the FIFO, operand addresses, operand read, registered
-    ISSUE_LATENCY = 6
+    ISSUE_LATENCY = 7
     #: cycles from the last result row leaving the PE array to ``done``
     OUT_LATENCY = 4 + ShiftRequant.LATENCY
 
@@ -661,38 +664,41 @@ class MatmulEngine(wiring.Component):
         done = Signal()
         m.d.comb += [self.busy.eq(busy & ~done), start.eq(self.start & ~self.busy)]
 
-        # ---- entry fetch: block list -> a 3-entry FIFO of registers --------------
+        # ---- entry fetch: block list -> a FIFO of registers ----------------------
         # Word 0 of `ent` is the header (the entry count E); entries 1..E are read in
-        # a loop, paced by FIFO credit only. Nothing read from a memory reaches a
-        # memory address in the same cycle (a BRAM clock-to-out is long).
+        # a loop, paced by FIFO credit only. Every word read lands in a plain register
+        # first (a BRAM clock-to-out is long): nothing read from a memory reaches a
+        # memory address, or logic, in the same cycle.
         ent_rd = mems["ent"].read_port()
         hdr = data.View(s.ent_header_layout, ent_rd.data[:Shape.cast(s.ent_header_layout).width])
         n_ent = Signal(s.ent_header_layout.members["n_ent"])
         hdr_phase = Signal()                  # the header is on the read port
         fetching = Signal()
         ptr = Signal(ent_rd.addr.shape())
-        inflight = Signal()                   # a fetch issued last cycle: its entry is on the port
-        cnt = Signal(range(4))
-        fifo = [Signal(Shape.cast(s.ent_layout).width, name=f"ent_q{i}") for i in range(3)]
+        f1 = Signal()                         # a fetch issued last cycle: its entry is on the port
+        f2 = Signal()                         # ... two cycles ago: its entry is in ent_d
+        ent_d = Signal(ent_rd.data.shape())   # the port's word, registered
+        cnt = Signal(range(FIFO_DEPTH + 1))
+        fifo = [Signal(Shape.cast(s.ent_layout).width, name=f"ent_q{i}") for i in range(FIFO_DEPTH)]
         fetch = Signal()
         pop = Signal()
         m.d.comb += [
-            fetch.eq(fetching & run & (cnt + inflight <= 2)),
+            fetch.eq(fetching & run & (cnt + f1 + f2 <= FIFO_DEPTH - 1)),
             ent_rd.addr.eq(Mux(fetching & run, ptr, 0)),
         ]
-        m.d.sync += inflight.eq(fetch)
+        m.d.sync += [f1.eq(fetch), f2.eq(f1), ent_d.eq(ent_rd.data)]
         with m.If(fetch):
             m.d.sync += ptr.eq(Mux(ptr == n_ent, 1, ptr + 1))
         with m.If(hdr_phase):
             m.d.sync += [n_ent.eq(hdr.n_ent), fetching.eq(1), hdr_phase.eq(0)]
-        wr_idx = Signal(range(4))
+        wr_idx = Signal(range(FIFO_DEPTH + 1))
         m.d.comb += wr_idx.eq(cnt - pop)
-        for i in range(3):
-            with m.If(inflight & (wr_idx == i)):
-                m.d.sync += fifo[i].eq(ent_rd.data)
+        for i in range(FIFO_DEPTH):
+            with m.If(f2 & (wr_idx == i)):
+                m.d.sync += fifo[i].eq(ent_d)
             with m.Elif(pop):
-                m.d.sync += fifo[i].eq(fifo[i + 1] if i < 2 else 0)
-        m.d.sync += cnt.eq(cnt + inflight - pop)
+                m.d.sync += fifo[i].eq(fifo[i + 1] if i < FIFO_DEPTH - 1 else 0)
+        m.d.sync += cnt.eq(cnt + f2 - pop)
 
         # ---- issue stage (stage 0): FIFO head entry -> operand addresses ---------
         a_rd = mems["a"].read_port()
@@ -818,5 +824,6 @@ class MatmulEngine(wiring.Component):
         with m.If(start):   # the header is read in this cycle (port address 0)
             m.d.sync += [busy.eq(1), run.eq(1), m_reg.eq(self.m), r0.eq(0), a_base.eq(0),
                          out_nt.eq(0), out_r0.eq(0), tcnt.eq(0), kk.eq(0), pad.eq(0),
-                         fetching.eq(0), hdr_phase.eq(1), ptr.eq(1), inflight.eq(0), cnt.eq(0)]
+                         fetching.eq(0), hdr_phase.eq(1), ptr.eq(1), f1.eq(0), f2.eq(0),
+                         cnt.eq(0)]
         return m
