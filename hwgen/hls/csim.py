@@ -76,9 +76,9 @@ def _headers_digest(d: str) -> str:
     return h.hexdigest()
 
 
-def build_key(files: dict[str, str], cxx: str, inc: Path) -> str:
+def build_key(files: dict[str, str], cxx: str, inc: Path, extra: tuple[str, ...] = ()) -> str:
     h = hashlib.sha256()
-    for part in (_compiler_id(cxx), " ".join(CXXFLAGS), _headers_digest(str(inc))):
+    for part in (_compiler_id(cxx), " ".join(CXXFLAGS + tuple(extra)), _headers_digest(str(inc))):
         h.update(part.encode() + b"\0")
     for name in sorted(files):
         h.update(name.encode() + b"\0" + files[name].encode() + b"\0")
@@ -92,12 +92,18 @@ def _first_errors(text: str, n: int = 8) -> str:
     return "\n".join(lines[start:start + n])
 
 
-def build(files: dict[str, str], cache: Path | None = None) -> Path:
-    """Compile ``files`` (one ``*_tb.cpp`` among them) and return the binary's path."""
+def build(files: dict[str, str], cache: Path | None = None, tops: tuple[str, ...] = ()) -> Path:
+    """Compile ``files`` (one ``*_tb.cpp`` among them) and return the binary's path.
+    ``tops``: kernels whose synthesis top ``<name>.cpp`` is compiled in and called by
+    the testbench (``-DHWGEN_TOP_<NAME>``), as Vitis co-simulation builds it."""
     cxx = compiler()
     inc = ap_types_dir()
     cache = Path(cache) if cache is not None else DEFAULT_CACHE
-    key = build_key(files, cxx, inc)
+    extra = tuple(f"-DHWGEN_TOP_{t.upper()}" for t in tops) + tuple(f"{t}.cpp" for t in tops)
+    missing = [f"{t}.cpp" for t in tops if f"{t}.cpp" not in files]
+    if missing:
+        raise HLSError(f"synthesis top source(s) {missing} are not among the files")
+    key = build_key(files, cxx, inc, extra)
     final = cache / key[:24]
     exe = final / "csim"
     if exe.is_file():
@@ -110,7 +116,8 @@ def build(files: dict[str, str], cache: Path | None = None) -> Path:
     try:
         for name, text in files.items():
             (tmp / name).write_text(text)
-        cmd = [cxx, *CXXFLAGS, "-I", str(inc), "-I", str(tmp), str(tmp / tbs[0]), "-o", str(tmp / "csim")]
+        cmd = [cxx, *CXXFLAGS, *(f"-DHWGEN_TOP_{t.upper()}" for t in tops), "-I", str(inc), "-I", str(tmp),
+               str(tmp / tbs[0]), *(str(tmp / f"{t}.cpp") for t in tops), "-o", str(tmp / "csim")]
         r = subprocess.run(cmd, capture_output=True, text=True)
         if r.returncode != 0:
             raise HLSError(f"g++ failed on the generated HLS sources ({tbs[0]}):\n"
