@@ -192,3 +192,19 @@ def test_pragmas_par_and_files(encoder):
     bad = {k.name: int((got[k.node] != ys[k.node]).sum()) for k in kernels}
     print(f"\n[par=3] mismatches per kernel: {bad}")
     assert sum(bad.values()) == 0
+
+
+def test_formats_beyond_ap_fixed(decoder):
+    """A format the ap_fixed headers cannot take: the emitter refuses with one message
+    naming the node (HLS target), or the hls4ml layer is skipped naming the type."""
+    from hwgen.fixed import FixedType
+    from hwgen.hls import emit_linear
+    from hwgen.hls import hls4ml_interop as I
+
+    g = copy.deepcopy(decoder)
+    lin = next(n for n in g.nodes if n.op == "linear")
+    g.tensors[lin.outputs[0]].fmt = FixedType(8, 60, True, "AP_RND", "AP_SAT")   # 52 bits above the width
+    with pytest.raises(HLSError, match=rf"node '{lin.name}': column 0 drops \d+ fractional bits .* abort"):
+        emit_linear(g, lin)
+    with pytest.raises(I.HLS4MLError, match="2000-bit type is beyond what ap_fixed allows"):
+        I._AP(2000, 10)

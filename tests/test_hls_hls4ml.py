@@ -135,3 +135,19 @@ def test_errors(bert, bert_block_graph, capsys, tmp_path, monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_hls4ml)
     with pytest.raises(I.HLS4MLError, match="pip install hls4ml"):
         I.plan(bert, 0)
+
+
+def test_compile_failure_named(bert, tmp_path, monkeypatch):
+    """A g++/build failure inside hls4ml's compile() ends in one error naming the layer,
+    and leaves no build marked done in the cache."""
+    from hls4ml.model.graph import ModelGraph
+
+    def broken(self):
+        print("g++: error: something")
+        raise Exception('Failed to compile project "myproject"')
+    monkeypatch.setattr(ModelGraph, "compile", broken)
+    layers, _ = I.plan(bert, 0)
+    lin = next(ly for ly in layers if ly.name == "attn_q")
+    with pytest.raises(I.HLS4MLError, match=r"hls4ml compile\(\) of layer 'attn_q' failed.*\n.*g\+\+: error"):
+        I.compiled(lin, cache=tmp_path)
+    assert not list(tmp_path.rglob("hwgen-done"))
