@@ -226,7 +226,7 @@ def test_backpressure_and_cache_across_passes():
     got2, cycles2 = run_passes(eng, passes)
     _check("same, no back-pressure", got2, want)
     assert cycles2 == [eng.cycles(6, 6), eng.cycles(1, 7), eng.cycles(3, 10)]
-    assert all(c > c2 for c, c2 in zip(cycles, cycles2))
+    assert all(c >= c2 for c, c2 in zip(cycles, cycles2)) and sum(cycles) > sum(cycles2)
 
 
 def unused(eng):
@@ -247,7 +247,8 @@ def test_cycles_formula_and_manifest():
     man = unused(AttentionEngine(32, 128, 16, I8, I8, I8, I8, P8, C.ExpTable(), C.RecipTable(),
                                  False)).manifest(128, 128)
     assert man["op"] == "attention" and man["kernel"] == "attention"
-    assert man["cycles"] == 128 + (128 + 2) * 16 + 4     # load, 130 super-phases of 2 G, drain
+    # load; super-phases: A alone 8 + 3, A+B 8 + 5, 126 of 2 G, B+C and C alone 8 + 5; output
+    assert man["cycles"] == 128 + 11 + 13 + 126 * 16 + 13 + 13 + 1
     assert man["ideal_cycles"] == 2 * 128 * 128 * 32 // (16 * 32)
     assert man["utilization"] == round(man["ideal_cycles"] / man["cycles"], 4)
     assert man["tables"]["exp"]["entries"] == C.ExpTable().size

@@ -100,14 +100,16 @@ from ..fixed import FixedType
 from .fxround import check_modes, fmt_shape, requant_value
 from .pe_array import RTLError, _is_int, check_positive
 
-#: cycles from B's first issue to its reciprocal being latched, plus one: a super-phase
-#: lasts at least G + B_SPAN cycles so that B(k - 1) finishes inside it
+#: a super-phase running A lasts at least G + A_SPAN cycles (its last score write)
+A_SPAN = 3
+#: one running B lasts at least G + B_SPAN cycles (its reciprocal latched in G + 4)
 B_SPAN = 5
-#: PV issue starts C_LEAD + G cycles before the super-phase ends: its products
-#: (3 cycles after issue) follow A's last products (1 cycle after issue) without a gap
+#: with A running, PV issue starts C_LEAD + G cycles before the super-phase ends: its
+#: products (3 cycles after issue) follow A's (1 cycle after issue) without a gap
 C_LEAD = 2
-#: cycles the last super-phase runs past its period: PV tail and output register
-C_DRAIN = 3
+#: PV issued from cycle 0 (no A running) puts its row into the output register in
+#: cycle G + C_SPAN - 1
+C_SPAN = 5
 
 
 def _bits(n: int) -> int:
@@ -283,15 +285,33 @@ class AttentionEngine(wiring.Component):
 
     @staticmethod
     def period(groups: int) -> int:
-        """Cycles of one super-phase for rows of ``groups`` lane groups:
-        ``max(2 G, G + B_SPAN)`` (the multipliers are busy ``2 G`` of them)."""
+        """Cycles of a steady super-phase (A, B and C running) for rows of
+        ``groups`` lane groups: ``max(2 G, G + B_SPAN)``; the multipliers are
+        busy ``2 G`` of them."""
         return max(2 * groups, groups + B_SPAN)
+
+    @staticmethod
+    def phase_lengths(s_q: int, groups: int) -> list[int]:
+        """Cycles of super-phases ``k = 0 .. s_q + 1``: ``period(G)`` while A
+        and C both run, ``G + A_SPAN`` for the first (A alone), ``G +
+        max(B_SPAN, C_SPAN)`` for the others (no A: PV starts in cycle 0)."""
+        out = []
+        for k in range(s_q + 2):
+            a, b, c = k < s_q, 1 <= k <= s_q, k >= 2
+            if a and c:
+                out.append(AttentionEngine.period(groups))
+            elif a and not b:
+                out.append(groups + A_SPAN)
+            else:
+                out.append(groups + max(B_SPAN, C_SPAN))
+        return out
 
     def cycles(self, s_q: int, s_kv: int) -> int:
         """Exact cycles of one pass, first accepted beat to last output beat
-        taken (beats back to back, ``o.ready`` high)."""
+        taken (beats back to back, ``o.ready`` high): the beats, the
+        super-phases, one cycle for the output beat."""
         self._check_shape(s_q, s_kv)
-        return s_q + (s_q + 2) * self.period(self.groups(s_kv)) + C_DRAIN + 1
+        return s_q + sum(self.phase_lengths(s_q, self.groups(s_kv))) + 1
 
     @property
     def mac_units(self) -> int:
@@ -393,7 +413,7 @@ class AttentionEngine(wiring.Component):
         D, L, lg = self.head_dim, self.lanes, self.lg_lanes
         GM = self.groups_max
         gb = _bits(GM)
-        tb = _bits(self.period(GM) + C_DRAIN)
+        tb = _bits(self.period(GM) + max(B_SPAN, C_SPAN))
         i_s, o_s = self.i, self.o
 
         # ---------------- memories -------------------------------------------
@@ -435,7 +455,9 @@ class AttentionEngine(wiring.Component):
         offset = Signal(self.pos_bits)
         G = Signal(gb)                     # groups of lanes keys per row
         T = Signal(tb)                     # super-phase length: period(G)
-        c_start = Signal(tb)               # PV issue start in the super-phase: T - G - C_LEAD
+        c_lead = Signal(tb)                # PV issue start while A runs: T - G - C_LEAD
+        len_a = Signal(tb)                 # G + A_SPAN
+        len_bc = Signal(tb)                # G + max(B_SPAN, C_SPAN)
         running = Signal()
         out_valid = Signal()
         out_row = Signal(self.pos_bits)
@@ -466,21 +488,27 @@ class AttentionEngine(wiring.Component):
             with m.If(pay.last):
                 t_new = Mux(g_new > B_SPAN, g_new << 1, g_new + B_SPAN)
                 m.d.sync += [s_q.eq(cnt + 1), s_kv.eq(pay.pos + 1), G.eq(g_new), T.eq(t_new),
-                             c_start.eq(t_new - g_new - C_LEAD), cnt.eq(0), k.eq(0), t.eq(0),
-                             running.eq(1)]
+                             c_lead.eq(t_new - g_new - C_LEAD), len_a.eq(g_new + A_SPAN),
+                             len_bc.eq(g_new + max(B_SPAN, C_SPAN)),
+                             cnt.eq(0), k.eq(0), t.eq(0), running.eq(1)]
 
         # ---------------- super-phase sequencing -------------------------------
-        last_k = Signal()
-        m.d.comb += last_k.eq(k == s_q + 1)
+        a_on = Signal()
+        b_on = Signal()
+        c_on = Signal()
+        m.d.comb += [a_on.eq(running & (k < s_q)), b_on.eq(running & (k >= 1) & (k <= s_q)),
+                     c_on.eq(running & (k >= 2))]
+        # phase_lengths(): period while A and C run, G + A_SPAN for A alone, else len_bc
+        length = Signal(tb)
+        c_start = Signal(tb)
+        m.d.comb += [length.eq(Mux(a_on & c_on, T, Mux(a_on & ~b_on, len_a, len_bc))),
+                     c_start.eq(Mux(a_on, c_lead, 0))]
         with m.If(running):
             m.d.sync += t.eq(t + 1)
-            with m.If(~last_k & (t == T - 1)):
+            with m.If(t == length - 1):
                 m.d.sync += [t.eq(0), k.eq(k + 1)]
-            with m.If(last_k & (t == T + (C_DRAIN - 1))):
-                m.d.sync += running.eq(0)
-        a_on = running & (k < s_q)
-        b_on = running & (k >= 1) & (k <= s_q)
-        c_on = running & (k >= 2)
+                with m.If(k == s_q + 1):
+                    m.d.sync += running.eq(0)
         qa, qb, qc = k, k - 1, k - 2
 
         # ---------------- shared multiplier array ------------------------------
@@ -592,17 +620,19 @@ class AttentionEngine(wiring.Component):
         # ---------------- C(k - 2): probabilities, PV, output -------------------
         c_issue = c_on & (t >= c_start) & (t < c_start + G)
         c_par = qc[0]
-        c_row = Signal(self.pos_bits)
-        with m.If(c_on & (t == c_start)):
-            m.d.sync += c_row.eq(qc)
+        # the row travels with the pipeline (a PV may still drain when the next one starts)
+        c1_row, c2_row, c3_row, c4_row = (Signal(self.pos_bits, name=f"c{s}_row")
+                                          for s in (1, 2, 3, 4))
+        m.d.sync += [c1_row.eq(qc), c2_row.eq(c1_row), c3_row.eq(c2_row), c4_row.eq(c3_row)]
         e_rp = e_buf.read_port()
         m.d.comb += e_rp.addr.eq(slot(c_par, t - c_start))
         c1_v, c2_v, c4_v = Signal(), Signal(), Signal()
+        c5_row = Signal(self.pos_bits)
         c1_g, c2_g, c3_g, c4_g = (Signal(gb, name=f"c{s}_g") for s in (1, 2, 3, 4))
         c2_er = [Signal(self.er_bits, name=f"c2_er{l}") for l in range(L)]
         m.d.sync += [c1_v.eq(c_issue), c1_g.eq(t - c_start), c2_v.eq(c1_v), c2_g.eq(c1_g),
                      c3_v.eq(c2_v), c3_g.eq(c2_g), c4_v.eq(c3_v), c4_g.eq(c3_g),
-                     c5_v.eq(c4_v & (c4_g == G - 1))]
+                     c5_v.eq(c4_v & (c4_g == G - 1)), c5_row.eq(c4_row)]
         r_c = Mux(c_par, r_q[1], r_q[0])
         n_c = Mux(c_par, n_q[1], n_q[0])
         up = Signal(len(n))                 # left-align e * r to n_max: shift up by n_max - n
@@ -623,7 +653,7 @@ class AttentionEngine(wiring.Component):
         with m.If(o_s.valid & o_s.ready):
             m.d.sync += out_valid.eq(0)
         with m.If(c5_v):
-            m.d.sync += [out_valid.eq(1), out_row.eq(c_row), out_last.eq(c_row + 1 == s_q)]
+            m.d.sync += [out_valid.eq(1), out_row.eq(c5_row), out_last.eq(c5_row + 1 == s_q)]
             for d in range(D):
                 m.d.sync += o_data[d].eq(
                     requant_value(m, acc[d], self.o_frac, self.out_fmt, f"o_rq{d}"))
