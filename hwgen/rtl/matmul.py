@@ -707,7 +707,8 @@ class MatmulEngine(wiring.Component):
         e_valid = Signal()
         m.d.comb += e_valid.eq(cnt != 0)
         kk = Signal(range(s.block_k))
-        tcnt = Signal(range(max(s.k, s.min_beats) + 1))   # beats of this tile so far
+        tcnt = Signal(range(s.min_beats + 1))   # beats of this tile so far (saturating)
+        tcnt_ok = Signal(init=s.min_beats <= 1)  # registered: tcnt + 1 >= min_beats
         pad = Signal()                        # padding beats after the tile's last block
         sweep_end = Signal()                  # the tile being padded is the list's last
         r0 = Signal(range(s.mt_max * R + 1))  # first row of the M-tile
@@ -730,7 +731,7 @@ class MatmulEngine(wiring.Component):
         m.d.comb += [
             real.eq(~pad & ~e.empty),
             entry_end.eq(real & (kk == e.len_m1)),
-            tile_end.eq(Mux(real, entry_end & e.tile_last, 1) & (tcnt + 1 >= s.min_beats)),
+            tile_end.eq(Mux(real, entry_end & e.tile_last, 1) & tcnt_ok),
             list_end.eq(Mux(pad, sweep_end, e.list_last)),
             pop.eq(go & (entry_end | (~pad & e.empty & tile_end))),
         ]
@@ -739,7 +740,10 @@ class MatmulEngine(wiring.Component):
             w_rd.addr.eq(e.w0 + kk), w_rd.en.eq(~stall),
         ]
         with m.If(go):
-            m.d.sync += tcnt.eq(Mux(tile_end, 0, tcnt + 1))
+            with m.If(tile_end):
+                m.d.sync += [tcnt.eq(0), tcnt_ok.eq(s.min_beats <= 1)]
+            with m.Elif(tcnt != s.min_beats):
+                m.d.sync += [tcnt.eq(tcnt + 1), tcnt_ok.eq(tcnt + 2 >= s.min_beats)]
             with m.If(entry_end):
                 m.d.sync += kk.eq(0)
                 with m.If(e.tile_last & ~tile_end):
@@ -823,7 +827,8 @@ class MatmulEngine(wiring.Component):
             m.d.sync += busy.eq(0)
         with m.If(start):   # the header is read in this cycle (port address 0)
             m.d.sync += [busy.eq(1), run.eq(1), m_reg.eq(self.m), r0.eq(0), a_base.eq(0),
-                         out_nt.eq(0), out_r0.eq(0), tcnt.eq(0), kk.eq(0), pad.eq(0),
+                         out_nt.eq(0), out_r0.eq(0), tcnt.eq(0), tcnt_ok.eq(s.min_beats <= 1),
+                         kk.eq(0), pad.eq(0),
                          fetching.eq(0), hdr_phase.eq(1), ptr.eq(1), f1.eq(0), f2.eq(0),
                          cnt.eq(0)]
         return m
