@@ -60,24 +60,29 @@ column of V at once); an adder tree per lane (QK^T) and per column (PV)
 reads the product registers.
 
 With ``G = ceil(s_kv / lanes)`` groups per row, a pass is LOAD (one beat
-per cycle) then ``s_q + 2`` super-phases of ``T = period(G) = max(2 G,
-G + B_SPAN)`` cycles. Super-phase ``k`` overlaps three queries:
+per cycle) then ``s_q + 2`` super-phases ``k = 0 .. s_q + 1``, each
+overlapping three queries:
 
 * A(k): scores of query ``k`` (issue in cycles ``0 .. G-1``, products one
-  cycle later), written to the score buffer, row max;
+  cycle later, the last score written in cycle ``G + A_SPAN - 1``) into the
+  score buffer, row max;
 * B(k-1): exp, row sum and reciprocal of query ``k - 1`` (exp ROMs and
-  adders only, cycles ``0 .. G + B_SPAN - 1``);
-* C(k-2): probabilities and PV of query ``k - 2`` (issue from cycle
-  ``T - G - C_LEAD``: its products follow A's without a gap, so the
-  multipliers are busy ``2 G`` cycles of every ``T``), the accumulators
-  requantized into the output register ``C_DRAIN`` cycles after the period.
+  adders only; the reciprocal is latched in cycle ``G + B_SPAN - 1``);
+* C(k-2): probabilities and PV of query ``k - 2``. While A runs, PV issues
+  from cycle ``T - G - C_LEAD`` (``T = period(G) = max(2 G, G + B_SPAN)``):
+  its products follow A's without a gap, the multipliers are busy ``2 G``
+  cycles of every ``T``, and the row reaches the output register 2 cycles
+  into the next super-phase. Without A, PV issues from cycle 0 and the row
+  reaches the output register in cycle ``G + C_SPAN - 1``.
 
-Row ``i`` is valid on ``o`` from the cycle after it enters the output
-register. Counting cycle 0 as the one in which the first beat is accepted,
-with beats back to back and ``o.ready`` high, the last output beat is taken
-in cycle ``cycles(s_q, s_kv) - 1``::
+Super-phase lengths (:meth:`AttentionEngine.phase_lengths`): ``T`` while A
+and C both run, ``G + A_SPAN`` for the first (A alone), ``G + max(B_SPAN,
+C_SPAN)`` for the others. Row ``i`` is valid on ``o`` from the cycle after
+it enters the output register. Counting cycle 0 as the one in which the
+first beat is accepted, with beats back to back and ``o.ready`` high, the
+last output beat is taken in cycle ``cycles(s_q, s_kv) - 1``::
 
-    cycles(s_q, s_kv) = s_q + (s_q + 2) * period(G) + C_DRAIN + 1
+    cycles(s_q, s_kv) = s_q + sum(phase_lengths(s_q, G)) + 1
 
 ``i.ready`` is high while no pass is computing. When a finished row meets a
 full output register that ``o`` does not empty, every register and memory
@@ -85,8 +90,6 @@ port holds for that cycle (``EnableInserter``): back-pressure delays the
 pass and never drops or reorders data; ``o.valid`` depends on registers only.
 """
 from __future__ import annotations
-
-import math
 
 import numpy as np
 from amaranth import Cat, Module, Mux, Signal, signed, unsigned
