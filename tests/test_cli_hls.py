@@ -3,7 +3,6 @@ bert-block model: the project folder (kernels, testbench, vectors, Vitis HLS
 script, manifest), C-simulation with zero mismatches, and bad input."""
 import json
 
-import pytest
 
 from conftest import last_json
 from conftest import run_cli as run

@@ -62,7 +62,6 @@ def minilm_graph():
 
 def minilm_layer(graph, feeds, layer: int = 0) -> dict:
     """All kernels of ``layer`` + its block top, compiled from an empty cache, run at S=128."""
-    from .block import emit_block
     from .csim import build, run_kernels
     from .project import all_files, golden_io, plan, _mismatches
 

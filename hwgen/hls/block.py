@@ -39,8 +39,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..ir import Graph, Node
-from .emit import (DEFAULT_PAR, HLS_OPS, HLSError, KernelSources, _int_ctype, check_par,
-                   emit_node, kernel_params, sanitize)
+from .emit import DEFAULT_PAR, HLS_OPS, HLSError, KernelSources, _int_ctype, check_par, emit_node, sanitize
 
 
 @dataclass
@@ -138,7 +137,7 @@ def emit_block(graph: Graph, layer: int, par: int = DEFAULT_PAR, max_seq: int | 
                          + (" per channel" if graph.tensors[t].per_channel else "") for t in dims)
     statics = "\n".join(f"  static {ctype[t]} {var[t]}[S_MAX][{dims[t]}];" for t in ports.internal)
 
-    def row_copy_in(dst: str, src: str, n: str, kns: str, code: str, label: str) -> str:
+    def row_copy_in(dst: str, src: str, n: str, label: str) -> str:
         return (f"    {label}:\n    for (int c = 0; c < {n}; c++) {{\n#pragma HLS PIPELINE II=1\n"
                 f"      {dst}[c].range() = {src}[i][c].range();\n    }}\n")
 
@@ -155,7 +154,7 @@ def emit_block(graph: Graph, layer: int, par: int = DEFAULT_PAR, max_seq: int | 
   for (int i = 0; i < s; i++) {{
     {kns}::x_t x[{kns}::K];
     {kns}::y_t y[{kns}::N];
-{row_copy_in("x", src, f"{kns}::K", kns, "", label + "_IN")}    {k.name}(x, y);
+{row_copy_in("x", src, f"{kns}::K", label + "_IN")}    {k.name}(x, y);
     {label}_OUT:
     for (int c = 0; c < {kns}::N; c++) {{
 #pragma HLS PIPELINE II=1

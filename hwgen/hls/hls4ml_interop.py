@@ -48,7 +48,6 @@ import hashlib
 import io
 import json
 import os
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
