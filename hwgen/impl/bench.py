@@ -1,0 +1,92 @@
+"""``make bench`` numbers of issue 6: Fmax and resources of the reference
+matmul engine (MiniLM W8A8, layer 0's query projection 384x384, 16x16 PE
+array, 128 tokens) on LFE5U-85F, its achieved MACs per cycle per DSP, and the
+roofline of a MiniLM layer next to the design.
+
+    python -m hwgen.impl.bench [--quick] [--part LFE5U-85F] [--bandwidth 6.4]
+
+``--quick`` implements the 16x16 PE array alone (no buffers) instead of the
+whole engine. Place and route of the full engine takes tens of minutes on two
+busy cores; results are cached (``.hwgen-cache/impl``).
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import sys
+import tempfile
+import zipfile
+
+REFERENCE = {"model": "minilm", "bits": "w8a8", "kernel": "encoder.layer.0.attention.self.query",
+             "rows": 16, "cols": 16, "m": 128}
+
+
+def say(msg: str) -> None:
+    print(f"[impl bench] {msg}", file=sys.stderr, flush=True)
+
+
+def _graph(model: str, bits: str):
+    from ..ir import Graph
+    from .sweep import quantized
+
+    z, acc = quantized(model, bits, say)
+    d = tempfile.mkdtemp(prefix="hwgen-bench-")
+    with zipfile.ZipFile(io.BytesIO(z)) as f:
+        f.extractall(d)
+    return Graph.load(d), acc
+
+
+def impl_bench(quick: bool = False, part: str = "LFE5U-85F", bandwidth_gbs: float = 6.4,
+               freq_mhz: float = 200.0) -> dict:
+    from ..rtl.matmul import MatmulEngine
+    from ..rtl.pe_array import PEArray
+    from .flow import implement_ecp5, kernel_verilog
+    from .parts import parse_part
+    from .roofline import roofline
+
+    ref = dict(REFERENCE)
+    p = parse_part(part)
+    graph, acc = _graph(ref["model"], ref["bits"])
+    eng = MatmulEngine.for_linear(graph, ref["kernel"], rows=ref["rows"], cols=ref["cols"], max_m=ref["m"])
+    spec = eng.spec
+    if quick:
+        comp = PEArray(ref["rows"], ref["cols"], spec.x_fmt.width + (not spec.x_fmt.signed),
+                       spec.w_fmt.width + (not spec.w_fmt.signed), spec.acc_width)
+        ref["design"] = "PE array only (--quick)"
+    else:
+        comp = eng
+        ref["design"] = "MatmulEngine"
+    say(f"{ref['design']} {ref['rows']}x{ref['cols']} for {ref['kernel']} on {p.name} (cached when done before)")
+    r = implement_ecp5(kernel_verilog(comp, p.device.dsp), p, freq_mhz=freq_mhz, say=say)
+    m = ref["m"]
+    cycles = eng.cycles(m)
+    macs = m * spec.k * spec.n
+    pes = ref["rows"] * ref["cols"]
+    out = {"reference": ref, "part": r["part"], "fmax_mhz": r["fmax_mhz"], "target_mhz": freq_mhz,
+           "lut": r["lut"], "ff": r["ff"], "dsp": r["dsp"], "bram": r["bram"],
+           "fabric_multipliers": max(0, pes - r["dsp"]),
+           "critical_path": r["critical_path"], "synth_s": r["synth_s"], "pnr_s": r["pnr_s"],
+           "cached": r["cached"], "cycles": cycles, "macs": macs,
+           "macs_per_cycle": macs / cycles, "utilization": macs / pes / cycles,
+           "macs_per_cycle_per_dsp": macs / cycles / max(r["dsp"], 1),
+           "gmacs_per_s": macs / cycles * r["fmax_mhz"] / 1e3,
+           "roofline": {k: v for k, v in roofline(graph, p, fmax_mhz=r["fmax_mhz"], bandwidth_gbs=bandwidth_gbs,
+                                                  seq=m, layer=0, design_fmax_mhz=r["fmax_mhz"]).items()
+                        if k != "nodes"},
+           "accuracy": acc}
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m hwgen.impl.bench", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--part", default="LFE5U-85F")
+    ap.add_argument("--bandwidth", type=float, default=6.4, help="external memory GB/s (default 6.4)")
+    a = ap.parse_args(argv)
+    print(json.dumps(impl_bench(a.quick, a.part, a.bandwidth)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
