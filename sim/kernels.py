@@ -160,8 +160,13 @@ def attention_bench(engine, passes: list[dict], expected: list[np.ndarray], sim:
     words = [int(str(h), 16) for h in res.pop("outputs", {}).get("out", [])]
     cmp = Comparison()
     b = 0
+    from hwgen.rtl import RTLError
+
     for i, (n, want) in enumerate(zip(sizes, expected)):
-        got = engine.unpack(words[b:b + n])
+        try:
+            got = engine.unpack(words[b:b + n])
+        except RTLError:   # rows out of order / wrong last flags: every code of the pass counts
+            got = np.zeros((0,), np.int64)
         cmp.add(f"pass{i}", want, got)
         b += n
     res.update(cmp.as_dict())

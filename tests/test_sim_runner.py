@@ -14,6 +14,9 @@ from sim import runner  # noqa: E402
 from sim.kernels import pe_array_bench, to_verilog  # noqa: E402
 
 
+pytestmark = pytest.mark.filterwarnings("ignore::amaranth.hdl.UnusedElaboratable")
+
+
 @pytest.fixture(scope="module")
 def small_verilog():
     return to_verilog(PEArray(2, 2, 4, 4, 10), "pe_small")

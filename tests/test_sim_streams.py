@@ -12,6 +12,9 @@ _sim_package()
 from sim.protocol import Comparison, layout_fields  # noqa: E402
 from sim.streams import Packer  # noqa: E402
 
+# components built only for their port layouts
+pytestmark = pytest.mark.filterwarnings("ignore::amaranth.hdl.UnusedElaboratable")
+
 
 def test_layout_fields_of_pe_array_ports():
     dut = PEArray(3, 2, 8, 6, 20)
