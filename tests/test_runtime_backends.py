@@ -74,3 +74,19 @@ def test_rtl_decoder_steps_equal_golden_and_cycles_match(tiny_decoder_fixed):
     assert sum(int((a != b).sum()) for a, b in zip(seen, g_seen)) == 0
     runs = [r for v in d.accel.measured.values() for r in v]
     assert runs and all(model == measured for model, measured in runs), d.accel.measured
+
+
+@pytest.mark.slow
+def test_hls_minilm_layer_equals_golden():
+    """The real quantized MiniLM (W8A8): layer 0's linears and attention on the HLS kernels,
+    the rest on torch, two sentences of different length (padding): every embedding code."""
+    from hwgen import zoo
+
+    g = jobs.load_graph("minilm")
+    layer0 = [n.name for n in g.nodes if n.layer == 0 and n.op in ("linear", "attention")]
+    force = {"linear": "host", "attention": "host", **{n: "accel" for n in layer0}}
+    feeds = zoo.feeds_from_text("minilm", "The cat sat on the mat.\nA much longer sentence about FPGA kernels.")
+    outs, st = Driver(g, "hls", force=force).run(feeds)
+    want = GoldenModel(g)(feeds)
+    assert int((outs["embedding"] != want["embedding"]).sum()) == 0
+    assert st.transfers > 0
