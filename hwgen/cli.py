@@ -64,7 +64,7 @@ def cmd_quantize(args: argparse.Namespace) -> dict:
         from .distill import compress as run_compress
 
         fixed, extra = run_compress(bundle, cfg, args.prune, args.distill, args.distill_steps,
-                                    args.qat_steps, args.lr, say=say)
+                                    args.qat_steps, args.lr, gradual=args.gradual, say=say)
         losses = extra.pop("qat_losses")
     if args.qat_steps and not compress:
         from .qat import QATModel, finetune
@@ -335,6 +335,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "--distill-steps float steps, then --qat-steps QAT steps")
     q.add_argument("--distill-steps", type=int, default=100,
                    help="float distillation steps with --distill (default 100)")
+    q.add_argument("--gradual", action="store_true",
+                   help="with --prune: raise sparsity gradually over the fine-tuning steps "
+                   "(default: one-shot with least-squares refit)")
     q.add_argument("--eval-text", help="file with one evaluation input per line "
                    "(replaces the built-in evaluation inputs)")
     q.add_argument("--json", action="store_true", help="print one JSON object as the last line")

@@ -234,12 +234,15 @@ def distill(float_graph: Graph, kind: str, calib_feeds: list[dict[str, np.ndarra
             spec=None, norms: dict[str, np.ndarray] | None = None, float_steps: int = 100,
             qat_steps: int = 0, lr: float = 1e-4, qat_lr: float = 2e-5,
             train_feeds: list[dict[str, np.ndarray]] | None = None,
-            hidden_weight: float = 1.0, say: Callable[[str], None] | None = None) -> DistillResult:
+            hidden_weight: float = 1.0, say: Callable[[str], None] | None = None,
+            start: Graph | None = None, masks: dict[str, np.ndarray] | None = None) -> DistillResult:
     """Prune (gradually over the float stage, else one-shot or gradually over
     QAT), distill in float, recalibrate, then distill with QAT; returns the
     quantized student. ``float_graph`` is the model's float graph (unfolded,
-    as the frontend traces it); ``train_feeds`` (default ``calib_feeds``) are the
-    distillation inputs; calibration always uses ``calib_feeds``."""
+    as the frontend traces it): the teacher; ``train_feeds`` (default ``calib_feeds``) are the
+    distillation inputs; calibration always uses ``calib_feeds``. ``start`` (a
+    folded float graph, e.g. pruned and reconstructed) and fixed keep ``masks``
+    replace the gradual schedule: the student starts there and keeps those zeros."""
     from . import prune as P
     from .qat import QATModel, finetune
     from .quant import prepare, quantize
@@ -248,14 +251,15 @@ def distill(float_graph: Graph, kind: str, calib_feeds: list[dict[str, np.ndarra
     teacher = prepare(float_graph)
     loss = DistillLoss(teacher, kind, hidden_weight=hidden_weight)
     feeds = train_feeds if train_feeds is not None else calib_feeds
-    masks: dict[str, np.ndarray] = {}
+    fixed_masks = masks is not None
+    masks = dict(masks) if masks else {}
     schedule: list[float] = []
     f_losses: list[float] = []
-    student_graph = teacher
+    student_graph = teacher if start is None else start
     if float_steps:
-        st = FloatStudent(teacher)
+        st = FloatStudent(student_graph, masks or None)
         hook = None
-        if spec is not None:
+        if spec is not None and not fixed_masks:
             hook = P.GradualPruner(st, spec, float_steps, norms)
         say(f"distill (float): {float_steps} step(s), lr {lr}"
             + (f", pruning {spec.name} gradually" if spec is not None else ""))
@@ -265,7 +269,7 @@ def distill(float_graph: Graph, kind: str, calib_feeds: list[dict[str, np.ndarra
         if hook is not None:
             masks, schedule = st.masks, hook.history
         student_graph = st.current_graph()
-    elif spec is not None and not qat_steps:
+    elif spec is not None and not qat_steps and not fixed_masks:
         student_graph, masks = P.prune(teacher, spec, norms)
     # formats from the student as it is now (pruning and training move activation ranges)
     say("calibrating the student")
@@ -276,7 +280,7 @@ def distill(float_graph: Graph, kind: str, calib_feeds: list[dict[str, np.ndarra
     q_losses: list[float] = []
     if qat_steps:
         hook = None
-        if spec is not None and not masks:
+        if spec is not None and not masks and not fixed_masks:
             hook = P.GradualPruner(model, spec, qat_steps, norms)
         say(f"distill (QAT): {qat_steps} step(s), lr {qat_lr}")
         q_losses = finetune(model, feeds, loss.qat(), qat_steps, lr=qat_lr, before_step=hook,
@@ -324,18 +328,26 @@ def train_feeds(bundle, extra: int = EXTRA_SENTENCES) -> list[dict[str, np.ndarr
     return feeds
 
 
+#: corpus sentences added to the calibration sentences for the reconstruction fit
+RECON_SENTENCES = 128
+
+
 def compress(bundle, cfg, prune: str | None = None, distill_on: bool = False, distill_steps: int = 100,
              qat_steps: int = 0, lr: float = 2e-5, distill_lr: float = 1e-4, cycles_m: int = 128,
-             say: Callable[[str], None] | None = None) -> tuple[Graph, dict]:
+             gradual: bool = False, say: Callable[[str], None] | None = None) -> tuple[Graph, dict]:
     """The ``hwgen quantize --prune ... --distill`` recipe on a model bundle.
 
-    Pruning without distillation: one-shot (activation-aware magnitude), or
-    gradual during ``qat_steps`` of plain QAT. With distillation: gradual over the
-    ``distill_steps`` float steps, then ``qat_steps`` of QAT on the same loss.
+    Pruning, by default one-shot: masks from activation-aware magnitudes, then
+    the kept weights refitted by least squares (:func:`hwgen.prune.reconstruct`,
+    on the calibration inputs plus, for minilm, ``RECON_SENTENCES`` corpus
+    sentences); fine-tuning (``distill_steps`` float distillation steps and/or
+    ``qat_steps`` QAT steps, distillation loss with ``distill_on``, else the plain
+    QAT loss) then keeps those zeros. ``gradual``: no reconstruction; sparsity rises
+    over the fine-tuning steps (:class:`hwgen.prune.GradualPruner`) instead.
     Returns the fixed graph (sparsity recorded, :func:`hwgen.prune.record_sparsity`)
-    and the extra JSON keys: ``prune``, ``sparsity``, ``cycles_m``, ``cycles_dense``,
-    ``cycles_sparse``, ``cycles_ratio``, ``distill``, ``distill_steps``,
-    ``distill_loss_first``, ``distill_loss_last``, ``qat_losses``."""
+    and the extra JSON keys: ``prune``, ``prune_schedule``, ``sparsity``, ``cycles_m``,
+    ``cycles_dense``, ``cycles_sparse``, ``cycles_ratio``, ``engine``, ``distill``,
+    ``distill_steps``, ``distill_loss_first``, ``distill_loss_last``, ``qat_losses``."""
     from . import prune as P
     from .accuracy import qat_loss
     from .qat import QATModel, finetune
@@ -344,43 +356,124 @@ def compress(bundle, cfg, prune: str | None = None, distill_on: bool = False, di
     say = say or (lambda m: None)
     rows, cols, block_k = P.engine_geometry()
     spec = P.PruneSpec.parse(prune, block_k=block_k, block_n=cols) if prune else None
-    if distill_on and distill_steps < 0 or qat_steps < 0:
+    if (distill_on and distill_steps < 0) or qat_steps < 0:
         raise DistillError("--distill-steps and --qat-steps must be >= 0")
     if distill_on and not (distill_steps or qat_steps):
         raise DistillError("--distill needs --distill-steps > 0 or --qat-steps > 0")
+    if gradual and not (spec is not None and ((distill_on and distill_steps) or qat_steps)):
+        raise DistillError("--gradual needs --prune and fine-tuning steps (--distill or --qat-steps)")
     folded = prepare(bundle.graph)
-    norms = None
+    norms = masks = None
+    start = folded
     if spec is not None:
         say(f"pruning {spec.name}: activation norms over {len(bundle.calib_feeds)} calibration batch(es)")
         norms = P.activation_norms(folded, bundle.calib_feeds)
+        if not gradual:
+            masks = P.compute_masks(folded, spec, norms)
+            say("refitting the kept weights (least squares, layer by layer)")
+            start = P.reconstruct(folded, masks, train_feeds(bundle, RECON_SENTENCES), say=say)
     f_losses: list[float] = []
     q_losses: list[float] = []
     if distill_on:
-        feeds = train_feeds(bundle)
         res = distill(bundle.graph, bundle.kind, bundle.calib_feeds, cfg, spec, norms,
                       float_steps=distill_steps, qat_steps=qat_steps, lr=distill_lr, qat_lr=lr,
-                      train_feeds=feeds, say=say)
+                      train_feeds=train_feeds(bundle), say=say, start=start, masks=masks)
         fixed, masks, f_losses, q_losses = res.fixed, res.masks, res.float_losses, res.qat_losses
     elif qat_steps:
-        # gradual pruning during plain QAT, formats from the one-shot pruned graph
-        _, masks0 = P.prune(folded, spec, norms)
-        _, fmts = quantize(P.apply_masks(folded, masks0), bundle.calib_feeds, cfg)
-        model = QATModel(folded, fmts, cfg)
-        hook = P.GradualPruner(model, spec, qat_steps, norms)
-        say(f"QAT: {qat_steps} step(s), lr {lr}, pruning {spec.name} gradually")
+        _, fmts = quantize(start if masks is not None else P.prune(folded, spec, norms)[0]
+                           if spec is not None else folded, bundle.calib_feeds, cfg)
+        model = QATModel(start, fmts, cfg)
+        hook = None
+        if masks is not None:
+            model.set_masks(masks)
+        elif spec is not None:
+            hook = P.GradualPruner(model, spec, qat_steps, norms)
+        say(f"QAT: {qat_steps} step(s), lr {lr}" + (f", pruning {spec.name} gradually" if hook else ""))
         q_losses = finetune(model, bundle.calib_feeds, qat_loss(bundle), qat_steps, lr=lr, before_step=hook,
                             progress=lambda i, l: say(f"QAT step {i}/{qat_steps} loss {l:.6f}"))
         fixed, masks = model.export(), model.masks
         fixed.meta["passes"] = fixed.meta.get("passes", []) + ["qat"]
     else:
-        pruned, masks = P.prune(folded, spec, norms)
-        fixed, _ = quantize(pruned, bundle.calib_feeds, cfg)
+        fixed, _ = quantize(start, bundle.calib_feeds, cfg)
+    masks = masks or {}
     bad = P.mask_violations(fixed, masks)
     if bad:  # cannot happen: zeros quantize to 0; checked so a regression is loud
         raise DistillError(f"{bad} pruned weight(s) have nonzero codes after quantization")
     rec = P.record_sparsity(fixed, spec, block_k, cols)
     cyc = P.cycle_report(fixed, cycles_m, rows=rows, cols=cols, block_k=block_k)
-    return fixed, {"prune": spec.name if spec else None, "sparsity": rec["sparsity"], **cyc,
+    return fixed, {"prune": spec.name if spec else None,
+                   "prune_schedule": None if spec is None else ("gradual" if gradual else "oneshot+refit"),
+                   "sparsity": rec["sparsity"], **cyc,
                    "distill": bool(distill_on), "distill_steps": distill_steps if distill_on else 0,
                    "distill_loss_first": f_losses[0] if f_losses else None,
                    "distill_loss_last": f_losses[-1] if f_losses else None, "qat_losses": q_losses}
+
+
+# ----------------------------------------------------------------------------
+# `make bench`: the issue's compression targets
+# ----------------------------------------------------------------------------
+
+def bench(quick: bool = False, float_steps: int = 300, qat_steps: int = 4,
+          say: Callable[[str], None] | None = None) -> dict:
+    """The compression numbers of README.md (registered in :mod:`hwgen.bench`).
+
+    * MiniLM W8A8 + 2:4 and + block:0.5 (engine blocks), each distilled
+      (``float_steps`` float steps with gradual pruning, then ``qat_steps`` QAT
+      steps): mean/min embedding cosine vs float over the evaluation sentences,
+      and the matmul engine's cycles of the pruned linears at m = 128, sparse vs dense;
+    * tiny-gpt student (``models/tiny_gpt_student.pt``, half the layers): float
+      perplexity vs the teacher's float perplexity, and its W8A8 perplexity;
+    * adaptive precision on MiniLM: low W8A8, high W16A16, saturation check,
+      20 % reruns fitted on the calibration sentences.
+    ``quick``: 20 float steps, 1 QAT step (a smoke run, not the numbers)."""
+    import math
+    import sys
+    import time
+
+    from . import zoo
+    from .accuracy import evaluate
+    from .adaptive import evaluate_adaptive
+    from .quant import QuantConfig, calibrate, prepare, quantize
+
+    say = say or (lambda m: print(f"[bench] {m}", file=sys.stderr, flush=True))
+    if quick:
+        float_steps, qat_steps = 20, 1
+    res: dict = {"float_steps": float_steps, "qat_steps": qat_steps}
+    cfg = QuantConfig.from_bits("w8a8")
+    bundle = zoo.load("minilm")
+    res["minilm"] = []
+    for pattern in ("2:4", "block:0.5"):
+        t0 = time.perf_counter()
+        say(f"minilm w8a8 {pattern} + distillation ({float_steps} float + {qat_steps} QAT steps)")
+        fixed, info = compress(bundle, cfg, pattern, True, float_steps, qat_steps, say=say)
+        m = evaluate(bundle, fixed)
+        res["minilm"].append({"prune": pattern, **{k: v for k, v in info.items() if k != "qat_losses"},
+                              "cosine_mean": m["cosine_mean"], "cosine_min": m["cosine_min"],
+                              "wall_s": time.perf_counter() - t0})
+    say("tiny-gpt student vs teacher")
+    teacher = zoo.load("tiny-gpt")
+    student = zoo.load(str(zoo.MODELS_DIR / "tiny_gpt_student.pt"))
+    t_ref = evaluate(teacher, quantize(teacher.graph, teacher.calib_feeds, cfg)[0])
+    s_q = evaluate(student, quantize(student.graph, student.calib_feeds, cfg)[0])
+    res["tiny_gpt_student"] = {
+        "teacher_layers": len(teacher.graph.layers), "student_layers": len(student.graph.layers),
+        "teacher_ppl_float": t_ref["ppl_float"], "student_ppl_float": s_q["ppl_float"],
+        "student_ppl_w8a8": s_q["ppl_quant"], "ratio_float": s_q["ppl_float"] / t_ref["ppl_float"],
+        "ratio_w8a8": s_q["ppl_quant"] / t_ref["ppl_float"]}
+    say("adaptive precision: minilm w8a8 / w16a16, saturation check")
+    folded = prepare(bundle.graph)
+    stats = calibrate(folded, bundle.calib_feeds)
+    low = quantize(bundle.graph, bundle.calib_feeds, QuantConfig.from_bits("w8a8"), stats=stats)[0]
+    high = quantize(bundle.graph, bundle.calib_feeds, QuantConfig.from_bits("w16a16"), stats=stats)[0]
+    for g, bits in ((low, "w8a8"), (high, "w16a16")):
+        g.meta.update(bits=bits, kind=bundle.kind)
+    res["adaptive"] = evaluate_adaptive(bundle, low, high, "saturation", rerun_fraction=0.2)
+    res["targets"] = {
+        "minilm_cosine_ge_0.98": {r["prune"]: r["cosine_mean"] >= 0.98 for r in res["minilm"]},
+        "block_cycles_le_0.55": next(r["cycles_ratio"] for r in res["minilm"] if r["prune"].startswith("block"))
+        <= 0.55,
+        "student_ppl_within_10pct": res["tiny_gpt_student"]["ratio_float"] <= 1.10,
+        "adaptive_cycles_lt_1.3x": res["adaptive"]["cycles_ratio_vs_low"] < 1.3,
+        "adaptive_accuracy_of_high": res["adaptive"]["adaptive"]["ok_frac"] >= res["adaptive"]["high"]["ok_frac"]}
+    del math
+    return res

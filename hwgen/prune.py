@@ -422,3 +422,80 @@ def cycle_report(fixed: Graph, m: int, rows: int | None = None, cols: int | None
     return {"cycles_m": m, "cycles_dense": dense, "cycles_sparse": sparse,
             "cycles_ratio": sparse / dense if dense else 1.0,
             "engine": {"rows": rows, "cols": cols, "block_k": block_k}}
+
+
+# ----------------------------------------------------------------------------
+# least-squares reconstruction of the kept weights (one-shot, layer by layer)
+# ----------------------------------------------------------------------------
+
+def reconstruct(graph: Graph, masks: dict[str, np.ndarray], feeds: Iterable[dict[str, np.ndarray]],
+                damp: float = 0.01, say=None) -> Graph:
+    """The pruned float graph whose kept weights are refitted, linear by linear in
+    graph order, to reproduce the dense linear's output on the inputs it sees in
+    the already-pruned graph (calibration ``feeds``, valid positions only): per
+    output column ``n`` with kept rows ``S``, ``w[S, n] = (X_S^T X_S + d I)^-1
+    X_S^T X w0[:, n]`` (SparseGPT's objective, solved exactly; ``d`` = ``damp`` x
+    the mean of diag(X^T X)). Pruned weights stay exactly 0. Linears that share
+    an input are refitted together. One float pass over the graph: every feed's
+    values are kept while the nodes run in order, each linear group refitted
+    when its input is ready."""
+    import torch
+
+    from .float_exec import FLOAT_OPS, _RunContext
+
+    say = say or (lambda m: None)
+    feeds = list(feeds)
+    g = apply_masks(graph, masks)
+    groups: dict[str, list[Node]] = {}
+    for node in prunable_linears(graph):
+        if node.inputs[1] in masks:
+            groups.setdefault(node.inputs[0], []).append(node)
+    weights = {n: torch.from_numpy(np.asarray(w, dtype=np.float32)) for n, w in g.weights.items()}
+    envs = []
+    for feed in feeds:
+        env = {}
+        for name in g.inputs:
+            v = torch.from_numpy(np.asarray(feed[name]))
+            env[name] = v.float() if g.tensors[name].dtype == "float" else v.long()
+        envs.append(env)
+    ctx = _RunContext(state=None, offset=0, device=torch.device("cpu"))
+    with torch.no_grad():
+        for node in g.nodes:
+            x_name = node.inputs[0]
+            if node.op == "linear" and x_name in groups:
+                _refit_group(graph, g, masks, groups.pop(x_name), feeds, envs, x_name, damp, say)
+                for n in g.weights:
+                    weights[n] = torch.from_numpy(np.asarray(g.weights[n], dtype=np.float32))
+            for env in envs:
+                args = [(env[t] if t in env else weights[t]) if t else None for t in node.inputs]
+                env[node.outputs[0]] = FLOAT_OPS[node.op](node, args, ctx)
+    return g
+
+
+def _refit_group(graph, g, masks, nodes, feeds, envs, x_name, damp, say) -> None:
+    xs = []
+    for feed, env in zip(feeds, envs):
+        v = env[x_name].cpu().numpy().astype(np.float64)
+        if "mask" in feed and v.ndim == 3 and v.shape[:2] == np.shape(feed["mask"]):
+            v = v[np.asarray(feed["mask"]) != 0]
+        xs.append(v.reshape(-1, v.shape[-1]))
+    x = np.concatenate(xs)
+    h = x.T @ x
+    hd = h + damp * float(np.mean(np.diag(h))) * np.eye(h.shape[0])
+    for node in nodes:
+        wname = node.inputs[1]
+        w0 = graph.weights[wname].astype(np.float64)
+        keep = masks[wname]
+        rhs = h @ w0
+        w = np.zeros_like(w0)
+        # columns with the same kept rows share one factorization
+        keys = np.packbits(keep, axis=0).T
+        _, inv = np.unique(keys, axis=0, return_inverse=True)
+        inv = inv.reshape(-1)
+        for u in range(inv.max() + 1):
+            cols = np.flatnonzero(inv == u)
+            s = np.flatnonzero(keep[:, cols[0]])
+            if s.size:
+                w[np.ix_(s, cols)] = np.linalg.solve(hd[np.ix_(s, s)], rhs[np.ix_(s, cols)])
+        g.weights[wname] = w.astype(graph.weights[wname].dtype)
+    say(f"refitted {', '.join(n.name for n in nodes)} on {x.shape[0]} rows")

@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--teacher", type=Path, default=MODELS_DIR / "tiny_gpt.pt")
     ap.add_argument("--out", type=Path, default=DEFAULT_STUDENT)
     ap.add_argument("--init", default="0,2", help="teacher blocks copied into the student's blocks")
-    ap.add_argument("--steps", type=int, default=800)
+    ap.add_argument("--steps", type=int, default=500)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--warmup", type=int, default=50)
@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--ce-weight", type=float, default=0.5)
     ap.add_argument("--hidden-weight", type=float, default=1.0)
     ap.add_argument("--seed", type=int, default=1234)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--log-every", type=int, default=50)
     args = ap.parse_args(argv)
 

@@ -191,3 +191,29 @@ def test_qat_keeps_pruned_weights_zero_and_gradual_schedule(tiny_decoder, pruned
     step = model.step(probe)
     gold = GoldenModel(step.fixed)(probe, record=True)
     assert sum(int(np.sum(gold[k] != v)) for k, v in step.codes.items()) == 0
+
+
+def test_reconstruct_refits_kept_weights(tiny_decoder, one_torch_thread):
+    """Least-squares refit: zeros stay zeros, and each refitted linear's output on
+    its (pruned-graph) inputs is closer to the dense linear's than plain pruning;
+    for one linear the kept weights are the exact normal-equation solution."""
+    from hwgen.float_exec import run_float
+
+    folded = prepare(tiny_decoder)
+    feeds = tiny_decoder_feeds(3, b=4)
+    spec = P.PruneSpec.parse("2:4")
+    masks = P.compute_masks(folded, spec)
+    plain = P.apply_masks(folded, masks)
+    refit = P.reconstruct(folded, masks, feeds, damp=0.0)
+    assert all(not np.any(refit.weights[n][~m]) for n, m in masks.items())
+    node = [n for n in P.prunable_linears(folded) if n.layer == 0][0]     # L0.q: input is layernorm
+    x = np.concatenate([run_float(refit, f, record=True)[node.inputs[0]].numpy().reshape(-1, 16)
+                        for f in feeds]).astype(np.float64)
+    w0 = folded.weights[node.inputs[1]].astype(np.float64)
+    err = {k: np.linalg.norm(x @ g.weights[node.inputs[1]].astype(np.float64) - x @ w0)
+           for k, g in (("plain", plain), ("refit", refit))}
+    assert err["refit"] < err["plain"]
+    keep = masks[node.inputs[1]][:, 0]
+    xs = x[:, keep]
+    want = np.linalg.solve(xs.T @ xs, xs.T @ (x @ w0[:, 0]))
+    assert np.allclose(refit.weights[node.inputs[1]][keep, 0], want, rtol=1e-4, atol=1e-5)
