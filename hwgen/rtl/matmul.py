@@ -74,9 +74,9 @@ Control and timing
 ``start`` (in): sampled while ``busy`` is low; the engine latches ``m`` (in,
 ``1 <= m <= max_m``: 0 runs one M-tile and writes nothing, ``m > max_m`` is
 undefined; the host side checks it, :meth:`MatmulSpec.check_m`) and raises
-``busy``. ``done`` (out) is high
-for exactly one cycle when the last result is in ``out``; ``busy`` falls in
-that same cycle, and a new ``start`` is accepted from then on. Counting the
+``busy``. ``done`` (out) is high for exactly one cycle when the last result is
+in ``out``; ``busy`` falls in that same cycle, and a new ``start`` is accepted
+from then on. Counting the
 cycle in which ``start`` is sampled as cycle 0, ``done`` is high in cycle
 :meth:`MatmulSpec.cycles` ``(m, bitmap)`` =
 
@@ -90,8 +90,9 @@ after its last beat, and the output pipeline takes ``OUT_LATENCY`` (= 7)
 cycles from there to ``done``. Dense MiniLM shapes at ``m = 128`` on 16 x 16
 reach utilization ``(m*k*n / (rows*cols)) / cycles`` > 0.999.
 
-Pipeline (built for FPGA timing: no memory output reaches a memory address,
-or a multiplier, in the same cycle):
+Pipeline (built for FPGA timing: every memory output lands in a register
+before any logic uses it -- the host read port ``o_rd`` excepted -- so no
+block RAM clock-to-out sits in front of an adder or another memory's address):
 
 * entry fetch: cycle 0 reads the header, cycle 1 latches ``n_ent``; from
   cycle 2 entries ``1 .. n_ent`` (then again from 1: one pass per M-tile) are
