@@ -247,7 +247,10 @@ def example_feeds(graph: Graph, text: str | None) -> dict:
     if model == "minilm":
         return zoo.feeds_from_text(model, text or "hwgen runs transformer blocks on an accelerator.")
     ids = list(str(text or "def main():\n    return").encode("utf-8"))
-    return {"ids": np.asarray([ids[:int(graph.meta.get('max_positions') or 128)]], dtype=np.int64)}
+    ctx = int(graph.meta.get("max_positions") or _positions(graph))
+    if len(ids) > ctx:
+        raise DriverError(f"--text is {len(ids)} bytes; the model's context holds {ctx} positions")
+    return {"ids": np.asarray([ids], dtype=np.int64)}
 
 
 def plan(graph: Graph, feeds: dict, backend: str = "golden", device: str = "cpu", force=None,

@@ -422,7 +422,7 @@ class TorchHost:
             t = self.table(("gelu", in_fmt, fine, approx), lambda: C.gelu_table(in_fmt, fine, approx))
             c = self._consts[node.name] = (in_fmt.min_code, t, fine, out_fmt, out_frac)
         lo, t, fine, out_fmt, out_frac = c
-        y = t[ins[0] - lo]
+        y = torch.take(t, ins[0] - lo)
         return y if out_frac is None else requant_fmt(y, fine.frac_bits, out_fmt, out_frac)
 
     def op_relu(self, node, ins, offset, state):
