@@ -490,12 +490,22 @@ def _refit_group(graph, g, masks, nodes, feeds, envs, x_name, damp, say) -> None
         w = np.zeros_like(w0)
         # columns with the same kept rows share one factorization
         keys = np.packbits(keep, axis=0).T
-        _, inv = np.unique(keys, axis=0, return_inverse=True)
-        inv = inv.reshape(-1)
-        for u in range(inv.max() + 1):
-            cols = np.flatnonzero(inv == u)
-            s = np.flatnonzero(keep[:, cols[0]])
-            if s.size:
-                w[np.ix_(s, cols)] = np.linalg.solve(hd[np.ix_(s, s)], rhs[np.ix_(s, cols)])
+        _, first, inv = np.unique(keys, axis=0, return_index=True, return_inverse=True)
+        cols_of = [np.flatnonzero(inv.reshape(-1) == u) for u in range(len(first))]
+        sizes = keep[:, first].sum(0)
+        for size in np.unique(sizes[sizes > 0]):
+            us = np.flatnonzero(sizes == size)
+            for c0 in range(0, len(us), 64):        # supports of one size: one batched solve
+                chunk = us[c0:c0 + 64]
+                idx = np.stack([np.flatnonzero(keep[:, first[u]]) for u in chunk])       # (c, s)
+                a = hd[idx[:, :, None], idx[:, None, :]]                                   # (c, s, s)
+                one = np.array([len(cols_of[u]) == 1 for u in chunk])
+                if one.any():                        # one column per support (N:M): batched
+                    cols = np.array([cols_of[u][0] for u in chunk[one]])
+                    sol = np.linalg.solve(a[one], rhs[idx[one], cols[:, None]][..., None])[..., 0]
+                    w[idx[one], cols[:, None]] = sol
+                for j in np.flatnonzero(~one):       # shared supports (blocks): many right-hand sides
+                    cols = cols_of[chunk[j]]
+                    w[idx[j][:, None], cols[None, :]] = np.linalg.solve(a[j], rhs[idx[j][:, None], cols[None, :]])
         g.weights[wname] = w.astype(graph.weights[wname].dtype)
     say(f"refitted {', '.join(n.name for n in nodes)} on {x.shape[0]} rows")

@@ -217,3 +217,26 @@ def test_reconstruct_refits_kept_weights(tiny_decoder, one_torch_thread):
     xs = x[:, keep]
     want = np.linalg.solve(xs.T @ xs, xs.T @ (x @ w0[:, 0]))
     assert np.allclose(refit.weights[node.inputs[1]][keep, 0], want, rtol=1e-4, atol=1e-5)
+
+
+def test_reconstruct_block_pattern_exact(tiny_decoder, one_torch_thread):
+    """Block masks share the kept rows across a column group: one solve with many
+    right-hand sides, the same normal-equation solution per column."""
+    from hwgen.float_exec import run_float
+
+    folded = prepare(tiny_decoder)
+    feeds = tiny_decoder_feeds(3, b=4)
+    masks = P.compute_masks(folded, P.PruneSpec.parse("block:0.5", block_k=4, block_n=4))
+    refit = P.reconstruct(folded, masks, feeds, damp=0.0)
+    node = [n for n in P.prunable_linears(folded) if n.layer == 0][0]
+    x = np.concatenate([run_float(refit, f, record=True)[node.inputs[0]].numpy().reshape(-1, 16)
+                        for f in feeds]).astype(np.float64)
+    w0 = folded.weights[node.inputs[1]].astype(np.float64)
+    for col in (0, 5, 15):
+        keep = masks[node.inputs[1]][:, col]
+        if not keep.any():
+            assert not np.any(refit.weights[node.inputs[1]][:, col])
+            continue
+        xs = x[:, keep]
+        want = np.linalg.solve(xs.T @ xs, xs.T @ (x @ w0[:, col]))
+        assert np.allclose(refit.weights[node.inputs[1]][keep, col], want, rtol=1e-4, atol=1e-5)
