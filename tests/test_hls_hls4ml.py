@@ -151,3 +151,26 @@ def test_compile_failure_named(bert, tmp_path, monkeypatch):
     with pytest.raises(I.HLS4MLError, match=r"hls4ml compile\(\) of layer 'attn_q' failed.*\n.*g\+\+: error"):
         I.compiled(lin, cache=tmp_path)
     assert not list(tmp_path.rglob("hwgen-done"))
+
+
+def test_relu_activation_bit_exact():
+    """An activation (ReLU, 10-bit input -> 8-bit output: a real requantization) through
+    hls4ml's Activation layer: bit-exact with the golden model."""
+    from conftest import GraphBuilder
+
+    from hwgen.quant import QuantConfig, quantize
+
+    b = GraphBuilder("relu-ffn", 4, prefix="r", layer=0)
+    b.input("x", "B", "S", 16, dtype="float")
+    h = ("B", "S", 16)
+    x = b.node("quantize", ["x"], b.act("xq", *h), layer=None)
+    f = b.node("linear", [x, b.w("fc1.w", 16, 24), b.w("fc1.b", 24, scale=0.1)], b.act("fc1", "B", "S", 24))
+    f = b.node("relu", [f], b.act("relu", "B", "S", 24))
+    b.node("linear", [f, b.w("fc2.w", 24, 16), b.w("fc2.b", 16, scale=0.1)], b.act("fc2", *h))
+    rng = np.random.default_rng(0)
+    feeds = [{"x": rng.normal(size=(2, 8, 16))} for _ in range(2)]
+    g, _ = quantize(b.done("fc2"), feeds, QuantConfig.from_bits("w8a8"))
+    assert g.tensors["fc1"].fmt.width > g.tensors["relu"].fmt.width
+    rep, _ = I.verify(g, feeds[0], only=["r2.relu"])
+    assert rep[0]["op"] == "relu" and rep[0]["exact"] and rep[0]["vectors"] == 2 * 8 * 24
+    assert rep[0]["mismatches"] == 0
