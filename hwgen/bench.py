@@ -113,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     result["hls"] = __import__("hwgen.hls.bench", fromlist=["x"]).hls_bench(args.quick)
     result["rtl_sim"] = __import__("hwgen.rtl.verify", fromlist=["x"]).rtl_sim_bench(args.quick)
     result["impl"] = __import__("hwgen.impl.bench", fromlist=["x"]).impl_bench(args.quick)
+    result["compression"] = __import__("hwgen.distill", fromlist=["x"]).bench(quick=args.quick)
     result["bench_wall_s"] = time.perf_counter() - t0
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
