@@ -313,3 +313,52 @@ def evaluate_adaptive(bundle, low: Graph, high: Graph, check: str = "saturation"
         res[key] = r
     res["cycles_ratio_vs_low"] = res["adaptive"]["cycles_mean"] / res["low"]["cycles_mean"]
     return res
+
+
+# ----------------------------------------------------------------------------
+# `hwgen run --adaptive HIGH_BITS` (minilm)
+# ----------------------------------------------------------------------------
+
+#: held-out corpus sentences the `hwgen run --adaptive` threshold is fitted on
+FIT_SENTENCES = 256
+RUN_RERUN_FRACTION = 0.2
+
+
+def run_adaptive(low: Graph, text: str, high_bits: str, batch: int = 8, check: str = "saturation",
+                 rerun_fraction: float = RUN_RERUN_FRACTION, say=lambda m: None) -> dict:
+    """The ``adaptive`` object of ``hwgen run --model minilm --text ... --adaptive HIGH_BITS``:
+    the run's graph is the low graph; the high graph is minilm quantized at
+    ``high_bits`` (the driver's cached quantization); the threshold reruns
+    ``rerun_fraction`` of ``FIT_SENTENCES`` held-out corpus sentences. Keys:
+    ``low``, ``high``, ``check``, ``threshold``, ``inputs``, ``low_only``,
+    ``rerun``, ``rerun_rows`` (sentence indices), ``cycles_low_mean``,
+    ``cycles_high_mean``, ``cycles_adaptive_mean``, ``cycles_ratio_vs_low``.
+    Both passes run on the golden model (the same integers as every backend)."""
+    from . import zoo
+    from .distill import corpus_sentences
+    from .runtime import jobs
+
+    if jobs._model_of(low) != "minilm":
+        raise AdaptiveError("--adaptive runs minilm graphs (a check per sentence); for other models "
+                            "use hwgen.adaptive.AdaptiveRunner")
+    high = jobs.load_graph("minilm", None, high_bits, say)
+    runner = AdaptiveRunner(low, high, check)
+    fit_s = corpus_sentences(FIT_SENTENCES, seed=1)
+    fit = [zoo.feeds_from_text("minilm", "\n".join(fit_s[i:i + 16])) for i in range(0, len(fit_s), 16)]
+    say(f"adaptive: fitting the {check} threshold on {len(fit_s)} held-out sentences "
+        f"({rerun_fraction:.0%} reruns)")
+    thr = runner.fit_threshold(fit, rerun_fraction)
+    lines = jobs.sentences(text)
+    rerun_rows, cyc, cl, ch = [], [], [], []
+    for i in range(0, len(lines), batch):
+        feed = zoo.feeds_from_text("minilm", "\n".join(lines[i:i + batch]))
+        run = runner.run(feed)
+        rerun_rows += [i + int(j) for j in np.flatnonzero(run.rerun)]
+        cyc += run.cycles.tolist()
+        cl += [runner.cycles_low(int(t)) for t in run.tokens]
+        ch += [runner.cycles_high(int(t)) for t in run.tokens]
+    return {"low": low.meta.get("bits"), "high": high_bits, "check": check, "threshold": thr,
+            "inputs": len(lines), "low_only": len(lines) - len(rerun_rows), "rerun": len(rerun_rows),
+            "rerun_rows": rerun_rows, "cycles_low_mean": float(np.mean(cl)),
+            "cycles_high_mean": float(np.mean(ch)), "cycles_adaptive_mean": float(np.mean(cyc)),
+            "cycles_ratio_vs_low": float(np.mean(cyc) / np.mean(cl))}

@@ -133,3 +133,30 @@ def test_evaluate_adaptive_report(pair, tiny_decoder):
     assert rep["cycles_ratio_vs_low"] == pytest.approx(1 + rep["rerun"] / 8)
     for k in ("low", "high", "adaptive"):
         assert 0 <= rep[k]["top1"] <= 1 and rep[k]["ppl"] > 1 and -1 <= rep[k]["cosine_mean"] <= 1
+
+
+def test_run_adaptive_refuses_decoders(capsys, tmp_path, tiny_decoder_fixed):
+    from conftest import run_cli
+
+    import copy
+
+    g = copy.deepcopy(tiny_decoder_fixed)
+    g.meta["model"] = "tiny-gpt"
+    g.save(tmp_path / "g")
+    code, _, err = run_cli(capsys, "run", "--graph", tmp_path / "g", "--prompt", "ab", "--adaptive", "w16a16",
+                           "--quiet")
+    assert code == 1 and "--adaptive runs minilm" in err
+
+
+@pytest.mark.slow
+def test_run_adaptive_minilm(capsys):
+    """`hwgen run --adaptive`: counts add up, rerun rows cost low + high cycles."""
+    from conftest import last_json, run_cli
+
+    text = "A cat sat on the mat.\nThe quarterly revenue rose 4.5% to $12.3 billion in 2023.\nHi."
+    code, out, _ = run_cli(capsys, "run", "--model", "minilm", "--text", text, "--adaptive", "w16a16",
+                           "--no-float", "--json", "--quiet")
+    assert code == 0
+    a = last_json(out)["adaptive"]
+    assert a["inputs"] == 3 and a["low_only"] + a["rerun"] == 3 and len(a["rerun_rows"]) == a["rerun"]
+    assert a["cycles_ratio_vs_low"] >= 1.0
