@@ -41,7 +41,7 @@ def impl_bench(quick: bool = False, part: str = "LFE5U-85F", bandwidth_gbs: floa
                freq_mhz: float = 200.0) -> dict:
     from ..rtl.matmul import MatmulEngine
     from ..rtl.pe_array import PEArray
-    from .flow import implement_ecp5, kernel_verilog
+    from .flow import implement_component
     from .parts import parse_part
     from .roofline import roofline
 
@@ -58,14 +58,14 @@ def impl_bench(quick: bool = False, part: str = "LFE5U-85F", bandwidth_gbs: floa
         comp = eng
         ref["design"] = "MatmulEngine"
     say(f"{ref['design']} {ref['rows']}x{ref['cols']} for {ref['kernel']} on {p.name} (cached when done before)")
-    r = implement_ecp5(kernel_verilog(comp, p.device.dsp), p, freq_mhz=freq_mhz, say=say)
+    r = implement_component(comp, p, freq_mhz=freq_mhz, say=say)
     m = ref["m"]
     cycles = eng.cycles(m)
     macs = m * spec.k * spec.n
     pes = ref["rows"] * ref["cols"]
     out = {"reference": ref, "part": r["part"], "fmax_mhz": r["fmax_mhz"], "target_mhz": freq_mhz,
            "lut": r["lut"], "ff": r["ff"], "dsp": r["dsp"], "bram": r["bram"],
-           "fabric_multipliers": max(0, pes - r["dsp"]),
+           "pe_dsp_budget": r["pe_dsp_budget"], "fabric_multipliers": max(0, pes - r["pe_dsp_budget"]),
            "critical_path": r["critical_path"], "synth_s": r["synth_s"], "pnr_s": r["pnr_s"],
            "cached": r["cached"], "cycles": cycles, "macs": macs,
            "macs_per_cycle": macs / cycles, "utilization": macs / pes / cycles,

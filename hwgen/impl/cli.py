@@ -15,18 +15,18 @@ def implement_kernels(kernels, part, freq_mhz: float = 200.0, xilinx: bool = Tru
                       timeout: float = 1800.0, cache: bool = True, say=None) -> dict:
     """ECP5 place and route (and the Xilinx estimate) of every kernel; one row
     per kernel plus the total. Fmax of the total is the slowest kernel's."""
-    from .flow import estimate_xilinx, implement_ecp5, kernel_verilog
+    from .flow import estimate_xilinx, implement_component, kernel_verilog
 
     say = say or (lambda m: None)
     part = parse_part(part) if isinstance(part, str) else part
     rows = []
     for n, k in enumerate(kernels, 1):
         say(f"[{n}/{len(kernels)}] {k.name} ({k.op}): Verilog")
-        v = kernel_verilog(k.component, part.device.dsp)
-        r = implement_ecp5(v, part, freq_mhz=freq_mhz, timeout=timeout, cache=cache, say=say)
+        r = implement_component(k.component, part, freq_mhz=freq_mhz, timeout=timeout, cache=cache, say=say)
         row = {"name": k.name, "op": k.op, "part": part.name, "fmax_mhz": r["fmax_mhz"],
                **{x: r[x] for x in SUM_KEYS}, "timing_met": r["timing_met"],
                "critical_path": r["critical_path"], "placed": r["placed"],
+               "pe_dsp_budget": r["pe_dsp_budget"],
                "cycles": k.manifest.get("cycles"), "ideal_cycles": k.manifest.get("ideal_cycles"),
                "utilization": k.manifest.get("utilization"),
                "synth_s": r["synth_s"], "pnr_s": r["pnr_s"], "cached": r["cached"]}

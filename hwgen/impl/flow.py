@@ -244,6 +244,27 @@ def critical_path(report: dict, limit: int = 12) -> dict | None:
 # one kernel
 # ----------------------------------------------------------------------------
 
+def implement_component(component, part: Part | str, say=None, **kw) -> dict:
+    """:func:`implement_ecp5` of an Amaranth component with its PE multipliers
+    on the part's MULT18X18D. When the kernel's other logic takes DSPs too and
+    the total exceeds the part, the PE budget is lowered by the excess (those
+    PEs get fabric multipliers) and the kernel is implemented again; the result
+    says ``pe_dsp_budget``."""
+    part = parse_part(part) if isinstance(part, str) else part
+    budget = part.device.dsp
+    for _ in range(2):
+        try:
+            r = implement_ecp5(kernel_verilog(component, budget), part, say=say, **kw)
+            r["pe_dsp_budget"] = budget
+            return r
+        except ImplError as e:
+            res = getattr(e, "resources", None)
+            if not res or res["dsp"] <= part.device.dsp or budget == 0:
+                raise
+            budget = max(0, budget - (res["dsp"] - part.device.dsp))
+            (say or (lambda m: None))(f"{res['dsp']} DSPs > {part.device.dsp}: PE DSP budget lowered to {budget}")
+    raise ImplError(f"design does not fit {part.name} even with {budget} PEs on DSPs")
+
 def _key(verilog_text: str, opts: dict) -> str:
     h = hashlib.sha256()
     h.update(json.dumps({"flow": FLOW_VERSION, "tools": tool_versions(), **opts}, sort_keys=True).encode())
@@ -306,7 +327,9 @@ def implement_ecp5(verilog_text: str, part: Part | str, top: str = "kernel", fre
         over = [f"{k} {res[k]} > {getattr(dev, a)}" for k, a in
                 (("dsp", "dsp"), ("bram", "bram"), ("ff", "ffs"), ("lut", "luts")) if res[k] > getattr(dev, a)]
         if over:
-            raise ImplError(f"design does not fit {part.name}: " + ", ".join(over))
+            err = ImplError(f"design does not fit {part.name}: " + ", ".join(over))
+            err.resources = res  # what synthesis used (callers may retry with fewer DSP PEs)
+            raise err
         say(f"nextpnr-ecp5 {part.name} at {freq_mhz:g} MHz: {res['lut']} LUT, {res['ff']} FF, "
             f"{res['dsp']} MULT18X18D, {res['bram']} DP16KD")
         t0 = time.perf_counter()

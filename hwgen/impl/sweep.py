@@ -221,7 +221,7 @@ def evaluate_point(point: dict, graph_zip: bytes, accuracy: dict, cfg: dict) -> 
         row["kernel"] = node.name
         row["cycles"] = _layer_cycles(graph, layer, seq, point["rows"], point["cols"], point["engines"])
         eng = MatmulEngine.for_linear(graph, node, rows=point["rows"], cols=point["cols"], max_m=seq)
-        v = kernel_verilog(eng, part.device.dsp // point["engines"])
+        v = kernel_verilog(eng, part.device.dsp // point["engines"])  # each engine's share
         r = implement_ecp5(v, part, freq_mhz=cfg["freq_mhz"], timeout=cfg["timeout"])
         e = point["engines"]
         row.update({"fmax_mhz": r["fmax_mhz"], "lut": r["lut"] * e, "ff": r["ff"] * e,
