@@ -99,7 +99,8 @@ def test_xilinx_estimate(tmp_path, monkeypatch):
 def test_cli_impl(capsys, bert_block_graph):
     """One MatmulEngine (attn.q, 2x2 array, 4 tokens) through the whole flow."""
     code, out, err = run_cli(capsys, "impl", "--graph", bert_block_graph, "--kernels", "attn.q",
-                             "--rows", "2", "--cols", "2", "--max-m", "4", "--json", "--quiet")
+                             "--rows", "2", "--cols", "2", "--max-m", "4", "--bandwidth", "3.2",
+                             "--json", "--quiet")
     assert code == 0, err
     r = last_json(out)
     k = r["kernels"][0]
@@ -110,6 +111,9 @@ def test_cli_impl(capsys, bert_block_graph):
     assert r["total"]["fmax_mhz"] == r["fmax_mhz"] == k["fmax_mhz"] and r["lut"] == k["lut"]
     assert k["cycles"] > k["ideal_cycles"] > 0 and k["xilinx"]["dsp"] == 4
     assert (k["critical_path"] is None) == (k["fmax_mhz"] >= 200)
+    rf = r["roofline"]
+    assert rf["fmax_mhz"] == r["fmax_mhz"] and rf["bandwidth_gbs"] == 3.2 and rf["seq"] == 4
+    assert rf["design"]["t_s"] == pytest.approx(rf["design"]["cycles"] / (r["fmax_mhz"] * 1e6))
 
 
 @pytest.mark.parametrize("argv, msg", [

@@ -68,7 +68,15 @@ def cmd_impl(args: argparse.Namespace) -> dict:
         f"target {args.freq:g} MHz")
     res = implement_kernels(kernels, part, freq_mhz=args.freq, xilinx=not args.no_xilinx,
                             timeout=args.timeout, cache=not args.no_cache, say=say)
-    res = {"graph": str(args.graph), **res, "skipped": skipped, "wall_s": round(time.perf_counter() - t0, 1)}
+    res = {"graph": str(args.graph), **res, "skipped": skipped}
+    if args.bandwidth:
+        from .roofline import roofline
+
+        layer = args.layer if not args.all_layers and args.layer in graph.layers else None
+        rf = roofline(graph, part, fmax_mhz=res["fmax_mhz"], bandwidth_gbs=args.bandwidth, seq=args.max_m,
+                      layer=layer, rows=args.rows, cols=args.cols)
+        res["roofline"] = {k: v for k, v in rf.items() if k != "nodes"}
+    res["wall_s"] = round(time.perf_counter() - t0, 1)
     return res
 
 
@@ -98,6 +106,9 @@ def add_parsers(sub) -> None:
     i.add_argument("--max-m", type=int, default=128, help="tokens per call the buffers hold (default 128)")
     i.add_argument("--freq", type=float, default=200.0, help="target clock in MHz (default 200)")
     i.add_argument("--timeout", type=float, default=3600.0, help="seconds per tool run (default 3600)")
+    i.add_argument("--bandwidth", type=float, metavar="GBPS",
+                   help="add the layer's roofline at this external memory bandwidth (GB/s), "
+                   "with the achieved Fmax")
     i.add_argument("--no-xilinx", action="store_true", help="skip the synth_xilinx estimate")
     i.add_argument("--no-cache", action="store_true", help="rerun the tools even when cached")
     i.add_argument("--json", action="store_true", help="print one JSON object as the last line")
