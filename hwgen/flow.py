@@ -3,7 +3,8 @@
 Contract
 --------
 ``run_flow(cfg)`` runs the stages of :data:`STAGES` in order (quantize →
-accuracy → gen hls → gen rtl → verify hls → verify rtl → impl → run). Each
+accuracy → gen hls → gen rtl → verify hls → verify rtl → impl → plan →
+run). Each
 stage is one ``hwgen`` verb, called in-process with the argv shown in the
 summary, so a stage of the flow does exactly what the verb does by hand.
 
@@ -71,18 +72,24 @@ class FlowConfig:
 @dataclass(frozen=True)
 class Stage:
     """One step: ``argv(cfg)`` is the hwgen command line it runs; ``needs`` the
-    earlier stages whose output it reads; ``reads_graph`` whether the graph
-    folder's content is part of its key; ``summary(result)`` the key numbers."""
+    earlier stages whose output it must have; ``reads_graph`` whether the graph
+    folder's content is part of its key, ``reads(cfg)`` other files that are
+    (when present); ``summary(result)`` the key numbers."""
 
     name: str
     argv: Callable[[FlowConfig], list[str]]
     needs: tuple[str, ...] = ()
     reads_graph: bool = True
     summary: Callable[[dict], str] = field(default=lambda r: "")
+    reads: Callable[[FlowConfig], list[Path]] = field(default=lambda c: [])
 
 
 def _graph(cfg: FlowConfig) -> str:
     return str(cfg.out / "graph")
+
+
+def _impl_result(cfg: FlowConfig) -> Path:
+    return cfg.out / "results" / "impl.json"
 
 
 def _fmt(v, spec: str = ".4f") -> str:
@@ -136,9 +143,19 @@ STAGES: tuple[Stage, ...] = (
           needs=("quantize",),
           summary=lambda r: f"{_fmt(r.get('fmax_mhz'), '.1f')} MHz, {r.get('lut')} LUT, "
                             f"{r.get('dsp')} DSP, {r.get('bram')} BRAM"),
+    Stage("plan",
+          lambda c: ["plan", "--graph", _graph(c)]
+                    + (["--prompt" if c.model == "tiny-gpt" else "--text", c.text])
+                    + (["--impl", str(_impl_result(c))] if _impl_result(c).is_file() else []),
+          needs=("quantize",),
+          reads=lambda c: [_impl_result(c)],
+          summary=lambda r: f"{r.get('accel_cycles'):,} accel cycles at {r.get('clock_mhz')} MHz, "
+                            f"predicted {r.get('predicted_s', 0) * 1e3:.1f} ms vs host only "
+                            f"{r.get('host_only_s', 0) * 1e3:.1f} ms"),
     Stage("run",
-          lambda c: ["run", "--graph", _graph(c), "--model", c.model, "--backend", c.backend]
-                    + (["--text", c.text] if c.model != "tiny-gpt" else ["--prompt", c.text]),
+          lambda c: ["run", "--graph", _graph(c), "--backend", c.backend,
+                     "--trace", str(c.out / "trace.json")]
+                    + (["--prompt", c.text] if c.model == "tiny-gpt" else ["--text", c.text]),
           needs=("quantize",),
           summary=lambda r: f"{r.get('backend')}: bit-exact {r.get('bitexact_vs_golden')}, "
                             f"cosine {_fmt(r.get('cosine_vs_float'))}, "
@@ -190,6 +207,9 @@ def stage_key(stage: Stage, cfg: FlowConfig) -> str:
         g = Path(_graph(cfg))
         if g.is_dir():
             _hash_tree(h, g)
+    for f in stage.reads(cfg):
+        if Path(f).exists():
+            _hash_tree(h, Path(f))
     return h.hexdigest()
 
 

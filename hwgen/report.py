@@ -53,6 +53,8 @@ def _e(v) -> str:
 def _num(v, spec: str = "") -> str:
     if v is None:
         return "–"
+    if isinstance(v, str):
+        return _e(v)
     if isinstance(v, float) and not spec:
         spec = ".4f"
     if isinstance(v, int) and not spec and not isinstance(v, bool):
@@ -210,23 +212,31 @@ def _resources(r: dict | None) -> str:
             + _table(["kernel", "LUT", "FF", "DSP", "BRAM", "Fmax (MHz)"], rows))
 
 
-def _placement(r: dict | None) -> str:
-    if r is None:
-        return "<p>The run stage did not run, so there is no placement plan.</p>"
+def _placement(plan: dict | None, run: dict | None) -> str:
+    if plan is None and run is None:
+        return "<p>Neither the plan nor the run stage ran, so there is no placement plan.</p>"
     parts = []
-    plan = r.get("plan")
-    if isinstance(plan, list) and plan:
-        keys = [k for k in ("op", "node", "device", "predicted_s", "bytes") if k in plan[0]]
-        parts.append(_table(keys, [[_num(p.get(k)) if not isinstance(p.get(k), str) else _e(p.get(k))
-                                    for k in keys] for p in plan]))
-    pl = r.get("placement")
-    if isinstance(pl, dict):
-        parts.append(_table(["op", "device counts"], [[_e(op), _e(v)] for op, v in pl.items()]))
-    for k in ("bytes_to_accel", "bytes_from_accel", "accel_cycles", "bitexact_vs_golden",
-              "cosine_vs_float", "wall_s"):
-        if k in r:
-            parts.append(f"<p><code>{k}</code>: {_num(r[k])}</p>")
-    return "".join(parts) or "<p>The run reported no placement.</p>"
+    if plan is not None:
+        parts.append(f"<p>Accelerator clock {_num(plan.get('clock_mhz'))} MHz, link "
+                     f"{_num(plan.get('link_gbps'))} GB/s: predicted "
+                     f"{_num((plan.get('predicted_s') or 0) * 1e3, '.2f')} ms per request "
+                     f"({_num(plan.get('accel_cycles'))} accelerator cycles) vs "
+                     f"{_num((plan.get('host_only_s') or 0) * 1e3, '.2f')} ms all on the host.</p>")
+        rows = plan.get("rows") or []
+        parts.append(_table(["node", "op", "device", "predicted (ms)", "cycles", "bytes moved"],
+                            [[_e(p.get("node")), _e(p.get("op")), _e(p.get("device")),
+                              _num((p.get("predicted_s") or 0) * 1e3, ".3f"), _num(p.get("cycles")),
+                              _num(p.get("bytes"))] for p in rows]))
+    if run is not None:
+        pl = run.get("placement")
+        if isinstance(pl, dict):
+            parts.append("<p>What the run placed:</p>"
+                         + _table(["op", "device counts"], [[_e(op), _e(v)] for op, v in pl.items()]))
+        facts = [f"<code>{k}</code> {_num(run[k])}" for k in
+                 ("backend", "bytes_to_accel", "bytes_from_accel", "accel_cycles", "bitexact_vs_golden",
+                  "cosine_vs_float", "wall_s") if k in run]
+        parts.append("<p>" + ", ".join(facts) + "</p>")
+    return "".join(parts)
 
 
 def _timeline(r: dict | None, out: Path, plots: _Plots) -> str:
@@ -304,7 +314,7 @@ def write_report(out: str | os.PathLike) -> dict:
     except ValueError as e:
         raise ReportError(f"{flow_path}: not valid JSON ({e})") from None
     results = {s: _load(out, s) for s in ("quantize", "accuracy", "verify-hls", "verify-rtl",
-                                           "impl", "run")}
+                                           "impl", "plan", "run")}
     plots = _Plots(out / "report")
     body = {
         "overview": ("Overview", _overview(out, flow)),
@@ -313,7 +323,7 @@ def write_report(out: str | os.PathLike) -> dict:
         "bitexact": ("Bit-exact verification per kernel and simulator", _bitexact(results)),
         "cycles": ("Cycles and utilization per kernel", _cycles(results["verify-rtl"], plots)),
         "resources": ("Resources and Fmax", _resources(results["impl"])),
-        "placement": ("Placement plan", _placement(results["run"])),
+        "placement": ("Placement plan", _placement(results["plan"], results["run"])),
         "timeline": ("Execution timeline", _timeline(results["run"], out, plots)),
     }
     cfg = flow.get("config", {})

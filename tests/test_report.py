@@ -35,9 +35,16 @@ def _stage_results(out):
         "backend": "golden", "device": "cpu", "placement": {"linear": {"accel": 6}, "embedding": {"cpu": 2}},
         "bytes_to_accel": 1000, "bytes_from_accel": 800, "accel_cycles": 76000, "bitexact_vs_golden": True,
         "cosine_vs_float": 0.995, "wall_s": 0.2, "trace": str(trace)}))
+    (res / "plan.json").write_text(json.dumps({
+        "clock_mhz": 151.2, "link_gbps": 8.0, "accel_cycles": 76000, "predicted_s": 0.0011,
+        "host_only_s": 0.02, "rows": [
+            {"node": "emb", "op": "embedding", "device": "host", "predicted_s": 0.0009, "cycles": None,
+             "bytes": 0},
+            {"node": "attn.q", "op": "linear", "device": "accel", "predicted_s": 0.0005, "cycles": 76000,
+             "bytes": 4992}]}))
     rec = json.loads((out / "flow.json").read_text())
-    rec["order"] += ["verify-rtl", "impl", "run"]
-    for s in ("verify-rtl", "impl", "run"):
+    rec["order"] += ["verify-rtl", "impl", "plan", "run"]
+    for s in ("verify-rtl", "impl", "plan", "run"):
         rec["stages"][s] = {"status": "ok", "wall_s": 1.0}
     (out / "flow.json").write_text(json.dumps(rec))
 
@@ -61,6 +68,8 @@ def test_report_is_self_contained_and_has_every_section(report_dir, capsys):
     assert not re.search(r'(src|href)="(?!data:)', page)
     assert page.count("data:image/png;base64,") == len(res["plots"]) == 4
     assert "0.970" in page and "151.2" in page and "attn_q" in page
+    placement = page.split('id="placement"')[1].split("</section>")[0]
+    assert "attn.q" in placement and "4,992" in placement and "accel" in placement
     assert "did not run" not in page.split('id="cycles"')[1].split("</section>")[0]
 
 
