@@ -275,6 +275,7 @@ def cmd_verify_rtl(args, say) -> tuple[dict, int]:
         feeds, note = builtin_feeds(graph)
         say(f"inputs: {note}")
     feeds = first_batch(feeds, args.batch)
+    note = f"{'row 0' if args.batch == 1 else f'rows 0..{args.batch - 1}'} of {note}"
     if args.seq:
         feeds = pad_feeds(feeds, args.seq)
         note += f", padded to {args.seq} tokens"
@@ -320,7 +321,7 @@ def rtl_sim_bench(quick: bool = False, say=None) -> dict:
     feeds = pad_feeds(first_batch(feeds, 1), 128)
     kernels, _ = plan(graph, 0, RTLOptions())
     report = verify(graph, kernels, feeds, sim="verilator", heads=2 if quick else None, say=say)
-    layer = {"inputs": note + ", padded to 128 tokens", "heads": 2 if quick else "all",
+    layer = {"inputs": f"row 0 of {note}, padded to 128 tokens", "heads": 2 if quick else "all",
              "mismatches": sum(k["mismatches"] for k in report),
              "vectors": sum(k["vectors"] for k in report),
              "kernels": [{k: e[k] for k in ("name", "op", "shape", "vectors", "mismatches", "cycles",
