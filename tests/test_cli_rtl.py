@@ -84,3 +84,27 @@ def test_errors(capsys, tiny_graph, tmp_path, monkeypatch):
     finally:
         monkeypatch.setenv("PATH", os.environ["PATH"])
         simulator_version.cache_clear()
+
+
+def test_verify_rtl_exit_1_on_mismatch(capsys, tiny_graph, tiny_inputs, monkeypatch):
+    """A golden vector that disagrees with the hardware (one code changed) must
+    give mismatches > 0 in the JSON and exit status 1."""
+    import hwgen.rtl.verify as V
+
+    real = V.golden_steps
+
+    def tampered(graph, feeds, decode_steps=2):
+        steps = real(graph, feeds, decode_steps)
+        out = graph.node("n11.linear").outputs[0]
+        y = steps[0]["vals"][out].copy()
+        y[0, 0, 0] = y[0, 0, 0] + 1 if y[0, 0, 0] < 0 else y[0, 0, 0] - 1
+        steps[0]["vals"][out] = y
+        return steps
+
+    monkeypatch.setattr(V, "golden_steps", tampered)
+    code, so, se = run_cli(capsys, "verify", "--graph", tiny_graph, "--target", "rtl", "--layer", "0",
+                           *SMALL, "--sim", "icarus", "--inputs", tiny_inputs, "--kernel", "n11.linear",
+                           "--no-corners", "--json")
+    r = last_json(so)
+    assert code == 1 and r["mismatches"] == 1
+    assert r["kernels"][0]["first_mismatches"][0]["index"] == [0, 0]

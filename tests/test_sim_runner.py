@@ -75,3 +75,11 @@ def test_bench_without_result_is_an_error(small_verilog, tmp_path):
     with pytest.raises(SimError, match="bench sim.bench_pe_array on 'pe_small' .*failed|without a result"):
         runner.run_bench(small_verilog, "pe_small", "sim.bench_pe_array", {"k": np.array([1])},
                          {"rows": 2}, sim="icarus", cache=tmp_path)
+
+
+@pytest.mark.slow
+def test_verilator_waves_path_reported(tmp_path):
+    rng = np.random.default_rng(0)
+    r = pe_array_bench(2, 2, 4, 4, 10, [(rng.integers(-8, 8, (2, 3)), rng.integers(-8, 8, (3, 2)))],
+                       waves=True, cache=tmp_path)
+    assert r["mismatches"] == 0 and r["waves"].endswith("dump.vcd") and os.path.getsize(r["waves"]) > 0
