@@ -55,3 +55,21 @@ def test_tiny_decoder_linear_icarus_vs_golden(tiny_decoder_fixed):
     print("tiny decoder fc1 (icarus):", {k: res[k] for k in ("mismatches", "vectors", "run_cycles")})
     assert res["vectors"] == y.size + y.shape[1] and res["mismatches"] == 0, res["first_mismatches"]
     assert res["run_cycles"] == res["model_run_cycles"] == [spec.cycles(5), spec.cycles(1)]
+
+
+def test_matmul_rounding_ties_verilator():
+    """Every output an exact rounding tie (+-0.5 LSB after the shift, both signs):
+    identity weights, zero bias, per-column shifts 3..7 (same engine build as above)."""
+    spec = MatmulSpec(rows=4, cols=4, k=20, n=10, max_m=12, x_fmt=X8, w_fmt=W8, out_fmt=O8,
+                      bias_lo=-100, bias_hi=100, shift_min=3, shift_max=7, block_k=8,
+                      name="matmul_corners")
+    shift = np.array([3, 4, 5, 6, 7, 3, 4, 5, 6, 7])
+    w = np.zeros((20, 10), np.int64)
+    w[np.arange(10), np.arange(10)] = 1
+    q = np.array([-3, -2, -1, 0, 1, 2])[:, None]
+    x = np.zeros((6, 20), np.int64)
+    x[:, :10] = np.clip(q * (1 << shift) + (1 << (shift - 1)), -128, 127)
+    ties = (x[:, :10] % (1 << shift)) == (1 << (shift - 1))
+    assert ties.mean() >= 0.75          # the rest clip at the int8 range
+    res = matmul_bench(spec, x, w, np.zeros(10, np.int64), shift)
+    assert res["vectors"] == 60 and res["mismatches"] == 0, res["first_mismatches"]
