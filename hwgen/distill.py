@@ -262,7 +262,8 @@ def distill(float_graph: Graph, kind: str, calib_feeds: list[dict[str, np.ndarra
         if spec is not None and not fixed_masks:
             hook = P.GradualPruner(st, spec, float_steps, norms)
         say(f"distill (float): {float_steps} step(s), lr {lr}"
-            + (f", pruning {spec.name} gradually" if spec is not None else ""))
+            + (f", pruning {spec.name} gradually" if hook is not None else "")
+            + (f", {spec.name} masks fixed" if spec is not None and fixed_masks else ""))
         f_losses = distill_float(st, feeds, loss, float_steps, lr=lr, before_step=hook,
                                  progress=lambda i, l: say(f"float step {i}/{float_steps} loss {l:.6f}")
                                  if i % 10 == 0 or i == float_steps else None)
