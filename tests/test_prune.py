@@ -240,3 +240,29 @@ def test_reconstruct_block_pattern_exact(tiny_decoder, one_torch_thread):
         xs = x[:, keep]
         want = np.linalg.solve(xs.T @ xs, xs.T @ (x @ w0[:, col]))
         assert np.allclose(refit.weights[node.inputs[1]][keep, col], want, rtol=1e-4, atol=1e-5)
+
+
+def test_rtl_engine_bit_exact_on_pruned_graph_with_recorded_bitmap(pruned):
+    """The RTL matmul engine (Amaranth simulation) runs a block-pruned linear with
+    the bitmap the graph records: the golden model's output codes, 0 mismatches,
+    and exactly MatmulSpec.cycles(m, bitmap) cycles, fewer than dense."""
+    from test_rtl_matmul_engine import run_engine
+
+    from hwgen.rtl.matmul import MatmulSpec, linear_operands
+
+    _, _, _, fixed, _, _ = pruned
+    node = fixed.producer("L0.fc2")                       # K = 32, N = 16: 8 x 4 blocks of 4 x 4
+    bm = P.linear_bitmap(fixed, node, 4, 4)
+    assert bm.shape == (8, 4) and 0 < bm.sum() <= 16
+    spec = MatmulSpec.for_linear(fixed, node, rows=4, cols=4, max_m=24, block_k=4)
+    _, ops = linear_operands(fixed, node)
+    rec = GoldenModel(fixed, workers=1)(tiny_decoder_feeds(1)[0], record=True)
+    m = 10
+    x = rec[node.inputs[0]].reshape(-1, spec.k)[:m]
+    want = rec[node.outputs[0]].reshape(-1, spec.n)[:m]
+    y, cycles = run_engine(spec, x, ops["w"], ops["bias"], ops["shift"], bitmap=bm)
+    mismatches = int(np.sum(y != want))
+    print(f"\nRTL engine on pruned L0.fc2 ({int(bm.sum())}/{bm.size} blocks): {mismatches} mismatches, "
+          f"{cycles} cycles (dense {spec.cycles(m)})")
+    assert mismatches == 0
+    assert cycles == spec.cycles(m, bm) < spec.cycles(m)
