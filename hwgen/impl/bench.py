@@ -38,11 +38,13 @@ def _graph(model: str, bits: str):
 
 
 def impl_bench(quick: bool = False, part: str = "LFE5U-85F", bandwidth_gbs: float = 6.4,
-               freq_mhz: float = 200.0) -> dict:
+               freq_mhz: float = 200.0, timeout: float = 7200.0) -> dict:
+    """The reference engine's numbers; a tool failure or timeout (``timeout``
+    seconds per tool run) is returned as ``error`` instead of raised."""
     from ..rtl.matmul import MatmulEngine
     from ..rtl.pe_array import PEArray
     from .flow import implement_component
-    from .parts import parse_part
+    from .parts import ImplError, parse_part
     from .roofline import roofline
 
     ref = dict(REFERENCE)
@@ -58,7 +60,11 @@ def impl_bench(quick: bool = False, part: str = "LFE5U-85F", bandwidth_gbs: floa
         comp = eng
         ref["design"] = "MatmulEngine"
     say(f"{ref['design']} {ref['rows']}x{ref['cols']} for {ref['kernel']} on {p.name} (cached when done before)")
-    r = implement_component(comp, p, freq_mhz=freq_mhz, say=say)
+    try:
+        r = implement_component(comp, p, freq_mhz=freq_mhz, timeout=timeout, say=say)
+    except ImplError as e:  # reported, not fatal to the rest of `make bench`
+        say(f"failed: {e}")
+        return {"reference": ref, "part": p.name, "error": str(e)}
     m = ref["m"]
     cycles = eng.cycles(m)
     macs = m * spec.k * spec.n
