@@ -288,7 +288,8 @@ def cmd_flow(args: argparse.Namespace):
     from .flow import FlowConfig, main_flow
 
     cfg = FlowConfig(model=args.model, out=Path(args.out), bits=args.bits, layer=args.layer,
-                     qat_steps=args.qat_steps, sim=args.sim, part=args.part, backend=args.backend,
+                     qat_steps=args.qat_steps, sim=args.sim, rows=args.rows, cols=args.cols,
+                     part=args.part, backend=args.backend,
                      text=args.text or FlowConfig.text,
                      only=tuple(x for x in (args.only or "").split(",") if x),
                      skip=tuple(x for x in (args.skip or "").split(",") if x), force=args.force)
@@ -423,6 +424,8 @@ def build_parser() -> argparse.ArgumentParser:
     fl.add_argument("--layer", type=int, default=0, help="transformer block whose kernels are built (default 0)")
     fl.add_argument("--qat-steps", type=int, default=0, help="QAT steps of the quantize stage (default 0)")
     fl.add_argument("--sim", default="verilator", help="RTL simulator: verilator | icarus")
+    fl.add_argument("--rows", type=int, default=16, help="PE array rows of the RTL stages (default 16)")
+    fl.add_argument("--cols", type=int, default=16, help="PE array columns of the RTL stages (default 16)")
     fl.add_argument("--part", default="LFE5U-85F", help="FPGA part for impl (default LFE5U-85F)")
     fl.add_argument("--backend", default="golden", help="accelerator backend of the run stage")
     fl.add_argument("--text", help="input text of the run stage")

@@ -57,6 +57,8 @@ class FlowConfig:
     layer: int = 0
     qat_steps: int = 0
     sim: str = "verilator"
+    rows: int = 16
+    cols: int = 16
     part: str = "LFE5U-85F"
     backend: str = "golden"
     text: str = "hwgen turns transformer blocks into verified FPGA kernels."
@@ -86,6 +88,10 @@ class Stage:
 
 def _graph(cfg: FlowConfig) -> str:
     return str(cfg.out / "graph")
+
+
+def _array(cfg: FlowConfig) -> list[str]:
+    return ["--rows", str(cfg.rows), "--cols", str(cfg.cols)]
 
 
 def _impl_result(cfg: FlowConfig) -> Path:
@@ -126,7 +132,7 @@ STAGES: tuple[Stage, ...] = (
           summary=lambda r: f"{len(r['kernels'])} kernels, {r.get('files')} files"),
     Stage("gen-rtl",
           lambda c: ["gen", "--graph", _graph(c), "--target", "rtl", "--out", str(c.out / "rtl"),
-                     "--layer", str(c.layer)],
+                     "--layer", str(c.layer)] + _array(c),
           needs=("quantize",),
           summary=lambda r: f"{len(r['kernels'])} kernels"),
     Stage("verify-hls",
@@ -135,11 +141,11 @@ STAGES: tuple[Stage, ...] = (
           summary=_verify_summary),
     Stage("verify-rtl",
           lambda c: ["verify", "--graph", _graph(c), "--target", "rtl", "--layer", str(c.layer),
-                     "--sim", c.sim],
+                     "--sim", c.sim] + _array(c),
           needs=("quantize",),
           summary=_verify_summary),
     Stage("impl",
-          lambda c: ["impl", "--graph", _graph(c), "--part", c.part, "--layer", str(c.layer)],
+          lambda c: ["impl", "--graph", _graph(c), "--part", c.part, "--layer", str(c.layer)] + _array(c),
           needs=("quantize",),
           summary=lambda r: f"{_fmt(r.get('fmax_mhz'), '.1f')} MHz, {r.get('lut')} LUT, "
                             f"{r.get('dsp')} DSP, {r.get('bram')} BRAM"),
