@@ -116,6 +116,17 @@ def _element(graph: Graph, node: Node, acts: list, idx: tuple, model: GoldenMode
              and np.asarray(a).shape == np.asarray(acts[0]).shape}, {})
 
 
+def explain_element(graph: Graph, node: Node | str, acts: list | tuple | np.ndarray, index,
+                    offset: int = 0) -> dict:
+    """``{"operands": ..., "contract": ...}`` of one output element ``index``
+    of ``node`` on inputs ``acts`` (see :func:`explain`)."""
+    node = graph.node(node) if isinstance(node, str) else node
+    acts = [acts] if isinstance(acts, np.ndarray) else list(acts)
+    operands, contract = _element(graph, node, acts, tuple(int(i) for i in index),
+                                  GoldenModel(graph, workers=1), offset)
+    return {"operands": operands, "contract": contract}
+
+
 def explain(graph: Graph, node: Node | str, acts: list | tuple | np.ndarray, expected: np.ndarray,
             actual: np.ndarray, limit: int = 5, offset: int = 0) -> dict:
     """The first ``limit`` mismatching elements of one kernel (see module doc).

@@ -6,6 +6,8 @@ and every bad input a user can give ending in one `hwgen: error:` line."""
 import json
 import os
 
+from pathlib import Path
+
 import pytest
 from conftest import last_json, run_cli
 
@@ -107,4 +109,10 @@ def test_verify_rtl_exit_1_on_mismatch(capsys, tiny_graph, tiny_inputs, monkeypa
                            "--no-corners", "--json")
     r = last_json(so)
     assert code == 1 and r["mismatches"] == 1
-    assert r["kernels"][0]["first_mismatches"][0]["index"] == [0, 0]
+    first = r["kernels"][0]["first_mismatches"][0]
+    assert first["index"] == [0, 0]
+    # the golden computation at that element: operands and accumulator (hwgen.mismatch)
+    assert first["operands"]["x_row"]["len"] > 0 and "acc" in first["contract"]
+    # a waveform of the failing run is kept and its path printed
+    waves = r["kernels"][0]["waves"]
+    assert waves and Path(waves).is_file() and f"waves of {r['kernels'][0]['name']}: {waves}" in se

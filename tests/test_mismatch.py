@@ -104,3 +104,25 @@ def test_layernorm_and_shape_mismatch(bert):
     assert e["contract"]["d"] > 0 and e["contract"]["isqrt"] > 0
     short = explain(g, node, [x], y, y[:, :-1])
     assert short["mismatches"] == y.size and "shape" in short["shape_error"]
+
+
+def test_hls_verify_reports_the_planted_fault(bert):
+    """`hwgen verify --target hls` (hls.project.verify) on a kernel set in which
+    one linear was generated with a wrong weight: that kernel, and only it,
+    reports mismatches, each pinned to the planted column with the contract's
+    accumulator."""
+    from hwgen.hls.project import plan, verify
+
+    g, _ = bert
+    kernels, _ = plan(g, 0)
+    ks = next(k for k in kernels if k.node == "attn.v")
+    name = f"{ks.name}_weights.h"
+    ks.files[name], _, _ = _plant(ks.files[name], 7, 11)
+    rng = np.random.default_rng(5)
+    report = verify(g, [k for k in kernels if k.op == "linear"],
+                    {"x": rng.normal(0, 1, (1, 8, 64)).astype(np.float32)})
+    bad = [r for r in report if r["mismatches"]]
+    assert [r["node"] for r in bad] == ["attn.v"]
+    first = bad[0]["first_mismatches"]
+    assert first and all(e["index"][-1] == 11 for e in first)
+    assert all("acc" in e["contract"] and e["expected"] != e["actual"] for e in first)

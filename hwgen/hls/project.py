@@ -313,6 +313,33 @@ def fit_seq(graph: Graph, kernels: list[KernelSources], feeds: dict[str, np.ndar
     return plan(graph, layer, par, max_seq=s, blocks=any(k.op == "block" for k in kernels))[0]
 
 
+def _first_mismatches(graph: Graph, ks: KernelSources, x, y, got, limit: int = 5) -> list[dict]:
+    """The first mismatching output codes of one kernel, with the operands and
+    the contract's intermediates (:mod:`hwgen.mismatch`) for kernels of one graph
+    node called once; for block tops and multi-call (decoding) kernels the
+    index, expected and actual codes only."""
+    from ..mismatch import explain
+
+    single = not isinstance(y, list) and ks.node in {n.name for n in graph.nodes}
+    if single:
+        acts = list(x) if isinstance(x, tuple) else [x]
+        return explain(graph, ks.node, acts, y, got, limit)["first"]
+    ys, gs = (y, got) if isinstance(y, list) else ([y], [got])
+    out = []
+    for call, (yy, gg) in enumerate(zip(ys, gs)):
+        yy, gg = np.asarray(yy), np.asarray(gg)
+        if yy.shape != gg.shape:
+            out.append({"call": call, "index": [], "expected": f"shape {list(yy.shape)}",
+                        "actual": f"shape {list(gg.shape)}"})
+            continue
+        for idx in np.argwhere(yy != gg)[: limit - len(out)]:
+            t = tuple(int(i) for i in idx)
+            out.append({"call": call, "index": list(t), "expected": int(yy[t]), "actual": int(gg[t])})
+        if len(out) >= limit:
+            break
+    return out
+
+
 def verify(graph: Graph, kernels: list[KernelSources], feeds: dict[str, np.ndarray],
            par: int = DEFAULT_PAR, say=lambda msg: None, layer: int | None = None) -> list[dict]:
     """C-simulate ``kernels`` on the golden model's recorded inputs; one report per kernel."""
@@ -325,7 +352,12 @@ def verify(graph: Graph, kernels: list[KernelSources], feeds: dict[str, np.ndarr
     report = []
     for ks in kernels:
         bad, size = _mismatches(outs[ks.node], ys[ks.node])
-        report.append({"name": ks.name, "node": ks.node, "op": ks.op, "vectors": size,
-                       "mismatches": bad})
+        entry = {"name": ks.name, "node": ks.node, "op": ks.op, "vectors": size, "mismatches": bad}
+        if bad:
+            entry["first_mismatches"] = _first_mismatches(graph, ks, xs[ks.node], ys[ks.node], outs[ks.node])
+            for e in entry["first_mismatches"][:3]:
+                say(f"  mismatch in {ks.name} at {e['index']}: expected {e['expected']}, got {e['actual']}"
+                    + (f"; contract {e['contract']}" if e.get("contract") else ""))
+        report.append(entry)
         say(f"  {ks.name:24s} {ks.op:10s} {size:8d} codes  mismatches {bad}")
     return report

@@ -124,12 +124,26 @@ def _verify_linear(graph, kernel, steps, batch, corners, sim, waves, say, rng) -
             ys.append(_golden_node(graph, node, [xc[None]] + [None] * (len(node.inputs) - 1))[0])
     res = matmul_bench(spec, xs, ops["w"], ops["bias"], ops["shift"], expected=ys, sim=sim,
                        waves=waves, verilog=kernel.verilog(), say=say)
+    _explain_linear(graph, node, xs, res["first_mismatches"])
     real_cycles = sum(res["run_cycles"][:n_real])
     ideal = sum(spec.ideal_cycles(int(x.shape[0])) for x in xs[:n_real])
     return {"shape": [int(xs[0].shape[0]), spec.k, spec.n], "runs": len(xs), "real_runs": n_real,
             "cycles": real_cycles, "model_cycles": sum(res["model_run_cycles"][:n_real]),
             "ideal_cycles": ideal, "utilization": ideal / real_cycles if real_cycles else None,
             "bench": res}
+
+
+def _explain_linear(graph, node, xs, first: list[dict]) -> None:
+    """Add the golden computation's operands and intermediates to each
+    reported mismatch (``hwgen.mismatch``): index [row, column] of run r."""
+    from ..mismatch import explain_element
+
+    for e in first:
+        run = e.get("output", "")
+        if not run.startswith("run") or not isinstance(e.get("expected"), int) or len(e["index"]) != 2:
+            continue
+        x = xs[int(run[3:])]
+        e.update(explain_element(graph, node, [x[None]], (0, *e["index"])))
 
 
 def _split(x, b, h, hd):
@@ -282,6 +296,22 @@ def cmd_verify_rtl(args, say) -> tuple[dict, int]:
     report = verify(graph, kernels, feeds, sim=args.sim, waves=args.waves, batch=args.batch,
                     corners=not args.no_corners, heads=args.heads, say=say)
     total = sum(k["mismatches"] for k in report)
+    if total and not args.waves:
+        # keep a waveform of every failing kernel: the same vectors again, with waves on
+        failing = [k for k in kernels if any(r["name"] == k.name and r["mismatches"] for r in report)]
+        say(f"recording waves of {len(failing)} failing kernel(s)")
+        again = verify(graph, failing, feeds, sim=args.sim, waves=True, batch=args.batch,
+                       corners=not args.no_corners, heads=args.heads, say=say)
+        for r in report:
+            for a in again:
+                if a["name"] == r["name"]:
+                    r["waves"] = a.get("waves")
+    for r in report:
+        for e in r.get("first_mismatches", [])[:3]:
+            say(f"  mismatch in {r['name']} {e.get('output', '')}{e['index']}: expected {e['expected']}, "
+                f"got {e['actual']}" + (f"; contract {e['contract']}" if e.get("contract") else ""))
+        if r.get("waves"):
+            say(f"  waves of {r['name']}: {r['waves']}")
     result = {"target": "rtl", "simulator": args.sim, "simulator_version": simulator_version(args.sim),
               "graph": str(args.graph), "layer": args.layer, "inputs": note,
               "array": [opt.rows, opt.cols], "kernels": report,
