@@ -289,7 +289,8 @@ def cmd_flow(args: argparse.Namespace):
 
     cfg = FlowConfig(model=args.model, out=Path(args.out), bits=args.bits, layer=args.layer,
                      qat_steps=args.qat_steps, sim=args.sim, rows=args.rows, cols=args.cols,
-                     part=args.part, backend=args.backend,
+                     part=args.part, impl_kernels=args.impl_kernels or "", impl_max_m=args.impl_max_m,
+                     backend=args.backend,
                      text=args.text or FlowConfig.text,
                      only=tuple(x for x in (args.only or "").split(",") if x),
                      skip=tuple(x for x in (args.skip or "").split(",") if x), force=args.force)
@@ -427,6 +428,8 @@ def build_parser() -> argparse.ArgumentParser:
     fl.add_argument("--rows", type=int, default=16, help="PE array rows of the RTL stages (default 16)")
     fl.add_argument("--cols", type=int, default=16, help="PE array columns of the RTL stages (default 16)")
     fl.add_argument("--part", default="LFE5U-85F", help="FPGA part for impl (default LFE5U-85F)")
+    fl.add_argument("--impl-kernels", help="impl: only these nodes (comma-separated; default all of the layer's)")
+    fl.add_argument("--impl-max-m", type=int, default=0, help="impl: tokens per call the buffers hold")
     fl.add_argument("--backend", default="golden", help="accelerator backend of the run stage")
     fl.add_argument("--text", help="input text of the run stage")
     fl.add_argument("--only", help="comma-separated stages to run (others untouched)")

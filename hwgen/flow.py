@@ -60,6 +60,8 @@ class FlowConfig:
     rows: int = 16
     cols: int = 16
     part: str = "LFE5U-85F"
+    impl_kernels: str = ""          # comma-separated nodes for impl ("": all of the layer's)
+    impl_max_m: int = 0             # impl buffers' tokens per call (0: the verb's default)
     backend: str = "golden"
     text: str = "hwgen turns transformer blocks into verified FPGA kernels."
     sweep_bits: tuple[str, ...] = ("w4a8", "w8a8", "w8a16")
@@ -145,7 +147,9 @@ STAGES: tuple[Stage, ...] = (
           needs=("quantize",),
           summary=_verify_summary),
     Stage("impl",
-          lambda c: ["impl", "--graph", _graph(c), "--part", c.part, "--layer", str(c.layer)] + _array(c),
+          lambda c: ["impl", "--graph", _graph(c), "--part", c.part, "--layer", str(c.layer)] + _array(c)
+                    + (["--kernels", c.impl_kernels] if c.impl_kernels else [])
+                    + (["--max-m", str(c.impl_max_m)] if c.impl_max_m else []),
           needs=("quantize",),
           summary=lambda r: f"{_fmt(r.get('fmax_mhz'), '.1f')} MHz, {r.get('lut')} LUT, "
                             f"{r.get('dsp')} DSP, {r.get('bram')} BRAM"),
