@@ -35,8 +35,8 @@ tools:
 	fi
 
 demo: setup
-	$(BIN)/hwgen quantize --model minilm --bits w8a8 --out $(OUT)/minilm --json
-	$(BIN)/hwgen golden $(OUT)/minilm --text "hwgen turns transformer blocks into verified FPGA kernels." --json
+	$(BIN)/hwgen flow --model minilm --out $(OUT)/minilm --rows 8 --cols 8 --skip impl --json
+	$(BIN)/hwgen report $(OUT)/minilm --json
 
 test: setup tools
 	$(BIN)/python -m pytest -q -n 2

@@ -82,6 +82,7 @@ class CycleModel:
                 from ..rtl.attention import AttentionEngine
                 kw = {"lanes": self.lanes} if self.lanes else {}
                 eng = AttentionEngine.for_node(self.graph, node, max_seq=self.max_seq, **kw)
+                eng._MustUse__silence = True  # read for its cycle formula, never elaborated
         except ImportError:
             eng = None
         self._engines[node.name] = eng
