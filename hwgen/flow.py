@@ -253,7 +253,7 @@ def run_verb(argv: list[str], quiet: bool = True) -> tuple[dict, int]:
     captured so that only the flow's own lines reach the terminal."""
     from .cli import build_parser
 
-    args = build_parser().parse_args(argv + (["--quiet"] if quiet else []))
+    args = build_parser().parse_args(argv + ["--json"] + (["--quiet"] if quiet else []))
     with contextlib.redirect_stdout(io.StringIO()):
         res = args.fn(args)
     code = 0

@@ -217,8 +217,8 @@ def _placement(plan: dict | None, run: dict | None) -> str:
         return "<p>Neither the plan nor the run stage ran, so there is no placement plan.</p>"
     parts = []
     if plan is not None:
-        parts.append(f"<p>Accelerator clock {_num(plan.get('clock_mhz'))} MHz, link "
-                     f"{_num(plan.get('link_gbps'))} GB/s: predicted "
+        parts.append(f"<p>Accelerator clock {_num(plan.get('clock_mhz'), '.1f')} MHz, link "
+                     f"{_num(plan.get('link_gbps'), '.1f')} GB/s: predicted "
                      f"{_num((plan.get('predicted_s') or 0) * 1e3, '.2f')} ms per request "
                      f"({_num(plan.get('accel_cycles'))} accelerator cycles) vs "
                      f"{_num((plan.get('host_only_s') or 0) * 1e3, '.2f')} ms all on the host.</p>")
@@ -231,7 +231,9 @@ def _placement(plan: dict | None, run: dict | None) -> str:
         pl = run.get("placement")
         if isinstance(pl, dict):
             parts.append("<p>What the run placed:</p>"
-                         + _table(["op", "device counts"], [[_e(op), _e(v)] for op, v in pl.items()]))
+                         + _table(["op", "device counts"],
+                                  [[_e(op), _e(", ".join(f"{d}: {n}" for d, n in v.items()) if isinstance(v, dict)
+                                                else v)] for op, v in pl.items()]))
         facts = [f"<code>{k}</code> {_num(run[k])}" for k in
                  ("backend", "bytes_to_accel", "bytes_from_accel", "accel_cycles", "bitexact_vs_golden",
                   "cosine_vs_float", "wall_s") if k in run]
