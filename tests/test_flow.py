@@ -67,3 +67,21 @@ def test_failed_stage_skips_dependents_and_exit_status(tmp_path, capsys):
 def test_unknown_stage_is_an_error(tmp_path, capsys):
     code, _, err = run_cli(capsys, "flow", "--out", tmp_path / "f", "--only", "quantise")
     assert code == 1 and "unknown stage 'quantise'" in err and "quantize" in err
+
+
+def test_impl_stage_feeds_the_plan_clock(tmp_path):
+    """The impl stage (yosys + nextpnr on a 2x2 engine of one kernel) writes its
+    result where the plan stage reads its Fmax as the accelerator clock."""
+    from hwgen.runtime.cost import clock_from_impl
+
+    cfg = F.FlowConfig(model="bert-block", out=tmp_path / "f", rows=2, cols=2, impl_kernels="attn.q",
+                       impl_max_m=4, only=("quantize", "impl"))
+    rec = F.run_flow(cfg)
+    assert rec["stages"]["impl"]["status"] == "ok", rec["stages"]["impl"]
+    path = cfg.out / "results" / "impl.json"
+    res = json.loads(path.read_text())
+    assert [k["name"] for k in res["kernels"]] == ["attn.q"] and res["fmax_mhz"] > 0
+    assert clock_from_impl(path) == res["fmax_mhz"]
+    plan = next(s for s in F.STAGES if s.name == "plan")
+    argv = plan.argv(cfg)
+    assert argv[argv.index("--impl") + 1] == str(path)

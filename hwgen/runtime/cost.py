@@ -46,8 +46,12 @@ def clock_from_impl(path: str | Path) -> float:
     """``fmax_mhz`` of a ``hwgen impl --json`` result file (top level or ``total``)."""
     p = Path(path)
     try:
-        lines = [ln for ln in p.read_text().splitlines() if ln.strip()]
-        doc = json.loads(lines[-1]) if lines else None
+        text = p.read_text()
+        try:                        # a JSON file (e.g. hwgen flow's results/impl.json) ...
+            doc = json.loads(text)
+        except ValueError:          # ... or the verb's stdout: the JSON object is the last line
+            lines = [ln for ln in text.splitlines() if ln.strip()]
+            doc = json.loads(lines[-1]) if lines else None
     except (OSError, ValueError) as e:
         raise DriverError(f"{p}: cannot read the `hwgen impl --json` result ({e})") from None
     for d in (doc, (doc or {}).get("total") if isinstance(doc, dict) else None):
