@@ -1,4 +1,4 @@
-"""The ``hwgen`` command: one verb per stage.
+"""The hwgen command: one verb per stage.
 
 Every verb that measures something takes ``--json`` and then prints one JSON
 object as the last line of stdout (keys documented in README.md). Progress
@@ -356,9 +356,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--quiet", action="store_true", help="no progress on stderr")
     g.set_defaults(fn=cmd_golden)
 
-    gn = sub.add_parser("gen", help="generate hardware sources (HLS C++ and a Vitis HLS script)",
-                        description="Emit one HLS C++ kernel per supported node of a fixed graph, "
-                        "a testbench, golden vectors and run_hls.tcl (vitis_hls -f run_hls.tcl).")
+    gn = sub.add_parser("gen", help="generate hardware: HLS C++ (Vitis project), RTL Verilog, or an hls4ml project",
+                        description="--target hls: one HLS C++ kernel per supported node of a fixed graph "
+                        "and a top per block, a testbench, golden vectors and run_hls.tcl (vitis_hls -f "
+                        "run_hls.tcl). --target rtl: Verilog of the Amaranth matmul/attention engines "
+                        "with their manifests. --target hls4ml: an hls4ml project per layer it can express.")
     gn.add_argument("--graph", required=True, help="graph directory written by `hwgen quantize`")
     gn.add_argument("--target", required=True, help="hls | rtl | hls4ml")
     gn.add_argument("--out", required=True, help="output folder (replaced atomically)")
@@ -378,10 +380,12 @@ def build_parser() -> argparse.ArgumentParser:
     gn.add_argument("--quiet", action="store_true", help="no progress on stderr")
     gn.set_defaults(fn=cmd_gen)
 
-    v = sub.add_parser("verify", help="C-simulate the generated kernels against the golden model",
+    v = sub.add_parser("verify", help="simulate the generated kernels against the golden model, bit for bit",
                        description="Record every kernel's inputs and outputs with the golden model, "
-                       "C-simulate the HLS kernels (g++, ap_fixed headers) and count mismatching "
-                       "output codes. Exit status 1 if any.")
+                       "simulate the kernels (--target hls: g++ C-simulation against the ap_fixed "
+                       "headers; rtl: cocotb on Verilator or Icarus; hls4ml: hls4ml's own C-simulation) "
+                       "and count mismatching output codes; the first mismatches come with their operands "
+                       "and the contract's intermediate values. Exit status 1 if any.")
     v.add_argument("--graph", required=True, help="graph directory written by `hwgen quantize`")
     v.add_argument("--target", required=True, help="hls | rtl | hls4ml")
     v.add_argument("--layer", type=int, help="only the nodes of this transformer block")
