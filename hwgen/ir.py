@@ -220,6 +220,18 @@ class Graph:
     def layers(self) -> list[int]:
         return sorted({n.layer for n in self.nodes if n.layer is not None})
 
+    def layer_nodes(self, layer: int | None, error: type[Exception] = GraphError) -> list[Node]:
+        """The nodes of transformer block ``layer`` (every node for ``None``); a
+        layer with no node raises ``error`` (the calling stage's own class)
+        naming the layers there are."""
+        if layer is None:
+            return list(self.nodes)
+        nodes = [n for n in self.nodes if n.layer == layer]
+        if not nodes:
+            raise error(f"graph '{self.name}' has no nodes in layer {layer} "
+                        f"(layers: {', '.join(map(str, self.layers)) or 'none'})")
+        return nodes
+
     def node_input(self, node: Node, role: str) -> str | None:
         """The tensor bound to input ``role`` (e.g. ``"bias"``) of ``node``."""
         spec = OPS[node.op]

@@ -57,15 +57,6 @@ def block_name(layer: int) -> str:
     return f"block{int(layer)}"
 
 
-def layer_nodes(graph: Graph, layer: int) -> list[Node]:
-    nodes = [n for n in graph.nodes if n.layer == layer]
-    if not nodes:
-        layers = sorted({n.layer for n in graph.nodes if n.layer is not None})
-        raise HLSError(f"graph '{graph.name}' has no nodes in layer {layer} "
-                       f"(layers: {', '.join(map(str, layers)) or 'none'})")
-    return nodes
-
-
 def block_ports(graph: Graph, nodes: list[Node]) -> BlockPorts:
     """The block's ports, read off the graph's edges."""
     produced = [n.outputs[0] for n in nodes]
@@ -105,7 +96,7 @@ def emit_block(graph: Graph, layer: int, par: int = DEFAULT_PAR, max_seq: int | 
     check_par(par)
     if not graph.is_fixed:
         raise HLSError(f"graph '{graph.name}' is a float graph; quantize it first (`hwgen quantize`)")
-    nodes = layer_nodes(graph, layer)
+    nodes = graph.layer_nodes(layer, HLSError)
     where = f"block of layer {layer}"
     for n in nodes:
         if n.op not in HLS_OPS:

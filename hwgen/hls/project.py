@@ -38,17 +38,6 @@ GPT_MIN_LINE = 32
 DECODE_STEPS = 4
 
 
-def _layer_nodes(graph: Graph, layer: int | None) -> list[Node]:
-    if layer is None:
-        return list(graph.nodes)
-    layers = sorted({n.layer for n in graph.nodes if n.layer is not None})
-    nodes = [n for n in graph.nodes if n.layer == layer]
-    if not nodes:
-        raise HLSError(f"graph '{graph.name}' has no nodes in layer {layer} "
-                       f"(layers: {', '.join(map(str, layers)) or 'none'})")
-    return nodes
-
-
 def plan(graph: Graph, layer: int | None = None, par: int = DEFAULT_PAR, max_seq: int | None = None,
          blocks: bool = True) -> tuple[list[KernelSources], list[dict]]:
     """Kernels for every node (of ``layer``) that has one, then (``blocks``) one block
@@ -59,7 +48,8 @@ def plan(graph: Graph, layer: int | None = None, par: int = DEFAULT_PAR, max_seq
         raise HLSError(f"graph '{graph.name}' is a float graph; quantize it first (`hwgen quantize`)")
     kernels: list[KernelSources] = []
     skipped: list[dict] = []
-    for node in _layer_nodes(graph, layer):
+    nodes = graph.layer_nodes(layer, HLSError)
+    for node in nodes:
         if node.op not in HLS_OPS:
             skipped.append({"name": node.name, "op": node.op,
                             "reason": f"op '{node.op}' has no HLS kernel"})
@@ -70,7 +60,7 @@ def plan(graph: Graph, layer: int | None = None, par: int = DEFAULT_PAR, max_seq
             skipped.append({"name": node.name, "op": node.op, "reason": str(e)})
     if blocks:
         bad = {s["name"] for s in skipped}
-        layers = sorted({n.layer for n in _layer_nodes(graph, layer) if n.layer is not None})
+        layers = sorted({n.layer for n in nodes if n.layer is not None})
         for ly in layers:
             if any(n.name in bad for n in graph.nodes if n.layer == ly):
                 continue

@@ -158,17 +158,6 @@ BUILDERS: dict[str, Callable[[Graph, Node, RTLOptions], RTLKernel]] = {
 }
 
 
-def layer_nodes(graph: Graph, layer: int | None) -> list[Node]:
-    if layer is None:
-        return list(graph.nodes)
-    nodes = [n for n in graph.nodes if n.layer == layer]
-    if not nodes:
-        layers = sorted({n.layer for n in graph.nodes if n.layer is not None})
-        raise RTLError(f"graph '{graph.name}' has no nodes in layer {layer} "
-                       f"(layers: {', '.join(map(str, layers)) or 'none'})")
-    return nodes
-
-
 def plan(graph: Graph, layer: int | None = None, options: RTLOptions | None = None
          ) -> tuple[list[RTLKernel], list[dict]]:
     """Kernels for the nodes (of ``layer``) with an RTL builder, and the nodes
@@ -178,7 +167,7 @@ def plan(graph: Graph, layer: int | None = None, options: RTLOptions | None = No
     if not graph.is_fixed:
         raise RTLError(f"graph '{graph.name}' is a float graph; quantize it first (`hwgen quantize`)")
     kernels, skipped = [], []
-    for node in layer_nodes(graph, layer):
+    for node in graph.layer_nodes(layer, RTLError):
         b = BUILDERS.get(node.op)
         if b is None:
             skipped.append({"name": node.name, "op": node.op,
