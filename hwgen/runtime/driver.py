@@ -130,15 +130,18 @@ class Driver:
         if self.tracer is not None:
             self.tracer.add(lane, name, t0 - self.tracer.t0, t1 - self.tracer.t0, **args)
 
-    def _to_accel(self, req: _Request, name: str) -> np.ndarray:
-        t0 = time.perf_counter()
-        codes = to_numpy(req.host[name])
+    def _over_link(self, req: _Request, name: str, codes: np.ndarray) -> tuple[np.ndarray, int]:
+        """``codes`` of tensor ``name`` packed to bus words and unpacked on the far
+        side (what arrives), and the bytes that crossed; one transfer counted."""
         fmt = tensor_format(self.graph, name, self.bus_bits)
         words = pack(codes, fmt)
-        arr = unpack(words, fmt, codes.size).reshape(codes.shape)
-        nbytes = words.size * 8
-        req.stats.bytes_to_accel += nbytes
         req.stats.transfers += 1
+        return unpack(words, fmt, codes.size).reshape(codes.shape), words.size * 8
+
+    def _to_accel(self, req: _Request, name: str) -> np.ndarray:
+        t0 = time.perf_counter()
+        arr, nbytes = self._over_link(req, name, to_numpy(req.host[name]))
+        req.stats.bytes_to_accel += nbytes
         req.accel[name] = arr
         self._lane_event("link", f"to accel: {name}", t0, time.perf_counter(), bytes=nbytes,
                          direction="to_accel", request=req.tag)
@@ -146,13 +149,8 @@ class Driver:
 
     def _to_host(self, req: _Request, name: str) -> torch.Tensor:
         t0 = time.perf_counter()
-        codes = req.accel[name]
-        fmt = tensor_format(self.graph, name, self.bus_bits)
-        words = pack(codes, fmt)
-        arr = unpack(words, fmt, codes.size).reshape(codes.shape)
-        nbytes = words.size * 8
+        arr, nbytes = self._over_link(req, name, req.accel[name])
         req.stats.bytes_from_accel += nbytes
-        req.stats.transfers += 1
         t = to_device(arr, self.device)
         req.host[name] = t
         self._lane_event("link", f"to host: {name}", t0, time.perf_counter(), bytes=nbytes,
