@@ -278,26 +278,46 @@ class Driver:
         positions), the last ``ctx // 2`` tokens are fed again from position 0.
         Returns the new token ids, the last-position logits codes of every step, the
         prefill's output codes and the summed statistics."""
-        ids = list(prompt_ids)
-        state = DecodeState()
         total = RunStats()
-        new: list[int] = []
-        logits_seen: list[np.ndarray] = []
-        outs, st = self.run({self.graph.inputs[0]: np.asarray([ids[-ctx:]], dtype=np.int64)}, state, "prefill")
-        total.add(st)
-        out_name = self.graph.outputs[0]
-        prefill = outs[out_name]
-        for step in range(max_new_tokens):
-            last = outs[out_name][0, -1]
-            logits_seen.append(last)
-            nxt = int(np.argmax(last))
-            new.append(nxt)
-            ids.append(nxt)
-            if state.offset >= ctx:
+        state = DecodeState()
+        name = self.graph.outputs[0]
+
+        def step(feed: np.ndarray, restart: bool, label: str) -> np.ndarray:
+            nonlocal state
+            if restart:
                 state = DecodeState()
-                feed = np.asarray([ids[-(ctx // 2):]], dtype=np.int64)
-            else:
-                feed = np.asarray([[nxt]], dtype=np.int64)
-            outs, st = self.run({self.graph.inputs[0]: feed}, state, f"step {step}")
+            outs, st = self.run({self.graph.inputs[0]: feed}, state, label)
             total.add(st)
+            return outs[name]
+
+        new, logits_seen, prefill = greedy_decode(step, prompt_ids, max_new_tokens, ctx)
         return new, logits_seen, prefill, total
+
+
+def greedy_decode(step, prompt_ids: list[int], max_new_tokens: int, ctx: int
+                  ) -> tuple[list[int], list[np.ndarray], np.ndarray]:
+    """The greedy decoding loop with a KV cache of ``ctx`` positions, once for
+    every executor: ``step(feed, restart, label)`` runs ids ``feed`` (``[1, S]``)
+    on the cache (a fresh one when ``restart``) and returns the output codes
+    ``[1, S, V]``. The prompt (its last ``ctx`` ids) is the prefill; each step
+    feeds the argmax of the last logits; when the cache is full the last
+    ``ctx // 2`` tokens are fed again from position 0 (as
+    ``models/tiny_gpt.py:generate_ids``). Returns the new ids, the last-position
+    logits codes of every step and the prefill's output codes."""
+    ids = list(prompt_ids)
+    feed = np.asarray([ids[-ctx:]], dtype=np.int64)
+    out = prefill = step(feed, True, "prefill")
+    offset = feed.shape[1]
+    new: list[int] = []
+    seen: list[np.ndarray] = []
+    for i in range(max_new_tokens):
+        last = out[0, -1]
+        seen.append(last)
+        nxt = int(np.argmax(last))
+        new.append(nxt)
+        ids.append(nxt)
+        restart = offset >= ctx
+        feed = np.asarray([ids[-(ctx // 2):]] if restart else [[nxt]], dtype=np.int64)
+        out = step(feed, restart, f"step {i}")
+        offset = feed.shape[1] if restart else offset + 1
+    return new, seen, prefill

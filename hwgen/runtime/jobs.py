@@ -27,7 +27,7 @@ from ..golden import GoldenModel, GoldenState, dequantize
 from ..ir import Graph
 from . import cost as cost_mod
 from .backends import BACKENDS, CACHE
-from .driver import Driver, RunStats
+from .driver import Driver, RunStats, greedy_decode
 from .partition import ACCEL, HOST, DriverError, counts, place
 from .trace import Tracer
 
@@ -178,23 +178,16 @@ def run_encoder(graph: Graph, text: str, backend: str = "golden", device: str = 
 def golden_generate(graph: Graph, prompt_ids: list[int], max_new_tokens: int, ctx: int):
     """The decoding loop of :meth:`Driver.generate` on the golden model alone."""
     gm = GoldenModel(graph)
-    ids = list(prompt_ids)
     state = GoldenState()
     name = graph.outputs[0]
-    out = gm({graph.inputs[0]: np.asarray([ids[-ctx:]], dtype=np.int64)}, state)[name]
-    new, seen = [], []
-    for _ in range(max_new_tokens):
-        last = out[0, -1]
-        seen.append(last)
-        nxt = int(np.argmax(last))
-        new.append(nxt)
-        ids.append(nxt)
-        if state.offset >= ctx:
+
+    def step(feed: np.ndarray, restart: bool, label: str) -> np.ndarray:
+        nonlocal state
+        if restart:
             state = GoldenState()
-            feed = np.asarray([ids[-(ctx // 2):]], dtype=np.int64)
-        else:
-            feed = np.asarray([[nxt]], dtype=np.int64)
-        out = gm({graph.inputs[0]: feed}, state)[name]
+        return gm({graph.inputs[0]: feed}, state)[name]
+
+    new, seen, _ = greedy_decode(step, prompt_ids, max_new_tokens, ctx)
     return new, seen
 
 
