@@ -213,7 +213,10 @@ def _load_minilm(eval_text) -> ModelBundle:
     model_dir = _minilm_dir()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoModel
+    from transformers.utils import logging as hf_logging
     tok = _minilm_tokenizer(model_dir)
+    # stderr carries hwgen's progress lines and its one error line, not transformers' bars
+    hf_logging.disable_progress_bar()
     try:
         model = AutoModel.from_pretrained(str(model_dir)).eval()
     except Exception as e:  # noqa: BLE001
