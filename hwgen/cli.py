@@ -30,6 +30,12 @@ class Progress:
             print(f"[{time.perf_counter() - self.t0:7.1f}s] {msg}", file=sys.stderr, flush=True)
 
 
+def add_output_options(p: argparse.ArgumentParser) -> None:
+    """``--json`` and ``--quiet``: the same two options on every verb."""
+    p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    p.add_argument("--quiet", action="store_true", help="no progress on stderr")
+
+
 def _emit(result: dict, as_json: bool) -> None:
     if as_json:
         print(json.dumps(result, sort_keys=False))
@@ -342,8 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: one-shot with least-squares refit)")
     q.add_argument("--eval-text", help="file with one evaluation input per line "
                    "(replaces the built-in evaluation inputs)")
-    q.add_argument("--json", action="store_true", help="print one JSON object as the last line")
-    q.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    add_output_options(q)
     q.set_defaults(fn=cmd_quantize)
 
     g = sub.add_parser("golden", help="run a fixed graph on inputs with the golden model",
@@ -352,8 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--inputs", help=".npz with one array per graph input")
     g.add_argument("--text", help="input text (models quantized from minilm or tiny-gpt)")
     g.add_argument("--out", help="write output codes and floats to this .npz")
-    g.add_argument("--json", action="store_true", help="print one JSON object as the last line")
-    g.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    add_output_options(g)
     g.set_defaults(fn=cmd_golden)
 
     gn = sub.add_parser("gen", help="generate hardware: HLS C++ (Vitis project), RTL Verilog, or an hls4ml project",
@@ -376,8 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
     _rtl_args(gn)
     gn.add_argument("--lint", action="store_true", help="rtl: verilator --lint-only -Wall with the "
                     "waivers (exit 1 on any warning)")
-    gn.add_argument("--json", action="store_true", help="print one JSON object as the last line")
-    gn.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    add_output_options(gn)
     gn.set_defaults(fn=cmd_gen)
 
     v = sub.add_parser("verify", help="simulate the generated kernels against the golden model, bit for bit",
@@ -400,8 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--heads", type=int, help="rtl: simulate only the first N heads of each attention")
     v.add_argument("--kernel", action="append", help="rtl: only this kernel (name or node; repeatable)")
     v.add_argument("--no-corners", action="store_true", help="rtl: no corner-case vectors")
-    v.add_argument("--json", action="store_true", help="print one JSON object as the last line")
-    v.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    add_output_options(v)
     v.set_defaults(fn=cmd_verify)
 
     from .runtime.commands import add_parsers as _runtime_parsers  # `hwgen run`, `hwgen plan`
@@ -414,8 +416,7 @@ def build_parser() -> argparse.ArgumentParser:
     ac.add_argument("--graph", required=True, help="graph directory written by `hwgen quantize`")
     ac.add_argument("--bits", default="", help="comma-separated bit widths to compare, e.g. w4a8,w8a8")
     ac.add_argument("--batches", type=int, default=2, help="evaluation batches for the per-layer cosines")
-    ac.add_argument("--json", action="store_true", help="print one JSON object as the last line")
-    ac.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    add_output_options(ac)
     ac.set_defaults(fn=cmd_accuracy)
 
     fl = sub.add_parser("flow", help="run every stage in order, reusing unchanged ones",
@@ -447,8 +448,7 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Read OUT/flow.json and OUT/results/*.json and write OUT/report.html "
                         "(plots embedded; also saved as OUT/report/*.png).")
     rp.add_argument("out", help="folder written by `hwgen flow`")
-    rp.add_argument("--json", action="store_true", help="print one JSON object as the last line")
-    rp.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    add_output_options(rp)
     rp.set_defaults(fn=cmd_report)
 
     from .impl.cli import add_parsers as add_impl_parsers  # impl, sweep

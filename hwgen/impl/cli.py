@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import time
 
+from ..cli import add_output_options
 from .parts import ImplError, parse_part
 
 #: resource keys summed over kernels
@@ -111,8 +112,7 @@ def add_parsers(sub) -> None:
                    "with the achieved Fmax")
     i.add_argument("--no-xilinx", action="store_true", help="skip the synth_xilinx estimate")
     i.add_argument("--no-cache", action="store_true", help="rerun the tools even when cached")
-    i.add_argument("--json", action="store_true", help="print one JSON object as the last line")
-    i.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    add_output_options(i)
     i.set_defaults(fn=cmd_impl)
 
     s = sub.add_parser("sweep", help="design-space sweep: cycles, resources, Fmax, accuracy; Pareto plot",
@@ -133,6 +133,5 @@ def add_parsers(sub) -> None:
     s.add_argument("--jobs", type=int, default=None, help="local worker processes (default: CPU count)")
     s.add_argument("--ray", metavar="ADDRESS", help="run the points on a Ray cluster (ray.init(ADDRESS))")
     s.add_argument("--out", required=True, help="output folder: sweep.csv, sweep.json, pareto.png")
-    s.add_argument("--json", action="store_true", help="print one JSON object as the last line")
-    s.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    add_output_options(s)
     s.set_defaults(fn=cmd_sweep)

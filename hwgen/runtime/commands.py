@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..cli import add_output_options
 from . import cost as cost_mod
 from .backends import BACKENDS
 from .driver import DEVICES
@@ -21,8 +22,7 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="force a node or every node of an op onto a device (repeatable)")
     p.add_argument("--accel-ops", help="comma-separated ops put on the accelerator when it has their "
                    "kernel (default linear,attention)")
-    p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
-    p.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    add_output_options(p)
 
 
 def add_parsers(sub) -> None:
