@@ -29,3 +29,13 @@ def atomic_directory(directory: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def installed_package_dir(name: str) -> Path | None:
+    """The folder of installed Python package ``name`` (not imported), or None."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0])

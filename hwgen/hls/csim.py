@@ -14,7 +14,6 @@ package (``templates/vivado/ap_types``) or ``$HWGEN_AP_TYPES``.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import os
 import shutil
 import subprocess
@@ -24,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..files import installed_package_dir
 from ..ir import Graph, Node
 from .emit import DEFAULT_PAR, HLSError, KernelSources, emit_kernels
 
@@ -38,11 +38,11 @@ def ap_types_dir() -> Path:
     if env:
         d = Path(env)
     else:
-        spec = importlib.util.find_spec("hls4ml")
-        if spec is None or not spec.submodule_search_locations:
+        pkg = installed_package_dir("hls4ml")
+        if pkg is None:
             raise HLSError("the ap_fixed headers were not found: install hls4ml "
                            "(pip install hls4ml) or set HWGEN_AP_TYPES to a folder holding ap_fixed.h")
-        d = Path(list(spec.submodule_search_locations)[0]) / "templates" / "vivado" / "ap_types"
+        d = pkg / "templates" / "vivado" / "ap_types"
     if not (d / "ap_fixed.h").is_file() or not (d / "ap_int.h").is_file():
         raise HLSError(f"the ap_fixed headers (ap_fixed.h, ap_int.h) are missing from {d}: "
                        "reinstall hls4ml or set HWGEN_AP_TYPES")
