@@ -24,13 +24,53 @@ inputs that the element depends on: never a second implementation.
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
-from .golden import GoldenModel, GoldenState, fmt_of, run_node
-from .ir import Graph, Node
+if TYPE_CHECKING:
+    from .golden import GoldenModel
+    from .ir import Graph, Node
 
 #: how many entries of a row/column operand a report shows
 HEAD = 16
+
+#: how many mismatching elements a comparison lists
+FIRST_MISMATCHES = 10
+
+
+class Comparison:
+    """Accumulates exact comparisons of output arrays: every integer counted."""
+
+    def __init__(self, limit: int = FIRST_MISMATCHES):
+        self.limit = limit
+        self.mismatches = 0
+        self.vectors = 0
+        self.first: list[dict] = []
+
+    def add(self, output: str, expected, actual, index_prefix: tuple = ()) -> int:
+        """Compare ``actual`` with ``expected`` (same shape required: a shape
+        difference counts every expected integer as a mismatch)."""
+        e = np.asarray(expected, dtype=np.int64)
+        a = np.asarray(actual, dtype=np.int64)
+        self.vectors += int(e.size)
+        if a.shape != e.shape:
+            self.mismatches += int(e.size)
+            if len(self.first) < self.limit:
+                self.first.append({"output": output, "index": list(index_prefix),
+                                   "expected": f"shape {list(e.shape)}", "actual": f"shape {list(a.shape)}"})
+            return int(e.size)
+        bad = np.argwhere(a != e)
+        for idx in bad[: max(0, self.limit - len(self.first))]:
+            t = tuple(int(i) for i in idx)
+            self.first.append({"output": output, "index": list(index_prefix) + list(t),
+                               "expected": int(e[t]), "actual": int(a[t])})
+        self.mismatches += len(bad)
+        return len(bad)
+
+    def as_dict(self) -> dict:
+        return {"mismatches": self.mismatches, "vectors": self.vectors, "first_mismatches": self.first}
+
 
 
 def _head(a) -> dict:
@@ -60,6 +100,8 @@ def _full_inputs(graph: Graph, node: Node, acts: list) -> list:
 def _element(graph: Graph, node: Node, acts: list, idx: tuple, model: GoldenModel,
              offset: int) -> tuple[dict, dict]:
     """(operands, contract intermediates) of output element ``idx``."""
+    from .golden import GoldenState, fmt_of, run_node
+
     op = node.op
     if op == "linear":
         x = np.asarray(acts[0])
@@ -120,6 +162,8 @@ def explain_element(graph: Graph, node: Node | str, acts: list | tuple | np.ndar
                     offset: int = 0) -> dict:
     """``{"operands": ..., "contract": ...}`` of one output element ``index``
     of ``node`` on inputs ``acts`` (see :func:`explain`)."""
+    from .golden import GoldenModel
+
     node = graph.node(node) if isinstance(node, str) else node
     acts = [acts] if isinstance(acts, np.ndarray) else list(acts)
     operands, contract = _element(graph, node, acts, tuple(int(i) for i in index),
@@ -144,6 +188,8 @@ def explain(graph: Graph, node: Node | str, acts: list | tuple | np.ndarray, exp
         res.update(mismatches=int(expected.size),
                    shape_error=f"expected shape {list(expected.shape)}, got {list(actual.shape)}")
         return res
+    from .golden import GoldenModel
+
     bad = np.argwhere(expected != actual)
     res["mismatches"] = int(len(bad))
     model = GoldenModel(graph, workers=1)

@@ -20,8 +20,9 @@ A bench run lives in one directory (``$HWGEN_BENCH_DIR`` inside the simulator):
                   actual}``), ``sim_cycles`` (every clock cycle simulated),
                   ``sim_wall_s`` and bench-specific keys.
 
-This module imports only NumPy (and Amaranth lazily, host side), so the
-simulator's Python loads it quickly.
+This module imports only NumPy and :mod:`hwgen.mismatch` (itself NumPy only until
+it explains an element; Amaranth lazily, host side), so the simulator's Python
+loads it quickly.
 """
 from __future__ import annotations
 
@@ -31,13 +32,14 @@ from pathlib import Path
 
 import numpy as np
 
+from hwgen.mismatch import FIRST_MISMATCHES, Comparison  # noqa: F401  (the benches' comparison)
+
 ENV_DIR = "HWGEN_BENCH_DIR"
 VECTORS = "vectors.npz"
 CONFIG = "config.json"
 RESULT = "result.json"
 OUTPUTS = "outputs.npz"
 #: how many mismatches a result lists in full
-FIRST_MISMATCHES = 10
 
 
 # ----------------------------------------------------------------------------- host side
@@ -135,36 +137,3 @@ def write_outputs(arrays: dict) -> None:
     d = bench_dir()
     np.savez(d / (OUTPUTS + ".tmp.npz"), **{k: np.asarray(v) for k, v in arrays.items()})
     (d / (OUTPUTS + ".tmp.npz")).replace(d / OUTPUTS)
-
-
-class Comparison:
-    """Accumulates exact comparisons of output arrays: every integer counted."""
-
-    def __init__(self, limit: int = FIRST_MISMATCHES):
-        self.limit = limit
-        self.mismatches = 0
-        self.vectors = 0
-        self.first: list[dict] = []
-
-    def add(self, output: str, expected, actual, index_prefix: tuple = ()) -> int:
-        """Compare ``actual`` with ``expected`` (same shape required: a shape
-        difference counts every expected integer as a mismatch)."""
-        e = np.asarray(expected, dtype=np.int64)
-        a = np.asarray(actual, dtype=np.int64)
-        self.vectors += int(e.size)
-        if a.shape != e.shape:
-            self.mismatches += int(e.size)
-            if len(self.first) < self.limit:
-                self.first.append({"output": output, "index": list(index_prefix),
-                                   "expected": f"shape {list(e.shape)}", "actual": f"shape {list(a.shape)}"})
-            return int(e.size)
-        bad = np.argwhere(a != e)
-        for idx in bad[: max(0, self.limit - len(self.first))]:
-            t = tuple(int(i) for i in idx)
-            self.first.append({"output": output, "index": list(index_prefix) + list(t),
-                               "expected": int(e[t]), "actual": int(a[t])})
-        self.mismatches += len(bad)
-        return len(bad)
-
-    def as_dict(self) -> dict:
-        return {"mismatches": self.mismatches, "vectors": self.vectors, "first_mismatches": self.first}

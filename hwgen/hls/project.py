@@ -307,27 +307,16 @@ def _first_mismatches(graph: Graph, ks: KernelSources, x, y, got, limit: int = 5
     """The first mismatching output codes of one kernel, with the operands and
     the contract's intermediates (:mod:`hwgen.mismatch`) for kernels of one graph
     node called once; for block tops and multi-call (decoding) kernels the
-    index, expected and actual codes only."""
-    from ..mismatch import explain
+    output (``call<i>``), index, expected and actual codes only."""
+    from ..mismatch import Comparison, explain
 
-    single = not isinstance(y, list) and ks.node in {n.name for n in graph.nodes}
-    if single:
+    if not isinstance(y, list) and ks.node in {n.name for n in graph.nodes}:
         acts = list(x) if isinstance(x, tuple) else [x]
         return explain(graph, ks.node, acts, y, got, limit)["first"]
-    ys, gs = (y, got) if isinstance(y, list) else ([y], [got])
-    out = []
-    for call, (yy, gg) in enumerate(zip(ys, gs)):
-        yy, gg = np.asarray(yy), np.asarray(gg)
-        if yy.shape != gg.shape:
-            out.append({"call": call, "index": [], "expected": f"shape {list(yy.shape)}",
-                        "actual": f"shape {list(gg.shape)}"})
-            continue
-        for idx in np.argwhere(yy != gg)[: limit - len(out)]:
-            t = tuple(int(i) for i in idx)
-            out.append({"call": call, "index": list(t), "expected": int(yy[t]), "actual": int(gg[t])})
-        if len(out) >= limit:
-            break
-    return out
+    cmp = Comparison(limit)
+    for call, (yy, gg) in enumerate(zip(*((y, got) if isinstance(y, list) else ([y], [got])))):
+        cmp.add(f"call{call}", yy, gg)
+    return cmp.first
 
 
 def verify(graph: Graph, kernels: list[KernelSources], feeds: dict[str, np.ndarray],
