@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .golden import GoldenModel, dequantize
+from .golden import GoldenModel, GoldenState, dequantize
 from .ir import Graph
 
 CHECKS = ("saturation", "entropy", "margin")
@@ -82,19 +82,26 @@ class GraphCycles:
 
     def __call__(self, s: int) -> int:
         """Cycles of every linear and attention node for one input of ``s`` tokens."""
-        if s not in self._cache:
+        return self.step(s, 0)
+
+    def step(self, s: int, offset: int = 0) -> int:
+        """Cycles of one pass over ``s`` new tokens at positions ``offset ..``
+        (decoders with a KV cache: the attention engine reads ``offset + s``
+        keys; every linear runs ``s`` rows, in passes of ``max_m``)."""
+        key = (s, offset)
+        if key not in self._cache:
             total = 0
             for node in self.graph.nodes:
                 if node.op == "linear":
                     m = s if len(self.graph.tensors[node.inputs[0]].shape) == 3 else 1  # pooled: 1 row
                     total += self._linear(node, m)
                 elif node.op == "attention":
-                    c = self._attn.node_cycles(node, {"B": 1, "S": s})
+                    c = self._attn.node_cycles(node, {"B": 1, "S": s}, offset)
                     if c is None:
                         raise AdaptiveError(f"node '{node.name}': no attention engine cycle count")
                     total += c
-            self._cache[s] = total
-        return self._cache[s]
+            self._cache[key] = total
+        return self._cache[key]
 
 
 def graph_cycles(graph: Graph, s: int, max_m: int = 128) -> int:
@@ -137,10 +144,10 @@ def _probs(logits: np.ndarray) -> np.ndarray:
     return e / e.sum(-1, keepdims=True)
 
 
-def _logits(graph: Graph, rec: dict[str, np.ndarray], check: str) -> np.ndarray:
+def _logits(graph: Graph, codes: np.ndarray, check: str) -> np.ndarray:
     out = graph.outputs[0]
     kind = graph.meta.get("kind")
-    y = dequantize(graph, out, rec[out])
+    y = dequantize(graph, out, codes)
     if y.ndim != 3 or kind in ("encoder", "block"):
         raise AdaptiveError(f"check '{check}' needs per-position logits (a decoder); graph "
                             f"'{graph.name}' ({kind or 'unknown kind'}) outputs '{out}' of shape "
@@ -148,20 +155,30 @@ def _logits(graph: Graph, rec: dict[str, np.ndarray], check: str) -> np.ndarray:
     return y
 
 
+def token_scores(graph: Graph, codes: np.ndarray, check: str) -> np.ndarray:
+    """The ``entropy`` or ``margin`` check per position, ``(B, S)``, from the
+    output logit codes ``(B, S, V)`` of a decoder graph (larger = less sure)."""
+    y = _logits(graph, codes, check)
+    if check == "entropy":
+        p = _probs(y)
+        return -(p * np.log(np.maximum(p, 1e-300))).sum(-1)
+    if check == "margin":
+        top2 = np.sort(y, axis=-1)[..., -2:]
+        return -(top2[..., 1] - top2[..., 0])
+    raise AdaptiveError(f"check {check!r} has no per-token score: choose entropy or margin")
+
+
+def _row_mean(per_pos: np.ndarray, feed: dict) -> np.ndarray:
+    valid = _valid(feed, *per_pos.shape)
+    return (per_pos * valid).sum(1) / np.maximum(valid.sum(1), 1)
+
+
 def entropy_score(graph: Graph, rec: dict[str, np.ndarray], feed: dict) -> np.ndarray:
-    y = _logits(graph, rec, "entropy")
-    p = _probs(y)
-    h = -(p * np.log(np.maximum(p, 1e-300))).sum(-1)
-    valid = _valid(feed, *h.shape)
-    return (h * valid).sum(1) / np.maximum(valid.sum(1), 1)
+    return _row_mean(token_scores(graph, rec[graph.outputs[0]], "entropy"), feed)
 
 
 def margin_score(graph: Graph, rec: dict[str, np.ndarray], feed: dict) -> np.ndarray:
-    y = _logits(graph, rec, "margin")
-    top2 = np.sort(y, axis=-1)[..., -2:]
-    gap = top2[..., 1] - top2[..., 0]
-    valid = _valid(feed, *gap.shape)
-    return -(gap * valid).sum(1) / np.maximum(valid.sum(1), 1)
+    return _row_mean(token_scores(graph, rec[graph.outputs[0]], "margin"), feed)
 
 
 SCORES = {"saturation": saturation_score, "entropy": entropy_score, "margin": margin_score}
@@ -170,6 +187,16 @@ SCORES = {"saturation": saturation_score, "entropy": entropy_score, "margin": ma
 # ----------------------------------------------------------------------------
 # the runner (what the host driver calls)
 # ----------------------------------------------------------------------------
+
+def _check_same_model(low: Graph, high: Graph) -> None:
+    """Both graphs must be quantizations of one model: the same weights by name and shape."""
+    for name in sorted(set(low.weights) | set(high.weights)):
+        a, b = low.weights.get(name), high.weights.get(name)
+        if a is None or b is None or a.shape != b.shape:
+            raise AdaptiveError(f"low graph '{low.name}' and high graph '{high.name}' are not the same model "
+                                f"(weight '{name}': {None if a is None else list(a.shape)} vs "
+                                f"{None if b is None else list(b.shape)}); quantize one model twice")
+
 
 @dataclass
 class AdaptiveRun:
@@ -205,6 +232,7 @@ class AdaptiveRunner:
         for g, what in ((self.low, "low"), (self.high, "high")):
             if not g.is_fixed:
                 raise AdaptiveError(f"the {what} graph '{g.name}' is not quantized")
+        _check_same_model(self.low, self.high)
         self._gl, self._gh = GoldenModel(self.low), GoldenModel(self.high)
         self.cycles_low, self.cycles_high = GraphCycles(self.low, self.max_m), GraphCycles(self.high, self.max_m)
 
@@ -241,6 +269,169 @@ class AdaptiveRunner:
         cyc = np.array([self.cycles_low(int(t)) + (self.cycles_high(int(t)) if r else 0)
                         for t, r in zip(tokens, rerun)], dtype=np.int64)
         return AdaptiveRun(outs, rerun, scores, cyc, tokens, {n: rec[n] for n in self.low.outputs})
+
+
+# ----------------------------------------------------------------------------
+# per decoded token (KV-cache decoders)
+# ----------------------------------------------------------------------------
+
+@dataclass
+class TokenRun:
+    """Teacher-forced decoding of ``ids`` (B, T): step ``t`` feeds ``ids[:, t]``
+    and predicts ``ids[:, t + 1]``, for t = 0 .. T-2."""
+
+    logits: np.ndarray        # (B, T-1, V) float: the high graph's where rerun, else the low graph's
+    low_logits: np.ndarray    # (B, T-1, V) float: the low graph's (every step)
+    rerun: np.ndarray         # (B, T-1) bool: steps rerun on the high graph
+    scores: np.ndarray        # (B, T-1): the check of each step's low pass
+    cycles: np.ndarray        # (B,) engine cycles: low steps + the high graph's catch-up passes
+    cycles_low: np.ndarray    # (B,) the low steps alone (what the low graph alone costs)
+    high_passes: np.ndarray   # (B,) high graph passes (= reruns)
+    high_rows: np.ndarray     # (B,) token rows the high graph processed (catch-up included)
+
+
+class TokenAdaptive:
+    """Per decoded token precision for a KV-cache decoder (tiny-gpt).
+
+    Every step runs the **low** graph on the new token (its KV cache is always
+    complete). The check (``margin``: minus the gap between the two largest
+    logits; ``entropy``: of the softmax) is read off that step's own low logits;
+    a step whose score exceeds ``threshold`` is **rerun on the high graph**, and
+    its prediction is the high graph's.
+
+    The high graph's step needs the high graph's KV cache of every earlier
+    position. It is kept lazily: a rerun at position ``t`` runs the high graph
+    over the positions it has not seen since its last pass (``h .. t``, one pass
+    of ``t - h + 1`` rows on the cache) and takes the last row's logits. That is
+    exactly the high graph's own output at ``t`` (the golden model gives the same
+    integers for any split of a sequence into cached passes; tested), so the
+    adaptive prediction at every step is bit-exact the low or the high graph's.
+
+    Cost: both graphs run on the same engines (the matmul engine and the
+    attention engine; their cycle counts do not depend on operand widths), so a
+    rerun is a second pass: ``GraphCycles.step(rows, offset)`` of the high graph.
+    A matmul pass costs the same for 1 to ``rows`` (16) token rows, so a
+    catch-up of up to 16 positions costs about one decoding step."""
+
+    def __init__(self, low: Graph, high: Graph, check: str = "margin", threshold: float = math.inf,
+                 max_m: int = 128):
+        if check not in ("margin", "entropy"):
+            raise AdaptiveError(f"per-token check {check!r}: choose margin or entropy")
+        for g, what in ((low, "low"), (high, "high")):
+            if not g.is_fixed:
+                raise AdaptiveError(f"the {what} graph '{g.name}' is not quantized")
+            if not any(n.op == "attention" and n.attrs.get("kv_cache") for n in g.nodes):
+                raise AdaptiveError(f"the {what} graph '{g.name}' has no KV-cache attention: per-token "
+                                    "precision runs decoders (e.g. tiny-gpt); use AdaptiveRunner per input")
+        if list(low.inputs) != list(high.inputs) or list(low.outputs) != list(high.outputs):
+            raise AdaptiveError(f"low graph ({low.inputs} -> {low.outputs}) and high graph "
+                                f"({high.inputs} -> {high.outputs}) must take the same inputs "
+                                "and give the same outputs (quantize the same model twice)")
+        _check_same_model(low, high)
+        self.low, self.high, self.check, self.threshold = low, high, check, threshold
+        self.out = low.outputs[0]
+        self._gl, self._gh = GoldenModel(low), GoldenModel(high)
+        self.cycles_low, self.cycles_high = GraphCycles(low, max_m), GraphCycles(high, max_m)
+
+    def scores(self, graph: Graph, codes: np.ndarray) -> np.ndarray:
+        return token_scores(graph, codes, self.check)
+
+    def fit_threshold(self, feeds: list[dict], rerun_fraction: float) -> float:
+        """Set (and return) the threshold that reruns ``rerun_fraction`` of the
+        scored steps of ``feeds`` (held-out windows): the quantile of the low
+        graph's per-step check over positions 0 .. T-2. The low logits come from
+        one pass per window, the same integers as decoding it step by step."""
+        if not 0 <= rerun_fraction <= 1:
+            raise AdaptiveError(f"rerun fraction must be in [0, 1], got {rerun_fraction}")
+        if not feeds:
+            raise AdaptiveError("no held-out inputs to fit the threshold on")
+        s = np.concatenate([self.scores(self.low, self._gl(f)[self.out])[:, :-1].ravel() for f in feeds])
+        if rerun_fraction == 0:
+            self.threshold = math.inf
+        elif rerun_fraction == 1:
+            self.threshold = -math.inf
+        else:
+            self.threshold = float(np.quantile(s, 1 - rerun_fraction))
+        return self.threshold
+
+    def score_ids(self, ids: np.ndarray) -> TokenRun:
+        """Teacher-forced decoding of the rows of ``ids`` (B, T), batched over rows
+        for the low steps, one high-graph cache per row."""
+        ids = np.asarray(ids, dtype=np.int64)
+        b, t_len = ids.shape
+        if t_len < 2:
+            raise AdaptiveError("per-token scoring needs sequences of 2 or more tokens")
+        st_low = GoldenState()
+        st_high = [GoldenState() for _ in range(b)]
+        seen = np.zeros(b, dtype=np.int64)            # positions each row's high cache holds
+        lo = hi = None
+        rerun = np.zeros((b, t_len - 1), dtype=bool)
+        scores = np.zeros((b, t_len - 1))
+        cyc_low = np.zeros(b, dtype=np.int64)
+        cyc_high = np.zeros(b, dtype=np.int64)
+        passes = np.zeros(b, dtype=np.int64)
+        for t in range(t_len - 1):
+            codes = self._gl({self.low.inputs[0]: ids[:, t:t + 1]}, st_low)[self.out]
+            y = dequantize(self.low, self.out, codes)[:, 0]
+            if lo is None:
+                lo = np.zeros((b, t_len - 1, y.shape[-1]))
+            lo[:, t] = y
+            scores[:, t] = self.scores(self.low, codes)[:, 0]
+            cyc_low += self.cycles_low.step(1, t)
+            rerun[:, t] = scores[:, t] > self.threshold
+            for r in np.flatnonzero(rerun[:, t]):
+                h = int(seen[r])
+                hc = self._gh({self.high.inputs[0]: ids[r:r + 1, h:t + 1]}, st_high[r])[self.out]
+                if hi is None:
+                    hi = lo.copy()
+                hi[r, t] = dequantize(self.high, self.out, hc)[0, -1]
+                cyc_high[r] += self.cycles_high.step(t + 1 - h, h)
+                passes[r] += 1
+                seen[r] = t + 1
+        rows = np.where(passes > 0, seen, 0)
+        logits = lo if hi is None else np.where(rerun[..., None], hi, lo)
+        return TokenRun(logits, lo, rerun, scores, cyc_low + cyc_high, cyc_low, passes, rows)
+
+    def generate(self, prompt_ids: list[int], max_new_tokens: int, ctx: int) -> dict:
+        """Greedy generation (:func:`hwgen.runtime.driver.greedy_decode`, the
+        driver's loop) with the check on the logits that pick each next token:
+        a prefill pass over the prompt, then one step per token; the cache
+        restart of that loop resets both graphs' caches."""
+        from .runtime.driver import greedy_decode
+
+        hist: list[int] = []
+        st = {"low": GoldenState(), "high": GoldenState(), "seen": 0}
+        log = {"steps": 0, "rerun": [], "scores": [], "cycles": 0, "cycles_low": 0, "high_rows": 0}
+
+        def step(feed, restart, label):
+            if restart:
+                st["low"].reset()
+                st["high"].reset()
+                st["seen"] = 0
+                hist.clear()
+            off = len(hist)
+            hist.extend(int(v) for v in np.asarray(feed).reshape(-1))
+            codes = self._gl({self.low.inputs[0]: np.asarray(feed)}, st["low"])[self.out]
+            y = dequantize(self.low, self.out, codes)
+            score = float(self.scores(self.low, codes[:, -1:])[0, 0])
+            c = self.cycles_low.step(len(hist) - off, off)
+            log["cycles_low"] += c
+            log["cycles"] += c
+            if score > self.threshold:
+                h = st["seen"]
+                hc = self._gh({self.high.inputs[0]: np.asarray([hist[h:]], dtype=np.int64)}, st["high"])[self.out]
+                y = y.copy()
+                y[0, -1] = dequantize(self.high, self.out, hc)[0, -1]
+                log["cycles"] += self.cycles_high.step(len(hist) - h, h)
+                log["high_rows"] += len(hist) - h
+                log["rerun"].append(log["steps"])
+                st["seen"] = len(hist)
+            log["scores"].append(score)
+            log["steps"] += 1
+            return y
+
+        new, _, _ = greedy_decode(step, list(prompt_ids), max_new_tokens, ctx)
+        return {"ids": new, **log}
 
 
 # ----------------------------------------------------------------------------
@@ -315,8 +506,171 @@ def evaluate_adaptive(bundle, low: Graph, high: Graph, check: str = "saturation"
     return res
 
 
+def _nll_correct(y: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per scored step: negative log-likelihood of the true next token, top-1 hit."""
+    logp = y - y.max(-1, keepdims=True)
+    logp = logp - np.log(np.exp(logp).sum(-1, keepdims=True))
+    nxt = ids[:, 1:]
+    return -np.take_along_axis(logp, nxt[..., None], -1)[..., 0], y.argmax(-1) == nxt
+
+
+def evaluate_token_adaptive(eval_feeds: list[dict], low: Graph, high: Graph, fit_feeds: list[dict],
+                            check: str = "margin", rerun_fraction: float = 0.2, max_m: int = 128,
+                            say=lambda m: None) -> dict:
+    """Per-token adaptive precision of a decoder on ``eval_feeds`` (windows of
+    ids), the threshold fitted for ``rerun_fraction`` on ``fit_feeds`` (held-out
+    windows: neither calibration nor evaluation). Every window is decoded one
+    token per step with the true previous token fed (teacher forcing): next-token
+    top-1 accuracy and perplexity of the low graph alone, the high graph alone
+    and the adaptive dispatch; engine cycles per window of each (the low or
+    high graph alone: one step per token; adaptive: every low step plus the high
+    graph's catch-up passes); how often each graph ran."""
+    import time
+
+    dec = TokenAdaptive(low, high, check, max_m=max_m)
+    thr = dec.fit_threshold(fit_feeds, rerun_fraction)
+    say(f"adaptive: {check} threshold {thr:.4g} reruns {rerun_fraction:.0%} of the "
+        f"{sum(np.asarray(f['ids']).shape[0] for f in fit_feeds)} held-out windows' steps")
+    gh = GoldenModel(high)
+    acc = {k: {"nll": 0.0, "hits": 0} for k in ("low", "high", "adaptive")}
+    cyc = {"low": [], "high": [], "adaptive": []}
+    steps = reruns = high_rows = windows = 0
+    t0 = time.perf_counter()
+    for i, feed in enumerate(eval_feeds):
+        ids = np.asarray(feed[low.inputs[0]], dtype=np.int64)
+        run = dec.score_ids(ids)
+        # the high graph alone: one pass per window (the same integers as decoding it step by step)
+        yh = dequantize(high, high.outputs[0], gh(feed)[high.outputs[0]])[:, :-1]
+        for key, y in (("low", run.low_logits), ("high", yh), ("adaptive", run.logits)):
+            nll, hit = _nll_correct(y, ids)
+            acc[key]["nll"] += float(nll.sum())
+            acc[key]["hits"] += int(hit.sum())
+        t_len = ids.shape[1]
+        cyc["low"] += run.cycles_low.tolist()
+        cyc["high"] += [sum(dec.cycles_high.step(1, t) for t in range(t_len - 1))] * len(ids)
+        cyc["adaptive"] += run.cycles.tolist()
+        steps += run.rerun.size
+        reruns += int(run.rerun.sum())
+        high_rows += int(run.high_rows.sum())
+        windows += len(ids)
+        say(f"adaptive: batch {i + 1}/{len(eval_feeds)}, {reruns}/{steps} steps rerun so far "
+            f"({time.perf_counter() - t0:.0f} s)")
+    res = {"mode": "per-token", "check": check, "threshold": thr, "rerun_fraction_fit": rerun_fraction,
+           "low_graph": low.meta.get("bits"), "high_graph": high.meta.get("bits"),
+           "windows": windows, "steps": steps, "low_passes": steps, "high_passes": reruns,
+           "low_only": steps - reruns, "rerun": reruns, "rerun_fraction": reruns / steps,
+           "high_rows": high_rows, "same_engines": True}
+    for key in acc:
+        res[key] = {"top1": acc[key]["hits"] / steps, "ppl": math.exp(acc[key]["nll"] / steps),
+                    "cycles_mean": float(np.mean(cyc[key]))}
+    res["cycles_ratio_vs_low"] = res["adaptive"]["cycles_mean"] / res["low"]["cycles_mean"]
+    res["target_cycles_lt_1.3x"] = res["cycles_ratio_vs_low"] < 1.3
+    res["target_accuracy_of_high"] = res["adaptive"]["top1"] >= res["high"]["top1"]
+    return res
+
+
 # ----------------------------------------------------------------------------
-# `hwgen run --adaptive HIGH_BITS` (minilm)
+# tiny-gpt: held-out windows, the low graph, `make bench`
+# ----------------------------------------------------------------------------
+
+#: the share of the tiny-gpt training text, at its end, whose windows fit the
+#: per-token threshold (held out from the low graph's QAT and from calibration)
+FIT_TAIL = 0.1
+#: the per-token defaults: check, and the share of held-out steps the threshold reruns
+TOKEN_CHECK = "margin"
+TOKEN_RERUN_FRACTION = 0.2
+#: QAT steps of the W4A8 low graph (distilled from the float model), `make bench`
+LOW_QAT_STEPS = 300
+
+
+def _train_bytes() -> np.ndarray:
+    from .zoo import DATA_DIR
+
+    return np.frombuffer((DATA_DIR / "tiny_corpus_train.txt").read_bytes(), dtype=np.uint8).astype(np.int64)
+
+
+def heldout_windows(bundle, batch: int = 16) -> list[dict]:
+    """The threshold-fitting inputs of a tiny-gpt bundle: consecutive windows of
+    the last ``FIT_TAIL`` of the training text (the low graph's QAT reads only
+    the text before it), less any window that overlaps a calibration window.
+    The evaluation text is a separate file (held-out topics)."""
+    width = int(np.asarray(bundle.eval_feeds[0]["ids"]).shape[1])
+    train = _train_bytes()
+    raw = train.astype(np.uint8).tobytes()
+    calib = [raw.find(np.asarray(w, dtype=np.uint8).tobytes())
+             for f in bundle.calib_feeds for w in np.asarray(f["ids"])]
+    lo = int(len(train) * (1 - FIT_TAIL))
+    starts = [s for s in range(lo, len(train) - width + 1, width)
+              if all(c < 0 or s + width <= c or c + width <= s for c in calib)]
+    wins = np.stack([train[s:s + width] for s in starts])
+    return [{"ids": wins[i:i + batch]} for i in range(0, len(wins), batch)]
+
+
+def qat_windows(n: int = 256, width: int = 128, batch: int = 16, seed: int = 5) -> list[dict]:
+    """``n`` seeded random windows of the first ``1 - FIT_TAIL`` of the training text."""
+    train = _train_bytes()
+    end = int(len(train) * (1 - FIT_TAIL)) - width
+    starts = np.random.default_rng(seed).integers(0, end + 1, n)
+    wins = np.stack([train[s:s + width] for s in starts])
+    return [{"ids": wins[i:i + batch]} for i in range(0, len(wins), batch)]
+
+
+def low_graph(bundle, bits: str = "w4a8", qat_steps: int = LOW_QAT_STEPS, lr: float = 1e-4,
+              say=lambda m: None) -> Graph:
+    """The low-precision graph: ``bits`` post-training quantization, then
+    ``qat_steps`` QAT steps distilled from the float model (next-byte KL +
+    hidden states, :class:`hwgen.distill.DistillLoss`) on :func:`qat_windows`;
+    the last third of the steps at ``lr / 5``."""
+    from .distill import DistillLoss
+    from .qat import QATModel, finetune
+    from .quant import QuantConfig, prepare, quantize
+
+    cfg = QuantConfig.from_bits(bits)
+    teacher = prepare(bundle.graph)
+    fixed, fmts = quantize(teacher, bundle.calib_feeds, cfg)
+    if qat_steps:
+        loss = DistillLoss(teacher, bundle.kind)
+        model = QATModel(teacher, fmts, cfg)
+        feeds = qat_windows()
+        first = qat_steps - qat_steps // 3
+        for n, rate in ((first, lr), (qat_steps - first, lr / 5)):
+            if n:
+                say(f"low graph {bits}: {n} QAT step(s), lr {rate:g}")
+                finetune(model, feeds, loss.qat(), n, lr=rate,
+                         progress=lambda i, l: say(f"QAT step {i} loss {l:.5f}") if i % 25 == 0 else None)
+        fixed = model.export()
+    fixed.name = bundle.name
+    fixed.meta.update(kind=bundle.kind, bits=bits + (f"+qat{qat_steps}" if qat_steps else ""))
+    return fixed
+
+
+def bench(quick: bool = False, say=lambda m: None, qat_steps: int = LOW_QAT_STEPS,
+          check: str = TOKEN_CHECK, rerun_fraction: float = TOKEN_RERUN_FRACTION) -> dict:
+    """The adaptive-precision target of ``make bench`` (called by
+    :func:`hwgen.distill.bench`): tiny-gpt, low W4A8 with QAT (:func:`low_graph`),
+    high W8A8 (post-training), per-token ``check`` with the threshold fitted for
+    ``rerun_fraction`` on :func:`heldout_windows`, evaluated on every evaluation
+    window (:func:`evaluate_token_adaptive`). Adds ``model``, ``wall_s`` and the
+    target booleans ``target_cycles_lt_1.3x`` and ``target_accuracy_of_high``.
+    ``quick``: 3 QAT steps and the first two evaluation batches (a smoke run)."""
+    import time
+
+    from . import zoo
+    from .quant import QuantConfig, quantize
+
+    t0 = time.perf_counter()
+    bundle = zoo.load("tiny-gpt")
+    low = low_graph(bundle, "w4a8", 3 if quick else qat_steps, say=say)
+    high = quantize(bundle.graph, bundle.calib_feeds, QuantConfig.from_bits("w8a8"))[0]
+    high.meta.update(kind=bundle.kind, bits="w8a8")
+    evals = bundle.eval_feeds[:2] if quick else bundle.eval_feeds
+    res = evaluate_token_adaptive(evals, low, high, heldout_windows(bundle), check, rerun_fraction, say=say)
+    res.update(model="tiny-gpt", quick=quick, wall_s=time.perf_counter() - t0)
+    return res
+
+
+# ----------------------------------------------------------------------------
+# `hwgen run --adaptive HIGH_BITS`
 # ----------------------------------------------------------------------------
 
 #: held-out corpus sentences the `hwgen run --adaptive` threshold is fitted on
@@ -324,23 +678,68 @@ FIT_SENTENCES = 256
 RUN_RERUN_FRACTION = 0.2
 
 
-def run_adaptive(low: Graph, text: str, high_bits: str, batch: int = 8, check: str = "saturation",
-                 rerun_fraction: float = RUN_RERUN_FRACTION, say=lambda m: None) -> dict:
-    """The ``adaptive`` object of ``hwgen run --model minilm --text ... --adaptive HIGH_BITS``:
-    the run's graph is the low graph; the high graph is minilm quantized at
-    ``high_bits`` (the driver's cached quantization); the threshold reruns
-    ``rerun_fraction`` of ``FIT_SENTENCES`` held-out corpus sentences. Keys:
-    ``low``, ``high``, ``check``, ``threshold``, ``inputs``, ``low_only``,
-    ``rerun``, ``rerun_rows`` (sentence indices), ``cycles_low_mean``,
-    ``cycles_high_mean``, ``cycles_adaptive_mean``, ``cycles_ratio_vs_low``.
-    Both passes run on the golden model (the same integers as every backend)."""
+def run_adaptive(low: Graph, text: str, high_bits: str, batch: int = 8, check: str | None = None,
+                 rerun_fraction: float = RUN_RERUN_FRACTION, say=lambda m: None,
+                 max_new_tokens: int = 16) -> dict:
+    """The ``adaptive`` object of ``hwgen run ... --adaptive HIGH_BITS``: the run's
+    graph is the low graph; the high graph is the same model quantized at
+    ``high_bits`` (the driver's cached quantization). minilm (``text``: sentences):
+    a ``saturation`` check per sentence, see :func:`_run_adaptive_minilm`; tiny-gpt
+    (``text``: the prompt): a ``margin`` check per generated token, see
+    :func:`_run_adaptive_decoder`. Both passes run on the golden model (the same
+    integers as every backend)."""
+    from .runtime import jobs
+
+    model = jobs._model_of(low)
+    if model == "minilm":
+        return _run_adaptive_minilm(low, text, high_bits, batch, check or "saturation", rerun_fraction, say)
+    return _run_adaptive_decoder(low, text, high_bits, check or TOKEN_CHECK, rerun_fraction, max_new_tokens,
+                                 say)
+
+
+def _run_adaptive_decoder(low: Graph, prompt: str, high_bits: str, check: str, rerun_fraction: float,
+                          max_new_tokens: int, say) -> dict:
+    """tiny-gpt: greedy generation after ``prompt`` with per-token dispatch
+    (:meth:`TokenAdaptive.generate`), the threshold reruns ``rerun_fraction`` of
+    the steps of :func:`heldout_windows`. Keys: ``mode`` ("per-token"), ``low``,
+    ``high``, ``check``, ``threshold``, ``steps`` (low passes: the prefill and
+    one per token), ``low_only``, ``rerun``, ``rerun_steps`` (indices),
+    ``high_rows``, ``cycles_low``, ``cycles_adaptive``, ``cycles_ratio_vs_low``,
+    ``text`` (prompt and the adaptive continuation)."""
+    from . import zoo
+    from .runtime import jobs
+
+    high = jobs.load_graph("tiny-gpt", None, high_bits, say)
+    low.meta.setdefault("kind", "decoder")
+    high.meta.setdefault("kind", "decoder")
+    dec = TokenAdaptive(low, high, check)
+    bundle = zoo.load("tiny-gpt")
+    fit = heldout_windows(bundle)
+    say(f"adaptive: fitting the {check} threshold on {sum(len(f['ids']) for f in fit)} held-out windows "
+        f"({rerun_fraction:.0%} reruns)")
+    thr = dec.fit_threshold(fit, rerun_fraction)
+    ids = list(str(prompt).encode("utf-8"))
+    ctx = int(low.meta.get("max_positions") or bundle.meta["ctx"])
+    g = dec.generate(ids, max_new_tokens, ctx)
+    return {"mode": "per-token", "low": low.meta.get("bits"), "high": high_bits, "check": check,
+            "threshold": thr, "steps": g["steps"], "low_only": g["steps"] - len(g["rerun"]),
+            "rerun": len(g["rerun"]), "rerun_steps": g["rerun"], "high_rows": g["high_rows"],
+            "cycles_low": g["cycles_low"], "cycles_adaptive": g["cycles"],
+            "cycles_ratio_vs_low": g["cycles"] / g["cycles_low"],
+            "text": bytes(ids + g["ids"]).decode("utf-8", errors="replace")}
+
+
+def _run_adaptive_minilm(low: Graph, text: str, high_bits: str, batch: int, check: str,
+                         rerun_fraction: float, say) -> dict:
+    """minilm: the threshold reruns ``rerun_fraction`` of ``FIT_SENTENCES``
+    held-out corpus sentences. Keys: ``low``, ``high``, ``check``,
+    ``threshold``, ``inputs``, ``low_only``, ``rerun``, ``rerun_rows`` (sentence
+    indices), ``cycles_low_mean``, ``cycles_high_mean``, ``cycles_adaptive_mean``,
+    ``cycles_ratio_vs_low``."""
     from . import zoo
     from .distill import corpus_sentences
     from .runtime import jobs
 
-    if jobs._model_of(low) != "minilm":
-        raise AdaptiveError("--adaptive runs minilm graphs (a check per sentence); for other models "
-                            "use hwgen.adaptive.AdaptiveRunner")
     high = jobs.load_graph("minilm", None, high_bits, say)
     runner = AdaptiveRunner(low, high, check)
     fit_s = corpus_sentences(FIT_SENTENCES, seed=1)

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from conftest import build_tiny_decoder, tiny_decoder_feeds
+from conftest import tiny_decoder_feeds
 from hwgen import adaptive as A
 from hwgen import prune as P
 from hwgen.golden import GoldenModel
@@ -135,7 +135,8 @@ def test_evaluate_adaptive_report(pair, tiny_decoder):
         assert 0 <= rep[k]["top1"] <= 1 and rep[k]["ppl"] > 1 and -1 <= rep[k]["cosine_mean"] <= 1
 
 
-def test_run_adaptive_refuses_decoders(capsys, tmp_path, tiny_decoder_fixed):
+def test_run_adaptive_other_model(capsys, tmp_path, tiny_decoder_fixed):
+    """A graph that is not the model HIGH_BITS quantizes: one clear error."""
     from conftest import run_cli
 
     import copy
@@ -143,9 +144,25 @@ def test_run_adaptive_refuses_decoders(capsys, tmp_path, tiny_decoder_fixed):
     g = copy.deepcopy(tiny_decoder_fixed)
     g.meta["model"] = "tiny-gpt"
     g.save(tmp_path / "g")
-    code, _, err = run_cli(capsys, "run", "--graph", tmp_path / "g", "--prompt", "ab", "--adaptive", "w16a16",
-                           "--quiet")
-    assert code == 1 and "--adaptive runs minilm" in err
+    code, _, err = run_cli(capsys, "run", "--graph", tmp_path / "g", "--prompt", "\x01\x02", "--adaptive", "w8a8",
+                           "--no-float", "--quiet")
+    assert code == 1 and "are not the same model" in err
+
+
+def test_run_adaptive_tiny_gpt(capsys):
+    """`hwgen run --model tiny-gpt --adaptive`: per generated token; counts add up,
+    the cycles are the low passes plus the reruns' high passes."""
+    from conftest import last_json, run_cli
+
+    code, out, _ = run_cli(capsys, "run", "--model", "tiny-gpt", "--bits", "w4a8", "--prompt", "def f(x):",
+                           "--max-new-tokens", "6", "--adaptive", "w8a8", "--no-float", "--json", "--quiet")
+    assert code == 0
+    res = last_json(out)
+    a = res["adaptive"]
+    assert a["mode"] == "per-token" and a["check"] == "margin" and a["steps"] == 7
+    assert a["low_only"] + a["rerun"] == 7 and len(a["rerun_steps"]) == a["rerun"]
+    assert (a["cycles_adaptive"] > a["cycles_low"]) == (a["rerun"] > 0)
+    assert a["text"].startswith("def f(x):") and len(a["text"].encode()) >= 9
 
 
 @pytest.mark.slow
@@ -160,3 +177,117 @@ def test_run_adaptive_minilm(capsys):
     a = last_json(out)["adaptive"]
     assert a["inputs"] == 3 and a["low_only"] + a["rerun"] == 3 and len(a["rerun_rows"]) == a["rerun"]
     assert a["cycles_ratio_vs_low"] >= 1.0
+
+
+# ----------------------------------------------------------------------------
+# per decoded token (KV-cache decoder)
+# ----------------------------------------------------------------------------
+
+def test_token_dispatch_exact(pair):
+    """Teacher-forced per-token dispatch: every step's prediction is bit-exact the
+    low or the high graph's own logits at that position (the high graph's lazily
+    caught-up cache gives the same integers as one pass); the rerun steps are
+    exactly those whose low-pass score is over the threshold."""
+    from hwgen.golden import dequantize
+
+    low, high = pair
+    ids = np.random.default_rng(4).integers(0, 40, (3, 12))
+    dec = A.TokenAdaptive(low, high, "margin")
+    lo_full = GoldenModel(low)({"ids": ids})["logits"]
+    hi_full = GoldenModel(high)({"ids": ids})["logits"]
+    scores = A.token_scores(low, lo_full, "margin")[:, :-1]
+    dec.threshold = float(np.quantile(scores, 0.7))
+    run = dec.score_ids(ids)
+    assert np.array_equal(run.scores, scores)
+    assert np.array_equal(run.rerun, scores > dec.threshold) and 0 < run.rerun.sum() < run.rerun.size
+    yl = dequantize(low, "logits", lo_full)[:, :-1]
+    yh = dequantize(high, "logits", hi_full)[:, :-1]
+    assert np.array_equal(run.low_logits, yl)
+    assert int(np.sum(run.logits != np.where(run.rerun[..., None], yh, yl))) == 0
+    assert np.array_equal(run.high_passes, run.rerun.sum(1))
+
+
+def test_token_cycles_add_up(pair):
+    """Cycles per row: one low step per position, plus for each rerun the high
+    graph's catch-up pass over the positions its cache lacks."""
+    low, high = pair
+    ids = np.random.default_rng(5).integers(0, 40, (2, 10))
+    dec = A.TokenAdaptive(low, high, "entropy")
+    dec.fit_threshold([{"ids": ids}], 0.3)
+    run = dec.score_ids(ids)
+    for r in range(2):
+        want_low = sum(dec.cycles_low.step(1, t) for t in range(9))
+        want, seen = want_low, 0
+        for t in np.flatnonzero(run.rerun[r]):
+            want += dec.cycles_high.step(int(t) + 1 - seen, seen)
+            seen = int(t) + 1
+        assert run.cycles_low[r] == want_low and run.cycles[r] == want
+        assert run.high_rows[r] == seen
+    # a pass of 1..rows token rows costs the same matmul beats; the attention engine reads offset + s keys
+    assert dec.cycles_low.step(1, 5) < dec.cycles_low.step(2, 5) < 2 * dec.cycles_low.step(1, 5)
+    assert dec.cycles_low.step(1, 0) == A.graph_cycles(low, 1)
+
+
+def test_token_threshold_fit_never_sees_eval(pair, monkeypatch):
+    """The threshold is the quantile of the fit windows' scores: the evaluation
+    windows never enter it (changing them leaves it unchanged), and every scored
+    fit step counts (positions 0 .. T-2)."""
+    low, high = pair
+    fit = tiny_decoder_feeds(2, b=3, seed=11)
+    ev = tiny_decoder_feeds(1, b=2, seed=12)
+    seen = []
+    orig = A.TokenAdaptive.score_ids
+    monkeypatch.setattr(A.TokenAdaptive, "score_ids", lambda self, ids: seen.append(ids) or orig(self, ids))
+    r1 = A.evaluate_token_adaptive(ev, low, high, fit, "margin", 0.25)
+    ev2 = [{"ids": (f["ids"] + 7) % 40} for f in ev]
+    r2 = A.evaluate_token_adaptive(ev2, low, high, fit, "margin", 0.25)
+    assert r1["threshold"] == r2["threshold"]
+    sc = np.concatenate([A.token_scores(low, GoldenModel(low)(f)["logits"], "margin")[:, :-1].ravel()
+                         for f in fit])
+    assert r1["threshold"] == float(np.quantile(sc, 0.75))
+    assert all(any(np.array_equal(s, f["ids"]) for f in ev + ev2) for s in seen)   # only eval rows scored
+    assert r1["steps"] == 2 * 11 and r1["low_passes"] == 22 and r1["high_passes"] == r1["rerun"]
+    assert r1["low_only"] + r1["rerun"] == 22
+    assert r1["cycles_ratio_vs_low"] == pytest.approx(r1["adaptive"]["cycles_mean"] / r1["low"]["cycles_mean"])
+    assert r1["cycles_ratio_vs_low"] >= 1 + (r1["rerun"] > 0) * 0.01
+    for k in ("low", "high", "adaptive"):
+        assert 0 <= r1[k]["top1"] <= 1 and r1[k]["ppl"] > 1
+
+
+def test_token_generate(pair):
+    """Greedy generation with per-token dispatch: threshold +inf gives the low
+    graph's greedy tokens, -inf the high graph's (every step rerun)."""
+    from hwgen.runtime.driver import greedy_decode
+    from hwgen.golden import GoldenState
+
+    low, high = pair
+
+    def plain(g):
+        gm, st = GoldenModel(g), GoldenState()
+
+        def step(feed, restart, label):
+            if restart:
+                st.reset()
+            return gm({"ids": feed}, st)["logits"]
+        return greedy_decode(step, [1, 2, 3], 8, 24)[0]
+
+    dec = A.TokenAdaptive(low, high, "margin", threshold=math.inf)
+    g = dec.generate([1, 2, 3], 8, 24)
+    assert g["ids"] == plain(low) and g["rerun"] == [] and g["cycles"] == g["cycles_low"]
+    dec.threshold = -math.inf
+    g = dec.generate([1, 2, 3], 8, 24)
+    assert g["ids"] == plain(high) and g["rerun"] == list(range(9))
+    assert g["high_rows"] == 3 + 8   # the prompt once, then one row per step
+
+
+def test_token_errors(pair, bert_block_graph):
+    from hwgen.ir import Graph
+
+    low, high = pair
+    with pytest.raises(A.AdaptiveError, match="per-token check 'saturation'"):
+        A.TokenAdaptive(low, high, "saturation")
+    bert = Graph.load(bert_block_graph)
+    with pytest.raises(A.AdaptiveError, match="no KV-cache attention"):
+        A.TokenAdaptive(bert, bert)
+    with pytest.raises(A.AdaptiveError, match="no held-out inputs"):
+        A.TokenAdaptive(low, high).fit_threshold([], 0.2)

@@ -41,8 +41,9 @@ def add_parsers(sub) -> None:
                    help="kernels (default placement) | cost (place by the cost model of `hwgen plan`, "
                    "profiled on the first request, 200 MHz, 8 GB/s)")
     r.add_argument("--adaptive", metavar="HIGH_BITS",
-                   help="minilm: adaptive precision (hwgen.adaptive): rerun at HIGH_BITS (e.g. w16a16) "
-                   "the sentences whose low pass saturates most; adds an 'adaptive' object")
+                   help="adaptive precision (hwgen.adaptive): rerun at HIGH_BITS (e.g. w8a8) the sentences "
+                   "whose low pass saturates most (minilm) or the generated tokens whose low-pass top-1 "
+                   "margin is smallest (tiny-gpt); adds an 'adaptive' object")
     r.set_defaults(fn=cmd_run)
 
     p = sub.add_parser("plan", help="print the placement table: op, device, predicted time, bytes",
@@ -81,8 +82,6 @@ def cmd_run(args) -> dict:
             raise DriverError(f"{flag} is empty: give at least one character")
     graph = jobs.load_graph(args.model, args.graph, args.bits, say)
     model = jobs._model_of(graph)
-    if args.adaptive and model != "minilm":
-        raise DriverError("--adaptive runs minilm (one precision check per sentence), not " + model)
     tracer = Tracer() if args.trace else None
     if args.policy not in ("kernels", "cost"):
         raise DriverError(f"unknown placement policy '{args.policy}': expected kernels or cost")
@@ -108,7 +107,8 @@ def cmd_run(args) -> dict:
                                   _accel_ops(args), tracer, not args.no_float, say)
     if args.adaptive:
         from ..adaptive import run_adaptive
-        result["adaptive"] = run_adaptive(graph, args.text, args.adaptive, args.batch, say=say)
+        result["adaptive"] = run_adaptive(graph, args.text if model == "minilm" else prompt, args.adaptive,
+                                          args.batch, say=say, max_new_tokens=args.max_new_tokens)
     if tracer is not None:
         result["trace"] = str(tracer.write(args.trace))
         say(f"wrote trace {args.trace} (open in https://ui.perfetto.dev)")
