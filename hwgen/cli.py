@@ -62,7 +62,8 @@ def cmd_quantize(args: argparse.Namespace) -> dict:
     layers = len(bundle.graph.layers)
     say(f"traced {len(bundle.graph.nodes)} ops over {layers} layer(s); calibrating on "
         f"{len(bundle.calib_feeds)} batch(es)")
-    compress = bool(args.prune or args.distill)  # hwgen.distill.compress does both
+    compress = bool(args.prune or args.distill or args.prune_layers is not None
+                    or args.prune_budget is not None)  # hwgen.distill.compress does both
     fixed, fmts = (None, None) if compress else quantize(bundle.graph, bundle.calib_feeds, cfg)
     losses: list[float] = []
     extra: dict = {}
@@ -70,7 +71,8 @@ def cmd_quantize(args: argparse.Namespace) -> dict:
         from .distill import compress as run_compress
 
         fixed, extra = run_compress(bundle, cfg, args.prune, args.distill, args.distill_steps,
-                                    args.qat_steps, args.lr, gradual=args.gradual, say=say)
+                                    args.qat_steps, args.lr, gradual=args.gradual, say=say,
+                                    layers=args.prune_layers, budget=args.prune_budget)
         losses = extra.pop("qat_losses")
     if args.qat_steps and not compress:
         from .qat import QATModel, finetune
@@ -338,6 +340,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--lr", type=float, default=2e-5, help="QAT learning rate (default 2e-5)")
     q.add_argument("--prune", metavar="2:4|block:RATIO|unstructured:RATIO",
                    help="prune the transformer blocks' linears (see README: Compression)")
+    q.add_argument("--prune-layers", metavar="PATTERNS",
+                   help="with --prune: prune only the linears whose names match these comma-separated "
+                   "shell patterns (e.g. '*.attention.output.dense'); the others stay dense")
+    q.add_argument("--prune-budget", type=float, metavar="COS",
+                   help="with --prune: prune the linears chosen by measured sensitivity, as many as keep "
+                   "the float model's mean output cosine >= COS on the calibration inputs")
     q.add_argument("--distill", action="store_true",
                    help="fine-tune against the float model (outputs + hidden states): "
                    "--distill-steps float steps, then --qat-steps QAT steps")

@@ -337,8 +337,14 @@ RECON_SENTENCES = 128
 
 def compress(bundle, cfg, prune: str | None = None, distill_on: bool = False, distill_steps: int = 100,
              qat_steps: int = 0, lr: float = 2e-5, distill_lr: float = 1e-4, cycles_m: int = 128,
-             gradual: bool = False, say: Callable[[str], None] | None = None) -> tuple[Graph, dict]:
+             gradual: bool = False, say: Callable[[str], None] | None = None,
+             layers: str | None = None, budget: float | None = None) -> tuple[Graph, dict]:
     """The ``hwgen quantize --prune ... --distill`` recipe on a model bundle.
+
+    Which linears: all prunable ones, or (layer-selective) those matching
+    ``layers`` (:func:`hwgen.prune.select_linears`, ``--prune-layers``), or those
+    :func:`hwgen.prune.select_by_budget` picks for a float output cosine ``budget``
+    on the calibration inputs (``--prune-budget``); the others stay dense.
 
     Pruning, by default one-shot: masks from activation-aware magnitudes, then
     the kept weights refitted by least squares (:func:`hwgen.prune.reconstruct`,
@@ -349,7 +355,11 @@ def compress(bundle, cfg, prune: str | None = None, distill_on: bool = False, di
     over the fine-tuning steps (:class:`hwgen.prune.GradualPruner`) instead.
     Returns the fixed graph (sparsity recorded, :func:`hwgen.prune.record_sparsity`)
     and the extra JSON keys: ``prune``, ``prune_schedule``, ``sparsity``, ``cycles_m``,
-    ``cycles_dense``, ``cycles_sparse``, ``cycles_ratio``, ``engine``, ``distill``,
+    ``cycles_dense``, ``cycles_sparse``, ``cycles_ratio`` (all prunable linears: the
+    whole model's linears in the blocks), ``engine``, ``prune_selection``, ``linears``,
+    ``linears_pruned``, ``pruned_linears``, ``weight_share``, ``cycles_pruned_dense``,
+    ``cycles_pruned_sparse``, ``cycles_pruned_ratio`` (the pruned linears only),
+    ``sensitivity`` (with ``budget``: the ranking, each row ``chosen`` or not), ``distill``,
     ``distill_steps``, ``distill_loss_first``, ``distill_loss_last``, ``qat_losses``."""
     from . import prune as P
     from .accuracy import qat_loss
@@ -365,14 +375,31 @@ def compress(bundle, cfg, prune: str | None = None, distill_on: bool = False, di
         raise DistillError("--distill needs --distill-steps > 0 or --qat-steps > 0")
     if gradual and not (spec is not None and ((distill_on and distill_steps) or qat_steps)):
         raise DistillError("--gradual needs --prune and fine-tuning steps (--distill or --qat-steps)")
+    if (layers is not None or budget is not None) and spec is None:
+        raise DistillError("--prune-layers and --prune-budget need --prune")
+    if layers is not None and budget is not None:
+        raise DistillError("--prune-layers and --prune-budget exclude each other: name the linears "
+                           "or give a budget")
     folded = prepare(bundle.graph)
-    norms = masks = None
+    norms = masks = names = None
+    ranking = None
     start = folded
     if spec is not None:
         say(f"pruning {spec.name}: activation norms over {len(bundle.calib_feeds)} calibration batch(es)")
         norms = P.activation_norms(folded, bundle.calib_feeds)
+        if layers is not None:
+            names = [n.inputs[1] for n in P.select_linears(folded, layers)]
+        elif budget is not None:
+            say(f"selecting linears for float cosine >= {budget} on the calibration inputs")
+            chosen, ranking = P.select_by_budget(folded, spec, bundle.calib_feeds, budget, norms, say=say)
+            if not chosen:
+                raise DistillError(f"--prune-budget {budget}: pruning any one linear with {spec.name} "
+                                   "already falls below it; lower the budget")
+            names = [n.inputs[1] for n in chosen]
+        if names is not None:
+            say(f"pruning {len(names)} of {len(P.prunable_linears(folded))} linears")
         if not gradual:
-            masks = P.compute_masks(folded, spec, norms)
+            masks = P.compute_masks(folded, spec, norms, names=names)
             say("refitting the kept weights (least squares, layer by layer)")
             start = P.reconstruct(folded, masks, train_feeds(bundle, RECON_SENTENCES), say=say)
     f_losses: list[float] = []
@@ -380,17 +407,17 @@ def compress(bundle, cfg, prune: str | None = None, distill_on: bool = False, di
     if distill_on:
         res = distill(bundle.graph, bundle.kind, bundle.calib_feeds, cfg, spec, norms,
                       float_steps=distill_steps, qat_steps=qat_steps, lr=distill_lr, qat_lr=lr,
-                      train_feeds=train_feeds(bundle), say=say, start=start, masks=masks)
+                      train_feeds=train_feeds(bundle), say=say, start=start, masks=masks, names=names)
         fixed, masks, f_losses, q_losses = res.fixed, res.masks, res.float_losses, res.qat_losses
     elif qat_steps:
-        _, fmts = quantize(start if masks is not None else P.prune(folded, spec, norms)[0]
+        _, fmts = quantize(start if masks is not None else P.prune(folded, spec, norms, names=names)[0]
                            if spec is not None else folded, bundle.calib_feeds, cfg)
         model = QATModel(start, fmts, cfg)
         hook = None
         if masks is not None:
             model.set_masks(masks)
         elif spec is not None:
-            hook = P.GradualPruner(model, spec, qat_steps, norms)
+            hook = P.GradualPruner(model, spec, qat_steps, norms, names=names)
         say(f"QAT: {qat_steps} step(s), lr {lr}" + (f", pruning {spec.name} gradually" if hook else ""))
         q_losses = finetune(model, bundle.calib_feeds, qat_loss(bundle), qat_steps, lr=lr, before_step=hook,
                             progress=lambda i, l: say(f"QAT step {i}/{qat_steps} loss {l:.6f}"))
@@ -402,11 +429,20 @@ def compress(bundle, cfg, prune: str | None = None, distill_on: bool = False, di
     bad = P.mask_violations(fixed, masks)
     if bad:  # cannot happen: zeros quantize to 0; checked so a regression is loud
         raise DistillError(f"{bad} pruned weight(s) have nonzero codes after quantization")
-    rec = P.record_sparsity(fixed, spec, block_k, cols)
+    rec = P.record_sparsity(fixed, spec, block_k, cols, names=names)
     cyc = P.cycle_report(fixed, cycles_m, rows=rows, cols=cols, block_k=block_k)
+    pruned_nodes = [n for n in P.prunable_linears(fixed) if n.name in set(rec["pruned_linears"])]
+    cyp = P.cycle_report(fixed, cycles_m, rows=rows, cols=cols, block_k=block_k, nodes=pruned_nodes)
+    selection = None if spec is None else (f"layers:{layers}" if layers is not None else
+                                           f"budget:{budget}" if budget is not None else "all")
     return fixed, {"prune": spec.name if spec else None,
                    "prune_schedule": None if spec is None else ("gradual" if gradual else "oneshot+refit"),
                    "sparsity": rec["sparsity"], **cyc,
+                   "prune_selection": selection, "linears": rec["linears"],
+                   "linears_pruned": rec["linears_pruned"], "pruned_linears": rec["pruned_linears"],
+                   "weight_share": rec["weight_share"], "cycles_pruned_dense": cyp["cycles_dense"],
+                   "cycles_pruned_sparse": cyp["cycles_sparse"], "cycles_pruned_ratio": cyp["cycles_ratio"],
+                   "sensitivity": ranking,
                    "distill": bool(distill_on), "distill_steps": distill_steps if distill_on else 0,
                    "distill_loss_first": f_losses[0] if f_losses else None,
                    "distill_loss_last": f_losses[-1] if f_losses else None, "qat_losses": q_losses}

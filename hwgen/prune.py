@@ -33,10 +33,20 @@ cycle counts read the bitmap from there (:func:`linear_bitmap`), and
 
 Only linears inside transformer blocks (``node.layer`` set) are pruned by
 default: embeddings, poolers and the language-model head stay dense.
+
+Layer-selective pruning prunes a subset of those linears and leaves the rest
+dense (bitmap all ones): :func:`select_linears` by name patterns (the CLI's
+``--prune-layers``), or :func:`select_by_budget` by measured sensitivity (the
+CLI's ``--prune-budget COS``): :func:`sensitivity` prunes each linear alone and
+measures the mean cosine of the model's output against the dense float model on
+calibration inputs; linears are tried in order of cosine loss per weight
+(cheapest first) and kept while the float model with all kept ones pruned stays
+at mean cosine >= ``COS``.
 """
 from __future__ import annotations
 
 import copy
+import fnmatch
 import re
 from dataclasses import dataclass
 from typing import Iterable
@@ -215,15 +225,21 @@ def mask_for(score: np.ndarray, spec: PruneSpec, fraction: float = 1.0) -> np.nd
 
 def compute_masks(graph: Graph, spec: PruneSpec, norms: dict[str, np.ndarray] | None = None,
                   fraction: float = 1.0, prev: dict[str, np.ndarray] | None = None,
-                  weights: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
-    """Keep masks of every prunable linear's weight (name -> bool K x N).
+                  weights: dict[str, np.ndarray] | None = None,
+                  names: Iterable[str] | None = None) -> dict[str, np.ndarray]:
+    """Keep masks of every prunable linear's weight (name -> bool K x N), or of
+    those whose weight is in ``names`` (layer-selective pruning; the others get
+    no mask and stay dense).
 
     ``weights`` overrides the graph's float weights (QAT's current shadow
     weights); ``prev`` masks make pruning monotone: weights already pruned
     score 0, so they stay pruned while the fraction grows."""
     masks = {}
+    only = None if names is None else set(names)
     for node in prunable_linears(graph):
         name = node.inputs[1]
+        if only is not None and name not in only:
+            continue
         w = (weights or {}).get(name, graph.weights[name])
         s = scores(w, None if norms is None else norms.get(name))
         if prev is not None and name in prev:
@@ -245,11 +261,119 @@ def apply_masks(graph: Graph, masks: dict[str, np.ndarray]) -> Graph:
     return g
 
 
-def prune(graph: Graph, spec: PruneSpec, norms: dict[str, np.ndarray] | None = None
-          ) -> tuple[Graph, dict[str, np.ndarray]]:
-    """One-shot pruning of a float graph: (pruned copy, keep masks)."""
-    masks = compute_masks(graph, spec, norms)
+def prune(graph: Graph, spec: PruneSpec, norms: dict[str, np.ndarray] | None = None,
+          names: Iterable[str] | None = None) -> tuple[Graph, dict[str, np.ndarray]]:
+    """One-shot pruning of a float graph (of the linears whose weight is in
+    ``names``, default all prunable ones): (pruned copy, keep masks)."""
+    masks = compute_masks(graph, spec, norms, names=names)
     return apply_masks(graph, masks), masks
+
+
+# ----------------------------------------------------------------------------
+# layer-selective pruning: by name, or by measured sensitivity
+# ----------------------------------------------------------------------------
+
+def select_linears(graph: Graph, patterns: str) -> list[Node]:
+    """The prunable linears whose node name or weight tensor name matches one of
+    the comma-separated shell patterns (``fnmatch``, case-sensitive), in graph
+    order, e.g. ``"*.intermediate.dense,*.output.dense"`` or
+    ``"encoder.layer.[0-2].*"``. A pattern that matches no prunable linear is an
+    error."""
+    pats = [p.strip() for p in str(patterns).split(",") if p.strip()]
+    lin = prunable_linears(graph)
+    if not pats:
+        raise PruneError("--prune-layers: expected comma-separated patterns of linear names, got "
+                         f"{patterns!r}")
+    def hit(n: Node, p: str) -> bool:
+        return fnmatch.fnmatchcase(n.name, p) or fnmatch.fnmatchcase(n.inputs[1], p)
+
+    for p in pats:
+        if not any(hit(n, p) for n in lin):
+            some = ", ".join(n.name for n in lin[:3])
+            raise PruneError(f"--prune-layers pattern {p!r} matches no linear inside a transformer "
+                             f"block (names look like: {some})")
+    return [n for n in lin if any(hit(n, p) for p in pats)]
+
+
+def _output_cosine(graph: Graph, feeds: list[dict[str, np.ndarray]], ref: list[np.ndarray]) -> np.ndarray:
+    """Per output vector cosine of ``graph``'s float output against ``ref``."""
+    from .accuracy import cosine_rows
+    from .float_exec import run_float
+
+    out = graph.outputs[0]
+    return np.concatenate([cosine_rows(run_float(graph, f)[out].detach().cpu().numpy(), r)
+                           for f, r in zip(feeds, ref)])
+
+
+def _dense_outputs(graph: Graph, feeds: list[dict[str, np.ndarray]]) -> list[np.ndarray]:
+    from .float_exec import run_float
+
+    out = graph.outputs[0]
+    return [run_float(graph, f)[out].detach().cpu().numpy() for f in feeds]
+
+
+def sensitivity(graph: Graph, spec: PruneSpec, feeds: Iterable[dict[str, np.ndarray]],
+                norms: dict[str, np.ndarray] | None = None, nodes: list[Node] | None = None,
+                say=None) -> list[dict]:
+    """Per prunable linear (or ``nodes``): prune it alone (``spec``, one-shot,
+    ``norms``-aware scores, no refit) in the float ``graph`` and measure the
+    cosine of the model's output against the dense float output over ``feeds``
+    (calibration inputs; never the evaluation set). Returns one row per linear,
+    ``name``, ``weight``, ``weights`` (its weight count), ``cosine_mean``,
+    ``cosine_min``, ``drop`` (1 - cosine_mean) and ``drop_per_mweight`` (drop
+    per million weights), sorted cheapest first by ``drop_per_mweight`` (ties:
+    graph order). Deterministic: the same graph and feeds give the same list."""
+    say = say or (lambda m: None)
+    feeds = list(feeds)
+    if not feeds:
+        raise PruneError("sensitivity needs at least one calibration batch")
+    ref = _dense_outputs(graph, feeds)
+    nodes = prunable_linears(graph) if nodes is None else nodes
+    rows = []
+    for i, node in enumerate(nodes):
+        w = node.inputs[1]
+        masks = compute_masks(graph, spec, norms, names=[w])
+        c = _output_cosine(apply_masks(graph, masks), feeds, ref)
+        size = int(graph.weights[w].size)
+        drop = 1.0 - float(c.mean())
+        rows.append({"name": node.name, "weight": w, "weights": size, "cosine_mean": float(c.mean()),
+                     "cosine_min": float(c.min()), "drop": drop, "drop_per_mweight": drop / size * 1e6,
+                     "order": i})
+        say(f"sensitivity {node.name}: cosine {c.mean():.5f}")
+    rows.sort(key=lambda r: (r["drop_per_mweight"], r["order"]))
+    for r in rows:
+        del r["order"]
+    return rows
+
+
+def select_by_budget(graph: Graph, spec: PruneSpec, feeds: Iterable[dict[str, np.ndarray]], budget: float,
+                     norms: dict[str, np.ndarray] | None = None, ranking: list[dict] | None = None,
+                     say=None) -> tuple[list[Node], list[dict]]:
+    """Greedy layer selection under a cosine budget: walk :func:`sensitivity`'s
+    ranking (cheapest first) and add each linear whose pruning, together with
+    the ones already chosen (one-shot, no refit), keeps the float model's mean
+    output cosine against the dense float model over ``feeds`` >= ``budget``;
+    skip it otherwise. Returns (the chosen linears in graph order, the ranking
+    with ``chosen`` and ``cosine_with`` (the combined cosine when it was tried)
+    added)."""
+    if not 0 < budget <= 1:
+        raise PruneError(f"--prune-budget must be a cosine in (0, 1], e.g. 0.99; got {budget}")
+    say = say or (lambda m: None)
+    feeds = list(feeds)
+    ranking = sensitivity(graph, spec, feeds, norms, say=say) if ranking is None else ranking
+    ref = _dense_outputs(graph, feeds)
+    masks: dict[str, np.ndarray] = {}
+    rows = []
+    for r in ranking:
+        trial = {**masks, **compute_masks(graph, spec, norms, names=[r["weight"]])}
+        c = float(_output_cosine(apply_masks(graph, trial), feeds, ref).mean())
+        ok = c >= budget
+        if ok:
+            masks = trial
+        rows.append({**r, "chosen": ok, "cosine_with": c})
+        say(f"budget {budget}: {r['name']} -> {c:.5f} {'chosen' if ok else 'skipped'}")
+    chosen = set(masks)
+    return [n for n in prunable_linears(graph) if n.inputs[1] in chosen], rows
 
 
 # ----------------------------------------------------------------------------
@@ -277,8 +401,9 @@ class GradualPruner:
     ``spec`` sparsity (fraction 1 by ``end * steps``)."""
 
     def __init__(self, model, spec: PruneSpec, steps: int, norms: dict[str, np.ndarray] | None = None,
-                 start: float = 0.0, end: float = 0.5):
+                 start: float = 0.0, end: float = 0.5, names: Iterable[str] | None = None):
         self.model, self.spec, self.steps, self.norms = model, spec, steps, norms
+        self.names = None if names is None else list(names)
         self.start, self.end = start, end
         self.history: list[float] = []
 
@@ -289,7 +414,7 @@ class GradualPruner:
             return
         self.model.set_masks(compute_masks(self.model.graph, self.spec, self.norms, fraction=f,
                                            prev=self.model.masks or None,
-                                           weights=self.model.float_weights()))
+                                           weights=self.model.float_weights(), names=self.names))
         self.history.append(f)
 
 
@@ -309,29 +434,41 @@ def block_bitmap(codes: np.ndarray, block_k: int, block_n: int) -> np.ndarray:
 
 
 def record_sparsity(fixed: Graph, spec: PruneSpec | None, block_k: int = DEFAULT_BLOCK[0],
-                    block_n: int = DEFAULT_BLOCK[1]) -> dict:
+                    block_n: int = DEFAULT_BLOCK[1], names: Iterable[str] | None = None) -> dict:
     """Write ``node.attrs["sparsity"]`` on every prunable linear of a fixed graph
     and ``meta["prune"]`` (the spec and the overall sparsity); returns the latter.
 
-    Per linear: ``pattern`` (spec name or ``"dense"``), ``zeros`` and ``weights``
-    (counts of zero codes and of codes), ``sparsity`` (their ratio),
-    ``block_k``/``block_n`` and ``bitmap`` (a list of rows, 1 = block holds a
-    nonzero code: :func:`block_bitmap` of the codes), ``blocks_empty``."""
+    Per linear: ``pattern`` (spec name, or ``"dense"`` without a spec or for a
+    linear whose weight is not in ``names`` when given: layer-selective
+    pruning), ``zeros`` and ``weights`` (counts of zero codes and of codes),
+    ``sparsity`` (their ratio), ``block_k``/``block_n`` and ``bitmap`` (a list
+    of rows, 1 = block holds a nonzero code: :func:`block_bitmap` of the
+    codes), ``blocks_empty``. ``meta["prune"]`` adds ``pruned_linears`` (node
+    names), ``linears_pruned`` and ``weight_share`` (the pruned linears' share
+    of the prunable linears' weights, i.e. of their MACs per row)."""
     if spec is not None and spec.kind == "block":
         block_k, block_n = spec.block_k, spec.block_n
-    zeros = total = 0
+    only = None if names is None else set(names)
+    zeros = total = share = 0
+    pruned = []
     for node in prunable_linears(fixed):
         codes = fixed.weights[node.inputs[1]]
         bm = block_bitmap(codes, block_k, block_n)
         z = int(np.count_nonzero(codes == 0))
+        on = spec is not None and (only is None or node.inputs[1] in only)
         node.attrs["sparsity"] = {
-            "pattern": spec.name if spec is not None else "dense", "zeros": z, "weights": int(codes.size),
+            "pattern": spec.name if on else "dense", "zeros": z, "weights": int(codes.size),
             "sparsity": z / codes.size, "block_k": block_k, "block_n": block_n,
             "bitmap": bm.tolist(), "blocks_empty": int(bm.size - bm.sum())}
         zeros, total = zeros + z, total + codes.size
+        if on:
+            pruned.append(node.name)
+            share += codes.size
     rec = {**(spec.to_dict() if spec is not None else {"pattern": "dense"}),
            "block_k": block_k, "block_n": block_n,
-           "linears": len(prunable_linears(fixed)), "sparsity": zeros / total if total else 0.0}
+           "linears": len(prunable_linears(fixed)), "sparsity": zeros / total if total else 0.0,
+           "pruned_linears": pruned, "linears_pruned": len(pruned),
+           "weight_share": share / total if total else 0.0}
     fixed.meta["prune"] = rec
     return rec
 

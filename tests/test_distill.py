@@ -139,7 +139,43 @@ def test_cli_gradual(capsys, tmp_path):
         Graph.load(tmp_path / "b"))) == 6
 
 
+def test_cli_prune_layers_selective(capsys, tmp_path):
+    """--prune-layers prunes exactly the named linears; the JSON reports the
+    selection, its weight share and the cycles of the pruned linears and of all."""
+    code, so, _ = run_cli(capsys, "quantize", "--model", "bert-block", "--prune", "block:0.5",
+                          "--prune-layers", "inter,out", "--out", tmp_path / "b", "--json", "--quiet")
+    assert code == 0
+    r = last_json(so)
+    g = Graph.load(tmp_path / "b")
+    lin = P.prunable_linears(g)
+    assert r["prune_selection"] == "layers:inter,out" and r["pruned_linears"] == ["inter", "out"]
+    assert (r["linears_pruned"], r["linears"]) == (2, 6) and r["sensitivity"] is None
+    sizes = {n.name: g.weights[n.inputs[1]].size for n in lin}
+    assert r["weight_share"] == pytest.approx((sizes["inter"] + sizes["out"]) / sum(sizes.values()))
+    for node in lin:
+        bm = np.asarray(node.attrs["sparsity"]["bitmap"])
+        assert bm.all() == (node.name not in ("inter", "out"))
+    assert r["cycles_pruned_ratio"] <= 0.55 and r["cycles_pruned_ratio"] < r["cycles_ratio"] < 1
+
+
+def test_cli_prune_budget(capsys, tmp_path):
+    code, so, _ = run_cli(capsys, "quantize", "--model", "bert-block", "--prune", "block:0.5",
+                          "--prune-budget", "0.999", "--out", tmp_path / "b", "--json", "--quiet")
+    assert code == 0
+    r = last_json(so)
+    assert r["prune_selection"] == "budget:0.999" and len(r["sensitivity"]) == 6
+    assert r["linears_pruned"] >= 1
+    assert sorted(r["pruned_linears"]) == sorted(x["name"] for x in r["sensitivity"] if x["chosen"])
+    g = Graph.load(tmp_path / "b")
+    for node in P.prunable_linears(g):
+        assert (node.attrs["sparsity"]["pattern"] == "dense") == (node.name not in r["pruned_linears"])
+
+
 @pytest.mark.parametrize("argv,msg", [
+    (["--prune-layers", "inter"], "--prune-layers and --prune-budget need --prune"),
+    (["--prune", "2:4", "--prune-layers", "nope*"], "pattern 'nope*' matches no linear"),
+    (["--prune", "2:4", "--prune-layers", "inter", "--prune-budget", "0.9"], "exclude each other"),
+    (["--prune", "2:4", "--prune-budget", "2"], "--prune-budget must be a cosine"),
     (["--prune", "2:4", "--gradual"], "--gradual needs --prune and fine-tuning steps"),
     (["--prune", "block:2"], "RATIO must be between 0 and 1"),
     (["--prune", "5:4"], "N:M needs 1 <= N < M"),

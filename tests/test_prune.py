@@ -266,3 +266,79 @@ def test_rtl_engine_bit_exact_on_pruned_graph_with_recorded_bitmap(pruned):
           f"{cycles} cycles (dense {spec.cycles(m)})")
     assert mismatches == 0
     assert cycles == spec.cycles(m, bm) < spec.cycles(m)
+
+
+# ---------------------------------------------------------------- layer-selective pruning
+
+def test_select_linears_by_pattern():
+    from conftest import build_tiny_decoder
+
+    g = build_tiny_decoder()
+    got = P.select_linears(g, "L0.fc*, L1.q.w")          # weight names (or node names) match
+    assert [n.inputs[1] for n in got] == ["L0.fc1.w", "L0.fc2.w", "L1.q.w"]
+    assert [n.inputs[1] for n in P.select_linears(g, "n4.linear")] == ["L0.q.w"]
+    with pytest.raises(P.PruneError, match="pattern 'L9.*' matches no linear"):
+        P.select_linears(g, "L0.q.w,L9.*")
+    with pytest.raises(P.PruneError, match="expected comma-separated patterns"):
+        P.select_linears(g, " , ")
+    with pytest.raises(P.PruneError, match="matches no linear"):   # the LM head is not prunable
+        P.select_linears(g, "head.w")
+
+
+def test_selective_prune_leaves_other_linears_dense(tiny_decoder, one_torch_thread):
+    """Only the named linears are pruned; every other linear keeps all its
+    blocks (bitmap all ones) and is recorded as dense."""
+    spec = P.PruneSpec.parse("block:0.5", block_k=4, block_n=4)
+    folded = prepare(tiny_decoder)
+    names = [n.inputs[1] for n in P.select_linears(folded, "L0.fc*,L1.o.w")]
+    g, masks = P.prune(folded, spec, P.activation_norms(folded, tiny_decoder_feeds(1)), names=names)
+    assert set(masks) == set(names)
+    fixed, _ = quantize(g, tiny_decoder_feeds(), QuantConfig.from_bits("w8a8"))
+    rec = P.record_sparsity(fixed, spec, names=names)
+    total = sum(fixed.weights[n.inputs[1]].size for n in P.prunable_linears(fixed))
+    for node in P.prunable_linears(fixed):
+        r = node.attrs["sparsity"]
+        bm = np.asarray(r["bitmap"])
+        if node.inputs[1] in names:
+            assert r["pattern"] == "block:0.5" and r["blocks_empty"] == round(0.5 * bm.size)
+        else:
+            assert r["pattern"] == "dense" and bm.all() and r["blocks_empty"] == 0
+    assert rec["linears_pruned"] == 3 and rec["linears"] == 12
+    assert rec["pruned_linears"] == [n.name for n in P.prunable_linears(fixed) if n.inputs[1] in names]
+    assert rec["weight_share"] == pytest.approx(sum(fixed.weights[n].size for n in names) / total)
+    assert P.check_sparsity(fixed) == 12
+    # cycles: only the pruned linears save any
+    pruned_nodes = [n for n in P.prunable_linears(fixed) if n.inputs[1] in names]
+    other = [n for n in P.prunable_linears(fixed) if n.inputs[1] not in names]
+    assert P.cycle_report(fixed, 16, 4, 4, 4, nodes=other)["cycles_ratio"] == 1.0
+    assert P.cycle_report(fixed, 16, 4, 4, 4, nodes=pruned_nodes)["cycles_ratio"] < 0.6
+
+
+def test_sensitivity_ranking_deterministic_and_budget(tiny_decoder, one_torch_thread):
+    """The ranking is the same on a second run, sorted by cosine loss per
+    weight; the budget's choice keeps the measured combined cosine >= budget
+    and prunes exactly the linears it reports as chosen."""
+    spec = P.PruneSpec.parse("block:0.5", block_k=4, block_n=4)
+    folded = prepare(tiny_decoder)
+    feeds = tiny_decoder_feeds(2)
+    norms = P.activation_norms(folded, feeds)
+    a = P.sensitivity(folded, spec, feeds, norms)
+    b = P.sensitivity(folded, spec, feeds, norms)
+    assert a == b and len(a) == 12
+    key = [r["drop_per_mweight"] for r in a]
+    assert key == sorted(key) and all(r["drop"] == pytest.approx(1 - r["cosine_mean"]) for r in a)
+    budget = float(np.median([r["cosine_mean"] for r in a]))   # some, not all, fit
+    chosen, rows = P.select_by_budget(folded, spec, feeds, budget, norms, ranking=a)
+    assert [r["name"] for r in rows] == [r["name"] for r in a]
+    assert {n.name for n in chosen} == {r["name"] for r in rows if r["chosen"]}
+    assert 0 < len(chosen) < 12
+    assert all(r["cosine_with"] >= budget for r in rows if r["chosen"])
+    assert all(r["cosine_with"] < budget for r in rows if not r["chosen"])
+    # the combined cosine of the chosen set is the last accepted one, >= budget
+    g, _ = P.prune(folded, spec, norms, names=[n.inputs[1] for n in chosen])
+    ref = P._dense_outputs(folded, feeds)
+    assert float(P._output_cosine(g, feeds, ref).mean()) == pytest.approx(
+        [r["cosine_with"] for r in rows if r["chosen"]][-1], abs=1e-12)
+    assert P.select_by_budget(folded, spec, feeds, 1e-9, norms, ranking=a)[0] == P.prunable_linears(folded)
+    with pytest.raises(P.PruneError, match="--prune-budget must be a cosine"):
+        P.select_by_budget(folded, spec, feeds, 1.5, norms, ranking=a)
