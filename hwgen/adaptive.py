@@ -15,8 +15,15 @@ W16A16, or a block-sparse and a dense W8A8) and one *check*, a number per input
 
 An input whose score exceeds ``threshold`` is run again on the high graph and
 takes its outputs from there. :meth:`AdaptiveRunner.fit_threshold` picks the
-threshold on *calibration* inputs as the score quantile that reruns a given
-fraction (the evaluation inputs are never used for that).
+threshold on held-out inputs as the score quantile that reruns a given
+fraction (neither the calibration nor the evaluation inputs are used for that).
+
+:class:`TokenAdaptive` does the same per decoded token of a KV-cache decoder
+(tiny-gpt): the low graph runs every step, the ``margin`` or ``entropy`` of that
+step's own logits decides, and a rerun step is the high graph's step, its KV
+cache caught up lazily (one pass over the positions it has not seen).
+:func:`evaluate_token_adaptive` is its report and :func:`bench` the
+``make bench`` target (tiny-gpt W4A8 with QAT / W8A8).
 
 Cycles are the engines' own counts per input (:func:`graph_cycles`): each
 linear on the RTL matmul engine (:meth:`hwgen.rtl.matmul.MatmulSpec.cycles`
@@ -26,7 +33,8 @@ model (:class:`hwgen.runtime.cost.CycleModel`, AttentionEngine cycles per head).
 An input that is rerun costs its low pass plus its high pass.
 
 The host driver calls :meth:`AdaptiveRunner.run` (outputs, which rows were
-rerun, their scores and cycles); :func:`evaluate_adaptive` is the report:
+rerun, their scores and cycles) or :meth:`TokenAdaptive.generate` (``hwgen run
+--adaptive``); :func:`evaluate_adaptive` is the per-input report:
 how often each graph ran, cycles, and accuracy of low, high and adaptive.
 """
 from __future__ import annotations
@@ -243,7 +251,8 @@ class AdaptiveRunner:
 
     def fit_threshold(self, feeds: list[dict], rerun_fraction: float) -> float:
         """Set (and return) the threshold that reruns ``rerun_fraction`` of the
-        rows of ``feeds`` (calibration inputs), the score quantile."""
+        rows of ``feeds`` (held-out inputs: neither calibration nor evaluation), the
+        score quantile."""
         if not 0 <= rerun_fraction <= 1:
             raise AdaptiveError(f"rerun fraction must be in [0, 1], got {rerun_fraction}")
         s = np.concatenate([self.low_pass(f)[1] for f in feeds])
@@ -535,16 +544,24 @@ def evaluate_token_adaptive(eval_feeds: list[dict], low: Graph, high: Graph, fit
     acc = {k: {"nll": 0.0, "hits": 0} for k in ("low", "high", "adaptive")}
     cyc = {"low": [], "high": [], "adaptive": []}
     steps = reruns = high_rows = windows = 0
+    paired = {"disagree": 0, "kept_low_right_high_wrong": 0, "kept_low_wrong_high_right": 0,
+              "rerun_low_right_high_wrong": 0, "rerun_low_wrong_high_right": 0}
     t0 = time.perf_counter()
     for i, feed in enumerate(eval_feeds):
         ids = np.asarray(feed[low.inputs[0]], dtype=np.int64)
         run = dec.score_ids(ids)
         # the high graph alone: one pass per window (the same integers as decoding it step by step)
         yh = dequantize(high, high.outputs[0], gh(feed)[high.outputs[0]])[:, :-1]
+        hits = {}
         for key, y in (("low", run.low_logits), ("high", yh), ("adaptive", run.logits)):
-            nll, hit = _nll_correct(y, ids)
+            nll, hits[key] = _nll_correct(y, ids)
             acc[key]["nll"] += float(nll.sum())
-            acc[key]["hits"] += int(hit.sum())
+            acc[key]["hits"] += int(hits[key].sum())
+        lo_ok, hi_ok = hits["low"], hits["high"]
+        paired["disagree"] += int((run.low_logits.argmax(-1) != yh.argmax(-1)).sum())
+        for where, m in (("kept", ~run.rerun), ("rerun", run.rerun)):
+            paired[f"{where}_low_right_high_wrong"] += int((m & lo_ok & ~hi_ok).sum())
+            paired[f"{where}_low_wrong_high_right"] += int((m & ~lo_ok & hi_ok).sum())
         t_len = ids.shape[1]
         cyc["low"] += run.cycles_low.tolist()
         cyc["high"] += [sum(dec.cycles_high.step(1, t) for t in range(t_len - 1))] * len(ids)
@@ -564,6 +581,13 @@ def evaluate_token_adaptive(eval_feeds: list[dict], low: Graph, high: Graph, fit
         res[key] = {"top1": acc[key]["hits"] / steps, "ppl": math.exp(acc[key]["nll"] / steps),
                     "cycles_mean": float(np.mean(cyc[key]))}
     res["cycles_ratio_vs_low"] = res["adaptive"]["cycles_mean"] / res["low"]["cycles_mean"]
+    # adaptive - high top-1 = (kept steps the low graph alone got right) - (kept steps only the high
+    # graph got right), over all steps; one standard deviation of that difference if the kept
+    # disagreements were coin flips: sqrt(their count) / steps
+    res["paired"] = paired
+    res["adaptive_minus_high_top1"] = res["adaptive"]["top1"] - res["high"]["top1"]
+    res["paired_noise_top1"] = math.sqrt(paired["kept_low_right_high_wrong"]
+                                         + paired["kept_low_wrong_high_right"]) / steps
     res["target_cycles_lt_1.3x"] = res["cycles_ratio_vs_low"] < 1.3
     res["target_accuracy_of_high"] = res["adaptive"]["top1"] >= res["high"]["top1"]
     return res
@@ -640,19 +664,21 @@ def low_graph(bundle, bits: str = "w4a8", qat_steps: int = LOW_QAT_STEPS, lr: fl
                          progress=lambda i, l: say(f"QAT step {i} loss {l:.5f}") if i % 25 == 0 else None)
         fixed = model.export()
     fixed.name = bundle.name
-    fixed.meta.update(kind=bundle.kind, bits=bits + (f"+qat{qat_steps}" if qat_steps else ""))
+    fixed.meta.update(model=bundle.name, kind=bundle.kind, bits=bits + (f"+qat{qat_steps}" if qat_steps else ""))
     return fixed
 
 
 def bench(quick: bool = False, say=lambda m: None, qat_steps: int = LOW_QAT_STEPS,
-          check: str = TOKEN_CHECK, rerun_fraction: float = TOKEN_RERUN_FRACTION) -> dict:
+          check: str = TOKEN_CHECK, rerun_fraction: float = TOKEN_RERUN_FRACTION,
+          save_low: str | None = None) -> dict:
     """The adaptive-precision target of ``make bench`` (called by
     :func:`hwgen.distill.bench`): tiny-gpt, low W4A8 with QAT (:func:`low_graph`),
     high W8A8 (post-training), per-token ``check`` with the threshold fitted for
     ``rerun_fraction`` on :func:`heldout_windows`, evaluated on every evaluation
     window (:func:`evaluate_token_adaptive`). Adds ``model``, ``wall_s`` and the
     target booleans ``target_cycles_lt_1.3x`` and ``target_accuracy_of_high``.
-    ``quick``: 3 QAT steps and the first two evaluation batches (a smoke run)."""
+    ``quick``: 3 QAT steps and the first two evaluation batches (a smoke run);
+    ``save_low``: a directory the low graph is saved to (``hwgen run --graph``)."""
     import time
 
     from . import zoo
@@ -661,6 +687,8 @@ def bench(quick: bool = False, say=lambda m: None, qat_steps: int = LOW_QAT_STEP
     t0 = time.perf_counter()
     bundle = zoo.load("tiny-gpt")
     low = low_graph(bundle, "w4a8", 3 if quick else qat_steps, say=say)
+    if save_low:
+        low.save(save_low)
     high = quantize(bundle.graph, bundle.calib_feeds, QuantConfig.from_bits("w8a8"))[0]
     high.meta.update(kind=bundle.kind, bits="w8a8")
     evals = bundle.eval_feeds[:2] if quick else bundle.eval_feeds

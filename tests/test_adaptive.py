@@ -291,3 +291,19 @@ def test_token_errors(pair, bert_block_graph):
         A.TokenAdaptive(bert, bert)
     with pytest.raises(A.AdaptiveError, match="no held-out inputs"):
         A.TokenAdaptive(low, high).fit_threshold([], 0.2)
+
+
+def test_token_report_paired_counts(pair):
+    """adaptive - high top-1 is exactly the kept steps' paired disagreements."""
+    low, high = pair
+    fit = tiny_decoder_feeds(2, b=3, seed=21)
+    ev = tiny_decoder_feeds(2, b=3, seed=22)
+    r = A.evaluate_token_adaptive(ev, low, high, fit, "margin", 0.3)
+    p = r["paired"]
+    n = r["steps"]
+    assert r["adaptive_minus_high_top1"] == pytest.approx(
+        (p["kept_low_right_high_wrong"] - p["kept_low_wrong_high_right"]) / n)
+    assert r["low"]["top1"] - r["high"]["top1"] == pytest.approx(
+        (p["kept_low_right_high_wrong"] + p["rerun_low_right_high_wrong"]
+         - p["kept_low_wrong_high_right"] - p["rerun_low_wrong_high_right"]) / n)
+    assert p["disagree"] >= sum(v for k, v in p.items() if k != "disagree")
