@@ -14,7 +14,7 @@ activation image of run ``r``, :meth:`MatmulSpec.pack_x`). Config:
    own speed. The run's cycles = the cycle in which ``done`` is high,
    counting the cycle in which ``start`` is sampled as 0
    (``MatmulSpec.cycles``'s definition);
-3. read ``out_words`` words through ``o_rd`` (data one cycle after addr).
+3. read ``out_words`` words through ``o_rd`` (data ``out_read_latency`` cycles after addr).
 
 The words read are returned in ``outputs.npz`` (``out_<r>``, hex); the host
 unpacks them with :meth:`MatmulSpec.unpack_out` and compares every code.
@@ -74,11 +74,13 @@ async def _first_done(dut):
     await RisingEdge(dut.done)
 
 
-async def read_out(dut, n: int) -> list[int]:
+async def read_out(dut, n: int, latency: int) -> list[int]:
+    """Words 0 .. n-1 of ``out``, one address per cycle, each word ``latency``
+    cycles after its address (the engine's read latency, from its manifest)."""
     edge = RisingEdge(dut.clk)
     ro = ReadOnly()
     words = []
-    for c in range(n + 1):
+    for c in range(n + latency):
         await edge
         if c < n:
             dut.o_rd__addr.value = c
@@ -86,7 +88,7 @@ async def read_out(dut, n: int) -> list[int]:
         else:
             dut.o_rd__en.value = 0
         await ro
-        if c >= 1:
+        if c >= latency:
             words.append(_u(dut.o_rd__data))
     return words
 
@@ -110,7 +112,7 @@ async def bench(dut):
         t2 = time.perf_counter()
         cyc = await run_to_done(dut, run["m"], run["max_cycles"])
         t3 = time.perf_counter()
-        words = await read_out(dut, run["out_words"])
+        words = await read_out(dut, run["out_words"], cfg["out_read_latency"])
         t4 = time.perf_counter()
         outs[f"out_{r}"] = hex_words(words)
         run_cycles.append(cyc)

@@ -8,11 +8,12 @@ Every function returns the bench's result dict (``mismatches`` first) from
 from __future__ import annotations
 
 import numpy as np
-from amaranth.back import verilog as amaranth_verilog
 
 from hwgen import contract as C
 from hwgen.fixed import requantize
 from hwgen.rtl import PEArray, Requant
+from hwgen.rtl import verilog as hdl_verilog
+from hwgen.rtl.buffer import READ_LATENCY
 
 from .protocol import layout_fields
 from .runner import run_bench
@@ -20,7 +21,7 @@ from .runner import run_bench
 
 def to_verilog(component, top: str) -> str:
     """Amaranth's Verilog of ``component`` with module name ``top``."""
-    return amaranth_verilog.convert(component, name=top, emit_src=False)
+    return hdl_verilog.convert(component, name=top, emit_src=False)
 
 
 def _stream_fields(component, port: str) -> list[dict]:
@@ -31,11 +32,12 @@ def _stream_fields(component, port: str) -> list[dict]:
 
 def pe_array_bench(rows: int, cols: int, a_width: int, b_width: int, acc_width: int,
                    tiles: list[tuple[np.ndarray, np.ndarray]], sim: str = "verilator",
-                   valid_prob: float = 1.0, ready_prob: float = 1.0, seed: int = 0,
+                   valid_prob: float = 1.0, seed: int = 0,
                    waves: bool = False, component=None, say=lambda msg: None, **kw) -> dict:
-    """Stream ``tiles`` (``(A[rows x K], B[K x cols])``) through a PEArray; the
-    expected accumulators are ``contract.matmul_int(A, B)``. ``component``
-    replaces the PEArray (the mutation test passes a wrong variant)."""
+    """Stream ``tiles`` (``(A[rows x K], B[K x cols])``) through a PEArray with
+    random bubbles (``valid_prob``); the expected accumulators are
+    ``contract.matmul_int(A, B)``. ``component`` replaces the PEArray (the
+    mutation test passes a wrong variant)."""
     dut = component if component is not None else PEArray(rows, cols, a_width, b_width, acc_width)
     a = np.concatenate([np.asarray(t[0]).T for t in tiles]).astype(np.int64)
     b = np.concatenate([np.asarray(t[1]) for t in tiles]).astype(np.int64)
@@ -44,7 +46,7 @@ def pe_array_bench(rows: int, cols: int, a_width: int, b_width: int, acc_width: 
                                1 << (a_width + b_width)) for t in tiles])
     cfg = {"rows": rows, "cols": cols, "i": "i", "o": "o",
            "i_fields": _stream_fields(dut, "i"), "o_fields": _stream_fields(dut, "o"),
-           "valid_prob": valid_prob, "ready_prob": ready_prob, "seed": seed,
+           "valid_prob": valid_prob, "seed": seed, "min_tile_gap": dut.min_tile_gap,
            "max_cycles": 20 * (int(k.sum()) + len(tiles) * (rows + 2)) + 1000}
     top = f"pe_array_{rows}x{cols}"
     res = run_bench(to_verilog(dut, top), top, "sim.bench_pe_array",
@@ -111,7 +113,8 @@ def matmul_bench(spec, x, w: np.ndarray, bias=None, shift=None, bitmap=None,
     if verilog is None:
         dut = component if component is not None else MatmulEngine(spec)
         verilog = to_verilog(dut, top)
-    cfg = {"buffers": [b for b in IN_BUFFERS if b != "a" and images.get(b)], "runs": runs}
+    cfg = {"buffers": [b for b in IN_BUFFERS if b != "a" and images.get(b)], "runs": runs,
+           "out_read_latency": READ_LATENCY}
     res = run_bench(verilog, top, "sim.bench_matmul", vectors, cfg, sim=sim, waves=waves, say=say, **kw)
     outs = res.pop("outputs", {})
     cmp = Comparison()

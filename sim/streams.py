@@ -14,6 +14,12 @@ valid/ready/payload. A transfer is a cycle whose sampled ``valid`` and
 new beat with probability ``valid_prob`` (once offered, a beat stays valid
 and unchanged until taken, as ``lib.stream`` requires), a monitor raises
 ``ready`` with probability ``ready_prob`` each cycle.
+
+A stream declared ``always_ready`` has no ``x__ready`` port: the driver then
+counts every offered beat as taken, and the monitor records every valid beat
+(its ``ready_prob`` must be 1). A driver's ``may_offer(index, cycle)``, when
+given, can hold a beat back (a producer's own pacing rule, e.g. the PE
+array's gap between tile ends).
 """
 from __future__ import annotations
 
@@ -80,12 +86,12 @@ class StreamDriver:
     """Drives ``<prefix>__valid`` / ``__payload`` from a list of payload ints."""
 
     def __init__(self, dut, prefix: str, words: Sequence[int], rng: random.Random,
-                 valid_prob: float = 1.0):
+                 valid_prob: float = 1.0, may_offer: Callable[[int, int], bool] | None = None):
         self.valid = getattr(dut, f"{prefix}__valid")
-        self.ready = getattr(dut, f"{prefix}__ready")
+        self.ready = getattr(dut, f"{prefix}__ready", None)   # None: always ready
         self.payload = getattr(dut, f"{prefix}__payload", None)
         self.words = list(words)
-        self.rng, self.valid_prob = rng, valid_prob
+        self.rng, self.valid_prob, self.may_offer = rng, valid_prob, may_offer
         self.sent = 0            # beats transferred
         self.offered = False     # the current beat is on the port
         self.transfer_cycles: list[int] = []
@@ -97,7 +103,8 @@ class StreamDriver:
 
     def drive(self, cycle: int) -> None:
         if not self.offered and self.sent < len(self.words) and (
-                self.valid_prob >= 1.0 or self.rng.random() < self.valid_prob):
+                self.valid_prob >= 1.0 or self.rng.random() < self.valid_prob) and (
+                self.may_offer is None or self.may_offer(self.sent, cycle)):
             if self.payload is not None:
                 self.payload.value = self.words[self.sent]
             self.valid.value = 1
@@ -106,7 +113,7 @@ class StreamDriver:
             self.valid.value = 0
 
     def sample(self, cycle: int) -> None:
-        if self.offered and _u(self.ready):
+        if self.offered and (self.ready is None or _u(self.ready)):
             self.transfer_cycles.append(cycle)
             self.sent += 1
             self.offered = False
@@ -117,15 +124,21 @@ class StreamMonitor:
 
     def __init__(self, dut, prefix: str, rng: random.Random, ready_prob: float = 1.0):
         self.valid = getattr(dut, f"{prefix}__valid")
-        self.ready = getattr(dut, f"{prefix}__ready")
+        self.ready = getattr(dut, f"{prefix}__ready", None)   # None: always ready
         self.payload = getattr(dut, f"{prefix}__payload", None)
         self.rng, self.ready_prob = rng, ready_prob
         self.words: list[int] = []
         self.transfer_cycles: list[int] = []
-        self._ready = False
-        self.ready.value = 0
+        self._ready = self.ready is None
+        if self.ready is None:
+            if ready_prob < 1.0:
+                raise ValueError(f"{prefix} is always ready: ready_prob must be 1, got {ready_prob}")
+        else:
+            self.ready.value = 0
 
     def drive(self, cycle: int) -> None:
+        if self.ready is None:
+            return
         r = self.ready_prob >= 1.0 or self.rng.random() < self.ready_prob
         if r != self._ready:
             self.ready.value = int(r)

@@ -1,16 +1,16 @@
 """The PE array's multiplier mapping for FPGA timing closure (hwgen.rtl.pe_array:
 PEMapping, RegisteredMul, MULT18X18D, FabricMul): arrays that mix DSP-twin and
 fabric multipliers stay bit-exact against ``contract.matmul_int`` in Amaranth's
-simulator (random tiles, extreme codes, backpressure) with the documented cycle
+simulator (random tiles, extreme codes, bubbles) with the documented cycle
 counts; the synthesis netlist instantiates MULT18X18D with its registers for
 exactly the PEs the mapping gives DSPs."""
 import re
 
 import numpy as np
 import pytest
-from amaranth.back import verilog
 from test_rtl_matmul import _mismatches, _rand_tile, run_tiles
 
+from hwgen.rtl import verilog as hdl_verilog
 from hwgen.rtl.pe_array import (MUL_STAGES, PIPE, FabricMul, PEArray, PEMapping, RTLError,
                                 pe_kinds)
 
@@ -19,13 +19,14 @@ from hwgen.rtl.pe_array import (MUL_STAGES, PIPE, FabricMul, PEArray, PEMapping,
 def test_mixed_mapping_bit_exact(dsp):
     """dsp=0: every PE a fabric multiplier; dsp=5 of 12: five DSP twins, seven
     fabric. Random tiles of K = 1, 2, 7, 9, all-(-128) corners (the largest
-    product) and random valid/ready gaps."""
+    product) and random bubbles."""
     rng = np.random.default_rng(dsp)
     dut = PEArray(3, 4, 8, 8, 24, mapping=PEMapping(dsp=dsp, instances=False))
     tiles = [_rand_tile(rng, 3, 4, k) for k in (1, 2, 7, 9)]
     tiles.append((np.full((3, 5), -128), np.full((5, 4), -128)))
     tiles.append((np.full((3, 3), 127), np.full((3, 4), -128)))
-    got, per_tile, _ = run_tiles(dut, tiles, in_gap=0.3, out_stall=0.3, seed=dsp)
+    got, per_tile, _, overrun = run_tiles(dut, tiles, in_gap=0.3, seed=dsp)
+    assert not overrun
     bad = _mismatches(got, tiles)
     print(f"[pe 3x4 dsp={dsp}] mismatches {bad}")
     assert bad == 0
@@ -37,7 +38,7 @@ def test_mixed_mapping_cycles_and_odd_widths():
     rng = np.random.default_rng(7)
     dut = PEArray(2, 3, 5, 3, 16, mapping=PEMapping(dsp=2, instances=False))
     a, b = rng.integers(-16, 16, (2, 6)), rng.integers(-4, 4, (6, 3))
-    got, per_tile, _ = run_tiles(dut, [(a, b)])
+    got, per_tile, _, _ = run_tiles(dut, [(a, b)])
     assert _mismatches(got, [(a, b)]) == 0
     assert per_tile[0] == PEArray.cycles(6, 2) == 6 + 2 + PEArray.LATENCY - 1
     assert PEArray.LATENCY == PIPE + 1 == MUL_STAGES + 2
@@ -52,7 +53,6 @@ def test_fabric_mul_exhaustive_4x4():
     out = []
 
     async def tb(ctx):
-        ctx.set(dut.ce, 1)
         for n in range(len(pairs) + MUL_STAGES):
             if n < len(pairs):
                 ctx.set(dut.a, pairs[n][0])
@@ -73,17 +73,20 @@ def test_fabric_mul_exhaustive_4x4():
 
 def test_netlist_instances():
     """With a platform mapping of 3 DSPs, the Verilog has exactly 3 MULT18X18D
-    with input and output registers on CLK0/CE0, and no `*` left in the fabric PEs."""
+    with input and output registers on CLK0/CE0, and no `*` left in the fabric PEs;
+    the flags' fan-out copies carry `keep` (hwgen.impl keeps them apart)."""
     class Plat:
         pe_mapping = PEMapping(dsp=3)
 
-    text = verilog.convert(PEArray(2, 3, 8, 8, 24), name="top", platform=Plat())
+    text = hdl_verilog.convert(PEArray(2, 3, 8, 8, 24), name="top", platform=Plat())
     cells = re.findall(r"MULT18X18D #\((.*?)\) dsp \(", text, re.S)
     assert len(cells) == 3
     for c in cells:
         for r in ("INPUTA", "INPUTB", "OUTPUT"):
             assert f'.REG_{r}_CLK("CLK0")' in c and f'.REG_{r}_CE("CE0")' in c
         assert "REG_PIPELINE" not in c
+    kept = [re.search(r"reg (\w+)", d).group(1) for d in text.split(";") if "keep" in d and " reg " in d]
+    assert sorted(k for k in kept if k.startswith("first3_")) == [f"first3_{i}_{j}" for i in range(2) for j in range(3)]
     assert pe_kinds(2, 3, 8, 8, Plat.pe_mapping) == [["dsp"] * 3, ["fabric"] * 3]
     assert pe_kinds(2, 3, 24, 8, Plat.pe_mapping) == [["dsp"] * 3] * 2  # wider than 18 bits
 

@@ -15,6 +15,7 @@ from hwgen.fixed import FixedType, requantize
 from hwgen.golden import GoldenModel, frac_of
 from hwgen.quant import QuantConfig, quantize
 from hwgen.rtl import PEArray, Requant, RTLError, ShiftRequant
+from hwgen.rtl import verilog as hdl_verilog
 from hwgen.rtl.requant import shift_code
 
 INT8 = FixedType(8, 8, True)
@@ -24,11 +25,15 @@ INT8 = FixedType(8, 8, True)
 # a testbench that streams tiles through a PEArray
 # ----------------------------------------------------------------------------
 
-def run_tiles(dut: PEArray, tiles, in_gap=0.0, out_stall=0.0, seed=0):
+def run_tiles(dut: PEArray, tiles, in_gap=0.0, seed=0, gap=None, lenient=False):
     """Stream ``tiles`` (a list of (A[rows x K], B[K x cols])) through ``dut``
-    back to back. ``in_gap`` / ``out_stall``: probability that a cycle has
-    ``i.valid`` / ``o.ready`` low. Returns (C tiles, per-tile cycles from
-    first accepted beat to last row taken, total cycles first beat .. last row)."""
+    back to back, as a producer that keeps the array's rule: a ``last`` beat is
+    held back until ``gap`` (default ``dut.min_tile_gap``) cycles after the
+    previous one. ``in_gap``: probability that a cycle is a bubble
+    (``i.valid`` low). Returns (C tiles, per-tile cycles from first beat to
+    last row, total cycles first beat .. last row, final ``overrun``).
+    ``lenient``: stop after the last beat's drain time instead of waiting for
+    every tile's rows (a rule-breaking producer loses rows)."""
     rng = np.random.default_rng(seed)
     beats = []
     for t, (a, b) in enumerate(tiles):
@@ -40,19 +45,22 @@ def run_tiles(dut: PEArray, tiles, in_gap=0.0, out_stall=0.0, seed=0):
     start, end, rows_seen = {}, {}, [0] * len(tiles)
     state = {"cycles": 0}
 
+    gap = dut.min_tile_gap if gap is None else gap
+
     async def tb(ctx):
-        nb, tile_out, cyc = 0, 0, 0
-        while tile_out < len(tiles):
+        nb, tile_out, cyc, prev_last = 0, 0, 0, -(1 << 30)
+        while (tile_out < len(tiles) if not lenient
+               else nb < len(beats) or cyc < prev_last + PEArray.LATENCY + dut.rows + 2):
             valid = nb < len(beats) and rng.random() >= in_gap
+            if valid and beats[nb][1]["last"]:
+                valid = cyc - prev_last >= gap
+                prev_last = cyc if valid else prev_last
             ctx.set(dut.i.valid, valid)
             if valid:
                 ctx.set(dut.i.payload, beats[nb][1])
-            ready = rng.random() >= out_stall
-            ctx.set(dut.o.ready, ready)
-            if valid and ctx.get(dut.i.ready):
                 start.setdefault(beats[nb][0], cyc)
                 nb += 1
-            if ready and ctx.get(dut.o.valid):
+            if ctx.get(dut.o.valid) and not lenient:
                 p = ctx.get(dut.o.payload)
                 assert p.row == rows_seen[tile_out], "rows out of order"
                 got[tile_out][p.row] = [int(v) for v in p.data]
@@ -65,13 +73,16 @@ def run_tiles(dut: PEArray, tiles, in_gap=0.0, out_stall=0.0, seed=0):
             cyc += 1
             assert cyc < 100_000, "simulation hung"
         state["cycles"] = cyc
+        state["overrun"] = ctx.get(dut.overrun)
 
     sim = Simulator(dut)
     sim.add_clock(1e-8)
     sim.add_testbench(tb)
     sim.run()
+    if lenient:
+        return got, [], 0, state["overrun"]
     per_tile = [end[t] - start[t] + 1 for t in range(len(tiles))]
-    return got, per_tile, end[len(tiles) - 1] - start[0] + 1
+    return got, per_tile, end[len(tiles) - 1] - start[0] + 1, state["overrun"]
 
 
 def _mismatches(got, tiles):
@@ -111,9 +122,9 @@ def test_pe_array_random_int8_k37():
     # the extreme tile (every product +2**14) next to a random one
     worst = (np.full((4, k), -128), np.full((k, 4), -128))
     tiles = [_rand_tile(rng, 4, 4, k), worst]
-    got, per_tile, _ = run_tiles(dut, tiles[:1])
+    got, per_tile, _, _ = run_tiles(dut, tiles[:1])
     bad = _mismatches(got, tiles[:1])
-    got2, _, _ = run_tiles(dut, tiles[1:])
+    got2, *_ = run_tiles(dut, tiles[1:])
     bad += _mismatches(got2, tiles[1:])
     assert got2[0][0, 0] == k * 2 ** 14
     print(f"\n[pe 4x4 K={k}] {2 * 16} accumulators, mismatches {bad}; "
@@ -123,39 +134,53 @@ def test_pe_array_random_int8_k37():
 
 
 def test_pe_array_back_to_back_throughput():
-    """Tiles with K >= rows + 1 (the documented no-gap condition, which
-    MatmulSpec.min_beats relies on) stream with no gap ((n-1)*K +
-    cycles(K) in all, one MAC per PE per cycle); shorter tiles stall but stay exact."""
+    """Tiles with K >= rows (PEArray.min_tile_gap, which MatmulSpec.min_beats
+    relies on) stream with no gap ((n-1)*K + cycles(K) in all, one MAC per PE
+    per cycle); shorter tiles need bubbles from the producer but stay exact."""
     rng = np.random.default_rng(2)
     dut = PEArray(4, 4, 8, 8, 21)
-    k, n = 4 + 1, 6
+    assert dut.min_tile_gap == 4
+    k, n = 4, 6
     tiles = [_rand_tile(rng, 4, 4, k) for _ in range(n)]
-    got, _, total = run_tiles(dut, tiles)
+    got, _, total, overrun = run_tiles(dut, tiles)
     bad = _mismatches(got, tiles)
     want = (n - 1) * k + PEArray.cycles(k, 4)
     print(f"\n[pe 4x4 back-to-back {n} tiles K={k}] mismatches {bad}; "
           f"cycles {total} ((n-1)*K + cycles(K) = {want})")
-    assert bad == 0 and total == want
-    ks = [1, 3, 2, 37, 1, 4]  # short tiles stall the input
+    assert bad == 0 and total == want and not overrun
+    ks = [1, 3, 2, 37, 1, 4]  # short tiles: the producer holds their ends back
     tiles = [_rand_tile(rng, 4, 4, kk) for kk in ks]
-    got, _, total = run_tiles(dut, tiles)
+    got, _, total, overrun = run_tiles(dut, tiles)
     bad = _mismatches(got, tiles)
     print(f"[pe 4x4 short tiles K={ks}] mismatches {bad}; cycles {total}")
-    assert bad == 0
+    assert bad == 0 and not overrun
 
 
 @pytest.mark.parametrize("shape", [(4, 4), (3, 5), (1, 1)])
-def test_pe_array_backpressure(shape):
-    """Random input gaps and output stalls; odd shapes: still exact."""
+def test_pe_array_bubbles(shape):
+    """Random bubbles (i.valid low, 30 % of cycles) anywhere in the stream; odd
+    shapes: still exact."""
     rows, cols = shape
     rng = np.random.default_rng(3)
     dut = PEArray(rows, cols, 8, 6, 22)
     ks = [7, 1, 13, 2, 37]
     tiles = [(rng.integers(-128, 128, (rows, kk)), rng.integers(-32, 32, (kk, cols))) for kk in ks]
-    got, _, total = run_tiles(dut, tiles, in_gap=0.3, out_stall=0.5, seed=4)
+    got, _, total, overrun = run_tiles(dut, tiles, in_gap=0.3, seed=4)
     bad = _mismatches(got, tiles)
-    print(f"\n[pe {rows}x{cols} backpressure] mismatches {bad}; cycles {total}")
-    assert bad == 0
+    print(f"\n[pe {rows}x{cols} bubbles] mismatches {bad}; cycles {total}")
+    assert bad == 0 and not overrun
+
+
+def test_pe_array_overrun_is_flagged():
+    """A producer that breaks the rule (tile ends 2 cycles apart on a 4-row
+    array) makes the array raise ``overrun``; keeping the rule, it stays low."""
+    rng = np.random.default_rng(5)
+    tiles = [_rand_tile(rng, 4, 4, 2) for _ in range(3)]
+    dut = PEArray(4, 4, 8, 8, 21)
+    *_, overrun = run_tiles(dut, tiles, gap=2, lenient=True)
+    assert overrun
+    got, *_, overrun = run_tiles(PEArray(4, 4, 8, 8, 21), tiles)
+    assert not overrun and _mismatches(got, tiles) == 0
 
 
 # ----------------------------------------------------------------------------
@@ -203,7 +228,8 @@ def test_pe_array_quantized_linear(tiny_w8a8, name):
         for j in range(0, n, 4):
             tiles.append((x[i:i + 4], w[:, j:j + 4]))
             where.append((i, j))
-    got, per_tile, total = run_tiles(dut, tiles)
+    got, per_tile, total, overrun = run_tiles(dut, tiles)
+    assert not overrun
     acc = np.zeros((m, n), np.int64)
     for (i, j), c in zip(where, got):
         acc[i:i + 4, j:j + 4] = c
@@ -367,9 +393,10 @@ def test_shift_requant_validation():
 # ----------------------------------------------------------------------------
 
 def test_verilog_generation():
-    v = verilog.convert(PEArray(4, 4, 8, 8, 21), name="pe_array")
+    v = hdl_verilog.convert(PEArray(4, 4, 8, 8, 21), name="pe_array")
     assert "module pe_array(" in v and "endmodule" in v
-    for port in ("i__valid", "i__ready", "i__payload", "o__valid", "o__ready", "o__payload"):
+    for port in ("i__valid", "i__payload", "o__valid", "o__payload", "overrun"):
         assert port in v, port
+    assert "i__ready" not in v and "o__ready" not in v  # both streams are always ready
     r = verilog.convert(Requant(21, [7, 8, 9, 10], 8, True, lanes=4), name="requant")
     assert "module requant(" in r

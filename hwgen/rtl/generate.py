@@ -91,13 +91,13 @@ class RTLKernel:
 
     def verilog(self, cache: Path | None = CACHE) -> str:
         """Amaranth's Verilog of the kernel (top module ``name``), cached."""
-        from amaranth.back import verilog as amaranth_verilog
+        from . import verilog as hdl_verilog
 
         key = _verilog_key(self)
         path = None if cache is None else Path(cache) / f"{self.name}-{key[:20]}.v"
         if path is not None and path.is_file():
             return path.read_text()
-        text = amaranth_verilog.convert(self.component(), name=self.name, emit_src=False)
+        text = hdl_verilog.convert(self.component(), name=self.name, emit_src=False)
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(f".tmp{os.getpid()}")

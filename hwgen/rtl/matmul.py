@@ -24,10 +24,11 @@ weight block of that N-tile (the block-sparsity bitmap: ``(KB, NT)`` 0/1, block
 ``(kb, nt)`` = rows ``kb*block_k ..`` x columns ``nt*cols ..`` of W, as
 :func:`hwgen.prune.linear_bitmap` with ``block_n = cols``; an empty block
 issues no beat and costs no cycle). A tile has at least
-``min_beats = rows + 1`` beats -- the PEArray's condition for tiles to follow
-each other with no gap (its output bank drains one row per cycle): a shorter
+``min_beats = rows`` beats (:attr:`PEArray.min_tile_gap`: the array's output
+bank drains one row per cycle, and the array has no back-pressure): a shorter
 tile is completed with beats whose weight row is forced to zero (exact: they
-add 0), so the array never stalls and the cycle count is a closed formula.
+add 0), so tiles follow each other with no gap and the cycle count is a
+closed formula.
 
 Buffers (word formats; the host-side packing below is their one definition)
 --------------------------------------------------------------------------
@@ -63,8 +64,8 @@ cocotb bench and the host driver use exactly these.
 Loading: every input buffer has a write port on the component (``a_wr``,
 ``w_wr``, ``ent_wr``, ``bias_wr``, ``shift_wr``: ``addr``, ``data``, ``en``, one
 word per cycle, written at the clock edge) for host DMA, used while the engine
-is idle; ``out`` has a synchronous read port ``o_rd`` (``addr``, ``en``,
-``data`` one cycle later). For simulation, images can instead be baked in as
+is idle; ``out`` has a read port ``o_rd`` (``addr``, ``en``, ``data``
+:data:`~hwgen.rtl.buffer.READ_LATENCY` = 2 cycles later). For simulation, images can instead be baked in as
 initial contents (``MatmulEngine(spec, init={"a": [...], ...})``, which also
 lands in the generated Verilog), or set in Amaranth's simulator through
 ``engine.mem[name]`` (``lib.memory`` ``MemoryData``: ``ctx.set(engine.mem["a"][i], word)``).
@@ -84,30 +85,29 @@ cycle in which ``start`` is sampled as cycle 0, ``done`` is high in cycle
 
 with ``B = MT * sum_nt max(T(nt), min_beats)`` beats, ``T(nt)`` = the K rows of
 N-tile ``nt``'s occupied blocks: the first beat is accepted by the array in
-cycle ``ISSUE_LATENCY`` (= 7), beats follow back to back with no gap, the
+cycle ``ISSUE_LATENCY`` (= 8), beats follow back to back with no gap, the
 last tile's last row leaves the array ``PEArray.LATENCY + rows - 1`` cycles
 after its last beat, and the output pipeline takes ``OUT_LATENCY`` (= 7)
 cycles from there to ``done``. Dense MiniLM shapes at ``m = 128`` on 16 x 16
 reach utilization ``(m*k*n / (rows*cols)) / cycles`` > 0.999.
 
-Pipeline (built for FPGA timing: every memory output lands in a register
-before any logic uses it -- the host read port ``o_rd`` excepted -- so no
-block RAM clock-to-out sits in front of an adder or another memory's address):
+Pipeline (built for FPGA timing: every buffer is a
+:class:`~hwgen.rtl.buffer.Buffer` whose reads take two cycles, the second
+register being the block RAM's own output register, so no block RAM
+clock-to-out sits in front of logic, an adder or another memory's address):
 
-* entry fetch: cycle 0 reads the header, cycle 1 latches ``n_ent``; from
-  cycle 2 entries ``1 .. n_ent`` (then again from 1: one pass per M-tile) are
-  read, registered, and pushed into a ``FIFO_DEPTH`` (4) register FIFO
-  whenever it has room (one read per cycle, paced by credit: at most 4 held or
-  in flight), so the issue stage never waits for an entry once the first one
-  is in (cycle 5);
+* entry fetch: cycle 0 reads the header, cycle 2 latches ``n_ent``; from
+  cycle 3 entries ``1 .. n_ent`` (then again from 1: one pass per M-tile) are
+  read and pushed into a ``FIFO_DEPTH`` (4) register FIFO whenever it has
+  room (one read per cycle, paced by credit: at most 4 held or in flight), so
+  the issue stage never waits for an entry once the first one is in (cycle 6);
 * issue (stage 0): from the FIFO head (registers) the operand addresses
   ``a_base + k0 + kk`` and ``w0 + kk``, the tile flags, padding beats;
-* stage 1: the operand words on the memory read ports; stage 2: registered;
-  then the PE array's input. One stall signal (the PE array's ``i.ready``
-  low, which the padding rule avoids) holds stages 0..2 and the read enables;
-* output: PE row (``o.ready`` held high) -> register (the column group's
-  bias and shift words read meanwhile) -> both registered -> ``acc + bias``
-  registered -> the three
+* stages 1, 2: the operand reads; then the PE array's input (which is always
+  ready: nothing stalls);
+* output: PE row (the array presents each row once) -> register (the column
+  group's bias and shift words read meanwhile) -> the words arrive ->
+  ``acc + bias`` registered -> the three
   :class:`~hwgen.rtl.requant.ShiftRequant` stages -> write into ``out`` ->
   ``done`` the cycle after the last write.
 """
@@ -119,11 +119,12 @@ from dataclasses import dataclass
 import numpy as np
 from amaranth import Module, Mux, Shape, Signal, signed, unsigned
 from amaranth.lib import data, wiring
-from amaranth.lib.memory import Memory, MemoryData, ReadPort, WritePort
+from amaranth.lib.memory import MemoryData, ReadPort, WritePort
 from amaranth.lib.wiring import In, Out
 
 from .. import contract as C
 from ..fixed import FixedType, bits_for_range
+from .buffer import Buffer
 from .pe_array import PEArray, RTLError, _is_int, check_positive
 from .requant import ShiftRequant, check_shift_range, shift_code, shift_code_width
 
@@ -212,9 +213,9 @@ class MatmulSpec:
     name: str = "matmul"
     w_blocks: int | None = None
 
-    #: cycles from ``start`` to the first beat the PE array accepts: header read,
-    #: first entry fetch, entry into the FIFO, operand addresses, operand read, registered
-    ISSUE_LATENCY = 7
+    #: cycles from ``start`` to the first beat the PE array accepts: header read (2),
+    #: first entry fetch (2), entry into the FIFO, operand addresses, operand read (2)
+    ISSUE_LATENCY = 8
     #: cycles from the last result row leaving the PE array to ``done``
     OUT_LATENCY = 4 + ShiftRequant.LATENCY
 
@@ -279,8 +280,8 @@ class MatmulSpec:
 
     @property
     def min_beats(self) -> int:
-        """Fewest beats per tile: the PEArray streams tiles with no gap from rows + 1."""
-        return self.rows + 1
+        """Fewest beats per tile (:attr:`PEArray.min_tile_gap`): shorter tiles are padded."""
+        return self.rows
 
     @property
     def w_capacity(self) -> int:
@@ -597,7 +598,7 @@ class MatmulEngine(wiring.Component):
     ``a_wr``, ``w_wr``, ``ent_wr``, ``bias_wr``, ``shift_wr``: write ports
     (``lib.memory.WritePort.Signature``: ``addr``, ``data`` (the word layout),
     ``en``), all inputs; ``o_rd``: read port of ``out`` (``addr``, ``en`` in;
-    ``data`` out, one cycle after ``addr``).
+    ``data`` out, two cycles after ``addr``: :data:`hwgen.rtl.buffer.READ_LATENCY`).
 
     ``init``: optional ``{buffer: [word, ...]}`` initial contents (the packed
     images; shorter lists are zero-filled); ``engine.mem[buffer]`` is each
@@ -645,15 +646,12 @@ class MatmulEngine(wiring.Component):
         R, N = s.rows, s.cols
         lay = s.layouts
 
-        mems = {}
+        bufs = {}
         for b in (*IN_BUFFERS, "out"):
-            m.submodules[f"mem_{b}"] = mems[b] = Memory(data=self.mem[b])
+            m.submodules[f"mem_{b}"] = bufs[b] = Buffer(lay[b], self.mem[b])
         for b in IN_BUFFERS:  # host write ports
-            wp = mems[b].write_port()
-            port = getattr(self, f"{b}_wr")
-            m.d.comb += [wp.addr.eq(port.addr), wp.data.eq(port.data), wp.en.eq(port.en)]
-        hr = mems["out"].read_port()
-        m.d.comb += [hr.addr.eq(self.o_rd.addr), hr.en.eq(self.o_rd.en), self.o_rd.data.eq(hr.data)]
+            wiring.connect(m, wiring.flipped(getattr(self, f"{b}_wr")), bufs[b].wr)
+        wiring.connect(m, wiring.flipped(self.o_rd), bufs["out"].rd)
 
         m.submodules.pe = pe = PEArray.for_formats(R, N, s.x_fmt, s.w_fmt, s.k)
 
@@ -667,18 +665,19 @@ class MatmulEngine(wiring.Component):
 
         # ---- entry fetch: block list -> a FIFO of registers ----------------------
         # Word 0 of `ent` is the header (the entry count E); entries 1..E are read in
-        # a loop, paced by FIFO credit only. Every word read lands in a plain register
-        # first (a BRAM clock-to-out is long): nothing read from a memory reaches a
-        # memory address, or logic, in the same cycle.
-        ent_rd = mems["ent"].read_port()
+        # a loop, paced by FIFO credit only. Every buffer read has two registers (the
+        # block RAM's own output register: hwgen.rtl.buffer): nothing read from a
+        # memory reaches logic before it has passed a register.
+        ent_rd = bufs["ent"].rd
         hdr = data.View(s.ent_header_layout, ent_rd.data[:Shape.cast(s.ent_header_layout).width])
         n_ent = Signal(s.ent_header_layout.members["n_ent"])
+        hdr_wait = Signal()                   # the header read is under way
         hdr_phase = Signal()                  # the header is on the read port
         fetching = Signal()
         ptr = Signal(ent_rd.addr.shape())
-        f1 = Signal()                         # a fetch issued last cycle: its entry is on the port
-        f2 = Signal()                         # ... two cycles ago: its entry is in ent_d
-        ent_d = Signal(ent_rd.data.shape())   # the port's word, registered
+        f1 = Signal()                         # a fetch issued last cycle
+        f2 = Signal()                         # ... two cycles ago: its entry is on the port
+        ent_d = ent_rd.data
         cnt = Signal(range(FIFO_DEPTH + 1))
         fifo = [Signal(Shape.cast(s.ent_layout).width, name=f"ent_q{i}") for i in range(FIFO_DEPTH)]
         fetch = Signal()
@@ -687,9 +686,11 @@ class MatmulEngine(wiring.Component):
             fetch.eq(fetching & run & (cnt + f1 + f2 <= FIFO_DEPTH - 1)),
             ent_rd.addr.eq(Mux(fetching & run, ptr, 0)),
         ]
-        m.d.sync += [f1.eq(fetch), f2.eq(f1), ent_d.eq(ent_rd.data)]
+        m.d.sync += [f1.eq(fetch), f2.eq(f1)]
         with m.If(fetch):
             m.d.sync += ptr.eq(Mux(ptr == n_ent, 1, ptr + 1))
+        with m.If(hdr_wait):
+            m.d.sync += [hdr_wait.eq(0), hdr_phase.eq(1)]
         with m.If(hdr_phase):
             m.d.sync += [n_ent.eq(hdr.n_ent), fetching.eq(1), hdr_phase.eq(0)]
         wr_idx = Signal(range(FIFO_DEPTH + 1))
@@ -702,8 +703,8 @@ class MatmulEngine(wiring.Component):
         m.d.sync += cnt.eq(cnt + f2 - pop)
 
         # ---- issue stage (stage 0): FIFO head entry -> operand addresses ---------
-        a_rd = mems["a"].read_port()
-        w_rd = mems["w"].read_port()
+        a_rd = bufs["a"].rd
+        w_rd = bufs["w"].rd
         e = data.View(s.ent_layout, fifo[0])
         e_valid = Signal()
         m.d.comb += e_valid.eq(cnt != 0)
@@ -715,15 +716,12 @@ class MatmulEngine(wiring.Component):
         r0 = Signal(range(s.mt_max * R + 1))  # first row of the M-tile
         a_base = Signal(range(s.mt_max * s.k + 1))
 
-        # stage 1 (operands on the memory ports) and stage 2 (operands registered)
+        # stages 1 and 2: the operand reads (two-cycle buffers); the flags ride along
         s1_valid, s1_first, s1_last, s1_zero = Signal(), Signal(), Signal(), Signal()
         s2_valid, s2_first, s2_last, s2_zero = Signal(), Signal(), Signal(), Signal()
-        a2 = Signal(a_rd.data.shape())
-        w2 = Signal(w_rd.data.shape())
-        stall = Signal()
-        m.d.comb += stall.eq(s2_valid & ~pe.i.ready)
+        a2, w2 = a_rd.data, w_rd.data
         go = Signal()
-        m.d.comb += go.eq(run & ~stall & (pad | e_valid))
+        m.d.comb += go.eq(run & (pad | e_valid))
 
         real = Signal()
         entry_end = Signal()
@@ -737,8 +735,8 @@ class MatmulEngine(wiring.Component):
             pop.eq(go & (entry_end | (~pad & e.empty & tile_end))),
         ]
         m.d.comb += [
-            a_rd.addr.eq(a_base + e.k0 + kk), a_rd.en.eq(~stall),
-            w_rd.addr.eq(e.w0 + kk), w_rd.en.eq(~stall),
+            a_rd.addr.eq(a_base + e.k0 + kk),
+            w_rd.addr.eq(e.w0 + kk),
         ]
         with m.If(go):
             with m.If(tile_end):
@@ -757,26 +755,23 @@ class MatmulEngine(wiring.Component):
                     m.d.sync += [r0.eq(r0 + R), a_base.eq(a_base + s.k)]
                     with m.If(r0 + R >= m_reg):
                         m.d.sync += run.eq(0)
-        with m.If(~stall):
-            m.d.sync += [s1_valid.eq(go), s1_first.eq(tcnt == 0), s1_last.eq(tile_end),
-                         s1_zero.eq(~real),
-                         s2_valid.eq(s1_valid), s2_first.eq(s1_first), s2_last.eq(s1_last),
-                         s2_zero.eq(s1_zero), a2.eq(a_rd.data), w2.eq(w_rd.data)]
+        m.d.sync += [s1_valid.eq(go), s1_first.eq(tcnt == 0), s1_last.eq(tile_end),
+                     s1_zero.eq(~real),
+                     s2_valid.eq(s1_valid), s2_first.eq(s1_first), s2_last.eq(s1_last),
+                     s2_zero.eq(s1_zero)]
 
         # ---- operand stage 2 -> PE array -------------------------------------
-        av = data.View(lay["a"], a2)
-        wv = data.View(lay["w"], w2)
+        av, wv = a2, w2
         m.d.comb += [pe.i.valid.eq(s2_valid), pe.i.payload.first.eq(s2_first),
                      pe.i.payload.last.eq(s2_last)]
         m.d.comb += [pe.i.payload.a[r].eq(Mux(s2_zero, 0, av[r])) for r in range(R)]
         m.d.comb += [pe.i.payload.b[c].eq(Mux(s2_zero, 0, wv[c])) for c in range(N)]
 
         # ---- output side: PE rows -> + bias -> requant -> out buffer -------------
-        m.d.comb += pe.o.ready.eq(1)
         out_nt = Signal(range(max(s.nt, 2)))
         out_r0 = Signal(range(s.mt_max * R + 1))
-        bias_rd = mems["bias"].read_port()
-        shift_rd = mems["shift"].read_port()
+        bias_rd = bufs["bias"].rd
+        shift_rd = bufs["shift"].rd
         m.d.comb += [bias_rd.addr.eq(out_nt), shift_rd.addr.eq(out_nt)]
         fin = Signal()
         m.d.comb += fin.eq(pe.o.payload.last & (out_nt == s.nt - 1) & (out_r0 + R >= m_reg))
@@ -793,16 +788,13 @@ class MatmulEngine(wiring.Component):
         acc1 = Signal(pe.o.payload.data.shape())
         m.d.sync += [v1.eq(pe.o.valid), fin1.eq(pe.o.valid & fin), g1.eq(out_r0 + pe.o.payload.row),
                      nt1.eq(out_nt), acc1.eq(pe.o.payload.data)]
-        # stage R2: the bias/shift words registered (a memory output lands in a register)
+        # stage R2: the bias/shift words arrive (two-cycle buffers)
         v2, fin2 = Signal(), Signal()
-        addr2 = Signal(hr.addr.shape())
+        addr2 = Signal(bufs["out"].wr.addr.shape())
         acc2 = Signal.like(acc1)
-        bias2 = Signal(bias_rd.data.shape())
-        shift2 = Signal(shift_rd.data.shape())
         m.d.sync += [v2.eq(v1 & (g1 < m_reg)), fin2.eq(fin1), addr2.eq(g1 * s.nt + nt1),
-                     acc2.eq(acc1), bias2.eq(bias_rd.data), shift2.eq(shift_rd.data)]
-        bv = data.View(lay["bias"], bias2)
-        tv = data.View(lay["shift"], shift2)
+                     acc2.eq(acc1)]
+        bv, tv = bias_rd.data, shift_rd.data
         # stage R3: sum = acc + bias, shift codes -> ShiftRequant
         m.submodules.rq = rq = ShiftRequant(s.sum_width, s.shift_min, s.shift_max,
                                             s.out_fmt.width, s.out_fmt.signed, lanes=N)
@@ -818,7 +810,7 @@ class MatmulEngine(wiring.Component):
             finq.append(Signal(name=f"fin_q{st}"))
             addrq.append(Signal.like(addr2, name=f"addr_q{st}"))
             m.d.sync += [vq[-1].eq(vq[-2]), finq[-1].eq(finq[-2]), addrq[-1].eq(addrq[-2])]
-        ow = mems["out"].write_port()
+        ow = bufs["out"].wr
         m.d.comb += [ow.en.eq(vq[-1]), ow.addr.eq(addrq[-1]), ow.data.eq(rq.o.as_value())]
         m.d.sync += done.eq(finq[-1])
         m.d.comb += self.done.eq(done)
@@ -830,6 +822,6 @@ class MatmulEngine(wiring.Component):
             m.d.sync += [busy.eq(1), run.eq(1), m_reg.eq(self.m), r0.eq(0), a_base.eq(0),
                          out_nt.eq(0), out_r0.eq(0), tcnt.eq(0), tcnt_ok.eq(s.min_beats <= 1),
                          kk.eq(0), pad.eq(0),
-                         fetching.eq(0), hdr_phase.eq(1), ptr.eq(1), f1.eq(0), f2.eq(0),
+                         fetching.eq(0), hdr_wait.eq(1), ptr.eq(1), f1.eq(0), f2.eq(0),
                          cnt.eq(0)]
         return m

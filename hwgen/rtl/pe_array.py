@@ -2,7 +2,7 @@
 
 Contract
 --------
-Every cycle the array takes one *beat* on ``i`` (a valid/ready stream): a
+Every cycle with ``i.valid`` high the array takes one *beat* on ``i``: a
 column ``a[0..rows-1]`` of A (``a_width``-bit signed codes) and a row
 ``b[0..cols-1]`` of B (``b_width``-bit signed codes), plus two flags:
 
@@ -24,32 +24,46 @@ no accumulator ever wraps; with a narrower ``acc_width`` sums wrap modulo
 
 Pipeline and timing
 -------------------
-Four register stages, one beat per cycle through each, built for FPGA timing
-closure (DESIGN.md, Known traps: registered operands and products, DSP
-registers): stage 0 registers the operands (one register per row of A and
-column of B) and the flags; stages 1..3 are the multiplier's registers
-(:class:`MULT18X18D` with its input and output registers plus one in fabric, its
-behavioural twin :class:`RegisteredMul`, or the pipelined :class:`FabricMul`
-in logic, per :class:`PEMapping`); stage 4 adds the product into the
-accumulator. ``PIPE`` (4) registers sit in front of the accumulators and
-``LATENCY = PIPE + 1``. Counting cycle 0 as the one in which beat 0 is
-accepted, with beats back to back and ``o.ready`` held high:
+Both streams are ``always_ready``: the array takes a beat whenever ``i.valid``
+is high and presents each output row for exactly one cycle, with no
+back-pressure anywhere. That is what lets it run free, with no clock enable
+on any register: a global enable (or stall) would fan out to every product
+and accumulator register, and that net, not the arithmetic, limited the
+clock of larger arrays (measured on ECP5: 105 MHz at 8 x 8). Cycles with
+``i.valid`` low are bubbles (their B row is zeroed at stage 0, so they add
+0); the producer may insert them anywhere.
 
-* beats are accepted in cycles ``0 .. K-1``;
+Four register stages lead to the accumulators, built for FPGA timing closure
+(DESIGN.md, Known traps: registered operands and products, DSP registers):
+stage 0 registers the operands (one register per row of A and column of B)
+and the flags; stages 1..3 are the multiplier's registers
+(:class:`MULT18X18D` with its input and output registers plus one in fabric,
+its behavioural twin :class:`RegisteredMul`, or the pipelined
+:class:`FabricMul` in logic, per :class:`PEMapping`); stage 4 adds the product
+into the accumulator. The ``first``/``last`` flags travel beside the products
+through a fan-out tree of registers (one copy at stage 1, one per row at stage
+2, one per PE at stage 3; each copy carries a ``keep`` attribute, which
+:mod:`hwgen.impl` turns into kept cells so synthesis does not merge the
+copies), so no control net drives more than one PE's registers. ``PIPE`` (4)
+registers sit in front of the accumulators and ``LATENCY = PIPE + 1``.
+Counting cycle 0 as the one in which beat 0 is taken, with no bubbles:
+
+* beats are taken in cycles ``0 .. K-1``;
 * the tile is copied into the output bank at the end of cycle ``K - 1 + PIPE``;
 * row ``r`` of C is valid on ``o`` in cycle ``K - 1 + LATENCY + r``;
 * so one tile takes exactly ``cycles(K, rows) = K + rows + LATENCY - 1``
-  cycles from its first accepted beat to its last output row (``LATENCY`` from
-  the last beat to row 0).
+  cycles from its first beat to its last output row (``LATENCY`` from the
+  last beat to row 0).
 
-The output bank is a second register set, so the next tile streams in while
-the previous one drains: tiles can follow each other with no gap (one tile
-every K cycles) when ``K >= rows + 1`` and ``o.ready`` stays high. For
-shorter tiles, or under output backpressure, a ``last`` beat that reaches
-stage 3 while the bank still drains waits there: one clock enable holds
-stages 0..3 (the multipliers included) and ``i.ready`` falls until the bank
-frees: nothing is lost or reordered. ``i.ready`` depends on registered state
-only (no combinational path from ``o.ready``).
+The output bank is a second register set that shifts up one row per cycle,
+so the next tile streams in while the previous one drains. The one rule for
+the producer (:attr:`PEArray.min_tile_gap` = ``rows``): a tile's ``last``
+beat comes at least ``rows`` cycles after the previous tile's ``last`` beat.
+Tiles of ``K >= rows`` beats sent back to back satisfy it, so they follow
+each other with no gap (one tile every K cycles); shorter tiles need bubbles
+after them. A ``last`` beat that comes sooner would overwrite rows still
+draining: the array then raises ``overrun`` (sticky until reset) and those
+results are lost.
 """
 from __future__ import annotations
 
@@ -117,9 +131,11 @@ class PEArray(wiring.Component):
     """``rows x cols`` output-stationary array of signed MACs (see the module
     docstring for the stream protocol and the exact cycle counts).
 
-    Ports: ``i`` (``In(stream.Signature(in_layout(...)))``: fields ``a``,
-    ``b``, ``first``, ``last``) and ``o`` (``Out(stream.Signature(
-    out_layout(...)))``: fields ``data``, ``row``, ``last``).
+    Ports: ``i`` (``In(stream.Signature(in_layout(...), always_ready=True))``:
+    fields ``a``, ``b``, ``first``, ``last``), ``o`` (``Out(stream.Signature(
+    out_layout(...), always_ready=True))``: fields ``data``, ``row``, ``last``)
+    and ``overrun`` (``Out(1)``: a ``last`` beat came less than
+    :attr:`min_tile_gap` cycles after the previous one; sticky until reset).
 
     ``mapping`` (a :class:`PEMapping`) chooses DSP or fabric multipliers per PE;
     without it the ``platform`` attribute ``pe_mapping`` is used (how
@@ -141,8 +157,9 @@ class PEArray(wiring.Component):
             self._MustUse__silence = True  # never built: no "unused elaboratable" warning
             raise
         super().__init__({
-            "i": In(stream.Signature(in_layout(rows, cols, a_width, b_width))),
-            "o": Out(stream.Signature(out_layout(rows, cols, acc_width))),
+            "i": In(stream.Signature(in_layout(rows, cols, a_width, b_width), always_ready=True)),
+            "o": Out(stream.Signature(out_layout(rows, cols, acc_width), always_ready=True)),
+            "overrun": Out(1),
         })
 
     def _check(self, rows, cols, a_width, b_width, acc_width) -> None:
@@ -154,6 +171,12 @@ class PEArray(wiring.Component):
         if acc_width < a_width + b_width:
             raise RTLError(f"acc_width must be at least a_width + b_width = {a_width + b_width} "
                            f"(one product), got {acc_width}")
+
+    @property
+    def min_tile_gap(self) -> int:
+        """Fewest cycles between two ``last`` beats (the output bank drains one
+        row per cycle): tiles of at least this many beats stream with no gap."""
+        return self.rows
 
     @classmethod
     def for_formats(cls, rows: int, cols: int, a_fmt, b_fmt, k: int) -> "PEArray":
@@ -167,7 +190,7 @@ class PEArray(wiring.Component):
 
     @staticmethod
     def cycles(k: int, rows: int) -> int:
-        """Cycles of one isolated tile, first accepted beat to last output row."""
+        """Cycles of one isolated tile, first beat to last output row."""
         return k + rows + PEArray.LATENCY - 1
 
     def elaborate(self, platform):
@@ -177,33 +200,37 @@ class PEArray(wiring.Component):
         mapping = self.mapping or getattr(platform, "pe_mapping", None)
         kinds = pe_kinds(R, N, self.a_width, self.b_width, mapping)
         instances = bool(mapping is not None and mapping.instances)
+        keep = {"keep": 1}
 
-        # one clock enable for the product pipeline (stages 0..3): it holds while a
-        # `last` beat at stage 3 waits for the output bank
-        hold = Signal()
-        m.d.comb += i_.ready.eq(~hold)
-
-        # stage 0: operand registers (one per row of A / column of B) and the flags
+        # stage 0: operand registers (one per row of A / column of B) and the flags;
+        # a bubble's B row is zeroed so that its products add 0 (no enable anywhere)
         a0 = [Signal(signed(self.a_width), name=f"a0_{i}", reset_less=True) for i in range(R)]
         fabric_rows = [i for i in range(R) if "fabric" in kinds[i]]
         a0n = {i: Signal(signed(self.a_width + 1), name=f"a0n_{i}", reset_less=True)
                for i in fabric_rows}
         b0 = [Signal(signed(self.b_width), name=f"b0_{j}", reset_less=True) for j in range(N)]
-        valid = [Signal(name=f"v{s}") for s in range(PIPE)]
-        first = [Signal(name=f"first{s}", reset_less=True) for s in range(PIPE)]
-        last = [Signal(name=f"last{s}", reset_less=True) for s in range(PIPE)]
-        with m.If(~hold):
-            m.d.sync += [valid[0].eq(i_.valid), first[0].eq(i_.payload.first),
-                         last[0].eq(i_.payload.last)]
-            m.d.sync += [a0[i].eq(i_.payload.a[i]) for i in range(R)]
-            m.d.sync += [a0n[i].eq(-i_.payload.a[i]) for i in fabric_rows]
-            m.d.sync += [b0[j].eq(i_.payload.b[j]) for j in range(N)]
-            for s in range(1, PIPE):
-                m.d.sync += [valid[s].eq(valid[s - 1]), first[s].eq(first[s - 1]),
-                             last[s].eq(last[s - 1])]
+        first0, last0 = Signal(), Signal()
+        m.d.sync += [first0.eq(i_.valid & i_.payload.first), last0.eq(i_.valid & i_.payload.last)]
+        m.d.sync += [a0[i].eq(i_.payload.a[i]) for i in range(R)]
+        m.d.sync += [a0n[i].eq(-i_.payload.a[i]) for i in fabric_rows]
+        m.d.sync += [b0[j].eq(Mux(i_.valid, i_.payload.b[j], 0)) for j in range(N)]
+
+        # the flags' fan-out tree: stage 1 one copy, stage 2 one per row, stage 3 one per PE
+        first1, last1 = Signal(), Signal()
+        m.d.sync += [first1.eq(first0), last1.eq(last0)]
+        first2 = [Signal(name=f"first2_{i}", attrs=keep) for i in range(R)]
+        last2 = [Signal(name=f"last2_{i}", attrs=keep) for i in range(R)]
+        m.d.sync += [first2[i].eq(first1) for i in range(R)]
+        m.d.sync += [last2[i].eq(last1) for i in range(R)]
+        first3 = [[Signal(name=f"first3_{i}_{j}", attrs=keep) for j in range(N)] for i in range(R)]
+        last3 = [[Signal(name=f"last3_{i}_{j}", attrs=keep) for j in range(N)] for i in range(R)]
+        m.d.sync += [first3[i][j].eq(first2[i]) for i in range(R) for j in range(N)]
+        m.d.sync += [last3[i][j].eq(last2[i]) for i in range(R) for j in range(N)]
+        commit = Signal()        # the control logic's own copy of last3
+        m.d.sync += commit.eq(last2[0])
 
         # stages 1..3: one product per PE, MUL_STAGES registers deep (MULT18X18D
-        # with its registers, its twin, or a pipelined fabric multiplier)
+        # with its registers, its twin, or a pipelined fabric multiplier), never held
         prod = [[None] * N for _ in range(R)]
         for i in range(R):
             for j in range(N):
@@ -216,46 +243,39 @@ class PEArray(wiring.Component):
                     mul = FabricMul(self.a_width, self.b_width)
                     m.d.comb += mul.a_neg.eq(a0n[i])
                 m.submodules[name] = mul
-                m.d.comb += [mul.a.eq(a0[i]), mul.b.eq(b0[j]), mul.ce.eq(~hold)]
+                m.d.comb += [mul.a.eq(a0[i]), mul.b.eq(b0[j])]
                 prod[i][j] = mul.p
 
-        # stage 4: accumulators; output bank (a row shift register) drained on `o`
-        sp_valid, sp_first, sp_last = valid[-1], first[-1], last[-1]
+        # stage 4: accumulators; the output bank (a row shift register) drained on `o`
         acc = [[Signal(signed(W), name=f"acc_{i}_{j}", reset_less=True) for j in range(N)]
                for i in range(R)]
         bank = [[Signal(signed(W), name=f"bank_{i}_{j}", reset_less=True) for j in range(N)]
                 for i in range(R)]
-        bank_busy = Signal()
-        row = Signal(out_layout(R, N, W).members["row"])
-
-        adv = Signal()
-        m.d.comb += hold.eq(sp_valid & sp_last & bank_busy)
-        m.d.comb += adv.eq(sp_valid & ~hold)
-
         nxt = [[Signal(signed(W), name=f"nxt_{i}_{j}") for j in range(N)] for i in range(R)]
         for i in range(R):
             for j in range(N):
-                m.d.comb += nxt[i][j].eq(Mux(sp_first, prod[i][j], acc[i][j] + prod[i][j]))
+                m.d.comb += nxt[i][j].eq(Mux(first3[i][j], prod[i][j], acc[i][j] + prod[i][j]))
+                m.d.sync += acc[i][j].eq(nxt[i][j])
+                # commit the tile (its last product included), else shift up one row
+                m.d.sync += bank[i][j].eq(Mux(last3[i][j], nxt[i][j],
+                                              bank[i + 1][j] if i + 1 < R else 0))
 
-        with m.If(adv):
-            m.d.sync += [acc[i][j].eq(nxt[i][j]) for i in range(R) for j in range(N)]
-
-        # drain: row 0 of the bank on `o`; rows shift up as they are taken
+        bank_busy = Signal()
+        row = Signal(out_layout(R, N, W).members["row"])
         m.d.comb += [
             o_.valid.eq(bank_busy),
             o_.payload.row.eq(row),
             o_.payload.last.eq(row == R - 1),
         ]
         m.d.comb += [o_.payload.data[j].eq(bank[0][j]) for j in range(N)]
-        with m.If(o_.valid & o_.ready):
-            m.d.sync += [bank[i][j].eq(bank[i + 1][j]) for i in range(R - 1) for j in range(N)]
+        with m.If(commit):
+            m.d.sync += [bank_busy.eq(1), row.eq(0)]
+            with m.If(bank_busy & (row != R - 1)):
+                m.d.sync += self.overrun.eq(1)
+        with m.Elif(bank_busy):
             m.d.sync += row.eq(row + 1)
             with m.If(row == R - 1):
                 m.d.sync += [bank_busy.eq(0), row.eq(0)]
-        # commit (only while the bank is free, so never together with a drain step)
-        with m.If(adv & sp_last):
-            m.d.sync += [bank[i][j].eq(nxt[i][j]) for i in range(R) for j in range(N)]
-            m.d.sync += [bank_busy.eq(1), row.eq(0)]
         return m
 
 
@@ -297,15 +317,15 @@ def pe_kinds(rows: int, cols: int, a_width: int, b_width: int, mapping) -> list[
 
 
 def _mul_ports(a_width: int, b_width: int) -> dict:
-    return {"a": In(signed(a_width)), "b": In(signed(b_width)), "ce": In(1),
+    return {"a": In(signed(a_width)), "b": In(signed(b_width)),
             "p": Out(signed(a_width + b_width))}
 
 
 class RegisteredMul(wiring.Component):
     """``p = a * b`` ``MUL_STAGES`` (3) cycles later: ``a``, ``b`` registered
     (stage 1), the product registered (stage 2) and registered again (stage 3),
-    all while ``ce``; registers without reset. The behavioural twin of
-    :class:`MULT18X18D` (same registers, same enable)."""
+    every cycle (no enable); registers without reset. The behavioural twin of
+    :class:`MULT18X18D` (same registers)."""
 
     def __init__(self, a_width: int, b_width: int):
         self.a_width, self.b_width = a_width, b_width
@@ -318,8 +338,7 @@ class RegisteredMul(wiring.Component):
         b1 = Signal(signed(self.b_width), reset_less=True)
         p2 = Signal(signed(pw), reset_less=True)
         p3 = Signal(signed(pw), reset_less=True)
-        with m.If(self.ce):
-            m.d.sync += [a1.eq(self.a), b1.eq(self.b), p2.eq(a1 * b1), p3.eq(p2)]
+        m.d.sync += [a1.eq(self.a), b1.eq(self.b), p2.eq(a1 * b1), p3.eq(p2)]
         m.d.comb += self.p.eq(p3)
         return m
 
@@ -327,7 +346,7 @@ class RegisteredMul(wiring.Component):
 class MULT18X18D(wiring.Component):
     """The ECP5 ``MULT18X18D`` primitive, signed x signed, with its input
     registers (``REG_INPUTA/B_CLK``, stage 1) and output register
-    (``REG_OUTPUT_CLK``, stage 2) on the ``sync`` clock and ``ce`` on CE0, then
+    (``REG_OUTPUT_CLK``, stage 2) on the ``sync`` clock, CE0 tied high, then
     a fabric register (stage 3) so that the route out of the DSP block is not
     part of the accumulator's adder path: the same three-register pipeline as
     :class:`RegisteredMul`. Operands are sign-extended to 18 bits; ``p`` is the
@@ -348,8 +367,7 @@ class MULT18X18D(wiring.Component):
         p36 = Signal(signed(2 * DSP_WIDTH))
         p3 = Signal(signed(self.a_width + self.b_width), reset_less=True)
         m.d.comb += [a18.eq(self.a), b18.eq(self.b), self.p.eq(p3)]
-        with m.If(self.ce):
-            m.d.sync += p3.eq(p36[:self.a_width + self.b_width])
+        m.d.sync += p3.eq(p36[:self.a_width + self.b_width])
         ports = {}
         for k in range(DSP_WIDTH):
             ports[f"i_A{k}"] = a18[k]
@@ -358,7 +376,7 @@ class MULT18X18D(wiring.Component):
         ports.update({f"o_P{k}": p36[k] for k in range(2 * DSP_WIDTH)})
         for k in range(4):
             ports[f"i_CLK{k}"] = ClockSignal("sync") if k == 0 else C(0, 1)
-            ports[f"i_CE{k}"] = self.ce if k == 0 else C(0, 1)
+            ports[f"i_CE{k}"] = C(int(k == 0), 1)
             ports[f"i_RST{k}"] = C(0, 1)
         regs = {f"p_REG_{r}_{x}": v for r in ("INPUTA", "INPUTB", "OUTPUT")
                 for x, v in (("CLK", "CLK0"), ("CE", "CE0"), ("RST", "RST0"))}
@@ -375,7 +393,7 @@ class FabricMul(wiring.Component):
     extra input ``a_neg`` (which must carry ``-a``, registered by the caller so
     no negation sits in the tree), summed by a balanced adder tree whose levels
     are spread over the three registered stages (one adder level per stage for
-    8-bit ``b``); all stages load while ``ce``; registers without reset. Same
+    8-bit ``b``); every stage loads each cycle; registers without reset. Same
     ports (plus ``a_neg``) and timing as :class:`RegisteredMul`. Written without
     ``*`` so synthesis never maps it to a DSP."""
 
@@ -398,8 +416,7 @@ class FabricMul(wiring.Component):
                         for x in range(0, len(vals), 2)]
             regs = [Signal(signed(pw + 1), name=f"s{st + 1}_{x}", reset_less=True)
                     for x in range(len(vals))]
-            with m.If(self.ce):
-                m.d.sync += [r.eq(v) for r, v in zip(regs, vals)]
+            m.d.sync += [r.eq(v) for r, v in zip(regs, vals)]
             vals = regs
         m.d.comb += self.p.eq(vals[0])
         return m
