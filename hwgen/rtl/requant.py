@@ -194,6 +194,11 @@ class ShiftRequant(wiring.Component):
             m.d.sync += [v.eq(u + rc), t1.eq(t)]                  # stage 1: rounding add
             r = Signal(signed(rw), name=f"r_{lane}")
             m.d.sync += r.eq(v >> t1)                             # stage 2: shift
-            m.d.sync += self.o[lane].eq(Mux(r > self.hi, self.hi,  # stage 3: saturate
-                                            Mux(r < self.lo, self.lo, r[:self.out_width])))
+            # stage 3: saturate. r fits the output iff its bits above the output's
+            # (from its sign bit when signed) are all equal (signed) or all zero
+            # (unsigned; r's own sign bit among them): reduction trees, no compare
+            upper = r[self.out_width - 1:] if self.out_signed else r[self.out_width:]
+            fits = (upper.all() | ~upper.any()) if self.out_signed else ~upper.any()
+            m.d.sync += self.o[lane].eq(Mux(fits, r[:self.out_width],
+                                            Mux(r[-1], self.lo, self.hi)))
         return m
