@@ -40399,112 +40399,144 @@ module \encoder_layer_0_attention_output_dense.rq (rst, i, o, clk);
   wire [24:0] \$1 ;
   wire [24:0] \$10 ;
   wire \$100 ;
-  wire [16:0] \$101 ;
-  wire [16:0] \$102 ;
-  wire [25:0] \$103 ;
-  wire [25:0] \$104 ;
-  wire \$105 ;
-  wire \$106 ;
-  wire [16:0] \$107 ;
-  wire [16:0] \$108 ;
-  wire [25:0] \$109 ;
+  wire \$101 ;
+  wire \$102 ;
+  wire [15:0] \$103 ;
+  wire [16:0] \$104 ;
+  wire [25:0] \$105 ;
+  wire [25:0] \$106 ;
+  wire \$107 ;
+  wire \$108 ;
+  wire \$109 ;
   wire [6:0] \$11 ;
-  wire [25:0] \$110 ;
-  wire \$111 ;
-  wire \$112 ;
-  wire [16:0] \$113 ;
-  wire [16:0] \$114 ;
-  wire [25:0] \$115 ;
-  wire [25:0] \$116 ;
+  wire \$110 ;
+  wire [15:0] \$111 ;
+  wire [16:0] \$112 ;
+  wire [25:0] \$113 ;
+  wire [25:0] \$114 ;
+  wire \$115 ;
+  wire \$116 ;
   wire \$117 ;
   wire \$118 ;
-  wire [16:0] \$119 ;
+  wire [15:0] \$119 ;
   wire [6:0] \$12 ;
   wire [16:0] \$120 ;
   wire [25:0] \$121 ;
   wire [25:0] \$122 ;
   wire \$123 ;
   wire \$124 ;
-  wire [16:0] \$125 ;
-  wire [16:0] \$126 ;
-  wire [25:0] \$127 ;
-  wire [25:0] \$128 ;
-  wire \$129 ;
+  wire \$125 ;
+  wire \$126 ;
+  wire [15:0] \$127 ;
+  wire [16:0] \$128 ;
+  wire [25:0] \$129 ;
   wire [24:0] \$13 ;
-  wire \$130 ;
-  wire [16:0] \$131 ;
-  wire [16:0] \$132 ;
-  wire [25:0] \$133 ;
-  wire [25:0] \$134 ;
-  wire \$135 ;
-  wire \$136 ;
-  wire [16:0] \$137 ;
-  wire [16:0] \$138 ;
-  wire [25:0] \$139 ;
+  wire [25:0] \$130 ;
+  wire \$131 ;
+  wire \$132 ;
+  wire \$133 ;
+  wire \$134 ;
+  wire [15:0] \$135 ;
+  wire [16:0] \$136 ;
+  wire [25:0] \$137 ;
+  wire [25:0] \$138 ;
+  wire \$139 ;
   wire [6:0] \$14 ;
-  wire [25:0] \$140 ;
+  wire \$140 ;
   wire \$141 ;
   wire \$142 ;
-  wire [16:0] \$143 ;
+  wire [15:0] \$143 ;
   wire [16:0] \$144 ;
-  reg [25:0] \$145 ;
-  reg [1:0] \$146 ;
-  reg [24:0] \$147 ;
-  reg [255:0] \$148 ;
-  reg [25:0] \$149 ;
+  wire [25:0] \$145 ;
+  wire [25:0] \$146 ;
+  wire \$147 ;
+  wire \$148 ;
+  wire \$149 ;
   wire [6:0] \$15 ;
-  reg [1:0] \$150 ;
-  reg [24:0] \$151 ;
-  reg [25:0] \$152 ;
-  reg [1:0] \$153 ;
-  reg [24:0] \$154 ;
-  reg [25:0] \$155 ;
-  reg [1:0] \$156 ;
-  reg [24:0] \$157 ;
-  reg [25:0] \$158 ;
-  reg [1:0] \$159 ;
+  wire \$150 ;
+  wire [15:0] \$151 ;
+  wire [16:0] \$152 ;
+  wire [25:0] \$153 ;
+  wire [25:0] \$154 ;
+  wire \$155 ;
+  wire \$156 ;
+  wire \$157 ;
+  wire \$158 ;
+  wire [15:0] \$159 ;
   wire [24:0] \$16 ;
-  reg [24:0] \$160 ;
-  reg [25:0] \$161 ;
-  reg [1:0] \$162 ;
-  reg [24:0] \$163 ;
-  reg [25:0] \$164 ;
-  reg [1:0] \$165 ;
-  reg [24:0] \$166 ;
-  reg [25:0] \$167 ;
-  reg [1:0] \$168 ;
-  reg [24:0] \$169 ;
+  wire [16:0] \$160 ;
+  wire [25:0] \$161 ;
+  wire [25:0] \$162 ;
+  wire \$163 ;
+  wire \$164 ;
+  wire \$165 ;
+  wire \$166 ;
+  wire [15:0] \$167 ;
+  wire [16:0] \$168 ;
+  wire [25:0] \$169 ;
   wire [6:0] \$17 ;
-  reg [25:0] \$170 ;
-  reg [1:0] \$171 ;
-  reg [24:0] \$172 ;
-  reg [25:0] \$173 ;
-  reg [1:0] \$174 ;
-  reg [24:0] \$175 ;
-  reg [25:0] \$176 ;
-  reg [1:0] \$177 ;
-  reg [24:0] \$178 ;
-  reg [25:0] \$179 ;
+  wire [25:0] \$170 ;
+  wire \$171 ;
+  wire \$172 ;
+  wire \$173 ;
+  wire \$174 ;
+  wire [15:0] \$175 ;
+  wire [16:0] \$176 ;
+  reg [25:0] \$177 ;
+  reg [1:0] \$178 ;
+  reg [24:0] \$179 ;
   wire [6:0] \$18 ;
-  reg [1:0] \$180 ;
-  reg [24:0] \$181 ;
-  reg [25:0] \$182 ;
-  reg [1:0] \$183 ;
-  reg [24:0] \$184 ;
-  reg [25:0] \$185 ;
-  reg [1:0] \$186 ;
-  reg [24:0] \$187 ;
-  reg [25:0] \$188 ;
-  reg [1:0] \$189 ;
+  reg [255:0] \$180 ;
+  reg [25:0] \$181 ;
+  reg [1:0] \$182 ;
+  reg [24:0] \$183 ;
+  reg [25:0] \$184 ;
+  reg [1:0] \$185 ;
+  reg [24:0] \$186 ;
+  reg [25:0] \$187 ;
+  reg [1:0] \$188 ;
+  reg [24:0] \$189 ;
   wire [24:0] \$19 ;
-  reg [24:0] \$190 ;
-  reg [25:0] \$191 ;
-  reg [1:0] \$192 ;
-  reg [24:0] \$193 ;
+  reg [25:0] \$190 ;
+  reg [1:0] \$191 ;
+  reg [24:0] \$192 ;
+  reg [25:0] \$193 ;
+  reg [1:0] \$194 ;
+  reg [24:0] \$195 ;
+  reg [25:0] \$196 ;
+  reg [1:0] \$197 ;
+  reg [24:0] \$198 ;
+  reg [25:0] \$199 ;
   wire [6:0] \$2 ;
   wire [6:0] \$20 ;
+  reg [1:0] \$200 ;
+  reg [24:0] \$201 ;
+  reg [25:0] \$202 ;
+  reg [1:0] \$203 ;
+  reg [24:0] \$204 ;
+  reg [25:0] \$205 ;
+  reg [1:0] \$206 ;
+  reg [24:0] \$207 ;
+  reg [25:0] \$208 ;
+  reg [1:0] \$209 ;
   wire [6:0] \$21 ;
+  reg [24:0] \$210 ;
+  reg [25:0] \$211 ;
+  reg [1:0] \$212 ;
+  reg [24:0] \$213 ;
+  reg [25:0] \$214 ;
+  reg [1:0] \$215 ;
+  reg [24:0] \$216 ;
+  reg [25:0] \$217 ;
+  reg [1:0] \$218 ;
+  reg [24:0] \$219 ;
   wire [24:0] \$22 ;
+  reg [25:0] \$220 ;
+  reg [1:0] \$221 ;
+  reg [24:0] \$222 ;
+  reg [25:0] \$223 ;
+  reg [1:0] \$224 ;
+  reg [24:0] \$225 ;
   wire [6:0] \$23 ;
   wire [6:0] \$24 ;
   wire [24:0] \$25 ;
@@ -40538,53 +40570,53 @@ module \encoder_layer_0_attention_output_dense.rq (rst, i, o, clk);
   wire [25:0] \$50 ;
   wire \$51 ;
   wire \$52 ;
-  wire [16:0] \$53 ;
-  wire [16:0] \$54 ;
-  wire [25:0] \$55 ;
-  wire [25:0] \$56 ;
-  wire \$57 ;
-  wire \$58 ;
-  wire [16:0] \$59 ;
+  wire \$53 ;
+  wire \$54 ;
+  wire [15:0] \$55 ;
+  wire [16:0] \$56 ;
+  wire [25:0] \$57 ;
+  wire [25:0] \$58 ;
+  wire \$59 ;
   wire [6:0] \$6 ;
-  wire [16:0] \$60 ;
-  wire [25:0] \$61 ;
-  wire [25:0] \$62 ;
-  wire \$63 ;
-  wire \$64 ;
-  wire [16:0] \$65 ;
-  wire [16:0] \$66 ;
-  wire [25:0] \$67 ;
-  wire [25:0] \$68 ;
+  wire \$60 ;
+  wire \$61 ;
+  wire \$62 ;
+  wire [15:0] \$63 ;
+  wire [16:0] \$64 ;
+  wire [25:0] \$65 ;
+  wire [25:0] \$66 ;
+  wire \$67 ;
+  wire \$68 ;
   wire \$69 ;
   wire [24:0] \$7 ;
   wire \$70 ;
-  wire [16:0] \$71 ;
+  wire [15:0] \$71 ;
   wire [16:0] \$72 ;
   wire [25:0] \$73 ;
   wire [25:0] \$74 ;
   wire \$75 ;
   wire \$76 ;
-  wire [16:0] \$77 ;
-  wire [16:0] \$78 ;
-  wire [25:0] \$79 ;
+  wire \$77 ;
+  wire \$78 ;
+  wire [15:0] \$79 ;
   wire [6:0] \$8 ;
-  wire [25:0] \$80 ;
-  wire \$81 ;
-  wire \$82 ;
-  wire [16:0] \$83 ;
-  wire [16:0] \$84 ;
-  wire [25:0] \$85 ;
-  wire [25:0] \$86 ;
-  wire \$87 ;
-  wire \$88 ;
-  wire [16:0] \$89 ;
+  wire [16:0] \$80 ;
+  wire [25:0] \$81 ;
+  wire [25:0] \$82 ;
+  wire \$83 ;
+  wire \$84 ;
+  wire \$85 ;
+  wire \$86 ;
+  wire [15:0] \$87 ;
+  wire [16:0] \$88 ;
+  wire [25:0] \$89 ;
   wire [6:0] \$9 ;
-  wire [16:0] \$90 ;
-  wire [25:0] \$91 ;
-  wire [25:0] \$92 ;
+  wire [25:0] \$90 ;
+  wire \$91 ;
+  wire \$92 ;
   wire \$93 ;
   wire \$94 ;
-  wire [16:0] \$95 ;
+  wire [15:0] \$95 ;
   wire [16:0] \$96 ;
   wire [25:0] \$97 ;
   wire [25:0] \$98 ;
@@ -40745,554 +40777,586 @@ module \encoder_layer_0_attention_output_dense.rq (rst, i, o, clk);
   assign \$47  = 1'h1 << i[415:414];
   assign \$49  = $signed(u_0) + $signed({ 1'h0, \$3 [2:0] });
   assign \$50  = $signed(v_0) >>> t1_0;
-  assign \$51  = $signed(r_0) > $signed(16'h7fff);
-  assign \$52  = $signed(r_0) < $signed(16'h8000);
-  assign \$53  = \$52  ? 17'h18000 : { 1'h0, r_0[15:0] };
-  assign \$54  = \$51  ? 17'h07fff : \$53 ;
-  assign \$55  = $signed(u_1) + $signed({ 1'h0, \$6 [2:0] });
-  assign \$56  = $signed(v_1) >>> t1_1;
-  assign \$57  = $signed(r_1) > $signed(16'h7fff);
-  assign \$58  = $signed(r_1) < $signed(16'h8000);
-  assign \$59  = \$58  ? 17'h18000 : { 1'h0, r_1[15:0] };
-  assign \$60  = \$57  ? 17'h07fff : \$59 ;
-  assign \$61  = $signed(u_2) + $signed({ 1'h0, \$9 [2:0] });
-  assign \$62  = $signed(v_2) >>> t1_2;
-  assign \$63  = $signed(r_2) > $signed(16'h7fff);
-  assign \$64  = $signed(r_2) < $signed(16'h8000);
-  assign \$65  = \$64  ? 17'h18000 : { 1'h0, r_2[15:0] };
-  assign \$66  = \$63  ? 17'h07fff : \$65 ;
-  assign \$67  = $signed(u_3) + $signed({ 1'h0, \$12 [2:0] });
-  assign \$68  = $signed(v_3) >>> t1_3;
-  assign \$69  = $signed(r_3) > $signed(16'h7fff);
-  assign \$70  = $signed(r_3) < $signed(16'h8000);
-  assign \$71  = \$70  ? 17'h18000 : { 1'h0, r_3[15:0] };
-  assign \$72  = \$69  ? 17'h07fff : \$71 ;
-  assign \$73  = $signed(u_4) + $signed({ 1'h0, \$15 [2:0] });
-  assign \$74  = $signed(v_4) >>> t1_4;
-  assign \$75  = $signed(r_4) > $signed(16'h7fff);
-  assign \$76  = $signed(r_4) < $signed(16'h8000);
-  assign \$77  = \$76  ? 17'h18000 : { 1'h0, r_4[15:0] };
-  assign \$78  = \$75  ? 17'h07fff : \$77 ;
-  assign \$79  = $signed(u_5) + $signed({ 1'h0, \$18 [2:0] });
-  assign \$80  = $signed(v_5) >>> t1_5;
-  assign \$81  = $signed(r_5) > $signed(16'h7fff);
-  assign \$82  = $signed(r_5) < $signed(16'h8000);
-  assign \$83  = \$82  ? 17'h18000 : { 1'h0, r_5[15:0] };
-  assign \$84  = \$81  ? 17'h07fff : \$83 ;
-  assign \$85  = $signed(u_6) + $signed({ 1'h0, \$21 [2:0] });
-  assign \$86  = $signed(v_6) >>> t1_6;
-  assign \$87  = $signed(r_6) > $signed(16'h7fff);
-  assign \$88  = $signed(r_6) < $signed(16'h8000);
-  assign \$89  = \$88  ? 17'h18000 : { 1'h0, r_6[15:0] };
-  assign \$90  = \$87  ? 17'h07fff : \$89 ;
-  assign \$91  = $signed(u_7) + $signed({ 1'h0, \$24 [2:0] });
-  assign \$92  = $signed(v_7) >>> t1_7;
-  assign \$93  = $signed(r_7) > $signed(16'h7fff);
-  assign \$94  = $signed(r_7) < $signed(16'h8000);
-  assign \$95  = \$94  ? 17'h18000 : { 1'h0, r_7[15:0] };
-  assign \$96  = \$93  ? 17'h07fff : \$95 ;
-  assign \$97  = $signed(u_8) + $signed({ 1'h0, \$27 [2:0] });
-  assign \$98  = $signed(v_8) >>> t1_8;
-  assign \$99  = $signed(r_8) > $signed(16'h7fff);
-  assign \$100  = $signed(r_8) < $signed(16'h8000);
-  assign \$101  = \$100  ? 17'h18000 : { 1'h0, r_8[15:0] };
-  assign \$102  = \$99  ? 17'h07fff : \$101 ;
-  assign \$103  = $signed(u_9) + $signed({ 1'h0, \$30 [2:0] });
-  assign \$104  = $signed(v_9) >>> t1_9;
-  assign \$105  = $signed(r_9) > $signed(16'h7fff);
-  assign \$106  = $signed(r_9) < $signed(16'h8000);
-  assign \$107  = \$106  ? 17'h18000 : { 1'h0, r_9[15:0] };
-  assign \$108  = \$105  ? 17'h07fff : \$107 ;
-  assign \$109  = $signed(u_10) + $signed({ 1'h0, \$33 [2:0] });
-  assign \$110  = $signed(v_10) >>> t1_10;
-  assign \$111  = $signed(r_10) > $signed(16'h7fff);
-  assign \$112  = $signed(r_10) < $signed(16'h8000);
-  assign \$113  = \$112  ? 17'h18000 : { 1'h0, r_10[15:0] };
-  assign \$114  = \$111  ? 17'h07fff : \$113 ;
-  assign \$115  = $signed(u_11) + $signed({ 1'h0, \$36 [2:0] });
-  assign \$116  = $signed(v_11) >>> t1_11;
-  assign \$117  = $signed(r_11) > $signed(16'h7fff);
-  assign \$118  = $signed(r_11) < $signed(16'h8000);
-  assign \$119  = \$118  ? 17'h18000 : { 1'h0, r_11[15:0] };
-  assign \$120  = \$117  ? 17'h07fff : \$119 ;
-  assign \$121  = $signed(u_12) + $signed({ 1'h0, \$39 [2:0] });
-  assign \$122  = $signed(v_12) >>> t1_12;
-  assign \$123  = $signed(r_12) > $signed(16'h7fff);
-  assign \$124  = $signed(r_12) < $signed(16'h8000);
-  assign \$125  = \$124  ? 17'h18000 : { 1'h0, r_12[15:0] };
-  assign \$126  = \$123  ? 17'h07fff : \$125 ;
-  assign \$127  = $signed(u_13) + $signed({ 1'h0, \$42 [2:0] });
-  assign \$128  = $signed(v_13) >>> t1_13;
-  assign \$129  = $signed(r_13) > $signed(16'h7fff);
-  assign \$130  = $signed(r_13) < $signed(16'h8000);
-  assign \$131  = \$130  ? 17'h18000 : { 1'h0, r_13[15:0] };
-  assign \$132  = \$129  ? 17'h07fff : \$131 ;
-  assign \$133  = $signed(u_14) + $signed({ 1'h0, \$45 [2:0] });
-  assign \$134  = $signed(v_14) >>> t1_14;
-  assign \$135  = $signed(r_14) > $signed(16'h7fff);
-  assign \$136  = $signed(r_14) < $signed(16'h8000);
-  assign \$137  = \$136  ? 17'h18000 : { 1'h0, r_14[15:0] };
-  assign \$138  = \$135  ? 17'h07fff : \$137 ;
-  assign \$139  = $signed(u_15) + $signed({ 1'h0, \$48 [2:0] });
-  assign \$140  = $signed(v_15) >>> t1_15;
-  assign \$141  = $signed(r_15) > $signed(16'h7fff);
-  assign \$142  = $signed(r_15) < $signed(16'h8000);
-  assign \$143  = \$142  ? 17'h18000 : { 1'h0, r_15[15:0] };
-  assign \$144  = \$141  ? 17'h07fff : \$143 ;
+  assign \$51  = & r_0[24:15];
+  assign \$52  = | r_0[24:15];
+  assign \$53  = ~ \$52 ;
+  assign \$54  = \$51  | \$53 ;
+  assign \$55  = r_0[24] ? 16'h8000 : 16'h7fff;
+  assign \$56  = \$54  ? { 1'h0, r_0[15:0] } : { \$55 [15], \$55  };
+  assign \$57  = $signed(u_1) + $signed({ 1'h0, \$6 [2:0] });
+  assign \$58  = $signed(v_1) >>> t1_1;
+  assign \$59  = & r_1[24:15];
+  assign \$60  = | r_1[24:15];
+  assign \$61  = ~ \$60 ;
+  assign \$62  = \$59  | \$61 ;
+  assign \$63  = r_1[24] ? 16'h8000 : 16'h7fff;
+  assign \$64  = \$62  ? { 1'h0, r_1[15:0] } : { \$63 [15], \$63  };
+  assign \$65  = $signed(u_2) + $signed({ 1'h0, \$9 [2:0] });
+  assign \$66  = $signed(v_2) >>> t1_2;
+  assign \$67  = & r_2[24:15];
+  assign \$68  = | r_2[24:15];
+  assign \$69  = ~ \$68 ;
+  assign \$70  = \$67  | \$69 ;
+  assign \$71  = r_2[24] ? 16'h8000 : 16'h7fff;
+  assign \$72  = \$70  ? { 1'h0, r_2[15:0] } : { \$71 [15], \$71  };
+  assign \$73  = $signed(u_3) + $signed({ 1'h0, \$12 [2:0] });
+  assign \$74  = $signed(v_3) >>> t1_3;
+  assign \$75  = & r_3[24:15];
+  assign \$76  = | r_3[24:15];
+  assign \$77  = ~ \$76 ;
+  assign \$78  = \$75  | \$77 ;
+  assign \$79  = r_3[24] ? 16'h8000 : 16'h7fff;
+  assign \$80  = \$78  ? { 1'h0, r_3[15:0] } : { \$79 [15], \$79  };
+  assign \$81  = $signed(u_4) + $signed({ 1'h0, \$15 [2:0] });
+  assign \$82  = $signed(v_4) >>> t1_4;
+  assign \$83  = & r_4[24:15];
+  assign \$84  = | r_4[24:15];
+  assign \$85  = ~ \$84 ;
+  assign \$86  = \$83  | \$85 ;
+  assign \$87  = r_4[24] ? 16'h8000 : 16'h7fff;
+  assign \$88  = \$86  ? { 1'h0, r_4[15:0] } : { \$87 [15], \$87  };
+  assign \$89  = $signed(u_5) + $signed({ 1'h0, \$18 [2:0] });
+  assign \$90  = $signed(v_5) >>> t1_5;
+  assign \$91  = & r_5[24:15];
+  assign \$92  = | r_5[24:15];
+  assign \$93  = ~ \$92 ;
+  assign \$94  = \$91  | \$93 ;
+  assign \$95  = r_5[24] ? 16'h8000 : 16'h7fff;
+  assign \$96  = \$94  ? { 1'h0, r_5[15:0] } : { \$95 [15], \$95  };
+  assign \$97  = $signed(u_6) + $signed({ 1'h0, \$21 [2:0] });
+  assign \$98  = $signed(v_6) >>> t1_6;
+  assign \$99  = & r_6[24:15];
+  assign \$100  = | r_6[24:15];
+  assign \$101  = ~ \$100 ;
+  assign \$102  = \$99  | \$101 ;
+  assign \$103  = r_6[24] ? 16'h8000 : 16'h7fff;
+  assign \$104  = \$102  ? { 1'h0, r_6[15:0] } : { \$103 [15], \$103  };
+  assign \$105  = $signed(u_7) + $signed({ 1'h0, \$24 [2:0] });
+  assign \$106  = $signed(v_7) >>> t1_7;
+  assign \$107  = & r_7[24:15];
+  assign \$108  = | r_7[24:15];
+  assign \$109  = ~ \$108 ;
+  assign \$110  = \$107  | \$109 ;
+  assign \$111  = r_7[24] ? 16'h8000 : 16'h7fff;
+  assign \$112  = \$110  ? { 1'h0, r_7[15:0] } : { \$111 [15], \$111  };
+  assign \$113  = $signed(u_8) + $signed({ 1'h0, \$27 [2:0] });
+  assign \$114  = $signed(v_8) >>> t1_8;
+  assign \$115  = & r_8[24:15];
+  assign \$116  = | r_8[24:15];
+  assign \$117  = ~ \$116 ;
+  assign \$118  = \$115  | \$117 ;
+  assign \$119  = r_8[24] ? 16'h8000 : 16'h7fff;
+  assign \$120  = \$118  ? { 1'h0, r_8[15:0] } : { \$119 [15], \$119  };
+  assign \$121  = $signed(u_9) + $signed({ 1'h0, \$30 [2:0] });
+  assign \$122  = $signed(v_9) >>> t1_9;
+  assign \$123  = & r_9[24:15];
+  assign \$124  = | r_9[24:15];
+  assign \$125  = ~ \$124 ;
+  assign \$126  = \$123  | \$125 ;
+  assign \$127  = r_9[24] ? 16'h8000 : 16'h7fff;
+  assign \$128  = \$126  ? { 1'h0, r_9[15:0] } : { \$127 [15], \$127  };
+  assign \$129  = $signed(u_10) + $signed({ 1'h0, \$33 [2:0] });
+  assign \$130  = $signed(v_10) >>> t1_10;
+  assign \$131  = & r_10[24:15];
+  assign \$132  = | r_10[24:15];
+  assign \$133  = ~ \$132 ;
+  assign \$134  = \$131  | \$133 ;
+  assign \$135  = r_10[24] ? 16'h8000 : 16'h7fff;
+  assign \$136  = \$134  ? { 1'h0, r_10[15:0] } : { \$135 [15], \$135  };
+  assign \$137  = $signed(u_11) + $signed({ 1'h0, \$36 [2:0] });
+  assign \$138  = $signed(v_11) >>> t1_11;
+  assign \$139  = & r_11[24:15];
+  assign \$140  = | r_11[24:15];
+  assign \$141  = ~ \$140 ;
+  assign \$142  = \$139  | \$141 ;
+  assign \$143  = r_11[24] ? 16'h8000 : 16'h7fff;
+  assign \$144  = \$142  ? { 1'h0, r_11[15:0] } : { \$143 [15], \$143  };
+  assign \$145  = $signed(u_12) + $signed({ 1'h0, \$39 [2:0] });
+  assign \$146  = $signed(v_12) >>> t1_12;
+  assign \$147  = & r_12[24:15];
+  assign \$148  = | r_12[24:15];
+  assign \$149  = ~ \$148 ;
+  assign \$150  = \$147  | \$149 ;
+  assign \$151  = r_12[24] ? 16'h8000 : 16'h7fff;
+  assign \$152  = \$150  ? { 1'h0, r_12[15:0] } : { \$151 [15], \$151  };
+  assign \$153  = $signed(u_13) + $signed({ 1'h0, \$42 [2:0] });
+  assign \$154  = $signed(v_13) >>> t1_13;
+  assign \$155  = & r_13[24:15];
+  assign \$156  = | r_13[24:15];
+  assign \$157  = ~ \$156 ;
+  assign \$158  = \$155  | \$157 ;
+  assign \$159  = r_13[24] ? 16'h8000 : 16'h7fff;
+  assign \$160  = \$158  ? { 1'h0, r_13[15:0] } : { \$159 [15], \$159  };
+  assign \$161  = $signed(u_14) + $signed({ 1'h0, \$45 [2:0] });
+  assign \$162  = $signed(v_14) >>> t1_14;
+  assign \$163  = & r_14[24:15];
+  assign \$164  = | r_14[24:15];
+  assign \$165  = ~ \$164 ;
+  assign \$166  = \$163  | \$165 ;
+  assign \$167  = r_14[24] ? 16'h8000 : 16'h7fff;
+  assign \$168  = \$166  ? { 1'h0, r_14[15:0] } : { \$167 [15], \$167  };
+  assign \$169  = $signed(u_15) + $signed({ 1'h0, \$48 [2:0] });
+  assign \$170  = $signed(v_15) >>> t1_15;
+  assign \$171  = & r_15[24:15];
+  assign \$172  = | r_15[24:15];
+  assign \$173  = ~ \$172 ;
+  assign \$174  = \$171  | \$173 ;
+  assign \$175  = r_15[24] ? 16'h8000 : 16'h7fff;
+  assign \$176  = \$174  ? { 1'h0, r_15[15:0] } : { \$175 [15], \$175  };
   always @(posedge clk)
-    v_0 <= \$145 ;
+    v_0 <= \$177 ;
   always @(posedge clk)
-    t1_0 <= \$146 ;
+    t1_0 <= \$178 ;
   always @(posedge clk)
-    r_0 <= \$147 ;
+    r_0 <= \$179 ;
   always @(posedge clk)
-    o <= \$148 ;
+    o <= \$180 ;
   always @(posedge clk)
-    v_1 <= \$149 ;
+    v_1 <= \$181 ;
   always @(posedge clk)
-    t1_1 <= \$150 ;
+    t1_1 <= \$182 ;
   always @(posedge clk)
-    r_1 <= \$151 ;
+    r_1 <= \$183 ;
   always @(posedge clk)
-    v_2 <= \$152 ;
+    v_2 <= \$184 ;
   always @(posedge clk)
-    t1_2 <= \$153 ;
+    t1_2 <= \$185 ;
   always @(posedge clk)
-    r_2 <= \$154 ;
+    r_2 <= \$186 ;
   always @(posedge clk)
-    v_3 <= \$155 ;
+    v_3 <= \$187 ;
   always @(posedge clk)
-    t1_3 <= \$156 ;
+    t1_3 <= \$188 ;
   always @(posedge clk)
-    r_3 <= \$157 ;
+    r_3 <= \$189 ;
   always @(posedge clk)
-    v_4 <= \$158 ;
+    v_4 <= \$190 ;
   always @(posedge clk)
-    t1_4 <= \$159 ;
+    t1_4 <= \$191 ;
   always @(posedge clk)
-    r_4 <= \$160 ;
+    r_4 <= \$192 ;
   always @(posedge clk)
-    v_5 <= \$161 ;
+    v_5 <= \$193 ;
   always @(posedge clk)
-    t1_5 <= \$162 ;
+    t1_5 <= \$194 ;
   always @(posedge clk)
-    r_5 <= \$163 ;
+    r_5 <= \$195 ;
   always @(posedge clk)
-    v_6 <= \$164 ;
+    v_6 <= \$196 ;
   always @(posedge clk)
-    t1_6 <= \$165 ;
+    t1_6 <= \$197 ;
   always @(posedge clk)
-    r_6 <= \$166 ;
+    r_6 <= \$198 ;
   always @(posedge clk)
-    v_7 <= \$167 ;
+    v_7 <= \$199 ;
   always @(posedge clk)
-    t1_7 <= \$168 ;
+    t1_7 <= \$200 ;
   always @(posedge clk)
-    r_7 <= \$169 ;
+    r_7 <= \$201 ;
   always @(posedge clk)
-    v_8 <= \$170 ;
+    v_8 <= \$202 ;
   always @(posedge clk)
-    t1_8 <= \$171 ;
+    t1_8 <= \$203 ;
   always @(posedge clk)
-    r_8 <= \$172 ;
+    r_8 <= \$204 ;
   always @(posedge clk)
-    v_9 <= \$173 ;
+    v_9 <= \$205 ;
   always @(posedge clk)
-    t1_9 <= \$174 ;
+    t1_9 <= \$206 ;
   always @(posedge clk)
-    r_9 <= \$175 ;
+    r_9 <= \$207 ;
   always @(posedge clk)
-    v_10 <= \$176 ;
+    v_10 <= \$208 ;
   always @(posedge clk)
-    t1_10 <= \$177 ;
+    t1_10 <= \$209 ;
   always @(posedge clk)
-    r_10 <= \$178 ;
+    r_10 <= \$210 ;
   always @(posedge clk)
-    v_11 <= \$179 ;
+    v_11 <= \$211 ;
   always @(posedge clk)
-    t1_11 <= \$180 ;
+    t1_11 <= \$212 ;
   always @(posedge clk)
-    r_11 <= \$181 ;
+    r_11 <= \$213 ;
   always @(posedge clk)
-    v_12 <= \$182 ;
+    v_12 <= \$214 ;
   always @(posedge clk)
-    t1_12 <= \$183 ;
+    t1_12 <= \$215 ;
   always @(posedge clk)
-    r_12 <= \$184 ;
+    r_12 <= \$216 ;
   always @(posedge clk)
-    v_13 <= \$185 ;
+    v_13 <= \$217 ;
   always @(posedge clk)
-    t1_13 <= \$186 ;
+    t1_13 <= \$218 ;
   always @(posedge clk)
-    r_13 <= \$187 ;
+    r_13 <= \$219 ;
   always @(posedge clk)
-    v_14 <= \$188 ;
+    v_14 <= \$220 ;
   always @(posedge clk)
-    t1_14 <= \$189 ;
+    t1_14 <= \$221 ;
   always @(posedge clk)
-    r_14 <= \$190 ;
+    r_14 <= \$222 ;
   always @(posedge clk)
-    v_15 <= \$191 ;
+    v_15 <= \$223 ;
   always @(posedge clk)
-    t1_15 <= \$192 ;
+    t1_15 <= \$224 ;
   always @(posedge clk)
-    r_15 <= \$193 ;
+    r_15 <= \$225 ;
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$145  = \$49 ;
+    \$177  = \$49 ;
     if (rst) begin
-      \$145  = 26'h0000000;
+      \$177  = 26'h0000000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$146  = i[385:384];
+    \$178  = i[385:384];
     if (rst) begin
-      \$146  = 2'h0;
+      \$178  = 2'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$147  = \$50 [24:0];
+    \$179  = \$50 [24:0];
     if (rst) begin
-      \$147  = 25'h0000000;
+      \$179  = 25'h0000000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$148 [15:0] = \$54 [15:0];
-    \$148 [31:16] = \$60 [15:0];
-    \$148 [47:32] = \$66 [15:0];
-    \$148 [63:48] = \$72 [15:0];
-    \$148 [79:64] = \$78 [15:0];
-    \$148 [95:80] = \$84 [15:0];
-    \$148 [111:96] = \$90 [15:0];
-    \$148 [127:112] = \$96 [15:0];
-    \$148 [143:128] = \$102 [15:0];
-    \$148 [159:144] = \$108 [15:0];
-    \$148 [175:160] = \$114 [15:0];
-    \$148 [191:176] = \$120 [15:0];
-    \$148 [207:192] = \$126 [15:0];
-    \$148 [223:208] = \$132 [15:0];
-    \$148 [239:224] = \$138 [15:0];
-    \$148 [255:240] = \$144 [15:0];
+    \$180 [15:0] = \$56 [15:0];
+    \$180 [31:16] = \$64 [15:0];
+    \$180 [47:32] = \$72 [15:0];
+    \$180 [63:48] = \$80 [15:0];
+    \$180 [79:64] = \$88 [15:0];
+    \$180 [95:80] = \$96 [15:0];
+    \$180 [111:96] = \$104 [15:0];
+    \$180 [127:112] = \$112 [15:0];
+    \$180 [143:128] = \$120 [15:0];
+    \$180 [159:144] = \$128 [15:0];
+    \$180 [175:160] = \$136 [15:0];
+    \$180 [191:176] = \$144 [15:0];
+    \$180 [207:192] = \$152 [15:0];
+    \$180 [223:208] = \$160 [15:0];
+    \$180 [239:224] = \$168 [15:0];
+    \$180 [255:240] = \$176 [15:0];
     if (rst) begin
-      \$148  = 256'h0000000000000000000000000000000000000000000000000000000000000000;
+      \$180  = 256'h0000000000000000000000000000000000000000000000000000000000000000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$149  = \$55 ;
+    \$181  = \$57 ;
     if (rst) begin
-      \$149  = 26'h0000000;
+      \$181  = 26'h0000000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$150  = i[387:386];
+    \$182  = i[387:386];
     if (rst) begin
-      \$150  = 2'h0;
+      \$182  = 2'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$151  = \$56 [24:0];
+    \$183  = \$58 [24:0];
     if (rst) begin
-      \$151  = 25'h0000000;
+      \$183  = 25'h0000000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$152  = \$61 ;
+    \$184  = \$65 ;
     if (rst) begin
-      \$152  = 26'h0000000;
+      \$184  = 26'h0000000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$153  = i[389:388];
+    \$185  = i[389:388];
     if (rst) begin
-      \$153  = 2'h0;
+      \$185  = 2'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$154  = \$62 [24:0];
+    \$186  = \$66 [24:0];
     if (rst) begin
-      \$154  = 25'h0000000;
+      \$186  = 25'h0000000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$155  = \$67 ;
+    \$187  = \$73 ;
     if (rst) begin
-      \$155  = 26'h0000000;
+      \$187  = 26'h0000000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$156  = i[391:390];
+    \$188  = i[391:390];
     if (rst) begin
-      \$156  = 2'h0;
+      \$188  = 2'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$157  = \$68 [24:0];
+    \$189  = \$74 [24:0];
     if (rst) begin
-      \$157  = 25'h0000000;
+      \$189  = 25'h0000000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$158  = \$73 ;
+    \$190  = \$81 ;
     if (rst) begin
-      \$158  = 26'h0000000;
+      \$190  = 26'h0000000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$159  = i[393:392];
+    \$191  = i[393:392];
     if (rst) begin
-      \$159  = 2'h0;
+      \$191  = 2'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$160  = \$74 [24:0];
+    \$192  = \$82 [24:0];
     if (rst) begin
-      \$160  = 25'h0000000;
+      \$192  = 25'h0000000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$161  = \$79 ;
+    \$193  = \$89 ;
     if (rst) begin
-      \$161  = 26'h0000000;
+      \$193  = 26'h0000000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$162  = i[395:394];
+    \$194  = i[395:394];
     if (rst) begin
-      \$162  = 2'h0;
+      \$194  = 2'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$163  = \$80 [24:0];
+    \$195  = \$90 [24:0];
     if (rst) begin
-      \$163  = 25'h0000000;
+      \$195  = 25'h0000000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$164  = \$85 ;
+    \$196  = \$97 ;
     if (rst) begin
-      \$164  = 26'h0000000;
+      \$196  = 26'h0000000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$165  = i[397:396];
+    \$197  = i[397:396];
     if (rst) begin
-      \$165  = 2'h0;
+      \$197  = 2'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$166  = \$86 [24:0];
+    \$198  = \$98 [24:0];
     if (rst) begin
-      \$166  = 25'h0000000;
+      \$198  = 25'h0000000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$167  = \$91 ;
+    \$199  = \$105 ;
     if (rst) begin
-      \$167  = 26'h0000000;
+      \$199  = 26'h0000000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$168  = i[399:398];
+    \$200  = i[399:398];
     if (rst) begin
-      \$168  = 2'h0;
+      \$200  = 2'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$169  = \$92 [24:0];
+    \$201  = \$106 [24:0];
     if (rst) begin
-      \$169  = 25'h0000000;
+      \$201  = 25'h0000000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$170  = \$97 ;
+    \$202  = \$113 ;
     if (rst) begin
-      \$170  = 26'h0000000;
+      \$202  = 26'h0000000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$171  = i[401:400];
+    \$203  = i[401:400];
     if (rst) begin
-      \$171  = 2'h0;
+      \$203  = 2'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$172  = \$98 [24:0];
+    \$204  = \$114 [24:0];
     if (rst) begin
-      \$172  = 25'h0000000;
+      \$204  = 25'h0000000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$173  = \$103 ;
+    \$205  = \$121 ;
     if (rst) begin
-      \$173  = 26'h0000000;
+      \$205  = 26'h0000000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$174  = i[403:402];
+    \$206  = i[403:402];
     if (rst) begin
-      \$174  = 2'h0;
+      \$206  = 2'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$175  = \$104 [24:0];
+    \$207  = \$122 [24:0];
     if (rst) begin
-      \$175  = 25'h0000000;
+      \$207  = 25'h0000000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$176  = \$109 ;
+    \$208  = \$129 ;
     if (rst) begin
-      \$176  = 26'h0000000;
+      \$208  = 26'h0000000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$177  = i[405:404];
+    \$209  = i[405:404];
     if (rst) begin
-      \$177  = 2'h0;
+      \$209  = 2'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$178  = \$110 [24:0];
+    \$210  = \$130 [24:0];
     if (rst) begin
-      \$178  = 25'h0000000;
+      \$210  = 25'h0000000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$179  = \$115 ;
+    \$211  = \$137 ;
     if (rst) begin
-      \$179  = 26'h0000000;
+      \$211  = 26'h0000000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$180  = i[407:406];
+    \$212  = i[407:406];
     if (rst) begin
-      \$180  = 2'h0;
+      \$212  = 2'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$181  = \$116 [24:0];
+    \$213  = \$138 [24:0];
     if (rst) begin
-      \$181  = 25'h0000000;
+      \$213  = 25'h0000000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$182  = \$121 ;
+    \$214  = \$145 ;
     if (rst) begin
-      \$182  = 26'h0000000;
+      \$214  = 26'h0000000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$183  = i[409:408];
+    \$215  = i[409:408];
     if (rst) begin
-      \$183  = 2'h0;
+      \$215  = 2'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$184  = \$122 [24:0];
+    \$216  = \$146 [24:0];
     if (rst) begin
-      \$184  = 25'h0000000;
+      \$216  = 25'h0000000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$185  = \$127 ;
+    \$217  = \$153 ;
     if (rst) begin
-      \$185  = 26'h0000000;
+      \$217  = 26'h0000000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$186  = i[411:410];
+    \$218  = i[411:410];
     if (rst) begin
-      \$186  = 2'h0;
+      \$218  = 2'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$187  = \$128 [24:0];
+    \$219  = \$154 [24:0];
     if (rst) begin
-      \$187  = 25'h0000000;
+      \$219  = 25'h0000000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$188  = \$133 ;
+    \$220  = \$161 ;
     if (rst) begin
-      \$188  = 26'h0000000;
+      \$220  = 26'h0000000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$189  = i[413:412];
+    \$221  = i[413:412];
     if (rst) begin
-      \$189  = 2'h0;
+      \$221  = 2'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$190  = \$134 [24:0];
+    \$222  = \$162 [24:0];
     if (rst) begin
-      \$190  = 25'h0000000;
+      \$222  = 25'h0000000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$191  = \$139 ;
+    \$223  = \$169 ;
     if (rst) begin
-      \$191  = 26'h0000000;
+      \$223  = 26'h0000000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$192  = i[415:414];
+    \$224  = i[415:414];
     if (rst) begin
-      \$192  = 2'h0;
+      \$224  = 2'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$193  = \$140 [24:0];
+    \$225  = \$170 [24:0];
     if (rst) begin
-      \$193  = 25'h0000000;
+      \$225  = 25'h0000000;
     end
   end
   assign rc_0 = \$3 [2:0];

@@ -40398,131 +40398,163 @@ module \encoder_layer_0_attention_self_key.rq (rst, i, o, clk);
   reg \$auto$verilog_backend.cc:2355:dump_module$3  = 0;
   wire [24:0] \$1 ;
   wire [24:0] \$10 ;
-  wire [8:0] \$100 ;
-  wire [18:0] \$101 ;
-  wire [18:0] \$102 ;
-  wire \$103 ;
-  wire \$104 ;
-  wire [8:0] \$105 ;
-  wire [8:0] \$106 ;
-  wire [18:0] \$107 ;
-  wire [18:0] \$108 ;
+  wire \$100 ;
+  wire \$101 ;
+  wire \$102 ;
+  wire [7:0] \$103 ;
+  wire [8:0] \$104 ;
+  wire [18:0] \$105 ;
+  wire [18:0] \$106 ;
+  wire \$107 ;
+  wire \$108 ;
   wire \$109 ;
   wire [12:0] \$11 ;
   wire \$110 ;
-  wire [8:0] \$111 ;
+  wire [7:0] \$111 ;
   wire [8:0] \$112 ;
   wire [18:0] \$113 ;
   wire [18:0] \$114 ;
   wire \$115 ;
   wire \$116 ;
-  wire [8:0] \$117 ;
-  wire [8:0] \$118 ;
-  wire [18:0] \$119 ;
+  wire \$117 ;
+  wire \$118 ;
+  wire [7:0] \$119 ;
   wire [12:0] \$12 ;
-  wire [18:0] \$120 ;
-  wire \$121 ;
-  wire \$122 ;
-  wire [8:0] \$123 ;
-  wire [8:0] \$124 ;
-  wire [18:0] \$125 ;
-  wire [18:0] \$126 ;
-  wire \$127 ;
-  wire \$128 ;
-  wire [8:0] \$129 ;
+  wire [8:0] \$120 ;
+  wire [18:0] \$121 ;
+  wire [18:0] \$122 ;
+  wire \$123 ;
+  wire \$124 ;
+  wire \$125 ;
+  wire \$126 ;
+  wire [7:0] \$127 ;
+  wire [8:0] \$128 ;
+  wire [18:0] \$129 ;
   wire [24:0] \$13 ;
-  wire [8:0] \$130 ;
-  wire [18:0] \$131 ;
-  wire [18:0] \$132 ;
+  wire [18:0] \$130 ;
+  wire \$131 ;
+  wire \$132 ;
   wire \$133 ;
   wire \$134 ;
-  wire [8:0] \$135 ;
+  wire [7:0] \$135 ;
   wire [8:0] \$136 ;
   wire [18:0] \$137 ;
   wire [18:0] \$138 ;
   wire \$139 ;
   wire [24:0] \$14 ;
   wire \$140 ;
-  wire [8:0] \$141 ;
-  wire [8:0] \$142 ;
-  wire [18:0] \$143 ;
-  wire [18:0] \$144 ;
-  wire \$145 ;
-  wire \$146 ;
-  wire [8:0] \$147 ;
-  wire [8:0] \$148 ;
-  wire [18:0] \$149 ;
+  wire \$141 ;
+  wire \$142 ;
+  wire [7:0] \$143 ;
+  wire [8:0] \$144 ;
+  wire [18:0] \$145 ;
+  wire [18:0] \$146 ;
+  wire \$147 ;
+  wire \$148 ;
+  wire \$149 ;
   wire [12:0] \$15 ;
-  wire [18:0] \$150 ;
-  wire \$151 ;
-  wire \$152 ;
-  wire [8:0] \$153 ;
-  wire [8:0] \$154 ;
-  wire [18:0] \$155 ;
-  wire [18:0] \$156 ;
+  wire \$150 ;
+  wire [7:0] \$151 ;
+  wire [8:0] \$152 ;
+  wire [18:0] \$153 ;
+  wire [18:0] \$154 ;
+  wire \$155 ;
+  wire \$156 ;
   wire \$157 ;
   wire \$158 ;
-  wire [8:0] \$159 ;
+  wire [7:0] \$159 ;
   wire [12:0] \$16 ;
   wire [8:0] \$160 ;
-  reg [18:0] \$161 ;
-  reg [2:0] \$162 ;
-  reg [17:0] \$163 ;
-  reg [127:0] \$164 ;
-  reg [18:0] \$165 ;
-  reg [2:0] \$166 ;
-  reg [17:0] \$167 ;
-  reg [18:0] \$168 ;
-  reg [2:0] \$169 ;
+  wire [18:0] \$161 ;
+  wire [18:0] \$162 ;
+  wire \$163 ;
+  wire \$164 ;
+  wire \$165 ;
+  wire \$166 ;
+  wire [7:0] \$167 ;
+  wire [8:0] \$168 ;
+  wire [18:0] \$169 ;
   wire [24:0] \$17 ;
-  reg [17:0] \$170 ;
-  reg [18:0] \$171 ;
-  reg [2:0] \$172 ;
-  reg [17:0] \$173 ;
-  reg [18:0] \$174 ;
-  reg [2:0] \$175 ;
-  reg [17:0] \$176 ;
-  reg [18:0] \$177 ;
-  reg [2:0] \$178 ;
-  reg [17:0] \$179 ;
+  wire [18:0] \$170 ;
+  wire \$171 ;
+  wire \$172 ;
+  wire \$173 ;
+  wire \$174 ;
+  wire [7:0] \$175 ;
+  wire [8:0] \$176 ;
+  wire [18:0] \$177 ;
+  wire [18:0] \$178 ;
+  wire \$179 ;
   wire [24:0] \$18 ;
-  reg [18:0] \$180 ;
-  reg [2:0] \$181 ;
-  reg [17:0] \$182 ;
-  reg [18:0] \$183 ;
-  reg [2:0] \$184 ;
-  reg [17:0] \$185 ;
-  reg [18:0] \$186 ;
-  reg [2:0] \$187 ;
-  reg [17:0] \$188 ;
-  reg [18:0] \$189 ;
+  wire \$180 ;
+  wire \$181 ;
+  wire \$182 ;
+  wire [7:0] \$183 ;
+  wire [8:0] \$184 ;
+  wire [18:0] \$185 ;
+  wire [18:0] \$186 ;
+  wire \$187 ;
+  wire \$188 ;
+  wire \$189 ;
   wire [12:0] \$19 ;
-  reg [2:0] \$190 ;
-  reg [17:0] \$191 ;
-  reg [18:0] \$192 ;
-  reg [2:0] \$193 ;
-  reg [17:0] \$194 ;
-  reg [18:0] \$195 ;
-  reg [2:0] \$196 ;
-  reg [17:0] \$197 ;
-  reg [18:0] \$198 ;
-  reg [2:0] \$199 ;
+  wire \$190 ;
+  wire [7:0] \$191 ;
+  wire [8:0] \$192 ;
+  reg [18:0] \$193 ;
+  reg [2:0] \$194 ;
+  reg [17:0] \$195 ;
+  reg [127:0] \$196 ;
+  reg [18:0] \$197 ;
+  reg [2:0] \$198 ;
+  reg [17:0] \$199 ;
   wire [24:0] \$2 ;
   wire [12:0] \$20 ;
-  reg [17:0] \$200 ;
-  reg [18:0] \$201 ;
-  reg [2:0] \$202 ;
-  reg [17:0] \$203 ;
-  reg [18:0] \$204 ;
-  reg [2:0] \$205 ;
-  reg [17:0] \$206 ;
-  reg [18:0] \$207 ;
-  reg [2:0] \$208 ;
-  reg [17:0] \$209 ;
+  reg [18:0] \$200 ;
+  reg [2:0] \$201 ;
+  reg [17:0] \$202 ;
+  reg [18:0] \$203 ;
+  reg [2:0] \$204 ;
+  reg [17:0] \$205 ;
+  reg [18:0] \$206 ;
+  reg [2:0] \$207 ;
+  reg [17:0] \$208 ;
+  reg [18:0] \$209 ;
   wire [24:0] \$21 ;
+  reg [2:0] \$210 ;
+  reg [17:0] \$211 ;
+  reg [18:0] \$212 ;
+  reg [2:0] \$213 ;
+  reg [17:0] \$214 ;
+  reg [18:0] \$215 ;
+  reg [2:0] \$216 ;
+  reg [17:0] \$217 ;
+  reg [18:0] \$218 ;
+  reg [2:0] \$219 ;
   wire [24:0] \$22 ;
+  reg [17:0] \$220 ;
+  reg [18:0] \$221 ;
+  reg [2:0] \$222 ;
+  reg [17:0] \$223 ;
+  reg [18:0] \$224 ;
+  reg [2:0] \$225 ;
+  reg [17:0] \$226 ;
+  reg [18:0] \$227 ;
+  reg [2:0] \$228 ;
+  reg [17:0] \$229 ;
   wire [12:0] \$23 ;
+  reg [18:0] \$230 ;
+  reg [2:0] \$231 ;
+  reg [17:0] \$232 ;
+  reg [18:0] \$233 ;
+  reg [2:0] \$234 ;
+  reg [17:0] \$235 ;
+  reg [18:0] \$236 ;
+  reg [2:0] \$237 ;
+  reg [17:0] \$238 ;
+  reg [18:0] \$239 ;
   wire [12:0] \$24 ;
+  reg [2:0] \$240 ;
+  reg [17:0] \$241 ;
   wire [24:0] \$25 ;
   wire [24:0] \$26 ;
   wire [12:0] \$27 ;
@@ -40571,40 +40603,40 @@ module \encoder_layer_0_attention_self_key.rq (rst, i, o, clk);
   wire [18:0] \$66 ;
   wire \$67 ;
   wire \$68 ;
-  wire [8:0] \$69 ;
+  wire \$69 ;
   wire [12:0] \$7 ;
-  wire [8:0] \$70 ;
-  wire [18:0] \$71 ;
-  wire [18:0] \$72 ;
-  wire \$73 ;
-  wire \$74 ;
-  wire [8:0] \$75 ;
-  wire [8:0] \$76 ;
-  wire [18:0] \$77 ;
-  wire [18:0] \$78 ;
-  wire \$79 ;
+  wire \$70 ;
+  wire [7:0] \$71 ;
+  wire [8:0] \$72 ;
+  wire [18:0] \$73 ;
+  wire [18:0] \$74 ;
+  wire \$75 ;
+  wire \$76 ;
+  wire \$77 ;
+  wire \$78 ;
+  wire [7:0] \$79 ;
   wire [12:0] \$8 ;
-  wire \$80 ;
-  wire [8:0] \$81 ;
-  wire [8:0] \$82 ;
-  wire [18:0] \$83 ;
-  wire [18:0] \$84 ;
+  wire [8:0] \$80 ;
+  wire [18:0] \$81 ;
+  wire [18:0] \$82 ;
+  wire \$83 ;
+  wire \$84 ;
   wire \$85 ;
   wire \$86 ;
-  wire [8:0] \$87 ;
+  wire [7:0] \$87 ;
   wire [8:0] \$88 ;
   wire [18:0] \$89 ;
   wire [24:0] \$9 ;
   wire [18:0] \$90 ;
   wire \$91 ;
   wire \$92 ;
-  wire [8:0] \$93 ;
-  wire [8:0] \$94 ;
-  wire [18:0] \$95 ;
-  wire [18:0] \$96 ;
-  wire \$97 ;
-  wire \$98 ;
-  wire [8:0] \$99 ;
+  wire \$93 ;
+  wire \$94 ;
+  wire [7:0] \$95 ;
+  wire [8:0] \$96 ;
+  wire [18:0] \$97 ;
+  wire [18:0] \$98 ;
+  wire \$99 ;
   input clk;
   wire clk;
   input [431:0] i;
@@ -40761,554 +40793,586 @@ module \encoder_layer_0_attention_self_key.rq (rst, i, o, clk);
   assign \$63  = 1'h1 << i[431:429];
   assign \$65  = $signed(\$2 [17:0]) + $signed({ 1'h0, \$4 [4:0] });
   assign \$66  = $signed(v_0) >>> t1_0;
-  assign \$67  = $signed(r_0) > $signed(8'h7f);
-  assign \$68  = $signed(r_0) < $signed(8'h80);
-  assign \$69  = \$68  ? 9'h180 : { 1'h0, r_0[7:0] };
-  assign \$70  = \$67  ? 9'h07f : \$69 ;
-  assign \$71  = $signed(\$6 [17:0]) + $signed({ 1'h0, \$8 [4:0] });
-  assign \$72  = $signed(v_1) >>> t1_1;
-  assign \$73  = $signed(r_1) > $signed(8'h7f);
-  assign \$74  = $signed(r_1) < $signed(8'h80);
-  assign \$75  = \$74  ? 9'h180 : { 1'h0, r_1[7:0] };
-  assign \$76  = \$73  ? 9'h07f : \$75 ;
-  assign \$77  = $signed(\$10 [17:0]) + $signed({ 1'h0, \$12 [4:0] });
-  assign \$78  = $signed(v_2) >>> t1_2;
-  assign \$79  = $signed(r_2) > $signed(8'h7f);
-  assign \$80  = $signed(r_2) < $signed(8'h80);
-  assign \$81  = \$80  ? 9'h180 : { 1'h0, r_2[7:0] };
-  assign \$82  = \$79  ? 9'h07f : \$81 ;
-  assign \$83  = $signed(\$14 [17:0]) + $signed({ 1'h0, \$16 [4:0] });
-  assign \$84  = $signed(v_3) >>> t1_3;
-  assign \$85  = $signed(r_3) > $signed(8'h7f);
-  assign \$86  = $signed(r_3) < $signed(8'h80);
-  assign \$87  = \$86  ? 9'h180 : { 1'h0, r_3[7:0] };
-  assign \$88  = \$85  ? 9'h07f : \$87 ;
-  assign \$89  = $signed(\$18 [17:0]) + $signed({ 1'h0, \$20 [4:0] });
-  assign \$90  = $signed(v_4) >>> t1_4;
-  assign \$91  = $signed(r_4) > $signed(8'h7f);
-  assign \$92  = $signed(r_4) < $signed(8'h80);
-  assign \$93  = \$92  ? 9'h180 : { 1'h0, r_4[7:0] };
-  assign \$94  = \$91  ? 9'h07f : \$93 ;
-  assign \$95  = $signed(\$22 [17:0]) + $signed({ 1'h0, \$24 [4:0] });
-  assign \$96  = $signed(v_5) >>> t1_5;
-  assign \$97  = $signed(r_5) > $signed(8'h7f);
-  assign \$98  = $signed(r_5) < $signed(8'h80);
-  assign \$99  = \$98  ? 9'h180 : { 1'h0, r_5[7:0] };
-  assign \$100  = \$97  ? 9'h07f : \$99 ;
-  assign \$101  = $signed(\$26 [17:0]) + $signed({ 1'h0, \$28 [4:0] });
-  assign \$102  = $signed(v_6) >>> t1_6;
-  assign \$103  = $signed(r_6) > $signed(8'h7f);
-  assign \$104  = $signed(r_6) < $signed(8'h80);
-  assign \$105  = \$104  ? 9'h180 : { 1'h0, r_6[7:0] };
-  assign \$106  = \$103  ? 9'h07f : \$105 ;
-  assign \$107  = $signed(\$30 [17:0]) + $signed({ 1'h0, \$32 [4:0] });
-  assign \$108  = $signed(v_7) >>> t1_7;
-  assign \$109  = $signed(r_7) > $signed(8'h7f);
-  assign \$110  = $signed(r_7) < $signed(8'h80);
-  assign \$111  = \$110  ? 9'h180 : { 1'h0, r_7[7:0] };
-  assign \$112  = \$109  ? 9'h07f : \$111 ;
-  assign \$113  = $signed(\$34 [17:0]) + $signed({ 1'h0, \$36 [4:0] });
-  assign \$114  = $signed(v_8) >>> t1_8;
-  assign \$115  = $signed(r_8) > $signed(8'h7f);
-  assign \$116  = $signed(r_8) < $signed(8'h80);
-  assign \$117  = \$116  ? 9'h180 : { 1'h0, r_8[7:0] };
-  assign \$118  = \$115  ? 9'h07f : \$117 ;
-  assign \$119  = $signed(\$38 [17:0]) + $signed({ 1'h0, \$40 [4:0] });
-  assign \$120  = $signed(v_9) >>> t1_9;
-  assign \$121  = $signed(r_9) > $signed(8'h7f);
-  assign \$122  = $signed(r_9) < $signed(8'h80);
-  assign \$123  = \$122  ? 9'h180 : { 1'h0, r_9[7:0] };
-  assign \$124  = \$121  ? 9'h07f : \$123 ;
-  assign \$125  = $signed(\$42 [17:0]) + $signed({ 1'h0, \$44 [4:0] });
-  assign \$126  = $signed(v_10) >>> t1_10;
-  assign \$127  = $signed(r_10) > $signed(8'h7f);
-  assign \$128  = $signed(r_10) < $signed(8'h80);
-  assign \$129  = \$128  ? 9'h180 : { 1'h0, r_10[7:0] };
-  assign \$130  = \$127  ? 9'h07f : \$129 ;
-  assign \$131  = $signed(\$46 [17:0]) + $signed({ 1'h0, \$48 [4:0] });
-  assign \$132  = $signed(v_11) >>> t1_11;
-  assign \$133  = $signed(r_11) > $signed(8'h7f);
-  assign \$134  = $signed(r_11) < $signed(8'h80);
-  assign \$135  = \$134  ? 9'h180 : { 1'h0, r_11[7:0] };
-  assign \$136  = \$133  ? 9'h07f : \$135 ;
-  assign \$137  = $signed(\$50 [17:0]) + $signed({ 1'h0, \$52 [4:0] });
-  assign \$138  = $signed(v_12) >>> t1_12;
-  assign \$139  = $signed(r_12) > $signed(8'h7f);
-  assign \$140  = $signed(r_12) < $signed(8'h80);
-  assign \$141  = \$140  ? 9'h180 : { 1'h0, r_12[7:0] };
-  assign \$142  = \$139  ? 9'h07f : \$141 ;
-  assign \$143  = $signed(\$54 [17:0]) + $signed({ 1'h0, \$56 [4:0] });
-  assign \$144  = $signed(v_13) >>> t1_13;
-  assign \$145  = $signed(r_13) > $signed(8'h7f);
-  assign \$146  = $signed(r_13) < $signed(8'h80);
-  assign \$147  = \$146  ? 9'h180 : { 1'h0, r_13[7:0] };
-  assign \$148  = \$145  ? 9'h07f : \$147 ;
-  assign \$149  = $signed(\$58 [17:0]) + $signed({ 1'h0, \$60 [4:0] });
-  assign \$150  = $signed(v_14) >>> t1_14;
-  assign \$151  = $signed(r_14) > $signed(8'h7f);
-  assign \$152  = $signed(r_14) < $signed(8'h80);
-  assign \$153  = \$152  ? 9'h180 : { 1'h0, r_14[7:0] };
-  assign \$154  = \$151  ? 9'h07f : \$153 ;
-  assign \$155  = $signed(\$62 [17:0]) + $signed({ 1'h0, \$64 [4:0] });
-  assign \$156  = $signed(v_15) >>> t1_15;
-  assign \$157  = $signed(r_15) > $signed(8'h7f);
-  assign \$158  = $signed(r_15) < $signed(8'h80);
-  assign \$159  = \$158  ? 9'h180 : { 1'h0, r_15[7:0] };
-  assign \$160  = \$157  ? 9'h07f : \$159 ;
+  assign \$67  = & r_0[17:7];
+  assign \$68  = | r_0[17:7];
+  assign \$69  = ~ \$68 ;
+  assign \$70  = \$67  | \$69 ;
+  assign \$71  = r_0[17] ? 8'h80 : 8'h7f;
+  assign \$72  = \$70  ? { 1'h0, r_0[7:0] } : { \$71 [7], \$71  };
+  assign \$73  = $signed(\$6 [17:0]) + $signed({ 1'h0, \$8 [4:0] });
+  assign \$74  = $signed(v_1) >>> t1_1;
+  assign \$75  = & r_1[17:7];
+  assign \$76  = | r_1[17:7];
+  assign \$77  = ~ \$76 ;
+  assign \$78  = \$75  | \$77 ;
+  assign \$79  = r_1[17] ? 8'h80 : 8'h7f;
+  assign \$80  = \$78  ? { 1'h0, r_1[7:0] } : { \$79 [7], \$79  };
+  assign \$81  = $signed(\$10 [17:0]) + $signed({ 1'h0, \$12 [4:0] });
+  assign \$82  = $signed(v_2) >>> t1_2;
+  assign \$83  = & r_2[17:7];
+  assign \$84  = | r_2[17:7];
+  assign \$85  = ~ \$84 ;
+  assign \$86  = \$83  | \$85 ;
+  assign \$87  = r_2[17] ? 8'h80 : 8'h7f;
+  assign \$88  = \$86  ? { 1'h0, r_2[7:0] } : { \$87 [7], \$87  };
+  assign \$89  = $signed(\$14 [17:0]) + $signed({ 1'h0, \$16 [4:0] });
+  assign \$90  = $signed(v_3) >>> t1_3;
+  assign \$91  = & r_3[17:7];
+  assign \$92  = | r_3[17:7];
+  assign \$93  = ~ \$92 ;
+  assign \$94  = \$91  | \$93 ;
+  assign \$95  = r_3[17] ? 8'h80 : 8'h7f;
+  assign \$96  = \$94  ? { 1'h0, r_3[7:0] } : { \$95 [7], \$95  };
+  assign \$97  = $signed(\$18 [17:0]) + $signed({ 1'h0, \$20 [4:0] });
+  assign \$98  = $signed(v_4) >>> t1_4;
+  assign \$99  = & r_4[17:7];
+  assign \$100  = | r_4[17:7];
+  assign \$101  = ~ \$100 ;
+  assign \$102  = \$99  | \$101 ;
+  assign \$103  = r_4[17] ? 8'h80 : 8'h7f;
+  assign \$104  = \$102  ? { 1'h0, r_4[7:0] } : { \$103 [7], \$103  };
+  assign \$105  = $signed(\$22 [17:0]) + $signed({ 1'h0, \$24 [4:0] });
+  assign \$106  = $signed(v_5) >>> t1_5;
+  assign \$107  = & r_5[17:7];
+  assign \$108  = | r_5[17:7];
+  assign \$109  = ~ \$108 ;
+  assign \$110  = \$107  | \$109 ;
+  assign \$111  = r_5[17] ? 8'h80 : 8'h7f;
+  assign \$112  = \$110  ? { 1'h0, r_5[7:0] } : { \$111 [7], \$111  };
+  assign \$113  = $signed(\$26 [17:0]) + $signed({ 1'h0, \$28 [4:0] });
+  assign \$114  = $signed(v_6) >>> t1_6;
+  assign \$115  = & r_6[17:7];
+  assign \$116  = | r_6[17:7];
+  assign \$117  = ~ \$116 ;
+  assign \$118  = \$115  | \$117 ;
+  assign \$119  = r_6[17] ? 8'h80 : 8'h7f;
+  assign \$120  = \$118  ? { 1'h0, r_6[7:0] } : { \$119 [7], \$119  };
+  assign \$121  = $signed(\$30 [17:0]) + $signed({ 1'h0, \$32 [4:0] });
+  assign \$122  = $signed(v_7) >>> t1_7;
+  assign \$123  = & r_7[17:7];
+  assign \$124  = | r_7[17:7];
+  assign \$125  = ~ \$124 ;
+  assign \$126  = \$123  | \$125 ;
+  assign \$127  = r_7[17] ? 8'h80 : 8'h7f;
+  assign \$128  = \$126  ? { 1'h0, r_7[7:0] } : { \$127 [7], \$127  };
+  assign \$129  = $signed(\$34 [17:0]) + $signed({ 1'h0, \$36 [4:0] });
+  assign \$130  = $signed(v_8) >>> t1_8;
+  assign \$131  = & r_8[17:7];
+  assign \$132  = | r_8[17:7];
+  assign \$133  = ~ \$132 ;
+  assign \$134  = \$131  | \$133 ;
+  assign \$135  = r_8[17] ? 8'h80 : 8'h7f;
+  assign \$136  = \$134  ? { 1'h0, r_8[7:0] } : { \$135 [7], \$135  };
+  assign \$137  = $signed(\$38 [17:0]) + $signed({ 1'h0, \$40 [4:0] });
+  assign \$138  = $signed(v_9) >>> t1_9;
+  assign \$139  = & r_9[17:7];
+  assign \$140  = | r_9[17:7];
+  assign \$141  = ~ \$140 ;
+  assign \$142  = \$139  | \$141 ;
+  assign \$143  = r_9[17] ? 8'h80 : 8'h7f;
+  assign \$144  = \$142  ? { 1'h0, r_9[7:0] } : { \$143 [7], \$143  };
+  assign \$145  = $signed(\$42 [17:0]) + $signed({ 1'h0, \$44 [4:0] });
+  assign \$146  = $signed(v_10) >>> t1_10;
+  assign \$147  = & r_10[17:7];
+  assign \$148  = | r_10[17:7];
+  assign \$149  = ~ \$148 ;
+  assign \$150  = \$147  | \$149 ;
+  assign \$151  = r_10[17] ? 8'h80 : 8'h7f;
+  assign \$152  = \$150  ? { 1'h0, r_10[7:0] } : { \$151 [7], \$151  };
+  assign \$153  = $signed(\$46 [17:0]) + $signed({ 1'h0, \$48 [4:0] });
+  assign \$154  = $signed(v_11) >>> t1_11;
+  assign \$155  = & r_11[17:7];
+  assign \$156  = | r_11[17:7];
+  assign \$157  = ~ \$156 ;
+  assign \$158  = \$155  | \$157 ;
+  assign \$159  = r_11[17] ? 8'h80 : 8'h7f;
+  assign \$160  = \$158  ? { 1'h0, r_11[7:0] } : { \$159 [7], \$159  };
+  assign \$161  = $signed(\$50 [17:0]) + $signed({ 1'h0, \$52 [4:0] });
+  assign \$162  = $signed(v_12) >>> t1_12;
+  assign \$163  = & r_12[17:7];
+  assign \$164  = | r_12[17:7];
+  assign \$165  = ~ \$164 ;
+  assign \$166  = \$163  | \$165 ;
+  assign \$167  = r_12[17] ? 8'h80 : 8'h7f;
+  assign \$168  = \$166  ? { 1'h0, r_12[7:0] } : { \$167 [7], \$167  };
+  assign \$169  = $signed(\$54 [17:0]) + $signed({ 1'h0, \$56 [4:0] });
+  assign \$170  = $signed(v_13) >>> t1_13;
+  assign \$171  = & r_13[17:7];
+  assign \$172  = | r_13[17:7];
+  assign \$173  = ~ \$172 ;
+  assign \$174  = \$171  | \$173 ;
+  assign \$175  = r_13[17] ? 8'h80 : 8'h7f;
+  assign \$176  = \$174  ? { 1'h0, r_13[7:0] } : { \$175 [7], \$175  };
+  assign \$177  = $signed(\$58 [17:0]) + $signed({ 1'h0, \$60 [4:0] });
+  assign \$178  = $signed(v_14) >>> t1_14;
+  assign \$179  = & r_14[17:7];
+  assign \$180  = | r_14[17:7];
+  assign \$181  = ~ \$180 ;
+  assign \$182  = \$179  | \$181 ;
+  assign \$183  = r_14[17] ? 8'h80 : 8'h7f;
+  assign \$184  = \$182  ? { 1'h0, r_14[7:0] } : { \$183 [7], \$183  };
+  assign \$185  = $signed(\$62 [17:0]) + $signed({ 1'h0, \$64 [4:0] });
+  assign \$186  = $signed(v_15) >>> t1_15;
+  assign \$187  = & r_15[17:7];
+  assign \$188  = | r_15[17:7];
+  assign \$189  = ~ \$188 ;
+  assign \$190  = \$187  | \$189 ;
+  assign \$191  = r_15[17] ? 8'h80 : 8'h7f;
+  assign \$192  = \$190  ? { 1'h0, r_15[7:0] } : { \$191 [7], \$191  };
   always @(posedge clk)
-    v_0 <= \$161 ;
+    v_0 <= \$193 ;
   always @(posedge clk)
-    t1_0 <= \$162 ;
+    t1_0 <= \$194 ;
   always @(posedge clk)
-    r_0 <= \$163 ;
+    r_0 <= \$195 ;
   always @(posedge clk)
-    o <= \$164 ;
+    o <= \$196 ;
   always @(posedge clk)
-    v_1 <= \$165 ;
+    v_1 <= \$197 ;
   always @(posedge clk)
-    t1_1 <= \$166 ;
+    t1_1 <= \$198 ;
   always @(posedge clk)
-    r_1 <= \$167 ;
+    r_1 <= \$199 ;
   always @(posedge clk)
-    v_2 <= \$168 ;
+    v_2 <= \$200 ;
   always @(posedge clk)
-    t1_2 <= \$169 ;
+    t1_2 <= \$201 ;
   always @(posedge clk)
-    r_2 <= \$170 ;
+    r_2 <= \$202 ;
   always @(posedge clk)
-    v_3 <= \$171 ;
+    v_3 <= \$203 ;
   always @(posedge clk)
-    t1_3 <= \$172 ;
+    t1_3 <= \$204 ;
   always @(posedge clk)
-    r_3 <= \$173 ;
+    r_3 <= \$205 ;
   always @(posedge clk)
-    v_4 <= \$174 ;
+    v_4 <= \$206 ;
   always @(posedge clk)
-    t1_4 <= \$175 ;
+    t1_4 <= \$207 ;
   always @(posedge clk)
-    r_4 <= \$176 ;
+    r_4 <= \$208 ;
   always @(posedge clk)
-    v_5 <= \$177 ;
+    v_5 <= \$209 ;
   always @(posedge clk)
-    t1_5 <= \$178 ;
+    t1_5 <= \$210 ;
   always @(posedge clk)
-    r_5 <= \$179 ;
+    r_5 <= \$211 ;
   always @(posedge clk)
-    v_6 <= \$180 ;
+    v_6 <= \$212 ;
   always @(posedge clk)
-    t1_6 <= \$181 ;
+    t1_6 <= \$213 ;
   always @(posedge clk)
-    r_6 <= \$182 ;
+    r_6 <= \$214 ;
   always @(posedge clk)
-    v_7 <= \$183 ;
+    v_7 <= \$215 ;
   always @(posedge clk)
-    t1_7 <= \$184 ;
+    t1_7 <= \$216 ;
   always @(posedge clk)
-    r_7 <= \$185 ;
+    r_7 <= \$217 ;
   always @(posedge clk)
-    v_8 <= \$186 ;
+    v_8 <= \$218 ;
   always @(posedge clk)
-    t1_8 <= \$187 ;
+    t1_8 <= \$219 ;
   always @(posedge clk)
-    r_8 <= \$188 ;
+    r_8 <= \$220 ;
   always @(posedge clk)
-    v_9 <= \$189 ;
+    v_9 <= \$221 ;
   always @(posedge clk)
-    t1_9 <= \$190 ;
+    t1_9 <= \$222 ;
   always @(posedge clk)
-    r_9 <= \$191 ;
+    r_9 <= \$223 ;
   always @(posedge clk)
-    v_10 <= \$192 ;
+    v_10 <= \$224 ;
   always @(posedge clk)
-    t1_10 <= \$193 ;
+    t1_10 <= \$225 ;
   always @(posedge clk)
-    r_10 <= \$194 ;
+    r_10 <= \$226 ;
   always @(posedge clk)
-    v_11 <= \$195 ;
+    v_11 <= \$227 ;
   always @(posedge clk)
-    t1_11 <= \$196 ;
+    t1_11 <= \$228 ;
   always @(posedge clk)
-    r_11 <= \$197 ;
+    r_11 <= \$229 ;
   always @(posedge clk)
-    v_12 <= \$198 ;
+    v_12 <= \$230 ;
   always @(posedge clk)
-    t1_12 <= \$199 ;
+    t1_12 <= \$231 ;
   always @(posedge clk)
-    r_12 <= \$200 ;
+    r_12 <= \$232 ;
   always @(posedge clk)
-    v_13 <= \$201 ;
+    v_13 <= \$233 ;
   always @(posedge clk)
-    t1_13 <= \$202 ;
+    t1_13 <= \$234 ;
   always @(posedge clk)
-    r_13 <= \$203 ;
+    r_13 <= \$235 ;
   always @(posedge clk)
-    v_14 <= \$204 ;
+    v_14 <= \$236 ;
   always @(posedge clk)
-    t1_14 <= \$205 ;
+    t1_14 <= \$237 ;
   always @(posedge clk)
-    r_14 <= \$206 ;
+    r_14 <= \$238 ;
   always @(posedge clk)
-    v_15 <= \$207 ;
+    v_15 <= \$239 ;
   always @(posedge clk)
-    t1_15 <= \$208 ;
+    t1_15 <= \$240 ;
   always @(posedge clk)
-    r_15 <= \$209 ;
+    r_15 <= \$241 ;
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$161  = \$65 ;
+    \$193  = \$65 ;
     if (rst) begin
-      \$161  = 19'h00000;
+      \$193  = 19'h00000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$162  = i[386:384];
+    \$194  = i[386:384];
     if (rst) begin
-      \$162  = 3'h0;
+      \$194  = 3'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$163  = \$66 [17:0];
+    \$195  = \$66 [17:0];
     if (rst) begin
-      \$163  = 18'h00000;
+      \$195  = 18'h00000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$164 [7:0] = \$70 [7:0];
-    \$164 [15:8] = \$76 [7:0];
-    \$164 [23:16] = \$82 [7:0];
-    \$164 [31:24] = \$88 [7:0];
-    \$164 [39:32] = \$94 [7:0];
-    \$164 [47:40] = \$100 [7:0];
-    \$164 [55:48] = \$106 [7:0];
-    \$164 [63:56] = \$112 [7:0];
-    \$164 [71:64] = \$118 [7:0];
-    \$164 [79:72] = \$124 [7:0];
-    \$164 [87:80] = \$130 [7:0];
-    \$164 [95:88] = \$136 [7:0];
-    \$164 [103:96] = \$142 [7:0];
-    \$164 [111:104] = \$148 [7:0];
-    \$164 [119:112] = \$154 [7:0];
-    \$164 [127:120] = \$160 [7:0];
+    \$196 [7:0] = \$72 [7:0];
+    \$196 [15:8] = \$80 [7:0];
+    \$196 [23:16] = \$88 [7:0];
+    \$196 [31:24] = \$96 [7:0];
+    \$196 [39:32] = \$104 [7:0];
+    \$196 [47:40] = \$112 [7:0];
+    \$196 [55:48] = \$120 [7:0];
+    \$196 [63:56] = \$128 [7:0];
+    \$196 [71:64] = \$136 [7:0];
+    \$196 [79:72] = \$144 [7:0];
+    \$196 [87:80] = \$152 [7:0];
+    \$196 [95:88] = \$160 [7:0];
+    \$196 [103:96] = \$168 [7:0];
+    \$196 [111:104] = \$176 [7:0];
+    \$196 [119:112] = \$184 [7:0];
+    \$196 [127:120] = \$192 [7:0];
     if (rst) begin
-      \$164  = 128'h00000000000000000000000000000000;
+      \$196  = 128'h00000000000000000000000000000000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$165  = \$71 ;
+    \$197  = \$73 ;
     if (rst) begin
-      \$165  = 19'h00000;
+      \$197  = 19'h00000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$166  = i[389:387];
+    \$198  = i[389:387];
     if (rst) begin
-      \$166  = 3'h0;
+      \$198  = 3'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$167  = \$72 [17:0];
+    \$199  = \$74 [17:0];
     if (rst) begin
-      \$167  = 18'h00000;
+      \$199  = 18'h00000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$168  = \$77 ;
+    \$200  = \$81 ;
     if (rst) begin
-      \$168  = 19'h00000;
+      \$200  = 19'h00000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$169  = i[392:390];
+    \$201  = i[392:390];
     if (rst) begin
-      \$169  = 3'h0;
+      \$201  = 3'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$170  = \$78 [17:0];
+    \$202  = \$82 [17:0];
     if (rst) begin
-      \$170  = 18'h00000;
+      \$202  = 18'h00000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$171  = \$83 ;
+    \$203  = \$89 ;
     if (rst) begin
-      \$171  = 19'h00000;
+      \$203  = 19'h00000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$172  = i[395:393];
+    \$204  = i[395:393];
     if (rst) begin
-      \$172  = 3'h0;
+      \$204  = 3'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$173  = \$84 [17:0];
+    \$205  = \$90 [17:0];
     if (rst) begin
-      \$173  = 18'h00000;
+      \$205  = 18'h00000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$174  = \$89 ;
+    \$206  = \$97 ;
     if (rst) begin
-      \$174  = 19'h00000;
+      \$206  = 19'h00000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$175  = i[398:396];
+    \$207  = i[398:396];
     if (rst) begin
-      \$175  = 3'h0;
+      \$207  = 3'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$176  = \$90 [17:0];
+    \$208  = \$98 [17:0];
     if (rst) begin
-      \$176  = 18'h00000;
+      \$208  = 18'h00000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$177  = \$95 ;
+    \$209  = \$105 ;
     if (rst) begin
-      \$177  = 19'h00000;
+      \$209  = 19'h00000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$178  = i[401:399];
+    \$210  = i[401:399];
     if (rst) begin
-      \$178  = 3'h0;
+      \$210  = 3'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$179  = \$96 [17:0];
+    \$211  = \$106 [17:0];
     if (rst) begin
-      \$179  = 18'h00000;
+      \$211  = 18'h00000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$180  = \$101 ;
+    \$212  = \$113 ;
     if (rst) begin
-      \$180  = 19'h00000;
+      \$212  = 19'h00000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$181  = i[404:402];
+    \$213  = i[404:402];
     if (rst) begin
-      \$181  = 3'h0;
+      \$213  = 3'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$182  = \$102 [17:0];
+    \$214  = \$114 [17:0];
     if (rst) begin
-      \$182  = 18'h00000;
+      \$214  = 18'h00000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$183  = \$107 ;
+    \$215  = \$121 ;
     if (rst) begin
-      \$183  = 19'h00000;
+      \$215  = 19'h00000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$184  = i[407:405];
+    \$216  = i[407:405];
     if (rst) begin
-      \$184  = 3'h0;
+      \$216  = 3'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$185  = \$108 [17:0];
+    \$217  = \$122 [17:0];
     if (rst) begin
-      \$185  = 18'h00000;
+      \$217  = 18'h00000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$186  = \$113 ;
+    \$218  = \$129 ;
     if (rst) begin
-      \$186  = 19'h00000;
+      \$218  = 19'h00000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$187  = i[410:408];
+    \$219  = i[410:408];
     if (rst) begin
-      \$187  = 3'h0;
+      \$219  = 3'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$188  = \$114 [17:0];
+    \$220  = \$130 [17:0];
     if (rst) begin
-      \$188  = 18'h00000;
+      \$220  = 18'h00000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$189  = \$119 ;
+    \$221  = \$137 ;
     if (rst) begin
-      \$189  = 19'h00000;
+      \$221  = 19'h00000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$190  = i[413:411];
+    \$222  = i[413:411];
     if (rst) begin
-      \$190  = 3'h0;
+      \$222  = 3'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$191  = \$120 [17:0];
+    \$223  = \$138 [17:0];
     if (rst) begin
-      \$191  = 18'h00000;
+      \$223  = 18'h00000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$192  = \$125 ;
+    \$224  = \$145 ;
     if (rst) begin
-      \$192  = 19'h00000;
+      \$224  = 19'h00000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$193  = i[416:414];
+    \$225  = i[416:414];
     if (rst) begin
-      \$193  = 3'h0;
+      \$225  = 3'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$194  = \$126 [17:0];
+    \$226  = \$146 [17:0];
     if (rst) begin
-      \$194  = 18'h00000;
+      \$226  = 18'h00000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$195  = \$131 ;
+    \$227  = \$153 ;
     if (rst) begin
-      \$195  = 19'h00000;
+      \$227  = 19'h00000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$196  = i[419:417];
+    \$228  = i[419:417];
     if (rst) begin
-      \$196  = 3'h0;
+      \$228  = 3'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$197  = \$132 [17:0];
+    \$229  = \$154 [17:0];
     if (rst) begin
-      \$197  = 18'h00000;
+      \$229  = 18'h00000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$198  = \$137 ;
+    \$230  = \$161 ;
     if (rst) begin
-      \$198  = 19'h00000;
+      \$230  = 19'h00000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$199  = i[422:420];
+    \$231  = i[422:420];
     if (rst) begin
-      \$199  = 3'h0;
+      \$231  = 3'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$200  = \$138 [17:0];
+    \$232  = \$162 [17:0];
     if (rst) begin
-      \$200  = 18'h00000;
+      \$232  = 18'h00000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$201  = \$143 ;
+    \$233  = \$169 ;
     if (rst) begin
-      \$201  = 19'h00000;
+      \$233  = 19'h00000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$202  = i[425:423];
+    \$234  = i[425:423];
     if (rst) begin
-      \$202  = 3'h0;
+      \$234  = 3'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$203  = \$144 [17:0];
+    \$235  = \$170 [17:0];
     if (rst) begin
-      \$203  = 18'h00000;
+      \$235  = 18'h00000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$204  = \$149 ;
+    \$236  = \$177 ;
     if (rst) begin
-      \$204  = 19'h00000;
+      \$236  = 19'h00000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$205  = i[428:426];
+    \$237  = i[428:426];
     if (rst) begin
-      \$205  = 3'h0;
+      \$237  = 3'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$206  = \$150 [17:0];
+    \$238  = \$178 [17:0];
     if (rst) begin
-      \$206  = 18'h00000;
+      \$238  = 18'h00000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$207  = \$155 ;
+    \$239  = \$185 ;
     if (rst) begin
-      \$207  = 19'h00000;
+      \$239  = 19'h00000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$208  = i[431:429];
+    \$240  = i[431:429];
     if (rst) begin
-      \$208  = 3'h0;
+      \$240  = 3'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$209  = \$156 [17:0];
+    \$241  = \$186 [17:0];
     if (rst) begin
-      \$209  = 18'h00000;
+      \$241  = 18'h00000;
     end
   end
   assign u_0 = \$2 [17:0];

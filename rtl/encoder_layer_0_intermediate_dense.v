@@ -79134,131 +79134,163 @@ module \encoder_layer_0_intermediate_dense.rq (rst, i, o, clk);
   reg \$auto$verilog_backend.cc:2355:dump_module$3  = 0;
   wire [24:0] \$1 ;
   wire [24:0] \$10 ;
-  wire [10:0] \$100 ;
-  wire [21:0] \$101 ;
-  wire [21:0] \$102 ;
-  wire \$103 ;
-  wire \$104 ;
-  wire [10:0] \$105 ;
-  wire [10:0] \$106 ;
-  wire [21:0] \$107 ;
-  wire [21:0] \$108 ;
+  wire \$100 ;
+  wire \$101 ;
+  wire \$102 ;
+  wire [9:0] \$103 ;
+  wire [10:0] \$104 ;
+  wire [21:0] \$105 ;
+  wire [21:0] \$106 ;
+  wire \$107 ;
+  wire \$108 ;
   wire \$109 ;
   wire [14:0] \$11 ;
   wire \$110 ;
-  wire [10:0] \$111 ;
+  wire [9:0] \$111 ;
   wire [10:0] \$112 ;
   wire [21:0] \$113 ;
   wire [21:0] \$114 ;
   wire \$115 ;
   wire \$116 ;
-  wire [10:0] \$117 ;
-  wire [10:0] \$118 ;
-  wire [21:0] \$119 ;
+  wire \$117 ;
+  wire \$118 ;
+  wire [9:0] \$119 ;
   wire [14:0] \$12 ;
-  wire [21:0] \$120 ;
-  wire \$121 ;
-  wire \$122 ;
-  wire [10:0] \$123 ;
-  wire [10:0] \$124 ;
-  wire [21:0] \$125 ;
-  wire [21:0] \$126 ;
-  wire \$127 ;
-  wire \$128 ;
-  wire [10:0] \$129 ;
+  wire [10:0] \$120 ;
+  wire [21:0] \$121 ;
+  wire [21:0] \$122 ;
+  wire \$123 ;
+  wire \$124 ;
+  wire \$125 ;
+  wire \$126 ;
+  wire [9:0] \$127 ;
+  wire [10:0] \$128 ;
+  wire [21:0] \$129 ;
   wire [24:0] \$13 ;
-  wire [10:0] \$130 ;
-  wire [21:0] \$131 ;
-  wire [21:0] \$132 ;
+  wire [21:0] \$130 ;
+  wire \$131 ;
+  wire \$132 ;
   wire \$133 ;
   wire \$134 ;
-  wire [10:0] \$135 ;
+  wire [9:0] \$135 ;
   wire [10:0] \$136 ;
   wire [21:0] \$137 ;
   wire [21:0] \$138 ;
   wire \$139 ;
   wire [24:0] \$14 ;
   wire \$140 ;
-  wire [10:0] \$141 ;
-  wire [10:0] \$142 ;
-  wire [21:0] \$143 ;
-  wire [21:0] \$144 ;
-  wire \$145 ;
-  wire \$146 ;
-  wire [10:0] \$147 ;
-  wire [10:0] \$148 ;
-  wire [21:0] \$149 ;
+  wire \$141 ;
+  wire \$142 ;
+  wire [9:0] \$143 ;
+  wire [10:0] \$144 ;
+  wire [21:0] \$145 ;
+  wire [21:0] \$146 ;
+  wire \$147 ;
+  wire \$148 ;
+  wire \$149 ;
   wire [14:0] \$15 ;
-  wire [21:0] \$150 ;
-  wire \$151 ;
-  wire \$152 ;
-  wire [10:0] \$153 ;
-  wire [10:0] \$154 ;
-  wire [21:0] \$155 ;
-  wire [21:0] \$156 ;
+  wire \$150 ;
+  wire [9:0] \$151 ;
+  wire [10:0] \$152 ;
+  wire [21:0] \$153 ;
+  wire [21:0] \$154 ;
+  wire \$155 ;
+  wire \$156 ;
   wire \$157 ;
   wire \$158 ;
-  wire [10:0] \$159 ;
+  wire [9:0] \$159 ;
   wire [14:0] \$16 ;
   wire [10:0] \$160 ;
-  reg [21:0] \$161 ;
-  reg [2:0] \$162 ;
-  reg [20:0] \$163 ;
-  reg [159:0] \$164 ;
-  reg [21:0] \$165 ;
-  reg [2:0] \$166 ;
-  reg [20:0] \$167 ;
-  reg [21:0] \$168 ;
-  reg [2:0] \$169 ;
+  wire [21:0] \$161 ;
+  wire [21:0] \$162 ;
+  wire \$163 ;
+  wire \$164 ;
+  wire \$165 ;
+  wire \$166 ;
+  wire [9:0] \$167 ;
+  wire [10:0] \$168 ;
+  wire [21:0] \$169 ;
   wire [24:0] \$17 ;
-  reg [20:0] \$170 ;
-  reg [21:0] \$171 ;
-  reg [2:0] \$172 ;
-  reg [20:0] \$173 ;
-  reg [21:0] \$174 ;
-  reg [2:0] \$175 ;
-  reg [20:0] \$176 ;
-  reg [21:0] \$177 ;
-  reg [2:0] \$178 ;
-  reg [20:0] \$179 ;
+  wire [21:0] \$170 ;
+  wire \$171 ;
+  wire \$172 ;
+  wire \$173 ;
+  wire \$174 ;
+  wire [9:0] \$175 ;
+  wire [10:0] \$176 ;
+  wire [21:0] \$177 ;
+  wire [21:0] \$178 ;
+  wire \$179 ;
   wire [24:0] \$18 ;
-  reg [21:0] \$180 ;
-  reg [2:0] \$181 ;
-  reg [20:0] \$182 ;
-  reg [21:0] \$183 ;
-  reg [2:0] \$184 ;
-  reg [20:0] \$185 ;
-  reg [21:0] \$186 ;
-  reg [2:0] \$187 ;
-  reg [20:0] \$188 ;
-  reg [21:0] \$189 ;
+  wire \$180 ;
+  wire \$181 ;
+  wire \$182 ;
+  wire [9:0] \$183 ;
+  wire [10:0] \$184 ;
+  wire [21:0] \$185 ;
+  wire [21:0] \$186 ;
+  wire \$187 ;
+  wire \$188 ;
+  wire \$189 ;
   wire [14:0] \$19 ;
-  reg [2:0] \$190 ;
-  reg [20:0] \$191 ;
-  reg [21:0] \$192 ;
-  reg [2:0] \$193 ;
-  reg [20:0] \$194 ;
-  reg [21:0] \$195 ;
-  reg [2:0] \$196 ;
-  reg [20:0] \$197 ;
-  reg [21:0] \$198 ;
-  reg [2:0] \$199 ;
+  wire \$190 ;
+  wire [9:0] \$191 ;
+  wire [10:0] \$192 ;
+  reg [21:0] \$193 ;
+  reg [2:0] \$194 ;
+  reg [20:0] \$195 ;
+  reg [159:0] \$196 ;
+  reg [21:0] \$197 ;
+  reg [2:0] \$198 ;
+  reg [20:0] \$199 ;
   wire [24:0] \$2 ;
   wire [14:0] \$20 ;
-  reg [20:0] \$200 ;
-  reg [21:0] \$201 ;
-  reg [2:0] \$202 ;
-  reg [20:0] \$203 ;
-  reg [21:0] \$204 ;
-  reg [2:0] \$205 ;
-  reg [20:0] \$206 ;
-  reg [21:0] \$207 ;
-  reg [2:0] \$208 ;
-  reg [20:0] \$209 ;
+  reg [21:0] \$200 ;
+  reg [2:0] \$201 ;
+  reg [20:0] \$202 ;
+  reg [21:0] \$203 ;
+  reg [2:0] \$204 ;
+  reg [20:0] \$205 ;
+  reg [21:0] \$206 ;
+  reg [2:0] \$207 ;
+  reg [20:0] \$208 ;
+  reg [21:0] \$209 ;
   wire [24:0] \$21 ;
+  reg [2:0] \$210 ;
+  reg [20:0] \$211 ;
+  reg [21:0] \$212 ;
+  reg [2:0] \$213 ;
+  reg [20:0] \$214 ;
+  reg [21:0] \$215 ;
+  reg [2:0] \$216 ;
+  reg [20:0] \$217 ;
+  reg [21:0] \$218 ;
+  reg [2:0] \$219 ;
   wire [24:0] \$22 ;
+  reg [20:0] \$220 ;
+  reg [21:0] \$221 ;
+  reg [2:0] \$222 ;
+  reg [20:0] \$223 ;
+  reg [21:0] \$224 ;
+  reg [2:0] \$225 ;
+  reg [20:0] \$226 ;
+  reg [21:0] \$227 ;
+  reg [2:0] \$228 ;
+  reg [20:0] \$229 ;
   wire [14:0] \$23 ;
+  reg [21:0] \$230 ;
+  reg [2:0] \$231 ;
+  reg [20:0] \$232 ;
+  reg [21:0] \$233 ;
+  reg [2:0] \$234 ;
+  reg [20:0] \$235 ;
+  reg [21:0] \$236 ;
+  reg [2:0] \$237 ;
+  reg [20:0] \$238 ;
+  reg [21:0] \$239 ;
   wire [14:0] \$24 ;
+  reg [2:0] \$240 ;
+  reg [20:0] \$241 ;
   wire [24:0] \$25 ;
   wire [24:0] \$26 ;
   wire [14:0] \$27 ;
@@ -79307,40 +79339,40 @@ module \encoder_layer_0_intermediate_dense.rq (rst, i, o, clk);
   wire [21:0] \$66 ;
   wire \$67 ;
   wire \$68 ;
-  wire [10:0] \$69 ;
+  wire \$69 ;
   wire [14:0] \$7 ;
-  wire [10:0] \$70 ;
-  wire [21:0] \$71 ;
-  wire [21:0] \$72 ;
-  wire \$73 ;
-  wire \$74 ;
-  wire [10:0] \$75 ;
-  wire [10:0] \$76 ;
-  wire [21:0] \$77 ;
-  wire [21:0] \$78 ;
-  wire \$79 ;
+  wire \$70 ;
+  wire [9:0] \$71 ;
+  wire [10:0] \$72 ;
+  wire [21:0] \$73 ;
+  wire [21:0] \$74 ;
+  wire \$75 ;
+  wire \$76 ;
+  wire \$77 ;
+  wire \$78 ;
+  wire [9:0] \$79 ;
   wire [14:0] \$8 ;
-  wire \$80 ;
-  wire [10:0] \$81 ;
-  wire [10:0] \$82 ;
-  wire [21:0] \$83 ;
-  wire [21:0] \$84 ;
+  wire [10:0] \$80 ;
+  wire [21:0] \$81 ;
+  wire [21:0] \$82 ;
+  wire \$83 ;
+  wire \$84 ;
   wire \$85 ;
   wire \$86 ;
-  wire [10:0] \$87 ;
+  wire [9:0] \$87 ;
   wire [10:0] \$88 ;
   wire [21:0] \$89 ;
   wire [24:0] \$9 ;
   wire [21:0] \$90 ;
   wire \$91 ;
   wire \$92 ;
-  wire [10:0] \$93 ;
-  wire [10:0] \$94 ;
-  wire [21:0] \$95 ;
-  wire [21:0] \$96 ;
-  wire \$97 ;
-  wire \$98 ;
-  wire [10:0] \$99 ;
+  wire \$93 ;
+  wire \$94 ;
+  wire [9:0] \$95 ;
+  wire [10:0] \$96 ;
+  wire [21:0] \$97 ;
+  wire [21:0] \$98 ;
+  wire \$99 ;
   input clk;
   wire clk;
   input [431:0] i;
@@ -79497,554 +79529,586 @@ module \encoder_layer_0_intermediate_dense.rq (rst, i, o, clk);
   assign \$63  = 1'h1 << i[431:429];
   assign \$65  = $signed(\$2 [20:0]) + $signed({ 1'h0, \$4 [6:0] });
   assign \$66  = $signed(v_0) >>> t1_0;
-  assign \$67  = $signed(r_0) > $signed(10'h1ff);
-  assign \$68  = $signed(r_0) < $signed(10'h200);
-  assign \$69  = \$68  ? 11'h600 : { 1'h0, r_0[9:0] };
-  assign \$70  = \$67  ? 11'h1ff : \$69 ;
-  assign \$71  = $signed(\$6 [20:0]) + $signed({ 1'h0, \$8 [6:0] });
-  assign \$72  = $signed(v_1) >>> t1_1;
-  assign \$73  = $signed(r_1) > $signed(10'h1ff);
-  assign \$74  = $signed(r_1) < $signed(10'h200);
-  assign \$75  = \$74  ? 11'h600 : { 1'h0, r_1[9:0] };
-  assign \$76  = \$73  ? 11'h1ff : \$75 ;
-  assign \$77  = $signed(\$10 [20:0]) + $signed({ 1'h0, \$12 [6:0] });
-  assign \$78  = $signed(v_2) >>> t1_2;
-  assign \$79  = $signed(r_2) > $signed(10'h1ff);
-  assign \$80  = $signed(r_2) < $signed(10'h200);
-  assign \$81  = \$80  ? 11'h600 : { 1'h0, r_2[9:0] };
-  assign \$82  = \$79  ? 11'h1ff : \$81 ;
-  assign \$83  = $signed(\$14 [20:0]) + $signed({ 1'h0, \$16 [6:0] });
-  assign \$84  = $signed(v_3) >>> t1_3;
-  assign \$85  = $signed(r_3) > $signed(10'h1ff);
-  assign \$86  = $signed(r_3) < $signed(10'h200);
-  assign \$87  = \$86  ? 11'h600 : { 1'h0, r_3[9:0] };
-  assign \$88  = \$85  ? 11'h1ff : \$87 ;
-  assign \$89  = $signed(\$18 [20:0]) + $signed({ 1'h0, \$20 [6:0] });
-  assign \$90  = $signed(v_4) >>> t1_4;
-  assign \$91  = $signed(r_4) > $signed(10'h1ff);
-  assign \$92  = $signed(r_4) < $signed(10'h200);
-  assign \$93  = \$92  ? 11'h600 : { 1'h0, r_4[9:0] };
-  assign \$94  = \$91  ? 11'h1ff : \$93 ;
-  assign \$95  = $signed(\$22 [20:0]) + $signed({ 1'h0, \$24 [6:0] });
-  assign \$96  = $signed(v_5) >>> t1_5;
-  assign \$97  = $signed(r_5) > $signed(10'h1ff);
-  assign \$98  = $signed(r_5) < $signed(10'h200);
-  assign \$99  = \$98  ? 11'h600 : { 1'h0, r_5[9:0] };
-  assign \$100  = \$97  ? 11'h1ff : \$99 ;
-  assign \$101  = $signed(\$26 [20:0]) + $signed({ 1'h0, \$28 [6:0] });
-  assign \$102  = $signed(v_6) >>> t1_6;
-  assign \$103  = $signed(r_6) > $signed(10'h1ff);
-  assign \$104  = $signed(r_6) < $signed(10'h200);
-  assign \$105  = \$104  ? 11'h600 : { 1'h0, r_6[9:0] };
-  assign \$106  = \$103  ? 11'h1ff : \$105 ;
-  assign \$107  = $signed(\$30 [20:0]) + $signed({ 1'h0, \$32 [6:0] });
-  assign \$108  = $signed(v_7) >>> t1_7;
-  assign \$109  = $signed(r_7) > $signed(10'h1ff);
-  assign \$110  = $signed(r_7) < $signed(10'h200);
-  assign \$111  = \$110  ? 11'h600 : { 1'h0, r_7[9:0] };
-  assign \$112  = \$109  ? 11'h1ff : \$111 ;
-  assign \$113  = $signed(\$34 [20:0]) + $signed({ 1'h0, \$36 [6:0] });
-  assign \$114  = $signed(v_8) >>> t1_8;
-  assign \$115  = $signed(r_8) > $signed(10'h1ff);
-  assign \$116  = $signed(r_8) < $signed(10'h200);
-  assign \$117  = \$116  ? 11'h600 : { 1'h0, r_8[9:0] };
-  assign \$118  = \$115  ? 11'h1ff : \$117 ;
-  assign \$119  = $signed(\$38 [20:0]) + $signed({ 1'h0, \$40 [6:0] });
-  assign \$120  = $signed(v_9) >>> t1_9;
-  assign \$121  = $signed(r_9) > $signed(10'h1ff);
-  assign \$122  = $signed(r_9) < $signed(10'h200);
-  assign \$123  = \$122  ? 11'h600 : { 1'h0, r_9[9:0] };
-  assign \$124  = \$121  ? 11'h1ff : \$123 ;
-  assign \$125  = $signed(\$42 [20:0]) + $signed({ 1'h0, \$44 [6:0] });
-  assign \$126  = $signed(v_10) >>> t1_10;
-  assign \$127  = $signed(r_10) > $signed(10'h1ff);
-  assign \$128  = $signed(r_10) < $signed(10'h200);
-  assign \$129  = \$128  ? 11'h600 : { 1'h0, r_10[9:0] };
-  assign \$130  = \$127  ? 11'h1ff : \$129 ;
-  assign \$131  = $signed(\$46 [20:0]) + $signed({ 1'h0, \$48 [6:0] });
-  assign \$132  = $signed(v_11) >>> t1_11;
-  assign \$133  = $signed(r_11) > $signed(10'h1ff);
-  assign \$134  = $signed(r_11) < $signed(10'h200);
-  assign \$135  = \$134  ? 11'h600 : { 1'h0, r_11[9:0] };
-  assign \$136  = \$133  ? 11'h1ff : \$135 ;
-  assign \$137  = $signed(\$50 [20:0]) + $signed({ 1'h0, \$52 [6:0] });
-  assign \$138  = $signed(v_12) >>> t1_12;
-  assign \$139  = $signed(r_12) > $signed(10'h1ff);
-  assign \$140  = $signed(r_12) < $signed(10'h200);
-  assign \$141  = \$140  ? 11'h600 : { 1'h0, r_12[9:0] };
-  assign \$142  = \$139  ? 11'h1ff : \$141 ;
-  assign \$143  = $signed(\$54 [20:0]) + $signed({ 1'h0, \$56 [6:0] });
-  assign \$144  = $signed(v_13) >>> t1_13;
-  assign \$145  = $signed(r_13) > $signed(10'h1ff);
-  assign \$146  = $signed(r_13) < $signed(10'h200);
-  assign \$147  = \$146  ? 11'h600 : { 1'h0, r_13[9:0] };
-  assign \$148  = \$145  ? 11'h1ff : \$147 ;
-  assign \$149  = $signed(\$58 [20:0]) + $signed({ 1'h0, \$60 [6:0] });
-  assign \$150  = $signed(v_14) >>> t1_14;
-  assign \$151  = $signed(r_14) > $signed(10'h1ff);
-  assign \$152  = $signed(r_14) < $signed(10'h200);
-  assign \$153  = \$152  ? 11'h600 : { 1'h0, r_14[9:0] };
-  assign \$154  = \$151  ? 11'h1ff : \$153 ;
-  assign \$155  = $signed(\$62 [20:0]) + $signed({ 1'h0, \$64 [6:0] });
-  assign \$156  = $signed(v_15) >>> t1_15;
-  assign \$157  = $signed(r_15) > $signed(10'h1ff);
-  assign \$158  = $signed(r_15) < $signed(10'h200);
-  assign \$159  = \$158  ? 11'h600 : { 1'h0, r_15[9:0] };
-  assign \$160  = \$157  ? 11'h1ff : \$159 ;
+  assign \$67  = & r_0[20:9];
+  assign \$68  = | r_0[20:9];
+  assign \$69  = ~ \$68 ;
+  assign \$70  = \$67  | \$69 ;
+  assign \$71  = r_0[20] ? 10'h200 : 10'h1ff;
+  assign \$72  = \$70  ? { 1'h0, r_0[9:0] } : { \$71 [9], \$71  };
+  assign \$73  = $signed(\$6 [20:0]) + $signed({ 1'h0, \$8 [6:0] });
+  assign \$74  = $signed(v_1) >>> t1_1;
+  assign \$75  = & r_1[20:9];
+  assign \$76  = | r_1[20:9];
+  assign \$77  = ~ \$76 ;
+  assign \$78  = \$75  | \$77 ;
+  assign \$79  = r_1[20] ? 10'h200 : 10'h1ff;
+  assign \$80  = \$78  ? { 1'h0, r_1[9:0] } : { \$79 [9], \$79  };
+  assign \$81  = $signed(\$10 [20:0]) + $signed({ 1'h0, \$12 [6:0] });
+  assign \$82  = $signed(v_2) >>> t1_2;
+  assign \$83  = & r_2[20:9];
+  assign \$84  = | r_2[20:9];
+  assign \$85  = ~ \$84 ;
+  assign \$86  = \$83  | \$85 ;
+  assign \$87  = r_2[20] ? 10'h200 : 10'h1ff;
+  assign \$88  = \$86  ? { 1'h0, r_2[9:0] } : { \$87 [9], \$87  };
+  assign \$89  = $signed(\$14 [20:0]) + $signed({ 1'h0, \$16 [6:0] });
+  assign \$90  = $signed(v_3) >>> t1_3;
+  assign \$91  = & r_3[20:9];
+  assign \$92  = | r_3[20:9];
+  assign \$93  = ~ \$92 ;
+  assign \$94  = \$91  | \$93 ;
+  assign \$95  = r_3[20] ? 10'h200 : 10'h1ff;
+  assign \$96  = \$94  ? { 1'h0, r_3[9:0] } : { \$95 [9], \$95  };
+  assign \$97  = $signed(\$18 [20:0]) + $signed({ 1'h0, \$20 [6:0] });
+  assign \$98  = $signed(v_4) >>> t1_4;
+  assign \$99  = & r_4[20:9];
+  assign \$100  = | r_4[20:9];
+  assign \$101  = ~ \$100 ;
+  assign \$102  = \$99  | \$101 ;
+  assign \$103  = r_4[20] ? 10'h200 : 10'h1ff;
+  assign \$104  = \$102  ? { 1'h0, r_4[9:0] } : { \$103 [9], \$103  };
+  assign \$105  = $signed(\$22 [20:0]) + $signed({ 1'h0, \$24 [6:0] });
+  assign \$106  = $signed(v_5) >>> t1_5;
+  assign \$107  = & r_5[20:9];
+  assign \$108  = | r_5[20:9];
+  assign \$109  = ~ \$108 ;
+  assign \$110  = \$107  | \$109 ;
+  assign \$111  = r_5[20] ? 10'h200 : 10'h1ff;
+  assign \$112  = \$110  ? { 1'h0, r_5[9:0] } : { \$111 [9], \$111  };
+  assign \$113  = $signed(\$26 [20:0]) + $signed({ 1'h0, \$28 [6:0] });
+  assign \$114  = $signed(v_6) >>> t1_6;
+  assign \$115  = & r_6[20:9];
+  assign \$116  = | r_6[20:9];
+  assign \$117  = ~ \$116 ;
+  assign \$118  = \$115  | \$117 ;
+  assign \$119  = r_6[20] ? 10'h200 : 10'h1ff;
+  assign \$120  = \$118  ? { 1'h0, r_6[9:0] } : { \$119 [9], \$119  };
+  assign \$121  = $signed(\$30 [20:0]) + $signed({ 1'h0, \$32 [6:0] });
+  assign \$122  = $signed(v_7) >>> t1_7;
+  assign \$123  = & r_7[20:9];
+  assign \$124  = | r_7[20:9];
+  assign \$125  = ~ \$124 ;
+  assign \$126  = \$123  | \$125 ;
+  assign \$127  = r_7[20] ? 10'h200 : 10'h1ff;
+  assign \$128  = \$126  ? { 1'h0, r_7[9:0] } : { \$127 [9], \$127  };
+  assign \$129  = $signed(\$34 [20:0]) + $signed({ 1'h0, \$36 [6:0] });
+  assign \$130  = $signed(v_8) >>> t1_8;
+  assign \$131  = & r_8[20:9];
+  assign \$132  = | r_8[20:9];
+  assign \$133  = ~ \$132 ;
+  assign \$134  = \$131  | \$133 ;
+  assign \$135  = r_8[20] ? 10'h200 : 10'h1ff;
+  assign \$136  = \$134  ? { 1'h0, r_8[9:0] } : { \$135 [9], \$135  };
+  assign \$137  = $signed(\$38 [20:0]) + $signed({ 1'h0, \$40 [6:0] });
+  assign \$138  = $signed(v_9) >>> t1_9;
+  assign \$139  = & r_9[20:9];
+  assign \$140  = | r_9[20:9];
+  assign \$141  = ~ \$140 ;
+  assign \$142  = \$139  | \$141 ;
+  assign \$143  = r_9[20] ? 10'h200 : 10'h1ff;
+  assign \$144  = \$142  ? { 1'h0, r_9[9:0] } : { \$143 [9], \$143  };
+  assign \$145  = $signed(\$42 [20:0]) + $signed({ 1'h0, \$44 [6:0] });
+  assign \$146  = $signed(v_10) >>> t1_10;
+  assign \$147  = & r_10[20:9];
+  assign \$148  = | r_10[20:9];
+  assign \$149  = ~ \$148 ;
+  assign \$150  = \$147  | \$149 ;
+  assign \$151  = r_10[20] ? 10'h200 : 10'h1ff;
+  assign \$152  = \$150  ? { 1'h0, r_10[9:0] } : { \$151 [9], \$151  };
+  assign \$153  = $signed(\$46 [20:0]) + $signed({ 1'h0, \$48 [6:0] });
+  assign \$154  = $signed(v_11) >>> t1_11;
+  assign \$155  = & r_11[20:9];
+  assign \$156  = | r_11[20:9];
+  assign \$157  = ~ \$156 ;
+  assign \$158  = \$155  | \$157 ;
+  assign \$159  = r_11[20] ? 10'h200 : 10'h1ff;
+  assign \$160  = \$158  ? { 1'h0, r_11[9:0] } : { \$159 [9], \$159  };
+  assign \$161  = $signed(\$50 [20:0]) + $signed({ 1'h0, \$52 [6:0] });
+  assign \$162  = $signed(v_12) >>> t1_12;
+  assign \$163  = & r_12[20:9];
+  assign \$164  = | r_12[20:9];
+  assign \$165  = ~ \$164 ;
+  assign \$166  = \$163  | \$165 ;
+  assign \$167  = r_12[20] ? 10'h200 : 10'h1ff;
+  assign \$168  = \$166  ? { 1'h0, r_12[9:0] } : { \$167 [9], \$167  };
+  assign \$169  = $signed(\$54 [20:0]) + $signed({ 1'h0, \$56 [6:0] });
+  assign \$170  = $signed(v_13) >>> t1_13;
+  assign \$171  = & r_13[20:9];
+  assign \$172  = | r_13[20:9];
+  assign \$173  = ~ \$172 ;
+  assign \$174  = \$171  | \$173 ;
+  assign \$175  = r_13[20] ? 10'h200 : 10'h1ff;
+  assign \$176  = \$174  ? { 1'h0, r_13[9:0] } : { \$175 [9], \$175  };
+  assign \$177  = $signed(\$58 [20:0]) + $signed({ 1'h0, \$60 [6:0] });
+  assign \$178  = $signed(v_14) >>> t1_14;
+  assign \$179  = & r_14[20:9];
+  assign \$180  = | r_14[20:9];
+  assign \$181  = ~ \$180 ;
+  assign \$182  = \$179  | \$181 ;
+  assign \$183  = r_14[20] ? 10'h200 : 10'h1ff;
+  assign \$184  = \$182  ? { 1'h0, r_14[9:0] } : { \$183 [9], \$183  };
+  assign \$185  = $signed(\$62 [20:0]) + $signed({ 1'h0, \$64 [6:0] });
+  assign \$186  = $signed(v_15) >>> t1_15;
+  assign \$187  = & r_15[20:9];
+  assign \$188  = | r_15[20:9];
+  assign \$189  = ~ \$188 ;
+  assign \$190  = \$187  | \$189 ;
+  assign \$191  = r_15[20] ? 10'h200 : 10'h1ff;
+  assign \$192  = \$190  ? { 1'h0, r_15[9:0] } : { \$191 [9], \$191  };
   always @(posedge clk)
-    v_0 <= \$161 ;
+    v_0 <= \$193 ;
   always @(posedge clk)
-    t1_0 <= \$162 ;
+    t1_0 <= \$194 ;
   always @(posedge clk)
-    r_0 <= \$163 ;
+    r_0 <= \$195 ;
   always @(posedge clk)
-    o <= \$164 ;
+    o <= \$196 ;
   always @(posedge clk)
-    v_1 <= \$165 ;
+    v_1 <= \$197 ;
   always @(posedge clk)
-    t1_1 <= \$166 ;
+    t1_1 <= \$198 ;
   always @(posedge clk)
-    r_1 <= \$167 ;
+    r_1 <= \$199 ;
   always @(posedge clk)
-    v_2 <= \$168 ;
+    v_2 <= \$200 ;
   always @(posedge clk)
-    t1_2 <= \$169 ;
+    t1_2 <= \$201 ;
   always @(posedge clk)
-    r_2 <= \$170 ;
+    r_2 <= \$202 ;
   always @(posedge clk)
-    v_3 <= \$171 ;
+    v_3 <= \$203 ;
   always @(posedge clk)
-    t1_3 <= \$172 ;
+    t1_3 <= \$204 ;
   always @(posedge clk)
-    r_3 <= \$173 ;
+    r_3 <= \$205 ;
   always @(posedge clk)
-    v_4 <= \$174 ;
+    v_4 <= \$206 ;
   always @(posedge clk)
-    t1_4 <= \$175 ;
+    t1_4 <= \$207 ;
   always @(posedge clk)
-    r_4 <= \$176 ;
+    r_4 <= \$208 ;
   always @(posedge clk)
-    v_5 <= \$177 ;
+    v_5 <= \$209 ;
   always @(posedge clk)
-    t1_5 <= \$178 ;
+    t1_5 <= \$210 ;
   always @(posedge clk)
-    r_5 <= \$179 ;
+    r_5 <= \$211 ;
   always @(posedge clk)
-    v_6 <= \$180 ;
+    v_6 <= \$212 ;
   always @(posedge clk)
-    t1_6 <= \$181 ;
+    t1_6 <= \$213 ;
   always @(posedge clk)
-    r_6 <= \$182 ;
+    r_6 <= \$214 ;
   always @(posedge clk)
-    v_7 <= \$183 ;
+    v_7 <= \$215 ;
   always @(posedge clk)
-    t1_7 <= \$184 ;
+    t1_7 <= \$216 ;
   always @(posedge clk)
-    r_7 <= \$185 ;
+    r_7 <= \$217 ;
   always @(posedge clk)
-    v_8 <= \$186 ;
+    v_8 <= \$218 ;
   always @(posedge clk)
-    t1_8 <= \$187 ;
+    t1_8 <= \$219 ;
   always @(posedge clk)
-    r_8 <= \$188 ;
+    r_8 <= \$220 ;
   always @(posedge clk)
-    v_9 <= \$189 ;
+    v_9 <= \$221 ;
   always @(posedge clk)
-    t1_9 <= \$190 ;
+    t1_9 <= \$222 ;
   always @(posedge clk)
-    r_9 <= \$191 ;
+    r_9 <= \$223 ;
   always @(posedge clk)
-    v_10 <= \$192 ;
+    v_10 <= \$224 ;
   always @(posedge clk)
-    t1_10 <= \$193 ;
+    t1_10 <= \$225 ;
   always @(posedge clk)
-    r_10 <= \$194 ;
+    r_10 <= \$226 ;
   always @(posedge clk)
-    v_11 <= \$195 ;
+    v_11 <= \$227 ;
   always @(posedge clk)
-    t1_11 <= \$196 ;
+    t1_11 <= \$228 ;
   always @(posedge clk)
-    r_11 <= \$197 ;
+    r_11 <= \$229 ;
   always @(posedge clk)
-    v_12 <= \$198 ;
+    v_12 <= \$230 ;
   always @(posedge clk)
-    t1_12 <= \$199 ;
+    t1_12 <= \$231 ;
   always @(posedge clk)
-    r_12 <= \$200 ;
+    r_12 <= \$232 ;
   always @(posedge clk)
-    v_13 <= \$201 ;
+    v_13 <= \$233 ;
   always @(posedge clk)
-    t1_13 <= \$202 ;
+    t1_13 <= \$234 ;
   always @(posedge clk)
-    r_13 <= \$203 ;
+    r_13 <= \$235 ;
   always @(posedge clk)
-    v_14 <= \$204 ;
+    v_14 <= \$236 ;
   always @(posedge clk)
-    t1_14 <= \$205 ;
+    t1_14 <= \$237 ;
   always @(posedge clk)
-    r_14 <= \$206 ;
+    r_14 <= \$238 ;
   always @(posedge clk)
-    v_15 <= \$207 ;
+    v_15 <= \$239 ;
   always @(posedge clk)
-    t1_15 <= \$208 ;
+    t1_15 <= \$240 ;
   always @(posedge clk)
-    r_15 <= \$209 ;
+    r_15 <= \$241 ;
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$161  = \$65 ;
+    \$193  = \$65 ;
     if (rst) begin
-      \$161  = 22'h000000;
+      \$193  = 22'h000000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$162  = i[386:384];
+    \$194  = i[386:384];
     if (rst) begin
-      \$162  = 3'h0;
+      \$194  = 3'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$163  = \$66 [20:0];
+    \$195  = \$66 [20:0];
     if (rst) begin
-      \$163  = 21'h000000;
+      \$195  = 21'h000000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$164 [9:0] = \$70 [9:0];
-    \$164 [19:10] = \$76 [9:0];
-    \$164 [29:20] = \$82 [9:0];
-    \$164 [39:30] = \$88 [9:0];
-    \$164 [49:40] = \$94 [9:0];
-    \$164 [59:50] = \$100 [9:0];
-    \$164 [69:60] = \$106 [9:0];
-    \$164 [79:70] = \$112 [9:0];
-    \$164 [89:80] = \$118 [9:0];
-    \$164 [99:90] = \$124 [9:0];
-    \$164 [109:100] = \$130 [9:0];
-    \$164 [119:110] = \$136 [9:0];
-    \$164 [129:120] = \$142 [9:0];
-    \$164 [139:130] = \$148 [9:0];
-    \$164 [149:140] = \$154 [9:0];
-    \$164 [159:150] = \$160 [9:0];
+    \$196 [9:0] = \$72 [9:0];
+    \$196 [19:10] = \$80 [9:0];
+    \$196 [29:20] = \$88 [9:0];
+    \$196 [39:30] = \$96 [9:0];
+    \$196 [49:40] = \$104 [9:0];
+    \$196 [59:50] = \$112 [9:0];
+    \$196 [69:60] = \$120 [9:0];
+    \$196 [79:70] = \$128 [9:0];
+    \$196 [89:80] = \$136 [9:0];
+    \$196 [99:90] = \$144 [9:0];
+    \$196 [109:100] = \$152 [9:0];
+    \$196 [119:110] = \$160 [9:0];
+    \$196 [129:120] = \$168 [9:0];
+    \$196 [139:130] = \$176 [9:0];
+    \$196 [149:140] = \$184 [9:0];
+    \$196 [159:150] = \$192 [9:0];
     if (rst) begin
-      \$164  = 160'h0000000000000000000000000000000000000000;
+      \$196  = 160'h0000000000000000000000000000000000000000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$165  = \$71 ;
+    \$197  = \$73 ;
     if (rst) begin
-      \$165  = 22'h000000;
+      \$197  = 22'h000000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$166  = i[389:387];
+    \$198  = i[389:387];
     if (rst) begin
-      \$166  = 3'h0;
+      \$198  = 3'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$167  = \$72 [20:0];
+    \$199  = \$74 [20:0];
     if (rst) begin
-      \$167  = 21'h000000;
+      \$199  = 21'h000000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$168  = \$77 ;
+    \$200  = \$81 ;
     if (rst) begin
-      \$168  = 22'h000000;
+      \$200  = 22'h000000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$169  = i[392:390];
+    \$201  = i[392:390];
     if (rst) begin
-      \$169  = 3'h0;
+      \$201  = 3'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$170  = \$78 [20:0];
+    \$202  = \$82 [20:0];
     if (rst) begin
-      \$170  = 21'h000000;
+      \$202  = 21'h000000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$171  = \$83 ;
+    \$203  = \$89 ;
     if (rst) begin
-      \$171  = 22'h000000;
+      \$203  = 22'h000000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$172  = i[395:393];
+    \$204  = i[395:393];
     if (rst) begin
-      \$172  = 3'h0;
+      \$204  = 3'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$173  = \$84 [20:0];
+    \$205  = \$90 [20:0];
     if (rst) begin
-      \$173  = 21'h000000;
+      \$205  = 21'h000000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$174  = \$89 ;
+    \$206  = \$97 ;
     if (rst) begin
-      \$174  = 22'h000000;
+      \$206  = 22'h000000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$175  = i[398:396];
+    \$207  = i[398:396];
     if (rst) begin
-      \$175  = 3'h0;
+      \$207  = 3'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$176  = \$90 [20:0];
+    \$208  = \$98 [20:0];
     if (rst) begin
-      \$176  = 21'h000000;
+      \$208  = 21'h000000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$177  = \$95 ;
+    \$209  = \$105 ;
     if (rst) begin
-      \$177  = 22'h000000;
+      \$209  = 22'h000000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$178  = i[401:399];
+    \$210  = i[401:399];
     if (rst) begin
-      \$178  = 3'h0;
+      \$210  = 3'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$179  = \$96 [20:0];
+    \$211  = \$106 [20:0];
     if (rst) begin
-      \$179  = 21'h000000;
+      \$211  = 21'h000000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$180  = \$101 ;
+    \$212  = \$113 ;
     if (rst) begin
-      \$180  = 22'h000000;
+      \$212  = 22'h000000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$181  = i[404:402];
+    \$213  = i[404:402];
     if (rst) begin
-      \$181  = 3'h0;
+      \$213  = 3'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$182  = \$102 [20:0];
+    \$214  = \$114 [20:0];
     if (rst) begin
-      \$182  = 21'h000000;
+      \$214  = 21'h000000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$183  = \$107 ;
+    \$215  = \$121 ;
     if (rst) begin
-      \$183  = 22'h000000;
+      \$215  = 22'h000000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$184  = i[407:405];
+    \$216  = i[407:405];
     if (rst) begin
-      \$184  = 3'h0;
+      \$216  = 3'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$185  = \$108 [20:0];
+    \$217  = \$122 [20:0];
     if (rst) begin
-      \$185  = 21'h000000;
+      \$217  = 21'h000000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$186  = \$113 ;
+    \$218  = \$129 ;
     if (rst) begin
-      \$186  = 22'h000000;
+      \$218  = 22'h000000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$187  = i[410:408];
+    \$219  = i[410:408];
     if (rst) begin
-      \$187  = 3'h0;
+      \$219  = 3'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$188  = \$114 [20:0];
+    \$220  = \$130 [20:0];
     if (rst) begin
-      \$188  = 21'h000000;
+      \$220  = 21'h000000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$189  = \$119 ;
+    \$221  = \$137 ;
     if (rst) begin
-      \$189  = 22'h000000;
+      \$221  = 22'h000000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$190  = i[413:411];
+    \$222  = i[413:411];
     if (rst) begin
-      \$190  = 3'h0;
+      \$222  = 3'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$191  = \$120 [20:0];
+    \$223  = \$138 [20:0];
     if (rst) begin
-      \$191  = 21'h000000;
+      \$223  = 21'h000000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$192  = \$125 ;
+    \$224  = \$145 ;
     if (rst) begin
-      \$192  = 22'h000000;
+      \$224  = 22'h000000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$193  = i[416:414];
+    \$225  = i[416:414];
     if (rst) begin
-      \$193  = 3'h0;
+      \$225  = 3'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$194  = \$126 [20:0];
+    \$226  = \$146 [20:0];
     if (rst) begin
-      \$194  = 21'h000000;
+      \$226  = 21'h000000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$195  = \$131 ;
+    \$227  = \$153 ;
     if (rst) begin
-      \$195  = 22'h000000;
+      \$227  = 22'h000000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$196  = i[419:417];
+    \$228  = i[419:417];
     if (rst) begin
-      \$196  = 3'h0;
+      \$228  = 3'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$197  = \$132 [20:0];
+    \$229  = \$154 [20:0];
     if (rst) begin
-      \$197  = 21'h000000;
+      \$229  = 21'h000000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$198  = \$137 ;
+    \$230  = \$161 ;
     if (rst) begin
-      \$198  = 22'h000000;
+      \$230  = 22'h000000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$199  = i[422:420];
+    \$231  = i[422:420];
     if (rst) begin
-      \$199  = 3'h0;
+      \$231  = 3'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$200  = \$138 [20:0];
+    \$232  = \$162 [20:0];
     if (rst) begin
-      \$200  = 21'h000000;
+      \$232  = 21'h000000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$201  = \$143 ;
+    \$233  = \$169 ;
     if (rst) begin
-      \$201  = 22'h000000;
+      \$233  = 22'h000000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$202  = i[425:423];
+    \$234  = i[425:423];
     if (rst) begin
-      \$202  = 3'h0;
+      \$234  = 3'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$203  = \$144 [20:0];
+    \$235  = \$170 [20:0];
     if (rst) begin
-      \$203  = 21'h000000;
+      \$235  = 21'h000000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$204  = \$149 ;
+    \$236  = \$177 ;
     if (rst) begin
-      \$204  = 22'h000000;
+      \$236  = 22'h000000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$205  = i[428:426];
+    \$237  = i[428:426];
     if (rst) begin
-      \$205  = 3'h0;
+      \$237  = 3'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$206  = \$150 [20:0];
+    \$238  = \$178 [20:0];
     if (rst) begin
-      \$206  = 21'h000000;
+      \$238  = 21'h000000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$207  = \$155 ;
+    \$239  = \$185 ;
     if (rst) begin
-      \$207  = 22'h000000;
+      \$239  = 22'h000000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$208  = i[431:429];
+    \$240  = i[431:429];
     if (rst) begin
-      \$208  = 3'h0;
+      \$240  = 3'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$209  = \$156 [20:0];
+    \$241  = \$186 [20:0];
     if (rst) begin
-      \$209  = 21'h000000;
+      \$241  = 21'h000000;
     end
   end
   assign u_0 = \$2 [20:0];

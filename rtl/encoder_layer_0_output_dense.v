@@ -78990,131 +78990,163 @@ module \encoder_layer_0_output_dense.rq (rst, i, o, clk);
   reg \$auto$verilog_backend.cc:2355:dump_module$3  = 0;
   wire [26:0] \$1 ;
   wire [26:0] \$10 ;
-  wire [16:0] \$100 ;
-  wire [28:0] \$101 ;
-  wire [28:0] \$102 ;
-  wire \$103 ;
-  wire \$104 ;
-  wire [16:0] \$105 ;
-  wire [16:0] \$106 ;
-  wire [28:0] \$107 ;
-  wire [28:0] \$108 ;
+  wire \$100 ;
+  wire \$101 ;
+  wire \$102 ;
+  wire [15:0] \$103 ;
+  wire [16:0] \$104 ;
+  wire [28:0] \$105 ;
+  wire [28:0] \$106 ;
+  wire \$107 ;
+  wire \$108 ;
   wire \$109 ;
   wire [23:0] \$11 ;
   wire \$110 ;
-  wire [16:0] \$111 ;
+  wire [15:0] \$111 ;
   wire [16:0] \$112 ;
   wire [28:0] \$113 ;
   wire [28:0] \$114 ;
   wire \$115 ;
   wire \$116 ;
-  wire [16:0] \$117 ;
-  wire [16:0] \$118 ;
-  wire [28:0] \$119 ;
+  wire \$117 ;
+  wire \$118 ;
+  wire [15:0] \$119 ;
   wire [23:0] \$12 ;
-  wire [28:0] \$120 ;
-  wire \$121 ;
-  wire \$122 ;
-  wire [16:0] \$123 ;
-  wire [16:0] \$124 ;
-  wire [28:0] \$125 ;
-  wire [28:0] \$126 ;
-  wire \$127 ;
-  wire \$128 ;
-  wire [16:0] \$129 ;
+  wire [16:0] \$120 ;
+  wire [28:0] \$121 ;
+  wire [28:0] \$122 ;
+  wire \$123 ;
+  wire \$124 ;
+  wire \$125 ;
+  wire \$126 ;
+  wire [15:0] \$127 ;
+  wire [16:0] \$128 ;
+  wire [28:0] \$129 ;
   wire [26:0] \$13 ;
-  wire [16:0] \$130 ;
-  wire [28:0] \$131 ;
-  wire [28:0] \$132 ;
+  wire [28:0] \$130 ;
+  wire \$131 ;
+  wire \$132 ;
   wire \$133 ;
   wire \$134 ;
-  wire [16:0] \$135 ;
+  wire [15:0] \$135 ;
   wire [16:0] \$136 ;
   wire [28:0] \$137 ;
   wire [28:0] \$138 ;
   wire \$139 ;
   wire [26:0] \$14 ;
   wire \$140 ;
-  wire [16:0] \$141 ;
-  wire [16:0] \$142 ;
-  wire [28:0] \$143 ;
-  wire [28:0] \$144 ;
-  wire \$145 ;
-  wire \$146 ;
-  wire [16:0] \$147 ;
-  wire [16:0] \$148 ;
-  wire [28:0] \$149 ;
+  wire \$141 ;
+  wire \$142 ;
+  wire [15:0] \$143 ;
+  wire [16:0] \$144 ;
+  wire [28:0] \$145 ;
+  wire [28:0] \$146 ;
+  wire \$147 ;
+  wire \$148 ;
+  wire \$149 ;
   wire [23:0] \$15 ;
-  wire [28:0] \$150 ;
-  wire \$151 ;
-  wire \$152 ;
-  wire [16:0] \$153 ;
-  wire [16:0] \$154 ;
-  wire [28:0] \$155 ;
-  wire [28:0] \$156 ;
+  wire \$150 ;
+  wire [15:0] \$151 ;
+  wire [16:0] \$152 ;
+  wire [28:0] \$153 ;
+  wire [28:0] \$154 ;
+  wire \$155 ;
+  wire \$156 ;
   wire \$157 ;
   wire \$158 ;
-  wire [16:0] \$159 ;
+  wire [15:0] \$159 ;
   wire [23:0] \$16 ;
   wire [16:0] \$160 ;
-  reg [28:0] \$161 ;
-  reg [3:0] \$162 ;
-  reg [27:0] \$163 ;
-  reg [255:0] \$164 ;
-  reg [28:0] \$165 ;
-  reg [3:0] \$166 ;
-  reg [27:0] \$167 ;
-  reg [28:0] \$168 ;
-  reg [3:0] \$169 ;
+  wire [28:0] \$161 ;
+  wire [28:0] \$162 ;
+  wire \$163 ;
+  wire \$164 ;
+  wire \$165 ;
+  wire \$166 ;
+  wire [15:0] \$167 ;
+  wire [16:0] \$168 ;
+  wire [28:0] \$169 ;
   wire [26:0] \$17 ;
-  reg [27:0] \$170 ;
-  reg [28:0] \$171 ;
-  reg [3:0] \$172 ;
-  reg [27:0] \$173 ;
-  reg [28:0] \$174 ;
-  reg [3:0] \$175 ;
-  reg [27:0] \$176 ;
-  reg [28:0] \$177 ;
-  reg [3:0] \$178 ;
-  reg [27:0] \$179 ;
+  wire [28:0] \$170 ;
+  wire \$171 ;
+  wire \$172 ;
+  wire \$173 ;
+  wire \$174 ;
+  wire [15:0] \$175 ;
+  wire [16:0] \$176 ;
+  wire [28:0] \$177 ;
+  wire [28:0] \$178 ;
+  wire \$179 ;
   wire [26:0] \$18 ;
-  reg [28:0] \$180 ;
-  reg [3:0] \$181 ;
-  reg [27:0] \$182 ;
-  reg [28:0] \$183 ;
-  reg [3:0] \$184 ;
-  reg [27:0] \$185 ;
-  reg [28:0] \$186 ;
-  reg [3:0] \$187 ;
-  reg [27:0] \$188 ;
-  reg [28:0] \$189 ;
+  wire \$180 ;
+  wire \$181 ;
+  wire \$182 ;
+  wire [15:0] \$183 ;
+  wire [16:0] \$184 ;
+  wire [28:0] \$185 ;
+  wire [28:0] \$186 ;
+  wire \$187 ;
+  wire \$188 ;
+  wire \$189 ;
   wire [23:0] \$19 ;
-  reg [3:0] \$190 ;
-  reg [27:0] \$191 ;
-  reg [28:0] \$192 ;
-  reg [3:0] \$193 ;
-  reg [27:0] \$194 ;
-  reg [28:0] \$195 ;
-  reg [3:0] \$196 ;
-  reg [27:0] \$197 ;
-  reg [28:0] \$198 ;
-  reg [3:0] \$199 ;
+  wire \$190 ;
+  wire [15:0] \$191 ;
+  wire [16:0] \$192 ;
+  reg [28:0] \$193 ;
+  reg [3:0] \$194 ;
+  reg [27:0] \$195 ;
+  reg [255:0] \$196 ;
+  reg [28:0] \$197 ;
+  reg [3:0] \$198 ;
+  reg [27:0] \$199 ;
   wire [26:0] \$2 ;
   wire [23:0] \$20 ;
-  reg [27:0] \$200 ;
-  reg [28:0] \$201 ;
-  reg [3:0] \$202 ;
-  reg [27:0] \$203 ;
-  reg [28:0] \$204 ;
-  reg [3:0] \$205 ;
-  reg [27:0] \$206 ;
-  reg [28:0] \$207 ;
-  reg [3:0] \$208 ;
-  reg [27:0] \$209 ;
+  reg [28:0] \$200 ;
+  reg [3:0] \$201 ;
+  reg [27:0] \$202 ;
+  reg [28:0] \$203 ;
+  reg [3:0] \$204 ;
+  reg [27:0] \$205 ;
+  reg [28:0] \$206 ;
+  reg [3:0] \$207 ;
+  reg [27:0] \$208 ;
+  reg [28:0] \$209 ;
   wire [26:0] \$21 ;
+  reg [3:0] \$210 ;
+  reg [27:0] \$211 ;
+  reg [28:0] \$212 ;
+  reg [3:0] \$213 ;
+  reg [27:0] \$214 ;
+  reg [28:0] \$215 ;
+  reg [3:0] \$216 ;
+  reg [27:0] \$217 ;
+  reg [28:0] \$218 ;
+  reg [3:0] \$219 ;
   wire [26:0] \$22 ;
+  reg [27:0] \$220 ;
+  reg [28:0] \$221 ;
+  reg [3:0] \$222 ;
+  reg [27:0] \$223 ;
+  reg [28:0] \$224 ;
+  reg [3:0] \$225 ;
+  reg [27:0] \$226 ;
+  reg [28:0] \$227 ;
+  reg [3:0] \$228 ;
+  reg [27:0] \$229 ;
   wire [23:0] \$23 ;
+  reg [28:0] \$230 ;
+  reg [3:0] \$231 ;
+  reg [27:0] \$232 ;
+  reg [28:0] \$233 ;
+  reg [3:0] \$234 ;
+  reg [27:0] \$235 ;
+  reg [28:0] \$236 ;
+  reg [3:0] \$237 ;
+  reg [27:0] \$238 ;
+  reg [28:0] \$239 ;
   wire [23:0] \$24 ;
+  reg [3:0] \$240 ;
+  reg [27:0] \$241 ;
   wire [26:0] \$25 ;
   wire [26:0] \$26 ;
   wire [23:0] \$27 ;
@@ -79163,40 +79195,40 @@ module \encoder_layer_0_output_dense.rq (rst, i, o, clk);
   wire [28:0] \$66 ;
   wire \$67 ;
   wire \$68 ;
-  wire [16:0] \$69 ;
+  wire \$69 ;
   wire [23:0] \$7 ;
-  wire [16:0] \$70 ;
-  wire [28:0] \$71 ;
-  wire [28:0] \$72 ;
-  wire \$73 ;
-  wire \$74 ;
-  wire [16:0] \$75 ;
-  wire [16:0] \$76 ;
-  wire [28:0] \$77 ;
-  wire [28:0] \$78 ;
-  wire \$79 ;
+  wire \$70 ;
+  wire [15:0] \$71 ;
+  wire [16:0] \$72 ;
+  wire [28:0] \$73 ;
+  wire [28:0] \$74 ;
+  wire \$75 ;
+  wire \$76 ;
+  wire \$77 ;
+  wire \$78 ;
+  wire [15:0] \$79 ;
   wire [23:0] \$8 ;
-  wire \$80 ;
-  wire [16:0] \$81 ;
-  wire [16:0] \$82 ;
-  wire [28:0] \$83 ;
-  wire [28:0] \$84 ;
+  wire [16:0] \$80 ;
+  wire [28:0] \$81 ;
+  wire [28:0] \$82 ;
+  wire \$83 ;
+  wire \$84 ;
   wire \$85 ;
   wire \$86 ;
-  wire [16:0] \$87 ;
+  wire [15:0] \$87 ;
   wire [16:0] \$88 ;
   wire [28:0] \$89 ;
   wire [26:0] \$9 ;
   wire [28:0] \$90 ;
   wire \$91 ;
   wire \$92 ;
-  wire [16:0] \$93 ;
-  wire [16:0] \$94 ;
-  wire [28:0] \$95 ;
-  wire [28:0] \$96 ;
-  wire \$97 ;
-  wire \$98 ;
-  wire [16:0] \$99 ;
+  wire \$93 ;
+  wire \$94 ;
+  wire [15:0] \$95 ;
+  wire [16:0] \$96 ;
+  wire [28:0] \$97 ;
+  wire [28:0] \$98 ;
+  wire \$99 ;
   input clk;
   wire clk;
   input [479:0] i;
@@ -79353,554 +79385,586 @@ module \encoder_layer_0_output_dense.rq (rst, i, o, clk);
   assign \$63  = 1'h1 << i[479:476];
   assign \$65  = $signed(\$2 ) + $signed({ 1'h0, \$4 [7:0] });
   assign \$66  = $signed(v_0) >>> t1_0;
-  assign \$67  = $signed(r_0) > $signed(16'h7fff);
-  assign \$68  = $signed(r_0) < $signed(16'h8000);
-  assign \$69  = \$68  ? 17'h18000 : { 1'h0, r_0[15:0] };
-  assign \$70  = \$67  ? 17'h07fff : \$69 ;
-  assign \$71  = $signed(\$6 ) + $signed({ 1'h0, \$8 [7:0] });
-  assign \$72  = $signed(v_1) >>> t1_1;
-  assign \$73  = $signed(r_1) > $signed(16'h7fff);
-  assign \$74  = $signed(r_1) < $signed(16'h8000);
-  assign \$75  = \$74  ? 17'h18000 : { 1'h0, r_1[15:0] };
-  assign \$76  = \$73  ? 17'h07fff : \$75 ;
-  assign \$77  = $signed(\$10 ) + $signed({ 1'h0, \$12 [7:0] });
-  assign \$78  = $signed(v_2) >>> t1_2;
-  assign \$79  = $signed(r_2) > $signed(16'h7fff);
-  assign \$80  = $signed(r_2) < $signed(16'h8000);
-  assign \$81  = \$80  ? 17'h18000 : { 1'h0, r_2[15:0] };
-  assign \$82  = \$79  ? 17'h07fff : \$81 ;
-  assign \$83  = $signed(\$14 ) + $signed({ 1'h0, \$16 [7:0] });
-  assign \$84  = $signed(v_3) >>> t1_3;
-  assign \$85  = $signed(r_3) > $signed(16'h7fff);
-  assign \$86  = $signed(r_3) < $signed(16'h8000);
-  assign \$87  = \$86  ? 17'h18000 : { 1'h0, r_3[15:0] };
-  assign \$88  = \$85  ? 17'h07fff : \$87 ;
-  assign \$89  = $signed(\$18 ) + $signed({ 1'h0, \$20 [7:0] });
-  assign \$90  = $signed(v_4) >>> t1_4;
-  assign \$91  = $signed(r_4) > $signed(16'h7fff);
-  assign \$92  = $signed(r_4) < $signed(16'h8000);
-  assign \$93  = \$92  ? 17'h18000 : { 1'h0, r_4[15:0] };
-  assign \$94  = \$91  ? 17'h07fff : \$93 ;
-  assign \$95  = $signed(\$22 ) + $signed({ 1'h0, \$24 [7:0] });
-  assign \$96  = $signed(v_5) >>> t1_5;
-  assign \$97  = $signed(r_5) > $signed(16'h7fff);
-  assign \$98  = $signed(r_5) < $signed(16'h8000);
-  assign \$99  = \$98  ? 17'h18000 : { 1'h0, r_5[15:0] };
-  assign \$100  = \$97  ? 17'h07fff : \$99 ;
-  assign \$101  = $signed(\$26 ) + $signed({ 1'h0, \$28 [7:0] });
-  assign \$102  = $signed(v_6) >>> t1_6;
-  assign \$103  = $signed(r_6) > $signed(16'h7fff);
-  assign \$104  = $signed(r_6) < $signed(16'h8000);
-  assign \$105  = \$104  ? 17'h18000 : { 1'h0, r_6[15:0] };
-  assign \$106  = \$103  ? 17'h07fff : \$105 ;
-  assign \$107  = $signed(\$30 ) + $signed({ 1'h0, \$32 [7:0] });
-  assign \$108  = $signed(v_7) >>> t1_7;
-  assign \$109  = $signed(r_7) > $signed(16'h7fff);
-  assign \$110  = $signed(r_7) < $signed(16'h8000);
-  assign \$111  = \$110  ? 17'h18000 : { 1'h0, r_7[15:0] };
-  assign \$112  = \$109  ? 17'h07fff : \$111 ;
-  assign \$113  = $signed(\$34 ) + $signed({ 1'h0, \$36 [7:0] });
-  assign \$114  = $signed(v_8) >>> t1_8;
-  assign \$115  = $signed(r_8) > $signed(16'h7fff);
-  assign \$116  = $signed(r_8) < $signed(16'h8000);
-  assign \$117  = \$116  ? 17'h18000 : { 1'h0, r_8[15:0] };
-  assign \$118  = \$115  ? 17'h07fff : \$117 ;
-  assign \$119  = $signed(\$38 ) + $signed({ 1'h0, \$40 [7:0] });
-  assign \$120  = $signed(v_9) >>> t1_9;
-  assign \$121  = $signed(r_9) > $signed(16'h7fff);
-  assign \$122  = $signed(r_9) < $signed(16'h8000);
-  assign \$123  = \$122  ? 17'h18000 : { 1'h0, r_9[15:0] };
-  assign \$124  = \$121  ? 17'h07fff : \$123 ;
-  assign \$125  = $signed(\$42 ) + $signed({ 1'h0, \$44 [7:0] });
-  assign \$126  = $signed(v_10) >>> t1_10;
-  assign \$127  = $signed(r_10) > $signed(16'h7fff);
-  assign \$128  = $signed(r_10) < $signed(16'h8000);
-  assign \$129  = \$128  ? 17'h18000 : { 1'h0, r_10[15:0] };
-  assign \$130  = \$127  ? 17'h07fff : \$129 ;
-  assign \$131  = $signed(\$46 ) + $signed({ 1'h0, \$48 [7:0] });
-  assign \$132  = $signed(v_11) >>> t1_11;
-  assign \$133  = $signed(r_11) > $signed(16'h7fff);
-  assign \$134  = $signed(r_11) < $signed(16'h8000);
-  assign \$135  = \$134  ? 17'h18000 : { 1'h0, r_11[15:0] };
-  assign \$136  = \$133  ? 17'h07fff : \$135 ;
-  assign \$137  = $signed(\$50 ) + $signed({ 1'h0, \$52 [7:0] });
-  assign \$138  = $signed(v_12) >>> t1_12;
-  assign \$139  = $signed(r_12) > $signed(16'h7fff);
-  assign \$140  = $signed(r_12) < $signed(16'h8000);
-  assign \$141  = \$140  ? 17'h18000 : { 1'h0, r_12[15:0] };
-  assign \$142  = \$139  ? 17'h07fff : \$141 ;
-  assign \$143  = $signed(\$54 ) + $signed({ 1'h0, \$56 [7:0] });
-  assign \$144  = $signed(v_13) >>> t1_13;
-  assign \$145  = $signed(r_13) > $signed(16'h7fff);
-  assign \$146  = $signed(r_13) < $signed(16'h8000);
-  assign \$147  = \$146  ? 17'h18000 : { 1'h0, r_13[15:0] };
-  assign \$148  = \$145  ? 17'h07fff : \$147 ;
-  assign \$149  = $signed(\$58 ) + $signed({ 1'h0, \$60 [7:0] });
-  assign \$150  = $signed(v_14) >>> t1_14;
-  assign \$151  = $signed(r_14) > $signed(16'h7fff);
-  assign \$152  = $signed(r_14) < $signed(16'h8000);
-  assign \$153  = \$152  ? 17'h18000 : { 1'h0, r_14[15:0] };
-  assign \$154  = \$151  ? 17'h07fff : \$153 ;
-  assign \$155  = $signed(\$62 ) + $signed({ 1'h0, \$64 [7:0] });
-  assign \$156  = $signed(v_15) >>> t1_15;
-  assign \$157  = $signed(r_15) > $signed(16'h7fff);
-  assign \$158  = $signed(r_15) < $signed(16'h8000);
-  assign \$159  = \$158  ? 17'h18000 : { 1'h0, r_15[15:0] };
-  assign \$160  = \$157  ? 17'h07fff : \$159 ;
+  assign \$67  = & r_0[27:15];
+  assign \$68  = | r_0[27:15];
+  assign \$69  = ~ \$68 ;
+  assign \$70  = \$67  | \$69 ;
+  assign \$71  = r_0[27] ? 16'h8000 : 16'h7fff;
+  assign \$72  = \$70  ? { 1'h0, r_0[15:0] } : { \$71 [15], \$71  };
+  assign \$73  = $signed(\$6 ) + $signed({ 1'h0, \$8 [7:0] });
+  assign \$74  = $signed(v_1) >>> t1_1;
+  assign \$75  = & r_1[27:15];
+  assign \$76  = | r_1[27:15];
+  assign \$77  = ~ \$76 ;
+  assign \$78  = \$75  | \$77 ;
+  assign \$79  = r_1[27] ? 16'h8000 : 16'h7fff;
+  assign \$80  = \$78  ? { 1'h0, r_1[15:0] } : { \$79 [15], \$79  };
+  assign \$81  = $signed(\$10 ) + $signed({ 1'h0, \$12 [7:0] });
+  assign \$82  = $signed(v_2) >>> t1_2;
+  assign \$83  = & r_2[27:15];
+  assign \$84  = | r_2[27:15];
+  assign \$85  = ~ \$84 ;
+  assign \$86  = \$83  | \$85 ;
+  assign \$87  = r_2[27] ? 16'h8000 : 16'h7fff;
+  assign \$88  = \$86  ? { 1'h0, r_2[15:0] } : { \$87 [15], \$87  };
+  assign \$89  = $signed(\$14 ) + $signed({ 1'h0, \$16 [7:0] });
+  assign \$90  = $signed(v_3) >>> t1_3;
+  assign \$91  = & r_3[27:15];
+  assign \$92  = | r_3[27:15];
+  assign \$93  = ~ \$92 ;
+  assign \$94  = \$91  | \$93 ;
+  assign \$95  = r_3[27] ? 16'h8000 : 16'h7fff;
+  assign \$96  = \$94  ? { 1'h0, r_3[15:0] } : { \$95 [15], \$95  };
+  assign \$97  = $signed(\$18 ) + $signed({ 1'h0, \$20 [7:0] });
+  assign \$98  = $signed(v_4) >>> t1_4;
+  assign \$99  = & r_4[27:15];
+  assign \$100  = | r_4[27:15];
+  assign \$101  = ~ \$100 ;
+  assign \$102  = \$99  | \$101 ;
+  assign \$103  = r_4[27] ? 16'h8000 : 16'h7fff;
+  assign \$104  = \$102  ? { 1'h0, r_4[15:0] } : { \$103 [15], \$103  };
+  assign \$105  = $signed(\$22 ) + $signed({ 1'h0, \$24 [7:0] });
+  assign \$106  = $signed(v_5) >>> t1_5;
+  assign \$107  = & r_5[27:15];
+  assign \$108  = | r_5[27:15];
+  assign \$109  = ~ \$108 ;
+  assign \$110  = \$107  | \$109 ;
+  assign \$111  = r_5[27] ? 16'h8000 : 16'h7fff;
+  assign \$112  = \$110  ? { 1'h0, r_5[15:0] } : { \$111 [15], \$111  };
+  assign \$113  = $signed(\$26 ) + $signed({ 1'h0, \$28 [7:0] });
+  assign \$114  = $signed(v_6) >>> t1_6;
+  assign \$115  = & r_6[27:15];
+  assign \$116  = | r_6[27:15];
+  assign \$117  = ~ \$116 ;
+  assign \$118  = \$115  | \$117 ;
+  assign \$119  = r_6[27] ? 16'h8000 : 16'h7fff;
+  assign \$120  = \$118  ? { 1'h0, r_6[15:0] } : { \$119 [15], \$119  };
+  assign \$121  = $signed(\$30 ) + $signed({ 1'h0, \$32 [7:0] });
+  assign \$122  = $signed(v_7) >>> t1_7;
+  assign \$123  = & r_7[27:15];
+  assign \$124  = | r_7[27:15];
+  assign \$125  = ~ \$124 ;
+  assign \$126  = \$123  | \$125 ;
+  assign \$127  = r_7[27] ? 16'h8000 : 16'h7fff;
+  assign \$128  = \$126  ? { 1'h0, r_7[15:0] } : { \$127 [15], \$127  };
+  assign \$129  = $signed(\$34 ) + $signed({ 1'h0, \$36 [7:0] });
+  assign \$130  = $signed(v_8) >>> t1_8;
+  assign \$131  = & r_8[27:15];
+  assign \$132  = | r_8[27:15];
+  assign \$133  = ~ \$132 ;
+  assign \$134  = \$131  | \$133 ;
+  assign \$135  = r_8[27] ? 16'h8000 : 16'h7fff;
+  assign \$136  = \$134  ? { 1'h0, r_8[15:0] } : { \$135 [15], \$135  };
+  assign \$137  = $signed(\$38 ) + $signed({ 1'h0, \$40 [7:0] });
+  assign \$138  = $signed(v_9) >>> t1_9;
+  assign \$139  = & r_9[27:15];
+  assign \$140  = | r_9[27:15];
+  assign \$141  = ~ \$140 ;
+  assign \$142  = \$139  | \$141 ;
+  assign \$143  = r_9[27] ? 16'h8000 : 16'h7fff;
+  assign \$144  = \$142  ? { 1'h0, r_9[15:0] } : { \$143 [15], \$143  };
+  assign \$145  = $signed(\$42 ) + $signed({ 1'h0, \$44 [7:0] });
+  assign \$146  = $signed(v_10) >>> t1_10;
+  assign \$147  = & r_10[27:15];
+  assign \$148  = | r_10[27:15];
+  assign \$149  = ~ \$148 ;
+  assign \$150  = \$147  | \$149 ;
+  assign \$151  = r_10[27] ? 16'h8000 : 16'h7fff;
+  assign \$152  = \$150  ? { 1'h0, r_10[15:0] } : { \$151 [15], \$151  };
+  assign \$153  = $signed(\$46 ) + $signed({ 1'h0, \$48 [7:0] });
+  assign \$154  = $signed(v_11) >>> t1_11;
+  assign \$155  = & r_11[27:15];
+  assign \$156  = | r_11[27:15];
+  assign \$157  = ~ \$156 ;
+  assign \$158  = \$155  | \$157 ;
+  assign \$159  = r_11[27] ? 16'h8000 : 16'h7fff;
+  assign \$160  = \$158  ? { 1'h0, r_11[15:0] } : { \$159 [15], \$159  };
+  assign \$161  = $signed(\$50 ) + $signed({ 1'h0, \$52 [7:0] });
+  assign \$162  = $signed(v_12) >>> t1_12;
+  assign \$163  = & r_12[27:15];
+  assign \$164  = | r_12[27:15];
+  assign \$165  = ~ \$164 ;
+  assign \$166  = \$163  | \$165 ;
+  assign \$167  = r_12[27] ? 16'h8000 : 16'h7fff;
+  assign \$168  = \$166  ? { 1'h0, r_12[15:0] } : { \$167 [15], \$167  };
+  assign \$169  = $signed(\$54 ) + $signed({ 1'h0, \$56 [7:0] });
+  assign \$170  = $signed(v_13) >>> t1_13;
+  assign \$171  = & r_13[27:15];
+  assign \$172  = | r_13[27:15];
+  assign \$173  = ~ \$172 ;
+  assign \$174  = \$171  | \$173 ;
+  assign \$175  = r_13[27] ? 16'h8000 : 16'h7fff;
+  assign \$176  = \$174  ? { 1'h0, r_13[15:0] } : { \$175 [15], \$175  };
+  assign \$177  = $signed(\$58 ) + $signed({ 1'h0, \$60 [7:0] });
+  assign \$178  = $signed(v_14) >>> t1_14;
+  assign \$179  = & r_14[27:15];
+  assign \$180  = | r_14[27:15];
+  assign \$181  = ~ \$180 ;
+  assign \$182  = \$179  | \$181 ;
+  assign \$183  = r_14[27] ? 16'h8000 : 16'h7fff;
+  assign \$184  = \$182  ? { 1'h0, r_14[15:0] } : { \$183 [15], \$183  };
+  assign \$185  = $signed(\$62 ) + $signed({ 1'h0, \$64 [7:0] });
+  assign \$186  = $signed(v_15) >>> t1_15;
+  assign \$187  = & r_15[27:15];
+  assign \$188  = | r_15[27:15];
+  assign \$189  = ~ \$188 ;
+  assign \$190  = \$187  | \$189 ;
+  assign \$191  = r_15[27] ? 16'h8000 : 16'h7fff;
+  assign \$192  = \$190  ? { 1'h0, r_15[15:0] } : { \$191 [15], \$191  };
   always @(posedge clk)
-    v_0 <= \$161 ;
+    v_0 <= \$193 ;
   always @(posedge clk)
-    t1_0 <= \$162 ;
+    t1_0 <= \$194 ;
   always @(posedge clk)
-    r_0 <= \$163 ;
+    r_0 <= \$195 ;
   always @(posedge clk)
-    o <= \$164 ;
+    o <= \$196 ;
   always @(posedge clk)
-    v_1 <= \$165 ;
+    v_1 <= \$197 ;
   always @(posedge clk)
-    t1_1 <= \$166 ;
+    t1_1 <= \$198 ;
   always @(posedge clk)
-    r_1 <= \$167 ;
+    r_1 <= \$199 ;
   always @(posedge clk)
-    v_2 <= \$168 ;
+    v_2 <= \$200 ;
   always @(posedge clk)
-    t1_2 <= \$169 ;
+    t1_2 <= \$201 ;
   always @(posedge clk)
-    r_2 <= \$170 ;
+    r_2 <= \$202 ;
   always @(posedge clk)
-    v_3 <= \$171 ;
+    v_3 <= \$203 ;
   always @(posedge clk)
-    t1_3 <= \$172 ;
+    t1_3 <= \$204 ;
   always @(posedge clk)
-    r_3 <= \$173 ;
+    r_3 <= \$205 ;
   always @(posedge clk)
-    v_4 <= \$174 ;
+    v_4 <= \$206 ;
   always @(posedge clk)
-    t1_4 <= \$175 ;
+    t1_4 <= \$207 ;
   always @(posedge clk)
-    r_4 <= \$176 ;
+    r_4 <= \$208 ;
   always @(posedge clk)
-    v_5 <= \$177 ;
+    v_5 <= \$209 ;
   always @(posedge clk)
-    t1_5 <= \$178 ;
+    t1_5 <= \$210 ;
   always @(posedge clk)
-    r_5 <= \$179 ;
+    r_5 <= \$211 ;
   always @(posedge clk)
-    v_6 <= \$180 ;
+    v_6 <= \$212 ;
   always @(posedge clk)
-    t1_6 <= \$181 ;
+    t1_6 <= \$213 ;
   always @(posedge clk)
-    r_6 <= \$182 ;
+    r_6 <= \$214 ;
   always @(posedge clk)
-    v_7 <= \$183 ;
+    v_7 <= \$215 ;
   always @(posedge clk)
-    t1_7 <= \$184 ;
+    t1_7 <= \$216 ;
   always @(posedge clk)
-    r_7 <= \$185 ;
+    r_7 <= \$217 ;
   always @(posedge clk)
-    v_8 <= \$186 ;
+    v_8 <= \$218 ;
   always @(posedge clk)
-    t1_8 <= \$187 ;
+    t1_8 <= \$219 ;
   always @(posedge clk)
-    r_8 <= \$188 ;
+    r_8 <= \$220 ;
   always @(posedge clk)
-    v_9 <= \$189 ;
+    v_9 <= \$221 ;
   always @(posedge clk)
-    t1_9 <= \$190 ;
+    t1_9 <= \$222 ;
   always @(posedge clk)
-    r_9 <= \$191 ;
+    r_9 <= \$223 ;
   always @(posedge clk)
-    v_10 <= \$192 ;
+    v_10 <= \$224 ;
   always @(posedge clk)
-    t1_10 <= \$193 ;
+    t1_10 <= \$225 ;
   always @(posedge clk)
-    r_10 <= \$194 ;
+    r_10 <= \$226 ;
   always @(posedge clk)
-    v_11 <= \$195 ;
+    v_11 <= \$227 ;
   always @(posedge clk)
-    t1_11 <= \$196 ;
+    t1_11 <= \$228 ;
   always @(posedge clk)
-    r_11 <= \$197 ;
+    r_11 <= \$229 ;
   always @(posedge clk)
-    v_12 <= \$198 ;
+    v_12 <= \$230 ;
   always @(posedge clk)
-    t1_12 <= \$199 ;
+    t1_12 <= \$231 ;
   always @(posedge clk)
-    r_12 <= \$200 ;
+    r_12 <= \$232 ;
   always @(posedge clk)
-    v_13 <= \$201 ;
+    v_13 <= \$233 ;
   always @(posedge clk)
-    t1_13 <= \$202 ;
+    t1_13 <= \$234 ;
   always @(posedge clk)
-    r_13 <= \$203 ;
+    r_13 <= \$235 ;
   always @(posedge clk)
-    v_14 <= \$204 ;
+    v_14 <= \$236 ;
   always @(posedge clk)
-    t1_14 <= \$205 ;
+    t1_14 <= \$237 ;
   always @(posedge clk)
-    r_14 <= \$206 ;
+    r_14 <= \$238 ;
   always @(posedge clk)
-    v_15 <= \$207 ;
+    v_15 <= \$239 ;
   always @(posedge clk)
-    t1_15 <= \$208 ;
+    t1_15 <= \$240 ;
   always @(posedge clk)
-    r_15 <= \$209 ;
+    r_15 <= \$241 ;
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$161  = \$65 ;
+    \$193  = \$65 ;
     if (rst) begin
-      \$161  = 29'h00000000;
+      \$193  = 29'h00000000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$162  = i[419:416];
+    \$194  = i[419:416];
     if (rst) begin
-      \$162  = 4'h0;
+      \$194  = 4'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$163  = \$66 [27:0];
+    \$195  = \$66 [27:0];
     if (rst) begin
-      \$163  = 28'h0000000;
+      \$195  = 28'h0000000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$164 [15:0] = \$70 [15:0];
-    \$164 [31:16] = \$76 [15:0];
-    \$164 [47:32] = \$82 [15:0];
-    \$164 [63:48] = \$88 [15:0];
-    \$164 [79:64] = \$94 [15:0];
-    \$164 [95:80] = \$100 [15:0];
-    \$164 [111:96] = \$106 [15:0];
-    \$164 [127:112] = \$112 [15:0];
-    \$164 [143:128] = \$118 [15:0];
-    \$164 [159:144] = \$124 [15:0];
-    \$164 [175:160] = \$130 [15:0];
-    \$164 [191:176] = \$136 [15:0];
-    \$164 [207:192] = \$142 [15:0];
-    \$164 [223:208] = \$148 [15:0];
-    \$164 [239:224] = \$154 [15:0];
-    \$164 [255:240] = \$160 [15:0];
+    \$196 [15:0] = \$72 [15:0];
+    \$196 [31:16] = \$80 [15:0];
+    \$196 [47:32] = \$88 [15:0];
+    \$196 [63:48] = \$96 [15:0];
+    \$196 [79:64] = \$104 [15:0];
+    \$196 [95:80] = \$112 [15:0];
+    \$196 [111:96] = \$120 [15:0];
+    \$196 [127:112] = \$128 [15:0];
+    \$196 [143:128] = \$136 [15:0];
+    \$196 [159:144] = \$144 [15:0];
+    \$196 [175:160] = \$152 [15:0];
+    \$196 [191:176] = \$160 [15:0];
+    \$196 [207:192] = \$168 [15:0];
+    \$196 [223:208] = \$176 [15:0];
+    \$196 [239:224] = \$184 [15:0];
+    \$196 [255:240] = \$192 [15:0];
     if (rst) begin
-      \$164  = 256'h0000000000000000000000000000000000000000000000000000000000000000;
+      \$196  = 256'h0000000000000000000000000000000000000000000000000000000000000000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$165  = \$71 ;
+    \$197  = \$73 ;
     if (rst) begin
-      \$165  = 29'h00000000;
+      \$197  = 29'h00000000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$166  = i[423:420];
+    \$198  = i[423:420];
     if (rst) begin
-      \$166  = 4'h0;
+      \$198  = 4'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$167  = \$72 [27:0];
+    \$199  = \$74 [27:0];
     if (rst) begin
-      \$167  = 28'h0000000;
+      \$199  = 28'h0000000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$168  = \$77 ;
+    \$200  = \$81 ;
     if (rst) begin
-      \$168  = 29'h00000000;
+      \$200  = 29'h00000000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$169  = i[427:424];
+    \$201  = i[427:424];
     if (rst) begin
-      \$169  = 4'h0;
+      \$201  = 4'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$170  = \$78 [27:0];
+    \$202  = \$82 [27:0];
     if (rst) begin
-      \$170  = 28'h0000000;
+      \$202  = 28'h0000000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$171  = \$83 ;
+    \$203  = \$89 ;
     if (rst) begin
-      \$171  = 29'h00000000;
+      \$203  = 29'h00000000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$172  = i[431:428];
+    \$204  = i[431:428];
     if (rst) begin
-      \$172  = 4'h0;
+      \$204  = 4'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$173  = \$84 [27:0];
+    \$205  = \$90 [27:0];
     if (rst) begin
-      \$173  = 28'h0000000;
+      \$205  = 28'h0000000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$174  = \$89 ;
+    \$206  = \$97 ;
     if (rst) begin
-      \$174  = 29'h00000000;
+      \$206  = 29'h00000000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$175  = i[435:432];
+    \$207  = i[435:432];
     if (rst) begin
-      \$175  = 4'h0;
+      \$207  = 4'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$176  = \$90 [27:0];
+    \$208  = \$98 [27:0];
     if (rst) begin
-      \$176  = 28'h0000000;
+      \$208  = 28'h0000000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$177  = \$95 ;
+    \$209  = \$105 ;
     if (rst) begin
-      \$177  = 29'h00000000;
+      \$209  = 29'h00000000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$178  = i[439:436];
+    \$210  = i[439:436];
     if (rst) begin
-      \$178  = 4'h0;
+      \$210  = 4'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$179  = \$96 [27:0];
+    \$211  = \$106 [27:0];
     if (rst) begin
-      \$179  = 28'h0000000;
+      \$211  = 28'h0000000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$180  = \$101 ;
+    \$212  = \$113 ;
     if (rst) begin
-      \$180  = 29'h00000000;
+      \$212  = 29'h00000000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$181  = i[443:440];
+    \$213  = i[443:440];
     if (rst) begin
-      \$181  = 4'h0;
+      \$213  = 4'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$182  = \$102 [27:0];
+    \$214  = \$114 [27:0];
     if (rst) begin
-      \$182  = 28'h0000000;
+      \$214  = 28'h0000000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$183  = \$107 ;
+    \$215  = \$121 ;
     if (rst) begin
-      \$183  = 29'h00000000;
+      \$215  = 29'h00000000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$184  = i[447:444];
+    \$216  = i[447:444];
     if (rst) begin
-      \$184  = 4'h0;
+      \$216  = 4'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$185  = \$108 [27:0];
+    \$217  = \$122 [27:0];
     if (rst) begin
-      \$185  = 28'h0000000;
+      \$217  = 28'h0000000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$186  = \$113 ;
+    \$218  = \$129 ;
     if (rst) begin
-      \$186  = 29'h00000000;
+      \$218  = 29'h00000000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$187  = i[451:448];
+    \$219  = i[451:448];
     if (rst) begin
-      \$187  = 4'h0;
+      \$219  = 4'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$188  = \$114 [27:0];
+    \$220  = \$130 [27:0];
     if (rst) begin
-      \$188  = 28'h0000000;
+      \$220  = 28'h0000000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$189  = \$119 ;
+    \$221  = \$137 ;
     if (rst) begin
-      \$189  = 29'h00000000;
+      \$221  = 29'h00000000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$190  = i[455:452];
+    \$222  = i[455:452];
     if (rst) begin
-      \$190  = 4'h0;
+      \$222  = 4'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$191  = \$120 [27:0];
+    \$223  = \$138 [27:0];
     if (rst) begin
-      \$191  = 28'h0000000;
+      \$223  = 28'h0000000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$192  = \$125 ;
+    \$224  = \$145 ;
     if (rst) begin
-      \$192  = 29'h00000000;
+      \$224  = 29'h00000000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$193  = i[459:456];
+    \$225  = i[459:456];
     if (rst) begin
-      \$193  = 4'h0;
+      \$225  = 4'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$194  = \$126 [27:0];
+    \$226  = \$146 [27:0];
     if (rst) begin
-      \$194  = 28'h0000000;
+      \$226  = 28'h0000000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$195  = \$131 ;
+    \$227  = \$153 ;
     if (rst) begin
-      \$195  = 29'h00000000;
+      \$227  = 29'h00000000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$196  = i[463:460];
+    \$228  = i[463:460];
     if (rst) begin
-      \$196  = 4'h0;
+      \$228  = 4'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$197  = \$132 [27:0];
+    \$229  = \$154 [27:0];
     if (rst) begin
-      \$197  = 28'h0000000;
+      \$229  = 28'h0000000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$198  = \$137 ;
+    \$230  = \$161 ;
     if (rst) begin
-      \$198  = 29'h00000000;
+      \$230  = 29'h00000000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$199  = i[467:464];
+    \$231  = i[467:464];
     if (rst) begin
-      \$199  = 4'h0;
+      \$231  = 4'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$200  = \$138 [27:0];
+    \$232  = \$162 [27:0];
     if (rst) begin
-      \$200  = 28'h0000000;
+      \$232  = 28'h0000000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$201  = \$143 ;
+    \$233  = \$169 ;
     if (rst) begin
-      \$201  = 29'h00000000;
+      \$233  = 29'h00000000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$202  = i[471:468];
+    \$234  = i[471:468];
     if (rst) begin
-      \$202  = 4'h0;
+      \$234  = 4'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$203  = \$144 [27:0];
+    \$235  = \$170 [27:0];
     if (rst) begin
-      \$203  = 28'h0000000;
+      \$235  = 28'h0000000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$204  = \$149 ;
+    \$236  = \$177 ;
     if (rst) begin
-      \$204  = 29'h00000000;
+      \$236  = 29'h00000000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$205  = i[475:472];
+    \$237  = i[475:472];
     if (rst) begin
-      \$205  = 4'h0;
+      \$237  = 4'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$206  = \$150 [27:0];
+    \$238  = \$178 [27:0];
     if (rst) begin
-      \$206  = 28'h0000000;
+      \$238  = 28'h0000000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$207  = \$155 ;
+    \$239  = \$185 ;
     if (rst) begin
-      \$207  = 29'h00000000;
+      \$239  = 29'h00000000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$208  = i[479:476];
+    \$240  = i[479:476];
     if (rst) begin
-      \$208  = 4'h0;
+      \$240  = 4'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$209  = \$156 [27:0];
+    \$241  = \$186 [27:0];
     if (rst) begin
-      \$209  = 28'h0000000;
+      \$241  = 28'h0000000;
     end
   end
   assign u_0 = { \$2 [26], \$2  };
