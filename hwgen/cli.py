@@ -72,7 +72,8 @@ def cmd_quantize(args: argparse.Namespace) -> dict:
 
         fixed, extra = run_compress(bundle, cfg, args.prune, args.distill, args.distill_steps,
                                     args.qat_steps, args.lr, gradual=args.gradual, say=say,
-                                    layers=args.prune_layers, budget=args.prune_budget)
+                                    layers=args.prune_layers, budget=args.prune_budget,
+                                    train_pruned_only=args.distill_pruned_only)
         losses = extra.pop("qat_losses")
     if args.qat_steps and not compress:
         from .qat import QATModel, finetune
@@ -351,6 +352,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "--distill-steps float steps, then --qat-steps QAT steps")
     q.add_argument("--distill-steps", type=int, default=100,
                    help="float distillation steps with --distill (default 100)")
+    q.add_argument("--distill-pruned-only", action="store_true",
+                   help="with --prune --distill: the float stage trains only the pruned linears")
     q.add_argument("--gradual", action="store_true",
                    help="with --prune: raise sparsity gradually over the fine-tuning steps "
                    "(default: one-shot with least-squares refit)")

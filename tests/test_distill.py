@@ -54,6 +54,21 @@ def test_float_student_is_the_float_executor(tiny_decoder):
         st.set_masks({"L0.q.w": np.ones((3, 3), bool)})
 
 
+def test_float_student_trainable_subset(tiny_decoder):
+    """trainable= freezes every other weight: only the named ones get gradients
+    and change in a distillation step."""
+    g = prepare(tiny_decoder)
+    st = D.FloatStudent(g, trainable=["L0.fc1.w", "L0.fc1.b"])
+    assert st.names == ["L0.fc1.b", "L0.fc1.w"]
+    feeds = tiny_decoder_feeds(1)
+    D.distill_float(st, feeds, D.DistillLoss(g, "decoder"), 1, lr=1e-2)
+    cg = st.current_graph()
+    assert not np.array_equal(cg.weights["L0.fc1.w"], g.weights["L0.fc1.w"])
+    assert all(np.array_equal(cg.weights[n], g.weights[n]) for n in g.weights if not n.startswith("L0.fc1"))
+    with pytest.raises(D.DistillError, match="not weights of the graph"):
+        D.FloatStudent(g, trainable=["nope.w"])
+
+
 def test_distill_recipe_tiny_decoder(tiny_decoder, one_torch_thread):
     """Float stage lowers the distillation loss while 2:4 pruning is phased in;
     the QAT stage's forward is the golden model of the exported student."""
@@ -160,9 +175,11 @@ def test_cli_prune_layers_selective(capsys, tmp_path):
 
 def test_cli_prune_budget(capsys, tmp_path):
     code, so, _ = run_cli(capsys, "quantize", "--model", "bert-block", "--prune", "block:0.5",
-                          "--prune-budget", "0.999", "--out", tmp_path / "b", "--json", "--quiet")
+                          "--prune-budget", "0.999", "--distill", "--distill-steps", "2", "--distill-pruned-only",
+                          "--out", tmp_path / "b", "--json", "--quiet")
     assert code == 0
     r = last_json(so)
+    assert r["distill"] is True and r["distill_steps"] == 2
     assert r["prune_selection"] == "budget:0.999" and len(r["sensitivity"]) == 6
     assert r["linears_pruned"] >= 1
     assert sorted(r["pruned_linears"]) == sorted(x["name"] for x in r["sensitivity"] if x["chosen"])
@@ -176,6 +193,9 @@ def test_cli_prune_budget(capsys, tmp_path):
     (["--prune", "2:4", "--prune-layers", "nope*"], "pattern 'nope*' matches no linear"),
     (["--prune", "2:4", "--prune-layers", "inter", "--prune-budget", "0.9"], "exclude each other"),
     (["--prune", "2:4", "--prune-budget", "2"], "--prune-budget must be a cosine"),
+    (["--prune", "2:4", "--distill-pruned-only"], "--distill-pruned-only needs --distill"),
+    (["--prune", "2:4", "--gradual", "--distill", "--distill-steps", "2", "--distill-pruned-only"],
+     "needs one-shot pruning"),
     (["--prune", "2:4", "--gradual"], "--gradual needs --prune and fine-tuning steps"),
     (["--prune", "block:2"], "RATIO must be between 0 and 1"),
     (["--prune", "5:4"], "N:M needs 1 <= N < M"),
