@@ -162,6 +162,7 @@ def test_run_adaptive_tiny_gpt(capsys):
     assert a["mode"] == "per-token" and a["check"] == "margin" and a["steps"] == 7
     assert a["low_only"] + a["rerun"] == 7 and len(a["rerun_steps"]) == a["rerun"]
     assert (a["cycles_adaptive"] > a["cycles_low"]) == (a["rerun"] > 0)
+    assert a["cycles_low"] == res["accel_cycles"]     # the driver's own count of the same low passes
     assert a["text"].startswith("def f(x):") and len(a["text"].encode()) >= 9
 
 
