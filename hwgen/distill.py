@@ -473,7 +473,7 @@ def _pruned_params(graph: Graph, masks: dict[str, np.ndarray] | None) -> list[st
 # ----------------------------------------------------------------------------
 
 #: float output cosine budget of the bench's layer-selective row (``--prune-budget``)
-BENCH_BUDGET = 0.97
+BENCH_BUDGET = 0.985
 
 
 def bench(quick: bool = False, float_steps: int = 300, qat_steps: int = 4,
@@ -487,8 +487,8 @@ def bench(quick: bool = False, float_steps: int = 300, qat_steps: int = 4,
       and the matmul engine's cycles of the pruned linears at m = 128, sparse vs dense;
     * the layer-selective row: block:0.5 on the linears :func:`hwgen.prune.select_by_budget`
       picks for a float cosine ``budget`` on the calibration inputs, the same
-      distillation; which linears, their weight share, pruned-linear and
-      whole-model cycle ratios;
+      steps with the float stage training only the pruned linears; which
+      linears, their weight share, pruned-linear and whole-model cycle ratios;
     * tiny-gpt student (``models/tiny_gpt_student.pt``, half the layers): float
       perplexity vs the teacher's float perplexity, and its W8A8 perplexity;
     * adaptive precision on MiniLM: low W8A8, high W16A16, saturation check,
@@ -514,7 +514,8 @@ def bench(quick: bool = False, float_steps: int = 300, qat_steps: int = 4,
         t0 = time.perf_counter()
         say(f"minilm w8a8 {pattern}{'' if bud is None else f' (budget {bud})'} + distillation "
             f"({float_steps} float + {qat_steps} QAT steps)")
-        fixed, info = compress(bundle, cfg, pattern, True, float_steps, qat_steps, say=say, budget=bud)
+        fixed, info = compress(bundle, cfg, pattern, True, float_steps, qat_steps, say=say, budget=bud,
+                               train_pruned_only=bud is not None)
         m = evaluate(bundle, fixed)
         res["pruned"].append({**{k: v for k, v in info.items() if k != "qat_losses"},
                               "cosine_mean": m["cosine_mean"], "cosine_min": m["cosine_min"],
