@@ -491,16 +491,15 @@ def bench(quick: bool = False, float_steps: int = 300, qat_steps: int = 4,
       linears, their weight share, pruned-linear and whole-model cycle ratios;
     * tiny-gpt student (``models/tiny_gpt_student.pt``, half the layers): float
       perplexity vs the teacher's float perplexity, and its W8A8 perplexity;
-    * adaptive precision on MiniLM: low W8A8, high W16A16, saturation check,
-      20 % reruns fitted on the calibration sentences.
+    * adaptive precision, per token on tiny-gpt (:func:`hwgen.adaptive.bench`):
+      low W4A8 + QAT, high W8A8, margin check, threshold fitted on held-out windows.
     ``quick``: 20 float steps, 1 QAT step (a smoke run, not the numbers)."""
     import sys
     import time
 
     from . import zoo
     from .accuracy import evaluate
-    from .adaptive import evaluate_adaptive
-    from .quant import QuantConfig, calibrate, prepare, quantize
+    from .quant import QuantConfig, quantize
 
     say = say or (lambda m: print(f"[bench] {m}", file=sys.stderr, flush=True))
     if quick:
