@@ -5,7 +5,7 @@ import re
 
 import numpy as np
 import pytest
-from amaranth import Elaboratable, Fragment, unsigned
+from amaranth import Elaboratable, Fragment, Value, unsigned
 from amaranth.lib import data
 from amaranth.lib.memory import MemoryData
 from amaranth.sim import Simulator
@@ -28,7 +28,7 @@ def _run(buf: Buffer, writes, reads, platform=None):
     async def tb(ctx):
         for a, w in writes.items():
             ctx.set(buf.wr.addr, a)
-            ctx.set(buf.wr.data.as_value() if hasattr(buf.wr.data, "as_value") else buf.wr.data, w)
+            ctx.set(Value.cast(buf.wr.data), w)
             ctx.set(buf.wr.en, 1)
             await ctx.tick()
         ctx.set(buf.wr.en, 0)
@@ -37,8 +37,7 @@ def _run(buf: Buffer, writes, reads, platform=None):
             if a is not None:
                 ctx.set(buf.rd.addr, a)
             await ctx.tick()
-            v = buf.rd.data
-            seen.append(ctx.get(v.as_value() if hasattr(v, "as_value") else v))
+            seen.append(ctx.get(Value.cast(buf.rd.data)))
 
     sim = Simulator(buf if platform is None else _Wrap(buf, platform))
     sim.add_clock(1e-8)

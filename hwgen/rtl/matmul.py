@@ -677,7 +677,6 @@ class MatmulEngine(wiring.Component):
         ptr = Signal(ent_rd.addr.shape())
         f1 = Signal()                         # a fetch issued last cycle
         f2 = Signal()                         # ... two cycles ago: its entry is on the port
-        ent_d = ent_rd.data
         cnt = Signal(range(FIFO_DEPTH + 1))
         fifo = [Signal(Shape.cast(s.ent_layout).width, name=f"ent_q{i}") for i in range(FIFO_DEPTH)]
         fetch = Signal()
@@ -697,7 +696,7 @@ class MatmulEngine(wiring.Component):
         m.d.comb += wr_idx.eq(cnt - pop)
         for i in range(FIFO_DEPTH):
             with m.If(f2 & (wr_idx == i)):
-                m.d.sync += fifo[i].eq(ent_d)
+                m.d.sync += fifo[i].eq(ent_rd.data)
             with m.Elif(pop):
                 m.d.sync += fifo[i].eq(fifo[i + 1] if i < FIFO_DEPTH - 1 else 0)
         m.d.sync += cnt.eq(cnt + f2 - pop)
@@ -719,7 +718,6 @@ class MatmulEngine(wiring.Component):
         # stages 1 and 2: the operand reads (two-cycle buffers); the flags ride along
         s1_valid, s1_first, s1_last, s1_zero = Signal(), Signal(), Signal(), Signal()
         s2_valid, s2_first, s2_last, s2_zero = Signal(), Signal(), Signal(), Signal()
-        a2, w2 = a_rd.data, w_rd.data
         go = Signal()
         m.d.comb += go.eq(run & (pad | e_valid))
 
@@ -761,7 +759,7 @@ class MatmulEngine(wiring.Component):
                      s2_zero.eq(s1_zero)]
 
         # ---- operand stage 2 -> PE array -------------------------------------
-        av, wv = a2, w2
+        av, wv = a_rd.data, w_rd.data
         m.d.comb += [pe.i.valid.eq(s2_valid), pe.i.payload.first.eq(s2_first),
                      pe.i.payload.last.eq(s2_last)]
         m.d.comb += [pe.i.payload.a[r].eq(Mux(s2_zero, 0, av[r])) for r in range(R)]
