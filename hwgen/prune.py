@@ -295,26 +295,24 @@ def select_linears(graph: Graph, patterns: str) -> list[Node]:
     return [n for n in lin if any(hit(n, p) for p in pats)]
 
 
-def _output_cosine(graph: Graph, feeds: list[dict[str, np.ndarray]], ref: list[np.ndarray]) -> np.ndarray:
-    """Per output vector cosine of ``graph``'s float output against ``ref``."""
-    from .accuracy import cosine_rows
-    from .float_exec import run_float
-
-    out = graph.outputs[0]
-    return np.concatenate([cosine_rows(run_float(graph, f)[out].detach().cpu().numpy(), r)
-                           for f, r in zip(feeds, ref)])
-
-
-def _dense_outputs(graph: Graph, feeds: list[dict[str, np.ndarray]]) -> list[np.ndarray]:
+def _float_outputs(graph: Graph, feeds: list[dict[str, np.ndarray]]) -> list[np.ndarray]:
+    """``graph``'s float output for each of ``feeds``."""
     from .float_exec import run_float
 
     out = graph.outputs[0]
     return [run_float(graph, f)[out].detach().cpu().numpy() for f in feeds]
 
 
+def _output_cosine(graph: Graph, feeds: list[dict[str, np.ndarray]], ref: list[np.ndarray]) -> np.ndarray:
+    """Per output vector cosine of ``graph``'s float output against ``ref``."""
+    from .accuracy import cosine_rows
+
+    return np.concatenate([cosine_rows(y, r) for y, r in zip(_float_outputs(graph, feeds), ref)])
+
+
 def sensitivity(graph: Graph, spec: PruneSpec, feeds: Iterable[dict[str, np.ndarray]],
                 norms: dict[str, np.ndarray] | None = None, nodes: list[Node] | None = None,
-                say=None) -> list[dict]:
+                say=None, ref: list[np.ndarray] | None = None) -> list[dict]:
     """Per prunable linear (or ``nodes``): prune it alone (``spec``, one-shot,
     ``norms``-aware scores, no refit) in the float ``graph`` and measure the
     cosine of the model's output against the dense float output over ``feeds``
@@ -322,12 +320,13 @@ def sensitivity(graph: Graph, spec: PruneSpec, feeds: Iterable[dict[str, np.ndar
     ``name``, ``weight``, ``weights`` (its weight count), ``cosine_mean``,
     ``cosine_min``, ``drop`` (1 - cosine_mean) and ``drop_per_mweight`` (drop
     per million weights), sorted cheapest first by ``drop_per_mweight`` (ties:
-    graph order). Deterministic: the same graph and feeds give the same list."""
+    graph order). Deterministic: the same graph and feeds give the same list.
+    ``ref``: the dense float outputs over ``feeds`` when the caller has them."""
     say = say or (lambda m: None)
     feeds = list(feeds)
     if not feeds:
         raise PruneError("sensitivity needs at least one calibration batch")
-    ref = _dense_outputs(graph, feeds)
+    ref = _float_outputs(graph, feeds) if ref is None else ref
     nodes = prunable_linears(graph) if nodes is None else nodes
     rows = []
     for i, node in enumerate(nodes):
@@ -360,8 +359,8 @@ def select_by_budget(graph: Graph, spec: PruneSpec, feeds: Iterable[dict[str, np
         raise PruneError(f"--prune-budget must be a cosine in (0, 1], e.g. 0.99; got {budget}")
     say = say or (lambda m: None)
     feeds = list(feeds)
-    ranking = sensitivity(graph, spec, feeds, norms, say=say) if ranking is None else ranking
-    ref = _dense_outputs(graph, feeds)
+    ref = _float_outputs(graph, feeds)
+    ranking = sensitivity(graph, spec, feeds, norms, say=say, ref=ref) if ranking is None else ranking
     masks: dict[str, np.ndarray] = {}
     rows = []
     for r in ranking:

@@ -336,7 +336,7 @@ def test_sensitivity_ranking_deterministic_and_budget(tiny_decoder, one_torch_th
     assert all(r["cosine_with"] < budget for r in rows if not r["chosen"])
     # the combined cosine of the chosen set is the last accepted one, >= budget
     g, _ = P.prune(folded, spec, norms, names=[n.inputs[1] for n in chosen])
-    ref = P._dense_outputs(folded, feeds)
+    ref = P._float_outputs(folded, feeds)
     assert float(P._output_cosine(g, feeds, ref).mean()) == pytest.approx(
         [r["cosine_with"] for r in rows if r["chosen"]][-1], abs=1e-12)
     assert P.select_by_budget(folded, spec, feeds, 1e-9, norms, ranking=a)[0] == P.prunable_linears(folded)
