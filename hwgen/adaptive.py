@@ -196,6 +196,21 @@ SCORES = {"saturation": saturation_score, "entropy": entropy_score, "margin": ma
 # the runner (what the host driver calls)
 # ----------------------------------------------------------------------------
 
+def _check_fraction(rerun_fraction: float) -> None:
+    if not 0 <= rerun_fraction <= 1:
+        raise AdaptiveError(f"rerun fraction must be in [0, 1], got {rerun_fraction}")
+
+
+def _quantile_threshold(scores: np.ndarray, rerun_fraction: float) -> float:
+    """The threshold that reruns ``rerun_fraction`` of ``scores`` (score >
+    threshold): their ``1 - rerun_fraction`` quantile; inf reruns none, -inf all."""
+    if rerun_fraction == 0:
+        return math.inf
+    if rerun_fraction == 1:
+        return -math.inf
+    return float(np.quantile(scores, 1 - rerun_fraction))
+
+
 def _check_same_model(low: Graph, high: Graph) -> None:
     """Both graphs must be quantizations of one model: the same weights by name and shape."""
     for name in sorted(set(low.weights) | set(high.weights)):
@@ -253,12 +268,9 @@ class AdaptiveRunner:
         """Set (and return) the threshold that reruns ``rerun_fraction`` of the
         rows of ``feeds`` (held-out inputs: neither calibration nor evaluation), the
         score quantile."""
-        if not 0 <= rerun_fraction <= 1:
-            raise AdaptiveError(f"rerun fraction must be in [0, 1], got {rerun_fraction}")
-        s = np.concatenate([self.low_pass(f)[1] for f in feeds])
-        self.threshold = math.inf if rerun_fraction == 0 else float(np.quantile(s, 1 - rerun_fraction))
-        if rerun_fraction == 1:
-            self.threshold = -math.inf
+        _check_fraction(rerun_fraction)
+        self.threshold = _quantile_threshold(np.concatenate([self.low_pass(f)[1] for f in feeds]),
+                                             rerun_fraction)
         return self.threshold
 
     def run(self, feed: dict) -> AdaptiveRun:
@@ -350,17 +362,11 @@ class TokenAdaptive:
         scored steps of ``feeds`` (held-out windows): the quantile of the low
         graph's per-step check over positions 0 .. T-2. The low logits come from
         one pass per window, the same integers as decoding it step by step."""
-        if not 0 <= rerun_fraction <= 1:
-            raise AdaptiveError(f"rerun fraction must be in [0, 1], got {rerun_fraction}")
+        _check_fraction(rerun_fraction)
         if not feeds:
             raise AdaptiveError("no held-out inputs to fit the threshold on")
         s = np.concatenate([self.scores(self.low, self._gl(f)[self.out])[:, :-1].ravel() for f in feeds])
-        if rerun_fraction == 0:
-            self.threshold = math.inf
-        elif rerun_fraction == 1:
-            self.threshold = -math.inf
-        else:
-            self.threshold = float(np.quantile(s, 1 - rerun_fraction))
+        self.threshold = _quantile_threshold(s, rerun_fraction)
         return self.threshold
 
     def score_ids(self, ids: np.ndarray) -> TokenRun:
@@ -453,11 +459,8 @@ def _row_metrics(bundle, graph: Graph, feed: dict, codes: np.ndarray, ref: np.nd
     y = dequantize(graph, graph.outputs[0], codes)
     if bundle.kind == "decoder":
         ids = np.asarray(feed["ids"])
-        pred = y[:, :-1].argmax(-1)
-        logp = y[:, :-1] - y[:, :-1].max(-1, keepdims=True)
-        logp = logp - np.log(np.exp(logp).sum(-1, keepdims=True))
-        nll = -np.take_along_axis(logp, ids[:, 1:, None], -1)[..., 0]
-        return {"correct": (pred == ids[:, 1:]).sum(1), "count": np.full(len(ids), ids.shape[1] - 1),
+        nll, hits = _nll_correct(y[:, :-1], ids)
+        return {"correct": hits.sum(1), "count": np.full(len(ids), ids.shape[1] - 1),
                 "nll": nll.sum(1), "cos": cosine_rows(y, ref).reshape(len(ids), -1).mean(1)}
     return {"cos": cosine_rows(y, ref).reshape(y.shape[0], -1).mean(1)}
 
