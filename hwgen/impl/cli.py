@@ -6,14 +6,15 @@ import argparse
 import time
 
 from ..cli import add_output_options
-from .parts import ImplError, parse_part
+from .flow import ROUTERS
+from .parts import parse_part
 
 #: resource keys summed over kernels
 SUM_KEYS = ("lut", "ff", "dsp", "bram")
 
 
 def implement_kernels(kernels, part, freq_mhz: float = 200.0, xilinx: bool = True,
-                      timeout: float = 1800.0, cache: bool = True, say=None) -> dict:
+                      timeout: float = 1800.0, cache: bool = True, say=None, router: str = "router1") -> dict:
     """ECP5 place and route (and the Xilinx estimate) of every kernel; one row
     per kernel plus the total. Fmax of the total is the slowest kernel's."""
     from .flow import estimate_xilinx, implement_component, kernel_verilog
@@ -23,7 +24,8 @@ def implement_kernels(kernels, part, freq_mhz: float = 200.0, xilinx: bool = Tru
     rows = []
     for n, k in enumerate(kernels, 1):
         say(f"[{n}/{len(kernels)}] {k.name} ({k.op}): Verilog")
-        r = implement_component(k.component, part, freq_mhz=freq_mhz, timeout=timeout, cache=cache, say=say)
+        r = implement_component(k.component, part, freq_mhz=freq_mhz, timeout=timeout, cache=cache, say=say,
+                                router=router)
         row = {"name": k.name, "op": k.op, "part": part.name, "fmax_mhz": r["fmax_mhz"],
                **{x: r[x] for x in SUM_KEYS}, "timing_met": r["timing_met"],
                "critical_path": r["critical_path"], "placed": r["placed"],
@@ -42,7 +44,7 @@ def implement_kernels(kernels, part, freq_mhz: float = 200.0, xilinx: bool = Tru
     dev = part.device
     total["fits"] = all(total[x] <= getattr(dev, a) for x, a in
                         (("lut", "luts"), ("ff", "ffs"), ("dsp", "dsp"), ("bram", "bram")))
-    out = {"part": part.name, "target_mhz": freq_mhz, "fmax_mhz": total["fmax_mhz"],
+    out = {"part": part.name, "target_mhz": freq_mhz, "router": router, "fmax_mhz": total["fmax_mhz"],
            **{x: total[x] for x in SUM_KEYS}, "kernels": rows, "total": total,
            "device": part.as_dict()}
     if xilinx:
@@ -68,7 +70,7 @@ def cmd_impl(args: argparse.Namespace) -> dict:
     say(f"{len(kernels)} kernel(s) on {part.name}, {args.rows}x{args.cols} PE array, "
         f"target {args.freq:g} MHz")
     res = implement_kernels(kernels, part, freq_mhz=args.freq, xilinx=not args.no_xilinx,
-                            timeout=args.timeout, cache=not args.no_cache, say=say)
+                            timeout=args.timeout, cache=not args.no_cache, say=say, router=args.router)
     res = {"graph": str(args.graph), **res, "skipped": skipped}
     if args.bandwidth:
         from .roofline import roofline
@@ -107,6 +109,9 @@ def add_parsers(sub) -> None:
     i.add_argument("--max-m", type=int, default=128, help="tokens per call the buffers hold (default 128)")
     i.add_argument("--freq", type=float, default=200.0, help="target clock in MHz (default 200)")
     i.add_argument("--timeout", type=float, default=3600.0, help="seconds per tool run (default 3600)")
+    i.add_argument("--router", choices=ROUTERS, default="router1",
+                   help="nextpnr router (default router1: the better Fmax; router2 finishes large "
+                   "congested designs sooner)")
     i.add_argument("--bandwidth", type=float, metavar="GBPS",
                    help="add the layer's roofline at this external memory bandwidth (GB/s), "
                    "with the achieved Fmax")
