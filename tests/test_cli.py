@@ -7,7 +7,6 @@ import textwrap
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from conftest import last_json
 from conftest import run_cli as run

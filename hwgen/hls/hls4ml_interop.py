@@ -610,7 +610,6 @@ def _fx_ops(mod) -> tuple[list[tuple[str, bool]], str | None]:
     """Each op of ``mod`` as hls4ml's PyTorch frontend sees it (its own fx tracer and its
     own support lists): (name, converted?). If hls4ml's tracer fails, the leaf modules
     (an upper bound of what it could convert) and the error."""
-    import torch
     from hls4ml.converters import get_supported_pytorch_layers
     from hls4ml.converters.pytorch_to_hls import layer_name_map
     from hls4ml.utils.torch import CustomFXTracer

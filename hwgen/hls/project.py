@@ -213,12 +213,12 @@ def emit_tcl(kernels: list[KernelSources], part: str, clock_ns: float, with_vect
         if ks.name in with_vectors:
             lines.append(f'csim_design -argv "{argv}"')
         else:
-            lines.append(f"# csim_design: no golden vectors were written (give `hwgen gen --inputs`)")
+            lines.append("# csim_design: no golden vectors were written (give `hwgen gen --inputs`)")
         lines.append("csynth_design")
         if ks.name in with_vectors:
             lines.append(f'cosim_design -argv "{argv}"')
         else:
-            lines.append(f"# cosim_design: no golden vectors were written")
+            lines.append("# cosim_design: no golden vectors were written")
         lines += ["export_design -format ip_catalog", "close_project", ""]
     lines.append("exit")
     return "\n".join(lines) + "\n"

@@ -330,8 +330,6 @@ def rtl_sim_bench(quick: bool = False, say=None) -> dict:
     kernel on the 16 x 16 array; (2) :func:`sim.speed.matmul_speed`: cocotb
     bench cycles/s vs ``verilator --binary`` on the 16 x 16 engine.
     ``quick``: two attention heads, a smaller speed case."""
-    import tempfile
-
     from .. import zoo
     from ..hls.project import builtin_feeds, first_batch
     from ..quant import QuantConfig, quantize

@@ -21,8 +21,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 
 def say(msg: str) -> None:
     print(f"[bench runtime] {msg}", file=sys.stderr, flush=True)

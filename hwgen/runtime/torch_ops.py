@@ -329,7 +329,7 @@ class TorchHost:
         return requant_fmt(acc, acc_frac, out_fmt, out_frac)
 
     def op_attention(self, node, ins, offset, state):
-        g, a = self.graph, node.attrs
+        a = node.attrs
         if a["scale"] != 1:
             raise GraphError(f"node '{node.name}': attention scale {a['scale']} was not folded "
                              "into the q projection")
