@@ -129,6 +129,29 @@ def round_shift(codes: IntLike, shift: IntLike, q: str = "AP_TRN") -> np.ndarray
     return _round_shift(c, s, q)
 
 
+def round_increment(q: str, qb, r, neg, lsb):
+    """The one rounding rule of a right shift in ap_fixed mode ``q`` (not
+    ``AP_TRN``, whose increment is 0): 1 where the truncated result ``floor``
+    must go up by one LSB, from the dropped half bit ``qb``, whether any bit
+    below it is set (``r``), the sign ``neg`` and ``floor``'s own LSB ``lsb``.
+    Written with ``&``, ``|`` and ``~`` only, so the same rule runs on NumPy
+    and torch booleans (the golden model, the torch host ops) and on 1-bit
+    Amaranth values (the RTL rounders)."""
+    if q == "AP_TRN_ZERO":
+        return neg & (qb | r)                       # negative and inexact: toward zero
+    if q == "AP_RND":
+        return qb
+    if q == "AP_RND_ZERO":
+        return qb & (neg | r)
+    if q == "AP_RND_MIN_INF":
+        return qb & r
+    if q == "AP_RND_INF":
+        return qb & (~neg | r)
+    if q == "AP_RND_CONV":
+        return qb & (lsb | r)
+    raise FixedFormatError(f"unknown quantization mode {q!r} (choose one of {', '.join(QUANT_MODES)})")
+
+
 def _round_shift(c: np.ndarray, s: np.ndarray, q: str) -> np.ndarray:
     """round_shift on validated int64 codes and int64 shifts >= 0 (scalar or array)."""
     scalar = s.ndim == 0
@@ -147,19 +170,7 @@ def _round_shift(c: np.ndarray, s: np.ndarray, q: str) -> np.ndarray:
     r = (c.view(np.uint64) & low_mask) != 0
     if not scalar:
         qb &= s >= 1
-    neg = c < 0
-    if q == "AP_TRN_ZERO":
-        inc = neg & (qb | r)                        # negative and inexact: toward zero
-    elif q == "AP_RND":
-        inc = qb
-    elif q == "AP_RND_ZERO":
-        inc = qb & (neg | r)
-    elif q == "AP_RND_MIN_INF":
-        inc = qb & r
-    elif q == "AP_RND_INF":
-        inc = qb & (~neg | r)
-    else:  # AP_RND_CONV
-        inc = qb & (((floor & 1) == 1) | r)
+    inc = round_increment(q, qb, r, c < 0, (floor & 1) == 1)
     return np.asarray(floor + inc, dtype=np.int64)
 
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 from amaranth import Module, Mux, Shape, Signal, signed, unsigned
 from amaranth.hdl import Value
 
-from ..fixed import OVERFLOW_MODES, QUANT_MODES, FixedType
+from ..fixed import OVERFLOW_MODES, QUANT_MODES, FixedType, round_increment
 from .pe_array import RTLError
 
 
@@ -62,21 +62,7 @@ def requant_value(m: Module, c: Value, frac_in: int, fmt: FixedType, name: str) 
         qb = ext[shift - 1]
         r = ext[:shift - 1].any() if shift >= 2 else 0
         neg = ext[-1]
-        q = fmt.q
-        if q == "AP_TRN":
-            inc = 0
-        elif q == "AP_TRN_ZERO":
-            inc = neg & (qb | r)
-        elif q == "AP_RND":
-            inc = qb
-        elif q == "AP_RND_ZERO":
-            inc = qb & (neg | r)
-        elif q == "AP_RND_MIN_INF":
-            inc = qb & r
-        elif q == "AP_RND_INF":
-            inc = qb & (~neg | r)
-        else:  # AP_RND_CONV
-            inc = qb & (floor[0] | r)
+        inc = 0 if fmt.q == "AP_TRN" else round_increment(fmt.q, qb, r, neg, floor[0])
         rounded = floor + inc
     elif shift == 0:
         rounded = c

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from .. import contract as C
-from ..fixed import FixedType
+from ..fixed import FixedFormatError, FixedType, round_increment
 from ..ir import Graph, GraphError, Node
 
 
@@ -87,23 +87,13 @@ def requantize(c: torch.Tensor, frac_in, width: int, frac_out, signed: bool = Tr
     qb = (((c >> m) & 1) == 1) & (s >= 1)
     low = torch.where(s - 1 >= 64, torch.full_like(c, -1), _pow2_mask(m))
     rb = (c & low) != 0
-    neg = c < 0
     if q == "AP_TRN":
         inc = torch.zeros_like(qb)
-    elif q == "AP_TRN_ZERO":
-        inc = neg & (qb | rb)
-    elif q == "AP_RND":
-        inc = qb
-    elif q == "AP_RND_ZERO":
-        inc = qb & (neg | rb)
-    elif q == "AP_RND_MIN_INF":
-        inc = qb & rb
-    elif q == "AP_RND_INF":
-        inc = qb & (~neg | rb)
-    elif q == "AP_RND_CONV":
-        inc = qb & (((floor & 1) == 1) | rb)
     else:
-        raise HostOpError(f"unknown quantization mode {q!r}")
+        try:
+            inc = round_increment(q, qb, rb, c < 0, (floor & 1) == 1)
+        except FixedFormatError as e:
+            raise HostOpError(str(e)) from None
     r = floor + inc.to(torch.int64)
     # left shifts (d > 0): low bits of c * 2**d; range tests against shifted limits
     left = d > 0
