@@ -28,7 +28,7 @@ blocks), trained by ``models/distill_tiny_gpt_student.py`` with
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable
 
 import numpy as np
 import torch
@@ -195,11 +195,6 @@ class FloatStudent(torch.nn.Module):
         return vals
 
 
-def _cycle(feeds: list) -> Iterator:
-    while True:
-        yield from feeds
-
-
 def distill_float(student: FloatStudent, feeds: Iterable[dict[str, np.ndarray]], loss: DistillLoss,
                   steps: int, lr: float = 1e-4, before_step: Callable[[int], None] | None = None,
                   progress: Callable[[int, float], None] | None = None) -> list[float]:
@@ -208,19 +203,10 @@ def distill_float(student: FloatStudent, feeds: Iterable[dict[str, np.ndarray]],
     feeds = list(feeds)
     if not feeds:
         raise DistillError("distillation needs at least one input batch")
-    opt = torch.optim.Adam(student.parameters(), lr=lr)
-    losses = []
-    for i, feed in zip(range(steps), _cycle(feeds)):
-        if before_step:
-            before_step(i)
-        opt.zero_grad()
-        lv = loss(feed, student(feed))
-        lv.backward()
-        opt.step()
-        losses.append(float(lv.detach()))
-        if progress:
-            progress(i + 1, losses[-1])
-    return losses
+    from .qat import adam_steps
+
+    return adam_steps(student.parameters(), feeds, lambda f: loss(f, student(f)), steps, lr, progress,
+                      before_step)
 
 
 # ----------------------------------------------------------------------------

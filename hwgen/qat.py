@@ -26,7 +26,7 @@ sparsity as training goes.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable
 
 import numpy as np
 import torch
@@ -144,9 +144,29 @@ class QATModel(torch.nn.Module):
         return StepResult({n: vals[n] for n in fixed.outputs}, codes, fixed, vals)
 
 
-def _cycle(feeds: list) -> Iterator:
-    while True:
-        yield from feeds
+def adam_steps(params, feeds: list[dict[str, np.ndarray]],
+               loss_of: Callable[[dict[str, np.ndarray]], torch.Tensor], steps: int, lr: float,
+               progress: Callable[[int, float], None] | None = None,
+               before_step: Callable[[int], None] | None = None) -> list[float]:
+    """The one training loop of QAT and distillation: ``steps`` Adam steps on
+    ``params``, step ``i`` on ``feeds[i % len(feeds)]`` with the loss
+    ``loss_of(feed)``; ``before_step(i)`` runs first (a pruning schedule),
+    ``progress(i + 1, loss)`` after. Returns the losses."""
+    if steps and not feeds:
+        raise ValueError(f"{steps} training step(s) need at least one input batch")
+    opt = torch.optim.Adam(params, lr=lr)
+    losses = []
+    for i in range(steps):
+        if before_step:
+            before_step(i)
+        opt.zero_grad()
+        loss = loss_of(feeds[i % len(feeds)])
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+        if progress:
+            progress(i + 1, losses[-1])
+    return losses
 
 
 def finetune(model: QATModel, feeds: Iterable[dict[str, np.ndarray]],
@@ -156,17 +176,5 @@ def finetune(model: QATModel, feeds: Iterable[dict[str, np.ndarray]],
              before_step: Callable[[int], None] | None = None) -> list[float]:
     """``steps`` Adam steps of ``loss_fn(feed, step_result)``; returns the losses.
     ``before_step(i)`` runs before step ``i`` (0-based), e.g. a pruning schedule."""
-    feeds = list(feeds)
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    losses = []
-    for i, feed in zip(range(steps), _cycle(feeds)):
-        if before_step:
-            before_step(i)
-        opt.zero_grad()
-        loss = loss_fn(feed, model.step(feed))
-        loss.backward()
-        opt.step()
-        losses.append(float(loss.detach()))
-        if progress:
-            progress(i + 1, losses[-1])
-    return losses
+    return adam_steps(model.parameters(), list(feeds), lambda f: loss_fn(f, model.step(f)), steps, lr,
+                      progress, before_step)

@@ -1,6 +1,7 @@
 """QAT: the straight-through forward is the golden model, bit for bit, before
 and after fine-tuning, and fine-tuning actually moves the weights."""
 import numpy as np
+import pytest
 import torch
 
 from conftest import tiny_decoder_feeds
@@ -68,3 +69,24 @@ def test_embeddings_frozen_by_default(tiny_decoder):
     out = model.export()
     assert np.array_equal(out.weights["tok"], fixed.weights["tok"])
     assert not np.array_equal(out.weights["L0.q.w"], fixed.weights["L0.q.w"])
+
+
+def test_adam_steps_cycles_feeds_and_refuses_none():
+    """The one training loop: step i reads feeds[i % len(feeds)], runs before_step
+    first and progress after, and descends; no feeds is an error, not a hang."""
+    from hwgen.qat import adam_steps
+
+    p = torch.nn.Parameter(torch.tensor([4.0]))
+    seen, before, prog = [], [], []
+
+    def loss_of(feed):
+        seen.append(feed["k"])
+        return ((p - feed["k"]) ** 2).sum()
+
+    losses = adam_steps([p], [{"k": 0.0}, {"k": 1.0}], loss_of, 5, lr=0.5,
+                        progress=lambda i, l: prog.append(i), before_step=before.append)
+    assert seen == [0.0, 1.0, 0.0, 1.0, 0.0] and before == [0, 1, 2, 3, 4] and prog == [1, 2, 3, 4, 5]
+    assert len(losses) == 5 and float(p) < 4.0
+    with pytest.raises(ValueError, match=r"^3 training step\(s\) need at least one input batch$"):
+        adam_steps([p], [], loss_of, 3, lr=0.1)
+    assert adam_steps([p], [], loss_of, 0, lr=0.1) == []
