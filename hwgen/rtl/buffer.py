@@ -30,14 +30,15 @@ Implementations
   built from ``DP16KD`` primitives with the output register on, tiled in
   width and depth in the configuration (18x1024, 9x2048, 4x4096, 2x8192 or
   1x16384) that needs the fewest blocks; the read bank's select rides two
-  registers beside the data and picks the bank's output. Shallower buffers
+  registers beside the data (the second one-hot, one copy per block column)
+  and picks the bank's output with an AND-OR. Shallower buffers
   are distributed RAM: an asynchronous-read ``Memory`` and two registers.
   Initial contents cannot be given on this path (the host loads every buffer
   through ``wr``).
 """
 from __future__ import annotations
 
-from amaranth import C, ClockSignal, Instance, Module, Mux, Shape, Signal, Value, unsigned
+from amaranth import C, Cat, ClockSignal, Instance, Module, Shape, Signal, Value, unsigned
 from amaranth.lib import wiring
 from amaranth.lib.memory import Memory, MemoryData, ReadPort, WritePort
 from amaranth.lib.wiring import Out
@@ -165,15 +166,20 @@ class Buffer(wiring.Component):
         if deep == 1:
             m.d.comb += self.rd.data.eq(bank_q[0][:self.width])
             return m
-        # the bank of each read rides beside it: registered with the read (en), then
-        # again with the output register
+        # the bank of each read rides beside it: registered with the read (en), then,
+        # decoded one-hot, again with the output register -- one copy per block column
+        # (kept apart in synthesis), so no select bit drives more than one column's
+        # bw AND-OR selectors
         sel1 = Signal(range(deep), reset_less=True)
-        sel2 = Signal(range(deep), reset_less=True)
         with m.If(self.rd.en):
             m.d.sync += sel1.eq(rd_hi)
-        m.d.sync += sel2.eq(sel1)
-        out = bank_q[0]
-        for d in range(1, deep):
-            out = Mux(sel2 == d, bank_q[d], out)
-        m.d.comb += self.rd.data.eq(out[:self.width])
+        cols = []
+        for x in range(across):
+            hot = Signal(deep, reset_less=True, name=f"hot{x}", attrs={"keep": 1})
+            m.d.sync += hot.eq(Cat(sel1 == d for d in range(deep)))
+            col = 0
+            for d in range(deep):
+                col = col | (bank_q[d][x * bw:(x + 1) * bw] & hot[d].replicate(bw))
+            cols.append(col)
+        m.d.comb += self.rd.data.eq(Cat(*cols)[:self.width])
         return m
