@@ -4,7 +4,7 @@ array, 128 tokens) on LFE5U-85F, its achieved MACs per cycle per DSP, and the
 roofline of a MiniLM layer next to the design.
 
     python -m hwgen.impl.bench [--quick] [--part LFE5U-85F] [--bandwidth 6.4]
-                               [--router router1|router2] [--timeout 7200]
+                               [--router router1|router2] [--timeout 7200] [--rows 8 --cols 8]
 
 ``--quick`` implements the 16x16 PE array alone (no buffers) instead of the
 whole engine. Place and route of the full engine takes tens of minutes on two
@@ -39,9 +39,12 @@ def _graph(model: str, bits: str):
 
 
 def impl_bench(quick: bool = False, part: str = "LFE5U-85F", bandwidth_gbs: float = 6.4,
-               freq_mhz: float = 200.0, timeout: float = 7200.0, router: str = "router1") -> dict:
+               freq_mhz: float = 200.0, timeout: float = 7200.0, router: str = "router1",
+               rows: int | None = None, cols: int | None = None) -> dict:
     """The reference engine's numbers; a tool failure or timeout (``timeout``
-    seconds per tool run) is returned as ``error`` instead of raised."""
+    seconds per tool run) is returned as ``error`` instead of raised. ``rows`` /
+    ``cols`` replace the reference's 16 x 16 array (the same kernel and buffers
+    on a smaller array: a proxy that places and routes in minutes)."""
     from ..rtl.matmul import MatmulEngine
     from ..rtl.pe_array import PEArray
     from .flow import implement_component
@@ -49,6 +52,7 @@ def impl_bench(quick: bool = False, part: str = "LFE5U-85F", bandwidth_gbs: floa
     from .roofline import roofline
 
     ref = dict(REFERENCE)
+    ref.update({k: v for k, v in (("rows", rows), ("cols", cols)) if v})
     p = parse_part(part)
     graph, acc = _graph(ref["model"], ref["bits"])
     eng = MatmulEngine.for_linear(graph, ref["kernel"], rows=ref["rows"], cols=ref["cols"], max_m=ref["m"])
@@ -79,7 +83,8 @@ def impl_bench(quick: bool = False, part: str = "LFE5U-85F", bandwidth_gbs: floa
            "macs_per_cycle_per_dsp": macs / cycles / max(r["dsp"], 1),
            "gmacs_per_s": macs / cycles * r["fmax_mhz"] / 1e3,
            "roofline": {k: v for k, v in roofline(graph, p, fmax_mhz=r["fmax_mhz"], bandwidth_gbs=bandwidth_gbs,
-                                                  seq=m, layer=0, design_fmax_mhz=r["fmax_mhz"]).items()
+                                                  seq=m, layer=0, rows=ref["rows"], cols=ref["cols"],
+                                                  design_fmax_mhz=r["fmax_mhz"]).items()
                         if k != "nodes"},
            "accuracy": acc}
     return out
@@ -92,8 +97,11 @@ def main(argv=None) -> int:
     ap.add_argument("--bandwidth", type=float, default=6.4, help="external memory GB/s (default 6.4)")
     ap.add_argument("--router", choices=("router1", "router2"), default="router1", help="nextpnr router")
     ap.add_argument("--timeout", type=float, default=7200.0, help="seconds per tool run (default 7200)")
+    ap.add_argument("--rows", type=int, help="PE array rows instead of the reference's 16")
+    ap.add_argument("--cols", type=int, help="PE array columns instead of the reference's 16")
     a = ap.parse_args(argv)
-    print(json.dumps(impl_bench(a.quick, a.part, a.bandwidth, timeout=a.timeout, router=a.router)))
+    print(json.dumps(impl_bench(a.quick, a.part, a.bandwidth, timeout=a.timeout, router=a.router,
+                                rows=a.rows, cols=a.cols)))
     return 0
 
 
