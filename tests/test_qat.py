@@ -86,7 +86,7 @@ def test_adam_steps_cycles_feeds_and_refuses_none():
     losses = adam_steps([p], [{"k": 0.0}, {"k": 1.0}], loss_of, 5, lr=0.5,
                         progress=lambda i, l: prog.append(i), before_step=before.append)
     assert seen == [0.0, 1.0, 0.0, 1.0, 0.0] and before == [0, 1, 2, 3, 4] and prog == [1, 2, 3, 4, 5]
-    assert len(losses) == 5 and float(p) < 4.0
+    assert len(losses) == 5 and float(p.detach()) < 4.0
     with pytest.raises(ValueError, match=r"^3 training step\(s\) need at least one input batch$"):
         adam_steps([p], [], loss_of, 3, lr=0.1)
     assert adam_steps([p], [], loss_of, 0, lr=0.1) == []
