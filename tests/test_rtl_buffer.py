@@ -57,6 +57,19 @@ class _Wrap(Elaboratable):
         return Fragment.get(self.buf, self.platform)
 
 
+def _expected(words: dict, reads: list, n: int) -> list:
+    """The buffer's contract over ``n`` samples of :func:`_run`'s read sequence:
+    sample k (after k+1 ticks) shows the read issued READ_LATENCY - 1 samples
+    earlier and holds it through cycles without a read (None before the first)."""
+    want, last = [], None
+    for k in range(n):
+        src = k - (READ_LATENCY - 1)
+        if 0 <= src < len(reads) and reads[src] is not None:
+            last = words[reads[src]]
+        want.append(last)
+    return want
+
+
 @pytest.mark.parametrize("platform, depth", [(None, 200), (_ECP5(), 40)])
 def test_two_cycle_read(platform, depth):
     """Behavioural (any depth) and the ECP5 distributed-RAM path (depth <=
@@ -69,13 +82,7 @@ def test_two_cycle_read(platform, depth):
     addrs = list(words)[:12]
     reads = addrs[:6] + [None, None] + addrs[6:]
     seen = _run(buf, words, reads, platform)
-    # sample k (after k+1 ticks) shows the read issued READ_LATENCY - 1 samples earlier
-    want, last = [], None
-    for k in range(len(seen)):
-        src = k - (READ_LATENCY - 1)
-        if 0 <= src < len(reads) and reads[src] is not None:
-            last = words[reads[src]]
-        want.append(last)
+    want = _expected(words, reads, len(seen))
     got = [s for s, w in zip(seen, want) if w is not None]
     assert got == [w for w in want if w is not None]
 
@@ -293,12 +300,7 @@ def test_ecp5_netlist_simulated(tmp_path, width, depth, tiling):
     assert "MODEL" not in out, out
     seen = [int(x) for x in out.split()]
     assert len(seen) == len(reads) + READ_LATENCY
-    want, last = [], None
-    for k in range(len(seen)):
-        src = k - (READ_LATENCY - 1)
-        if 0 <= src < len(reads) and reads[src] is not None:
-            last = words[reads[src]]
-        want.append(last)
+    want = _expected(words, reads, len(seen))
     mism = sum(s != w for s, w in zip(seen, want) if w is not None)
     assert mism == 0, f"{mism} mismatching samples of {sum(w is not None for w in want)}"
 
