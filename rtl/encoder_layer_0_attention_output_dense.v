@@ -18,73 +18,96 @@ module encoder_layer_0_attention_output_dense(m, a_wr__en, a_wr__addr, a_wr__dat
   wire [24:0] \$108 ;
   wire [24:0] \$109 ;
   wire \$11 ;
-  reg \$110 ;
-  reg \$111 ;
-  reg [9:0] \$112 ;
-  reg \$113 ;
+  wire [24:0] \$110 ;
+  wire [24:0] \$111 ;
+  wire [24:0] \$112 ;
+  wire [24:0] \$113 ;
   reg \$114 ;
-  reg [9:0] \$115 ;
-  reg \$116 ;
-  reg [29:0] \$117 ;
-  reg [29:0] \$118 ;
-  reg [29:0] \$119 ;
+  reg \$115 ;
+  reg [9:0] \$116 ;
+  reg \$117 ;
+  reg \$118 ;
+  reg [9:0] \$119 ;
   wire \$12 ;
-  reg [29:0] \$120 ;
-  reg [2:0] \$121 ;
-  reg [4:0] \$122 ;
-  reg \$123 ;
-  reg [3:0] \$124 ;
-  reg \$125 ;
-  reg \$126 ;
-  reg [7:0] \$127 ;
-  reg [11:0] \$128 ;
+  reg \$120 ;
+  reg [29:0] \$121 ;
+  reg [29:0] \$122 ;
+  reg [29:0] \$123 ;
+  reg [29:0] \$124 ;
+  reg [2:0] \$125 ;
+  reg [4:0] \$126 ;
+  reg \$127 ;
+  reg [3:0] \$128 ;
   reg \$129 ;
   wire \$13 ;
   reg \$130 ;
-  reg \$131 ;
-  reg \$132 ;
+  reg [7:0] \$131 ;
+  reg [11:0] \$132 ;
   reg \$133 ;
   reg \$134 ;
   reg \$135 ;
   reg \$136 ;
   reg \$137 ;
-  reg [4:0] \$138 ;
-  reg [7:0] \$139 ;
+  reg \$138 ;
+  reg \$139 ;
   wire \$14 ;
   reg \$140 ;
   reg \$141 ;
-  reg [7:0] \$142 ;
-  reg [4:0] \$143 ;
-  reg [383:0] \$144 ;
+  reg \$142 ;
+  reg \$143 ;
+  reg \$144 ;
   reg \$145 ;
   reg \$146 ;
-  reg [11:0] \$147 ;
-  reg [383:0] \$148 ;
+  reg \$147 ;
+  reg \$148 ;
   reg \$149 ;
   wire \$15 ;
   reg \$150 ;
-  reg [11:0] \$151 ;
-  reg [415:0] \$152 ;
+  reg \$151 ;
+  reg \$152 ;
   reg \$153 ;
   reg \$154 ;
-  reg [11:0] \$155 ;
+  reg \$155 ;
   reg \$156 ;
   reg \$157 ;
-  reg [11:0] \$158 ;
-  reg \$159 ;
+  reg [4:0] \$158 ;
+  reg [7:0] \$159 ;
   wire \$16 ;
-  reg \$160 ;
-  reg [11:0] \$161 ;
+  reg [11:0] \$160 ;
+  reg \$161 ;
   reg \$162 ;
-  reg \$163 ;
-  reg [7:0] \$164 ;
+  reg [7:0] \$163 ;
+  reg [383:0] \$164 ;
+  reg [11:0] \$165 ;
+  reg \$166 ;
+  reg \$167 ;
+  reg [11:0] \$168 ;
+  reg [383:0] \$169 ;
   wire \$17 ;
+  reg \$170 ;
+  reg \$171 ;
+  reg [11:0] \$172 ;
+  reg [415:0] \$173 ;
+  reg \$174 ;
+  reg \$175 ;
+  reg [11:0] \$176 ;
+  reg \$177 ;
+  reg \$178 ;
+  reg [11:0] \$179 ;
   wire \$18 ;
-  wire [12:0] \$19 ;
+  reg \$180 ;
+  reg \$181 ;
+  reg [11:0] \$182 ;
+  reg \$183 ;
+  reg \$184 ;
+  reg \$185 ;
+  reg \$186 ;
+  reg [7:0] \$187 ;
+  wire \$19 ;
   wire \$2 ;
-  wire [13:0] \$20 ;
-  wire [14:0] \$21 ;
-  wire [7:0] \$22 ;
+  wire [12:0] \$20 ;
+  wire [13:0] \$21 ;
+  wire [14:0] \$22 ;
   wire [7:0] \$23 ;
   wire [7:0] \$24 ;
   wire [7:0] \$25 ;
@@ -103,7 +126,7 @@ module encoder_layer_0_attention_output_dense(m, a_wr__en, a_wr__addr, a_wr__dat
   wire [7:0] \$37 ;
   wire [7:0] \$38 ;
   wire [7:0] \$39 ;
-  wire [3:0] \$4 ;
+  wire [1:0] \$4 ;
   wire [7:0] \$40 ;
   wire [7:0] \$41 ;
   wire [7:0] \$42 ;
@@ -114,20 +137,20 @@ module encoder_layer_0_attention_output_dense(m, a_wr__en, a_wr__addr, a_wr__dat
   wire [7:0] \$47 ;
   wire [7:0] \$48 ;
   wire [7:0] \$49 ;
-  wire [4:0] \$5 ;
+  wire [2:0] \$5 ;
   wire [7:0] \$50 ;
   wire [7:0] \$51 ;
   wire [7:0] \$52 ;
   wire [7:0] \$53 ;
-  wire \$54 ;
+  wire [7:0] \$54 ;
   wire \$55 ;
-  wire [8:0] \$56 ;
-  wire \$57 ;
+  wire \$56 ;
+  wire [8:0] \$57 ;
   wire \$58 ;
-  wire [10:0] \$59 ;
-  wire \$6 ;
+  wire \$59 ;
+  wire [3:0] \$6 ;
   wire [10:0] \$60 ;
-  wire \$61 ;
+  wire [10:0] \$61 ;
   wire \$62 ;
   wire \$63 ;
   wire \$64 ;
@@ -135,52 +158,43 @@ module encoder_layer_0_attention_output_dense(m, a_wr__en, a_wr__addr, a_wr__dat
   wire \$66 ;
   wire \$67 ;
   wire \$68 ;
-  wire [3:0] \$69 ;
+  wire \$69 ;
   wire \$7 ;
-  wire [4:0] \$70 ;
-  wire \$71 ;
-  wire [5:0] \$72 ;
+  wire [3:0] \$70 ;
+  wire [4:0] \$71 ;
+  wire \$72 ;
   wire [5:0] \$73 ;
-  wire \$74 ;
+  wire [5:0] \$74 ;
   wire \$75 ;
   wire \$76 ;
-  wire [4:0] \$77 ;
-  wire [8:0] \$78 ;
-  wire [12:0] \$79 ;
-  wire [3:0] \$8 ;
-  wire [8:0] \$80 ;
-  wire \$81 ;
+  wire \$77 ;
+  wire [4:0] \$78 ;
+  wire [8:0] \$79 ;
+  wire \$8 ;
+  wire [12:0] \$80 ;
+  wire [8:0] \$81 ;
   wire \$82 ;
   wire \$83 ;
   wire \$84 ;
   wire \$85 ;
-  wire [8:0] \$86 ;
-  wire [5:0] \$87 ;
-  wire \$88 ;
-  wire [8:0] \$89 ;
-  wire \$9 ;
-  wire \$90 ;
+  wire \$86 ;
+  wire [8:0] \$87 ;
+  wire [12:0] \$88 ;
+  wire [5:0] \$89 ;
+  wire [3:0] \$9 ;
+  wire [12:0] \$90 ;
   wire \$91 ;
-  wire [12:0] \$92 ;
-  wire [13:0] \$93 ;
-  wire [24:0] \$94 ;
-  wire [24:0] \$95 ;
-  wire [24:0] \$96 ;
-  wire [24:0] \$97 ;
+  wire [8:0] \$92 ;
+  wire \$93 ;
+  wire [12:0] \$94 ;
+  wire [12:0] \$95 ;
+  wire \$96 ;
+  wire \$97 ;
   wire [24:0] \$98 ;
   wire [24:0] \$99 ;
-  (* init = 1'h0 *)
-  wire \$signal ;
-  reg \$signal$100  = 1'h0;
-  reg \$signal$101  = 1'h0;
-  reg \$signal$102  = 1'h0;
-  reg \$signal$104  = 1'h0;
-  reg \$signal$109  = 1'h0;
-  reg \$signal$113  = 1'h0;
-  reg \$signal$72  = 1'h0;
-  reg \$signal$73  = 1'h0;
-  reg \$signal$74  = 1'h0;
-  reg \$signal$99  = 1'h0;
+  reg \$signal  = 1'h0;
+  reg \$signal$126  = 1'h0;
+  reg \$signal$130  = 1'h0;
   reg [11:0] a_base = 12'h000;
   input [11:0] a_wr__addr;
   wire [11:0] a_wr__addr;
@@ -238,6 +252,7 @@ module encoder_layer_0_attention_output_dense(m, a_wr__en, a_wr__addr, a_wr__dat
   wire [23:0] \acc2[7] ;
   wire [23:0] \acc2[8] ;
   wire [23:0] \acc2[9] ;
+  reg [11:0] addr1 = 12'h000;
   reg [11:0] addr2 = 12'h000;
   reg [11:0] addr3 = 12'h000;
   reg [11:0] addr_q0 = 12'h000;
@@ -288,9 +303,9 @@ module encoder_layer_0_attention_output_dense(m, a_wr__en, a_wr__addr, a_wr__dat
   input ent_wr__en;
   wire ent_wr__en;
   wire entry_end;
-  reg f1 = 1'h0;
-  reg f2 = 1'h0;
   wire fetch;
+  reg fetch0 = 1'h0;
+  reg fetch1 = 1'h0;
   reg fetching = 1'h0;
   wire fin;
   reg fin1 = 1'h0;
@@ -299,10 +314,12 @@ module encoder_layer_0_attention_output_dense(m, a_wr__en, a_wr__addr, a_wr__dat
   reg fin_q0 = 1'h0;
   reg fin_q1 = 1'h0;
   reg fin_q2 = 1'h0;
+  reg fin_w0 = 1'h0;
+  reg fin_w1 = 1'h0;
   reg [7:0] g1 = 8'h00;
   wire go;
-  reg hdr_phase = 1'h0;
-  reg hdr_wait = 1'h0;
+  reg hdr0 = 1'h0;
+  reg hdr1 = 1'h0;
   reg [415:0] i = 416'h00000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000;
   wire [383:0] \i.c ;
   wire [23:0] \i.c[0] ;
@@ -382,7 +399,6 @@ module encoder_layer_0_attention_output_dense(m, a_wr__en, a_wr__addr, a_wr__dat
   wire [7:0] m;
   reg [7:0] m_reg = 8'h00;
   reg [9:0] n_ent = 10'h000;
-  reg [4:0] nt1 = 5'h00;
   wire [255:0] o;
   wire [15:0] \o[0] ;
   wire [15:0] \o[10] ;
@@ -458,40 +474,40 @@ module encoder_layer_0_attention_output_dense(m, a_wr__en, a_wr__addr, a_wr__dat
   (* init = 5'h00 *)
   wire [4:0] \rd__addr$79 ;
   wire [255:0] rd__data;
-  wire [223:0] \rd__data$117 ;
-  wire [13:0] \rd__data$117[0] ;
-  wire [13:0] \rd__data$117[10] ;
-  wire [13:0] \rd__data$117[11] ;
-  wire [13:0] \rd__data$117[12] ;
-  wire [13:0] \rd__data$117[13] ;
-  wire [13:0] \rd__data$117[14] ;
-  wire [13:0] \rd__data$117[15] ;
-  wire [13:0] \rd__data$117[1] ;
-  wire [13:0] \rd__data$117[2] ;
-  wire [13:0] \rd__data$117[3] ;
-  wire [13:0] \rd__data$117[4] ;
-  wire [13:0] \rd__data$117[5] ;
-  wire [13:0] \rd__data$117[6] ;
-  wire [13:0] \rd__data$117[7] ;
-  wire [13:0] \rd__data$117[8] ;
-  wire [13:0] \rd__data$117[9] ;
-  wire [31:0] \rd__data$118 ;
-  wire [1:0] \rd__data$118[0] ;
-  wire [1:0] \rd__data$118[10] ;
-  wire [1:0] \rd__data$118[11] ;
-  wire [1:0] \rd__data$118[12] ;
-  wire [1:0] \rd__data$118[13] ;
-  wire [1:0] \rd__data$118[14] ;
-  wire [1:0] \rd__data$118[15] ;
-  wire [1:0] \rd__data$118[1] ;
-  wire [1:0] \rd__data$118[2] ;
-  wire [1:0] \rd__data$118[3] ;
-  wire [1:0] \rd__data$118[4] ;
-  wire [1:0] \rd__data$118[5] ;
-  wire [1:0] \rd__data$118[6] ;
-  wire [1:0] \rd__data$118[7] ;
-  wire [1:0] \rd__data$118[8] ;
-  wire [1:0] \rd__data$118[9] ;
+  wire [223:0] \rd__data$134 ;
+  wire [13:0] \rd__data$134[0] ;
+  wire [13:0] \rd__data$134[10] ;
+  wire [13:0] \rd__data$134[11] ;
+  wire [13:0] \rd__data$134[12] ;
+  wire [13:0] \rd__data$134[13] ;
+  wire [13:0] \rd__data$134[14] ;
+  wire [13:0] \rd__data$134[15] ;
+  wire [13:0] \rd__data$134[1] ;
+  wire [13:0] \rd__data$134[2] ;
+  wire [13:0] \rd__data$134[3] ;
+  wire [13:0] \rd__data$134[4] ;
+  wire [13:0] \rd__data$134[5] ;
+  wire [13:0] \rd__data$134[6] ;
+  wire [13:0] \rd__data$134[7] ;
+  wire [13:0] \rd__data$134[8] ;
+  wire [13:0] \rd__data$134[9] ;
+  wire [31:0] \rd__data$135 ;
+  wire [1:0] \rd__data$135[0] ;
+  wire [1:0] \rd__data$135[10] ;
+  wire [1:0] \rd__data$135[11] ;
+  wire [1:0] \rd__data$135[12] ;
+  wire [1:0] \rd__data$135[13] ;
+  wire [1:0] \rd__data$135[14] ;
+  wire [1:0] \rd__data$135[15] ;
+  wire [1:0] \rd__data$135[1] ;
+  wire [1:0] \rd__data$135[2] ;
+  wire [1:0] \rd__data$135[3] ;
+  wire [1:0] \rd__data$135[4] ;
+  wire [1:0] \rd__data$135[5] ;
+  wire [1:0] \rd__data$135[6] ;
+  wire [1:0] \rd__data$135[7] ;
+  wire [1:0] \rd__data$135[8] ;
+  wire [1:0] \rd__data$135[9] ;
   wire [127:0] \rd__data$75 ;
   wire [7:0] \rd__data$75[0] ;
   wire [7:0] \rd__data$75[10] ;
@@ -548,6 +564,31 @@ module encoder_layer_0_attention_output_dense(m, a_wr__en, a_wr__addr, a_wr__dat
   input rst;
   wire rst;
   reg run = 1'h0;
+  reg s1_first = 1'h0;
+  reg s1_last = 1'h0;
+  reg s1_valid = 1'h0;
+  reg s1_zero = 1'h0;
+  reg s2_first = 1'h0;
+  reg s2_last = 1'h0;
+  reg s2_valid = 1'h0;
+  reg s2_zero = 1'h0;
+  reg s3_first = 1'h0;
+  reg s3_last = 1'h0;
+  reg s3_valid = 1'h0;
+  reg s3_zero = 1'h0;
+  reg s4_first = 1'h0;
+  reg s4_last = 1'h0;
+  reg s4_valid = 1'h0;
+  reg s4_zero = 1'h0;
+  reg s5_first = 1'h0;
+  reg s5_last = 1'h0;
+  reg s5_valid = 1'h0;
+  reg s5_zero = 1'h0;
+  reg s6_first = 1'h0;
+  reg s6_last = 1'h0;
+  (* init = 1'h0 *)
+  wire s6_valid;
+  reg s6_zero = 1'h0;
   input [4:0] shift_wr__addr;
   wire [4:0] shift_wr__addr;
   input [31:0] shift_wr__data;
@@ -576,6 +617,7 @@ module encoder_layer_0_attention_output_dense(m, a_wr__en, a_wr__addr, a_wr__dat
   reg sweep_end = 1'h0;
   reg [4:0] tcnt = 5'h00;
   reg tcnt_ok = 1'h0;
+  reg [11:0] tile_base = 12'h000;
   wire tile_end;
   reg v_q0 = 1'h0;
   reg v_q1 = 1'h0;
@@ -707,244 +749,286 @@ module encoder_layer_0_attention_output_dense(m, a_wr__en, a_wr__addr, a_wr__dat
   assign \$2  = ~ busy;
   assign \start$44  = start & \$2 ;
   assign \$3  = fetching & run;
-  assign \$4  = cnt + f1;
-  assign \$5  = \$4  + f2;
-  assign \$6  = \$5  <= 2'h3;
-  assign fetch = \$3  & \$6 ;
-  assign \$7  = fetching & run;
-  assign \rd__addr$51  = \$7  ? ptr : 10'h000;
-  assign \$8  = cnt - pop;
+  assign \$4  = 1'h0 + fetch0;
+  assign \$5  = \$4  + fetch1;
+  assign \$6  = cnt + \$5 ;
+  assign \$7  = \$6  <= 2'h3;
+  assign fetch = \$3  & \$7 ;
+  assign \$8  = fetching & run;
+  assign \rd__addr$51  = \$8  ? ptr : 10'h000;
+  assign \$9  = cnt - pop;
   assign e_valid = | cnt;
-  assign \$9  = pad | e_valid;
-  assign go = run & \$9 ;
-  assign \$10  = ~ pad;
-  assign \$11  = ~ ent_q0[27];
-  assign \real  = \$10  & \$11 ;
-  assign \$12  = kk == ent_q0[26:23];
-  assign entry_end = \real  & \$12 ;
-  assign \$13  = entry_end & ent_q0[28];
-  assign \$14  = \real  ? \$13  : 1'h1;
-  assign tile_end = \$14  & tcnt_ok;
+  assign \$10  = pad | e_valid;
+  assign go = run & \$10 ;
+  assign \$11  = ~ pad;
+  assign \$12  = ~ ent_q0[27];
+  assign \real  = \$11  & \$12 ;
+  assign \$13  = kk == ent_q0[26:23];
+  assign entry_end = \real  & \$13 ;
+  assign \$14  = entry_end & ent_q0[28];
+  assign \$15  = \real  ? \$14  : 1'h1;
+  assign tile_end = \$15  & tcnt_ok;
   assign list_end = pad ? sweep_end : ent_q0[29];
-  assign \$15  = ~ pad;
-  assign \$16  = \$15  & ent_q0[27];
-  assign \$17  = \$16  & tile_end;
-  assign \$18  = entry_end | \$17 ;
-  assign pop = go & \$18 ;
-  assign \$19  = a_base + ent_q0[8:0];
-  assign \$20  = \$19  + kk;
-  assign \$21  = ent_q0[22:9] + kk;
-  assign \$22  = \$signal$74  ? 8'h00 : \rd__data$75 [7:0];
-  assign \$23  = \$signal$74  ? 8'h00 : \rd__data$75 [15:8];
-  assign \$24  = \$signal$74  ? 8'h00 : \rd__data$75 [23:16];
-  assign \$25  = \$signal$74  ? 8'h00 : \rd__data$75 [31:24];
-  assign \$26  = \$signal$74  ? 8'h00 : \rd__data$75 [39:32];
-  assign \$27  = \$signal$74  ? 8'h00 : \rd__data$75 [47:40];
-  assign \$28  = \$signal$74  ? 8'h00 : \rd__data$75 [55:48];
-  assign \$29  = \$signal$74  ? 8'h00 : \rd__data$75 [63:56];
-  assign \$30  = \$signal$74  ? 8'h00 : \rd__data$75 [71:64];
-  assign \$31  = \$signal$74  ? 8'h00 : \rd__data$75 [79:72];
-  assign \$32  = \$signal$74  ? 8'h00 : \rd__data$75 [87:80];
-  assign \$33  = \$signal$74  ? 8'h00 : \rd__data$75 [95:88];
-  assign \$34  = \$signal$74  ? 8'h00 : \rd__data$75 [103:96];
-  assign \$35  = \$signal$74  ? 8'h00 : \rd__data$75 [111:104];
-  assign \$36  = \$signal$74  ? 8'h00 : \rd__data$75 [119:112];
-  assign \$37  = \$signal$74  ? 8'h00 : \rd__data$75 [127:120];
-  assign \$38  = \$signal$74  ? 8'h00 : \rd__data$76 [7:0];
-  assign \$39  = \$signal$74  ? 8'h00 : \rd__data$76 [15:8];
-  assign \$40  = \$signal$74  ? 8'h00 : \rd__data$76 [23:16];
-  assign \$41  = \$signal$74  ? 8'h00 : \rd__data$76 [31:24];
-  assign \$42  = \$signal$74  ? 8'h00 : \rd__data$76 [39:32];
-  assign \$43  = \$signal$74  ? 8'h00 : \rd__data$76 [47:40];
-  assign \$44  = \$signal$74  ? 8'h00 : \rd__data$76 [55:48];
-  assign \$45  = \$signal$74  ? 8'h00 : \rd__data$76 [63:56];
-  assign \$46  = \$signal$74  ? 8'h00 : \rd__data$76 [71:64];
-  assign \$47  = \$signal$74  ? 8'h00 : \rd__data$76 [79:72];
-  assign \$48  = \$signal$74  ? 8'h00 : \rd__data$76 [87:80];
-  assign \$49  = \$signal$74  ? 8'h00 : \rd__data$76 [95:88];
-  assign \$50  = \$signal$74  ? 8'h00 : \rd__data$76 [103:96];
-  assign \$51  = \$signal$74  ? 8'h00 : \rd__data$76 [111:104];
-  assign \$52  = \$signal$74  ? 8'h00 : \rd__data$76 [119:112];
-  assign \$53  = \$signal$74  ? 8'h00 : \rd__data$76 [127:120];
-  assign \$54  = \rd__addr$77  == 5'h17;
-  assign \$55  = o__payload[388] & \$54 ;
-  assign \$56  = out_r0 + 5'h10;
-  assign \$57  = \$56  >= m_reg;
-  assign fin = \$55  & \$57 ;
-  assign \$58  = ptr == n_ent;
-  assign \$59  = ptr + 1'h1;
-  assign \$60  = \$58  ? 11'h001 : \$59 ;
-  assign \$61  = ! \$8 [2:0];
-  assign \$62  = f2 & \$61 ;
-  assign \$63  = \$8 [2:0] == 1'h1;
-  assign \$64  = f2 & \$63 ;
-  assign \$65  = \$8 [2:0] == 2'h2;
-  assign \$66  = f2 & \$65 ;
-  assign \$67  = \$8 [2:0] == 2'h3;
-  assign \$68  = f2 & \$67 ;
-  assign \$69  = cnt + f2;
-  assign \$70  = \$69  - pop;
-  assign \$71  = tcnt != 5'h10;
-  assign \$72  = tcnt + 1'h1;
-  assign \$73  = tcnt + 2'h2;
-  assign \$74  = \$73  >= 5'h10;
-  assign \$75  = ~ tile_end;
-  assign \$76  = ent_q0[28] & \$75 ;
-  assign \$77  = kk + 1'h1;
-  assign \$78  = r0 + 5'h10;
-  assign \$79  = a_base + 9'h180;
-  assign \$80  = r0 + 5'h10;
-  assign \$81  = \$80  >= m_reg;
-  assign \$82  = ! tcnt;
-  assign \$83  = ~ \real ;
-  assign \$84  = o__valid & o__payload[388];
-  assign \$85  = \rd__addr$77  == 5'h17;
-  assign \$86  = out_r0 + 5'h10;
-  assign \$87  = \rd__addr$77  + 1'h1;
-  assign \$88  = o__valid & fin;
-  assign \$89  = out_r0 + o__payload[387:384];
-  assign \$90  = g1 < m_reg;
-  assign \$91  = \$signal$104  & \$90 ;
-  assign \$92  = g1 * 5'h18;
-  assign \$93  = \$92  + nt1;
-  assign \$94  = $signed(acc2[23:0]) + $signed(\rd__data$117 [13:0]);
-  assign \$95  = $signed(acc2[47:24]) + $signed(\rd__data$117 [27:14]);
-  assign \$96  = $signed(acc2[71:48]) + $signed(\rd__data$117 [41:28]);
-  assign \$97  = $signed(acc2[95:72]) + $signed(\rd__data$117 [55:42]);
-  assign \$98  = $signed(acc2[119:96]) + $signed(\rd__data$117 [69:56]);
-  assign \$99  = $signed(acc2[143:120]) + $signed(\rd__data$117 [83:70]);
-  assign \$100  = $signed(acc2[167:144]) + $signed(\rd__data$117 [97:84]);
-  assign \$101  = $signed(acc2[191:168]) + $signed(\rd__data$117 [111:98]);
-  assign \$102  = $signed(acc2[215:192]) + $signed(\rd__data$117 [125:112]);
-  assign \$103  = $signed(acc2[239:216]) + $signed(\rd__data$117 [139:126]);
-  assign \$104  = $signed(acc2[263:240]) + $signed(\rd__data$117 [153:140]);
-  assign \$105  = $signed(acc2[287:264]) + $signed(\rd__data$117 [167:154]);
-  assign \$106  = $signed(acc2[311:288]) + $signed(\rd__data$117 [181:168]);
-  assign \$107  = $signed(acc2[335:312]) + $signed(\rd__data$117 [195:182]);
-  assign \$108  = $signed(acc2[359:336]) + $signed(\rd__data$117 [209:196]);
-  assign \$109  = $signed(acc2[383:360]) + $signed(\rd__data$117 [223:210]);
+  assign \$16  = ~ pad;
+  assign \$17  = \$16  & ent_q0[27];
+  assign \$18  = \$17  & tile_end;
+  assign \$19  = entry_end | \$18 ;
+  assign pop = go & \$19 ;
+  assign \$20  = a_base + ent_q0[8:0];
+  assign \$21  = \$20  + kk;
+  assign \$22  = ent_q0[22:9] + kk;
+  assign \$23  = s6_zero ? 8'h00 : \rd__data$75 [7:0];
+  assign \$24  = s6_zero ? 8'h00 : \rd__data$75 [15:8];
+  assign \$25  = s6_zero ? 8'h00 : \rd__data$75 [23:16];
+  assign \$26  = s6_zero ? 8'h00 : \rd__data$75 [31:24];
+  assign \$27  = s6_zero ? 8'h00 : \rd__data$75 [39:32];
+  assign \$28  = s6_zero ? 8'h00 : \rd__data$75 [47:40];
+  assign \$29  = s6_zero ? 8'h00 : \rd__data$75 [55:48];
+  assign \$30  = s6_zero ? 8'h00 : \rd__data$75 [63:56];
+  assign \$31  = s6_zero ? 8'h00 : \rd__data$75 [71:64];
+  assign \$32  = s6_zero ? 8'h00 : \rd__data$75 [79:72];
+  assign \$33  = s6_zero ? 8'h00 : \rd__data$75 [87:80];
+  assign \$34  = s6_zero ? 8'h00 : \rd__data$75 [95:88];
+  assign \$35  = s6_zero ? 8'h00 : \rd__data$75 [103:96];
+  assign \$36  = s6_zero ? 8'h00 : \rd__data$75 [111:104];
+  assign \$37  = s6_zero ? 8'h00 : \rd__data$75 [119:112];
+  assign \$38  = s6_zero ? 8'h00 : \rd__data$75 [127:120];
+  assign \$39  = s6_zero ? 8'h00 : \rd__data$76 [7:0];
+  assign \$40  = s6_zero ? 8'h00 : \rd__data$76 [15:8];
+  assign \$41  = s6_zero ? 8'h00 : \rd__data$76 [23:16];
+  assign \$42  = s6_zero ? 8'h00 : \rd__data$76 [31:24];
+  assign \$43  = s6_zero ? 8'h00 : \rd__data$76 [39:32];
+  assign \$44  = s6_zero ? 8'h00 : \rd__data$76 [47:40];
+  assign \$45  = s6_zero ? 8'h00 : \rd__data$76 [55:48];
+  assign \$46  = s6_zero ? 8'h00 : \rd__data$76 [63:56];
+  assign \$47  = s6_zero ? 8'h00 : \rd__data$76 [71:64];
+  assign \$48  = s6_zero ? 8'h00 : \rd__data$76 [79:72];
+  assign \$49  = s6_zero ? 8'h00 : \rd__data$76 [87:80];
+  assign \$50  = s6_zero ? 8'h00 : \rd__data$76 [95:88];
+  assign \$51  = s6_zero ? 8'h00 : \rd__data$76 [103:96];
+  assign \$52  = s6_zero ? 8'h00 : \rd__data$76 [111:104];
+  assign \$53  = s6_zero ? 8'h00 : \rd__data$76 [119:112];
+  assign \$54  = s6_zero ? 8'h00 : \rd__data$76 [127:120];
+  assign \$55  = \rd__addr$77  == 5'h17;
+  assign \$56  = o__payload[388] & \$55 ;
+  assign \$57  = out_r0 + 5'h10;
+  assign \$58  = \$57  >= m_reg;
+  assign fin = \$56  & \$58 ;
+  assign \$59  = ptr == n_ent;
+  assign \$60  = ptr + 1'h1;
+  assign \$61  = \$59  ? 11'h001 : \$60 ;
+  assign \$62  = ! \$9 [2:0];
+  assign \$63  = fetch1 & \$62 ;
+  assign \$64  = \$9 [2:0] == 1'h1;
+  assign \$65  = fetch1 & \$64 ;
+  assign \$66  = \$9 [2:0] == 2'h2;
+  assign \$67  = fetch1 & \$66 ;
+  assign \$68  = \$9 [2:0] == 2'h3;
+  assign \$69  = fetch1 & \$68 ;
+  assign \$70  = cnt + fetch1;
+  assign \$71  = \$70  - pop;
+  assign \$72  = tcnt != 5'h10;
+  assign \$73  = tcnt + 1'h1;
+  assign \$74  = tcnt + 2'h2;
+  assign \$75  = \$74  >= 5'h10;
+  assign \$76  = ~ tile_end;
+  assign \$77  = ent_q0[28] & \$76 ;
+  assign \$78  = kk + 1'h1;
+  assign \$79  = r0 + 5'h10;
+  assign \$80  = a_base + 9'h180;
+  assign \$81  = r0 + 5'h10;
+  assign \$82  = \$81  >= m_reg;
+  assign \$83  = ! tcnt;
+  assign \$84  = ~ \real ;
+  assign \$85  = o__valid & o__payload[388];
+  assign \$86  = \rd__addr$77  == 5'h17;
+  assign \$87  = out_r0 + 5'h10;
+  assign \$88  = tile_base + 9'h169;
+  assign \$89  = \rd__addr$77  + 1'h1;
+  assign \$90  = tile_base + 1'h1;
+  assign \$91  = o__valid & fin;
+  assign \$92  = out_r0 + o__payload[387:384];
+  assign \$93  = ! o__payload[387:384];
+  assign \$94  = addr1 + 5'h18;
+  assign \$95  = \$93  ? { 1'h0, tile_base } : \$94 ;
+  assign \$96  = g1 < m_reg;
+  assign \$97  = \$signal  & \$96 ;
+  assign \$98  = $signed(acc2[23:0]) + $signed(\rd__data$134 [13:0]);
+  assign \$99  = $signed(acc2[47:24]) + $signed(\rd__data$134 [27:14]);
+  assign \$100  = $signed(acc2[71:48]) + $signed(\rd__data$134 [41:28]);
+  assign \$101  = $signed(acc2[95:72]) + $signed(\rd__data$134 [55:42]);
+  assign \$102  = $signed(acc2[119:96]) + $signed(\rd__data$134 [69:56]);
+  assign \$103  = $signed(acc2[143:120]) + $signed(\rd__data$134 [83:70]);
+  assign \$104  = $signed(acc2[167:144]) + $signed(\rd__data$134 [97:84]);
+  assign \$105  = $signed(acc2[191:168]) + $signed(\rd__data$134 [111:98]);
+  assign \$106  = $signed(acc2[215:192]) + $signed(\rd__data$134 [125:112]);
+  assign \$107  = $signed(acc2[239:216]) + $signed(\rd__data$134 [139:126]);
+  assign \$108  = $signed(acc2[263:240]) + $signed(\rd__data$134 [153:140]);
+  assign \$109  = $signed(acc2[287:264]) + $signed(\rd__data$134 [167:154]);
+  assign \$110  = $signed(acc2[311:288]) + $signed(\rd__data$134 [181:168]);
+  assign \$111  = $signed(acc2[335:312]) + $signed(\rd__data$134 [195:182]);
+  assign \$112  = $signed(acc2[359:336]) + $signed(\rd__data$134 [209:196]);
+  assign \$113  = $signed(acc2[383:360]) + $signed(\rd__data$134 [223:210]);
   always @(posedge clk)
-    f1 <= \$110 ;
+    fetch0 <= \$114 ;
   always @(posedge clk)
-    f2 <= \$111 ;
+    fetch1 <= \$115 ;
   always @(posedge clk)
-    ptr <= \$112 ;
+    ptr <= \$116 ;
   always @(posedge clk)
-    hdr_wait <= \$113 ;
+    hdr0 <= \$117 ;
   always @(posedge clk)
-    hdr_phase <= \$114 ;
+    hdr1 <= \$118 ;
   always @(posedge clk)
-    n_ent <= \$115 ;
+    n_ent <= \$119 ;
   always @(posedge clk)
-    fetching <= \$116 ;
+    fetching <= \$120 ;
   always @(posedge clk)
-    ent_q0 <= \$117 ;
+    ent_q0 <= \$121 ;
   always @(posedge clk)
-    ent_q1 <= \$118 ;
+    ent_q1 <= \$122 ;
   always @(posedge clk)
-    ent_q2 <= \$119 ;
+    ent_q2 <= \$123 ;
   always @(posedge clk)
-    ent_q3 <= \$120 ;
+    ent_q3 <= \$124 ;
   always @(posedge clk)
-    cnt <= \$121 ;
+    cnt <= \$125 ;
   always @(posedge clk)
-    tcnt <= \$122 ;
+    tcnt <= \$126 ;
   always @(posedge clk)
-    tcnt_ok <= \$123 ;
+    tcnt_ok <= \$127 ;
   always @(posedge clk)
-    kk <= \$124 ;
+    kk <= \$128 ;
   always @(posedge clk)
-    pad <= \$125 ;
+    pad <= \$129 ;
   always @(posedge clk)
-    sweep_end <= \$126 ;
+    sweep_end <= \$130 ;
   always @(posedge clk)
-    r0 <= \$127 ;
+    r0 <= \$131 ;
   always @(posedge clk)
-    a_base <= \$128 ;
+    a_base <= \$132 ;
   always @(posedge clk)
-    run <= \$129 ;
+    run <= \$133 ;
   always @(posedge clk)
-    \$signal$99  <= \$130 ;
+    s1_valid <= \$134 ;
   always @(posedge clk)
-    \$signal$100  <= \$131 ;
+    s1_first <= \$135 ;
   always @(posedge clk)
-    \$signal$101  <= \$132 ;
+    s1_last <= \$136 ;
   always @(posedge clk)
-    \$signal$102  <= \$133 ;
+    s1_zero <= \$137 ;
   always @(posedge clk)
-    i__valid <= \$134 ;
+    s2_valid <= \$138 ;
   always @(posedge clk)
-    \$signal$72  <= \$135 ;
+    s2_first <= \$139 ;
   always @(posedge clk)
-    \$signal$73  <= \$136 ;
+    s2_last <= \$140 ;
   always @(posedge clk)
-    \$signal$74  <= \$137 ;
+    s2_zero <= \$141 ;
   always @(posedge clk)
-    \rd__addr$77  <= \$138 ;
+    s3_valid <= \$142 ;
   always @(posedge clk)
-    out_r0 <= \$139 ;
+    s3_first <= \$143 ;
   always @(posedge clk)
-    \$signal$104  <= \$140 ;
+    s3_last <= \$144 ;
   always @(posedge clk)
-    fin1 <= \$141 ;
+    s3_zero <= \$145 ;
   always @(posedge clk)
-    g1 <= \$142 ;
+    s4_valid <= \$146 ;
   always @(posedge clk)
-    nt1 <= \$143 ;
+    s4_first <= \$147 ;
   always @(posedge clk)
-    acc1 <= \$144 ;
+    s4_last <= \$148 ;
   always @(posedge clk)
-    \$signal$109  <= \$145 ;
+    s4_zero <= \$149 ;
   always @(posedge clk)
-    fin2 <= \$146 ;
+    s5_valid <= \$150 ;
   always @(posedge clk)
-    addr2 <= \$147 ;
+    s5_first <= \$151 ;
   always @(posedge clk)
-    acc2 <= \$148 ;
+    s5_last <= \$152 ;
   always @(posedge clk)
-    \$signal$113  <= \$149 ;
+    s5_zero <= \$153 ;
   always @(posedge clk)
-    fin3 <= \$150 ;
+    i__valid <= \$154 ;
   always @(posedge clk)
-    addr3 <= \$151 ;
+    s6_first <= \$155 ;
   always @(posedge clk)
-    i <= \$152 ;
+    s6_last <= \$156 ;
   always @(posedge clk)
-    v_q0 <= \$153 ;
+    s6_zero <= \$157 ;
   always @(posedge clk)
-    fin_q0 <= \$154 ;
+    \rd__addr$77  <= \$158 ;
   always @(posedge clk)
-    addr_q0 <= \$155 ;
+    out_r0 <= \$159 ;
   always @(posedge clk)
-    v_q1 <= \$156 ;
+    tile_base <= \$160 ;
   always @(posedge clk)
-    fin_q1 <= \$157 ;
+    \$signal  <= \$161 ;
   always @(posedge clk)
-    addr_q1 <= \$158 ;
+    fin1 <= \$162 ;
   always @(posedge clk)
-    \wr__en$84  <= \$159 ;
+    g1 <= \$163 ;
   always @(posedge clk)
-    fin_q2 <= \$160 ;
+    acc1 <= \$164 ;
   always @(posedge clk)
-    \wr__addr$86  <= \$161 ;
+    addr1 <= \$165 ;
   always @(posedge clk)
-    done <= \$162 ;
+    \$signal$126  <= \$166 ;
   always @(posedge clk)
-    \busy$42  <= \$163 ;
+    fin2 <= \$167 ;
   always @(posedge clk)
-    m_reg <= \$164 ;
+    addr2 <= \$168 ;
+  always @(posedge clk)
+    acc2 <= \$169 ;
+  always @(posedge clk)
+    \$signal$130  <= \$170 ;
+  always @(posedge clk)
+    fin3 <= \$171 ;
+  always @(posedge clk)
+    addr3 <= \$172 ;
+  always @(posedge clk)
+    i <= \$173 ;
+  always @(posedge clk)
+    v_q0 <= \$174 ;
+  always @(posedge clk)
+    fin_q0 <= \$175 ;
+  always @(posedge clk)
+    addr_q0 <= \$176 ;
+  always @(posedge clk)
+    v_q1 <= \$177 ;
+  always @(posedge clk)
+    fin_q1 <= \$178 ;
+  always @(posedge clk)
+    addr_q1 <= \$179 ;
+  always @(posedge clk)
+    \wr__en$84  <= \$180 ;
+  always @(posedge clk)
+    fin_q2 <= \$181 ;
+  always @(posedge clk)
+    \wr__addr$86  <= \$182 ;
+  always @(posedge clk)
+    fin_w0 <= \$183 ;
+  always @(posedge clk)
+    fin_w1 <= \$184 ;
+  always @(posedge clk)
+    done <= \$185 ;
+  always @(posedge clk)
+    \busy$42  <= \$186 ;
+  always @(posedge clk)
+    m_reg <= \$187 ;
   \encoder_layer_0_attention_output_dense.mem_a  mem_a (
     .clk(clk),
-    .rd__data(\rd__data$75 ),
-    .rp__addr(\$20 [11:0]),
+    .q_d1(\rd__data$75 ),
+    .rd__addr(\$21 [11:0]),
     .rst(rst),
-    .wp__addr(a_wr__addr),
-    .wp__data(a_wr__data),
-    .wp__en(a_wr__en)
+    .wr__addr(a_wr__addr),
+    .wr__data(a_wr__data),
+    .wr__en(a_wr__en)
   );
   \encoder_layer_0_attention_output_dense.mem_bias  mem_bias (
     .clk(clk),
-    .rd__data(\rd__data$117 ),
+    .rd__data(\rd__data$134 ),
     .rp__addr(\rd__addr$77 ),
     .rst(rst),
     .wp__addr(bias_wr__addr),
@@ -962,17 +1046,17 @@ module encoder_layer_0_attention_output_dense(m, a_wr__en, a_wr__addr, a_wr__dat
   );
   \encoder_layer_0_attention_output_dense.mem_out  mem_out (
     .clk(clk),
-    .rd__data(o_rd__data),
-    .rp__addr(o_rd__addr),
-    .rp__en(o_rd__en),
+    .q_d1(o_rd__data),
+    .rd__addr(o_rd__addr),
+    .rd__en(o_rd__en),
     .rst(rst),
-    .wp__addr(\wr__addr$86 ),
-    .wp__data(\wr__data$88 ),
-    .wp__en(\wr__en$84 )
+    .wr__addr(\wr__addr$86 ),
+    .wr__data(\wr__data$88 ),
+    .wr__en(\wr__en$84 )
   );
   \encoder_layer_0_attention_output_dense.mem_shift  mem_shift (
     .clk(clk),
-    .rd__data(\rd__data$118 ),
+    .rd__data(\rd__data$135 ),
     .rp__addr(\rd__addr$77 ),
     .rst(rst),
     .wp__addr(shift_wr__addr),
@@ -981,12 +1065,12 @@ module encoder_layer_0_attention_output_dense(m, a_wr__en, a_wr__addr, a_wr__dat
   );
   \encoder_layer_0_attention_output_dense.mem_w  mem_w (
     .clk(clk),
-    .rd__data(\rd__data$76 ),
-    .rp__addr(\$21 [13:0]),
+    .q_d1(\rd__data$76 ),
+    .rd__addr(\$22 [13:0]),
     .rst(rst),
-    .wp__addr(w_wr__addr),
-    .wp__data(w_wr__data),
-    .wp__en(w_wr__en)
+    .wr__addr(w_wr__addr),
+    .wr__data(w_wr__data),
+    .wr__en(w_wr__en)
   );
   \encoder_layer_0_attention_output_dense.pe  pe (
     .bank_busy(o__valid),
@@ -1004,277 +1088,198 @@ module encoder_layer_0_attention_output_dense(m, a_wr__en, a_wr__addr, a_wr__dat
   );
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$110  = fetch;
+    \$114  = fetch;
     if (\start$44 ) begin
-      \$110  = 1'h0;
+      \$114  = 1'h0;
     end
     if (rst) begin
-      \$110  = 1'h0;
+      \$114  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$111  = f1;
+    \$115  = fetch0;
     if (\start$44 ) begin
-      \$111  = 1'h0;
+      \$115  = 1'h0;
     end
     if (rst) begin
-      \$111  = 1'h0;
+      \$115  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$112  = ptr;
+    \$116  = ptr;
     if (fetch) begin
-      \$112  = \$60 [9:0];
+      \$116  = \$61 [9:0];
     end
     if (\start$44 ) begin
-      \$112  = 10'h001;
+      \$116  = 10'h001;
     end
     if (rst) begin
-      \$112  = 10'h000;
+      \$116  = 10'h000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$113  = hdr_wait;
-    if (hdr_wait) begin
-      \$113  = 1'h0;
+    \$117  = \start$44 ;
+    if (rst) begin
+      \$117  = 1'h0;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
+    \$118  = hdr0;
+    if (rst) begin
+      \$118  = 1'h0;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
+    \$119  = n_ent;
+    if (hdr1) begin
+      \$119  = \rd__data$93 [9:0];
+    end
+    if (rst) begin
+      \$119  = 10'h000;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
+    \$120  = fetching;
+    if (hdr1) begin
+      \$120  = 1'h1;
     end
     if (\start$44 ) begin
-      \$113  = 1'h1;
+      \$120  = 1'h0;
     end
     if (rst) begin
-      \$113  = 1'h0;
+      \$120  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$114  = hdr_phase;
-    if (hdr_wait) begin
-      \$114  = 1'h1;
-    end
-    if (hdr_phase) begin
-      \$114  = 1'h0;
+    \$121  = ent_q0;
+    if (\$63 ) begin
+      \$121  = \rd__data$93 ;
+    end else if (pop) begin
+      \$121  = ent_q1;
     end
     if (rst) begin
-      \$114  = 1'h0;
+      \$121  = 30'h00000000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$115  = n_ent;
-    if (hdr_phase) begin
-      \$115  = \rd__data$93 [9:0];
+    \$122  = ent_q1;
+    if (\$65 ) begin
+      \$122  = \rd__data$93 ;
+    end else if (pop) begin
+      \$122  = ent_q2;
     end
     if (rst) begin
-      \$115  = 10'h000;
+      \$122  = 30'h00000000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$116  = fetching;
-    if (hdr_phase) begin
-      \$116  = 1'h1;
+    \$123  = ent_q2;
+    if (\$67 ) begin
+      \$123  = \rd__data$93 ;
+    end else if (pop) begin
+      \$123  = ent_q3;
     end
+    if (rst) begin
+      \$123  = 30'h00000000;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
+    \$124  = ent_q3;
+    if (\$69 ) begin
+      \$124  = \rd__data$93 ;
+    end else if (pop) begin
+      \$124  = 30'h00000000;
+    end
+    if (rst) begin
+      \$124  = 30'h00000000;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
+    \$125  = \$71 [2:0];
     if (\start$44 ) begin
-      \$116  = 1'h0;
+      \$125  = 3'h0;
     end
     if (rst) begin
-      \$116  = 1'h0;
+      \$125  = 3'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$117  = ent_q0;
-    if (\$62 ) begin
-      \$117  = \rd__data$93 ;
-    end else if (pop) begin
-      \$117  = ent_q1;
-    end
-    if (rst) begin
-      \$117  = 30'h00000000;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$118  = ent_q1;
-    if (\$64 ) begin
-      \$118  = \rd__data$93 ;
-    end else if (pop) begin
-      \$118  = ent_q2;
-    end
-    if (rst) begin
-      \$118  = 30'h00000000;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$119  = ent_q2;
-    if (\$66 ) begin
-      \$119  = \rd__data$93 ;
-    end else if (pop) begin
-      \$119  = ent_q3;
-    end
-    if (rst) begin
-      \$119  = 30'h00000000;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$120  = ent_q3;
-    if (\$68 ) begin
-      \$120  = \rd__data$93 ;
-    end else if (pop) begin
-      \$120  = 30'h00000000;
-    end
-    if (rst) begin
-      \$120  = 30'h00000000;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$121  = \$70 [2:0];
-    if (\start$44 ) begin
-      \$121  = 3'h0;
-    end
-    if (rst) begin
-      \$121  = 3'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$122  = tcnt;
+    \$126  = tcnt;
     if (go) begin
       if (tile_end) begin
-        \$122  = 5'h00;
-      end else if (\$71 ) begin
-        \$122  = \$72 [4:0];
+        \$126  = 5'h00;
+      end else if (\$72 ) begin
+        \$126  = \$73 [4:0];
       end
     end
     if (\start$44 ) begin
-      \$122  = 5'h00;
+      \$126  = 5'h00;
     end
     if (rst) begin
-      \$122  = 5'h00;
+      \$126  = 5'h00;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$123  = tcnt_ok;
+    \$127  = tcnt_ok;
     if (go) begin
       if (tile_end) begin
-        \$123  = 1'h0;
-      end else if (\$71 ) begin
-        \$123  = \$74 ;
+        \$127  = 1'h0;
+      end else if (\$72 ) begin
+        \$127  = \$75 ;
       end
     end
     if (\start$44 ) begin
-      \$123  = 1'h0;
+      \$127  = 1'h0;
     end
     if (rst) begin
-      \$123  = 1'h0;
+      \$127  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$124  = kk;
+    \$128  = kk;
     if (go) begin
       if (entry_end) begin
-        \$124  = 4'h0;
+        \$128  = 4'h0;
       end else if (\real ) begin
-        \$124  = \$77 [3:0];
+        \$128  = \$78 [3:0];
       end
     end
     if (\start$44 ) begin
-      \$124  = 4'h0;
+      \$128  = 4'h0;
     end
     if (rst) begin
-      \$124  = 4'h0;
+      \$128  = 4'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$125  = pad;
+    \$129  = pad;
     if (go) begin
       if (entry_end) begin
-        if (\$76 ) begin
-          \$125  = 1'h1;
+        if (\$77 ) begin
+          \$129  = 1'h1;
         end
       end
       if (tile_end) begin
-        \$125  = 1'h0;
+        \$129  = 1'h0;
       end
     end
     if (\start$44 ) begin
-      \$125  = 1'h0;
-    end
-    if (rst) begin
-      \$125  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$126  = sweep_end;
-    if (go) begin
-      if (entry_end) begin
-        if (\$76 ) begin
-          \$126  = ent_q0[29];
-        end
-      end
-    end
-    if (rst) begin
-      \$126  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$127  = r0;
-    if (go) begin
-      if (tile_end) begin
-        if (list_end) begin
-          \$127  = \$78 [7:0];
-        end
-      end
-    end
-    if (\start$44 ) begin
-      \$127  = 8'h00;
-    end
-    if (rst) begin
-      \$127  = 8'h00;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$128  = a_base;
-    if (go) begin
-      if (tile_end) begin
-        if (list_end) begin
-          \$128  = \$79 [11:0];
-        end
-      end
-    end
-    if (\start$44 ) begin
-      \$128  = 12'h000;
-    end
-    if (rst) begin
-      \$128  = 12'h000;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$129  = run;
-    if (go) begin
-      if (tile_end) begin
-        if (list_end) begin
-          if (\$81 ) begin
-            \$129  = 1'h0;
-          end
-        end
-      end
-    end
-    if (\start$44 ) begin
-      \$129  = 1'h1;
+      \$129  = 1'h0;
     end
     if (rst) begin
       \$129  = 1'h0;
@@ -1282,306 +1287,520 @@ module encoder_layer_0_attention_output_dense(m, a_wr__en, a_wr__addr, a_wr__dat
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$130  = go;
+    \$130  = sweep_end;
+    if (go) begin
+      if (entry_end) begin
+        if (\$77 ) begin
+          \$130  = ent_q0[29];
+        end
+      end
+    end
     if (rst) begin
       \$130  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$131  = \$82 ;
+    \$131  = r0;
+    if (go) begin
+      if (tile_end) begin
+        if (list_end) begin
+          \$131  = \$79 [7:0];
+        end
+      end
+    end
+    if (\start$44 ) begin
+      \$131  = 8'h00;
+    end
     if (rst) begin
-      \$131  = 1'h0;
+      \$131  = 8'h00;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$132  = tile_end;
+    \$132  = a_base;
+    if (go) begin
+      if (tile_end) begin
+        if (list_end) begin
+          \$132  = \$80 [11:0];
+        end
+      end
+    end
+    if (\start$44 ) begin
+      \$132  = 12'h000;
+    end
     if (rst) begin
-      \$132  = 1'h0;
+      \$132  = 12'h000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$133  = \$83 ;
+    \$133  = run;
+    if (go) begin
+      if (tile_end) begin
+        if (list_end) begin
+          if (\$82 ) begin
+            \$133  = 1'h0;
+          end
+        end
+      end
+    end
+    if (\start$44 ) begin
+      \$133  = 1'h1;
+    end
     if (rst) begin
       \$133  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$134  = \$signal$99 ;
+    \$134  = go;
     if (rst) begin
       \$134  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$135  = \$signal$100 ;
+    \$135  = \$83 ;
     if (rst) begin
       \$135  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$136  = \$signal$101 ;
+    \$136  = tile_end;
     if (rst) begin
       \$136  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$137  = \$signal$102 ;
+    \$137  = \$84 ;
     if (rst) begin
       \$137  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$138  = \rd__addr$77 ;
-    if (\$84 ) begin
-      (* full_case = 32'd1 *)
-      if (\$85 ) begin
-        \$138  = 5'h00;
-      end else begin
-        \$138  = \$87 [4:0];
-      end
-    end
-    if (\start$44 ) begin
-      \$138  = 5'h00;
-    end
+    \$138  = s1_valid;
     if (rst) begin
-      \$138  = 5'h00;
+      \$138  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$139  = out_r0;
-    if (\$84 ) begin
-      if (\$85 ) begin
-        \$139  = \$86 [7:0];
-      end
-    end
-    if (\start$44 ) begin
-      \$139  = 8'h00;
-    end
+    \$139  = s1_first;
     if (rst) begin
-      \$139  = 8'h00;
+      \$139  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$140  = o__valid;
+    \$140  = s1_last;
     if (rst) begin
       \$140  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$141  = \$88 ;
+    \$141  = s1_zero;
     if (rst) begin
       \$141  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$142  = \$89 [7:0];
+    \$142  = s2_valid;
     if (rst) begin
-      \$142  = 8'h00;
+      \$142  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$143  = \rd__addr$77 ;
+    \$143  = s2_first;
     if (rst) begin
-      \$143  = 5'h00;
+      \$143  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$144  = o__payload[383:0];
+    \$144  = s2_last;
     if (rst) begin
-      \$144  = 384'h000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000;
+      \$144  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$145  = \$91 ;
+    \$145  = s2_zero;
     if (rst) begin
       \$145  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$146  = fin1;
+    \$146  = s3_valid;
     if (rst) begin
       \$146  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$147  = \$93 [11:0];
+    \$147  = s3_first;
     if (rst) begin
-      \$147  = 12'h000;
+      \$147  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$148  = acc1;
+    \$148  = s3_last;
     if (rst) begin
-      \$148  = 384'h000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000;
+      \$148  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$149  = \$signal$109 ;
+    \$149  = s3_zero;
     if (rst) begin
       \$149  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$150  = fin2;
+    \$150  = s4_valid;
     if (rst) begin
       \$150  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$151  = addr2;
+    \$151  = s4_first;
     if (rst) begin
-      \$151  = 12'h000;
+      \$151  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$152 [23:0] = \$94 [23:0];
-    \$152 [385:384] = \rd__data$118 [1:0];
-    \$152 [47:24] = \$95 [23:0];
-    \$152 [387:386] = \rd__data$118 [3:2];
-    \$152 [71:48] = \$96 [23:0];
-    \$152 [389:388] = \rd__data$118 [5:4];
-    \$152 [95:72] = \$97 [23:0];
-    \$152 [391:390] = \rd__data$118 [7:6];
-    \$152 [119:96] = \$98 [23:0];
-    \$152 [393:392] = \rd__data$118 [9:8];
-    \$152 [143:120] = \$99 [23:0];
-    \$152 [395:394] = \rd__data$118 [11:10];
-    \$152 [167:144] = \$100 [23:0];
-    \$152 [397:396] = \rd__data$118 [13:12];
-    \$152 [191:168] = \$101 [23:0];
-    \$152 [399:398] = \rd__data$118 [15:14];
-    \$152 [215:192] = \$102 [23:0];
-    \$152 [401:400] = \rd__data$118 [17:16];
-    \$152 [239:216] = \$103 [23:0];
-    \$152 [403:402] = \rd__data$118 [19:18];
-    \$152 [263:240] = \$104 [23:0];
-    \$152 [405:404] = \rd__data$118 [21:20];
-    \$152 [287:264] = \$105 [23:0];
-    \$152 [407:406] = \rd__data$118 [23:22];
-    \$152 [311:288] = \$106 [23:0];
-    \$152 [409:408] = \rd__data$118 [25:24];
-    \$152 [335:312] = \$107 [23:0];
-    \$152 [411:410] = \rd__data$118 [27:26];
-    \$152 [359:336] = \$108 [23:0];
-    \$152 [413:412] = \rd__data$118 [29:28];
-    \$152 [383:360] = \$109 [23:0];
-    \$152 [415:414] = \rd__data$118 [31:30];
+    \$152  = s4_last;
     if (rst) begin
-      \$152  = 416'h00000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000;
+      \$152  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$153  = \$signal$113 ;
+    \$153  = s4_zero;
     if (rst) begin
       \$153  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$154  = fin3;
+    \$154  = s5_valid;
     if (rst) begin
       \$154  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$155  = addr3;
+    \$155  = s5_first;
     if (rst) begin
-      \$155  = 12'h000;
+      \$155  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$156  = v_q0;
+    \$156  = s5_last;
     if (rst) begin
       \$156  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$157  = fin_q0;
+    \$157  = s5_zero;
     if (rst) begin
       \$157  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$158  = addr_q0;
+    \$158  = \rd__addr$77 ;
+    if (\$85 ) begin
+      (* full_case = 32'd1 *)
+      if (\$86 ) begin
+        \$158  = 5'h00;
+      end else begin
+        \$158  = \$89 [4:0];
+      end
+    end
+    if (\start$44 ) begin
+      \$158  = 5'h00;
+    end
     if (rst) begin
-      \$158  = 12'h000;
+      \$158  = 5'h00;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$159  = v_q1;
+    \$159  = out_r0;
+    if (\$85 ) begin
+      if (\$86 ) begin
+        \$159  = \$87 [7:0];
+      end
+    end
+    if (\start$44 ) begin
+      \$159  = 8'h00;
+    end
     if (rst) begin
-      \$159  = 1'h0;
+      \$159  = 8'h00;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$160  = fin_q1;
+    \$160  = tile_base;
+    if (\$85 ) begin
+      (* full_case = 32'd1 *)
+      if (\$86 ) begin
+        \$160  = \$88 [11:0];
+      end else begin
+        \$160  = \$90 [11:0];
+      end
+    end
+    if (\start$44 ) begin
+      \$160  = 12'h000;
+    end
     if (rst) begin
-      \$160  = 1'h0;
+      \$160  = 12'h000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$161  = addr_q1;
+    \$161  = o__valid;
     if (rst) begin
-      \$161  = 12'h000;
+      \$161  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$162  = fin_q2;
+    \$162  = \$91 ;
     if (rst) begin
       \$162  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$163  = \busy$42 ;
-    if (done) begin
-      \$163  = 1'h0;
-    end
-    if (\start$44 ) begin
-      \$163  = 1'h1;
-    end
+    \$163  = \$92 [7:0];
     if (rst) begin
-      \$163  = 1'h0;
+      \$163  = 8'h00;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$164  = m_reg;
-    if (\start$44 ) begin
-      \$164  = m;
+    \$164  = o__payload[383:0];
+    if (rst) begin
+      \$164  = 384'h000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
+    \$165  = addr1;
+    if (o__valid) begin
+      \$165  = \$95 [11:0];
     end
     if (rst) begin
-      \$164  = 8'h00;
+      \$165  = 12'h000;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
+    \$166  = \$97 ;
+    if (rst) begin
+      \$166  = 1'h0;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
+    \$167  = fin1;
+    if (rst) begin
+      \$167  = 1'h0;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
+    \$168  = addr1;
+    if (rst) begin
+      \$168  = 12'h000;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
+    \$169  = acc1;
+    if (rst) begin
+      \$169  = 384'h000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
+    \$170  = \$signal$126 ;
+    if (rst) begin
+      \$170  = 1'h0;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
+    \$171  = fin2;
+    if (rst) begin
+      \$171  = 1'h0;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
+    \$172  = addr2;
+    if (rst) begin
+      \$172  = 12'h000;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
+    \$173 [23:0] = \$98 [23:0];
+    \$173 [385:384] = \rd__data$135 [1:0];
+    \$173 [47:24] = \$99 [23:0];
+    \$173 [387:386] = \rd__data$135 [3:2];
+    \$173 [71:48] = \$100 [23:0];
+    \$173 [389:388] = \rd__data$135 [5:4];
+    \$173 [95:72] = \$101 [23:0];
+    \$173 [391:390] = \rd__data$135 [7:6];
+    \$173 [119:96] = \$102 [23:0];
+    \$173 [393:392] = \rd__data$135 [9:8];
+    \$173 [143:120] = \$103 [23:0];
+    \$173 [395:394] = \rd__data$135 [11:10];
+    \$173 [167:144] = \$104 [23:0];
+    \$173 [397:396] = \rd__data$135 [13:12];
+    \$173 [191:168] = \$105 [23:0];
+    \$173 [399:398] = \rd__data$135 [15:14];
+    \$173 [215:192] = \$106 [23:0];
+    \$173 [401:400] = \rd__data$135 [17:16];
+    \$173 [239:216] = \$107 [23:0];
+    \$173 [403:402] = \rd__data$135 [19:18];
+    \$173 [263:240] = \$108 [23:0];
+    \$173 [405:404] = \rd__data$135 [21:20];
+    \$173 [287:264] = \$109 [23:0];
+    \$173 [407:406] = \rd__data$135 [23:22];
+    \$173 [311:288] = \$110 [23:0];
+    \$173 [409:408] = \rd__data$135 [25:24];
+    \$173 [335:312] = \$111 [23:0];
+    \$173 [411:410] = \rd__data$135 [27:26];
+    \$173 [359:336] = \$112 [23:0];
+    \$173 [413:412] = \rd__data$135 [29:28];
+    \$173 [383:360] = \$113 [23:0];
+    \$173 [415:414] = \rd__data$135 [31:30];
+    if (rst) begin
+      \$173  = 416'h00000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
+    \$174  = \$signal$130 ;
+    if (rst) begin
+      \$174  = 1'h0;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
+    \$175  = fin3;
+    if (rst) begin
+      \$175  = 1'h0;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
+    \$176  = addr3;
+    if (rst) begin
+      \$176  = 12'h000;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
+    \$177  = v_q0;
+    if (rst) begin
+      \$177  = 1'h0;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
+    \$178  = fin_q0;
+    if (rst) begin
+      \$178  = 1'h0;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
+    \$179  = addr_q0;
+    if (rst) begin
+      \$179  = 12'h000;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
+    \$180  = v_q1;
+    if (rst) begin
+      \$180  = 1'h0;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
+    \$181  = fin_q1;
+    if (rst) begin
+      \$181  = 1'h0;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
+    \$182  = addr_q1;
+    if (rst) begin
+      \$182  = 12'h000;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
+    \$183  = fin_q2;
+    if (rst) begin
+      \$183  = 1'h0;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
+    \$184  = fin_w0;
+    if (rst) begin
+      \$184  = 1'h0;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
+    \$185  = fin_w1;
+    if (rst) begin
+      \$185  = 1'h0;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
+    \$186  = \busy$42 ;
+    if (done) begin
+      \$186  = 1'h0;
+    end
+    if (\start$44 ) begin
+      \$186  = 1'h1;
+    end
+    if (rst) begin
+      \$186  = 1'h0;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
+    \$187  = m_reg;
+    if (\start$44 ) begin
+      \$187  = m;
+    end
+    if (rst) begin
+      \$187  = 8'h00;
     end
   end
   assign wr__addr = a_wr__addr;
@@ -1603,10 +1822,10 @@ module encoder_layer_0_attention_output_dense(m, a_wr__en, a_wr__addr, a_wr__dat
   assign rd__data = o_rd__data;
   assign rd__en = o_rd__en;
   assign \done$43  = done;
-  assign wr_idx = \$8 [2:0];
-  assign \rd__addr$66  = \$20 [11:0];
-  assign \rd__addr$68  = \$21 [13:0];
-  assign \$signal  = i__valid;
+  assign wr_idx = \$9 [2:0];
+  assign \rd__addr$66  = \$21 [11:0];
+  assign \rd__addr$68  = \$22 [13:0];
+  assign s6_valid = i__valid;
   assign out_nt = \rd__addr$77 ;
   assign \rd__addr$79  = \rd__addr$77 ;
   assign v_q2 = \wr__en$84 ;
@@ -1957,83 +2176,96 @@ module encoder_layer_0_attention_output_dense(m, a_wr__en, a_wr__addr, a_wr__dat
   assign \i.t[13]  = i[411:410];
   assign \i.t[14]  = i[413:412];
   assign \i.t[15]  = i[415:414];
-  assign \rd__data$117[0]  = \rd__data$117 [13:0];
-  assign \rd__data$117[1]  = \rd__data$117 [27:14];
-  assign \rd__data$117[2]  = \rd__data$117 [41:28];
-  assign \rd__data$117[3]  = \rd__data$117 [55:42];
-  assign \rd__data$117[4]  = \rd__data$117 [69:56];
-  assign \rd__data$117[5]  = \rd__data$117 [83:70];
-  assign \rd__data$117[6]  = \rd__data$117 [97:84];
-  assign \rd__data$117[7]  = \rd__data$117 [111:98];
-  assign \rd__data$117[8]  = \rd__data$117 [125:112];
-  assign \rd__data$117[9]  = \rd__data$117 [139:126];
-  assign \rd__data$117[10]  = \rd__data$117 [153:140];
-  assign \rd__data$117[11]  = \rd__data$117 [167:154];
-  assign \rd__data$117[12]  = \rd__data$117 [181:168];
-  assign \rd__data$117[13]  = \rd__data$117 [195:182];
-  assign \rd__data$117[14]  = \rd__data$117 [209:196];
-  assign \rd__data$117[15]  = \rd__data$117 [223:210];
-  assign \rd__data$118[0]  = \rd__data$118 [1:0];
-  assign \rd__data$118[1]  = \rd__data$118 [3:2];
-  assign \rd__data$118[2]  = \rd__data$118 [5:4];
-  assign \rd__data$118[3]  = \rd__data$118 [7:6];
-  assign \rd__data$118[4]  = \rd__data$118 [9:8];
-  assign \rd__data$118[5]  = \rd__data$118 [11:10];
-  assign \rd__data$118[6]  = \rd__data$118 [13:12];
-  assign \rd__data$118[7]  = \rd__data$118 [15:14];
-  assign \rd__data$118[8]  = \rd__data$118 [17:16];
-  assign \rd__data$118[9]  = \rd__data$118 [19:18];
-  assign \rd__data$118[10]  = \rd__data$118 [21:20];
-  assign \rd__data$118[11]  = \rd__data$118 [23:22];
-  assign \rd__data$118[12]  = \rd__data$118 [25:24];
-  assign \rd__data$118[13]  = \rd__data$118 [27:26];
-  assign \rd__data$118[14]  = \rd__data$118 [29:28];
-  assign \rd__data$118[15]  = \rd__data$118 [31:30];
-  assign i__payload[255:248] = \$53 ;
-  assign i__payload[247:240] = \$52 ;
-  assign i__payload[239:232] = \$51 ;
-  assign i__payload[231:224] = \$50 ;
-  assign i__payload[223:216] = \$49 ;
-  assign i__payload[215:208] = \$48 ;
-  assign i__payload[207:200] = \$47 ;
-  assign i__payload[199:192] = \$46 ;
-  assign i__payload[191:184] = \$45 ;
-  assign i__payload[183:176] = \$44 ;
-  assign i__payload[175:168] = \$43 ;
-  assign i__payload[167:160] = \$42 ;
-  assign i__payload[159:152] = \$41 ;
-  assign i__payload[151:144] = \$40 ;
-  assign i__payload[143:136] = \$39 ;
-  assign i__payload[135:128] = \$38 ;
-  assign i__payload[127:120] = \$37 ;
-  assign i__payload[119:112] = \$36 ;
-  assign i__payload[111:104] = \$35 ;
-  assign i__payload[103:96] = \$34 ;
-  assign i__payload[95:88] = \$33 ;
-  assign i__payload[87:80] = \$32 ;
-  assign i__payload[79:72] = \$31 ;
-  assign i__payload[71:64] = \$30 ;
-  assign i__payload[63:56] = \$29 ;
-  assign i__payload[55:48] = \$28 ;
-  assign i__payload[47:40] = \$27 ;
-  assign i__payload[39:32] = \$26 ;
-  assign i__payload[31:24] = \$25 ;
-  assign i__payload[23:16] = \$24 ;
-  assign i__payload[15:8] = \$23 ;
-  assign i__payload[7:0] = \$22 ;
-  assign i__payload[257] = \$signal$73 ;
-  assign i__payload[256] = \$signal$72 ;
+  assign \rd__data$134[0]  = \rd__data$134 [13:0];
+  assign \rd__data$134[1]  = \rd__data$134 [27:14];
+  assign \rd__data$134[2]  = \rd__data$134 [41:28];
+  assign \rd__data$134[3]  = \rd__data$134 [55:42];
+  assign \rd__data$134[4]  = \rd__data$134 [69:56];
+  assign \rd__data$134[5]  = \rd__data$134 [83:70];
+  assign \rd__data$134[6]  = \rd__data$134 [97:84];
+  assign \rd__data$134[7]  = \rd__data$134 [111:98];
+  assign \rd__data$134[8]  = \rd__data$134 [125:112];
+  assign \rd__data$134[9]  = \rd__data$134 [139:126];
+  assign \rd__data$134[10]  = \rd__data$134 [153:140];
+  assign \rd__data$134[11]  = \rd__data$134 [167:154];
+  assign \rd__data$134[12]  = \rd__data$134 [181:168];
+  assign \rd__data$134[13]  = \rd__data$134 [195:182];
+  assign \rd__data$134[14]  = \rd__data$134 [209:196];
+  assign \rd__data$134[15]  = \rd__data$134 [223:210];
+  assign \rd__data$135[0]  = \rd__data$135 [1:0];
+  assign \rd__data$135[1]  = \rd__data$135 [3:2];
+  assign \rd__data$135[2]  = \rd__data$135 [5:4];
+  assign \rd__data$135[3]  = \rd__data$135 [7:6];
+  assign \rd__data$135[4]  = \rd__data$135 [9:8];
+  assign \rd__data$135[5]  = \rd__data$135 [11:10];
+  assign \rd__data$135[6]  = \rd__data$135 [13:12];
+  assign \rd__data$135[7]  = \rd__data$135 [15:14];
+  assign \rd__data$135[8]  = \rd__data$135 [17:16];
+  assign \rd__data$135[9]  = \rd__data$135 [19:18];
+  assign \rd__data$135[10]  = \rd__data$135 [21:20];
+  assign \rd__data$135[11]  = \rd__data$135 [23:22];
+  assign \rd__data$135[12]  = \rd__data$135 [25:24];
+  assign \rd__data$135[13]  = \rd__data$135 [27:26];
+  assign \rd__data$135[14]  = \rd__data$135 [29:28];
+  assign \rd__data$135[15]  = \rd__data$135 [31:30];
+  assign i__payload[255:248] = \$54 ;
+  assign i__payload[247:240] = \$53 ;
+  assign i__payload[239:232] = \$52 ;
+  assign i__payload[231:224] = \$51 ;
+  assign i__payload[223:216] = \$50 ;
+  assign i__payload[215:208] = \$49 ;
+  assign i__payload[207:200] = \$48 ;
+  assign i__payload[199:192] = \$47 ;
+  assign i__payload[191:184] = \$46 ;
+  assign i__payload[183:176] = \$45 ;
+  assign i__payload[175:168] = \$44 ;
+  assign i__payload[167:160] = \$43 ;
+  assign i__payload[159:152] = \$42 ;
+  assign i__payload[151:144] = \$41 ;
+  assign i__payload[143:136] = \$40 ;
+  assign i__payload[135:128] = \$39 ;
+  assign i__payload[127:120] = \$38 ;
+  assign i__payload[119:112] = \$37 ;
+  assign i__payload[111:104] = \$36 ;
+  assign i__payload[103:96] = \$35 ;
+  assign i__payload[95:88] = \$34 ;
+  assign i__payload[87:80] = \$33 ;
+  assign i__payload[79:72] = \$32 ;
+  assign i__payload[71:64] = \$31 ;
+  assign i__payload[63:56] = \$30 ;
+  assign i__payload[55:48] = \$29 ;
+  assign i__payload[47:40] = \$28 ;
+  assign i__payload[39:32] = \$27 ;
+  assign i__payload[31:24] = \$26 ;
+  assign i__payload[23:16] = \$25 ;
+  assign i__payload[15:8] = \$24 ;
+  assign i__payload[7:0] = \$23 ;
+  assign i__payload[257] = s6_last;
+  assign i__payload[256] = s6_first;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.mem_a (wp__addr, wp__data, clk, rst, rp__addr, rd__data, wp__en);
+module \encoder_layer_0_attention_output_dense.mem_a (wr__addr, wr__data, clk, rst, rd__addr, q_d1, wr__en);
   input clk;
   wire clk;
-  (* init = 128'h00000000000000000000000000000000 *)
-  wire [127:0] q;
+  reg [11:0] port0_d0 = 12'h000;
+  reg [11:0] port0_d1 = 12'h000;
+  reg [127:0] port1_d0 = 128'h00000000000000000000000000000000;
+  reg [127:0] port1_d1 = 128'h00000000000000000000000000000000;
+  reg port2_d0 = 1'h0;
+  reg port2_d1 = 1'h0;
+  reg [11:0] port3_d0 = 12'h000;
+  reg [11:0] port3_d1 = 12'h000;
+  reg port4_d0 = 1'h1;
+  reg port4_d1 = 1'h1;
+  reg [127:0] q = 128'h00000000000000000000000000000000;
+  reg [127:0] q_d0 = 128'h00000000000000000000000000000000;
+  output [127:0] q_d1;
+  reg [127:0] q_d1 = 128'h00000000000000000000000000000000;
+  input [11:0] rd__addr;
   wire [11:0] rd__addr;
-  output [127:0] rd__data;
-  reg [127:0] rd__data = 128'h00000000000000000000000000000000;
+  (* init = 128'h00000000000000000000000000000000 *)
+  wire [127:0] rd__data;
   wire [7:0] \rd__data[0] ;
   wire [7:0] \rd__data[10] ;
   wire [7:0] \rd__data[11] ;
@@ -2051,19 +2283,22 @@ module \encoder_layer_0_attention_output_dense.mem_a (wp__addr, wp__data, clk, r
   wire [7:0] \rd__data[8] ;
   wire [7:0] \rd__data[9] ;
   wire rd__en;
-  input [11:0] rp__addr;
+  (* init = 12'h000 *)
   wire [11:0] rp__addr;
   wire [127:0] rp__data;
+  (* init = 1'h1 *)
   wire rp__en;
   input rst;
   wire rst;
-  input [11:0] wp__addr;
+  (* init = 12'h000 *)
   wire [11:0] wp__addr;
-  input [127:0] wp__data;
+  (* init = 128'h00000000000000000000000000000000 *)
   wire [127:0] wp__data;
-  input wp__en;
+  (* init = 1'h0 *)
   wire wp__en;
+  input [11:0] wr__addr;
   wire [11:0] wr__addr;
+  input [127:0] wr__data;
   wire [127:0] wr__data;
   wire [7:0] \wr__data[0] ;
   wire [7:0] \wr__data[10] ;
@@ -2081,6 +2316,7 @@ module \encoder_layer_0_attention_output_dense.mem_a (wp__addr, wp__data, clk, r
   wire [7:0] \wr__data[7] ;
   wire [7:0] \wr__data[8] ;
   wire [7:0] \wr__data[9] ;
+  input wr__en;
   wire wr__en;
   reg [127:0] mem [3071:0];
   initial begin
@@ -5158,55 +5394,81 @@ module \encoder_layer_0_attention_output_dense.mem_a (wp__addr, wp__data, clk, r
     mem[3071] = 128'h00000000000000000000000000000000;
   end
   always @(posedge clk) begin
-    if (wp__en)
-      mem[wp__addr] <= wp__data;
+    if (port2_d1)
+      mem[port0_d1] <= port1_d1;
   end
   reg [127:0] _0_;
   always @(posedge clk) begin
-    _0_ <= mem[rp__addr];
+    if (port4_d1) begin
+      _0_ <= mem[port3_d1];
+    end
   end
   assign rp__data = _0_;
   always @(posedge clk)
-    rd__data <= rp__data;
-  assign wr__addr = wp__addr;
-  assign wr__data = wp__data;
-  assign wr__en = wp__en;
-  assign rd__addr = rp__addr;
-  assign rp__en = 1'h1;
+    port1_d1 <= port1_d0;
+  always @(posedge clk)
+    port2_d1 <= port2_d0;
+  always @(posedge clk)
+    port3_d1 <= port3_d0;
+  always @(posedge clk)
+    port4_d1 <= port4_d0;
+  always @(posedge clk)
+    q <= rp__data;
+  always @(posedge clk)
+    q_d0 <= q;
+  always @(posedge clk)
+    q_d1 <= q_d0;
+  always @(posedge clk)
+    port0_d0 <= wr__addr;
+  always @(posedge clk)
+    port1_d0 <= wr__data;
+  always @(posedge clk)
+    port2_d0 <= wr__en;
+  always @(posedge clk)
+    port3_d0 <= rd__addr;
+  always @(posedge clk)
+    port4_d0 <= 1'h1;
+  always @(posedge clk)
+    port0_d1 <= port0_d0;
   assign rd__en = 1'h1;
-  assign q = rd__data;
-  assign \wr__data[0]  = wp__data[7:0];
-  assign \wr__data[1]  = wp__data[15:8];
-  assign \wr__data[2]  = wp__data[23:16];
-  assign \wr__data[3]  = wp__data[31:24];
-  assign \wr__data[4]  = wp__data[39:32];
-  assign \wr__data[5]  = wp__data[47:40];
-  assign \wr__data[6]  = wp__data[55:48];
-  assign \wr__data[7]  = wp__data[63:56];
-  assign \wr__data[8]  = wp__data[71:64];
-  assign \wr__data[9]  = wp__data[79:72];
-  assign \wr__data[10]  = wp__data[87:80];
-  assign \wr__data[11]  = wp__data[95:88];
-  assign \wr__data[12]  = wp__data[103:96];
-  assign \wr__data[13]  = wp__data[111:104];
-  assign \wr__data[14]  = wp__data[119:112];
-  assign \wr__data[15]  = wp__data[127:120];
-  assign \rd__data[0]  = rd__data[7:0];
-  assign \rd__data[1]  = rd__data[15:8];
-  assign \rd__data[2]  = rd__data[23:16];
-  assign \rd__data[3]  = rd__data[31:24];
-  assign \rd__data[4]  = rd__data[39:32];
-  assign \rd__data[5]  = rd__data[47:40];
-  assign \rd__data[6]  = rd__data[55:48];
-  assign \rd__data[7]  = rd__data[63:56];
-  assign \rd__data[8]  = rd__data[71:64];
-  assign \rd__data[9]  = rd__data[79:72];
-  assign \rd__data[10]  = rd__data[87:80];
-  assign \rd__data[11]  = rd__data[95:88];
-  assign \rd__data[12]  = rd__data[103:96];
-  assign \rd__data[13]  = rd__data[111:104];
-  assign \rd__data[14]  = rd__data[119:112];
-  assign \rd__data[15]  = rd__data[127:120];
+  assign wp__addr = port0_d1;
+  assign wp__data = port1_d1;
+  assign wp__en = port2_d1;
+  assign rp__addr = port3_d1;
+  assign rp__en = port4_d1;
+  assign rd__data = q_d1;
+  assign \wr__data[0]  = wr__data[7:0];
+  assign \wr__data[1]  = wr__data[15:8];
+  assign \wr__data[2]  = wr__data[23:16];
+  assign \wr__data[3]  = wr__data[31:24];
+  assign \wr__data[4]  = wr__data[39:32];
+  assign \wr__data[5]  = wr__data[47:40];
+  assign \wr__data[6]  = wr__data[55:48];
+  assign \wr__data[7]  = wr__data[63:56];
+  assign \wr__data[8]  = wr__data[71:64];
+  assign \wr__data[9]  = wr__data[79:72];
+  assign \wr__data[10]  = wr__data[87:80];
+  assign \wr__data[11]  = wr__data[95:88];
+  assign \wr__data[12]  = wr__data[103:96];
+  assign \wr__data[13]  = wr__data[111:104];
+  assign \wr__data[14]  = wr__data[119:112];
+  assign \wr__data[15]  = wr__data[127:120];
+  assign \rd__data[0]  = q_d1[7:0];
+  assign \rd__data[1]  = q_d1[15:8];
+  assign \rd__data[2]  = q_d1[23:16];
+  assign \rd__data[3]  = q_d1[31:24];
+  assign \rd__data[4]  = q_d1[39:32];
+  assign \rd__data[5]  = q_d1[47:40];
+  assign \rd__data[6]  = q_d1[55:48];
+  assign \rd__data[7]  = q_d1[63:56];
+  assign \rd__data[8]  = q_d1[71:64];
+  assign \rd__data[9]  = q_d1[79:72];
+  assign \rd__data[10]  = q_d1[87:80];
+  assign \rd__data[11]  = q_d1[95:88];
+  assign \rd__data[12]  = q_d1[103:96];
+  assign \rd__data[13]  = q_d1[111:104];
+  assign \rd__data[14]  = q_d1[119:112];
+  assign \rd__data[15]  = q_d1[127:120];
 endmodule
 
 (* generator = "Amaranth" *)
@@ -5971,14 +6233,27 @@ module \encoder_layer_0_attention_output_dense.mem_ent (wp__addr, wp__data, clk,
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.mem_out (rp__addr, clk, rst, wp__en, wp__addr, rd__data, wp__data, rp__en);
+module \encoder_layer_0_attention_output_dense.mem_out (rd__addr, clk, rst, wr__en, wr__addr, q_d1, wr__data, rd__en);
   input clk;
   wire clk;
-  (* init = 256'h0000000000000000000000000000000000000000000000000000000000000000 *)
-  wire [255:0] q;
+  reg [11:0] port0_d0 = 12'h000;
+  reg [11:0] port0_d1 = 12'h000;
+  reg [255:0] port1_d0 = 256'h0000000000000000000000000000000000000000000000000000000000000000;
+  reg [255:0] port1_d1 = 256'h0000000000000000000000000000000000000000000000000000000000000000;
+  reg port2_d0 = 1'h0;
+  reg port2_d1 = 1'h0;
+  reg [11:0] port3_d0 = 12'h000;
+  reg [11:0] port3_d1 = 12'h000;
+  reg port4_d0 = 1'h1;
+  reg port4_d1 = 1'h1;
+  reg [255:0] q = 256'h0000000000000000000000000000000000000000000000000000000000000000;
+  reg [255:0] q_d0 = 256'h0000000000000000000000000000000000000000000000000000000000000000;
+  output [255:0] q_d1;
+  reg [255:0] q_d1 = 256'h0000000000000000000000000000000000000000000000000000000000000000;
+  input [11:0] rd__addr;
   wire [11:0] rd__addr;
-  output [255:0] rd__data;
-  reg [255:0] rd__data = 256'h0000000000000000000000000000000000000000000000000000000000000000;
+  (* init = 256'h0000000000000000000000000000000000000000000000000000000000000000 *)
+  wire [255:0] rd__data;
   wire [15:0] \rd__data[0] ;
   wire [15:0] \rd__data[10] ;
   wire [15:0] \rd__data[11] ;
@@ -5995,21 +6270,24 @@ module \encoder_layer_0_attention_output_dense.mem_out (rp__addr, clk, rst, wp__
   wire [15:0] \rd__data[7] ;
   wire [15:0] \rd__data[8] ;
   wire [15:0] \rd__data[9] ;
+  input rd__en;
   wire rd__en;
-  input [11:0] rp__addr;
+  (* init = 12'h000 *)
   wire [11:0] rp__addr;
   wire [255:0] rp__data;
-  input rp__en;
+  (* init = 1'h1 *)
   wire rp__en;
   input rst;
   wire rst;
-  input [11:0] wp__addr;
+  (* init = 12'h000 *)
   wire [11:0] wp__addr;
-  input [255:0] wp__data;
+  (* init = 256'h0000000000000000000000000000000000000000000000000000000000000000 *)
   wire [255:0] wp__data;
-  input wp__en;
+  (* init = 1'h0 *)
   wire wp__en;
+  input [11:0] wr__addr;
   wire [11:0] wr__addr;
+  input [255:0] wr__data;
   wire [255:0] wr__data;
   wire [15:0] \wr__data[0] ;
   wire [15:0] \wr__data[10] ;
@@ -6027,6 +6305,7 @@ module \encoder_layer_0_attention_output_dense.mem_out (rp__addr, clk, rst, wp__
   wire [15:0] \wr__data[7] ;
   wire [15:0] \wr__data[8] ;
   wire [15:0] \wr__data[9] ;
+  input wr__en;
   wire wr__en;
   reg [255:0] mem [3071:0];
   initial begin
@@ -9104,56 +9383,80 @@ module \encoder_layer_0_attention_output_dense.mem_out (rp__addr, clk, rst, wp__
     mem[3071] = 256'h0000000000000000000000000000000000000000000000000000000000000000;
   end
   always @(posedge clk) begin
-    if (wp__en)
-      mem[wp__addr] <= wp__data;
+    if (port2_d1)
+      mem[port0_d1] <= port1_d1;
   end
   reg [255:0] _0_;
   always @(posedge clk) begin
-    if (rp__en) begin
-      _0_ <= mem[rp__addr];
+    if (port4_d1) begin
+      _0_ <= mem[port3_d1];
     end
   end
   assign rp__data = _0_;
   always @(posedge clk)
-    rd__data <= rp__data;
-  assign wr__addr = wp__addr;
-  assign wr__data = wp__data;
-  assign wr__en = wp__en;
-  assign rd__addr = rp__addr;
-  assign rd__en = rp__en;
-  assign q = rd__data;
-  assign \wr__data[0]  = wp__data[15:0];
-  assign \wr__data[1]  = wp__data[31:16];
-  assign \wr__data[2]  = wp__data[47:32];
-  assign \wr__data[3]  = wp__data[63:48];
-  assign \wr__data[4]  = wp__data[79:64];
-  assign \wr__data[5]  = wp__data[95:80];
-  assign \wr__data[6]  = wp__data[111:96];
-  assign \wr__data[7]  = wp__data[127:112];
-  assign \wr__data[8]  = wp__data[143:128];
-  assign \wr__data[9]  = wp__data[159:144];
-  assign \wr__data[10]  = wp__data[175:160];
-  assign \wr__data[11]  = wp__data[191:176];
-  assign \wr__data[12]  = wp__data[207:192];
-  assign \wr__data[13]  = wp__data[223:208];
-  assign \wr__data[14]  = wp__data[239:224];
-  assign \wr__data[15]  = wp__data[255:240];
-  assign \rd__data[0]  = rd__data[15:0];
-  assign \rd__data[1]  = rd__data[31:16];
-  assign \rd__data[2]  = rd__data[47:32];
-  assign \rd__data[3]  = rd__data[63:48];
-  assign \rd__data[4]  = rd__data[79:64];
-  assign \rd__data[5]  = rd__data[95:80];
-  assign \rd__data[6]  = rd__data[111:96];
-  assign \rd__data[7]  = rd__data[127:112];
-  assign \rd__data[8]  = rd__data[143:128];
-  assign \rd__data[9]  = rd__data[159:144];
-  assign \rd__data[10]  = rd__data[175:160];
-  assign \rd__data[11]  = rd__data[191:176];
-  assign \rd__data[12]  = rd__data[207:192];
-  assign \rd__data[13]  = rd__data[223:208];
-  assign \rd__data[14]  = rd__data[239:224];
-  assign \rd__data[15]  = rd__data[255:240];
+    port1_d1 <= port1_d0;
+  always @(posedge clk)
+    port2_d1 <= port2_d0;
+  always @(posedge clk)
+    port3_d1 <= port3_d0;
+  always @(posedge clk)
+    port4_d1 <= port4_d0;
+  always @(posedge clk)
+    q <= rp__data;
+  always @(posedge clk)
+    q_d0 <= q;
+  always @(posedge clk)
+    q_d1 <= q_d0;
+  always @(posedge clk)
+    port0_d0 <= wr__addr;
+  always @(posedge clk)
+    port1_d0 <= wr__data;
+  always @(posedge clk)
+    port2_d0 <= wr__en;
+  always @(posedge clk)
+    port3_d0 <= rd__addr;
+  always @(posedge clk)
+    port4_d0 <= rd__en;
+  always @(posedge clk)
+    port0_d1 <= port0_d0;
+  assign wp__addr = port0_d1;
+  assign wp__data = port1_d1;
+  assign wp__en = port2_d1;
+  assign rp__addr = port3_d1;
+  assign rp__en = port4_d1;
+  assign rd__data = q_d1;
+  assign \wr__data[0]  = wr__data[15:0];
+  assign \wr__data[1]  = wr__data[31:16];
+  assign \wr__data[2]  = wr__data[47:32];
+  assign \wr__data[3]  = wr__data[63:48];
+  assign \wr__data[4]  = wr__data[79:64];
+  assign \wr__data[5]  = wr__data[95:80];
+  assign \wr__data[6]  = wr__data[111:96];
+  assign \wr__data[7]  = wr__data[127:112];
+  assign \wr__data[8]  = wr__data[143:128];
+  assign \wr__data[9]  = wr__data[159:144];
+  assign \wr__data[10]  = wr__data[175:160];
+  assign \wr__data[11]  = wr__data[191:176];
+  assign \wr__data[12]  = wr__data[207:192];
+  assign \wr__data[13]  = wr__data[223:208];
+  assign \wr__data[14]  = wr__data[239:224];
+  assign \wr__data[15]  = wr__data[255:240];
+  assign \rd__data[0]  = q_d1[15:0];
+  assign \rd__data[1]  = q_d1[31:16];
+  assign \rd__data[2]  = q_d1[47:32];
+  assign \rd__data[3]  = q_d1[63:48];
+  assign \rd__data[4]  = q_d1[79:64];
+  assign \rd__data[5]  = q_d1[95:80];
+  assign \rd__data[6]  = q_d1[111:96];
+  assign \rd__data[7]  = q_d1[127:112];
+  assign \rd__data[8]  = q_d1[143:128];
+  assign \rd__data[9]  = q_d1[159:144];
+  assign \rd__data[10]  = q_d1[175:160];
+  assign \rd__data[11]  = q_d1[191:176];
+  assign \rd__data[12]  = q_d1[207:192];
+  assign \rd__data[13]  = q_d1[223:208];
+  assign \rd__data[14]  = q_d1[239:224];
+  assign \rd__data[15]  = q_d1[255:240];
 endmodule
 
 (* generator = "Amaranth" *)
@@ -9293,14 +9596,27 @@ module \encoder_layer_0_attention_output_dense.mem_shift (wp__addr, wp__data, cl
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.mem_w (wp__addr, wp__data, clk, rst, rp__addr, rd__data, wp__en);
+module \encoder_layer_0_attention_output_dense.mem_w (wr__addr, wr__data, clk, rst, rd__addr, q_d1, wr__en);
   input clk;
   wire clk;
-  (* init = 128'h00000000000000000000000000000000 *)
-  wire [127:0] q;
+  reg [13:0] port0_d0 = 14'h0000;
+  reg [13:0] port0_d1 = 14'h0000;
+  reg [127:0] port1_d0 = 128'h00000000000000000000000000000000;
+  reg [127:0] port1_d1 = 128'h00000000000000000000000000000000;
+  reg port2_d0 = 1'h0;
+  reg port2_d1 = 1'h0;
+  reg [13:0] port3_d0 = 14'h0000;
+  reg [13:0] port3_d1 = 14'h0000;
+  reg port4_d0 = 1'h1;
+  reg port4_d1 = 1'h1;
+  reg [127:0] q = 128'h00000000000000000000000000000000;
+  reg [127:0] q_d0 = 128'h00000000000000000000000000000000;
+  output [127:0] q_d1;
+  reg [127:0] q_d1 = 128'h00000000000000000000000000000000;
+  input [13:0] rd__addr;
   wire [13:0] rd__addr;
-  output [127:0] rd__data;
-  reg [127:0] rd__data = 128'h00000000000000000000000000000000;
+  (* init = 128'h00000000000000000000000000000000 *)
+  wire [127:0] rd__data;
   wire [7:0] \rd__data[0] ;
   wire [7:0] \rd__data[10] ;
   wire [7:0] \rd__data[11] ;
@@ -9318,19 +9634,22 @@ module \encoder_layer_0_attention_output_dense.mem_w (wp__addr, wp__data, clk, r
   wire [7:0] \rd__data[8] ;
   wire [7:0] \rd__data[9] ;
   wire rd__en;
-  input [13:0] rp__addr;
+  (* init = 14'h0000 *)
   wire [13:0] rp__addr;
   wire [127:0] rp__data;
+  (* init = 1'h1 *)
   wire rp__en;
   input rst;
   wire rst;
-  input [13:0] wp__addr;
+  (* init = 14'h0000 *)
   wire [13:0] wp__addr;
-  input [127:0] wp__data;
+  (* init = 128'h00000000000000000000000000000000 *)
   wire [127:0] wp__data;
-  input wp__en;
+  (* init = 1'h0 *)
   wire wp__en;
+  input [13:0] wr__addr;
   wire [13:0] wr__addr;
+  input [127:0] wr__data;
   wire [127:0] wr__data;
   wire [7:0] \wr__data[0] ;
   wire [7:0] \wr__data[10] ;
@@ -9348,6 +9667,7 @@ module \encoder_layer_0_attention_output_dense.mem_w (wp__addr, wp__data, clk, r
   wire [7:0] \wr__data[7] ;
   wire [7:0] \wr__data[8] ;
   wire [7:0] \wr__data[9] ;
+  input wr__en;
   wire wr__en;
   reg [127:0] mem [9215:0];
   initial begin
@@ -18569,55 +18889,81 @@ module \encoder_layer_0_attention_output_dense.mem_w (wp__addr, wp__data, clk, r
     mem[9215] = 128'h00000000000000000000000000000000;
   end
   always @(posedge clk) begin
-    if (wp__en)
-      mem[wp__addr] <= wp__data;
+    if (port2_d1)
+      mem[port0_d1] <= port1_d1;
   end
   reg [127:0] _0_;
   always @(posedge clk) begin
-    _0_ <= mem[rp__addr];
+    if (port4_d1) begin
+      _0_ <= mem[port3_d1];
+    end
   end
   assign rp__data = _0_;
   always @(posedge clk)
-    rd__data <= rp__data;
-  assign wr__addr = wp__addr;
-  assign wr__data = wp__data;
-  assign wr__en = wp__en;
-  assign rd__addr = rp__addr;
-  assign rp__en = 1'h1;
+    port1_d1 <= port1_d0;
+  always @(posedge clk)
+    port2_d1 <= port2_d0;
+  always @(posedge clk)
+    port3_d1 <= port3_d0;
+  always @(posedge clk)
+    port4_d1 <= port4_d0;
+  always @(posedge clk)
+    q <= rp__data;
+  always @(posedge clk)
+    q_d0 <= q;
+  always @(posedge clk)
+    q_d1 <= q_d0;
+  always @(posedge clk)
+    port0_d0 <= wr__addr;
+  always @(posedge clk)
+    port1_d0 <= wr__data;
+  always @(posedge clk)
+    port2_d0 <= wr__en;
+  always @(posedge clk)
+    port3_d0 <= rd__addr;
+  always @(posedge clk)
+    port4_d0 <= 1'h1;
+  always @(posedge clk)
+    port0_d1 <= port0_d0;
   assign rd__en = 1'h1;
-  assign q = rd__data;
-  assign \wr__data[0]  = wp__data[7:0];
-  assign \wr__data[1]  = wp__data[15:8];
-  assign \wr__data[2]  = wp__data[23:16];
-  assign \wr__data[3]  = wp__data[31:24];
-  assign \wr__data[4]  = wp__data[39:32];
-  assign \wr__data[5]  = wp__data[47:40];
-  assign \wr__data[6]  = wp__data[55:48];
-  assign \wr__data[7]  = wp__data[63:56];
-  assign \wr__data[8]  = wp__data[71:64];
-  assign \wr__data[9]  = wp__data[79:72];
-  assign \wr__data[10]  = wp__data[87:80];
-  assign \wr__data[11]  = wp__data[95:88];
-  assign \wr__data[12]  = wp__data[103:96];
-  assign \wr__data[13]  = wp__data[111:104];
-  assign \wr__data[14]  = wp__data[119:112];
-  assign \wr__data[15]  = wp__data[127:120];
-  assign \rd__data[0]  = rd__data[7:0];
-  assign \rd__data[1]  = rd__data[15:8];
-  assign \rd__data[2]  = rd__data[23:16];
-  assign \rd__data[3]  = rd__data[31:24];
-  assign \rd__data[4]  = rd__data[39:32];
-  assign \rd__data[5]  = rd__data[47:40];
-  assign \rd__data[6]  = rd__data[55:48];
-  assign \rd__data[7]  = rd__data[63:56];
-  assign \rd__data[8]  = rd__data[71:64];
-  assign \rd__data[9]  = rd__data[79:72];
-  assign \rd__data[10]  = rd__data[87:80];
-  assign \rd__data[11]  = rd__data[95:88];
-  assign \rd__data[12]  = rd__data[103:96];
-  assign \rd__data[13]  = rd__data[111:104];
-  assign \rd__data[14]  = rd__data[119:112];
-  assign \rd__data[15]  = rd__data[127:120];
+  assign wp__addr = port0_d1;
+  assign wp__data = port1_d1;
+  assign wp__en = port2_d1;
+  assign rp__addr = port3_d1;
+  assign rp__en = port4_d1;
+  assign rd__data = q_d1;
+  assign \wr__data[0]  = wr__data[7:0];
+  assign \wr__data[1]  = wr__data[15:8];
+  assign \wr__data[2]  = wr__data[23:16];
+  assign \wr__data[3]  = wr__data[31:24];
+  assign \wr__data[4]  = wr__data[39:32];
+  assign \wr__data[5]  = wr__data[47:40];
+  assign \wr__data[6]  = wr__data[55:48];
+  assign \wr__data[7]  = wr__data[63:56];
+  assign \wr__data[8]  = wr__data[71:64];
+  assign \wr__data[9]  = wr__data[79:72];
+  assign \wr__data[10]  = wr__data[87:80];
+  assign \wr__data[11]  = wr__data[95:88];
+  assign \wr__data[12]  = wr__data[103:96];
+  assign \wr__data[13]  = wr__data[111:104];
+  assign \wr__data[14]  = wr__data[119:112];
+  assign \wr__data[15]  = wr__data[127:120];
+  assign \rd__data[0]  = q_d1[7:0];
+  assign \rd__data[1]  = q_d1[15:8];
+  assign \rd__data[2]  = q_d1[23:16];
+  assign \rd__data[3]  = q_d1[31:24];
+  assign \rd__data[4]  = q_d1[39:32];
+  assign \rd__data[5]  = q_d1[47:40];
+  assign \rd__data[6]  = q_d1[55:48];
+  assign \rd__data[7]  = q_d1[63:56];
+  assign \rd__data[8]  = q_d1[71:64];
+  assign \rd__data[9]  = q_d1[79:72];
+  assign \rd__data[10]  = q_d1[87:80];
+  assign \rd__data[11]  = q_d1[95:88];
+  assign \rd__data[12]  = q_d1[103:96];
+  assign \rd__data[13]  = q_d1[111:104];
+  assign \rd__data[14]  = q_d1[119:112];
+  assign \rd__data[15]  = q_d1[127:120];
 endmodule
 
 (* generator = "Amaranth" *)
@@ -19005,8 +19351,10 @@ module \encoder_layer_0_attention_output_dense.pe (rst, i__payload, i__valid, ba
   wire [23:0] \$134 ;
   reg \$1340 ;
   reg \$1341 ;
-  reg [3:0] \$1342 ;
+  reg \$1342 ;
   reg \$1343 ;
+  reg [3:0] \$1344 ;
+  reg \$1345 ;
   wire [23:0] \$135 ;
   wire [23:0] \$136 ;
   wire [23:0] \$137 ;
@@ -19967,520 +20315,778 @@ module \encoder_layer_0_attention_output_dense.pe (rst, i__payload, i__valid, ba
   reg \$998 ;
   reg \$999 ;
   reg \$signal  = 1'h0;
-  reg \$signal$38  = 1'h0;
-  reg \$signal$39  = 1'h0;
+  reg \$signal$166  = 1'h0;
+  reg \$signal$167  = 1'h0;
+  reg \$signal$168  = 1'h0;
+  reg \$signal$169  = 1'h0;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] a;
   (* init = 8'h00 *)
-  wire [7:0] \a$1358 ;
-  (* init = 8'h00 *)
-  wire [7:0] \a$1360 ;
-  (* init = 8'h00 *)
-  wire [7:0] \a$1362 ;
-  (* init = 8'h00 *)
-  wire [7:0] \a$1364 ;
-  (* init = 8'h00 *)
-  wire [7:0] \a$1366 ;
-  (* init = 8'h00 *)
-  wire [7:0] \a$1368 ;
-  (* init = 8'h00 *)
-  wire [7:0] \a$1370 ;
-  (* init = 8'h00 *)
-  wire [7:0] \a$1372 ;
-  (* init = 8'h00 *)
-  wire [7:0] \a$1374 ;
-  (* init = 8'h00 *)
-  wire [7:0] \a$1376 ;
-  (* init = 8'h00 *)
-  wire [7:0] \a$1378 ;
-  (* init = 8'h00 *)
-  wire [7:0] \a$1380 ;
-  (* init = 8'h00 *)
-  wire [7:0] \a$1382 ;
-  (* init = 8'h00 *)
-  wire [7:0] \a$1384 ;
-  (* init = 8'h00 *)
-  wire [7:0] \a$1386 ;
-  (* init = 8'h00 *)
-  wire [7:0] \a$1388 ;
-  (* init = 8'h00 *)
-  wire [7:0] \a$1390 ;
-  (* init = 8'h00 *)
-  wire [7:0] \a$1392 ;
-  (* init = 8'h00 *)
-  wire [7:0] \a$1394 ;
-  (* init = 8'h00 *)
-  wire [7:0] \a$1396 ;
-  (* init = 8'h00 *)
-  wire [7:0] \a$1398 ;
-  (* init = 8'h00 *)
-  wire [7:0] \a$1400 ;
-  (* init = 8'h00 *)
-  wire [7:0] \a$1402 ;
-  (* init = 8'h00 *)
-  wire [7:0] \a$1404 ;
-  (* init = 8'h00 *)
-  wire [7:0] \a$1406 ;
-  (* init = 8'h00 *)
-  wire [7:0] \a$1408 ;
-  (* init = 8'h00 *)
-  wire [7:0] \a$1410 ;
-  (* init = 8'h00 *)
-  wire [7:0] \a$1412 ;
-  (* init = 8'h00 *)
-  wire [7:0] \a$1414 ;
-  (* init = 8'h00 *)
-  wire [7:0] \a$1416 ;
-  (* init = 8'h00 *)
-  wire [7:0] \a$1418 ;
-  (* init = 8'h00 *)
-  wire [7:0] \a$1420 ;
-  (* init = 8'h00 *)
-  wire [7:0] \a$1422 ;
-  (* init = 8'h00 *)
-  wire [7:0] \a$1424 ;
-  (* init = 8'h00 *)
-  wire [7:0] \a$1426 ;
-  (* init = 8'h00 *)
-  wire [7:0] \a$1428 ;
-  (* init = 8'h00 *)
-  wire [7:0] \a$1430 ;
-  (* init = 8'h00 *)
-  wire [7:0] \a$1432 ;
-  (* init = 8'h00 *)
-  wire [7:0] \a$1434 ;
-  (* init = 8'h00 *)
-  wire [7:0] \a$1436 ;
-  (* init = 8'h00 *)
-  wire [7:0] \a$1438 ;
-  (* init = 8'h00 *)
-  wire [7:0] \a$1440 ;
-  (* init = 8'h00 *)
-  wire [7:0] \a$1442 ;
-  (* init = 8'h00 *)
-  wire [7:0] \a$1444 ;
-  (* init = 8'h00 *)
-  wire [7:0] \a$1446 ;
-  (* init = 8'h00 *)
-  wire [7:0] \a$1448 ;
-  (* init = 8'h00 *)
-  wire [7:0] \a$1450 ;
-  (* init = 8'h00 *)
-  wire [7:0] \a$1452 ;
-  (* init = 8'h00 *)
-  wire [7:0] \a$1454 ;
-  (* init = 8'h00 *)
-  wire [7:0] \a$1456 ;
-  (* init = 8'h00 *)
-  wire [7:0] \a$1458 ;
-  (* init = 8'h00 *)
-  wire [7:0] \a$1460 ;
-  (* init = 8'h00 *)
-  wire [7:0] \a$1462 ;
-  (* init = 8'h00 *)
-  wire [7:0] \a$1464 ;
-  (* init = 8'h00 *)
-  wire [7:0] \a$1466 ;
-  (* init = 8'h00 *)
-  wire [7:0] \a$1468 ;
-  (* init = 8'h00 *)
-  wire [7:0] \a$1470 ;
-  (* init = 8'h00 *)
-  wire [7:0] \a$1472 ;
-  (* init = 8'h00 *)
-  wire [7:0] \a$1474 ;
-  (* init = 8'h00 *)
-  wire [7:0] \a$1476 ;
-  (* init = 8'h00 *)
-  wire [7:0] \a$1478 ;
-  (* init = 8'h00 *)
-  wire [7:0] \a$1480 ;
-  (* init = 8'h00 *)
-  wire [7:0] \a$1482 ;
-  (* init = 8'h00 *)
-  wire [7:0] \a$1484 ;
-  (* init = 8'h00 *)
-  wire [7:0] \a$1486 ;
-  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \a$1488 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \a$1490 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \a$1492 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \a$1494 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \a$1496 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \a$1498 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \a$1500 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \a$1502 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \a$1504 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \a$1506 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \a$1508 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \a$1510 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \a$1512 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \a$1514 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \a$1516 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \a$1518 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \a$1520 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \a$1522 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \a$1524 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \a$1526 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \a$1528 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \a$1530 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \a$1532 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \a$1534 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \a$1536 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \a$1538 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \a$1540 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \a$1542 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \a$1544 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \a$1546 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \a$1548 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \a$1550 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \a$1552 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \a$1554 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \a$1556 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \a$1558 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \a$1560 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \a$1562 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \a$1564 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \a$1566 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \a$1568 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \a$1570 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \a$1572 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \a$1574 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \a$1576 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \a$1578 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \a$1580 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \a$1582 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \a$1584 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \a$1586 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \a$1588 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \a$1590 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \a$1592 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \a$1594 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \a$1596 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \a$1598 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \a$1600 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \a$1602 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \a$1604 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \a$1606 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \a$1608 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \a$1610 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \a$1612 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \a$1614 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \a$1616 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \a$1618 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \a$1620 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \a$1622 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \a$1624 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \a$1626 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \a$1628 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \a$1630 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \a$1632 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \a$1634 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \a$1636 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \a$1638 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \a$1640 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \a$1642 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \a$1644 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \a$1646 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \a$1648 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \a$1650 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \a$1652 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \a$1654 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \a$1656 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \a$1658 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \a$1660 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \a$1662 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \a$1664 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \a$1666 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \a$1668 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \a$1670 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \a$1672 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \a$1674 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \a$1676 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \a$1678 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \a$1680 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \a$1682 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \a$1684 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \a$1686 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \a$1688 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \a$1690 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \a$1692 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \a$1694 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \a$1696 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \a$1698 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \a$1700 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \a$1702 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \a$1704 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \a$1706 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \a$1708 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \a$1710 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \a$1712 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \a$1714 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \a$1716 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \a$1718 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \a$1720 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \a$1722 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \a$1724 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \a$1726 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \a$1728 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \a$1730 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \a$1732 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \a$1734 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \a$1736 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \a$1738 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \a$1740 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \a$1742 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \a$1744 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \a$1746 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \a$1748 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \a$1750 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \a$1752 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \a$1754 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \a$1756 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \a$1758 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \a$1760 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \a$1762 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \a$1764 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \a$1766 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \a$1768 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \a$1770 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \a$1772 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \a$1774 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \a$1776 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \a$1778 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \a$1780 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \a$1782 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \a$1784 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \a$1786 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \a$1788 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \a$1790 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \a$1792 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \a$1794 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \a$1796 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \a$1798 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \a$1800 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \a$1802 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \a$1804 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \a$1806 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \a$1808 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \a$1810 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \a$1812 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \a$1814 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \a$1816 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \a$1818 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \a$1820 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \a$1822 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \a$1824 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \a$1826 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \a$1828 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \a$1830 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \a$1832 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \a$1834 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \a$1836 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \a$1838 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \a$1840 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \a$1842 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \a$1844 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \a$1846 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \a$1848 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \a$1850 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \a$1852 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \a$1854 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \a$1856 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \a$1858 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \a$1860 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \a$1862 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \a$1864 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \a$1866 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$1868 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$1870 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$1872 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$1874 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$1876 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$1878 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$1880 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$1882 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$1884 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$1886 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$1888 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$1890 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$1892 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$1894 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$1896 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$1898 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$1900 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$1902 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$1904 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$1906 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$1908 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$1910 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$1912 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$1914 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$1916 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$1918 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$1920 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$1922 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$1924 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$1926 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$1928 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$1930 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$1932 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$1934 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$1936 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$1938 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$1940 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$1942 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$1944 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$1946 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$1948 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$1950 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$1952 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$1954 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$1956 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$1958 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$1960 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$1962 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$1964 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$1966 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$1968 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$1970 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$1972 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$1974 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$1976 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$1978 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$1980 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$1982 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$1984 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$1986 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$1988 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$1990 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$1992 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$1994 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$1996 ;
   reg [7:0] a0_0 = 8'h00;
   reg [7:0] a0_1 = 8'h00;
   reg [7:0] a0_10 = 8'h00;
@@ -20497,6 +21103,134 @@ module \encoder_layer_0_attention_output_dense.pe (rst, i__payload, i__valid, ba
   reg [7:0] a0_7 = 8'h00;
   reg [7:0] a0_8 = 8'h00;
   reg [7:0] a0_9 = 8'h00;
+  (* keep = 32'd1 *)
+  reg [7:0] a1_0_g0 = 8'h00;
+  (* keep = 32'd1 *)
+  reg [7:0] a1_0_g1 = 8'h00;
+  (* keep = 32'd1 *)
+  reg [7:0] a1_0_g2 = 8'h00;
+  (* keep = 32'd1 *)
+  reg [7:0] a1_0_g3 = 8'h00;
+  (* keep = 32'd1 *)
+  reg [7:0] a1_10_g0 = 8'h00;
+  (* keep = 32'd1 *)
+  reg [7:0] a1_10_g1 = 8'h00;
+  (* keep = 32'd1 *)
+  reg [7:0] a1_10_g2 = 8'h00;
+  (* keep = 32'd1 *)
+  reg [7:0] a1_10_g3 = 8'h00;
+  (* keep = 32'd1 *)
+  reg [7:0] a1_11_g0 = 8'h00;
+  (* keep = 32'd1 *)
+  reg [7:0] a1_11_g1 = 8'h00;
+  (* keep = 32'd1 *)
+  reg [7:0] a1_11_g2 = 8'h00;
+  (* keep = 32'd1 *)
+  reg [7:0] a1_11_g3 = 8'h00;
+  (* keep = 32'd1 *)
+  reg [7:0] a1_12_g0 = 8'h00;
+  (* keep = 32'd1 *)
+  reg [7:0] a1_12_g1 = 8'h00;
+  (* keep = 32'd1 *)
+  reg [7:0] a1_12_g2 = 8'h00;
+  (* keep = 32'd1 *)
+  reg [7:0] a1_12_g3 = 8'h00;
+  (* keep = 32'd1 *)
+  reg [7:0] a1_13_g0 = 8'h00;
+  (* keep = 32'd1 *)
+  reg [7:0] a1_13_g1 = 8'h00;
+  (* keep = 32'd1 *)
+  reg [7:0] a1_13_g2 = 8'h00;
+  (* keep = 32'd1 *)
+  reg [7:0] a1_13_g3 = 8'h00;
+  (* keep = 32'd1 *)
+  reg [7:0] a1_14_g0 = 8'h00;
+  (* keep = 32'd1 *)
+  reg [7:0] a1_14_g1 = 8'h00;
+  (* keep = 32'd1 *)
+  reg [7:0] a1_14_g2 = 8'h00;
+  (* keep = 32'd1 *)
+  reg [7:0] a1_14_g3 = 8'h00;
+  (* keep = 32'd1 *)
+  reg [7:0] a1_15_g0 = 8'h00;
+  (* keep = 32'd1 *)
+  reg [7:0] a1_15_g1 = 8'h00;
+  (* keep = 32'd1 *)
+  reg [7:0] a1_15_g2 = 8'h00;
+  (* keep = 32'd1 *)
+  reg [7:0] a1_15_g3 = 8'h00;
+  (* keep = 32'd1 *)
+  reg [7:0] a1_1_g0 = 8'h00;
+  (* keep = 32'd1 *)
+  reg [7:0] a1_1_g1 = 8'h00;
+  (* keep = 32'd1 *)
+  reg [7:0] a1_1_g2 = 8'h00;
+  (* keep = 32'd1 *)
+  reg [7:0] a1_1_g3 = 8'h00;
+  (* keep = 32'd1 *)
+  reg [7:0] a1_2_g0 = 8'h00;
+  (* keep = 32'd1 *)
+  reg [7:0] a1_2_g1 = 8'h00;
+  (* keep = 32'd1 *)
+  reg [7:0] a1_2_g2 = 8'h00;
+  (* keep = 32'd1 *)
+  reg [7:0] a1_2_g3 = 8'h00;
+  (* keep = 32'd1 *)
+  reg [7:0] a1_3_g0 = 8'h00;
+  (* keep = 32'd1 *)
+  reg [7:0] a1_3_g1 = 8'h00;
+  (* keep = 32'd1 *)
+  reg [7:0] a1_3_g2 = 8'h00;
+  (* keep = 32'd1 *)
+  reg [7:0] a1_3_g3 = 8'h00;
+  (* keep = 32'd1 *)
+  reg [7:0] a1_4_g0 = 8'h00;
+  (* keep = 32'd1 *)
+  reg [7:0] a1_4_g1 = 8'h00;
+  (* keep = 32'd1 *)
+  reg [7:0] a1_4_g2 = 8'h00;
+  (* keep = 32'd1 *)
+  reg [7:0] a1_4_g3 = 8'h00;
+  (* keep = 32'd1 *)
+  reg [7:0] a1_5_g0 = 8'h00;
+  (* keep = 32'd1 *)
+  reg [7:0] a1_5_g1 = 8'h00;
+  (* keep = 32'd1 *)
+  reg [7:0] a1_5_g2 = 8'h00;
+  (* keep = 32'd1 *)
+  reg [7:0] a1_5_g3 = 8'h00;
+  (* keep = 32'd1 *)
+  reg [7:0] a1_6_g0 = 8'h00;
+  (* keep = 32'd1 *)
+  reg [7:0] a1_6_g1 = 8'h00;
+  (* keep = 32'd1 *)
+  reg [7:0] a1_6_g2 = 8'h00;
+  (* keep = 32'd1 *)
+  reg [7:0] a1_6_g3 = 8'h00;
+  (* keep = 32'd1 *)
+  reg [7:0] a1_7_g0 = 8'h00;
+  (* keep = 32'd1 *)
+  reg [7:0] a1_7_g1 = 8'h00;
+  (* keep = 32'd1 *)
+  reg [7:0] a1_7_g2 = 8'h00;
+  (* keep = 32'd1 *)
+  reg [7:0] a1_7_g3 = 8'h00;
+  (* keep = 32'd1 *)
+  reg [7:0] a1_8_g0 = 8'h00;
+  (* keep = 32'd1 *)
+  reg [7:0] a1_8_g1 = 8'h00;
+  (* keep = 32'd1 *)
+  reg [7:0] a1_8_g2 = 8'h00;
+  (* keep = 32'd1 *)
+  reg [7:0] a1_8_g3 = 8'h00;
+  (* keep = 32'd1 *)
+  reg [7:0] a1_9_g0 = 8'h00;
+  (* keep = 32'd1 *)
+  reg [7:0] a1_9_g1 = 8'h00;
+  (* keep = 32'd1 *)
+  reg [7:0] a1_9_g2 = 8'h00;
+  (* keep = 32'd1 *)
+  reg [7:0] a1_9_g3 = 8'h00;
   reg [23:0] acc_0_0 = 24'h000000;
   reg [23:0] acc_0_1 = 24'h000000;
   reg [23:0] acc_0_10 = 24'h000000;
@@ -20754,517 +21488,773 @@ module \encoder_layer_0_attention_output_dense.pe (rst, i__payload, i__valid, ba
   reg [23:0] acc_9_8 = 24'h000000;
   reg [23:0] acc_9_9 = 24'h000000;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] b;
   (* init = 8'h00 *)
-  wire [7:0] \b$1359 ;
-  (* init = 8'h00 *)
-  wire [7:0] \b$1361 ;
-  (* init = 8'h00 *)
-  wire [7:0] \b$1363 ;
-  (* init = 8'h00 *)
-  wire [7:0] \b$1365 ;
-  (* init = 8'h00 *)
-  wire [7:0] \b$1367 ;
-  (* init = 8'h00 *)
-  wire [7:0] \b$1369 ;
-  (* init = 8'h00 *)
-  wire [7:0] \b$1371 ;
-  (* init = 8'h00 *)
-  wire [7:0] \b$1373 ;
-  (* init = 8'h00 *)
-  wire [7:0] \b$1375 ;
-  (* init = 8'h00 *)
-  wire [7:0] \b$1377 ;
-  (* init = 8'h00 *)
-  wire [7:0] \b$1379 ;
-  (* init = 8'h00 *)
-  wire [7:0] \b$1381 ;
-  (* init = 8'h00 *)
-  wire [7:0] \b$1383 ;
-  (* init = 8'h00 *)
-  wire [7:0] \b$1385 ;
-  (* init = 8'h00 *)
-  wire [7:0] \b$1387 ;
-  (* init = 8'h00 *)
-  wire [7:0] \b$1389 ;
-  (* init = 8'h00 *)
-  wire [7:0] \b$1391 ;
-  (* init = 8'h00 *)
-  wire [7:0] \b$1393 ;
-  (* init = 8'h00 *)
-  wire [7:0] \b$1395 ;
-  (* init = 8'h00 *)
-  wire [7:0] \b$1397 ;
-  (* init = 8'h00 *)
-  wire [7:0] \b$1399 ;
-  (* init = 8'h00 *)
-  wire [7:0] \b$1401 ;
-  (* init = 8'h00 *)
-  wire [7:0] \b$1403 ;
-  (* init = 8'h00 *)
-  wire [7:0] \b$1405 ;
-  (* init = 8'h00 *)
-  wire [7:0] \b$1407 ;
-  (* init = 8'h00 *)
-  wire [7:0] \b$1409 ;
-  (* init = 8'h00 *)
-  wire [7:0] \b$1411 ;
-  (* init = 8'h00 *)
-  wire [7:0] \b$1413 ;
-  (* init = 8'h00 *)
-  wire [7:0] \b$1415 ;
-  (* init = 8'h00 *)
-  wire [7:0] \b$1417 ;
-  (* init = 8'h00 *)
-  wire [7:0] \b$1419 ;
-  (* init = 8'h00 *)
-  wire [7:0] \b$1421 ;
-  (* init = 8'h00 *)
-  wire [7:0] \b$1423 ;
-  (* init = 8'h00 *)
-  wire [7:0] \b$1425 ;
-  (* init = 8'h00 *)
-  wire [7:0] \b$1427 ;
-  (* init = 8'h00 *)
-  wire [7:0] \b$1429 ;
-  (* init = 8'h00 *)
-  wire [7:0] \b$1431 ;
-  (* init = 8'h00 *)
-  wire [7:0] \b$1433 ;
-  (* init = 8'h00 *)
-  wire [7:0] \b$1435 ;
-  (* init = 8'h00 *)
-  wire [7:0] \b$1437 ;
-  (* init = 8'h00 *)
-  wire [7:0] \b$1439 ;
-  (* init = 8'h00 *)
-  wire [7:0] \b$1441 ;
-  (* init = 8'h00 *)
-  wire [7:0] \b$1443 ;
-  (* init = 8'h00 *)
-  wire [7:0] \b$1445 ;
-  (* init = 8'h00 *)
-  wire [7:0] \b$1447 ;
-  (* init = 8'h00 *)
-  wire [7:0] \b$1449 ;
-  (* init = 8'h00 *)
-  wire [7:0] \b$1451 ;
-  (* init = 8'h00 *)
-  wire [7:0] \b$1453 ;
-  (* init = 8'h00 *)
-  wire [7:0] \b$1455 ;
-  (* init = 8'h00 *)
-  wire [7:0] \b$1457 ;
-  (* init = 8'h00 *)
-  wire [7:0] \b$1459 ;
-  (* init = 8'h00 *)
-  wire [7:0] \b$1461 ;
-  (* init = 8'h00 *)
-  wire [7:0] \b$1463 ;
-  (* init = 8'h00 *)
-  wire [7:0] \b$1465 ;
-  (* init = 8'h00 *)
-  wire [7:0] \b$1467 ;
-  (* init = 8'h00 *)
-  wire [7:0] \b$1469 ;
-  (* init = 8'h00 *)
-  wire [7:0] \b$1471 ;
-  (* init = 8'h00 *)
-  wire [7:0] \b$1473 ;
-  (* init = 8'h00 *)
-  wire [7:0] \b$1475 ;
-  (* init = 8'h00 *)
-  wire [7:0] \b$1477 ;
-  (* init = 8'h00 *)
-  wire [7:0] \b$1479 ;
-  (* init = 8'h00 *)
-  wire [7:0] \b$1481 ;
-  (* init = 8'h00 *)
-  wire [7:0] \b$1483 ;
-  (* init = 8'h00 *)
-  wire [7:0] \b$1485 ;
-  (* init = 8'h00 *)
-  wire [7:0] \b$1487 ;
-  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \b$1489 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \b$1491 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \b$1493 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \b$1495 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \b$1497 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \b$1499 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \b$1501 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \b$1503 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \b$1505 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \b$1507 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \b$1509 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \b$1511 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \b$1513 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \b$1515 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \b$1517 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \b$1519 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \b$1521 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \b$1523 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \b$1525 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \b$1527 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \b$1529 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \b$1531 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \b$1533 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \b$1535 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \b$1537 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \b$1539 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \b$1541 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \b$1543 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \b$1545 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \b$1547 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \b$1549 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \b$1551 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \b$1553 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \b$1555 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \b$1557 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \b$1559 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \b$1561 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \b$1563 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \b$1565 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \b$1567 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \b$1569 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \b$1571 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \b$1573 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \b$1575 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \b$1577 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \b$1579 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \b$1581 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \b$1583 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \b$1585 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \b$1587 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \b$1589 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \b$1591 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \b$1593 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \b$1595 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \b$1597 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \b$1599 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \b$1601 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \b$1603 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \b$1605 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \b$1607 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \b$1609 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \b$1611 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \b$1613 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \b$1615 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \b$1617 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \b$1619 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \b$1621 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \b$1623 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \b$1625 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \b$1627 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \b$1629 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \b$1631 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \b$1633 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \b$1635 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \b$1637 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \b$1639 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \b$1641 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \b$1643 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \b$1645 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \b$1647 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \b$1649 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \b$1651 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \b$1653 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \b$1655 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \b$1657 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \b$1659 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \b$1661 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \b$1663 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \b$1665 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \b$1667 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \b$1669 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \b$1671 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \b$1673 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \b$1675 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \b$1677 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \b$1679 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \b$1681 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \b$1683 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \b$1685 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \b$1687 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \b$1689 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \b$1691 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \b$1693 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \b$1695 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \b$1697 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \b$1699 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \b$1701 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \b$1703 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \b$1705 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \b$1707 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \b$1709 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \b$1711 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \b$1713 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \b$1715 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \b$1717 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \b$1719 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \b$1721 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \b$1723 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \b$1725 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \b$1727 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \b$1729 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \b$1731 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \b$1733 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \b$1735 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \b$1737 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \b$1739 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \b$1741 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \b$1743 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \b$1745 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \b$1747 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \b$1749 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \b$1751 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \b$1753 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \b$1755 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \b$1757 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \b$1759 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \b$1761 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \b$1763 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \b$1765 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \b$1767 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \b$1769 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \b$1771 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \b$1773 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \b$1775 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \b$1777 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \b$1779 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \b$1781 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \b$1783 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \b$1785 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \b$1787 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \b$1789 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \b$1791 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \b$1793 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \b$1795 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \b$1797 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \b$1799 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \b$1801 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \b$1803 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \b$1805 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \b$1807 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \b$1809 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \b$1811 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \b$1813 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \b$1815 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \b$1817 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \b$1819 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \b$1821 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \b$1823 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \b$1825 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \b$1827 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \b$1829 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \b$1831 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \b$1833 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \b$1835 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \b$1837 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \b$1839 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \b$1841 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \b$1843 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \b$1845 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \b$1847 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \b$1849 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \b$1851 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \b$1853 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \b$1855 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \b$1857 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \b$1859 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \b$1861 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \b$1863 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \b$1865 ;
   (* init = 8'h00 *)
+  (* keep = 32'd1 *)
   wire [7:0] \b$1867 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$1869 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$1871 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$1873 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$1875 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$1877 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$1879 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$1881 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$1883 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$1885 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$1887 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$1889 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$1891 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$1893 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$1895 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$1897 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$1899 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$1901 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$1903 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$1905 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$1907 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$1909 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$1911 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$1913 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$1915 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$1917 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$1919 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$1921 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$1923 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$1925 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$1927 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$1929 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$1931 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$1933 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$1935 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$1937 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$1939 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$1941 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$1943 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$1945 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$1947 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$1949 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$1951 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$1953 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$1955 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$1957 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$1959 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$1961 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$1963 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$1965 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$1967 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$1969 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$1971 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$1973 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$1975 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$1977 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$1979 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$1981 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$1983 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$1985 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$1987 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$1989 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$1991 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$1993 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$1995 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$1997 ;
   reg [7:0] b0_0 = 8'h00;
   reg [7:0] b0_1 = 8'h00;
   reg [7:0] b0_10 = 8'h00;
@@ -21281,6 +22271,134 @@ module \encoder_layer_0_attention_output_dense.pe (rst, i__payload, i__valid, ba
   reg [7:0] b0_7 = 8'h00;
   reg [7:0] b0_8 = 8'h00;
   reg [7:0] b0_9 = 8'h00;
+  (* keep = 32'd1 *)
+  reg [7:0] b1_0_g0 = 8'h00;
+  (* keep = 32'd1 *)
+  reg [7:0] b1_0_g1 = 8'h00;
+  (* keep = 32'd1 *)
+  reg [7:0] b1_0_g2 = 8'h00;
+  (* keep = 32'd1 *)
+  reg [7:0] b1_0_g3 = 8'h00;
+  (* keep = 32'd1 *)
+  reg [7:0] b1_10_g0 = 8'h00;
+  (* keep = 32'd1 *)
+  reg [7:0] b1_10_g1 = 8'h00;
+  (* keep = 32'd1 *)
+  reg [7:0] b1_10_g2 = 8'h00;
+  (* keep = 32'd1 *)
+  reg [7:0] b1_10_g3 = 8'h00;
+  (* keep = 32'd1 *)
+  reg [7:0] b1_11_g0 = 8'h00;
+  (* keep = 32'd1 *)
+  reg [7:0] b1_11_g1 = 8'h00;
+  (* keep = 32'd1 *)
+  reg [7:0] b1_11_g2 = 8'h00;
+  (* keep = 32'd1 *)
+  reg [7:0] b1_11_g3 = 8'h00;
+  (* keep = 32'd1 *)
+  reg [7:0] b1_12_g0 = 8'h00;
+  (* keep = 32'd1 *)
+  reg [7:0] b1_12_g1 = 8'h00;
+  (* keep = 32'd1 *)
+  reg [7:0] b1_12_g2 = 8'h00;
+  (* keep = 32'd1 *)
+  reg [7:0] b1_12_g3 = 8'h00;
+  (* keep = 32'd1 *)
+  reg [7:0] b1_13_g0 = 8'h00;
+  (* keep = 32'd1 *)
+  reg [7:0] b1_13_g1 = 8'h00;
+  (* keep = 32'd1 *)
+  reg [7:0] b1_13_g2 = 8'h00;
+  (* keep = 32'd1 *)
+  reg [7:0] b1_13_g3 = 8'h00;
+  (* keep = 32'd1 *)
+  reg [7:0] b1_14_g0 = 8'h00;
+  (* keep = 32'd1 *)
+  reg [7:0] b1_14_g1 = 8'h00;
+  (* keep = 32'd1 *)
+  reg [7:0] b1_14_g2 = 8'h00;
+  (* keep = 32'd1 *)
+  reg [7:0] b1_14_g3 = 8'h00;
+  (* keep = 32'd1 *)
+  reg [7:0] b1_15_g0 = 8'h00;
+  (* keep = 32'd1 *)
+  reg [7:0] b1_15_g1 = 8'h00;
+  (* keep = 32'd1 *)
+  reg [7:0] b1_15_g2 = 8'h00;
+  (* keep = 32'd1 *)
+  reg [7:0] b1_15_g3 = 8'h00;
+  (* keep = 32'd1 *)
+  reg [7:0] b1_1_g0 = 8'h00;
+  (* keep = 32'd1 *)
+  reg [7:0] b1_1_g1 = 8'h00;
+  (* keep = 32'd1 *)
+  reg [7:0] b1_1_g2 = 8'h00;
+  (* keep = 32'd1 *)
+  reg [7:0] b1_1_g3 = 8'h00;
+  (* keep = 32'd1 *)
+  reg [7:0] b1_2_g0 = 8'h00;
+  (* keep = 32'd1 *)
+  reg [7:0] b1_2_g1 = 8'h00;
+  (* keep = 32'd1 *)
+  reg [7:0] b1_2_g2 = 8'h00;
+  (* keep = 32'd1 *)
+  reg [7:0] b1_2_g3 = 8'h00;
+  (* keep = 32'd1 *)
+  reg [7:0] b1_3_g0 = 8'h00;
+  (* keep = 32'd1 *)
+  reg [7:0] b1_3_g1 = 8'h00;
+  (* keep = 32'd1 *)
+  reg [7:0] b1_3_g2 = 8'h00;
+  (* keep = 32'd1 *)
+  reg [7:0] b1_3_g3 = 8'h00;
+  (* keep = 32'd1 *)
+  reg [7:0] b1_4_g0 = 8'h00;
+  (* keep = 32'd1 *)
+  reg [7:0] b1_4_g1 = 8'h00;
+  (* keep = 32'd1 *)
+  reg [7:0] b1_4_g2 = 8'h00;
+  (* keep = 32'd1 *)
+  reg [7:0] b1_4_g3 = 8'h00;
+  (* keep = 32'd1 *)
+  reg [7:0] b1_5_g0 = 8'h00;
+  (* keep = 32'd1 *)
+  reg [7:0] b1_5_g1 = 8'h00;
+  (* keep = 32'd1 *)
+  reg [7:0] b1_5_g2 = 8'h00;
+  (* keep = 32'd1 *)
+  reg [7:0] b1_5_g3 = 8'h00;
+  (* keep = 32'd1 *)
+  reg [7:0] b1_6_g0 = 8'h00;
+  (* keep = 32'd1 *)
+  reg [7:0] b1_6_g1 = 8'h00;
+  (* keep = 32'd1 *)
+  reg [7:0] b1_6_g2 = 8'h00;
+  (* keep = 32'd1 *)
+  reg [7:0] b1_6_g3 = 8'h00;
+  (* keep = 32'd1 *)
+  reg [7:0] b1_7_g0 = 8'h00;
+  (* keep = 32'd1 *)
+  reg [7:0] b1_7_g1 = 8'h00;
+  (* keep = 32'd1 *)
+  reg [7:0] b1_7_g2 = 8'h00;
+  (* keep = 32'd1 *)
+  reg [7:0] b1_7_g3 = 8'h00;
+  (* keep = 32'd1 *)
+  reg [7:0] b1_8_g0 = 8'h00;
+  (* keep = 32'd1 *)
+  reg [7:0] b1_8_g1 = 8'h00;
+  (* keep = 32'd1 *)
+  reg [7:0] b1_8_g2 = 8'h00;
+  (* keep = 32'd1 *)
+  reg [7:0] b1_8_g3 = 8'h00;
+  (* keep = 32'd1 *)
+  reg [7:0] b1_9_g0 = 8'h00;
+  (* keep = 32'd1 *)
+  reg [7:0] b1_9_g1 = 8'h00;
+  (* keep = 32'd1 *)
+  reg [7:0] b1_9_g2 = 8'h00;
+  (* keep = 32'd1 *)
+  reg [7:0] b1_9_g3 = 8'h00;
   reg [23:0] bank_0_0 = 24'h000000;
   reg [23:0] bank_0_1 = 24'h000000;
   reg [23:0] bank_0_10 = 24'h000000;
@@ -21543,549 +22661,549 @@ module \encoder_layer_0_attention_output_dense.pe (rst, i__payload, i__valid, ba
   wire clk;
   reg commit = 1'h0;
   (* keep = 32'd1 *)
-  reg first2_0 = 1'h0;
+  reg first3_0 = 1'h0;
   (* keep = 32'd1 *)
-  reg first2_1 = 1'h0;
+  reg first3_1 = 1'h0;
   (* keep = 32'd1 *)
-  reg first2_10 = 1'h0;
+  reg first3_10 = 1'h0;
   (* keep = 32'd1 *)
-  reg first2_11 = 1'h0;
+  reg first3_11 = 1'h0;
   (* keep = 32'd1 *)
-  reg first2_12 = 1'h0;
+  reg first3_12 = 1'h0;
   (* keep = 32'd1 *)
-  reg first2_13 = 1'h0;
+  reg first3_13 = 1'h0;
   (* keep = 32'd1 *)
-  reg first2_14 = 1'h0;
+  reg first3_14 = 1'h0;
   (* keep = 32'd1 *)
-  reg first2_15 = 1'h0;
+  reg first3_15 = 1'h0;
   (* keep = 32'd1 *)
-  reg first2_2 = 1'h0;
+  reg first3_2 = 1'h0;
   (* keep = 32'd1 *)
-  reg first2_3 = 1'h0;
+  reg first3_3 = 1'h0;
   (* keep = 32'd1 *)
-  reg first2_4 = 1'h0;
+  reg first3_4 = 1'h0;
   (* keep = 32'd1 *)
-  reg first2_5 = 1'h0;
+  reg first3_5 = 1'h0;
   (* keep = 32'd1 *)
-  reg first2_6 = 1'h0;
+  reg first3_6 = 1'h0;
   (* keep = 32'd1 *)
-  reg first2_7 = 1'h0;
+  reg first3_7 = 1'h0;
   (* keep = 32'd1 *)
-  reg first2_8 = 1'h0;
+  reg first3_8 = 1'h0;
   (* keep = 32'd1 *)
-  reg first2_9 = 1'h0;
+  reg first3_9 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_0_0 = 1'h0;
+  reg first4_0_0 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_0_1 = 1'h0;
+  reg first4_0_1 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_0_10 = 1'h0;
+  reg first4_0_10 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_0_11 = 1'h0;
+  reg first4_0_11 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_0_12 = 1'h0;
+  reg first4_0_12 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_0_13 = 1'h0;
+  reg first4_0_13 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_0_14 = 1'h0;
+  reg first4_0_14 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_0_15 = 1'h0;
+  reg first4_0_15 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_0_2 = 1'h0;
+  reg first4_0_2 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_0_3 = 1'h0;
+  reg first4_0_3 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_0_4 = 1'h0;
+  reg first4_0_4 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_0_5 = 1'h0;
+  reg first4_0_5 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_0_6 = 1'h0;
+  reg first4_0_6 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_0_7 = 1'h0;
+  reg first4_0_7 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_0_8 = 1'h0;
+  reg first4_0_8 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_0_9 = 1'h0;
+  reg first4_0_9 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_10_0 = 1'h0;
+  reg first4_10_0 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_10_1 = 1'h0;
+  reg first4_10_1 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_10_10 = 1'h0;
+  reg first4_10_10 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_10_11 = 1'h0;
+  reg first4_10_11 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_10_12 = 1'h0;
+  reg first4_10_12 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_10_13 = 1'h0;
+  reg first4_10_13 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_10_14 = 1'h0;
+  reg first4_10_14 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_10_15 = 1'h0;
+  reg first4_10_15 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_10_2 = 1'h0;
+  reg first4_10_2 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_10_3 = 1'h0;
+  reg first4_10_3 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_10_4 = 1'h0;
+  reg first4_10_4 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_10_5 = 1'h0;
+  reg first4_10_5 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_10_6 = 1'h0;
+  reg first4_10_6 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_10_7 = 1'h0;
+  reg first4_10_7 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_10_8 = 1'h0;
+  reg first4_10_8 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_10_9 = 1'h0;
+  reg first4_10_9 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_11_0 = 1'h0;
+  reg first4_11_0 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_11_1 = 1'h0;
+  reg first4_11_1 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_11_10 = 1'h0;
+  reg first4_11_10 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_11_11 = 1'h0;
+  reg first4_11_11 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_11_12 = 1'h0;
+  reg first4_11_12 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_11_13 = 1'h0;
+  reg first4_11_13 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_11_14 = 1'h0;
+  reg first4_11_14 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_11_15 = 1'h0;
+  reg first4_11_15 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_11_2 = 1'h0;
+  reg first4_11_2 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_11_3 = 1'h0;
+  reg first4_11_3 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_11_4 = 1'h0;
+  reg first4_11_4 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_11_5 = 1'h0;
+  reg first4_11_5 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_11_6 = 1'h0;
+  reg first4_11_6 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_11_7 = 1'h0;
+  reg first4_11_7 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_11_8 = 1'h0;
+  reg first4_11_8 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_11_9 = 1'h0;
+  reg first4_11_9 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_12_0 = 1'h0;
+  reg first4_12_0 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_12_1 = 1'h0;
+  reg first4_12_1 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_12_10 = 1'h0;
+  reg first4_12_10 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_12_11 = 1'h0;
+  reg first4_12_11 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_12_12 = 1'h0;
+  reg first4_12_12 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_12_13 = 1'h0;
+  reg first4_12_13 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_12_14 = 1'h0;
+  reg first4_12_14 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_12_15 = 1'h0;
+  reg first4_12_15 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_12_2 = 1'h0;
+  reg first4_12_2 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_12_3 = 1'h0;
+  reg first4_12_3 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_12_4 = 1'h0;
+  reg first4_12_4 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_12_5 = 1'h0;
+  reg first4_12_5 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_12_6 = 1'h0;
+  reg first4_12_6 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_12_7 = 1'h0;
+  reg first4_12_7 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_12_8 = 1'h0;
+  reg first4_12_8 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_12_9 = 1'h0;
+  reg first4_12_9 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_13_0 = 1'h0;
+  reg first4_13_0 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_13_1 = 1'h0;
+  reg first4_13_1 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_13_10 = 1'h0;
+  reg first4_13_10 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_13_11 = 1'h0;
+  reg first4_13_11 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_13_12 = 1'h0;
+  reg first4_13_12 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_13_13 = 1'h0;
+  reg first4_13_13 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_13_14 = 1'h0;
+  reg first4_13_14 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_13_15 = 1'h0;
+  reg first4_13_15 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_13_2 = 1'h0;
+  reg first4_13_2 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_13_3 = 1'h0;
+  reg first4_13_3 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_13_4 = 1'h0;
+  reg first4_13_4 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_13_5 = 1'h0;
+  reg first4_13_5 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_13_6 = 1'h0;
+  reg first4_13_6 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_13_7 = 1'h0;
+  reg first4_13_7 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_13_8 = 1'h0;
+  reg first4_13_8 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_13_9 = 1'h0;
+  reg first4_13_9 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_14_0 = 1'h0;
+  reg first4_14_0 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_14_1 = 1'h0;
+  reg first4_14_1 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_14_10 = 1'h0;
+  reg first4_14_10 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_14_11 = 1'h0;
+  reg first4_14_11 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_14_12 = 1'h0;
+  reg first4_14_12 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_14_13 = 1'h0;
+  reg first4_14_13 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_14_14 = 1'h0;
+  reg first4_14_14 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_14_15 = 1'h0;
+  reg first4_14_15 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_14_2 = 1'h0;
+  reg first4_14_2 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_14_3 = 1'h0;
+  reg first4_14_3 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_14_4 = 1'h0;
+  reg first4_14_4 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_14_5 = 1'h0;
+  reg first4_14_5 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_14_6 = 1'h0;
+  reg first4_14_6 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_14_7 = 1'h0;
+  reg first4_14_7 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_14_8 = 1'h0;
+  reg first4_14_8 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_14_9 = 1'h0;
+  reg first4_14_9 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_15_0 = 1'h0;
+  reg first4_15_0 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_15_1 = 1'h0;
+  reg first4_15_1 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_15_10 = 1'h0;
+  reg first4_15_10 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_15_11 = 1'h0;
+  reg first4_15_11 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_15_12 = 1'h0;
+  reg first4_15_12 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_15_13 = 1'h0;
+  reg first4_15_13 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_15_14 = 1'h0;
+  reg first4_15_14 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_15_15 = 1'h0;
+  reg first4_15_15 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_15_2 = 1'h0;
+  reg first4_15_2 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_15_3 = 1'h0;
+  reg first4_15_3 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_15_4 = 1'h0;
+  reg first4_15_4 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_15_5 = 1'h0;
+  reg first4_15_5 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_15_6 = 1'h0;
+  reg first4_15_6 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_15_7 = 1'h0;
+  reg first4_15_7 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_15_8 = 1'h0;
+  reg first4_15_8 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_15_9 = 1'h0;
+  reg first4_15_9 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_1_0 = 1'h0;
+  reg first4_1_0 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_1_1 = 1'h0;
+  reg first4_1_1 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_1_10 = 1'h0;
+  reg first4_1_10 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_1_11 = 1'h0;
+  reg first4_1_11 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_1_12 = 1'h0;
+  reg first4_1_12 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_1_13 = 1'h0;
+  reg first4_1_13 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_1_14 = 1'h0;
+  reg first4_1_14 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_1_15 = 1'h0;
+  reg first4_1_15 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_1_2 = 1'h0;
+  reg first4_1_2 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_1_3 = 1'h0;
+  reg first4_1_3 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_1_4 = 1'h0;
+  reg first4_1_4 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_1_5 = 1'h0;
+  reg first4_1_5 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_1_6 = 1'h0;
+  reg first4_1_6 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_1_7 = 1'h0;
+  reg first4_1_7 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_1_8 = 1'h0;
+  reg first4_1_8 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_1_9 = 1'h0;
+  reg first4_1_9 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_2_0 = 1'h0;
+  reg first4_2_0 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_2_1 = 1'h0;
+  reg first4_2_1 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_2_10 = 1'h0;
+  reg first4_2_10 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_2_11 = 1'h0;
+  reg first4_2_11 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_2_12 = 1'h0;
+  reg first4_2_12 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_2_13 = 1'h0;
+  reg first4_2_13 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_2_14 = 1'h0;
+  reg first4_2_14 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_2_15 = 1'h0;
+  reg first4_2_15 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_2_2 = 1'h0;
+  reg first4_2_2 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_2_3 = 1'h0;
+  reg first4_2_3 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_2_4 = 1'h0;
+  reg first4_2_4 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_2_5 = 1'h0;
+  reg first4_2_5 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_2_6 = 1'h0;
+  reg first4_2_6 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_2_7 = 1'h0;
+  reg first4_2_7 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_2_8 = 1'h0;
+  reg first4_2_8 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_2_9 = 1'h0;
+  reg first4_2_9 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_3_0 = 1'h0;
+  reg first4_3_0 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_3_1 = 1'h0;
+  reg first4_3_1 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_3_10 = 1'h0;
+  reg first4_3_10 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_3_11 = 1'h0;
+  reg first4_3_11 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_3_12 = 1'h0;
+  reg first4_3_12 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_3_13 = 1'h0;
+  reg first4_3_13 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_3_14 = 1'h0;
+  reg first4_3_14 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_3_15 = 1'h0;
+  reg first4_3_15 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_3_2 = 1'h0;
+  reg first4_3_2 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_3_3 = 1'h0;
+  reg first4_3_3 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_3_4 = 1'h0;
+  reg first4_3_4 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_3_5 = 1'h0;
+  reg first4_3_5 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_3_6 = 1'h0;
+  reg first4_3_6 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_3_7 = 1'h0;
+  reg first4_3_7 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_3_8 = 1'h0;
+  reg first4_3_8 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_3_9 = 1'h0;
+  reg first4_3_9 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_4_0 = 1'h0;
+  reg first4_4_0 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_4_1 = 1'h0;
+  reg first4_4_1 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_4_10 = 1'h0;
+  reg first4_4_10 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_4_11 = 1'h0;
+  reg first4_4_11 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_4_12 = 1'h0;
+  reg first4_4_12 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_4_13 = 1'h0;
+  reg first4_4_13 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_4_14 = 1'h0;
+  reg first4_4_14 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_4_15 = 1'h0;
+  reg first4_4_15 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_4_2 = 1'h0;
+  reg first4_4_2 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_4_3 = 1'h0;
+  reg first4_4_3 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_4_4 = 1'h0;
+  reg first4_4_4 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_4_5 = 1'h0;
+  reg first4_4_5 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_4_6 = 1'h0;
+  reg first4_4_6 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_4_7 = 1'h0;
+  reg first4_4_7 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_4_8 = 1'h0;
+  reg first4_4_8 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_4_9 = 1'h0;
+  reg first4_4_9 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_5_0 = 1'h0;
+  reg first4_5_0 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_5_1 = 1'h0;
+  reg first4_5_1 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_5_10 = 1'h0;
+  reg first4_5_10 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_5_11 = 1'h0;
+  reg first4_5_11 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_5_12 = 1'h0;
+  reg first4_5_12 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_5_13 = 1'h0;
+  reg first4_5_13 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_5_14 = 1'h0;
+  reg first4_5_14 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_5_15 = 1'h0;
+  reg first4_5_15 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_5_2 = 1'h0;
+  reg first4_5_2 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_5_3 = 1'h0;
+  reg first4_5_3 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_5_4 = 1'h0;
+  reg first4_5_4 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_5_5 = 1'h0;
+  reg first4_5_5 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_5_6 = 1'h0;
+  reg first4_5_6 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_5_7 = 1'h0;
+  reg first4_5_7 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_5_8 = 1'h0;
+  reg first4_5_8 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_5_9 = 1'h0;
+  reg first4_5_9 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_6_0 = 1'h0;
+  reg first4_6_0 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_6_1 = 1'h0;
+  reg first4_6_1 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_6_10 = 1'h0;
+  reg first4_6_10 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_6_11 = 1'h0;
+  reg first4_6_11 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_6_12 = 1'h0;
+  reg first4_6_12 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_6_13 = 1'h0;
+  reg first4_6_13 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_6_14 = 1'h0;
+  reg first4_6_14 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_6_15 = 1'h0;
+  reg first4_6_15 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_6_2 = 1'h0;
+  reg first4_6_2 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_6_3 = 1'h0;
+  reg first4_6_3 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_6_4 = 1'h0;
+  reg first4_6_4 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_6_5 = 1'h0;
+  reg first4_6_5 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_6_6 = 1'h0;
+  reg first4_6_6 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_6_7 = 1'h0;
+  reg first4_6_7 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_6_8 = 1'h0;
+  reg first4_6_8 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_6_9 = 1'h0;
+  reg first4_6_9 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_7_0 = 1'h0;
+  reg first4_7_0 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_7_1 = 1'h0;
+  reg first4_7_1 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_7_10 = 1'h0;
+  reg first4_7_10 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_7_11 = 1'h0;
+  reg first4_7_11 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_7_12 = 1'h0;
+  reg first4_7_12 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_7_13 = 1'h0;
+  reg first4_7_13 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_7_14 = 1'h0;
+  reg first4_7_14 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_7_15 = 1'h0;
+  reg first4_7_15 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_7_2 = 1'h0;
+  reg first4_7_2 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_7_3 = 1'h0;
+  reg first4_7_3 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_7_4 = 1'h0;
+  reg first4_7_4 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_7_5 = 1'h0;
+  reg first4_7_5 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_7_6 = 1'h0;
+  reg first4_7_6 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_7_7 = 1'h0;
+  reg first4_7_7 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_7_8 = 1'h0;
+  reg first4_7_8 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_7_9 = 1'h0;
+  reg first4_7_9 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_8_0 = 1'h0;
+  reg first4_8_0 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_8_1 = 1'h0;
+  reg first4_8_1 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_8_10 = 1'h0;
+  reg first4_8_10 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_8_11 = 1'h0;
+  reg first4_8_11 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_8_12 = 1'h0;
+  reg first4_8_12 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_8_13 = 1'h0;
+  reg first4_8_13 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_8_14 = 1'h0;
+  reg first4_8_14 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_8_15 = 1'h0;
+  reg first4_8_15 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_8_2 = 1'h0;
+  reg first4_8_2 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_8_3 = 1'h0;
+  reg first4_8_3 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_8_4 = 1'h0;
+  reg first4_8_4 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_8_5 = 1'h0;
+  reg first4_8_5 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_8_6 = 1'h0;
+  reg first4_8_6 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_8_7 = 1'h0;
+  reg first4_8_7 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_8_8 = 1'h0;
+  reg first4_8_8 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_8_9 = 1'h0;
+  reg first4_8_9 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_9_0 = 1'h0;
+  reg first4_9_0 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_9_1 = 1'h0;
+  reg first4_9_1 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_9_10 = 1'h0;
+  reg first4_9_10 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_9_11 = 1'h0;
+  reg first4_9_11 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_9_12 = 1'h0;
+  reg first4_9_12 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_9_13 = 1'h0;
+  reg first4_9_13 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_9_14 = 1'h0;
+  reg first4_9_14 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_9_15 = 1'h0;
+  reg first4_9_15 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_9_2 = 1'h0;
+  reg first4_9_2 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_9_3 = 1'h0;
+  reg first4_9_3 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_9_4 = 1'h0;
+  reg first4_9_4 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_9_5 = 1'h0;
+  reg first4_9_5 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_9_6 = 1'h0;
+  reg first4_9_6 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_9_7 = 1'h0;
+  reg first4_9_7 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_9_8 = 1'h0;
+  reg first4_9_8 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_9_9 = 1'h0;
+  reg first4_9_9 = 1'h0;
   input [257:0] i__payload;
   wire [257:0] i__payload;
   wire [127:0] \i__payload.a ;
@@ -22128,549 +23246,549 @@ module \encoder_layer_0_attention_output_dense.pe (rst, i__payload, i__valid, ba
   wire i__valid;
   reg last0 = 1'h0;
   (* keep = 32'd1 *)
-  reg last2_0 = 1'h0;
+  reg last3_0 = 1'h0;
   (* keep = 32'd1 *)
-  reg last2_1 = 1'h0;
+  reg last3_1 = 1'h0;
   (* keep = 32'd1 *)
-  reg last2_10 = 1'h0;
+  reg last3_10 = 1'h0;
   (* keep = 32'd1 *)
-  reg last2_11 = 1'h0;
+  reg last3_11 = 1'h0;
   (* keep = 32'd1 *)
-  reg last2_12 = 1'h0;
+  reg last3_12 = 1'h0;
   (* keep = 32'd1 *)
-  reg last2_13 = 1'h0;
+  reg last3_13 = 1'h0;
   (* keep = 32'd1 *)
-  reg last2_14 = 1'h0;
+  reg last3_14 = 1'h0;
   (* keep = 32'd1 *)
-  reg last2_15 = 1'h0;
+  reg last3_15 = 1'h0;
   (* keep = 32'd1 *)
-  reg last2_2 = 1'h0;
+  reg last3_2 = 1'h0;
   (* keep = 32'd1 *)
-  reg last2_3 = 1'h0;
+  reg last3_3 = 1'h0;
   (* keep = 32'd1 *)
-  reg last2_4 = 1'h0;
+  reg last3_4 = 1'h0;
   (* keep = 32'd1 *)
-  reg last2_5 = 1'h0;
+  reg last3_5 = 1'h0;
   (* keep = 32'd1 *)
-  reg last2_6 = 1'h0;
+  reg last3_6 = 1'h0;
   (* keep = 32'd1 *)
-  reg last2_7 = 1'h0;
+  reg last3_7 = 1'h0;
   (* keep = 32'd1 *)
-  reg last2_8 = 1'h0;
+  reg last3_8 = 1'h0;
   (* keep = 32'd1 *)
-  reg last2_9 = 1'h0;
+  reg last3_9 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_0_0 = 1'h0;
+  reg last4_0_0 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_0_1 = 1'h0;
+  reg last4_0_1 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_0_10 = 1'h0;
+  reg last4_0_10 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_0_11 = 1'h0;
+  reg last4_0_11 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_0_12 = 1'h0;
+  reg last4_0_12 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_0_13 = 1'h0;
+  reg last4_0_13 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_0_14 = 1'h0;
+  reg last4_0_14 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_0_15 = 1'h0;
+  reg last4_0_15 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_0_2 = 1'h0;
+  reg last4_0_2 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_0_3 = 1'h0;
+  reg last4_0_3 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_0_4 = 1'h0;
+  reg last4_0_4 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_0_5 = 1'h0;
+  reg last4_0_5 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_0_6 = 1'h0;
+  reg last4_0_6 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_0_7 = 1'h0;
+  reg last4_0_7 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_0_8 = 1'h0;
+  reg last4_0_8 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_0_9 = 1'h0;
+  reg last4_0_9 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_10_0 = 1'h0;
+  reg last4_10_0 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_10_1 = 1'h0;
+  reg last4_10_1 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_10_10 = 1'h0;
+  reg last4_10_10 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_10_11 = 1'h0;
+  reg last4_10_11 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_10_12 = 1'h0;
+  reg last4_10_12 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_10_13 = 1'h0;
+  reg last4_10_13 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_10_14 = 1'h0;
+  reg last4_10_14 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_10_15 = 1'h0;
+  reg last4_10_15 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_10_2 = 1'h0;
+  reg last4_10_2 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_10_3 = 1'h0;
+  reg last4_10_3 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_10_4 = 1'h0;
+  reg last4_10_4 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_10_5 = 1'h0;
+  reg last4_10_5 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_10_6 = 1'h0;
+  reg last4_10_6 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_10_7 = 1'h0;
+  reg last4_10_7 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_10_8 = 1'h0;
+  reg last4_10_8 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_10_9 = 1'h0;
+  reg last4_10_9 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_11_0 = 1'h0;
+  reg last4_11_0 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_11_1 = 1'h0;
+  reg last4_11_1 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_11_10 = 1'h0;
+  reg last4_11_10 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_11_11 = 1'h0;
+  reg last4_11_11 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_11_12 = 1'h0;
+  reg last4_11_12 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_11_13 = 1'h0;
+  reg last4_11_13 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_11_14 = 1'h0;
+  reg last4_11_14 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_11_15 = 1'h0;
+  reg last4_11_15 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_11_2 = 1'h0;
+  reg last4_11_2 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_11_3 = 1'h0;
+  reg last4_11_3 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_11_4 = 1'h0;
+  reg last4_11_4 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_11_5 = 1'h0;
+  reg last4_11_5 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_11_6 = 1'h0;
+  reg last4_11_6 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_11_7 = 1'h0;
+  reg last4_11_7 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_11_8 = 1'h0;
+  reg last4_11_8 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_11_9 = 1'h0;
+  reg last4_11_9 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_12_0 = 1'h0;
+  reg last4_12_0 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_12_1 = 1'h0;
+  reg last4_12_1 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_12_10 = 1'h0;
+  reg last4_12_10 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_12_11 = 1'h0;
+  reg last4_12_11 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_12_12 = 1'h0;
+  reg last4_12_12 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_12_13 = 1'h0;
+  reg last4_12_13 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_12_14 = 1'h0;
+  reg last4_12_14 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_12_15 = 1'h0;
+  reg last4_12_15 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_12_2 = 1'h0;
+  reg last4_12_2 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_12_3 = 1'h0;
+  reg last4_12_3 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_12_4 = 1'h0;
+  reg last4_12_4 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_12_5 = 1'h0;
+  reg last4_12_5 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_12_6 = 1'h0;
+  reg last4_12_6 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_12_7 = 1'h0;
+  reg last4_12_7 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_12_8 = 1'h0;
+  reg last4_12_8 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_12_9 = 1'h0;
+  reg last4_12_9 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_13_0 = 1'h0;
+  reg last4_13_0 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_13_1 = 1'h0;
+  reg last4_13_1 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_13_10 = 1'h0;
+  reg last4_13_10 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_13_11 = 1'h0;
+  reg last4_13_11 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_13_12 = 1'h0;
+  reg last4_13_12 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_13_13 = 1'h0;
+  reg last4_13_13 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_13_14 = 1'h0;
+  reg last4_13_14 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_13_15 = 1'h0;
+  reg last4_13_15 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_13_2 = 1'h0;
+  reg last4_13_2 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_13_3 = 1'h0;
+  reg last4_13_3 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_13_4 = 1'h0;
+  reg last4_13_4 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_13_5 = 1'h0;
+  reg last4_13_5 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_13_6 = 1'h0;
+  reg last4_13_6 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_13_7 = 1'h0;
+  reg last4_13_7 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_13_8 = 1'h0;
+  reg last4_13_8 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_13_9 = 1'h0;
+  reg last4_13_9 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_14_0 = 1'h0;
+  reg last4_14_0 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_14_1 = 1'h0;
+  reg last4_14_1 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_14_10 = 1'h0;
+  reg last4_14_10 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_14_11 = 1'h0;
+  reg last4_14_11 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_14_12 = 1'h0;
+  reg last4_14_12 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_14_13 = 1'h0;
+  reg last4_14_13 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_14_14 = 1'h0;
+  reg last4_14_14 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_14_15 = 1'h0;
+  reg last4_14_15 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_14_2 = 1'h0;
+  reg last4_14_2 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_14_3 = 1'h0;
+  reg last4_14_3 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_14_4 = 1'h0;
+  reg last4_14_4 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_14_5 = 1'h0;
+  reg last4_14_5 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_14_6 = 1'h0;
+  reg last4_14_6 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_14_7 = 1'h0;
+  reg last4_14_7 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_14_8 = 1'h0;
+  reg last4_14_8 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_14_9 = 1'h0;
+  reg last4_14_9 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_15_0 = 1'h0;
+  reg last4_15_0 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_15_1 = 1'h0;
+  reg last4_15_1 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_15_10 = 1'h0;
+  reg last4_15_10 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_15_11 = 1'h0;
+  reg last4_15_11 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_15_12 = 1'h0;
+  reg last4_15_12 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_15_13 = 1'h0;
+  reg last4_15_13 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_15_14 = 1'h0;
+  reg last4_15_14 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_15_15 = 1'h0;
+  reg last4_15_15 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_15_2 = 1'h0;
+  reg last4_15_2 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_15_3 = 1'h0;
+  reg last4_15_3 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_15_4 = 1'h0;
+  reg last4_15_4 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_15_5 = 1'h0;
+  reg last4_15_5 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_15_6 = 1'h0;
+  reg last4_15_6 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_15_7 = 1'h0;
+  reg last4_15_7 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_15_8 = 1'h0;
+  reg last4_15_8 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_15_9 = 1'h0;
+  reg last4_15_9 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_1_0 = 1'h0;
+  reg last4_1_0 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_1_1 = 1'h0;
+  reg last4_1_1 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_1_10 = 1'h0;
+  reg last4_1_10 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_1_11 = 1'h0;
+  reg last4_1_11 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_1_12 = 1'h0;
+  reg last4_1_12 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_1_13 = 1'h0;
+  reg last4_1_13 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_1_14 = 1'h0;
+  reg last4_1_14 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_1_15 = 1'h0;
+  reg last4_1_15 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_1_2 = 1'h0;
+  reg last4_1_2 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_1_3 = 1'h0;
+  reg last4_1_3 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_1_4 = 1'h0;
+  reg last4_1_4 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_1_5 = 1'h0;
+  reg last4_1_5 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_1_6 = 1'h0;
+  reg last4_1_6 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_1_7 = 1'h0;
+  reg last4_1_7 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_1_8 = 1'h0;
+  reg last4_1_8 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_1_9 = 1'h0;
+  reg last4_1_9 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_2_0 = 1'h0;
+  reg last4_2_0 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_2_1 = 1'h0;
+  reg last4_2_1 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_2_10 = 1'h0;
+  reg last4_2_10 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_2_11 = 1'h0;
+  reg last4_2_11 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_2_12 = 1'h0;
+  reg last4_2_12 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_2_13 = 1'h0;
+  reg last4_2_13 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_2_14 = 1'h0;
+  reg last4_2_14 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_2_15 = 1'h0;
+  reg last4_2_15 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_2_2 = 1'h0;
+  reg last4_2_2 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_2_3 = 1'h0;
+  reg last4_2_3 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_2_4 = 1'h0;
+  reg last4_2_4 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_2_5 = 1'h0;
+  reg last4_2_5 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_2_6 = 1'h0;
+  reg last4_2_6 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_2_7 = 1'h0;
+  reg last4_2_7 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_2_8 = 1'h0;
+  reg last4_2_8 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_2_9 = 1'h0;
+  reg last4_2_9 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_3_0 = 1'h0;
+  reg last4_3_0 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_3_1 = 1'h0;
+  reg last4_3_1 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_3_10 = 1'h0;
+  reg last4_3_10 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_3_11 = 1'h0;
+  reg last4_3_11 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_3_12 = 1'h0;
+  reg last4_3_12 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_3_13 = 1'h0;
+  reg last4_3_13 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_3_14 = 1'h0;
+  reg last4_3_14 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_3_15 = 1'h0;
+  reg last4_3_15 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_3_2 = 1'h0;
+  reg last4_3_2 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_3_3 = 1'h0;
+  reg last4_3_3 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_3_4 = 1'h0;
+  reg last4_3_4 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_3_5 = 1'h0;
+  reg last4_3_5 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_3_6 = 1'h0;
+  reg last4_3_6 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_3_7 = 1'h0;
+  reg last4_3_7 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_3_8 = 1'h0;
+  reg last4_3_8 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_3_9 = 1'h0;
+  reg last4_3_9 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_4_0 = 1'h0;
+  reg last4_4_0 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_4_1 = 1'h0;
+  reg last4_4_1 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_4_10 = 1'h0;
+  reg last4_4_10 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_4_11 = 1'h0;
+  reg last4_4_11 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_4_12 = 1'h0;
+  reg last4_4_12 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_4_13 = 1'h0;
+  reg last4_4_13 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_4_14 = 1'h0;
+  reg last4_4_14 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_4_15 = 1'h0;
+  reg last4_4_15 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_4_2 = 1'h0;
+  reg last4_4_2 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_4_3 = 1'h0;
+  reg last4_4_3 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_4_4 = 1'h0;
+  reg last4_4_4 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_4_5 = 1'h0;
+  reg last4_4_5 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_4_6 = 1'h0;
+  reg last4_4_6 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_4_7 = 1'h0;
+  reg last4_4_7 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_4_8 = 1'h0;
+  reg last4_4_8 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_4_9 = 1'h0;
+  reg last4_4_9 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_5_0 = 1'h0;
+  reg last4_5_0 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_5_1 = 1'h0;
+  reg last4_5_1 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_5_10 = 1'h0;
+  reg last4_5_10 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_5_11 = 1'h0;
+  reg last4_5_11 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_5_12 = 1'h0;
+  reg last4_5_12 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_5_13 = 1'h0;
+  reg last4_5_13 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_5_14 = 1'h0;
+  reg last4_5_14 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_5_15 = 1'h0;
+  reg last4_5_15 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_5_2 = 1'h0;
+  reg last4_5_2 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_5_3 = 1'h0;
+  reg last4_5_3 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_5_4 = 1'h0;
+  reg last4_5_4 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_5_5 = 1'h0;
+  reg last4_5_5 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_5_6 = 1'h0;
+  reg last4_5_6 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_5_7 = 1'h0;
+  reg last4_5_7 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_5_8 = 1'h0;
+  reg last4_5_8 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_5_9 = 1'h0;
+  reg last4_5_9 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_6_0 = 1'h0;
+  reg last4_6_0 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_6_1 = 1'h0;
+  reg last4_6_1 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_6_10 = 1'h0;
+  reg last4_6_10 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_6_11 = 1'h0;
+  reg last4_6_11 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_6_12 = 1'h0;
+  reg last4_6_12 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_6_13 = 1'h0;
+  reg last4_6_13 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_6_14 = 1'h0;
+  reg last4_6_14 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_6_15 = 1'h0;
+  reg last4_6_15 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_6_2 = 1'h0;
+  reg last4_6_2 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_6_3 = 1'h0;
+  reg last4_6_3 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_6_4 = 1'h0;
+  reg last4_6_4 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_6_5 = 1'h0;
+  reg last4_6_5 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_6_6 = 1'h0;
+  reg last4_6_6 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_6_7 = 1'h0;
+  reg last4_6_7 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_6_8 = 1'h0;
+  reg last4_6_8 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_6_9 = 1'h0;
+  reg last4_6_9 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_7_0 = 1'h0;
+  reg last4_7_0 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_7_1 = 1'h0;
+  reg last4_7_1 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_7_10 = 1'h0;
+  reg last4_7_10 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_7_11 = 1'h0;
+  reg last4_7_11 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_7_12 = 1'h0;
+  reg last4_7_12 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_7_13 = 1'h0;
+  reg last4_7_13 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_7_14 = 1'h0;
+  reg last4_7_14 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_7_15 = 1'h0;
+  reg last4_7_15 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_7_2 = 1'h0;
+  reg last4_7_2 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_7_3 = 1'h0;
+  reg last4_7_3 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_7_4 = 1'h0;
+  reg last4_7_4 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_7_5 = 1'h0;
+  reg last4_7_5 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_7_6 = 1'h0;
+  reg last4_7_6 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_7_7 = 1'h0;
+  reg last4_7_7 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_7_8 = 1'h0;
+  reg last4_7_8 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_7_9 = 1'h0;
+  reg last4_7_9 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_8_0 = 1'h0;
+  reg last4_8_0 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_8_1 = 1'h0;
+  reg last4_8_1 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_8_10 = 1'h0;
+  reg last4_8_10 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_8_11 = 1'h0;
+  reg last4_8_11 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_8_12 = 1'h0;
+  reg last4_8_12 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_8_13 = 1'h0;
+  reg last4_8_13 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_8_14 = 1'h0;
+  reg last4_8_14 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_8_15 = 1'h0;
+  reg last4_8_15 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_8_2 = 1'h0;
+  reg last4_8_2 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_8_3 = 1'h0;
+  reg last4_8_3 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_8_4 = 1'h0;
+  reg last4_8_4 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_8_5 = 1'h0;
+  reg last4_8_5 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_8_6 = 1'h0;
+  reg last4_8_6 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_8_7 = 1'h0;
+  reg last4_8_7 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_8_8 = 1'h0;
+  reg last4_8_8 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_8_9 = 1'h0;
+  reg last4_8_9 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_9_0 = 1'h0;
+  reg last4_9_0 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_9_1 = 1'h0;
+  reg last4_9_1 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_9_10 = 1'h0;
+  reg last4_9_10 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_9_11 = 1'h0;
+  reg last4_9_11 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_9_12 = 1'h0;
+  reg last4_9_12 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_9_13 = 1'h0;
+  reg last4_9_13 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_9_14 = 1'h0;
+  reg last4_9_14 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_9_15 = 1'h0;
+  reg last4_9_15 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_9_2 = 1'h0;
+  reg last4_9_2 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_9_3 = 1'h0;
+  reg last4_9_3 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_9_4 = 1'h0;
+  reg last4_9_4 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_9_5 = 1'h0;
+  reg last4_9_5 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_9_6 = 1'h0;
+  reg last4_9_6 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_9_7 = 1'h0;
+  reg last4_9_7 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_9_8 = 1'h0;
+  reg last4_9_8 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_9_9 = 1'h0;
+  reg last4_9_9 = 1'h0;
   wire [23:0] nxt_0_0;
   wire [23:0] nxt_0_1;
   wire [23:0] nxt_0_10;
@@ -22952,136 +24070,6 @@ module \encoder_layer_0_attention_output_dense.pe (rst, i__payload, i__valid, ba
   wire o__valid;
   reg overrun = 1'h0;
   wire [15:0] p;
-  wire [15:0] \p$1869 ;
-  wire [15:0] \p$1870 ;
-  wire [15:0] \p$1871 ;
-  wire [15:0] \p$1872 ;
-  wire [15:0] \p$1873 ;
-  wire [15:0] \p$1874 ;
-  wire [15:0] \p$1875 ;
-  wire [15:0] \p$1876 ;
-  wire [15:0] \p$1877 ;
-  wire [15:0] \p$1878 ;
-  wire [15:0] \p$1879 ;
-  wire [15:0] \p$1880 ;
-  wire [15:0] \p$1881 ;
-  wire [15:0] \p$1882 ;
-  wire [15:0] \p$1883 ;
-  wire [15:0] \p$1884 ;
-  wire [15:0] \p$1885 ;
-  wire [15:0] \p$1886 ;
-  wire [15:0] \p$1887 ;
-  wire [15:0] \p$1888 ;
-  wire [15:0] \p$1889 ;
-  wire [15:0] \p$1890 ;
-  wire [15:0] \p$1891 ;
-  wire [15:0] \p$1892 ;
-  wire [15:0] \p$1893 ;
-  wire [15:0] \p$1894 ;
-  wire [15:0] \p$1895 ;
-  wire [15:0] \p$1896 ;
-  wire [15:0] \p$1897 ;
-  wire [15:0] \p$1898 ;
-  wire [15:0] \p$1899 ;
-  wire [15:0] \p$1900 ;
-  wire [15:0] \p$1901 ;
-  wire [15:0] \p$1902 ;
-  wire [15:0] \p$1903 ;
-  wire [15:0] \p$1904 ;
-  wire [15:0] \p$1905 ;
-  wire [15:0] \p$1906 ;
-  wire [15:0] \p$1907 ;
-  wire [15:0] \p$1908 ;
-  wire [15:0] \p$1909 ;
-  wire [15:0] \p$1910 ;
-  wire [15:0] \p$1911 ;
-  wire [15:0] \p$1912 ;
-  wire [15:0] \p$1913 ;
-  wire [15:0] \p$1914 ;
-  wire [15:0] \p$1915 ;
-  wire [15:0] \p$1916 ;
-  wire [15:0] \p$1917 ;
-  wire [15:0] \p$1918 ;
-  wire [15:0] \p$1919 ;
-  wire [15:0] \p$1920 ;
-  wire [15:0] \p$1921 ;
-  wire [15:0] \p$1922 ;
-  wire [15:0] \p$1923 ;
-  wire [15:0] \p$1924 ;
-  wire [15:0] \p$1925 ;
-  wire [15:0] \p$1926 ;
-  wire [15:0] \p$1927 ;
-  wire [15:0] \p$1928 ;
-  wire [15:0] \p$1929 ;
-  wire [15:0] \p$1930 ;
-  wire [15:0] \p$1931 ;
-  wire [15:0] \p$1932 ;
-  wire [15:0] \p$1933 ;
-  wire [15:0] \p$1934 ;
-  wire [15:0] \p$1935 ;
-  wire [15:0] \p$1936 ;
-  wire [15:0] \p$1937 ;
-  wire [15:0] \p$1938 ;
-  wire [15:0] \p$1939 ;
-  wire [15:0] \p$1940 ;
-  wire [15:0] \p$1941 ;
-  wire [15:0] \p$1942 ;
-  wire [15:0] \p$1943 ;
-  wire [15:0] \p$1944 ;
-  wire [15:0] \p$1945 ;
-  wire [15:0] \p$1946 ;
-  wire [15:0] \p$1947 ;
-  wire [15:0] \p$1948 ;
-  wire [15:0] \p$1949 ;
-  wire [15:0] \p$1950 ;
-  wire [15:0] \p$1951 ;
-  wire [15:0] \p$1952 ;
-  wire [15:0] \p$1953 ;
-  wire [15:0] \p$1954 ;
-  wire [15:0] \p$1955 ;
-  wire [15:0] \p$1956 ;
-  wire [15:0] \p$1957 ;
-  wire [15:0] \p$1958 ;
-  wire [15:0] \p$1959 ;
-  wire [15:0] \p$1960 ;
-  wire [15:0] \p$1961 ;
-  wire [15:0] \p$1962 ;
-  wire [15:0] \p$1963 ;
-  wire [15:0] \p$1964 ;
-  wire [15:0] \p$1965 ;
-  wire [15:0] \p$1966 ;
-  wire [15:0] \p$1967 ;
-  wire [15:0] \p$1968 ;
-  wire [15:0] \p$1969 ;
-  wire [15:0] \p$1970 ;
-  wire [15:0] \p$1971 ;
-  wire [15:0] \p$1972 ;
-  wire [15:0] \p$1973 ;
-  wire [15:0] \p$1974 ;
-  wire [15:0] \p$1975 ;
-  wire [15:0] \p$1976 ;
-  wire [15:0] \p$1977 ;
-  wire [15:0] \p$1978 ;
-  wire [15:0] \p$1979 ;
-  wire [15:0] \p$1980 ;
-  wire [15:0] \p$1981 ;
-  wire [15:0] \p$1982 ;
-  wire [15:0] \p$1983 ;
-  wire [15:0] \p$1984 ;
-  wire [15:0] \p$1985 ;
-  wire [15:0] \p$1986 ;
-  wire [15:0] \p$1987 ;
-  wire [15:0] \p$1988 ;
-  wire [15:0] \p$1989 ;
-  wire [15:0] \p$1990 ;
-  wire [15:0] \p$1991 ;
-  wire [15:0] \p$1992 ;
-  wire [15:0] \p$1993 ;
-  wire [15:0] \p$1994 ;
-  wire [15:0] \p$1995 ;
-  wire [15:0] \p$1996 ;
-  wire [15:0] \p$1997 ;
-  wire [15:0] \p$1998 ;
   wire [15:0] \p$1999 ;
   wire [15:0] \p$2000 ;
   wire [15:0] \p$2001 ;
@@ -23207,6 +24195,136 @@ module \encoder_layer_0_attention_output_dense.pe (rst, i__payload, i__valid, ba
   wire [15:0] \p$2121 ;
   wire [15:0] \p$2122 ;
   wire [15:0] \p$2123 ;
+  wire [15:0] \p$2124 ;
+  wire [15:0] \p$2125 ;
+  wire [15:0] \p$2126 ;
+  wire [15:0] \p$2127 ;
+  wire [15:0] \p$2128 ;
+  wire [15:0] \p$2129 ;
+  wire [15:0] \p$2130 ;
+  wire [15:0] \p$2131 ;
+  wire [15:0] \p$2132 ;
+  wire [15:0] \p$2133 ;
+  wire [15:0] \p$2134 ;
+  wire [15:0] \p$2135 ;
+  wire [15:0] \p$2136 ;
+  wire [15:0] \p$2137 ;
+  wire [15:0] \p$2138 ;
+  wire [15:0] \p$2139 ;
+  wire [15:0] \p$2140 ;
+  wire [15:0] \p$2141 ;
+  wire [15:0] \p$2142 ;
+  wire [15:0] \p$2143 ;
+  wire [15:0] \p$2144 ;
+  wire [15:0] \p$2145 ;
+  wire [15:0] \p$2146 ;
+  wire [15:0] \p$2147 ;
+  wire [15:0] \p$2148 ;
+  wire [15:0] \p$2149 ;
+  wire [15:0] \p$2150 ;
+  wire [15:0] \p$2151 ;
+  wire [15:0] \p$2152 ;
+  wire [15:0] \p$2153 ;
+  wire [15:0] \p$2154 ;
+  wire [15:0] \p$2155 ;
+  wire [15:0] \p$2156 ;
+  wire [15:0] \p$2157 ;
+  wire [15:0] \p$2158 ;
+  wire [15:0] \p$2159 ;
+  wire [15:0] \p$2160 ;
+  wire [15:0] \p$2161 ;
+  wire [15:0] \p$2162 ;
+  wire [15:0] \p$2163 ;
+  wire [15:0] \p$2164 ;
+  wire [15:0] \p$2165 ;
+  wire [15:0] \p$2166 ;
+  wire [15:0] \p$2167 ;
+  wire [15:0] \p$2168 ;
+  wire [15:0] \p$2169 ;
+  wire [15:0] \p$2170 ;
+  wire [15:0] \p$2171 ;
+  wire [15:0] \p$2172 ;
+  wire [15:0] \p$2173 ;
+  wire [15:0] \p$2174 ;
+  wire [15:0] \p$2175 ;
+  wire [15:0] \p$2176 ;
+  wire [15:0] \p$2177 ;
+  wire [15:0] \p$2178 ;
+  wire [15:0] \p$2179 ;
+  wire [15:0] \p$2180 ;
+  wire [15:0] \p$2181 ;
+  wire [15:0] \p$2182 ;
+  wire [15:0] \p$2183 ;
+  wire [15:0] \p$2184 ;
+  wire [15:0] \p$2185 ;
+  wire [15:0] \p$2186 ;
+  wire [15:0] \p$2187 ;
+  wire [15:0] \p$2188 ;
+  wire [15:0] \p$2189 ;
+  wire [15:0] \p$2190 ;
+  wire [15:0] \p$2191 ;
+  wire [15:0] \p$2192 ;
+  wire [15:0] \p$2193 ;
+  wire [15:0] \p$2194 ;
+  wire [15:0] \p$2195 ;
+  wire [15:0] \p$2196 ;
+  wire [15:0] \p$2197 ;
+  wire [15:0] \p$2198 ;
+  wire [15:0] \p$2199 ;
+  wire [15:0] \p$2200 ;
+  wire [15:0] \p$2201 ;
+  wire [15:0] \p$2202 ;
+  wire [15:0] \p$2203 ;
+  wire [15:0] \p$2204 ;
+  wire [15:0] \p$2205 ;
+  wire [15:0] \p$2206 ;
+  wire [15:0] \p$2207 ;
+  wire [15:0] \p$2208 ;
+  wire [15:0] \p$2209 ;
+  wire [15:0] \p$2210 ;
+  wire [15:0] \p$2211 ;
+  wire [15:0] \p$2212 ;
+  wire [15:0] \p$2213 ;
+  wire [15:0] \p$2214 ;
+  wire [15:0] \p$2215 ;
+  wire [15:0] \p$2216 ;
+  wire [15:0] \p$2217 ;
+  wire [15:0] \p$2218 ;
+  wire [15:0] \p$2219 ;
+  wire [15:0] \p$2220 ;
+  wire [15:0] \p$2221 ;
+  wire [15:0] \p$2222 ;
+  wire [15:0] \p$2223 ;
+  wire [15:0] \p$2224 ;
+  wire [15:0] \p$2225 ;
+  wire [15:0] \p$2226 ;
+  wire [15:0] \p$2227 ;
+  wire [15:0] \p$2228 ;
+  wire [15:0] \p$2229 ;
+  wire [15:0] \p$2230 ;
+  wire [15:0] \p$2231 ;
+  wire [15:0] \p$2232 ;
+  wire [15:0] \p$2233 ;
+  wire [15:0] \p$2234 ;
+  wire [15:0] \p$2235 ;
+  wire [15:0] \p$2236 ;
+  wire [15:0] \p$2237 ;
+  wire [15:0] \p$2238 ;
+  wire [15:0] \p$2239 ;
+  wire [15:0] \p$2240 ;
+  wire [15:0] \p$2241 ;
+  wire [15:0] \p$2242 ;
+  wire [15:0] \p$2243 ;
+  wire [15:0] \p$2244 ;
+  wire [15:0] \p$2245 ;
+  wire [15:0] \p$2246 ;
+  wire [15:0] \p$2247 ;
+  wire [15:0] \p$2248 ;
+  wire [15:0] \p$2249 ;
+  wire [15:0] \p$2250 ;
+  wire [15:0] \p$2251 ;
+  wire [15:0] \p$2252 ;
+  wire [15:0] \p$2253 ;
   reg [3:0] row = 4'h0;
   input rst;
   wire rst;
@@ -23228,778 +24346,778 @@ module \encoder_layer_0_attention_output_dense.pe (rst, i__payload, i__valid, ba
   assign \$16  = i__valid ? i__payload[239:232] : 8'h00;
   assign \$17  = i__valid ? i__payload[247:240] : 8'h00;
   assign \$18  = i__valid ? i__payload[255:248] : 8'h00;
-  assign \$19  = last3_0_0 ? \$280 [23:0] : bank_1_0;
-  assign \$20  = last3_0_1 ? \$282 [23:0] : bank_1_1;
-  assign \$21  = last3_0_2 ? \$284 [23:0] : bank_1_2;
-  assign \$22  = last3_0_3 ? \$286 [23:0] : bank_1_3;
-  assign \$23  = last3_0_4 ? \$288 [23:0] : bank_1_4;
-  assign \$24  = last3_0_5 ? \$290 [23:0] : bank_1_5;
-  assign \$25  = last3_0_6 ? \$292 [23:0] : bank_1_6;
-  assign \$26  = last3_0_7 ? \$294 [23:0] : bank_1_7;
-  assign \$27  = last3_0_8 ? \$296 [23:0] : bank_1_8;
-  assign \$28  = last3_0_9 ? \$298 [23:0] : bank_1_9;
-  assign \$29  = last3_0_10 ? \$300 [23:0] : bank_1_10;
-  assign \$30  = last3_0_11 ? \$302 [23:0] : bank_1_11;
-  assign \$31  = last3_0_12 ? \$304 [23:0] : bank_1_12;
-  assign \$32  = last3_0_13 ? \$306 [23:0] : bank_1_13;
-  assign \$33  = last3_0_14 ? \$308 [23:0] : bank_1_14;
-  assign \$34  = last3_0_15 ? \$310 [23:0] : bank_1_15;
-  assign \$35  = last3_1_0 ? \$312 [23:0] : bank_2_0;
-  assign \$36  = last3_1_1 ? \$314 [23:0] : bank_2_1;
-  assign \$37  = last3_1_2 ? \$316 [23:0] : bank_2_2;
-  assign \$38  = last3_1_3 ? \$318 [23:0] : bank_2_3;
-  assign \$39  = last3_1_4 ? \$320 [23:0] : bank_2_4;
-  assign \$40  = last3_1_5 ? \$322 [23:0] : bank_2_5;
-  assign \$41  = last3_1_6 ? \$324 [23:0] : bank_2_6;
-  assign \$42  = last3_1_7 ? \$326 [23:0] : bank_2_7;
-  assign \$43  = last3_1_8 ? \$328 [23:0] : bank_2_8;
-  assign \$44  = last3_1_9 ? \$330 [23:0] : bank_2_9;
-  assign \$45  = last3_1_10 ? \$332 [23:0] : bank_2_10;
-  assign \$46  = last3_1_11 ? \$334 [23:0] : bank_2_11;
-  assign \$47  = last3_1_12 ? \$336 [23:0] : bank_2_12;
-  assign \$48  = last3_1_13 ? \$338 [23:0] : bank_2_13;
-  assign \$49  = last3_1_14 ? \$340 [23:0] : bank_2_14;
-  assign \$50  = last3_1_15 ? \$342 [23:0] : bank_2_15;
-  assign \$51  = last3_2_0 ? \$344 [23:0] : bank_3_0;
-  assign \$52  = last3_2_1 ? \$346 [23:0] : bank_3_1;
-  assign \$53  = last3_2_2 ? \$348 [23:0] : bank_3_2;
-  assign \$54  = last3_2_3 ? \$350 [23:0] : bank_3_3;
-  assign \$55  = last3_2_4 ? \$352 [23:0] : bank_3_4;
-  assign \$56  = last3_2_5 ? \$354 [23:0] : bank_3_5;
-  assign \$57  = last3_2_6 ? \$356 [23:0] : bank_3_6;
-  assign \$58  = last3_2_7 ? \$358 [23:0] : bank_3_7;
-  assign \$59  = last3_2_8 ? \$360 [23:0] : bank_3_8;
-  assign \$60  = last3_2_9 ? \$362 [23:0] : bank_3_9;
-  assign \$61  = last3_2_10 ? \$364 [23:0] : bank_3_10;
-  assign \$62  = last3_2_11 ? \$366 [23:0] : bank_3_11;
-  assign \$63  = last3_2_12 ? \$368 [23:0] : bank_3_12;
-  assign \$64  = last3_2_13 ? \$370 [23:0] : bank_3_13;
-  assign \$65  = last3_2_14 ? \$372 [23:0] : bank_3_14;
-  assign \$66  = last3_2_15 ? \$374 [23:0] : bank_3_15;
-  assign \$67  = last3_3_0 ? \$376 [23:0] : bank_4_0;
-  assign \$68  = last3_3_1 ? \$378 [23:0] : bank_4_1;
-  assign \$69  = last3_3_2 ? \$380 [23:0] : bank_4_2;
-  assign \$70  = last3_3_3 ? \$382 [23:0] : bank_4_3;
-  assign \$71  = last3_3_4 ? \$384 [23:0] : bank_4_4;
-  assign \$72  = last3_3_5 ? \$386 [23:0] : bank_4_5;
-  assign \$73  = last3_3_6 ? \$388 [23:0] : bank_4_6;
-  assign \$74  = last3_3_7 ? \$390 [23:0] : bank_4_7;
-  assign \$75  = last3_3_8 ? \$392 [23:0] : bank_4_8;
-  assign \$76  = last3_3_9 ? \$394 [23:0] : bank_4_9;
-  assign \$77  = last3_3_10 ? \$396 [23:0] : bank_4_10;
-  assign \$78  = last3_3_11 ? \$398 [23:0] : bank_4_11;
-  assign \$79  = last3_3_12 ? \$400 [23:0] : bank_4_12;
-  assign \$80  = last3_3_13 ? \$402 [23:0] : bank_4_13;
-  assign \$81  = last3_3_14 ? \$404 [23:0] : bank_4_14;
-  assign \$82  = last3_3_15 ? \$406 [23:0] : bank_4_15;
-  assign \$83  = last3_4_0 ? \$408 [23:0] : bank_5_0;
-  assign \$84  = last3_4_1 ? \$410 [23:0] : bank_5_1;
-  assign \$85  = last3_4_2 ? \$412 [23:0] : bank_5_2;
-  assign \$86  = last3_4_3 ? \$414 [23:0] : bank_5_3;
-  assign \$87  = last3_4_4 ? \$416 [23:0] : bank_5_4;
-  assign \$88  = last3_4_5 ? \$418 [23:0] : bank_5_5;
-  assign \$89  = last3_4_6 ? \$420 [23:0] : bank_5_6;
-  assign \$90  = last3_4_7 ? \$422 [23:0] : bank_5_7;
-  assign \$91  = last3_4_8 ? \$424 [23:0] : bank_5_8;
-  assign \$92  = last3_4_9 ? \$426 [23:0] : bank_5_9;
-  assign \$93  = last3_4_10 ? \$428 [23:0] : bank_5_10;
-  assign \$94  = last3_4_11 ? \$430 [23:0] : bank_5_11;
-  assign \$95  = last3_4_12 ? \$432 [23:0] : bank_5_12;
-  assign \$96  = last3_4_13 ? \$434 [23:0] : bank_5_13;
-  assign \$97  = last3_4_14 ? \$436 [23:0] : bank_5_14;
-  assign \$98  = last3_4_15 ? \$438 [23:0] : bank_5_15;
-  assign \$99  = last3_5_0 ? \$440 [23:0] : bank_6_0;
-  assign \$100  = last3_5_1 ? \$442 [23:0] : bank_6_1;
-  assign \$101  = last3_5_2 ? \$444 [23:0] : bank_6_2;
-  assign \$102  = last3_5_3 ? \$446 [23:0] : bank_6_3;
-  assign \$103  = last3_5_4 ? \$448 [23:0] : bank_6_4;
-  assign \$104  = last3_5_5 ? \$450 [23:0] : bank_6_5;
-  assign \$105  = last3_5_6 ? \$452 [23:0] : bank_6_6;
-  assign \$106  = last3_5_7 ? \$454 [23:0] : bank_6_7;
-  assign \$107  = last3_5_8 ? \$456 [23:0] : bank_6_8;
-  assign \$108  = last3_5_9 ? \$458 [23:0] : bank_6_9;
-  assign \$109  = last3_5_10 ? \$460 [23:0] : bank_6_10;
-  assign \$110  = last3_5_11 ? \$462 [23:0] : bank_6_11;
-  assign \$111  = last3_5_12 ? \$464 [23:0] : bank_6_12;
-  assign \$112  = last3_5_13 ? \$466 [23:0] : bank_6_13;
-  assign \$113  = last3_5_14 ? \$468 [23:0] : bank_6_14;
-  assign \$114  = last3_5_15 ? \$470 [23:0] : bank_6_15;
-  assign \$115  = last3_6_0 ? \$472 [23:0] : bank_7_0;
-  assign \$116  = last3_6_1 ? \$474 [23:0] : bank_7_1;
-  assign \$117  = last3_6_2 ? \$476 [23:0] : bank_7_2;
-  assign \$118  = last3_6_3 ? \$478 [23:0] : bank_7_3;
-  assign \$119  = last3_6_4 ? \$480 [23:0] : bank_7_4;
-  assign \$120  = last3_6_5 ? \$482 [23:0] : bank_7_5;
-  assign \$121  = last3_6_6 ? \$484 [23:0] : bank_7_6;
-  assign \$122  = last3_6_7 ? \$486 [23:0] : bank_7_7;
-  assign \$123  = last3_6_8 ? \$488 [23:0] : bank_7_8;
-  assign \$124  = last3_6_9 ? \$490 [23:0] : bank_7_9;
-  assign \$125  = last3_6_10 ? \$492 [23:0] : bank_7_10;
-  assign \$126  = last3_6_11 ? \$494 [23:0] : bank_7_11;
-  assign \$127  = last3_6_12 ? \$496 [23:0] : bank_7_12;
-  assign \$128  = last3_6_13 ? \$498 [23:0] : bank_7_13;
-  assign \$129  = last3_6_14 ? \$500 [23:0] : bank_7_14;
-  assign \$130  = last3_6_15 ? \$502 [23:0] : bank_7_15;
-  assign \$131  = last3_7_0 ? \$504 [23:0] : bank_8_0;
-  assign \$132  = last3_7_1 ? \$506 [23:0] : bank_8_1;
-  assign \$133  = last3_7_2 ? \$508 [23:0] : bank_8_2;
-  assign \$134  = last3_7_3 ? \$510 [23:0] : bank_8_3;
-  assign \$135  = last3_7_4 ? \$512 [23:0] : bank_8_4;
-  assign \$136  = last3_7_5 ? \$514 [23:0] : bank_8_5;
-  assign \$137  = last3_7_6 ? \$516 [23:0] : bank_8_6;
-  assign \$138  = last3_7_7 ? \$518 [23:0] : bank_8_7;
-  assign \$139  = last3_7_8 ? \$520 [23:0] : bank_8_8;
-  assign \$140  = last3_7_9 ? \$522 [23:0] : bank_8_9;
-  assign \$141  = last3_7_10 ? \$524 [23:0] : bank_8_10;
-  assign \$142  = last3_7_11 ? \$526 [23:0] : bank_8_11;
-  assign \$143  = last3_7_12 ? \$528 [23:0] : bank_8_12;
-  assign \$144  = last3_7_13 ? \$530 [23:0] : bank_8_13;
-  assign \$145  = last3_7_14 ? \$532 [23:0] : bank_8_14;
-  assign \$146  = last3_7_15 ? \$534 [23:0] : bank_8_15;
-  assign \$147  = last3_8_0 ? \$536 [23:0] : bank_9_0;
-  assign \$148  = last3_8_1 ? \$538 [23:0] : bank_9_1;
-  assign \$149  = last3_8_2 ? \$540 [23:0] : bank_9_2;
-  assign \$150  = last3_8_3 ? \$542 [23:0] : bank_9_3;
-  assign \$151  = last3_8_4 ? \$544 [23:0] : bank_9_4;
-  assign \$152  = last3_8_5 ? \$546 [23:0] : bank_9_5;
-  assign \$153  = last3_8_6 ? \$548 [23:0] : bank_9_6;
-  assign \$154  = last3_8_7 ? \$550 [23:0] : bank_9_7;
-  assign \$155  = last3_8_8 ? \$552 [23:0] : bank_9_8;
-  assign \$156  = last3_8_9 ? \$554 [23:0] : bank_9_9;
-  assign \$157  = last3_8_10 ? \$556 [23:0] : bank_9_10;
-  assign \$158  = last3_8_11 ? \$558 [23:0] : bank_9_11;
-  assign \$159  = last3_8_12 ? \$560 [23:0] : bank_9_12;
-  assign \$160  = last3_8_13 ? \$562 [23:0] : bank_9_13;
-  assign \$161  = last3_8_14 ? \$564 [23:0] : bank_9_14;
-  assign \$162  = last3_8_15 ? \$566 [23:0] : bank_9_15;
-  assign \$163  = last3_9_0 ? \$568 [23:0] : bank_10_0;
-  assign \$164  = last3_9_1 ? \$570 [23:0] : bank_10_1;
-  assign \$165  = last3_9_2 ? \$572 [23:0] : bank_10_2;
-  assign \$166  = last3_9_3 ? \$574 [23:0] : bank_10_3;
-  assign \$167  = last3_9_4 ? \$576 [23:0] : bank_10_4;
-  assign \$168  = last3_9_5 ? \$578 [23:0] : bank_10_5;
-  assign \$169  = last3_9_6 ? \$580 [23:0] : bank_10_6;
-  assign \$170  = last3_9_7 ? \$582 [23:0] : bank_10_7;
-  assign \$171  = last3_9_8 ? \$584 [23:0] : bank_10_8;
-  assign \$172  = last3_9_9 ? \$586 [23:0] : bank_10_9;
-  assign \$173  = last3_9_10 ? \$588 [23:0] : bank_10_10;
-  assign \$174  = last3_9_11 ? \$590 [23:0] : bank_10_11;
-  assign \$175  = last3_9_12 ? \$592 [23:0] : bank_10_12;
-  assign \$176  = last3_9_13 ? \$594 [23:0] : bank_10_13;
-  assign \$177  = last3_9_14 ? \$596 [23:0] : bank_10_14;
-  assign \$178  = last3_9_15 ? \$598 [23:0] : bank_10_15;
-  assign \$179  = last3_10_0 ? \$600 [23:0] : bank_11_0;
-  assign \$180  = last3_10_1 ? \$602 [23:0] : bank_11_1;
-  assign \$181  = last3_10_2 ? \$604 [23:0] : bank_11_2;
-  assign \$182  = last3_10_3 ? \$606 [23:0] : bank_11_3;
-  assign \$183  = last3_10_4 ? \$608 [23:0] : bank_11_4;
-  assign \$184  = last3_10_5 ? \$610 [23:0] : bank_11_5;
-  assign \$185  = last3_10_6 ? \$612 [23:0] : bank_11_6;
-  assign \$186  = last3_10_7 ? \$614 [23:0] : bank_11_7;
-  assign \$187  = last3_10_8 ? \$616 [23:0] : bank_11_8;
-  assign \$188  = last3_10_9 ? \$618 [23:0] : bank_11_9;
-  assign \$189  = last3_10_10 ? \$620 [23:0] : bank_11_10;
-  assign \$190  = last3_10_11 ? \$622 [23:0] : bank_11_11;
-  assign \$191  = last3_10_12 ? \$624 [23:0] : bank_11_12;
-  assign \$192  = last3_10_13 ? \$626 [23:0] : bank_11_13;
-  assign \$193  = last3_10_14 ? \$628 [23:0] : bank_11_14;
-  assign \$194  = last3_10_15 ? \$630 [23:0] : bank_11_15;
-  assign \$195  = last3_11_0 ? \$632 [23:0] : bank_12_0;
-  assign \$196  = last3_11_1 ? \$634 [23:0] : bank_12_1;
-  assign \$197  = last3_11_2 ? \$636 [23:0] : bank_12_2;
-  assign \$198  = last3_11_3 ? \$638 [23:0] : bank_12_3;
-  assign \$199  = last3_11_4 ? \$640 [23:0] : bank_12_4;
-  assign \$200  = last3_11_5 ? \$642 [23:0] : bank_12_5;
-  assign \$201  = last3_11_6 ? \$644 [23:0] : bank_12_6;
-  assign \$202  = last3_11_7 ? \$646 [23:0] : bank_12_7;
-  assign \$203  = last3_11_8 ? \$648 [23:0] : bank_12_8;
-  assign \$204  = last3_11_9 ? \$650 [23:0] : bank_12_9;
-  assign \$205  = last3_11_10 ? \$652 [23:0] : bank_12_10;
-  assign \$206  = last3_11_11 ? \$654 [23:0] : bank_12_11;
-  assign \$207  = last3_11_12 ? \$656 [23:0] : bank_12_12;
-  assign \$208  = last3_11_13 ? \$658 [23:0] : bank_12_13;
-  assign \$209  = last3_11_14 ? \$660 [23:0] : bank_12_14;
-  assign \$210  = last3_11_15 ? \$662 [23:0] : bank_12_15;
-  assign \$211  = last3_12_0 ? \$664 [23:0] : bank_13_0;
-  assign \$212  = last3_12_1 ? \$666 [23:0] : bank_13_1;
-  assign \$213  = last3_12_2 ? \$668 [23:0] : bank_13_2;
-  assign \$214  = last3_12_3 ? \$670 [23:0] : bank_13_3;
-  assign \$215  = last3_12_4 ? \$672 [23:0] : bank_13_4;
-  assign \$216  = last3_12_5 ? \$674 [23:0] : bank_13_5;
-  assign \$217  = last3_12_6 ? \$676 [23:0] : bank_13_6;
-  assign \$218  = last3_12_7 ? \$678 [23:0] : bank_13_7;
-  assign \$219  = last3_12_8 ? \$680 [23:0] : bank_13_8;
-  assign \$220  = last3_12_9 ? \$682 [23:0] : bank_13_9;
-  assign \$221  = last3_12_10 ? \$684 [23:0] : bank_13_10;
-  assign \$222  = last3_12_11 ? \$686 [23:0] : bank_13_11;
-  assign \$223  = last3_12_12 ? \$688 [23:0] : bank_13_12;
-  assign \$224  = last3_12_13 ? \$690 [23:0] : bank_13_13;
-  assign \$225  = last3_12_14 ? \$692 [23:0] : bank_13_14;
-  assign \$226  = last3_12_15 ? \$694 [23:0] : bank_13_15;
-  assign \$227  = last3_13_0 ? \$696 [23:0] : bank_14_0;
-  assign \$228  = last3_13_1 ? \$698 [23:0] : bank_14_1;
-  assign \$229  = last3_13_2 ? \$700 [23:0] : bank_14_2;
-  assign \$230  = last3_13_3 ? \$702 [23:0] : bank_14_3;
-  assign \$231  = last3_13_4 ? \$704 [23:0] : bank_14_4;
-  assign \$232  = last3_13_5 ? \$706 [23:0] : bank_14_5;
-  assign \$233  = last3_13_6 ? \$708 [23:0] : bank_14_6;
-  assign \$234  = last3_13_7 ? \$710 [23:0] : bank_14_7;
-  assign \$235  = last3_13_8 ? \$712 [23:0] : bank_14_8;
-  assign \$236  = last3_13_9 ? \$714 [23:0] : bank_14_9;
-  assign \$237  = last3_13_10 ? \$716 [23:0] : bank_14_10;
-  assign \$238  = last3_13_11 ? \$718 [23:0] : bank_14_11;
-  assign \$239  = last3_13_12 ? \$720 [23:0] : bank_14_12;
-  assign \$240  = last3_13_13 ? \$722 [23:0] : bank_14_13;
-  assign \$241  = last3_13_14 ? \$724 [23:0] : bank_14_14;
-  assign \$242  = last3_13_15 ? \$726 [23:0] : bank_14_15;
-  assign \$243  = last3_14_0 ? \$728 [23:0] : bank_15_0;
-  assign \$244  = last3_14_1 ? \$730 [23:0] : bank_15_1;
-  assign \$245  = last3_14_2 ? \$732 [23:0] : bank_15_2;
-  assign \$246  = last3_14_3 ? \$734 [23:0] : bank_15_3;
-  assign \$247  = last3_14_4 ? \$736 [23:0] : bank_15_4;
-  assign \$248  = last3_14_5 ? \$738 [23:0] : bank_15_5;
-  assign \$249  = last3_14_6 ? \$740 [23:0] : bank_15_6;
-  assign \$250  = last3_14_7 ? \$742 [23:0] : bank_15_7;
-  assign \$251  = last3_14_8 ? \$744 [23:0] : bank_15_8;
-  assign \$252  = last3_14_9 ? \$746 [23:0] : bank_15_9;
-  assign \$253  = last3_14_10 ? \$748 [23:0] : bank_15_10;
-  assign \$254  = last3_14_11 ? \$750 [23:0] : bank_15_11;
-  assign \$255  = last3_14_12 ? \$752 [23:0] : bank_15_12;
-  assign \$256  = last3_14_13 ? \$754 [23:0] : bank_15_13;
-  assign \$257  = last3_14_14 ? \$756 [23:0] : bank_15_14;
-  assign \$258  = last3_14_15 ? \$758 [23:0] : bank_15_15;
-  assign \$259  = last3_15_0 ? \$760 [23:0] : 24'h000000;
-  assign \$260  = last3_15_1 ? \$762 [23:0] : 24'h000000;
-  assign \$261  = last3_15_2 ? \$764 [23:0] : 24'h000000;
-  assign \$262  = last3_15_3 ? \$766 [23:0] : 24'h000000;
-  assign \$263  = last3_15_4 ? \$768 [23:0] : 24'h000000;
-  assign \$264  = last3_15_5 ? \$770 [23:0] : 24'h000000;
-  assign \$265  = last3_15_6 ? \$772 [23:0] : 24'h000000;
-  assign \$266  = last3_15_7 ? \$774 [23:0] : 24'h000000;
-  assign \$267  = last3_15_8 ? \$776 [23:0] : 24'h000000;
-  assign \$268  = last3_15_9 ? \$778 [23:0] : 24'h000000;
-  assign \$269  = last3_15_10 ? \$780 [23:0] : 24'h000000;
-  assign \$270  = last3_15_11 ? \$782 [23:0] : 24'h000000;
-  assign \$271  = last3_15_12 ? \$784 [23:0] : 24'h000000;
-  assign \$272  = last3_15_13 ? \$786 [23:0] : 24'h000000;
-  assign \$273  = last3_15_14 ? \$788 [23:0] : 24'h000000;
-  assign \$274  = last3_15_15 ? \$790 [23:0] : 24'h000000;
+  assign \$19  = last4_0_0 ? \$280 [23:0] : bank_1_0;
+  assign \$20  = last4_0_1 ? \$282 [23:0] : bank_1_1;
+  assign \$21  = last4_0_2 ? \$284 [23:0] : bank_1_2;
+  assign \$22  = last4_0_3 ? \$286 [23:0] : bank_1_3;
+  assign \$23  = last4_0_4 ? \$288 [23:0] : bank_1_4;
+  assign \$24  = last4_0_5 ? \$290 [23:0] : bank_1_5;
+  assign \$25  = last4_0_6 ? \$292 [23:0] : bank_1_6;
+  assign \$26  = last4_0_7 ? \$294 [23:0] : bank_1_7;
+  assign \$27  = last4_0_8 ? \$296 [23:0] : bank_1_8;
+  assign \$28  = last4_0_9 ? \$298 [23:0] : bank_1_9;
+  assign \$29  = last4_0_10 ? \$300 [23:0] : bank_1_10;
+  assign \$30  = last4_0_11 ? \$302 [23:0] : bank_1_11;
+  assign \$31  = last4_0_12 ? \$304 [23:0] : bank_1_12;
+  assign \$32  = last4_0_13 ? \$306 [23:0] : bank_1_13;
+  assign \$33  = last4_0_14 ? \$308 [23:0] : bank_1_14;
+  assign \$34  = last4_0_15 ? \$310 [23:0] : bank_1_15;
+  assign \$35  = last4_1_0 ? \$312 [23:0] : bank_2_0;
+  assign \$36  = last4_1_1 ? \$314 [23:0] : bank_2_1;
+  assign \$37  = last4_1_2 ? \$316 [23:0] : bank_2_2;
+  assign \$38  = last4_1_3 ? \$318 [23:0] : bank_2_3;
+  assign \$39  = last4_1_4 ? \$320 [23:0] : bank_2_4;
+  assign \$40  = last4_1_5 ? \$322 [23:0] : bank_2_5;
+  assign \$41  = last4_1_6 ? \$324 [23:0] : bank_2_6;
+  assign \$42  = last4_1_7 ? \$326 [23:0] : bank_2_7;
+  assign \$43  = last4_1_8 ? \$328 [23:0] : bank_2_8;
+  assign \$44  = last4_1_9 ? \$330 [23:0] : bank_2_9;
+  assign \$45  = last4_1_10 ? \$332 [23:0] : bank_2_10;
+  assign \$46  = last4_1_11 ? \$334 [23:0] : bank_2_11;
+  assign \$47  = last4_1_12 ? \$336 [23:0] : bank_2_12;
+  assign \$48  = last4_1_13 ? \$338 [23:0] : bank_2_13;
+  assign \$49  = last4_1_14 ? \$340 [23:0] : bank_2_14;
+  assign \$50  = last4_1_15 ? \$342 [23:0] : bank_2_15;
+  assign \$51  = last4_2_0 ? \$344 [23:0] : bank_3_0;
+  assign \$52  = last4_2_1 ? \$346 [23:0] : bank_3_1;
+  assign \$53  = last4_2_2 ? \$348 [23:0] : bank_3_2;
+  assign \$54  = last4_2_3 ? \$350 [23:0] : bank_3_3;
+  assign \$55  = last4_2_4 ? \$352 [23:0] : bank_3_4;
+  assign \$56  = last4_2_5 ? \$354 [23:0] : bank_3_5;
+  assign \$57  = last4_2_6 ? \$356 [23:0] : bank_3_6;
+  assign \$58  = last4_2_7 ? \$358 [23:0] : bank_3_7;
+  assign \$59  = last4_2_8 ? \$360 [23:0] : bank_3_8;
+  assign \$60  = last4_2_9 ? \$362 [23:0] : bank_3_9;
+  assign \$61  = last4_2_10 ? \$364 [23:0] : bank_3_10;
+  assign \$62  = last4_2_11 ? \$366 [23:0] : bank_3_11;
+  assign \$63  = last4_2_12 ? \$368 [23:0] : bank_3_12;
+  assign \$64  = last4_2_13 ? \$370 [23:0] : bank_3_13;
+  assign \$65  = last4_2_14 ? \$372 [23:0] : bank_3_14;
+  assign \$66  = last4_2_15 ? \$374 [23:0] : bank_3_15;
+  assign \$67  = last4_3_0 ? \$376 [23:0] : bank_4_0;
+  assign \$68  = last4_3_1 ? \$378 [23:0] : bank_4_1;
+  assign \$69  = last4_3_2 ? \$380 [23:0] : bank_4_2;
+  assign \$70  = last4_3_3 ? \$382 [23:0] : bank_4_3;
+  assign \$71  = last4_3_4 ? \$384 [23:0] : bank_4_4;
+  assign \$72  = last4_3_5 ? \$386 [23:0] : bank_4_5;
+  assign \$73  = last4_3_6 ? \$388 [23:0] : bank_4_6;
+  assign \$74  = last4_3_7 ? \$390 [23:0] : bank_4_7;
+  assign \$75  = last4_3_8 ? \$392 [23:0] : bank_4_8;
+  assign \$76  = last4_3_9 ? \$394 [23:0] : bank_4_9;
+  assign \$77  = last4_3_10 ? \$396 [23:0] : bank_4_10;
+  assign \$78  = last4_3_11 ? \$398 [23:0] : bank_4_11;
+  assign \$79  = last4_3_12 ? \$400 [23:0] : bank_4_12;
+  assign \$80  = last4_3_13 ? \$402 [23:0] : bank_4_13;
+  assign \$81  = last4_3_14 ? \$404 [23:0] : bank_4_14;
+  assign \$82  = last4_3_15 ? \$406 [23:0] : bank_4_15;
+  assign \$83  = last4_4_0 ? \$408 [23:0] : bank_5_0;
+  assign \$84  = last4_4_1 ? \$410 [23:0] : bank_5_1;
+  assign \$85  = last4_4_2 ? \$412 [23:0] : bank_5_2;
+  assign \$86  = last4_4_3 ? \$414 [23:0] : bank_5_3;
+  assign \$87  = last4_4_4 ? \$416 [23:0] : bank_5_4;
+  assign \$88  = last4_4_5 ? \$418 [23:0] : bank_5_5;
+  assign \$89  = last4_4_6 ? \$420 [23:0] : bank_5_6;
+  assign \$90  = last4_4_7 ? \$422 [23:0] : bank_5_7;
+  assign \$91  = last4_4_8 ? \$424 [23:0] : bank_5_8;
+  assign \$92  = last4_4_9 ? \$426 [23:0] : bank_5_9;
+  assign \$93  = last4_4_10 ? \$428 [23:0] : bank_5_10;
+  assign \$94  = last4_4_11 ? \$430 [23:0] : bank_5_11;
+  assign \$95  = last4_4_12 ? \$432 [23:0] : bank_5_12;
+  assign \$96  = last4_4_13 ? \$434 [23:0] : bank_5_13;
+  assign \$97  = last4_4_14 ? \$436 [23:0] : bank_5_14;
+  assign \$98  = last4_4_15 ? \$438 [23:0] : bank_5_15;
+  assign \$99  = last4_5_0 ? \$440 [23:0] : bank_6_0;
+  assign \$100  = last4_5_1 ? \$442 [23:0] : bank_6_1;
+  assign \$101  = last4_5_2 ? \$444 [23:0] : bank_6_2;
+  assign \$102  = last4_5_3 ? \$446 [23:0] : bank_6_3;
+  assign \$103  = last4_5_4 ? \$448 [23:0] : bank_6_4;
+  assign \$104  = last4_5_5 ? \$450 [23:0] : bank_6_5;
+  assign \$105  = last4_5_6 ? \$452 [23:0] : bank_6_6;
+  assign \$106  = last4_5_7 ? \$454 [23:0] : bank_6_7;
+  assign \$107  = last4_5_8 ? \$456 [23:0] : bank_6_8;
+  assign \$108  = last4_5_9 ? \$458 [23:0] : bank_6_9;
+  assign \$109  = last4_5_10 ? \$460 [23:0] : bank_6_10;
+  assign \$110  = last4_5_11 ? \$462 [23:0] : bank_6_11;
+  assign \$111  = last4_5_12 ? \$464 [23:0] : bank_6_12;
+  assign \$112  = last4_5_13 ? \$466 [23:0] : bank_6_13;
+  assign \$113  = last4_5_14 ? \$468 [23:0] : bank_6_14;
+  assign \$114  = last4_5_15 ? \$470 [23:0] : bank_6_15;
+  assign \$115  = last4_6_0 ? \$472 [23:0] : bank_7_0;
+  assign \$116  = last4_6_1 ? \$474 [23:0] : bank_7_1;
+  assign \$117  = last4_6_2 ? \$476 [23:0] : bank_7_2;
+  assign \$118  = last4_6_3 ? \$478 [23:0] : bank_7_3;
+  assign \$119  = last4_6_4 ? \$480 [23:0] : bank_7_4;
+  assign \$120  = last4_6_5 ? \$482 [23:0] : bank_7_5;
+  assign \$121  = last4_6_6 ? \$484 [23:0] : bank_7_6;
+  assign \$122  = last4_6_7 ? \$486 [23:0] : bank_7_7;
+  assign \$123  = last4_6_8 ? \$488 [23:0] : bank_7_8;
+  assign \$124  = last4_6_9 ? \$490 [23:0] : bank_7_9;
+  assign \$125  = last4_6_10 ? \$492 [23:0] : bank_7_10;
+  assign \$126  = last4_6_11 ? \$494 [23:0] : bank_7_11;
+  assign \$127  = last4_6_12 ? \$496 [23:0] : bank_7_12;
+  assign \$128  = last4_6_13 ? \$498 [23:0] : bank_7_13;
+  assign \$129  = last4_6_14 ? \$500 [23:0] : bank_7_14;
+  assign \$130  = last4_6_15 ? \$502 [23:0] : bank_7_15;
+  assign \$131  = last4_7_0 ? \$504 [23:0] : bank_8_0;
+  assign \$132  = last4_7_1 ? \$506 [23:0] : bank_8_1;
+  assign \$133  = last4_7_2 ? \$508 [23:0] : bank_8_2;
+  assign \$134  = last4_7_3 ? \$510 [23:0] : bank_8_3;
+  assign \$135  = last4_7_4 ? \$512 [23:0] : bank_8_4;
+  assign \$136  = last4_7_5 ? \$514 [23:0] : bank_8_5;
+  assign \$137  = last4_7_6 ? \$516 [23:0] : bank_8_6;
+  assign \$138  = last4_7_7 ? \$518 [23:0] : bank_8_7;
+  assign \$139  = last4_7_8 ? \$520 [23:0] : bank_8_8;
+  assign \$140  = last4_7_9 ? \$522 [23:0] : bank_8_9;
+  assign \$141  = last4_7_10 ? \$524 [23:0] : bank_8_10;
+  assign \$142  = last4_7_11 ? \$526 [23:0] : bank_8_11;
+  assign \$143  = last4_7_12 ? \$528 [23:0] : bank_8_12;
+  assign \$144  = last4_7_13 ? \$530 [23:0] : bank_8_13;
+  assign \$145  = last4_7_14 ? \$532 [23:0] : bank_8_14;
+  assign \$146  = last4_7_15 ? \$534 [23:0] : bank_8_15;
+  assign \$147  = last4_8_0 ? \$536 [23:0] : bank_9_0;
+  assign \$148  = last4_8_1 ? \$538 [23:0] : bank_9_1;
+  assign \$149  = last4_8_2 ? \$540 [23:0] : bank_9_2;
+  assign \$150  = last4_8_3 ? \$542 [23:0] : bank_9_3;
+  assign \$151  = last4_8_4 ? \$544 [23:0] : bank_9_4;
+  assign \$152  = last4_8_5 ? \$546 [23:0] : bank_9_5;
+  assign \$153  = last4_8_6 ? \$548 [23:0] : bank_9_6;
+  assign \$154  = last4_8_7 ? \$550 [23:0] : bank_9_7;
+  assign \$155  = last4_8_8 ? \$552 [23:0] : bank_9_8;
+  assign \$156  = last4_8_9 ? \$554 [23:0] : bank_9_9;
+  assign \$157  = last4_8_10 ? \$556 [23:0] : bank_9_10;
+  assign \$158  = last4_8_11 ? \$558 [23:0] : bank_9_11;
+  assign \$159  = last4_8_12 ? \$560 [23:0] : bank_9_12;
+  assign \$160  = last4_8_13 ? \$562 [23:0] : bank_9_13;
+  assign \$161  = last4_8_14 ? \$564 [23:0] : bank_9_14;
+  assign \$162  = last4_8_15 ? \$566 [23:0] : bank_9_15;
+  assign \$163  = last4_9_0 ? \$568 [23:0] : bank_10_0;
+  assign \$164  = last4_9_1 ? \$570 [23:0] : bank_10_1;
+  assign \$165  = last4_9_2 ? \$572 [23:0] : bank_10_2;
+  assign \$166  = last4_9_3 ? \$574 [23:0] : bank_10_3;
+  assign \$167  = last4_9_4 ? \$576 [23:0] : bank_10_4;
+  assign \$168  = last4_9_5 ? \$578 [23:0] : bank_10_5;
+  assign \$169  = last4_9_6 ? \$580 [23:0] : bank_10_6;
+  assign \$170  = last4_9_7 ? \$582 [23:0] : bank_10_7;
+  assign \$171  = last4_9_8 ? \$584 [23:0] : bank_10_8;
+  assign \$172  = last4_9_9 ? \$586 [23:0] : bank_10_9;
+  assign \$173  = last4_9_10 ? \$588 [23:0] : bank_10_10;
+  assign \$174  = last4_9_11 ? \$590 [23:0] : bank_10_11;
+  assign \$175  = last4_9_12 ? \$592 [23:0] : bank_10_12;
+  assign \$176  = last4_9_13 ? \$594 [23:0] : bank_10_13;
+  assign \$177  = last4_9_14 ? \$596 [23:0] : bank_10_14;
+  assign \$178  = last4_9_15 ? \$598 [23:0] : bank_10_15;
+  assign \$179  = last4_10_0 ? \$600 [23:0] : bank_11_0;
+  assign \$180  = last4_10_1 ? \$602 [23:0] : bank_11_1;
+  assign \$181  = last4_10_2 ? \$604 [23:0] : bank_11_2;
+  assign \$182  = last4_10_3 ? \$606 [23:0] : bank_11_3;
+  assign \$183  = last4_10_4 ? \$608 [23:0] : bank_11_4;
+  assign \$184  = last4_10_5 ? \$610 [23:0] : bank_11_5;
+  assign \$185  = last4_10_6 ? \$612 [23:0] : bank_11_6;
+  assign \$186  = last4_10_7 ? \$614 [23:0] : bank_11_7;
+  assign \$187  = last4_10_8 ? \$616 [23:0] : bank_11_8;
+  assign \$188  = last4_10_9 ? \$618 [23:0] : bank_11_9;
+  assign \$189  = last4_10_10 ? \$620 [23:0] : bank_11_10;
+  assign \$190  = last4_10_11 ? \$622 [23:0] : bank_11_11;
+  assign \$191  = last4_10_12 ? \$624 [23:0] : bank_11_12;
+  assign \$192  = last4_10_13 ? \$626 [23:0] : bank_11_13;
+  assign \$193  = last4_10_14 ? \$628 [23:0] : bank_11_14;
+  assign \$194  = last4_10_15 ? \$630 [23:0] : bank_11_15;
+  assign \$195  = last4_11_0 ? \$632 [23:0] : bank_12_0;
+  assign \$196  = last4_11_1 ? \$634 [23:0] : bank_12_1;
+  assign \$197  = last4_11_2 ? \$636 [23:0] : bank_12_2;
+  assign \$198  = last4_11_3 ? \$638 [23:0] : bank_12_3;
+  assign \$199  = last4_11_4 ? \$640 [23:0] : bank_12_4;
+  assign \$200  = last4_11_5 ? \$642 [23:0] : bank_12_5;
+  assign \$201  = last4_11_6 ? \$644 [23:0] : bank_12_6;
+  assign \$202  = last4_11_7 ? \$646 [23:0] : bank_12_7;
+  assign \$203  = last4_11_8 ? \$648 [23:0] : bank_12_8;
+  assign \$204  = last4_11_9 ? \$650 [23:0] : bank_12_9;
+  assign \$205  = last4_11_10 ? \$652 [23:0] : bank_12_10;
+  assign \$206  = last4_11_11 ? \$654 [23:0] : bank_12_11;
+  assign \$207  = last4_11_12 ? \$656 [23:0] : bank_12_12;
+  assign \$208  = last4_11_13 ? \$658 [23:0] : bank_12_13;
+  assign \$209  = last4_11_14 ? \$660 [23:0] : bank_12_14;
+  assign \$210  = last4_11_15 ? \$662 [23:0] : bank_12_15;
+  assign \$211  = last4_12_0 ? \$664 [23:0] : bank_13_0;
+  assign \$212  = last4_12_1 ? \$666 [23:0] : bank_13_1;
+  assign \$213  = last4_12_2 ? \$668 [23:0] : bank_13_2;
+  assign \$214  = last4_12_3 ? \$670 [23:0] : bank_13_3;
+  assign \$215  = last4_12_4 ? \$672 [23:0] : bank_13_4;
+  assign \$216  = last4_12_5 ? \$674 [23:0] : bank_13_5;
+  assign \$217  = last4_12_6 ? \$676 [23:0] : bank_13_6;
+  assign \$218  = last4_12_7 ? \$678 [23:0] : bank_13_7;
+  assign \$219  = last4_12_8 ? \$680 [23:0] : bank_13_8;
+  assign \$220  = last4_12_9 ? \$682 [23:0] : bank_13_9;
+  assign \$221  = last4_12_10 ? \$684 [23:0] : bank_13_10;
+  assign \$222  = last4_12_11 ? \$686 [23:0] : bank_13_11;
+  assign \$223  = last4_12_12 ? \$688 [23:0] : bank_13_12;
+  assign \$224  = last4_12_13 ? \$690 [23:0] : bank_13_13;
+  assign \$225  = last4_12_14 ? \$692 [23:0] : bank_13_14;
+  assign \$226  = last4_12_15 ? \$694 [23:0] : bank_13_15;
+  assign \$227  = last4_13_0 ? \$696 [23:0] : bank_14_0;
+  assign \$228  = last4_13_1 ? \$698 [23:0] : bank_14_1;
+  assign \$229  = last4_13_2 ? \$700 [23:0] : bank_14_2;
+  assign \$230  = last4_13_3 ? \$702 [23:0] : bank_14_3;
+  assign \$231  = last4_13_4 ? \$704 [23:0] : bank_14_4;
+  assign \$232  = last4_13_5 ? \$706 [23:0] : bank_14_5;
+  assign \$233  = last4_13_6 ? \$708 [23:0] : bank_14_6;
+  assign \$234  = last4_13_7 ? \$710 [23:0] : bank_14_7;
+  assign \$235  = last4_13_8 ? \$712 [23:0] : bank_14_8;
+  assign \$236  = last4_13_9 ? \$714 [23:0] : bank_14_9;
+  assign \$237  = last4_13_10 ? \$716 [23:0] : bank_14_10;
+  assign \$238  = last4_13_11 ? \$718 [23:0] : bank_14_11;
+  assign \$239  = last4_13_12 ? \$720 [23:0] : bank_14_12;
+  assign \$240  = last4_13_13 ? \$722 [23:0] : bank_14_13;
+  assign \$241  = last4_13_14 ? \$724 [23:0] : bank_14_14;
+  assign \$242  = last4_13_15 ? \$726 [23:0] : bank_14_15;
+  assign \$243  = last4_14_0 ? \$728 [23:0] : bank_15_0;
+  assign \$244  = last4_14_1 ? \$730 [23:0] : bank_15_1;
+  assign \$245  = last4_14_2 ? \$732 [23:0] : bank_15_2;
+  assign \$246  = last4_14_3 ? \$734 [23:0] : bank_15_3;
+  assign \$247  = last4_14_4 ? \$736 [23:0] : bank_15_4;
+  assign \$248  = last4_14_5 ? \$738 [23:0] : bank_15_5;
+  assign \$249  = last4_14_6 ? \$740 [23:0] : bank_15_6;
+  assign \$250  = last4_14_7 ? \$742 [23:0] : bank_15_7;
+  assign \$251  = last4_14_8 ? \$744 [23:0] : bank_15_8;
+  assign \$252  = last4_14_9 ? \$746 [23:0] : bank_15_9;
+  assign \$253  = last4_14_10 ? \$748 [23:0] : bank_15_10;
+  assign \$254  = last4_14_11 ? \$750 [23:0] : bank_15_11;
+  assign \$255  = last4_14_12 ? \$752 [23:0] : bank_15_12;
+  assign \$256  = last4_14_13 ? \$754 [23:0] : bank_15_13;
+  assign \$257  = last4_14_14 ? \$756 [23:0] : bank_15_14;
+  assign \$258  = last4_14_15 ? \$758 [23:0] : bank_15_15;
+  assign \$259  = last4_15_0 ? \$760 [23:0] : 24'h000000;
+  assign \$260  = last4_15_1 ? \$762 [23:0] : 24'h000000;
+  assign \$261  = last4_15_2 ? \$764 [23:0] : 24'h000000;
+  assign \$262  = last4_15_3 ? \$766 [23:0] : 24'h000000;
+  assign \$263  = last4_15_4 ? \$768 [23:0] : 24'h000000;
+  assign \$264  = last4_15_5 ? \$770 [23:0] : 24'h000000;
+  assign \$265  = last4_15_6 ? \$772 [23:0] : 24'h000000;
+  assign \$266  = last4_15_7 ? \$774 [23:0] : 24'h000000;
+  assign \$267  = last4_15_8 ? \$776 [23:0] : 24'h000000;
+  assign \$268  = last4_15_9 ? \$778 [23:0] : 24'h000000;
+  assign \$269  = last4_15_10 ? \$780 [23:0] : 24'h000000;
+  assign \$270  = last4_15_11 ? \$782 [23:0] : 24'h000000;
+  assign \$271  = last4_15_12 ? \$784 [23:0] : 24'h000000;
+  assign \$272  = last4_15_13 ? \$786 [23:0] : 24'h000000;
+  assign \$273  = last4_15_14 ? \$788 [23:0] : 24'h000000;
+  assign \$274  = last4_15_15 ? \$790 [23:0] : 24'h000000;
   assign \$275  = row != 4'hf;
   assign \$276  = bank_busy & \$275 ;
   assign \$277  = row + 1'h1;
   assign \$278  = row == 4'hf;
   assign \$279  = $signed(acc_0_0) + $signed(p);
-  assign \$280  = first3_0_0 ? { p[15], p[15], p[15], p[15], p[15], p[15], p[15], p[15], p[15], p } : \$279 ;
-  assign \$281  = $signed(acc_0_1) + $signed(\p$1869 );
-  assign \$282  = first3_0_1 ? { \p$1869 [15], \p$1869 [15], \p$1869 [15], \p$1869 [15], \p$1869 [15], \p$1869 [15], \p$1869 [15], \p$1869 [15], \p$1869 [15], \p$1869  } : \$281 ;
-  assign \$283  = $signed(acc_0_2) + $signed(\p$1870 );
-  assign \$284  = first3_0_2 ? { \p$1870 [15], \p$1870 [15], \p$1870 [15], \p$1870 [15], \p$1870 [15], \p$1870 [15], \p$1870 [15], \p$1870 [15], \p$1870 [15], \p$1870  } : \$283 ;
-  assign \$285  = $signed(acc_0_3) + $signed(\p$1871 );
-  assign \$286  = first3_0_3 ? { \p$1871 [15], \p$1871 [15], \p$1871 [15], \p$1871 [15], \p$1871 [15], \p$1871 [15], \p$1871 [15], \p$1871 [15], \p$1871 [15], \p$1871  } : \$285 ;
-  assign \$287  = $signed(acc_0_4) + $signed(\p$1872 );
-  assign \$288  = first3_0_4 ? { \p$1872 [15], \p$1872 [15], \p$1872 [15], \p$1872 [15], \p$1872 [15], \p$1872 [15], \p$1872 [15], \p$1872 [15], \p$1872 [15], \p$1872  } : \$287 ;
-  assign \$289  = $signed(acc_0_5) + $signed(\p$1873 );
-  assign \$290  = first3_0_5 ? { \p$1873 [15], \p$1873 [15], \p$1873 [15], \p$1873 [15], \p$1873 [15], \p$1873 [15], \p$1873 [15], \p$1873 [15], \p$1873 [15], \p$1873  } : \$289 ;
-  assign \$291  = $signed(acc_0_6) + $signed(\p$1874 );
-  assign \$292  = first3_0_6 ? { \p$1874 [15], \p$1874 [15], \p$1874 [15], \p$1874 [15], \p$1874 [15], \p$1874 [15], \p$1874 [15], \p$1874 [15], \p$1874 [15], \p$1874  } : \$291 ;
-  assign \$293  = $signed(acc_0_7) + $signed(\p$1875 );
-  assign \$294  = first3_0_7 ? { \p$1875 [15], \p$1875 [15], \p$1875 [15], \p$1875 [15], \p$1875 [15], \p$1875 [15], \p$1875 [15], \p$1875 [15], \p$1875 [15], \p$1875  } : \$293 ;
-  assign \$295  = $signed(acc_0_8) + $signed(\p$1876 );
-  assign \$296  = first3_0_8 ? { \p$1876 [15], \p$1876 [15], \p$1876 [15], \p$1876 [15], \p$1876 [15], \p$1876 [15], \p$1876 [15], \p$1876 [15], \p$1876 [15], \p$1876  } : \$295 ;
-  assign \$297  = $signed(acc_0_9) + $signed(\p$1877 );
-  assign \$298  = first3_0_9 ? { \p$1877 [15], \p$1877 [15], \p$1877 [15], \p$1877 [15], \p$1877 [15], \p$1877 [15], \p$1877 [15], \p$1877 [15], \p$1877 [15], \p$1877  } : \$297 ;
-  assign \$299  = $signed(acc_0_10) + $signed(\p$1878 );
-  assign \$300  = first3_0_10 ? { \p$1878 [15], \p$1878 [15], \p$1878 [15], \p$1878 [15], \p$1878 [15], \p$1878 [15], \p$1878 [15], \p$1878 [15], \p$1878 [15], \p$1878  } : \$299 ;
-  assign \$301  = $signed(acc_0_11) + $signed(\p$1879 );
-  assign \$302  = first3_0_11 ? { \p$1879 [15], \p$1879 [15], \p$1879 [15], \p$1879 [15], \p$1879 [15], \p$1879 [15], \p$1879 [15], \p$1879 [15], \p$1879 [15], \p$1879  } : \$301 ;
-  assign \$303  = $signed(acc_0_12) + $signed(\p$1880 );
-  assign \$304  = first3_0_12 ? { \p$1880 [15], \p$1880 [15], \p$1880 [15], \p$1880 [15], \p$1880 [15], \p$1880 [15], \p$1880 [15], \p$1880 [15], \p$1880 [15], \p$1880  } : \$303 ;
-  assign \$305  = $signed(acc_0_13) + $signed(\p$1881 );
-  assign \$306  = first3_0_13 ? { \p$1881 [15], \p$1881 [15], \p$1881 [15], \p$1881 [15], \p$1881 [15], \p$1881 [15], \p$1881 [15], \p$1881 [15], \p$1881 [15], \p$1881  } : \$305 ;
-  assign \$307  = $signed(acc_0_14) + $signed(\p$1882 );
-  assign \$308  = first3_0_14 ? { \p$1882 [15], \p$1882 [15], \p$1882 [15], \p$1882 [15], \p$1882 [15], \p$1882 [15], \p$1882 [15], \p$1882 [15], \p$1882 [15], \p$1882  } : \$307 ;
-  assign \$309  = $signed(acc_0_15) + $signed(\p$1883 );
-  assign \$310  = first3_0_15 ? { \p$1883 [15], \p$1883 [15], \p$1883 [15], \p$1883 [15], \p$1883 [15], \p$1883 [15], \p$1883 [15], \p$1883 [15], \p$1883 [15], \p$1883  } : \$309 ;
-  assign \$311  = $signed(acc_1_0) + $signed(\p$1884 );
-  assign \$312  = first3_1_0 ? { \p$1884 [15], \p$1884 [15], \p$1884 [15], \p$1884 [15], \p$1884 [15], \p$1884 [15], \p$1884 [15], \p$1884 [15], \p$1884 [15], \p$1884  } : \$311 ;
-  assign \$313  = $signed(acc_1_1) + $signed(\p$1885 );
-  assign \$314  = first3_1_1 ? { \p$1885 [15], \p$1885 [15], \p$1885 [15], \p$1885 [15], \p$1885 [15], \p$1885 [15], \p$1885 [15], \p$1885 [15], \p$1885 [15], \p$1885  } : \$313 ;
-  assign \$315  = $signed(acc_1_2) + $signed(\p$1886 );
-  assign \$316  = first3_1_2 ? { \p$1886 [15], \p$1886 [15], \p$1886 [15], \p$1886 [15], \p$1886 [15], \p$1886 [15], \p$1886 [15], \p$1886 [15], \p$1886 [15], \p$1886  } : \$315 ;
-  assign \$317  = $signed(acc_1_3) + $signed(\p$1887 );
-  assign \$318  = first3_1_3 ? { \p$1887 [15], \p$1887 [15], \p$1887 [15], \p$1887 [15], \p$1887 [15], \p$1887 [15], \p$1887 [15], \p$1887 [15], \p$1887 [15], \p$1887  } : \$317 ;
-  assign \$319  = $signed(acc_1_4) + $signed(\p$1888 );
-  assign \$320  = first3_1_4 ? { \p$1888 [15], \p$1888 [15], \p$1888 [15], \p$1888 [15], \p$1888 [15], \p$1888 [15], \p$1888 [15], \p$1888 [15], \p$1888 [15], \p$1888  } : \$319 ;
-  assign \$321  = $signed(acc_1_5) + $signed(\p$1889 );
-  assign \$322  = first3_1_5 ? { \p$1889 [15], \p$1889 [15], \p$1889 [15], \p$1889 [15], \p$1889 [15], \p$1889 [15], \p$1889 [15], \p$1889 [15], \p$1889 [15], \p$1889  } : \$321 ;
-  assign \$323  = $signed(acc_1_6) + $signed(\p$1890 );
-  assign \$324  = first3_1_6 ? { \p$1890 [15], \p$1890 [15], \p$1890 [15], \p$1890 [15], \p$1890 [15], \p$1890 [15], \p$1890 [15], \p$1890 [15], \p$1890 [15], \p$1890  } : \$323 ;
-  assign \$325  = $signed(acc_1_7) + $signed(\p$1891 );
-  assign \$326  = first3_1_7 ? { \p$1891 [15], \p$1891 [15], \p$1891 [15], \p$1891 [15], \p$1891 [15], \p$1891 [15], \p$1891 [15], \p$1891 [15], \p$1891 [15], \p$1891  } : \$325 ;
-  assign \$327  = $signed(acc_1_8) + $signed(\p$1892 );
-  assign \$328  = first3_1_8 ? { \p$1892 [15], \p$1892 [15], \p$1892 [15], \p$1892 [15], \p$1892 [15], \p$1892 [15], \p$1892 [15], \p$1892 [15], \p$1892 [15], \p$1892  } : \$327 ;
-  assign \$329  = $signed(acc_1_9) + $signed(\p$1893 );
-  assign \$330  = first3_1_9 ? { \p$1893 [15], \p$1893 [15], \p$1893 [15], \p$1893 [15], \p$1893 [15], \p$1893 [15], \p$1893 [15], \p$1893 [15], \p$1893 [15], \p$1893  } : \$329 ;
-  assign \$331  = $signed(acc_1_10) + $signed(\p$1894 );
-  assign \$332  = first3_1_10 ? { \p$1894 [15], \p$1894 [15], \p$1894 [15], \p$1894 [15], \p$1894 [15], \p$1894 [15], \p$1894 [15], \p$1894 [15], \p$1894 [15], \p$1894  } : \$331 ;
-  assign \$333  = $signed(acc_1_11) + $signed(\p$1895 );
-  assign \$334  = first3_1_11 ? { \p$1895 [15], \p$1895 [15], \p$1895 [15], \p$1895 [15], \p$1895 [15], \p$1895 [15], \p$1895 [15], \p$1895 [15], \p$1895 [15], \p$1895  } : \$333 ;
-  assign \$335  = $signed(acc_1_12) + $signed(\p$1896 );
-  assign \$336  = first3_1_12 ? { \p$1896 [15], \p$1896 [15], \p$1896 [15], \p$1896 [15], \p$1896 [15], \p$1896 [15], \p$1896 [15], \p$1896 [15], \p$1896 [15], \p$1896  } : \$335 ;
-  assign \$337  = $signed(acc_1_13) + $signed(\p$1897 );
-  assign \$338  = first3_1_13 ? { \p$1897 [15], \p$1897 [15], \p$1897 [15], \p$1897 [15], \p$1897 [15], \p$1897 [15], \p$1897 [15], \p$1897 [15], \p$1897 [15], \p$1897  } : \$337 ;
-  assign \$339  = $signed(acc_1_14) + $signed(\p$1898 );
-  assign \$340  = first3_1_14 ? { \p$1898 [15], \p$1898 [15], \p$1898 [15], \p$1898 [15], \p$1898 [15], \p$1898 [15], \p$1898 [15], \p$1898 [15], \p$1898 [15], \p$1898  } : \$339 ;
-  assign \$341  = $signed(acc_1_15) + $signed(\p$1899 );
-  assign \$342  = first3_1_15 ? { \p$1899 [15], \p$1899 [15], \p$1899 [15], \p$1899 [15], \p$1899 [15], \p$1899 [15], \p$1899 [15], \p$1899 [15], \p$1899 [15], \p$1899  } : \$341 ;
-  assign \$343  = $signed(acc_2_0) + $signed(\p$1900 );
-  assign \$344  = first3_2_0 ? { \p$1900 [15], \p$1900 [15], \p$1900 [15], \p$1900 [15], \p$1900 [15], \p$1900 [15], \p$1900 [15], \p$1900 [15], \p$1900 [15], \p$1900  } : \$343 ;
-  assign \$345  = $signed(acc_2_1) + $signed(\p$1901 );
-  assign \$346  = first3_2_1 ? { \p$1901 [15], \p$1901 [15], \p$1901 [15], \p$1901 [15], \p$1901 [15], \p$1901 [15], \p$1901 [15], \p$1901 [15], \p$1901 [15], \p$1901  } : \$345 ;
-  assign \$347  = $signed(acc_2_2) + $signed(\p$1902 );
-  assign \$348  = first3_2_2 ? { \p$1902 [15], \p$1902 [15], \p$1902 [15], \p$1902 [15], \p$1902 [15], \p$1902 [15], \p$1902 [15], \p$1902 [15], \p$1902 [15], \p$1902  } : \$347 ;
-  assign \$349  = $signed(acc_2_3) + $signed(\p$1903 );
-  assign \$350  = first3_2_3 ? { \p$1903 [15], \p$1903 [15], \p$1903 [15], \p$1903 [15], \p$1903 [15], \p$1903 [15], \p$1903 [15], \p$1903 [15], \p$1903 [15], \p$1903  } : \$349 ;
-  assign \$351  = $signed(acc_2_4) + $signed(\p$1904 );
-  assign \$352  = first3_2_4 ? { \p$1904 [15], \p$1904 [15], \p$1904 [15], \p$1904 [15], \p$1904 [15], \p$1904 [15], \p$1904 [15], \p$1904 [15], \p$1904 [15], \p$1904  } : \$351 ;
-  assign \$353  = $signed(acc_2_5) + $signed(\p$1905 );
-  assign \$354  = first3_2_5 ? { \p$1905 [15], \p$1905 [15], \p$1905 [15], \p$1905 [15], \p$1905 [15], \p$1905 [15], \p$1905 [15], \p$1905 [15], \p$1905 [15], \p$1905  } : \$353 ;
-  assign \$355  = $signed(acc_2_6) + $signed(\p$1906 );
-  assign \$356  = first3_2_6 ? { \p$1906 [15], \p$1906 [15], \p$1906 [15], \p$1906 [15], \p$1906 [15], \p$1906 [15], \p$1906 [15], \p$1906 [15], \p$1906 [15], \p$1906  } : \$355 ;
-  assign \$357  = $signed(acc_2_7) + $signed(\p$1907 );
-  assign \$358  = first3_2_7 ? { \p$1907 [15], \p$1907 [15], \p$1907 [15], \p$1907 [15], \p$1907 [15], \p$1907 [15], \p$1907 [15], \p$1907 [15], \p$1907 [15], \p$1907  } : \$357 ;
-  assign \$359  = $signed(acc_2_8) + $signed(\p$1908 );
-  assign \$360  = first3_2_8 ? { \p$1908 [15], \p$1908 [15], \p$1908 [15], \p$1908 [15], \p$1908 [15], \p$1908 [15], \p$1908 [15], \p$1908 [15], \p$1908 [15], \p$1908  } : \$359 ;
-  assign \$361  = $signed(acc_2_9) + $signed(\p$1909 );
-  assign \$362  = first3_2_9 ? { \p$1909 [15], \p$1909 [15], \p$1909 [15], \p$1909 [15], \p$1909 [15], \p$1909 [15], \p$1909 [15], \p$1909 [15], \p$1909 [15], \p$1909  } : \$361 ;
-  assign \$363  = $signed(acc_2_10) + $signed(\p$1910 );
-  assign \$364  = first3_2_10 ? { \p$1910 [15], \p$1910 [15], \p$1910 [15], \p$1910 [15], \p$1910 [15], \p$1910 [15], \p$1910 [15], \p$1910 [15], \p$1910 [15], \p$1910  } : \$363 ;
-  assign \$365  = $signed(acc_2_11) + $signed(\p$1911 );
-  assign \$366  = first3_2_11 ? { \p$1911 [15], \p$1911 [15], \p$1911 [15], \p$1911 [15], \p$1911 [15], \p$1911 [15], \p$1911 [15], \p$1911 [15], \p$1911 [15], \p$1911  } : \$365 ;
-  assign \$367  = $signed(acc_2_12) + $signed(\p$1912 );
-  assign \$368  = first3_2_12 ? { \p$1912 [15], \p$1912 [15], \p$1912 [15], \p$1912 [15], \p$1912 [15], \p$1912 [15], \p$1912 [15], \p$1912 [15], \p$1912 [15], \p$1912  } : \$367 ;
-  assign \$369  = $signed(acc_2_13) + $signed(\p$1913 );
-  assign \$370  = first3_2_13 ? { \p$1913 [15], \p$1913 [15], \p$1913 [15], \p$1913 [15], \p$1913 [15], \p$1913 [15], \p$1913 [15], \p$1913 [15], \p$1913 [15], \p$1913  } : \$369 ;
-  assign \$371  = $signed(acc_2_14) + $signed(\p$1914 );
-  assign \$372  = first3_2_14 ? { \p$1914 [15], \p$1914 [15], \p$1914 [15], \p$1914 [15], \p$1914 [15], \p$1914 [15], \p$1914 [15], \p$1914 [15], \p$1914 [15], \p$1914  } : \$371 ;
-  assign \$373  = $signed(acc_2_15) + $signed(\p$1915 );
-  assign \$374  = first3_2_15 ? { \p$1915 [15], \p$1915 [15], \p$1915 [15], \p$1915 [15], \p$1915 [15], \p$1915 [15], \p$1915 [15], \p$1915 [15], \p$1915 [15], \p$1915  } : \$373 ;
-  assign \$375  = $signed(acc_3_0) + $signed(\p$1916 );
-  assign \$376  = first3_3_0 ? { \p$1916 [15], \p$1916 [15], \p$1916 [15], \p$1916 [15], \p$1916 [15], \p$1916 [15], \p$1916 [15], \p$1916 [15], \p$1916 [15], \p$1916  } : \$375 ;
-  assign \$377  = $signed(acc_3_1) + $signed(\p$1917 );
-  assign \$378  = first3_3_1 ? { \p$1917 [15], \p$1917 [15], \p$1917 [15], \p$1917 [15], \p$1917 [15], \p$1917 [15], \p$1917 [15], \p$1917 [15], \p$1917 [15], \p$1917  } : \$377 ;
-  assign \$379  = $signed(acc_3_2) + $signed(\p$1918 );
-  assign \$380  = first3_3_2 ? { \p$1918 [15], \p$1918 [15], \p$1918 [15], \p$1918 [15], \p$1918 [15], \p$1918 [15], \p$1918 [15], \p$1918 [15], \p$1918 [15], \p$1918  } : \$379 ;
-  assign \$381  = $signed(acc_3_3) + $signed(\p$1919 );
-  assign \$382  = first3_3_3 ? { \p$1919 [15], \p$1919 [15], \p$1919 [15], \p$1919 [15], \p$1919 [15], \p$1919 [15], \p$1919 [15], \p$1919 [15], \p$1919 [15], \p$1919  } : \$381 ;
-  assign \$383  = $signed(acc_3_4) + $signed(\p$1920 );
-  assign \$384  = first3_3_4 ? { \p$1920 [15], \p$1920 [15], \p$1920 [15], \p$1920 [15], \p$1920 [15], \p$1920 [15], \p$1920 [15], \p$1920 [15], \p$1920 [15], \p$1920  } : \$383 ;
-  assign \$385  = $signed(acc_3_5) + $signed(\p$1921 );
-  assign \$386  = first3_3_5 ? { \p$1921 [15], \p$1921 [15], \p$1921 [15], \p$1921 [15], \p$1921 [15], \p$1921 [15], \p$1921 [15], \p$1921 [15], \p$1921 [15], \p$1921  } : \$385 ;
-  assign \$387  = $signed(acc_3_6) + $signed(\p$1922 );
-  assign \$388  = first3_3_6 ? { \p$1922 [15], \p$1922 [15], \p$1922 [15], \p$1922 [15], \p$1922 [15], \p$1922 [15], \p$1922 [15], \p$1922 [15], \p$1922 [15], \p$1922  } : \$387 ;
-  assign \$389  = $signed(acc_3_7) + $signed(\p$1923 );
-  assign \$390  = first3_3_7 ? { \p$1923 [15], \p$1923 [15], \p$1923 [15], \p$1923 [15], \p$1923 [15], \p$1923 [15], \p$1923 [15], \p$1923 [15], \p$1923 [15], \p$1923  } : \$389 ;
-  assign \$391  = $signed(acc_3_8) + $signed(\p$1924 );
-  assign \$392  = first3_3_8 ? { \p$1924 [15], \p$1924 [15], \p$1924 [15], \p$1924 [15], \p$1924 [15], \p$1924 [15], \p$1924 [15], \p$1924 [15], \p$1924 [15], \p$1924  } : \$391 ;
-  assign \$393  = $signed(acc_3_9) + $signed(\p$1925 );
-  assign \$394  = first3_3_9 ? { \p$1925 [15], \p$1925 [15], \p$1925 [15], \p$1925 [15], \p$1925 [15], \p$1925 [15], \p$1925 [15], \p$1925 [15], \p$1925 [15], \p$1925  } : \$393 ;
-  assign \$395  = $signed(acc_3_10) + $signed(\p$1926 );
-  assign \$396  = first3_3_10 ? { \p$1926 [15], \p$1926 [15], \p$1926 [15], \p$1926 [15], \p$1926 [15], \p$1926 [15], \p$1926 [15], \p$1926 [15], \p$1926 [15], \p$1926  } : \$395 ;
-  assign \$397  = $signed(acc_3_11) + $signed(\p$1927 );
-  assign \$398  = first3_3_11 ? { \p$1927 [15], \p$1927 [15], \p$1927 [15], \p$1927 [15], \p$1927 [15], \p$1927 [15], \p$1927 [15], \p$1927 [15], \p$1927 [15], \p$1927  } : \$397 ;
-  assign \$399  = $signed(acc_3_12) + $signed(\p$1928 );
-  assign \$400  = first3_3_12 ? { \p$1928 [15], \p$1928 [15], \p$1928 [15], \p$1928 [15], \p$1928 [15], \p$1928 [15], \p$1928 [15], \p$1928 [15], \p$1928 [15], \p$1928  } : \$399 ;
-  assign \$401  = $signed(acc_3_13) + $signed(\p$1929 );
-  assign \$402  = first3_3_13 ? { \p$1929 [15], \p$1929 [15], \p$1929 [15], \p$1929 [15], \p$1929 [15], \p$1929 [15], \p$1929 [15], \p$1929 [15], \p$1929 [15], \p$1929  } : \$401 ;
-  assign \$403  = $signed(acc_3_14) + $signed(\p$1930 );
-  assign \$404  = first3_3_14 ? { \p$1930 [15], \p$1930 [15], \p$1930 [15], \p$1930 [15], \p$1930 [15], \p$1930 [15], \p$1930 [15], \p$1930 [15], \p$1930 [15], \p$1930  } : \$403 ;
-  assign \$405  = $signed(acc_3_15) + $signed(\p$1931 );
-  assign \$406  = first3_3_15 ? { \p$1931 [15], \p$1931 [15], \p$1931 [15], \p$1931 [15], \p$1931 [15], \p$1931 [15], \p$1931 [15], \p$1931 [15], \p$1931 [15], \p$1931  } : \$405 ;
-  assign \$407  = $signed(acc_4_0) + $signed(\p$1932 );
-  assign \$408  = first3_4_0 ? { \p$1932 [15], \p$1932 [15], \p$1932 [15], \p$1932 [15], \p$1932 [15], \p$1932 [15], \p$1932 [15], \p$1932 [15], \p$1932 [15], \p$1932  } : \$407 ;
-  assign \$409  = $signed(acc_4_1) + $signed(\p$1933 );
-  assign \$410  = first3_4_1 ? { \p$1933 [15], \p$1933 [15], \p$1933 [15], \p$1933 [15], \p$1933 [15], \p$1933 [15], \p$1933 [15], \p$1933 [15], \p$1933 [15], \p$1933  } : \$409 ;
-  assign \$411  = $signed(acc_4_2) + $signed(\p$1934 );
-  assign \$412  = first3_4_2 ? { \p$1934 [15], \p$1934 [15], \p$1934 [15], \p$1934 [15], \p$1934 [15], \p$1934 [15], \p$1934 [15], \p$1934 [15], \p$1934 [15], \p$1934  } : \$411 ;
-  assign \$413  = $signed(acc_4_3) + $signed(\p$1935 );
-  assign \$414  = first3_4_3 ? { \p$1935 [15], \p$1935 [15], \p$1935 [15], \p$1935 [15], \p$1935 [15], \p$1935 [15], \p$1935 [15], \p$1935 [15], \p$1935 [15], \p$1935  } : \$413 ;
-  assign \$415  = $signed(acc_4_4) + $signed(\p$1936 );
-  assign \$416  = first3_4_4 ? { \p$1936 [15], \p$1936 [15], \p$1936 [15], \p$1936 [15], \p$1936 [15], \p$1936 [15], \p$1936 [15], \p$1936 [15], \p$1936 [15], \p$1936  } : \$415 ;
-  assign \$417  = $signed(acc_4_5) + $signed(\p$1937 );
-  assign \$418  = first3_4_5 ? { \p$1937 [15], \p$1937 [15], \p$1937 [15], \p$1937 [15], \p$1937 [15], \p$1937 [15], \p$1937 [15], \p$1937 [15], \p$1937 [15], \p$1937  } : \$417 ;
-  assign \$419  = $signed(acc_4_6) + $signed(\p$1938 );
-  assign \$420  = first3_4_6 ? { \p$1938 [15], \p$1938 [15], \p$1938 [15], \p$1938 [15], \p$1938 [15], \p$1938 [15], \p$1938 [15], \p$1938 [15], \p$1938 [15], \p$1938  } : \$419 ;
-  assign \$421  = $signed(acc_4_7) + $signed(\p$1939 );
-  assign \$422  = first3_4_7 ? { \p$1939 [15], \p$1939 [15], \p$1939 [15], \p$1939 [15], \p$1939 [15], \p$1939 [15], \p$1939 [15], \p$1939 [15], \p$1939 [15], \p$1939  } : \$421 ;
-  assign \$423  = $signed(acc_4_8) + $signed(\p$1940 );
-  assign \$424  = first3_4_8 ? { \p$1940 [15], \p$1940 [15], \p$1940 [15], \p$1940 [15], \p$1940 [15], \p$1940 [15], \p$1940 [15], \p$1940 [15], \p$1940 [15], \p$1940  } : \$423 ;
-  assign \$425  = $signed(acc_4_9) + $signed(\p$1941 );
-  assign \$426  = first3_4_9 ? { \p$1941 [15], \p$1941 [15], \p$1941 [15], \p$1941 [15], \p$1941 [15], \p$1941 [15], \p$1941 [15], \p$1941 [15], \p$1941 [15], \p$1941  } : \$425 ;
-  assign \$427  = $signed(acc_4_10) + $signed(\p$1942 );
-  assign \$428  = first3_4_10 ? { \p$1942 [15], \p$1942 [15], \p$1942 [15], \p$1942 [15], \p$1942 [15], \p$1942 [15], \p$1942 [15], \p$1942 [15], \p$1942 [15], \p$1942  } : \$427 ;
-  assign \$429  = $signed(acc_4_11) + $signed(\p$1943 );
-  assign \$430  = first3_4_11 ? { \p$1943 [15], \p$1943 [15], \p$1943 [15], \p$1943 [15], \p$1943 [15], \p$1943 [15], \p$1943 [15], \p$1943 [15], \p$1943 [15], \p$1943  } : \$429 ;
-  assign \$431  = $signed(acc_4_12) + $signed(\p$1944 );
-  assign \$432  = first3_4_12 ? { \p$1944 [15], \p$1944 [15], \p$1944 [15], \p$1944 [15], \p$1944 [15], \p$1944 [15], \p$1944 [15], \p$1944 [15], \p$1944 [15], \p$1944  } : \$431 ;
-  assign \$433  = $signed(acc_4_13) + $signed(\p$1945 );
-  assign \$434  = first3_4_13 ? { \p$1945 [15], \p$1945 [15], \p$1945 [15], \p$1945 [15], \p$1945 [15], \p$1945 [15], \p$1945 [15], \p$1945 [15], \p$1945 [15], \p$1945  } : \$433 ;
-  assign \$435  = $signed(acc_4_14) + $signed(\p$1946 );
-  assign \$436  = first3_4_14 ? { \p$1946 [15], \p$1946 [15], \p$1946 [15], \p$1946 [15], \p$1946 [15], \p$1946 [15], \p$1946 [15], \p$1946 [15], \p$1946 [15], \p$1946  } : \$435 ;
-  assign \$437  = $signed(acc_4_15) + $signed(\p$1947 );
-  assign \$438  = first3_4_15 ? { \p$1947 [15], \p$1947 [15], \p$1947 [15], \p$1947 [15], \p$1947 [15], \p$1947 [15], \p$1947 [15], \p$1947 [15], \p$1947 [15], \p$1947  } : \$437 ;
-  assign \$439  = $signed(acc_5_0) + $signed(\p$1948 );
-  assign \$440  = first3_5_0 ? { \p$1948 [15], \p$1948 [15], \p$1948 [15], \p$1948 [15], \p$1948 [15], \p$1948 [15], \p$1948 [15], \p$1948 [15], \p$1948 [15], \p$1948  } : \$439 ;
-  assign \$441  = $signed(acc_5_1) + $signed(\p$1949 );
-  assign \$442  = first3_5_1 ? { \p$1949 [15], \p$1949 [15], \p$1949 [15], \p$1949 [15], \p$1949 [15], \p$1949 [15], \p$1949 [15], \p$1949 [15], \p$1949 [15], \p$1949  } : \$441 ;
-  assign \$443  = $signed(acc_5_2) + $signed(\p$1950 );
-  assign \$444  = first3_5_2 ? { \p$1950 [15], \p$1950 [15], \p$1950 [15], \p$1950 [15], \p$1950 [15], \p$1950 [15], \p$1950 [15], \p$1950 [15], \p$1950 [15], \p$1950  } : \$443 ;
-  assign \$445  = $signed(acc_5_3) + $signed(\p$1951 );
-  assign \$446  = first3_5_3 ? { \p$1951 [15], \p$1951 [15], \p$1951 [15], \p$1951 [15], \p$1951 [15], \p$1951 [15], \p$1951 [15], \p$1951 [15], \p$1951 [15], \p$1951  } : \$445 ;
-  assign \$447  = $signed(acc_5_4) + $signed(\p$1952 );
-  assign \$448  = first3_5_4 ? { \p$1952 [15], \p$1952 [15], \p$1952 [15], \p$1952 [15], \p$1952 [15], \p$1952 [15], \p$1952 [15], \p$1952 [15], \p$1952 [15], \p$1952  } : \$447 ;
-  assign \$449  = $signed(acc_5_5) + $signed(\p$1953 );
-  assign \$450  = first3_5_5 ? { \p$1953 [15], \p$1953 [15], \p$1953 [15], \p$1953 [15], \p$1953 [15], \p$1953 [15], \p$1953 [15], \p$1953 [15], \p$1953 [15], \p$1953  } : \$449 ;
-  assign \$451  = $signed(acc_5_6) + $signed(\p$1954 );
-  assign \$452  = first3_5_6 ? { \p$1954 [15], \p$1954 [15], \p$1954 [15], \p$1954 [15], \p$1954 [15], \p$1954 [15], \p$1954 [15], \p$1954 [15], \p$1954 [15], \p$1954  } : \$451 ;
-  assign \$453  = $signed(acc_5_7) + $signed(\p$1955 );
-  assign \$454  = first3_5_7 ? { \p$1955 [15], \p$1955 [15], \p$1955 [15], \p$1955 [15], \p$1955 [15], \p$1955 [15], \p$1955 [15], \p$1955 [15], \p$1955 [15], \p$1955  } : \$453 ;
-  assign \$455  = $signed(acc_5_8) + $signed(\p$1956 );
-  assign \$456  = first3_5_8 ? { \p$1956 [15], \p$1956 [15], \p$1956 [15], \p$1956 [15], \p$1956 [15], \p$1956 [15], \p$1956 [15], \p$1956 [15], \p$1956 [15], \p$1956  } : \$455 ;
-  assign \$457  = $signed(acc_5_9) + $signed(\p$1957 );
-  assign \$458  = first3_5_9 ? { \p$1957 [15], \p$1957 [15], \p$1957 [15], \p$1957 [15], \p$1957 [15], \p$1957 [15], \p$1957 [15], \p$1957 [15], \p$1957 [15], \p$1957  } : \$457 ;
-  assign \$459  = $signed(acc_5_10) + $signed(\p$1958 );
-  assign \$460  = first3_5_10 ? { \p$1958 [15], \p$1958 [15], \p$1958 [15], \p$1958 [15], \p$1958 [15], \p$1958 [15], \p$1958 [15], \p$1958 [15], \p$1958 [15], \p$1958  } : \$459 ;
-  assign \$461  = $signed(acc_5_11) + $signed(\p$1959 );
-  assign \$462  = first3_5_11 ? { \p$1959 [15], \p$1959 [15], \p$1959 [15], \p$1959 [15], \p$1959 [15], \p$1959 [15], \p$1959 [15], \p$1959 [15], \p$1959 [15], \p$1959  } : \$461 ;
-  assign \$463  = $signed(acc_5_12) + $signed(\p$1960 );
-  assign \$464  = first3_5_12 ? { \p$1960 [15], \p$1960 [15], \p$1960 [15], \p$1960 [15], \p$1960 [15], \p$1960 [15], \p$1960 [15], \p$1960 [15], \p$1960 [15], \p$1960  } : \$463 ;
-  assign \$465  = $signed(acc_5_13) + $signed(\p$1961 );
-  assign \$466  = first3_5_13 ? { \p$1961 [15], \p$1961 [15], \p$1961 [15], \p$1961 [15], \p$1961 [15], \p$1961 [15], \p$1961 [15], \p$1961 [15], \p$1961 [15], \p$1961  } : \$465 ;
-  assign \$467  = $signed(acc_5_14) + $signed(\p$1962 );
-  assign \$468  = first3_5_14 ? { \p$1962 [15], \p$1962 [15], \p$1962 [15], \p$1962 [15], \p$1962 [15], \p$1962 [15], \p$1962 [15], \p$1962 [15], \p$1962 [15], \p$1962  } : \$467 ;
-  assign \$469  = $signed(acc_5_15) + $signed(\p$1963 );
-  assign \$470  = first3_5_15 ? { \p$1963 [15], \p$1963 [15], \p$1963 [15], \p$1963 [15], \p$1963 [15], \p$1963 [15], \p$1963 [15], \p$1963 [15], \p$1963 [15], \p$1963  } : \$469 ;
-  assign \$471  = $signed(acc_6_0) + $signed(\p$1964 );
-  assign \$472  = first3_6_0 ? { \p$1964 [15], \p$1964 [15], \p$1964 [15], \p$1964 [15], \p$1964 [15], \p$1964 [15], \p$1964 [15], \p$1964 [15], \p$1964 [15], \p$1964  } : \$471 ;
-  assign \$473  = $signed(acc_6_1) + $signed(\p$1965 );
-  assign \$474  = first3_6_1 ? { \p$1965 [15], \p$1965 [15], \p$1965 [15], \p$1965 [15], \p$1965 [15], \p$1965 [15], \p$1965 [15], \p$1965 [15], \p$1965 [15], \p$1965  } : \$473 ;
-  assign \$475  = $signed(acc_6_2) + $signed(\p$1966 );
-  assign \$476  = first3_6_2 ? { \p$1966 [15], \p$1966 [15], \p$1966 [15], \p$1966 [15], \p$1966 [15], \p$1966 [15], \p$1966 [15], \p$1966 [15], \p$1966 [15], \p$1966  } : \$475 ;
-  assign \$477  = $signed(acc_6_3) + $signed(\p$1967 );
-  assign \$478  = first3_6_3 ? { \p$1967 [15], \p$1967 [15], \p$1967 [15], \p$1967 [15], \p$1967 [15], \p$1967 [15], \p$1967 [15], \p$1967 [15], \p$1967 [15], \p$1967  } : \$477 ;
-  assign \$479  = $signed(acc_6_4) + $signed(\p$1968 );
-  assign \$480  = first3_6_4 ? { \p$1968 [15], \p$1968 [15], \p$1968 [15], \p$1968 [15], \p$1968 [15], \p$1968 [15], \p$1968 [15], \p$1968 [15], \p$1968 [15], \p$1968  } : \$479 ;
-  assign \$481  = $signed(acc_6_5) + $signed(\p$1969 );
-  assign \$482  = first3_6_5 ? { \p$1969 [15], \p$1969 [15], \p$1969 [15], \p$1969 [15], \p$1969 [15], \p$1969 [15], \p$1969 [15], \p$1969 [15], \p$1969 [15], \p$1969  } : \$481 ;
-  assign \$483  = $signed(acc_6_6) + $signed(\p$1970 );
-  assign \$484  = first3_6_6 ? { \p$1970 [15], \p$1970 [15], \p$1970 [15], \p$1970 [15], \p$1970 [15], \p$1970 [15], \p$1970 [15], \p$1970 [15], \p$1970 [15], \p$1970  } : \$483 ;
-  assign \$485  = $signed(acc_6_7) + $signed(\p$1971 );
-  assign \$486  = first3_6_7 ? { \p$1971 [15], \p$1971 [15], \p$1971 [15], \p$1971 [15], \p$1971 [15], \p$1971 [15], \p$1971 [15], \p$1971 [15], \p$1971 [15], \p$1971  } : \$485 ;
-  assign \$487  = $signed(acc_6_8) + $signed(\p$1972 );
-  assign \$488  = first3_6_8 ? { \p$1972 [15], \p$1972 [15], \p$1972 [15], \p$1972 [15], \p$1972 [15], \p$1972 [15], \p$1972 [15], \p$1972 [15], \p$1972 [15], \p$1972  } : \$487 ;
-  assign \$489  = $signed(acc_6_9) + $signed(\p$1973 );
-  assign \$490  = first3_6_9 ? { \p$1973 [15], \p$1973 [15], \p$1973 [15], \p$1973 [15], \p$1973 [15], \p$1973 [15], \p$1973 [15], \p$1973 [15], \p$1973 [15], \p$1973  } : \$489 ;
-  assign \$491  = $signed(acc_6_10) + $signed(\p$1974 );
-  assign \$492  = first3_6_10 ? { \p$1974 [15], \p$1974 [15], \p$1974 [15], \p$1974 [15], \p$1974 [15], \p$1974 [15], \p$1974 [15], \p$1974 [15], \p$1974 [15], \p$1974  } : \$491 ;
-  assign \$493  = $signed(acc_6_11) + $signed(\p$1975 );
-  assign \$494  = first3_6_11 ? { \p$1975 [15], \p$1975 [15], \p$1975 [15], \p$1975 [15], \p$1975 [15], \p$1975 [15], \p$1975 [15], \p$1975 [15], \p$1975 [15], \p$1975  } : \$493 ;
-  assign \$495  = $signed(acc_6_12) + $signed(\p$1976 );
-  assign \$496  = first3_6_12 ? { \p$1976 [15], \p$1976 [15], \p$1976 [15], \p$1976 [15], \p$1976 [15], \p$1976 [15], \p$1976 [15], \p$1976 [15], \p$1976 [15], \p$1976  } : \$495 ;
-  assign \$497  = $signed(acc_6_13) + $signed(\p$1977 );
-  assign \$498  = first3_6_13 ? { \p$1977 [15], \p$1977 [15], \p$1977 [15], \p$1977 [15], \p$1977 [15], \p$1977 [15], \p$1977 [15], \p$1977 [15], \p$1977 [15], \p$1977  } : \$497 ;
-  assign \$499  = $signed(acc_6_14) + $signed(\p$1978 );
-  assign \$500  = first3_6_14 ? { \p$1978 [15], \p$1978 [15], \p$1978 [15], \p$1978 [15], \p$1978 [15], \p$1978 [15], \p$1978 [15], \p$1978 [15], \p$1978 [15], \p$1978  } : \$499 ;
-  assign \$501  = $signed(acc_6_15) + $signed(\p$1979 );
-  assign \$502  = first3_6_15 ? { \p$1979 [15], \p$1979 [15], \p$1979 [15], \p$1979 [15], \p$1979 [15], \p$1979 [15], \p$1979 [15], \p$1979 [15], \p$1979 [15], \p$1979  } : \$501 ;
-  assign \$503  = $signed(acc_7_0) + $signed(\p$1980 );
-  assign \$504  = first3_7_0 ? { \p$1980 [15], \p$1980 [15], \p$1980 [15], \p$1980 [15], \p$1980 [15], \p$1980 [15], \p$1980 [15], \p$1980 [15], \p$1980 [15], \p$1980  } : \$503 ;
-  assign \$505  = $signed(acc_7_1) + $signed(\p$1981 );
-  assign \$506  = first3_7_1 ? { \p$1981 [15], \p$1981 [15], \p$1981 [15], \p$1981 [15], \p$1981 [15], \p$1981 [15], \p$1981 [15], \p$1981 [15], \p$1981 [15], \p$1981  } : \$505 ;
-  assign \$507  = $signed(acc_7_2) + $signed(\p$1982 );
-  assign \$508  = first3_7_2 ? { \p$1982 [15], \p$1982 [15], \p$1982 [15], \p$1982 [15], \p$1982 [15], \p$1982 [15], \p$1982 [15], \p$1982 [15], \p$1982 [15], \p$1982  } : \$507 ;
-  assign \$509  = $signed(acc_7_3) + $signed(\p$1983 );
-  assign \$510  = first3_7_3 ? { \p$1983 [15], \p$1983 [15], \p$1983 [15], \p$1983 [15], \p$1983 [15], \p$1983 [15], \p$1983 [15], \p$1983 [15], \p$1983 [15], \p$1983  } : \$509 ;
-  assign \$511  = $signed(acc_7_4) + $signed(\p$1984 );
-  assign \$512  = first3_7_4 ? { \p$1984 [15], \p$1984 [15], \p$1984 [15], \p$1984 [15], \p$1984 [15], \p$1984 [15], \p$1984 [15], \p$1984 [15], \p$1984 [15], \p$1984  } : \$511 ;
-  assign \$513  = $signed(acc_7_5) + $signed(\p$1985 );
-  assign \$514  = first3_7_5 ? { \p$1985 [15], \p$1985 [15], \p$1985 [15], \p$1985 [15], \p$1985 [15], \p$1985 [15], \p$1985 [15], \p$1985 [15], \p$1985 [15], \p$1985  } : \$513 ;
-  assign \$515  = $signed(acc_7_6) + $signed(\p$1986 );
-  assign \$516  = first3_7_6 ? { \p$1986 [15], \p$1986 [15], \p$1986 [15], \p$1986 [15], \p$1986 [15], \p$1986 [15], \p$1986 [15], \p$1986 [15], \p$1986 [15], \p$1986  } : \$515 ;
-  assign \$517  = $signed(acc_7_7) + $signed(\p$1987 );
-  assign \$518  = first3_7_7 ? { \p$1987 [15], \p$1987 [15], \p$1987 [15], \p$1987 [15], \p$1987 [15], \p$1987 [15], \p$1987 [15], \p$1987 [15], \p$1987 [15], \p$1987  } : \$517 ;
-  assign \$519  = $signed(acc_7_8) + $signed(\p$1988 );
-  assign \$520  = first3_7_8 ? { \p$1988 [15], \p$1988 [15], \p$1988 [15], \p$1988 [15], \p$1988 [15], \p$1988 [15], \p$1988 [15], \p$1988 [15], \p$1988 [15], \p$1988  } : \$519 ;
-  assign \$521  = $signed(acc_7_9) + $signed(\p$1989 );
-  assign \$522  = first3_7_9 ? { \p$1989 [15], \p$1989 [15], \p$1989 [15], \p$1989 [15], \p$1989 [15], \p$1989 [15], \p$1989 [15], \p$1989 [15], \p$1989 [15], \p$1989  } : \$521 ;
-  assign \$523  = $signed(acc_7_10) + $signed(\p$1990 );
-  assign \$524  = first3_7_10 ? { \p$1990 [15], \p$1990 [15], \p$1990 [15], \p$1990 [15], \p$1990 [15], \p$1990 [15], \p$1990 [15], \p$1990 [15], \p$1990 [15], \p$1990  } : \$523 ;
-  assign \$525  = $signed(acc_7_11) + $signed(\p$1991 );
-  assign \$526  = first3_7_11 ? { \p$1991 [15], \p$1991 [15], \p$1991 [15], \p$1991 [15], \p$1991 [15], \p$1991 [15], \p$1991 [15], \p$1991 [15], \p$1991 [15], \p$1991  } : \$525 ;
-  assign \$527  = $signed(acc_7_12) + $signed(\p$1992 );
-  assign \$528  = first3_7_12 ? { \p$1992 [15], \p$1992 [15], \p$1992 [15], \p$1992 [15], \p$1992 [15], \p$1992 [15], \p$1992 [15], \p$1992 [15], \p$1992 [15], \p$1992  } : \$527 ;
-  assign \$529  = $signed(acc_7_13) + $signed(\p$1993 );
-  assign \$530  = first3_7_13 ? { \p$1993 [15], \p$1993 [15], \p$1993 [15], \p$1993 [15], \p$1993 [15], \p$1993 [15], \p$1993 [15], \p$1993 [15], \p$1993 [15], \p$1993  } : \$529 ;
-  assign \$531  = $signed(acc_7_14) + $signed(\p$1994 );
-  assign \$532  = first3_7_14 ? { \p$1994 [15], \p$1994 [15], \p$1994 [15], \p$1994 [15], \p$1994 [15], \p$1994 [15], \p$1994 [15], \p$1994 [15], \p$1994 [15], \p$1994  } : \$531 ;
-  assign \$533  = $signed(acc_7_15) + $signed(\p$1995 );
-  assign \$534  = first3_7_15 ? { \p$1995 [15], \p$1995 [15], \p$1995 [15], \p$1995 [15], \p$1995 [15], \p$1995 [15], \p$1995 [15], \p$1995 [15], \p$1995 [15], \p$1995  } : \$533 ;
-  assign \$535  = $signed(acc_8_0) + $signed(\p$1996 );
-  assign \$536  = first3_8_0 ? { \p$1996 [15], \p$1996 [15], \p$1996 [15], \p$1996 [15], \p$1996 [15], \p$1996 [15], \p$1996 [15], \p$1996 [15], \p$1996 [15], \p$1996  } : \$535 ;
-  assign \$537  = $signed(acc_8_1) + $signed(\p$1997 );
-  assign \$538  = first3_8_1 ? { \p$1997 [15], \p$1997 [15], \p$1997 [15], \p$1997 [15], \p$1997 [15], \p$1997 [15], \p$1997 [15], \p$1997 [15], \p$1997 [15], \p$1997  } : \$537 ;
-  assign \$539  = $signed(acc_8_2) + $signed(\p$1998 );
-  assign \$540  = first3_8_2 ? { \p$1998 [15], \p$1998 [15], \p$1998 [15], \p$1998 [15], \p$1998 [15], \p$1998 [15], \p$1998 [15], \p$1998 [15], \p$1998 [15], \p$1998  } : \$539 ;
-  assign \$541  = $signed(acc_8_3) + $signed(\p$1999 );
-  assign \$542  = first3_8_3 ? { \p$1999 [15], \p$1999 [15], \p$1999 [15], \p$1999 [15], \p$1999 [15], \p$1999 [15], \p$1999 [15], \p$1999 [15], \p$1999 [15], \p$1999  } : \$541 ;
-  assign \$543  = $signed(acc_8_4) + $signed(\p$2000 );
-  assign \$544  = first3_8_4 ? { \p$2000 [15], \p$2000 [15], \p$2000 [15], \p$2000 [15], \p$2000 [15], \p$2000 [15], \p$2000 [15], \p$2000 [15], \p$2000 [15], \p$2000  } : \$543 ;
-  assign \$545  = $signed(acc_8_5) + $signed(\p$2001 );
-  assign \$546  = first3_8_5 ? { \p$2001 [15], \p$2001 [15], \p$2001 [15], \p$2001 [15], \p$2001 [15], \p$2001 [15], \p$2001 [15], \p$2001 [15], \p$2001 [15], \p$2001  } : \$545 ;
-  assign \$547  = $signed(acc_8_6) + $signed(\p$2002 );
-  assign \$548  = first3_8_6 ? { \p$2002 [15], \p$2002 [15], \p$2002 [15], \p$2002 [15], \p$2002 [15], \p$2002 [15], \p$2002 [15], \p$2002 [15], \p$2002 [15], \p$2002  } : \$547 ;
-  assign \$549  = $signed(acc_8_7) + $signed(\p$2003 );
-  assign \$550  = first3_8_7 ? { \p$2003 [15], \p$2003 [15], \p$2003 [15], \p$2003 [15], \p$2003 [15], \p$2003 [15], \p$2003 [15], \p$2003 [15], \p$2003 [15], \p$2003  } : \$549 ;
-  assign \$551  = $signed(acc_8_8) + $signed(\p$2004 );
-  assign \$552  = first3_8_8 ? { \p$2004 [15], \p$2004 [15], \p$2004 [15], \p$2004 [15], \p$2004 [15], \p$2004 [15], \p$2004 [15], \p$2004 [15], \p$2004 [15], \p$2004  } : \$551 ;
-  assign \$553  = $signed(acc_8_9) + $signed(\p$2005 );
-  assign \$554  = first3_8_9 ? { \p$2005 [15], \p$2005 [15], \p$2005 [15], \p$2005 [15], \p$2005 [15], \p$2005 [15], \p$2005 [15], \p$2005 [15], \p$2005 [15], \p$2005  } : \$553 ;
-  assign \$555  = $signed(acc_8_10) + $signed(\p$2006 );
-  assign \$556  = first3_8_10 ? { \p$2006 [15], \p$2006 [15], \p$2006 [15], \p$2006 [15], \p$2006 [15], \p$2006 [15], \p$2006 [15], \p$2006 [15], \p$2006 [15], \p$2006  } : \$555 ;
-  assign \$557  = $signed(acc_8_11) + $signed(\p$2007 );
-  assign \$558  = first3_8_11 ? { \p$2007 [15], \p$2007 [15], \p$2007 [15], \p$2007 [15], \p$2007 [15], \p$2007 [15], \p$2007 [15], \p$2007 [15], \p$2007 [15], \p$2007  } : \$557 ;
-  assign \$559  = $signed(acc_8_12) + $signed(\p$2008 );
-  assign \$560  = first3_8_12 ? { \p$2008 [15], \p$2008 [15], \p$2008 [15], \p$2008 [15], \p$2008 [15], \p$2008 [15], \p$2008 [15], \p$2008 [15], \p$2008 [15], \p$2008  } : \$559 ;
-  assign \$561  = $signed(acc_8_13) + $signed(\p$2009 );
-  assign \$562  = first3_8_13 ? { \p$2009 [15], \p$2009 [15], \p$2009 [15], \p$2009 [15], \p$2009 [15], \p$2009 [15], \p$2009 [15], \p$2009 [15], \p$2009 [15], \p$2009  } : \$561 ;
-  assign \$563  = $signed(acc_8_14) + $signed(\p$2010 );
-  assign \$564  = first3_8_14 ? { \p$2010 [15], \p$2010 [15], \p$2010 [15], \p$2010 [15], \p$2010 [15], \p$2010 [15], \p$2010 [15], \p$2010 [15], \p$2010 [15], \p$2010  } : \$563 ;
-  assign \$565  = $signed(acc_8_15) + $signed(\p$2011 );
-  assign \$566  = first3_8_15 ? { \p$2011 [15], \p$2011 [15], \p$2011 [15], \p$2011 [15], \p$2011 [15], \p$2011 [15], \p$2011 [15], \p$2011 [15], \p$2011 [15], \p$2011  } : \$565 ;
-  assign \$567  = $signed(acc_9_0) + $signed(\p$2012 );
-  assign \$568  = first3_9_0 ? { \p$2012 [15], \p$2012 [15], \p$2012 [15], \p$2012 [15], \p$2012 [15], \p$2012 [15], \p$2012 [15], \p$2012 [15], \p$2012 [15], \p$2012  } : \$567 ;
-  assign \$569  = $signed(acc_9_1) + $signed(\p$2013 );
-  assign \$570  = first3_9_1 ? { \p$2013 [15], \p$2013 [15], \p$2013 [15], \p$2013 [15], \p$2013 [15], \p$2013 [15], \p$2013 [15], \p$2013 [15], \p$2013 [15], \p$2013  } : \$569 ;
-  assign \$571  = $signed(acc_9_2) + $signed(\p$2014 );
-  assign \$572  = first3_9_2 ? { \p$2014 [15], \p$2014 [15], \p$2014 [15], \p$2014 [15], \p$2014 [15], \p$2014 [15], \p$2014 [15], \p$2014 [15], \p$2014 [15], \p$2014  } : \$571 ;
-  assign \$573  = $signed(acc_9_3) + $signed(\p$2015 );
-  assign \$574  = first3_9_3 ? { \p$2015 [15], \p$2015 [15], \p$2015 [15], \p$2015 [15], \p$2015 [15], \p$2015 [15], \p$2015 [15], \p$2015 [15], \p$2015 [15], \p$2015  } : \$573 ;
-  assign \$575  = $signed(acc_9_4) + $signed(\p$2016 );
-  assign \$576  = first3_9_4 ? { \p$2016 [15], \p$2016 [15], \p$2016 [15], \p$2016 [15], \p$2016 [15], \p$2016 [15], \p$2016 [15], \p$2016 [15], \p$2016 [15], \p$2016  } : \$575 ;
-  assign \$577  = $signed(acc_9_5) + $signed(\p$2017 );
-  assign \$578  = first3_9_5 ? { \p$2017 [15], \p$2017 [15], \p$2017 [15], \p$2017 [15], \p$2017 [15], \p$2017 [15], \p$2017 [15], \p$2017 [15], \p$2017 [15], \p$2017  } : \$577 ;
-  assign \$579  = $signed(acc_9_6) + $signed(\p$2018 );
-  assign \$580  = first3_9_6 ? { \p$2018 [15], \p$2018 [15], \p$2018 [15], \p$2018 [15], \p$2018 [15], \p$2018 [15], \p$2018 [15], \p$2018 [15], \p$2018 [15], \p$2018  } : \$579 ;
-  assign \$581  = $signed(acc_9_7) + $signed(\p$2019 );
-  assign \$582  = first3_9_7 ? { \p$2019 [15], \p$2019 [15], \p$2019 [15], \p$2019 [15], \p$2019 [15], \p$2019 [15], \p$2019 [15], \p$2019 [15], \p$2019 [15], \p$2019  } : \$581 ;
-  assign \$583  = $signed(acc_9_8) + $signed(\p$2020 );
-  assign \$584  = first3_9_8 ? { \p$2020 [15], \p$2020 [15], \p$2020 [15], \p$2020 [15], \p$2020 [15], \p$2020 [15], \p$2020 [15], \p$2020 [15], \p$2020 [15], \p$2020  } : \$583 ;
-  assign \$585  = $signed(acc_9_9) + $signed(\p$2021 );
-  assign \$586  = first3_9_9 ? { \p$2021 [15], \p$2021 [15], \p$2021 [15], \p$2021 [15], \p$2021 [15], \p$2021 [15], \p$2021 [15], \p$2021 [15], \p$2021 [15], \p$2021  } : \$585 ;
-  assign \$587  = $signed(acc_9_10) + $signed(\p$2022 );
-  assign \$588  = first3_9_10 ? { \p$2022 [15], \p$2022 [15], \p$2022 [15], \p$2022 [15], \p$2022 [15], \p$2022 [15], \p$2022 [15], \p$2022 [15], \p$2022 [15], \p$2022  } : \$587 ;
-  assign \$589  = $signed(acc_9_11) + $signed(\p$2023 );
-  assign \$590  = first3_9_11 ? { \p$2023 [15], \p$2023 [15], \p$2023 [15], \p$2023 [15], \p$2023 [15], \p$2023 [15], \p$2023 [15], \p$2023 [15], \p$2023 [15], \p$2023  } : \$589 ;
-  assign \$591  = $signed(acc_9_12) + $signed(\p$2024 );
-  assign \$592  = first3_9_12 ? { \p$2024 [15], \p$2024 [15], \p$2024 [15], \p$2024 [15], \p$2024 [15], \p$2024 [15], \p$2024 [15], \p$2024 [15], \p$2024 [15], \p$2024  } : \$591 ;
-  assign \$593  = $signed(acc_9_13) + $signed(\p$2025 );
-  assign \$594  = first3_9_13 ? { \p$2025 [15], \p$2025 [15], \p$2025 [15], \p$2025 [15], \p$2025 [15], \p$2025 [15], \p$2025 [15], \p$2025 [15], \p$2025 [15], \p$2025  } : \$593 ;
-  assign \$595  = $signed(acc_9_14) + $signed(\p$2026 );
-  assign \$596  = first3_9_14 ? { \p$2026 [15], \p$2026 [15], \p$2026 [15], \p$2026 [15], \p$2026 [15], \p$2026 [15], \p$2026 [15], \p$2026 [15], \p$2026 [15], \p$2026  } : \$595 ;
-  assign \$597  = $signed(acc_9_15) + $signed(\p$2027 );
-  assign \$598  = first3_9_15 ? { \p$2027 [15], \p$2027 [15], \p$2027 [15], \p$2027 [15], \p$2027 [15], \p$2027 [15], \p$2027 [15], \p$2027 [15], \p$2027 [15], \p$2027  } : \$597 ;
-  assign \$599  = $signed(acc_10_0) + $signed(\p$2028 );
-  assign \$600  = first3_10_0 ? { \p$2028 [15], \p$2028 [15], \p$2028 [15], \p$2028 [15], \p$2028 [15], \p$2028 [15], \p$2028 [15], \p$2028 [15], \p$2028 [15], \p$2028  } : \$599 ;
-  assign \$601  = $signed(acc_10_1) + $signed(\p$2029 );
-  assign \$602  = first3_10_1 ? { \p$2029 [15], \p$2029 [15], \p$2029 [15], \p$2029 [15], \p$2029 [15], \p$2029 [15], \p$2029 [15], \p$2029 [15], \p$2029 [15], \p$2029  } : \$601 ;
-  assign \$603  = $signed(acc_10_2) + $signed(\p$2030 );
-  assign \$604  = first3_10_2 ? { \p$2030 [15], \p$2030 [15], \p$2030 [15], \p$2030 [15], \p$2030 [15], \p$2030 [15], \p$2030 [15], \p$2030 [15], \p$2030 [15], \p$2030  } : \$603 ;
-  assign \$605  = $signed(acc_10_3) + $signed(\p$2031 );
-  assign \$606  = first3_10_3 ? { \p$2031 [15], \p$2031 [15], \p$2031 [15], \p$2031 [15], \p$2031 [15], \p$2031 [15], \p$2031 [15], \p$2031 [15], \p$2031 [15], \p$2031  } : \$605 ;
-  assign \$607  = $signed(acc_10_4) + $signed(\p$2032 );
-  assign \$608  = first3_10_4 ? { \p$2032 [15], \p$2032 [15], \p$2032 [15], \p$2032 [15], \p$2032 [15], \p$2032 [15], \p$2032 [15], \p$2032 [15], \p$2032 [15], \p$2032  } : \$607 ;
-  assign \$609  = $signed(acc_10_5) + $signed(\p$2033 );
-  assign \$610  = first3_10_5 ? { \p$2033 [15], \p$2033 [15], \p$2033 [15], \p$2033 [15], \p$2033 [15], \p$2033 [15], \p$2033 [15], \p$2033 [15], \p$2033 [15], \p$2033  } : \$609 ;
-  assign \$611  = $signed(acc_10_6) + $signed(\p$2034 );
-  assign \$612  = first3_10_6 ? { \p$2034 [15], \p$2034 [15], \p$2034 [15], \p$2034 [15], \p$2034 [15], \p$2034 [15], \p$2034 [15], \p$2034 [15], \p$2034 [15], \p$2034  } : \$611 ;
-  assign \$613  = $signed(acc_10_7) + $signed(\p$2035 );
-  assign \$614  = first3_10_7 ? { \p$2035 [15], \p$2035 [15], \p$2035 [15], \p$2035 [15], \p$2035 [15], \p$2035 [15], \p$2035 [15], \p$2035 [15], \p$2035 [15], \p$2035  } : \$613 ;
-  assign \$615  = $signed(acc_10_8) + $signed(\p$2036 );
-  assign \$616  = first3_10_8 ? { \p$2036 [15], \p$2036 [15], \p$2036 [15], \p$2036 [15], \p$2036 [15], \p$2036 [15], \p$2036 [15], \p$2036 [15], \p$2036 [15], \p$2036  } : \$615 ;
-  assign \$617  = $signed(acc_10_9) + $signed(\p$2037 );
-  assign \$618  = first3_10_9 ? { \p$2037 [15], \p$2037 [15], \p$2037 [15], \p$2037 [15], \p$2037 [15], \p$2037 [15], \p$2037 [15], \p$2037 [15], \p$2037 [15], \p$2037  } : \$617 ;
-  assign \$619  = $signed(acc_10_10) + $signed(\p$2038 );
-  assign \$620  = first3_10_10 ? { \p$2038 [15], \p$2038 [15], \p$2038 [15], \p$2038 [15], \p$2038 [15], \p$2038 [15], \p$2038 [15], \p$2038 [15], \p$2038 [15], \p$2038  } : \$619 ;
-  assign \$621  = $signed(acc_10_11) + $signed(\p$2039 );
-  assign \$622  = first3_10_11 ? { \p$2039 [15], \p$2039 [15], \p$2039 [15], \p$2039 [15], \p$2039 [15], \p$2039 [15], \p$2039 [15], \p$2039 [15], \p$2039 [15], \p$2039  } : \$621 ;
-  assign \$623  = $signed(acc_10_12) + $signed(\p$2040 );
-  assign \$624  = first3_10_12 ? { \p$2040 [15], \p$2040 [15], \p$2040 [15], \p$2040 [15], \p$2040 [15], \p$2040 [15], \p$2040 [15], \p$2040 [15], \p$2040 [15], \p$2040  } : \$623 ;
-  assign \$625  = $signed(acc_10_13) + $signed(\p$2041 );
-  assign \$626  = first3_10_13 ? { \p$2041 [15], \p$2041 [15], \p$2041 [15], \p$2041 [15], \p$2041 [15], \p$2041 [15], \p$2041 [15], \p$2041 [15], \p$2041 [15], \p$2041  } : \$625 ;
-  assign \$627  = $signed(acc_10_14) + $signed(\p$2042 );
-  assign \$628  = first3_10_14 ? { \p$2042 [15], \p$2042 [15], \p$2042 [15], \p$2042 [15], \p$2042 [15], \p$2042 [15], \p$2042 [15], \p$2042 [15], \p$2042 [15], \p$2042  } : \$627 ;
-  assign \$629  = $signed(acc_10_15) + $signed(\p$2043 );
-  assign \$630  = first3_10_15 ? { \p$2043 [15], \p$2043 [15], \p$2043 [15], \p$2043 [15], \p$2043 [15], \p$2043 [15], \p$2043 [15], \p$2043 [15], \p$2043 [15], \p$2043  } : \$629 ;
-  assign \$631  = $signed(acc_11_0) + $signed(\p$2044 );
-  assign \$632  = first3_11_0 ? { \p$2044 [15], \p$2044 [15], \p$2044 [15], \p$2044 [15], \p$2044 [15], \p$2044 [15], \p$2044 [15], \p$2044 [15], \p$2044 [15], \p$2044  } : \$631 ;
-  assign \$633  = $signed(acc_11_1) + $signed(\p$2045 );
-  assign \$634  = first3_11_1 ? { \p$2045 [15], \p$2045 [15], \p$2045 [15], \p$2045 [15], \p$2045 [15], \p$2045 [15], \p$2045 [15], \p$2045 [15], \p$2045 [15], \p$2045  } : \$633 ;
-  assign \$635  = $signed(acc_11_2) + $signed(\p$2046 );
-  assign \$636  = first3_11_2 ? { \p$2046 [15], \p$2046 [15], \p$2046 [15], \p$2046 [15], \p$2046 [15], \p$2046 [15], \p$2046 [15], \p$2046 [15], \p$2046 [15], \p$2046  } : \$635 ;
-  assign \$637  = $signed(acc_11_3) + $signed(\p$2047 );
-  assign \$638  = first3_11_3 ? { \p$2047 [15], \p$2047 [15], \p$2047 [15], \p$2047 [15], \p$2047 [15], \p$2047 [15], \p$2047 [15], \p$2047 [15], \p$2047 [15], \p$2047  } : \$637 ;
-  assign \$639  = $signed(acc_11_4) + $signed(\p$2048 );
-  assign \$640  = first3_11_4 ? { \p$2048 [15], \p$2048 [15], \p$2048 [15], \p$2048 [15], \p$2048 [15], \p$2048 [15], \p$2048 [15], \p$2048 [15], \p$2048 [15], \p$2048  } : \$639 ;
-  assign \$641  = $signed(acc_11_5) + $signed(\p$2049 );
-  assign \$642  = first3_11_5 ? { \p$2049 [15], \p$2049 [15], \p$2049 [15], \p$2049 [15], \p$2049 [15], \p$2049 [15], \p$2049 [15], \p$2049 [15], \p$2049 [15], \p$2049  } : \$641 ;
-  assign \$643  = $signed(acc_11_6) + $signed(\p$2050 );
-  assign \$644  = first3_11_6 ? { \p$2050 [15], \p$2050 [15], \p$2050 [15], \p$2050 [15], \p$2050 [15], \p$2050 [15], \p$2050 [15], \p$2050 [15], \p$2050 [15], \p$2050  } : \$643 ;
-  assign \$645  = $signed(acc_11_7) + $signed(\p$2051 );
-  assign \$646  = first3_11_7 ? { \p$2051 [15], \p$2051 [15], \p$2051 [15], \p$2051 [15], \p$2051 [15], \p$2051 [15], \p$2051 [15], \p$2051 [15], \p$2051 [15], \p$2051  } : \$645 ;
-  assign \$647  = $signed(acc_11_8) + $signed(\p$2052 );
-  assign \$648  = first3_11_8 ? { \p$2052 [15], \p$2052 [15], \p$2052 [15], \p$2052 [15], \p$2052 [15], \p$2052 [15], \p$2052 [15], \p$2052 [15], \p$2052 [15], \p$2052  } : \$647 ;
-  assign \$649  = $signed(acc_11_9) + $signed(\p$2053 );
-  assign \$650  = first3_11_9 ? { \p$2053 [15], \p$2053 [15], \p$2053 [15], \p$2053 [15], \p$2053 [15], \p$2053 [15], \p$2053 [15], \p$2053 [15], \p$2053 [15], \p$2053  } : \$649 ;
-  assign \$651  = $signed(acc_11_10) + $signed(\p$2054 );
-  assign \$652  = first3_11_10 ? { \p$2054 [15], \p$2054 [15], \p$2054 [15], \p$2054 [15], \p$2054 [15], \p$2054 [15], \p$2054 [15], \p$2054 [15], \p$2054 [15], \p$2054  } : \$651 ;
-  assign \$653  = $signed(acc_11_11) + $signed(\p$2055 );
-  assign \$654  = first3_11_11 ? { \p$2055 [15], \p$2055 [15], \p$2055 [15], \p$2055 [15], \p$2055 [15], \p$2055 [15], \p$2055 [15], \p$2055 [15], \p$2055 [15], \p$2055  } : \$653 ;
-  assign \$655  = $signed(acc_11_12) + $signed(\p$2056 );
-  assign \$656  = first3_11_12 ? { \p$2056 [15], \p$2056 [15], \p$2056 [15], \p$2056 [15], \p$2056 [15], \p$2056 [15], \p$2056 [15], \p$2056 [15], \p$2056 [15], \p$2056  } : \$655 ;
-  assign \$657  = $signed(acc_11_13) + $signed(\p$2057 );
-  assign \$658  = first3_11_13 ? { \p$2057 [15], \p$2057 [15], \p$2057 [15], \p$2057 [15], \p$2057 [15], \p$2057 [15], \p$2057 [15], \p$2057 [15], \p$2057 [15], \p$2057  } : \$657 ;
-  assign \$659  = $signed(acc_11_14) + $signed(\p$2058 );
-  assign \$660  = first3_11_14 ? { \p$2058 [15], \p$2058 [15], \p$2058 [15], \p$2058 [15], \p$2058 [15], \p$2058 [15], \p$2058 [15], \p$2058 [15], \p$2058 [15], \p$2058  } : \$659 ;
-  assign \$661  = $signed(acc_11_15) + $signed(\p$2059 );
-  assign \$662  = first3_11_15 ? { \p$2059 [15], \p$2059 [15], \p$2059 [15], \p$2059 [15], \p$2059 [15], \p$2059 [15], \p$2059 [15], \p$2059 [15], \p$2059 [15], \p$2059  } : \$661 ;
-  assign \$663  = $signed(acc_12_0) + $signed(\p$2060 );
-  assign \$664  = first3_12_0 ? { \p$2060 [15], \p$2060 [15], \p$2060 [15], \p$2060 [15], \p$2060 [15], \p$2060 [15], \p$2060 [15], \p$2060 [15], \p$2060 [15], \p$2060  } : \$663 ;
-  assign \$665  = $signed(acc_12_1) + $signed(\p$2061 );
-  assign \$666  = first3_12_1 ? { \p$2061 [15], \p$2061 [15], \p$2061 [15], \p$2061 [15], \p$2061 [15], \p$2061 [15], \p$2061 [15], \p$2061 [15], \p$2061 [15], \p$2061  } : \$665 ;
-  assign \$667  = $signed(acc_12_2) + $signed(\p$2062 );
-  assign \$668  = first3_12_2 ? { \p$2062 [15], \p$2062 [15], \p$2062 [15], \p$2062 [15], \p$2062 [15], \p$2062 [15], \p$2062 [15], \p$2062 [15], \p$2062 [15], \p$2062  } : \$667 ;
-  assign \$669  = $signed(acc_12_3) + $signed(\p$2063 );
-  assign \$670  = first3_12_3 ? { \p$2063 [15], \p$2063 [15], \p$2063 [15], \p$2063 [15], \p$2063 [15], \p$2063 [15], \p$2063 [15], \p$2063 [15], \p$2063 [15], \p$2063  } : \$669 ;
-  assign \$671  = $signed(acc_12_4) + $signed(\p$2064 );
-  assign \$672  = first3_12_4 ? { \p$2064 [15], \p$2064 [15], \p$2064 [15], \p$2064 [15], \p$2064 [15], \p$2064 [15], \p$2064 [15], \p$2064 [15], \p$2064 [15], \p$2064  } : \$671 ;
-  assign \$673  = $signed(acc_12_5) + $signed(\p$2065 );
-  assign \$674  = first3_12_5 ? { \p$2065 [15], \p$2065 [15], \p$2065 [15], \p$2065 [15], \p$2065 [15], \p$2065 [15], \p$2065 [15], \p$2065 [15], \p$2065 [15], \p$2065  } : \$673 ;
-  assign \$675  = $signed(acc_12_6) + $signed(\p$2066 );
-  assign \$676  = first3_12_6 ? { \p$2066 [15], \p$2066 [15], \p$2066 [15], \p$2066 [15], \p$2066 [15], \p$2066 [15], \p$2066 [15], \p$2066 [15], \p$2066 [15], \p$2066  } : \$675 ;
-  assign \$677  = $signed(acc_12_7) + $signed(\p$2067 );
-  assign \$678  = first3_12_7 ? { \p$2067 [15], \p$2067 [15], \p$2067 [15], \p$2067 [15], \p$2067 [15], \p$2067 [15], \p$2067 [15], \p$2067 [15], \p$2067 [15], \p$2067  } : \$677 ;
-  assign \$679  = $signed(acc_12_8) + $signed(\p$2068 );
-  assign \$680  = first3_12_8 ? { \p$2068 [15], \p$2068 [15], \p$2068 [15], \p$2068 [15], \p$2068 [15], \p$2068 [15], \p$2068 [15], \p$2068 [15], \p$2068 [15], \p$2068  } : \$679 ;
-  assign \$681  = $signed(acc_12_9) + $signed(\p$2069 );
-  assign \$682  = first3_12_9 ? { \p$2069 [15], \p$2069 [15], \p$2069 [15], \p$2069 [15], \p$2069 [15], \p$2069 [15], \p$2069 [15], \p$2069 [15], \p$2069 [15], \p$2069  } : \$681 ;
-  assign \$683  = $signed(acc_12_10) + $signed(\p$2070 );
-  assign \$684  = first3_12_10 ? { \p$2070 [15], \p$2070 [15], \p$2070 [15], \p$2070 [15], \p$2070 [15], \p$2070 [15], \p$2070 [15], \p$2070 [15], \p$2070 [15], \p$2070  } : \$683 ;
-  assign \$685  = $signed(acc_12_11) + $signed(\p$2071 );
-  assign \$686  = first3_12_11 ? { \p$2071 [15], \p$2071 [15], \p$2071 [15], \p$2071 [15], \p$2071 [15], \p$2071 [15], \p$2071 [15], \p$2071 [15], \p$2071 [15], \p$2071  } : \$685 ;
-  assign \$687  = $signed(acc_12_12) + $signed(\p$2072 );
-  assign \$688  = first3_12_12 ? { \p$2072 [15], \p$2072 [15], \p$2072 [15], \p$2072 [15], \p$2072 [15], \p$2072 [15], \p$2072 [15], \p$2072 [15], \p$2072 [15], \p$2072  } : \$687 ;
-  assign \$689  = $signed(acc_12_13) + $signed(\p$2073 );
-  assign \$690  = first3_12_13 ? { \p$2073 [15], \p$2073 [15], \p$2073 [15], \p$2073 [15], \p$2073 [15], \p$2073 [15], \p$2073 [15], \p$2073 [15], \p$2073 [15], \p$2073  } : \$689 ;
-  assign \$691  = $signed(acc_12_14) + $signed(\p$2074 );
-  assign \$692  = first3_12_14 ? { \p$2074 [15], \p$2074 [15], \p$2074 [15], \p$2074 [15], \p$2074 [15], \p$2074 [15], \p$2074 [15], \p$2074 [15], \p$2074 [15], \p$2074  } : \$691 ;
-  assign \$693  = $signed(acc_12_15) + $signed(\p$2075 );
-  assign \$694  = first3_12_15 ? { \p$2075 [15], \p$2075 [15], \p$2075 [15], \p$2075 [15], \p$2075 [15], \p$2075 [15], \p$2075 [15], \p$2075 [15], \p$2075 [15], \p$2075  } : \$693 ;
-  assign \$695  = $signed(acc_13_0) + $signed(\p$2076 );
-  assign \$696  = first3_13_0 ? { \p$2076 [15], \p$2076 [15], \p$2076 [15], \p$2076 [15], \p$2076 [15], \p$2076 [15], \p$2076 [15], \p$2076 [15], \p$2076 [15], \p$2076  } : \$695 ;
-  assign \$697  = $signed(acc_13_1) + $signed(\p$2077 );
-  assign \$698  = first3_13_1 ? { \p$2077 [15], \p$2077 [15], \p$2077 [15], \p$2077 [15], \p$2077 [15], \p$2077 [15], \p$2077 [15], \p$2077 [15], \p$2077 [15], \p$2077  } : \$697 ;
-  assign \$699  = $signed(acc_13_2) + $signed(\p$2078 );
-  assign \$700  = first3_13_2 ? { \p$2078 [15], \p$2078 [15], \p$2078 [15], \p$2078 [15], \p$2078 [15], \p$2078 [15], \p$2078 [15], \p$2078 [15], \p$2078 [15], \p$2078  } : \$699 ;
-  assign \$701  = $signed(acc_13_3) + $signed(\p$2079 );
-  assign \$702  = first3_13_3 ? { \p$2079 [15], \p$2079 [15], \p$2079 [15], \p$2079 [15], \p$2079 [15], \p$2079 [15], \p$2079 [15], \p$2079 [15], \p$2079 [15], \p$2079  } : \$701 ;
-  assign \$703  = $signed(acc_13_4) + $signed(\p$2080 );
-  assign \$704  = first3_13_4 ? { \p$2080 [15], \p$2080 [15], \p$2080 [15], \p$2080 [15], \p$2080 [15], \p$2080 [15], \p$2080 [15], \p$2080 [15], \p$2080 [15], \p$2080  } : \$703 ;
-  assign \$705  = $signed(acc_13_5) + $signed(\p$2081 );
-  assign \$706  = first3_13_5 ? { \p$2081 [15], \p$2081 [15], \p$2081 [15], \p$2081 [15], \p$2081 [15], \p$2081 [15], \p$2081 [15], \p$2081 [15], \p$2081 [15], \p$2081  } : \$705 ;
-  assign \$707  = $signed(acc_13_6) + $signed(\p$2082 );
-  assign \$708  = first3_13_6 ? { \p$2082 [15], \p$2082 [15], \p$2082 [15], \p$2082 [15], \p$2082 [15], \p$2082 [15], \p$2082 [15], \p$2082 [15], \p$2082 [15], \p$2082  } : \$707 ;
-  assign \$709  = $signed(acc_13_7) + $signed(\p$2083 );
-  assign \$710  = first3_13_7 ? { \p$2083 [15], \p$2083 [15], \p$2083 [15], \p$2083 [15], \p$2083 [15], \p$2083 [15], \p$2083 [15], \p$2083 [15], \p$2083 [15], \p$2083  } : \$709 ;
-  assign \$711  = $signed(acc_13_8) + $signed(\p$2084 );
-  assign \$712  = first3_13_8 ? { \p$2084 [15], \p$2084 [15], \p$2084 [15], \p$2084 [15], \p$2084 [15], \p$2084 [15], \p$2084 [15], \p$2084 [15], \p$2084 [15], \p$2084  } : \$711 ;
-  assign \$713  = $signed(acc_13_9) + $signed(\p$2085 );
-  assign \$714  = first3_13_9 ? { \p$2085 [15], \p$2085 [15], \p$2085 [15], \p$2085 [15], \p$2085 [15], \p$2085 [15], \p$2085 [15], \p$2085 [15], \p$2085 [15], \p$2085  } : \$713 ;
-  assign \$715  = $signed(acc_13_10) + $signed(\p$2086 );
-  assign \$716  = first3_13_10 ? { \p$2086 [15], \p$2086 [15], \p$2086 [15], \p$2086 [15], \p$2086 [15], \p$2086 [15], \p$2086 [15], \p$2086 [15], \p$2086 [15], \p$2086  } : \$715 ;
-  assign \$717  = $signed(acc_13_11) + $signed(\p$2087 );
-  assign \$718  = first3_13_11 ? { \p$2087 [15], \p$2087 [15], \p$2087 [15], \p$2087 [15], \p$2087 [15], \p$2087 [15], \p$2087 [15], \p$2087 [15], \p$2087 [15], \p$2087  } : \$717 ;
-  assign \$719  = $signed(acc_13_12) + $signed(\p$2088 );
-  assign \$720  = first3_13_12 ? { \p$2088 [15], \p$2088 [15], \p$2088 [15], \p$2088 [15], \p$2088 [15], \p$2088 [15], \p$2088 [15], \p$2088 [15], \p$2088 [15], \p$2088  } : \$719 ;
-  assign \$721  = $signed(acc_13_13) + $signed(\p$2089 );
-  assign \$722  = first3_13_13 ? { \p$2089 [15], \p$2089 [15], \p$2089 [15], \p$2089 [15], \p$2089 [15], \p$2089 [15], \p$2089 [15], \p$2089 [15], \p$2089 [15], \p$2089  } : \$721 ;
-  assign \$723  = $signed(acc_13_14) + $signed(\p$2090 );
-  assign \$724  = first3_13_14 ? { \p$2090 [15], \p$2090 [15], \p$2090 [15], \p$2090 [15], \p$2090 [15], \p$2090 [15], \p$2090 [15], \p$2090 [15], \p$2090 [15], \p$2090  } : \$723 ;
-  assign \$725  = $signed(acc_13_15) + $signed(\p$2091 );
-  assign \$726  = first3_13_15 ? { \p$2091 [15], \p$2091 [15], \p$2091 [15], \p$2091 [15], \p$2091 [15], \p$2091 [15], \p$2091 [15], \p$2091 [15], \p$2091 [15], \p$2091  } : \$725 ;
-  assign \$727  = $signed(acc_14_0) + $signed(\p$2092 );
-  assign \$728  = first3_14_0 ? { \p$2092 [15], \p$2092 [15], \p$2092 [15], \p$2092 [15], \p$2092 [15], \p$2092 [15], \p$2092 [15], \p$2092 [15], \p$2092 [15], \p$2092  } : \$727 ;
-  assign \$729  = $signed(acc_14_1) + $signed(\p$2093 );
-  assign \$730  = first3_14_1 ? { \p$2093 [15], \p$2093 [15], \p$2093 [15], \p$2093 [15], \p$2093 [15], \p$2093 [15], \p$2093 [15], \p$2093 [15], \p$2093 [15], \p$2093  } : \$729 ;
-  assign \$731  = $signed(acc_14_2) + $signed(\p$2094 );
-  assign \$732  = first3_14_2 ? { \p$2094 [15], \p$2094 [15], \p$2094 [15], \p$2094 [15], \p$2094 [15], \p$2094 [15], \p$2094 [15], \p$2094 [15], \p$2094 [15], \p$2094  } : \$731 ;
-  assign \$733  = $signed(acc_14_3) + $signed(\p$2095 );
-  assign \$734  = first3_14_3 ? { \p$2095 [15], \p$2095 [15], \p$2095 [15], \p$2095 [15], \p$2095 [15], \p$2095 [15], \p$2095 [15], \p$2095 [15], \p$2095 [15], \p$2095  } : \$733 ;
-  assign \$735  = $signed(acc_14_4) + $signed(\p$2096 );
-  assign \$736  = first3_14_4 ? { \p$2096 [15], \p$2096 [15], \p$2096 [15], \p$2096 [15], \p$2096 [15], \p$2096 [15], \p$2096 [15], \p$2096 [15], \p$2096 [15], \p$2096  } : \$735 ;
-  assign \$737  = $signed(acc_14_5) + $signed(\p$2097 );
-  assign \$738  = first3_14_5 ? { \p$2097 [15], \p$2097 [15], \p$2097 [15], \p$2097 [15], \p$2097 [15], \p$2097 [15], \p$2097 [15], \p$2097 [15], \p$2097 [15], \p$2097  } : \$737 ;
-  assign \$739  = $signed(acc_14_6) + $signed(\p$2098 );
-  assign \$740  = first3_14_6 ? { \p$2098 [15], \p$2098 [15], \p$2098 [15], \p$2098 [15], \p$2098 [15], \p$2098 [15], \p$2098 [15], \p$2098 [15], \p$2098 [15], \p$2098  } : \$739 ;
-  assign \$741  = $signed(acc_14_7) + $signed(\p$2099 );
-  assign \$742  = first3_14_7 ? { \p$2099 [15], \p$2099 [15], \p$2099 [15], \p$2099 [15], \p$2099 [15], \p$2099 [15], \p$2099 [15], \p$2099 [15], \p$2099 [15], \p$2099  } : \$741 ;
-  assign \$743  = $signed(acc_14_8) + $signed(\p$2100 );
-  assign \$744  = first3_14_8 ? { \p$2100 [15], \p$2100 [15], \p$2100 [15], \p$2100 [15], \p$2100 [15], \p$2100 [15], \p$2100 [15], \p$2100 [15], \p$2100 [15], \p$2100  } : \$743 ;
-  assign \$745  = $signed(acc_14_9) + $signed(\p$2101 );
-  assign \$746  = first3_14_9 ? { \p$2101 [15], \p$2101 [15], \p$2101 [15], \p$2101 [15], \p$2101 [15], \p$2101 [15], \p$2101 [15], \p$2101 [15], \p$2101 [15], \p$2101  } : \$745 ;
-  assign \$747  = $signed(acc_14_10) + $signed(\p$2102 );
-  assign \$748  = first3_14_10 ? { \p$2102 [15], \p$2102 [15], \p$2102 [15], \p$2102 [15], \p$2102 [15], \p$2102 [15], \p$2102 [15], \p$2102 [15], \p$2102 [15], \p$2102  } : \$747 ;
-  assign \$749  = $signed(acc_14_11) + $signed(\p$2103 );
-  assign \$750  = first3_14_11 ? { \p$2103 [15], \p$2103 [15], \p$2103 [15], \p$2103 [15], \p$2103 [15], \p$2103 [15], \p$2103 [15], \p$2103 [15], \p$2103 [15], \p$2103  } : \$749 ;
-  assign \$751  = $signed(acc_14_12) + $signed(\p$2104 );
-  assign \$752  = first3_14_12 ? { \p$2104 [15], \p$2104 [15], \p$2104 [15], \p$2104 [15], \p$2104 [15], \p$2104 [15], \p$2104 [15], \p$2104 [15], \p$2104 [15], \p$2104  } : \$751 ;
-  assign \$753  = $signed(acc_14_13) + $signed(\p$2105 );
-  assign \$754  = first3_14_13 ? { \p$2105 [15], \p$2105 [15], \p$2105 [15], \p$2105 [15], \p$2105 [15], \p$2105 [15], \p$2105 [15], \p$2105 [15], \p$2105 [15], \p$2105  } : \$753 ;
-  assign \$755  = $signed(acc_14_14) + $signed(\p$2106 );
-  assign \$756  = first3_14_14 ? { \p$2106 [15], \p$2106 [15], \p$2106 [15], \p$2106 [15], \p$2106 [15], \p$2106 [15], \p$2106 [15], \p$2106 [15], \p$2106 [15], \p$2106  } : \$755 ;
-  assign \$757  = $signed(acc_14_15) + $signed(\p$2107 );
-  assign \$758  = first3_14_15 ? { \p$2107 [15], \p$2107 [15], \p$2107 [15], \p$2107 [15], \p$2107 [15], \p$2107 [15], \p$2107 [15], \p$2107 [15], \p$2107 [15], \p$2107  } : \$757 ;
-  assign \$759  = $signed(acc_15_0) + $signed(\p$2108 );
-  assign \$760  = first3_15_0 ? { \p$2108 [15], \p$2108 [15], \p$2108 [15], \p$2108 [15], \p$2108 [15], \p$2108 [15], \p$2108 [15], \p$2108 [15], \p$2108 [15], \p$2108  } : \$759 ;
-  assign \$761  = $signed(acc_15_1) + $signed(\p$2109 );
-  assign \$762  = first3_15_1 ? { \p$2109 [15], \p$2109 [15], \p$2109 [15], \p$2109 [15], \p$2109 [15], \p$2109 [15], \p$2109 [15], \p$2109 [15], \p$2109 [15], \p$2109  } : \$761 ;
-  assign \$763  = $signed(acc_15_2) + $signed(\p$2110 );
-  assign \$764  = first3_15_2 ? { \p$2110 [15], \p$2110 [15], \p$2110 [15], \p$2110 [15], \p$2110 [15], \p$2110 [15], \p$2110 [15], \p$2110 [15], \p$2110 [15], \p$2110  } : \$763 ;
-  assign \$765  = $signed(acc_15_3) + $signed(\p$2111 );
-  assign \$766  = first3_15_3 ? { \p$2111 [15], \p$2111 [15], \p$2111 [15], \p$2111 [15], \p$2111 [15], \p$2111 [15], \p$2111 [15], \p$2111 [15], \p$2111 [15], \p$2111  } : \$765 ;
-  assign \$767  = $signed(acc_15_4) + $signed(\p$2112 );
-  assign \$768  = first3_15_4 ? { \p$2112 [15], \p$2112 [15], \p$2112 [15], \p$2112 [15], \p$2112 [15], \p$2112 [15], \p$2112 [15], \p$2112 [15], \p$2112 [15], \p$2112  } : \$767 ;
-  assign \$769  = $signed(acc_15_5) + $signed(\p$2113 );
-  assign \$770  = first3_15_5 ? { \p$2113 [15], \p$2113 [15], \p$2113 [15], \p$2113 [15], \p$2113 [15], \p$2113 [15], \p$2113 [15], \p$2113 [15], \p$2113 [15], \p$2113  } : \$769 ;
-  assign \$771  = $signed(acc_15_6) + $signed(\p$2114 );
-  assign \$772  = first3_15_6 ? { \p$2114 [15], \p$2114 [15], \p$2114 [15], \p$2114 [15], \p$2114 [15], \p$2114 [15], \p$2114 [15], \p$2114 [15], \p$2114 [15], \p$2114  } : \$771 ;
-  assign \$773  = $signed(acc_15_7) + $signed(\p$2115 );
-  assign \$774  = first3_15_7 ? { \p$2115 [15], \p$2115 [15], \p$2115 [15], \p$2115 [15], \p$2115 [15], \p$2115 [15], \p$2115 [15], \p$2115 [15], \p$2115 [15], \p$2115  } : \$773 ;
-  assign \$775  = $signed(acc_15_8) + $signed(\p$2116 );
-  assign \$776  = first3_15_8 ? { \p$2116 [15], \p$2116 [15], \p$2116 [15], \p$2116 [15], \p$2116 [15], \p$2116 [15], \p$2116 [15], \p$2116 [15], \p$2116 [15], \p$2116  } : \$775 ;
-  assign \$777  = $signed(acc_15_9) + $signed(\p$2117 );
-  assign \$778  = first3_15_9 ? { \p$2117 [15], \p$2117 [15], \p$2117 [15], \p$2117 [15], \p$2117 [15], \p$2117 [15], \p$2117 [15], \p$2117 [15], \p$2117 [15], \p$2117  } : \$777 ;
-  assign \$779  = $signed(acc_15_10) + $signed(\p$2118 );
-  assign \$780  = first3_15_10 ? { \p$2118 [15], \p$2118 [15], \p$2118 [15], \p$2118 [15], \p$2118 [15], \p$2118 [15], \p$2118 [15], \p$2118 [15], \p$2118 [15], \p$2118  } : \$779 ;
-  assign \$781  = $signed(acc_15_11) + $signed(\p$2119 );
-  assign \$782  = first3_15_11 ? { \p$2119 [15], \p$2119 [15], \p$2119 [15], \p$2119 [15], \p$2119 [15], \p$2119 [15], \p$2119 [15], \p$2119 [15], \p$2119 [15], \p$2119  } : \$781 ;
-  assign \$783  = $signed(acc_15_12) + $signed(\p$2120 );
-  assign \$784  = first3_15_12 ? { \p$2120 [15], \p$2120 [15], \p$2120 [15], \p$2120 [15], \p$2120 [15], \p$2120 [15], \p$2120 [15], \p$2120 [15], \p$2120 [15], \p$2120  } : \$783 ;
-  assign \$785  = $signed(acc_15_13) + $signed(\p$2121 );
-  assign \$786  = first3_15_13 ? { \p$2121 [15], \p$2121 [15], \p$2121 [15], \p$2121 [15], \p$2121 [15], \p$2121 [15], \p$2121 [15], \p$2121 [15], \p$2121 [15], \p$2121  } : \$785 ;
-  assign \$787  = $signed(acc_15_14) + $signed(\p$2122 );
-  assign \$788  = first3_15_14 ? { \p$2122 [15], \p$2122 [15], \p$2122 [15], \p$2122 [15], \p$2122 [15], \p$2122 [15], \p$2122 [15], \p$2122 [15], \p$2122 [15], \p$2122  } : \$787 ;
-  assign \$789  = $signed(acc_15_15) + $signed(\p$2123 );
-  assign \$790  = first3_15_15 ? { \p$2123 [15], \p$2123 [15], \p$2123 [15], \p$2123 [15], \p$2123 [15], \p$2123 [15], \p$2123 [15], \p$2123 [15], \p$2123 [15], \p$2123  } : \$789 ;
+  assign \$280  = first4_0_0 ? { p[15], p[15], p[15], p[15], p[15], p[15], p[15], p[15], p[15], p } : \$279 ;
+  assign \$281  = $signed(acc_0_1) + $signed(\p$1999 );
+  assign \$282  = first4_0_1 ? { \p$1999 [15], \p$1999 [15], \p$1999 [15], \p$1999 [15], \p$1999 [15], \p$1999 [15], \p$1999 [15], \p$1999 [15], \p$1999 [15], \p$1999  } : \$281 ;
+  assign \$283  = $signed(acc_0_2) + $signed(\p$2000 );
+  assign \$284  = first4_0_2 ? { \p$2000 [15], \p$2000 [15], \p$2000 [15], \p$2000 [15], \p$2000 [15], \p$2000 [15], \p$2000 [15], \p$2000 [15], \p$2000 [15], \p$2000  } : \$283 ;
+  assign \$285  = $signed(acc_0_3) + $signed(\p$2001 );
+  assign \$286  = first4_0_3 ? { \p$2001 [15], \p$2001 [15], \p$2001 [15], \p$2001 [15], \p$2001 [15], \p$2001 [15], \p$2001 [15], \p$2001 [15], \p$2001 [15], \p$2001  } : \$285 ;
+  assign \$287  = $signed(acc_0_4) + $signed(\p$2002 );
+  assign \$288  = first4_0_4 ? { \p$2002 [15], \p$2002 [15], \p$2002 [15], \p$2002 [15], \p$2002 [15], \p$2002 [15], \p$2002 [15], \p$2002 [15], \p$2002 [15], \p$2002  } : \$287 ;
+  assign \$289  = $signed(acc_0_5) + $signed(\p$2003 );
+  assign \$290  = first4_0_5 ? { \p$2003 [15], \p$2003 [15], \p$2003 [15], \p$2003 [15], \p$2003 [15], \p$2003 [15], \p$2003 [15], \p$2003 [15], \p$2003 [15], \p$2003  } : \$289 ;
+  assign \$291  = $signed(acc_0_6) + $signed(\p$2004 );
+  assign \$292  = first4_0_6 ? { \p$2004 [15], \p$2004 [15], \p$2004 [15], \p$2004 [15], \p$2004 [15], \p$2004 [15], \p$2004 [15], \p$2004 [15], \p$2004 [15], \p$2004  } : \$291 ;
+  assign \$293  = $signed(acc_0_7) + $signed(\p$2005 );
+  assign \$294  = first4_0_7 ? { \p$2005 [15], \p$2005 [15], \p$2005 [15], \p$2005 [15], \p$2005 [15], \p$2005 [15], \p$2005 [15], \p$2005 [15], \p$2005 [15], \p$2005  } : \$293 ;
+  assign \$295  = $signed(acc_0_8) + $signed(\p$2006 );
+  assign \$296  = first4_0_8 ? { \p$2006 [15], \p$2006 [15], \p$2006 [15], \p$2006 [15], \p$2006 [15], \p$2006 [15], \p$2006 [15], \p$2006 [15], \p$2006 [15], \p$2006  } : \$295 ;
+  assign \$297  = $signed(acc_0_9) + $signed(\p$2007 );
+  assign \$298  = first4_0_9 ? { \p$2007 [15], \p$2007 [15], \p$2007 [15], \p$2007 [15], \p$2007 [15], \p$2007 [15], \p$2007 [15], \p$2007 [15], \p$2007 [15], \p$2007  } : \$297 ;
+  assign \$299  = $signed(acc_0_10) + $signed(\p$2008 );
+  assign \$300  = first4_0_10 ? { \p$2008 [15], \p$2008 [15], \p$2008 [15], \p$2008 [15], \p$2008 [15], \p$2008 [15], \p$2008 [15], \p$2008 [15], \p$2008 [15], \p$2008  } : \$299 ;
+  assign \$301  = $signed(acc_0_11) + $signed(\p$2009 );
+  assign \$302  = first4_0_11 ? { \p$2009 [15], \p$2009 [15], \p$2009 [15], \p$2009 [15], \p$2009 [15], \p$2009 [15], \p$2009 [15], \p$2009 [15], \p$2009 [15], \p$2009  } : \$301 ;
+  assign \$303  = $signed(acc_0_12) + $signed(\p$2010 );
+  assign \$304  = first4_0_12 ? { \p$2010 [15], \p$2010 [15], \p$2010 [15], \p$2010 [15], \p$2010 [15], \p$2010 [15], \p$2010 [15], \p$2010 [15], \p$2010 [15], \p$2010  } : \$303 ;
+  assign \$305  = $signed(acc_0_13) + $signed(\p$2011 );
+  assign \$306  = first4_0_13 ? { \p$2011 [15], \p$2011 [15], \p$2011 [15], \p$2011 [15], \p$2011 [15], \p$2011 [15], \p$2011 [15], \p$2011 [15], \p$2011 [15], \p$2011  } : \$305 ;
+  assign \$307  = $signed(acc_0_14) + $signed(\p$2012 );
+  assign \$308  = first4_0_14 ? { \p$2012 [15], \p$2012 [15], \p$2012 [15], \p$2012 [15], \p$2012 [15], \p$2012 [15], \p$2012 [15], \p$2012 [15], \p$2012 [15], \p$2012  } : \$307 ;
+  assign \$309  = $signed(acc_0_15) + $signed(\p$2013 );
+  assign \$310  = first4_0_15 ? { \p$2013 [15], \p$2013 [15], \p$2013 [15], \p$2013 [15], \p$2013 [15], \p$2013 [15], \p$2013 [15], \p$2013 [15], \p$2013 [15], \p$2013  } : \$309 ;
+  assign \$311  = $signed(acc_1_0) + $signed(\p$2014 );
+  assign \$312  = first4_1_0 ? { \p$2014 [15], \p$2014 [15], \p$2014 [15], \p$2014 [15], \p$2014 [15], \p$2014 [15], \p$2014 [15], \p$2014 [15], \p$2014 [15], \p$2014  } : \$311 ;
+  assign \$313  = $signed(acc_1_1) + $signed(\p$2015 );
+  assign \$314  = first4_1_1 ? { \p$2015 [15], \p$2015 [15], \p$2015 [15], \p$2015 [15], \p$2015 [15], \p$2015 [15], \p$2015 [15], \p$2015 [15], \p$2015 [15], \p$2015  } : \$313 ;
+  assign \$315  = $signed(acc_1_2) + $signed(\p$2016 );
+  assign \$316  = first4_1_2 ? { \p$2016 [15], \p$2016 [15], \p$2016 [15], \p$2016 [15], \p$2016 [15], \p$2016 [15], \p$2016 [15], \p$2016 [15], \p$2016 [15], \p$2016  } : \$315 ;
+  assign \$317  = $signed(acc_1_3) + $signed(\p$2017 );
+  assign \$318  = first4_1_3 ? { \p$2017 [15], \p$2017 [15], \p$2017 [15], \p$2017 [15], \p$2017 [15], \p$2017 [15], \p$2017 [15], \p$2017 [15], \p$2017 [15], \p$2017  } : \$317 ;
+  assign \$319  = $signed(acc_1_4) + $signed(\p$2018 );
+  assign \$320  = first4_1_4 ? { \p$2018 [15], \p$2018 [15], \p$2018 [15], \p$2018 [15], \p$2018 [15], \p$2018 [15], \p$2018 [15], \p$2018 [15], \p$2018 [15], \p$2018  } : \$319 ;
+  assign \$321  = $signed(acc_1_5) + $signed(\p$2019 );
+  assign \$322  = first4_1_5 ? { \p$2019 [15], \p$2019 [15], \p$2019 [15], \p$2019 [15], \p$2019 [15], \p$2019 [15], \p$2019 [15], \p$2019 [15], \p$2019 [15], \p$2019  } : \$321 ;
+  assign \$323  = $signed(acc_1_6) + $signed(\p$2020 );
+  assign \$324  = first4_1_6 ? { \p$2020 [15], \p$2020 [15], \p$2020 [15], \p$2020 [15], \p$2020 [15], \p$2020 [15], \p$2020 [15], \p$2020 [15], \p$2020 [15], \p$2020  } : \$323 ;
+  assign \$325  = $signed(acc_1_7) + $signed(\p$2021 );
+  assign \$326  = first4_1_7 ? { \p$2021 [15], \p$2021 [15], \p$2021 [15], \p$2021 [15], \p$2021 [15], \p$2021 [15], \p$2021 [15], \p$2021 [15], \p$2021 [15], \p$2021  } : \$325 ;
+  assign \$327  = $signed(acc_1_8) + $signed(\p$2022 );
+  assign \$328  = first4_1_8 ? { \p$2022 [15], \p$2022 [15], \p$2022 [15], \p$2022 [15], \p$2022 [15], \p$2022 [15], \p$2022 [15], \p$2022 [15], \p$2022 [15], \p$2022  } : \$327 ;
+  assign \$329  = $signed(acc_1_9) + $signed(\p$2023 );
+  assign \$330  = first4_1_9 ? { \p$2023 [15], \p$2023 [15], \p$2023 [15], \p$2023 [15], \p$2023 [15], \p$2023 [15], \p$2023 [15], \p$2023 [15], \p$2023 [15], \p$2023  } : \$329 ;
+  assign \$331  = $signed(acc_1_10) + $signed(\p$2024 );
+  assign \$332  = first4_1_10 ? { \p$2024 [15], \p$2024 [15], \p$2024 [15], \p$2024 [15], \p$2024 [15], \p$2024 [15], \p$2024 [15], \p$2024 [15], \p$2024 [15], \p$2024  } : \$331 ;
+  assign \$333  = $signed(acc_1_11) + $signed(\p$2025 );
+  assign \$334  = first4_1_11 ? { \p$2025 [15], \p$2025 [15], \p$2025 [15], \p$2025 [15], \p$2025 [15], \p$2025 [15], \p$2025 [15], \p$2025 [15], \p$2025 [15], \p$2025  } : \$333 ;
+  assign \$335  = $signed(acc_1_12) + $signed(\p$2026 );
+  assign \$336  = first4_1_12 ? { \p$2026 [15], \p$2026 [15], \p$2026 [15], \p$2026 [15], \p$2026 [15], \p$2026 [15], \p$2026 [15], \p$2026 [15], \p$2026 [15], \p$2026  } : \$335 ;
+  assign \$337  = $signed(acc_1_13) + $signed(\p$2027 );
+  assign \$338  = first4_1_13 ? { \p$2027 [15], \p$2027 [15], \p$2027 [15], \p$2027 [15], \p$2027 [15], \p$2027 [15], \p$2027 [15], \p$2027 [15], \p$2027 [15], \p$2027  } : \$337 ;
+  assign \$339  = $signed(acc_1_14) + $signed(\p$2028 );
+  assign \$340  = first4_1_14 ? { \p$2028 [15], \p$2028 [15], \p$2028 [15], \p$2028 [15], \p$2028 [15], \p$2028 [15], \p$2028 [15], \p$2028 [15], \p$2028 [15], \p$2028  } : \$339 ;
+  assign \$341  = $signed(acc_1_15) + $signed(\p$2029 );
+  assign \$342  = first4_1_15 ? { \p$2029 [15], \p$2029 [15], \p$2029 [15], \p$2029 [15], \p$2029 [15], \p$2029 [15], \p$2029 [15], \p$2029 [15], \p$2029 [15], \p$2029  } : \$341 ;
+  assign \$343  = $signed(acc_2_0) + $signed(\p$2030 );
+  assign \$344  = first4_2_0 ? { \p$2030 [15], \p$2030 [15], \p$2030 [15], \p$2030 [15], \p$2030 [15], \p$2030 [15], \p$2030 [15], \p$2030 [15], \p$2030 [15], \p$2030  } : \$343 ;
+  assign \$345  = $signed(acc_2_1) + $signed(\p$2031 );
+  assign \$346  = first4_2_1 ? { \p$2031 [15], \p$2031 [15], \p$2031 [15], \p$2031 [15], \p$2031 [15], \p$2031 [15], \p$2031 [15], \p$2031 [15], \p$2031 [15], \p$2031  } : \$345 ;
+  assign \$347  = $signed(acc_2_2) + $signed(\p$2032 );
+  assign \$348  = first4_2_2 ? { \p$2032 [15], \p$2032 [15], \p$2032 [15], \p$2032 [15], \p$2032 [15], \p$2032 [15], \p$2032 [15], \p$2032 [15], \p$2032 [15], \p$2032  } : \$347 ;
+  assign \$349  = $signed(acc_2_3) + $signed(\p$2033 );
+  assign \$350  = first4_2_3 ? { \p$2033 [15], \p$2033 [15], \p$2033 [15], \p$2033 [15], \p$2033 [15], \p$2033 [15], \p$2033 [15], \p$2033 [15], \p$2033 [15], \p$2033  } : \$349 ;
+  assign \$351  = $signed(acc_2_4) + $signed(\p$2034 );
+  assign \$352  = first4_2_4 ? { \p$2034 [15], \p$2034 [15], \p$2034 [15], \p$2034 [15], \p$2034 [15], \p$2034 [15], \p$2034 [15], \p$2034 [15], \p$2034 [15], \p$2034  } : \$351 ;
+  assign \$353  = $signed(acc_2_5) + $signed(\p$2035 );
+  assign \$354  = first4_2_5 ? { \p$2035 [15], \p$2035 [15], \p$2035 [15], \p$2035 [15], \p$2035 [15], \p$2035 [15], \p$2035 [15], \p$2035 [15], \p$2035 [15], \p$2035  } : \$353 ;
+  assign \$355  = $signed(acc_2_6) + $signed(\p$2036 );
+  assign \$356  = first4_2_6 ? { \p$2036 [15], \p$2036 [15], \p$2036 [15], \p$2036 [15], \p$2036 [15], \p$2036 [15], \p$2036 [15], \p$2036 [15], \p$2036 [15], \p$2036  } : \$355 ;
+  assign \$357  = $signed(acc_2_7) + $signed(\p$2037 );
+  assign \$358  = first4_2_7 ? { \p$2037 [15], \p$2037 [15], \p$2037 [15], \p$2037 [15], \p$2037 [15], \p$2037 [15], \p$2037 [15], \p$2037 [15], \p$2037 [15], \p$2037  } : \$357 ;
+  assign \$359  = $signed(acc_2_8) + $signed(\p$2038 );
+  assign \$360  = first4_2_8 ? { \p$2038 [15], \p$2038 [15], \p$2038 [15], \p$2038 [15], \p$2038 [15], \p$2038 [15], \p$2038 [15], \p$2038 [15], \p$2038 [15], \p$2038  } : \$359 ;
+  assign \$361  = $signed(acc_2_9) + $signed(\p$2039 );
+  assign \$362  = first4_2_9 ? { \p$2039 [15], \p$2039 [15], \p$2039 [15], \p$2039 [15], \p$2039 [15], \p$2039 [15], \p$2039 [15], \p$2039 [15], \p$2039 [15], \p$2039  } : \$361 ;
+  assign \$363  = $signed(acc_2_10) + $signed(\p$2040 );
+  assign \$364  = first4_2_10 ? { \p$2040 [15], \p$2040 [15], \p$2040 [15], \p$2040 [15], \p$2040 [15], \p$2040 [15], \p$2040 [15], \p$2040 [15], \p$2040 [15], \p$2040  } : \$363 ;
+  assign \$365  = $signed(acc_2_11) + $signed(\p$2041 );
+  assign \$366  = first4_2_11 ? { \p$2041 [15], \p$2041 [15], \p$2041 [15], \p$2041 [15], \p$2041 [15], \p$2041 [15], \p$2041 [15], \p$2041 [15], \p$2041 [15], \p$2041  } : \$365 ;
+  assign \$367  = $signed(acc_2_12) + $signed(\p$2042 );
+  assign \$368  = first4_2_12 ? { \p$2042 [15], \p$2042 [15], \p$2042 [15], \p$2042 [15], \p$2042 [15], \p$2042 [15], \p$2042 [15], \p$2042 [15], \p$2042 [15], \p$2042  } : \$367 ;
+  assign \$369  = $signed(acc_2_13) + $signed(\p$2043 );
+  assign \$370  = first4_2_13 ? { \p$2043 [15], \p$2043 [15], \p$2043 [15], \p$2043 [15], \p$2043 [15], \p$2043 [15], \p$2043 [15], \p$2043 [15], \p$2043 [15], \p$2043  } : \$369 ;
+  assign \$371  = $signed(acc_2_14) + $signed(\p$2044 );
+  assign \$372  = first4_2_14 ? { \p$2044 [15], \p$2044 [15], \p$2044 [15], \p$2044 [15], \p$2044 [15], \p$2044 [15], \p$2044 [15], \p$2044 [15], \p$2044 [15], \p$2044  } : \$371 ;
+  assign \$373  = $signed(acc_2_15) + $signed(\p$2045 );
+  assign \$374  = first4_2_15 ? { \p$2045 [15], \p$2045 [15], \p$2045 [15], \p$2045 [15], \p$2045 [15], \p$2045 [15], \p$2045 [15], \p$2045 [15], \p$2045 [15], \p$2045  } : \$373 ;
+  assign \$375  = $signed(acc_3_0) + $signed(\p$2046 );
+  assign \$376  = first4_3_0 ? { \p$2046 [15], \p$2046 [15], \p$2046 [15], \p$2046 [15], \p$2046 [15], \p$2046 [15], \p$2046 [15], \p$2046 [15], \p$2046 [15], \p$2046  } : \$375 ;
+  assign \$377  = $signed(acc_3_1) + $signed(\p$2047 );
+  assign \$378  = first4_3_1 ? { \p$2047 [15], \p$2047 [15], \p$2047 [15], \p$2047 [15], \p$2047 [15], \p$2047 [15], \p$2047 [15], \p$2047 [15], \p$2047 [15], \p$2047  } : \$377 ;
+  assign \$379  = $signed(acc_3_2) + $signed(\p$2048 );
+  assign \$380  = first4_3_2 ? { \p$2048 [15], \p$2048 [15], \p$2048 [15], \p$2048 [15], \p$2048 [15], \p$2048 [15], \p$2048 [15], \p$2048 [15], \p$2048 [15], \p$2048  } : \$379 ;
+  assign \$381  = $signed(acc_3_3) + $signed(\p$2049 );
+  assign \$382  = first4_3_3 ? { \p$2049 [15], \p$2049 [15], \p$2049 [15], \p$2049 [15], \p$2049 [15], \p$2049 [15], \p$2049 [15], \p$2049 [15], \p$2049 [15], \p$2049  } : \$381 ;
+  assign \$383  = $signed(acc_3_4) + $signed(\p$2050 );
+  assign \$384  = first4_3_4 ? { \p$2050 [15], \p$2050 [15], \p$2050 [15], \p$2050 [15], \p$2050 [15], \p$2050 [15], \p$2050 [15], \p$2050 [15], \p$2050 [15], \p$2050  } : \$383 ;
+  assign \$385  = $signed(acc_3_5) + $signed(\p$2051 );
+  assign \$386  = first4_3_5 ? { \p$2051 [15], \p$2051 [15], \p$2051 [15], \p$2051 [15], \p$2051 [15], \p$2051 [15], \p$2051 [15], \p$2051 [15], \p$2051 [15], \p$2051  } : \$385 ;
+  assign \$387  = $signed(acc_3_6) + $signed(\p$2052 );
+  assign \$388  = first4_3_6 ? { \p$2052 [15], \p$2052 [15], \p$2052 [15], \p$2052 [15], \p$2052 [15], \p$2052 [15], \p$2052 [15], \p$2052 [15], \p$2052 [15], \p$2052  } : \$387 ;
+  assign \$389  = $signed(acc_3_7) + $signed(\p$2053 );
+  assign \$390  = first4_3_7 ? { \p$2053 [15], \p$2053 [15], \p$2053 [15], \p$2053 [15], \p$2053 [15], \p$2053 [15], \p$2053 [15], \p$2053 [15], \p$2053 [15], \p$2053  } : \$389 ;
+  assign \$391  = $signed(acc_3_8) + $signed(\p$2054 );
+  assign \$392  = first4_3_8 ? { \p$2054 [15], \p$2054 [15], \p$2054 [15], \p$2054 [15], \p$2054 [15], \p$2054 [15], \p$2054 [15], \p$2054 [15], \p$2054 [15], \p$2054  } : \$391 ;
+  assign \$393  = $signed(acc_3_9) + $signed(\p$2055 );
+  assign \$394  = first4_3_9 ? { \p$2055 [15], \p$2055 [15], \p$2055 [15], \p$2055 [15], \p$2055 [15], \p$2055 [15], \p$2055 [15], \p$2055 [15], \p$2055 [15], \p$2055  } : \$393 ;
+  assign \$395  = $signed(acc_3_10) + $signed(\p$2056 );
+  assign \$396  = first4_3_10 ? { \p$2056 [15], \p$2056 [15], \p$2056 [15], \p$2056 [15], \p$2056 [15], \p$2056 [15], \p$2056 [15], \p$2056 [15], \p$2056 [15], \p$2056  } : \$395 ;
+  assign \$397  = $signed(acc_3_11) + $signed(\p$2057 );
+  assign \$398  = first4_3_11 ? { \p$2057 [15], \p$2057 [15], \p$2057 [15], \p$2057 [15], \p$2057 [15], \p$2057 [15], \p$2057 [15], \p$2057 [15], \p$2057 [15], \p$2057  } : \$397 ;
+  assign \$399  = $signed(acc_3_12) + $signed(\p$2058 );
+  assign \$400  = first4_3_12 ? { \p$2058 [15], \p$2058 [15], \p$2058 [15], \p$2058 [15], \p$2058 [15], \p$2058 [15], \p$2058 [15], \p$2058 [15], \p$2058 [15], \p$2058  } : \$399 ;
+  assign \$401  = $signed(acc_3_13) + $signed(\p$2059 );
+  assign \$402  = first4_3_13 ? { \p$2059 [15], \p$2059 [15], \p$2059 [15], \p$2059 [15], \p$2059 [15], \p$2059 [15], \p$2059 [15], \p$2059 [15], \p$2059 [15], \p$2059  } : \$401 ;
+  assign \$403  = $signed(acc_3_14) + $signed(\p$2060 );
+  assign \$404  = first4_3_14 ? { \p$2060 [15], \p$2060 [15], \p$2060 [15], \p$2060 [15], \p$2060 [15], \p$2060 [15], \p$2060 [15], \p$2060 [15], \p$2060 [15], \p$2060  } : \$403 ;
+  assign \$405  = $signed(acc_3_15) + $signed(\p$2061 );
+  assign \$406  = first4_3_15 ? { \p$2061 [15], \p$2061 [15], \p$2061 [15], \p$2061 [15], \p$2061 [15], \p$2061 [15], \p$2061 [15], \p$2061 [15], \p$2061 [15], \p$2061  } : \$405 ;
+  assign \$407  = $signed(acc_4_0) + $signed(\p$2062 );
+  assign \$408  = first4_4_0 ? { \p$2062 [15], \p$2062 [15], \p$2062 [15], \p$2062 [15], \p$2062 [15], \p$2062 [15], \p$2062 [15], \p$2062 [15], \p$2062 [15], \p$2062  } : \$407 ;
+  assign \$409  = $signed(acc_4_1) + $signed(\p$2063 );
+  assign \$410  = first4_4_1 ? { \p$2063 [15], \p$2063 [15], \p$2063 [15], \p$2063 [15], \p$2063 [15], \p$2063 [15], \p$2063 [15], \p$2063 [15], \p$2063 [15], \p$2063  } : \$409 ;
+  assign \$411  = $signed(acc_4_2) + $signed(\p$2064 );
+  assign \$412  = first4_4_2 ? { \p$2064 [15], \p$2064 [15], \p$2064 [15], \p$2064 [15], \p$2064 [15], \p$2064 [15], \p$2064 [15], \p$2064 [15], \p$2064 [15], \p$2064  } : \$411 ;
+  assign \$413  = $signed(acc_4_3) + $signed(\p$2065 );
+  assign \$414  = first4_4_3 ? { \p$2065 [15], \p$2065 [15], \p$2065 [15], \p$2065 [15], \p$2065 [15], \p$2065 [15], \p$2065 [15], \p$2065 [15], \p$2065 [15], \p$2065  } : \$413 ;
+  assign \$415  = $signed(acc_4_4) + $signed(\p$2066 );
+  assign \$416  = first4_4_4 ? { \p$2066 [15], \p$2066 [15], \p$2066 [15], \p$2066 [15], \p$2066 [15], \p$2066 [15], \p$2066 [15], \p$2066 [15], \p$2066 [15], \p$2066  } : \$415 ;
+  assign \$417  = $signed(acc_4_5) + $signed(\p$2067 );
+  assign \$418  = first4_4_5 ? { \p$2067 [15], \p$2067 [15], \p$2067 [15], \p$2067 [15], \p$2067 [15], \p$2067 [15], \p$2067 [15], \p$2067 [15], \p$2067 [15], \p$2067  } : \$417 ;
+  assign \$419  = $signed(acc_4_6) + $signed(\p$2068 );
+  assign \$420  = first4_4_6 ? { \p$2068 [15], \p$2068 [15], \p$2068 [15], \p$2068 [15], \p$2068 [15], \p$2068 [15], \p$2068 [15], \p$2068 [15], \p$2068 [15], \p$2068  } : \$419 ;
+  assign \$421  = $signed(acc_4_7) + $signed(\p$2069 );
+  assign \$422  = first4_4_7 ? { \p$2069 [15], \p$2069 [15], \p$2069 [15], \p$2069 [15], \p$2069 [15], \p$2069 [15], \p$2069 [15], \p$2069 [15], \p$2069 [15], \p$2069  } : \$421 ;
+  assign \$423  = $signed(acc_4_8) + $signed(\p$2070 );
+  assign \$424  = first4_4_8 ? { \p$2070 [15], \p$2070 [15], \p$2070 [15], \p$2070 [15], \p$2070 [15], \p$2070 [15], \p$2070 [15], \p$2070 [15], \p$2070 [15], \p$2070  } : \$423 ;
+  assign \$425  = $signed(acc_4_9) + $signed(\p$2071 );
+  assign \$426  = first4_4_9 ? { \p$2071 [15], \p$2071 [15], \p$2071 [15], \p$2071 [15], \p$2071 [15], \p$2071 [15], \p$2071 [15], \p$2071 [15], \p$2071 [15], \p$2071  } : \$425 ;
+  assign \$427  = $signed(acc_4_10) + $signed(\p$2072 );
+  assign \$428  = first4_4_10 ? { \p$2072 [15], \p$2072 [15], \p$2072 [15], \p$2072 [15], \p$2072 [15], \p$2072 [15], \p$2072 [15], \p$2072 [15], \p$2072 [15], \p$2072  } : \$427 ;
+  assign \$429  = $signed(acc_4_11) + $signed(\p$2073 );
+  assign \$430  = first4_4_11 ? { \p$2073 [15], \p$2073 [15], \p$2073 [15], \p$2073 [15], \p$2073 [15], \p$2073 [15], \p$2073 [15], \p$2073 [15], \p$2073 [15], \p$2073  } : \$429 ;
+  assign \$431  = $signed(acc_4_12) + $signed(\p$2074 );
+  assign \$432  = first4_4_12 ? { \p$2074 [15], \p$2074 [15], \p$2074 [15], \p$2074 [15], \p$2074 [15], \p$2074 [15], \p$2074 [15], \p$2074 [15], \p$2074 [15], \p$2074  } : \$431 ;
+  assign \$433  = $signed(acc_4_13) + $signed(\p$2075 );
+  assign \$434  = first4_4_13 ? { \p$2075 [15], \p$2075 [15], \p$2075 [15], \p$2075 [15], \p$2075 [15], \p$2075 [15], \p$2075 [15], \p$2075 [15], \p$2075 [15], \p$2075  } : \$433 ;
+  assign \$435  = $signed(acc_4_14) + $signed(\p$2076 );
+  assign \$436  = first4_4_14 ? { \p$2076 [15], \p$2076 [15], \p$2076 [15], \p$2076 [15], \p$2076 [15], \p$2076 [15], \p$2076 [15], \p$2076 [15], \p$2076 [15], \p$2076  } : \$435 ;
+  assign \$437  = $signed(acc_4_15) + $signed(\p$2077 );
+  assign \$438  = first4_4_15 ? { \p$2077 [15], \p$2077 [15], \p$2077 [15], \p$2077 [15], \p$2077 [15], \p$2077 [15], \p$2077 [15], \p$2077 [15], \p$2077 [15], \p$2077  } : \$437 ;
+  assign \$439  = $signed(acc_5_0) + $signed(\p$2078 );
+  assign \$440  = first4_5_0 ? { \p$2078 [15], \p$2078 [15], \p$2078 [15], \p$2078 [15], \p$2078 [15], \p$2078 [15], \p$2078 [15], \p$2078 [15], \p$2078 [15], \p$2078  } : \$439 ;
+  assign \$441  = $signed(acc_5_1) + $signed(\p$2079 );
+  assign \$442  = first4_5_1 ? { \p$2079 [15], \p$2079 [15], \p$2079 [15], \p$2079 [15], \p$2079 [15], \p$2079 [15], \p$2079 [15], \p$2079 [15], \p$2079 [15], \p$2079  } : \$441 ;
+  assign \$443  = $signed(acc_5_2) + $signed(\p$2080 );
+  assign \$444  = first4_5_2 ? { \p$2080 [15], \p$2080 [15], \p$2080 [15], \p$2080 [15], \p$2080 [15], \p$2080 [15], \p$2080 [15], \p$2080 [15], \p$2080 [15], \p$2080  } : \$443 ;
+  assign \$445  = $signed(acc_5_3) + $signed(\p$2081 );
+  assign \$446  = first4_5_3 ? { \p$2081 [15], \p$2081 [15], \p$2081 [15], \p$2081 [15], \p$2081 [15], \p$2081 [15], \p$2081 [15], \p$2081 [15], \p$2081 [15], \p$2081  } : \$445 ;
+  assign \$447  = $signed(acc_5_4) + $signed(\p$2082 );
+  assign \$448  = first4_5_4 ? { \p$2082 [15], \p$2082 [15], \p$2082 [15], \p$2082 [15], \p$2082 [15], \p$2082 [15], \p$2082 [15], \p$2082 [15], \p$2082 [15], \p$2082  } : \$447 ;
+  assign \$449  = $signed(acc_5_5) + $signed(\p$2083 );
+  assign \$450  = first4_5_5 ? { \p$2083 [15], \p$2083 [15], \p$2083 [15], \p$2083 [15], \p$2083 [15], \p$2083 [15], \p$2083 [15], \p$2083 [15], \p$2083 [15], \p$2083  } : \$449 ;
+  assign \$451  = $signed(acc_5_6) + $signed(\p$2084 );
+  assign \$452  = first4_5_6 ? { \p$2084 [15], \p$2084 [15], \p$2084 [15], \p$2084 [15], \p$2084 [15], \p$2084 [15], \p$2084 [15], \p$2084 [15], \p$2084 [15], \p$2084  } : \$451 ;
+  assign \$453  = $signed(acc_5_7) + $signed(\p$2085 );
+  assign \$454  = first4_5_7 ? { \p$2085 [15], \p$2085 [15], \p$2085 [15], \p$2085 [15], \p$2085 [15], \p$2085 [15], \p$2085 [15], \p$2085 [15], \p$2085 [15], \p$2085  } : \$453 ;
+  assign \$455  = $signed(acc_5_8) + $signed(\p$2086 );
+  assign \$456  = first4_5_8 ? { \p$2086 [15], \p$2086 [15], \p$2086 [15], \p$2086 [15], \p$2086 [15], \p$2086 [15], \p$2086 [15], \p$2086 [15], \p$2086 [15], \p$2086  } : \$455 ;
+  assign \$457  = $signed(acc_5_9) + $signed(\p$2087 );
+  assign \$458  = first4_5_9 ? { \p$2087 [15], \p$2087 [15], \p$2087 [15], \p$2087 [15], \p$2087 [15], \p$2087 [15], \p$2087 [15], \p$2087 [15], \p$2087 [15], \p$2087  } : \$457 ;
+  assign \$459  = $signed(acc_5_10) + $signed(\p$2088 );
+  assign \$460  = first4_5_10 ? { \p$2088 [15], \p$2088 [15], \p$2088 [15], \p$2088 [15], \p$2088 [15], \p$2088 [15], \p$2088 [15], \p$2088 [15], \p$2088 [15], \p$2088  } : \$459 ;
+  assign \$461  = $signed(acc_5_11) + $signed(\p$2089 );
+  assign \$462  = first4_5_11 ? { \p$2089 [15], \p$2089 [15], \p$2089 [15], \p$2089 [15], \p$2089 [15], \p$2089 [15], \p$2089 [15], \p$2089 [15], \p$2089 [15], \p$2089  } : \$461 ;
+  assign \$463  = $signed(acc_5_12) + $signed(\p$2090 );
+  assign \$464  = first4_5_12 ? { \p$2090 [15], \p$2090 [15], \p$2090 [15], \p$2090 [15], \p$2090 [15], \p$2090 [15], \p$2090 [15], \p$2090 [15], \p$2090 [15], \p$2090  } : \$463 ;
+  assign \$465  = $signed(acc_5_13) + $signed(\p$2091 );
+  assign \$466  = first4_5_13 ? { \p$2091 [15], \p$2091 [15], \p$2091 [15], \p$2091 [15], \p$2091 [15], \p$2091 [15], \p$2091 [15], \p$2091 [15], \p$2091 [15], \p$2091  } : \$465 ;
+  assign \$467  = $signed(acc_5_14) + $signed(\p$2092 );
+  assign \$468  = first4_5_14 ? { \p$2092 [15], \p$2092 [15], \p$2092 [15], \p$2092 [15], \p$2092 [15], \p$2092 [15], \p$2092 [15], \p$2092 [15], \p$2092 [15], \p$2092  } : \$467 ;
+  assign \$469  = $signed(acc_5_15) + $signed(\p$2093 );
+  assign \$470  = first4_5_15 ? { \p$2093 [15], \p$2093 [15], \p$2093 [15], \p$2093 [15], \p$2093 [15], \p$2093 [15], \p$2093 [15], \p$2093 [15], \p$2093 [15], \p$2093  } : \$469 ;
+  assign \$471  = $signed(acc_6_0) + $signed(\p$2094 );
+  assign \$472  = first4_6_0 ? { \p$2094 [15], \p$2094 [15], \p$2094 [15], \p$2094 [15], \p$2094 [15], \p$2094 [15], \p$2094 [15], \p$2094 [15], \p$2094 [15], \p$2094  } : \$471 ;
+  assign \$473  = $signed(acc_6_1) + $signed(\p$2095 );
+  assign \$474  = first4_6_1 ? { \p$2095 [15], \p$2095 [15], \p$2095 [15], \p$2095 [15], \p$2095 [15], \p$2095 [15], \p$2095 [15], \p$2095 [15], \p$2095 [15], \p$2095  } : \$473 ;
+  assign \$475  = $signed(acc_6_2) + $signed(\p$2096 );
+  assign \$476  = first4_6_2 ? { \p$2096 [15], \p$2096 [15], \p$2096 [15], \p$2096 [15], \p$2096 [15], \p$2096 [15], \p$2096 [15], \p$2096 [15], \p$2096 [15], \p$2096  } : \$475 ;
+  assign \$477  = $signed(acc_6_3) + $signed(\p$2097 );
+  assign \$478  = first4_6_3 ? { \p$2097 [15], \p$2097 [15], \p$2097 [15], \p$2097 [15], \p$2097 [15], \p$2097 [15], \p$2097 [15], \p$2097 [15], \p$2097 [15], \p$2097  } : \$477 ;
+  assign \$479  = $signed(acc_6_4) + $signed(\p$2098 );
+  assign \$480  = first4_6_4 ? { \p$2098 [15], \p$2098 [15], \p$2098 [15], \p$2098 [15], \p$2098 [15], \p$2098 [15], \p$2098 [15], \p$2098 [15], \p$2098 [15], \p$2098  } : \$479 ;
+  assign \$481  = $signed(acc_6_5) + $signed(\p$2099 );
+  assign \$482  = first4_6_5 ? { \p$2099 [15], \p$2099 [15], \p$2099 [15], \p$2099 [15], \p$2099 [15], \p$2099 [15], \p$2099 [15], \p$2099 [15], \p$2099 [15], \p$2099  } : \$481 ;
+  assign \$483  = $signed(acc_6_6) + $signed(\p$2100 );
+  assign \$484  = first4_6_6 ? { \p$2100 [15], \p$2100 [15], \p$2100 [15], \p$2100 [15], \p$2100 [15], \p$2100 [15], \p$2100 [15], \p$2100 [15], \p$2100 [15], \p$2100  } : \$483 ;
+  assign \$485  = $signed(acc_6_7) + $signed(\p$2101 );
+  assign \$486  = first4_6_7 ? { \p$2101 [15], \p$2101 [15], \p$2101 [15], \p$2101 [15], \p$2101 [15], \p$2101 [15], \p$2101 [15], \p$2101 [15], \p$2101 [15], \p$2101  } : \$485 ;
+  assign \$487  = $signed(acc_6_8) + $signed(\p$2102 );
+  assign \$488  = first4_6_8 ? { \p$2102 [15], \p$2102 [15], \p$2102 [15], \p$2102 [15], \p$2102 [15], \p$2102 [15], \p$2102 [15], \p$2102 [15], \p$2102 [15], \p$2102  } : \$487 ;
+  assign \$489  = $signed(acc_6_9) + $signed(\p$2103 );
+  assign \$490  = first4_6_9 ? { \p$2103 [15], \p$2103 [15], \p$2103 [15], \p$2103 [15], \p$2103 [15], \p$2103 [15], \p$2103 [15], \p$2103 [15], \p$2103 [15], \p$2103  } : \$489 ;
+  assign \$491  = $signed(acc_6_10) + $signed(\p$2104 );
+  assign \$492  = first4_6_10 ? { \p$2104 [15], \p$2104 [15], \p$2104 [15], \p$2104 [15], \p$2104 [15], \p$2104 [15], \p$2104 [15], \p$2104 [15], \p$2104 [15], \p$2104  } : \$491 ;
+  assign \$493  = $signed(acc_6_11) + $signed(\p$2105 );
+  assign \$494  = first4_6_11 ? { \p$2105 [15], \p$2105 [15], \p$2105 [15], \p$2105 [15], \p$2105 [15], \p$2105 [15], \p$2105 [15], \p$2105 [15], \p$2105 [15], \p$2105  } : \$493 ;
+  assign \$495  = $signed(acc_6_12) + $signed(\p$2106 );
+  assign \$496  = first4_6_12 ? { \p$2106 [15], \p$2106 [15], \p$2106 [15], \p$2106 [15], \p$2106 [15], \p$2106 [15], \p$2106 [15], \p$2106 [15], \p$2106 [15], \p$2106  } : \$495 ;
+  assign \$497  = $signed(acc_6_13) + $signed(\p$2107 );
+  assign \$498  = first4_6_13 ? { \p$2107 [15], \p$2107 [15], \p$2107 [15], \p$2107 [15], \p$2107 [15], \p$2107 [15], \p$2107 [15], \p$2107 [15], \p$2107 [15], \p$2107  } : \$497 ;
+  assign \$499  = $signed(acc_6_14) + $signed(\p$2108 );
+  assign \$500  = first4_6_14 ? { \p$2108 [15], \p$2108 [15], \p$2108 [15], \p$2108 [15], \p$2108 [15], \p$2108 [15], \p$2108 [15], \p$2108 [15], \p$2108 [15], \p$2108  } : \$499 ;
+  assign \$501  = $signed(acc_6_15) + $signed(\p$2109 );
+  assign \$502  = first4_6_15 ? { \p$2109 [15], \p$2109 [15], \p$2109 [15], \p$2109 [15], \p$2109 [15], \p$2109 [15], \p$2109 [15], \p$2109 [15], \p$2109 [15], \p$2109  } : \$501 ;
+  assign \$503  = $signed(acc_7_0) + $signed(\p$2110 );
+  assign \$504  = first4_7_0 ? { \p$2110 [15], \p$2110 [15], \p$2110 [15], \p$2110 [15], \p$2110 [15], \p$2110 [15], \p$2110 [15], \p$2110 [15], \p$2110 [15], \p$2110  } : \$503 ;
+  assign \$505  = $signed(acc_7_1) + $signed(\p$2111 );
+  assign \$506  = first4_7_1 ? { \p$2111 [15], \p$2111 [15], \p$2111 [15], \p$2111 [15], \p$2111 [15], \p$2111 [15], \p$2111 [15], \p$2111 [15], \p$2111 [15], \p$2111  } : \$505 ;
+  assign \$507  = $signed(acc_7_2) + $signed(\p$2112 );
+  assign \$508  = first4_7_2 ? { \p$2112 [15], \p$2112 [15], \p$2112 [15], \p$2112 [15], \p$2112 [15], \p$2112 [15], \p$2112 [15], \p$2112 [15], \p$2112 [15], \p$2112  } : \$507 ;
+  assign \$509  = $signed(acc_7_3) + $signed(\p$2113 );
+  assign \$510  = first4_7_3 ? { \p$2113 [15], \p$2113 [15], \p$2113 [15], \p$2113 [15], \p$2113 [15], \p$2113 [15], \p$2113 [15], \p$2113 [15], \p$2113 [15], \p$2113  } : \$509 ;
+  assign \$511  = $signed(acc_7_4) + $signed(\p$2114 );
+  assign \$512  = first4_7_4 ? { \p$2114 [15], \p$2114 [15], \p$2114 [15], \p$2114 [15], \p$2114 [15], \p$2114 [15], \p$2114 [15], \p$2114 [15], \p$2114 [15], \p$2114  } : \$511 ;
+  assign \$513  = $signed(acc_7_5) + $signed(\p$2115 );
+  assign \$514  = first4_7_5 ? { \p$2115 [15], \p$2115 [15], \p$2115 [15], \p$2115 [15], \p$2115 [15], \p$2115 [15], \p$2115 [15], \p$2115 [15], \p$2115 [15], \p$2115  } : \$513 ;
+  assign \$515  = $signed(acc_7_6) + $signed(\p$2116 );
+  assign \$516  = first4_7_6 ? { \p$2116 [15], \p$2116 [15], \p$2116 [15], \p$2116 [15], \p$2116 [15], \p$2116 [15], \p$2116 [15], \p$2116 [15], \p$2116 [15], \p$2116  } : \$515 ;
+  assign \$517  = $signed(acc_7_7) + $signed(\p$2117 );
+  assign \$518  = first4_7_7 ? { \p$2117 [15], \p$2117 [15], \p$2117 [15], \p$2117 [15], \p$2117 [15], \p$2117 [15], \p$2117 [15], \p$2117 [15], \p$2117 [15], \p$2117  } : \$517 ;
+  assign \$519  = $signed(acc_7_8) + $signed(\p$2118 );
+  assign \$520  = first4_7_8 ? { \p$2118 [15], \p$2118 [15], \p$2118 [15], \p$2118 [15], \p$2118 [15], \p$2118 [15], \p$2118 [15], \p$2118 [15], \p$2118 [15], \p$2118  } : \$519 ;
+  assign \$521  = $signed(acc_7_9) + $signed(\p$2119 );
+  assign \$522  = first4_7_9 ? { \p$2119 [15], \p$2119 [15], \p$2119 [15], \p$2119 [15], \p$2119 [15], \p$2119 [15], \p$2119 [15], \p$2119 [15], \p$2119 [15], \p$2119  } : \$521 ;
+  assign \$523  = $signed(acc_7_10) + $signed(\p$2120 );
+  assign \$524  = first4_7_10 ? { \p$2120 [15], \p$2120 [15], \p$2120 [15], \p$2120 [15], \p$2120 [15], \p$2120 [15], \p$2120 [15], \p$2120 [15], \p$2120 [15], \p$2120  } : \$523 ;
+  assign \$525  = $signed(acc_7_11) + $signed(\p$2121 );
+  assign \$526  = first4_7_11 ? { \p$2121 [15], \p$2121 [15], \p$2121 [15], \p$2121 [15], \p$2121 [15], \p$2121 [15], \p$2121 [15], \p$2121 [15], \p$2121 [15], \p$2121  } : \$525 ;
+  assign \$527  = $signed(acc_7_12) + $signed(\p$2122 );
+  assign \$528  = first4_7_12 ? { \p$2122 [15], \p$2122 [15], \p$2122 [15], \p$2122 [15], \p$2122 [15], \p$2122 [15], \p$2122 [15], \p$2122 [15], \p$2122 [15], \p$2122  } : \$527 ;
+  assign \$529  = $signed(acc_7_13) + $signed(\p$2123 );
+  assign \$530  = first4_7_13 ? { \p$2123 [15], \p$2123 [15], \p$2123 [15], \p$2123 [15], \p$2123 [15], \p$2123 [15], \p$2123 [15], \p$2123 [15], \p$2123 [15], \p$2123  } : \$529 ;
+  assign \$531  = $signed(acc_7_14) + $signed(\p$2124 );
+  assign \$532  = first4_7_14 ? { \p$2124 [15], \p$2124 [15], \p$2124 [15], \p$2124 [15], \p$2124 [15], \p$2124 [15], \p$2124 [15], \p$2124 [15], \p$2124 [15], \p$2124  } : \$531 ;
+  assign \$533  = $signed(acc_7_15) + $signed(\p$2125 );
+  assign \$534  = first4_7_15 ? { \p$2125 [15], \p$2125 [15], \p$2125 [15], \p$2125 [15], \p$2125 [15], \p$2125 [15], \p$2125 [15], \p$2125 [15], \p$2125 [15], \p$2125  } : \$533 ;
+  assign \$535  = $signed(acc_8_0) + $signed(\p$2126 );
+  assign \$536  = first4_8_0 ? { \p$2126 [15], \p$2126 [15], \p$2126 [15], \p$2126 [15], \p$2126 [15], \p$2126 [15], \p$2126 [15], \p$2126 [15], \p$2126 [15], \p$2126  } : \$535 ;
+  assign \$537  = $signed(acc_8_1) + $signed(\p$2127 );
+  assign \$538  = first4_8_1 ? { \p$2127 [15], \p$2127 [15], \p$2127 [15], \p$2127 [15], \p$2127 [15], \p$2127 [15], \p$2127 [15], \p$2127 [15], \p$2127 [15], \p$2127  } : \$537 ;
+  assign \$539  = $signed(acc_8_2) + $signed(\p$2128 );
+  assign \$540  = first4_8_2 ? { \p$2128 [15], \p$2128 [15], \p$2128 [15], \p$2128 [15], \p$2128 [15], \p$2128 [15], \p$2128 [15], \p$2128 [15], \p$2128 [15], \p$2128  } : \$539 ;
+  assign \$541  = $signed(acc_8_3) + $signed(\p$2129 );
+  assign \$542  = first4_8_3 ? { \p$2129 [15], \p$2129 [15], \p$2129 [15], \p$2129 [15], \p$2129 [15], \p$2129 [15], \p$2129 [15], \p$2129 [15], \p$2129 [15], \p$2129  } : \$541 ;
+  assign \$543  = $signed(acc_8_4) + $signed(\p$2130 );
+  assign \$544  = first4_8_4 ? { \p$2130 [15], \p$2130 [15], \p$2130 [15], \p$2130 [15], \p$2130 [15], \p$2130 [15], \p$2130 [15], \p$2130 [15], \p$2130 [15], \p$2130  } : \$543 ;
+  assign \$545  = $signed(acc_8_5) + $signed(\p$2131 );
+  assign \$546  = first4_8_5 ? { \p$2131 [15], \p$2131 [15], \p$2131 [15], \p$2131 [15], \p$2131 [15], \p$2131 [15], \p$2131 [15], \p$2131 [15], \p$2131 [15], \p$2131  } : \$545 ;
+  assign \$547  = $signed(acc_8_6) + $signed(\p$2132 );
+  assign \$548  = first4_8_6 ? { \p$2132 [15], \p$2132 [15], \p$2132 [15], \p$2132 [15], \p$2132 [15], \p$2132 [15], \p$2132 [15], \p$2132 [15], \p$2132 [15], \p$2132  } : \$547 ;
+  assign \$549  = $signed(acc_8_7) + $signed(\p$2133 );
+  assign \$550  = first4_8_7 ? { \p$2133 [15], \p$2133 [15], \p$2133 [15], \p$2133 [15], \p$2133 [15], \p$2133 [15], \p$2133 [15], \p$2133 [15], \p$2133 [15], \p$2133  } : \$549 ;
+  assign \$551  = $signed(acc_8_8) + $signed(\p$2134 );
+  assign \$552  = first4_8_8 ? { \p$2134 [15], \p$2134 [15], \p$2134 [15], \p$2134 [15], \p$2134 [15], \p$2134 [15], \p$2134 [15], \p$2134 [15], \p$2134 [15], \p$2134  } : \$551 ;
+  assign \$553  = $signed(acc_8_9) + $signed(\p$2135 );
+  assign \$554  = first4_8_9 ? { \p$2135 [15], \p$2135 [15], \p$2135 [15], \p$2135 [15], \p$2135 [15], \p$2135 [15], \p$2135 [15], \p$2135 [15], \p$2135 [15], \p$2135  } : \$553 ;
+  assign \$555  = $signed(acc_8_10) + $signed(\p$2136 );
+  assign \$556  = first4_8_10 ? { \p$2136 [15], \p$2136 [15], \p$2136 [15], \p$2136 [15], \p$2136 [15], \p$2136 [15], \p$2136 [15], \p$2136 [15], \p$2136 [15], \p$2136  } : \$555 ;
+  assign \$557  = $signed(acc_8_11) + $signed(\p$2137 );
+  assign \$558  = first4_8_11 ? { \p$2137 [15], \p$2137 [15], \p$2137 [15], \p$2137 [15], \p$2137 [15], \p$2137 [15], \p$2137 [15], \p$2137 [15], \p$2137 [15], \p$2137  } : \$557 ;
+  assign \$559  = $signed(acc_8_12) + $signed(\p$2138 );
+  assign \$560  = first4_8_12 ? { \p$2138 [15], \p$2138 [15], \p$2138 [15], \p$2138 [15], \p$2138 [15], \p$2138 [15], \p$2138 [15], \p$2138 [15], \p$2138 [15], \p$2138  } : \$559 ;
+  assign \$561  = $signed(acc_8_13) + $signed(\p$2139 );
+  assign \$562  = first4_8_13 ? { \p$2139 [15], \p$2139 [15], \p$2139 [15], \p$2139 [15], \p$2139 [15], \p$2139 [15], \p$2139 [15], \p$2139 [15], \p$2139 [15], \p$2139  } : \$561 ;
+  assign \$563  = $signed(acc_8_14) + $signed(\p$2140 );
+  assign \$564  = first4_8_14 ? { \p$2140 [15], \p$2140 [15], \p$2140 [15], \p$2140 [15], \p$2140 [15], \p$2140 [15], \p$2140 [15], \p$2140 [15], \p$2140 [15], \p$2140  } : \$563 ;
+  assign \$565  = $signed(acc_8_15) + $signed(\p$2141 );
+  assign \$566  = first4_8_15 ? { \p$2141 [15], \p$2141 [15], \p$2141 [15], \p$2141 [15], \p$2141 [15], \p$2141 [15], \p$2141 [15], \p$2141 [15], \p$2141 [15], \p$2141  } : \$565 ;
+  assign \$567  = $signed(acc_9_0) + $signed(\p$2142 );
+  assign \$568  = first4_9_0 ? { \p$2142 [15], \p$2142 [15], \p$2142 [15], \p$2142 [15], \p$2142 [15], \p$2142 [15], \p$2142 [15], \p$2142 [15], \p$2142 [15], \p$2142  } : \$567 ;
+  assign \$569  = $signed(acc_9_1) + $signed(\p$2143 );
+  assign \$570  = first4_9_1 ? { \p$2143 [15], \p$2143 [15], \p$2143 [15], \p$2143 [15], \p$2143 [15], \p$2143 [15], \p$2143 [15], \p$2143 [15], \p$2143 [15], \p$2143  } : \$569 ;
+  assign \$571  = $signed(acc_9_2) + $signed(\p$2144 );
+  assign \$572  = first4_9_2 ? { \p$2144 [15], \p$2144 [15], \p$2144 [15], \p$2144 [15], \p$2144 [15], \p$2144 [15], \p$2144 [15], \p$2144 [15], \p$2144 [15], \p$2144  } : \$571 ;
+  assign \$573  = $signed(acc_9_3) + $signed(\p$2145 );
+  assign \$574  = first4_9_3 ? { \p$2145 [15], \p$2145 [15], \p$2145 [15], \p$2145 [15], \p$2145 [15], \p$2145 [15], \p$2145 [15], \p$2145 [15], \p$2145 [15], \p$2145  } : \$573 ;
+  assign \$575  = $signed(acc_9_4) + $signed(\p$2146 );
+  assign \$576  = first4_9_4 ? { \p$2146 [15], \p$2146 [15], \p$2146 [15], \p$2146 [15], \p$2146 [15], \p$2146 [15], \p$2146 [15], \p$2146 [15], \p$2146 [15], \p$2146  } : \$575 ;
+  assign \$577  = $signed(acc_9_5) + $signed(\p$2147 );
+  assign \$578  = first4_9_5 ? { \p$2147 [15], \p$2147 [15], \p$2147 [15], \p$2147 [15], \p$2147 [15], \p$2147 [15], \p$2147 [15], \p$2147 [15], \p$2147 [15], \p$2147  } : \$577 ;
+  assign \$579  = $signed(acc_9_6) + $signed(\p$2148 );
+  assign \$580  = first4_9_6 ? { \p$2148 [15], \p$2148 [15], \p$2148 [15], \p$2148 [15], \p$2148 [15], \p$2148 [15], \p$2148 [15], \p$2148 [15], \p$2148 [15], \p$2148  } : \$579 ;
+  assign \$581  = $signed(acc_9_7) + $signed(\p$2149 );
+  assign \$582  = first4_9_7 ? { \p$2149 [15], \p$2149 [15], \p$2149 [15], \p$2149 [15], \p$2149 [15], \p$2149 [15], \p$2149 [15], \p$2149 [15], \p$2149 [15], \p$2149  } : \$581 ;
+  assign \$583  = $signed(acc_9_8) + $signed(\p$2150 );
+  assign \$584  = first4_9_8 ? { \p$2150 [15], \p$2150 [15], \p$2150 [15], \p$2150 [15], \p$2150 [15], \p$2150 [15], \p$2150 [15], \p$2150 [15], \p$2150 [15], \p$2150  } : \$583 ;
+  assign \$585  = $signed(acc_9_9) + $signed(\p$2151 );
+  assign \$586  = first4_9_9 ? { \p$2151 [15], \p$2151 [15], \p$2151 [15], \p$2151 [15], \p$2151 [15], \p$2151 [15], \p$2151 [15], \p$2151 [15], \p$2151 [15], \p$2151  } : \$585 ;
+  assign \$587  = $signed(acc_9_10) + $signed(\p$2152 );
+  assign \$588  = first4_9_10 ? { \p$2152 [15], \p$2152 [15], \p$2152 [15], \p$2152 [15], \p$2152 [15], \p$2152 [15], \p$2152 [15], \p$2152 [15], \p$2152 [15], \p$2152  } : \$587 ;
+  assign \$589  = $signed(acc_9_11) + $signed(\p$2153 );
+  assign \$590  = first4_9_11 ? { \p$2153 [15], \p$2153 [15], \p$2153 [15], \p$2153 [15], \p$2153 [15], \p$2153 [15], \p$2153 [15], \p$2153 [15], \p$2153 [15], \p$2153  } : \$589 ;
+  assign \$591  = $signed(acc_9_12) + $signed(\p$2154 );
+  assign \$592  = first4_9_12 ? { \p$2154 [15], \p$2154 [15], \p$2154 [15], \p$2154 [15], \p$2154 [15], \p$2154 [15], \p$2154 [15], \p$2154 [15], \p$2154 [15], \p$2154  } : \$591 ;
+  assign \$593  = $signed(acc_9_13) + $signed(\p$2155 );
+  assign \$594  = first4_9_13 ? { \p$2155 [15], \p$2155 [15], \p$2155 [15], \p$2155 [15], \p$2155 [15], \p$2155 [15], \p$2155 [15], \p$2155 [15], \p$2155 [15], \p$2155  } : \$593 ;
+  assign \$595  = $signed(acc_9_14) + $signed(\p$2156 );
+  assign \$596  = first4_9_14 ? { \p$2156 [15], \p$2156 [15], \p$2156 [15], \p$2156 [15], \p$2156 [15], \p$2156 [15], \p$2156 [15], \p$2156 [15], \p$2156 [15], \p$2156  } : \$595 ;
+  assign \$597  = $signed(acc_9_15) + $signed(\p$2157 );
+  assign \$598  = first4_9_15 ? { \p$2157 [15], \p$2157 [15], \p$2157 [15], \p$2157 [15], \p$2157 [15], \p$2157 [15], \p$2157 [15], \p$2157 [15], \p$2157 [15], \p$2157  } : \$597 ;
+  assign \$599  = $signed(acc_10_0) + $signed(\p$2158 );
+  assign \$600  = first4_10_0 ? { \p$2158 [15], \p$2158 [15], \p$2158 [15], \p$2158 [15], \p$2158 [15], \p$2158 [15], \p$2158 [15], \p$2158 [15], \p$2158 [15], \p$2158  } : \$599 ;
+  assign \$601  = $signed(acc_10_1) + $signed(\p$2159 );
+  assign \$602  = first4_10_1 ? { \p$2159 [15], \p$2159 [15], \p$2159 [15], \p$2159 [15], \p$2159 [15], \p$2159 [15], \p$2159 [15], \p$2159 [15], \p$2159 [15], \p$2159  } : \$601 ;
+  assign \$603  = $signed(acc_10_2) + $signed(\p$2160 );
+  assign \$604  = first4_10_2 ? { \p$2160 [15], \p$2160 [15], \p$2160 [15], \p$2160 [15], \p$2160 [15], \p$2160 [15], \p$2160 [15], \p$2160 [15], \p$2160 [15], \p$2160  } : \$603 ;
+  assign \$605  = $signed(acc_10_3) + $signed(\p$2161 );
+  assign \$606  = first4_10_3 ? { \p$2161 [15], \p$2161 [15], \p$2161 [15], \p$2161 [15], \p$2161 [15], \p$2161 [15], \p$2161 [15], \p$2161 [15], \p$2161 [15], \p$2161  } : \$605 ;
+  assign \$607  = $signed(acc_10_4) + $signed(\p$2162 );
+  assign \$608  = first4_10_4 ? { \p$2162 [15], \p$2162 [15], \p$2162 [15], \p$2162 [15], \p$2162 [15], \p$2162 [15], \p$2162 [15], \p$2162 [15], \p$2162 [15], \p$2162  } : \$607 ;
+  assign \$609  = $signed(acc_10_5) + $signed(\p$2163 );
+  assign \$610  = first4_10_5 ? { \p$2163 [15], \p$2163 [15], \p$2163 [15], \p$2163 [15], \p$2163 [15], \p$2163 [15], \p$2163 [15], \p$2163 [15], \p$2163 [15], \p$2163  } : \$609 ;
+  assign \$611  = $signed(acc_10_6) + $signed(\p$2164 );
+  assign \$612  = first4_10_6 ? { \p$2164 [15], \p$2164 [15], \p$2164 [15], \p$2164 [15], \p$2164 [15], \p$2164 [15], \p$2164 [15], \p$2164 [15], \p$2164 [15], \p$2164  } : \$611 ;
+  assign \$613  = $signed(acc_10_7) + $signed(\p$2165 );
+  assign \$614  = first4_10_7 ? { \p$2165 [15], \p$2165 [15], \p$2165 [15], \p$2165 [15], \p$2165 [15], \p$2165 [15], \p$2165 [15], \p$2165 [15], \p$2165 [15], \p$2165  } : \$613 ;
+  assign \$615  = $signed(acc_10_8) + $signed(\p$2166 );
+  assign \$616  = first4_10_8 ? { \p$2166 [15], \p$2166 [15], \p$2166 [15], \p$2166 [15], \p$2166 [15], \p$2166 [15], \p$2166 [15], \p$2166 [15], \p$2166 [15], \p$2166  } : \$615 ;
+  assign \$617  = $signed(acc_10_9) + $signed(\p$2167 );
+  assign \$618  = first4_10_9 ? { \p$2167 [15], \p$2167 [15], \p$2167 [15], \p$2167 [15], \p$2167 [15], \p$2167 [15], \p$2167 [15], \p$2167 [15], \p$2167 [15], \p$2167  } : \$617 ;
+  assign \$619  = $signed(acc_10_10) + $signed(\p$2168 );
+  assign \$620  = first4_10_10 ? { \p$2168 [15], \p$2168 [15], \p$2168 [15], \p$2168 [15], \p$2168 [15], \p$2168 [15], \p$2168 [15], \p$2168 [15], \p$2168 [15], \p$2168  } : \$619 ;
+  assign \$621  = $signed(acc_10_11) + $signed(\p$2169 );
+  assign \$622  = first4_10_11 ? { \p$2169 [15], \p$2169 [15], \p$2169 [15], \p$2169 [15], \p$2169 [15], \p$2169 [15], \p$2169 [15], \p$2169 [15], \p$2169 [15], \p$2169  } : \$621 ;
+  assign \$623  = $signed(acc_10_12) + $signed(\p$2170 );
+  assign \$624  = first4_10_12 ? { \p$2170 [15], \p$2170 [15], \p$2170 [15], \p$2170 [15], \p$2170 [15], \p$2170 [15], \p$2170 [15], \p$2170 [15], \p$2170 [15], \p$2170  } : \$623 ;
+  assign \$625  = $signed(acc_10_13) + $signed(\p$2171 );
+  assign \$626  = first4_10_13 ? { \p$2171 [15], \p$2171 [15], \p$2171 [15], \p$2171 [15], \p$2171 [15], \p$2171 [15], \p$2171 [15], \p$2171 [15], \p$2171 [15], \p$2171  } : \$625 ;
+  assign \$627  = $signed(acc_10_14) + $signed(\p$2172 );
+  assign \$628  = first4_10_14 ? { \p$2172 [15], \p$2172 [15], \p$2172 [15], \p$2172 [15], \p$2172 [15], \p$2172 [15], \p$2172 [15], \p$2172 [15], \p$2172 [15], \p$2172  } : \$627 ;
+  assign \$629  = $signed(acc_10_15) + $signed(\p$2173 );
+  assign \$630  = first4_10_15 ? { \p$2173 [15], \p$2173 [15], \p$2173 [15], \p$2173 [15], \p$2173 [15], \p$2173 [15], \p$2173 [15], \p$2173 [15], \p$2173 [15], \p$2173  } : \$629 ;
+  assign \$631  = $signed(acc_11_0) + $signed(\p$2174 );
+  assign \$632  = first4_11_0 ? { \p$2174 [15], \p$2174 [15], \p$2174 [15], \p$2174 [15], \p$2174 [15], \p$2174 [15], \p$2174 [15], \p$2174 [15], \p$2174 [15], \p$2174  } : \$631 ;
+  assign \$633  = $signed(acc_11_1) + $signed(\p$2175 );
+  assign \$634  = first4_11_1 ? { \p$2175 [15], \p$2175 [15], \p$2175 [15], \p$2175 [15], \p$2175 [15], \p$2175 [15], \p$2175 [15], \p$2175 [15], \p$2175 [15], \p$2175  } : \$633 ;
+  assign \$635  = $signed(acc_11_2) + $signed(\p$2176 );
+  assign \$636  = first4_11_2 ? { \p$2176 [15], \p$2176 [15], \p$2176 [15], \p$2176 [15], \p$2176 [15], \p$2176 [15], \p$2176 [15], \p$2176 [15], \p$2176 [15], \p$2176  } : \$635 ;
+  assign \$637  = $signed(acc_11_3) + $signed(\p$2177 );
+  assign \$638  = first4_11_3 ? { \p$2177 [15], \p$2177 [15], \p$2177 [15], \p$2177 [15], \p$2177 [15], \p$2177 [15], \p$2177 [15], \p$2177 [15], \p$2177 [15], \p$2177  } : \$637 ;
+  assign \$639  = $signed(acc_11_4) + $signed(\p$2178 );
+  assign \$640  = first4_11_4 ? { \p$2178 [15], \p$2178 [15], \p$2178 [15], \p$2178 [15], \p$2178 [15], \p$2178 [15], \p$2178 [15], \p$2178 [15], \p$2178 [15], \p$2178  } : \$639 ;
+  assign \$641  = $signed(acc_11_5) + $signed(\p$2179 );
+  assign \$642  = first4_11_5 ? { \p$2179 [15], \p$2179 [15], \p$2179 [15], \p$2179 [15], \p$2179 [15], \p$2179 [15], \p$2179 [15], \p$2179 [15], \p$2179 [15], \p$2179  } : \$641 ;
+  assign \$643  = $signed(acc_11_6) + $signed(\p$2180 );
+  assign \$644  = first4_11_6 ? { \p$2180 [15], \p$2180 [15], \p$2180 [15], \p$2180 [15], \p$2180 [15], \p$2180 [15], \p$2180 [15], \p$2180 [15], \p$2180 [15], \p$2180  } : \$643 ;
+  assign \$645  = $signed(acc_11_7) + $signed(\p$2181 );
+  assign \$646  = first4_11_7 ? { \p$2181 [15], \p$2181 [15], \p$2181 [15], \p$2181 [15], \p$2181 [15], \p$2181 [15], \p$2181 [15], \p$2181 [15], \p$2181 [15], \p$2181  } : \$645 ;
+  assign \$647  = $signed(acc_11_8) + $signed(\p$2182 );
+  assign \$648  = first4_11_8 ? { \p$2182 [15], \p$2182 [15], \p$2182 [15], \p$2182 [15], \p$2182 [15], \p$2182 [15], \p$2182 [15], \p$2182 [15], \p$2182 [15], \p$2182  } : \$647 ;
+  assign \$649  = $signed(acc_11_9) + $signed(\p$2183 );
+  assign \$650  = first4_11_9 ? { \p$2183 [15], \p$2183 [15], \p$2183 [15], \p$2183 [15], \p$2183 [15], \p$2183 [15], \p$2183 [15], \p$2183 [15], \p$2183 [15], \p$2183  } : \$649 ;
+  assign \$651  = $signed(acc_11_10) + $signed(\p$2184 );
+  assign \$652  = first4_11_10 ? { \p$2184 [15], \p$2184 [15], \p$2184 [15], \p$2184 [15], \p$2184 [15], \p$2184 [15], \p$2184 [15], \p$2184 [15], \p$2184 [15], \p$2184  } : \$651 ;
+  assign \$653  = $signed(acc_11_11) + $signed(\p$2185 );
+  assign \$654  = first4_11_11 ? { \p$2185 [15], \p$2185 [15], \p$2185 [15], \p$2185 [15], \p$2185 [15], \p$2185 [15], \p$2185 [15], \p$2185 [15], \p$2185 [15], \p$2185  } : \$653 ;
+  assign \$655  = $signed(acc_11_12) + $signed(\p$2186 );
+  assign \$656  = first4_11_12 ? { \p$2186 [15], \p$2186 [15], \p$2186 [15], \p$2186 [15], \p$2186 [15], \p$2186 [15], \p$2186 [15], \p$2186 [15], \p$2186 [15], \p$2186  } : \$655 ;
+  assign \$657  = $signed(acc_11_13) + $signed(\p$2187 );
+  assign \$658  = first4_11_13 ? { \p$2187 [15], \p$2187 [15], \p$2187 [15], \p$2187 [15], \p$2187 [15], \p$2187 [15], \p$2187 [15], \p$2187 [15], \p$2187 [15], \p$2187  } : \$657 ;
+  assign \$659  = $signed(acc_11_14) + $signed(\p$2188 );
+  assign \$660  = first4_11_14 ? { \p$2188 [15], \p$2188 [15], \p$2188 [15], \p$2188 [15], \p$2188 [15], \p$2188 [15], \p$2188 [15], \p$2188 [15], \p$2188 [15], \p$2188  } : \$659 ;
+  assign \$661  = $signed(acc_11_15) + $signed(\p$2189 );
+  assign \$662  = first4_11_15 ? { \p$2189 [15], \p$2189 [15], \p$2189 [15], \p$2189 [15], \p$2189 [15], \p$2189 [15], \p$2189 [15], \p$2189 [15], \p$2189 [15], \p$2189  } : \$661 ;
+  assign \$663  = $signed(acc_12_0) + $signed(\p$2190 );
+  assign \$664  = first4_12_0 ? { \p$2190 [15], \p$2190 [15], \p$2190 [15], \p$2190 [15], \p$2190 [15], \p$2190 [15], \p$2190 [15], \p$2190 [15], \p$2190 [15], \p$2190  } : \$663 ;
+  assign \$665  = $signed(acc_12_1) + $signed(\p$2191 );
+  assign \$666  = first4_12_1 ? { \p$2191 [15], \p$2191 [15], \p$2191 [15], \p$2191 [15], \p$2191 [15], \p$2191 [15], \p$2191 [15], \p$2191 [15], \p$2191 [15], \p$2191  } : \$665 ;
+  assign \$667  = $signed(acc_12_2) + $signed(\p$2192 );
+  assign \$668  = first4_12_2 ? { \p$2192 [15], \p$2192 [15], \p$2192 [15], \p$2192 [15], \p$2192 [15], \p$2192 [15], \p$2192 [15], \p$2192 [15], \p$2192 [15], \p$2192  } : \$667 ;
+  assign \$669  = $signed(acc_12_3) + $signed(\p$2193 );
+  assign \$670  = first4_12_3 ? { \p$2193 [15], \p$2193 [15], \p$2193 [15], \p$2193 [15], \p$2193 [15], \p$2193 [15], \p$2193 [15], \p$2193 [15], \p$2193 [15], \p$2193  } : \$669 ;
+  assign \$671  = $signed(acc_12_4) + $signed(\p$2194 );
+  assign \$672  = first4_12_4 ? { \p$2194 [15], \p$2194 [15], \p$2194 [15], \p$2194 [15], \p$2194 [15], \p$2194 [15], \p$2194 [15], \p$2194 [15], \p$2194 [15], \p$2194  } : \$671 ;
+  assign \$673  = $signed(acc_12_5) + $signed(\p$2195 );
+  assign \$674  = first4_12_5 ? { \p$2195 [15], \p$2195 [15], \p$2195 [15], \p$2195 [15], \p$2195 [15], \p$2195 [15], \p$2195 [15], \p$2195 [15], \p$2195 [15], \p$2195  } : \$673 ;
+  assign \$675  = $signed(acc_12_6) + $signed(\p$2196 );
+  assign \$676  = first4_12_6 ? { \p$2196 [15], \p$2196 [15], \p$2196 [15], \p$2196 [15], \p$2196 [15], \p$2196 [15], \p$2196 [15], \p$2196 [15], \p$2196 [15], \p$2196  } : \$675 ;
+  assign \$677  = $signed(acc_12_7) + $signed(\p$2197 );
+  assign \$678  = first4_12_7 ? { \p$2197 [15], \p$2197 [15], \p$2197 [15], \p$2197 [15], \p$2197 [15], \p$2197 [15], \p$2197 [15], \p$2197 [15], \p$2197 [15], \p$2197  } : \$677 ;
+  assign \$679  = $signed(acc_12_8) + $signed(\p$2198 );
+  assign \$680  = first4_12_8 ? { \p$2198 [15], \p$2198 [15], \p$2198 [15], \p$2198 [15], \p$2198 [15], \p$2198 [15], \p$2198 [15], \p$2198 [15], \p$2198 [15], \p$2198  } : \$679 ;
+  assign \$681  = $signed(acc_12_9) + $signed(\p$2199 );
+  assign \$682  = first4_12_9 ? { \p$2199 [15], \p$2199 [15], \p$2199 [15], \p$2199 [15], \p$2199 [15], \p$2199 [15], \p$2199 [15], \p$2199 [15], \p$2199 [15], \p$2199  } : \$681 ;
+  assign \$683  = $signed(acc_12_10) + $signed(\p$2200 );
+  assign \$684  = first4_12_10 ? { \p$2200 [15], \p$2200 [15], \p$2200 [15], \p$2200 [15], \p$2200 [15], \p$2200 [15], \p$2200 [15], \p$2200 [15], \p$2200 [15], \p$2200  } : \$683 ;
+  assign \$685  = $signed(acc_12_11) + $signed(\p$2201 );
+  assign \$686  = first4_12_11 ? { \p$2201 [15], \p$2201 [15], \p$2201 [15], \p$2201 [15], \p$2201 [15], \p$2201 [15], \p$2201 [15], \p$2201 [15], \p$2201 [15], \p$2201  } : \$685 ;
+  assign \$687  = $signed(acc_12_12) + $signed(\p$2202 );
+  assign \$688  = first4_12_12 ? { \p$2202 [15], \p$2202 [15], \p$2202 [15], \p$2202 [15], \p$2202 [15], \p$2202 [15], \p$2202 [15], \p$2202 [15], \p$2202 [15], \p$2202  } : \$687 ;
+  assign \$689  = $signed(acc_12_13) + $signed(\p$2203 );
+  assign \$690  = first4_12_13 ? { \p$2203 [15], \p$2203 [15], \p$2203 [15], \p$2203 [15], \p$2203 [15], \p$2203 [15], \p$2203 [15], \p$2203 [15], \p$2203 [15], \p$2203  } : \$689 ;
+  assign \$691  = $signed(acc_12_14) + $signed(\p$2204 );
+  assign \$692  = first4_12_14 ? { \p$2204 [15], \p$2204 [15], \p$2204 [15], \p$2204 [15], \p$2204 [15], \p$2204 [15], \p$2204 [15], \p$2204 [15], \p$2204 [15], \p$2204  } : \$691 ;
+  assign \$693  = $signed(acc_12_15) + $signed(\p$2205 );
+  assign \$694  = first4_12_15 ? { \p$2205 [15], \p$2205 [15], \p$2205 [15], \p$2205 [15], \p$2205 [15], \p$2205 [15], \p$2205 [15], \p$2205 [15], \p$2205 [15], \p$2205  } : \$693 ;
+  assign \$695  = $signed(acc_13_0) + $signed(\p$2206 );
+  assign \$696  = first4_13_0 ? { \p$2206 [15], \p$2206 [15], \p$2206 [15], \p$2206 [15], \p$2206 [15], \p$2206 [15], \p$2206 [15], \p$2206 [15], \p$2206 [15], \p$2206  } : \$695 ;
+  assign \$697  = $signed(acc_13_1) + $signed(\p$2207 );
+  assign \$698  = first4_13_1 ? { \p$2207 [15], \p$2207 [15], \p$2207 [15], \p$2207 [15], \p$2207 [15], \p$2207 [15], \p$2207 [15], \p$2207 [15], \p$2207 [15], \p$2207  } : \$697 ;
+  assign \$699  = $signed(acc_13_2) + $signed(\p$2208 );
+  assign \$700  = first4_13_2 ? { \p$2208 [15], \p$2208 [15], \p$2208 [15], \p$2208 [15], \p$2208 [15], \p$2208 [15], \p$2208 [15], \p$2208 [15], \p$2208 [15], \p$2208  } : \$699 ;
+  assign \$701  = $signed(acc_13_3) + $signed(\p$2209 );
+  assign \$702  = first4_13_3 ? { \p$2209 [15], \p$2209 [15], \p$2209 [15], \p$2209 [15], \p$2209 [15], \p$2209 [15], \p$2209 [15], \p$2209 [15], \p$2209 [15], \p$2209  } : \$701 ;
+  assign \$703  = $signed(acc_13_4) + $signed(\p$2210 );
+  assign \$704  = first4_13_4 ? { \p$2210 [15], \p$2210 [15], \p$2210 [15], \p$2210 [15], \p$2210 [15], \p$2210 [15], \p$2210 [15], \p$2210 [15], \p$2210 [15], \p$2210  } : \$703 ;
+  assign \$705  = $signed(acc_13_5) + $signed(\p$2211 );
+  assign \$706  = first4_13_5 ? { \p$2211 [15], \p$2211 [15], \p$2211 [15], \p$2211 [15], \p$2211 [15], \p$2211 [15], \p$2211 [15], \p$2211 [15], \p$2211 [15], \p$2211  } : \$705 ;
+  assign \$707  = $signed(acc_13_6) + $signed(\p$2212 );
+  assign \$708  = first4_13_6 ? { \p$2212 [15], \p$2212 [15], \p$2212 [15], \p$2212 [15], \p$2212 [15], \p$2212 [15], \p$2212 [15], \p$2212 [15], \p$2212 [15], \p$2212  } : \$707 ;
+  assign \$709  = $signed(acc_13_7) + $signed(\p$2213 );
+  assign \$710  = first4_13_7 ? { \p$2213 [15], \p$2213 [15], \p$2213 [15], \p$2213 [15], \p$2213 [15], \p$2213 [15], \p$2213 [15], \p$2213 [15], \p$2213 [15], \p$2213  } : \$709 ;
+  assign \$711  = $signed(acc_13_8) + $signed(\p$2214 );
+  assign \$712  = first4_13_8 ? { \p$2214 [15], \p$2214 [15], \p$2214 [15], \p$2214 [15], \p$2214 [15], \p$2214 [15], \p$2214 [15], \p$2214 [15], \p$2214 [15], \p$2214  } : \$711 ;
+  assign \$713  = $signed(acc_13_9) + $signed(\p$2215 );
+  assign \$714  = first4_13_9 ? { \p$2215 [15], \p$2215 [15], \p$2215 [15], \p$2215 [15], \p$2215 [15], \p$2215 [15], \p$2215 [15], \p$2215 [15], \p$2215 [15], \p$2215  } : \$713 ;
+  assign \$715  = $signed(acc_13_10) + $signed(\p$2216 );
+  assign \$716  = first4_13_10 ? { \p$2216 [15], \p$2216 [15], \p$2216 [15], \p$2216 [15], \p$2216 [15], \p$2216 [15], \p$2216 [15], \p$2216 [15], \p$2216 [15], \p$2216  } : \$715 ;
+  assign \$717  = $signed(acc_13_11) + $signed(\p$2217 );
+  assign \$718  = first4_13_11 ? { \p$2217 [15], \p$2217 [15], \p$2217 [15], \p$2217 [15], \p$2217 [15], \p$2217 [15], \p$2217 [15], \p$2217 [15], \p$2217 [15], \p$2217  } : \$717 ;
+  assign \$719  = $signed(acc_13_12) + $signed(\p$2218 );
+  assign \$720  = first4_13_12 ? { \p$2218 [15], \p$2218 [15], \p$2218 [15], \p$2218 [15], \p$2218 [15], \p$2218 [15], \p$2218 [15], \p$2218 [15], \p$2218 [15], \p$2218  } : \$719 ;
+  assign \$721  = $signed(acc_13_13) + $signed(\p$2219 );
+  assign \$722  = first4_13_13 ? { \p$2219 [15], \p$2219 [15], \p$2219 [15], \p$2219 [15], \p$2219 [15], \p$2219 [15], \p$2219 [15], \p$2219 [15], \p$2219 [15], \p$2219  } : \$721 ;
+  assign \$723  = $signed(acc_13_14) + $signed(\p$2220 );
+  assign \$724  = first4_13_14 ? { \p$2220 [15], \p$2220 [15], \p$2220 [15], \p$2220 [15], \p$2220 [15], \p$2220 [15], \p$2220 [15], \p$2220 [15], \p$2220 [15], \p$2220  } : \$723 ;
+  assign \$725  = $signed(acc_13_15) + $signed(\p$2221 );
+  assign \$726  = first4_13_15 ? { \p$2221 [15], \p$2221 [15], \p$2221 [15], \p$2221 [15], \p$2221 [15], \p$2221 [15], \p$2221 [15], \p$2221 [15], \p$2221 [15], \p$2221  } : \$725 ;
+  assign \$727  = $signed(acc_14_0) + $signed(\p$2222 );
+  assign \$728  = first4_14_0 ? { \p$2222 [15], \p$2222 [15], \p$2222 [15], \p$2222 [15], \p$2222 [15], \p$2222 [15], \p$2222 [15], \p$2222 [15], \p$2222 [15], \p$2222  } : \$727 ;
+  assign \$729  = $signed(acc_14_1) + $signed(\p$2223 );
+  assign \$730  = first4_14_1 ? { \p$2223 [15], \p$2223 [15], \p$2223 [15], \p$2223 [15], \p$2223 [15], \p$2223 [15], \p$2223 [15], \p$2223 [15], \p$2223 [15], \p$2223  } : \$729 ;
+  assign \$731  = $signed(acc_14_2) + $signed(\p$2224 );
+  assign \$732  = first4_14_2 ? { \p$2224 [15], \p$2224 [15], \p$2224 [15], \p$2224 [15], \p$2224 [15], \p$2224 [15], \p$2224 [15], \p$2224 [15], \p$2224 [15], \p$2224  } : \$731 ;
+  assign \$733  = $signed(acc_14_3) + $signed(\p$2225 );
+  assign \$734  = first4_14_3 ? { \p$2225 [15], \p$2225 [15], \p$2225 [15], \p$2225 [15], \p$2225 [15], \p$2225 [15], \p$2225 [15], \p$2225 [15], \p$2225 [15], \p$2225  } : \$733 ;
+  assign \$735  = $signed(acc_14_4) + $signed(\p$2226 );
+  assign \$736  = first4_14_4 ? { \p$2226 [15], \p$2226 [15], \p$2226 [15], \p$2226 [15], \p$2226 [15], \p$2226 [15], \p$2226 [15], \p$2226 [15], \p$2226 [15], \p$2226  } : \$735 ;
+  assign \$737  = $signed(acc_14_5) + $signed(\p$2227 );
+  assign \$738  = first4_14_5 ? { \p$2227 [15], \p$2227 [15], \p$2227 [15], \p$2227 [15], \p$2227 [15], \p$2227 [15], \p$2227 [15], \p$2227 [15], \p$2227 [15], \p$2227  } : \$737 ;
+  assign \$739  = $signed(acc_14_6) + $signed(\p$2228 );
+  assign \$740  = first4_14_6 ? { \p$2228 [15], \p$2228 [15], \p$2228 [15], \p$2228 [15], \p$2228 [15], \p$2228 [15], \p$2228 [15], \p$2228 [15], \p$2228 [15], \p$2228  } : \$739 ;
+  assign \$741  = $signed(acc_14_7) + $signed(\p$2229 );
+  assign \$742  = first4_14_7 ? { \p$2229 [15], \p$2229 [15], \p$2229 [15], \p$2229 [15], \p$2229 [15], \p$2229 [15], \p$2229 [15], \p$2229 [15], \p$2229 [15], \p$2229  } : \$741 ;
+  assign \$743  = $signed(acc_14_8) + $signed(\p$2230 );
+  assign \$744  = first4_14_8 ? { \p$2230 [15], \p$2230 [15], \p$2230 [15], \p$2230 [15], \p$2230 [15], \p$2230 [15], \p$2230 [15], \p$2230 [15], \p$2230 [15], \p$2230  } : \$743 ;
+  assign \$745  = $signed(acc_14_9) + $signed(\p$2231 );
+  assign \$746  = first4_14_9 ? { \p$2231 [15], \p$2231 [15], \p$2231 [15], \p$2231 [15], \p$2231 [15], \p$2231 [15], \p$2231 [15], \p$2231 [15], \p$2231 [15], \p$2231  } : \$745 ;
+  assign \$747  = $signed(acc_14_10) + $signed(\p$2232 );
+  assign \$748  = first4_14_10 ? { \p$2232 [15], \p$2232 [15], \p$2232 [15], \p$2232 [15], \p$2232 [15], \p$2232 [15], \p$2232 [15], \p$2232 [15], \p$2232 [15], \p$2232  } : \$747 ;
+  assign \$749  = $signed(acc_14_11) + $signed(\p$2233 );
+  assign \$750  = first4_14_11 ? { \p$2233 [15], \p$2233 [15], \p$2233 [15], \p$2233 [15], \p$2233 [15], \p$2233 [15], \p$2233 [15], \p$2233 [15], \p$2233 [15], \p$2233  } : \$749 ;
+  assign \$751  = $signed(acc_14_12) + $signed(\p$2234 );
+  assign \$752  = first4_14_12 ? { \p$2234 [15], \p$2234 [15], \p$2234 [15], \p$2234 [15], \p$2234 [15], \p$2234 [15], \p$2234 [15], \p$2234 [15], \p$2234 [15], \p$2234  } : \$751 ;
+  assign \$753  = $signed(acc_14_13) + $signed(\p$2235 );
+  assign \$754  = first4_14_13 ? { \p$2235 [15], \p$2235 [15], \p$2235 [15], \p$2235 [15], \p$2235 [15], \p$2235 [15], \p$2235 [15], \p$2235 [15], \p$2235 [15], \p$2235  } : \$753 ;
+  assign \$755  = $signed(acc_14_14) + $signed(\p$2236 );
+  assign \$756  = first4_14_14 ? { \p$2236 [15], \p$2236 [15], \p$2236 [15], \p$2236 [15], \p$2236 [15], \p$2236 [15], \p$2236 [15], \p$2236 [15], \p$2236 [15], \p$2236  } : \$755 ;
+  assign \$757  = $signed(acc_14_15) + $signed(\p$2237 );
+  assign \$758  = first4_14_15 ? { \p$2237 [15], \p$2237 [15], \p$2237 [15], \p$2237 [15], \p$2237 [15], \p$2237 [15], \p$2237 [15], \p$2237 [15], \p$2237 [15], \p$2237  } : \$757 ;
+  assign \$759  = $signed(acc_15_0) + $signed(\p$2238 );
+  assign \$760  = first4_15_0 ? { \p$2238 [15], \p$2238 [15], \p$2238 [15], \p$2238 [15], \p$2238 [15], \p$2238 [15], \p$2238 [15], \p$2238 [15], \p$2238 [15], \p$2238  } : \$759 ;
+  assign \$761  = $signed(acc_15_1) + $signed(\p$2239 );
+  assign \$762  = first4_15_1 ? { \p$2239 [15], \p$2239 [15], \p$2239 [15], \p$2239 [15], \p$2239 [15], \p$2239 [15], \p$2239 [15], \p$2239 [15], \p$2239 [15], \p$2239  } : \$761 ;
+  assign \$763  = $signed(acc_15_2) + $signed(\p$2240 );
+  assign \$764  = first4_15_2 ? { \p$2240 [15], \p$2240 [15], \p$2240 [15], \p$2240 [15], \p$2240 [15], \p$2240 [15], \p$2240 [15], \p$2240 [15], \p$2240 [15], \p$2240  } : \$763 ;
+  assign \$765  = $signed(acc_15_3) + $signed(\p$2241 );
+  assign \$766  = first4_15_3 ? { \p$2241 [15], \p$2241 [15], \p$2241 [15], \p$2241 [15], \p$2241 [15], \p$2241 [15], \p$2241 [15], \p$2241 [15], \p$2241 [15], \p$2241  } : \$765 ;
+  assign \$767  = $signed(acc_15_4) + $signed(\p$2242 );
+  assign \$768  = first4_15_4 ? { \p$2242 [15], \p$2242 [15], \p$2242 [15], \p$2242 [15], \p$2242 [15], \p$2242 [15], \p$2242 [15], \p$2242 [15], \p$2242 [15], \p$2242  } : \$767 ;
+  assign \$769  = $signed(acc_15_5) + $signed(\p$2243 );
+  assign \$770  = first4_15_5 ? { \p$2243 [15], \p$2243 [15], \p$2243 [15], \p$2243 [15], \p$2243 [15], \p$2243 [15], \p$2243 [15], \p$2243 [15], \p$2243 [15], \p$2243  } : \$769 ;
+  assign \$771  = $signed(acc_15_6) + $signed(\p$2244 );
+  assign \$772  = first4_15_6 ? { \p$2244 [15], \p$2244 [15], \p$2244 [15], \p$2244 [15], \p$2244 [15], \p$2244 [15], \p$2244 [15], \p$2244 [15], \p$2244 [15], \p$2244  } : \$771 ;
+  assign \$773  = $signed(acc_15_7) + $signed(\p$2245 );
+  assign \$774  = first4_15_7 ? { \p$2245 [15], \p$2245 [15], \p$2245 [15], \p$2245 [15], \p$2245 [15], \p$2245 [15], \p$2245 [15], \p$2245 [15], \p$2245 [15], \p$2245  } : \$773 ;
+  assign \$775  = $signed(acc_15_8) + $signed(\p$2246 );
+  assign \$776  = first4_15_8 ? { \p$2246 [15], \p$2246 [15], \p$2246 [15], \p$2246 [15], \p$2246 [15], \p$2246 [15], \p$2246 [15], \p$2246 [15], \p$2246 [15], \p$2246  } : \$775 ;
+  assign \$777  = $signed(acc_15_9) + $signed(\p$2247 );
+  assign \$778  = first4_15_9 ? { \p$2247 [15], \p$2247 [15], \p$2247 [15], \p$2247 [15], \p$2247 [15], \p$2247 [15], \p$2247 [15], \p$2247 [15], \p$2247 [15], \p$2247  } : \$777 ;
+  assign \$779  = $signed(acc_15_10) + $signed(\p$2248 );
+  assign \$780  = first4_15_10 ? { \p$2248 [15], \p$2248 [15], \p$2248 [15], \p$2248 [15], \p$2248 [15], \p$2248 [15], \p$2248 [15], \p$2248 [15], \p$2248 [15], \p$2248  } : \$779 ;
+  assign \$781  = $signed(acc_15_11) + $signed(\p$2249 );
+  assign \$782  = first4_15_11 ? { \p$2249 [15], \p$2249 [15], \p$2249 [15], \p$2249 [15], \p$2249 [15], \p$2249 [15], \p$2249 [15], \p$2249 [15], \p$2249 [15], \p$2249  } : \$781 ;
+  assign \$783  = $signed(acc_15_12) + $signed(\p$2250 );
+  assign \$784  = first4_15_12 ? { \p$2250 [15], \p$2250 [15], \p$2250 [15], \p$2250 [15], \p$2250 [15], \p$2250 [15], \p$2250 [15], \p$2250 [15], \p$2250 [15], \p$2250  } : \$783 ;
+  assign \$785  = $signed(acc_15_13) + $signed(\p$2251 );
+  assign \$786  = first4_15_13 ? { \p$2251 [15], \p$2251 [15], \p$2251 [15], \p$2251 [15], \p$2251 [15], \p$2251 [15], \p$2251 [15], \p$2251 [15], \p$2251 [15], \p$2251  } : \$785 ;
+  assign \$787  = $signed(acc_15_14) + $signed(\p$2252 );
+  assign \$788  = first4_15_14 ? { \p$2252 [15], \p$2252 [15], \p$2252 [15], \p$2252 [15], \p$2252 [15], \p$2252 [15], \p$2252 [15], \p$2252 [15], \p$2252 [15], \p$2252  } : \$787 ;
+  assign \$789  = $signed(acc_15_15) + $signed(\p$2253 );
+  assign \$790  = first4_15_15 ? { \p$2253 [15], \p$2253 [15], \p$2253 [15], \p$2253 [15], \p$2253 [15], \p$2253 [15], \p$2253 [15], \p$2253 [15], \p$2253 [15], \p$2253  } : \$789 ;
   assign \$791  = row == 4'hf;
   always @(posedge clk)
     \$signal  <= \$792 ;
@@ -24070,1099 +25188,1359 @@ module \encoder_layer_0_attention_output_dense.pe (rst, i__payload, i__valid, ba
   always @(posedge clk)
     b0_15 <= \$18 ;
   always @(posedge clk)
-    \$signal$38  <= \$794 ;
+    a1_0_g0 <= a0_0;
   always @(posedge clk)
-    \$signal$39  <= \$795 ;
+    a1_0_g1 <= a0_0;
   always @(posedge clk)
-    first2_0 <= \$796 ;
+    a1_0_g2 <= a0_0;
   always @(posedge clk)
-    first2_1 <= \$797 ;
+    a1_0_g3 <= a0_0;
   always @(posedge clk)
-    first2_2 <= \$798 ;
+    a1_1_g0 <= a0_1;
   always @(posedge clk)
-    first2_3 <= \$799 ;
+    a1_1_g1 <= a0_1;
   always @(posedge clk)
-    first2_4 <= \$800 ;
+    a1_1_g2 <= a0_1;
   always @(posedge clk)
-    first2_5 <= \$801 ;
+    a1_1_g3 <= a0_1;
   always @(posedge clk)
-    first2_6 <= \$802 ;
+    a1_2_g0 <= a0_2;
   always @(posedge clk)
-    first2_7 <= \$803 ;
+    a1_2_g1 <= a0_2;
   always @(posedge clk)
-    first2_8 <= \$804 ;
+    a1_2_g2 <= a0_2;
   always @(posedge clk)
-    first2_9 <= \$805 ;
+    a1_2_g3 <= a0_2;
   always @(posedge clk)
-    first2_10 <= \$806 ;
+    a1_3_g0 <= a0_3;
   always @(posedge clk)
-    first2_11 <= \$807 ;
+    a1_3_g1 <= a0_3;
   always @(posedge clk)
-    first2_12 <= \$808 ;
+    a1_3_g2 <= a0_3;
   always @(posedge clk)
-    first2_13 <= \$809 ;
+    a1_3_g3 <= a0_3;
   always @(posedge clk)
-    first2_14 <= \$810 ;
+    a1_4_g0 <= a0_4;
   always @(posedge clk)
-    first2_15 <= \$811 ;
+    a1_4_g1 <= a0_4;
   always @(posedge clk)
-    last2_0 <= \$812 ;
+    a1_4_g2 <= a0_4;
   always @(posedge clk)
-    last2_1 <= \$813 ;
+    a1_4_g3 <= a0_4;
   always @(posedge clk)
-    last2_2 <= \$814 ;
+    a1_5_g0 <= a0_5;
   always @(posedge clk)
-    last2_3 <= \$815 ;
+    a1_5_g1 <= a0_5;
   always @(posedge clk)
-    last2_4 <= \$816 ;
+    a1_5_g2 <= a0_5;
   always @(posedge clk)
-    last2_5 <= \$817 ;
+    a1_5_g3 <= a0_5;
   always @(posedge clk)
-    last2_6 <= \$818 ;
+    a1_6_g0 <= a0_6;
   always @(posedge clk)
-    last2_7 <= \$819 ;
+    a1_6_g1 <= a0_6;
   always @(posedge clk)
-    last2_8 <= \$820 ;
+    a1_6_g2 <= a0_6;
   always @(posedge clk)
-    last2_9 <= \$821 ;
+    a1_6_g3 <= a0_6;
   always @(posedge clk)
-    last2_10 <= \$822 ;
+    a1_7_g0 <= a0_7;
   always @(posedge clk)
-    last2_11 <= \$823 ;
+    a1_7_g1 <= a0_7;
   always @(posedge clk)
-    last2_12 <= \$824 ;
+    a1_7_g2 <= a0_7;
   always @(posedge clk)
-    last2_13 <= \$825 ;
+    a1_7_g3 <= a0_7;
   always @(posedge clk)
-    last2_14 <= \$826 ;
+    a1_8_g0 <= a0_8;
   always @(posedge clk)
-    last2_15 <= \$827 ;
+    a1_8_g1 <= a0_8;
   always @(posedge clk)
-    first3_0_0 <= \$828 ;
+    a1_8_g2 <= a0_8;
   always @(posedge clk)
-    first3_0_1 <= \$829 ;
+    a1_8_g3 <= a0_8;
   always @(posedge clk)
-    first3_0_2 <= \$830 ;
+    a1_9_g0 <= a0_9;
   always @(posedge clk)
-    first3_0_3 <= \$831 ;
+    a1_9_g1 <= a0_9;
   always @(posedge clk)
-    first3_0_4 <= \$832 ;
+    a1_9_g2 <= a0_9;
   always @(posedge clk)
-    first3_0_5 <= \$833 ;
+    a1_9_g3 <= a0_9;
   always @(posedge clk)
-    first3_0_6 <= \$834 ;
+    a1_10_g0 <= a0_10;
   always @(posedge clk)
-    first3_0_7 <= \$835 ;
+    a1_10_g1 <= a0_10;
   always @(posedge clk)
-    first3_0_8 <= \$836 ;
+    a1_10_g2 <= a0_10;
   always @(posedge clk)
-    first3_0_9 <= \$837 ;
+    a1_10_g3 <= a0_10;
   always @(posedge clk)
-    first3_0_10 <= \$838 ;
+    a1_11_g0 <= a0_11;
   always @(posedge clk)
-    first3_0_11 <= \$839 ;
+    a1_11_g1 <= a0_11;
   always @(posedge clk)
-    first3_0_12 <= \$840 ;
+    a1_11_g2 <= a0_11;
   always @(posedge clk)
-    first3_0_13 <= \$841 ;
+    a1_11_g3 <= a0_11;
   always @(posedge clk)
-    first3_0_14 <= \$842 ;
+    a1_12_g0 <= a0_12;
   always @(posedge clk)
-    first3_0_15 <= \$843 ;
+    a1_12_g1 <= a0_12;
   always @(posedge clk)
-    first3_1_0 <= \$844 ;
+    a1_12_g2 <= a0_12;
   always @(posedge clk)
-    first3_1_1 <= \$845 ;
+    a1_12_g3 <= a0_12;
   always @(posedge clk)
-    first3_1_2 <= \$846 ;
+    a1_13_g0 <= a0_13;
   always @(posedge clk)
-    first3_1_3 <= \$847 ;
+    a1_13_g1 <= a0_13;
   always @(posedge clk)
-    first3_1_4 <= \$848 ;
+    a1_13_g2 <= a0_13;
   always @(posedge clk)
-    first3_1_5 <= \$849 ;
+    a1_13_g3 <= a0_13;
   always @(posedge clk)
-    first3_1_6 <= \$850 ;
+    a1_14_g0 <= a0_14;
   always @(posedge clk)
-    first3_1_7 <= \$851 ;
+    a1_14_g1 <= a0_14;
   always @(posedge clk)
-    first3_1_8 <= \$852 ;
+    a1_14_g2 <= a0_14;
   always @(posedge clk)
-    first3_1_9 <= \$853 ;
+    a1_14_g3 <= a0_14;
   always @(posedge clk)
-    first3_1_10 <= \$854 ;
+    a1_15_g0 <= a0_15;
   always @(posedge clk)
-    first3_1_11 <= \$855 ;
+    a1_15_g1 <= a0_15;
   always @(posedge clk)
-    first3_1_12 <= \$856 ;
+    a1_15_g2 <= a0_15;
   always @(posedge clk)
-    first3_1_13 <= \$857 ;
+    a1_15_g3 <= a0_15;
   always @(posedge clk)
-    first3_1_14 <= \$858 ;
+    b1_0_g0 <= b0_0;
   always @(posedge clk)
-    first3_1_15 <= \$859 ;
+    b1_0_g1 <= b0_0;
   always @(posedge clk)
-    first3_2_0 <= \$860 ;
+    b1_0_g2 <= b0_0;
   always @(posedge clk)
-    first3_2_1 <= \$861 ;
+    b1_0_g3 <= b0_0;
   always @(posedge clk)
-    first3_2_2 <= \$862 ;
+    b1_1_g0 <= b0_1;
   always @(posedge clk)
-    first3_2_3 <= \$863 ;
+    b1_1_g1 <= b0_1;
   always @(posedge clk)
-    first3_2_4 <= \$864 ;
+    b1_1_g2 <= b0_1;
   always @(posedge clk)
-    first3_2_5 <= \$865 ;
+    b1_1_g3 <= b0_1;
   always @(posedge clk)
-    first3_2_6 <= \$866 ;
+    b1_2_g0 <= b0_2;
   always @(posedge clk)
-    first3_2_7 <= \$867 ;
+    b1_2_g1 <= b0_2;
   always @(posedge clk)
-    first3_2_8 <= \$868 ;
+    b1_2_g2 <= b0_2;
   always @(posedge clk)
-    first3_2_9 <= \$869 ;
+    b1_2_g3 <= b0_2;
   always @(posedge clk)
-    first3_2_10 <= \$870 ;
+    b1_3_g0 <= b0_3;
   always @(posedge clk)
-    first3_2_11 <= \$871 ;
+    b1_3_g1 <= b0_3;
   always @(posedge clk)
-    first3_2_12 <= \$872 ;
+    b1_3_g2 <= b0_3;
   always @(posedge clk)
-    first3_2_13 <= \$873 ;
+    b1_3_g3 <= b0_3;
   always @(posedge clk)
-    first3_2_14 <= \$874 ;
+    b1_4_g0 <= b0_4;
   always @(posedge clk)
-    first3_2_15 <= \$875 ;
+    b1_4_g1 <= b0_4;
   always @(posedge clk)
-    first3_3_0 <= \$876 ;
+    b1_4_g2 <= b0_4;
   always @(posedge clk)
-    first3_3_1 <= \$877 ;
+    b1_4_g3 <= b0_4;
   always @(posedge clk)
-    first3_3_2 <= \$878 ;
+    b1_5_g0 <= b0_5;
   always @(posedge clk)
-    first3_3_3 <= \$879 ;
+    b1_5_g1 <= b0_5;
   always @(posedge clk)
-    first3_3_4 <= \$880 ;
+    b1_5_g2 <= b0_5;
   always @(posedge clk)
-    first3_3_5 <= \$881 ;
+    b1_5_g3 <= b0_5;
   always @(posedge clk)
-    first3_3_6 <= \$882 ;
+    b1_6_g0 <= b0_6;
   always @(posedge clk)
-    first3_3_7 <= \$883 ;
+    b1_6_g1 <= b0_6;
   always @(posedge clk)
-    first3_3_8 <= \$884 ;
+    b1_6_g2 <= b0_6;
   always @(posedge clk)
-    first3_3_9 <= \$885 ;
+    b1_6_g3 <= b0_6;
   always @(posedge clk)
-    first3_3_10 <= \$886 ;
+    b1_7_g0 <= b0_7;
   always @(posedge clk)
-    first3_3_11 <= \$887 ;
+    b1_7_g1 <= b0_7;
   always @(posedge clk)
-    first3_3_12 <= \$888 ;
+    b1_7_g2 <= b0_7;
   always @(posedge clk)
-    first3_3_13 <= \$889 ;
+    b1_7_g3 <= b0_7;
   always @(posedge clk)
-    first3_3_14 <= \$890 ;
+    b1_8_g0 <= b0_8;
   always @(posedge clk)
-    first3_3_15 <= \$891 ;
+    b1_8_g1 <= b0_8;
   always @(posedge clk)
-    first3_4_0 <= \$892 ;
+    b1_8_g2 <= b0_8;
   always @(posedge clk)
-    first3_4_1 <= \$893 ;
+    b1_8_g3 <= b0_8;
   always @(posedge clk)
-    first3_4_2 <= \$894 ;
+    b1_9_g0 <= b0_9;
   always @(posedge clk)
-    first3_4_3 <= \$895 ;
+    b1_9_g1 <= b0_9;
   always @(posedge clk)
-    first3_4_4 <= \$896 ;
+    b1_9_g2 <= b0_9;
   always @(posedge clk)
-    first3_4_5 <= \$897 ;
+    b1_9_g3 <= b0_9;
   always @(posedge clk)
-    first3_4_6 <= \$898 ;
+    b1_10_g0 <= b0_10;
   always @(posedge clk)
-    first3_4_7 <= \$899 ;
+    b1_10_g1 <= b0_10;
   always @(posedge clk)
-    first3_4_8 <= \$900 ;
+    b1_10_g2 <= b0_10;
   always @(posedge clk)
-    first3_4_9 <= \$901 ;
+    b1_10_g3 <= b0_10;
   always @(posedge clk)
-    first3_4_10 <= \$902 ;
+    b1_11_g0 <= b0_11;
   always @(posedge clk)
-    first3_4_11 <= \$903 ;
+    b1_11_g1 <= b0_11;
   always @(posedge clk)
-    first3_4_12 <= \$904 ;
+    b1_11_g2 <= b0_11;
   always @(posedge clk)
-    first3_4_13 <= \$905 ;
+    b1_11_g3 <= b0_11;
   always @(posedge clk)
-    first3_4_14 <= \$906 ;
+    b1_12_g0 <= b0_12;
   always @(posedge clk)
-    first3_4_15 <= \$907 ;
+    b1_12_g1 <= b0_12;
   always @(posedge clk)
-    first3_5_0 <= \$908 ;
+    b1_12_g2 <= b0_12;
   always @(posedge clk)
-    first3_5_1 <= \$909 ;
+    b1_12_g3 <= b0_12;
   always @(posedge clk)
-    first3_5_2 <= \$910 ;
+    b1_13_g0 <= b0_13;
   always @(posedge clk)
-    first3_5_3 <= \$911 ;
+    b1_13_g1 <= b0_13;
   always @(posedge clk)
-    first3_5_4 <= \$912 ;
+    b1_13_g2 <= b0_13;
   always @(posedge clk)
-    first3_5_5 <= \$913 ;
+    b1_13_g3 <= b0_13;
   always @(posedge clk)
-    first3_5_6 <= \$914 ;
+    b1_14_g0 <= b0_14;
   always @(posedge clk)
-    first3_5_7 <= \$915 ;
+    b1_14_g1 <= b0_14;
   always @(posedge clk)
-    first3_5_8 <= \$916 ;
+    b1_14_g2 <= b0_14;
   always @(posedge clk)
-    first3_5_9 <= \$917 ;
+    b1_14_g3 <= b0_14;
   always @(posedge clk)
-    first3_5_10 <= \$918 ;
+    b1_15_g0 <= b0_15;
   always @(posedge clk)
-    first3_5_11 <= \$919 ;
+    b1_15_g1 <= b0_15;
   always @(posedge clk)
-    first3_5_12 <= \$920 ;
+    b1_15_g2 <= b0_15;
   always @(posedge clk)
-    first3_5_13 <= \$921 ;
+    b1_15_g3 <= b0_15;
   always @(posedge clk)
-    first3_5_14 <= \$922 ;
+    \$signal$166  <= \$794 ;
   always @(posedge clk)
-    first3_5_15 <= \$923 ;
+    \$signal$167  <= \$795 ;
   always @(posedge clk)
-    first3_6_0 <= \$924 ;
+    \$signal$168  <= \$796 ;
   always @(posedge clk)
-    first3_6_1 <= \$925 ;
+    \$signal$169  <= \$797 ;
   always @(posedge clk)
-    first3_6_2 <= \$926 ;
+    first3_0 <= \$798 ;
   always @(posedge clk)
-    first3_6_3 <= \$927 ;
+    first3_1 <= \$799 ;
   always @(posedge clk)
-    first3_6_4 <= \$928 ;
+    first3_2 <= \$800 ;
   always @(posedge clk)
-    first3_6_5 <= \$929 ;
+    first3_3 <= \$801 ;
   always @(posedge clk)
-    first3_6_6 <= \$930 ;
+    first3_4 <= \$802 ;
   always @(posedge clk)
-    first3_6_7 <= \$931 ;
+    first3_5 <= \$803 ;
   always @(posedge clk)
-    first3_6_8 <= \$932 ;
+    first3_6 <= \$804 ;
   always @(posedge clk)
-    first3_6_9 <= \$933 ;
+    first3_7 <= \$805 ;
   always @(posedge clk)
-    first3_6_10 <= \$934 ;
+    first3_8 <= \$806 ;
   always @(posedge clk)
-    first3_6_11 <= \$935 ;
+    first3_9 <= \$807 ;
   always @(posedge clk)
-    first3_6_12 <= \$936 ;
+    first3_10 <= \$808 ;
   always @(posedge clk)
-    first3_6_13 <= \$937 ;
+    first3_11 <= \$809 ;
   always @(posedge clk)
-    first3_6_14 <= \$938 ;
+    first3_12 <= \$810 ;
   always @(posedge clk)
-    first3_6_15 <= \$939 ;
+    first3_13 <= \$811 ;
   always @(posedge clk)
-    first3_7_0 <= \$940 ;
+    first3_14 <= \$812 ;
   always @(posedge clk)
-    first3_7_1 <= \$941 ;
+    first3_15 <= \$813 ;
   always @(posedge clk)
-    first3_7_2 <= \$942 ;
+    last3_0 <= \$814 ;
   always @(posedge clk)
-    first3_7_3 <= \$943 ;
+    last3_1 <= \$815 ;
   always @(posedge clk)
-    first3_7_4 <= \$944 ;
+    last3_2 <= \$816 ;
   always @(posedge clk)
-    first3_7_5 <= \$945 ;
+    last3_3 <= \$817 ;
   always @(posedge clk)
-    first3_7_6 <= \$946 ;
+    last3_4 <= \$818 ;
   always @(posedge clk)
-    first3_7_7 <= \$947 ;
+    last3_5 <= \$819 ;
   always @(posedge clk)
-    first3_7_8 <= \$948 ;
+    last3_6 <= \$820 ;
   always @(posedge clk)
-    first3_7_9 <= \$949 ;
+    last3_7 <= \$821 ;
   always @(posedge clk)
-    first3_7_10 <= \$950 ;
+    last3_8 <= \$822 ;
   always @(posedge clk)
-    first3_7_11 <= \$951 ;
+    last3_9 <= \$823 ;
   always @(posedge clk)
-    first3_7_12 <= \$952 ;
+    last3_10 <= \$824 ;
   always @(posedge clk)
-    first3_7_13 <= \$953 ;
+    last3_11 <= \$825 ;
   always @(posedge clk)
-    first3_7_14 <= \$954 ;
+    last3_12 <= \$826 ;
   always @(posedge clk)
-    first3_7_15 <= \$955 ;
+    last3_13 <= \$827 ;
   always @(posedge clk)
-    first3_8_0 <= \$956 ;
+    last3_14 <= \$828 ;
   always @(posedge clk)
-    first3_8_1 <= \$957 ;
+    last3_15 <= \$829 ;
   always @(posedge clk)
-    first3_8_2 <= \$958 ;
+    first4_0_0 <= \$830 ;
   always @(posedge clk)
-    first3_8_3 <= \$959 ;
+    first4_0_1 <= \$831 ;
   always @(posedge clk)
-    first3_8_4 <= \$960 ;
+    first4_0_2 <= \$832 ;
   always @(posedge clk)
-    first3_8_5 <= \$961 ;
+    first4_0_3 <= \$833 ;
   always @(posedge clk)
-    first3_8_6 <= \$962 ;
+    first4_0_4 <= \$834 ;
   always @(posedge clk)
-    first3_8_7 <= \$963 ;
+    first4_0_5 <= \$835 ;
   always @(posedge clk)
-    first3_8_8 <= \$964 ;
+    first4_0_6 <= \$836 ;
   always @(posedge clk)
-    first3_8_9 <= \$965 ;
+    first4_0_7 <= \$837 ;
   always @(posedge clk)
-    first3_8_10 <= \$966 ;
+    first4_0_8 <= \$838 ;
   always @(posedge clk)
-    first3_8_11 <= \$967 ;
+    first4_0_9 <= \$839 ;
   always @(posedge clk)
-    first3_8_12 <= \$968 ;
+    first4_0_10 <= \$840 ;
   always @(posedge clk)
-    first3_8_13 <= \$969 ;
+    first4_0_11 <= \$841 ;
   always @(posedge clk)
-    first3_8_14 <= \$970 ;
+    first4_0_12 <= \$842 ;
   always @(posedge clk)
-    first3_8_15 <= \$971 ;
+    first4_0_13 <= \$843 ;
   always @(posedge clk)
-    first3_9_0 <= \$972 ;
+    first4_0_14 <= \$844 ;
   always @(posedge clk)
-    first3_9_1 <= \$973 ;
+    first4_0_15 <= \$845 ;
   always @(posedge clk)
-    first3_9_2 <= \$974 ;
+    first4_1_0 <= \$846 ;
   always @(posedge clk)
-    first3_9_3 <= \$975 ;
+    first4_1_1 <= \$847 ;
   always @(posedge clk)
-    first3_9_4 <= \$976 ;
+    first4_1_2 <= \$848 ;
   always @(posedge clk)
-    first3_9_5 <= \$977 ;
+    first4_1_3 <= \$849 ;
   always @(posedge clk)
-    first3_9_6 <= \$978 ;
+    first4_1_4 <= \$850 ;
   always @(posedge clk)
-    first3_9_7 <= \$979 ;
+    first4_1_5 <= \$851 ;
   always @(posedge clk)
-    first3_9_8 <= \$980 ;
+    first4_1_6 <= \$852 ;
   always @(posedge clk)
-    first3_9_9 <= \$981 ;
+    first4_1_7 <= \$853 ;
   always @(posedge clk)
-    first3_9_10 <= \$982 ;
+    first4_1_8 <= \$854 ;
   always @(posedge clk)
-    first3_9_11 <= \$983 ;
+    first4_1_9 <= \$855 ;
   always @(posedge clk)
-    first3_9_12 <= \$984 ;
+    first4_1_10 <= \$856 ;
   always @(posedge clk)
-    first3_9_13 <= \$985 ;
+    first4_1_11 <= \$857 ;
   always @(posedge clk)
-    first3_9_14 <= \$986 ;
+    first4_1_12 <= \$858 ;
   always @(posedge clk)
-    first3_9_15 <= \$987 ;
+    first4_1_13 <= \$859 ;
   always @(posedge clk)
-    first3_10_0 <= \$988 ;
+    first4_1_14 <= \$860 ;
   always @(posedge clk)
-    first3_10_1 <= \$989 ;
+    first4_1_15 <= \$861 ;
   always @(posedge clk)
-    first3_10_2 <= \$990 ;
+    first4_2_0 <= \$862 ;
   always @(posedge clk)
-    first3_10_3 <= \$991 ;
+    first4_2_1 <= \$863 ;
   always @(posedge clk)
-    first3_10_4 <= \$992 ;
+    first4_2_2 <= \$864 ;
   always @(posedge clk)
-    first3_10_5 <= \$993 ;
+    first4_2_3 <= \$865 ;
   always @(posedge clk)
-    first3_10_6 <= \$994 ;
+    first4_2_4 <= \$866 ;
   always @(posedge clk)
-    first3_10_7 <= \$995 ;
+    first4_2_5 <= \$867 ;
   always @(posedge clk)
-    first3_10_8 <= \$996 ;
+    first4_2_6 <= \$868 ;
   always @(posedge clk)
-    first3_10_9 <= \$997 ;
+    first4_2_7 <= \$869 ;
   always @(posedge clk)
-    first3_10_10 <= \$998 ;
+    first4_2_8 <= \$870 ;
   always @(posedge clk)
-    first3_10_11 <= \$999 ;
+    first4_2_9 <= \$871 ;
   always @(posedge clk)
-    first3_10_12 <= \$1000 ;
+    first4_2_10 <= \$872 ;
   always @(posedge clk)
-    first3_10_13 <= \$1001 ;
+    first4_2_11 <= \$873 ;
   always @(posedge clk)
-    first3_10_14 <= \$1002 ;
+    first4_2_12 <= \$874 ;
   always @(posedge clk)
-    first3_10_15 <= \$1003 ;
+    first4_2_13 <= \$875 ;
   always @(posedge clk)
-    first3_11_0 <= \$1004 ;
+    first4_2_14 <= \$876 ;
   always @(posedge clk)
-    first3_11_1 <= \$1005 ;
+    first4_2_15 <= \$877 ;
   always @(posedge clk)
-    first3_11_2 <= \$1006 ;
+    first4_3_0 <= \$878 ;
   always @(posedge clk)
-    first3_11_3 <= \$1007 ;
+    first4_3_1 <= \$879 ;
   always @(posedge clk)
-    first3_11_4 <= \$1008 ;
+    first4_3_2 <= \$880 ;
   always @(posedge clk)
-    first3_11_5 <= \$1009 ;
+    first4_3_3 <= \$881 ;
   always @(posedge clk)
-    first3_11_6 <= \$1010 ;
+    first4_3_4 <= \$882 ;
   always @(posedge clk)
-    first3_11_7 <= \$1011 ;
+    first4_3_5 <= \$883 ;
   always @(posedge clk)
-    first3_11_8 <= \$1012 ;
+    first4_3_6 <= \$884 ;
   always @(posedge clk)
-    first3_11_9 <= \$1013 ;
+    first4_3_7 <= \$885 ;
   always @(posedge clk)
-    first3_11_10 <= \$1014 ;
+    first4_3_8 <= \$886 ;
   always @(posedge clk)
-    first3_11_11 <= \$1015 ;
+    first4_3_9 <= \$887 ;
   always @(posedge clk)
-    first3_11_12 <= \$1016 ;
+    first4_3_10 <= \$888 ;
   always @(posedge clk)
-    first3_11_13 <= \$1017 ;
+    first4_3_11 <= \$889 ;
   always @(posedge clk)
-    first3_11_14 <= \$1018 ;
+    first4_3_12 <= \$890 ;
   always @(posedge clk)
-    first3_11_15 <= \$1019 ;
+    first4_3_13 <= \$891 ;
   always @(posedge clk)
-    first3_12_0 <= \$1020 ;
+    first4_3_14 <= \$892 ;
   always @(posedge clk)
-    first3_12_1 <= \$1021 ;
+    first4_3_15 <= \$893 ;
   always @(posedge clk)
-    first3_12_2 <= \$1022 ;
+    first4_4_0 <= \$894 ;
   always @(posedge clk)
-    first3_12_3 <= \$1023 ;
+    first4_4_1 <= \$895 ;
   always @(posedge clk)
-    first3_12_4 <= \$1024 ;
+    first4_4_2 <= \$896 ;
   always @(posedge clk)
-    first3_12_5 <= \$1025 ;
+    first4_4_3 <= \$897 ;
   always @(posedge clk)
-    first3_12_6 <= \$1026 ;
+    first4_4_4 <= \$898 ;
   always @(posedge clk)
-    first3_12_7 <= \$1027 ;
+    first4_4_5 <= \$899 ;
   always @(posedge clk)
-    first3_12_8 <= \$1028 ;
+    first4_4_6 <= \$900 ;
   always @(posedge clk)
-    first3_12_9 <= \$1029 ;
+    first4_4_7 <= \$901 ;
   always @(posedge clk)
-    first3_12_10 <= \$1030 ;
+    first4_4_8 <= \$902 ;
   always @(posedge clk)
-    first3_12_11 <= \$1031 ;
+    first4_4_9 <= \$903 ;
   always @(posedge clk)
-    first3_12_12 <= \$1032 ;
+    first4_4_10 <= \$904 ;
   always @(posedge clk)
-    first3_12_13 <= \$1033 ;
+    first4_4_11 <= \$905 ;
   always @(posedge clk)
-    first3_12_14 <= \$1034 ;
+    first4_4_12 <= \$906 ;
   always @(posedge clk)
-    first3_12_15 <= \$1035 ;
+    first4_4_13 <= \$907 ;
   always @(posedge clk)
-    first3_13_0 <= \$1036 ;
+    first4_4_14 <= \$908 ;
   always @(posedge clk)
-    first3_13_1 <= \$1037 ;
+    first4_4_15 <= \$909 ;
   always @(posedge clk)
-    first3_13_2 <= \$1038 ;
+    first4_5_0 <= \$910 ;
   always @(posedge clk)
-    first3_13_3 <= \$1039 ;
+    first4_5_1 <= \$911 ;
   always @(posedge clk)
-    first3_13_4 <= \$1040 ;
+    first4_5_2 <= \$912 ;
   always @(posedge clk)
-    first3_13_5 <= \$1041 ;
+    first4_5_3 <= \$913 ;
   always @(posedge clk)
-    first3_13_6 <= \$1042 ;
+    first4_5_4 <= \$914 ;
   always @(posedge clk)
-    first3_13_7 <= \$1043 ;
+    first4_5_5 <= \$915 ;
   always @(posedge clk)
-    first3_13_8 <= \$1044 ;
+    first4_5_6 <= \$916 ;
   always @(posedge clk)
-    first3_13_9 <= \$1045 ;
+    first4_5_7 <= \$917 ;
   always @(posedge clk)
-    first3_13_10 <= \$1046 ;
+    first4_5_8 <= \$918 ;
   always @(posedge clk)
-    first3_13_11 <= \$1047 ;
+    first4_5_9 <= \$919 ;
   always @(posedge clk)
-    first3_13_12 <= \$1048 ;
+    first4_5_10 <= \$920 ;
   always @(posedge clk)
-    first3_13_13 <= \$1049 ;
+    first4_5_11 <= \$921 ;
   always @(posedge clk)
-    first3_13_14 <= \$1050 ;
+    first4_5_12 <= \$922 ;
   always @(posedge clk)
-    first3_13_15 <= \$1051 ;
+    first4_5_13 <= \$923 ;
   always @(posedge clk)
-    first3_14_0 <= \$1052 ;
+    first4_5_14 <= \$924 ;
   always @(posedge clk)
-    first3_14_1 <= \$1053 ;
+    first4_5_15 <= \$925 ;
   always @(posedge clk)
-    first3_14_2 <= \$1054 ;
+    first4_6_0 <= \$926 ;
   always @(posedge clk)
-    first3_14_3 <= \$1055 ;
+    first4_6_1 <= \$927 ;
   always @(posedge clk)
-    first3_14_4 <= \$1056 ;
+    first4_6_2 <= \$928 ;
   always @(posedge clk)
-    first3_14_5 <= \$1057 ;
+    first4_6_3 <= \$929 ;
   always @(posedge clk)
-    first3_14_6 <= \$1058 ;
+    first4_6_4 <= \$930 ;
   always @(posedge clk)
-    first3_14_7 <= \$1059 ;
+    first4_6_5 <= \$931 ;
   always @(posedge clk)
-    first3_14_8 <= \$1060 ;
+    first4_6_6 <= \$932 ;
   always @(posedge clk)
-    first3_14_9 <= \$1061 ;
+    first4_6_7 <= \$933 ;
   always @(posedge clk)
-    first3_14_10 <= \$1062 ;
+    first4_6_8 <= \$934 ;
   always @(posedge clk)
-    first3_14_11 <= \$1063 ;
+    first4_6_9 <= \$935 ;
   always @(posedge clk)
-    first3_14_12 <= \$1064 ;
+    first4_6_10 <= \$936 ;
   always @(posedge clk)
-    first3_14_13 <= \$1065 ;
+    first4_6_11 <= \$937 ;
   always @(posedge clk)
-    first3_14_14 <= \$1066 ;
+    first4_6_12 <= \$938 ;
   always @(posedge clk)
-    first3_14_15 <= \$1067 ;
+    first4_6_13 <= \$939 ;
   always @(posedge clk)
-    first3_15_0 <= \$1068 ;
+    first4_6_14 <= \$940 ;
   always @(posedge clk)
-    first3_15_1 <= \$1069 ;
+    first4_6_15 <= \$941 ;
   always @(posedge clk)
-    first3_15_2 <= \$1070 ;
+    first4_7_0 <= \$942 ;
   always @(posedge clk)
-    first3_15_3 <= \$1071 ;
+    first4_7_1 <= \$943 ;
   always @(posedge clk)
-    first3_15_4 <= \$1072 ;
+    first4_7_2 <= \$944 ;
   always @(posedge clk)
-    first3_15_5 <= \$1073 ;
+    first4_7_3 <= \$945 ;
   always @(posedge clk)
-    first3_15_6 <= \$1074 ;
+    first4_7_4 <= \$946 ;
   always @(posedge clk)
-    first3_15_7 <= \$1075 ;
+    first4_7_5 <= \$947 ;
   always @(posedge clk)
-    first3_15_8 <= \$1076 ;
+    first4_7_6 <= \$948 ;
   always @(posedge clk)
-    first3_15_9 <= \$1077 ;
+    first4_7_7 <= \$949 ;
   always @(posedge clk)
-    first3_15_10 <= \$1078 ;
+    first4_7_8 <= \$950 ;
   always @(posedge clk)
-    first3_15_11 <= \$1079 ;
+    first4_7_9 <= \$951 ;
   always @(posedge clk)
-    first3_15_12 <= \$1080 ;
+    first4_7_10 <= \$952 ;
   always @(posedge clk)
-    first3_15_13 <= \$1081 ;
+    first4_7_11 <= \$953 ;
   always @(posedge clk)
-    first3_15_14 <= \$1082 ;
+    first4_7_12 <= \$954 ;
   always @(posedge clk)
-    first3_15_15 <= \$1083 ;
+    first4_7_13 <= \$955 ;
   always @(posedge clk)
-    last3_0_0 <= \$1084 ;
+    first4_7_14 <= \$956 ;
   always @(posedge clk)
-    last3_0_1 <= \$1085 ;
+    first4_7_15 <= \$957 ;
   always @(posedge clk)
-    last3_0_2 <= \$1086 ;
+    first4_8_0 <= \$958 ;
   always @(posedge clk)
-    last3_0_3 <= \$1087 ;
+    first4_8_1 <= \$959 ;
   always @(posedge clk)
-    last3_0_4 <= \$1088 ;
+    first4_8_2 <= \$960 ;
   always @(posedge clk)
-    last3_0_5 <= \$1089 ;
+    first4_8_3 <= \$961 ;
   always @(posedge clk)
-    last3_0_6 <= \$1090 ;
+    first4_8_4 <= \$962 ;
   always @(posedge clk)
-    last3_0_7 <= \$1091 ;
+    first4_8_5 <= \$963 ;
   always @(posedge clk)
-    last3_0_8 <= \$1092 ;
+    first4_8_6 <= \$964 ;
   always @(posedge clk)
-    last3_0_9 <= \$1093 ;
+    first4_8_7 <= \$965 ;
   always @(posedge clk)
-    last3_0_10 <= \$1094 ;
+    first4_8_8 <= \$966 ;
   always @(posedge clk)
-    last3_0_11 <= \$1095 ;
+    first4_8_9 <= \$967 ;
   always @(posedge clk)
-    last3_0_12 <= \$1096 ;
+    first4_8_10 <= \$968 ;
   always @(posedge clk)
-    last3_0_13 <= \$1097 ;
+    first4_8_11 <= \$969 ;
   always @(posedge clk)
-    last3_0_14 <= \$1098 ;
+    first4_8_12 <= \$970 ;
   always @(posedge clk)
-    last3_0_15 <= \$1099 ;
+    first4_8_13 <= \$971 ;
   always @(posedge clk)
-    last3_1_0 <= \$1100 ;
+    first4_8_14 <= \$972 ;
   always @(posedge clk)
-    last3_1_1 <= \$1101 ;
+    first4_8_15 <= \$973 ;
   always @(posedge clk)
-    last3_1_2 <= \$1102 ;
+    first4_9_0 <= \$974 ;
   always @(posedge clk)
-    last3_1_3 <= \$1103 ;
+    first4_9_1 <= \$975 ;
   always @(posedge clk)
-    last3_1_4 <= \$1104 ;
+    first4_9_2 <= \$976 ;
   always @(posedge clk)
-    last3_1_5 <= \$1105 ;
+    first4_9_3 <= \$977 ;
   always @(posedge clk)
-    last3_1_6 <= \$1106 ;
+    first4_9_4 <= \$978 ;
   always @(posedge clk)
-    last3_1_7 <= \$1107 ;
+    first4_9_5 <= \$979 ;
   always @(posedge clk)
-    last3_1_8 <= \$1108 ;
+    first4_9_6 <= \$980 ;
   always @(posedge clk)
-    last3_1_9 <= \$1109 ;
+    first4_9_7 <= \$981 ;
   always @(posedge clk)
-    last3_1_10 <= \$1110 ;
+    first4_9_8 <= \$982 ;
   always @(posedge clk)
-    last3_1_11 <= \$1111 ;
+    first4_9_9 <= \$983 ;
   always @(posedge clk)
-    last3_1_12 <= \$1112 ;
+    first4_9_10 <= \$984 ;
   always @(posedge clk)
-    last3_1_13 <= \$1113 ;
+    first4_9_11 <= \$985 ;
   always @(posedge clk)
-    last3_1_14 <= \$1114 ;
+    first4_9_12 <= \$986 ;
   always @(posedge clk)
-    last3_1_15 <= \$1115 ;
+    first4_9_13 <= \$987 ;
   always @(posedge clk)
-    last3_2_0 <= \$1116 ;
+    first4_9_14 <= \$988 ;
   always @(posedge clk)
-    last3_2_1 <= \$1117 ;
+    first4_9_15 <= \$989 ;
   always @(posedge clk)
-    last3_2_2 <= \$1118 ;
+    first4_10_0 <= \$990 ;
   always @(posedge clk)
-    last3_2_3 <= \$1119 ;
+    first4_10_1 <= \$991 ;
   always @(posedge clk)
-    last3_2_4 <= \$1120 ;
+    first4_10_2 <= \$992 ;
   always @(posedge clk)
-    last3_2_5 <= \$1121 ;
+    first4_10_3 <= \$993 ;
   always @(posedge clk)
-    last3_2_6 <= \$1122 ;
+    first4_10_4 <= \$994 ;
   always @(posedge clk)
-    last3_2_7 <= \$1123 ;
+    first4_10_5 <= \$995 ;
   always @(posedge clk)
-    last3_2_8 <= \$1124 ;
+    first4_10_6 <= \$996 ;
   always @(posedge clk)
-    last3_2_9 <= \$1125 ;
+    first4_10_7 <= \$997 ;
   always @(posedge clk)
-    last3_2_10 <= \$1126 ;
+    first4_10_8 <= \$998 ;
   always @(posedge clk)
-    last3_2_11 <= \$1127 ;
+    first4_10_9 <= \$999 ;
   always @(posedge clk)
-    last3_2_12 <= \$1128 ;
+    first4_10_10 <= \$1000 ;
   always @(posedge clk)
-    last3_2_13 <= \$1129 ;
+    first4_10_11 <= \$1001 ;
   always @(posedge clk)
-    last3_2_14 <= \$1130 ;
+    first4_10_12 <= \$1002 ;
   always @(posedge clk)
-    last3_2_15 <= \$1131 ;
+    first4_10_13 <= \$1003 ;
   always @(posedge clk)
-    last3_3_0 <= \$1132 ;
+    first4_10_14 <= \$1004 ;
   always @(posedge clk)
-    last3_3_1 <= \$1133 ;
+    first4_10_15 <= \$1005 ;
   always @(posedge clk)
-    last3_3_2 <= \$1134 ;
+    first4_11_0 <= \$1006 ;
   always @(posedge clk)
-    last3_3_3 <= \$1135 ;
+    first4_11_1 <= \$1007 ;
   always @(posedge clk)
-    last3_3_4 <= \$1136 ;
+    first4_11_2 <= \$1008 ;
   always @(posedge clk)
-    last3_3_5 <= \$1137 ;
+    first4_11_3 <= \$1009 ;
   always @(posedge clk)
-    last3_3_6 <= \$1138 ;
+    first4_11_4 <= \$1010 ;
   always @(posedge clk)
-    last3_3_7 <= \$1139 ;
+    first4_11_5 <= \$1011 ;
   always @(posedge clk)
-    last3_3_8 <= \$1140 ;
+    first4_11_6 <= \$1012 ;
   always @(posedge clk)
-    last3_3_9 <= \$1141 ;
+    first4_11_7 <= \$1013 ;
   always @(posedge clk)
-    last3_3_10 <= \$1142 ;
+    first4_11_8 <= \$1014 ;
   always @(posedge clk)
-    last3_3_11 <= \$1143 ;
+    first4_11_9 <= \$1015 ;
   always @(posedge clk)
-    last3_3_12 <= \$1144 ;
+    first4_11_10 <= \$1016 ;
   always @(posedge clk)
-    last3_3_13 <= \$1145 ;
+    first4_11_11 <= \$1017 ;
   always @(posedge clk)
-    last3_3_14 <= \$1146 ;
+    first4_11_12 <= \$1018 ;
   always @(posedge clk)
-    last3_3_15 <= \$1147 ;
+    first4_11_13 <= \$1019 ;
   always @(posedge clk)
-    last3_4_0 <= \$1148 ;
+    first4_11_14 <= \$1020 ;
   always @(posedge clk)
-    last3_4_1 <= \$1149 ;
+    first4_11_15 <= \$1021 ;
   always @(posedge clk)
-    last3_4_2 <= \$1150 ;
+    first4_12_0 <= \$1022 ;
   always @(posedge clk)
-    last3_4_3 <= \$1151 ;
+    first4_12_1 <= \$1023 ;
   always @(posedge clk)
-    last3_4_4 <= \$1152 ;
+    first4_12_2 <= \$1024 ;
   always @(posedge clk)
-    last3_4_5 <= \$1153 ;
+    first4_12_3 <= \$1025 ;
   always @(posedge clk)
-    last3_4_6 <= \$1154 ;
+    first4_12_4 <= \$1026 ;
   always @(posedge clk)
-    last3_4_7 <= \$1155 ;
+    first4_12_5 <= \$1027 ;
   always @(posedge clk)
-    last3_4_8 <= \$1156 ;
+    first4_12_6 <= \$1028 ;
   always @(posedge clk)
-    last3_4_9 <= \$1157 ;
+    first4_12_7 <= \$1029 ;
   always @(posedge clk)
-    last3_4_10 <= \$1158 ;
+    first4_12_8 <= \$1030 ;
   always @(posedge clk)
-    last3_4_11 <= \$1159 ;
+    first4_12_9 <= \$1031 ;
   always @(posedge clk)
-    last3_4_12 <= \$1160 ;
+    first4_12_10 <= \$1032 ;
   always @(posedge clk)
-    last3_4_13 <= \$1161 ;
+    first4_12_11 <= \$1033 ;
   always @(posedge clk)
-    last3_4_14 <= \$1162 ;
+    first4_12_12 <= \$1034 ;
   always @(posedge clk)
-    last3_4_15 <= \$1163 ;
+    first4_12_13 <= \$1035 ;
   always @(posedge clk)
-    last3_5_0 <= \$1164 ;
+    first4_12_14 <= \$1036 ;
   always @(posedge clk)
-    last3_5_1 <= \$1165 ;
+    first4_12_15 <= \$1037 ;
   always @(posedge clk)
-    last3_5_2 <= \$1166 ;
+    first4_13_0 <= \$1038 ;
   always @(posedge clk)
-    last3_5_3 <= \$1167 ;
+    first4_13_1 <= \$1039 ;
   always @(posedge clk)
-    last3_5_4 <= \$1168 ;
+    first4_13_2 <= \$1040 ;
   always @(posedge clk)
-    last3_5_5 <= \$1169 ;
+    first4_13_3 <= \$1041 ;
   always @(posedge clk)
-    last3_5_6 <= \$1170 ;
+    first4_13_4 <= \$1042 ;
   always @(posedge clk)
-    last3_5_7 <= \$1171 ;
+    first4_13_5 <= \$1043 ;
   always @(posedge clk)
-    last3_5_8 <= \$1172 ;
+    first4_13_6 <= \$1044 ;
   always @(posedge clk)
-    last3_5_9 <= \$1173 ;
+    first4_13_7 <= \$1045 ;
   always @(posedge clk)
-    last3_5_10 <= \$1174 ;
+    first4_13_8 <= \$1046 ;
   always @(posedge clk)
-    last3_5_11 <= \$1175 ;
+    first4_13_9 <= \$1047 ;
   always @(posedge clk)
-    last3_5_12 <= \$1176 ;
+    first4_13_10 <= \$1048 ;
   always @(posedge clk)
-    last3_5_13 <= \$1177 ;
+    first4_13_11 <= \$1049 ;
   always @(posedge clk)
-    last3_5_14 <= \$1178 ;
+    first4_13_12 <= \$1050 ;
   always @(posedge clk)
-    last3_5_15 <= \$1179 ;
+    first4_13_13 <= \$1051 ;
   always @(posedge clk)
-    last3_6_0 <= \$1180 ;
+    first4_13_14 <= \$1052 ;
   always @(posedge clk)
-    last3_6_1 <= \$1181 ;
+    first4_13_15 <= \$1053 ;
   always @(posedge clk)
-    last3_6_2 <= \$1182 ;
+    first4_14_0 <= \$1054 ;
   always @(posedge clk)
-    last3_6_3 <= \$1183 ;
+    first4_14_1 <= \$1055 ;
   always @(posedge clk)
-    last3_6_4 <= \$1184 ;
+    first4_14_2 <= \$1056 ;
   always @(posedge clk)
-    last3_6_5 <= \$1185 ;
+    first4_14_3 <= \$1057 ;
   always @(posedge clk)
-    last3_6_6 <= \$1186 ;
+    first4_14_4 <= \$1058 ;
   always @(posedge clk)
-    last3_6_7 <= \$1187 ;
+    first4_14_5 <= \$1059 ;
   always @(posedge clk)
-    last3_6_8 <= \$1188 ;
+    first4_14_6 <= \$1060 ;
   always @(posedge clk)
-    last3_6_9 <= \$1189 ;
+    first4_14_7 <= \$1061 ;
   always @(posedge clk)
-    last3_6_10 <= \$1190 ;
+    first4_14_8 <= \$1062 ;
   always @(posedge clk)
-    last3_6_11 <= \$1191 ;
+    first4_14_9 <= \$1063 ;
   always @(posedge clk)
-    last3_6_12 <= \$1192 ;
+    first4_14_10 <= \$1064 ;
   always @(posedge clk)
-    last3_6_13 <= \$1193 ;
+    first4_14_11 <= \$1065 ;
   always @(posedge clk)
-    last3_6_14 <= \$1194 ;
+    first4_14_12 <= \$1066 ;
   always @(posedge clk)
-    last3_6_15 <= \$1195 ;
+    first4_14_13 <= \$1067 ;
   always @(posedge clk)
-    last3_7_0 <= \$1196 ;
+    first4_14_14 <= \$1068 ;
   always @(posedge clk)
-    last3_7_1 <= \$1197 ;
+    first4_14_15 <= \$1069 ;
   always @(posedge clk)
-    last3_7_2 <= \$1198 ;
+    first4_15_0 <= \$1070 ;
   always @(posedge clk)
-    last3_7_3 <= \$1199 ;
+    first4_15_1 <= \$1071 ;
   always @(posedge clk)
-    last3_7_4 <= \$1200 ;
+    first4_15_2 <= \$1072 ;
   always @(posedge clk)
-    last3_7_5 <= \$1201 ;
+    first4_15_3 <= \$1073 ;
   always @(posedge clk)
-    last3_7_6 <= \$1202 ;
+    first4_15_4 <= \$1074 ;
   always @(posedge clk)
-    last3_7_7 <= \$1203 ;
+    first4_15_5 <= \$1075 ;
   always @(posedge clk)
-    last3_7_8 <= \$1204 ;
+    first4_15_6 <= \$1076 ;
   always @(posedge clk)
-    last3_7_9 <= \$1205 ;
+    first4_15_7 <= \$1077 ;
   always @(posedge clk)
-    last3_7_10 <= \$1206 ;
+    first4_15_8 <= \$1078 ;
   always @(posedge clk)
-    last3_7_11 <= \$1207 ;
+    first4_15_9 <= \$1079 ;
   always @(posedge clk)
-    last3_7_12 <= \$1208 ;
+    first4_15_10 <= \$1080 ;
   always @(posedge clk)
-    last3_7_13 <= \$1209 ;
+    first4_15_11 <= \$1081 ;
   always @(posedge clk)
-    last3_7_14 <= \$1210 ;
+    first4_15_12 <= \$1082 ;
   always @(posedge clk)
-    last3_7_15 <= \$1211 ;
+    first4_15_13 <= \$1083 ;
   always @(posedge clk)
-    last3_8_0 <= \$1212 ;
+    first4_15_14 <= \$1084 ;
   always @(posedge clk)
-    last3_8_1 <= \$1213 ;
+    first4_15_15 <= \$1085 ;
   always @(posedge clk)
-    last3_8_2 <= \$1214 ;
+    last4_0_0 <= \$1086 ;
   always @(posedge clk)
-    last3_8_3 <= \$1215 ;
+    last4_0_1 <= \$1087 ;
   always @(posedge clk)
-    last3_8_4 <= \$1216 ;
+    last4_0_2 <= \$1088 ;
   always @(posedge clk)
-    last3_8_5 <= \$1217 ;
+    last4_0_3 <= \$1089 ;
   always @(posedge clk)
-    last3_8_6 <= \$1218 ;
+    last4_0_4 <= \$1090 ;
   always @(posedge clk)
-    last3_8_7 <= \$1219 ;
+    last4_0_5 <= \$1091 ;
   always @(posedge clk)
-    last3_8_8 <= \$1220 ;
+    last4_0_6 <= \$1092 ;
   always @(posedge clk)
-    last3_8_9 <= \$1221 ;
+    last4_0_7 <= \$1093 ;
   always @(posedge clk)
-    last3_8_10 <= \$1222 ;
+    last4_0_8 <= \$1094 ;
   always @(posedge clk)
-    last3_8_11 <= \$1223 ;
+    last4_0_9 <= \$1095 ;
   always @(posedge clk)
-    last3_8_12 <= \$1224 ;
+    last4_0_10 <= \$1096 ;
   always @(posedge clk)
-    last3_8_13 <= \$1225 ;
+    last4_0_11 <= \$1097 ;
   always @(posedge clk)
-    last3_8_14 <= \$1226 ;
+    last4_0_12 <= \$1098 ;
   always @(posedge clk)
-    last3_8_15 <= \$1227 ;
+    last4_0_13 <= \$1099 ;
   always @(posedge clk)
-    last3_9_0 <= \$1228 ;
+    last4_0_14 <= \$1100 ;
   always @(posedge clk)
-    last3_9_1 <= \$1229 ;
+    last4_0_15 <= \$1101 ;
   always @(posedge clk)
-    last3_9_2 <= \$1230 ;
+    last4_1_0 <= \$1102 ;
   always @(posedge clk)
-    last3_9_3 <= \$1231 ;
+    last4_1_1 <= \$1103 ;
   always @(posedge clk)
-    last3_9_4 <= \$1232 ;
+    last4_1_2 <= \$1104 ;
   always @(posedge clk)
-    last3_9_5 <= \$1233 ;
+    last4_1_3 <= \$1105 ;
   always @(posedge clk)
-    last3_9_6 <= \$1234 ;
+    last4_1_4 <= \$1106 ;
   always @(posedge clk)
-    last3_9_7 <= \$1235 ;
+    last4_1_5 <= \$1107 ;
   always @(posedge clk)
-    last3_9_8 <= \$1236 ;
+    last4_1_6 <= \$1108 ;
   always @(posedge clk)
-    last3_9_9 <= \$1237 ;
+    last4_1_7 <= \$1109 ;
   always @(posedge clk)
-    last3_9_10 <= \$1238 ;
+    last4_1_8 <= \$1110 ;
   always @(posedge clk)
-    last3_9_11 <= \$1239 ;
+    last4_1_9 <= \$1111 ;
   always @(posedge clk)
-    last3_9_12 <= \$1240 ;
+    last4_1_10 <= \$1112 ;
   always @(posedge clk)
-    last3_9_13 <= \$1241 ;
+    last4_1_11 <= \$1113 ;
   always @(posedge clk)
-    last3_9_14 <= \$1242 ;
+    last4_1_12 <= \$1114 ;
   always @(posedge clk)
-    last3_9_15 <= \$1243 ;
+    last4_1_13 <= \$1115 ;
   always @(posedge clk)
-    last3_10_0 <= \$1244 ;
+    last4_1_14 <= \$1116 ;
   always @(posedge clk)
-    last3_10_1 <= \$1245 ;
+    last4_1_15 <= \$1117 ;
   always @(posedge clk)
-    last3_10_2 <= \$1246 ;
+    last4_2_0 <= \$1118 ;
   always @(posedge clk)
-    last3_10_3 <= \$1247 ;
+    last4_2_1 <= \$1119 ;
   always @(posedge clk)
-    last3_10_4 <= \$1248 ;
+    last4_2_2 <= \$1120 ;
   always @(posedge clk)
-    last3_10_5 <= \$1249 ;
+    last4_2_3 <= \$1121 ;
   always @(posedge clk)
-    last3_10_6 <= \$1250 ;
+    last4_2_4 <= \$1122 ;
   always @(posedge clk)
-    last3_10_7 <= \$1251 ;
+    last4_2_5 <= \$1123 ;
   always @(posedge clk)
-    last3_10_8 <= \$1252 ;
+    last4_2_6 <= \$1124 ;
   always @(posedge clk)
-    last3_10_9 <= \$1253 ;
+    last4_2_7 <= \$1125 ;
   always @(posedge clk)
-    last3_10_10 <= \$1254 ;
+    last4_2_8 <= \$1126 ;
   always @(posedge clk)
-    last3_10_11 <= \$1255 ;
+    last4_2_9 <= \$1127 ;
   always @(posedge clk)
-    last3_10_12 <= \$1256 ;
+    last4_2_10 <= \$1128 ;
   always @(posedge clk)
-    last3_10_13 <= \$1257 ;
+    last4_2_11 <= \$1129 ;
   always @(posedge clk)
-    last3_10_14 <= \$1258 ;
+    last4_2_12 <= \$1130 ;
   always @(posedge clk)
-    last3_10_15 <= \$1259 ;
+    last4_2_13 <= \$1131 ;
   always @(posedge clk)
-    last3_11_0 <= \$1260 ;
+    last4_2_14 <= \$1132 ;
   always @(posedge clk)
-    last3_11_1 <= \$1261 ;
+    last4_2_15 <= \$1133 ;
   always @(posedge clk)
-    last3_11_2 <= \$1262 ;
+    last4_3_0 <= \$1134 ;
   always @(posedge clk)
-    last3_11_3 <= \$1263 ;
+    last4_3_1 <= \$1135 ;
   always @(posedge clk)
-    last3_11_4 <= \$1264 ;
+    last4_3_2 <= \$1136 ;
   always @(posedge clk)
-    last3_11_5 <= \$1265 ;
+    last4_3_3 <= \$1137 ;
   always @(posedge clk)
-    last3_11_6 <= \$1266 ;
+    last4_3_4 <= \$1138 ;
   always @(posedge clk)
-    last3_11_7 <= \$1267 ;
+    last4_3_5 <= \$1139 ;
   always @(posedge clk)
-    last3_11_8 <= \$1268 ;
+    last4_3_6 <= \$1140 ;
   always @(posedge clk)
-    last3_11_9 <= \$1269 ;
+    last4_3_7 <= \$1141 ;
   always @(posedge clk)
-    last3_11_10 <= \$1270 ;
+    last4_3_8 <= \$1142 ;
   always @(posedge clk)
-    last3_11_11 <= \$1271 ;
+    last4_3_9 <= \$1143 ;
   always @(posedge clk)
-    last3_11_12 <= \$1272 ;
+    last4_3_10 <= \$1144 ;
   always @(posedge clk)
-    last3_11_13 <= \$1273 ;
+    last4_3_11 <= \$1145 ;
   always @(posedge clk)
-    last3_11_14 <= \$1274 ;
+    last4_3_12 <= \$1146 ;
   always @(posedge clk)
-    last3_11_15 <= \$1275 ;
+    last4_3_13 <= \$1147 ;
   always @(posedge clk)
-    last3_12_0 <= \$1276 ;
+    last4_3_14 <= \$1148 ;
   always @(posedge clk)
-    last3_12_1 <= \$1277 ;
+    last4_3_15 <= \$1149 ;
   always @(posedge clk)
-    last3_12_2 <= \$1278 ;
+    last4_4_0 <= \$1150 ;
   always @(posedge clk)
-    last3_12_3 <= \$1279 ;
+    last4_4_1 <= \$1151 ;
   always @(posedge clk)
-    last3_12_4 <= \$1280 ;
+    last4_4_2 <= \$1152 ;
   always @(posedge clk)
-    last3_12_5 <= \$1281 ;
+    last4_4_3 <= \$1153 ;
   always @(posedge clk)
-    last3_12_6 <= \$1282 ;
+    last4_4_4 <= \$1154 ;
   always @(posedge clk)
-    last3_12_7 <= \$1283 ;
+    last4_4_5 <= \$1155 ;
   always @(posedge clk)
-    last3_12_8 <= \$1284 ;
+    last4_4_6 <= \$1156 ;
   always @(posedge clk)
-    last3_12_9 <= \$1285 ;
+    last4_4_7 <= \$1157 ;
   always @(posedge clk)
-    last3_12_10 <= \$1286 ;
+    last4_4_8 <= \$1158 ;
   always @(posedge clk)
-    last3_12_11 <= \$1287 ;
+    last4_4_9 <= \$1159 ;
   always @(posedge clk)
-    last3_12_12 <= \$1288 ;
+    last4_4_10 <= \$1160 ;
   always @(posedge clk)
-    last3_12_13 <= \$1289 ;
+    last4_4_11 <= \$1161 ;
   always @(posedge clk)
-    last3_12_14 <= \$1290 ;
+    last4_4_12 <= \$1162 ;
   always @(posedge clk)
-    last3_12_15 <= \$1291 ;
+    last4_4_13 <= \$1163 ;
   always @(posedge clk)
-    last3_13_0 <= \$1292 ;
+    last4_4_14 <= \$1164 ;
   always @(posedge clk)
-    last3_13_1 <= \$1293 ;
+    last4_4_15 <= \$1165 ;
   always @(posedge clk)
-    last3_13_2 <= \$1294 ;
+    last4_5_0 <= \$1166 ;
   always @(posedge clk)
-    last3_13_3 <= \$1295 ;
+    last4_5_1 <= \$1167 ;
   always @(posedge clk)
-    last3_13_4 <= \$1296 ;
+    last4_5_2 <= \$1168 ;
   always @(posedge clk)
-    last3_13_5 <= \$1297 ;
+    last4_5_3 <= \$1169 ;
   always @(posedge clk)
-    last3_13_6 <= \$1298 ;
+    last4_5_4 <= \$1170 ;
   always @(posedge clk)
-    last3_13_7 <= \$1299 ;
+    last4_5_5 <= \$1171 ;
   always @(posedge clk)
-    last3_13_8 <= \$1300 ;
+    last4_5_6 <= \$1172 ;
   always @(posedge clk)
-    last3_13_9 <= \$1301 ;
+    last4_5_7 <= \$1173 ;
   always @(posedge clk)
-    last3_13_10 <= \$1302 ;
+    last4_5_8 <= \$1174 ;
   always @(posedge clk)
-    last3_13_11 <= \$1303 ;
+    last4_5_9 <= \$1175 ;
   always @(posedge clk)
-    last3_13_12 <= \$1304 ;
+    last4_5_10 <= \$1176 ;
   always @(posedge clk)
-    last3_13_13 <= \$1305 ;
+    last4_5_11 <= \$1177 ;
   always @(posedge clk)
-    last3_13_14 <= \$1306 ;
+    last4_5_12 <= \$1178 ;
   always @(posedge clk)
-    last3_13_15 <= \$1307 ;
+    last4_5_13 <= \$1179 ;
   always @(posedge clk)
-    last3_14_0 <= \$1308 ;
+    last4_5_14 <= \$1180 ;
   always @(posedge clk)
-    last3_14_1 <= \$1309 ;
+    last4_5_15 <= \$1181 ;
   always @(posedge clk)
-    last3_14_2 <= \$1310 ;
+    last4_6_0 <= \$1182 ;
   always @(posedge clk)
-    last3_14_3 <= \$1311 ;
+    last4_6_1 <= \$1183 ;
   always @(posedge clk)
-    last3_14_4 <= \$1312 ;
+    last4_6_2 <= \$1184 ;
   always @(posedge clk)
-    last3_14_5 <= \$1313 ;
+    last4_6_3 <= \$1185 ;
   always @(posedge clk)
-    last3_14_6 <= \$1314 ;
+    last4_6_4 <= \$1186 ;
   always @(posedge clk)
-    last3_14_7 <= \$1315 ;
+    last4_6_5 <= \$1187 ;
   always @(posedge clk)
-    last3_14_8 <= \$1316 ;
+    last4_6_6 <= \$1188 ;
   always @(posedge clk)
-    last3_14_9 <= \$1317 ;
+    last4_6_7 <= \$1189 ;
   always @(posedge clk)
-    last3_14_10 <= \$1318 ;
+    last4_6_8 <= \$1190 ;
   always @(posedge clk)
-    last3_14_11 <= \$1319 ;
+    last4_6_9 <= \$1191 ;
   always @(posedge clk)
-    last3_14_12 <= \$1320 ;
+    last4_6_10 <= \$1192 ;
   always @(posedge clk)
-    last3_14_13 <= \$1321 ;
+    last4_6_11 <= \$1193 ;
   always @(posedge clk)
-    last3_14_14 <= \$1322 ;
+    last4_6_12 <= \$1194 ;
   always @(posedge clk)
-    last3_14_15 <= \$1323 ;
+    last4_6_13 <= \$1195 ;
   always @(posedge clk)
-    last3_15_0 <= \$1324 ;
+    last4_6_14 <= \$1196 ;
   always @(posedge clk)
-    last3_15_1 <= \$1325 ;
+    last4_6_15 <= \$1197 ;
   always @(posedge clk)
-    last3_15_2 <= \$1326 ;
+    last4_7_0 <= \$1198 ;
   always @(posedge clk)
-    last3_15_3 <= \$1327 ;
+    last4_7_1 <= \$1199 ;
   always @(posedge clk)
-    last3_15_4 <= \$1328 ;
+    last4_7_2 <= \$1200 ;
   always @(posedge clk)
-    last3_15_5 <= \$1329 ;
+    last4_7_3 <= \$1201 ;
   always @(posedge clk)
-    last3_15_6 <= \$1330 ;
+    last4_7_4 <= \$1202 ;
   always @(posedge clk)
-    last3_15_7 <= \$1331 ;
+    last4_7_5 <= \$1203 ;
   always @(posedge clk)
-    last3_15_8 <= \$1332 ;
+    last4_7_6 <= \$1204 ;
   always @(posedge clk)
-    last3_15_9 <= \$1333 ;
+    last4_7_7 <= \$1205 ;
   always @(posedge clk)
-    last3_15_10 <= \$1334 ;
+    last4_7_8 <= \$1206 ;
   always @(posedge clk)
-    last3_15_11 <= \$1335 ;
+    last4_7_9 <= \$1207 ;
   always @(posedge clk)
-    last3_15_12 <= \$1336 ;
+    last4_7_10 <= \$1208 ;
   always @(posedge clk)
-    last3_15_13 <= \$1337 ;
+    last4_7_11 <= \$1209 ;
   always @(posedge clk)
-    last3_15_14 <= \$1338 ;
+    last4_7_12 <= \$1210 ;
   always @(posedge clk)
-    last3_15_15 <= \$1339 ;
+    last4_7_13 <= \$1211 ;
   always @(posedge clk)
-    commit <= \$1340 ;
+    last4_7_14 <= \$1212 ;
+  always @(posedge clk)
+    last4_7_15 <= \$1213 ;
+  always @(posedge clk)
+    last4_8_0 <= \$1214 ;
+  always @(posedge clk)
+    last4_8_1 <= \$1215 ;
+  always @(posedge clk)
+    last4_8_2 <= \$1216 ;
+  always @(posedge clk)
+    last4_8_3 <= \$1217 ;
+  always @(posedge clk)
+    last4_8_4 <= \$1218 ;
+  always @(posedge clk)
+    last4_8_5 <= \$1219 ;
+  always @(posedge clk)
+    last4_8_6 <= \$1220 ;
+  always @(posedge clk)
+    last4_8_7 <= \$1221 ;
+  always @(posedge clk)
+    last4_8_8 <= \$1222 ;
+  always @(posedge clk)
+    last4_8_9 <= \$1223 ;
+  always @(posedge clk)
+    last4_8_10 <= \$1224 ;
+  always @(posedge clk)
+    last4_8_11 <= \$1225 ;
+  always @(posedge clk)
+    last4_8_12 <= \$1226 ;
+  always @(posedge clk)
+    last4_8_13 <= \$1227 ;
+  always @(posedge clk)
+    last4_8_14 <= \$1228 ;
+  always @(posedge clk)
+    last4_8_15 <= \$1229 ;
+  always @(posedge clk)
+    last4_9_0 <= \$1230 ;
+  always @(posedge clk)
+    last4_9_1 <= \$1231 ;
+  always @(posedge clk)
+    last4_9_2 <= \$1232 ;
+  always @(posedge clk)
+    last4_9_3 <= \$1233 ;
+  always @(posedge clk)
+    last4_9_4 <= \$1234 ;
+  always @(posedge clk)
+    last4_9_5 <= \$1235 ;
+  always @(posedge clk)
+    last4_9_6 <= \$1236 ;
+  always @(posedge clk)
+    last4_9_7 <= \$1237 ;
+  always @(posedge clk)
+    last4_9_8 <= \$1238 ;
+  always @(posedge clk)
+    last4_9_9 <= \$1239 ;
+  always @(posedge clk)
+    last4_9_10 <= \$1240 ;
+  always @(posedge clk)
+    last4_9_11 <= \$1241 ;
+  always @(posedge clk)
+    last4_9_12 <= \$1242 ;
+  always @(posedge clk)
+    last4_9_13 <= \$1243 ;
+  always @(posedge clk)
+    last4_9_14 <= \$1244 ;
+  always @(posedge clk)
+    last4_9_15 <= \$1245 ;
+  always @(posedge clk)
+    last4_10_0 <= \$1246 ;
+  always @(posedge clk)
+    last4_10_1 <= \$1247 ;
+  always @(posedge clk)
+    last4_10_2 <= \$1248 ;
+  always @(posedge clk)
+    last4_10_3 <= \$1249 ;
+  always @(posedge clk)
+    last4_10_4 <= \$1250 ;
+  always @(posedge clk)
+    last4_10_5 <= \$1251 ;
+  always @(posedge clk)
+    last4_10_6 <= \$1252 ;
+  always @(posedge clk)
+    last4_10_7 <= \$1253 ;
+  always @(posedge clk)
+    last4_10_8 <= \$1254 ;
+  always @(posedge clk)
+    last4_10_9 <= \$1255 ;
+  always @(posedge clk)
+    last4_10_10 <= \$1256 ;
+  always @(posedge clk)
+    last4_10_11 <= \$1257 ;
+  always @(posedge clk)
+    last4_10_12 <= \$1258 ;
+  always @(posedge clk)
+    last4_10_13 <= \$1259 ;
+  always @(posedge clk)
+    last4_10_14 <= \$1260 ;
+  always @(posedge clk)
+    last4_10_15 <= \$1261 ;
+  always @(posedge clk)
+    last4_11_0 <= \$1262 ;
+  always @(posedge clk)
+    last4_11_1 <= \$1263 ;
+  always @(posedge clk)
+    last4_11_2 <= \$1264 ;
+  always @(posedge clk)
+    last4_11_3 <= \$1265 ;
+  always @(posedge clk)
+    last4_11_4 <= \$1266 ;
+  always @(posedge clk)
+    last4_11_5 <= \$1267 ;
+  always @(posedge clk)
+    last4_11_6 <= \$1268 ;
+  always @(posedge clk)
+    last4_11_7 <= \$1269 ;
+  always @(posedge clk)
+    last4_11_8 <= \$1270 ;
+  always @(posedge clk)
+    last4_11_9 <= \$1271 ;
+  always @(posedge clk)
+    last4_11_10 <= \$1272 ;
+  always @(posedge clk)
+    last4_11_11 <= \$1273 ;
+  always @(posedge clk)
+    last4_11_12 <= \$1274 ;
+  always @(posedge clk)
+    last4_11_13 <= \$1275 ;
+  always @(posedge clk)
+    last4_11_14 <= \$1276 ;
+  always @(posedge clk)
+    last4_11_15 <= \$1277 ;
+  always @(posedge clk)
+    last4_12_0 <= \$1278 ;
+  always @(posedge clk)
+    last4_12_1 <= \$1279 ;
+  always @(posedge clk)
+    last4_12_2 <= \$1280 ;
+  always @(posedge clk)
+    last4_12_3 <= \$1281 ;
+  always @(posedge clk)
+    last4_12_4 <= \$1282 ;
+  always @(posedge clk)
+    last4_12_5 <= \$1283 ;
+  always @(posedge clk)
+    last4_12_6 <= \$1284 ;
+  always @(posedge clk)
+    last4_12_7 <= \$1285 ;
+  always @(posedge clk)
+    last4_12_8 <= \$1286 ;
+  always @(posedge clk)
+    last4_12_9 <= \$1287 ;
+  always @(posedge clk)
+    last4_12_10 <= \$1288 ;
+  always @(posedge clk)
+    last4_12_11 <= \$1289 ;
+  always @(posedge clk)
+    last4_12_12 <= \$1290 ;
+  always @(posedge clk)
+    last4_12_13 <= \$1291 ;
+  always @(posedge clk)
+    last4_12_14 <= \$1292 ;
+  always @(posedge clk)
+    last4_12_15 <= \$1293 ;
+  always @(posedge clk)
+    last4_13_0 <= \$1294 ;
+  always @(posedge clk)
+    last4_13_1 <= \$1295 ;
+  always @(posedge clk)
+    last4_13_2 <= \$1296 ;
+  always @(posedge clk)
+    last4_13_3 <= \$1297 ;
+  always @(posedge clk)
+    last4_13_4 <= \$1298 ;
+  always @(posedge clk)
+    last4_13_5 <= \$1299 ;
+  always @(posedge clk)
+    last4_13_6 <= \$1300 ;
+  always @(posedge clk)
+    last4_13_7 <= \$1301 ;
+  always @(posedge clk)
+    last4_13_8 <= \$1302 ;
+  always @(posedge clk)
+    last4_13_9 <= \$1303 ;
+  always @(posedge clk)
+    last4_13_10 <= \$1304 ;
+  always @(posedge clk)
+    last4_13_11 <= \$1305 ;
+  always @(posedge clk)
+    last4_13_12 <= \$1306 ;
+  always @(posedge clk)
+    last4_13_13 <= \$1307 ;
+  always @(posedge clk)
+    last4_13_14 <= \$1308 ;
+  always @(posedge clk)
+    last4_13_15 <= \$1309 ;
+  always @(posedge clk)
+    last4_14_0 <= \$1310 ;
+  always @(posedge clk)
+    last4_14_1 <= \$1311 ;
+  always @(posedge clk)
+    last4_14_2 <= \$1312 ;
+  always @(posedge clk)
+    last4_14_3 <= \$1313 ;
+  always @(posedge clk)
+    last4_14_4 <= \$1314 ;
+  always @(posedge clk)
+    last4_14_5 <= \$1315 ;
+  always @(posedge clk)
+    last4_14_6 <= \$1316 ;
+  always @(posedge clk)
+    last4_14_7 <= \$1317 ;
+  always @(posedge clk)
+    last4_14_8 <= \$1318 ;
+  always @(posedge clk)
+    last4_14_9 <= \$1319 ;
+  always @(posedge clk)
+    last4_14_10 <= \$1320 ;
+  always @(posedge clk)
+    last4_14_11 <= \$1321 ;
+  always @(posedge clk)
+    last4_14_12 <= \$1322 ;
+  always @(posedge clk)
+    last4_14_13 <= \$1323 ;
+  always @(posedge clk)
+    last4_14_14 <= \$1324 ;
+  always @(posedge clk)
+    last4_14_15 <= \$1325 ;
+  always @(posedge clk)
+    last4_15_0 <= \$1326 ;
+  always @(posedge clk)
+    last4_15_1 <= \$1327 ;
+  always @(posedge clk)
+    last4_15_2 <= \$1328 ;
+  always @(posedge clk)
+    last4_15_3 <= \$1329 ;
+  always @(posedge clk)
+    last4_15_4 <= \$1330 ;
+  always @(posedge clk)
+    last4_15_5 <= \$1331 ;
+  always @(posedge clk)
+    last4_15_6 <= \$1332 ;
+  always @(posedge clk)
+    last4_15_7 <= \$1333 ;
+  always @(posedge clk)
+    last4_15_8 <= \$1334 ;
+  always @(posedge clk)
+    last4_15_9 <= \$1335 ;
+  always @(posedge clk)
+    last4_15_10 <= \$1336 ;
+  always @(posedge clk)
+    last4_15_11 <= \$1337 ;
+  always @(posedge clk)
+    last4_15_12 <= \$1338 ;
+  always @(posedge clk)
+    last4_15_13 <= \$1339 ;
+  always @(posedge clk)
+    last4_15_14 <= \$1340 ;
+  always @(posedge clk)
+    last4_15_15 <= \$1341 ;
+  always @(posedge clk)
+    commit <= \$1342 ;
   always @(posedge clk)
     acc_0_0 <= \$280 [23:0];
   always @(posedge clk)
@@ -26188,1801 +27566,1801 @@ module \encoder_layer_0_attention_output_dense.pe (rst, i__payload, i__valid, ba
   always @(posedge clk)
     bank_15_15 <= \$274 ;
   always @(posedge clk)
-    bank_busy <= \$1341 ;
+    bank_busy <= \$1343 ;
   always @(posedge clk)
-    row <= \$1342 ;
+    row <= \$1344 ;
   always @(posedge clk)
-    overrun <= \$1343 ;
+    overrun <= \$1345 ;
   \encoder_layer_0_attention_output_dense.pe.pe_0_0  pe_0_0 (
-    .a(a0_0),
-    .b(b0_0),
+    .a(a1_0_g0),
+    .b(b1_0_g0),
     .clk(clk),
     .p3(p),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_0_1  pe_0_1 (
-    .a(a0_0),
-    .b(b0_1),
-    .clk(clk),
-    .p3(\p$1869 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_0_10  pe_0_10 (
-    .a(a0_0),
-    .b(b0_10),
-    .clk(clk),
-    .p3(\p$1878 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_0_11  pe_0_11 (
-    .a(a0_0),
-    .b(b0_11),
-    .clk(clk),
-    .p3(\p$1879 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_0_12  pe_0_12 (
-    .a(a0_0),
-    .b(b0_12),
-    .clk(clk),
-    .p3(\p$1880 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_0_13  pe_0_13 (
-    .a(a0_0),
-    .b(b0_13),
-    .clk(clk),
-    .p3(\p$1881 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_0_14  pe_0_14 (
-    .a(a0_0),
-    .b(b0_14),
-    .clk(clk),
-    .p3(\p$1882 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_0_15  pe_0_15 (
-    .a(a0_0),
-    .b(b0_15),
-    .clk(clk),
-    .p3(\p$1883 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_0_2  pe_0_2 (
-    .a(a0_0),
-    .b(b0_2),
-    .clk(clk),
-    .p3(\p$1870 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_0_3  pe_0_3 (
-    .a(a0_0),
-    .b(b0_3),
-    .clk(clk),
-    .p3(\p$1871 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_0_4  pe_0_4 (
-    .a(a0_0),
-    .b(b0_4),
-    .clk(clk),
-    .p3(\p$1872 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_0_5  pe_0_5 (
-    .a(a0_0),
-    .b(b0_5),
-    .clk(clk),
-    .p3(\p$1873 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_0_6  pe_0_6 (
-    .a(a0_0),
-    .b(b0_6),
-    .clk(clk),
-    .p3(\p$1874 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_0_7  pe_0_7 (
-    .a(a0_0),
-    .b(b0_7),
-    .clk(clk),
-    .p3(\p$1875 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_0_8  pe_0_8 (
-    .a(a0_0),
-    .b(b0_8),
-    .clk(clk),
-    .p3(\p$1876 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_0_9  pe_0_9 (
-    .a(a0_0),
-    .b(b0_9),
-    .clk(clk),
-    .p3(\p$1877 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_10_0  pe_10_0 (
-    .a(a0_10),
-    .b(b0_0),
-    .clk(clk),
-    .p3(\p$2028 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_10_1  pe_10_1 (
-    .a(a0_10),
-    .b(b0_1),
-    .clk(clk),
-    .p3(\p$2029 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_10_10  pe_10_10 (
-    .a(a0_10),
-    .b(b0_10),
-    .clk(clk),
-    .p3(\p$2038 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_10_11  pe_10_11 (
-    .a(a0_10),
-    .b(b0_11),
-    .clk(clk),
-    .p3(\p$2039 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_10_12  pe_10_12 (
-    .a(a0_10),
-    .b(b0_12),
-    .clk(clk),
-    .p3(\p$2040 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_10_13  pe_10_13 (
-    .a(a0_10),
-    .b(b0_13),
-    .clk(clk),
-    .p3(\p$2041 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_10_14  pe_10_14 (
-    .a(a0_10),
-    .b(b0_14),
-    .clk(clk),
-    .p3(\p$2042 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_10_15  pe_10_15 (
-    .a(a0_10),
-    .b(b0_15),
-    .clk(clk),
-    .p3(\p$2043 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_10_2  pe_10_2 (
-    .a(a0_10),
-    .b(b0_2),
-    .clk(clk),
-    .p3(\p$2030 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_10_3  pe_10_3 (
-    .a(a0_10),
-    .b(b0_3),
-    .clk(clk),
-    .p3(\p$2031 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_10_4  pe_10_4 (
-    .a(a0_10),
-    .b(b0_4),
-    .clk(clk),
-    .p3(\p$2032 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_10_5  pe_10_5 (
-    .a(a0_10),
-    .b(b0_5),
-    .clk(clk),
-    .p3(\p$2033 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_10_6  pe_10_6 (
-    .a(a0_10),
-    .b(b0_6),
-    .clk(clk),
-    .p3(\p$2034 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_10_7  pe_10_7 (
-    .a(a0_10),
-    .b(b0_7),
-    .clk(clk),
-    .p3(\p$2035 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_10_8  pe_10_8 (
-    .a(a0_10),
-    .b(b0_8),
-    .clk(clk),
-    .p3(\p$2036 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_10_9  pe_10_9 (
-    .a(a0_10),
-    .b(b0_9),
-    .clk(clk),
-    .p3(\p$2037 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_11_0  pe_11_0 (
-    .a(a0_11),
-    .b(b0_0),
-    .clk(clk),
-    .p3(\p$2044 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_11_1  pe_11_1 (
-    .a(a0_11),
-    .b(b0_1),
-    .clk(clk),
-    .p3(\p$2045 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_11_10  pe_11_10 (
-    .a(a0_11),
-    .b(b0_10),
-    .clk(clk),
-    .p3(\p$2054 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_11_11  pe_11_11 (
-    .a(a0_11),
-    .b(b0_11),
-    .clk(clk),
-    .p3(\p$2055 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_11_12  pe_11_12 (
-    .a(a0_11),
-    .b(b0_12),
-    .clk(clk),
-    .p3(\p$2056 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_11_13  pe_11_13 (
-    .a(a0_11),
-    .b(b0_13),
-    .clk(clk),
-    .p3(\p$2057 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_11_14  pe_11_14 (
-    .a(a0_11),
-    .b(b0_14),
-    .clk(clk),
-    .p3(\p$2058 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_11_15  pe_11_15 (
-    .a(a0_11),
-    .b(b0_15),
-    .clk(clk),
-    .p3(\p$2059 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_11_2  pe_11_2 (
-    .a(a0_11),
-    .b(b0_2),
-    .clk(clk),
-    .p3(\p$2046 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_11_3  pe_11_3 (
-    .a(a0_11),
-    .b(b0_3),
-    .clk(clk),
-    .p3(\p$2047 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_11_4  pe_11_4 (
-    .a(a0_11),
-    .b(b0_4),
-    .clk(clk),
-    .p3(\p$2048 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_11_5  pe_11_5 (
-    .a(a0_11),
-    .b(b0_5),
-    .clk(clk),
-    .p3(\p$2049 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_11_6  pe_11_6 (
-    .a(a0_11),
-    .b(b0_6),
-    .clk(clk),
-    .p3(\p$2050 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_11_7  pe_11_7 (
-    .a(a0_11),
-    .b(b0_7),
-    .clk(clk),
-    .p3(\p$2051 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_11_8  pe_11_8 (
-    .a(a0_11),
-    .b(b0_8),
-    .clk(clk),
-    .p3(\p$2052 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_11_9  pe_11_9 (
-    .a(a0_11),
-    .b(b0_9),
-    .clk(clk),
-    .p3(\p$2053 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_12_0  pe_12_0 (
-    .a(a0_12),
-    .b(b0_0),
-    .clk(clk),
-    .p3(\p$2060 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_12_1  pe_12_1 (
-    .a(a0_12),
-    .b(b0_1),
-    .clk(clk),
-    .p3(\p$2061 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_12_10  pe_12_10 (
-    .a(a0_12),
-    .b(b0_10),
-    .clk(clk),
-    .p3(\p$2070 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_12_11  pe_12_11 (
-    .a(a0_12),
-    .b(b0_11),
-    .clk(clk),
-    .p3(\p$2071 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_12_12  pe_12_12 (
-    .a(a0_12),
-    .b(b0_12),
-    .clk(clk),
-    .p3(\p$2072 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_12_13  pe_12_13 (
-    .a(a0_12),
-    .b(b0_13),
-    .clk(clk),
-    .p3(\p$2073 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_12_14  pe_12_14 (
-    .a(a0_12),
-    .b(b0_14),
-    .clk(clk),
-    .p3(\p$2074 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_12_15  pe_12_15 (
-    .a(a0_12),
-    .b(b0_15),
-    .clk(clk),
-    .p3(\p$2075 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_12_2  pe_12_2 (
-    .a(a0_12),
-    .b(b0_2),
-    .clk(clk),
-    .p3(\p$2062 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_12_3  pe_12_3 (
-    .a(a0_12),
-    .b(b0_3),
-    .clk(clk),
-    .p3(\p$2063 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_12_4  pe_12_4 (
-    .a(a0_12),
-    .b(b0_4),
-    .clk(clk),
-    .p3(\p$2064 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_12_5  pe_12_5 (
-    .a(a0_12),
-    .b(b0_5),
-    .clk(clk),
-    .p3(\p$2065 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_12_6  pe_12_6 (
-    .a(a0_12),
-    .b(b0_6),
-    .clk(clk),
-    .p3(\p$2066 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_12_7  pe_12_7 (
-    .a(a0_12),
-    .b(b0_7),
-    .clk(clk),
-    .p3(\p$2067 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_12_8  pe_12_8 (
-    .a(a0_12),
-    .b(b0_8),
-    .clk(clk),
-    .p3(\p$2068 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_12_9  pe_12_9 (
-    .a(a0_12),
-    .b(b0_9),
-    .clk(clk),
-    .p3(\p$2069 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_13_0  pe_13_0 (
-    .a(a0_13),
-    .b(b0_0),
-    .clk(clk),
-    .p3(\p$2076 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_13_1  pe_13_1 (
-    .a(a0_13),
-    .b(b0_1),
-    .clk(clk),
-    .p3(\p$2077 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_13_10  pe_13_10 (
-    .a(a0_13),
-    .b(b0_10),
-    .clk(clk),
-    .p3(\p$2086 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_13_11  pe_13_11 (
-    .a(a0_13),
-    .b(b0_11),
-    .clk(clk),
-    .p3(\p$2087 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_13_12  pe_13_12 (
-    .a(a0_13),
-    .b(b0_12),
-    .clk(clk),
-    .p3(\p$2088 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_13_13  pe_13_13 (
-    .a(a0_13),
-    .b(b0_13),
-    .clk(clk),
-    .p3(\p$2089 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_13_14  pe_13_14 (
-    .a(a0_13),
-    .b(b0_14),
-    .clk(clk),
-    .p3(\p$2090 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_13_15  pe_13_15 (
-    .a(a0_13),
-    .b(b0_15),
-    .clk(clk),
-    .p3(\p$2091 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_13_2  pe_13_2 (
-    .a(a0_13),
-    .b(b0_2),
-    .clk(clk),
-    .p3(\p$2078 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_13_3  pe_13_3 (
-    .a(a0_13),
-    .b(b0_3),
-    .clk(clk),
-    .p3(\p$2079 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_13_4  pe_13_4 (
-    .a(a0_13),
-    .b(b0_4),
-    .clk(clk),
-    .p3(\p$2080 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_13_5  pe_13_5 (
-    .a(a0_13),
-    .b(b0_5),
-    .clk(clk),
-    .p3(\p$2081 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_13_6  pe_13_6 (
-    .a(a0_13),
-    .b(b0_6),
-    .clk(clk),
-    .p3(\p$2082 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_13_7  pe_13_7 (
-    .a(a0_13),
-    .b(b0_7),
-    .clk(clk),
-    .p3(\p$2083 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_13_8  pe_13_8 (
-    .a(a0_13),
-    .b(b0_8),
-    .clk(clk),
-    .p3(\p$2084 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_13_9  pe_13_9 (
-    .a(a0_13),
-    .b(b0_9),
-    .clk(clk),
-    .p3(\p$2085 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_14_0  pe_14_0 (
-    .a(a0_14),
-    .b(b0_0),
-    .clk(clk),
-    .p3(\p$2092 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_14_1  pe_14_1 (
-    .a(a0_14),
-    .b(b0_1),
-    .clk(clk),
-    .p3(\p$2093 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_14_10  pe_14_10 (
-    .a(a0_14),
-    .b(b0_10),
-    .clk(clk),
-    .p3(\p$2102 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_14_11  pe_14_11 (
-    .a(a0_14),
-    .b(b0_11),
-    .clk(clk),
-    .p3(\p$2103 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_14_12  pe_14_12 (
-    .a(a0_14),
-    .b(b0_12),
-    .clk(clk),
-    .p3(\p$2104 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_14_13  pe_14_13 (
-    .a(a0_14),
-    .b(b0_13),
-    .clk(clk),
-    .p3(\p$2105 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_14_14  pe_14_14 (
-    .a(a0_14),
-    .b(b0_14),
-    .clk(clk),
-    .p3(\p$2106 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_14_15  pe_14_15 (
-    .a(a0_14),
-    .b(b0_15),
-    .clk(clk),
-    .p3(\p$2107 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_14_2  pe_14_2 (
-    .a(a0_14),
-    .b(b0_2),
-    .clk(clk),
-    .p3(\p$2094 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_14_3  pe_14_3 (
-    .a(a0_14),
-    .b(b0_3),
-    .clk(clk),
-    .p3(\p$2095 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_14_4  pe_14_4 (
-    .a(a0_14),
-    .b(b0_4),
-    .clk(clk),
-    .p3(\p$2096 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_14_5  pe_14_5 (
-    .a(a0_14),
-    .b(b0_5),
-    .clk(clk),
-    .p3(\p$2097 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_14_6  pe_14_6 (
-    .a(a0_14),
-    .b(b0_6),
-    .clk(clk),
-    .p3(\p$2098 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_14_7  pe_14_7 (
-    .a(a0_14),
-    .b(b0_7),
-    .clk(clk),
-    .p3(\p$2099 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_14_8  pe_14_8 (
-    .a(a0_14),
-    .b(b0_8),
-    .clk(clk),
-    .p3(\p$2100 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_14_9  pe_14_9 (
-    .a(a0_14),
-    .b(b0_9),
-    .clk(clk),
-    .p3(\p$2101 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_15_0  pe_15_0 (
-    .a(a0_15),
-    .b(b0_0),
-    .clk(clk),
-    .p3(\p$2108 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_15_1  pe_15_1 (
-    .a(a0_15),
-    .b(b0_1),
-    .clk(clk),
-    .p3(\p$2109 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_15_10  pe_15_10 (
-    .a(a0_15),
-    .b(b0_10),
-    .clk(clk),
-    .p3(\p$2118 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_15_11  pe_15_11 (
-    .a(a0_15),
-    .b(b0_11),
-    .clk(clk),
-    .p3(\p$2119 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_15_12  pe_15_12 (
-    .a(a0_15),
-    .b(b0_12),
-    .clk(clk),
-    .p3(\p$2120 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_15_13  pe_15_13 (
-    .a(a0_15),
-    .b(b0_13),
-    .clk(clk),
-    .p3(\p$2121 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_15_14  pe_15_14 (
-    .a(a0_15),
-    .b(b0_14),
-    .clk(clk),
-    .p3(\p$2122 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_15_15  pe_15_15 (
-    .a(a0_15),
-    .b(b0_15),
-    .clk(clk),
-    .p3(\p$2123 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_15_2  pe_15_2 (
-    .a(a0_15),
-    .b(b0_2),
-    .clk(clk),
-    .p3(\p$2110 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_15_3  pe_15_3 (
-    .a(a0_15),
-    .b(b0_3),
-    .clk(clk),
-    .p3(\p$2111 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_15_4  pe_15_4 (
-    .a(a0_15),
-    .b(b0_4),
-    .clk(clk),
-    .p3(\p$2112 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_15_5  pe_15_5 (
-    .a(a0_15),
-    .b(b0_5),
-    .clk(clk),
-    .p3(\p$2113 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_15_6  pe_15_6 (
-    .a(a0_15),
-    .b(b0_6),
-    .clk(clk),
-    .p3(\p$2114 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_15_7  pe_15_7 (
-    .a(a0_15),
-    .b(b0_7),
-    .clk(clk),
-    .p3(\p$2115 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_15_8  pe_15_8 (
-    .a(a0_15),
-    .b(b0_8),
-    .clk(clk),
-    .p3(\p$2116 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_15_9  pe_15_9 (
-    .a(a0_15),
-    .b(b0_9),
-    .clk(clk),
-    .p3(\p$2117 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_1_0  pe_1_0 (
-    .a(a0_1),
-    .b(b0_0),
-    .clk(clk),
-    .p3(\p$1884 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_1_1  pe_1_1 (
-    .a(a0_1),
-    .b(b0_1),
-    .clk(clk),
-    .p3(\p$1885 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_1_10  pe_1_10 (
-    .a(a0_1),
-    .b(b0_10),
-    .clk(clk),
-    .p3(\p$1894 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_1_11  pe_1_11 (
-    .a(a0_1),
-    .b(b0_11),
-    .clk(clk),
-    .p3(\p$1895 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_1_12  pe_1_12 (
-    .a(a0_1),
-    .b(b0_12),
-    .clk(clk),
-    .p3(\p$1896 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_1_13  pe_1_13 (
-    .a(a0_1),
-    .b(b0_13),
-    .clk(clk),
-    .p3(\p$1897 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_1_14  pe_1_14 (
-    .a(a0_1),
-    .b(b0_14),
-    .clk(clk),
-    .p3(\p$1898 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_1_15  pe_1_15 (
-    .a(a0_1),
-    .b(b0_15),
-    .clk(clk),
-    .p3(\p$1899 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_1_2  pe_1_2 (
-    .a(a0_1),
-    .b(b0_2),
-    .clk(clk),
-    .p3(\p$1886 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_1_3  pe_1_3 (
-    .a(a0_1),
-    .b(b0_3),
-    .clk(clk),
-    .p3(\p$1887 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_1_4  pe_1_4 (
-    .a(a0_1),
-    .b(b0_4),
-    .clk(clk),
-    .p3(\p$1888 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_1_5  pe_1_5 (
-    .a(a0_1),
-    .b(b0_5),
-    .clk(clk),
-    .p3(\p$1889 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_1_6  pe_1_6 (
-    .a(a0_1),
-    .b(b0_6),
-    .clk(clk),
-    .p3(\p$1890 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_1_7  pe_1_7 (
-    .a(a0_1),
-    .b(b0_7),
-    .clk(clk),
-    .p3(\p$1891 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_1_8  pe_1_8 (
-    .a(a0_1),
-    .b(b0_8),
-    .clk(clk),
-    .p3(\p$1892 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_1_9  pe_1_9 (
-    .a(a0_1),
-    .b(b0_9),
-    .clk(clk),
-    .p3(\p$1893 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_2_0  pe_2_0 (
-    .a(a0_2),
-    .b(b0_0),
-    .clk(clk),
-    .p3(\p$1900 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_2_1  pe_2_1 (
-    .a(a0_2),
-    .b(b0_1),
-    .clk(clk),
-    .p3(\p$1901 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_2_10  pe_2_10 (
-    .a(a0_2),
-    .b(b0_10),
-    .clk(clk),
-    .p3(\p$1910 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_2_11  pe_2_11 (
-    .a(a0_2),
-    .b(b0_11),
-    .clk(clk),
-    .p3(\p$1911 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_2_12  pe_2_12 (
-    .a(a0_2),
-    .b(b0_12),
-    .clk(clk),
-    .p3(\p$1912 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_2_13  pe_2_13 (
-    .a(a0_2),
-    .b(b0_13),
-    .clk(clk),
-    .p3(\p$1913 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_2_14  pe_2_14 (
-    .a(a0_2),
-    .b(b0_14),
-    .clk(clk),
-    .p3(\p$1914 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_2_15  pe_2_15 (
-    .a(a0_2),
-    .b(b0_15),
-    .clk(clk),
-    .p3(\p$1915 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_2_2  pe_2_2 (
-    .a(a0_2),
-    .b(b0_2),
-    .clk(clk),
-    .p3(\p$1902 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_2_3  pe_2_3 (
-    .a(a0_2),
-    .b(b0_3),
-    .clk(clk),
-    .p3(\p$1903 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_2_4  pe_2_4 (
-    .a(a0_2),
-    .b(b0_4),
-    .clk(clk),
-    .p3(\p$1904 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_2_5  pe_2_5 (
-    .a(a0_2),
-    .b(b0_5),
-    .clk(clk),
-    .p3(\p$1905 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_2_6  pe_2_6 (
-    .a(a0_2),
-    .b(b0_6),
-    .clk(clk),
-    .p3(\p$1906 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_2_7  pe_2_7 (
-    .a(a0_2),
-    .b(b0_7),
-    .clk(clk),
-    .p3(\p$1907 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_2_8  pe_2_8 (
-    .a(a0_2),
-    .b(b0_8),
-    .clk(clk),
-    .p3(\p$1908 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_2_9  pe_2_9 (
-    .a(a0_2),
-    .b(b0_9),
-    .clk(clk),
-    .p3(\p$1909 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_3_0  pe_3_0 (
-    .a(a0_3),
-    .b(b0_0),
-    .clk(clk),
-    .p3(\p$1916 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_3_1  pe_3_1 (
-    .a(a0_3),
-    .b(b0_1),
-    .clk(clk),
-    .p3(\p$1917 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_3_10  pe_3_10 (
-    .a(a0_3),
-    .b(b0_10),
-    .clk(clk),
-    .p3(\p$1926 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_3_11  pe_3_11 (
-    .a(a0_3),
-    .b(b0_11),
-    .clk(clk),
-    .p3(\p$1927 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_3_12  pe_3_12 (
-    .a(a0_3),
-    .b(b0_12),
-    .clk(clk),
-    .p3(\p$1928 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_3_13  pe_3_13 (
-    .a(a0_3),
-    .b(b0_13),
-    .clk(clk),
-    .p3(\p$1929 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_3_14  pe_3_14 (
-    .a(a0_3),
-    .b(b0_14),
-    .clk(clk),
-    .p3(\p$1930 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_3_15  pe_3_15 (
-    .a(a0_3),
-    .b(b0_15),
-    .clk(clk),
-    .p3(\p$1931 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_3_2  pe_3_2 (
-    .a(a0_3),
-    .b(b0_2),
-    .clk(clk),
-    .p3(\p$1918 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_3_3  pe_3_3 (
-    .a(a0_3),
-    .b(b0_3),
-    .clk(clk),
-    .p3(\p$1919 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_3_4  pe_3_4 (
-    .a(a0_3),
-    .b(b0_4),
-    .clk(clk),
-    .p3(\p$1920 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_3_5  pe_3_5 (
-    .a(a0_3),
-    .b(b0_5),
-    .clk(clk),
-    .p3(\p$1921 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_3_6  pe_3_6 (
-    .a(a0_3),
-    .b(b0_6),
-    .clk(clk),
-    .p3(\p$1922 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_3_7  pe_3_7 (
-    .a(a0_3),
-    .b(b0_7),
-    .clk(clk),
-    .p3(\p$1923 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_3_8  pe_3_8 (
-    .a(a0_3),
-    .b(b0_8),
-    .clk(clk),
-    .p3(\p$1924 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_3_9  pe_3_9 (
-    .a(a0_3),
-    .b(b0_9),
-    .clk(clk),
-    .p3(\p$1925 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_4_0  pe_4_0 (
-    .a(a0_4),
-    .b(b0_0),
-    .clk(clk),
-    .p3(\p$1932 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_4_1  pe_4_1 (
-    .a(a0_4),
-    .b(b0_1),
-    .clk(clk),
-    .p3(\p$1933 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_4_10  pe_4_10 (
-    .a(a0_4),
-    .b(b0_10),
-    .clk(clk),
-    .p3(\p$1942 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_4_11  pe_4_11 (
-    .a(a0_4),
-    .b(b0_11),
-    .clk(clk),
-    .p3(\p$1943 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_4_12  pe_4_12 (
-    .a(a0_4),
-    .b(b0_12),
-    .clk(clk),
-    .p3(\p$1944 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_4_13  pe_4_13 (
-    .a(a0_4),
-    .b(b0_13),
-    .clk(clk),
-    .p3(\p$1945 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_4_14  pe_4_14 (
-    .a(a0_4),
-    .b(b0_14),
-    .clk(clk),
-    .p3(\p$1946 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_4_15  pe_4_15 (
-    .a(a0_4),
-    .b(b0_15),
-    .clk(clk),
-    .p3(\p$1947 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_4_2  pe_4_2 (
-    .a(a0_4),
-    .b(b0_2),
-    .clk(clk),
-    .p3(\p$1934 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_4_3  pe_4_3 (
-    .a(a0_4),
-    .b(b0_3),
-    .clk(clk),
-    .p3(\p$1935 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_4_4  pe_4_4 (
-    .a(a0_4),
-    .b(b0_4),
-    .clk(clk),
-    .p3(\p$1936 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_4_5  pe_4_5 (
-    .a(a0_4),
-    .b(b0_5),
-    .clk(clk),
-    .p3(\p$1937 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_4_6  pe_4_6 (
-    .a(a0_4),
-    .b(b0_6),
-    .clk(clk),
-    .p3(\p$1938 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_4_7  pe_4_7 (
-    .a(a0_4),
-    .b(b0_7),
-    .clk(clk),
-    .p3(\p$1939 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_4_8  pe_4_8 (
-    .a(a0_4),
-    .b(b0_8),
-    .clk(clk),
-    .p3(\p$1940 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_4_9  pe_4_9 (
-    .a(a0_4),
-    .b(b0_9),
-    .clk(clk),
-    .p3(\p$1941 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_5_0  pe_5_0 (
-    .a(a0_5),
-    .b(b0_0),
-    .clk(clk),
-    .p3(\p$1948 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_5_1  pe_5_1 (
-    .a(a0_5),
-    .b(b0_1),
-    .clk(clk),
-    .p3(\p$1949 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_5_10  pe_5_10 (
-    .a(a0_5),
-    .b(b0_10),
-    .clk(clk),
-    .p3(\p$1958 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_5_11  pe_5_11 (
-    .a(a0_5),
-    .b(b0_11),
-    .clk(clk),
-    .p3(\p$1959 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_5_12  pe_5_12 (
-    .a(a0_5),
-    .b(b0_12),
-    .clk(clk),
-    .p3(\p$1960 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_5_13  pe_5_13 (
-    .a(a0_5),
-    .b(b0_13),
-    .clk(clk),
-    .p3(\p$1961 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_5_14  pe_5_14 (
-    .a(a0_5),
-    .b(b0_14),
-    .clk(clk),
-    .p3(\p$1962 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_5_15  pe_5_15 (
-    .a(a0_5),
-    .b(b0_15),
-    .clk(clk),
-    .p3(\p$1963 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_5_2  pe_5_2 (
-    .a(a0_5),
-    .b(b0_2),
-    .clk(clk),
-    .p3(\p$1950 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_5_3  pe_5_3 (
-    .a(a0_5),
-    .b(b0_3),
-    .clk(clk),
-    .p3(\p$1951 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_5_4  pe_5_4 (
-    .a(a0_5),
-    .b(b0_4),
-    .clk(clk),
-    .p3(\p$1952 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_5_5  pe_5_5 (
-    .a(a0_5),
-    .b(b0_5),
-    .clk(clk),
-    .p3(\p$1953 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_5_6  pe_5_6 (
-    .a(a0_5),
-    .b(b0_6),
-    .clk(clk),
-    .p3(\p$1954 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_5_7  pe_5_7 (
-    .a(a0_5),
-    .b(b0_7),
-    .clk(clk),
-    .p3(\p$1955 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_5_8  pe_5_8 (
-    .a(a0_5),
-    .b(b0_8),
-    .clk(clk),
-    .p3(\p$1956 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_5_9  pe_5_9 (
-    .a(a0_5),
-    .b(b0_9),
-    .clk(clk),
-    .p3(\p$1957 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_6_0  pe_6_0 (
-    .a(a0_6),
-    .b(b0_0),
-    .clk(clk),
-    .p3(\p$1964 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_6_1  pe_6_1 (
-    .a(a0_6),
-    .b(b0_1),
-    .clk(clk),
-    .p3(\p$1965 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_6_10  pe_6_10 (
-    .a(a0_6),
-    .b(b0_10),
-    .clk(clk),
-    .p3(\p$1974 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_6_11  pe_6_11 (
-    .a(a0_6),
-    .b(b0_11),
-    .clk(clk),
-    .p3(\p$1975 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_6_12  pe_6_12 (
-    .a(a0_6),
-    .b(b0_12),
-    .clk(clk),
-    .p3(\p$1976 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_6_13  pe_6_13 (
-    .a(a0_6),
-    .b(b0_13),
-    .clk(clk),
-    .p3(\p$1977 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_6_14  pe_6_14 (
-    .a(a0_6),
-    .b(b0_14),
-    .clk(clk),
-    .p3(\p$1978 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_6_15  pe_6_15 (
-    .a(a0_6),
-    .b(b0_15),
-    .clk(clk),
-    .p3(\p$1979 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_6_2  pe_6_2 (
-    .a(a0_6),
-    .b(b0_2),
-    .clk(clk),
-    .p3(\p$1966 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_6_3  pe_6_3 (
-    .a(a0_6),
-    .b(b0_3),
-    .clk(clk),
-    .p3(\p$1967 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_6_4  pe_6_4 (
-    .a(a0_6),
-    .b(b0_4),
-    .clk(clk),
-    .p3(\p$1968 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_6_5  pe_6_5 (
-    .a(a0_6),
-    .b(b0_5),
-    .clk(clk),
-    .p3(\p$1969 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_6_6  pe_6_6 (
-    .a(a0_6),
-    .b(b0_6),
-    .clk(clk),
-    .p3(\p$1970 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_6_7  pe_6_7 (
-    .a(a0_6),
-    .b(b0_7),
-    .clk(clk),
-    .p3(\p$1971 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_6_8  pe_6_8 (
-    .a(a0_6),
-    .b(b0_8),
-    .clk(clk),
-    .p3(\p$1972 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_6_9  pe_6_9 (
-    .a(a0_6),
-    .b(b0_9),
-    .clk(clk),
-    .p3(\p$1973 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_7_0  pe_7_0 (
-    .a(a0_7),
-    .b(b0_0),
-    .clk(clk),
-    .p3(\p$1980 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_7_1  pe_7_1 (
-    .a(a0_7),
-    .b(b0_1),
-    .clk(clk),
-    .p3(\p$1981 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_7_10  pe_7_10 (
-    .a(a0_7),
-    .b(b0_10),
-    .clk(clk),
-    .p3(\p$1990 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_7_11  pe_7_11 (
-    .a(a0_7),
-    .b(b0_11),
-    .clk(clk),
-    .p3(\p$1991 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_7_12  pe_7_12 (
-    .a(a0_7),
-    .b(b0_12),
-    .clk(clk),
-    .p3(\p$1992 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_7_13  pe_7_13 (
-    .a(a0_7),
-    .b(b0_13),
-    .clk(clk),
-    .p3(\p$1993 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_7_14  pe_7_14 (
-    .a(a0_7),
-    .b(b0_14),
-    .clk(clk),
-    .p3(\p$1994 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_7_15  pe_7_15 (
-    .a(a0_7),
-    .b(b0_15),
-    .clk(clk),
-    .p3(\p$1995 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_7_2  pe_7_2 (
-    .a(a0_7),
-    .b(b0_2),
-    .clk(clk),
-    .p3(\p$1982 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_7_3  pe_7_3 (
-    .a(a0_7),
-    .b(b0_3),
-    .clk(clk),
-    .p3(\p$1983 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_7_4  pe_7_4 (
-    .a(a0_7),
-    .b(b0_4),
-    .clk(clk),
-    .p3(\p$1984 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_7_5  pe_7_5 (
-    .a(a0_7),
-    .b(b0_5),
-    .clk(clk),
-    .p3(\p$1985 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_7_6  pe_7_6 (
-    .a(a0_7),
-    .b(b0_6),
-    .clk(clk),
-    .p3(\p$1986 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_7_7  pe_7_7 (
-    .a(a0_7),
-    .b(b0_7),
-    .clk(clk),
-    .p3(\p$1987 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_7_8  pe_7_8 (
-    .a(a0_7),
-    .b(b0_8),
-    .clk(clk),
-    .p3(\p$1988 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_7_9  pe_7_9 (
-    .a(a0_7),
-    .b(b0_9),
-    .clk(clk),
-    .p3(\p$1989 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_8_0  pe_8_0 (
-    .a(a0_8),
-    .b(b0_0),
-    .clk(clk),
-    .p3(\p$1996 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_8_1  pe_8_1 (
-    .a(a0_8),
-    .b(b0_1),
-    .clk(clk),
-    .p3(\p$1997 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_8_10  pe_8_10 (
-    .a(a0_8),
-    .b(b0_10),
-    .clk(clk),
-    .p3(\p$2006 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_8_11  pe_8_11 (
-    .a(a0_8),
-    .b(b0_11),
-    .clk(clk),
-    .p3(\p$2007 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_8_12  pe_8_12 (
-    .a(a0_8),
-    .b(b0_12),
-    .clk(clk),
-    .p3(\p$2008 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_8_13  pe_8_13 (
-    .a(a0_8),
-    .b(b0_13),
-    .clk(clk),
-    .p3(\p$2009 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_8_14  pe_8_14 (
-    .a(a0_8),
-    .b(b0_14),
-    .clk(clk),
-    .p3(\p$2010 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_8_15  pe_8_15 (
-    .a(a0_8),
-    .b(b0_15),
-    .clk(clk),
-    .p3(\p$2011 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_8_2  pe_8_2 (
-    .a(a0_8),
-    .b(b0_2),
-    .clk(clk),
-    .p3(\p$1998 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_8_3  pe_8_3 (
-    .a(a0_8),
-    .b(b0_3),
+    .a(a1_0_g0),
+    .b(b1_1_g0),
     .clk(clk),
     .p3(\p$1999 ),
     .rst(rst)
   );
-  \encoder_layer_0_attention_output_dense.pe.pe_8_4  pe_8_4 (
-    .a(a0_8),
-    .b(b0_4),
+  \encoder_layer_0_attention_output_dense.pe.pe_0_10  pe_0_10 (
+    .a(a1_0_g2),
+    .b(b1_10_g0),
     .clk(clk),
-    .p3(\p$2000 ),
+    .p3(\p$2008 ),
     .rst(rst)
   );
-  \encoder_layer_0_attention_output_dense.pe.pe_8_5  pe_8_5 (
-    .a(a0_8),
-    .b(b0_5),
+  \encoder_layer_0_attention_output_dense.pe.pe_0_11  pe_0_11 (
+    .a(a1_0_g2),
+    .b(b1_11_g0),
     .clk(clk),
-    .p3(\p$2001 ),
+    .p3(\p$2009 ),
     .rst(rst)
   );
-  \encoder_layer_0_attention_output_dense.pe.pe_8_6  pe_8_6 (
-    .a(a0_8),
-    .b(b0_6),
+  \encoder_layer_0_attention_output_dense.pe.pe_0_12  pe_0_12 (
+    .a(a1_0_g3),
+    .b(b1_12_g0),
     .clk(clk),
-    .p3(\p$2002 ),
+    .p3(\p$2010 ),
     .rst(rst)
   );
-  \encoder_layer_0_attention_output_dense.pe.pe_8_7  pe_8_7 (
-    .a(a0_8),
-    .b(b0_7),
+  \encoder_layer_0_attention_output_dense.pe.pe_0_13  pe_0_13 (
+    .a(a1_0_g3),
+    .b(b1_13_g0),
     .clk(clk),
-    .p3(\p$2003 ),
+    .p3(\p$2011 ),
     .rst(rst)
   );
-  \encoder_layer_0_attention_output_dense.pe.pe_8_8  pe_8_8 (
-    .a(a0_8),
-    .b(b0_8),
-    .clk(clk),
-    .p3(\p$2004 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_8_9  pe_8_9 (
-    .a(a0_8),
-    .b(b0_9),
-    .clk(clk),
-    .p3(\p$2005 ),
-    .rst(rst)
-  );
-  \encoder_layer_0_attention_output_dense.pe.pe_9_0  pe_9_0 (
-    .a(a0_9),
-    .b(b0_0),
+  \encoder_layer_0_attention_output_dense.pe.pe_0_14  pe_0_14 (
+    .a(a1_0_g3),
+    .b(b1_14_g0),
     .clk(clk),
     .p3(\p$2012 ),
     .rst(rst)
   );
-  \encoder_layer_0_attention_output_dense.pe.pe_9_1  pe_9_1 (
-    .a(a0_9),
-    .b(b0_1),
+  \encoder_layer_0_attention_output_dense.pe.pe_0_15  pe_0_15 (
+    .a(a1_0_g3),
+    .b(b1_15_g0),
     .clk(clk),
     .p3(\p$2013 ),
     .rst(rst)
   );
-  \encoder_layer_0_attention_output_dense.pe.pe_9_10  pe_9_10 (
-    .a(a0_9),
-    .b(b0_10),
+  \encoder_layer_0_attention_output_dense.pe.pe_0_2  pe_0_2 (
+    .a(a1_0_g0),
+    .b(b1_2_g0),
     .clk(clk),
-    .p3(\p$2022 ),
+    .p3(\p$2000 ),
     .rst(rst)
   );
-  \encoder_layer_0_attention_output_dense.pe.pe_9_11  pe_9_11 (
-    .a(a0_9),
-    .b(b0_11),
+  \encoder_layer_0_attention_output_dense.pe.pe_0_3  pe_0_3 (
+    .a(a1_0_g0),
+    .b(b1_3_g0),
     .clk(clk),
-    .p3(\p$2023 ),
+    .p3(\p$2001 ),
     .rst(rst)
   );
-  \encoder_layer_0_attention_output_dense.pe.pe_9_12  pe_9_12 (
-    .a(a0_9),
-    .b(b0_12),
+  \encoder_layer_0_attention_output_dense.pe.pe_0_4  pe_0_4 (
+    .a(a1_0_g1),
+    .b(b1_4_g0),
     .clk(clk),
-    .p3(\p$2024 ),
+    .p3(\p$2002 ),
     .rst(rst)
   );
-  \encoder_layer_0_attention_output_dense.pe.pe_9_13  pe_9_13 (
-    .a(a0_9),
-    .b(b0_13),
+  \encoder_layer_0_attention_output_dense.pe.pe_0_5  pe_0_5 (
+    .a(a1_0_g1),
+    .b(b1_5_g0),
     .clk(clk),
-    .p3(\p$2025 ),
+    .p3(\p$2003 ),
     .rst(rst)
   );
-  \encoder_layer_0_attention_output_dense.pe.pe_9_14  pe_9_14 (
-    .a(a0_9),
-    .b(b0_14),
+  \encoder_layer_0_attention_output_dense.pe.pe_0_6  pe_0_6 (
+    .a(a1_0_g1),
+    .b(b1_6_g0),
     .clk(clk),
-    .p3(\p$2026 ),
+    .p3(\p$2004 ),
     .rst(rst)
   );
-  \encoder_layer_0_attention_output_dense.pe.pe_9_15  pe_9_15 (
-    .a(a0_9),
-    .b(b0_15),
+  \encoder_layer_0_attention_output_dense.pe.pe_0_7  pe_0_7 (
+    .a(a1_0_g1),
+    .b(b1_7_g0),
     .clk(clk),
-    .p3(\p$2027 ),
+    .p3(\p$2005 ),
     .rst(rst)
   );
-  \encoder_layer_0_attention_output_dense.pe.pe_9_2  pe_9_2 (
-    .a(a0_9),
-    .b(b0_2),
+  \encoder_layer_0_attention_output_dense.pe.pe_0_8  pe_0_8 (
+    .a(a1_0_g2),
+    .b(b1_8_g0),
+    .clk(clk),
+    .p3(\p$2006 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_0_9  pe_0_9 (
+    .a(a1_0_g2),
+    .b(b1_9_g0),
+    .clk(clk),
+    .p3(\p$2007 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_10_0  pe_10_0 (
+    .a(a1_10_g0),
+    .b(b1_0_g2),
+    .clk(clk),
+    .p3(\p$2158 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_10_1  pe_10_1 (
+    .a(a1_10_g0),
+    .b(b1_1_g2),
+    .clk(clk),
+    .p3(\p$2159 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_10_10  pe_10_10 (
+    .a(a1_10_g2),
+    .b(b1_10_g2),
+    .clk(clk),
+    .p3(\p$2168 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_10_11  pe_10_11 (
+    .a(a1_10_g2),
+    .b(b1_11_g2),
+    .clk(clk),
+    .p3(\p$2169 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_10_12  pe_10_12 (
+    .a(a1_10_g3),
+    .b(b1_12_g2),
+    .clk(clk),
+    .p3(\p$2170 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_10_13  pe_10_13 (
+    .a(a1_10_g3),
+    .b(b1_13_g2),
+    .clk(clk),
+    .p3(\p$2171 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_10_14  pe_10_14 (
+    .a(a1_10_g3),
+    .b(b1_14_g2),
+    .clk(clk),
+    .p3(\p$2172 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_10_15  pe_10_15 (
+    .a(a1_10_g3),
+    .b(b1_15_g2),
+    .clk(clk),
+    .p3(\p$2173 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_10_2  pe_10_2 (
+    .a(a1_10_g0),
+    .b(b1_2_g2),
+    .clk(clk),
+    .p3(\p$2160 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_10_3  pe_10_3 (
+    .a(a1_10_g0),
+    .b(b1_3_g2),
+    .clk(clk),
+    .p3(\p$2161 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_10_4  pe_10_4 (
+    .a(a1_10_g1),
+    .b(b1_4_g2),
+    .clk(clk),
+    .p3(\p$2162 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_10_5  pe_10_5 (
+    .a(a1_10_g1),
+    .b(b1_5_g2),
+    .clk(clk),
+    .p3(\p$2163 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_10_6  pe_10_6 (
+    .a(a1_10_g1),
+    .b(b1_6_g2),
+    .clk(clk),
+    .p3(\p$2164 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_10_7  pe_10_7 (
+    .a(a1_10_g1),
+    .b(b1_7_g2),
+    .clk(clk),
+    .p3(\p$2165 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_10_8  pe_10_8 (
+    .a(a1_10_g2),
+    .b(b1_8_g2),
+    .clk(clk),
+    .p3(\p$2166 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_10_9  pe_10_9 (
+    .a(a1_10_g2),
+    .b(b1_9_g2),
+    .clk(clk),
+    .p3(\p$2167 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_11_0  pe_11_0 (
+    .a(a1_11_g0),
+    .b(b1_0_g2),
+    .clk(clk),
+    .p3(\p$2174 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_11_1  pe_11_1 (
+    .a(a1_11_g0),
+    .b(b1_1_g2),
+    .clk(clk),
+    .p3(\p$2175 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_11_10  pe_11_10 (
+    .a(a1_11_g2),
+    .b(b1_10_g2),
+    .clk(clk),
+    .p3(\p$2184 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_11_11  pe_11_11 (
+    .a(a1_11_g2),
+    .b(b1_11_g2),
+    .clk(clk),
+    .p3(\p$2185 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_11_12  pe_11_12 (
+    .a(a1_11_g3),
+    .b(b1_12_g2),
+    .clk(clk),
+    .p3(\p$2186 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_11_13  pe_11_13 (
+    .a(a1_11_g3),
+    .b(b1_13_g2),
+    .clk(clk),
+    .p3(\p$2187 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_11_14  pe_11_14 (
+    .a(a1_11_g3),
+    .b(b1_14_g2),
+    .clk(clk),
+    .p3(\p$2188 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_11_15  pe_11_15 (
+    .a(a1_11_g3),
+    .b(b1_15_g2),
+    .clk(clk),
+    .p3(\p$2189 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_11_2  pe_11_2 (
+    .a(a1_11_g0),
+    .b(b1_2_g2),
+    .clk(clk),
+    .p3(\p$2176 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_11_3  pe_11_3 (
+    .a(a1_11_g0),
+    .b(b1_3_g2),
+    .clk(clk),
+    .p3(\p$2177 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_11_4  pe_11_4 (
+    .a(a1_11_g1),
+    .b(b1_4_g2),
+    .clk(clk),
+    .p3(\p$2178 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_11_5  pe_11_5 (
+    .a(a1_11_g1),
+    .b(b1_5_g2),
+    .clk(clk),
+    .p3(\p$2179 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_11_6  pe_11_6 (
+    .a(a1_11_g1),
+    .b(b1_6_g2),
+    .clk(clk),
+    .p3(\p$2180 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_11_7  pe_11_7 (
+    .a(a1_11_g1),
+    .b(b1_7_g2),
+    .clk(clk),
+    .p3(\p$2181 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_11_8  pe_11_8 (
+    .a(a1_11_g2),
+    .b(b1_8_g2),
+    .clk(clk),
+    .p3(\p$2182 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_11_9  pe_11_9 (
+    .a(a1_11_g2),
+    .b(b1_9_g2),
+    .clk(clk),
+    .p3(\p$2183 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_12_0  pe_12_0 (
+    .a(a1_12_g0),
+    .b(b1_0_g3),
+    .clk(clk),
+    .p3(\p$2190 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_12_1  pe_12_1 (
+    .a(a1_12_g0),
+    .b(b1_1_g3),
+    .clk(clk),
+    .p3(\p$2191 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_12_10  pe_12_10 (
+    .a(a1_12_g2),
+    .b(b1_10_g3),
+    .clk(clk),
+    .p3(\p$2200 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_12_11  pe_12_11 (
+    .a(a1_12_g2),
+    .b(b1_11_g3),
+    .clk(clk),
+    .p3(\p$2201 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_12_12  pe_12_12 (
+    .a(a1_12_g3),
+    .b(b1_12_g3),
+    .clk(clk),
+    .p3(\p$2202 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_12_13  pe_12_13 (
+    .a(a1_12_g3),
+    .b(b1_13_g3),
+    .clk(clk),
+    .p3(\p$2203 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_12_14  pe_12_14 (
+    .a(a1_12_g3),
+    .b(b1_14_g3),
+    .clk(clk),
+    .p3(\p$2204 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_12_15  pe_12_15 (
+    .a(a1_12_g3),
+    .b(b1_15_g3),
+    .clk(clk),
+    .p3(\p$2205 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_12_2  pe_12_2 (
+    .a(a1_12_g0),
+    .b(b1_2_g3),
+    .clk(clk),
+    .p3(\p$2192 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_12_3  pe_12_3 (
+    .a(a1_12_g0),
+    .b(b1_3_g3),
+    .clk(clk),
+    .p3(\p$2193 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_12_4  pe_12_4 (
+    .a(a1_12_g1),
+    .b(b1_4_g3),
+    .clk(clk),
+    .p3(\p$2194 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_12_5  pe_12_5 (
+    .a(a1_12_g1),
+    .b(b1_5_g3),
+    .clk(clk),
+    .p3(\p$2195 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_12_6  pe_12_6 (
+    .a(a1_12_g1),
+    .b(b1_6_g3),
+    .clk(clk),
+    .p3(\p$2196 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_12_7  pe_12_7 (
+    .a(a1_12_g1),
+    .b(b1_7_g3),
+    .clk(clk),
+    .p3(\p$2197 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_12_8  pe_12_8 (
+    .a(a1_12_g2),
+    .b(b1_8_g3),
+    .clk(clk),
+    .p3(\p$2198 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_12_9  pe_12_9 (
+    .a(a1_12_g2),
+    .b(b1_9_g3),
+    .clk(clk),
+    .p3(\p$2199 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_13_0  pe_13_0 (
+    .a(a1_13_g0),
+    .b(b1_0_g3),
+    .clk(clk),
+    .p3(\p$2206 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_13_1  pe_13_1 (
+    .a(a1_13_g0),
+    .b(b1_1_g3),
+    .clk(clk),
+    .p3(\p$2207 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_13_10  pe_13_10 (
+    .a(a1_13_g2),
+    .b(b1_10_g3),
+    .clk(clk),
+    .p3(\p$2216 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_13_11  pe_13_11 (
+    .a(a1_13_g2),
+    .b(b1_11_g3),
+    .clk(clk),
+    .p3(\p$2217 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_13_12  pe_13_12 (
+    .a(a1_13_g3),
+    .b(b1_12_g3),
+    .clk(clk),
+    .p3(\p$2218 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_13_13  pe_13_13 (
+    .a(a1_13_g3),
+    .b(b1_13_g3),
+    .clk(clk),
+    .p3(\p$2219 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_13_14  pe_13_14 (
+    .a(a1_13_g3),
+    .b(b1_14_g3),
+    .clk(clk),
+    .p3(\p$2220 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_13_15  pe_13_15 (
+    .a(a1_13_g3),
+    .b(b1_15_g3),
+    .clk(clk),
+    .p3(\p$2221 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_13_2  pe_13_2 (
+    .a(a1_13_g0),
+    .b(b1_2_g3),
+    .clk(clk),
+    .p3(\p$2208 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_13_3  pe_13_3 (
+    .a(a1_13_g0),
+    .b(b1_3_g3),
+    .clk(clk),
+    .p3(\p$2209 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_13_4  pe_13_4 (
+    .a(a1_13_g1),
+    .b(b1_4_g3),
+    .clk(clk),
+    .p3(\p$2210 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_13_5  pe_13_5 (
+    .a(a1_13_g1),
+    .b(b1_5_g3),
+    .clk(clk),
+    .p3(\p$2211 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_13_6  pe_13_6 (
+    .a(a1_13_g1),
+    .b(b1_6_g3),
+    .clk(clk),
+    .p3(\p$2212 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_13_7  pe_13_7 (
+    .a(a1_13_g1),
+    .b(b1_7_g3),
+    .clk(clk),
+    .p3(\p$2213 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_13_8  pe_13_8 (
+    .a(a1_13_g2),
+    .b(b1_8_g3),
+    .clk(clk),
+    .p3(\p$2214 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_13_9  pe_13_9 (
+    .a(a1_13_g2),
+    .b(b1_9_g3),
+    .clk(clk),
+    .p3(\p$2215 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_14_0  pe_14_0 (
+    .a(a1_14_g0),
+    .b(b1_0_g3),
+    .clk(clk),
+    .p3(\p$2222 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_14_1  pe_14_1 (
+    .a(a1_14_g0),
+    .b(b1_1_g3),
+    .clk(clk),
+    .p3(\p$2223 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_14_10  pe_14_10 (
+    .a(a1_14_g2),
+    .b(b1_10_g3),
+    .clk(clk),
+    .p3(\p$2232 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_14_11  pe_14_11 (
+    .a(a1_14_g2),
+    .b(b1_11_g3),
+    .clk(clk),
+    .p3(\p$2233 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_14_12  pe_14_12 (
+    .a(a1_14_g3),
+    .b(b1_12_g3),
+    .clk(clk),
+    .p3(\p$2234 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_14_13  pe_14_13 (
+    .a(a1_14_g3),
+    .b(b1_13_g3),
+    .clk(clk),
+    .p3(\p$2235 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_14_14  pe_14_14 (
+    .a(a1_14_g3),
+    .b(b1_14_g3),
+    .clk(clk),
+    .p3(\p$2236 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_14_15  pe_14_15 (
+    .a(a1_14_g3),
+    .b(b1_15_g3),
+    .clk(clk),
+    .p3(\p$2237 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_14_2  pe_14_2 (
+    .a(a1_14_g0),
+    .b(b1_2_g3),
+    .clk(clk),
+    .p3(\p$2224 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_14_3  pe_14_3 (
+    .a(a1_14_g0),
+    .b(b1_3_g3),
+    .clk(clk),
+    .p3(\p$2225 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_14_4  pe_14_4 (
+    .a(a1_14_g1),
+    .b(b1_4_g3),
+    .clk(clk),
+    .p3(\p$2226 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_14_5  pe_14_5 (
+    .a(a1_14_g1),
+    .b(b1_5_g3),
+    .clk(clk),
+    .p3(\p$2227 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_14_6  pe_14_6 (
+    .a(a1_14_g1),
+    .b(b1_6_g3),
+    .clk(clk),
+    .p3(\p$2228 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_14_7  pe_14_7 (
+    .a(a1_14_g1),
+    .b(b1_7_g3),
+    .clk(clk),
+    .p3(\p$2229 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_14_8  pe_14_8 (
+    .a(a1_14_g2),
+    .b(b1_8_g3),
+    .clk(clk),
+    .p3(\p$2230 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_14_9  pe_14_9 (
+    .a(a1_14_g2),
+    .b(b1_9_g3),
+    .clk(clk),
+    .p3(\p$2231 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_15_0  pe_15_0 (
+    .a(a1_15_g0),
+    .b(b1_0_g3),
+    .clk(clk),
+    .p3(\p$2238 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_15_1  pe_15_1 (
+    .a(a1_15_g0),
+    .b(b1_1_g3),
+    .clk(clk),
+    .p3(\p$2239 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_15_10  pe_15_10 (
+    .a(a1_15_g2),
+    .b(b1_10_g3),
+    .clk(clk),
+    .p3(\p$2248 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_15_11  pe_15_11 (
+    .a(a1_15_g2),
+    .b(b1_11_g3),
+    .clk(clk),
+    .p3(\p$2249 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_15_12  pe_15_12 (
+    .a(a1_15_g3),
+    .b(b1_12_g3),
+    .clk(clk),
+    .p3(\p$2250 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_15_13  pe_15_13 (
+    .a(a1_15_g3),
+    .b(b1_13_g3),
+    .clk(clk),
+    .p3(\p$2251 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_15_14  pe_15_14 (
+    .a(a1_15_g3),
+    .b(b1_14_g3),
+    .clk(clk),
+    .p3(\p$2252 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_15_15  pe_15_15 (
+    .a(a1_15_g3),
+    .b(b1_15_g3),
+    .clk(clk),
+    .p3(\p$2253 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_15_2  pe_15_2 (
+    .a(a1_15_g0),
+    .b(b1_2_g3),
+    .clk(clk),
+    .p3(\p$2240 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_15_3  pe_15_3 (
+    .a(a1_15_g0),
+    .b(b1_3_g3),
+    .clk(clk),
+    .p3(\p$2241 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_15_4  pe_15_4 (
+    .a(a1_15_g1),
+    .b(b1_4_g3),
+    .clk(clk),
+    .p3(\p$2242 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_15_5  pe_15_5 (
+    .a(a1_15_g1),
+    .b(b1_5_g3),
+    .clk(clk),
+    .p3(\p$2243 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_15_6  pe_15_6 (
+    .a(a1_15_g1),
+    .b(b1_6_g3),
+    .clk(clk),
+    .p3(\p$2244 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_15_7  pe_15_7 (
+    .a(a1_15_g1),
+    .b(b1_7_g3),
+    .clk(clk),
+    .p3(\p$2245 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_15_8  pe_15_8 (
+    .a(a1_15_g2),
+    .b(b1_8_g3),
+    .clk(clk),
+    .p3(\p$2246 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_15_9  pe_15_9 (
+    .a(a1_15_g2),
+    .b(b1_9_g3),
+    .clk(clk),
+    .p3(\p$2247 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_1_0  pe_1_0 (
+    .a(a1_1_g0),
+    .b(b1_0_g0),
     .clk(clk),
     .p3(\p$2014 ),
     .rst(rst)
   );
-  \encoder_layer_0_attention_output_dense.pe.pe_9_3  pe_9_3 (
-    .a(a0_9),
-    .b(b0_3),
+  \encoder_layer_0_attention_output_dense.pe.pe_1_1  pe_1_1 (
+    .a(a1_1_g0),
+    .b(b1_1_g0),
     .clk(clk),
     .p3(\p$2015 ),
     .rst(rst)
   );
-  \encoder_layer_0_attention_output_dense.pe.pe_9_4  pe_9_4 (
-    .a(a0_9),
-    .b(b0_4),
+  \encoder_layer_0_attention_output_dense.pe.pe_1_10  pe_1_10 (
+    .a(a1_1_g2),
+    .b(b1_10_g0),
+    .clk(clk),
+    .p3(\p$2024 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_1_11  pe_1_11 (
+    .a(a1_1_g2),
+    .b(b1_11_g0),
+    .clk(clk),
+    .p3(\p$2025 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_1_12  pe_1_12 (
+    .a(a1_1_g3),
+    .b(b1_12_g0),
+    .clk(clk),
+    .p3(\p$2026 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_1_13  pe_1_13 (
+    .a(a1_1_g3),
+    .b(b1_13_g0),
+    .clk(clk),
+    .p3(\p$2027 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_1_14  pe_1_14 (
+    .a(a1_1_g3),
+    .b(b1_14_g0),
+    .clk(clk),
+    .p3(\p$2028 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_1_15  pe_1_15 (
+    .a(a1_1_g3),
+    .b(b1_15_g0),
+    .clk(clk),
+    .p3(\p$2029 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_1_2  pe_1_2 (
+    .a(a1_1_g0),
+    .b(b1_2_g0),
     .clk(clk),
     .p3(\p$2016 ),
     .rst(rst)
   );
-  \encoder_layer_0_attention_output_dense.pe.pe_9_5  pe_9_5 (
-    .a(a0_9),
-    .b(b0_5),
+  \encoder_layer_0_attention_output_dense.pe.pe_1_3  pe_1_3 (
+    .a(a1_1_g0),
+    .b(b1_3_g0),
     .clk(clk),
     .p3(\p$2017 ),
     .rst(rst)
   );
-  \encoder_layer_0_attention_output_dense.pe.pe_9_6  pe_9_6 (
-    .a(a0_9),
-    .b(b0_6),
+  \encoder_layer_0_attention_output_dense.pe.pe_1_4  pe_1_4 (
+    .a(a1_1_g1),
+    .b(b1_4_g0),
     .clk(clk),
     .p3(\p$2018 ),
     .rst(rst)
   );
-  \encoder_layer_0_attention_output_dense.pe.pe_9_7  pe_9_7 (
-    .a(a0_9),
-    .b(b0_7),
+  \encoder_layer_0_attention_output_dense.pe.pe_1_5  pe_1_5 (
+    .a(a1_1_g1),
+    .b(b1_5_g0),
     .clk(clk),
     .p3(\p$2019 ),
     .rst(rst)
   );
-  \encoder_layer_0_attention_output_dense.pe.pe_9_8  pe_9_8 (
-    .a(a0_9),
-    .b(b0_8),
+  \encoder_layer_0_attention_output_dense.pe.pe_1_6  pe_1_6 (
+    .a(a1_1_g1),
+    .b(b1_6_g0),
     .clk(clk),
     .p3(\p$2020 ),
     .rst(rst)
   );
-  \encoder_layer_0_attention_output_dense.pe.pe_9_9  pe_9_9 (
-    .a(a0_9),
-    .b(b0_9),
+  \encoder_layer_0_attention_output_dense.pe.pe_1_7  pe_1_7 (
+    .a(a1_1_g1),
+    .b(b1_7_g0),
     .clk(clk),
     .p3(\p$2021 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_1_8  pe_1_8 (
+    .a(a1_1_g2),
+    .b(b1_8_g0),
+    .clk(clk),
+    .p3(\p$2022 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_1_9  pe_1_9 (
+    .a(a1_1_g2),
+    .b(b1_9_g0),
+    .clk(clk),
+    .p3(\p$2023 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_2_0  pe_2_0 (
+    .a(a1_2_g0),
+    .b(b1_0_g0),
+    .clk(clk),
+    .p3(\p$2030 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_2_1  pe_2_1 (
+    .a(a1_2_g0),
+    .b(b1_1_g0),
+    .clk(clk),
+    .p3(\p$2031 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_2_10  pe_2_10 (
+    .a(a1_2_g2),
+    .b(b1_10_g0),
+    .clk(clk),
+    .p3(\p$2040 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_2_11  pe_2_11 (
+    .a(a1_2_g2),
+    .b(b1_11_g0),
+    .clk(clk),
+    .p3(\p$2041 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_2_12  pe_2_12 (
+    .a(a1_2_g3),
+    .b(b1_12_g0),
+    .clk(clk),
+    .p3(\p$2042 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_2_13  pe_2_13 (
+    .a(a1_2_g3),
+    .b(b1_13_g0),
+    .clk(clk),
+    .p3(\p$2043 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_2_14  pe_2_14 (
+    .a(a1_2_g3),
+    .b(b1_14_g0),
+    .clk(clk),
+    .p3(\p$2044 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_2_15  pe_2_15 (
+    .a(a1_2_g3),
+    .b(b1_15_g0),
+    .clk(clk),
+    .p3(\p$2045 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_2_2  pe_2_2 (
+    .a(a1_2_g0),
+    .b(b1_2_g0),
+    .clk(clk),
+    .p3(\p$2032 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_2_3  pe_2_3 (
+    .a(a1_2_g0),
+    .b(b1_3_g0),
+    .clk(clk),
+    .p3(\p$2033 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_2_4  pe_2_4 (
+    .a(a1_2_g1),
+    .b(b1_4_g0),
+    .clk(clk),
+    .p3(\p$2034 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_2_5  pe_2_5 (
+    .a(a1_2_g1),
+    .b(b1_5_g0),
+    .clk(clk),
+    .p3(\p$2035 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_2_6  pe_2_6 (
+    .a(a1_2_g1),
+    .b(b1_6_g0),
+    .clk(clk),
+    .p3(\p$2036 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_2_7  pe_2_7 (
+    .a(a1_2_g1),
+    .b(b1_7_g0),
+    .clk(clk),
+    .p3(\p$2037 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_2_8  pe_2_8 (
+    .a(a1_2_g2),
+    .b(b1_8_g0),
+    .clk(clk),
+    .p3(\p$2038 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_2_9  pe_2_9 (
+    .a(a1_2_g2),
+    .b(b1_9_g0),
+    .clk(clk),
+    .p3(\p$2039 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_3_0  pe_3_0 (
+    .a(a1_3_g0),
+    .b(b1_0_g0),
+    .clk(clk),
+    .p3(\p$2046 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_3_1  pe_3_1 (
+    .a(a1_3_g0),
+    .b(b1_1_g0),
+    .clk(clk),
+    .p3(\p$2047 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_3_10  pe_3_10 (
+    .a(a1_3_g2),
+    .b(b1_10_g0),
+    .clk(clk),
+    .p3(\p$2056 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_3_11  pe_3_11 (
+    .a(a1_3_g2),
+    .b(b1_11_g0),
+    .clk(clk),
+    .p3(\p$2057 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_3_12  pe_3_12 (
+    .a(a1_3_g3),
+    .b(b1_12_g0),
+    .clk(clk),
+    .p3(\p$2058 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_3_13  pe_3_13 (
+    .a(a1_3_g3),
+    .b(b1_13_g0),
+    .clk(clk),
+    .p3(\p$2059 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_3_14  pe_3_14 (
+    .a(a1_3_g3),
+    .b(b1_14_g0),
+    .clk(clk),
+    .p3(\p$2060 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_3_15  pe_3_15 (
+    .a(a1_3_g3),
+    .b(b1_15_g0),
+    .clk(clk),
+    .p3(\p$2061 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_3_2  pe_3_2 (
+    .a(a1_3_g0),
+    .b(b1_2_g0),
+    .clk(clk),
+    .p3(\p$2048 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_3_3  pe_3_3 (
+    .a(a1_3_g0),
+    .b(b1_3_g0),
+    .clk(clk),
+    .p3(\p$2049 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_3_4  pe_3_4 (
+    .a(a1_3_g1),
+    .b(b1_4_g0),
+    .clk(clk),
+    .p3(\p$2050 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_3_5  pe_3_5 (
+    .a(a1_3_g1),
+    .b(b1_5_g0),
+    .clk(clk),
+    .p3(\p$2051 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_3_6  pe_3_6 (
+    .a(a1_3_g1),
+    .b(b1_6_g0),
+    .clk(clk),
+    .p3(\p$2052 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_3_7  pe_3_7 (
+    .a(a1_3_g1),
+    .b(b1_7_g0),
+    .clk(clk),
+    .p3(\p$2053 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_3_8  pe_3_8 (
+    .a(a1_3_g2),
+    .b(b1_8_g0),
+    .clk(clk),
+    .p3(\p$2054 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_3_9  pe_3_9 (
+    .a(a1_3_g2),
+    .b(b1_9_g0),
+    .clk(clk),
+    .p3(\p$2055 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_4_0  pe_4_0 (
+    .a(a1_4_g0),
+    .b(b1_0_g1),
+    .clk(clk),
+    .p3(\p$2062 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_4_1  pe_4_1 (
+    .a(a1_4_g0),
+    .b(b1_1_g1),
+    .clk(clk),
+    .p3(\p$2063 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_4_10  pe_4_10 (
+    .a(a1_4_g2),
+    .b(b1_10_g1),
+    .clk(clk),
+    .p3(\p$2072 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_4_11  pe_4_11 (
+    .a(a1_4_g2),
+    .b(b1_11_g1),
+    .clk(clk),
+    .p3(\p$2073 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_4_12  pe_4_12 (
+    .a(a1_4_g3),
+    .b(b1_12_g1),
+    .clk(clk),
+    .p3(\p$2074 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_4_13  pe_4_13 (
+    .a(a1_4_g3),
+    .b(b1_13_g1),
+    .clk(clk),
+    .p3(\p$2075 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_4_14  pe_4_14 (
+    .a(a1_4_g3),
+    .b(b1_14_g1),
+    .clk(clk),
+    .p3(\p$2076 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_4_15  pe_4_15 (
+    .a(a1_4_g3),
+    .b(b1_15_g1),
+    .clk(clk),
+    .p3(\p$2077 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_4_2  pe_4_2 (
+    .a(a1_4_g0),
+    .b(b1_2_g1),
+    .clk(clk),
+    .p3(\p$2064 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_4_3  pe_4_3 (
+    .a(a1_4_g0),
+    .b(b1_3_g1),
+    .clk(clk),
+    .p3(\p$2065 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_4_4  pe_4_4 (
+    .a(a1_4_g1),
+    .b(b1_4_g1),
+    .clk(clk),
+    .p3(\p$2066 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_4_5  pe_4_5 (
+    .a(a1_4_g1),
+    .b(b1_5_g1),
+    .clk(clk),
+    .p3(\p$2067 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_4_6  pe_4_6 (
+    .a(a1_4_g1),
+    .b(b1_6_g1),
+    .clk(clk),
+    .p3(\p$2068 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_4_7  pe_4_7 (
+    .a(a1_4_g1),
+    .b(b1_7_g1),
+    .clk(clk),
+    .p3(\p$2069 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_4_8  pe_4_8 (
+    .a(a1_4_g2),
+    .b(b1_8_g1),
+    .clk(clk),
+    .p3(\p$2070 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_4_9  pe_4_9 (
+    .a(a1_4_g2),
+    .b(b1_9_g1),
+    .clk(clk),
+    .p3(\p$2071 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_5_0  pe_5_0 (
+    .a(a1_5_g0),
+    .b(b1_0_g1),
+    .clk(clk),
+    .p3(\p$2078 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_5_1  pe_5_1 (
+    .a(a1_5_g0),
+    .b(b1_1_g1),
+    .clk(clk),
+    .p3(\p$2079 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_5_10  pe_5_10 (
+    .a(a1_5_g2),
+    .b(b1_10_g1),
+    .clk(clk),
+    .p3(\p$2088 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_5_11  pe_5_11 (
+    .a(a1_5_g2),
+    .b(b1_11_g1),
+    .clk(clk),
+    .p3(\p$2089 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_5_12  pe_5_12 (
+    .a(a1_5_g3),
+    .b(b1_12_g1),
+    .clk(clk),
+    .p3(\p$2090 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_5_13  pe_5_13 (
+    .a(a1_5_g3),
+    .b(b1_13_g1),
+    .clk(clk),
+    .p3(\p$2091 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_5_14  pe_5_14 (
+    .a(a1_5_g3),
+    .b(b1_14_g1),
+    .clk(clk),
+    .p3(\p$2092 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_5_15  pe_5_15 (
+    .a(a1_5_g3),
+    .b(b1_15_g1),
+    .clk(clk),
+    .p3(\p$2093 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_5_2  pe_5_2 (
+    .a(a1_5_g0),
+    .b(b1_2_g1),
+    .clk(clk),
+    .p3(\p$2080 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_5_3  pe_5_3 (
+    .a(a1_5_g0),
+    .b(b1_3_g1),
+    .clk(clk),
+    .p3(\p$2081 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_5_4  pe_5_4 (
+    .a(a1_5_g1),
+    .b(b1_4_g1),
+    .clk(clk),
+    .p3(\p$2082 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_5_5  pe_5_5 (
+    .a(a1_5_g1),
+    .b(b1_5_g1),
+    .clk(clk),
+    .p3(\p$2083 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_5_6  pe_5_6 (
+    .a(a1_5_g1),
+    .b(b1_6_g1),
+    .clk(clk),
+    .p3(\p$2084 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_5_7  pe_5_7 (
+    .a(a1_5_g1),
+    .b(b1_7_g1),
+    .clk(clk),
+    .p3(\p$2085 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_5_8  pe_5_8 (
+    .a(a1_5_g2),
+    .b(b1_8_g1),
+    .clk(clk),
+    .p3(\p$2086 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_5_9  pe_5_9 (
+    .a(a1_5_g2),
+    .b(b1_9_g1),
+    .clk(clk),
+    .p3(\p$2087 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_6_0  pe_6_0 (
+    .a(a1_6_g0),
+    .b(b1_0_g1),
+    .clk(clk),
+    .p3(\p$2094 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_6_1  pe_6_1 (
+    .a(a1_6_g0),
+    .b(b1_1_g1),
+    .clk(clk),
+    .p3(\p$2095 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_6_10  pe_6_10 (
+    .a(a1_6_g2),
+    .b(b1_10_g1),
+    .clk(clk),
+    .p3(\p$2104 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_6_11  pe_6_11 (
+    .a(a1_6_g2),
+    .b(b1_11_g1),
+    .clk(clk),
+    .p3(\p$2105 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_6_12  pe_6_12 (
+    .a(a1_6_g3),
+    .b(b1_12_g1),
+    .clk(clk),
+    .p3(\p$2106 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_6_13  pe_6_13 (
+    .a(a1_6_g3),
+    .b(b1_13_g1),
+    .clk(clk),
+    .p3(\p$2107 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_6_14  pe_6_14 (
+    .a(a1_6_g3),
+    .b(b1_14_g1),
+    .clk(clk),
+    .p3(\p$2108 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_6_15  pe_6_15 (
+    .a(a1_6_g3),
+    .b(b1_15_g1),
+    .clk(clk),
+    .p3(\p$2109 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_6_2  pe_6_2 (
+    .a(a1_6_g0),
+    .b(b1_2_g1),
+    .clk(clk),
+    .p3(\p$2096 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_6_3  pe_6_3 (
+    .a(a1_6_g0),
+    .b(b1_3_g1),
+    .clk(clk),
+    .p3(\p$2097 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_6_4  pe_6_4 (
+    .a(a1_6_g1),
+    .b(b1_4_g1),
+    .clk(clk),
+    .p3(\p$2098 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_6_5  pe_6_5 (
+    .a(a1_6_g1),
+    .b(b1_5_g1),
+    .clk(clk),
+    .p3(\p$2099 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_6_6  pe_6_6 (
+    .a(a1_6_g1),
+    .b(b1_6_g1),
+    .clk(clk),
+    .p3(\p$2100 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_6_7  pe_6_7 (
+    .a(a1_6_g1),
+    .b(b1_7_g1),
+    .clk(clk),
+    .p3(\p$2101 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_6_8  pe_6_8 (
+    .a(a1_6_g2),
+    .b(b1_8_g1),
+    .clk(clk),
+    .p3(\p$2102 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_6_9  pe_6_9 (
+    .a(a1_6_g2),
+    .b(b1_9_g1),
+    .clk(clk),
+    .p3(\p$2103 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_7_0  pe_7_0 (
+    .a(a1_7_g0),
+    .b(b1_0_g1),
+    .clk(clk),
+    .p3(\p$2110 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_7_1  pe_7_1 (
+    .a(a1_7_g0),
+    .b(b1_1_g1),
+    .clk(clk),
+    .p3(\p$2111 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_7_10  pe_7_10 (
+    .a(a1_7_g2),
+    .b(b1_10_g1),
+    .clk(clk),
+    .p3(\p$2120 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_7_11  pe_7_11 (
+    .a(a1_7_g2),
+    .b(b1_11_g1),
+    .clk(clk),
+    .p3(\p$2121 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_7_12  pe_7_12 (
+    .a(a1_7_g3),
+    .b(b1_12_g1),
+    .clk(clk),
+    .p3(\p$2122 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_7_13  pe_7_13 (
+    .a(a1_7_g3),
+    .b(b1_13_g1),
+    .clk(clk),
+    .p3(\p$2123 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_7_14  pe_7_14 (
+    .a(a1_7_g3),
+    .b(b1_14_g1),
+    .clk(clk),
+    .p3(\p$2124 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_7_15  pe_7_15 (
+    .a(a1_7_g3),
+    .b(b1_15_g1),
+    .clk(clk),
+    .p3(\p$2125 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_7_2  pe_7_2 (
+    .a(a1_7_g0),
+    .b(b1_2_g1),
+    .clk(clk),
+    .p3(\p$2112 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_7_3  pe_7_3 (
+    .a(a1_7_g0),
+    .b(b1_3_g1),
+    .clk(clk),
+    .p3(\p$2113 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_7_4  pe_7_4 (
+    .a(a1_7_g1),
+    .b(b1_4_g1),
+    .clk(clk),
+    .p3(\p$2114 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_7_5  pe_7_5 (
+    .a(a1_7_g1),
+    .b(b1_5_g1),
+    .clk(clk),
+    .p3(\p$2115 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_7_6  pe_7_6 (
+    .a(a1_7_g1),
+    .b(b1_6_g1),
+    .clk(clk),
+    .p3(\p$2116 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_7_7  pe_7_7 (
+    .a(a1_7_g1),
+    .b(b1_7_g1),
+    .clk(clk),
+    .p3(\p$2117 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_7_8  pe_7_8 (
+    .a(a1_7_g2),
+    .b(b1_8_g1),
+    .clk(clk),
+    .p3(\p$2118 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_7_9  pe_7_9 (
+    .a(a1_7_g2),
+    .b(b1_9_g1),
+    .clk(clk),
+    .p3(\p$2119 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_8_0  pe_8_0 (
+    .a(a1_8_g0),
+    .b(b1_0_g2),
+    .clk(clk),
+    .p3(\p$2126 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_8_1  pe_8_1 (
+    .a(a1_8_g0),
+    .b(b1_1_g2),
+    .clk(clk),
+    .p3(\p$2127 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_8_10  pe_8_10 (
+    .a(a1_8_g2),
+    .b(b1_10_g2),
+    .clk(clk),
+    .p3(\p$2136 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_8_11  pe_8_11 (
+    .a(a1_8_g2),
+    .b(b1_11_g2),
+    .clk(clk),
+    .p3(\p$2137 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_8_12  pe_8_12 (
+    .a(a1_8_g3),
+    .b(b1_12_g2),
+    .clk(clk),
+    .p3(\p$2138 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_8_13  pe_8_13 (
+    .a(a1_8_g3),
+    .b(b1_13_g2),
+    .clk(clk),
+    .p3(\p$2139 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_8_14  pe_8_14 (
+    .a(a1_8_g3),
+    .b(b1_14_g2),
+    .clk(clk),
+    .p3(\p$2140 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_8_15  pe_8_15 (
+    .a(a1_8_g3),
+    .b(b1_15_g2),
+    .clk(clk),
+    .p3(\p$2141 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_8_2  pe_8_2 (
+    .a(a1_8_g0),
+    .b(b1_2_g2),
+    .clk(clk),
+    .p3(\p$2128 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_8_3  pe_8_3 (
+    .a(a1_8_g0),
+    .b(b1_3_g2),
+    .clk(clk),
+    .p3(\p$2129 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_8_4  pe_8_4 (
+    .a(a1_8_g1),
+    .b(b1_4_g2),
+    .clk(clk),
+    .p3(\p$2130 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_8_5  pe_8_5 (
+    .a(a1_8_g1),
+    .b(b1_5_g2),
+    .clk(clk),
+    .p3(\p$2131 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_8_6  pe_8_6 (
+    .a(a1_8_g1),
+    .b(b1_6_g2),
+    .clk(clk),
+    .p3(\p$2132 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_8_7  pe_8_7 (
+    .a(a1_8_g1),
+    .b(b1_7_g2),
+    .clk(clk),
+    .p3(\p$2133 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_8_8  pe_8_8 (
+    .a(a1_8_g2),
+    .b(b1_8_g2),
+    .clk(clk),
+    .p3(\p$2134 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_8_9  pe_8_9 (
+    .a(a1_8_g2),
+    .b(b1_9_g2),
+    .clk(clk),
+    .p3(\p$2135 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_9_0  pe_9_0 (
+    .a(a1_9_g0),
+    .b(b1_0_g2),
+    .clk(clk),
+    .p3(\p$2142 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_9_1  pe_9_1 (
+    .a(a1_9_g0),
+    .b(b1_1_g2),
+    .clk(clk),
+    .p3(\p$2143 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_9_10  pe_9_10 (
+    .a(a1_9_g2),
+    .b(b1_10_g2),
+    .clk(clk),
+    .p3(\p$2152 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_9_11  pe_9_11 (
+    .a(a1_9_g2),
+    .b(b1_11_g2),
+    .clk(clk),
+    .p3(\p$2153 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_9_12  pe_9_12 (
+    .a(a1_9_g3),
+    .b(b1_12_g2),
+    .clk(clk),
+    .p3(\p$2154 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_9_13  pe_9_13 (
+    .a(a1_9_g3),
+    .b(b1_13_g2),
+    .clk(clk),
+    .p3(\p$2155 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_9_14  pe_9_14 (
+    .a(a1_9_g3),
+    .b(b1_14_g2),
+    .clk(clk),
+    .p3(\p$2156 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_9_15  pe_9_15 (
+    .a(a1_9_g3),
+    .b(b1_15_g2),
+    .clk(clk),
+    .p3(\p$2157 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_9_2  pe_9_2 (
+    .a(a1_9_g0),
+    .b(b1_2_g2),
+    .clk(clk),
+    .p3(\p$2144 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_9_3  pe_9_3 (
+    .a(a1_9_g0),
+    .b(b1_3_g2),
+    .clk(clk),
+    .p3(\p$2145 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_9_4  pe_9_4 (
+    .a(a1_9_g1),
+    .b(b1_4_g2),
+    .clk(clk),
+    .p3(\p$2146 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_9_5  pe_9_5 (
+    .a(a1_9_g1),
+    .b(b1_5_g2),
+    .clk(clk),
+    .p3(\p$2147 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_9_6  pe_9_6 (
+    .a(a1_9_g1),
+    .b(b1_6_g2),
+    .clk(clk),
+    .p3(\p$2148 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_9_7  pe_9_7 (
+    .a(a1_9_g1),
+    .b(b1_7_g2),
+    .clk(clk),
+    .p3(\p$2149 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_9_8  pe_9_8 (
+    .a(a1_9_g2),
+    .b(b1_8_g2),
+    .clk(clk),
+    .p3(\p$2150 ),
+    .rst(rst)
+  );
+  \encoder_layer_0_attention_output_dense.pe.pe_9_9  pe_9_9 (
+    .a(a1_9_g2),
+    .b(b1_9_g2),
+    .clk(clk),
+    .p3(\p$2151 ),
     .rst(rst)
   );
   always @* begin
@@ -28015,3858 +29393,3872 @@ module \encoder_layer_0_attention_output_dense.pe (rst, i__payload, i__valid, ba
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$796  = \$signal$38 ;
+    \$796  = \$signal$166 ;
     if (rst) begin
       \$796  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$797  = \$signal$38 ;
+    \$797  = \$signal$167 ;
     if (rst) begin
       \$797  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$798  = \$signal$38 ;
+    \$798  = \$signal$168 ;
     if (rst) begin
       \$798  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$799  = \$signal$38 ;
+    \$799  = \$signal$168 ;
     if (rst) begin
       \$799  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$800  = \$signal$38 ;
+    \$800  = \$signal$168 ;
     if (rst) begin
       \$800  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$801  = \$signal$38 ;
+    \$801  = \$signal$168 ;
     if (rst) begin
       \$801  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$802  = \$signal$38 ;
+    \$802  = \$signal$168 ;
     if (rst) begin
       \$802  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$803  = \$signal$38 ;
+    \$803  = \$signal$168 ;
     if (rst) begin
       \$803  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$804  = \$signal$38 ;
+    \$804  = \$signal$168 ;
     if (rst) begin
       \$804  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$805  = \$signal$38 ;
+    \$805  = \$signal$168 ;
     if (rst) begin
       \$805  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$806  = \$signal$38 ;
+    \$806  = \$signal$168 ;
     if (rst) begin
       \$806  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$807  = \$signal$38 ;
+    \$807  = \$signal$168 ;
     if (rst) begin
       \$807  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$808  = \$signal$38 ;
+    \$808  = \$signal$168 ;
     if (rst) begin
       \$808  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$809  = \$signal$38 ;
+    \$809  = \$signal$168 ;
     if (rst) begin
       \$809  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$810  = \$signal$38 ;
+    \$810  = \$signal$168 ;
     if (rst) begin
       \$810  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$811  = \$signal$38 ;
+    \$811  = \$signal$168 ;
     if (rst) begin
       \$811  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$812  = \$signal$39 ;
+    \$812  = \$signal$168 ;
     if (rst) begin
       \$812  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$813  = \$signal$39 ;
+    \$813  = \$signal$168 ;
     if (rst) begin
       \$813  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$814  = \$signal$39 ;
+    \$814  = \$signal$169 ;
     if (rst) begin
       \$814  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$815  = \$signal$39 ;
+    \$815  = \$signal$169 ;
     if (rst) begin
       \$815  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$816  = \$signal$39 ;
+    \$816  = \$signal$169 ;
     if (rst) begin
       \$816  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$817  = \$signal$39 ;
+    \$817  = \$signal$169 ;
     if (rst) begin
       \$817  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$818  = \$signal$39 ;
+    \$818  = \$signal$169 ;
     if (rst) begin
       \$818  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$819  = \$signal$39 ;
+    \$819  = \$signal$169 ;
     if (rst) begin
       \$819  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$820  = \$signal$39 ;
+    \$820  = \$signal$169 ;
     if (rst) begin
       \$820  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$821  = \$signal$39 ;
+    \$821  = \$signal$169 ;
     if (rst) begin
       \$821  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$822  = \$signal$39 ;
+    \$822  = \$signal$169 ;
     if (rst) begin
       \$822  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$823  = \$signal$39 ;
+    \$823  = \$signal$169 ;
     if (rst) begin
       \$823  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$824  = \$signal$39 ;
+    \$824  = \$signal$169 ;
     if (rst) begin
       \$824  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$825  = \$signal$39 ;
+    \$825  = \$signal$169 ;
     if (rst) begin
       \$825  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$826  = \$signal$39 ;
+    \$826  = \$signal$169 ;
     if (rst) begin
       \$826  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$827  = \$signal$39 ;
+    \$827  = \$signal$169 ;
     if (rst) begin
       \$827  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$828  = first2_0;
+    \$828  = \$signal$169 ;
     if (rst) begin
       \$828  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$829  = first2_0;
+    \$829  = \$signal$169 ;
     if (rst) begin
       \$829  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$830  = first2_0;
+    \$830  = first3_0;
     if (rst) begin
       \$830  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$831  = first2_0;
+    \$831  = first3_0;
     if (rst) begin
       \$831  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$832  = first2_0;
+    \$832  = first3_0;
     if (rst) begin
       \$832  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$833  = first2_0;
+    \$833  = first3_0;
     if (rst) begin
       \$833  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$834  = first2_0;
+    \$834  = first3_0;
     if (rst) begin
       \$834  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$835  = first2_0;
+    \$835  = first3_0;
     if (rst) begin
       \$835  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$836  = first2_0;
+    \$836  = first3_0;
     if (rst) begin
       \$836  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$837  = first2_0;
+    \$837  = first3_0;
     if (rst) begin
       \$837  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$838  = first2_0;
+    \$838  = first3_0;
     if (rst) begin
       \$838  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$839  = first2_0;
+    \$839  = first3_0;
     if (rst) begin
       \$839  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$840  = first2_0;
+    \$840  = first3_0;
     if (rst) begin
       \$840  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$841  = first2_0;
+    \$841  = first3_0;
     if (rst) begin
       \$841  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$842  = first2_0;
+    \$842  = first3_0;
     if (rst) begin
       \$842  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$843  = first2_0;
+    \$843  = first3_0;
     if (rst) begin
       \$843  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$844  = first2_1;
+    \$844  = first3_0;
     if (rst) begin
       \$844  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$845  = first2_1;
+    \$845  = first3_0;
     if (rst) begin
       \$845  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$846  = first2_1;
+    \$846  = first3_1;
     if (rst) begin
       \$846  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$847  = first2_1;
+    \$847  = first3_1;
     if (rst) begin
       \$847  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$848  = first2_1;
+    \$848  = first3_1;
     if (rst) begin
       \$848  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$849  = first2_1;
+    \$849  = first3_1;
     if (rst) begin
       \$849  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$850  = first2_1;
+    \$850  = first3_1;
     if (rst) begin
       \$850  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$851  = first2_1;
+    \$851  = first3_1;
     if (rst) begin
       \$851  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$852  = first2_1;
+    \$852  = first3_1;
     if (rst) begin
       \$852  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$853  = first2_1;
+    \$853  = first3_1;
     if (rst) begin
       \$853  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$854  = first2_1;
+    \$854  = first3_1;
     if (rst) begin
       \$854  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$855  = first2_1;
+    \$855  = first3_1;
     if (rst) begin
       \$855  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$856  = first2_1;
+    \$856  = first3_1;
     if (rst) begin
       \$856  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$857  = first2_1;
+    \$857  = first3_1;
     if (rst) begin
       \$857  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$858  = first2_1;
+    \$858  = first3_1;
     if (rst) begin
       \$858  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$859  = first2_1;
+    \$859  = first3_1;
     if (rst) begin
       \$859  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$860  = first2_2;
+    \$860  = first3_1;
     if (rst) begin
       \$860  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$861  = first2_2;
+    \$861  = first3_1;
     if (rst) begin
       \$861  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$862  = first2_2;
+    \$862  = first3_2;
     if (rst) begin
       \$862  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$863  = first2_2;
+    \$863  = first3_2;
     if (rst) begin
       \$863  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$864  = first2_2;
+    \$864  = first3_2;
     if (rst) begin
       \$864  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$865  = first2_2;
+    \$865  = first3_2;
     if (rst) begin
       \$865  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$866  = first2_2;
+    \$866  = first3_2;
     if (rst) begin
       \$866  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$867  = first2_2;
+    \$867  = first3_2;
     if (rst) begin
       \$867  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$868  = first2_2;
+    \$868  = first3_2;
     if (rst) begin
       \$868  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$869  = first2_2;
+    \$869  = first3_2;
     if (rst) begin
       \$869  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$870  = first2_2;
+    \$870  = first3_2;
     if (rst) begin
       \$870  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$871  = first2_2;
+    \$871  = first3_2;
     if (rst) begin
       \$871  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$872  = first2_2;
+    \$872  = first3_2;
     if (rst) begin
       \$872  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$873  = first2_2;
+    \$873  = first3_2;
     if (rst) begin
       \$873  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$874  = first2_2;
+    \$874  = first3_2;
     if (rst) begin
       \$874  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$875  = first2_2;
+    \$875  = first3_2;
     if (rst) begin
       \$875  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$876  = first2_3;
+    \$876  = first3_2;
     if (rst) begin
       \$876  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$877  = first2_3;
+    \$877  = first3_2;
     if (rst) begin
       \$877  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$878  = first2_3;
+    \$878  = first3_3;
     if (rst) begin
       \$878  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$879  = first2_3;
+    \$879  = first3_3;
     if (rst) begin
       \$879  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$880  = first2_3;
+    \$880  = first3_3;
     if (rst) begin
       \$880  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$881  = first2_3;
+    \$881  = first3_3;
     if (rst) begin
       \$881  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$882  = first2_3;
+    \$882  = first3_3;
     if (rst) begin
       \$882  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$883  = first2_3;
+    \$883  = first3_3;
     if (rst) begin
       \$883  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$884  = first2_3;
+    \$884  = first3_3;
     if (rst) begin
       \$884  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$885  = first2_3;
+    \$885  = first3_3;
     if (rst) begin
       \$885  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$886  = first2_3;
+    \$886  = first3_3;
     if (rst) begin
       \$886  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$887  = first2_3;
+    \$887  = first3_3;
     if (rst) begin
       \$887  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$888  = first2_3;
+    \$888  = first3_3;
     if (rst) begin
       \$888  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$889  = first2_3;
+    \$889  = first3_3;
     if (rst) begin
       \$889  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$890  = first2_3;
+    \$890  = first3_3;
     if (rst) begin
       \$890  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$891  = first2_3;
+    \$891  = first3_3;
     if (rst) begin
       \$891  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$892  = first2_4;
+    \$892  = first3_3;
     if (rst) begin
       \$892  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$893  = first2_4;
+    \$893  = first3_3;
     if (rst) begin
       \$893  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$894  = first2_4;
+    \$894  = first3_4;
     if (rst) begin
       \$894  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$895  = first2_4;
+    \$895  = first3_4;
     if (rst) begin
       \$895  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$896  = first2_4;
+    \$896  = first3_4;
     if (rst) begin
       \$896  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$897  = first2_4;
+    \$897  = first3_4;
     if (rst) begin
       \$897  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$898  = first2_4;
+    \$898  = first3_4;
     if (rst) begin
       \$898  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$899  = first2_4;
+    \$899  = first3_4;
     if (rst) begin
       \$899  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$900  = first2_4;
+    \$900  = first3_4;
     if (rst) begin
       \$900  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$901  = first2_4;
+    \$901  = first3_4;
     if (rst) begin
       \$901  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$902  = first2_4;
+    \$902  = first3_4;
     if (rst) begin
       \$902  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$903  = first2_4;
+    \$903  = first3_4;
     if (rst) begin
       \$903  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$904  = first2_4;
+    \$904  = first3_4;
     if (rst) begin
       \$904  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$905  = first2_4;
+    \$905  = first3_4;
     if (rst) begin
       \$905  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$906  = first2_4;
+    \$906  = first3_4;
     if (rst) begin
       \$906  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$907  = first2_4;
+    \$907  = first3_4;
     if (rst) begin
       \$907  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$908  = first2_5;
+    \$908  = first3_4;
     if (rst) begin
       \$908  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$909  = first2_5;
+    \$909  = first3_4;
     if (rst) begin
       \$909  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$910  = first2_5;
+    \$910  = first3_5;
     if (rst) begin
       \$910  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$911  = first2_5;
+    \$911  = first3_5;
     if (rst) begin
       \$911  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$912  = first2_5;
+    \$912  = first3_5;
     if (rst) begin
       \$912  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$913  = first2_5;
+    \$913  = first3_5;
     if (rst) begin
       \$913  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$914  = first2_5;
+    \$914  = first3_5;
     if (rst) begin
       \$914  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$915  = first2_5;
+    \$915  = first3_5;
     if (rst) begin
       \$915  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$916  = first2_5;
+    \$916  = first3_5;
     if (rst) begin
       \$916  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$917  = first2_5;
+    \$917  = first3_5;
     if (rst) begin
       \$917  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$918  = first2_5;
+    \$918  = first3_5;
     if (rst) begin
       \$918  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$919  = first2_5;
+    \$919  = first3_5;
     if (rst) begin
       \$919  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$920  = first2_5;
+    \$920  = first3_5;
     if (rst) begin
       \$920  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$921  = first2_5;
+    \$921  = first3_5;
     if (rst) begin
       \$921  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$922  = first2_5;
+    \$922  = first3_5;
     if (rst) begin
       \$922  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$923  = first2_5;
+    \$923  = first3_5;
     if (rst) begin
       \$923  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$924  = first2_6;
+    \$924  = first3_5;
     if (rst) begin
       \$924  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$925  = first2_6;
+    \$925  = first3_5;
     if (rst) begin
       \$925  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$926  = first2_6;
+    \$926  = first3_6;
     if (rst) begin
       \$926  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$927  = first2_6;
+    \$927  = first3_6;
     if (rst) begin
       \$927  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$928  = first2_6;
+    \$928  = first3_6;
     if (rst) begin
       \$928  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$929  = first2_6;
+    \$929  = first3_6;
     if (rst) begin
       \$929  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$930  = first2_6;
+    \$930  = first3_6;
     if (rst) begin
       \$930  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$931  = first2_6;
+    \$931  = first3_6;
     if (rst) begin
       \$931  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$932  = first2_6;
+    \$932  = first3_6;
     if (rst) begin
       \$932  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$933  = first2_6;
+    \$933  = first3_6;
     if (rst) begin
       \$933  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$934  = first2_6;
+    \$934  = first3_6;
     if (rst) begin
       \$934  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$935  = first2_6;
+    \$935  = first3_6;
     if (rst) begin
       \$935  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$936  = first2_6;
+    \$936  = first3_6;
     if (rst) begin
       \$936  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$937  = first2_6;
+    \$937  = first3_6;
     if (rst) begin
       \$937  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$938  = first2_6;
+    \$938  = first3_6;
     if (rst) begin
       \$938  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$939  = first2_6;
+    \$939  = first3_6;
     if (rst) begin
       \$939  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$940  = first2_7;
+    \$940  = first3_6;
     if (rst) begin
       \$940  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$941  = first2_7;
+    \$941  = first3_6;
     if (rst) begin
       \$941  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$942  = first2_7;
+    \$942  = first3_7;
     if (rst) begin
       \$942  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$943  = first2_7;
+    \$943  = first3_7;
     if (rst) begin
       \$943  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$944  = first2_7;
+    \$944  = first3_7;
     if (rst) begin
       \$944  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$945  = first2_7;
+    \$945  = first3_7;
     if (rst) begin
       \$945  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$946  = first2_7;
+    \$946  = first3_7;
     if (rst) begin
       \$946  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$947  = first2_7;
+    \$947  = first3_7;
     if (rst) begin
       \$947  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$948  = first2_7;
+    \$948  = first3_7;
     if (rst) begin
       \$948  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$949  = first2_7;
+    \$949  = first3_7;
     if (rst) begin
       \$949  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$950  = first2_7;
+    \$950  = first3_7;
     if (rst) begin
       \$950  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$951  = first2_7;
+    \$951  = first3_7;
     if (rst) begin
       \$951  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$952  = first2_7;
+    \$952  = first3_7;
     if (rst) begin
       \$952  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$953  = first2_7;
+    \$953  = first3_7;
     if (rst) begin
       \$953  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$954  = first2_7;
+    \$954  = first3_7;
     if (rst) begin
       \$954  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$955  = first2_7;
+    \$955  = first3_7;
     if (rst) begin
       \$955  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$956  = first2_8;
+    \$956  = first3_7;
     if (rst) begin
       \$956  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$957  = first2_8;
+    \$957  = first3_7;
     if (rst) begin
       \$957  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$958  = first2_8;
+    \$958  = first3_8;
     if (rst) begin
       \$958  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$959  = first2_8;
+    \$959  = first3_8;
     if (rst) begin
       \$959  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$960  = first2_8;
+    \$960  = first3_8;
     if (rst) begin
       \$960  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$961  = first2_8;
+    \$961  = first3_8;
     if (rst) begin
       \$961  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$962  = first2_8;
+    \$962  = first3_8;
     if (rst) begin
       \$962  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$963  = first2_8;
+    \$963  = first3_8;
     if (rst) begin
       \$963  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$964  = first2_8;
+    \$964  = first3_8;
     if (rst) begin
       \$964  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$965  = first2_8;
+    \$965  = first3_8;
     if (rst) begin
       \$965  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$966  = first2_8;
+    \$966  = first3_8;
     if (rst) begin
       \$966  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$967  = first2_8;
+    \$967  = first3_8;
     if (rst) begin
       \$967  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$968  = first2_8;
+    \$968  = first3_8;
     if (rst) begin
       \$968  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$969  = first2_8;
+    \$969  = first3_8;
     if (rst) begin
       \$969  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$970  = first2_8;
+    \$970  = first3_8;
     if (rst) begin
       \$970  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$971  = first2_8;
+    \$971  = first3_8;
     if (rst) begin
       \$971  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$972  = first2_9;
+    \$972  = first3_8;
     if (rst) begin
       \$972  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$973  = first2_9;
+    \$973  = first3_8;
     if (rst) begin
       \$973  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$974  = first2_9;
+    \$974  = first3_9;
     if (rst) begin
       \$974  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$975  = first2_9;
+    \$975  = first3_9;
     if (rst) begin
       \$975  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$976  = first2_9;
+    \$976  = first3_9;
     if (rst) begin
       \$976  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$977  = first2_9;
+    \$977  = first3_9;
     if (rst) begin
       \$977  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$978  = first2_9;
+    \$978  = first3_9;
     if (rst) begin
       \$978  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$979  = first2_9;
+    \$979  = first3_9;
     if (rst) begin
       \$979  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$980  = first2_9;
+    \$980  = first3_9;
     if (rst) begin
       \$980  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$981  = first2_9;
+    \$981  = first3_9;
     if (rst) begin
       \$981  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$982  = first2_9;
+    \$982  = first3_9;
     if (rst) begin
       \$982  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$983  = first2_9;
+    \$983  = first3_9;
     if (rst) begin
       \$983  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$984  = first2_9;
+    \$984  = first3_9;
     if (rst) begin
       \$984  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$985  = first2_9;
+    \$985  = first3_9;
     if (rst) begin
       \$985  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$986  = first2_9;
+    \$986  = first3_9;
     if (rst) begin
       \$986  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$987  = first2_9;
+    \$987  = first3_9;
     if (rst) begin
       \$987  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$988  = first2_10;
+    \$988  = first3_9;
     if (rst) begin
       \$988  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$989  = first2_10;
+    \$989  = first3_9;
     if (rst) begin
       \$989  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$990  = first2_10;
+    \$990  = first3_10;
     if (rst) begin
       \$990  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$991  = first2_10;
+    \$991  = first3_10;
     if (rst) begin
       \$991  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$992  = first2_10;
+    \$992  = first3_10;
     if (rst) begin
       \$992  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$993  = first2_10;
+    \$993  = first3_10;
     if (rst) begin
       \$993  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$994  = first2_10;
+    \$994  = first3_10;
     if (rst) begin
       \$994  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$995  = first2_10;
+    \$995  = first3_10;
     if (rst) begin
       \$995  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$996  = first2_10;
+    \$996  = first3_10;
     if (rst) begin
       \$996  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$997  = first2_10;
+    \$997  = first3_10;
     if (rst) begin
       \$997  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$998  = first2_10;
+    \$998  = first3_10;
     if (rst) begin
       \$998  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$999  = first2_10;
+    \$999  = first3_10;
     if (rst) begin
       \$999  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1000  = first2_10;
+    \$1000  = first3_10;
     if (rst) begin
       \$1000  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1001  = first2_10;
+    \$1001  = first3_10;
     if (rst) begin
       \$1001  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1002  = first2_10;
+    \$1002  = first3_10;
     if (rst) begin
       \$1002  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1003  = first2_10;
+    \$1003  = first3_10;
     if (rst) begin
       \$1003  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1004  = first2_11;
+    \$1004  = first3_10;
     if (rst) begin
       \$1004  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1005  = first2_11;
+    \$1005  = first3_10;
     if (rst) begin
       \$1005  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1006  = first2_11;
+    \$1006  = first3_11;
     if (rst) begin
       \$1006  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1007  = first2_11;
+    \$1007  = first3_11;
     if (rst) begin
       \$1007  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1008  = first2_11;
+    \$1008  = first3_11;
     if (rst) begin
       \$1008  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1009  = first2_11;
+    \$1009  = first3_11;
     if (rst) begin
       \$1009  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1010  = first2_11;
+    \$1010  = first3_11;
     if (rst) begin
       \$1010  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1011  = first2_11;
+    \$1011  = first3_11;
     if (rst) begin
       \$1011  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1012  = first2_11;
+    \$1012  = first3_11;
     if (rst) begin
       \$1012  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1013  = first2_11;
+    \$1013  = first3_11;
     if (rst) begin
       \$1013  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1014  = first2_11;
+    \$1014  = first3_11;
     if (rst) begin
       \$1014  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1015  = first2_11;
+    \$1015  = first3_11;
     if (rst) begin
       \$1015  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1016  = first2_11;
+    \$1016  = first3_11;
     if (rst) begin
       \$1016  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1017  = first2_11;
+    \$1017  = first3_11;
     if (rst) begin
       \$1017  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1018  = first2_11;
+    \$1018  = first3_11;
     if (rst) begin
       \$1018  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1019  = first2_11;
+    \$1019  = first3_11;
     if (rst) begin
       \$1019  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1020  = first2_12;
+    \$1020  = first3_11;
     if (rst) begin
       \$1020  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1021  = first2_12;
+    \$1021  = first3_11;
     if (rst) begin
       \$1021  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1022  = first2_12;
+    \$1022  = first3_12;
     if (rst) begin
       \$1022  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1023  = first2_12;
+    \$1023  = first3_12;
     if (rst) begin
       \$1023  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1024  = first2_12;
+    \$1024  = first3_12;
     if (rst) begin
       \$1024  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1025  = first2_12;
+    \$1025  = first3_12;
     if (rst) begin
       \$1025  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1026  = first2_12;
+    \$1026  = first3_12;
     if (rst) begin
       \$1026  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1027  = first2_12;
+    \$1027  = first3_12;
     if (rst) begin
       \$1027  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1028  = first2_12;
+    \$1028  = first3_12;
     if (rst) begin
       \$1028  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1029  = first2_12;
+    \$1029  = first3_12;
     if (rst) begin
       \$1029  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1030  = first2_12;
+    \$1030  = first3_12;
     if (rst) begin
       \$1030  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1031  = first2_12;
+    \$1031  = first3_12;
     if (rst) begin
       \$1031  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1032  = first2_12;
+    \$1032  = first3_12;
     if (rst) begin
       \$1032  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1033  = first2_12;
+    \$1033  = first3_12;
     if (rst) begin
       \$1033  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1034  = first2_12;
+    \$1034  = first3_12;
     if (rst) begin
       \$1034  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1035  = first2_12;
+    \$1035  = first3_12;
     if (rst) begin
       \$1035  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1036  = first2_13;
+    \$1036  = first3_12;
     if (rst) begin
       \$1036  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1037  = first2_13;
+    \$1037  = first3_12;
     if (rst) begin
       \$1037  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1038  = first2_13;
+    \$1038  = first3_13;
     if (rst) begin
       \$1038  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1039  = first2_13;
+    \$1039  = first3_13;
     if (rst) begin
       \$1039  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1040  = first2_13;
+    \$1040  = first3_13;
     if (rst) begin
       \$1040  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1041  = first2_13;
+    \$1041  = first3_13;
     if (rst) begin
       \$1041  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1042  = first2_13;
+    \$1042  = first3_13;
     if (rst) begin
       \$1042  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1043  = first2_13;
+    \$1043  = first3_13;
     if (rst) begin
       \$1043  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1044  = first2_13;
+    \$1044  = first3_13;
     if (rst) begin
       \$1044  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1045  = first2_13;
+    \$1045  = first3_13;
     if (rst) begin
       \$1045  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1046  = first2_13;
+    \$1046  = first3_13;
     if (rst) begin
       \$1046  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1047  = first2_13;
+    \$1047  = first3_13;
     if (rst) begin
       \$1047  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1048  = first2_13;
+    \$1048  = first3_13;
     if (rst) begin
       \$1048  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1049  = first2_13;
+    \$1049  = first3_13;
     if (rst) begin
       \$1049  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1050  = first2_13;
+    \$1050  = first3_13;
     if (rst) begin
       \$1050  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1051  = first2_13;
+    \$1051  = first3_13;
     if (rst) begin
       \$1051  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1052  = first2_14;
+    \$1052  = first3_13;
     if (rst) begin
       \$1052  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1053  = first2_14;
+    \$1053  = first3_13;
     if (rst) begin
       \$1053  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1054  = first2_14;
+    \$1054  = first3_14;
     if (rst) begin
       \$1054  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1055  = first2_14;
+    \$1055  = first3_14;
     if (rst) begin
       \$1055  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1056  = first2_14;
+    \$1056  = first3_14;
     if (rst) begin
       \$1056  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1057  = first2_14;
+    \$1057  = first3_14;
     if (rst) begin
       \$1057  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1058  = first2_14;
+    \$1058  = first3_14;
     if (rst) begin
       \$1058  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1059  = first2_14;
+    \$1059  = first3_14;
     if (rst) begin
       \$1059  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1060  = first2_14;
+    \$1060  = first3_14;
     if (rst) begin
       \$1060  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1061  = first2_14;
+    \$1061  = first3_14;
     if (rst) begin
       \$1061  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1062  = first2_14;
+    \$1062  = first3_14;
     if (rst) begin
       \$1062  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1063  = first2_14;
+    \$1063  = first3_14;
     if (rst) begin
       \$1063  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1064  = first2_14;
+    \$1064  = first3_14;
     if (rst) begin
       \$1064  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1065  = first2_14;
+    \$1065  = first3_14;
     if (rst) begin
       \$1065  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1066  = first2_14;
+    \$1066  = first3_14;
     if (rst) begin
       \$1066  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1067  = first2_14;
+    \$1067  = first3_14;
     if (rst) begin
       \$1067  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1068  = first2_15;
+    \$1068  = first3_14;
     if (rst) begin
       \$1068  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1069  = first2_15;
+    \$1069  = first3_14;
     if (rst) begin
       \$1069  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1070  = first2_15;
+    \$1070  = first3_15;
     if (rst) begin
       \$1070  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1071  = first2_15;
+    \$1071  = first3_15;
     if (rst) begin
       \$1071  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1072  = first2_15;
+    \$1072  = first3_15;
     if (rst) begin
       \$1072  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1073  = first2_15;
+    \$1073  = first3_15;
     if (rst) begin
       \$1073  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1074  = first2_15;
+    \$1074  = first3_15;
     if (rst) begin
       \$1074  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1075  = first2_15;
+    \$1075  = first3_15;
     if (rst) begin
       \$1075  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1076  = first2_15;
+    \$1076  = first3_15;
     if (rst) begin
       \$1076  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1077  = first2_15;
+    \$1077  = first3_15;
     if (rst) begin
       \$1077  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1078  = first2_15;
+    \$1078  = first3_15;
     if (rst) begin
       \$1078  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1079  = first2_15;
+    \$1079  = first3_15;
     if (rst) begin
       \$1079  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1080  = first2_15;
+    \$1080  = first3_15;
     if (rst) begin
       \$1080  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1081  = first2_15;
+    \$1081  = first3_15;
     if (rst) begin
       \$1081  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1082  = first2_15;
+    \$1082  = first3_15;
     if (rst) begin
       \$1082  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1083  = first2_15;
+    \$1083  = first3_15;
     if (rst) begin
       \$1083  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1084  = last2_0;
+    \$1084  = first3_15;
     if (rst) begin
       \$1084  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1085  = last2_0;
+    \$1085  = first3_15;
     if (rst) begin
       \$1085  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1086  = last2_0;
+    \$1086  = last3_0;
     if (rst) begin
       \$1086  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1087  = last2_0;
+    \$1087  = last3_0;
     if (rst) begin
       \$1087  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1088  = last2_0;
+    \$1088  = last3_0;
     if (rst) begin
       \$1088  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1089  = last2_0;
+    \$1089  = last3_0;
     if (rst) begin
       \$1089  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1090  = last2_0;
+    \$1090  = last3_0;
     if (rst) begin
       \$1090  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1091  = last2_0;
+    \$1091  = last3_0;
     if (rst) begin
       \$1091  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1092  = last2_0;
+    \$1092  = last3_0;
     if (rst) begin
       \$1092  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1093  = last2_0;
+    \$1093  = last3_0;
     if (rst) begin
       \$1093  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1094  = last2_0;
+    \$1094  = last3_0;
     if (rst) begin
       \$1094  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1095  = last2_0;
+    \$1095  = last3_0;
     if (rst) begin
       \$1095  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1096  = last2_0;
+    \$1096  = last3_0;
     if (rst) begin
       \$1096  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1097  = last2_0;
+    \$1097  = last3_0;
     if (rst) begin
       \$1097  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1098  = last2_0;
+    \$1098  = last3_0;
     if (rst) begin
       \$1098  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1099  = last2_0;
+    \$1099  = last3_0;
     if (rst) begin
       \$1099  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1100  = last2_1;
+    \$1100  = last3_0;
     if (rst) begin
       \$1100  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1101  = last2_1;
+    \$1101  = last3_0;
     if (rst) begin
       \$1101  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1102  = last2_1;
+    \$1102  = last3_1;
     if (rst) begin
       \$1102  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1103  = last2_1;
+    \$1103  = last3_1;
     if (rst) begin
       \$1103  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1104  = last2_1;
+    \$1104  = last3_1;
     if (rst) begin
       \$1104  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1105  = last2_1;
+    \$1105  = last3_1;
     if (rst) begin
       \$1105  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1106  = last2_1;
+    \$1106  = last3_1;
     if (rst) begin
       \$1106  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1107  = last2_1;
+    \$1107  = last3_1;
     if (rst) begin
       \$1107  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1108  = last2_1;
+    \$1108  = last3_1;
     if (rst) begin
       \$1108  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1109  = last2_1;
+    \$1109  = last3_1;
     if (rst) begin
       \$1109  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1110  = last2_1;
+    \$1110  = last3_1;
     if (rst) begin
       \$1110  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1111  = last2_1;
+    \$1111  = last3_1;
     if (rst) begin
       \$1111  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1112  = last2_1;
+    \$1112  = last3_1;
     if (rst) begin
       \$1112  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1113  = last2_1;
+    \$1113  = last3_1;
     if (rst) begin
       \$1113  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1114  = last2_1;
+    \$1114  = last3_1;
     if (rst) begin
       \$1114  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1115  = last2_1;
+    \$1115  = last3_1;
     if (rst) begin
       \$1115  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1116  = last2_2;
+    \$1116  = last3_1;
     if (rst) begin
       \$1116  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1117  = last2_2;
+    \$1117  = last3_1;
     if (rst) begin
       \$1117  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1118  = last2_2;
+    \$1118  = last3_2;
     if (rst) begin
       \$1118  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1119  = last2_2;
+    \$1119  = last3_2;
     if (rst) begin
       \$1119  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1120  = last2_2;
+    \$1120  = last3_2;
     if (rst) begin
       \$1120  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1121  = last2_2;
+    \$1121  = last3_2;
     if (rst) begin
       \$1121  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1122  = last2_2;
+    \$1122  = last3_2;
     if (rst) begin
       \$1122  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1123  = last2_2;
+    \$1123  = last3_2;
     if (rst) begin
       \$1123  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1124  = last2_2;
+    \$1124  = last3_2;
     if (rst) begin
       \$1124  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1125  = last2_2;
+    \$1125  = last3_2;
     if (rst) begin
       \$1125  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1126  = last2_2;
+    \$1126  = last3_2;
     if (rst) begin
       \$1126  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1127  = last2_2;
+    \$1127  = last3_2;
     if (rst) begin
       \$1127  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1128  = last2_2;
+    \$1128  = last3_2;
     if (rst) begin
       \$1128  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1129  = last2_2;
+    \$1129  = last3_2;
     if (rst) begin
       \$1129  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1130  = last2_2;
+    \$1130  = last3_2;
     if (rst) begin
       \$1130  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1131  = last2_2;
+    \$1131  = last3_2;
     if (rst) begin
       \$1131  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1132  = last2_3;
+    \$1132  = last3_2;
     if (rst) begin
       \$1132  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1133  = last2_3;
+    \$1133  = last3_2;
     if (rst) begin
       \$1133  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1134  = last2_3;
+    \$1134  = last3_3;
     if (rst) begin
       \$1134  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1135  = last2_3;
+    \$1135  = last3_3;
     if (rst) begin
       \$1135  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1136  = last2_3;
+    \$1136  = last3_3;
     if (rst) begin
       \$1136  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1137  = last2_3;
+    \$1137  = last3_3;
     if (rst) begin
       \$1137  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1138  = last2_3;
+    \$1138  = last3_3;
     if (rst) begin
       \$1138  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1139  = last2_3;
+    \$1139  = last3_3;
     if (rst) begin
       \$1139  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1140  = last2_3;
+    \$1140  = last3_3;
     if (rst) begin
       \$1140  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1141  = last2_3;
+    \$1141  = last3_3;
     if (rst) begin
       \$1141  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1142  = last2_3;
+    \$1142  = last3_3;
     if (rst) begin
       \$1142  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1143  = last2_3;
+    \$1143  = last3_3;
     if (rst) begin
       \$1143  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1144  = last2_3;
+    \$1144  = last3_3;
     if (rst) begin
       \$1144  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1145  = last2_3;
+    \$1145  = last3_3;
     if (rst) begin
       \$1145  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1146  = last2_3;
+    \$1146  = last3_3;
     if (rst) begin
       \$1146  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1147  = last2_3;
+    \$1147  = last3_3;
     if (rst) begin
       \$1147  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1148  = last2_4;
+    \$1148  = last3_3;
     if (rst) begin
       \$1148  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1149  = last2_4;
+    \$1149  = last3_3;
     if (rst) begin
       \$1149  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1150  = last2_4;
+    \$1150  = last3_4;
     if (rst) begin
       \$1150  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1151  = last2_4;
+    \$1151  = last3_4;
     if (rst) begin
       \$1151  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1152  = last2_4;
+    \$1152  = last3_4;
     if (rst) begin
       \$1152  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1153  = last2_4;
+    \$1153  = last3_4;
     if (rst) begin
       \$1153  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1154  = last2_4;
+    \$1154  = last3_4;
     if (rst) begin
       \$1154  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1155  = last2_4;
+    \$1155  = last3_4;
     if (rst) begin
       \$1155  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1156  = last2_4;
+    \$1156  = last3_4;
     if (rst) begin
       \$1156  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1157  = last2_4;
+    \$1157  = last3_4;
     if (rst) begin
       \$1157  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1158  = last2_4;
+    \$1158  = last3_4;
     if (rst) begin
       \$1158  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1159  = last2_4;
+    \$1159  = last3_4;
     if (rst) begin
       \$1159  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1160  = last2_4;
+    \$1160  = last3_4;
     if (rst) begin
       \$1160  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1161  = last2_4;
+    \$1161  = last3_4;
     if (rst) begin
       \$1161  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1162  = last2_4;
+    \$1162  = last3_4;
     if (rst) begin
       \$1162  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1163  = last2_4;
+    \$1163  = last3_4;
     if (rst) begin
       \$1163  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1164  = last2_5;
+    \$1164  = last3_4;
     if (rst) begin
       \$1164  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1165  = last2_5;
+    \$1165  = last3_4;
     if (rst) begin
       \$1165  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1166  = last2_5;
+    \$1166  = last3_5;
     if (rst) begin
       \$1166  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1167  = last2_5;
+    \$1167  = last3_5;
     if (rst) begin
       \$1167  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1168  = last2_5;
+    \$1168  = last3_5;
     if (rst) begin
       \$1168  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1169  = last2_5;
+    \$1169  = last3_5;
     if (rst) begin
       \$1169  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1170  = last2_5;
+    \$1170  = last3_5;
     if (rst) begin
       \$1170  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1171  = last2_5;
+    \$1171  = last3_5;
     if (rst) begin
       \$1171  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1172  = last2_5;
+    \$1172  = last3_5;
     if (rst) begin
       \$1172  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1173  = last2_5;
+    \$1173  = last3_5;
     if (rst) begin
       \$1173  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1174  = last2_5;
+    \$1174  = last3_5;
     if (rst) begin
       \$1174  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1175  = last2_5;
+    \$1175  = last3_5;
     if (rst) begin
       \$1175  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1176  = last2_5;
+    \$1176  = last3_5;
     if (rst) begin
       \$1176  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1177  = last2_5;
+    \$1177  = last3_5;
     if (rst) begin
       \$1177  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1178  = last2_5;
+    \$1178  = last3_5;
     if (rst) begin
       \$1178  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1179  = last2_5;
+    \$1179  = last3_5;
     if (rst) begin
       \$1179  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1180  = last2_6;
+    \$1180  = last3_5;
     if (rst) begin
       \$1180  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1181  = last2_6;
+    \$1181  = last3_5;
     if (rst) begin
       \$1181  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1182  = last2_6;
+    \$1182  = last3_6;
     if (rst) begin
       \$1182  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1183  = last2_6;
+    \$1183  = last3_6;
     if (rst) begin
       \$1183  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1184  = last2_6;
+    \$1184  = last3_6;
     if (rst) begin
       \$1184  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1185  = last2_6;
+    \$1185  = last3_6;
     if (rst) begin
       \$1185  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1186  = last2_6;
+    \$1186  = last3_6;
     if (rst) begin
       \$1186  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1187  = last2_6;
+    \$1187  = last3_6;
     if (rst) begin
       \$1187  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1188  = last2_6;
+    \$1188  = last3_6;
     if (rst) begin
       \$1188  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1189  = last2_6;
+    \$1189  = last3_6;
     if (rst) begin
       \$1189  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1190  = last2_6;
+    \$1190  = last3_6;
     if (rst) begin
       \$1190  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1191  = last2_6;
+    \$1191  = last3_6;
     if (rst) begin
       \$1191  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1192  = last2_6;
+    \$1192  = last3_6;
     if (rst) begin
       \$1192  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1193  = last2_6;
+    \$1193  = last3_6;
     if (rst) begin
       \$1193  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1194  = last2_6;
+    \$1194  = last3_6;
     if (rst) begin
       \$1194  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1195  = last2_6;
+    \$1195  = last3_6;
     if (rst) begin
       \$1195  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1196  = last2_7;
+    \$1196  = last3_6;
     if (rst) begin
       \$1196  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1197  = last2_7;
+    \$1197  = last3_6;
     if (rst) begin
       \$1197  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1198  = last2_7;
+    \$1198  = last3_7;
     if (rst) begin
       \$1198  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1199  = last2_7;
+    \$1199  = last3_7;
     if (rst) begin
       \$1199  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1200  = last2_7;
+    \$1200  = last3_7;
     if (rst) begin
       \$1200  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1201  = last2_7;
+    \$1201  = last3_7;
     if (rst) begin
       \$1201  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1202  = last2_7;
+    \$1202  = last3_7;
     if (rst) begin
       \$1202  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1203  = last2_7;
+    \$1203  = last3_7;
     if (rst) begin
       \$1203  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1204  = last2_7;
+    \$1204  = last3_7;
     if (rst) begin
       \$1204  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1205  = last2_7;
+    \$1205  = last3_7;
     if (rst) begin
       \$1205  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1206  = last2_7;
+    \$1206  = last3_7;
     if (rst) begin
       \$1206  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1207  = last2_7;
+    \$1207  = last3_7;
     if (rst) begin
       \$1207  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1208  = last2_7;
+    \$1208  = last3_7;
     if (rst) begin
       \$1208  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1209  = last2_7;
+    \$1209  = last3_7;
     if (rst) begin
       \$1209  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1210  = last2_7;
+    \$1210  = last3_7;
     if (rst) begin
       \$1210  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1211  = last2_7;
+    \$1211  = last3_7;
     if (rst) begin
       \$1211  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1212  = last2_8;
+    \$1212  = last3_7;
     if (rst) begin
       \$1212  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1213  = last2_8;
+    \$1213  = last3_7;
     if (rst) begin
       \$1213  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1214  = last2_8;
+    \$1214  = last3_8;
     if (rst) begin
       \$1214  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1215  = last2_8;
+    \$1215  = last3_8;
     if (rst) begin
       \$1215  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1216  = last2_8;
+    \$1216  = last3_8;
     if (rst) begin
       \$1216  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1217  = last2_8;
+    \$1217  = last3_8;
     if (rst) begin
       \$1217  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1218  = last2_8;
+    \$1218  = last3_8;
     if (rst) begin
       \$1218  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1219  = last2_8;
+    \$1219  = last3_8;
     if (rst) begin
       \$1219  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1220  = last2_8;
+    \$1220  = last3_8;
     if (rst) begin
       \$1220  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1221  = last2_8;
+    \$1221  = last3_8;
     if (rst) begin
       \$1221  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1222  = last2_8;
+    \$1222  = last3_8;
     if (rst) begin
       \$1222  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1223  = last2_8;
+    \$1223  = last3_8;
     if (rst) begin
       \$1223  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1224  = last2_8;
+    \$1224  = last3_8;
     if (rst) begin
       \$1224  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1225  = last2_8;
+    \$1225  = last3_8;
     if (rst) begin
       \$1225  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1226  = last2_8;
+    \$1226  = last3_8;
     if (rst) begin
       \$1226  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1227  = last2_8;
+    \$1227  = last3_8;
     if (rst) begin
       \$1227  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1228  = last2_9;
+    \$1228  = last3_8;
     if (rst) begin
       \$1228  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1229  = last2_9;
+    \$1229  = last3_8;
     if (rst) begin
       \$1229  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1230  = last2_9;
+    \$1230  = last3_9;
     if (rst) begin
       \$1230  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1231  = last2_9;
+    \$1231  = last3_9;
     if (rst) begin
       \$1231  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1232  = last2_9;
+    \$1232  = last3_9;
     if (rst) begin
       \$1232  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1233  = last2_9;
+    \$1233  = last3_9;
     if (rst) begin
       \$1233  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1234  = last2_9;
+    \$1234  = last3_9;
     if (rst) begin
       \$1234  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1235  = last2_9;
+    \$1235  = last3_9;
     if (rst) begin
       \$1235  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1236  = last2_9;
+    \$1236  = last3_9;
     if (rst) begin
       \$1236  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1237  = last2_9;
+    \$1237  = last3_9;
     if (rst) begin
       \$1237  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1238  = last2_9;
+    \$1238  = last3_9;
     if (rst) begin
       \$1238  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1239  = last2_9;
+    \$1239  = last3_9;
     if (rst) begin
       \$1239  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1240  = last2_9;
+    \$1240  = last3_9;
     if (rst) begin
       \$1240  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1241  = last2_9;
+    \$1241  = last3_9;
     if (rst) begin
       \$1241  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1242  = last2_9;
+    \$1242  = last3_9;
     if (rst) begin
       \$1242  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1243  = last2_9;
+    \$1243  = last3_9;
     if (rst) begin
       \$1243  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1244  = last2_10;
+    \$1244  = last3_9;
     if (rst) begin
       \$1244  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1245  = last2_10;
+    \$1245  = last3_9;
     if (rst) begin
       \$1245  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1246  = last2_10;
+    \$1246  = last3_10;
     if (rst) begin
       \$1246  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1247  = last2_10;
+    \$1247  = last3_10;
     if (rst) begin
       \$1247  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1248  = last2_10;
+    \$1248  = last3_10;
     if (rst) begin
       \$1248  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1249  = last2_10;
+    \$1249  = last3_10;
     if (rst) begin
       \$1249  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1250  = last2_10;
+    \$1250  = last3_10;
     if (rst) begin
       \$1250  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1251  = last2_10;
+    \$1251  = last3_10;
     if (rst) begin
       \$1251  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1252  = last2_10;
+    \$1252  = last3_10;
     if (rst) begin
       \$1252  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1253  = last2_10;
+    \$1253  = last3_10;
     if (rst) begin
       \$1253  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1254  = last2_10;
+    \$1254  = last3_10;
     if (rst) begin
       \$1254  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1255  = last2_10;
+    \$1255  = last3_10;
     if (rst) begin
       \$1255  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1256  = last2_10;
+    \$1256  = last3_10;
     if (rst) begin
       \$1256  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1257  = last2_10;
+    \$1257  = last3_10;
     if (rst) begin
       \$1257  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1258  = last2_10;
+    \$1258  = last3_10;
     if (rst) begin
       \$1258  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1259  = last2_10;
+    \$1259  = last3_10;
     if (rst) begin
       \$1259  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1260  = last2_11;
+    \$1260  = last3_10;
     if (rst) begin
       \$1260  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1261  = last2_11;
+    \$1261  = last3_10;
     if (rst) begin
       \$1261  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1262  = last2_11;
+    \$1262  = last3_11;
     if (rst) begin
       \$1262  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1263  = last2_11;
+    \$1263  = last3_11;
     if (rst) begin
       \$1263  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1264  = last2_11;
+    \$1264  = last3_11;
     if (rst) begin
       \$1264  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1265  = last2_11;
+    \$1265  = last3_11;
     if (rst) begin
       \$1265  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1266  = last2_11;
+    \$1266  = last3_11;
     if (rst) begin
       \$1266  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1267  = last2_11;
+    \$1267  = last3_11;
     if (rst) begin
       \$1267  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1268  = last2_11;
+    \$1268  = last3_11;
     if (rst) begin
       \$1268  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1269  = last2_11;
+    \$1269  = last3_11;
     if (rst) begin
       \$1269  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1270  = last2_11;
+    \$1270  = last3_11;
     if (rst) begin
       \$1270  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1271  = last2_11;
+    \$1271  = last3_11;
     if (rst) begin
       \$1271  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1272  = last2_11;
+    \$1272  = last3_11;
     if (rst) begin
       \$1272  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1273  = last2_11;
+    \$1273  = last3_11;
     if (rst) begin
       \$1273  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1274  = last2_11;
+    \$1274  = last3_11;
     if (rst) begin
       \$1274  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1275  = last2_11;
+    \$1275  = last3_11;
     if (rst) begin
       \$1275  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1276  = last2_12;
+    \$1276  = last3_11;
     if (rst) begin
       \$1276  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1277  = last2_12;
+    \$1277  = last3_11;
     if (rst) begin
       \$1277  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1278  = last2_12;
+    \$1278  = last3_12;
     if (rst) begin
       \$1278  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1279  = last2_12;
+    \$1279  = last3_12;
     if (rst) begin
       \$1279  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1280  = last2_12;
+    \$1280  = last3_12;
     if (rst) begin
       \$1280  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1281  = last2_12;
+    \$1281  = last3_12;
     if (rst) begin
       \$1281  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1282  = last2_12;
+    \$1282  = last3_12;
     if (rst) begin
       \$1282  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1283  = last2_12;
+    \$1283  = last3_12;
     if (rst) begin
       \$1283  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1284  = last2_12;
+    \$1284  = last3_12;
     if (rst) begin
       \$1284  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1285  = last2_12;
+    \$1285  = last3_12;
     if (rst) begin
       \$1285  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1286  = last2_12;
+    \$1286  = last3_12;
     if (rst) begin
       \$1286  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1287  = last2_12;
+    \$1287  = last3_12;
     if (rst) begin
       \$1287  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1288  = last2_12;
+    \$1288  = last3_12;
     if (rst) begin
       \$1288  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1289  = last2_12;
+    \$1289  = last3_12;
     if (rst) begin
       \$1289  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1290  = last2_12;
+    \$1290  = last3_12;
     if (rst) begin
       \$1290  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1291  = last2_12;
+    \$1291  = last3_12;
     if (rst) begin
       \$1291  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1292  = last2_13;
+    \$1292  = last3_12;
     if (rst) begin
       \$1292  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1293  = last2_13;
+    \$1293  = last3_12;
     if (rst) begin
       \$1293  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1294  = last2_13;
+    \$1294  = last3_13;
     if (rst) begin
       \$1294  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1295  = last2_13;
+    \$1295  = last3_13;
     if (rst) begin
       \$1295  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1296  = last2_13;
+    \$1296  = last3_13;
     if (rst) begin
       \$1296  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1297  = last2_13;
+    \$1297  = last3_13;
     if (rst) begin
       \$1297  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1298  = last2_13;
+    \$1298  = last3_13;
     if (rst) begin
       \$1298  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1299  = last2_13;
+    \$1299  = last3_13;
     if (rst) begin
       \$1299  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1300  = last2_13;
+    \$1300  = last3_13;
     if (rst) begin
       \$1300  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1301  = last2_13;
+    \$1301  = last3_13;
     if (rst) begin
       \$1301  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1302  = last2_13;
+    \$1302  = last3_13;
     if (rst) begin
       \$1302  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1303  = last2_13;
+    \$1303  = last3_13;
     if (rst) begin
       \$1303  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1304  = last2_13;
+    \$1304  = last3_13;
     if (rst) begin
       \$1304  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1305  = last2_13;
+    \$1305  = last3_13;
     if (rst) begin
       \$1305  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1306  = last2_13;
+    \$1306  = last3_13;
     if (rst) begin
       \$1306  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1307  = last2_13;
+    \$1307  = last3_13;
     if (rst) begin
       \$1307  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1308  = last2_14;
+    \$1308  = last3_13;
     if (rst) begin
       \$1308  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1309  = last2_14;
+    \$1309  = last3_13;
     if (rst) begin
       \$1309  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1310  = last2_14;
+    \$1310  = last3_14;
     if (rst) begin
       \$1310  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1311  = last2_14;
+    \$1311  = last3_14;
     if (rst) begin
       \$1311  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1312  = last2_14;
+    \$1312  = last3_14;
     if (rst) begin
       \$1312  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1313  = last2_14;
+    \$1313  = last3_14;
     if (rst) begin
       \$1313  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1314  = last2_14;
+    \$1314  = last3_14;
     if (rst) begin
       \$1314  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1315  = last2_14;
+    \$1315  = last3_14;
     if (rst) begin
       \$1315  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1316  = last2_14;
+    \$1316  = last3_14;
     if (rst) begin
       \$1316  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1317  = last2_14;
+    \$1317  = last3_14;
     if (rst) begin
       \$1317  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1318  = last2_14;
+    \$1318  = last3_14;
     if (rst) begin
       \$1318  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1319  = last2_14;
+    \$1319  = last3_14;
     if (rst) begin
       \$1319  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1320  = last2_14;
+    \$1320  = last3_14;
     if (rst) begin
       \$1320  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1321  = last2_14;
+    \$1321  = last3_14;
     if (rst) begin
       \$1321  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1322  = last2_14;
+    \$1322  = last3_14;
     if (rst) begin
       \$1322  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1323  = last2_14;
+    \$1323  = last3_14;
     if (rst) begin
       \$1323  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1324  = last2_15;
+    \$1324  = last3_14;
     if (rst) begin
       \$1324  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1325  = last2_15;
+    \$1325  = last3_14;
     if (rst) begin
       \$1325  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1326  = last2_15;
+    \$1326  = last3_15;
     if (rst) begin
       \$1326  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1327  = last2_15;
+    \$1327  = last3_15;
     if (rst) begin
       \$1327  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1328  = last2_15;
+    \$1328  = last3_15;
     if (rst) begin
       \$1328  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1329  = last2_15;
+    \$1329  = last3_15;
     if (rst) begin
       \$1329  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1330  = last2_15;
+    \$1330  = last3_15;
     if (rst) begin
       \$1330  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1331  = last2_15;
+    \$1331  = last3_15;
     if (rst) begin
       \$1331  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1332  = last2_15;
+    \$1332  = last3_15;
     if (rst) begin
       \$1332  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1333  = last2_15;
+    \$1333  = last3_15;
     if (rst) begin
       \$1333  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1334  = last2_15;
+    \$1334  = last3_15;
     if (rst) begin
       \$1334  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1335  = last2_15;
+    \$1335  = last3_15;
     if (rst) begin
       \$1335  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1336  = last2_15;
+    \$1336  = last3_15;
     if (rst) begin
       \$1336  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1337  = last2_15;
+    \$1337  = last3_15;
     if (rst) begin
       \$1337  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1338  = last2_15;
+    \$1338  = last3_15;
     if (rst) begin
       \$1338  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1339  = last2_15;
+    \$1339  = last3_15;
     if (rst) begin
       \$1339  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1340  = last2_0;
+    \$1340  = last3_15;
     if (rst) begin
       \$1340  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1341  = bank_busy;
-    if (commit) begin
-      \$1341  = 1'h1;
-    end else if (bank_busy) begin
-      if (\$278 ) begin
-        \$1341  = 1'h0;
-      end
-    end
+    \$1341  = last3_15;
     if (rst) begin
       \$1341  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1342  = row;
-    if (commit) begin
-      \$1342  = 4'h0;
-    end else if (bank_busy) begin
-      \$1342  = \$277 [3:0];
-      if (\$278 ) begin
-        \$1342  = 4'h0;
-      end
-    end
+    \$1342  = last3_0;
     if (rst) begin
-      \$1342  = 4'h0;
+      \$1342  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1343  = overrun;
+    \$1343  = bank_busy;
     if (commit) begin
-      if (\$276 ) begin
-        \$1343  = 1'h1;
+      \$1343  = 1'h1;
+    end else if (bank_busy) begin
+      if (\$278 ) begin
+        \$1343  = 1'h0;
       end
     end
     if (rst) begin
       \$1343  = 1'h0;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
+    \$1344  = row;
+    if (commit) begin
+      \$1344  = 4'h0;
+    end else if (bank_busy) begin
+      \$1344  = \$277 [3:0];
+      if (\$278 ) begin
+        \$1344  = 4'h0;
+      end
+    end
+    if (rst) begin
+      \$1344  = 4'h0;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
+    \$1345  = overrun;
+    if (commit) begin
+      if (\$276 ) begin
+        \$1345  = 1'h1;
+      end
+    end
+    if (rst) begin
+      \$1345  = 1'h0;
     end
   end
   assign nxt_0_0 = \$280 [23:0];
@@ -32125,518 +33517,518 @@ module \encoder_layer_0_attention_output_dense.pe (rst, i__payload, i__valid, ba
   assign nxt_15_13 = \$786 [23:0];
   assign nxt_15_14 = \$788 [23:0];
   assign nxt_15_15 = \$790 [23:0];
-  assign a = a0_0;
-  assign b = b0_0;
-  assign \a$1358  = a0_0;
-  assign \b$1359  = b0_1;
-  assign \a$1360  = a0_0;
-  assign \b$1361  = b0_2;
-  assign \a$1362  = a0_0;
-  assign \b$1363  = b0_3;
-  assign \a$1364  = a0_0;
-  assign \b$1365  = b0_4;
-  assign \a$1366  = a0_0;
-  assign \b$1367  = b0_5;
-  assign \a$1368  = a0_0;
-  assign \b$1369  = b0_6;
-  assign \a$1370  = a0_0;
-  assign \b$1371  = b0_7;
-  assign \a$1372  = a0_0;
-  assign \b$1373  = b0_8;
-  assign \a$1374  = a0_0;
-  assign \b$1375  = b0_9;
-  assign \a$1376  = a0_0;
-  assign \b$1377  = b0_10;
-  assign \a$1378  = a0_0;
-  assign \b$1379  = b0_11;
-  assign \a$1380  = a0_0;
-  assign \b$1381  = b0_12;
-  assign \a$1382  = a0_0;
-  assign \b$1383  = b0_13;
-  assign \a$1384  = a0_0;
-  assign \b$1385  = b0_14;
-  assign \a$1386  = a0_0;
-  assign \b$1387  = b0_15;
-  assign \a$1388  = a0_1;
-  assign \b$1389  = b0_0;
-  assign \a$1390  = a0_1;
-  assign \b$1391  = b0_1;
-  assign \a$1392  = a0_1;
-  assign \b$1393  = b0_2;
-  assign \a$1394  = a0_1;
-  assign \b$1395  = b0_3;
-  assign \a$1396  = a0_1;
-  assign \b$1397  = b0_4;
-  assign \a$1398  = a0_1;
-  assign \b$1399  = b0_5;
-  assign \a$1400  = a0_1;
-  assign \b$1401  = b0_6;
-  assign \a$1402  = a0_1;
-  assign \b$1403  = b0_7;
-  assign \a$1404  = a0_1;
-  assign \b$1405  = b0_8;
-  assign \a$1406  = a0_1;
-  assign \b$1407  = b0_9;
-  assign \a$1408  = a0_1;
-  assign \b$1409  = b0_10;
-  assign \a$1410  = a0_1;
-  assign \b$1411  = b0_11;
-  assign \a$1412  = a0_1;
-  assign \b$1413  = b0_12;
-  assign \a$1414  = a0_1;
-  assign \b$1415  = b0_13;
-  assign \a$1416  = a0_1;
-  assign \b$1417  = b0_14;
-  assign \a$1418  = a0_1;
-  assign \b$1419  = b0_15;
-  assign \a$1420  = a0_2;
-  assign \b$1421  = b0_0;
-  assign \a$1422  = a0_2;
-  assign \b$1423  = b0_1;
-  assign \a$1424  = a0_2;
-  assign \b$1425  = b0_2;
-  assign \a$1426  = a0_2;
-  assign \b$1427  = b0_3;
-  assign \a$1428  = a0_2;
-  assign \b$1429  = b0_4;
-  assign \a$1430  = a0_2;
-  assign \b$1431  = b0_5;
-  assign \a$1432  = a0_2;
-  assign \b$1433  = b0_6;
-  assign \a$1434  = a0_2;
-  assign \b$1435  = b0_7;
-  assign \a$1436  = a0_2;
-  assign \b$1437  = b0_8;
-  assign \a$1438  = a0_2;
-  assign \b$1439  = b0_9;
-  assign \a$1440  = a0_2;
-  assign \b$1441  = b0_10;
-  assign \a$1442  = a0_2;
-  assign \b$1443  = b0_11;
-  assign \a$1444  = a0_2;
-  assign \b$1445  = b0_12;
-  assign \a$1446  = a0_2;
-  assign \b$1447  = b0_13;
-  assign \a$1448  = a0_2;
-  assign \b$1449  = b0_14;
-  assign \a$1450  = a0_2;
-  assign \b$1451  = b0_15;
-  assign \a$1452  = a0_3;
-  assign \b$1453  = b0_0;
-  assign \a$1454  = a0_3;
-  assign \b$1455  = b0_1;
-  assign \a$1456  = a0_3;
-  assign \b$1457  = b0_2;
-  assign \a$1458  = a0_3;
-  assign \b$1459  = b0_3;
-  assign \a$1460  = a0_3;
-  assign \b$1461  = b0_4;
-  assign \a$1462  = a0_3;
-  assign \b$1463  = b0_5;
-  assign \a$1464  = a0_3;
-  assign \b$1465  = b0_6;
-  assign \a$1466  = a0_3;
-  assign \b$1467  = b0_7;
-  assign \a$1468  = a0_3;
-  assign \b$1469  = b0_8;
-  assign \a$1470  = a0_3;
-  assign \b$1471  = b0_9;
-  assign \a$1472  = a0_3;
-  assign \b$1473  = b0_10;
-  assign \a$1474  = a0_3;
-  assign \b$1475  = b0_11;
-  assign \a$1476  = a0_3;
-  assign \b$1477  = b0_12;
-  assign \a$1478  = a0_3;
-  assign \b$1479  = b0_13;
-  assign \a$1480  = a0_3;
-  assign \b$1481  = b0_14;
-  assign \a$1482  = a0_3;
-  assign \b$1483  = b0_15;
-  assign \a$1484  = a0_4;
-  assign \b$1485  = b0_0;
-  assign \a$1486  = a0_4;
-  assign \b$1487  = b0_1;
-  assign \a$1488  = a0_4;
-  assign \b$1489  = b0_2;
-  assign \a$1490  = a0_4;
-  assign \b$1491  = b0_3;
-  assign \a$1492  = a0_4;
-  assign \b$1493  = b0_4;
-  assign \a$1494  = a0_4;
-  assign \b$1495  = b0_5;
-  assign \a$1496  = a0_4;
-  assign \b$1497  = b0_6;
-  assign \a$1498  = a0_4;
-  assign \b$1499  = b0_7;
-  assign \a$1500  = a0_4;
-  assign \b$1501  = b0_8;
-  assign \a$1502  = a0_4;
-  assign \b$1503  = b0_9;
-  assign \a$1504  = a0_4;
-  assign \b$1505  = b0_10;
-  assign \a$1506  = a0_4;
-  assign \b$1507  = b0_11;
-  assign \a$1508  = a0_4;
-  assign \b$1509  = b0_12;
-  assign \a$1510  = a0_4;
-  assign \b$1511  = b0_13;
-  assign \a$1512  = a0_4;
-  assign \b$1513  = b0_14;
-  assign \a$1514  = a0_4;
-  assign \b$1515  = b0_15;
-  assign \a$1516  = a0_5;
-  assign \b$1517  = b0_0;
-  assign \a$1518  = a0_5;
-  assign \b$1519  = b0_1;
-  assign \a$1520  = a0_5;
-  assign \b$1521  = b0_2;
-  assign \a$1522  = a0_5;
-  assign \b$1523  = b0_3;
-  assign \a$1524  = a0_5;
-  assign \b$1525  = b0_4;
-  assign \a$1526  = a0_5;
-  assign \b$1527  = b0_5;
-  assign \a$1528  = a0_5;
-  assign \b$1529  = b0_6;
-  assign \a$1530  = a0_5;
-  assign \b$1531  = b0_7;
-  assign \a$1532  = a0_5;
-  assign \b$1533  = b0_8;
-  assign \a$1534  = a0_5;
-  assign \b$1535  = b0_9;
-  assign \a$1536  = a0_5;
-  assign \b$1537  = b0_10;
-  assign \a$1538  = a0_5;
-  assign \b$1539  = b0_11;
-  assign \a$1540  = a0_5;
-  assign \b$1541  = b0_12;
-  assign \a$1542  = a0_5;
-  assign \b$1543  = b0_13;
-  assign \a$1544  = a0_5;
-  assign \b$1545  = b0_14;
-  assign \a$1546  = a0_5;
-  assign \b$1547  = b0_15;
-  assign \a$1548  = a0_6;
-  assign \b$1549  = b0_0;
-  assign \a$1550  = a0_6;
-  assign \b$1551  = b0_1;
-  assign \a$1552  = a0_6;
-  assign \b$1553  = b0_2;
-  assign \a$1554  = a0_6;
-  assign \b$1555  = b0_3;
-  assign \a$1556  = a0_6;
-  assign \b$1557  = b0_4;
-  assign \a$1558  = a0_6;
-  assign \b$1559  = b0_5;
-  assign \a$1560  = a0_6;
-  assign \b$1561  = b0_6;
-  assign \a$1562  = a0_6;
-  assign \b$1563  = b0_7;
-  assign \a$1564  = a0_6;
-  assign \b$1565  = b0_8;
-  assign \a$1566  = a0_6;
-  assign \b$1567  = b0_9;
-  assign \a$1568  = a0_6;
-  assign \b$1569  = b0_10;
-  assign \a$1570  = a0_6;
-  assign \b$1571  = b0_11;
-  assign \a$1572  = a0_6;
-  assign \b$1573  = b0_12;
-  assign \a$1574  = a0_6;
-  assign \b$1575  = b0_13;
-  assign \a$1576  = a0_6;
-  assign \b$1577  = b0_14;
-  assign \a$1578  = a0_6;
-  assign \b$1579  = b0_15;
-  assign \a$1580  = a0_7;
-  assign \b$1581  = b0_0;
-  assign \a$1582  = a0_7;
-  assign \b$1583  = b0_1;
-  assign \a$1584  = a0_7;
-  assign \b$1585  = b0_2;
-  assign \a$1586  = a0_7;
-  assign \b$1587  = b0_3;
-  assign \a$1588  = a0_7;
-  assign \b$1589  = b0_4;
-  assign \a$1590  = a0_7;
-  assign \b$1591  = b0_5;
-  assign \a$1592  = a0_7;
-  assign \b$1593  = b0_6;
-  assign \a$1594  = a0_7;
-  assign \b$1595  = b0_7;
-  assign \a$1596  = a0_7;
-  assign \b$1597  = b0_8;
-  assign \a$1598  = a0_7;
-  assign \b$1599  = b0_9;
-  assign \a$1600  = a0_7;
-  assign \b$1601  = b0_10;
-  assign \a$1602  = a0_7;
-  assign \b$1603  = b0_11;
-  assign \a$1604  = a0_7;
-  assign \b$1605  = b0_12;
-  assign \a$1606  = a0_7;
-  assign \b$1607  = b0_13;
-  assign \a$1608  = a0_7;
-  assign \b$1609  = b0_14;
-  assign \a$1610  = a0_7;
-  assign \b$1611  = b0_15;
-  assign \a$1612  = a0_8;
-  assign \b$1613  = b0_0;
-  assign \a$1614  = a0_8;
-  assign \b$1615  = b0_1;
-  assign \a$1616  = a0_8;
-  assign \b$1617  = b0_2;
-  assign \a$1618  = a0_8;
-  assign \b$1619  = b0_3;
-  assign \a$1620  = a0_8;
-  assign \b$1621  = b0_4;
-  assign \a$1622  = a0_8;
-  assign \b$1623  = b0_5;
-  assign \a$1624  = a0_8;
-  assign \b$1625  = b0_6;
-  assign \a$1626  = a0_8;
-  assign \b$1627  = b0_7;
-  assign \a$1628  = a0_8;
-  assign \b$1629  = b0_8;
-  assign \a$1630  = a0_8;
-  assign \b$1631  = b0_9;
-  assign \a$1632  = a0_8;
-  assign \b$1633  = b0_10;
-  assign \a$1634  = a0_8;
-  assign \b$1635  = b0_11;
-  assign \a$1636  = a0_8;
-  assign \b$1637  = b0_12;
-  assign \a$1638  = a0_8;
-  assign \b$1639  = b0_13;
-  assign \a$1640  = a0_8;
-  assign \b$1641  = b0_14;
-  assign \a$1642  = a0_8;
-  assign \b$1643  = b0_15;
-  assign \a$1644  = a0_9;
-  assign \b$1645  = b0_0;
-  assign \a$1646  = a0_9;
-  assign \b$1647  = b0_1;
-  assign \a$1648  = a0_9;
-  assign \b$1649  = b0_2;
-  assign \a$1650  = a0_9;
-  assign \b$1651  = b0_3;
-  assign \a$1652  = a0_9;
-  assign \b$1653  = b0_4;
-  assign \a$1654  = a0_9;
-  assign \b$1655  = b0_5;
-  assign \a$1656  = a0_9;
-  assign \b$1657  = b0_6;
-  assign \a$1658  = a0_9;
-  assign \b$1659  = b0_7;
-  assign \a$1660  = a0_9;
-  assign \b$1661  = b0_8;
-  assign \a$1662  = a0_9;
-  assign \b$1663  = b0_9;
-  assign \a$1664  = a0_9;
-  assign \b$1665  = b0_10;
-  assign \a$1666  = a0_9;
-  assign \b$1667  = b0_11;
-  assign \a$1668  = a0_9;
-  assign \b$1669  = b0_12;
-  assign \a$1670  = a0_9;
-  assign \b$1671  = b0_13;
-  assign \a$1672  = a0_9;
-  assign \b$1673  = b0_14;
-  assign \a$1674  = a0_9;
-  assign \b$1675  = b0_15;
-  assign \a$1676  = a0_10;
-  assign \b$1677  = b0_0;
-  assign \a$1678  = a0_10;
-  assign \b$1679  = b0_1;
-  assign \a$1680  = a0_10;
-  assign \b$1681  = b0_2;
-  assign \a$1682  = a0_10;
-  assign \b$1683  = b0_3;
-  assign \a$1684  = a0_10;
-  assign \b$1685  = b0_4;
-  assign \a$1686  = a0_10;
-  assign \b$1687  = b0_5;
-  assign \a$1688  = a0_10;
-  assign \b$1689  = b0_6;
-  assign \a$1690  = a0_10;
-  assign \b$1691  = b0_7;
-  assign \a$1692  = a0_10;
-  assign \b$1693  = b0_8;
-  assign \a$1694  = a0_10;
-  assign \b$1695  = b0_9;
-  assign \a$1696  = a0_10;
-  assign \b$1697  = b0_10;
-  assign \a$1698  = a0_10;
-  assign \b$1699  = b0_11;
-  assign \a$1700  = a0_10;
-  assign \b$1701  = b0_12;
-  assign \a$1702  = a0_10;
-  assign \b$1703  = b0_13;
-  assign \a$1704  = a0_10;
-  assign \b$1705  = b0_14;
-  assign \a$1706  = a0_10;
-  assign \b$1707  = b0_15;
-  assign \a$1708  = a0_11;
-  assign \b$1709  = b0_0;
-  assign \a$1710  = a0_11;
-  assign \b$1711  = b0_1;
-  assign \a$1712  = a0_11;
-  assign \b$1713  = b0_2;
-  assign \a$1714  = a0_11;
-  assign \b$1715  = b0_3;
-  assign \a$1716  = a0_11;
-  assign \b$1717  = b0_4;
-  assign \a$1718  = a0_11;
-  assign \b$1719  = b0_5;
-  assign \a$1720  = a0_11;
-  assign \b$1721  = b0_6;
-  assign \a$1722  = a0_11;
-  assign \b$1723  = b0_7;
-  assign \a$1724  = a0_11;
-  assign \b$1725  = b0_8;
-  assign \a$1726  = a0_11;
-  assign \b$1727  = b0_9;
-  assign \a$1728  = a0_11;
-  assign \b$1729  = b0_10;
-  assign \a$1730  = a0_11;
-  assign \b$1731  = b0_11;
-  assign \a$1732  = a0_11;
-  assign \b$1733  = b0_12;
-  assign \a$1734  = a0_11;
-  assign \b$1735  = b0_13;
-  assign \a$1736  = a0_11;
-  assign \b$1737  = b0_14;
-  assign \a$1738  = a0_11;
-  assign \b$1739  = b0_15;
-  assign \a$1740  = a0_12;
-  assign \b$1741  = b0_0;
-  assign \a$1742  = a0_12;
-  assign \b$1743  = b0_1;
-  assign \a$1744  = a0_12;
-  assign \b$1745  = b0_2;
-  assign \a$1746  = a0_12;
-  assign \b$1747  = b0_3;
-  assign \a$1748  = a0_12;
-  assign \b$1749  = b0_4;
-  assign \a$1750  = a0_12;
-  assign \b$1751  = b0_5;
-  assign \a$1752  = a0_12;
-  assign \b$1753  = b0_6;
-  assign \a$1754  = a0_12;
-  assign \b$1755  = b0_7;
-  assign \a$1756  = a0_12;
-  assign \b$1757  = b0_8;
-  assign \a$1758  = a0_12;
-  assign \b$1759  = b0_9;
-  assign \a$1760  = a0_12;
-  assign \b$1761  = b0_10;
-  assign \a$1762  = a0_12;
-  assign \b$1763  = b0_11;
-  assign \a$1764  = a0_12;
-  assign \b$1765  = b0_12;
-  assign \a$1766  = a0_12;
-  assign \b$1767  = b0_13;
-  assign \a$1768  = a0_12;
-  assign \b$1769  = b0_14;
-  assign \a$1770  = a0_12;
-  assign \b$1771  = b0_15;
-  assign \a$1772  = a0_13;
-  assign \b$1773  = b0_0;
-  assign \a$1774  = a0_13;
-  assign \b$1775  = b0_1;
-  assign \a$1776  = a0_13;
-  assign \b$1777  = b0_2;
-  assign \a$1778  = a0_13;
-  assign \b$1779  = b0_3;
-  assign \a$1780  = a0_13;
-  assign \b$1781  = b0_4;
-  assign \a$1782  = a0_13;
-  assign \b$1783  = b0_5;
-  assign \a$1784  = a0_13;
-  assign \b$1785  = b0_6;
-  assign \a$1786  = a0_13;
-  assign \b$1787  = b0_7;
-  assign \a$1788  = a0_13;
-  assign \b$1789  = b0_8;
-  assign \a$1790  = a0_13;
-  assign \b$1791  = b0_9;
-  assign \a$1792  = a0_13;
-  assign \b$1793  = b0_10;
-  assign \a$1794  = a0_13;
-  assign \b$1795  = b0_11;
-  assign \a$1796  = a0_13;
-  assign \b$1797  = b0_12;
-  assign \a$1798  = a0_13;
-  assign \b$1799  = b0_13;
-  assign \a$1800  = a0_13;
-  assign \b$1801  = b0_14;
-  assign \a$1802  = a0_13;
-  assign \b$1803  = b0_15;
-  assign \a$1804  = a0_14;
-  assign \b$1805  = b0_0;
-  assign \a$1806  = a0_14;
-  assign \b$1807  = b0_1;
-  assign \a$1808  = a0_14;
-  assign \b$1809  = b0_2;
-  assign \a$1810  = a0_14;
-  assign \b$1811  = b0_3;
-  assign \a$1812  = a0_14;
-  assign \b$1813  = b0_4;
-  assign \a$1814  = a0_14;
-  assign \b$1815  = b0_5;
-  assign \a$1816  = a0_14;
-  assign \b$1817  = b0_6;
-  assign \a$1818  = a0_14;
-  assign \b$1819  = b0_7;
-  assign \a$1820  = a0_14;
-  assign \b$1821  = b0_8;
-  assign \a$1822  = a0_14;
-  assign \b$1823  = b0_9;
-  assign \a$1824  = a0_14;
-  assign \b$1825  = b0_10;
-  assign \a$1826  = a0_14;
-  assign \b$1827  = b0_11;
-  assign \a$1828  = a0_14;
-  assign \b$1829  = b0_12;
-  assign \a$1830  = a0_14;
-  assign \b$1831  = b0_13;
-  assign \a$1832  = a0_14;
-  assign \b$1833  = b0_14;
-  assign \a$1834  = a0_14;
-  assign \b$1835  = b0_15;
-  assign \a$1836  = a0_15;
-  assign \b$1837  = b0_0;
-  assign \a$1838  = a0_15;
-  assign \b$1839  = b0_1;
-  assign \a$1840  = a0_15;
-  assign \b$1841  = b0_2;
-  assign \a$1842  = a0_15;
-  assign \b$1843  = b0_3;
-  assign \a$1844  = a0_15;
-  assign \b$1845  = b0_4;
-  assign \a$1846  = a0_15;
-  assign \b$1847  = b0_5;
-  assign \a$1848  = a0_15;
-  assign \b$1849  = b0_6;
-  assign \a$1850  = a0_15;
-  assign \b$1851  = b0_7;
-  assign \a$1852  = a0_15;
-  assign \b$1853  = b0_8;
-  assign \a$1854  = a0_15;
-  assign \b$1855  = b0_9;
-  assign \a$1856  = a0_15;
-  assign \b$1857  = b0_10;
-  assign \a$1858  = a0_15;
-  assign \b$1859  = b0_11;
-  assign \a$1860  = a0_15;
-  assign \b$1861  = b0_12;
-  assign \a$1862  = a0_15;
-  assign \b$1863  = b0_13;
-  assign \a$1864  = a0_15;
-  assign \b$1865  = b0_14;
-  assign \a$1866  = a0_15;
-  assign \b$1867  = b0_15;
+  assign a = a1_0_g0;
+  assign b = b1_0_g0;
+  assign \a$1488  = a1_0_g0;
+  assign \b$1489  = b1_1_g0;
+  assign \a$1490  = a1_0_g0;
+  assign \b$1491  = b1_2_g0;
+  assign \a$1492  = a1_0_g0;
+  assign \b$1493  = b1_3_g0;
+  assign \a$1494  = a1_0_g1;
+  assign \b$1495  = b1_4_g0;
+  assign \a$1496  = a1_0_g1;
+  assign \b$1497  = b1_5_g0;
+  assign \a$1498  = a1_0_g1;
+  assign \b$1499  = b1_6_g0;
+  assign \a$1500  = a1_0_g1;
+  assign \b$1501  = b1_7_g0;
+  assign \a$1502  = a1_0_g2;
+  assign \b$1503  = b1_8_g0;
+  assign \a$1504  = a1_0_g2;
+  assign \b$1505  = b1_9_g0;
+  assign \a$1506  = a1_0_g2;
+  assign \b$1507  = b1_10_g0;
+  assign \a$1508  = a1_0_g2;
+  assign \b$1509  = b1_11_g0;
+  assign \a$1510  = a1_0_g3;
+  assign \b$1511  = b1_12_g0;
+  assign \a$1512  = a1_0_g3;
+  assign \b$1513  = b1_13_g0;
+  assign \a$1514  = a1_0_g3;
+  assign \b$1515  = b1_14_g0;
+  assign \a$1516  = a1_0_g3;
+  assign \b$1517  = b1_15_g0;
+  assign \a$1518  = a1_1_g0;
+  assign \b$1519  = b1_0_g0;
+  assign \a$1520  = a1_1_g0;
+  assign \b$1521  = b1_1_g0;
+  assign \a$1522  = a1_1_g0;
+  assign \b$1523  = b1_2_g0;
+  assign \a$1524  = a1_1_g0;
+  assign \b$1525  = b1_3_g0;
+  assign \a$1526  = a1_1_g1;
+  assign \b$1527  = b1_4_g0;
+  assign \a$1528  = a1_1_g1;
+  assign \b$1529  = b1_5_g0;
+  assign \a$1530  = a1_1_g1;
+  assign \b$1531  = b1_6_g0;
+  assign \a$1532  = a1_1_g1;
+  assign \b$1533  = b1_7_g0;
+  assign \a$1534  = a1_1_g2;
+  assign \b$1535  = b1_8_g0;
+  assign \a$1536  = a1_1_g2;
+  assign \b$1537  = b1_9_g0;
+  assign \a$1538  = a1_1_g2;
+  assign \b$1539  = b1_10_g0;
+  assign \a$1540  = a1_1_g2;
+  assign \b$1541  = b1_11_g0;
+  assign \a$1542  = a1_1_g3;
+  assign \b$1543  = b1_12_g0;
+  assign \a$1544  = a1_1_g3;
+  assign \b$1545  = b1_13_g0;
+  assign \a$1546  = a1_1_g3;
+  assign \b$1547  = b1_14_g0;
+  assign \a$1548  = a1_1_g3;
+  assign \b$1549  = b1_15_g0;
+  assign \a$1550  = a1_2_g0;
+  assign \b$1551  = b1_0_g0;
+  assign \a$1552  = a1_2_g0;
+  assign \b$1553  = b1_1_g0;
+  assign \a$1554  = a1_2_g0;
+  assign \b$1555  = b1_2_g0;
+  assign \a$1556  = a1_2_g0;
+  assign \b$1557  = b1_3_g0;
+  assign \a$1558  = a1_2_g1;
+  assign \b$1559  = b1_4_g0;
+  assign \a$1560  = a1_2_g1;
+  assign \b$1561  = b1_5_g0;
+  assign \a$1562  = a1_2_g1;
+  assign \b$1563  = b1_6_g0;
+  assign \a$1564  = a1_2_g1;
+  assign \b$1565  = b1_7_g0;
+  assign \a$1566  = a1_2_g2;
+  assign \b$1567  = b1_8_g0;
+  assign \a$1568  = a1_2_g2;
+  assign \b$1569  = b1_9_g0;
+  assign \a$1570  = a1_2_g2;
+  assign \b$1571  = b1_10_g0;
+  assign \a$1572  = a1_2_g2;
+  assign \b$1573  = b1_11_g0;
+  assign \a$1574  = a1_2_g3;
+  assign \b$1575  = b1_12_g0;
+  assign \a$1576  = a1_2_g3;
+  assign \b$1577  = b1_13_g0;
+  assign \a$1578  = a1_2_g3;
+  assign \b$1579  = b1_14_g0;
+  assign \a$1580  = a1_2_g3;
+  assign \b$1581  = b1_15_g0;
+  assign \a$1582  = a1_3_g0;
+  assign \b$1583  = b1_0_g0;
+  assign \a$1584  = a1_3_g0;
+  assign \b$1585  = b1_1_g0;
+  assign \a$1586  = a1_3_g0;
+  assign \b$1587  = b1_2_g0;
+  assign \a$1588  = a1_3_g0;
+  assign \b$1589  = b1_3_g0;
+  assign \a$1590  = a1_3_g1;
+  assign \b$1591  = b1_4_g0;
+  assign \a$1592  = a1_3_g1;
+  assign \b$1593  = b1_5_g0;
+  assign \a$1594  = a1_3_g1;
+  assign \b$1595  = b1_6_g0;
+  assign \a$1596  = a1_3_g1;
+  assign \b$1597  = b1_7_g0;
+  assign \a$1598  = a1_3_g2;
+  assign \b$1599  = b1_8_g0;
+  assign \a$1600  = a1_3_g2;
+  assign \b$1601  = b1_9_g0;
+  assign \a$1602  = a1_3_g2;
+  assign \b$1603  = b1_10_g0;
+  assign \a$1604  = a1_3_g2;
+  assign \b$1605  = b1_11_g0;
+  assign \a$1606  = a1_3_g3;
+  assign \b$1607  = b1_12_g0;
+  assign \a$1608  = a1_3_g3;
+  assign \b$1609  = b1_13_g0;
+  assign \a$1610  = a1_3_g3;
+  assign \b$1611  = b1_14_g0;
+  assign \a$1612  = a1_3_g3;
+  assign \b$1613  = b1_15_g0;
+  assign \a$1614  = a1_4_g0;
+  assign \b$1615  = b1_0_g1;
+  assign \a$1616  = a1_4_g0;
+  assign \b$1617  = b1_1_g1;
+  assign \a$1618  = a1_4_g0;
+  assign \b$1619  = b1_2_g1;
+  assign \a$1620  = a1_4_g0;
+  assign \b$1621  = b1_3_g1;
+  assign \a$1622  = a1_4_g1;
+  assign \b$1623  = b1_4_g1;
+  assign \a$1624  = a1_4_g1;
+  assign \b$1625  = b1_5_g1;
+  assign \a$1626  = a1_4_g1;
+  assign \b$1627  = b1_6_g1;
+  assign \a$1628  = a1_4_g1;
+  assign \b$1629  = b1_7_g1;
+  assign \a$1630  = a1_4_g2;
+  assign \b$1631  = b1_8_g1;
+  assign \a$1632  = a1_4_g2;
+  assign \b$1633  = b1_9_g1;
+  assign \a$1634  = a1_4_g2;
+  assign \b$1635  = b1_10_g1;
+  assign \a$1636  = a1_4_g2;
+  assign \b$1637  = b1_11_g1;
+  assign \a$1638  = a1_4_g3;
+  assign \b$1639  = b1_12_g1;
+  assign \a$1640  = a1_4_g3;
+  assign \b$1641  = b1_13_g1;
+  assign \a$1642  = a1_4_g3;
+  assign \b$1643  = b1_14_g1;
+  assign \a$1644  = a1_4_g3;
+  assign \b$1645  = b1_15_g1;
+  assign \a$1646  = a1_5_g0;
+  assign \b$1647  = b1_0_g1;
+  assign \a$1648  = a1_5_g0;
+  assign \b$1649  = b1_1_g1;
+  assign \a$1650  = a1_5_g0;
+  assign \b$1651  = b1_2_g1;
+  assign \a$1652  = a1_5_g0;
+  assign \b$1653  = b1_3_g1;
+  assign \a$1654  = a1_5_g1;
+  assign \b$1655  = b1_4_g1;
+  assign \a$1656  = a1_5_g1;
+  assign \b$1657  = b1_5_g1;
+  assign \a$1658  = a1_5_g1;
+  assign \b$1659  = b1_6_g1;
+  assign \a$1660  = a1_5_g1;
+  assign \b$1661  = b1_7_g1;
+  assign \a$1662  = a1_5_g2;
+  assign \b$1663  = b1_8_g1;
+  assign \a$1664  = a1_5_g2;
+  assign \b$1665  = b1_9_g1;
+  assign \a$1666  = a1_5_g2;
+  assign \b$1667  = b1_10_g1;
+  assign \a$1668  = a1_5_g2;
+  assign \b$1669  = b1_11_g1;
+  assign \a$1670  = a1_5_g3;
+  assign \b$1671  = b1_12_g1;
+  assign \a$1672  = a1_5_g3;
+  assign \b$1673  = b1_13_g1;
+  assign \a$1674  = a1_5_g3;
+  assign \b$1675  = b1_14_g1;
+  assign \a$1676  = a1_5_g3;
+  assign \b$1677  = b1_15_g1;
+  assign \a$1678  = a1_6_g0;
+  assign \b$1679  = b1_0_g1;
+  assign \a$1680  = a1_6_g0;
+  assign \b$1681  = b1_1_g1;
+  assign \a$1682  = a1_6_g0;
+  assign \b$1683  = b1_2_g1;
+  assign \a$1684  = a1_6_g0;
+  assign \b$1685  = b1_3_g1;
+  assign \a$1686  = a1_6_g1;
+  assign \b$1687  = b1_4_g1;
+  assign \a$1688  = a1_6_g1;
+  assign \b$1689  = b1_5_g1;
+  assign \a$1690  = a1_6_g1;
+  assign \b$1691  = b1_6_g1;
+  assign \a$1692  = a1_6_g1;
+  assign \b$1693  = b1_7_g1;
+  assign \a$1694  = a1_6_g2;
+  assign \b$1695  = b1_8_g1;
+  assign \a$1696  = a1_6_g2;
+  assign \b$1697  = b1_9_g1;
+  assign \a$1698  = a1_6_g2;
+  assign \b$1699  = b1_10_g1;
+  assign \a$1700  = a1_6_g2;
+  assign \b$1701  = b1_11_g1;
+  assign \a$1702  = a1_6_g3;
+  assign \b$1703  = b1_12_g1;
+  assign \a$1704  = a1_6_g3;
+  assign \b$1705  = b1_13_g1;
+  assign \a$1706  = a1_6_g3;
+  assign \b$1707  = b1_14_g1;
+  assign \a$1708  = a1_6_g3;
+  assign \b$1709  = b1_15_g1;
+  assign \a$1710  = a1_7_g0;
+  assign \b$1711  = b1_0_g1;
+  assign \a$1712  = a1_7_g0;
+  assign \b$1713  = b1_1_g1;
+  assign \a$1714  = a1_7_g0;
+  assign \b$1715  = b1_2_g1;
+  assign \a$1716  = a1_7_g0;
+  assign \b$1717  = b1_3_g1;
+  assign \a$1718  = a1_7_g1;
+  assign \b$1719  = b1_4_g1;
+  assign \a$1720  = a1_7_g1;
+  assign \b$1721  = b1_5_g1;
+  assign \a$1722  = a1_7_g1;
+  assign \b$1723  = b1_6_g1;
+  assign \a$1724  = a1_7_g1;
+  assign \b$1725  = b1_7_g1;
+  assign \a$1726  = a1_7_g2;
+  assign \b$1727  = b1_8_g1;
+  assign \a$1728  = a1_7_g2;
+  assign \b$1729  = b1_9_g1;
+  assign \a$1730  = a1_7_g2;
+  assign \b$1731  = b1_10_g1;
+  assign \a$1732  = a1_7_g2;
+  assign \b$1733  = b1_11_g1;
+  assign \a$1734  = a1_7_g3;
+  assign \b$1735  = b1_12_g1;
+  assign \a$1736  = a1_7_g3;
+  assign \b$1737  = b1_13_g1;
+  assign \a$1738  = a1_7_g3;
+  assign \b$1739  = b1_14_g1;
+  assign \a$1740  = a1_7_g3;
+  assign \b$1741  = b1_15_g1;
+  assign \a$1742  = a1_8_g0;
+  assign \b$1743  = b1_0_g2;
+  assign \a$1744  = a1_8_g0;
+  assign \b$1745  = b1_1_g2;
+  assign \a$1746  = a1_8_g0;
+  assign \b$1747  = b1_2_g2;
+  assign \a$1748  = a1_8_g0;
+  assign \b$1749  = b1_3_g2;
+  assign \a$1750  = a1_8_g1;
+  assign \b$1751  = b1_4_g2;
+  assign \a$1752  = a1_8_g1;
+  assign \b$1753  = b1_5_g2;
+  assign \a$1754  = a1_8_g1;
+  assign \b$1755  = b1_6_g2;
+  assign \a$1756  = a1_8_g1;
+  assign \b$1757  = b1_7_g2;
+  assign \a$1758  = a1_8_g2;
+  assign \b$1759  = b1_8_g2;
+  assign \a$1760  = a1_8_g2;
+  assign \b$1761  = b1_9_g2;
+  assign \a$1762  = a1_8_g2;
+  assign \b$1763  = b1_10_g2;
+  assign \a$1764  = a1_8_g2;
+  assign \b$1765  = b1_11_g2;
+  assign \a$1766  = a1_8_g3;
+  assign \b$1767  = b1_12_g2;
+  assign \a$1768  = a1_8_g3;
+  assign \b$1769  = b1_13_g2;
+  assign \a$1770  = a1_8_g3;
+  assign \b$1771  = b1_14_g2;
+  assign \a$1772  = a1_8_g3;
+  assign \b$1773  = b1_15_g2;
+  assign \a$1774  = a1_9_g0;
+  assign \b$1775  = b1_0_g2;
+  assign \a$1776  = a1_9_g0;
+  assign \b$1777  = b1_1_g2;
+  assign \a$1778  = a1_9_g0;
+  assign \b$1779  = b1_2_g2;
+  assign \a$1780  = a1_9_g0;
+  assign \b$1781  = b1_3_g2;
+  assign \a$1782  = a1_9_g1;
+  assign \b$1783  = b1_4_g2;
+  assign \a$1784  = a1_9_g1;
+  assign \b$1785  = b1_5_g2;
+  assign \a$1786  = a1_9_g1;
+  assign \b$1787  = b1_6_g2;
+  assign \a$1788  = a1_9_g1;
+  assign \b$1789  = b1_7_g2;
+  assign \a$1790  = a1_9_g2;
+  assign \b$1791  = b1_8_g2;
+  assign \a$1792  = a1_9_g2;
+  assign \b$1793  = b1_9_g2;
+  assign \a$1794  = a1_9_g2;
+  assign \b$1795  = b1_10_g2;
+  assign \a$1796  = a1_9_g2;
+  assign \b$1797  = b1_11_g2;
+  assign \a$1798  = a1_9_g3;
+  assign \b$1799  = b1_12_g2;
+  assign \a$1800  = a1_9_g3;
+  assign \b$1801  = b1_13_g2;
+  assign \a$1802  = a1_9_g3;
+  assign \b$1803  = b1_14_g2;
+  assign \a$1804  = a1_9_g3;
+  assign \b$1805  = b1_15_g2;
+  assign \a$1806  = a1_10_g0;
+  assign \b$1807  = b1_0_g2;
+  assign \a$1808  = a1_10_g0;
+  assign \b$1809  = b1_1_g2;
+  assign \a$1810  = a1_10_g0;
+  assign \b$1811  = b1_2_g2;
+  assign \a$1812  = a1_10_g0;
+  assign \b$1813  = b1_3_g2;
+  assign \a$1814  = a1_10_g1;
+  assign \b$1815  = b1_4_g2;
+  assign \a$1816  = a1_10_g1;
+  assign \b$1817  = b1_5_g2;
+  assign \a$1818  = a1_10_g1;
+  assign \b$1819  = b1_6_g2;
+  assign \a$1820  = a1_10_g1;
+  assign \b$1821  = b1_7_g2;
+  assign \a$1822  = a1_10_g2;
+  assign \b$1823  = b1_8_g2;
+  assign \a$1824  = a1_10_g2;
+  assign \b$1825  = b1_9_g2;
+  assign \a$1826  = a1_10_g2;
+  assign \b$1827  = b1_10_g2;
+  assign \a$1828  = a1_10_g2;
+  assign \b$1829  = b1_11_g2;
+  assign \a$1830  = a1_10_g3;
+  assign \b$1831  = b1_12_g2;
+  assign \a$1832  = a1_10_g3;
+  assign \b$1833  = b1_13_g2;
+  assign \a$1834  = a1_10_g3;
+  assign \b$1835  = b1_14_g2;
+  assign \a$1836  = a1_10_g3;
+  assign \b$1837  = b1_15_g2;
+  assign \a$1838  = a1_11_g0;
+  assign \b$1839  = b1_0_g2;
+  assign \a$1840  = a1_11_g0;
+  assign \b$1841  = b1_1_g2;
+  assign \a$1842  = a1_11_g0;
+  assign \b$1843  = b1_2_g2;
+  assign \a$1844  = a1_11_g0;
+  assign \b$1845  = b1_3_g2;
+  assign \a$1846  = a1_11_g1;
+  assign \b$1847  = b1_4_g2;
+  assign \a$1848  = a1_11_g1;
+  assign \b$1849  = b1_5_g2;
+  assign \a$1850  = a1_11_g1;
+  assign \b$1851  = b1_6_g2;
+  assign \a$1852  = a1_11_g1;
+  assign \b$1853  = b1_7_g2;
+  assign \a$1854  = a1_11_g2;
+  assign \b$1855  = b1_8_g2;
+  assign \a$1856  = a1_11_g2;
+  assign \b$1857  = b1_9_g2;
+  assign \a$1858  = a1_11_g2;
+  assign \b$1859  = b1_10_g2;
+  assign \a$1860  = a1_11_g2;
+  assign \b$1861  = b1_11_g2;
+  assign \a$1862  = a1_11_g3;
+  assign \b$1863  = b1_12_g2;
+  assign \a$1864  = a1_11_g3;
+  assign \b$1865  = b1_13_g2;
+  assign \a$1866  = a1_11_g3;
+  assign \b$1867  = b1_14_g2;
+  assign \a$1868  = a1_11_g3;
+  assign \b$1869  = b1_15_g2;
+  assign \a$1870  = a1_12_g0;
+  assign \b$1871  = b1_0_g3;
+  assign \a$1872  = a1_12_g0;
+  assign \b$1873  = b1_1_g3;
+  assign \a$1874  = a1_12_g0;
+  assign \b$1875  = b1_2_g3;
+  assign \a$1876  = a1_12_g0;
+  assign \b$1877  = b1_3_g3;
+  assign \a$1878  = a1_12_g1;
+  assign \b$1879  = b1_4_g3;
+  assign \a$1880  = a1_12_g1;
+  assign \b$1881  = b1_5_g3;
+  assign \a$1882  = a1_12_g1;
+  assign \b$1883  = b1_6_g3;
+  assign \a$1884  = a1_12_g1;
+  assign \b$1885  = b1_7_g3;
+  assign \a$1886  = a1_12_g2;
+  assign \b$1887  = b1_8_g3;
+  assign \a$1888  = a1_12_g2;
+  assign \b$1889  = b1_9_g3;
+  assign \a$1890  = a1_12_g2;
+  assign \b$1891  = b1_10_g3;
+  assign \a$1892  = a1_12_g2;
+  assign \b$1893  = b1_11_g3;
+  assign \a$1894  = a1_12_g3;
+  assign \b$1895  = b1_12_g3;
+  assign \a$1896  = a1_12_g3;
+  assign \b$1897  = b1_13_g3;
+  assign \a$1898  = a1_12_g3;
+  assign \b$1899  = b1_14_g3;
+  assign \a$1900  = a1_12_g3;
+  assign \b$1901  = b1_15_g3;
+  assign \a$1902  = a1_13_g0;
+  assign \b$1903  = b1_0_g3;
+  assign \a$1904  = a1_13_g0;
+  assign \b$1905  = b1_1_g3;
+  assign \a$1906  = a1_13_g0;
+  assign \b$1907  = b1_2_g3;
+  assign \a$1908  = a1_13_g0;
+  assign \b$1909  = b1_3_g3;
+  assign \a$1910  = a1_13_g1;
+  assign \b$1911  = b1_4_g3;
+  assign \a$1912  = a1_13_g1;
+  assign \b$1913  = b1_5_g3;
+  assign \a$1914  = a1_13_g1;
+  assign \b$1915  = b1_6_g3;
+  assign \a$1916  = a1_13_g1;
+  assign \b$1917  = b1_7_g3;
+  assign \a$1918  = a1_13_g2;
+  assign \b$1919  = b1_8_g3;
+  assign \a$1920  = a1_13_g2;
+  assign \b$1921  = b1_9_g3;
+  assign \a$1922  = a1_13_g2;
+  assign \b$1923  = b1_10_g3;
+  assign \a$1924  = a1_13_g2;
+  assign \b$1925  = b1_11_g3;
+  assign \a$1926  = a1_13_g3;
+  assign \b$1927  = b1_12_g3;
+  assign \a$1928  = a1_13_g3;
+  assign \b$1929  = b1_13_g3;
+  assign \a$1930  = a1_13_g3;
+  assign \b$1931  = b1_14_g3;
+  assign \a$1932  = a1_13_g3;
+  assign \b$1933  = b1_15_g3;
+  assign \a$1934  = a1_14_g0;
+  assign \b$1935  = b1_0_g3;
+  assign \a$1936  = a1_14_g0;
+  assign \b$1937  = b1_1_g3;
+  assign \a$1938  = a1_14_g0;
+  assign \b$1939  = b1_2_g3;
+  assign \a$1940  = a1_14_g0;
+  assign \b$1941  = b1_3_g3;
+  assign \a$1942  = a1_14_g1;
+  assign \b$1943  = b1_4_g3;
+  assign \a$1944  = a1_14_g1;
+  assign \b$1945  = b1_5_g3;
+  assign \a$1946  = a1_14_g1;
+  assign \b$1947  = b1_6_g3;
+  assign \a$1948  = a1_14_g1;
+  assign \b$1949  = b1_7_g3;
+  assign \a$1950  = a1_14_g2;
+  assign \b$1951  = b1_8_g3;
+  assign \a$1952  = a1_14_g2;
+  assign \b$1953  = b1_9_g3;
+  assign \a$1954  = a1_14_g2;
+  assign \b$1955  = b1_10_g3;
+  assign \a$1956  = a1_14_g2;
+  assign \b$1957  = b1_11_g3;
+  assign \a$1958  = a1_14_g3;
+  assign \b$1959  = b1_12_g3;
+  assign \a$1960  = a1_14_g3;
+  assign \b$1961  = b1_13_g3;
+  assign \a$1962  = a1_14_g3;
+  assign \b$1963  = b1_14_g3;
+  assign \a$1964  = a1_14_g3;
+  assign \b$1965  = b1_15_g3;
+  assign \a$1966  = a1_15_g0;
+  assign \b$1967  = b1_0_g3;
+  assign \a$1968  = a1_15_g0;
+  assign \b$1969  = b1_1_g3;
+  assign \a$1970  = a1_15_g0;
+  assign \b$1971  = b1_2_g3;
+  assign \a$1972  = a1_15_g0;
+  assign \b$1973  = b1_3_g3;
+  assign \a$1974  = a1_15_g1;
+  assign \b$1975  = b1_4_g3;
+  assign \a$1976  = a1_15_g1;
+  assign \b$1977  = b1_5_g3;
+  assign \a$1978  = a1_15_g1;
+  assign \b$1979  = b1_6_g3;
+  assign \a$1980  = a1_15_g1;
+  assign \b$1981  = b1_7_g3;
+  assign \a$1982  = a1_15_g2;
+  assign \b$1983  = b1_8_g3;
+  assign \a$1984  = a1_15_g2;
+  assign \b$1985  = b1_9_g3;
+  assign \a$1986  = a1_15_g2;
+  assign \b$1987  = b1_10_g3;
+  assign \a$1988  = a1_15_g2;
+  assign \b$1989  = b1_11_g3;
+  assign \a$1990  = a1_15_g3;
+  assign \b$1991  = b1_12_g3;
+  assign \a$1992  = a1_15_g3;
+  assign \b$1993  = b1_13_g3;
+  assign \a$1994  = a1_15_g3;
+  assign \b$1995  = b1_14_g3;
+  assign \a$1996  = a1_15_g3;
+  assign \b$1997  = b1_15_g3;
   assign o__valid = bank_busy;
   assign \i__payload.a  = i__payload[127:0];
   assign \i__payload.a[0]  = i__payload[7:0];

@@ -76,7 +76,7 @@ async def _first_done(dut):
 
 async def read_out(dut, n: int, latency: int) -> list[int]:
     """Words 0 .. n-1 of ``out``, one address per cycle, each word ``latency``
-    cycles after its address (``hwgen.rtl.buffer.READ_LATENCY``, passed in the config)."""
+    cycles after its address (``MatmulSpec.read_latencies["out"]``, passed in the config)."""
     edge = RisingEdge(dut.clk)
     ro = ReadOnly()
     words = []

@@ -13,7 +13,6 @@ from hwgen import contract as C
 from hwgen.fixed import requantize
 from hwgen.rtl import PEArray, Requant
 from hwgen.rtl import verilog as hdl_verilog
-from hwgen.rtl.buffer import READ_LATENCY
 
 from .protocol import layout_fields
 from .runner import run_bench
@@ -114,7 +113,7 @@ def matmul_bench(spec, x, w: np.ndarray, bias=None, shift=None, bitmap=None,
         dut = component if component is not None else MatmulEngine(spec)
         verilog = to_verilog(dut, top)
     cfg = {"buffers": [b for b in IN_BUFFERS if b != "a" and images.get(b)], "runs": runs,
-           "out_read_latency": READ_LATENCY}
+           "out_read_latency": spec.read_latencies["out"]}
     res = run_bench(verilog, top, "sim.bench_matmul", vectors, cfg, sim=sim, waves=waves, say=say, **kw)
     outs = res.pop("outputs", {})
     cmp = Comparison()

@@ -11,7 +11,7 @@ import pytest
 from test_rtl_matmul import _mismatches, _rand_tile, run_tiles
 
 from hwgen.rtl import verilog as hdl_verilog
-from hwgen.rtl.pe_array import (MUL_STAGES, PIPE, FabricMul, PEArray, PEMapping, RTLError,
+from hwgen.rtl.pe_array import (FANOUT_GROUP, MUL_STAGES, PIPE, FabricMul, PEArray, PEMapping, RTLError,
                                 pe_kinds)
 
 
@@ -41,7 +41,7 @@ def test_mixed_mapping_cycles_and_odd_widths():
     got, per_tile, _, _ = run_tiles(dut, [(a, b)])
     assert _mismatches(got, [(a, b)]) == 0
     assert per_tile[0] == PEArray.cycles(6, 2) == 6 + 2 + PEArray.LATENCY - 1
-    assert PEArray.LATENCY == PIPE + 1 == MUL_STAGES + 2
+    assert PEArray.LATENCY == PIPE + 1 == MUL_STAGES + 3
 
 
 def test_fabric_mul_exhaustive_4x4():
@@ -74,19 +74,25 @@ def test_fabric_mul_exhaustive_4x4():
 def test_netlist_instances():
     """With a platform mapping of 3 DSPs, the Verilog has exactly 3 MULT18X18D
     with input and output registers on CLK0/CE0, and no `*` left in the fabric PEs;
-    the flags' fan-out copies carry `keep` (hwgen.impl keeps them apart)."""
+    the flags' and the operands' fan-out copies carry `keep` (hwgen.impl keeps
+    them apart): one operand copy per FANOUT_GROUP PEs of a row or column."""
     class Plat:
         pe_mapping = PEMapping(dsp=3)
 
-    text = hdl_verilog.convert(PEArray(2, 3, 8, 8, 24), name="top", platform=Plat())
+    text = hdl_verilog.convert(PEArray(2, 6, 8, 8, 24), name="top", platform=Plat())
     cells = re.findall(r"MULT18X18D #\((.*?)\) dsp \(", text, re.S)
     assert len(cells) == 3
     for c in cells:
         for r in ("INPUTA", "INPUTB", "OUTPUT"):
             assert f'.REG_{r}_CLK("CLK0")' in c and f'.REG_{r}_CE("CE0")' in c
         assert "REG_PIPELINE" not in c
-    kept = [re.search(r"reg (\w+)", d).group(1) for d in text.split(";") if "keep" in d and " reg " in d]
-    assert sorted(k for k in kept if k.startswith("first3_")) == [f"first3_{i}_{j}" for i in range(2) for j in range(3)]
+    kept = [re.search(r"reg (?:signed )?(?:\[\d+:0\] )?(\w+)", d).group(1) for d in text.split(";")
+            if "keep" in d and " reg " in d]
+    assert sorted(k for k in kept if k.startswith("first4_")) == sorted(f"first4_{i}_{j}" for i in range(2) for j in range(6))
+    assert FANOUT_GROUP == 4
+    assert sorted(k for k in kept if k.startswith("a1_")) == ["a1_0_g0", "a1_0_g1", "a1_1_g0", "a1_1_g1"]
+    assert sorted(k for k in kept if k.startswith("b1_")) == sorted(f"b1_{j}_g0" for j in range(6))
+    assert sorted(k for k in kept if k.startswith("a1n_")) == ["a1n_0_g0", "a1n_0_g1", "a1n_1_g0", "a1n_1_g1"]
     assert pe_kinds(2, 3, 8, 8, Plat.pe_mapping) == [["dsp"] * 3, ["fabric"] * 3]
     assert pe_kinds(2, 3, 24, 8, Plat.pe_mapping) == [["dsp"] * 3] * 2  # wider than 18 bits
 

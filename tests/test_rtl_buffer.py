@@ -1,7 +1,9 @@
-"""hwgen.rtl.buffer.Buffer: the two-cycle read contract in Amaranth's simulator
-(behavioural memory and the ECP5 distributed-RAM path), the DP16KD tiling, the
-ECP5 block-RAM netlist (every block with its output register on) and its
-DP16KD pin mapping against the block RAM yosys infers for the same RAM."""
+"""hwgen.rtl.buffer.Buffer: the pipelined read contract (``latency`` cycles,
+writes and reads ordered by cycle) in Amaranth's simulator (behavioural memory
+and the ECP5 distributed-RAM path), the read latency of each size, the DP16KD
+tiling, the ECP5 block-RAM netlist (every block with its output register on,
+the replicated address registers) simulated in Icarus, and its DP16KD pin
+mapping against the block RAM yosys infers for the same RAM."""
 import re
 
 import numpy as np
@@ -12,7 +14,7 @@ from amaranth.lib.memory import MemoryData
 from amaranth.sim import Simulator
 
 from hwgen.rtl import verilog as hdl_verilog
-from hwgen.rtl.buffer import LUTRAM_DEPTH, READ_LATENCY, Buffer, dp16kd_tiling
+from hwgen.rtl.buffer import ADDR_REG_BLOCKS, LUTRAM_DEPTH, READ_LATENCY, Buffer, dp16kd_tiling, read_latency
 from hwgen.rtl.pe_array import RTLError
 
 
@@ -23,7 +25,7 @@ class _ECP5:
 def _run(buf: Buffer, writes, reads, platform=None):
     """Write ``writes`` ({addr: word}), then read ``reads`` (a list of addresses,
     None = a cycle with ``en`` low) one per cycle; returns ``data`` of every cycle
-    from the first read on (``len(reads) + READ_LATENCY`` samples)."""
+    from the first read on (``len(reads) + buf.latency`` samples)."""
     seen = []
 
     async def tb(ctx):
@@ -33,7 +35,7 @@ def _run(buf: Buffer, writes, reads, platform=None):
             ctx.set(buf.wr.en, 1)
             await ctx.tick()
         ctx.set(buf.wr.en, 0)
-        for a in reads + [None] * READ_LATENCY:
+        for a in reads + [None] * buf.latency:
             ctx.set(buf.rd.en, a is not None)
             if a is not None:
                 ctx.set(buf.rd.addr, a)
@@ -57,32 +59,37 @@ class _Wrap(Elaboratable):
         return Fragment.get(self.buf, self.platform)
 
 
-def _expected(words: dict, reads: list, n: int) -> list:
+def _expected(words: dict, reads: list, n: int, latency: int) -> list:
     """The buffer's contract over ``n`` samples of :func:`_run`'s read sequence:
-    sample k (after k+1 ticks) shows the read issued READ_LATENCY - 1 samples
+    sample k (after k+1 ticks) shows the read issued ``latency - 1`` samples
     earlier and holds it through cycles without a read (None before the first)."""
     want, last = [], None
     for k in range(n):
-        src = k - (READ_LATENCY - 1)
+        src = k - (latency - 1)
         if 0 <= src < len(reads) and reads[src] is not None:
             last = words[reads[src]]
         want.append(last)
     return want
 
 
-@pytest.mark.parametrize("platform, depth", [(None, 200), (_ECP5(), 40)])
-def test_two_cycle_read(platform, depth):
+@pytest.mark.parametrize("platform, depth, latency", [
+    (None, 200, None), (_ECP5(), 40, None),     # the own latency: 2
+    (None, 5000, None),                         # 20 x 5000: 3 x 3 blocks, latency 6
+    (None, 200, 5), (_ECP5(), 40, 3),           # longer than their own
+])
+def test_pipelined_read(platform, depth, latency):
     """Behavioural (any depth) and the ECP5 distributed-RAM path (depth <=
     LUTRAM_DEPTH, simulated): the word read in cycle t is on ``data`` after
-    READ_LATENCY ticks and holds while ``en`` is low."""
+    ``latency`` ticks and holds while ``en`` is low."""
     assert depth <= LUTRAM_DEPTH or platform is None
     rng = np.random.default_rng(depth)
     words = {int(a): int(w) for a, w in zip(rng.permutation(depth)[:30], rng.integers(0, 1 << 20, 30))}
-    buf = Buffer(unsigned(20), MemoryData(shape=unsigned(20), depth=depth, init=[]))
+    buf = Buffer(unsigned(20), MemoryData(shape=unsigned(20), depth=depth, init=[]), latency=latency)
+    assert buf.latency == (read_latency(20, depth) if latency is None else latency)
     addrs = list(words)[:12]
     reads = addrs[:6] + [None, None] + addrs[6:]
     seen = _run(buf, words, reads, platform)
-    want = _expected(words, reads, len(seen))
+    want = _expected(words, reads, len(seen), buf.latency)
     got = [s for s, w in zip(seen, want) if w is not None]
     assert got == [w for w in want if w is not None]
 
@@ -93,6 +100,61 @@ def test_layout_ports_and_init():
     buf = Buffer(lay, MemoryData(shape=unsigned(18), depth=4, init=[0x3F, 1 << 12]))
     seen = _run(buf, {}, [1, 0])
     assert seen[READ_LATENCY - 1] == 1 << 12 and seen[READ_LATENCY] == 0x3F
+
+
+@pytest.mark.parametrize("width, depth, want", [
+    (20, 64, 2),        # distributed RAM
+    (18, 1024, 2),      # one block
+    (9, 4096, 4),       # two blocks, two banks: the bank select's two registers
+    (36, 1024, 2),      # two blocks across: nothing more
+    (54, 1024, 4),      # three across: the address is registered and replicated
+    (128, 9216, 6),     # the MiniLM weight buffer: 8 x 9 blocks, both
+])
+def test_read_latency_by_size(width, depth, want):
+    assert ADDR_REG_BLOCKS == 2
+    assert read_latency(width, depth) == want
+
+
+@pytest.mark.parametrize("platform, depth, latency", [(None, 200, None), (None, 5000, None), (_ECP5(), 40, 4)])
+def test_read_write_order(platform, depth, latency):
+    """Writes and reads interleaved, one of each per cycle: a read sees every
+    write presented in an earlier cycle and not the one presented in its own
+    cycle, whatever the latency (the front registers delay both ports)."""
+    buf = Buffer(unsigned(16), MemoryData(shape=unsigned(16), depth=depth, init=[]), latency=latency)
+    addrs = [3, 7, 3, 7, 11, 3]
+    seen = []
+
+    async def tb(ctx):
+        for c, a in enumerate(addrs):   # cycle c: write c+1 to a, read a
+            ctx.set(buf.wr.addr, a)
+            ctx.set(Value.cast(buf.wr.data), c + 1)
+            ctx.set(buf.wr.en, 1)
+            ctx.set(buf.rd.addr, a)
+            ctx.set(buf.rd.en, 1)
+            await ctx.tick()
+            seen.append(ctx.get(Value.cast(buf.rd.data)))
+        ctx.set(buf.wr.en, 0)
+        for _ in range(buf.latency):
+            await ctx.tick()
+            seen.append(ctx.get(Value.cast(buf.rd.data)))
+
+    sim = Simulator(buf if platform is None else _Wrap(buf, platform))
+    sim.add_clock(1e-8)
+    sim.add_testbench(tb)
+    sim.run()
+    mem, want = {}, []
+    for c, a in enumerate(addrs):
+        want.append(mem.get(a, 0))     # the old word
+        mem[a] = c + 1
+    assert seen[buf.latency - 1:buf.latency - 1 + len(addrs)] == want
+
+
+def test_latency_validation():
+    with pytest.raises(RTLError, match=r"latency must be an integer >= 6 \(the read latency of a "
+                                       r"128 x 9216 buffer\), got 5"):
+        Buffer(unsigned(128), MemoryData(shape=unsigned(128), depth=9216, init=[]), latency=5)
+    with pytest.raises(RTLError, match=r"latency must be an integer >= 2 .*got 2.5"):
+        Buffer(unsigned(8), MemoryData(shape=unsigned(8), depth=8, init=[]), latency=2.5)
 
 
 @pytest.mark.parametrize("width, depth, want", [
@@ -111,16 +173,25 @@ def test_dp16kd_tiling(width, depth, want):
 
 def test_ecp5_netlist_dp16kd_with_output_register():
     """A 40-bit x 3000-word buffer on the ECP5 path: 3 x 3 DP16KD (18 x 1024),
-    each with REGMODE_B = OUTREG, DATA_WIDTH 18, write address on ADA4.. and
-    read enable on CEB; 40-word buffers stay distributed RAM (no DP16KD)."""
+    each with REGMODE_B = OUTREG, DATA_WIDTH 18, and its own registered copy of
+    the read enable (CEB) and the addresses (ADA4.., ADB4..); a 2-block buffer
+    takes the ports directly; 40-word buffers stay distributed RAM (no DP16KD)."""
     buf = Buffer(unsigned(40), MemoryData(shape=unsigned(40), depth=3000, init=[]))
     text = hdl_verilog.convert(buf, name="buf", platform=_ECP5())
     cells = re.findall(r"DP16KD #\((.*?)\) (\w+) \((.*?)\);", text, re.S)
     assert len(cells) == 9
+    copies = set()
     for params, _, conns in cells:
         assert '.REGMODE_B("OUTREG")' in params and ".DATA_WIDTH_B(32'd18)" in params
         assert ".ADA0(1'h1)" in conns and ".ADA1(1'h1)" in conns   # both byte enables
-        assert ".ADB0(1'h0)" in conns and ".CEB(rd__en)" in conns
+        assert ".ADB0(1'h0)" in conns
+        ceb, adb = re.search(r"\.CEB\((\w+)\)", conns)[1], re.search(r"\.ADB4\((\w+)\[0\]\)", conns)[1]
+        assert ceb.startswith("ren_") and adb.startswith("ra_")
+        copies |= {ceb, adb}
+    assert len(copies) == 18                                      # one copy per block
+    two = hdl_verilog.convert(Buffer(unsigned(36), MemoryData(shape=unsigned(36), depth=1024, init=[])),
+                              name="buf", platform=_ECP5())
+    assert two.count(".CEB(rd__en)") == 2
     small = hdl_verilog.convert(Buffer(unsigned(40), MemoryData(shape=unsigned(40), depth=40, init=[])),
                                 name="buf", platform=_ECP5())
     assert "DP16KD" not in small
@@ -259,22 +330,26 @@ endmodule
 """
 
 
-@pytest.mark.parametrize("width, depth, tiling", [
-    (40, 3000, (18, 1024, 3, 3)),    # x18, three across, three banks
-    (8, 5000, (9, 2048, 1, 3)),      # x9, three banks
-    (4, 12000, (4, 4096, 1, 3)),     # x4, three banks
-    (3, 10000, (1, 16384, 3, 1)),    # x1, three across
-    (18, 1025, (9, 2048, 2, 1)),     # x9, two across
+@pytest.mark.parametrize("width, depth, tiling, latency", [
+    (40, 3000, (18, 1024, 3, 3), 6),    # x18, three across, three banks
+    (40, 3000, (18, 1024, 3, 3), 8),    # ... with two more front registers
+    (8, 5000, (9, 2048, 1, 3), 6),      # x9, three banks
+    (4, 12000, (4, 4096, 1, 3), 6),     # x4, three banks
+    (3, 10000, (1, 16384, 3, 1), 4),    # x1, three across
+    (18, 1025, (9, 2048, 2, 1), 2),     # x9, two across
+    (18, 1025, (9, 2048, 2, 1), 3),     # ... with one front register
 ])
-def test_ecp5_netlist_simulated(tmp_path, width, depth, tiling):
-    """The ECP5 block-RAM netlist (tiling across and deep, the bank select,
-    the two-cycle read) run in Icarus with the DP16KD model: writes to random
-    addresses of every bank, then reads with gaps; every sample equals the
-    behavioural contract (:func:`_run`'s expectation)."""
+def test_ecp5_netlist_simulated(tmp_path, width, depth, tiling, latency):
+    """The ECP5 block-RAM netlist (tiling across and deep, the replicated
+    front registers, the bank select, the pipelined read) run in Icarus with
+    the DP16KD model: writes to random addresses of every bank, then reads
+    with gaps; every sample equals the behavioural contract (:func:`_run`'s
+    expectation)."""
     import subprocess
 
-    buf = Buffer(unsigned(width), MemoryData(shape=unsigned(width), depth=depth, init=[]))
-    assert dp16kd_tiling(width, depth) == tiling
+    buf = Buffer(unsigned(width), MemoryData(shape=unsigned(width), depth=depth, init=[]),
+                 latency=None if latency == read_latency(width, depth) else latency)
+    assert dp16kd_tiling(width, depth) == tiling and buf.latency == latency
     rng = np.random.default_rng(width * depth)
     words = {int(a): int(w) for a, w in zip(rng.permutation(depth)[:60], rng.integers(0, 1 << width, 60))}
     addrs = list(words)[:40]
@@ -288,7 +363,7 @@ def test_ecp5_netlist_simulated(tmp_path, width, depth, tiling):
     for a, w in words.items():
         lines.append(f"  @(negedge clk) we = 1; wa = {a}; wd = {width}'d{w};")
     lines.append("  @(negedge clk) we = 0;")
-    for a in reads + [None] * READ_LATENCY:
+    for a in reads + [None] * latency:
         lines.append(f"  @(negedge clk) re = {int(a is not None)};" + (f" ra = {a};" if a is not None else "")
                      + ' @(posedge clk) #1 $display("%0d", rd);')
     lines += ["  $finish;", "end", "endmodule"]
@@ -298,9 +373,9 @@ def test_ecp5_netlist_simulated(tmp_path, width, depth, tiling):
     subprocess.run(["iverilog", "-g2012", "-o", "sim", "tb.v", "ram.v", "dp16kd.v"], cwd=tmp_path, check=True)
     out = subprocess.run(["vvp", "-n", "sim"], cwd=tmp_path, check=True, capture_output=True, text=True).stdout
     assert "MODEL" not in out, out
-    seen = [int(x) for x in out.split()]
-    assert len(seen) == len(reads) + READ_LATENCY
-    want = _expected(words, reads, len(seen))
+    seen = [None if x == "x" else int(x) for x in out.split()]   # x: before any word was read
+    assert len(seen) == len(reads) + latency
+    want = _expected(words, reads, len(seen), latency)
     mism = sum(s != w for s, w in zip(seen, want) if w is not None)
     assert mism == 0, f"{mism} mismatching samples of {sum(w is not None for w in want)}"
 

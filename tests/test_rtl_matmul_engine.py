@@ -19,7 +19,6 @@ from hwgen.fixed import FixedType
 from hwgen.golden import GoldenModel
 from hwgen.ir import Graph
 from hwgen.rtl import MatmulEngine, MatmulSpec, RTLError, linear_operands
-from hwgen.rtl.buffer import READ_LATENCY
 
 I8 = FixedType(8, 4, True)
 O8 = FixedType(8, 3, True, "AP_RND", "AP_SAT")
@@ -59,13 +58,14 @@ async def _write(ctx, port, words):
 
 async def _read_out(ctx, dut, n_words):
     """Words 0 .. n_words-1 of ``out``, pipelined: one address per cycle, each
-    word READ_LATENCY cycles later."""
+    word ``spec.read_latencies["out"]`` cycles later."""
     words = []
+    lat = dut.spec.read_latencies["out"]
     ctx.set(dut.o_rd.en, 1)
-    for c in range(n_words + READ_LATENCY - 1):
+    for c in range(n_words + lat - 1):
         ctx.set(dut.o_rd.addr, min(c, n_words - 1))
         await ctx.tick()
-        if c >= READ_LATENCY - 1:
+        if c >= lat - 1:
             words.append(ctx.get(dut.o_rd.data.as_value()))
     return words
 
@@ -329,13 +329,23 @@ def test_bert_block_linear_16x16_vs_golden(bert_block_graph):
 # control protocol and the host ports
 # ----------------------------------------------------------------------------
 
-def test_host_ports_and_repeated_runs():
+@pytest.mark.parametrize("rows, cols, k, n, block_k, latencies", [
+    (3, 4, 13, 9, 4, {"a": 2, "w": 2, "ent": 2, "bias": 2, "shift": 2, "out": 2}),
+    # large buffers: w 8 DP16KD (9 x 2048, 8 across), bias 6, out 4 (one front register)
+    (2, 8, 16, 520, 4, {"a": 4, "w": 4, "ent": 2, "bias": 4, "shift": 4, "out": 4}),
+    # a 4097-entry block list (DP16KD banks): the entry fetch at latency 6
+    (2, 2, 256, 32, 1, {"a": 4, "w": 4, "ent": 6, "bias": 2, "shift": 2, "out": 2}),
+])
+def test_host_ports_and_repeated_runs(rows, cols, k, n, block_k, latencies):
     """Load every buffer through its write port (the host DMA path), run m = 6,
     read ``out`` through ``o_rd``; then load new activations and run m = 2 with
     ``start`` held high from the done cycle on (taken at once); both exact, both
-    at cycles(m)."""
+    at cycles(m). Also with buffers large enough for longer read latencies (the
+    schedule derived from them: entry FIFO, operand stages, bias wait, ``done``
+    after ``out``'s front registers)."""
     rng = np.random.default_rng(21)
-    spec = _spec(3, 4, 13, 9, 8, 4, bias=(-900, 900), shift=(0, 6))
+    spec = _spec(rows, cols, k, n, 8, block_k, bias=(-900, 900), shift=(0, 6))
+    assert spec.read_latencies == latencies
     x, w, b, s = _rand_case(rng, spec, 6)
     x2 = rng.integers(-128, 128, (2, spec.k))
     bm = spec.occupancy(w)
@@ -377,6 +387,9 @@ def test_host_ports_and_repeated_runs():
     _check("ports, run 1", spec, got["y1"], _contract_linear(spec, x, w, b, s), got["c1"], 6, bm)
     _check("ports, run 2", spec, got["y2"], _contract_linear(spec, x2, w, b, s), got["c2"], 2, bm)
     assert got["c3"] == spec.cycles(2, bm)
+    # ``done`` means every word is in ``out`` (read from the MemoryData in the done cycle)
+    y, cycles = run_engine(spec, x, w, b, s, bm)
+    _check("images, done", spec, y, _contract_linear(spec, x, w, b, s), cycles, 6, bm)
 
 
 def test_pack_round_trip():

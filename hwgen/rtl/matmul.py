@@ -65,7 +65,10 @@ Loading: every input buffer has a write port on the component (``a_wr``,
 ``w_wr``, ``ent_wr``, ``bias_wr``, ``shift_wr``: ``addr``, ``data``, ``en``, one
 word per cycle, written at the clock edge) for host DMA, used while the engine
 is idle; ``out`` has a read port ``o_rd`` (``addr``, ``en``, ``data``
-:data:`~hwgen.rtl.buffer.READ_LATENCY` = 2 cycles later). For simulation, images can instead be baked in as
+``MatmulSpec.read_latencies["out"]`` cycles later; a buffer's read latency
+grows with its size, :func:`hwgen.rtl.buffer.read_latency`). A write port
+delays its writes by the same front registers as its buffer's read port, so
+``done`` and ``o_rd`` keep their order. For simulation, images can instead be baked in as
 initial contents (``MatmulEngine(spec, init={"a": [...], ...})``, which also
 lands in the generated Verilog), or set in Amaranth's simulator through
 ``engine.mem[name]`` (``lib.memory`` ``MemoryData``: ``ctx.set(engine.mem["a"][i], word)``).
@@ -81,33 +84,41 @@ from then on. Counting the
 cycle in which ``start`` is sampled as cycle 0, ``done`` is high in cycle
 :meth:`MatmulSpec.cycles` ``(m, bitmap)`` =
 
-    ``ISSUE_LATENCY + B - 1 + PEArray.LATENCY + rows - 1 + OUT_LATENCY``
+    ``issue_latency + B - 1 + PEArray.LATENCY + rows - 1 + out_latency``
 
 with ``B = MT * sum_nt max(T(nt), min_beats)`` beats, ``T(nt)`` = the K rows of
 N-tile ``nt``'s occupied blocks: the first beat is accepted by the array in
-cycle ``ISSUE_LATENCY`` (= 8), beats follow back to back with no gap, the
-last tile's last row leaves the array ``PEArray.LATENCY + rows - 1`` cycles
-after its last beat, and the output pipeline takes ``OUT_LATENCY`` (= 7)
-cycles from there to ``done``. Dense MiniLM shapes at ``m = 128`` on 16 x 16
+cycle ``issue_latency``, beats follow back to back with no gap, the last
+tile's last row leaves the array ``PEArray.LATENCY + rows - 1`` cycles after
+its last beat, and the output pipeline takes ``out_latency`` cycles from
+there to ``done``. Both latencies are :class:`MatmulSpec` properties computed
+from the buffers' read latencies (``L_ent``, ``L_op`` of ``a`` and ``w``,
+``L_bs`` of ``bias`` and ``shift``): ``issue_latency = 2 L_ent + 2 + L_op``
+and ``out_latency = L_bs + 2 + ShiftRequant.LATENCY + W_out`` (``W_out``:
+``out``'s front registers, :attr:`MatmulSpec.out_write_latency`, so that
+``done`` still means the last word is in ``out``); 8 and 7 when every buffer
+reads in 2 cycles. Dense MiniLM shapes at ``m = 128`` on 16 x 16
 reach utilization ``(m*k*n / (rows*cols)) / cycles`` > 0.999.
 
 Pipeline (built for FPGA timing: every buffer is a
-:class:`~hwgen.rtl.buffer.Buffer` whose reads take two cycles, the second
-register being the block RAM's own output register, so no block RAM
-clock-to-out sits in front of logic, an adder or another memory's address):
+:class:`~hwgen.rtl.buffer.Buffer` whose reads end in the block RAM's own
+output register, so no block RAM clock-to-out sits in front of logic, an
+adder or another memory's address; large buffers add registered, replicated
+addresses and a registered bank select):
 
-* entry fetch: cycle 0 reads the header, cycle 2 latches ``n_ent``; from
-  cycle 3 entries ``1 .. n_ent`` (then again from 1: one pass per M-tile) are
-  read and pushed into a ``FIFO_DEPTH`` (4) register FIFO whenever it has
-  room (one read per cycle, paced by credit: at most 4 held or in flight), so
-  the issue stage never waits for an entry once the first one is in (cycle 6);
+* entry fetch: cycle 0 reads the header, cycle ``L_ent`` latches ``n_ent``;
+  from the next cycle entries ``1 .. n_ent`` (then again from 1: one pass per
+  M-tile) are read and pushed into a :attr:`MatmulSpec.fifo_depth`
+  (``L_ent + 2``) register FIFO whenever it has room (one read per cycle,
+  paced by credit: at most ``fifo_depth`` held or in flight), so the issue
+  stage never waits for an entry once the first one is in;
 * issue (stage 0): from the FIFO head (registers) the operand addresses
   ``a_base + k0 + kk`` and ``w0 + kk``, the tile flags, padding beats;
-* stages 1, 2: the operand reads; then the PE array's input (which is always
-  ready: nothing stalls);
+* stages 1 .. ``L_op``: the operand reads (the flags ride along); then the PE
+  array's input (which is always ready: nothing stalls);
 * output: PE row (the array presents each row once) -> register (the column
-  group's bias and shift words read meanwhile) -> the words arrive ->
-  ``acc + bias`` registered -> the three
+  group's bias and shift words read meanwhile, ``L_bs`` cycles) -> the words
+  arrive -> ``acc + bias`` registered -> the three
   :class:`~hwgen.rtl.requant.ShiftRequant` stages -> write into ``out`` ->
   ``done`` the cycle after the last write.
 """
@@ -124,7 +135,7 @@ from amaranth.lib.wiring import In, Out
 
 from .. import contract as C
 from ..fixed import FixedType, bits_for_range
-from .buffer import Buffer
+from .buffer import Buffer, read_latency, write_latency
 from .pe_array import PEArray, RTLError, _is_int, check_positive
 from .requant import ShiftRequant, check_shift_range, shift_code, shift_code_width
 
@@ -132,8 +143,6 @@ from .requant import ShiftRequant, check_shift_range, shift_code, shift_code_wid
 RTL_Q, RTL_O = "AP_RND", "AP_SAT"
 #: input buffers in load order, then the output buffer
 IN_BUFFERS = ("a", "w", "ent", "bias", "shift")
-#: block-list entries held in registers (credit covers the 2-cycle fetch latency)
-FIFO_DEPTH = 4
 
 
 def _fmt_str(f: FixedType) -> str:
@@ -212,12 +221,6 @@ class MatmulSpec:
     block_k: int = 16
     name: str = "matmul"
     w_blocks: int | None = None
-
-    #: cycles from ``start`` to the first beat the PE array accepts: header read (2),
-    #: first entry fetch (2), entry into the FIFO, operand addresses, operand read (2)
-    ISSUE_LATENCY = 8
-    #: cycles from the last result row leaving the PE array to ``done``
-    OUT_LATENCY = 4 + ShiftRequant.LATENCY
 
     def __post_init__(self):
         for p in ("rows", "cols", "k", "n", "max_m", "block_k"):
@@ -377,10 +380,51 @@ class MatmulSpec:
     def beats(self, m: int, bitmap=None) -> int:
         return -(-self.check_m(m) // self.rows) * sum(self.tile_beats(bitmap))
 
+    # -- the schedule, from the buffers' read latencies -------------------
+    @property
+    def read_latencies(self) -> dict[str, int]:
+        """Read latency of each buffer (:func:`hwgen.rtl.buffer.read_latency` of its
+        size); buffers read in lockstep share one: ``a`` and ``w`` (the operands),
+        ``bias`` and ``shift`` (the output stage) take the larger of the pair.
+        ``out``'s is the host's ``o_rd`` latency."""
+        own = {b: read_latency(Shape.cast(lay).width, self.depths[b]) for b, lay in self.layouts.items()}
+        for pair in (("a", "w"), ("bias", "shift")):
+            for b in pair:
+                own[b] = max(own[p] for p in pair)
+        return own
+
+    @property
+    def out_write_latency(self) -> int:
+        """Cycles from a result presented on ``out``'s write port to the word in
+        ``out`` (its front registers); ``done`` waits for them."""
+        lay = self.layouts["out"]
+        return write_latency(Shape.cast(lay).width, self.depths["out"], self.read_latencies["out"])
+
+    @property
+    def fifo_depth(self) -> int:
+        """Block-list entries held in registers or in flight: the fetch latency
+        plus 2 covers the credit loop, so the issue stage never waits for an entry."""
+        return self.read_latencies["ent"] + 2
+
+    @property
+    def issue_latency(self) -> int:
+        """Cycles from ``start`` to the first beat the PE array accepts: the header
+        read, ``n_ent`` latched, the first entry's fetch, its FIFO write, the
+        operand reads."""
+        lat = self.read_latencies
+        return 2 * lat["ent"] + 2 + lat["a"]
+
+    @property
+    def out_latency(self) -> int:
+        """Cycles from the last result row leaving the PE array to ``done``: the
+        row register, the bias/shift read, ``acc + bias``, the requantizer, the
+        write (through ``out``'s front registers), ``done``."""
+        return 1 + self.read_latencies["bias"] + 1 + ShiftRequant.LATENCY + self.out_write_latency
+
     def cycles(self, m: int, bitmap=None) -> int:
         """Exact cycles from ``start`` to ``done`` (module docstring)."""
-        return (self.ISSUE_LATENCY + self.beats(m, bitmap) - 1 + PEArray.LATENCY + self.rows - 1
-                + self.OUT_LATENCY)
+        return (self.issue_latency + self.beats(m, bitmap) - 1 + PEArray.LATENCY + self.rows - 1
+                + self.out_latency)
 
     def ideal_cycles(self, m: int) -> float:
         """Dense MACs over PEs: the physical limit."""
@@ -400,7 +444,8 @@ class MatmulSpec:
                            "max_m": self.max_m, "block_k": self.block_k,
                            "w_blocks": self.w_capacity,
                            "min_beats": self.min_beats, "pe_latency": PEArray.LATENCY,
-                           "issue_latency": self.ISSUE_LATENCY, "out_latency": self.OUT_LATENCY},
+                           "issue_latency": self.issue_latency, "out_latency": self.out_latency,
+                           "read_latencies": self.read_latencies},
             "formats": {"x": self.x_fmt.to_dict(), "w": self.w_fmt.to_dict(),
                         "out": self.out_fmt.to_dict(), "acc_width": self.acc_width,
                         "sum_width": self.sum_width, "bias_width": self.bias_width,
@@ -598,7 +643,7 @@ class MatmulEngine(wiring.Component):
     ``a_wr``, ``w_wr``, ``ent_wr``, ``bias_wr``, ``shift_wr``: write ports
     (``lib.memory.WritePort.Signature``: ``addr``, ``data`` (the word layout),
     ``en``), all inputs; ``o_rd``: read port of ``out`` (``addr``, ``en`` in;
-    ``data`` out, two cycles after ``addr``: :data:`hwgen.rtl.buffer.READ_LATENCY`).
+    ``data`` out, ``spec.read_latencies["out"]`` cycles after ``addr``).
 
     ``init``: optional ``{buffer: [word, ...]}`` initial contents (the packed
     images; shorter lists are zero-filled); ``engine.mem[buffer]`` is each
@@ -648,7 +693,7 @@ class MatmulEngine(wiring.Component):
 
         bufs = {}
         for b in (*IN_BUFFERS, "out"):
-            m.submodules[f"mem_{b}"] = bufs[b] = Buffer(lay[b], self.mem[b])
+            m.submodules[f"mem_{b}"] = bufs[b] = Buffer(lay[b], self.mem[b], s.read_latencies[b])
         for b in IN_BUFFERS:  # host write ports
             wiring.connect(m, wiring.flipped(getattr(self, f"{b}_wr")), bufs[b].wr)
         wiring.connect(m, wiring.flipped(self.o_rd), bufs["out"].rd)
@@ -665,41 +710,40 @@ class MatmulEngine(wiring.Component):
 
         # ---- entry fetch: block list -> a FIFO of registers ----------------------
         # Word 0 of `ent` is the header (the entry count E); entries 1..E are read in
-        # a loop, paced by FIFO credit only. Every buffer read has two registers (the
-        # block RAM's own output register: hwgen.rtl.buffer): nothing read from a
-        # memory reaches logic before it has passed a register.
+        # a loop, paced by FIFO credit only. Every buffer read ends in registers (the
+        # block RAM's own output register and more: hwgen.rtl.buffer): nothing read
+        # from a memory reaches logic before it has passed a register.
         ent_rd = bufs["ent"].rd
+        lat_e, depth = s.read_latencies["ent"], s.fifo_depth
         hdr = data.View(s.ent_header_layout, ent_rd.data[:Shape.cast(s.ent_header_layout).width])
         n_ent = Signal(s.ent_header_layout.members["n_ent"])
-        hdr_wait = Signal()                   # the header read is under way
-        hdr_phase = Signal()                  # the header is on the read port
+        hdr_pipe = [Signal(name=f"hdr{i}") for i in range(lat_e)]  # the header read under way
         fetching = Signal()
         ptr = Signal(ent_rd.addr.shape())
-        f1 = Signal()                         # a fetch issued last cycle
-        f2 = Signal()                         # ... two cycles ago: its entry is on the port
-        cnt = Signal(range(FIFO_DEPTH + 1))
-        fifo = [Signal(Shape.cast(s.ent_layout).width, name=f"ent_q{i}") for i in range(FIFO_DEPTH)]
+        inflight = [Signal(name=f"fetch{i}") for i in range(lat_e)]  # fetches 1 .. lat_e cycles ago
+        cnt = Signal(range(depth + 1))
+        fifo = [Signal(Shape.cast(s.ent_layout).width, name=f"ent_q{i}") for i in range(depth)]
         fetch = Signal()
         pop = Signal()
+        arrive = inflight[-1]                 # the entry fetched lat_e cycles ago is on the port
         m.d.comb += [
-            fetch.eq(fetching & run & (cnt + f1 + f2 <= FIFO_DEPTH - 1)),
+            fetch.eq(fetching & run & (cnt + sum(inflight) <= depth - 1)),
             ent_rd.addr.eq(Mux(fetching & run, ptr, 0)),
         ]
-        m.d.sync += [f1.eq(fetch), f2.eq(f1)]
+        m.d.sync += [q.eq(d) for q, d in zip(inflight, [fetch] + inflight[:-1])]
         with m.If(fetch):
             m.d.sync += ptr.eq(Mux(ptr == n_ent, 1, ptr + 1))
-        with m.If(hdr_wait):
-            m.d.sync += [hdr_wait.eq(0), hdr_phase.eq(1)]
-        with m.If(hdr_phase):
-            m.d.sync += [n_ent.eq(hdr.n_ent), fetching.eq(1), hdr_phase.eq(0)]
-        wr_idx = Signal(range(FIFO_DEPTH + 1))
+        m.d.sync += [q.eq(d) for q, d in zip(hdr_pipe, [start] + hdr_pipe[:-1])]
+        with m.If(hdr_pipe[-1]):              # the header is on the read port
+            m.d.sync += [n_ent.eq(hdr.n_ent), fetching.eq(1)]
+        wr_idx = Signal(range(depth + 1))
         m.d.comb += wr_idx.eq(cnt - pop)
-        for i in range(FIFO_DEPTH):
-            with m.If(f2 & (wr_idx == i)):
+        for i in range(depth):
+            with m.If(arrive & (wr_idx == i)):
                 m.d.sync += fifo[i].eq(ent_rd.data)
             with m.Elif(pop):
-                m.d.sync += fifo[i].eq(fifo[i + 1] if i < FIFO_DEPTH - 1 else 0)
-        m.d.sync += cnt.eq(cnt + f2 - pop)
+                m.d.sync += fifo[i].eq(fifo[i + 1] if i < depth - 1 else 0)
+        m.d.sync += cnt.eq(cnt + arrive - pop)
 
         # ---- issue stage (stage 0): FIFO head entry -> operand addresses ---------
         a_rd = bufs["a"].rd
@@ -715,9 +759,6 @@ class MatmulEngine(wiring.Component):
         r0 = Signal(range(s.mt_max * R + 1))  # first row of the M-tile
         a_base = Signal(range(s.mt_max * s.k + 1))
 
-        # stages 1 and 2: the operand reads (two-cycle buffers); the flags ride along
-        s1_valid, s1_first, s1_last, s1_zero = Signal(), Signal(), Signal(), Signal()
-        s2_valid, s2_first, s2_last, s2_zero = Signal(), Signal(), Signal(), Signal()
         go = Signal()
         m.d.comb += go.eq(run & (pad | e_valid))
 
@@ -753,17 +794,20 @@ class MatmulEngine(wiring.Component):
                     m.d.sync += [r0.eq(r0 + R), a_base.eq(a_base + s.k)]
                     with m.If(r0 + R >= m_reg):
                         m.d.sync += run.eq(0)
-        m.d.sync += [s1_valid.eq(go), s1_first.eq(tcnt == 0), s1_last.eq(tile_end),
-                     s1_zero.eq(~real),
-                     s2_valid.eq(s1_valid), s2_first.eq(s1_first), s2_last.eq(s1_last),
-                     s2_zero.eq(s1_zero)]
+        # stages 1 .. lat_op: the operand reads; the beat's flags ride along
+        flags = [go, tcnt == 0, tile_end, ~real]
+        for st in range(1, s.read_latencies["a"] + 1):
+            nxt = [Signal(name=f"s{st}_{n}") for n in ("valid", "first", "last", "zero")]
+            m.d.sync += [q.eq(d) for q, d in zip(nxt, flags)]
+            flags = nxt
+        op_valid, op_first, op_last, op_zero = flags
 
-        # ---- operand stage 2 -> PE array -------------------------------------
+        # ---- the operand words -> PE array -----------------------------------
         av, wv = a_rd.data, w_rd.data
-        m.d.comb += [pe.i.valid.eq(s2_valid), pe.i.payload.first.eq(s2_first),
-                     pe.i.payload.last.eq(s2_last)]
-        m.d.comb += [pe.i.payload.a[r].eq(Mux(s2_zero, 0, av[r])) for r in range(R)]
-        m.d.comb += [pe.i.payload.b[c].eq(Mux(s2_zero, 0, wv[c])) for c in range(N)]
+        m.d.comb += [pe.i.valid.eq(op_valid), pe.i.payload.first.eq(op_first),
+                     pe.i.payload.last.eq(op_last)]
+        m.d.comb += [pe.i.payload.a[r].eq(Mux(op_zero, 0, av[r])) for r in range(R)]
+        m.d.comb += [pe.i.payload.b[c].eq(Mux(op_zero, 0, wv[c])) for c in range(N)]
 
         # ---- output side: PE rows -> + bias -> requant -> out buffer -------------
         out_nt = Signal(range(max(s.nt, 2)))
@@ -773,25 +817,38 @@ class MatmulEngine(wiring.Component):
         m.d.comb += [bias_rd.addr.eq(out_nt), shift_rd.addr.eq(out_nt)]
         fin = Signal()
         m.d.comb += fin.eq(pe.o.payload.last & (out_nt == s.nt - 1) & (out_r0 + R >= m_reg))
+        # out address of the draining tile's row 0, out_r0 * NT + out_nt, kept by
+        # additions (no multiplier on the way to the out buffer's address)
+        tile_base = Signal(range((s.mt_max + 1) * R * s.nt + 1))
         with m.If(pe.o.valid & pe.o.payload.last):
             with m.If(out_nt == s.nt - 1):
-                m.d.sync += [out_nt.eq(0), out_r0.eq(out_r0 + R)]
+                m.d.sync += [out_nt.eq(0), out_r0.eq(out_r0 + R),
+                             tile_base.eq(tile_base + (R * s.nt - (s.nt - 1)))]
             with m.Else():
-                m.d.sync += out_nt.eq(out_nt + 1)
+                m.d.sync += [out_nt.eq(out_nt + 1), tile_base.eq(tile_base + 1)]
 
-        # stage R1: accumulator row + its bias/shift words
+        # stage R1: accumulator row, its row index and out address (rows drain in
+        # order, row 0 first: each row's address is the previous one's + NT)
         v1, fin1 = Signal(), Signal()
         g1 = Signal(range(s.mt_max * R + 1))
-        nt1 = Signal.like(out_nt)
+        addr1 = Signal(range((s.mt_max + 1) * R * s.nt + 1))
         acc1 = Signal(pe.o.payload.data.shape())
         m.d.sync += [v1.eq(pe.o.valid), fin1.eq(pe.o.valid & fin), g1.eq(out_r0 + pe.o.payload.row),
-                     nt1.eq(out_nt), acc1.eq(pe.o.payload.data)]
-        # stage R2: the bias/shift words arrive (two-cycle buffers)
+                     acc1.eq(pe.o.payload.data)]
+        with m.If(pe.o.valid):
+            m.d.sync += addr1.eq(Mux(pe.o.payload.row == 0, tile_base, addr1 + s.nt))
+        # stage R2: the row's out address; then the row waits for its bias/shift
+        # words (read_latencies["bias"] cycles after the address, which is out_nt)
         v2, fin2 = Signal(), Signal()
         addr2 = Signal(bufs["out"].wr.addr.shape())
         acc2 = Signal.like(acc1)
-        m.d.sync += [v2.eq(v1 & (g1 < m_reg)), fin2.eq(fin1), addr2.eq(g1 * s.nt + nt1),
+        m.d.sync += [v2.eq(v1 & (g1 < m_reg)), fin2.eq(fin1), addr2.eq(addr1),
                      acc2.eq(acc1)]
+        for st in range(s.read_latencies["bias"] - 2):
+            nxt = [Signal.like(v, name=f"{n}_w{st}") for v, n in
+                   zip((v2, fin2, addr2, acc2), ("v", "fin", "addr", "acc"))]
+            m.d.sync += [q.eq(d) for q, d in zip(nxt, (v2, fin2, addr2, acc2))]
+            v2, fin2, addr2, acc2 = nxt
         bv, tv = bias_rd.data, shift_rd.data
         # stage R3: sum = acc + bias, shift codes -> ShiftRequant
         m.submodules.rq = rq = ShiftRequant(s.sum_width, s.shift_min, s.shift_max,
@@ -810,7 +867,12 @@ class MatmulEngine(wiring.Component):
             m.d.sync += [vq[-1].eq(vq[-2]), finq[-1].eq(finq[-2]), addrq[-1].eq(addrq[-2])]
         ow = bufs["out"].wr
         m.d.comb += [ow.en.eq(vq[-1]), ow.addr.eq(addrq[-1]), ow.data.eq(rq.o.as_value())]
-        m.d.sync += done.eq(finq[-1])
+        fin_w = finq[-1]
+        for st in range(s.out_write_latency):   # the last word through out's front registers
+            nxt = Signal(name=f"fin_w{st}")
+            m.d.sync += nxt.eq(fin_w)
+            fin_w = nxt
+        m.d.sync += done.eq(fin_w)
         m.d.comb += self.done.eq(done)
 
         # ---- start / done (a start in the done cycle is taken) ------------------
@@ -818,8 +880,8 @@ class MatmulEngine(wiring.Component):
             m.d.sync += busy.eq(0)
         with m.If(start):   # the header is read in this cycle (port address 0)
             m.d.sync += [busy.eq(1), run.eq(1), m_reg.eq(self.m), r0.eq(0), a_base.eq(0),
-                         out_nt.eq(0), out_r0.eq(0), tcnt.eq(0), tcnt_ok.eq(s.min_beats <= 1),
+                         out_nt.eq(0), out_r0.eq(0), tile_base.eq(0), tcnt.eq(0), tcnt_ok.eq(s.min_beats <= 1),
                          kk.eq(0), pad.eq(0),
-                         fetching.eq(0), hdr_wait.eq(1), ptr.eq(1), f1.eq(0), f2.eq(0),
-                         cnt.eq(0)]
+                         fetching.eq(0), ptr.eq(1), cnt.eq(0)]
+            m.d.sync += [f.eq(0) for f in inflight]
         return m

@@ -33,19 +33,22 @@ clock of larger arrays (measured on ECP5: 105 MHz at 8 x 8). Cycles with
 ``i.valid`` low are bubbles (their B row is zeroed at stage 0, so they add
 0); the producer may insert them anywhere.
 
-Four register stages lead to the accumulators, built for FPGA timing closure
+Five register stages lead to the accumulators, built for FPGA timing closure
 (DESIGN.md, Known traps: registered operands and products, DSP registers):
 stage 0 registers the operands (one register per row of A and column of B)
-and the flags; stages 1..3 are the multiplier's registers
-(:class:`MULT18X18D` with its input and output registers plus one in fabric,
-its behavioural twin :class:`RegisteredMul`, or the pipelined
-:class:`FabricMul` in logic, per :class:`PEMapping`); stage 4 adds the product
-into the accumulator. The ``first``/``last`` flags travel beside the products
-through a fan-out tree of registers (one copy at stage 1, one per row at stage
-2, one per PE at stage 3; each copy carries a ``keep`` attribute, which
-:mod:`hwgen.impl` turns into kept cells so synthesis does not merge the
-copies), so no control net drives more than one PE's registers. ``PIPE`` (4)
-registers sit in front of the accumulators and ``LATENCY = PIPE + 1``.
+and the flags; stage 1 fans the operands out, one kept register copy per
+``FANOUT_GROUP`` (4) PEs of a row (A) or a column (B), so no operand net
+spans the whole array (a 16 x 16 array covers most of an LFE5U-85F);
+stages 2..4 are the multiplier's registers (:class:`MULT18X18D` with its
+input and output registers plus one in fabric, its behavioural twin
+:class:`RegisteredMul`, or the pipelined :class:`FabricMul` in logic, per
+:class:`PEMapping`); stage 5 adds the product into the accumulator. The
+``first``/``last`` flags travel beside the products through a fan-out tree
+of registers (one copy at stages 1 and 2, one per row at stage 3, one per PE
+at stage 4; each copy carries a ``keep`` attribute, which :mod:`hwgen.impl`
+turns into kept cells so synthesis does not merge the copies), so no control
+net drives more than one PE's registers. ``PIPE`` (5) registers sit in front
+of the accumulators and ``LATENCY = PIPE + 1``.
 Counting cycle 0 as the one in which beat 0 is taken, with no bubbles:
 
 * beats are taken in cycles ``0 .. K-1``;
@@ -80,9 +83,12 @@ from ..contract import acc_width as contract_acc_width
 #: registers of every multiplier (stages 1..3 of the array)
 MUL_STAGES = 3
 
-#: pipeline registers in front of the accumulators: stage 0 (operands, flags)
-#: and the multiplier's
-PIPE = 1 + MUL_STAGES
+#: PEs fed by one operand register copy (stage 1 of the array)
+FANOUT_GROUP = 4
+
+#: pipeline registers in front of the accumulators: stage 0 (operands, flags),
+#: stage 1 (the operands' fan-out copies) and the multiplier's
+PIPE = 2 + MUL_STAGES
 
 #: widest operand of one MULT18X18D (signed)
 DSP_WIDTH = 18
@@ -215,21 +221,35 @@ class PEArray(wiring.Component):
         m.d.sync += [a0n[i].eq(-i_.payload.a[i]) for i in fabric_rows]
         m.d.sync += [b0[j].eq(Mux(i_.valid, i_.payload.b[j], 0)) for j in range(N)]
 
-        # the flags' fan-out tree: stage 1 one copy, stage 2 one per row, stage 3 one per PE
-        first1, last1 = Signal(), Signal()
-        m.d.sync += [first1.eq(first0), last1.eq(last0)]
-        first2 = [Signal(name=f"first2_{i}", attrs=keep) for i in range(R)]
-        last2 = [Signal(name=f"last2_{i}", attrs=keep) for i in range(R)]
-        m.d.sync += [first2[i].eq(first1) for i in range(R)]
-        m.d.sync += [last2[i].eq(last1) for i in range(R)]
-        first3 = [[Signal(name=f"first3_{i}_{j}", attrs=keep) for j in range(N)] for i in range(R)]
-        last3 = [[Signal(name=f"last3_{i}_{j}", attrs=keep) for j in range(N)] for i in range(R)]
-        m.d.sync += [first3[i][j].eq(first2[i]) for i in range(R) for j in range(N)]
-        m.d.sync += [last3[i][j].eq(last2[i]) for i in range(R) for j in range(N)]
-        commit = Signal()        # the control logic's own copy of last3
-        m.d.sync += commit.eq(last2[0])
+        # stage 1: the operands' fan-out, one kept copy per FANOUT_GROUP PEs of a row
+        # (A) or a column (B), so no operand net spans the whole array
+        def copies(src, n, name):
+            out = []
+            for g in range(-(-n // FANOUT_GROUP)):
+                q = Signal.like(src, name=f"{name}_g{g}", reset_less=True, attrs=keep)
+                m.d.sync += q.eq(src)
+                out.append(q)
+            return out
+        a1 = [copies(a0[i], N, f"a1_{i}") for i in range(R)]
+        a1n = {i: copies(a0n[i], N, f"a1n_{i}") for i in fabric_rows}
+        b1 = [copies(b0[j], R, f"b1_{j}") for j in range(N)]
 
-        # stages 1..3: one product per PE, MUL_STAGES registers deep (MULT18X18D
+        # the flags' fan-out tree: one copy at stages 1 and 2, one per row at stage 3,
+        # one per PE at stage 4
+        first1, last1, first2, last2 = Signal(), Signal(), Signal(), Signal()
+        m.d.sync += [first1.eq(first0), last1.eq(last0), first2.eq(first1), last2.eq(last1)]
+        first3 = [Signal(name=f"first3_{i}", attrs=keep) for i in range(R)]
+        last3 = [Signal(name=f"last3_{i}", attrs=keep) for i in range(R)]
+        m.d.sync += [first3[i].eq(first2) for i in range(R)]
+        m.d.sync += [last3[i].eq(last2) for i in range(R)]
+        first4 = [[Signal(name=f"first4_{i}_{j}", attrs=keep) for j in range(N)] for i in range(R)]
+        last4 = [[Signal(name=f"last4_{i}_{j}", attrs=keep) for j in range(N)] for i in range(R)]
+        m.d.sync += [first4[i][j].eq(first3[i]) for i in range(R) for j in range(N)]
+        m.d.sync += [last4[i][j].eq(last3[i]) for i in range(R) for j in range(N)]
+        commit = Signal()        # the control logic's own copy of last4
+        m.d.sync += commit.eq(last3[0])
+
+        # stages 2..4: one product per PE, MUL_STAGES registers deep (MULT18X18D
         # with its registers, its twin, or a pipelined fabric multiplier), never held
         prod = [[None] * N for _ in range(R)]
         for i in range(R):
@@ -241,12 +261,12 @@ class PEArray(wiring.Component):
                     mul = RegisteredMul(self.a_width, self.b_width)
                 else:
                     mul = FabricMul(self.a_width, self.b_width)
-                    m.d.comb += mul.a_neg.eq(a0n[i])
+                    m.d.comb += mul.a_neg.eq(a1n[i][j // FANOUT_GROUP])
                 m.submodules[name] = mul
-                m.d.comb += [mul.a.eq(a0[i]), mul.b.eq(b0[j])]
+                m.d.comb += [mul.a.eq(a1[i][j // FANOUT_GROUP]), mul.b.eq(b1[j][i // FANOUT_GROUP])]
                 prod[i][j] = mul.p
 
-        # stage 4: accumulators; the output bank (a row shift register) drained on `o`
+        # stage 5: accumulators; the output bank (a row shift register) drained on `o`
         acc = [[Signal(signed(W), name=f"acc_{i}_{j}", reset_less=True) for j in range(N)]
                for i in range(R)]
         bank = [[Signal(signed(W), name=f"bank_{i}_{j}", reset_less=True) for j in range(N)]
@@ -254,10 +274,10 @@ class PEArray(wiring.Component):
         nxt = [[Signal(signed(W), name=f"nxt_{i}_{j}") for j in range(N)] for i in range(R)]
         for i in range(R):
             for j in range(N):
-                m.d.comb += nxt[i][j].eq(Mux(first3[i][j], prod[i][j], acc[i][j] + prod[i][j]))
+                m.d.comb += nxt[i][j].eq(Mux(first4[i][j], prod[i][j], acc[i][j] + prod[i][j]))
                 m.d.sync += acc[i][j].eq(nxt[i][j])
                 # commit the tile (its last product included), else shift up one row
-                m.d.sync += bank[i][j].eq(Mux(last3[i][j], nxt[i][j],
+                m.d.sync += bank[i][j].eq(Mux(last4[i][j], nxt[i][j],
                                               bank[i + 1][j] if i + 1 < R else 0))
 
         bank_busy = Signal()
