@@ -20,8 +20,8 @@ module encoder_layer_0_attention_output_dense(m, a_wr__en, a_wr__addr, a_wr__dat
   wire \$11 ;
   wire [24:0] \$110 ;
   wire [24:0] \$111 ;
-  wire [24:0] \$112 ;
-  wire [24:0] \$113 ;
+  wire \$112 ;
+  wire \$113 ;
   reg \$114 ;
   reg \$115 ;
   reg [9:0] \$116 ;
@@ -35,16 +35,16 @@ module encoder_layer_0_attention_output_dense(m, a_wr__en, a_wr__addr, a_wr__dat
   reg [29:0] \$123 ;
   reg [29:0] \$124 ;
   reg [2:0] \$125 ;
-  reg [4:0] \$126 ;
-  reg \$127 ;
-  reg [3:0] \$128 ;
-  reg \$129 ;
+  reg [2:0] \$126 ;
+  reg [4:0] \$127 ;
+  reg \$128 ;
+  reg [3:0] \$129 ;
   wire \$13 ;
   reg \$130 ;
-  reg [7:0] \$131 ;
-  reg [11:0] \$132 ;
+  reg \$131 ;
+  reg [7:0] \$132 ;
   reg \$133 ;
-  reg \$134 ;
+  reg [11:0] \$134 ;
   reg \$135 ;
   reg \$136 ;
   reg \$137 ;
@@ -70,44 +70,48 @@ module encoder_layer_0_attention_output_dense(m, a_wr__en, a_wr__addr, a_wr__dat
   reg \$155 ;
   reg \$156 ;
   reg \$157 ;
-  reg [4:0] \$158 ;
-  reg [7:0] \$159 ;
+  reg \$158 ;
+  reg \$159 ;
   wire \$16 ;
-  reg [11:0] \$160 ;
-  reg \$161 ;
-  reg \$162 ;
-  reg [7:0] \$163 ;
-  reg [383:0] \$164 ;
-  reg [11:0] \$165 ;
+  reg [4:0] \$160 ;
+  reg [7:0] \$161 ;
+  reg [7:0] \$162 ;
+  reg \$163 ;
+  reg [11:0] \$164 ;
+  reg \$165 ;
   reg \$166 ;
-  reg \$167 ;
-  reg [11:0] \$168 ;
-  reg [383:0] \$169 ;
-  wire \$17 ;
+  reg [7:0] \$167 ;
+  reg [383:0] \$168 ;
+  reg [11:0] \$169 ;
+  wire [12:0] \$17 ;
   reg \$170 ;
   reg \$171 ;
   reg [11:0] \$172 ;
-  reg [415:0] \$173 ;
+  reg [383:0] \$173 ;
   reg \$174 ;
   reg \$175 ;
   reg [11:0] \$176 ;
-  reg \$177 ;
+  reg [415:0] \$177 ;
   reg \$178 ;
-  reg [11:0] \$179 ;
-  wire \$18 ;
-  reg \$180 ;
+  reg \$179 ;
+  wire [13:0] \$18 ;
+  reg [11:0] \$180 ;
   reg \$181 ;
-  reg [11:0] \$182 ;
-  reg \$183 ;
+  reg \$182 ;
+  reg [11:0] \$183 ;
   reg \$184 ;
   reg \$185 ;
-  reg \$186 ;
-  reg [7:0] \$187 ;
-  wire \$19 ;
+  reg [11:0] \$186 ;
+  reg \$187 ;
+  reg \$188 ;
+  reg \$189 ;
+  wire [14:0] \$19 ;
+  reg \$190 ;
+  reg [7:0] \$191 ;
   wire \$2 ;
-  wire [12:0] \$20 ;
-  wire [13:0] \$21 ;
-  wire [14:0] \$22 ;
+  wire [7:0] \$20 ;
+  wire [7:0] \$21 ;
+  wire [7:0] \$22 ;
   wire [7:0] \$23 ;
   wire [7:0] \$24 ;
   wire [7:0] \$25 ;
@@ -126,7 +130,7 @@ module encoder_layer_0_attention_output_dense(m, a_wr__en, a_wr__addr, a_wr__dat
   wire [7:0] \$37 ;
   wire [7:0] \$38 ;
   wire [7:0] \$39 ;
-  wire [1:0] \$4 ;
+  wire \$4 ;
   wire [7:0] \$40 ;
   wire [7:0] \$41 ;
   wire [7:0] \$42 ;
@@ -137,64 +141,64 @@ module encoder_layer_0_attention_output_dense(m, a_wr__en, a_wr__addr, a_wr__dat
   wire [7:0] \$47 ;
   wire [7:0] \$48 ;
   wire [7:0] \$49 ;
-  wire [2:0] \$5 ;
+  wire \$5 ;
   wire [7:0] \$50 ;
   wire [7:0] \$51 ;
-  wire [7:0] \$52 ;
-  wire [7:0] \$53 ;
-  wire [7:0] \$54 ;
-  wire \$55 ;
-  wire \$56 ;
-  wire [8:0] \$57 ;
+  wire \$52 ;
+  wire \$53 ;
+  wire \$54 ;
+  wire [10:0] \$55 ;
+  wire [10:0] \$56 ;
+  wire \$57 ;
   wire \$58 ;
   wire \$59 ;
   wire [3:0] \$6 ;
-  wire [10:0] \$60 ;
-  wire [10:0] \$61 ;
+  wire \$60 ;
+  wire \$61 ;
   wire \$62 ;
   wire \$63 ;
   wire \$64 ;
-  wire \$65 ;
-  wire \$66 ;
-  wire \$67 ;
-  wire \$68 ;
+  wire [3:0] \$65 ;
+  wire [4:0] \$66 ;
+  wire [3:0] \$67 ;
+  wire [4:0] \$68 ;
   wire \$69 ;
   wire \$7 ;
-  wire [3:0] \$70 ;
-  wire [4:0] \$71 ;
+  wire [5:0] \$70 ;
+  wire [5:0] \$71 ;
   wire \$72 ;
-  wire [5:0] \$73 ;
-  wire [5:0] \$74 ;
-  wire \$75 ;
-  wire \$76 ;
+  wire \$73 ;
+  wire \$74 ;
+  wire [4:0] \$75 ;
+  wire [8:0] \$76 ;
   wire \$77 ;
-  wire [4:0] \$78 ;
-  wire [8:0] \$79 ;
+  wire [12:0] \$78 ;
+  wire \$79 ;
   wire \$8 ;
-  wire [12:0] \$80 ;
-  wire [8:0] \$81 ;
+  wire \$80 ;
+  wire \$81 ;
   wire \$82 ;
-  wire \$83 ;
-  wire \$84 ;
+  wire [8:0] \$83 ;
+  wire [8:0] \$84 ;
   wire \$85 ;
-  wire \$86 ;
-  wire [8:0] \$87 ;
+  wire [12:0] \$86 ;
+  wire [5:0] \$87 ;
   wire [12:0] \$88 ;
-  wire [5:0] \$89 ;
-  wire [3:0] \$9 ;
-  wire [12:0] \$90 ;
+  wire \$89 ;
+  wire \$9 ;
+  wire [8:0] \$90 ;
   wire \$91 ;
-  wire [8:0] \$92 ;
-  wire \$93 ;
-  wire [12:0] \$94 ;
-  wire [12:0] \$95 ;
-  wire \$96 ;
-  wire \$97 ;
+  wire [12:0] \$92 ;
+  wire [12:0] \$93 ;
+  wire \$94 ;
+  wire \$95 ;
+  wire [24:0] \$96 ;
+  wire [24:0] \$97 ;
   wire [24:0] \$98 ;
   wire [24:0] \$99 ;
   reg \$signal  = 1'h0;
-  reg \$signal$126  = 1'h0;
-  reg \$signal$130  = 1'h0;
+  reg \$signal$129  = 1'h0;
+  reg \$signal$134  = 1'h0;
   reg [11:0] a_base = 12'h000;
   input [11:0] a_wr__addr;
   wire [11:0] a_wr__addr;
@@ -320,6 +324,7 @@ module encoder_layer_0_attention_output_dense(m, a_wr__en, a_wr__addr, a_wr__dat
   wire go;
   reg hdr0 = 1'h0;
   reg hdr1 = 1'h0;
+  reg [2:0] held = 3'h0;
   reg [415:0] i = 416'h00000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000;
   wire [383:0] \i.c ;
   wire [23:0] \i.c[0] ;
@@ -394,6 +399,8 @@ module encoder_layer_0_attention_output_dense(m, a_wr__en, a_wr__addr, a_wr__dat
   wire \i__payload.last ;
   reg i__valid = 1'h0;
   reg [3:0] kk = 4'h0;
+  reg last_mt = 1'h0;
+  reg [7:0] left = 8'h00;
   wire list_end;
   input [7:0] m;
   wire [7:0] m;
@@ -459,55 +466,73 @@ module encoder_layer_0_attention_output_dense(m, a_wr__en, a_wr__addr, a_wr__dat
   wire [15:0] \o_rd__data[9] ;
   input o_rd__en;
   wire o_rd__en;
+  reg out_last = 1'h0;
+  reg [7:0] out_left = 8'h00;
   (* init = 5'h00 *)
   wire [4:0] out_nt;
   reg [7:0] out_r0 = 8'h00;
   reg pad = 1'h0;
   wire pop;
   reg [9:0] ptr = 10'h000;
-  reg [7:0] r0 = 8'h00;
   wire [11:0] rd__addr;
-  wire [9:0] \rd__addr$51 ;
-  wire [11:0] \rd__addr$66 ;
-  wire [13:0] \rd__addr$68 ;
-  reg [4:0] \rd__addr$77  = 5'h00;
+  wire [9:0] \rd__addr$49 ;
+  wire [11:0] \rd__addr$65 ;
+  wire [13:0] \rd__addr$67 ;
+  reg [4:0] \rd__addr$76  = 5'h00;
   (* init = 5'h00 *)
-  wire [4:0] \rd__addr$79 ;
+  wire [4:0] \rd__addr$78 ;
   wire [255:0] rd__data;
-  wire [223:0] \rd__data$134 ;
-  wire [13:0] \rd__data$134[0] ;
-  wire [13:0] \rd__data$134[10] ;
-  wire [13:0] \rd__data$134[11] ;
-  wire [13:0] \rd__data$134[12] ;
-  wire [13:0] \rd__data$134[13] ;
-  wire [13:0] \rd__data$134[14] ;
-  wire [13:0] \rd__data$134[15] ;
-  wire [13:0] \rd__data$134[1] ;
-  wire [13:0] \rd__data$134[2] ;
-  wire [13:0] \rd__data$134[3] ;
-  wire [13:0] \rd__data$134[4] ;
-  wire [13:0] \rd__data$134[5] ;
-  wire [13:0] \rd__data$134[6] ;
-  wire [13:0] \rd__data$134[7] ;
-  wire [13:0] \rd__data$134[8] ;
-  wire [13:0] \rd__data$134[9] ;
-  wire [31:0] \rd__data$135 ;
-  wire [1:0] \rd__data$135[0] ;
-  wire [1:0] \rd__data$135[10] ;
-  wire [1:0] \rd__data$135[11] ;
-  wire [1:0] \rd__data$135[12] ;
-  wire [1:0] \rd__data$135[13] ;
-  wire [1:0] \rd__data$135[14] ;
-  wire [1:0] \rd__data$135[15] ;
-  wire [1:0] \rd__data$135[1] ;
-  wire [1:0] \rd__data$135[2] ;
-  wire [1:0] \rd__data$135[3] ;
-  wire [1:0] \rd__data$135[4] ;
-  wire [1:0] \rd__data$135[5] ;
-  wire [1:0] \rd__data$135[6] ;
-  wire [1:0] \rd__data$135[7] ;
-  wire [1:0] \rd__data$135[8] ;
-  wire [1:0] \rd__data$135[9] ;
+  wire [223:0] \rd__data$138 ;
+  wire [13:0] \rd__data$138[0] ;
+  wire [13:0] \rd__data$138[10] ;
+  wire [13:0] \rd__data$138[11] ;
+  wire [13:0] \rd__data$138[12] ;
+  wire [13:0] \rd__data$138[13] ;
+  wire [13:0] \rd__data$138[14] ;
+  wire [13:0] \rd__data$138[15] ;
+  wire [13:0] \rd__data$138[1] ;
+  wire [13:0] \rd__data$138[2] ;
+  wire [13:0] \rd__data$138[3] ;
+  wire [13:0] \rd__data$138[4] ;
+  wire [13:0] \rd__data$138[5] ;
+  wire [13:0] \rd__data$138[6] ;
+  wire [13:0] \rd__data$138[7] ;
+  wire [13:0] \rd__data$138[8] ;
+  wire [13:0] \rd__data$138[9] ;
+  wire [31:0] \rd__data$139 ;
+  wire [1:0] \rd__data$139[0] ;
+  wire [1:0] \rd__data$139[10] ;
+  wire [1:0] \rd__data$139[11] ;
+  wire [1:0] \rd__data$139[12] ;
+  wire [1:0] \rd__data$139[13] ;
+  wire [1:0] \rd__data$139[14] ;
+  wire [1:0] \rd__data$139[15] ;
+  wire [1:0] \rd__data$139[1] ;
+  wire [1:0] \rd__data$139[2] ;
+  wire [1:0] \rd__data$139[3] ;
+  wire [1:0] \rd__data$139[4] ;
+  wire [1:0] \rd__data$139[5] ;
+  wire [1:0] \rd__data$139[6] ;
+  wire [1:0] \rd__data$139[7] ;
+  wire [1:0] \rd__data$139[8] ;
+  wire [1:0] \rd__data$139[9] ;
+  wire [127:0] \rd__data$74 ;
+  wire [7:0] \rd__data$74[0] ;
+  wire [7:0] \rd__data$74[10] ;
+  wire [7:0] \rd__data$74[11] ;
+  wire [7:0] \rd__data$74[12] ;
+  wire [7:0] \rd__data$74[13] ;
+  wire [7:0] \rd__data$74[14] ;
+  wire [7:0] \rd__data$74[15] ;
+  wire [7:0] \rd__data$74[1] ;
+  wire [7:0] \rd__data$74[2] ;
+  wire [7:0] \rd__data$74[3] ;
+  wire [7:0] \rd__data$74[4] ;
+  wire [7:0] \rd__data$74[5] ;
+  wire [7:0] \rd__data$74[6] ;
+  wire [7:0] \rd__data$74[7] ;
+  wire [7:0] \rd__data$74[8] ;
+  wire [7:0] \rd__data$74[9] ;
   wire [127:0] \rd__data$75 ;
   wire [7:0] \rd__data$75[0] ;
   wire [7:0] \rd__data$75[10] ;
@@ -525,23 +550,6 @@ module encoder_layer_0_attention_output_dense(m, a_wr__en, a_wr__addr, a_wr__dat
   wire [7:0] \rd__data$75[7] ;
   wire [7:0] \rd__data$75[8] ;
   wire [7:0] \rd__data$75[9] ;
-  wire [127:0] \rd__data$76 ;
-  wire [7:0] \rd__data$76[0] ;
-  wire [7:0] \rd__data$76[10] ;
-  wire [7:0] \rd__data$76[11] ;
-  wire [7:0] \rd__data$76[12] ;
-  wire [7:0] \rd__data$76[13] ;
-  wire [7:0] \rd__data$76[14] ;
-  wire [7:0] \rd__data$76[15] ;
-  wire [7:0] \rd__data$76[1] ;
-  wire [7:0] \rd__data$76[2] ;
-  wire [7:0] \rd__data$76[3] ;
-  wire [7:0] \rd__data$76[4] ;
-  wire [7:0] \rd__data$76[5] ;
-  wire [7:0] \rd__data$76[6] ;
-  wire [7:0] \rd__data$76[7] ;
-  wire [7:0] \rd__data$76[8] ;
-  wire [7:0] \rd__data$76[9] ;
   wire [29:0] \rd__data$93 ;
   wire [15:0] \rd__data[0] ;
   wire [15:0] \rd__data[10] ;
@@ -650,7 +658,7 @@ module encoder_layer_0_attention_output_dense(m, a_wr__en, a_wr__addr, a_wr__dat
   wire [9:0] \wr__addr$30 ;
   wire [4:0] \wr__addr$33 ;
   wire [4:0] \wr__addr$36 ;
-  reg [11:0] \wr__addr$86  = 12'h000;
+  reg [11:0] \wr__addr$84  = 12'h000;
   wire [127:0] wr__data;
   wire [127:0] \wr__data$28 ;
   wire [7:0] \wr__data$28[0] ;
@@ -704,23 +712,23 @@ module encoder_layer_0_attention_output_dense(m, a_wr__en, a_wr__addr, a_wr__dat
   wire [1:0] \wr__data$37[7] ;
   wire [1:0] \wr__data$37[8] ;
   wire [1:0] \wr__data$37[9] ;
-  wire [255:0] \wr__data$88 ;
-  wire [15:0] \wr__data$88[0] ;
-  wire [15:0] \wr__data$88[10] ;
-  wire [15:0] \wr__data$88[11] ;
-  wire [15:0] \wr__data$88[12] ;
-  wire [15:0] \wr__data$88[13] ;
-  wire [15:0] \wr__data$88[14] ;
-  wire [15:0] \wr__data$88[15] ;
-  wire [15:0] \wr__data$88[1] ;
-  wire [15:0] \wr__data$88[2] ;
-  wire [15:0] \wr__data$88[3] ;
-  wire [15:0] \wr__data$88[4] ;
-  wire [15:0] \wr__data$88[5] ;
-  wire [15:0] \wr__data$88[6] ;
-  wire [15:0] \wr__data$88[7] ;
-  wire [15:0] \wr__data$88[8] ;
-  wire [15:0] \wr__data$88[9] ;
+  wire [255:0] \wr__data$86 ;
+  wire [15:0] \wr__data$86[0] ;
+  wire [15:0] \wr__data$86[10] ;
+  wire [15:0] \wr__data$86[11] ;
+  wire [15:0] \wr__data$86[12] ;
+  wire [15:0] \wr__data$86[13] ;
+  wire [15:0] \wr__data$86[14] ;
+  wire [15:0] \wr__data$86[15] ;
+  wire [15:0] \wr__data$86[1] ;
+  wire [15:0] \wr__data$86[2] ;
+  wire [15:0] \wr__data$86[3] ;
+  wire [15:0] \wr__data$86[4] ;
+  wire [15:0] \wr__data$86[5] ;
+  wire [15:0] \wr__data$86[6] ;
+  wire [15:0] \wr__data$86[7] ;
+  wire [15:0] \wr__data$86[8] ;
+  wire [15:0] \wr__data$86[9] ;
   wire [7:0] \wr__data[0] ;
   wire [7:0] \wr__data[10] ;
   wire [7:0] \wr__data[11] ;
@@ -742,133 +750,133 @@ module encoder_layer_0_attention_output_dense(m, a_wr__en, a_wr__addr, a_wr__dat
   wire \wr__en$32 ;
   wire \wr__en$35 ;
   wire \wr__en$38 ;
-  reg \wr__en$84  = 1'h0;
+  reg \wr__en$82  = 1'h0;
   wire [2:0] wr_idx;
   assign \$1  = ~ done;
   assign busy = \busy$42  & \$1 ;
   assign \$2  = ~ busy;
   assign \start$44  = start & \$2 ;
   assign \$3  = fetching & run;
-  assign \$4  = 1'h0 + fetch0;
-  assign \$5  = \$4  + fetch1;
-  assign \$6  = cnt + \$5 ;
-  assign \$7  = \$6  <= 2'h3;
-  assign fetch = \$3  & \$7 ;
-  assign \$8  = fetching & run;
-  assign \rd__addr$51  = \$8  ? ptr : 10'h000;
-  assign \$9  = cnt - pop;
+  assign \$4  = held < 3'h4;
+  assign fetch = \$3  & \$4 ;
+  assign \$5  = fetching & run;
+  assign \rd__addr$49  = \$5  ? ptr : 10'h000;
+  assign \$6  = cnt - pop;
   assign e_valid = | cnt;
-  assign \$10  = pad | e_valid;
-  assign go = run & \$10 ;
-  assign \$11  = ~ pad;
-  assign \$12  = ~ ent_q0[27];
-  assign \real  = \$11  & \$12 ;
-  assign \$13  = kk == ent_q0[26:23];
-  assign entry_end = \real  & \$13 ;
-  assign \$14  = entry_end & ent_q0[28];
-  assign \$15  = \real  ? \$14  : 1'h1;
-  assign tile_end = \$15  & tcnt_ok;
+  assign \$7  = pad | e_valid;
+  assign go = run & \$7 ;
+  assign \$8  = ~ pad;
+  assign \$9  = ~ ent_q0[27];
+  assign \real  = \$8  & \$9 ;
+  assign \$10  = kk == ent_q0[26:23];
+  assign entry_end = \real  & \$10 ;
+  assign \$11  = entry_end & ent_q0[28];
+  assign \$12  = \real  ? \$11  : 1'h1;
+  assign tile_end = \$12  & tcnt_ok;
   assign list_end = pad ? sweep_end : ent_q0[29];
-  assign \$16  = ~ pad;
-  assign \$17  = \$16  & ent_q0[27];
-  assign \$18  = \$17  & tile_end;
-  assign \$19  = entry_end | \$18 ;
-  assign pop = go & \$19 ;
-  assign \$20  = a_base + ent_q0[8:0];
-  assign \$21  = \$20  + kk;
-  assign \$22  = ent_q0[22:9] + kk;
-  assign \$23  = s6_zero ? 8'h00 : \rd__data$75 [7:0];
-  assign \$24  = s6_zero ? 8'h00 : \rd__data$75 [15:8];
-  assign \$25  = s6_zero ? 8'h00 : \rd__data$75 [23:16];
-  assign \$26  = s6_zero ? 8'h00 : \rd__data$75 [31:24];
-  assign \$27  = s6_zero ? 8'h00 : \rd__data$75 [39:32];
-  assign \$28  = s6_zero ? 8'h00 : \rd__data$75 [47:40];
-  assign \$29  = s6_zero ? 8'h00 : \rd__data$75 [55:48];
-  assign \$30  = s6_zero ? 8'h00 : \rd__data$75 [63:56];
-  assign \$31  = s6_zero ? 8'h00 : \rd__data$75 [71:64];
-  assign \$32  = s6_zero ? 8'h00 : \rd__data$75 [79:72];
-  assign \$33  = s6_zero ? 8'h00 : \rd__data$75 [87:80];
-  assign \$34  = s6_zero ? 8'h00 : \rd__data$75 [95:88];
-  assign \$35  = s6_zero ? 8'h00 : \rd__data$75 [103:96];
-  assign \$36  = s6_zero ? 8'h00 : \rd__data$75 [111:104];
-  assign \$37  = s6_zero ? 8'h00 : \rd__data$75 [119:112];
-  assign \$38  = s6_zero ? 8'h00 : \rd__data$75 [127:120];
-  assign \$39  = s6_zero ? 8'h00 : \rd__data$76 [7:0];
-  assign \$40  = s6_zero ? 8'h00 : \rd__data$76 [15:8];
-  assign \$41  = s6_zero ? 8'h00 : \rd__data$76 [23:16];
-  assign \$42  = s6_zero ? 8'h00 : \rd__data$76 [31:24];
-  assign \$43  = s6_zero ? 8'h00 : \rd__data$76 [39:32];
-  assign \$44  = s6_zero ? 8'h00 : \rd__data$76 [47:40];
-  assign \$45  = s6_zero ? 8'h00 : \rd__data$76 [55:48];
-  assign \$46  = s6_zero ? 8'h00 : \rd__data$76 [63:56];
-  assign \$47  = s6_zero ? 8'h00 : \rd__data$76 [71:64];
-  assign \$48  = s6_zero ? 8'h00 : \rd__data$76 [79:72];
-  assign \$49  = s6_zero ? 8'h00 : \rd__data$76 [87:80];
-  assign \$50  = s6_zero ? 8'h00 : \rd__data$76 [95:88];
-  assign \$51  = s6_zero ? 8'h00 : \rd__data$76 [103:96];
-  assign \$52  = s6_zero ? 8'h00 : \rd__data$76 [111:104];
-  assign \$53  = s6_zero ? 8'h00 : \rd__data$76 [119:112];
-  assign \$54  = s6_zero ? 8'h00 : \rd__data$76 [127:120];
-  assign \$55  = \rd__addr$77  == 5'h17;
-  assign \$56  = o__payload[388] & \$55 ;
-  assign \$57  = out_r0 + 5'h10;
-  assign \$58  = \$57  >= m_reg;
-  assign fin = \$56  & \$58 ;
-  assign \$59  = ptr == n_ent;
-  assign \$60  = ptr + 1'h1;
-  assign \$61  = \$59  ? 11'h001 : \$60 ;
-  assign \$62  = ! \$9 [2:0];
-  assign \$63  = fetch1 & \$62 ;
-  assign \$64  = \$9 [2:0] == 1'h1;
-  assign \$65  = fetch1 & \$64 ;
-  assign \$66  = \$9 [2:0] == 2'h2;
-  assign \$67  = fetch1 & \$66 ;
-  assign \$68  = \$9 [2:0] == 2'h3;
-  assign \$69  = fetch1 & \$68 ;
-  assign \$70  = cnt + fetch1;
-  assign \$71  = \$70  - pop;
-  assign \$72  = tcnt != 5'h10;
-  assign \$73  = tcnt + 1'h1;
-  assign \$74  = tcnt + 2'h2;
-  assign \$75  = \$74  >= 5'h10;
-  assign \$76  = ~ tile_end;
-  assign \$77  = ent_q0[28] & \$76 ;
-  assign \$78  = kk + 1'h1;
-  assign \$79  = r0 + 5'h10;
-  assign \$80  = a_base + 9'h180;
-  assign \$81  = r0 + 5'h10;
-  assign \$82  = \$81  >= m_reg;
-  assign \$83  = ! tcnt;
-  assign \$84  = ~ \real ;
-  assign \$85  = o__valid & o__payload[388];
-  assign \$86  = \rd__addr$77  == 5'h17;
-  assign \$87  = out_r0 + 5'h10;
-  assign \$88  = tile_base + 9'h169;
-  assign \$89  = \rd__addr$77  + 1'h1;
-  assign \$90  = tile_base + 1'h1;
-  assign \$91  = o__valid & fin;
-  assign \$92  = out_r0 + o__payload[387:384];
-  assign \$93  = ! o__payload[387:384];
-  assign \$94  = addr1 + 5'h18;
-  assign \$95  = \$93  ? { 1'h0, tile_base } : \$94 ;
-  assign \$96  = g1 < m_reg;
-  assign \$97  = \$signal  & \$96 ;
-  assign \$98  = $signed(acc2[23:0]) + $signed(\rd__data$134 [13:0]);
-  assign \$99  = $signed(acc2[47:24]) + $signed(\rd__data$134 [27:14]);
-  assign \$100  = $signed(acc2[71:48]) + $signed(\rd__data$134 [41:28]);
-  assign \$101  = $signed(acc2[95:72]) + $signed(\rd__data$134 [55:42]);
-  assign \$102  = $signed(acc2[119:96]) + $signed(\rd__data$134 [69:56]);
-  assign \$103  = $signed(acc2[143:120]) + $signed(\rd__data$134 [83:70]);
-  assign \$104  = $signed(acc2[167:144]) + $signed(\rd__data$134 [97:84]);
-  assign \$105  = $signed(acc2[191:168]) + $signed(\rd__data$134 [111:98]);
-  assign \$106  = $signed(acc2[215:192]) + $signed(\rd__data$134 [125:112]);
-  assign \$107  = $signed(acc2[239:216]) + $signed(\rd__data$134 [139:126]);
-  assign \$108  = $signed(acc2[263:240]) + $signed(\rd__data$134 [153:140]);
-  assign \$109  = $signed(acc2[287:264]) + $signed(\rd__data$134 [167:154]);
-  assign \$110  = $signed(acc2[311:288]) + $signed(\rd__data$134 [181:168]);
-  assign \$111  = $signed(acc2[335:312]) + $signed(\rd__data$134 [195:182]);
-  assign \$112  = $signed(acc2[359:336]) + $signed(\rd__data$134 [209:196]);
-  assign \$113  = $signed(acc2[383:360]) + $signed(\rd__data$134 [223:210]);
+  assign \$13  = ~ pad;
+  assign \$14  = \$13  & ent_q0[27];
+  assign \$15  = \$14  & tile_end;
+  assign \$16  = entry_end | \$15 ;
+  assign pop = go & \$16 ;
+  assign \$17  = a_base + ent_q0[8:0];
+  assign \$18  = \$17  + kk;
+  assign \$19  = ent_q0[22:9] + kk;
+  assign \$20  = s6_zero ? 8'h00 : \rd__data$74 [7:0];
+  assign \$21  = s6_zero ? 8'h00 : \rd__data$74 [15:8];
+  assign \$22  = s6_zero ? 8'h00 : \rd__data$74 [23:16];
+  assign \$23  = s6_zero ? 8'h00 : \rd__data$74 [31:24];
+  assign \$24  = s6_zero ? 8'h00 : \rd__data$74 [39:32];
+  assign \$25  = s6_zero ? 8'h00 : \rd__data$74 [47:40];
+  assign \$26  = s6_zero ? 8'h00 : \rd__data$74 [55:48];
+  assign \$27  = s6_zero ? 8'h00 : \rd__data$74 [63:56];
+  assign \$28  = s6_zero ? 8'h00 : \rd__data$74 [71:64];
+  assign \$29  = s6_zero ? 8'h00 : \rd__data$74 [79:72];
+  assign \$30  = s6_zero ? 8'h00 : \rd__data$74 [87:80];
+  assign \$31  = s6_zero ? 8'h00 : \rd__data$74 [95:88];
+  assign \$32  = s6_zero ? 8'h00 : \rd__data$74 [103:96];
+  assign \$33  = s6_zero ? 8'h00 : \rd__data$74 [111:104];
+  assign \$34  = s6_zero ? 8'h00 : \rd__data$74 [119:112];
+  assign \$35  = s6_zero ? 8'h00 : \rd__data$74 [127:120];
+  assign \$36  = s6_zero ? 8'h00 : \rd__data$75 [7:0];
+  assign \$37  = s6_zero ? 8'h00 : \rd__data$75 [15:8];
+  assign \$38  = s6_zero ? 8'h00 : \rd__data$75 [23:16];
+  assign \$39  = s6_zero ? 8'h00 : \rd__data$75 [31:24];
+  assign \$40  = s6_zero ? 8'h00 : \rd__data$75 [39:32];
+  assign \$41  = s6_zero ? 8'h00 : \rd__data$75 [47:40];
+  assign \$42  = s6_zero ? 8'h00 : \rd__data$75 [55:48];
+  assign \$43  = s6_zero ? 8'h00 : \rd__data$75 [63:56];
+  assign \$44  = s6_zero ? 8'h00 : \rd__data$75 [71:64];
+  assign \$45  = s6_zero ? 8'h00 : \rd__data$75 [79:72];
+  assign \$46  = s6_zero ? 8'h00 : \rd__data$75 [87:80];
+  assign \$47  = s6_zero ? 8'h00 : \rd__data$75 [95:88];
+  assign \$48  = s6_zero ? 8'h00 : \rd__data$75 [103:96];
+  assign \$49  = s6_zero ? 8'h00 : \rd__data$75 [111:104];
+  assign \$50  = s6_zero ? 8'h00 : \rd__data$75 [119:112];
+  assign \$51  = s6_zero ? 8'h00 : \rd__data$75 [127:120];
+  assign \$52  = \rd__addr$76  == 5'h17;
+  assign \$53  = o__payload[388] & \$52 ;
+  assign fin = \$53  & out_last;
+  assign \$54  = ptr == n_ent;
+  assign \$55  = ptr + 1'h1;
+  assign \$56  = \$54  ? 11'h001 : \$55 ;
+  assign \$57  = ! \$6 [2:0];
+  assign \$58  = fetch1 & \$57 ;
+  assign \$59  = \$6 [2:0] == 1'h1;
+  assign \$60  = fetch1 & \$59 ;
+  assign \$61  = \$6 [2:0] == 2'h2;
+  assign \$62  = fetch1 & \$61 ;
+  assign \$63  = \$6 [2:0] == 2'h3;
+  assign \$64  = fetch1 & \$63 ;
+  assign \$65  = cnt + fetch1;
+  assign \$66  = \$65  - pop;
+  assign \$67  = held + fetch;
+  assign \$68  = \$67  - pop;
+  assign \$69  = tcnt != 5'h10;
+  assign \$70  = tcnt + 1'h1;
+  assign \$71  = tcnt + 2'h2;
+  assign \$72  = \$71  >= 5'h10;
+  assign \$73  = ~ tile_end;
+  assign \$74  = ent_q0[28] & \$73 ;
+  assign \$75  = kk + 1'h1;
+  assign \$76  = left - 5'h10;
+  assign \$77  = left <= 6'h20;
+  assign \$78  = a_base + 9'h180;
+  assign \$79  = ! tcnt;
+  assign \$80  = ~ \real ;
+  assign \$81  = o__valid & o__payload[388];
+  assign \$82  = \rd__addr$76  == 5'h17;
+  assign \$83  = out_r0 + 5'h10;
+  assign \$84  = out_left - 5'h10;
+  assign \$85  = out_left <= 6'h20;
+  assign \$86  = tile_base + 9'h169;
+  assign \$87  = \rd__addr$76  + 1'h1;
+  assign \$88  = tile_base + 1'h1;
+  assign \$89  = o__valid & fin;
+  assign \$90  = out_r0 + o__payload[387:384];
+  assign \$91  = ! o__payload[387:384];
+  assign \$92  = addr1 + 5'h18;
+  assign \$93  = \$91  ? { 1'h0, tile_base } : \$92 ;
+  assign \$94  = g1 < m_reg;
+  assign \$95  = \$signal  & \$94 ;
+  assign \$96  = $signed(acc2[23:0]) + $signed(\rd__data$138 [13:0]);
+  assign \$97  = $signed(acc2[47:24]) + $signed(\rd__data$138 [27:14]);
+  assign \$98  = $signed(acc2[71:48]) + $signed(\rd__data$138 [41:28]);
+  assign \$99  = $signed(acc2[95:72]) + $signed(\rd__data$138 [55:42]);
+  assign \$100  = $signed(acc2[119:96]) + $signed(\rd__data$138 [69:56]);
+  assign \$101  = $signed(acc2[143:120]) + $signed(\rd__data$138 [83:70]);
+  assign \$102  = $signed(acc2[167:144]) + $signed(\rd__data$138 [97:84]);
+  assign \$103  = $signed(acc2[191:168]) + $signed(\rd__data$138 [111:98]);
+  assign \$104  = $signed(acc2[215:192]) + $signed(\rd__data$138 [125:112]);
+  assign \$105  = $signed(acc2[239:216]) + $signed(\rd__data$138 [139:126]);
+  assign \$106  = $signed(acc2[263:240]) + $signed(\rd__data$138 [153:140]);
+  assign \$107  = $signed(acc2[287:264]) + $signed(\rd__data$138 [167:154]);
+  assign \$108  = $signed(acc2[311:288]) + $signed(\rd__data$138 [181:168]);
+  assign \$109  = $signed(acc2[335:312]) + $signed(\rd__data$138 [195:182]);
+  assign \$110  = $signed(acc2[359:336]) + $signed(\rd__data$138 [209:196]);
+  assign \$111  = $signed(acc2[383:360]) + $signed(\rd__data$138 [223:210]);
+  assign \$112  = m <= 5'h10;
+  assign \$113  = m <= 5'h10;
   always @(posedge clk)
     fetch0 <= \$114 ;
   always @(posedge clk)
@@ -894,133 +902,141 @@ module encoder_layer_0_attention_output_dense(m, a_wr__en, a_wr__addr, a_wr__dat
   always @(posedge clk)
     cnt <= \$125 ;
   always @(posedge clk)
-    tcnt <= \$126 ;
+    held <= \$126 ;
   always @(posedge clk)
-    tcnt_ok <= \$127 ;
+    tcnt <= \$127 ;
   always @(posedge clk)
-    kk <= \$128 ;
+    tcnt_ok <= \$128 ;
   always @(posedge clk)
-    pad <= \$129 ;
+    kk <= \$129 ;
   always @(posedge clk)
-    sweep_end <= \$130 ;
+    pad <= \$130 ;
   always @(posedge clk)
-    r0 <= \$131 ;
+    sweep_end <= \$131 ;
   always @(posedge clk)
-    a_base <= \$132 ;
+    left <= \$132 ;
   always @(posedge clk)
-    run <= \$133 ;
+    last_mt <= \$133 ;
   always @(posedge clk)
-    s1_valid <= \$134 ;
+    a_base <= \$134 ;
   always @(posedge clk)
-    s1_first <= \$135 ;
+    run <= \$135 ;
   always @(posedge clk)
-    s1_last <= \$136 ;
+    s1_valid <= \$136 ;
   always @(posedge clk)
-    s1_zero <= \$137 ;
+    s1_first <= \$137 ;
   always @(posedge clk)
-    s2_valid <= \$138 ;
+    s1_last <= \$138 ;
   always @(posedge clk)
-    s2_first <= \$139 ;
+    s1_zero <= \$139 ;
   always @(posedge clk)
-    s2_last <= \$140 ;
+    s2_valid <= \$140 ;
   always @(posedge clk)
-    s2_zero <= \$141 ;
+    s2_first <= \$141 ;
   always @(posedge clk)
-    s3_valid <= \$142 ;
+    s2_last <= \$142 ;
   always @(posedge clk)
-    s3_first <= \$143 ;
+    s2_zero <= \$143 ;
   always @(posedge clk)
-    s3_last <= \$144 ;
+    s3_valid <= \$144 ;
   always @(posedge clk)
-    s3_zero <= \$145 ;
+    s3_first <= \$145 ;
   always @(posedge clk)
-    s4_valid <= \$146 ;
+    s3_last <= \$146 ;
   always @(posedge clk)
-    s4_first <= \$147 ;
+    s3_zero <= \$147 ;
   always @(posedge clk)
-    s4_last <= \$148 ;
+    s4_valid <= \$148 ;
   always @(posedge clk)
-    s4_zero <= \$149 ;
+    s4_first <= \$149 ;
   always @(posedge clk)
-    s5_valid <= \$150 ;
+    s4_last <= \$150 ;
   always @(posedge clk)
-    s5_first <= \$151 ;
+    s4_zero <= \$151 ;
   always @(posedge clk)
-    s5_last <= \$152 ;
+    s5_valid <= \$152 ;
   always @(posedge clk)
-    s5_zero <= \$153 ;
+    s5_first <= \$153 ;
   always @(posedge clk)
-    i__valid <= \$154 ;
+    s5_last <= \$154 ;
   always @(posedge clk)
-    s6_first <= \$155 ;
+    s5_zero <= \$155 ;
   always @(posedge clk)
-    s6_last <= \$156 ;
+    i__valid <= \$156 ;
   always @(posedge clk)
-    s6_zero <= \$157 ;
+    s6_first <= \$157 ;
   always @(posedge clk)
-    \rd__addr$77  <= \$158 ;
+    s6_last <= \$158 ;
   always @(posedge clk)
-    out_r0 <= \$159 ;
+    s6_zero <= \$159 ;
   always @(posedge clk)
-    tile_base <= \$160 ;
+    \rd__addr$76  <= \$160 ;
   always @(posedge clk)
-    \$signal  <= \$161 ;
+    out_r0 <= \$161 ;
   always @(posedge clk)
-    fin1 <= \$162 ;
+    out_left <= \$162 ;
   always @(posedge clk)
-    g1 <= \$163 ;
+    out_last <= \$163 ;
   always @(posedge clk)
-    acc1 <= \$164 ;
+    tile_base <= \$164 ;
   always @(posedge clk)
-    addr1 <= \$165 ;
+    \$signal  <= \$165 ;
   always @(posedge clk)
-    \$signal$126  <= \$166 ;
+    fin1 <= \$166 ;
   always @(posedge clk)
-    fin2 <= \$167 ;
+    g1 <= \$167 ;
   always @(posedge clk)
-    addr2 <= \$168 ;
+    acc1 <= \$168 ;
   always @(posedge clk)
-    acc2 <= \$169 ;
+    addr1 <= \$169 ;
   always @(posedge clk)
-    \$signal$130  <= \$170 ;
+    \$signal$129  <= \$170 ;
   always @(posedge clk)
-    fin3 <= \$171 ;
+    fin2 <= \$171 ;
   always @(posedge clk)
-    addr3 <= \$172 ;
+    addr2 <= \$172 ;
   always @(posedge clk)
-    i <= \$173 ;
+    acc2 <= \$173 ;
   always @(posedge clk)
-    v_q0 <= \$174 ;
+    \$signal$134  <= \$174 ;
   always @(posedge clk)
-    fin_q0 <= \$175 ;
+    fin3 <= \$175 ;
   always @(posedge clk)
-    addr_q0 <= \$176 ;
+    addr3 <= \$176 ;
   always @(posedge clk)
-    v_q1 <= \$177 ;
+    i <= \$177 ;
   always @(posedge clk)
-    fin_q1 <= \$178 ;
+    v_q0 <= \$178 ;
   always @(posedge clk)
-    addr_q1 <= \$179 ;
+    fin_q0 <= \$179 ;
   always @(posedge clk)
-    \wr__en$84  <= \$180 ;
+    addr_q0 <= \$180 ;
   always @(posedge clk)
-    fin_q2 <= \$181 ;
+    v_q1 <= \$181 ;
   always @(posedge clk)
-    \wr__addr$86  <= \$182 ;
+    fin_q1 <= \$182 ;
   always @(posedge clk)
-    fin_w0 <= \$183 ;
+    addr_q1 <= \$183 ;
   always @(posedge clk)
-    fin_w1 <= \$184 ;
+    \wr__en$82  <= \$184 ;
   always @(posedge clk)
-    done <= \$185 ;
+    fin_q2 <= \$185 ;
   always @(posedge clk)
-    \busy$42  <= \$186 ;
+    \wr__addr$84  <= \$186 ;
   always @(posedge clk)
-    m_reg <= \$187 ;
+    fin_w0 <= \$187 ;
+  always @(posedge clk)
+    fin_w1 <= \$188 ;
+  always @(posedge clk)
+    done <= \$189 ;
+  always @(posedge clk)
+    \busy$42  <= \$190 ;
+  always @(posedge clk)
+    m_reg <= \$191 ;
   \encoder_layer_0_attention_output_dense.mem_a  mem_a (
     .clk(clk),
-    .q_d1(\rd__data$75 ),
-    .rd__addr(\$21 [11:0]),
+    .q_d1(\rd__data$74 ),
+    .rd__addr(\$18 [11:0]),
     .rst(rst),
     .wr__addr(a_wr__addr),
     .wr__data(a_wr__data),
@@ -1028,8 +1044,8 @@ module encoder_layer_0_attention_output_dense(m, a_wr__en, a_wr__addr, a_wr__dat
   );
   \encoder_layer_0_attention_output_dense.mem_bias  mem_bias (
     .clk(clk),
-    .rd__data(\rd__data$134 ),
-    .rp__addr(\rd__addr$77 ),
+    .rd__data(\rd__data$138 ),
+    .rp__addr(\rd__addr$76 ),
     .rst(rst),
     .wp__addr(bias_wr__addr),
     .wp__data(bias_wr__data),
@@ -1038,7 +1054,7 @@ module encoder_layer_0_attention_output_dense(m, a_wr__en, a_wr__addr, a_wr__dat
   \encoder_layer_0_attention_output_dense.mem_ent  mem_ent (
     .clk(clk),
     .rd__data(\rd__data$93 ),
-    .rp__addr(\rd__addr$51 ),
+    .rp__addr(\rd__addr$49 ),
     .rst(rst),
     .wp__addr(ent_wr__addr),
     .wp__data(ent_wr__data),
@@ -1050,14 +1066,14 @@ module encoder_layer_0_attention_output_dense(m, a_wr__en, a_wr__addr, a_wr__dat
     .rd__addr(o_rd__addr),
     .rd__en(o_rd__en),
     .rst(rst),
-    .wr__addr(\wr__addr$86 ),
-    .wr__data(\wr__data$88 ),
-    .wr__en(\wr__en$84 )
+    .wr__addr(\wr__addr$84 ),
+    .wr__data(\wr__data$86 ),
+    .wr__en(\wr__en$82 )
   );
   \encoder_layer_0_attention_output_dense.mem_shift  mem_shift (
     .clk(clk),
-    .rd__data(\rd__data$135 ),
-    .rp__addr(\rd__addr$77 ),
+    .rd__data(\rd__data$139 ),
+    .rp__addr(\rd__addr$76 ),
     .rst(rst),
     .wp__addr(shift_wr__addr),
     .wp__data(shift_wr__data),
@@ -1065,8 +1081,8 @@ module encoder_layer_0_attention_output_dense(m, a_wr__en, a_wr__addr, a_wr__dat
   );
   \encoder_layer_0_attention_output_dense.mem_w  mem_w (
     .clk(clk),
-    .q_d1(\rd__data$76 ),
-    .rd__addr(\$22 [13:0]),
+    .q_d1(\rd__data$75 ),
+    .rd__addr(\$19 [13:0]),
     .rst(rst),
     .wr__addr(w_wr__addr),
     .wr__data(w_wr__data),
@@ -1083,7 +1099,7 @@ module encoder_layer_0_attention_output_dense(m, a_wr__en, a_wr__addr, a_wr__dat
   \encoder_layer_0_attention_output_dense.rq  rq (
     .clk(clk),
     .i(i),
-    .o(\wr__data$88 ),
+    .o(\wr__data$86 ),
     .rst(rst)
   );
   always @* begin
@@ -1110,7 +1126,7 @@ module encoder_layer_0_attention_output_dense(m, a_wr__en, a_wr__addr, a_wr__dat
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
     \$116  = ptr;
     if (fetch) begin
-      \$116  = \$61 [9:0];
+      \$116  = \$56 [9:0];
     end
     if (\start$44 ) begin
       \$116  = 10'h001;
@@ -1159,7 +1175,7 @@ module encoder_layer_0_attention_output_dense(m, a_wr__en, a_wr__addr, a_wr__dat
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
     \$121  = ent_q0;
-    if (\$63 ) begin
+    if (\$58 ) begin
       \$121  = \rd__data$93 ;
     end else if (pop) begin
       \$121  = ent_q1;
@@ -1171,7 +1187,7 @@ module encoder_layer_0_attention_output_dense(m, a_wr__en, a_wr__addr, a_wr__dat
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
     \$122  = ent_q1;
-    if (\$65 ) begin
+    if (\$60 ) begin
       \$122  = \rd__data$93 ;
     end else if (pop) begin
       \$122  = ent_q2;
@@ -1183,7 +1199,7 @@ module encoder_layer_0_attention_output_dense(m, a_wr__en, a_wr__addr, a_wr__dat
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
     \$123  = ent_q2;
-    if (\$67 ) begin
+    if (\$62 ) begin
       \$123  = \rd__data$93 ;
     end else if (pop) begin
       \$123  = ent_q3;
@@ -1195,7 +1211,7 @@ module encoder_layer_0_attention_output_dense(m, a_wr__en, a_wr__addr, a_wr__dat
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
     \$124  = ent_q3;
-    if (\$69 ) begin
+    if (\$64 ) begin
       \$124  = \rd__data$93 ;
     end else if (pop) begin
       \$124  = 30'h00000000;
@@ -1206,7 +1222,7 @@ module encoder_layer_0_attention_output_dense(m, a_wr__en, a_wr__addr, a_wr__dat
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$125  = \$71 [2:0];
+    \$125  = \$66 [2:0];
     if (\start$44 ) begin
       \$125  = 3'h0;
     end
@@ -1216,84 +1232,80 @@ module encoder_layer_0_attention_output_dense(m, a_wr__en, a_wr__addr, a_wr__dat
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$126  = tcnt;
-    if (go) begin
-      if (tile_end) begin
-        \$126  = 5'h00;
-      end else if (\$72 ) begin
-        \$126  = \$73 [4:0];
-      end
-    end
+    \$126  = \$68 [2:0];
     if (\start$44 ) begin
-      \$126  = 5'h00;
+      \$126  = 3'h0;
     end
     if (rst) begin
-      \$126  = 5'h00;
+      \$126  = 3'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$127  = tcnt_ok;
+    \$127  = tcnt;
     if (go) begin
       if (tile_end) begin
-        \$127  = 1'h0;
-      end else if (\$72 ) begin
-        \$127  = \$75 ;
+        \$127  = 5'h00;
+      end else if (\$69 ) begin
+        \$127  = \$70 [4:0];
       end
     end
     if (\start$44 ) begin
-      \$127  = 1'h0;
+      \$127  = 5'h00;
     end
     if (rst) begin
-      \$127  = 1'h0;
+      \$127  = 5'h00;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$128  = kk;
+    \$128  = tcnt_ok;
+    if (go) begin
+      if (tile_end) begin
+        \$128  = 1'h0;
+      end else if (\$69 ) begin
+        \$128  = \$72 ;
+      end
+    end
+    if (\start$44 ) begin
+      \$128  = 1'h0;
+    end
+    if (rst) begin
+      \$128  = 1'h0;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
+    \$129  = kk;
     if (go) begin
       if (entry_end) begin
-        \$128  = 4'h0;
+        \$129  = 4'h0;
       end else if (\real ) begin
-        \$128  = \$78 [3:0];
+        \$129  = \$75 [3:0];
       end
     end
     if (\start$44 ) begin
-      \$128  = 4'h0;
+      \$129  = 4'h0;
     end
     if (rst) begin
-      \$128  = 4'h0;
+      \$129  = 4'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$129  = pad;
+    \$130  = pad;
     if (go) begin
       if (entry_end) begin
-        if (\$77 ) begin
-          \$129  = 1'h1;
+        if (\$74 ) begin
+          \$130  = 1'h1;
         end
       end
       if (tile_end) begin
-        \$129  = 1'h0;
+        \$130  = 1'h0;
       end
     end
     if (\start$44 ) begin
-      \$129  = 1'h0;
-    end
-    if (rst) begin
-      \$129  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$130  = sweep_end;
-    if (go) begin
-      if (entry_end) begin
-        if (\$77 ) begin
-          \$130  = ent_q0[29];
-        end
-      end
+      \$130  = 1'h0;
     end
     if (rst) begin
       \$130  = 1'h0;
@@ -1301,52 +1313,47 @@ module encoder_layer_0_attention_output_dense(m, a_wr__en, a_wr__addr, a_wr__dat
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$131  = r0;
+    \$131  = sweep_end;
     if (go) begin
-      if (tile_end) begin
-        if (list_end) begin
-          \$131  = \$79 [7:0];
+      if (entry_end) begin
+        if (\$74 ) begin
+          \$131  = ent_q0[29];
         end
       end
     end
-    if (\start$44 ) begin
-      \$131  = 8'h00;
-    end
     if (rst) begin
-      \$131  = 8'h00;
+      \$131  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$132  = a_base;
+    \$132  = left;
     if (go) begin
       if (tile_end) begin
         if (list_end) begin
-          \$132  = \$80 [11:0];
+          \$132  = \$76 [7:0];
         end
       end
     end
     if (\start$44 ) begin
-      \$132  = 12'h000;
+      \$132  = m;
     end
     if (rst) begin
-      \$132  = 12'h000;
+      \$132  = 8'h00;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$133  = run;
+    \$133  = last_mt;
     if (go) begin
       if (tile_end) begin
         if (list_end) begin
-          if (\$82 ) begin
-            \$133  = 1'h0;
-          end
+          \$133  = \$77 ;
         end
       end
     end
     if (\start$44 ) begin
-      \$133  = 1'h1;
+      \$133  = \$112 ;
     end
     if (rst) begin
       \$133  = 1'h0;
@@ -1354,453 +1361,519 @@ module encoder_layer_0_attention_output_dense(m, a_wr__en, a_wr__addr, a_wr__dat
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$134  = go;
+    \$134  = a_base;
+    if (go) begin
+      if (tile_end) begin
+        if (list_end) begin
+          \$134  = \$78 [11:0];
+        end
+      end
+    end
+    if (\start$44 ) begin
+      \$134  = 12'h000;
+    end
     if (rst) begin
-      \$134  = 1'h0;
+      \$134  = 12'h000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$135  = \$83 ;
+    \$135  = run;
+    if (go) begin
+      if (tile_end) begin
+        if (list_end) begin
+          if (last_mt) begin
+            \$135  = 1'h0;
+          end
+        end
+      end
+    end
+    if (\start$44 ) begin
+      \$135  = 1'h1;
+    end
     if (rst) begin
       \$135  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$136  = tile_end;
+    \$136  = go;
     if (rst) begin
       \$136  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$137  = \$84 ;
+    \$137  = \$79 ;
     if (rst) begin
       \$137  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$138  = s1_valid;
+    \$138  = tile_end;
     if (rst) begin
       \$138  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$139  = s1_first;
+    \$139  = \$80 ;
     if (rst) begin
       \$139  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$140  = s1_last;
+    \$140  = s1_valid;
     if (rst) begin
       \$140  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$141  = s1_zero;
+    \$141  = s1_first;
     if (rst) begin
       \$141  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$142  = s2_valid;
+    \$142  = s1_last;
     if (rst) begin
       \$142  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$143  = s2_first;
+    \$143  = s1_zero;
     if (rst) begin
       \$143  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$144  = s2_last;
+    \$144  = s2_valid;
     if (rst) begin
       \$144  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$145  = s2_zero;
+    \$145  = s2_first;
     if (rst) begin
       \$145  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$146  = s3_valid;
+    \$146  = s2_last;
     if (rst) begin
       \$146  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$147  = s3_first;
+    \$147  = s2_zero;
     if (rst) begin
       \$147  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$148  = s3_last;
+    \$148  = s3_valid;
     if (rst) begin
       \$148  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$149  = s3_zero;
+    \$149  = s3_first;
     if (rst) begin
       \$149  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$150  = s4_valid;
+    \$150  = s3_last;
     if (rst) begin
       \$150  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$151  = s4_first;
+    \$151  = s3_zero;
     if (rst) begin
       \$151  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$152  = s4_last;
+    \$152  = s4_valid;
     if (rst) begin
       \$152  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$153  = s4_zero;
+    \$153  = s4_first;
     if (rst) begin
       \$153  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$154  = s5_valid;
+    \$154  = s4_last;
     if (rst) begin
       \$154  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$155  = s5_first;
+    \$155  = s4_zero;
     if (rst) begin
       \$155  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$156  = s5_last;
+    \$156  = s5_valid;
     if (rst) begin
       \$156  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$157  = s5_zero;
+    \$157  = s5_first;
     if (rst) begin
       \$157  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$158  = \rd__addr$77 ;
-    if (\$85 ) begin
+    \$158  = s5_last;
+    if (rst) begin
+      \$158  = 1'h0;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
+    \$159  = s5_zero;
+    if (rst) begin
+      \$159  = 1'h0;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
+    \$160  = \rd__addr$76 ;
+    if (\$81 ) begin
       (* full_case = 32'd1 *)
-      if (\$86 ) begin
-        \$158  = 5'h00;
+      if (\$82 ) begin
+        \$160  = 5'h00;
       end else begin
-        \$158  = \$89 [4:0];
+        \$160  = \$87 [4:0];
       end
     end
     if (\start$44 ) begin
-      \$158  = 5'h00;
+      \$160  = 5'h00;
     end
     if (rst) begin
-      \$158  = 5'h00;
+      \$160  = 5'h00;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$159  = out_r0;
-    if (\$85 ) begin
-      if (\$86 ) begin
-        \$159  = \$87 [7:0];
+    \$161  = out_r0;
+    if (\$81 ) begin
+      if (\$82 ) begin
+        \$161  = \$83 [7:0];
       end
     end
     if (\start$44 ) begin
-      \$159  = 8'h00;
+      \$161  = 8'h00;
     end
     if (rst) begin
-      \$159  = 8'h00;
+      \$161  = 8'h00;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$160  = tile_base;
-    if (\$85 ) begin
+    \$162  = out_left;
+    if (\$81 ) begin
+      if (\$82 ) begin
+        \$162  = \$84 [7:0];
+      end
+    end
+    if (\start$44 ) begin
+      \$162  = m;
+    end
+    if (rst) begin
+      \$162  = 8'h00;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
+    \$163  = out_last;
+    if (\$81 ) begin
+      if (\$82 ) begin
+        \$163  = \$85 ;
+      end
+    end
+    if (\start$44 ) begin
+      \$163  = \$113 ;
+    end
+    if (rst) begin
+      \$163  = 1'h0;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
+    \$164  = tile_base;
+    if (\$81 ) begin
       (* full_case = 32'd1 *)
-      if (\$86 ) begin
-        \$160  = \$88 [11:0];
+      if (\$82 ) begin
+        \$164  = \$86 [11:0];
       end else begin
-        \$160  = \$90 [11:0];
+        \$164  = \$88 [11:0];
       end
     end
     if (\start$44 ) begin
-      \$160  = 12'h000;
+      \$164  = 12'h000;
     end
     if (rst) begin
-      \$160  = 12'h000;
+      \$164  = 12'h000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$161  = o__valid;
+    \$165  = o__valid;
     if (rst) begin
-      \$161  = 1'h0;
+      \$165  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$162  = \$91 ;
-    if (rst) begin
-      \$162  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$163  = \$92 [7:0];
-    if (rst) begin
-      \$163  = 8'h00;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$164  = o__payload[383:0];
-    if (rst) begin
-      \$164  = 384'h000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$165  = addr1;
-    if (o__valid) begin
-      \$165  = \$95 [11:0];
-    end
-    if (rst) begin
-      \$165  = 12'h000;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$166  = \$97 ;
+    \$166  = \$89 ;
     if (rst) begin
       \$166  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$167  = fin1;
+    \$167  = \$90 [7:0];
     if (rst) begin
-      \$167  = 1'h0;
+      \$167  = 8'h00;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$168  = addr1;
+    \$168  = o__payload[383:0];
     if (rst) begin
-      \$168  = 12'h000;
+      \$168  = 384'h000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$169  = acc1;
+    \$169  = addr1;
+    if (o__valid) begin
+      \$169  = \$93 [11:0];
+    end
     if (rst) begin
-      \$169  = 384'h000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000;
+      \$169  = 12'h000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$170  = \$signal$126 ;
+    \$170  = \$95 ;
     if (rst) begin
       \$170  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$171  = fin2;
+    \$171  = fin1;
     if (rst) begin
       \$171  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$172  = addr2;
+    \$172  = addr1;
     if (rst) begin
       \$172  = 12'h000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$173 [23:0] = \$98 [23:0];
-    \$173 [385:384] = \rd__data$135 [1:0];
-    \$173 [47:24] = \$99 [23:0];
-    \$173 [387:386] = \rd__data$135 [3:2];
-    \$173 [71:48] = \$100 [23:0];
-    \$173 [389:388] = \rd__data$135 [5:4];
-    \$173 [95:72] = \$101 [23:0];
-    \$173 [391:390] = \rd__data$135 [7:6];
-    \$173 [119:96] = \$102 [23:0];
-    \$173 [393:392] = \rd__data$135 [9:8];
-    \$173 [143:120] = \$103 [23:0];
-    \$173 [395:394] = \rd__data$135 [11:10];
-    \$173 [167:144] = \$104 [23:0];
-    \$173 [397:396] = \rd__data$135 [13:12];
-    \$173 [191:168] = \$105 [23:0];
-    \$173 [399:398] = \rd__data$135 [15:14];
-    \$173 [215:192] = \$106 [23:0];
-    \$173 [401:400] = \rd__data$135 [17:16];
-    \$173 [239:216] = \$107 [23:0];
-    \$173 [403:402] = \rd__data$135 [19:18];
-    \$173 [263:240] = \$108 [23:0];
-    \$173 [405:404] = \rd__data$135 [21:20];
-    \$173 [287:264] = \$109 [23:0];
-    \$173 [407:406] = \rd__data$135 [23:22];
-    \$173 [311:288] = \$110 [23:0];
-    \$173 [409:408] = \rd__data$135 [25:24];
-    \$173 [335:312] = \$111 [23:0];
-    \$173 [411:410] = \rd__data$135 [27:26];
-    \$173 [359:336] = \$112 [23:0];
-    \$173 [413:412] = \rd__data$135 [29:28];
-    \$173 [383:360] = \$113 [23:0];
-    \$173 [415:414] = \rd__data$135 [31:30];
+    \$173  = acc1;
     if (rst) begin
-      \$173  = 416'h00000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000;
+      \$173  = 384'h000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$174  = \$signal$130 ;
+    \$174  = \$signal$129 ;
     if (rst) begin
       \$174  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$175  = fin3;
+    \$175  = fin2;
     if (rst) begin
       \$175  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$176  = addr3;
+    \$176  = addr2;
     if (rst) begin
       \$176  = 12'h000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$177  = v_q0;
+    \$177 [23:0] = \$96 [23:0];
+    \$177 [385:384] = \rd__data$139 [1:0];
+    \$177 [47:24] = \$97 [23:0];
+    \$177 [387:386] = \rd__data$139 [3:2];
+    \$177 [71:48] = \$98 [23:0];
+    \$177 [389:388] = \rd__data$139 [5:4];
+    \$177 [95:72] = \$99 [23:0];
+    \$177 [391:390] = \rd__data$139 [7:6];
+    \$177 [119:96] = \$100 [23:0];
+    \$177 [393:392] = \rd__data$139 [9:8];
+    \$177 [143:120] = \$101 [23:0];
+    \$177 [395:394] = \rd__data$139 [11:10];
+    \$177 [167:144] = \$102 [23:0];
+    \$177 [397:396] = \rd__data$139 [13:12];
+    \$177 [191:168] = \$103 [23:0];
+    \$177 [399:398] = \rd__data$139 [15:14];
+    \$177 [215:192] = \$104 [23:0];
+    \$177 [401:400] = \rd__data$139 [17:16];
+    \$177 [239:216] = \$105 [23:0];
+    \$177 [403:402] = \rd__data$139 [19:18];
+    \$177 [263:240] = \$106 [23:0];
+    \$177 [405:404] = \rd__data$139 [21:20];
+    \$177 [287:264] = \$107 [23:0];
+    \$177 [407:406] = \rd__data$139 [23:22];
+    \$177 [311:288] = \$108 [23:0];
+    \$177 [409:408] = \rd__data$139 [25:24];
+    \$177 [335:312] = \$109 [23:0];
+    \$177 [411:410] = \rd__data$139 [27:26];
+    \$177 [359:336] = \$110 [23:0];
+    \$177 [413:412] = \rd__data$139 [29:28];
+    \$177 [383:360] = \$111 [23:0];
+    \$177 [415:414] = \rd__data$139 [31:30];
     if (rst) begin
-      \$177  = 1'h0;
+      \$177  = 416'h00000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$178  = fin_q0;
+    \$178  = \$signal$134 ;
     if (rst) begin
       \$178  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$179  = addr_q0;
+    \$179  = fin3;
     if (rst) begin
-      \$179  = 12'h000;
+      \$179  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$180  = v_q1;
+    \$180  = addr3;
     if (rst) begin
-      \$180  = 1'h0;
+      \$180  = 12'h000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$181  = fin_q1;
+    \$181  = v_q0;
     if (rst) begin
       \$181  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$182  = addr_q1;
+    \$182  = fin_q0;
     if (rst) begin
-      \$182  = 12'h000;
+      \$182  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$183  = fin_q2;
+    \$183  = addr_q0;
     if (rst) begin
-      \$183  = 1'h0;
+      \$183  = 12'h000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$184  = fin_w0;
+    \$184  = v_q1;
     if (rst) begin
       \$184  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$185  = fin_w1;
+    \$185  = fin_q1;
     if (rst) begin
       \$185  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$186  = \busy$42 ;
-    if (done) begin
-      \$186  = 1'h0;
-    end
-    if (\start$44 ) begin
-      \$186  = 1'h1;
-    end
+    \$186  = addr_q1;
     if (rst) begin
-      \$186  = 1'h0;
+      \$186  = 12'h000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$187  = m_reg;
+    \$187  = fin_q2;
+    if (rst) begin
+      \$187  = 1'h0;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
+    \$188  = fin_w0;
+    if (rst) begin
+      \$188  = 1'h0;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
+    \$189  = fin_w1;
+    if (rst) begin
+      \$189  = 1'h0;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
+    \$190  = \busy$42 ;
+    if (done) begin
+      \$190  = 1'h0;
+    end
     if (\start$44 ) begin
-      \$187  = m;
+      \$190  = 1'h1;
     end
     if (rst) begin
-      \$187  = 8'h00;
+      \$190  = 1'h0;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
+    \$191  = m_reg;
+    if (\start$44 ) begin
+      \$191  = m;
+    end
+    if (rst) begin
+      \$191  = 8'h00;
     end
   end
   assign wr__addr = a_wr__addr;
@@ -1822,15 +1895,15 @@ module encoder_layer_0_attention_output_dense(m, a_wr__en, a_wr__addr, a_wr__dat
   assign rd__data = o_rd__data;
   assign rd__en = o_rd__en;
   assign \done$43  = done;
-  assign wr_idx = \$9 [2:0];
-  assign \rd__addr$66  = \$21 [11:0];
-  assign \rd__addr$68  = \$22 [13:0];
+  assign wr_idx = \$6 [2:0];
+  assign \rd__addr$65  = \$18 [11:0];
+  assign \rd__addr$67  = \$19 [13:0];
   assign s6_valid = i__valid;
-  assign out_nt = \rd__addr$77 ;
-  assign \rd__addr$79  = \rd__addr$77 ;
-  assign v_q2 = \wr__en$84 ;
-  assign addr_q2 = \wr__addr$86 ;
-  assign o = \wr__data$88 ;
+  assign out_nt = \rd__addr$76 ;
+  assign \rd__addr$78  = \rd__addr$76 ;
+  assign v_q2 = \wr__en$82 ;
+  assign addr_q2 = \wr__addr$84 ;
+  assign o = \wr__data$86 ;
   assign \a_wr__data[0]  = a_wr__data[7:0];
   assign \a_wr__data[1]  = a_wr__data[15:8];
   assign \a_wr__data[2]  = a_wr__data[23:16];
@@ -2027,6 +2100,22 @@ module encoder_layer_0_attention_output_dense(m, a_wr__en, a_wr__addr, a_wr__dat
   assign \i__payload.b[15]  = i__payload[255:248];
   assign \i__payload.first  = i__payload[256];
   assign \i__payload.last  = i__payload[257];
+  assign \rd__data$74[0]  = \rd__data$74 [7:0];
+  assign \rd__data$74[1]  = \rd__data$74 [15:8];
+  assign \rd__data$74[2]  = \rd__data$74 [23:16];
+  assign \rd__data$74[3]  = \rd__data$74 [31:24];
+  assign \rd__data$74[4]  = \rd__data$74 [39:32];
+  assign \rd__data$74[5]  = \rd__data$74 [47:40];
+  assign \rd__data$74[6]  = \rd__data$74 [55:48];
+  assign \rd__data$74[7]  = \rd__data$74 [63:56];
+  assign \rd__data$74[8]  = \rd__data$74 [71:64];
+  assign \rd__data$74[9]  = \rd__data$74 [79:72];
+  assign \rd__data$74[10]  = \rd__data$74 [87:80];
+  assign \rd__data$74[11]  = \rd__data$74 [95:88];
+  assign \rd__data$74[12]  = \rd__data$74 [103:96];
+  assign \rd__data$74[13]  = \rd__data$74 [111:104];
+  assign \rd__data$74[14]  = \rd__data$74 [119:112];
+  assign \rd__data$74[15]  = \rd__data$74 [127:120];
   assign \rd__data$75[0]  = \rd__data$75 [7:0];
   assign \rd__data$75[1]  = \rd__data$75 [15:8];
   assign \rd__data$75[2]  = \rd__data$75 [23:16];
@@ -2043,22 +2132,6 @@ module encoder_layer_0_attention_output_dense(m, a_wr__en, a_wr__addr, a_wr__dat
   assign \rd__data$75[13]  = \rd__data$75 [111:104];
   assign \rd__data$75[14]  = \rd__data$75 [119:112];
   assign \rd__data$75[15]  = \rd__data$75 [127:120];
-  assign \rd__data$76[0]  = \rd__data$76 [7:0];
-  assign \rd__data$76[1]  = \rd__data$76 [15:8];
-  assign \rd__data$76[2]  = \rd__data$76 [23:16];
-  assign \rd__data$76[3]  = \rd__data$76 [31:24];
-  assign \rd__data$76[4]  = \rd__data$76 [39:32];
-  assign \rd__data$76[5]  = \rd__data$76 [47:40];
-  assign \rd__data$76[6]  = \rd__data$76 [55:48];
-  assign \rd__data$76[7]  = \rd__data$76 [63:56];
-  assign \rd__data$76[8]  = \rd__data$76 [71:64];
-  assign \rd__data$76[9]  = \rd__data$76 [79:72];
-  assign \rd__data$76[10]  = \rd__data$76 [87:80];
-  assign \rd__data$76[11]  = \rd__data$76 [95:88];
-  assign \rd__data$76[12]  = \rd__data$76 [103:96];
-  assign \rd__data$76[13]  = \rd__data$76 [111:104];
-  assign \rd__data$76[14]  = \rd__data$76 [119:112];
-  assign \rd__data$76[15]  = \rd__data$76 [127:120];
   assign \o__payload.data  = o__payload[383:0];
   assign \o__payload.data[0]  = o__payload[23:0];
   assign \o__payload.data[1]  = o__payload[47:24];
@@ -2078,38 +2151,38 @@ module encoder_layer_0_attention_output_dense(m, a_wr__en, a_wr__addr, a_wr__dat
   assign \o__payload.data[15]  = o__payload[383:360];
   assign \o__payload.row  = o__payload[387:384];
   assign \o__payload.last  = o__payload[388];
-  assign \wr__data$88[0]  = \wr__data$88 [15:0];
-  assign \wr__data$88[1]  = \wr__data$88 [31:16];
-  assign \wr__data$88[2]  = \wr__data$88 [47:32];
-  assign \wr__data$88[3]  = \wr__data$88 [63:48];
-  assign \wr__data$88[4]  = \wr__data$88 [79:64];
-  assign \wr__data$88[5]  = \wr__data$88 [95:80];
-  assign \wr__data$88[6]  = \wr__data$88 [111:96];
-  assign \wr__data$88[7]  = \wr__data$88 [127:112];
-  assign \wr__data$88[8]  = \wr__data$88 [143:128];
-  assign \wr__data$88[9]  = \wr__data$88 [159:144];
-  assign \wr__data$88[10]  = \wr__data$88 [175:160];
-  assign \wr__data$88[11]  = \wr__data$88 [191:176];
-  assign \wr__data$88[12]  = \wr__data$88 [207:192];
-  assign \wr__data$88[13]  = \wr__data$88 [223:208];
-  assign \wr__data$88[14]  = \wr__data$88 [239:224];
-  assign \wr__data$88[15]  = \wr__data$88 [255:240];
-  assign \o[0]  = \wr__data$88 [15:0];
-  assign \o[1]  = \wr__data$88 [31:16];
-  assign \o[2]  = \wr__data$88 [47:32];
-  assign \o[3]  = \wr__data$88 [63:48];
-  assign \o[4]  = \wr__data$88 [79:64];
-  assign \o[5]  = \wr__data$88 [95:80];
-  assign \o[6]  = \wr__data$88 [111:96];
-  assign \o[7]  = \wr__data$88 [127:112];
-  assign \o[8]  = \wr__data$88 [143:128];
-  assign \o[9]  = \wr__data$88 [159:144];
-  assign \o[10]  = \wr__data$88 [175:160];
-  assign \o[11]  = \wr__data$88 [191:176];
-  assign \o[12]  = \wr__data$88 [207:192];
-  assign \o[13]  = \wr__data$88 [223:208];
-  assign \o[14]  = \wr__data$88 [239:224];
-  assign \o[15]  = \wr__data$88 [255:240];
+  assign \wr__data$86[0]  = \wr__data$86 [15:0];
+  assign \wr__data$86[1]  = \wr__data$86 [31:16];
+  assign \wr__data$86[2]  = \wr__data$86 [47:32];
+  assign \wr__data$86[3]  = \wr__data$86 [63:48];
+  assign \wr__data$86[4]  = \wr__data$86 [79:64];
+  assign \wr__data$86[5]  = \wr__data$86 [95:80];
+  assign \wr__data$86[6]  = \wr__data$86 [111:96];
+  assign \wr__data$86[7]  = \wr__data$86 [127:112];
+  assign \wr__data$86[8]  = \wr__data$86 [143:128];
+  assign \wr__data$86[9]  = \wr__data$86 [159:144];
+  assign \wr__data$86[10]  = \wr__data$86 [175:160];
+  assign \wr__data$86[11]  = \wr__data$86 [191:176];
+  assign \wr__data$86[12]  = \wr__data$86 [207:192];
+  assign \wr__data$86[13]  = \wr__data$86 [223:208];
+  assign \wr__data$86[14]  = \wr__data$86 [239:224];
+  assign \wr__data$86[15]  = \wr__data$86 [255:240];
+  assign \o[0]  = \wr__data$86 [15:0];
+  assign \o[1]  = \wr__data$86 [31:16];
+  assign \o[2]  = \wr__data$86 [47:32];
+  assign \o[3]  = \wr__data$86 [63:48];
+  assign \o[4]  = \wr__data$86 [79:64];
+  assign \o[5]  = \wr__data$86 [95:80];
+  assign \o[6]  = \wr__data$86 [111:96];
+  assign \o[7]  = \wr__data$86 [127:112];
+  assign \o[8]  = \wr__data$86 [143:128];
+  assign \o[9]  = \wr__data$86 [159:144];
+  assign \o[10]  = \wr__data$86 [175:160];
+  assign \o[11]  = \wr__data$86 [191:176];
+  assign \o[12]  = \wr__data$86 [207:192];
+  assign \o[13]  = \wr__data$86 [223:208];
+  assign \o[14]  = \wr__data$86 [239:224];
+  assign \o[15]  = \wr__data$86 [255:240];
   assign \acc1[0]  = acc1[23:0];
   assign \acc1[1]  = acc1[47:24];
   assign \acc1[2]  = acc1[71:48];
@@ -2176,70 +2249,70 @@ module encoder_layer_0_attention_output_dense(m, a_wr__en, a_wr__addr, a_wr__dat
   assign \i.t[13]  = i[411:410];
   assign \i.t[14]  = i[413:412];
   assign \i.t[15]  = i[415:414];
-  assign \rd__data$134[0]  = \rd__data$134 [13:0];
-  assign \rd__data$134[1]  = \rd__data$134 [27:14];
-  assign \rd__data$134[2]  = \rd__data$134 [41:28];
-  assign \rd__data$134[3]  = \rd__data$134 [55:42];
-  assign \rd__data$134[4]  = \rd__data$134 [69:56];
-  assign \rd__data$134[5]  = \rd__data$134 [83:70];
-  assign \rd__data$134[6]  = \rd__data$134 [97:84];
-  assign \rd__data$134[7]  = \rd__data$134 [111:98];
-  assign \rd__data$134[8]  = \rd__data$134 [125:112];
-  assign \rd__data$134[9]  = \rd__data$134 [139:126];
-  assign \rd__data$134[10]  = \rd__data$134 [153:140];
-  assign \rd__data$134[11]  = \rd__data$134 [167:154];
-  assign \rd__data$134[12]  = \rd__data$134 [181:168];
-  assign \rd__data$134[13]  = \rd__data$134 [195:182];
-  assign \rd__data$134[14]  = \rd__data$134 [209:196];
-  assign \rd__data$134[15]  = \rd__data$134 [223:210];
-  assign \rd__data$135[0]  = \rd__data$135 [1:0];
-  assign \rd__data$135[1]  = \rd__data$135 [3:2];
-  assign \rd__data$135[2]  = \rd__data$135 [5:4];
-  assign \rd__data$135[3]  = \rd__data$135 [7:6];
-  assign \rd__data$135[4]  = \rd__data$135 [9:8];
-  assign \rd__data$135[5]  = \rd__data$135 [11:10];
-  assign \rd__data$135[6]  = \rd__data$135 [13:12];
-  assign \rd__data$135[7]  = \rd__data$135 [15:14];
-  assign \rd__data$135[8]  = \rd__data$135 [17:16];
-  assign \rd__data$135[9]  = \rd__data$135 [19:18];
-  assign \rd__data$135[10]  = \rd__data$135 [21:20];
-  assign \rd__data$135[11]  = \rd__data$135 [23:22];
-  assign \rd__data$135[12]  = \rd__data$135 [25:24];
-  assign \rd__data$135[13]  = \rd__data$135 [27:26];
-  assign \rd__data$135[14]  = \rd__data$135 [29:28];
-  assign \rd__data$135[15]  = \rd__data$135 [31:30];
-  assign i__payload[255:248] = \$54 ;
-  assign i__payload[247:240] = \$53 ;
-  assign i__payload[239:232] = \$52 ;
-  assign i__payload[231:224] = \$51 ;
-  assign i__payload[223:216] = \$50 ;
-  assign i__payload[215:208] = \$49 ;
-  assign i__payload[207:200] = \$48 ;
-  assign i__payload[199:192] = \$47 ;
-  assign i__payload[191:184] = \$46 ;
-  assign i__payload[183:176] = \$45 ;
-  assign i__payload[175:168] = \$44 ;
-  assign i__payload[167:160] = \$43 ;
-  assign i__payload[159:152] = \$42 ;
-  assign i__payload[151:144] = \$41 ;
-  assign i__payload[143:136] = \$40 ;
-  assign i__payload[135:128] = \$39 ;
-  assign i__payload[127:120] = \$38 ;
-  assign i__payload[119:112] = \$37 ;
-  assign i__payload[111:104] = \$36 ;
-  assign i__payload[103:96] = \$35 ;
-  assign i__payload[95:88] = \$34 ;
-  assign i__payload[87:80] = \$33 ;
-  assign i__payload[79:72] = \$32 ;
-  assign i__payload[71:64] = \$31 ;
-  assign i__payload[63:56] = \$30 ;
-  assign i__payload[55:48] = \$29 ;
-  assign i__payload[47:40] = \$28 ;
-  assign i__payload[39:32] = \$27 ;
-  assign i__payload[31:24] = \$26 ;
-  assign i__payload[23:16] = \$25 ;
-  assign i__payload[15:8] = \$24 ;
-  assign i__payload[7:0] = \$23 ;
+  assign \rd__data$138[0]  = \rd__data$138 [13:0];
+  assign \rd__data$138[1]  = \rd__data$138 [27:14];
+  assign \rd__data$138[2]  = \rd__data$138 [41:28];
+  assign \rd__data$138[3]  = \rd__data$138 [55:42];
+  assign \rd__data$138[4]  = \rd__data$138 [69:56];
+  assign \rd__data$138[5]  = \rd__data$138 [83:70];
+  assign \rd__data$138[6]  = \rd__data$138 [97:84];
+  assign \rd__data$138[7]  = \rd__data$138 [111:98];
+  assign \rd__data$138[8]  = \rd__data$138 [125:112];
+  assign \rd__data$138[9]  = \rd__data$138 [139:126];
+  assign \rd__data$138[10]  = \rd__data$138 [153:140];
+  assign \rd__data$138[11]  = \rd__data$138 [167:154];
+  assign \rd__data$138[12]  = \rd__data$138 [181:168];
+  assign \rd__data$138[13]  = \rd__data$138 [195:182];
+  assign \rd__data$138[14]  = \rd__data$138 [209:196];
+  assign \rd__data$138[15]  = \rd__data$138 [223:210];
+  assign \rd__data$139[0]  = \rd__data$139 [1:0];
+  assign \rd__data$139[1]  = \rd__data$139 [3:2];
+  assign \rd__data$139[2]  = \rd__data$139 [5:4];
+  assign \rd__data$139[3]  = \rd__data$139 [7:6];
+  assign \rd__data$139[4]  = \rd__data$139 [9:8];
+  assign \rd__data$139[5]  = \rd__data$139 [11:10];
+  assign \rd__data$139[6]  = \rd__data$139 [13:12];
+  assign \rd__data$139[7]  = \rd__data$139 [15:14];
+  assign \rd__data$139[8]  = \rd__data$139 [17:16];
+  assign \rd__data$139[9]  = \rd__data$139 [19:18];
+  assign \rd__data$139[10]  = \rd__data$139 [21:20];
+  assign \rd__data$139[11]  = \rd__data$139 [23:22];
+  assign \rd__data$139[12]  = \rd__data$139 [25:24];
+  assign \rd__data$139[13]  = \rd__data$139 [27:26];
+  assign \rd__data$139[14]  = \rd__data$139 [29:28];
+  assign \rd__data$139[15]  = \rd__data$139 [31:30];
+  assign i__payload[255:248] = \$51 ;
+  assign i__payload[247:240] = \$50 ;
+  assign i__payload[239:232] = \$49 ;
+  assign i__payload[231:224] = \$48 ;
+  assign i__payload[223:216] = \$47 ;
+  assign i__payload[215:208] = \$46 ;
+  assign i__payload[207:200] = \$45 ;
+  assign i__payload[199:192] = \$44 ;
+  assign i__payload[191:184] = \$43 ;
+  assign i__payload[183:176] = \$42 ;
+  assign i__payload[175:168] = \$41 ;
+  assign i__payload[167:160] = \$40 ;
+  assign i__payload[159:152] = \$39 ;
+  assign i__payload[151:144] = \$38 ;
+  assign i__payload[143:136] = \$37 ;
+  assign i__payload[135:128] = \$36 ;
+  assign i__payload[127:120] = \$35 ;
+  assign i__payload[119:112] = \$34 ;
+  assign i__payload[111:104] = \$33 ;
+  assign i__payload[103:96] = \$32 ;
+  assign i__payload[95:88] = \$31 ;
+  assign i__payload[87:80] = \$30 ;
+  assign i__payload[79:72] = \$29 ;
+  assign i__payload[71:64] = \$28 ;
+  assign i__payload[63:56] = \$27 ;
+  assign i__payload[55:48] = \$26 ;
+  assign i__payload[47:40] = \$25 ;
+  assign i__payload[39:32] = \$24 ;
+  assign i__payload[31:24] = \$23 ;
+  assign i__payload[23:16] = \$22 ;
+  assign i__payload[15:8] = \$21 ;
+  assign i__payload[7:0] = \$20 ;
   assign i__payload[257] = s6_last;
   assign i__payload[256] = s6_first;
 endmodule

@@ -6,17 +6,17 @@ module encoder_layer_0_output_dense(m, a_wr__en, a_wr__addr, a_wr__data, w_wr__e
 , done, o_rd__data, start);
   reg \$auto$verilog_backend.cc:2355:dump_module$1  = 0;
   wire \$1 ;
-  wire [7:0] \$10 ;
+  wire \$10 ;
   wire [12:0] \$100 ;
-  wire [5:0] \$101 ;
-  wire [12:0] \$102 ;
+  wire [12:0] \$101 ;
+  wire \$102 ;
   wire \$103 ;
-  wire [8:0] \$104 ;
-  wire \$105 ;
-  wire [12:0] \$106 ;
-  wire [12:0] \$107 ;
-  wire \$108 ;
-  wire \$109 ;
+  wire [26:0] \$104 ;
+  wire [26:0] \$105 ;
+  wire [26:0] \$106 ;
+  wire [26:0] \$107 ;
+  wire [26:0] \$108 ;
+  wire [26:0] \$109 ;
   wire \$11 ;
   wire [26:0] \$110 ;
   wire [26:0] \$111 ;
@@ -29,46 +29,46 @@ module encoder_layer_0_output_dense(m, a_wr__en, a_wr__addr, a_wr__data, w_wr__e
   wire [26:0] \$118 ;
   wire [26:0] \$119 ;
   wire \$12 ;
-  wire [26:0] \$120 ;
-  wire [26:0] \$121 ;
-  wire [26:0] \$122 ;
-  wire [26:0] \$123 ;
-  wire [26:0] \$124 ;
-  wire [26:0] \$125 ;
+  wire \$120 ;
+  wire \$121 ;
+  reg \$122 ;
+  reg \$123 ;
+  reg \$124 ;
+  reg \$125 ;
   reg \$126 ;
   reg \$127 ;
-  reg \$128 ;
+  reg [11:0] \$128 ;
   reg \$129 ;
-  wire [4:0] \$13 ;
+  wire \$13 ;
   reg \$130 ;
   reg \$131 ;
-  reg [11:0] \$132 ;
+  reg \$132 ;
   reg \$133 ;
   reg \$134 ;
-  reg \$135 ;
+  reg [11:0] \$135 ;
   reg \$136 ;
-  reg \$137 ;
-  reg \$138 ;
-  reg [11:0] \$139 ;
+  reg [33:0] \$137 ;
+  reg [33:0] \$138 ;
+  reg [33:0] \$139 ;
   wire \$14 ;
-  reg \$140 ;
+  reg [33:0] \$140 ;
   reg [33:0] \$141 ;
   reg [33:0] \$142 ;
   reg [33:0] \$143 ;
   reg [33:0] \$144 ;
-  reg [33:0] \$145 ;
-  reg [33:0] \$146 ;
-  reg [33:0] \$147 ;
-  reg [33:0] \$148 ;
+  reg [3:0] \$145 ;
+  reg [3:0] \$146 ;
+  reg [4:0] \$147 ;
+  reg \$148 ;
   reg [3:0] \$149 ;
   wire \$15 ;
-  reg [4:0] \$150 ;
+  reg \$150 ;
   reg \$151 ;
-  reg [3:0] \$152 ;
+  reg [7:0] \$152 ;
   reg \$153 ;
-  reg \$154 ;
-  reg [7:0] \$155 ;
-  reg [13:0] \$156 ;
+  reg [13:0] \$154 ;
+  reg \$155 ;
+  reg \$156 ;
   reg \$157 ;
   reg \$158 ;
   reg \$159 ;
@@ -83,7 +83,7 @@ module encoder_layer_0_output_dense(m, a_wr__en, a_wr__addr, a_wr__data, w_wr__e
   reg \$167 ;
   reg \$168 ;
   reg \$169 ;
-  wire \$17 ;
+  wire [14:0] \$17 ;
   reg \$170 ;
   reg \$171 ;
   reg \$172 ;
@@ -94,18 +94,18 @@ module encoder_layer_0_output_dense(m, a_wr__en, a_wr__addr, a_wr__data, w_wr__e
   reg \$177 ;
   reg \$178 ;
   reg \$179 ;
-  wire \$18 ;
-  reg \$180 ;
-  reg \$181 ;
-  reg [4:0] \$182 ;
-  reg [7:0] \$183 ;
+  wire [15:0] \$18 ;
+  reg [4:0] \$180 ;
+  reg [7:0] \$181 ;
+  reg [7:0] \$182 ;
+  reg \$183 ;
   reg [11:0] \$184 ;
   reg \$185 ;
   reg \$186 ;
   reg [7:0] \$187 ;
   reg [415:0] \$188 ;
   reg [11:0] \$189 ;
-  wire \$19 ;
+  wire [16:0] \$19 ;
   reg \$190 ;
   reg \$191 ;
   reg [11:0] \$192 ;
@@ -117,7 +117,7 @@ module encoder_layer_0_output_dense(m, a_wr__en, a_wr__addr, a_wr__data, w_wr__e
   reg \$198 ;
   reg \$199 ;
   wire \$2 ;
-  wire \$20 ;
+  wire [7:0] \$20 ;
   reg [11:0] \$200 ;
   reg \$201 ;
   reg \$202 ;
@@ -128,14 +128,14 @@ module encoder_layer_0_output_dense(m, a_wr__en, a_wr__addr, a_wr__data, w_wr__e
   reg \$207 ;
   reg \$208 ;
   reg \$209 ;
-  wire \$21 ;
+  wire [7:0] \$21 ;
   reg \$210 ;
   reg [7:0] \$211 ;
-  wire \$22 ;
-  wire \$23 ;
-  wire [14:0] \$24 ;
-  wire [15:0] \$25 ;
-  wire [16:0] \$26 ;
+  wire [7:0] \$22 ;
+  wire [7:0] \$23 ;
+  wire [7:0] \$24 ;
+  wire [7:0] \$25 ;
+  wire [7:0] \$26 ;
   wire [7:0] \$27 ;
   wire [7:0] \$28 ;
   wire [7:0] \$29 ;
@@ -150,7 +150,7 @@ module encoder_layer_0_output_dense(m, a_wr__en, a_wr__addr, a_wr__data, w_wr__e
   wire [7:0] \$37 ;
   wire [7:0] \$38 ;
   wire [7:0] \$39 ;
-  wire [1:0] \$4 ;
+  wire \$4 ;
   wire [7:0] \$40 ;
   wire [7:0] \$41 ;
   wire [7:0] \$42 ;
@@ -161,64 +161,64 @@ module encoder_layer_0_output_dense(m, a_wr__en, a_wr__addr, a_wr__data, w_wr__e
   wire [7:0] \$47 ;
   wire [7:0] \$48 ;
   wire [7:0] \$49 ;
-  wire [2:0] \$5 ;
+  wire \$5 ;
   wire [7:0] \$50 ;
   wire [7:0] \$51 ;
-  wire [7:0] \$52 ;
-  wire [7:0] \$53 ;
-  wire [7:0] \$54 ;
-  wire [7:0] \$55 ;
-  wire [7:0] \$56 ;
-  wire [7:0] \$57 ;
-  wire [7:0] \$58 ;
+  wire \$52 ;
+  wire \$53 ;
+  wire \$54 ;
+  wire [12:0] \$55 ;
+  wire [12:0] \$56 ;
+  wire \$57 ;
+  wire \$58 ;
   wire \$59 ;
-  wire [3:0] \$6 ;
+  wire [4:0] \$6 ;
   wire \$60 ;
-  wire [8:0] \$61 ;
+  wire \$61 ;
   wire \$62 ;
   wire \$63 ;
-  wire [12:0] \$64 ;
-  wire [12:0] \$65 ;
+  wire \$64 ;
+  wire \$65 ;
   wire \$66 ;
   wire \$67 ;
   wire \$68 ;
   wire \$69 ;
-  wire [4:0] \$7 ;
+  wire \$7 ;
   wire \$70 ;
   wire \$71 ;
   wire \$72 ;
-  wire \$73 ;
-  wire \$74 ;
-  wire \$75 ;
-  wire \$76 ;
+  wire [4:0] \$73 ;
+  wire [5:0] \$74 ;
+  wire [4:0] \$75 ;
+  wire [5:0] \$76 ;
   wire \$77 ;
-  wire \$78 ;
-  wire \$79 ;
-  wire [5:0] \$8 ;
+  wire [5:0] \$78 ;
+  wire [5:0] \$79 ;
+  wire \$8 ;
   wire \$80 ;
   wire \$81 ;
-  wire [4:0] \$82 ;
-  wire [5:0] \$83 ;
-  wire \$84 ;
-  wire [5:0] \$85 ;
-  wire [5:0] \$86 ;
+  wire \$82 ;
+  wire [4:0] \$83 ;
+  wire [8:0] \$84 ;
+  wire \$85 ;
+  wire [14:0] \$86 ;
   wire \$87 ;
   wire \$88 ;
   wire \$89 ;
-  wire [6:0] \$9 ;
-  wire [4:0] \$90 ;
+  wire \$9 ;
+  wire \$90 ;
   wire [8:0] \$91 ;
-  wire [14:0] \$92 ;
-  wire [8:0] \$93 ;
-  wire \$94 ;
-  wire \$95 ;
-  wire \$96 ;
+  wire [8:0] \$92 ;
+  wire \$93 ;
+  wire [12:0] \$94 ;
+  wire [5:0] \$95 ;
+  wire [12:0] \$96 ;
   wire \$97 ;
-  wire \$98 ;
-  wire [8:0] \$99 ;
+  wire [8:0] \$98 ;
+  wire \$99 ;
   reg \$signal  = 1'h0;
-  reg \$signal$138  = 1'h0;
-  reg \$signal$142  = 1'h0;
+  reg \$signal$141  = 1'h0;
+  reg \$signal$146  = 1'h0;
   reg [13:0] a_base = 14'h0000;
   input [13:0] a_wr__addr;
   wire [13:0] a_wr__addr;
@@ -356,6 +356,7 @@ module encoder_layer_0_output_dense(m, a_wr__en, a_wr__addr, a_wr__data, w_wr__e
   reg hdr3 = 1'h0;
   reg hdr4 = 1'h0;
   reg hdr5 = 1'h0;
+  reg [3:0] held = 4'h0;
   reg [479:0] i = 480'h000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000;
   wire [415:0] \i.c ;
   wire [25:0] \i.c[0] ;
@@ -430,6 +431,8 @@ module encoder_layer_0_output_dense(m, a_wr__en, a_wr__addr, a_wr__data, w_wr__e
   wire \i__payload.last ;
   reg i__valid = 1'h0;
   reg [3:0] kk = 4'h0;
+  reg last_mt = 1'h0;
+  reg [7:0] left = 8'h00;
   wire list_end;
   input [7:0] m;
   wire [7:0] m;
@@ -495,90 +498,91 @@ module encoder_layer_0_output_dense(m, a_wr__en, a_wr__addr, a_wr__data, w_wr__e
   wire [15:0] \o_rd__data[9] ;
   input o_rd__en;
   wire o_rd__en;
+  reg out_last = 1'h0;
+  reg [7:0] out_left = 8'h00;
   (* init = 5'h00 *)
   wire [4:0] out_nt;
   reg [7:0] out_r0 = 8'h00;
   reg pad = 1'h0;
   wire pop;
   reg [11:0] ptr = 12'h000;
-  reg [7:0] r0 = 8'h00;
   wire [11:0] rd__addr;
-  wire [11:0] \rd__addr$55 ;
-  wire [13:0] \rd__addr$70 ;
-  wire [15:0] \rd__addr$72 ;
-  reg [4:0] \rd__addr$81  = 5'h00;
+  wire [11:0] \rd__addr$49 ;
+  wire [13:0] \rd__addr$65 ;
+  wire [15:0] \rd__addr$67 ;
+  reg [4:0] \rd__addr$76  = 5'h00;
   (* init = 5'h00 *)
-  wire [4:0] \rd__addr$83 ;
+  wire [4:0] \rd__addr$78 ;
   wire [255:0] rd__data;
   wire [33:0] \rd__data$101 ;
-  wire [207:0] \rd__data$146 ;
-  wire [12:0] \rd__data$146[0] ;
-  wire [12:0] \rd__data$146[10] ;
-  wire [12:0] \rd__data$146[11] ;
-  wire [12:0] \rd__data$146[12] ;
-  wire [12:0] \rd__data$146[13] ;
-  wire [12:0] \rd__data$146[14] ;
-  wire [12:0] \rd__data$146[15] ;
-  wire [12:0] \rd__data$146[1] ;
-  wire [12:0] \rd__data$146[2] ;
-  wire [12:0] \rd__data$146[3] ;
-  wire [12:0] \rd__data$146[4] ;
-  wire [12:0] \rd__data$146[5] ;
-  wire [12:0] \rd__data$146[6] ;
-  wire [12:0] \rd__data$146[7] ;
-  wire [12:0] \rd__data$146[8] ;
-  wire [12:0] \rd__data$146[9] ;
-  wire [63:0] \rd__data$147 ;
-  wire [3:0] \rd__data$147[0] ;
-  wire [3:0] \rd__data$147[10] ;
-  wire [3:0] \rd__data$147[11] ;
-  wire [3:0] \rd__data$147[12] ;
-  wire [3:0] \rd__data$147[13] ;
-  wire [3:0] \rd__data$147[14] ;
-  wire [3:0] \rd__data$147[15] ;
-  wire [3:0] \rd__data$147[1] ;
-  wire [3:0] \rd__data$147[2] ;
-  wire [3:0] \rd__data$147[3] ;
-  wire [3:0] \rd__data$147[4] ;
-  wire [3:0] \rd__data$147[5] ;
-  wire [3:0] \rd__data$147[6] ;
-  wire [3:0] \rd__data$147[7] ;
-  wire [3:0] \rd__data$147[8] ;
-  wire [3:0] \rd__data$147[9] ;
-  wire [127:0] \rd__data$79 ;
-  wire [7:0] \rd__data$79[0] ;
-  wire [7:0] \rd__data$79[10] ;
-  wire [7:0] \rd__data$79[11] ;
-  wire [7:0] \rd__data$79[12] ;
-  wire [7:0] \rd__data$79[13] ;
-  wire [7:0] \rd__data$79[14] ;
-  wire [7:0] \rd__data$79[15] ;
-  wire [7:0] \rd__data$79[1] ;
-  wire [7:0] \rd__data$79[2] ;
-  wire [7:0] \rd__data$79[3] ;
-  wire [7:0] \rd__data$79[4] ;
-  wire [7:0] \rd__data$79[5] ;
-  wire [7:0] \rd__data$79[6] ;
-  wire [7:0] \rd__data$79[7] ;
-  wire [7:0] \rd__data$79[8] ;
-  wire [7:0] \rd__data$79[9] ;
-  wire [127:0] \rd__data$80 ;
-  wire [7:0] \rd__data$80[0] ;
-  wire [7:0] \rd__data$80[10] ;
-  wire [7:0] \rd__data$80[11] ;
-  wire [7:0] \rd__data$80[12] ;
-  wire [7:0] \rd__data$80[13] ;
-  wire [7:0] \rd__data$80[14] ;
-  wire [7:0] \rd__data$80[15] ;
-  wire [7:0] \rd__data$80[1] ;
-  wire [7:0] \rd__data$80[2] ;
-  wire [7:0] \rd__data$80[3] ;
-  wire [7:0] \rd__data$80[4] ;
-  wire [7:0] \rd__data$80[5] ;
-  wire [7:0] \rd__data$80[6] ;
-  wire [7:0] \rd__data$80[7] ;
-  wire [7:0] \rd__data$80[8] ;
-  wire [7:0] \rd__data$80[9] ;
+  wire [207:0] \rd__data$150 ;
+  wire [12:0] \rd__data$150[0] ;
+  wire [12:0] \rd__data$150[10] ;
+  wire [12:0] \rd__data$150[11] ;
+  wire [12:0] \rd__data$150[12] ;
+  wire [12:0] \rd__data$150[13] ;
+  wire [12:0] \rd__data$150[14] ;
+  wire [12:0] \rd__data$150[15] ;
+  wire [12:0] \rd__data$150[1] ;
+  wire [12:0] \rd__data$150[2] ;
+  wire [12:0] \rd__data$150[3] ;
+  wire [12:0] \rd__data$150[4] ;
+  wire [12:0] \rd__data$150[5] ;
+  wire [12:0] \rd__data$150[6] ;
+  wire [12:0] \rd__data$150[7] ;
+  wire [12:0] \rd__data$150[8] ;
+  wire [12:0] \rd__data$150[9] ;
+  wire [63:0] \rd__data$151 ;
+  wire [3:0] \rd__data$151[0] ;
+  wire [3:0] \rd__data$151[10] ;
+  wire [3:0] \rd__data$151[11] ;
+  wire [3:0] \rd__data$151[12] ;
+  wire [3:0] \rd__data$151[13] ;
+  wire [3:0] \rd__data$151[14] ;
+  wire [3:0] \rd__data$151[15] ;
+  wire [3:0] \rd__data$151[1] ;
+  wire [3:0] \rd__data$151[2] ;
+  wire [3:0] \rd__data$151[3] ;
+  wire [3:0] \rd__data$151[4] ;
+  wire [3:0] \rd__data$151[5] ;
+  wire [3:0] \rd__data$151[6] ;
+  wire [3:0] \rd__data$151[7] ;
+  wire [3:0] \rd__data$151[8] ;
+  wire [3:0] \rd__data$151[9] ;
+  wire [127:0] \rd__data$74 ;
+  wire [7:0] \rd__data$74[0] ;
+  wire [7:0] \rd__data$74[10] ;
+  wire [7:0] \rd__data$74[11] ;
+  wire [7:0] \rd__data$74[12] ;
+  wire [7:0] \rd__data$74[13] ;
+  wire [7:0] \rd__data$74[14] ;
+  wire [7:0] \rd__data$74[15] ;
+  wire [7:0] \rd__data$74[1] ;
+  wire [7:0] \rd__data$74[2] ;
+  wire [7:0] \rd__data$74[3] ;
+  wire [7:0] \rd__data$74[4] ;
+  wire [7:0] \rd__data$74[5] ;
+  wire [7:0] \rd__data$74[6] ;
+  wire [7:0] \rd__data$74[7] ;
+  wire [7:0] \rd__data$74[8] ;
+  wire [7:0] \rd__data$74[9] ;
+  wire [127:0] \rd__data$75 ;
+  wire [7:0] \rd__data$75[0] ;
+  wire [7:0] \rd__data$75[10] ;
+  wire [7:0] \rd__data$75[11] ;
+  wire [7:0] \rd__data$75[12] ;
+  wire [7:0] \rd__data$75[13] ;
+  wire [7:0] \rd__data$75[14] ;
+  wire [7:0] \rd__data$75[15] ;
+  wire [7:0] \rd__data$75[1] ;
+  wire [7:0] \rd__data$75[2] ;
+  wire [7:0] \rd__data$75[3] ;
+  wire [7:0] \rd__data$75[4] ;
+  wire [7:0] \rd__data$75[5] ;
+  wire [7:0] \rd__data$75[6] ;
+  wire [7:0] \rd__data$75[7] ;
+  wire [7:0] \rd__data$75[8] ;
+  wire [7:0] \rd__data$75[9] ;
   wire [15:0] \rd__data[0] ;
   wire [15:0] \rd__data[10] ;
   wire [15:0] \rd__data[11] ;
@@ -686,7 +690,7 @@ module encoder_layer_0_output_dense(m, a_wr__en, a_wr__addr, a_wr__data, w_wr__e
   wire [11:0] \wr__addr$30 ;
   wire [4:0] \wr__addr$33 ;
   wire [4:0] \wr__addr$36 ;
-  reg [11:0] \wr__addr$90  = 12'h000;
+  reg [11:0] \wr__addr$84  = 12'h000;
   wire [127:0] wr__data;
   wire [127:0] \wr__data$28 ;
   wire [7:0] \wr__data$28[0] ;
@@ -740,23 +744,23 @@ module encoder_layer_0_output_dense(m, a_wr__en, a_wr__addr, a_wr__data, w_wr__e
   wire [3:0] \wr__data$37[7] ;
   wire [3:0] \wr__data$37[8] ;
   wire [3:0] \wr__data$37[9] ;
-  wire [255:0] \wr__data$92 ;
-  wire [15:0] \wr__data$92[0] ;
-  wire [15:0] \wr__data$92[10] ;
-  wire [15:0] \wr__data$92[11] ;
-  wire [15:0] \wr__data$92[12] ;
-  wire [15:0] \wr__data$92[13] ;
-  wire [15:0] \wr__data$92[14] ;
-  wire [15:0] \wr__data$92[15] ;
-  wire [15:0] \wr__data$92[1] ;
-  wire [15:0] \wr__data$92[2] ;
-  wire [15:0] \wr__data$92[3] ;
-  wire [15:0] \wr__data$92[4] ;
-  wire [15:0] \wr__data$92[5] ;
-  wire [15:0] \wr__data$92[6] ;
-  wire [15:0] \wr__data$92[7] ;
-  wire [15:0] \wr__data$92[8] ;
-  wire [15:0] \wr__data$92[9] ;
+  wire [255:0] \wr__data$86 ;
+  wire [15:0] \wr__data$86[0] ;
+  wire [15:0] \wr__data$86[10] ;
+  wire [15:0] \wr__data$86[11] ;
+  wire [15:0] \wr__data$86[12] ;
+  wire [15:0] \wr__data$86[13] ;
+  wire [15:0] \wr__data$86[14] ;
+  wire [15:0] \wr__data$86[15] ;
+  wire [15:0] \wr__data$86[1] ;
+  wire [15:0] \wr__data$86[2] ;
+  wire [15:0] \wr__data$86[3] ;
+  wire [15:0] \wr__data$86[4] ;
+  wire [15:0] \wr__data$86[5] ;
+  wire [15:0] \wr__data$86[6] ;
+  wire [15:0] \wr__data$86[7] ;
+  wire [15:0] \wr__data$86[8] ;
+  wire [15:0] \wr__data$86[9] ;
   wire [7:0] \wr__data[0] ;
   wire [7:0] \wr__data[10] ;
   wire [7:0] \wr__data[11] ;
@@ -778,261 +782,265 @@ module encoder_layer_0_output_dense(m, a_wr__en, a_wr__addr, a_wr__data, w_wr__e
   wire \wr__en$32 ;
   wire \wr__en$35 ;
   wire \wr__en$38 ;
-  reg \wr__en$88  = 1'h0;
+  reg \wr__en$82  = 1'h0;
   wire [3:0] wr_idx;
   assign \$1  = ~ done;
   assign busy = \busy$42  & \$1 ;
   assign \$2  = ~ busy;
   assign \start$44  = start & \$2 ;
   assign \$3  = fetching & run;
-  assign \$4  = 1'h0 + fetch0;
-  assign \$5  = \$4  + fetch1;
-  assign \$6  = \$5  + fetch2;
-  assign \$7  = \$6  + fetch3;
-  assign \$8  = \$7  + fetch4;
-  assign \$9  = \$8  + fetch5;
-  assign \$10  = cnt + \$9 ;
-  assign \$11  = \$10  <= 3'h7;
-  assign fetch = \$3  & \$11 ;
-  assign \$12  = fetching & run;
-  assign \rd__addr$55  = \$12  ? ptr : 12'h000;
-  assign \$13  = cnt - pop;
+  assign \$4  = held < 4'h8;
+  assign fetch = \$3  & \$4 ;
+  assign \$5  = fetching & run;
+  assign \rd__addr$49  = \$5  ? ptr : 12'h000;
+  assign \$6  = cnt - pop;
   assign e_valid = | cnt;
-  assign \$14  = pad | e_valid;
-  assign go = run & \$14 ;
-  assign \$15  = ~ pad;
-  assign \$16  = ~ ent_q0[31];
-  assign \real  = \$15  & \$16 ;
-  assign \$17  = kk == ent_q0[30:27];
-  assign entry_end = \real  & \$17 ;
-  assign \$18  = entry_end & ent_q0[32];
-  assign \$19  = \real  ? \$18  : 1'h1;
-  assign tile_end = \$19  & tcnt_ok;
+  assign \$7  = pad | e_valid;
+  assign go = run & \$7 ;
+  assign \$8  = ~ pad;
+  assign \$9  = ~ ent_q0[31];
+  assign \real  = \$8  & \$9 ;
+  assign \$10  = kk == ent_q0[30:27];
+  assign entry_end = \real  & \$10 ;
+  assign \$11  = entry_end & ent_q0[32];
+  assign \$12  = \real  ? \$11  : 1'h1;
+  assign tile_end = \$12  & tcnt_ok;
   assign list_end = pad ? sweep_end : ent_q0[33];
-  assign \$20  = ~ pad;
-  assign \$21  = \$20  & ent_q0[31];
-  assign \$22  = \$21  & tile_end;
-  assign \$23  = entry_end | \$22 ;
-  assign pop = go & \$23 ;
-  assign \$24  = a_base + ent_q0[10:0];
-  assign \$25  = \$24  + kk;
-  assign \$26  = ent_q0[26:11] + kk;
-  assign \$27  = s6_zero ? 8'h00 : \rd__data$79 [7:0];
-  assign \$28  = s6_zero ? 8'h00 : \rd__data$79 [15:8];
-  assign \$29  = s6_zero ? 8'h00 : \rd__data$79 [23:16];
-  assign \$30  = s6_zero ? 8'h00 : \rd__data$79 [31:24];
-  assign \$31  = s6_zero ? 8'h00 : \rd__data$79 [39:32];
-  assign \$32  = s6_zero ? 8'h00 : \rd__data$79 [47:40];
-  assign \$33  = s6_zero ? 8'h00 : \rd__data$79 [55:48];
-  assign \$34  = s6_zero ? 8'h00 : \rd__data$79 [63:56];
-  assign \$35  = s6_zero ? 8'h00 : \rd__data$79 [71:64];
-  assign \$36  = s6_zero ? 8'h00 : \rd__data$79 [79:72];
-  assign \$37  = s6_zero ? 8'h00 : \rd__data$79 [87:80];
-  assign \$38  = s6_zero ? 8'h00 : \rd__data$79 [95:88];
-  assign \$39  = s6_zero ? 8'h00 : \rd__data$79 [103:96];
-  assign \$40  = s6_zero ? 8'h00 : \rd__data$79 [111:104];
-  assign \$41  = s6_zero ? 8'h00 : \rd__data$79 [119:112];
-  assign \$42  = s6_zero ? 8'h00 : \rd__data$79 [127:120];
-  assign \$43  = s6_zero ? 8'h00 : \rd__data$80 [7:0];
-  assign \$44  = s6_zero ? 8'h00 : \rd__data$80 [15:8];
-  assign \$45  = s6_zero ? 8'h00 : \rd__data$80 [23:16];
-  assign \$46  = s6_zero ? 8'h00 : \rd__data$80 [31:24];
-  assign \$47  = s6_zero ? 8'h00 : \rd__data$80 [39:32];
-  assign \$48  = s6_zero ? 8'h00 : \rd__data$80 [47:40];
-  assign \$49  = s6_zero ? 8'h00 : \rd__data$80 [55:48];
-  assign \$50  = s6_zero ? 8'h00 : \rd__data$80 [63:56];
-  assign \$51  = s6_zero ? 8'h00 : \rd__data$80 [71:64];
-  assign \$52  = s6_zero ? 8'h00 : \rd__data$80 [79:72];
-  assign \$53  = s6_zero ? 8'h00 : \rd__data$80 [87:80];
-  assign \$54  = s6_zero ? 8'h00 : \rd__data$80 [95:88];
-  assign \$55  = s6_zero ? 8'h00 : \rd__data$80 [103:96];
-  assign \$56  = s6_zero ? 8'h00 : \rd__data$80 [111:104];
-  assign \$57  = s6_zero ? 8'h00 : \rd__data$80 [119:112];
-  assign \$58  = s6_zero ? 8'h00 : \rd__data$80 [127:120];
-  assign \$59  = \rd__addr$81  == 5'h17;
-  assign \$60  = o__payload[420] & \$59 ;
-  assign \$61  = out_r0 + 5'h10;
-  assign \$62  = \$61  >= m_reg;
-  assign fin = \$60  & \$62 ;
-  assign \$63  = ptr == n_ent;
-  assign \$64  = ptr + 1'h1;
-  assign \$65  = \$63  ? 13'h0001 : \$64 ;
-  assign \$66  = ! \$13 [3:0];
-  assign \$67  = fetch5 & \$66 ;
-  assign \$68  = \$13 [3:0] == 1'h1;
-  assign \$69  = fetch5 & \$68 ;
-  assign \$70  = \$13 [3:0] == 2'h2;
-  assign \$71  = fetch5 & \$70 ;
-  assign \$72  = \$13 [3:0] == 2'h3;
-  assign \$73  = fetch5 & \$72 ;
-  assign \$74  = \$13 [3:0] == 3'h4;
-  assign \$75  = fetch5 & \$74 ;
-  assign \$76  = \$13 [3:0] == 3'h5;
-  assign \$77  = fetch5 & \$76 ;
-  assign \$78  = \$13 [3:0] == 3'h6;
-  assign \$79  = fetch5 & \$78 ;
-  assign \$80  = \$13 [3:0] == 3'h7;
-  assign \$81  = fetch5 & \$80 ;
-  assign \$82  = cnt + fetch5;
-  assign \$83  = \$82  - pop;
-  assign \$84  = tcnt != 5'h10;
-  assign \$85  = tcnt + 1'h1;
-  assign \$86  = tcnt + 2'h2;
-  assign \$87  = \$86  >= 5'h10;
-  assign \$88  = ~ tile_end;
-  assign \$89  = ent_q0[32] & \$88 ;
-  assign \$90  = kk + 1'h1;
-  assign \$91  = r0 + 5'h10;
-  assign \$92  = a_base + 11'h600;
-  assign \$93  = r0 + 5'h10;
-  assign \$94  = \$93  >= m_reg;
-  assign \$95  = ! tcnt;
-  assign \$96  = ~ \real ;
-  assign \$97  = o__valid & o__payload[420];
-  assign \$98  = \rd__addr$81  == 5'h17;
-  assign \$99  = out_r0 + 5'h10;
-  assign \$100  = tile_base + 9'h169;
-  assign \$101  = \rd__addr$81  + 1'h1;
-  assign \$102  = tile_base + 1'h1;
-  assign \$103  = o__valid & fin;
-  assign \$104  = out_r0 + o__payload[419:416];
-  assign \$105  = ! o__payload[419:416];
-  assign \$106  = addr1 + 5'h18;
-  assign \$107  = \$105  ? { 1'h0, tile_base } : \$106 ;
-  assign \$108  = g1 < m_reg;
-  assign \$109  = \$signal  & \$108 ;
-  assign \$110  = $signed(acc2[25:0]) + $signed(\rd__data$146 [12:0]);
-  assign \$111  = $signed(acc2[51:26]) + $signed(\rd__data$146 [25:13]);
-  assign \$112  = $signed(acc2[77:52]) + $signed(\rd__data$146 [38:26]);
-  assign \$113  = $signed(acc2[103:78]) + $signed(\rd__data$146 [51:39]);
-  assign \$114  = $signed(acc2[129:104]) + $signed(\rd__data$146 [64:52]);
-  assign \$115  = $signed(acc2[155:130]) + $signed(\rd__data$146 [77:65]);
-  assign \$116  = $signed(acc2[181:156]) + $signed(\rd__data$146 [90:78]);
-  assign \$117  = $signed(acc2[207:182]) + $signed(\rd__data$146 [103:91]);
-  assign \$118  = $signed(acc2[233:208]) + $signed(\rd__data$146 [116:104]);
-  assign \$119  = $signed(acc2[259:234]) + $signed(\rd__data$146 [129:117]);
-  assign \$120  = $signed(acc2[285:260]) + $signed(\rd__data$146 [142:130]);
-  assign \$121  = $signed(acc2[311:286]) + $signed(\rd__data$146 [155:143]);
-  assign \$122  = $signed(acc2[337:312]) + $signed(\rd__data$146 [168:156]);
-  assign \$123  = $signed(acc2[363:338]) + $signed(\rd__data$146 [181:169]);
-  assign \$124  = $signed(acc2[389:364]) + $signed(\rd__data$146 [194:182]);
-  assign \$125  = $signed(acc2[415:390]) + $signed(\rd__data$146 [207:195]);
+  assign \$13  = ~ pad;
+  assign \$14  = \$13  & ent_q0[31];
+  assign \$15  = \$14  & tile_end;
+  assign \$16  = entry_end | \$15 ;
+  assign pop = go & \$16 ;
+  assign \$17  = a_base + ent_q0[10:0];
+  assign \$18  = \$17  + kk;
+  assign \$19  = ent_q0[26:11] + kk;
+  assign \$20  = s6_zero ? 8'h00 : \rd__data$74 [7:0];
+  assign \$21  = s6_zero ? 8'h00 : \rd__data$74 [15:8];
+  assign \$22  = s6_zero ? 8'h00 : \rd__data$74 [23:16];
+  assign \$23  = s6_zero ? 8'h00 : \rd__data$74 [31:24];
+  assign \$24  = s6_zero ? 8'h00 : \rd__data$74 [39:32];
+  assign \$25  = s6_zero ? 8'h00 : \rd__data$74 [47:40];
+  assign \$26  = s6_zero ? 8'h00 : \rd__data$74 [55:48];
+  assign \$27  = s6_zero ? 8'h00 : \rd__data$74 [63:56];
+  assign \$28  = s6_zero ? 8'h00 : \rd__data$74 [71:64];
+  assign \$29  = s6_zero ? 8'h00 : \rd__data$74 [79:72];
+  assign \$30  = s6_zero ? 8'h00 : \rd__data$74 [87:80];
+  assign \$31  = s6_zero ? 8'h00 : \rd__data$74 [95:88];
+  assign \$32  = s6_zero ? 8'h00 : \rd__data$74 [103:96];
+  assign \$33  = s6_zero ? 8'h00 : \rd__data$74 [111:104];
+  assign \$34  = s6_zero ? 8'h00 : \rd__data$74 [119:112];
+  assign \$35  = s6_zero ? 8'h00 : \rd__data$74 [127:120];
+  assign \$36  = s6_zero ? 8'h00 : \rd__data$75 [7:0];
+  assign \$37  = s6_zero ? 8'h00 : \rd__data$75 [15:8];
+  assign \$38  = s6_zero ? 8'h00 : \rd__data$75 [23:16];
+  assign \$39  = s6_zero ? 8'h00 : \rd__data$75 [31:24];
+  assign \$40  = s6_zero ? 8'h00 : \rd__data$75 [39:32];
+  assign \$41  = s6_zero ? 8'h00 : \rd__data$75 [47:40];
+  assign \$42  = s6_zero ? 8'h00 : \rd__data$75 [55:48];
+  assign \$43  = s6_zero ? 8'h00 : \rd__data$75 [63:56];
+  assign \$44  = s6_zero ? 8'h00 : \rd__data$75 [71:64];
+  assign \$45  = s6_zero ? 8'h00 : \rd__data$75 [79:72];
+  assign \$46  = s6_zero ? 8'h00 : \rd__data$75 [87:80];
+  assign \$47  = s6_zero ? 8'h00 : \rd__data$75 [95:88];
+  assign \$48  = s6_zero ? 8'h00 : \rd__data$75 [103:96];
+  assign \$49  = s6_zero ? 8'h00 : \rd__data$75 [111:104];
+  assign \$50  = s6_zero ? 8'h00 : \rd__data$75 [119:112];
+  assign \$51  = s6_zero ? 8'h00 : \rd__data$75 [127:120];
+  assign \$52  = \rd__addr$76  == 5'h17;
+  assign \$53  = o__payload[420] & \$52 ;
+  assign fin = \$53  & out_last;
+  assign \$54  = ptr == n_ent;
+  assign \$55  = ptr + 1'h1;
+  assign \$56  = \$54  ? 13'h0001 : \$55 ;
+  assign \$57  = ! \$6 [3:0];
+  assign \$58  = fetch5 & \$57 ;
+  assign \$59  = \$6 [3:0] == 1'h1;
+  assign \$60  = fetch5 & \$59 ;
+  assign \$61  = \$6 [3:0] == 2'h2;
+  assign \$62  = fetch5 & \$61 ;
+  assign \$63  = \$6 [3:0] == 2'h3;
+  assign \$64  = fetch5 & \$63 ;
+  assign \$65  = \$6 [3:0] == 3'h4;
+  assign \$66  = fetch5 & \$65 ;
+  assign \$67  = \$6 [3:0] == 3'h5;
+  assign \$68  = fetch5 & \$67 ;
+  assign \$69  = \$6 [3:0] == 3'h6;
+  assign \$70  = fetch5 & \$69 ;
+  assign \$71  = \$6 [3:0] == 3'h7;
+  assign \$72  = fetch5 & \$71 ;
+  assign \$73  = cnt + fetch5;
+  assign \$74  = \$73  - pop;
+  assign \$75  = held + fetch;
+  assign \$76  = \$75  - pop;
+  assign \$77  = tcnt != 5'h10;
+  assign \$78  = tcnt + 1'h1;
+  assign \$79  = tcnt + 2'h2;
+  assign \$80  = \$79  >= 5'h10;
+  assign \$81  = ~ tile_end;
+  assign \$82  = ent_q0[32] & \$81 ;
+  assign \$83  = kk + 1'h1;
+  assign \$84  = left - 5'h10;
+  assign \$85  = left <= 6'h20;
+  assign \$86  = a_base + 11'h600;
+  assign \$87  = ! tcnt;
+  assign \$88  = ~ \real ;
+  assign \$89  = o__valid & o__payload[420];
+  assign \$90  = \rd__addr$76  == 5'h17;
+  assign \$91  = out_r0 + 5'h10;
+  assign \$92  = out_left - 5'h10;
+  assign \$93  = out_left <= 6'h20;
+  assign \$94  = tile_base + 9'h169;
+  assign \$95  = \rd__addr$76  + 1'h1;
+  assign \$96  = tile_base + 1'h1;
+  assign \$97  = o__valid & fin;
+  assign \$98  = out_r0 + o__payload[419:416];
+  assign \$99  = ! o__payload[419:416];
+  assign \$100  = addr1 + 5'h18;
+  assign \$101  = \$99  ? { 1'h0, tile_base } : \$100 ;
+  assign \$102  = g1 < m_reg;
+  assign \$103  = \$signal  & \$102 ;
+  assign \$104  = $signed(acc2[25:0]) + $signed(\rd__data$150 [12:0]);
+  assign \$105  = $signed(acc2[51:26]) + $signed(\rd__data$150 [25:13]);
+  assign \$106  = $signed(acc2[77:52]) + $signed(\rd__data$150 [38:26]);
+  assign \$107  = $signed(acc2[103:78]) + $signed(\rd__data$150 [51:39]);
+  assign \$108  = $signed(acc2[129:104]) + $signed(\rd__data$150 [64:52]);
+  assign \$109  = $signed(acc2[155:130]) + $signed(\rd__data$150 [77:65]);
+  assign \$110  = $signed(acc2[181:156]) + $signed(\rd__data$150 [90:78]);
+  assign \$111  = $signed(acc2[207:182]) + $signed(\rd__data$150 [103:91]);
+  assign \$112  = $signed(acc2[233:208]) + $signed(\rd__data$150 [116:104]);
+  assign \$113  = $signed(acc2[259:234]) + $signed(\rd__data$150 [129:117]);
+  assign \$114  = $signed(acc2[285:260]) + $signed(\rd__data$150 [142:130]);
+  assign \$115  = $signed(acc2[311:286]) + $signed(\rd__data$150 [155:143]);
+  assign \$116  = $signed(acc2[337:312]) + $signed(\rd__data$150 [168:156]);
+  assign \$117  = $signed(acc2[363:338]) + $signed(\rd__data$150 [181:169]);
+  assign \$118  = $signed(acc2[389:364]) + $signed(\rd__data$150 [194:182]);
+  assign \$119  = $signed(acc2[415:390]) + $signed(\rd__data$150 [207:195]);
+  assign \$120  = m <= 5'h10;
+  assign \$121  = m <= 5'h10;
   always @(posedge clk)
-    fetch0 <= \$126 ;
+    fetch0 <= \$122 ;
   always @(posedge clk)
-    fetch1 <= \$127 ;
+    fetch1 <= \$123 ;
   always @(posedge clk)
-    fetch2 <= \$128 ;
+    fetch2 <= \$124 ;
   always @(posedge clk)
-    fetch3 <= \$129 ;
+    fetch3 <= \$125 ;
   always @(posedge clk)
-    fetch4 <= \$130 ;
+    fetch4 <= \$126 ;
   always @(posedge clk)
-    fetch5 <= \$131 ;
+    fetch5 <= \$127 ;
   always @(posedge clk)
-    ptr <= \$132 ;
+    ptr <= \$128 ;
   always @(posedge clk)
-    hdr0 <= \$133 ;
+    hdr0 <= \$129 ;
   always @(posedge clk)
-    hdr1 <= \$134 ;
+    hdr1 <= \$130 ;
   always @(posedge clk)
-    hdr2 <= \$135 ;
+    hdr2 <= \$131 ;
   always @(posedge clk)
-    hdr3 <= \$136 ;
+    hdr3 <= \$132 ;
   always @(posedge clk)
-    hdr4 <= \$137 ;
+    hdr4 <= \$133 ;
   always @(posedge clk)
-    hdr5 <= \$138 ;
+    hdr5 <= \$134 ;
   always @(posedge clk)
-    n_ent <= \$139 ;
+    n_ent <= \$135 ;
   always @(posedge clk)
-    fetching <= \$140 ;
+    fetching <= \$136 ;
   always @(posedge clk)
-    ent_q0 <= \$141 ;
+    ent_q0 <= \$137 ;
   always @(posedge clk)
-    ent_q1 <= \$142 ;
+    ent_q1 <= \$138 ;
   always @(posedge clk)
-    ent_q2 <= \$143 ;
+    ent_q2 <= \$139 ;
   always @(posedge clk)
-    ent_q3 <= \$144 ;
+    ent_q3 <= \$140 ;
   always @(posedge clk)
-    ent_q4 <= \$145 ;
+    ent_q4 <= \$141 ;
   always @(posedge clk)
-    ent_q5 <= \$146 ;
+    ent_q5 <= \$142 ;
   always @(posedge clk)
-    ent_q6 <= \$147 ;
+    ent_q6 <= \$143 ;
   always @(posedge clk)
-    ent_q7 <= \$148 ;
+    ent_q7 <= \$144 ;
   always @(posedge clk)
-    cnt <= \$149 ;
+    cnt <= \$145 ;
   always @(posedge clk)
-    tcnt <= \$150 ;
+    held <= \$146 ;
   always @(posedge clk)
-    tcnt_ok <= \$151 ;
+    tcnt <= \$147 ;
   always @(posedge clk)
-    kk <= \$152 ;
+    tcnt_ok <= \$148 ;
   always @(posedge clk)
-    pad <= \$153 ;
+    kk <= \$149 ;
   always @(posedge clk)
-    sweep_end <= \$154 ;
+    pad <= \$150 ;
   always @(posedge clk)
-    r0 <= \$155 ;
+    sweep_end <= \$151 ;
   always @(posedge clk)
-    a_base <= \$156 ;
+    left <= \$152 ;
   always @(posedge clk)
-    run <= \$157 ;
+    last_mt <= \$153 ;
   always @(posedge clk)
-    s1_valid <= \$158 ;
+    a_base <= \$154 ;
   always @(posedge clk)
-    s1_first <= \$159 ;
+    run <= \$155 ;
   always @(posedge clk)
-    s1_last <= \$160 ;
+    s1_valid <= \$156 ;
   always @(posedge clk)
-    s1_zero <= \$161 ;
+    s1_first <= \$157 ;
   always @(posedge clk)
-    s2_valid <= \$162 ;
+    s1_last <= \$158 ;
   always @(posedge clk)
-    s2_first <= \$163 ;
+    s1_zero <= \$159 ;
   always @(posedge clk)
-    s2_last <= \$164 ;
+    s2_valid <= \$160 ;
   always @(posedge clk)
-    s2_zero <= \$165 ;
+    s2_first <= \$161 ;
   always @(posedge clk)
-    s3_valid <= \$166 ;
+    s2_last <= \$162 ;
   always @(posedge clk)
-    s3_first <= \$167 ;
+    s2_zero <= \$163 ;
   always @(posedge clk)
-    s3_last <= \$168 ;
+    s3_valid <= \$164 ;
   always @(posedge clk)
-    s3_zero <= \$169 ;
+    s3_first <= \$165 ;
   always @(posedge clk)
-    s4_valid <= \$170 ;
+    s3_last <= \$166 ;
   always @(posedge clk)
-    s4_first <= \$171 ;
+    s3_zero <= \$167 ;
   always @(posedge clk)
-    s4_last <= \$172 ;
+    s4_valid <= \$168 ;
   always @(posedge clk)
-    s4_zero <= \$173 ;
+    s4_first <= \$169 ;
   always @(posedge clk)
-    s5_valid <= \$174 ;
+    s4_last <= \$170 ;
   always @(posedge clk)
-    s5_first <= \$175 ;
+    s4_zero <= \$171 ;
   always @(posedge clk)
-    s5_last <= \$176 ;
+    s5_valid <= \$172 ;
   always @(posedge clk)
-    s5_zero <= \$177 ;
+    s5_first <= \$173 ;
   always @(posedge clk)
-    i__valid <= \$178 ;
+    s5_last <= \$174 ;
   always @(posedge clk)
-    s6_first <= \$179 ;
+    s5_zero <= \$175 ;
   always @(posedge clk)
-    s6_last <= \$180 ;
+    i__valid <= \$176 ;
   always @(posedge clk)
-    s6_zero <= \$181 ;
+    s6_first <= \$177 ;
   always @(posedge clk)
-    \rd__addr$81  <= \$182 ;
+    s6_last <= \$178 ;
   always @(posedge clk)
-    out_r0 <= \$183 ;
+    s6_zero <= \$179 ;
+  always @(posedge clk)
+    \rd__addr$76  <= \$180 ;
+  always @(posedge clk)
+    out_r0 <= \$181 ;
+  always @(posedge clk)
+    out_left <= \$182 ;
+  always @(posedge clk)
+    out_last <= \$183 ;
   always @(posedge clk)
     tile_base <= \$184 ;
   always @(posedge clk)
@@ -1046,7 +1054,7 @@ module encoder_layer_0_output_dense(m, a_wr__en, a_wr__addr, a_wr__data, w_wr__e
   always @(posedge clk)
     addr1 <= \$189 ;
   always @(posedge clk)
-    \$signal$138  <= \$190 ;
+    \$signal$141  <= \$190 ;
   always @(posedge clk)
     fin2 <= \$191 ;
   always @(posedge clk)
@@ -1054,7 +1062,7 @@ module encoder_layer_0_output_dense(m, a_wr__en, a_wr__addr, a_wr__data, w_wr__e
   always @(posedge clk)
     acc2 <= \$193 ;
   always @(posedge clk)
-    \$signal$142  <= \$194 ;
+    \$signal$146  <= \$194 ;
   always @(posedge clk)
     fin3 <= \$195 ;
   always @(posedge clk)
@@ -1074,11 +1082,11 @@ module encoder_layer_0_output_dense(m, a_wr__en, a_wr__addr, a_wr__data, w_wr__e
   always @(posedge clk)
     addr_q1 <= \$203 ;
   always @(posedge clk)
-    \wr__en$88  <= \$204 ;
+    \wr__en$82  <= \$204 ;
   always @(posedge clk)
     fin_q2 <= \$205 ;
   always @(posedge clk)
-    \wr__addr$90  <= \$206 ;
+    \wr__addr$84  <= \$206 ;
   always @(posedge clk)
     fin_w0 <= \$207 ;
   always @(posedge clk)
@@ -1091,8 +1099,8 @@ module encoder_layer_0_output_dense(m, a_wr__en, a_wr__addr, a_wr__data, w_wr__e
     m_reg <= \$211 ;
   \encoder_layer_0_output_dense.mem_a  mem_a (
     .clk(clk),
-    .q_d1(\rd__data$79 ),
-    .rd__addr(\$25 [13:0]),
+    .q_d1(\rd__data$74 ),
+    .rd__addr(\$18 [13:0]),
     .rst(rst),
     .wr__addr(a_wr__addr),
     .wr__data(a_wr__data),
@@ -1100,8 +1108,8 @@ module encoder_layer_0_output_dense(m, a_wr__en, a_wr__addr, a_wr__data, w_wr__e
   );
   \encoder_layer_0_output_dense.mem_bias  mem_bias (
     .clk(clk),
-    .rd__data(\rd__data$146 ),
-    .rp__addr(\rd__addr$81 ),
+    .rd__data(\rd__data$150 ),
+    .rp__addr(\rd__addr$76 ),
     .rst(rst),
     .wp__addr(bias_wr__addr),
     .wp__data(bias_wr__data),
@@ -1110,7 +1118,7 @@ module encoder_layer_0_output_dense(m, a_wr__en, a_wr__addr, a_wr__data, w_wr__e
   \encoder_layer_0_output_dense.mem_ent  mem_ent (
     .clk(clk),
     .q_d1(\rd__data$101 ),
-    .rd__addr(\rd__addr$55 ),
+    .rd__addr(\rd__addr$49 ),
     .rst(rst),
     .wr__addr(ent_wr__addr),
     .wr__data(ent_wr__data),
@@ -1122,14 +1130,14 @@ module encoder_layer_0_output_dense(m, a_wr__en, a_wr__addr, a_wr__data, w_wr__e
     .rd__addr(o_rd__addr),
     .rd__en(o_rd__en),
     .rst(rst),
-    .wr__addr(\wr__addr$90 ),
-    .wr__data(\wr__data$92 ),
-    .wr__en(\wr__en$88 )
+    .wr__addr(\wr__addr$84 ),
+    .wr__data(\wr__data$86 ),
+    .wr__en(\wr__en$82 )
   );
   \encoder_layer_0_output_dense.mem_shift  mem_shift (
     .clk(clk),
-    .rd__data(\rd__data$147 ),
-    .rp__addr(\rd__addr$81 ),
+    .rd__data(\rd__data$151 ),
+    .rp__addr(\rd__addr$76 ),
     .rst(rst),
     .wp__addr(shift_wr__addr),
     .wp__data(shift_wr__data),
@@ -1137,8 +1145,8 @@ module encoder_layer_0_output_dense(m, a_wr__en, a_wr__addr, a_wr__data, w_wr__e
   );
   \encoder_layer_0_output_dense.mem_w  mem_w (
     .clk(clk),
-    .q_d1(\rd__data$80 ),
-    .rd__addr(\$26 [15:0]),
+    .q_d1(\rd__data$75 ),
+    .rd__addr(\$19 [15:0]),
     .rst(rst),
     .wr__addr(w_wr__addr),
     .wr__data(w_wr__data),
@@ -1155,12 +1163,52 @@ module encoder_layer_0_output_dense(m, a_wr__en, a_wr__addr, a_wr__data, w_wr__e
   \encoder_layer_0_output_dense.rq  rq (
     .clk(clk),
     .i(i),
-    .o(\wr__data$92 ),
+    .o(\wr__data$86 ),
     .rst(rst)
   );
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$126  = fetch;
+    \$122  = fetch;
+    if (\start$44 ) begin
+      \$122  = 1'h0;
+    end
+    if (rst) begin
+      \$122  = 1'h0;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
+    \$123  = fetch0;
+    if (\start$44 ) begin
+      \$123  = 1'h0;
+    end
+    if (rst) begin
+      \$123  = 1'h0;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
+    \$124  = fetch1;
+    if (\start$44 ) begin
+      \$124  = 1'h0;
+    end
+    if (rst) begin
+      \$124  = 1'h0;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
+    \$125  = fetch2;
+    if (\start$44 ) begin
+      \$125  = 1'h0;
+    end
+    if (rst) begin
+      \$125  = 1'h0;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
+    \$126  = fetch3;
     if (\start$44 ) begin
       \$126  = 1'h0;
     end
@@ -1170,7 +1218,7 @@ module encoder_layer_0_output_dense(m, a_wr__en, a_wr__addr, a_wr__data, w_wr__e
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$127  = fetch0;
+    \$127  = fetch4;
     if (\start$44 ) begin
       \$127  = 1'h0;
     end
@@ -1180,129 +1228,137 @@ module encoder_layer_0_output_dense(m, a_wr__en, a_wr__addr, a_wr__data, w_wr__e
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$128  = fetch1;
-    if (\start$44 ) begin
-      \$128  = 1'h0;
-    end
-    if (rst) begin
-      \$128  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$129  = fetch2;
-    if (\start$44 ) begin
-      \$129  = 1'h0;
-    end
-    if (rst) begin
-      \$129  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$130  = fetch3;
-    if (\start$44 ) begin
-      \$130  = 1'h0;
-    end
-    if (rst) begin
-      \$130  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$131  = fetch4;
-    if (\start$44 ) begin
-      \$131  = 1'h0;
-    end
-    if (rst) begin
-      \$131  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$132  = ptr;
+    \$128  = ptr;
     if (fetch) begin
-      \$132  = \$65 [11:0];
+      \$128  = \$56 [11:0];
     end
     if (\start$44 ) begin
-      \$132  = 12'h001;
+      \$128  = 12'h001;
     end
     if (rst) begin
-      \$132  = 12'h000;
+      \$128  = 12'h000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$133  = \start$44 ;
+    \$129  = \start$44 ;
+    if (rst) begin
+      \$129  = 1'h0;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
+    \$130  = hdr0;
+    if (rst) begin
+      \$130  = 1'h0;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
+    \$131  = hdr1;
+    if (rst) begin
+      \$131  = 1'h0;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
+    \$132  = hdr2;
+    if (rst) begin
+      \$132  = 1'h0;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
+    \$133  = hdr3;
     if (rst) begin
       \$133  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$134  = hdr0;
+    \$134  = hdr4;
     if (rst) begin
       \$134  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$135  = hdr1;
+    \$135  = n_ent;
+    if (hdr5) begin
+      \$135  = \rd__data$101 [11:0];
+    end
     if (rst) begin
-      \$135  = 1'h0;
+      \$135  = 12'h000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$136  = hdr2;
+    \$136  = fetching;
+    if (hdr5) begin
+      \$136  = 1'h1;
+    end
+    if (\start$44 ) begin
+      \$136  = 1'h0;
+    end
     if (rst) begin
       \$136  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$137  = hdr3;
+    \$137  = ent_q0;
+    if (\$58 ) begin
+      \$137  = \rd__data$101 ;
+    end else if (pop) begin
+      \$137  = ent_q1;
+    end
     if (rst) begin
-      \$137  = 1'h0;
+      \$137  = 34'h000000000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$138  = hdr4;
+    \$138  = ent_q1;
+    if (\$60 ) begin
+      \$138  = \rd__data$101 ;
+    end else if (pop) begin
+      \$138  = ent_q2;
+    end
     if (rst) begin
-      \$138  = 1'h0;
+      \$138  = 34'h000000000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$139  = n_ent;
-    if (hdr5) begin
-      \$139  = \rd__data$101 [11:0];
+    \$139  = ent_q2;
+    if (\$62 ) begin
+      \$139  = \rd__data$101 ;
+    end else if (pop) begin
+      \$139  = ent_q3;
     end
     if (rst) begin
-      \$139  = 12'h000;
+      \$139  = 34'h000000000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$140  = fetching;
-    if (hdr5) begin
-      \$140  = 1'h1;
-    end
-    if (\start$44 ) begin
-      \$140  = 1'h0;
+    \$140  = ent_q3;
+    if (\$64 ) begin
+      \$140  = \rd__data$101 ;
+    end else if (pop) begin
+      \$140  = ent_q4;
     end
     if (rst) begin
-      \$140  = 1'h0;
+      \$140  = 34'h000000000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$141  = ent_q0;
-    if (\$67 ) begin
+    \$141  = ent_q4;
+    if (\$66 ) begin
       \$141  = \rd__data$101 ;
     end else if (pop) begin
-      \$141  = ent_q1;
+      \$141  = ent_q5;
     end
     if (rst) begin
       \$141  = 34'h000000000;
@@ -1310,11 +1366,11 @@ module encoder_layer_0_output_dense(m, a_wr__en, a_wr__addr, a_wr__data, w_wr__e
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$142  = ent_q1;
-    if (\$69 ) begin
+    \$142  = ent_q5;
+    if (\$68 ) begin
       \$142  = \rd__data$101 ;
     end else if (pop) begin
-      \$142  = ent_q2;
+      \$142  = ent_q6;
     end
     if (rst) begin
       \$142  = 34'h000000000;
@@ -1322,11 +1378,11 @@ module encoder_layer_0_output_dense(m, a_wr__en, a_wr__addr, a_wr__data, w_wr__e
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$143  = ent_q2;
-    if (\$71 ) begin
+    \$143  = ent_q6;
+    if (\$70 ) begin
       \$143  = \rd__data$101 ;
     end else if (pop) begin
-      \$143  = ent_q3;
+      \$143  = ent_q7;
     end
     if (rst) begin
       \$143  = 34'h000000000;
@@ -1334,11 +1390,11 @@ module encoder_layer_0_output_dense(m, a_wr__en, a_wr__addr, a_wr__data, w_wr__e
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$144  = ent_q3;
-    if (\$73 ) begin
+    \$144  = ent_q7;
+    if (\$72 ) begin
       \$144  = \rd__data$101 ;
     end else if (pop) begin
-      \$144  = ent_q4;
+      \$144  = 34'h000000000;
     end
     if (rst) begin
       \$144  = 34'h000000000;
@@ -1346,410 +1402,419 @@ module encoder_layer_0_output_dense(m, a_wr__en, a_wr__addr, a_wr__data, w_wr__e
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$145  = ent_q4;
-    if (\$75 ) begin
-      \$145  = \rd__data$101 ;
-    end else if (pop) begin
-      \$145  = ent_q5;
-    end
-    if (rst) begin
-      \$145  = 34'h000000000;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$146  = ent_q5;
-    if (\$77 ) begin
-      \$146  = \rd__data$101 ;
-    end else if (pop) begin
-      \$146  = ent_q6;
-    end
-    if (rst) begin
-      \$146  = 34'h000000000;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$147  = ent_q6;
-    if (\$79 ) begin
-      \$147  = \rd__data$101 ;
-    end else if (pop) begin
-      \$147  = ent_q7;
-    end
-    if (rst) begin
-      \$147  = 34'h000000000;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$148  = ent_q7;
-    if (\$81 ) begin
-      \$148  = \rd__data$101 ;
-    end else if (pop) begin
-      \$148  = 34'h000000000;
-    end
-    if (rst) begin
-      \$148  = 34'h000000000;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$149  = \$83 [3:0];
+    \$145  = \$74 [3:0];
     if (\start$44 ) begin
-      \$149  = 4'h0;
+      \$145  = 4'h0;
     end
     if (rst) begin
-      \$149  = 4'h0;
+      \$145  = 4'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$150  = tcnt;
+    \$146  = \$76 [3:0];
+    if (\start$44 ) begin
+      \$146  = 4'h0;
+    end
+    if (rst) begin
+      \$146  = 4'h0;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
+    \$147  = tcnt;
     if (go) begin
       if (tile_end) begin
-        \$150  = 5'h00;
-      end else if (\$84 ) begin
-        \$150  = \$85 [4:0];
+        \$147  = 5'h00;
+      end else if (\$77 ) begin
+        \$147  = \$78 [4:0];
       end
     end
     if (\start$44 ) begin
-      \$150  = 5'h00;
+      \$147  = 5'h00;
     end
     if (rst) begin
-      \$150  = 5'h00;
+      \$147  = 5'h00;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$151  = tcnt_ok;
+    \$148  = tcnt_ok;
     if (go) begin
       if (tile_end) begin
-        \$151  = 1'h0;
-      end else if (\$84 ) begin
-        \$151  = \$87 ;
+        \$148  = 1'h0;
+      end else if (\$77 ) begin
+        \$148  = \$80 ;
       end
     end
     if (\start$44 ) begin
-      \$151  = 1'h0;
+      \$148  = 1'h0;
     end
     if (rst) begin
-      \$151  = 1'h0;
+      \$148  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$152  = kk;
+    \$149  = kk;
     if (go) begin
       if (entry_end) begin
-        \$152  = 4'h0;
+        \$149  = 4'h0;
       end else if (\real ) begin
-        \$152  = \$90 [3:0];
+        \$149  = \$83 [3:0];
       end
     end
     if (\start$44 ) begin
-      \$152  = 4'h0;
+      \$149  = 4'h0;
     end
     if (rst) begin
-      \$152  = 4'h0;
+      \$149  = 4'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$153  = pad;
+    \$150  = pad;
     if (go) begin
       if (entry_end) begin
-        if (\$89 ) begin
-          \$153  = 1'h1;
+        if (\$82 ) begin
+          \$150  = 1'h1;
         end
       end
       if (tile_end) begin
-        \$153  = 1'h0;
+        \$150  = 1'h0;
       end
     end
     if (\start$44 ) begin
-      \$153  = 1'h0;
+      \$150  = 1'h0;
     end
     if (rst) begin
-      \$153  = 1'h0;
+      \$150  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$154  = sweep_end;
+    \$151  = sweep_end;
     if (go) begin
       if (entry_end) begin
-        if (\$89 ) begin
-          \$154  = ent_q0[33];
+        if (\$82 ) begin
+          \$151  = ent_q0[33];
         end
       end
     end
     if (rst) begin
-      \$154  = 1'h0;
+      \$151  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$155  = r0;
+    \$152  = left;
     if (go) begin
       if (tile_end) begin
         if (list_end) begin
-          \$155  = \$91 [7:0];
-        end
-      end
-    end
-    if (\start$44 ) begin
-      \$155  = 8'h00;
-    end
-    if (rst) begin
-      \$155  = 8'h00;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$156  = a_base;
-    if (go) begin
-      if (tile_end) begin
-        if (list_end) begin
-          \$156  = \$92 [13:0];
+          \$152  = \$84 [7:0];
         end
       end
     end
     if (\start$44 ) begin
-      \$156  = 14'h0000;
+      \$152  = m;
     end
     if (rst) begin
-      \$156  = 14'h0000;
+      \$152  = 8'h00;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$157  = run;
+    \$153  = last_mt;
     if (go) begin
       if (tile_end) begin
         if (list_end) begin
-          if (\$94 ) begin
-            \$157  = 1'h0;
+          \$153  = \$85 ;
+        end
+      end
+    end
+    if (\start$44 ) begin
+      \$153  = \$120 ;
+    end
+    if (rst) begin
+      \$153  = 1'h0;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
+    \$154  = a_base;
+    if (go) begin
+      if (tile_end) begin
+        if (list_end) begin
+          \$154  = \$86 [13:0];
+        end
+      end
+    end
+    if (\start$44 ) begin
+      \$154  = 14'h0000;
+    end
+    if (rst) begin
+      \$154  = 14'h0000;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
+    \$155  = run;
+    if (go) begin
+      if (tile_end) begin
+        if (list_end) begin
+          if (last_mt) begin
+            \$155  = 1'h0;
           end
         end
       end
     end
     if (\start$44 ) begin
-      \$157  = 1'h1;
+      \$155  = 1'h1;
     end
+    if (rst) begin
+      \$155  = 1'h0;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
+    \$156  = go;
+    if (rst) begin
+      \$156  = 1'h0;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
+    \$157  = \$87 ;
     if (rst) begin
       \$157  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$158  = go;
+    \$158  = tile_end;
     if (rst) begin
       \$158  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$159  = \$95 ;
+    \$159  = \$88 ;
     if (rst) begin
       \$159  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$160  = tile_end;
+    \$160  = s1_valid;
     if (rst) begin
       \$160  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$161  = \$96 ;
+    \$161  = s1_first;
     if (rst) begin
       \$161  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$162  = s1_valid;
+    \$162  = s1_last;
     if (rst) begin
       \$162  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$163  = s1_first;
+    \$163  = s1_zero;
     if (rst) begin
       \$163  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$164  = s1_last;
+    \$164  = s2_valid;
     if (rst) begin
       \$164  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$165  = s1_zero;
+    \$165  = s2_first;
     if (rst) begin
       \$165  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$166  = s2_valid;
+    \$166  = s2_last;
     if (rst) begin
       \$166  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$167  = s2_first;
+    \$167  = s2_zero;
     if (rst) begin
       \$167  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$168  = s2_last;
+    \$168  = s3_valid;
     if (rst) begin
       \$168  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$169  = s2_zero;
+    \$169  = s3_first;
     if (rst) begin
       \$169  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$170  = s3_valid;
+    \$170  = s3_last;
     if (rst) begin
       \$170  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$171  = s3_first;
+    \$171  = s3_zero;
     if (rst) begin
       \$171  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$172  = s3_last;
+    \$172  = s4_valid;
     if (rst) begin
       \$172  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$173  = s3_zero;
+    \$173  = s4_first;
     if (rst) begin
       \$173  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$174  = s4_valid;
+    \$174  = s4_last;
     if (rst) begin
       \$174  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$175  = s4_first;
+    \$175  = s4_zero;
     if (rst) begin
       \$175  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$176  = s4_last;
+    \$176  = s5_valid;
     if (rst) begin
       \$176  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$177  = s4_zero;
+    \$177  = s5_first;
     if (rst) begin
       \$177  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$178  = s5_valid;
+    \$178  = s5_last;
     if (rst) begin
       \$178  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$179  = s5_first;
+    \$179  = s5_zero;
     if (rst) begin
       \$179  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$180  = s5_last;
-    if (rst) begin
-      \$180  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$181  = s5_zero;
-    if (rst) begin
-      \$181  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$182  = \rd__addr$81 ;
-    if (\$97 ) begin
+    \$180  = \rd__addr$76 ;
+    if (\$89 ) begin
       (* full_case = 32'd1 *)
-      if (\$98 ) begin
-        \$182  = 5'h00;
+      if (\$90 ) begin
+        \$180  = 5'h00;
       end else begin
-        \$182  = \$101 [4:0];
+        \$180  = \$95 [4:0];
       end
     end
     if (\start$44 ) begin
-      \$182  = 5'h00;
+      \$180  = 5'h00;
     end
     if (rst) begin
-      \$182  = 5'h00;
+      \$180  = 5'h00;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$183  = out_r0;
-    if (\$97 ) begin
-      if (\$98 ) begin
-        \$183  = \$99 [7:0];
+    \$181  = out_r0;
+    if (\$89 ) begin
+      if (\$90 ) begin
+        \$181  = \$91 [7:0];
       end
     end
     if (\start$44 ) begin
-      \$183  = 8'h00;
+      \$181  = 8'h00;
     end
     if (rst) begin
-      \$183  = 8'h00;
+      \$181  = 8'h00;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
+    \$182  = out_left;
+    if (\$89 ) begin
+      if (\$90 ) begin
+        \$182  = \$92 [7:0];
+      end
+    end
+    if (\start$44 ) begin
+      \$182  = m;
+    end
+    if (rst) begin
+      \$182  = 8'h00;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
+    \$183  = out_last;
+    if (\$89 ) begin
+      if (\$90 ) begin
+        \$183  = \$93 ;
+      end
+    end
+    if (\start$44 ) begin
+      \$183  = \$121 ;
+    end
+    if (rst) begin
+      \$183  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
     \$184  = tile_base;
-    if (\$97 ) begin
+    if (\$89 ) begin
       (* full_case = 32'd1 *)
-      if (\$98 ) begin
-        \$184  = \$100 [11:0];
+      if (\$90 ) begin
+        \$184  = \$94 [11:0];
       end else begin
-        \$184  = \$102 [11:0];
+        \$184  = \$96 [11:0];
       end
     end
     if (\start$44 ) begin
@@ -1768,14 +1833,14 @@ module encoder_layer_0_output_dense(m, a_wr__en, a_wr__addr, a_wr__data, w_wr__e
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$186  = \$103 ;
+    \$186  = \$97 ;
     if (rst) begin
       \$186  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$187  = \$104 [7:0];
+    \$187  = \$98 [7:0];
     if (rst) begin
       \$187  = 8'h00;
     end
@@ -1791,7 +1856,7 @@ module encoder_layer_0_output_dense(m, a_wr__en, a_wr__addr, a_wr__data, w_wr__e
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
     \$189  = addr1;
     if (o__valid) begin
-      \$189  = \$107 [11:0];
+      \$189  = \$101 [11:0];
     end
     if (rst) begin
       \$189  = 12'h000;
@@ -1799,7 +1864,7 @@ module encoder_layer_0_output_dense(m, a_wr__en, a_wr__addr, a_wr__data, w_wr__e
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$190  = \$109 ;
+    \$190  = \$103 ;
     if (rst) begin
       \$190  = 1'h0;
     end
@@ -1827,7 +1892,7 @@ module encoder_layer_0_output_dense(m, a_wr__en, a_wr__addr, a_wr__data, w_wr__e
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$194  = \$signal$138 ;
+    \$194  = \$signal$141 ;
     if (rst) begin
       \$194  = 1'h0;
     end
@@ -1848,45 +1913,45 @@ module encoder_layer_0_output_dense(m, a_wr__en, a_wr__addr, a_wr__data, w_wr__e
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$197 [25:0] = \$110 [25:0];
-    \$197 [419:416] = \rd__data$147 [3:0];
-    \$197 [51:26] = \$111 [25:0];
-    \$197 [423:420] = \rd__data$147 [7:4];
-    \$197 [77:52] = \$112 [25:0];
-    \$197 [427:424] = \rd__data$147 [11:8];
-    \$197 [103:78] = \$113 [25:0];
-    \$197 [431:428] = \rd__data$147 [15:12];
-    \$197 [129:104] = \$114 [25:0];
-    \$197 [435:432] = \rd__data$147 [19:16];
-    \$197 [155:130] = \$115 [25:0];
-    \$197 [439:436] = \rd__data$147 [23:20];
-    \$197 [181:156] = \$116 [25:0];
-    \$197 [443:440] = \rd__data$147 [27:24];
-    \$197 [207:182] = \$117 [25:0];
-    \$197 [447:444] = \rd__data$147 [31:28];
-    \$197 [233:208] = \$118 [25:0];
-    \$197 [451:448] = \rd__data$147 [35:32];
-    \$197 [259:234] = \$119 [25:0];
-    \$197 [455:452] = \rd__data$147 [39:36];
-    \$197 [285:260] = \$120 [25:0];
-    \$197 [459:456] = \rd__data$147 [43:40];
-    \$197 [311:286] = \$121 [25:0];
-    \$197 [463:460] = \rd__data$147 [47:44];
-    \$197 [337:312] = \$122 [25:0];
-    \$197 [467:464] = \rd__data$147 [51:48];
-    \$197 [363:338] = \$123 [25:0];
-    \$197 [471:468] = \rd__data$147 [55:52];
-    \$197 [389:364] = \$124 [25:0];
-    \$197 [475:472] = \rd__data$147 [59:56];
-    \$197 [415:390] = \$125 [25:0];
-    \$197 [479:476] = \rd__data$147 [63:60];
+    \$197 [25:0] = \$104 [25:0];
+    \$197 [419:416] = \rd__data$151 [3:0];
+    \$197 [51:26] = \$105 [25:0];
+    \$197 [423:420] = \rd__data$151 [7:4];
+    \$197 [77:52] = \$106 [25:0];
+    \$197 [427:424] = \rd__data$151 [11:8];
+    \$197 [103:78] = \$107 [25:0];
+    \$197 [431:428] = \rd__data$151 [15:12];
+    \$197 [129:104] = \$108 [25:0];
+    \$197 [435:432] = \rd__data$151 [19:16];
+    \$197 [155:130] = \$109 [25:0];
+    \$197 [439:436] = \rd__data$151 [23:20];
+    \$197 [181:156] = \$110 [25:0];
+    \$197 [443:440] = \rd__data$151 [27:24];
+    \$197 [207:182] = \$111 [25:0];
+    \$197 [447:444] = \rd__data$151 [31:28];
+    \$197 [233:208] = \$112 [25:0];
+    \$197 [451:448] = \rd__data$151 [35:32];
+    \$197 [259:234] = \$113 [25:0];
+    \$197 [455:452] = \rd__data$151 [39:36];
+    \$197 [285:260] = \$114 [25:0];
+    \$197 [459:456] = \rd__data$151 [43:40];
+    \$197 [311:286] = \$115 [25:0];
+    \$197 [463:460] = \rd__data$151 [47:44];
+    \$197 [337:312] = \$116 [25:0];
+    \$197 [467:464] = \rd__data$151 [51:48];
+    \$197 [363:338] = \$117 [25:0];
+    \$197 [471:468] = \rd__data$151 [55:52];
+    \$197 [389:364] = \$118 [25:0];
+    \$197 [475:472] = \rd__data$151 [59:56];
+    \$197 [415:390] = \$119 [25:0];
+    \$197 [479:476] = \rd__data$151 [63:60];
     if (rst) begin
       \$197  = 480'h000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$198  = \$signal$142 ;
+    \$198  = \$signal$146 ;
     if (rst) begin
       \$198  = 1'h0;
     end
@@ -2010,15 +2075,15 @@ module encoder_layer_0_output_dense(m, a_wr__en, a_wr__addr, a_wr__data, w_wr__e
   assign rd__data = o_rd__data;
   assign rd__en = o_rd__en;
   assign \done$43  = done;
-  assign wr_idx = \$13 [3:0];
-  assign \rd__addr$70  = \$25 [13:0];
-  assign \rd__addr$72  = \$26 [15:0];
+  assign wr_idx = \$6 [3:0];
+  assign \rd__addr$65  = \$18 [13:0];
+  assign \rd__addr$67  = \$19 [15:0];
   assign s6_valid = i__valid;
-  assign out_nt = \rd__addr$81 ;
-  assign \rd__addr$83  = \rd__addr$81 ;
-  assign v_q2 = \wr__en$88 ;
-  assign addr_q2 = \wr__addr$90 ;
-  assign o = \wr__data$92 ;
+  assign out_nt = \rd__addr$76 ;
+  assign \rd__addr$78  = \rd__addr$76 ;
+  assign v_q2 = \wr__en$82 ;
+  assign addr_q2 = \wr__addr$84 ;
+  assign o = \wr__data$86 ;
   assign \a_wr__data[0]  = a_wr__data[7:0];
   assign \a_wr__data[1]  = a_wr__data[15:8];
   assign \a_wr__data[2]  = a_wr__data[23:16];
@@ -2215,38 +2280,38 @@ module encoder_layer_0_output_dense(m, a_wr__en, a_wr__addr, a_wr__data, w_wr__e
   assign \i__payload.b[15]  = i__payload[255:248];
   assign \i__payload.first  = i__payload[256];
   assign \i__payload.last  = i__payload[257];
-  assign \rd__data$79[0]  = \rd__data$79 [7:0];
-  assign \rd__data$79[1]  = \rd__data$79 [15:8];
-  assign \rd__data$79[2]  = \rd__data$79 [23:16];
-  assign \rd__data$79[3]  = \rd__data$79 [31:24];
-  assign \rd__data$79[4]  = \rd__data$79 [39:32];
-  assign \rd__data$79[5]  = \rd__data$79 [47:40];
-  assign \rd__data$79[6]  = \rd__data$79 [55:48];
-  assign \rd__data$79[7]  = \rd__data$79 [63:56];
-  assign \rd__data$79[8]  = \rd__data$79 [71:64];
-  assign \rd__data$79[9]  = \rd__data$79 [79:72];
-  assign \rd__data$79[10]  = \rd__data$79 [87:80];
-  assign \rd__data$79[11]  = \rd__data$79 [95:88];
-  assign \rd__data$79[12]  = \rd__data$79 [103:96];
-  assign \rd__data$79[13]  = \rd__data$79 [111:104];
-  assign \rd__data$79[14]  = \rd__data$79 [119:112];
-  assign \rd__data$79[15]  = \rd__data$79 [127:120];
-  assign \rd__data$80[0]  = \rd__data$80 [7:0];
-  assign \rd__data$80[1]  = \rd__data$80 [15:8];
-  assign \rd__data$80[2]  = \rd__data$80 [23:16];
-  assign \rd__data$80[3]  = \rd__data$80 [31:24];
-  assign \rd__data$80[4]  = \rd__data$80 [39:32];
-  assign \rd__data$80[5]  = \rd__data$80 [47:40];
-  assign \rd__data$80[6]  = \rd__data$80 [55:48];
-  assign \rd__data$80[7]  = \rd__data$80 [63:56];
-  assign \rd__data$80[8]  = \rd__data$80 [71:64];
-  assign \rd__data$80[9]  = \rd__data$80 [79:72];
-  assign \rd__data$80[10]  = \rd__data$80 [87:80];
-  assign \rd__data$80[11]  = \rd__data$80 [95:88];
-  assign \rd__data$80[12]  = \rd__data$80 [103:96];
-  assign \rd__data$80[13]  = \rd__data$80 [111:104];
-  assign \rd__data$80[14]  = \rd__data$80 [119:112];
-  assign \rd__data$80[15]  = \rd__data$80 [127:120];
+  assign \rd__data$74[0]  = \rd__data$74 [7:0];
+  assign \rd__data$74[1]  = \rd__data$74 [15:8];
+  assign \rd__data$74[2]  = \rd__data$74 [23:16];
+  assign \rd__data$74[3]  = \rd__data$74 [31:24];
+  assign \rd__data$74[4]  = \rd__data$74 [39:32];
+  assign \rd__data$74[5]  = \rd__data$74 [47:40];
+  assign \rd__data$74[6]  = \rd__data$74 [55:48];
+  assign \rd__data$74[7]  = \rd__data$74 [63:56];
+  assign \rd__data$74[8]  = \rd__data$74 [71:64];
+  assign \rd__data$74[9]  = \rd__data$74 [79:72];
+  assign \rd__data$74[10]  = \rd__data$74 [87:80];
+  assign \rd__data$74[11]  = \rd__data$74 [95:88];
+  assign \rd__data$74[12]  = \rd__data$74 [103:96];
+  assign \rd__data$74[13]  = \rd__data$74 [111:104];
+  assign \rd__data$74[14]  = \rd__data$74 [119:112];
+  assign \rd__data$74[15]  = \rd__data$74 [127:120];
+  assign \rd__data$75[0]  = \rd__data$75 [7:0];
+  assign \rd__data$75[1]  = \rd__data$75 [15:8];
+  assign \rd__data$75[2]  = \rd__data$75 [23:16];
+  assign \rd__data$75[3]  = \rd__data$75 [31:24];
+  assign \rd__data$75[4]  = \rd__data$75 [39:32];
+  assign \rd__data$75[5]  = \rd__data$75 [47:40];
+  assign \rd__data$75[6]  = \rd__data$75 [55:48];
+  assign \rd__data$75[7]  = \rd__data$75 [63:56];
+  assign \rd__data$75[8]  = \rd__data$75 [71:64];
+  assign \rd__data$75[9]  = \rd__data$75 [79:72];
+  assign \rd__data$75[10]  = \rd__data$75 [87:80];
+  assign \rd__data$75[11]  = \rd__data$75 [95:88];
+  assign \rd__data$75[12]  = \rd__data$75 [103:96];
+  assign \rd__data$75[13]  = \rd__data$75 [111:104];
+  assign \rd__data$75[14]  = \rd__data$75 [119:112];
+  assign \rd__data$75[15]  = \rd__data$75 [127:120];
   assign \o__payload.data  = o__payload[415:0];
   assign \o__payload.data[0]  = o__payload[25:0];
   assign \o__payload.data[1]  = o__payload[51:26];
@@ -2266,38 +2331,38 @@ module encoder_layer_0_output_dense(m, a_wr__en, a_wr__addr, a_wr__data, w_wr__e
   assign \o__payload.data[15]  = o__payload[415:390];
   assign \o__payload.row  = o__payload[419:416];
   assign \o__payload.last  = o__payload[420];
-  assign \wr__data$92[0]  = \wr__data$92 [15:0];
-  assign \wr__data$92[1]  = \wr__data$92 [31:16];
-  assign \wr__data$92[2]  = \wr__data$92 [47:32];
-  assign \wr__data$92[3]  = \wr__data$92 [63:48];
-  assign \wr__data$92[4]  = \wr__data$92 [79:64];
-  assign \wr__data$92[5]  = \wr__data$92 [95:80];
-  assign \wr__data$92[6]  = \wr__data$92 [111:96];
-  assign \wr__data$92[7]  = \wr__data$92 [127:112];
-  assign \wr__data$92[8]  = \wr__data$92 [143:128];
-  assign \wr__data$92[9]  = \wr__data$92 [159:144];
-  assign \wr__data$92[10]  = \wr__data$92 [175:160];
-  assign \wr__data$92[11]  = \wr__data$92 [191:176];
-  assign \wr__data$92[12]  = \wr__data$92 [207:192];
-  assign \wr__data$92[13]  = \wr__data$92 [223:208];
-  assign \wr__data$92[14]  = \wr__data$92 [239:224];
-  assign \wr__data$92[15]  = \wr__data$92 [255:240];
-  assign \o[0]  = \wr__data$92 [15:0];
-  assign \o[1]  = \wr__data$92 [31:16];
-  assign \o[2]  = \wr__data$92 [47:32];
-  assign \o[3]  = \wr__data$92 [63:48];
-  assign \o[4]  = \wr__data$92 [79:64];
-  assign \o[5]  = \wr__data$92 [95:80];
-  assign \o[6]  = \wr__data$92 [111:96];
-  assign \o[7]  = \wr__data$92 [127:112];
-  assign \o[8]  = \wr__data$92 [143:128];
-  assign \o[9]  = \wr__data$92 [159:144];
-  assign \o[10]  = \wr__data$92 [175:160];
-  assign \o[11]  = \wr__data$92 [191:176];
-  assign \o[12]  = \wr__data$92 [207:192];
-  assign \o[13]  = \wr__data$92 [223:208];
-  assign \o[14]  = \wr__data$92 [239:224];
-  assign \o[15]  = \wr__data$92 [255:240];
+  assign \wr__data$86[0]  = \wr__data$86 [15:0];
+  assign \wr__data$86[1]  = \wr__data$86 [31:16];
+  assign \wr__data$86[2]  = \wr__data$86 [47:32];
+  assign \wr__data$86[3]  = \wr__data$86 [63:48];
+  assign \wr__data$86[4]  = \wr__data$86 [79:64];
+  assign \wr__data$86[5]  = \wr__data$86 [95:80];
+  assign \wr__data$86[6]  = \wr__data$86 [111:96];
+  assign \wr__data$86[7]  = \wr__data$86 [127:112];
+  assign \wr__data$86[8]  = \wr__data$86 [143:128];
+  assign \wr__data$86[9]  = \wr__data$86 [159:144];
+  assign \wr__data$86[10]  = \wr__data$86 [175:160];
+  assign \wr__data$86[11]  = \wr__data$86 [191:176];
+  assign \wr__data$86[12]  = \wr__data$86 [207:192];
+  assign \wr__data$86[13]  = \wr__data$86 [223:208];
+  assign \wr__data$86[14]  = \wr__data$86 [239:224];
+  assign \wr__data$86[15]  = \wr__data$86 [255:240];
+  assign \o[0]  = \wr__data$86 [15:0];
+  assign \o[1]  = \wr__data$86 [31:16];
+  assign \o[2]  = \wr__data$86 [47:32];
+  assign \o[3]  = \wr__data$86 [63:48];
+  assign \o[4]  = \wr__data$86 [79:64];
+  assign \o[5]  = \wr__data$86 [95:80];
+  assign \o[6]  = \wr__data$86 [111:96];
+  assign \o[7]  = \wr__data$86 [127:112];
+  assign \o[8]  = \wr__data$86 [143:128];
+  assign \o[9]  = \wr__data$86 [159:144];
+  assign \o[10]  = \wr__data$86 [175:160];
+  assign \o[11]  = \wr__data$86 [191:176];
+  assign \o[12]  = \wr__data$86 [207:192];
+  assign \o[13]  = \wr__data$86 [223:208];
+  assign \o[14]  = \wr__data$86 [239:224];
+  assign \o[15]  = \wr__data$86 [255:240];
   assign \acc1[0]  = acc1[25:0];
   assign \acc1[1]  = acc1[51:26];
   assign \acc1[2]  = acc1[77:52];
@@ -2364,70 +2429,70 @@ module encoder_layer_0_output_dense(m, a_wr__en, a_wr__addr, a_wr__data, w_wr__e
   assign \i.t[13]  = i[471:468];
   assign \i.t[14]  = i[475:472];
   assign \i.t[15]  = i[479:476];
-  assign \rd__data$146[0]  = \rd__data$146 [12:0];
-  assign \rd__data$146[1]  = \rd__data$146 [25:13];
-  assign \rd__data$146[2]  = \rd__data$146 [38:26];
-  assign \rd__data$146[3]  = \rd__data$146 [51:39];
-  assign \rd__data$146[4]  = \rd__data$146 [64:52];
-  assign \rd__data$146[5]  = \rd__data$146 [77:65];
-  assign \rd__data$146[6]  = \rd__data$146 [90:78];
-  assign \rd__data$146[7]  = \rd__data$146 [103:91];
-  assign \rd__data$146[8]  = \rd__data$146 [116:104];
-  assign \rd__data$146[9]  = \rd__data$146 [129:117];
-  assign \rd__data$146[10]  = \rd__data$146 [142:130];
-  assign \rd__data$146[11]  = \rd__data$146 [155:143];
-  assign \rd__data$146[12]  = \rd__data$146 [168:156];
-  assign \rd__data$146[13]  = \rd__data$146 [181:169];
-  assign \rd__data$146[14]  = \rd__data$146 [194:182];
-  assign \rd__data$146[15]  = \rd__data$146 [207:195];
-  assign \rd__data$147[0]  = \rd__data$147 [3:0];
-  assign \rd__data$147[1]  = \rd__data$147 [7:4];
-  assign \rd__data$147[2]  = \rd__data$147 [11:8];
-  assign \rd__data$147[3]  = \rd__data$147 [15:12];
-  assign \rd__data$147[4]  = \rd__data$147 [19:16];
-  assign \rd__data$147[5]  = \rd__data$147 [23:20];
-  assign \rd__data$147[6]  = \rd__data$147 [27:24];
-  assign \rd__data$147[7]  = \rd__data$147 [31:28];
-  assign \rd__data$147[8]  = \rd__data$147 [35:32];
-  assign \rd__data$147[9]  = \rd__data$147 [39:36];
-  assign \rd__data$147[10]  = \rd__data$147 [43:40];
-  assign \rd__data$147[11]  = \rd__data$147 [47:44];
-  assign \rd__data$147[12]  = \rd__data$147 [51:48];
-  assign \rd__data$147[13]  = \rd__data$147 [55:52];
-  assign \rd__data$147[14]  = \rd__data$147 [59:56];
-  assign \rd__data$147[15]  = \rd__data$147 [63:60];
-  assign i__payload[255:248] = \$58 ;
-  assign i__payload[247:240] = \$57 ;
-  assign i__payload[239:232] = \$56 ;
-  assign i__payload[231:224] = \$55 ;
-  assign i__payload[223:216] = \$54 ;
-  assign i__payload[215:208] = \$53 ;
-  assign i__payload[207:200] = \$52 ;
-  assign i__payload[199:192] = \$51 ;
-  assign i__payload[191:184] = \$50 ;
-  assign i__payload[183:176] = \$49 ;
-  assign i__payload[175:168] = \$48 ;
-  assign i__payload[167:160] = \$47 ;
-  assign i__payload[159:152] = \$46 ;
-  assign i__payload[151:144] = \$45 ;
-  assign i__payload[143:136] = \$44 ;
-  assign i__payload[135:128] = \$43 ;
-  assign i__payload[127:120] = \$42 ;
-  assign i__payload[119:112] = \$41 ;
-  assign i__payload[111:104] = \$40 ;
-  assign i__payload[103:96] = \$39 ;
-  assign i__payload[95:88] = \$38 ;
-  assign i__payload[87:80] = \$37 ;
-  assign i__payload[79:72] = \$36 ;
-  assign i__payload[71:64] = \$35 ;
-  assign i__payload[63:56] = \$34 ;
-  assign i__payload[55:48] = \$33 ;
-  assign i__payload[47:40] = \$32 ;
-  assign i__payload[39:32] = \$31 ;
-  assign i__payload[31:24] = \$30 ;
-  assign i__payload[23:16] = \$29 ;
-  assign i__payload[15:8] = \$28 ;
-  assign i__payload[7:0] = \$27 ;
+  assign \rd__data$150[0]  = \rd__data$150 [12:0];
+  assign \rd__data$150[1]  = \rd__data$150 [25:13];
+  assign \rd__data$150[2]  = \rd__data$150 [38:26];
+  assign \rd__data$150[3]  = \rd__data$150 [51:39];
+  assign \rd__data$150[4]  = \rd__data$150 [64:52];
+  assign \rd__data$150[5]  = \rd__data$150 [77:65];
+  assign \rd__data$150[6]  = \rd__data$150 [90:78];
+  assign \rd__data$150[7]  = \rd__data$150 [103:91];
+  assign \rd__data$150[8]  = \rd__data$150 [116:104];
+  assign \rd__data$150[9]  = \rd__data$150 [129:117];
+  assign \rd__data$150[10]  = \rd__data$150 [142:130];
+  assign \rd__data$150[11]  = \rd__data$150 [155:143];
+  assign \rd__data$150[12]  = \rd__data$150 [168:156];
+  assign \rd__data$150[13]  = \rd__data$150 [181:169];
+  assign \rd__data$150[14]  = \rd__data$150 [194:182];
+  assign \rd__data$150[15]  = \rd__data$150 [207:195];
+  assign \rd__data$151[0]  = \rd__data$151 [3:0];
+  assign \rd__data$151[1]  = \rd__data$151 [7:4];
+  assign \rd__data$151[2]  = \rd__data$151 [11:8];
+  assign \rd__data$151[3]  = \rd__data$151 [15:12];
+  assign \rd__data$151[4]  = \rd__data$151 [19:16];
+  assign \rd__data$151[5]  = \rd__data$151 [23:20];
+  assign \rd__data$151[6]  = \rd__data$151 [27:24];
+  assign \rd__data$151[7]  = \rd__data$151 [31:28];
+  assign \rd__data$151[8]  = \rd__data$151 [35:32];
+  assign \rd__data$151[9]  = \rd__data$151 [39:36];
+  assign \rd__data$151[10]  = \rd__data$151 [43:40];
+  assign \rd__data$151[11]  = \rd__data$151 [47:44];
+  assign \rd__data$151[12]  = \rd__data$151 [51:48];
+  assign \rd__data$151[13]  = \rd__data$151 [55:52];
+  assign \rd__data$151[14]  = \rd__data$151 [59:56];
+  assign \rd__data$151[15]  = \rd__data$151 [63:60];
+  assign i__payload[255:248] = \$51 ;
+  assign i__payload[247:240] = \$50 ;
+  assign i__payload[239:232] = \$49 ;
+  assign i__payload[231:224] = \$48 ;
+  assign i__payload[223:216] = \$47 ;
+  assign i__payload[215:208] = \$46 ;
+  assign i__payload[207:200] = \$45 ;
+  assign i__payload[199:192] = \$44 ;
+  assign i__payload[191:184] = \$43 ;
+  assign i__payload[183:176] = \$42 ;
+  assign i__payload[175:168] = \$41 ;
+  assign i__payload[167:160] = \$40 ;
+  assign i__payload[159:152] = \$39 ;
+  assign i__payload[151:144] = \$38 ;
+  assign i__payload[143:136] = \$37 ;
+  assign i__payload[135:128] = \$36 ;
+  assign i__payload[127:120] = \$35 ;
+  assign i__payload[119:112] = \$34 ;
+  assign i__payload[111:104] = \$33 ;
+  assign i__payload[103:96] = \$32 ;
+  assign i__payload[95:88] = \$31 ;
+  assign i__payload[87:80] = \$30 ;
+  assign i__payload[79:72] = \$29 ;
+  assign i__payload[71:64] = \$28 ;
+  assign i__payload[63:56] = \$27 ;
+  assign i__payload[55:48] = \$26 ;
+  assign i__payload[47:40] = \$25 ;
+  assign i__payload[39:32] = \$24 ;
+  assign i__payload[31:24] = \$23 ;
+  assign i__payload[23:16] = \$22 ;
+  assign i__payload[15:8] = \$21 ;
+  assign i__payload[7:0] = \$20 ;
   assign i__payload[257] = s6_last;
   assign i__payload[256] = s6_first;
 endmodule

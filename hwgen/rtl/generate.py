@@ -117,11 +117,17 @@ def _rtl_sources_digest() -> str:
     return h.hexdigest()
 
 
+#: the RTL sources as this process imported them (hwgen.rtl's package import loads the
+#: components first): read once, so a source edited while a long run goes on never keys
+#: Verilog converted from the old, imported code under the new text
+_SOURCES_DIGEST = _rtl_sources_digest()
+
+
 def _verilog_key(k: RTLKernel) -> str:
     import amaranth
 
     h = hashlib.sha256()
-    for part in (k.name, json.dumps(k.manifest, sort_keys=True, default=str), _rtl_sources_digest(),
+    for part in (k.name, json.dumps(k.manifest, sort_keys=True, default=str), _SOURCES_DIGEST,
                  getattr(amaranth, "__version__", "")):
         h.update(part.encode() + b"\0")
     return h.hexdigest()

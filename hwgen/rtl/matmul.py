@@ -722,12 +722,13 @@ class MatmulEngine(wiring.Component):
         ptr = Signal(ent_rd.addr.shape())
         inflight = [Signal(name=f"fetch{i}") for i in range(lat_e)]  # fetches 1 .. lat_e cycles ago
         cnt = Signal(range(depth + 1))
+        held = Signal(range(depth + 1))       # cnt + fetches in flight, kept by a register
         fifo = [Signal(Shape.cast(s.ent_layout).width, name=f"ent_q{i}") for i in range(depth)]
         fetch = Signal()
         pop = Signal()
         arrive = inflight[-1]                 # the entry fetched lat_e cycles ago is on the port
         m.d.comb += [
-            fetch.eq(fetching & run & (cnt + sum(inflight) <= depth - 1)),
+            fetch.eq(fetching & run & (held < depth)),
             ent_rd.addr.eq(Mux(fetching & run, ptr, 0)),
         ]
         m.d.sync += [q.eq(d) for q, d in zip(inflight, [fetch] + inflight[:-1])]
@@ -743,7 +744,7 @@ class MatmulEngine(wiring.Component):
                 m.d.sync += fifo[i].eq(ent_rd.data)
             with m.Elif(pop):
                 m.d.sync += fifo[i].eq(fifo[i + 1] if i < depth - 1 else 0)
-        m.d.sync += cnt.eq(cnt + arrive - pop)
+        m.d.sync += [cnt.eq(cnt + arrive - pop), held.eq(held + fetch - pop)]
 
         # ---- issue stage (stage 0): FIFO head entry -> operand addresses ---------
         a_rd = bufs["a"].rd
@@ -756,7 +757,10 @@ class MatmulEngine(wiring.Component):
         tcnt_ok = Signal(init=s.min_beats <= 1)  # registered: tcnt + 1 >= min_beats
         pad = Signal()                        # padding beats after the tile's last block
         sweep_end = Signal()                  # the tile being padded is the list's last
-        r0 = Signal(range(s.mt_max * R + 1))  # first row of the M-tile
+        # the M-tile now issued is the last one (m - first row <= R), a register
+        # kept with the rows left, so no adder or compare of m sits in the control
+        left = Signal(range(s.mt_max * R + 1))  # m - the M-tile's first row
+        last_mt = Signal()
         a_base = Signal(range(s.mt_max * s.k + 1))
 
         go = Signal()
@@ -791,8 +795,8 @@ class MatmulEngine(wiring.Component):
             with m.If(tile_end):
                 m.d.sync += pad.eq(0)
                 with m.If(list_end):
-                    m.d.sync += [r0.eq(r0 + R), a_base.eq(a_base + s.k)]
-                    with m.If(r0 + R >= m_reg):
+                    m.d.sync += [left.eq(left - R), last_mt.eq(left <= 2 * R), a_base.eq(a_base + s.k)]
+                    with m.If(last_mt):
                         m.d.sync += run.eq(0)
         # stages 1 .. lat_op: the operand reads; the beat's flags ride along
         flags = [go, tcnt == 0, tile_end, ~real]
@@ -812,17 +816,20 @@ class MatmulEngine(wiring.Component):
         # ---- output side: PE rows -> + bias -> requant -> out buffer -------------
         out_nt = Signal(range(max(s.nt, 2)))
         out_r0 = Signal(range(s.mt_max * R + 1))
+        out_left = Signal(range(s.mt_max * R + 1))  # m - out_r0, and its last-M-tile flag
+        out_last = Signal()
         bias_rd = bufs["bias"].rd
         shift_rd = bufs["shift"].rd
         m.d.comb += [bias_rd.addr.eq(out_nt), shift_rd.addr.eq(out_nt)]
         fin = Signal()
-        m.d.comb += fin.eq(pe.o.payload.last & (out_nt == s.nt - 1) & (out_r0 + R >= m_reg))
+        m.d.comb += fin.eq(pe.o.payload.last & (out_nt == s.nt - 1) & out_last)
         # out address of the draining tile's row 0, out_r0 * NT + out_nt, kept by
         # additions (no multiplier on the way to the out buffer's address)
         tile_base = Signal(range((s.mt_max + 1) * R * s.nt + 1))
         with m.If(pe.o.valid & pe.o.payload.last):
             with m.If(out_nt == s.nt - 1):
-                m.d.sync += [out_nt.eq(0), out_r0.eq(out_r0 + R),
+                m.d.sync += [out_nt.eq(0), out_r0.eq(out_r0 + R), out_left.eq(out_left - R),
+                             out_last.eq(out_left <= 2 * R),
                              tile_base.eq(tile_base + (R * s.nt - (s.nt - 1)))]
             with m.Else():
                 m.d.sync += [out_nt.eq(out_nt + 1), tile_base.eq(tile_base + 1)]
@@ -879,9 +886,11 @@ class MatmulEngine(wiring.Component):
         with m.If(done):
             m.d.sync += busy.eq(0)
         with m.If(start):   # the header is read in this cycle (port address 0)
-            m.d.sync += [busy.eq(1), run.eq(1), m_reg.eq(self.m), r0.eq(0), a_base.eq(0),
+            m.d.sync += [busy.eq(1), run.eq(1), m_reg.eq(self.m), a_base.eq(0),
+                         left.eq(self.m), last_mt.eq(self.m <= R), out_left.eq(self.m),
+                         out_last.eq(self.m <= R),
                          out_nt.eq(0), out_r0.eq(0), tile_base.eq(0), tcnt.eq(0), tcnt_ok.eq(s.min_beats <= 1),
                          kk.eq(0), pad.eq(0),
-                         fetching.eq(0), ptr.eq(1), cnt.eq(0)]
+                         fetching.eq(0), ptr.eq(1), cnt.eq(0), held.eq(0)]
             m.d.sync += [f.eq(0) for f in inflight]
         return m
