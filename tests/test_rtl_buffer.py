@@ -22,23 +22,21 @@ class _ECP5:
     ecp5_bram = True
 
 
-def _run(buf: Buffer, writes, reads, platform=None):
-    """Write ``writes`` ({addr: word}), then read ``reads`` (a list of addresses,
-    None = a cycle with ``en`` low) one per cycle; returns ``data`` of every cycle
-    from the first read on (``len(reads) + buf.latency`` samples)."""
+def _simulate(buf: Buffer, cycles, platform=None) -> list:
+    """One cycle per ``(write, read)`` of ``cycles`` (``write``: ``(addr, word)``
+    or None; ``read``: an address, or None for ``en`` low); returns ``data``
+    after each cycle's tick."""
     seen = []
 
     async def tb(ctx):
-        for a, w in writes.items():
-            ctx.set(buf.wr.addr, a)
-            ctx.set(Value.cast(buf.wr.data), w)
-            ctx.set(buf.wr.en, 1)
-            await ctx.tick()
-        ctx.set(buf.wr.en, 0)
-        for a in reads + [None] * buf.latency:
-            ctx.set(buf.rd.en, a is not None)
-            if a is not None:
-                ctx.set(buf.rd.addr, a)
+        for write, read in cycles:
+            ctx.set(buf.wr.en, write is not None)
+            if write is not None:
+                ctx.set(buf.wr.addr, write[0])
+                ctx.set(Value.cast(buf.wr.data), write[1])
+            ctx.set(buf.rd.en, read is not None)
+            if read is not None:
+                ctx.set(buf.rd.addr, read)
             await ctx.tick()
             seen.append(ctx.get(Value.cast(buf.rd.data)))
 
@@ -47,6 +45,14 @@ def _run(buf: Buffer, writes, reads, platform=None):
     sim.add_testbench(tb)
     sim.run()
     return seen
+
+
+def _run(buf: Buffer, writes, reads, platform=None):
+    """Write ``writes`` ({addr: word}), then read ``reads`` (a list of addresses,
+    None = a cycle with ``en`` low) one per cycle; returns ``data`` of every cycle
+    from the first read on (``len(reads) + buf.latency`` samples)."""
+    cycles = [(w, None) for w in writes.items()] + [(None, a) for a in reads + [None] * buf.latency]
+    return _simulate(buf, cycles, platform)[len(writes):]
 
 
 class _Wrap(Elaboratable):
@@ -122,26 +128,9 @@ def test_read_write_order(platform, depth, latency):
     cycle, whatever the latency (the front registers delay both ports)."""
     buf = Buffer(unsigned(16), MemoryData(shape=unsigned(16), depth=depth, init=[]), latency=latency)
     addrs = [3, 7, 3, 7, 11, 3]
-    seen = []
-
-    async def tb(ctx):
-        for c, a in enumerate(addrs):   # cycle c: write c+1 to a, read a
-            ctx.set(buf.wr.addr, a)
-            ctx.set(Value.cast(buf.wr.data), c + 1)
-            ctx.set(buf.wr.en, 1)
-            ctx.set(buf.rd.addr, a)
-            ctx.set(buf.rd.en, 1)
-            await ctx.tick()
-            seen.append(ctx.get(Value.cast(buf.rd.data)))
-        ctx.set(buf.wr.en, 0)
-        for _ in range(buf.latency):
-            await ctx.tick()
-            seen.append(ctx.get(Value.cast(buf.rd.data)))
-
-    sim = Simulator(buf if platform is None else _Wrap(buf, platform))
-    sim.add_clock(1e-8)
-    sim.add_testbench(tb)
-    sim.run()
+    # cycle c: write c + 1 to addrs[c] and read addrs[c]; then idle until the last read is out
+    seen = _simulate(buf, [((a, c + 1), a) for c, a in enumerate(addrs)] + [(None, None)] * buf.latency,
+                     platform)
     mem, want = {}, []
     for c, a in enumerate(addrs):
         want.append(mem.get(a, 0))     # the old word
