@@ -18,33 +18,33 @@ module encoder_layer_0_attention_output_dense(m, a_wr__en, a_wr__addr, a_wr__dat
   wire [24:0] \$108 ;
   wire [24:0] \$109 ;
   wire \$11 ;
-  wire [24:0] \$110 ;
-  wire [24:0] \$111 ;
-  wire \$112 ;
-  wire \$113 ;
-  reg \$114 ;
+  wire \$110 ;
+  wire \$111 ;
+  reg \$112 ;
+  reg \$113 ;
+  reg [9:0] \$114 ;
   reg \$115 ;
-  reg [9:0] \$116 ;
-  reg \$117 ;
+  reg \$116 ;
+  reg [9:0] \$117 ;
   reg \$118 ;
-  reg [9:0] \$119 ;
+  reg [29:0] \$119 ;
   wire \$12 ;
-  reg \$120 ;
+  reg [29:0] \$120 ;
   reg [29:0] \$121 ;
   reg [29:0] \$122 ;
-  reg [29:0] \$123 ;
-  reg [29:0] \$124 ;
-  reg [2:0] \$125 ;
-  reg [2:0] \$126 ;
-  reg [4:0] \$127 ;
+  reg [2:0] \$123 ;
+  reg [2:0] \$124 ;
+  reg [4:0] \$125 ;
+  reg \$126 ;
+  reg [3:0] \$127 ;
   reg \$128 ;
-  reg [3:0] \$129 ;
+  reg \$129 ;
   wire \$13 ;
-  reg \$130 ;
+  reg [7:0] \$130 ;
   reg \$131 ;
-  reg [7:0] \$132 ;
+  reg [11:0] \$132 ;
   reg \$133 ;
-  reg [11:0] \$134 ;
+  reg \$134 ;
   reg \$135 ;
   reg \$136 ;
   reg \$137 ;
@@ -70,28 +70,28 @@ module encoder_layer_0_attention_output_dense(m, a_wr__en, a_wr__addr, a_wr__dat
   reg \$155 ;
   reg \$156 ;
   reg \$157 ;
-  reg \$158 ;
-  reg \$159 ;
+  reg [4:0] \$158 ;
+  reg [7:0] \$159 ;
   wire \$16 ;
-  reg [4:0] \$160 ;
-  reg [7:0] \$161 ;
-  reg [7:0] \$162 ;
+  reg \$160 ;
+  reg [11:0] \$161 ;
+  reg \$162 ;
   reg \$163 ;
-  reg [11:0] \$164 ;
-  reg \$165 ;
-  reg \$166 ;
-  reg [7:0] \$167 ;
-  reg [383:0] \$168 ;
+  reg \$164 ;
+  reg [383:0] \$165 ;
+  reg [11:0] \$166 ;
+  reg \$167 ;
+  reg \$168 ;
   reg [11:0] \$169 ;
   wire [12:0] \$17 ;
-  reg \$170 ;
+  reg [383:0] \$170 ;
   reg \$171 ;
-  reg [11:0] \$172 ;
-  reg [383:0] \$173 ;
-  reg \$174 ;
+  reg \$172 ;
+  reg [11:0] \$173 ;
+  reg [415:0] \$174 ;
   reg \$175 ;
-  reg [11:0] \$176 ;
-  reg [415:0] \$177 ;
+  reg \$176 ;
+  reg [11:0] \$177 ;
   reg \$178 ;
   reg \$179 ;
   wire [13:0] \$18 ;
@@ -101,13 +101,9 @@ module encoder_layer_0_attention_output_dense(m, a_wr__en, a_wr__addr, a_wr__dat
   reg [11:0] \$183 ;
   reg \$184 ;
   reg \$185 ;
-  reg [11:0] \$186 ;
+  reg \$186 ;
   reg \$187 ;
-  reg \$188 ;
-  reg \$189 ;
   wire [14:0] \$19 ;
-  reg \$190 ;
-  reg [7:0] \$191 ;
   wire \$2 ;
   wire [7:0] \$20 ;
   wire [7:0] \$21 ;
@@ -179,26 +175,27 @@ module encoder_layer_0_attention_output_dense(m, a_wr__en, a_wr__addr, a_wr__dat
   wire \$81 ;
   wire \$82 ;
   wire [8:0] \$83 ;
-  wire [8:0] \$84 ;
-  wire \$85 ;
-  wire [12:0] \$86 ;
-  wire [5:0] \$87 ;
-  wire [12:0] \$88 ;
+  wire \$84 ;
+  wire [12:0] \$85 ;
+  wire [5:0] \$86 ;
+  wire [12:0] \$87 ;
+  wire \$88 ;
   wire \$89 ;
   wire \$9 ;
-  wire [8:0] \$90 ;
-  wire \$91 ;
+  wire \$90 ;
+  wire [12:0] \$91 ;
   wire [12:0] \$92 ;
-  wire [12:0] \$93 ;
-  wire \$94 ;
-  wire \$95 ;
+  wire \$93 ;
+  wire [24:0] \$94 ;
+  wire [24:0] \$95 ;
   wire [24:0] \$96 ;
   wire [24:0] \$97 ;
   wire [24:0] \$98 ;
   wire [24:0] \$99 ;
   reg \$signal  = 1'h0;
-  reg \$signal$129  = 1'h0;
-  reg \$signal$134  = 1'h0;
+  reg \$signal$124  = 1'h0;
+  reg \$signal$128  = 1'h0;
+  reg \$signal$132  = 1'h0;
   reg [11:0] a_base = 12'h000;
   input [11:0] a_wr__addr;
   wire [11:0] a_wr__addr;
@@ -259,10 +256,10 @@ module encoder_layer_0_attention_output_dense(m, a_wr__en, a_wr__addr, a_wr__dat
   reg [11:0] addr1 = 12'h000;
   reg [11:0] addr2 = 12'h000;
   reg [11:0] addr3 = 12'h000;
-  reg [11:0] addr_q0 = 12'h000;
-  reg [11:0] addr_q1 = 12'h000;
+  reg [11:0] addr_q_d0 = 12'h000;
+  reg [11:0] addr_q_d1 = 12'h000;
   (* init = 12'h000 *)
-  wire [11:0] addr_q2;
+  wire [11:0] addr_q_d2;
   input [4:0] bias_wr__addr;
   wire [4:0] bias_wr__addr;
   input [223:0] bias_wr__data;
@@ -312,15 +309,19 @@ module encoder_layer_0_attention_output_dense(m, a_wr__en, a_wr__addr, a_wr__dat
   reg fetch1 = 1'h0;
   reg fetching = 1'h0;
   wire fin;
-  reg fin1 = 1'h0;
   reg fin2 = 1'h0;
   reg fin3 = 1'h0;
-  reg fin_q0 = 1'h0;
-  reg fin_q1 = 1'h0;
-  reg fin_q2 = 1'h0;
-  reg fin_w0 = 1'h0;
-  reg fin_w1 = 1'h0;
-  reg [7:0] g1 = 8'h00;
+  reg fin_o_d0 = 1'h0;
+  reg fin_o_d1 = 1'h0;
+  reg fin_q_d0 = 1'h0;
+  reg fin_q_d1 = 1'h0;
+  reg fin_q_d2 = 1'h0;
+  reg first_d0 = 1'h0;
+  reg first_d1 = 1'h0;
+  reg first_d2 = 1'h0;
+  reg first_d3 = 1'h0;
+  reg first_d4 = 1'h0;
+  reg first_d5 = 1'h0;
   wire go;
   reg hdr0 = 1'h0;
   reg hdr1 = 1'h0;
@@ -399,12 +400,17 @@ module encoder_layer_0_attention_output_dense(m, a_wr__en, a_wr__addr, a_wr__dat
   wire \i__payload.last ;
   reg i__valid = 1'h0;
   reg [3:0] kk = 4'h0;
+  reg last_d0 = 1'h0;
+  reg last_d1 = 1'h0;
+  reg last_d2 = 1'h0;
+  reg last_d3 = 1'h0;
+  reg last_d4 = 1'h0;
+  reg last_d5 = 1'h0;
   reg last_mt = 1'h0;
   reg [7:0] left = 8'h00;
   wire list_end;
   input [7:0] m;
   wire [7:0] m;
-  reg [7:0] m_reg = 8'h00;
   reg [9:0] n_ent = 10'h000;
   wire [255:0] o;
   wire [15:0] \o[0] ;
@@ -466,11 +472,11 @@ module encoder_layer_0_attention_output_dense(m, a_wr__en, a_wr__addr, a_wr__dat
   wire [15:0] \o_rd__data[9] ;
   input o_rd__en;
   wire o_rd__en;
+  reg ok1 = 1'h0;
   reg out_last = 1'h0;
   reg [7:0] out_left = 8'h00;
   (* init = 5'h00 *)
   wire [4:0] out_nt;
-  reg [7:0] out_r0 = 8'h00;
   reg pad = 1'h0;
   wire pop;
   reg [9:0] ptr = 10'h000;
@@ -482,40 +488,40 @@ module encoder_layer_0_attention_output_dense(m, a_wr__en, a_wr__addr, a_wr__dat
   (* init = 5'h00 *)
   wire [4:0] \rd__addr$78 ;
   wire [255:0] rd__data;
-  wire [223:0] \rd__data$138 ;
-  wire [13:0] \rd__data$138[0] ;
-  wire [13:0] \rd__data$138[10] ;
-  wire [13:0] \rd__data$138[11] ;
-  wire [13:0] \rd__data$138[12] ;
-  wire [13:0] \rd__data$138[13] ;
-  wire [13:0] \rd__data$138[14] ;
-  wire [13:0] \rd__data$138[15] ;
-  wire [13:0] \rd__data$138[1] ;
-  wire [13:0] \rd__data$138[2] ;
-  wire [13:0] \rd__data$138[3] ;
-  wire [13:0] \rd__data$138[4] ;
-  wire [13:0] \rd__data$138[5] ;
-  wire [13:0] \rd__data$138[6] ;
-  wire [13:0] \rd__data$138[7] ;
-  wire [13:0] \rd__data$138[8] ;
-  wire [13:0] \rd__data$138[9] ;
-  wire [31:0] \rd__data$139 ;
-  wire [1:0] \rd__data$139[0] ;
-  wire [1:0] \rd__data$139[10] ;
-  wire [1:0] \rd__data$139[11] ;
-  wire [1:0] \rd__data$139[12] ;
-  wire [1:0] \rd__data$139[13] ;
-  wire [1:0] \rd__data$139[14] ;
-  wire [1:0] \rd__data$139[15] ;
-  wire [1:0] \rd__data$139[1] ;
-  wire [1:0] \rd__data$139[2] ;
-  wire [1:0] \rd__data$139[3] ;
-  wire [1:0] \rd__data$139[4] ;
-  wire [1:0] \rd__data$139[5] ;
-  wire [1:0] \rd__data$139[6] ;
-  wire [1:0] \rd__data$139[7] ;
-  wire [1:0] \rd__data$139[8] ;
-  wire [1:0] \rd__data$139[9] ;
+  wire [223:0] \rd__data$136 ;
+  wire [13:0] \rd__data$136[0] ;
+  wire [13:0] \rd__data$136[10] ;
+  wire [13:0] \rd__data$136[11] ;
+  wire [13:0] \rd__data$136[12] ;
+  wire [13:0] \rd__data$136[13] ;
+  wire [13:0] \rd__data$136[14] ;
+  wire [13:0] \rd__data$136[15] ;
+  wire [13:0] \rd__data$136[1] ;
+  wire [13:0] \rd__data$136[2] ;
+  wire [13:0] \rd__data$136[3] ;
+  wire [13:0] \rd__data$136[4] ;
+  wire [13:0] \rd__data$136[5] ;
+  wire [13:0] \rd__data$136[6] ;
+  wire [13:0] \rd__data$136[7] ;
+  wire [13:0] \rd__data$136[8] ;
+  wire [13:0] \rd__data$136[9] ;
+  wire [31:0] \rd__data$137 ;
+  wire [1:0] \rd__data$137[0] ;
+  wire [1:0] \rd__data$137[10] ;
+  wire [1:0] \rd__data$137[11] ;
+  wire [1:0] \rd__data$137[12] ;
+  wire [1:0] \rd__data$137[13] ;
+  wire [1:0] \rd__data$137[14] ;
+  wire [1:0] \rd__data$137[15] ;
+  wire [1:0] \rd__data$137[1] ;
+  wire [1:0] \rd__data$137[2] ;
+  wire [1:0] \rd__data$137[3] ;
+  wire [1:0] \rd__data$137[4] ;
+  wire [1:0] \rd__data$137[5] ;
+  wire [1:0] \rd__data$137[6] ;
+  wire [1:0] \rd__data$137[7] ;
+  wire [1:0] \rd__data$137[8] ;
+  wire [1:0] \rd__data$137[9] ;
   wire [127:0] \rd__data$74 ;
   wire [7:0] \rd__data$74[0] ;
   wire [7:0] \rd__data$74[10] ;
@@ -572,31 +578,6 @@ module encoder_layer_0_attention_output_dense(m, a_wr__en, a_wr__addr, a_wr__dat
   input rst;
   wire rst;
   reg run = 1'h0;
-  reg s1_first = 1'h0;
-  reg s1_last = 1'h0;
-  reg s1_valid = 1'h0;
-  reg s1_zero = 1'h0;
-  reg s2_first = 1'h0;
-  reg s2_last = 1'h0;
-  reg s2_valid = 1'h0;
-  reg s2_zero = 1'h0;
-  reg s3_first = 1'h0;
-  reg s3_last = 1'h0;
-  reg s3_valid = 1'h0;
-  reg s3_zero = 1'h0;
-  reg s4_first = 1'h0;
-  reg s4_last = 1'h0;
-  reg s4_valid = 1'h0;
-  reg s4_zero = 1'h0;
-  reg s5_first = 1'h0;
-  reg s5_last = 1'h0;
-  reg s5_valid = 1'h0;
-  reg s5_zero = 1'h0;
-  reg s6_first = 1'h0;
-  reg s6_last = 1'h0;
-  (* init = 1'h0 *)
-  wire s6_valid;
-  reg s6_zero = 1'h0;
   input [4:0] shift_wr__addr;
   wire [4:0] shift_wr__addr;
   input [31:0] shift_wr__data;
@@ -627,10 +608,17 @@ module encoder_layer_0_attention_output_dense(m, a_wr__en, a_wr__addr, a_wr__dat
   reg tcnt_ok = 1'h0;
   reg [11:0] tile_base = 12'h000;
   wire tile_end;
-  reg v_q0 = 1'h0;
-  reg v_q1 = 1'h0;
+  reg v_q_d0 = 1'h0;
+  reg v_q_d1 = 1'h0;
   (* init = 1'h0 *)
-  wire v_q2;
+  wire v_q_d2;
+  reg valid_d0 = 1'h0;
+  reg valid_d1 = 1'h0;
+  reg valid_d2 = 1'h0;
+  reg valid_d3 = 1'h0;
+  reg valid_d4 = 1'h0;
+  (* init = 1'h0 *)
+  wire valid_d5;
   input [13:0] w_wr__addr;
   wire [13:0] w_wr__addr;
   input [127:0] w_wr__data;
@@ -752,6 +740,12 @@ module encoder_layer_0_attention_output_dense(m, a_wr__en, a_wr__addr, a_wr__dat
   wire \wr__en$38 ;
   reg \wr__en$82  = 1'h0;
   wire [2:0] wr_idx;
+  reg zero_d0 = 1'h0;
+  reg zero_d1 = 1'h0;
+  reg zero_d2 = 1'h0;
+  reg zero_d3 = 1'h0;
+  reg zero_d4 = 1'h0;
+  reg zero_d5 = 1'h0;
   assign \$1  = ~ done;
   assign busy = \busy$42  & \$1 ;
   assign \$2  = ~ busy;
@@ -782,38 +776,38 @@ module encoder_layer_0_attention_output_dense(m, a_wr__en, a_wr__addr, a_wr__dat
   assign \$17  = a_base + ent_q0[8:0];
   assign \$18  = \$17  + kk;
   assign \$19  = ent_q0[22:9] + kk;
-  assign \$20  = s6_zero ? 8'h00 : \rd__data$74 [7:0];
-  assign \$21  = s6_zero ? 8'h00 : \rd__data$74 [15:8];
-  assign \$22  = s6_zero ? 8'h00 : \rd__data$74 [23:16];
-  assign \$23  = s6_zero ? 8'h00 : \rd__data$74 [31:24];
-  assign \$24  = s6_zero ? 8'h00 : \rd__data$74 [39:32];
-  assign \$25  = s6_zero ? 8'h00 : \rd__data$74 [47:40];
-  assign \$26  = s6_zero ? 8'h00 : \rd__data$74 [55:48];
-  assign \$27  = s6_zero ? 8'h00 : \rd__data$74 [63:56];
-  assign \$28  = s6_zero ? 8'h00 : \rd__data$74 [71:64];
-  assign \$29  = s6_zero ? 8'h00 : \rd__data$74 [79:72];
-  assign \$30  = s6_zero ? 8'h00 : \rd__data$74 [87:80];
-  assign \$31  = s6_zero ? 8'h00 : \rd__data$74 [95:88];
-  assign \$32  = s6_zero ? 8'h00 : \rd__data$74 [103:96];
-  assign \$33  = s6_zero ? 8'h00 : \rd__data$74 [111:104];
-  assign \$34  = s6_zero ? 8'h00 : \rd__data$74 [119:112];
-  assign \$35  = s6_zero ? 8'h00 : \rd__data$74 [127:120];
-  assign \$36  = s6_zero ? 8'h00 : \rd__data$75 [7:0];
-  assign \$37  = s6_zero ? 8'h00 : \rd__data$75 [15:8];
-  assign \$38  = s6_zero ? 8'h00 : \rd__data$75 [23:16];
-  assign \$39  = s6_zero ? 8'h00 : \rd__data$75 [31:24];
-  assign \$40  = s6_zero ? 8'h00 : \rd__data$75 [39:32];
-  assign \$41  = s6_zero ? 8'h00 : \rd__data$75 [47:40];
-  assign \$42  = s6_zero ? 8'h00 : \rd__data$75 [55:48];
-  assign \$43  = s6_zero ? 8'h00 : \rd__data$75 [63:56];
-  assign \$44  = s6_zero ? 8'h00 : \rd__data$75 [71:64];
-  assign \$45  = s6_zero ? 8'h00 : \rd__data$75 [79:72];
-  assign \$46  = s6_zero ? 8'h00 : \rd__data$75 [87:80];
-  assign \$47  = s6_zero ? 8'h00 : \rd__data$75 [95:88];
-  assign \$48  = s6_zero ? 8'h00 : \rd__data$75 [103:96];
-  assign \$49  = s6_zero ? 8'h00 : \rd__data$75 [111:104];
-  assign \$50  = s6_zero ? 8'h00 : \rd__data$75 [119:112];
-  assign \$51  = s6_zero ? 8'h00 : \rd__data$75 [127:120];
+  assign \$20  = zero_d5 ? 8'h00 : \rd__data$74 [7:0];
+  assign \$21  = zero_d5 ? 8'h00 : \rd__data$74 [15:8];
+  assign \$22  = zero_d5 ? 8'h00 : \rd__data$74 [23:16];
+  assign \$23  = zero_d5 ? 8'h00 : \rd__data$74 [31:24];
+  assign \$24  = zero_d5 ? 8'h00 : \rd__data$74 [39:32];
+  assign \$25  = zero_d5 ? 8'h00 : \rd__data$74 [47:40];
+  assign \$26  = zero_d5 ? 8'h00 : \rd__data$74 [55:48];
+  assign \$27  = zero_d5 ? 8'h00 : \rd__data$74 [63:56];
+  assign \$28  = zero_d5 ? 8'h00 : \rd__data$74 [71:64];
+  assign \$29  = zero_d5 ? 8'h00 : \rd__data$74 [79:72];
+  assign \$30  = zero_d5 ? 8'h00 : \rd__data$74 [87:80];
+  assign \$31  = zero_d5 ? 8'h00 : \rd__data$74 [95:88];
+  assign \$32  = zero_d5 ? 8'h00 : \rd__data$74 [103:96];
+  assign \$33  = zero_d5 ? 8'h00 : \rd__data$74 [111:104];
+  assign \$34  = zero_d5 ? 8'h00 : \rd__data$74 [119:112];
+  assign \$35  = zero_d5 ? 8'h00 : \rd__data$74 [127:120];
+  assign \$36  = zero_d5 ? 8'h00 : \rd__data$75 [7:0];
+  assign \$37  = zero_d5 ? 8'h00 : \rd__data$75 [15:8];
+  assign \$38  = zero_d5 ? 8'h00 : \rd__data$75 [23:16];
+  assign \$39  = zero_d5 ? 8'h00 : \rd__data$75 [31:24];
+  assign \$40  = zero_d5 ? 8'h00 : \rd__data$75 [39:32];
+  assign \$41  = zero_d5 ? 8'h00 : \rd__data$75 [47:40];
+  assign \$42  = zero_d5 ? 8'h00 : \rd__data$75 [55:48];
+  assign \$43  = zero_d5 ? 8'h00 : \rd__data$75 [63:56];
+  assign \$44  = zero_d5 ? 8'h00 : \rd__data$75 [71:64];
+  assign \$45  = zero_d5 ? 8'h00 : \rd__data$75 [79:72];
+  assign \$46  = zero_d5 ? 8'h00 : \rd__data$75 [87:80];
+  assign \$47  = zero_d5 ? 8'h00 : \rd__data$75 [95:88];
+  assign \$48  = zero_d5 ? 8'h00 : \rd__data$75 [103:96];
+  assign \$49  = zero_d5 ? 8'h00 : \rd__data$75 [111:104];
+  assign \$50  = zero_d5 ? 8'h00 : \rd__data$75 [119:112];
+  assign \$51  = zero_d5 ? 8'h00 : \rd__data$75 [127:120];
   assign \$52  = \rd__addr$76  == 5'h17;
   assign \$53  = o__payload[388] & \$52 ;
   assign fin = \$53  & out_last;
@@ -846,193 +840,187 @@ module encoder_layer_0_attention_output_dense(m, a_wr__en, a_wr__addr, a_wr__dat
   assign \$80  = ~ \real ;
   assign \$81  = o__valid & o__payload[388];
   assign \$82  = \rd__addr$76  == 5'h17;
-  assign \$83  = out_r0 + 5'h10;
-  assign \$84  = out_left - 5'h10;
-  assign \$85  = out_left <= 6'h20;
-  assign \$86  = tile_base + 9'h169;
-  assign \$87  = \rd__addr$76  + 1'h1;
-  assign \$88  = tile_base + 1'h1;
-  assign \$89  = o__valid & fin;
-  assign \$90  = out_r0 + o__payload[387:384];
-  assign \$91  = ! o__payload[387:384];
-  assign \$92  = addr1 + 5'h18;
-  assign \$93  = \$91  ? { 1'h0, tile_base } : \$92 ;
-  assign \$94  = g1 < m_reg;
-  assign \$95  = \$signal  & \$94 ;
-  assign \$96  = $signed(acc2[23:0]) + $signed(\rd__data$138 [13:0]);
-  assign \$97  = $signed(acc2[47:24]) + $signed(\rd__data$138 [27:14]);
-  assign \$98  = $signed(acc2[71:48]) + $signed(\rd__data$138 [41:28]);
-  assign \$99  = $signed(acc2[95:72]) + $signed(\rd__data$138 [55:42]);
-  assign \$100  = $signed(acc2[119:96]) + $signed(\rd__data$138 [69:56]);
-  assign \$101  = $signed(acc2[143:120]) + $signed(\rd__data$138 [83:70]);
-  assign \$102  = $signed(acc2[167:144]) + $signed(\rd__data$138 [97:84]);
-  assign \$103  = $signed(acc2[191:168]) + $signed(\rd__data$138 [111:98]);
-  assign \$104  = $signed(acc2[215:192]) + $signed(\rd__data$138 [125:112]);
-  assign \$105  = $signed(acc2[239:216]) + $signed(\rd__data$138 [139:126]);
-  assign \$106  = $signed(acc2[263:240]) + $signed(\rd__data$138 [153:140]);
-  assign \$107  = $signed(acc2[287:264]) + $signed(\rd__data$138 [167:154]);
-  assign \$108  = $signed(acc2[311:288]) + $signed(\rd__data$138 [181:168]);
-  assign \$109  = $signed(acc2[335:312]) + $signed(\rd__data$138 [195:182]);
-  assign \$110  = $signed(acc2[359:336]) + $signed(\rd__data$138 [209:196]);
-  assign \$111  = $signed(acc2[383:360]) + $signed(\rd__data$138 [223:210]);
-  assign \$112  = m <= 5'h10;
-  assign \$113  = m <= 5'h10;
+  assign \$83  = out_left - 5'h10;
+  assign \$84  = out_left <= 6'h20;
+  assign \$85  = tile_base + 9'h169;
+  assign \$86  = \rd__addr$76  + 1'h1;
+  assign \$87  = tile_base + 1'h1;
+  assign \$88  = o__valid & fin;
+  assign \$89  = o__payload[387:384] < out_left;
+  assign \$90  = ! o__payload[387:384];
+  assign \$91  = addr1 + 5'h18;
+  assign \$92  = \$90  ? { 1'h0, tile_base } : \$91 ;
+  assign \$93  = \$signal  & ok1;
+  assign \$94  = $signed(acc2[23:0]) + $signed(\rd__data$136 [13:0]);
+  assign \$95  = $signed(acc2[47:24]) + $signed(\rd__data$136 [27:14]);
+  assign \$96  = $signed(acc2[71:48]) + $signed(\rd__data$136 [41:28]);
+  assign \$97  = $signed(acc2[95:72]) + $signed(\rd__data$136 [55:42]);
+  assign \$98  = $signed(acc2[119:96]) + $signed(\rd__data$136 [69:56]);
+  assign \$99  = $signed(acc2[143:120]) + $signed(\rd__data$136 [83:70]);
+  assign \$100  = $signed(acc2[167:144]) + $signed(\rd__data$136 [97:84]);
+  assign \$101  = $signed(acc2[191:168]) + $signed(\rd__data$136 [111:98]);
+  assign \$102  = $signed(acc2[215:192]) + $signed(\rd__data$136 [125:112]);
+  assign \$103  = $signed(acc2[239:216]) + $signed(\rd__data$136 [139:126]);
+  assign \$104  = $signed(acc2[263:240]) + $signed(\rd__data$136 [153:140]);
+  assign \$105  = $signed(acc2[287:264]) + $signed(\rd__data$136 [167:154]);
+  assign \$106  = $signed(acc2[311:288]) + $signed(\rd__data$136 [181:168]);
+  assign \$107  = $signed(acc2[335:312]) + $signed(\rd__data$136 [195:182]);
+  assign \$108  = $signed(acc2[359:336]) + $signed(\rd__data$136 [209:196]);
+  assign \$109  = $signed(acc2[383:360]) + $signed(\rd__data$136 [223:210]);
+  assign \$110  = m <= 5'h10;
+  assign \$111  = m <= 5'h10;
   always @(posedge clk)
-    fetch0 <= \$114 ;
+    fetch0 <= \$112 ;
   always @(posedge clk)
-    fetch1 <= \$115 ;
+    fetch1 <= \$113 ;
   always @(posedge clk)
-    ptr <= \$116 ;
+    ptr <= \$114 ;
   always @(posedge clk)
-    hdr0 <= \$117 ;
+    hdr0 <= \$115 ;
   always @(posedge clk)
-    hdr1 <= \$118 ;
+    hdr1 <= \$116 ;
   always @(posedge clk)
-    n_ent <= \$119 ;
+    n_ent <= \$117 ;
   always @(posedge clk)
-    fetching <= \$120 ;
+    fetching <= \$118 ;
   always @(posedge clk)
-    ent_q0 <= \$121 ;
+    ent_q0 <= \$119 ;
   always @(posedge clk)
-    ent_q1 <= \$122 ;
+    ent_q1 <= \$120 ;
   always @(posedge clk)
-    ent_q2 <= \$123 ;
+    ent_q2 <= \$121 ;
   always @(posedge clk)
-    ent_q3 <= \$124 ;
+    ent_q3 <= \$122 ;
   always @(posedge clk)
-    cnt <= \$125 ;
+    cnt <= \$123 ;
   always @(posedge clk)
-    held <= \$126 ;
+    held <= \$124 ;
   always @(posedge clk)
-    tcnt <= \$127 ;
+    tcnt <= \$125 ;
   always @(posedge clk)
-    tcnt_ok <= \$128 ;
+    tcnt_ok <= \$126 ;
   always @(posedge clk)
-    kk <= \$129 ;
+    kk <= \$127 ;
   always @(posedge clk)
-    pad <= \$130 ;
+    pad <= \$128 ;
   always @(posedge clk)
-    sweep_end <= \$131 ;
+    sweep_end <= \$129 ;
   always @(posedge clk)
-    left <= \$132 ;
+    left <= \$130 ;
   always @(posedge clk)
-    last_mt <= \$133 ;
+    last_mt <= \$131 ;
   always @(posedge clk)
-    a_base <= \$134 ;
+    a_base <= \$132 ;
   always @(posedge clk)
-    run <= \$135 ;
+    run <= \$133 ;
   always @(posedge clk)
-    s1_valid <= \$136 ;
+    valid_d0 <= \$134 ;
   always @(posedge clk)
-    s1_first <= \$137 ;
+    first_d0 <= \$135 ;
   always @(posedge clk)
-    s1_last <= \$138 ;
+    last_d0 <= \$136 ;
   always @(posedge clk)
-    s1_zero <= \$139 ;
+    zero_d0 <= \$137 ;
   always @(posedge clk)
-    s2_valid <= \$140 ;
+    valid_d1 <= \$138 ;
   always @(posedge clk)
-    s2_first <= \$141 ;
+    first_d1 <= \$139 ;
   always @(posedge clk)
-    s2_last <= \$142 ;
+    last_d1 <= \$140 ;
   always @(posedge clk)
-    s2_zero <= \$143 ;
+    zero_d1 <= \$141 ;
   always @(posedge clk)
-    s3_valid <= \$144 ;
+    valid_d2 <= \$142 ;
   always @(posedge clk)
-    s3_first <= \$145 ;
+    first_d2 <= \$143 ;
   always @(posedge clk)
-    s3_last <= \$146 ;
+    last_d2 <= \$144 ;
   always @(posedge clk)
-    s3_zero <= \$147 ;
+    zero_d2 <= \$145 ;
   always @(posedge clk)
-    s4_valid <= \$148 ;
+    valid_d3 <= \$146 ;
   always @(posedge clk)
-    s4_first <= \$149 ;
+    first_d3 <= \$147 ;
   always @(posedge clk)
-    s4_last <= \$150 ;
+    last_d3 <= \$148 ;
   always @(posedge clk)
-    s4_zero <= \$151 ;
+    zero_d3 <= \$149 ;
   always @(posedge clk)
-    s5_valid <= \$152 ;
+    valid_d4 <= \$150 ;
   always @(posedge clk)
-    s5_first <= \$153 ;
+    first_d4 <= \$151 ;
   always @(posedge clk)
-    s5_last <= \$154 ;
+    last_d4 <= \$152 ;
   always @(posedge clk)
-    s5_zero <= \$155 ;
+    zero_d4 <= \$153 ;
   always @(posedge clk)
-    i__valid <= \$156 ;
+    i__valid <= \$154 ;
   always @(posedge clk)
-    s6_first <= \$157 ;
+    first_d5 <= \$155 ;
   always @(posedge clk)
-    s6_last <= \$158 ;
+    last_d5 <= \$156 ;
   always @(posedge clk)
-    s6_zero <= \$159 ;
+    zero_d5 <= \$157 ;
   always @(posedge clk)
-    \rd__addr$76  <= \$160 ;
+    \rd__addr$76  <= \$158 ;
   always @(posedge clk)
-    out_r0 <= \$161 ;
+    out_left <= \$159 ;
   always @(posedge clk)
-    out_left <= \$162 ;
+    out_last <= \$160 ;
   always @(posedge clk)
-    out_last <= \$163 ;
+    tile_base <= \$161 ;
   always @(posedge clk)
-    tile_base <= \$164 ;
+    \$signal  <= \$162 ;
   always @(posedge clk)
-    \$signal  <= \$165 ;
+    \$signal$124  <= \$163 ;
   always @(posedge clk)
-    fin1 <= \$166 ;
+    ok1 <= \$164 ;
   always @(posedge clk)
-    g1 <= \$167 ;
+    acc1 <= \$165 ;
   always @(posedge clk)
-    acc1 <= \$168 ;
+    addr1 <= \$166 ;
   always @(posedge clk)
-    addr1 <= \$169 ;
+    \$signal$128  <= \$167 ;
   always @(posedge clk)
-    \$signal$129  <= \$170 ;
+    fin2 <= \$168 ;
   always @(posedge clk)
-    fin2 <= \$171 ;
+    addr2 <= \$169 ;
   always @(posedge clk)
-    addr2 <= \$172 ;
+    acc2 <= \$170 ;
   always @(posedge clk)
-    acc2 <= \$173 ;
+    \$signal$132  <= \$171 ;
   always @(posedge clk)
-    \$signal$134  <= \$174 ;
+    fin3 <= \$172 ;
   always @(posedge clk)
-    fin3 <= \$175 ;
+    addr3 <= \$173 ;
   always @(posedge clk)
-    addr3 <= \$176 ;
+    i <= \$174 ;
   always @(posedge clk)
-    i <= \$177 ;
+    v_q_d0 <= \$175 ;
   always @(posedge clk)
-    v_q0 <= \$178 ;
+    fin_q_d0 <= \$176 ;
   always @(posedge clk)
-    fin_q0 <= \$179 ;
+    addr_q_d0 <= \$177 ;
   always @(posedge clk)
-    addr_q0 <= \$180 ;
+    v_q_d1 <= \$178 ;
   always @(posedge clk)
-    v_q1 <= \$181 ;
+    fin_q_d1 <= \$179 ;
   always @(posedge clk)
-    fin_q1 <= \$182 ;
+    addr_q_d1 <= \$180 ;
   always @(posedge clk)
-    addr_q1 <= \$183 ;
+    \wr__en$82  <= \$181 ;
   always @(posedge clk)
-    \wr__en$82  <= \$184 ;
+    fin_q_d2 <= \$182 ;
   always @(posedge clk)
-    fin_q2 <= \$185 ;
+    \wr__addr$84  <= \$183 ;
   always @(posedge clk)
-    \wr__addr$84  <= \$186 ;
+    fin_o_d0 <= \$184 ;
   always @(posedge clk)
-    fin_w0 <= \$187 ;
+    fin_o_d1 <= \$185 ;
   always @(posedge clk)
-    fin_w1 <= \$188 ;
+    done <= \$186 ;
   always @(posedge clk)
-    done <= \$189 ;
-  always @(posedge clk)
-    \busy$42  <= \$190 ;
-  always @(posedge clk)
-    m_reg <= \$191 ;
+    \busy$42  <= \$187 ;
   \encoder_layer_0_attention_output_dense.mem_a  mem_a (
     .clk(clk),
     .q_d1(\rd__data$74 ),
@@ -1044,7 +1032,7 @@ module encoder_layer_0_attention_output_dense(m, a_wr__en, a_wr__addr, a_wr__dat
   );
   \encoder_layer_0_attention_output_dense.mem_bias  mem_bias (
     .clk(clk),
-    .rd__data(\rd__data$138 ),
+    .rd__data(\rd__data$136 ),
     .rp__addr(\rd__addr$76 ),
     .rst(rst),
     .wp__addr(bias_wr__addr),
@@ -1072,7 +1060,7 @@ module encoder_layer_0_attention_output_dense(m, a_wr__en, a_wr__addr, a_wr__dat
   );
   \encoder_layer_0_attention_output_dense.mem_shift  mem_shift (
     .clk(clk),
-    .rd__data(\rd__data$139 ),
+    .rd__data(\rd__data$137 ),
     .rp__addr(\rd__addr$76 ),
     .rst(rst),
     .wp__addr(shift_wr__addr),
@@ -1104,81 +1092,105 @@ module encoder_layer_0_attention_output_dense(m, a_wr__en, a_wr__addr, a_wr__dat
   );
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$114  = fetch;
+    \$112  = fetch;
     if (\start$44 ) begin
-      \$114  = 1'h0;
+      \$112  = 1'h0;
     end
     if (rst) begin
-      \$114  = 1'h0;
+      \$112  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$115  = fetch0;
+    \$113  = fetch0;
     if (\start$44 ) begin
-      \$115  = 1'h0;
+      \$113  = 1'h0;
     end
     if (rst) begin
-      \$115  = 1'h0;
+      \$113  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$116  = ptr;
+    \$114  = ptr;
     if (fetch) begin
-      \$116  = \$56 [9:0];
+      \$114  = \$56 [9:0];
     end
     if (\start$44 ) begin
-      \$116  = 10'h001;
+      \$114  = 10'h001;
     end
     if (rst) begin
-      \$116  = 10'h000;
+      \$114  = 10'h000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$117  = \start$44 ;
+    \$115  = \start$44 ;
     if (rst) begin
-      \$117  = 1'h0;
+      \$115  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$118  = hdr0;
+    \$116  = hdr0;
+    if (rst) begin
+      \$116  = 1'h0;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
+    \$117  = n_ent;
+    if (hdr1) begin
+      \$117  = \rd__data$93 [9:0];
+    end
+    if (rst) begin
+      \$117  = 10'h000;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
+    \$118  = fetching;
+    if (hdr1) begin
+      \$118  = 1'h1;
+    end
+    if (\start$44 ) begin
+      \$118  = 1'h0;
+    end
     if (rst) begin
       \$118  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$119  = n_ent;
-    if (hdr1) begin
-      \$119  = \rd__data$93 [9:0];
-    end
-    if (rst) begin
-      \$119  = 10'h000;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$120  = fetching;
-    if (hdr1) begin
-      \$120  = 1'h1;
-    end
-    if (\start$44 ) begin
-      \$120  = 1'h0;
-    end
-    if (rst) begin
-      \$120  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$121  = ent_q0;
+    \$119  = ent_q0;
     if (\$58 ) begin
+      \$119  = \rd__data$93 ;
+    end else if (pop) begin
+      \$119  = ent_q1;
+    end
+    if (rst) begin
+      \$119  = 30'h00000000;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
+    \$120  = ent_q1;
+    if (\$60 ) begin
+      \$120  = \rd__data$93 ;
+    end else if (pop) begin
+      \$120  = ent_q2;
+    end
+    if (rst) begin
+      \$120  = 30'h00000000;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
+    \$121  = ent_q2;
+    if (\$62 ) begin
       \$121  = \rd__data$93 ;
     end else if (pop) begin
-      \$121  = ent_q1;
+      \$121  = ent_q3;
     end
     if (rst) begin
       \$121  = 30'h00000000;
@@ -1186,11 +1198,11 @@ module encoder_layer_0_attention_output_dense(m, a_wr__en, a_wr__addr, a_wr__dat
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$122  = ent_q1;
-    if (\$60 ) begin
+    \$122  = ent_q3;
+    if (\$64 ) begin
       \$122  = \rd__data$93 ;
     end else if (pop) begin
-      \$122  = ent_q2;
+      \$122  = 30'h00000000;
     end
     if (rst) begin
       \$122  = 30'h00000000;
@@ -1198,73 +1210,86 @@ module encoder_layer_0_attention_output_dense(m, a_wr__en, a_wr__addr, a_wr__dat
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$123  = ent_q2;
-    if (\$62 ) begin
-      \$123  = \rd__data$93 ;
-    end else if (pop) begin
-      \$123  = ent_q3;
-    end
-    if (rst) begin
-      \$123  = 30'h00000000;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$124  = ent_q3;
-    if (\$64 ) begin
-      \$124  = \rd__data$93 ;
-    end else if (pop) begin
-      \$124  = 30'h00000000;
-    end
-    if (rst) begin
-      \$124  = 30'h00000000;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$125  = \$66 [2:0];
+    \$123  = \$66 [2:0];
     if (\start$44 ) begin
-      \$125  = 3'h0;
+      \$123  = 3'h0;
     end
     if (rst) begin
-      \$125  = 3'h0;
+      \$123  = 3'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$126  = \$68 [2:0];
+    \$124  = \$68 [2:0];
     if (\start$44 ) begin
-      \$126  = 3'h0;
+      \$124  = 3'h0;
     end
     if (rst) begin
-      \$126  = 3'h0;
+      \$124  = 3'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$127  = tcnt;
+    \$125  = tcnt;
     if (go) begin
       if (tile_end) begin
-        \$127  = 5'h00;
+        \$125  = 5'h00;
       end else if (\$69 ) begin
-        \$127  = \$70 [4:0];
+        \$125  = \$70 [4:0];
       end
     end
     if (\start$44 ) begin
-      \$127  = 5'h00;
+      \$125  = 5'h00;
     end
     if (rst) begin
-      \$127  = 5'h00;
+      \$125  = 5'h00;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$128  = tcnt_ok;
+    \$126  = tcnt_ok;
     if (go) begin
+      if (tile_end) begin
+        \$126  = 1'h0;
+      end else if (\$69 ) begin
+        \$126  = \$72 ;
+      end
+    end
+    if (\start$44 ) begin
+      \$126  = 1'h0;
+    end
+    if (rst) begin
+      \$126  = 1'h0;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
+    \$127  = kk;
+    if (go) begin
+      if (entry_end) begin
+        \$127  = 4'h0;
+      end else if (\real ) begin
+        \$127  = \$75 [3:0];
+      end
+    end
+    if (\start$44 ) begin
+      \$127  = 4'h0;
+    end
+    if (rst) begin
+      \$127  = 4'h0;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
+    \$128  = pad;
+    if (go) begin
+      if (entry_end) begin
+        if (\$74 ) begin
+          \$128  = 1'h1;
+        end
+      end
       if (tile_end) begin
         \$128  = 1'h0;
-      end else if (\$69 ) begin
-        \$128  = \$72 ;
       end
     end
     if (\start$44 ) begin
@@ -1276,50 +1301,47 @@ module encoder_layer_0_attention_output_dense(m, a_wr__en, a_wr__addr, a_wr__dat
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$129  = kk;
-    if (go) begin
-      if (entry_end) begin
-        \$129  = 4'h0;
-      end else if (\real ) begin
-        \$129  = \$75 [3:0];
-      end
-    end
-    if (\start$44 ) begin
-      \$129  = 4'h0;
-    end
-    if (rst) begin
-      \$129  = 4'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$130  = pad;
+    \$129  = sweep_end;
     if (go) begin
       if (entry_end) begin
         if (\$74 ) begin
-          \$130  = 1'h1;
+          \$129  = ent_q0[29];
         end
       end
+    end
+    if (rst) begin
+      \$129  = 1'h0;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
+    \$130  = left;
+    if (go) begin
       if (tile_end) begin
-        \$130  = 1'h0;
+        if (list_end) begin
+          \$130  = \$76 [7:0];
+        end
       end
     end
     if (\start$44 ) begin
-      \$130  = 1'h0;
+      \$130  = m;
     end
     if (rst) begin
-      \$130  = 1'h0;
+      \$130  = 8'h00;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$131  = sweep_end;
+    \$131  = last_mt;
     if (go) begin
-      if (entry_end) begin
-        if (\$74 ) begin
-          \$131  = ent_q0[29];
+      if (tile_end) begin
+        if (list_end) begin
+          \$131  = \$77 ;
         end
       end
+    end
+    if (\start$44 ) begin
+      \$131  = \$110 ;
     end
     if (rst) begin
       \$131  = 1'h0;
@@ -1327,33 +1349,35 @@ module encoder_layer_0_attention_output_dense(m, a_wr__en, a_wr__addr, a_wr__dat
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$132  = left;
+    \$132  = a_base;
     if (go) begin
       if (tile_end) begin
         if (list_end) begin
-          \$132  = \$76 [7:0];
+          \$132  = \$78 [11:0];
         end
       end
     end
     if (\start$44 ) begin
-      \$132  = m;
+      \$132  = 12'h000;
     end
     if (rst) begin
-      \$132  = 8'h00;
+      \$132  = 12'h000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$133  = last_mt;
+    \$133  = run;
     if (go) begin
       if (tile_end) begin
         if (list_end) begin
-          \$133  = \$77 ;
+          if (last_mt) begin
+            \$133  = 1'h0;
+          end
         end
       end
     end
     if (\start$44 ) begin
-      \$133  = \$112 ;
+      \$133  = 1'h1;
     end
     if (rst) begin
       \$133  = 1'h0;
@@ -1361,519 +1385,458 @@ module encoder_layer_0_attention_output_dense(m, a_wr__en, a_wr__addr, a_wr__dat
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$134  = a_base;
-    if (go) begin
-      if (tile_end) begin
-        if (list_end) begin
-          \$134  = \$78 [11:0];
-        end
-      end
-    end
-    if (\start$44 ) begin
-      \$134  = 12'h000;
-    end
+    \$134  = go;
     if (rst) begin
-      \$134  = 12'h000;
+      \$134  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$135  = run;
-    if (go) begin
-      if (tile_end) begin
-        if (list_end) begin
-          if (last_mt) begin
-            \$135  = 1'h0;
-          end
-        end
-      end
-    end
-    if (\start$44 ) begin
-      \$135  = 1'h1;
-    end
+    \$135  = \$79 ;
     if (rst) begin
       \$135  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$136  = go;
+    \$136  = tile_end;
     if (rst) begin
       \$136  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$137  = \$79 ;
+    \$137  = \$80 ;
     if (rst) begin
       \$137  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$138  = tile_end;
+    \$138  = valid_d0;
     if (rst) begin
       \$138  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$139  = \$80 ;
+    \$139  = first_d0;
     if (rst) begin
       \$139  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$140  = s1_valid;
+    \$140  = last_d0;
     if (rst) begin
       \$140  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$141  = s1_first;
+    \$141  = zero_d0;
     if (rst) begin
       \$141  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$142  = s1_last;
+    \$142  = valid_d1;
     if (rst) begin
       \$142  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$143  = s1_zero;
+    \$143  = first_d1;
     if (rst) begin
       \$143  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$144  = s2_valid;
+    \$144  = last_d1;
     if (rst) begin
       \$144  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$145  = s2_first;
+    \$145  = zero_d1;
     if (rst) begin
       \$145  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$146  = s2_last;
+    \$146  = valid_d2;
     if (rst) begin
       \$146  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$147  = s2_zero;
+    \$147  = first_d2;
     if (rst) begin
       \$147  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$148  = s3_valid;
+    \$148  = last_d2;
     if (rst) begin
       \$148  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$149  = s3_first;
+    \$149  = zero_d2;
     if (rst) begin
       \$149  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$150  = s3_last;
+    \$150  = valid_d3;
     if (rst) begin
       \$150  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$151  = s3_zero;
+    \$151  = first_d3;
     if (rst) begin
       \$151  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$152  = s4_valid;
+    \$152  = last_d3;
     if (rst) begin
       \$152  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$153  = s4_first;
+    \$153  = zero_d3;
     if (rst) begin
       \$153  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$154  = s4_last;
+    \$154  = valid_d4;
     if (rst) begin
       \$154  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$155  = s4_zero;
+    \$155  = first_d4;
     if (rst) begin
       \$155  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$156  = s5_valid;
+    \$156  = last_d4;
     if (rst) begin
       \$156  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$157  = s5_first;
+    \$157  = zero_d4;
     if (rst) begin
       \$157  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$158  = s5_last;
-    if (rst) begin
-      \$158  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$159  = s5_zero;
-    if (rst) begin
-      \$159  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$160  = \rd__addr$76 ;
+    \$158  = \rd__addr$76 ;
     if (\$81 ) begin
       (* full_case = 32'd1 *)
       if (\$82 ) begin
-        \$160  = 5'h00;
+        \$158  = 5'h00;
       end else begin
-        \$160  = \$87 [4:0];
+        \$158  = \$86 [4:0];
       end
     end
     if (\start$44 ) begin
-      \$160  = 5'h00;
+      \$158  = 5'h00;
     end
     if (rst) begin
-      \$160  = 5'h00;
+      \$158  = 5'h00;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$161  = out_r0;
+    \$159  = out_left;
     if (\$81 ) begin
       if (\$82 ) begin
-        \$161  = \$83 [7:0];
+        \$159  = \$83 [7:0];
       end
     end
     if (\start$44 ) begin
-      \$161  = 8'h00;
+      \$159  = m;
     end
     if (rst) begin
-      \$161  = 8'h00;
+      \$159  = 8'h00;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$162  = out_left;
+    \$160  = out_last;
     if (\$81 ) begin
       if (\$82 ) begin
-        \$162  = \$84 [7:0];
+        \$160  = \$84 ;
       end
     end
     if (\start$44 ) begin
-      \$162  = m;
+      \$160  = \$111 ;
     end
     if (rst) begin
-      \$162  = 8'h00;
+      \$160  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$163  = out_last;
+    \$161  = tile_base;
     if (\$81 ) begin
+      (* full_case = 32'd1 *)
       if (\$82 ) begin
-        \$163  = \$85 ;
+        \$161  = \$85 [11:0];
+      end else begin
+        \$161  = \$87 [11:0];
       end
     end
     if (\start$44 ) begin
-      \$163  = \$113 ;
+      \$161  = 12'h000;
     end
+    if (rst) begin
+      \$161  = 12'h000;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
+    \$162  = o__valid;
+    if (rst) begin
+      \$162  = 1'h0;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
+    \$163  = \$88 ;
     if (rst) begin
       \$163  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$164  = tile_base;
-    if (\$81 ) begin
-      (* full_case = 32'd1 *)
-      if (\$82 ) begin
-        \$164  = \$86 [11:0];
-      end else begin
-        \$164  = \$88 [11:0];
-      end
-    end
-    if (\start$44 ) begin
-      \$164  = 12'h000;
-    end
+    \$164  = \$89 ;
     if (rst) begin
-      \$164  = 12'h000;
+      \$164  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$165  = o__valid;
+    \$165  = o__payload[383:0];
     if (rst) begin
-      \$165  = 1'h0;
+      \$165  = 384'h000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$166  = \$89 ;
+    \$166  = addr1;
+    if (o__valid) begin
+      \$166  = \$92 [11:0];
+    end
     if (rst) begin
-      \$166  = 1'h0;
+      \$166  = 12'h000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$167  = \$90 [7:0];
+    \$167  = \$93 ;
     if (rst) begin
-      \$167  = 8'h00;
+      \$167  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$168  = o__payload[383:0];
+    \$168  = \$signal$124 ;
     if (rst) begin
-      \$168  = 384'h000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000;
+      \$168  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
     \$169  = addr1;
-    if (o__valid) begin
-      \$169  = \$93 [11:0];
-    end
     if (rst) begin
       \$169  = 12'h000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$170  = \$95 ;
+    \$170  = acc1;
     if (rst) begin
-      \$170  = 1'h0;
+      \$170  = 384'h000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$171  = fin1;
+    \$171  = \$signal$128 ;
     if (rst) begin
       \$171  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$172  = addr1;
+    \$172  = fin2;
     if (rst) begin
-      \$172  = 12'h000;
+      \$172  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$173  = acc1;
+    \$173  = addr2;
     if (rst) begin
-      \$173  = 384'h000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000;
+      \$173  = 12'h000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$174  = \$signal$129 ;
+    \$174 [23:0] = \$94 [23:0];
+    \$174 [385:384] = \rd__data$137 [1:0];
+    \$174 [47:24] = \$95 [23:0];
+    \$174 [387:386] = \rd__data$137 [3:2];
+    \$174 [71:48] = \$96 [23:0];
+    \$174 [389:388] = \rd__data$137 [5:4];
+    \$174 [95:72] = \$97 [23:0];
+    \$174 [391:390] = \rd__data$137 [7:6];
+    \$174 [119:96] = \$98 [23:0];
+    \$174 [393:392] = \rd__data$137 [9:8];
+    \$174 [143:120] = \$99 [23:0];
+    \$174 [395:394] = \rd__data$137 [11:10];
+    \$174 [167:144] = \$100 [23:0];
+    \$174 [397:396] = \rd__data$137 [13:12];
+    \$174 [191:168] = \$101 [23:0];
+    \$174 [399:398] = \rd__data$137 [15:14];
+    \$174 [215:192] = \$102 [23:0];
+    \$174 [401:400] = \rd__data$137 [17:16];
+    \$174 [239:216] = \$103 [23:0];
+    \$174 [403:402] = \rd__data$137 [19:18];
+    \$174 [263:240] = \$104 [23:0];
+    \$174 [405:404] = \rd__data$137 [21:20];
+    \$174 [287:264] = \$105 [23:0];
+    \$174 [407:406] = \rd__data$137 [23:22];
+    \$174 [311:288] = \$106 [23:0];
+    \$174 [409:408] = \rd__data$137 [25:24];
+    \$174 [335:312] = \$107 [23:0];
+    \$174 [411:410] = \rd__data$137 [27:26];
+    \$174 [359:336] = \$108 [23:0];
+    \$174 [413:412] = \rd__data$137 [29:28];
+    \$174 [383:360] = \$109 [23:0];
+    \$174 [415:414] = \rd__data$137 [31:30];
     if (rst) begin
-      \$174  = 1'h0;
+      \$174  = 416'h00000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$175  = fin2;
+    \$175  = \$signal$132 ;
     if (rst) begin
       \$175  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$176  = addr2;
+    \$176  = fin3;
     if (rst) begin
-      \$176  = 12'h000;
+      \$176  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$177 [23:0] = \$96 [23:0];
-    \$177 [385:384] = \rd__data$139 [1:0];
-    \$177 [47:24] = \$97 [23:0];
-    \$177 [387:386] = \rd__data$139 [3:2];
-    \$177 [71:48] = \$98 [23:0];
-    \$177 [389:388] = \rd__data$139 [5:4];
-    \$177 [95:72] = \$99 [23:0];
-    \$177 [391:390] = \rd__data$139 [7:6];
-    \$177 [119:96] = \$100 [23:0];
-    \$177 [393:392] = \rd__data$139 [9:8];
-    \$177 [143:120] = \$101 [23:0];
-    \$177 [395:394] = \rd__data$139 [11:10];
-    \$177 [167:144] = \$102 [23:0];
-    \$177 [397:396] = \rd__data$139 [13:12];
-    \$177 [191:168] = \$103 [23:0];
-    \$177 [399:398] = \rd__data$139 [15:14];
-    \$177 [215:192] = \$104 [23:0];
-    \$177 [401:400] = \rd__data$139 [17:16];
-    \$177 [239:216] = \$105 [23:0];
-    \$177 [403:402] = \rd__data$139 [19:18];
-    \$177 [263:240] = \$106 [23:0];
-    \$177 [405:404] = \rd__data$139 [21:20];
-    \$177 [287:264] = \$107 [23:0];
-    \$177 [407:406] = \rd__data$139 [23:22];
-    \$177 [311:288] = \$108 [23:0];
-    \$177 [409:408] = \rd__data$139 [25:24];
-    \$177 [335:312] = \$109 [23:0];
-    \$177 [411:410] = \rd__data$139 [27:26];
-    \$177 [359:336] = \$110 [23:0];
-    \$177 [413:412] = \rd__data$139 [29:28];
-    \$177 [383:360] = \$111 [23:0];
-    \$177 [415:414] = \rd__data$139 [31:30];
+    \$177  = addr3;
     if (rst) begin
-      \$177  = 416'h00000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000;
+      \$177  = 12'h000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$178  = \$signal$134 ;
+    \$178  = v_q_d0;
     if (rst) begin
       \$178  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$179  = fin3;
+    \$179  = fin_q_d0;
     if (rst) begin
       \$179  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$180  = addr3;
+    \$180  = addr_q_d0;
     if (rst) begin
       \$180  = 12'h000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$181  = v_q0;
+    \$181  = v_q_d1;
     if (rst) begin
       \$181  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$182  = fin_q0;
+    \$182  = fin_q_d1;
     if (rst) begin
       \$182  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$183  = addr_q0;
+    \$183  = addr_q_d1;
     if (rst) begin
       \$183  = 12'h000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$184  = v_q1;
+    \$184  = fin_q_d2;
     if (rst) begin
       \$184  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$185  = fin_q1;
+    \$185  = fin_o_d0;
     if (rst) begin
       \$185  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$186  = addr_q1;
+    \$186  = fin_o_d1;
     if (rst) begin
-      \$186  = 12'h000;
+      \$186  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$187  = fin_q2;
-    if (rst) begin
+    \$187  = \busy$42 ;
+    if (done) begin
       \$187  = 1'h0;
     end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$188  = fin_w0;
-    if (rst) begin
-      \$188  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$189  = fin_w1;
-    if (rst) begin
-      \$189  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$190  = \busy$42 ;
-    if (done) begin
-      \$190  = 1'h0;
-    end
     if (\start$44 ) begin
-      \$190  = 1'h1;
+      \$187  = 1'h1;
     end
     if (rst) begin
-      \$190  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$191  = m_reg;
-    if (\start$44 ) begin
-      \$191  = m;
-    end
-    if (rst) begin
-      \$191  = 8'h00;
+      \$187  = 1'h0;
     end
   end
   assign wr__addr = a_wr__addr;
@@ -1898,11 +1861,11 @@ module encoder_layer_0_attention_output_dense(m, a_wr__en, a_wr__addr, a_wr__dat
   assign wr_idx = \$6 [2:0];
   assign \rd__addr$65  = \$18 [11:0];
   assign \rd__addr$67  = \$19 [13:0];
-  assign s6_valid = i__valid;
+  assign valid_d5 = i__valid;
   assign out_nt = \rd__addr$76 ;
   assign \rd__addr$78  = \rd__addr$76 ;
-  assign v_q2 = \wr__en$82 ;
-  assign addr_q2 = \wr__addr$84 ;
+  assign v_q_d2 = \wr__en$82 ;
+  assign addr_q_d2 = \wr__addr$84 ;
   assign o = \wr__data$86 ;
   assign \a_wr__data[0]  = a_wr__data[7:0];
   assign \a_wr__data[1]  = a_wr__data[15:8];
@@ -2249,38 +2212,38 @@ module encoder_layer_0_attention_output_dense(m, a_wr__en, a_wr__addr, a_wr__dat
   assign \i.t[13]  = i[411:410];
   assign \i.t[14]  = i[413:412];
   assign \i.t[15]  = i[415:414];
-  assign \rd__data$138[0]  = \rd__data$138 [13:0];
-  assign \rd__data$138[1]  = \rd__data$138 [27:14];
-  assign \rd__data$138[2]  = \rd__data$138 [41:28];
-  assign \rd__data$138[3]  = \rd__data$138 [55:42];
-  assign \rd__data$138[4]  = \rd__data$138 [69:56];
-  assign \rd__data$138[5]  = \rd__data$138 [83:70];
-  assign \rd__data$138[6]  = \rd__data$138 [97:84];
-  assign \rd__data$138[7]  = \rd__data$138 [111:98];
-  assign \rd__data$138[8]  = \rd__data$138 [125:112];
-  assign \rd__data$138[9]  = \rd__data$138 [139:126];
-  assign \rd__data$138[10]  = \rd__data$138 [153:140];
-  assign \rd__data$138[11]  = \rd__data$138 [167:154];
-  assign \rd__data$138[12]  = \rd__data$138 [181:168];
-  assign \rd__data$138[13]  = \rd__data$138 [195:182];
-  assign \rd__data$138[14]  = \rd__data$138 [209:196];
-  assign \rd__data$138[15]  = \rd__data$138 [223:210];
-  assign \rd__data$139[0]  = \rd__data$139 [1:0];
-  assign \rd__data$139[1]  = \rd__data$139 [3:2];
-  assign \rd__data$139[2]  = \rd__data$139 [5:4];
-  assign \rd__data$139[3]  = \rd__data$139 [7:6];
-  assign \rd__data$139[4]  = \rd__data$139 [9:8];
-  assign \rd__data$139[5]  = \rd__data$139 [11:10];
-  assign \rd__data$139[6]  = \rd__data$139 [13:12];
-  assign \rd__data$139[7]  = \rd__data$139 [15:14];
-  assign \rd__data$139[8]  = \rd__data$139 [17:16];
-  assign \rd__data$139[9]  = \rd__data$139 [19:18];
-  assign \rd__data$139[10]  = \rd__data$139 [21:20];
-  assign \rd__data$139[11]  = \rd__data$139 [23:22];
-  assign \rd__data$139[12]  = \rd__data$139 [25:24];
-  assign \rd__data$139[13]  = \rd__data$139 [27:26];
-  assign \rd__data$139[14]  = \rd__data$139 [29:28];
-  assign \rd__data$139[15]  = \rd__data$139 [31:30];
+  assign \rd__data$136[0]  = \rd__data$136 [13:0];
+  assign \rd__data$136[1]  = \rd__data$136 [27:14];
+  assign \rd__data$136[2]  = \rd__data$136 [41:28];
+  assign \rd__data$136[3]  = \rd__data$136 [55:42];
+  assign \rd__data$136[4]  = \rd__data$136 [69:56];
+  assign \rd__data$136[5]  = \rd__data$136 [83:70];
+  assign \rd__data$136[6]  = \rd__data$136 [97:84];
+  assign \rd__data$136[7]  = \rd__data$136 [111:98];
+  assign \rd__data$136[8]  = \rd__data$136 [125:112];
+  assign \rd__data$136[9]  = \rd__data$136 [139:126];
+  assign \rd__data$136[10]  = \rd__data$136 [153:140];
+  assign \rd__data$136[11]  = \rd__data$136 [167:154];
+  assign \rd__data$136[12]  = \rd__data$136 [181:168];
+  assign \rd__data$136[13]  = \rd__data$136 [195:182];
+  assign \rd__data$136[14]  = \rd__data$136 [209:196];
+  assign \rd__data$136[15]  = \rd__data$136 [223:210];
+  assign \rd__data$137[0]  = \rd__data$137 [1:0];
+  assign \rd__data$137[1]  = \rd__data$137 [3:2];
+  assign \rd__data$137[2]  = \rd__data$137 [5:4];
+  assign \rd__data$137[3]  = \rd__data$137 [7:6];
+  assign \rd__data$137[4]  = \rd__data$137 [9:8];
+  assign \rd__data$137[5]  = \rd__data$137 [11:10];
+  assign \rd__data$137[6]  = \rd__data$137 [13:12];
+  assign \rd__data$137[7]  = \rd__data$137 [15:14];
+  assign \rd__data$137[8]  = \rd__data$137 [17:16];
+  assign \rd__data$137[9]  = \rd__data$137 [19:18];
+  assign \rd__data$137[10]  = \rd__data$137 [21:20];
+  assign \rd__data$137[11]  = \rd__data$137 [23:22];
+  assign \rd__data$137[12]  = \rd__data$137 [25:24];
+  assign \rd__data$137[13]  = \rd__data$137 [27:26];
+  assign \rd__data$137[14]  = \rd__data$137 [29:28];
+  assign \rd__data$137[15]  = \rd__data$137 [31:30];
   assign i__payload[255:248] = \$51 ;
   assign i__payload[247:240] = \$50 ;
   assign i__payload[239:232] = \$49 ;
@@ -2313,28 +2276,20 @@ module encoder_layer_0_attention_output_dense(m, a_wr__en, a_wr__addr, a_wr__dat
   assign i__payload[23:16] = \$22 ;
   assign i__payload[15:8] = \$21 ;
   assign i__payload[7:0] = \$20 ;
-  assign i__payload[257] = s6_last;
-  assign i__payload[256] = s6_first;
+  assign i__payload[257] = last_d5;
+  assign i__payload[256] = first_d5;
 endmodule
 
 (* generator = "Amaranth" *)
 module \encoder_layer_0_attention_output_dense.mem_a (wr__addr, wr__data, clk, rst, rd__addr, q_d1, wr__en);
   input clk;
   wire clk;
-  reg [11:0] port0_d0 = 12'h000;
-  reg [11:0] port0_d1 = 12'h000;
-  reg [127:0] port1_d0 = 128'h00000000000000000000000000000000;
-  reg [127:0] port1_d1 = 128'h00000000000000000000000000000000;
-  reg port2_d0 = 1'h0;
-  reg port2_d1 = 1'h0;
-  reg [11:0] port3_d0 = 12'h000;
-  reg [11:0] port3_d1 = 12'h000;
-  reg port4_d0 = 1'h1;
-  reg port4_d1 = 1'h1;
   reg [127:0] q = 128'h00000000000000000000000000000000;
   reg [127:0] q_d0 = 128'h00000000000000000000000000000000;
   output [127:0] q_d1;
   reg [127:0] q_d1 = 128'h00000000000000000000000000000000;
+  reg [11:0] ra_d0 = 12'h000;
+  reg [11:0] ra_d1 = 12'h000;
   input [11:0] rd__addr;
   wire [11:0] rd__addr;
   (* init = 128'h00000000000000000000000000000000 *)
@@ -2356,6 +2311,8 @@ module \encoder_layer_0_attention_output_dense.mem_a (wr__addr, wr__data, clk, r
   wire [7:0] \rd__data[8] ;
   wire [7:0] \rd__data[9] ;
   wire rd__en;
+  reg ren_d0 = 1'h1;
+  reg ren_d1 = 1'h1;
   (* init = 12'h000 *)
   wire [11:0] rp__addr;
   wire [127:0] rp__data;
@@ -2363,6 +2320,12 @@ module \encoder_layer_0_attention_output_dense.mem_a (wr__addr, wr__data, clk, r
   wire rp__en;
   input rst;
   wire rst;
+  reg [11:0] wa_d0 = 12'h000;
+  reg [11:0] wa_d1 = 12'h000;
+  reg [127:0] wd_d0 = 128'h00000000000000000000000000000000;
+  reg [127:0] wd_d1 = 128'h00000000000000000000000000000000;
+  reg we_d0 = 1'h0;
+  reg we_d1 = 1'h0;
   (* init = 12'h000 *)
   wire [11:0] wp__addr;
   (* init = 128'h00000000000000000000000000000000 *)
@@ -5467,24 +5430,24 @@ module \encoder_layer_0_attention_output_dense.mem_a (wr__addr, wr__data, clk, r
     mem[3071] = 128'h00000000000000000000000000000000;
   end
   always @(posedge clk) begin
-    if (port2_d1)
-      mem[port0_d1] <= port1_d1;
+    if (we_d1)
+      mem[wa_d1] <= wd_d1;
   end
   reg [127:0] _0_;
   always @(posedge clk) begin
-    if (port4_d1) begin
-      _0_ <= mem[port3_d1];
+    if (ren_d1) begin
+      _0_ <= mem[ra_d1];
     end
   end
   assign rp__data = _0_;
   always @(posedge clk)
-    port1_d1 <= port1_d0;
+    wd_d1 <= wd_d0;
   always @(posedge clk)
-    port2_d1 <= port2_d0;
+    we_d1 <= we_d0;
   always @(posedge clk)
-    port3_d1 <= port3_d0;
+    ra_d1 <= ra_d0;
   always @(posedge clk)
-    port4_d1 <= port4_d0;
+    ren_d1 <= ren_d0;
   always @(posedge clk)
     q <= rp__data;
   always @(posedge clk)
@@ -5492,23 +5455,23 @@ module \encoder_layer_0_attention_output_dense.mem_a (wr__addr, wr__data, clk, r
   always @(posedge clk)
     q_d1 <= q_d0;
   always @(posedge clk)
-    port0_d0 <= wr__addr;
+    wa_d0 <= wr__addr;
   always @(posedge clk)
-    port1_d0 <= wr__data;
+    wd_d0 <= wr__data;
   always @(posedge clk)
-    port2_d0 <= wr__en;
+    we_d0 <= wr__en;
   always @(posedge clk)
-    port3_d0 <= rd__addr;
+    ra_d0 <= rd__addr;
   always @(posedge clk)
-    port4_d0 <= 1'h1;
+    ren_d0 <= 1'h1;
   always @(posedge clk)
-    port0_d1 <= port0_d0;
+    wa_d1 <= wa_d0;
   assign rd__en = 1'h1;
-  assign wp__addr = port0_d1;
-  assign wp__data = port1_d1;
-  assign wp__en = port2_d1;
-  assign rp__addr = port3_d1;
-  assign rp__en = port4_d1;
+  assign wp__addr = wa_d1;
+  assign wp__data = wd_d1;
+  assign wp__en = we_d1;
+  assign rp__addr = ra_d1;
+  assign rp__en = ren_d1;
   assign rd__data = q_d1;
   assign \wr__data[0]  = wr__data[7:0];
   assign \wr__data[1]  = wr__data[15:8];
@@ -6309,20 +6272,12 @@ endmodule
 module \encoder_layer_0_attention_output_dense.mem_out (rd__addr, clk, rst, wr__en, wr__addr, q_d1, wr__data, rd__en);
   input clk;
   wire clk;
-  reg [11:0] port0_d0 = 12'h000;
-  reg [11:0] port0_d1 = 12'h000;
-  reg [255:0] port1_d0 = 256'h0000000000000000000000000000000000000000000000000000000000000000;
-  reg [255:0] port1_d1 = 256'h0000000000000000000000000000000000000000000000000000000000000000;
-  reg port2_d0 = 1'h0;
-  reg port2_d1 = 1'h0;
-  reg [11:0] port3_d0 = 12'h000;
-  reg [11:0] port3_d1 = 12'h000;
-  reg port4_d0 = 1'h1;
-  reg port4_d1 = 1'h1;
   reg [255:0] q = 256'h0000000000000000000000000000000000000000000000000000000000000000;
   reg [255:0] q_d0 = 256'h0000000000000000000000000000000000000000000000000000000000000000;
   output [255:0] q_d1;
   reg [255:0] q_d1 = 256'h0000000000000000000000000000000000000000000000000000000000000000;
+  reg [11:0] ra_d0 = 12'h000;
+  reg [11:0] ra_d1 = 12'h000;
   input [11:0] rd__addr;
   wire [11:0] rd__addr;
   (* init = 256'h0000000000000000000000000000000000000000000000000000000000000000 *)
@@ -6345,6 +6300,8 @@ module \encoder_layer_0_attention_output_dense.mem_out (rd__addr, clk, rst, wr__
   wire [15:0] \rd__data[9] ;
   input rd__en;
   wire rd__en;
+  reg ren_d0 = 1'h1;
+  reg ren_d1 = 1'h1;
   (* init = 12'h000 *)
   wire [11:0] rp__addr;
   wire [255:0] rp__data;
@@ -6352,6 +6309,12 @@ module \encoder_layer_0_attention_output_dense.mem_out (rd__addr, clk, rst, wr__
   wire rp__en;
   input rst;
   wire rst;
+  reg [11:0] wa_d0 = 12'h000;
+  reg [11:0] wa_d1 = 12'h000;
+  reg [255:0] wd_d0 = 256'h0000000000000000000000000000000000000000000000000000000000000000;
+  reg [255:0] wd_d1 = 256'h0000000000000000000000000000000000000000000000000000000000000000;
+  reg we_d0 = 1'h0;
+  reg we_d1 = 1'h0;
   (* init = 12'h000 *)
   wire [11:0] wp__addr;
   (* init = 256'h0000000000000000000000000000000000000000000000000000000000000000 *)
@@ -9456,24 +9419,24 @@ module \encoder_layer_0_attention_output_dense.mem_out (rd__addr, clk, rst, wr__
     mem[3071] = 256'h0000000000000000000000000000000000000000000000000000000000000000;
   end
   always @(posedge clk) begin
-    if (port2_d1)
-      mem[port0_d1] <= port1_d1;
+    if (we_d1)
+      mem[wa_d1] <= wd_d1;
   end
   reg [255:0] _0_;
   always @(posedge clk) begin
-    if (port4_d1) begin
-      _0_ <= mem[port3_d1];
+    if (ren_d1) begin
+      _0_ <= mem[ra_d1];
     end
   end
   assign rp__data = _0_;
   always @(posedge clk)
-    port1_d1 <= port1_d0;
+    wd_d1 <= wd_d0;
   always @(posedge clk)
-    port2_d1 <= port2_d0;
+    we_d1 <= we_d0;
   always @(posedge clk)
-    port3_d1 <= port3_d0;
+    ra_d1 <= ra_d0;
   always @(posedge clk)
-    port4_d1 <= port4_d0;
+    ren_d1 <= ren_d0;
   always @(posedge clk)
     q <= rp__data;
   always @(posedge clk)
@@ -9481,22 +9444,22 @@ module \encoder_layer_0_attention_output_dense.mem_out (rd__addr, clk, rst, wr__
   always @(posedge clk)
     q_d1 <= q_d0;
   always @(posedge clk)
-    port0_d0 <= wr__addr;
+    wa_d0 <= wr__addr;
   always @(posedge clk)
-    port1_d0 <= wr__data;
+    wd_d0 <= wr__data;
   always @(posedge clk)
-    port2_d0 <= wr__en;
+    we_d0 <= wr__en;
   always @(posedge clk)
-    port3_d0 <= rd__addr;
+    ra_d0 <= rd__addr;
   always @(posedge clk)
-    port4_d0 <= rd__en;
+    ren_d0 <= rd__en;
   always @(posedge clk)
-    port0_d1 <= port0_d0;
-  assign wp__addr = port0_d1;
-  assign wp__data = port1_d1;
-  assign wp__en = port2_d1;
-  assign rp__addr = port3_d1;
-  assign rp__en = port4_d1;
+    wa_d1 <= wa_d0;
+  assign wp__addr = wa_d1;
+  assign wp__data = wd_d1;
+  assign wp__en = we_d1;
+  assign rp__addr = ra_d1;
+  assign rp__en = ren_d1;
   assign rd__data = q_d1;
   assign \wr__data[0]  = wr__data[15:0];
   assign \wr__data[1]  = wr__data[31:16];
@@ -9672,20 +9635,12 @@ endmodule
 module \encoder_layer_0_attention_output_dense.mem_w (wr__addr, wr__data, clk, rst, rd__addr, q_d1, wr__en);
   input clk;
   wire clk;
-  reg [13:0] port0_d0 = 14'h0000;
-  reg [13:0] port0_d1 = 14'h0000;
-  reg [127:0] port1_d0 = 128'h00000000000000000000000000000000;
-  reg [127:0] port1_d1 = 128'h00000000000000000000000000000000;
-  reg port2_d0 = 1'h0;
-  reg port2_d1 = 1'h0;
-  reg [13:0] port3_d0 = 14'h0000;
-  reg [13:0] port3_d1 = 14'h0000;
-  reg port4_d0 = 1'h1;
-  reg port4_d1 = 1'h1;
   reg [127:0] q = 128'h00000000000000000000000000000000;
   reg [127:0] q_d0 = 128'h00000000000000000000000000000000;
   output [127:0] q_d1;
   reg [127:0] q_d1 = 128'h00000000000000000000000000000000;
+  reg [13:0] ra_d0 = 14'h0000;
+  reg [13:0] ra_d1 = 14'h0000;
   input [13:0] rd__addr;
   wire [13:0] rd__addr;
   (* init = 128'h00000000000000000000000000000000 *)
@@ -9707,6 +9662,8 @@ module \encoder_layer_0_attention_output_dense.mem_w (wr__addr, wr__data, clk, r
   wire [7:0] \rd__data[8] ;
   wire [7:0] \rd__data[9] ;
   wire rd__en;
+  reg ren_d0 = 1'h1;
+  reg ren_d1 = 1'h1;
   (* init = 14'h0000 *)
   wire [13:0] rp__addr;
   wire [127:0] rp__data;
@@ -9714,6 +9671,12 @@ module \encoder_layer_0_attention_output_dense.mem_w (wr__addr, wr__data, clk, r
   wire rp__en;
   input rst;
   wire rst;
+  reg [13:0] wa_d0 = 14'h0000;
+  reg [13:0] wa_d1 = 14'h0000;
+  reg [127:0] wd_d0 = 128'h00000000000000000000000000000000;
+  reg [127:0] wd_d1 = 128'h00000000000000000000000000000000;
+  reg we_d0 = 1'h0;
+  reg we_d1 = 1'h0;
   (* init = 14'h0000 *)
   wire [13:0] wp__addr;
   (* init = 128'h00000000000000000000000000000000 *)
@@ -18962,24 +18925,24 @@ module \encoder_layer_0_attention_output_dense.mem_w (wr__addr, wr__data, clk, r
     mem[9215] = 128'h00000000000000000000000000000000;
   end
   always @(posedge clk) begin
-    if (port2_d1)
-      mem[port0_d1] <= port1_d1;
+    if (we_d1)
+      mem[wa_d1] <= wd_d1;
   end
   reg [127:0] _0_;
   always @(posedge clk) begin
-    if (port4_d1) begin
-      _0_ <= mem[port3_d1];
+    if (ren_d1) begin
+      _0_ <= mem[ra_d1];
     end
   end
   assign rp__data = _0_;
   always @(posedge clk)
-    port1_d1 <= port1_d0;
+    wd_d1 <= wd_d0;
   always @(posedge clk)
-    port2_d1 <= port2_d0;
+    we_d1 <= we_d0;
   always @(posedge clk)
-    port3_d1 <= port3_d0;
+    ra_d1 <= ra_d0;
   always @(posedge clk)
-    port4_d1 <= port4_d0;
+    ren_d1 <= ren_d0;
   always @(posedge clk)
     q <= rp__data;
   always @(posedge clk)
@@ -18987,23 +18950,23 @@ module \encoder_layer_0_attention_output_dense.mem_w (wr__addr, wr__data, clk, r
   always @(posedge clk)
     q_d1 <= q_d0;
   always @(posedge clk)
-    port0_d0 <= wr__addr;
+    wa_d0 <= wr__addr;
   always @(posedge clk)
-    port1_d0 <= wr__data;
+    wd_d0 <= wr__data;
   always @(posedge clk)
-    port2_d0 <= wr__en;
+    we_d0 <= wr__en;
   always @(posedge clk)
-    port3_d0 <= rd__addr;
+    ra_d0 <= rd__addr;
   always @(posedge clk)
-    port4_d0 <= 1'h1;
+    ren_d0 <= 1'h1;
   always @(posedge clk)
-    port0_d1 <= port0_d0;
+    wa_d1 <= wa_d0;
   assign rd__en = 1'h1;
-  assign wp__addr = port0_d1;
-  assign wp__data = port1_d1;
-  assign wp__en = port2_d1;
-  assign rp__addr = port3_d1;
-  assign rp__en = port4_d1;
+  assign wp__addr = wa_d1;
+  assign wp__data = wd_d1;
+  assign wp__en = we_d1;
+  assign rp__addr = ra_d1;
+  assign rp__en = ren_d1;
   assign rd__data = q_d1;
   assign \wr__data[0]  = wr__data[7:0];
   assign \wr__data[1]  = wr__data[15:8];

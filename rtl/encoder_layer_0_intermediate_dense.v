@@ -8,9 +8,9 @@ module encoder_layer_0_intermediate_dense(m, a_wr__en, a_wr__addr, a_wr__data, w
   wire \$1 ;
   wire \$10 ;
   wire [14:0] \$100 ;
-  wire [14:0] \$101 ;
-  wire \$102 ;
-  wire \$103 ;
+  wire \$101 ;
+  wire [24:0] \$102 ;
+  wire [24:0] \$103 ;
   wire [24:0] \$104 ;
   wire [24:0] \$105 ;
   wire [24:0] \$106 ;
@@ -26,27 +26,27 @@ module encoder_layer_0_intermediate_dense(m, a_wr__en, a_wr__addr, a_wr__data, w
   wire [24:0] \$115 ;
   wire [24:0] \$116 ;
   wire [24:0] \$117 ;
-  wire [24:0] \$118 ;
-  wire [24:0] \$119 ;
+  wire \$118 ;
+  wire \$119 ;
   wire \$12 ;
-  wire \$120 ;
-  wire \$121 ;
+  reg \$120 ;
+  reg \$121 ;
   reg \$122 ;
   reg \$123 ;
   reg \$124 ;
   reg \$125 ;
-  reg \$126 ;
+  reg [11:0] \$126 ;
   reg \$127 ;
-  reg [11:0] \$128 ;
+  reg \$128 ;
   reg \$129 ;
   wire \$13 ;
   reg \$130 ;
   reg \$131 ;
   reg \$132 ;
-  reg \$133 ;
+  reg [11:0] \$133 ;
   reg \$134 ;
-  reg [11:0] \$135 ;
-  reg \$136 ;
+  reg [31:0] \$135 ;
+  reg [31:0] \$136 ;
   reg [31:0] \$137 ;
   reg [31:0] \$138 ;
   reg [31:0] \$139 ;
@@ -54,19 +54,19 @@ module encoder_layer_0_intermediate_dense(m, a_wr__en, a_wr__addr, a_wr__data, w
   reg [31:0] \$140 ;
   reg [31:0] \$141 ;
   reg [31:0] \$142 ;
-  reg [31:0] \$143 ;
-  reg [31:0] \$144 ;
-  reg [3:0] \$145 ;
-  reg [3:0] \$146 ;
-  reg [4:0] \$147 ;
+  reg [3:0] \$143 ;
+  reg [3:0] \$144 ;
+  reg [4:0] \$145 ;
+  reg \$146 ;
+  reg [3:0] \$147 ;
   reg \$148 ;
-  reg [3:0] \$149 ;
+  reg \$149 ;
   wire \$15 ;
-  reg \$150 ;
+  reg [7:0] \$150 ;
   reg \$151 ;
-  reg [7:0] \$152 ;
+  reg [11:0] \$152 ;
   reg \$153 ;
-  reg [11:0] \$154 ;
+  reg \$154 ;
   reg \$155 ;
   reg \$156 ;
   reg \$157 ;
@@ -92,38 +92,38 @@ module encoder_layer_0_intermediate_dense(m, a_wr__en, a_wr__addr, a_wr__data, w
   reg \$175 ;
   reg \$176 ;
   reg \$177 ;
-  reg \$178 ;
-  reg \$179 ;
+  reg [6:0] \$178 ;
+  reg [7:0] \$179 ;
   wire [13:0] \$18 ;
-  reg [6:0] \$180 ;
-  reg [7:0] \$181 ;
-  reg [7:0] \$182 ;
+  reg \$180 ;
+  reg [13:0] \$181 ;
+  reg \$182 ;
   reg \$183 ;
-  reg [13:0] \$184 ;
-  reg \$185 ;
-  reg \$186 ;
-  reg [7:0] \$187 ;
-  reg [383:0] \$188 ;
+  reg \$184 ;
+  reg [383:0] \$185 ;
+  reg [13:0] \$186 ;
+  reg \$187 ;
+  reg \$188 ;
   reg [13:0] \$189 ;
   wire [16:0] \$19 ;
-  reg \$190 ;
+  reg [383:0] \$190 ;
   reg \$191 ;
-  reg [13:0] \$192 ;
-  reg [383:0] \$193 ;
-  reg \$194 ;
+  reg \$192 ;
+  reg [13:0] \$193 ;
+  reg [383:0] \$194 ;
   reg \$195 ;
-  reg [13:0] \$196 ;
-  reg [383:0] \$197 ;
-  reg \$198 ;
+  reg \$196 ;
+  reg [13:0] \$197 ;
+  reg [383:0] \$198 ;
   reg \$199 ;
   wire \$2 ;
   wire [7:0] \$20 ;
-  reg [13:0] \$200 ;
-  reg [383:0] \$201 ;
-  reg \$202 ;
+  reg \$200 ;
+  reg [13:0] \$201 ;
+  reg [431:0] \$202 ;
   reg \$203 ;
-  reg [13:0] \$204 ;
-  reg [431:0] \$205 ;
+  reg \$204 ;
+  reg [13:0] \$205 ;
   reg \$206 ;
   reg \$207 ;
   reg [13:0] \$208 ;
@@ -133,12 +133,8 @@ module encoder_layer_0_intermediate_dense(m, a_wr__en, a_wr__addr, a_wr__data, w
   reg [13:0] \$211 ;
   reg \$212 ;
   reg \$213 ;
-  reg [13:0] \$214 ;
+  reg \$214 ;
   reg \$215 ;
-  reg \$216 ;
-  reg \$217 ;
-  reg \$218 ;
-  reg [7:0] \$219 ;
   wire [7:0] \$22 ;
   wire [7:0] \$23 ;
   wire [7:0] \$24 ;
@@ -216,17 +212,18 @@ module encoder_layer_0_intermediate_dense(m, a_wr__en, a_wr__addr, a_wr__data, w
   wire \$9 ;
   wire \$90 ;
   wire [8:0] \$91 ;
-  wire [8:0] \$92 ;
-  wire \$93 ;
-  wire [14:0] \$94 ;
-  wire [7:0] \$95 ;
-  wire [14:0] \$96 ;
+  wire \$92 ;
+  wire [14:0] \$93 ;
+  wire [7:0] \$94 ;
+  wire [14:0] \$95 ;
+  wire \$96 ;
   wire \$97 ;
-  wire [8:0] \$98 ;
-  wire \$99 ;
+  wire \$98 ;
+  wire [14:0] \$99 ;
   reg \$signal  = 1'h0;
-  reg \$signal$141  = 1'h0;
-  reg \$signal$154  = 1'h0;
+  reg \$signal$136  = 1'h0;
+  reg \$signal$140  = 1'h0;
+  reg \$signal$152  = 1'h0;
   reg [11:0] a_base = 12'h000;
   input [11:0] a_wr__addr;
   wire [11:0] a_wr__addr;
@@ -284,49 +281,49 @@ module encoder_layer_0_intermediate_dense(m, a_wr__en, a_wr__addr, a_wr__data, w
   wire [23:0] \acc2[7] ;
   wire [23:0] \acc2[8] ;
   wire [23:0] \acc2[9] ;
-  reg [383:0] acc_w0 = 384'h000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000;
-  wire [23:0] \acc_w0[0] ;
-  wire [23:0] \acc_w0[10] ;
-  wire [23:0] \acc_w0[11] ;
-  wire [23:0] \acc_w0[12] ;
-  wire [23:0] \acc_w0[13] ;
-  wire [23:0] \acc_w0[14] ;
-  wire [23:0] \acc_w0[15] ;
-  wire [23:0] \acc_w0[1] ;
-  wire [23:0] \acc_w0[2] ;
-  wire [23:0] \acc_w0[3] ;
-  wire [23:0] \acc_w0[4] ;
-  wire [23:0] \acc_w0[5] ;
-  wire [23:0] \acc_w0[6] ;
-  wire [23:0] \acc_w0[7] ;
-  wire [23:0] \acc_w0[8] ;
-  wire [23:0] \acc_w0[9] ;
-  reg [383:0] acc_w1 = 384'h000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000;
-  wire [23:0] \acc_w1[0] ;
-  wire [23:0] \acc_w1[10] ;
-  wire [23:0] \acc_w1[11] ;
-  wire [23:0] \acc_w1[12] ;
-  wire [23:0] \acc_w1[13] ;
-  wire [23:0] \acc_w1[14] ;
-  wire [23:0] \acc_w1[15] ;
-  wire [23:0] \acc_w1[1] ;
-  wire [23:0] \acc_w1[2] ;
-  wire [23:0] \acc_w1[3] ;
-  wire [23:0] \acc_w1[4] ;
-  wire [23:0] \acc_w1[5] ;
-  wire [23:0] \acc_w1[6] ;
-  wire [23:0] \acc_w1[7] ;
-  wire [23:0] \acc_w1[8] ;
-  wire [23:0] \acc_w1[9] ;
+  reg [383:0] acc_w_d0 = 384'h000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000;
+  wire [23:0] \acc_w_d0[0] ;
+  wire [23:0] \acc_w_d0[10] ;
+  wire [23:0] \acc_w_d0[11] ;
+  wire [23:0] \acc_w_d0[12] ;
+  wire [23:0] \acc_w_d0[13] ;
+  wire [23:0] \acc_w_d0[14] ;
+  wire [23:0] \acc_w_d0[15] ;
+  wire [23:0] \acc_w_d0[1] ;
+  wire [23:0] \acc_w_d0[2] ;
+  wire [23:0] \acc_w_d0[3] ;
+  wire [23:0] \acc_w_d0[4] ;
+  wire [23:0] \acc_w_d0[5] ;
+  wire [23:0] \acc_w_d0[6] ;
+  wire [23:0] \acc_w_d0[7] ;
+  wire [23:0] \acc_w_d0[8] ;
+  wire [23:0] \acc_w_d0[9] ;
+  reg [383:0] acc_w_d1 = 384'h000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000;
+  wire [23:0] \acc_w_d1[0] ;
+  wire [23:0] \acc_w_d1[10] ;
+  wire [23:0] \acc_w_d1[11] ;
+  wire [23:0] \acc_w_d1[12] ;
+  wire [23:0] \acc_w_d1[13] ;
+  wire [23:0] \acc_w_d1[14] ;
+  wire [23:0] \acc_w_d1[15] ;
+  wire [23:0] \acc_w_d1[1] ;
+  wire [23:0] \acc_w_d1[2] ;
+  wire [23:0] \acc_w_d1[3] ;
+  wire [23:0] \acc_w_d1[4] ;
+  wire [23:0] \acc_w_d1[5] ;
+  wire [23:0] \acc_w_d1[6] ;
+  wire [23:0] \acc_w_d1[7] ;
+  wire [23:0] \acc_w_d1[8] ;
+  wire [23:0] \acc_w_d1[9] ;
   reg [13:0] addr1 = 14'h0000;
   reg [13:0] addr2 = 14'h0000;
   reg [13:0] addr3 = 14'h0000;
-  reg [13:0] addr_q0 = 14'h0000;
-  reg [13:0] addr_q1 = 14'h0000;
+  reg [13:0] addr_q_d0 = 14'h0000;
+  reg [13:0] addr_q_d1 = 14'h0000;
   (* init = 14'h0000 *)
-  wire [13:0] addr_q2;
-  reg [13:0] addr_w0 = 14'h0000;
-  reg [13:0] addr_w1 = 14'h0000;
+  wire [13:0] addr_q_d2;
+  reg [13:0] addr_w_d0 = 14'h0000;
+  reg [13:0] addr_w_d1 = 14'h0000;
   input [6:0] bias_wr__addr;
   wire [6:0] bias_wr__addr;
   input [239:0] bias_wr__data;
@@ -384,17 +381,21 @@ module encoder_layer_0_intermediate_dense(m, a_wr__en, a_wr__addr, a_wr__data, w
   reg fetch5 = 1'h0;
   reg fetching = 1'h0;
   wire fin;
-  reg fin1 = 1'h0;
   reg fin2 = 1'h0;
   reg fin3 = 1'h0;
-  reg fin_q0 = 1'h0;
-  reg fin_q1 = 1'h0;
-  reg fin_q2 = 1'h0;
-  reg fin_w0 = 1'h0;
-  reg \fin_w0$167  = 1'h0;
-  reg fin_w1 = 1'h0;
-  reg \fin_w1$168  = 1'h0;
-  reg [7:0] g1 = 8'h00;
+  reg fin_o_d0 = 1'h0;
+  reg fin_o_d1 = 1'h0;
+  reg fin_q_d0 = 1'h0;
+  reg fin_q_d1 = 1'h0;
+  reg fin_q_d2 = 1'h0;
+  reg fin_w_d0 = 1'h0;
+  reg fin_w_d1 = 1'h0;
+  reg first_d0 = 1'h0;
+  reg first_d1 = 1'h0;
+  reg first_d2 = 1'h0;
+  reg first_d3 = 1'h0;
+  reg first_d4 = 1'h0;
+  reg first_d5 = 1'h0;
   wire go;
   reg hdr0 = 1'h0;
   reg hdr1 = 1'h0;
@@ -477,12 +478,17 @@ module encoder_layer_0_intermediate_dense(m, a_wr__en, a_wr__addr, a_wr__data, w
   wire \i__payload.last ;
   reg i__valid = 1'h0;
   reg [3:0] kk = 4'h0;
+  reg last_d0 = 1'h0;
+  reg last_d1 = 1'h0;
+  reg last_d2 = 1'h0;
+  reg last_d3 = 1'h0;
+  reg last_d4 = 1'h0;
+  reg last_d5 = 1'h0;
   reg last_mt = 1'h0;
   reg [7:0] left = 8'h00;
   wire list_end;
   input [7:0] m;
   wire [7:0] m;
-  reg [7:0] m_reg = 8'h00;
   reg [11:0] n_ent = 12'h000;
   wire [159:0] o;
   wire [9:0] \o[0] ;
@@ -544,11 +550,11 @@ module encoder_layer_0_intermediate_dense(m, a_wr__en, a_wr__addr, a_wr__data, w
   wire [9:0] \o_rd__data[9] ;
   input o_rd__en;
   wire o_rd__en;
+  reg ok1 = 1'h0;
   reg out_last = 1'h0;
   reg [7:0] out_left = 8'h00;
   (* init = 7'h00 *)
   wire [6:0] out_nt;
-  reg [7:0] out_r0 = 8'h00;
   reg pad = 1'h0;
   wire pop;
   reg [11:0] ptr = 12'h000;
@@ -561,40 +567,40 @@ module encoder_layer_0_intermediate_dense(m, a_wr__en, a_wr__addr, a_wr__data, w
   wire [6:0] \rd__addr$78 ;
   wire [159:0] rd__data;
   wire [31:0] \rd__data$101 ;
-  wire [239:0] \rd__data$158 ;
-  wire [14:0] \rd__data$158[0] ;
-  wire [14:0] \rd__data$158[10] ;
-  wire [14:0] \rd__data$158[11] ;
-  wire [14:0] \rd__data$158[12] ;
-  wire [14:0] \rd__data$158[13] ;
-  wire [14:0] \rd__data$158[14] ;
-  wire [14:0] \rd__data$158[15] ;
-  wire [14:0] \rd__data$158[1] ;
-  wire [14:0] \rd__data$158[2] ;
-  wire [14:0] \rd__data$158[3] ;
-  wire [14:0] \rd__data$158[4] ;
-  wire [14:0] \rd__data$158[5] ;
-  wire [14:0] \rd__data$158[6] ;
-  wire [14:0] \rd__data$158[7] ;
-  wire [14:0] \rd__data$158[8] ;
-  wire [14:0] \rd__data$158[9] ;
-  wire [47:0] \rd__data$159 ;
-  wire [2:0] \rd__data$159[0] ;
-  wire [2:0] \rd__data$159[10] ;
-  wire [2:0] \rd__data$159[11] ;
-  wire [2:0] \rd__data$159[12] ;
-  wire [2:0] \rd__data$159[13] ;
-  wire [2:0] \rd__data$159[14] ;
-  wire [2:0] \rd__data$159[15] ;
-  wire [2:0] \rd__data$159[1] ;
-  wire [2:0] \rd__data$159[2] ;
-  wire [2:0] \rd__data$159[3] ;
-  wire [2:0] \rd__data$159[4] ;
-  wire [2:0] \rd__data$159[5] ;
-  wire [2:0] \rd__data$159[6] ;
-  wire [2:0] \rd__data$159[7] ;
-  wire [2:0] \rd__data$159[8] ;
-  wire [2:0] \rd__data$159[9] ;
+  wire [239:0] \rd__data$156 ;
+  wire [14:0] \rd__data$156[0] ;
+  wire [14:0] \rd__data$156[10] ;
+  wire [14:0] \rd__data$156[11] ;
+  wire [14:0] \rd__data$156[12] ;
+  wire [14:0] \rd__data$156[13] ;
+  wire [14:0] \rd__data$156[14] ;
+  wire [14:0] \rd__data$156[15] ;
+  wire [14:0] \rd__data$156[1] ;
+  wire [14:0] \rd__data$156[2] ;
+  wire [14:0] \rd__data$156[3] ;
+  wire [14:0] \rd__data$156[4] ;
+  wire [14:0] \rd__data$156[5] ;
+  wire [14:0] \rd__data$156[6] ;
+  wire [14:0] \rd__data$156[7] ;
+  wire [14:0] \rd__data$156[8] ;
+  wire [14:0] \rd__data$156[9] ;
+  wire [47:0] \rd__data$157 ;
+  wire [2:0] \rd__data$157[0] ;
+  wire [2:0] \rd__data$157[10] ;
+  wire [2:0] \rd__data$157[11] ;
+  wire [2:0] \rd__data$157[12] ;
+  wire [2:0] \rd__data$157[13] ;
+  wire [2:0] \rd__data$157[14] ;
+  wire [2:0] \rd__data$157[15] ;
+  wire [2:0] \rd__data$157[1] ;
+  wire [2:0] \rd__data$157[2] ;
+  wire [2:0] \rd__data$157[3] ;
+  wire [2:0] \rd__data$157[4] ;
+  wire [2:0] \rd__data$157[5] ;
+  wire [2:0] \rd__data$157[6] ;
+  wire [2:0] \rd__data$157[7] ;
+  wire [2:0] \rd__data$157[8] ;
+  wire [2:0] \rd__data$157[9] ;
   wire [127:0] \rd__data$74 ;
   wire [7:0] \rd__data$74[0] ;
   wire [7:0] \rd__data$74[10] ;
@@ -650,31 +656,6 @@ module encoder_layer_0_intermediate_dense(m, a_wr__en, a_wr__addr, a_wr__data, w
   input rst;
   wire rst;
   reg run = 1'h0;
-  reg s1_first = 1'h0;
-  reg s1_last = 1'h0;
-  reg s1_valid = 1'h0;
-  reg s1_zero = 1'h0;
-  reg s2_first = 1'h0;
-  reg s2_last = 1'h0;
-  reg s2_valid = 1'h0;
-  reg s2_zero = 1'h0;
-  reg s3_first = 1'h0;
-  reg s3_last = 1'h0;
-  reg s3_valid = 1'h0;
-  reg s3_zero = 1'h0;
-  reg s4_first = 1'h0;
-  reg s4_last = 1'h0;
-  reg s4_valid = 1'h0;
-  reg s4_zero = 1'h0;
-  reg s5_first = 1'h0;
-  reg s5_last = 1'h0;
-  reg s5_valid = 1'h0;
-  reg s5_zero = 1'h0;
-  reg s6_first = 1'h0;
-  reg s6_last = 1'h0;
-  (* init = 1'h0 *)
-  wire s6_valid;
-  reg s6_zero = 1'h0;
   input [6:0] shift_wr__addr;
   wire [6:0] shift_wr__addr;
   input [47:0] shift_wr__data;
@@ -705,12 +686,19 @@ module encoder_layer_0_intermediate_dense(m, a_wr__en, a_wr__addr, a_wr__data, w
   reg tcnt_ok = 1'h0;
   reg [13:0] tile_base = 14'h0000;
   wire tile_end;
-  reg v_q0 = 1'h0;
-  reg v_q1 = 1'h0;
+  reg v_q_d0 = 1'h0;
+  reg v_q_d1 = 1'h0;
   (* init = 1'h0 *)
-  wire v_q2;
-  reg v_w0 = 1'h0;
-  reg v_w1 = 1'h0;
+  wire v_q_d2;
+  reg v_w_d0 = 1'h0;
+  reg v_w_d1 = 1'h0;
+  reg valid_d0 = 1'h0;
+  reg valid_d1 = 1'h0;
+  reg valid_d2 = 1'h0;
+  reg valid_d3 = 1'h0;
+  reg valid_d4 = 1'h0;
+  (* init = 1'h0 *)
+  wire valid_d5;
   input [15:0] w_wr__addr;
   wire [15:0] w_wr__addr;
   input [127:0] w_wr__data;
@@ -832,6 +820,12 @@ module encoder_layer_0_intermediate_dense(m, a_wr__en, a_wr__addr, a_wr__data, w
   wire \wr__en$38 ;
   reg \wr__en$82  = 1'h0;
   wire [3:0] wr_idx;
+  reg zero_d0 = 1'h0;
+  reg zero_d1 = 1'h0;
+  reg zero_d2 = 1'h0;
+  reg zero_d3 = 1'h0;
+  reg zero_d4 = 1'h0;
+  reg zero_d5 = 1'h0;
   assign \$1  = ~ done;
   assign busy = \busy$42  & \$1 ;
   assign \$2  = ~ busy;
@@ -862,38 +856,38 @@ module encoder_layer_0_intermediate_dense(m, a_wr__en, a_wr__addr, a_wr__data, w
   assign \$17  = a_base + ent_q0[8:0];
   assign \$18  = \$17  + kk;
   assign \$19  = ent_q0[24:9] + kk;
-  assign \$20  = s6_zero ? 8'h00 : \rd__data$74 [7:0];
-  assign \$21  = s6_zero ? 8'h00 : \rd__data$74 [15:8];
-  assign \$22  = s6_zero ? 8'h00 : \rd__data$74 [23:16];
-  assign \$23  = s6_zero ? 8'h00 : \rd__data$74 [31:24];
-  assign \$24  = s6_zero ? 8'h00 : \rd__data$74 [39:32];
-  assign \$25  = s6_zero ? 8'h00 : \rd__data$74 [47:40];
-  assign \$26  = s6_zero ? 8'h00 : \rd__data$74 [55:48];
-  assign \$27  = s6_zero ? 8'h00 : \rd__data$74 [63:56];
-  assign \$28  = s6_zero ? 8'h00 : \rd__data$74 [71:64];
-  assign \$29  = s6_zero ? 8'h00 : \rd__data$74 [79:72];
-  assign \$30  = s6_zero ? 8'h00 : \rd__data$74 [87:80];
-  assign \$31  = s6_zero ? 8'h00 : \rd__data$74 [95:88];
-  assign \$32  = s6_zero ? 8'h00 : \rd__data$74 [103:96];
-  assign \$33  = s6_zero ? 8'h00 : \rd__data$74 [111:104];
-  assign \$34  = s6_zero ? 8'h00 : \rd__data$74 [119:112];
-  assign \$35  = s6_zero ? 8'h00 : \rd__data$74 [127:120];
-  assign \$36  = s6_zero ? 8'h00 : \rd__data$75 [7:0];
-  assign \$37  = s6_zero ? 8'h00 : \rd__data$75 [15:8];
-  assign \$38  = s6_zero ? 8'h00 : \rd__data$75 [23:16];
-  assign \$39  = s6_zero ? 8'h00 : \rd__data$75 [31:24];
-  assign \$40  = s6_zero ? 8'h00 : \rd__data$75 [39:32];
-  assign \$41  = s6_zero ? 8'h00 : \rd__data$75 [47:40];
-  assign \$42  = s6_zero ? 8'h00 : \rd__data$75 [55:48];
-  assign \$43  = s6_zero ? 8'h00 : \rd__data$75 [63:56];
-  assign \$44  = s6_zero ? 8'h00 : \rd__data$75 [71:64];
-  assign \$45  = s6_zero ? 8'h00 : \rd__data$75 [79:72];
-  assign \$46  = s6_zero ? 8'h00 : \rd__data$75 [87:80];
-  assign \$47  = s6_zero ? 8'h00 : \rd__data$75 [95:88];
-  assign \$48  = s6_zero ? 8'h00 : \rd__data$75 [103:96];
-  assign \$49  = s6_zero ? 8'h00 : \rd__data$75 [111:104];
-  assign \$50  = s6_zero ? 8'h00 : \rd__data$75 [119:112];
-  assign \$51  = s6_zero ? 8'h00 : \rd__data$75 [127:120];
+  assign \$20  = zero_d5 ? 8'h00 : \rd__data$74 [7:0];
+  assign \$21  = zero_d5 ? 8'h00 : \rd__data$74 [15:8];
+  assign \$22  = zero_d5 ? 8'h00 : \rd__data$74 [23:16];
+  assign \$23  = zero_d5 ? 8'h00 : \rd__data$74 [31:24];
+  assign \$24  = zero_d5 ? 8'h00 : \rd__data$74 [39:32];
+  assign \$25  = zero_d5 ? 8'h00 : \rd__data$74 [47:40];
+  assign \$26  = zero_d5 ? 8'h00 : \rd__data$74 [55:48];
+  assign \$27  = zero_d5 ? 8'h00 : \rd__data$74 [63:56];
+  assign \$28  = zero_d5 ? 8'h00 : \rd__data$74 [71:64];
+  assign \$29  = zero_d5 ? 8'h00 : \rd__data$74 [79:72];
+  assign \$30  = zero_d5 ? 8'h00 : \rd__data$74 [87:80];
+  assign \$31  = zero_d5 ? 8'h00 : \rd__data$74 [95:88];
+  assign \$32  = zero_d5 ? 8'h00 : \rd__data$74 [103:96];
+  assign \$33  = zero_d5 ? 8'h00 : \rd__data$74 [111:104];
+  assign \$34  = zero_d5 ? 8'h00 : \rd__data$74 [119:112];
+  assign \$35  = zero_d5 ? 8'h00 : \rd__data$74 [127:120];
+  assign \$36  = zero_d5 ? 8'h00 : \rd__data$75 [7:0];
+  assign \$37  = zero_d5 ? 8'h00 : \rd__data$75 [15:8];
+  assign \$38  = zero_d5 ? 8'h00 : \rd__data$75 [23:16];
+  assign \$39  = zero_d5 ? 8'h00 : \rd__data$75 [31:24];
+  assign \$40  = zero_d5 ? 8'h00 : \rd__data$75 [39:32];
+  assign \$41  = zero_d5 ? 8'h00 : \rd__data$75 [47:40];
+  assign \$42  = zero_d5 ? 8'h00 : \rd__data$75 [55:48];
+  assign \$43  = zero_d5 ? 8'h00 : \rd__data$75 [63:56];
+  assign \$44  = zero_d5 ? 8'h00 : \rd__data$75 [71:64];
+  assign \$45  = zero_d5 ? 8'h00 : \rd__data$75 [79:72];
+  assign \$46  = zero_d5 ? 8'h00 : \rd__data$75 [87:80];
+  assign \$47  = zero_d5 ? 8'h00 : \rd__data$75 [95:88];
+  assign \$48  = zero_d5 ? 8'h00 : \rd__data$75 [103:96];
+  assign \$49  = zero_d5 ? 8'h00 : \rd__data$75 [111:104];
+  assign \$50  = zero_d5 ? 8'h00 : \rd__data$75 [119:112];
+  assign \$51  = zero_d5 ? 8'h00 : \rd__data$75 [127:120];
   assign \$52  = \rd__addr$76  == 7'h5f;
   assign \$53  = o__payload[388] & \$52 ;
   assign fin = \$53  & out_last;
@@ -934,233 +928,227 @@ module encoder_layer_0_intermediate_dense(m, a_wr__en, a_wr__addr, a_wr__data, w
   assign \$88  = ~ \real ;
   assign \$89  = o__valid & o__payload[388];
   assign \$90  = \rd__addr$76  == 7'h5f;
-  assign \$91  = out_r0 + 5'h10;
-  assign \$92  = out_left - 5'h10;
-  assign \$93  = out_left <= 6'h20;
-  assign \$94  = tile_base + 11'h5a1;
-  assign \$95  = \rd__addr$76  + 1'h1;
-  assign \$96  = tile_base + 1'h1;
-  assign \$97  = o__valid & fin;
-  assign \$98  = out_r0 + o__payload[387:384];
-  assign \$99  = ! o__payload[387:384];
-  assign \$100  = addr1 + 7'h60;
-  assign \$101  = \$99  ? { 1'h0, tile_base } : \$100 ;
-  assign \$102  = g1 < m_reg;
-  assign \$103  = \$signal  & \$102 ;
-  assign \$104  = $signed(acc_w1[23:0]) + $signed(\rd__data$158 [14:0]);
-  assign \$105  = $signed(acc_w1[47:24]) + $signed(\rd__data$158 [29:15]);
-  assign \$106  = $signed(acc_w1[71:48]) + $signed(\rd__data$158 [44:30]);
-  assign \$107  = $signed(acc_w1[95:72]) + $signed(\rd__data$158 [59:45]);
-  assign \$108  = $signed(acc_w1[119:96]) + $signed(\rd__data$158 [74:60]);
-  assign \$109  = $signed(acc_w1[143:120]) + $signed(\rd__data$158 [89:75]);
-  assign \$110  = $signed(acc_w1[167:144]) + $signed(\rd__data$158 [104:90]);
-  assign \$111  = $signed(acc_w1[191:168]) + $signed(\rd__data$158 [119:105]);
-  assign \$112  = $signed(acc_w1[215:192]) + $signed(\rd__data$158 [134:120]);
-  assign \$113  = $signed(acc_w1[239:216]) + $signed(\rd__data$158 [149:135]);
-  assign \$114  = $signed(acc_w1[263:240]) + $signed(\rd__data$158 [164:150]);
-  assign \$115  = $signed(acc_w1[287:264]) + $signed(\rd__data$158 [179:165]);
-  assign \$116  = $signed(acc_w1[311:288]) + $signed(\rd__data$158 [194:180]);
-  assign \$117  = $signed(acc_w1[335:312]) + $signed(\rd__data$158 [209:195]);
-  assign \$118  = $signed(acc_w1[359:336]) + $signed(\rd__data$158 [224:210]);
-  assign \$119  = $signed(acc_w1[383:360]) + $signed(\rd__data$158 [239:225]);
-  assign \$120  = m <= 5'h10;
-  assign \$121  = m <= 5'h10;
+  assign \$91  = out_left - 5'h10;
+  assign \$92  = out_left <= 6'h20;
+  assign \$93  = tile_base + 11'h5a1;
+  assign \$94  = \rd__addr$76  + 1'h1;
+  assign \$95  = tile_base + 1'h1;
+  assign \$96  = o__valid & fin;
+  assign \$97  = o__payload[387:384] < out_left;
+  assign \$98  = ! o__payload[387:384];
+  assign \$99  = addr1 + 7'h60;
+  assign \$100  = \$98  ? { 1'h0, tile_base } : \$99 ;
+  assign \$101  = \$signal  & ok1;
+  assign \$102  = $signed(acc_w_d1[23:0]) + $signed(\rd__data$156 [14:0]);
+  assign \$103  = $signed(acc_w_d1[47:24]) + $signed(\rd__data$156 [29:15]);
+  assign \$104  = $signed(acc_w_d1[71:48]) + $signed(\rd__data$156 [44:30]);
+  assign \$105  = $signed(acc_w_d1[95:72]) + $signed(\rd__data$156 [59:45]);
+  assign \$106  = $signed(acc_w_d1[119:96]) + $signed(\rd__data$156 [74:60]);
+  assign \$107  = $signed(acc_w_d1[143:120]) + $signed(\rd__data$156 [89:75]);
+  assign \$108  = $signed(acc_w_d1[167:144]) + $signed(\rd__data$156 [104:90]);
+  assign \$109  = $signed(acc_w_d1[191:168]) + $signed(\rd__data$156 [119:105]);
+  assign \$110  = $signed(acc_w_d1[215:192]) + $signed(\rd__data$156 [134:120]);
+  assign \$111  = $signed(acc_w_d1[239:216]) + $signed(\rd__data$156 [149:135]);
+  assign \$112  = $signed(acc_w_d1[263:240]) + $signed(\rd__data$156 [164:150]);
+  assign \$113  = $signed(acc_w_d1[287:264]) + $signed(\rd__data$156 [179:165]);
+  assign \$114  = $signed(acc_w_d1[311:288]) + $signed(\rd__data$156 [194:180]);
+  assign \$115  = $signed(acc_w_d1[335:312]) + $signed(\rd__data$156 [209:195]);
+  assign \$116  = $signed(acc_w_d1[359:336]) + $signed(\rd__data$156 [224:210]);
+  assign \$117  = $signed(acc_w_d1[383:360]) + $signed(\rd__data$156 [239:225]);
+  assign \$118  = m <= 5'h10;
+  assign \$119  = m <= 5'h10;
   always @(posedge clk)
-    fetch0 <= \$122 ;
+    fetch0 <= \$120 ;
   always @(posedge clk)
-    fetch1 <= \$123 ;
+    fetch1 <= \$121 ;
   always @(posedge clk)
-    fetch2 <= \$124 ;
+    fetch2 <= \$122 ;
   always @(posedge clk)
-    fetch3 <= \$125 ;
+    fetch3 <= \$123 ;
   always @(posedge clk)
-    fetch4 <= \$126 ;
+    fetch4 <= \$124 ;
   always @(posedge clk)
-    fetch5 <= \$127 ;
+    fetch5 <= \$125 ;
   always @(posedge clk)
-    ptr <= \$128 ;
+    ptr <= \$126 ;
   always @(posedge clk)
-    hdr0 <= \$129 ;
+    hdr0 <= \$127 ;
   always @(posedge clk)
-    hdr1 <= \$130 ;
+    hdr1 <= \$128 ;
   always @(posedge clk)
-    hdr2 <= \$131 ;
+    hdr2 <= \$129 ;
   always @(posedge clk)
-    hdr3 <= \$132 ;
+    hdr3 <= \$130 ;
   always @(posedge clk)
-    hdr4 <= \$133 ;
+    hdr4 <= \$131 ;
   always @(posedge clk)
-    hdr5 <= \$134 ;
+    hdr5 <= \$132 ;
   always @(posedge clk)
-    n_ent <= \$135 ;
+    n_ent <= \$133 ;
   always @(posedge clk)
-    fetching <= \$136 ;
+    fetching <= \$134 ;
   always @(posedge clk)
-    ent_q0 <= \$137 ;
+    ent_q0 <= \$135 ;
   always @(posedge clk)
-    ent_q1 <= \$138 ;
+    ent_q1 <= \$136 ;
   always @(posedge clk)
-    ent_q2 <= \$139 ;
+    ent_q2 <= \$137 ;
   always @(posedge clk)
-    ent_q3 <= \$140 ;
+    ent_q3 <= \$138 ;
   always @(posedge clk)
-    ent_q4 <= \$141 ;
+    ent_q4 <= \$139 ;
   always @(posedge clk)
-    ent_q5 <= \$142 ;
+    ent_q5 <= \$140 ;
   always @(posedge clk)
-    ent_q6 <= \$143 ;
+    ent_q6 <= \$141 ;
   always @(posedge clk)
-    ent_q7 <= \$144 ;
+    ent_q7 <= \$142 ;
   always @(posedge clk)
-    cnt <= \$145 ;
+    cnt <= \$143 ;
   always @(posedge clk)
-    held <= \$146 ;
+    held <= \$144 ;
   always @(posedge clk)
-    tcnt <= \$147 ;
+    tcnt <= \$145 ;
   always @(posedge clk)
-    tcnt_ok <= \$148 ;
+    tcnt_ok <= \$146 ;
   always @(posedge clk)
-    kk <= \$149 ;
+    kk <= \$147 ;
   always @(posedge clk)
-    pad <= \$150 ;
+    pad <= \$148 ;
   always @(posedge clk)
-    sweep_end <= \$151 ;
+    sweep_end <= \$149 ;
   always @(posedge clk)
-    left <= \$152 ;
+    left <= \$150 ;
   always @(posedge clk)
-    last_mt <= \$153 ;
+    last_mt <= \$151 ;
   always @(posedge clk)
-    a_base <= \$154 ;
+    a_base <= \$152 ;
   always @(posedge clk)
-    run <= \$155 ;
+    run <= \$153 ;
   always @(posedge clk)
-    s1_valid <= \$156 ;
+    valid_d0 <= \$154 ;
   always @(posedge clk)
-    s1_first <= \$157 ;
+    first_d0 <= \$155 ;
   always @(posedge clk)
-    s1_last <= \$158 ;
+    last_d0 <= \$156 ;
   always @(posedge clk)
-    s1_zero <= \$159 ;
+    zero_d0 <= \$157 ;
   always @(posedge clk)
-    s2_valid <= \$160 ;
+    valid_d1 <= \$158 ;
   always @(posedge clk)
-    s2_first <= \$161 ;
+    first_d1 <= \$159 ;
   always @(posedge clk)
-    s2_last <= \$162 ;
+    last_d1 <= \$160 ;
   always @(posedge clk)
-    s2_zero <= \$163 ;
+    zero_d1 <= \$161 ;
   always @(posedge clk)
-    s3_valid <= \$164 ;
+    valid_d2 <= \$162 ;
   always @(posedge clk)
-    s3_first <= \$165 ;
+    first_d2 <= \$163 ;
   always @(posedge clk)
-    s3_last <= \$166 ;
+    last_d2 <= \$164 ;
   always @(posedge clk)
-    s3_zero <= \$167 ;
+    zero_d2 <= \$165 ;
   always @(posedge clk)
-    s4_valid <= \$168 ;
+    valid_d3 <= \$166 ;
   always @(posedge clk)
-    s4_first <= \$169 ;
+    first_d3 <= \$167 ;
   always @(posedge clk)
-    s4_last <= \$170 ;
+    last_d3 <= \$168 ;
   always @(posedge clk)
-    s4_zero <= \$171 ;
+    zero_d3 <= \$169 ;
   always @(posedge clk)
-    s5_valid <= \$172 ;
+    valid_d4 <= \$170 ;
   always @(posedge clk)
-    s5_first <= \$173 ;
+    first_d4 <= \$171 ;
   always @(posedge clk)
-    s5_last <= \$174 ;
+    last_d4 <= \$172 ;
   always @(posedge clk)
-    s5_zero <= \$175 ;
+    zero_d4 <= \$173 ;
   always @(posedge clk)
-    i__valid <= \$176 ;
+    i__valid <= \$174 ;
   always @(posedge clk)
-    s6_first <= \$177 ;
+    first_d5 <= \$175 ;
   always @(posedge clk)
-    s6_last <= \$178 ;
+    last_d5 <= \$176 ;
   always @(posedge clk)
-    s6_zero <= \$179 ;
+    zero_d5 <= \$177 ;
   always @(posedge clk)
-    \rd__addr$76  <= \$180 ;
+    \rd__addr$76  <= \$178 ;
   always @(posedge clk)
-    out_r0 <= \$181 ;
+    out_left <= \$179 ;
   always @(posedge clk)
-    out_left <= \$182 ;
+    out_last <= \$180 ;
   always @(posedge clk)
-    out_last <= \$183 ;
+    tile_base <= \$181 ;
   always @(posedge clk)
-    tile_base <= \$184 ;
+    \$signal  <= \$182 ;
   always @(posedge clk)
-    \$signal  <= \$185 ;
+    \$signal$136  <= \$183 ;
   always @(posedge clk)
-    fin1 <= \$186 ;
+    ok1 <= \$184 ;
   always @(posedge clk)
-    g1 <= \$187 ;
+    acc1 <= \$185 ;
   always @(posedge clk)
-    acc1 <= \$188 ;
+    addr1 <= \$186 ;
   always @(posedge clk)
-    addr1 <= \$189 ;
+    \$signal$140  <= \$187 ;
   always @(posedge clk)
-    \$signal$141  <= \$190 ;
+    fin2 <= \$188 ;
   always @(posedge clk)
-    fin2 <= \$191 ;
+    addr2 <= \$189 ;
   always @(posedge clk)
-    addr2 <= \$192 ;
+    acc2 <= \$190 ;
   always @(posedge clk)
-    acc2 <= \$193 ;
+    v_w_d0 <= \$191 ;
   always @(posedge clk)
-    v_w0 <= \$194 ;
+    fin_w_d0 <= \$192 ;
   always @(posedge clk)
-    fin_w0 <= \$195 ;
+    addr_w_d0 <= \$193 ;
   always @(posedge clk)
-    addr_w0 <= \$196 ;
+    acc_w_d0 <= \$194 ;
   always @(posedge clk)
-    acc_w0 <= \$197 ;
+    v_w_d1 <= \$195 ;
   always @(posedge clk)
-    v_w1 <= \$198 ;
+    fin_w_d1 <= \$196 ;
   always @(posedge clk)
-    fin_w1 <= \$199 ;
+    addr_w_d1 <= \$197 ;
   always @(posedge clk)
-    addr_w1 <= \$200 ;
+    acc_w_d1 <= \$198 ;
   always @(posedge clk)
-    acc_w1 <= \$201 ;
+    \$signal$152  <= \$199 ;
   always @(posedge clk)
-    \$signal$154  <= \$202 ;
+    fin3 <= \$200 ;
   always @(posedge clk)
-    fin3 <= \$203 ;
+    addr3 <= \$201 ;
   always @(posedge clk)
-    addr3 <= \$204 ;
+    i <= \$202 ;
   always @(posedge clk)
-    i <= \$205 ;
+    v_q_d0 <= \$203 ;
   always @(posedge clk)
-    v_q0 <= \$206 ;
+    fin_q_d0 <= \$204 ;
   always @(posedge clk)
-    fin_q0 <= \$207 ;
+    addr_q_d0 <= \$205 ;
   always @(posedge clk)
-    addr_q0 <= \$208 ;
+    v_q_d1 <= \$206 ;
   always @(posedge clk)
-    v_q1 <= \$209 ;
+    fin_q_d1 <= \$207 ;
   always @(posedge clk)
-    fin_q1 <= \$210 ;
+    addr_q_d1 <= \$208 ;
   always @(posedge clk)
-    addr_q1 <= \$211 ;
+    \wr__en$82  <= \$209 ;
   always @(posedge clk)
-    \wr__en$82  <= \$212 ;
+    fin_q_d2 <= \$210 ;
   always @(posedge clk)
-    fin_q2 <= \$213 ;
+    \wr__addr$84  <= \$211 ;
   always @(posedge clk)
-    \wr__addr$84  <= \$214 ;
+    fin_o_d0 <= \$212 ;
   always @(posedge clk)
-    \fin_w0$167  <= \$215 ;
+    fin_o_d1 <= \$213 ;
   always @(posedge clk)
-    \fin_w1$168  <= \$216 ;
+    done <= \$214 ;
   always @(posedge clk)
-    done <= \$217 ;
-  always @(posedge clk)
-    \busy$42  <= \$218 ;
-  always @(posedge clk)
-    m_reg <= \$219 ;
+    \busy$42  <= \$215 ;
   \encoder_layer_0_intermediate_dense.mem_a  mem_a (
     .clk(clk),
     .q_d1(\rd__data$74 ),
@@ -1172,7 +1160,7 @@ module encoder_layer_0_intermediate_dense(m, a_wr__en, a_wr__addr, a_wr__data, w
   );
   \encoder_layer_0_intermediate_dense.mem_bias  mem_bias (
     .clk(clk),
-    .q(\rd__data$158 ),
+    .q(\rd__data$156 ),
     .rd__addr(\rd__addr$76 ),
     .rst(rst),
     .wr__addr(bias_wr__addr),
@@ -1200,7 +1188,7 @@ module encoder_layer_0_intermediate_dense(m, a_wr__en, a_wr__addr, a_wr__data, w
   );
   \encoder_layer_0_intermediate_dense.mem_shift  mem_shift (
     .clk(clk),
-    .q(\rd__data$159 ),
+    .q(\rd__data$157 ),
     .rd__addr(\rd__addr$76 ),
     .rst(rst),
     .wr__addr(shift_wr__addr),
@@ -1232,7 +1220,27 @@ module encoder_layer_0_intermediate_dense(m, a_wr__en, a_wr__addr, a_wr__data, w
   );
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$122  = fetch;
+    \$120  = fetch;
+    if (\start$44 ) begin
+      \$120  = 1'h0;
+    end
+    if (rst) begin
+      \$120  = 1'h0;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
+    \$121  = fetch0;
+    if (\start$44 ) begin
+      \$121  = 1'h0;
+    end
+    if (rst) begin
+      \$121  = 1'h0;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
+    \$122  = fetch1;
     if (\start$44 ) begin
       \$122  = 1'h0;
     end
@@ -1242,7 +1250,7 @@ module encoder_layer_0_intermediate_dense(m, a_wr__en, a_wr__addr, a_wr__data, w
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$123  = fetch0;
+    \$123  = fetch2;
     if (\start$44 ) begin
       \$123  = 1'h0;
     end
@@ -1252,7 +1260,7 @@ module encoder_layer_0_intermediate_dense(m, a_wr__en, a_wr__addr, a_wr__data, w
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$124  = fetch1;
+    \$124  = fetch3;
     if (\start$44 ) begin
       \$124  = 1'h0;
     end
@@ -1262,7 +1270,7 @@ module encoder_layer_0_intermediate_dense(m, a_wr__en, a_wr__addr, a_wr__data, w
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$125  = fetch2;
+    \$125  = fetch4;
     if (\start$44 ) begin
       \$125  = 1'h0;
     end
@@ -1272,109 +1280,113 @@ module encoder_layer_0_intermediate_dense(m, a_wr__en, a_wr__addr, a_wr__data, w
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$126  = fetch3;
-    if (\start$44 ) begin
-      \$126  = 1'h0;
-    end
-    if (rst) begin
-      \$126  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$127  = fetch4;
-    if (\start$44 ) begin
-      \$127  = 1'h0;
-    end
-    if (rst) begin
-      \$127  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$128  = ptr;
+    \$126  = ptr;
     if (fetch) begin
-      \$128  = \$56 [11:0];
+      \$126  = \$56 [11:0];
     end
     if (\start$44 ) begin
-      \$128  = 12'h001;
+      \$126  = 12'h001;
     end
     if (rst) begin
-      \$128  = 12'h000;
+      \$126  = 12'h000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$129  = \start$44 ;
+    \$127  = \start$44 ;
+    if (rst) begin
+      \$127  = 1'h0;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
+    \$128  = hdr0;
+    if (rst) begin
+      \$128  = 1'h0;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
+    \$129  = hdr1;
     if (rst) begin
       \$129  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$130  = hdr0;
+    \$130  = hdr2;
     if (rst) begin
       \$130  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$131  = hdr1;
+    \$131  = hdr3;
     if (rst) begin
       \$131  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$132  = hdr2;
+    \$132  = hdr4;
     if (rst) begin
       \$132  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$133  = hdr3;
+    \$133  = n_ent;
+    if (hdr5) begin
+      \$133  = \rd__data$101 [11:0];
+    end
     if (rst) begin
-      \$133  = 1'h0;
+      \$133  = 12'h000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$134  = hdr4;
+    \$134  = fetching;
+    if (hdr5) begin
+      \$134  = 1'h1;
+    end
+    if (\start$44 ) begin
+      \$134  = 1'h0;
+    end
     if (rst) begin
       \$134  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$135  = n_ent;
-    if (hdr5) begin
-      \$135  = \rd__data$101 [11:0];
-    end
-    if (rst) begin
-      \$135  = 12'h000;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$136  = fetching;
-    if (hdr5) begin
-      \$136  = 1'h1;
-    end
-    if (\start$44 ) begin
-      \$136  = 1'h0;
-    end
-    if (rst) begin
-      \$136  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$137  = ent_q0;
+    \$135  = ent_q0;
     if (\$58 ) begin
+      \$135  = \rd__data$101 ;
+    end else if (pop) begin
+      \$135  = ent_q1;
+    end
+    if (rst) begin
+      \$135  = 32'd0;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
+    \$136  = ent_q1;
+    if (\$60 ) begin
+      \$136  = \rd__data$101 ;
+    end else if (pop) begin
+      \$136  = ent_q2;
+    end
+    if (rst) begin
+      \$136  = 32'd0;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
+    \$137  = ent_q2;
+    if (\$62 ) begin
       \$137  = \rd__data$101 ;
     end else if (pop) begin
-      \$137  = ent_q1;
+      \$137  = ent_q3;
     end
     if (rst) begin
       \$137  = 32'd0;
@@ -1382,11 +1394,11 @@ module encoder_layer_0_intermediate_dense(m, a_wr__en, a_wr__addr, a_wr__data, w
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$138  = ent_q1;
-    if (\$60 ) begin
+    \$138  = ent_q3;
+    if (\$64 ) begin
       \$138  = \rd__data$101 ;
     end else if (pop) begin
-      \$138  = ent_q2;
+      \$138  = ent_q4;
     end
     if (rst) begin
       \$138  = 32'd0;
@@ -1394,11 +1406,11 @@ module encoder_layer_0_intermediate_dense(m, a_wr__en, a_wr__addr, a_wr__data, w
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$139  = ent_q2;
-    if (\$62 ) begin
+    \$139  = ent_q4;
+    if (\$66 ) begin
       \$139  = \rd__data$101 ;
     end else if (pop) begin
-      \$139  = ent_q3;
+      \$139  = ent_q5;
     end
     if (rst) begin
       \$139  = 32'd0;
@@ -1406,11 +1418,11 @@ module encoder_layer_0_intermediate_dense(m, a_wr__en, a_wr__addr, a_wr__data, w
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$140  = ent_q3;
-    if (\$64 ) begin
+    \$140  = ent_q5;
+    if (\$68 ) begin
       \$140  = \rd__data$101 ;
     end else if (pop) begin
-      \$140  = ent_q4;
+      \$140  = ent_q6;
     end
     if (rst) begin
       \$140  = 32'd0;
@@ -1418,11 +1430,11 @@ module encoder_layer_0_intermediate_dense(m, a_wr__en, a_wr__addr, a_wr__data, w
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$141  = ent_q4;
-    if (\$66 ) begin
+    \$141  = ent_q6;
+    if (\$70 ) begin
       \$141  = \rd__data$101 ;
     end else if (pop) begin
-      \$141  = ent_q5;
+      \$141  = ent_q7;
     end
     if (rst) begin
       \$141  = 32'd0;
@@ -1430,11 +1442,11 @@ module encoder_layer_0_intermediate_dense(m, a_wr__en, a_wr__addr, a_wr__data, w
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$142  = ent_q5;
-    if (\$68 ) begin
+    \$142  = ent_q7;
+    if (\$72 ) begin
       \$142  = \rd__data$101 ;
     end else if (pop) begin
-      \$142  = ent_q6;
+      \$142  = 32'd0;
     end
     if (rst) begin
       \$142  = 32'd0;
@@ -1442,73 +1454,86 @@ module encoder_layer_0_intermediate_dense(m, a_wr__en, a_wr__addr, a_wr__data, w
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$143  = ent_q6;
-    if (\$70 ) begin
-      \$143  = \rd__data$101 ;
-    end else if (pop) begin
-      \$143  = ent_q7;
-    end
-    if (rst) begin
-      \$143  = 32'd0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$144  = ent_q7;
-    if (\$72 ) begin
-      \$144  = \rd__data$101 ;
-    end else if (pop) begin
-      \$144  = 32'd0;
-    end
-    if (rst) begin
-      \$144  = 32'd0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$145  = \$74 [3:0];
+    \$143  = \$74 [3:0];
     if (\start$44 ) begin
-      \$145  = 4'h0;
+      \$143  = 4'h0;
     end
     if (rst) begin
-      \$145  = 4'h0;
+      \$143  = 4'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$146  = \$76 [3:0];
+    \$144  = \$76 [3:0];
     if (\start$44 ) begin
-      \$146  = 4'h0;
+      \$144  = 4'h0;
     end
     if (rst) begin
-      \$146  = 4'h0;
+      \$144  = 4'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$147  = tcnt;
+    \$145  = tcnt;
     if (go) begin
       if (tile_end) begin
-        \$147  = 5'h00;
+        \$145  = 5'h00;
       end else if (\$77 ) begin
-        \$147  = \$78 [4:0];
+        \$145  = \$78 [4:0];
       end
     end
     if (\start$44 ) begin
-      \$147  = 5'h00;
+      \$145  = 5'h00;
     end
     if (rst) begin
-      \$147  = 5'h00;
+      \$145  = 5'h00;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$148  = tcnt_ok;
+    \$146  = tcnt_ok;
     if (go) begin
+      if (tile_end) begin
+        \$146  = 1'h0;
+      end else if (\$77 ) begin
+        \$146  = \$80 ;
+      end
+    end
+    if (\start$44 ) begin
+      \$146  = 1'h0;
+    end
+    if (rst) begin
+      \$146  = 1'h0;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
+    \$147  = kk;
+    if (go) begin
+      if (entry_end) begin
+        \$147  = 4'h0;
+      end else if (\real ) begin
+        \$147  = \$83 [3:0];
+      end
+    end
+    if (\start$44 ) begin
+      \$147  = 4'h0;
+    end
+    if (rst) begin
+      \$147  = 4'h0;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
+    \$148  = pad;
+    if (go) begin
+      if (entry_end) begin
+        if (\$82 ) begin
+          \$148  = 1'h1;
+        end
+      end
       if (tile_end) begin
         \$148  = 1'h0;
-      end else if (\$77 ) begin
-        \$148  = \$80 ;
       end
     end
     if (\start$44 ) begin
@@ -1520,50 +1545,47 @@ module encoder_layer_0_intermediate_dense(m, a_wr__en, a_wr__addr, a_wr__data, w
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$149  = kk;
-    if (go) begin
-      if (entry_end) begin
-        \$149  = 4'h0;
-      end else if (\real ) begin
-        \$149  = \$83 [3:0];
-      end
-    end
-    if (\start$44 ) begin
-      \$149  = 4'h0;
-    end
-    if (rst) begin
-      \$149  = 4'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$150  = pad;
+    \$149  = sweep_end;
     if (go) begin
       if (entry_end) begin
         if (\$82 ) begin
-          \$150  = 1'h1;
+          \$149  = ent_q0[31];
         end
       end
+    end
+    if (rst) begin
+      \$149  = 1'h0;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
+    \$150  = left;
+    if (go) begin
       if (tile_end) begin
-        \$150  = 1'h0;
+        if (list_end) begin
+          \$150  = \$84 [7:0];
+        end
       end
     end
     if (\start$44 ) begin
-      \$150  = 1'h0;
+      \$150  = m;
     end
     if (rst) begin
-      \$150  = 1'h0;
+      \$150  = 8'h00;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$151  = sweep_end;
+    \$151  = last_mt;
     if (go) begin
-      if (entry_end) begin
-        if (\$82 ) begin
-          \$151  = ent_q0[31];
+      if (tile_end) begin
+        if (list_end) begin
+          \$151  = \$85 ;
         end
       end
+    end
+    if (\start$44 ) begin
+      \$151  = \$118 ;
     end
     if (rst) begin
       \$151  = 1'h0;
@@ -1571,33 +1593,35 @@ module encoder_layer_0_intermediate_dense(m, a_wr__en, a_wr__addr, a_wr__data, w
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$152  = left;
+    \$152  = a_base;
     if (go) begin
       if (tile_end) begin
         if (list_end) begin
-          \$152  = \$84 [7:0];
+          \$152  = \$86 [11:0];
         end
       end
     end
     if (\start$44 ) begin
-      \$152  = m;
+      \$152  = 12'h000;
     end
     if (rst) begin
-      \$152  = 8'h00;
+      \$152  = 12'h000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$153  = last_mt;
+    \$153  = run;
     if (go) begin
       if (tile_end) begin
         if (list_end) begin
-          \$153  = \$85 ;
+          if (last_mt) begin
+            \$153  = 1'h0;
+          end
         end
       end
     end
     if (\start$44 ) begin
-      \$153  = \$120 ;
+      \$153  = 1'h1;
     end
     if (rst) begin
       \$153  = 1'h0;
@@ -1605,575 +1629,514 @@ module encoder_layer_0_intermediate_dense(m, a_wr__en, a_wr__addr, a_wr__data, w
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$154  = a_base;
-    if (go) begin
-      if (tile_end) begin
-        if (list_end) begin
-          \$154  = \$86 [11:0];
-        end
-      end
-    end
-    if (\start$44 ) begin
-      \$154  = 12'h000;
-    end
+    \$154  = go;
     if (rst) begin
-      \$154  = 12'h000;
+      \$154  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$155  = run;
-    if (go) begin
-      if (tile_end) begin
-        if (list_end) begin
-          if (last_mt) begin
-            \$155  = 1'h0;
-          end
-        end
-      end
-    end
-    if (\start$44 ) begin
-      \$155  = 1'h1;
-    end
+    \$155  = \$87 ;
     if (rst) begin
       \$155  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$156  = go;
+    \$156  = tile_end;
     if (rst) begin
       \$156  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$157  = \$87 ;
+    \$157  = \$88 ;
     if (rst) begin
       \$157  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$158  = tile_end;
+    \$158  = valid_d0;
     if (rst) begin
       \$158  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$159  = \$88 ;
+    \$159  = first_d0;
     if (rst) begin
       \$159  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$160  = s1_valid;
+    \$160  = last_d0;
     if (rst) begin
       \$160  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$161  = s1_first;
+    \$161  = zero_d0;
     if (rst) begin
       \$161  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$162  = s1_last;
+    \$162  = valid_d1;
     if (rst) begin
       \$162  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$163  = s1_zero;
+    \$163  = first_d1;
     if (rst) begin
       \$163  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$164  = s2_valid;
+    \$164  = last_d1;
     if (rst) begin
       \$164  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$165  = s2_first;
+    \$165  = zero_d1;
     if (rst) begin
       \$165  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$166  = s2_last;
+    \$166  = valid_d2;
     if (rst) begin
       \$166  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$167  = s2_zero;
+    \$167  = first_d2;
     if (rst) begin
       \$167  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$168  = s3_valid;
+    \$168  = last_d2;
     if (rst) begin
       \$168  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$169  = s3_first;
+    \$169  = zero_d2;
     if (rst) begin
       \$169  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$170  = s3_last;
+    \$170  = valid_d3;
     if (rst) begin
       \$170  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$171  = s3_zero;
+    \$171  = first_d3;
     if (rst) begin
       \$171  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$172  = s4_valid;
+    \$172  = last_d3;
     if (rst) begin
       \$172  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$173  = s4_first;
+    \$173  = zero_d3;
     if (rst) begin
       \$173  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$174  = s4_last;
+    \$174  = valid_d4;
     if (rst) begin
       \$174  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$175  = s4_zero;
+    \$175  = first_d4;
     if (rst) begin
       \$175  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$176  = s5_valid;
+    \$176  = last_d4;
     if (rst) begin
       \$176  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$177  = s5_first;
+    \$177  = zero_d4;
     if (rst) begin
       \$177  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$178  = s5_last;
-    if (rst) begin
-      \$178  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$179  = s5_zero;
-    if (rst) begin
-      \$179  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$180  = \rd__addr$76 ;
+    \$178  = \rd__addr$76 ;
     if (\$89 ) begin
       (* full_case = 32'd1 *)
       if (\$90 ) begin
-        \$180  = 7'h00;
+        \$178  = 7'h00;
       end else begin
-        \$180  = \$95 [6:0];
+        \$178  = \$94 [6:0];
       end
     end
     if (\start$44 ) begin
-      \$180  = 7'h00;
+      \$178  = 7'h00;
     end
     if (rst) begin
-      \$180  = 7'h00;
+      \$178  = 7'h00;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$181  = out_r0;
+    \$179  = out_left;
     if (\$89 ) begin
       if (\$90 ) begin
-        \$181  = \$91 [7:0];
+        \$179  = \$91 [7:0];
       end
     end
     if (\start$44 ) begin
-      \$181  = 8'h00;
+      \$179  = m;
     end
     if (rst) begin
-      \$181  = 8'h00;
+      \$179  = 8'h00;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$182  = out_left;
+    \$180  = out_last;
     if (\$89 ) begin
       if (\$90 ) begin
-        \$182  = \$92 [7:0];
+        \$180  = \$92 ;
       end
     end
     if (\start$44 ) begin
-      \$182  = m;
+      \$180  = \$119 ;
     end
     if (rst) begin
-      \$182  = 8'h00;
+      \$180  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$183  = out_last;
+    \$181  = tile_base;
     if (\$89 ) begin
+      (* full_case = 32'd1 *)
       if (\$90 ) begin
-        \$183  = \$93 ;
+        \$181  = \$93 [13:0];
+      end else begin
+        \$181  = \$95 [13:0];
       end
     end
     if (\start$44 ) begin
-      \$183  = \$121 ;
+      \$181  = 14'h0000;
     end
+    if (rst) begin
+      \$181  = 14'h0000;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
+    \$182  = o__valid;
+    if (rst) begin
+      \$182  = 1'h0;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
+    \$183  = \$96 ;
     if (rst) begin
       \$183  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$184  = tile_base;
-    if (\$89 ) begin
-      (* full_case = 32'd1 *)
-      if (\$90 ) begin
-        \$184  = \$94 [13:0];
-      end else begin
-        \$184  = \$96 [13:0];
-      end
-    end
-    if (\start$44 ) begin
-      \$184  = 14'h0000;
-    end
+    \$184  = \$97 ;
     if (rst) begin
-      \$184  = 14'h0000;
+      \$184  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$185  = o__valid;
+    \$185  = o__payload[383:0];
     if (rst) begin
-      \$185  = 1'h0;
+      \$185  = 384'h000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$186  = \$97 ;
+    \$186  = addr1;
+    if (o__valid) begin
+      \$186  = \$100 [13:0];
+    end
     if (rst) begin
-      \$186  = 1'h0;
+      \$186  = 14'h0000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$187  = \$98 [7:0];
+    \$187  = \$101 ;
     if (rst) begin
-      \$187  = 8'h00;
+      \$187  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$188  = o__payload[383:0];
+    \$188  = \$signal$136 ;
     if (rst) begin
-      \$188  = 384'h000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000;
+      \$188  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
     \$189  = addr1;
-    if (o__valid) begin
-      \$189  = \$101 [13:0];
-    end
     if (rst) begin
       \$189  = 14'h0000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$190  = \$103 ;
+    \$190  = acc1;
     if (rst) begin
-      \$190  = 1'h0;
+      \$190  = 384'h000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$191  = fin1;
+    \$191  = \$signal$140 ;
     if (rst) begin
       \$191  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$192  = addr1;
+    \$192  = fin2;
     if (rst) begin
-      \$192  = 14'h0000;
+      \$192  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$193  = acc1;
+    \$193  = addr2;
     if (rst) begin
-      \$193  = 384'h000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000;
+      \$193  = 14'h0000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$194  = \$signal$141 ;
+    \$194  = acc2;
     if (rst) begin
-      \$194  = 1'h0;
+      \$194  = 384'h000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$195  = fin2;
+    \$195  = v_w_d0;
     if (rst) begin
       \$195  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$196  = addr2;
+    \$196  = fin_w_d0;
     if (rst) begin
-      \$196  = 14'h0000;
+      \$196  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$197  = acc2;
+    \$197  = addr_w_d0;
     if (rst) begin
-      \$197  = 384'h000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000;
+      \$197  = 14'h0000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$198  = v_w0;
+    \$198  = acc_w_d0;
     if (rst) begin
-      \$198  = 1'h0;
+      \$198  = 384'h000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$199  = fin_w0;
+    \$199  = v_w_d1;
     if (rst) begin
       \$199  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$200  = addr_w0;
+    \$200  = fin_w_d1;
     if (rst) begin
-      \$200  = 14'h0000;
+      \$200  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$201  = acc_w0;
+    \$201  = addr_w_d1;
     if (rst) begin
-      \$201  = 384'h000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000;
+      \$201  = 14'h0000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$202  = v_w1;
+    \$202 [23:0] = \$102 [23:0];
+    \$202 [386:384] = \rd__data$157 [2:0];
+    \$202 [47:24] = \$103 [23:0];
+    \$202 [389:387] = \rd__data$157 [5:3];
+    \$202 [71:48] = \$104 [23:0];
+    \$202 [392:390] = \rd__data$157 [8:6];
+    \$202 [95:72] = \$105 [23:0];
+    \$202 [395:393] = \rd__data$157 [11:9];
+    \$202 [119:96] = \$106 [23:0];
+    \$202 [398:396] = \rd__data$157 [14:12];
+    \$202 [143:120] = \$107 [23:0];
+    \$202 [401:399] = \rd__data$157 [17:15];
+    \$202 [167:144] = \$108 [23:0];
+    \$202 [404:402] = \rd__data$157 [20:18];
+    \$202 [191:168] = \$109 [23:0];
+    \$202 [407:405] = \rd__data$157 [23:21];
+    \$202 [215:192] = \$110 [23:0];
+    \$202 [410:408] = \rd__data$157 [26:24];
+    \$202 [239:216] = \$111 [23:0];
+    \$202 [413:411] = \rd__data$157 [29:27];
+    \$202 [263:240] = \$112 [23:0];
+    \$202 [416:414] = \rd__data$157 [32:30];
+    \$202 [287:264] = \$113 [23:0];
+    \$202 [419:417] = \rd__data$157 [35:33];
+    \$202 [311:288] = \$114 [23:0];
+    \$202 [422:420] = \rd__data$157 [38:36];
+    \$202 [335:312] = \$115 [23:0];
+    \$202 [425:423] = \rd__data$157 [41:39];
+    \$202 [359:336] = \$116 [23:0];
+    \$202 [428:426] = \rd__data$157 [44:42];
+    \$202 [383:360] = \$117 [23:0];
+    \$202 [431:429] = \rd__data$157 [47:45];
     if (rst) begin
-      \$202  = 1'h0;
+      \$202  = 432'h000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$203  = fin_w1;
+    \$203  = \$signal$152 ;
     if (rst) begin
       \$203  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$204  = addr_w1;
+    \$204  = fin3;
     if (rst) begin
-      \$204  = 14'h0000;
+      \$204  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$205 [23:0] = \$104 [23:0];
-    \$205 [386:384] = \rd__data$159 [2:0];
-    \$205 [47:24] = \$105 [23:0];
-    \$205 [389:387] = \rd__data$159 [5:3];
-    \$205 [71:48] = \$106 [23:0];
-    \$205 [392:390] = \rd__data$159 [8:6];
-    \$205 [95:72] = \$107 [23:0];
-    \$205 [395:393] = \rd__data$159 [11:9];
-    \$205 [119:96] = \$108 [23:0];
-    \$205 [398:396] = \rd__data$159 [14:12];
-    \$205 [143:120] = \$109 [23:0];
-    \$205 [401:399] = \rd__data$159 [17:15];
-    \$205 [167:144] = \$110 [23:0];
-    \$205 [404:402] = \rd__data$159 [20:18];
-    \$205 [191:168] = \$111 [23:0];
-    \$205 [407:405] = \rd__data$159 [23:21];
-    \$205 [215:192] = \$112 [23:0];
-    \$205 [410:408] = \rd__data$159 [26:24];
-    \$205 [239:216] = \$113 [23:0];
-    \$205 [413:411] = \rd__data$159 [29:27];
-    \$205 [263:240] = \$114 [23:0];
-    \$205 [416:414] = \rd__data$159 [32:30];
-    \$205 [287:264] = \$115 [23:0];
-    \$205 [419:417] = \rd__data$159 [35:33];
-    \$205 [311:288] = \$116 [23:0];
-    \$205 [422:420] = \rd__data$159 [38:36];
-    \$205 [335:312] = \$117 [23:0];
-    \$205 [425:423] = \rd__data$159 [41:39];
-    \$205 [359:336] = \$118 [23:0];
-    \$205 [428:426] = \rd__data$159 [44:42];
-    \$205 [383:360] = \$119 [23:0];
-    \$205 [431:429] = \rd__data$159 [47:45];
+    \$205  = addr3;
     if (rst) begin
-      \$205  = 432'h000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000;
+      \$205  = 14'h0000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$206  = \$signal$154 ;
+    \$206  = v_q_d0;
     if (rst) begin
       \$206  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$207  = fin3;
+    \$207  = fin_q_d0;
     if (rst) begin
       \$207  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$208  = addr3;
+    \$208  = addr_q_d0;
     if (rst) begin
       \$208  = 14'h0000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$209  = v_q0;
+    \$209  = v_q_d1;
     if (rst) begin
       \$209  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$210  = fin_q0;
+    \$210  = fin_q_d1;
     if (rst) begin
       \$210  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$211  = addr_q0;
+    \$211  = addr_q_d1;
     if (rst) begin
       \$211  = 14'h0000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$212  = v_q1;
+    \$212  = fin_q_d2;
     if (rst) begin
       \$212  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$213  = fin_q1;
+    \$213  = fin_o_d0;
     if (rst) begin
       \$213  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$214  = addr_q1;
+    \$214  = fin_o_d1;
     if (rst) begin
-      \$214  = 14'h0000;
+      \$214  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$215  = fin_q2;
-    if (rst) begin
+    \$215  = \busy$42 ;
+    if (done) begin
       \$215  = 1'h0;
     end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$216  = \fin_w0$167 ;
-    if (rst) begin
-      \$216  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$217  = \fin_w1$168 ;
-    if (rst) begin
-      \$217  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$218  = \busy$42 ;
-    if (done) begin
-      \$218  = 1'h0;
-    end
     if (\start$44 ) begin
-      \$218  = 1'h1;
+      \$215  = 1'h1;
     end
     if (rst) begin
-      \$218  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$219  = m_reg;
-    if (\start$44 ) begin
-      \$219  = m;
-    end
-    if (rst) begin
-      \$219  = 8'h00;
+      \$215  = 1'h0;
     end
   end
   assign wr__addr = a_wr__addr;
@@ -2198,11 +2161,11 @@ module encoder_layer_0_intermediate_dense(m, a_wr__en, a_wr__addr, a_wr__data, w
   assign wr_idx = \$6 [3:0];
   assign \rd__addr$65  = \$18 [11:0];
   assign \rd__addr$67  = \$19 [15:0];
-  assign s6_valid = i__valid;
+  assign valid_d5 = i__valid;
   assign out_nt = \rd__addr$76 ;
   assign \rd__addr$78  = \rd__addr$76 ;
-  assign v_q2 = \wr__en$82 ;
-  assign addr_q2 = \wr__addr$84 ;
+  assign v_q_d2 = \wr__en$82 ;
+  assign addr_q_d2 = \wr__addr$84 ;
   assign o = \wr__data$86 ;
   assign \a_wr__data[0]  = a_wr__data[7:0];
   assign \a_wr__data[1]  = a_wr__data[15:8];
@@ -2515,38 +2478,38 @@ module encoder_layer_0_intermediate_dense(m, a_wr__en, a_wr__addr, a_wr__data, w
   assign \acc2[13]  = acc2[335:312];
   assign \acc2[14]  = acc2[359:336];
   assign \acc2[15]  = acc2[383:360];
-  assign \acc_w0[0]  = acc_w0[23:0];
-  assign \acc_w0[1]  = acc_w0[47:24];
-  assign \acc_w0[2]  = acc_w0[71:48];
-  assign \acc_w0[3]  = acc_w0[95:72];
-  assign \acc_w0[4]  = acc_w0[119:96];
-  assign \acc_w0[5]  = acc_w0[143:120];
-  assign \acc_w0[6]  = acc_w0[167:144];
-  assign \acc_w0[7]  = acc_w0[191:168];
-  assign \acc_w0[8]  = acc_w0[215:192];
-  assign \acc_w0[9]  = acc_w0[239:216];
-  assign \acc_w0[10]  = acc_w0[263:240];
-  assign \acc_w0[11]  = acc_w0[287:264];
-  assign \acc_w0[12]  = acc_w0[311:288];
-  assign \acc_w0[13]  = acc_w0[335:312];
-  assign \acc_w0[14]  = acc_w0[359:336];
-  assign \acc_w0[15]  = acc_w0[383:360];
-  assign \acc_w1[0]  = acc_w1[23:0];
-  assign \acc_w1[1]  = acc_w1[47:24];
-  assign \acc_w1[2]  = acc_w1[71:48];
-  assign \acc_w1[3]  = acc_w1[95:72];
-  assign \acc_w1[4]  = acc_w1[119:96];
-  assign \acc_w1[5]  = acc_w1[143:120];
-  assign \acc_w1[6]  = acc_w1[167:144];
-  assign \acc_w1[7]  = acc_w1[191:168];
-  assign \acc_w1[8]  = acc_w1[215:192];
-  assign \acc_w1[9]  = acc_w1[239:216];
-  assign \acc_w1[10]  = acc_w1[263:240];
-  assign \acc_w1[11]  = acc_w1[287:264];
-  assign \acc_w1[12]  = acc_w1[311:288];
-  assign \acc_w1[13]  = acc_w1[335:312];
-  assign \acc_w1[14]  = acc_w1[359:336];
-  assign \acc_w1[15]  = acc_w1[383:360];
+  assign \acc_w_d0[0]  = acc_w_d0[23:0];
+  assign \acc_w_d0[1]  = acc_w_d0[47:24];
+  assign \acc_w_d0[2]  = acc_w_d0[71:48];
+  assign \acc_w_d0[3]  = acc_w_d0[95:72];
+  assign \acc_w_d0[4]  = acc_w_d0[119:96];
+  assign \acc_w_d0[5]  = acc_w_d0[143:120];
+  assign \acc_w_d0[6]  = acc_w_d0[167:144];
+  assign \acc_w_d0[7]  = acc_w_d0[191:168];
+  assign \acc_w_d0[8]  = acc_w_d0[215:192];
+  assign \acc_w_d0[9]  = acc_w_d0[239:216];
+  assign \acc_w_d0[10]  = acc_w_d0[263:240];
+  assign \acc_w_d0[11]  = acc_w_d0[287:264];
+  assign \acc_w_d0[12]  = acc_w_d0[311:288];
+  assign \acc_w_d0[13]  = acc_w_d0[335:312];
+  assign \acc_w_d0[14]  = acc_w_d0[359:336];
+  assign \acc_w_d0[15]  = acc_w_d0[383:360];
+  assign \acc_w_d1[0]  = acc_w_d1[23:0];
+  assign \acc_w_d1[1]  = acc_w_d1[47:24];
+  assign \acc_w_d1[2]  = acc_w_d1[71:48];
+  assign \acc_w_d1[3]  = acc_w_d1[95:72];
+  assign \acc_w_d1[4]  = acc_w_d1[119:96];
+  assign \acc_w_d1[5]  = acc_w_d1[143:120];
+  assign \acc_w_d1[6]  = acc_w_d1[167:144];
+  assign \acc_w_d1[7]  = acc_w_d1[191:168];
+  assign \acc_w_d1[8]  = acc_w_d1[215:192];
+  assign \acc_w_d1[9]  = acc_w_d1[239:216];
+  assign \acc_w_d1[10]  = acc_w_d1[263:240];
+  assign \acc_w_d1[11]  = acc_w_d1[287:264];
+  assign \acc_w_d1[12]  = acc_w_d1[311:288];
+  assign \acc_w_d1[13]  = acc_w_d1[335:312];
+  assign \acc_w_d1[14]  = acc_w_d1[359:336];
+  assign \acc_w_d1[15]  = acc_w_d1[383:360];
   assign \i.c  = i[383:0];
   assign \i.c[0]  = i[23:0];
   assign \i.c[1]  = i[47:24];
@@ -2581,38 +2544,38 @@ module encoder_layer_0_intermediate_dense(m, a_wr__en, a_wr__addr, a_wr__data, w
   assign \i.t[13]  = i[425:423];
   assign \i.t[14]  = i[428:426];
   assign \i.t[15]  = i[431:429];
-  assign \rd__data$158[0]  = \rd__data$158 [14:0];
-  assign \rd__data$158[1]  = \rd__data$158 [29:15];
-  assign \rd__data$158[2]  = \rd__data$158 [44:30];
-  assign \rd__data$158[3]  = \rd__data$158 [59:45];
-  assign \rd__data$158[4]  = \rd__data$158 [74:60];
-  assign \rd__data$158[5]  = \rd__data$158 [89:75];
-  assign \rd__data$158[6]  = \rd__data$158 [104:90];
-  assign \rd__data$158[7]  = \rd__data$158 [119:105];
-  assign \rd__data$158[8]  = \rd__data$158 [134:120];
-  assign \rd__data$158[9]  = \rd__data$158 [149:135];
-  assign \rd__data$158[10]  = \rd__data$158 [164:150];
-  assign \rd__data$158[11]  = \rd__data$158 [179:165];
-  assign \rd__data$158[12]  = \rd__data$158 [194:180];
-  assign \rd__data$158[13]  = \rd__data$158 [209:195];
-  assign \rd__data$158[14]  = \rd__data$158 [224:210];
-  assign \rd__data$158[15]  = \rd__data$158 [239:225];
-  assign \rd__data$159[0]  = \rd__data$159 [2:0];
-  assign \rd__data$159[1]  = \rd__data$159 [5:3];
-  assign \rd__data$159[2]  = \rd__data$159 [8:6];
-  assign \rd__data$159[3]  = \rd__data$159 [11:9];
-  assign \rd__data$159[4]  = \rd__data$159 [14:12];
-  assign \rd__data$159[5]  = \rd__data$159 [17:15];
-  assign \rd__data$159[6]  = \rd__data$159 [20:18];
-  assign \rd__data$159[7]  = \rd__data$159 [23:21];
-  assign \rd__data$159[8]  = \rd__data$159 [26:24];
-  assign \rd__data$159[9]  = \rd__data$159 [29:27];
-  assign \rd__data$159[10]  = \rd__data$159 [32:30];
-  assign \rd__data$159[11]  = \rd__data$159 [35:33];
-  assign \rd__data$159[12]  = \rd__data$159 [38:36];
-  assign \rd__data$159[13]  = \rd__data$159 [41:39];
-  assign \rd__data$159[14]  = \rd__data$159 [44:42];
-  assign \rd__data$159[15]  = \rd__data$159 [47:45];
+  assign \rd__data$156[0]  = \rd__data$156 [14:0];
+  assign \rd__data$156[1]  = \rd__data$156 [29:15];
+  assign \rd__data$156[2]  = \rd__data$156 [44:30];
+  assign \rd__data$156[3]  = \rd__data$156 [59:45];
+  assign \rd__data$156[4]  = \rd__data$156 [74:60];
+  assign \rd__data$156[5]  = \rd__data$156 [89:75];
+  assign \rd__data$156[6]  = \rd__data$156 [104:90];
+  assign \rd__data$156[7]  = \rd__data$156 [119:105];
+  assign \rd__data$156[8]  = \rd__data$156 [134:120];
+  assign \rd__data$156[9]  = \rd__data$156 [149:135];
+  assign \rd__data$156[10]  = \rd__data$156 [164:150];
+  assign \rd__data$156[11]  = \rd__data$156 [179:165];
+  assign \rd__data$156[12]  = \rd__data$156 [194:180];
+  assign \rd__data$156[13]  = \rd__data$156 [209:195];
+  assign \rd__data$156[14]  = \rd__data$156 [224:210];
+  assign \rd__data$156[15]  = \rd__data$156 [239:225];
+  assign \rd__data$157[0]  = \rd__data$157 [2:0];
+  assign \rd__data$157[1]  = \rd__data$157 [5:3];
+  assign \rd__data$157[2]  = \rd__data$157 [8:6];
+  assign \rd__data$157[3]  = \rd__data$157 [11:9];
+  assign \rd__data$157[4]  = \rd__data$157 [14:12];
+  assign \rd__data$157[5]  = \rd__data$157 [17:15];
+  assign \rd__data$157[6]  = \rd__data$157 [20:18];
+  assign \rd__data$157[7]  = \rd__data$157 [23:21];
+  assign \rd__data$157[8]  = \rd__data$157 [26:24];
+  assign \rd__data$157[9]  = \rd__data$157 [29:27];
+  assign \rd__data$157[10]  = \rd__data$157 [32:30];
+  assign \rd__data$157[11]  = \rd__data$157 [35:33];
+  assign \rd__data$157[12]  = \rd__data$157 [38:36];
+  assign \rd__data$157[13]  = \rd__data$157 [41:39];
+  assign \rd__data$157[14]  = \rd__data$157 [44:42];
+  assign \rd__data$157[15]  = \rd__data$157 [47:45];
   assign i__payload[255:248] = \$51 ;
   assign i__payload[247:240] = \$50 ;
   assign i__payload[239:232] = \$49 ;
@@ -2645,28 +2608,20 @@ module encoder_layer_0_intermediate_dense(m, a_wr__en, a_wr__addr, a_wr__data, w
   assign i__payload[23:16] = \$22 ;
   assign i__payload[15:8] = \$21 ;
   assign i__payload[7:0] = \$20 ;
-  assign i__payload[257] = s6_last;
-  assign i__payload[256] = s6_first;
+  assign i__payload[257] = last_d5;
+  assign i__payload[256] = first_d5;
 endmodule
 
 (* generator = "Amaranth" *)
 module \encoder_layer_0_intermediate_dense.mem_a (wr__addr, wr__data, clk, rst, rd__addr, q_d1, wr__en);
   input clk;
   wire clk;
-  reg [11:0] port0_d0 = 12'h000;
-  reg [11:0] port0_d1 = 12'h000;
-  reg [127:0] port1_d0 = 128'h00000000000000000000000000000000;
-  reg [127:0] port1_d1 = 128'h00000000000000000000000000000000;
-  reg port2_d0 = 1'h0;
-  reg port2_d1 = 1'h0;
-  reg [11:0] port3_d0 = 12'h000;
-  reg [11:0] port3_d1 = 12'h000;
-  reg port4_d0 = 1'h1;
-  reg port4_d1 = 1'h1;
   reg [127:0] q = 128'h00000000000000000000000000000000;
   reg [127:0] q_d0 = 128'h00000000000000000000000000000000;
   output [127:0] q_d1;
   reg [127:0] q_d1 = 128'h00000000000000000000000000000000;
+  reg [11:0] ra_d0 = 12'h000;
+  reg [11:0] ra_d1 = 12'h000;
   input [11:0] rd__addr;
   wire [11:0] rd__addr;
   (* init = 128'h00000000000000000000000000000000 *)
@@ -2688,6 +2643,8 @@ module \encoder_layer_0_intermediate_dense.mem_a (wr__addr, wr__data, clk, rst, 
   wire [7:0] \rd__data[8] ;
   wire [7:0] \rd__data[9] ;
   wire rd__en;
+  reg ren_d0 = 1'h1;
+  reg ren_d1 = 1'h1;
   (* init = 12'h000 *)
   wire [11:0] rp__addr;
   wire [127:0] rp__data;
@@ -2695,6 +2652,12 @@ module \encoder_layer_0_intermediate_dense.mem_a (wr__addr, wr__data, clk, rst, 
   wire rp__en;
   input rst;
   wire rst;
+  reg [11:0] wa_d0 = 12'h000;
+  reg [11:0] wa_d1 = 12'h000;
+  reg [127:0] wd_d0 = 128'h00000000000000000000000000000000;
+  reg [127:0] wd_d1 = 128'h00000000000000000000000000000000;
+  reg we_d0 = 1'h0;
+  reg we_d1 = 1'h0;
   (* init = 12'h000 *)
   wire [11:0] wp__addr;
   (* init = 128'h00000000000000000000000000000000 *)
@@ -5799,24 +5762,24 @@ module \encoder_layer_0_intermediate_dense.mem_a (wr__addr, wr__data, clk, rst, 
     mem[3071] = 128'h00000000000000000000000000000000;
   end
   always @(posedge clk) begin
-    if (port2_d1)
-      mem[port0_d1] <= port1_d1;
+    if (we_d1)
+      mem[wa_d1] <= wd_d1;
   end
   reg [127:0] _0_;
   always @(posedge clk) begin
-    if (port4_d1) begin
-      _0_ <= mem[port3_d1];
+    if (ren_d1) begin
+      _0_ <= mem[ra_d1];
     end
   end
   assign rp__data = _0_;
   always @(posedge clk)
-    port1_d1 <= port1_d0;
+    wd_d1 <= wd_d0;
   always @(posedge clk)
-    port2_d1 <= port2_d0;
+    we_d1 <= we_d0;
   always @(posedge clk)
-    port3_d1 <= port3_d0;
+    ra_d1 <= ra_d0;
   always @(posedge clk)
-    port4_d1 <= port4_d0;
+    ren_d1 <= ren_d0;
   always @(posedge clk)
     q <= rp__data;
   always @(posedge clk)
@@ -5824,23 +5787,23 @@ module \encoder_layer_0_intermediate_dense.mem_a (wr__addr, wr__data, clk, rst, 
   always @(posedge clk)
     q_d1 <= q_d0;
   always @(posedge clk)
-    port0_d0 <= wr__addr;
+    wa_d0 <= wr__addr;
   always @(posedge clk)
-    port1_d0 <= wr__data;
+    wd_d0 <= wr__data;
   always @(posedge clk)
-    port2_d0 <= wr__en;
+    we_d0 <= wr__en;
   always @(posedge clk)
-    port3_d0 <= rd__addr;
+    ra_d0 <= rd__addr;
   always @(posedge clk)
-    port4_d0 <= 1'h1;
+    ren_d0 <= 1'h1;
   always @(posedge clk)
-    port0_d1 <= port0_d0;
+    wa_d1 <= wa_d0;
   assign rd__en = 1'h1;
-  assign wp__addr = port0_d1;
-  assign wp__data = port1_d1;
-  assign wp__en = port2_d1;
-  assign rp__addr = port3_d1;
-  assign rp__en = port4_d1;
+  assign wp__addr = wa_d1;
+  assign wp__data = wd_d1;
+  assign wp__en = we_d1;
+  assign rp__addr = ra_d1;
+  assign rp__en = ren_d1;
   assign rd__data = q_d1;
   assign \wr__data[0]  = wr__data[7:0];
   assign \wr__data[1]  = wr__data[15:8];
@@ -5880,18 +5843,10 @@ endmodule
 module \encoder_layer_0_intermediate_dense.mem_bias (wr__addr, wr__data, clk, rst, rd__addr, q, wr__en);
   input clk;
   wire clk;
-  reg [6:0] port0_d0 = 7'h00;
-  reg [6:0] port0_d1 = 7'h00;
-  reg [239:0] port1_d0 = 240'h000000000000000000000000000000000000000000000000000000000000;
-  reg [239:0] port1_d1 = 240'h000000000000000000000000000000000000000000000000000000000000;
-  reg port2_d0 = 1'h0;
-  reg port2_d1 = 1'h0;
-  reg [6:0] port3_d0 = 7'h00;
-  reg [6:0] port3_d1 = 7'h00;
-  reg port4_d0 = 1'h1;
-  reg port4_d1 = 1'h1;
   output [239:0] q;
   reg [239:0] q = 240'h000000000000000000000000000000000000000000000000000000000000;
+  reg [6:0] ra_d0 = 7'h00;
+  reg [6:0] ra_d1 = 7'h00;
   input [6:0] rd__addr;
   wire [6:0] rd__addr;
   (* init = 240'h000000000000000000000000000000000000000000000000000000000000 *)
@@ -5913,6 +5868,8 @@ module \encoder_layer_0_intermediate_dense.mem_bias (wr__addr, wr__data, clk, rs
   wire [14:0] \rd__data[8] ;
   wire [14:0] \rd__data[9] ;
   wire rd__en;
+  reg ren_d0 = 1'h1;
+  reg ren_d1 = 1'h1;
   (* init = 7'h00 *)
   wire [6:0] rp__addr;
   wire [239:0] rp__data;
@@ -5920,6 +5877,12 @@ module \encoder_layer_0_intermediate_dense.mem_bias (wr__addr, wr__data, clk, rs
   wire rp__en;
   input rst;
   wire rst;
+  reg [6:0] wa_d0 = 7'h00;
+  reg [6:0] wa_d1 = 7'h00;
+  reg [239:0] wd_d0 = 240'h000000000000000000000000000000000000000000000000000000000000;
+  reg [239:0] wd_d1 = 240'h000000000000000000000000000000000000000000000000000000000000;
+  reg we_d0 = 1'h0;
+  reg we_d1 = 1'h0;
   (* init = 7'h00 *)
   wire [6:0] wp__addr;
   (* init = 240'h000000000000000000000000000000000000000000000000000000000000 *)
@@ -6048,44 +6011,44 @@ module \encoder_layer_0_intermediate_dense.mem_bias (wr__addr, wr__data, clk, rs
     mem[95] = 240'h000000000000000000000000000000000000000000000000000000000000;
   end
   always @(posedge clk) begin
-    if (port2_d1)
-      mem[port0_d1] <= port1_d1;
+    if (we_d1)
+      mem[wa_d1] <= wd_d1;
   end
   reg [239:0] _0_;
   always @(posedge clk) begin
-    if (port4_d1) begin
-      _0_ <= mem[port3_d1];
+    if (ren_d1) begin
+      _0_ <= mem[ra_d1];
     end
   end
   assign rp__data = _0_;
   always @(posedge clk)
-    port1_d1 <= port1_d0;
+    wd_d1 <= wd_d0;
   always @(posedge clk)
-    port2_d1 <= port2_d0;
+    we_d1 <= we_d0;
   always @(posedge clk)
-    port3_d1 <= port3_d0;
+    ra_d1 <= ra_d0;
   always @(posedge clk)
-    port4_d1 <= port4_d0;
+    ren_d1 <= ren_d0;
   always @(posedge clk)
     q <= rp__data;
   always @(posedge clk)
-    port0_d0 <= wr__addr;
+    wa_d0 <= wr__addr;
   always @(posedge clk)
-    port1_d0 <= wr__data;
+    wd_d0 <= wr__data;
   always @(posedge clk)
-    port2_d0 <= wr__en;
+    we_d0 <= wr__en;
   always @(posedge clk)
-    port3_d0 <= rd__addr;
+    ra_d0 <= rd__addr;
   always @(posedge clk)
-    port4_d0 <= 1'h1;
+    ren_d0 <= 1'h1;
   always @(posedge clk)
-    port0_d1 <= port0_d0;
+    wa_d1 <= wa_d0;
   assign rd__en = 1'h1;
-  assign wp__addr = port0_d1;
-  assign wp__data = port1_d1;
-  assign wp__en = port2_d1;
-  assign rp__addr = port3_d1;
-  assign rp__en = port4_d1;
+  assign wp__addr = wa_d1;
+  assign wp__data = wd_d1;
+  assign wp__en = we_d1;
+  assign rp__addr = ra_d1;
+  assign rp__en = ren_d1;
   assign rd__data = q;
   assign \wr__data[0]  = wr__data[14:0];
   assign \wr__data[1]  = wr__data[29:15];
@@ -6125,25 +6088,19 @@ endmodule
 module \encoder_layer_0_intermediate_dense.mem_ent (wr__addr, wr__data, clk, rst, rd__addr, q_d1, wr__en);
   input clk;
   wire clk;
-  reg [11:0] port0_d0 = 12'h000;
-  reg [11:0] port0_d1 = 12'h000;
-  reg [31:0] port1_d0 = 32'd0;
-  reg [31:0] port1_d1 = 32'd0;
-  reg port2_d0 = 1'h0;
-  reg port2_d1 = 1'h0;
-  reg [11:0] port3_d0 = 12'h000;
-  reg [11:0] port3_d1 = 12'h000;
-  reg port4_d0 = 1'h1;
-  reg port4_d1 = 1'h1;
   reg [31:0] q = 32'd0;
   reg [31:0] q_d0 = 32'd0;
   output [31:0] q_d1;
   reg [31:0] q_d1 = 32'd0;
+  reg [11:0] ra_d0 = 12'h000;
+  reg [11:0] ra_d1 = 12'h000;
   input [11:0] rd__addr;
   wire [11:0] rd__addr;
   (* init = 32'd0 *)
   wire [31:0] rd__data;
   wire rd__en;
+  reg ren_d0 = 1'h1;
+  reg ren_d1 = 1'h1;
   (* init = 12'h000 *)
   wire [11:0] rp__addr;
   wire [31:0] rp__data;
@@ -6151,6 +6108,12 @@ module \encoder_layer_0_intermediate_dense.mem_ent (wr__addr, wr__data, clk, rst
   wire rp__en;
   input rst;
   wire rst;
+  reg [11:0] wa_d0 = 12'h000;
+  reg [11:0] wa_d1 = 12'h000;
+  reg [31:0] wd_d0 = 32'd0;
+  reg [31:0] wd_d1 = 32'd0;
+  reg we_d0 = 1'h0;
+  reg we_d1 = 1'h0;
   (* init = 12'h000 *)
   wire [11:0] wp__addr;
   (* init = 32'd0 *)
@@ -8472,24 +8435,24 @@ module \encoder_layer_0_intermediate_dense.mem_ent (wr__addr, wr__data, clk, rst
     mem[2304] = 32'd0;
   end
   always @(posedge clk) begin
-    if (port2_d1)
-      mem[port0_d1] <= port1_d1;
+    if (we_d1)
+      mem[wa_d1] <= wd_d1;
   end
   reg [31:0] _0_;
   always @(posedge clk) begin
-    if (port4_d1) begin
-      _0_ <= mem[port3_d1];
+    if (ren_d1) begin
+      _0_ <= mem[ra_d1];
     end
   end
   assign rp__data = _0_;
   always @(posedge clk)
-    port1_d1 <= port1_d0;
+    wd_d1 <= wd_d0;
   always @(posedge clk)
-    port2_d1 <= port2_d0;
+    we_d1 <= we_d0;
   always @(posedge clk)
-    port3_d1 <= port3_d0;
+    ra_d1 <= ra_d0;
   always @(posedge clk)
-    port4_d1 <= port4_d0;
+    ren_d1 <= ren_d0;
   always @(posedge clk)
     q <= rp__data;
   always @(posedge clk)
@@ -8497,23 +8460,23 @@ module \encoder_layer_0_intermediate_dense.mem_ent (wr__addr, wr__data, clk, rst
   always @(posedge clk)
     q_d1 <= q_d0;
   always @(posedge clk)
-    port0_d0 <= wr__addr;
+    wa_d0 <= wr__addr;
   always @(posedge clk)
-    port1_d0 <= wr__data;
+    wd_d0 <= wr__data;
   always @(posedge clk)
-    port2_d0 <= wr__en;
+    we_d0 <= wr__en;
   always @(posedge clk)
-    port3_d0 <= rd__addr;
+    ra_d0 <= rd__addr;
   always @(posedge clk)
-    port4_d0 <= 1'h1;
+    ren_d0 <= 1'h1;
   always @(posedge clk)
-    port0_d1 <= port0_d0;
+    wa_d1 <= wa_d0;
   assign rd__en = 1'h1;
-  assign wp__addr = port0_d1;
-  assign wp__data = port1_d1;
-  assign wp__en = port2_d1;
-  assign rp__addr = port3_d1;
-  assign rp__en = port4_d1;
+  assign wp__addr = wa_d1;
+  assign wp__data = wd_d1;
+  assign wp__en = we_d1;
+  assign rp__addr = ra_d1;
+  assign rp__en = ren_d1;
   assign rd__data = q_d1;
 endmodule
 
@@ -8521,20 +8484,12 @@ endmodule
 module \encoder_layer_0_intermediate_dense.mem_out (rd__addr, clk, rst, wr__en, wr__addr, q_d1, wr__data, rd__en);
   input clk;
   wire clk;
-  reg [13:0] port0_d0 = 14'h0000;
-  reg [13:0] port0_d1 = 14'h0000;
-  reg [159:0] port1_d0 = 160'h0000000000000000000000000000000000000000;
-  reg [159:0] port1_d1 = 160'h0000000000000000000000000000000000000000;
-  reg port2_d0 = 1'h0;
-  reg port2_d1 = 1'h0;
-  reg [13:0] port3_d0 = 14'h0000;
-  reg [13:0] port3_d1 = 14'h0000;
-  reg port4_d0 = 1'h1;
-  reg port4_d1 = 1'h1;
   reg [159:0] q = 160'h0000000000000000000000000000000000000000;
   reg [159:0] q_d0 = 160'h0000000000000000000000000000000000000000;
   output [159:0] q_d1;
   reg [159:0] q_d1 = 160'h0000000000000000000000000000000000000000;
+  reg [13:0] ra_d0 = 14'h0000;
+  reg [13:0] ra_d1 = 14'h0000;
   input [13:0] rd__addr;
   wire [13:0] rd__addr;
   (* init = 160'h0000000000000000000000000000000000000000 *)
@@ -8557,6 +8512,8 @@ module \encoder_layer_0_intermediate_dense.mem_out (rd__addr, clk, rst, wr__en, 
   wire [9:0] \rd__data[9] ;
   input rd__en;
   wire rd__en;
+  reg ren_d0 = 1'h1;
+  reg ren_d1 = 1'h1;
   (* init = 14'h0000 *)
   wire [13:0] rp__addr;
   wire [159:0] rp__data;
@@ -8564,6 +8521,12 @@ module \encoder_layer_0_intermediate_dense.mem_out (rd__addr, clk, rst, wr__en, 
   wire rp__en;
   input rst;
   wire rst;
+  reg [13:0] wa_d0 = 14'h0000;
+  reg [13:0] wa_d1 = 14'h0000;
+  reg [159:0] wd_d0 = 160'h0000000000000000000000000000000000000000;
+  reg [159:0] wd_d1 = 160'h0000000000000000000000000000000000000000;
+  reg we_d0 = 1'h0;
+  reg we_d1 = 1'h0;
   (* init = 14'h0000 *)
   wire [13:0] wp__addr;
   (* init = 160'h0000000000000000000000000000000000000000 *)
@@ -20884,24 +20847,24 @@ module \encoder_layer_0_intermediate_dense.mem_out (rd__addr, clk, rst, wr__en, 
     mem[12287] = 160'h0000000000000000000000000000000000000000;
   end
   always @(posedge clk) begin
-    if (port2_d1)
-      mem[port0_d1] <= port1_d1;
+    if (we_d1)
+      mem[wa_d1] <= wd_d1;
   end
   reg [159:0] _0_;
   always @(posedge clk) begin
-    if (port4_d1) begin
-      _0_ <= mem[port3_d1];
+    if (ren_d1) begin
+      _0_ <= mem[ra_d1];
     end
   end
   assign rp__data = _0_;
   always @(posedge clk)
-    port1_d1 <= port1_d0;
+    wd_d1 <= wd_d0;
   always @(posedge clk)
-    port2_d1 <= port2_d0;
+    we_d1 <= we_d0;
   always @(posedge clk)
-    port3_d1 <= port3_d0;
+    ra_d1 <= ra_d0;
   always @(posedge clk)
-    port4_d1 <= port4_d0;
+    ren_d1 <= ren_d0;
   always @(posedge clk)
     q <= rp__data;
   always @(posedge clk)
@@ -20909,22 +20872,22 @@ module \encoder_layer_0_intermediate_dense.mem_out (rd__addr, clk, rst, wr__en, 
   always @(posedge clk)
     q_d1 <= q_d0;
   always @(posedge clk)
-    port0_d0 <= wr__addr;
+    wa_d0 <= wr__addr;
   always @(posedge clk)
-    port1_d0 <= wr__data;
+    wd_d0 <= wr__data;
   always @(posedge clk)
-    port2_d0 <= wr__en;
+    we_d0 <= wr__en;
   always @(posedge clk)
-    port3_d0 <= rd__addr;
+    ra_d0 <= rd__addr;
   always @(posedge clk)
-    port4_d0 <= rd__en;
+    ren_d0 <= rd__en;
   always @(posedge clk)
-    port0_d1 <= port0_d0;
-  assign wp__addr = port0_d1;
-  assign wp__data = port1_d1;
-  assign wp__en = port2_d1;
-  assign rp__addr = port3_d1;
-  assign rp__en = port4_d1;
+    wa_d1 <= wa_d0;
+  assign wp__addr = wa_d1;
+  assign wp__data = wd_d1;
+  assign wp__en = we_d1;
+  assign rp__addr = ra_d1;
+  assign rp__en = ren_d1;
   assign rd__data = q_d1;
   assign \wr__data[0]  = wr__data[9:0];
   assign \wr__data[1]  = wr__data[19:10];
@@ -20964,18 +20927,10 @@ endmodule
 module \encoder_layer_0_intermediate_dense.mem_shift (wr__addr, wr__data, clk, rst, rd__addr, q, wr__en);
   input clk;
   wire clk;
-  reg [6:0] port0_d0 = 7'h00;
-  reg [6:0] port0_d1 = 7'h00;
-  reg [47:0] port1_d0 = 48'h000000000000;
-  reg [47:0] port1_d1 = 48'h000000000000;
-  reg port2_d0 = 1'h0;
-  reg port2_d1 = 1'h0;
-  reg [6:0] port3_d0 = 7'h00;
-  reg [6:0] port3_d1 = 7'h00;
-  reg port4_d0 = 1'h1;
-  reg port4_d1 = 1'h1;
   output [47:0] q;
   reg [47:0] q = 48'h000000000000;
+  reg [6:0] ra_d0 = 7'h00;
+  reg [6:0] ra_d1 = 7'h00;
   input [6:0] rd__addr;
   wire [6:0] rd__addr;
   (* init = 48'h000000000000 *)
@@ -20997,6 +20952,8 @@ module \encoder_layer_0_intermediate_dense.mem_shift (wr__addr, wr__data, clk, r
   wire [2:0] \rd__data[8] ;
   wire [2:0] \rd__data[9] ;
   wire rd__en;
+  reg ren_d0 = 1'h1;
+  reg ren_d1 = 1'h1;
   (* init = 7'h00 *)
   wire [6:0] rp__addr;
   wire [47:0] rp__data;
@@ -21004,6 +20961,12 @@ module \encoder_layer_0_intermediate_dense.mem_shift (wr__addr, wr__data, clk, r
   wire rp__en;
   input rst;
   wire rst;
+  reg [6:0] wa_d0 = 7'h00;
+  reg [6:0] wa_d1 = 7'h00;
+  reg [47:0] wd_d0 = 48'h000000000000;
+  reg [47:0] wd_d1 = 48'h000000000000;
+  reg we_d0 = 1'h0;
+  reg we_d1 = 1'h0;
   (* init = 7'h00 *)
   wire [6:0] wp__addr;
   (* init = 48'h000000000000 *)
@@ -21132,44 +21095,44 @@ module \encoder_layer_0_intermediate_dense.mem_shift (wr__addr, wr__data, clk, r
     mem[95] = 48'h000000000000;
   end
   always @(posedge clk) begin
-    if (port2_d1)
-      mem[port0_d1] <= port1_d1;
+    if (we_d1)
+      mem[wa_d1] <= wd_d1;
   end
   reg [47:0] _0_;
   always @(posedge clk) begin
-    if (port4_d1) begin
-      _0_ <= mem[port3_d1];
+    if (ren_d1) begin
+      _0_ <= mem[ra_d1];
     end
   end
   assign rp__data = _0_;
   always @(posedge clk)
-    port1_d1 <= port1_d0;
+    wd_d1 <= wd_d0;
   always @(posedge clk)
-    port2_d1 <= port2_d0;
+    we_d1 <= we_d0;
   always @(posedge clk)
-    port3_d1 <= port3_d0;
+    ra_d1 <= ra_d0;
   always @(posedge clk)
-    port4_d1 <= port4_d0;
+    ren_d1 <= ren_d0;
   always @(posedge clk)
     q <= rp__data;
   always @(posedge clk)
-    port0_d0 <= wr__addr;
+    wa_d0 <= wr__addr;
   always @(posedge clk)
-    port1_d0 <= wr__data;
+    wd_d0 <= wr__data;
   always @(posedge clk)
-    port2_d0 <= wr__en;
+    we_d0 <= wr__en;
   always @(posedge clk)
-    port3_d0 <= rd__addr;
+    ra_d0 <= rd__addr;
   always @(posedge clk)
-    port4_d0 <= 1'h1;
+    ren_d0 <= 1'h1;
   always @(posedge clk)
-    port0_d1 <= port0_d0;
+    wa_d1 <= wa_d0;
   assign rd__en = 1'h1;
-  assign wp__addr = port0_d1;
-  assign wp__data = port1_d1;
-  assign wp__en = port2_d1;
-  assign rp__addr = port3_d1;
-  assign rp__en = port4_d1;
+  assign wp__addr = wa_d1;
+  assign wp__data = wd_d1;
+  assign wp__en = we_d1;
+  assign rp__addr = ra_d1;
+  assign rp__en = ren_d1;
   assign rd__data = q;
   assign \wr__data[0]  = wr__data[2:0];
   assign \wr__data[1]  = wr__data[5:3];
@@ -21209,20 +21172,12 @@ endmodule
 module \encoder_layer_0_intermediate_dense.mem_w (wr__addr, wr__data, clk, rst, rd__addr, q_d1, wr__en);
   input clk;
   wire clk;
-  reg [15:0] port0_d0 = 16'h0000;
-  reg [15:0] port0_d1 = 16'h0000;
-  reg [127:0] port1_d0 = 128'h00000000000000000000000000000000;
-  reg [127:0] port1_d1 = 128'h00000000000000000000000000000000;
-  reg port2_d0 = 1'h0;
-  reg port2_d1 = 1'h0;
-  reg [15:0] port3_d0 = 16'h0000;
-  reg [15:0] port3_d1 = 16'h0000;
-  reg port4_d0 = 1'h1;
-  reg port4_d1 = 1'h1;
   reg [127:0] q = 128'h00000000000000000000000000000000;
   reg [127:0] q_d0 = 128'h00000000000000000000000000000000;
   output [127:0] q_d1;
   reg [127:0] q_d1 = 128'h00000000000000000000000000000000;
+  reg [15:0] ra_d0 = 16'h0000;
+  reg [15:0] ra_d1 = 16'h0000;
   input [15:0] rd__addr;
   wire [15:0] rd__addr;
   (* init = 128'h00000000000000000000000000000000 *)
@@ -21244,6 +21199,8 @@ module \encoder_layer_0_intermediate_dense.mem_w (wr__addr, wr__data, clk, rst, 
   wire [7:0] \rd__data[8] ;
   wire [7:0] \rd__data[9] ;
   wire rd__en;
+  reg ren_d0 = 1'h1;
+  reg ren_d1 = 1'h1;
   (* init = 16'h0000 *)
   wire [15:0] rp__addr;
   wire [127:0] rp__data;
@@ -21251,6 +21208,12 @@ module \encoder_layer_0_intermediate_dense.mem_w (wr__addr, wr__data, clk, rst, 
   wire rp__en;
   input rst;
   wire rst;
+  reg [15:0] wa_d0 = 16'h0000;
+  reg [15:0] wa_d1 = 16'h0000;
+  reg [127:0] wd_d0 = 128'h00000000000000000000000000000000;
+  reg [127:0] wd_d1 = 128'h00000000000000000000000000000000;
+  reg we_d0 = 1'h0;
+  reg we_d1 = 1'h0;
   (* init = 16'h0000 *)
   wire [15:0] wp__addr;
   (* init = 128'h00000000000000000000000000000000 *)
@@ -58147,24 +58110,24 @@ module \encoder_layer_0_intermediate_dense.mem_w (wr__addr, wr__data, clk, rst, 
     mem[36863] = 128'h00000000000000000000000000000000;
   end
   always @(posedge clk) begin
-    if (port2_d1)
-      mem[port0_d1] <= port1_d1;
+    if (we_d1)
+      mem[wa_d1] <= wd_d1;
   end
   reg [127:0] _0_;
   always @(posedge clk) begin
-    if (port4_d1) begin
-      _0_ <= mem[port3_d1];
+    if (ren_d1) begin
+      _0_ <= mem[ra_d1];
     end
   end
   assign rp__data = _0_;
   always @(posedge clk)
-    port1_d1 <= port1_d0;
+    wd_d1 <= wd_d0;
   always @(posedge clk)
-    port2_d1 <= port2_d0;
+    we_d1 <= we_d0;
   always @(posedge clk)
-    port3_d1 <= port3_d0;
+    ra_d1 <= ra_d0;
   always @(posedge clk)
-    port4_d1 <= port4_d0;
+    ren_d1 <= ren_d0;
   always @(posedge clk)
     q <= rp__data;
   always @(posedge clk)
@@ -58172,23 +58135,23 @@ module \encoder_layer_0_intermediate_dense.mem_w (wr__addr, wr__data, clk, rst, 
   always @(posedge clk)
     q_d1 <= q_d0;
   always @(posedge clk)
-    port0_d0 <= wr__addr;
+    wa_d0 <= wr__addr;
   always @(posedge clk)
-    port1_d0 <= wr__data;
+    wd_d0 <= wr__data;
   always @(posedge clk)
-    port2_d0 <= wr__en;
+    we_d0 <= wr__en;
   always @(posedge clk)
-    port3_d0 <= rd__addr;
+    ra_d0 <= rd__addr;
   always @(posedge clk)
-    port4_d0 <= 1'h1;
+    ren_d0 <= 1'h1;
   always @(posedge clk)
-    port0_d1 <= port0_d0;
+    wa_d1 <= wa_d0;
   assign rd__en = 1'h1;
-  assign wp__addr = port0_d1;
-  assign wp__data = port1_d1;
-  assign wp__en = port2_d1;
-  assign rp__addr = port3_d1;
-  assign rp__en = port4_d1;
+  assign wp__addr = wa_d1;
+  assign wp__data = wd_d1;
+  assign wp__en = we_d1;
+  assign rp__addr = ra_d1;
+  assign rp__en = ren_d1;
   assign rd__data = q_d1;
   assign \wr__data[0]  = wr__data[7:0];
   assign \wr__data[1]  = wr__data[15:8];

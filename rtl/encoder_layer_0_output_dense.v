@@ -8,9 +8,9 @@ module encoder_layer_0_output_dense(m, a_wr__en, a_wr__addr, a_wr__data, w_wr__e
   wire \$1 ;
   wire \$10 ;
   wire [12:0] \$100 ;
-  wire [12:0] \$101 ;
-  wire \$102 ;
-  wire \$103 ;
+  wire \$101 ;
+  wire [26:0] \$102 ;
+  wire [26:0] \$103 ;
   wire [26:0] \$104 ;
   wire [26:0] \$105 ;
   wire [26:0] \$106 ;
@@ -26,27 +26,27 @@ module encoder_layer_0_output_dense(m, a_wr__en, a_wr__addr, a_wr__data, w_wr__e
   wire [26:0] \$115 ;
   wire [26:0] \$116 ;
   wire [26:0] \$117 ;
-  wire [26:0] \$118 ;
-  wire [26:0] \$119 ;
+  wire \$118 ;
+  wire \$119 ;
   wire \$12 ;
-  wire \$120 ;
-  wire \$121 ;
+  reg \$120 ;
+  reg \$121 ;
   reg \$122 ;
   reg \$123 ;
   reg \$124 ;
   reg \$125 ;
-  reg \$126 ;
+  reg [11:0] \$126 ;
   reg \$127 ;
-  reg [11:0] \$128 ;
+  reg \$128 ;
   reg \$129 ;
   wire \$13 ;
   reg \$130 ;
   reg \$131 ;
   reg \$132 ;
-  reg \$133 ;
+  reg [11:0] \$133 ;
   reg \$134 ;
-  reg [11:0] \$135 ;
-  reg \$136 ;
+  reg [33:0] \$135 ;
+  reg [33:0] \$136 ;
   reg [33:0] \$137 ;
   reg [33:0] \$138 ;
   reg [33:0] \$139 ;
@@ -54,19 +54,19 @@ module encoder_layer_0_output_dense(m, a_wr__en, a_wr__addr, a_wr__data, w_wr__e
   reg [33:0] \$140 ;
   reg [33:0] \$141 ;
   reg [33:0] \$142 ;
-  reg [33:0] \$143 ;
-  reg [33:0] \$144 ;
-  reg [3:0] \$145 ;
-  reg [3:0] \$146 ;
-  reg [4:0] \$147 ;
+  reg [3:0] \$143 ;
+  reg [3:0] \$144 ;
+  reg [4:0] \$145 ;
+  reg \$146 ;
+  reg [3:0] \$147 ;
   reg \$148 ;
-  reg [3:0] \$149 ;
+  reg \$149 ;
   wire \$15 ;
-  reg \$150 ;
+  reg [7:0] \$150 ;
   reg \$151 ;
-  reg [7:0] \$152 ;
+  reg [13:0] \$152 ;
   reg \$153 ;
-  reg [13:0] \$154 ;
+  reg \$154 ;
   reg \$155 ;
   reg \$156 ;
   reg \$157 ;
@@ -92,28 +92,28 @@ module encoder_layer_0_output_dense(m, a_wr__en, a_wr__addr, a_wr__data, w_wr__e
   reg \$175 ;
   reg \$176 ;
   reg \$177 ;
-  reg \$178 ;
-  reg \$179 ;
+  reg [4:0] \$178 ;
+  reg [7:0] \$179 ;
   wire [15:0] \$18 ;
-  reg [4:0] \$180 ;
-  reg [7:0] \$181 ;
-  reg [7:0] \$182 ;
+  reg \$180 ;
+  reg [11:0] \$181 ;
+  reg \$182 ;
   reg \$183 ;
-  reg [11:0] \$184 ;
-  reg \$185 ;
-  reg \$186 ;
-  reg [7:0] \$187 ;
-  reg [415:0] \$188 ;
+  reg \$184 ;
+  reg [415:0] \$185 ;
+  reg [11:0] \$186 ;
+  reg \$187 ;
+  reg \$188 ;
   reg [11:0] \$189 ;
   wire [16:0] \$19 ;
-  reg \$190 ;
+  reg [415:0] \$190 ;
   reg \$191 ;
-  reg [11:0] \$192 ;
-  reg [415:0] \$193 ;
-  reg \$194 ;
+  reg \$192 ;
+  reg [11:0] \$193 ;
+  reg [479:0] \$194 ;
   reg \$195 ;
-  reg [11:0] \$196 ;
-  reg [479:0] \$197 ;
+  reg \$196 ;
+  reg [11:0] \$197 ;
   reg \$198 ;
   reg \$199 ;
   wire \$2 ;
@@ -124,13 +124,9 @@ module encoder_layer_0_output_dense(m, a_wr__en, a_wr__addr, a_wr__data, w_wr__e
   reg [11:0] \$203 ;
   reg \$204 ;
   reg \$205 ;
-  reg [11:0] \$206 ;
+  reg \$206 ;
   reg \$207 ;
-  reg \$208 ;
-  reg \$209 ;
   wire [7:0] \$21 ;
-  reg \$210 ;
-  reg [7:0] \$211 ;
   wire [7:0] \$22 ;
   wire [7:0] \$23 ;
   wire [7:0] \$24 ;
@@ -208,17 +204,18 @@ module encoder_layer_0_output_dense(m, a_wr__en, a_wr__addr, a_wr__data, w_wr__e
   wire \$9 ;
   wire \$90 ;
   wire [8:0] \$91 ;
-  wire [8:0] \$92 ;
-  wire \$93 ;
-  wire [12:0] \$94 ;
-  wire [5:0] \$95 ;
-  wire [12:0] \$96 ;
+  wire \$92 ;
+  wire [12:0] \$93 ;
+  wire [5:0] \$94 ;
+  wire [12:0] \$95 ;
+  wire \$96 ;
   wire \$97 ;
-  wire [8:0] \$98 ;
-  wire \$99 ;
+  wire \$98 ;
+  wire [12:0] \$99 ;
   reg \$signal  = 1'h0;
-  reg \$signal$141  = 1'h0;
-  reg \$signal$146  = 1'h0;
+  reg \$signal$136  = 1'h0;
+  reg \$signal$140  = 1'h0;
+  reg \$signal$144  = 1'h0;
   reg [13:0] a_base = 14'h0000;
   input [13:0] a_wr__addr;
   wire [13:0] a_wr__addr;
@@ -279,10 +276,10 @@ module encoder_layer_0_output_dense(m, a_wr__en, a_wr__addr, a_wr__data, w_wr__e
   reg [11:0] addr1 = 12'h000;
   reg [11:0] addr2 = 12'h000;
   reg [11:0] addr3 = 12'h000;
-  reg [11:0] addr_q0 = 12'h000;
-  reg [11:0] addr_q1 = 12'h000;
+  reg [11:0] addr_q_d0 = 12'h000;
+  reg [11:0] addr_q_d1 = 12'h000;
   (* init = 12'h000 *)
-  wire [11:0] addr_q2;
+  wire [11:0] addr_q_d2;
   input [4:0] bias_wr__addr;
   wire [4:0] bias_wr__addr;
   input [207:0] bias_wr__data;
@@ -340,15 +337,19 @@ module encoder_layer_0_output_dense(m, a_wr__en, a_wr__addr, a_wr__data, w_wr__e
   reg fetch5 = 1'h0;
   reg fetching = 1'h0;
   wire fin;
-  reg fin1 = 1'h0;
   reg fin2 = 1'h0;
   reg fin3 = 1'h0;
-  reg fin_q0 = 1'h0;
-  reg fin_q1 = 1'h0;
-  reg fin_q2 = 1'h0;
-  reg fin_w0 = 1'h0;
-  reg fin_w1 = 1'h0;
-  reg [7:0] g1 = 8'h00;
+  reg fin_o_d0 = 1'h0;
+  reg fin_o_d1 = 1'h0;
+  reg fin_q_d0 = 1'h0;
+  reg fin_q_d1 = 1'h0;
+  reg fin_q_d2 = 1'h0;
+  reg first_d0 = 1'h0;
+  reg first_d1 = 1'h0;
+  reg first_d2 = 1'h0;
+  reg first_d3 = 1'h0;
+  reg first_d4 = 1'h0;
+  reg first_d5 = 1'h0;
   wire go;
   reg hdr0 = 1'h0;
   reg hdr1 = 1'h0;
@@ -431,12 +432,17 @@ module encoder_layer_0_output_dense(m, a_wr__en, a_wr__addr, a_wr__data, w_wr__e
   wire \i__payload.last ;
   reg i__valid = 1'h0;
   reg [3:0] kk = 4'h0;
+  reg last_d0 = 1'h0;
+  reg last_d1 = 1'h0;
+  reg last_d2 = 1'h0;
+  reg last_d3 = 1'h0;
+  reg last_d4 = 1'h0;
+  reg last_d5 = 1'h0;
   reg last_mt = 1'h0;
   reg [7:0] left = 8'h00;
   wire list_end;
   input [7:0] m;
   wire [7:0] m;
-  reg [7:0] m_reg = 8'h00;
   reg [11:0] n_ent = 12'h000;
   wire [255:0] o;
   wire [15:0] \o[0] ;
@@ -498,11 +504,11 @@ module encoder_layer_0_output_dense(m, a_wr__en, a_wr__addr, a_wr__data, w_wr__e
   wire [15:0] \o_rd__data[9] ;
   input o_rd__en;
   wire o_rd__en;
+  reg ok1 = 1'h0;
   reg out_last = 1'h0;
   reg [7:0] out_left = 8'h00;
   (* init = 5'h00 *)
   wire [4:0] out_nt;
-  reg [7:0] out_r0 = 8'h00;
   reg pad = 1'h0;
   wire pop;
   reg [11:0] ptr = 12'h000;
@@ -515,40 +521,40 @@ module encoder_layer_0_output_dense(m, a_wr__en, a_wr__addr, a_wr__data, w_wr__e
   wire [4:0] \rd__addr$78 ;
   wire [255:0] rd__data;
   wire [33:0] \rd__data$101 ;
-  wire [207:0] \rd__data$150 ;
-  wire [12:0] \rd__data$150[0] ;
-  wire [12:0] \rd__data$150[10] ;
-  wire [12:0] \rd__data$150[11] ;
-  wire [12:0] \rd__data$150[12] ;
-  wire [12:0] \rd__data$150[13] ;
-  wire [12:0] \rd__data$150[14] ;
-  wire [12:0] \rd__data$150[15] ;
-  wire [12:0] \rd__data$150[1] ;
-  wire [12:0] \rd__data$150[2] ;
-  wire [12:0] \rd__data$150[3] ;
-  wire [12:0] \rd__data$150[4] ;
-  wire [12:0] \rd__data$150[5] ;
-  wire [12:0] \rd__data$150[6] ;
-  wire [12:0] \rd__data$150[7] ;
-  wire [12:0] \rd__data$150[8] ;
-  wire [12:0] \rd__data$150[9] ;
-  wire [63:0] \rd__data$151 ;
-  wire [3:0] \rd__data$151[0] ;
-  wire [3:0] \rd__data$151[10] ;
-  wire [3:0] \rd__data$151[11] ;
-  wire [3:0] \rd__data$151[12] ;
-  wire [3:0] \rd__data$151[13] ;
-  wire [3:0] \rd__data$151[14] ;
-  wire [3:0] \rd__data$151[15] ;
-  wire [3:0] \rd__data$151[1] ;
-  wire [3:0] \rd__data$151[2] ;
-  wire [3:0] \rd__data$151[3] ;
-  wire [3:0] \rd__data$151[4] ;
-  wire [3:0] \rd__data$151[5] ;
-  wire [3:0] \rd__data$151[6] ;
-  wire [3:0] \rd__data$151[7] ;
-  wire [3:0] \rd__data$151[8] ;
-  wire [3:0] \rd__data$151[9] ;
+  wire [207:0] \rd__data$148 ;
+  wire [12:0] \rd__data$148[0] ;
+  wire [12:0] \rd__data$148[10] ;
+  wire [12:0] \rd__data$148[11] ;
+  wire [12:0] \rd__data$148[12] ;
+  wire [12:0] \rd__data$148[13] ;
+  wire [12:0] \rd__data$148[14] ;
+  wire [12:0] \rd__data$148[15] ;
+  wire [12:0] \rd__data$148[1] ;
+  wire [12:0] \rd__data$148[2] ;
+  wire [12:0] \rd__data$148[3] ;
+  wire [12:0] \rd__data$148[4] ;
+  wire [12:0] \rd__data$148[5] ;
+  wire [12:0] \rd__data$148[6] ;
+  wire [12:0] \rd__data$148[7] ;
+  wire [12:0] \rd__data$148[8] ;
+  wire [12:0] \rd__data$148[9] ;
+  wire [63:0] \rd__data$149 ;
+  wire [3:0] \rd__data$149[0] ;
+  wire [3:0] \rd__data$149[10] ;
+  wire [3:0] \rd__data$149[11] ;
+  wire [3:0] \rd__data$149[12] ;
+  wire [3:0] \rd__data$149[13] ;
+  wire [3:0] \rd__data$149[14] ;
+  wire [3:0] \rd__data$149[15] ;
+  wire [3:0] \rd__data$149[1] ;
+  wire [3:0] \rd__data$149[2] ;
+  wire [3:0] \rd__data$149[3] ;
+  wire [3:0] \rd__data$149[4] ;
+  wire [3:0] \rd__data$149[5] ;
+  wire [3:0] \rd__data$149[6] ;
+  wire [3:0] \rd__data$149[7] ;
+  wire [3:0] \rd__data$149[8] ;
+  wire [3:0] \rd__data$149[9] ;
   wire [127:0] \rd__data$74 ;
   wire [7:0] \rd__data$74[0] ;
   wire [7:0] \rd__data$74[10] ;
@@ -604,31 +610,6 @@ module encoder_layer_0_output_dense(m, a_wr__en, a_wr__addr, a_wr__data, w_wr__e
   input rst;
   wire rst;
   reg run = 1'h0;
-  reg s1_first = 1'h0;
-  reg s1_last = 1'h0;
-  reg s1_valid = 1'h0;
-  reg s1_zero = 1'h0;
-  reg s2_first = 1'h0;
-  reg s2_last = 1'h0;
-  reg s2_valid = 1'h0;
-  reg s2_zero = 1'h0;
-  reg s3_first = 1'h0;
-  reg s3_last = 1'h0;
-  reg s3_valid = 1'h0;
-  reg s3_zero = 1'h0;
-  reg s4_first = 1'h0;
-  reg s4_last = 1'h0;
-  reg s4_valid = 1'h0;
-  reg s4_zero = 1'h0;
-  reg s5_first = 1'h0;
-  reg s5_last = 1'h0;
-  reg s5_valid = 1'h0;
-  reg s5_zero = 1'h0;
-  reg s6_first = 1'h0;
-  reg s6_last = 1'h0;
-  (* init = 1'h0 *)
-  wire s6_valid;
-  reg s6_zero = 1'h0;
   input [4:0] shift_wr__addr;
   wire [4:0] shift_wr__addr;
   input [63:0] shift_wr__data;
@@ -659,10 +640,17 @@ module encoder_layer_0_output_dense(m, a_wr__en, a_wr__addr, a_wr__data, w_wr__e
   reg tcnt_ok = 1'h0;
   reg [11:0] tile_base = 12'h000;
   wire tile_end;
-  reg v_q0 = 1'h0;
-  reg v_q1 = 1'h0;
+  reg v_q_d0 = 1'h0;
+  reg v_q_d1 = 1'h0;
   (* init = 1'h0 *)
-  wire v_q2;
+  wire v_q_d2;
+  reg valid_d0 = 1'h0;
+  reg valid_d1 = 1'h0;
+  reg valid_d2 = 1'h0;
+  reg valid_d3 = 1'h0;
+  reg valid_d4 = 1'h0;
+  (* init = 1'h0 *)
+  wire valid_d5;
   input [15:0] w_wr__addr;
   wire [15:0] w_wr__addr;
   input [127:0] w_wr__data;
@@ -784,6 +772,12 @@ module encoder_layer_0_output_dense(m, a_wr__en, a_wr__addr, a_wr__data, w_wr__e
   wire \wr__en$38 ;
   reg \wr__en$82  = 1'h0;
   wire [3:0] wr_idx;
+  reg zero_d0 = 1'h0;
+  reg zero_d1 = 1'h0;
+  reg zero_d2 = 1'h0;
+  reg zero_d3 = 1'h0;
+  reg zero_d4 = 1'h0;
+  reg zero_d5 = 1'h0;
   assign \$1  = ~ done;
   assign busy = \busy$42  & \$1 ;
   assign \$2  = ~ busy;
@@ -814,38 +808,38 @@ module encoder_layer_0_output_dense(m, a_wr__en, a_wr__addr, a_wr__data, w_wr__e
   assign \$17  = a_base + ent_q0[10:0];
   assign \$18  = \$17  + kk;
   assign \$19  = ent_q0[26:11] + kk;
-  assign \$20  = s6_zero ? 8'h00 : \rd__data$74 [7:0];
-  assign \$21  = s6_zero ? 8'h00 : \rd__data$74 [15:8];
-  assign \$22  = s6_zero ? 8'h00 : \rd__data$74 [23:16];
-  assign \$23  = s6_zero ? 8'h00 : \rd__data$74 [31:24];
-  assign \$24  = s6_zero ? 8'h00 : \rd__data$74 [39:32];
-  assign \$25  = s6_zero ? 8'h00 : \rd__data$74 [47:40];
-  assign \$26  = s6_zero ? 8'h00 : \rd__data$74 [55:48];
-  assign \$27  = s6_zero ? 8'h00 : \rd__data$74 [63:56];
-  assign \$28  = s6_zero ? 8'h00 : \rd__data$74 [71:64];
-  assign \$29  = s6_zero ? 8'h00 : \rd__data$74 [79:72];
-  assign \$30  = s6_zero ? 8'h00 : \rd__data$74 [87:80];
-  assign \$31  = s6_zero ? 8'h00 : \rd__data$74 [95:88];
-  assign \$32  = s6_zero ? 8'h00 : \rd__data$74 [103:96];
-  assign \$33  = s6_zero ? 8'h00 : \rd__data$74 [111:104];
-  assign \$34  = s6_zero ? 8'h00 : \rd__data$74 [119:112];
-  assign \$35  = s6_zero ? 8'h00 : \rd__data$74 [127:120];
-  assign \$36  = s6_zero ? 8'h00 : \rd__data$75 [7:0];
-  assign \$37  = s6_zero ? 8'h00 : \rd__data$75 [15:8];
-  assign \$38  = s6_zero ? 8'h00 : \rd__data$75 [23:16];
-  assign \$39  = s6_zero ? 8'h00 : \rd__data$75 [31:24];
-  assign \$40  = s6_zero ? 8'h00 : \rd__data$75 [39:32];
-  assign \$41  = s6_zero ? 8'h00 : \rd__data$75 [47:40];
-  assign \$42  = s6_zero ? 8'h00 : \rd__data$75 [55:48];
-  assign \$43  = s6_zero ? 8'h00 : \rd__data$75 [63:56];
-  assign \$44  = s6_zero ? 8'h00 : \rd__data$75 [71:64];
-  assign \$45  = s6_zero ? 8'h00 : \rd__data$75 [79:72];
-  assign \$46  = s6_zero ? 8'h00 : \rd__data$75 [87:80];
-  assign \$47  = s6_zero ? 8'h00 : \rd__data$75 [95:88];
-  assign \$48  = s6_zero ? 8'h00 : \rd__data$75 [103:96];
-  assign \$49  = s6_zero ? 8'h00 : \rd__data$75 [111:104];
-  assign \$50  = s6_zero ? 8'h00 : \rd__data$75 [119:112];
-  assign \$51  = s6_zero ? 8'h00 : \rd__data$75 [127:120];
+  assign \$20  = zero_d5 ? 8'h00 : \rd__data$74 [7:0];
+  assign \$21  = zero_d5 ? 8'h00 : \rd__data$74 [15:8];
+  assign \$22  = zero_d5 ? 8'h00 : \rd__data$74 [23:16];
+  assign \$23  = zero_d5 ? 8'h00 : \rd__data$74 [31:24];
+  assign \$24  = zero_d5 ? 8'h00 : \rd__data$74 [39:32];
+  assign \$25  = zero_d5 ? 8'h00 : \rd__data$74 [47:40];
+  assign \$26  = zero_d5 ? 8'h00 : \rd__data$74 [55:48];
+  assign \$27  = zero_d5 ? 8'h00 : \rd__data$74 [63:56];
+  assign \$28  = zero_d5 ? 8'h00 : \rd__data$74 [71:64];
+  assign \$29  = zero_d5 ? 8'h00 : \rd__data$74 [79:72];
+  assign \$30  = zero_d5 ? 8'h00 : \rd__data$74 [87:80];
+  assign \$31  = zero_d5 ? 8'h00 : \rd__data$74 [95:88];
+  assign \$32  = zero_d5 ? 8'h00 : \rd__data$74 [103:96];
+  assign \$33  = zero_d5 ? 8'h00 : \rd__data$74 [111:104];
+  assign \$34  = zero_d5 ? 8'h00 : \rd__data$74 [119:112];
+  assign \$35  = zero_d5 ? 8'h00 : \rd__data$74 [127:120];
+  assign \$36  = zero_d5 ? 8'h00 : \rd__data$75 [7:0];
+  assign \$37  = zero_d5 ? 8'h00 : \rd__data$75 [15:8];
+  assign \$38  = zero_d5 ? 8'h00 : \rd__data$75 [23:16];
+  assign \$39  = zero_d5 ? 8'h00 : \rd__data$75 [31:24];
+  assign \$40  = zero_d5 ? 8'h00 : \rd__data$75 [39:32];
+  assign \$41  = zero_d5 ? 8'h00 : \rd__data$75 [47:40];
+  assign \$42  = zero_d5 ? 8'h00 : \rd__data$75 [55:48];
+  assign \$43  = zero_d5 ? 8'h00 : \rd__data$75 [63:56];
+  assign \$44  = zero_d5 ? 8'h00 : \rd__data$75 [71:64];
+  assign \$45  = zero_d5 ? 8'h00 : \rd__data$75 [79:72];
+  assign \$46  = zero_d5 ? 8'h00 : \rd__data$75 [87:80];
+  assign \$47  = zero_d5 ? 8'h00 : \rd__data$75 [95:88];
+  assign \$48  = zero_d5 ? 8'h00 : \rd__data$75 [103:96];
+  assign \$49  = zero_d5 ? 8'h00 : \rd__data$75 [111:104];
+  assign \$50  = zero_d5 ? 8'h00 : \rd__data$75 [119:112];
+  assign \$51  = zero_d5 ? 8'h00 : \rd__data$75 [127:120];
   assign \$52  = \rd__addr$76  == 5'h17;
   assign \$53  = o__payload[420] & \$52 ;
   assign fin = \$53  & out_last;
@@ -886,217 +880,211 @@ module encoder_layer_0_output_dense(m, a_wr__en, a_wr__addr, a_wr__data, w_wr__e
   assign \$88  = ~ \real ;
   assign \$89  = o__valid & o__payload[420];
   assign \$90  = \rd__addr$76  == 5'h17;
-  assign \$91  = out_r0 + 5'h10;
-  assign \$92  = out_left - 5'h10;
-  assign \$93  = out_left <= 6'h20;
-  assign \$94  = tile_base + 9'h169;
-  assign \$95  = \rd__addr$76  + 1'h1;
-  assign \$96  = tile_base + 1'h1;
-  assign \$97  = o__valid & fin;
-  assign \$98  = out_r0 + o__payload[419:416];
-  assign \$99  = ! o__payload[419:416];
-  assign \$100  = addr1 + 5'h18;
-  assign \$101  = \$99  ? { 1'h0, tile_base } : \$100 ;
-  assign \$102  = g1 < m_reg;
-  assign \$103  = \$signal  & \$102 ;
-  assign \$104  = $signed(acc2[25:0]) + $signed(\rd__data$150 [12:0]);
-  assign \$105  = $signed(acc2[51:26]) + $signed(\rd__data$150 [25:13]);
-  assign \$106  = $signed(acc2[77:52]) + $signed(\rd__data$150 [38:26]);
-  assign \$107  = $signed(acc2[103:78]) + $signed(\rd__data$150 [51:39]);
-  assign \$108  = $signed(acc2[129:104]) + $signed(\rd__data$150 [64:52]);
-  assign \$109  = $signed(acc2[155:130]) + $signed(\rd__data$150 [77:65]);
-  assign \$110  = $signed(acc2[181:156]) + $signed(\rd__data$150 [90:78]);
-  assign \$111  = $signed(acc2[207:182]) + $signed(\rd__data$150 [103:91]);
-  assign \$112  = $signed(acc2[233:208]) + $signed(\rd__data$150 [116:104]);
-  assign \$113  = $signed(acc2[259:234]) + $signed(\rd__data$150 [129:117]);
-  assign \$114  = $signed(acc2[285:260]) + $signed(\rd__data$150 [142:130]);
-  assign \$115  = $signed(acc2[311:286]) + $signed(\rd__data$150 [155:143]);
-  assign \$116  = $signed(acc2[337:312]) + $signed(\rd__data$150 [168:156]);
-  assign \$117  = $signed(acc2[363:338]) + $signed(\rd__data$150 [181:169]);
-  assign \$118  = $signed(acc2[389:364]) + $signed(\rd__data$150 [194:182]);
-  assign \$119  = $signed(acc2[415:390]) + $signed(\rd__data$150 [207:195]);
-  assign \$120  = m <= 5'h10;
-  assign \$121  = m <= 5'h10;
+  assign \$91  = out_left - 5'h10;
+  assign \$92  = out_left <= 6'h20;
+  assign \$93  = tile_base + 9'h169;
+  assign \$94  = \rd__addr$76  + 1'h1;
+  assign \$95  = tile_base + 1'h1;
+  assign \$96  = o__valid & fin;
+  assign \$97  = o__payload[419:416] < out_left;
+  assign \$98  = ! o__payload[419:416];
+  assign \$99  = addr1 + 5'h18;
+  assign \$100  = \$98  ? { 1'h0, tile_base } : \$99 ;
+  assign \$101  = \$signal  & ok1;
+  assign \$102  = $signed(acc2[25:0]) + $signed(\rd__data$148 [12:0]);
+  assign \$103  = $signed(acc2[51:26]) + $signed(\rd__data$148 [25:13]);
+  assign \$104  = $signed(acc2[77:52]) + $signed(\rd__data$148 [38:26]);
+  assign \$105  = $signed(acc2[103:78]) + $signed(\rd__data$148 [51:39]);
+  assign \$106  = $signed(acc2[129:104]) + $signed(\rd__data$148 [64:52]);
+  assign \$107  = $signed(acc2[155:130]) + $signed(\rd__data$148 [77:65]);
+  assign \$108  = $signed(acc2[181:156]) + $signed(\rd__data$148 [90:78]);
+  assign \$109  = $signed(acc2[207:182]) + $signed(\rd__data$148 [103:91]);
+  assign \$110  = $signed(acc2[233:208]) + $signed(\rd__data$148 [116:104]);
+  assign \$111  = $signed(acc2[259:234]) + $signed(\rd__data$148 [129:117]);
+  assign \$112  = $signed(acc2[285:260]) + $signed(\rd__data$148 [142:130]);
+  assign \$113  = $signed(acc2[311:286]) + $signed(\rd__data$148 [155:143]);
+  assign \$114  = $signed(acc2[337:312]) + $signed(\rd__data$148 [168:156]);
+  assign \$115  = $signed(acc2[363:338]) + $signed(\rd__data$148 [181:169]);
+  assign \$116  = $signed(acc2[389:364]) + $signed(\rd__data$148 [194:182]);
+  assign \$117  = $signed(acc2[415:390]) + $signed(\rd__data$148 [207:195]);
+  assign \$118  = m <= 5'h10;
+  assign \$119  = m <= 5'h10;
   always @(posedge clk)
-    fetch0 <= \$122 ;
+    fetch0 <= \$120 ;
   always @(posedge clk)
-    fetch1 <= \$123 ;
+    fetch1 <= \$121 ;
   always @(posedge clk)
-    fetch2 <= \$124 ;
+    fetch2 <= \$122 ;
   always @(posedge clk)
-    fetch3 <= \$125 ;
+    fetch3 <= \$123 ;
   always @(posedge clk)
-    fetch4 <= \$126 ;
+    fetch4 <= \$124 ;
   always @(posedge clk)
-    fetch5 <= \$127 ;
+    fetch5 <= \$125 ;
   always @(posedge clk)
-    ptr <= \$128 ;
+    ptr <= \$126 ;
   always @(posedge clk)
-    hdr0 <= \$129 ;
+    hdr0 <= \$127 ;
   always @(posedge clk)
-    hdr1 <= \$130 ;
+    hdr1 <= \$128 ;
   always @(posedge clk)
-    hdr2 <= \$131 ;
+    hdr2 <= \$129 ;
   always @(posedge clk)
-    hdr3 <= \$132 ;
+    hdr3 <= \$130 ;
   always @(posedge clk)
-    hdr4 <= \$133 ;
+    hdr4 <= \$131 ;
   always @(posedge clk)
-    hdr5 <= \$134 ;
+    hdr5 <= \$132 ;
   always @(posedge clk)
-    n_ent <= \$135 ;
+    n_ent <= \$133 ;
   always @(posedge clk)
-    fetching <= \$136 ;
+    fetching <= \$134 ;
   always @(posedge clk)
-    ent_q0 <= \$137 ;
+    ent_q0 <= \$135 ;
   always @(posedge clk)
-    ent_q1 <= \$138 ;
+    ent_q1 <= \$136 ;
   always @(posedge clk)
-    ent_q2 <= \$139 ;
+    ent_q2 <= \$137 ;
   always @(posedge clk)
-    ent_q3 <= \$140 ;
+    ent_q3 <= \$138 ;
   always @(posedge clk)
-    ent_q4 <= \$141 ;
+    ent_q4 <= \$139 ;
   always @(posedge clk)
-    ent_q5 <= \$142 ;
+    ent_q5 <= \$140 ;
   always @(posedge clk)
-    ent_q6 <= \$143 ;
+    ent_q6 <= \$141 ;
   always @(posedge clk)
-    ent_q7 <= \$144 ;
+    ent_q7 <= \$142 ;
   always @(posedge clk)
-    cnt <= \$145 ;
+    cnt <= \$143 ;
   always @(posedge clk)
-    held <= \$146 ;
+    held <= \$144 ;
   always @(posedge clk)
-    tcnt <= \$147 ;
+    tcnt <= \$145 ;
   always @(posedge clk)
-    tcnt_ok <= \$148 ;
+    tcnt_ok <= \$146 ;
   always @(posedge clk)
-    kk <= \$149 ;
+    kk <= \$147 ;
   always @(posedge clk)
-    pad <= \$150 ;
+    pad <= \$148 ;
   always @(posedge clk)
-    sweep_end <= \$151 ;
+    sweep_end <= \$149 ;
   always @(posedge clk)
-    left <= \$152 ;
+    left <= \$150 ;
   always @(posedge clk)
-    last_mt <= \$153 ;
+    last_mt <= \$151 ;
   always @(posedge clk)
-    a_base <= \$154 ;
+    a_base <= \$152 ;
   always @(posedge clk)
-    run <= \$155 ;
+    run <= \$153 ;
   always @(posedge clk)
-    s1_valid <= \$156 ;
+    valid_d0 <= \$154 ;
   always @(posedge clk)
-    s1_first <= \$157 ;
+    first_d0 <= \$155 ;
   always @(posedge clk)
-    s1_last <= \$158 ;
+    last_d0 <= \$156 ;
   always @(posedge clk)
-    s1_zero <= \$159 ;
+    zero_d0 <= \$157 ;
   always @(posedge clk)
-    s2_valid <= \$160 ;
+    valid_d1 <= \$158 ;
   always @(posedge clk)
-    s2_first <= \$161 ;
+    first_d1 <= \$159 ;
   always @(posedge clk)
-    s2_last <= \$162 ;
+    last_d1 <= \$160 ;
   always @(posedge clk)
-    s2_zero <= \$163 ;
+    zero_d1 <= \$161 ;
   always @(posedge clk)
-    s3_valid <= \$164 ;
+    valid_d2 <= \$162 ;
   always @(posedge clk)
-    s3_first <= \$165 ;
+    first_d2 <= \$163 ;
   always @(posedge clk)
-    s3_last <= \$166 ;
+    last_d2 <= \$164 ;
   always @(posedge clk)
-    s3_zero <= \$167 ;
+    zero_d2 <= \$165 ;
   always @(posedge clk)
-    s4_valid <= \$168 ;
+    valid_d3 <= \$166 ;
   always @(posedge clk)
-    s4_first <= \$169 ;
+    first_d3 <= \$167 ;
   always @(posedge clk)
-    s4_last <= \$170 ;
+    last_d3 <= \$168 ;
   always @(posedge clk)
-    s4_zero <= \$171 ;
+    zero_d3 <= \$169 ;
   always @(posedge clk)
-    s5_valid <= \$172 ;
+    valid_d4 <= \$170 ;
   always @(posedge clk)
-    s5_first <= \$173 ;
+    first_d4 <= \$171 ;
   always @(posedge clk)
-    s5_last <= \$174 ;
+    last_d4 <= \$172 ;
   always @(posedge clk)
-    s5_zero <= \$175 ;
+    zero_d4 <= \$173 ;
   always @(posedge clk)
-    i__valid <= \$176 ;
+    i__valid <= \$174 ;
   always @(posedge clk)
-    s6_first <= \$177 ;
+    first_d5 <= \$175 ;
   always @(posedge clk)
-    s6_last <= \$178 ;
+    last_d5 <= \$176 ;
   always @(posedge clk)
-    s6_zero <= \$179 ;
+    zero_d5 <= \$177 ;
   always @(posedge clk)
-    \rd__addr$76  <= \$180 ;
+    \rd__addr$76  <= \$178 ;
   always @(posedge clk)
-    out_r0 <= \$181 ;
+    out_left <= \$179 ;
   always @(posedge clk)
-    out_left <= \$182 ;
+    out_last <= \$180 ;
   always @(posedge clk)
-    out_last <= \$183 ;
+    tile_base <= \$181 ;
   always @(posedge clk)
-    tile_base <= \$184 ;
+    \$signal  <= \$182 ;
   always @(posedge clk)
-    \$signal  <= \$185 ;
+    \$signal$136  <= \$183 ;
   always @(posedge clk)
-    fin1 <= \$186 ;
+    ok1 <= \$184 ;
   always @(posedge clk)
-    g1 <= \$187 ;
+    acc1 <= \$185 ;
   always @(posedge clk)
-    acc1 <= \$188 ;
+    addr1 <= \$186 ;
   always @(posedge clk)
-    addr1 <= \$189 ;
+    \$signal$140  <= \$187 ;
   always @(posedge clk)
-    \$signal$141  <= \$190 ;
+    fin2 <= \$188 ;
   always @(posedge clk)
-    fin2 <= \$191 ;
+    addr2 <= \$189 ;
   always @(posedge clk)
-    addr2 <= \$192 ;
+    acc2 <= \$190 ;
   always @(posedge clk)
-    acc2 <= \$193 ;
+    \$signal$144  <= \$191 ;
   always @(posedge clk)
-    \$signal$146  <= \$194 ;
+    fin3 <= \$192 ;
   always @(posedge clk)
-    fin3 <= \$195 ;
+    addr3 <= \$193 ;
   always @(posedge clk)
-    addr3 <= \$196 ;
+    i <= \$194 ;
   always @(posedge clk)
-    i <= \$197 ;
+    v_q_d0 <= \$195 ;
   always @(posedge clk)
-    v_q0 <= \$198 ;
+    fin_q_d0 <= \$196 ;
   always @(posedge clk)
-    fin_q0 <= \$199 ;
+    addr_q_d0 <= \$197 ;
   always @(posedge clk)
-    addr_q0 <= \$200 ;
+    v_q_d1 <= \$198 ;
   always @(posedge clk)
-    v_q1 <= \$201 ;
+    fin_q_d1 <= \$199 ;
   always @(posedge clk)
-    fin_q1 <= \$202 ;
+    addr_q_d1 <= \$200 ;
   always @(posedge clk)
-    addr_q1 <= \$203 ;
+    \wr__en$82  <= \$201 ;
   always @(posedge clk)
-    \wr__en$82  <= \$204 ;
+    fin_q_d2 <= \$202 ;
   always @(posedge clk)
-    fin_q2 <= \$205 ;
+    \wr__addr$84  <= \$203 ;
   always @(posedge clk)
-    \wr__addr$84  <= \$206 ;
+    fin_o_d0 <= \$204 ;
   always @(posedge clk)
-    fin_w0 <= \$207 ;
+    fin_o_d1 <= \$205 ;
   always @(posedge clk)
-    fin_w1 <= \$208 ;
+    done <= \$206 ;
   always @(posedge clk)
-    done <= \$209 ;
-  always @(posedge clk)
-    \busy$42  <= \$210 ;
-  always @(posedge clk)
-    m_reg <= \$211 ;
+    \busy$42  <= \$207 ;
   \encoder_layer_0_output_dense.mem_a  mem_a (
     .clk(clk),
     .q_d1(\rd__data$74 ),
@@ -1108,7 +1096,7 @@ module encoder_layer_0_output_dense(m, a_wr__en, a_wr__addr, a_wr__data, w_wr__e
   );
   \encoder_layer_0_output_dense.mem_bias  mem_bias (
     .clk(clk),
-    .rd__data(\rd__data$150 ),
+    .rd__data(\rd__data$148 ),
     .rp__addr(\rd__addr$76 ),
     .rst(rst),
     .wp__addr(bias_wr__addr),
@@ -1136,7 +1124,7 @@ module encoder_layer_0_output_dense(m, a_wr__en, a_wr__addr, a_wr__data, w_wr__e
   );
   \encoder_layer_0_output_dense.mem_shift  mem_shift (
     .clk(clk),
-    .rd__data(\rd__data$151 ),
+    .rd__data(\rd__data$149 ),
     .rp__addr(\rd__addr$76 ),
     .rst(rst),
     .wp__addr(shift_wr__addr),
@@ -1168,7 +1156,27 @@ module encoder_layer_0_output_dense(m, a_wr__en, a_wr__addr, a_wr__data, w_wr__e
   );
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$122  = fetch;
+    \$120  = fetch;
+    if (\start$44 ) begin
+      \$120  = 1'h0;
+    end
+    if (rst) begin
+      \$120  = 1'h0;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
+    \$121  = fetch0;
+    if (\start$44 ) begin
+      \$121  = 1'h0;
+    end
+    if (rst) begin
+      \$121  = 1'h0;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
+    \$122  = fetch1;
     if (\start$44 ) begin
       \$122  = 1'h0;
     end
@@ -1178,7 +1186,7 @@ module encoder_layer_0_output_dense(m, a_wr__en, a_wr__addr, a_wr__data, w_wr__e
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$123  = fetch0;
+    \$123  = fetch2;
     if (\start$44 ) begin
       \$123  = 1'h0;
     end
@@ -1188,7 +1196,7 @@ module encoder_layer_0_output_dense(m, a_wr__en, a_wr__addr, a_wr__data, w_wr__e
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$124  = fetch1;
+    \$124  = fetch3;
     if (\start$44 ) begin
       \$124  = 1'h0;
     end
@@ -1198,7 +1206,7 @@ module encoder_layer_0_output_dense(m, a_wr__en, a_wr__addr, a_wr__data, w_wr__e
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$125  = fetch2;
+    \$125  = fetch4;
     if (\start$44 ) begin
       \$125  = 1'h0;
     end
@@ -1208,109 +1216,113 @@ module encoder_layer_0_output_dense(m, a_wr__en, a_wr__addr, a_wr__data, w_wr__e
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$126  = fetch3;
-    if (\start$44 ) begin
-      \$126  = 1'h0;
-    end
-    if (rst) begin
-      \$126  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$127  = fetch4;
-    if (\start$44 ) begin
-      \$127  = 1'h0;
-    end
-    if (rst) begin
-      \$127  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$128  = ptr;
+    \$126  = ptr;
     if (fetch) begin
-      \$128  = \$56 [11:0];
+      \$126  = \$56 [11:0];
     end
     if (\start$44 ) begin
-      \$128  = 12'h001;
+      \$126  = 12'h001;
     end
     if (rst) begin
-      \$128  = 12'h000;
+      \$126  = 12'h000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$129  = \start$44 ;
+    \$127  = \start$44 ;
+    if (rst) begin
+      \$127  = 1'h0;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
+    \$128  = hdr0;
+    if (rst) begin
+      \$128  = 1'h0;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
+    \$129  = hdr1;
     if (rst) begin
       \$129  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$130  = hdr0;
+    \$130  = hdr2;
     if (rst) begin
       \$130  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$131  = hdr1;
+    \$131  = hdr3;
     if (rst) begin
       \$131  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$132  = hdr2;
+    \$132  = hdr4;
     if (rst) begin
       \$132  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$133  = hdr3;
+    \$133  = n_ent;
+    if (hdr5) begin
+      \$133  = \rd__data$101 [11:0];
+    end
     if (rst) begin
-      \$133  = 1'h0;
+      \$133  = 12'h000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$134  = hdr4;
+    \$134  = fetching;
+    if (hdr5) begin
+      \$134  = 1'h1;
+    end
+    if (\start$44 ) begin
+      \$134  = 1'h0;
+    end
     if (rst) begin
       \$134  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$135  = n_ent;
-    if (hdr5) begin
-      \$135  = \rd__data$101 [11:0];
-    end
-    if (rst) begin
-      \$135  = 12'h000;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$136  = fetching;
-    if (hdr5) begin
-      \$136  = 1'h1;
-    end
-    if (\start$44 ) begin
-      \$136  = 1'h0;
-    end
-    if (rst) begin
-      \$136  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$137  = ent_q0;
+    \$135  = ent_q0;
     if (\$58 ) begin
+      \$135  = \rd__data$101 ;
+    end else if (pop) begin
+      \$135  = ent_q1;
+    end
+    if (rst) begin
+      \$135  = 34'h000000000;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
+    \$136  = ent_q1;
+    if (\$60 ) begin
+      \$136  = \rd__data$101 ;
+    end else if (pop) begin
+      \$136  = ent_q2;
+    end
+    if (rst) begin
+      \$136  = 34'h000000000;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
+    \$137  = ent_q2;
+    if (\$62 ) begin
       \$137  = \rd__data$101 ;
     end else if (pop) begin
-      \$137  = ent_q1;
+      \$137  = ent_q3;
     end
     if (rst) begin
       \$137  = 34'h000000000;
@@ -1318,11 +1330,11 @@ module encoder_layer_0_output_dense(m, a_wr__en, a_wr__addr, a_wr__data, w_wr__e
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$138  = ent_q1;
-    if (\$60 ) begin
+    \$138  = ent_q3;
+    if (\$64 ) begin
       \$138  = \rd__data$101 ;
     end else if (pop) begin
-      \$138  = ent_q2;
+      \$138  = ent_q4;
     end
     if (rst) begin
       \$138  = 34'h000000000;
@@ -1330,11 +1342,11 @@ module encoder_layer_0_output_dense(m, a_wr__en, a_wr__addr, a_wr__data, w_wr__e
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$139  = ent_q2;
-    if (\$62 ) begin
+    \$139  = ent_q4;
+    if (\$66 ) begin
       \$139  = \rd__data$101 ;
     end else if (pop) begin
-      \$139  = ent_q3;
+      \$139  = ent_q5;
     end
     if (rst) begin
       \$139  = 34'h000000000;
@@ -1342,11 +1354,11 @@ module encoder_layer_0_output_dense(m, a_wr__en, a_wr__addr, a_wr__data, w_wr__e
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$140  = ent_q3;
-    if (\$64 ) begin
+    \$140  = ent_q5;
+    if (\$68 ) begin
       \$140  = \rd__data$101 ;
     end else if (pop) begin
-      \$140  = ent_q4;
+      \$140  = ent_q6;
     end
     if (rst) begin
       \$140  = 34'h000000000;
@@ -1354,11 +1366,11 @@ module encoder_layer_0_output_dense(m, a_wr__en, a_wr__addr, a_wr__data, w_wr__e
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$141  = ent_q4;
-    if (\$66 ) begin
+    \$141  = ent_q6;
+    if (\$70 ) begin
       \$141  = \rd__data$101 ;
     end else if (pop) begin
-      \$141  = ent_q5;
+      \$141  = ent_q7;
     end
     if (rst) begin
       \$141  = 34'h000000000;
@@ -1366,11 +1378,11 @@ module encoder_layer_0_output_dense(m, a_wr__en, a_wr__addr, a_wr__data, w_wr__e
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$142  = ent_q5;
-    if (\$68 ) begin
+    \$142  = ent_q7;
+    if (\$72 ) begin
       \$142  = \rd__data$101 ;
     end else if (pop) begin
-      \$142  = ent_q6;
+      \$142  = 34'h000000000;
     end
     if (rst) begin
       \$142  = 34'h000000000;
@@ -1378,73 +1390,86 @@ module encoder_layer_0_output_dense(m, a_wr__en, a_wr__addr, a_wr__data, w_wr__e
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$143  = ent_q6;
-    if (\$70 ) begin
-      \$143  = \rd__data$101 ;
-    end else if (pop) begin
-      \$143  = ent_q7;
-    end
-    if (rst) begin
-      \$143  = 34'h000000000;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$144  = ent_q7;
-    if (\$72 ) begin
-      \$144  = \rd__data$101 ;
-    end else if (pop) begin
-      \$144  = 34'h000000000;
-    end
-    if (rst) begin
-      \$144  = 34'h000000000;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$145  = \$74 [3:0];
+    \$143  = \$74 [3:0];
     if (\start$44 ) begin
-      \$145  = 4'h0;
+      \$143  = 4'h0;
     end
     if (rst) begin
-      \$145  = 4'h0;
+      \$143  = 4'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$146  = \$76 [3:0];
+    \$144  = \$76 [3:0];
     if (\start$44 ) begin
-      \$146  = 4'h0;
+      \$144  = 4'h0;
     end
     if (rst) begin
-      \$146  = 4'h0;
+      \$144  = 4'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$147  = tcnt;
+    \$145  = tcnt;
     if (go) begin
       if (tile_end) begin
-        \$147  = 5'h00;
+        \$145  = 5'h00;
       end else if (\$77 ) begin
-        \$147  = \$78 [4:0];
+        \$145  = \$78 [4:0];
       end
     end
     if (\start$44 ) begin
-      \$147  = 5'h00;
+      \$145  = 5'h00;
     end
     if (rst) begin
-      \$147  = 5'h00;
+      \$145  = 5'h00;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$148  = tcnt_ok;
+    \$146  = tcnt_ok;
     if (go) begin
+      if (tile_end) begin
+        \$146  = 1'h0;
+      end else if (\$77 ) begin
+        \$146  = \$80 ;
+      end
+    end
+    if (\start$44 ) begin
+      \$146  = 1'h0;
+    end
+    if (rst) begin
+      \$146  = 1'h0;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
+    \$147  = kk;
+    if (go) begin
+      if (entry_end) begin
+        \$147  = 4'h0;
+      end else if (\real ) begin
+        \$147  = \$83 [3:0];
+      end
+    end
+    if (\start$44 ) begin
+      \$147  = 4'h0;
+    end
+    if (rst) begin
+      \$147  = 4'h0;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
+    \$148  = pad;
+    if (go) begin
+      if (entry_end) begin
+        if (\$82 ) begin
+          \$148  = 1'h1;
+        end
+      end
       if (tile_end) begin
         \$148  = 1'h0;
-      end else if (\$77 ) begin
-        \$148  = \$80 ;
       end
     end
     if (\start$44 ) begin
@@ -1456,50 +1481,47 @@ module encoder_layer_0_output_dense(m, a_wr__en, a_wr__addr, a_wr__data, w_wr__e
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$149  = kk;
-    if (go) begin
-      if (entry_end) begin
-        \$149  = 4'h0;
-      end else if (\real ) begin
-        \$149  = \$83 [3:0];
-      end
-    end
-    if (\start$44 ) begin
-      \$149  = 4'h0;
-    end
-    if (rst) begin
-      \$149  = 4'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$150  = pad;
+    \$149  = sweep_end;
     if (go) begin
       if (entry_end) begin
         if (\$82 ) begin
-          \$150  = 1'h1;
+          \$149  = ent_q0[33];
         end
       end
+    end
+    if (rst) begin
+      \$149  = 1'h0;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
+    \$150  = left;
+    if (go) begin
       if (tile_end) begin
-        \$150  = 1'h0;
+        if (list_end) begin
+          \$150  = \$84 [7:0];
+        end
       end
     end
     if (\start$44 ) begin
-      \$150  = 1'h0;
+      \$150  = m;
     end
     if (rst) begin
-      \$150  = 1'h0;
+      \$150  = 8'h00;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$151  = sweep_end;
+    \$151  = last_mt;
     if (go) begin
-      if (entry_end) begin
-        if (\$82 ) begin
-          \$151  = ent_q0[33];
+      if (tile_end) begin
+        if (list_end) begin
+          \$151  = \$85 ;
         end
       end
+    end
+    if (\start$44 ) begin
+      \$151  = \$118 ;
     end
     if (rst) begin
       \$151  = 1'h0;
@@ -1507,33 +1529,35 @@ module encoder_layer_0_output_dense(m, a_wr__en, a_wr__addr, a_wr__data, w_wr__e
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$152  = left;
+    \$152  = a_base;
     if (go) begin
       if (tile_end) begin
         if (list_end) begin
-          \$152  = \$84 [7:0];
+          \$152  = \$86 [13:0];
         end
       end
     end
     if (\start$44 ) begin
-      \$152  = m;
+      \$152  = 14'h0000;
     end
     if (rst) begin
-      \$152  = 8'h00;
+      \$152  = 14'h0000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$153  = last_mt;
+    \$153  = run;
     if (go) begin
       if (tile_end) begin
         if (list_end) begin
-          \$153  = \$85 ;
+          if (last_mt) begin
+            \$153  = 1'h0;
+          end
         end
       end
     end
     if (\start$44 ) begin
-      \$153  = \$120 ;
+      \$153  = 1'h1;
     end
     if (rst) begin
       \$153  = 1'h0;
@@ -1541,519 +1565,458 @@ module encoder_layer_0_output_dense(m, a_wr__en, a_wr__addr, a_wr__data, w_wr__e
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$154  = a_base;
-    if (go) begin
-      if (tile_end) begin
-        if (list_end) begin
-          \$154  = \$86 [13:0];
-        end
-      end
-    end
-    if (\start$44 ) begin
-      \$154  = 14'h0000;
-    end
+    \$154  = go;
     if (rst) begin
-      \$154  = 14'h0000;
+      \$154  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$155  = run;
-    if (go) begin
-      if (tile_end) begin
-        if (list_end) begin
-          if (last_mt) begin
-            \$155  = 1'h0;
-          end
-        end
-      end
-    end
-    if (\start$44 ) begin
-      \$155  = 1'h1;
-    end
+    \$155  = \$87 ;
     if (rst) begin
       \$155  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$156  = go;
+    \$156  = tile_end;
     if (rst) begin
       \$156  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$157  = \$87 ;
+    \$157  = \$88 ;
     if (rst) begin
       \$157  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$158  = tile_end;
+    \$158  = valid_d0;
     if (rst) begin
       \$158  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$159  = \$88 ;
+    \$159  = first_d0;
     if (rst) begin
       \$159  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$160  = s1_valid;
+    \$160  = last_d0;
     if (rst) begin
       \$160  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$161  = s1_first;
+    \$161  = zero_d0;
     if (rst) begin
       \$161  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$162  = s1_last;
+    \$162  = valid_d1;
     if (rst) begin
       \$162  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$163  = s1_zero;
+    \$163  = first_d1;
     if (rst) begin
       \$163  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$164  = s2_valid;
+    \$164  = last_d1;
     if (rst) begin
       \$164  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$165  = s2_first;
+    \$165  = zero_d1;
     if (rst) begin
       \$165  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$166  = s2_last;
+    \$166  = valid_d2;
     if (rst) begin
       \$166  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$167  = s2_zero;
+    \$167  = first_d2;
     if (rst) begin
       \$167  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$168  = s3_valid;
+    \$168  = last_d2;
     if (rst) begin
       \$168  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$169  = s3_first;
+    \$169  = zero_d2;
     if (rst) begin
       \$169  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$170  = s3_last;
+    \$170  = valid_d3;
     if (rst) begin
       \$170  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$171  = s3_zero;
+    \$171  = first_d3;
     if (rst) begin
       \$171  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$172  = s4_valid;
+    \$172  = last_d3;
     if (rst) begin
       \$172  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$173  = s4_first;
+    \$173  = zero_d3;
     if (rst) begin
       \$173  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$174  = s4_last;
+    \$174  = valid_d4;
     if (rst) begin
       \$174  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$175  = s4_zero;
+    \$175  = first_d4;
     if (rst) begin
       \$175  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$176  = s5_valid;
+    \$176  = last_d4;
     if (rst) begin
       \$176  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$177  = s5_first;
+    \$177  = zero_d4;
     if (rst) begin
       \$177  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$178  = s5_last;
-    if (rst) begin
-      \$178  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$179  = s5_zero;
-    if (rst) begin
-      \$179  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$180  = \rd__addr$76 ;
+    \$178  = \rd__addr$76 ;
     if (\$89 ) begin
       (* full_case = 32'd1 *)
       if (\$90 ) begin
-        \$180  = 5'h00;
+        \$178  = 5'h00;
       end else begin
-        \$180  = \$95 [4:0];
+        \$178  = \$94 [4:0];
       end
     end
     if (\start$44 ) begin
-      \$180  = 5'h00;
+      \$178  = 5'h00;
     end
     if (rst) begin
-      \$180  = 5'h00;
+      \$178  = 5'h00;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$181  = out_r0;
+    \$179  = out_left;
     if (\$89 ) begin
       if (\$90 ) begin
-        \$181  = \$91 [7:0];
+        \$179  = \$91 [7:0];
       end
     end
     if (\start$44 ) begin
-      \$181  = 8'h00;
+      \$179  = m;
     end
     if (rst) begin
-      \$181  = 8'h00;
+      \$179  = 8'h00;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$182  = out_left;
+    \$180  = out_last;
     if (\$89 ) begin
       if (\$90 ) begin
-        \$182  = \$92 [7:0];
+        \$180  = \$92 ;
       end
     end
     if (\start$44 ) begin
-      \$182  = m;
+      \$180  = \$119 ;
     end
     if (rst) begin
-      \$182  = 8'h00;
+      \$180  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$183  = out_last;
+    \$181  = tile_base;
     if (\$89 ) begin
+      (* full_case = 32'd1 *)
       if (\$90 ) begin
-        \$183  = \$93 ;
+        \$181  = \$93 [11:0];
+      end else begin
+        \$181  = \$95 [11:0];
       end
     end
     if (\start$44 ) begin
-      \$183  = \$121 ;
+      \$181  = 12'h000;
     end
+    if (rst) begin
+      \$181  = 12'h000;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
+    \$182  = o__valid;
+    if (rst) begin
+      \$182  = 1'h0;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
+    \$183  = \$96 ;
     if (rst) begin
       \$183  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$184  = tile_base;
-    if (\$89 ) begin
-      (* full_case = 32'd1 *)
-      if (\$90 ) begin
-        \$184  = \$94 [11:0];
-      end else begin
-        \$184  = \$96 [11:0];
-      end
-    end
-    if (\start$44 ) begin
-      \$184  = 12'h000;
-    end
+    \$184  = \$97 ;
     if (rst) begin
-      \$184  = 12'h000;
+      \$184  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$185  = o__valid;
+    \$185  = o__payload[415:0];
     if (rst) begin
-      \$185  = 1'h0;
+      \$185  = 416'h00000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$186  = \$97 ;
+    \$186  = addr1;
+    if (o__valid) begin
+      \$186  = \$100 [11:0];
+    end
     if (rst) begin
-      \$186  = 1'h0;
+      \$186  = 12'h000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$187  = \$98 [7:0];
+    \$187  = \$101 ;
     if (rst) begin
-      \$187  = 8'h00;
+      \$187  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$188  = o__payload[415:0];
+    \$188  = \$signal$136 ;
     if (rst) begin
-      \$188  = 416'h00000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000;
+      \$188  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
     \$189  = addr1;
-    if (o__valid) begin
-      \$189  = \$101 [11:0];
-    end
     if (rst) begin
       \$189  = 12'h000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$190  = \$103 ;
+    \$190  = acc1;
     if (rst) begin
-      \$190  = 1'h0;
+      \$190  = 416'h00000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$191  = fin1;
+    \$191  = \$signal$140 ;
     if (rst) begin
       \$191  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$192  = addr1;
+    \$192  = fin2;
     if (rst) begin
-      \$192  = 12'h000;
+      \$192  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$193  = acc1;
+    \$193  = addr2;
     if (rst) begin
-      \$193  = 416'h00000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000;
+      \$193  = 12'h000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$194  = \$signal$141 ;
+    \$194 [25:0] = \$102 [25:0];
+    \$194 [419:416] = \rd__data$149 [3:0];
+    \$194 [51:26] = \$103 [25:0];
+    \$194 [423:420] = \rd__data$149 [7:4];
+    \$194 [77:52] = \$104 [25:0];
+    \$194 [427:424] = \rd__data$149 [11:8];
+    \$194 [103:78] = \$105 [25:0];
+    \$194 [431:428] = \rd__data$149 [15:12];
+    \$194 [129:104] = \$106 [25:0];
+    \$194 [435:432] = \rd__data$149 [19:16];
+    \$194 [155:130] = \$107 [25:0];
+    \$194 [439:436] = \rd__data$149 [23:20];
+    \$194 [181:156] = \$108 [25:0];
+    \$194 [443:440] = \rd__data$149 [27:24];
+    \$194 [207:182] = \$109 [25:0];
+    \$194 [447:444] = \rd__data$149 [31:28];
+    \$194 [233:208] = \$110 [25:0];
+    \$194 [451:448] = \rd__data$149 [35:32];
+    \$194 [259:234] = \$111 [25:0];
+    \$194 [455:452] = \rd__data$149 [39:36];
+    \$194 [285:260] = \$112 [25:0];
+    \$194 [459:456] = \rd__data$149 [43:40];
+    \$194 [311:286] = \$113 [25:0];
+    \$194 [463:460] = \rd__data$149 [47:44];
+    \$194 [337:312] = \$114 [25:0];
+    \$194 [467:464] = \rd__data$149 [51:48];
+    \$194 [363:338] = \$115 [25:0];
+    \$194 [471:468] = \rd__data$149 [55:52];
+    \$194 [389:364] = \$116 [25:0];
+    \$194 [475:472] = \rd__data$149 [59:56];
+    \$194 [415:390] = \$117 [25:0];
+    \$194 [479:476] = \rd__data$149 [63:60];
     if (rst) begin
-      \$194  = 1'h0;
+      \$194  = 480'h000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$195  = fin2;
+    \$195  = \$signal$144 ;
     if (rst) begin
       \$195  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$196  = addr2;
+    \$196  = fin3;
     if (rst) begin
-      \$196  = 12'h000;
+      \$196  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$197 [25:0] = \$104 [25:0];
-    \$197 [419:416] = \rd__data$151 [3:0];
-    \$197 [51:26] = \$105 [25:0];
-    \$197 [423:420] = \rd__data$151 [7:4];
-    \$197 [77:52] = \$106 [25:0];
-    \$197 [427:424] = \rd__data$151 [11:8];
-    \$197 [103:78] = \$107 [25:0];
-    \$197 [431:428] = \rd__data$151 [15:12];
-    \$197 [129:104] = \$108 [25:0];
-    \$197 [435:432] = \rd__data$151 [19:16];
-    \$197 [155:130] = \$109 [25:0];
-    \$197 [439:436] = \rd__data$151 [23:20];
-    \$197 [181:156] = \$110 [25:0];
-    \$197 [443:440] = \rd__data$151 [27:24];
-    \$197 [207:182] = \$111 [25:0];
-    \$197 [447:444] = \rd__data$151 [31:28];
-    \$197 [233:208] = \$112 [25:0];
-    \$197 [451:448] = \rd__data$151 [35:32];
-    \$197 [259:234] = \$113 [25:0];
-    \$197 [455:452] = \rd__data$151 [39:36];
-    \$197 [285:260] = \$114 [25:0];
-    \$197 [459:456] = \rd__data$151 [43:40];
-    \$197 [311:286] = \$115 [25:0];
-    \$197 [463:460] = \rd__data$151 [47:44];
-    \$197 [337:312] = \$116 [25:0];
-    \$197 [467:464] = \rd__data$151 [51:48];
-    \$197 [363:338] = \$117 [25:0];
-    \$197 [471:468] = \rd__data$151 [55:52];
-    \$197 [389:364] = \$118 [25:0];
-    \$197 [475:472] = \rd__data$151 [59:56];
-    \$197 [415:390] = \$119 [25:0];
-    \$197 [479:476] = \rd__data$151 [63:60];
+    \$197  = addr3;
     if (rst) begin
-      \$197  = 480'h000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000;
+      \$197  = 12'h000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$198  = \$signal$146 ;
+    \$198  = v_q_d0;
     if (rst) begin
       \$198  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$199  = fin3;
+    \$199  = fin_q_d0;
     if (rst) begin
       \$199  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$200  = addr3;
+    \$200  = addr_q_d0;
     if (rst) begin
       \$200  = 12'h000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$201  = v_q0;
+    \$201  = v_q_d1;
     if (rst) begin
       \$201  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$202  = fin_q0;
+    \$202  = fin_q_d1;
     if (rst) begin
       \$202  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$203  = addr_q0;
+    \$203  = addr_q_d1;
     if (rst) begin
       \$203  = 12'h000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$204  = v_q1;
+    \$204  = fin_q_d2;
     if (rst) begin
       \$204  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$205  = fin_q1;
+    \$205  = fin_o_d0;
     if (rst) begin
       \$205  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$206  = addr_q1;
+    \$206  = fin_o_d1;
     if (rst) begin
-      \$206  = 12'h000;
+      \$206  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$207  = fin_q2;
-    if (rst) begin
+    \$207  = \busy$42 ;
+    if (done) begin
       \$207  = 1'h0;
     end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$208  = fin_w0;
-    if (rst) begin
-      \$208  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$209  = fin_w1;
-    if (rst) begin
-      \$209  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$210  = \busy$42 ;
-    if (done) begin
-      \$210  = 1'h0;
-    end
     if (\start$44 ) begin
-      \$210  = 1'h1;
+      \$207  = 1'h1;
     end
     if (rst) begin
-      \$210  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$211  = m_reg;
-    if (\start$44 ) begin
-      \$211  = m;
-    end
-    if (rst) begin
-      \$211  = 8'h00;
+      \$207  = 1'h0;
     end
   end
   assign wr__addr = a_wr__addr;
@@ -2078,11 +2041,11 @@ module encoder_layer_0_output_dense(m, a_wr__en, a_wr__addr, a_wr__data, w_wr__e
   assign wr_idx = \$6 [3:0];
   assign \rd__addr$65  = \$18 [13:0];
   assign \rd__addr$67  = \$19 [15:0];
-  assign s6_valid = i__valid;
+  assign valid_d5 = i__valid;
   assign out_nt = \rd__addr$76 ;
   assign \rd__addr$78  = \rd__addr$76 ;
-  assign v_q2 = \wr__en$82 ;
-  assign addr_q2 = \wr__addr$84 ;
+  assign v_q_d2 = \wr__en$82 ;
+  assign addr_q_d2 = \wr__addr$84 ;
   assign o = \wr__data$86 ;
   assign \a_wr__data[0]  = a_wr__data[7:0];
   assign \a_wr__data[1]  = a_wr__data[15:8];
@@ -2429,38 +2392,38 @@ module encoder_layer_0_output_dense(m, a_wr__en, a_wr__addr, a_wr__data, w_wr__e
   assign \i.t[13]  = i[471:468];
   assign \i.t[14]  = i[475:472];
   assign \i.t[15]  = i[479:476];
-  assign \rd__data$150[0]  = \rd__data$150 [12:0];
-  assign \rd__data$150[1]  = \rd__data$150 [25:13];
-  assign \rd__data$150[2]  = \rd__data$150 [38:26];
-  assign \rd__data$150[3]  = \rd__data$150 [51:39];
-  assign \rd__data$150[4]  = \rd__data$150 [64:52];
-  assign \rd__data$150[5]  = \rd__data$150 [77:65];
-  assign \rd__data$150[6]  = \rd__data$150 [90:78];
-  assign \rd__data$150[7]  = \rd__data$150 [103:91];
-  assign \rd__data$150[8]  = \rd__data$150 [116:104];
-  assign \rd__data$150[9]  = \rd__data$150 [129:117];
-  assign \rd__data$150[10]  = \rd__data$150 [142:130];
-  assign \rd__data$150[11]  = \rd__data$150 [155:143];
-  assign \rd__data$150[12]  = \rd__data$150 [168:156];
-  assign \rd__data$150[13]  = \rd__data$150 [181:169];
-  assign \rd__data$150[14]  = \rd__data$150 [194:182];
-  assign \rd__data$150[15]  = \rd__data$150 [207:195];
-  assign \rd__data$151[0]  = \rd__data$151 [3:0];
-  assign \rd__data$151[1]  = \rd__data$151 [7:4];
-  assign \rd__data$151[2]  = \rd__data$151 [11:8];
-  assign \rd__data$151[3]  = \rd__data$151 [15:12];
-  assign \rd__data$151[4]  = \rd__data$151 [19:16];
-  assign \rd__data$151[5]  = \rd__data$151 [23:20];
-  assign \rd__data$151[6]  = \rd__data$151 [27:24];
-  assign \rd__data$151[7]  = \rd__data$151 [31:28];
-  assign \rd__data$151[8]  = \rd__data$151 [35:32];
-  assign \rd__data$151[9]  = \rd__data$151 [39:36];
-  assign \rd__data$151[10]  = \rd__data$151 [43:40];
-  assign \rd__data$151[11]  = \rd__data$151 [47:44];
-  assign \rd__data$151[12]  = \rd__data$151 [51:48];
-  assign \rd__data$151[13]  = \rd__data$151 [55:52];
-  assign \rd__data$151[14]  = \rd__data$151 [59:56];
-  assign \rd__data$151[15]  = \rd__data$151 [63:60];
+  assign \rd__data$148[0]  = \rd__data$148 [12:0];
+  assign \rd__data$148[1]  = \rd__data$148 [25:13];
+  assign \rd__data$148[2]  = \rd__data$148 [38:26];
+  assign \rd__data$148[3]  = \rd__data$148 [51:39];
+  assign \rd__data$148[4]  = \rd__data$148 [64:52];
+  assign \rd__data$148[5]  = \rd__data$148 [77:65];
+  assign \rd__data$148[6]  = \rd__data$148 [90:78];
+  assign \rd__data$148[7]  = \rd__data$148 [103:91];
+  assign \rd__data$148[8]  = \rd__data$148 [116:104];
+  assign \rd__data$148[9]  = \rd__data$148 [129:117];
+  assign \rd__data$148[10]  = \rd__data$148 [142:130];
+  assign \rd__data$148[11]  = \rd__data$148 [155:143];
+  assign \rd__data$148[12]  = \rd__data$148 [168:156];
+  assign \rd__data$148[13]  = \rd__data$148 [181:169];
+  assign \rd__data$148[14]  = \rd__data$148 [194:182];
+  assign \rd__data$148[15]  = \rd__data$148 [207:195];
+  assign \rd__data$149[0]  = \rd__data$149 [3:0];
+  assign \rd__data$149[1]  = \rd__data$149 [7:4];
+  assign \rd__data$149[2]  = \rd__data$149 [11:8];
+  assign \rd__data$149[3]  = \rd__data$149 [15:12];
+  assign \rd__data$149[4]  = \rd__data$149 [19:16];
+  assign \rd__data$149[5]  = \rd__data$149 [23:20];
+  assign \rd__data$149[6]  = \rd__data$149 [27:24];
+  assign \rd__data$149[7]  = \rd__data$149 [31:28];
+  assign \rd__data$149[8]  = \rd__data$149 [35:32];
+  assign \rd__data$149[9]  = \rd__data$149 [39:36];
+  assign \rd__data$149[10]  = \rd__data$149 [43:40];
+  assign \rd__data$149[11]  = \rd__data$149 [47:44];
+  assign \rd__data$149[12]  = \rd__data$149 [51:48];
+  assign \rd__data$149[13]  = \rd__data$149 [55:52];
+  assign \rd__data$149[14]  = \rd__data$149 [59:56];
+  assign \rd__data$149[15]  = \rd__data$149 [63:60];
   assign i__payload[255:248] = \$51 ;
   assign i__payload[247:240] = \$50 ;
   assign i__payload[239:232] = \$49 ;
@@ -2493,28 +2456,20 @@ module encoder_layer_0_output_dense(m, a_wr__en, a_wr__addr, a_wr__data, w_wr__e
   assign i__payload[23:16] = \$22 ;
   assign i__payload[15:8] = \$21 ;
   assign i__payload[7:0] = \$20 ;
-  assign i__payload[257] = s6_last;
-  assign i__payload[256] = s6_first;
+  assign i__payload[257] = last_d5;
+  assign i__payload[256] = first_d5;
 endmodule
 
 (* generator = "Amaranth" *)
 module \encoder_layer_0_output_dense.mem_a (wr__addr, wr__data, clk, rst, rd__addr, q_d1, wr__en);
   input clk;
   wire clk;
-  reg [13:0] port0_d0 = 14'h0000;
-  reg [13:0] port0_d1 = 14'h0000;
-  reg [127:0] port1_d0 = 128'h00000000000000000000000000000000;
-  reg [127:0] port1_d1 = 128'h00000000000000000000000000000000;
-  reg port2_d0 = 1'h0;
-  reg port2_d1 = 1'h0;
-  reg [13:0] port3_d0 = 14'h0000;
-  reg [13:0] port3_d1 = 14'h0000;
-  reg port4_d0 = 1'h1;
-  reg port4_d1 = 1'h1;
   reg [127:0] q = 128'h00000000000000000000000000000000;
   reg [127:0] q_d0 = 128'h00000000000000000000000000000000;
   output [127:0] q_d1;
   reg [127:0] q_d1 = 128'h00000000000000000000000000000000;
+  reg [13:0] ra_d0 = 14'h0000;
+  reg [13:0] ra_d1 = 14'h0000;
   input [13:0] rd__addr;
   wire [13:0] rd__addr;
   (* init = 128'h00000000000000000000000000000000 *)
@@ -2536,6 +2491,8 @@ module \encoder_layer_0_output_dense.mem_a (wr__addr, wr__data, clk, rst, rd__ad
   wire [7:0] \rd__data[8] ;
   wire [7:0] \rd__data[9] ;
   wire rd__en;
+  reg ren_d0 = 1'h1;
+  reg ren_d1 = 1'h1;
   (* init = 14'h0000 *)
   wire [13:0] rp__addr;
   wire [127:0] rp__data;
@@ -2543,6 +2500,12 @@ module \encoder_layer_0_output_dense.mem_a (wr__addr, wr__data, clk, rst, rd__ad
   wire rp__en;
   input rst;
   wire rst;
+  reg [13:0] wa_d0 = 14'h0000;
+  reg [13:0] wa_d1 = 14'h0000;
+  reg [127:0] wd_d0 = 128'h00000000000000000000000000000000;
+  reg [127:0] wd_d1 = 128'h00000000000000000000000000000000;
+  reg we_d0 = 1'h0;
+  reg we_d1 = 1'h0;
   (* init = 14'h0000 *)
   wire [13:0] wp__addr;
   (* init = 128'h00000000000000000000000000000000 *)
@@ -14863,24 +14826,24 @@ module \encoder_layer_0_output_dense.mem_a (wr__addr, wr__data, clk, rst, rd__ad
     mem[12287] = 128'h00000000000000000000000000000000;
   end
   always @(posedge clk) begin
-    if (port2_d1)
-      mem[port0_d1] <= port1_d1;
+    if (we_d1)
+      mem[wa_d1] <= wd_d1;
   end
   reg [127:0] _0_;
   always @(posedge clk) begin
-    if (port4_d1) begin
-      _0_ <= mem[port3_d1];
+    if (ren_d1) begin
+      _0_ <= mem[ra_d1];
     end
   end
   assign rp__data = _0_;
   always @(posedge clk)
-    port1_d1 <= port1_d0;
+    wd_d1 <= wd_d0;
   always @(posedge clk)
-    port2_d1 <= port2_d0;
+    we_d1 <= we_d0;
   always @(posedge clk)
-    port3_d1 <= port3_d0;
+    ra_d1 <= ra_d0;
   always @(posedge clk)
-    port4_d1 <= port4_d0;
+    ren_d1 <= ren_d0;
   always @(posedge clk)
     q <= rp__data;
   always @(posedge clk)
@@ -14888,23 +14851,23 @@ module \encoder_layer_0_output_dense.mem_a (wr__addr, wr__data, clk, rst, rd__ad
   always @(posedge clk)
     q_d1 <= q_d0;
   always @(posedge clk)
-    port0_d0 <= wr__addr;
+    wa_d0 <= wr__addr;
   always @(posedge clk)
-    port1_d0 <= wr__data;
+    wd_d0 <= wr__data;
   always @(posedge clk)
-    port2_d0 <= wr__en;
+    we_d0 <= wr__en;
   always @(posedge clk)
-    port3_d0 <= rd__addr;
+    ra_d0 <= rd__addr;
   always @(posedge clk)
-    port4_d0 <= 1'h1;
+    ren_d0 <= 1'h1;
   always @(posedge clk)
-    port0_d1 <= port0_d0;
+    wa_d1 <= wa_d0;
   assign rd__en = 1'h1;
-  assign wp__addr = port0_d1;
-  assign wp__data = port1_d1;
-  assign wp__en = port2_d1;
-  assign rp__addr = port3_d1;
-  assign rp__en = port4_d1;
+  assign wp__addr = wa_d1;
+  assign wp__data = wd_d1;
+  assign wp__en = we_d1;
+  assign rp__addr = ra_d1;
+  assign rp__en = ren_d1;
   assign rd__data = q_d1;
   assign \wr__data[0]  = wr__data[7:0];
   assign \wr__data[1]  = wr__data[15:8];
@@ -15080,25 +15043,19 @@ endmodule
 module \encoder_layer_0_output_dense.mem_ent (wr__addr, wr__data, clk, rst, rd__addr, q_d1, wr__en);
   input clk;
   wire clk;
-  reg [11:0] port0_d0 = 12'h000;
-  reg [11:0] port0_d1 = 12'h000;
-  reg [33:0] port1_d0 = 34'h000000000;
-  reg [33:0] port1_d1 = 34'h000000000;
-  reg port2_d0 = 1'h0;
-  reg port2_d1 = 1'h0;
-  reg [11:0] port3_d0 = 12'h000;
-  reg [11:0] port3_d1 = 12'h000;
-  reg port4_d0 = 1'h1;
-  reg port4_d1 = 1'h1;
   reg [33:0] q = 34'h000000000;
   reg [33:0] q_d0 = 34'h000000000;
   output [33:0] q_d1;
   reg [33:0] q_d1 = 34'h000000000;
+  reg [11:0] ra_d0 = 12'h000;
+  reg [11:0] ra_d1 = 12'h000;
   input [11:0] rd__addr;
   wire [11:0] rd__addr;
   (* init = 34'h000000000 *)
   wire [33:0] rd__data;
   wire rd__en;
+  reg ren_d0 = 1'h1;
+  reg ren_d1 = 1'h1;
   (* init = 12'h000 *)
   wire [11:0] rp__addr;
   wire [33:0] rp__data;
@@ -15106,6 +15063,12 @@ module \encoder_layer_0_output_dense.mem_ent (wr__addr, wr__data, clk, rst, rd__
   wire rp__en;
   input rst;
   wire rst;
+  reg [11:0] wa_d0 = 12'h000;
+  reg [11:0] wa_d1 = 12'h000;
+  reg [33:0] wd_d0 = 34'h000000000;
+  reg [33:0] wd_d1 = 34'h000000000;
+  reg we_d0 = 1'h0;
+  reg we_d1 = 1'h0;
   (* init = 12'h000 *)
   wire [11:0] wp__addr;
   (* init = 34'h000000000 *)
@@ -17427,24 +17390,24 @@ module \encoder_layer_0_output_dense.mem_ent (wr__addr, wr__data, clk, rst, rd__
     mem[2304] = 34'h000000000;
   end
   always @(posedge clk) begin
-    if (port2_d1)
-      mem[port0_d1] <= port1_d1;
+    if (we_d1)
+      mem[wa_d1] <= wd_d1;
   end
   reg [33:0] _0_;
   always @(posedge clk) begin
-    if (port4_d1) begin
-      _0_ <= mem[port3_d1];
+    if (ren_d1) begin
+      _0_ <= mem[ra_d1];
     end
   end
   assign rp__data = _0_;
   always @(posedge clk)
-    port1_d1 <= port1_d0;
+    wd_d1 <= wd_d0;
   always @(posedge clk)
-    port2_d1 <= port2_d0;
+    we_d1 <= we_d0;
   always @(posedge clk)
-    port3_d1 <= port3_d0;
+    ra_d1 <= ra_d0;
   always @(posedge clk)
-    port4_d1 <= port4_d0;
+    ren_d1 <= ren_d0;
   always @(posedge clk)
     q <= rp__data;
   always @(posedge clk)
@@ -17452,23 +17415,23 @@ module \encoder_layer_0_output_dense.mem_ent (wr__addr, wr__data, clk, rst, rd__
   always @(posedge clk)
     q_d1 <= q_d0;
   always @(posedge clk)
-    port0_d0 <= wr__addr;
+    wa_d0 <= wr__addr;
   always @(posedge clk)
-    port1_d0 <= wr__data;
+    wd_d0 <= wr__data;
   always @(posedge clk)
-    port2_d0 <= wr__en;
+    we_d0 <= wr__en;
   always @(posedge clk)
-    port3_d0 <= rd__addr;
+    ra_d0 <= rd__addr;
   always @(posedge clk)
-    port4_d0 <= 1'h1;
+    ren_d0 <= 1'h1;
   always @(posedge clk)
-    port0_d1 <= port0_d0;
+    wa_d1 <= wa_d0;
   assign rd__en = 1'h1;
-  assign wp__addr = port0_d1;
-  assign wp__data = port1_d1;
-  assign wp__en = port2_d1;
-  assign rp__addr = port3_d1;
-  assign rp__en = port4_d1;
+  assign wp__addr = wa_d1;
+  assign wp__data = wd_d1;
+  assign wp__en = we_d1;
+  assign rp__addr = ra_d1;
+  assign rp__en = ren_d1;
   assign rd__data = q_d1;
 endmodule
 
@@ -17476,20 +17439,12 @@ endmodule
 module \encoder_layer_0_output_dense.mem_out (rd__addr, clk, rst, wr__en, wr__addr, q_d1, wr__data, rd__en);
   input clk;
   wire clk;
-  reg [11:0] port0_d0 = 12'h000;
-  reg [11:0] port0_d1 = 12'h000;
-  reg [255:0] port1_d0 = 256'h0000000000000000000000000000000000000000000000000000000000000000;
-  reg [255:0] port1_d1 = 256'h0000000000000000000000000000000000000000000000000000000000000000;
-  reg port2_d0 = 1'h0;
-  reg port2_d1 = 1'h0;
-  reg [11:0] port3_d0 = 12'h000;
-  reg [11:0] port3_d1 = 12'h000;
-  reg port4_d0 = 1'h1;
-  reg port4_d1 = 1'h1;
   reg [255:0] q = 256'h0000000000000000000000000000000000000000000000000000000000000000;
   reg [255:0] q_d0 = 256'h0000000000000000000000000000000000000000000000000000000000000000;
   output [255:0] q_d1;
   reg [255:0] q_d1 = 256'h0000000000000000000000000000000000000000000000000000000000000000;
+  reg [11:0] ra_d0 = 12'h000;
+  reg [11:0] ra_d1 = 12'h000;
   input [11:0] rd__addr;
   wire [11:0] rd__addr;
   (* init = 256'h0000000000000000000000000000000000000000000000000000000000000000 *)
@@ -17512,6 +17467,8 @@ module \encoder_layer_0_output_dense.mem_out (rd__addr, clk, rst, wr__en, wr__ad
   wire [15:0] \rd__data[9] ;
   input rd__en;
   wire rd__en;
+  reg ren_d0 = 1'h1;
+  reg ren_d1 = 1'h1;
   (* init = 12'h000 *)
   wire [11:0] rp__addr;
   wire [255:0] rp__data;
@@ -17519,6 +17476,12 @@ module \encoder_layer_0_output_dense.mem_out (rd__addr, clk, rst, wr__en, wr__ad
   wire rp__en;
   input rst;
   wire rst;
+  reg [11:0] wa_d0 = 12'h000;
+  reg [11:0] wa_d1 = 12'h000;
+  reg [255:0] wd_d0 = 256'h0000000000000000000000000000000000000000000000000000000000000000;
+  reg [255:0] wd_d1 = 256'h0000000000000000000000000000000000000000000000000000000000000000;
+  reg we_d0 = 1'h0;
+  reg we_d1 = 1'h0;
   (* init = 12'h000 *)
   wire [11:0] wp__addr;
   (* init = 256'h0000000000000000000000000000000000000000000000000000000000000000 *)
@@ -20623,24 +20586,24 @@ module \encoder_layer_0_output_dense.mem_out (rd__addr, clk, rst, wr__en, wr__ad
     mem[3071] = 256'h0000000000000000000000000000000000000000000000000000000000000000;
   end
   always @(posedge clk) begin
-    if (port2_d1)
-      mem[port0_d1] <= port1_d1;
+    if (we_d1)
+      mem[wa_d1] <= wd_d1;
   end
   reg [255:0] _0_;
   always @(posedge clk) begin
-    if (port4_d1) begin
-      _0_ <= mem[port3_d1];
+    if (ren_d1) begin
+      _0_ <= mem[ra_d1];
     end
   end
   assign rp__data = _0_;
   always @(posedge clk)
-    port1_d1 <= port1_d0;
+    wd_d1 <= wd_d0;
   always @(posedge clk)
-    port2_d1 <= port2_d0;
+    we_d1 <= we_d0;
   always @(posedge clk)
-    port3_d1 <= port3_d0;
+    ra_d1 <= ra_d0;
   always @(posedge clk)
-    port4_d1 <= port4_d0;
+    ren_d1 <= ren_d0;
   always @(posedge clk)
     q <= rp__data;
   always @(posedge clk)
@@ -20648,22 +20611,22 @@ module \encoder_layer_0_output_dense.mem_out (rd__addr, clk, rst, wr__en, wr__ad
   always @(posedge clk)
     q_d1 <= q_d0;
   always @(posedge clk)
-    port0_d0 <= wr__addr;
+    wa_d0 <= wr__addr;
   always @(posedge clk)
-    port1_d0 <= wr__data;
+    wd_d0 <= wr__data;
   always @(posedge clk)
-    port2_d0 <= wr__en;
+    we_d0 <= wr__en;
   always @(posedge clk)
-    port3_d0 <= rd__addr;
+    ra_d0 <= rd__addr;
   always @(posedge clk)
-    port4_d0 <= rd__en;
+    ren_d0 <= rd__en;
   always @(posedge clk)
-    port0_d1 <= port0_d0;
-  assign wp__addr = port0_d1;
-  assign wp__data = port1_d1;
-  assign wp__en = port2_d1;
-  assign rp__addr = port3_d1;
-  assign rp__en = port4_d1;
+    wa_d1 <= wa_d0;
+  assign wp__addr = wa_d1;
+  assign wp__data = wd_d1;
+  assign wp__en = we_d1;
+  assign rp__addr = ra_d1;
+  assign rp__en = ren_d1;
   assign rd__data = q_d1;
   assign \wr__data[0]  = wr__data[15:0];
   assign \wr__data[1]  = wr__data[31:16];
@@ -20839,20 +20802,12 @@ endmodule
 module \encoder_layer_0_output_dense.mem_w (wr__addr, wr__data, clk, rst, rd__addr, q_d1, wr__en);
   input clk;
   wire clk;
-  reg [15:0] port0_d0 = 16'h0000;
-  reg [15:0] port0_d1 = 16'h0000;
-  reg [127:0] port1_d0 = 128'h00000000000000000000000000000000;
-  reg [127:0] port1_d1 = 128'h00000000000000000000000000000000;
-  reg port2_d0 = 1'h0;
-  reg port2_d1 = 1'h0;
-  reg [15:0] port3_d0 = 16'h0000;
-  reg [15:0] port3_d1 = 16'h0000;
-  reg port4_d0 = 1'h1;
-  reg port4_d1 = 1'h1;
   reg [127:0] q = 128'h00000000000000000000000000000000;
   reg [127:0] q_d0 = 128'h00000000000000000000000000000000;
   output [127:0] q_d1;
   reg [127:0] q_d1 = 128'h00000000000000000000000000000000;
+  reg [15:0] ra_d0 = 16'h0000;
+  reg [15:0] ra_d1 = 16'h0000;
   input [15:0] rd__addr;
   wire [15:0] rd__addr;
   (* init = 128'h00000000000000000000000000000000 *)
@@ -20874,6 +20829,8 @@ module \encoder_layer_0_output_dense.mem_w (wr__addr, wr__data, clk, rst, rd__ad
   wire [7:0] \rd__data[8] ;
   wire [7:0] \rd__data[9] ;
   wire rd__en;
+  reg ren_d0 = 1'h1;
+  reg ren_d1 = 1'h1;
   (* init = 16'h0000 *)
   wire [15:0] rp__addr;
   wire [127:0] rp__data;
@@ -20881,6 +20838,12 @@ module \encoder_layer_0_output_dense.mem_w (wr__addr, wr__data, clk, rst, rd__ad
   wire rp__en;
   input rst;
   wire rst;
+  reg [15:0] wa_d0 = 16'h0000;
+  reg [15:0] wa_d1 = 16'h0000;
+  reg [127:0] wd_d0 = 128'h00000000000000000000000000000000;
+  reg [127:0] wd_d1 = 128'h00000000000000000000000000000000;
+  reg we_d0 = 1'h0;
+  reg we_d1 = 1'h0;
   (* init = 16'h0000 *)
   wire [15:0] wp__addr;
   (* init = 128'h00000000000000000000000000000000 *)
@@ -57777,24 +57740,24 @@ module \encoder_layer_0_output_dense.mem_w (wr__addr, wr__data, clk, rst, rd__ad
     mem[36863] = 128'h00000000000000000000000000000000;
   end
   always @(posedge clk) begin
-    if (port2_d1)
-      mem[port0_d1] <= port1_d1;
+    if (we_d1)
+      mem[wa_d1] <= wd_d1;
   end
   reg [127:0] _0_;
   always @(posedge clk) begin
-    if (port4_d1) begin
-      _0_ <= mem[port3_d1];
+    if (ren_d1) begin
+      _0_ <= mem[ra_d1];
     end
   end
   assign rp__data = _0_;
   always @(posedge clk)
-    port1_d1 <= port1_d0;
+    wd_d1 <= wd_d0;
   always @(posedge clk)
-    port2_d1 <= port2_d0;
+    we_d1 <= we_d0;
   always @(posedge clk)
-    port3_d1 <= port3_d0;
+    ra_d1 <= ra_d0;
   always @(posedge clk)
-    port4_d1 <= port4_d0;
+    ren_d1 <= ren_d0;
   always @(posedge clk)
     q <= rp__data;
   always @(posedge clk)
@@ -57802,23 +57765,23 @@ module \encoder_layer_0_output_dense.mem_w (wr__addr, wr__data, clk, rst, rd__ad
   always @(posedge clk)
     q_d1 <= q_d0;
   always @(posedge clk)
-    port0_d0 <= wr__addr;
+    wa_d0 <= wr__addr;
   always @(posedge clk)
-    port1_d0 <= wr__data;
+    wd_d0 <= wr__data;
   always @(posedge clk)
-    port2_d0 <= wr__en;
+    we_d0 <= wr__en;
   always @(posedge clk)
-    port3_d0 <= rd__addr;
+    ra_d0 <= rd__addr;
   always @(posedge clk)
-    port4_d0 <= 1'h1;
+    ren_d0 <= 1'h1;
   always @(posedge clk)
-    port0_d1 <= port0_d0;
+    wa_d1 <= wa_d0;
   assign rd__en = 1'h1;
-  assign wp__addr = port0_d1;
-  assign wp__data = port1_d1;
-  assign wp__en = port2_d1;
-  assign rp__addr = port3_d1;
-  assign rp__en = port4_d1;
+  assign wp__addr = wa_d1;
+  assign wp__data = wd_d1;
+  assign wp__en = we_d1;
+  assign rp__addr = ra_d1;
+  assign rp__en = ren_d1;
   assign rd__data = q_d1;
   assign \wr__data[0]  = wr__data[7:0];
   assign \wr__data[1]  = wr__data[15:8];

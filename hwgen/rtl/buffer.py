@@ -67,6 +67,7 @@ from amaranth.lib.memory import Memory, MemoryData, ReadPort, WritePort
 from amaranth.lib.wiring import Out
 
 from .pe_array import RTLError, _is_int, check_positive
+from .pipeline import delayed
 
 #: the fewest cycles from a read address (``rd.en`` high) to its word on ``rd.data``
 READ_LATENCY = 2
@@ -133,17 +134,6 @@ def write_latency(width: int, depth: int, latency: int | None = None) -> int:
     return latency - READ_LATENCY - _select_stages(width, depth)
 
 
-def _delayed(m: Module, values, stages: int, name: str) -> list:
-    """``values`` through ``stages`` registers each (themselves when 0)."""
-    out = list(values)
-    for st in range(stages):
-        nxt = [Signal.like(v, name=f"{name}{i}_d{st}", reset_less=True) if isinstance(v, Signal)
-               else Signal(len(v), name=f"{name}{i}_d{st}", reset_less=True) for i, v in enumerate(out)]
-        m.d.sync += [q.eq(v) for q, v in zip(nxt, out)]
-        out = nxt
-    return out
-
-
 class Buffer(wiring.Component):
     """A ``depth`` x ``shape`` RAM with write port ``wr`` and a read port ``rd``
     of ``latency`` cycles (module docstring)."""
@@ -185,8 +175,8 @@ class Buffer(wiring.Component):
         """The write port (address, data, enable) and the read port (address,
         enable), each behind ``stages`` registers: both ports move together, so
         the order of reads and writes is kept."""
-        return _delayed(m, [self.wr.addr, Value.cast(self.wr.data), self.wr.en,
-                            self.rd.addr, self.rd.en], stages, "port")
+        return delayed(m, [self.wr.addr, Value.cast(self.wr.data), self.wr.en, self.rd.addr, self.rd.en],
+                       stages, ("wa", "wd", "we", "ra", "ren"), reset_less=True)
 
     def _memory(self, async_read: bool) -> Module:
         m = Module()
@@ -206,10 +196,8 @@ class Buffer(wiring.Component):
             rp = mem.read_port()
             m.d.comb += [rp.addr.eq(ra), rp.en.eq(ren)]
             m.d.sync += q.eq(rp.data)
-        for st in range(self.latency - READ_LATENCY - self.write_latency):  # where the bank select's are
-            q_next = Signal(self.width, name=f"q_d{st}", reset_less=True)
-            m.d.sync += q_next.eq(q)
-            q = q_next
+        # the registers where ECP5's bank select has its own
+        q, = delayed(m, [q], self.latency - READ_LATENCY - self.write_latency, ("q",), reset_less=True)
         m.d.comb += self.rd.data.eq(q)
         return m
 

@@ -126,6 +126,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 from amaranth import Module, Mux, Shape, Signal, signed, unsigned
@@ -137,6 +138,7 @@ from .. import contract as C
 from ..fixed import FixedType, bits_for_range
 from .buffer import Buffer, read_latency, write_latency
 from .pe_array import PEArray, RTLError, _is_int, check_positive
+from .pipeline import delayed
 from .requant import ShiftRequant, check_shift_range, shift_code, shift_code_width
 
 #: the requantization modes the engine implements (the quantizer's defaults)
@@ -187,6 +189,16 @@ def _unpack(layout: data.ArrayLayout, words) -> np.ndarray:
             v = np.where(v >= 1 << (w - 1), v - (1 << w), v)
         out[:, e] = v
     return out
+
+
+@lru_cache(maxsize=1024)
+def _read_latencies(spec: "MatmulSpec") -> dict[str, int]:
+    """:attr:`MatmulSpec.read_latencies`, once per spec (specs are frozen and hashable)."""
+    own = {b: read_latency(Shape.cast(lay).width, spec.depths[b]) for b, lay in spec.layouts.items()}
+    for pair in (("a", "w"), ("bias", "shift")):
+        for b in pair:
+            own[b] = max(own[p] for p in pair)
+    return own
 
 
 @dataclass(frozen=True)
@@ -386,12 +398,9 @@ class MatmulSpec:
         """Read latency of each buffer (:func:`hwgen.rtl.buffer.read_latency` of its
         size); buffers read in lockstep share one: ``a`` and ``w`` (the operands),
         ``bias`` and ``shift`` (the output stage) take the larger of the pair.
-        ``out``'s is the host's ``o_rd`` latency."""
-        own = {b: read_latency(Shape.cast(lay).width, self.depths[b]) for b, lay in self.layouts.items()}
-        for pair in (("a", "w"), ("bias", "shift")):
-            for b in pair:
-                own[b] = max(own[p] for p in pair)
-        return own
+        ``out``'s is the host's ``o_rd`` latency. Computed once per spec (every
+        cycle count and every latency below reads it); a fresh dict each call."""
+        return dict(_read_latencies(self))
 
     @property
     def out_write_latency(self) -> int:
@@ -703,7 +712,6 @@ class MatmulEngine(wiring.Component):
         # ---- control ---------------------------------------------------------
         busy = Signal()
         run = Signal()                       # the issue stage still has beats to send
-        m_reg = Signal(self.m.shape())
         start = Signal()
         done = Signal()
         m.d.comb += [self.busy.eq(busy & ~done), start.eq(self.start & ~self.busy)]
@@ -799,12 +807,8 @@ class MatmulEngine(wiring.Component):
                     with m.If(last_mt):
                         m.d.sync += run.eq(0)
         # stages 1 .. lat_op: the operand reads; the beat's flags ride along
-        flags = [go, tcnt == 0, tile_end, ~real]
-        for st in range(1, s.read_latencies["a"] + 1):
-            nxt = [Signal(name=f"s{st}_{n}") for n in ("valid", "first", "last", "zero")]
-            m.d.sync += [q.eq(d) for q, d in zip(nxt, flags)]
-            flags = nxt
-        op_valid, op_first, op_last, op_zero = flags
+        op_valid, op_first, op_last, op_zero = delayed(
+            m, [go, tcnt == 0, tile_end, ~real], s.read_latencies["a"], ("valid", "first", "last", "zero"))
 
         # ---- the operand words -> PE array -----------------------------------
         av, wv = a_rd.data, w_rd.data
@@ -815,32 +819,30 @@ class MatmulEngine(wiring.Component):
 
         # ---- output side: PE rows -> + bias -> requant -> out buffer -------------
         out_nt = Signal(range(max(s.nt, 2)))
-        out_r0 = Signal(range(s.mt_max * R + 1))
-        out_left = Signal(range(s.mt_max * R + 1))  # m - out_r0, and its last-M-tile flag
-        out_last = Signal()
+        out_left = Signal(range(s.mt_max * R + 1))  # m - the draining M-tile's first row
+        out_last = Signal()                          # ... <= R: it is the last M-tile
         bias_rd = bufs["bias"].rd
         shift_rd = bufs["shift"].rd
         m.d.comb += [bias_rd.addr.eq(out_nt), shift_rd.addr.eq(out_nt)]
         fin = Signal()
         m.d.comb += fin.eq(pe.o.payload.last & (out_nt == s.nt - 1) & out_last)
-        # out address of the draining tile's row 0, out_r0 * NT + out_nt, kept by
+        # out address of the draining tile's row 0, (m - out_left) * NT + out_nt, kept by
         # additions (no multiplier on the way to the out buffer's address)
         tile_base = Signal(range((s.mt_max + 1) * R * s.nt + 1))
         with m.If(pe.o.valid & pe.o.payload.last):
             with m.If(out_nt == s.nt - 1):
-                m.d.sync += [out_nt.eq(0), out_r0.eq(out_r0 + R), out_left.eq(out_left - R),
+                m.d.sync += [out_nt.eq(0), out_left.eq(out_left - R),
                              out_last.eq(out_left <= 2 * R),
                              tile_base.eq(tile_base + (R * s.nt - (s.nt - 1)))]
             with m.Else():
                 m.d.sync += [out_nt.eq(out_nt + 1), tile_base.eq(tile_base + 1)]
 
-        # stage R1: accumulator row, its row index and out address (rows drain in
-        # order, row 0 first: each row's address is the previous one's + NT)
-        v1, fin1 = Signal(), Signal()
-        g1 = Signal(range(s.mt_max * R + 1))
+        # stage R1: accumulator row, whether it is a row < m, and its out address (rows
+        # drain in order, row 0 first: each row's address is the previous one's + NT)
+        v1, fin1, ok1 = Signal(), Signal(), Signal()
         addr1 = Signal(range((s.mt_max + 1) * R * s.nt + 1))
         acc1 = Signal(pe.o.payload.data.shape())
-        m.d.sync += [v1.eq(pe.o.valid), fin1.eq(pe.o.valid & fin), g1.eq(out_r0 + pe.o.payload.row),
+        m.d.sync += [v1.eq(pe.o.valid), fin1.eq(pe.o.valid & fin), ok1.eq(pe.o.payload.row < out_left),
                      acc1.eq(pe.o.payload.data)]
         with m.If(pe.o.valid):
             m.d.sync += addr1.eq(Mux(pe.o.payload.row == 0, tile_base, addr1 + s.nt))
@@ -849,13 +851,10 @@ class MatmulEngine(wiring.Component):
         v2, fin2 = Signal(), Signal()
         addr2 = Signal(bufs["out"].wr.addr.shape())
         acc2 = Signal.like(acc1)
-        m.d.sync += [v2.eq(v1 & (g1 < m_reg)), fin2.eq(fin1), addr2.eq(addr1),
+        m.d.sync += [v2.eq(v1 & ok1), fin2.eq(fin1), addr2.eq(addr1),
                      acc2.eq(acc1)]
-        for st in range(s.read_latencies["bias"] - 2):
-            nxt = [Signal.like(v, name=f"{n}_w{st}") for v, n in
-                   zip((v2, fin2, addr2, acc2), ("v", "fin", "addr", "acc"))]
-            m.d.sync += [q.eq(d) for q, d in zip(nxt, (v2, fin2, addr2, acc2))]
-            v2, fin2, addr2, acc2 = nxt
+        v2, fin2, addr2, acc2 = delayed(m, [v2, fin2, addr2, acc2], s.read_latencies["bias"] - 2,
+                                        ("v_w", "fin_w", "addr_w", "acc_w"))
         bv, tv = bias_rd.data, shift_rd.data
         # stage R3: sum = acc + bias, shift codes -> ShiftRequant
         m.submodules.rq = rq = ShiftRequant(s.sum_width, s.shift_min, s.shift_max,
@@ -866,30 +865,22 @@ class MatmulEngine(wiring.Component):
         for c in range(N):
             m.d.sync += [rq.i.c[c].eq(acc2[c] + bv[c]), rq.i.t[c].eq(tv[c])]
         # ShiftRequant stages (R3, R4): valid/address ride alongside
-        vq, finq, addrq = [v3], [fin3], [addr3]
-        for st in range(ShiftRequant.LATENCY):
-            vq.append(Signal(name=f"v_q{st}"))
-            finq.append(Signal(name=f"fin_q{st}"))
-            addrq.append(Signal.like(addr2, name=f"addr_q{st}"))
-            m.d.sync += [vq[-1].eq(vq[-2]), finq[-1].eq(finq[-2]), addrq[-1].eq(addrq[-2])]
+        vq, finq, addrq = delayed(m, [v3, fin3, addr3], ShiftRequant.LATENCY, ("v_q", "fin_q", "addr_q"))
         ow = bufs["out"].wr
-        m.d.comb += [ow.en.eq(vq[-1]), ow.addr.eq(addrq[-1]), ow.data.eq(rq.o.as_value())]
-        fin_w = finq[-1]
-        for st in range(s.out_write_latency):   # the last word through out's front registers
-            nxt = Signal(name=f"fin_w{st}")
-            m.d.sync += nxt.eq(fin_w)
-            fin_w = nxt
-        m.d.sync += done.eq(fin_w)
+        m.d.comb += [ow.en.eq(vq), ow.addr.eq(addrq), ow.data.eq(rq.o.as_value())]
+        # the last word through out's front registers, then done
+        fin_o, = delayed(m, [finq], s.out_write_latency, ("fin_o",))
+        m.d.sync += done.eq(fin_o)
         m.d.comb += self.done.eq(done)
 
         # ---- start / done (a start in the done cycle is taken) ------------------
         with m.If(done):
             m.d.sync += busy.eq(0)
         with m.If(start):   # the header is read in this cycle (port address 0)
-            m.d.sync += [busy.eq(1), run.eq(1), m_reg.eq(self.m), a_base.eq(0),
+            m.d.sync += [busy.eq(1), run.eq(1), a_base.eq(0),
                          left.eq(self.m), last_mt.eq(self.m <= R), out_left.eq(self.m),
                          out_last.eq(self.m <= R),
-                         out_nt.eq(0), out_r0.eq(0), tile_base.eq(0), tcnt.eq(0), tcnt_ok.eq(s.min_beats <= 1),
+                         out_nt.eq(0), tile_base.eq(0), tcnt.eq(0), tcnt_ok.eq(s.min_beats <= 1),
                          kk.eq(0), pad.eq(0),
                          fetching.eq(0), ptr.eq(1), cnt.eq(0), held.eq(0)]
             m.d.sync += [f.eq(0) for f in inflight]
