@@ -70,6 +70,12 @@ def impl_bench(quick: bool = False, part: str = "LFE5U-85F", bandwidth_gbs: floa
     macs = m * spec.k * spec.n
     pes = ref["rows"] * ref["cols"]
     exact = {"cycles": cycles, "macs": macs, "macs_per_cycle": macs / cycles, "utilization": macs / pes / cycles}
+
+    def synthesized(res: dict, budget: int) -> dict:
+        """What synthesis gives, with or without place and route: resources, the PE
+        DSP budget and MACs per cycle per DSP."""
+        return {**{k: res[k] for k in ("lut", "ff", "dsp", "bram")}, "pe_dsp_budget": budget,
+                "fabric_multipliers": max(0, pes - budget), "macs_per_cycle_per_dsp": macs / cycles / max(res["dsp"], 1)}
     try:
         r = implement_component(comp, p, freq_mhz=freq_mhz, timeout=timeout, say=say, router=router)
     except ImplError as e:  # reported, not fatal to the rest of `make bench`
@@ -77,17 +83,12 @@ def impl_bench(quick: bool = False, part: str = "LFE5U-85F", bandwidth_gbs: floa
         out = {"reference": ref, "part": p.name, "router": router, "error": str(e), **exact, "accuracy": acc}
         res = getattr(e, "resources", None)
         if res:  # synthesis finished (place and route failed): the resources and MACs per DSP stand
-            budget = getattr(e, "pe_dsp_budget", p.device.dsp)
-            out.update({k: res[k] for k in ("lut", "ff", "dsp", "bram")}, pe_dsp_budget=budget,
-                       fabric_multipliers=max(0, pes - budget),
-                       macs_per_cycle_per_dsp=macs / cycles / max(res["dsp"], 1))
+            out.update(synthesized(res, getattr(e, "pe_dsp_budget", p.device.dsp)))
         return out
     out = {"reference": ref, "part": r["part"], "router": router, "fmax_mhz": r["fmax_mhz"], "target_mhz": freq_mhz,
-           "lut": r["lut"], "ff": r["ff"], "dsp": r["dsp"], "bram": r["bram"],
-           "pe_dsp_budget": r["pe_dsp_budget"], "fabric_multipliers": max(0, pes - r["pe_dsp_budget"]),
+           **synthesized(r, r["pe_dsp_budget"]),
            "critical_path": r["critical_path"], "synth_s": r["synth_s"], "pnr_s": r["pnr_s"],
            "cached": r["cached"], **exact,
-           "macs_per_cycle_per_dsp": macs / cycles / max(r["dsp"], 1),
            "gmacs_per_s": macs / cycles * r["fmax_mhz"] / 1e3,
            "roofline": {k: v for k, v in roofline(graph, p, fmax_mhz=r["fmax_mhz"], bandwidth_gbs=bandwidth_gbs,
                                                   seq=m, layer=0, rows=ref["rows"], cols=ref["cols"],
