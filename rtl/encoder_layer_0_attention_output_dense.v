@@ -18,48 +18,48 @@ module encoder_layer_0_attention_output_dense(m, a_wr__en, a_wr__addr, a_wr__dat
   wire [24:0] \$108 ;
   wire [24:0] \$109 ;
   wire \$11 ;
-  wire \$110 ;
-  wire \$111 ;
-  reg \$112 ;
-  reg \$113 ;
-  reg [9:0] \$114 ;
-  reg \$115 ;
-  reg \$116 ;
-  reg [9:0] \$117 ;
-  reg \$118 ;
-  reg [29:0] \$119 ;
+  wire [24:0] \$110 ;
+  wire [24:0] \$111 ;
+  wire [24:0] \$112 ;
+  wire [24:0] \$113 ;
+  wire \$114 ;
+  wire \$115 ;
+  wire \$116 ;
+  wire \$117 ;
+  wire \$118 ;
+  wire \$119 ;
   wire \$12 ;
-  reg [29:0] \$120 ;
-  reg [29:0] \$121 ;
-  reg [29:0] \$122 ;
-  reg [2:0] \$123 ;
-  reg [2:0] \$124 ;
-  reg [4:0] \$125 ;
+  reg \$120 ;
+  reg \$121 ;
+  reg [9:0] \$122 ;
+  reg \$123 ;
+  reg \$124 ;
+  reg [9:0] \$125 ;
   reg \$126 ;
-  reg [3:0] \$127 ;
-  reg \$128 ;
-  reg \$129 ;
+  reg [29:0] \$127 ;
+  reg [29:0] \$128 ;
+  reg [29:0] \$129 ;
   wire \$13 ;
-  reg [7:0] \$130 ;
-  reg \$131 ;
-  reg [11:0] \$132 ;
-  reg \$133 ;
-  reg \$134 ;
-  reg \$135 ;
+  reg [29:0] \$130 ;
+  reg [29:0] \$131 ;
+  reg [2:0] \$132 ;
+  reg [29:0] \$133 ;
+  reg [2:0] \$134 ;
+  reg [2:0] \$135 ;
   reg \$136 ;
   reg \$137 ;
-  reg \$138 ;
-  reg \$139 ;
+  reg [2:0] \$138 ;
+  reg [8:0] \$139 ;
   wire \$14 ;
-  reg \$140 ;
-  reg \$141 ;
+  reg [13:0] \$140 ;
+  reg [4:0] \$141 ;
   reg \$142 ;
-  reg \$143 ;
+  reg [3:0] \$143 ;
   reg \$144 ;
   reg \$145 ;
-  reg \$146 ;
+  reg [7:0] \$146 ;
   reg \$147 ;
-  reg \$148 ;
+  reg [11:0] \$148 ;
   reg \$149 ;
   wire \$15 ;
   reg \$150 ;
@@ -70,44 +70,85 @@ module encoder_layer_0_attention_output_dense(m, a_wr__en, a_wr__addr, a_wr__dat
   reg \$155 ;
   reg \$156 ;
   reg \$157 ;
-  reg [4:0] \$158 ;
-  reg [7:0] \$159 ;
+  reg \$158 ;
+  reg \$159 ;
   wire \$16 ;
   reg \$160 ;
-  reg [11:0] \$161 ;
+  reg \$161 ;
   reg \$162 ;
   reg \$163 ;
   reg \$164 ;
-  reg [383:0] \$165 ;
-  reg [11:0] \$166 ;
+  reg \$165 ;
+  reg \$166 ;
   reg \$167 ;
   reg \$168 ;
-  reg [11:0] \$169 ;
+  reg \$169 ;
   wire [12:0] \$17 ;
-  reg [383:0] \$170 ;
+  reg \$170 ;
   reg \$171 ;
   reg \$172 ;
-  reg [11:0] \$173 ;
-  reg [415:0] \$174 ;
+  reg \$173 ;
+  reg \$174 ;
   reg \$175 ;
   reg \$176 ;
-  reg [11:0] \$177 ;
+  reg \$177 ;
   reg \$178 ;
   reg \$179 ;
-  wire [13:0] \$18 ;
-  reg [11:0] \$180 ;
+  wire [7:0] \$18 ;
+  reg \$180 ;
   reg \$181 ;
   reg \$182 ;
-  reg [11:0] \$183 ;
+  reg \$183 ;
   reg \$184 ;
   reg \$185 ;
   reg \$186 ;
   reg \$187 ;
-  wire [14:0] \$19 ;
+  reg \$188 ;
+  reg \$189 ;
+  wire [7:0] \$19 ;
+  reg \$190 ;
+  reg \$191 ;
+  reg \$192 ;
+  reg \$193 ;
+  reg \$194 ;
+  reg \$195 ;
+  reg \$196 ;
+  reg [4:0] \$197 ;
+  reg [7:0] \$198 ;
+  reg \$199 ;
   wire \$2 ;
   wire [7:0] \$20 ;
+  reg [11:0] \$200 ;
+  reg \$201 ;
+  reg \$202 ;
+  reg \$203 ;
+  reg [383:0] \$204 ;
+  reg [11:0] \$205 ;
+  reg \$206 ;
+  reg \$207 ;
+  reg [11:0] \$208 ;
+  reg [383:0] \$209 ;
   wire [7:0] \$21 ;
+  reg \$210 ;
+  reg \$211 ;
+  reg [11:0] \$212 ;
+  reg [415:0] \$213 ;
+  reg \$214 ;
+  reg \$215 ;
+  reg [11:0] \$216 ;
+  reg \$217 ;
+  reg \$218 ;
+  reg [11:0] \$219 ;
   wire [7:0] \$22 ;
+  reg \$220 ;
+  reg \$221 ;
+  reg [11:0] \$222 ;
+  reg \$223 ;
+  reg \$224 ;
+  reg \$225 ;
+  reg \$226 ;
+  reg \$227 ;
+  reg \$228 ;
   wire [7:0] \$23 ;
   wire [7:0] \$24 ;
   wire [7:0] \$25 ;
@@ -120,44 +161,44 @@ module encoder_layer_0_attention_output_dense(m, a_wr__en, a_wr__addr, a_wr__dat
   wire [7:0] \$31 ;
   wire [7:0] \$32 ;
   wire [7:0] \$33 ;
-  wire [7:0] \$34 ;
-  wire [7:0] \$35 ;
-  wire [7:0] \$36 ;
-  wire [7:0] \$37 ;
-  wire [7:0] \$38 ;
-  wire [7:0] \$39 ;
+  wire \$34 ;
+  wire \$35 ;
+  wire \$36 ;
+  wire [10:0] \$37 ;
+  wire [10:0] \$38 ;
+  wire \$39 ;
   wire \$4 ;
-  wire [7:0] \$40 ;
-  wire [7:0] \$41 ;
-  wire [7:0] \$42 ;
-  wire [7:0] \$43 ;
-  wire [7:0] \$44 ;
-  wire [7:0] \$45 ;
-  wire [7:0] \$46 ;
-  wire [7:0] \$47 ;
-  wire [7:0] \$48 ;
-  wire [7:0] \$49 ;
+  wire \$40 ;
+  wire \$41 ;
+  wire \$42 ;
+  wire \$43 ;
+  wire \$44 ;
+  wire \$45 ;
+  wire \$46 ;
+  wire \$47 ;
+  wire \$48 ;
+  wire \$49 ;
   wire \$5 ;
-  wire [7:0] \$50 ;
-  wire [7:0] \$51 ;
+  wire [3:0] \$50 ;
+  wire [3:0] \$51 ;
   wire \$52 ;
-  wire \$53 ;
-  wire \$54 ;
-  wire [10:0] \$55 ;
-  wire [10:0] \$56 ;
+  wire [3:0] \$53 ;
+  wire [3:0] \$54 ;
+  wire [3:0] \$55 ;
+  wire [4:0] \$56 ;
   wire \$57 ;
   wire \$58 ;
   wire \$59 ;
-  wire [3:0] \$6 ;
+  wire \$6 ;
   wire \$60 ;
   wire \$61 ;
   wire \$62 ;
   wire \$63 ;
-  wire \$64 ;
-  wire [3:0] \$65 ;
-  wire [4:0] \$66 ;
-  wire [3:0] \$67 ;
-  wire [4:0] \$68 ;
+  wire [3:0] \$64 ;
+  wire [4:0] \$65 ;
+  wire \$66 ;
+  wire [9:0] \$67 ;
+  wire [14:0] \$68 ;
   wire \$69 ;
   wire \$7 ;
   wire [5:0] \$70 ;
@@ -172,31 +213,32 @@ module encoder_layer_0_attention_output_dense(m, a_wr__en, a_wr__addr, a_wr__dat
   wire \$79 ;
   wire \$8 ;
   wire \$80 ;
-  wire \$81 ;
+  wire [4:0] \$81 ;
   wire \$82 ;
-  wire [8:0] \$83 ;
+  wire \$83 ;
   wire \$84 ;
-  wire [12:0] \$85 ;
-  wire [5:0] \$86 ;
-  wire [12:0] \$87 ;
+  wire \$85 ;
+  wire \$86 ;
+  wire [8:0] \$87 ;
   wire \$88 ;
-  wire \$89 ;
+  wire [12:0] \$89 ;
   wire \$9 ;
-  wire \$90 ;
+  wire [5:0] \$90 ;
   wire [12:0] \$91 ;
-  wire [12:0] \$92 ;
+  wire \$92 ;
   wire \$93 ;
-  wire [24:0] \$94 ;
-  wire [24:0] \$95 ;
-  wire [24:0] \$96 ;
-  wire [24:0] \$97 ;
+  wire \$94 ;
+  wire [12:0] \$95 ;
+  wire [12:0] \$96 ;
+  wire \$97 ;
   wire [24:0] \$98 ;
   wire [24:0] \$99 ;
   reg \$signal  = 1'h0;
-  reg \$signal$124  = 1'h0;
-  reg \$signal$128  = 1'h0;
-  reg \$signal$132  = 1'h0;
+  reg \$signal$155  = 1'h0;
+  reg \$signal$159  = 1'h0;
+  reg \$signal$163  = 1'h0;
   reg [11:0] a_base = 12'h000;
+  reg [8:0] a_off = 9'h000;
   input [11:0] a_wr__addr;
   wire [11:0] a_wr__addr;
   input [127:0] a_wr__data;
@@ -287,16 +329,16 @@ module encoder_layer_0_attention_output_dense(m, a_wr__en, a_wr__addr, a_wr__dat
   reg \busy$42  = 1'h0;
   input clk;
   wire clk;
-  reg [2:0] cnt = 3'h0;
   output done;
   reg done = 1'h0;
   (* init = 1'h0 *)
   wire \done$43 ;
-  wire e_valid;
+  reg [29:0] ent_head = 30'h00000000;
   reg [29:0] ent_q0 = 30'h00000000;
   reg [29:0] ent_q1 = 30'h00000000;
   reg [29:0] ent_q2 = 30'h00000000;
   reg [29:0] ent_q3 = 30'h00000000;
+  reg [29:0] ent_q4 = 30'h00000000;
   input [9:0] ent_wr__addr;
   wire [9:0] ent_wr__addr;
   input [29:0] ent_wr__data;
@@ -313,6 +355,7 @@ module encoder_layer_0_attention_output_dense(m, a_wr__en, a_wr__addr, a_wr__dat
   reg fin3 = 1'h0;
   reg fin_o_d0 = 1'h0;
   reg fin_o_d1 = 1'h0;
+  reg fin_o_d2 = 1'h0;
   reg fin_q_d0 = 1'h0;
   reg fin_q_d1 = 1'h0;
   reg fin_q_d2 = 1'h0;
@@ -322,6 +365,7 @@ module encoder_layer_0_attention_output_dense(m, a_wr__en, a_wr__addr, a_wr__dat
   reg first_d3 = 1'h0;
   reg first_d4 = 1'h0;
   reg first_d5 = 1'h0;
+  reg first_d6 = 1'h0;
   wire go;
   reg hdr0 = 1'h0;
   reg hdr1 = 1'h0;
@@ -399,19 +443,24 @@ module encoder_layer_0_attention_output_dense(m, a_wr__en, a_wr__addr, a_wr__dat
   wire \i__payload.first ;
   wire \i__payload.last ;
   reg i__valid = 1'h0;
+  reg idle = 1'h1;
   reg [3:0] kk = 4'h0;
+  reg kk_last = 1'h0;
   reg last_d0 = 1'h0;
   reg last_d1 = 1'h0;
   reg last_d2 = 1'h0;
   reg last_d3 = 1'h0;
   reg last_d4 = 1'h0;
   reg last_d5 = 1'h0;
+  reg last_d6 = 1'h0;
   reg last_mt = 1'h0;
   reg [7:0] left = 8'h00;
   wire list_end;
+  wire load;
   input [7:0] m;
   wire [7:0] m;
   reg [9:0] n_ent = 10'h000;
+  reg nonempty = 1'h0;
   wire [255:0] o;
   wire [15:0] \o[0] ;
   wire [15:0] \o[10] ;
@@ -473,6 +522,7 @@ module encoder_layer_0_attention_output_dense(m, a_wr__en, a_wr__addr, a_wr__dat
   input o_rd__en;
   wire o_rd__en;
   reg ok1 = 1'h0;
+  reg [29:0] oldest;
   reg out_last = 1'h0;
   reg [7:0] out_left = 8'h00;
   (* init = 5'h00 *)
@@ -481,82 +531,82 @@ module encoder_layer_0_attention_output_dense(m, a_wr__en, a_wr__addr, a_wr__dat
   wire pop;
   reg [9:0] ptr = 10'h000;
   wire [11:0] rd__addr;
-  wire [9:0] \rd__addr$49 ;
-  wire [11:0] \rd__addr$65 ;
-  wire [13:0] \rd__addr$67 ;
-  reg [4:0] \rd__addr$76  = 5'h00;
+  reg [4:0] \rd__addr$100  = 5'h00;
   (* init = 5'h00 *)
-  wire [4:0] \rd__addr$78 ;
+  wire [4:0] \rd__addr$102 ;
+  wire [9:0] \rd__addr$49 ;
+  wire [11:0] \rd__addr$72 ;
+  reg [13:0] \rd__addr$75  = 14'h0000;
   wire [255:0] rd__data;
-  wire [223:0] \rd__data$136 ;
-  wire [13:0] \rd__data$136[0] ;
-  wire [13:0] \rd__data$136[10] ;
-  wire [13:0] \rd__data$136[11] ;
-  wire [13:0] \rd__data$136[12] ;
-  wire [13:0] \rd__data$136[13] ;
-  wire [13:0] \rd__data$136[14] ;
-  wire [13:0] \rd__data$136[15] ;
-  wire [13:0] \rd__data$136[1] ;
-  wire [13:0] \rd__data$136[2] ;
-  wire [13:0] \rd__data$136[3] ;
-  wire [13:0] \rd__data$136[4] ;
-  wire [13:0] \rd__data$136[5] ;
-  wire [13:0] \rd__data$136[6] ;
-  wire [13:0] \rd__data$136[7] ;
-  wire [13:0] \rd__data$136[8] ;
-  wire [13:0] \rd__data$136[9] ;
-  wire [31:0] \rd__data$137 ;
-  wire [1:0] \rd__data$137[0] ;
-  wire [1:0] \rd__data$137[10] ;
-  wire [1:0] \rd__data$137[11] ;
-  wire [1:0] \rd__data$137[12] ;
-  wire [1:0] \rd__data$137[13] ;
-  wire [1:0] \rd__data$137[14] ;
-  wire [1:0] \rd__data$137[15] ;
-  wire [1:0] \rd__data$137[1] ;
-  wire [1:0] \rd__data$137[2] ;
-  wire [1:0] \rd__data$137[3] ;
-  wire [1:0] \rd__data$137[4] ;
-  wire [1:0] \rd__data$137[5] ;
-  wire [1:0] \rd__data$137[6] ;
-  wire [1:0] \rd__data$137[7] ;
-  wire [1:0] \rd__data$137[8] ;
-  wire [1:0] \rd__data$137[9] ;
-  wire [127:0] \rd__data$74 ;
-  wire [7:0] \rd__data$74[0] ;
-  wire [7:0] \rd__data$74[10] ;
-  wire [7:0] \rd__data$74[11] ;
-  wire [7:0] \rd__data$74[12] ;
-  wire [7:0] \rd__data$74[13] ;
-  wire [7:0] \rd__data$74[14] ;
-  wire [7:0] \rd__data$74[15] ;
-  wire [7:0] \rd__data$74[1] ;
-  wire [7:0] \rd__data$74[2] ;
-  wire [7:0] \rd__data$74[3] ;
-  wire [7:0] \rd__data$74[4] ;
-  wire [7:0] \rd__data$74[5] ;
-  wire [7:0] \rd__data$74[6] ;
-  wire [7:0] \rd__data$74[7] ;
-  wire [7:0] \rd__data$74[8] ;
-  wire [7:0] \rd__data$74[9] ;
-  wire [127:0] \rd__data$75 ;
-  wire [7:0] \rd__data$75[0] ;
-  wire [7:0] \rd__data$75[10] ;
-  wire [7:0] \rd__data$75[11] ;
-  wire [7:0] \rd__data$75[12] ;
-  wire [7:0] \rd__data$75[13] ;
-  wire [7:0] \rd__data$75[14] ;
-  wire [7:0] \rd__data$75[15] ;
-  wire [7:0] \rd__data$75[1] ;
-  wire [7:0] \rd__data$75[2] ;
-  wire [7:0] \rd__data$75[3] ;
-  wire [7:0] \rd__data$75[4] ;
-  wire [7:0] \rd__data$75[5] ;
-  wire [7:0] \rd__data$75[6] ;
-  wire [7:0] \rd__data$75[7] ;
-  wire [7:0] \rd__data$75[8] ;
-  wire [7:0] \rd__data$75[9] ;
-  wire [29:0] \rd__data$93 ;
+  wire [29:0] \rd__data$117 ;
+  wire [223:0] \rd__data$167 ;
+  wire [13:0] \rd__data$167[0] ;
+  wire [13:0] \rd__data$167[10] ;
+  wire [13:0] \rd__data$167[11] ;
+  wire [13:0] \rd__data$167[12] ;
+  wire [13:0] \rd__data$167[13] ;
+  wire [13:0] \rd__data$167[14] ;
+  wire [13:0] \rd__data$167[15] ;
+  wire [13:0] \rd__data$167[1] ;
+  wire [13:0] \rd__data$167[2] ;
+  wire [13:0] \rd__data$167[3] ;
+  wire [13:0] \rd__data$167[4] ;
+  wire [13:0] \rd__data$167[5] ;
+  wire [13:0] \rd__data$167[6] ;
+  wire [13:0] \rd__data$167[7] ;
+  wire [13:0] \rd__data$167[8] ;
+  wire [13:0] \rd__data$167[9] ;
+  wire [31:0] \rd__data$168 ;
+  wire [1:0] \rd__data$168[0] ;
+  wire [1:0] \rd__data$168[10] ;
+  wire [1:0] \rd__data$168[11] ;
+  wire [1:0] \rd__data$168[12] ;
+  wire [1:0] \rd__data$168[13] ;
+  wire [1:0] \rd__data$168[14] ;
+  wire [1:0] \rd__data$168[15] ;
+  wire [1:0] \rd__data$168[1] ;
+  wire [1:0] \rd__data$168[2] ;
+  wire [1:0] \rd__data$168[3] ;
+  wire [1:0] \rd__data$168[4] ;
+  wire [1:0] \rd__data$168[5] ;
+  wire [1:0] \rd__data$168[6] ;
+  wire [1:0] \rd__data$168[7] ;
+  wire [1:0] \rd__data$168[8] ;
+  wire [1:0] \rd__data$168[9] ;
+  wire [127:0] \rd__data$82 ;
+  wire [7:0] \rd__data$82[0] ;
+  wire [7:0] \rd__data$82[10] ;
+  wire [7:0] \rd__data$82[11] ;
+  wire [7:0] \rd__data$82[12] ;
+  wire [7:0] \rd__data$82[13] ;
+  wire [7:0] \rd__data$82[14] ;
+  wire [7:0] \rd__data$82[15] ;
+  wire [7:0] \rd__data$82[1] ;
+  wire [7:0] \rd__data$82[2] ;
+  wire [7:0] \rd__data$82[3] ;
+  wire [7:0] \rd__data$82[4] ;
+  wire [7:0] \rd__data$82[5] ;
+  wire [7:0] \rd__data$82[6] ;
+  wire [7:0] \rd__data$82[7] ;
+  wire [7:0] \rd__data$82[8] ;
+  wire [7:0] \rd__data$82[9] ;
+  wire [127:0] \rd__data$84 ;
+  wire [7:0] \rd__data$84[0] ;
+  wire [7:0] \rd__data$84[10] ;
+  wire [7:0] \rd__data$84[11] ;
+  wire [7:0] \rd__data$84[12] ;
+  wire [7:0] \rd__data$84[13] ;
+  wire [7:0] \rd__data$84[14] ;
+  wire [7:0] \rd__data$84[15] ;
+  wire [7:0] \rd__data$84[1] ;
+  wire [7:0] \rd__data$84[2] ;
+  wire [7:0] \rd__data$84[3] ;
+  wire [7:0] \rd__data$84[4] ;
+  wire [7:0] \rd__data$84[5] ;
+  wire [7:0] \rd__data$84[6] ;
+  wire [7:0] \rd__data$84[7] ;
+  wire [7:0] \rd__data$84[8] ;
+  wire [7:0] \rd__data$84[9] ;
   wire [15:0] \rd__data[0] ;
   wire [15:0] \rd__data[10] ;
   wire [15:0] \rd__data[11] ;
@@ -575,6 +625,9 @@ module encoder_layer_0_attention_output_dense(m, a_wr__en, a_wr__addr, a_wr__dat
   wire [15:0] \rd__data[9] ;
   wire rd__en;
   wire \real ;
+  reg [2:0] ring = 3'h0;
+  reg ring_any = 1'h0;
+  reg [2:0] rp = 3'h0;
   input rst;
   wire rst;
   reg run = 1'h0;
@@ -617,8 +670,56 @@ module encoder_layer_0_attention_output_dense(m, a_wr__en, a_wr__addr, a_wr__dat
   reg valid_d2 = 1'h0;
   reg valid_d3 = 1'h0;
   reg valid_d4 = 1'h0;
+  reg valid_d5 = 1'h0;
   (* init = 1'h0 *)
-  wire valid_d5;
+  wire valid_d6;
+  (* init = 14'h0000 *)
+  wire [13:0] w_addr;
+  (* keep = 32'd1 *)
+  reg w_real_c0 = 1'h0;
+  (* keep = 32'd1 *)
+  reg w_real_c1 = 1'h0;
+  (* keep = 32'd1 *)
+  reg w_real_c10 = 1'h0;
+  (* keep = 32'd1 *)
+  reg w_real_c11 = 1'h0;
+  (* keep = 32'd1 *)
+  reg w_real_c12 = 1'h0;
+  (* keep = 32'd1 *)
+  reg w_real_c13 = 1'h0;
+  (* keep = 32'd1 *)
+  reg w_real_c14 = 1'h0;
+  (* keep = 32'd1 *)
+  reg w_real_c15 = 1'h0;
+  (* keep = 32'd1 *)
+  reg w_real_c2 = 1'h0;
+  (* keep = 32'd1 *)
+  reg w_real_c3 = 1'h0;
+  (* keep = 32'd1 *)
+  reg w_real_c4 = 1'h0;
+  (* keep = 32'd1 *)
+  reg w_real_c5 = 1'h0;
+  (* keep = 32'd1 *)
+  reg w_real_c6 = 1'h0;
+  (* keep = 32'd1 *)
+  reg w_real_c7 = 1'h0;
+  (* keep = 32'd1 *)
+  reg w_real_c8 = 1'h0;
+  (* keep = 32'd1 *)
+  reg w_real_c9 = 1'h0;
+  reg w_real_d0 = 1'h0;
+  reg w_real_d1 = 1'h0;
+  reg w_real_d2 = 1'h0;
+  reg w_real_d3 = 1'h0;
+  reg w_real_d4 = 1'h0;
+  (* keep = 32'd1 *)
+  reg w_real_g0 = 1'h0;
+  (* keep = 32'd1 *)
+  reg w_real_g1 = 1'h0;
+  (* keep = 32'd1 *)
+  reg w_real_g2 = 1'h0;
+  (* keep = 32'd1 *)
+  reg w_real_g3 = 1'h0;
   input [13:0] w_wr__addr;
   wire [13:0] w_wr__addr;
   input [127:0] w_wr__data;
@@ -641,13 +742,31 @@ module encoder_layer_0_attention_output_dense(m, a_wr__en, a_wr__addr, a_wr__dat
   wire [7:0] \w_wr__data[9] ;
   input w_wr__en;
   wire w_wr__en;
+  reg [2:0] wp = 3'h0;
   wire [11:0] wr__addr;
+  reg [11:0] \wr__addr$108  = 12'h000;
   wire [13:0] \wr__addr$27 ;
   wire [9:0] \wr__addr$30 ;
   wire [4:0] \wr__addr$33 ;
   wire [4:0] \wr__addr$36 ;
-  reg [11:0] \wr__addr$84  = 12'h000;
   wire [127:0] wr__data;
+  wire [255:0] \wr__data$110 ;
+  wire [15:0] \wr__data$110[0] ;
+  wire [15:0] \wr__data$110[10] ;
+  wire [15:0] \wr__data$110[11] ;
+  wire [15:0] \wr__data$110[12] ;
+  wire [15:0] \wr__data$110[13] ;
+  wire [15:0] \wr__data$110[14] ;
+  wire [15:0] \wr__data$110[15] ;
+  wire [15:0] \wr__data$110[1] ;
+  wire [15:0] \wr__data$110[2] ;
+  wire [15:0] \wr__data$110[3] ;
+  wire [15:0] \wr__data$110[4] ;
+  wire [15:0] \wr__data$110[5] ;
+  wire [15:0] \wr__data$110[6] ;
+  wire [15:0] \wr__data$110[7] ;
+  wire [15:0] \wr__data$110[8] ;
+  wire [15:0] \wr__data$110[9] ;
   wire [127:0] \wr__data$28 ;
   wire [7:0] \wr__data$28[0] ;
   wire [7:0] \wr__data$28[10] ;
@@ -700,23 +819,6 @@ module encoder_layer_0_attention_output_dense(m, a_wr__en, a_wr__addr, a_wr__dat
   wire [1:0] \wr__data$37[7] ;
   wire [1:0] \wr__data$37[8] ;
   wire [1:0] \wr__data$37[9] ;
-  wire [255:0] \wr__data$86 ;
-  wire [15:0] \wr__data$86[0] ;
-  wire [15:0] \wr__data$86[10] ;
-  wire [15:0] \wr__data$86[11] ;
-  wire [15:0] \wr__data$86[12] ;
-  wire [15:0] \wr__data$86[13] ;
-  wire [15:0] \wr__data$86[14] ;
-  wire [15:0] \wr__data$86[15] ;
-  wire [15:0] \wr__data$86[1] ;
-  wire [15:0] \wr__data$86[2] ;
-  wire [15:0] \wr__data$86[3] ;
-  wire [15:0] \wr__data$86[4] ;
-  wire [15:0] \wr__data$86[5] ;
-  wire [15:0] \wr__data$86[6] ;
-  wire [15:0] \wr__data$86[7] ;
-  wire [15:0] \wr__data$86[8] ;
-  wire [15:0] \wr__data$86[9] ;
   wire [7:0] \wr__data[0] ;
   wire [7:0] \wr__data[10] ;
   wire [7:0] \wr__data[11] ;
@@ -734,297 +836,364 @@ module encoder_layer_0_attention_output_dense(m, a_wr__en, a_wr__addr, a_wr__dat
   wire [7:0] \wr__data[8] ;
   wire [7:0] \wr__data[9] ;
   wire wr__en;
+  reg \wr__en$106  = 1'h0;
   wire \wr__en$29 ;
   wire \wr__en$32 ;
   wire \wr__en$35 ;
   wire \wr__en$38 ;
-  reg \wr__en$82  = 1'h0;
-  wire [2:0] wr_idx;
-  reg zero_d0 = 1'h0;
-  reg zero_d1 = 1'h0;
-  reg zero_d2 = 1'h0;
-  reg zero_d3 = 1'h0;
-  reg zero_d4 = 1'h0;
-  reg zero_d5 = 1'h0;
   assign \$1  = ~ done;
   assign busy = \busy$42  & \$1 ;
   assign \$2  = ~ busy;
   assign \start$44  = start & \$2 ;
   assign \$3  = fetching & run;
-  assign \$4  = held < 3'h4;
+  assign \$4  = held < 3'h5;
   assign fetch = \$3  & \$4 ;
   assign \$5  = fetching & run;
   assign \rd__addr$49  = \$5  ? ptr : 10'h000;
-  assign \$6  = cnt - pop;
-  assign e_valid = | cnt;
-  assign \$7  = pad | e_valid;
-  assign go = run & \$7 ;
-  assign \$8  = ~ pad;
-  assign \$9  = ~ ent_q0[27];
-  assign \real  = \$8  & \$9 ;
-  assign \$10  = kk == ent_q0[26:23];
-  assign entry_end = \real  & \$10 ;
-  assign \$11  = entry_end & ent_q0[28];
+  assign \$6  = ~ nonempty;
+  assign \$7  = pop | \$6 ;
+  assign load = \$7  & ring_any;
+  assign \$8  = pad | nonempty;
+  assign go = run & \$8 ;
+  assign \$9  = ~ pad;
+  assign \$10  = ~ ent_head[27];
+  assign \real  = \$9  & \$10 ;
+  assign entry_end = \real  & kk_last;
+  assign \$11  = entry_end & ent_head[28];
   assign \$12  = \real  ? \$11  : 1'h1;
   assign tile_end = \$12  & tcnt_ok;
-  assign list_end = pad ? sweep_end : ent_q0[29];
+  assign list_end = pad ? sweep_end : ent_head[29];
   assign \$13  = ~ pad;
-  assign \$14  = \$13  & ent_q0[27];
+  assign \$14  = \$13  & ent_head[27];
   assign \$15  = \$14  & tile_end;
   assign \$16  = entry_end | \$15 ;
   assign pop = go & \$16 ;
-  assign \$17  = a_base + ent_q0[8:0];
-  assign \$18  = \$17  + kk;
-  assign \$19  = ent_q0[22:9] + kk;
-  assign \$20  = zero_d5 ? 8'h00 : \rd__data$74 [7:0];
-  assign \$21  = zero_d5 ? 8'h00 : \rd__data$74 [15:8];
-  assign \$22  = zero_d5 ? 8'h00 : \rd__data$74 [23:16];
-  assign \$23  = zero_d5 ? 8'h00 : \rd__data$74 [31:24];
-  assign \$24  = zero_d5 ? 8'h00 : \rd__data$74 [39:32];
-  assign \$25  = zero_d5 ? 8'h00 : \rd__data$74 [47:40];
-  assign \$26  = zero_d5 ? 8'h00 : \rd__data$74 [55:48];
-  assign \$27  = zero_d5 ? 8'h00 : \rd__data$74 [63:56];
-  assign \$28  = zero_d5 ? 8'h00 : \rd__data$74 [71:64];
-  assign \$29  = zero_d5 ? 8'h00 : \rd__data$74 [79:72];
-  assign \$30  = zero_d5 ? 8'h00 : \rd__data$74 [87:80];
-  assign \$31  = zero_d5 ? 8'h00 : \rd__data$74 [95:88];
-  assign \$32  = zero_d5 ? 8'h00 : \rd__data$74 [103:96];
-  assign \$33  = zero_d5 ? 8'h00 : \rd__data$74 [111:104];
-  assign \$34  = zero_d5 ? 8'h00 : \rd__data$74 [119:112];
-  assign \$35  = zero_d5 ? 8'h00 : \rd__data$74 [127:120];
-  assign \$36  = zero_d5 ? 8'h00 : \rd__data$75 [7:0];
-  assign \$37  = zero_d5 ? 8'h00 : \rd__data$75 [15:8];
-  assign \$38  = zero_d5 ? 8'h00 : \rd__data$75 [23:16];
-  assign \$39  = zero_d5 ? 8'h00 : \rd__data$75 [31:24];
-  assign \$40  = zero_d5 ? 8'h00 : \rd__data$75 [39:32];
-  assign \$41  = zero_d5 ? 8'h00 : \rd__data$75 [47:40];
-  assign \$42  = zero_d5 ? 8'h00 : \rd__data$75 [55:48];
-  assign \$43  = zero_d5 ? 8'h00 : \rd__data$75 [63:56];
-  assign \$44  = zero_d5 ? 8'h00 : \rd__data$75 [71:64];
-  assign \$45  = zero_d5 ? 8'h00 : \rd__data$75 [79:72];
-  assign \$46  = zero_d5 ? 8'h00 : \rd__data$75 [87:80];
-  assign \$47  = zero_d5 ? 8'h00 : \rd__data$75 [95:88];
-  assign \$48  = zero_d5 ? 8'h00 : \rd__data$75 [103:96];
-  assign \$49  = zero_d5 ? 8'h00 : \rd__data$75 [111:104];
-  assign \$50  = zero_d5 ? 8'h00 : \rd__data$75 [119:112];
-  assign \$51  = zero_d5 ? 8'h00 : \rd__data$75 [127:120];
-  assign \$52  = \rd__addr$76  == 5'h17;
-  assign \$53  = o__payload[388] & \$52 ;
-  assign fin = \$53  & out_last;
-  assign \$54  = ptr == n_ent;
-  assign \$55  = ptr + 1'h1;
-  assign \$56  = \$54  ? 11'h001 : \$55 ;
-  assign \$57  = ! \$6 [2:0];
-  assign \$58  = fetch1 & \$57 ;
-  assign \$59  = \$6 [2:0] == 1'h1;
-  assign \$60  = fetch1 & \$59 ;
-  assign \$61  = \$6 [2:0] == 2'h2;
-  assign \$62  = fetch1 & \$61 ;
-  assign \$63  = \$6 [2:0] == 2'h3;
-  assign \$64  = fetch1 & \$63 ;
-  assign \$65  = cnt + fetch1;
-  assign \$66  = \$65  - pop;
-  assign \$67  = held + fetch;
-  assign \$68  = \$67  - pop;
+  assign \$17  = a_base + a_off;
+  assign \$18  = w_real_c0 ? \rd__data$84 [7:0] : 8'h00;
+  assign \$19  = w_real_c1 ? \rd__data$84 [15:8] : 8'h00;
+  assign \$20  = w_real_c2 ? \rd__data$84 [23:16] : 8'h00;
+  assign \$21  = w_real_c3 ? \rd__data$84 [31:24] : 8'h00;
+  assign \$22  = w_real_c4 ? \rd__data$84 [39:32] : 8'h00;
+  assign \$23  = w_real_c5 ? \rd__data$84 [47:40] : 8'h00;
+  assign \$24  = w_real_c6 ? \rd__data$84 [55:48] : 8'h00;
+  assign \$25  = w_real_c7 ? \rd__data$84 [63:56] : 8'h00;
+  assign \$26  = w_real_c8 ? \rd__data$84 [71:64] : 8'h00;
+  assign \$27  = w_real_c9 ? \rd__data$84 [79:72] : 8'h00;
+  assign \$28  = w_real_c10 ? \rd__data$84 [87:80] : 8'h00;
+  assign \$29  = w_real_c11 ? \rd__data$84 [95:88] : 8'h00;
+  assign \$30  = w_real_c12 ? \rd__data$84 [103:96] : 8'h00;
+  assign \$31  = w_real_c13 ? \rd__data$84 [111:104] : 8'h00;
+  assign \$32  = w_real_c14 ? \rd__data$84 [119:112] : 8'h00;
+  assign \$33  = w_real_c15 ? \rd__data$84 [127:120] : 8'h00;
+  assign \$34  = \rd__addr$100  == 5'h17;
+  assign \$35  = o__payload[388] & \$34 ;
+  assign fin = \$35  & out_last;
+  assign \$36  = ptr == n_ent;
+  assign \$37  = ptr + 1'h1;
+  assign \$38  = \$36  ? 11'h001 : \$37 ;
+  assign \$39  = ! wp;
+  assign \$40  = fetch1 & \$39 ;
+  assign \$41  = wp == 1'h1;
+  assign \$42  = fetch1 & \$41 ;
+  assign \$43  = wp == 2'h2;
+  assign \$44  = fetch1 & \$43 ;
+  assign \$45  = wp == 2'h3;
+  assign \$46  = fetch1 & \$45 ;
+  assign \$47  = wp == 3'h4;
+  assign \$48  = fetch1 & \$47 ;
+  assign \$49  = wp == 3'h4;
+  assign \$50  = wp + 1'h1;
+  assign \$51  = \$49  ? 4'h0 : \$50 ;
+  assign \$52  = rp == 3'h4;
+  assign \$53  = rp + 1'h1;
+  assign \$54  = \$52  ? 4'h0 : \$53 ;
+  assign \$55  = ring + fetch1;
+  assign \$56  = \$55  - load;
+  assign \$57  = ring > 1'h1;
+  assign \$58  = | ring;
+  assign \$59  = load ? \$57  : \$58 ;
+  assign \$60  = \$59  | fetch1;
+  assign \$61  = ~ pop;
+  assign \$62  = nonempty & \$61 ;
+  assign \$63  = load | \$62 ;
+  assign \$64  = held + fetch;
+  assign \$65  = \$64  - pop;
+  assign \$66  = go & \real ;
+  assign \$67  = a_off + 1'h1;
+  assign \$68  = \rd__addr$75  + 1'h1;
   assign \$69  = tcnt != 5'h10;
   assign \$70  = tcnt + 1'h1;
   assign \$71  = tcnt + 2'h2;
   assign \$72  = \$71  >= 5'h10;
   assign \$73  = ~ tile_end;
-  assign \$74  = ent_q0[28] & \$73 ;
+  assign \$74  = ent_head[28] & \$73 ;
   assign \$75  = kk + 1'h1;
   assign \$76  = left - 5'h10;
   assign \$77  = left <= 6'h20;
   assign \$78  = a_base + 9'h180;
-  assign \$79  = ! tcnt;
-  assign \$80  = ~ \real ;
-  assign \$81  = o__valid & o__payload[388];
-  assign \$82  = \rd__addr$76  == 5'h17;
-  assign \$83  = out_left - 5'h10;
-  assign \$84  = out_left <= 6'h20;
-  assign \$85  = tile_base + 9'h169;
-  assign \$86  = \rd__addr$76  + 1'h1;
-  assign \$87  = tile_base + 1'h1;
-  assign \$88  = o__valid & fin;
-  assign \$89  = o__payload[387:384] < out_left;
-  assign \$90  = ! o__payload[387:384];
-  assign \$91  = addr1 + 5'h18;
-  assign \$92  = \$90  ? { 1'h0, tile_base } : \$91 ;
-  assign \$93  = \$signal  & ok1;
-  assign \$94  = $signed(acc2[23:0]) + $signed(\rd__data$136 [13:0]);
-  assign \$95  = $signed(acc2[47:24]) + $signed(\rd__data$136 [27:14]);
-  assign \$96  = $signed(acc2[71:48]) + $signed(\rd__data$136 [41:28]);
-  assign \$97  = $signed(acc2[95:72]) + $signed(\rd__data$136 [55:42]);
-  assign \$98  = $signed(acc2[119:96]) + $signed(\rd__data$136 [69:56]);
-  assign \$99  = $signed(acc2[143:120]) + $signed(\rd__data$136 [83:70]);
-  assign \$100  = $signed(acc2[167:144]) + $signed(\rd__data$136 [97:84]);
-  assign \$101  = $signed(acc2[191:168]) + $signed(\rd__data$136 [111:98]);
-  assign \$102  = $signed(acc2[215:192]) + $signed(\rd__data$136 [125:112]);
-  assign \$103  = $signed(acc2[239:216]) + $signed(\rd__data$136 [139:126]);
-  assign \$104  = $signed(acc2[263:240]) + $signed(\rd__data$136 [153:140]);
-  assign \$105  = $signed(acc2[287:264]) + $signed(\rd__data$136 [167:154]);
-  assign \$106  = $signed(acc2[311:288]) + $signed(\rd__data$136 [181:168]);
-  assign \$107  = $signed(acc2[335:312]) + $signed(\rd__data$136 [195:182]);
-  assign \$108  = $signed(acc2[359:336]) + $signed(\rd__data$136 [209:196]);
-  assign \$109  = $signed(acc2[383:360]) + $signed(\rd__data$136 [223:210]);
-  assign \$110  = m <= 5'h10;
-  assign \$111  = m <= 5'h10;
+  assign \$79  = go & \real ;
+  assign \$80  = ! oldest[26:23];
+  assign \$81  = kk + 1'h1;
+  assign \$82  = \$81  == ent_head[26:23];
+  assign \$83  = ! tcnt;
+  assign \$84  = go & \real ;
+  assign \$85  = o__valid & o__payload[388];
+  assign \$86  = \rd__addr$100  == 5'h17;
+  assign \$87  = out_left - 5'h10;
+  assign \$88  = out_left <= 6'h20;
+  assign \$89  = tile_base + 9'h169;
+  assign \$90  = \rd__addr$100  + 1'h1;
+  assign \$91  = tile_base + 1'h1;
+  assign \$92  = o__valid & fin;
+  assign \$93  = o__payload[387:384] < out_left;
+  assign \$94  = ! o__payload[387:384];
+  assign \$95  = addr1 + 5'h18;
+  assign \$96  = \$94  ? { 1'h0, tile_base } : \$95 ;
+  assign \$97  = \$signal  & ok1;
+  assign \$98  = $signed(acc2[23:0]) + $signed(\rd__data$167 [13:0]);
+  assign \$99  = $signed(acc2[47:24]) + $signed(\rd__data$167 [27:14]);
+  assign \$100  = $signed(acc2[71:48]) + $signed(\rd__data$167 [41:28]);
+  assign \$101  = $signed(acc2[95:72]) + $signed(\rd__data$167 [55:42]);
+  assign \$102  = $signed(acc2[119:96]) + $signed(\rd__data$167 [69:56]);
+  assign \$103  = $signed(acc2[143:120]) + $signed(\rd__data$167 [83:70]);
+  assign \$104  = $signed(acc2[167:144]) + $signed(\rd__data$167 [97:84]);
+  assign \$105  = $signed(acc2[191:168]) + $signed(\rd__data$167 [111:98]);
+  assign \$106  = $signed(acc2[215:192]) + $signed(\rd__data$167 [125:112]);
+  assign \$107  = $signed(acc2[239:216]) + $signed(\rd__data$167 [139:126]);
+  assign \$108  = $signed(acc2[263:240]) + $signed(\rd__data$167 [153:140]);
+  assign \$109  = $signed(acc2[287:264]) + $signed(\rd__data$167 [167:154]);
+  assign \$110  = $signed(acc2[311:288]) + $signed(\rd__data$167 [181:168]);
+  assign \$111  = $signed(acc2[335:312]) + $signed(\rd__data$167 [195:182]);
+  assign \$112  = $signed(acc2[359:336]) + $signed(\rd__data$167 [209:196]);
+  assign \$113  = $signed(acc2[383:360]) + $signed(\rd__data$167 [223:210]);
+  assign \$114  = ~ \start$44 ;
+  assign \$115  = ~ busy;
+  assign \$116  = \$114  & \$115 ;
+  assign \$117  = \$116  | fin_o_d2;
+  assign \$118  = m <= 5'h10;
+  assign \$119  = m <= 5'h10;
   always @(posedge clk)
-    fetch0 <= \$112 ;
+    fetch0 <= \$120 ;
   always @(posedge clk)
-    fetch1 <= \$113 ;
+    fetch1 <= \$121 ;
   always @(posedge clk)
-    ptr <= \$114 ;
+    ptr <= \$122 ;
   always @(posedge clk)
-    hdr0 <= \$115 ;
+    hdr0 <= \$123 ;
   always @(posedge clk)
-    hdr1 <= \$116 ;
+    hdr1 <= \$124 ;
   always @(posedge clk)
-    n_ent <= \$117 ;
+    n_ent <= \$125 ;
   always @(posedge clk)
-    fetching <= \$118 ;
+    fetching <= \$126 ;
   always @(posedge clk)
-    ent_q0 <= \$119 ;
+    ent_q0 <= \$127 ;
   always @(posedge clk)
-    ent_q1 <= \$120 ;
+    ent_q1 <= \$128 ;
   always @(posedge clk)
-    ent_q2 <= \$121 ;
+    ent_q2 <= \$129 ;
   always @(posedge clk)
-    ent_q3 <= \$122 ;
+    ent_q3 <= \$130 ;
   always @(posedge clk)
-    cnt <= \$123 ;
+    ent_q4 <= \$131 ;
   always @(posedge clk)
-    held <= \$124 ;
+    wp <= \$132 ;
   always @(posedge clk)
-    tcnt <= \$125 ;
+    ent_head <= \$133 ;
   always @(posedge clk)
-    tcnt_ok <= \$126 ;
+    rp <= \$134 ;
   always @(posedge clk)
-    kk <= \$127 ;
+    ring <= \$135 ;
   always @(posedge clk)
-    pad <= \$128 ;
+    ring_any <= \$136 ;
   always @(posedge clk)
-    sweep_end <= \$129 ;
+    nonempty <= \$137 ;
   always @(posedge clk)
-    left <= \$130 ;
+    held <= \$138 ;
   always @(posedge clk)
-    last_mt <= \$131 ;
+    a_off <= \$139 ;
   always @(posedge clk)
-    a_base <= \$132 ;
+    \rd__addr$75  <= \$140 ;
   always @(posedge clk)
-    run <= \$133 ;
+    tcnt <= \$141 ;
   always @(posedge clk)
-    valid_d0 <= \$134 ;
+    tcnt_ok <= \$142 ;
   always @(posedge clk)
-    first_d0 <= \$135 ;
+    kk <= \$143 ;
   always @(posedge clk)
-    last_d0 <= \$136 ;
+    pad <= \$144 ;
   always @(posedge clk)
-    zero_d0 <= \$137 ;
+    sweep_end <= \$145 ;
   always @(posedge clk)
-    valid_d1 <= \$138 ;
+    left <= \$146 ;
   always @(posedge clk)
-    first_d1 <= \$139 ;
+    last_mt <= \$147 ;
   always @(posedge clk)
-    last_d1 <= \$140 ;
+    a_base <= \$148 ;
   always @(posedge clk)
-    zero_d1 <= \$141 ;
+    run <= \$149 ;
   always @(posedge clk)
-    valid_d2 <= \$142 ;
+    kk_last <= \$150 ;
   always @(posedge clk)
-    first_d2 <= \$143 ;
+    valid_d0 <= \$151 ;
   always @(posedge clk)
-    last_d2 <= \$144 ;
+    first_d0 <= \$152 ;
   always @(posedge clk)
-    zero_d2 <= \$145 ;
+    last_d0 <= \$153 ;
   always @(posedge clk)
-    valid_d3 <= \$146 ;
+    valid_d1 <= \$154 ;
   always @(posedge clk)
-    first_d3 <= \$147 ;
+    first_d1 <= \$155 ;
   always @(posedge clk)
-    last_d3 <= \$148 ;
+    last_d1 <= \$156 ;
   always @(posedge clk)
-    zero_d3 <= \$149 ;
+    valid_d2 <= \$157 ;
   always @(posedge clk)
-    valid_d4 <= \$150 ;
+    first_d2 <= \$158 ;
   always @(posedge clk)
-    first_d4 <= \$151 ;
+    last_d2 <= \$159 ;
   always @(posedge clk)
-    last_d4 <= \$152 ;
+    valid_d3 <= \$160 ;
   always @(posedge clk)
-    zero_d4 <= \$153 ;
+    first_d3 <= \$161 ;
   always @(posedge clk)
-    i__valid <= \$154 ;
+    last_d3 <= \$162 ;
   always @(posedge clk)
-    first_d5 <= \$155 ;
+    valid_d4 <= \$163 ;
   always @(posedge clk)
-    last_d5 <= \$156 ;
+    first_d4 <= \$164 ;
   always @(posedge clk)
-    zero_d5 <= \$157 ;
+    last_d4 <= \$165 ;
   always @(posedge clk)
-    \rd__addr$76  <= \$158 ;
+    valid_d5 <= \$166 ;
   always @(posedge clk)
-    out_left <= \$159 ;
+    first_d5 <= \$167 ;
   always @(posedge clk)
-    out_last <= \$160 ;
+    last_d5 <= \$168 ;
   always @(posedge clk)
-    tile_base <= \$161 ;
+    i__valid <= \$169 ;
   always @(posedge clk)
-    \$signal  <= \$162 ;
+    first_d6 <= \$170 ;
   always @(posedge clk)
-    \$signal$124  <= \$163 ;
+    last_d6 <= \$171 ;
   always @(posedge clk)
-    ok1 <= \$164 ;
+    w_real_d0 <= \$172 ;
   always @(posedge clk)
-    acc1 <= \$165 ;
+    w_real_d1 <= \$173 ;
   always @(posedge clk)
-    addr1 <= \$166 ;
+    w_real_d2 <= \$174 ;
   always @(posedge clk)
-    \$signal$128  <= \$167 ;
+    w_real_d3 <= \$175 ;
   always @(posedge clk)
-    fin2 <= \$168 ;
+    w_real_d4 <= \$176 ;
   always @(posedge clk)
-    addr2 <= \$169 ;
+    w_real_g0 <= \$177 ;
   always @(posedge clk)
-    acc2 <= \$170 ;
+    w_real_g1 <= \$178 ;
   always @(posedge clk)
-    \$signal$132  <= \$171 ;
+    w_real_g2 <= \$179 ;
   always @(posedge clk)
-    fin3 <= \$172 ;
+    w_real_g3 <= \$180 ;
   always @(posedge clk)
-    addr3 <= \$173 ;
+    w_real_c0 <= \$181 ;
   always @(posedge clk)
-    i <= \$174 ;
+    w_real_c1 <= \$182 ;
   always @(posedge clk)
-    v_q_d0 <= \$175 ;
+    w_real_c2 <= \$183 ;
   always @(posedge clk)
-    fin_q_d0 <= \$176 ;
+    w_real_c3 <= \$184 ;
   always @(posedge clk)
-    addr_q_d0 <= \$177 ;
+    w_real_c4 <= \$185 ;
   always @(posedge clk)
-    v_q_d1 <= \$178 ;
+    w_real_c5 <= \$186 ;
   always @(posedge clk)
-    fin_q_d1 <= \$179 ;
+    w_real_c6 <= \$187 ;
   always @(posedge clk)
-    addr_q_d1 <= \$180 ;
+    w_real_c7 <= \$188 ;
   always @(posedge clk)
-    \wr__en$82  <= \$181 ;
+    w_real_c8 <= \$189 ;
   always @(posedge clk)
-    fin_q_d2 <= \$182 ;
+    w_real_c9 <= \$190 ;
   always @(posedge clk)
-    \wr__addr$84  <= \$183 ;
+    w_real_c10 <= \$191 ;
   always @(posedge clk)
-    fin_o_d0 <= \$184 ;
+    w_real_c11 <= \$192 ;
   always @(posedge clk)
-    fin_o_d1 <= \$185 ;
+    w_real_c12 <= \$193 ;
   always @(posedge clk)
-    done <= \$186 ;
+    w_real_c13 <= \$194 ;
   always @(posedge clk)
-    \busy$42  <= \$187 ;
+    w_real_c14 <= \$195 ;
+  always @(posedge clk)
+    w_real_c15 <= \$196 ;
+  always @(posedge clk)
+    \rd__addr$100  <= \$197 ;
+  always @(posedge clk)
+    out_left <= \$198 ;
+  always @(posedge clk)
+    out_last <= \$199 ;
+  always @(posedge clk)
+    tile_base <= \$200 ;
+  always @(posedge clk)
+    \$signal  <= \$201 ;
+  always @(posedge clk)
+    \$signal$155  <= \$202 ;
+  always @(posedge clk)
+    ok1 <= \$203 ;
+  always @(posedge clk)
+    acc1 <= \$204 ;
+  always @(posedge clk)
+    addr1 <= \$205 ;
+  always @(posedge clk)
+    \$signal$159  <= \$206 ;
+  always @(posedge clk)
+    fin2 <= \$207 ;
+  always @(posedge clk)
+    addr2 <= \$208 ;
+  always @(posedge clk)
+    acc2 <= \$209 ;
+  always @(posedge clk)
+    \$signal$163  <= \$210 ;
+  always @(posedge clk)
+    fin3 <= \$211 ;
+  always @(posedge clk)
+    addr3 <= \$212 ;
+  always @(posedge clk)
+    i <= \$213 ;
+  always @(posedge clk)
+    v_q_d0 <= \$214 ;
+  always @(posedge clk)
+    fin_q_d0 <= \$215 ;
+  always @(posedge clk)
+    addr_q_d0 <= \$216 ;
+  always @(posedge clk)
+    v_q_d1 <= \$217 ;
+  always @(posedge clk)
+    fin_q_d1 <= \$218 ;
+  always @(posedge clk)
+    addr_q_d1 <= \$219 ;
+  always @(posedge clk)
+    \wr__en$106  <= \$220 ;
+  always @(posedge clk)
+    fin_q_d2 <= \$221 ;
+  always @(posedge clk)
+    \wr__addr$108  <= \$222 ;
+  always @(posedge clk)
+    fin_o_d0 <= \$223 ;
+  always @(posedge clk)
+    fin_o_d1 <= \$224 ;
+  always @(posedge clk)
+    fin_o_d2 <= \$225 ;
+  always @(posedge clk)
+    done <= \$226 ;
+  always @(posedge clk)
+    idle <= \$227 ;
+  always @(posedge clk)
+    \busy$42  <= \$228 ;
   \encoder_layer_0_attention_output_dense.mem_a  mem_a (
     .clk(clk),
-    .q_d1(\rd__data$74 ),
-    .rd__addr(\$18 [11:0]),
+    .q_d1(\rd__data$82 ),
+    .rd__addr(\$17 [11:0]),
     .rst(rst),
     .wr__addr(a_wr__addr),
     .wr__data(a_wr__data),
@@ -1032,8 +1201,8 @@ module encoder_layer_0_attention_output_dense(m, a_wr__en, a_wr__addr, a_wr__dat
   );
   \encoder_layer_0_attention_output_dense.mem_bias  mem_bias (
     .clk(clk),
-    .rd__data(\rd__data$136 ),
-    .rp__addr(\rd__addr$76 ),
+    .rd__data(\rd__data$167 ),
+    .rp__addr(\rd__addr$100 ),
     .rst(rst),
     .wp__addr(bias_wr__addr),
     .wp__data(bias_wr__data),
@@ -1041,7 +1210,7 @@ module encoder_layer_0_attention_output_dense(m, a_wr__en, a_wr__addr, a_wr__dat
   );
   \encoder_layer_0_attention_output_dense.mem_ent  mem_ent (
     .clk(clk),
-    .rd__data(\rd__data$93 ),
+    .rd__data(\rd__data$117 ),
     .rp__addr(\rd__addr$49 ),
     .rst(rst),
     .wp__addr(ent_wr__addr),
@@ -1054,14 +1223,14 @@ module encoder_layer_0_attention_output_dense(m, a_wr__en, a_wr__addr, a_wr__dat
     .rd__addr(o_rd__addr),
     .rd__en(o_rd__en),
     .rst(rst),
-    .wr__addr(\wr__addr$84 ),
-    .wr__data(\wr__data$86 ),
-    .wr__en(\wr__en$82 )
+    .wr__addr(\wr__addr$108 ),
+    .wr__data(\wr__data$110 ),
+    .wr__en(\wr__en$106 )
   );
   \encoder_layer_0_attention_output_dense.mem_shift  mem_shift (
     .clk(clk),
-    .rd__data(\rd__data$137 ),
-    .rp__addr(\rd__addr$76 ),
+    .rd__data(\rd__data$168 ),
+    .rp__addr(\rd__addr$100 ),
     .rst(rst),
     .wp__addr(shift_wr__addr),
     .wp__data(shift_wr__data),
@@ -1069,8 +1238,8 @@ module encoder_layer_0_attention_output_dense(m, a_wr__en, a_wr__addr, a_wr__dat
   );
   \encoder_layer_0_attention_output_dense.mem_w  mem_w (
     .clk(clk),
-    .q_d1(\rd__data$75 ),
-    .rd__addr(\$19 [13:0]),
+    .q_d1(\rd__data$84 ),
+    .rd__addr(\rd__addr$75 ),
     .rst(rst),
     .wr__addr(w_wr__addr),
     .wr__data(w_wr__data),
@@ -1087,175 +1256,89 @@ module encoder_layer_0_attention_output_dense(m, a_wr__en, a_wr__addr, a_wr__dat
   \encoder_layer_0_attention_output_dense.rq  rq (
     .clk(clk),
     .i(i),
-    .o(\wr__data$86 ),
+    .o(\wr__data$110 ),
     .rst(rst)
   );
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$112  = fetch;
-    if (\start$44 ) begin
-      \$112  = 1'h0;
+    (* full_case = 32'd1 *)
+    casez (rp)
+      3'h0:
+          oldest = ent_q0;
+      3'h1:
+          oldest = ent_q1;
+      3'h2:
+          oldest = ent_q2;
+      3'h3:
+          oldest = ent_q3;
+      default:
+          oldest = ent_q4;
+    endcase
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
+    \$120  = fetch;
+    if (idle) begin
+      \$120  = 1'h0;
     end
     if (rst) begin
-      \$112  = 1'h0;
+      \$120  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$113  = fetch0;
-    if (\start$44 ) begin
-      \$113  = 1'h0;
+    \$121  = fetch0;
+    if (idle) begin
+      \$121  = 1'h0;
     end
     if (rst) begin
-      \$113  = 1'h0;
+      \$121  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$114  = ptr;
+    \$122  = ptr;
     if (fetch) begin
-      \$114  = \$56 [9:0];
+      \$122  = \$38 [9:0];
     end
-    if (\start$44 ) begin
-      \$114  = 10'h001;
+    if (idle) begin
+      \$122  = 10'h001;
     end
     if (rst) begin
-      \$114  = 10'h000;
+      \$122  = 10'h000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$115  = \start$44 ;
+    \$123  = \start$44 ;
     if (rst) begin
-      \$115  = 1'h0;
+      \$123  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$116  = hdr0;
+    \$124  = hdr0;
     if (rst) begin
-      \$116  = 1'h0;
+      \$124  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$117  = n_ent;
+    \$125  = n_ent;
     if (hdr1) begin
-      \$117  = \rd__data$93 [9:0];
+      \$125  = \rd__data$117 [9:0];
     end
     if (rst) begin
-      \$117  = 10'h000;
+      \$125  = 10'h000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$118  = fetching;
+    \$126  = fetching;
     if (hdr1) begin
-      \$118  = 1'h1;
+      \$126  = 1'h1;
     end
-    if (\start$44 ) begin
-      \$118  = 1'h0;
-    end
-    if (rst) begin
-      \$118  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$119  = ent_q0;
-    if (\$58 ) begin
-      \$119  = \rd__data$93 ;
-    end else if (pop) begin
-      \$119  = ent_q1;
-    end
-    if (rst) begin
-      \$119  = 30'h00000000;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$120  = ent_q1;
-    if (\$60 ) begin
-      \$120  = \rd__data$93 ;
-    end else if (pop) begin
-      \$120  = ent_q2;
-    end
-    if (rst) begin
-      \$120  = 30'h00000000;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$121  = ent_q2;
-    if (\$62 ) begin
-      \$121  = \rd__data$93 ;
-    end else if (pop) begin
-      \$121  = ent_q3;
-    end
-    if (rst) begin
-      \$121  = 30'h00000000;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$122  = ent_q3;
-    if (\$64 ) begin
-      \$122  = \rd__data$93 ;
-    end else if (pop) begin
-      \$122  = 30'h00000000;
-    end
-    if (rst) begin
-      \$122  = 30'h00000000;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$123  = \$66 [2:0];
-    if (\start$44 ) begin
-      \$123  = 3'h0;
-    end
-    if (rst) begin
-      \$123  = 3'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$124  = \$68 [2:0];
-    if (\start$44 ) begin
-      \$124  = 3'h0;
-    end
-    if (rst) begin
-      \$124  = 3'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$125  = tcnt;
-    if (go) begin
-      if (tile_end) begin
-        \$125  = 5'h00;
-      end else if (\$69 ) begin
-        \$125  = \$70 [4:0];
-      end
-    end
-    if (\start$44 ) begin
-      \$125  = 5'h00;
-    end
-    if (rst) begin
-      \$125  = 5'h00;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$126  = tcnt_ok;
-    if (go) begin
-      if (tile_end) begin
-        \$126  = 1'h0;
-      end else if (\$69 ) begin
-        \$126  = \$72 ;
-      end
-    end
-    if (\start$44 ) begin
+    if (idle) begin
       \$126  = 1'h0;
     end
     if (rst) begin
@@ -1264,579 +1347,943 @@ module encoder_layer_0_attention_output_dense(m, a_wr__en, a_wr__addr, a_wr__dat
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$127  = kk;
-    if (go) begin
-      if (entry_end) begin
-        \$127  = 4'h0;
-      end else if (\real ) begin
-        \$127  = \$75 [3:0];
-      end
-    end
-    if (\start$44 ) begin
-      \$127  = 4'h0;
+    \$127  = ent_q0;
+    if (\$40 ) begin
+      \$127  = \rd__data$117 ;
     end
     if (rst) begin
-      \$127  = 4'h0;
+      \$127  = 30'h00000000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$128  = pad;
-    if (go) begin
-      if (entry_end) begin
-        if (\$74 ) begin
-          \$128  = 1'h1;
-        end
-      end
-      if (tile_end) begin
-        \$128  = 1'h0;
-      end
-    end
-    if (\start$44 ) begin
-      \$128  = 1'h0;
+    \$128  = ent_q1;
+    if (\$42 ) begin
+      \$128  = \rd__data$117 ;
     end
     if (rst) begin
-      \$128  = 1'h0;
+      \$128  = 30'h00000000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$129  = sweep_end;
-    if (go) begin
-      if (entry_end) begin
-        if (\$74 ) begin
-          \$129  = ent_q0[29];
-        end
-      end
+    \$129  = ent_q2;
+    if (\$44 ) begin
+      \$129  = \rd__data$117 ;
     end
     if (rst) begin
-      \$129  = 1'h0;
+      \$129  = 30'h00000000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$130  = left;
-    if (go) begin
-      if (tile_end) begin
-        if (list_end) begin
-          \$130  = \$76 [7:0];
-        end
-      end
-    end
-    if (\start$44 ) begin
-      \$130  = m;
+    \$130  = ent_q3;
+    if (\$46 ) begin
+      \$130  = \rd__data$117 ;
     end
     if (rst) begin
-      \$130  = 8'h00;
+      \$130  = 30'h00000000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$131  = last_mt;
-    if (go) begin
-      if (tile_end) begin
-        if (list_end) begin
-          \$131  = \$77 ;
-        end
-      end
-    end
-    if (\start$44 ) begin
-      \$131  = \$110 ;
+    \$131  = ent_q4;
+    if (\$48 ) begin
+      \$131  = \rd__data$117 ;
     end
     if (rst) begin
-      \$131  = 1'h0;
+      \$131  = 30'h00000000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$132  = a_base;
-    if (go) begin
-      if (tile_end) begin
-        if (list_end) begin
-          \$132  = \$78 [11:0];
-        end
-      end
+    \$132  = wp;
+    if (fetch1) begin
+      \$132  = \$51 [2:0];
     end
-    if (\start$44 ) begin
-      \$132  = 12'h000;
+    if (idle) begin
+      \$132  = 3'h0;
     end
     if (rst) begin
-      \$132  = 12'h000;
+      \$132  = 3'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$133  = run;
-    if (go) begin
-      if (tile_end) begin
-        if (list_end) begin
-          if (last_mt) begin
-            \$133  = 1'h0;
-          end
-        end
-      end
-    end
-    if (\start$44 ) begin
-      \$133  = 1'h1;
+    \$133  = ent_head;
+    if (load) begin
+      \$133  = oldest;
     end
     if (rst) begin
-      \$133  = 1'h0;
+      \$133  = 30'h00000000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$134  = go;
+    \$134  = rp;
+    if (load) begin
+      \$134  = \$54 [2:0];
+    end
+    if (idle) begin
+      \$134  = 3'h0;
+    end
     if (rst) begin
-      \$134  = 1'h0;
+      \$134  = 3'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$135  = \$79 ;
+    \$135  = \$56 [2:0];
+    if (idle) begin
+      \$135  = 3'h0;
+    end
     if (rst) begin
-      \$135  = 1'h0;
+      \$135  = 3'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$136  = tile_end;
+    \$136  = \$60 ;
+    if (idle) begin
+      \$136  = 1'h0;
+    end
     if (rst) begin
       \$136  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$137  = \$80 ;
+    \$137  = \$63 ;
+    if (idle) begin
+      \$137  = 1'h0;
+    end
     if (rst) begin
       \$137  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$138  = valid_d0;
+    \$138  = \$65 [2:0];
+    if (idle) begin
+      \$138  = 3'h0;
+    end
     if (rst) begin
-      \$138  = 1'h0;
+      \$138  = 3'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$139  = first_d0;
+    \$139  = a_off;
+    if (load) begin
+      \$139  = oldest[8:0];
+    end else if (\$66 ) begin
+      \$139  = \$67 [8:0];
+    end
     if (rst) begin
-      \$139  = 1'h0;
+      \$139  = 9'h000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$140  = last_d0;
+    \$140  = \rd__addr$75 ;
+    if (load) begin
+      \$140  = oldest[22:9];
+    end else if (\$66 ) begin
+      \$140  = \$68 [13:0];
+    end
     if (rst) begin
-      \$140  = 1'h0;
+      \$140  = 14'h0000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$141  = zero_d0;
+    \$141  = tcnt;
+    if (go) begin
+      if (tile_end) begin
+        \$141  = 5'h00;
+      end else if (\$69 ) begin
+        \$141  = \$70 [4:0];
+      end
+    end
+    if (idle) begin
+      \$141  = 5'h00;
+    end
     if (rst) begin
-      \$141  = 1'h0;
+      \$141  = 5'h00;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$142  = valid_d1;
+    \$142  = tcnt_ok;
+    if (go) begin
+      if (tile_end) begin
+        \$142  = 1'h0;
+      end else if (\$69 ) begin
+        \$142  = \$72 ;
+      end
+    end
+    if (idle) begin
+      \$142  = 1'h0;
+    end
     if (rst) begin
       \$142  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$143  = first_d1;
+    \$143  = kk;
+    if (go) begin
+      if (entry_end) begin
+        \$143  = 4'h0;
+      end else if (\real ) begin
+        \$143  = \$75 [3:0];
+      end
+    end
+    if (idle) begin
+      \$143  = 4'h0;
+    end
     if (rst) begin
-      \$143  = 1'h0;
+      \$143  = 4'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$144  = last_d1;
+    \$144  = pad;
+    if (go) begin
+      if (entry_end) begin
+        if (\$74 ) begin
+          \$144  = 1'h1;
+        end
+      end
+      if (tile_end) begin
+        \$144  = 1'h0;
+      end
+    end
+    if (idle) begin
+      \$144  = 1'h0;
+    end
     if (rst) begin
       \$144  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$145  = zero_d1;
+    \$145  = sweep_end;
+    if (go) begin
+      if (entry_end) begin
+        if (\$74 ) begin
+          \$145  = ent_head[29];
+        end
+      end
+    end
     if (rst) begin
       \$145  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$146  = valid_d2;
+    \$146  = left;
+    if (go) begin
+      if (tile_end) begin
+        if (list_end) begin
+          \$146  = \$76 [7:0];
+        end
+      end
+    end
+    if (idle) begin
+      \$146  = m;
+    end
     if (rst) begin
-      \$146  = 1'h0;
+      \$146  = 8'h00;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$147  = first_d2;
+    \$147  = last_mt;
+    if (go) begin
+      if (tile_end) begin
+        if (list_end) begin
+          \$147  = \$77 ;
+        end
+      end
+    end
+    if (idle) begin
+      \$147  = \$118 ;
+    end
     if (rst) begin
       \$147  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$148  = last_d2;
+    \$148  = a_base;
+    if (go) begin
+      if (tile_end) begin
+        if (list_end) begin
+          \$148  = \$78 [11:0];
+        end
+      end
+    end
+    if (idle) begin
+      \$148  = 12'h000;
+    end
     if (rst) begin
-      \$148  = 1'h0;
+      \$148  = 12'h000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$149  = zero_d2;
+    \$149  = run;
+    if (go) begin
+      if (tile_end) begin
+        if (list_end) begin
+          if (last_mt) begin
+            \$149  = 1'h0;
+          end
+        end
+      end
+    end
+    if (\start$44 ) begin
+      \$149  = 1'h1;
+    end
     if (rst) begin
       \$149  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$150  = valid_d3;
+    \$150  = kk_last;
+    if (load) begin
+      \$150  = \$80 ;
+    end else if (\$79 ) begin
+      \$150  = \$82 ;
+    end
     if (rst) begin
       \$150  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$151  = first_d3;
+    \$151  = go;
     if (rst) begin
       \$151  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$152  = last_d3;
+    \$152  = \$83 ;
     if (rst) begin
       \$152  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$153  = zero_d3;
+    \$153  = tile_end;
     if (rst) begin
       \$153  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$154  = valid_d4;
+    \$154  = valid_d0;
     if (rst) begin
       \$154  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$155  = first_d4;
+    \$155  = first_d0;
     if (rst) begin
       \$155  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$156  = last_d4;
+    \$156  = last_d0;
     if (rst) begin
       \$156  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$157  = zero_d4;
+    \$157  = valid_d1;
     if (rst) begin
       \$157  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$158  = \rd__addr$76 ;
-    if (\$81 ) begin
-      (* full_case = 32'd1 *)
-      if (\$82 ) begin
-        \$158  = 5'h00;
-      end else begin
-        \$158  = \$86 [4:0];
-      end
-    end
-    if (\start$44 ) begin
-      \$158  = 5'h00;
-    end
+    \$158  = first_d1;
     if (rst) begin
-      \$158  = 5'h00;
+      \$158  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$159  = out_left;
-    if (\$81 ) begin
-      if (\$82 ) begin
-        \$159  = \$83 [7:0];
-      end
-    end
-    if (\start$44 ) begin
-      \$159  = m;
-    end
+    \$159  = last_d1;
     if (rst) begin
-      \$159  = 8'h00;
+      \$159  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$160  = out_last;
-    if (\$81 ) begin
-      if (\$82 ) begin
-        \$160  = \$84 ;
-      end
-    end
-    if (\start$44 ) begin
-      \$160  = \$111 ;
-    end
+    \$160  = valid_d2;
     if (rst) begin
       \$160  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$161  = tile_base;
-    if (\$81 ) begin
-      (* full_case = 32'd1 *)
-      if (\$82 ) begin
-        \$161  = \$85 [11:0];
-      end else begin
-        \$161  = \$87 [11:0];
-      end
-    end
-    if (\start$44 ) begin
-      \$161  = 12'h000;
-    end
+    \$161  = first_d2;
     if (rst) begin
-      \$161  = 12'h000;
+      \$161  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$162  = o__valid;
+    \$162  = last_d2;
     if (rst) begin
       \$162  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$163  = \$88 ;
+    \$163  = valid_d3;
     if (rst) begin
       \$163  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$164  = \$89 ;
+    \$164  = first_d3;
     if (rst) begin
       \$164  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$165  = o__payload[383:0];
+    \$165  = last_d3;
     if (rst) begin
-      \$165  = 384'h000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000;
+      \$165  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$166  = addr1;
-    if (o__valid) begin
-      \$166  = \$92 [11:0];
-    end
+    \$166  = valid_d4;
     if (rst) begin
-      \$166  = 12'h000;
+      \$166  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$167  = \$93 ;
+    \$167  = first_d4;
     if (rst) begin
       \$167  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$168  = \$signal$124 ;
+    \$168  = last_d4;
     if (rst) begin
       \$168  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$169  = addr1;
+    \$169  = valid_d5;
     if (rst) begin
-      \$169  = 12'h000;
+      \$169  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$170  = acc1;
+    \$170  = first_d5;
     if (rst) begin
-      \$170  = 384'h000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000;
+      \$170  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$171  = \$signal$128 ;
+    \$171  = last_d5;
     if (rst) begin
       \$171  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$172  = fin2;
+    \$172  = \$84 ;
     if (rst) begin
       \$172  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$173  = addr2;
+    \$173  = w_real_d0;
     if (rst) begin
-      \$173  = 12'h000;
+      \$173  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$174 [23:0] = \$94 [23:0];
-    \$174 [385:384] = \rd__data$137 [1:0];
-    \$174 [47:24] = \$95 [23:0];
-    \$174 [387:386] = \rd__data$137 [3:2];
-    \$174 [71:48] = \$96 [23:0];
-    \$174 [389:388] = \rd__data$137 [5:4];
-    \$174 [95:72] = \$97 [23:0];
-    \$174 [391:390] = \rd__data$137 [7:6];
-    \$174 [119:96] = \$98 [23:0];
-    \$174 [393:392] = \rd__data$137 [9:8];
-    \$174 [143:120] = \$99 [23:0];
-    \$174 [395:394] = \rd__data$137 [11:10];
-    \$174 [167:144] = \$100 [23:0];
-    \$174 [397:396] = \rd__data$137 [13:12];
-    \$174 [191:168] = \$101 [23:0];
-    \$174 [399:398] = \rd__data$137 [15:14];
-    \$174 [215:192] = \$102 [23:0];
-    \$174 [401:400] = \rd__data$137 [17:16];
-    \$174 [239:216] = \$103 [23:0];
-    \$174 [403:402] = \rd__data$137 [19:18];
-    \$174 [263:240] = \$104 [23:0];
-    \$174 [405:404] = \rd__data$137 [21:20];
-    \$174 [287:264] = \$105 [23:0];
-    \$174 [407:406] = \rd__data$137 [23:22];
-    \$174 [311:288] = \$106 [23:0];
-    \$174 [409:408] = \rd__data$137 [25:24];
-    \$174 [335:312] = \$107 [23:0];
-    \$174 [411:410] = \rd__data$137 [27:26];
-    \$174 [359:336] = \$108 [23:0];
-    \$174 [413:412] = \rd__data$137 [29:28];
-    \$174 [383:360] = \$109 [23:0];
-    \$174 [415:414] = \rd__data$137 [31:30];
+    \$174  = w_real_d1;
     if (rst) begin
-      \$174  = 416'h00000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000;
+      \$174  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$175  = \$signal$132 ;
+    \$175  = w_real_d2;
     if (rst) begin
       \$175  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$176  = fin3;
+    \$176  = w_real_d3;
     if (rst) begin
       \$176  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$177  = addr3;
+    \$177  = w_real_d4;
     if (rst) begin
-      \$177  = 12'h000;
+      \$177  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$178  = v_q_d0;
+    \$178  = w_real_d4;
     if (rst) begin
       \$178  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$179  = fin_q_d0;
+    \$179  = w_real_d4;
     if (rst) begin
       \$179  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$180  = addr_q_d0;
+    \$180  = w_real_d4;
     if (rst) begin
-      \$180  = 12'h000;
+      \$180  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$181  = v_q_d1;
+    \$181  = w_real_g0;
     if (rst) begin
       \$181  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$182  = fin_q_d1;
+    \$182  = w_real_g0;
     if (rst) begin
       \$182  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$183  = addr_q_d1;
+    \$183  = w_real_g0;
     if (rst) begin
-      \$183  = 12'h000;
+      \$183  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$184  = fin_q_d2;
+    \$184  = w_real_g0;
     if (rst) begin
       \$184  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$185  = fin_o_d0;
+    \$185  = w_real_g1;
     if (rst) begin
       \$185  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$186  = fin_o_d1;
+    \$186  = w_real_g1;
     if (rst) begin
       \$186  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$187  = \busy$42 ;
-    if (done) begin
-      \$187  = 1'h0;
-    end
-    if (\start$44 ) begin
-      \$187  = 1'h1;
-    end
+    \$187  = w_real_g1;
     if (rst) begin
       \$187  = 1'h0;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
+    \$188  = w_real_g1;
+    if (rst) begin
+      \$188  = 1'h0;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
+    \$189  = w_real_g2;
+    if (rst) begin
+      \$189  = 1'h0;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
+    \$190  = w_real_g2;
+    if (rst) begin
+      \$190  = 1'h0;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
+    \$191  = w_real_g2;
+    if (rst) begin
+      \$191  = 1'h0;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
+    \$192  = w_real_g2;
+    if (rst) begin
+      \$192  = 1'h0;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
+    \$193  = w_real_g3;
+    if (rst) begin
+      \$193  = 1'h0;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
+    \$194  = w_real_g3;
+    if (rst) begin
+      \$194  = 1'h0;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
+    \$195  = w_real_g3;
+    if (rst) begin
+      \$195  = 1'h0;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
+    \$196  = w_real_g3;
+    if (rst) begin
+      \$196  = 1'h0;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
+    \$197  = \rd__addr$100 ;
+    if (\$85 ) begin
+      (* full_case = 32'd1 *)
+      if (\$86 ) begin
+        \$197  = 5'h00;
+      end else begin
+        \$197  = \$90 [4:0];
+      end
+    end
+    if (idle) begin
+      \$197  = 5'h00;
+    end
+    if (rst) begin
+      \$197  = 5'h00;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
+    \$198  = out_left;
+    if (\$85 ) begin
+      if (\$86 ) begin
+        \$198  = \$87 [7:0];
+      end
+    end
+    if (idle) begin
+      \$198  = m;
+    end
+    if (rst) begin
+      \$198  = 8'h00;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
+    \$199  = out_last;
+    if (\$85 ) begin
+      if (\$86 ) begin
+        \$199  = \$88 ;
+      end
+    end
+    if (idle) begin
+      \$199  = \$119 ;
+    end
+    if (rst) begin
+      \$199  = 1'h0;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
+    \$200  = tile_base;
+    if (\$85 ) begin
+      (* full_case = 32'd1 *)
+      if (\$86 ) begin
+        \$200  = \$89 [11:0];
+      end else begin
+        \$200  = \$91 [11:0];
+      end
+    end
+    if (idle) begin
+      \$200  = 12'h000;
+    end
+    if (rst) begin
+      \$200  = 12'h000;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
+    \$201  = o__valid;
+    if (rst) begin
+      \$201  = 1'h0;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
+    \$202  = \$92 ;
+    if (rst) begin
+      \$202  = 1'h0;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
+    \$203  = \$93 ;
+    if (rst) begin
+      \$203  = 1'h0;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
+    \$204  = o__payload[383:0];
+    if (rst) begin
+      \$204  = 384'h000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
+    \$205  = addr1;
+    if (o__valid) begin
+      \$205  = \$96 [11:0];
+    end
+    if (rst) begin
+      \$205  = 12'h000;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
+    \$206  = \$97 ;
+    if (rst) begin
+      \$206  = 1'h0;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
+    \$207  = \$signal$155 ;
+    if (rst) begin
+      \$207  = 1'h0;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
+    \$208  = addr1;
+    if (rst) begin
+      \$208  = 12'h000;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
+    \$209  = acc1;
+    if (rst) begin
+      \$209  = 384'h000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
+    \$210  = \$signal$159 ;
+    if (rst) begin
+      \$210  = 1'h0;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
+    \$211  = fin2;
+    if (rst) begin
+      \$211  = 1'h0;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
+    \$212  = addr2;
+    if (rst) begin
+      \$212  = 12'h000;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
+    \$213 [23:0] = \$98 [23:0];
+    \$213 [385:384] = \rd__data$168 [1:0];
+    \$213 [47:24] = \$99 [23:0];
+    \$213 [387:386] = \rd__data$168 [3:2];
+    \$213 [71:48] = \$100 [23:0];
+    \$213 [389:388] = \rd__data$168 [5:4];
+    \$213 [95:72] = \$101 [23:0];
+    \$213 [391:390] = \rd__data$168 [7:6];
+    \$213 [119:96] = \$102 [23:0];
+    \$213 [393:392] = \rd__data$168 [9:8];
+    \$213 [143:120] = \$103 [23:0];
+    \$213 [395:394] = \rd__data$168 [11:10];
+    \$213 [167:144] = \$104 [23:0];
+    \$213 [397:396] = \rd__data$168 [13:12];
+    \$213 [191:168] = \$105 [23:0];
+    \$213 [399:398] = \rd__data$168 [15:14];
+    \$213 [215:192] = \$106 [23:0];
+    \$213 [401:400] = \rd__data$168 [17:16];
+    \$213 [239:216] = \$107 [23:0];
+    \$213 [403:402] = \rd__data$168 [19:18];
+    \$213 [263:240] = \$108 [23:0];
+    \$213 [405:404] = \rd__data$168 [21:20];
+    \$213 [287:264] = \$109 [23:0];
+    \$213 [407:406] = \rd__data$168 [23:22];
+    \$213 [311:288] = \$110 [23:0];
+    \$213 [409:408] = \rd__data$168 [25:24];
+    \$213 [335:312] = \$111 [23:0];
+    \$213 [411:410] = \rd__data$168 [27:26];
+    \$213 [359:336] = \$112 [23:0];
+    \$213 [413:412] = \rd__data$168 [29:28];
+    \$213 [383:360] = \$113 [23:0];
+    \$213 [415:414] = \rd__data$168 [31:30];
+    if (rst) begin
+      \$213  = 416'h00000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
+    \$214  = \$signal$163 ;
+    if (rst) begin
+      \$214  = 1'h0;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
+    \$215  = fin3;
+    if (rst) begin
+      \$215  = 1'h0;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
+    \$216  = addr3;
+    if (rst) begin
+      \$216  = 12'h000;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
+    \$217  = v_q_d0;
+    if (rst) begin
+      \$217  = 1'h0;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
+    \$218  = fin_q_d0;
+    if (rst) begin
+      \$218  = 1'h0;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
+    \$219  = addr_q_d0;
+    if (rst) begin
+      \$219  = 12'h000;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
+    \$220  = v_q_d1;
+    if (rst) begin
+      \$220  = 1'h0;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
+    \$221  = fin_q_d1;
+    if (rst) begin
+      \$221  = 1'h0;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
+    \$222  = addr_q_d1;
+    if (rst) begin
+      \$222  = 12'h000;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
+    \$223  = fin_q_d2;
+    if (rst) begin
+      \$223  = 1'h0;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
+    \$224  = fin_o_d0;
+    if (rst) begin
+      \$224  = 1'h0;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
+    \$225  = fin_o_d1;
+    if (rst) begin
+      \$225  = 1'h0;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
+    \$226  = fin_o_d2;
+    if (rst) begin
+      \$226  = 1'h0;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
+    \$227  = \$117 ;
+    if (rst) begin
+      \$227  = 1'h1;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
+    \$228  = \busy$42 ;
+    if (done) begin
+      \$228  = 1'h0;
+    end
+    if (\start$44 ) begin
+      \$228  = 1'h1;
+    end
+    if (rst) begin
+      \$228  = 1'h0;
     end
   end
   assign wr__addr = a_wr__addr;
@@ -1858,15 +2305,14 @@ module encoder_layer_0_attention_output_dense(m, a_wr__en, a_wr__addr, a_wr__dat
   assign rd__data = o_rd__data;
   assign rd__en = o_rd__en;
   assign \done$43  = done;
-  assign wr_idx = \$6 [2:0];
-  assign \rd__addr$65  = \$18 [11:0];
-  assign \rd__addr$67  = \$19 [13:0];
-  assign valid_d5 = i__valid;
-  assign out_nt = \rd__addr$76 ;
-  assign \rd__addr$78  = \rd__addr$76 ;
-  assign v_q_d2 = \wr__en$82 ;
-  assign addr_q_d2 = \wr__addr$84 ;
-  assign o = \wr__data$86 ;
+  assign \rd__addr$72  = \$17 [11:0];
+  assign w_addr = \rd__addr$75 ;
+  assign valid_d6 = i__valid;
+  assign out_nt = \rd__addr$100 ;
+  assign \rd__addr$102  = \rd__addr$100 ;
+  assign v_q_d2 = \wr__en$106 ;
+  assign addr_q_d2 = \wr__addr$108 ;
+  assign o = \wr__data$110 ;
   assign \a_wr__data[0]  = a_wr__data[7:0];
   assign \a_wr__data[1]  = a_wr__data[15:8];
   assign \a_wr__data[2]  = a_wr__data[23:16];
@@ -2063,38 +2509,38 @@ module encoder_layer_0_attention_output_dense(m, a_wr__en, a_wr__addr, a_wr__dat
   assign \i__payload.b[15]  = i__payload[255:248];
   assign \i__payload.first  = i__payload[256];
   assign \i__payload.last  = i__payload[257];
-  assign \rd__data$74[0]  = \rd__data$74 [7:0];
-  assign \rd__data$74[1]  = \rd__data$74 [15:8];
-  assign \rd__data$74[2]  = \rd__data$74 [23:16];
-  assign \rd__data$74[3]  = \rd__data$74 [31:24];
-  assign \rd__data$74[4]  = \rd__data$74 [39:32];
-  assign \rd__data$74[5]  = \rd__data$74 [47:40];
-  assign \rd__data$74[6]  = \rd__data$74 [55:48];
-  assign \rd__data$74[7]  = \rd__data$74 [63:56];
-  assign \rd__data$74[8]  = \rd__data$74 [71:64];
-  assign \rd__data$74[9]  = \rd__data$74 [79:72];
-  assign \rd__data$74[10]  = \rd__data$74 [87:80];
-  assign \rd__data$74[11]  = \rd__data$74 [95:88];
-  assign \rd__data$74[12]  = \rd__data$74 [103:96];
-  assign \rd__data$74[13]  = \rd__data$74 [111:104];
-  assign \rd__data$74[14]  = \rd__data$74 [119:112];
-  assign \rd__data$74[15]  = \rd__data$74 [127:120];
-  assign \rd__data$75[0]  = \rd__data$75 [7:0];
-  assign \rd__data$75[1]  = \rd__data$75 [15:8];
-  assign \rd__data$75[2]  = \rd__data$75 [23:16];
-  assign \rd__data$75[3]  = \rd__data$75 [31:24];
-  assign \rd__data$75[4]  = \rd__data$75 [39:32];
-  assign \rd__data$75[5]  = \rd__data$75 [47:40];
-  assign \rd__data$75[6]  = \rd__data$75 [55:48];
-  assign \rd__data$75[7]  = \rd__data$75 [63:56];
-  assign \rd__data$75[8]  = \rd__data$75 [71:64];
-  assign \rd__data$75[9]  = \rd__data$75 [79:72];
-  assign \rd__data$75[10]  = \rd__data$75 [87:80];
-  assign \rd__data$75[11]  = \rd__data$75 [95:88];
-  assign \rd__data$75[12]  = \rd__data$75 [103:96];
-  assign \rd__data$75[13]  = \rd__data$75 [111:104];
-  assign \rd__data$75[14]  = \rd__data$75 [119:112];
-  assign \rd__data$75[15]  = \rd__data$75 [127:120];
+  assign \rd__data$82[0]  = \rd__data$82 [7:0];
+  assign \rd__data$82[1]  = \rd__data$82 [15:8];
+  assign \rd__data$82[2]  = \rd__data$82 [23:16];
+  assign \rd__data$82[3]  = \rd__data$82 [31:24];
+  assign \rd__data$82[4]  = \rd__data$82 [39:32];
+  assign \rd__data$82[5]  = \rd__data$82 [47:40];
+  assign \rd__data$82[6]  = \rd__data$82 [55:48];
+  assign \rd__data$82[7]  = \rd__data$82 [63:56];
+  assign \rd__data$82[8]  = \rd__data$82 [71:64];
+  assign \rd__data$82[9]  = \rd__data$82 [79:72];
+  assign \rd__data$82[10]  = \rd__data$82 [87:80];
+  assign \rd__data$82[11]  = \rd__data$82 [95:88];
+  assign \rd__data$82[12]  = \rd__data$82 [103:96];
+  assign \rd__data$82[13]  = \rd__data$82 [111:104];
+  assign \rd__data$82[14]  = \rd__data$82 [119:112];
+  assign \rd__data$82[15]  = \rd__data$82 [127:120];
+  assign \rd__data$84[0]  = \rd__data$84 [7:0];
+  assign \rd__data$84[1]  = \rd__data$84 [15:8];
+  assign \rd__data$84[2]  = \rd__data$84 [23:16];
+  assign \rd__data$84[3]  = \rd__data$84 [31:24];
+  assign \rd__data$84[4]  = \rd__data$84 [39:32];
+  assign \rd__data$84[5]  = \rd__data$84 [47:40];
+  assign \rd__data$84[6]  = \rd__data$84 [55:48];
+  assign \rd__data$84[7]  = \rd__data$84 [63:56];
+  assign \rd__data$84[8]  = \rd__data$84 [71:64];
+  assign \rd__data$84[9]  = \rd__data$84 [79:72];
+  assign \rd__data$84[10]  = \rd__data$84 [87:80];
+  assign \rd__data$84[11]  = \rd__data$84 [95:88];
+  assign \rd__data$84[12]  = \rd__data$84 [103:96];
+  assign \rd__data$84[13]  = \rd__data$84 [111:104];
+  assign \rd__data$84[14]  = \rd__data$84 [119:112];
+  assign \rd__data$84[15]  = \rd__data$84 [127:120];
   assign \o__payload.data  = o__payload[383:0];
   assign \o__payload.data[0]  = o__payload[23:0];
   assign \o__payload.data[1]  = o__payload[47:24];
@@ -2114,38 +2560,38 @@ module encoder_layer_0_attention_output_dense(m, a_wr__en, a_wr__addr, a_wr__dat
   assign \o__payload.data[15]  = o__payload[383:360];
   assign \o__payload.row  = o__payload[387:384];
   assign \o__payload.last  = o__payload[388];
-  assign \wr__data$86[0]  = \wr__data$86 [15:0];
-  assign \wr__data$86[1]  = \wr__data$86 [31:16];
-  assign \wr__data$86[2]  = \wr__data$86 [47:32];
-  assign \wr__data$86[3]  = \wr__data$86 [63:48];
-  assign \wr__data$86[4]  = \wr__data$86 [79:64];
-  assign \wr__data$86[5]  = \wr__data$86 [95:80];
-  assign \wr__data$86[6]  = \wr__data$86 [111:96];
-  assign \wr__data$86[7]  = \wr__data$86 [127:112];
-  assign \wr__data$86[8]  = \wr__data$86 [143:128];
-  assign \wr__data$86[9]  = \wr__data$86 [159:144];
-  assign \wr__data$86[10]  = \wr__data$86 [175:160];
-  assign \wr__data$86[11]  = \wr__data$86 [191:176];
-  assign \wr__data$86[12]  = \wr__data$86 [207:192];
-  assign \wr__data$86[13]  = \wr__data$86 [223:208];
-  assign \wr__data$86[14]  = \wr__data$86 [239:224];
-  assign \wr__data$86[15]  = \wr__data$86 [255:240];
-  assign \o[0]  = \wr__data$86 [15:0];
-  assign \o[1]  = \wr__data$86 [31:16];
-  assign \o[2]  = \wr__data$86 [47:32];
-  assign \o[3]  = \wr__data$86 [63:48];
-  assign \o[4]  = \wr__data$86 [79:64];
-  assign \o[5]  = \wr__data$86 [95:80];
-  assign \o[6]  = \wr__data$86 [111:96];
-  assign \o[7]  = \wr__data$86 [127:112];
-  assign \o[8]  = \wr__data$86 [143:128];
-  assign \o[9]  = \wr__data$86 [159:144];
-  assign \o[10]  = \wr__data$86 [175:160];
-  assign \o[11]  = \wr__data$86 [191:176];
-  assign \o[12]  = \wr__data$86 [207:192];
-  assign \o[13]  = \wr__data$86 [223:208];
-  assign \o[14]  = \wr__data$86 [239:224];
-  assign \o[15]  = \wr__data$86 [255:240];
+  assign \wr__data$110[0]  = \wr__data$110 [15:0];
+  assign \wr__data$110[1]  = \wr__data$110 [31:16];
+  assign \wr__data$110[2]  = \wr__data$110 [47:32];
+  assign \wr__data$110[3]  = \wr__data$110 [63:48];
+  assign \wr__data$110[4]  = \wr__data$110 [79:64];
+  assign \wr__data$110[5]  = \wr__data$110 [95:80];
+  assign \wr__data$110[6]  = \wr__data$110 [111:96];
+  assign \wr__data$110[7]  = \wr__data$110 [127:112];
+  assign \wr__data$110[8]  = \wr__data$110 [143:128];
+  assign \wr__data$110[9]  = \wr__data$110 [159:144];
+  assign \wr__data$110[10]  = \wr__data$110 [175:160];
+  assign \wr__data$110[11]  = \wr__data$110 [191:176];
+  assign \wr__data$110[12]  = \wr__data$110 [207:192];
+  assign \wr__data$110[13]  = \wr__data$110 [223:208];
+  assign \wr__data$110[14]  = \wr__data$110 [239:224];
+  assign \wr__data$110[15]  = \wr__data$110 [255:240];
+  assign \o[0]  = \wr__data$110 [15:0];
+  assign \o[1]  = \wr__data$110 [31:16];
+  assign \o[2]  = \wr__data$110 [47:32];
+  assign \o[3]  = \wr__data$110 [63:48];
+  assign \o[4]  = \wr__data$110 [79:64];
+  assign \o[5]  = \wr__data$110 [95:80];
+  assign \o[6]  = \wr__data$110 [111:96];
+  assign \o[7]  = \wr__data$110 [127:112];
+  assign \o[8]  = \wr__data$110 [143:128];
+  assign \o[9]  = \wr__data$110 [159:144];
+  assign \o[10]  = \wr__data$110 [175:160];
+  assign \o[11]  = \wr__data$110 [191:176];
+  assign \o[12]  = \wr__data$110 [207:192];
+  assign \o[13]  = \wr__data$110 [223:208];
+  assign \o[14]  = \wr__data$110 [239:224];
+  assign \o[15]  = \wr__data$110 [255:240];
   assign \acc1[0]  = acc1[23:0];
   assign \acc1[1]  = acc1[47:24];
   assign \acc1[2]  = acc1[71:48];
@@ -2212,72 +2658,72 @@ module encoder_layer_0_attention_output_dense(m, a_wr__en, a_wr__addr, a_wr__dat
   assign \i.t[13]  = i[411:410];
   assign \i.t[14]  = i[413:412];
   assign \i.t[15]  = i[415:414];
-  assign \rd__data$136[0]  = \rd__data$136 [13:0];
-  assign \rd__data$136[1]  = \rd__data$136 [27:14];
-  assign \rd__data$136[2]  = \rd__data$136 [41:28];
-  assign \rd__data$136[3]  = \rd__data$136 [55:42];
-  assign \rd__data$136[4]  = \rd__data$136 [69:56];
-  assign \rd__data$136[5]  = \rd__data$136 [83:70];
-  assign \rd__data$136[6]  = \rd__data$136 [97:84];
-  assign \rd__data$136[7]  = \rd__data$136 [111:98];
-  assign \rd__data$136[8]  = \rd__data$136 [125:112];
-  assign \rd__data$136[9]  = \rd__data$136 [139:126];
-  assign \rd__data$136[10]  = \rd__data$136 [153:140];
-  assign \rd__data$136[11]  = \rd__data$136 [167:154];
-  assign \rd__data$136[12]  = \rd__data$136 [181:168];
-  assign \rd__data$136[13]  = \rd__data$136 [195:182];
-  assign \rd__data$136[14]  = \rd__data$136 [209:196];
-  assign \rd__data$136[15]  = \rd__data$136 [223:210];
-  assign \rd__data$137[0]  = \rd__data$137 [1:0];
-  assign \rd__data$137[1]  = \rd__data$137 [3:2];
-  assign \rd__data$137[2]  = \rd__data$137 [5:4];
-  assign \rd__data$137[3]  = \rd__data$137 [7:6];
-  assign \rd__data$137[4]  = \rd__data$137 [9:8];
-  assign \rd__data$137[5]  = \rd__data$137 [11:10];
-  assign \rd__data$137[6]  = \rd__data$137 [13:12];
-  assign \rd__data$137[7]  = \rd__data$137 [15:14];
-  assign \rd__data$137[8]  = \rd__data$137 [17:16];
-  assign \rd__data$137[9]  = \rd__data$137 [19:18];
-  assign \rd__data$137[10]  = \rd__data$137 [21:20];
-  assign \rd__data$137[11]  = \rd__data$137 [23:22];
-  assign \rd__data$137[12]  = \rd__data$137 [25:24];
-  assign \rd__data$137[13]  = \rd__data$137 [27:26];
-  assign \rd__data$137[14]  = \rd__data$137 [29:28];
-  assign \rd__data$137[15]  = \rd__data$137 [31:30];
-  assign i__payload[255:248] = \$51 ;
-  assign i__payload[247:240] = \$50 ;
-  assign i__payload[239:232] = \$49 ;
-  assign i__payload[231:224] = \$48 ;
-  assign i__payload[223:216] = \$47 ;
-  assign i__payload[215:208] = \$46 ;
-  assign i__payload[207:200] = \$45 ;
-  assign i__payload[199:192] = \$44 ;
-  assign i__payload[191:184] = \$43 ;
-  assign i__payload[183:176] = \$42 ;
-  assign i__payload[175:168] = \$41 ;
-  assign i__payload[167:160] = \$40 ;
-  assign i__payload[159:152] = \$39 ;
-  assign i__payload[151:144] = \$38 ;
-  assign i__payload[143:136] = \$37 ;
-  assign i__payload[135:128] = \$36 ;
-  assign i__payload[127:120] = \$35 ;
-  assign i__payload[119:112] = \$34 ;
-  assign i__payload[111:104] = \$33 ;
-  assign i__payload[103:96] = \$32 ;
-  assign i__payload[95:88] = \$31 ;
-  assign i__payload[87:80] = \$30 ;
-  assign i__payload[79:72] = \$29 ;
-  assign i__payload[71:64] = \$28 ;
-  assign i__payload[63:56] = \$27 ;
-  assign i__payload[55:48] = \$26 ;
-  assign i__payload[47:40] = \$25 ;
-  assign i__payload[39:32] = \$24 ;
-  assign i__payload[31:24] = \$23 ;
-  assign i__payload[23:16] = \$22 ;
-  assign i__payload[15:8] = \$21 ;
-  assign i__payload[7:0] = \$20 ;
-  assign i__payload[257] = last_d5;
-  assign i__payload[256] = first_d5;
+  assign \rd__data$167[0]  = \rd__data$167 [13:0];
+  assign \rd__data$167[1]  = \rd__data$167 [27:14];
+  assign \rd__data$167[2]  = \rd__data$167 [41:28];
+  assign \rd__data$167[3]  = \rd__data$167 [55:42];
+  assign \rd__data$167[4]  = \rd__data$167 [69:56];
+  assign \rd__data$167[5]  = \rd__data$167 [83:70];
+  assign \rd__data$167[6]  = \rd__data$167 [97:84];
+  assign \rd__data$167[7]  = \rd__data$167 [111:98];
+  assign \rd__data$167[8]  = \rd__data$167 [125:112];
+  assign \rd__data$167[9]  = \rd__data$167 [139:126];
+  assign \rd__data$167[10]  = \rd__data$167 [153:140];
+  assign \rd__data$167[11]  = \rd__data$167 [167:154];
+  assign \rd__data$167[12]  = \rd__data$167 [181:168];
+  assign \rd__data$167[13]  = \rd__data$167 [195:182];
+  assign \rd__data$167[14]  = \rd__data$167 [209:196];
+  assign \rd__data$167[15]  = \rd__data$167 [223:210];
+  assign \rd__data$168[0]  = \rd__data$168 [1:0];
+  assign \rd__data$168[1]  = \rd__data$168 [3:2];
+  assign \rd__data$168[2]  = \rd__data$168 [5:4];
+  assign \rd__data$168[3]  = \rd__data$168 [7:6];
+  assign \rd__data$168[4]  = \rd__data$168 [9:8];
+  assign \rd__data$168[5]  = \rd__data$168 [11:10];
+  assign \rd__data$168[6]  = \rd__data$168 [13:12];
+  assign \rd__data$168[7]  = \rd__data$168 [15:14];
+  assign \rd__data$168[8]  = \rd__data$168 [17:16];
+  assign \rd__data$168[9]  = \rd__data$168 [19:18];
+  assign \rd__data$168[10]  = \rd__data$168 [21:20];
+  assign \rd__data$168[11]  = \rd__data$168 [23:22];
+  assign \rd__data$168[12]  = \rd__data$168 [25:24];
+  assign \rd__data$168[13]  = \rd__data$168 [27:26];
+  assign \rd__data$168[14]  = \rd__data$168 [29:28];
+  assign \rd__data$168[15]  = \rd__data$168 [31:30];
+  assign i__payload[255:248] = \$33 ;
+  assign i__payload[247:240] = \$32 ;
+  assign i__payload[239:232] = \$31 ;
+  assign i__payload[231:224] = \$30 ;
+  assign i__payload[223:216] = \$29 ;
+  assign i__payload[215:208] = \$28 ;
+  assign i__payload[207:200] = \$27 ;
+  assign i__payload[199:192] = \$26 ;
+  assign i__payload[191:184] = \$25 ;
+  assign i__payload[183:176] = \$24 ;
+  assign i__payload[175:168] = \$23 ;
+  assign i__payload[167:160] = \$22 ;
+  assign i__payload[159:152] = \$21 ;
+  assign i__payload[151:144] = \$20 ;
+  assign i__payload[143:136] = \$19 ;
+  assign i__payload[135:128] = \$18 ;
+  assign i__payload[127:120] = \rd__data$82 [127:120];
+  assign i__payload[119:112] = \rd__data$82 [119:112];
+  assign i__payload[111:104] = \rd__data$82 [111:104];
+  assign i__payload[103:96] = \rd__data$82 [103:96];
+  assign i__payload[95:88] = \rd__data$82 [95:88];
+  assign i__payload[87:80] = \rd__data$82 [87:80];
+  assign i__payload[79:72] = \rd__data$82 [79:72];
+  assign i__payload[71:64] = \rd__data$82 [71:64];
+  assign i__payload[63:56] = \rd__data$82 [63:56];
+  assign i__payload[55:48] = \rd__data$82 [55:48];
+  assign i__payload[47:40] = \rd__data$82 [47:40];
+  assign i__payload[39:32] = \rd__data$82 [39:32];
+  assign i__payload[31:24] = \rd__data$82 [31:24];
+  assign i__payload[23:16] = \rd__data$82 [23:16];
+  assign i__payload[15:8] = \rd__data$82 [15:8];
+  assign i__payload[7:0] = \rd__data$82 [7:0];
+  assign i__payload[257] = last_d6;
+  assign i__payload[256] = first_d6;
 endmodule
 
 (* generator = "Amaranth" *)
@@ -2290,6 +2736,7 @@ module \encoder_layer_0_attention_output_dense.mem_a (wr__addr, wr__data, clk, r
   reg [127:0] q_d1 = 128'h00000000000000000000000000000000;
   reg [11:0] ra_d0 = 12'h000;
   reg [11:0] ra_d1 = 12'h000;
+  reg [11:0] ra_d2 = 12'h000;
   input [11:0] rd__addr;
   wire [11:0] rd__addr;
   (* init = 128'h00000000000000000000000000000000 *)
@@ -2313,6 +2760,7 @@ module \encoder_layer_0_attention_output_dense.mem_a (wr__addr, wr__data, clk, r
   wire rd__en;
   reg ren_d0 = 1'h1;
   reg ren_d1 = 1'h1;
+  reg ren_d2 = 1'h1;
   (* init = 12'h000 *)
   wire [11:0] rp__addr;
   wire [127:0] rp__data;
@@ -2322,10 +2770,13 @@ module \encoder_layer_0_attention_output_dense.mem_a (wr__addr, wr__data, clk, r
   wire rst;
   reg [11:0] wa_d0 = 12'h000;
   reg [11:0] wa_d1 = 12'h000;
+  reg [11:0] wa_d2 = 12'h000;
   reg [127:0] wd_d0 = 128'h00000000000000000000000000000000;
   reg [127:0] wd_d1 = 128'h00000000000000000000000000000000;
+  reg [127:0] wd_d2 = 128'h00000000000000000000000000000000;
   reg we_d0 = 1'h0;
   reg we_d1 = 1'h0;
+  reg we_d2 = 1'h0;
   (* init = 12'h000 *)
   wire [11:0] wp__addr;
   (* init = 128'h00000000000000000000000000000000 *)
@@ -5430,13 +5881,13 @@ module \encoder_layer_0_attention_output_dense.mem_a (wr__addr, wr__data, clk, r
     mem[3071] = 128'h00000000000000000000000000000000;
   end
   always @(posedge clk) begin
-    if (we_d1)
-      mem[wa_d1] <= wd_d1;
+    if (we_d2)
+      mem[wa_d2] <= wd_d2;
   end
   reg [127:0] _0_;
   always @(posedge clk) begin
-    if (ren_d1) begin
-      _0_ <= mem[ra_d1];
+    if (ren_d2) begin
+      _0_ <= mem[ra_d2];
     end
   end
   assign rp__data = _0_;
@@ -5448,6 +5899,16 @@ module \encoder_layer_0_attention_output_dense.mem_a (wr__addr, wr__data, clk, r
     ra_d1 <= ra_d0;
   always @(posedge clk)
     ren_d1 <= ren_d0;
+  always @(posedge clk)
+    wa_d2 <= wa_d1;
+  always @(posedge clk)
+    wd_d2 <= wd_d1;
+  always @(posedge clk)
+    we_d2 <= we_d1;
+  always @(posedge clk)
+    ra_d2 <= ra_d1;
+  always @(posedge clk)
+    ren_d2 <= ren_d1;
   always @(posedge clk)
     q <= rp__data;
   always @(posedge clk)
@@ -5467,11 +5928,11 @@ module \encoder_layer_0_attention_output_dense.mem_a (wr__addr, wr__data, clk, r
   always @(posedge clk)
     wa_d1 <= wa_d0;
   assign rd__en = 1'h1;
-  assign wp__addr = wa_d1;
-  assign wp__data = wd_d1;
-  assign wp__en = we_d1;
-  assign rp__addr = ra_d1;
-  assign rp__en = ren_d1;
+  assign wp__addr = wa_d2;
+  assign wp__data = wd_d2;
+  assign wp__en = we_d2;
+  assign rp__addr = ra_d2;
+  assign rp__en = ren_d2;
   assign rd__data = q_d1;
   assign \wr__data[0]  = wr__data[7:0];
   assign \wr__data[1]  = wr__data[15:8];
@@ -6278,6 +6739,7 @@ module \encoder_layer_0_attention_output_dense.mem_out (rd__addr, clk, rst, wr__
   reg [255:0] q_d1 = 256'h0000000000000000000000000000000000000000000000000000000000000000;
   reg [11:0] ra_d0 = 12'h000;
   reg [11:0] ra_d1 = 12'h000;
+  reg [11:0] ra_d2 = 12'h000;
   input [11:0] rd__addr;
   wire [11:0] rd__addr;
   (* init = 256'h0000000000000000000000000000000000000000000000000000000000000000 *)
@@ -6302,6 +6764,7 @@ module \encoder_layer_0_attention_output_dense.mem_out (rd__addr, clk, rst, wr__
   wire rd__en;
   reg ren_d0 = 1'h1;
   reg ren_d1 = 1'h1;
+  reg ren_d2 = 1'h1;
   (* init = 12'h000 *)
   wire [11:0] rp__addr;
   wire [255:0] rp__data;
@@ -6311,10 +6774,13 @@ module \encoder_layer_0_attention_output_dense.mem_out (rd__addr, clk, rst, wr__
   wire rst;
   reg [11:0] wa_d0 = 12'h000;
   reg [11:0] wa_d1 = 12'h000;
+  reg [11:0] wa_d2 = 12'h000;
   reg [255:0] wd_d0 = 256'h0000000000000000000000000000000000000000000000000000000000000000;
   reg [255:0] wd_d1 = 256'h0000000000000000000000000000000000000000000000000000000000000000;
+  reg [255:0] wd_d2 = 256'h0000000000000000000000000000000000000000000000000000000000000000;
   reg we_d0 = 1'h0;
   reg we_d1 = 1'h0;
+  reg we_d2 = 1'h0;
   (* init = 12'h000 *)
   wire [11:0] wp__addr;
   (* init = 256'h0000000000000000000000000000000000000000000000000000000000000000 *)
@@ -9419,13 +9885,13 @@ module \encoder_layer_0_attention_output_dense.mem_out (rd__addr, clk, rst, wr__
     mem[3071] = 256'h0000000000000000000000000000000000000000000000000000000000000000;
   end
   always @(posedge clk) begin
-    if (we_d1)
-      mem[wa_d1] <= wd_d1;
+    if (we_d2)
+      mem[wa_d2] <= wd_d2;
   end
   reg [255:0] _0_;
   always @(posedge clk) begin
-    if (ren_d1) begin
-      _0_ <= mem[ra_d1];
+    if (ren_d2) begin
+      _0_ <= mem[ra_d2];
     end
   end
   assign rp__data = _0_;
@@ -9437,6 +9903,16 @@ module \encoder_layer_0_attention_output_dense.mem_out (rd__addr, clk, rst, wr__
     ra_d1 <= ra_d0;
   always @(posedge clk)
     ren_d1 <= ren_d0;
+  always @(posedge clk)
+    wa_d2 <= wa_d1;
+  always @(posedge clk)
+    wd_d2 <= wd_d1;
+  always @(posedge clk)
+    we_d2 <= we_d1;
+  always @(posedge clk)
+    ra_d2 <= ra_d1;
+  always @(posedge clk)
+    ren_d2 <= ren_d1;
   always @(posedge clk)
     q <= rp__data;
   always @(posedge clk)
@@ -9455,11 +9931,11 @@ module \encoder_layer_0_attention_output_dense.mem_out (rd__addr, clk, rst, wr__
     ren_d0 <= rd__en;
   always @(posedge clk)
     wa_d1 <= wa_d0;
-  assign wp__addr = wa_d1;
-  assign wp__data = wd_d1;
-  assign wp__en = we_d1;
-  assign rp__addr = ra_d1;
-  assign rp__en = ren_d1;
+  assign wp__addr = wa_d2;
+  assign wp__data = wd_d2;
+  assign wp__en = we_d2;
+  assign rp__addr = ra_d2;
+  assign rp__en = ren_d2;
   assign rd__data = q_d1;
   assign \wr__data[0]  = wr__data[15:0];
   assign \wr__data[1]  = wr__data[31:16];
@@ -9641,6 +10117,7 @@ module \encoder_layer_0_attention_output_dense.mem_w (wr__addr, wr__data, clk, r
   reg [127:0] q_d1 = 128'h00000000000000000000000000000000;
   reg [13:0] ra_d0 = 14'h0000;
   reg [13:0] ra_d1 = 14'h0000;
+  reg [13:0] ra_d2 = 14'h0000;
   input [13:0] rd__addr;
   wire [13:0] rd__addr;
   (* init = 128'h00000000000000000000000000000000 *)
@@ -9664,6 +10141,7 @@ module \encoder_layer_0_attention_output_dense.mem_w (wr__addr, wr__data, clk, r
   wire rd__en;
   reg ren_d0 = 1'h1;
   reg ren_d1 = 1'h1;
+  reg ren_d2 = 1'h1;
   (* init = 14'h0000 *)
   wire [13:0] rp__addr;
   wire [127:0] rp__data;
@@ -9673,10 +10151,13 @@ module \encoder_layer_0_attention_output_dense.mem_w (wr__addr, wr__data, clk, r
   wire rst;
   reg [13:0] wa_d0 = 14'h0000;
   reg [13:0] wa_d1 = 14'h0000;
+  reg [13:0] wa_d2 = 14'h0000;
   reg [127:0] wd_d0 = 128'h00000000000000000000000000000000;
   reg [127:0] wd_d1 = 128'h00000000000000000000000000000000;
+  reg [127:0] wd_d2 = 128'h00000000000000000000000000000000;
   reg we_d0 = 1'h0;
   reg we_d1 = 1'h0;
+  reg we_d2 = 1'h0;
   (* init = 14'h0000 *)
   wire [13:0] wp__addr;
   (* init = 128'h00000000000000000000000000000000 *)
@@ -18925,13 +19406,13 @@ module \encoder_layer_0_attention_output_dense.mem_w (wr__addr, wr__data, clk, r
     mem[9215] = 128'h00000000000000000000000000000000;
   end
   always @(posedge clk) begin
-    if (we_d1)
-      mem[wa_d1] <= wd_d1;
+    if (we_d2)
+      mem[wa_d2] <= wd_d2;
   end
   reg [127:0] _0_;
   always @(posedge clk) begin
-    if (ren_d1) begin
-      _0_ <= mem[ra_d1];
+    if (ren_d2) begin
+      _0_ <= mem[ra_d2];
     end
   end
   assign rp__data = _0_;
@@ -18943,6 +19424,16 @@ module \encoder_layer_0_attention_output_dense.mem_w (wr__addr, wr__data, clk, r
     ra_d1 <= ra_d0;
   always @(posedge clk)
     ren_d1 <= ren_d0;
+  always @(posedge clk)
+    wa_d2 <= wa_d1;
+  always @(posedge clk)
+    wd_d2 <= wd_d1;
+  always @(posedge clk)
+    we_d2 <= we_d1;
+  always @(posedge clk)
+    ra_d2 <= ra_d1;
+  always @(posedge clk)
+    ren_d2 <= ren_d1;
   always @(posedge clk)
     q <= rp__data;
   always @(posedge clk)
@@ -18962,11 +19453,11 @@ module \encoder_layer_0_attention_output_dense.mem_w (wr__addr, wr__data, clk, r
   always @(posedge clk)
     wa_d1 <= wa_d0;
   assign rd__en = 1'h1;
-  assign wp__addr = wa_d1;
-  assign wp__data = wd_d1;
-  assign wp__en = we_d1;
-  assign rp__addr = ra_d1;
-  assign rp__en = ren_d1;
+  assign wp__addr = wa_d2;
+  assign wp__data = wd_d2;
+  assign wp__en = we_d2;
+  assign rp__addr = ra_d2;
+  assign rp__en = ren_d2;
   assign rd__data = q_d1;
   assign \wr__data[0]  = wr__data[7:0];
   assign \wr__data[1]  = wr__data[15:8];
@@ -19006,7 +19497,7 @@ endmodule
 module \encoder_layer_0_attention_output_dense.pe (rst, i__payload, i__valid, bank_busy, o__payload, clk);
   reg \$auto$verilog_backend.cc:2355:dump_module$2  = 0;
   wire \$1 ;
-  wire [7:0] \$10 ;
+  wire [23:0] \$10 ;
   wire [23:0] \$100 ;
   reg \$1000 ;
   reg \$1001 ;
@@ -19117,7 +19608,7 @@ module \encoder_layer_0_attention_output_dense.pe (rst, i__payload, i__valid, ba
   reg \$1097 ;
   reg \$1098 ;
   reg \$1099 ;
-  wire [7:0] \$11 ;
+  wire [23:0] \$11 ;
   wire [23:0] \$110 ;
   reg \$1100 ;
   reg \$1101 ;
@@ -19228,7 +19719,7 @@ module \encoder_layer_0_attention_output_dense.pe (rst, i__payload, i__valid, ba
   reg \$1197 ;
   reg \$1198 ;
   reg \$1199 ;
-  wire [7:0] \$12 ;
+  wire [23:0] \$12 ;
   wire [23:0] \$120 ;
   reg \$1200 ;
   reg \$1201 ;
@@ -19339,7 +19830,7 @@ module \encoder_layer_0_attention_output_dense.pe (rst, i__payload, i__valid, ba
   reg \$1297 ;
   reg \$1298 ;
   reg \$1299 ;
-  wire [7:0] \$13 ;
+  wire [23:0] \$13 ;
   wire [23:0] \$130 ;
   reg \$1300 ;
   reg \$1301 ;
@@ -19376,27 +19867,15 @@ module \encoder_layer_0_attention_output_dense.pe (rst, i__payload, i__valid, ba
   wire [23:0] \$133 ;
   reg \$1330 ;
   reg \$1331 ;
-  reg \$1332 ;
+  reg [3:0] \$1332 ;
   reg \$1333 ;
-  reg \$1334 ;
-  reg \$1335 ;
-  reg \$1336 ;
-  reg \$1337 ;
-  reg \$1338 ;
-  reg \$1339 ;
   wire [23:0] \$134 ;
-  reg \$1340 ;
-  reg \$1341 ;
-  reg \$1342 ;
-  reg \$1343 ;
-  reg [3:0] \$1344 ;
-  reg \$1345 ;
   wire [23:0] \$135 ;
   wire [23:0] \$136 ;
   wire [23:0] \$137 ;
   wire [23:0] \$138 ;
   wire [23:0] \$139 ;
-  wire [7:0] \$14 ;
+  wire [23:0] \$14 ;
   wire [23:0] \$140 ;
   wire [23:0] \$141 ;
   wire [23:0] \$142 ;
@@ -19407,7 +19886,7 @@ module \encoder_layer_0_attention_output_dense.pe (rst, i__payload, i__valid, ba
   wire [23:0] \$147 ;
   wire [23:0] \$148 ;
   wire [23:0] \$149 ;
-  wire [7:0] \$15 ;
+  wire [23:0] \$15 ;
   wire [23:0] \$150 ;
   wire [23:0] \$151 ;
   wire [23:0] \$152 ;
@@ -19418,7 +19897,7 @@ module \encoder_layer_0_attention_output_dense.pe (rst, i__payload, i__valid, ba
   wire [23:0] \$157 ;
   wire [23:0] \$158 ;
   wire [23:0] \$159 ;
-  wire [7:0] \$16 ;
+  wire [23:0] \$16 ;
   wire [23:0] \$160 ;
   wire [23:0] \$161 ;
   wire [23:0] \$162 ;
@@ -19429,7 +19908,7 @@ module \encoder_layer_0_attention_output_dense.pe (rst, i__payload, i__valid, ba
   wire [23:0] \$167 ;
   wire [23:0] \$168 ;
   wire [23:0] \$169 ;
-  wire [7:0] \$17 ;
+  wire [23:0] \$17 ;
   wire [23:0] \$170 ;
   wire [23:0] \$171 ;
   wire [23:0] \$172 ;
@@ -19440,7 +19919,7 @@ module \encoder_layer_0_attention_output_dense.pe (rst, i__payload, i__valid, ba
   wire [23:0] \$177 ;
   wire [23:0] \$178 ;
   wire [23:0] \$179 ;
-  wire [7:0] \$18 ;
+  wire [23:0] \$18 ;
   wire [23:0] \$180 ;
   wire [23:0] \$181 ;
   wire [23:0] \$182 ;
@@ -19528,28 +20007,28 @@ module \encoder_layer_0_attention_output_dense.pe (rst, i__payload, i__valid, ba
   wire [23:0] \$256 ;
   wire [23:0] \$257 ;
   wire [23:0] \$258 ;
-  wire [23:0] \$259 ;
+  wire \$259 ;
   wire [23:0] \$26 ;
-  wire [23:0] \$260 ;
-  wire [23:0] \$261 ;
-  wire [23:0] \$262 ;
-  wire [23:0] \$263 ;
-  wire [23:0] \$264 ;
-  wire [23:0] \$265 ;
-  wire [23:0] \$266 ;
-  wire [23:0] \$267 ;
-  wire [23:0] \$268 ;
-  wire [23:0] \$269 ;
+  wire \$260 ;
+  wire [4:0] \$261 ;
+  wire \$262 ;
+  wire [24:0] \$263 ;
+  wire [24:0] \$264 ;
+  wire [24:0] \$265 ;
+  wire [24:0] \$266 ;
+  wire [24:0] \$267 ;
+  wire [24:0] \$268 ;
+  wire [24:0] \$269 ;
   wire [23:0] \$27 ;
-  wire [23:0] \$270 ;
-  wire [23:0] \$271 ;
-  wire [23:0] \$272 ;
-  wire [23:0] \$273 ;
-  wire [23:0] \$274 ;
-  wire \$275 ;
-  wire \$276 ;
-  wire [4:0] \$277 ;
-  wire \$278 ;
+  wire [24:0] \$270 ;
+  wire [24:0] \$271 ;
+  wire [24:0] \$272 ;
+  wire [24:0] \$273 ;
+  wire [24:0] \$274 ;
+  wire [24:0] \$275 ;
+  wire [24:0] \$276 ;
+  wire [24:0] \$277 ;
+  wire [24:0] \$278 ;
   wire [24:0] \$279 ;
   wire [23:0] \$28 ;
   wire [24:0] \$280 ;
@@ -19573,7 +20052,7 @@ module \encoder_layer_0_attention_output_dense.pe (rst, i__payload, i__valid, ba
   wire [24:0] \$297 ;
   wire [24:0] \$298 ;
   wire [24:0] \$299 ;
-  wire [7:0] \$3 ;
+  wire [23:0] \$3 ;
   wire [23:0] \$30 ;
   wire [24:0] \$300 ;
   wire [24:0] \$301 ;
@@ -19684,7 +20163,7 @@ module \encoder_layer_0_attention_output_dense.pe (rst, i__payload, i__valid, ba
   wire [24:0] \$397 ;
   wire [24:0] \$398 ;
   wire [24:0] \$399 ;
-  wire [7:0] \$4 ;
+  wire [23:0] \$4 ;
   wire [23:0] \$40 ;
   wire [24:0] \$400 ;
   wire [24:0] \$401 ;
@@ -19795,7 +20274,7 @@ module \encoder_layer_0_attention_output_dense.pe (rst, i__payload, i__valid, ba
   wire [24:0] \$497 ;
   wire [24:0] \$498 ;
   wire [24:0] \$499 ;
-  wire [7:0] \$5 ;
+  wire [23:0] \$5 ;
   wire [23:0] \$50 ;
   wire [24:0] \$500 ;
   wire [24:0] \$501 ;
@@ -19906,7 +20385,7 @@ module \encoder_layer_0_attention_output_dense.pe (rst, i__payload, i__valid, ba
   wire [24:0] \$597 ;
   wire [24:0] \$598 ;
   wire [24:0] \$599 ;
-  wire [7:0] \$6 ;
+  wire [23:0] \$6 ;
   wire [23:0] \$60 ;
   wire [24:0] \$600 ;
   wire [24:0] \$601 ;
@@ -20017,7 +20496,7 @@ module \encoder_layer_0_attention_output_dense.pe (rst, i__payload, i__valid, ba
   wire [24:0] \$697 ;
   wire [24:0] \$698 ;
   wire [24:0] \$699 ;
-  wire [7:0] \$7 ;
+  wire [23:0] \$7 ;
   wire [23:0] \$70 ;
   wire [24:0] \$700 ;
   wire [24:0] \$701 ;
@@ -20101,25 +20580,25 @@ module \encoder_layer_0_attention_output_dense.pe (rst, i__payload, i__valid, ba
   wire [24:0] \$772 ;
   wire [24:0] \$773 ;
   wire [24:0] \$774 ;
-  wire [24:0] \$775 ;
-  wire [24:0] \$776 ;
-  wire [24:0] \$777 ;
-  wire [24:0] \$778 ;
-  wire [24:0] \$779 ;
+  wire \$775 ;
+  reg \$776 ;
+  reg \$777 ;
+  reg \$778 ;
+  reg \$779 ;
   wire [23:0] \$78 ;
-  wire [24:0] \$780 ;
-  wire [24:0] \$781 ;
-  wire [24:0] \$782 ;
-  wire [24:0] \$783 ;
-  wire [24:0] \$784 ;
-  wire [24:0] \$785 ;
-  wire [24:0] \$786 ;
-  wire [24:0] \$787 ;
-  wire [24:0] \$788 ;
-  wire [24:0] \$789 ;
+  reg \$780 ;
+  reg \$781 ;
+  reg \$782 ;
+  reg \$783 ;
+  reg \$784 ;
+  reg \$785 ;
+  reg \$786 ;
+  reg \$787 ;
+  reg \$788 ;
+  reg \$789 ;
   wire [23:0] \$79 ;
-  wire [24:0] \$790 ;
-  wire \$791 ;
+  reg \$790 ;
+  reg \$791 ;
   reg \$792 ;
   reg \$793 ;
   reg \$794 ;
@@ -20128,7 +20607,7 @@ module \encoder_layer_0_attention_output_dense.pe (rst, i__payload, i__valid, ba
   reg \$797 ;
   reg \$798 ;
   reg \$799 ;
-  wire [7:0] \$8 ;
+  wire [23:0] \$8 ;
   wire [23:0] \$80 ;
   reg \$800 ;
   reg \$801 ;
@@ -20239,7 +20718,7 @@ module \encoder_layer_0_attention_output_dense.pe (rst, i__payload, i__valid, ba
   reg \$897 ;
   reg \$898 ;
   reg \$899 ;
-  wire [7:0] \$9 ;
+  wire [23:0] \$9 ;
   wire [23:0] \$90 ;
   reg \$900 ;
   reg \$901 ;
@@ -20351,115 +20830,9 @@ module \encoder_layer_0_attention_output_dense.pe (rst, i__payload, i__valid, ba
   reg \$998 ;
   reg \$999 ;
   reg \$signal  = 1'h0;
-  reg \$signal$166  = 1'h0;
-  reg \$signal$167  = 1'h0;
-  reg \$signal$168  = 1'h0;
-  reg \$signal$169  = 1'h0;
   (* init = 8'h00 *)
   (* keep = 32'd1 *)
   wire [7:0] a;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1488 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1490 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1492 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1494 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1496 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1498 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1500 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1502 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1504 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1506 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1508 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1510 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1512 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1514 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1516 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1518 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1520 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1522 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1524 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1526 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1528 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1530 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1532 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1534 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1536 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1538 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1540 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1542 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1544 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1546 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1548 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1550 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1552 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1554 ;
   (* init = 8'h00 *)
   (* keep = 32'd1 *)
   wire [7:0] \a$1556 ;
@@ -21123,6 +21496,108 @@ module \encoder_layer_0_attention_output_dense.pe (rst, i__payload, i__valid, ba
   (* init = 8'h00 *)
   (* keep = 32'd1 *)
   wire [7:0] \a$1996 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$1998 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2000 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2002 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2004 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2006 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2008 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2010 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2012 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2014 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2016 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2018 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2020 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2022 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2024 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2026 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2028 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2030 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2032 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2034 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2036 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2038 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2040 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2042 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2044 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2046 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2048 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2050 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2052 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2054 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2056 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2058 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2060 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2062 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2064 ;
   reg [7:0] a0_0 = 8'h00;
   reg [7:0] a0_1 = 8'h00;
   reg [7:0] a0_10 = 8'h00;
@@ -21140,133 +21615,197 @@ module \encoder_layer_0_attention_output_dense.pe (rst, i__payload, i__valid, ba
   reg [7:0] a0_8 = 8'h00;
   reg [7:0] a0_9 = 8'h00;
   (* keep = 32'd1 *)
-  reg [7:0] a1_0_g0 = 8'h00;
+  reg [7:0] a_0_l1_0 = 8'h00;
   (* keep = 32'd1 *)
-  reg [7:0] a1_0_g1 = 8'h00;
+  reg [7:0] a_0_l1_1 = 8'h00;
   (* keep = 32'd1 *)
-  reg [7:0] a1_0_g2 = 8'h00;
+  reg [7:0] a_0_l2_0 = 8'h00;
   (* keep = 32'd1 *)
-  reg [7:0] a1_0_g3 = 8'h00;
+  reg [7:0] a_0_l2_1 = 8'h00;
   (* keep = 32'd1 *)
-  reg [7:0] a1_10_g0 = 8'h00;
+  reg [7:0] a_0_l2_2 = 8'h00;
   (* keep = 32'd1 *)
-  reg [7:0] a1_10_g1 = 8'h00;
+  reg [7:0] a_0_l2_3 = 8'h00;
   (* keep = 32'd1 *)
-  reg [7:0] a1_10_g2 = 8'h00;
+  reg [7:0] a_10_l1_0 = 8'h00;
   (* keep = 32'd1 *)
-  reg [7:0] a1_10_g3 = 8'h00;
+  reg [7:0] a_10_l1_1 = 8'h00;
   (* keep = 32'd1 *)
-  reg [7:0] a1_11_g0 = 8'h00;
+  reg [7:0] a_10_l2_0 = 8'h00;
   (* keep = 32'd1 *)
-  reg [7:0] a1_11_g1 = 8'h00;
+  reg [7:0] a_10_l2_1 = 8'h00;
   (* keep = 32'd1 *)
-  reg [7:0] a1_11_g2 = 8'h00;
+  reg [7:0] a_10_l2_2 = 8'h00;
   (* keep = 32'd1 *)
-  reg [7:0] a1_11_g3 = 8'h00;
+  reg [7:0] a_10_l2_3 = 8'h00;
   (* keep = 32'd1 *)
-  reg [7:0] a1_12_g0 = 8'h00;
+  reg [7:0] a_11_l1_0 = 8'h00;
   (* keep = 32'd1 *)
-  reg [7:0] a1_12_g1 = 8'h00;
+  reg [7:0] a_11_l1_1 = 8'h00;
   (* keep = 32'd1 *)
-  reg [7:0] a1_12_g2 = 8'h00;
+  reg [7:0] a_11_l2_0 = 8'h00;
   (* keep = 32'd1 *)
-  reg [7:0] a1_12_g3 = 8'h00;
+  reg [7:0] a_11_l2_1 = 8'h00;
   (* keep = 32'd1 *)
-  reg [7:0] a1_13_g0 = 8'h00;
+  reg [7:0] a_11_l2_2 = 8'h00;
   (* keep = 32'd1 *)
-  reg [7:0] a1_13_g1 = 8'h00;
+  reg [7:0] a_11_l2_3 = 8'h00;
   (* keep = 32'd1 *)
-  reg [7:0] a1_13_g2 = 8'h00;
+  reg [7:0] a_12_l1_0 = 8'h00;
   (* keep = 32'd1 *)
-  reg [7:0] a1_13_g3 = 8'h00;
+  reg [7:0] a_12_l1_1 = 8'h00;
   (* keep = 32'd1 *)
-  reg [7:0] a1_14_g0 = 8'h00;
+  reg [7:0] a_12_l2_0 = 8'h00;
   (* keep = 32'd1 *)
-  reg [7:0] a1_14_g1 = 8'h00;
+  reg [7:0] a_12_l2_1 = 8'h00;
   (* keep = 32'd1 *)
-  reg [7:0] a1_14_g2 = 8'h00;
+  reg [7:0] a_12_l2_2 = 8'h00;
   (* keep = 32'd1 *)
-  reg [7:0] a1_14_g3 = 8'h00;
+  reg [7:0] a_12_l2_3 = 8'h00;
   (* keep = 32'd1 *)
-  reg [7:0] a1_15_g0 = 8'h00;
+  reg [7:0] a_13_l1_0 = 8'h00;
   (* keep = 32'd1 *)
-  reg [7:0] a1_15_g1 = 8'h00;
+  reg [7:0] a_13_l1_1 = 8'h00;
   (* keep = 32'd1 *)
-  reg [7:0] a1_15_g2 = 8'h00;
+  reg [7:0] a_13_l2_0 = 8'h00;
   (* keep = 32'd1 *)
-  reg [7:0] a1_15_g3 = 8'h00;
+  reg [7:0] a_13_l2_1 = 8'h00;
   (* keep = 32'd1 *)
-  reg [7:0] a1_1_g0 = 8'h00;
+  reg [7:0] a_13_l2_2 = 8'h00;
   (* keep = 32'd1 *)
-  reg [7:0] a1_1_g1 = 8'h00;
+  reg [7:0] a_13_l2_3 = 8'h00;
   (* keep = 32'd1 *)
-  reg [7:0] a1_1_g2 = 8'h00;
+  reg [7:0] a_14_l1_0 = 8'h00;
   (* keep = 32'd1 *)
-  reg [7:0] a1_1_g3 = 8'h00;
+  reg [7:0] a_14_l1_1 = 8'h00;
   (* keep = 32'd1 *)
-  reg [7:0] a1_2_g0 = 8'h00;
+  reg [7:0] a_14_l2_0 = 8'h00;
   (* keep = 32'd1 *)
-  reg [7:0] a1_2_g1 = 8'h00;
+  reg [7:0] a_14_l2_1 = 8'h00;
   (* keep = 32'd1 *)
-  reg [7:0] a1_2_g2 = 8'h00;
+  reg [7:0] a_14_l2_2 = 8'h00;
   (* keep = 32'd1 *)
-  reg [7:0] a1_2_g3 = 8'h00;
+  reg [7:0] a_14_l2_3 = 8'h00;
   (* keep = 32'd1 *)
-  reg [7:0] a1_3_g0 = 8'h00;
+  reg [7:0] a_15_l1_0 = 8'h00;
   (* keep = 32'd1 *)
-  reg [7:0] a1_3_g1 = 8'h00;
+  reg [7:0] a_15_l1_1 = 8'h00;
   (* keep = 32'd1 *)
-  reg [7:0] a1_3_g2 = 8'h00;
+  reg [7:0] a_15_l2_0 = 8'h00;
   (* keep = 32'd1 *)
-  reg [7:0] a1_3_g3 = 8'h00;
+  reg [7:0] a_15_l2_1 = 8'h00;
   (* keep = 32'd1 *)
-  reg [7:0] a1_4_g0 = 8'h00;
+  reg [7:0] a_15_l2_2 = 8'h00;
   (* keep = 32'd1 *)
-  reg [7:0] a1_4_g1 = 8'h00;
+  reg [7:0] a_15_l2_3 = 8'h00;
   (* keep = 32'd1 *)
-  reg [7:0] a1_4_g2 = 8'h00;
+  reg [7:0] a_1_l1_0 = 8'h00;
   (* keep = 32'd1 *)
-  reg [7:0] a1_4_g3 = 8'h00;
+  reg [7:0] a_1_l1_1 = 8'h00;
   (* keep = 32'd1 *)
-  reg [7:0] a1_5_g0 = 8'h00;
+  reg [7:0] a_1_l2_0 = 8'h00;
   (* keep = 32'd1 *)
-  reg [7:0] a1_5_g1 = 8'h00;
+  reg [7:0] a_1_l2_1 = 8'h00;
   (* keep = 32'd1 *)
-  reg [7:0] a1_5_g2 = 8'h00;
+  reg [7:0] a_1_l2_2 = 8'h00;
   (* keep = 32'd1 *)
-  reg [7:0] a1_5_g3 = 8'h00;
+  reg [7:0] a_1_l2_3 = 8'h00;
   (* keep = 32'd1 *)
-  reg [7:0] a1_6_g0 = 8'h00;
+  reg [7:0] a_2_l1_0 = 8'h00;
   (* keep = 32'd1 *)
-  reg [7:0] a1_6_g1 = 8'h00;
+  reg [7:0] a_2_l1_1 = 8'h00;
   (* keep = 32'd1 *)
-  reg [7:0] a1_6_g2 = 8'h00;
+  reg [7:0] a_2_l2_0 = 8'h00;
   (* keep = 32'd1 *)
-  reg [7:0] a1_6_g3 = 8'h00;
+  reg [7:0] a_2_l2_1 = 8'h00;
   (* keep = 32'd1 *)
-  reg [7:0] a1_7_g0 = 8'h00;
+  reg [7:0] a_2_l2_2 = 8'h00;
   (* keep = 32'd1 *)
-  reg [7:0] a1_7_g1 = 8'h00;
+  reg [7:0] a_2_l2_3 = 8'h00;
   (* keep = 32'd1 *)
-  reg [7:0] a1_7_g2 = 8'h00;
+  reg [7:0] a_3_l1_0 = 8'h00;
   (* keep = 32'd1 *)
-  reg [7:0] a1_7_g3 = 8'h00;
+  reg [7:0] a_3_l1_1 = 8'h00;
   (* keep = 32'd1 *)
-  reg [7:0] a1_8_g0 = 8'h00;
+  reg [7:0] a_3_l2_0 = 8'h00;
   (* keep = 32'd1 *)
-  reg [7:0] a1_8_g1 = 8'h00;
+  reg [7:0] a_3_l2_1 = 8'h00;
   (* keep = 32'd1 *)
-  reg [7:0] a1_8_g2 = 8'h00;
+  reg [7:0] a_3_l2_2 = 8'h00;
   (* keep = 32'd1 *)
-  reg [7:0] a1_8_g3 = 8'h00;
+  reg [7:0] a_3_l2_3 = 8'h00;
   (* keep = 32'd1 *)
-  reg [7:0] a1_9_g0 = 8'h00;
+  reg [7:0] a_4_l1_0 = 8'h00;
   (* keep = 32'd1 *)
-  reg [7:0] a1_9_g1 = 8'h00;
+  reg [7:0] a_4_l1_1 = 8'h00;
   (* keep = 32'd1 *)
-  reg [7:0] a1_9_g2 = 8'h00;
+  reg [7:0] a_4_l2_0 = 8'h00;
   (* keep = 32'd1 *)
-  reg [7:0] a1_9_g3 = 8'h00;
+  reg [7:0] a_4_l2_1 = 8'h00;
+  (* keep = 32'd1 *)
+  reg [7:0] a_4_l2_2 = 8'h00;
+  (* keep = 32'd1 *)
+  reg [7:0] a_4_l2_3 = 8'h00;
+  (* keep = 32'd1 *)
+  reg [7:0] a_5_l1_0 = 8'h00;
+  (* keep = 32'd1 *)
+  reg [7:0] a_5_l1_1 = 8'h00;
+  (* keep = 32'd1 *)
+  reg [7:0] a_5_l2_0 = 8'h00;
+  (* keep = 32'd1 *)
+  reg [7:0] a_5_l2_1 = 8'h00;
+  (* keep = 32'd1 *)
+  reg [7:0] a_5_l2_2 = 8'h00;
+  (* keep = 32'd1 *)
+  reg [7:0] a_5_l2_3 = 8'h00;
+  (* keep = 32'd1 *)
+  reg [7:0] a_6_l1_0 = 8'h00;
+  (* keep = 32'd1 *)
+  reg [7:0] a_6_l1_1 = 8'h00;
+  (* keep = 32'd1 *)
+  reg [7:0] a_6_l2_0 = 8'h00;
+  (* keep = 32'd1 *)
+  reg [7:0] a_6_l2_1 = 8'h00;
+  (* keep = 32'd1 *)
+  reg [7:0] a_6_l2_2 = 8'h00;
+  (* keep = 32'd1 *)
+  reg [7:0] a_6_l2_3 = 8'h00;
+  (* keep = 32'd1 *)
+  reg [7:0] a_7_l1_0 = 8'h00;
+  (* keep = 32'd1 *)
+  reg [7:0] a_7_l1_1 = 8'h00;
+  (* keep = 32'd1 *)
+  reg [7:0] a_7_l2_0 = 8'h00;
+  (* keep = 32'd1 *)
+  reg [7:0] a_7_l2_1 = 8'h00;
+  (* keep = 32'd1 *)
+  reg [7:0] a_7_l2_2 = 8'h00;
+  (* keep = 32'd1 *)
+  reg [7:0] a_7_l2_3 = 8'h00;
+  (* keep = 32'd1 *)
+  reg [7:0] a_8_l1_0 = 8'h00;
+  (* keep = 32'd1 *)
+  reg [7:0] a_8_l1_1 = 8'h00;
+  (* keep = 32'd1 *)
+  reg [7:0] a_8_l2_0 = 8'h00;
+  (* keep = 32'd1 *)
+  reg [7:0] a_8_l2_1 = 8'h00;
+  (* keep = 32'd1 *)
+  reg [7:0] a_8_l2_2 = 8'h00;
+  (* keep = 32'd1 *)
+  reg [7:0] a_8_l2_3 = 8'h00;
+  (* keep = 32'd1 *)
+  reg [7:0] a_9_l1_0 = 8'h00;
+  (* keep = 32'd1 *)
+  reg [7:0] a_9_l1_1 = 8'h00;
+  (* keep = 32'd1 *)
+  reg [7:0] a_9_l2_0 = 8'h00;
+  (* keep = 32'd1 *)
+  reg [7:0] a_9_l2_1 = 8'h00;
+  (* keep = 32'd1 *)
+  reg [7:0] a_9_l2_2 = 8'h00;
+  (* keep = 32'd1 *)
+  reg [7:0] a_9_l2_3 = 8'h00;
   reg [23:0] acc_0_0 = 24'h000000;
   reg [23:0] acc_0_1 = 24'h000000;
   reg [23:0] acc_0_10 = 24'h000000;
@@ -21526,108 +22065,6 @@ module \encoder_layer_0_attention_output_dense.pe (rst, i__payload, i__valid, ba
   (* init = 8'h00 *)
   (* keep = 32'd1 *)
   wire [7:0] b;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1489 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1491 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1493 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1495 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1497 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1499 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1501 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1503 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1505 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1507 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1509 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1511 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1513 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1515 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1517 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1519 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1521 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1523 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1525 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1527 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1529 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1531 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1533 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1535 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1537 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1539 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1541 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1543 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1545 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1547 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1549 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1551 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1553 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1555 ;
   (* init = 8'h00 *)
   (* keep = 32'd1 *)
   wire [7:0] \b$1557 ;
@@ -22291,6 +22728,108 @@ module \encoder_layer_0_attention_output_dense.pe (rst, i__payload, i__valid, ba
   (* init = 8'h00 *)
   (* keep = 32'd1 *)
   wire [7:0] \b$1997 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$1999 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2001 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2003 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2005 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2007 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2009 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2011 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2013 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2015 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2017 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2019 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2021 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2023 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2025 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2027 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2029 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2031 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2033 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2035 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2037 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2039 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2041 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2043 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2045 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2047 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2049 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2051 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2053 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2055 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2057 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2059 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2061 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2063 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2065 ;
   reg [7:0] b0_0 = 8'h00;
   reg [7:0] b0_1 = 8'h00;
   reg [7:0] b0_10 = 8'h00;
@@ -22308,133 +22847,197 @@ module \encoder_layer_0_attention_output_dense.pe (rst, i__payload, i__valid, ba
   reg [7:0] b0_8 = 8'h00;
   reg [7:0] b0_9 = 8'h00;
   (* keep = 32'd1 *)
-  reg [7:0] b1_0_g0 = 8'h00;
+  reg [7:0] b_0_l1_0 = 8'h00;
   (* keep = 32'd1 *)
-  reg [7:0] b1_0_g1 = 8'h00;
+  reg [7:0] b_0_l1_1 = 8'h00;
   (* keep = 32'd1 *)
-  reg [7:0] b1_0_g2 = 8'h00;
+  reg [7:0] b_0_l2_0 = 8'h00;
   (* keep = 32'd1 *)
-  reg [7:0] b1_0_g3 = 8'h00;
+  reg [7:0] b_0_l2_1 = 8'h00;
   (* keep = 32'd1 *)
-  reg [7:0] b1_10_g0 = 8'h00;
+  reg [7:0] b_0_l2_2 = 8'h00;
   (* keep = 32'd1 *)
-  reg [7:0] b1_10_g1 = 8'h00;
+  reg [7:0] b_0_l2_3 = 8'h00;
   (* keep = 32'd1 *)
-  reg [7:0] b1_10_g2 = 8'h00;
+  reg [7:0] b_10_l1_0 = 8'h00;
   (* keep = 32'd1 *)
-  reg [7:0] b1_10_g3 = 8'h00;
+  reg [7:0] b_10_l1_1 = 8'h00;
   (* keep = 32'd1 *)
-  reg [7:0] b1_11_g0 = 8'h00;
+  reg [7:0] b_10_l2_0 = 8'h00;
   (* keep = 32'd1 *)
-  reg [7:0] b1_11_g1 = 8'h00;
+  reg [7:0] b_10_l2_1 = 8'h00;
   (* keep = 32'd1 *)
-  reg [7:0] b1_11_g2 = 8'h00;
+  reg [7:0] b_10_l2_2 = 8'h00;
   (* keep = 32'd1 *)
-  reg [7:0] b1_11_g3 = 8'h00;
+  reg [7:0] b_10_l2_3 = 8'h00;
   (* keep = 32'd1 *)
-  reg [7:0] b1_12_g0 = 8'h00;
+  reg [7:0] b_11_l1_0 = 8'h00;
   (* keep = 32'd1 *)
-  reg [7:0] b1_12_g1 = 8'h00;
+  reg [7:0] b_11_l1_1 = 8'h00;
   (* keep = 32'd1 *)
-  reg [7:0] b1_12_g2 = 8'h00;
+  reg [7:0] b_11_l2_0 = 8'h00;
   (* keep = 32'd1 *)
-  reg [7:0] b1_12_g3 = 8'h00;
+  reg [7:0] b_11_l2_1 = 8'h00;
   (* keep = 32'd1 *)
-  reg [7:0] b1_13_g0 = 8'h00;
+  reg [7:0] b_11_l2_2 = 8'h00;
   (* keep = 32'd1 *)
-  reg [7:0] b1_13_g1 = 8'h00;
+  reg [7:0] b_11_l2_3 = 8'h00;
   (* keep = 32'd1 *)
-  reg [7:0] b1_13_g2 = 8'h00;
+  reg [7:0] b_12_l1_0 = 8'h00;
   (* keep = 32'd1 *)
-  reg [7:0] b1_13_g3 = 8'h00;
+  reg [7:0] b_12_l1_1 = 8'h00;
   (* keep = 32'd1 *)
-  reg [7:0] b1_14_g0 = 8'h00;
+  reg [7:0] b_12_l2_0 = 8'h00;
   (* keep = 32'd1 *)
-  reg [7:0] b1_14_g1 = 8'h00;
+  reg [7:0] b_12_l2_1 = 8'h00;
   (* keep = 32'd1 *)
-  reg [7:0] b1_14_g2 = 8'h00;
+  reg [7:0] b_12_l2_2 = 8'h00;
   (* keep = 32'd1 *)
-  reg [7:0] b1_14_g3 = 8'h00;
+  reg [7:0] b_12_l2_3 = 8'h00;
   (* keep = 32'd1 *)
-  reg [7:0] b1_15_g0 = 8'h00;
+  reg [7:0] b_13_l1_0 = 8'h00;
   (* keep = 32'd1 *)
-  reg [7:0] b1_15_g1 = 8'h00;
+  reg [7:0] b_13_l1_1 = 8'h00;
   (* keep = 32'd1 *)
-  reg [7:0] b1_15_g2 = 8'h00;
+  reg [7:0] b_13_l2_0 = 8'h00;
   (* keep = 32'd1 *)
-  reg [7:0] b1_15_g3 = 8'h00;
+  reg [7:0] b_13_l2_1 = 8'h00;
   (* keep = 32'd1 *)
-  reg [7:0] b1_1_g0 = 8'h00;
+  reg [7:0] b_13_l2_2 = 8'h00;
   (* keep = 32'd1 *)
-  reg [7:0] b1_1_g1 = 8'h00;
+  reg [7:0] b_13_l2_3 = 8'h00;
   (* keep = 32'd1 *)
-  reg [7:0] b1_1_g2 = 8'h00;
+  reg [7:0] b_14_l1_0 = 8'h00;
   (* keep = 32'd1 *)
-  reg [7:0] b1_1_g3 = 8'h00;
+  reg [7:0] b_14_l1_1 = 8'h00;
   (* keep = 32'd1 *)
-  reg [7:0] b1_2_g0 = 8'h00;
+  reg [7:0] b_14_l2_0 = 8'h00;
   (* keep = 32'd1 *)
-  reg [7:0] b1_2_g1 = 8'h00;
+  reg [7:0] b_14_l2_1 = 8'h00;
   (* keep = 32'd1 *)
-  reg [7:0] b1_2_g2 = 8'h00;
+  reg [7:0] b_14_l2_2 = 8'h00;
   (* keep = 32'd1 *)
-  reg [7:0] b1_2_g3 = 8'h00;
+  reg [7:0] b_14_l2_3 = 8'h00;
   (* keep = 32'd1 *)
-  reg [7:0] b1_3_g0 = 8'h00;
+  reg [7:0] b_15_l1_0 = 8'h00;
   (* keep = 32'd1 *)
-  reg [7:0] b1_3_g1 = 8'h00;
+  reg [7:0] b_15_l1_1 = 8'h00;
   (* keep = 32'd1 *)
-  reg [7:0] b1_3_g2 = 8'h00;
+  reg [7:0] b_15_l2_0 = 8'h00;
   (* keep = 32'd1 *)
-  reg [7:0] b1_3_g3 = 8'h00;
+  reg [7:0] b_15_l2_1 = 8'h00;
   (* keep = 32'd1 *)
-  reg [7:0] b1_4_g0 = 8'h00;
+  reg [7:0] b_15_l2_2 = 8'h00;
   (* keep = 32'd1 *)
-  reg [7:0] b1_4_g1 = 8'h00;
+  reg [7:0] b_15_l2_3 = 8'h00;
   (* keep = 32'd1 *)
-  reg [7:0] b1_4_g2 = 8'h00;
+  reg [7:0] b_1_l1_0 = 8'h00;
   (* keep = 32'd1 *)
-  reg [7:0] b1_4_g3 = 8'h00;
+  reg [7:0] b_1_l1_1 = 8'h00;
   (* keep = 32'd1 *)
-  reg [7:0] b1_5_g0 = 8'h00;
+  reg [7:0] b_1_l2_0 = 8'h00;
   (* keep = 32'd1 *)
-  reg [7:0] b1_5_g1 = 8'h00;
+  reg [7:0] b_1_l2_1 = 8'h00;
   (* keep = 32'd1 *)
-  reg [7:0] b1_5_g2 = 8'h00;
+  reg [7:0] b_1_l2_2 = 8'h00;
   (* keep = 32'd1 *)
-  reg [7:0] b1_5_g3 = 8'h00;
+  reg [7:0] b_1_l2_3 = 8'h00;
   (* keep = 32'd1 *)
-  reg [7:0] b1_6_g0 = 8'h00;
+  reg [7:0] b_2_l1_0 = 8'h00;
   (* keep = 32'd1 *)
-  reg [7:0] b1_6_g1 = 8'h00;
+  reg [7:0] b_2_l1_1 = 8'h00;
   (* keep = 32'd1 *)
-  reg [7:0] b1_6_g2 = 8'h00;
+  reg [7:0] b_2_l2_0 = 8'h00;
   (* keep = 32'd1 *)
-  reg [7:0] b1_6_g3 = 8'h00;
+  reg [7:0] b_2_l2_1 = 8'h00;
   (* keep = 32'd1 *)
-  reg [7:0] b1_7_g0 = 8'h00;
+  reg [7:0] b_2_l2_2 = 8'h00;
   (* keep = 32'd1 *)
-  reg [7:0] b1_7_g1 = 8'h00;
+  reg [7:0] b_2_l2_3 = 8'h00;
   (* keep = 32'd1 *)
-  reg [7:0] b1_7_g2 = 8'h00;
+  reg [7:0] b_3_l1_0 = 8'h00;
   (* keep = 32'd1 *)
-  reg [7:0] b1_7_g3 = 8'h00;
+  reg [7:0] b_3_l1_1 = 8'h00;
   (* keep = 32'd1 *)
-  reg [7:0] b1_8_g0 = 8'h00;
+  reg [7:0] b_3_l2_0 = 8'h00;
   (* keep = 32'd1 *)
-  reg [7:0] b1_8_g1 = 8'h00;
+  reg [7:0] b_3_l2_1 = 8'h00;
   (* keep = 32'd1 *)
-  reg [7:0] b1_8_g2 = 8'h00;
+  reg [7:0] b_3_l2_2 = 8'h00;
   (* keep = 32'd1 *)
-  reg [7:0] b1_8_g3 = 8'h00;
+  reg [7:0] b_3_l2_3 = 8'h00;
   (* keep = 32'd1 *)
-  reg [7:0] b1_9_g0 = 8'h00;
+  reg [7:0] b_4_l1_0 = 8'h00;
   (* keep = 32'd1 *)
-  reg [7:0] b1_9_g1 = 8'h00;
+  reg [7:0] b_4_l1_1 = 8'h00;
   (* keep = 32'd1 *)
-  reg [7:0] b1_9_g2 = 8'h00;
+  reg [7:0] b_4_l2_0 = 8'h00;
   (* keep = 32'd1 *)
-  reg [7:0] b1_9_g3 = 8'h00;
+  reg [7:0] b_4_l2_1 = 8'h00;
+  (* keep = 32'd1 *)
+  reg [7:0] b_4_l2_2 = 8'h00;
+  (* keep = 32'd1 *)
+  reg [7:0] b_4_l2_3 = 8'h00;
+  (* keep = 32'd1 *)
+  reg [7:0] b_5_l1_0 = 8'h00;
+  (* keep = 32'd1 *)
+  reg [7:0] b_5_l1_1 = 8'h00;
+  (* keep = 32'd1 *)
+  reg [7:0] b_5_l2_0 = 8'h00;
+  (* keep = 32'd1 *)
+  reg [7:0] b_5_l2_1 = 8'h00;
+  (* keep = 32'd1 *)
+  reg [7:0] b_5_l2_2 = 8'h00;
+  (* keep = 32'd1 *)
+  reg [7:0] b_5_l2_3 = 8'h00;
+  (* keep = 32'd1 *)
+  reg [7:0] b_6_l1_0 = 8'h00;
+  (* keep = 32'd1 *)
+  reg [7:0] b_6_l1_1 = 8'h00;
+  (* keep = 32'd1 *)
+  reg [7:0] b_6_l2_0 = 8'h00;
+  (* keep = 32'd1 *)
+  reg [7:0] b_6_l2_1 = 8'h00;
+  (* keep = 32'd1 *)
+  reg [7:0] b_6_l2_2 = 8'h00;
+  (* keep = 32'd1 *)
+  reg [7:0] b_6_l2_3 = 8'h00;
+  (* keep = 32'd1 *)
+  reg [7:0] b_7_l1_0 = 8'h00;
+  (* keep = 32'd1 *)
+  reg [7:0] b_7_l1_1 = 8'h00;
+  (* keep = 32'd1 *)
+  reg [7:0] b_7_l2_0 = 8'h00;
+  (* keep = 32'd1 *)
+  reg [7:0] b_7_l2_1 = 8'h00;
+  (* keep = 32'd1 *)
+  reg [7:0] b_7_l2_2 = 8'h00;
+  (* keep = 32'd1 *)
+  reg [7:0] b_7_l2_3 = 8'h00;
+  (* keep = 32'd1 *)
+  reg [7:0] b_8_l1_0 = 8'h00;
+  (* keep = 32'd1 *)
+  reg [7:0] b_8_l1_1 = 8'h00;
+  (* keep = 32'd1 *)
+  reg [7:0] b_8_l2_0 = 8'h00;
+  (* keep = 32'd1 *)
+  reg [7:0] b_8_l2_1 = 8'h00;
+  (* keep = 32'd1 *)
+  reg [7:0] b_8_l2_2 = 8'h00;
+  (* keep = 32'd1 *)
+  reg [7:0] b_8_l2_3 = 8'h00;
+  (* keep = 32'd1 *)
+  reg [7:0] b_9_l1_0 = 8'h00;
+  (* keep = 32'd1 *)
+  reg [7:0] b_9_l1_1 = 8'h00;
+  (* keep = 32'd1 *)
+  reg [7:0] b_9_l2_0 = 8'h00;
+  (* keep = 32'd1 *)
+  reg [7:0] b_9_l2_1 = 8'h00;
+  (* keep = 32'd1 *)
+  reg [7:0] b_9_l2_2 = 8'h00;
+  (* keep = 32'd1 *)
+  reg [7:0] b_9_l2_3 = 8'h00;
   reg [23:0] bank_0_0 = 24'h000000;
   reg [23:0] bank_0_1 = 24'h000000;
   reg [23:0] bank_0_10 = 24'h000000;
@@ -22696,550 +23299,554 @@ module \encoder_layer_0_attention_output_dense.pe (rst, i__payload, i__valid, ba
   input clk;
   wire clk;
   reg commit = 1'h0;
+  reg first1 = 1'h0;
+  reg first2 = 1'h0;
+  reg first3 = 1'h0;
+  reg first4 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_0 = 1'h0;
+  reg first_pe0_0 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_1 = 1'h0;
+  reg first_pe0_1 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_10 = 1'h0;
+  reg first_pe0_10 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_11 = 1'h0;
+  reg first_pe0_11 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_12 = 1'h0;
+  reg first_pe0_12 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_13 = 1'h0;
+  reg first_pe0_13 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_14 = 1'h0;
+  reg first_pe0_14 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_15 = 1'h0;
+  reg first_pe0_15 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_2 = 1'h0;
+  reg first_pe0_2 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_3 = 1'h0;
+  reg first_pe0_3 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_4 = 1'h0;
+  reg first_pe0_4 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_5 = 1'h0;
+  reg first_pe0_5 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_6 = 1'h0;
+  reg first_pe0_6 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_7 = 1'h0;
+  reg first_pe0_7 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_8 = 1'h0;
+  reg first_pe0_8 = 1'h0;
   (* keep = 32'd1 *)
-  reg first3_9 = 1'h0;
+  reg first_pe0_9 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_0_0 = 1'h0;
+  reg first_pe10_0 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_0_1 = 1'h0;
+  reg first_pe10_1 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_0_10 = 1'h0;
+  reg first_pe10_10 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_0_11 = 1'h0;
+  reg first_pe10_11 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_0_12 = 1'h0;
+  reg first_pe10_12 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_0_13 = 1'h0;
+  reg first_pe10_13 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_0_14 = 1'h0;
+  reg first_pe10_14 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_0_15 = 1'h0;
+  reg first_pe10_15 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_0_2 = 1'h0;
+  reg first_pe10_2 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_0_3 = 1'h0;
+  reg first_pe10_3 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_0_4 = 1'h0;
+  reg first_pe10_4 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_0_5 = 1'h0;
+  reg first_pe10_5 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_0_6 = 1'h0;
+  reg first_pe10_6 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_0_7 = 1'h0;
+  reg first_pe10_7 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_0_8 = 1'h0;
+  reg first_pe10_8 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_0_9 = 1'h0;
+  reg first_pe10_9 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_10_0 = 1'h0;
+  reg first_pe11_0 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_10_1 = 1'h0;
+  reg first_pe11_1 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_10_10 = 1'h0;
+  reg first_pe11_10 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_10_11 = 1'h0;
+  reg first_pe11_11 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_10_12 = 1'h0;
+  reg first_pe11_12 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_10_13 = 1'h0;
+  reg first_pe11_13 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_10_14 = 1'h0;
+  reg first_pe11_14 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_10_15 = 1'h0;
+  reg first_pe11_15 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_10_2 = 1'h0;
+  reg first_pe11_2 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_10_3 = 1'h0;
+  reg first_pe11_3 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_10_4 = 1'h0;
+  reg first_pe11_4 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_10_5 = 1'h0;
+  reg first_pe11_5 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_10_6 = 1'h0;
+  reg first_pe11_6 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_10_7 = 1'h0;
+  reg first_pe11_7 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_10_8 = 1'h0;
+  reg first_pe11_8 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_10_9 = 1'h0;
+  reg first_pe11_9 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_11_0 = 1'h0;
+  reg first_pe12_0 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_11_1 = 1'h0;
+  reg first_pe12_1 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_11_10 = 1'h0;
+  reg first_pe12_10 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_11_11 = 1'h0;
+  reg first_pe12_11 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_11_12 = 1'h0;
+  reg first_pe12_12 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_11_13 = 1'h0;
+  reg first_pe12_13 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_11_14 = 1'h0;
+  reg first_pe12_14 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_11_15 = 1'h0;
+  reg first_pe12_15 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_11_2 = 1'h0;
+  reg first_pe12_2 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_11_3 = 1'h0;
+  reg first_pe12_3 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_11_4 = 1'h0;
+  reg first_pe12_4 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_11_5 = 1'h0;
+  reg first_pe12_5 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_11_6 = 1'h0;
+  reg first_pe12_6 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_11_7 = 1'h0;
+  reg first_pe12_7 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_11_8 = 1'h0;
+  reg first_pe12_8 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_11_9 = 1'h0;
+  reg first_pe12_9 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_12_0 = 1'h0;
+  reg first_pe13_0 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_12_1 = 1'h0;
+  reg first_pe13_1 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_12_10 = 1'h0;
+  reg first_pe13_10 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_12_11 = 1'h0;
+  reg first_pe13_11 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_12_12 = 1'h0;
+  reg first_pe13_12 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_12_13 = 1'h0;
+  reg first_pe13_13 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_12_14 = 1'h0;
+  reg first_pe13_14 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_12_15 = 1'h0;
+  reg first_pe13_15 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_12_2 = 1'h0;
+  reg first_pe13_2 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_12_3 = 1'h0;
+  reg first_pe13_3 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_12_4 = 1'h0;
+  reg first_pe13_4 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_12_5 = 1'h0;
+  reg first_pe13_5 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_12_6 = 1'h0;
+  reg first_pe13_6 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_12_7 = 1'h0;
+  reg first_pe13_7 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_12_8 = 1'h0;
+  reg first_pe13_8 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_12_9 = 1'h0;
+  reg first_pe13_9 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_13_0 = 1'h0;
+  reg first_pe14_0 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_13_1 = 1'h0;
+  reg first_pe14_1 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_13_10 = 1'h0;
+  reg first_pe14_10 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_13_11 = 1'h0;
+  reg first_pe14_11 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_13_12 = 1'h0;
+  reg first_pe14_12 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_13_13 = 1'h0;
+  reg first_pe14_13 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_13_14 = 1'h0;
+  reg first_pe14_14 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_13_15 = 1'h0;
+  reg first_pe14_15 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_13_2 = 1'h0;
+  reg first_pe14_2 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_13_3 = 1'h0;
+  reg first_pe14_3 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_13_4 = 1'h0;
+  reg first_pe14_4 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_13_5 = 1'h0;
+  reg first_pe14_5 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_13_6 = 1'h0;
+  reg first_pe14_6 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_13_7 = 1'h0;
+  reg first_pe14_7 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_13_8 = 1'h0;
+  reg first_pe14_8 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_13_9 = 1'h0;
+  reg first_pe14_9 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_14_0 = 1'h0;
+  reg first_pe15_0 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_14_1 = 1'h0;
+  reg first_pe15_1 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_14_10 = 1'h0;
+  reg first_pe15_10 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_14_11 = 1'h0;
+  reg first_pe15_11 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_14_12 = 1'h0;
+  reg first_pe15_12 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_14_13 = 1'h0;
+  reg first_pe15_13 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_14_14 = 1'h0;
+  reg first_pe15_14 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_14_15 = 1'h0;
+  reg first_pe15_15 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_14_2 = 1'h0;
+  reg first_pe15_2 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_14_3 = 1'h0;
+  reg first_pe15_3 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_14_4 = 1'h0;
+  reg first_pe15_4 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_14_5 = 1'h0;
+  reg first_pe15_5 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_14_6 = 1'h0;
+  reg first_pe15_6 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_14_7 = 1'h0;
+  reg first_pe15_7 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_14_8 = 1'h0;
+  reg first_pe15_8 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_14_9 = 1'h0;
+  reg first_pe15_9 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_15_0 = 1'h0;
+  reg first_pe1_0 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_15_1 = 1'h0;
+  reg first_pe1_1 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_15_10 = 1'h0;
+  reg first_pe1_10 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_15_11 = 1'h0;
+  reg first_pe1_11 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_15_12 = 1'h0;
+  reg first_pe1_12 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_15_13 = 1'h0;
+  reg first_pe1_13 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_15_14 = 1'h0;
+  reg first_pe1_14 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_15_15 = 1'h0;
+  reg first_pe1_15 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_15_2 = 1'h0;
+  reg first_pe1_2 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_15_3 = 1'h0;
+  reg first_pe1_3 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_15_4 = 1'h0;
+  reg first_pe1_4 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_15_5 = 1'h0;
+  reg first_pe1_5 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_15_6 = 1'h0;
+  reg first_pe1_6 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_15_7 = 1'h0;
+  reg first_pe1_7 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_15_8 = 1'h0;
+  reg first_pe1_8 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_15_9 = 1'h0;
+  reg first_pe1_9 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_1_0 = 1'h0;
+  reg first_pe2_0 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_1_1 = 1'h0;
+  reg first_pe2_1 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_1_10 = 1'h0;
+  reg first_pe2_10 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_1_11 = 1'h0;
+  reg first_pe2_11 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_1_12 = 1'h0;
+  reg first_pe2_12 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_1_13 = 1'h0;
+  reg first_pe2_13 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_1_14 = 1'h0;
+  reg first_pe2_14 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_1_15 = 1'h0;
+  reg first_pe2_15 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_1_2 = 1'h0;
+  reg first_pe2_2 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_1_3 = 1'h0;
+  reg first_pe2_3 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_1_4 = 1'h0;
+  reg first_pe2_4 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_1_5 = 1'h0;
+  reg first_pe2_5 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_1_6 = 1'h0;
+  reg first_pe2_6 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_1_7 = 1'h0;
+  reg first_pe2_7 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_1_8 = 1'h0;
+  reg first_pe2_8 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_1_9 = 1'h0;
+  reg first_pe2_9 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_2_0 = 1'h0;
+  reg first_pe3_0 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_2_1 = 1'h0;
+  reg first_pe3_1 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_2_10 = 1'h0;
+  reg first_pe3_10 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_2_11 = 1'h0;
+  reg first_pe3_11 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_2_12 = 1'h0;
+  reg first_pe3_12 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_2_13 = 1'h0;
+  reg first_pe3_13 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_2_14 = 1'h0;
+  reg first_pe3_14 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_2_15 = 1'h0;
+  reg first_pe3_15 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_2_2 = 1'h0;
+  reg first_pe3_2 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_2_3 = 1'h0;
+  reg first_pe3_3 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_2_4 = 1'h0;
+  reg first_pe3_4 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_2_5 = 1'h0;
+  reg first_pe3_5 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_2_6 = 1'h0;
+  reg first_pe3_6 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_2_7 = 1'h0;
+  reg first_pe3_7 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_2_8 = 1'h0;
+  reg first_pe3_8 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_2_9 = 1'h0;
+  reg first_pe3_9 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_3_0 = 1'h0;
+  reg first_pe4_0 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_3_1 = 1'h0;
+  reg first_pe4_1 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_3_10 = 1'h0;
+  reg first_pe4_10 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_3_11 = 1'h0;
+  reg first_pe4_11 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_3_12 = 1'h0;
+  reg first_pe4_12 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_3_13 = 1'h0;
+  reg first_pe4_13 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_3_14 = 1'h0;
+  reg first_pe4_14 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_3_15 = 1'h0;
+  reg first_pe4_15 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_3_2 = 1'h0;
+  reg first_pe4_2 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_3_3 = 1'h0;
+  reg first_pe4_3 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_3_4 = 1'h0;
+  reg first_pe4_4 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_3_5 = 1'h0;
+  reg first_pe4_5 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_3_6 = 1'h0;
+  reg first_pe4_6 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_3_7 = 1'h0;
+  reg first_pe4_7 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_3_8 = 1'h0;
+  reg first_pe4_8 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_3_9 = 1'h0;
+  reg first_pe4_9 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_4_0 = 1'h0;
+  reg first_pe5_0 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_4_1 = 1'h0;
+  reg first_pe5_1 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_4_10 = 1'h0;
+  reg first_pe5_10 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_4_11 = 1'h0;
+  reg first_pe5_11 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_4_12 = 1'h0;
+  reg first_pe5_12 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_4_13 = 1'h0;
+  reg first_pe5_13 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_4_14 = 1'h0;
+  reg first_pe5_14 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_4_15 = 1'h0;
+  reg first_pe5_15 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_4_2 = 1'h0;
+  reg first_pe5_2 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_4_3 = 1'h0;
+  reg first_pe5_3 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_4_4 = 1'h0;
+  reg first_pe5_4 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_4_5 = 1'h0;
+  reg first_pe5_5 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_4_6 = 1'h0;
+  reg first_pe5_6 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_4_7 = 1'h0;
+  reg first_pe5_7 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_4_8 = 1'h0;
+  reg first_pe5_8 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_4_9 = 1'h0;
+  reg first_pe5_9 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_5_0 = 1'h0;
+  reg first_pe6_0 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_5_1 = 1'h0;
+  reg first_pe6_1 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_5_10 = 1'h0;
+  reg first_pe6_10 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_5_11 = 1'h0;
+  reg first_pe6_11 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_5_12 = 1'h0;
+  reg first_pe6_12 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_5_13 = 1'h0;
+  reg first_pe6_13 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_5_14 = 1'h0;
+  reg first_pe6_14 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_5_15 = 1'h0;
+  reg first_pe6_15 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_5_2 = 1'h0;
+  reg first_pe6_2 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_5_3 = 1'h0;
+  reg first_pe6_3 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_5_4 = 1'h0;
+  reg first_pe6_4 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_5_5 = 1'h0;
+  reg first_pe6_5 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_5_6 = 1'h0;
+  reg first_pe6_6 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_5_7 = 1'h0;
+  reg first_pe6_7 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_5_8 = 1'h0;
+  reg first_pe6_8 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_5_9 = 1'h0;
+  reg first_pe6_9 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_6_0 = 1'h0;
+  reg first_pe7_0 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_6_1 = 1'h0;
+  reg first_pe7_1 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_6_10 = 1'h0;
+  reg first_pe7_10 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_6_11 = 1'h0;
+  reg first_pe7_11 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_6_12 = 1'h0;
+  reg first_pe7_12 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_6_13 = 1'h0;
+  reg first_pe7_13 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_6_14 = 1'h0;
+  reg first_pe7_14 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_6_15 = 1'h0;
+  reg first_pe7_15 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_6_2 = 1'h0;
+  reg first_pe7_2 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_6_3 = 1'h0;
+  reg first_pe7_3 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_6_4 = 1'h0;
+  reg first_pe7_4 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_6_5 = 1'h0;
+  reg first_pe7_5 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_6_6 = 1'h0;
+  reg first_pe7_6 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_6_7 = 1'h0;
+  reg first_pe7_7 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_6_8 = 1'h0;
+  reg first_pe7_8 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_6_9 = 1'h0;
+  reg first_pe7_9 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_7_0 = 1'h0;
+  reg first_pe8_0 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_7_1 = 1'h0;
+  reg first_pe8_1 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_7_10 = 1'h0;
+  reg first_pe8_10 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_7_11 = 1'h0;
+  reg first_pe8_11 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_7_12 = 1'h0;
+  reg first_pe8_12 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_7_13 = 1'h0;
+  reg first_pe8_13 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_7_14 = 1'h0;
+  reg first_pe8_14 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_7_15 = 1'h0;
+  reg first_pe8_15 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_7_2 = 1'h0;
+  reg first_pe8_2 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_7_3 = 1'h0;
+  reg first_pe8_3 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_7_4 = 1'h0;
+  reg first_pe8_4 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_7_5 = 1'h0;
+  reg first_pe8_5 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_7_6 = 1'h0;
+  reg first_pe8_6 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_7_7 = 1'h0;
+  reg first_pe8_7 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_7_8 = 1'h0;
+  reg first_pe8_8 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_7_9 = 1'h0;
+  reg first_pe8_9 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_8_0 = 1'h0;
+  reg first_pe9_0 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_8_1 = 1'h0;
+  reg first_pe9_1 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_8_10 = 1'h0;
+  reg first_pe9_10 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_8_11 = 1'h0;
+  reg first_pe9_11 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_8_12 = 1'h0;
+  reg first_pe9_12 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_8_13 = 1'h0;
+  reg first_pe9_13 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_8_14 = 1'h0;
+  reg first_pe9_14 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_8_15 = 1'h0;
+  reg first_pe9_15 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_8_2 = 1'h0;
+  reg first_pe9_2 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_8_3 = 1'h0;
+  reg first_pe9_3 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_8_4 = 1'h0;
+  reg first_pe9_4 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_8_5 = 1'h0;
+  reg first_pe9_5 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_8_6 = 1'h0;
+  reg first_pe9_6 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_8_7 = 1'h0;
+  reg first_pe9_7 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_8_8 = 1'h0;
+  reg first_pe9_8 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_8_9 = 1'h0;
+  reg first_pe9_9 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_9_0 = 1'h0;
+  reg first_r0 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_9_1 = 1'h0;
+  reg first_r1 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_9_10 = 1'h0;
+  reg first_r10 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_9_11 = 1'h0;
+  reg first_r11 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_9_12 = 1'h0;
+  reg first_r12 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_9_13 = 1'h0;
+  reg first_r13 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_9_14 = 1'h0;
+  reg first_r14 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_9_15 = 1'h0;
+  reg first_r15 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_9_2 = 1'h0;
+  reg first_r2 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_9_3 = 1'h0;
+  reg first_r3 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_9_4 = 1'h0;
+  reg first_r4 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_9_5 = 1'h0;
+  reg first_r5 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_9_6 = 1'h0;
+  reg first_r6 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_9_7 = 1'h0;
+  reg first_r7 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_9_8 = 1'h0;
+  reg first_r8 = 1'h0;
   (* keep = 32'd1 *)
-  reg first4_9_9 = 1'h0;
+  reg first_r9 = 1'h0;
   input [257:0] i__payload;
   wire [257:0] i__payload;
   wire [127:0] \i__payload.a ;
@@ -23281,550 +23888,554 @@ module \encoder_layer_0_attention_output_dense.pe (rst, i__payload, i__valid, ba
   input i__valid;
   wire i__valid;
   reg last0 = 1'h0;
+  reg last1 = 1'h0;
+  reg last2 = 1'h0;
+  reg last3 = 1'h0;
+  reg last4 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_0 = 1'h0;
+  reg last_pe0_0 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_1 = 1'h0;
+  reg last_pe0_1 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_10 = 1'h0;
+  reg last_pe0_10 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_11 = 1'h0;
+  reg last_pe0_11 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_12 = 1'h0;
+  reg last_pe0_12 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_13 = 1'h0;
+  reg last_pe0_13 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_14 = 1'h0;
+  reg last_pe0_14 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_15 = 1'h0;
+  reg last_pe0_15 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_2 = 1'h0;
+  reg last_pe0_2 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_3 = 1'h0;
+  reg last_pe0_3 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_4 = 1'h0;
+  reg last_pe0_4 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_5 = 1'h0;
+  reg last_pe0_5 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_6 = 1'h0;
+  reg last_pe0_6 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_7 = 1'h0;
+  reg last_pe0_7 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_8 = 1'h0;
+  reg last_pe0_8 = 1'h0;
   (* keep = 32'd1 *)
-  reg last3_9 = 1'h0;
+  reg last_pe0_9 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_0_0 = 1'h0;
+  reg last_pe10_0 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_0_1 = 1'h0;
+  reg last_pe10_1 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_0_10 = 1'h0;
+  reg last_pe10_10 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_0_11 = 1'h0;
+  reg last_pe10_11 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_0_12 = 1'h0;
+  reg last_pe10_12 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_0_13 = 1'h0;
+  reg last_pe10_13 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_0_14 = 1'h0;
+  reg last_pe10_14 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_0_15 = 1'h0;
+  reg last_pe10_15 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_0_2 = 1'h0;
+  reg last_pe10_2 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_0_3 = 1'h0;
+  reg last_pe10_3 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_0_4 = 1'h0;
+  reg last_pe10_4 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_0_5 = 1'h0;
+  reg last_pe10_5 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_0_6 = 1'h0;
+  reg last_pe10_6 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_0_7 = 1'h0;
+  reg last_pe10_7 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_0_8 = 1'h0;
+  reg last_pe10_8 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_0_9 = 1'h0;
+  reg last_pe10_9 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_10_0 = 1'h0;
+  reg last_pe11_0 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_10_1 = 1'h0;
+  reg last_pe11_1 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_10_10 = 1'h0;
+  reg last_pe11_10 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_10_11 = 1'h0;
+  reg last_pe11_11 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_10_12 = 1'h0;
+  reg last_pe11_12 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_10_13 = 1'h0;
+  reg last_pe11_13 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_10_14 = 1'h0;
+  reg last_pe11_14 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_10_15 = 1'h0;
+  reg last_pe11_15 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_10_2 = 1'h0;
+  reg last_pe11_2 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_10_3 = 1'h0;
+  reg last_pe11_3 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_10_4 = 1'h0;
+  reg last_pe11_4 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_10_5 = 1'h0;
+  reg last_pe11_5 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_10_6 = 1'h0;
+  reg last_pe11_6 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_10_7 = 1'h0;
+  reg last_pe11_7 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_10_8 = 1'h0;
+  reg last_pe11_8 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_10_9 = 1'h0;
+  reg last_pe11_9 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_11_0 = 1'h0;
+  reg last_pe12_0 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_11_1 = 1'h0;
+  reg last_pe12_1 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_11_10 = 1'h0;
+  reg last_pe12_10 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_11_11 = 1'h0;
+  reg last_pe12_11 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_11_12 = 1'h0;
+  reg last_pe12_12 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_11_13 = 1'h0;
+  reg last_pe12_13 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_11_14 = 1'h0;
+  reg last_pe12_14 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_11_15 = 1'h0;
+  reg last_pe12_15 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_11_2 = 1'h0;
+  reg last_pe12_2 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_11_3 = 1'h0;
+  reg last_pe12_3 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_11_4 = 1'h0;
+  reg last_pe12_4 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_11_5 = 1'h0;
+  reg last_pe12_5 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_11_6 = 1'h0;
+  reg last_pe12_6 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_11_7 = 1'h0;
+  reg last_pe12_7 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_11_8 = 1'h0;
+  reg last_pe12_8 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_11_9 = 1'h0;
+  reg last_pe12_9 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_12_0 = 1'h0;
+  reg last_pe13_0 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_12_1 = 1'h0;
+  reg last_pe13_1 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_12_10 = 1'h0;
+  reg last_pe13_10 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_12_11 = 1'h0;
+  reg last_pe13_11 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_12_12 = 1'h0;
+  reg last_pe13_12 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_12_13 = 1'h0;
+  reg last_pe13_13 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_12_14 = 1'h0;
+  reg last_pe13_14 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_12_15 = 1'h0;
+  reg last_pe13_15 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_12_2 = 1'h0;
+  reg last_pe13_2 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_12_3 = 1'h0;
+  reg last_pe13_3 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_12_4 = 1'h0;
+  reg last_pe13_4 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_12_5 = 1'h0;
+  reg last_pe13_5 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_12_6 = 1'h0;
+  reg last_pe13_6 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_12_7 = 1'h0;
+  reg last_pe13_7 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_12_8 = 1'h0;
+  reg last_pe13_8 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_12_9 = 1'h0;
+  reg last_pe13_9 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_13_0 = 1'h0;
+  reg last_pe14_0 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_13_1 = 1'h0;
+  reg last_pe14_1 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_13_10 = 1'h0;
+  reg last_pe14_10 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_13_11 = 1'h0;
+  reg last_pe14_11 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_13_12 = 1'h0;
+  reg last_pe14_12 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_13_13 = 1'h0;
+  reg last_pe14_13 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_13_14 = 1'h0;
+  reg last_pe14_14 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_13_15 = 1'h0;
+  reg last_pe14_15 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_13_2 = 1'h0;
+  reg last_pe14_2 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_13_3 = 1'h0;
+  reg last_pe14_3 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_13_4 = 1'h0;
+  reg last_pe14_4 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_13_5 = 1'h0;
+  reg last_pe14_5 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_13_6 = 1'h0;
+  reg last_pe14_6 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_13_7 = 1'h0;
+  reg last_pe14_7 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_13_8 = 1'h0;
+  reg last_pe14_8 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_13_9 = 1'h0;
+  reg last_pe14_9 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_14_0 = 1'h0;
+  reg last_pe15_0 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_14_1 = 1'h0;
+  reg last_pe15_1 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_14_10 = 1'h0;
+  reg last_pe15_10 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_14_11 = 1'h0;
+  reg last_pe15_11 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_14_12 = 1'h0;
+  reg last_pe15_12 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_14_13 = 1'h0;
+  reg last_pe15_13 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_14_14 = 1'h0;
+  reg last_pe15_14 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_14_15 = 1'h0;
+  reg last_pe15_15 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_14_2 = 1'h0;
+  reg last_pe15_2 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_14_3 = 1'h0;
+  reg last_pe15_3 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_14_4 = 1'h0;
+  reg last_pe15_4 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_14_5 = 1'h0;
+  reg last_pe15_5 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_14_6 = 1'h0;
+  reg last_pe15_6 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_14_7 = 1'h0;
+  reg last_pe15_7 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_14_8 = 1'h0;
+  reg last_pe15_8 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_14_9 = 1'h0;
+  reg last_pe15_9 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_15_0 = 1'h0;
+  reg last_pe1_0 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_15_1 = 1'h0;
+  reg last_pe1_1 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_15_10 = 1'h0;
+  reg last_pe1_10 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_15_11 = 1'h0;
+  reg last_pe1_11 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_15_12 = 1'h0;
+  reg last_pe1_12 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_15_13 = 1'h0;
+  reg last_pe1_13 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_15_14 = 1'h0;
+  reg last_pe1_14 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_15_15 = 1'h0;
+  reg last_pe1_15 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_15_2 = 1'h0;
+  reg last_pe1_2 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_15_3 = 1'h0;
+  reg last_pe1_3 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_15_4 = 1'h0;
+  reg last_pe1_4 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_15_5 = 1'h0;
+  reg last_pe1_5 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_15_6 = 1'h0;
+  reg last_pe1_6 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_15_7 = 1'h0;
+  reg last_pe1_7 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_15_8 = 1'h0;
+  reg last_pe1_8 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_15_9 = 1'h0;
+  reg last_pe1_9 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_1_0 = 1'h0;
+  reg last_pe2_0 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_1_1 = 1'h0;
+  reg last_pe2_1 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_1_10 = 1'h0;
+  reg last_pe2_10 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_1_11 = 1'h0;
+  reg last_pe2_11 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_1_12 = 1'h0;
+  reg last_pe2_12 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_1_13 = 1'h0;
+  reg last_pe2_13 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_1_14 = 1'h0;
+  reg last_pe2_14 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_1_15 = 1'h0;
+  reg last_pe2_15 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_1_2 = 1'h0;
+  reg last_pe2_2 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_1_3 = 1'h0;
+  reg last_pe2_3 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_1_4 = 1'h0;
+  reg last_pe2_4 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_1_5 = 1'h0;
+  reg last_pe2_5 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_1_6 = 1'h0;
+  reg last_pe2_6 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_1_7 = 1'h0;
+  reg last_pe2_7 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_1_8 = 1'h0;
+  reg last_pe2_8 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_1_9 = 1'h0;
+  reg last_pe2_9 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_2_0 = 1'h0;
+  reg last_pe3_0 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_2_1 = 1'h0;
+  reg last_pe3_1 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_2_10 = 1'h0;
+  reg last_pe3_10 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_2_11 = 1'h0;
+  reg last_pe3_11 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_2_12 = 1'h0;
+  reg last_pe3_12 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_2_13 = 1'h0;
+  reg last_pe3_13 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_2_14 = 1'h0;
+  reg last_pe3_14 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_2_15 = 1'h0;
+  reg last_pe3_15 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_2_2 = 1'h0;
+  reg last_pe3_2 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_2_3 = 1'h0;
+  reg last_pe3_3 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_2_4 = 1'h0;
+  reg last_pe3_4 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_2_5 = 1'h0;
+  reg last_pe3_5 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_2_6 = 1'h0;
+  reg last_pe3_6 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_2_7 = 1'h0;
+  reg last_pe3_7 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_2_8 = 1'h0;
+  reg last_pe3_8 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_2_9 = 1'h0;
+  reg last_pe3_9 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_3_0 = 1'h0;
+  reg last_pe4_0 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_3_1 = 1'h0;
+  reg last_pe4_1 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_3_10 = 1'h0;
+  reg last_pe4_10 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_3_11 = 1'h0;
+  reg last_pe4_11 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_3_12 = 1'h0;
+  reg last_pe4_12 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_3_13 = 1'h0;
+  reg last_pe4_13 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_3_14 = 1'h0;
+  reg last_pe4_14 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_3_15 = 1'h0;
+  reg last_pe4_15 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_3_2 = 1'h0;
+  reg last_pe4_2 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_3_3 = 1'h0;
+  reg last_pe4_3 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_3_4 = 1'h0;
+  reg last_pe4_4 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_3_5 = 1'h0;
+  reg last_pe4_5 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_3_6 = 1'h0;
+  reg last_pe4_6 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_3_7 = 1'h0;
+  reg last_pe4_7 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_3_8 = 1'h0;
+  reg last_pe4_8 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_3_9 = 1'h0;
+  reg last_pe4_9 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_4_0 = 1'h0;
+  reg last_pe5_0 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_4_1 = 1'h0;
+  reg last_pe5_1 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_4_10 = 1'h0;
+  reg last_pe5_10 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_4_11 = 1'h0;
+  reg last_pe5_11 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_4_12 = 1'h0;
+  reg last_pe5_12 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_4_13 = 1'h0;
+  reg last_pe5_13 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_4_14 = 1'h0;
+  reg last_pe5_14 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_4_15 = 1'h0;
+  reg last_pe5_15 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_4_2 = 1'h0;
+  reg last_pe5_2 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_4_3 = 1'h0;
+  reg last_pe5_3 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_4_4 = 1'h0;
+  reg last_pe5_4 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_4_5 = 1'h0;
+  reg last_pe5_5 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_4_6 = 1'h0;
+  reg last_pe5_6 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_4_7 = 1'h0;
+  reg last_pe5_7 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_4_8 = 1'h0;
+  reg last_pe5_8 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_4_9 = 1'h0;
+  reg last_pe5_9 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_5_0 = 1'h0;
+  reg last_pe6_0 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_5_1 = 1'h0;
+  reg last_pe6_1 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_5_10 = 1'h0;
+  reg last_pe6_10 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_5_11 = 1'h0;
+  reg last_pe6_11 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_5_12 = 1'h0;
+  reg last_pe6_12 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_5_13 = 1'h0;
+  reg last_pe6_13 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_5_14 = 1'h0;
+  reg last_pe6_14 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_5_15 = 1'h0;
+  reg last_pe6_15 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_5_2 = 1'h0;
+  reg last_pe6_2 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_5_3 = 1'h0;
+  reg last_pe6_3 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_5_4 = 1'h0;
+  reg last_pe6_4 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_5_5 = 1'h0;
+  reg last_pe6_5 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_5_6 = 1'h0;
+  reg last_pe6_6 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_5_7 = 1'h0;
+  reg last_pe6_7 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_5_8 = 1'h0;
+  reg last_pe6_8 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_5_9 = 1'h0;
+  reg last_pe6_9 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_6_0 = 1'h0;
+  reg last_pe7_0 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_6_1 = 1'h0;
+  reg last_pe7_1 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_6_10 = 1'h0;
+  reg last_pe7_10 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_6_11 = 1'h0;
+  reg last_pe7_11 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_6_12 = 1'h0;
+  reg last_pe7_12 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_6_13 = 1'h0;
+  reg last_pe7_13 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_6_14 = 1'h0;
+  reg last_pe7_14 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_6_15 = 1'h0;
+  reg last_pe7_15 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_6_2 = 1'h0;
+  reg last_pe7_2 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_6_3 = 1'h0;
+  reg last_pe7_3 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_6_4 = 1'h0;
+  reg last_pe7_4 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_6_5 = 1'h0;
+  reg last_pe7_5 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_6_6 = 1'h0;
+  reg last_pe7_6 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_6_7 = 1'h0;
+  reg last_pe7_7 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_6_8 = 1'h0;
+  reg last_pe7_8 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_6_9 = 1'h0;
+  reg last_pe7_9 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_7_0 = 1'h0;
+  reg last_pe8_0 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_7_1 = 1'h0;
+  reg last_pe8_1 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_7_10 = 1'h0;
+  reg last_pe8_10 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_7_11 = 1'h0;
+  reg last_pe8_11 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_7_12 = 1'h0;
+  reg last_pe8_12 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_7_13 = 1'h0;
+  reg last_pe8_13 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_7_14 = 1'h0;
+  reg last_pe8_14 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_7_15 = 1'h0;
+  reg last_pe8_15 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_7_2 = 1'h0;
+  reg last_pe8_2 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_7_3 = 1'h0;
+  reg last_pe8_3 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_7_4 = 1'h0;
+  reg last_pe8_4 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_7_5 = 1'h0;
+  reg last_pe8_5 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_7_6 = 1'h0;
+  reg last_pe8_6 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_7_7 = 1'h0;
+  reg last_pe8_7 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_7_8 = 1'h0;
+  reg last_pe8_8 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_7_9 = 1'h0;
+  reg last_pe8_9 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_8_0 = 1'h0;
+  reg last_pe9_0 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_8_1 = 1'h0;
+  reg last_pe9_1 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_8_10 = 1'h0;
+  reg last_pe9_10 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_8_11 = 1'h0;
+  reg last_pe9_11 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_8_12 = 1'h0;
+  reg last_pe9_12 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_8_13 = 1'h0;
+  reg last_pe9_13 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_8_14 = 1'h0;
+  reg last_pe9_14 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_8_15 = 1'h0;
+  reg last_pe9_15 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_8_2 = 1'h0;
+  reg last_pe9_2 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_8_3 = 1'h0;
+  reg last_pe9_3 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_8_4 = 1'h0;
+  reg last_pe9_4 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_8_5 = 1'h0;
+  reg last_pe9_5 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_8_6 = 1'h0;
+  reg last_pe9_6 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_8_7 = 1'h0;
+  reg last_pe9_7 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_8_8 = 1'h0;
+  reg last_pe9_8 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_8_9 = 1'h0;
+  reg last_pe9_9 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_9_0 = 1'h0;
+  reg last_r0 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_9_1 = 1'h0;
+  reg last_r1 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_9_10 = 1'h0;
+  reg last_r10 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_9_11 = 1'h0;
+  reg last_r11 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_9_12 = 1'h0;
+  reg last_r12 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_9_13 = 1'h0;
+  reg last_r13 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_9_14 = 1'h0;
+  reg last_r14 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_9_15 = 1'h0;
+  reg last_r15 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_9_2 = 1'h0;
+  reg last_r2 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_9_3 = 1'h0;
+  reg last_r3 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_9_4 = 1'h0;
+  reg last_r4 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_9_5 = 1'h0;
+  reg last_r5 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_9_6 = 1'h0;
+  reg last_r6 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_9_7 = 1'h0;
+  reg last_r7 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_9_8 = 1'h0;
+  reg last_r8 = 1'h0;
   (* keep = 32'd1 *)
-  reg last4_9_9 = 1'h0;
+  reg last_r9 = 1'h0;
   wire [23:0] nxt_0_0;
   wire [23:0] nxt_0_1;
   wire [23:0] nxt_0_10;
@@ -24106,74 +24717,6 @@ module \encoder_layer_0_attention_output_dense.pe (rst, i__payload, i__valid, ba
   wire o__valid;
   reg overrun = 1'h0;
   wire [15:0] p;
-  wire [15:0] \p$1999 ;
-  wire [15:0] \p$2000 ;
-  wire [15:0] \p$2001 ;
-  wire [15:0] \p$2002 ;
-  wire [15:0] \p$2003 ;
-  wire [15:0] \p$2004 ;
-  wire [15:0] \p$2005 ;
-  wire [15:0] \p$2006 ;
-  wire [15:0] \p$2007 ;
-  wire [15:0] \p$2008 ;
-  wire [15:0] \p$2009 ;
-  wire [15:0] \p$2010 ;
-  wire [15:0] \p$2011 ;
-  wire [15:0] \p$2012 ;
-  wire [15:0] \p$2013 ;
-  wire [15:0] \p$2014 ;
-  wire [15:0] \p$2015 ;
-  wire [15:0] \p$2016 ;
-  wire [15:0] \p$2017 ;
-  wire [15:0] \p$2018 ;
-  wire [15:0] \p$2019 ;
-  wire [15:0] \p$2020 ;
-  wire [15:0] \p$2021 ;
-  wire [15:0] \p$2022 ;
-  wire [15:0] \p$2023 ;
-  wire [15:0] \p$2024 ;
-  wire [15:0] \p$2025 ;
-  wire [15:0] \p$2026 ;
-  wire [15:0] \p$2027 ;
-  wire [15:0] \p$2028 ;
-  wire [15:0] \p$2029 ;
-  wire [15:0] \p$2030 ;
-  wire [15:0] \p$2031 ;
-  wire [15:0] \p$2032 ;
-  wire [15:0] \p$2033 ;
-  wire [15:0] \p$2034 ;
-  wire [15:0] \p$2035 ;
-  wire [15:0] \p$2036 ;
-  wire [15:0] \p$2037 ;
-  wire [15:0] \p$2038 ;
-  wire [15:0] \p$2039 ;
-  wire [15:0] \p$2040 ;
-  wire [15:0] \p$2041 ;
-  wire [15:0] \p$2042 ;
-  wire [15:0] \p$2043 ;
-  wire [15:0] \p$2044 ;
-  wire [15:0] \p$2045 ;
-  wire [15:0] \p$2046 ;
-  wire [15:0] \p$2047 ;
-  wire [15:0] \p$2048 ;
-  wire [15:0] \p$2049 ;
-  wire [15:0] \p$2050 ;
-  wire [15:0] \p$2051 ;
-  wire [15:0] \p$2052 ;
-  wire [15:0] \p$2053 ;
-  wire [15:0] \p$2054 ;
-  wire [15:0] \p$2055 ;
-  wire [15:0] \p$2056 ;
-  wire [15:0] \p$2057 ;
-  wire [15:0] \p$2058 ;
-  wire [15:0] \p$2059 ;
-  wire [15:0] \p$2060 ;
-  wire [15:0] \p$2061 ;
-  wire [15:0] \p$2062 ;
-  wire [15:0] \p$2063 ;
-  wire [15:0] \p$2064 ;
-  wire [15:0] \p$2065 ;
-  wire [15:0] \p$2066 ;
   wire [15:0] \p$2067 ;
   wire [15:0] \p$2068 ;
   wire [15:0] \p$2069 ;
@@ -24361,804 +24904,856 @@ module \encoder_layer_0_attention_output_dense.pe (rst, i__payload, i__valid, ba
   wire [15:0] \p$2251 ;
   wire [15:0] \p$2252 ;
   wire [15:0] \p$2253 ;
+  wire [15:0] \p$2254 ;
+  wire [15:0] \p$2255 ;
+  wire [15:0] \p$2256 ;
+  wire [15:0] \p$2257 ;
+  wire [15:0] \p$2258 ;
+  wire [15:0] \p$2259 ;
+  wire [15:0] \p$2260 ;
+  wire [15:0] \p$2261 ;
+  wire [15:0] \p$2262 ;
+  wire [15:0] \p$2263 ;
+  wire [15:0] \p$2264 ;
+  wire [15:0] \p$2265 ;
+  wire [15:0] \p$2266 ;
+  wire [15:0] \p$2267 ;
+  wire [15:0] \p$2268 ;
+  wire [15:0] \p$2269 ;
+  wire [15:0] \p$2270 ;
+  wire [15:0] \p$2271 ;
+  wire [15:0] \p$2272 ;
+  wire [15:0] \p$2273 ;
+  wire [15:0] \p$2274 ;
+  wire [15:0] \p$2275 ;
+  wire [15:0] \p$2276 ;
+  wire [15:0] \p$2277 ;
+  wire [15:0] \p$2278 ;
+  wire [15:0] \p$2279 ;
+  wire [15:0] \p$2280 ;
+  wire [15:0] \p$2281 ;
+  wire [15:0] \p$2282 ;
+  wire [15:0] \p$2283 ;
+  wire [15:0] \p$2284 ;
+  wire [15:0] \p$2285 ;
+  wire [15:0] \p$2286 ;
+  wire [15:0] \p$2287 ;
+  wire [15:0] \p$2288 ;
+  wire [15:0] \p$2289 ;
+  wire [15:0] \p$2290 ;
+  wire [15:0] \p$2291 ;
+  wire [15:0] \p$2292 ;
+  wire [15:0] \p$2293 ;
+  wire [15:0] \p$2294 ;
+  wire [15:0] \p$2295 ;
+  wire [15:0] \p$2296 ;
+  wire [15:0] \p$2297 ;
+  wire [15:0] \p$2298 ;
+  wire [15:0] \p$2299 ;
+  wire [15:0] \p$2300 ;
+  wire [15:0] \p$2301 ;
+  wire [15:0] \p$2302 ;
+  wire [15:0] \p$2303 ;
+  wire [15:0] \p$2304 ;
+  wire [15:0] \p$2305 ;
+  wire [15:0] \p$2306 ;
+  wire [15:0] \p$2307 ;
+  wire [15:0] \p$2308 ;
+  wire [15:0] \p$2309 ;
+  wire [15:0] \p$2310 ;
+  wire [15:0] \p$2311 ;
+  wire [15:0] \p$2312 ;
+  wire [15:0] \p$2313 ;
+  wire [15:0] \p$2314 ;
+  wire [15:0] \p$2315 ;
+  wire [15:0] \p$2316 ;
+  wire [15:0] \p$2317 ;
+  wire [15:0] \p$2318 ;
+  wire [15:0] \p$2319 ;
+  wire [15:0] \p$2320 ;
+  wire [15:0] \p$2321 ;
   reg [3:0] row = 4'h0;
   input rst;
   wire rst;
   assign \$1  = i__valid & i__payload[256];
   assign \$2  = i__valid & i__payload[257];
-  assign \$3  = i__valid ? i__payload[135:128] : 8'h00;
-  assign \$4  = i__valid ? i__payload[143:136] : 8'h00;
-  assign \$5  = i__valid ? i__payload[151:144] : 8'h00;
-  assign \$6  = i__valid ? i__payload[159:152] : 8'h00;
-  assign \$7  = i__valid ? i__payload[167:160] : 8'h00;
-  assign \$8  = i__valid ? i__payload[175:168] : 8'h00;
-  assign \$9  = i__valid ? i__payload[183:176] : 8'h00;
-  assign \$10  = i__valid ? i__payload[191:184] : 8'h00;
-  assign \$11  = i__valid ? i__payload[199:192] : 8'h00;
-  assign \$12  = i__valid ? i__payload[207:200] : 8'h00;
-  assign \$13  = i__valid ? i__payload[215:208] : 8'h00;
-  assign \$14  = i__valid ? i__payload[223:216] : 8'h00;
-  assign \$15  = i__valid ? i__payload[231:224] : 8'h00;
-  assign \$16  = i__valid ? i__payload[239:232] : 8'h00;
-  assign \$17  = i__valid ? i__payload[247:240] : 8'h00;
-  assign \$18  = i__valid ? i__payload[255:248] : 8'h00;
-  assign \$19  = last4_0_0 ? \$280 [23:0] : bank_1_0;
-  assign \$20  = last4_0_1 ? \$282 [23:0] : bank_1_1;
-  assign \$21  = last4_0_2 ? \$284 [23:0] : bank_1_2;
-  assign \$22  = last4_0_3 ? \$286 [23:0] : bank_1_3;
-  assign \$23  = last4_0_4 ? \$288 [23:0] : bank_1_4;
-  assign \$24  = last4_0_5 ? \$290 [23:0] : bank_1_5;
-  assign \$25  = last4_0_6 ? \$292 [23:0] : bank_1_6;
-  assign \$26  = last4_0_7 ? \$294 [23:0] : bank_1_7;
-  assign \$27  = last4_0_8 ? \$296 [23:0] : bank_1_8;
-  assign \$28  = last4_0_9 ? \$298 [23:0] : bank_1_9;
-  assign \$29  = last4_0_10 ? \$300 [23:0] : bank_1_10;
-  assign \$30  = last4_0_11 ? \$302 [23:0] : bank_1_11;
-  assign \$31  = last4_0_12 ? \$304 [23:0] : bank_1_12;
-  assign \$32  = last4_0_13 ? \$306 [23:0] : bank_1_13;
-  assign \$33  = last4_0_14 ? \$308 [23:0] : bank_1_14;
-  assign \$34  = last4_0_15 ? \$310 [23:0] : bank_1_15;
-  assign \$35  = last4_1_0 ? \$312 [23:0] : bank_2_0;
-  assign \$36  = last4_1_1 ? \$314 [23:0] : bank_2_1;
-  assign \$37  = last4_1_2 ? \$316 [23:0] : bank_2_2;
-  assign \$38  = last4_1_3 ? \$318 [23:0] : bank_2_3;
-  assign \$39  = last4_1_4 ? \$320 [23:0] : bank_2_4;
-  assign \$40  = last4_1_5 ? \$322 [23:0] : bank_2_5;
-  assign \$41  = last4_1_6 ? \$324 [23:0] : bank_2_6;
-  assign \$42  = last4_1_7 ? \$326 [23:0] : bank_2_7;
-  assign \$43  = last4_1_8 ? \$328 [23:0] : bank_2_8;
-  assign \$44  = last4_1_9 ? \$330 [23:0] : bank_2_9;
-  assign \$45  = last4_1_10 ? \$332 [23:0] : bank_2_10;
-  assign \$46  = last4_1_11 ? \$334 [23:0] : bank_2_11;
-  assign \$47  = last4_1_12 ? \$336 [23:0] : bank_2_12;
-  assign \$48  = last4_1_13 ? \$338 [23:0] : bank_2_13;
-  assign \$49  = last4_1_14 ? \$340 [23:0] : bank_2_14;
-  assign \$50  = last4_1_15 ? \$342 [23:0] : bank_2_15;
-  assign \$51  = last4_2_0 ? \$344 [23:0] : bank_3_0;
-  assign \$52  = last4_2_1 ? \$346 [23:0] : bank_3_1;
-  assign \$53  = last4_2_2 ? \$348 [23:0] : bank_3_2;
-  assign \$54  = last4_2_3 ? \$350 [23:0] : bank_3_3;
-  assign \$55  = last4_2_4 ? \$352 [23:0] : bank_3_4;
-  assign \$56  = last4_2_5 ? \$354 [23:0] : bank_3_5;
-  assign \$57  = last4_2_6 ? \$356 [23:0] : bank_3_6;
-  assign \$58  = last4_2_7 ? \$358 [23:0] : bank_3_7;
-  assign \$59  = last4_2_8 ? \$360 [23:0] : bank_3_8;
-  assign \$60  = last4_2_9 ? \$362 [23:0] : bank_3_9;
-  assign \$61  = last4_2_10 ? \$364 [23:0] : bank_3_10;
-  assign \$62  = last4_2_11 ? \$366 [23:0] : bank_3_11;
-  assign \$63  = last4_2_12 ? \$368 [23:0] : bank_3_12;
-  assign \$64  = last4_2_13 ? \$370 [23:0] : bank_3_13;
-  assign \$65  = last4_2_14 ? \$372 [23:0] : bank_3_14;
-  assign \$66  = last4_2_15 ? \$374 [23:0] : bank_3_15;
-  assign \$67  = last4_3_0 ? \$376 [23:0] : bank_4_0;
-  assign \$68  = last4_3_1 ? \$378 [23:0] : bank_4_1;
-  assign \$69  = last4_3_2 ? \$380 [23:0] : bank_4_2;
-  assign \$70  = last4_3_3 ? \$382 [23:0] : bank_4_3;
-  assign \$71  = last4_3_4 ? \$384 [23:0] : bank_4_4;
-  assign \$72  = last4_3_5 ? \$386 [23:0] : bank_4_5;
-  assign \$73  = last4_3_6 ? \$388 [23:0] : bank_4_6;
-  assign \$74  = last4_3_7 ? \$390 [23:0] : bank_4_7;
-  assign \$75  = last4_3_8 ? \$392 [23:0] : bank_4_8;
-  assign \$76  = last4_3_9 ? \$394 [23:0] : bank_4_9;
-  assign \$77  = last4_3_10 ? \$396 [23:0] : bank_4_10;
-  assign \$78  = last4_3_11 ? \$398 [23:0] : bank_4_11;
-  assign \$79  = last4_3_12 ? \$400 [23:0] : bank_4_12;
-  assign \$80  = last4_3_13 ? \$402 [23:0] : bank_4_13;
-  assign \$81  = last4_3_14 ? \$404 [23:0] : bank_4_14;
-  assign \$82  = last4_3_15 ? \$406 [23:0] : bank_4_15;
-  assign \$83  = last4_4_0 ? \$408 [23:0] : bank_5_0;
-  assign \$84  = last4_4_1 ? \$410 [23:0] : bank_5_1;
-  assign \$85  = last4_4_2 ? \$412 [23:0] : bank_5_2;
-  assign \$86  = last4_4_3 ? \$414 [23:0] : bank_5_3;
-  assign \$87  = last4_4_4 ? \$416 [23:0] : bank_5_4;
-  assign \$88  = last4_4_5 ? \$418 [23:0] : bank_5_5;
-  assign \$89  = last4_4_6 ? \$420 [23:0] : bank_5_6;
-  assign \$90  = last4_4_7 ? \$422 [23:0] : bank_5_7;
-  assign \$91  = last4_4_8 ? \$424 [23:0] : bank_5_8;
-  assign \$92  = last4_4_9 ? \$426 [23:0] : bank_5_9;
-  assign \$93  = last4_4_10 ? \$428 [23:0] : bank_5_10;
-  assign \$94  = last4_4_11 ? \$430 [23:0] : bank_5_11;
-  assign \$95  = last4_4_12 ? \$432 [23:0] : bank_5_12;
-  assign \$96  = last4_4_13 ? \$434 [23:0] : bank_5_13;
-  assign \$97  = last4_4_14 ? \$436 [23:0] : bank_5_14;
-  assign \$98  = last4_4_15 ? \$438 [23:0] : bank_5_15;
-  assign \$99  = last4_5_0 ? \$440 [23:0] : bank_6_0;
-  assign \$100  = last4_5_1 ? \$442 [23:0] : bank_6_1;
-  assign \$101  = last4_5_2 ? \$444 [23:0] : bank_6_2;
-  assign \$102  = last4_5_3 ? \$446 [23:0] : bank_6_3;
-  assign \$103  = last4_5_4 ? \$448 [23:0] : bank_6_4;
-  assign \$104  = last4_5_5 ? \$450 [23:0] : bank_6_5;
-  assign \$105  = last4_5_6 ? \$452 [23:0] : bank_6_6;
-  assign \$106  = last4_5_7 ? \$454 [23:0] : bank_6_7;
-  assign \$107  = last4_5_8 ? \$456 [23:0] : bank_6_8;
-  assign \$108  = last4_5_9 ? \$458 [23:0] : bank_6_9;
-  assign \$109  = last4_5_10 ? \$460 [23:0] : bank_6_10;
-  assign \$110  = last4_5_11 ? \$462 [23:0] : bank_6_11;
-  assign \$111  = last4_5_12 ? \$464 [23:0] : bank_6_12;
-  assign \$112  = last4_5_13 ? \$466 [23:0] : bank_6_13;
-  assign \$113  = last4_5_14 ? \$468 [23:0] : bank_6_14;
-  assign \$114  = last4_5_15 ? \$470 [23:0] : bank_6_15;
-  assign \$115  = last4_6_0 ? \$472 [23:0] : bank_7_0;
-  assign \$116  = last4_6_1 ? \$474 [23:0] : bank_7_1;
-  assign \$117  = last4_6_2 ? \$476 [23:0] : bank_7_2;
-  assign \$118  = last4_6_3 ? \$478 [23:0] : bank_7_3;
-  assign \$119  = last4_6_4 ? \$480 [23:0] : bank_7_4;
-  assign \$120  = last4_6_5 ? \$482 [23:0] : bank_7_5;
-  assign \$121  = last4_6_6 ? \$484 [23:0] : bank_7_6;
-  assign \$122  = last4_6_7 ? \$486 [23:0] : bank_7_7;
-  assign \$123  = last4_6_8 ? \$488 [23:0] : bank_7_8;
-  assign \$124  = last4_6_9 ? \$490 [23:0] : bank_7_9;
-  assign \$125  = last4_6_10 ? \$492 [23:0] : bank_7_10;
-  assign \$126  = last4_6_11 ? \$494 [23:0] : bank_7_11;
-  assign \$127  = last4_6_12 ? \$496 [23:0] : bank_7_12;
-  assign \$128  = last4_6_13 ? \$498 [23:0] : bank_7_13;
-  assign \$129  = last4_6_14 ? \$500 [23:0] : bank_7_14;
-  assign \$130  = last4_6_15 ? \$502 [23:0] : bank_7_15;
-  assign \$131  = last4_7_0 ? \$504 [23:0] : bank_8_0;
-  assign \$132  = last4_7_1 ? \$506 [23:0] : bank_8_1;
-  assign \$133  = last4_7_2 ? \$508 [23:0] : bank_8_2;
-  assign \$134  = last4_7_3 ? \$510 [23:0] : bank_8_3;
-  assign \$135  = last4_7_4 ? \$512 [23:0] : bank_8_4;
-  assign \$136  = last4_7_5 ? \$514 [23:0] : bank_8_5;
-  assign \$137  = last4_7_6 ? \$516 [23:0] : bank_8_6;
-  assign \$138  = last4_7_7 ? \$518 [23:0] : bank_8_7;
-  assign \$139  = last4_7_8 ? \$520 [23:0] : bank_8_8;
-  assign \$140  = last4_7_9 ? \$522 [23:0] : bank_8_9;
-  assign \$141  = last4_7_10 ? \$524 [23:0] : bank_8_10;
-  assign \$142  = last4_7_11 ? \$526 [23:0] : bank_8_11;
-  assign \$143  = last4_7_12 ? \$528 [23:0] : bank_8_12;
-  assign \$144  = last4_7_13 ? \$530 [23:0] : bank_8_13;
-  assign \$145  = last4_7_14 ? \$532 [23:0] : bank_8_14;
-  assign \$146  = last4_7_15 ? \$534 [23:0] : bank_8_15;
-  assign \$147  = last4_8_0 ? \$536 [23:0] : bank_9_0;
-  assign \$148  = last4_8_1 ? \$538 [23:0] : bank_9_1;
-  assign \$149  = last4_8_2 ? \$540 [23:0] : bank_9_2;
-  assign \$150  = last4_8_3 ? \$542 [23:0] : bank_9_3;
-  assign \$151  = last4_8_4 ? \$544 [23:0] : bank_9_4;
-  assign \$152  = last4_8_5 ? \$546 [23:0] : bank_9_5;
-  assign \$153  = last4_8_6 ? \$548 [23:0] : bank_9_6;
-  assign \$154  = last4_8_7 ? \$550 [23:0] : bank_9_7;
-  assign \$155  = last4_8_8 ? \$552 [23:0] : bank_9_8;
-  assign \$156  = last4_8_9 ? \$554 [23:0] : bank_9_9;
-  assign \$157  = last4_8_10 ? \$556 [23:0] : bank_9_10;
-  assign \$158  = last4_8_11 ? \$558 [23:0] : bank_9_11;
-  assign \$159  = last4_8_12 ? \$560 [23:0] : bank_9_12;
-  assign \$160  = last4_8_13 ? \$562 [23:0] : bank_9_13;
-  assign \$161  = last4_8_14 ? \$564 [23:0] : bank_9_14;
-  assign \$162  = last4_8_15 ? \$566 [23:0] : bank_9_15;
-  assign \$163  = last4_9_0 ? \$568 [23:0] : bank_10_0;
-  assign \$164  = last4_9_1 ? \$570 [23:0] : bank_10_1;
-  assign \$165  = last4_9_2 ? \$572 [23:0] : bank_10_2;
-  assign \$166  = last4_9_3 ? \$574 [23:0] : bank_10_3;
-  assign \$167  = last4_9_4 ? \$576 [23:0] : bank_10_4;
-  assign \$168  = last4_9_5 ? \$578 [23:0] : bank_10_5;
-  assign \$169  = last4_9_6 ? \$580 [23:0] : bank_10_6;
-  assign \$170  = last4_9_7 ? \$582 [23:0] : bank_10_7;
-  assign \$171  = last4_9_8 ? \$584 [23:0] : bank_10_8;
-  assign \$172  = last4_9_9 ? \$586 [23:0] : bank_10_9;
-  assign \$173  = last4_9_10 ? \$588 [23:0] : bank_10_10;
-  assign \$174  = last4_9_11 ? \$590 [23:0] : bank_10_11;
-  assign \$175  = last4_9_12 ? \$592 [23:0] : bank_10_12;
-  assign \$176  = last4_9_13 ? \$594 [23:0] : bank_10_13;
-  assign \$177  = last4_9_14 ? \$596 [23:0] : bank_10_14;
-  assign \$178  = last4_9_15 ? \$598 [23:0] : bank_10_15;
-  assign \$179  = last4_10_0 ? \$600 [23:0] : bank_11_0;
-  assign \$180  = last4_10_1 ? \$602 [23:0] : bank_11_1;
-  assign \$181  = last4_10_2 ? \$604 [23:0] : bank_11_2;
-  assign \$182  = last4_10_3 ? \$606 [23:0] : bank_11_3;
-  assign \$183  = last4_10_4 ? \$608 [23:0] : bank_11_4;
-  assign \$184  = last4_10_5 ? \$610 [23:0] : bank_11_5;
-  assign \$185  = last4_10_6 ? \$612 [23:0] : bank_11_6;
-  assign \$186  = last4_10_7 ? \$614 [23:0] : bank_11_7;
-  assign \$187  = last4_10_8 ? \$616 [23:0] : bank_11_8;
-  assign \$188  = last4_10_9 ? \$618 [23:0] : bank_11_9;
-  assign \$189  = last4_10_10 ? \$620 [23:0] : bank_11_10;
-  assign \$190  = last4_10_11 ? \$622 [23:0] : bank_11_11;
-  assign \$191  = last4_10_12 ? \$624 [23:0] : bank_11_12;
-  assign \$192  = last4_10_13 ? \$626 [23:0] : bank_11_13;
-  assign \$193  = last4_10_14 ? \$628 [23:0] : bank_11_14;
-  assign \$194  = last4_10_15 ? \$630 [23:0] : bank_11_15;
-  assign \$195  = last4_11_0 ? \$632 [23:0] : bank_12_0;
-  assign \$196  = last4_11_1 ? \$634 [23:0] : bank_12_1;
-  assign \$197  = last4_11_2 ? \$636 [23:0] : bank_12_2;
-  assign \$198  = last4_11_3 ? \$638 [23:0] : bank_12_3;
-  assign \$199  = last4_11_4 ? \$640 [23:0] : bank_12_4;
-  assign \$200  = last4_11_5 ? \$642 [23:0] : bank_12_5;
-  assign \$201  = last4_11_6 ? \$644 [23:0] : bank_12_6;
-  assign \$202  = last4_11_7 ? \$646 [23:0] : bank_12_7;
-  assign \$203  = last4_11_8 ? \$648 [23:0] : bank_12_8;
-  assign \$204  = last4_11_9 ? \$650 [23:0] : bank_12_9;
-  assign \$205  = last4_11_10 ? \$652 [23:0] : bank_12_10;
-  assign \$206  = last4_11_11 ? \$654 [23:0] : bank_12_11;
-  assign \$207  = last4_11_12 ? \$656 [23:0] : bank_12_12;
-  assign \$208  = last4_11_13 ? \$658 [23:0] : bank_12_13;
-  assign \$209  = last4_11_14 ? \$660 [23:0] : bank_12_14;
-  assign \$210  = last4_11_15 ? \$662 [23:0] : bank_12_15;
-  assign \$211  = last4_12_0 ? \$664 [23:0] : bank_13_0;
-  assign \$212  = last4_12_1 ? \$666 [23:0] : bank_13_1;
-  assign \$213  = last4_12_2 ? \$668 [23:0] : bank_13_2;
-  assign \$214  = last4_12_3 ? \$670 [23:0] : bank_13_3;
-  assign \$215  = last4_12_4 ? \$672 [23:0] : bank_13_4;
-  assign \$216  = last4_12_5 ? \$674 [23:0] : bank_13_5;
-  assign \$217  = last4_12_6 ? \$676 [23:0] : bank_13_6;
-  assign \$218  = last4_12_7 ? \$678 [23:0] : bank_13_7;
-  assign \$219  = last4_12_8 ? \$680 [23:0] : bank_13_8;
-  assign \$220  = last4_12_9 ? \$682 [23:0] : bank_13_9;
-  assign \$221  = last4_12_10 ? \$684 [23:0] : bank_13_10;
-  assign \$222  = last4_12_11 ? \$686 [23:0] : bank_13_11;
-  assign \$223  = last4_12_12 ? \$688 [23:0] : bank_13_12;
-  assign \$224  = last4_12_13 ? \$690 [23:0] : bank_13_13;
-  assign \$225  = last4_12_14 ? \$692 [23:0] : bank_13_14;
-  assign \$226  = last4_12_15 ? \$694 [23:0] : bank_13_15;
-  assign \$227  = last4_13_0 ? \$696 [23:0] : bank_14_0;
-  assign \$228  = last4_13_1 ? \$698 [23:0] : bank_14_1;
-  assign \$229  = last4_13_2 ? \$700 [23:0] : bank_14_2;
-  assign \$230  = last4_13_3 ? \$702 [23:0] : bank_14_3;
-  assign \$231  = last4_13_4 ? \$704 [23:0] : bank_14_4;
-  assign \$232  = last4_13_5 ? \$706 [23:0] : bank_14_5;
-  assign \$233  = last4_13_6 ? \$708 [23:0] : bank_14_6;
-  assign \$234  = last4_13_7 ? \$710 [23:0] : bank_14_7;
-  assign \$235  = last4_13_8 ? \$712 [23:0] : bank_14_8;
-  assign \$236  = last4_13_9 ? \$714 [23:0] : bank_14_9;
-  assign \$237  = last4_13_10 ? \$716 [23:0] : bank_14_10;
-  assign \$238  = last4_13_11 ? \$718 [23:0] : bank_14_11;
-  assign \$239  = last4_13_12 ? \$720 [23:0] : bank_14_12;
-  assign \$240  = last4_13_13 ? \$722 [23:0] : bank_14_13;
-  assign \$241  = last4_13_14 ? \$724 [23:0] : bank_14_14;
-  assign \$242  = last4_13_15 ? \$726 [23:0] : bank_14_15;
-  assign \$243  = last4_14_0 ? \$728 [23:0] : bank_15_0;
-  assign \$244  = last4_14_1 ? \$730 [23:0] : bank_15_1;
-  assign \$245  = last4_14_2 ? \$732 [23:0] : bank_15_2;
-  assign \$246  = last4_14_3 ? \$734 [23:0] : bank_15_3;
-  assign \$247  = last4_14_4 ? \$736 [23:0] : bank_15_4;
-  assign \$248  = last4_14_5 ? \$738 [23:0] : bank_15_5;
-  assign \$249  = last4_14_6 ? \$740 [23:0] : bank_15_6;
-  assign \$250  = last4_14_7 ? \$742 [23:0] : bank_15_7;
-  assign \$251  = last4_14_8 ? \$744 [23:0] : bank_15_8;
-  assign \$252  = last4_14_9 ? \$746 [23:0] : bank_15_9;
-  assign \$253  = last4_14_10 ? \$748 [23:0] : bank_15_10;
-  assign \$254  = last4_14_11 ? \$750 [23:0] : bank_15_11;
-  assign \$255  = last4_14_12 ? \$752 [23:0] : bank_15_12;
-  assign \$256  = last4_14_13 ? \$754 [23:0] : bank_15_13;
-  assign \$257  = last4_14_14 ? \$756 [23:0] : bank_15_14;
-  assign \$258  = last4_14_15 ? \$758 [23:0] : bank_15_15;
-  assign \$259  = last4_15_0 ? \$760 [23:0] : 24'h000000;
-  assign \$260  = last4_15_1 ? \$762 [23:0] : 24'h000000;
-  assign \$261  = last4_15_2 ? \$764 [23:0] : 24'h000000;
-  assign \$262  = last4_15_3 ? \$766 [23:0] : 24'h000000;
-  assign \$263  = last4_15_4 ? \$768 [23:0] : 24'h000000;
-  assign \$264  = last4_15_5 ? \$770 [23:0] : 24'h000000;
-  assign \$265  = last4_15_6 ? \$772 [23:0] : 24'h000000;
-  assign \$266  = last4_15_7 ? \$774 [23:0] : 24'h000000;
-  assign \$267  = last4_15_8 ? \$776 [23:0] : 24'h000000;
-  assign \$268  = last4_15_9 ? \$778 [23:0] : 24'h000000;
-  assign \$269  = last4_15_10 ? \$780 [23:0] : 24'h000000;
-  assign \$270  = last4_15_11 ? \$782 [23:0] : 24'h000000;
-  assign \$271  = last4_15_12 ? \$784 [23:0] : 24'h000000;
-  assign \$272  = last4_15_13 ? \$786 [23:0] : 24'h000000;
-  assign \$273  = last4_15_14 ? \$788 [23:0] : 24'h000000;
-  assign \$274  = last4_15_15 ? \$790 [23:0] : 24'h000000;
-  assign \$275  = row != 4'hf;
-  assign \$276  = bank_busy & \$275 ;
-  assign \$277  = row + 1'h1;
-  assign \$278  = row == 4'hf;
-  assign \$279  = $signed(acc_0_0) + $signed(p);
-  assign \$280  = first4_0_0 ? { p[15], p[15], p[15], p[15], p[15], p[15], p[15], p[15], p[15], p } : \$279 ;
-  assign \$281  = $signed(acc_0_1) + $signed(\p$1999 );
-  assign \$282  = first4_0_1 ? { \p$1999 [15], \p$1999 [15], \p$1999 [15], \p$1999 [15], \p$1999 [15], \p$1999 [15], \p$1999 [15], \p$1999 [15], \p$1999 [15], \p$1999  } : \$281 ;
-  assign \$283  = $signed(acc_0_2) + $signed(\p$2000 );
-  assign \$284  = first4_0_2 ? { \p$2000 [15], \p$2000 [15], \p$2000 [15], \p$2000 [15], \p$2000 [15], \p$2000 [15], \p$2000 [15], \p$2000 [15], \p$2000 [15], \p$2000  } : \$283 ;
-  assign \$285  = $signed(acc_0_3) + $signed(\p$2001 );
-  assign \$286  = first4_0_3 ? { \p$2001 [15], \p$2001 [15], \p$2001 [15], \p$2001 [15], \p$2001 [15], \p$2001 [15], \p$2001 [15], \p$2001 [15], \p$2001 [15], \p$2001  } : \$285 ;
-  assign \$287  = $signed(acc_0_4) + $signed(\p$2002 );
-  assign \$288  = first4_0_4 ? { \p$2002 [15], \p$2002 [15], \p$2002 [15], \p$2002 [15], \p$2002 [15], \p$2002 [15], \p$2002 [15], \p$2002 [15], \p$2002 [15], \p$2002  } : \$287 ;
-  assign \$289  = $signed(acc_0_5) + $signed(\p$2003 );
-  assign \$290  = first4_0_5 ? { \p$2003 [15], \p$2003 [15], \p$2003 [15], \p$2003 [15], \p$2003 [15], \p$2003 [15], \p$2003 [15], \p$2003 [15], \p$2003 [15], \p$2003  } : \$289 ;
-  assign \$291  = $signed(acc_0_6) + $signed(\p$2004 );
-  assign \$292  = first4_0_6 ? { \p$2004 [15], \p$2004 [15], \p$2004 [15], \p$2004 [15], \p$2004 [15], \p$2004 [15], \p$2004 [15], \p$2004 [15], \p$2004 [15], \p$2004  } : \$291 ;
-  assign \$293  = $signed(acc_0_7) + $signed(\p$2005 );
-  assign \$294  = first4_0_7 ? { \p$2005 [15], \p$2005 [15], \p$2005 [15], \p$2005 [15], \p$2005 [15], \p$2005 [15], \p$2005 [15], \p$2005 [15], \p$2005 [15], \p$2005  } : \$293 ;
-  assign \$295  = $signed(acc_0_8) + $signed(\p$2006 );
-  assign \$296  = first4_0_8 ? { \p$2006 [15], \p$2006 [15], \p$2006 [15], \p$2006 [15], \p$2006 [15], \p$2006 [15], \p$2006 [15], \p$2006 [15], \p$2006 [15], \p$2006  } : \$295 ;
-  assign \$297  = $signed(acc_0_9) + $signed(\p$2007 );
-  assign \$298  = first4_0_9 ? { \p$2007 [15], \p$2007 [15], \p$2007 [15], \p$2007 [15], \p$2007 [15], \p$2007 [15], \p$2007 [15], \p$2007 [15], \p$2007 [15], \p$2007  } : \$297 ;
-  assign \$299  = $signed(acc_0_10) + $signed(\p$2008 );
-  assign \$300  = first4_0_10 ? { \p$2008 [15], \p$2008 [15], \p$2008 [15], \p$2008 [15], \p$2008 [15], \p$2008 [15], \p$2008 [15], \p$2008 [15], \p$2008 [15], \p$2008  } : \$299 ;
-  assign \$301  = $signed(acc_0_11) + $signed(\p$2009 );
-  assign \$302  = first4_0_11 ? { \p$2009 [15], \p$2009 [15], \p$2009 [15], \p$2009 [15], \p$2009 [15], \p$2009 [15], \p$2009 [15], \p$2009 [15], \p$2009 [15], \p$2009  } : \$301 ;
-  assign \$303  = $signed(acc_0_12) + $signed(\p$2010 );
-  assign \$304  = first4_0_12 ? { \p$2010 [15], \p$2010 [15], \p$2010 [15], \p$2010 [15], \p$2010 [15], \p$2010 [15], \p$2010 [15], \p$2010 [15], \p$2010 [15], \p$2010  } : \$303 ;
-  assign \$305  = $signed(acc_0_13) + $signed(\p$2011 );
-  assign \$306  = first4_0_13 ? { \p$2011 [15], \p$2011 [15], \p$2011 [15], \p$2011 [15], \p$2011 [15], \p$2011 [15], \p$2011 [15], \p$2011 [15], \p$2011 [15], \p$2011  } : \$305 ;
-  assign \$307  = $signed(acc_0_14) + $signed(\p$2012 );
-  assign \$308  = first4_0_14 ? { \p$2012 [15], \p$2012 [15], \p$2012 [15], \p$2012 [15], \p$2012 [15], \p$2012 [15], \p$2012 [15], \p$2012 [15], \p$2012 [15], \p$2012  } : \$307 ;
-  assign \$309  = $signed(acc_0_15) + $signed(\p$2013 );
-  assign \$310  = first4_0_15 ? { \p$2013 [15], \p$2013 [15], \p$2013 [15], \p$2013 [15], \p$2013 [15], \p$2013 [15], \p$2013 [15], \p$2013 [15], \p$2013 [15], \p$2013  } : \$309 ;
-  assign \$311  = $signed(acc_1_0) + $signed(\p$2014 );
-  assign \$312  = first4_1_0 ? { \p$2014 [15], \p$2014 [15], \p$2014 [15], \p$2014 [15], \p$2014 [15], \p$2014 [15], \p$2014 [15], \p$2014 [15], \p$2014 [15], \p$2014  } : \$311 ;
-  assign \$313  = $signed(acc_1_1) + $signed(\p$2015 );
-  assign \$314  = first4_1_1 ? { \p$2015 [15], \p$2015 [15], \p$2015 [15], \p$2015 [15], \p$2015 [15], \p$2015 [15], \p$2015 [15], \p$2015 [15], \p$2015 [15], \p$2015  } : \$313 ;
-  assign \$315  = $signed(acc_1_2) + $signed(\p$2016 );
-  assign \$316  = first4_1_2 ? { \p$2016 [15], \p$2016 [15], \p$2016 [15], \p$2016 [15], \p$2016 [15], \p$2016 [15], \p$2016 [15], \p$2016 [15], \p$2016 [15], \p$2016  } : \$315 ;
-  assign \$317  = $signed(acc_1_3) + $signed(\p$2017 );
-  assign \$318  = first4_1_3 ? { \p$2017 [15], \p$2017 [15], \p$2017 [15], \p$2017 [15], \p$2017 [15], \p$2017 [15], \p$2017 [15], \p$2017 [15], \p$2017 [15], \p$2017  } : \$317 ;
-  assign \$319  = $signed(acc_1_4) + $signed(\p$2018 );
-  assign \$320  = first4_1_4 ? { \p$2018 [15], \p$2018 [15], \p$2018 [15], \p$2018 [15], \p$2018 [15], \p$2018 [15], \p$2018 [15], \p$2018 [15], \p$2018 [15], \p$2018  } : \$319 ;
-  assign \$321  = $signed(acc_1_5) + $signed(\p$2019 );
-  assign \$322  = first4_1_5 ? { \p$2019 [15], \p$2019 [15], \p$2019 [15], \p$2019 [15], \p$2019 [15], \p$2019 [15], \p$2019 [15], \p$2019 [15], \p$2019 [15], \p$2019  } : \$321 ;
-  assign \$323  = $signed(acc_1_6) + $signed(\p$2020 );
-  assign \$324  = first4_1_6 ? { \p$2020 [15], \p$2020 [15], \p$2020 [15], \p$2020 [15], \p$2020 [15], \p$2020 [15], \p$2020 [15], \p$2020 [15], \p$2020 [15], \p$2020  } : \$323 ;
-  assign \$325  = $signed(acc_1_7) + $signed(\p$2021 );
-  assign \$326  = first4_1_7 ? { \p$2021 [15], \p$2021 [15], \p$2021 [15], \p$2021 [15], \p$2021 [15], \p$2021 [15], \p$2021 [15], \p$2021 [15], \p$2021 [15], \p$2021  } : \$325 ;
-  assign \$327  = $signed(acc_1_8) + $signed(\p$2022 );
-  assign \$328  = first4_1_8 ? { \p$2022 [15], \p$2022 [15], \p$2022 [15], \p$2022 [15], \p$2022 [15], \p$2022 [15], \p$2022 [15], \p$2022 [15], \p$2022 [15], \p$2022  } : \$327 ;
-  assign \$329  = $signed(acc_1_9) + $signed(\p$2023 );
-  assign \$330  = first4_1_9 ? { \p$2023 [15], \p$2023 [15], \p$2023 [15], \p$2023 [15], \p$2023 [15], \p$2023 [15], \p$2023 [15], \p$2023 [15], \p$2023 [15], \p$2023  } : \$329 ;
-  assign \$331  = $signed(acc_1_10) + $signed(\p$2024 );
-  assign \$332  = first4_1_10 ? { \p$2024 [15], \p$2024 [15], \p$2024 [15], \p$2024 [15], \p$2024 [15], \p$2024 [15], \p$2024 [15], \p$2024 [15], \p$2024 [15], \p$2024  } : \$331 ;
-  assign \$333  = $signed(acc_1_11) + $signed(\p$2025 );
-  assign \$334  = first4_1_11 ? { \p$2025 [15], \p$2025 [15], \p$2025 [15], \p$2025 [15], \p$2025 [15], \p$2025 [15], \p$2025 [15], \p$2025 [15], \p$2025 [15], \p$2025  } : \$333 ;
-  assign \$335  = $signed(acc_1_12) + $signed(\p$2026 );
-  assign \$336  = first4_1_12 ? { \p$2026 [15], \p$2026 [15], \p$2026 [15], \p$2026 [15], \p$2026 [15], \p$2026 [15], \p$2026 [15], \p$2026 [15], \p$2026 [15], \p$2026  } : \$335 ;
-  assign \$337  = $signed(acc_1_13) + $signed(\p$2027 );
-  assign \$338  = first4_1_13 ? { \p$2027 [15], \p$2027 [15], \p$2027 [15], \p$2027 [15], \p$2027 [15], \p$2027 [15], \p$2027 [15], \p$2027 [15], \p$2027 [15], \p$2027  } : \$337 ;
-  assign \$339  = $signed(acc_1_14) + $signed(\p$2028 );
-  assign \$340  = first4_1_14 ? { \p$2028 [15], \p$2028 [15], \p$2028 [15], \p$2028 [15], \p$2028 [15], \p$2028 [15], \p$2028 [15], \p$2028 [15], \p$2028 [15], \p$2028  } : \$339 ;
-  assign \$341  = $signed(acc_1_15) + $signed(\p$2029 );
-  assign \$342  = first4_1_15 ? { \p$2029 [15], \p$2029 [15], \p$2029 [15], \p$2029 [15], \p$2029 [15], \p$2029 [15], \p$2029 [15], \p$2029 [15], \p$2029 [15], \p$2029  } : \$341 ;
-  assign \$343  = $signed(acc_2_0) + $signed(\p$2030 );
-  assign \$344  = first4_2_0 ? { \p$2030 [15], \p$2030 [15], \p$2030 [15], \p$2030 [15], \p$2030 [15], \p$2030 [15], \p$2030 [15], \p$2030 [15], \p$2030 [15], \p$2030  } : \$343 ;
-  assign \$345  = $signed(acc_2_1) + $signed(\p$2031 );
-  assign \$346  = first4_2_1 ? { \p$2031 [15], \p$2031 [15], \p$2031 [15], \p$2031 [15], \p$2031 [15], \p$2031 [15], \p$2031 [15], \p$2031 [15], \p$2031 [15], \p$2031  } : \$345 ;
-  assign \$347  = $signed(acc_2_2) + $signed(\p$2032 );
-  assign \$348  = first4_2_2 ? { \p$2032 [15], \p$2032 [15], \p$2032 [15], \p$2032 [15], \p$2032 [15], \p$2032 [15], \p$2032 [15], \p$2032 [15], \p$2032 [15], \p$2032  } : \$347 ;
-  assign \$349  = $signed(acc_2_3) + $signed(\p$2033 );
-  assign \$350  = first4_2_3 ? { \p$2033 [15], \p$2033 [15], \p$2033 [15], \p$2033 [15], \p$2033 [15], \p$2033 [15], \p$2033 [15], \p$2033 [15], \p$2033 [15], \p$2033  } : \$349 ;
-  assign \$351  = $signed(acc_2_4) + $signed(\p$2034 );
-  assign \$352  = first4_2_4 ? { \p$2034 [15], \p$2034 [15], \p$2034 [15], \p$2034 [15], \p$2034 [15], \p$2034 [15], \p$2034 [15], \p$2034 [15], \p$2034 [15], \p$2034  } : \$351 ;
-  assign \$353  = $signed(acc_2_5) + $signed(\p$2035 );
-  assign \$354  = first4_2_5 ? { \p$2035 [15], \p$2035 [15], \p$2035 [15], \p$2035 [15], \p$2035 [15], \p$2035 [15], \p$2035 [15], \p$2035 [15], \p$2035 [15], \p$2035  } : \$353 ;
-  assign \$355  = $signed(acc_2_6) + $signed(\p$2036 );
-  assign \$356  = first4_2_6 ? { \p$2036 [15], \p$2036 [15], \p$2036 [15], \p$2036 [15], \p$2036 [15], \p$2036 [15], \p$2036 [15], \p$2036 [15], \p$2036 [15], \p$2036  } : \$355 ;
-  assign \$357  = $signed(acc_2_7) + $signed(\p$2037 );
-  assign \$358  = first4_2_7 ? { \p$2037 [15], \p$2037 [15], \p$2037 [15], \p$2037 [15], \p$2037 [15], \p$2037 [15], \p$2037 [15], \p$2037 [15], \p$2037 [15], \p$2037  } : \$357 ;
-  assign \$359  = $signed(acc_2_8) + $signed(\p$2038 );
-  assign \$360  = first4_2_8 ? { \p$2038 [15], \p$2038 [15], \p$2038 [15], \p$2038 [15], \p$2038 [15], \p$2038 [15], \p$2038 [15], \p$2038 [15], \p$2038 [15], \p$2038  } : \$359 ;
-  assign \$361  = $signed(acc_2_9) + $signed(\p$2039 );
-  assign \$362  = first4_2_9 ? { \p$2039 [15], \p$2039 [15], \p$2039 [15], \p$2039 [15], \p$2039 [15], \p$2039 [15], \p$2039 [15], \p$2039 [15], \p$2039 [15], \p$2039  } : \$361 ;
-  assign \$363  = $signed(acc_2_10) + $signed(\p$2040 );
-  assign \$364  = first4_2_10 ? { \p$2040 [15], \p$2040 [15], \p$2040 [15], \p$2040 [15], \p$2040 [15], \p$2040 [15], \p$2040 [15], \p$2040 [15], \p$2040 [15], \p$2040  } : \$363 ;
-  assign \$365  = $signed(acc_2_11) + $signed(\p$2041 );
-  assign \$366  = first4_2_11 ? { \p$2041 [15], \p$2041 [15], \p$2041 [15], \p$2041 [15], \p$2041 [15], \p$2041 [15], \p$2041 [15], \p$2041 [15], \p$2041 [15], \p$2041  } : \$365 ;
-  assign \$367  = $signed(acc_2_12) + $signed(\p$2042 );
-  assign \$368  = first4_2_12 ? { \p$2042 [15], \p$2042 [15], \p$2042 [15], \p$2042 [15], \p$2042 [15], \p$2042 [15], \p$2042 [15], \p$2042 [15], \p$2042 [15], \p$2042  } : \$367 ;
-  assign \$369  = $signed(acc_2_13) + $signed(\p$2043 );
-  assign \$370  = first4_2_13 ? { \p$2043 [15], \p$2043 [15], \p$2043 [15], \p$2043 [15], \p$2043 [15], \p$2043 [15], \p$2043 [15], \p$2043 [15], \p$2043 [15], \p$2043  } : \$369 ;
-  assign \$371  = $signed(acc_2_14) + $signed(\p$2044 );
-  assign \$372  = first4_2_14 ? { \p$2044 [15], \p$2044 [15], \p$2044 [15], \p$2044 [15], \p$2044 [15], \p$2044 [15], \p$2044 [15], \p$2044 [15], \p$2044 [15], \p$2044  } : \$371 ;
-  assign \$373  = $signed(acc_2_15) + $signed(\p$2045 );
-  assign \$374  = first4_2_15 ? { \p$2045 [15], \p$2045 [15], \p$2045 [15], \p$2045 [15], \p$2045 [15], \p$2045 [15], \p$2045 [15], \p$2045 [15], \p$2045 [15], \p$2045  } : \$373 ;
-  assign \$375  = $signed(acc_3_0) + $signed(\p$2046 );
-  assign \$376  = first4_3_0 ? { \p$2046 [15], \p$2046 [15], \p$2046 [15], \p$2046 [15], \p$2046 [15], \p$2046 [15], \p$2046 [15], \p$2046 [15], \p$2046 [15], \p$2046  } : \$375 ;
-  assign \$377  = $signed(acc_3_1) + $signed(\p$2047 );
-  assign \$378  = first4_3_1 ? { \p$2047 [15], \p$2047 [15], \p$2047 [15], \p$2047 [15], \p$2047 [15], \p$2047 [15], \p$2047 [15], \p$2047 [15], \p$2047 [15], \p$2047  } : \$377 ;
-  assign \$379  = $signed(acc_3_2) + $signed(\p$2048 );
-  assign \$380  = first4_3_2 ? { \p$2048 [15], \p$2048 [15], \p$2048 [15], \p$2048 [15], \p$2048 [15], \p$2048 [15], \p$2048 [15], \p$2048 [15], \p$2048 [15], \p$2048  } : \$379 ;
-  assign \$381  = $signed(acc_3_3) + $signed(\p$2049 );
-  assign \$382  = first4_3_3 ? { \p$2049 [15], \p$2049 [15], \p$2049 [15], \p$2049 [15], \p$2049 [15], \p$2049 [15], \p$2049 [15], \p$2049 [15], \p$2049 [15], \p$2049  } : \$381 ;
-  assign \$383  = $signed(acc_3_4) + $signed(\p$2050 );
-  assign \$384  = first4_3_4 ? { \p$2050 [15], \p$2050 [15], \p$2050 [15], \p$2050 [15], \p$2050 [15], \p$2050 [15], \p$2050 [15], \p$2050 [15], \p$2050 [15], \p$2050  } : \$383 ;
-  assign \$385  = $signed(acc_3_5) + $signed(\p$2051 );
-  assign \$386  = first4_3_5 ? { \p$2051 [15], \p$2051 [15], \p$2051 [15], \p$2051 [15], \p$2051 [15], \p$2051 [15], \p$2051 [15], \p$2051 [15], \p$2051 [15], \p$2051  } : \$385 ;
-  assign \$387  = $signed(acc_3_6) + $signed(\p$2052 );
-  assign \$388  = first4_3_6 ? { \p$2052 [15], \p$2052 [15], \p$2052 [15], \p$2052 [15], \p$2052 [15], \p$2052 [15], \p$2052 [15], \p$2052 [15], \p$2052 [15], \p$2052  } : \$387 ;
-  assign \$389  = $signed(acc_3_7) + $signed(\p$2053 );
-  assign \$390  = first4_3_7 ? { \p$2053 [15], \p$2053 [15], \p$2053 [15], \p$2053 [15], \p$2053 [15], \p$2053 [15], \p$2053 [15], \p$2053 [15], \p$2053 [15], \p$2053  } : \$389 ;
-  assign \$391  = $signed(acc_3_8) + $signed(\p$2054 );
-  assign \$392  = first4_3_8 ? { \p$2054 [15], \p$2054 [15], \p$2054 [15], \p$2054 [15], \p$2054 [15], \p$2054 [15], \p$2054 [15], \p$2054 [15], \p$2054 [15], \p$2054  } : \$391 ;
-  assign \$393  = $signed(acc_3_9) + $signed(\p$2055 );
-  assign \$394  = first4_3_9 ? { \p$2055 [15], \p$2055 [15], \p$2055 [15], \p$2055 [15], \p$2055 [15], \p$2055 [15], \p$2055 [15], \p$2055 [15], \p$2055 [15], \p$2055  } : \$393 ;
-  assign \$395  = $signed(acc_3_10) + $signed(\p$2056 );
-  assign \$396  = first4_3_10 ? { \p$2056 [15], \p$2056 [15], \p$2056 [15], \p$2056 [15], \p$2056 [15], \p$2056 [15], \p$2056 [15], \p$2056 [15], \p$2056 [15], \p$2056  } : \$395 ;
-  assign \$397  = $signed(acc_3_11) + $signed(\p$2057 );
-  assign \$398  = first4_3_11 ? { \p$2057 [15], \p$2057 [15], \p$2057 [15], \p$2057 [15], \p$2057 [15], \p$2057 [15], \p$2057 [15], \p$2057 [15], \p$2057 [15], \p$2057  } : \$397 ;
-  assign \$399  = $signed(acc_3_12) + $signed(\p$2058 );
-  assign \$400  = first4_3_12 ? { \p$2058 [15], \p$2058 [15], \p$2058 [15], \p$2058 [15], \p$2058 [15], \p$2058 [15], \p$2058 [15], \p$2058 [15], \p$2058 [15], \p$2058  } : \$399 ;
-  assign \$401  = $signed(acc_3_13) + $signed(\p$2059 );
-  assign \$402  = first4_3_13 ? { \p$2059 [15], \p$2059 [15], \p$2059 [15], \p$2059 [15], \p$2059 [15], \p$2059 [15], \p$2059 [15], \p$2059 [15], \p$2059 [15], \p$2059  } : \$401 ;
-  assign \$403  = $signed(acc_3_14) + $signed(\p$2060 );
-  assign \$404  = first4_3_14 ? { \p$2060 [15], \p$2060 [15], \p$2060 [15], \p$2060 [15], \p$2060 [15], \p$2060 [15], \p$2060 [15], \p$2060 [15], \p$2060 [15], \p$2060  } : \$403 ;
-  assign \$405  = $signed(acc_3_15) + $signed(\p$2061 );
-  assign \$406  = first4_3_15 ? { \p$2061 [15], \p$2061 [15], \p$2061 [15], \p$2061 [15], \p$2061 [15], \p$2061 [15], \p$2061 [15], \p$2061 [15], \p$2061 [15], \p$2061  } : \$405 ;
-  assign \$407  = $signed(acc_4_0) + $signed(\p$2062 );
-  assign \$408  = first4_4_0 ? { \p$2062 [15], \p$2062 [15], \p$2062 [15], \p$2062 [15], \p$2062 [15], \p$2062 [15], \p$2062 [15], \p$2062 [15], \p$2062 [15], \p$2062  } : \$407 ;
-  assign \$409  = $signed(acc_4_1) + $signed(\p$2063 );
-  assign \$410  = first4_4_1 ? { \p$2063 [15], \p$2063 [15], \p$2063 [15], \p$2063 [15], \p$2063 [15], \p$2063 [15], \p$2063 [15], \p$2063 [15], \p$2063 [15], \p$2063  } : \$409 ;
-  assign \$411  = $signed(acc_4_2) + $signed(\p$2064 );
-  assign \$412  = first4_4_2 ? { \p$2064 [15], \p$2064 [15], \p$2064 [15], \p$2064 [15], \p$2064 [15], \p$2064 [15], \p$2064 [15], \p$2064 [15], \p$2064 [15], \p$2064  } : \$411 ;
-  assign \$413  = $signed(acc_4_3) + $signed(\p$2065 );
-  assign \$414  = first4_4_3 ? { \p$2065 [15], \p$2065 [15], \p$2065 [15], \p$2065 [15], \p$2065 [15], \p$2065 [15], \p$2065 [15], \p$2065 [15], \p$2065 [15], \p$2065  } : \$413 ;
-  assign \$415  = $signed(acc_4_4) + $signed(\p$2066 );
-  assign \$416  = first4_4_4 ? { \p$2066 [15], \p$2066 [15], \p$2066 [15], \p$2066 [15], \p$2066 [15], \p$2066 [15], \p$2066 [15], \p$2066 [15], \p$2066 [15], \p$2066  } : \$415 ;
-  assign \$417  = $signed(acc_4_5) + $signed(\p$2067 );
-  assign \$418  = first4_4_5 ? { \p$2067 [15], \p$2067 [15], \p$2067 [15], \p$2067 [15], \p$2067 [15], \p$2067 [15], \p$2067 [15], \p$2067 [15], \p$2067 [15], \p$2067  } : \$417 ;
-  assign \$419  = $signed(acc_4_6) + $signed(\p$2068 );
-  assign \$420  = first4_4_6 ? { \p$2068 [15], \p$2068 [15], \p$2068 [15], \p$2068 [15], \p$2068 [15], \p$2068 [15], \p$2068 [15], \p$2068 [15], \p$2068 [15], \p$2068  } : \$419 ;
-  assign \$421  = $signed(acc_4_7) + $signed(\p$2069 );
-  assign \$422  = first4_4_7 ? { \p$2069 [15], \p$2069 [15], \p$2069 [15], \p$2069 [15], \p$2069 [15], \p$2069 [15], \p$2069 [15], \p$2069 [15], \p$2069 [15], \p$2069  } : \$421 ;
-  assign \$423  = $signed(acc_4_8) + $signed(\p$2070 );
-  assign \$424  = first4_4_8 ? { \p$2070 [15], \p$2070 [15], \p$2070 [15], \p$2070 [15], \p$2070 [15], \p$2070 [15], \p$2070 [15], \p$2070 [15], \p$2070 [15], \p$2070  } : \$423 ;
-  assign \$425  = $signed(acc_4_9) + $signed(\p$2071 );
-  assign \$426  = first4_4_9 ? { \p$2071 [15], \p$2071 [15], \p$2071 [15], \p$2071 [15], \p$2071 [15], \p$2071 [15], \p$2071 [15], \p$2071 [15], \p$2071 [15], \p$2071  } : \$425 ;
-  assign \$427  = $signed(acc_4_10) + $signed(\p$2072 );
-  assign \$428  = first4_4_10 ? { \p$2072 [15], \p$2072 [15], \p$2072 [15], \p$2072 [15], \p$2072 [15], \p$2072 [15], \p$2072 [15], \p$2072 [15], \p$2072 [15], \p$2072  } : \$427 ;
-  assign \$429  = $signed(acc_4_11) + $signed(\p$2073 );
-  assign \$430  = first4_4_11 ? { \p$2073 [15], \p$2073 [15], \p$2073 [15], \p$2073 [15], \p$2073 [15], \p$2073 [15], \p$2073 [15], \p$2073 [15], \p$2073 [15], \p$2073  } : \$429 ;
-  assign \$431  = $signed(acc_4_12) + $signed(\p$2074 );
-  assign \$432  = first4_4_12 ? { \p$2074 [15], \p$2074 [15], \p$2074 [15], \p$2074 [15], \p$2074 [15], \p$2074 [15], \p$2074 [15], \p$2074 [15], \p$2074 [15], \p$2074  } : \$431 ;
-  assign \$433  = $signed(acc_4_13) + $signed(\p$2075 );
-  assign \$434  = first4_4_13 ? { \p$2075 [15], \p$2075 [15], \p$2075 [15], \p$2075 [15], \p$2075 [15], \p$2075 [15], \p$2075 [15], \p$2075 [15], \p$2075 [15], \p$2075  } : \$433 ;
-  assign \$435  = $signed(acc_4_14) + $signed(\p$2076 );
-  assign \$436  = first4_4_14 ? { \p$2076 [15], \p$2076 [15], \p$2076 [15], \p$2076 [15], \p$2076 [15], \p$2076 [15], \p$2076 [15], \p$2076 [15], \p$2076 [15], \p$2076  } : \$435 ;
-  assign \$437  = $signed(acc_4_15) + $signed(\p$2077 );
-  assign \$438  = first4_4_15 ? { \p$2077 [15], \p$2077 [15], \p$2077 [15], \p$2077 [15], \p$2077 [15], \p$2077 [15], \p$2077 [15], \p$2077 [15], \p$2077 [15], \p$2077  } : \$437 ;
-  assign \$439  = $signed(acc_5_0) + $signed(\p$2078 );
-  assign \$440  = first4_5_0 ? { \p$2078 [15], \p$2078 [15], \p$2078 [15], \p$2078 [15], \p$2078 [15], \p$2078 [15], \p$2078 [15], \p$2078 [15], \p$2078 [15], \p$2078  } : \$439 ;
-  assign \$441  = $signed(acc_5_1) + $signed(\p$2079 );
-  assign \$442  = first4_5_1 ? { \p$2079 [15], \p$2079 [15], \p$2079 [15], \p$2079 [15], \p$2079 [15], \p$2079 [15], \p$2079 [15], \p$2079 [15], \p$2079 [15], \p$2079  } : \$441 ;
-  assign \$443  = $signed(acc_5_2) + $signed(\p$2080 );
-  assign \$444  = first4_5_2 ? { \p$2080 [15], \p$2080 [15], \p$2080 [15], \p$2080 [15], \p$2080 [15], \p$2080 [15], \p$2080 [15], \p$2080 [15], \p$2080 [15], \p$2080  } : \$443 ;
-  assign \$445  = $signed(acc_5_3) + $signed(\p$2081 );
-  assign \$446  = first4_5_3 ? { \p$2081 [15], \p$2081 [15], \p$2081 [15], \p$2081 [15], \p$2081 [15], \p$2081 [15], \p$2081 [15], \p$2081 [15], \p$2081 [15], \p$2081  } : \$445 ;
-  assign \$447  = $signed(acc_5_4) + $signed(\p$2082 );
-  assign \$448  = first4_5_4 ? { \p$2082 [15], \p$2082 [15], \p$2082 [15], \p$2082 [15], \p$2082 [15], \p$2082 [15], \p$2082 [15], \p$2082 [15], \p$2082 [15], \p$2082  } : \$447 ;
-  assign \$449  = $signed(acc_5_5) + $signed(\p$2083 );
-  assign \$450  = first4_5_5 ? { \p$2083 [15], \p$2083 [15], \p$2083 [15], \p$2083 [15], \p$2083 [15], \p$2083 [15], \p$2083 [15], \p$2083 [15], \p$2083 [15], \p$2083  } : \$449 ;
-  assign \$451  = $signed(acc_5_6) + $signed(\p$2084 );
-  assign \$452  = first4_5_6 ? { \p$2084 [15], \p$2084 [15], \p$2084 [15], \p$2084 [15], \p$2084 [15], \p$2084 [15], \p$2084 [15], \p$2084 [15], \p$2084 [15], \p$2084  } : \$451 ;
-  assign \$453  = $signed(acc_5_7) + $signed(\p$2085 );
-  assign \$454  = first4_5_7 ? { \p$2085 [15], \p$2085 [15], \p$2085 [15], \p$2085 [15], \p$2085 [15], \p$2085 [15], \p$2085 [15], \p$2085 [15], \p$2085 [15], \p$2085  } : \$453 ;
-  assign \$455  = $signed(acc_5_8) + $signed(\p$2086 );
-  assign \$456  = first4_5_8 ? { \p$2086 [15], \p$2086 [15], \p$2086 [15], \p$2086 [15], \p$2086 [15], \p$2086 [15], \p$2086 [15], \p$2086 [15], \p$2086 [15], \p$2086  } : \$455 ;
-  assign \$457  = $signed(acc_5_9) + $signed(\p$2087 );
-  assign \$458  = first4_5_9 ? { \p$2087 [15], \p$2087 [15], \p$2087 [15], \p$2087 [15], \p$2087 [15], \p$2087 [15], \p$2087 [15], \p$2087 [15], \p$2087 [15], \p$2087  } : \$457 ;
-  assign \$459  = $signed(acc_5_10) + $signed(\p$2088 );
-  assign \$460  = first4_5_10 ? { \p$2088 [15], \p$2088 [15], \p$2088 [15], \p$2088 [15], \p$2088 [15], \p$2088 [15], \p$2088 [15], \p$2088 [15], \p$2088 [15], \p$2088  } : \$459 ;
-  assign \$461  = $signed(acc_5_11) + $signed(\p$2089 );
-  assign \$462  = first4_5_11 ? { \p$2089 [15], \p$2089 [15], \p$2089 [15], \p$2089 [15], \p$2089 [15], \p$2089 [15], \p$2089 [15], \p$2089 [15], \p$2089 [15], \p$2089  } : \$461 ;
-  assign \$463  = $signed(acc_5_12) + $signed(\p$2090 );
-  assign \$464  = first4_5_12 ? { \p$2090 [15], \p$2090 [15], \p$2090 [15], \p$2090 [15], \p$2090 [15], \p$2090 [15], \p$2090 [15], \p$2090 [15], \p$2090 [15], \p$2090  } : \$463 ;
-  assign \$465  = $signed(acc_5_13) + $signed(\p$2091 );
-  assign \$466  = first4_5_13 ? { \p$2091 [15], \p$2091 [15], \p$2091 [15], \p$2091 [15], \p$2091 [15], \p$2091 [15], \p$2091 [15], \p$2091 [15], \p$2091 [15], \p$2091  } : \$465 ;
-  assign \$467  = $signed(acc_5_14) + $signed(\p$2092 );
-  assign \$468  = first4_5_14 ? { \p$2092 [15], \p$2092 [15], \p$2092 [15], \p$2092 [15], \p$2092 [15], \p$2092 [15], \p$2092 [15], \p$2092 [15], \p$2092 [15], \p$2092  } : \$467 ;
-  assign \$469  = $signed(acc_5_15) + $signed(\p$2093 );
-  assign \$470  = first4_5_15 ? { \p$2093 [15], \p$2093 [15], \p$2093 [15], \p$2093 [15], \p$2093 [15], \p$2093 [15], \p$2093 [15], \p$2093 [15], \p$2093 [15], \p$2093  } : \$469 ;
-  assign \$471  = $signed(acc_6_0) + $signed(\p$2094 );
-  assign \$472  = first4_6_0 ? { \p$2094 [15], \p$2094 [15], \p$2094 [15], \p$2094 [15], \p$2094 [15], \p$2094 [15], \p$2094 [15], \p$2094 [15], \p$2094 [15], \p$2094  } : \$471 ;
-  assign \$473  = $signed(acc_6_1) + $signed(\p$2095 );
-  assign \$474  = first4_6_1 ? { \p$2095 [15], \p$2095 [15], \p$2095 [15], \p$2095 [15], \p$2095 [15], \p$2095 [15], \p$2095 [15], \p$2095 [15], \p$2095 [15], \p$2095  } : \$473 ;
-  assign \$475  = $signed(acc_6_2) + $signed(\p$2096 );
-  assign \$476  = first4_6_2 ? { \p$2096 [15], \p$2096 [15], \p$2096 [15], \p$2096 [15], \p$2096 [15], \p$2096 [15], \p$2096 [15], \p$2096 [15], \p$2096 [15], \p$2096  } : \$475 ;
-  assign \$477  = $signed(acc_6_3) + $signed(\p$2097 );
-  assign \$478  = first4_6_3 ? { \p$2097 [15], \p$2097 [15], \p$2097 [15], \p$2097 [15], \p$2097 [15], \p$2097 [15], \p$2097 [15], \p$2097 [15], \p$2097 [15], \p$2097  } : \$477 ;
-  assign \$479  = $signed(acc_6_4) + $signed(\p$2098 );
-  assign \$480  = first4_6_4 ? { \p$2098 [15], \p$2098 [15], \p$2098 [15], \p$2098 [15], \p$2098 [15], \p$2098 [15], \p$2098 [15], \p$2098 [15], \p$2098 [15], \p$2098  } : \$479 ;
-  assign \$481  = $signed(acc_6_5) + $signed(\p$2099 );
-  assign \$482  = first4_6_5 ? { \p$2099 [15], \p$2099 [15], \p$2099 [15], \p$2099 [15], \p$2099 [15], \p$2099 [15], \p$2099 [15], \p$2099 [15], \p$2099 [15], \p$2099  } : \$481 ;
-  assign \$483  = $signed(acc_6_6) + $signed(\p$2100 );
-  assign \$484  = first4_6_6 ? { \p$2100 [15], \p$2100 [15], \p$2100 [15], \p$2100 [15], \p$2100 [15], \p$2100 [15], \p$2100 [15], \p$2100 [15], \p$2100 [15], \p$2100  } : \$483 ;
-  assign \$485  = $signed(acc_6_7) + $signed(\p$2101 );
-  assign \$486  = first4_6_7 ? { \p$2101 [15], \p$2101 [15], \p$2101 [15], \p$2101 [15], \p$2101 [15], \p$2101 [15], \p$2101 [15], \p$2101 [15], \p$2101 [15], \p$2101  } : \$485 ;
-  assign \$487  = $signed(acc_6_8) + $signed(\p$2102 );
-  assign \$488  = first4_6_8 ? { \p$2102 [15], \p$2102 [15], \p$2102 [15], \p$2102 [15], \p$2102 [15], \p$2102 [15], \p$2102 [15], \p$2102 [15], \p$2102 [15], \p$2102  } : \$487 ;
-  assign \$489  = $signed(acc_6_9) + $signed(\p$2103 );
-  assign \$490  = first4_6_9 ? { \p$2103 [15], \p$2103 [15], \p$2103 [15], \p$2103 [15], \p$2103 [15], \p$2103 [15], \p$2103 [15], \p$2103 [15], \p$2103 [15], \p$2103  } : \$489 ;
-  assign \$491  = $signed(acc_6_10) + $signed(\p$2104 );
-  assign \$492  = first4_6_10 ? { \p$2104 [15], \p$2104 [15], \p$2104 [15], \p$2104 [15], \p$2104 [15], \p$2104 [15], \p$2104 [15], \p$2104 [15], \p$2104 [15], \p$2104  } : \$491 ;
-  assign \$493  = $signed(acc_6_11) + $signed(\p$2105 );
-  assign \$494  = first4_6_11 ? { \p$2105 [15], \p$2105 [15], \p$2105 [15], \p$2105 [15], \p$2105 [15], \p$2105 [15], \p$2105 [15], \p$2105 [15], \p$2105 [15], \p$2105  } : \$493 ;
-  assign \$495  = $signed(acc_6_12) + $signed(\p$2106 );
-  assign \$496  = first4_6_12 ? { \p$2106 [15], \p$2106 [15], \p$2106 [15], \p$2106 [15], \p$2106 [15], \p$2106 [15], \p$2106 [15], \p$2106 [15], \p$2106 [15], \p$2106  } : \$495 ;
-  assign \$497  = $signed(acc_6_13) + $signed(\p$2107 );
-  assign \$498  = first4_6_13 ? { \p$2107 [15], \p$2107 [15], \p$2107 [15], \p$2107 [15], \p$2107 [15], \p$2107 [15], \p$2107 [15], \p$2107 [15], \p$2107 [15], \p$2107  } : \$497 ;
-  assign \$499  = $signed(acc_6_14) + $signed(\p$2108 );
-  assign \$500  = first4_6_14 ? { \p$2108 [15], \p$2108 [15], \p$2108 [15], \p$2108 [15], \p$2108 [15], \p$2108 [15], \p$2108 [15], \p$2108 [15], \p$2108 [15], \p$2108  } : \$499 ;
-  assign \$501  = $signed(acc_6_15) + $signed(\p$2109 );
-  assign \$502  = first4_6_15 ? { \p$2109 [15], \p$2109 [15], \p$2109 [15], \p$2109 [15], \p$2109 [15], \p$2109 [15], \p$2109 [15], \p$2109 [15], \p$2109 [15], \p$2109  } : \$501 ;
-  assign \$503  = $signed(acc_7_0) + $signed(\p$2110 );
-  assign \$504  = first4_7_0 ? { \p$2110 [15], \p$2110 [15], \p$2110 [15], \p$2110 [15], \p$2110 [15], \p$2110 [15], \p$2110 [15], \p$2110 [15], \p$2110 [15], \p$2110  } : \$503 ;
-  assign \$505  = $signed(acc_7_1) + $signed(\p$2111 );
-  assign \$506  = first4_7_1 ? { \p$2111 [15], \p$2111 [15], \p$2111 [15], \p$2111 [15], \p$2111 [15], \p$2111 [15], \p$2111 [15], \p$2111 [15], \p$2111 [15], \p$2111  } : \$505 ;
-  assign \$507  = $signed(acc_7_2) + $signed(\p$2112 );
-  assign \$508  = first4_7_2 ? { \p$2112 [15], \p$2112 [15], \p$2112 [15], \p$2112 [15], \p$2112 [15], \p$2112 [15], \p$2112 [15], \p$2112 [15], \p$2112 [15], \p$2112  } : \$507 ;
-  assign \$509  = $signed(acc_7_3) + $signed(\p$2113 );
-  assign \$510  = first4_7_3 ? { \p$2113 [15], \p$2113 [15], \p$2113 [15], \p$2113 [15], \p$2113 [15], \p$2113 [15], \p$2113 [15], \p$2113 [15], \p$2113 [15], \p$2113  } : \$509 ;
-  assign \$511  = $signed(acc_7_4) + $signed(\p$2114 );
-  assign \$512  = first4_7_4 ? { \p$2114 [15], \p$2114 [15], \p$2114 [15], \p$2114 [15], \p$2114 [15], \p$2114 [15], \p$2114 [15], \p$2114 [15], \p$2114 [15], \p$2114  } : \$511 ;
-  assign \$513  = $signed(acc_7_5) + $signed(\p$2115 );
-  assign \$514  = first4_7_5 ? { \p$2115 [15], \p$2115 [15], \p$2115 [15], \p$2115 [15], \p$2115 [15], \p$2115 [15], \p$2115 [15], \p$2115 [15], \p$2115 [15], \p$2115  } : \$513 ;
-  assign \$515  = $signed(acc_7_6) + $signed(\p$2116 );
-  assign \$516  = first4_7_6 ? { \p$2116 [15], \p$2116 [15], \p$2116 [15], \p$2116 [15], \p$2116 [15], \p$2116 [15], \p$2116 [15], \p$2116 [15], \p$2116 [15], \p$2116  } : \$515 ;
-  assign \$517  = $signed(acc_7_7) + $signed(\p$2117 );
-  assign \$518  = first4_7_7 ? { \p$2117 [15], \p$2117 [15], \p$2117 [15], \p$2117 [15], \p$2117 [15], \p$2117 [15], \p$2117 [15], \p$2117 [15], \p$2117 [15], \p$2117  } : \$517 ;
-  assign \$519  = $signed(acc_7_8) + $signed(\p$2118 );
-  assign \$520  = first4_7_8 ? { \p$2118 [15], \p$2118 [15], \p$2118 [15], \p$2118 [15], \p$2118 [15], \p$2118 [15], \p$2118 [15], \p$2118 [15], \p$2118 [15], \p$2118  } : \$519 ;
-  assign \$521  = $signed(acc_7_9) + $signed(\p$2119 );
-  assign \$522  = first4_7_9 ? { \p$2119 [15], \p$2119 [15], \p$2119 [15], \p$2119 [15], \p$2119 [15], \p$2119 [15], \p$2119 [15], \p$2119 [15], \p$2119 [15], \p$2119  } : \$521 ;
-  assign \$523  = $signed(acc_7_10) + $signed(\p$2120 );
-  assign \$524  = first4_7_10 ? { \p$2120 [15], \p$2120 [15], \p$2120 [15], \p$2120 [15], \p$2120 [15], \p$2120 [15], \p$2120 [15], \p$2120 [15], \p$2120 [15], \p$2120  } : \$523 ;
-  assign \$525  = $signed(acc_7_11) + $signed(\p$2121 );
-  assign \$526  = first4_7_11 ? { \p$2121 [15], \p$2121 [15], \p$2121 [15], \p$2121 [15], \p$2121 [15], \p$2121 [15], \p$2121 [15], \p$2121 [15], \p$2121 [15], \p$2121  } : \$525 ;
-  assign \$527  = $signed(acc_7_12) + $signed(\p$2122 );
-  assign \$528  = first4_7_12 ? { \p$2122 [15], \p$2122 [15], \p$2122 [15], \p$2122 [15], \p$2122 [15], \p$2122 [15], \p$2122 [15], \p$2122 [15], \p$2122 [15], \p$2122  } : \$527 ;
-  assign \$529  = $signed(acc_7_13) + $signed(\p$2123 );
-  assign \$530  = first4_7_13 ? { \p$2123 [15], \p$2123 [15], \p$2123 [15], \p$2123 [15], \p$2123 [15], \p$2123 [15], \p$2123 [15], \p$2123 [15], \p$2123 [15], \p$2123  } : \$529 ;
-  assign \$531  = $signed(acc_7_14) + $signed(\p$2124 );
-  assign \$532  = first4_7_14 ? { \p$2124 [15], \p$2124 [15], \p$2124 [15], \p$2124 [15], \p$2124 [15], \p$2124 [15], \p$2124 [15], \p$2124 [15], \p$2124 [15], \p$2124  } : \$531 ;
-  assign \$533  = $signed(acc_7_15) + $signed(\p$2125 );
-  assign \$534  = first4_7_15 ? { \p$2125 [15], \p$2125 [15], \p$2125 [15], \p$2125 [15], \p$2125 [15], \p$2125 [15], \p$2125 [15], \p$2125 [15], \p$2125 [15], \p$2125  } : \$533 ;
-  assign \$535  = $signed(acc_8_0) + $signed(\p$2126 );
-  assign \$536  = first4_8_0 ? { \p$2126 [15], \p$2126 [15], \p$2126 [15], \p$2126 [15], \p$2126 [15], \p$2126 [15], \p$2126 [15], \p$2126 [15], \p$2126 [15], \p$2126  } : \$535 ;
-  assign \$537  = $signed(acc_8_1) + $signed(\p$2127 );
-  assign \$538  = first4_8_1 ? { \p$2127 [15], \p$2127 [15], \p$2127 [15], \p$2127 [15], \p$2127 [15], \p$2127 [15], \p$2127 [15], \p$2127 [15], \p$2127 [15], \p$2127  } : \$537 ;
-  assign \$539  = $signed(acc_8_2) + $signed(\p$2128 );
-  assign \$540  = first4_8_2 ? { \p$2128 [15], \p$2128 [15], \p$2128 [15], \p$2128 [15], \p$2128 [15], \p$2128 [15], \p$2128 [15], \p$2128 [15], \p$2128 [15], \p$2128  } : \$539 ;
-  assign \$541  = $signed(acc_8_3) + $signed(\p$2129 );
-  assign \$542  = first4_8_3 ? { \p$2129 [15], \p$2129 [15], \p$2129 [15], \p$2129 [15], \p$2129 [15], \p$2129 [15], \p$2129 [15], \p$2129 [15], \p$2129 [15], \p$2129  } : \$541 ;
-  assign \$543  = $signed(acc_8_4) + $signed(\p$2130 );
-  assign \$544  = first4_8_4 ? { \p$2130 [15], \p$2130 [15], \p$2130 [15], \p$2130 [15], \p$2130 [15], \p$2130 [15], \p$2130 [15], \p$2130 [15], \p$2130 [15], \p$2130  } : \$543 ;
-  assign \$545  = $signed(acc_8_5) + $signed(\p$2131 );
-  assign \$546  = first4_8_5 ? { \p$2131 [15], \p$2131 [15], \p$2131 [15], \p$2131 [15], \p$2131 [15], \p$2131 [15], \p$2131 [15], \p$2131 [15], \p$2131 [15], \p$2131  } : \$545 ;
-  assign \$547  = $signed(acc_8_6) + $signed(\p$2132 );
-  assign \$548  = first4_8_6 ? { \p$2132 [15], \p$2132 [15], \p$2132 [15], \p$2132 [15], \p$2132 [15], \p$2132 [15], \p$2132 [15], \p$2132 [15], \p$2132 [15], \p$2132  } : \$547 ;
-  assign \$549  = $signed(acc_8_7) + $signed(\p$2133 );
-  assign \$550  = first4_8_7 ? { \p$2133 [15], \p$2133 [15], \p$2133 [15], \p$2133 [15], \p$2133 [15], \p$2133 [15], \p$2133 [15], \p$2133 [15], \p$2133 [15], \p$2133  } : \$549 ;
-  assign \$551  = $signed(acc_8_8) + $signed(\p$2134 );
-  assign \$552  = first4_8_8 ? { \p$2134 [15], \p$2134 [15], \p$2134 [15], \p$2134 [15], \p$2134 [15], \p$2134 [15], \p$2134 [15], \p$2134 [15], \p$2134 [15], \p$2134  } : \$551 ;
-  assign \$553  = $signed(acc_8_9) + $signed(\p$2135 );
-  assign \$554  = first4_8_9 ? { \p$2135 [15], \p$2135 [15], \p$2135 [15], \p$2135 [15], \p$2135 [15], \p$2135 [15], \p$2135 [15], \p$2135 [15], \p$2135 [15], \p$2135  } : \$553 ;
-  assign \$555  = $signed(acc_8_10) + $signed(\p$2136 );
-  assign \$556  = first4_8_10 ? { \p$2136 [15], \p$2136 [15], \p$2136 [15], \p$2136 [15], \p$2136 [15], \p$2136 [15], \p$2136 [15], \p$2136 [15], \p$2136 [15], \p$2136  } : \$555 ;
-  assign \$557  = $signed(acc_8_11) + $signed(\p$2137 );
-  assign \$558  = first4_8_11 ? { \p$2137 [15], \p$2137 [15], \p$2137 [15], \p$2137 [15], \p$2137 [15], \p$2137 [15], \p$2137 [15], \p$2137 [15], \p$2137 [15], \p$2137  } : \$557 ;
-  assign \$559  = $signed(acc_8_12) + $signed(\p$2138 );
-  assign \$560  = first4_8_12 ? { \p$2138 [15], \p$2138 [15], \p$2138 [15], \p$2138 [15], \p$2138 [15], \p$2138 [15], \p$2138 [15], \p$2138 [15], \p$2138 [15], \p$2138  } : \$559 ;
-  assign \$561  = $signed(acc_8_13) + $signed(\p$2139 );
-  assign \$562  = first4_8_13 ? { \p$2139 [15], \p$2139 [15], \p$2139 [15], \p$2139 [15], \p$2139 [15], \p$2139 [15], \p$2139 [15], \p$2139 [15], \p$2139 [15], \p$2139  } : \$561 ;
-  assign \$563  = $signed(acc_8_14) + $signed(\p$2140 );
-  assign \$564  = first4_8_14 ? { \p$2140 [15], \p$2140 [15], \p$2140 [15], \p$2140 [15], \p$2140 [15], \p$2140 [15], \p$2140 [15], \p$2140 [15], \p$2140 [15], \p$2140  } : \$563 ;
-  assign \$565  = $signed(acc_8_15) + $signed(\p$2141 );
-  assign \$566  = first4_8_15 ? { \p$2141 [15], \p$2141 [15], \p$2141 [15], \p$2141 [15], \p$2141 [15], \p$2141 [15], \p$2141 [15], \p$2141 [15], \p$2141 [15], \p$2141  } : \$565 ;
-  assign \$567  = $signed(acc_9_0) + $signed(\p$2142 );
-  assign \$568  = first4_9_0 ? { \p$2142 [15], \p$2142 [15], \p$2142 [15], \p$2142 [15], \p$2142 [15], \p$2142 [15], \p$2142 [15], \p$2142 [15], \p$2142 [15], \p$2142  } : \$567 ;
-  assign \$569  = $signed(acc_9_1) + $signed(\p$2143 );
-  assign \$570  = first4_9_1 ? { \p$2143 [15], \p$2143 [15], \p$2143 [15], \p$2143 [15], \p$2143 [15], \p$2143 [15], \p$2143 [15], \p$2143 [15], \p$2143 [15], \p$2143  } : \$569 ;
-  assign \$571  = $signed(acc_9_2) + $signed(\p$2144 );
-  assign \$572  = first4_9_2 ? { \p$2144 [15], \p$2144 [15], \p$2144 [15], \p$2144 [15], \p$2144 [15], \p$2144 [15], \p$2144 [15], \p$2144 [15], \p$2144 [15], \p$2144  } : \$571 ;
-  assign \$573  = $signed(acc_9_3) + $signed(\p$2145 );
-  assign \$574  = first4_9_3 ? { \p$2145 [15], \p$2145 [15], \p$2145 [15], \p$2145 [15], \p$2145 [15], \p$2145 [15], \p$2145 [15], \p$2145 [15], \p$2145 [15], \p$2145  } : \$573 ;
-  assign \$575  = $signed(acc_9_4) + $signed(\p$2146 );
-  assign \$576  = first4_9_4 ? { \p$2146 [15], \p$2146 [15], \p$2146 [15], \p$2146 [15], \p$2146 [15], \p$2146 [15], \p$2146 [15], \p$2146 [15], \p$2146 [15], \p$2146  } : \$575 ;
-  assign \$577  = $signed(acc_9_5) + $signed(\p$2147 );
-  assign \$578  = first4_9_5 ? { \p$2147 [15], \p$2147 [15], \p$2147 [15], \p$2147 [15], \p$2147 [15], \p$2147 [15], \p$2147 [15], \p$2147 [15], \p$2147 [15], \p$2147  } : \$577 ;
-  assign \$579  = $signed(acc_9_6) + $signed(\p$2148 );
-  assign \$580  = first4_9_6 ? { \p$2148 [15], \p$2148 [15], \p$2148 [15], \p$2148 [15], \p$2148 [15], \p$2148 [15], \p$2148 [15], \p$2148 [15], \p$2148 [15], \p$2148  } : \$579 ;
-  assign \$581  = $signed(acc_9_7) + $signed(\p$2149 );
-  assign \$582  = first4_9_7 ? { \p$2149 [15], \p$2149 [15], \p$2149 [15], \p$2149 [15], \p$2149 [15], \p$2149 [15], \p$2149 [15], \p$2149 [15], \p$2149 [15], \p$2149  } : \$581 ;
-  assign \$583  = $signed(acc_9_8) + $signed(\p$2150 );
-  assign \$584  = first4_9_8 ? { \p$2150 [15], \p$2150 [15], \p$2150 [15], \p$2150 [15], \p$2150 [15], \p$2150 [15], \p$2150 [15], \p$2150 [15], \p$2150 [15], \p$2150  } : \$583 ;
-  assign \$585  = $signed(acc_9_9) + $signed(\p$2151 );
-  assign \$586  = first4_9_9 ? { \p$2151 [15], \p$2151 [15], \p$2151 [15], \p$2151 [15], \p$2151 [15], \p$2151 [15], \p$2151 [15], \p$2151 [15], \p$2151 [15], \p$2151  } : \$585 ;
-  assign \$587  = $signed(acc_9_10) + $signed(\p$2152 );
-  assign \$588  = first4_9_10 ? { \p$2152 [15], \p$2152 [15], \p$2152 [15], \p$2152 [15], \p$2152 [15], \p$2152 [15], \p$2152 [15], \p$2152 [15], \p$2152 [15], \p$2152  } : \$587 ;
-  assign \$589  = $signed(acc_9_11) + $signed(\p$2153 );
-  assign \$590  = first4_9_11 ? { \p$2153 [15], \p$2153 [15], \p$2153 [15], \p$2153 [15], \p$2153 [15], \p$2153 [15], \p$2153 [15], \p$2153 [15], \p$2153 [15], \p$2153  } : \$589 ;
-  assign \$591  = $signed(acc_9_12) + $signed(\p$2154 );
-  assign \$592  = first4_9_12 ? { \p$2154 [15], \p$2154 [15], \p$2154 [15], \p$2154 [15], \p$2154 [15], \p$2154 [15], \p$2154 [15], \p$2154 [15], \p$2154 [15], \p$2154  } : \$591 ;
-  assign \$593  = $signed(acc_9_13) + $signed(\p$2155 );
-  assign \$594  = first4_9_13 ? { \p$2155 [15], \p$2155 [15], \p$2155 [15], \p$2155 [15], \p$2155 [15], \p$2155 [15], \p$2155 [15], \p$2155 [15], \p$2155 [15], \p$2155  } : \$593 ;
-  assign \$595  = $signed(acc_9_14) + $signed(\p$2156 );
-  assign \$596  = first4_9_14 ? { \p$2156 [15], \p$2156 [15], \p$2156 [15], \p$2156 [15], \p$2156 [15], \p$2156 [15], \p$2156 [15], \p$2156 [15], \p$2156 [15], \p$2156  } : \$595 ;
-  assign \$597  = $signed(acc_9_15) + $signed(\p$2157 );
-  assign \$598  = first4_9_15 ? { \p$2157 [15], \p$2157 [15], \p$2157 [15], \p$2157 [15], \p$2157 [15], \p$2157 [15], \p$2157 [15], \p$2157 [15], \p$2157 [15], \p$2157  } : \$597 ;
-  assign \$599  = $signed(acc_10_0) + $signed(\p$2158 );
-  assign \$600  = first4_10_0 ? { \p$2158 [15], \p$2158 [15], \p$2158 [15], \p$2158 [15], \p$2158 [15], \p$2158 [15], \p$2158 [15], \p$2158 [15], \p$2158 [15], \p$2158  } : \$599 ;
-  assign \$601  = $signed(acc_10_1) + $signed(\p$2159 );
-  assign \$602  = first4_10_1 ? { \p$2159 [15], \p$2159 [15], \p$2159 [15], \p$2159 [15], \p$2159 [15], \p$2159 [15], \p$2159 [15], \p$2159 [15], \p$2159 [15], \p$2159  } : \$601 ;
-  assign \$603  = $signed(acc_10_2) + $signed(\p$2160 );
-  assign \$604  = first4_10_2 ? { \p$2160 [15], \p$2160 [15], \p$2160 [15], \p$2160 [15], \p$2160 [15], \p$2160 [15], \p$2160 [15], \p$2160 [15], \p$2160 [15], \p$2160  } : \$603 ;
-  assign \$605  = $signed(acc_10_3) + $signed(\p$2161 );
-  assign \$606  = first4_10_3 ? { \p$2161 [15], \p$2161 [15], \p$2161 [15], \p$2161 [15], \p$2161 [15], \p$2161 [15], \p$2161 [15], \p$2161 [15], \p$2161 [15], \p$2161  } : \$605 ;
-  assign \$607  = $signed(acc_10_4) + $signed(\p$2162 );
-  assign \$608  = first4_10_4 ? { \p$2162 [15], \p$2162 [15], \p$2162 [15], \p$2162 [15], \p$2162 [15], \p$2162 [15], \p$2162 [15], \p$2162 [15], \p$2162 [15], \p$2162  } : \$607 ;
-  assign \$609  = $signed(acc_10_5) + $signed(\p$2163 );
-  assign \$610  = first4_10_5 ? { \p$2163 [15], \p$2163 [15], \p$2163 [15], \p$2163 [15], \p$2163 [15], \p$2163 [15], \p$2163 [15], \p$2163 [15], \p$2163 [15], \p$2163  } : \$609 ;
-  assign \$611  = $signed(acc_10_6) + $signed(\p$2164 );
-  assign \$612  = first4_10_6 ? { \p$2164 [15], \p$2164 [15], \p$2164 [15], \p$2164 [15], \p$2164 [15], \p$2164 [15], \p$2164 [15], \p$2164 [15], \p$2164 [15], \p$2164  } : \$611 ;
-  assign \$613  = $signed(acc_10_7) + $signed(\p$2165 );
-  assign \$614  = first4_10_7 ? { \p$2165 [15], \p$2165 [15], \p$2165 [15], \p$2165 [15], \p$2165 [15], \p$2165 [15], \p$2165 [15], \p$2165 [15], \p$2165 [15], \p$2165  } : \$613 ;
-  assign \$615  = $signed(acc_10_8) + $signed(\p$2166 );
-  assign \$616  = first4_10_8 ? { \p$2166 [15], \p$2166 [15], \p$2166 [15], \p$2166 [15], \p$2166 [15], \p$2166 [15], \p$2166 [15], \p$2166 [15], \p$2166 [15], \p$2166  } : \$615 ;
-  assign \$617  = $signed(acc_10_9) + $signed(\p$2167 );
-  assign \$618  = first4_10_9 ? { \p$2167 [15], \p$2167 [15], \p$2167 [15], \p$2167 [15], \p$2167 [15], \p$2167 [15], \p$2167 [15], \p$2167 [15], \p$2167 [15], \p$2167  } : \$617 ;
-  assign \$619  = $signed(acc_10_10) + $signed(\p$2168 );
-  assign \$620  = first4_10_10 ? { \p$2168 [15], \p$2168 [15], \p$2168 [15], \p$2168 [15], \p$2168 [15], \p$2168 [15], \p$2168 [15], \p$2168 [15], \p$2168 [15], \p$2168  } : \$619 ;
-  assign \$621  = $signed(acc_10_11) + $signed(\p$2169 );
-  assign \$622  = first4_10_11 ? { \p$2169 [15], \p$2169 [15], \p$2169 [15], \p$2169 [15], \p$2169 [15], \p$2169 [15], \p$2169 [15], \p$2169 [15], \p$2169 [15], \p$2169  } : \$621 ;
-  assign \$623  = $signed(acc_10_12) + $signed(\p$2170 );
-  assign \$624  = first4_10_12 ? { \p$2170 [15], \p$2170 [15], \p$2170 [15], \p$2170 [15], \p$2170 [15], \p$2170 [15], \p$2170 [15], \p$2170 [15], \p$2170 [15], \p$2170  } : \$623 ;
-  assign \$625  = $signed(acc_10_13) + $signed(\p$2171 );
-  assign \$626  = first4_10_13 ? { \p$2171 [15], \p$2171 [15], \p$2171 [15], \p$2171 [15], \p$2171 [15], \p$2171 [15], \p$2171 [15], \p$2171 [15], \p$2171 [15], \p$2171  } : \$625 ;
-  assign \$627  = $signed(acc_10_14) + $signed(\p$2172 );
-  assign \$628  = first4_10_14 ? { \p$2172 [15], \p$2172 [15], \p$2172 [15], \p$2172 [15], \p$2172 [15], \p$2172 [15], \p$2172 [15], \p$2172 [15], \p$2172 [15], \p$2172  } : \$627 ;
-  assign \$629  = $signed(acc_10_15) + $signed(\p$2173 );
-  assign \$630  = first4_10_15 ? { \p$2173 [15], \p$2173 [15], \p$2173 [15], \p$2173 [15], \p$2173 [15], \p$2173 [15], \p$2173 [15], \p$2173 [15], \p$2173 [15], \p$2173  } : \$629 ;
-  assign \$631  = $signed(acc_11_0) + $signed(\p$2174 );
-  assign \$632  = first4_11_0 ? { \p$2174 [15], \p$2174 [15], \p$2174 [15], \p$2174 [15], \p$2174 [15], \p$2174 [15], \p$2174 [15], \p$2174 [15], \p$2174 [15], \p$2174  } : \$631 ;
-  assign \$633  = $signed(acc_11_1) + $signed(\p$2175 );
-  assign \$634  = first4_11_1 ? { \p$2175 [15], \p$2175 [15], \p$2175 [15], \p$2175 [15], \p$2175 [15], \p$2175 [15], \p$2175 [15], \p$2175 [15], \p$2175 [15], \p$2175  } : \$633 ;
-  assign \$635  = $signed(acc_11_2) + $signed(\p$2176 );
-  assign \$636  = first4_11_2 ? { \p$2176 [15], \p$2176 [15], \p$2176 [15], \p$2176 [15], \p$2176 [15], \p$2176 [15], \p$2176 [15], \p$2176 [15], \p$2176 [15], \p$2176  } : \$635 ;
-  assign \$637  = $signed(acc_11_3) + $signed(\p$2177 );
-  assign \$638  = first4_11_3 ? { \p$2177 [15], \p$2177 [15], \p$2177 [15], \p$2177 [15], \p$2177 [15], \p$2177 [15], \p$2177 [15], \p$2177 [15], \p$2177 [15], \p$2177  } : \$637 ;
-  assign \$639  = $signed(acc_11_4) + $signed(\p$2178 );
-  assign \$640  = first4_11_4 ? { \p$2178 [15], \p$2178 [15], \p$2178 [15], \p$2178 [15], \p$2178 [15], \p$2178 [15], \p$2178 [15], \p$2178 [15], \p$2178 [15], \p$2178  } : \$639 ;
-  assign \$641  = $signed(acc_11_5) + $signed(\p$2179 );
-  assign \$642  = first4_11_5 ? { \p$2179 [15], \p$2179 [15], \p$2179 [15], \p$2179 [15], \p$2179 [15], \p$2179 [15], \p$2179 [15], \p$2179 [15], \p$2179 [15], \p$2179  } : \$641 ;
-  assign \$643  = $signed(acc_11_6) + $signed(\p$2180 );
-  assign \$644  = first4_11_6 ? { \p$2180 [15], \p$2180 [15], \p$2180 [15], \p$2180 [15], \p$2180 [15], \p$2180 [15], \p$2180 [15], \p$2180 [15], \p$2180 [15], \p$2180  } : \$643 ;
-  assign \$645  = $signed(acc_11_7) + $signed(\p$2181 );
-  assign \$646  = first4_11_7 ? { \p$2181 [15], \p$2181 [15], \p$2181 [15], \p$2181 [15], \p$2181 [15], \p$2181 [15], \p$2181 [15], \p$2181 [15], \p$2181 [15], \p$2181  } : \$645 ;
-  assign \$647  = $signed(acc_11_8) + $signed(\p$2182 );
-  assign \$648  = first4_11_8 ? { \p$2182 [15], \p$2182 [15], \p$2182 [15], \p$2182 [15], \p$2182 [15], \p$2182 [15], \p$2182 [15], \p$2182 [15], \p$2182 [15], \p$2182  } : \$647 ;
-  assign \$649  = $signed(acc_11_9) + $signed(\p$2183 );
-  assign \$650  = first4_11_9 ? { \p$2183 [15], \p$2183 [15], \p$2183 [15], \p$2183 [15], \p$2183 [15], \p$2183 [15], \p$2183 [15], \p$2183 [15], \p$2183 [15], \p$2183  } : \$649 ;
-  assign \$651  = $signed(acc_11_10) + $signed(\p$2184 );
-  assign \$652  = first4_11_10 ? { \p$2184 [15], \p$2184 [15], \p$2184 [15], \p$2184 [15], \p$2184 [15], \p$2184 [15], \p$2184 [15], \p$2184 [15], \p$2184 [15], \p$2184  } : \$651 ;
-  assign \$653  = $signed(acc_11_11) + $signed(\p$2185 );
-  assign \$654  = first4_11_11 ? { \p$2185 [15], \p$2185 [15], \p$2185 [15], \p$2185 [15], \p$2185 [15], \p$2185 [15], \p$2185 [15], \p$2185 [15], \p$2185 [15], \p$2185  } : \$653 ;
-  assign \$655  = $signed(acc_11_12) + $signed(\p$2186 );
-  assign \$656  = first4_11_12 ? { \p$2186 [15], \p$2186 [15], \p$2186 [15], \p$2186 [15], \p$2186 [15], \p$2186 [15], \p$2186 [15], \p$2186 [15], \p$2186 [15], \p$2186  } : \$655 ;
-  assign \$657  = $signed(acc_11_13) + $signed(\p$2187 );
-  assign \$658  = first4_11_13 ? { \p$2187 [15], \p$2187 [15], \p$2187 [15], \p$2187 [15], \p$2187 [15], \p$2187 [15], \p$2187 [15], \p$2187 [15], \p$2187 [15], \p$2187  } : \$657 ;
-  assign \$659  = $signed(acc_11_14) + $signed(\p$2188 );
-  assign \$660  = first4_11_14 ? { \p$2188 [15], \p$2188 [15], \p$2188 [15], \p$2188 [15], \p$2188 [15], \p$2188 [15], \p$2188 [15], \p$2188 [15], \p$2188 [15], \p$2188  } : \$659 ;
-  assign \$661  = $signed(acc_11_15) + $signed(\p$2189 );
-  assign \$662  = first4_11_15 ? { \p$2189 [15], \p$2189 [15], \p$2189 [15], \p$2189 [15], \p$2189 [15], \p$2189 [15], \p$2189 [15], \p$2189 [15], \p$2189 [15], \p$2189  } : \$661 ;
-  assign \$663  = $signed(acc_12_0) + $signed(\p$2190 );
-  assign \$664  = first4_12_0 ? { \p$2190 [15], \p$2190 [15], \p$2190 [15], \p$2190 [15], \p$2190 [15], \p$2190 [15], \p$2190 [15], \p$2190 [15], \p$2190 [15], \p$2190  } : \$663 ;
-  assign \$665  = $signed(acc_12_1) + $signed(\p$2191 );
-  assign \$666  = first4_12_1 ? { \p$2191 [15], \p$2191 [15], \p$2191 [15], \p$2191 [15], \p$2191 [15], \p$2191 [15], \p$2191 [15], \p$2191 [15], \p$2191 [15], \p$2191  } : \$665 ;
-  assign \$667  = $signed(acc_12_2) + $signed(\p$2192 );
-  assign \$668  = first4_12_2 ? { \p$2192 [15], \p$2192 [15], \p$2192 [15], \p$2192 [15], \p$2192 [15], \p$2192 [15], \p$2192 [15], \p$2192 [15], \p$2192 [15], \p$2192  } : \$667 ;
-  assign \$669  = $signed(acc_12_3) + $signed(\p$2193 );
-  assign \$670  = first4_12_3 ? { \p$2193 [15], \p$2193 [15], \p$2193 [15], \p$2193 [15], \p$2193 [15], \p$2193 [15], \p$2193 [15], \p$2193 [15], \p$2193 [15], \p$2193  } : \$669 ;
-  assign \$671  = $signed(acc_12_4) + $signed(\p$2194 );
-  assign \$672  = first4_12_4 ? { \p$2194 [15], \p$2194 [15], \p$2194 [15], \p$2194 [15], \p$2194 [15], \p$2194 [15], \p$2194 [15], \p$2194 [15], \p$2194 [15], \p$2194  } : \$671 ;
-  assign \$673  = $signed(acc_12_5) + $signed(\p$2195 );
-  assign \$674  = first4_12_5 ? { \p$2195 [15], \p$2195 [15], \p$2195 [15], \p$2195 [15], \p$2195 [15], \p$2195 [15], \p$2195 [15], \p$2195 [15], \p$2195 [15], \p$2195  } : \$673 ;
-  assign \$675  = $signed(acc_12_6) + $signed(\p$2196 );
-  assign \$676  = first4_12_6 ? { \p$2196 [15], \p$2196 [15], \p$2196 [15], \p$2196 [15], \p$2196 [15], \p$2196 [15], \p$2196 [15], \p$2196 [15], \p$2196 [15], \p$2196  } : \$675 ;
-  assign \$677  = $signed(acc_12_7) + $signed(\p$2197 );
-  assign \$678  = first4_12_7 ? { \p$2197 [15], \p$2197 [15], \p$2197 [15], \p$2197 [15], \p$2197 [15], \p$2197 [15], \p$2197 [15], \p$2197 [15], \p$2197 [15], \p$2197  } : \$677 ;
-  assign \$679  = $signed(acc_12_8) + $signed(\p$2198 );
-  assign \$680  = first4_12_8 ? { \p$2198 [15], \p$2198 [15], \p$2198 [15], \p$2198 [15], \p$2198 [15], \p$2198 [15], \p$2198 [15], \p$2198 [15], \p$2198 [15], \p$2198  } : \$679 ;
-  assign \$681  = $signed(acc_12_9) + $signed(\p$2199 );
-  assign \$682  = first4_12_9 ? { \p$2199 [15], \p$2199 [15], \p$2199 [15], \p$2199 [15], \p$2199 [15], \p$2199 [15], \p$2199 [15], \p$2199 [15], \p$2199 [15], \p$2199  } : \$681 ;
-  assign \$683  = $signed(acc_12_10) + $signed(\p$2200 );
-  assign \$684  = first4_12_10 ? { \p$2200 [15], \p$2200 [15], \p$2200 [15], \p$2200 [15], \p$2200 [15], \p$2200 [15], \p$2200 [15], \p$2200 [15], \p$2200 [15], \p$2200  } : \$683 ;
-  assign \$685  = $signed(acc_12_11) + $signed(\p$2201 );
-  assign \$686  = first4_12_11 ? { \p$2201 [15], \p$2201 [15], \p$2201 [15], \p$2201 [15], \p$2201 [15], \p$2201 [15], \p$2201 [15], \p$2201 [15], \p$2201 [15], \p$2201  } : \$685 ;
-  assign \$687  = $signed(acc_12_12) + $signed(\p$2202 );
-  assign \$688  = first4_12_12 ? { \p$2202 [15], \p$2202 [15], \p$2202 [15], \p$2202 [15], \p$2202 [15], \p$2202 [15], \p$2202 [15], \p$2202 [15], \p$2202 [15], \p$2202  } : \$687 ;
-  assign \$689  = $signed(acc_12_13) + $signed(\p$2203 );
-  assign \$690  = first4_12_13 ? { \p$2203 [15], \p$2203 [15], \p$2203 [15], \p$2203 [15], \p$2203 [15], \p$2203 [15], \p$2203 [15], \p$2203 [15], \p$2203 [15], \p$2203  } : \$689 ;
-  assign \$691  = $signed(acc_12_14) + $signed(\p$2204 );
-  assign \$692  = first4_12_14 ? { \p$2204 [15], \p$2204 [15], \p$2204 [15], \p$2204 [15], \p$2204 [15], \p$2204 [15], \p$2204 [15], \p$2204 [15], \p$2204 [15], \p$2204  } : \$691 ;
-  assign \$693  = $signed(acc_12_15) + $signed(\p$2205 );
-  assign \$694  = first4_12_15 ? { \p$2205 [15], \p$2205 [15], \p$2205 [15], \p$2205 [15], \p$2205 [15], \p$2205 [15], \p$2205 [15], \p$2205 [15], \p$2205 [15], \p$2205  } : \$693 ;
-  assign \$695  = $signed(acc_13_0) + $signed(\p$2206 );
-  assign \$696  = first4_13_0 ? { \p$2206 [15], \p$2206 [15], \p$2206 [15], \p$2206 [15], \p$2206 [15], \p$2206 [15], \p$2206 [15], \p$2206 [15], \p$2206 [15], \p$2206  } : \$695 ;
-  assign \$697  = $signed(acc_13_1) + $signed(\p$2207 );
-  assign \$698  = first4_13_1 ? { \p$2207 [15], \p$2207 [15], \p$2207 [15], \p$2207 [15], \p$2207 [15], \p$2207 [15], \p$2207 [15], \p$2207 [15], \p$2207 [15], \p$2207  } : \$697 ;
-  assign \$699  = $signed(acc_13_2) + $signed(\p$2208 );
-  assign \$700  = first4_13_2 ? { \p$2208 [15], \p$2208 [15], \p$2208 [15], \p$2208 [15], \p$2208 [15], \p$2208 [15], \p$2208 [15], \p$2208 [15], \p$2208 [15], \p$2208  } : \$699 ;
-  assign \$701  = $signed(acc_13_3) + $signed(\p$2209 );
-  assign \$702  = first4_13_3 ? { \p$2209 [15], \p$2209 [15], \p$2209 [15], \p$2209 [15], \p$2209 [15], \p$2209 [15], \p$2209 [15], \p$2209 [15], \p$2209 [15], \p$2209  } : \$701 ;
-  assign \$703  = $signed(acc_13_4) + $signed(\p$2210 );
-  assign \$704  = first4_13_4 ? { \p$2210 [15], \p$2210 [15], \p$2210 [15], \p$2210 [15], \p$2210 [15], \p$2210 [15], \p$2210 [15], \p$2210 [15], \p$2210 [15], \p$2210  } : \$703 ;
-  assign \$705  = $signed(acc_13_5) + $signed(\p$2211 );
-  assign \$706  = first4_13_5 ? { \p$2211 [15], \p$2211 [15], \p$2211 [15], \p$2211 [15], \p$2211 [15], \p$2211 [15], \p$2211 [15], \p$2211 [15], \p$2211 [15], \p$2211  } : \$705 ;
-  assign \$707  = $signed(acc_13_6) + $signed(\p$2212 );
-  assign \$708  = first4_13_6 ? { \p$2212 [15], \p$2212 [15], \p$2212 [15], \p$2212 [15], \p$2212 [15], \p$2212 [15], \p$2212 [15], \p$2212 [15], \p$2212 [15], \p$2212  } : \$707 ;
-  assign \$709  = $signed(acc_13_7) + $signed(\p$2213 );
-  assign \$710  = first4_13_7 ? { \p$2213 [15], \p$2213 [15], \p$2213 [15], \p$2213 [15], \p$2213 [15], \p$2213 [15], \p$2213 [15], \p$2213 [15], \p$2213 [15], \p$2213  } : \$709 ;
-  assign \$711  = $signed(acc_13_8) + $signed(\p$2214 );
-  assign \$712  = first4_13_8 ? { \p$2214 [15], \p$2214 [15], \p$2214 [15], \p$2214 [15], \p$2214 [15], \p$2214 [15], \p$2214 [15], \p$2214 [15], \p$2214 [15], \p$2214  } : \$711 ;
-  assign \$713  = $signed(acc_13_9) + $signed(\p$2215 );
-  assign \$714  = first4_13_9 ? { \p$2215 [15], \p$2215 [15], \p$2215 [15], \p$2215 [15], \p$2215 [15], \p$2215 [15], \p$2215 [15], \p$2215 [15], \p$2215 [15], \p$2215  } : \$713 ;
-  assign \$715  = $signed(acc_13_10) + $signed(\p$2216 );
-  assign \$716  = first4_13_10 ? { \p$2216 [15], \p$2216 [15], \p$2216 [15], \p$2216 [15], \p$2216 [15], \p$2216 [15], \p$2216 [15], \p$2216 [15], \p$2216 [15], \p$2216  } : \$715 ;
-  assign \$717  = $signed(acc_13_11) + $signed(\p$2217 );
-  assign \$718  = first4_13_11 ? { \p$2217 [15], \p$2217 [15], \p$2217 [15], \p$2217 [15], \p$2217 [15], \p$2217 [15], \p$2217 [15], \p$2217 [15], \p$2217 [15], \p$2217  } : \$717 ;
-  assign \$719  = $signed(acc_13_12) + $signed(\p$2218 );
-  assign \$720  = first4_13_12 ? { \p$2218 [15], \p$2218 [15], \p$2218 [15], \p$2218 [15], \p$2218 [15], \p$2218 [15], \p$2218 [15], \p$2218 [15], \p$2218 [15], \p$2218  } : \$719 ;
-  assign \$721  = $signed(acc_13_13) + $signed(\p$2219 );
-  assign \$722  = first4_13_13 ? { \p$2219 [15], \p$2219 [15], \p$2219 [15], \p$2219 [15], \p$2219 [15], \p$2219 [15], \p$2219 [15], \p$2219 [15], \p$2219 [15], \p$2219  } : \$721 ;
-  assign \$723  = $signed(acc_13_14) + $signed(\p$2220 );
-  assign \$724  = first4_13_14 ? { \p$2220 [15], \p$2220 [15], \p$2220 [15], \p$2220 [15], \p$2220 [15], \p$2220 [15], \p$2220 [15], \p$2220 [15], \p$2220 [15], \p$2220  } : \$723 ;
-  assign \$725  = $signed(acc_13_15) + $signed(\p$2221 );
-  assign \$726  = first4_13_15 ? { \p$2221 [15], \p$2221 [15], \p$2221 [15], \p$2221 [15], \p$2221 [15], \p$2221 [15], \p$2221 [15], \p$2221 [15], \p$2221 [15], \p$2221  } : \$725 ;
-  assign \$727  = $signed(acc_14_0) + $signed(\p$2222 );
-  assign \$728  = first4_14_0 ? { \p$2222 [15], \p$2222 [15], \p$2222 [15], \p$2222 [15], \p$2222 [15], \p$2222 [15], \p$2222 [15], \p$2222 [15], \p$2222 [15], \p$2222  } : \$727 ;
-  assign \$729  = $signed(acc_14_1) + $signed(\p$2223 );
-  assign \$730  = first4_14_1 ? { \p$2223 [15], \p$2223 [15], \p$2223 [15], \p$2223 [15], \p$2223 [15], \p$2223 [15], \p$2223 [15], \p$2223 [15], \p$2223 [15], \p$2223  } : \$729 ;
-  assign \$731  = $signed(acc_14_2) + $signed(\p$2224 );
-  assign \$732  = first4_14_2 ? { \p$2224 [15], \p$2224 [15], \p$2224 [15], \p$2224 [15], \p$2224 [15], \p$2224 [15], \p$2224 [15], \p$2224 [15], \p$2224 [15], \p$2224  } : \$731 ;
-  assign \$733  = $signed(acc_14_3) + $signed(\p$2225 );
-  assign \$734  = first4_14_3 ? { \p$2225 [15], \p$2225 [15], \p$2225 [15], \p$2225 [15], \p$2225 [15], \p$2225 [15], \p$2225 [15], \p$2225 [15], \p$2225 [15], \p$2225  } : \$733 ;
-  assign \$735  = $signed(acc_14_4) + $signed(\p$2226 );
-  assign \$736  = first4_14_4 ? { \p$2226 [15], \p$2226 [15], \p$2226 [15], \p$2226 [15], \p$2226 [15], \p$2226 [15], \p$2226 [15], \p$2226 [15], \p$2226 [15], \p$2226  } : \$735 ;
-  assign \$737  = $signed(acc_14_5) + $signed(\p$2227 );
-  assign \$738  = first4_14_5 ? { \p$2227 [15], \p$2227 [15], \p$2227 [15], \p$2227 [15], \p$2227 [15], \p$2227 [15], \p$2227 [15], \p$2227 [15], \p$2227 [15], \p$2227  } : \$737 ;
-  assign \$739  = $signed(acc_14_6) + $signed(\p$2228 );
-  assign \$740  = first4_14_6 ? { \p$2228 [15], \p$2228 [15], \p$2228 [15], \p$2228 [15], \p$2228 [15], \p$2228 [15], \p$2228 [15], \p$2228 [15], \p$2228 [15], \p$2228  } : \$739 ;
-  assign \$741  = $signed(acc_14_7) + $signed(\p$2229 );
-  assign \$742  = first4_14_7 ? { \p$2229 [15], \p$2229 [15], \p$2229 [15], \p$2229 [15], \p$2229 [15], \p$2229 [15], \p$2229 [15], \p$2229 [15], \p$2229 [15], \p$2229  } : \$741 ;
-  assign \$743  = $signed(acc_14_8) + $signed(\p$2230 );
-  assign \$744  = first4_14_8 ? { \p$2230 [15], \p$2230 [15], \p$2230 [15], \p$2230 [15], \p$2230 [15], \p$2230 [15], \p$2230 [15], \p$2230 [15], \p$2230 [15], \p$2230  } : \$743 ;
-  assign \$745  = $signed(acc_14_9) + $signed(\p$2231 );
-  assign \$746  = first4_14_9 ? { \p$2231 [15], \p$2231 [15], \p$2231 [15], \p$2231 [15], \p$2231 [15], \p$2231 [15], \p$2231 [15], \p$2231 [15], \p$2231 [15], \p$2231  } : \$745 ;
-  assign \$747  = $signed(acc_14_10) + $signed(\p$2232 );
-  assign \$748  = first4_14_10 ? { \p$2232 [15], \p$2232 [15], \p$2232 [15], \p$2232 [15], \p$2232 [15], \p$2232 [15], \p$2232 [15], \p$2232 [15], \p$2232 [15], \p$2232  } : \$747 ;
-  assign \$749  = $signed(acc_14_11) + $signed(\p$2233 );
-  assign \$750  = first4_14_11 ? { \p$2233 [15], \p$2233 [15], \p$2233 [15], \p$2233 [15], \p$2233 [15], \p$2233 [15], \p$2233 [15], \p$2233 [15], \p$2233 [15], \p$2233  } : \$749 ;
-  assign \$751  = $signed(acc_14_12) + $signed(\p$2234 );
-  assign \$752  = first4_14_12 ? { \p$2234 [15], \p$2234 [15], \p$2234 [15], \p$2234 [15], \p$2234 [15], \p$2234 [15], \p$2234 [15], \p$2234 [15], \p$2234 [15], \p$2234  } : \$751 ;
-  assign \$753  = $signed(acc_14_13) + $signed(\p$2235 );
-  assign \$754  = first4_14_13 ? { \p$2235 [15], \p$2235 [15], \p$2235 [15], \p$2235 [15], \p$2235 [15], \p$2235 [15], \p$2235 [15], \p$2235 [15], \p$2235 [15], \p$2235  } : \$753 ;
-  assign \$755  = $signed(acc_14_14) + $signed(\p$2236 );
-  assign \$756  = first4_14_14 ? { \p$2236 [15], \p$2236 [15], \p$2236 [15], \p$2236 [15], \p$2236 [15], \p$2236 [15], \p$2236 [15], \p$2236 [15], \p$2236 [15], \p$2236  } : \$755 ;
-  assign \$757  = $signed(acc_14_15) + $signed(\p$2237 );
-  assign \$758  = first4_14_15 ? { \p$2237 [15], \p$2237 [15], \p$2237 [15], \p$2237 [15], \p$2237 [15], \p$2237 [15], \p$2237 [15], \p$2237 [15], \p$2237 [15], \p$2237  } : \$757 ;
-  assign \$759  = $signed(acc_15_0) + $signed(\p$2238 );
-  assign \$760  = first4_15_0 ? { \p$2238 [15], \p$2238 [15], \p$2238 [15], \p$2238 [15], \p$2238 [15], \p$2238 [15], \p$2238 [15], \p$2238 [15], \p$2238 [15], \p$2238  } : \$759 ;
-  assign \$761  = $signed(acc_15_1) + $signed(\p$2239 );
-  assign \$762  = first4_15_1 ? { \p$2239 [15], \p$2239 [15], \p$2239 [15], \p$2239 [15], \p$2239 [15], \p$2239 [15], \p$2239 [15], \p$2239 [15], \p$2239 [15], \p$2239  } : \$761 ;
-  assign \$763  = $signed(acc_15_2) + $signed(\p$2240 );
-  assign \$764  = first4_15_2 ? { \p$2240 [15], \p$2240 [15], \p$2240 [15], \p$2240 [15], \p$2240 [15], \p$2240 [15], \p$2240 [15], \p$2240 [15], \p$2240 [15], \p$2240  } : \$763 ;
-  assign \$765  = $signed(acc_15_3) + $signed(\p$2241 );
-  assign \$766  = first4_15_3 ? { \p$2241 [15], \p$2241 [15], \p$2241 [15], \p$2241 [15], \p$2241 [15], \p$2241 [15], \p$2241 [15], \p$2241 [15], \p$2241 [15], \p$2241  } : \$765 ;
-  assign \$767  = $signed(acc_15_4) + $signed(\p$2242 );
-  assign \$768  = first4_15_4 ? { \p$2242 [15], \p$2242 [15], \p$2242 [15], \p$2242 [15], \p$2242 [15], \p$2242 [15], \p$2242 [15], \p$2242 [15], \p$2242 [15], \p$2242  } : \$767 ;
-  assign \$769  = $signed(acc_15_5) + $signed(\p$2243 );
-  assign \$770  = first4_15_5 ? { \p$2243 [15], \p$2243 [15], \p$2243 [15], \p$2243 [15], \p$2243 [15], \p$2243 [15], \p$2243 [15], \p$2243 [15], \p$2243 [15], \p$2243  } : \$769 ;
-  assign \$771  = $signed(acc_15_6) + $signed(\p$2244 );
-  assign \$772  = first4_15_6 ? { \p$2244 [15], \p$2244 [15], \p$2244 [15], \p$2244 [15], \p$2244 [15], \p$2244 [15], \p$2244 [15], \p$2244 [15], \p$2244 [15], \p$2244  } : \$771 ;
-  assign \$773  = $signed(acc_15_7) + $signed(\p$2245 );
-  assign \$774  = first4_15_7 ? { \p$2245 [15], \p$2245 [15], \p$2245 [15], \p$2245 [15], \p$2245 [15], \p$2245 [15], \p$2245 [15], \p$2245 [15], \p$2245 [15], \p$2245  } : \$773 ;
-  assign \$775  = $signed(acc_15_8) + $signed(\p$2246 );
-  assign \$776  = first4_15_8 ? { \p$2246 [15], \p$2246 [15], \p$2246 [15], \p$2246 [15], \p$2246 [15], \p$2246 [15], \p$2246 [15], \p$2246 [15], \p$2246 [15], \p$2246  } : \$775 ;
-  assign \$777  = $signed(acc_15_9) + $signed(\p$2247 );
-  assign \$778  = first4_15_9 ? { \p$2247 [15], \p$2247 [15], \p$2247 [15], \p$2247 [15], \p$2247 [15], \p$2247 [15], \p$2247 [15], \p$2247 [15], \p$2247 [15], \p$2247  } : \$777 ;
-  assign \$779  = $signed(acc_15_10) + $signed(\p$2248 );
-  assign \$780  = first4_15_10 ? { \p$2248 [15], \p$2248 [15], \p$2248 [15], \p$2248 [15], \p$2248 [15], \p$2248 [15], \p$2248 [15], \p$2248 [15], \p$2248 [15], \p$2248  } : \$779 ;
-  assign \$781  = $signed(acc_15_11) + $signed(\p$2249 );
-  assign \$782  = first4_15_11 ? { \p$2249 [15], \p$2249 [15], \p$2249 [15], \p$2249 [15], \p$2249 [15], \p$2249 [15], \p$2249 [15], \p$2249 [15], \p$2249 [15], \p$2249  } : \$781 ;
-  assign \$783  = $signed(acc_15_12) + $signed(\p$2250 );
-  assign \$784  = first4_15_12 ? { \p$2250 [15], \p$2250 [15], \p$2250 [15], \p$2250 [15], \p$2250 [15], \p$2250 [15], \p$2250 [15], \p$2250 [15], \p$2250 [15], \p$2250  } : \$783 ;
-  assign \$785  = $signed(acc_15_13) + $signed(\p$2251 );
-  assign \$786  = first4_15_13 ? { \p$2251 [15], \p$2251 [15], \p$2251 [15], \p$2251 [15], \p$2251 [15], \p$2251 [15], \p$2251 [15], \p$2251 [15], \p$2251 [15], \p$2251  } : \$785 ;
-  assign \$787  = $signed(acc_15_14) + $signed(\p$2252 );
-  assign \$788  = first4_15_14 ? { \p$2252 [15], \p$2252 [15], \p$2252 [15], \p$2252 [15], \p$2252 [15], \p$2252 [15], \p$2252 [15], \p$2252 [15], \p$2252 [15], \p$2252  } : \$787 ;
-  assign \$789  = $signed(acc_15_15) + $signed(\p$2253 );
-  assign \$790  = first4_15_15 ? { \p$2253 [15], \p$2253 [15], \p$2253 [15], \p$2253 [15], \p$2253 [15], \p$2253 [15], \p$2253 [15], \p$2253 [15], \p$2253 [15], \p$2253  } : \$789 ;
-  assign \$791  = row == 4'hf;
+  assign \$3  = last_pe0_0 ? \$264 [23:0] : bank_1_0;
+  assign \$4  = last_pe0_1 ? \$266 [23:0] : bank_1_1;
+  assign \$5  = last_pe0_2 ? \$268 [23:0] : bank_1_2;
+  assign \$6  = last_pe0_3 ? \$270 [23:0] : bank_1_3;
+  assign \$7  = last_pe0_4 ? \$272 [23:0] : bank_1_4;
+  assign \$8  = last_pe0_5 ? \$274 [23:0] : bank_1_5;
+  assign \$9  = last_pe0_6 ? \$276 [23:0] : bank_1_6;
+  assign \$10  = last_pe0_7 ? \$278 [23:0] : bank_1_7;
+  assign \$11  = last_pe0_8 ? \$280 [23:0] : bank_1_8;
+  assign \$12  = last_pe0_9 ? \$282 [23:0] : bank_1_9;
+  assign \$13  = last_pe0_10 ? \$284 [23:0] : bank_1_10;
+  assign \$14  = last_pe0_11 ? \$286 [23:0] : bank_1_11;
+  assign \$15  = last_pe0_12 ? \$288 [23:0] : bank_1_12;
+  assign \$16  = last_pe0_13 ? \$290 [23:0] : bank_1_13;
+  assign \$17  = last_pe0_14 ? \$292 [23:0] : bank_1_14;
+  assign \$18  = last_pe0_15 ? \$294 [23:0] : bank_1_15;
+  assign \$19  = last_pe1_0 ? \$296 [23:0] : bank_2_0;
+  assign \$20  = last_pe1_1 ? \$298 [23:0] : bank_2_1;
+  assign \$21  = last_pe1_2 ? \$300 [23:0] : bank_2_2;
+  assign \$22  = last_pe1_3 ? \$302 [23:0] : bank_2_3;
+  assign \$23  = last_pe1_4 ? \$304 [23:0] : bank_2_4;
+  assign \$24  = last_pe1_5 ? \$306 [23:0] : bank_2_5;
+  assign \$25  = last_pe1_6 ? \$308 [23:0] : bank_2_6;
+  assign \$26  = last_pe1_7 ? \$310 [23:0] : bank_2_7;
+  assign \$27  = last_pe1_8 ? \$312 [23:0] : bank_2_8;
+  assign \$28  = last_pe1_9 ? \$314 [23:0] : bank_2_9;
+  assign \$29  = last_pe1_10 ? \$316 [23:0] : bank_2_10;
+  assign \$30  = last_pe1_11 ? \$318 [23:0] : bank_2_11;
+  assign \$31  = last_pe1_12 ? \$320 [23:0] : bank_2_12;
+  assign \$32  = last_pe1_13 ? \$322 [23:0] : bank_2_13;
+  assign \$33  = last_pe1_14 ? \$324 [23:0] : bank_2_14;
+  assign \$34  = last_pe1_15 ? \$326 [23:0] : bank_2_15;
+  assign \$35  = last_pe2_0 ? \$328 [23:0] : bank_3_0;
+  assign \$36  = last_pe2_1 ? \$330 [23:0] : bank_3_1;
+  assign \$37  = last_pe2_2 ? \$332 [23:0] : bank_3_2;
+  assign \$38  = last_pe2_3 ? \$334 [23:0] : bank_3_3;
+  assign \$39  = last_pe2_4 ? \$336 [23:0] : bank_3_4;
+  assign \$40  = last_pe2_5 ? \$338 [23:0] : bank_3_5;
+  assign \$41  = last_pe2_6 ? \$340 [23:0] : bank_3_6;
+  assign \$42  = last_pe2_7 ? \$342 [23:0] : bank_3_7;
+  assign \$43  = last_pe2_8 ? \$344 [23:0] : bank_3_8;
+  assign \$44  = last_pe2_9 ? \$346 [23:0] : bank_3_9;
+  assign \$45  = last_pe2_10 ? \$348 [23:0] : bank_3_10;
+  assign \$46  = last_pe2_11 ? \$350 [23:0] : bank_3_11;
+  assign \$47  = last_pe2_12 ? \$352 [23:0] : bank_3_12;
+  assign \$48  = last_pe2_13 ? \$354 [23:0] : bank_3_13;
+  assign \$49  = last_pe2_14 ? \$356 [23:0] : bank_3_14;
+  assign \$50  = last_pe2_15 ? \$358 [23:0] : bank_3_15;
+  assign \$51  = last_pe3_0 ? \$360 [23:0] : bank_4_0;
+  assign \$52  = last_pe3_1 ? \$362 [23:0] : bank_4_1;
+  assign \$53  = last_pe3_2 ? \$364 [23:0] : bank_4_2;
+  assign \$54  = last_pe3_3 ? \$366 [23:0] : bank_4_3;
+  assign \$55  = last_pe3_4 ? \$368 [23:0] : bank_4_4;
+  assign \$56  = last_pe3_5 ? \$370 [23:0] : bank_4_5;
+  assign \$57  = last_pe3_6 ? \$372 [23:0] : bank_4_6;
+  assign \$58  = last_pe3_7 ? \$374 [23:0] : bank_4_7;
+  assign \$59  = last_pe3_8 ? \$376 [23:0] : bank_4_8;
+  assign \$60  = last_pe3_9 ? \$378 [23:0] : bank_4_9;
+  assign \$61  = last_pe3_10 ? \$380 [23:0] : bank_4_10;
+  assign \$62  = last_pe3_11 ? \$382 [23:0] : bank_4_11;
+  assign \$63  = last_pe3_12 ? \$384 [23:0] : bank_4_12;
+  assign \$64  = last_pe3_13 ? \$386 [23:0] : bank_4_13;
+  assign \$65  = last_pe3_14 ? \$388 [23:0] : bank_4_14;
+  assign \$66  = last_pe3_15 ? \$390 [23:0] : bank_4_15;
+  assign \$67  = last_pe4_0 ? \$392 [23:0] : bank_5_0;
+  assign \$68  = last_pe4_1 ? \$394 [23:0] : bank_5_1;
+  assign \$69  = last_pe4_2 ? \$396 [23:0] : bank_5_2;
+  assign \$70  = last_pe4_3 ? \$398 [23:0] : bank_5_3;
+  assign \$71  = last_pe4_4 ? \$400 [23:0] : bank_5_4;
+  assign \$72  = last_pe4_5 ? \$402 [23:0] : bank_5_5;
+  assign \$73  = last_pe4_6 ? \$404 [23:0] : bank_5_6;
+  assign \$74  = last_pe4_7 ? \$406 [23:0] : bank_5_7;
+  assign \$75  = last_pe4_8 ? \$408 [23:0] : bank_5_8;
+  assign \$76  = last_pe4_9 ? \$410 [23:0] : bank_5_9;
+  assign \$77  = last_pe4_10 ? \$412 [23:0] : bank_5_10;
+  assign \$78  = last_pe4_11 ? \$414 [23:0] : bank_5_11;
+  assign \$79  = last_pe4_12 ? \$416 [23:0] : bank_5_12;
+  assign \$80  = last_pe4_13 ? \$418 [23:0] : bank_5_13;
+  assign \$81  = last_pe4_14 ? \$420 [23:0] : bank_5_14;
+  assign \$82  = last_pe4_15 ? \$422 [23:0] : bank_5_15;
+  assign \$83  = last_pe5_0 ? \$424 [23:0] : bank_6_0;
+  assign \$84  = last_pe5_1 ? \$426 [23:0] : bank_6_1;
+  assign \$85  = last_pe5_2 ? \$428 [23:0] : bank_6_2;
+  assign \$86  = last_pe5_3 ? \$430 [23:0] : bank_6_3;
+  assign \$87  = last_pe5_4 ? \$432 [23:0] : bank_6_4;
+  assign \$88  = last_pe5_5 ? \$434 [23:0] : bank_6_5;
+  assign \$89  = last_pe5_6 ? \$436 [23:0] : bank_6_6;
+  assign \$90  = last_pe5_7 ? \$438 [23:0] : bank_6_7;
+  assign \$91  = last_pe5_8 ? \$440 [23:0] : bank_6_8;
+  assign \$92  = last_pe5_9 ? \$442 [23:0] : bank_6_9;
+  assign \$93  = last_pe5_10 ? \$444 [23:0] : bank_6_10;
+  assign \$94  = last_pe5_11 ? \$446 [23:0] : bank_6_11;
+  assign \$95  = last_pe5_12 ? \$448 [23:0] : bank_6_12;
+  assign \$96  = last_pe5_13 ? \$450 [23:0] : bank_6_13;
+  assign \$97  = last_pe5_14 ? \$452 [23:0] : bank_6_14;
+  assign \$98  = last_pe5_15 ? \$454 [23:0] : bank_6_15;
+  assign \$99  = last_pe6_0 ? \$456 [23:0] : bank_7_0;
+  assign \$100  = last_pe6_1 ? \$458 [23:0] : bank_7_1;
+  assign \$101  = last_pe6_2 ? \$460 [23:0] : bank_7_2;
+  assign \$102  = last_pe6_3 ? \$462 [23:0] : bank_7_3;
+  assign \$103  = last_pe6_4 ? \$464 [23:0] : bank_7_4;
+  assign \$104  = last_pe6_5 ? \$466 [23:0] : bank_7_5;
+  assign \$105  = last_pe6_6 ? \$468 [23:0] : bank_7_6;
+  assign \$106  = last_pe6_7 ? \$470 [23:0] : bank_7_7;
+  assign \$107  = last_pe6_8 ? \$472 [23:0] : bank_7_8;
+  assign \$108  = last_pe6_9 ? \$474 [23:0] : bank_7_9;
+  assign \$109  = last_pe6_10 ? \$476 [23:0] : bank_7_10;
+  assign \$110  = last_pe6_11 ? \$478 [23:0] : bank_7_11;
+  assign \$111  = last_pe6_12 ? \$480 [23:0] : bank_7_12;
+  assign \$112  = last_pe6_13 ? \$482 [23:0] : bank_7_13;
+  assign \$113  = last_pe6_14 ? \$484 [23:0] : bank_7_14;
+  assign \$114  = last_pe6_15 ? \$486 [23:0] : bank_7_15;
+  assign \$115  = last_pe7_0 ? \$488 [23:0] : bank_8_0;
+  assign \$116  = last_pe7_1 ? \$490 [23:0] : bank_8_1;
+  assign \$117  = last_pe7_2 ? \$492 [23:0] : bank_8_2;
+  assign \$118  = last_pe7_3 ? \$494 [23:0] : bank_8_3;
+  assign \$119  = last_pe7_4 ? \$496 [23:0] : bank_8_4;
+  assign \$120  = last_pe7_5 ? \$498 [23:0] : bank_8_5;
+  assign \$121  = last_pe7_6 ? \$500 [23:0] : bank_8_6;
+  assign \$122  = last_pe7_7 ? \$502 [23:0] : bank_8_7;
+  assign \$123  = last_pe7_8 ? \$504 [23:0] : bank_8_8;
+  assign \$124  = last_pe7_9 ? \$506 [23:0] : bank_8_9;
+  assign \$125  = last_pe7_10 ? \$508 [23:0] : bank_8_10;
+  assign \$126  = last_pe7_11 ? \$510 [23:0] : bank_8_11;
+  assign \$127  = last_pe7_12 ? \$512 [23:0] : bank_8_12;
+  assign \$128  = last_pe7_13 ? \$514 [23:0] : bank_8_13;
+  assign \$129  = last_pe7_14 ? \$516 [23:0] : bank_8_14;
+  assign \$130  = last_pe7_15 ? \$518 [23:0] : bank_8_15;
+  assign \$131  = last_pe8_0 ? \$520 [23:0] : bank_9_0;
+  assign \$132  = last_pe8_1 ? \$522 [23:0] : bank_9_1;
+  assign \$133  = last_pe8_2 ? \$524 [23:0] : bank_9_2;
+  assign \$134  = last_pe8_3 ? \$526 [23:0] : bank_9_3;
+  assign \$135  = last_pe8_4 ? \$528 [23:0] : bank_9_4;
+  assign \$136  = last_pe8_5 ? \$530 [23:0] : bank_9_5;
+  assign \$137  = last_pe8_6 ? \$532 [23:0] : bank_9_6;
+  assign \$138  = last_pe8_7 ? \$534 [23:0] : bank_9_7;
+  assign \$139  = last_pe8_8 ? \$536 [23:0] : bank_9_8;
+  assign \$140  = last_pe8_9 ? \$538 [23:0] : bank_9_9;
+  assign \$141  = last_pe8_10 ? \$540 [23:0] : bank_9_10;
+  assign \$142  = last_pe8_11 ? \$542 [23:0] : bank_9_11;
+  assign \$143  = last_pe8_12 ? \$544 [23:0] : bank_9_12;
+  assign \$144  = last_pe8_13 ? \$546 [23:0] : bank_9_13;
+  assign \$145  = last_pe8_14 ? \$548 [23:0] : bank_9_14;
+  assign \$146  = last_pe8_15 ? \$550 [23:0] : bank_9_15;
+  assign \$147  = last_pe9_0 ? \$552 [23:0] : bank_10_0;
+  assign \$148  = last_pe9_1 ? \$554 [23:0] : bank_10_1;
+  assign \$149  = last_pe9_2 ? \$556 [23:0] : bank_10_2;
+  assign \$150  = last_pe9_3 ? \$558 [23:0] : bank_10_3;
+  assign \$151  = last_pe9_4 ? \$560 [23:0] : bank_10_4;
+  assign \$152  = last_pe9_5 ? \$562 [23:0] : bank_10_5;
+  assign \$153  = last_pe9_6 ? \$564 [23:0] : bank_10_6;
+  assign \$154  = last_pe9_7 ? \$566 [23:0] : bank_10_7;
+  assign \$155  = last_pe9_8 ? \$568 [23:0] : bank_10_8;
+  assign \$156  = last_pe9_9 ? \$570 [23:0] : bank_10_9;
+  assign \$157  = last_pe9_10 ? \$572 [23:0] : bank_10_10;
+  assign \$158  = last_pe9_11 ? \$574 [23:0] : bank_10_11;
+  assign \$159  = last_pe9_12 ? \$576 [23:0] : bank_10_12;
+  assign \$160  = last_pe9_13 ? \$578 [23:0] : bank_10_13;
+  assign \$161  = last_pe9_14 ? \$580 [23:0] : bank_10_14;
+  assign \$162  = last_pe9_15 ? \$582 [23:0] : bank_10_15;
+  assign \$163  = last_pe10_0 ? \$584 [23:0] : bank_11_0;
+  assign \$164  = last_pe10_1 ? \$586 [23:0] : bank_11_1;
+  assign \$165  = last_pe10_2 ? \$588 [23:0] : bank_11_2;
+  assign \$166  = last_pe10_3 ? \$590 [23:0] : bank_11_3;
+  assign \$167  = last_pe10_4 ? \$592 [23:0] : bank_11_4;
+  assign \$168  = last_pe10_5 ? \$594 [23:0] : bank_11_5;
+  assign \$169  = last_pe10_6 ? \$596 [23:0] : bank_11_6;
+  assign \$170  = last_pe10_7 ? \$598 [23:0] : bank_11_7;
+  assign \$171  = last_pe10_8 ? \$600 [23:0] : bank_11_8;
+  assign \$172  = last_pe10_9 ? \$602 [23:0] : bank_11_9;
+  assign \$173  = last_pe10_10 ? \$604 [23:0] : bank_11_10;
+  assign \$174  = last_pe10_11 ? \$606 [23:0] : bank_11_11;
+  assign \$175  = last_pe10_12 ? \$608 [23:0] : bank_11_12;
+  assign \$176  = last_pe10_13 ? \$610 [23:0] : bank_11_13;
+  assign \$177  = last_pe10_14 ? \$612 [23:0] : bank_11_14;
+  assign \$178  = last_pe10_15 ? \$614 [23:0] : bank_11_15;
+  assign \$179  = last_pe11_0 ? \$616 [23:0] : bank_12_0;
+  assign \$180  = last_pe11_1 ? \$618 [23:0] : bank_12_1;
+  assign \$181  = last_pe11_2 ? \$620 [23:0] : bank_12_2;
+  assign \$182  = last_pe11_3 ? \$622 [23:0] : bank_12_3;
+  assign \$183  = last_pe11_4 ? \$624 [23:0] : bank_12_4;
+  assign \$184  = last_pe11_5 ? \$626 [23:0] : bank_12_5;
+  assign \$185  = last_pe11_6 ? \$628 [23:0] : bank_12_6;
+  assign \$186  = last_pe11_7 ? \$630 [23:0] : bank_12_7;
+  assign \$187  = last_pe11_8 ? \$632 [23:0] : bank_12_8;
+  assign \$188  = last_pe11_9 ? \$634 [23:0] : bank_12_9;
+  assign \$189  = last_pe11_10 ? \$636 [23:0] : bank_12_10;
+  assign \$190  = last_pe11_11 ? \$638 [23:0] : bank_12_11;
+  assign \$191  = last_pe11_12 ? \$640 [23:0] : bank_12_12;
+  assign \$192  = last_pe11_13 ? \$642 [23:0] : bank_12_13;
+  assign \$193  = last_pe11_14 ? \$644 [23:0] : bank_12_14;
+  assign \$194  = last_pe11_15 ? \$646 [23:0] : bank_12_15;
+  assign \$195  = last_pe12_0 ? \$648 [23:0] : bank_13_0;
+  assign \$196  = last_pe12_1 ? \$650 [23:0] : bank_13_1;
+  assign \$197  = last_pe12_2 ? \$652 [23:0] : bank_13_2;
+  assign \$198  = last_pe12_3 ? \$654 [23:0] : bank_13_3;
+  assign \$199  = last_pe12_4 ? \$656 [23:0] : bank_13_4;
+  assign \$200  = last_pe12_5 ? \$658 [23:0] : bank_13_5;
+  assign \$201  = last_pe12_6 ? \$660 [23:0] : bank_13_6;
+  assign \$202  = last_pe12_7 ? \$662 [23:0] : bank_13_7;
+  assign \$203  = last_pe12_8 ? \$664 [23:0] : bank_13_8;
+  assign \$204  = last_pe12_9 ? \$666 [23:0] : bank_13_9;
+  assign \$205  = last_pe12_10 ? \$668 [23:0] : bank_13_10;
+  assign \$206  = last_pe12_11 ? \$670 [23:0] : bank_13_11;
+  assign \$207  = last_pe12_12 ? \$672 [23:0] : bank_13_12;
+  assign \$208  = last_pe12_13 ? \$674 [23:0] : bank_13_13;
+  assign \$209  = last_pe12_14 ? \$676 [23:0] : bank_13_14;
+  assign \$210  = last_pe12_15 ? \$678 [23:0] : bank_13_15;
+  assign \$211  = last_pe13_0 ? \$680 [23:0] : bank_14_0;
+  assign \$212  = last_pe13_1 ? \$682 [23:0] : bank_14_1;
+  assign \$213  = last_pe13_2 ? \$684 [23:0] : bank_14_2;
+  assign \$214  = last_pe13_3 ? \$686 [23:0] : bank_14_3;
+  assign \$215  = last_pe13_4 ? \$688 [23:0] : bank_14_4;
+  assign \$216  = last_pe13_5 ? \$690 [23:0] : bank_14_5;
+  assign \$217  = last_pe13_6 ? \$692 [23:0] : bank_14_6;
+  assign \$218  = last_pe13_7 ? \$694 [23:0] : bank_14_7;
+  assign \$219  = last_pe13_8 ? \$696 [23:0] : bank_14_8;
+  assign \$220  = last_pe13_9 ? \$698 [23:0] : bank_14_9;
+  assign \$221  = last_pe13_10 ? \$700 [23:0] : bank_14_10;
+  assign \$222  = last_pe13_11 ? \$702 [23:0] : bank_14_11;
+  assign \$223  = last_pe13_12 ? \$704 [23:0] : bank_14_12;
+  assign \$224  = last_pe13_13 ? \$706 [23:0] : bank_14_13;
+  assign \$225  = last_pe13_14 ? \$708 [23:0] : bank_14_14;
+  assign \$226  = last_pe13_15 ? \$710 [23:0] : bank_14_15;
+  assign \$227  = last_pe14_0 ? \$712 [23:0] : bank_15_0;
+  assign \$228  = last_pe14_1 ? \$714 [23:0] : bank_15_1;
+  assign \$229  = last_pe14_2 ? \$716 [23:0] : bank_15_2;
+  assign \$230  = last_pe14_3 ? \$718 [23:0] : bank_15_3;
+  assign \$231  = last_pe14_4 ? \$720 [23:0] : bank_15_4;
+  assign \$232  = last_pe14_5 ? \$722 [23:0] : bank_15_5;
+  assign \$233  = last_pe14_6 ? \$724 [23:0] : bank_15_6;
+  assign \$234  = last_pe14_7 ? \$726 [23:0] : bank_15_7;
+  assign \$235  = last_pe14_8 ? \$728 [23:0] : bank_15_8;
+  assign \$236  = last_pe14_9 ? \$730 [23:0] : bank_15_9;
+  assign \$237  = last_pe14_10 ? \$732 [23:0] : bank_15_10;
+  assign \$238  = last_pe14_11 ? \$734 [23:0] : bank_15_11;
+  assign \$239  = last_pe14_12 ? \$736 [23:0] : bank_15_12;
+  assign \$240  = last_pe14_13 ? \$738 [23:0] : bank_15_13;
+  assign \$241  = last_pe14_14 ? \$740 [23:0] : bank_15_14;
+  assign \$242  = last_pe14_15 ? \$742 [23:0] : bank_15_15;
+  assign \$243  = last_pe15_0 ? \$744 [23:0] : 24'h000000;
+  assign \$244  = last_pe15_1 ? \$746 [23:0] : 24'h000000;
+  assign \$245  = last_pe15_2 ? \$748 [23:0] : 24'h000000;
+  assign \$246  = last_pe15_3 ? \$750 [23:0] : 24'h000000;
+  assign \$247  = last_pe15_4 ? \$752 [23:0] : 24'h000000;
+  assign \$248  = last_pe15_5 ? \$754 [23:0] : 24'h000000;
+  assign \$249  = last_pe15_6 ? \$756 [23:0] : 24'h000000;
+  assign \$250  = last_pe15_7 ? \$758 [23:0] : 24'h000000;
+  assign \$251  = last_pe15_8 ? \$760 [23:0] : 24'h000000;
+  assign \$252  = last_pe15_9 ? \$762 [23:0] : 24'h000000;
+  assign \$253  = last_pe15_10 ? \$764 [23:0] : 24'h000000;
+  assign \$254  = last_pe15_11 ? \$766 [23:0] : 24'h000000;
+  assign \$255  = last_pe15_12 ? \$768 [23:0] : 24'h000000;
+  assign \$256  = last_pe15_13 ? \$770 [23:0] : 24'h000000;
+  assign \$257  = last_pe15_14 ? \$772 [23:0] : 24'h000000;
+  assign \$258  = last_pe15_15 ? \$774 [23:0] : 24'h000000;
+  assign \$259  = row != 4'hf;
+  assign \$260  = bank_busy & \$259 ;
+  assign \$261  = row + 1'h1;
+  assign \$262  = row == 4'hf;
+  assign \$263  = $signed(acc_0_0) + $signed(p);
+  assign \$264  = first_pe0_0 ? { p[15], p[15], p[15], p[15], p[15], p[15], p[15], p[15], p[15], p } : \$263 ;
+  assign \$265  = $signed(acc_0_1) + $signed(\p$2067 );
+  assign \$266  = first_pe0_1 ? { \p$2067 [15], \p$2067 [15], \p$2067 [15], \p$2067 [15], \p$2067 [15], \p$2067 [15], \p$2067 [15], \p$2067 [15], \p$2067 [15], \p$2067  } : \$265 ;
+  assign \$267  = $signed(acc_0_2) + $signed(\p$2068 );
+  assign \$268  = first_pe0_2 ? { \p$2068 [15], \p$2068 [15], \p$2068 [15], \p$2068 [15], \p$2068 [15], \p$2068 [15], \p$2068 [15], \p$2068 [15], \p$2068 [15], \p$2068  } : \$267 ;
+  assign \$269  = $signed(acc_0_3) + $signed(\p$2069 );
+  assign \$270  = first_pe0_3 ? { \p$2069 [15], \p$2069 [15], \p$2069 [15], \p$2069 [15], \p$2069 [15], \p$2069 [15], \p$2069 [15], \p$2069 [15], \p$2069 [15], \p$2069  } : \$269 ;
+  assign \$271  = $signed(acc_0_4) + $signed(\p$2070 );
+  assign \$272  = first_pe0_4 ? { \p$2070 [15], \p$2070 [15], \p$2070 [15], \p$2070 [15], \p$2070 [15], \p$2070 [15], \p$2070 [15], \p$2070 [15], \p$2070 [15], \p$2070  } : \$271 ;
+  assign \$273  = $signed(acc_0_5) + $signed(\p$2071 );
+  assign \$274  = first_pe0_5 ? { \p$2071 [15], \p$2071 [15], \p$2071 [15], \p$2071 [15], \p$2071 [15], \p$2071 [15], \p$2071 [15], \p$2071 [15], \p$2071 [15], \p$2071  } : \$273 ;
+  assign \$275  = $signed(acc_0_6) + $signed(\p$2072 );
+  assign \$276  = first_pe0_6 ? { \p$2072 [15], \p$2072 [15], \p$2072 [15], \p$2072 [15], \p$2072 [15], \p$2072 [15], \p$2072 [15], \p$2072 [15], \p$2072 [15], \p$2072  } : \$275 ;
+  assign \$277  = $signed(acc_0_7) + $signed(\p$2073 );
+  assign \$278  = first_pe0_7 ? { \p$2073 [15], \p$2073 [15], \p$2073 [15], \p$2073 [15], \p$2073 [15], \p$2073 [15], \p$2073 [15], \p$2073 [15], \p$2073 [15], \p$2073  } : \$277 ;
+  assign \$279  = $signed(acc_0_8) + $signed(\p$2074 );
+  assign \$280  = first_pe0_8 ? { \p$2074 [15], \p$2074 [15], \p$2074 [15], \p$2074 [15], \p$2074 [15], \p$2074 [15], \p$2074 [15], \p$2074 [15], \p$2074 [15], \p$2074  } : \$279 ;
+  assign \$281  = $signed(acc_0_9) + $signed(\p$2075 );
+  assign \$282  = first_pe0_9 ? { \p$2075 [15], \p$2075 [15], \p$2075 [15], \p$2075 [15], \p$2075 [15], \p$2075 [15], \p$2075 [15], \p$2075 [15], \p$2075 [15], \p$2075  } : \$281 ;
+  assign \$283  = $signed(acc_0_10) + $signed(\p$2076 );
+  assign \$284  = first_pe0_10 ? { \p$2076 [15], \p$2076 [15], \p$2076 [15], \p$2076 [15], \p$2076 [15], \p$2076 [15], \p$2076 [15], \p$2076 [15], \p$2076 [15], \p$2076  } : \$283 ;
+  assign \$285  = $signed(acc_0_11) + $signed(\p$2077 );
+  assign \$286  = first_pe0_11 ? { \p$2077 [15], \p$2077 [15], \p$2077 [15], \p$2077 [15], \p$2077 [15], \p$2077 [15], \p$2077 [15], \p$2077 [15], \p$2077 [15], \p$2077  } : \$285 ;
+  assign \$287  = $signed(acc_0_12) + $signed(\p$2078 );
+  assign \$288  = first_pe0_12 ? { \p$2078 [15], \p$2078 [15], \p$2078 [15], \p$2078 [15], \p$2078 [15], \p$2078 [15], \p$2078 [15], \p$2078 [15], \p$2078 [15], \p$2078  } : \$287 ;
+  assign \$289  = $signed(acc_0_13) + $signed(\p$2079 );
+  assign \$290  = first_pe0_13 ? { \p$2079 [15], \p$2079 [15], \p$2079 [15], \p$2079 [15], \p$2079 [15], \p$2079 [15], \p$2079 [15], \p$2079 [15], \p$2079 [15], \p$2079  } : \$289 ;
+  assign \$291  = $signed(acc_0_14) + $signed(\p$2080 );
+  assign \$292  = first_pe0_14 ? { \p$2080 [15], \p$2080 [15], \p$2080 [15], \p$2080 [15], \p$2080 [15], \p$2080 [15], \p$2080 [15], \p$2080 [15], \p$2080 [15], \p$2080  } : \$291 ;
+  assign \$293  = $signed(acc_0_15) + $signed(\p$2081 );
+  assign \$294  = first_pe0_15 ? { \p$2081 [15], \p$2081 [15], \p$2081 [15], \p$2081 [15], \p$2081 [15], \p$2081 [15], \p$2081 [15], \p$2081 [15], \p$2081 [15], \p$2081  } : \$293 ;
+  assign \$295  = $signed(acc_1_0) + $signed(\p$2082 );
+  assign \$296  = first_pe1_0 ? { \p$2082 [15], \p$2082 [15], \p$2082 [15], \p$2082 [15], \p$2082 [15], \p$2082 [15], \p$2082 [15], \p$2082 [15], \p$2082 [15], \p$2082  } : \$295 ;
+  assign \$297  = $signed(acc_1_1) + $signed(\p$2083 );
+  assign \$298  = first_pe1_1 ? { \p$2083 [15], \p$2083 [15], \p$2083 [15], \p$2083 [15], \p$2083 [15], \p$2083 [15], \p$2083 [15], \p$2083 [15], \p$2083 [15], \p$2083  } : \$297 ;
+  assign \$299  = $signed(acc_1_2) + $signed(\p$2084 );
+  assign \$300  = first_pe1_2 ? { \p$2084 [15], \p$2084 [15], \p$2084 [15], \p$2084 [15], \p$2084 [15], \p$2084 [15], \p$2084 [15], \p$2084 [15], \p$2084 [15], \p$2084  } : \$299 ;
+  assign \$301  = $signed(acc_1_3) + $signed(\p$2085 );
+  assign \$302  = first_pe1_3 ? { \p$2085 [15], \p$2085 [15], \p$2085 [15], \p$2085 [15], \p$2085 [15], \p$2085 [15], \p$2085 [15], \p$2085 [15], \p$2085 [15], \p$2085  } : \$301 ;
+  assign \$303  = $signed(acc_1_4) + $signed(\p$2086 );
+  assign \$304  = first_pe1_4 ? { \p$2086 [15], \p$2086 [15], \p$2086 [15], \p$2086 [15], \p$2086 [15], \p$2086 [15], \p$2086 [15], \p$2086 [15], \p$2086 [15], \p$2086  } : \$303 ;
+  assign \$305  = $signed(acc_1_5) + $signed(\p$2087 );
+  assign \$306  = first_pe1_5 ? { \p$2087 [15], \p$2087 [15], \p$2087 [15], \p$2087 [15], \p$2087 [15], \p$2087 [15], \p$2087 [15], \p$2087 [15], \p$2087 [15], \p$2087  } : \$305 ;
+  assign \$307  = $signed(acc_1_6) + $signed(\p$2088 );
+  assign \$308  = first_pe1_6 ? { \p$2088 [15], \p$2088 [15], \p$2088 [15], \p$2088 [15], \p$2088 [15], \p$2088 [15], \p$2088 [15], \p$2088 [15], \p$2088 [15], \p$2088  } : \$307 ;
+  assign \$309  = $signed(acc_1_7) + $signed(\p$2089 );
+  assign \$310  = first_pe1_7 ? { \p$2089 [15], \p$2089 [15], \p$2089 [15], \p$2089 [15], \p$2089 [15], \p$2089 [15], \p$2089 [15], \p$2089 [15], \p$2089 [15], \p$2089  } : \$309 ;
+  assign \$311  = $signed(acc_1_8) + $signed(\p$2090 );
+  assign \$312  = first_pe1_8 ? { \p$2090 [15], \p$2090 [15], \p$2090 [15], \p$2090 [15], \p$2090 [15], \p$2090 [15], \p$2090 [15], \p$2090 [15], \p$2090 [15], \p$2090  } : \$311 ;
+  assign \$313  = $signed(acc_1_9) + $signed(\p$2091 );
+  assign \$314  = first_pe1_9 ? { \p$2091 [15], \p$2091 [15], \p$2091 [15], \p$2091 [15], \p$2091 [15], \p$2091 [15], \p$2091 [15], \p$2091 [15], \p$2091 [15], \p$2091  } : \$313 ;
+  assign \$315  = $signed(acc_1_10) + $signed(\p$2092 );
+  assign \$316  = first_pe1_10 ? { \p$2092 [15], \p$2092 [15], \p$2092 [15], \p$2092 [15], \p$2092 [15], \p$2092 [15], \p$2092 [15], \p$2092 [15], \p$2092 [15], \p$2092  } : \$315 ;
+  assign \$317  = $signed(acc_1_11) + $signed(\p$2093 );
+  assign \$318  = first_pe1_11 ? { \p$2093 [15], \p$2093 [15], \p$2093 [15], \p$2093 [15], \p$2093 [15], \p$2093 [15], \p$2093 [15], \p$2093 [15], \p$2093 [15], \p$2093  } : \$317 ;
+  assign \$319  = $signed(acc_1_12) + $signed(\p$2094 );
+  assign \$320  = first_pe1_12 ? { \p$2094 [15], \p$2094 [15], \p$2094 [15], \p$2094 [15], \p$2094 [15], \p$2094 [15], \p$2094 [15], \p$2094 [15], \p$2094 [15], \p$2094  } : \$319 ;
+  assign \$321  = $signed(acc_1_13) + $signed(\p$2095 );
+  assign \$322  = first_pe1_13 ? { \p$2095 [15], \p$2095 [15], \p$2095 [15], \p$2095 [15], \p$2095 [15], \p$2095 [15], \p$2095 [15], \p$2095 [15], \p$2095 [15], \p$2095  } : \$321 ;
+  assign \$323  = $signed(acc_1_14) + $signed(\p$2096 );
+  assign \$324  = first_pe1_14 ? { \p$2096 [15], \p$2096 [15], \p$2096 [15], \p$2096 [15], \p$2096 [15], \p$2096 [15], \p$2096 [15], \p$2096 [15], \p$2096 [15], \p$2096  } : \$323 ;
+  assign \$325  = $signed(acc_1_15) + $signed(\p$2097 );
+  assign \$326  = first_pe1_15 ? { \p$2097 [15], \p$2097 [15], \p$2097 [15], \p$2097 [15], \p$2097 [15], \p$2097 [15], \p$2097 [15], \p$2097 [15], \p$2097 [15], \p$2097  } : \$325 ;
+  assign \$327  = $signed(acc_2_0) + $signed(\p$2098 );
+  assign \$328  = first_pe2_0 ? { \p$2098 [15], \p$2098 [15], \p$2098 [15], \p$2098 [15], \p$2098 [15], \p$2098 [15], \p$2098 [15], \p$2098 [15], \p$2098 [15], \p$2098  } : \$327 ;
+  assign \$329  = $signed(acc_2_1) + $signed(\p$2099 );
+  assign \$330  = first_pe2_1 ? { \p$2099 [15], \p$2099 [15], \p$2099 [15], \p$2099 [15], \p$2099 [15], \p$2099 [15], \p$2099 [15], \p$2099 [15], \p$2099 [15], \p$2099  } : \$329 ;
+  assign \$331  = $signed(acc_2_2) + $signed(\p$2100 );
+  assign \$332  = first_pe2_2 ? { \p$2100 [15], \p$2100 [15], \p$2100 [15], \p$2100 [15], \p$2100 [15], \p$2100 [15], \p$2100 [15], \p$2100 [15], \p$2100 [15], \p$2100  } : \$331 ;
+  assign \$333  = $signed(acc_2_3) + $signed(\p$2101 );
+  assign \$334  = first_pe2_3 ? { \p$2101 [15], \p$2101 [15], \p$2101 [15], \p$2101 [15], \p$2101 [15], \p$2101 [15], \p$2101 [15], \p$2101 [15], \p$2101 [15], \p$2101  } : \$333 ;
+  assign \$335  = $signed(acc_2_4) + $signed(\p$2102 );
+  assign \$336  = first_pe2_4 ? { \p$2102 [15], \p$2102 [15], \p$2102 [15], \p$2102 [15], \p$2102 [15], \p$2102 [15], \p$2102 [15], \p$2102 [15], \p$2102 [15], \p$2102  } : \$335 ;
+  assign \$337  = $signed(acc_2_5) + $signed(\p$2103 );
+  assign \$338  = first_pe2_5 ? { \p$2103 [15], \p$2103 [15], \p$2103 [15], \p$2103 [15], \p$2103 [15], \p$2103 [15], \p$2103 [15], \p$2103 [15], \p$2103 [15], \p$2103  } : \$337 ;
+  assign \$339  = $signed(acc_2_6) + $signed(\p$2104 );
+  assign \$340  = first_pe2_6 ? { \p$2104 [15], \p$2104 [15], \p$2104 [15], \p$2104 [15], \p$2104 [15], \p$2104 [15], \p$2104 [15], \p$2104 [15], \p$2104 [15], \p$2104  } : \$339 ;
+  assign \$341  = $signed(acc_2_7) + $signed(\p$2105 );
+  assign \$342  = first_pe2_7 ? { \p$2105 [15], \p$2105 [15], \p$2105 [15], \p$2105 [15], \p$2105 [15], \p$2105 [15], \p$2105 [15], \p$2105 [15], \p$2105 [15], \p$2105  } : \$341 ;
+  assign \$343  = $signed(acc_2_8) + $signed(\p$2106 );
+  assign \$344  = first_pe2_8 ? { \p$2106 [15], \p$2106 [15], \p$2106 [15], \p$2106 [15], \p$2106 [15], \p$2106 [15], \p$2106 [15], \p$2106 [15], \p$2106 [15], \p$2106  } : \$343 ;
+  assign \$345  = $signed(acc_2_9) + $signed(\p$2107 );
+  assign \$346  = first_pe2_9 ? { \p$2107 [15], \p$2107 [15], \p$2107 [15], \p$2107 [15], \p$2107 [15], \p$2107 [15], \p$2107 [15], \p$2107 [15], \p$2107 [15], \p$2107  } : \$345 ;
+  assign \$347  = $signed(acc_2_10) + $signed(\p$2108 );
+  assign \$348  = first_pe2_10 ? { \p$2108 [15], \p$2108 [15], \p$2108 [15], \p$2108 [15], \p$2108 [15], \p$2108 [15], \p$2108 [15], \p$2108 [15], \p$2108 [15], \p$2108  } : \$347 ;
+  assign \$349  = $signed(acc_2_11) + $signed(\p$2109 );
+  assign \$350  = first_pe2_11 ? { \p$2109 [15], \p$2109 [15], \p$2109 [15], \p$2109 [15], \p$2109 [15], \p$2109 [15], \p$2109 [15], \p$2109 [15], \p$2109 [15], \p$2109  } : \$349 ;
+  assign \$351  = $signed(acc_2_12) + $signed(\p$2110 );
+  assign \$352  = first_pe2_12 ? { \p$2110 [15], \p$2110 [15], \p$2110 [15], \p$2110 [15], \p$2110 [15], \p$2110 [15], \p$2110 [15], \p$2110 [15], \p$2110 [15], \p$2110  } : \$351 ;
+  assign \$353  = $signed(acc_2_13) + $signed(\p$2111 );
+  assign \$354  = first_pe2_13 ? { \p$2111 [15], \p$2111 [15], \p$2111 [15], \p$2111 [15], \p$2111 [15], \p$2111 [15], \p$2111 [15], \p$2111 [15], \p$2111 [15], \p$2111  } : \$353 ;
+  assign \$355  = $signed(acc_2_14) + $signed(\p$2112 );
+  assign \$356  = first_pe2_14 ? { \p$2112 [15], \p$2112 [15], \p$2112 [15], \p$2112 [15], \p$2112 [15], \p$2112 [15], \p$2112 [15], \p$2112 [15], \p$2112 [15], \p$2112  } : \$355 ;
+  assign \$357  = $signed(acc_2_15) + $signed(\p$2113 );
+  assign \$358  = first_pe2_15 ? { \p$2113 [15], \p$2113 [15], \p$2113 [15], \p$2113 [15], \p$2113 [15], \p$2113 [15], \p$2113 [15], \p$2113 [15], \p$2113 [15], \p$2113  } : \$357 ;
+  assign \$359  = $signed(acc_3_0) + $signed(\p$2114 );
+  assign \$360  = first_pe3_0 ? { \p$2114 [15], \p$2114 [15], \p$2114 [15], \p$2114 [15], \p$2114 [15], \p$2114 [15], \p$2114 [15], \p$2114 [15], \p$2114 [15], \p$2114  } : \$359 ;
+  assign \$361  = $signed(acc_3_1) + $signed(\p$2115 );
+  assign \$362  = first_pe3_1 ? { \p$2115 [15], \p$2115 [15], \p$2115 [15], \p$2115 [15], \p$2115 [15], \p$2115 [15], \p$2115 [15], \p$2115 [15], \p$2115 [15], \p$2115  } : \$361 ;
+  assign \$363  = $signed(acc_3_2) + $signed(\p$2116 );
+  assign \$364  = first_pe3_2 ? { \p$2116 [15], \p$2116 [15], \p$2116 [15], \p$2116 [15], \p$2116 [15], \p$2116 [15], \p$2116 [15], \p$2116 [15], \p$2116 [15], \p$2116  } : \$363 ;
+  assign \$365  = $signed(acc_3_3) + $signed(\p$2117 );
+  assign \$366  = first_pe3_3 ? { \p$2117 [15], \p$2117 [15], \p$2117 [15], \p$2117 [15], \p$2117 [15], \p$2117 [15], \p$2117 [15], \p$2117 [15], \p$2117 [15], \p$2117  } : \$365 ;
+  assign \$367  = $signed(acc_3_4) + $signed(\p$2118 );
+  assign \$368  = first_pe3_4 ? { \p$2118 [15], \p$2118 [15], \p$2118 [15], \p$2118 [15], \p$2118 [15], \p$2118 [15], \p$2118 [15], \p$2118 [15], \p$2118 [15], \p$2118  } : \$367 ;
+  assign \$369  = $signed(acc_3_5) + $signed(\p$2119 );
+  assign \$370  = first_pe3_5 ? { \p$2119 [15], \p$2119 [15], \p$2119 [15], \p$2119 [15], \p$2119 [15], \p$2119 [15], \p$2119 [15], \p$2119 [15], \p$2119 [15], \p$2119  } : \$369 ;
+  assign \$371  = $signed(acc_3_6) + $signed(\p$2120 );
+  assign \$372  = first_pe3_6 ? { \p$2120 [15], \p$2120 [15], \p$2120 [15], \p$2120 [15], \p$2120 [15], \p$2120 [15], \p$2120 [15], \p$2120 [15], \p$2120 [15], \p$2120  } : \$371 ;
+  assign \$373  = $signed(acc_3_7) + $signed(\p$2121 );
+  assign \$374  = first_pe3_7 ? { \p$2121 [15], \p$2121 [15], \p$2121 [15], \p$2121 [15], \p$2121 [15], \p$2121 [15], \p$2121 [15], \p$2121 [15], \p$2121 [15], \p$2121  } : \$373 ;
+  assign \$375  = $signed(acc_3_8) + $signed(\p$2122 );
+  assign \$376  = first_pe3_8 ? { \p$2122 [15], \p$2122 [15], \p$2122 [15], \p$2122 [15], \p$2122 [15], \p$2122 [15], \p$2122 [15], \p$2122 [15], \p$2122 [15], \p$2122  } : \$375 ;
+  assign \$377  = $signed(acc_3_9) + $signed(\p$2123 );
+  assign \$378  = first_pe3_9 ? { \p$2123 [15], \p$2123 [15], \p$2123 [15], \p$2123 [15], \p$2123 [15], \p$2123 [15], \p$2123 [15], \p$2123 [15], \p$2123 [15], \p$2123  } : \$377 ;
+  assign \$379  = $signed(acc_3_10) + $signed(\p$2124 );
+  assign \$380  = first_pe3_10 ? { \p$2124 [15], \p$2124 [15], \p$2124 [15], \p$2124 [15], \p$2124 [15], \p$2124 [15], \p$2124 [15], \p$2124 [15], \p$2124 [15], \p$2124  } : \$379 ;
+  assign \$381  = $signed(acc_3_11) + $signed(\p$2125 );
+  assign \$382  = first_pe3_11 ? { \p$2125 [15], \p$2125 [15], \p$2125 [15], \p$2125 [15], \p$2125 [15], \p$2125 [15], \p$2125 [15], \p$2125 [15], \p$2125 [15], \p$2125  } : \$381 ;
+  assign \$383  = $signed(acc_3_12) + $signed(\p$2126 );
+  assign \$384  = first_pe3_12 ? { \p$2126 [15], \p$2126 [15], \p$2126 [15], \p$2126 [15], \p$2126 [15], \p$2126 [15], \p$2126 [15], \p$2126 [15], \p$2126 [15], \p$2126  } : \$383 ;
+  assign \$385  = $signed(acc_3_13) + $signed(\p$2127 );
+  assign \$386  = first_pe3_13 ? { \p$2127 [15], \p$2127 [15], \p$2127 [15], \p$2127 [15], \p$2127 [15], \p$2127 [15], \p$2127 [15], \p$2127 [15], \p$2127 [15], \p$2127  } : \$385 ;
+  assign \$387  = $signed(acc_3_14) + $signed(\p$2128 );
+  assign \$388  = first_pe3_14 ? { \p$2128 [15], \p$2128 [15], \p$2128 [15], \p$2128 [15], \p$2128 [15], \p$2128 [15], \p$2128 [15], \p$2128 [15], \p$2128 [15], \p$2128  } : \$387 ;
+  assign \$389  = $signed(acc_3_15) + $signed(\p$2129 );
+  assign \$390  = first_pe3_15 ? { \p$2129 [15], \p$2129 [15], \p$2129 [15], \p$2129 [15], \p$2129 [15], \p$2129 [15], \p$2129 [15], \p$2129 [15], \p$2129 [15], \p$2129  } : \$389 ;
+  assign \$391  = $signed(acc_4_0) + $signed(\p$2130 );
+  assign \$392  = first_pe4_0 ? { \p$2130 [15], \p$2130 [15], \p$2130 [15], \p$2130 [15], \p$2130 [15], \p$2130 [15], \p$2130 [15], \p$2130 [15], \p$2130 [15], \p$2130  } : \$391 ;
+  assign \$393  = $signed(acc_4_1) + $signed(\p$2131 );
+  assign \$394  = first_pe4_1 ? { \p$2131 [15], \p$2131 [15], \p$2131 [15], \p$2131 [15], \p$2131 [15], \p$2131 [15], \p$2131 [15], \p$2131 [15], \p$2131 [15], \p$2131  } : \$393 ;
+  assign \$395  = $signed(acc_4_2) + $signed(\p$2132 );
+  assign \$396  = first_pe4_2 ? { \p$2132 [15], \p$2132 [15], \p$2132 [15], \p$2132 [15], \p$2132 [15], \p$2132 [15], \p$2132 [15], \p$2132 [15], \p$2132 [15], \p$2132  } : \$395 ;
+  assign \$397  = $signed(acc_4_3) + $signed(\p$2133 );
+  assign \$398  = first_pe4_3 ? { \p$2133 [15], \p$2133 [15], \p$2133 [15], \p$2133 [15], \p$2133 [15], \p$2133 [15], \p$2133 [15], \p$2133 [15], \p$2133 [15], \p$2133  } : \$397 ;
+  assign \$399  = $signed(acc_4_4) + $signed(\p$2134 );
+  assign \$400  = first_pe4_4 ? { \p$2134 [15], \p$2134 [15], \p$2134 [15], \p$2134 [15], \p$2134 [15], \p$2134 [15], \p$2134 [15], \p$2134 [15], \p$2134 [15], \p$2134  } : \$399 ;
+  assign \$401  = $signed(acc_4_5) + $signed(\p$2135 );
+  assign \$402  = first_pe4_5 ? { \p$2135 [15], \p$2135 [15], \p$2135 [15], \p$2135 [15], \p$2135 [15], \p$2135 [15], \p$2135 [15], \p$2135 [15], \p$2135 [15], \p$2135  } : \$401 ;
+  assign \$403  = $signed(acc_4_6) + $signed(\p$2136 );
+  assign \$404  = first_pe4_6 ? { \p$2136 [15], \p$2136 [15], \p$2136 [15], \p$2136 [15], \p$2136 [15], \p$2136 [15], \p$2136 [15], \p$2136 [15], \p$2136 [15], \p$2136  } : \$403 ;
+  assign \$405  = $signed(acc_4_7) + $signed(\p$2137 );
+  assign \$406  = first_pe4_7 ? { \p$2137 [15], \p$2137 [15], \p$2137 [15], \p$2137 [15], \p$2137 [15], \p$2137 [15], \p$2137 [15], \p$2137 [15], \p$2137 [15], \p$2137  } : \$405 ;
+  assign \$407  = $signed(acc_4_8) + $signed(\p$2138 );
+  assign \$408  = first_pe4_8 ? { \p$2138 [15], \p$2138 [15], \p$2138 [15], \p$2138 [15], \p$2138 [15], \p$2138 [15], \p$2138 [15], \p$2138 [15], \p$2138 [15], \p$2138  } : \$407 ;
+  assign \$409  = $signed(acc_4_9) + $signed(\p$2139 );
+  assign \$410  = first_pe4_9 ? { \p$2139 [15], \p$2139 [15], \p$2139 [15], \p$2139 [15], \p$2139 [15], \p$2139 [15], \p$2139 [15], \p$2139 [15], \p$2139 [15], \p$2139  } : \$409 ;
+  assign \$411  = $signed(acc_4_10) + $signed(\p$2140 );
+  assign \$412  = first_pe4_10 ? { \p$2140 [15], \p$2140 [15], \p$2140 [15], \p$2140 [15], \p$2140 [15], \p$2140 [15], \p$2140 [15], \p$2140 [15], \p$2140 [15], \p$2140  } : \$411 ;
+  assign \$413  = $signed(acc_4_11) + $signed(\p$2141 );
+  assign \$414  = first_pe4_11 ? { \p$2141 [15], \p$2141 [15], \p$2141 [15], \p$2141 [15], \p$2141 [15], \p$2141 [15], \p$2141 [15], \p$2141 [15], \p$2141 [15], \p$2141  } : \$413 ;
+  assign \$415  = $signed(acc_4_12) + $signed(\p$2142 );
+  assign \$416  = first_pe4_12 ? { \p$2142 [15], \p$2142 [15], \p$2142 [15], \p$2142 [15], \p$2142 [15], \p$2142 [15], \p$2142 [15], \p$2142 [15], \p$2142 [15], \p$2142  } : \$415 ;
+  assign \$417  = $signed(acc_4_13) + $signed(\p$2143 );
+  assign \$418  = first_pe4_13 ? { \p$2143 [15], \p$2143 [15], \p$2143 [15], \p$2143 [15], \p$2143 [15], \p$2143 [15], \p$2143 [15], \p$2143 [15], \p$2143 [15], \p$2143  } : \$417 ;
+  assign \$419  = $signed(acc_4_14) + $signed(\p$2144 );
+  assign \$420  = first_pe4_14 ? { \p$2144 [15], \p$2144 [15], \p$2144 [15], \p$2144 [15], \p$2144 [15], \p$2144 [15], \p$2144 [15], \p$2144 [15], \p$2144 [15], \p$2144  } : \$419 ;
+  assign \$421  = $signed(acc_4_15) + $signed(\p$2145 );
+  assign \$422  = first_pe4_15 ? { \p$2145 [15], \p$2145 [15], \p$2145 [15], \p$2145 [15], \p$2145 [15], \p$2145 [15], \p$2145 [15], \p$2145 [15], \p$2145 [15], \p$2145  } : \$421 ;
+  assign \$423  = $signed(acc_5_0) + $signed(\p$2146 );
+  assign \$424  = first_pe5_0 ? { \p$2146 [15], \p$2146 [15], \p$2146 [15], \p$2146 [15], \p$2146 [15], \p$2146 [15], \p$2146 [15], \p$2146 [15], \p$2146 [15], \p$2146  } : \$423 ;
+  assign \$425  = $signed(acc_5_1) + $signed(\p$2147 );
+  assign \$426  = first_pe5_1 ? { \p$2147 [15], \p$2147 [15], \p$2147 [15], \p$2147 [15], \p$2147 [15], \p$2147 [15], \p$2147 [15], \p$2147 [15], \p$2147 [15], \p$2147  } : \$425 ;
+  assign \$427  = $signed(acc_5_2) + $signed(\p$2148 );
+  assign \$428  = first_pe5_2 ? { \p$2148 [15], \p$2148 [15], \p$2148 [15], \p$2148 [15], \p$2148 [15], \p$2148 [15], \p$2148 [15], \p$2148 [15], \p$2148 [15], \p$2148  } : \$427 ;
+  assign \$429  = $signed(acc_5_3) + $signed(\p$2149 );
+  assign \$430  = first_pe5_3 ? { \p$2149 [15], \p$2149 [15], \p$2149 [15], \p$2149 [15], \p$2149 [15], \p$2149 [15], \p$2149 [15], \p$2149 [15], \p$2149 [15], \p$2149  } : \$429 ;
+  assign \$431  = $signed(acc_5_4) + $signed(\p$2150 );
+  assign \$432  = first_pe5_4 ? { \p$2150 [15], \p$2150 [15], \p$2150 [15], \p$2150 [15], \p$2150 [15], \p$2150 [15], \p$2150 [15], \p$2150 [15], \p$2150 [15], \p$2150  } : \$431 ;
+  assign \$433  = $signed(acc_5_5) + $signed(\p$2151 );
+  assign \$434  = first_pe5_5 ? { \p$2151 [15], \p$2151 [15], \p$2151 [15], \p$2151 [15], \p$2151 [15], \p$2151 [15], \p$2151 [15], \p$2151 [15], \p$2151 [15], \p$2151  } : \$433 ;
+  assign \$435  = $signed(acc_5_6) + $signed(\p$2152 );
+  assign \$436  = first_pe5_6 ? { \p$2152 [15], \p$2152 [15], \p$2152 [15], \p$2152 [15], \p$2152 [15], \p$2152 [15], \p$2152 [15], \p$2152 [15], \p$2152 [15], \p$2152  } : \$435 ;
+  assign \$437  = $signed(acc_5_7) + $signed(\p$2153 );
+  assign \$438  = first_pe5_7 ? { \p$2153 [15], \p$2153 [15], \p$2153 [15], \p$2153 [15], \p$2153 [15], \p$2153 [15], \p$2153 [15], \p$2153 [15], \p$2153 [15], \p$2153  } : \$437 ;
+  assign \$439  = $signed(acc_5_8) + $signed(\p$2154 );
+  assign \$440  = first_pe5_8 ? { \p$2154 [15], \p$2154 [15], \p$2154 [15], \p$2154 [15], \p$2154 [15], \p$2154 [15], \p$2154 [15], \p$2154 [15], \p$2154 [15], \p$2154  } : \$439 ;
+  assign \$441  = $signed(acc_5_9) + $signed(\p$2155 );
+  assign \$442  = first_pe5_9 ? { \p$2155 [15], \p$2155 [15], \p$2155 [15], \p$2155 [15], \p$2155 [15], \p$2155 [15], \p$2155 [15], \p$2155 [15], \p$2155 [15], \p$2155  } : \$441 ;
+  assign \$443  = $signed(acc_5_10) + $signed(\p$2156 );
+  assign \$444  = first_pe5_10 ? { \p$2156 [15], \p$2156 [15], \p$2156 [15], \p$2156 [15], \p$2156 [15], \p$2156 [15], \p$2156 [15], \p$2156 [15], \p$2156 [15], \p$2156  } : \$443 ;
+  assign \$445  = $signed(acc_5_11) + $signed(\p$2157 );
+  assign \$446  = first_pe5_11 ? { \p$2157 [15], \p$2157 [15], \p$2157 [15], \p$2157 [15], \p$2157 [15], \p$2157 [15], \p$2157 [15], \p$2157 [15], \p$2157 [15], \p$2157  } : \$445 ;
+  assign \$447  = $signed(acc_5_12) + $signed(\p$2158 );
+  assign \$448  = first_pe5_12 ? { \p$2158 [15], \p$2158 [15], \p$2158 [15], \p$2158 [15], \p$2158 [15], \p$2158 [15], \p$2158 [15], \p$2158 [15], \p$2158 [15], \p$2158  } : \$447 ;
+  assign \$449  = $signed(acc_5_13) + $signed(\p$2159 );
+  assign \$450  = first_pe5_13 ? { \p$2159 [15], \p$2159 [15], \p$2159 [15], \p$2159 [15], \p$2159 [15], \p$2159 [15], \p$2159 [15], \p$2159 [15], \p$2159 [15], \p$2159  } : \$449 ;
+  assign \$451  = $signed(acc_5_14) + $signed(\p$2160 );
+  assign \$452  = first_pe5_14 ? { \p$2160 [15], \p$2160 [15], \p$2160 [15], \p$2160 [15], \p$2160 [15], \p$2160 [15], \p$2160 [15], \p$2160 [15], \p$2160 [15], \p$2160  } : \$451 ;
+  assign \$453  = $signed(acc_5_15) + $signed(\p$2161 );
+  assign \$454  = first_pe5_15 ? { \p$2161 [15], \p$2161 [15], \p$2161 [15], \p$2161 [15], \p$2161 [15], \p$2161 [15], \p$2161 [15], \p$2161 [15], \p$2161 [15], \p$2161  } : \$453 ;
+  assign \$455  = $signed(acc_6_0) + $signed(\p$2162 );
+  assign \$456  = first_pe6_0 ? { \p$2162 [15], \p$2162 [15], \p$2162 [15], \p$2162 [15], \p$2162 [15], \p$2162 [15], \p$2162 [15], \p$2162 [15], \p$2162 [15], \p$2162  } : \$455 ;
+  assign \$457  = $signed(acc_6_1) + $signed(\p$2163 );
+  assign \$458  = first_pe6_1 ? { \p$2163 [15], \p$2163 [15], \p$2163 [15], \p$2163 [15], \p$2163 [15], \p$2163 [15], \p$2163 [15], \p$2163 [15], \p$2163 [15], \p$2163  } : \$457 ;
+  assign \$459  = $signed(acc_6_2) + $signed(\p$2164 );
+  assign \$460  = first_pe6_2 ? { \p$2164 [15], \p$2164 [15], \p$2164 [15], \p$2164 [15], \p$2164 [15], \p$2164 [15], \p$2164 [15], \p$2164 [15], \p$2164 [15], \p$2164  } : \$459 ;
+  assign \$461  = $signed(acc_6_3) + $signed(\p$2165 );
+  assign \$462  = first_pe6_3 ? { \p$2165 [15], \p$2165 [15], \p$2165 [15], \p$2165 [15], \p$2165 [15], \p$2165 [15], \p$2165 [15], \p$2165 [15], \p$2165 [15], \p$2165  } : \$461 ;
+  assign \$463  = $signed(acc_6_4) + $signed(\p$2166 );
+  assign \$464  = first_pe6_4 ? { \p$2166 [15], \p$2166 [15], \p$2166 [15], \p$2166 [15], \p$2166 [15], \p$2166 [15], \p$2166 [15], \p$2166 [15], \p$2166 [15], \p$2166  } : \$463 ;
+  assign \$465  = $signed(acc_6_5) + $signed(\p$2167 );
+  assign \$466  = first_pe6_5 ? { \p$2167 [15], \p$2167 [15], \p$2167 [15], \p$2167 [15], \p$2167 [15], \p$2167 [15], \p$2167 [15], \p$2167 [15], \p$2167 [15], \p$2167  } : \$465 ;
+  assign \$467  = $signed(acc_6_6) + $signed(\p$2168 );
+  assign \$468  = first_pe6_6 ? { \p$2168 [15], \p$2168 [15], \p$2168 [15], \p$2168 [15], \p$2168 [15], \p$2168 [15], \p$2168 [15], \p$2168 [15], \p$2168 [15], \p$2168  } : \$467 ;
+  assign \$469  = $signed(acc_6_7) + $signed(\p$2169 );
+  assign \$470  = first_pe6_7 ? { \p$2169 [15], \p$2169 [15], \p$2169 [15], \p$2169 [15], \p$2169 [15], \p$2169 [15], \p$2169 [15], \p$2169 [15], \p$2169 [15], \p$2169  } : \$469 ;
+  assign \$471  = $signed(acc_6_8) + $signed(\p$2170 );
+  assign \$472  = first_pe6_8 ? { \p$2170 [15], \p$2170 [15], \p$2170 [15], \p$2170 [15], \p$2170 [15], \p$2170 [15], \p$2170 [15], \p$2170 [15], \p$2170 [15], \p$2170  } : \$471 ;
+  assign \$473  = $signed(acc_6_9) + $signed(\p$2171 );
+  assign \$474  = first_pe6_9 ? { \p$2171 [15], \p$2171 [15], \p$2171 [15], \p$2171 [15], \p$2171 [15], \p$2171 [15], \p$2171 [15], \p$2171 [15], \p$2171 [15], \p$2171  } : \$473 ;
+  assign \$475  = $signed(acc_6_10) + $signed(\p$2172 );
+  assign \$476  = first_pe6_10 ? { \p$2172 [15], \p$2172 [15], \p$2172 [15], \p$2172 [15], \p$2172 [15], \p$2172 [15], \p$2172 [15], \p$2172 [15], \p$2172 [15], \p$2172  } : \$475 ;
+  assign \$477  = $signed(acc_6_11) + $signed(\p$2173 );
+  assign \$478  = first_pe6_11 ? { \p$2173 [15], \p$2173 [15], \p$2173 [15], \p$2173 [15], \p$2173 [15], \p$2173 [15], \p$2173 [15], \p$2173 [15], \p$2173 [15], \p$2173  } : \$477 ;
+  assign \$479  = $signed(acc_6_12) + $signed(\p$2174 );
+  assign \$480  = first_pe6_12 ? { \p$2174 [15], \p$2174 [15], \p$2174 [15], \p$2174 [15], \p$2174 [15], \p$2174 [15], \p$2174 [15], \p$2174 [15], \p$2174 [15], \p$2174  } : \$479 ;
+  assign \$481  = $signed(acc_6_13) + $signed(\p$2175 );
+  assign \$482  = first_pe6_13 ? { \p$2175 [15], \p$2175 [15], \p$2175 [15], \p$2175 [15], \p$2175 [15], \p$2175 [15], \p$2175 [15], \p$2175 [15], \p$2175 [15], \p$2175  } : \$481 ;
+  assign \$483  = $signed(acc_6_14) + $signed(\p$2176 );
+  assign \$484  = first_pe6_14 ? { \p$2176 [15], \p$2176 [15], \p$2176 [15], \p$2176 [15], \p$2176 [15], \p$2176 [15], \p$2176 [15], \p$2176 [15], \p$2176 [15], \p$2176  } : \$483 ;
+  assign \$485  = $signed(acc_6_15) + $signed(\p$2177 );
+  assign \$486  = first_pe6_15 ? { \p$2177 [15], \p$2177 [15], \p$2177 [15], \p$2177 [15], \p$2177 [15], \p$2177 [15], \p$2177 [15], \p$2177 [15], \p$2177 [15], \p$2177  } : \$485 ;
+  assign \$487  = $signed(acc_7_0) + $signed(\p$2178 );
+  assign \$488  = first_pe7_0 ? { \p$2178 [15], \p$2178 [15], \p$2178 [15], \p$2178 [15], \p$2178 [15], \p$2178 [15], \p$2178 [15], \p$2178 [15], \p$2178 [15], \p$2178  } : \$487 ;
+  assign \$489  = $signed(acc_7_1) + $signed(\p$2179 );
+  assign \$490  = first_pe7_1 ? { \p$2179 [15], \p$2179 [15], \p$2179 [15], \p$2179 [15], \p$2179 [15], \p$2179 [15], \p$2179 [15], \p$2179 [15], \p$2179 [15], \p$2179  } : \$489 ;
+  assign \$491  = $signed(acc_7_2) + $signed(\p$2180 );
+  assign \$492  = first_pe7_2 ? { \p$2180 [15], \p$2180 [15], \p$2180 [15], \p$2180 [15], \p$2180 [15], \p$2180 [15], \p$2180 [15], \p$2180 [15], \p$2180 [15], \p$2180  } : \$491 ;
+  assign \$493  = $signed(acc_7_3) + $signed(\p$2181 );
+  assign \$494  = first_pe7_3 ? { \p$2181 [15], \p$2181 [15], \p$2181 [15], \p$2181 [15], \p$2181 [15], \p$2181 [15], \p$2181 [15], \p$2181 [15], \p$2181 [15], \p$2181  } : \$493 ;
+  assign \$495  = $signed(acc_7_4) + $signed(\p$2182 );
+  assign \$496  = first_pe7_4 ? { \p$2182 [15], \p$2182 [15], \p$2182 [15], \p$2182 [15], \p$2182 [15], \p$2182 [15], \p$2182 [15], \p$2182 [15], \p$2182 [15], \p$2182  } : \$495 ;
+  assign \$497  = $signed(acc_7_5) + $signed(\p$2183 );
+  assign \$498  = first_pe7_5 ? { \p$2183 [15], \p$2183 [15], \p$2183 [15], \p$2183 [15], \p$2183 [15], \p$2183 [15], \p$2183 [15], \p$2183 [15], \p$2183 [15], \p$2183  } : \$497 ;
+  assign \$499  = $signed(acc_7_6) + $signed(\p$2184 );
+  assign \$500  = first_pe7_6 ? { \p$2184 [15], \p$2184 [15], \p$2184 [15], \p$2184 [15], \p$2184 [15], \p$2184 [15], \p$2184 [15], \p$2184 [15], \p$2184 [15], \p$2184  } : \$499 ;
+  assign \$501  = $signed(acc_7_7) + $signed(\p$2185 );
+  assign \$502  = first_pe7_7 ? { \p$2185 [15], \p$2185 [15], \p$2185 [15], \p$2185 [15], \p$2185 [15], \p$2185 [15], \p$2185 [15], \p$2185 [15], \p$2185 [15], \p$2185  } : \$501 ;
+  assign \$503  = $signed(acc_7_8) + $signed(\p$2186 );
+  assign \$504  = first_pe7_8 ? { \p$2186 [15], \p$2186 [15], \p$2186 [15], \p$2186 [15], \p$2186 [15], \p$2186 [15], \p$2186 [15], \p$2186 [15], \p$2186 [15], \p$2186  } : \$503 ;
+  assign \$505  = $signed(acc_7_9) + $signed(\p$2187 );
+  assign \$506  = first_pe7_9 ? { \p$2187 [15], \p$2187 [15], \p$2187 [15], \p$2187 [15], \p$2187 [15], \p$2187 [15], \p$2187 [15], \p$2187 [15], \p$2187 [15], \p$2187  } : \$505 ;
+  assign \$507  = $signed(acc_7_10) + $signed(\p$2188 );
+  assign \$508  = first_pe7_10 ? { \p$2188 [15], \p$2188 [15], \p$2188 [15], \p$2188 [15], \p$2188 [15], \p$2188 [15], \p$2188 [15], \p$2188 [15], \p$2188 [15], \p$2188  } : \$507 ;
+  assign \$509  = $signed(acc_7_11) + $signed(\p$2189 );
+  assign \$510  = first_pe7_11 ? { \p$2189 [15], \p$2189 [15], \p$2189 [15], \p$2189 [15], \p$2189 [15], \p$2189 [15], \p$2189 [15], \p$2189 [15], \p$2189 [15], \p$2189  } : \$509 ;
+  assign \$511  = $signed(acc_7_12) + $signed(\p$2190 );
+  assign \$512  = first_pe7_12 ? { \p$2190 [15], \p$2190 [15], \p$2190 [15], \p$2190 [15], \p$2190 [15], \p$2190 [15], \p$2190 [15], \p$2190 [15], \p$2190 [15], \p$2190  } : \$511 ;
+  assign \$513  = $signed(acc_7_13) + $signed(\p$2191 );
+  assign \$514  = first_pe7_13 ? { \p$2191 [15], \p$2191 [15], \p$2191 [15], \p$2191 [15], \p$2191 [15], \p$2191 [15], \p$2191 [15], \p$2191 [15], \p$2191 [15], \p$2191  } : \$513 ;
+  assign \$515  = $signed(acc_7_14) + $signed(\p$2192 );
+  assign \$516  = first_pe7_14 ? { \p$2192 [15], \p$2192 [15], \p$2192 [15], \p$2192 [15], \p$2192 [15], \p$2192 [15], \p$2192 [15], \p$2192 [15], \p$2192 [15], \p$2192  } : \$515 ;
+  assign \$517  = $signed(acc_7_15) + $signed(\p$2193 );
+  assign \$518  = first_pe7_15 ? { \p$2193 [15], \p$2193 [15], \p$2193 [15], \p$2193 [15], \p$2193 [15], \p$2193 [15], \p$2193 [15], \p$2193 [15], \p$2193 [15], \p$2193  } : \$517 ;
+  assign \$519  = $signed(acc_8_0) + $signed(\p$2194 );
+  assign \$520  = first_pe8_0 ? { \p$2194 [15], \p$2194 [15], \p$2194 [15], \p$2194 [15], \p$2194 [15], \p$2194 [15], \p$2194 [15], \p$2194 [15], \p$2194 [15], \p$2194  } : \$519 ;
+  assign \$521  = $signed(acc_8_1) + $signed(\p$2195 );
+  assign \$522  = first_pe8_1 ? { \p$2195 [15], \p$2195 [15], \p$2195 [15], \p$2195 [15], \p$2195 [15], \p$2195 [15], \p$2195 [15], \p$2195 [15], \p$2195 [15], \p$2195  } : \$521 ;
+  assign \$523  = $signed(acc_8_2) + $signed(\p$2196 );
+  assign \$524  = first_pe8_2 ? { \p$2196 [15], \p$2196 [15], \p$2196 [15], \p$2196 [15], \p$2196 [15], \p$2196 [15], \p$2196 [15], \p$2196 [15], \p$2196 [15], \p$2196  } : \$523 ;
+  assign \$525  = $signed(acc_8_3) + $signed(\p$2197 );
+  assign \$526  = first_pe8_3 ? { \p$2197 [15], \p$2197 [15], \p$2197 [15], \p$2197 [15], \p$2197 [15], \p$2197 [15], \p$2197 [15], \p$2197 [15], \p$2197 [15], \p$2197  } : \$525 ;
+  assign \$527  = $signed(acc_8_4) + $signed(\p$2198 );
+  assign \$528  = first_pe8_4 ? { \p$2198 [15], \p$2198 [15], \p$2198 [15], \p$2198 [15], \p$2198 [15], \p$2198 [15], \p$2198 [15], \p$2198 [15], \p$2198 [15], \p$2198  } : \$527 ;
+  assign \$529  = $signed(acc_8_5) + $signed(\p$2199 );
+  assign \$530  = first_pe8_5 ? { \p$2199 [15], \p$2199 [15], \p$2199 [15], \p$2199 [15], \p$2199 [15], \p$2199 [15], \p$2199 [15], \p$2199 [15], \p$2199 [15], \p$2199  } : \$529 ;
+  assign \$531  = $signed(acc_8_6) + $signed(\p$2200 );
+  assign \$532  = first_pe8_6 ? { \p$2200 [15], \p$2200 [15], \p$2200 [15], \p$2200 [15], \p$2200 [15], \p$2200 [15], \p$2200 [15], \p$2200 [15], \p$2200 [15], \p$2200  } : \$531 ;
+  assign \$533  = $signed(acc_8_7) + $signed(\p$2201 );
+  assign \$534  = first_pe8_7 ? { \p$2201 [15], \p$2201 [15], \p$2201 [15], \p$2201 [15], \p$2201 [15], \p$2201 [15], \p$2201 [15], \p$2201 [15], \p$2201 [15], \p$2201  } : \$533 ;
+  assign \$535  = $signed(acc_8_8) + $signed(\p$2202 );
+  assign \$536  = first_pe8_8 ? { \p$2202 [15], \p$2202 [15], \p$2202 [15], \p$2202 [15], \p$2202 [15], \p$2202 [15], \p$2202 [15], \p$2202 [15], \p$2202 [15], \p$2202  } : \$535 ;
+  assign \$537  = $signed(acc_8_9) + $signed(\p$2203 );
+  assign \$538  = first_pe8_9 ? { \p$2203 [15], \p$2203 [15], \p$2203 [15], \p$2203 [15], \p$2203 [15], \p$2203 [15], \p$2203 [15], \p$2203 [15], \p$2203 [15], \p$2203  } : \$537 ;
+  assign \$539  = $signed(acc_8_10) + $signed(\p$2204 );
+  assign \$540  = first_pe8_10 ? { \p$2204 [15], \p$2204 [15], \p$2204 [15], \p$2204 [15], \p$2204 [15], \p$2204 [15], \p$2204 [15], \p$2204 [15], \p$2204 [15], \p$2204  } : \$539 ;
+  assign \$541  = $signed(acc_8_11) + $signed(\p$2205 );
+  assign \$542  = first_pe8_11 ? { \p$2205 [15], \p$2205 [15], \p$2205 [15], \p$2205 [15], \p$2205 [15], \p$2205 [15], \p$2205 [15], \p$2205 [15], \p$2205 [15], \p$2205  } : \$541 ;
+  assign \$543  = $signed(acc_8_12) + $signed(\p$2206 );
+  assign \$544  = first_pe8_12 ? { \p$2206 [15], \p$2206 [15], \p$2206 [15], \p$2206 [15], \p$2206 [15], \p$2206 [15], \p$2206 [15], \p$2206 [15], \p$2206 [15], \p$2206  } : \$543 ;
+  assign \$545  = $signed(acc_8_13) + $signed(\p$2207 );
+  assign \$546  = first_pe8_13 ? { \p$2207 [15], \p$2207 [15], \p$2207 [15], \p$2207 [15], \p$2207 [15], \p$2207 [15], \p$2207 [15], \p$2207 [15], \p$2207 [15], \p$2207  } : \$545 ;
+  assign \$547  = $signed(acc_8_14) + $signed(\p$2208 );
+  assign \$548  = first_pe8_14 ? { \p$2208 [15], \p$2208 [15], \p$2208 [15], \p$2208 [15], \p$2208 [15], \p$2208 [15], \p$2208 [15], \p$2208 [15], \p$2208 [15], \p$2208  } : \$547 ;
+  assign \$549  = $signed(acc_8_15) + $signed(\p$2209 );
+  assign \$550  = first_pe8_15 ? { \p$2209 [15], \p$2209 [15], \p$2209 [15], \p$2209 [15], \p$2209 [15], \p$2209 [15], \p$2209 [15], \p$2209 [15], \p$2209 [15], \p$2209  } : \$549 ;
+  assign \$551  = $signed(acc_9_0) + $signed(\p$2210 );
+  assign \$552  = first_pe9_0 ? { \p$2210 [15], \p$2210 [15], \p$2210 [15], \p$2210 [15], \p$2210 [15], \p$2210 [15], \p$2210 [15], \p$2210 [15], \p$2210 [15], \p$2210  } : \$551 ;
+  assign \$553  = $signed(acc_9_1) + $signed(\p$2211 );
+  assign \$554  = first_pe9_1 ? { \p$2211 [15], \p$2211 [15], \p$2211 [15], \p$2211 [15], \p$2211 [15], \p$2211 [15], \p$2211 [15], \p$2211 [15], \p$2211 [15], \p$2211  } : \$553 ;
+  assign \$555  = $signed(acc_9_2) + $signed(\p$2212 );
+  assign \$556  = first_pe9_2 ? { \p$2212 [15], \p$2212 [15], \p$2212 [15], \p$2212 [15], \p$2212 [15], \p$2212 [15], \p$2212 [15], \p$2212 [15], \p$2212 [15], \p$2212  } : \$555 ;
+  assign \$557  = $signed(acc_9_3) + $signed(\p$2213 );
+  assign \$558  = first_pe9_3 ? { \p$2213 [15], \p$2213 [15], \p$2213 [15], \p$2213 [15], \p$2213 [15], \p$2213 [15], \p$2213 [15], \p$2213 [15], \p$2213 [15], \p$2213  } : \$557 ;
+  assign \$559  = $signed(acc_9_4) + $signed(\p$2214 );
+  assign \$560  = first_pe9_4 ? { \p$2214 [15], \p$2214 [15], \p$2214 [15], \p$2214 [15], \p$2214 [15], \p$2214 [15], \p$2214 [15], \p$2214 [15], \p$2214 [15], \p$2214  } : \$559 ;
+  assign \$561  = $signed(acc_9_5) + $signed(\p$2215 );
+  assign \$562  = first_pe9_5 ? { \p$2215 [15], \p$2215 [15], \p$2215 [15], \p$2215 [15], \p$2215 [15], \p$2215 [15], \p$2215 [15], \p$2215 [15], \p$2215 [15], \p$2215  } : \$561 ;
+  assign \$563  = $signed(acc_9_6) + $signed(\p$2216 );
+  assign \$564  = first_pe9_6 ? { \p$2216 [15], \p$2216 [15], \p$2216 [15], \p$2216 [15], \p$2216 [15], \p$2216 [15], \p$2216 [15], \p$2216 [15], \p$2216 [15], \p$2216  } : \$563 ;
+  assign \$565  = $signed(acc_9_7) + $signed(\p$2217 );
+  assign \$566  = first_pe9_7 ? { \p$2217 [15], \p$2217 [15], \p$2217 [15], \p$2217 [15], \p$2217 [15], \p$2217 [15], \p$2217 [15], \p$2217 [15], \p$2217 [15], \p$2217  } : \$565 ;
+  assign \$567  = $signed(acc_9_8) + $signed(\p$2218 );
+  assign \$568  = first_pe9_8 ? { \p$2218 [15], \p$2218 [15], \p$2218 [15], \p$2218 [15], \p$2218 [15], \p$2218 [15], \p$2218 [15], \p$2218 [15], \p$2218 [15], \p$2218  } : \$567 ;
+  assign \$569  = $signed(acc_9_9) + $signed(\p$2219 );
+  assign \$570  = first_pe9_9 ? { \p$2219 [15], \p$2219 [15], \p$2219 [15], \p$2219 [15], \p$2219 [15], \p$2219 [15], \p$2219 [15], \p$2219 [15], \p$2219 [15], \p$2219  } : \$569 ;
+  assign \$571  = $signed(acc_9_10) + $signed(\p$2220 );
+  assign \$572  = first_pe9_10 ? { \p$2220 [15], \p$2220 [15], \p$2220 [15], \p$2220 [15], \p$2220 [15], \p$2220 [15], \p$2220 [15], \p$2220 [15], \p$2220 [15], \p$2220  } : \$571 ;
+  assign \$573  = $signed(acc_9_11) + $signed(\p$2221 );
+  assign \$574  = first_pe9_11 ? { \p$2221 [15], \p$2221 [15], \p$2221 [15], \p$2221 [15], \p$2221 [15], \p$2221 [15], \p$2221 [15], \p$2221 [15], \p$2221 [15], \p$2221  } : \$573 ;
+  assign \$575  = $signed(acc_9_12) + $signed(\p$2222 );
+  assign \$576  = first_pe9_12 ? { \p$2222 [15], \p$2222 [15], \p$2222 [15], \p$2222 [15], \p$2222 [15], \p$2222 [15], \p$2222 [15], \p$2222 [15], \p$2222 [15], \p$2222  } : \$575 ;
+  assign \$577  = $signed(acc_9_13) + $signed(\p$2223 );
+  assign \$578  = first_pe9_13 ? { \p$2223 [15], \p$2223 [15], \p$2223 [15], \p$2223 [15], \p$2223 [15], \p$2223 [15], \p$2223 [15], \p$2223 [15], \p$2223 [15], \p$2223  } : \$577 ;
+  assign \$579  = $signed(acc_9_14) + $signed(\p$2224 );
+  assign \$580  = first_pe9_14 ? { \p$2224 [15], \p$2224 [15], \p$2224 [15], \p$2224 [15], \p$2224 [15], \p$2224 [15], \p$2224 [15], \p$2224 [15], \p$2224 [15], \p$2224  } : \$579 ;
+  assign \$581  = $signed(acc_9_15) + $signed(\p$2225 );
+  assign \$582  = first_pe9_15 ? { \p$2225 [15], \p$2225 [15], \p$2225 [15], \p$2225 [15], \p$2225 [15], \p$2225 [15], \p$2225 [15], \p$2225 [15], \p$2225 [15], \p$2225  } : \$581 ;
+  assign \$583  = $signed(acc_10_0) + $signed(\p$2226 );
+  assign \$584  = first_pe10_0 ? { \p$2226 [15], \p$2226 [15], \p$2226 [15], \p$2226 [15], \p$2226 [15], \p$2226 [15], \p$2226 [15], \p$2226 [15], \p$2226 [15], \p$2226  } : \$583 ;
+  assign \$585  = $signed(acc_10_1) + $signed(\p$2227 );
+  assign \$586  = first_pe10_1 ? { \p$2227 [15], \p$2227 [15], \p$2227 [15], \p$2227 [15], \p$2227 [15], \p$2227 [15], \p$2227 [15], \p$2227 [15], \p$2227 [15], \p$2227  } : \$585 ;
+  assign \$587  = $signed(acc_10_2) + $signed(\p$2228 );
+  assign \$588  = first_pe10_2 ? { \p$2228 [15], \p$2228 [15], \p$2228 [15], \p$2228 [15], \p$2228 [15], \p$2228 [15], \p$2228 [15], \p$2228 [15], \p$2228 [15], \p$2228  } : \$587 ;
+  assign \$589  = $signed(acc_10_3) + $signed(\p$2229 );
+  assign \$590  = first_pe10_3 ? { \p$2229 [15], \p$2229 [15], \p$2229 [15], \p$2229 [15], \p$2229 [15], \p$2229 [15], \p$2229 [15], \p$2229 [15], \p$2229 [15], \p$2229  } : \$589 ;
+  assign \$591  = $signed(acc_10_4) + $signed(\p$2230 );
+  assign \$592  = first_pe10_4 ? { \p$2230 [15], \p$2230 [15], \p$2230 [15], \p$2230 [15], \p$2230 [15], \p$2230 [15], \p$2230 [15], \p$2230 [15], \p$2230 [15], \p$2230  } : \$591 ;
+  assign \$593  = $signed(acc_10_5) + $signed(\p$2231 );
+  assign \$594  = first_pe10_5 ? { \p$2231 [15], \p$2231 [15], \p$2231 [15], \p$2231 [15], \p$2231 [15], \p$2231 [15], \p$2231 [15], \p$2231 [15], \p$2231 [15], \p$2231  } : \$593 ;
+  assign \$595  = $signed(acc_10_6) + $signed(\p$2232 );
+  assign \$596  = first_pe10_6 ? { \p$2232 [15], \p$2232 [15], \p$2232 [15], \p$2232 [15], \p$2232 [15], \p$2232 [15], \p$2232 [15], \p$2232 [15], \p$2232 [15], \p$2232  } : \$595 ;
+  assign \$597  = $signed(acc_10_7) + $signed(\p$2233 );
+  assign \$598  = first_pe10_7 ? { \p$2233 [15], \p$2233 [15], \p$2233 [15], \p$2233 [15], \p$2233 [15], \p$2233 [15], \p$2233 [15], \p$2233 [15], \p$2233 [15], \p$2233  } : \$597 ;
+  assign \$599  = $signed(acc_10_8) + $signed(\p$2234 );
+  assign \$600  = first_pe10_8 ? { \p$2234 [15], \p$2234 [15], \p$2234 [15], \p$2234 [15], \p$2234 [15], \p$2234 [15], \p$2234 [15], \p$2234 [15], \p$2234 [15], \p$2234  } : \$599 ;
+  assign \$601  = $signed(acc_10_9) + $signed(\p$2235 );
+  assign \$602  = first_pe10_9 ? { \p$2235 [15], \p$2235 [15], \p$2235 [15], \p$2235 [15], \p$2235 [15], \p$2235 [15], \p$2235 [15], \p$2235 [15], \p$2235 [15], \p$2235  } : \$601 ;
+  assign \$603  = $signed(acc_10_10) + $signed(\p$2236 );
+  assign \$604  = first_pe10_10 ? { \p$2236 [15], \p$2236 [15], \p$2236 [15], \p$2236 [15], \p$2236 [15], \p$2236 [15], \p$2236 [15], \p$2236 [15], \p$2236 [15], \p$2236  } : \$603 ;
+  assign \$605  = $signed(acc_10_11) + $signed(\p$2237 );
+  assign \$606  = first_pe10_11 ? { \p$2237 [15], \p$2237 [15], \p$2237 [15], \p$2237 [15], \p$2237 [15], \p$2237 [15], \p$2237 [15], \p$2237 [15], \p$2237 [15], \p$2237  } : \$605 ;
+  assign \$607  = $signed(acc_10_12) + $signed(\p$2238 );
+  assign \$608  = first_pe10_12 ? { \p$2238 [15], \p$2238 [15], \p$2238 [15], \p$2238 [15], \p$2238 [15], \p$2238 [15], \p$2238 [15], \p$2238 [15], \p$2238 [15], \p$2238  } : \$607 ;
+  assign \$609  = $signed(acc_10_13) + $signed(\p$2239 );
+  assign \$610  = first_pe10_13 ? { \p$2239 [15], \p$2239 [15], \p$2239 [15], \p$2239 [15], \p$2239 [15], \p$2239 [15], \p$2239 [15], \p$2239 [15], \p$2239 [15], \p$2239  } : \$609 ;
+  assign \$611  = $signed(acc_10_14) + $signed(\p$2240 );
+  assign \$612  = first_pe10_14 ? { \p$2240 [15], \p$2240 [15], \p$2240 [15], \p$2240 [15], \p$2240 [15], \p$2240 [15], \p$2240 [15], \p$2240 [15], \p$2240 [15], \p$2240  } : \$611 ;
+  assign \$613  = $signed(acc_10_15) + $signed(\p$2241 );
+  assign \$614  = first_pe10_15 ? { \p$2241 [15], \p$2241 [15], \p$2241 [15], \p$2241 [15], \p$2241 [15], \p$2241 [15], \p$2241 [15], \p$2241 [15], \p$2241 [15], \p$2241  } : \$613 ;
+  assign \$615  = $signed(acc_11_0) + $signed(\p$2242 );
+  assign \$616  = first_pe11_0 ? { \p$2242 [15], \p$2242 [15], \p$2242 [15], \p$2242 [15], \p$2242 [15], \p$2242 [15], \p$2242 [15], \p$2242 [15], \p$2242 [15], \p$2242  } : \$615 ;
+  assign \$617  = $signed(acc_11_1) + $signed(\p$2243 );
+  assign \$618  = first_pe11_1 ? { \p$2243 [15], \p$2243 [15], \p$2243 [15], \p$2243 [15], \p$2243 [15], \p$2243 [15], \p$2243 [15], \p$2243 [15], \p$2243 [15], \p$2243  } : \$617 ;
+  assign \$619  = $signed(acc_11_2) + $signed(\p$2244 );
+  assign \$620  = first_pe11_2 ? { \p$2244 [15], \p$2244 [15], \p$2244 [15], \p$2244 [15], \p$2244 [15], \p$2244 [15], \p$2244 [15], \p$2244 [15], \p$2244 [15], \p$2244  } : \$619 ;
+  assign \$621  = $signed(acc_11_3) + $signed(\p$2245 );
+  assign \$622  = first_pe11_3 ? { \p$2245 [15], \p$2245 [15], \p$2245 [15], \p$2245 [15], \p$2245 [15], \p$2245 [15], \p$2245 [15], \p$2245 [15], \p$2245 [15], \p$2245  } : \$621 ;
+  assign \$623  = $signed(acc_11_4) + $signed(\p$2246 );
+  assign \$624  = first_pe11_4 ? { \p$2246 [15], \p$2246 [15], \p$2246 [15], \p$2246 [15], \p$2246 [15], \p$2246 [15], \p$2246 [15], \p$2246 [15], \p$2246 [15], \p$2246  } : \$623 ;
+  assign \$625  = $signed(acc_11_5) + $signed(\p$2247 );
+  assign \$626  = first_pe11_5 ? { \p$2247 [15], \p$2247 [15], \p$2247 [15], \p$2247 [15], \p$2247 [15], \p$2247 [15], \p$2247 [15], \p$2247 [15], \p$2247 [15], \p$2247  } : \$625 ;
+  assign \$627  = $signed(acc_11_6) + $signed(\p$2248 );
+  assign \$628  = first_pe11_6 ? { \p$2248 [15], \p$2248 [15], \p$2248 [15], \p$2248 [15], \p$2248 [15], \p$2248 [15], \p$2248 [15], \p$2248 [15], \p$2248 [15], \p$2248  } : \$627 ;
+  assign \$629  = $signed(acc_11_7) + $signed(\p$2249 );
+  assign \$630  = first_pe11_7 ? { \p$2249 [15], \p$2249 [15], \p$2249 [15], \p$2249 [15], \p$2249 [15], \p$2249 [15], \p$2249 [15], \p$2249 [15], \p$2249 [15], \p$2249  } : \$629 ;
+  assign \$631  = $signed(acc_11_8) + $signed(\p$2250 );
+  assign \$632  = first_pe11_8 ? { \p$2250 [15], \p$2250 [15], \p$2250 [15], \p$2250 [15], \p$2250 [15], \p$2250 [15], \p$2250 [15], \p$2250 [15], \p$2250 [15], \p$2250  } : \$631 ;
+  assign \$633  = $signed(acc_11_9) + $signed(\p$2251 );
+  assign \$634  = first_pe11_9 ? { \p$2251 [15], \p$2251 [15], \p$2251 [15], \p$2251 [15], \p$2251 [15], \p$2251 [15], \p$2251 [15], \p$2251 [15], \p$2251 [15], \p$2251  } : \$633 ;
+  assign \$635  = $signed(acc_11_10) + $signed(\p$2252 );
+  assign \$636  = first_pe11_10 ? { \p$2252 [15], \p$2252 [15], \p$2252 [15], \p$2252 [15], \p$2252 [15], \p$2252 [15], \p$2252 [15], \p$2252 [15], \p$2252 [15], \p$2252  } : \$635 ;
+  assign \$637  = $signed(acc_11_11) + $signed(\p$2253 );
+  assign \$638  = first_pe11_11 ? { \p$2253 [15], \p$2253 [15], \p$2253 [15], \p$2253 [15], \p$2253 [15], \p$2253 [15], \p$2253 [15], \p$2253 [15], \p$2253 [15], \p$2253  } : \$637 ;
+  assign \$639  = $signed(acc_11_12) + $signed(\p$2254 );
+  assign \$640  = first_pe11_12 ? { \p$2254 [15], \p$2254 [15], \p$2254 [15], \p$2254 [15], \p$2254 [15], \p$2254 [15], \p$2254 [15], \p$2254 [15], \p$2254 [15], \p$2254  } : \$639 ;
+  assign \$641  = $signed(acc_11_13) + $signed(\p$2255 );
+  assign \$642  = first_pe11_13 ? { \p$2255 [15], \p$2255 [15], \p$2255 [15], \p$2255 [15], \p$2255 [15], \p$2255 [15], \p$2255 [15], \p$2255 [15], \p$2255 [15], \p$2255  } : \$641 ;
+  assign \$643  = $signed(acc_11_14) + $signed(\p$2256 );
+  assign \$644  = first_pe11_14 ? { \p$2256 [15], \p$2256 [15], \p$2256 [15], \p$2256 [15], \p$2256 [15], \p$2256 [15], \p$2256 [15], \p$2256 [15], \p$2256 [15], \p$2256  } : \$643 ;
+  assign \$645  = $signed(acc_11_15) + $signed(\p$2257 );
+  assign \$646  = first_pe11_15 ? { \p$2257 [15], \p$2257 [15], \p$2257 [15], \p$2257 [15], \p$2257 [15], \p$2257 [15], \p$2257 [15], \p$2257 [15], \p$2257 [15], \p$2257  } : \$645 ;
+  assign \$647  = $signed(acc_12_0) + $signed(\p$2258 );
+  assign \$648  = first_pe12_0 ? { \p$2258 [15], \p$2258 [15], \p$2258 [15], \p$2258 [15], \p$2258 [15], \p$2258 [15], \p$2258 [15], \p$2258 [15], \p$2258 [15], \p$2258  } : \$647 ;
+  assign \$649  = $signed(acc_12_1) + $signed(\p$2259 );
+  assign \$650  = first_pe12_1 ? { \p$2259 [15], \p$2259 [15], \p$2259 [15], \p$2259 [15], \p$2259 [15], \p$2259 [15], \p$2259 [15], \p$2259 [15], \p$2259 [15], \p$2259  } : \$649 ;
+  assign \$651  = $signed(acc_12_2) + $signed(\p$2260 );
+  assign \$652  = first_pe12_2 ? { \p$2260 [15], \p$2260 [15], \p$2260 [15], \p$2260 [15], \p$2260 [15], \p$2260 [15], \p$2260 [15], \p$2260 [15], \p$2260 [15], \p$2260  } : \$651 ;
+  assign \$653  = $signed(acc_12_3) + $signed(\p$2261 );
+  assign \$654  = first_pe12_3 ? { \p$2261 [15], \p$2261 [15], \p$2261 [15], \p$2261 [15], \p$2261 [15], \p$2261 [15], \p$2261 [15], \p$2261 [15], \p$2261 [15], \p$2261  } : \$653 ;
+  assign \$655  = $signed(acc_12_4) + $signed(\p$2262 );
+  assign \$656  = first_pe12_4 ? { \p$2262 [15], \p$2262 [15], \p$2262 [15], \p$2262 [15], \p$2262 [15], \p$2262 [15], \p$2262 [15], \p$2262 [15], \p$2262 [15], \p$2262  } : \$655 ;
+  assign \$657  = $signed(acc_12_5) + $signed(\p$2263 );
+  assign \$658  = first_pe12_5 ? { \p$2263 [15], \p$2263 [15], \p$2263 [15], \p$2263 [15], \p$2263 [15], \p$2263 [15], \p$2263 [15], \p$2263 [15], \p$2263 [15], \p$2263  } : \$657 ;
+  assign \$659  = $signed(acc_12_6) + $signed(\p$2264 );
+  assign \$660  = first_pe12_6 ? { \p$2264 [15], \p$2264 [15], \p$2264 [15], \p$2264 [15], \p$2264 [15], \p$2264 [15], \p$2264 [15], \p$2264 [15], \p$2264 [15], \p$2264  } : \$659 ;
+  assign \$661  = $signed(acc_12_7) + $signed(\p$2265 );
+  assign \$662  = first_pe12_7 ? { \p$2265 [15], \p$2265 [15], \p$2265 [15], \p$2265 [15], \p$2265 [15], \p$2265 [15], \p$2265 [15], \p$2265 [15], \p$2265 [15], \p$2265  } : \$661 ;
+  assign \$663  = $signed(acc_12_8) + $signed(\p$2266 );
+  assign \$664  = first_pe12_8 ? { \p$2266 [15], \p$2266 [15], \p$2266 [15], \p$2266 [15], \p$2266 [15], \p$2266 [15], \p$2266 [15], \p$2266 [15], \p$2266 [15], \p$2266  } : \$663 ;
+  assign \$665  = $signed(acc_12_9) + $signed(\p$2267 );
+  assign \$666  = first_pe12_9 ? { \p$2267 [15], \p$2267 [15], \p$2267 [15], \p$2267 [15], \p$2267 [15], \p$2267 [15], \p$2267 [15], \p$2267 [15], \p$2267 [15], \p$2267  } : \$665 ;
+  assign \$667  = $signed(acc_12_10) + $signed(\p$2268 );
+  assign \$668  = first_pe12_10 ? { \p$2268 [15], \p$2268 [15], \p$2268 [15], \p$2268 [15], \p$2268 [15], \p$2268 [15], \p$2268 [15], \p$2268 [15], \p$2268 [15], \p$2268  } : \$667 ;
+  assign \$669  = $signed(acc_12_11) + $signed(\p$2269 );
+  assign \$670  = first_pe12_11 ? { \p$2269 [15], \p$2269 [15], \p$2269 [15], \p$2269 [15], \p$2269 [15], \p$2269 [15], \p$2269 [15], \p$2269 [15], \p$2269 [15], \p$2269  } : \$669 ;
+  assign \$671  = $signed(acc_12_12) + $signed(\p$2270 );
+  assign \$672  = first_pe12_12 ? { \p$2270 [15], \p$2270 [15], \p$2270 [15], \p$2270 [15], \p$2270 [15], \p$2270 [15], \p$2270 [15], \p$2270 [15], \p$2270 [15], \p$2270  } : \$671 ;
+  assign \$673  = $signed(acc_12_13) + $signed(\p$2271 );
+  assign \$674  = first_pe12_13 ? { \p$2271 [15], \p$2271 [15], \p$2271 [15], \p$2271 [15], \p$2271 [15], \p$2271 [15], \p$2271 [15], \p$2271 [15], \p$2271 [15], \p$2271  } : \$673 ;
+  assign \$675  = $signed(acc_12_14) + $signed(\p$2272 );
+  assign \$676  = first_pe12_14 ? { \p$2272 [15], \p$2272 [15], \p$2272 [15], \p$2272 [15], \p$2272 [15], \p$2272 [15], \p$2272 [15], \p$2272 [15], \p$2272 [15], \p$2272  } : \$675 ;
+  assign \$677  = $signed(acc_12_15) + $signed(\p$2273 );
+  assign \$678  = first_pe12_15 ? { \p$2273 [15], \p$2273 [15], \p$2273 [15], \p$2273 [15], \p$2273 [15], \p$2273 [15], \p$2273 [15], \p$2273 [15], \p$2273 [15], \p$2273  } : \$677 ;
+  assign \$679  = $signed(acc_13_0) + $signed(\p$2274 );
+  assign \$680  = first_pe13_0 ? { \p$2274 [15], \p$2274 [15], \p$2274 [15], \p$2274 [15], \p$2274 [15], \p$2274 [15], \p$2274 [15], \p$2274 [15], \p$2274 [15], \p$2274  } : \$679 ;
+  assign \$681  = $signed(acc_13_1) + $signed(\p$2275 );
+  assign \$682  = first_pe13_1 ? { \p$2275 [15], \p$2275 [15], \p$2275 [15], \p$2275 [15], \p$2275 [15], \p$2275 [15], \p$2275 [15], \p$2275 [15], \p$2275 [15], \p$2275  } : \$681 ;
+  assign \$683  = $signed(acc_13_2) + $signed(\p$2276 );
+  assign \$684  = first_pe13_2 ? { \p$2276 [15], \p$2276 [15], \p$2276 [15], \p$2276 [15], \p$2276 [15], \p$2276 [15], \p$2276 [15], \p$2276 [15], \p$2276 [15], \p$2276  } : \$683 ;
+  assign \$685  = $signed(acc_13_3) + $signed(\p$2277 );
+  assign \$686  = first_pe13_3 ? { \p$2277 [15], \p$2277 [15], \p$2277 [15], \p$2277 [15], \p$2277 [15], \p$2277 [15], \p$2277 [15], \p$2277 [15], \p$2277 [15], \p$2277  } : \$685 ;
+  assign \$687  = $signed(acc_13_4) + $signed(\p$2278 );
+  assign \$688  = first_pe13_4 ? { \p$2278 [15], \p$2278 [15], \p$2278 [15], \p$2278 [15], \p$2278 [15], \p$2278 [15], \p$2278 [15], \p$2278 [15], \p$2278 [15], \p$2278  } : \$687 ;
+  assign \$689  = $signed(acc_13_5) + $signed(\p$2279 );
+  assign \$690  = first_pe13_5 ? { \p$2279 [15], \p$2279 [15], \p$2279 [15], \p$2279 [15], \p$2279 [15], \p$2279 [15], \p$2279 [15], \p$2279 [15], \p$2279 [15], \p$2279  } : \$689 ;
+  assign \$691  = $signed(acc_13_6) + $signed(\p$2280 );
+  assign \$692  = first_pe13_6 ? { \p$2280 [15], \p$2280 [15], \p$2280 [15], \p$2280 [15], \p$2280 [15], \p$2280 [15], \p$2280 [15], \p$2280 [15], \p$2280 [15], \p$2280  } : \$691 ;
+  assign \$693  = $signed(acc_13_7) + $signed(\p$2281 );
+  assign \$694  = first_pe13_7 ? { \p$2281 [15], \p$2281 [15], \p$2281 [15], \p$2281 [15], \p$2281 [15], \p$2281 [15], \p$2281 [15], \p$2281 [15], \p$2281 [15], \p$2281  } : \$693 ;
+  assign \$695  = $signed(acc_13_8) + $signed(\p$2282 );
+  assign \$696  = first_pe13_8 ? { \p$2282 [15], \p$2282 [15], \p$2282 [15], \p$2282 [15], \p$2282 [15], \p$2282 [15], \p$2282 [15], \p$2282 [15], \p$2282 [15], \p$2282  } : \$695 ;
+  assign \$697  = $signed(acc_13_9) + $signed(\p$2283 );
+  assign \$698  = first_pe13_9 ? { \p$2283 [15], \p$2283 [15], \p$2283 [15], \p$2283 [15], \p$2283 [15], \p$2283 [15], \p$2283 [15], \p$2283 [15], \p$2283 [15], \p$2283  } : \$697 ;
+  assign \$699  = $signed(acc_13_10) + $signed(\p$2284 );
+  assign \$700  = first_pe13_10 ? { \p$2284 [15], \p$2284 [15], \p$2284 [15], \p$2284 [15], \p$2284 [15], \p$2284 [15], \p$2284 [15], \p$2284 [15], \p$2284 [15], \p$2284  } : \$699 ;
+  assign \$701  = $signed(acc_13_11) + $signed(\p$2285 );
+  assign \$702  = first_pe13_11 ? { \p$2285 [15], \p$2285 [15], \p$2285 [15], \p$2285 [15], \p$2285 [15], \p$2285 [15], \p$2285 [15], \p$2285 [15], \p$2285 [15], \p$2285  } : \$701 ;
+  assign \$703  = $signed(acc_13_12) + $signed(\p$2286 );
+  assign \$704  = first_pe13_12 ? { \p$2286 [15], \p$2286 [15], \p$2286 [15], \p$2286 [15], \p$2286 [15], \p$2286 [15], \p$2286 [15], \p$2286 [15], \p$2286 [15], \p$2286  } : \$703 ;
+  assign \$705  = $signed(acc_13_13) + $signed(\p$2287 );
+  assign \$706  = first_pe13_13 ? { \p$2287 [15], \p$2287 [15], \p$2287 [15], \p$2287 [15], \p$2287 [15], \p$2287 [15], \p$2287 [15], \p$2287 [15], \p$2287 [15], \p$2287  } : \$705 ;
+  assign \$707  = $signed(acc_13_14) + $signed(\p$2288 );
+  assign \$708  = first_pe13_14 ? { \p$2288 [15], \p$2288 [15], \p$2288 [15], \p$2288 [15], \p$2288 [15], \p$2288 [15], \p$2288 [15], \p$2288 [15], \p$2288 [15], \p$2288  } : \$707 ;
+  assign \$709  = $signed(acc_13_15) + $signed(\p$2289 );
+  assign \$710  = first_pe13_15 ? { \p$2289 [15], \p$2289 [15], \p$2289 [15], \p$2289 [15], \p$2289 [15], \p$2289 [15], \p$2289 [15], \p$2289 [15], \p$2289 [15], \p$2289  } : \$709 ;
+  assign \$711  = $signed(acc_14_0) + $signed(\p$2290 );
+  assign \$712  = first_pe14_0 ? { \p$2290 [15], \p$2290 [15], \p$2290 [15], \p$2290 [15], \p$2290 [15], \p$2290 [15], \p$2290 [15], \p$2290 [15], \p$2290 [15], \p$2290  } : \$711 ;
+  assign \$713  = $signed(acc_14_1) + $signed(\p$2291 );
+  assign \$714  = first_pe14_1 ? { \p$2291 [15], \p$2291 [15], \p$2291 [15], \p$2291 [15], \p$2291 [15], \p$2291 [15], \p$2291 [15], \p$2291 [15], \p$2291 [15], \p$2291  } : \$713 ;
+  assign \$715  = $signed(acc_14_2) + $signed(\p$2292 );
+  assign \$716  = first_pe14_2 ? { \p$2292 [15], \p$2292 [15], \p$2292 [15], \p$2292 [15], \p$2292 [15], \p$2292 [15], \p$2292 [15], \p$2292 [15], \p$2292 [15], \p$2292  } : \$715 ;
+  assign \$717  = $signed(acc_14_3) + $signed(\p$2293 );
+  assign \$718  = first_pe14_3 ? { \p$2293 [15], \p$2293 [15], \p$2293 [15], \p$2293 [15], \p$2293 [15], \p$2293 [15], \p$2293 [15], \p$2293 [15], \p$2293 [15], \p$2293  } : \$717 ;
+  assign \$719  = $signed(acc_14_4) + $signed(\p$2294 );
+  assign \$720  = first_pe14_4 ? { \p$2294 [15], \p$2294 [15], \p$2294 [15], \p$2294 [15], \p$2294 [15], \p$2294 [15], \p$2294 [15], \p$2294 [15], \p$2294 [15], \p$2294  } : \$719 ;
+  assign \$721  = $signed(acc_14_5) + $signed(\p$2295 );
+  assign \$722  = first_pe14_5 ? { \p$2295 [15], \p$2295 [15], \p$2295 [15], \p$2295 [15], \p$2295 [15], \p$2295 [15], \p$2295 [15], \p$2295 [15], \p$2295 [15], \p$2295  } : \$721 ;
+  assign \$723  = $signed(acc_14_6) + $signed(\p$2296 );
+  assign \$724  = first_pe14_6 ? { \p$2296 [15], \p$2296 [15], \p$2296 [15], \p$2296 [15], \p$2296 [15], \p$2296 [15], \p$2296 [15], \p$2296 [15], \p$2296 [15], \p$2296  } : \$723 ;
+  assign \$725  = $signed(acc_14_7) + $signed(\p$2297 );
+  assign \$726  = first_pe14_7 ? { \p$2297 [15], \p$2297 [15], \p$2297 [15], \p$2297 [15], \p$2297 [15], \p$2297 [15], \p$2297 [15], \p$2297 [15], \p$2297 [15], \p$2297  } : \$725 ;
+  assign \$727  = $signed(acc_14_8) + $signed(\p$2298 );
+  assign \$728  = first_pe14_8 ? { \p$2298 [15], \p$2298 [15], \p$2298 [15], \p$2298 [15], \p$2298 [15], \p$2298 [15], \p$2298 [15], \p$2298 [15], \p$2298 [15], \p$2298  } : \$727 ;
+  assign \$729  = $signed(acc_14_9) + $signed(\p$2299 );
+  assign \$730  = first_pe14_9 ? { \p$2299 [15], \p$2299 [15], \p$2299 [15], \p$2299 [15], \p$2299 [15], \p$2299 [15], \p$2299 [15], \p$2299 [15], \p$2299 [15], \p$2299  } : \$729 ;
+  assign \$731  = $signed(acc_14_10) + $signed(\p$2300 );
+  assign \$732  = first_pe14_10 ? { \p$2300 [15], \p$2300 [15], \p$2300 [15], \p$2300 [15], \p$2300 [15], \p$2300 [15], \p$2300 [15], \p$2300 [15], \p$2300 [15], \p$2300  } : \$731 ;
+  assign \$733  = $signed(acc_14_11) + $signed(\p$2301 );
+  assign \$734  = first_pe14_11 ? { \p$2301 [15], \p$2301 [15], \p$2301 [15], \p$2301 [15], \p$2301 [15], \p$2301 [15], \p$2301 [15], \p$2301 [15], \p$2301 [15], \p$2301  } : \$733 ;
+  assign \$735  = $signed(acc_14_12) + $signed(\p$2302 );
+  assign \$736  = first_pe14_12 ? { \p$2302 [15], \p$2302 [15], \p$2302 [15], \p$2302 [15], \p$2302 [15], \p$2302 [15], \p$2302 [15], \p$2302 [15], \p$2302 [15], \p$2302  } : \$735 ;
+  assign \$737  = $signed(acc_14_13) + $signed(\p$2303 );
+  assign \$738  = first_pe14_13 ? { \p$2303 [15], \p$2303 [15], \p$2303 [15], \p$2303 [15], \p$2303 [15], \p$2303 [15], \p$2303 [15], \p$2303 [15], \p$2303 [15], \p$2303  } : \$737 ;
+  assign \$739  = $signed(acc_14_14) + $signed(\p$2304 );
+  assign \$740  = first_pe14_14 ? { \p$2304 [15], \p$2304 [15], \p$2304 [15], \p$2304 [15], \p$2304 [15], \p$2304 [15], \p$2304 [15], \p$2304 [15], \p$2304 [15], \p$2304  } : \$739 ;
+  assign \$741  = $signed(acc_14_15) + $signed(\p$2305 );
+  assign \$742  = first_pe14_15 ? { \p$2305 [15], \p$2305 [15], \p$2305 [15], \p$2305 [15], \p$2305 [15], \p$2305 [15], \p$2305 [15], \p$2305 [15], \p$2305 [15], \p$2305  } : \$741 ;
+  assign \$743  = $signed(acc_15_0) + $signed(\p$2306 );
+  assign \$744  = first_pe15_0 ? { \p$2306 [15], \p$2306 [15], \p$2306 [15], \p$2306 [15], \p$2306 [15], \p$2306 [15], \p$2306 [15], \p$2306 [15], \p$2306 [15], \p$2306  } : \$743 ;
+  assign \$745  = $signed(acc_15_1) + $signed(\p$2307 );
+  assign \$746  = first_pe15_1 ? { \p$2307 [15], \p$2307 [15], \p$2307 [15], \p$2307 [15], \p$2307 [15], \p$2307 [15], \p$2307 [15], \p$2307 [15], \p$2307 [15], \p$2307  } : \$745 ;
+  assign \$747  = $signed(acc_15_2) + $signed(\p$2308 );
+  assign \$748  = first_pe15_2 ? { \p$2308 [15], \p$2308 [15], \p$2308 [15], \p$2308 [15], \p$2308 [15], \p$2308 [15], \p$2308 [15], \p$2308 [15], \p$2308 [15], \p$2308  } : \$747 ;
+  assign \$749  = $signed(acc_15_3) + $signed(\p$2309 );
+  assign \$750  = first_pe15_3 ? { \p$2309 [15], \p$2309 [15], \p$2309 [15], \p$2309 [15], \p$2309 [15], \p$2309 [15], \p$2309 [15], \p$2309 [15], \p$2309 [15], \p$2309  } : \$749 ;
+  assign \$751  = $signed(acc_15_4) + $signed(\p$2310 );
+  assign \$752  = first_pe15_4 ? { \p$2310 [15], \p$2310 [15], \p$2310 [15], \p$2310 [15], \p$2310 [15], \p$2310 [15], \p$2310 [15], \p$2310 [15], \p$2310 [15], \p$2310  } : \$751 ;
+  assign \$753  = $signed(acc_15_5) + $signed(\p$2311 );
+  assign \$754  = first_pe15_5 ? { \p$2311 [15], \p$2311 [15], \p$2311 [15], \p$2311 [15], \p$2311 [15], \p$2311 [15], \p$2311 [15], \p$2311 [15], \p$2311 [15], \p$2311  } : \$753 ;
+  assign \$755  = $signed(acc_15_6) + $signed(\p$2312 );
+  assign \$756  = first_pe15_6 ? { \p$2312 [15], \p$2312 [15], \p$2312 [15], \p$2312 [15], \p$2312 [15], \p$2312 [15], \p$2312 [15], \p$2312 [15], \p$2312 [15], \p$2312  } : \$755 ;
+  assign \$757  = $signed(acc_15_7) + $signed(\p$2313 );
+  assign \$758  = first_pe15_7 ? { \p$2313 [15], \p$2313 [15], \p$2313 [15], \p$2313 [15], \p$2313 [15], \p$2313 [15], \p$2313 [15], \p$2313 [15], \p$2313 [15], \p$2313  } : \$757 ;
+  assign \$759  = $signed(acc_15_8) + $signed(\p$2314 );
+  assign \$760  = first_pe15_8 ? { \p$2314 [15], \p$2314 [15], \p$2314 [15], \p$2314 [15], \p$2314 [15], \p$2314 [15], \p$2314 [15], \p$2314 [15], \p$2314 [15], \p$2314  } : \$759 ;
+  assign \$761  = $signed(acc_15_9) + $signed(\p$2315 );
+  assign \$762  = first_pe15_9 ? { \p$2315 [15], \p$2315 [15], \p$2315 [15], \p$2315 [15], \p$2315 [15], \p$2315 [15], \p$2315 [15], \p$2315 [15], \p$2315 [15], \p$2315  } : \$761 ;
+  assign \$763  = $signed(acc_15_10) + $signed(\p$2316 );
+  assign \$764  = first_pe15_10 ? { \p$2316 [15], \p$2316 [15], \p$2316 [15], \p$2316 [15], \p$2316 [15], \p$2316 [15], \p$2316 [15], \p$2316 [15], \p$2316 [15], \p$2316  } : \$763 ;
+  assign \$765  = $signed(acc_15_11) + $signed(\p$2317 );
+  assign \$766  = first_pe15_11 ? { \p$2317 [15], \p$2317 [15], \p$2317 [15], \p$2317 [15], \p$2317 [15], \p$2317 [15], \p$2317 [15], \p$2317 [15], \p$2317 [15], \p$2317  } : \$765 ;
+  assign \$767  = $signed(acc_15_12) + $signed(\p$2318 );
+  assign \$768  = first_pe15_12 ? { \p$2318 [15], \p$2318 [15], \p$2318 [15], \p$2318 [15], \p$2318 [15], \p$2318 [15], \p$2318 [15], \p$2318 [15], \p$2318 [15], \p$2318  } : \$767 ;
+  assign \$769  = $signed(acc_15_13) + $signed(\p$2319 );
+  assign \$770  = first_pe15_13 ? { \p$2319 [15], \p$2319 [15], \p$2319 [15], \p$2319 [15], \p$2319 [15], \p$2319 [15], \p$2319 [15], \p$2319 [15], \p$2319 [15], \p$2319  } : \$769 ;
+  assign \$771  = $signed(acc_15_14) + $signed(\p$2320 );
+  assign \$772  = first_pe15_14 ? { \p$2320 [15], \p$2320 [15], \p$2320 [15], \p$2320 [15], \p$2320 [15], \p$2320 [15], \p$2320 [15], \p$2320 [15], \p$2320 [15], \p$2320  } : \$771 ;
+  assign \$773  = $signed(acc_15_15) + $signed(\p$2321 );
+  assign \$774  = first_pe15_15 ? { \p$2321 [15], \p$2321 [15], \p$2321 [15], \p$2321 [15], \p$2321 [15], \p$2321 [15], \p$2321 [15], \p$2321 [15], \p$2321 [15], \p$2321  } : \$773 ;
+  assign \$775  = row == 4'hf;
   always @(posedge clk)
-    \$signal  <= \$792 ;
+    \$signal  <= \$776 ;
   always @(posedge clk)
-    last0 <= \$793 ;
+    last0 <= \$777 ;
   always @(posedge clk)
     a0_0 <= i__payload[7:0];
   always @(posedge clk)
@@ -25192,8879 +25787,9043 @@ module \encoder_layer_0_attention_output_dense.pe (rst, i__payload, i__valid, ba
   always @(posedge clk)
     a0_15 <= i__payload[127:120];
   always @(posedge clk)
-    b0_0 <= \$3 ;
+    b0_0 <= i__payload[135:128];
   always @(posedge clk)
-    b0_1 <= \$4 ;
+    b0_1 <= i__payload[143:136];
   always @(posedge clk)
-    b0_2 <= \$5 ;
+    b0_2 <= i__payload[151:144];
   always @(posedge clk)
-    b0_3 <= \$6 ;
+    b0_3 <= i__payload[159:152];
   always @(posedge clk)
-    b0_4 <= \$7 ;
+    b0_4 <= i__payload[167:160];
   always @(posedge clk)
-    b0_5 <= \$8 ;
+    b0_5 <= i__payload[175:168];
   always @(posedge clk)
-    b0_6 <= \$9 ;
+    b0_6 <= i__payload[183:176];
   always @(posedge clk)
-    b0_7 <= \$10 ;
+    b0_7 <= i__payload[191:184];
   always @(posedge clk)
-    b0_8 <= \$11 ;
+    b0_8 <= i__payload[199:192];
   always @(posedge clk)
-    b0_9 <= \$12 ;
+    b0_9 <= i__payload[207:200];
   always @(posedge clk)
-    b0_10 <= \$13 ;
+    b0_10 <= i__payload[215:208];
   always @(posedge clk)
-    b0_11 <= \$14 ;
+    b0_11 <= i__payload[223:216];
   always @(posedge clk)
-    b0_12 <= \$15 ;
+    b0_12 <= i__payload[231:224];
   always @(posedge clk)
-    b0_13 <= \$16 ;
+    b0_13 <= i__payload[239:232];
   always @(posedge clk)
-    b0_14 <= \$17 ;
+    b0_14 <= i__payload[247:240];
   always @(posedge clk)
-    b0_15 <= \$18 ;
+    b0_15 <= i__payload[255:248];
   always @(posedge clk)
-    a1_0_g0 <= a0_0;
+    a_0_l1_0 <= a0_0;
   always @(posedge clk)
-    a1_0_g1 <= a0_0;
+    a_0_l1_1 <= a0_0;
   always @(posedge clk)
-    a1_0_g2 <= a0_0;
+    a_0_l2_0 <= a_0_l1_0;
   always @(posedge clk)
-    a1_0_g3 <= a0_0;
+    a_0_l2_1 <= a_0_l1_0;
   always @(posedge clk)
-    a1_1_g0 <= a0_1;
+    a_0_l2_2 <= a_0_l1_1;
   always @(posedge clk)
-    a1_1_g1 <= a0_1;
+    a_0_l2_3 <= a_0_l1_1;
   always @(posedge clk)
-    a1_1_g2 <= a0_1;
+    a_1_l1_0 <= a0_1;
   always @(posedge clk)
-    a1_1_g3 <= a0_1;
+    a_1_l1_1 <= a0_1;
   always @(posedge clk)
-    a1_2_g0 <= a0_2;
+    a_1_l2_0 <= a_1_l1_0;
   always @(posedge clk)
-    a1_2_g1 <= a0_2;
+    a_1_l2_1 <= a_1_l1_0;
   always @(posedge clk)
-    a1_2_g2 <= a0_2;
+    a_1_l2_2 <= a_1_l1_1;
   always @(posedge clk)
-    a1_2_g3 <= a0_2;
+    a_1_l2_3 <= a_1_l1_1;
   always @(posedge clk)
-    a1_3_g0 <= a0_3;
+    a_2_l1_0 <= a0_2;
   always @(posedge clk)
-    a1_3_g1 <= a0_3;
+    a_2_l1_1 <= a0_2;
   always @(posedge clk)
-    a1_3_g2 <= a0_3;
+    a_2_l2_0 <= a_2_l1_0;
   always @(posedge clk)
-    a1_3_g3 <= a0_3;
+    a_2_l2_1 <= a_2_l1_0;
   always @(posedge clk)
-    a1_4_g0 <= a0_4;
+    a_2_l2_2 <= a_2_l1_1;
   always @(posedge clk)
-    a1_4_g1 <= a0_4;
+    a_2_l2_3 <= a_2_l1_1;
   always @(posedge clk)
-    a1_4_g2 <= a0_4;
+    a_3_l1_0 <= a0_3;
   always @(posedge clk)
-    a1_4_g3 <= a0_4;
+    a_3_l1_1 <= a0_3;
   always @(posedge clk)
-    a1_5_g0 <= a0_5;
+    a_3_l2_0 <= a_3_l1_0;
   always @(posedge clk)
-    a1_5_g1 <= a0_5;
+    a_3_l2_1 <= a_3_l1_0;
   always @(posedge clk)
-    a1_5_g2 <= a0_5;
+    a_3_l2_2 <= a_3_l1_1;
   always @(posedge clk)
-    a1_5_g3 <= a0_5;
+    a_3_l2_3 <= a_3_l1_1;
   always @(posedge clk)
-    a1_6_g0 <= a0_6;
+    a_4_l1_0 <= a0_4;
   always @(posedge clk)
-    a1_6_g1 <= a0_6;
+    a_4_l1_1 <= a0_4;
   always @(posedge clk)
-    a1_6_g2 <= a0_6;
+    a_4_l2_0 <= a_4_l1_0;
   always @(posedge clk)
-    a1_6_g3 <= a0_6;
+    a_4_l2_1 <= a_4_l1_0;
   always @(posedge clk)
-    a1_7_g0 <= a0_7;
+    a_4_l2_2 <= a_4_l1_1;
   always @(posedge clk)
-    a1_7_g1 <= a0_7;
+    a_4_l2_3 <= a_4_l1_1;
   always @(posedge clk)
-    a1_7_g2 <= a0_7;
+    a_5_l1_0 <= a0_5;
   always @(posedge clk)
-    a1_7_g3 <= a0_7;
+    a_5_l1_1 <= a0_5;
   always @(posedge clk)
-    a1_8_g0 <= a0_8;
+    a_5_l2_0 <= a_5_l1_0;
   always @(posedge clk)
-    a1_8_g1 <= a0_8;
+    a_5_l2_1 <= a_5_l1_0;
   always @(posedge clk)
-    a1_8_g2 <= a0_8;
+    a_5_l2_2 <= a_5_l1_1;
   always @(posedge clk)
-    a1_8_g3 <= a0_8;
+    a_5_l2_3 <= a_5_l1_1;
   always @(posedge clk)
-    a1_9_g0 <= a0_9;
+    a_6_l1_0 <= a0_6;
   always @(posedge clk)
-    a1_9_g1 <= a0_9;
+    a_6_l1_1 <= a0_6;
   always @(posedge clk)
-    a1_9_g2 <= a0_9;
+    a_6_l2_0 <= a_6_l1_0;
   always @(posedge clk)
-    a1_9_g3 <= a0_9;
+    a_6_l2_1 <= a_6_l1_0;
   always @(posedge clk)
-    a1_10_g0 <= a0_10;
+    a_6_l2_2 <= a_6_l1_1;
   always @(posedge clk)
-    a1_10_g1 <= a0_10;
+    a_6_l2_3 <= a_6_l1_1;
   always @(posedge clk)
-    a1_10_g2 <= a0_10;
+    a_7_l1_0 <= a0_7;
   always @(posedge clk)
-    a1_10_g3 <= a0_10;
+    a_7_l1_1 <= a0_7;
   always @(posedge clk)
-    a1_11_g0 <= a0_11;
+    a_7_l2_0 <= a_7_l1_0;
   always @(posedge clk)
-    a1_11_g1 <= a0_11;
+    a_7_l2_1 <= a_7_l1_0;
   always @(posedge clk)
-    a1_11_g2 <= a0_11;
+    a_7_l2_2 <= a_7_l1_1;
   always @(posedge clk)
-    a1_11_g3 <= a0_11;
+    a_7_l2_3 <= a_7_l1_1;
   always @(posedge clk)
-    a1_12_g0 <= a0_12;
+    a_8_l1_0 <= a0_8;
   always @(posedge clk)
-    a1_12_g1 <= a0_12;
+    a_8_l1_1 <= a0_8;
   always @(posedge clk)
-    a1_12_g2 <= a0_12;
+    a_8_l2_0 <= a_8_l1_0;
   always @(posedge clk)
-    a1_12_g3 <= a0_12;
+    a_8_l2_1 <= a_8_l1_0;
   always @(posedge clk)
-    a1_13_g0 <= a0_13;
+    a_8_l2_2 <= a_8_l1_1;
   always @(posedge clk)
-    a1_13_g1 <= a0_13;
+    a_8_l2_3 <= a_8_l1_1;
   always @(posedge clk)
-    a1_13_g2 <= a0_13;
+    a_9_l1_0 <= a0_9;
   always @(posedge clk)
-    a1_13_g3 <= a0_13;
+    a_9_l1_1 <= a0_9;
   always @(posedge clk)
-    a1_14_g0 <= a0_14;
+    a_9_l2_0 <= a_9_l1_0;
   always @(posedge clk)
-    a1_14_g1 <= a0_14;
+    a_9_l2_1 <= a_9_l1_0;
   always @(posedge clk)
-    a1_14_g2 <= a0_14;
+    a_9_l2_2 <= a_9_l1_1;
   always @(posedge clk)
-    a1_14_g3 <= a0_14;
+    a_9_l2_3 <= a_9_l1_1;
   always @(posedge clk)
-    a1_15_g0 <= a0_15;
+    a_10_l1_0 <= a0_10;
   always @(posedge clk)
-    a1_15_g1 <= a0_15;
+    a_10_l1_1 <= a0_10;
   always @(posedge clk)
-    a1_15_g2 <= a0_15;
+    a_10_l2_0 <= a_10_l1_0;
   always @(posedge clk)
-    a1_15_g3 <= a0_15;
+    a_10_l2_1 <= a_10_l1_0;
   always @(posedge clk)
-    b1_0_g0 <= b0_0;
+    a_10_l2_2 <= a_10_l1_1;
   always @(posedge clk)
-    b1_0_g1 <= b0_0;
+    a_10_l2_3 <= a_10_l1_1;
   always @(posedge clk)
-    b1_0_g2 <= b0_0;
+    a_11_l1_0 <= a0_11;
   always @(posedge clk)
-    b1_0_g3 <= b0_0;
+    a_11_l1_1 <= a0_11;
   always @(posedge clk)
-    b1_1_g0 <= b0_1;
+    a_11_l2_0 <= a_11_l1_0;
   always @(posedge clk)
-    b1_1_g1 <= b0_1;
+    a_11_l2_1 <= a_11_l1_0;
   always @(posedge clk)
-    b1_1_g2 <= b0_1;
+    a_11_l2_2 <= a_11_l1_1;
   always @(posedge clk)
-    b1_1_g3 <= b0_1;
+    a_11_l2_3 <= a_11_l1_1;
   always @(posedge clk)
-    b1_2_g0 <= b0_2;
+    a_12_l1_0 <= a0_12;
   always @(posedge clk)
-    b1_2_g1 <= b0_2;
+    a_12_l1_1 <= a0_12;
   always @(posedge clk)
-    b1_2_g2 <= b0_2;
+    a_12_l2_0 <= a_12_l1_0;
   always @(posedge clk)
-    b1_2_g3 <= b0_2;
+    a_12_l2_1 <= a_12_l1_0;
   always @(posedge clk)
-    b1_3_g0 <= b0_3;
+    a_12_l2_2 <= a_12_l1_1;
   always @(posedge clk)
-    b1_3_g1 <= b0_3;
+    a_12_l2_3 <= a_12_l1_1;
   always @(posedge clk)
-    b1_3_g2 <= b0_3;
+    a_13_l1_0 <= a0_13;
   always @(posedge clk)
-    b1_3_g3 <= b0_3;
+    a_13_l1_1 <= a0_13;
   always @(posedge clk)
-    b1_4_g0 <= b0_4;
+    a_13_l2_0 <= a_13_l1_0;
   always @(posedge clk)
-    b1_4_g1 <= b0_4;
+    a_13_l2_1 <= a_13_l1_0;
   always @(posedge clk)
-    b1_4_g2 <= b0_4;
+    a_13_l2_2 <= a_13_l1_1;
   always @(posedge clk)
-    b1_4_g3 <= b0_4;
+    a_13_l2_3 <= a_13_l1_1;
   always @(posedge clk)
-    b1_5_g0 <= b0_5;
+    a_14_l1_0 <= a0_14;
   always @(posedge clk)
-    b1_5_g1 <= b0_5;
+    a_14_l1_1 <= a0_14;
   always @(posedge clk)
-    b1_5_g2 <= b0_5;
+    a_14_l2_0 <= a_14_l1_0;
   always @(posedge clk)
-    b1_5_g3 <= b0_5;
+    a_14_l2_1 <= a_14_l1_0;
   always @(posedge clk)
-    b1_6_g0 <= b0_6;
+    a_14_l2_2 <= a_14_l1_1;
   always @(posedge clk)
-    b1_6_g1 <= b0_6;
+    a_14_l2_3 <= a_14_l1_1;
   always @(posedge clk)
-    b1_6_g2 <= b0_6;
+    a_15_l1_0 <= a0_15;
   always @(posedge clk)
-    b1_6_g3 <= b0_6;
+    a_15_l1_1 <= a0_15;
   always @(posedge clk)
-    b1_7_g0 <= b0_7;
+    a_15_l2_0 <= a_15_l1_0;
   always @(posedge clk)
-    b1_7_g1 <= b0_7;
+    a_15_l2_1 <= a_15_l1_0;
   always @(posedge clk)
-    b1_7_g2 <= b0_7;
+    a_15_l2_2 <= a_15_l1_1;
   always @(posedge clk)
-    b1_7_g3 <= b0_7;
+    a_15_l2_3 <= a_15_l1_1;
   always @(posedge clk)
-    b1_8_g0 <= b0_8;
+    b_0_l1_0 <= b0_0;
   always @(posedge clk)
-    b1_8_g1 <= b0_8;
+    b_0_l1_1 <= b0_0;
   always @(posedge clk)
-    b1_8_g2 <= b0_8;
+    b_0_l2_0 <= b_0_l1_0;
   always @(posedge clk)
-    b1_8_g3 <= b0_8;
+    b_0_l2_1 <= b_0_l1_0;
   always @(posedge clk)
-    b1_9_g0 <= b0_9;
+    b_0_l2_2 <= b_0_l1_1;
   always @(posedge clk)
-    b1_9_g1 <= b0_9;
+    b_0_l2_3 <= b_0_l1_1;
   always @(posedge clk)
-    b1_9_g2 <= b0_9;
+    b_1_l1_0 <= b0_1;
   always @(posedge clk)
-    b1_9_g3 <= b0_9;
+    b_1_l1_1 <= b0_1;
   always @(posedge clk)
-    b1_10_g0 <= b0_10;
+    b_1_l2_0 <= b_1_l1_0;
   always @(posedge clk)
-    b1_10_g1 <= b0_10;
+    b_1_l2_1 <= b_1_l1_0;
   always @(posedge clk)
-    b1_10_g2 <= b0_10;
+    b_1_l2_2 <= b_1_l1_1;
   always @(posedge clk)
-    b1_10_g3 <= b0_10;
+    b_1_l2_3 <= b_1_l1_1;
   always @(posedge clk)
-    b1_11_g0 <= b0_11;
+    b_2_l1_0 <= b0_2;
   always @(posedge clk)
-    b1_11_g1 <= b0_11;
+    b_2_l1_1 <= b0_2;
   always @(posedge clk)
-    b1_11_g2 <= b0_11;
+    b_2_l2_0 <= b_2_l1_0;
   always @(posedge clk)
-    b1_11_g3 <= b0_11;
+    b_2_l2_1 <= b_2_l1_0;
   always @(posedge clk)
-    b1_12_g0 <= b0_12;
+    b_2_l2_2 <= b_2_l1_1;
   always @(posedge clk)
-    b1_12_g1 <= b0_12;
+    b_2_l2_3 <= b_2_l1_1;
   always @(posedge clk)
-    b1_12_g2 <= b0_12;
+    b_3_l1_0 <= b0_3;
   always @(posedge clk)
-    b1_12_g3 <= b0_12;
+    b_3_l1_1 <= b0_3;
   always @(posedge clk)
-    b1_13_g0 <= b0_13;
+    b_3_l2_0 <= b_3_l1_0;
   always @(posedge clk)
-    b1_13_g1 <= b0_13;
+    b_3_l2_1 <= b_3_l1_0;
   always @(posedge clk)
-    b1_13_g2 <= b0_13;
+    b_3_l2_2 <= b_3_l1_1;
   always @(posedge clk)
-    b1_13_g3 <= b0_13;
+    b_3_l2_3 <= b_3_l1_1;
   always @(posedge clk)
-    b1_14_g0 <= b0_14;
+    b_4_l1_0 <= b0_4;
   always @(posedge clk)
-    b1_14_g1 <= b0_14;
+    b_4_l1_1 <= b0_4;
   always @(posedge clk)
-    b1_14_g2 <= b0_14;
+    b_4_l2_0 <= b_4_l1_0;
   always @(posedge clk)
-    b1_14_g3 <= b0_14;
+    b_4_l2_1 <= b_4_l1_0;
   always @(posedge clk)
-    b1_15_g0 <= b0_15;
+    b_4_l2_2 <= b_4_l1_1;
   always @(posedge clk)
-    b1_15_g1 <= b0_15;
+    b_4_l2_3 <= b_4_l1_1;
   always @(posedge clk)
-    b1_15_g2 <= b0_15;
+    b_5_l1_0 <= b0_5;
   always @(posedge clk)
-    b1_15_g3 <= b0_15;
+    b_5_l1_1 <= b0_5;
   always @(posedge clk)
-    \$signal$166  <= \$794 ;
+    b_5_l2_0 <= b_5_l1_0;
   always @(posedge clk)
-    \$signal$167  <= \$795 ;
+    b_5_l2_1 <= b_5_l1_0;
   always @(posedge clk)
-    \$signal$168  <= \$796 ;
+    b_5_l2_2 <= b_5_l1_1;
   always @(posedge clk)
-    \$signal$169  <= \$797 ;
+    b_5_l2_3 <= b_5_l1_1;
   always @(posedge clk)
-    first3_0 <= \$798 ;
+    b_6_l1_0 <= b0_6;
   always @(posedge clk)
-    first3_1 <= \$799 ;
+    b_6_l1_1 <= b0_6;
   always @(posedge clk)
-    first3_2 <= \$800 ;
+    b_6_l2_0 <= b_6_l1_0;
   always @(posedge clk)
-    first3_3 <= \$801 ;
+    b_6_l2_1 <= b_6_l1_0;
   always @(posedge clk)
-    first3_4 <= \$802 ;
+    b_6_l2_2 <= b_6_l1_1;
   always @(posedge clk)
-    first3_5 <= \$803 ;
+    b_6_l2_3 <= b_6_l1_1;
   always @(posedge clk)
-    first3_6 <= \$804 ;
+    b_7_l1_0 <= b0_7;
   always @(posedge clk)
-    first3_7 <= \$805 ;
+    b_7_l1_1 <= b0_7;
   always @(posedge clk)
-    first3_8 <= \$806 ;
+    b_7_l2_0 <= b_7_l1_0;
   always @(posedge clk)
-    first3_9 <= \$807 ;
+    b_7_l2_1 <= b_7_l1_0;
   always @(posedge clk)
-    first3_10 <= \$808 ;
+    b_7_l2_2 <= b_7_l1_1;
   always @(posedge clk)
-    first3_11 <= \$809 ;
+    b_7_l2_3 <= b_7_l1_1;
   always @(posedge clk)
-    first3_12 <= \$810 ;
+    b_8_l1_0 <= b0_8;
   always @(posedge clk)
-    first3_13 <= \$811 ;
+    b_8_l1_1 <= b0_8;
   always @(posedge clk)
-    first3_14 <= \$812 ;
+    b_8_l2_0 <= b_8_l1_0;
   always @(posedge clk)
-    first3_15 <= \$813 ;
+    b_8_l2_1 <= b_8_l1_0;
   always @(posedge clk)
-    last3_0 <= \$814 ;
+    b_8_l2_2 <= b_8_l1_1;
   always @(posedge clk)
-    last3_1 <= \$815 ;
+    b_8_l2_3 <= b_8_l1_1;
   always @(posedge clk)
-    last3_2 <= \$816 ;
+    b_9_l1_0 <= b0_9;
   always @(posedge clk)
-    last3_3 <= \$817 ;
+    b_9_l1_1 <= b0_9;
   always @(posedge clk)
-    last3_4 <= \$818 ;
+    b_9_l2_0 <= b_9_l1_0;
   always @(posedge clk)
-    last3_5 <= \$819 ;
+    b_9_l2_1 <= b_9_l1_0;
   always @(posedge clk)
-    last3_6 <= \$820 ;
+    b_9_l2_2 <= b_9_l1_1;
   always @(posedge clk)
-    last3_7 <= \$821 ;
+    b_9_l2_3 <= b_9_l1_1;
   always @(posedge clk)
-    last3_8 <= \$822 ;
+    b_10_l1_0 <= b0_10;
   always @(posedge clk)
-    last3_9 <= \$823 ;
+    b_10_l1_1 <= b0_10;
   always @(posedge clk)
-    last3_10 <= \$824 ;
+    b_10_l2_0 <= b_10_l1_0;
   always @(posedge clk)
-    last3_11 <= \$825 ;
+    b_10_l2_1 <= b_10_l1_0;
   always @(posedge clk)
-    last3_12 <= \$826 ;
+    b_10_l2_2 <= b_10_l1_1;
   always @(posedge clk)
-    last3_13 <= \$827 ;
+    b_10_l2_3 <= b_10_l1_1;
   always @(posedge clk)
-    last3_14 <= \$828 ;
+    b_11_l1_0 <= b0_11;
   always @(posedge clk)
-    last3_15 <= \$829 ;
+    b_11_l1_1 <= b0_11;
   always @(posedge clk)
-    first4_0_0 <= \$830 ;
+    b_11_l2_0 <= b_11_l1_0;
   always @(posedge clk)
-    first4_0_1 <= \$831 ;
+    b_11_l2_1 <= b_11_l1_0;
   always @(posedge clk)
-    first4_0_2 <= \$832 ;
+    b_11_l2_2 <= b_11_l1_1;
   always @(posedge clk)
-    first4_0_3 <= \$833 ;
+    b_11_l2_3 <= b_11_l1_1;
   always @(posedge clk)
-    first4_0_4 <= \$834 ;
+    b_12_l1_0 <= b0_12;
   always @(posedge clk)
-    first4_0_5 <= \$835 ;
+    b_12_l1_1 <= b0_12;
   always @(posedge clk)
-    first4_0_6 <= \$836 ;
+    b_12_l2_0 <= b_12_l1_0;
   always @(posedge clk)
-    first4_0_7 <= \$837 ;
+    b_12_l2_1 <= b_12_l1_0;
   always @(posedge clk)
-    first4_0_8 <= \$838 ;
+    b_12_l2_2 <= b_12_l1_1;
   always @(posedge clk)
-    first4_0_9 <= \$839 ;
+    b_12_l2_3 <= b_12_l1_1;
   always @(posedge clk)
-    first4_0_10 <= \$840 ;
+    b_13_l1_0 <= b0_13;
   always @(posedge clk)
-    first4_0_11 <= \$841 ;
+    b_13_l1_1 <= b0_13;
   always @(posedge clk)
-    first4_0_12 <= \$842 ;
+    b_13_l2_0 <= b_13_l1_0;
   always @(posedge clk)
-    first4_0_13 <= \$843 ;
+    b_13_l2_1 <= b_13_l1_0;
   always @(posedge clk)
-    first4_0_14 <= \$844 ;
+    b_13_l2_2 <= b_13_l1_1;
   always @(posedge clk)
-    first4_0_15 <= \$845 ;
+    b_13_l2_3 <= b_13_l1_1;
   always @(posedge clk)
-    first4_1_0 <= \$846 ;
+    b_14_l1_0 <= b0_14;
   always @(posedge clk)
-    first4_1_1 <= \$847 ;
+    b_14_l1_1 <= b0_14;
   always @(posedge clk)
-    first4_1_2 <= \$848 ;
+    b_14_l2_0 <= b_14_l1_0;
   always @(posedge clk)
-    first4_1_3 <= \$849 ;
+    b_14_l2_1 <= b_14_l1_0;
   always @(posedge clk)
-    first4_1_4 <= \$850 ;
+    b_14_l2_2 <= b_14_l1_1;
   always @(posedge clk)
-    first4_1_5 <= \$851 ;
+    b_14_l2_3 <= b_14_l1_1;
   always @(posedge clk)
-    first4_1_6 <= \$852 ;
+    b_15_l1_0 <= b0_15;
   always @(posedge clk)
-    first4_1_7 <= \$853 ;
+    b_15_l1_1 <= b0_15;
   always @(posedge clk)
-    first4_1_8 <= \$854 ;
+    b_15_l2_0 <= b_15_l1_0;
   always @(posedge clk)
-    first4_1_9 <= \$855 ;
+    b_15_l2_1 <= b_15_l1_0;
   always @(posedge clk)
-    first4_1_10 <= \$856 ;
+    b_15_l2_2 <= b_15_l1_1;
   always @(posedge clk)
-    first4_1_11 <= \$857 ;
+    b_15_l2_3 <= b_15_l1_1;
   always @(posedge clk)
-    first4_1_12 <= \$858 ;
+    first1 <= \$778 ;
   always @(posedge clk)
-    first4_1_13 <= \$859 ;
+    first2 <= \$779 ;
   always @(posedge clk)
-    first4_1_14 <= \$860 ;
+    first3 <= \$780 ;
   always @(posedge clk)
-    first4_1_15 <= \$861 ;
+    first4 <= \$781 ;
   always @(posedge clk)
-    first4_2_0 <= \$862 ;
+    last1 <= \$782 ;
   always @(posedge clk)
-    first4_2_1 <= \$863 ;
+    last2 <= \$783 ;
   always @(posedge clk)
-    first4_2_2 <= \$864 ;
+    last3 <= \$784 ;
   always @(posedge clk)
-    first4_2_3 <= \$865 ;
+    last4 <= \$785 ;
   always @(posedge clk)
-    first4_2_4 <= \$866 ;
+    first_r0 <= \$786 ;
   always @(posedge clk)
-    first4_2_5 <= \$867 ;
+    first_r1 <= \$787 ;
   always @(posedge clk)
-    first4_2_6 <= \$868 ;
+    first_r2 <= \$788 ;
   always @(posedge clk)
-    first4_2_7 <= \$869 ;
+    first_r3 <= \$789 ;
   always @(posedge clk)
-    first4_2_8 <= \$870 ;
+    first_r4 <= \$790 ;
   always @(posedge clk)
-    first4_2_9 <= \$871 ;
+    first_r5 <= \$791 ;
   always @(posedge clk)
-    first4_2_10 <= \$872 ;
+    first_r6 <= \$792 ;
   always @(posedge clk)
-    first4_2_11 <= \$873 ;
+    first_r7 <= \$793 ;
   always @(posedge clk)
-    first4_2_12 <= \$874 ;
+    first_r8 <= \$794 ;
   always @(posedge clk)
-    first4_2_13 <= \$875 ;
+    first_r9 <= \$795 ;
   always @(posedge clk)
-    first4_2_14 <= \$876 ;
+    first_r10 <= \$796 ;
   always @(posedge clk)
-    first4_2_15 <= \$877 ;
+    first_r11 <= \$797 ;
   always @(posedge clk)
-    first4_3_0 <= \$878 ;
+    first_r12 <= \$798 ;
   always @(posedge clk)
-    first4_3_1 <= \$879 ;
+    first_r13 <= \$799 ;
   always @(posedge clk)
-    first4_3_2 <= \$880 ;
+    first_r14 <= \$800 ;
   always @(posedge clk)
-    first4_3_3 <= \$881 ;
+    first_r15 <= \$801 ;
   always @(posedge clk)
-    first4_3_4 <= \$882 ;
+    last_r0 <= \$802 ;
   always @(posedge clk)
-    first4_3_5 <= \$883 ;
+    last_r1 <= \$803 ;
   always @(posedge clk)
-    first4_3_6 <= \$884 ;
+    last_r2 <= \$804 ;
   always @(posedge clk)
-    first4_3_7 <= \$885 ;
+    last_r3 <= \$805 ;
   always @(posedge clk)
-    first4_3_8 <= \$886 ;
+    last_r4 <= \$806 ;
   always @(posedge clk)
-    first4_3_9 <= \$887 ;
+    last_r5 <= \$807 ;
   always @(posedge clk)
-    first4_3_10 <= \$888 ;
+    last_r6 <= \$808 ;
   always @(posedge clk)
-    first4_3_11 <= \$889 ;
+    last_r7 <= \$809 ;
   always @(posedge clk)
-    first4_3_12 <= \$890 ;
+    last_r8 <= \$810 ;
   always @(posedge clk)
-    first4_3_13 <= \$891 ;
+    last_r9 <= \$811 ;
   always @(posedge clk)
-    first4_3_14 <= \$892 ;
+    last_r10 <= \$812 ;
   always @(posedge clk)
-    first4_3_15 <= \$893 ;
+    last_r11 <= \$813 ;
   always @(posedge clk)
-    first4_4_0 <= \$894 ;
+    last_r12 <= \$814 ;
   always @(posedge clk)
-    first4_4_1 <= \$895 ;
+    last_r13 <= \$815 ;
   always @(posedge clk)
-    first4_4_2 <= \$896 ;
+    last_r14 <= \$816 ;
   always @(posedge clk)
-    first4_4_3 <= \$897 ;
+    last_r15 <= \$817 ;
   always @(posedge clk)
-    first4_4_4 <= \$898 ;
+    first_pe0_0 <= \$818 ;
   always @(posedge clk)
-    first4_4_5 <= \$899 ;
+    first_pe0_1 <= \$819 ;
   always @(posedge clk)
-    first4_4_6 <= \$900 ;
+    first_pe0_2 <= \$820 ;
   always @(posedge clk)
-    first4_4_7 <= \$901 ;
+    first_pe0_3 <= \$821 ;
   always @(posedge clk)
-    first4_4_8 <= \$902 ;
+    first_pe0_4 <= \$822 ;
   always @(posedge clk)
-    first4_4_9 <= \$903 ;
+    first_pe0_5 <= \$823 ;
   always @(posedge clk)
-    first4_4_10 <= \$904 ;
+    first_pe0_6 <= \$824 ;
   always @(posedge clk)
-    first4_4_11 <= \$905 ;
+    first_pe0_7 <= \$825 ;
   always @(posedge clk)
-    first4_4_12 <= \$906 ;
+    first_pe0_8 <= \$826 ;
   always @(posedge clk)
-    first4_4_13 <= \$907 ;
+    first_pe0_9 <= \$827 ;
   always @(posedge clk)
-    first4_4_14 <= \$908 ;
+    first_pe0_10 <= \$828 ;
   always @(posedge clk)
-    first4_4_15 <= \$909 ;
+    first_pe0_11 <= \$829 ;
   always @(posedge clk)
-    first4_5_0 <= \$910 ;
+    first_pe0_12 <= \$830 ;
   always @(posedge clk)
-    first4_5_1 <= \$911 ;
+    first_pe0_13 <= \$831 ;
   always @(posedge clk)
-    first4_5_2 <= \$912 ;
+    first_pe0_14 <= \$832 ;
   always @(posedge clk)
-    first4_5_3 <= \$913 ;
+    first_pe0_15 <= \$833 ;
   always @(posedge clk)
-    first4_5_4 <= \$914 ;
+    first_pe1_0 <= \$834 ;
   always @(posedge clk)
-    first4_5_5 <= \$915 ;
+    first_pe1_1 <= \$835 ;
   always @(posedge clk)
-    first4_5_6 <= \$916 ;
+    first_pe1_2 <= \$836 ;
   always @(posedge clk)
-    first4_5_7 <= \$917 ;
+    first_pe1_3 <= \$837 ;
   always @(posedge clk)
-    first4_5_8 <= \$918 ;
+    first_pe1_4 <= \$838 ;
   always @(posedge clk)
-    first4_5_9 <= \$919 ;
+    first_pe1_5 <= \$839 ;
   always @(posedge clk)
-    first4_5_10 <= \$920 ;
+    first_pe1_6 <= \$840 ;
   always @(posedge clk)
-    first4_5_11 <= \$921 ;
+    first_pe1_7 <= \$841 ;
   always @(posedge clk)
-    first4_5_12 <= \$922 ;
+    first_pe1_8 <= \$842 ;
   always @(posedge clk)
-    first4_5_13 <= \$923 ;
+    first_pe1_9 <= \$843 ;
   always @(posedge clk)
-    first4_5_14 <= \$924 ;
+    first_pe1_10 <= \$844 ;
   always @(posedge clk)
-    first4_5_15 <= \$925 ;
+    first_pe1_11 <= \$845 ;
   always @(posedge clk)
-    first4_6_0 <= \$926 ;
+    first_pe1_12 <= \$846 ;
   always @(posedge clk)
-    first4_6_1 <= \$927 ;
+    first_pe1_13 <= \$847 ;
   always @(posedge clk)
-    first4_6_2 <= \$928 ;
+    first_pe1_14 <= \$848 ;
   always @(posedge clk)
-    first4_6_3 <= \$929 ;
+    first_pe1_15 <= \$849 ;
   always @(posedge clk)
-    first4_6_4 <= \$930 ;
+    first_pe2_0 <= \$850 ;
   always @(posedge clk)
-    first4_6_5 <= \$931 ;
+    first_pe2_1 <= \$851 ;
   always @(posedge clk)
-    first4_6_6 <= \$932 ;
+    first_pe2_2 <= \$852 ;
   always @(posedge clk)
-    first4_6_7 <= \$933 ;
+    first_pe2_3 <= \$853 ;
   always @(posedge clk)
-    first4_6_8 <= \$934 ;
+    first_pe2_4 <= \$854 ;
   always @(posedge clk)
-    first4_6_9 <= \$935 ;
+    first_pe2_5 <= \$855 ;
   always @(posedge clk)
-    first4_6_10 <= \$936 ;
+    first_pe2_6 <= \$856 ;
   always @(posedge clk)
-    first4_6_11 <= \$937 ;
+    first_pe2_7 <= \$857 ;
   always @(posedge clk)
-    first4_6_12 <= \$938 ;
+    first_pe2_8 <= \$858 ;
   always @(posedge clk)
-    first4_6_13 <= \$939 ;
+    first_pe2_9 <= \$859 ;
   always @(posedge clk)
-    first4_6_14 <= \$940 ;
+    first_pe2_10 <= \$860 ;
   always @(posedge clk)
-    first4_6_15 <= \$941 ;
+    first_pe2_11 <= \$861 ;
   always @(posedge clk)
-    first4_7_0 <= \$942 ;
+    first_pe2_12 <= \$862 ;
   always @(posedge clk)
-    first4_7_1 <= \$943 ;
+    first_pe2_13 <= \$863 ;
   always @(posedge clk)
-    first4_7_2 <= \$944 ;
+    first_pe2_14 <= \$864 ;
   always @(posedge clk)
-    first4_7_3 <= \$945 ;
+    first_pe2_15 <= \$865 ;
   always @(posedge clk)
-    first4_7_4 <= \$946 ;
+    first_pe3_0 <= \$866 ;
   always @(posedge clk)
-    first4_7_5 <= \$947 ;
+    first_pe3_1 <= \$867 ;
   always @(posedge clk)
-    first4_7_6 <= \$948 ;
+    first_pe3_2 <= \$868 ;
   always @(posedge clk)
-    first4_7_7 <= \$949 ;
+    first_pe3_3 <= \$869 ;
   always @(posedge clk)
-    first4_7_8 <= \$950 ;
+    first_pe3_4 <= \$870 ;
   always @(posedge clk)
-    first4_7_9 <= \$951 ;
+    first_pe3_5 <= \$871 ;
   always @(posedge clk)
-    first4_7_10 <= \$952 ;
+    first_pe3_6 <= \$872 ;
   always @(posedge clk)
-    first4_7_11 <= \$953 ;
+    first_pe3_7 <= \$873 ;
   always @(posedge clk)
-    first4_7_12 <= \$954 ;
+    first_pe3_8 <= \$874 ;
   always @(posedge clk)
-    first4_7_13 <= \$955 ;
+    first_pe3_9 <= \$875 ;
   always @(posedge clk)
-    first4_7_14 <= \$956 ;
+    first_pe3_10 <= \$876 ;
   always @(posedge clk)
-    first4_7_15 <= \$957 ;
+    first_pe3_11 <= \$877 ;
   always @(posedge clk)
-    first4_8_0 <= \$958 ;
+    first_pe3_12 <= \$878 ;
   always @(posedge clk)
-    first4_8_1 <= \$959 ;
+    first_pe3_13 <= \$879 ;
   always @(posedge clk)
-    first4_8_2 <= \$960 ;
+    first_pe3_14 <= \$880 ;
   always @(posedge clk)
-    first4_8_3 <= \$961 ;
+    first_pe3_15 <= \$881 ;
   always @(posedge clk)
-    first4_8_4 <= \$962 ;
+    first_pe4_0 <= \$882 ;
   always @(posedge clk)
-    first4_8_5 <= \$963 ;
+    first_pe4_1 <= \$883 ;
   always @(posedge clk)
-    first4_8_6 <= \$964 ;
+    first_pe4_2 <= \$884 ;
   always @(posedge clk)
-    first4_8_7 <= \$965 ;
+    first_pe4_3 <= \$885 ;
   always @(posedge clk)
-    first4_8_8 <= \$966 ;
+    first_pe4_4 <= \$886 ;
   always @(posedge clk)
-    first4_8_9 <= \$967 ;
+    first_pe4_5 <= \$887 ;
   always @(posedge clk)
-    first4_8_10 <= \$968 ;
+    first_pe4_6 <= \$888 ;
   always @(posedge clk)
-    first4_8_11 <= \$969 ;
+    first_pe4_7 <= \$889 ;
   always @(posedge clk)
-    first4_8_12 <= \$970 ;
+    first_pe4_8 <= \$890 ;
   always @(posedge clk)
-    first4_8_13 <= \$971 ;
+    first_pe4_9 <= \$891 ;
   always @(posedge clk)
-    first4_8_14 <= \$972 ;
+    first_pe4_10 <= \$892 ;
   always @(posedge clk)
-    first4_8_15 <= \$973 ;
+    first_pe4_11 <= \$893 ;
   always @(posedge clk)
-    first4_9_0 <= \$974 ;
+    first_pe4_12 <= \$894 ;
   always @(posedge clk)
-    first4_9_1 <= \$975 ;
+    first_pe4_13 <= \$895 ;
   always @(posedge clk)
-    first4_9_2 <= \$976 ;
+    first_pe4_14 <= \$896 ;
   always @(posedge clk)
-    first4_9_3 <= \$977 ;
+    first_pe4_15 <= \$897 ;
   always @(posedge clk)
-    first4_9_4 <= \$978 ;
+    first_pe5_0 <= \$898 ;
   always @(posedge clk)
-    first4_9_5 <= \$979 ;
+    first_pe5_1 <= \$899 ;
   always @(posedge clk)
-    first4_9_6 <= \$980 ;
+    first_pe5_2 <= \$900 ;
   always @(posedge clk)
-    first4_9_7 <= \$981 ;
+    first_pe5_3 <= \$901 ;
   always @(posedge clk)
-    first4_9_8 <= \$982 ;
+    first_pe5_4 <= \$902 ;
   always @(posedge clk)
-    first4_9_9 <= \$983 ;
+    first_pe5_5 <= \$903 ;
   always @(posedge clk)
-    first4_9_10 <= \$984 ;
+    first_pe5_6 <= \$904 ;
   always @(posedge clk)
-    first4_9_11 <= \$985 ;
+    first_pe5_7 <= \$905 ;
   always @(posedge clk)
-    first4_9_12 <= \$986 ;
+    first_pe5_8 <= \$906 ;
   always @(posedge clk)
-    first4_9_13 <= \$987 ;
+    first_pe5_9 <= \$907 ;
   always @(posedge clk)
-    first4_9_14 <= \$988 ;
+    first_pe5_10 <= \$908 ;
   always @(posedge clk)
-    first4_9_15 <= \$989 ;
+    first_pe5_11 <= \$909 ;
   always @(posedge clk)
-    first4_10_0 <= \$990 ;
+    first_pe5_12 <= \$910 ;
   always @(posedge clk)
-    first4_10_1 <= \$991 ;
+    first_pe5_13 <= \$911 ;
   always @(posedge clk)
-    first4_10_2 <= \$992 ;
+    first_pe5_14 <= \$912 ;
   always @(posedge clk)
-    first4_10_3 <= \$993 ;
+    first_pe5_15 <= \$913 ;
   always @(posedge clk)
-    first4_10_4 <= \$994 ;
+    first_pe6_0 <= \$914 ;
   always @(posedge clk)
-    first4_10_5 <= \$995 ;
+    first_pe6_1 <= \$915 ;
   always @(posedge clk)
-    first4_10_6 <= \$996 ;
+    first_pe6_2 <= \$916 ;
   always @(posedge clk)
-    first4_10_7 <= \$997 ;
+    first_pe6_3 <= \$917 ;
   always @(posedge clk)
-    first4_10_8 <= \$998 ;
+    first_pe6_4 <= \$918 ;
   always @(posedge clk)
-    first4_10_9 <= \$999 ;
+    first_pe6_5 <= \$919 ;
   always @(posedge clk)
-    first4_10_10 <= \$1000 ;
+    first_pe6_6 <= \$920 ;
   always @(posedge clk)
-    first4_10_11 <= \$1001 ;
+    first_pe6_7 <= \$921 ;
   always @(posedge clk)
-    first4_10_12 <= \$1002 ;
+    first_pe6_8 <= \$922 ;
   always @(posedge clk)
-    first4_10_13 <= \$1003 ;
+    first_pe6_9 <= \$923 ;
   always @(posedge clk)
-    first4_10_14 <= \$1004 ;
+    first_pe6_10 <= \$924 ;
   always @(posedge clk)
-    first4_10_15 <= \$1005 ;
+    first_pe6_11 <= \$925 ;
   always @(posedge clk)
-    first4_11_0 <= \$1006 ;
+    first_pe6_12 <= \$926 ;
   always @(posedge clk)
-    first4_11_1 <= \$1007 ;
+    first_pe6_13 <= \$927 ;
   always @(posedge clk)
-    first4_11_2 <= \$1008 ;
+    first_pe6_14 <= \$928 ;
   always @(posedge clk)
-    first4_11_3 <= \$1009 ;
+    first_pe6_15 <= \$929 ;
   always @(posedge clk)
-    first4_11_4 <= \$1010 ;
+    first_pe7_0 <= \$930 ;
   always @(posedge clk)
-    first4_11_5 <= \$1011 ;
+    first_pe7_1 <= \$931 ;
   always @(posedge clk)
-    first4_11_6 <= \$1012 ;
+    first_pe7_2 <= \$932 ;
   always @(posedge clk)
-    first4_11_7 <= \$1013 ;
+    first_pe7_3 <= \$933 ;
   always @(posedge clk)
-    first4_11_8 <= \$1014 ;
+    first_pe7_4 <= \$934 ;
   always @(posedge clk)
-    first4_11_9 <= \$1015 ;
+    first_pe7_5 <= \$935 ;
   always @(posedge clk)
-    first4_11_10 <= \$1016 ;
+    first_pe7_6 <= \$936 ;
   always @(posedge clk)
-    first4_11_11 <= \$1017 ;
+    first_pe7_7 <= \$937 ;
   always @(posedge clk)
-    first4_11_12 <= \$1018 ;
+    first_pe7_8 <= \$938 ;
   always @(posedge clk)
-    first4_11_13 <= \$1019 ;
+    first_pe7_9 <= \$939 ;
   always @(posedge clk)
-    first4_11_14 <= \$1020 ;
+    first_pe7_10 <= \$940 ;
   always @(posedge clk)
-    first4_11_15 <= \$1021 ;
+    first_pe7_11 <= \$941 ;
   always @(posedge clk)
-    first4_12_0 <= \$1022 ;
+    first_pe7_12 <= \$942 ;
   always @(posedge clk)
-    first4_12_1 <= \$1023 ;
+    first_pe7_13 <= \$943 ;
   always @(posedge clk)
-    first4_12_2 <= \$1024 ;
+    first_pe7_14 <= \$944 ;
   always @(posedge clk)
-    first4_12_3 <= \$1025 ;
+    first_pe7_15 <= \$945 ;
   always @(posedge clk)
-    first4_12_4 <= \$1026 ;
+    first_pe8_0 <= \$946 ;
   always @(posedge clk)
-    first4_12_5 <= \$1027 ;
+    first_pe8_1 <= \$947 ;
   always @(posedge clk)
-    first4_12_6 <= \$1028 ;
+    first_pe8_2 <= \$948 ;
   always @(posedge clk)
-    first4_12_7 <= \$1029 ;
+    first_pe8_3 <= \$949 ;
   always @(posedge clk)
-    first4_12_8 <= \$1030 ;
+    first_pe8_4 <= \$950 ;
   always @(posedge clk)
-    first4_12_9 <= \$1031 ;
+    first_pe8_5 <= \$951 ;
   always @(posedge clk)
-    first4_12_10 <= \$1032 ;
+    first_pe8_6 <= \$952 ;
   always @(posedge clk)
-    first4_12_11 <= \$1033 ;
+    first_pe8_7 <= \$953 ;
   always @(posedge clk)
-    first4_12_12 <= \$1034 ;
+    first_pe8_8 <= \$954 ;
   always @(posedge clk)
-    first4_12_13 <= \$1035 ;
+    first_pe8_9 <= \$955 ;
   always @(posedge clk)
-    first4_12_14 <= \$1036 ;
+    first_pe8_10 <= \$956 ;
   always @(posedge clk)
-    first4_12_15 <= \$1037 ;
+    first_pe8_11 <= \$957 ;
   always @(posedge clk)
-    first4_13_0 <= \$1038 ;
+    first_pe8_12 <= \$958 ;
   always @(posedge clk)
-    first4_13_1 <= \$1039 ;
+    first_pe8_13 <= \$959 ;
   always @(posedge clk)
-    first4_13_2 <= \$1040 ;
+    first_pe8_14 <= \$960 ;
   always @(posedge clk)
-    first4_13_3 <= \$1041 ;
+    first_pe8_15 <= \$961 ;
   always @(posedge clk)
-    first4_13_4 <= \$1042 ;
+    first_pe9_0 <= \$962 ;
   always @(posedge clk)
-    first4_13_5 <= \$1043 ;
+    first_pe9_1 <= \$963 ;
   always @(posedge clk)
-    first4_13_6 <= \$1044 ;
+    first_pe9_2 <= \$964 ;
   always @(posedge clk)
-    first4_13_7 <= \$1045 ;
+    first_pe9_3 <= \$965 ;
   always @(posedge clk)
-    first4_13_8 <= \$1046 ;
+    first_pe9_4 <= \$966 ;
   always @(posedge clk)
-    first4_13_9 <= \$1047 ;
+    first_pe9_5 <= \$967 ;
   always @(posedge clk)
-    first4_13_10 <= \$1048 ;
+    first_pe9_6 <= \$968 ;
   always @(posedge clk)
-    first4_13_11 <= \$1049 ;
+    first_pe9_7 <= \$969 ;
   always @(posedge clk)
-    first4_13_12 <= \$1050 ;
+    first_pe9_8 <= \$970 ;
   always @(posedge clk)
-    first4_13_13 <= \$1051 ;
+    first_pe9_9 <= \$971 ;
   always @(posedge clk)
-    first4_13_14 <= \$1052 ;
+    first_pe9_10 <= \$972 ;
   always @(posedge clk)
-    first4_13_15 <= \$1053 ;
+    first_pe9_11 <= \$973 ;
   always @(posedge clk)
-    first4_14_0 <= \$1054 ;
+    first_pe9_12 <= \$974 ;
   always @(posedge clk)
-    first4_14_1 <= \$1055 ;
+    first_pe9_13 <= \$975 ;
   always @(posedge clk)
-    first4_14_2 <= \$1056 ;
+    first_pe9_14 <= \$976 ;
   always @(posedge clk)
-    first4_14_3 <= \$1057 ;
+    first_pe9_15 <= \$977 ;
   always @(posedge clk)
-    first4_14_4 <= \$1058 ;
+    first_pe10_0 <= \$978 ;
   always @(posedge clk)
-    first4_14_5 <= \$1059 ;
+    first_pe10_1 <= \$979 ;
   always @(posedge clk)
-    first4_14_6 <= \$1060 ;
+    first_pe10_2 <= \$980 ;
   always @(posedge clk)
-    first4_14_7 <= \$1061 ;
+    first_pe10_3 <= \$981 ;
   always @(posedge clk)
-    first4_14_8 <= \$1062 ;
+    first_pe10_4 <= \$982 ;
   always @(posedge clk)
-    first4_14_9 <= \$1063 ;
+    first_pe10_5 <= \$983 ;
   always @(posedge clk)
-    first4_14_10 <= \$1064 ;
+    first_pe10_6 <= \$984 ;
   always @(posedge clk)
-    first4_14_11 <= \$1065 ;
+    first_pe10_7 <= \$985 ;
   always @(posedge clk)
-    first4_14_12 <= \$1066 ;
+    first_pe10_8 <= \$986 ;
   always @(posedge clk)
-    first4_14_13 <= \$1067 ;
+    first_pe10_9 <= \$987 ;
   always @(posedge clk)
-    first4_14_14 <= \$1068 ;
+    first_pe10_10 <= \$988 ;
   always @(posedge clk)
-    first4_14_15 <= \$1069 ;
+    first_pe10_11 <= \$989 ;
   always @(posedge clk)
-    first4_15_0 <= \$1070 ;
+    first_pe10_12 <= \$990 ;
   always @(posedge clk)
-    first4_15_1 <= \$1071 ;
+    first_pe10_13 <= \$991 ;
   always @(posedge clk)
-    first4_15_2 <= \$1072 ;
+    first_pe10_14 <= \$992 ;
   always @(posedge clk)
-    first4_15_3 <= \$1073 ;
+    first_pe10_15 <= \$993 ;
   always @(posedge clk)
-    first4_15_4 <= \$1074 ;
+    first_pe11_0 <= \$994 ;
   always @(posedge clk)
-    first4_15_5 <= \$1075 ;
+    first_pe11_1 <= \$995 ;
   always @(posedge clk)
-    first4_15_6 <= \$1076 ;
+    first_pe11_2 <= \$996 ;
   always @(posedge clk)
-    first4_15_7 <= \$1077 ;
+    first_pe11_3 <= \$997 ;
   always @(posedge clk)
-    first4_15_8 <= \$1078 ;
+    first_pe11_4 <= \$998 ;
   always @(posedge clk)
-    first4_15_9 <= \$1079 ;
+    first_pe11_5 <= \$999 ;
   always @(posedge clk)
-    first4_15_10 <= \$1080 ;
+    first_pe11_6 <= \$1000 ;
   always @(posedge clk)
-    first4_15_11 <= \$1081 ;
+    first_pe11_7 <= \$1001 ;
   always @(posedge clk)
-    first4_15_12 <= \$1082 ;
+    first_pe11_8 <= \$1002 ;
   always @(posedge clk)
-    first4_15_13 <= \$1083 ;
+    first_pe11_9 <= \$1003 ;
   always @(posedge clk)
-    first4_15_14 <= \$1084 ;
+    first_pe11_10 <= \$1004 ;
   always @(posedge clk)
-    first4_15_15 <= \$1085 ;
+    first_pe11_11 <= \$1005 ;
   always @(posedge clk)
-    last4_0_0 <= \$1086 ;
+    first_pe11_12 <= \$1006 ;
   always @(posedge clk)
-    last4_0_1 <= \$1087 ;
+    first_pe11_13 <= \$1007 ;
   always @(posedge clk)
-    last4_0_2 <= \$1088 ;
+    first_pe11_14 <= \$1008 ;
   always @(posedge clk)
-    last4_0_3 <= \$1089 ;
+    first_pe11_15 <= \$1009 ;
   always @(posedge clk)
-    last4_0_4 <= \$1090 ;
+    first_pe12_0 <= \$1010 ;
   always @(posedge clk)
-    last4_0_5 <= \$1091 ;
+    first_pe12_1 <= \$1011 ;
   always @(posedge clk)
-    last4_0_6 <= \$1092 ;
+    first_pe12_2 <= \$1012 ;
   always @(posedge clk)
-    last4_0_7 <= \$1093 ;
+    first_pe12_3 <= \$1013 ;
   always @(posedge clk)
-    last4_0_8 <= \$1094 ;
+    first_pe12_4 <= \$1014 ;
   always @(posedge clk)
-    last4_0_9 <= \$1095 ;
+    first_pe12_5 <= \$1015 ;
   always @(posedge clk)
-    last4_0_10 <= \$1096 ;
+    first_pe12_6 <= \$1016 ;
   always @(posedge clk)
-    last4_0_11 <= \$1097 ;
+    first_pe12_7 <= \$1017 ;
   always @(posedge clk)
-    last4_0_12 <= \$1098 ;
+    first_pe12_8 <= \$1018 ;
   always @(posedge clk)
-    last4_0_13 <= \$1099 ;
+    first_pe12_9 <= \$1019 ;
   always @(posedge clk)
-    last4_0_14 <= \$1100 ;
+    first_pe12_10 <= \$1020 ;
   always @(posedge clk)
-    last4_0_15 <= \$1101 ;
+    first_pe12_11 <= \$1021 ;
   always @(posedge clk)
-    last4_1_0 <= \$1102 ;
+    first_pe12_12 <= \$1022 ;
   always @(posedge clk)
-    last4_1_1 <= \$1103 ;
+    first_pe12_13 <= \$1023 ;
   always @(posedge clk)
-    last4_1_2 <= \$1104 ;
+    first_pe12_14 <= \$1024 ;
   always @(posedge clk)
-    last4_1_3 <= \$1105 ;
+    first_pe12_15 <= \$1025 ;
   always @(posedge clk)
-    last4_1_4 <= \$1106 ;
+    first_pe13_0 <= \$1026 ;
   always @(posedge clk)
-    last4_1_5 <= \$1107 ;
+    first_pe13_1 <= \$1027 ;
   always @(posedge clk)
-    last4_1_6 <= \$1108 ;
+    first_pe13_2 <= \$1028 ;
   always @(posedge clk)
-    last4_1_7 <= \$1109 ;
+    first_pe13_3 <= \$1029 ;
   always @(posedge clk)
-    last4_1_8 <= \$1110 ;
+    first_pe13_4 <= \$1030 ;
   always @(posedge clk)
-    last4_1_9 <= \$1111 ;
+    first_pe13_5 <= \$1031 ;
   always @(posedge clk)
-    last4_1_10 <= \$1112 ;
+    first_pe13_6 <= \$1032 ;
   always @(posedge clk)
-    last4_1_11 <= \$1113 ;
+    first_pe13_7 <= \$1033 ;
   always @(posedge clk)
-    last4_1_12 <= \$1114 ;
+    first_pe13_8 <= \$1034 ;
   always @(posedge clk)
-    last4_1_13 <= \$1115 ;
+    first_pe13_9 <= \$1035 ;
   always @(posedge clk)
-    last4_1_14 <= \$1116 ;
+    first_pe13_10 <= \$1036 ;
   always @(posedge clk)
-    last4_1_15 <= \$1117 ;
+    first_pe13_11 <= \$1037 ;
   always @(posedge clk)
-    last4_2_0 <= \$1118 ;
+    first_pe13_12 <= \$1038 ;
   always @(posedge clk)
-    last4_2_1 <= \$1119 ;
+    first_pe13_13 <= \$1039 ;
   always @(posedge clk)
-    last4_2_2 <= \$1120 ;
+    first_pe13_14 <= \$1040 ;
   always @(posedge clk)
-    last4_2_3 <= \$1121 ;
+    first_pe13_15 <= \$1041 ;
   always @(posedge clk)
-    last4_2_4 <= \$1122 ;
+    first_pe14_0 <= \$1042 ;
   always @(posedge clk)
-    last4_2_5 <= \$1123 ;
+    first_pe14_1 <= \$1043 ;
   always @(posedge clk)
-    last4_2_6 <= \$1124 ;
+    first_pe14_2 <= \$1044 ;
   always @(posedge clk)
-    last4_2_7 <= \$1125 ;
+    first_pe14_3 <= \$1045 ;
   always @(posedge clk)
-    last4_2_8 <= \$1126 ;
+    first_pe14_4 <= \$1046 ;
   always @(posedge clk)
-    last4_2_9 <= \$1127 ;
+    first_pe14_5 <= \$1047 ;
   always @(posedge clk)
-    last4_2_10 <= \$1128 ;
+    first_pe14_6 <= \$1048 ;
   always @(posedge clk)
-    last4_2_11 <= \$1129 ;
+    first_pe14_7 <= \$1049 ;
   always @(posedge clk)
-    last4_2_12 <= \$1130 ;
+    first_pe14_8 <= \$1050 ;
   always @(posedge clk)
-    last4_2_13 <= \$1131 ;
+    first_pe14_9 <= \$1051 ;
   always @(posedge clk)
-    last4_2_14 <= \$1132 ;
+    first_pe14_10 <= \$1052 ;
   always @(posedge clk)
-    last4_2_15 <= \$1133 ;
+    first_pe14_11 <= \$1053 ;
   always @(posedge clk)
-    last4_3_0 <= \$1134 ;
+    first_pe14_12 <= \$1054 ;
   always @(posedge clk)
-    last4_3_1 <= \$1135 ;
+    first_pe14_13 <= \$1055 ;
   always @(posedge clk)
-    last4_3_2 <= \$1136 ;
+    first_pe14_14 <= \$1056 ;
   always @(posedge clk)
-    last4_3_3 <= \$1137 ;
+    first_pe14_15 <= \$1057 ;
   always @(posedge clk)
-    last4_3_4 <= \$1138 ;
+    first_pe15_0 <= \$1058 ;
   always @(posedge clk)
-    last4_3_5 <= \$1139 ;
+    first_pe15_1 <= \$1059 ;
   always @(posedge clk)
-    last4_3_6 <= \$1140 ;
+    first_pe15_2 <= \$1060 ;
   always @(posedge clk)
-    last4_3_7 <= \$1141 ;
+    first_pe15_3 <= \$1061 ;
   always @(posedge clk)
-    last4_3_8 <= \$1142 ;
+    first_pe15_4 <= \$1062 ;
   always @(posedge clk)
-    last4_3_9 <= \$1143 ;
+    first_pe15_5 <= \$1063 ;
   always @(posedge clk)
-    last4_3_10 <= \$1144 ;
+    first_pe15_6 <= \$1064 ;
   always @(posedge clk)
-    last4_3_11 <= \$1145 ;
+    first_pe15_7 <= \$1065 ;
   always @(posedge clk)
-    last4_3_12 <= \$1146 ;
+    first_pe15_8 <= \$1066 ;
   always @(posedge clk)
-    last4_3_13 <= \$1147 ;
+    first_pe15_9 <= \$1067 ;
   always @(posedge clk)
-    last4_3_14 <= \$1148 ;
+    first_pe15_10 <= \$1068 ;
   always @(posedge clk)
-    last4_3_15 <= \$1149 ;
+    first_pe15_11 <= \$1069 ;
   always @(posedge clk)
-    last4_4_0 <= \$1150 ;
+    first_pe15_12 <= \$1070 ;
   always @(posedge clk)
-    last4_4_1 <= \$1151 ;
+    first_pe15_13 <= \$1071 ;
   always @(posedge clk)
-    last4_4_2 <= \$1152 ;
+    first_pe15_14 <= \$1072 ;
   always @(posedge clk)
-    last4_4_3 <= \$1153 ;
+    first_pe15_15 <= \$1073 ;
   always @(posedge clk)
-    last4_4_4 <= \$1154 ;
+    last_pe0_0 <= \$1074 ;
   always @(posedge clk)
-    last4_4_5 <= \$1155 ;
+    last_pe0_1 <= \$1075 ;
   always @(posedge clk)
-    last4_4_6 <= \$1156 ;
+    last_pe0_2 <= \$1076 ;
   always @(posedge clk)
-    last4_4_7 <= \$1157 ;
+    last_pe0_3 <= \$1077 ;
   always @(posedge clk)
-    last4_4_8 <= \$1158 ;
+    last_pe0_4 <= \$1078 ;
   always @(posedge clk)
-    last4_4_9 <= \$1159 ;
+    last_pe0_5 <= \$1079 ;
   always @(posedge clk)
-    last4_4_10 <= \$1160 ;
+    last_pe0_6 <= \$1080 ;
   always @(posedge clk)
-    last4_4_11 <= \$1161 ;
+    last_pe0_7 <= \$1081 ;
   always @(posedge clk)
-    last4_4_12 <= \$1162 ;
+    last_pe0_8 <= \$1082 ;
   always @(posedge clk)
-    last4_4_13 <= \$1163 ;
+    last_pe0_9 <= \$1083 ;
   always @(posedge clk)
-    last4_4_14 <= \$1164 ;
+    last_pe0_10 <= \$1084 ;
   always @(posedge clk)
-    last4_4_15 <= \$1165 ;
+    last_pe0_11 <= \$1085 ;
   always @(posedge clk)
-    last4_5_0 <= \$1166 ;
+    last_pe0_12 <= \$1086 ;
   always @(posedge clk)
-    last4_5_1 <= \$1167 ;
+    last_pe0_13 <= \$1087 ;
   always @(posedge clk)
-    last4_5_2 <= \$1168 ;
+    last_pe0_14 <= \$1088 ;
   always @(posedge clk)
-    last4_5_3 <= \$1169 ;
+    last_pe0_15 <= \$1089 ;
   always @(posedge clk)
-    last4_5_4 <= \$1170 ;
+    last_pe1_0 <= \$1090 ;
   always @(posedge clk)
-    last4_5_5 <= \$1171 ;
+    last_pe1_1 <= \$1091 ;
   always @(posedge clk)
-    last4_5_6 <= \$1172 ;
+    last_pe1_2 <= \$1092 ;
   always @(posedge clk)
-    last4_5_7 <= \$1173 ;
+    last_pe1_3 <= \$1093 ;
   always @(posedge clk)
-    last4_5_8 <= \$1174 ;
+    last_pe1_4 <= \$1094 ;
   always @(posedge clk)
-    last4_5_9 <= \$1175 ;
+    last_pe1_5 <= \$1095 ;
   always @(posedge clk)
-    last4_5_10 <= \$1176 ;
+    last_pe1_6 <= \$1096 ;
   always @(posedge clk)
-    last4_5_11 <= \$1177 ;
+    last_pe1_7 <= \$1097 ;
   always @(posedge clk)
-    last4_5_12 <= \$1178 ;
+    last_pe1_8 <= \$1098 ;
   always @(posedge clk)
-    last4_5_13 <= \$1179 ;
+    last_pe1_9 <= \$1099 ;
   always @(posedge clk)
-    last4_5_14 <= \$1180 ;
+    last_pe1_10 <= \$1100 ;
   always @(posedge clk)
-    last4_5_15 <= \$1181 ;
+    last_pe1_11 <= \$1101 ;
   always @(posedge clk)
-    last4_6_0 <= \$1182 ;
+    last_pe1_12 <= \$1102 ;
   always @(posedge clk)
-    last4_6_1 <= \$1183 ;
+    last_pe1_13 <= \$1103 ;
   always @(posedge clk)
-    last4_6_2 <= \$1184 ;
+    last_pe1_14 <= \$1104 ;
   always @(posedge clk)
-    last4_6_3 <= \$1185 ;
+    last_pe1_15 <= \$1105 ;
   always @(posedge clk)
-    last4_6_4 <= \$1186 ;
+    last_pe2_0 <= \$1106 ;
   always @(posedge clk)
-    last4_6_5 <= \$1187 ;
+    last_pe2_1 <= \$1107 ;
   always @(posedge clk)
-    last4_6_6 <= \$1188 ;
+    last_pe2_2 <= \$1108 ;
   always @(posedge clk)
-    last4_6_7 <= \$1189 ;
+    last_pe2_3 <= \$1109 ;
   always @(posedge clk)
-    last4_6_8 <= \$1190 ;
+    last_pe2_4 <= \$1110 ;
   always @(posedge clk)
-    last4_6_9 <= \$1191 ;
+    last_pe2_5 <= \$1111 ;
   always @(posedge clk)
-    last4_6_10 <= \$1192 ;
+    last_pe2_6 <= \$1112 ;
   always @(posedge clk)
-    last4_6_11 <= \$1193 ;
+    last_pe2_7 <= \$1113 ;
   always @(posedge clk)
-    last4_6_12 <= \$1194 ;
+    last_pe2_8 <= \$1114 ;
   always @(posedge clk)
-    last4_6_13 <= \$1195 ;
+    last_pe2_9 <= \$1115 ;
   always @(posedge clk)
-    last4_6_14 <= \$1196 ;
+    last_pe2_10 <= \$1116 ;
   always @(posedge clk)
-    last4_6_15 <= \$1197 ;
+    last_pe2_11 <= \$1117 ;
   always @(posedge clk)
-    last4_7_0 <= \$1198 ;
+    last_pe2_12 <= \$1118 ;
   always @(posedge clk)
-    last4_7_1 <= \$1199 ;
+    last_pe2_13 <= \$1119 ;
   always @(posedge clk)
-    last4_7_2 <= \$1200 ;
+    last_pe2_14 <= \$1120 ;
   always @(posedge clk)
-    last4_7_3 <= \$1201 ;
+    last_pe2_15 <= \$1121 ;
   always @(posedge clk)
-    last4_7_4 <= \$1202 ;
+    last_pe3_0 <= \$1122 ;
   always @(posedge clk)
-    last4_7_5 <= \$1203 ;
+    last_pe3_1 <= \$1123 ;
   always @(posedge clk)
-    last4_7_6 <= \$1204 ;
+    last_pe3_2 <= \$1124 ;
   always @(posedge clk)
-    last4_7_7 <= \$1205 ;
+    last_pe3_3 <= \$1125 ;
   always @(posedge clk)
-    last4_7_8 <= \$1206 ;
+    last_pe3_4 <= \$1126 ;
   always @(posedge clk)
-    last4_7_9 <= \$1207 ;
+    last_pe3_5 <= \$1127 ;
   always @(posedge clk)
-    last4_7_10 <= \$1208 ;
+    last_pe3_6 <= \$1128 ;
   always @(posedge clk)
-    last4_7_11 <= \$1209 ;
+    last_pe3_7 <= \$1129 ;
   always @(posedge clk)
-    last4_7_12 <= \$1210 ;
+    last_pe3_8 <= \$1130 ;
   always @(posedge clk)
-    last4_7_13 <= \$1211 ;
+    last_pe3_9 <= \$1131 ;
   always @(posedge clk)
-    last4_7_14 <= \$1212 ;
+    last_pe3_10 <= \$1132 ;
   always @(posedge clk)
-    last4_7_15 <= \$1213 ;
+    last_pe3_11 <= \$1133 ;
   always @(posedge clk)
-    last4_8_0 <= \$1214 ;
+    last_pe3_12 <= \$1134 ;
   always @(posedge clk)
-    last4_8_1 <= \$1215 ;
+    last_pe3_13 <= \$1135 ;
   always @(posedge clk)
-    last4_8_2 <= \$1216 ;
+    last_pe3_14 <= \$1136 ;
   always @(posedge clk)
-    last4_8_3 <= \$1217 ;
+    last_pe3_15 <= \$1137 ;
   always @(posedge clk)
-    last4_8_4 <= \$1218 ;
+    last_pe4_0 <= \$1138 ;
   always @(posedge clk)
-    last4_8_5 <= \$1219 ;
+    last_pe4_1 <= \$1139 ;
   always @(posedge clk)
-    last4_8_6 <= \$1220 ;
+    last_pe4_2 <= \$1140 ;
   always @(posedge clk)
-    last4_8_7 <= \$1221 ;
+    last_pe4_3 <= \$1141 ;
   always @(posedge clk)
-    last4_8_8 <= \$1222 ;
+    last_pe4_4 <= \$1142 ;
   always @(posedge clk)
-    last4_8_9 <= \$1223 ;
+    last_pe4_5 <= \$1143 ;
   always @(posedge clk)
-    last4_8_10 <= \$1224 ;
+    last_pe4_6 <= \$1144 ;
   always @(posedge clk)
-    last4_8_11 <= \$1225 ;
+    last_pe4_7 <= \$1145 ;
   always @(posedge clk)
-    last4_8_12 <= \$1226 ;
+    last_pe4_8 <= \$1146 ;
   always @(posedge clk)
-    last4_8_13 <= \$1227 ;
+    last_pe4_9 <= \$1147 ;
   always @(posedge clk)
-    last4_8_14 <= \$1228 ;
+    last_pe4_10 <= \$1148 ;
   always @(posedge clk)
-    last4_8_15 <= \$1229 ;
+    last_pe4_11 <= \$1149 ;
   always @(posedge clk)
-    last4_9_0 <= \$1230 ;
+    last_pe4_12 <= \$1150 ;
   always @(posedge clk)
-    last4_9_1 <= \$1231 ;
+    last_pe4_13 <= \$1151 ;
   always @(posedge clk)
-    last4_9_2 <= \$1232 ;
+    last_pe4_14 <= \$1152 ;
   always @(posedge clk)
-    last4_9_3 <= \$1233 ;
+    last_pe4_15 <= \$1153 ;
   always @(posedge clk)
-    last4_9_4 <= \$1234 ;
+    last_pe5_0 <= \$1154 ;
   always @(posedge clk)
-    last4_9_5 <= \$1235 ;
+    last_pe5_1 <= \$1155 ;
   always @(posedge clk)
-    last4_9_6 <= \$1236 ;
+    last_pe5_2 <= \$1156 ;
   always @(posedge clk)
-    last4_9_7 <= \$1237 ;
+    last_pe5_3 <= \$1157 ;
   always @(posedge clk)
-    last4_9_8 <= \$1238 ;
+    last_pe5_4 <= \$1158 ;
   always @(posedge clk)
-    last4_9_9 <= \$1239 ;
+    last_pe5_5 <= \$1159 ;
   always @(posedge clk)
-    last4_9_10 <= \$1240 ;
+    last_pe5_6 <= \$1160 ;
   always @(posedge clk)
-    last4_9_11 <= \$1241 ;
+    last_pe5_7 <= \$1161 ;
   always @(posedge clk)
-    last4_9_12 <= \$1242 ;
+    last_pe5_8 <= \$1162 ;
   always @(posedge clk)
-    last4_9_13 <= \$1243 ;
+    last_pe5_9 <= \$1163 ;
   always @(posedge clk)
-    last4_9_14 <= \$1244 ;
+    last_pe5_10 <= \$1164 ;
   always @(posedge clk)
-    last4_9_15 <= \$1245 ;
+    last_pe5_11 <= \$1165 ;
   always @(posedge clk)
-    last4_10_0 <= \$1246 ;
+    last_pe5_12 <= \$1166 ;
   always @(posedge clk)
-    last4_10_1 <= \$1247 ;
+    last_pe5_13 <= \$1167 ;
   always @(posedge clk)
-    last4_10_2 <= \$1248 ;
+    last_pe5_14 <= \$1168 ;
   always @(posedge clk)
-    last4_10_3 <= \$1249 ;
+    last_pe5_15 <= \$1169 ;
   always @(posedge clk)
-    last4_10_4 <= \$1250 ;
+    last_pe6_0 <= \$1170 ;
   always @(posedge clk)
-    last4_10_5 <= \$1251 ;
+    last_pe6_1 <= \$1171 ;
   always @(posedge clk)
-    last4_10_6 <= \$1252 ;
+    last_pe6_2 <= \$1172 ;
   always @(posedge clk)
-    last4_10_7 <= \$1253 ;
+    last_pe6_3 <= \$1173 ;
   always @(posedge clk)
-    last4_10_8 <= \$1254 ;
+    last_pe6_4 <= \$1174 ;
   always @(posedge clk)
-    last4_10_9 <= \$1255 ;
+    last_pe6_5 <= \$1175 ;
   always @(posedge clk)
-    last4_10_10 <= \$1256 ;
+    last_pe6_6 <= \$1176 ;
   always @(posedge clk)
-    last4_10_11 <= \$1257 ;
+    last_pe6_7 <= \$1177 ;
   always @(posedge clk)
-    last4_10_12 <= \$1258 ;
+    last_pe6_8 <= \$1178 ;
   always @(posedge clk)
-    last4_10_13 <= \$1259 ;
+    last_pe6_9 <= \$1179 ;
   always @(posedge clk)
-    last4_10_14 <= \$1260 ;
+    last_pe6_10 <= \$1180 ;
   always @(posedge clk)
-    last4_10_15 <= \$1261 ;
+    last_pe6_11 <= \$1181 ;
   always @(posedge clk)
-    last4_11_0 <= \$1262 ;
+    last_pe6_12 <= \$1182 ;
   always @(posedge clk)
-    last4_11_1 <= \$1263 ;
+    last_pe6_13 <= \$1183 ;
   always @(posedge clk)
-    last4_11_2 <= \$1264 ;
+    last_pe6_14 <= \$1184 ;
   always @(posedge clk)
-    last4_11_3 <= \$1265 ;
+    last_pe6_15 <= \$1185 ;
   always @(posedge clk)
-    last4_11_4 <= \$1266 ;
+    last_pe7_0 <= \$1186 ;
   always @(posedge clk)
-    last4_11_5 <= \$1267 ;
+    last_pe7_1 <= \$1187 ;
   always @(posedge clk)
-    last4_11_6 <= \$1268 ;
+    last_pe7_2 <= \$1188 ;
   always @(posedge clk)
-    last4_11_7 <= \$1269 ;
+    last_pe7_3 <= \$1189 ;
   always @(posedge clk)
-    last4_11_8 <= \$1270 ;
+    last_pe7_4 <= \$1190 ;
   always @(posedge clk)
-    last4_11_9 <= \$1271 ;
+    last_pe7_5 <= \$1191 ;
   always @(posedge clk)
-    last4_11_10 <= \$1272 ;
+    last_pe7_6 <= \$1192 ;
   always @(posedge clk)
-    last4_11_11 <= \$1273 ;
+    last_pe7_7 <= \$1193 ;
   always @(posedge clk)
-    last4_11_12 <= \$1274 ;
+    last_pe7_8 <= \$1194 ;
   always @(posedge clk)
-    last4_11_13 <= \$1275 ;
+    last_pe7_9 <= \$1195 ;
   always @(posedge clk)
-    last4_11_14 <= \$1276 ;
+    last_pe7_10 <= \$1196 ;
   always @(posedge clk)
-    last4_11_15 <= \$1277 ;
+    last_pe7_11 <= \$1197 ;
   always @(posedge clk)
-    last4_12_0 <= \$1278 ;
+    last_pe7_12 <= \$1198 ;
   always @(posedge clk)
-    last4_12_1 <= \$1279 ;
+    last_pe7_13 <= \$1199 ;
   always @(posedge clk)
-    last4_12_2 <= \$1280 ;
+    last_pe7_14 <= \$1200 ;
   always @(posedge clk)
-    last4_12_3 <= \$1281 ;
+    last_pe7_15 <= \$1201 ;
   always @(posedge clk)
-    last4_12_4 <= \$1282 ;
+    last_pe8_0 <= \$1202 ;
   always @(posedge clk)
-    last4_12_5 <= \$1283 ;
+    last_pe8_1 <= \$1203 ;
   always @(posedge clk)
-    last4_12_6 <= \$1284 ;
+    last_pe8_2 <= \$1204 ;
   always @(posedge clk)
-    last4_12_7 <= \$1285 ;
+    last_pe8_3 <= \$1205 ;
   always @(posedge clk)
-    last4_12_8 <= \$1286 ;
+    last_pe8_4 <= \$1206 ;
   always @(posedge clk)
-    last4_12_9 <= \$1287 ;
+    last_pe8_5 <= \$1207 ;
   always @(posedge clk)
-    last4_12_10 <= \$1288 ;
+    last_pe8_6 <= \$1208 ;
   always @(posedge clk)
-    last4_12_11 <= \$1289 ;
+    last_pe8_7 <= \$1209 ;
   always @(posedge clk)
-    last4_12_12 <= \$1290 ;
+    last_pe8_8 <= \$1210 ;
   always @(posedge clk)
-    last4_12_13 <= \$1291 ;
+    last_pe8_9 <= \$1211 ;
   always @(posedge clk)
-    last4_12_14 <= \$1292 ;
+    last_pe8_10 <= \$1212 ;
   always @(posedge clk)
-    last4_12_15 <= \$1293 ;
+    last_pe8_11 <= \$1213 ;
   always @(posedge clk)
-    last4_13_0 <= \$1294 ;
+    last_pe8_12 <= \$1214 ;
   always @(posedge clk)
-    last4_13_1 <= \$1295 ;
+    last_pe8_13 <= \$1215 ;
   always @(posedge clk)
-    last4_13_2 <= \$1296 ;
+    last_pe8_14 <= \$1216 ;
   always @(posedge clk)
-    last4_13_3 <= \$1297 ;
+    last_pe8_15 <= \$1217 ;
   always @(posedge clk)
-    last4_13_4 <= \$1298 ;
+    last_pe9_0 <= \$1218 ;
   always @(posedge clk)
-    last4_13_5 <= \$1299 ;
+    last_pe9_1 <= \$1219 ;
   always @(posedge clk)
-    last4_13_6 <= \$1300 ;
+    last_pe9_2 <= \$1220 ;
   always @(posedge clk)
-    last4_13_7 <= \$1301 ;
+    last_pe9_3 <= \$1221 ;
   always @(posedge clk)
-    last4_13_8 <= \$1302 ;
+    last_pe9_4 <= \$1222 ;
   always @(posedge clk)
-    last4_13_9 <= \$1303 ;
+    last_pe9_5 <= \$1223 ;
   always @(posedge clk)
-    last4_13_10 <= \$1304 ;
+    last_pe9_6 <= \$1224 ;
   always @(posedge clk)
-    last4_13_11 <= \$1305 ;
+    last_pe9_7 <= \$1225 ;
   always @(posedge clk)
-    last4_13_12 <= \$1306 ;
+    last_pe9_8 <= \$1226 ;
   always @(posedge clk)
-    last4_13_13 <= \$1307 ;
+    last_pe9_9 <= \$1227 ;
   always @(posedge clk)
-    last4_13_14 <= \$1308 ;
+    last_pe9_10 <= \$1228 ;
   always @(posedge clk)
-    last4_13_15 <= \$1309 ;
+    last_pe9_11 <= \$1229 ;
   always @(posedge clk)
-    last4_14_0 <= \$1310 ;
+    last_pe9_12 <= \$1230 ;
   always @(posedge clk)
-    last4_14_1 <= \$1311 ;
+    last_pe9_13 <= \$1231 ;
   always @(posedge clk)
-    last4_14_2 <= \$1312 ;
+    last_pe9_14 <= \$1232 ;
   always @(posedge clk)
-    last4_14_3 <= \$1313 ;
+    last_pe9_15 <= \$1233 ;
   always @(posedge clk)
-    last4_14_4 <= \$1314 ;
+    last_pe10_0 <= \$1234 ;
   always @(posedge clk)
-    last4_14_5 <= \$1315 ;
+    last_pe10_1 <= \$1235 ;
   always @(posedge clk)
-    last4_14_6 <= \$1316 ;
+    last_pe10_2 <= \$1236 ;
   always @(posedge clk)
-    last4_14_7 <= \$1317 ;
+    last_pe10_3 <= \$1237 ;
   always @(posedge clk)
-    last4_14_8 <= \$1318 ;
+    last_pe10_4 <= \$1238 ;
   always @(posedge clk)
-    last4_14_9 <= \$1319 ;
+    last_pe10_5 <= \$1239 ;
   always @(posedge clk)
-    last4_14_10 <= \$1320 ;
+    last_pe10_6 <= \$1240 ;
   always @(posedge clk)
-    last4_14_11 <= \$1321 ;
+    last_pe10_7 <= \$1241 ;
   always @(posedge clk)
-    last4_14_12 <= \$1322 ;
+    last_pe10_8 <= \$1242 ;
   always @(posedge clk)
-    last4_14_13 <= \$1323 ;
+    last_pe10_9 <= \$1243 ;
   always @(posedge clk)
-    last4_14_14 <= \$1324 ;
+    last_pe10_10 <= \$1244 ;
   always @(posedge clk)
-    last4_14_15 <= \$1325 ;
+    last_pe10_11 <= \$1245 ;
   always @(posedge clk)
-    last4_15_0 <= \$1326 ;
+    last_pe10_12 <= \$1246 ;
   always @(posedge clk)
-    last4_15_1 <= \$1327 ;
+    last_pe10_13 <= \$1247 ;
   always @(posedge clk)
-    last4_15_2 <= \$1328 ;
+    last_pe10_14 <= \$1248 ;
   always @(posedge clk)
-    last4_15_3 <= \$1329 ;
+    last_pe10_15 <= \$1249 ;
   always @(posedge clk)
-    last4_15_4 <= \$1330 ;
+    last_pe11_0 <= \$1250 ;
   always @(posedge clk)
-    last4_15_5 <= \$1331 ;
+    last_pe11_1 <= \$1251 ;
   always @(posedge clk)
-    last4_15_6 <= \$1332 ;
+    last_pe11_2 <= \$1252 ;
   always @(posedge clk)
-    last4_15_7 <= \$1333 ;
+    last_pe11_3 <= \$1253 ;
   always @(posedge clk)
-    last4_15_8 <= \$1334 ;
+    last_pe11_4 <= \$1254 ;
   always @(posedge clk)
-    last4_15_9 <= \$1335 ;
+    last_pe11_5 <= \$1255 ;
   always @(posedge clk)
-    last4_15_10 <= \$1336 ;
+    last_pe11_6 <= \$1256 ;
   always @(posedge clk)
-    last4_15_11 <= \$1337 ;
+    last_pe11_7 <= \$1257 ;
   always @(posedge clk)
-    last4_15_12 <= \$1338 ;
+    last_pe11_8 <= \$1258 ;
   always @(posedge clk)
-    last4_15_13 <= \$1339 ;
+    last_pe11_9 <= \$1259 ;
   always @(posedge clk)
-    last4_15_14 <= \$1340 ;
+    last_pe11_10 <= \$1260 ;
   always @(posedge clk)
-    last4_15_15 <= \$1341 ;
+    last_pe11_11 <= \$1261 ;
   always @(posedge clk)
-    commit <= \$1342 ;
+    last_pe11_12 <= \$1262 ;
   always @(posedge clk)
-    acc_0_0 <= \$280 [23:0];
+    last_pe11_13 <= \$1263 ;
   always @(posedge clk)
-    bank_0_0 <= \$19 ;
+    last_pe11_14 <= \$1264 ;
   always @(posedge clk)
-    acc_0_1 <= \$282 [23:0];
+    last_pe11_15 <= \$1265 ;
   always @(posedge clk)
-    bank_0_1 <= \$20 ;
+    last_pe12_0 <= \$1266 ;
   always @(posedge clk)
-    acc_0_2 <= \$284 [23:0];
+    last_pe12_1 <= \$1267 ;
   always @(posedge clk)
-    bank_0_2 <= \$21 ;
+    last_pe12_2 <= \$1268 ;
   always @(posedge clk)
-    acc_0_3 <= \$286 [23:0];
+    last_pe12_3 <= \$1269 ;
   always @(posedge clk)
-    bank_0_3 <= \$22 ;
+    last_pe12_4 <= \$1270 ;
   always @(posedge clk)
-    acc_0_4 <= \$288 [23:0];
+    last_pe12_5 <= \$1271 ;
   always @(posedge clk)
-    bank_0_4 <= \$23 ;
+    last_pe12_6 <= \$1272 ;
   always @(posedge clk)
-    acc_0_5 <= \$290 [23:0];
+    last_pe12_7 <= \$1273 ;
   always @(posedge clk)
-    bank_0_5 <= \$24 ;
+    last_pe12_8 <= \$1274 ;
   always @(posedge clk)
-    acc_0_6 <= \$292 [23:0];
+    last_pe12_9 <= \$1275 ;
   always @(posedge clk)
-    bank_0_6 <= \$25 ;
+    last_pe12_10 <= \$1276 ;
   always @(posedge clk)
-    acc_0_7 <= \$294 [23:0];
+    last_pe12_11 <= \$1277 ;
   always @(posedge clk)
-    bank_0_7 <= \$26 ;
+    last_pe12_12 <= \$1278 ;
   always @(posedge clk)
-    acc_0_8 <= \$296 [23:0];
+    last_pe12_13 <= \$1279 ;
   always @(posedge clk)
-    bank_0_8 <= \$27 ;
+    last_pe12_14 <= \$1280 ;
   always @(posedge clk)
-    acc_0_9 <= \$298 [23:0];
+    last_pe12_15 <= \$1281 ;
   always @(posedge clk)
-    bank_0_9 <= \$28 ;
+    last_pe13_0 <= \$1282 ;
   always @(posedge clk)
-    acc_0_10 <= \$300 [23:0];
+    last_pe13_1 <= \$1283 ;
   always @(posedge clk)
-    bank_0_10 <= \$29 ;
+    last_pe13_2 <= \$1284 ;
   always @(posedge clk)
-    acc_0_11 <= \$302 [23:0];
+    last_pe13_3 <= \$1285 ;
   always @(posedge clk)
-    bank_0_11 <= \$30 ;
+    last_pe13_4 <= \$1286 ;
   always @(posedge clk)
-    acc_0_12 <= \$304 [23:0];
+    last_pe13_5 <= \$1287 ;
   always @(posedge clk)
-    bank_0_12 <= \$31 ;
+    last_pe13_6 <= \$1288 ;
   always @(posedge clk)
-    acc_0_13 <= \$306 [23:0];
+    last_pe13_7 <= \$1289 ;
   always @(posedge clk)
-    bank_0_13 <= \$32 ;
+    last_pe13_8 <= \$1290 ;
   always @(posedge clk)
-    acc_0_14 <= \$308 [23:0];
+    last_pe13_9 <= \$1291 ;
   always @(posedge clk)
-    bank_0_14 <= \$33 ;
+    last_pe13_10 <= \$1292 ;
   always @(posedge clk)
-    acc_0_15 <= \$310 [23:0];
+    last_pe13_11 <= \$1293 ;
   always @(posedge clk)
-    bank_0_15 <= \$34 ;
+    last_pe13_12 <= \$1294 ;
   always @(posedge clk)
-    acc_1_0 <= \$312 [23:0];
+    last_pe13_13 <= \$1295 ;
   always @(posedge clk)
-    bank_1_0 <= \$35 ;
+    last_pe13_14 <= \$1296 ;
   always @(posedge clk)
-    acc_1_1 <= \$314 [23:0];
+    last_pe13_15 <= \$1297 ;
   always @(posedge clk)
-    bank_1_1 <= \$36 ;
+    last_pe14_0 <= \$1298 ;
   always @(posedge clk)
-    acc_1_2 <= \$316 [23:0];
+    last_pe14_1 <= \$1299 ;
   always @(posedge clk)
-    bank_1_2 <= \$37 ;
+    last_pe14_2 <= \$1300 ;
   always @(posedge clk)
-    acc_1_3 <= \$318 [23:0];
+    last_pe14_3 <= \$1301 ;
   always @(posedge clk)
-    bank_1_3 <= \$38 ;
+    last_pe14_4 <= \$1302 ;
   always @(posedge clk)
-    acc_1_4 <= \$320 [23:0];
+    last_pe14_5 <= \$1303 ;
   always @(posedge clk)
-    bank_1_4 <= \$39 ;
+    last_pe14_6 <= \$1304 ;
   always @(posedge clk)
-    acc_1_5 <= \$322 [23:0];
+    last_pe14_7 <= \$1305 ;
   always @(posedge clk)
-    bank_1_5 <= \$40 ;
+    last_pe14_8 <= \$1306 ;
   always @(posedge clk)
-    acc_1_6 <= \$324 [23:0];
+    last_pe14_9 <= \$1307 ;
   always @(posedge clk)
-    bank_1_6 <= \$41 ;
+    last_pe14_10 <= \$1308 ;
   always @(posedge clk)
-    acc_1_7 <= \$326 [23:0];
+    last_pe14_11 <= \$1309 ;
   always @(posedge clk)
-    bank_1_7 <= \$42 ;
+    last_pe14_12 <= \$1310 ;
   always @(posedge clk)
-    acc_1_8 <= \$328 [23:0];
+    last_pe14_13 <= \$1311 ;
   always @(posedge clk)
-    bank_1_8 <= \$43 ;
+    last_pe14_14 <= \$1312 ;
   always @(posedge clk)
-    acc_1_9 <= \$330 [23:0];
+    last_pe14_15 <= \$1313 ;
   always @(posedge clk)
-    bank_1_9 <= \$44 ;
+    last_pe15_0 <= \$1314 ;
   always @(posedge clk)
-    acc_1_10 <= \$332 [23:0];
+    last_pe15_1 <= \$1315 ;
   always @(posedge clk)
-    bank_1_10 <= \$45 ;
+    last_pe15_2 <= \$1316 ;
   always @(posedge clk)
-    acc_1_11 <= \$334 [23:0];
+    last_pe15_3 <= \$1317 ;
   always @(posedge clk)
-    bank_1_11 <= \$46 ;
+    last_pe15_4 <= \$1318 ;
   always @(posedge clk)
-    acc_1_12 <= \$336 [23:0];
+    last_pe15_5 <= \$1319 ;
   always @(posedge clk)
-    bank_1_12 <= \$47 ;
+    last_pe15_6 <= \$1320 ;
   always @(posedge clk)
-    acc_1_13 <= \$338 [23:0];
+    last_pe15_7 <= \$1321 ;
   always @(posedge clk)
-    bank_1_13 <= \$48 ;
+    last_pe15_8 <= \$1322 ;
   always @(posedge clk)
-    acc_1_14 <= \$340 [23:0];
+    last_pe15_9 <= \$1323 ;
   always @(posedge clk)
-    bank_1_14 <= \$49 ;
+    last_pe15_10 <= \$1324 ;
   always @(posedge clk)
-    acc_1_15 <= \$342 [23:0];
+    last_pe15_11 <= \$1325 ;
   always @(posedge clk)
-    bank_1_15 <= \$50 ;
+    last_pe15_12 <= \$1326 ;
   always @(posedge clk)
-    acc_2_0 <= \$344 [23:0];
+    last_pe15_13 <= \$1327 ;
   always @(posedge clk)
-    bank_2_0 <= \$51 ;
+    last_pe15_14 <= \$1328 ;
   always @(posedge clk)
-    acc_2_1 <= \$346 [23:0];
+    last_pe15_15 <= \$1329 ;
   always @(posedge clk)
-    bank_2_1 <= \$52 ;
+    commit <= \$1330 ;
   always @(posedge clk)
-    acc_2_2 <= \$348 [23:0];
+    acc_0_0 <= \$264 [23:0];
   always @(posedge clk)
-    bank_2_2 <= \$53 ;
+    bank_0_0 <= \$3 ;
   always @(posedge clk)
-    acc_2_3 <= \$350 [23:0];
+    acc_0_1 <= \$266 [23:0];
   always @(posedge clk)
-    bank_2_3 <= \$54 ;
+    bank_0_1 <= \$4 ;
   always @(posedge clk)
-    acc_2_4 <= \$352 [23:0];
+    acc_0_2 <= \$268 [23:0];
   always @(posedge clk)
-    bank_2_4 <= \$55 ;
+    bank_0_2 <= \$5 ;
   always @(posedge clk)
-    acc_2_5 <= \$354 [23:0];
+    acc_0_3 <= \$270 [23:0];
   always @(posedge clk)
-    bank_2_5 <= \$56 ;
+    bank_0_3 <= \$6 ;
   always @(posedge clk)
-    acc_2_6 <= \$356 [23:0];
+    acc_0_4 <= \$272 [23:0];
   always @(posedge clk)
-    bank_2_6 <= \$57 ;
+    bank_0_4 <= \$7 ;
   always @(posedge clk)
-    acc_2_7 <= \$358 [23:0];
+    acc_0_5 <= \$274 [23:0];
   always @(posedge clk)
-    bank_2_7 <= \$58 ;
+    bank_0_5 <= \$8 ;
   always @(posedge clk)
-    acc_2_8 <= \$360 [23:0];
+    acc_0_6 <= \$276 [23:0];
   always @(posedge clk)
-    bank_2_8 <= \$59 ;
+    bank_0_6 <= \$9 ;
   always @(posedge clk)
-    acc_2_9 <= \$362 [23:0];
+    acc_0_7 <= \$278 [23:0];
   always @(posedge clk)
-    bank_2_9 <= \$60 ;
+    bank_0_7 <= \$10 ;
   always @(posedge clk)
-    acc_2_10 <= \$364 [23:0];
+    acc_0_8 <= \$280 [23:0];
   always @(posedge clk)
-    bank_2_10 <= \$61 ;
+    bank_0_8 <= \$11 ;
   always @(posedge clk)
-    acc_2_11 <= \$366 [23:0];
+    acc_0_9 <= \$282 [23:0];
   always @(posedge clk)
-    bank_2_11 <= \$62 ;
+    bank_0_9 <= \$12 ;
   always @(posedge clk)
-    acc_2_12 <= \$368 [23:0];
+    acc_0_10 <= \$284 [23:0];
   always @(posedge clk)
-    bank_2_12 <= \$63 ;
+    bank_0_10 <= \$13 ;
   always @(posedge clk)
-    acc_2_13 <= \$370 [23:0];
+    acc_0_11 <= \$286 [23:0];
   always @(posedge clk)
-    bank_2_13 <= \$64 ;
+    bank_0_11 <= \$14 ;
   always @(posedge clk)
-    acc_2_14 <= \$372 [23:0];
+    acc_0_12 <= \$288 [23:0];
   always @(posedge clk)
-    bank_2_14 <= \$65 ;
+    bank_0_12 <= \$15 ;
   always @(posedge clk)
-    acc_2_15 <= \$374 [23:0];
+    acc_0_13 <= \$290 [23:0];
   always @(posedge clk)
-    bank_2_15 <= \$66 ;
+    bank_0_13 <= \$16 ;
   always @(posedge clk)
-    acc_3_0 <= \$376 [23:0];
+    acc_0_14 <= \$292 [23:0];
   always @(posedge clk)
-    bank_3_0 <= \$67 ;
+    bank_0_14 <= \$17 ;
   always @(posedge clk)
-    acc_3_1 <= \$378 [23:0];
+    acc_0_15 <= \$294 [23:0];
   always @(posedge clk)
-    bank_3_1 <= \$68 ;
+    bank_0_15 <= \$18 ;
   always @(posedge clk)
-    acc_3_2 <= \$380 [23:0];
+    acc_1_0 <= \$296 [23:0];
   always @(posedge clk)
-    bank_3_2 <= \$69 ;
+    bank_1_0 <= \$19 ;
   always @(posedge clk)
-    acc_3_3 <= \$382 [23:0];
+    acc_1_1 <= \$298 [23:0];
   always @(posedge clk)
-    bank_3_3 <= \$70 ;
+    bank_1_1 <= \$20 ;
   always @(posedge clk)
-    acc_3_4 <= \$384 [23:0];
+    acc_1_2 <= \$300 [23:0];
   always @(posedge clk)
-    bank_3_4 <= \$71 ;
+    bank_1_2 <= \$21 ;
   always @(posedge clk)
-    acc_3_5 <= \$386 [23:0];
+    acc_1_3 <= \$302 [23:0];
   always @(posedge clk)
-    bank_3_5 <= \$72 ;
+    bank_1_3 <= \$22 ;
   always @(posedge clk)
-    acc_3_6 <= \$388 [23:0];
+    acc_1_4 <= \$304 [23:0];
   always @(posedge clk)
-    bank_3_6 <= \$73 ;
+    bank_1_4 <= \$23 ;
   always @(posedge clk)
-    acc_3_7 <= \$390 [23:0];
+    acc_1_5 <= \$306 [23:0];
   always @(posedge clk)
-    bank_3_7 <= \$74 ;
+    bank_1_5 <= \$24 ;
   always @(posedge clk)
-    acc_3_8 <= \$392 [23:0];
+    acc_1_6 <= \$308 [23:0];
   always @(posedge clk)
-    bank_3_8 <= \$75 ;
+    bank_1_6 <= \$25 ;
   always @(posedge clk)
-    acc_3_9 <= \$394 [23:0];
+    acc_1_7 <= \$310 [23:0];
   always @(posedge clk)
-    bank_3_9 <= \$76 ;
+    bank_1_7 <= \$26 ;
   always @(posedge clk)
-    acc_3_10 <= \$396 [23:0];
+    acc_1_8 <= \$312 [23:0];
   always @(posedge clk)
-    bank_3_10 <= \$77 ;
+    bank_1_8 <= \$27 ;
   always @(posedge clk)
-    acc_3_11 <= \$398 [23:0];
+    acc_1_9 <= \$314 [23:0];
   always @(posedge clk)
-    bank_3_11 <= \$78 ;
+    bank_1_9 <= \$28 ;
   always @(posedge clk)
-    acc_3_12 <= \$400 [23:0];
+    acc_1_10 <= \$316 [23:0];
   always @(posedge clk)
-    bank_3_12 <= \$79 ;
+    bank_1_10 <= \$29 ;
   always @(posedge clk)
-    acc_3_13 <= \$402 [23:0];
+    acc_1_11 <= \$318 [23:0];
   always @(posedge clk)
-    bank_3_13 <= \$80 ;
+    bank_1_11 <= \$30 ;
   always @(posedge clk)
-    acc_3_14 <= \$404 [23:0];
+    acc_1_12 <= \$320 [23:0];
   always @(posedge clk)
-    bank_3_14 <= \$81 ;
+    bank_1_12 <= \$31 ;
   always @(posedge clk)
-    acc_3_15 <= \$406 [23:0];
+    acc_1_13 <= \$322 [23:0];
   always @(posedge clk)
-    bank_3_15 <= \$82 ;
+    bank_1_13 <= \$32 ;
   always @(posedge clk)
-    acc_4_0 <= \$408 [23:0];
+    acc_1_14 <= \$324 [23:0];
   always @(posedge clk)
-    bank_4_0 <= \$83 ;
+    bank_1_14 <= \$33 ;
   always @(posedge clk)
-    acc_4_1 <= \$410 [23:0];
+    acc_1_15 <= \$326 [23:0];
   always @(posedge clk)
-    bank_4_1 <= \$84 ;
+    bank_1_15 <= \$34 ;
   always @(posedge clk)
-    acc_4_2 <= \$412 [23:0];
+    acc_2_0 <= \$328 [23:0];
   always @(posedge clk)
-    bank_4_2 <= \$85 ;
+    bank_2_0 <= \$35 ;
   always @(posedge clk)
-    acc_4_3 <= \$414 [23:0];
+    acc_2_1 <= \$330 [23:0];
   always @(posedge clk)
-    bank_4_3 <= \$86 ;
+    bank_2_1 <= \$36 ;
   always @(posedge clk)
-    acc_4_4 <= \$416 [23:0];
+    acc_2_2 <= \$332 [23:0];
   always @(posedge clk)
-    bank_4_4 <= \$87 ;
+    bank_2_2 <= \$37 ;
   always @(posedge clk)
-    acc_4_5 <= \$418 [23:0];
+    acc_2_3 <= \$334 [23:0];
   always @(posedge clk)
-    bank_4_5 <= \$88 ;
+    bank_2_3 <= \$38 ;
   always @(posedge clk)
-    acc_4_6 <= \$420 [23:0];
+    acc_2_4 <= \$336 [23:0];
   always @(posedge clk)
-    bank_4_6 <= \$89 ;
+    bank_2_4 <= \$39 ;
   always @(posedge clk)
-    acc_4_7 <= \$422 [23:0];
+    acc_2_5 <= \$338 [23:0];
   always @(posedge clk)
-    bank_4_7 <= \$90 ;
+    bank_2_5 <= \$40 ;
   always @(posedge clk)
-    acc_4_8 <= \$424 [23:0];
+    acc_2_6 <= \$340 [23:0];
   always @(posedge clk)
-    bank_4_8 <= \$91 ;
+    bank_2_6 <= \$41 ;
   always @(posedge clk)
-    acc_4_9 <= \$426 [23:0];
+    acc_2_7 <= \$342 [23:0];
   always @(posedge clk)
-    bank_4_9 <= \$92 ;
+    bank_2_7 <= \$42 ;
   always @(posedge clk)
-    acc_4_10 <= \$428 [23:0];
+    acc_2_8 <= \$344 [23:0];
   always @(posedge clk)
-    bank_4_10 <= \$93 ;
+    bank_2_8 <= \$43 ;
   always @(posedge clk)
-    acc_4_11 <= \$430 [23:0];
+    acc_2_9 <= \$346 [23:0];
   always @(posedge clk)
-    bank_4_11 <= \$94 ;
+    bank_2_9 <= \$44 ;
   always @(posedge clk)
-    acc_4_12 <= \$432 [23:0];
+    acc_2_10 <= \$348 [23:0];
   always @(posedge clk)
-    bank_4_12 <= \$95 ;
+    bank_2_10 <= \$45 ;
   always @(posedge clk)
-    acc_4_13 <= \$434 [23:0];
+    acc_2_11 <= \$350 [23:0];
   always @(posedge clk)
-    bank_4_13 <= \$96 ;
+    bank_2_11 <= \$46 ;
   always @(posedge clk)
-    acc_4_14 <= \$436 [23:0];
+    acc_2_12 <= \$352 [23:0];
   always @(posedge clk)
-    bank_4_14 <= \$97 ;
+    bank_2_12 <= \$47 ;
   always @(posedge clk)
-    acc_4_15 <= \$438 [23:0];
+    acc_2_13 <= \$354 [23:0];
   always @(posedge clk)
-    bank_4_15 <= \$98 ;
+    bank_2_13 <= \$48 ;
   always @(posedge clk)
-    acc_5_0 <= \$440 [23:0];
+    acc_2_14 <= \$356 [23:0];
   always @(posedge clk)
-    bank_5_0 <= \$99 ;
+    bank_2_14 <= \$49 ;
   always @(posedge clk)
-    acc_5_1 <= \$442 [23:0];
+    acc_2_15 <= \$358 [23:0];
   always @(posedge clk)
-    bank_5_1 <= \$100 ;
+    bank_2_15 <= \$50 ;
   always @(posedge clk)
-    acc_5_2 <= \$444 [23:0];
+    acc_3_0 <= \$360 [23:0];
   always @(posedge clk)
-    bank_5_2 <= \$101 ;
+    bank_3_0 <= \$51 ;
   always @(posedge clk)
-    acc_5_3 <= \$446 [23:0];
+    acc_3_1 <= \$362 [23:0];
   always @(posedge clk)
-    bank_5_3 <= \$102 ;
+    bank_3_1 <= \$52 ;
   always @(posedge clk)
-    acc_5_4 <= \$448 [23:0];
+    acc_3_2 <= \$364 [23:0];
   always @(posedge clk)
-    bank_5_4 <= \$103 ;
+    bank_3_2 <= \$53 ;
   always @(posedge clk)
-    acc_5_5 <= \$450 [23:0];
+    acc_3_3 <= \$366 [23:0];
   always @(posedge clk)
-    bank_5_5 <= \$104 ;
+    bank_3_3 <= \$54 ;
   always @(posedge clk)
-    acc_5_6 <= \$452 [23:0];
+    acc_3_4 <= \$368 [23:0];
   always @(posedge clk)
-    bank_5_6 <= \$105 ;
+    bank_3_4 <= \$55 ;
   always @(posedge clk)
-    acc_5_7 <= \$454 [23:0];
+    acc_3_5 <= \$370 [23:0];
   always @(posedge clk)
-    bank_5_7 <= \$106 ;
+    bank_3_5 <= \$56 ;
   always @(posedge clk)
-    acc_5_8 <= \$456 [23:0];
+    acc_3_6 <= \$372 [23:0];
   always @(posedge clk)
-    bank_5_8 <= \$107 ;
+    bank_3_6 <= \$57 ;
   always @(posedge clk)
-    acc_5_9 <= \$458 [23:0];
+    acc_3_7 <= \$374 [23:0];
   always @(posedge clk)
-    bank_5_9 <= \$108 ;
+    bank_3_7 <= \$58 ;
   always @(posedge clk)
-    acc_5_10 <= \$460 [23:0];
+    acc_3_8 <= \$376 [23:0];
   always @(posedge clk)
-    bank_5_10 <= \$109 ;
+    bank_3_8 <= \$59 ;
   always @(posedge clk)
-    acc_5_11 <= \$462 [23:0];
+    acc_3_9 <= \$378 [23:0];
   always @(posedge clk)
-    bank_5_11 <= \$110 ;
+    bank_3_9 <= \$60 ;
   always @(posedge clk)
-    acc_5_12 <= \$464 [23:0];
+    acc_3_10 <= \$380 [23:0];
   always @(posedge clk)
-    bank_5_12 <= \$111 ;
+    bank_3_10 <= \$61 ;
   always @(posedge clk)
-    acc_5_13 <= \$466 [23:0];
+    acc_3_11 <= \$382 [23:0];
   always @(posedge clk)
-    bank_5_13 <= \$112 ;
+    bank_3_11 <= \$62 ;
   always @(posedge clk)
-    acc_5_14 <= \$468 [23:0];
+    acc_3_12 <= \$384 [23:0];
   always @(posedge clk)
-    bank_5_14 <= \$113 ;
+    bank_3_12 <= \$63 ;
   always @(posedge clk)
-    acc_5_15 <= \$470 [23:0];
+    acc_3_13 <= \$386 [23:0];
   always @(posedge clk)
-    bank_5_15 <= \$114 ;
+    bank_3_13 <= \$64 ;
   always @(posedge clk)
-    acc_6_0 <= \$472 [23:0];
+    acc_3_14 <= \$388 [23:0];
   always @(posedge clk)
-    bank_6_0 <= \$115 ;
+    bank_3_14 <= \$65 ;
   always @(posedge clk)
-    acc_6_1 <= \$474 [23:0];
+    acc_3_15 <= \$390 [23:0];
   always @(posedge clk)
-    bank_6_1 <= \$116 ;
+    bank_3_15 <= \$66 ;
   always @(posedge clk)
-    acc_6_2 <= \$476 [23:0];
+    acc_4_0 <= \$392 [23:0];
   always @(posedge clk)
-    bank_6_2 <= \$117 ;
+    bank_4_0 <= \$67 ;
   always @(posedge clk)
-    acc_6_3 <= \$478 [23:0];
+    acc_4_1 <= \$394 [23:0];
   always @(posedge clk)
-    bank_6_3 <= \$118 ;
+    bank_4_1 <= \$68 ;
   always @(posedge clk)
-    acc_6_4 <= \$480 [23:0];
+    acc_4_2 <= \$396 [23:0];
   always @(posedge clk)
-    bank_6_4 <= \$119 ;
+    bank_4_2 <= \$69 ;
   always @(posedge clk)
-    acc_6_5 <= \$482 [23:0];
+    acc_4_3 <= \$398 [23:0];
   always @(posedge clk)
-    bank_6_5 <= \$120 ;
+    bank_4_3 <= \$70 ;
   always @(posedge clk)
-    acc_6_6 <= \$484 [23:0];
+    acc_4_4 <= \$400 [23:0];
   always @(posedge clk)
-    bank_6_6 <= \$121 ;
+    bank_4_4 <= \$71 ;
   always @(posedge clk)
-    acc_6_7 <= \$486 [23:0];
+    acc_4_5 <= \$402 [23:0];
   always @(posedge clk)
-    bank_6_7 <= \$122 ;
+    bank_4_5 <= \$72 ;
   always @(posedge clk)
-    acc_6_8 <= \$488 [23:0];
+    acc_4_6 <= \$404 [23:0];
   always @(posedge clk)
-    bank_6_8 <= \$123 ;
+    bank_4_6 <= \$73 ;
   always @(posedge clk)
-    acc_6_9 <= \$490 [23:0];
+    acc_4_7 <= \$406 [23:0];
   always @(posedge clk)
-    bank_6_9 <= \$124 ;
+    bank_4_7 <= \$74 ;
   always @(posedge clk)
-    acc_6_10 <= \$492 [23:0];
+    acc_4_8 <= \$408 [23:0];
   always @(posedge clk)
-    bank_6_10 <= \$125 ;
+    bank_4_8 <= \$75 ;
   always @(posedge clk)
-    acc_6_11 <= \$494 [23:0];
+    acc_4_9 <= \$410 [23:0];
   always @(posedge clk)
-    bank_6_11 <= \$126 ;
+    bank_4_9 <= \$76 ;
   always @(posedge clk)
-    acc_6_12 <= \$496 [23:0];
+    acc_4_10 <= \$412 [23:0];
   always @(posedge clk)
-    bank_6_12 <= \$127 ;
+    bank_4_10 <= \$77 ;
   always @(posedge clk)
-    acc_6_13 <= \$498 [23:0];
+    acc_4_11 <= \$414 [23:0];
   always @(posedge clk)
-    bank_6_13 <= \$128 ;
+    bank_4_11 <= \$78 ;
   always @(posedge clk)
-    acc_6_14 <= \$500 [23:0];
+    acc_4_12 <= \$416 [23:0];
   always @(posedge clk)
-    bank_6_14 <= \$129 ;
+    bank_4_12 <= \$79 ;
   always @(posedge clk)
-    acc_6_15 <= \$502 [23:0];
+    acc_4_13 <= \$418 [23:0];
   always @(posedge clk)
-    bank_6_15 <= \$130 ;
+    bank_4_13 <= \$80 ;
   always @(posedge clk)
-    acc_7_0 <= \$504 [23:0];
+    acc_4_14 <= \$420 [23:0];
   always @(posedge clk)
-    bank_7_0 <= \$131 ;
+    bank_4_14 <= \$81 ;
   always @(posedge clk)
-    acc_7_1 <= \$506 [23:0];
+    acc_4_15 <= \$422 [23:0];
   always @(posedge clk)
-    bank_7_1 <= \$132 ;
+    bank_4_15 <= \$82 ;
   always @(posedge clk)
-    acc_7_2 <= \$508 [23:0];
+    acc_5_0 <= \$424 [23:0];
   always @(posedge clk)
-    bank_7_2 <= \$133 ;
+    bank_5_0 <= \$83 ;
   always @(posedge clk)
-    acc_7_3 <= \$510 [23:0];
+    acc_5_1 <= \$426 [23:0];
   always @(posedge clk)
-    bank_7_3 <= \$134 ;
+    bank_5_1 <= \$84 ;
   always @(posedge clk)
-    acc_7_4 <= \$512 [23:0];
+    acc_5_2 <= \$428 [23:0];
   always @(posedge clk)
-    bank_7_4 <= \$135 ;
+    bank_5_2 <= \$85 ;
   always @(posedge clk)
-    acc_7_5 <= \$514 [23:0];
+    acc_5_3 <= \$430 [23:0];
   always @(posedge clk)
-    bank_7_5 <= \$136 ;
+    bank_5_3 <= \$86 ;
   always @(posedge clk)
-    acc_7_6 <= \$516 [23:0];
+    acc_5_4 <= \$432 [23:0];
   always @(posedge clk)
-    bank_7_6 <= \$137 ;
+    bank_5_4 <= \$87 ;
   always @(posedge clk)
-    acc_7_7 <= \$518 [23:0];
+    acc_5_5 <= \$434 [23:0];
   always @(posedge clk)
-    bank_7_7 <= \$138 ;
+    bank_5_5 <= \$88 ;
   always @(posedge clk)
-    acc_7_8 <= \$520 [23:0];
+    acc_5_6 <= \$436 [23:0];
   always @(posedge clk)
-    bank_7_8 <= \$139 ;
+    bank_5_6 <= \$89 ;
   always @(posedge clk)
-    acc_7_9 <= \$522 [23:0];
+    acc_5_7 <= \$438 [23:0];
   always @(posedge clk)
-    bank_7_9 <= \$140 ;
+    bank_5_7 <= \$90 ;
   always @(posedge clk)
-    acc_7_10 <= \$524 [23:0];
+    acc_5_8 <= \$440 [23:0];
   always @(posedge clk)
-    bank_7_10 <= \$141 ;
+    bank_5_8 <= \$91 ;
   always @(posedge clk)
-    acc_7_11 <= \$526 [23:0];
+    acc_5_9 <= \$442 [23:0];
   always @(posedge clk)
-    bank_7_11 <= \$142 ;
+    bank_5_9 <= \$92 ;
   always @(posedge clk)
-    acc_7_12 <= \$528 [23:0];
+    acc_5_10 <= \$444 [23:0];
   always @(posedge clk)
-    bank_7_12 <= \$143 ;
+    bank_5_10 <= \$93 ;
   always @(posedge clk)
-    acc_7_13 <= \$530 [23:0];
+    acc_5_11 <= \$446 [23:0];
   always @(posedge clk)
-    bank_7_13 <= \$144 ;
+    bank_5_11 <= \$94 ;
   always @(posedge clk)
-    acc_7_14 <= \$532 [23:0];
+    acc_5_12 <= \$448 [23:0];
   always @(posedge clk)
-    bank_7_14 <= \$145 ;
+    bank_5_12 <= \$95 ;
   always @(posedge clk)
-    acc_7_15 <= \$534 [23:0];
+    acc_5_13 <= \$450 [23:0];
   always @(posedge clk)
-    bank_7_15 <= \$146 ;
+    bank_5_13 <= \$96 ;
   always @(posedge clk)
-    acc_8_0 <= \$536 [23:0];
+    acc_5_14 <= \$452 [23:0];
   always @(posedge clk)
-    bank_8_0 <= \$147 ;
+    bank_5_14 <= \$97 ;
   always @(posedge clk)
-    acc_8_1 <= \$538 [23:0];
+    acc_5_15 <= \$454 [23:0];
   always @(posedge clk)
-    bank_8_1 <= \$148 ;
+    bank_5_15 <= \$98 ;
   always @(posedge clk)
-    acc_8_2 <= \$540 [23:0];
+    acc_6_0 <= \$456 [23:0];
   always @(posedge clk)
-    bank_8_2 <= \$149 ;
+    bank_6_0 <= \$99 ;
   always @(posedge clk)
-    acc_8_3 <= \$542 [23:0];
+    acc_6_1 <= \$458 [23:0];
   always @(posedge clk)
-    bank_8_3 <= \$150 ;
+    bank_6_1 <= \$100 ;
   always @(posedge clk)
-    acc_8_4 <= \$544 [23:0];
+    acc_6_2 <= \$460 [23:0];
   always @(posedge clk)
-    bank_8_4 <= \$151 ;
+    bank_6_2 <= \$101 ;
   always @(posedge clk)
-    acc_8_5 <= \$546 [23:0];
+    acc_6_3 <= \$462 [23:0];
   always @(posedge clk)
-    bank_8_5 <= \$152 ;
+    bank_6_3 <= \$102 ;
   always @(posedge clk)
-    acc_8_6 <= \$548 [23:0];
+    acc_6_4 <= \$464 [23:0];
   always @(posedge clk)
-    bank_8_6 <= \$153 ;
+    bank_6_4 <= \$103 ;
   always @(posedge clk)
-    acc_8_7 <= \$550 [23:0];
+    acc_6_5 <= \$466 [23:0];
   always @(posedge clk)
-    bank_8_7 <= \$154 ;
+    bank_6_5 <= \$104 ;
   always @(posedge clk)
-    acc_8_8 <= \$552 [23:0];
+    acc_6_6 <= \$468 [23:0];
   always @(posedge clk)
-    bank_8_8 <= \$155 ;
+    bank_6_6 <= \$105 ;
   always @(posedge clk)
-    acc_8_9 <= \$554 [23:0];
+    acc_6_7 <= \$470 [23:0];
   always @(posedge clk)
-    bank_8_9 <= \$156 ;
+    bank_6_7 <= \$106 ;
   always @(posedge clk)
-    acc_8_10 <= \$556 [23:0];
+    acc_6_8 <= \$472 [23:0];
   always @(posedge clk)
-    bank_8_10 <= \$157 ;
+    bank_6_8 <= \$107 ;
   always @(posedge clk)
-    acc_8_11 <= \$558 [23:0];
+    acc_6_9 <= \$474 [23:0];
   always @(posedge clk)
-    bank_8_11 <= \$158 ;
+    bank_6_9 <= \$108 ;
   always @(posedge clk)
-    acc_8_12 <= \$560 [23:0];
+    acc_6_10 <= \$476 [23:0];
   always @(posedge clk)
-    bank_8_12 <= \$159 ;
+    bank_6_10 <= \$109 ;
   always @(posedge clk)
-    acc_8_13 <= \$562 [23:0];
+    acc_6_11 <= \$478 [23:0];
   always @(posedge clk)
-    bank_8_13 <= \$160 ;
+    bank_6_11 <= \$110 ;
   always @(posedge clk)
-    acc_8_14 <= \$564 [23:0];
+    acc_6_12 <= \$480 [23:0];
   always @(posedge clk)
-    bank_8_14 <= \$161 ;
+    bank_6_12 <= \$111 ;
   always @(posedge clk)
-    acc_8_15 <= \$566 [23:0];
+    acc_6_13 <= \$482 [23:0];
   always @(posedge clk)
-    bank_8_15 <= \$162 ;
+    bank_6_13 <= \$112 ;
   always @(posedge clk)
-    acc_9_0 <= \$568 [23:0];
+    acc_6_14 <= \$484 [23:0];
   always @(posedge clk)
-    bank_9_0 <= \$163 ;
+    bank_6_14 <= \$113 ;
   always @(posedge clk)
-    acc_9_1 <= \$570 [23:0];
+    acc_6_15 <= \$486 [23:0];
   always @(posedge clk)
-    bank_9_1 <= \$164 ;
+    bank_6_15 <= \$114 ;
   always @(posedge clk)
-    acc_9_2 <= \$572 [23:0];
+    acc_7_0 <= \$488 [23:0];
   always @(posedge clk)
-    bank_9_2 <= \$165 ;
+    bank_7_0 <= \$115 ;
   always @(posedge clk)
-    acc_9_3 <= \$574 [23:0];
+    acc_7_1 <= \$490 [23:0];
   always @(posedge clk)
-    bank_9_3 <= \$166 ;
+    bank_7_1 <= \$116 ;
   always @(posedge clk)
-    acc_9_4 <= \$576 [23:0];
+    acc_7_2 <= \$492 [23:0];
   always @(posedge clk)
-    bank_9_4 <= \$167 ;
+    bank_7_2 <= \$117 ;
   always @(posedge clk)
-    acc_9_5 <= \$578 [23:0];
+    acc_7_3 <= \$494 [23:0];
   always @(posedge clk)
-    bank_9_5 <= \$168 ;
+    bank_7_3 <= \$118 ;
   always @(posedge clk)
-    acc_9_6 <= \$580 [23:0];
+    acc_7_4 <= \$496 [23:0];
   always @(posedge clk)
-    bank_9_6 <= \$169 ;
+    bank_7_4 <= \$119 ;
   always @(posedge clk)
-    acc_9_7 <= \$582 [23:0];
+    acc_7_5 <= \$498 [23:0];
   always @(posedge clk)
-    bank_9_7 <= \$170 ;
+    bank_7_5 <= \$120 ;
   always @(posedge clk)
-    acc_9_8 <= \$584 [23:0];
+    acc_7_6 <= \$500 [23:0];
   always @(posedge clk)
-    bank_9_8 <= \$171 ;
+    bank_7_6 <= \$121 ;
   always @(posedge clk)
-    acc_9_9 <= \$586 [23:0];
+    acc_7_7 <= \$502 [23:0];
   always @(posedge clk)
-    bank_9_9 <= \$172 ;
+    bank_7_7 <= \$122 ;
   always @(posedge clk)
-    acc_9_10 <= \$588 [23:0];
+    acc_7_8 <= \$504 [23:0];
   always @(posedge clk)
-    bank_9_10 <= \$173 ;
+    bank_7_8 <= \$123 ;
   always @(posedge clk)
-    acc_9_11 <= \$590 [23:0];
+    acc_7_9 <= \$506 [23:0];
   always @(posedge clk)
-    bank_9_11 <= \$174 ;
+    bank_7_9 <= \$124 ;
   always @(posedge clk)
-    acc_9_12 <= \$592 [23:0];
+    acc_7_10 <= \$508 [23:0];
   always @(posedge clk)
-    bank_9_12 <= \$175 ;
+    bank_7_10 <= \$125 ;
   always @(posedge clk)
-    acc_9_13 <= \$594 [23:0];
+    acc_7_11 <= \$510 [23:0];
   always @(posedge clk)
-    bank_9_13 <= \$176 ;
+    bank_7_11 <= \$126 ;
   always @(posedge clk)
-    acc_9_14 <= \$596 [23:0];
+    acc_7_12 <= \$512 [23:0];
   always @(posedge clk)
-    bank_9_14 <= \$177 ;
+    bank_7_12 <= \$127 ;
   always @(posedge clk)
-    acc_9_15 <= \$598 [23:0];
+    acc_7_13 <= \$514 [23:0];
   always @(posedge clk)
-    bank_9_15 <= \$178 ;
+    bank_7_13 <= \$128 ;
   always @(posedge clk)
-    acc_10_0 <= \$600 [23:0];
+    acc_7_14 <= \$516 [23:0];
   always @(posedge clk)
-    bank_10_0 <= \$179 ;
+    bank_7_14 <= \$129 ;
   always @(posedge clk)
-    acc_10_1 <= \$602 [23:0];
+    acc_7_15 <= \$518 [23:0];
   always @(posedge clk)
-    bank_10_1 <= \$180 ;
+    bank_7_15 <= \$130 ;
   always @(posedge clk)
-    acc_10_2 <= \$604 [23:0];
+    acc_8_0 <= \$520 [23:0];
   always @(posedge clk)
-    bank_10_2 <= \$181 ;
+    bank_8_0 <= \$131 ;
   always @(posedge clk)
-    acc_10_3 <= \$606 [23:0];
+    acc_8_1 <= \$522 [23:0];
   always @(posedge clk)
-    bank_10_3 <= \$182 ;
+    bank_8_1 <= \$132 ;
   always @(posedge clk)
-    acc_10_4 <= \$608 [23:0];
+    acc_8_2 <= \$524 [23:0];
   always @(posedge clk)
-    bank_10_4 <= \$183 ;
+    bank_8_2 <= \$133 ;
   always @(posedge clk)
-    acc_10_5 <= \$610 [23:0];
+    acc_8_3 <= \$526 [23:0];
   always @(posedge clk)
-    bank_10_5 <= \$184 ;
+    bank_8_3 <= \$134 ;
   always @(posedge clk)
-    acc_10_6 <= \$612 [23:0];
+    acc_8_4 <= \$528 [23:0];
   always @(posedge clk)
-    bank_10_6 <= \$185 ;
+    bank_8_4 <= \$135 ;
   always @(posedge clk)
-    acc_10_7 <= \$614 [23:0];
+    acc_8_5 <= \$530 [23:0];
   always @(posedge clk)
-    bank_10_7 <= \$186 ;
+    bank_8_5 <= \$136 ;
   always @(posedge clk)
-    acc_10_8 <= \$616 [23:0];
+    acc_8_6 <= \$532 [23:0];
   always @(posedge clk)
-    bank_10_8 <= \$187 ;
+    bank_8_6 <= \$137 ;
   always @(posedge clk)
-    acc_10_9 <= \$618 [23:0];
+    acc_8_7 <= \$534 [23:0];
   always @(posedge clk)
-    bank_10_9 <= \$188 ;
+    bank_8_7 <= \$138 ;
   always @(posedge clk)
-    acc_10_10 <= \$620 [23:0];
+    acc_8_8 <= \$536 [23:0];
   always @(posedge clk)
-    bank_10_10 <= \$189 ;
+    bank_8_8 <= \$139 ;
   always @(posedge clk)
-    acc_10_11 <= \$622 [23:0];
+    acc_8_9 <= \$538 [23:0];
   always @(posedge clk)
-    bank_10_11 <= \$190 ;
+    bank_8_9 <= \$140 ;
   always @(posedge clk)
-    acc_10_12 <= \$624 [23:0];
+    acc_8_10 <= \$540 [23:0];
   always @(posedge clk)
-    bank_10_12 <= \$191 ;
+    bank_8_10 <= \$141 ;
   always @(posedge clk)
-    acc_10_13 <= \$626 [23:0];
+    acc_8_11 <= \$542 [23:0];
   always @(posedge clk)
-    bank_10_13 <= \$192 ;
+    bank_8_11 <= \$142 ;
   always @(posedge clk)
-    acc_10_14 <= \$628 [23:0];
+    acc_8_12 <= \$544 [23:0];
   always @(posedge clk)
-    bank_10_14 <= \$193 ;
+    bank_8_12 <= \$143 ;
   always @(posedge clk)
-    acc_10_15 <= \$630 [23:0];
+    acc_8_13 <= \$546 [23:0];
   always @(posedge clk)
-    bank_10_15 <= \$194 ;
+    bank_8_13 <= \$144 ;
   always @(posedge clk)
-    acc_11_0 <= \$632 [23:0];
+    acc_8_14 <= \$548 [23:0];
   always @(posedge clk)
-    bank_11_0 <= \$195 ;
+    bank_8_14 <= \$145 ;
   always @(posedge clk)
-    acc_11_1 <= \$634 [23:0];
+    acc_8_15 <= \$550 [23:0];
   always @(posedge clk)
-    bank_11_1 <= \$196 ;
+    bank_8_15 <= \$146 ;
   always @(posedge clk)
-    acc_11_2 <= \$636 [23:0];
+    acc_9_0 <= \$552 [23:0];
   always @(posedge clk)
-    bank_11_2 <= \$197 ;
+    bank_9_0 <= \$147 ;
   always @(posedge clk)
-    acc_11_3 <= \$638 [23:0];
+    acc_9_1 <= \$554 [23:0];
   always @(posedge clk)
-    bank_11_3 <= \$198 ;
+    bank_9_1 <= \$148 ;
   always @(posedge clk)
-    acc_11_4 <= \$640 [23:0];
+    acc_9_2 <= \$556 [23:0];
   always @(posedge clk)
-    bank_11_4 <= \$199 ;
+    bank_9_2 <= \$149 ;
   always @(posedge clk)
-    acc_11_5 <= \$642 [23:0];
+    acc_9_3 <= \$558 [23:0];
   always @(posedge clk)
-    bank_11_5 <= \$200 ;
+    bank_9_3 <= \$150 ;
   always @(posedge clk)
-    acc_11_6 <= \$644 [23:0];
+    acc_9_4 <= \$560 [23:0];
   always @(posedge clk)
-    bank_11_6 <= \$201 ;
+    bank_9_4 <= \$151 ;
   always @(posedge clk)
-    acc_11_7 <= \$646 [23:0];
+    acc_9_5 <= \$562 [23:0];
   always @(posedge clk)
-    bank_11_7 <= \$202 ;
+    bank_9_5 <= \$152 ;
   always @(posedge clk)
-    acc_11_8 <= \$648 [23:0];
+    acc_9_6 <= \$564 [23:0];
   always @(posedge clk)
-    bank_11_8 <= \$203 ;
+    bank_9_6 <= \$153 ;
   always @(posedge clk)
-    acc_11_9 <= \$650 [23:0];
+    acc_9_7 <= \$566 [23:0];
   always @(posedge clk)
-    bank_11_9 <= \$204 ;
+    bank_9_7 <= \$154 ;
   always @(posedge clk)
-    acc_11_10 <= \$652 [23:0];
+    acc_9_8 <= \$568 [23:0];
   always @(posedge clk)
-    bank_11_10 <= \$205 ;
+    bank_9_8 <= \$155 ;
   always @(posedge clk)
-    acc_11_11 <= \$654 [23:0];
+    acc_9_9 <= \$570 [23:0];
   always @(posedge clk)
-    bank_11_11 <= \$206 ;
+    bank_9_9 <= \$156 ;
   always @(posedge clk)
-    acc_11_12 <= \$656 [23:0];
+    acc_9_10 <= \$572 [23:0];
   always @(posedge clk)
-    bank_11_12 <= \$207 ;
+    bank_9_10 <= \$157 ;
   always @(posedge clk)
-    acc_11_13 <= \$658 [23:0];
+    acc_9_11 <= \$574 [23:0];
   always @(posedge clk)
-    bank_11_13 <= \$208 ;
+    bank_9_11 <= \$158 ;
   always @(posedge clk)
-    acc_11_14 <= \$660 [23:0];
+    acc_9_12 <= \$576 [23:0];
   always @(posedge clk)
-    bank_11_14 <= \$209 ;
+    bank_9_12 <= \$159 ;
   always @(posedge clk)
-    acc_11_15 <= \$662 [23:0];
+    acc_9_13 <= \$578 [23:0];
   always @(posedge clk)
-    bank_11_15 <= \$210 ;
+    bank_9_13 <= \$160 ;
   always @(posedge clk)
-    acc_12_0 <= \$664 [23:0];
+    acc_9_14 <= \$580 [23:0];
   always @(posedge clk)
-    bank_12_0 <= \$211 ;
+    bank_9_14 <= \$161 ;
   always @(posedge clk)
-    acc_12_1 <= \$666 [23:0];
+    acc_9_15 <= \$582 [23:0];
   always @(posedge clk)
-    bank_12_1 <= \$212 ;
+    bank_9_15 <= \$162 ;
   always @(posedge clk)
-    acc_12_2 <= \$668 [23:0];
+    acc_10_0 <= \$584 [23:0];
   always @(posedge clk)
-    bank_12_2 <= \$213 ;
+    bank_10_0 <= \$163 ;
   always @(posedge clk)
-    acc_12_3 <= \$670 [23:0];
+    acc_10_1 <= \$586 [23:0];
   always @(posedge clk)
-    bank_12_3 <= \$214 ;
+    bank_10_1 <= \$164 ;
   always @(posedge clk)
-    acc_12_4 <= \$672 [23:0];
+    acc_10_2 <= \$588 [23:0];
   always @(posedge clk)
-    bank_12_4 <= \$215 ;
+    bank_10_2 <= \$165 ;
   always @(posedge clk)
-    acc_12_5 <= \$674 [23:0];
+    acc_10_3 <= \$590 [23:0];
   always @(posedge clk)
-    bank_12_5 <= \$216 ;
+    bank_10_3 <= \$166 ;
   always @(posedge clk)
-    acc_12_6 <= \$676 [23:0];
+    acc_10_4 <= \$592 [23:0];
   always @(posedge clk)
-    bank_12_6 <= \$217 ;
+    bank_10_4 <= \$167 ;
   always @(posedge clk)
-    acc_12_7 <= \$678 [23:0];
+    acc_10_5 <= \$594 [23:0];
   always @(posedge clk)
-    bank_12_7 <= \$218 ;
+    bank_10_5 <= \$168 ;
   always @(posedge clk)
-    acc_12_8 <= \$680 [23:0];
+    acc_10_6 <= \$596 [23:0];
   always @(posedge clk)
-    bank_12_8 <= \$219 ;
+    bank_10_6 <= \$169 ;
   always @(posedge clk)
-    acc_12_9 <= \$682 [23:0];
+    acc_10_7 <= \$598 [23:0];
   always @(posedge clk)
-    bank_12_9 <= \$220 ;
+    bank_10_7 <= \$170 ;
   always @(posedge clk)
-    acc_12_10 <= \$684 [23:0];
+    acc_10_8 <= \$600 [23:0];
   always @(posedge clk)
-    bank_12_10 <= \$221 ;
+    bank_10_8 <= \$171 ;
   always @(posedge clk)
-    acc_12_11 <= \$686 [23:0];
+    acc_10_9 <= \$602 [23:0];
   always @(posedge clk)
-    bank_12_11 <= \$222 ;
+    bank_10_9 <= \$172 ;
   always @(posedge clk)
-    acc_12_12 <= \$688 [23:0];
+    acc_10_10 <= \$604 [23:0];
   always @(posedge clk)
-    bank_12_12 <= \$223 ;
+    bank_10_10 <= \$173 ;
   always @(posedge clk)
-    acc_12_13 <= \$690 [23:0];
+    acc_10_11 <= \$606 [23:0];
   always @(posedge clk)
-    bank_12_13 <= \$224 ;
+    bank_10_11 <= \$174 ;
   always @(posedge clk)
-    acc_12_14 <= \$692 [23:0];
+    acc_10_12 <= \$608 [23:0];
   always @(posedge clk)
-    bank_12_14 <= \$225 ;
+    bank_10_12 <= \$175 ;
   always @(posedge clk)
-    acc_12_15 <= \$694 [23:0];
+    acc_10_13 <= \$610 [23:0];
   always @(posedge clk)
-    bank_12_15 <= \$226 ;
+    bank_10_13 <= \$176 ;
   always @(posedge clk)
-    acc_13_0 <= \$696 [23:0];
+    acc_10_14 <= \$612 [23:0];
   always @(posedge clk)
-    bank_13_0 <= \$227 ;
+    bank_10_14 <= \$177 ;
   always @(posedge clk)
-    acc_13_1 <= \$698 [23:0];
+    acc_10_15 <= \$614 [23:0];
   always @(posedge clk)
-    bank_13_1 <= \$228 ;
+    bank_10_15 <= \$178 ;
   always @(posedge clk)
-    acc_13_2 <= \$700 [23:0];
+    acc_11_0 <= \$616 [23:0];
   always @(posedge clk)
-    bank_13_2 <= \$229 ;
+    bank_11_0 <= \$179 ;
   always @(posedge clk)
-    acc_13_3 <= \$702 [23:0];
+    acc_11_1 <= \$618 [23:0];
   always @(posedge clk)
-    bank_13_3 <= \$230 ;
+    bank_11_1 <= \$180 ;
   always @(posedge clk)
-    acc_13_4 <= \$704 [23:0];
+    acc_11_2 <= \$620 [23:0];
   always @(posedge clk)
-    bank_13_4 <= \$231 ;
+    bank_11_2 <= \$181 ;
   always @(posedge clk)
-    acc_13_5 <= \$706 [23:0];
+    acc_11_3 <= \$622 [23:0];
   always @(posedge clk)
-    bank_13_5 <= \$232 ;
+    bank_11_3 <= \$182 ;
   always @(posedge clk)
-    acc_13_6 <= \$708 [23:0];
+    acc_11_4 <= \$624 [23:0];
   always @(posedge clk)
-    bank_13_6 <= \$233 ;
+    bank_11_4 <= \$183 ;
   always @(posedge clk)
-    acc_13_7 <= \$710 [23:0];
+    acc_11_5 <= \$626 [23:0];
   always @(posedge clk)
-    bank_13_7 <= \$234 ;
+    bank_11_5 <= \$184 ;
   always @(posedge clk)
-    acc_13_8 <= \$712 [23:0];
+    acc_11_6 <= \$628 [23:0];
   always @(posedge clk)
-    bank_13_8 <= \$235 ;
+    bank_11_6 <= \$185 ;
   always @(posedge clk)
-    acc_13_9 <= \$714 [23:0];
+    acc_11_7 <= \$630 [23:0];
   always @(posedge clk)
-    bank_13_9 <= \$236 ;
+    bank_11_7 <= \$186 ;
   always @(posedge clk)
-    acc_13_10 <= \$716 [23:0];
+    acc_11_8 <= \$632 [23:0];
   always @(posedge clk)
-    bank_13_10 <= \$237 ;
+    bank_11_8 <= \$187 ;
   always @(posedge clk)
-    acc_13_11 <= \$718 [23:0];
+    acc_11_9 <= \$634 [23:0];
   always @(posedge clk)
-    bank_13_11 <= \$238 ;
+    bank_11_9 <= \$188 ;
   always @(posedge clk)
-    acc_13_12 <= \$720 [23:0];
+    acc_11_10 <= \$636 [23:0];
   always @(posedge clk)
-    bank_13_12 <= \$239 ;
+    bank_11_10 <= \$189 ;
   always @(posedge clk)
-    acc_13_13 <= \$722 [23:0];
+    acc_11_11 <= \$638 [23:0];
   always @(posedge clk)
-    bank_13_13 <= \$240 ;
+    bank_11_11 <= \$190 ;
   always @(posedge clk)
-    acc_13_14 <= \$724 [23:0];
+    acc_11_12 <= \$640 [23:0];
   always @(posedge clk)
-    bank_13_14 <= \$241 ;
+    bank_11_12 <= \$191 ;
   always @(posedge clk)
-    acc_13_15 <= \$726 [23:0];
+    acc_11_13 <= \$642 [23:0];
   always @(posedge clk)
-    bank_13_15 <= \$242 ;
+    bank_11_13 <= \$192 ;
   always @(posedge clk)
-    acc_14_0 <= \$728 [23:0];
+    acc_11_14 <= \$644 [23:0];
   always @(posedge clk)
-    bank_14_0 <= \$243 ;
+    bank_11_14 <= \$193 ;
   always @(posedge clk)
-    acc_14_1 <= \$730 [23:0];
+    acc_11_15 <= \$646 [23:0];
   always @(posedge clk)
-    bank_14_1 <= \$244 ;
+    bank_11_15 <= \$194 ;
   always @(posedge clk)
-    acc_14_2 <= \$732 [23:0];
+    acc_12_0 <= \$648 [23:0];
   always @(posedge clk)
-    bank_14_2 <= \$245 ;
+    bank_12_0 <= \$195 ;
   always @(posedge clk)
-    acc_14_3 <= \$734 [23:0];
+    acc_12_1 <= \$650 [23:0];
   always @(posedge clk)
-    bank_14_3 <= \$246 ;
+    bank_12_1 <= \$196 ;
   always @(posedge clk)
-    acc_14_4 <= \$736 [23:0];
+    acc_12_2 <= \$652 [23:0];
   always @(posedge clk)
-    bank_14_4 <= \$247 ;
+    bank_12_2 <= \$197 ;
   always @(posedge clk)
-    acc_14_5 <= \$738 [23:0];
+    acc_12_3 <= \$654 [23:0];
   always @(posedge clk)
-    bank_14_5 <= \$248 ;
+    bank_12_3 <= \$198 ;
   always @(posedge clk)
-    acc_14_6 <= \$740 [23:0];
+    acc_12_4 <= \$656 [23:0];
   always @(posedge clk)
-    bank_14_6 <= \$249 ;
+    bank_12_4 <= \$199 ;
   always @(posedge clk)
-    acc_14_7 <= \$742 [23:0];
+    acc_12_5 <= \$658 [23:0];
   always @(posedge clk)
-    bank_14_7 <= \$250 ;
+    bank_12_5 <= \$200 ;
   always @(posedge clk)
-    acc_14_8 <= \$744 [23:0];
+    acc_12_6 <= \$660 [23:0];
   always @(posedge clk)
-    bank_14_8 <= \$251 ;
+    bank_12_6 <= \$201 ;
   always @(posedge clk)
-    acc_14_9 <= \$746 [23:0];
+    acc_12_7 <= \$662 [23:0];
   always @(posedge clk)
-    bank_14_9 <= \$252 ;
+    bank_12_7 <= \$202 ;
   always @(posedge clk)
-    acc_14_10 <= \$748 [23:0];
+    acc_12_8 <= \$664 [23:0];
   always @(posedge clk)
-    bank_14_10 <= \$253 ;
+    bank_12_8 <= \$203 ;
   always @(posedge clk)
-    acc_14_11 <= \$750 [23:0];
+    acc_12_9 <= \$666 [23:0];
   always @(posedge clk)
-    bank_14_11 <= \$254 ;
+    bank_12_9 <= \$204 ;
   always @(posedge clk)
-    acc_14_12 <= \$752 [23:0];
+    acc_12_10 <= \$668 [23:0];
   always @(posedge clk)
-    bank_14_12 <= \$255 ;
+    bank_12_10 <= \$205 ;
   always @(posedge clk)
-    acc_14_13 <= \$754 [23:0];
+    acc_12_11 <= \$670 [23:0];
   always @(posedge clk)
-    bank_14_13 <= \$256 ;
+    bank_12_11 <= \$206 ;
   always @(posedge clk)
-    acc_14_14 <= \$756 [23:0];
+    acc_12_12 <= \$672 [23:0];
   always @(posedge clk)
-    bank_14_14 <= \$257 ;
+    bank_12_12 <= \$207 ;
   always @(posedge clk)
-    acc_14_15 <= \$758 [23:0];
+    acc_12_13 <= \$674 [23:0];
   always @(posedge clk)
-    bank_14_15 <= \$258 ;
+    bank_12_13 <= \$208 ;
   always @(posedge clk)
-    acc_15_0 <= \$760 [23:0];
+    acc_12_14 <= \$676 [23:0];
   always @(posedge clk)
-    bank_15_0 <= \$259 ;
+    bank_12_14 <= \$209 ;
   always @(posedge clk)
-    acc_15_1 <= \$762 [23:0];
+    acc_12_15 <= \$678 [23:0];
   always @(posedge clk)
-    bank_15_1 <= \$260 ;
+    bank_12_15 <= \$210 ;
   always @(posedge clk)
-    acc_15_2 <= \$764 [23:0];
+    acc_13_0 <= \$680 [23:0];
   always @(posedge clk)
-    bank_15_2 <= \$261 ;
+    bank_13_0 <= \$211 ;
   always @(posedge clk)
-    acc_15_3 <= \$766 [23:0];
+    acc_13_1 <= \$682 [23:0];
   always @(posedge clk)
-    bank_15_3 <= \$262 ;
+    bank_13_1 <= \$212 ;
   always @(posedge clk)
-    acc_15_4 <= \$768 [23:0];
+    acc_13_2 <= \$684 [23:0];
   always @(posedge clk)
-    bank_15_4 <= \$263 ;
+    bank_13_2 <= \$213 ;
   always @(posedge clk)
-    acc_15_5 <= \$770 [23:0];
+    acc_13_3 <= \$686 [23:0];
   always @(posedge clk)
-    bank_15_5 <= \$264 ;
+    bank_13_3 <= \$214 ;
   always @(posedge clk)
-    acc_15_6 <= \$772 [23:0];
+    acc_13_4 <= \$688 [23:0];
   always @(posedge clk)
-    bank_15_6 <= \$265 ;
+    bank_13_4 <= \$215 ;
   always @(posedge clk)
-    acc_15_7 <= \$774 [23:0];
+    acc_13_5 <= \$690 [23:0];
   always @(posedge clk)
-    bank_15_7 <= \$266 ;
+    bank_13_5 <= \$216 ;
   always @(posedge clk)
-    acc_15_8 <= \$776 [23:0];
+    acc_13_6 <= \$692 [23:0];
   always @(posedge clk)
-    bank_15_8 <= \$267 ;
+    bank_13_6 <= \$217 ;
   always @(posedge clk)
-    acc_15_9 <= \$778 [23:0];
+    acc_13_7 <= \$694 [23:0];
   always @(posedge clk)
-    bank_15_9 <= \$268 ;
+    bank_13_7 <= \$218 ;
   always @(posedge clk)
-    acc_15_10 <= \$780 [23:0];
+    acc_13_8 <= \$696 [23:0];
   always @(posedge clk)
-    bank_15_10 <= \$269 ;
+    bank_13_8 <= \$219 ;
   always @(posedge clk)
-    acc_15_11 <= \$782 [23:0];
+    acc_13_9 <= \$698 [23:0];
   always @(posedge clk)
-    bank_15_11 <= \$270 ;
+    bank_13_9 <= \$220 ;
   always @(posedge clk)
-    acc_15_12 <= \$784 [23:0];
+    acc_13_10 <= \$700 [23:0];
   always @(posedge clk)
-    bank_15_12 <= \$271 ;
+    bank_13_10 <= \$221 ;
   always @(posedge clk)
-    acc_15_13 <= \$786 [23:0];
+    acc_13_11 <= \$702 [23:0];
   always @(posedge clk)
-    bank_15_13 <= \$272 ;
+    bank_13_11 <= \$222 ;
   always @(posedge clk)
-    acc_15_14 <= \$788 [23:0];
+    acc_13_12 <= \$704 [23:0];
   always @(posedge clk)
-    bank_15_14 <= \$273 ;
+    bank_13_12 <= \$223 ;
   always @(posedge clk)
-    acc_15_15 <= \$790 [23:0];
+    acc_13_13 <= \$706 [23:0];
   always @(posedge clk)
-    bank_15_15 <= \$274 ;
+    bank_13_13 <= \$224 ;
   always @(posedge clk)
-    bank_busy <= \$1343 ;
+    acc_13_14 <= \$708 [23:0];
   always @(posedge clk)
-    row <= \$1344 ;
+    bank_13_14 <= \$225 ;
   always @(posedge clk)
-    overrun <= \$1345 ;
+    acc_13_15 <= \$710 [23:0];
+  always @(posedge clk)
+    bank_13_15 <= \$226 ;
+  always @(posedge clk)
+    acc_14_0 <= \$712 [23:0];
+  always @(posedge clk)
+    bank_14_0 <= \$227 ;
+  always @(posedge clk)
+    acc_14_1 <= \$714 [23:0];
+  always @(posedge clk)
+    bank_14_1 <= \$228 ;
+  always @(posedge clk)
+    acc_14_2 <= \$716 [23:0];
+  always @(posedge clk)
+    bank_14_2 <= \$229 ;
+  always @(posedge clk)
+    acc_14_3 <= \$718 [23:0];
+  always @(posedge clk)
+    bank_14_3 <= \$230 ;
+  always @(posedge clk)
+    acc_14_4 <= \$720 [23:0];
+  always @(posedge clk)
+    bank_14_4 <= \$231 ;
+  always @(posedge clk)
+    acc_14_5 <= \$722 [23:0];
+  always @(posedge clk)
+    bank_14_5 <= \$232 ;
+  always @(posedge clk)
+    acc_14_6 <= \$724 [23:0];
+  always @(posedge clk)
+    bank_14_6 <= \$233 ;
+  always @(posedge clk)
+    acc_14_7 <= \$726 [23:0];
+  always @(posedge clk)
+    bank_14_7 <= \$234 ;
+  always @(posedge clk)
+    acc_14_8 <= \$728 [23:0];
+  always @(posedge clk)
+    bank_14_8 <= \$235 ;
+  always @(posedge clk)
+    acc_14_9 <= \$730 [23:0];
+  always @(posedge clk)
+    bank_14_9 <= \$236 ;
+  always @(posedge clk)
+    acc_14_10 <= \$732 [23:0];
+  always @(posedge clk)
+    bank_14_10 <= \$237 ;
+  always @(posedge clk)
+    acc_14_11 <= \$734 [23:0];
+  always @(posedge clk)
+    bank_14_11 <= \$238 ;
+  always @(posedge clk)
+    acc_14_12 <= \$736 [23:0];
+  always @(posedge clk)
+    bank_14_12 <= \$239 ;
+  always @(posedge clk)
+    acc_14_13 <= \$738 [23:0];
+  always @(posedge clk)
+    bank_14_13 <= \$240 ;
+  always @(posedge clk)
+    acc_14_14 <= \$740 [23:0];
+  always @(posedge clk)
+    bank_14_14 <= \$241 ;
+  always @(posedge clk)
+    acc_14_15 <= \$742 [23:0];
+  always @(posedge clk)
+    bank_14_15 <= \$242 ;
+  always @(posedge clk)
+    acc_15_0 <= \$744 [23:0];
+  always @(posedge clk)
+    bank_15_0 <= \$243 ;
+  always @(posedge clk)
+    acc_15_1 <= \$746 [23:0];
+  always @(posedge clk)
+    bank_15_1 <= \$244 ;
+  always @(posedge clk)
+    acc_15_2 <= \$748 [23:0];
+  always @(posedge clk)
+    bank_15_2 <= \$245 ;
+  always @(posedge clk)
+    acc_15_3 <= \$750 [23:0];
+  always @(posedge clk)
+    bank_15_3 <= \$246 ;
+  always @(posedge clk)
+    acc_15_4 <= \$752 [23:0];
+  always @(posedge clk)
+    bank_15_4 <= \$247 ;
+  always @(posedge clk)
+    acc_15_5 <= \$754 [23:0];
+  always @(posedge clk)
+    bank_15_5 <= \$248 ;
+  always @(posedge clk)
+    acc_15_6 <= \$756 [23:0];
+  always @(posedge clk)
+    bank_15_6 <= \$249 ;
+  always @(posedge clk)
+    acc_15_7 <= \$758 [23:0];
+  always @(posedge clk)
+    bank_15_7 <= \$250 ;
+  always @(posedge clk)
+    acc_15_8 <= \$760 [23:0];
+  always @(posedge clk)
+    bank_15_8 <= \$251 ;
+  always @(posedge clk)
+    acc_15_9 <= \$762 [23:0];
+  always @(posedge clk)
+    bank_15_9 <= \$252 ;
+  always @(posedge clk)
+    acc_15_10 <= \$764 [23:0];
+  always @(posedge clk)
+    bank_15_10 <= \$253 ;
+  always @(posedge clk)
+    acc_15_11 <= \$766 [23:0];
+  always @(posedge clk)
+    bank_15_11 <= \$254 ;
+  always @(posedge clk)
+    acc_15_12 <= \$768 [23:0];
+  always @(posedge clk)
+    bank_15_12 <= \$255 ;
+  always @(posedge clk)
+    acc_15_13 <= \$770 [23:0];
+  always @(posedge clk)
+    bank_15_13 <= \$256 ;
+  always @(posedge clk)
+    acc_15_14 <= \$772 [23:0];
+  always @(posedge clk)
+    bank_15_14 <= \$257 ;
+  always @(posedge clk)
+    acc_15_15 <= \$774 [23:0];
+  always @(posedge clk)
+    bank_15_15 <= \$258 ;
+  always @(posedge clk)
+    bank_busy <= \$1331 ;
+  always @(posedge clk)
+    row <= \$1332 ;
+  always @(posedge clk)
+    overrun <= \$1333 ;
   \encoder_layer_0_attention_output_dense.pe.pe_0_0  pe_0_0 (
-    .a(a1_0_g0),
-    .b(b1_0_g0),
+    .a(a_0_l2_0),
+    .b(b_0_l2_0),
     .clk(clk),
-    .p3(p),
+    .p4(p),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_0_1  pe_0_1 (
-    .a(a1_0_g0),
-    .b(b1_1_g0),
+    .a(a_0_l2_0),
+    .b(b_1_l2_0),
     .clk(clk),
-    .p3(\p$1999 ),
+    .p4(\p$2067 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_0_10  pe_0_10 (
-    .a(a1_0_g2),
-    .b(b1_10_g0),
+    .a(a_0_l2_2),
+    .b(b_10_l2_0),
     .clk(clk),
-    .p3(\p$2008 ),
+    .p4(\p$2076 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_0_11  pe_0_11 (
-    .a(a1_0_g2),
-    .b(b1_11_g0),
+    .a(a_0_l2_2),
+    .b(b_11_l2_0),
     .clk(clk),
-    .p3(\p$2009 ),
+    .p4(\p$2077 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_0_12  pe_0_12 (
-    .a(a1_0_g3),
-    .b(b1_12_g0),
+    .a(a_0_l2_3),
+    .b(b_12_l2_0),
     .clk(clk),
-    .p3(\p$2010 ),
+    .p4(\p$2078 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_0_13  pe_0_13 (
-    .a(a1_0_g3),
-    .b(b1_13_g0),
+    .a(a_0_l2_3),
+    .b(b_13_l2_0),
     .clk(clk),
-    .p3(\p$2011 ),
+    .p4(\p$2079 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_0_14  pe_0_14 (
-    .a(a1_0_g3),
-    .b(b1_14_g0),
+    .a(a_0_l2_3),
+    .b(b_14_l2_0),
     .clk(clk),
-    .p3(\p$2012 ),
+    .p4(\p$2080 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_0_15  pe_0_15 (
-    .a(a1_0_g3),
-    .b(b1_15_g0),
+    .a(a_0_l2_3),
+    .b(b_15_l2_0),
     .clk(clk),
-    .p3(\p$2013 ),
+    .p4(\p$2081 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_0_2  pe_0_2 (
-    .a(a1_0_g0),
-    .b(b1_2_g0),
+    .a(a_0_l2_0),
+    .b(b_2_l2_0),
     .clk(clk),
-    .p3(\p$2000 ),
+    .p4(\p$2068 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_0_3  pe_0_3 (
-    .a(a1_0_g0),
-    .b(b1_3_g0),
+    .a(a_0_l2_0),
+    .b(b_3_l2_0),
     .clk(clk),
-    .p3(\p$2001 ),
+    .p4(\p$2069 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_0_4  pe_0_4 (
-    .a(a1_0_g1),
-    .b(b1_4_g0),
+    .a(a_0_l2_1),
+    .b(b_4_l2_0),
     .clk(clk),
-    .p3(\p$2002 ),
+    .p4(\p$2070 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_0_5  pe_0_5 (
-    .a(a1_0_g1),
-    .b(b1_5_g0),
+    .a(a_0_l2_1),
+    .b(b_5_l2_0),
     .clk(clk),
-    .p3(\p$2003 ),
+    .p4(\p$2071 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_0_6  pe_0_6 (
-    .a(a1_0_g1),
-    .b(b1_6_g0),
+    .a(a_0_l2_1),
+    .b(b_6_l2_0),
     .clk(clk),
-    .p3(\p$2004 ),
+    .p4(\p$2072 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_0_7  pe_0_7 (
-    .a(a1_0_g1),
-    .b(b1_7_g0),
+    .a(a_0_l2_1),
+    .b(b_7_l2_0),
     .clk(clk),
-    .p3(\p$2005 ),
+    .p4(\p$2073 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_0_8  pe_0_8 (
-    .a(a1_0_g2),
-    .b(b1_8_g0),
+    .a(a_0_l2_2),
+    .b(b_8_l2_0),
     .clk(clk),
-    .p3(\p$2006 ),
+    .p4(\p$2074 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_0_9  pe_0_9 (
-    .a(a1_0_g2),
-    .b(b1_9_g0),
+    .a(a_0_l2_2),
+    .b(b_9_l2_0),
     .clk(clk),
-    .p3(\p$2007 ),
+    .p4(\p$2075 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_10_0  pe_10_0 (
-    .a(a1_10_g0),
-    .b(b1_0_g2),
+    .a(a_10_l2_0),
+    .b(b_0_l2_2),
     .clk(clk),
-    .p3(\p$2158 ),
+    .p4(\p$2226 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_10_1  pe_10_1 (
-    .a(a1_10_g0),
-    .b(b1_1_g2),
+    .a(a_10_l2_0),
+    .b(b_1_l2_2),
     .clk(clk),
-    .p3(\p$2159 ),
+    .p4(\p$2227 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_10_10  pe_10_10 (
-    .a(a1_10_g2),
-    .b(b1_10_g2),
+    .a(a_10_l2_2),
+    .b(b_10_l2_2),
     .clk(clk),
-    .p3(\p$2168 ),
+    .p4(\p$2236 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_10_11  pe_10_11 (
-    .a(a1_10_g2),
-    .b(b1_11_g2),
+    .a(a_10_l2_2),
+    .b(b_11_l2_2),
     .clk(clk),
-    .p3(\p$2169 ),
+    .p4(\p$2237 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_10_12  pe_10_12 (
-    .a(a1_10_g3),
-    .b(b1_12_g2),
+    .a(a_10_l2_3),
+    .b(b_12_l2_2),
     .clk(clk),
-    .p3(\p$2170 ),
+    .p4(\p$2238 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_10_13  pe_10_13 (
-    .a(a1_10_g3),
-    .b(b1_13_g2),
+    .a(a_10_l2_3),
+    .b(b_13_l2_2),
     .clk(clk),
-    .p3(\p$2171 ),
+    .p4(\p$2239 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_10_14  pe_10_14 (
-    .a(a1_10_g3),
-    .b(b1_14_g2),
+    .a(a_10_l2_3),
+    .b(b_14_l2_2),
     .clk(clk),
-    .p3(\p$2172 ),
+    .p4(\p$2240 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_10_15  pe_10_15 (
-    .a(a1_10_g3),
-    .b(b1_15_g2),
+    .a(a_10_l2_3),
+    .b(b_15_l2_2),
     .clk(clk),
-    .p3(\p$2173 ),
+    .p4(\p$2241 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_10_2  pe_10_2 (
-    .a(a1_10_g0),
-    .b(b1_2_g2),
+    .a(a_10_l2_0),
+    .b(b_2_l2_2),
     .clk(clk),
-    .p3(\p$2160 ),
+    .p4(\p$2228 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_10_3  pe_10_3 (
-    .a(a1_10_g0),
-    .b(b1_3_g2),
+    .a(a_10_l2_0),
+    .b(b_3_l2_2),
     .clk(clk),
-    .p3(\p$2161 ),
+    .p4(\p$2229 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_10_4  pe_10_4 (
-    .a(a1_10_g1),
-    .b(b1_4_g2),
+    .a(a_10_l2_1),
+    .b(b_4_l2_2),
     .clk(clk),
-    .p3(\p$2162 ),
+    .p4(\p$2230 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_10_5  pe_10_5 (
-    .a(a1_10_g1),
-    .b(b1_5_g2),
+    .a(a_10_l2_1),
+    .b(b_5_l2_2),
     .clk(clk),
-    .p3(\p$2163 ),
+    .p4(\p$2231 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_10_6  pe_10_6 (
-    .a(a1_10_g1),
-    .b(b1_6_g2),
+    .a(a_10_l2_1),
+    .b(b_6_l2_2),
     .clk(clk),
-    .p3(\p$2164 ),
+    .p4(\p$2232 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_10_7  pe_10_7 (
-    .a(a1_10_g1),
-    .b(b1_7_g2),
+    .a(a_10_l2_1),
+    .b(b_7_l2_2),
     .clk(clk),
-    .p3(\p$2165 ),
+    .p4(\p$2233 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_10_8  pe_10_8 (
-    .a(a1_10_g2),
-    .b(b1_8_g2),
+    .a(a_10_l2_2),
+    .b(b_8_l2_2),
     .clk(clk),
-    .p3(\p$2166 ),
+    .p4(\p$2234 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_10_9  pe_10_9 (
-    .a(a1_10_g2),
-    .b(b1_9_g2),
+    .a(a_10_l2_2),
+    .b(b_9_l2_2),
     .clk(clk),
-    .p3(\p$2167 ),
+    .p4(\p$2235 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_11_0  pe_11_0 (
-    .a(a1_11_g0),
-    .b(b1_0_g2),
+    .a(a_11_l2_0),
+    .b(b_0_l2_2),
     .clk(clk),
-    .p3(\p$2174 ),
+    .p4(\p$2242 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_11_1  pe_11_1 (
-    .a(a1_11_g0),
-    .b(b1_1_g2),
+    .a(a_11_l2_0),
+    .b(b_1_l2_2),
     .clk(clk),
-    .p3(\p$2175 ),
+    .p4(\p$2243 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_11_10  pe_11_10 (
-    .a(a1_11_g2),
-    .b(b1_10_g2),
+    .a(a_11_l2_2),
+    .b(b_10_l2_2),
     .clk(clk),
-    .p3(\p$2184 ),
+    .p4(\p$2252 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_11_11  pe_11_11 (
-    .a(a1_11_g2),
-    .b(b1_11_g2),
+    .a(a_11_l2_2),
+    .b(b_11_l2_2),
     .clk(clk),
-    .p3(\p$2185 ),
+    .p4(\p$2253 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_11_12  pe_11_12 (
-    .a(a1_11_g3),
-    .b(b1_12_g2),
+    .a(a_11_l2_3),
+    .b(b_12_l2_2),
     .clk(clk),
-    .p3(\p$2186 ),
+    .p4(\p$2254 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_11_13  pe_11_13 (
-    .a(a1_11_g3),
-    .b(b1_13_g2),
+    .a(a_11_l2_3),
+    .b(b_13_l2_2),
     .clk(clk),
-    .p3(\p$2187 ),
+    .p4(\p$2255 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_11_14  pe_11_14 (
-    .a(a1_11_g3),
-    .b(b1_14_g2),
+    .a(a_11_l2_3),
+    .b(b_14_l2_2),
     .clk(clk),
-    .p3(\p$2188 ),
+    .p4(\p$2256 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_11_15  pe_11_15 (
-    .a(a1_11_g3),
-    .b(b1_15_g2),
+    .a(a_11_l2_3),
+    .b(b_15_l2_2),
     .clk(clk),
-    .p3(\p$2189 ),
+    .p4(\p$2257 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_11_2  pe_11_2 (
-    .a(a1_11_g0),
-    .b(b1_2_g2),
+    .a(a_11_l2_0),
+    .b(b_2_l2_2),
     .clk(clk),
-    .p3(\p$2176 ),
+    .p4(\p$2244 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_11_3  pe_11_3 (
-    .a(a1_11_g0),
-    .b(b1_3_g2),
+    .a(a_11_l2_0),
+    .b(b_3_l2_2),
     .clk(clk),
-    .p3(\p$2177 ),
+    .p4(\p$2245 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_11_4  pe_11_4 (
-    .a(a1_11_g1),
-    .b(b1_4_g2),
+    .a(a_11_l2_1),
+    .b(b_4_l2_2),
     .clk(clk),
-    .p3(\p$2178 ),
+    .p4(\p$2246 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_11_5  pe_11_5 (
-    .a(a1_11_g1),
-    .b(b1_5_g2),
+    .a(a_11_l2_1),
+    .b(b_5_l2_2),
     .clk(clk),
-    .p3(\p$2179 ),
+    .p4(\p$2247 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_11_6  pe_11_6 (
-    .a(a1_11_g1),
-    .b(b1_6_g2),
+    .a(a_11_l2_1),
+    .b(b_6_l2_2),
     .clk(clk),
-    .p3(\p$2180 ),
+    .p4(\p$2248 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_11_7  pe_11_7 (
-    .a(a1_11_g1),
-    .b(b1_7_g2),
+    .a(a_11_l2_1),
+    .b(b_7_l2_2),
     .clk(clk),
-    .p3(\p$2181 ),
+    .p4(\p$2249 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_11_8  pe_11_8 (
-    .a(a1_11_g2),
-    .b(b1_8_g2),
+    .a(a_11_l2_2),
+    .b(b_8_l2_2),
     .clk(clk),
-    .p3(\p$2182 ),
+    .p4(\p$2250 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_11_9  pe_11_9 (
-    .a(a1_11_g2),
-    .b(b1_9_g2),
+    .a(a_11_l2_2),
+    .b(b_9_l2_2),
     .clk(clk),
-    .p3(\p$2183 ),
+    .p4(\p$2251 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_12_0  pe_12_0 (
-    .a(a1_12_g0),
-    .b(b1_0_g3),
+    .a(a_12_l2_0),
+    .b(b_0_l2_3),
     .clk(clk),
-    .p3(\p$2190 ),
+    .p4(\p$2258 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_12_1  pe_12_1 (
-    .a(a1_12_g0),
-    .b(b1_1_g3),
+    .a(a_12_l2_0),
+    .b(b_1_l2_3),
     .clk(clk),
-    .p3(\p$2191 ),
+    .p4(\p$2259 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_12_10  pe_12_10 (
-    .a(a1_12_g2),
-    .b(b1_10_g3),
+    .a(a_12_l2_2),
+    .b(b_10_l2_3),
     .clk(clk),
-    .p3(\p$2200 ),
+    .p4(\p$2268 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_12_11  pe_12_11 (
-    .a(a1_12_g2),
-    .b(b1_11_g3),
+    .a(a_12_l2_2),
+    .b(b_11_l2_3),
     .clk(clk),
-    .p3(\p$2201 ),
+    .p4(\p$2269 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_12_12  pe_12_12 (
-    .a(a1_12_g3),
-    .b(b1_12_g3),
+    .a(a_12_l2_3),
+    .b(b_12_l2_3),
     .clk(clk),
-    .p3(\p$2202 ),
+    .p4(\p$2270 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_12_13  pe_12_13 (
-    .a(a1_12_g3),
-    .b(b1_13_g3),
+    .a(a_12_l2_3),
+    .b(b_13_l2_3),
     .clk(clk),
-    .p3(\p$2203 ),
+    .p4(\p$2271 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_12_14  pe_12_14 (
-    .a(a1_12_g3),
-    .b(b1_14_g3),
+    .a(a_12_l2_3),
+    .b(b_14_l2_3),
     .clk(clk),
-    .p3(\p$2204 ),
+    .p4(\p$2272 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_12_15  pe_12_15 (
-    .a(a1_12_g3),
-    .b(b1_15_g3),
+    .a(a_12_l2_3),
+    .b(b_15_l2_3),
     .clk(clk),
-    .p3(\p$2205 ),
+    .p4(\p$2273 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_12_2  pe_12_2 (
-    .a(a1_12_g0),
-    .b(b1_2_g3),
+    .a(a_12_l2_0),
+    .b(b_2_l2_3),
     .clk(clk),
-    .p3(\p$2192 ),
+    .p4(\p$2260 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_12_3  pe_12_3 (
-    .a(a1_12_g0),
-    .b(b1_3_g3),
+    .a(a_12_l2_0),
+    .b(b_3_l2_3),
     .clk(clk),
-    .p3(\p$2193 ),
+    .p4(\p$2261 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_12_4  pe_12_4 (
-    .a(a1_12_g1),
-    .b(b1_4_g3),
+    .a(a_12_l2_1),
+    .b(b_4_l2_3),
     .clk(clk),
-    .p3(\p$2194 ),
+    .p4(\p$2262 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_12_5  pe_12_5 (
-    .a(a1_12_g1),
-    .b(b1_5_g3),
+    .a(a_12_l2_1),
+    .b(b_5_l2_3),
     .clk(clk),
-    .p3(\p$2195 ),
+    .p4(\p$2263 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_12_6  pe_12_6 (
-    .a(a1_12_g1),
-    .b(b1_6_g3),
+    .a(a_12_l2_1),
+    .b(b_6_l2_3),
     .clk(clk),
-    .p3(\p$2196 ),
+    .p4(\p$2264 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_12_7  pe_12_7 (
-    .a(a1_12_g1),
-    .b(b1_7_g3),
+    .a(a_12_l2_1),
+    .b(b_7_l2_3),
     .clk(clk),
-    .p3(\p$2197 ),
+    .p4(\p$2265 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_12_8  pe_12_8 (
-    .a(a1_12_g2),
-    .b(b1_8_g3),
+    .a(a_12_l2_2),
+    .b(b_8_l2_3),
     .clk(clk),
-    .p3(\p$2198 ),
+    .p4(\p$2266 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_12_9  pe_12_9 (
-    .a(a1_12_g2),
-    .b(b1_9_g3),
+    .a(a_12_l2_2),
+    .b(b_9_l2_3),
     .clk(clk),
-    .p3(\p$2199 ),
+    .p4(\p$2267 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_13_0  pe_13_0 (
-    .a(a1_13_g0),
-    .b(b1_0_g3),
+    .a(a_13_l2_0),
+    .b(b_0_l2_3),
     .clk(clk),
-    .p3(\p$2206 ),
+    .p4(\p$2274 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_13_1  pe_13_1 (
-    .a(a1_13_g0),
-    .b(b1_1_g3),
+    .a(a_13_l2_0),
+    .b(b_1_l2_3),
     .clk(clk),
-    .p3(\p$2207 ),
+    .p4(\p$2275 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_13_10  pe_13_10 (
-    .a(a1_13_g2),
-    .b(b1_10_g3),
+    .a(a_13_l2_2),
+    .b(b_10_l2_3),
     .clk(clk),
-    .p3(\p$2216 ),
+    .p4(\p$2284 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_13_11  pe_13_11 (
-    .a(a1_13_g2),
-    .b(b1_11_g3),
+    .a(a_13_l2_2),
+    .b(b_11_l2_3),
     .clk(clk),
-    .p3(\p$2217 ),
+    .p4(\p$2285 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_13_12  pe_13_12 (
-    .a(a1_13_g3),
-    .b(b1_12_g3),
+    .a(a_13_l2_3),
+    .b(b_12_l2_3),
     .clk(clk),
-    .p3(\p$2218 ),
+    .p4(\p$2286 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_13_13  pe_13_13 (
-    .a(a1_13_g3),
-    .b(b1_13_g3),
+    .a(a_13_l2_3),
+    .b(b_13_l2_3),
     .clk(clk),
-    .p3(\p$2219 ),
+    .p4(\p$2287 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_13_14  pe_13_14 (
-    .a(a1_13_g3),
-    .b(b1_14_g3),
+    .a(a_13_l2_3),
+    .b(b_14_l2_3),
     .clk(clk),
-    .p3(\p$2220 ),
+    .p4(\p$2288 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_13_15  pe_13_15 (
-    .a(a1_13_g3),
-    .b(b1_15_g3),
+    .a(a_13_l2_3),
+    .b(b_15_l2_3),
     .clk(clk),
-    .p3(\p$2221 ),
+    .p4(\p$2289 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_13_2  pe_13_2 (
-    .a(a1_13_g0),
-    .b(b1_2_g3),
+    .a(a_13_l2_0),
+    .b(b_2_l2_3),
     .clk(clk),
-    .p3(\p$2208 ),
+    .p4(\p$2276 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_13_3  pe_13_3 (
-    .a(a1_13_g0),
-    .b(b1_3_g3),
+    .a(a_13_l2_0),
+    .b(b_3_l2_3),
     .clk(clk),
-    .p3(\p$2209 ),
+    .p4(\p$2277 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_13_4  pe_13_4 (
-    .a(a1_13_g1),
-    .b(b1_4_g3),
+    .a(a_13_l2_1),
+    .b(b_4_l2_3),
     .clk(clk),
-    .p3(\p$2210 ),
+    .p4(\p$2278 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_13_5  pe_13_5 (
-    .a(a1_13_g1),
-    .b(b1_5_g3),
+    .a(a_13_l2_1),
+    .b(b_5_l2_3),
     .clk(clk),
-    .p3(\p$2211 ),
+    .p4(\p$2279 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_13_6  pe_13_6 (
-    .a(a1_13_g1),
-    .b(b1_6_g3),
+    .a(a_13_l2_1),
+    .b(b_6_l2_3),
     .clk(clk),
-    .p3(\p$2212 ),
+    .p4(\p$2280 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_13_7  pe_13_7 (
-    .a(a1_13_g1),
-    .b(b1_7_g3),
+    .a(a_13_l2_1),
+    .b(b_7_l2_3),
     .clk(clk),
-    .p3(\p$2213 ),
+    .p4(\p$2281 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_13_8  pe_13_8 (
-    .a(a1_13_g2),
-    .b(b1_8_g3),
+    .a(a_13_l2_2),
+    .b(b_8_l2_3),
     .clk(clk),
-    .p3(\p$2214 ),
+    .p4(\p$2282 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_13_9  pe_13_9 (
-    .a(a1_13_g2),
-    .b(b1_9_g3),
+    .a(a_13_l2_2),
+    .b(b_9_l2_3),
     .clk(clk),
-    .p3(\p$2215 ),
+    .p4(\p$2283 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_14_0  pe_14_0 (
-    .a(a1_14_g0),
-    .b(b1_0_g3),
+    .a(a_14_l2_0),
+    .b(b_0_l2_3),
     .clk(clk),
-    .p3(\p$2222 ),
+    .p4(\p$2290 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_14_1  pe_14_1 (
-    .a(a1_14_g0),
-    .b(b1_1_g3),
+    .a(a_14_l2_0),
+    .b(b_1_l2_3),
     .clk(clk),
-    .p3(\p$2223 ),
+    .p4(\p$2291 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_14_10  pe_14_10 (
-    .a(a1_14_g2),
-    .b(b1_10_g3),
+    .a(a_14_l2_2),
+    .b(b_10_l2_3),
     .clk(clk),
-    .p3(\p$2232 ),
+    .p4(\p$2300 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_14_11  pe_14_11 (
-    .a(a1_14_g2),
-    .b(b1_11_g3),
+    .a(a_14_l2_2),
+    .b(b_11_l2_3),
     .clk(clk),
-    .p3(\p$2233 ),
+    .p4(\p$2301 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_14_12  pe_14_12 (
-    .a(a1_14_g3),
-    .b(b1_12_g3),
+    .a(a_14_l2_3),
+    .b(b_12_l2_3),
     .clk(clk),
-    .p3(\p$2234 ),
+    .p4(\p$2302 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_14_13  pe_14_13 (
-    .a(a1_14_g3),
-    .b(b1_13_g3),
+    .a(a_14_l2_3),
+    .b(b_13_l2_3),
     .clk(clk),
-    .p3(\p$2235 ),
+    .p4(\p$2303 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_14_14  pe_14_14 (
-    .a(a1_14_g3),
-    .b(b1_14_g3),
+    .a(a_14_l2_3),
+    .b(b_14_l2_3),
     .clk(clk),
-    .p3(\p$2236 ),
+    .p4(\p$2304 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_14_15  pe_14_15 (
-    .a(a1_14_g3),
-    .b(b1_15_g3),
+    .a(a_14_l2_3),
+    .b(b_15_l2_3),
     .clk(clk),
-    .p3(\p$2237 ),
+    .p4(\p$2305 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_14_2  pe_14_2 (
-    .a(a1_14_g0),
-    .b(b1_2_g3),
+    .a(a_14_l2_0),
+    .b(b_2_l2_3),
     .clk(clk),
-    .p3(\p$2224 ),
+    .p4(\p$2292 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_14_3  pe_14_3 (
-    .a(a1_14_g0),
-    .b(b1_3_g3),
+    .a(a_14_l2_0),
+    .b(b_3_l2_3),
     .clk(clk),
-    .p3(\p$2225 ),
+    .p4(\p$2293 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_14_4  pe_14_4 (
-    .a(a1_14_g1),
-    .b(b1_4_g3),
+    .a(a_14_l2_1),
+    .b(b_4_l2_3),
     .clk(clk),
-    .p3(\p$2226 ),
+    .p4(\p$2294 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_14_5  pe_14_5 (
-    .a(a1_14_g1),
-    .b(b1_5_g3),
+    .a(a_14_l2_1),
+    .b(b_5_l2_3),
     .clk(clk),
-    .p3(\p$2227 ),
+    .p4(\p$2295 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_14_6  pe_14_6 (
-    .a(a1_14_g1),
-    .b(b1_6_g3),
+    .a(a_14_l2_1),
+    .b(b_6_l2_3),
     .clk(clk),
-    .p3(\p$2228 ),
+    .p4(\p$2296 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_14_7  pe_14_7 (
-    .a(a1_14_g1),
-    .b(b1_7_g3),
+    .a(a_14_l2_1),
+    .b(b_7_l2_3),
     .clk(clk),
-    .p3(\p$2229 ),
+    .p4(\p$2297 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_14_8  pe_14_8 (
-    .a(a1_14_g2),
-    .b(b1_8_g3),
+    .a(a_14_l2_2),
+    .b(b_8_l2_3),
     .clk(clk),
-    .p3(\p$2230 ),
+    .p4(\p$2298 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_14_9  pe_14_9 (
-    .a(a1_14_g2),
-    .b(b1_9_g3),
+    .a(a_14_l2_2),
+    .b(b_9_l2_3),
     .clk(clk),
-    .p3(\p$2231 ),
+    .p4(\p$2299 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_15_0  pe_15_0 (
-    .a(a1_15_g0),
-    .b(b1_0_g3),
+    .a(a_15_l2_0),
+    .b(b_0_l2_3),
     .clk(clk),
-    .p3(\p$2238 ),
+    .p4(\p$2306 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_15_1  pe_15_1 (
-    .a(a1_15_g0),
-    .b(b1_1_g3),
+    .a(a_15_l2_0),
+    .b(b_1_l2_3),
     .clk(clk),
-    .p3(\p$2239 ),
+    .p4(\p$2307 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_15_10  pe_15_10 (
-    .a(a1_15_g2),
-    .b(b1_10_g3),
+    .a(a_15_l2_2),
+    .b(b_10_l2_3),
     .clk(clk),
-    .p3(\p$2248 ),
+    .p4(\p$2316 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_15_11  pe_15_11 (
-    .a(a1_15_g2),
-    .b(b1_11_g3),
+    .a(a_15_l2_2),
+    .b(b_11_l2_3),
     .clk(clk),
-    .p3(\p$2249 ),
+    .p4(\p$2317 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_15_12  pe_15_12 (
-    .a(a1_15_g3),
-    .b(b1_12_g3),
+    .a(a_15_l2_3),
+    .b(b_12_l2_3),
     .clk(clk),
-    .p3(\p$2250 ),
+    .p4(\p$2318 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_15_13  pe_15_13 (
-    .a(a1_15_g3),
-    .b(b1_13_g3),
+    .a(a_15_l2_3),
+    .b(b_13_l2_3),
     .clk(clk),
-    .p3(\p$2251 ),
+    .p4(\p$2319 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_15_14  pe_15_14 (
-    .a(a1_15_g3),
-    .b(b1_14_g3),
+    .a(a_15_l2_3),
+    .b(b_14_l2_3),
     .clk(clk),
-    .p3(\p$2252 ),
+    .p4(\p$2320 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_15_15  pe_15_15 (
-    .a(a1_15_g3),
-    .b(b1_15_g3),
+    .a(a_15_l2_3),
+    .b(b_15_l2_3),
     .clk(clk),
-    .p3(\p$2253 ),
+    .p4(\p$2321 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_15_2  pe_15_2 (
-    .a(a1_15_g0),
-    .b(b1_2_g3),
+    .a(a_15_l2_0),
+    .b(b_2_l2_3),
     .clk(clk),
-    .p3(\p$2240 ),
+    .p4(\p$2308 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_15_3  pe_15_3 (
-    .a(a1_15_g0),
-    .b(b1_3_g3),
+    .a(a_15_l2_0),
+    .b(b_3_l2_3),
     .clk(clk),
-    .p3(\p$2241 ),
+    .p4(\p$2309 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_15_4  pe_15_4 (
-    .a(a1_15_g1),
-    .b(b1_4_g3),
+    .a(a_15_l2_1),
+    .b(b_4_l2_3),
     .clk(clk),
-    .p3(\p$2242 ),
+    .p4(\p$2310 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_15_5  pe_15_5 (
-    .a(a1_15_g1),
-    .b(b1_5_g3),
+    .a(a_15_l2_1),
+    .b(b_5_l2_3),
     .clk(clk),
-    .p3(\p$2243 ),
+    .p4(\p$2311 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_15_6  pe_15_6 (
-    .a(a1_15_g1),
-    .b(b1_6_g3),
+    .a(a_15_l2_1),
+    .b(b_6_l2_3),
     .clk(clk),
-    .p3(\p$2244 ),
+    .p4(\p$2312 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_15_7  pe_15_7 (
-    .a(a1_15_g1),
-    .b(b1_7_g3),
+    .a(a_15_l2_1),
+    .b(b_7_l2_3),
     .clk(clk),
-    .p3(\p$2245 ),
+    .p4(\p$2313 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_15_8  pe_15_8 (
-    .a(a1_15_g2),
-    .b(b1_8_g3),
+    .a(a_15_l2_2),
+    .b(b_8_l2_3),
     .clk(clk),
-    .p3(\p$2246 ),
+    .p4(\p$2314 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_15_9  pe_15_9 (
-    .a(a1_15_g2),
-    .b(b1_9_g3),
+    .a(a_15_l2_2),
+    .b(b_9_l2_3),
     .clk(clk),
-    .p3(\p$2247 ),
+    .p4(\p$2315 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_1_0  pe_1_0 (
-    .a(a1_1_g0),
-    .b(b1_0_g0),
+    .a(a_1_l2_0),
+    .b(b_0_l2_0),
     .clk(clk),
-    .p3(\p$2014 ),
+    .p4(\p$2082 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_1_1  pe_1_1 (
-    .a(a1_1_g0),
-    .b(b1_1_g0),
+    .a(a_1_l2_0),
+    .b(b_1_l2_0),
     .clk(clk),
-    .p3(\p$2015 ),
+    .p4(\p$2083 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_1_10  pe_1_10 (
-    .a(a1_1_g2),
-    .b(b1_10_g0),
+    .a(a_1_l2_2),
+    .b(b_10_l2_0),
     .clk(clk),
-    .p3(\p$2024 ),
+    .p4(\p$2092 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_1_11  pe_1_11 (
-    .a(a1_1_g2),
-    .b(b1_11_g0),
+    .a(a_1_l2_2),
+    .b(b_11_l2_0),
     .clk(clk),
-    .p3(\p$2025 ),
+    .p4(\p$2093 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_1_12  pe_1_12 (
-    .a(a1_1_g3),
-    .b(b1_12_g0),
+    .a(a_1_l2_3),
+    .b(b_12_l2_0),
     .clk(clk),
-    .p3(\p$2026 ),
+    .p4(\p$2094 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_1_13  pe_1_13 (
-    .a(a1_1_g3),
-    .b(b1_13_g0),
+    .a(a_1_l2_3),
+    .b(b_13_l2_0),
     .clk(clk),
-    .p3(\p$2027 ),
+    .p4(\p$2095 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_1_14  pe_1_14 (
-    .a(a1_1_g3),
-    .b(b1_14_g0),
+    .a(a_1_l2_3),
+    .b(b_14_l2_0),
     .clk(clk),
-    .p3(\p$2028 ),
+    .p4(\p$2096 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_1_15  pe_1_15 (
-    .a(a1_1_g3),
-    .b(b1_15_g0),
+    .a(a_1_l2_3),
+    .b(b_15_l2_0),
     .clk(clk),
-    .p3(\p$2029 ),
+    .p4(\p$2097 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_1_2  pe_1_2 (
-    .a(a1_1_g0),
-    .b(b1_2_g0),
+    .a(a_1_l2_0),
+    .b(b_2_l2_0),
     .clk(clk),
-    .p3(\p$2016 ),
+    .p4(\p$2084 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_1_3  pe_1_3 (
-    .a(a1_1_g0),
-    .b(b1_3_g0),
+    .a(a_1_l2_0),
+    .b(b_3_l2_0),
     .clk(clk),
-    .p3(\p$2017 ),
+    .p4(\p$2085 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_1_4  pe_1_4 (
-    .a(a1_1_g1),
-    .b(b1_4_g0),
+    .a(a_1_l2_1),
+    .b(b_4_l2_0),
     .clk(clk),
-    .p3(\p$2018 ),
+    .p4(\p$2086 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_1_5  pe_1_5 (
-    .a(a1_1_g1),
-    .b(b1_5_g0),
+    .a(a_1_l2_1),
+    .b(b_5_l2_0),
     .clk(clk),
-    .p3(\p$2019 ),
+    .p4(\p$2087 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_1_6  pe_1_6 (
-    .a(a1_1_g1),
-    .b(b1_6_g0),
+    .a(a_1_l2_1),
+    .b(b_6_l2_0),
     .clk(clk),
-    .p3(\p$2020 ),
+    .p4(\p$2088 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_1_7  pe_1_7 (
-    .a(a1_1_g1),
-    .b(b1_7_g0),
+    .a(a_1_l2_1),
+    .b(b_7_l2_0),
     .clk(clk),
-    .p3(\p$2021 ),
+    .p4(\p$2089 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_1_8  pe_1_8 (
-    .a(a1_1_g2),
-    .b(b1_8_g0),
+    .a(a_1_l2_2),
+    .b(b_8_l2_0),
     .clk(clk),
-    .p3(\p$2022 ),
+    .p4(\p$2090 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_1_9  pe_1_9 (
-    .a(a1_1_g2),
-    .b(b1_9_g0),
+    .a(a_1_l2_2),
+    .b(b_9_l2_0),
     .clk(clk),
-    .p3(\p$2023 ),
+    .p4(\p$2091 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_2_0  pe_2_0 (
-    .a(a1_2_g0),
-    .b(b1_0_g0),
+    .a(a_2_l2_0),
+    .b(b_0_l2_0),
     .clk(clk),
-    .p3(\p$2030 ),
+    .p4(\p$2098 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_2_1  pe_2_1 (
-    .a(a1_2_g0),
-    .b(b1_1_g0),
+    .a(a_2_l2_0),
+    .b(b_1_l2_0),
     .clk(clk),
-    .p3(\p$2031 ),
+    .p4(\p$2099 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_2_10  pe_2_10 (
-    .a(a1_2_g2),
-    .b(b1_10_g0),
+    .a(a_2_l2_2),
+    .b(b_10_l2_0),
     .clk(clk),
-    .p3(\p$2040 ),
+    .p4(\p$2108 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_2_11  pe_2_11 (
-    .a(a1_2_g2),
-    .b(b1_11_g0),
+    .a(a_2_l2_2),
+    .b(b_11_l2_0),
     .clk(clk),
-    .p3(\p$2041 ),
+    .p4(\p$2109 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_2_12  pe_2_12 (
-    .a(a1_2_g3),
-    .b(b1_12_g0),
+    .a(a_2_l2_3),
+    .b(b_12_l2_0),
     .clk(clk),
-    .p3(\p$2042 ),
+    .p4(\p$2110 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_2_13  pe_2_13 (
-    .a(a1_2_g3),
-    .b(b1_13_g0),
+    .a(a_2_l2_3),
+    .b(b_13_l2_0),
     .clk(clk),
-    .p3(\p$2043 ),
+    .p4(\p$2111 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_2_14  pe_2_14 (
-    .a(a1_2_g3),
-    .b(b1_14_g0),
+    .a(a_2_l2_3),
+    .b(b_14_l2_0),
     .clk(clk),
-    .p3(\p$2044 ),
+    .p4(\p$2112 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_2_15  pe_2_15 (
-    .a(a1_2_g3),
-    .b(b1_15_g0),
+    .a(a_2_l2_3),
+    .b(b_15_l2_0),
     .clk(clk),
-    .p3(\p$2045 ),
+    .p4(\p$2113 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_2_2  pe_2_2 (
-    .a(a1_2_g0),
-    .b(b1_2_g0),
+    .a(a_2_l2_0),
+    .b(b_2_l2_0),
     .clk(clk),
-    .p3(\p$2032 ),
+    .p4(\p$2100 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_2_3  pe_2_3 (
-    .a(a1_2_g0),
-    .b(b1_3_g0),
+    .a(a_2_l2_0),
+    .b(b_3_l2_0),
     .clk(clk),
-    .p3(\p$2033 ),
+    .p4(\p$2101 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_2_4  pe_2_4 (
-    .a(a1_2_g1),
-    .b(b1_4_g0),
+    .a(a_2_l2_1),
+    .b(b_4_l2_0),
     .clk(clk),
-    .p3(\p$2034 ),
+    .p4(\p$2102 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_2_5  pe_2_5 (
-    .a(a1_2_g1),
-    .b(b1_5_g0),
+    .a(a_2_l2_1),
+    .b(b_5_l2_0),
     .clk(clk),
-    .p3(\p$2035 ),
+    .p4(\p$2103 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_2_6  pe_2_6 (
-    .a(a1_2_g1),
-    .b(b1_6_g0),
+    .a(a_2_l2_1),
+    .b(b_6_l2_0),
     .clk(clk),
-    .p3(\p$2036 ),
+    .p4(\p$2104 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_2_7  pe_2_7 (
-    .a(a1_2_g1),
-    .b(b1_7_g0),
+    .a(a_2_l2_1),
+    .b(b_7_l2_0),
     .clk(clk),
-    .p3(\p$2037 ),
+    .p4(\p$2105 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_2_8  pe_2_8 (
-    .a(a1_2_g2),
-    .b(b1_8_g0),
+    .a(a_2_l2_2),
+    .b(b_8_l2_0),
     .clk(clk),
-    .p3(\p$2038 ),
+    .p4(\p$2106 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_2_9  pe_2_9 (
-    .a(a1_2_g2),
-    .b(b1_9_g0),
+    .a(a_2_l2_2),
+    .b(b_9_l2_0),
     .clk(clk),
-    .p3(\p$2039 ),
+    .p4(\p$2107 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_3_0  pe_3_0 (
-    .a(a1_3_g0),
-    .b(b1_0_g0),
+    .a(a_3_l2_0),
+    .b(b_0_l2_0),
     .clk(clk),
-    .p3(\p$2046 ),
+    .p4(\p$2114 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_3_1  pe_3_1 (
-    .a(a1_3_g0),
-    .b(b1_1_g0),
+    .a(a_3_l2_0),
+    .b(b_1_l2_0),
     .clk(clk),
-    .p3(\p$2047 ),
+    .p4(\p$2115 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_3_10  pe_3_10 (
-    .a(a1_3_g2),
-    .b(b1_10_g0),
+    .a(a_3_l2_2),
+    .b(b_10_l2_0),
     .clk(clk),
-    .p3(\p$2056 ),
+    .p4(\p$2124 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_3_11  pe_3_11 (
-    .a(a1_3_g2),
-    .b(b1_11_g0),
+    .a(a_3_l2_2),
+    .b(b_11_l2_0),
     .clk(clk),
-    .p3(\p$2057 ),
+    .p4(\p$2125 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_3_12  pe_3_12 (
-    .a(a1_3_g3),
-    .b(b1_12_g0),
+    .a(a_3_l2_3),
+    .b(b_12_l2_0),
     .clk(clk),
-    .p3(\p$2058 ),
+    .p4(\p$2126 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_3_13  pe_3_13 (
-    .a(a1_3_g3),
-    .b(b1_13_g0),
+    .a(a_3_l2_3),
+    .b(b_13_l2_0),
     .clk(clk),
-    .p3(\p$2059 ),
+    .p4(\p$2127 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_3_14  pe_3_14 (
-    .a(a1_3_g3),
-    .b(b1_14_g0),
+    .a(a_3_l2_3),
+    .b(b_14_l2_0),
     .clk(clk),
-    .p3(\p$2060 ),
+    .p4(\p$2128 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_3_15  pe_3_15 (
-    .a(a1_3_g3),
-    .b(b1_15_g0),
+    .a(a_3_l2_3),
+    .b(b_15_l2_0),
     .clk(clk),
-    .p3(\p$2061 ),
+    .p4(\p$2129 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_3_2  pe_3_2 (
-    .a(a1_3_g0),
-    .b(b1_2_g0),
+    .a(a_3_l2_0),
+    .b(b_2_l2_0),
     .clk(clk),
-    .p3(\p$2048 ),
+    .p4(\p$2116 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_3_3  pe_3_3 (
-    .a(a1_3_g0),
-    .b(b1_3_g0),
+    .a(a_3_l2_0),
+    .b(b_3_l2_0),
     .clk(clk),
-    .p3(\p$2049 ),
+    .p4(\p$2117 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_3_4  pe_3_4 (
-    .a(a1_3_g1),
-    .b(b1_4_g0),
+    .a(a_3_l2_1),
+    .b(b_4_l2_0),
     .clk(clk),
-    .p3(\p$2050 ),
+    .p4(\p$2118 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_3_5  pe_3_5 (
-    .a(a1_3_g1),
-    .b(b1_5_g0),
+    .a(a_3_l2_1),
+    .b(b_5_l2_0),
     .clk(clk),
-    .p3(\p$2051 ),
+    .p4(\p$2119 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_3_6  pe_3_6 (
-    .a(a1_3_g1),
-    .b(b1_6_g0),
+    .a(a_3_l2_1),
+    .b(b_6_l2_0),
     .clk(clk),
-    .p3(\p$2052 ),
+    .p4(\p$2120 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_3_7  pe_3_7 (
-    .a(a1_3_g1),
-    .b(b1_7_g0),
+    .a(a_3_l2_1),
+    .b(b_7_l2_0),
     .clk(clk),
-    .p3(\p$2053 ),
+    .p4(\p$2121 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_3_8  pe_3_8 (
-    .a(a1_3_g2),
-    .b(b1_8_g0),
+    .a(a_3_l2_2),
+    .b(b_8_l2_0),
     .clk(clk),
-    .p3(\p$2054 ),
+    .p4(\p$2122 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_3_9  pe_3_9 (
-    .a(a1_3_g2),
-    .b(b1_9_g0),
+    .a(a_3_l2_2),
+    .b(b_9_l2_0),
     .clk(clk),
-    .p3(\p$2055 ),
+    .p4(\p$2123 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_4_0  pe_4_0 (
-    .a(a1_4_g0),
-    .b(b1_0_g1),
+    .a(a_4_l2_0),
+    .b(b_0_l2_1),
     .clk(clk),
-    .p3(\p$2062 ),
+    .p4(\p$2130 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_4_1  pe_4_1 (
-    .a(a1_4_g0),
-    .b(b1_1_g1),
+    .a(a_4_l2_0),
+    .b(b_1_l2_1),
     .clk(clk),
-    .p3(\p$2063 ),
+    .p4(\p$2131 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_4_10  pe_4_10 (
-    .a(a1_4_g2),
-    .b(b1_10_g1),
+    .a(a_4_l2_2),
+    .b(b_10_l2_1),
     .clk(clk),
-    .p3(\p$2072 ),
+    .p4(\p$2140 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_4_11  pe_4_11 (
-    .a(a1_4_g2),
-    .b(b1_11_g1),
+    .a(a_4_l2_2),
+    .b(b_11_l2_1),
     .clk(clk),
-    .p3(\p$2073 ),
+    .p4(\p$2141 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_4_12  pe_4_12 (
-    .a(a1_4_g3),
-    .b(b1_12_g1),
+    .a(a_4_l2_3),
+    .b(b_12_l2_1),
     .clk(clk),
-    .p3(\p$2074 ),
+    .p4(\p$2142 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_4_13  pe_4_13 (
-    .a(a1_4_g3),
-    .b(b1_13_g1),
+    .a(a_4_l2_3),
+    .b(b_13_l2_1),
     .clk(clk),
-    .p3(\p$2075 ),
+    .p4(\p$2143 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_4_14  pe_4_14 (
-    .a(a1_4_g3),
-    .b(b1_14_g1),
+    .a(a_4_l2_3),
+    .b(b_14_l2_1),
     .clk(clk),
-    .p3(\p$2076 ),
+    .p4(\p$2144 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_4_15  pe_4_15 (
-    .a(a1_4_g3),
-    .b(b1_15_g1),
+    .a(a_4_l2_3),
+    .b(b_15_l2_1),
     .clk(clk),
-    .p3(\p$2077 ),
+    .p4(\p$2145 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_4_2  pe_4_2 (
-    .a(a1_4_g0),
-    .b(b1_2_g1),
+    .a(a_4_l2_0),
+    .b(b_2_l2_1),
     .clk(clk),
-    .p3(\p$2064 ),
+    .p4(\p$2132 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_4_3  pe_4_3 (
-    .a(a1_4_g0),
-    .b(b1_3_g1),
+    .a(a_4_l2_0),
+    .b(b_3_l2_1),
     .clk(clk),
-    .p3(\p$2065 ),
+    .p4(\p$2133 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_4_4  pe_4_4 (
-    .a(a1_4_g1),
-    .b(b1_4_g1),
+    .a(a_4_l2_1),
+    .b(b_4_l2_1),
     .clk(clk),
-    .p3(\p$2066 ),
+    .p4(\p$2134 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_4_5  pe_4_5 (
-    .a(a1_4_g1),
-    .b(b1_5_g1),
+    .a(a_4_l2_1),
+    .b(b_5_l2_1),
     .clk(clk),
-    .p3(\p$2067 ),
+    .p4(\p$2135 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_4_6  pe_4_6 (
-    .a(a1_4_g1),
-    .b(b1_6_g1),
+    .a(a_4_l2_1),
+    .b(b_6_l2_1),
     .clk(clk),
-    .p3(\p$2068 ),
+    .p4(\p$2136 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_4_7  pe_4_7 (
-    .a(a1_4_g1),
-    .b(b1_7_g1),
+    .a(a_4_l2_1),
+    .b(b_7_l2_1),
     .clk(clk),
-    .p3(\p$2069 ),
+    .p4(\p$2137 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_4_8  pe_4_8 (
-    .a(a1_4_g2),
-    .b(b1_8_g1),
+    .a(a_4_l2_2),
+    .b(b_8_l2_1),
     .clk(clk),
-    .p3(\p$2070 ),
+    .p4(\p$2138 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_4_9  pe_4_9 (
-    .a(a1_4_g2),
-    .b(b1_9_g1),
+    .a(a_4_l2_2),
+    .b(b_9_l2_1),
     .clk(clk),
-    .p3(\p$2071 ),
+    .p4(\p$2139 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_5_0  pe_5_0 (
-    .a(a1_5_g0),
-    .b(b1_0_g1),
+    .a(a_5_l2_0),
+    .b(b_0_l2_1),
     .clk(clk),
-    .p3(\p$2078 ),
+    .p4(\p$2146 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_5_1  pe_5_1 (
-    .a(a1_5_g0),
-    .b(b1_1_g1),
+    .a(a_5_l2_0),
+    .b(b_1_l2_1),
     .clk(clk),
-    .p3(\p$2079 ),
+    .p4(\p$2147 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_5_10  pe_5_10 (
-    .a(a1_5_g2),
-    .b(b1_10_g1),
+    .a(a_5_l2_2),
+    .b(b_10_l2_1),
     .clk(clk),
-    .p3(\p$2088 ),
+    .p4(\p$2156 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_5_11  pe_5_11 (
-    .a(a1_5_g2),
-    .b(b1_11_g1),
+    .a(a_5_l2_2),
+    .b(b_11_l2_1),
     .clk(clk),
-    .p3(\p$2089 ),
+    .p4(\p$2157 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_5_12  pe_5_12 (
-    .a(a1_5_g3),
-    .b(b1_12_g1),
+    .a(a_5_l2_3),
+    .b(b_12_l2_1),
     .clk(clk),
-    .p3(\p$2090 ),
+    .p4(\p$2158 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_5_13  pe_5_13 (
-    .a(a1_5_g3),
-    .b(b1_13_g1),
+    .a(a_5_l2_3),
+    .b(b_13_l2_1),
     .clk(clk),
-    .p3(\p$2091 ),
+    .p4(\p$2159 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_5_14  pe_5_14 (
-    .a(a1_5_g3),
-    .b(b1_14_g1),
+    .a(a_5_l2_3),
+    .b(b_14_l2_1),
     .clk(clk),
-    .p3(\p$2092 ),
+    .p4(\p$2160 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_5_15  pe_5_15 (
-    .a(a1_5_g3),
-    .b(b1_15_g1),
+    .a(a_5_l2_3),
+    .b(b_15_l2_1),
     .clk(clk),
-    .p3(\p$2093 ),
+    .p4(\p$2161 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_5_2  pe_5_2 (
-    .a(a1_5_g0),
-    .b(b1_2_g1),
+    .a(a_5_l2_0),
+    .b(b_2_l2_1),
     .clk(clk),
-    .p3(\p$2080 ),
+    .p4(\p$2148 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_5_3  pe_5_3 (
-    .a(a1_5_g0),
-    .b(b1_3_g1),
+    .a(a_5_l2_0),
+    .b(b_3_l2_1),
     .clk(clk),
-    .p3(\p$2081 ),
+    .p4(\p$2149 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_5_4  pe_5_4 (
-    .a(a1_5_g1),
-    .b(b1_4_g1),
+    .a(a_5_l2_1),
+    .b(b_4_l2_1),
     .clk(clk),
-    .p3(\p$2082 ),
+    .p4(\p$2150 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_5_5  pe_5_5 (
-    .a(a1_5_g1),
-    .b(b1_5_g1),
+    .a(a_5_l2_1),
+    .b(b_5_l2_1),
     .clk(clk),
-    .p3(\p$2083 ),
+    .p4(\p$2151 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_5_6  pe_5_6 (
-    .a(a1_5_g1),
-    .b(b1_6_g1),
+    .a(a_5_l2_1),
+    .b(b_6_l2_1),
     .clk(clk),
-    .p3(\p$2084 ),
+    .p4(\p$2152 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_5_7  pe_5_7 (
-    .a(a1_5_g1),
-    .b(b1_7_g1),
+    .a(a_5_l2_1),
+    .b(b_7_l2_1),
     .clk(clk),
-    .p3(\p$2085 ),
+    .p4(\p$2153 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_5_8  pe_5_8 (
-    .a(a1_5_g2),
-    .b(b1_8_g1),
+    .a(a_5_l2_2),
+    .b(b_8_l2_1),
     .clk(clk),
-    .p3(\p$2086 ),
+    .p4(\p$2154 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_5_9  pe_5_9 (
-    .a(a1_5_g2),
-    .b(b1_9_g1),
+    .a(a_5_l2_2),
+    .b(b_9_l2_1),
     .clk(clk),
-    .p3(\p$2087 ),
+    .p4(\p$2155 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_6_0  pe_6_0 (
-    .a(a1_6_g0),
-    .b(b1_0_g1),
+    .a(a_6_l2_0),
+    .b(b_0_l2_1),
     .clk(clk),
-    .p3(\p$2094 ),
+    .p4(\p$2162 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_6_1  pe_6_1 (
-    .a(a1_6_g0),
-    .b(b1_1_g1),
+    .a(a_6_l2_0),
+    .b(b_1_l2_1),
     .clk(clk),
-    .p3(\p$2095 ),
+    .p4(\p$2163 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_6_10  pe_6_10 (
-    .a(a1_6_g2),
-    .b(b1_10_g1),
+    .a(a_6_l2_2),
+    .b(b_10_l2_1),
     .clk(clk),
-    .p3(\p$2104 ),
+    .p4(\p$2172 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_6_11  pe_6_11 (
-    .a(a1_6_g2),
-    .b(b1_11_g1),
+    .a(a_6_l2_2),
+    .b(b_11_l2_1),
     .clk(clk),
-    .p3(\p$2105 ),
+    .p4(\p$2173 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_6_12  pe_6_12 (
-    .a(a1_6_g3),
-    .b(b1_12_g1),
+    .a(a_6_l2_3),
+    .b(b_12_l2_1),
     .clk(clk),
-    .p3(\p$2106 ),
+    .p4(\p$2174 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_6_13  pe_6_13 (
-    .a(a1_6_g3),
-    .b(b1_13_g1),
+    .a(a_6_l2_3),
+    .b(b_13_l2_1),
     .clk(clk),
-    .p3(\p$2107 ),
+    .p4(\p$2175 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_6_14  pe_6_14 (
-    .a(a1_6_g3),
-    .b(b1_14_g1),
+    .a(a_6_l2_3),
+    .b(b_14_l2_1),
     .clk(clk),
-    .p3(\p$2108 ),
+    .p4(\p$2176 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_6_15  pe_6_15 (
-    .a(a1_6_g3),
-    .b(b1_15_g1),
+    .a(a_6_l2_3),
+    .b(b_15_l2_1),
     .clk(clk),
-    .p3(\p$2109 ),
+    .p4(\p$2177 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_6_2  pe_6_2 (
-    .a(a1_6_g0),
-    .b(b1_2_g1),
+    .a(a_6_l2_0),
+    .b(b_2_l2_1),
     .clk(clk),
-    .p3(\p$2096 ),
+    .p4(\p$2164 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_6_3  pe_6_3 (
-    .a(a1_6_g0),
-    .b(b1_3_g1),
+    .a(a_6_l2_0),
+    .b(b_3_l2_1),
     .clk(clk),
-    .p3(\p$2097 ),
+    .p4(\p$2165 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_6_4  pe_6_4 (
-    .a(a1_6_g1),
-    .b(b1_4_g1),
+    .a(a_6_l2_1),
+    .b(b_4_l2_1),
     .clk(clk),
-    .p3(\p$2098 ),
+    .p4(\p$2166 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_6_5  pe_6_5 (
-    .a(a1_6_g1),
-    .b(b1_5_g1),
+    .a(a_6_l2_1),
+    .b(b_5_l2_1),
     .clk(clk),
-    .p3(\p$2099 ),
+    .p4(\p$2167 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_6_6  pe_6_6 (
-    .a(a1_6_g1),
-    .b(b1_6_g1),
+    .a(a_6_l2_1),
+    .b(b_6_l2_1),
     .clk(clk),
-    .p3(\p$2100 ),
+    .p4(\p$2168 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_6_7  pe_6_7 (
-    .a(a1_6_g1),
-    .b(b1_7_g1),
+    .a(a_6_l2_1),
+    .b(b_7_l2_1),
     .clk(clk),
-    .p3(\p$2101 ),
+    .p4(\p$2169 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_6_8  pe_6_8 (
-    .a(a1_6_g2),
-    .b(b1_8_g1),
+    .a(a_6_l2_2),
+    .b(b_8_l2_1),
     .clk(clk),
-    .p3(\p$2102 ),
+    .p4(\p$2170 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_6_9  pe_6_9 (
-    .a(a1_6_g2),
-    .b(b1_9_g1),
+    .a(a_6_l2_2),
+    .b(b_9_l2_1),
     .clk(clk),
-    .p3(\p$2103 ),
+    .p4(\p$2171 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_7_0  pe_7_0 (
-    .a(a1_7_g0),
-    .b(b1_0_g1),
+    .a(a_7_l2_0),
+    .b(b_0_l2_1),
     .clk(clk),
-    .p3(\p$2110 ),
+    .p4(\p$2178 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_7_1  pe_7_1 (
-    .a(a1_7_g0),
-    .b(b1_1_g1),
+    .a(a_7_l2_0),
+    .b(b_1_l2_1),
     .clk(clk),
-    .p3(\p$2111 ),
+    .p4(\p$2179 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_7_10  pe_7_10 (
-    .a(a1_7_g2),
-    .b(b1_10_g1),
+    .a(a_7_l2_2),
+    .b(b_10_l2_1),
     .clk(clk),
-    .p3(\p$2120 ),
+    .p4(\p$2188 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_7_11  pe_7_11 (
-    .a(a1_7_g2),
-    .b(b1_11_g1),
+    .a(a_7_l2_2),
+    .b(b_11_l2_1),
     .clk(clk),
-    .p3(\p$2121 ),
+    .p4(\p$2189 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_7_12  pe_7_12 (
-    .a(a1_7_g3),
-    .b(b1_12_g1),
+    .a(a_7_l2_3),
+    .b(b_12_l2_1),
     .clk(clk),
-    .p3(\p$2122 ),
+    .p4(\p$2190 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_7_13  pe_7_13 (
-    .a(a1_7_g3),
-    .b(b1_13_g1),
+    .a(a_7_l2_3),
+    .b(b_13_l2_1),
     .clk(clk),
-    .p3(\p$2123 ),
+    .p4(\p$2191 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_7_14  pe_7_14 (
-    .a(a1_7_g3),
-    .b(b1_14_g1),
+    .a(a_7_l2_3),
+    .b(b_14_l2_1),
     .clk(clk),
-    .p3(\p$2124 ),
+    .p4(\p$2192 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_7_15  pe_7_15 (
-    .a(a1_7_g3),
-    .b(b1_15_g1),
+    .a(a_7_l2_3),
+    .b(b_15_l2_1),
     .clk(clk),
-    .p3(\p$2125 ),
+    .p4(\p$2193 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_7_2  pe_7_2 (
-    .a(a1_7_g0),
-    .b(b1_2_g1),
+    .a(a_7_l2_0),
+    .b(b_2_l2_1),
     .clk(clk),
-    .p3(\p$2112 ),
+    .p4(\p$2180 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_7_3  pe_7_3 (
-    .a(a1_7_g0),
-    .b(b1_3_g1),
+    .a(a_7_l2_0),
+    .b(b_3_l2_1),
     .clk(clk),
-    .p3(\p$2113 ),
+    .p4(\p$2181 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_7_4  pe_7_4 (
-    .a(a1_7_g1),
-    .b(b1_4_g1),
+    .a(a_7_l2_1),
+    .b(b_4_l2_1),
     .clk(clk),
-    .p3(\p$2114 ),
+    .p4(\p$2182 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_7_5  pe_7_5 (
-    .a(a1_7_g1),
-    .b(b1_5_g1),
+    .a(a_7_l2_1),
+    .b(b_5_l2_1),
     .clk(clk),
-    .p3(\p$2115 ),
+    .p4(\p$2183 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_7_6  pe_7_6 (
-    .a(a1_7_g1),
-    .b(b1_6_g1),
+    .a(a_7_l2_1),
+    .b(b_6_l2_1),
     .clk(clk),
-    .p3(\p$2116 ),
+    .p4(\p$2184 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_7_7  pe_7_7 (
-    .a(a1_7_g1),
-    .b(b1_7_g1),
+    .a(a_7_l2_1),
+    .b(b_7_l2_1),
     .clk(clk),
-    .p3(\p$2117 ),
+    .p4(\p$2185 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_7_8  pe_7_8 (
-    .a(a1_7_g2),
-    .b(b1_8_g1),
+    .a(a_7_l2_2),
+    .b(b_8_l2_1),
     .clk(clk),
-    .p3(\p$2118 ),
+    .p4(\p$2186 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_7_9  pe_7_9 (
-    .a(a1_7_g2),
-    .b(b1_9_g1),
+    .a(a_7_l2_2),
+    .b(b_9_l2_1),
     .clk(clk),
-    .p3(\p$2119 ),
+    .p4(\p$2187 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_8_0  pe_8_0 (
-    .a(a1_8_g0),
-    .b(b1_0_g2),
+    .a(a_8_l2_0),
+    .b(b_0_l2_2),
     .clk(clk),
-    .p3(\p$2126 ),
+    .p4(\p$2194 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_8_1  pe_8_1 (
-    .a(a1_8_g0),
-    .b(b1_1_g2),
+    .a(a_8_l2_0),
+    .b(b_1_l2_2),
     .clk(clk),
-    .p3(\p$2127 ),
+    .p4(\p$2195 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_8_10  pe_8_10 (
-    .a(a1_8_g2),
-    .b(b1_10_g2),
+    .a(a_8_l2_2),
+    .b(b_10_l2_2),
     .clk(clk),
-    .p3(\p$2136 ),
+    .p4(\p$2204 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_8_11  pe_8_11 (
-    .a(a1_8_g2),
-    .b(b1_11_g2),
+    .a(a_8_l2_2),
+    .b(b_11_l2_2),
     .clk(clk),
-    .p3(\p$2137 ),
+    .p4(\p$2205 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_8_12  pe_8_12 (
-    .a(a1_8_g3),
-    .b(b1_12_g2),
+    .a(a_8_l2_3),
+    .b(b_12_l2_2),
     .clk(clk),
-    .p3(\p$2138 ),
+    .p4(\p$2206 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_8_13  pe_8_13 (
-    .a(a1_8_g3),
-    .b(b1_13_g2),
+    .a(a_8_l2_3),
+    .b(b_13_l2_2),
     .clk(clk),
-    .p3(\p$2139 ),
+    .p4(\p$2207 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_8_14  pe_8_14 (
-    .a(a1_8_g3),
-    .b(b1_14_g2),
+    .a(a_8_l2_3),
+    .b(b_14_l2_2),
     .clk(clk),
-    .p3(\p$2140 ),
+    .p4(\p$2208 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_8_15  pe_8_15 (
-    .a(a1_8_g3),
-    .b(b1_15_g2),
+    .a(a_8_l2_3),
+    .b(b_15_l2_2),
     .clk(clk),
-    .p3(\p$2141 ),
+    .p4(\p$2209 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_8_2  pe_8_2 (
-    .a(a1_8_g0),
-    .b(b1_2_g2),
+    .a(a_8_l2_0),
+    .b(b_2_l2_2),
     .clk(clk),
-    .p3(\p$2128 ),
+    .p4(\p$2196 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_8_3  pe_8_3 (
-    .a(a1_8_g0),
-    .b(b1_3_g2),
+    .a(a_8_l2_0),
+    .b(b_3_l2_2),
     .clk(clk),
-    .p3(\p$2129 ),
+    .p4(\p$2197 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_8_4  pe_8_4 (
-    .a(a1_8_g1),
-    .b(b1_4_g2),
+    .a(a_8_l2_1),
+    .b(b_4_l2_2),
     .clk(clk),
-    .p3(\p$2130 ),
+    .p4(\p$2198 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_8_5  pe_8_5 (
-    .a(a1_8_g1),
-    .b(b1_5_g2),
+    .a(a_8_l2_1),
+    .b(b_5_l2_2),
     .clk(clk),
-    .p3(\p$2131 ),
+    .p4(\p$2199 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_8_6  pe_8_6 (
-    .a(a1_8_g1),
-    .b(b1_6_g2),
+    .a(a_8_l2_1),
+    .b(b_6_l2_2),
     .clk(clk),
-    .p3(\p$2132 ),
+    .p4(\p$2200 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_8_7  pe_8_7 (
-    .a(a1_8_g1),
-    .b(b1_7_g2),
+    .a(a_8_l2_1),
+    .b(b_7_l2_2),
     .clk(clk),
-    .p3(\p$2133 ),
+    .p4(\p$2201 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_8_8  pe_8_8 (
-    .a(a1_8_g2),
-    .b(b1_8_g2),
+    .a(a_8_l2_2),
+    .b(b_8_l2_2),
     .clk(clk),
-    .p3(\p$2134 ),
+    .p4(\p$2202 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_8_9  pe_8_9 (
-    .a(a1_8_g2),
-    .b(b1_9_g2),
+    .a(a_8_l2_2),
+    .b(b_9_l2_2),
     .clk(clk),
-    .p3(\p$2135 ),
+    .p4(\p$2203 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_9_0  pe_9_0 (
-    .a(a1_9_g0),
-    .b(b1_0_g2),
+    .a(a_9_l2_0),
+    .b(b_0_l2_2),
     .clk(clk),
-    .p3(\p$2142 ),
+    .p4(\p$2210 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_9_1  pe_9_1 (
-    .a(a1_9_g0),
-    .b(b1_1_g2),
+    .a(a_9_l2_0),
+    .b(b_1_l2_2),
     .clk(clk),
-    .p3(\p$2143 ),
+    .p4(\p$2211 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_9_10  pe_9_10 (
-    .a(a1_9_g2),
-    .b(b1_10_g2),
+    .a(a_9_l2_2),
+    .b(b_10_l2_2),
     .clk(clk),
-    .p3(\p$2152 ),
+    .p4(\p$2220 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_9_11  pe_9_11 (
-    .a(a1_9_g2),
-    .b(b1_11_g2),
+    .a(a_9_l2_2),
+    .b(b_11_l2_2),
     .clk(clk),
-    .p3(\p$2153 ),
+    .p4(\p$2221 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_9_12  pe_9_12 (
-    .a(a1_9_g3),
-    .b(b1_12_g2),
+    .a(a_9_l2_3),
+    .b(b_12_l2_2),
     .clk(clk),
-    .p3(\p$2154 ),
+    .p4(\p$2222 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_9_13  pe_9_13 (
-    .a(a1_9_g3),
-    .b(b1_13_g2),
+    .a(a_9_l2_3),
+    .b(b_13_l2_2),
     .clk(clk),
-    .p3(\p$2155 ),
+    .p4(\p$2223 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_9_14  pe_9_14 (
-    .a(a1_9_g3),
-    .b(b1_14_g2),
+    .a(a_9_l2_3),
+    .b(b_14_l2_2),
     .clk(clk),
-    .p3(\p$2156 ),
+    .p4(\p$2224 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_9_15  pe_9_15 (
-    .a(a1_9_g3),
-    .b(b1_15_g2),
+    .a(a_9_l2_3),
+    .b(b_15_l2_2),
     .clk(clk),
-    .p3(\p$2157 ),
+    .p4(\p$2225 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_9_2  pe_9_2 (
-    .a(a1_9_g0),
-    .b(b1_2_g2),
+    .a(a_9_l2_0),
+    .b(b_2_l2_2),
     .clk(clk),
-    .p3(\p$2144 ),
+    .p4(\p$2212 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_9_3  pe_9_3 (
-    .a(a1_9_g0),
-    .b(b1_3_g2),
+    .a(a_9_l2_0),
+    .b(b_3_l2_2),
     .clk(clk),
-    .p3(\p$2145 ),
+    .p4(\p$2213 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_9_4  pe_9_4 (
-    .a(a1_9_g1),
-    .b(b1_4_g2),
+    .a(a_9_l2_1),
+    .b(b_4_l2_2),
     .clk(clk),
-    .p3(\p$2146 ),
+    .p4(\p$2214 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_9_5  pe_9_5 (
-    .a(a1_9_g1),
-    .b(b1_5_g2),
+    .a(a_9_l2_1),
+    .b(b_5_l2_2),
     .clk(clk),
-    .p3(\p$2147 ),
+    .p4(\p$2215 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_9_6  pe_9_6 (
-    .a(a1_9_g1),
-    .b(b1_6_g2),
+    .a(a_9_l2_1),
+    .b(b_6_l2_2),
     .clk(clk),
-    .p3(\p$2148 ),
+    .p4(\p$2216 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_9_7  pe_9_7 (
-    .a(a1_9_g1),
-    .b(b1_7_g2),
+    .a(a_9_l2_1),
+    .b(b_7_l2_2),
     .clk(clk),
-    .p3(\p$2149 ),
+    .p4(\p$2217 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_9_8  pe_9_8 (
-    .a(a1_9_g2),
-    .b(b1_8_g2),
+    .a(a_9_l2_2),
+    .b(b_8_l2_2),
     .clk(clk),
-    .p3(\p$2150 ),
+    .p4(\p$2218 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_9_9  pe_9_9 (
-    .a(a1_9_g2),
-    .b(b1_9_g2),
+    .a(a_9_l2_2),
+    .b(b_9_l2_2),
     .clk(clk),
-    .p3(\p$2151 ),
+    .p4(\p$2219 ),
     .rst(rst)
   );
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$792  = \$1 ;
+    \$776  = \$1 ;
+    if (rst) begin
+      \$776  = 1'h0;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
+    \$777  = \$2 ;
+    if (rst) begin
+      \$777  = 1'h0;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
+    \$778  = \$signal ;
+    if (rst) begin
+      \$778  = 1'h0;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
+    \$779  = first1;
+    if (rst) begin
+      \$779  = 1'h0;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
+    \$780  = first2;
+    if (rst) begin
+      \$780  = 1'h0;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
+    \$781  = first3;
+    if (rst) begin
+      \$781  = 1'h0;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
+    \$782  = last0;
+    if (rst) begin
+      \$782  = 1'h0;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
+    \$783  = last1;
+    if (rst) begin
+      \$783  = 1'h0;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
+    \$784  = last2;
+    if (rst) begin
+      \$784  = 1'h0;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
+    \$785  = last3;
+    if (rst) begin
+      \$785  = 1'h0;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
+    \$786  = first4;
+    if (rst) begin
+      \$786  = 1'h0;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
+    \$787  = first4;
+    if (rst) begin
+      \$787  = 1'h0;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
+    \$788  = first4;
+    if (rst) begin
+      \$788  = 1'h0;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
+    \$789  = first4;
+    if (rst) begin
+      \$789  = 1'h0;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
+    \$790  = first4;
+    if (rst) begin
+      \$790  = 1'h0;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
+    \$791  = first4;
+    if (rst) begin
+      \$791  = 1'h0;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
+    \$792  = first4;
     if (rst) begin
       \$792  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$793  = \$2 ;
+    \$793  = first4;
     if (rst) begin
       \$793  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$794  = \$signal ;
+    \$794  = first4;
     if (rst) begin
       \$794  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$795  = last0;
+    \$795  = first4;
     if (rst) begin
       \$795  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$796  = \$signal$166 ;
+    \$796  = first4;
     if (rst) begin
       \$796  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$797  = \$signal$167 ;
+    \$797  = first4;
     if (rst) begin
       \$797  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$798  = \$signal$168 ;
+    \$798  = first4;
     if (rst) begin
       \$798  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$799  = \$signal$168 ;
+    \$799  = first4;
     if (rst) begin
       \$799  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$800  = \$signal$168 ;
+    \$800  = first4;
     if (rst) begin
       \$800  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$801  = \$signal$168 ;
+    \$801  = first4;
     if (rst) begin
       \$801  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$802  = \$signal$168 ;
+    \$802  = last4;
     if (rst) begin
       \$802  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$803  = \$signal$168 ;
+    \$803  = last4;
     if (rst) begin
       \$803  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$804  = \$signal$168 ;
+    \$804  = last4;
     if (rst) begin
       \$804  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$805  = \$signal$168 ;
+    \$805  = last4;
     if (rst) begin
       \$805  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$806  = \$signal$168 ;
+    \$806  = last4;
     if (rst) begin
       \$806  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$807  = \$signal$168 ;
+    \$807  = last4;
     if (rst) begin
       \$807  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$808  = \$signal$168 ;
+    \$808  = last4;
     if (rst) begin
       \$808  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$809  = \$signal$168 ;
+    \$809  = last4;
     if (rst) begin
       \$809  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$810  = \$signal$168 ;
+    \$810  = last4;
     if (rst) begin
       \$810  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$811  = \$signal$168 ;
+    \$811  = last4;
     if (rst) begin
       \$811  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$812  = \$signal$168 ;
+    \$812  = last4;
     if (rst) begin
       \$812  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$813  = \$signal$168 ;
+    \$813  = last4;
     if (rst) begin
       \$813  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$814  = \$signal$169 ;
+    \$814  = last4;
     if (rst) begin
       \$814  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$815  = \$signal$169 ;
+    \$815  = last4;
     if (rst) begin
       \$815  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$816  = \$signal$169 ;
+    \$816  = last4;
     if (rst) begin
       \$816  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$817  = \$signal$169 ;
+    \$817  = last4;
     if (rst) begin
       \$817  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$818  = \$signal$169 ;
+    \$818  = first_r0;
     if (rst) begin
       \$818  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$819  = \$signal$169 ;
+    \$819  = first_r0;
     if (rst) begin
       \$819  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$820  = \$signal$169 ;
+    \$820  = first_r0;
     if (rst) begin
       \$820  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$821  = \$signal$169 ;
+    \$821  = first_r0;
     if (rst) begin
       \$821  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$822  = \$signal$169 ;
+    \$822  = first_r0;
     if (rst) begin
       \$822  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$823  = \$signal$169 ;
+    \$823  = first_r0;
     if (rst) begin
       \$823  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$824  = \$signal$169 ;
+    \$824  = first_r0;
     if (rst) begin
       \$824  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$825  = \$signal$169 ;
+    \$825  = first_r0;
     if (rst) begin
       \$825  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$826  = \$signal$169 ;
+    \$826  = first_r0;
     if (rst) begin
       \$826  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$827  = \$signal$169 ;
+    \$827  = first_r0;
     if (rst) begin
       \$827  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$828  = \$signal$169 ;
+    \$828  = first_r0;
     if (rst) begin
       \$828  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$829  = \$signal$169 ;
+    \$829  = first_r0;
     if (rst) begin
       \$829  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$830  = first3_0;
+    \$830  = first_r0;
     if (rst) begin
       \$830  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$831  = first3_0;
+    \$831  = first_r0;
     if (rst) begin
       \$831  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$832  = first3_0;
+    \$832  = first_r0;
     if (rst) begin
       \$832  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$833  = first3_0;
+    \$833  = first_r0;
     if (rst) begin
       \$833  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$834  = first3_0;
+    \$834  = first_r1;
     if (rst) begin
       \$834  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$835  = first3_0;
+    \$835  = first_r1;
     if (rst) begin
       \$835  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$836  = first3_0;
+    \$836  = first_r1;
     if (rst) begin
       \$836  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$837  = first3_0;
+    \$837  = first_r1;
     if (rst) begin
       \$837  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$838  = first3_0;
+    \$838  = first_r1;
     if (rst) begin
       \$838  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$839  = first3_0;
+    \$839  = first_r1;
     if (rst) begin
       \$839  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$840  = first3_0;
+    \$840  = first_r1;
     if (rst) begin
       \$840  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$841  = first3_0;
+    \$841  = first_r1;
     if (rst) begin
       \$841  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$842  = first3_0;
+    \$842  = first_r1;
     if (rst) begin
       \$842  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$843  = first3_0;
+    \$843  = first_r1;
     if (rst) begin
       \$843  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$844  = first3_0;
+    \$844  = first_r1;
     if (rst) begin
       \$844  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$845  = first3_0;
+    \$845  = first_r1;
     if (rst) begin
       \$845  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$846  = first3_1;
+    \$846  = first_r1;
     if (rst) begin
       \$846  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$847  = first3_1;
+    \$847  = first_r1;
     if (rst) begin
       \$847  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$848  = first3_1;
+    \$848  = first_r1;
     if (rst) begin
       \$848  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$849  = first3_1;
+    \$849  = first_r1;
     if (rst) begin
       \$849  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$850  = first3_1;
+    \$850  = first_r2;
     if (rst) begin
       \$850  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$851  = first3_1;
+    \$851  = first_r2;
     if (rst) begin
       \$851  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$852  = first3_1;
+    \$852  = first_r2;
     if (rst) begin
       \$852  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$853  = first3_1;
+    \$853  = first_r2;
     if (rst) begin
       \$853  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$854  = first3_1;
+    \$854  = first_r2;
     if (rst) begin
       \$854  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$855  = first3_1;
+    \$855  = first_r2;
     if (rst) begin
       \$855  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$856  = first3_1;
+    \$856  = first_r2;
     if (rst) begin
       \$856  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$857  = first3_1;
+    \$857  = first_r2;
     if (rst) begin
       \$857  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$858  = first3_1;
+    \$858  = first_r2;
     if (rst) begin
       \$858  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$859  = first3_1;
+    \$859  = first_r2;
     if (rst) begin
       \$859  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$860  = first3_1;
+    \$860  = first_r2;
     if (rst) begin
       \$860  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$861  = first3_1;
+    \$861  = first_r2;
     if (rst) begin
       \$861  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$862  = first3_2;
+    \$862  = first_r2;
     if (rst) begin
       \$862  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$863  = first3_2;
+    \$863  = first_r2;
     if (rst) begin
       \$863  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$864  = first3_2;
+    \$864  = first_r2;
     if (rst) begin
       \$864  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$865  = first3_2;
+    \$865  = first_r2;
     if (rst) begin
       \$865  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$866  = first3_2;
+    \$866  = first_r3;
     if (rst) begin
       \$866  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$867  = first3_2;
+    \$867  = first_r3;
     if (rst) begin
       \$867  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$868  = first3_2;
+    \$868  = first_r3;
     if (rst) begin
       \$868  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$869  = first3_2;
+    \$869  = first_r3;
     if (rst) begin
       \$869  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$870  = first3_2;
+    \$870  = first_r3;
     if (rst) begin
       \$870  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$871  = first3_2;
+    \$871  = first_r3;
     if (rst) begin
       \$871  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$872  = first3_2;
+    \$872  = first_r3;
     if (rst) begin
       \$872  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$873  = first3_2;
+    \$873  = first_r3;
     if (rst) begin
       \$873  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$874  = first3_2;
+    \$874  = first_r3;
     if (rst) begin
       \$874  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$875  = first3_2;
+    \$875  = first_r3;
     if (rst) begin
       \$875  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$876  = first3_2;
+    \$876  = first_r3;
     if (rst) begin
       \$876  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$877  = first3_2;
+    \$877  = first_r3;
     if (rst) begin
       \$877  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$878  = first3_3;
+    \$878  = first_r3;
     if (rst) begin
       \$878  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$879  = first3_3;
+    \$879  = first_r3;
     if (rst) begin
       \$879  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$880  = first3_3;
+    \$880  = first_r3;
     if (rst) begin
       \$880  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$881  = first3_3;
+    \$881  = first_r3;
     if (rst) begin
       \$881  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$882  = first3_3;
+    \$882  = first_r4;
     if (rst) begin
       \$882  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$883  = first3_3;
+    \$883  = first_r4;
     if (rst) begin
       \$883  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$884  = first3_3;
+    \$884  = first_r4;
     if (rst) begin
       \$884  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$885  = first3_3;
+    \$885  = first_r4;
     if (rst) begin
       \$885  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$886  = first3_3;
+    \$886  = first_r4;
     if (rst) begin
       \$886  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$887  = first3_3;
+    \$887  = first_r4;
     if (rst) begin
       \$887  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$888  = first3_3;
+    \$888  = first_r4;
     if (rst) begin
       \$888  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$889  = first3_3;
+    \$889  = first_r4;
     if (rst) begin
       \$889  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$890  = first3_3;
+    \$890  = first_r4;
     if (rst) begin
       \$890  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$891  = first3_3;
+    \$891  = first_r4;
     if (rst) begin
       \$891  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$892  = first3_3;
+    \$892  = first_r4;
     if (rst) begin
       \$892  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$893  = first3_3;
+    \$893  = first_r4;
     if (rst) begin
       \$893  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$894  = first3_4;
+    \$894  = first_r4;
     if (rst) begin
       \$894  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$895  = first3_4;
+    \$895  = first_r4;
     if (rst) begin
       \$895  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$896  = first3_4;
+    \$896  = first_r4;
     if (rst) begin
       \$896  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$897  = first3_4;
+    \$897  = first_r4;
     if (rst) begin
       \$897  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$898  = first3_4;
+    \$898  = first_r5;
     if (rst) begin
       \$898  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$899  = first3_4;
+    \$899  = first_r5;
     if (rst) begin
       \$899  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$900  = first3_4;
+    \$900  = first_r5;
     if (rst) begin
       \$900  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$901  = first3_4;
+    \$901  = first_r5;
     if (rst) begin
       \$901  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$902  = first3_4;
+    \$902  = first_r5;
     if (rst) begin
       \$902  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$903  = first3_4;
+    \$903  = first_r5;
     if (rst) begin
       \$903  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$904  = first3_4;
+    \$904  = first_r5;
     if (rst) begin
       \$904  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$905  = first3_4;
+    \$905  = first_r5;
     if (rst) begin
       \$905  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$906  = first3_4;
+    \$906  = first_r5;
     if (rst) begin
       \$906  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$907  = first3_4;
+    \$907  = first_r5;
     if (rst) begin
       \$907  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$908  = first3_4;
+    \$908  = first_r5;
     if (rst) begin
       \$908  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$909  = first3_4;
+    \$909  = first_r5;
     if (rst) begin
       \$909  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$910  = first3_5;
+    \$910  = first_r5;
     if (rst) begin
       \$910  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$911  = first3_5;
+    \$911  = first_r5;
     if (rst) begin
       \$911  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$912  = first3_5;
+    \$912  = first_r5;
     if (rst) begin
       \$912  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$913  = first3_5;
+    \$913  = first_r5;
     if (rst) begin
       \$913  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$914  = first3_5;
+    \$914  = first_r6;
     if (rst) begin
       \$914  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$915  = first3_5;
+    \$915  = first_r6;
     if (rst) begin
       \$915  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$916  = first3_5;
+    \$916  = first_r6;
     if (rst) begin
       \$916  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$917  = first3_5;
+    \$917  = first_r6;
     if (rst) begin
       \$917  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$918  = first3_5;
+    \$918  = first_r6;
     if (rst) begin
       \$918  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$919  = first3_5;
+    \$919  = first_r6;
     if (rst) begin
       \$919  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$920  = first3_5;
+    \$920  = first_r6;
     if (rst) begin
       \$920  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$921  = first3_5;
+    \$921  = first_r6;
     if (rst) begin
       \$921  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$922  = first3_5;
+    \$922  = first_r6;
     if (rst) begin
       \$922  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$923  = first3_5;
+    \$923  = first_r6;
     if (rst) begin
       \$923  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$924  = first3_5;
+    \$924  = first_r6;
     if (rst) begin
       \$924  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$925  = first3_5;
+    \$925  = first_r6;
     if (rst) begin
       \$925  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$926  = first3_6;
+    \$926  = first_r6;
     if (rst) begin
       \$926  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$927  = first3_6;
+    \$927  = first_r6;
     if (rst) begin
       \$927  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$928  = first3_6;
+    \$928  = first_r6;
     if (rst) begin
       \$928  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$929  = first3_6;
+    \$929  = first_r6;
     if (rst) begin
       \$929  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$930  = first3_6;
+    \$930  = first_r7;
     if (rst) begin
       \$930  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$931  = first3_6;
+    \$931  = first_r7;
     if (rst) begin
       \$931  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$932  = first3_6;
+    \$932  = first_r7;
     if (rst) begin
       \$932  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$933  = first3_6;
+    \$933  = first_r7;
     if (rst) begin
       \$933  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$934  = first3_6;
+    \$934  = first_r7;
     if (rst) begin
       \$934  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$935  = first3_6;
+    \$935  = first_r7;
     if (rst) begin
       \$935  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$936  = first3_6;
+    \$936  = first_r7;
     if (rst) begin
       \$936  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$937  = first3_6;
+    \$937  = first_r7;
     if (rst) begin
       \$937  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$938  = first3_6;
+    \$938  = first_r7;
     if (rst) begin
       \$938  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$939  = first3_6;
+    \$939  = first_r7;
     if (rst) begin
       \$939  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$940  = first3_6;
+    \$940  = first_r7;
     if (rst) begin
       \$940  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$941  = first3_6;
+    \$941  = first_r7;
     if (rst) begin
       \$941  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$942  = first3_7;
+    \$942  = first_r7;
     if (rst) begin
       \$942  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$943  = first3_7;
+    \$943  = first_r7;
     if (rst) begin
       \$943  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$944  = first3_7;
+    \$944  = first_r7;
     if (rst) begin
       \$944  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$945  = first3_7;
+    \$945  = first_r7;
     if (rst) begin
       \$945  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$946  = first3_7;
+    \$946  = first_r8;
     if (rst) begin
       \$946  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$947  = first3_7;
+    \$947  = first_r8;
     if (rst) begin
       \$947  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$948  = first3_7;
+    \$948  = first_r8;
     if (rst) begin
       \$948  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$949  = first3_7;
+    \$949  = first_r8;
     if (rst) begin
       \$949  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$950  = first3_7;
+    \$950  = first_r8;
     if (rst) begin
       \$950  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$951  = first3_7;
+    \$951  = first_r8;
     if (rst) begin
       \$951  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$952  = first3_7;
+    \$952  = first_r8;
     if (rst) begin
       \$952  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$953  = first3_7;
+    \$953  = first_r8;
     if (rst) begin
       \$953  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$954  = first3_7;
+    \$954  = first_r8;
     if (rst) begin
       \$954  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$955  = first3_7;
+    \$955  = first_r8;
     if (rst) begin
       \$955  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$956  = first3_7;
+    \$956  = first_r8;
     if (rst) begin
       \$956  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$957  = first3_7;
+    \$957  = first_r8;
     if (rst) begin
       \$957  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$958  = first3_8;
+    \$958  = first_r8;
     if (rst) begin
       \$958  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$959  = first3_8;
+    \$959  = first_r8;
     if (rst) begin
       \$959  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$960  = first3_8;
+    \$960  = first_r8;
     if (rst) begin
       \$960  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$961  = first3_8;
+    \$961  = first_r8;
     if (rst) begin
       \$961  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$962  = first3_8;
+    \$962  = first_r9;
     if (rst) begin
       \$962  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$963  = first3_8;
+    \$963  = first_r9;
     if (rst) begin
       \$963  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$964  = first3_8;
+    \$964  = first_r9;
     if (rst) begin
       \$964  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$965  = first3_8;
+    \$965  = first_r9;
     if (rst) begin
       \$965  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$966  = first3_8;
+    \$966  = first_r9;
     if (rst) begin
       \$966  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$967  = first3_8;
+    \$967  = first_r9;
     if (rst) begin
       \$967  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$968  = first3_8;
+    \$968  = first_r9;
     if (rst) begin
       \$968  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$969  = first3_8;
+    \$969  = first_r9;
     if (rst) begin
       \$969  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$970  = first3_8;
+    \$970  = first_r9;
     if (rst) begin
       \$970  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$971  = first3_8;
+    \$971  = first_r9;
     if (rst) begin
       \$971  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$972  = first3_8;
+    \$972  = first_r9;
     if (rst) begin
       \$972  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$973  = first3_8;
+    \$973  = first_r9;
     if (rst) begin
       \$973  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$974  = first3_9;
+    \$974  = first_r9;
     if (rst) begin
       \$974  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$975  = first3_9;
+    \$975  = first_r9;
     if (rst) begin
       \$975  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$976  = first3_9;
+    \$976  = first_r9;
     if (rst) begin
       \$976  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$977  = first3_9;
+    \$977  = first_r9;
     if (rst) begin
       \$977  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$978  = first3_9;
+    \$978  = first_r10;
     if (rst) begin
       \$978  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$979  = first3_9;
+    \$979  = first_r10;
     if (rst) begin
       \$979  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$980  = first3_9;
+    \$980  = first_r10;
     if (rst) begin
       \$980  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$981  = first3_9;
+    \$981  = first_r10;
     if (rst) begin
       \$981  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$982  = first3_9;
+    \$982  = first_r10;
     if (rst) begin
       \$982  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$983  = first3_9;
+    \$983  = first_r10;
     if (rst) begin
       \$983  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$984  = first3_9;
+    \$984  = first_r10;
     if (rst) begin
       \$984  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$985  = first3_9;
+    \$985  = first_r10;
     if (rst) begin
       \$985  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$986  = first3_9;
+    \$986  = first_r10;
     if (rst) begin
       \$986  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$987  = first3_9;
+    \$987  = first_r10;
     if (rst) begin
       \$987  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$988  = first3_9;
+    \$988  = first_r10;
     if (rst) begin
       \$988  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$989  = first3_9;
+    \$989  = first_r10;
     if (rst) begin
       \$989  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$990  = first3_10;
+    \$990  = first_r10;
     if (rst) begin
       \$990  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$991  = first3_10;
+    \$991  = first_r10;
     if (rst) begin
       \$991  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$992  = first3_10;
+    \$992  = first_r10;
     if (rst) begin
       \$992  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$993  = first3_10;
+    \$993  = first_r10;
     if (rst) begin
       \$993  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$994  = first3_10;
+    \$994  = first_r11;
     if (rst) begin
       \$994  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$995  = first3_10;
+    \$995  = first_r11;
     if (rst) begin
       \$995  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$996  = first3_10;
+    \$996  = first_r11;
     if (rst) begin
       \$996  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$997  = first3_10;
+    \$997  = first_r11;
     if (rst) begin
       \$997  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$998  = first3_10;
+    \$998  = first_r11;
     if (rst) begin
       \$998  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$999  = first3_10;
+    \$999  = first_r11;
     if (rst) begin
       \$999  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1000  = first3_10;
+    \$1000  = first_r11;
     if (rst) begin
       \$1000  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1001  = first3_10;
+    \$1001  = first_r11;
     if (rst) begin
       \$1001  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1002  = first3_10;
+    \$1002  = first_r11;
     if (rst) begin
       \$1002  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1003  = first3_10;
+    \$1003  = first_r11;
     if (rst) begin
       \$1003  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1004  = first3_10;
+    \$1004  = first_r11;
     if (rst) begin
       \$1004  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1005  = first3_10;
+    \$1005  = first_r11;
     if (rst) begin
       \$1005  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1006  = first3_11;
+    \$1006  = first_r11;
     if (rst) begin
       \$1006  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1007  = first3_11;
+    \$1007  = first_r11;
     if (rst) begin
       \$1007  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1008  = first3_11;
+    \$1008  = first_r11;
     if (rst) begin
       \$1008  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1009  = first3_11;
+    \$1009  = first_r11;
     if (rst) begin
       \$1009  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1010  = first3_11;
+    \$1010  = first_r12;
     if (rst) begin
       \$1010  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1011  = first3_11;
+    \$1011  = first_r12;
     if (rst) begin
       \$1011  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1012  = first3_11;
+    \$1012  = first_r12;
     if (rst) begin
       \$1012  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1013  = first3_11;
+    \$1013  = first_r12;
     if (rst) begin
       \$1013  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1014  = first3_11;
+    \$1014  = first_r12;
     if (rst) begin
       \$1014  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1015  = first3_11;
+    \$1015  = first_r12;
     if (rst) begin
       \$1015  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1016  = first3_11;
+    \$1016  = first_r12;
     if (rst) begin
       \$1016  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1017  = first3_11;
+    \$1017  = first_r12;
     if (rst) begin
       \$1017  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1018  = first3_11;
+    \$1018  = first_r12;
     if (rst) begin
       \$1018  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1019  = first3_11;
+    \$1019  = first_r12;
     if (rst) begin
       \$1019  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1020  = first3_11;
+    \$1020  = first_r12;
     if (rst) begin
       \$1020  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1021  = first3_11;
+    \$1021  = first_r12;
     if (rst) begin
       \$1021  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1022  = first3_12;
+    \$1022  = first_r12;
     if (rst) begin
       \$1022  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1023  = first3_12;
+    \$1023  = first_r12;
     if (rst) begin
       \$1023  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1024  = first3_12;
+    \$1024  = first_r12;
     if (rst) begin
       \$1024  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1025  = first3_12;
+    \$1025  = first_r12;
     if (rst) begin
       \$1025  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1026  = first3_12;
+    \$1026  = first_r13;
     if (rst) begin
       \$1026  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1027  = first3_12;
+    \$1027  = first_r13;
     if (rst) begin
       \$1027  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1028  = first3_12;
+    \$1028  = first_r13;
     if (rst) begin
       \$1028  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1029  = first3_12;
+    \$1029  = first_r13;
     if (rst) begin
       \$1029  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1030  = first3_12;
+    \$1030  = first_r13;
     if (rst) begin
       \$1030  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1031  = first3_12;
+    \$1031  = first_r13;
     if (rst) begin
       \$1031  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1032  = first3_12;
+    \$1032  = first_r13;
     if (rst) begin
       \$1032  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1033  = first3_12;
+    \$1033  = first_r13;
     if (rst) begin
       \$1033  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1034  = first3_12;
+    \$1034  = first_r13;
     if (rst) begin
       \$1034  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1035  = first3_12;
+    \$1035  = first_r13;
     if (rst) begin
       \$1035  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1036  = first3_12;
+    \$1036  = first_r13;
     if (rst) begin
       \$1036  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1037  = first3_12;
+    \$1037  = first_r13;
     if (rst) begin
       \$1037  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1038  = first3_13;
+    \$1038  = first_r13;
     if (rst) begin
       \$1038  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1039  = first3_13;
+    \$1039  = first_r13;
     if (rst) begin
       \$1039  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1040  = first3_13;
+    \$1040  = first_r13;
     if (rst) begin
       \$1040  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1041  = first3_13;
+    \$1041  = first_r13;
     if (rst) begin
       \$1041  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1042  = first3_13;
+    \$1042  = first_r14;
     if (rst) begin
       \$1042  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1043  = first3_13;
+    \$1043  = first_r14;
     if (rst) begin
       \$1043  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1044  = first3_13;
+    \$1044  = first_r14;
     if (rst) begin
       \$1044  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1045  = first3_13;
+    \$1045  = first_r14;
     if (rst) begin
       \$1045  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1046  = first3_13;
+    \$1046  = first_r14;
     if (rst) begin
       \$1046  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1047  = first3_13;
+    \$1047  = first_r14;
     if (rst) begin
       \$1047  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1048  = first3_13;
+    \$1048  = first_r14;
     if (rst) begin
       \$1048  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1049  = first3_13;
+    \$1049  = first_r14;
     if (rst) begin
       \$1049  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1050  = first3_13;
+    \$1050  = first_r14;
     if (rst) begin
       \$1050  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1051  = first3_13;
+    \$1051  = first_r14;
     if (rst) begin
       \$1051  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1052  = first3_13;
+    \$1052  = first_r14;
     if (rst) begin
       \$1052  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1053  = first3_13;
+    \$1053  = first_r14;
     if (rst) begin
       \$1053  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1054  = first3_14;
+    \$1054  = first_r14;
     if (rst) begin
       \$1054  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1055  = first3_14;
+    \$1055  = first_r14;
     if (rst) begin
       \$1055  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1056  = first3_14;
+    \$1056  = first_r14;
     if (rst) begin
       \$1056  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1057  = first3_14;
+    \$1057  = first_r14;
     if (rst) begin
       \$1057  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1058  = first3_14;
+    \$1058  = first_r15;
     if (rst) begin
       \$1058  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1059  = first3_14;
+    \$1059  = first_r15;
     if (rst) begin
       \$1059  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1060  = first3_14;
+    \$1060  = first_r15;
     if (rst) begin
       \$1060  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1061  = first3_14;
+    \$1061  = first_r15;
     if (rst) begin
       \$1061  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1062  = first3_14;
+    \$1062  = first_r15;
     if (rst) begin
       \$1062  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1063  = first3_14;
+    \$1063  = first_r15;
     if (rst) begin
       \$1063  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1064  = first3_14;
+    \$1064  = first_r15;
     if (rst) begin
       \$1064  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1065  = first3_14;
+    \$1065  = first_r15;
     if (rst) begin
       \$1065  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1066  = first3_14;
+    \$1066  = first_r15;
     if (rst) begin
       \$1066  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1067  = first3_14;
+    \$1067  = first_r15;
     if (rst) begin
       \$1067  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1068  = first3_14;
+    \$1068  = first_r15;
     if (rst) begin
       \$1068  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1069  = first3_14;
+    \$1069  = first_r15;
     if (rst) begin
       \$1069  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1070  = first3_15;
+    \$1070  = first_r15;
     if (rst) begin
       \$1070  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1071  = first3_15;
+    \$1071  = first_r15;
     if (rst) begin
       \$1071  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1072  = first3_15;
+    \$1072  = first_r15;
     if (rst) begin
       \$1072  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1073  = first3_15;
+    \$1073  = first_r15;
     if (rst) begin
       \$1073  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1074  = first3_15;
+    \$1074  = last_r0;
     if (rst) begin
       \$1074  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1075  = first3_15;
+    \$1075  = last_r0;
     if (rst) begin
       \$1075  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1076  = first3_15;
+    \$1076  = last_r0;
     if (rst) begin
       \$1076  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1077  = first3_15;
+    \$1077  = last_r0;
     if (rst) begin
       \$1077  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1078  = first3_15;
+    \$1078  = last_r0;
     if (rst) begin
       \$1078  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1079  = first3_15;
+    \$1079  = last_r0;
     if (rst) begin
       \$1079  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1080  = first3_15;
+    \$1080  = last_r0;
     if (rst) begin
       \$1080  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1081  = first3_15;
+    \$1081  = last_r0;
     if (rst) begin
       \$1081  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1082  = first3_15;
+    \$1082  = last_r0;
     if (rst) begin
       \$1082  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1083  = first3_15;
+    \$1083  = last_r0;
     if (rst) begin
       \$1083  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1084  = first3_15;
+    \$1084  = last_r0;
     if (rst) begin
       \$1084  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1085  = first3_15;
+    \$1085  = last_r0;
     if (rst) begin
       \$1085  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1086  = last3_0;
+    \$1086  = last_r0;
     if (rst) begin
       \$1086  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1087  = last3_0;
+    \$1087  = last_r0;
     if (rst) begin
       \$1087  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1088  = last3_0;
+    \$1088  = last_r0;
     if (rst) begin
       \$1088  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1089  = last3_0;
+    \$1089  = last_r0;
     if (rst) begin
       \$1089  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1090  = last3_0;
+    \$1090  = last_r1;
     if (rst) begin
       \$1090  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1091  = last3_0;
+    \$1091  = last_r1;
     if (rst) begin
       \$1091  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1092  = last3_0;
+    \$1092  = last_r1;
     if (rst) begin
       \$1092  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1093  = last3_0;
+    \$1093  = last_r1;
     if (rst) begin
       \$1093  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1094  = last3_0;
+    \$1094  = last_r1;
     if (rst) begin
       \$1094  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1095  = last3_0;
+    \$1095  = last_r1;
     if (rst) begin
       \$1095  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1096  = last3_0;
+    \$1096  = last_r1;
     if (rst) begin
       \$1096  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1097  = last3_0;
+    \$1097  = last_r1;
     if (rst) begin
       \$1097  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1098  = last3_0;
+    \$1098  = last_r1;
     if (rst) begin
       \$1098  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1099  = last3_0;
+    \$1099  = last_r1;
     if (rst) begin
       \$1099  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1100  = last3_0;
+    \$1100  = last_r1;
     if (rst) begin
       \$1100  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1101  = last3_0;
+    \$1101  = last_r1;
     if (rst) begin
       \$1101  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1102  = last3_1;
+    \$1102  = last_r1;
     if (rst) begin
       \$1102  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1103  = last3_1;
+    \$1103  = last_r1;
     if (rst) begin
       \$1103  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1104  = last3_1;
+    \$1104  = last_r1;
     if (rst) begin
       \$1104  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1105  = last3_1;
+    \$1105  = last_r1;
     if (rst) begin
       \$1105  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1106  = last3_1;
+    \$1106  = last_r2;
     if (rst) begin
       \$1106  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1107  = last3_1;
+    \$1107  = last_r2;
     if (rst) begin
       \$1107  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1108  = last3_1;
+    \$1108  = last_r2;
     if (rst) begin
       \$1108  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1109  = last3_1;
+    \$1109  = last_r2;
     if (rst) begin
       \$1109  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1110  = last3_1;
+    \$1110  = last_r2;
     if (rst) begin
       \$1110  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1111  = last3_1;
+    \$1111  = last_r2;
     if (rst) begin
       \$1111  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1112  = last3_1;
+    \$1112  = last_r2;
     if (rst) begin
       \$1112  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1113  = last3_1;
+    \$1113  = last_r2;
     if (rst) begin
       \$1113  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1114  = last3_1;
+    \$1114  = last_r2;
     if (rst) begin
       \$1114  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1115  = last3_1;
+    \$1115  = last_r2;
     if (rst) begin
       \$1115  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1116  = last3_1;
+    \$1116  = last_r2;
     if (rst) begin
       \$1116  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1117  = last3_1;
+    \$1117  = last_r2;
     if (rst) begin
       \$1117  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1118  = last3_2;
+    \$1118  = last_r2;
     if (rst) begin
       \$1118  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1119  = last3_2;
+    \$1119  = last_r2;
     if (rst) begin
       \$1119  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1120  = last3_2;
+    \$1120  = last_r2;
     if (rst) begin
       \$1120  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1121  = last3_2;
+    \$1121  = last_r2;
     if (rst) begin
       \$1121  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1122  = last3_2;
+    \$1122  = last_r3;
     if (rst) begin
       \$1122  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1123  = last3_2;
+    \$1123  = last_r3;
     if (rst) begin
       \$1123  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1124  = last3_2;
+    \$1124  = last_r3;
     if (rst) begin
       \$1124  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1125  = last3_2;
+    \$1125  = last_r3;
     if (rst) begin
       \$1125  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1126  = last3_2;
+    \$1126  = last_r3;
     if (rst) begin
       \$1126  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1127  = last3_2;
+    \$1127  = last_r3;
     if (rst) begin
       \$1127  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1128  = last3_2;
+    \$1128  = last_r3;
     if (rst) begin
       \$1128  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1129  = last3_2;
+    \$1129  = last_r3;
     if (rst) begin
       \$1129  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1130  = last3_2;
+    \$1130  = last_r3;
     if (rst) begin
       \$1130  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1131  = last3_2;
+    \$1131  = last_r3;
     if (rst) begin
       \$1131  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1132  = last3_2;
+    \$1132  = last_r3;
     if (rst) begin
       \$1132  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1133  = last3_2;
+    \$1133  = last_r3;
     if (rst) begin
       \$1133  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1134  = last3_3;
+    \$1134  = last_r3;
     if (rst) begin
       \$1134  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1135  = last3_3;
+    \$1135  = last_r3;
     if (rst) begin
       \$1135  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1136  = last3_3;
+    \$1136  = last_r3;
     if (rst) begin
       \$1136  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1137  = last3_3;
+    \$1137  = last_r3;
     if (rst) begin
       \$1137  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1138  = last3_3;
+    \$1138  = last_r4;
     if (rst) begin
       \$1138  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1139  = last3_3;
+    \$1139  = last_r4;
     if (rst) begin
       \$1139  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1140  = last3_3;
+    \$1140  = last_r4;
     if (rst) begin
       \$1140  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1141  = last3_3;
+    \$1141  = last_r4;
     if (rst) begin
       \$1141  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1142  = last3_3;
+    \$1142  = last_r4;
     if (rst) begin
       \$1142  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1143  = last3_3;
+    \$1143  = last_r4;
     if (rst) begin
       \$1143  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1144  = last3_3;
+    \$1144  = last_r4;
     if (rst) begin
       \$1144  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1145  = last3_3;
+    \$1145  = last_r4;
     if (rst) begin
       \$1145  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1146  = last3_3;
+    \$1146  = last_r4;
     if (rst) begin
       \$1146  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1147  = last3_3;
+    \$1147  = last_r4;
     if (rst) begin
       \$1147  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1148  = last3_3;
+    \$1148  = last_r4;
     if (rst) begin
       \$1148  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1149  = last3_3;
+    \$1149  = last_r4;
     if (rst) begin
       \$1149  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1150  = last3_4;
+    \$1150  = last_r4;
     if (rst) begin
       \$1150  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1151  = last3_4;
+    \$1151  = last_r4;
     if (rst) begin
       \$1151  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1152  = last3_4;
+    \$1152  = last_r4;
     if (rst) begin
       \$1152  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1153  = last3_4;
+    \$1153  = last_r4;
     if (rst) begin
       \$1153  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1154  = last3_4;
+    \$1154  = last_r5;
     if (rst) begin
       \$1154  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1155  = last3_4;
+    \$1155  = last_r5;
     if (rst) begin
       \$1155  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1156  = last3_4;
+    \$1156  = last_r5;
     if (rst) begin
       \$1156  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1157  = last3_4;
+    \$1157  = last_r5;
     if (rst) begin
       \$1157  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1158  = last3_4;
+    \$1158  = last_r5;
     if (rst) begin
       \$1158  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1159  = last3_4;
+    \$1159  = last_r5;
     if (rst) begin
       \$1159  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1160  = last3_4;
+    \$1160  = last_r5;
     if (rst) begin
       \$1160  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1161  = last3_4;
+    \$1161  = last_r5;
     if (rst) begin
       \$1161  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1162  = last3_4;
+    \$1162  = last_r5;
     if (rst) begin
       \$1162  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1163  = last3_4;
+    \$1163  = last_r5;
     if (rst) begin
       \$1163  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1164  = last3_4;
+    \$1164  = last_r5;
     if (rst) begin
       \$1164  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1165  = last3_4;
+    \$1165  = last_r5;
     if (rst) begin
       \$1165  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1166  = last3_5;
+    \$1166  = last_r5;
     if (rst) begin
       \$1166  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1167  = last3_5;
+    \$1167  = last_r5;
     if (rst) begin
       \$1167  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1168  = last3_5;
+    \$1168  = last_r5;
     if (rst) begin
       \$1168  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1169  = last3_5;
+    \$1169  = last_r5;
     if (rst) begin
       \$1169  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1170  = last3_5;
+    \$1170  = last_r6;
     if (rst) begin
       \$1170  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1171  = last3_5;
+    \$1171  = last_r6;
     if (rst) begin
       \$1171  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1172  = last3_5;
+    \$1172  = last_r6;
     if (rst) begin
       \$1172  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1173  = last3_5;
+    \$1173  = last_r6;
     if (rst) begin
       \$1173  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1174  = last3_5;
+    \$1174  = last_r6;
     if (rst) begin
       \$1174  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1175  = last3_5;
+    \$1175  = last_r6;
     if (rst) begin
       \$1175  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1176  = last3_5;
+    \$1176  = last_r6;
     if (rst) begin
       \$1176  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1177  = last3_5;
+    \$1177  = last_r6;
     if (rst) begin
       \$1177  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1178  = last3_5;
+    \$1178  = last_r6;
     if (rst) begin
       \$1178  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1179  = last3_5;
+    \$1179  = last_r6;
     if (rst) begin
       \$1179  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1180  = last3_5;
+    \$1180  = last_r6;
     if (rst) begin
       \$1180  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1181  = last3_5;
+    \$1181  = last_r6;
     if (rst) begin
       \$1181  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1182  = last3_6;
+    \$1182  = last_r6;
     if (rst) begin
       \$1182  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1183  = last3_6;
+    \$1183  = last_r6;
     if (rst) begin
       \$1183  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1184  = last3_6;
+    \$1184  = last_r6;
     if (rst) begin
       \$1184  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1185  = last3_6;
+    \$1185  = last_r6;
     if (rst) begin
       \$1185  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1186  = last3_6;
+    \$1186  = last_r7;
     if (rst) begin
       \$1186  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1187  = last3_6;
+    \$1187  = last_r7;
     if (rst) begin
       \$1187  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1188  = last3_6;
+    \$1188  = last_r7;
     if (rst) begin
       \$1188  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1189  = last3_6;
+    \$1189  = last_r7;
     if (rst) begin
       \$1189  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1190  = last3_6;
+    \$1190  = last_r7;
     if (rst) begin
       \$1190  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1191  = last3_6;
+    \$1191  = last_r7;
     if (rst) begin
       \$1191  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1192  = last3_6;
+    \$1192  = last_r7;
     if (rst) begin
       \$1192  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1193  = last3_6;
+    \$1193  = last_r7;
     if (rst) begin
       \$1193  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1194  = last3_6;
+    \$1194  = last_r7;
     if (rst) begin
       \$1194  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1195  = last3_6;
+    \$1195  = last_r7;
     if (rst) begin
       \$1195  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1196  = last3_6;
+    \$1196  = last_r7;
     if (rst) begin
       \$1196  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1197  = last3_6;
+    \$1197  = last_r7;
     if (rst) begin
       \$1197  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1198  = last3_7;
+    \$1198  = last_r7;
     if (rst) begin
       \$1198  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1199  = last3_7;
+    \$1199  = last_r7;
     if (rst) begin
       \$1199  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1200  = last3_7;
+    \$1200  = last_r7;
     if (rst) begin
       \$1200  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1201  = last3_7;
+    \$1201  = last_r7;
     if (rst) begin
       \$1201  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1202  = last3_7;
+    \$1202  = last_r8;
     if (rst) begin
       \$1202  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1203  = last3_7;
+    \$1203  = last_r8;
     if (rst) begin
       \$1203  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1204  = last3_7;
+    \$1204  = last_r8;
     if (rst) begin
       \$1204  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1205  = last3_7;
+    \$1205  = last_r8;
     if (rst) begin
       \$1205  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1206  = last3_7;
+    \$1206  = last_r8;
     if (rst) begin
       \$1206  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1207  = last3_7;
+    \$1207  = last_r8;
     if (rst) begin
       \$1207  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1208  = last3_7;
+    \$1208  = last_r8;
     if (rst) begin
       \$1208  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1209  = last3_7;
+    \$1209  = last_r8;
     if (rst) begin
       \$1209  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1210  = last3_7;
+    \$1210  = last_r8;
     if (rst) begin
       \$1210  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1211  = last3_7;
+    \$1211  = last_r8;
     if (rst) begin
       \$1211  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1212  = last3_7;
+    \$1212  = last_r8;
     if (rst) begin
       \$1212  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1213  = last3_7;
+    \$1213  = last_r8;
     if (rst) begin
       \$1213  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1214  = last3_8;
+    \$1214  = last_r8;
     if (rst) begin
       \$1214  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1215  = last3_8;
+    \$1215  = last_r8;
     if (rst) begin
       \$1215  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1216  = last3_8;
+    \$1216  = last_r8;
     if (rst) begin
       \$1216  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1217  = last3_8;
+    \$1217  = last_r8;
     if (rst) begin
       \$1217  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1218  = last3_8;
+    \$1218  = last_r9;
     if (rst) begin
       \$1218  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1219  = last3_8;
+    \$1219  = last_r9;
     if (rst) begin
       \$1219  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1220  = last3_8;
+    \$1220  = last_r9;
     if (rst) begin
       \$1220  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1221  = last3_8;
+    \$1221  = last_r9;
     if (rst) begin
       \$1221  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1222  = last3_8;
+    \$1222  = last_r9;
     if (rst) begin
       \$1222  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1223  = last3_8;
+    \$1223  = last_r9;
     if (rst) begin
       \$1223  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1224  = last3_8;
+    \$1224  = last_r9;
     if (rst) begin
       \$1224  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1225  = last3_8;
+    \$1225  = last_r9;
     if (rst) begin
       \$1225  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1226  = last3_8;
+    \$1226  = last_r9;
     if (rst) begin
       \$1226  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1227  = last3_8;
+    \$1227  = last_r9;
     if (rst) begin
       \$1227  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1228  = last3_8;
+    \$1228  = last_r9;
     if (rst) begin
       \$1228  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1229  = last3_8;
+    \$1229  = last_r9;
     if (rst) begin
       \$1229  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1230  = last3_9;
+    \$1230  = last_r9;
     if (rst) begin
       \$1230  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1231  = last3_9;
+    \$1231  = last_r9;
     if (rst) begin
       \$1231  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1232  = last3_9;
+    \$1232  = last_r9;
     if (rst) begin
       \$1232  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1233  = last3_9;
+    \$1233  = last_r9;
     if (rst) begin
       \$1233  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1234  = last3_9;
+    \$1234  = last_r10;
     if (rst) begin
       \$1234  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1235  = last3_9;
+    \$1235  = last_r10;
     if (rst) begin
       \$1235  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1236  = last3_9;
+    \$1236  = last_r10;
     if (rst) begin
       \$1236  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1237  = last3_9;
+    \$1237  = last_r10;
     if (rst) begin
       \$1237  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1238  = last3_9;
+    \$1238  = last_r10;
     if (rst) begin
       \$1238  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1239  = last3_9;
+    \$1239  = last_r10;
     if (rst) begin
       \$1239  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1240  = last3_9;
+    \$1240  = last_r10;
     if (rst) begin
       \$1240  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1241  = last3_9;
+    \$1241  = last_r10;
     if (rst) begin
       \$1241  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1242  = last3_9;
+    \$1242  = last_r10;
     if (rst) begin
       \$1242  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1243  = last3_9;
+    \$1243  = last_r10;
     if (rst) begin
       \$1243  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1244  = last3_9;
+    \$1244  = last_r10;
     if (rst) begin
       \$1244  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1245  = last3_9;
+    \$1245  = last_r10;
     if (rst) begin
       \$1245  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1246  = last3_10;
+    \$1246  = last_r10;
     if (rst) begin
       \$1246  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1247  = last3_10;
+    \$1247  = last_r10;
     if (rst) begin
       \$1247  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1248  = last3_10;
+    \$1248  = last_r10;
     if (rst) begin
       \$1248  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1249  = last3_10;
+    \$1249  = last_r10;
     if (rst) begin
       \$1249  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1250  = last3_10;
+    \$1250  = last_r11;
     if (rst) begin
       \$1250  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1251  = last3_10;
+    \$1251  = last_r11;
     if (rst) begin
       \$1251  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1252  = last3_10;
+    \$1252  = last_r11;
     if (rst) begin
       \$1252  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1253  = last3_10;
+    \$1253  = last_r11;
     if (rst) begin
       \$1253  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1254  = last3_10;
+    \$1254  = last_r11;
     if (rst) begin
       \$1254  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1255  = last3_10;
+    \$1255  = last_r11;
     if (rst) begin
       \$1255  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1256  = last3_10;
+    \$1256  = last_r11;
     if (rst) begin
       \$1256  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1257  = last3_10;
+    \$1257  = last_r11;
     if (rst) begin
       \$1257  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1258  = last3_10;
+    \$1258  = last_r11;
     if (rst) begin
       \$1258  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1259  = last3_10;
+    \$1259  = last_r11;
     if (rst) begin
       \$1259  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1260  = last3_10;
+    \$1260  = last_r11;
     if (rst) begin
       \$1260  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1261  = last3_10;
+    \$1261  = last_r11;
     if (rst) begin
       \$1261  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1262  = last3_11;
+    \$1262  = last_r11;
     if (rst) begin
       \$1262  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1263  = last3_11;
+    \$1263  = last_r11;
     if (rst) begin
       \$1263  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1264  = last3_11;
+    \$1264  = last_r11;
     if (rst) begin
       \$1264  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1265  = last3_11;
+    \$1265  = last_r11;
     if (rst) begin
       \$1265  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1266  = last3_11;
+    \$1266  = last_r12;
     if (rst) begin
       \$1266  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1267  = last3_11;
+    \$1267  = last_r12;
     if (rst) begin
       \$1267  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1268  = last3_11;
+    \$1268  = last_r12;
     if (rst) begin
       \$1268  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1269  = last3_11;
+    \$1269  = last_r12;
     if (rst) begin
       \$1269  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1270  = last3_11;
+    \$1270  = last_r12;
     if (rst) begin
       \$1270  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1271  = last3_11;
+    \$1271  = last_r12;
     if (rst) begin
       \$1271  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1272  = last3_11;
+    \$1272  = last_r12;
     if (rst) begin
       \$1272  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1273  = last3_11;
+    \$1273  = last_r12;
     if (rst) begin
       \$1273  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1274  = last3_11;
+    \$1274  = last_r12;
     if (rst) begin
       \$1274  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1275  = last3_11;
+    \$1275  = last_r12;
     if (rst) begin
       \$1275  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1276  = last3_11;
+    \$1276  = last_r12;
     if (rst) begin
       \$1276  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1277  = last3_11;
+    \$1277  = last_r12;
     if (rst) begin
       \$1277  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1278  = last3_12;
+    \$1278  = last_r12;
     if (rst) begin
       \$1278  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1279  = last3_12;
+    \$1279  = last_r12;
     if (rst) begin
       \$1279  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1280  = last3_12;
+    \$1280  = last_r12;
     if (rst) begin
       \$1280  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1281  = last3_12;
+    \$1281  = last_r12;
     if (rst) begin
       \$1281  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1282  = last3_12;
+    \$1282  = last_r13;
     if (rst) begin
       \$1282  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1283  = last3_12;
+    \$1283  = last_r13;
     if (rst) begin
       \$1283  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1284  = last3_12;
+    \$1284  = last_r13;
     if (rst) begin
       \$1284  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1285  = last3_12;
+    \$1285  = last_r13;
     if (rst) begin
       \$1285  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1286  = last3_12;
+    \$1286  = last_r13;
     if (rst) begin
       \$1286  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1287  = last3_12;
+    \$1287  = last_r13;
     if (rst) begin
       \$1287  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1288  = last3_12;
+    \$1288  = last_r13;
     if (rst) begin
       \$1288  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1289  = last3_12;
+    \$1289  = last_r13;
     if (rst) begin
       \$1289  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1290  = last3_12;
+    \$1290  = last_r13;
     if (rst) begin
       \$1290  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1291  = last3_12;
+    \$1291  = last_r13;
     if (rst) begin
       \$1291  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1292  = last3_12;
+    \$1292  = last_r13;
     if (rst) begin
       \$1292  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1293  = last3_12;
+    \$1293  = last_r13;
     if (rst) begin
       \$1293  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1294  = last3_13;
+    \$1294  = last_r13;
     if (rst) begin
       \$1294  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1295  = last3_13;
+    \$1295  = last_r13;
     if (rst) begin
       \$1295  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1296  = last3_13;
+    \$1296  = last_r13;
     if (rst) begin
       \$1296  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1297  = last3_13;
+    \$1297  = last_r13;
     if (rst) begin
       \$1297  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1298  = last3_13;
+    \$1298  = last_r14;
     if (rst) begin
       \$1298  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1299  = last3_13;
+    \$1299  = last_r14;
     if (rst) begin
       \$1299  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1300  = last3_13;
+    \$1300  = last_r14;
     if (rst) begin
       \$1300  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1301  = last3_13;
+    \$1301  = last_r14;
     if (rst) begin
       \$1301  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1302  = last3_13;
+    \$1302  = last_r14;
     if (rst) begin
       \$1302  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1303  = last3_13;
+    \$1303  = last_r14;
     if (rst) begin
       \$1303  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1304  = last3_13;
+    \$1304  = last_r14;
     if (rst) begin
       \$1304  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1305  = last3_13;
+    \$1305  = last_r14;
     if (rst) begin
       \$1305  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1306  = last3_13;
+    \$1306  = last_r14;
     if (rst) begin
       \$1306  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1307  = last3_13;
+    \$1307  = last_r14;
     if (rst) begin
       \$1307  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1308  = last3_13;
+    \$1308  = last_r14;
     if (rst) begin
       \$1308  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1309  = last3_13;
+    \$1309  = last_r14;
     if (rst) begin
       \$1309  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1310  = last3_14;
+    \$1310  = last_r14;
     if (rst) begin
       \$1310  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1311  = last3_14;
+    \$1311  = last_r14;
     if (rst) begin
       \$1311  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1312  = last3_14;
+    \$1312  = last_r14;
     if (rst) begin
       \$1312  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1313  = last3_14;
+    \$1313  = last_r14;
     if (rst) begin
       \$1313  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1314  = last3_14;
+    \$1314  = last_r15;
     if (rst) begin
       \$1314  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1315  = last3_14;
+    \$1315  = last_r15;
     if (rst) begin
       \$1315  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1316  = last3_14;
+    \$1316  = last_r15;
     if (rst) begin
       \$1316  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1317  = last3_14;
+    \$1317  = last_r15;
     if (rst) begin
       \$1317  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1318  = last3_14;
+    \$1318  = last_r15;
     if (rst) begin
       \$1318  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1319  = last3_14;
+    \$1319  = last_r15;
     if (rst) begin
       \$1319  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1320  = last3_14;
+    \$1320  = last_r15;
     if (rst) begin
       \$1320  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1321  = last3_14;
+    \$1321  = last_r15;
     if (rst) begin
       \$1321  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1322  = last3_14;
+    \$1322  = last_r15;
     if (rst) begin
       \$1322  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1323  = last3_14;
+    \$1323  = last_r15;
     if (rst) begin
       \$1323  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1324  = last3_14;
+    \$1324  = last_r15;
     if (rst) begin
       \$1324  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1325  = last3_14;
+    \$1325  = last_r15;
     if (rst) begin
       \$1325  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1326  = last3_15;
+    \$1326  = last_r15;
     if (rst) begin
       \$1326  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1327  = last3_15;
+    \$1327  = last_r15;
     if (rst) begin
       \$1327  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1328  = last3_15;
+    \$1328  = last_r15;
     if (rst) begin
       \$1328  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1329  = last3_15;
+    \$1329  = last_r15;
     if (rst) begin
       \$1329  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1330  = last3_15;
+    \$1330  = last_r0;
     if (rst) begin
       \$1330  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1331  = last3_15;
+    \$1331  = bank_busy;
+    if (commit) begin
+      \$1331  = 1'h1;
+    end else if (bank_busy) begin
+      if (\$262 ) begin
+        \$1331  = 1'h0;
+      end
+    end
     if (rst) begin
       \$1331  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1332  = last3_15;
+    \$1332  = row;
+    if (commit) begin
+      \$1332  = 4'h0;
+    end else if (bank_busy) begin
+      \$1332  = \$261 [3:0];
+      if (\$262 ) begin
+        \$1332  = 4'h0;
+      end
+    end
     if (rst) begin
-      \$1332  = 1'h0;
+      \$1332  = 4'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1333  = last3_15;
+    \$1333  = overrun;
+    if (commit) begin
+      if (\$260 ) begin
+        \$1333  = 1'h1;
+      end
+    end
     if (rst) begin
       \$1333  = 1'h0;
     end
   end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1334  = last3_15;
-    if (rst) begin
-      \$1334  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1335  = last3_15;
-    if (rst) begin
-      \$1335  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1336  = last3_15;
-    if (rst) begin
-      \$1336  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1337  = last3_15;
-    if (rst) begin
-      \$1337  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1338  = last3_15;
-    if (rst) begin
-      \$1338  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1339  = last3_15;
-    if (rst) begin
-      \$1339  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1340  = last3_15;
-    if (rst) begin
-      \$1340  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1341  = last3_15;
-    if (rst) begin
-      \$1341  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1342  = last3_0;
-    if (rst) begin
-      \$1342  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1343  = bank_busy;
-    if (commit) begin
-      \$1343  = 1'h1;
-    end else if (bank_busy) begin
-      if (\$278 ) begin
-        \$1343  = 1'h0;
-      end
-    end
-    if (rst) begin
-      \$1343  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1344  = row;
-    if (commit) begin
-      \$1344  = 4'h0;
-    end else if (bank_busy) begin
-      \$1344  = \$277 [3:0];
-      if (\$278 ) begin
-        \$1344  = 4'h0;
-      end
-    end
-    if (rst) begin
-      \$1344  = 4'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1345  = overrun;
-    if (commit) begin
-      if (\$276 ) begin
-        \$1345  = 1'h1;
-      end
-    end
-    if (rst) begin
-      \$1345  = 1'h0;
-    end
-  end
-  assign nxt_0_0 = \$280 [23:0];
-  assign nxt_0_1 = \$282 [23:0];
-  assign nxt_0_2 = \$284 [23:0];
-  assign nxt_0_3 = \$286 [23:0];
-  assign nxt_0_4 = \$288 [23:0];
-  assign nxt_0_5 = \$290 [23:0];
-  assign nxt_0_6 = \$292 [23:0];
-  assign nxt_0_7 = \$294 [23:0];
-  assign nxt_0_8 = \$296 [23:0];
-  assign nxt_0_9 = \$298 [23:0];
-  assign nxt_0_10 = \$300 [23:0];
-  assign nxt_0_11 = \$302 [23:0];
-  assign nxt_0_12 = \$304 [23:0];
-  assign nxt_0_13 = \$306 [23:0];
-  assign nxt_0_14 = \$308 [23:0];
-  assign nxt_0_15 = \$310 [23:0];
-  assign nxt_1_0 = \$312 [23:0];
-  assign nxt_1_1 = \$314 [23:0];
-  assign nxt_1_2 = \$316 [23:0];
-  assign nxt_1_3 = \$318 [23:0];
-  assign nxt_1_4 = \$320 [23:0];
-  assign nxt_1_5 = \$322 [23:0];
-  assign nxt_1_6 = \$324 [23:0];
-  assign nxt_1_7 = \$326 [23:0];
-  assign nxt_1_8 = \$328 [23:0];
-  assign nxt_1_9 = \$330 [23:0];
-  assign nxt_1_10 = \$332 [23:0];
-  assign nxt_1_11 = \$334 [23:0];
-  assign nxt_1_12 = \$336 [23:0];
-  assign nxt_1_13 = \$338 [23:0];
-  assign nxt_1_14 = \$340 [23:0];
-  assign nxt_1_15 = \$342 [23:0];
-  assign nxt_2_0 = \$344 [23:0];
-  assign nxt_2_1 = \$346 [23:0];
-  assign nxt_2_2 = \$348 [23:0];
-  assign nxt_2_3 = \$350 [23:0];
-  assign nxt_2_4 = \$352 [23:0];
-  assign nxt_2_5 = \$354 [23:0];
-  assign nxt_2_6 = \$356 [23:0];
-  assign nxt_2_7 = \$358 [23:0];
-  assign nxt_2_8 = \$360 [23:0];
-  assign nxt_2_9 = \$362 [23:0];
-  assign nxt_2_10 = \$364 [23:0];
-  assign nxt_2_11 = \$366 [23:0];
-  assign nxt_2_12 = \$368 [23:0];
-  assign nxt_2_13 = \$370 [23:0];
-  assign nxt_2_14 = \$372 [23:0];
-  assign nxt_2_15 = \$374 [23:0];
-  assign nxt_3_0 = \$376 [23:0];
-  assign nxt_3_1 = \$378 [23:0];
-  assign nxt_3_2 = \$380 [23:0];
-  assign nxt_3_3 = \$382 [23:0];
-  assign nxt_3_4 = \$384 [23:0];
-  assign nxt_3_5 = \$386 [23:0];
-  assign nxt_3_6 = \$388 [23:0];
-  assign nxt_3_7 = \$390 [23:0];
-  assign nxt_3_8 = \$392 [23:0];
-  assign nxt_3_9 = \$394 [23:0];
-  assign nxt_3_10 = \$396 [23:0];
-  assign nxt_3_11 = \$398 [23:0];
-  assign nxt_3_12 = \$400 [23:0];
-  assign nxt_3_13 = \$402 [23:0];
-  assign nxt_3_14 = \$404 [23:0];
-  assign nxt_3_15 = \$406 [23:0];
-  assign nxt_4_0 = \$408 [23:0];
-  assign nxt_4_1 = \$410 [23:0];
-  assign nxt_4_2 = \$412 [23:0];
-  assign nxt_4_3 = \$414 [23:0];
-  assign nxt_4_4 = \$416 [23:0];
-  assign nxt_4_5 = \$418 [23:0];
-  assign nxt_4_6 = \$420 [23:0];
-  assign nxt_4_7 = \$422 [23:0];
-  assign nxt_4_8 = \$424 [23:0];
-  assign nxt_4_9 = \$426 [23:0];
-  assign nxt_4_10 = \$428 [23:0];
-  assign nxt_4_11 = \$430 [23:0];
-  assign nxt_4_12 = \$432 [23:0];
-  assign nxt_4_13 = \$434 [23:0];
-  assign nxt_4_14 = \$436 [23:0];
-  assign nxt_4_15 = \$438 [23:0];
-  assign nxt_5_0 = \$440 [23:0];
-  assign nxt_5_1 = \$442 [23:0];
-  assign nxt_5_2 = \$444 [23:0];
-  assign nxt_5_3 = \$446 [23:0];
-  assign nxt_5_4 = \$448 [23:0];
-  assign nxt_5_5 = \$450 [23:0];
-  assign nxt_5_6 = \$452 [23:0];
-  assign nxt_5_7 = \$454 [23:0];
-  assign nxt_5_8 = \$456 [23:0];
-  assign nxt_5_9 = \$458 [23:0];
-  assign nxt_5_10 = \$460 [23:0];
-  assign nxt_5_11 = \$462 [23:0];
-  assign nxt_5_12 = \$464 [23:0];
-  assign nxt_5_13 = \$466 [23:0];
-  assign nxt_5_14 = \$468 [23:0];
-  assign nxt_5_15 = \$470 [23:0];
-  assign nxt_6_0 = \$472 [23:0];
-  assign nxt_6_1 = \$474 [23:0];
-  assign nxt_6_2 = \$476 [23:0];
-  assign nxt_6_3 = \$478 [23:0];
-  assign nxt_6_4 = \$480 [23:0];
-  assign nxt_6_5 = \$482 [23:0];
-  assign nxt_6_6 = \$484 [23:0];
-  assign nxt_6_7 = \$486 [23:0];
-  assign nxt_6_8 = \$488 [23:0];
-  assign nxt_6_9 = \$490 [23:0];
-  assign nxt_6_10 = \$492 [23:0];
-  assign nxt_6_11 = \$494 [23:0];
-  assign nxt_6_12 = \$496 [23:0];
-  assign nxt_6_13 = \$498 [23:0];
-  assign nxt_6_14 = \$500 [23:0];
-  assign nxt_6_15 = \$502 [23:0];
-  assign nxt_7_0 = \$504 [23:0];
-  assign nxt_7_1 = \$506 [23:0];
-  assign nxt_7_2 = \$508 [23:0];
-  assign nxt_7_3 = \$510 [23:0];
-  assign nxt_7_4 = \$512 [23:0];
-  assign nxt_7_5 = \$514 [23:0];
-  assign nxt_7_6 = \$516 [23:0];
-  assign nxt_7_7 = \$518 [23:0];
-  assign nxt_7_8 = \$520 [23:0];
-  assign nxt_7_9 = \$522 [23:0];
-  assign nxt_7_10 = \$524 [23:0];
-  assign nxt_7_11 = \$526 [23:0];
-  assign nxt_7_12 = \$528 [23:0];
-  assign nxt_7_13 = \$530 [23:0];
-  assign nxt_7_14 = \$532 [23:0];
-  assign nxt_7_15 = \$534 [23:0];
-  assign nxt_8_0 = \$536 [23:0];
-  assign nxt_8_1 = \$538 [23:0];
-  assign nxt_8_2 = \$540 [23:0];
-  assign nxt_8_3 = \$542 [23:0];
-  assign nxt_8_4 = \$544 [23:0];
-  assign nxt_8_5 = \$546 [23:0];
-  assign nxt_8_6 = \$548 [23:0];
-  assign nxt_8_7 = \$550 [23:0];
-  assign nxt_8_8 = \$552 [23:0];
-  assign nxt_8_9 = \$554 [23:0];
-  assign nxt_8_10 = \$556 [23:0];
-  assign nxt_8_11 = \$558 [23:0];
-  assign nxt_8_12 = \$560 [23:0];
-  assign nxt_8_13 = \$562 [23:0];
-  assign nxt_8_14 = \$564 [23:0];
-  assign nxt_8_15 = \$566 [23:0];
-  assign nxt_9_0 = \$568 [23:0];
-  assign nxt_9_1 = \$570 [23:0];
-  assign nxt_9_2 = \$572 [23:0];
-  assign nxt_9_3 = \$574 [23:0];
-  assign nxt_9_4 = \$576 [23:0];
-  assign nxt_9_5 = \$578 [23:0];
-  assign nxt_9_6 = \$580 [23:0];
-  assign nxt_9_7 = \$582 [23:0];
-  assign nxt_9_8 = \$584 [23:0];
-  assign nxt_9_9 = \$586 [23:0];
-  assign nxt_9_10 = \$588 [23:0];
-  assign nxt_9_11 = \$590 [23:0];
-  assign nxt_9_12 = \$592 [23:0];
-  assign nxt_9_13 = \$594 [23:0];
-  assign nxt_9_14 = \$596 [23:0];
-  assign nxt_9_15 = \$598 [23:0];
-  assign nxt_10_0 = \$600 [23:0];
-  assign nxt_10_1 = \$602 [23:0];
-  assign nxt_10_2 = \$604 [23:0];
-  assign nxt_10_3 = \$606 [23:0];
-  assign nxt_10_4 = \$608 [23:0];
-  assign nxt_10_5 = \$610 [23:0];
-  assign nxt_10_6 = \$612 [23:0];
-  assign nxt_10_7 = \$614 [23:0];
-  assign nxt_10_8 = \$616 [23:0];
-  assign nxt_10_9 = \$618 [23:0];
-  assign nxt_10_10 = \$620 [23:0];
-  assign nxt_10_11 = \$622 [23:0];
-  assign nxt_10_12 = \$624 [23:0];
-  assign nxt_10_13 = \$626 [23:0];
-  assign nxt_10_14 = \$628 [23:0];
-  assign nxt_10_15 = \$630 [23:0];
-  assign nxt_11_0 = \$632 [23:0];
-  assign nxt_11_1 = \$634 [23:0];
-  assign nxt_11_2 = \$636 [23:0];
-  assign nxt_11_3 = \$638 [23:0];
-  assign nxt_11_4 = \$640 [23:0];
-  assign nxt_11_5 = \$642 [23:0];
-  assign nxt_11_6 = \$644 [23:0];
-  assign nxt_11_7 = \$646 [23:0];
-  assign nxt_11_8 = \$648 [23:0];
-  assign nxt_11_9 = \$650 [23:0];
-  assign nxt_11_10 = \$652 [23:0];
-  assign nxt_11_11 = \$654 [23:0];
-  assign nxt_11_12 = \$656 [23:0];
-  assign nxt_11_13 = \$658 [23:0];
-  assign nxt_11_14 = \$660 [23:0];
-  assign nxt_11_15 = \$662 [23:0];
-  assign nxt_12_0 = \$664 [23:0];
-  assign nxt_12_1 = \$666 [23:0];
-  assign nxt_12_2 = \$668 [23:0];
-  assign nxt_12_3 = \$670 [23:0];
-  assign nxt_12_4 = \$672 [23:0];
-  assign nxt_12_5 = \$674 [23:0];
-  assign nxt_12_6 = \$676 [23:0];
-  assign nxt_12_7 = \$678 [23:0];
-  assign nxt_12_8 = \$680 [23:0];
-  assign nxt_12_9 = \$682 [23:0];
-  assign nxt_12_10 = \$684 [23:0];
-  assign nxt_12_11 = \$686 [23:0];
-  assign nxt_12_12 = \$688 [23:0];
-  assign nxt_12_13 = \$690 [23:0];
-  assign nxt_12_14 = \$692 [23:0];
-  assign nxt_12_15 = \$694 [23:0];
-  assign nxt_13_0 = \$696 [23:0];
-  assign nxt_13_1 = \$698 [23:0];
-  assign nxt_13_2 = \$700 [23:0];
-  assign nxt_13_3 = \$702 [23:0];
-  assign nxt_13_4 = \$704 [23:0];
-  assign nxt_13_5 = \$706 [23:0];
-  assign nxt_13_6 = \$708 [23:0];
-  assign nxt_13_7 = \$710 [23:0];
-  assign nxt_13_8 = \$712 [23:0];
-  assign nxt_13_9 = \$714 [23:0];
-  assign nxt_13_10 = \$716 [23:0];
-  assign nxt_13_11 = \$718 [23:0];
-  assign nxt_13_12 = \$720 [23:0];
-  assign nxt_13_13 = \$722 [23:0];
-  assign nxt_13_14 = \$724 [23:0];
-  assign nxt_13_15 = \$726 [23:0];
-  assign nxt_14_0 = \$728 [23:0];
-  assign nxt_14_1 = \$730 [23:0];
-  assign nxt_14_2 = \$732 [23:0];
-  assign nxt_14_3 = \$734 [23:0];
-  assign nxt_14_4 = \$736 [23:0];
-  assign nxt_14_5 = \$738 [23:0];
-  assign nxt_14_6 = \$740 [23:0];
-  assign nxt_14_7 = \$742 [23:0];
-  assign nxt_14_8 = \$744 [23:0];
-  assign nxt_14_9 = \$746 [23:0];
-  assign nxt_14_10 = \$748 [23:0];
-  assign nxt_14_11 = \$750 [23:0];
-  assign nxt_14_12 = \$752 [23:0];
-  assign nxt_14_13 = \$754 [23:0];
-  assign nxt_14_14 = \$756 [23:0];
-  assign nxt_14_15 = \$758 [23:0];
-  assign nxt_15_0 = \$760 [23:0];
-  assign nxt_15_1 = \$762 [23:0];
-  assign nxt_15_2 = \$764 [23:0];
-  assign nxt_15_3 = \$766 [23:0];
-  assign nxt_15_4 = \$768 [23:0];
-  assign nxt_15_5 = \$770 [23:0];
-  assign nxt_15_6 = \$772 [23:0];
-  assign nxt_15_7 = \$774 [23:0];
-  assign nxt_15_8 = \$776 [23:0];
-  assign nxt_15_9 = \$778 [23:0];
-  assign nxt_15_10 = \$780 [23:0];
-  assign nxt_15_11 = \$782 [23:0];
-  assign nxt_15_12 = \$784 [23:0];
-  assign nxt_15_13 = \$786 [23:0];
-  assign nxt_15_14 = \$788 [23:0];
-  assign nxt_15_15 = \$790 [23:0];
-  assign a = a1_0_g0;
-  assign b = b1_0_g0;
-  assign \a$1488  = a1_0_g0;
-  assign \b$1489  = b1_1_g0;
-  assign \a$1490  = a1_0_g0;
-  assign \b$1491  = b1_2_g0;
-  assign \a$1492  = a1_0_g0;
-  assign \b$1493  = b1_3_g0;
-  assign \a$1494  = a1_0_g1;
-  assign \b$1495  = b1_4_g0;
-  assign \a$1496  = a1_0_g1;
-  assign \b$1497  = b1_5_g0;
-  assign \a$1498  = a1_0_g1;
-  assign \b$1499  = b1_6_g0;
-  assign \a$1500  = a1_0_g1;
-  assign \b$1501  = b1_7_g0;
-  assign \a$1502  = a1_0_g2;
-  assign \b$1503  = b1_8_g0;
-  assign \a$1504  = a1_0_g2;
-  assign \b$1505  = b1_9_g0;
-  assign \a$1506  = a1_0_g2;
-  assign \b$1507  = b1_10_g0;
-  assign \a$1508  = a1_0_g2;
-  assign \b$1509  = b1_11_g0;
-  assign \a$1510  = a1_0_g3;
-  assign \b$1511  = b1_12_g0;
-  assign \a$1512  = a1_0_g3;
-  assign \b$1513  = b1_13_g0;
-  assign \a$1514  = a1_0_g3;
-  assign \b$1515  = b1_14_g0;
-  assign \a$1516  = a1_0_g3;
-  assign \b$1517  = b1_15_g0;
-  assign \a$1518  = a1_1_g0;
-  assign \b$1519  = b1_0_g0;
-  assign \a$1520  = a1_1_g0;
-  assign \b$1521  = b1_1_g0;
-  assign \a$1522  = a1_1_g0;
-  assign \b$1523  = b1_2_g0;
-  assign \a$1524  = a1_1_g0;
-  assign \b$1525  = b1_3_g0;
-  assign \a$1526  = a1_1_g1;
-  assign \b$1527  = b1_4_g0;
-  assign \a$1528  = a1_1_g1;
-  assign \b$1529  = b1_5_g0;
-  assign \a$1530  = a1_1_g1;
-  assign \b$1531  = b1_6_g0;
-  assign \a$1532  = a1_1_g1;
-  assign \b$1533  = b1_7_g0;
-  assign \a$1534  = a1_1_g2;
-  assign \b$1535  = b1_8_g0;
-  assign \a$1536  = a1_1_g2;
-  assign \b$1537  = b1_9_g0;
-  assign \a$1538  = a1_1_g2;
-  assign \b$1539  = b1_10_g0;
-  assign \a$1540  = a1_1_g2;
-  assign \b$1541  = b1_11_g0;
-  assign \a$1542  = a1_1_g3;
-  assign \b$1543  = b1_12_g0;
-  assign \a$1544  = a1_1_g3;
-  assign \b$1545  = b1_13_g0;
-  assign \a$1546  = a1_1_g3;
-  assign \b$1547  = b1_14_g0;
-  assign \a$1548  = a1_1_g3;
-  assign \b$1549  = b1_15_g0;
-  assign \a$1550  = a1_2_g0;
-  assign \b$1551  = b1_0_g0;
-  assign \a$1552  = a1_2_g0;
-  assign \b$1553  = b1_1_g0;
-  assign \a$1554  = a1_2_g0;
-  assign \b$1555  = b1_2_g0;
-  assign \a$1556  = a1_2_g0;
-  assign \b$1557  = b1_3_g0;
-  assign \a$1558  = a1_2_g1;
-  assign \b$1559  = b1_4_g0;
-  assign \a$1560  = a1_2_g1;
-  assign \b$1561  = b1_5_g0;
-  assign \a$1562  = a1_2_g1;
-  assign \b$1563  = b1_6_g0;
-  assign \a$1564  = a1_2_g1;
-  assign \b$1565  = b1_7_g0;
-  assign \a$1566  = a1_2_g2;
-  assign \b$1567  = b1_8_g0;
-  assign \a$1568  = a1_2_g2;
-  assign \b$1569  = b1_9_g0;
-  assign \a$1570  = a1_2_g2;
-  assign \b$1571  = b1_10_g0;
-  assign \a$1572  = a1_2_g2;
-  assign \b$1573  = b1_11_g0;
-  assign \a$1574  = a1_2_g3;
-  assign \b$1575  = b1_12_g0;
-  assign \a$1576  = a1_2_g3;
-  assign \b$1577  = b1_13_g0;
-  assign \a$1578  = a1_2_g3;
-  assign \b$1579  = b1_14_g0;
-  assign \a$1580  = a1_2_g3;
-  assign \b$1581  = b1_15_g0;
-  assign \a$1582  = a1_3_g0;
-  assign \b$1583  = b1_0_g0;
-  assign \a$1584  = a1_3_g0;
-  assign \b$1585  = b1_1_g0;
-  assign \a$1586  = a1_3_g0;
-  assign \b$1587  = b1_2_g0;
-  assign \a$1588  = a1_3_g0;
-  assign \b$1589  = b1_3_g0;
-  assign \a$1590  = a1_3_g1;
-  assign \b$1591  = b1_4_g0;
-  assign \a$1592  = a1_3_g1;
-  assign \b$1593  = b1_5_g0;
-  assign \a$1594  = a1_3_g1;
-  assign \b$1595  = b1_6_g0;
-  assign \a$1596  = a1_3_g1;
-  assign \b$1597  = b1_7_g0;
-  assign \a$1598  = a1_3_g2;
-  assign \b$1599  = b1_8_g0;
-  assign \a$1600  = a1_3_g2;
-  assign \b$1601  = b1_9_g0;
-  assign \a$1602  = a1_3_g2;
-  assign \b$1603  = b1_10_g0;
-  assign \a$1604  = a1_3_g2;
-  assign \b$1605  = b1_11_g0;
-  assign \a$1606  = a1_3_g3;
-  assign \b$1607  = b1_12_g0;
-  assign \a$1608  = a1_3_g3;
-  assign \b$1609  = b1_13_g0;
-  assign \a$1610  = a1_3_g3;
-  assign \b$1611  = b1_14_g0;
-  assign \a$1612  = a1_3_g3;
-  assign \b$1613  = b1_15_g0;
-  assign \a$1614  = a1_4_g0;
-  assign \b$1615  = b1_0_g1;
-  assign \a$1616  = a1_4_g0;
-  assign \b$1617  = b1_1_g1;
-  assign \a$1618  = a1_4_g0;
-  assign \b$1619  = b1_2_g1;
-  assign \a$1620  = a1_4_g0;
-  assign \b$1621  = b1_3_g1;
-  assign \a$1622  = a1_4_g1;
-  assign \b$1623  = b1_4_g1;
-  assign \a$1624  = a1_4_g1;
-  assign \b$1625  = b1_5_g1;
-  assign \a$1626  = a1_4_g1;
-  assign \b$1627  = b1_6_g1;
-  assign \a$1628  = a1_4_g1;
-  assign \b$1629  = b1_7_g1;
-  assign \a$1630  = a1_4_g2;
-  assign \b$1631  = b1_8_g1;
-  assign \a$1632  = a1_4_g2;
-  assign \b$1633  = b1_9_g1;
-  assign \a$1634  = a1_4_g2;
-  assign \b$1635  = b1_10_g1;
-  assign \a$1636  = a1_4_g2;
-  assign \b$1637  = b1_11_g1;
-  assign \a$1638  = a1_4_g3;
-  assign \b$1639  = b1_12_g1;
-  assign \a$1640  = a1_4_g3;
-  assign \b$1641  = b1_13_g1;
-  assign \a$1642  = a1_4_g3;
-  assign \b$1643  = b1_14_g1;
-  assign \a$1644  = a1_4_g3;
-  assign \b$1645  = b1_15_g1;
-  assign \a$1646  = a1_5_g0;
-  assign \b$1647  = b1_0_g1;
-  assign \a$1648  = a1_5_g0;
-  assign \b$1649  = b1_1_g1;
-  assign \a$1650  = a1_5_g0;
-  assign \b$1651  = b1_2_g1;
-  assign \a$1652  = a1_5_g0;
-  assign \b$1653  = b1_3_g1;
-  assign \a$1654  = a1_5_g1;
-  assign \b$1655  = b1_4_g1;
-  assign \a$1656  = a1_5_g1;
-  assign \b$1657  = b1_5_g1;
-  assign \a$1658  = a1_5_g1;
-  assign \b$1659  = b1_6_g1;
-  assign \a$1660  = a1_5_g1;
-  assign \b$1661  = b1_7_g1;
-  assign \a$1662  = a1_5_g2;
-  assign \b$1663  = b1_8_g1;
-  assign \a$1664  = a1_5_g2;
-  assign \b$1665  = b1_9_g1;
-  assign \a$1666  = a1_5_g2;
-  assign \b$1667  = b1_10_g1;
-  assign \a$1668  = a1_5_g2;
-  assign \b$1669  = b1_11_g1;
-  assign \a$1670  = a1_5_g3;
-  assign \b$1671  = b1_12_g1;
-  assign \a$1672  = a1_5_g3;
-  assign \b$1673  = b1_13_g1;
-  assign \a$1674  = a1_5_g3;
-  assign \b$1675  = b1_14_g1;
-  assign \a$1676  = a1_5_g3;
-  assign \b$1677  = b1_15_g1;
-  assign \a$1678  = a1_6_g0;
-  assign \b$1679  = b1_0_g1;
-  assign \a$1680  = a1_6_g0;
-  assign \b$1681  = b1_1_g1;
-  assign \a$1682  = a1_6_g0;
-  assign \b$1683  = b1_2_g1;
-  assign \a$1684  = a1_6_g0;
-  assign \b$1685  = b1_3_g1;
-  assign \a$1686  = a1_6_g1;
-  assign \b$1687  = b1_4_g1;
-  assign \a$1688  = a1_6_g1;
-  assign \b$1689  = b1_5_g1;
-  assign \a$1690  = a1_6_g1;
-  assign \b$1691  = b1_6_g1;
-  assign \a$1692  = a1_6_g1;
-  assign \b$1693  = b1_7_g1;
-  assign \a$1694  = a1_6_g2;
-  assign \b$1695  = b1_8_g1;
-  assign \a$1696  = a1_6_g2;
-  assign \b$1697  = b1_9_g1;
-  assign \a$1698  = a1_6_g2;
-  assign \b$1699  = b1_10_g1;
-  assign \a$1700  = a1_6_g2;
-  assign \b$1701  = b1_11_g1;
-  assign \a$1702  = a1_6_g3;
-  assign \b$1703  = b1_12_g1;
-  assign \a$1704  = a1_6_g3;
-  assign \b$1705  = b1_13_g1;
-  assign \a$1706  = a1_6_g3;
-  assign \b$1707  = b1_14_g1;
-  assign \a$1708  = a1_6_g3;
-  assign \b$1709  = b1_15_g1;
-  assign \a$1710  = a1_7_g0;
-  assign \b$1711  = b1_0_g1;
-  assign \a$1712  = a1_7_g0;
-  assign \b$1713  = b1_1_g1;
-  assign \a$1714  = a1_7_g0;
-  assign \b$1715  = b1_2_g1;
-  assign \a$1716  = a1_7_g0;
-  assign \b$1717  = b1_3_g1;
-  assign \a$1718  = a1_7_g1;
-  assign \b$1719  = b1_4_g1;
-  assign \a$1720  = a1_7_g1;
-  assign \b$1721  = b1_5_g1;
-  assign \a$1722  = a1_7_g1;
-  assign \b$1723  = b1_6_g1;
-  assign \a$1724  = a1_7_g1;
-  assign \b$1725  = b1_7_g1;
-  assign \a$1726  = a1_7_g2;
-  assign \b$1727  = b1_8_g1;
-  assign \a$1728  = a1_7_g2;
-  assign \b$1729  = b1_9_g1;
-  assign \a$1730  = a1_7_g2;
-  assign \b$1731  = b1_10_g1;
-  assign \a$1732  = a1_7_g2;
-  assign \b$1733  = b1_11_g1;
-  assign \a$1734  = a1_7_g3;
-  assign \b$1735  = b1_12_g1;
-  assign \a$1736  = a1_7_g3;
-  assign \b$1737  = b1_13_g1;
-  assign \a$1738  = a1_7_g3;
-  assign \b$1739  = b1_14_g1;
-  assign \a$1740  = a1_7_g3;
-  assign \b$1741  = b1_15_g1;
-  assign \a$1742  = a1_8_g0;
-  assign \b$1743  = b1_0_g2;
-  assign \a$1744  = a1_8_g0;
-  assign \b$1745  = b1_1_g2;
-  assign \a$1746  = a1_8_g0;
-  assign \b$1747  = b1_2_g2;
-  assign \a$1748  = a1_8_g0;
-  assign \b$1749  = b1_3_g2;
-  assign \a$1750  = a1_8_g1;
-  assign \b$1751  = b1_4_g2;
-  assign \a$1752  = a1_8_g1;
-  assign \b$1753  = b1_5_g2;
-  assign \a$1754  = a1_8_g1;
-  assign \b$1755  = b1_6_g2;
-  assign \a$1756  = a1_8_g1;
-  assign \b$1757  = b1_7_g2;
-  assign \a$1758  = a1_8_g2;
-  assign \b$1759  = b1_8_g2;
-  assign \a$1760  = a1_8_g2;
-  assign \b$1761  = b1_9_g2;
-  assign \a$1762  = a1_8_g2;
-  assign \b$1763  = b1_10_g2;
-  assign \a$1764  = a1_8_g2;
-  assign \b$1765  = b1_11_g2;
-  assign \a$1766  = a1_8_g3;
-  assign \b$1767  = b1_12_g2;
-  assign \a$1768  = a1_8_g3;
-  assign \b$1769  = b1_13_g2;
-  assign \a$1770  = a1_8_g3;
-  assign \b$1771  = b1_14_g2;
-  assign \a$1772  = a1_8_g3;
-  assign \b$1773  = b1_15_g2;
-  assign \a$1774  = a1_9_g0;
-  assign \b$1775  = b1_0_g2;
-  assign \a$1776  = a1_9_g0;
-  assign \b$1777  = b1_1_g2;
-  assign \a$1778  = a1_9_g0;
-  assign \b$1779  = b1_2_g2;
-  assign \a$1780  = a1_9_g0;
-  assign \b$1781  = b1_3_g2;
-  assign \a$1782  = a1_9_g1;
-  assign \b$1783  = b1_4_g2;
-  assign \a$1784  = a1_9_g1;
-  assign \b$1785  = b1_5_g2;
-  assign \a$1786  = a1_9_g1;
-  assign \b$1787  = b1_6_g2;
-  assign \a$1788  = a1_9_g1;
-  assign \b$1789  = b1_7_g2;
-  assign \a$1790  = a1_9_g2;
-  assign \b$1791  = b1_8_g2;
-  assign \a$1792  = a1_9_g2;
-  assign \b$1793  = b1_9_g2;
-  assign \a$1794  = a1_9_g2;
-  assign \b$1795  = b1_10_g2;
-  assign \a$1796  = a1_9_g2;
-  assign \b$1797  = b1_11_g2;
-  assign \a$1798  = a1_9_g3;
-  assign \b$1799  = b1_12_g2;
-  assign \a$1800  = a1_9_g3;
-  assign \b$1801  = b1_13_g2;
-  assign \a$1802  = a1_9_g3;
-  assign \b$1803  = b1_14_g2;
-  assign \a$1804  = a1_9_g3;
-  assign \b$1805  = b1_15_g2;
-  assign \a$1806  = a1_10_g0;
-  assign \b$1807  = b1_0_g2;
-  assign \a$1808  = a1_10_g0;
-  assign \b$1809  = b1_1_g2;
-  assign \a$1810  = a1_10_g0;
-  assign \b$1811  = b1_2_g2;
-  assign \a$1812  = a1_10_g0;
-  assign \b$1813  = b1_3_g2;
-  assign \a$1814  = a1_10_g1;
-  assign \b$1815  = b1_4_g2;
-  assign \a$1816  = a1_10_g1;
-  assign \b$1817  = b1_5_g2;
-  assign \a$1818  = a1_10_g1;
-  assign \b$1819  = b1_6_g2;
-  assign \a$1820  = a1_10_g1;
-  assign \b$1821  = b1_7_g2;
-  assign \a$1822  = a1_10_g2;
-  assign \b$1823  = b1_8_g2;
-  assign \a$1824  = a1_10_g2;
-  assign \b$1825  = b1_9_g2;
-  assign \a$1826  = a1_10_g2;
-  assign \b$1827  = b1_10_g2;
-  assign \a$1828  = a1_10_g2;
-  assign \b$1829  = b1_11_g2;
-  assign \a$1830  = a1_10_g3;
-  assign \b$1831  = b1_12_g2;
-  assign \a$1832  = a1_10_g3;
-  assign \b$1833  = b1_13_g2;
-  assign \a$1834  = a1_10_g3;
-  assign \b$1835  = b1_14_g2;
-  assign \a$1836  = a1_10_g3;
-  assign \b$1837  = b1_15_g2;
-  assign \a$1838  = a1_11_g0;
-  assign \b$1839  = b1_0_g2;
-  assign \a$1840  = a1_11_g0;
-  assign \b$1841  = b1_1_g2;
-  assign \a$1842  = a1_11_g0;
-  assign \b$1843  = b1_2_g2;
-  assign \a$1844  = a1_11_g0;
-  assign \b$1845  = b1_3_g2;
-  assign \a$1846  = a1_11_g1;
-  assign \b$1847  = b1_4_g2;
-  assign \a$1848  = a1_11_g1;
-  assign \b$1849  = b1_5_g2;
-  assign \a$1850  = a1_11_g1;
-  assign \b$1851  = b1_6_g2;
-  assign \a$1852  = a1_11_g1;
-  assign \b$1853  = b1_7_g2;
-  assign \a$1854  = a1_11_g2;
-  assign \b$1855  = b1_8_g2;
-  assign \a$1856  = a1_11_g2;
-  assign \b$1857  = b1_9_g2;
-  assign \a$1858  = a1_11_g2;
-  assign \b$1859  = b1_10_g2;
-  assign \a$1860  = a1_11_g2;
-  assign \b$1861  = b1_11_g2;
-  assign \a$1862  = a1_11_g3;
-  assign \b$1863  = b1_12_g2;
-  assign \a$1864  = a1_11_g3;
-  assign \b$1865  = b1_13_g2;
-  assign \a$1866  = a1_11_g3;
-  assign \b$1867  = b1_14_g2;
-  assign \a$1868  = a1_11_g3;
-  assign \b$1869  = b1_15_g2;
-  assign \a$1870  = a1_12_g0;
-  assign \b$1871  = b1_0_g3;
-  assign \a$1872  = a1_12_g0;
-  assign \b$1873  = b1_1_g3;
-  assign \a$1874  = a1_12_g0;
-  assign \b$1875  = b1_2_g3;
-  assign \a$1876  = a1_12_g0;
-  assign \b$1877  = b1_3_g3;
-  assign \a$1878  = a1_12_g1;
-  assign \b$1879  = b1_4_g3;
-  assign \a$1880  = a1_12_g1;
-  assign \b$1881  = b1_5_g3;
-  assign \a$1882  = a1_12_g1;
-  assign \b$1883  = b1_6_g3;
-  assign \a$1884  = a1_12_g1;
-  assign \b$1885  = b1_7_g3;
-  assign \a$1886  = a1_12_g2;
-  assign \b$1887  = b1_8_g3;
-  assign \a$1888  = a1_12_g2;
-  assign \b$1889  = b1_9_g3;
-  assign \a$1890  = a1_12_g2;
-  assign \b$1891  = b1_10_g3;
-  assign \a$1892  = a1_12_g2;
-  assign \b$1893  = b1_11_g3;
-  assign \a$1894  = a1_12_g3;
-  assign \b$1895  = b1_12_g3;
-  assign \a$1896  = a1_12_g3;
-  assign \b$1897  = b1_13_g3;
-  assign \a$1898  = a1_12_g3;
-  assign \b$1899  = b1_14_g3;
-  assign \a$1900  = a1_12_g3;
-  assign \b$1901  = b1_15_g3;
-  assign \a$1902  = a1_13_g0;
-  assign \b$1903  = b1_0_g3;
-  assign \a$1904  = a1_13_g0;
-  assign \b$1905  = b1_1_g3;
-  assign \a$1906  = a1_13_g0;
-  assign \b$1907  = b1_2_g3;
-  assign \a$1908  = a1_13_g0;
-  assign \b$1909  = b1_3_g3;
-  assign \a$1910  = a1_13_g1;
-  assign \b$1911  = b1_4_g3;
-  assign \a$1912  = a1_13_g1;
-  assign \b$1913  = b1_5_g3;
-  assign \a$1914  = a1_13_g1;
-  assign \b$1915  = b1_6_g3;
-  assign \a$1916  = a1_13_g1;
-  assign \b$1917  = b1_7_g3;
-  assign \a$1918  = a1_13_g2;
-  assign \b$1919  = b1_8_g3;
-  assign \a$1920  = a1_13_g2;
-  assign \b$1921  = b1_9_g3;
-  assign \a$1922  = a1_13_g2;
-  assign \b$1923  = b1_10_g3;
-  assign \a$1924  = a1_13_g2;
-  assign \b$1925  = b1_11_g3;
-  assign \a$1926  = a1_13_g3;
-  assign \b$1927  = b1_12_g3;
-  assign \a$1928  = a1_13_g3;
-  assign \b$1929  = b1_13_g3;
-  assign \a$1930  = a1_13_g3;
-  assign \b$1931  = b1_14_g3;
-  assign \a$1932  = a1_13_g3;
-  assign \b$1933  = b1_15_g3;
-  assign \a$1934  = a1_14_g0;
-  assign \b$1935  = b1_0_g3;
-  assign \a$1936  = a1_14_g0;
-  assign \b$1937  = b1_1_g3;
-  assign \a$1938  = a1_14_g0;
-  assign \b$1939  = b1_2_g3;
-  assign \a$1940  = a1_14_g0;
-  assign \b$1941  = b1_3_g3;
-  assign \a$1942  = a1_14_g1;
-  assign \b$1943  = b1_4_g3;
-  assign \a$1944  = a1_14_g1;
-  assign \b$1945  = b1_5_g3;
-  assign \a$1946  = a1_14_g1;
-  assign \b$1947  = b1_6_g3;
-  assign \a$1948  = a1_14_g1;
-  assign \b$1949  = b1_7_g3;
-  assign \a$1950  = a1_14_g2;
-  assign \b$1951  = b1_8_g3;
-  assign \a$1952  = a1_14_g2;
-  assign \b$1953  = b1_9_g3;
-  assign \a$1954  = a1_14_g2;
-  assign \b$1955  = b1_10_g3;
-  assign \a$1956  = a1_14_g2;
-  assign \b$1957  = b1_11_g3;
-  assign \a$1958  = a1_14_g3;
-  assign \b$1959  = b1_12_g3;
-  assign \a$1960  = a1_14_g3;
-  assign \b$1961  = b1_13_g3;
-  assign \a$1962  = a1_14_g3;
-  assign \b$1963  = b1_14_g3;
-  assign \a$1964  = a1_14_g3;
-  assign \b$1965  = b1_15_g3;
-  assign \a$1966  = a1_15_g0;
-  assign \b$1967  = b1_0_g3;
-  assign \a$1968  = a1_15_g0;
-  assign \b$1969  = b1_1_g3;
-  assign \a$1970  = a1_15_g0;
-  assign \b$1971  = b1_2_g3;
-  assign \a$1972  = a1_15_g0;
-  assign \b$1973  = b1_3_g3;
-  assign \a$1974  = a1_15_g1;
-  assign \b$1975  = b1_4_g3;
-  assign \a$1976  = a1_15_g1;
-  assign \b$1977  = b1_5_g3;
-  assign \a$1978  = a1_15_g1;
-  assign \b$1979  = b1_6_g3;
-  assign \a$1980  = a1_15_g1;
-  assign \b$1981  = b1_7_g3;
-  assign \a$1982  = a1_15_g2;
-  assign \b$1983  = b1_8_g3;
-  assign \a$1984  = a1_15_g2;
-  assign \b$1985  = b1_9_g3;
-  assign \a$1986  = a1_15_g2;
-  assign \b$1987  = b1_10_g3;
-  assign \a$1988  = a1_15_g2;
-  assign \b$1989  = b1_11_g3;
-  assign \a$1990  = a1_15_g3;
-  assign \b$1991  = b1_12_g3;
-  assign \a$1992  = a1_15_g3;
-  assign \b$1993  = b1_13_g3;
-  assign \a$1994  = a1_15_g3;
-  assign \b$1995  = b1_14_g3;
-  assign \a$1996  = a1_15_g3;
-  assign \b$1997  = b1_15_g3;
+  assign nxt_0_0 = \$264 [23:0];
+  assign nxt_0_1 = \$266 [23:0];
+  assign nxt_0_2 = \$268 [23:0];
+  assign nxt_0_3 = \$270 [23:0];
+  assign nxt_0_4 = \$272 [23:0];
+  assign nxt_0_5 = \$274 [23:0];
+  assign nxt_0_6 = \$276 [23:0];
+  assign nxt_0_7 = \$278 [23:0];
+  assign nxt_0_8 = \$280 [23:0];
+  assign nxt_0_9 = \$282 [23:0];
+  assign nxt_0_10 = \$284 [23:0];
+  assign nxt_0_11 = \$286 [23:0];
+  assign nxt_0_12 = \$288 [23:0];
+  assign nxt_0_13 = \$290 [23:0];
+  assign nxt_0_14 = \$292 [23:0];
+  assign nxt_0_15 = \$294 [23:0];
+  assign nxt_1_0 = \$296 [23:0];
+  assign nxt_1_1 = \$298 [23:0];
+  assign nxt_1_2 = \$300 [23:0];
+  assign nxt_1_3 = \$302 [23:0];
+  assign nxt_1_4 = \$304 [23:0];
+  assign nxt_1_5 = \$306 [23:0];
+  assign nxt_1_6 = \$308 [23:0];
+  assign nxt_1_7 = \$310 [23:0];
+  assign nxt_1_8 = \$312 [23:0];
+  assign nxt_1_9 = \$314 [23:0];
+  assign nxt_1_10 = \$316 [23:0];
+  assign nxt_1_11 = \$318 [23:0];
+  assign nxt_1_12 = \$320 [23:0];
+  assign nxt_1_13 = \$322 [23:0];
+  assign nxt_1_14 = \$324 [23:0];
+  assign nxt_1_15 = \$326 [23:0];
+  assign nxt_2_0 = \$328 [23:0];
+  assign nxt_2_1 = \$330 [23:0];
+  assign nxt_2_2 = \$332 [23:0];
+  assign nxt_2_3 = \$334 [23:0];
+  assign nxt_2_4 = \$336 [23:0];
+  assign nxt_2_5 = \$338 [23:0];
+  assign nxt_2_6 = \$340 [23:0];
+  assign nxt_2_7 = \$342 [23:0];
+  assign nxt_2_8 = \$344 [23:0];
+  assign nxt_2_9 = \$346 [23:0];
+  assign nxt_2_10 = \$348 [23:0];
+  assign nxt_2_11 = \$350 [23:0];
+  assign nxt_2_12 = \$352 [23:0];
+  assign nxt_2_13 = \$354 [23:0];
+  assign nxt_2_14 = \$356 [23:0];
+  assign nxt_2_15 = \$358 [23:0];
+  assign nxt_3_0 = \$360 [23:0];
+  assign nxt_3_1 = \$362 [23:0];
+  assign nxt_3_2 = \$364 [23:0];
+  assign nxt_3_3 = \$366 [23:0];
+  assign nxt_3_4 = \$368 [23:0];
+  assign nxt_3_5 = \$370 [23:0];
+  assign nxt_3_6 = \$372 [23:0];
+  assign nxt_3_7 = \$374 [23:0];
+  assign nxt_3_8 = \$376 [23:0];
+  assign nxt_3_9 = \$378 [23:0];
+  assign nxt_3_10 = \$380 [23:0];
+  assign nxt_3_11 = \$382 [23:0];
+  assign nxt_3_12 = \$384 [23:0];
+  assign nxt_3_13 = \$386 [23:0];
+  assign nxt_3_14 = \$388 [23:0];
+  assign nxt_3_15 = \$390 [23:0];
+  assign nxt_4_0 = \$392 [23:0];
+  assign nxt_4_1 = \$394 [23:0];
+  assign nxt_4_2 = \$396 [23:0];
+  assign nxt_4_3 = \$398 [23:0];
+  assign nxt_4_4 = \$400 [23:0];
+  assign nxt_4_5 = \$402 [23:0];
+  assign nxt_4_6 = \$404 [23:0];
+  assign nxt_4_7 = \$406 [23:0];
+  assign nxt_4_8 = \$408 [23:0];
+  assign nxt_4_9 = \$410 [23:0];
+  assign nxt_4_10 = \$412 [23:0];
+  assign nxt_4_11 = \$414 [23:0];
+  assign nxt_4_12 = \$416 [23:0];
+  assign nxt_4_13 = \$418 [23:0];
+  assign nxt_4_14 = \$420 [23:0];
+  assign nxt_4_15 = \$422 [23:0];
+  assign nxt_5_0 = \$424 [23:0];
+  assign nxt_5_1 = \$426 [23:0];
+  assign nxt_5_2 = \$428 [23:0];
+  assign nxt_5_3 = \$430 [23:0];
+  assign nxt_5_4 = \$432 [23:0];
+  assign nxt_5_5 = \$434 [23:0];
+  assign nxt_5_6 = \$436 [23:0];
+  assign nxt_5_7 = \$438 [23:0];
+  assign nxt_5_8 = \$440 [23:0];
+  assign nxt_5_9 = \$442 [23:0];
+  assign nxt_5_10 = \$444 [23:0];
+  assign nxt_5_11 = \$446 [23:0];
+  assign nxt_5_12 = \$448 [23:0];
+  assign nxt_5_13 = \$450 [23:0];
+  assign nxt_5_14 = \$452 [23:0];
+  assign nxt_5_15 = \$454 [23:0];
+  assign nxt_6_0 = \$456 [23:0];
+  assign nxt_6_1 = \$458 [23:0];
+  assign nxt_6_2 = \$460 [23:0];
+  assign nxt_6_3 = \$462 [23:0];
+  assign nxt_6_4 = \$464 [23:0];
+  assign nxt_6_5 = \$466 [23:0];
+  assign nxt_6_6 = \$468 [23:0];
+  assign nxt_6_7 = \$470 [23:0];
+  assign nxt_6_8 = \$472 [23:0];
+  assign nxt_6_9 = \$474 [23:0];
+  assign nxt_6_10 = \$476 [23:0];
+  assign nxt_6_11 = \$478 [23:0];
+  assign nxt_6_12 = \$480 [23:0];
+  assign nxt_6_13 = \$482 [23:0];
+  assign nxt_6_14 = \$484 [23:0];
+  assign nxt_6_15 = \$486 [23:0];
+  assign nxt_7_0 = \$488 [23:0];
+  assign nxt_7_1 = \$490 [23:0];
+  assign nxt_7_2 = \$492 [23:0];
+  assign nxt_7_3 = \$494 [23:0];
+  assign nxt_7_4 = \$496 [23:0];
+  assign nxt_7_5 = \$498 [23:0];
+  assign nxt_7_6 = \$500 [23:0];
+  assign nxt_7_7 = \$502 [23:0];
+  assign nxt_7_8 = \$504 [23:0];
+  assign nxt_7_9 = \$506 [23:0];
+  assign nxt_7_10 = \$508 [23:0];
+  assign nxt_7_11 = \$510 [23:0];
+  assign nxt_7_12 = \$512 [23:0];
+  assign nxt_7_13 = \$514 [23:0];
+  assign nxt_7_14 = \$516 [23:0];
+  assign nxt_7_15 = \$518 [23:0];
+  assign nxt_8_0 = \$520 [23:0];
+  assign nxt_8_1 = \$522 [23:0];
+  assign nxt_8_2 = \$524 [23:0];
+  assign nxt_8_3 = \$526 [23:0];
+  assign nxt_8_4 = \$528 [23:0];
+  assign nxt_8_5 = \$530 [23:0];
+  assign nxt_8_6 = \$532 [23:0];
+  assign nxt_8_7 = \$534 [23:0];
+  assign nxt_8_8 = \$536 [23:0];
+  assign nxt_8_9 = \$538 [23:0];
+  assign nxt_8_10 = \$540 [23:0];
+  assign nxt_8_11 = \$542 [23:0];
+  assign nxt_8_12 = \$544 [23:0];
+  assign nxt_8_13 = \$546 [23:0];
+  assign nxt_8_14 = \$548 [23:0];
+  assign nxt_8_15 = \$550 [23:0];
+  assign nxt_9_0 = \$552 [23:0];
+  assign nxt_9_1 = \$554 [23:0];
+  assign nxt_9_2 = \$556 [23:0];
+  assign nxt_9_3 = \$558 [23:0];
+  assign nxt_9_4 = \$560 [23:0];
+  assign nxt_9_5 = \$562 [23:0];
+  assign nxt_9_6 = \$564 [23:0];
+  assign nxt_9_7 = \$566 [23:0];
+  assign nxt_9_8 = \$568 [23:0];
+  assign nxt_9_9 = \$570 [23:0];
+  assign nxt_9_10 = \$572 [23:0];
+  assign nxt_9_11 = \$574 [23:0];
+  assign nxt_9_12 = \$576 [23:0];
+  assign nxt_9_13 = \$578 [23:0];
+  assign nxt_9_14 = \$580 [23:0];
+  assign nxt_9_15 = \$582 [23:0];
+  assign nxt_10_0 = \$584 [23:0];
+  assign nxt_10_1 = \$586 [23:0];
+  assign nxt_10_2 = \$588 [23:0];
+  assign nxt_10_3 = \$590 [23:0];
+  assign nxt_10_4 = \$592 [23:0];
+  assign nxt_10_5 = \$594 [23:0];
+  assign nxt_10_6 = \$596 [23:0];
+  assign nxt_10_7 = \$598 [23:0];
+  assign nxt_10_8 = \$600 [23:0];
+  assign nxt_10_9 = \$602 [23:0];
+  assign nxt_10_10 = \$604 [23:0];
+  assign nxt_10_11 = \$606 [23:0];
+  assign nxt_10_12 = \$608 [23:0];
+  assign nxt_10_13 = \$610 [23:0];
+  assign nxt_10_14 = \$612 [23:0];
+  assign nxt_10_15 = \$614 [23:0];
+  assign nxt_11_0 = \$616 [23:0];
+  assign nxt_11_1 = \$618 [23:0];
+  assign nxt_11_2 = \$620 [23:0];
+  assign nxt_11_3 = \$622 [23:0];
+  assign nxt_11_4 = \$624 [23:0];
+  assign nxt_11_5 = \$626 [23:0];
+  assign nxt_11_6 = \$628 [23:0];
+  assign nxt_11_7 = \$630 [23:0];
+  assign nxt_11_8 = \$632 [23:0];
+  assign nxt_11_9 = \$634 [23:0];
+  assign nxt_11_10 = \$636 [23:0];
+  assign nxt_11_11 = \$638 [23:0];
+  assign nxt_11_12 = \$640 [23:0];
+  assign nxt_11_13 = \$642 [23:0];
+  assign nxt_11_14 = \$644 [23:0];
+  assign nxt_11_15 = \$646 [23:0];
+  assign nxt_12_0 = \$648 [23:0];
+  assign nxt_12_1 = \$650 [23:0];
+  assign nxt_12_2 = \$652 [23:0];
+  assign nxt_12_3 = \$654 [23:0];
+  assign nxt_12_4 = \$656 [23:0];
+  assign nxt_12_5 = \$658 [23:0];
+  assign nxt_12_6 = \$660 [23:0];
+  assign nxt_12_7 = \$662 [23:0];
+  assign nxt_12_8 = \$664 [23:0];
+  assign nxt_12_9 = \$666 [23:0];
+  assign nxt_12_10 = \$668 [23:0];
+  assign nxt_12_11 = \$670 [23:0];
+  assign nxt_12_12 = \$672 [23:0];
+  assign nxt_12_13 = \$674 [23:0];
+  assign nxt_12_14 = \$676 [23:0];
+  assign nxt_12_15 = \$678 [23:0];
+  assign nxt_13_0 = \$680 [23:0];
+  assign nxt_13_1 = \$682 [23:0];
+  assign nxt_13_2 = \$684 [23:0];
+  assign nxt_13_3 = \$686 [23:0];
+  assign nxt_13_4 = \$688 [23:0];
+  assign nxt_13_5 = \$690 [23:0];
+  assign nxt_13_6 = \$692 [23:0];
+  assign nxt_13_7 = \$694 [23:0];
+  assign nxt_13_8 = \$696 [23:0];
+  assign nxt_13_9 = \$698 [23:0];
+  assign nxt_13_10 = \$700 [23:0];
+  assign nxt_13_11 = \$702 [23:0];
+  assign nxt_13_12 = \$704 [23:0];
+  assign nxt_13_13 = \$706 [23:0];
+  assign nxt_13_14 = \$708 [23:0];
+  assign nxt_13_15 = \$710 [23:0];
+  assign nxt_14_0 = \$712 [23:0];
+  assign nxt_14_1 = \$714 [23:0];
+  assign nxt_14_2 = \$716 [23:0];
+  assign nxt_14_3 = \$718 [23:0];
+  assign nxt_14_4 = \$720 [23:0];
+  assign nxt_14_5 = \$722 [23:0];
+  assign nxt_14_6 = \$724 [23:0];
+  assign nxt_14_7 = \$726 [23:0];
+  assign nxt_14_8 = \$728 [23:0];
+  assign nxt_14_9 = \$730 [23:0];
+  assign nxt_14_10 = \$732 [23:0];
+  assign nxt_14_11 = \$734 [23:0];
+  assign nxt_14_12 = \$736 [23:0];
+  assign nxt_14_13 = \$738 [23:0];
+  assign nxt_14_14 = \$740 [23:0];
+  assign nxt_14_15 = \$742 [23:0];
+  assign nxt_15_0 = \$744 [23:0];
+  assign nxt_15_1 = \$746 [23:0];
+  assign nxt_15_2 = \$748 [23:0];
+  assign nxt_15_3 = \$750 [23:0];
+  assign nxt_15_4 = \$752 [23:0];
+  assign nxt_15_5 = \$754 [23:0];
+  assign nxt_15_6 = \$756 [23:0];
+  assign nxt_15_7 = \$758 [23:0];
+  assign nxt_15_8 = \$760 [23:0];
+  assign nxt_15_9 = \$762 [23:0];
+  assign nxt_15_10 = \$764 [23:0];
+  assign nxt_15_11 = \$766 [23:0];
+  assign nxt_15_12 = \$768 [23:0];
+  assign nxt_15_13 = \$770 [23:0];
+  assign nxt_15_14 = \$772 [23:0];
+  assign nxt_15_15 = \$774 [23:0];
+  assign a = a_0_l2_0;
+  assign b = b_0_l2_0;
+  assign \a$1556  = a_0_l2_0;
+  assign \b$1557  = b_1_l2_0;
+  assign \a$1558  = a_0_l2_0;
+  assign \b$1559  = b_2_l2_0;
+  assign \a$1560  = a_0_l2_0;
+  assign \b$1561  = b_3_l2_0;
+  assign \a$1562  = a_0_l2_1;
+  assign \b$1563  = b_4_l2_0;
+  assign \a$1564  = a_0_l2_1;
+  assign \b$1565  = b_5_l2_0;
+  assign \a$1566  = a_0_l2_1;
+  assign \b$1567  = b_6_l2_0;
+  assign \a$1568  = a_0_l2_1;
+  assign \b$1569  = b_7_l2_0;
+  assign \a$1570  = a_0_l2_2;
+  assign \b$1571  = b_8_l2_0;
+  assign \a$1572  = a_0_l2_2;
+  assign \b$1573  = b_9_l2_0;
+  assign \a$1574  = a_0_l2_2;
+  assign \b$1575  = b_10_l2_0;
+  assign \a$1576  = a_0_l2_2;
+  assign \b$1577  = b_11_l2_0;
+  assign \a$1578  = a_0_l2_3;
+  assign \b$1579  = b_12_l2_0;
+  assign \a$1580  = a_0_l2_3;
+  assign \b$1581  = b_13_l2_0;
+  assign \a$1582  = a_0_l2_3;
+  assign \b$1583  = b_14_l2_0;
+  assign \a$1584  = a_0_l2_3;
+  assign \b$1585  = b_15_l2_0;
+  assign \a$1586  = a_1_l2_0;
+  assign \b$1587  = b_0_l2_0;
+  assign \a$1588  = a_1_l2_0;
+  assign \b$1589  = b_1_l2_0;
+  assign \a$1590  = a_1_l2_0;
+  assign \b$1591  = b_2_l2_0;
+  assign \a$1592  = a_1_l2_0;
+  assign \b$1593  = b_3_l2_0;
+  assign \a$1594  = a_1_l2_1;
+  assign \b$1595  = b_4_l2_0;
+  assign \a$1596  = a_1_l2_1;
+  assign \b$1597  = b_5_l2_0;
+  assign \a$1598  = a_1_l2_1;
+  assign \b$1599  = b_6_l2_0;
+  assign \a$1600  = a_1_l2_1;
+  assign \b$1601  = b_7_l2_0;
+  assign \a$1602  = a_1_l2_2;
+  assign \b$1603  = b_8_l2_0;
+  assign \a$1604  = a_1_l2_2;
+  assign \b$1605  = b_9_l2_0;
+  assign \a$1606  = a_1_l2_2;
+  assign \b$1607  = b_10_l2_0;
+  assign \a$1608  = a_1_l2_2;
+  assign \b$1609  = b_11_l2_0;
+  assign \a$1610  = a_1_l2_3;
+  assign \b$1611  = b_12_l2_0;
+  assign \a$1612  = a_1_l2_3;
+  assign \b$1613  = b_13_l2_0;
+  assign \a$1614  = a_1_l2_3;
+  assign \b$1615  = b_14_l2_0;
+  assign \a$1616  = a_1_l2_3;
+  assign \b$1617  = b_15_l2_0;
+  assign \a$1618  = a_2_l2_0;
+  assign \b$1619  = b_0_l2_0;
+  assign \a$1620  = a_2_l2_0;
+  assign \b$1621  = b_1_l2_0;
+  assign \a$1622  = a_2_l2_0;
+  assign \b$1623  = b_2_l2_0;
+  assign \a$1624  = a_2_l2_0;
+  assign \b$1625  = b_3_l2_0;
+  assign \a$1626  = a_2_l2_1;
+  assign \b$1627  = b_4_l2_0;
+  assign \a$1628  = a_2_l2_1;
+  assign \b$1629  = b_5_l2_0;
+  assign \a$1630  = a_2_l2_1;
+  assign \b$1631  = b_6_l2_0;
+  assign \a$1632  = a_2_l2_1;
+  assign \b$1633  = b_7_l2_0;
+  assign \a$1634  = a_2_l2_2;
+  assign \b$1635  = b_8_l2_0;
+  assign \a$1636  = a_2_l2_2;
+  assign \b$1637  = b_9_l2_0;
+  assign \a$1638  = a_2_l2_2;
+  assign \b$1639  = b_10_l2_0;
+  assign \a$1640  = a_2_l2_2;
+  assign \b$1641  = b_11_l2_0;
+  assign \a$1642  = a_2_l2_3;
+  assign \b$1643  = b_12_l2_0;
+  assign \a$1644  = a_2_l2_3;
+  assign \b$1645  = b_13_l2_0;
+  assign \a$1646  = a_2_l2_3;
+  assign \b$1647  = b_14_l2_0;
+  assign \a$1648  = a_2_l2_3;
+  assign \b$1649  = b_15_l2_0;
+  assign \a$1650  = a_3_l2_0;
+  assign \b$1651  = b_0_l2_0;
+  assign \a$1652  = a_3_l2_0;
+  assign \b$1653  = b_1_l2_0;
+  assign \a$1654  = a_3_l2_0;
+  assign \b$1655  = b_2_l2_0;
+  assign \a$1656  = a_3_l2_0;
+  assign \b$1657  = b_3_l2_0;
+  assign \a$1658  = a_3_l2_1;
+  assign \b$1659  = b_4_l2_0;
+  assign \a$1660  = a_3_l2_1;
+  assign \b$1661  = b_5_l2_0;
+  assign \a$1662  = a_3_l2_1;
+  assign \b$1663  = b_6_l2_0;
+  assign \a$1664  = a_3_l2_1;
+  assign \b$1665  = b_7_l2_0;
+  assign \a$1666  = a_3_l2_2;
+  assign \b$1667  = b_8_l2_0;
+  assign \a$1668  = a_3_l2_2;
+  assign \b$1669  = b_9_l2_0;
+  assign \a$1670  = a_3_l2_2;
+  assign \b$1671  = b_10_l2_0;
+  assign \a$1672  = a_3_l2_2;
+  assign \b$1673  = b_11_l2_0;
+  assign \a$1674  = a_3_l2_3;
+  assign \b$1675  = b_12_l2_0;
+  assign \a$1676  = a_3_l2_3;
+  assign \b$1677  = b_13_l2_0;
+  assign \a$1678  = a_3_l2_3;
+  assign \b$1679  = b_14_l2_0;
+  assign \a$1680  = a_3_l2_3;
+  assign \b$1681  = b_15_l2_0;
+  assign \a$1682  = a_4_l2_0;
+  assign \b$1683  = b_0_l2_1;
+  assign \a$1684  = a_4_l2_0;
+  assign \b$1685  = b_1_l2_1;
+  assign \a$1686  = a_4_l2_0;
+  assign \b$1687  = b_2_l2_1;
+  assign \a$1688  = a_4_l2_0;
+  assign \b$1689  = b_3_l2_1;
+  assign \a$1690  = a_4_l2_1;
+  assign \b$1691  = b_4_l2_1;
+  assign \a$1692  = a_4_l2_1;
+  assign \b$1693  = b_5_l2_1;
+  assign \a$1694  = a_4_l2_1;
+  assign \b$1695  = b_6_l2_1;
+  assign \a$1696  = a_4_l2_1;
+  assign \b$1697  = b_7_l2_1;
+  assign \a$1698  = a_4_l2_2;
+  assign \b$1699  = b_8_l2_1;
+  assign \a$1700  = a_4_l2_2;
+  assign \b$1701  = b_9_l2_1;
+  assign \a$1702  = a_4_l2_2;
+  assign \b$1703  = b_10_l2_1;
+  assign \a$1704  = a_4_l2_2;
+  assign \b$1705  = b_11_l2_1;
+  assign \a$1706  = a_4_l2_3;
+  assign \b$1707  = b_12_l2_1;
+  assign \a$1708  = a_4_l2_3;
+  assign \b$1709  = b_13_l2_1;
+  assign \a$1710  = a_4_l2_3;
+  assign \b$1711  = b_14_l2_1;
+  assign \a$1712  = a_4_l2_3;
+  assign \b$1713  = b_15_l2_1;
+  assign \a$1714  = a_5_l2_0;
+  assign \b$1715  = b_0_l2_1;
+  assign \a$1716  = a_5_l2_0;
+  assign \b$1717  = b_1_l2_1;
+  assign \a$1718  = a_5_l2_0;
+  assign \b$1719  = b_2_l2_1;
+  assign \a$1720  = a_5_l2_0;
+  assign \b$1721  = b_3_l2_1;
+  assign \a$1722  = a_5_l2_1;
+  assign \b$1723  = b_4_l2_1;
+  assign \a$1724  = a_5_l2_1;
+  assign \b$1725  = b_5_l2_1;
+  assign \a$1726  = a_5_l2_1;
+  assign \b$1727  = b_6_l2_1;
+  assign \a$1728  = a_5_l2_1;
+  assign \b$1729  = b_7_l2_1;
+  assign \a$1730  = a_5_l2_2;
+  assign \b$1731  = b_8_l2_1;
+  assign \a$1732  = a_5_l2_2;
+  assign \b$1733  = b_9_l2_1;
+  assign \a$1734  = a_5_l2_2;
+  assign \b$1735  = b_10_l2_1;
+  assign \a$1736  = a_5_l2_2;
+  assign \b$1737  = b_11_l2_1;
+  assign \a$1738  = a_5_l2_3;
+  assign \b$1739  = b_12_l2_1;
+  assign \a$1740  = a_5_l2_3;
+  assign \b$1741  = b_13_l2_1;
+  assign \a$1742  = a_5_l2_3;
+  assign \b$1743  = b_14_l2_1;
+  assign \a$1744  = a_5_l2_3;
+  assign \b$1745  = b_15_l2_1;
+  assign \a$1746  = a_6_l2_0;
+  assign \b$1747  = b_0_l2_1;
+  assign \a$1748  = a_6_l2_0;
+  assign \b$1749  = b_1_l2_1;
+  assign \a$1750  = a_6_l2_0;
+  assign \b$1751  = b_2_l2_1;
+  assign \a$1752  = a_6_l2_0;
+  assign \b$1753  = b_3_l2_1;
+  assign \a$1754  = a_6_l2_1;
+  assign \b$1755  = b_4_l2_1;
+  assign \a$1756  = a_6_l2_1;
+  assign \b$1757  = b_5_l2_1;
+  assign \a$1758  = a_6_l2_1;
+  assign \b$1759  = b_6_l2_1;
+  assign \a$1760  = a_6_l2_1;
+  assign \b$1761  = b_7_l2_1;
+  assign \a$1762  = a_6_l2_2;
+  assign \b$1763  = b_8_l2_1;
+  assign \a$1764  = a_6_l2_2;
+  assign \b$1765  = b_9_l2_1;
+  assign \a$1766  = a_6_l2_2;
+  assign \b$1767  = b_10_l2_1;
+  assign \a$1768  = a_6_l2_2;
+  assign \b$1769  = b_11_l2_1;
+  assign \a$1770  = a_6_l2_3;
+  assign \b$1771  = b_12_l2_1;
+  assign \a$1772  = a_6_l2_3;
+  assign \b$1773  = b_13_l2_1;
+  assign \a$1774  = a_6_l2_3;
+  assign \b$1775  = b_14_l2_1;
+  assign \a$1776  = a_6_l2_3;
+  assign \b$1777  = b_15_l2_1;
+  assign \a$1778  = a_7_l2_0;
+  assign \b$1779  = b_0_l2_1;
+  assign \a$1780  = a_7_l2_0;
+  assign \b$1781  = b_1_l2_1;
+  assign \a$1782  = a_7_l2_0;
+  assign \b$1783  = b_2_l2_1;
+  assign \a$1784  = a_7_l2_0;
+  assign \b$1785  = b_3_l2_1;
+  assign \a$1786  = a_7_l2_1;
+  assign \b$1787  = b_4_l2_1;
+  assign \a$1788  = a_7_l2_1;
+  assign \b$1789  = b_5_l2_1;
+  assign \a$1790  = a_7_l2_1;
+  assign \b$1791  = b_6_l2_1;
+  assign \a$1792  = a_7_l2_1;
+  assign \b$1793  = b_7_l2_1;
+  assign \a$1794  = a_7_l2_2;
+  assign \b$1795  = b_8_l2_1;
+  assign \a$1796  = a_7_l2_2;
+  assign \b$1797  = b_9_l2_1;
+  assign \a$1798  = a_7_l2_2;
+  assign \b$1799  = b_10_l2_1;
+  assign \a$1800  = a_7_l2_2;
+  assign \b$1801  = b_11_l2_1;
+  assign \a$1802  = a_7_l2_3;
+  assign \b$1803  = b_12_l2_1;
+  assign \a$1804  = a_7_l2_3;
+  assign \b$1805  = b_13_l2_1;
+  assign \a$1806  = a_7_l2_3;
+  assign \b$1807  = b_14_l2_1;
+  assign \a$1808  = a_7_l2_3;
+  assign \b$1809  = b_15_l2_1;
+  assign \a$1810  = a_8_l2_0;
+  assign \b$1811  = b_0_l2_2;
+  assign \a$1812  = a_8_l2_0;
+  assign \b$1813  = b_1_l2_2;
+  assign \a$1814  = a_8_l2_0;
+  assign \b$1815  = b_2_l2_2;
+  assign \a$1816  = a_8_l2_0;
+  assign \b$1817  = b_3_l2_2;
+  assign \a$1818  = a_8_l2_1;
+  assign \b$1819  = b_4_l2_2;
+  assign \a$1820  = a_8_l2_1;
+  assign \b$1821  = b_5_l2_2;
+  assign \a$1822  = a_8_l2_1;
+  assign \b$1823  = b_6_l2_2;
+  assign \a$1824  = a_8_l2_1;
+  assign \b$1825  = b_7_l2_2;
+  assign \a$1826  = a_8_l2_2;
+  assign \b$1827  = b_8_l2_2;
+  assign \a$1828  = a_8_l2_2;
+  assign \b$1829  = b_9_l2_2;
+  assign \a$1830  = a_8_l2_2;
+  assign \b$1831  = b_10_l2_2;
+  assign \a$1832  = a_8_l2_2;
+  assign \b$1833  = b_11_l2_2;
+  assign \a$1834  = a_8_l2_3;
+  assign \b$1835  = b_12_l2_2;
+  assign \a$1836  = a_8_l2_3;
+  assign \b$1837  = b_13_l2_2;
+  assign \a$1838  = a_8_l2_3;
+  assign \b$1839  = b_14_l2_2;
+  assign \a$1840  = a_8_l2_3;
+  assign \b$1841  = b_15_l2_2;
+  assign \a$1842  = a_9_l2_0;
+  assign \b$1843  = b_0_l2_2;
+  assign \a$1844  = a_9_l2_0;
+  assign \b$1845  = b_1_l2_2;
+  assign \a$1846  = a_9_l2_0;
+  assign \b$1847  = b_2_l2_2;
+  assign \a$1848  = a_9_l2_0;
+  assign \b$1849  = b_3_l2_2;
+  assign \a$1850  = a_9_l2_1;
+  assign \b$1851  = b_4_l2_2;
+  assign \a$1852  = a_9_l2_1;
+  assign \b$1853  = b_5_l2_2;
+  assign \a$1854  = a_9_l2_1;
+  assign \b$1855  = b_6_l2_2;
+  assign \a$1856  = a_9_l2_1;
+  assign \b$1857  = b_7_l2_2;
+  assign \a$1858  = a_9_l2_2;
+  assign \b$1859  = b_8_l2_2;
+  assign \a$1860  = a_9_l2_2;
+  assign \b$1861  = b_9_l2_2;
+  assign \a$1862  = a_9_l2_2;
+  assign \b$1863  = b_10_l2_2;
+  assign \a$1864  = a_9_l2_2;
+  assign \b$1865  = b_11_l2_2;
+  assign \a$1866  = a_9_l2_3;
+  assign \b$1867  = b_12_l2_2;
+  assign \a$1868  = a_9_l2_3;
+  assign \b$1869  = b_13_l2_2;
+  assign \a$1870  = a_9_l2_3;
+  assign \b$1871  = b_14_l2_2;
+  assign \a$1872  = a_9_l2_3;
+  assign \b$1873  = b_15_l2_2;
+  assign \a$1874  = a_10_l2_0;
+  assign \b$1875  = b_0_l2_2;
+  assign \a$1876  = a_10_l2_0;
+  assign \b$1877  = b_1_l2_2;
+  assign \a$1878  = a_10_l2_0;
+  assign \b$1879  = b_2_l2_2;
+  assign \a$1880  = a_10_l2_0;
+  assign \b$1881  = b_3_l2_2;
+  assign \a$1882  = a_10_l2_1;
+  assign \b$1883  = b_4_l2_2;
+  assign \a$1884  = a_10_l2_1;
+  assign \b$1885  = b_5_l2_2;
+  assign \a$1886  = a_10_l2_1;
+  assign \b$1887  = b_6_l2_2;
+  assign \a$1888  = a_10_l2_1;
+  assign \b$1889  = b_7_l2_2;
+  assign \a$1890  = a_10_l2_2;
+  assign \b$1891  = b_8_l2_2;
+  assign \a$1892  = a_10_l2_2;
+  assign \b$1893  = b_9_l2_2;
+  assign \a$1894  = a_10_l2_2;
+  assign \b$1895  = b_10_l2_2;
+  assign \a$1896  = a_10_l2_2;
+  assign \b$1897  = b_11_l2_2;
+  assign \a$1898  = a_10_l2_3;
+  assign \b$1899  = b_12_l2_2;
+  assign \a$1900  = a_10_l2_3;
+  assign \b$1901  = b_13_l2_2;
+  assign \a$1902  = a_10_l2_3;
+  assign \b$1903  = b_14_l2_2;
+  assign \a$1904  = a_10_l2_3;
+  assign \b$1905  = b_15_l2_2;
+  assign \a$1906  = a_11_l2_0;
+  assign \b$1907  = b_0_l2_2;
+  assign \a$1908  = a_11_l2_0;
+  assign \b$1909  = b_1_l2_2;
+  assign \a$1910  = a_11_l2_0;
+  assign \b$1911  = b_2_l2_2;
+  assign \a$1912  = a_11_l2_0;
+  assign \b$1913  = b_3_l2_2;
+  assign \a$1914  = a_11_l2_1;
+  assign \b$1915  = b_4_l2_2;
+  assign \a$1916  = a_11_l2_1;
+  assign \b$1917  = b_5_l2_2;
+  assign \a$1918  = a_11_l2_1;
+  assign \b$1919  = b_6_l2_2;
+  assign \a$1920  = a_11_l2_1;
+  assign \b$1921  = b_7_l2_2;
+  assign \a$1922  = a_11_l2_2;
+  assign \b$1923  = b_8_l2_2;
+  assign \a$1924  = a_11_l2_2;
+  assign \b$1925  = b_9_l2_2;
+  assign \a$1926  = a_11_l2_2;
+  assign \b$1927  = b_10_l2_2;
+  assign \a$1928  = a_11_l2_2;
+  assign \b$1929  = b_11_l2_2;
+  assign \a$1930  = a_11_l2_3;
+  assign \b$1931  = b_12_l2_2;
+  assign \a$1932  = a_11_l2_3;
+  assign \b$1933  = b_13_l2_2;
+  assign \a$1934  = a_11_l2_3;
+  assign \b$1935  = b_14_l2_2;
+  assign \a$1936  = a_11_l2_3;
+  assign \b$1937  = b_15_l2_2;
+  assign \a$1938  = a_12_l2_0;
+  assign \b$1939  = b_0_l2_3;
+  assign \a$1940  = a_12_l2_0;
+  assign \b$1941  = b_1_l2_3;
+  assign \a$1942  = a_12_l2_0;
+  assign \b$1943  = b_2_l2_3;
+  assign \a$1944  = a_12_l2_0;
+  assign \b$1945  = b_3_l2_3;
+  assign \a$1946  = a_12_l2_1;
+  assign \b$1947  = b_4_l2_3;
+  assign \a$1948  = a_12_l2_1;
+  assign \b$1949  = b_5_l2_3;
+  assign \a$1950  = a_12_l2_1;
+  assign \b$1951  = b_6_l2_3;
+  assign \a$1952  = a_12_l2_1;
+  assign \b$1953  = b_7_l2_3;
+  assign \a$1954  = a_12_l2_2;
+  assign \b$1955  = b_8_l2_3;
+  assign \a$1956  = a_12_l2_2;
+  assign \b$1957  = b_9_l2_3;
+  assign \a$1958  = a_12_l2_2;
+  assign \b$1959  = b_10_l2_3;
+  assign \a$1960  = a_12_l2_2;
+  assign \b$1961  = b_11_l2_3;
+  assign \a$1962  = a_12_l2_3;
+  assign \b$1963  = b_12_l2_3;
+  assign \a$1964  = a_12_l2_3;
+  assign \b$1965  = b_13_l2_3;
+  assign \a$1966  = a_12_l2_3;
+  assign \b$1967  = b_14_l2_3;
+  assign \a$1968  = a_12_l2_3;
+  assign \b$1969  = b_15_l2_3;
+  assign \a$1970  = a_13_l2_0;
+  assign \b$1971  = b_0_l2_3;
+  assign \a$1972  = a_13_l2_0;
+  assign \b$1973  = b_1_l2_3;
+  assign \a$1974  = a_13_l2_0;
+  assign \b$1975  = b_2_l2_3;
+  assign \a$1976  = a_13_l2_0;
+  assign \b$1977  = b_3_l2_3;
+  assign \a$1978  = a_13_l2_1;
+  assign \b$1979  = b_4_l2_3;
+  assign \a$1980  = a_13_l2_1;
+  assign \b$1981  = b_5_l2_3;
+  assign \a$1982  = a_13_l2_1;
+  assign \b$1983  = b_6_l2_3;
+  assign \a$1984  = a_13_l2_1;
+  assign \b$1985  = b_7_l2_3;
+  assign \a$1986  = a_13_l2_2;
+  assign \b$1987  = b_8_l2_3;
+  assign \a$1988  = a_13_l2_2;
+  assign \b$1989  = b_9_l2_3;
+  assign \a$1990  = a_13_l2_2;
+  assign \b$1991  = b_10_l2_3;
+  assign \a$1992  = a_13_l2_2;
+  assign \b$1993  = b_11_l2_3;
+  assign \a$1994  = a_13_l2_3;
+  assign \b$1995  = b_12_l2_3;
+  assign \a$1996  = a_13_l2_3;
+  assign \b$1997  = b_13_l2_3;
+  assign \a$1998  = a_13_l2_3;
+  assign \b$1999  = b_14_l2_3;
+  assign \a$2000  = a_13_l2_3;
+  assign \b$2001  = b_15_l2_3;
+  assign \a$2002  = a_14_l2_0;
+  assign \b$2003  = b_0_l2_3;
+  assign \a$2004  = a_14_l2_0;
+  assign \b$2005  = b_1_l2_3;
+  assign \a$2006  = a_14_l2_0;
+  assign \b$2007  = b_2_l2_3;
+  assign \a$2008  = a_14_l2_0;
+  assign \b$2009  = b_3_l2_3;
+  assign \a$2010  = a_14_l2_1;
+  assign \b$2011  = b_4_l2_3;
+  assign \a$2012  = a_14_l2_1;
+  assign \b$2013  = b_5_l2_3;
+  assign \a$2014  = a_14_l2_1;
+  assign \b$2015  = b_6_l2_3;
+  assign \a$2016  = a_14_l2_1;
+  assign \b$2017  = b_7_l2_3;
+  assign \a$2018  = a_14_l2_2;
+  assign \b$2019  = b_8_l2_3;
+  assign \a$2020  = a_14_l2_2;
+  assign \b$2021  = b_9_l2_3;
+  assign \a$2022  = a_14_l2_2;
+  assign \b$2023  = b_10_l2_3;
+  assign \a$2024  = a_14_l2_2;
+  assign \b$2025  = b_11_l2_3;
+  assign \a$2026  = a_14_l2_3;
+  assign \b$2027  = b_12_l2_3;
+  assign \a$2028  = a_14_l2_3;
+  assign \b$2029  = b_13_l2_3;
+  assign \a$2030  = a_14_l2_3;
+  assign \b$2031  = b_14_l2_3;
+  assign \a$2032  = a_14_l2_3;
+  assign \b$2033  = b_15_l2_3;
+  assign \a$2034  = a_15_l2_0;
+  assign \b$2035  = b_0_l2_3;
+  assign \a$2036  = a_15_l2_0;
+  assign \b$2037  = b_1_l2_3;
+  assign \a$2038  = a_15_l2_0;
+  assign \b$2039  = b_2_l2_3;
+  assign \a$2040  = a_15_l2_0;
+  assign \b$2041  = b_3_l2_3;
+  assign \a$2042  = a_15_l2_1;
+  assign \b$2043  = b_4_l2_3;
+  assign \a$2044  = a_15_l2_1;
+  assign \b$2045  = b_5_l2_3;
+  assign \a$2046  = a_15_l2_1;
+  assign \b$2047  = b_6_l2_3;
+  assign \a$2048  = a_15_l2_1;
+  assign \b$2049  = b_7_l2_3;
+  assign \a$2050  = a_15_l2_2;
+  assign \b$2051  = b_8_l2_3;
+  assign \a$2052  = a_15_l2_2;
+  assign \b$2053  = b_9_l2_3;
+  assign \a$2054  = a_15_l2_2;
+  assign \b$2055  = b_10_l2_3;
+  assign \a$2056  = a_15_l2_2;
+  assign \b$2057  = b_11_l2_3;
+  assign \a$2058  = a_15_l2_3;
+  assign \b$2059  = b_12_l2_3;
+  assign \a$2060  = a_15_l2_3;
+  assign \b$2061  = b_13_l2_3;
+  assign \a$2062  = a_15_l2_3;
+  assign \b$2063  = b_14_l2_3;
+  assign \a$2064  = a_15_l2_3;
+  assign \b$2065  = b_15_l2_3;
   assign o__valid = bank_busy;
   assign \i__payload.a  = i__payload[127:0];
   assign \i__payload.a[0]  = i__payload[7:0];
@@ -34137,12 +34896,12 @@ module \encoder_layer_0_attention_output_dense.pe (rst, i__payload, i__valid, ba
   assign o__payload[71:48] = bank_0_2;
   assign o__payload[47:24] = bank_0_1;
   assign o__payload[23:0] = bank_0_0;
-  assign o__payload[388] = \$791 ;
+  assign o__payload[388] = \$775 ;
   assign o__payload[387:384] = row;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_0_0 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_0_0 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -34155,8 +34914,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_0_0 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -34168,11 +34928,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_0_0 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_0_1 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_0_1 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -34185,8 +34947,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_0_1 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -34198,11 +34961,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_0_1 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_0_10 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_0_10 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -34215,8 +34980,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_0_10 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -34228,11 +34994,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_0_10 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_0_11 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_0_11 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -34245,8 +35013,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_0_11 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -34258,11 +35027,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_0_11 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_0_12 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_0_12 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -34275,8 +35046,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_0_12 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -34288,11 +35060,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_0_12 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_0_13 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_0_13 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -34305,8 +35079,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_0_13 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -34318,11 +35093,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_0_13 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_0_14 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_0_14 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -34335,8 +35112,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_0_14 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -34348,11 +35126,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_0_14 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_0_15 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_0_15 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -34365,8 +35145,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_0_15 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -34378,11 +35159,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_0_15 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_0_2 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_0_2 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -34395,8 +35178,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_0_2 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -34408,11 +35192,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_0_2 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_0_3 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_0_3 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -34425,8 +35211,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_0_3 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -34438,11 +35225,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_0_3 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_0_4 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_0_4 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -34455,8 +35244,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_0_4 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -34468,11 +35258,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_0_4 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_0_5 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_0_5 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -34485,8 +35277,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_0_5 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -34498,11 +35291,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_0_5 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_0_6 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_0_6 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -34515,8 +35310,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_0_6 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -34528,11 +35324,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_0_6 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_0_7 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_0_7 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -34545,8 +35343,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_0_7 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -34558,11 +35357,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_0_7 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_0_8 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_0_8 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -34575,8 +35376,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_0_8 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -34588,11 +35390,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_0_8 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_0_9 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_0_9 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -34605,8 +35409,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_0_9 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -34618,11 +35423,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_0_9 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_10_0 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_10_0 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -34635,8 +35442,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_10_0 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -34648,11 +35456,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_10_0 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_10_1 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_10_1 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -34665,8 +35475,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_10_1 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -34678,11 +35489,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_10_1 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_10_10 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_10_10 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -34695,8 +35508,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_10_10 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -34708,11 +35522,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_10_10 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_10_11 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_10_11 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -34725,8 +35541,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_10_11 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -34738,11 +35555,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_10_11 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_10_12 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_10_12 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -34755,8 +35574,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_10_12 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -34768,11 +35588,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_10_12 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_10_13 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_10_13 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -34785,8 +35607,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_10_13 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -34798,11 +35621,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_10_13 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_10_14 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_10_14 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -34815,8 +35640,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_10_14 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -34828,11 +35654,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_10_14 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_10_15 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_10_15 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -34845,8 +35673,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_10_15 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -34858,11 +35687,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_10_15 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_10_2 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_10_2 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -34875,8 +35706,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_10_2 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -34888,11 +35720,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_10_2 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_10_3 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_10_3 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -34905,8 +35739,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_10_3 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -34918,11 +35753,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_10_3 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_10_4 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_10_4 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -34935,8 +35772,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_10_4 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -34948,11 +35786,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_10_4 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_10_5 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_10_5 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -34965,8 +35805,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_10_5 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -34978,11 +35819,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_10_5 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_10_6 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_10_6 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -34995,8 +35838,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_10_6 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -35008,11 +35852,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_10_6 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_10_7 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_10_7 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -35025,8 +35871,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_10_7 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -35038,11 +35885,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_10_7 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_10_8 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_10_8 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -35055,8 +35904,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_10_8 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -35068,11 +35918,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_10_8 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_10_9 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_10_9 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -35085,8 +35937,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_10_9 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -35098,11 +35951,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_10_9 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_11_0 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_11_0 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -35115,8 +35970,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_11_0 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -35128,11 +35984,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_11_0 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_11_1 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_11_1 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -35145,8 +36003,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_11_1 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -35158,11 +36017,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_11_1 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_11_10 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_11_10 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -35175,8 +36036,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_11_10 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -35188,11 +36050,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_11_10 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_11_11 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_11_11 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -35205,8 +36069,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_11_11 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -35218,11 +36083,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_11_11 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_11_12 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_11_12 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -35235,8 +36102,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_11_12 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -35248,11 +36116,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_11_12 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_11_13 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_11_13 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -35265,8 +36135,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_11_13 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -35278,11 +36149,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_11_13 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_11_14 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_11_14 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -35295,8 +36168,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_11_14 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -35308,11 +36182,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_11_14 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_11_15 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_11_15 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -35325,8 +36201,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_11_15 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -35338,11 +36215,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_11_15 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_11_2 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_11_2 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -35355,8 +36234,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_11_2 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -35368,11 +36248,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_11_2 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_11_3 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_11_3 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -35385,8 +36267,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_11_3 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -35398,11 +36281,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_11_3 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_11_4 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_11_4 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -35415,8 +36300,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_11_4 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -35428,11 +36314,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_11_4 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_11_5 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_11_5 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -35445,8 +36333,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_11_5 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -35458,11 +36347,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_11_5 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_11_6 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_11_6 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -35475,8 +36366,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_11_6 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -35488,11 +36380,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_11_6 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_11_7 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_11_7 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -35505,8 +36399,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_11_7 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -35518,11 +36413,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_11_7 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_11_8 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_11_8 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -35535,8 +36432,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_11_8 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -35548,11 +36446,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_11_8 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_11_9 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_11_9 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -35565,8 +36465,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_11_9 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -35578,11 +36479,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_11_9 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_12_0 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_12_0 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -35595,8 +36498,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_12_0 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -35608,11 +36512,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_12_0 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_12_1 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_12_1 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -35625,8 +36531,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_12_1 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -35638,11 +36545,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_12_1 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_12_10 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_12_10 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -35655,8 +36564,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_12_10 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -35668,11 +36578,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_12_10 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_12_11 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_12_11 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -35685,8 +36597,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_12_11 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -35698,11 +36611,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_12_11 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_12_12 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_12_12 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -35715,8 +36630,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_12_12 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -35728,11 +36644,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_12_12 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_12_13 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_12_13 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -35745,8 +36663,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_12_13 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -35758,11 +36677,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_12_13 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_12_14 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_12_14 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -35775,8 +36696,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_12_14 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -35788,11 +36710,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_12_14 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_12_15 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_12_15 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -35805,8 +36729,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_12_15 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -35818,11 +36743,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_12_15 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_12_2 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_12_2 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -35835,8 +36762,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_12_2 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -35848,11 +36776,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_12_2 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_12_3 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_12_3 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -35865,8 +36795,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_12_3 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -35878,11 +36809,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_12_3 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_12_4 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_12_4 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -35895,8 +36828,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_12_4 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -35908,11 +36842,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_12_4 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_12_5 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_12_5 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -35925,8 +36861,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_12_5 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -35938,11 +36875,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_12_5 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_12_6 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_12_6 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -35955,8 +36894,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_12_6 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -35968,11 +36908,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_12_6 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_12_7 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_12_7 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -35985,8 +36927,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_12_7 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -35998,11 +36941,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_12_7 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_12_8 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_12_8 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -36015,8 +36960,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_12_8 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -36028,11 +36974,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_12_8 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_12_9 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_12_9 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -36045,8 +36993,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_12_9 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -36058,11 +37007,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_12_9 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_13_0 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_13_0 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -36075,8 +37026,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_13_0 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -36088,11 +37040,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_13_0 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_13_1 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_13_1 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -36105,8 +37059,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_13_1 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -36118,11 +37073,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_13_1 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_13_10 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_13_10 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -36135,8 +37092,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_13_10 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -36148,11 +37106,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_13_10 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_13_11 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_13_11 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -36165,8 +37125,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_13_11 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -36178,11 +37139,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_13_11 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_13_12 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_13_12 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -36195,8 +37158,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_13_12 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -36208,11 +37172,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_13_12 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_13_13 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_13_13 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -36225,8 +37191,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_13_13 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -36238,11 +37205,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_13_13 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_13_14 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_13_14 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -36255,8 +37224,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_13_14 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -36268,11 +37238,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_13_14 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_13_15 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_13_15 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -36285,8 +37257,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_13_15 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -36298,11 +37271,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_13_15 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_13_2 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_13_2 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -36315,8 +37290,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_13_2 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -36328,11 +37304,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_13_2 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_13_3 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_13_3 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -36345,8 +37323,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_13_3 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -36358,11 +37337,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_13_3 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_13_4 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_13_4 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -36375,8 +37356,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_13_4 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -36388,11 +37370,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_13_4 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_13_5 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_13_5 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -36405,8 +37389,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_13_5 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -36418,11 +37403,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_13_5 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_13_6 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_13_6 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -36435,8 +37422,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_13_6 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -36448,11 +37436,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_13_6 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_13_7 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_13_7 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -36465,8 +37455,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_13_7 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -36478,11 +37469,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_13_7 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_13_8 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_13_8 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -36495,8 +37488,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_13_8 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -36508,11 +37502,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_13_8 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_13_9 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_13_9 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -36525,8 +37521,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_13_9 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -36538,11 +37535,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_13_9 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_14_0 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_14_0 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -36555,8 +37554,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_14_0 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -36568,11 +37568,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_14_0 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_14_1 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_14_1 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -36585,8 +37587,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_14_1 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -36598,11 +37601,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_14_1 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_14_10 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_14_10 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -36615,8 +37620,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_14_10 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -36628,11 +37634,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_14_10 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_14_11 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_14_11 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -36645,8 +37653,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_14_11 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -36658,11 +37667,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_14_11 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_14_12 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_14_12 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -36675,8 +37686,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_14_12 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -36688,11 +37700,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_14_12 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_14_13 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_14_13 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -36705,8 +37719,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_14_13 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -36718,11 +37733,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_14_13 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_14_14 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_14_14 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -36735,8 +37752,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_14_14 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -36748,11 +37766,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_14_14 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_14_15 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_14_15 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -36765,8 +37785,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_14_15 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -36778,11 +37799,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_14_15 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_14_2 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_14_2 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -36795,8 +37818,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_14_2 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -36808,11 +37832,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_14_2 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_14_3 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_14_3 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -36825,8 +37851,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_14_3 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -36838,11 +37865,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_14_3 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_14_4 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_14_4 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -36855,8 +37884,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_14_4 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -36868,11 +37898,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_14_4 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_14_5 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_14_5 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -36885,8 +37917,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_14_5 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -36898,11 +37931,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_14_5 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_14_6 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_14_6 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -36915,8 +37950,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_14_6 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -36928,11 +37964,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_14_6 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_14_7 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_14_7 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -36945,8 +37983,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_14_7 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -36958,11 +37997,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_14_7 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_14_8 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_14_8 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -36975,8 +38016,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_14_8 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -36988,11 +38030,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_14_8 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_14_9 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_14_9 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -37005,8 +38049,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_14_9 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -37018,11 +38063,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_14_9 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_15_0 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_15_0 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -37035,8 +38082,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_15_0 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -37048,11 +38096,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_15_0 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_15_1 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_15_1 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -37065,8 +38115,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_15_1 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -37078,11 +38129,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_15_1 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_15_10 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_15_10 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -37095,8 +38148,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_15_10 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -37108,11 +38162,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_15_10 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_15_11 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_15_11 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -37125,8 +38181,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_15_11 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -37138,11 +38195,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_15_11 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_15_12 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_15_12 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -37155,8 +38214,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_15_12 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -37168,11 +38228,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_15_12 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_15_13 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_15_13 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -37185,8 +38247,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_15_13 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -37198,11 +38261,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_15_13 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_15_14 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_15_14 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -37215,8 +38280,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_15_14 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -37228,11 +38294,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_15_14 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_15_15 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_15_15 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -37245,8 +38313,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_15_15 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -37258,11 +38327,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_15_15 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_15_2 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_15_2 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -37275,8 +38346,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_15_2 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -37288,11 +38360,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_15_2 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_15_3 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_15_3 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -37305,8 +38379,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_15_3 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -37318,11 +38393,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_15_3 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_15_4 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_15_4 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -37335,8 +38412,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_15_4 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -37348,11 +38426,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_15_4 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_15_5 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_15_5 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -37365,8 +38445,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_15_5 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -37378,11 +38459,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_15_5 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_15_6 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_15_6 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -37395,8 +38478,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_15_6 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -37408,11 +38492,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_15_6 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_15_7 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_15_7 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -37425,8 +38511,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_15_7 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -37438,11 +38525,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_15_7 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_15_8 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_15_8 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -37455,8 +38544,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_15_8 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -37468,11 +38558,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_15_8 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_15_9 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_15_9 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -37485,8 +38577,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_15_9 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -37498,11 +38591,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_15_9 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_1_0 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_1_0 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -37515,8 +38610,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_1_0 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -37528,11 +38624,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_1_0 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_1_1 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_1_1 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -37545,8 +38643,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_1_1 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -37558,11 +38657,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_1_1 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_1_10 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_1_10 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -37575,8 +38676,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_1_10 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -37588,11 +38690,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_1_10 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_1_11 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_1_11 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -37605,8 +38709,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_1_11 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -37618,11 +38723,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_1_11 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_1_12 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_1_12 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -37635,8 +38742,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_1_12 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -37648,11 +38756,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_1_12 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_1_13 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_1_13 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -37665,8 +38775,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_1_13 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -37678,11 +38789,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_1_13 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_1_14 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_1_14 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -37695,8 +38808,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_1_14 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -37708,11 +38822,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_1_14 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_1_15 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_1_15 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -37725,8 +38841,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_1_15 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -37738,11 +38855,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_1_15 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_1_2 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_1_2 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -37755,8 +38874,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_1_2 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -37768,11 +38888,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_1_2 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_1_3 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_1_3 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -37785,8 +38907,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_1_3 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -37798,11 +38921,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_1_3 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_1_4 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_1_4 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -37815,8 +38940,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_1_4 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -37828,11 +38954,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_1_4 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_1_5 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_1_5 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -37845,8 +38973,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_1_5 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -37858,11 +38987,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_1_5 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_1_6 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_1_6 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -37875,8 +39006,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_1_6 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -37888,11 +39020,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_1_6 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_1_7 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_1_7 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -37905,8 +39039,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_1_7 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -37918,11 +39053,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_1_7 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_1_8 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_1_8 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -37935,8 +39072,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_1_8 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -37948,11 +39086,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_1_8 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_1_9 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_1_9 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -37965,8 +39105,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_1_9 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -37978,11 +39119,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_1_9 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_2_0 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_2_0 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -37995,8 +39138,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_2_0 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -38008,11 +39152,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_2_0 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_2_1 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_2_1 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -38025,8 +39171,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_2_1 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -38038,11 +39185,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_2_1 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_2_10 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_2_10 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -38055,8 +39204,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_2_10 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -38068,11 +39218,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_2_10 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_2_11 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_2_11 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -38085,8 +39237,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_2_11 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -38098,11 +39251,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_2_11 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_2_12 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_2_12 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -38115,8 +39270,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_2_12 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -38128,11 +39284,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_2_12 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_2_13 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_2_13 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -38145,8 +39303,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_2_13 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -38158,11 +39317,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_2_13 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_2_14 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_2_14 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -38175,8 +39336,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_2_14 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -38188,11 +39350,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_2_14 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_2_15 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_2_15 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -38205,8 +39369,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_2_15 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -38218,11 +39383,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_2_15 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_2_2 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_2_2 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -38235,8 +39402,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_2_2 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -38248,11 +39416,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_2_2 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_2_3 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_2_3 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -38265,8 +39435,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_2_3 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -38278,11 +39449,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_2_3 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_2_4 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_2_4 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -38295,8 +39468,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_2_4 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -38308,11 +39482,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_2_4 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_2_5 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_2_5 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -38325,8 +39501,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_2_5 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -38338,11 +39515,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_2_5 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_2_6 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_2_6 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -38355,8 +39534,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_2_6 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -38368,11 +39548,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_2_6 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_2_7 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_2_7 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -38385,8 +39567,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_2_7 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -38398,11 +39581,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_2_7 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_2_8 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_2_8 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -38415,8 +39600,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_2_8 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -38428,11 +39614,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_2_8 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_2_9 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_2_9 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -38445,8 +39633,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_2_9 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -38458,11 +39647,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_2_9 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_3_0 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_3_0 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -38475,8 +39666,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_3_0 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -38488,11 +39680,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_3_0 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_3_1 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_3_1 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -38505,8 +39699,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_3_1 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -38518,11 +39713,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_3_1 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_3_10 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_3_10 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -38535,8 +39732,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_3_10 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -38548,11 +39746,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_3_10 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_3_11 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_3_11 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -38565,8 +39765,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_3_11 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -38578,11 +39779,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_3_11 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_3_12 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_3_12 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -38595,8 +39798,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_3_12 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -38608,11 +39812,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_3_12 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_3_13 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_3_13 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -38625,8 +39831,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_3_13 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -38638,11 +39845,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_3_13 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_3_14 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_3_14 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -38655,8 +39864,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_3_14 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -38668,11 +39878,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_3_14 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_3_15 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_3_15 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -38685,8 +39897,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_3_15 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -38698,11 +39911,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_3_15 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_3_2 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_3_2 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -38715,8 +39930,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_3_2 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -38728,11 +39944,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_3_2 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_3_3 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_3_3 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -38745,8 +39963,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_3_3 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -38758,11 +39977,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_3_3 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_3_4 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_3_4 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -38775,8 +39996,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_3_4 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -38788,11 +40010,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_3_4 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_3_5 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_3_5 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -38805,8 +40029,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_3_5 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -38818,11 +40043,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_3_5 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_3_6 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_3_6 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -38835,8 +40062,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_3_6 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -38848,11 +40076,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_3_6 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_3_7 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_3_7 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -38865,8 +40095,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_3_7 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -38878,11 +40109,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_3_7 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_3_8 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_3_8 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -38895,8 +40128,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_3_8 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -38908,11 +40142,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_3_8 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_3_9 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_3_9 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -38925,8 +40161,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_3_9 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -38938,11 +40175,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_3_9 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_4_0 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_4_0 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -38955,8 +40194,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_4_0 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -38968,11 +40208,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_4_0 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_4_1 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_4_1 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -38985,8 +40227,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_4_1 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -38998,11 +40241,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_4_1 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_4_10 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_4_10 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -39015,8 +40260,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_4_10 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -39028,11 +40274,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_4_10 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_4_11 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_4_11 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -39045,8 +40293,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_4_11 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -39058,11 +40307,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_4_11 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_4_12 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_4_12 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -39075,8 +40326,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_4_12 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -39088,11 +40340,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_4_12 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_4_13 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_4_13 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -39105,8 +40359,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_4_13 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -39118,11 +40373,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_4_13 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_4_14 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_4_14 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -39135,8 +40392,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_4_14 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -39148,11 +40406,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_4_14 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_4_15 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_4_15 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -39165,8 +40425,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_4_15 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -39178,11 +40439,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_4_15 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_4_2 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_4_2 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -39195,8 +40458,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_4_2 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -39208,11 +40472,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_4_2 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_4_3 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_4_3 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -39225,8 +40491,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_4_3 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -39238,11 +40505,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_4_3 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_4_4 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_4_4 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -39255,8 +40524,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_4_4 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -39268,11 +40538,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_4_4 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_4_5 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_4_5 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -39285,8 +40557,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_4_5 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -39298,11 +40571,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_4_5 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_4_6 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_4_6 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -39315,8 +40590,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_4_6 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -39328,11 +40604,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_4_6 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_4_7 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_4_7 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -39345,8 +40623,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_4_7 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -39358,11 +40637,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_4_7 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_4_8 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_4_8 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -39375,8 +40656,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_4_8 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -39388,11 +40670,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_4_8 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_4_9 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_4_9 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -39405,8 +40689,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_4_9 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -39418,11 +40703,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_4_9 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_5_0 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_5_0 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -39435,8 +40722,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_5_0 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -39448,11 +40736,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_5_0 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_5_1 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_5_1 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -39465,8 +40755,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_5_1 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -39478,11 +40769,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_5_1 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_5_10 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_5_10 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -39495,8 +40788,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_5_10 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -39508,11 +40802,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_5_10 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_5_11 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_5_11 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -39525,8 +40821,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_5_11 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -39538,11 +40835,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_5_11 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_5_12 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_5_12 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -39555,8 +40854,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_5_12 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -39568,11 +40868,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_5_12 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_5_13 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_5_13 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -39585,8 +40887,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_5_13 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -39598,11 +40901,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_5_13 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_5_14 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_5_14 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -39615,8 +40920,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_5_14 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -39628,11 +40934,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_5_14 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_5_15 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_5_15 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -39645,8 +40953,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_5_15 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -39658,11 +40967,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_5_15 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_5_2 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_5_2 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -39675,8 +40986,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_5_2 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -39688,11 +41000,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_5_2 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_5_3 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_5_3 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -39705,8 +41019,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_5_3 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -39718,11 +41033,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_5_3 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_5_4 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_5_4 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -39735,8 +41052,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_5_4 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -39748,11 +41066,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_5_4 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_5_5 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_5_5 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -39765,8 +41085,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_5_5 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -39778,11 +41099,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_5_5 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_5_6 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_5_6 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -39795,8 +41118,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_5_6 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -39808,11 +41132,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_5_6 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_5_7 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_5_7 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -39825,8 +41151,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_5_7 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -39838,11 +41165,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_5_7 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_5_8 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_5_8 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -39855,8 +41184,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_5_8 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -39868,11 +41198,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_5_8 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_5_9 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_5_9 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -39885,8 +41217,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_5_9 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -39898,11 +41231,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_5_9 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_6_0 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_6_0 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -39915,8 +41250,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_6_0 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -39928,11 +41264,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_6_0 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_6_1 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_6_1 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -39945,8 +41283,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_6_1 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -39958,11 +41297,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_6_1 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_6_10 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_6_10 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -39975,8 +41316,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_6_10 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -39988,11 +41330,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_6_10 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_6_11 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_6_11 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -40005,8 +41349,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_6_11 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -40018,11 +41363,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_6_11 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_6_12 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_6_12 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -40035,8 +41382,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_6_12 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -40048,11 +41396,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_6_12 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_6_13 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_6_13 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -40065,8 +41415,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_6_13 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -40078,11 +41429,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_6_13 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_6_14 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_6_14 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -40095,8 +41448,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_6_14 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -40108,11 +41462,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_6_14 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_6_15 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_6_15 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -40125,8 +41481,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_6_15 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -40138,11 +41495,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_6_15 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_6_2 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_6_2 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -40155,8 +41514,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_6_2 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -40168,11 +41528,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_6_2 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_6_3 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_6_3 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -40185,8 +41547,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_6_3 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -40198,11 +41561,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_6_3 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_6_4 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_6_4 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -40215,8 +41580,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_6_4 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -40228,11 +41594,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_6_4 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_6_5 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_6_5 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -40245,8 +41613,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_6_5 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -40258,11 +41627,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_6_5 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_6_6 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_6_6 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -40275,8 +41646,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_6_6 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -40288,11 +41660,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_6_6 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_6_7 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_6_7 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -40305,8 +41679,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_6_7 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -40318,11 +41693,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_6_7 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_6_8 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_6_8 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -40335,8 +41712,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_6_8 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -40348,11 +41726,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_6_8 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_6_9 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_6_9 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -40365,8 +41745,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_6_9 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -40378,11 +41759,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_6_9 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_7_0 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_7_0 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -40395,8 +41778,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_7_0 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -40408,11 +41792,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_7_0 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_7_1 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_7_1 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -40425,8 +41811,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_7_1 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -40438,11 +41825,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_7_1 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_7_10 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_7_10 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -40455,8 +41844,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_7_10 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -40468,11 +41858,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_7_10 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_7_11 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_7_11 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -40485,8 +41877,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_7_11 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -40498,11 +41891,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_7_11 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_7_12 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_7_12 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -40515,8 +41910,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_7_12 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -40528,11 +41924,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_7_12 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_7_13 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_7_13 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -40545,8 +41943,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_7_13 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -40558,11 +41957,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_7_13 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_7_14 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_7_14 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -40575,8 +41976,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_7_14 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -40588,11 +41990,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_7_14 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_7_15 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_7_15 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -40605,8 +42009,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_7_15 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -40618,11 +42023,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_7_15 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_7_2 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_7_2 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -40635,8 +42042,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_7_2 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -40648,11 +42056,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_7_2 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_7_3 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_7_3 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -40665,8 +42075,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_7_3 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -40678,11 +42089,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_7_3 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_7_4 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_7_4 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -40695,8 +42108,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_7_4 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -40708,11 +42122,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_7_4 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_7_5 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_7_5 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -40725,8 +42141,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_7_5 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -40738,11 +42155,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_7_5 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_7_6 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_7_6 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -40755,8 +42174,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_7_6 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -40768,11 +42188,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_7_6 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_7_7 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_7_7 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -40785,8 +42207,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_7_7 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -40798,11 +42221,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_7_7 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_7_8 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_7_8 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -40815,8 +42240,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_7_8 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -40828,11 +42254,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_7_8 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_7_9 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_7_9 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -40845,8 +42273,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_7_9 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -40858,11 +42287,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_7_9 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_8_0 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_8_0 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -40875,8 +42306,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_8_0 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -40888,11 +42320,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_8_0 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_8_1 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_8_1 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -40905,8 +42339,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_8_1 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -40918,11 +42353,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_8_1 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_8_10 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_8_10 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -40935,8 +42372,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_8_10 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -40948,11 +42386,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_8_10 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_8_11 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_8_11 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -40965,8 +42405,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_8_11 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -40978,11 +42419,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_8_11 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_8_12 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_8_12 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -40995,8 +42438,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_8_12 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -41008,11 +42452,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_8_12 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_8_13 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_8_13 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -41025,8 +42471,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_8_13 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -41038,11 +42485,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_8_13 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_8_14 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_8_14 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -41055,8 +42504,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_8_14 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -41068,11 +42518,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_8_14 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_8_15 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_8_15 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -41085,8 +42537,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_8_15 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -41098,11 +42551,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_8_15 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_8_2 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_8_2 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -41115,8 +42570,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_8_2 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -41128,11 +42584,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_8_2 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_8_3 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_8_3 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -41145,8 +42603,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_8_3 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -41158,11 +42617,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_8_3 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_8_4 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_8_4 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -41175,8 +42636,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_8_4 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -41188,11 +42650,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_8_4 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_8_5 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_8_5 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -41205,8 +42669,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_8_5 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -41218,11 +42683,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_8_5 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_8_6 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_8_6 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -41235,8 +42702,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_8_6 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -41248,11 +42716,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_8_6 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_8_7 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_8_7 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -41265,8 +42735,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_8_7 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -41278,11 +42749,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_8_7 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_8_8 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_8_8 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -41295,8 +42768,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_8_8 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -41308,11 +42782,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_8_8 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_8_9 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_8_9 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -41325,8 +42801,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_8_9 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -41338,11 +42815,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_8_9 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_9_0 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_9_0 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -41355,8 +42834,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_9_0 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -41368,11 +42848,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_9_0 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_9_1 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_9_1 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -41385,8 +42867,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_9_1 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -41398,11 +42881,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_9_1 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_9_10 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_9_10 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -41415,8 +42900,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_9_10 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -41428,11 +42914,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_9_10 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_9_11 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_9_11 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -41445,8 +42933,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_9_11 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -41458,11 +42947,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_9_11 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_9_12 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_9_12 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -41475,8 +42966,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_9_12 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -41488,11 +42980,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_9_12 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_9_13 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_9_13 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -41505,8 +42999,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_9_13 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -41518,11 +43013,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_9_13 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_9_14 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_9_14 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -41535,8 +43032,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_9_14 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -41548,11 +43046,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_9_14 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_9_15 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_9_15 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -41565,8 +43065,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_9_15 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -41578,11 +43079,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_9_15 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_9_2 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_9_2 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -41595,8 +43098,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_9_2 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -41608,11 +43112,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_9_2 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_9_3 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_9_3 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -41625,8 +43131,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_9_3 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -41638,11 +43145,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_9_3 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_9_4 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_9_4 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -41655,8 +43164,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_9_4 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -41668,11 +43178,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_9_4 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_9_5 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_9_5 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -41685,8 +43197,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_9_5 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -41698,11 +43211,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_9_5 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_9_6 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_9_6 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -41715,8 +43230,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_9_6 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -41728,11 +43244,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_9_6 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_9_7 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_9_7 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -41745,8 +43263,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_9_7 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -41758,11 +43277,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_9_7 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_9_8 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_9_8 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -41775,8 +43296,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_9_8 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -41788,11 +43310,13 @@ module \encoder_layer_0_attention_output_dense.pe.pe_9_8 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)
-module \encoder_layer_0_attention_output_dense.pe.pe_9_9 (rst, a, b, p3, clk);
+module \encoder_layer_0_attention_output_dense.pe.pe_9_9 (rst, a, b, p4, clk);
   wire [15:0] \$1 ;
   input [7:0] a;
   wire [7:0] a;
@@ -41805,8 +43329,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_9_9 (rst, a, b, p3, clk);
   (* init = 16'h0000 *)
   wire [15:0] p;
   reg [15:0] p2 = 16'h0000;
-  output [15:0] p3;
   reg [15:0] p3 = 16'h0000;
+  output [15:0] p4;
+  reg [15:0] p4 = 16'h0000;
   input rst;
   wire rst;
   assign \$1  = $signed(a1) * $signed(b1);
@@ -41818,7 +43343,9 @@ module \encoder_layer_0_attention_output_dense.pe.pe_9_9 (rst, a, b, p3, clk);
     p2 <= \$1 ;
   always @(posedge clk)
     p3 <= p2;
-  assign p = p3;
+  always @(posedge clk)
+    p4 <= p3;
+  assign p = p4;
 endmodule
 
 (* generator = "Amaranth" *)

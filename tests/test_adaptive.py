@@ -127,10 +127,12 @@ def test_evaluate_adaptive_report(pair, tiny_decoder):
                              reference=lambda f: run_float(fg, f)["logits"].numpy())
     rep = A.evaluate_adaptive(bundle, low, high, "entropy", rerun_fraction=0.25)
     assert rep["inputs"] == 8 and rep["low_only"] + rep["rerun"] == 8
-    assert rep["high"]["cycles_mean"] == rep["low"]["cycles_mean"]     # same shapes, dense
-    want = (8 * rep["low"]["cycles_mean"] + rep["rerun"] * rep["high"]["cycles_mean"]) / 8
+    lo_c, hi_c = rep["low"]["cycles_mean"], rep["high"]["cycles_mean"]
+    # the same engines; W4A6 codes fill buffers of fewer block RAMs, which read no later
+    assert lo_c <= hi_c <= 1.01 * lo_c
+    want = (8 * lo_c + rep["rerun"] * hi_c) / 8
     assert rep["adaptive"]["cycles_mean"] == pytest.approx(want)
-    assert rep["cycles_ratio_vs_low"] == pytest.approx(1 + rep["rerun"] / 8)
+    assert rep["cycles_ratio_vs_low"] == pytest.approx(want / lo_c)
     for k in ("low", "high", "adaptive"):
         assert 0 <= rep[k]["top1"] <= 1 and rep[k]["ppl"] > 1 and -1 <= rep[k]["cosine_mean"] <= 1
 
@@ -250,7 +252,8 @@ def test_token_threshold_fit_never_sees_eval(pair, monkeypatch):
     assert r1["steps"] == 2 * 11 and r1["low_passes"] == 22 and r1["high_passes"] == r1["rerun"]
     assert r1["low_only"] + r1["rerun"] == 22
     assert r1["cycles_ratio_vs_low"] == pytest.approx(r1["adaptive"]["cycles_mean"] / r1["low"]["cycles_mean"])
-    assert r1["cycles_ratio_vs_low"] >= 1 + (r1["rerun"] > 0) * 0.01 and r1["same_cycles_low_high"]
+    assert r1["cycles_ratio_vs_low"] >= 1 + (r1["rerun"] > 0) * 0.01
+    assert r1["same_cycles_low_high"] == (r1["low"]["cycles_mean"] == r1["high"]["cycles_mean"])
     for k in ("low", "high", "adaptive"):
         assert 0 <= r1[k]["top1"] <= 1 and r1[k]["ppl"] > 1
 

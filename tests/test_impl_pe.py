@@ -11,7 +11,7 @@ import pytest
 from test_rtl_matmul import _mismatches, _rand_tile, run_tiles
 
 from hwgen.rtl import verilog as hdl_verilog
-from hwgen.rtl.pe_array import (FANOUT_GROUP, MUL_STAGES, PIPE, FabricMul, PEArray, PEMapping, RTLError,
+from hwgen.rtl.pe_array import (FANOUT_GROUP, FANOUT_LEVELS, MUL_STAGES, PIPE, FabricMul, PEArray, PEMapping, RTLError,
                                 pe_kinds)
 
 
@@ -41,7 +41,7 @@ def test_mixed_mapping_cycles_and_odd_widths():
     got, per_tile, _, _ = run_tiles(dut, [(a, b)])
     assert _mismatches(got, [(a, b)]) == 0
     assert per_tile[0] == PEArray.cycles(6, 2) == 6 + 2 + PEArray.LATENCY - 1
-    assert PEArray.LATENCY == PIPE + 1 == MUL_STAGES + 3
+    assert PEArray.LATENCY == PIPE + 1 == 1 + FANOUT_LEVELS + MUL_STAGES + 1
 
 
 def test_fabric_mul_exhaustive_4x4():
@@ -75,11 +75,12 @@ def test_netlist_instances():
     """With a platform mapping of 3 DSPs, the Verilog has exactly 3 MULT18X18D
     with input and output registers on CLK0/CE0, and no `*` left in the fabric PEs;
     the flags' and the operands' fan-out copies carry `keep` (hwgen.impl keeps
-    them apart): one operand copy per FANOUT_GROUP PEs of a row or column."""
+    them apart): a tree of operand copies, one per 8 then one per FANOUT_GROUP
+    PEs of a row or column."""
     class Plat:
         pe_mapping = PEMapping(dsp=3)
 
-    text = hdl_verilog.convert(PEArray(2, 6, 8, 8, 24), name="top", platform=Plat())
+    text = hdl_verilog.convert(PEArray(2, 10, 8, 8, 24), name="top", platform=Plat())
     cells = re.findall(r"MULT18X18D #\((.*?)\) dsp \(", text, re.S)
     assert len(cells) == 3
     for c in cells:
@@ -88,11 +89,17 @@ def test_netlist_instances():
         assert "REG_PIPELINE" not in c
     kept = [re.search(r"reg (?:signed )?(?:\[\d+:0\] )?(\w+)", d).group(1) for d in text.split(";")
             if "keep" in d and " reg " in d]
-    assert sorted(k for k in kept if k.startswith("first4_")) == sorted(f"first4_{i}_{j}" for i in range(2) for j in range(6))
-    assert FANOUT_GROUP == 4
-    assert sorted(k for k in kept if k.startswith("a1_")) == ["a1_0_g0", "a1_0_g1", "a1_1_g0", "a1_1_g1"]
-    assert sorted(k for k in kept if k.startswith("b1_")) == sorted(f"b1_{j}_g0" for j in range(6))
-    assert sorted(k for k in kept if k.startswith("a1n_")) == ["a1n_0_g0", "a1n_0_g1", "a1n_1_g0", "a1n_1_g1"]
+    assert sorted(k for k in kept if k.startswith("first_pe")) == sorted(f"first_pe{i}_{j}" for i in range(2) for j in range(10))
+    assert sorted(k for k in kept if k.startswith("last_r")) == ["last_r0", "last_r1"]
+    assert (FANOUT_GROUP, FANOUT_LEVELS) == (4, 2)
+    for i in range(2):   # a row of 10 PEs: 2 copies (8 PEs each), then 3 (4 PEs each)
+        assert sorted(k for k in kept if k.startswith(f"a_{i}_")) == [f"a_{i}_l1_0", f"a_{i}_l1_1", f"a_{i}_l2_0",
+                                                                       f"a_{i}_l2_1", f"a_{i}_l2_2"]
+        assert sorted(k for k in kept if k.startswith(f"an_{i}_")) == [f"an_{i}_l1_0", f"an_{i}_l1_1", f"an_{i}_l2_0",
+                                                                        f"an_{i}_l2_1", f"an_{i}_l2_2"]
+    # the level-2 copy 2 (PEs 8, 9) is loaded from level-1 copy 1 (PEs 8 .. 15)
+    assert re.search(r"a_0_l2_2 <= a_0_l1_1;", text)
+    assert sorted(k for k in kept if k.startswith("b_")) == sorted(f"b_{j}_l{v}_0" for j in range(10) for v in (1, 2))
     assert pe_kinds(2, 3, 8, 8, Plat.pe_mapping) == [["dsp"] * 3, ["fabric"] * 3]
     assert pe_kinds(2, 3, 24, 8, Plat.pe_mapping) == [["dsp"] * 3] * 2  # wider than 18 bits
 

@@ -14,7 +14,8 @@ from amaranth.lib.memory import MemoryData
 from amaranth.sim import Simulator
 
 from hwgen.rtl import verilog as hdl_verilog
-from hwgen.rtl.buffer import ADDR_REG_BLOCKS, LUTRAM_DEPTH, READ_LATENCY, Buffer, dp16kd_tiling, read_latency
+from hwgen.rtl.buffer import (ADDR_REG_BLOCKS, ADDR_TREE_BLOCKS, LUTRAM_DEPTH, READ_LATENCY, Buffer, dp16kd_tiling,
+                               read_latency)
 from hwgen.rtl.pe_array import RTLError
 
 
@@ -114,10 +115,12 @@ def test_layout_ports_and_init():
     (9, 4096, 4),       # two blocks, two banks: the bank select's two registers
     (36, 1024, 2),      # two blocks across: nothing more
     (54, 1024, 4),      # three across: the address is registered and replicated
-    (128, 9216, 6),     # the MiniLM weight buffer: 8 x 9 blocks, both
+    (36, 4096, 6),      # 4 x 2 blocks: both, the address copied once per block
+    (40, 3000, 7),      # 3 x 3 blocks: and a copy per column of blocks first
+    (128, 9216, 7),     # the MiniLM weight buffer: 8 x 9 blocks, all three
 ])
 def test_read_latency_by_size(width, depth, want):
-    assert ADDR_REG_BLOCKS == 2
+    assert (ADDR_REG_BLOCKS, ADDR_TREE_BLOCKS) == (2, 8)
     assert read_latency(width, depth) == want
 
 
@@ -139,7 +142,7 @@ def test_read_write_order(platform, depth, latency):
 
 
 def test_latency_validation():
-    with pytest.raises(RTLError, match=r"latency must be an integer >= 6 \(the read latency of a "
+    with pytest.raises(RTLError, match=r"latency must be an integer >= 7 \(the read latency of a "
                                        r"128 x 9216 buffer\), got 5"):
         Buffer(unsigned(128), MemoryData(shape=unsigned(128), depth=9216, init=[]), latency=5)
     with pytest.raises(RTLError, match=r"latency must be an integer >= 2 .*got 2.5"):
@@ -320,8 +323,9 @@ endmodule
 
 
 @pytest.mark.parametrize("width, depth, tiling, latency", [
-    (40, 3000, (18, 1024, 3, 3), 6),    # x18, three across, three banks
-    (40, 3000, (18, 1024, 3, 3), 8),    # ... with two more front registers
+    (40, 3000, (18, 1024, 3, 3), 7),    # x18, three across, three banks: the copy tree
+    (40, 3000, (18, 1024, 3, 3), 9),    # ... with two more front registers
+    (36, 4096, (9, 2048, 4, 2), 6),     # x9, 4 x 2 blocks: one copy per block
     (8, 5000, (9, 2048, 1, 3), 6),      # x9, three banks
     (4, 12000, (4, 4096, 1, 3), 6),     # x4, three banks
     (3, 10000, (1, 16384, 3, 1), 4),    # x1, three across

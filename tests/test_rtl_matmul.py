@@ -25,7 +25,7 @@ INT8 = FixedType(8, 8, True)
 # a testbench that streams tiles through a PEArray
 # ----------------------------------------------------------------------------
 
-def run_tiles(dut: PEArray, tiles, in_gap=0.0, seed=0, gap=None, lenient=False):
+def run_tiles(dut: PEArray, tiles, in_gap=0.0, seed=0, gap=None, lenient=False, zero_b=False):
     """Stream ``tiles`` (a list of (A[rows x K], B[K x cols])) through ``dut``
     back to back, as a producer that keeps the array's rule: a ``last`` beat is
     held back until ``gap`` (default ``dut.min_tile_gap``) cycles after the
@@ -33,7 +33,9 @@ def run_tiles(dut: PEArray, tiles, in_gap=0.0, seed=0, gap=None, lenient=False):
     (``i.valid`` low). Returns (C tiles, per-tile cycles from first beat to
     last row, total cycles first beat .. last row, final ``overrun``).
     ``lenient``: stop after the last beat's drain time instead of waiting for
-    every tile's rows (a rule-breaking producer loses rows)."""
+    every tile's rows (a rule-breaking producer loses rows). ``zero_b``: the
+    producer presents an all-zero B row in every bubble (what an array with
+    ``zero_bubbles=False`` needs); otherwise a bubble leaves the last beat's payload."""
     rng = np.random.default_rng(seed)
     beats = []
     for t, (a, b) in enumerate(tiles):
@@ -56,6 +58,8 @@ def run_tiles(dut: PEArray, tiles, in_gap=0.0, seed=0, gap=None, lenient=False):
                 valid = cyc - prev_last >= gap
                 prev_last = cyc if valid else prev_last
             ctx.set(dut.i.valid, valid)
+            if not valid and zero_b:
+                ctx.set(dut.i.payload.b, [0] * dut.cols)
             if valid:
                 ctx.set(dut.i.payload, beats[nb][1])
                 start.setdefault(beats[nb][0], cyc)
@@ -169,6 +173,23 @@ def test_pe_array_bubbles(shape):
     bad = _mismatches(got, tiles)
     print(f"\n[pe {rows}x{cols} bubbles] mismatches {bad}; cycles {total}")
     assert bad == 0 and not overrun
+
+
+def test_pe_array_producer_zeroed_bubbles():
+    """``zero_bubbles=False``: the array leaves B of a bubble as it comes, so a
+    producer that zeroes it stays exact and one that does not is caught (the
+    same stream as test_pe_array_bubbles)."""
+    rng = np.random.default_rng(3)
+    ks = [7, 1, 13, 2, 37]
+    tiles = [(rng.integers(-128, 128, (4, kk)), rng.integers(-32, 32, (kk, 4))) for kk in ks]
+    dut = PEArray(4, 4, 8, 6, 22, zero_bubbles=False)
+    got, _, _, overrun = run_tiles(dut, tiles, in_gap=0.3, seed=4, zero_b=True)
+    assert _mismatches(got, tiles) == 0 and not overrun
+    got, _, _, _ = run_tiles(PEArray(4, 4, 8, 6, 22, zero_bubbles=False), tiles, in_gap=0.3, seed=4)
+    assert _mismatches(got, tiles) > 0
+    with pytest.raises(RTLError) as e:
+        PEArray(4, 4, 8, 6, 22, zero_bubbles=1)
+    assert str(e.value) == "zero_bubbles must be a bool, got 1"
 
 
 def test_pe_array_overrun_is_flagged():

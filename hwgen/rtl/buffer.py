@@ -33,7 +33,11 @@ second register is the block RAM's own output register (``DP16KD``
 RAMs spans a large part of the die: its address, enable and write port are
 registered first, in a root register next to the logic that drives them and
 then one copy per block (kept apart in synthesis), so each address net
-drives one block (two cycles); a buffer more than one bank deep
+drives one block (two cycles); a buffer of more than :data:`ADDR_TREE_BLOCKS`
+blocks puts one more level in between, one copy per column of blocks (the
+same data bits in every bank), with the write data copied the same way (one
+more cycle: placed, the MiniLM weight buffer's root address fanned out to 72
+blocks over 83 tiles); a buffer more than one bank deep
 selects the bank in two registered steps, each block's word masked by its
 select bit, then the banks' words ORed (two cycles), so no route from a
 distant block RAM ends in logic. Measured on the 8 x 8 proxy engine: the
@@ -75,6 +79,10 @@ READ_LATENCY = 2
 #: DP16KD buffers of more blocks than this register (and replicate) their address first
 ADDR_REG_BLOCKS = 2
 
+#: DP16KD buffers of more blocks than this copy their front registers in a tree: the
+#: root, one copy per column of blocks (the same data bits, every bank), one per block
+ADDR_TREE_BLOCKS = 8
+
 #: front registers of those buffers: a root register (next to the logic driving the
 #: port), then one copy per block (next to the block)
 ADDR_STAGES = 2
@@ -108,13 +116,15 @@ def dp16kd_tiling(width: int, depth: int) -> tuple[int, int, int, int]:
 def read_latency(width: int, depth: int) -> int:
     """A ``width`` x ``depth`` buffer's own read latency: ``READ_LATENCY``, plus
     ``ADDR_STAGES`` when its DP16KD tiling has more than ``ADDR_REG_BLOCKS`` blocks
-    (registered, replicated address and write port), plus ``SELECT_STAGES`` when
+    (registered, replicated address and write port), plus 1 when it has more
+    than ``ADDR_TREE_BLOCKS`` (the per-column copies), plus ``SELECT_STAGES`` when
     it is more than one bank deep (the registered bank select). Buffers of up to
     ``LUTRAM_DEPTH`` words: 2."""
     if depth <= LUTRAM_DEPTH:
         return READ_LATENCY
     _, _, across, deep = dp16kd_tiling(width, depth)
-    return READ_LATENCY + ADDR_STAGES * int(across * deep > ADDR_REG_BLOCKS) + _select_stages(width, depth)
+    return (READ_LATENCY + ADDR_STAGES * int(across * deep > ADDR_REG_BLOCKS)
+            + int(across * deep > ADDR_TREE_BLOCKS) + _select_stages(width, depth))
 
 
 def _select_stages(width: int, depth: int) -> int:
@@ -208,12 +218,9 @@ class Buffer(wiring.Component):
         pad = DP16KD_ADDR_BITS - low             # address pins below the word address
         pre = self.write_latency                 # front registers (then the bank select's, if banked)
         copies = across * deep > ADDR_REG_BLOCKS  # the last front register: one copy per block
-        wa, wd, we, ra, ren = self._ports(m, pre - 1 if copies else pre)
-        wdata = Signal(across * bw, reset_less=True)
-        if copies:
-            m.d.sync += wdata.eq(wd)
-        else:
-            m.d.comb += wdata.eq(wd)
+        tree = across * deep > ADDR_TREE_BLOCKS   # and before it one copy per column of blocks
+        wa, wd, we, ra, ren = self._ports(m, pre - copies - tree)
+        wd = Value.cast(wd)
 
         def hi(addr):
             return addr[low:] if deep > 1 else C(0, 1)
@@ -226,15 +233,26 @@ class Buffer(wiring.Component):
             m.d.sync += q.eq(value)
             return q
 
+        # the middle level: per column x of blocks its address, enable and data slice
+        col = []
+        for x in range(across):
+            bits = wd[x * bw:min((x + 1) * bw, self.width)]
+            ports = (wa, we, ra, ren, bits)
+            if tree:
+                ports = tuple(front(f"{n}_c{x}", v) for n, v in zip(("wa", "we", "ra", "ren", "wd"), ports))
+            col.append(ports)
+
         bank_q = []
         for d in range(deep):
             q = Signal(across * bw, name=f"bank{d}_q")
             bank_q.append(q)
             for x in range(across):
-                b_wa = front(f"wa_{d}_{x}", wa)
-                b_we = front(f"we_{d}_{x}", we & (hi(wa) == d))
-                b_ra = front(f"ra_{d}_{x}", ra)
-                b_ren = front(f"ren_{d}_{x}", ren)
+                c_wa, c_we, c_ra, c_ren, c_wd = col[x]
+                b_wa = front(f"wa_{d}_{x}", c_wa)
+                b_we = front(f"we_{d}_{x}", c_we & (hi(c_wa) == d))
+                b_ra = front(f"ra_{d}_{x}", c_ra)
+                b_ren = front(f"ren_{d}_{x}", c_ren)
+                b_wd = front(f"wd_{d}_{x}", c_wd)
                 ports = {
                     "i_CLKA": ClockSignal("sync"), "i_CEA": C(1, 1), "i_OCEA": C(1, 1),
                     "i_WEA": b_we, "i_RSTA": C(0, 1),
@@ -253,7 +271,7 @@ class Buffer(wiring.Component):
                         ports[f"i_ADB{k}"] = C(0, 1)
                 for k in range(18):
                     bit = x * bw + k
-                    ports[f"i_DIA{k}"] = wdata[bit] if k < bw and bit < self.width else C(0, 1)
+                    ports[f"i_DIA{k}"] = b_wd[k] if k < len(b_wd) else C(0, 1)
                     ports[f"i_DIB{k}"] = C(0, 1)
                     if k < bw:
                         ports[f"o_DOB{k}"] = q[bit]
@@ -270,7 +288,9 @@ class Buffer(wiring.Component):
         # apart in synthesis), so each select bit drives one block's bw AND gates; each
         # block's word, masked, is registered next to it (SELECT_STAGES: 1), then the
         # banks' masked words are ORed into the output register (2)
-        s_ra, s_ren = front("ra_sel", hi(ra)), front("ren_sel", ren)
+        s_ra, s_ren = hi(ra), ren
+        for lv in range(copies + tree):       # beside the front registers' levels
+            s_ra, s_ren = front(f"ra_sel{lv}", s_ra), front(f"ren_sel{lv}", s_ren)
         sel1 = Signal(range(deep), reset_less=True)
         with m.If(s_ren):
             m.d.sync += sel1.eq(s_ra)

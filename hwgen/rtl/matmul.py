@@ -93,10 +93,10 @@ tile's last row leaves the array ``PEArray.LATENCY + rows - 1`` cycles after
 its last beat, and the output pipeline takes ``out_latency`` cycles from
 there to ``done``. Both latencies are :class:`MatmulSpec` properties computed
 from the buffers' read latencies (``L_ent``, ``L_op`` of ``a`` and ``w``,
-``L_bs`` of ``bias`` and ``shift``): ``issue_latency = 2 L_ent + 2 + L_op``
+``L_bs`` of ``bias`` and ``shift``): ``issue_latency = 2 L_ent + 3 + L_op``
 and ``out_latency = L_bs + 2 + ShiftRequant.LATENCY + W_out`` (``W_out``:
 ``out``'s front registers, :attr:`MatmulSpec.out_write_latency`, so that
-``done`` still means the last word is in ``out``); 8 and 7 when every buffer
+``done`` still means the last word is in ``out``); 9 and 7 when every buffer
 reads in 2 cycles. Dense MiniLM shapes at ``m = 128`` on 16 x 16
 reach utilization ``(m*k*n / (rows*cols)) / cycles`` > 0.999.
 
@@ -109,13 +109,27 @@ addresses and a registered bank select):
 * entry fetch: cycle 0 reads the header, cycle ``L_ent`` latches ``n_ent``;
   from the next cycle entries ``1 .. n_ent`` (then again from 1: one pass per
   M-tile) are read and pushed into a :attr:`MatmulSpec.fifo_depth`
-  (``L_ent + 2``) register FIFO whenever it has room (one read per cycle,
+  (``L_ent + 3``) register FIFO whenever it has room (one read per cycle,
   paced by credit: at most ``fifo_depth`` held or in flight), so the issue
-  stage never waits for an entry once the first one is in;
+  stage never waits for an entry once the first one is in. The FIFO is a ring
+  of ``fifo_depth`` slots, written straight from the read port, and a head
+  register loaded from the oldest slot: a pop loads the head, it does not
+  shift every slot;
 * issue (stage 0): from the FIFO head (registers) the operand addresses
-  ``a_base + k0 + kk`` and ``w0 + kk``, the tile flags, padding beats;
+  ``a_base + k0 + kk`` and ``w0 + kk``, the tile flags, padding beats. The
+  control reads registers only: whether the FIFO holds an entry, whether
+  ``kk`` is the entry's last row, whether the tile has its minimum beats and
+  whether the M-tile is the last are each kept in a register, so no adder or
+  compare sits in front of the pop decision;
+* idle: the run's counters are loaded in every cycle the engine is idle (the
+  ``start`` cycle included, which is where ``m`` is sampled), under a register,
+  so the ``start`` input drives only ``busy`` and the issue stage's ``run``;
 * stages 1 .. ``L_op``: the operand reads (the flags ride along); then the PE
-  array's input (which is always ready: nothing stalls);
+  array's input (which is always ready: nothing stalls). Whether a beat's
+  weight row is real (not padding, not a bubble) reaches the B operands
+  through a tree of kept flag registers, one per column at the end, and
+  zeroes that column's word (the array is built with ``zero_bubbles=False``);
+  A is never zeroed (its products with a zero row are 0);
 * output: PE row (the array presents each row once) -> register (the column
   group's bias and shift words read meanwhile, ``L_bs`` cycles) -> the words
   arrive -> ``acc + bias`` registered -> the three
@@ -137,6 +151,7 @@ from amaranth.lib.wiring import In, Out
 from .. import contract as C
 from ..fixed import FixedType, bits_for_range
 from .buffer import Buffer, read_latency, write_latency
+from .pe_array import FANOUT_GROUP as PE_FANOUT_GROUP
 from .pe_array import PEArray, RTLError, _is_int, check_positive
 from .pipeline import delayed
 from .requant import ShiftRequant, check_shift_range, shift_code, shift_code_width
@@ -412,16 +427,17 @@ class MatmulSpec:
     @property
     def fifo_depth(self) -> int:
         """Block-list entries held in registers or in flight: the fetch latency
-        plus 2 covers the credit loop, so the issue stage never waits for an entry."""
-        return self.read_latencies["ent"] + 2
+        plus 3 (the slot, the head, the pop) covers the credit loop, so the issue
+        stage never waits for an entry."""
+        return self.read_latencies["ent"] + 3
 
     @property
     def issue_latency(self) -> int:
         """Cycles from ``start`` to the first beat the PE array accepts: the header
-        read, ``n_ent`` latched, the first entry's fetch, its FIFO write, the
-        operand reads."""
+        read, ``n_ent`` latched, the first entry's fetch, its FIFO slot, the FIFO
+        head, the operand reads."""
         lat = self.read_latencies
-        return 2 * lat["ent"] + 2 + lat["a"]
+        return 2 * lat["ent"] + 3 + lat["a"]
 
     @property
     def out_latency(self) -> int:
@@ -707,7 +723,7 @@ class MatmulEngine(wiring.Component):
             wiring.connect(m, wiring.flipped(getattr(self, f"{b}_wr")), bufs[b].wr)
         wiring.connect(m, wiring.flipped(self.o_rd), bufs["out"].rd)
 
-        m.submodules.pe = pe = PEArray.for_formats(R, N, s.x_fmt, s.w_fmt, s.k)
+        m.submodules.pe = pe = PEArray.for_formats(R, N, s.x_fmt, s.w_fmt, s.k, zero_bubbles=False)
 
         # ---- control ---------------------------------------------------------
         busy = Signal()
@@ -723,15 +739,14 @@ class MatmulEngine(wiring.Component):
         # from a memory reaches logic before it has passed a register.
         ent_rd = bufs["ent"].rd
         lat_e, depth = s.read_latencies["ent"], s.fifo_depth
+        ent_w = Shape.cast(s.ent_layout).width
         hdr = data.View(s.ent_header_layout, ent_rd.data[:Shape.cast(s.ent_header_layout).width])
         n_ent = Signal(s.ent_header_layout.members["n_ent"])
         hdr_pipe = [Signal(name=f"hdr{i}") for i in range(lat_e)]  # the header read under way
         fetching = Signal()
         ptr = Signal(ent_rd.addr.shape())
         inflight = [Signal(name=f"fetch{i}") for i in range(lat_e)]  # fetches 1 .. lat_e cycles ago
-        cnt = Signal(range(depth + 1))
-        held = Signal(range(depth + 1))       # cnt + fetches in flight, kept by a register
-        fifo = [Signal(Shape.cast(s.ent_layout).width, name=f"ent_q{i}") for i in range(depth)]
+        held = Signal(range(depth + 1))       # entries held or in flight, kept by a register
         fetch = Signal()
         pop = Signal()
         arrive = inflight[-1]                 # the entry fetched lat_e cycles ago is on the port
@@ -745,22 +760,43 @@ class MatmulEngine(wiring.Component):
         m.d.sync += [q.eq(d) for q, d in zip(hdr_pipe, [start] + hdr_pipe[:-1])]
         with m.If(hdr_pipe[-1]):              # the header is on the read port
             m.d.sync += [n_ent.eq(hdr.n_ent), fetching.eq(1)]
-        wr_idx = Signal(range(depth + 1))
-        m.d.comb += wr_idx.eq(cnt - pop)
+        # The FIFO: a ring of depth slots that the arriving entries are written into
+        # (straight from the read port's register into a slot: no logic after the block
+        # RAM), and the head entry (what the issue stage reads) in its own register,
+        # loaded from the oldest slot on a pop or when it is empty; so a pop drives the
+        # head's register, not every slot.
+        head = Signal(ent_w, name="ent_head")
+        slots = [Signal(ent_w, name=f"ent_q{i}") for i in range(depth)]
+        rp = Signal(range(depth))
+        wp = Signal(range(depth))
+        ring = Signal(range(depth + 1))       # entries in the slots
+        ring_any = Signal()                   # registered: ring != 0
+        nonempty = Signal()                   # registered: the head holds an entry
+        oldest = Signal(ent_w)
+        with m.Switch(rp):                    # every case listed: no latch, no lint warning
+            for i in range(depth - 1):
+                with m.Case(i):
+                    m.d.comb += oldest.eq(slots[i])
+            with m.Default():
+                m.d.comb += oldest.eq(slots[depth - 1])
         for i in range(depth):
-            with m.If(arrive & (wr_idx == i)):
-                m.d.sync += fifo[i].eq(ent_rd.data)
-            with m.Elif(pop):
-                m.d.sync += fifo[i].eq(fifo[i + 1] if i < depth - 1 else 0)
-        m.d.sync += [cnt.eq(cnt + arrive - pop), held.eq(held + fetch - pop)]
+            with m.If(arrive & (wp == i)):
+                m.d.sync += slots[i].eq(ent_rd.data[:ent_w])
+        with m.If(arrive):
+            m.d.sync += wp.eq(Mux(wp == depth - 1, 0, wp + 1))
+        load = Signal()                       # the oldest slot moves into the head
+        m.d.comb += load.eq((pop | ~nonempty) & ring_any)
+        with m.If(load):
+            m.d.sync += [head.eq(oldest), rp.eq(Mux(rp == depth - 1, 0, rp + 1))]
+        m.d.sync += [ring.eq(ring + arrive - load), ring_any.eq(Mux(load, ring > 1, ring != 0) | arrive),
+                     nonempty.eq(load | (nonempty & ~pop)), held.eq(held + fetch - pop)]
 
         # ---- issue stage (stage 0): FIFO head entry -> operand addresses ---------
         a_rd = bufs["a"].rd
         w_rd = bufs["w"].rd
-        e = data.View(s.ent_layout, fifo[0])
-        e_valid = Signal()
-        m.d.comb += e_valid.eq(cnt != 0)
+        e = data.View(s.ent_layout, head)
         kk = Signal(range(s.block_k))
+        kk_last = Signal()                    # registered: kk == e.len_m1 (the entry's last beat)
         tcnt = Signal(range(s.min_beats + 1))   # beats of this tile so far (saturating)
         tcnt_ok = Signal(init=s.min_beats <= 1)  # registered: tcnt + 1 >= min_beats
         pad = Signal()                        # padding beats after the tile's last block
@@ -772,7 +808,7 @@ class MatmulEngine(wiring.Component):
         a_base = Signal(range(s.mt_max * s.k + 1))
 
         go = Signal()
-        m.d.comb += go.eq(run & (pad | e_valid))
+        m.d.comb += go.eq(run & (pad | nonempty))
 
         real = Signal()
         entry_end = Signal()
@@ -780,15 +816,23 @@ class MatmulEngine(wiring.Component):
         list_end = Signal()
         m.d.comb += [
             real.eq(~pad & ~e.empty),
-            entry_end.eq(real & (kk == e.len_m1)),
+            entry_end.eq(real & kk_last),
             tile_end.eq(Mux(real, entry_end & e.tile_last, 1) & tcnt_ok),
             list_end.eq(Mux(pad, sweep_end, e.list_last)),
             pop.eq(go & (entry_end | (~pad & e.empty & tile_end))),
         ]
-        m.d.comb += [
-            a_rd.addr.eq(a_base + e.k0 + kk),
-            w_rd.addr.eq(e.w0 + kk),
-        ]
+        # The operand addresses: e.k0 + kk and e.w0 + kk kept in registers (a new head
+        # loads its first row, each beat adds 1), so no adder sits between the control
+        # and a buffer; the a address adds the M-tile's base, register to register.
+        a_off = Signal(range(s.k + 1))
+        w_addr = Signal(w_rd.addr.shape())
+        nh = data.View(s.ent_layout, oldest)
+        m.d.comb += [a_rd.addr.eq(a_base + a_off), w_rd.addr.eq(w_addr)]
+        new_entry = load
+        with m.If(new_entry):
+            m.d.sync += [a_off.eq(nh.k0), w_addr.eq(nh.w0)]
+        with m.Elif(go & real):
+            m.d.sync += [a_off.eq(a_off + 1), w_addr.eq(w_addr + 1)]
         with m.If(go):
             with m.If(tile_end):
                 m.d.sync += [tcnt.eq(0), tcnt_ok.eq(s.min_beats <= 1)]
@@ -806,16 +850,39 @@ class MatmulEngine(wiring.Component):
                     m.d.sync += [left.eq(left - R), last_mt.eq(left <= 2 * R), a_base.eq(a_base + s.k)]
                     with m.If(last_mt):
                         m.d.sync += run.eq(0)
+        # kk_last kept for the head entry: a new head (popped into place, or arriving in an
+        # empty FIFO) starts at kk = 0; otherwise it follows kk's increment
+        with m.If(new_entry):
+            m.d.sync += kk_last.eq(nh.len_m1 == 0)
+        with m.Elif(go & real):
+            m.d.sync += kk_last.eq(kk + 1 == e.len_m1)
         # stages 1 .. lat_op: the operand reads; the beat's flags ride along
-        op_valid, op_first, op_last, op_zero = delayed(
-            m, [go, tcnt == 0, tile_end, ~real], s.read_latencies["a"], ("valid", "first", "last", "zero"))
+        lat_op = s.read_latencies["a"]
+        op_valid, op_first, op_last = delayed(
+            m, [go, tcnt == 0, tile_end], lat_op, ("valid", "first", "last"))
+        # whether the beat's weight row is real (not a padding beat, not a bubble) reaches
+        # the B operands through a tree of kept register copies, one per column at the
+        # end, so no single register drives every B bit across the array
+        w_real, = delayed(m, [go & real], lat_op - 2, ("w_real",))
+        w_real_g = []
+        for g in range(-(-N // PE_FANOUT_GROUP)):
+            q = Signal(name=f"w_real_g{g}", attrs={"keep": 1})
+            m.d.sync += q.eq(w_real)
+            w_real_g.append(q)
+        w_real_c = []
+        for c in range(N):
+            q = Signal(name=f"w_real_c{c}", attrs={"keep": 1})
+            m.d.sync += q.eq(w_real_g[c // PE_FANOUT_GROUP])
+            w_real_c.append(q)
 
         # ---- the operand words -> PE array -----------------------------------
         av, wv = a_rd.data, w_rd.data
         m.d.comb += [pe.i.valid.eq(op_valid), pe.i.payload.first.eq(op_first),
                      pe.i.payload.last.eq(op_last)]
-        m.d.comb += [pe.i.payload.a[r].eq(Mux(op_zero, 0, av[r])) for r in range(R)]
-        m.d.comb += [pe.i.payload.b[c].eq(Mux(op_zero, 0, wv[c])) for c in range(N)]
+        # a padding beat or a bubble zeroes its weight row only: its products are 0
+        # whatever A holds
+        m.d.comb += [pe.i.payload.a[r].eq(av[r]) for r in range(R)]
+        m.d.comb += [pe.i.payload.b[c].eq(Mux(w_real_c[c], wv[c], 0)) for c in range(N)]
 
         # ---- output side: PE rows -> + bias -> requant -> out buffer -------------
         out_nt = Signal(range(max(s.nt, 2)))
@@ -874,14 +941,22 @@ class MatmulEngine(wiring.Component):
         m.d.comb += self.done.eq(done)
 
         # ---- start / done (a start in the done cycle is taken) ------------------
+        # The run's state is loaded in every idle cycle (the cycle in which start is
+        # sampled included, so m is m of that cycle), under `idle`: a register, not the
+        # start input, drives those hundred-odd registers' loads.
+        idle = Signal(init=1)
+        m.d.sync += idle.eq((~start & ~self.busy) | fin_o)
         with m.If(done):
             m.d.sync += busy.eq(0)
         with m.If(start):   # the header is read in this cycle (port address 0)
-            m.d.sync += [busy.eq(1), run.eq(1), a_base.eq(0),
+            m.d.sync += [busy.eq(1), run.eq(1)]
+        with m.If(idle):
+            m.d.sync += [a_base.eq(0),
                          left.eq(self.m), last_mt.eq(self.m <= R), out_left.eq(self.m),
                          out_last.eq(self.m <= R),
                          out_nt.eq(0), tile_base.eq(0), tcnt.eq(0), tcnt_ok.eq(s.min_beats <= 1),
                          kk.eq(0), pad.eq(0),
-                         fetching.eq(0), ptr.eq(1), cnt.eq(0), held.eq(0)]
+                         fetching.eq(0), ptr.eq(1), held.eq(0), nonempty.eq(0),
+                         rp.eq(0), wp.eq(0), ring.eq(0), ring_any.eq(0)]
             m.d.sync += [f.eq(0) for f in inflight]
         return m

@@ -31,24 +31,30 @@ on any register: a global enable (or stall) would fan out to every product
 and accumulator register, and that net, not the arithmetic, limited the
 clock of larger arrays (measured on ECP5: 105 MHz at 8 x 8). Cycles with
 ``i.valid`` low are bubbles (their B row is zeroed at stage 0, so they add
-0); the producer may insert them anywhere.
+0; or by the producer, ``zero_bubbles=False``); the producer may insert them
+anywhere.
 
-Five register stages lead to the accumulators, built for FPGA timing closure
+Seven register stages lead to the accumulators, built for FPGA timing closure
 (DESIGN.md, Known traps: registered operands and products, DSP registers):
 stage 0 registers the operands (one register per row of A and column of B)
-and the flags; stage 1 fans the operands out, one kept register copy per
-``FANOUT_GROUP`` (4) PEs of a row (A) or a column (B), so no operand net
-spans the whole array (a 16 x 16 array covers most of an LFE5U-85F);
-stages 2..4 are the multiplier's registers (:class:`MULT18X18D` with its
-input and output registers plus one in fabric, its behavioural twin
-:class:`RegisteredMul`, or the pipelined :class:`FabricMul` in logic, per
-:class:`PEMapping`); stage 5 adds the product into the accumulator. The
-``first``/``last`` flags travel beside the products through a fan-out tree
-of registers (one copy at stages 1 and 2, one per row at stage 3, one per PE
-at stage 4; each copy carries a ``keep`` attribute, which :mod:`hwgen.impl`
-turns into kept cells so synthesis does not merge the copies), so no control
-net drives more than one PE's registers. ``PIPE`` (5) registers sit in front
-of the accumulators and ``LATENCY = PIPE + 1``.
+and the flags; stages 1 and 2 (``FANOUT_LEVELS``) fan the operands out in a
+tree of kept register copies, one per 8 PEs of a row (A) or a column (B),
+then one per ``FANOUT_GROUP`` (4), so no operand net spans the whole array (a
+16 x 16 array covers most of an LFE5U-85F: the DSP blocks sit in rows across
+the die); stages 3..6 are the multiplier's registers (:class:`MULT18X18D`
+with its input and output registers plus two in fabric, so that the route
+from the DSP block to the accumulator gets a register at each end; its
+behavioural twin :class:`RegisteredMul`; or the pipelined :class:`FabricMul`
+in logic, per :class:`PEMapping`); stage 7 adds the product into the
+accumulator. The ``first``/``last`` flags travel beside the products through
+a fan-out tree of registers (single copies until stage 4, one per row at
+stage 5, one per PE at stage 6; each copy carries a ``keep`` attribute, which
+:mod:`hwgen.impl` turns into kept cells so synthesis does not merge the
+copies), so no control net drives more than one PE's registers. ``PIPE``
+(7) registers sit in front of the accumulators and ``LATENCY = PIPE + 1``.
+Measured placed on an LFE5U-85F (16 x 16, before the second fan-out level
+and the fourth multiplier register): half of the DSP output bits travelled
+more than 40 tiles to their fabric register, the operand copies up to 94.
 Counting cycle 0 as the one in which beat 0 is taken, with no bubbles:
 
 * beats are taken in cycles ``0 .. K-1``;
@@ -80,15 +86,19 @@ from ..contract import MAX_ACC_WIDTH
 from ..contract import acc_width as contract_acc_width
 
 
-#: registers of every multiplier (stages 1..3 of the array)
-MUL_STAGES = 3
+#: registers of every multiplier: operands, product, and two fabric registers after it
+MUL_STAGES = 4
 
-#: PEs fed by one operand register copy (stage 1 of the array)
+#: PEs fed by one operand register copy (the last level of the fan-out tree)
 FANOUT_GROUP = 4
 
+#: levels of the operands' fan-out tree after stage 0: one copy per
+#: ``FANOUT_GROUP * 2 ** (FANOUT_LEVELS - 1 - l)`` PEs at level l
+FANOUT_LEVELS = 2
+
 #: pipeline registers in front of the accumulators: stage 0 (operands, flags),
-#: stage 1 (the operands' fan-out copies) and the multiplier's
-PIPE = 2 + MUL_STAGES
+#: the operands' fan-out tree and the multiplier's
+PIPE = 1 + FANOUT_LEVELS + MUL_STAGES
 
 #: widest operand of one MULT18X18D (signed)
 DSP_WIDTH = 18
@@ -143,6 +153,12 @@ class PEArray(wiring.Component):
     and ``overrun`` (``Out(1)``: a ``last`` beat came less than
     :attr:`min_tile_gap` cycles after the previous one; sticky until reset).
 
+    ``zero_bubbles``: True (the default) zeroes the B row of every cycle with
+    ``valid`` low, so bubbles may come anywhere; False leaves that to the
+    producer, which must present ``b`` all zero whenever ``valid`` is low
+    inside a tile (:class:`~hwgen.rtl.matmul.MatmulEngine` does, from
+    per-column flag registers): then no net runs from ``valid`` to every B bit.
+
     ``mapping`` (a :class:`PEMapping`) chooses DSP or fabric multipliers per PE;
     without it the ``platform`` attribute ``pe_mapping`` is used (how
     :mod:`hwgen.impl` synthesizes an engine that contains the array), and
@@ -153,12 +169,15 @@ class PEArray(wiring.Component):
     LATENCY = PIPE + 1
 
     def __init__(self, rows: int, cols: int, a_width: int, b_width: int, acc_width: int,
-                 mapping: "PEMapping | None" = None):
+                 mapping: "PEMapping | None" = None, zero_bubbles: bool = True):
         try:
             self._check(rows, cols, a_width, b_width, acc_width)
             if mapping is not None and not isinstance(mapping, PEMapping):
                 raise RTLError(f"mapping must be a PEMapping or None, got {mapping!r}")
+            if not isinstance(zero_bubbles, bool):
+                raise RTLError(f"zero_bubbles must be a bool, got {zero_bubbles!r}")
             self.mapping = mapping
+            self.zero_bubbles = zero_bubbles
         except RTLError:
             self._MustUse__silence = True  # never built: no "unused elaboratable" warning
             raise
@@ -185,14 +204,15 @@ class PEArray(wiring.Component):
         return self.rows
 
     @classmethod
-    def for_formats(cls, rows: int, cols: int, a_fmt, b_fmt, k: int) -> "PEArray":
+    def for_formats(cls, rows: int, cols: int, a_fmt, b_fmt, k: int,
+                    zero_bubbles: bool = True) -> "PEArray":
         """An array for ``a_fmt`` x ``b_fmt`` (:class:`hwgen.fixed.FixedType`)
         operands over tiles of at most ``k`` beats, with the contract's
         never-overflowing accumulator width (:func:`hwgen.contract.acc_width`).
         Unsigned operand formats get one extra (sign) bit on the port."""
         check_positive("k", k)
         return cls(rows, cols, a_fmt.width + (not a_fmt.signed), b_fmt.width + (not b_fmt.signed),
-                   contract_acc_width(a_fmt, b_fmt, k))
+                   contract_acc_width(a_fmt, b_fmt, k), zero_bubbles=zero_bubbles)
 
     @staticmethod
     def cycles(k: int, rows: int) -> int:
@@ -209,7 +229,9 @@ class PEArray(wiring.Component):
         keep = {"keep": 1}
 
         # stage 0: operand registers (one per row of A / column of B) and the flags;
-        # a bubble's B row is zeroed so that its products add 0 (no enable anywhere)
+        # a bubble's B row is zeroed so that its products add 0 (no enable anywhere),
+        # unless the producer zeroes it (zero_bubbles=False: no net from `valid` to
+        # every B bit)
         a0 = [Signal(signed(self.a_width), name=f"a0_{i}", reset_less=True) for i in range(R)]
         fabric_rows = [i for i in range(R) if "fabric" in kinds[i]]
         a0n = {i: Signal(signed(self.a_width + 1), name=f"a0n_{i}", reset_less=True)
@@ -219,37 +241,50 @@ class PEArray(wiring.Component):
         m.d.sync += [first0.eq(i_.valid & i_.payload.first), last0.eq(i_.valid & i_.payload.last)]
         m.d.sync += [a0[i].eq(i_.payload.a[i]) for i in range(R)]
         m.d.sync += [a0n[i].eq(-i_.payload.a[i]) for i in fabric_rows]
-        m.d.sync += [b0[j].eq(Mux(i_.valid, i_.payload.b[j], 0)) for j in range(N)]
+        m.d.sync += [b0[j].eq(Mux(i_.valid, i_.payload.b[j], 0) if self.zero_bubbles else i_.payload.b[j])
+                     for j in range(N)]
 
-        # stage 1: the operands' fan-out, one kept copy per FANOUT_GROUP PEs of a row
-        # (A) or a column (B), so no operand net spans the whole array
-        def copies(src, n, name):
-            out = []
-            for g in range(-(-n // FANOUT_GROUP)):
-                q = Signal.like(src, name=f"{name}_g{g}", reset_less=True, attrs=keep)
-                m.d.sync += q.eq(src)
+        # stages 1 .. FANOUT_LEVELS: the operands' fan-out tree, kept register copies;
+        # at the last level one copy per FANOUT_GROUP PEs of a row (A) or a column (B),
+        # each level halving the PEs a copy serves, so no operand net spans the array
+        def tree(src, n, name):
+            level = [src]
+            for lv in range(FANOUT_LEVELS):
+                per = FANOUT_GROUP << (FANOUT_LEVELS - 1 - lv)   # PEs one copy serves
+                nxt = []
+                for g in range(-(-n // per)):
+                    q = Signal.like(src, name=f"{name}_l{lv + 1}_{g}", reset_less=True, attrs=keep)
+                    m.d.sync += q.eq(level[g // 2] if lv else src)
+                    nxt.append(q)
+                level = nxt
+            return level
+        a1 = [tree(a0[i], N, f"a_{i}") for i in range(R)]
+        a1n = {i: tree(a0n[i], N, f"an_{i}") for i in fabric_rows}
+        b1 = [tree(b0[j], R, f"b_{j}") for j in range(N)]
+
+        # the flags' fan-out tree: single copies until the multipliers' input stage,
+        # then one copy per row, then one per PE
+        def flag_chain(src, n, name):
+            out = [src]
+            for x in range(n):
+                q = Signal(name=f"{name}{x + 1}")
+                m.d.sync += q.eq(out[-1])
                 out.append(q)
-            return out
-        a1 = [copies(a0[i], N, f"a1_{i}") for i in range(R)]
-        a1n = {i: copies(a0n[i], N, f"a1n_{i}") for i in fabric_rows}
-        b1 = [copies(b0[j], R, f"b1_{j}") for j in range(N)]
-
-        # the flags' fan-out tree: one copy at stages 1 and 2, one per row at stage 3,
-        # one per PE at stage 4
-        first1, last1, first2, last2 = Signal(), Signal(), Signal(), Signal()
-        m.d.sync += [first1.eq(first0), last1.eq(last0), first2.eq(first1), last2.eq(last1)]
-        first3 = [Signal(name=f"first3_{i}", attrs=keep) for i in range(R)]
-        last3 = [Signal(name=f"last3_{i}", attrs=keep) for i in range(R)]
+            return out[-1]
+        first2 = flag_chain(first0, FANOUT_LEVELS + MUL_STAGES - 2, "first")
+        last2 = flag_chain(last0, FANOUT_LEVELS + MUL_STAGES - 2, "last")
+        first3 = [Signal(name=f"first_r{i}", attrs=keep) for i in range(R)]
+        last3 = [Signal(name=f"last_r{i}", attrs=keep) for i in range(R)]
         m.d.sync += [first3[i].eq(first2) for i in range(R)]
         m.d.sync += [last3[i].eq(last2) for i in range(R)]
-        first4 = [[Signal(name=f"first4_{i}_{j}", attrs=keep) for j in range(N)] for i in range(R)]
-        last4 = [[Signal(name=f"last4_{i}_{j}", attrs=keep) for j in range(N)] for i in range(R)]
+        first4 = [[Signal(name=f"first_pe{i}_{j}", attrs=keep) for j in range(N)] for i in range(R)]
+        last4 = [[Signal(name=f"last_pe{i}_{j}", attrs=keep) for j in range(N)] for i in range(R)]
         m.d.sync += [first4[i][j].eq(first3[i]) for i in range(R) for j in range(N)]
         m.d.sync += [last4[i][j].eq(last3[i]) for i in range(R) for j in range(N)]
         commit = Signal()        # the control logic's own copy of last4
         m.d.sync += commit.eq(last3[0])
 
-        # stages 2..4: one product per PE, MUL_STAGES registers deep (MULT18X18D
+        # stages 3..6: one product per PE, MUL_STAGES registers deep (MULT18X18D
         # with its registers, its twin, or a pipelined fabric multiplier), never held
         prod = [[None] * N for _ in range(R)]
         for i in range(R):
@@ -266,7 +301,7 @@ class PEArray(wiring.Component):
                 m.d.comb += [mul.a.eq(a1[i][j // FANOUT_GROUP]), mul.b.eq(b1[j][i // FANOUT_GROUP])]
                 prod[i][j] = mul.p
 
-        # stage 5: accumulators; the output bank (a row shift register) drained on `o`
+        # stage 7: accumulators; the output bank (a row shift register) drained on `o`
         acc = [[Signal(signed(W), name=f"acc_{i}_{j}", reset_less=True) for j in range(N)]
                for i in range(R)]
         bank = [[Signal(signed(W), name=f"bank_{i}_{j}", reset_less=True) for j in range(N)]
@@ -342,8 +377,8 @@ def _mul_ports(a_width: int, b_width: int) -> dict:
 
 
 class RegisteredMul(wiring.Component):
-    """``p = a * b`` ``MUL_STAGES`` (3) cycles later: ``a``, ``b`` registered
-    (stage 1), the product registered (stage 2) and registered again (stage 3),
+    """``p = a * b`` ``MUL_STAGES`` (4) cycles later: ``a``, ``b`` registered
+    (stage 1), the product registered (stage 2) and registered twice more (stages 3, 4),
     every cycle (no enable); registers without reset. The behavioural twin of
     :class:`MULT18X18D` (same registers)."""
 
@@ -358,8 +393,9 @@ class RegisteredMul(wiring.Component):
         b1 = Signal(signed(self.b_width), reset_less=True)
         p2 = Signal(signed(pw), reset_less=True)
         p3 = Signal(signed(pw), reset_less=True)
-        m.d.sync += [a1.eq(self.a), b1.eq(self.b), p2.eq(a1 * b1), p3.eq(p2)]
-        m.d.comb += self.p.eq(p3)
+        p4 = Signal(signed(pw), reset_less=True)
+        m.d.sync += [a1.eq(self.a), b1.eq(self.b), p2.eq(a1 * b1), p3.eq(p2), p4.eq(p3)]
+        m.d.comb += self.p.eq(p4)
         return m
 
 
@@ -367,9 +403,10 @@ class MULT18X18D(wiring.Component):
     """The ECP5 ``MULT18X18D`` primitive, signed x signed, with its input
     registers (``REG_INPUTA/B_CLK``, stage 1) and output register
     (``REG_OUTPUT_CLK``, stage 2) on the ``sync`` clock, CE0 tied high, then
-    a fabric register (stage 3) so that the route out of the DSP block is not
-    part of the accumulator's adder path: the same three-register pipeline as
-    :class:`RegisteredMul`. Operands are sign-extended to 18 bits; ``p`` is the
+    two fabric registers (stages 3, 4): the route out of the DSP block is not
+    part of the accumulator's adder path, and a DSP far from its accumulator
+    gets a register at each end of the route; the same four-register pipeline
+    as :class:`RegisteredMul`. Operands are sign-extended to 18 bits; ``p`` is the
     low ``a_width + b_width`` bits of the 36-bit product (exact: the product fits). Synthesis only: Amaranth's
     simulator cannot run it (simulation uses :class:`RegisteredMul`)."""
 
@@ -386,8 +423,9 @@ class MULT18X18D(wiring.Component):
         b18 = Signal(signed(DSP_WIDTH))
         p36 = Signal(signed(2 * DSP_WIDTH))
         p3 = Signal(signed(self.a_width + self.b_width), reset_less=True)
-        m.d.comb += [a18.eq(self.a), b18.eq(self.b), self.p.eq(p3)]
-        m.d.sync += p3.eq(p36[:self.a_width + self.b_width])
+        p4 = Signal(signed(self.a_width + self.b_width), reset_less=True)
+        m.d.comb += [a18.eq(self.a), b18.eq(self.b), self.p.eq(p4)]
+        m.d.sync += [p3.eq(p36[:self.a_width + self.b_width]), p4.eq(p3)]
         ports = {}
         for k in range(DSP_WIDTH):
             ports[f"i_A{k}"] = a18[k]
@@ -408,12 +446,12 @@ class MULT18X18D(wiring.Component):
 
 
 class FabricMul(wiring.Component):
-    """``p = a * b`` ``MUL_STAGES`` (3) cycles later in logic (no DSP): the
+    """``p = a * b`` ``MUL_STAGES`` (4) cycles later in logic (no DSP): the
     partial products ``b[k] ? a << k : 0``, the sign bit's taken from the
     extra input ``a_neg`` (which must carry ``-a``, registered by the caller so
     no negation sits in the tree), summed by a balanced adder tree whose levels
-    are spread over the three registered stages (one adder level per stage for
-    8-bit ``b``); every stage loads each cycle; registers without reset. Same
+    are spread over the registered stages (one adder level per stage for
+    8-bit ``b``, the last stage a plain register); every stage loads each cycle; registers without reset. Same
     ports (plus ``a_neg``) and timing as :class:`RegisteredMul`. Written without
     ``*`` so synthesis never maps it to a DSP."""
 
