@@ -567,6 +567,22 @@ def test_verilog_ports_match_spec(tiny_decoder_fixed):
     assert eng.manifest(24)["ports"] == ports
 
 
+def test_verilog_weight_zero_flags_per_column(tiny_decoder_fixed):
+    """The weight-row-is-real flag reaches each B column through kept register
+    copies: one per group of 4 columns, then one per column, and each column's
+    word is zeroed by its own copy (the array is built with zero_bubbles=False)."""
+    import re
+
+    eng = MatmulEngine.for_linear(tiny_decoder_fixed, "n4.linear", rows=4, cols=6, max_m=24, block_k=8)
+    v = verilog.convert(eng, name=eng.spec.name)
+    kept = {re.search(r"reg (?:signed )?(?:\[\d+:0\] )?(\w+)", d).group(1) for d in v.split(";")
+            if "keep" in d and " reg " in d}
+    assert {k for k in kept if k.startswith("w_real_g")} == {"w_real_g0", "w_real_g1"}
+    assert {k for k in kept if k.startswith("w_real_c")} == {f"w_real_c{c}" for c in range(6)}
+    for c in range(6):   # column c's weight word is zeroed by its own copy
+        assert len(re.findall(rf"w_real_c{c} \? .*rd__data\S* \[{8 * c + 7}:{8 * c}\] : 8'h00;", v)) == 1
+
+
 @pytest.mark.slow
 def test_minilm_engine_verilog_time():
     """Elaboration + Verilog of the 16 x 16 engine for MiniLM's FFN up
