@@ -149,6 +149,7 @@ module encoder_layer_0_attention_self_key(m, a_wr__en, a_wr__addr, a_wr__data, w
   reg \$226 ;
   reg \$227 ;
   reg \$228 ;
+  reg [7:0] \$229 ;
   wire [7:0] \$23 ;
   wire [7:0] \$24 ;
   wire [7:0] \$25 ;
@@ -459,6 +460,7 @@ module encoder_layer_0_attention_self_key(m, a_wr__en, a_wr__addr, a_wr__data, w
   wire load;
   input [7:0] m;
   wire [7:0] m;
+  reg [7:0] m_q = 8'h00;
   reg [9:0] n_ent = 10'h000;
   reg nonempty = 1'h0;
   wire [127:0] o;
@@ -970,8 +972,8 @@ module encoder_layer_0_attention_self_key(m, a_wr__en, a_wr__addr, a_wr__data, w
   assign \$115  = ~ busy;
   assign \$116  = \$114  & \$115 ;
   assign \$117  = \$116  | fin_o_d2;
-  assign \$118  = m <= 5'h10;
-  assign \$119  = m <= 5'h10;
+  assign \$118  = m_q <= 5'h10;
+  assign \$119  = m_q <= 5'h10;
   always @(posedge clk)
     fetch0 <= \$120 ;
   always @(posedge clk)
@@ -1190,6 +1192,8 @@ module encoder_layer_0_attention_self_key(m, a_wr__en, a_wr__addr, a_wr__data, w
     idle <= \$227 ;
   always @(posedge clk)
     \busy$42  <= \$228 ;
+  always @(posedge clk)
+    m_q <= \$229 ;
   \encoder_layer_0_attention_self_key.mem_a  mem_a (
     .clk(clk),
     .q_d1(\rd__data$82 ),
@@ -1590,8 +1594,8 @@ module encoder_layer_0_attention_self_key(m, a_wr__en, a_wr__addr, a_wr__data, w
         end
       end
     end
-    if (idle) begin
-      \$146  = m;
+    if (hdr0) begin
+      \$146  = m_q;
     end
     if (rst) begin
       \$146  = 8'h00;
@@ -1607,7 +1611,7 @@ module encoder_layer_0_attention_self_key(m, a_wr__en, a_wr__addr, a_wr__data, w
         end
       end
     end
-    if (idle) begin
+    if (hdr0) begin
       \$147  = \$118 ;
     end
     if (rst) begin
@@ -2010,8 +2014,8 @@ module encoder_layer_0_attention_self_key(m, a_wr__en, a_wr__addr, a_wr__data, w
         \$198  = \$87 [7:0];
       end
     end
-    if (idle) begin
-      \$198  = m;
+    if (hdr0) begin
+      \$198  = m_q;
     end
     if (rst) begin
       \$198  = 8'h00;
@@ -2025,7 +2029,7 @@ module encoder_layer_0_attention_self_key(m, a_wr__en, a_wr__addr, a_wr__data, w
         \$199  = \$88 ;
       end
     end
-    if (idle) begin
+    if (hdr0) begin
       \$199  = \$119 ;
     end
     if (rst) begin
@@ -2284,6 +2288,16 @@ module encoder_layer_0_attention_self_key(m, a_wr__en, a_wr__addr, a_wr__data, w
     end
     if (rst) begin
       \$228  = 1'h0;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
+    \$229  = m_q;
+    if (idle) begin
+      \$229  = m;
+    end
+    if (rst) begin
+      \$229  = 8'h00;
     end
   end
   assign wr__addr = a_wr__addr;

@@ -185,6 +185,7 @@ module encoder_layer_0_intermediate_dense(m, a_wr__en, a_wr__addr, a_wr__data, w
   reg \$259 ;
   wire [7:0] \$26 ;
   reg \$260 ;
+  reg [7:0] \$261 ;
   wire [7:0] \$27 ;
   wire [7:0] \$28 ;
   wire [7:0] \$29 ;
@@ -560,6 +561,7 @@ module encoder_layer_0_intermediate_dense(m, a_wr__en, a_wr__addr, a_wr__data, w
   wire load;
   input [7:0] m;
   wire [7:0] m;
+  reg [7:0] m_q = 8'h00;
   reg [11:0] n_ent = 12'h000;
   reg nonempty = 1'h0;
   wire [159:0] o;
@@ -1082,8 +1084,8 @@ module encoder_layer_0_intermediate_dense(m, a_wr__en, a_wr__addr, a_wr__data, w
   assign \$123  = ~ busy;
   assign \$124  = \$122  & \$123 ;
   assign \$125  = \$124  | fin_o_d2;
-  assign \$126  = m <= 5'h10;
-  assign \$127  = m <= 5'h10;
+  assign \$126  = m_q <= 5'h10;
+  assign \$127  = m_q <= 5'h10;
   always @(posedge clk)
     fetch0 <= \$128 ;
   always @(posedge clk)
@@ -1350,6 +1352,8 @@ module encoder_layer_0_intermediate_dense(m, a_wr__en, a_wr__addr, a_wr__data, w
     idle <= \$259 ;
   always @(posedge clk)
     \busy$42  <= \$260 ;
+  always @(posedge clk)
+    m_q <= \$261 ;
   \encoder_layer_0_intermediate_dense.mem_a  mem_a (
     .clk(clk),
     .q_d1(\rd__data$86 ),
@@ -1866,8 +1870,8 @@ module encoder_layer_0_intermediate_dense(m, a_wr__en, a_wr__addr, a_wr__data, w
         end
       end
     end
-    if (idle) begin
-      \$166  = m;
+    if (hdr0) begin
+      \$166  = m_q;
     end
     if (rst) begin
       \$166  = 8'h00;
@@ -1883,7 +1887,7 @@ module encoder_layer_0_intermediate_dense(m, a_wr__en, a_wr__addr, a_wr__data, w
         end
       end
     end
-    if (idle) begin
+    if (hdr0) begin
       \$167  = \$126 ;
     end
     if (rst) begin
@@ -2286,8 +2290,8 @@ module encoder_layer_0_intermediate_dense(m, a_wr__en, a_wr__addr, a_wr__data, w
         \$218  = \$95 [7:0];
       end
     end
-    if (idle) begin
-      \$218  = m;
+    if (hdr0) begin
+      \$218  = m_q;
     end
     if (rst) begin
       \$218  = 8'h00;
@@ -2301,7 +2305,7 @@ module encoder_layer_0_intermediate_dense(m, a_wr__en, a_wr__addr, a_wr__data, w
         \$219  = \$96 ;
       end
     end
-    if (idle) begin
+    if (hdr0) begin
       \$219  = \$127 ;
     end
     if (rst) begin
@@ -2644,6 +2648,16 @@ module encoder_layer_0_intermediate_dense(m, a_wr__en, a_wr__addr, a_wr__data, w
     end
     if (rst) begin
       \$260  = 1'h0;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
+    \$261  = m_q;
+    if (idle) begin
+      \$261  = m;
+    end
+    if (rst) begin
+      \$261  = 8'h00;
     end
   end
   assign wr__addr = a_wr__addr;

@@ -171,6 +171,7 @@ module encoder_layer_0_output_dense(m, a_wr__en, a_wr__addr, a_wr__data, w_wr__e
   reg \$246 ;
   reg \$247 ;
   reg \$248 ;
+  reg [7:0] \$249 ;
   wire [7:0] \$25 ;
   wire [7:0] \$26 ;
   wire [7:0] \$27 ;
@@ -491,6 +492,7 @@ module encoder_layer_0_output_dense(m, a_wr__en, a_wr__addr, a_wr__data, w_wr__e
   wire load;
   input [7:0] m;
   wire [7:0] m;
+  reg [7:0] m_q = 8'h00;
   reg [11:0] n_ent = 12'h000;
   reg nonempty = 1'h0;
   wire [255:0] o;
@@ -1010,8 +1012,8 @@ module encoder_layer_0_output_dense(m, a_wr__en, a_wr__addr, a_wr__data, w_wr__e
   assign \$123  = ~ busy;
   assign \$124  = \$122  & \$123 ;
   assign \$125  = \$124  | fin_o_d2;
-  assign \$126  = m <= 5'h10;
-  assign \$127  = m <= 5'h10;
+  assign \$126  = m_q <= 5'h10;
+  assign \$127  = m_q <= 5'h10;
   always @(posedge clk)
     fetch0 <= \$128 ;
   always @(posedge clk)
@@ -1254,6 +1256,8 @@ module encoder_layer_0_output_dense(m, a_wr__en, a_wr__addr, a_wr__data, w_wr__e
     idle <= \$247 ;
   always @(posedge clk)
     \busy$42  <= \$248 ;
+  always @(posedge clk)
+    m_q <= \$249 ;
   \encoder_layer_0_output_dense.mem_a  mem_a (
     .clk(clk),
     .q_d1(\rd__data$86 ),
@@ -1770,8 +1774,8 @@ module encoder_layer_0_output_dense(m, a_wr__en, a_wr__addr, a_wr__data, w_wr__e
         end
       end
     end
-    if (idle) begin
-      \$166  = m;
+    if (hdr0) begin
+      \$166  = m_q;
     end
     if (rst) begin
       \$166  = 8'h00;
@@ -1787,7 +1791,7 @@ module encoder_layer_0_output_dense(m, a_wr__en, a_wr__addr, a_wr__data, w_wr__e
         end
       end
     end
-    if (idle) begin
+    if (hdr0) begin
       \$167  = \$126 ;
     end
     if (rst) begin
@@ -2190,8 +2194,8 @@ module encoder_layer_0_output_dense(m, a_wr__en, a_wr__addr, a_wr__data, w_wr__e
         \$218  = \$95 [7:0];
       end
     end
-    if (idle) begin
-      \$218  = m;
+    if (hdr0) begin
+      \$218  = m_q;
     end
     if (rst) begin
       \$218  = 8'h00;
@@ -2205,7 +2209,7 @@ module encoder_layer_0_output_dense(m, a_wr__en, a_wr__addr, a_wr__data, w_wr__e
         \$219  = \$96 ;
       end
     end
-    if (idle) begin
+    if (hdr0) begin
       \$219  = \$127 ;
     end
     if (rst) begin
@@ -2464,6 +2468,16 @@ module encoder_layer_0_output_dense(m, a_wr__en, a_wr__addr, a_wr__data, w_wr__e
     end
     if (rst) begin
       \$248  = 1'h0;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
+    \$249  = m_q;
+    if (idle) begin
+      \$249  = m;
+    end
+    if (rst) begin
+      \$249  = 8'h00;
     end
   end
   assign wr__addr = a_wr__addr;

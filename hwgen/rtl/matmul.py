@@ -950,10 +950,14 @@ class MatmulEngine(wiring.Component):
             m.d.sync += busy.eq(0)
         with m.If(start):   # the header is read in this cycle (port address 0)
             m.d.sync += [busy.eq(1), run.eq(1)]
+        # m is sampled into its own register (in the start cycle: the last idle one) and
+        # copied into the row counters the cycle after, which are first read far later;
+        # so the m input pulls no control register towards it
+        m_q = Signal.like(self.m)
+        with m.If(hdr_pipe[0]):
+            m.d.sync += [left.eq(m_q), last_mt.eq(m_q <= R), out_left.eq(m_q), out_last.eq(m_q <= R)]
         with m.If(idle):
-            m.d.sync += [a_base.eq(0),
-                         left.eq(self.m), last_mt.eq(self.m <= R), out_left.eq(self.m),
-                         out_last.eq(self.m <= R),
+            m.d.sync += [a_base.eq(0), m_q.eq(self.m),
                          out_nt.eq(0), tile_base.eq(0), tcnt.eq(0), tcnt_ok.eq(s.min_beats <= 1),
                          kk.eq(0), pad.eq(0),
                          fetching.eq(0), ptr.eq(1), held.eq(0), nonempty.eq(0),
