@@ -21,37 +21,37 @@ module encoder_layer_0_attention_self_value(m, a_wr__en, a_wr__addr, a_wr__data,
   wire [24:0] \$110 ;
   wire [24:0] \$111 ;
   wire [24:0] \$112 ;
-  wire [24:0] \$113 ;
+  wire \$113 ;
   wire \$114 ;
   wire \$115 ;
   wire \$116 ;
   wire \$117 ;
   wire \$118 ;
-  wire \$119 ;
+  reg \$119 ;
   wire \$12 ;
   reg \$120 ;
-  reg \$121 ;
-  reg [9:0] \$122 ;
+  reg [9:0] \$121 ;
+  reg \$122 ;
   reg \$123 ;
-  reg \$124 ;
-  reg [9:0] \$125 ;
-  reg \$126 ;
+  reg [9:0] \$124 ;
+  reg \$125 ;
+  reg [29:0] \$126 ;
   reg [29:0] \$127 ;
   reg [29:0] \$128 ;
   reg [29:0] \$129 ;
   wire \$13 ;
   reg [29:0] \$130 ;
-  reg [29:0] \$131 ;
-  reg [2:0] \$132 ;
-  reg [29:0] \$133 ;
+  reg [2:0] \$131 ;
+  reg [29:0] \$132 ;
+  reg [2:0] \$133 ;
   reg [2:0] \$134 ;
-  reg [2:0] \$135 ;
+  reg \$135 ;
   reg \$136 ;
-  reg \$137 ;
-  reg [2:0] \$138 ;
-  reg [8:0] \$139 ;
+  reg [2:0] \$137 ;
+  reg [8:0] \$138 ;
+  reg [13:0] \$139 ;
   wire \$14 ;
-  reg [13:0] \$140 ;
+  reg \$140 ;
   reg [4:0] \$141 ;
   reg \$142 ;
   reg [3:0] \$143 ;
@@ -112,44 +112,43 @@ module encoder_layer_0_attention_self_value(m, a_wr__en, a_wr__addr, a_wr__data,
   reg \$193 ;
   reg \$194 ;
   reg \$195 ;
-  reg \$196 ;
-  reg [4:0] \$197 ;
-  reg [7:0] \$198 ;
-  reg \$199 ;
+  reg [4:0] \$196 ;
+  reg [7:0] \$197 ;
+  reg \$198 ;
+  reg [11:0] \$199 ;
   wire \$2 ;
   wire [7:0] \$20 ;
-  reg [11:0] \$200 ;
+  reg \$200 ;
   reg \$201 ;
   reg \$202 ;
-  reg \$203 ;
-  reg [383:0] \$204 ;
-  reg [11:0] \$205 ;
+  reg [383:0] \$203 ;
+  reg [11:0] \$204 ;
+  reg \$205 ;
   reg \$206 ;
-  reg \$207 ;
-  reg [11:0] \$208 ;
-  reg [383:0] \$209 ;
+  reg [11:0] \$207 ;
+  reg [383:0] \$208 ;
+  reg \$209 ;
   wire [7:0] \$21 ;
   reg \$210 ;
-  reg \$211 ;
-  reg [11:0] \$212 ;
-  reg [431:0] \$213 ;
+  reg [11:0] \$211 ;
+  reg [431:0] \$212 ;
+  reg \$213 ;
   reg \$214 ;
-  reg \$215 ;
-  reg [11:0] \$216 ;
+  reg [11:0] \$215 ;
+  reg \$216 ;
   reg \$217 ;
-  reg \$218 ;
-  reg [11:0] \$219 ;
+  reg [11:0] \$218 ;
+  reg \$219 ;
   wire [7:0] \$22 ;
   reg \$220 ;
-  reg \$221 ;
-  reg [11:0] \$222 ;
+  reg [11:0] \$221 ;
+  reg \$222 ;
   reg \$223 ;
   reg \$224 ;
   reg \$225 ;
   reg \$226 ;
   reg \$227 ;
-  reg \$228 ;
-  reg [7:0] \$229 ;
+  reg [7:0] \$228 ;
   wire [7:0] \$23 ;
   wire [7:0] \$24 ;
   wire [7:0] \$25 ;
@@ -198,40 +197,40 @@ module encoder_layer_0_attention_self_value(m, a_wr__en, a_wr__addr, a_wr__data,
   wire [3:0] \$64 ;
   wire [4:0] \$65 ;
   wire \$66 ;
-  wire [9:0] \$67 ;
-  wire [14:0] \$68 ;
-  wire \$69 ;
+  wire \$67 ;
+  wire [9:0] \$68 ;
+  wire [14:0] \$69 ;
   wire \$7 ;
-  wire [5:0] \$70 ;
-  wire [5:0] \$71 ;
+  wire [4:0] \$70 ;
+  wire \$71 ;
   wire \$72 ;
-  wire \$73 ;
-  wire \$74 ;
-  wire [4:0] \$75 ;
-  wire [8:0] \$76 ;
+  wire [5:0] \$73 ;
+  wire [5:0] \$74 ;
+  wire \$75 ;
+  wire \$76 ;
   wire \$77 ;
-  wire [12:0] \$78 ;
-  wire \$79 ;
+  wire [4:0] \$78 ;
+  wire [8:0] \$79 ;
   wire \$8 ;
   wire \$80 ;
-  wire [4:0] \$81 ;
+  wire [12:0] \$81 ;
   wire \$82 ;
   wire \$83 ;
   wire \$84 ;
   wire \$85 ;
-  wire \$86 ;
-  wire [8:0] \$87 ;
-  wire \$88 ;
-  wire [12:0] \$89 ;
+  wire [8:0] \$86 ;
+  wire \$87 ;
+  wire [12:0] \$88 ;
+  wire [5:0] \$89 ;
   wire \$9 ;
-  wire [5:0] \$90 ;
-  wire [12:0] \$91 ;
+  wire [12:0] \$90 ;
+  wire \$91 ;
   wire \$92 ;
   wire \$93 ;
-  wire \$94 ;
+  wire [12:0] \$94 ;
   wire [12:0] \$95 ;
-  wire [12:0] \$96 ;
-  wire \$97 ;
+  wire \$96 ;
+  wire [24:0] \$97 ;
   wire [24:0] \$98 ;
   wire [24:0] \$99 ;
   reg \$signal  = 1'h0;
@@ -921,101 +920,102 @@ module encoder_layer_0_attention_self_value(m, a_wr__en, a_wr__addr, a_wr__data,
   assign \$64  = held + fetch;
   assign \$65  = \$64  - pop;
   assign \$66  = go & \real ;
-  assign \$67  = a_off + 1'h1;
-  assign \$68  = \rd__addr$75  + 1'h1;
-  assign \$69  = tcnt != 5'h10;
-  assign \$70  = tcnt + 1'h1;
-  assign \$71  = tcnt + 2'h2;
-  assign \$72  = \$71  >= 5'h10;
-  assign \$73  = ~ tile_end;
-  assign \$74  = ent_head[28] & \$73 ;
-  assign \$75  = kk + 1'h1;
-  assign \$76  = left - 5'h10;
-  assign \$77  = left <= 6'h20;
-  assign \$78  = a_base + 9'h180;
-  assign \$79  = go & \real ;
-  assign \$80  = ! oldest[26:23];
-  assign \$81  = kk + 1'h1;
-  assign \$82  = \$81  == ent_head[26:23];
-  assign \$83  = ! tcnt;
-  assign \$84  = go & \real ;
-  assign \$85  = o__valid & o__payload[388];
-  assign \$86  = \rd__addr$100  == 5'h17;
-  assign \$87  = out_left - 5'h10;
-  assign \$88  = out_left <= 6'h20;
-  assign \$89  = tile_base + 9'h169;
-  assign \$90  = \rd__addr$100  + 1'h1;
-  assign \$91  = tile_base + 1'h1;
-  assign \$92  = o__valid & fin;
-  assign \$93  = o__payload[387:384] < out_left;
-  assign \$94  = ! o__payload[387:384];
-  assign \$95  = addr1 + 5'h18;
-  assign \$96  = \$94  ? { 1'h0, tile_base } : \$95 ;
-  assign \$97  = \$signal  & ok1;
-  assign \$98  = $signed(acc2[23:0]) + $signed(\rd__data$167 [14:0]);
-  assign \$99  = $signed(acc2[47:24]) + $signed(\rd__data$167 [29:15]);
-  assign \$100  = $signed(acc2[71:48]) + $signed(\rd__data$167 [44:30]);
-  assign \$101  = $signed(acc2[95:72]) + $signed(\rd__data$167 [59:45]);
-  assign \$102  = $signed(acc2[119:96]) + $signed(\rd__data$167 [74:60]);
-  assign \$103  = $signed(acc2[143:120]) + $signed(\rd__data$167 [89:75]);
-  assign \$104  = $signed(acc2[167:144]) + $signed(\rd__data$167 [104:90]);
-  assign \$105  = $signed(acc2[191:168]) + $signed(\rd__data$167 [119:105]);
-  assign \$106  = $signed(acc2[215:192]) + $signed(\rd__data$167 [134:120]);
-  assign \$107  = $signed(acc2[239:216]) + $signed(\rd__data$167 [149:135]);
-  assign \$108  = $signed(acc2[263:240]) + $signed(\rd__data$167 [164:150]);
-  assign \$109  = $signed(acc2[287:264]) + $signed(\rd__data$167 [179:165]);
-  assign \$110  = $signed(acc2[311:288]) + $signed(\rd__data$167 [194:180]);
-  assign \$111  = $signed(acc2[335:312]) + $signed(\rd__data$167 [209:195]);
-  assign \$112  = $signed(acc2[359:336]) + $signed(\rd__data$167 [224:210]);
-  assign \$113  = $signed(acc2[383:360]) + $signed(\rd__data$167 [239:225]);
-  assign \$114  = ~ \start$44 ;
-  assign \$115  = ~ busy;
-  assign \$116  = \$114  & \$115 ;
-  assign \$117  = \$116  | fin_o_d2;
+  assign \$67  = ! oldest[26:23];
+  assign \$68  = a_off + 1'h1;
+  assign \$69  = \rd__addr$75  + 1'h1;
+  assign \$70  = kk + 1'h1;
+  assign \$71  = \$70  == ent_head[26:23];
+  assign \$72  = tcnt != 5'h10;
+  assign \$73  = tcnt + 1'h1;
+  assign \$74  = tcnt + 2'h2;
+  assign \$75  = \$74  >= 5'h10;
+  assign \$76  = ~ tile_end;
+  assign \$77  = ent_head[28] & \$76 ;
+  assign \$78  = kk + 1'h1;
+  assign \$79  = left - 5'h10;
+  assign \$80  = left <= 6'h20;
+  assign \$81  = a_base + 9'h180;
+  assign \$82  = ! tcnt;
+  assign \$83  = go & \real ;
+  assign \$84  = o__valid & o__payload[388];
+  assign \$85  = \rd__addr$100  == 5'h17;
+  assign \$86  = out_left - 5'h10;
+  assign \$87  = out_left <= 6'h20;
+  assign \$88  = tile_base + 9'h169;
+  assign \$89  = \rd__addr$100  + 1'h1;
+  assign \$90  = tile_base + 1'h1;
+  assign \$91  = o__valid & fin;
+  assign \$92  = o__payload[387:384] < out_left;
+  assign \$93  = ! o__payload[387:384];
+  assign \$94  = addr1 + 5'h18;
+  assign \$95  = \$93  ? { 1'h0, tile_base } : \$94 ;
+  assign \$96  = \$signal  & ok1;
+  assign \$97  = $signed(acc2[23:0]) + $signed(\rd__data$167 [14:0]);
+  assign \$98  = $signed(acc2[47:24]) + $signed(\rd__data$167 [29:15]);
+  assign \$99  = $signed(acc2[71:48]) + $signed(\rd__data$167 [44:30]);
+  assign \$100  = $signed(acc2[95:72]) + $signed(\rd__data$167 [59:45]);
+  assign \$101  = $signed(acc2[119:96]) + $signed(\rd__data$167 [74:60]);
+  assign \$102  = $signed(acc2[143:120]) + $signed(\rd__data$167 [89:75]);
+  assign \$103  = $signed(acc2[167:144]) + $signed(\rd__data$167 [104:90]);
+  assign \$104  = $signed(acc2[191:168]) + $signed(\rd__data$167 [119:105]);
+  assign \$105  = $signed(acc2[215:192]) + $signed(\rd__data$167 [134:120]);
+  assign \$106  = $signed(acc2[239:216]) + $signed(\rd__data$167 [149:135]);
+  assign \$107  = $signed(acc2[263:240]) + $signed(\rd__data$167 [164:150]);
+  assign \$108  = $signed(acc2[287:264]) + $signed(\rd__data$167 [179:165]);
+  assign \$109  = $signed(acc2[311:288]) + $signed(\rd__data$167 [194:180]);
+  assign \$110  = $signed(acc2[335:312]) + $signed(\rd__data$167 [209:195]);
+  assign \$111  = $signed(acc2[359:336]) + $signed(\rd__data$167 [224:210]);
+  assign \$112  = $signed(acc2[383:360]) + $signed(\rd__data$167 [239:225]);
+  assign \$113  = ~ \start$44 ;
+  assign \$114  = ~ busy;
+  assign \$115  = \$113  & \$114 ;
+  assign \$116  = \$115  | fin_o_d2;
+  assign \$117  = m_q <= 5'h10;
   assign \$118  = m_q <= 5'h10;
-  assign \$119  = m_q <= 5'h10;
   always @(posedge clk)
-    fetch0 <= \$120 ;
+    fetch0 <= \$119 ;
   always @(posedge clk)
-    fetch1 <= \$121 ;
+    fetch1 <= \$120 ;
   always @(posedge clk)
-    ptr <= \$122 ;
+    ptr <= \$121 ;
   always @(posedge clk)
-    hdr0 <= \$123 ;
+    hdr0 <= \$122 ;
   always @(posedge clk)
-    hdr1 <= \$124 ;
+    hdr1 <= \$123 ;
   always @(posedge clk)
-    n_ent <= \$125 ;
+    n_ent <= \$124 ;
   always @(posedge clk)
-    fetching <= \$126 ;
+    fetching <= \$125 ;
   always @(posedge clk)
-    ent_q0 <= \$127 ;
+    ent_q0 <= \$126 ;
   always @(posedge clk)
-    ent_q1 <= \$128 ;
+    ent_q1 <= \$127 ;
   always @(posedge clk)
-    ent_q2 <= \$129 ;
+    ent_q2 <= \$128 ;
   always @(posedge clk)
-    ent_q3 <= \$130 ;
+    ent_q3 <= \$129 ;
   always @(posedge clk)
-    ent_q4 <= \$131 ;
+    ent_q4 <= \$130 ;
   always @(posedge clk)
-    wp <= \$132 ;
+    wp <= \$131 ;
   always @(posedge clk)
-    ent_head <= \$133 ;
+    ent_head <= \$132 ;
   always @(posedge clk)
-    rp <= \$134 ;
+    rp <= \$133 ;
   always @(posedge clk)
-    ring <= \$135 ;
+    ring <= \$134 ;
   always @(posedge clk)
-    ring_any <= \$136 ;
+    ring_any <= \$135 ;
   always @(posedge clk)
-    nonempty <= \$137 ;
+    nonempty <= \$136 ;
   always @(posedge clk)
-    held <= \$138 ;
+    held <= \$137 ;
   always @(posedge clk)
-    a_off <= \$139 ;
+    a_off <= \$138 ;
   always @(posedge clk)
-    \rd__addr$75  <= \$140 ;
+    \rd__addr$75  <= \$139 ;
+  always @(posedge clk)
+    kk_last <= \$140 ;
   always @(posedge clk)
     tcnt <= \$141 ;
   always @(posedge clk)
@@ -1035,165 +1035,163 @@ module encoder_layer_0_attention_self_value(m, a_wr__en, a_wr__addr, a_wr__data,
   always @(posedge clk)
     run <= \$149 ;
   always @(posedge clk)
-    kk_last <= \$150 ;
+    valid_d0 <= \$150 ;
   always @(posedge clk)
-    valid_d0 <= \$151 ;
+    first_d0 <= \$151 ;
   always @(posedge clk)
-    first_d0 <= \$152 ;
+    last_d0 <= \$152 ;
   always @(posedge clk)
-    last_d0 <= \$153 ;
+    valid_d1 <= \$153 ;
   always @(posedge clk)
-    valid_d1 <= \$154 ;
+    first_d1 <= \$154 ;
   always @(posedge clk)
-    first_d1 <= \$155 ;
+    last_d1 <= \$155 ;
   always @(posedge clk)
-    last_d1 <= \$156 ;
+    valid_d2 <= \$156 ;
   always @(posedge clk)
-    valid_d2 <= \$157 ;
+    first_d2 <= \$157 ;
   always @(posedge clk)
-    first_d2 <= \$158 ;
+    last_d2 <= \$158 ;
   always @(posedge clk)
-    last_d2 <= \$159 ;
+    valid_d3 <= \$159 ;
   always @(posedge clk)
-    valid_d3 <= \$160 ;
+    first_d3 <= \$160 ;
   always @(posedge clk)
-    first_d3 <= \$161 ;
+    last_d3 <= \$161 ;
   always @(posedge clk)
-    last_d3 <= \$162 ;
+    valid_d4 <= \$162 ;
   always @(posedge clk)
-    valid_d4 <= \$163 ;
+    first_d4 <= \$163 ;
   always @(posedge clk)
-    first_d4 <= \$164 ;
+    last_d4 <= \$164 ;
   always @(posedge clk)
-    last_d4 <= \$165 ;
+    valid_d5 <= \$165 ;
   always @(posedge clk)
-    valid_d5 <= \$166 ;
+    first_d5 <= \$166 ;
   always @(posedge clk)
-    first_d5 <= \$167 ;
+    last_d5 <= \$167 ;
   always @(posedge clk)
-    last_d5 <= \$168 ;
+    i__valid <= \$168 ;
   always @(posedge clk)
-    i__valid <= \$169 ;
+    first_d6 <= \$169 ;
   always @(posedge clk)
-    first_d6 <= \$170 ;
+    last_d6 <= \$170 ;
   always @(posedge clk)
-    last_d6 <= \$171 ;
+    w_real_d0 <= \$171 ;
   always @(posedge clk)
-    w_real_d0 <= \$172 ;
+    w_real_d1 <= \$172 ;
   always @(posedge clk)
-    w_real_d1 <= \$173 ;
+    w_real_d2 <= \$173 ;
   always @(posedge clk)
-    w_real_d2 <= \$174 ;
+    w_real_d3 <= \$174 ;
   always @(posedge clk)
-    w_real_d3 <= \$175 ;
+    w_real_d4 <= \$175 ;
   always @(posedge clk)
-    w_real_d4 <= \$176 ;
+    w_real_g0 <= \$176 ;
   always @(posedge clk)
-    w_real_g0 <= \$177 ;
+    w_real_g1 <= \$177 ;
   always @(posedge clk)
-    w_real_g1 <= \$178 ;
+    w_real_g2 <= \$178 ;
   always @(posedge clk)
-    w_real_g2 <= \$179 ;
+    w_real_g3 <= \$179 ;
   always @(posedge clk)
-    w_real_g3 <= \$180 ;
+    w_real_c0 <= \$180 ;
   always @(posedge clk)
-    w_real_c0 <= \$181 ;
+    w_real_c1 <= \$181 ;
   always @(posedge clk)
-    w_real_c1 <= \$182 ;
+    w_real_c2 <= \$182 ;
   always @(posedge clk)
-    w_real_c2 <= \$183 ;
+    w_real_c3 <= \$183 ;
   always @(posedge clk)
-    w_real_c3 <= \$184 ;
+    w_real_c4 <= \$184 ;
   always @(posedge clk)
-    w_real_c4 <= \$185 ;
+    w_real_c5 <= \$185 ;
   always @(posedge clk)
-    w_real_c5 <= \$186 ;
+    w_real_c6 <= \$186 ;
   always @(posedge clk)
-    w_real_c6 <= \$187 ;
+    w_real_c7 <= \$187 ;
   always @(posedge clk)
-    w_real_c7 <= \$188 ;
+    w_real_c8 <= \$188 ;
   always @(posedge clk)
-    w_real_c8 <= \$189 ;
+    w_real_c9 <= \$189 ;
   always @(posedge clk)
-    w_real_c9 <= \$190 ;
+    w_real_c10 <= \$190 ;
   always @(posedge clk)
-    w_real_c10 <= \$191 ;
+    w_real_c11 <= \$191 ;
   always @(posedge clk)
-    w_real_c11 <= \$192 ;
+    w_real_c12 <= \$192 ;
   always @(posedge clk)
-    w_real_c12 <= \$193 ;
+    w_real_c13 <= \$193 ;
   always @(posedge clk)
-    w_real_c13 <= \$194 ;
+    w_real_c14 <= \$194 ;
   always @(posedge clk)
-    w_real_c14 <= \$195 ;
+    w_real_c15 <= \$195 ;
   always @(posedge clk)
-    w_real_c15 <= \$196 ;
+    \rd__addr$100  <= \$196 ;
   always @(posedge clk)
-    \rd__addr$100  <= \$197 ;
+    out_left <= \$197 ;
   always @(posedge clk)
-    out_left <= \$198 ;
+    out_last <= \$198 ;
   always @(posedge clk)
-    out_last <= \$199 ;
+    tile_base <= \$199 ;
   always @(posedge clk)
-    tile_base <= \$200 ;
+    \$signal  <= \$200 ;
   always @(posedge clk)
-    \$signal  <= \$201 ;
+    \$signal$155  <= \$201 ;
   always @(posedge clk)
-    \$signal$155  <= \$202 ;
+    ok1 <= \$202 ;
   always @(posedge clk)
-    ok1 <= \$203 ;
+    acc1 <= \$203 ;
   always @(posedge clk)
-    acc1 <= \$204 ;
+    addr1 <= \$204 ;
   always @(posedge clk)
-    addr1 <= \$205 ;
+    \$signal$159  <= \$205 ;
   always @(posedge clk)
-    \$signal$159  <= \$206 ;
+    fin2 <= \$206 ;
   always @(posedge clk)
-    fin2 <= \$207 ;
+    addr2 <= \$207 ;
   always @(posedge clk)
-    addr2 <= \$208 ;
+    acc2 <= \$208 ;
   always @(posedge clk)
-    acc2 <= \$209 ;
+    \$signal$163  <= \$209 ;
   always @(posedge clk)
-    \$signal$163  <= \$210 ;
+    fin3 <= \$210 ;
   always @(posedge clk)
-    fin3 <= \$211 ;
+    addr3 <= \$211 ;
   always @(posedge clk)
-    addr3 <= \$212 ;
+    i <= \$212 ;
   always @(posedge clk)
-    i <= \$213 ;
+    v_q_d0 <= \$213 ;
   always @(posedge clk)
-    v_q_d0 <= \$214 ;
+    fin_q_d0 <= \$214 ;
   always @(posedge clk)
-    fin_q_d0 <= \$215 ;
+    addr_q_d0 <= \$215 ;
   always @(posedge clk)
-    addr_q_d0 <= \$216 ;
+    v_q_d1 <= \$216 ;
   always @(posedge clk)
-    v_q_d1 <= \$217 ;
+    fin_q_d1 <= \$217 ;
   always @(posedge clk)
-    fin_q_d1 <= \$218 ;
+    addr_q_d1 <= \$218 ;
   always @(posedge clk)
-    addr_q_d1 <= \$219 ;
+    \wr__en$106  <= \$219 ;
   always @(posedge clk)
-    \wr__en$106  <= \$220 ;
+    fin_q_d2 <= \$220 ;
   always @(posedge clk)
-    fin_q_d2 <= \$221 ;
+    \wr__addr$108  <= \$221 ;
   always @(posedge clk)
-    \wr__addr$108  <= \$222 ;
+    fin_o_d0 <= \$222 ;
   always @(posedge clk)
-    fin_o_d0 <= \$223 ;
+    fin_o_d1 <= \$223 ;
   always @(posedge clk)
-    fin_o_d1 <= \$224 ;
+    fin_o_d2 <= \$224 ;
   always @(posedge clk)
-    fin_o_d2 <= \$225 ;
+    done <= \$225 ;
   always @(posedge clk)
-    done <= \$226 ;
+    idle <= \$226 ;
   always @(posedge clk)
-    idle <= \$227 ;
+    \busy$42  <= \$227 ;
   always @(posedge clk)
-    \busy$42  <= \$228 ;
-  always @(posedge clk)
-    m_q <= \$229 ;
+    m_q <= \$228 ;
   \encoder_layer_0_attention_self_value.mem_a  mem_a (
     .clk(clk),
     .q_d1(\rd__data$82 ),
@@ -1281,7 +1279,17 @@ module encoder_layer_0_attention_self_value(m, a_wr__en, a_wr__addr, a_wr__data,
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$120  = fetch;
+    \$119  = fetch;
+    if (idle) begin
+      \$119  = 1'h0;
+    end
+    if (rst) begin
+      \$119  = 1'h0;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
+    \$120  = fetch0;
     if (idle) begin
       \$120  = 1'h0;
     end
@@ -1291,68 +1299,68 @@ module encoder_layer_0_attention_self_value(m, a_wr__en, a_wr__addr, a_wr__data,
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$121  = fetch0;
-    if (idle) begin
-      \$121  = 1'h0;
-    end
-    if (rst) begin
-      \$121  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$122  = ptr;
+    \$121  = ptr;
     if (fetch) begin
-      \$122  = \$38 [9:0];
+      \$121  = \$38 [9:0];
     end
     if (idle) begin
-      \$122  = 10'h001;
+      \$121  = 10'h001;
     end
     if (rst) begin
-      \$122  = 10'h000;
+      \$121  = 10'h000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$123  = \start$44 ;
+    \$122  = \start$44 ;
+    if (rst) begin
+      \$122  = 1'h0;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
+    \$123  = hdr0;
     if (rst) begin
       \$123  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$124  = hdr0;
+    \$124  = n_ent;
+    if (hdr1) begin
+      \$124  = \rd__data$117 [9:0];
+    end
     if (rst) begin
-      \$124  = 1'h0;
+      \$124  = 10'h000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$125  = n_ent;
+    \$125  = fetching;
     if (hdr1) begin
-      \$125  = \rd__data$117 [9:0];
-    end
-    if (rst) begin
-      \$125  = 10'h000;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$126  = fetching;
-    if (hdr1) begin
-      \$126  = 1'h1;
+      \$125  = 1'h1;
     end
     if (idle) begin
-      \$126  = 1'h0;
+      \$125  = 1'h0;
     end
     if (rst) begin
-      \$126  = 1'h0;
+      \$125  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$127  = ent_q0;
+    \$126  = ent_q0;
     if (\$40 ) begin
+      \$126  = \rd__data$117 ;
+    end
+    if (rst) begin
+      \$126  = 30'h00000000;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
+    \$127  = ent_q1;
+    if (\$42 ) begin
       \$127  = \rd__data$117 ;
     end
     if (rst) begin
@@ -1361,8 +1369,8 @@ module encoder_layer_0_attention_self_value(m, a_wr__en, a_wr__addr, a_wr__data,
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$128  = ent_q1;
-    if (\$42 ) begin
+    \$128  = ent_q2;
+    if (\$44 ) begin
       \$128  = \rd__data$117 ;
     end
     if (rst) begin
@@ -1371,8 +1379,8 @@ module encoder_layer_0_attention_self_value(m, a_wr__en, a_wr__addr, a_wr__data,
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$129  = ent_q2;
-    if (\$44 ) begin
+    \$129  = ent_q3;
+    if (\$46 ) begin
       \$129  = \rd__data$117 ;
     end
     if (rst) begin
@@ -1381,8 +1389,8 @@ module encoder_layer_0_attention_self_value(m, a_wr__en, a_wr__addr, a_wr__data,
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$130  = ent_q3;
-    if (\$46 ) begin
+    \$130  = ent_q4;
+    if (\$48 ) begin
       \$130  = \rd__data$117 ;
     end
     if (rst) begin
@@ -1391,43 +1399,43 @@ module encoder_layer_0_attention_self_value(m, a_wr__en, a_wr__addr, a_wr__data,
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$131  = ent_q4;
-    if (\$48 ) begin
-      \$131  = \rd__data$117 ;
-    end
-    if (rst) begin
-      \$131  = 30'h00000000;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$132  = wp;
+    \$131  = wp;
     if (fetch1) begin
-      \$132  = \$51 [2:0];
+      \$131  = \$51 [2:0];
     end
     if (idle) begin
-      \$132  = 3'h0;
+      \$131  = 3'h0;
     end
     if (rst) begin
-      \$132  = 3'h0;
+      \$131  = 3'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$133  = ent_head;
+    \$132  = ent_head;
     if (load) begin
-      \$133  = oldest;
+      \$132  = oldest;
     end
     if (rst) begin
-      \$133  = 30'h00000000;
+      \$132  = 30'h00000000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$134  = rp;
+    \$133  = rp;
     if (load) begin
-      \$134  = \$54 [2:0];
+      \$133  = \$54 [2:0];
     end
+    if (idle) begin
+      \$133  = 3'h0;
+    end
+    if (rst) begin
+      \$133  = 3'h0;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
+    \$134  = \$56 [2:0];
     if (idle) begin
       \$134  = 3'h0;
     end
@@ -1437,17 +1445,17 @@ module encoder_layer_0_attention_self_value(m, a_wr__en, a_wr__addr, a_wr__data,
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$135  = \$56 [2:0];
+    \$135  = \$60 ;
     if (idle) begin
-      \$135  = 3'h0;
+      \$135  = 1'h0;
     end
     if (rst) begin
-      \$135  = 3'h0;
+      \$135  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$136  = \$60 ;
+    \$136  = \$63 ;
     if (idle) begin
       \$136  = 1'h0;
     end
@@ -1457,46 +1465,48 @@ module encoder_layer_0_attention_self_value(m, a_wr__en, a_wr__addr, a_wr__data,
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$137  = \$63 ;
+    \$137  = \$65 [2:0];
     if (idle) begin
-      \$137  = 1'h0;
+      \$137  = 3'h0;
     end
     if (rst) begin
-      \$137  = 1'h0;
+      \$137  = 3'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$138  = \$65 [2:0];
-    if (idle) begin
-      \$138  = 3'h0;
-    end
-    if (rst) begin
-      \$138  = 3'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$139  = a_off;
+    \$138  = a_off;
     if (load) begin
-      \$139  = oldest[8:0];
+      \$138  = oldest[8:0];
     end else if (\$66 ) begin
-      \$139  = \$67 [8:0];
+      \$138  = \$68 [8:0];
     end
     if (rst) begin
-      \$139  = 9'h000;
+      \$138  = 9'h000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$140  = \rd__addr$75 ;
+    \$139  = \rd__addr$75 ;
     if (load) begin
-      \$140  = oldest[22:9];
+      \$139  = oldest[22:9];
     end else if (\$66 ) begin
-      \$140  = \$68 [13:0];
+      \$139  = \$69 [13:0];
     end
     if (rst) begin
-      \$140  = 14'h0000;
+      \$139  = 14'h0000;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
+    \$140  = kk_last;
+    if (load) begin
+      \$140  = \$67 ;
+    end else if (\$66 ) begin
+      \$140  = \$71 ;
+    end
+    if (rst) begin
+      \$140  = 1'h0;
     end
   end
   always @* begin
@@ -1505,8 +1515,8 @@ module encoder_layer_0_attention_self_value(m, a_wr__en, a_wr__addr, a_wr__data,
     if (go) begin
       if (tile_end) begin
         \$141  = 5'h00;
-      end else if (\$69 ) begin
-        \$141  = \$70 [4:0];
+      end else if (\$72 ) begin
+        \$141  = \$73 [4:0];
       end
     end
     if (idle) begin
@@ -1522,8 +1532,8 @@ module encoder_layer_0_attention_self_value(m, a_wr__en, a_wr__addr, a_wr__data,
     if (go) begin
       if (tile_end) begin
         \$142  = 1'h0;
-      end else if (\$69 ) begin
-        \$142  = \$72 ;
+      end else if (\$72 ) begin
+        \$142  = \$75 ;
       end
     end
     if (idle) begin
@@ -1540,7 +1550,7 @@ module encoder_layer_0_attention_self_value(m, a_wr__en, a_wr__addr, a_wr__data,
       if (entry_end) begin
         \$143  = 4'h0;
       end else if (\real ) begin
-        \$143  = \$75 [3:0];
+        \$143  = \$78 [3:0];
       end
     end
     if (idle) begin
@@ -1555,7 +1565,7 @@ module encoder_layer_0_attention_self_value(m, a_wr__en, a_wr__addr, a_wr__data,
     \$144  = pad;
     if (go) begin
       if (entry_end) begin
-        if (\$74 ) begin
+        if (\$77 ) begin
           \$144  = 1'h1;
         end
       end
@@ -1575,7 +1585,7 @@ module encoder_layer_0_attention_self_value(m, a_wr__en, a_wr__addr, a_wr__data,
     \$145  = sweep_end;
     if (go) begin
       if (entry_end) begin
-        if (\$74 ) begin
+        if (\$77 ) begin
           \$145  = ent_head[29];
         end
       end
@@ -1590,7 +1600,7 @@ module encoder_layer_0_attention_self_value(m, a_wr__en, a_wr__addr, a_wr__data,
     if (go) begin
       if (tile_end) begin
         if (list_end) begin
-          \$146  = \$76 [7:0];
+          \$146  = \$79 [7:0];
         end
       end
     end
@@ -1607,12 +1617,12 @@ module encoder_layer_0_attention_self_value(m, a_wr__en, a_wr__addr, a_wr__data,
     if (go) begin
       if (tile_end) begin
         if (list_end) begin
-          \$147  = \$77 ;
+          \$147  = \$80 ;
         end
       end
     end
     if (hdr0) begin
-      \$147  = \$118 ;
+      \$147  = \$117 ;
     end
     if (rst) begin
       \$147  = 1'h0;
@@ -1624,7 +1634,7 @@ module encoder_layer_0_attention_self_value(m, a_wr__en, a_wr__addr, a_wr__data,
     if (go) begin
       if (tile_end) begin
         if (list_end) begin
-          \$148  = \$78 [11:0];
+          \$148  = \$81 [11:0];
         end
       end
     end
@@ -1656,194 +1666,189 @@ module encoder_layer_0_attention_self_value(m, a_wr__en, a_wr__addr, a_wr__data,
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$150  = kk_last;
-    if (load) begin
-      \$150  = \$80 ;
-    end else if (\$79 ) begin
-      \$150  = \$82 ;
-    end
+    \$150  = go;
     if (rst) begin
       \$150  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$151  = go;
+    \$151  = \$82 ;
     if (rst) begin
       \$151  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$152  = \$83 ;
+    \$152  = tile_end;
     if (rst) begin
       \$152  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$153  = tile_end;
+    \$153  = valid_d0;
     if (rst) begin
       \$153  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$154  = valid_d0;
+    \$154  = first_d0;
     if (rst) begin
       \$154  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$155  = first_d0;
+    \$155  = last_d0;
     if (rst) begin
       \$155  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$156  = last_d0;
+    \$156  = valid_d1;
     if (rst) begin
       \$156  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$157  = valid_d1;
+    \$157  = first_d1;
     if (rst) begin
       \$157  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$158  = first_d1;
+    \$158  = last_d1;
     if (rst) begin
       \$158  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$159  = last_d1;
+    \$159  = valid_d2;
     if (rst) begin
       \$159  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$160  = valid_d2;
+    \$160  = first_d2;
     if (rst) begin
       \$160  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$161  = first_d2;
+    \$161  = last_d2;
     if (rst) begin
       \$161  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$162  = last_d2;
+    \$162  = valid_d3;
     if (rst) begin
       \$162  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$163  = valid_d3;
+    \$163  = first_d3;
     if (rst) begin
       \$163  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$164  = first_d3;
+    \$164  = last_d3;
     if (rst) begin
       \$164  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$165  = last_d3;
+    \$165  = valid_d4;
     if (rst) begin
       \$165  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$166  = valid_d4;
+    \$166  = first_d4;
     if (rst) begin
       \$166  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$167  = first_d4;
+    \$167  = last_d4;
     if (rst) begin
       \$167  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$168  = last_d4;
+    \$168  = valid_d5;
     if (rst) begin
       \$168  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$169  = valid_d5;
+    \$169  = first_d5;
     if (rst) begin
       \$169  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$170  = first_d5;
+    \$170  = last_d5;
     if (rst) begin
       \$170  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$171  = last_d5;
+    \$171  = \$83 ;
     if (rst) begin
       \$171  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$172  = \$84 ;
+    \$172  = w_real_d0;
     if (rst) begin
       \$172  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$173  = w_real_d0;
+    \$173  = w_real_d1;
     if (rst) begin
       \$173  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$174  = w_real_d1;
+    \$174  = w_real_d2;
     if (rst) begin
       \$174  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$175  = w_real_d2;
+    \$175  = w_real_d3;
     if (rst) begin
       \$175  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$176  = w_real_d3;
+    \$176  = w_real_d4;
     if (rst) begin
       \$176  = 1'h0;
     end
@@ -1871,7 +1876,7 @@ module encoder_layer_0_attention_self_value(m, a_wr__en, a_wr__addr, a_wr__data,
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$180  = w_real_d4;
+    \$180  = w_real_g0;
     if (rst) begin
       \$180  = 1'h0;
     end
@@ -1899,7 +1904,7 @@ module encoder_layer_0_attention_self_value(m, a_wr__en, a_wr__addr, a_wr__data,
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$184  = w_real_g0;
+    \$184  = w_real_g1;
     if (rst) begin
       \$184  = 1'h0;
     end
@@ -1927,7 +1932,7 @@ module encoder_layer_0_attention_self_value(m, a_wr__en, a_wr__addr, a_wr__data,
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$188  = w_real_g1;
+    \$188  = w_real_g2;
     if (rst) begin
       \$188  = 1'h0;
     end
@@ -1955,7 +1960,7 @@ module encoder_layer_0_attention_self_value(m, a_wr__en, a_wr__addr, a_wr__data,
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$192  = w_real_g2;
+    \$192  = w_real_g3;
     if (rst) begin
       \$192  = 1'h0;
     end
@@ -1983,80 +1988,80 @@ module encoder_layer_0_attention_self_value(m, a_wr__en, a_wr__addr, a_wr__data,
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$196  = w_real_g3;
-    if (rst) begin
-      \$196  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$197  = \rd__addr$100 ;
-    if (\$85 ) begin
+    \$196  = \rd__addr$100 ;
+    if (\$84 ) begin
       (* full_case = 32'd1 *)
-      if (\$86 ) begin
-        \$197  = 5'h00;
+      if (\$85 ) begin
+        \$196  = 5'h00;
       end else begin
-        \$197  = \$90 [4:0];
+        \$196  = \$89 [4:0];
       end
     end
     if (idle) begin
-      \$197  = 5'h00;
+      \$196  = 5'h00;
     end
     if (rst) begin
-      \$197  = 5'h00;
+      \$196  = 5'h00;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$198  = out_left;
-    if (\$85 ) begin
-      if (\$86 ) begin
-        \$198  = \$87 [7:0];
+    \$197  = out_left;
+    if (\$84 ) begin
+      if (\$85 ) begin
+        \$197  = \$86 [7:0];
       end
     end
     if (hdr0) begin
-      \$198  = m_q;
+      \$197  = m_q;
     end
     if (rst) begin
-      \$198  = 8'h00;
+      \$197  = 8'h00;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$199  = out_last;
-    if (\$85 ) begin
-      if (\$86 ) begin
-        \$199  = \$88 ;
+    \$198  = out_last;
+    if (\$84 ) begin
+      if (\$85 ) begin
+        \$198  = \$87 ;
       end
     end
     if (hdr0) begin
-      \$199  = \$119 ;
+      \$198  = \$118 ;
     end
     if (rst) begin
-      \$199  = 1'h0;
+      \$198  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$200  = tile_base;
-    if (\$85 ) begin
+    \$199  = tile_base;
+    if (\$84 ) begin
       (* full_case = 32'd1 *)
-      if (\$86 ) begin
-        \$200  = \$89 [11:0];
+      if (\$85 ) begin
+        \$199  = \$88 [11:0];
       end else begin
-        \$200  = \$91 [11:0];
+        \$199  = \$90 [11:0];
       end
     end
     if (idle) begin
-      \$200  = 12'h000;
+      \$199  = 12'h000;
     end
     if (rst) begin
-      \$200  = 12'h000;
+      \$199  = 12'h000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$201  = o__valid;
+    \$200  = o__valid;
+    if (rst) begin
+      \$200  = 1'h0;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
+    \$201  = \$91 ;
     if (rst) begin
       \$201  = 1'h0;
     end
@@ -2070,234 +2075,227 @@ module encoder_layer_0_attention_self_value(m, a_wr__en, a_wr__addr, a_wr__data,
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$203  = \$93 ;
+    \$203  = o__payload[383:0];
     if (rst) begin
-      \$203  = 1'h0;
+      \$203  = 384'h000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$204  = o__payload[383:0];
-    if (rst) begin
-      \$204  = 384'h000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$205  = addr1;
+    \$204  = addr1;
     if (o__valid) begin
-      \$205  = \$96 [11:0];
+      \$204  = \$95 [11:0];
     end
     if (rst) begin
-      \$205  = 12'h000;
+      \$204  = 12'h000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$206  = \$97 ;
+    \$205  = \$96 ;
+    if (rst) begin
+      \$205  = 1'h0;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
+    \$206  = \$signal$155 ;
     if (rst) begin
       \$206  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$207  = \$signal$155 ;
+    \$207  = addr1;
     if (rst) begin
-      \$207  = 1'h0;
+      \$207  = 12'h000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$208  = addr1;
+    \$208  = acc1;
     if (rst) begin
-      \$208  = 12'h000;
+      \$208  = 384'h000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$209  = acc1;
+    \$209  = \$signal$159 ;
     if (rst) begin
-      \$209  = 384'h000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000;
+      \$209  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$210  = \$signal$159 ;
+    \$210  = fin2;
     if (rst) begin
       \$210  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$211  = fin2;
+    \$211  = addr2;
     if (rst) begin
-      \$211  = 1'h0;
+      \$211  = 12'h000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$212  = addr2;
+    \$212 [23:0] = \$97 [23:0];
+    \$212 [386:384] = \rd__data$168 [2:0];
+    \$212 [47:24] = \$98 [23:0];
+    \$212 [389:387] = \rd__data$168 [5:3];
+    \$212 [71:48] = \$99 [23:0];
+    \$212 [392:390] = \rd__data$168 [8:6];
+    \$212 [95:72] = \$100 [23:0];
+    \$212 [395:393] = \rd__data$168 [11:9];
+    \$212 [119:96] = \$101 [23:0];
+    \$212 [398:396] = \rd__data$168 [14:12];
+    \$212 [143:120] = \$102 [23:0];
+    \$212 [401:399] = \rd__data$168 [17:15];
+    \$212 [167:144] = \$103 [23:0];
+    \$212 [404:402] = \rd__data$168 [20:18];
+    \$212 [191:168] = \$104 [23:0];
+    \$212 [407:405] = \rd__data$168 [23:21];
+    \$212 [215:192] = \$105 [23:0];
+    \$212 [410:408] = \rd__data$168 [26:24];
+    \$212 [239:216] = \$106 [23:0];
+    \$212 [413:411] = \rd__data$168 [29:27];
+    \$212 [263:240] = \$107 [23:0];
+    \$212 [416:414] = \rd__data$168 [32:30];
+    \$212 [287:264] = \$108 [23:0];
+    \$212 [419:417] = \rd__data$168 [35:33];
+    \$212 [311:288] = \$109 [23:0];
+    \$212 [422:420] = \rd__data$168 [38:36];
+    \$212 [335:312] = \$110 [23:0];
+    \$212 [425:423] = \rd__data$168 [41:39];
+    \$212 [359:336] = \$111 [23:0];
+    \$212 [428:426] = \rd__data$168 [44:42];
+    \$212 [383:360] = \$112 [23:0];
+    \$212 [431:429] = \rd__data$168 [47:45];
     if (rst) begin
-      \$212  = 12'h000;
+      \$212  = 432'h000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$213 [23:0] = \$98 [23:0];
-    \$213 [386:384] = \rd__data$168 [2:0];
-    \$213 [47:24] = \$99 [23:0];
-    \$213 [389:387] = \rd__data$168 [5:3];
-    \$213 [71:48] = \$100 [23:0];
-    \$213 [392:390] = \rd__data$168 [8:6];
-    \$213 [95:72] = \$101 [23:0];
-    \$213 [395:393] = \rd__data$168 [11:9];
-    \$213 [119:96] = \$102 [23:0];
-    \$213 [398:396] = \rd__data$168 [14:12];
-    \$213 [143:120] = \$103 [23:0];
-    \$213 [401:399] = \rd__data$168 [17:15];
-    \$213 [167:144] = \$104 [23:0];
-    \$213 [404:402] = \rd__data$168 [20:18];
-    \$213 [191:168] = \$105 [23:0];
-    \$213 [407:405] = \rd__data$168 [23:21];
-    \$213 [215:192] = \$106 [23:0];
-    \$213 [410:408] = \rd__data$168 [26:24];
-    \$213 [239:216] = \$107 [23:0];
-    \$213 [413:411] = \rd__data$168 [29:27];
-    \$213 [263:240] = \$108 [23:0];
-    \$213 [416:414] = \rd__data$168 [32:30];
-    \$213 [287:264] = \$109 [23:0];
-    \$213 [419:417] = \rd__data$168 [35:33];
-    \$213 [311:288] = \$110 [23:0];
-    \$213 [422:420] = \rd__data$168 [38:36];
-    \$213 [335:312] = \$111 [23:0];
-    \$213 [425:423] = \rd__data$168 [41:39];
-    \$213 [359:336] = \$112 [23:0];
-    \$213 [428:426] = \rd__data$168 [44:42];
-    \$213 [383:360] = \$113 [23:0];
-    \$213 [431:429] = \rd__data$168 [47:45];
+    \$213  = \$signal$163 ;
     if (rst) begin
-      \$213  = 432'h000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000;
+      \$213  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$214  = \$signal$163 ;
+    \$214  = fin3;
     if (rst) begin
       \$214  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$215  = fin3;
+    \$215  = addr3;
     if (rst) begin
-      \$215  = 1'h0;
+      \$215  = 12'h000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$216  = addr3;
+    \$216  = v_q_d0;
     if (rst) begin
-      \$216  = 12'h000;
+      \$216  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$217  = v_q_d0;
+    \$217  = fin_q_d0;
     if (rst) begin
       \$217  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$218  = fin_q_d0;
+    \$218  = addr_q_d0;
     if (rst) begin
-      \$218  = 1'h0;
+      \$218  = 12'h000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$219  = addr_q_d0;
+    \$219  = v_q_d1;
     if (rst) begin
-      \$219  = 12'h000;
+      \$219  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$220  = v_q_d1;
+    \$220  = fin_q_d1;
     if (rst) begin
       \$220  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$221  = fin_q_d1;
+    \$221  = addr_q_d1;
     if (rst) begin
-      \$221  = 1'h0;
+      \$221  = 12'h000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$222  = addr_q_d1;
+    \$222  = fin_q_d2;
     if (rst) begin
-      \$222  = 12'h000;
+      \$222  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$223  = fin_q_d2;
+    \$223  = fin_o_d0;
     if (rst) begin
       \$223  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$224  = fin_o_d0;
+    \$224  = fin_o_d1;
     if (rst) begin
       \$224  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$225  = fin_o_d1;
+    \$225  = fin_o_d2;
     if (rst) begin
       \$225  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$226  = fin_o_d2;
+    \$226  = \$116 ;
     if (rst) begin
-      \$226  = 1'h0;
+      \$226  = 1'h1;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$227  = \$117 ;
-    if (rst) begin
-      \$227  = 1'h1;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$228  = \busy$42 ;
+    \$227  = \busy$42 ;
     if (done) begin
-      \$228  = 1'h0;
+      \$227  = 1'h0;
     end
     if (\start$44 ) begin
-      \$228  = 1'h1;
+      \$227  = 1'h1;
     end
     if (rst) begin
-      \$228  = 1'h0;
+      \$227  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$229  = m_q;
+    \$228  = m_q;
     if (idle) begin
-      \$229  = m;
+      \$228  = m;
     end
     if (rst) begin
-      \$229  = 8'h00;
+      \$228  = 8'h00;
     end
   end
   assign wr__addr = a_wr__addr;

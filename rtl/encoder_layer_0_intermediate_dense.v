@@ -9,10 +9,10 @@ module encoder_layer_0_intermediate_dense(m, a_wr__en, a_wr__addr, a_wr__data, w
   wire \$10 ;
   wire \$100 ;
   wire \$101 ;
-  wire \$102 ;
+  wire [14:0] \$102 ;
   wire [14:0] \$103 ;
-  wire [14:0] \$104 ;
-  wire \$105 ;
+  wire \$104 ;
+  wire [24:0] \$105 ;
   wire [24:0] \$106 ;
   wire [24:0] \$107 ;
   wire [24:0] \$108 ;
@@ -30,30 +30,30 @@ module encoder_layer_0_intermediate_dense(m, a_wr__en, a_wr__addr, a_wr__data, w
   wire [24:0] \$119 ;
   wire \$12 ;
   wire [24:0] \$120 ;
-  wire [24:0] \$121 ;
+  wire \$121 ;
   wire \$122 ;
   wire \$123 ;
   wire \$124 ;
   wire \$125 ;
   wire \$126 ;
-  wire \$127 ;
+  reg \$127 ;
   reg \$128 ;
   reg \$129 ;
   wire \$13 ;
   reg \$130 ;
   reg \$131 ;
   reg \$132 ;
-  reg \$133 ;
-  reg [11:0] \$134 ;
+  reg [11:0] \$133 ;
+  reg \$134 ;
   reg \$135 ;
   reg \$136 ;
   reg \$137 ;
   reg \$138 ;
   reg \$139 ;
   wire \$14 ;
-  reg \$140 ;
-  reg [11:0] \$141 ;
-  reg \$142 ;
+  reg [11:0] \$140 ;
+  reg \$141 ;
+  reg [31:0] \$142 ;
   reg [31:0] \$143 ;
   reg [31:0] \$144 ;
   reg [31:0] \$145 ;
@@ -63,17 +63,17 @@ module encoder_layer_0_intermediate_dense(m, a_wr__en, a_wr__addr, a_wr__data, w
   reg [31:0] \$149 ;
   wire \$15 ;
   reg [31:0] \$150 ;
-  reg [31:0] \$151 ;
-  reg [3:0] \$152 ;
-  reg [31:0] \$153 ;
+  reg [3:0] \$151 ;
+  reg [31:0] \$152 ;
+  reg [3:0] \$153 ;
   reg [3:0] \$154 ;
-  reg [3:0] \$155 ;
+  reg \$155 ;
   reg \$156 ;
-  reg \$157 ;
-  reg [3:0] \$158 ;
-  reg [8:0] \$159 ;
+  reg [3:0] \$157 ;
+  reg [8:0] \$158 ;
+  reg [15:0] \$159 ;
   wire \$16 ;
-  reg [15:0] \$160 ;
+  reg \$160 ;
   reg [4:0] \$161 ;
   reg \$162 ;
   reg [3:0] \$163 ;
@@ -135,57 +135,56 @@ module encoder_layer_0_intermediate_dense(m, a_wr__en, a_wr__addr, a_wr__data, w
   reg \$213 ;
   reg \$214 ;
   reg \$215 ;
-  reg \$216 ;
-  reg [6:0] \$217 ;
-  reg [7:0] \$218 ;
-  reg \$219 ;
+  reg [6:0] \$216 ;
+  reg [7:0] \$217 ;
+  reg \$218 ;
+  reg [13:0] \$219 ;
   wire [7:0] \$22 ;
-  reg [13:0] \$220 ;
+  reg \$220 ;
   reg \$221 ;
   reg \$222 ;
-  reg \$223 ;
-  reg [383:0] \$224 ;
-  reg [13:0] \$225 ;
+  reg [383:0] \$223 ;
+  reg [13:0] \$224 ;
+  reg \$225 ;
   reg \$226 ;
-  reg \$227 ;
-  reg [13:0] \$228 ;
-  reg [383:0] \$229 ;
+  reg [13:0] \$227 ;
+  reg [383:0] \$228 ;
+  reg \$229 ;
   wire [7:0] \$23 ;
   reg \$230 ;
-  reg \$231 ;
-  reg [13:0] \$232 ;
-  reg [383:0] \$233 ;
+  reg [13:0] \$231 ;
+  reg [383:0] \$232 ;
+  reg \$233 ;
   reg \$234 ;
-  reg \$235 ;
-  reg [13:0] \$236 ;
-  reg [383:0] \$237 ;
+  reg [13:0] \$235 ;
+  reg [383:0] \$236 ;
+  reg \$237 ;
   reg \$238 ;
-  reg \$239 ;
+  reg [13:0] \$239 ;
   wire [7:0] \$24 ;
-  reg [13:0] \$240 ;
-  reg [383:0] \$241 ;
+  reg [383:0] \$240 ;
+  reg \$241 ;
   reg \$242 ;
-  reg \$243 ;
-  reg [13:0] \$244 ;
-  reg [431:0] \$245 ;
+  reg [13:0] \$243 ;
+  reg [431:0] \$244 ;
+  reg \$245 ;
   reg \$246 ;
-  reg \$247 ;
-  reg [13:0] \$248 ;
+  reg [13:0] \$247 ;
+  reg \$248 ;
   reg \$249 ;
   wire [7:0] \$25 ;
-  reg \$250 ;
-  reg [13:0] \$251 ;
+  reg [13:0] \$250 ;
+  reg \$251 ;
   reg \$252 ;
-  reg \$253 ;
-  reg [13:0] \$254 ;
+  reg [13:0] \$253 ;
+  reg \$254 ;
   reg \$255 ;
   reg \$256 ;
   reg \$257 ;
   reg \$258 ;
   reg \$259 ;
   wire [7:0] \$26 ;
-  reg \$260 ;
-  reg [7:0] \$261 ;
+  reg [7:0] \$260 ;
   wire [7:0] \$27 ;
   wire [7:0] \$28 ;
   wire [7:0] \$29 ;
@@ -239,33 +238,33 @@ module encoder_layer_0_intermediate_dense(m, a_wr__en, a_wr__addr, a_wr__data, w
   wire [4:0] \$72 ;
   wire [5:0] \$73 ;
   wire \$74 ;
-  wire [9:0] \$75 ;
-  wire [16:0] \$76 ;
-  wire \$77 ;
-  wire [5:0] \$78 ;
-  wire [5:0] \$79 ;
+  wire \$75 ;
+  wire [9:0] \$76 ;
+  wire [16:0] \$77 ;
+  wire [4:0] \$78 ;
+  wire \$79 ;
   wire \$8 ;
   wire \$80 ;
-  wire \$81 ;
-  wire \$82 ;
-  wire [4:0] \$83 ;
-  wire [8:0] \$84 ;
+  wire [5:0] \$81 ;
+  wire [5:0] \$82 ;
+  wire \$83 ;
+  wire \$84 ;
   wire \$85 ;
-  wire [12:0] \$86 ;
-  wire \$87 ;
+  wire [4:0] \$86 ;
+  wire [8:0] \$87 ;
   wire \$88 ;
-  wire [4:0] \$89 ;
+  wire [12:0] \$89 ;
   wire \$9 ;
   wire \$90 ;
   wire \$91 ;
   wire \$92 ;
   wire \$93 ;
-  wire \$94 ;
-  wire [8:0] \$95 ;
-  wire \$96 ;
-  wire [14:0] \$97 ;
-  wire [7:0] \$98 ;
-  wire [14:0] \$99 ;
+  wire [8:0] \$94 ;
+  wire \$95 ;
+  wire [14:0] \$96 ;
+  wire [7:0] \$97 ;
+  wire [14:0] \$98 ;
+  wire \$99 ;
   reg \$signal  = 1'h0;
   reg \$signal$167  = 1'h0;
   reg \$signal$171  = 1'h0;
@@ -1033,125 +1032,126 @@ module encoder_layer_0_intermediate_dense(m, a_wr__en, a_wr__addr, a_wr__data, w
   assign \$72  = held + fetch;
   assign \$73  = \$72  - pop;
   assign \$74  = go & \real ;
-  assign \$75  = a_off + 1'h1;
-  assign \$76  = \rd__addr$79  + 1'h1;
-  assign \$77  = tcnt != 5'h10;
-  assign \$78  = tcnt + 1'h1;
-  assign \$79  = tcnt + 2'h2;
-  assign \$80  = \$79  >= 5'h10;
-  assign \$81  = ~ tile_end;
-  assign \$82  = ent_head[30] & \$81 ;
-  assign \$83  = kk + 1'h1;
-  assign \$84  = left - 5'h10;
-  assign \$85  = left <= 6'h20;
-  assign \$86  = a_base + 9'h180;
-  assign \$87  = go & \real ;
-  assign \$88  = ! oldest[28:25];
-  assign \$89  = kk + 1'h1;
-  assign \$90  = \$89  == ent_head[28:25];
-  assign \$91  = ! tcnt;
-  assign \$92  = go & \real ;
-  assign \$93  = o__valid & o__payload[388];
-  assign \$94  = \rd__addr$104  == 7'h5f;
-  assign \$95  = out_left - 5'h10;
-  assign \$96  = out_left <= 6'h20;
-  assign \$97  = tile_base + 11'h5a1;
-  assign \$98  = \rd__addr$104  + 1'h1;
-  assign \$99  = tile_base + 1'h1;
-  assign \$100  = o__valid & fin;
-  assign \$101  = o__payload[387:384] < out_left;
-  assign \$102  = ! o__payload[387:384];
-  assign \$103  = addr1 + 7'h60;
-  assign \$104  = \$102  ? { 1'h0, tile_base } : \$103 ;
-  assign \$105  = \$signal  & ok1;
-  assign \$106  = $signed(acc_w_d2[23:0]) + $signed(\rd__data$191 [14:0]);
-  assign \$107  = $signed(acc_w_d2[47:24]) + $signed(\rd__data$191 [29:15]);
-  assign \$108  = $signed(acc_w_d2[71:48]) + $signed(\rd__data$191 [44:30]);
-  assign \$109  = $signed(acc_w_d2[95:72]) + $signed(\rd__data$191 [59:45]);
-  assign \$110  = $signed(acc_w_d2[119:96]) + $signed(\rd__data$191 [74:60]);
-  assign \$111  = $signed(acc_w_d2[143:120]) + $signed(\rd__data$191 [89:75]);
-  assign \$112  = $signed(acc_w_d2[167:144]) + $signed(\rd__data$191 [104:90]);
-  assign \$113  = $signed(acc_w_d2[191:168]) + $signed(\rd__data$191 [119:105]);
-  assign \$114  = $signed(acc_w_d2[215:192]) + $signed(\rd__data$191 [134:120]);
-  assign \$115  = $signed(acc_w_d2[239:216]) + $signed(\rd__data$191 [149:135]);
-  assign \$116  = $signed(acc_w_d2[263:240]) + $signed(\rd__data$191 [164:150]);
-  assign \$117  = $signed(acc_w_d2[287:264]) + $signed(\rd__data$191 [179:165]);
-  assign \$118  = $signed(acc_w_d2[311:288]) + $signed(\rd__data$191 [194:180]);
-  assign \$119  = $signed(acc_w_d2[335:312]) + $signed(\rd__data$191 [209:195]);
-  assign \$120  = $signed(acc_w_d2[359:336]) + $signed(\rd__data$191 [224:210]);
-  assign \$121  = $signed(acc_w_d2[383:360]) + $signed(\rd__data$191 [239:225]);
-  assign \$122  = ~ \start$44 ;
-  assign \$123  = ~ busy;
-  assign \$124  = \$122  & \$123 ;
-  assign \$125  = \$124  | fin_o_d2;
+  assign \$75  = ! oldest[28:25];
+  assign \$76  = a_off + 1'h1;
+  assign \$77  = \rd__addr$79  + 1'h1;
+  assign \$78  = kk + 1'h1;
+  assign \$79  = \$78  == ent_head[28:25];
+  assign \$80  = tcnt != 5'h10;
+  assign \$81  = tcnt + 1'h1;
+  assign \$82  = tcnt + 2'h2;
+  assign \$83  = \$82  >= 5'h10;
+  assign \$84  = ~ tile_end;
+  assign \$85  = ent_head[30] & \$84 ;
+  assign \$86  = kk + 1'h1;
+  assign \$87  = left - 5'h10;
+  assign \$88  = left <= 6'h20;
+  assign \$89  = a_base + 9'h180;
+  assign \$90  = ! tcnt;
+  assign \$91  = go & \real ;
+  assign \$92  = o__valid & o__payload[388];
+  assign \$93  = \rd__addr$104  == 7'h5f;
+  assign \$94  = out_left - 5'h10;
+  assign \$95  = out_left <= 6'h20;
+  assign \$96  = tile_base + 11'h5a1;
+  assign \$97  = \rd__addr$104  + 1'h1;
+  assign \$98  = tile_base + 1'h1;
+  assign \$99  = o__valid & fin;
+  assign \$100  = o__payload[387:384] < out_left;
+  assign \$101  = ! o__payload[387:384];
+  assign \$102  = addr1 + 7'h60;
+  assign \$103  = \$101  ? { 1'h0, tile_base } : \$102 ;
+  assign \$104  = \$signal  & ok1;
+  assign \$105  = $signed(acc_w_d2[23:0]) + $signed(\rd__data$191 [14:0]);
+  assign \$106  = $signed(acc_w_d2[47:24]) + $signed(\rd__data$191 [29:15]);
+  assign \$107  = $signed(acc_w_d2[71:48]) + $signed(\rd__data$191 [44:30]);
+  assign \$108  = $signed(acc_w_d2[95:72]) + $signed(\rd__data$191 [59:45]);
+  assign \$109  = $signed(acc_w_d2[119:96]) + $signed(\rd__data$191 [74:60]);
+  assign \$110  = $signed(acc_w_d2[143:120]) + $signed(\rd__data$191 [89:75]);
+  assign \$111  = $signed(acc_w_d2[167:144]) + $signed(\rd__data$191 [104:90]);
+  assign \$112  = $signed(acc_w_d2[191:168]) + $signed(\rd__data$191 [119:105]);
+  assign \$113  = $signed(acc_w_d2[215:192]) + $signed(\rd__data$191 [134:120]);
+  assign \$114  = $signed(acc_w_d2[239:216]) + $signed(\rd__data$191 [149:135]);
+  assign \$115  = $signed(acc_w_d2[263:240]) + $signed(\rd__data$191 [164:150]);
+  assign \$116  = $signed(acc_w_d2[287:264]) + $signed(\rd__data$191 [179:165]);
+  assign \$117  = $signed(acc_w_d2[311:288]) + $signed(\rd__data$191 [194:180]);
+  assign \$118  = $signed(acc_w_d2[335:312]) + $signed(\rd__data$191 [209:195]);
+  assign \$119  = $signed(acc_w_d2[359:336]) + $signed(\rd__data$191 [224:210]);
+  assign \$120  = $signed(acc_w_d2[383:360]) + $signed(\rd__data$191 [239:225]);
+  assign \$121  = ~ \start$44 ;
+  assign \$122  = ~ busy;
+  assign \$123  = \$121  & \$122 ;
+  assign \$124  = \$123  | fin_o_d2;
+  assign \$125  = m_q <= 5'h10;
   assign \$126  = m_q <= 5'h10;
-  assign \$127  = m_q <= 5'h10;
   always @(posedge clk)
-    fetch0 <= \$128 ;
+    fetch0 <= \$127 ;
   always @(posedge clk)
-    fetch1 <= \$129 ;
+    fetch1 <= \$128 ;
   always @(posedge clk)
-    fetch2 <= \$130 ;
+    fetch2 <= \$129 ;
   always @(posedge clk)
-    fetch3 <= \$131 ;
+    fetch3 <= \$130 ;
   always @(posedge clk)
-    fetch4 <= \$132 ;
+    fetch4 <= \$131 ;
   always @(posedge clk)
-    fetch5 <= \$133 ;
+    fetch5 <= \$132 ;
   always @(posedge clk)
-    ptr <= \$134 ;
+    ptr <= \$133 ;
   always @(posedge clk)
-    hdr0 <= \$135 ;
+    hdr0 <= \$134 ;
   always @(posedge clk)
-    hdr1 <= \$136 ;
+    hdr1 <= \$135 ;
   always @(posedge clk)
-    hdr2 <= \$137 ;
+    hdr2 <= \$136 ;
   always @(posedge clk)
-    hdr3 <= \$138 ;
+    hdr3 <= \$137 ;
   always @(posedge clk)
-    hdr4 <= \$139 ;
+    hdr4 <= \$138 ;
   always @(posedge clk)
-    hdr5 <= \$140 ;
+    hdr5 <= \$139 ;
   always @(posedge clk)
-    n_ent <= \$141 ;
+    n_ent <= \$140 ;
   always @(posedge clk)
-    fetching <= \$142 ;
+    fetching <= \$141 ;
   always @(posedge clk)
-    ent_q0 <= \$143 ;
+    ent_q0 <= \$142 ;
   always @(posedge clk)
-    ent_q1 <= \$144 ;
+    ent_q1 <= \$143 ;
   always @(posedge clk)
-    ent_q2 <= \$145 ;
+    ent_q2 <= \$144 ;
   always @(posedge clk)
-    ent_q3 <= \$146 ;
+    ent_q3 <= \$145 ;
   always @(posedge clk)
-    ent_q4 <= \$147 ;
+    ent_q4 <= \$146 ;
   always @(posedge clk)
-    ent_q5 <= \$148 ;
+    ent_q5 <= \$147 ;
   always @(posedge clk)
-    ent_q6 <= \$149 ;
+    ent_q6 <= \$148 ;
   always @(posedge clk)
-    ent_q7 <= \$150 ;
+    ent_q7 <= \$149 ;
   always @(posedge clk)
-    ent_q8 <= \$151 ;
+    ent_q8 <= \$150 ;
   always @(posedge clk)
-    wp <= \$152 ;
+    wp <= \$151 ;
   always @(posedge clk)
-    ent_head <= \$153 ;
+    ent_head <= \$152 ;
   always @(posedge clk)
-    rp <= \$154 ;
+    rp <= \$153 ;
   always @(posedge clk)
-    ring <= \$155 ;
+    ring <= \$154 ;
   always @(posedge clk)
-    ring_any <= \$156 ;
+    ring_any <= \$155 ;
   always @(posedge clk)
-    nonempty <= \$157 ;
+    nonempty <= \$156 ;
   always @(posedge clk)
-    held <= \$158 ;
+    held <= \$157 ;
   always @(posedge clk)
-    a_off <= \$159 ;
+    a_off <= \$158 ;
   always @(posedge clk)
-    \rd__addr$79  <= \$160 ;
+    \rd__addr$79  <= \$159 ;
+  always @(posedge clk)
+    kk_last <= \$160 ;
   always @(posedge clk)
     tcnt <= \$161 ;
   always @(posedge clk)
@@ -1171,189 +1171,187 @@ module encoder_layer_0_intermediate_dense(m, a_wr__en, a_wr__addr, a_wr__data, w
   always @(posedge clk)
     run <= \$169 ;
   always @(posedge clk)
-    kk_last <= \$170 ;
+    valid_d0 <= \$170 ;
   always @(posedge clk)
-    valid_d0 <= \$171 ;
+    first_d0 <= \$171 ;
   always @(posedge clk)
-    first_d0 <= \$172 ;
+    last_d0 <= \$172 ;
   always @(posedge clk)
-    last_d0 <= \$173 ;
+    valid_d1 <= \$173 ;
   always @(posedge clk)
-    valid_d1 <= \$174 ;
+    first_d1 <= \$174 ;
   always @(posedge clk)
-    first_d1 <= \$175 ;
+    last_d1 <= \$175 ;
   always @(posedge clk)
-    last_d1 <= \$176 ;
+    valid_d2 <= \$176 ;
   always @(posedge clk)
-    valid_d2 <= \$177 ;
+    first_d2 <= \$177 ;
   always @(posedge clk)
-    first_d2 <= \$178 ;
+    last_d2 <= \$178 ;
   always @(posedge clk)
-    last_d2 <= \$179 ;
+    valid_d3 <= \$179 ;
   always @(posedge clk)
-    valid_d3 <= \$180 ;
+    first_d3 <= \$180 ;
   always @(posedge clk)
-    first_d3 <= \$181 ;
+    last_d3 <= \$181 ;
   always @(posedge clk)
-    last_d3 <= \$182 ;
+    valid_d4 <= \$182 ;
   always @(posedge clk)
-    valid_d4 <= \$183 ;
+    first_d4 <= \$183 ;
   always @(posedge clk)
-    first_d4 <= \$184 ;
+    last_d4 <= \$184 ;
   always @(posedge clk)
-    last_d4 <= \$185 ;
+    valid_d5 <= \$185 ;
   always @(posedge clk)
-    valid_d5 <= \$186 ;
+    first_d5 <= \$186 ;
   always @(posedge clk)
-    first_d5 <= \$187 ;
+    last_d5 <= \$187 ;
   always @(posedge clk)
-    last_d5 <= \$188 ;
+    i__valid <= \$188 ;
   always @(posedge clk)
-    i__valid <= \$189 ;
+    first_d6 <= \$189 ;
   always @(posedge clk)
-    first_d6 <= \$190 ;
+    last_d6 <= \$190 ;
   always @(posedge clk)
-    last_d6 <= \$191 ;
+    w_real_d0 <= \$191 ;
   always @(posedge clk)
-    w_real_d0 <= \$192 ;
+    w_real_d1 <= \$192 ;
   always @(posedge clk)
-    w_real_d1 <= \$193 ;
+    w_real_d2 <= \$193 ;
   always @(posedge clk)
-    w_real_d2 <= \$194 ;
+    w_real_d3 <= \$194 ;
   always @(posedge clk)
-    w_real_d3 <= \$195 ;
+    w_real_d4 <= \$195 ;
   always @(posedge clk)
-    w_real_d4 <= \$196 ;
+    w_real_g0 <= \$196 ;
   always @(posedge clk)
-    w_real_g0 <= \$197 ;
+    w_real_g1 <= \$197 ;
   always @(posedge clk)
-    w_real_g1 <= \$198 ;
+    w_real_g2 <= \$198 ;
   always @(posedge clk)
-    w_real_g2 <= \$199 ;
+    w_real_g3 <= \$199 ;
   always @(posedge clk)
-    w_real_g3 <= \$200 ;
+    w_real_c0 <= \$200 ;
   always @(posedge clk)
-    w_real_c0 <= \$201 ;
+    w_real_c1 <= \$201 ;
   always @(posedge clk)
-    w_real_c1 <= \$202 ;
+    w_real_c2 <= \$202 ;
   always @(posedge clk)
-    w_real_c2 <= \$203 ;
+    w_real_c3 <= \$203 ;
   always @(posedge clk)
-    w_real_c3 <= \$204 ;
+    w_real_c4 <= \$204 ;
   always @(posedge clk)
-    w_real_c4 <= \$205 ;
+    w_real_c5 <= \$205 ;
   always @(posedge clk)
-    w_real_c5 <= \$206 ;
+    w_real_c6 <= \$206 ;
   always @(posedge clk)
-    w_real_c6 <= \$207 ;
+    w_real_c7 <= \$207 ;
   always @(posedge clk)
-    w_real_c7 <= \$208 ;
+    w_real_c8 <= \$208 ;
   always @(posedge clk)
-    w_real_c8 <= \$209 ;
+    w_real_c9 <= \$209 ;
   always @(posedge clk)
-    w_real_c9 <= \$210 ;
+    w_real_c10 <= \$210 ;
   always @(posedge clk)
-    w_real_c10 <= \$211 ;
+    w_real_c11 <= \$211 ;
   always @(posedge clk)
-    w_real_c11 <= \$212 ;
+    w_real_c12 <= \$212 ;
   always @(posedge clk)
-    w_real_c12 <= \$213 ;
+    w_real_c13 <= \$213 ;
   always @(posedge clk)
-    w_real_c13 <= \$214 ;
+    w_real_c14 <= \$214 ;
   always @(posedge clk)
-    w_real_c14 <= \$215 ;
+    w_real_c15 <= \$215 ;
   always @(posedge clk)
-    w_real_c15 <= \$216 ;
+    \rd__addr$104  <= \$216 ;
   always @(posedge clk)
-    \rd__addr$104  <= \$217 ;
+    out_left <= \$217 ;
   always @(posedge clk)
-    out_left <= \$218 ;
+    out_last <= \$218 ;
   always @(posedge clk)
-    out_last <= \$219 ;
+    tile_base <= \$219 ;
   always @(posedge clk)
-    tile_base <= \$220 ;
+    \$signal  <= \$220 ;
   always @(posedge clk)
-    \$signal  <= \$221 ;
+    \$signal$167  <= \$221 ;
   always @(posedge clk)
-    \$signal$167  <= \$222 ;
+    ok1 <= \$222 ;
   always @(posedge clk)
-    ok1 <= \$223 ;
+    acc1 <= \$223 ;
   always @(posedge clk)
-    acc1 <= \$224 ;
+    addr1 <= \$224 ;
   always @(posedge clk)
-    addr1 <= \$225 ;
+    \$signal$171  <= \$225 ;
   always @(posedge clk)
-    \$signal$171  <= \$226 ;
+    fin2 <= \$226 ;
   always @(posedge clk)
-    fin2 <= \$227 ;
+    addr2 <= \$227 ;
   always @(posedge clk)
-    addr2 <= \$228 ;
+    acc2 <= \$228 ;
   always @(posedge clk)
-    acc2 <= \$229 ;
+    v_w_d0 <= \$229 ;
   always @(posedge clk)
-    v_w_d0 <= \$230 ;
+    fin_w_d0 <= \$230 ;
   always @(posedge clk)
-    fin_w_d0 <= \$231 ;
+    addr_w_d0 <= \$231 ;
   always @(posedge clk)
-    addr_w_d0 <= \$232 ;
+    acc_w_d0 <= \$232 ;
   always @(posedge clk)
-    acc_w_d0 <= \$233 ;
+    v_w_d1 <= \$233 ;
   always @(posedge clk)
-    v_w_d1 <= \$234 ;
+    fin_w_d1 <= \$234 ;
   always @(posedge clk)
-    fin_w_d1 <= \$235 ;
+    addr_w_d1 <= \$235 ;
   always @(posedge clk)
-    addr_w_d1 <= \$236 ;
+    acc_w_d1 <= \$236 ;
   always @(posedge clk)
-    acc_w_d1 <= \$237 ;
+    v_w_d2 <= \$237 ;
   always @(posedge clk)
-    v_w_d2 <= \$238 ;
+    fin_w_d2 <= \$238 ;
   always @(posedge clk)
-    fin_w_d2 <= \$239 ;
+    addr_w_d2 <= \$239 ;
   always @(posedge clk)
-    addr_w_d2 <= \$240 ;
+    acc_w_d2 <= \$240 ;
   always @(posedge clk)
-    acc_w_d2 <= \$241 ;
+    \$signal$187  <= \$241 ;
   always @(posedge clk)
-    \$signal$187  <= \$242 ;
+    fin3 <= \$242 ;
   always @(posedge clk)
-    fin3 <= \$243 ;
+    addr3 <= \$243 ;
   always @(posedge clk)
-    addr3 <= \$244 ;
+    i <= \$244 ;
   always @(posedge clk)
-    i <= \$245 ;
+    v_q_d0 <= \$245 ;
   always @(posedge clk)
-    v_q_d0 <= \$246 ;
+    fin_q_d0 <= \$246 ;
   always @(posedge clk)
-    fin_q_d0 <= \$247 ;
+    addr_q_d0 <= \$247 ;
   always @(posedge clk)
-    addr_q_d0 <= \$248 ;
+    v_q_d1 <= \$248 ;
   always @(posedge clk)
-    v_q_d1 <= \$249 ;
+    fin_q_d1 <= \$249 ;
   always @(posedge clk)
-    fin_q_d1 <= \$250 ;
+    addr_q_d1 <= \$250 ;
   always @(posedge clk)
-    addr_q_d1 <= \$251 ;
+    \wr__en$110  <= \$251 ;
   always @(posedge clk)
-    \wr__en$110  <= \$252 ;
+    fin_q_d2 <= \$252 ;
   always @(posedge clk)
-    fin_q_d2 <= \$253 ;
+    \wr__addr$112  <= \$253 ;
   always @(posedge clk)
-    \wr__addr$112  <= \$254 ;
+    fin_o_d0 <= \$254 ;
   always @(posedge clk)
-    fin_o_d0 <= \$255 ;
+    fin_o_d1 <= \$255 ;
   always @(posedge clk)
-    fin_o_d1 <= \$256 ;
+    fin_o_d2 <= \$256 ;
   always @(posedge clk)
-    fin_o_d2 <= \$257 ;
+    done <= \$257 ;
   always @(posedge clk)
-    done <= \$258 ;
+    idle <= \$258 ;
   always @(posedge clk)
-    idle <= \$259 ;
+    \busy$42  <= \$259 ;
   always @(posedge clk)
-    \busy$42  <= \$260 ;
-  always @(posedge clk)
-    m_q <= \$261 ;
+    m_q <= \$260 ;
   \encoder_layer_0_intermediate_dense.mem_a  mem_a (
     .clk(clk),
     .q_d1(\rd__data$86 ),
@@ -1449,7 +1447,17 @@ module encoder_layer_0_intermediate_dense(m, a_wr__en, a_wr__addr, a_wr__data, w
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$128  = fetch;
+    \$127  = fetch;
+    if (idle) begin
+      \$127  = 1'h0;
+    end
+    if (rst) begin
+      \$127  = 1'h0;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
+    \$128  = fetch0;
     if (idle) begin
       \$128  = 1'h0;
     end
@@ -1459,7 +1467,7 @@ module encoder_layer_0_intermediate_dense(m, a_wr__en, a_wr__addr, a_wr__data, w
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$129  = fetch0;
+    \$129  = fetch1;
     if (idle) begin
       \$129  = 1'h0;
     end
@@ -1469,7 +1477,7 @@ module encoder_layer_0_intermediate_dense(m, a_wr__en, a_wr__addr, a_wr__data, w
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$130  = fetch1;
+    \$130  = fetch2;
     if (idle) begin
       \$130  = 1'h0;
     end
@@ -1479,7 +1487,7 @@ module encoder_layer_0_intermediate_dense(m, a_wr__en, a_wr__addr, a_wr__data, w
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$131  = fetch2;
+    \$131  = fetch3;
     if (idle) begin
       \$131  = 1'h0;
     end
@@ -1489,7 +1497,7 @@ module encoder_layer_0_intermediate_dense(m, a_wr__en, a_wr__addr, a_wr__data, w
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$132  = fetch3;
+    \$132  = fetch4;
     if (idle) begin
       \$132  = 1'h0;
     end
@@ -1499,96 +1507,96 @@ module encoder_layer_0_intermediate_dense(m, a_wr__en, a_wr__addr, a_wr__data, w
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$133  = fetch4;
-    if (idle) begin
-      \$133  = 1'h0;
-    end
-    if (rst) begin
-      \$133  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$134  = ptr;
+    \$133  = ptr;
     if (fetch) begin
-      \$134  = \$38 [11:0];
+      \$133  = \$38 [11:0];
     end
     if (idle) begin
-      \$134  = 12'h001;
+      \$133  = 12'h001;
     end
     if (rst) begin
-      \$134  = 12'h000;
+      \$133  = 12'h000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$135  = \start$44 ;
+    \$134  = \start$44 ;
+    if (rst) begin
+      \$134  = 1'h0;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
+    \$135  = hdr0;
     if (rst) begin
       \$135  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$136  = hdr0;
+    \$136  = hdr1;
     if (rst) begin
       \$136  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$137  = hdr1;
+    \$137  = hdr2;
     if (rst) begin
       \$137  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$138  = hdr2;
+    \$138  = hdr3;
     if (rst) begin
       \$138  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$139  = hdr3;
+    \$139  = hdr4;
     if (rst) begin
       \$139  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$140  = hdr4;
+    \$140  = n_ent;
+    if (hdr5) begin
+      \$140  = \rd__data$129 [11:0];
+    end
     if (rst) begin
-      \$140  = 1'h0;
+      \$140  = 12'h000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$141  = n_ent;
+    \$141  = fetching;
     if (hdr5) begin
-      \$141  = \rd__data$129 [11:0];
-    end
-    if (rst) begin
-      \$141  = 12'h000;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$142  = fetching;
-    if (hdr5) begin
-      \$142  = 1'h1;
+      \$141  = 1'h1;
     end
     if (idle) begin
-      \$142  = 1'h0;
+      \$141  = 1'h0;
     end
     if (rst) begin
-      \$142  = 1'h0;
+      \$141  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$143  = ent_q0;
+    \$142  = ent_q0;
     if (\$40 ) begin
+      \$142  = \rd__data$129 ;
+    end
+    if (rst) begin
+      \$142  = 32'd0;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
+    \$143  = ent_q1;
+    if (\$42 ) begin
       \$143  = \rd__data$129 ;
     end
     if (rst) begin
@@ -1597,8 +1605,8 @@ module encoder_layer_0_intermediate_dense(m, a_wr__en, a_wr__addr, a_wr__data, w
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$144  = ent_q1;
-    if (\$42 ) begin
+    \$144  = ent_q2;
+    if (\$44 ) begin
       \$144  = \rd__data$129 ;
     end
     if (rst) begin
@@ -1607,8 +1615,8 @@ module encoder_layer_0_intermediate_dense(m, a_wr__en, a_wr__addr, a_wr__data, w
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$145  = ent_q2;
-    if (\$44 ) begin
+    \$145  = ent_q3;
+    if (\$46 ) begin
       \$145  = \rd__data$129 ;
     end
     if (rst) begin
@@ -1617,8 +1625,8 @@ module encoder_layer_0_intermediate_dense(m, a_wr__en, a_wr__addr, a_wr__data, w
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$146  = ent_q3;
-    if (\$46 ) begin
+    \$146  = ent_q4;
+    if (\$48 ) begin
       \$146  = \rd__data$129 ;
     end
     if (rst) begin
@@ -1627,8 +1635,8 @@ module encoder_layer_0_intermediate_dense(m, a_wr__en, a_wr__addr, a_wr__data, w
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$147  = ent_q4;
-    if (\$48 ) begin
+    \$147  = ent_q5;
+    if (\$50 ) begin
       \$147  = \rd__data$129 ;
     end
     if (rst) begin
@@ -1637,8 +1645,8 @@ module encoder_layer_0_intermediate_dense(m, a_wr__en, a_wr__addr, a_wr__data, w
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$148  = ent_q5;
-    if (\$50 ) begin
+    \$148  = ent_q6;
+    if (\$52 ) begin
       \$148  = \rd__data$129 ;
     end
     if (rst) begin
@@ -1647,8 +1655,8 @@ module encoder_layer_0_intermediate_dense(m, a_wr__en, a_wr__addr, a_wr__data, w
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$149  = ent_q6;
-    if (\$52 ) begin
+    \$149  = ent_q7;
+    if (\$54 ) begin
       \$149  = \rd__data$129 ;
     end
     if (rst) begin
@@ -1657,8 +1665,8 @@ module encoder_layer_0_intermediate_dense(m, a_wr__en, a_wr__addr, a_wr__data, w
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$150  = ent_q7;
-    if (\$54 ) begin
+    \$150  = ent_q8;
+    if (\$56 ) begin
       \$150  = \rd__data$129 ;
     end
     if (rst) begin
@@ -1667,43 +1675,43 @@ module encoder_layer_0_intermediate_dense(m, a_wr__en, a_wr__addr, a_wr__data, w
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$151  = ent_q8;
-    if (\$56 ) begin
-      \$151  = \rd__data$129 ;
-    end
-    if (rst) begin
-      \$151  = 32'd0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$152  = wp;
+    \$151  = wp;
     if (fetch5) begin
-      \$152  = \$59 [3:0];
+      \$151  = \$59 [3:0];
     end
     if (idle) begin
-      \$152  = 4'h0;
+      \$151  = 4'h0;
     end
     if (rst) begin
-      \$152  = 4'h0;
+      \$151  = 4'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$153  = ent_head;
+    \$152  = ent_head;
     if (load) begin
-      \$153  = oldest;
+      \$152  = oldest;
     end
     if (rst) begin
-      \$153  = 32'd0;
+      \$152  = 32'd0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$154  = rp;
+    \$153  = rp;
     if (load) begin
-      \$154  = \$62 [3:0];
+      \$153  = \$62 [3:0];
     end
+    if (idle) begin
+      \$153  = 4'h0;
+    end
+    if (rst) begin
+      \$153  = 4'h0;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
+    \$154  = \$64 [3:0];
     if (idle) begin
       \$154  = 4'h0;
     end
@@ -1713,17 +1721,17 @@ module encoder_layer_0_intermediate_dense(m, a_wr__en, a_wr__addr, a_wr__data, w
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$155  = \$64 [3:0];
+    \$155  = \$68 ;
     if (idle) begin
-      \$155  = 4'h0;
+      \$155  = 1'h0;
     end
     if (rst) begin
-      \$155  = 4'h0;
+      \$155  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$156  = \$68 ;
+    \$156  = \$71 ;
     if (idle) begin
       \$156  = 1'h0;
     end
@@ -1733,46 +1741,48 @@ module encoder_layer_0_intermediate_dense(m, a_wr__en, a_wr__addr, a_wr__data, w
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$157  = \$71 ;
+    \$157  = \$73 [3:0];
     if (idle) begin
-      \$157  = 1'h0;
+      \$157  = 4'h0;
     end
     if (rst) begin
-      \$157  = 1'h0;
+      \$157  = 4'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$158  = \$73 [3:0];
-    if (idle) begin
-      \$158  = 4'h0;
-    end
-    if (rst) begin
-      \$158  = 4'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$159  = a_off;
+    \$158  = a_off;
     if (load) begin
-      \$159  = oldest[8:0];
+      \$158  = oldest[8:0];
     end else if (\$74 ) begin
-      \$159  = \$75 [8:0];
+      \$158  = \$76 [8:0];
     end
     if (rst) begin
-      \$159  = 9'h000;
+      \$158  = 9'h000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$160  = \rd__addr$79 ;
+    \$159  = \rd__addr$79 ;
     if (load) begin
-      \$160  = oldest[24:9];
+      \$159  = oldest[24:9];
     end else if (\$74 ) begin
-      \$160  = \$76 [15:0];
+      \$159  = \$77 [15:0];
     end
     if (rst) begin
-      \$160  = 16'h0000;
+      \$159  = 16'h0000;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
+    \$160  = kk_last;
+    if (load) begin
+      \$160  = \$75 ;
+    end else if (\$74 ) begin
+      \$160  = \$79 ;
+    end
+    if (rst) begin
+      \$160  = 1'h0;
     end
   end
   always @* begin
@@ -1781,8 +1791,8 @@ module encoder_layer_0_intermediate_dense(m, a_wr__en, a_wr__addr, a_wr__data, w
     if (go) begin
       if (tile_end) begin
         \$161  = 5'h00;
-      end else if (\$77 ) begin
-        \$161  = \$78 [4:0];
+      end else if (\$80 ) begin
+        \$161  = \$81 [4:0];
       end
     end
     if (idle) begin
@@ -1798,8 +1808,8 @@ module encoder_layer_0_intermediate_dense(m, a_wr__en, a_wr__addr, a_wr__data, w
     if (go) begin
       if (tile_end) begin
         \$162  = 1'h0;
-      end else if (\$77 ) begin
-        \$162  = \$80 ;
+      end else if (\$80 ) begin
+        \$162  = \$83 ;
       end
     end
     if (idle) begin
@@ -1816,7 +1826,7 @@ module encoder_layer_0_intermediate_dense(m, a_wr__en, a_wr__addr, a_wr__data, w
       if (entry_end) begin
         \$163  = 4'h0;
       end else if (\real ) begin
-        \$163  = \$83 [3:0];
+        \$163  = \$86 [3:0];
       end
     end
     if (idle) begin
@@ -1831,7 +1841,7 @@ module encoder_layer_0_intermediate_dense(m, a_wr__en, a_wr__addr, a_wr__data, w
     \$164  = pad;
     if (go) begin
       if (entry_end) begin
-        if (\$82 ) begin
+        if (\$85 ) begin
           \$164  = 1'h1;
         end
       end
@@ -1851,7 +1861,7 @@ module encoder_layer_0_intermediate_dense(m, a_wr__en, a_wr__addr, a_wr__data, w
     \$165  = sweep_end;
     if (go) begin
       if (entry_end) begin
-        if (\$82 ) begin
+        if (\$85 ) begin
           \$165  = ent_head[31];
         end
       end
@@ -1866,7 +1876,7 @@ module encoder_layer_0_intermediate_dense(m, a_wr__en, a_wr__addr, a_wr__data, w
     if (go) begin
       if (tile_end) begin
         if (list_end) begin
-          \$166  = \$84 [7:0];
+          \$166  = \$87 [7:0];
         end
       end
     end
@@ -1883,12 +1893,12 @@ module encoder_layer_0_intermediate_dense(m, a_wr__en, a_wr__addr, a_wr__data, w
     if (go) begin
       if (tile_end) begin
         if (list_end) begin
-          \$167  = \$85 ;
+          \$167  = \$88 ;
         end
       end
     end
     if (hdr0) begin
-      \$167  = \$126 ;
+      \$167  = \$125 ;
     end
     if (rst) begin
       \$167  = 1'h0;
@@ -1900,7 +1910,7 @@ module encoder_layer_0_intermediate_dense(m, a_wr__en, a_wr__addr, a_wr__data, w
     if (go) begin
       if (tile_end) begin
         if (list_end) begin
-          \$168  = \$86 [11:0];
+          \$168  = \$89 [11:0];
         end
       end
     end
@@ -1932,194 +1942,189 @@ module encoder_layer_0_intermediate_dense(m, a_wr__en, a_wr__addr, a_wr__data, w
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$170  = kk_last;
-    if (load) begin
-      \$170  = \$88 ;
-    end else if (\$87 ) begin
-      \$170  = \$90 ;
-    end
+    \$170  = go;
     if (rst) begin
       \$170  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$171  = go;
+    \$171  = \$90 ;
     if (rst) begin
       \$171  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$172  = \$91 ;
+    \$172  = tile_end;
     if (rst) begin
       \$172  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$173  = tile_end;
+    \$173  = valid_d0;
     if (rst) begin
       \$173  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$174  = valid_d0;
+    \$174  = first_d0;
     if (rst) begin
       \$174  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$175  = first_d0;
+    \$175  = last_d0;
     if (rst) begin
       \$175  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$176  = last_d0;
+    \$176  = valid_d1;
     if (rst) begin
       \$176  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$177  = valid_d1;
+    \$177  = first_d1;
     if (rst) begin
       \$177  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$178  = first_d1;
+    \$178  = last_d1;
     if (rst) begin
       \$178  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$179  = last_d1;
+    \$179  = valid_d2;
     if (rst) begin
       \$179  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$180  = valid_d2;
+    \$180  = first_d2;
     if (rst) begin
       \$180  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$181  = first_d2;
+    \$181  = last_d2;
     if (rst) begin
       \$181  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$182  = last_d2;
+    \$182  = valid_d3;
     if (rst) begin
       \$182  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$183  = valid_d3;
+    \$183  = first_d3;
     if (rst) begin
       \$183  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$184  = first_d3;
+    \$184  = last_d3;
     if (rst) begin
       \$184  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$185  = last_d3;
+    \$185  = valid_d4;
     if (rst) begin
       \$185  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$186  = valid_d4;
+    \$186  = first_d4;
     if (rst) begin
       \$186  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$187  = first_d4;
+    \$187  = last_d4;
     if (rst) begin
       \$187  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$188  = last_d4;
+    \$188  = valid_d5;
     if (rst) begin
       \$188  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$189  = valid_d5;
+    \$189  = first_d5;
     if (rst) begin
       \$189  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$190  = first_d5;
+    \$190  = last_d5;
     if (rst) begin
       \$190  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$191  = last_d5;
+    \$191  = \$91 ;
     if (rst) begin
       \$191  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$192  = \$92 ;
+    \$192  = w_real_d0;
     if (rst) begin
       \$192  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$193  = w_real_d0;
+    \$193  = w_real_d1;
     if (rst) begin
       \$193  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$194  = w_real_d1;
+    \$194  = w_real_d2;
     if (rst) begin
       \$194  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$195  = w_real_d2;
+    \$195  = w_real_d3;
     if (rst) begin
       \$195  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$196  = w_real_d3;
+    \$196  = w_real_d4;
     if (rst) begin
       \$196  = 1'h0;
     end
@@ -2147,7 +2152,7 @@ module encoder_layer_0_intermediate_dense(m, a_wr__en, a_wr__addr, a_wr__data, w
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$200  = w_real_d4;
+    \$200  = w_real_g0;
     if (rst) begin
       \$200  = 1'h0;
     end
@@ -2175,7 +2180,7 @@ module encoder_layer_0_intermediate_dense(m, a_wr__en, a_wr__addr, a_wr__data, w
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$204  = w_real_g0;
+    \$204  = w_real_g1;
     if (rst) begin
       \$204  = 1'h0;
     end
@@ -2203,7 +2208,7 @@ module encoder_layer_0_intermediate_dense(m, a_wr__en, a_wr__addr, a_wr__data, w
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$208  = w_real_g1;
+    \$208  = w_real_g2;
     if (rst) begin
       \$208  = 1'h0;
     end
@@ -2231,7 +2236,7 @@ module encoder_layer_0_intermediate_dense(m, a_wr__en, a_wr__addr, a_wr__data, w
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$212  = w_real_g2;
+    \$212  = w_real_g3;
     if (rst) begin
       \$212  = 1'h0;
     end
@@ -2259,80 +2264,80 @@ module encoder_layer_0_intermediate_dense(m, a_wr__en, a_wr__addr, a_wr__data, w
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$216  = w_real_g3;
-    if (rst) begin
-      \$216  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$217  = \rd__addr$104 ;
-    if (\$93 ) begin
+    \$216  = \rd__addr$104 ;
+    if (\$92 ) begin
       (* full_case = 32'd1 *)
-      if (\$94 ) begin
-        \$217  = 7'h00;
+      if (\$93 ) begin
+        \$216  = 7'h00;
       end else begin
-        \$217  = \$98 [6:0];
+        \$216  = \$97 [6:0];
       end
     end
     if (idle) begin
-      \$217  = 7'h00;
+      \$216  = 7'h00;
     end
     if (rst) begin
-      \$217  = 7'h00;
+      \$216  = 7'h00;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$218  = out_left;
-    if (\$93 ) begin
-      if (\$94 ) begin
-        \$218  = \$95 [7:0];
+    \$217  = out_left;
+    if (\$92 ) begin
+      if (\$93 ) begin
+        \$217  = \$94 [7:0];
       end
     end
     if (hdr0) begin
-      \$218  = m_q;
+      \$217  = m_q;
     end
     if (rst) begin
-      \$218  = 8'h00;
+      \$217  = 8'h00;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$219  = out_last;
-    if (\$93 ) begin
-      if (\$94 ) begin
-        \$219  = \$96 ;
+    \$218  = out_last;
+    if (\$92 ) begin
+      if (\$93 ) begin
+        \$218  = \$95 ;
       end
     end
     if (hdr0) begin
-      \$219  = \$127 ;
+      \$218  = \$126 ;
     end
     if (rst) begin
-      \$219  = 1'h0;
+      \$218  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$220  = tile_base;
-    if (\$93 ) begin
+    \$219  = tile_base;
+    if (\$92 ) begin
       (* full_case = 32'd1 *)
-      if (\$94 ) begin
-        \$220  = \$97 [13:0];
+      if (\$93 ) begin
+        \$219  = \$96 [13:0];
       end else begin
-        \$220  = \$99 [13:0];
+        \$219  = \$98 [13:0];
       end
     end
     if (idle) begin
-      \$220  = 14'h0000;
+      \$219  = 14'h0000;
     end
     if (rst) begin
-      \$220  = 14'h0000;
+      \$219  = 14'h0000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$221  = o__valid;
+    \$220  = o__valid;
+    if (rst) begin
+      \$220  = 1'h0;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
+    \$221  = \$99 ;
     if (rst) begin
       \$221  = 1'h0;
     end
@@ -2346,318 +2351,311 @@ module encoder_layer_0_intermediate_dense(m, a_wr__en, a_wr__addr, a_wr__data, w
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$223  = \$101 ;
+    \$223  = o__payload[383:0];
     if (rst) begin
-      \$223  = 1'h0;
+      \$223  = 384'h000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$224  = o__payload[383:0];
-    if (rst) begin
-      \$224  = 384'h000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$225  = addr1;
+    \$224  = addr1;
     if (o__valid) begin
-      \$225  = \$104 [13:0];
+      \$224  = \$103 [13:0];
     end
     if (rst) begin
-      \$225  = 14'h0000;
+      \$224  = 14'h0000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$226  = \$105 ;
+    \$225  = \$104 ;
+    if (rst) begin
+      \$225  = 1'h0;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
+    \$226  = \$signal$167 ;
     if (rst) begin
       \$226  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$227  = \$signal$167 ;
+    \$227  = addr1;
     if (rst) begin
-      \$227  = 1'h0;
+      \$227  = 14'h0000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$228  = addr1;
+    \$228  = acc1;
     if (rst) begin
-      \$228  = 14'h0000;
+      \$228  = 384'h000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$229  = acc1;
+    \$229  = \$signal$171 ;
     if (rst) begin
-      \$229  = 384'h000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000;
+      \$229  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$230  = \$signal$171 ;
+    \$230  = fin2;
     if (rst) begin
       \$230  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$231  = fin2;
+    \$231  = addr2;
     if (rst) begin
-      \$231  = 1'h0;
+      \$231  = 14'h0000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$232  = addr2;
+    \$232  = acc2;
     if (rst) begin
-      \$232  = 14'h0000;
+      \$232  = 384'h000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$233  = acc2;
+    \$233  = v_w_d0;
     if (rst) begin
-      \$233  = 384'h000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000;
+      \$233  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$234  = v_w_d0;
+    \$234  = fin_w_d0;
     if (rst) begin
       \$234  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$235  = fin_w_d0;
+    \$235  = addr_w_d0;
     if (rst) begin
-      \$235  = 1'h0;
+      \$235  = 14'h0000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$236  = addr_w_d0;
+    \$236  = acc_w_d0;
     if (rst) begin
-      \$236  = 14'h0000;
+      \$236  = 384'h000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$237  = acc_w_d0;
+    \$237  = v_w_d1;
     if (rst) begin
-      \$237  = 384'h000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000;
+      \$237  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$238  = v_w_d1;
+    \$238  = fin_w_d1;
     if (rst) begin
       \$238  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$239  = fin_w_d1;
+    \$239  = addr_w_d1;
     if (rst) begin
-      \$239  = 1'h0;
+      \$239  = 14'h0000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$240  = addr_w_d1;
+    \$240  = acc_w_d1;
     if (rst) begin
-      \$240  = 14'h0000;
+      \$240  = 384'h000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$241  = acc_w_d1;
+    \$241  = v_w_d2;
     if (rst) begin
-      \$241  = 384'h000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000;
+      \$241  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$242  = v_w_d2;
+    \$242  = fin_w_d2;
     if (rst) begin
       \$242  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$243  = fin_w_d2;
+    \$243  = addr_w_d2;
     if (rst) begin
-      \$243  = 1'h0;
+      \$243  = 14'h0000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$244  = addr_w_d2;
+    \$244 [23:0] = \$105 [23:0];
+    \$244 [386:384] = \rd__data$192 [2:0];
+    \$244 [47:24] = \$106 [23:0];
+    \$244 [389:387] = \rd__data$192 [5:3];
+    \$244 [71:48] = \$107 [23:0];
+    \$244 [392:390] = \rd__data$192 [8:6];
+    \$244 [95:72] = \$108 [23:0];
+    \$244 [395:393] = \rd__data$192 [11:9];
+    \$244 [119:96] = \$109 [23:0];
+    \$244 [398:396] = \rd__data$192 [14:12];
+    \$244 [143:120] = \$110 [23:0];
+    \$244 [401:399] = \rd__data$192 [17:15];
+    \$244 [167:144] = \$111 [23:0];
+    \$244 [404:402] = \rd__data$192 [20:18];
+    \$244 [191:168] = \$112 [23:0];
+    \$244 [407:405] = \rd__data$192 [23:21];
+    \$244 [215:192] = \$113 [23:0];
+    \$244 [410:408] = \rd__data$192 [26:24];
+    \$244 [239:216] = \$114 [23:0];
+    \$244 [413:411] = \rd__data$192 [29:27];
+    \$244 [263:240] = \$115 [23:0];
+    \$244 [416:414] = \rd__data$192 [32:30];
+    \$244 [287:264] = \$116 [23:0];
+    \$244 [419:417] = \rd__data$192 [35:33];
+    \$244 [311:288] = \$117 [23:0];
+    \$244 [422:420] = \rd__data$192 [38:36];
+    \$244 [335:312] = \$118 [23:0];
+    \$244 [425:423] = \rd__data$192 [41:39];
+    \$244 [359:336] = \$119 [23:0];
+    \$244 [428:426] = \rd__data$192 [44:42];
+    \$244 [383:360] = \$120 [23:0];
+    \$244 [431:429] = \rd__data$192 [47:45];
     if (rst) begin
-      \$244  = 14'h0000;
+      \$244  = 432'h000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$245 [23:0] = \$106 [23:0];
-    \$245 [386:384] = \rd__data$192 [2:0];
-    \$245 [47:24] = \$107 [23:0];
-    \$245 [389:387] = \rd__data$192 [5:3];
-    \$245 [71:48] = \$108 [23:0];
-    \$245 [392:390] = \rd__data$192 [8:6];
-    \$245 [95:72] = \$109 [23:0];
-    \$245 [395:393] = \rd__data$192 [11:9];
-    \$245 [119:96] = \$110 [23:0];
-    \$245 [398:396] = \rd__data$192 [14:12];
-    \$245 [143:120] = \$111 [23:0];
-    \$245 [401:399] = \rd__data$192 [17:15];
-    \$245 [167:144] = \$112 [23:0];
-    \$245 [404:402] = \rd__data$192 [20:18];
-    \$245 [191:168] = \$113 [23:0];
-    \$245 [407:405] = \rd__data$192 [23:21];
-    \$245 [215:192] = \$114 [23:0];
-    \$245 [410:408] = \rd__data$192 [26:24];
-    \$245 [239:216] = \$115 [23:0];
-    \$245 [413:411] = \rd__data$192 [29:27];
-    \$245 [263:240] = \$116 [23:0];
-    \$245 [416:414] = \rd__data$192 [32:30];
-    \$245 [287:264] = \$117 [23:0];
-    \$245 [419:417] = \rd__data$192 [35:33];
-    \$245 [311:288] = \$118 [23:0];
-    \$245 [422:420] = \rd__data$192 [38:36];
-    \$245 [335:312] = \$119 [23:0];
-    \$245 [425:423] = \rd__data$192 [41:39];
-    \$245 [359:336] = \$120 [23:0];
-    \$245 [428:426] = \rd__data$192 [44:42];
-    \$245 [383:360] = \$121 [23:0];
-    \$245 [431:429] = \rd__data$192 [47:45];
+    \$245  = \$signal$187 ;
     if (rst) begin
-      \$245  = 432'h000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000;
+      \$245  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$246  = \$signal$187 ;
+    \$246  = fin3;
     if (rst) begin
       \$246  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$247  = fin3;
+    \$247  = addr3;
     if (rst) begin
-      \$247  = 1'h0;
+      \$247  = 14'h0000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$248  = addr3;
+    \$248  = v_q_d0;
     if (rst) begin
-      \$248  = 14'h0000;
+      \$248  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$249  = v_q_d0;
+    \$249  = fin_q_d0;
     if (rst) begin
       \$249  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$250  = fin_q_d0;
+    \$250  = addr_q_d0;
     if (rst) begin
-      \$250  = 1'h0;
+      \$250  = 14'h0000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$251  = addr_q_d0;
+    \$251  = v_q_d1;
     if (rst) begin
-      \$251  = 14'h0000;
+      \$251  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$252  = v_q_d1;
+    \$252  = fin_q_d1;
     if (rst) begin
       \$252  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$253  = fin_q_d1;
+    \$253  = addr_q_d1;
     if (rst) begin
-      \$253  = 1'h0;
+      \$253  = 14'h0000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$254  = addr_q_d1;
+    \$254  = fin_q_d2;
     if (rst) begin
-      \$254  = 14'h0000;
+      \$254  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$255  = fin_q_d2;
+    \$255  = fin_o_d0;
     if (rst) begin
       \$255  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$256  = fin_o_d0;
+    \$256  = fin_o_d1;
     if (rst) begin
       \$256  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$257  = fin_o_d1;
+    \$257  = fin_o_d2;
     if (rst) begin
       \$257  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$258  = fin_o_d2;
+    \$258  = \$124 ;
     if (rst) begin
-      \$258  = 1'h0;
+      \$258  = 1'h1;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$259  = \$125 ;
-    if (rst) begin
-      \$259  = 1'h1;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$260  = \busy$42 ;
+    \$259  = \busy$42 ;
     if (done) begin
-      \$260  = 1'h0;
+      \$259  = 1'h0;
     end
     if (\start$44 ) begin
-      \$260  = 1'h1;
+      \$259  = 1'h1;
     end
     if (rst) begin
-      \$260  = 1'h0;
+      \$259  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$261  = m_q;
+    \$260  = m_q;
     if (idle) begin
-      \$261  = m;
+      \$260  = m;
     end
     if (rst) begin
-      \$261  = 8'h00;
+      \$260  = 8'h00;
     end
   end
   assign wr__addr = a_wr__addr;

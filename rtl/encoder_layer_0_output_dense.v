@@ -9,10 +9,10 @@ module encoder_layer_0_output_dense(m, a_wr__en, a_wr__addr, a_wr__data, w_wr__e
   wire \$10 ;
   wire \$100 ;
   wire \$101 ;
-  wire \$102 ;
+  wire [12:0] \$102 ;
   wire [12:0] \$103 ;
-  wire [12:0] \$104 ;
-  wire \$105 ;
+  wire \$104 ;
+  wire [26:0] \$105 ;
   wire [26:0] \$106 ;
   wire [26:0] \$107 ;
   wire [26:0] \$108 ;
@@ -30,30 +30,30 @@ module encoder_layer_0_output_dense(m, a_wr__en, a_wr__addr, a_wr__data, w_wr__e
   wire [26:0] \$119 ;
   wire \$12 ;
   wire [26:0] \$120 ;
-  wire [26:0] \$121 ;
+  wire \$121 ;
   wire \$122 ;
   wire \$123 ;
   wire \$124 ;
   wire \$125 ;
   wire \$126 ;
-  wire \$127 ;
+  reg \$127 ;
   reg \$128 ;
   reg \$129 ;
   wire \$13 ;
   reg \$130 ;
   reg \$131 ;
   reg \$132 ;
-  reg \$133 ;
-  reg [11:0] \$134 ;
+  reg [11:0] \$133 ;
+  reg \$134 ;
   reg \$135 ;
   reg \$136 ;
   reg \$137 ;
   reg \$138 ;
   reg \$139 ;
   wire \$14 ;
-  reg \$140 ;
-  reg [11:0] \$141 ;
-  reg \$142 ;
+  reg [11:0] \$140 ;
+  reg \$141 ;
+  reg [33:0] \$142 ;
   reg [33:0] \$143 ;
   reg [33:0] \$144 ;
   reg [33:0] \$145 ;
@@ -63,17 +63,17 @@ module encoder_layer_0_output_dense(m, a_wr__en, a_wr__addr, a_wr__data, w_wr__e
   reg [33:0] \$149 ;
   wire \$15 ;
   reg [33:0] \$150 ;
-  reg [33:0] \$151 ;
-  reg [3:0] \$152 ;
-  reg [33:0] \$153 ;
+  reg [3:0] \$151 ;
+  reg [33:0] \$152 ;
+  reg [3:0] \$153 ;
   reg [3:0] \$154 ;
-  reg [3:0] \$155 ;
+  reg \$155 ;
   reg \$156 ;
-  reg \$157 ;
-  reg [3:0] \$158 ;
-  reg [10:0] \$159 ;
+  reg [3:0] \$157 ;
+  reg [10:0] \$158 ;
+  reg [15:0] \$159 ;
   wire \$16 ;
-  reg [15:0] \$160 ;
+  reg \$160 ;
   reg [4:0] \$161 ;
   reg \$162 ;
   reg [3:0] \$163 ;
@@ -135,43 +135,42 @@ module encoder_layer_0_output_dense(m, a_wr__en, a_wr__addr, a_wr__data, w_wr__e
   reg \$213 ;
   reg \$214 ;
   reg \$215 ;
-  reg \$216 ;
-  reg [4:0] \$217 ;
-  reg [7:0] \$218 ;
-  reg \$219 ;
+  reg [4:0] \$216 ;
+  reg [7:0] \$217 ;
+  reg \$218 ;
+  reg [11:0] \$219 ;
   wire [7:0] \$22 ;
-  reg [11:0] \$220 ;
+  reg \$220 ;
   reg \$221 ;
   reg \$222 ;
-  reg \$223 ;
-  reg [415:0] \$224 ;
-  reg [11:0] \$225 ;
+  reg [415:0] \$223 ;
+  reg [11:0] \$224 ;
+  reg \$225 ;
   reg \$226 ;
-  reg \$227 ;
-  reg [11:0] \$228 ;
-  reg [415:0] \$229 ;
+  reg [11:0] \$227 ;
+  reg [415:0] \$228 ;
+  reg \$229 ;
   wire [7:0] \$23 ;
   reg \$230 ;
-  reg \$231 ;
-  reg [11:0] \$232 ;
-  reg [479:0] \$233 ;
+  reg [11:0] \$231 ;
+  reg [479:0] \$232 ;
+  reg \$233 ;
   reg \$234 ;
-  reg \$235 ;
-  reg [11:0] \$236 ;
+  reg [11:0] \$235 ;
+  reg \$236 ;
   reg \$237 ;
-  reg \$238 ;
-  reg [11:0] \$239 ;
+  reg [11:0] \$238 ;
+  reg \$239 ;
   wire [7:0] \$24 ;
   reg \$240 ;
-  reg \$241 ;
-  reg [11:0] \$242 ;
+  reg [11:0] \$241 ;
+  reg \$242 ;
   reg \$243 ;
   reg \$244 ;
   reg \$245 ;
   reg \$246 ;
   reg \$247 ;
-  reg \$248 ;
-  reg [7:0] \$249 ;
+  reg [7:0] \$248 ;
   wire [7:0] \$25 ;
   wire [7:0] \$26 ;
   wire [7:0] \$27 ;
@@ -227,33 +226,33 @@ module encoder_layer_0_output_dense(m, a_wr__en, a_wr__addr, a_wr__data, w_wr__e
   wire [4:0] \$72 ;
   wire [5:0] \$73 ;
   wire \$74 ;
-  wire [11:0] \$75 ;
-  wire [16:0] \$76 ;
-  wire \$77 ;
-  wire [5:0] \$78 ;
-  wire [5:0] \$79 ;
+  wire \$75 ;
+  wire [11:0] \$76 ;
+  wire [16:0] \$77 ;
+  wire [4:0] \$78 ;
+  wire \$79 ;
   wire \$8 ;
   wire \$80 ;
-  wire \$81 ;
-  wire \$82 ;
-  wire [4:0] \$83 ;
-  wire [8:0] \$84 ;
+  wire [5:0] \$81 ;
+  wire [5:0] \$82 ;
+  wire \$83 ;
+  wire \$84 ;
   wire \$85 ;
-  wire [14:0] \$86 ;
-  wire \$87 ;
+  wire [4:0] \$86 ;
+  wire [8:0] \$87 ;
   wire \$88 ;
-  wire [4:0] \$89 ;
+  wire [14:0] \$89 ;
   wire \$9 ;
   wire \$90 ;
   wire \$91 ;
   wire \$92 ;
   wire \$93 ;
-  wire \$94 ;
-  wire [8:0] \$95 ;
-  wire \$96 ;
-  wire [12:0] \$97 ;
-  wire [5:0] \$98 ;
-  wire [12:0] \$99 ;
+  wire [8:0] \$94 ;
+  wire \$95 ;
+  wire [12:0] \$96 ;
+  wire [5:0] \$97 ;
+  wire [12:0] \$98 ;
+  wire \$99 ;
   reg \$signal  = 1'h0;
   reg \$signal$167  = 1'h0;
   reg \$signal$171  = 1'h0;
@@ -961,125 +960,126 @@ module encoder_layer_0_output_dense(m, a_wr__en, a_wr__addr, a_wr__data, w_wr__e
   assign \$72  = held + fetch;
   assign \$73  = \$72  - pop;
   assign \$74  = go & \real ;
-  assign \$75  = a_off + 1'h1;
-  assign \$76  = \rd__addr$79  + 1'h1;
-  assign \$77  = tcnt != 5'h10;
-  assign \$78  = tcnt + 1'h1;
-  assign \$79  = tcnt + 2'h2;
-  assign \$80  = \$79  >= 5'h10;
-  assign \$81  = ~ tile_end;
-  assign \$82  = ent_head[32] & \$81 ;
-  assign \$83  = kk + 1'h1;
-  assign \$84  = left - 5'h10;
-  assign \$85  = left <= 6'h20;
-  assign \$86  = a_base + 11'h600;
-  assign \$87  = go & \real ;
-  assign \$88  = ! oldest[30:27];
-  assign \$89  = kk + 1'h1;
-  assign \$90  = \$89  == ent_head[30:27];
-  assign \$91  = ! tcnt;
-  assign \$92  = go & \real ;
-  assign \$93  = o__valid & o__payload[420];
-  assign \$94  = \rd__addr$104  == 5'h17;
-  assign \$95  = out_left - 5'h10;
-  assign \$96  = out_left <= 6'h20;
-  assign \$97  = tile_base + 9'h169;
-  assign \$98  = \rd__addr$104  + 1'h1;
-  assign \$99  = tile_base + 1'h1;
-  assign \$100  = o__valid & fin;
-  assign \$101  = o__payload[419:416] < out_left;
-  assign \$102  = ! o__payload[419:416];
-  assign \$103  = addr1 + 5'h18;
-  assign \$104  = \$102  ? { 1'h0, tile_base } : \$103 ;
-  assign \$105  = \$signal  & ok1;
-  assign \$106  = $signed(acc2[25:0]) + $signed(\rd__data$179 [12:0]);
-  assign \$107  = $signed(acc2[51:26]) + $signed(\rd__data$179 [25:13]);
-  assign \$108  = $signed(acc2[77:52]) + $signed(\rd__data$179 [38:26]);
-  assign \$109  = $signed(acc2[103:78]) + $signed(\rd__data$179 [51:39]);
-  assign \$110  = $signed(acc2[129:104]) + $signed(\rd__data$179 [64:52]);
-  assign \$111  = $signed(acc2[155:130]) + $signed(\rd__data$179 [77:65]);
-  assign \$112  = $signed(acc2[181:156]) + $signed(\rd__data$179 [90:78]);
-  assign \$113  = $signed(acc2[207:182]) + $signed(\rd__data$179 [103:91]);
-  assign \$114  = $signed(acc2[233:208]) + $signed(\rd__data$179 [116:104]);
-  assign \$115  = $signed(acc2[259:234]) + $signed(\rd__data$179 [129:117]);
-  assign \$116  = $signed(acc2[285:260]) + $signed(\rd__data$179 [142:130]);
-  assign \$117  = $signed(acc2[311:286]) + $signed(\rd__data$179 [155:143]);
-  assign \$118  = $signed(acc2[337:312]) + $signed(\rd__data$179 [168:156]);
-  assign \$119  = $signed(acc2[363:338]) + $signed(\rd__data$179 [181:169]);
-  assign \$120  = $signed(acc2[389:364]) + $signed(\rd__data$179 [194:182]);
-  assign \$121  = $signed(acc2[415:390]) + $signed(\rd__data$179 [207:195]);
-  assign \$122  = ~ \start$44 ;
-  assign \$123  = ~ busy;
-  assign \$124  = \$122  & \$123 ;
-  assign \$125  = \$124  | fin_o_d2;
+  assign \$75  = ! oldest[30:27];
+  assign \$76  = a_off + 1'h1;
+  assign \$77  = \rd__addr$79  + 1'h1;
+  assign \$78  = kk + 1'h1;
+  assign \$79  = \$78  == ent_head[30:27];
+  assign \$80  = tcnt != 5'h10;
+  assign \$81  = tcnt + 1'h1;
+  assign \$82  = tcnt + 2'h2;
+  assign \$83  = \$82  >= 5'h10;
+  assign \$84  = ~ tile_end;
+  assign \$85  = ent_head[32] & \$84 ;
+  assign \$86  = kk + 1'h1;
+  assign \$87  = left - 5'h10;
+  assign \$88  = left <= 6'h20;
+  assign \$89  = a_base + 11'h600;
+  assign \$90  = ! tcnt;
+  assign \$91  = go & \real ;
+  assign \$92  = o__valid & o__payload[420];
+  assign \$93  = \rd__addr$104  == 5'h17;
+  assign \$94  = out_left - 5'h10;
+  assign \$95  = out_left <= 6'h20;
+  assign \$96  = tile_base + 9'h169;
+  assign \$97  = \rd__addr$104  + 1'h1;
+  assign \$98  = tile_base + 1'h1;
+  assign \$99  = o__valid & fin;
+  assign \$100  = o__payload[419:416] < out_left;
+  assign \$101  = ! o__payload[419:416];
+  assign \$102  = addr1 + 5'h18;
+  assign \$103  = \$101  ? { 1'h0, tile_base } : \$102 ;
+  assign \$104  = \$signal  & ok1;
+  assign \$105  = $signed(acc2[25:0]) + $signed(\rd__data$179 [12:0]);
+  assign \$106  = $signed(acc2[51:26]) + $signed(\rd__data$179 [25:13]);
+  assign \$107  = $signed(acc2[77:52]) + $signed(\rd__data$179 [38:26]);
+  assign \$108  = $signed(acc2[103:78]) + $signed(\rd__data$179 [51:39]);
+  assign \$109  = $signed(acc2[129:104]) + $signed(\rd__data$179 [64:52]);
+  assign \$110  = $signed(acc2[155:130]) + $signed(\rd__data$179 [77:65]);
+  assign \$111  = $signed(acc2[181:156]) + $signed(\rd__data$179 [90:78]);
+  assign \$112  = $signed(acc2[207:182]) + $signed(\rd__data$179 [103:91]);
+  assign \$113  = $signed(acc2[233:208]) + $signed(\rd__data$179 [116:104]);
+  assign \$114  = $signed(acc2[259:234]) + $signed(\rd__data$179 [129:117]);
+  assign \$115  = $signed(acc2[285:260]) + $signed(\rd__data$179 [142:130]);
+  assign \$116  = $signed(acc2[311:286]) + $signed(\rd__data$179 [155:143]);
+  assign \$117  = $signed(acc2[337:312]) + $signed(\rd__data$179 [168:156]);
+  assign \$118  = $signed(acc2[363:338]) + $signed(\rd__data$179 [181:169]);
+  assign \$119  = $signed(acc2[389:364]) + $signed(\rd__data$179 [194:182]);
+  assign \$120  = $signed(acc2[415:390]) + $signed(\rd__data$179 [207:195]);
+  assign \$121  = ~ \start$44 ;
+  assign \$122  = ~ busy;
+  assign \$123  = \$121  & \$122 ;
+  assign \$124  = \$123  | fin_o_d2;
+  assign \$125  = m_q <= 5'h10;
   assign \$126  = m_q <= 5'h10;
-  assign \$127  = m_q <= 5'h10;
   always @(posedge clk)
-    fetch0 <= \$128 ;
+    fetch0 <= \$127 ;
   always @(posedge clk)
-    fetch1 <= \$129 ;
+    fetch1 <= \$128 ;
   always @(posedge clk)
-    fetch2 <= \$130 ;
+    fetch2 <= \$129 ;
   always @(posedge clk)
-    fetch3 <= \$131 ;
+    fetch3 <= \$130 ;
   always @(posedge clk)
-    fetch4 <= \$132 ;
+    fetch4 <= \$131 ;
   always @(posedge clk)
-    fetch5 <= \$133 ;
+    fetch5 <= \$132 ;
   always @(posedge clk)
-    ptr <= \$134 ;
+    ptr <= \$133 ;
   always @(posedge clk)
-    hdr0 <= \$135 ;
+    hdr0 <= \$134 ;
   always @(posedge clk)
-    hdr1 <= \$136 ;
+    hdr1 <= \$135 ;
   always @(posedge clk)
-    hdr2 <= \$137 ;
+    hdr2 <= \$136 ;
   always @(posedge clk)
-    hdr3 <= \$138 ;
+    hdr3 <= \$137 ;
   always @(posedge clk)
-    hdr4 <= \$139 ;
+    hdr4 <= \$138 ;
   always @(posedge clk)
-    hdr5 <= \$140 ;
+    hdr5 <= \$139 ;
   always @(posedge clk)
-    n_ent <= \$141 ;
+    n_ent <= \$140 ;
   always @(posedge clk)
-    fetching <= \$142 ;
+    fetching <= \$141 ;
   always @(posedge clk)
-    ent_q0 <= \$143 ;
+    ent_q0 <= \$142 ;
   always @(posedge clk)
-    ent_q1 <= \$144 ;
+    ent_q1 <= \$143 ;
   always @(posedge clk)
-    ent_q2 <= \$145 ;
+    ent_q2 <= \$144 ;
   always @(posedge clk)
-    ent_q3 <= \$146 ;
+    ent_q3 <= \$145 ;
   always @(posedge clk)
-    ent_q4 <= \$147 ;
+    ent_q4 <= \$146 ;
   always @(posedge clk)
-    ent_q5 <= \$148 ;
+    ent_q5 <= \$147 ;
   always @(posedge clk)
-    ent_q6 <= \$149 ;
+    ent_q6 <= \$148 ;
   always @(posedge clk)
-    ent_q7 <= \$150 ;
+    ent_q7 <= \$149 ;
   always @(posedge clk)
-    ent_q8 <= \$151 ;
+    ent_q8 <= \$150 ;
   always @(posedge clk)
-    wp <= \$152 ;
+    wp <= \$151 ;
   always @(posedge clk)
-    ent_head <= \$153 ;
+    ent_head <= \$152 ;
   always @(posedge clk)
-    rp <= \$154 ;
+    rp <= \$153 ;
   always @(posedge clk)
-    ring <= \$155 ;
+    ring <= \$154 ;
   always @(posedge clk)
-    ring_any <= \$156 ;
+    ring_any <= \$155 ;
   always @(posedge clk)
-    nonempty <= \$157 ;
+    nonempty <= \$156 ;
   always @(posedge clk)
-    held <= \$158 ;
+    held <= \$157 ;
   always @(posedge clk)
-    a_off <= \$159 ;
+    a_off <= \$158 ;
   always @(posedge clk)
-    \rd__addr$79  <= \$160 ;
+    \rd__addr$79  <= \$159 ;
+  always @(posedge clk)
+    kk_last <= \$160 ;
   always @(posedge clk)
     tcnt <= \$161 ;
   always @(posedge clk)
@@ -1099,165 +1099,163 @@ module encoder_layer_0_output_dense(m, a_wr__en, a_wr__addr, a_wr__data, w_wr__e
   always @(posedge clk)
     run <= \$169 ;
   always @(posedge clk)
-    kk_last <= \$170 ;
+    valid_d0 <= \$170 ;
   always @(posedge clk)
-    valid_d0 <= \$171 ;
+    first_d0 <= \$171 ;
   always @(posedge clk)
-    first_d0 <= \$172 ;
+    last_d0 <= \$172 ;
   always @(posedge clk)
-    last_d0 <= \$173 ;
+    valid_d1 <= \$173 ;
   always @(posedge clk)
-    valid_d1 <= \$174 ;
+    first_d1 <= \$174 ;
   always @(posedge clk)
-    first_d1 <= \$175 ;
+    last_d1 <= \$175 ;
   always @(posedge clk)
-    last_d1 <= \$176 ;
+    valid_d2 <= \$176 ;
   always @(posedge clk)
-    valid_d2 <= \$177 ;
+    first_d2 <= \$177 ;
   always @(posedge clk)
-    first_d2 <= \$178 ;
+    last_d2 <= \$178 ;
   always @(posedge clk)
-    last_d2 <= \$179 ;
+    valid_d3 <= \$179 ;
   always @(posedge clk)
-    valid_d3 <= \$180 ;
+    first_d3 <= \$180 ;
   always @(posedge clk)
-    first_d3 <= \$181 ;
+    last_d3 <= \$181 ;
   always @(posedge clk)
-    last_d3 <= \$182 ;
+    valid_d4 <= \$182 ;
   always @(posedge clk)
-    valid_d4 <= \$183 ;
+    first_d4 <= \$183 ;
   always @(posedge clk)
-    first_d4 <= \$184 ;
+    last_d4 <= \$184 ;
   always @(posedge clk)
-    last_d4 <= \$185 ;
+    valid_d5 <= \$185 ;
   always @(posedge clk)
-    valid_d5 <= \$186 ;
+    first_d5 <= \$186 ;
   always @(posedge clk)
-    first_d5 <= \$187 ;
+    last_d5 <= \$187 ;
   always @(posedge clk)
-    last_d5 <= \$188 ;
+    i__valid <= \$188 ;
   always @(posedge clk)
-    i__valid <= \$189 ;
+    first_d6 <= \$189 ;
   always @(posedge clk)
-    first_d6 <= \$190 ;
+    last_d6 <= \$190 ;
   always @(posedge clk)
-    last_d6 <= \$191 ;
+    w_real_d0 <= \$191 ;
   always @(posedge clk)
-    w_real_d0 <= \$192 ;
+    w_real_d1 <= \$192 ;
   always @(posedge clk)
-    w_real_d1 <= \$193 ;
+    w_real_d2 <= \$193 ;
   always @(posedge clk)
-    w_real_d2 <= \$194 ;
+    w_real_d3 <= \$194 ;
   always @(posedge clk)
-    w_real_d3 <= \$195 ;
+    w_real_d4 <= \$195 ;
   always @(posedge clk)
-    w_real_d4 <= \$196 ;
+    w_real_g0 <= \$196 ;
   always @(posedge clk)
-    w_real_g0 <= \$197 ;
+    w_real_g1 <= \$197 ;
   always @(posedge clk)
-    w_real_g1 <= \$198 ;
+    w_real_g2 <= \$198 ;
   always @(posedge clk)
-    w_real_g2 <= \$199 ;
+    w_real_g3 <= \$199 ;
   always @(posedge clk)
-    w_real_g3 <= \$200 ;
+    w_real_c0 <= \$200 ;
   always @(posedge clk)
-    w_real_c0 <= \$201 ;
+    w_real_c1 <= \$201 ;
   always @(posedge clk)
-    w_real_c1 <= \$202 ;
+    w_real_c2 <= \$202 ;
   always @(posedge clk)
-    w_real_c2 <= \$203 ;
+    w_real_c3 <= \$203 ;
   always @(posedge clk)
-    w_real_c3 <= \$204 ;
+    w_real_c4 <= \$204 ;
   always @(posedge clk)
-    w_real_c4 <= \$205 ;
+    w_real_c5 <= \$205 ;
   always @(posedge clk)
-    w_real_c5 <= \$206 ;
+    w_real_c6 <= \$206 ;
   always @(posedge clk)
-    w_real_c6 <= \$207 ;
+    w_real_c7 <= \$207 ;
   always @(posedge clk)
-    w_real_c7 <= \$208 ;
+    w_real_c8 <= \$208 ;
   always @(posedge clk)
-    w_real_c8 <= \$209 ;
+    w_real_c9 <= \$209 ;
   always @(posedge clk)
-    w_real_c9 <= \$210 ;
+    w_real_c10 <= \$210 ;
   always @(posedge clk)
-    w_real_c10 <= \$211 ;
+    w_real_c11 <= \$211 ;
   always @(posedge clk)
-    w_real_c11 <= \$212 ;
+    w_real_c12 <= \$212 ;
   always @(posedge clk)
-    w_real_c12 <= \$213 ;
+    w_real_c13 <= \$213 ;
   always @(posedge clk)
-    w_real_c13 <= \$214 ;
+    w_real_c14 <= \$214 ;
   always @(posedge clk)
-    w_real_c14 <= \$215 ;
+    w_real_c15 <= \$215 ;
   always @(posedge clk)
-    w_real_c15 <= \$216 ;
+    \rd__addr$104  <= \$216 ;
   always @(posedge clk)
-    \rd__addr$104  <= \$217 ;
+    out_left <= \$217 ;
   always @(posedge clk)
-    out_left <= \$218 ;
+    out_last <= \$218 ;
   always @(posedge clk)
-    out_last <= \$219 ;
+    tile_base <= \$219 ;
   always @(posedge clk)
-    tile_base <= \$220 ;
+    \$signal  <= \$220 ;
   always @(posedge clk)
-    \$signal  <= \$221 ;
+    \$signal$167  <= \$221 ;
   always @(posedge clk)
-    \$signal$167  <= \$222 ;
+    ok1 <= \$222 ;
   always @(posedge clk)
-    ok1 <= \$223 ;
+    acc1 <= \$223 ;
   always @(posedge clk)
-    acc1 <= \$224 ;
+    addr1 <= \$224 ;
   always @(posedge clk)
-    addr1 <= \$225 ;
+    \$signal$171  <= \$225 ;
   always @(posedge clk)
-    \$signal$171  <= \$226 ;
+    fin2 <= \$226 ;
   always @(posedge clk)
-    fin2 <= \$227 ;
+    addr2 <= \$227 ;
   always @(posedge clk)
-    addr2 <= \$228 ;
+    acc2 <= \$228 ;
   always @(posedge clk)
-    acc2 <= \$229 ;
+    \$signal$175  <= \$229 ;
   always @(posedge clk)
-    \$signal$175  <= \$230 ;
+    fin3 <= \$230 ;
   always @(posedge clk)
-    fin3 <= \$231 ;
+    addr3 <= \$231 ;
   always @(posedge clk)
-    addr3 <= \$232 ;
+    i <= \$232 ;
   always @(posedge clk)
-    i <= \$233 ;
+    v_q_d0 <= \$233 ;
   always @(posedge clk)
-    v_q_d0 <= \$234 ;
+    fin_q_d0 <= \$234 ;
   always @(posedge clk)
-    fin_q_d0 <= \$235 ;
+    addr_q_d0 <= \$235 ;
   always @(posedge clk)
-    addr_q_d0 <= \$236 ;
+    v_q_d1 <= \$236 ;
   always @(posedge clk)
-    v_q_d1 <= \$237 ;
+    fin_q_d1 <= \$237 ;
   always @(posedge clk)
-    fin_q_d1 <= \$238 ;
+    addr_q_d1 <= \$238 ;
   always @(posedge clk)
-    addr_q_d1 <= \$239 ;
+    \wr__en$110  <= \$239 ;
   always @(posedge clk)
-    \wr__en$110  <= \$240 ;
+    fin_q_d2 <= \$240 ;
   always @(posedge clk)
-    fin_q_d2 <= \$241 ;
+    \wr__addr$112  <= \$241 ;
   always @(posedge clk)
-    \wr__addr$112  <= \$242 ;
+    fin_o_d0 <= \$242 ;
   always @(posedge clk)
-    fin_o_d0 <= \$243 ;
+    fin_o_d1 <= \$243 ;
   always @(posedge clk)
-    fin_o_d1 <= \$244 ;
+    fin_o_d2 <= \$244 ;
   always @(posedge clk)
-    fin_o_d2 <= \$245 ;
+    done <= \$245 ;
   always @(posedge clk)
-    done <= \$246 ;
+    idle <= \$246 ;
   always @(posedge clk)
-    idle <= \$247 ;
+    \busy$42  <= \$247 ;
   always @(posedge clk)
-    \busy$42  <= \$248 ;
-  always @(posedge clk)
-    m_q <= \$249 ;
+    m_q <= \$248 ;
   \encoder_layer_0_output_dense.mem_a  mem_a (
     .clk(clk),
     .q_d1(\rd__data$86 ),
@@ -1353,7 +1351,17 @@ module encoder_layer_0_output_dense(m, a_wr__en, a_wr__addr, a_wr__data, w_wr__e
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$128  = fetch;
+    \$127  = fetch;
+    if (idle) begin
+      \$127  = 1'h0;
+    end
+    if (rst) begin
+      \$127  = 1'h0;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
+    \$128  = fetch0;
     if (idle) begin
       \$128  = 1'h0;
     end
@@ -1363,7 +1371,7 @@ module encoder_layer_0_output_dense(m, a_wr__en, a_wr__addr, a_wr__data, w_wr__e
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$129  = fetch0;
+    \$129  = fetch1;
     if (idle) begin
       \$129  = 1'h0;
     end
@@ -1373,7 +1381,7 @@ module encoder_layer_0_output_dense(m, a_wr__en, a_wr__addr, a_wr__data, w_wr__e
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$130  = fetch1;
+    \$130  = fetch2;
     if (idle) begin
       \$130  = 1'h0;
     end
@@ -1383,7 +1391,7 @@ module encoder_layer_0_output_dense(m, a_wr__en, a_wr__addr, a_wr__data, w_wr__e
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$131  = fetch2;
+    \$131  = fetch3;
     if (idle) begin
       \$131  = 1'h0;
     end
@@ -1393,7 +1401,7 @@ module encoder_layer_0_output_dense(m, a_wr__en, a_wr__addr, a_wr__data, w_wr__e
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$132  = fetch3;
+    \$132  = fetch4;
     if (idle) begin
       \$132  = 1'h0;
     end
@@ -1403,96 +1411,96 @@ module encoder_layer_0_output_dense(m, a_wr__en, a_wr__addr, a_wr__data, w_wr__e
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$133  = fetch4;
-    if (idle) begin
-      \$133  = 1'h0;
-    end
-    if (rst) begin
-      \$133  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$134  = ptr;
+    \$133  = ptr;
     if (fetch) begin
-      \$134  = \$38 [11:0];
+      \$133  = \$38 [11:0];
     end
     if (idle) begin
-      \$134  = 12'h001;
+      \$133  = 12'h001;
     end
     if (rst) begin
-      \$134  = 12'h000;
+      \$133  = 12'h000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$135  = \start$44 ;
+    \$134  = \start$44 ;
+    if (rst) begin
+      \$134  = 1'h0;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
+    \$135  = hdr0;
     if (rst) begin
       \$135  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$136  = hdr0;
+    \$136  = hdr1;
     if (rst) begin
       \$136  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$137  = hdr1;
+    \$137  = hdr2;
     if (rst) begin
       \$137  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$138  = hdr2;
+    \$138  = hdr3;
     if (rst) begin
       \$138  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$139  = hdr3;
+    \$139  = hdr4;
     if (rst) begin
       \$139  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$140  = hdr4;
+    \$140  = n_ent;
+    if (hdr5) begin
+      \$140  = \rd__data$129 [11:0];
+    end
     if (rst) begin
-      \$140  = 1'h0;
+      \$140  = 12'h000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$141  = n_ent;
+    \$141  = fetching;
     if (hdr5) begin
-      \$141  = \rd__data$129 [11:0];
-    end
-    if (rst) begin
-      \$141  = 12'h000;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$142  = fetching;
-    if (hdr5) begin
-      \$142  = 1'h1;
+      \$141  = 1'h1;
     end
     if (idle) begin
-      \$142  = 1'h0;
+      \$141  = 1'h0;
     end
     if (rst) begin
-      \$142  = 1'h0;
+      \$141  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$143  = ent_q0;
+    \$142  = ent_q0;
     if (\$40 ) begin
+      \$142  = \rd__data$129 ;
+    end
+    if (rst) begin
+      \$142  = 34'h000000000;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
+    \$143  = ent_q1;
+    if (\$42 ) begin
       \$143  = \rd__data$129 ;
     end
     if (rst) begin
@@ -1501,8 +1509,8 @@ module encoder_layer_0_output_dense(m, a_wr__en, a_wr__addr, a_wr__data, w_wr__e
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$144  = ent_q1;
-    if (\$42 ) begin
+    \$144  = ent_q2;
+    if (\$44 ) begin
       \$144  = \rd__data$129 ;
     end
     if (rst) begin
@@ -1511,8 +1519,8 @@ module encoder_layer_0_output_dense(m, a_wr__en, a_wr__addr, a_wr__data, w_wr__e
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$145  = ent_q2;
-    if (\$44 ) begin
+    \$145  = ent_q3;
+    if (\$46 ) begin
       \$145  = \rd__data$129 ;
     end
     if (rst) begin
@@ -1521,8 +1529,8 @@ module encoder_layer_0_output_dense(m, a_wr__en, a_wr__addr, a_wr__data, w_wr__e
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$146  = ent_q3;
-    if (\$46 ) begin
+    \$146  = ent_q4;
+    if (\$48 ) begin
       \$146  = \rd__data$129 ;
     end
     if (rst) begin
@@ -1531,8 +1539,8 @@ module encoder_layer_0_output_dense(m, a_wr__en, a_wr__addr, a_wr__data, w_wr__e
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$147  = ent_q4;
-    if (\$48 ) begin
+    \$147  = ent_q5;
+    if (\$50 ) begin
       \$147  = \rd__data$129 ;
     end
     if (rst) begin
@@ -1541,8 +1549,8 @@ module encoder_layer_0_output_dense(m, a_wr__en, a_wr__addr, a_wr__data, w_wr__e
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$148  = ent_q5;
-    if (\$50 ) begin
+    \$148  = ent_q6;
+    if (\$52 ) begin
       \$148  = \rd__data$129 ;
     end
     if (rst) begin
@@ -1551,8 +1559,8 @@ module encoder_layer_0_output_dense(m, a_wr__en, a_wr__addr, a_wr__data, w_wr__e
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$149  = ent_q6;
-    if (\$52 ) begin
+    \$149  = ent_q7;
+    if (\$54 ) begin
       \$149  = \rd__data$129 ;
     end
     if (rst) begin
@@ -1561,8 +1569,8 @@ module encoder_layer_0_output_dense(m, a_wr__en, a_wr__addr, a_wr__data, w_wr__e
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$150  = ent_q7;
-    if (\$54 ) begin
+    \$150  = ent_q8;
+    if (\$56 ) begin
       \$150  = \rd__data$129 ;
     end
     if (rst) begin
@@ -1571,43 +1579,43 @@ module encoder_layer_0_output_dense(m, a_wr__en, a_wr__addr, a_wr__data, w_wr__e
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$151  = ent_q8;
-    if (\$56 ) begin
-      \$151  = \rd__data$129 ;
-    end
-    if (rst) begin
-      \$151  = 34'h000000000;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$152  = wp;
+    \$151  = wp;
     if (fetch5) begin
-      \$152  = \$59 [3:0];
+      \$151  = \$59 [3:0];
     end
     if (idle) begin
-      \$152  = 4'h0;
+      \$151  = 4'h0;
     end
     if (rst) begin
-      \$152  = 4'h0;
+      \$151  = 4'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$153  = ent_head;
+    \$152  = ent_head;
     if (load) begin
-      \$153  = oldest;
+      \$152  = oldest;
     end
     if (rst) begin
-      \$153  = 34'h000000000;
+      \$152  = 34'h000000000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$154  = rp;
+    \$153  = rp;
     if (load) begin
-      \$154  = \$62 [3:0];
+      \$153  = \$62 [3:0];
     end
+    if (idle) begin
+      \$153  = 4'h0;
+    end
+    if (rst) begin
+      \$153  = 4'h0;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
+    \$154  = \$64 [3:0];
     if (idle) begin
       \$154  = 4'h0;
     end
@@ -1617,17 +1625,17 @@ module encoder_layer_0_output_dense(m, a_wr__en, a_wr__addr, a_wr__data, w_wr__e
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$155  = \$64 [3:0];
+    \$155  = \$68 ;
     if (idle) begin
-      \$155  = 4'h0;
+      \$155  = 1'h0;
     end
     if (rst) begin
-      \$155  = 4'h0;
+      \$155  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$156  = \$68 ;
+    \$156  = \$71 ;
     if (idle) begin
       \$156  = 1'h0;
     end
@@ -1637,46 +1645,48 @@ module encoder_layer_0_output_dense(m, a_wr__en, a_wr__addr, a_wr__data, w_wr__e
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$157  = \$71 ;
+    \$157  = \$73 [3:0];
     if (idle) begin
-      \$157  = 1'h0;
+      \$157  = 4'h0;
     end
     if (rst) begin
-      \$157  = 1'h0;
+      \$157  = 4'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$158  = \$73 [3:0];
-    if (idle) begin
-      \$158  = 4'h0;
-    end
-    if (rst) begin
-      \$158  = 4'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$159  = a_off;
+    \$158  = a_off;
     if (load) begin
-      \$159  = oldest[10:0];
+      \$158  = oldest[10:0];
     end else if (\$74 ) begin
-      \$159  = \$75 [10:0];
+      \$158  = \$76 [10:0];
     end
     if (rst) begin
-      \$159  = 11'h000;
+      \$158  = 11'h000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$160  = \rd__addr$79 ;
+    \$159  = \rd__addr$79 ;
     if (load) begin
-      \$160  = oldest[26:11];
+      \$159  = oldest[26:11];
     end else if (\$74 ) begin
-      \$160  = \$76 [15:0];
+      \$159  = \$77 [15:0];
     end
     if (rst) begin
-      \$160  = 16'h0000;
+      \$159  = 16'h0000;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
+    \$160  = kk_last;
+    if (load) begin
+      \$160  = \$75 ;
+    end else if (\$74 ) begin
+      \$160  = \$79 ;
+    end
+    if (rst) begin
+      \$160  = 1'h0;
     end
   end
   always @* begin
@@ -1685,8 +1695,8 @@ module encoder_layer_0_output_dense(m, a_wr__en, a_wr__addr, a_wr__data, w_wr__e
     if (go) begin
       if (tile_end) begin
         \$161  = 5'h00;
-      end else if (\$77 ) begin
-        \$161  = \$78 [4:0];
+      end else if (\$80 ) begin
+        \$161  = \$81 [4:0];
       end
     end
     if (idle) begin
@@ -1702,8 +1712,8 @@ module encoder_layer_0_output_dense(m, a_wr__en, a_wr__addr, a_wr__data, w_wr__e
     if (go) begin
       if (tile_end) begin
         \$162  = 1'h0;
-      end else if (\$77 ) begin
-        \$162  = \$80 ;
+      end else if (\$80 ) begin
+        \$162  = \$83 ;
       end
     end
     if (idle) begin
@@ -1720,7 +1730,7 @@ module encoder_layer_0_output_dense(m, a_wr__en, a_wr__addr, a_wr__data, w_wr__e
       if (entry_end) begin
         \$163  = 4'h0;
       end else if (\real ) begin
-        \$163  = \$83 [3:0];
+        \$163  = \$86 [3:0];
       end
     end
     if (idle) begin
@@ -1735,7 +1745,7 @@ module encoder_layer_0_output_dense(m, a_wr__en, a_wr__addr, a_wr__data, w_wr__e
     \$164  = pad;
     if (go) begin
       if (entry_end) begin
-        if (\$82 ) begin
+        if (\$85 ) begin
           \$164  = 1'h1;
         end
       end
@@ -1755,7 +1765,7 @@ module encoder_layer_0_output_dense(m, a_wr__en, a_wr__addr, a_wr__data, w_wr__e
     \$165  = sweep_end;
     if (go) begin
       if (entry_end) begin
-        if (\$82 ) begin
+        if (\$85 ) begin
           \$165  = ent_head[33];
         end
       end
@@ -1770,7 +1780,7 @@ module encoder_layer_0_output_dense(m, a_wr__en, a_wr__addr, a_wr__data, w_wr__e
     if (go) begin
       if (tile_end) begin
         if (list_end) begin
-          \$166  = \$84 [7:0];
+          \$166  = \$87 [7:0];
         end
       end
     end
@@ -1787,12 +1797,12 @@ module encoder_layer_0_output_dense(m, a_wr__en, a_wr__addr, a_wr__data, w_wr__e
     if (go) begin
       if (tile_end) begin
         if (list_end) begin
-          \$167  = \$85 ;
+          \$167  = \$88 ;
         end
       end
     end
     if (hdr0) begin
-      \$167  = \$126 ;
+      \$167  = \$125 ;
     end
     if (rst) begin
       \$167  = 1'h0;
@@ -1804,7 +1814,7 @@ module encoder_layer_0_output_dense(m, a_wr__en, a_wr__addr, a_wr__data, w_wr__e
     if (go) begin
       if (tile_end) begin
         if (list_end) begin
-          \$168  = \$86 [13:0];
+          \$168  = \$89 [13:0];
         end
       end
     end
@@ -1836,194 +1846,189 @@ module encoder_layer_0_output_dense(m, a_wr__en, a_wr__addr, a_wr__data, w_wr__e
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$170  = kk_last;
-    if (load) begin
-      \$170  = \$88 ;
-    end else if (\$87 ) begin
-      \$170  = \$90 ;
-    end
+    \$170  = go;
     if (rst) begin
       \$170  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$171  = go;
+    \$171  = \$90 ;
     if (rst) begin
       \$171  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$172  = \$91 ;
+    \$172  = tile_end;
     if (rst) begin
       \$172  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$173  = tile_end;
+    \$173  = valid_d0;
     if (rst) begin
       \$173  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$174  = valid_d0;
+    \$174  = first_d0;
     if (rst) begin
       \$174  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$175  = first_d0;
+    \$175  = last_d0;
     if (rst) begin
       \$175  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$176  = last_d0;
+    \$176  = valid_d1;
     if (rst) begin
       \$176  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$177  = valid_d1;
+    \$177  = first_d1;
     if (rst) begin
       \$177  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$178  = first_d1;
+    \$178  = last_d1;
     if (rst) begin
       \$178  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$179  = last_d1;
+    \$179  = valid_d2;
     if (rst) begin
       \$179  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$180  = valid_d2;
+    \$180  = first_d2;
     if (rst) begin
       \$180  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$181  = first_d2;
+    \$181  = last_d2;
     if (rst) begin
       \$181  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$182  = last_d2;
+    \$182  = valid_d3;
     if (rst) begin
       \$182  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$183  = valid_d3;
+    \$183  = first_d3;
     if (rst) begin
       \$183  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$184  = first_d3;
+    \$184  = last_d3;
     if (rst) begin
       \$184  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$185  = last_d3;
+    \$185  = valid_d4;
     if (rst) begin
       \$185  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$186  = valid_d4;
+    \$186  = first_d4;
     if (rst) begin
       \$186  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$187  = first_d4;
+    \$187  = last_d4;
     if (rst) begin
       \$187  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$188  = last_d4;
+    \$188  = valid_d5;
     if (rst) begin
       \$188  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$189  = valid_d5;
+    \$189  = first_d5;
     if (rst) begin
       \$189  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$190  = first_d5;
+    \$190  = last_d5;
     if (rst) begin
       \$190  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$191  = last_d5;
+    \$191  = \$91 ;
     if (rst) begin
       \$191  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$192  = \$92 ;
+    \$192  = w_real_d0;
     if (rst) begin
       \$192  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$193  = w_real_d0;
+    \$193  = w_real_d1;
     if (rst) begin
       \$193  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$194  = w_real_d1;
+    \$194  = w_real_d2;
     if (rst) begin
       \$194  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$195  = w_real_d2;
+    \$195  = w_real_d3;
     if (rst) begin
       \$195  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$196  = w_real_d3;
+    \$196  = w_real_d4;
     if (rst) begin
       \$196  = 1'h0;
     end
@@ -2051,7 +2056,7 @@ module encoder_layer_0_output_dense(m, a_wr__en, a_wr__addr, a_wr__data, w_wr__e
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$200  = w_real_d4;
+    \$200  = w_real_g0;
     if (rst) begin
       \$200  = 1'h0;
     end
@@ -2079,7 +2084,7 @@ module encoder_layer_0_output_dense(m, a_wr__en, a_wr__addr, a_wr__data, w_wr__e
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$204  = w_real_g0;
+    \$204  = w_real_g1;
     if (rst) begin
       \$204  = 1'h0;
     end
@@ -2107,7 +2112,7 @@ module encoder_layer_0_output_dense(m, a_wr__en, a_wr__addr, a_wr__data, w_wr__e
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$208  = w_real_g1;
+    \$208  = w_real_g2;
     if (rst) begin
       \$208  = 1'h0;
     end
@@ -2135,7 +2140,7 @@ module encoder_layer_0_output_dense(m, a_wr__en, a_wr__addr, a_wr__data, w_wr__e
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$212  = w_real_g2;
+    \$212  = w_real_g3;
     if (rst) begin
       \$212  = 1'h0;
     end
@@ -2163,80 +2168,80 @@ module encoder_layer_0_output_dense(m, a_wr__en, a_wr__addr, a_wr__data, w_wr__e
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$216  = w_real_g3;
-    if (rst) begin
-      \$216  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$217  = \rd__addr$104 ;
-    if (\$93 ) begin
+    \$216  = \rd__addr$104 ;
+    if (\$92 ) begin
       (* full_case = 32'd1 *)
-      if (\$94 ) begin
-        \$217  = 5'h00;
+      if (\$93 ) begin
+        \$216  = 5'h00;
       end else begin
-        \$217  = \$98 [4:0];
+        \$216  = \$97 [4:0];
       end
     end
     if (idle) begin
-      \$217  = 5'h00;
+      \$216  = 5'h00;
     end
     if (rst) begin
-      \$217  = 5'h00;
+      \$216  = 5'h00;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$218  = out_left;
-    if (\$93 ) begin
-      if (\$94 ) begin
-        \$218  = \$95 [7:0];
+    \$217  = out_left;
+    if (\$92 ) begin
+      if (\$93 ) begin
+        \$217  = \$94 [7:0];
       end
     end
     if (hdr0) begin
-      \$218  = m_q;
+      \$217  = m_q;
     end
     if (rst) begin
-      \$218  = 8'h00;
+      \$217  = 8'h00;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$219  = out_last;
-    if (\$93 ) begin
-      if (\$94 ) begin
-        \$219  = \$96 ;
+    \$218  = out_last;
+    if (\$92 ) begin
+      if (\$93 ) begin
+        \$218  = \$95 ;
       end
     end
     if (hdr0) begin
-      \$219  = \$127 ;
+      \$218  = \$126 ;
     end
     if (rst) begin
-      \$219  = 1'h0;
+      \$218  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$220  = tile_base;
-    if (\$93 ) begin
+    \$219  = tile_base;
+    if (\$92 ) begin
       (* full_case = 32'd1 *)
-      if (\$94 ) begin
-        \$220  = \$97 [11:0];
+      if (\$93 ) begin
+        \$219  = \$96 [11:0];
       end else begin
-        \$220  = \$99 [11:0];
+        \$219  = \$98 [11:0];
       end
     end
     if (idle) begin
-      \$220  = 12'h000;
+      \$219  = 12'h000;
     end
     if (rst) begin
-      \$220  = 12'h000;
+      \$219  = 12'h000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$221  = o__valid;
+    \$220  = o__valid;
+    if (rst) begin
+      \$220  = 1'h0;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
+    \$221  = \$99 ;
     if (rst) begin
       \$221  = 1'h0;
     end
@@ -2250,234 +2255,227 @@ module encoder_layer_0_output_dense(m, a_wr__en, a_wr__addr, a_wr__data, w_wr__e
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$223  = \$101 ;
+    \$223  = o__payload[415:0];
     if (rst) begin
-      \$223  = 1'h0;
+      \$223  = 416'h00000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$224  = o__payload[415:0];
-    if (rst) begin
-      \$224  = 416'h00000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$225  = addr1;
+    \$224  = addr1;
     if (o__valid) begin
-      \$225  = \$104 [11:0];
+      \$224  = \$103 [11:0];
     end
     if (rst) begin
-      \$225  = 12'h000;
+      \$224  = 12'h000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$226  = \$105 ;
+    \$225  = \$104 ;
+    if (rst) begin
+      \$225  = 1'h0;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
+    \$226  = \$signal$167 ;
     if (rst) begin
       \$226  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$227  = \$signal$167 ;
+    \$227  = addr1;
     if (rst) begin
-      \$227  = 1'h0;
+      \$227  = 12'h000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$228  = addr1;
+    \$228  = acc1;
     if (rst) begin
-      \$228  = 12'h000;
+      \$228  = 416'h00000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$229  = acc1;
+    \$229  = \$signal$171 ;
     if (rst) begin
-      \$229  = 416'h00000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000;
+      \$229  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$230  = \$signal$171 ;
+    \$230  = fin2;
     if (rst) begin
       \$230  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$231  = fin2;
+    \$231  = addr2;
     if (rst) begin
-      \$231  = 1'h0;
+      \$231  = 12'h000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$232  = addr2;
+    \$232 [25:0] = \$105 [25:0];
+    \$232 [419:416] = \rd__data$180 [3:0];
+    \$232 [51:26] = \$106 [25:0];
+    \$232 [423:420] = \rd__data$180 [7:4];
+    \$232 [77:52] = \$107 [25:0];
+    \$232 [427:424] = \rd__data$180 [11:8];
+    \$232 [103:78] = \$108 [25:0];
+    \$232 [431:428] = \rd__data$180 [15:12];
+    \$232 [129:104] = \$109 [25:0];
+    \$232 [435:432] = \rd__data$180 [19:16];
+    \$232 [155:130] = \$110 [25:0];
+    \$232 [439:436] = \rd__data$180 [23:20];
+    \$232 [181:156] = \$111 [25:0];
+    \$232 [443:440] = \rd__data$180 [27:24];
+    \$232 [207:182] = \$112 [25:0];
+    \$232 [447:444] = \rd__data$180 [31:28];
+    \$232 [233:208] = \$113 [25:0];
+    \$232 [451:448] = \rd__data$180 [35:32];
+    \$232 [259:234] = \$114 [25:0];
+    \$232 [455:452] = \rd__data$180 [39:36];
+    \$232 [285:260] = \$115 [25:0];
+    \$232 [459:456] = \rd__data$180 [43:40];
+    \$232 [311:286] = \$116 [25:0];
+    \$232 [463:460] = \rd__data$180 [47:44];
+    \$232 [337:312] = \$117 [25:0];
+    \$232 [467:464] = \rd__data$180 [51:48];
+    \$232 [363:338] = \$118 [25:0];
+    \$232 [471:468] = \rd__data$180 [55:52];
+    \$232 [389:364] = \$119 [25:0];
+    \$232 [475:472] = \rd__data$180 [59:56];
+    \$232 [415:390] = \$120 [25:0];
+    \$232 [479:476] = \rd__data$180 [63:60];
     if (rst) begin
-      \$232  = 12'h000;
+      \$232  = 480'h000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$233 [25:0] = \$106 [25:0];
-    \$233 [419:416] = \rd__data$180 [3:0];
-    \$233 [51:26] = \$107 [25:0];
-    \$233 [423:420] = \rd__data$180 [7:4];
-    \$233 [77:52] = \$108 [25:0];
-    \$233 [427:424] = \rd__data$180 [11:8];
-    \$233 [103:78] = \$109 [25:0];
-    \$233 [431:428] = \rd__data$180 [15:12];
-    \$233 [129:104] = \$110 [25:0];
-    \$233 [435:432] = \rd__data$180 [19:16];
-    \$233 [155:130] = \$111 [25:0];
-    \$233 [439:436] = \rd__data$180 [23:20];
-    \$233 [181:156] = \$112 [25:0];
-    \$233 [443:440] = \rd__data$180 [27:24];
-    \$233 [207:182] = \$113 [25:0];
-    \$233 [447:444] = \rd__data$180 [31:28];
-    \$233 [233:208] = \$114 [25:0];
-    \$233 [451:448] = \rd__data$180 [35:32];
-    \$233 [259:234] = \$115 [25:0];
-    \$233 [455:452] = \rd__data$180 [39:36];
-    \$233 [285:260] = \$116 [25:0];
-    \$233 [459:456] = \rd__data$180 [43:40];
-    \$233 [311:286] = \$117 [25:0];
-    \$233 [463:460] = \rd__data$180 [47:44];
-    \$233 [337:312] = \$118 [25:0];
-    \$233 [467:464] = \rd__data$180 [51:48];
-    \$233 [363:338] = \$119 [25:0];
-    \$233 [471:468] = \rd__data$180 [55:52];
-    \$233 [389:364] = \$120 [25:0];
-    \$233 [475:472] = \rd__data$180 [59:56];
-    \$233 [415:390] = \$121 [25:0];
-    \$233 [479:476] = \rd__data$180 [63:60];
+    \$233  = \$signal$175 ;
     if (rst) begin
-      \$233  = 480'h000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000;
+      \$233  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$234  = \$signal$175 ;
+    \$234  = fin3;
     if (rst) begin
       \$234  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$235  = fin3;
+    \$235  = addr3;
     if (rst) begin
-      \$235  = 1'h0;
+      \$235  = 12'h000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$236  = addr3;
+    \$236  = v_q_d0;
     if (rst) begin
-      \$236  = 12'h000;
+      \$236  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$237  = v_q_d0;
+    \$237  = fin_q_d0;
     if (rst) begin
       \$237  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$238  = fin_q_d0;
+    \$238  = addr_q_d0;
     if (rst) begin
-      \$238  = 1'h0;
+      \$238  = 12'h000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$239  = addr_q_d0;
+    \$239  = v_q_d1;
     if (rst) begin
-      \$239  = 12'h000;
+      \$239  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$240  = v_q_d1;
+    \$240  = fin_q_d1;
     if (rst) begin
       \$240  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$241  = fin_q_d1;
+    \$241  = addr_q_d1;
     if (rst) begin
-      \$241  = 1'h0;
+      \$241  = 12'h000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$242  = addr_q_d1;
+    \$242  = fin_q_d2;
     if (rst) begin
-      \$242  = 12'h000;
+      \$242  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$243  = fin_q_d2;
+    \$243  = fin_o_d0;
     if (rst) begin
       \$243  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$244  = fin_o_d0;
+    \$244  = fin_o_d1;
     if (rst) begin
       \$244  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$245  = fin_o_d1;
+    \$245  = fin_o_d2;
     if (rst) begin
       \$245  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$246  = fin_o_d2;
+    \$246  = \$124 ;
     if (rst) begin
-      \$246  = 1'h0;
+      \$246  = 1'h1;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$247  = \$125 ;
-    if (rst) begin
-      \$247  = 1'h1;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$248  = \busy$42 ;
+    \$247  = \busy$42 ;
     if (done) begin
-      \$248  = 1'h0;
+      \$247  = 1'h0;
     end
     if (\start$44 ) begin
-      \$248  = 1'h1;
+      \$247  = 1'h1;
     end
     if (rst) begin
-      \$248  = 1'h0;
+      \$247  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$249  = m_q;
+    \$248  = m_q;
     if (idle) begin
-      \$249  = m;
+      \$248  = m;
     end
     if (rst) begin
-      \$249  = 8'h00;
+      \$248  = 8'h00;
     end
   end
   assign wr__addr = a_wr__addr;

@@ -121,9 +121,11 @@ addresses and a registered bank select):
   ``kk`` is the entry's last row, whether the tile has its minimum beats and
   whether the M-tile is the last are each kept in a register, so no adder or
   compare sits in front of the pop decision;
-* idle: the run's counters are loaded in every cycle the engine is idle (the
-  ``start`` cycle included, which is where ``m`` is sampled), under a register,
-  so the ``start`` input drives only ``busy`` and the issue stage's ``run``;
+* idle: the run's counters are loaded in every cycle the engine is idle, under
+  a register, so the ``start`` input drives only ``busy`` and the issue stage's
+  ``run``; ``m`` is sampled into its own register in the idle cycles (the
+  ``start`` cycle is the last) and copied into the row counters the cycle
+  after, so the ``m`` input pulls no control register towards it;
 * stages 1 .. ``L_op``: the operand reads (the flags ride along); then the PE
   array's input (which is always ready: nothing stalls). Whether a beat's
   weight row is real (not padding, not a bubble) reaches the B operands
@@ -828,11 +830,11 @@ class MatmulEngine(wiring.Component):
         w_addr = Signal(w_rd.addr.shape())
         nh = data.View(s.ent_layout, oldest)
         m.d.comb += [a_rd.addr.eq(a_base + a_off), w_rd.addr.eq(w_addr)]
-        new_entry = load
-        with m.If(new_entry):
-            m.d.sync += [a_off.eq(nh.k0), w_addr.eq(nh.w0)]
+        # kk_last follows them: a new head (loaded from the ring) starts at kk = 0
+        with m.If(load):
+            m.d.sync += [a_off.eq(nh.k0), w_addr.eq(nh.w0), kk_last.eq(nh.len_m1 == 0)]
         with m.Elif(go & real):
-            m.d.sync += [a_off.eq(a_off + 1), w_addr.eq(w_addr + 1)]
+            m.d.sync += [a_off.eq(a_off + 1), w_addr.eq(w_addr + 1), kk_last.eq(kk + 1 == e.len_m1)]
         with m.If(go):
             with m.If(tile_end):
                 m.d.sync += [tcnt.eq(0), tcnt_ok.eq(s.min_beats <= 1)]
@@ -850,12 +852,6 @@ class MatmulEngine(wiring.Component):
                     m.d.sync += [left.eq(left - R), last_mt.eq(left <= 2 * R), a_base.eq(a_base + s.k)]
                     with m.If(last_mt):
                         m.d.sync += run.eq(0)
-        # kk_last kept for the head entry: a new head (popped into place, or arriving in an
-        # empty FIFO) starts at kk = 0; otherwise it follows kk's increment
-        with m.If(new_entry):
-            m.d.sync += kk_last.eq(nh.len_m1 == 0)
-        with m.Elif(go & real):
-            m.d.sync += kk_last.eq(kk + 1 == e.len_m1)
         # stages 1 .. lat_op: the operand reads; the beat's flags ride along
         lat_op = s.read_latencies["a"]
         op_valid, op_first, op_last = delayed(
@@ -941,8 +937,7 @@ class MatmulEngine(wiring.Component):
         m.d.comb += self.done.eq(done)
 
         # ---- start / done (a start in the done cycle is taken) ------------------
-        # The run's state is loaded in every idle cycle (the cycle in which start is
-        # sampled included, so m is m of that cycle), under `idle`: a register, not the
+        # The run's state is loaded in every idle cycle under `idle`: a register, not the
         # start input, drives those hundred-odd registers' loads.
         idle = Signal(init=1)
         m.d.sync += idle.eq((~start & ~self.busy) | fin_o)
