@@ -23311,10 +23311,10 @@ module \encoder_layer_0_attention_self_query.pe (rst, i__payload, i__valid, bank
   input clk;
   wire clk;
   reg commit = 1'h0;
-  reg first1 = 1'h0;
-  reg first2 = 1'h0;
-  reg first3 = 1'h0;
-  reg first4 = 1'h0;
+  reg first_d0 = 1'h0;
+  reg first_d1 = 1'h0;
+  reg first_d2 = 1'h0;
+  reg first_d3 = 1'h0;
   (* keep = 32'd1 *)
   reg first_pe0_0 = 1'h0;
   (* keep = 32'd1 *)
@@ -23900,10 +23900,10 @@ module \encoder_layer_0_attention_self_query.pe (rst, i__payload, i__valid, bank
   input i__valid;
   wire i__valid;
   reg last0 = 1'h0;
-  reg last1 = 1'h0;
-  reg last2 = 1'h0;
-  reg last3 = 1'h0;
-  reg last4 = 1'h0;
+  reg last_d0 = 1'h0;
+  reg last_d1 = 1'h0;
+  reg last_d2 = 1'h0;
+  reg last_d3 = 1'h0;
   (* keep = 32'd1 *)
   reg last_pe0_0 = 1'h0;
   (* keep = 32'd1 *)
@@ -26215,21 +26215,21 @@ module \encoder_layer_0_attention_self_query.pe (rst, i__payload, i__valid, bank
   always @(posedge clk)
     b_15_l2_3 <= b_15_l1_1;
   always @(posedge clk)
-    first1 <= \$778 ;
+    first_d0 <= \$778 ;
   always @(posedge clk)
-    first2 <= \$779 ;
+    last_d0 <= \$779 ;
   always @(posedge clk)
-    first3 <= \$780 ;
+    first_d1 <= \$780 ;
   always @(posedge clk)
-    first4 <= \$781 ;
+    last_d1 <= \$781 ;
   always @(posedge clk)
-    last1 <= \$782 ;
+    first_d2 <= \$782 ;
   always @(posedge clk)
-    last2 <= \$783 ;
+    last_d2 <= \$783 ;
   always @(posedge clk)
-    last3 <= \$784 ;
+    first_d3 <= \$784 ;
   always @(posedge clk)
-    last4 <= \$785 ;
+    last_d3 <= \$785 ;
   always @(posedge clk)
     first_r0 <= \$786 ;
   always @(posedge clk)
@@ -30165,273 +30165,273 @@ module \encoder_layer_0_attention_self_query.pe (rst, i__payload, i__valid, bank
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$779  = first1;
+    \$779  = last0;
     if (rst) begin
       \$779  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$780  = first2;
+    \$780  = first_d0;
     if (rst) begin
       \$780  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$781  = first3;
+    \$781  = last_d0;
     if (rst) begin
       \$781  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$782  = last0;
+    \$782  = first_d1;
     if (rst) begin
       \$782  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$783  = last1;
+    \$783  = last_d1;
     if (rst) begin
       \$783  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$784  = last2;
+    \$784  = first_d2;
     if (rst) begin
       \$784  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$785  = last3;
+    \$785  = last_d2;
     if (rst) begin
       \$785  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$786  = first4;
+    \$786  = first_d3;
     if (rst) begin
       \$786  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$787  = first4;
+    \$787  = first_d3;
     if (rst) begin
       \$787  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$788  = first4;
+    \$788  = first_d3;
     if (rst) begin
       \$788  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$789  = first4;
+    \$789  = first_d3;
     if (rst) begin
       \$789  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$790  = first4;
+    \$790  = first_d3;
     if (rst) begin
       \$790  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$791  = first4;
+    \$791  = first_d3;
     if (rst) begin
       \$791  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$792  = first4;
+    \$792  = first_d3;
     if (rst) begin
       \$792  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$793  = first4;
+    \$793  = first_d3;
     if (rst) begin
       \$793  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$794  = first4;
+    \$794  = first_d3;
     if (rst) begin
       \$794  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$795  = first4;
+    \$795  = first_d3;
     if (rst) begin
       \$795  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$796  = first4;
+    \$796  = first_d3;
     if (rst) begin
       \$796  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$797  = first4;
+    \$797  = first_d3;
     if (rst) begin
       \$797  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$798  = first4;
+    \$798  = first_d3;
     if (rst) begin
       \$798  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$799  = first4;
+    \$799  = first_d3;
     if (rst) begin
       \$799  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$800  = first4;
+    \$800  = first_d3;
     if (rst) begin
       \$800  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$801  = first4;
+    \$801  = first_d3;
     if (rst) begin
       \$801  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$802  = last4;
+    \$802  = last_d3;
     if (rst) begin
       \$802  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$803  = last4;
+    \$803  = last_d3;
     if (rst) begin
       \$803  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$804  = last4;
+    \$804  = last_d3;
     if (rst) begin
       \$804  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$805  = last4;
+    \$805  = last_d3;
     if (rst) begin
       \$805  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$806  = last4;
+    \$806  = last_d3;
     if (rst) begin
       \$806  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$807  = last4;
+    \$807  = last_d3;
     if (rst) begin
       \$807  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$808  = last4;
+    \$808  = last_d3;
     if (rst) begin
       \$808  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$809  = last4;
+    \$809  = last_d3;
     if (rst) begin
       \$809  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$810  = last4;
+    \$810  = last_d3;
     if (rst) begin
       \$810  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$811  = last4;
+    \$811  = last_d3;
     if (rst) begin
       \$811  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$812  = last4;
+    \$812  = last_d3;
     if (rst) begin
       \$812  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$813  = last4;
+    \$813  = last_d3;
     if (rst) begin
       \$813  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$814  = last4;
+    \$814  = last_d3;
     if (rst) begin
       \$814  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$815  = last4;
+    \$815  = last_d3;
     if (rst) begin
       \$815  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$816  = last4;
+    \$816  = last_d3;
     if (rst) begin
       \$816  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$817  = last4;
+    \$817  = last_d3;
     if (rst) begin
       \$817  = 1'h0;
     end

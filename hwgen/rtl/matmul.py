@@ -155,7 +155,7 @@ from ..fixed import FixedType, bits_for_range
 from .buffer import Buffer, read_latency, write_latency
 from .pe_array import FANOUT_GROUP as PE_FANOUT_GROUP
 from .pe_array import PEArray, RTLError, _is_int, check_positive
-from .pipeline import delayed
+from .pipeline import delayed, fanout_tree
 from .requant import ShiftRequant, check_shift_range, shift_code, shift_code_width
 
 #: the requantization modes the engine implements (the quantizer's defaults)
@@ -860,16 +860,7 @@ class MatmulEngine(wiring.Component):
         # the B operands through a tree of kept register copies, one per column at the
         # end, so no single register drives every B bit across the array
         w_real, = delayed(m, [go & real], lat_op - 2, ("w_real",))
-        w_real_g = []
-        for g in range(-(-N // PE_FANOUT_GROUP)):
-            q = Signal(name=f"w_real_g{g}", attrs={"keep": 1})
-            m.d.sync += q.eq(w_real)
-            w_real_g.append(q)
-        w_real_c = []
-        for c in range(N):
-            q = Signal(name=f"w_real_c{c}", attrs={"keep": 1})
-            m.d.sync += q.eq(w_real_g[c // PE_FANOUT_GROUP])
-            w_real_c.append(q)
+        w_real_c = fanout_tree(m, w_real, N, [PE_FANOUT_GROUP, 1], ["w_real_g", "w_real_c"])
 
         # ---- the operand words -> PE array -----------------------------------
         av, wv = a_rd.data, w_rd.data

@@ -84,6 +84,7 @@ from amaranth.lib.wiring import In, Out
 
 from ..contract import MAX_ACC_WIDTH
 from ..contract import acc_width as contract_acc_width
+from .pipeline import delayed, fanout_tree
 
 
 #: registers of every multiplier: operands, product, and two fabric registers after it
@@ -247,32 +248,18 @@ class PEArray(wiring.Component):
         # stages 1 .. FANOUT_LEVELS: the operands' fan-out tree, kept register copies;
         # at the last level one copy per FANOUT_GROUP PEs of a row (A) or a column (B),
         # each level halving the PEs a copy serves, so no operand net spans the array
+        serves = [FANOUT_GROUP << (FANOUT_LEVELS - 1 - lv) for lv in range(FANOUT_LEVELS)]
+
         def tree(src, n, name):
-            level = [src]
-            for lv in range(FANOUT_LEVELS):
-                per = FANOUT_GROUP << (FANOUT_LEVELS - 1 - lv)   # PEs one copy serves
-                nxt = []
-                for g in range(-(-n // per)):
-                    q = Signal.like(src, name=f"{name}_l{lv + 1}_{g}", reset_less=True, attrs=keep)
-                    m.d.sync += q.eq(level[g // 2] if lv else src)
-                    nxt.append(q)
-                level = nxt
-            return level
+            return fanout_tree(m, src, n, serves, [f"{name}_l{lv + 1}_" for lv in range(FANOUT_LEVELS)],
+                               reset_less=True)
         a1 = [tree(a0[i], N, f"a_{i}") for i in range(R)]
         a1n = {i: tree(a0n[i], N, f"an_{i}") for i in fabric_rows}
         b1 = [tree(b0[j], R, f"b_{j}") for j in range(N)]
 
-        # the flags' fan-out tree: single copies until the multipliers' input stage,
+        # the flags' fan-out tree: a delay line until the multipliers' input stage,
         # then one copy per row, then one per PE
-        def flag_chain(src, n, name):
-            out = [src]
-            for x in range(n):
-                q = Signal(name=f"{name}{x + 1}")
-                m.d.sync += q.eq(out[-1])
-                out.append(q)
-            return out[-1]
-        first2 = flag_chain(first0, FANOUT_LEVELS + MUL_STAGES - 2, "first")
-        last2 = flag_chain(last0, FANOUT_LEVELS + MUL_STAGES - 2, "last")
+        first2, last2 = delayed(m, [first0, last0], FANOUT_LEVELS + MUL_STAGES - 2, ("first", "last"))
         first3 = [Signal(name=f"first_r{i}", attrs=keep) for i in range(R)]
         last3 = [Signal(name=f"last_r{i}", attrs=keep) for i in range(R)]
         m.d.sync += [first3[i].eq(first2) for i in range(R)]
