@@ -16,52 +16,52 @@ module encoder_layer_0_attention_self_key(m, a_wr__en, a_wr__addr, a_wr__data, w
   wire [24:0] \$106 ;
   wire [24:0] \$107 ;
   wire [24:0] \$108 ;
-  wire [24:0] \$109 ;
+  wire \$109 ;
   wire \$11 ;
-  wire [24:0] \$110 ;
-  wire [24:0] \$111 ;
-  wire [24:0] \$112 ;
+  wire \$110 ;
+  wire \$111 ;
+  wire \$112 ;
   wire \$113 ;
   wire \$114 ;
-  wire \$115 ;
-  wire \$116 ;
-  wire \$117 ;
-  wire \$118 ;
+  reg \$115 ;
+  reg \$116 ;
+  reg [9:0] \$117 ;
+  reg [7:0] \$118 ;
   reg \$119 ;
   wire \$12 ;
   reg \$120 ;
-  reg [9:0] \$121 ;
+  reg \$121 ;
   reg \$122 ;
-  reg \$123 ;
-  reg [9:0] \$124 ;
-  reg \$125 ;
+  reg [9:0] \$123 ;
+  reg [29:0] \$124 ;
+  reg [29:0] \$125 ;
   reg [29:0] \$126 ;
   reg [29:0] \$127 ;
   reg [29:0] \$128 ;
-  reg [29:0] \$129 ;
+  reg [2:0] \$129 ;
   wire \$13 ;
   reg [29:0] \$130 ;
   reg [2:0] \$131 ;
-  reg [29:0] \$132 ;
-  reg [2:0] \$133 ;
-  reg [2:0] \$134 ;
-  reg \$135 ;
-  reg \$136 ;
-  reg [2:0] \$137 ;
-  reg [8:0] \$138 ;
-  reg [13:0] \$139 ;
-  wire \$14 ;
-  reg \$140 ;
-  reg [4:0] \$141 ;
+  reg [2:0] \$132 ;
+  reg \$133 ;
+  reg \$134 ;
+  reg [2:0] \$135 ;
+  reg [8:0] \$136 ;
+  reg [13:0] \$137 ;
+  reg [3:0] \$138 ;
+  reg \$139 ;
+  wire [12:0] \$14 ;
+  reg [4:0] \$140 ;
+  reg \$141 ;
   reg \$142 ;
-  reg [3:0] \$143 ;
-  reg \$144 ;
+  reg \$143 ;
+  reg [11:0] \$144 ;
   reg \$145 ;
-  reg [7:0] \$146 ;
+  reg \$146 ;
   reg \$147 ;
-  reg [11:0] \$148 ;
+  reg \$148 ;
   reg \$149 ;
-  wire \$15 ;
+  wire [7:0] \$15 ;
   reg \$150 ;
   reg \$151 ;
   reg \$152 ;
@@ -72,7 +72,7 @@ module encoder_layer_0_attention_self_key(m, a_wr__en, a_wr__addr, a_wr__data, w
   reg \$157 ;
   reg \$158 ;
   reg \$159 ;
-  wire \$16 ;
+  wire [7:0] \$16 ;
   reg \$160 ;
   reg \$161 ;
   reg \$162 ;
@@ -83,7 +83,7 @@ module encoder_layer_0_attention_self_key(m, a_wr__en, a_wr__addr, a_wr__data, w
   reg \$167 ;
   reg \$168 ;
   reg \$169 ;
-  wire [12:0] \$17 ;
+  wire [7:0] \$17 ;
   reg \$170 ;
   reg \$171 ;
   reg \$172 ;
@@ -107,48 +107,43 @@ module encoder_layer_0_attention_self_key(m, a_wr__en, a_wr__addr, a_wr__data, w
   reg \$189 ;
   wire [7:0] \$19 ;
   reg \$190 ;
-  reg \$191 ;
-  reg \$192 ;
+  reg [4:0] \$191 ;
+  reg [7:0] \$192 ;
   reg \$193 ;
-  reg \$194 ;
+  reg [11:0] \$194 ;
   reg \$195 ;
-  reg [4:0] \$196 ;
-  reg [7:0] \$197 ;
-  reg \$198 ;
+  reg \$196 ;
+  reg \$197 ;
+  reg [383:0] \$198 ;
   reg [11:0] \$199 ;
   wire \$2 ;
   wire [7:0] \$20 ;
   reg \$200 ;
   reg \$201 ;
-  reg \$202 ;
+  reg [11:0] \$202 ;
   reg [383:0] \$203 ;
-  reg [11:0] \$204 ;
+  reg \$204 ;
   reg \$205 ;
-  reg \$206 ;
-  reg [11:0] \$207 ;
-  reg [383:0] \$208 ;
+  reg [11:0] \$206 ;
+  reg [431:0] \$207 ;
+  reg \$208 ;
   reg \$209 ;
   wire [7:0] \$21 ;
-  reg \$210 ;
-  reg [11:0] \$211 ;
-  reg [431:0] \$212 ;
-  reg \$213 ;
+  reg [11:0] \$210 ;
+  reg \$211 ;
+  reg \$212 ;
+  reg [11:0] \$213 ;
   reg \$214 ;
-  reg [11:0] \$215 ;
-  reg \$216 ;
+  reg \$215 ;
+  reg [11:0] \$216 ;
   reg \$217 ;
-  reg [11:0] \$218 ;
+  reg \$218 ;
   reg \$219 ;
   wire [7:0] \$22 ;
   reg \$220 ;
-  reg [11:0] \$221 ;
+  reg \$221 ;
   reg \$222 ;
-  reg \$223 ;
-  reg \$224 ;
-  reg \$225 ;
-  reg \$226 ;
-  reg \$227 ;
-  reg [7:0] \$228 ;
+  reg [7:0] \$223 ;
   wire [7:0] \$23 ;
   wire [7:0] \$24 ;
   wire [7:0] \$25 ;
@@ -158,14 +153,14 @@ module encoder_layer_0_attention_self_key(m, a_wr__en, a_wr__addr, a_wr__data, w
   wire [7:0] \$29 ;
   wire \$3 ;
   wire [7:0] \$30 ;
-  wire [7:0] \$31 ;
-  wire [7:0] \$32 ;
-  wire [7:0] \$33 ;
-  wire \$34 ;
+  wire \$31 ;
+  wire \$32 ;
+  wire \$33 ;
+  wire [8:0] \$34 ;
   wire \$35 ;
-  wire \$36 ;
-  wire [10:0] \$37 ;
-  wire [10:0] \$38 ;
+  wire [10:0] \$36 ;
+  wire \$37 ;
+  wire \$38 ;
   wire \$39 ;
   wire \$4 ;
   wire \$40 ;
@@ -176,67 +171,67 @@ module encoder_layer_0_attention_self_key(m, a_wr__en, a_wr__addr, a_wr__data, w
   wire \$45 ;
   wire \$46 ;
   wire \$47 ;
-  wire \$48 ;
-  wire \$49 ;
+  wire [3:0] \$48 ;
+  wire [3:0] \$49 ;
   wire \$5 ;
-  wire [3:0] \$50 ;
+  wire \$50 ;
   wire [3:0] \$51 ;
-  wire \$52 ;
+  wire [3:0] \$52 ;
   wire [3:0] \$53 ;
-  wire [3:0] \$54 ;
-  wire [3:0] \$55 ;
-  wire [4:0] \$56 ;
+  wire [4:0] \$54 ;
+  wire \$55 ;
+  wire \$56 ;
   wire \$57 ;
   wire \$58 ;
   wire \$59 ;
   wire \$6 ;
   wire \$60 ;
   wire \$61 ;
-  wire \$62 ;
-  wire \$63 ;
-  wire [3:0] \$64 ;
-  wire [4:0] \$65 ;
-  wire \$66 ;
-  wire \$67 ;
-  wire [9:0] \$68 ;
-  wire [14:0] \$69 ;
+  wire [3:0] \$62 ;
+  wire [4:0] \$63 ;
+  wire \$64 ;
+  wire \$65 ;
+  wire [9:0] \$66 ;
+  wire [14:0] \$67 ;
+  wire [4:0] \$68 ;
+  wire \$69 ;
   wire \$7 ;
-  wire [4:0] \$70 ;
-  wire \$71 ;
-  wire \$72 ;
-  wire [5:0] \$73 ;
-  wire [5:0] \$74 ;
+  wire \$70 ;
+  wire [5:0] \$71 ;
+  wire [5:0] \$72 ;
+  wire \$73 ;
+  wire \$74 ;
   wire \$75 ;
   wire \$76 ;
-  wire \$77 ;
-  wire [4:0] \$78 ;
-  wire [8:0] \$79 ;
+  wire [12:0] \$77 ;
+  wire \$78 ;
+  wire \$79 ;
   wire \$8 ;
   wire \$80 ;
-  wire [12:0] \$81 ;
-  wire \$82 ;
+  wire \$81 ;
+  wire [8:0] \$82 ;
   wire \$83 ;
-  wire \$84 ;
-  wire \$85 ;
-  wire [8:0] \$86 ;
+  wire [12:0] \$84 ;
+  wire [5:0] \$85 ;
+  wire [12:0] \$86 ;
   wire \$87 ;
-  wire [12:0] \$88 ;
-  wire [5:0] \$89 ;
+  wire \$88 ;
+  wire \$89 ;
   wire \$9 ;
   wire [12:0] \$90 ;
-  wire \$91 ;
+  wire [12:0] \$91 ;
   wire \$92 ;
-  wire \$93 ;
-  wire [12:0] \$94 ;
-  wire [12:0] \$95 ;
-  wire \$96 ;
+  wire [24:0] \$93 ;
+  wire [24:0] \$94 ;
+  wire [24:0] \$95 ;
+  wire [24:0] \$96 ;
   wire [24:0] \$97 ;
   wire [24:0] \$98 ;
   wire [24:0] \$99 ;
   reg \$signal  = 1'h0;
-  reg \$signal$155  = 1'h0;
-  reg \$signal$159  = 1'h0;
-  reg \$signal$163  = 1'h0;
+  reg \$signal$154  = 1'h0;
+  reg \$signal$158  = 1'h0;
+  reg \$signal$162  = 1'h0;
   reg [11:0] a_base = 12'h000;
   reg [8:0] a_off = 9'h000;
   input [11:0] a_wr__addr;
@@ -346,6 +341,8 @@ module encoder_layer_0_attention_self_key(m, a_wr__en, a_wr__addr, a_wr__data, w
   input ent_wr__en;
   wire ent_wr__en;
   wire entry_end;
+  reg f_last = 1'h0;
+  reg [7:0] f_left = 8'h00;
   wire fetch;
   reg fetch0 = 1'h0;
   reg fetch1 = 1'h0;
@@ -444,8 +441,8 @@ module encoder_layer_0_attention_self_key(m, a_wr__en, a_wr__addr, a_wr__data, w
   wire \i__payload.last ;
   reg i__valid = 1'h0;
   reg idle = 1'h1;
-  reg [3:0] kk = 4'h0;
   reg kk_last = 1'h0;
+  reg [3:0] kk_rem = 4'h0;
   reg last_d0 = 1'h0;
   reg last_d1 = 1'h0;
   reg last_d2 = 1'h0;
@@ -453,8 +450,6 @@ module encoder_layer_0_attention_self_key(m, a_wr__en, a_wr__addr, a_wr__data, w
   reg last_d4 = 1'h0;
   reg last_d5 = 1'h0;
   reg last_d6 = 1'h0;
-  reg last_mt = 1'h0;
-  reg [7:0] left = 8'h00;
   wire list_end;
   wire load;
   input [7:0] m;
@@ -532,82 +527,82 @@ module encoder_layer_0_attention_self_key(m, a_wr__en, a_wr__addr, a_wr__data, w
   wire pop;
   reg [9:0] ptr = 10'h000;
   wire [11:0] rd__addr;
-  reg [4:0] \rd__addr$100  = 5'h00;
   (* init = 5'h00 *)
-  wire [4:0] \rd__addr$102 ;
-  wire [9:0] \rd__addr$49 ;
-  wire [11:0] \rd__addr$72 ;
-  reg [13:0] \rd__addr$75  = 14'h0000;
+  wire [4:0] \rd__addr$101 ;
+  wire [9:0] \rd__addr$48 ;
+  wire [11:0] \rd__addr$71 ;
+  reg [13:0] \rd__addr$74  = 14'h0000;
+  reg [4:0] \rd__addr$99  = 5'h00;
   wire [127:0] rd__data;
-  wire [29:0] \rd__data$117 ;
-  wire [95:0] \rd__data$167 ;
-  wire [5:0] \rd__data$167[0] ;
-  wire [5:0] \rd__data$167[10] ;
-  wire [5:0] \rd__data$167[11] ;
-  wire [5:0] \rd__data$167[12] ;
-  wire [5:0] \rd__data$167[13] ;
-  wire [5:0] \rd__data$167[14] ;
-  wire [5:0] \rd__data$167[15] ;
-  wire [5:0] \rd__data$167[1] ;
-  wire [5:0] \rd__data$167[2] ;
-  wire [5:0] \rd__data$167[3] ;
-  wire [5:0] \rd__data$167[4] ;
-  wire [5:0] \rd__data$167[5] ;
-  wire [5:0] \rd__data$167[6] ;
-  wire [5:0] \rd__data$167[7] ;
-  wire [5:0] \rd__data$167[8] ;
-  wire [5:0] \rd__data$167[9] ;
-  wire [47:0] \rd__data$168 ;
-  wire [2:0] \rd__data$168[0] ;
-  wire [2:0] \rd__data$168[10] ;
-  wire [2:0] \rd__data$168[11] ;
-  wire [2:0] \rd__data$168[12] ;
-  wire [2:0] \rd__data$168[13] ;
-  wire [2:0] \rd__data$168[14] ;
-  wire [2:0] \rd__data$168[15] ;
-  wire [2:0] \rd__data$168[1] ;
-  wire [2:0] \rd__data$168[2] ;
-  wire [2:0] \rd__data$168[3] ;
-  wire [2:0] \rd__data$168[4] ;
-  wire [2:0] \rd__data$168[5] ;
-  wire [2:0] \rd__data$168[6] ;
-  wire [2:0] \rd__data$168[7] ;
-  wire [2:0] \rd__data$168[8] ;
-  wire [2:0] \rd__data$168[9] ;
-  wire [127:0] \rd__data$82 ;
-  wire [7:0] \rd__data$82[0] ;
-  wire [7:0] \rd__data$82[10] ;
-  wire [7:0] \rd__data$82[11] ;
-  wire [7:0] \rd__data$82[12] ;
-  wire [7:0] \rd__data$82[13] ;
-  wire [7:0] \rd__data$82[14] ;
-  wire [7:0] \rd__data$82[15] ;
-  wire [7:0] \rd__data$82[1] ;
-  wire [7:0] \rd__data$82[2] ;
-  wire [7:0] \rd__data$82[3] ;
-  wire [7:0] \rd__data$82[4] ;
-  wire [7:0] \rd__data$82[5] ;
-  wire [7:0] \rd__data$82[6] ;
-  wire [7:0] \rd__data$82[7] ;
-  wire [7:0] \rd__data$82[8] ;
-  wire [7:0] \rd__data$82[9] ;
-  wire [127:0] \rd__data$84 ;
-  wire [7:0] \rd__data$84[0] ;
-  wire [7:0] \rd__data$84[10] ;
-  wire [7:0] \rd__data$84[11] ;
-  wire [7:0] \rd__data$84[12] ;
-  wire [7:0] \rd__data$84[13] ;
-  wire [7:0] \rd__data$84[14] ;
-  wire [7:0] \rd__data$84[15] ;
-  wire [7:0] \rd__data$84[1] ;
-  wire [7:0] \rd__data$84[2] ;
-  wire [7:0] \rd__data$84[3] ;
-  wire [7:0] \rd__data$84[4] ;
-  wire [7:0] \rd__data$84[5] ;
-  wire [7:0] \rd__data$84[6] ;
-  wire [7:0] \rd__data$84[7] ;
-  wire [7:0] \rd__data$84[8] ;
-  wire [7:0] \rd__data$84[9] ;
+  wire [29:0] \rd__data$118 ;
+  wire [95:0] \rd__data$166 ;
+  wire [5:0] \rd__data$166[0] ;
+  wire [5:0] \rd__data$166[10] ;
+  wire [5:0] \rd__data$166[11] ;
+  wire [5:0] \rd__data$166[12] ;
+  wire [5:0] \rd__data$166[13] ;
+  wire [5:0] \rd__data$166[14] ;
+  wire [5:0] \rd__data$166[15] ;
+  wire [5:0] \rd__data$166[1] ;
+  wire [5:0] \rd__data$166[2] ;
+  wire [5:0] \rd__data$166[3] ;
+  wire [5:0] \rd__data$166[4] ;
+  wire [5:0] \rd__data$166[5] ;
+  wire [5:0] \rd__data$166[6] ;
+  wire [5:0] \rd__data$166[7] ;
+  wire [5:0] \rd__data$166[8] ;
+  wire [5:0] \rd__data$166[9] ;
+  wire [47:0] \rd__data$167 ;
+  wire [2:0] \rd__data$167[0] ;
+  wire [2:0] \rd__data$167[10] ;
+  wire [2:0] \rd__data$167[11] ;
+  wire [2:0] \rd__data$167[12] ;
+  wire [2:0] \rd__data$167[13] ;
+  wire [2:0] \rd__data$167[14] ;
+  wire [2:0] \rd__data$167[15] ;
+  wire [2:0] \rd__data$167[1] ;
+  wire [2:0] \rd__data$167[2] ;
+  wire [2:0] \rd__data$167[3] ;
+  wire [2:0] \rd__data$167[4] ;
+  wire [2:0] \rd__data$167[5] ;
+  wire [2:0] \rd__data$167[6] ;
+  wire [2:0] \rd__data$167[7] ;
+  wire [2:0] \rd__data$167[8] ;
+  wire [2:0] \rd__data$167[9] ;
+  wire [127:0] \rd__data$81 ;
+  wire [7:0] \rd__data$81[0] ;
+  wire [7:0] \rd__data$81[10] ;
+  wire [7:0] \rd__data$81[11] ;
+  wire [7:0] \rd__data$81[12] ;
+  wire [7:0] \rd__data$81[13] ;
+  wire [7:0] \rd__data$81[14] ;
+  wire [7:0] \rd__data$81[15] ;
+  wire [7:0] \rd__data$81[1] ;
+  wire [7:0] \rd__data$81[2] ;
+  wire [7:0] \rd__data$81[3] ;
+  wire [7:0] \rd__data$81[4] ;
+  wire [7:0] \rd__data$81[5] ;
+  wire [7:0] \rd__data$81[6] ;
+  wire [7:0] \rd__data$81[7] ;
+  wire [7:0] \rd__data$81[8] ;
+  wire [7:0] \rd__data$81[9] ;
+  wire [127:0] \rd__data$83 ;
+  wire [7:0] \rd__data$83[0] ;
+  wire [7:0] \rd__data$83[10] ;
+  wire [7:0] \rd__data$83[11] ;
+  wire [7:0] \rd__data$83[12] ;
+  wire [7:0] \rd__data$83[13] ;
+  wire [7:0] \rd__data$83[14] ;
+  wire [7:0] \rd__data$83[15] ;
+  wire [7:0] \rd__data$83[1] ;
+  wire [7:0] \rd__data$83[2] ;
+  wire [7:0] \rd__data$83[3] ;
+  wire [7:0] \rd__data$83[4] ;
+  wire [7:0] \rd__data$83[5] ;
+  wire [7:0] \rd__data$83[6] ;
+  wire [7:0] \rd__data$83[7] ;
+  wire [7:0] \rd__data$83[8] ;
+  wire [7:0] \rd__data$83[9] ;
   wire [7:0] \rd__data[0] ;
   wire [7:0] \rd__data[10] ;
   wire [7:0] \rd__data[11] ;
@@ -631,7 +626,6 @@ module encoder_layer_0_attention_self_key(m, a_wr__en, a_wr__addr, a_wr__data, w
   reg [2:0] rp = 3'h0;
   input rst;
   wire rst;
-  reg run = 1'h0;
   input [4:0] shift_wr__addr;
   wire [4:0] shift_wr__addr;
   input [47:0] shift_wr__data;
@@ -745,29 +739,29 @@ module encoder_layer_0_attention_self_key(m, a_wr__en, a_wr__addr, a_wr__data, w
   wire w_wr__en;
   reg [2:0] wp = 3'h0;
   wire [11:0] wr__addr;
-  reg [11:0] \wr__addr$108  = 12'h000;
+  reg [11:0] \wr__addr$107  = 12'h000;
   wire [13:0] \wr__addr$27 ;
   wire [9:0] \wr__addr$30 ;
   wire [4:0] \wr__addr$33 ;
   wire [4:0] \wr__addr$36 ;
   wire [127:0] wr__data;
-  wire [127:0] \wr__data$110 ;
-  wire [7:0] \wr__data$110[0] ;
-  wire [7:0] \wr__data$110[10] ;
-  wire [7:0] \wr__data$110[11] ;
-  wire [7:0] \wr__data$110[12] ;
-  wire [7:0] \wr__data$110[13] ;
-  wire [7:0] \wr__data$110[14] ;
-  wire [7:0] \wr__data$110[15] ;
-  wire [7:0] \wr__data$110[1] ;
-  wire [7:0] \wr__data$110[2] ;
-  wire [7:0] \wr__data$110[3] ;
-  wire [7:0] \wr__data$110[4] ;
-  wire [7:0] \wr__data$110[5] ;
-  wire [7:0] \wr__data$110[6] ;
-  wire [7:0] \wr__data$110[7] ;
-  wire [7:0] \wr__data$110[8] ;
-  wire [7:0] \wr__data$110[9] ;
+  wire [127:0] \wr__data$109 ;
+  wire [7:0] \wr__data$109[0] ;
+  wire [7:0] \wr__data$109[10] ;
+  wire [7:0] \wr__data$109[11] ;
+  wire [7:0] \wr__data$109[12] ;
+  wire [7:0] \wr__data$109[13] ;
+  wire [7:0] \wr__data$109[14] ;
+  wire [7:0] \wr__data$109[15] ;
+  wire [7:0] \wr__data$109[1] ;
+  wire [7:0] \wr__data$109[2] ;
+  wire [7:0] \wr__data$109[3] ;
+  wire [7:0] \wr__data$109[4] ;
+  wire [7:0] \wr__data$109[5] ;
+  wire [7:0] \wr__data$109[6] ;
+  wire [7:0] \wr__data$109[7] ;
+  wire [7:0] \wr__data$109[8] ;
+  wire [7:0] \wr__data$109[9] ;
   wire [127:0] \wr__data$28 ;
   wire [7:0] \wr__data$28[0] ;
   wire [7:0] \wr__data$28[10] ;
@@ -837,7 +831,7 @@ module encoder_layer_0_attention_self_key(m, a_wr__en, a_wr__addr, a_wr__data, w
   wire [7:0] \wr__data[8] ;
   wire [7:0] \wr__data[9] ;
   wire wr__en;
-  reg \wr__en$106  = 1'h0;
+  reg \wr__en$105  = 1'h0;
   wire \wr__en$29 ;
   wire \wr__en$32 ;
   wire \wr__en$35 ;
@@ -846,356 +840,350 @@ module encoder_layer_0_attention_self_key(m, a_wr__en, a_wr__addr, a_wr__data, w
   assign busy = \busy$42  & \$1 ;
   assign \$2  = ~ busy;
   assign \start$44  = start & \$2 ;
-  assign \$3  = fetching & run;
-  assign \$4  = held < 3'h5;
-  assign fetch = \$3  & \$4 ;
-  assign \$5  = fetching & run;
-  assign \rd__addr$49  = \$5  ? ptr : 10'h000;
-  assign \$6  = ~ nonempty;
-  assign \$7  = pop | \$6 ;
-  assign load = \$7  & ring_any;
-  assign \$8  = pad | nonempty;
-  assign go = run & \$8 ;
-  assign \$9  = ~ pad;
-  assign \$10  = ~ ent_head[27];
-  assign \real  = \$9  & \$10 ;
+  assign \$3  = held < 3'h5;
+  assign fetch = fetching & \$3 ;
+  assign \rd__addr$48  = fetching ? ptr : 10'h000;
+  assign \$4  = ~ nonempty;
+  assign \$5  = pop | \$4 ;
+  assign load = \$5  & ring_any;
+  assign go = pad | nonempty;
+  assign \$6  = ~ pad;
+  assign \$7  = ~ ent_head[27];
+  assign \real  = \$6  & \$7 ;
   assign entry_end = \real  & kk_last;
-  assign \$11  = entry_end & ent_head[28];
-  assign \$12  = \real  ? \$11  : 1'h1;
-  assign tile_end = \$12  & tcnt_ok;
+  assign \$8  = entry_end & ent_head[28];
+  assign \$9  = \real  ? \$8  : 1'h1;
+  assign tile_end = \$9  & tcnt_ok;
   assign list_end = pad ? sweep_end : ent_head[29];
-  assign \$13  = ~ pad;
-  assign \$14  = \$13  & ent_head[27];
-  assign \$15  = \$14  & tile_end;
-  assign \$16  = entry_end | \$15 ;
-  assign pop = go & \$16 ;
-  assign \$17  = a_base + a_off;
-  assign \$18  = w_real_c0 ? \rd__data$84 [7:0] : 8'h00;
-  assign \$19  = w_real_c1 ? \rd__data$84 [15:8] : 8'h00;
-  assign \$20  = w_real_c2 ? \rd__data$84 [23:16] : 8'h00;
-  assign \$21  = w_real_c3 ? \rd__data$84 [31:24] : 8'h00;
-  assign \$22  = w_real_c4 ? \rd__data$84 [39:32] : 8'h00;
-  assign \$23  = w_real_c5 ? \rd__data$84 [47:40] : 8'h00;
-  assign \$24  = w_real_c6 ? \rd__data$84 [55:48] : 8'h00;
-  assign \$25  = w_real_c7 ? \rd__data$84 [63:56] : 8'h00;
-  assign \$26  = w_real_c8 ? \rd__data$84 [71:64] : 8'h00;
-  assign \$27  = w_real_c9 ? \rd__data$84 [79:72] : 8'h00;
-  assign \$28  = w_real_c10 ? \rd__data$84 [87:80] : 8'h00;
-  assign \$29  = w_real_c11 ? \rd__data$84 [95:88] : 8'h00;
-  assign \$30  = w_real_c12 ? \rd__data$84 [103:96] : 8'h00;
-  assign \$31  = w_real_c13 ? \rd__data$84 [111:104] : 8'h00;
-  assign \$32  = w_real_c14 ? \rd__data$84 [119:112] : 8'h00;
-  assign \$33  = w_real_c15 ? \rd__data$84 [127:120] : 8'h00;
-  assign \$34  = \rd__addr$100  == 5'h17;
-  assign \$35  = o__payload[388] & \$34 ;
-  assign fin = \$35  & out_last;
-  assign \$36  = ptr == n_ent;
-  assign \$37  = ptr + 1'h1;
-  assign \$38  = \$36  ? 11'h001 : \$37 ;
-  assign \$39  = ! wp;
+  assign \$10  = ~ pad;
+  assign \$11  = \$10  & ent_head[27];
+  assign \$12  = \$11  & tile_end;
+  assign \$13  = entry_end | \$12 ;
+  assign pop = go & \$13 ;
+  assign \$14  = a_base + a_off;
+  assign \$15  = w_real_c0 ? \rd__data$83 [7:0] : 8'h00;
+  assign \$16  = w_real_c1 ? \rd__data$83 [15:8] : 8'h00;
+  assign \$17  = w_real_c2 ? \rd__data$83 [23:16] : 8'h00;
+  assign \$18  = w_real_c3 ? \rd__data$83 [31:24] : 8'h00;
+  assign \$19  = w_real_c4 ? \rd__data$83 [39:32] : 8'h00;
+  assign \$20  = w_real_c5 ? \rd__data$83 [47:40] : 8'h00;
+  assign \$21  = w_real_c6 ? \rd__data$83 [55:48] : 8'h00;
+  assign \$22  = w_real_c7 ? \rd__data$83 [63:56] : 8'h00;
+  assign \$23  = w_real_c8 ? \rd__data$83 [71:64] : 8'h00;
+  assign \$24  = w_real_c9 ? \rd__data$83 [79:72] : 8'h00;
+  assign \$25  = w_real_c10 ? \rd__data$83 [87:80] : 8'h00;
+  assign \$26  = w_real_c11 ? \rd__data$83 [95:88] : 8'h00;
+  assign \$27  = w_real_c12 ? \rd__data$83 [103:96] : 8'h00;
+  assign \$28  = w_real_c13 ? \rd__data$83 [111:104] : 8'h00;
+  assign \$29  = w_real_c14 ? \rd__data$83 [119:112] : 8'h00;
+  assign \$30  = w_real_c15 ? \rd__data$83 [127:120] : 8'h00;
+  assign \$31  = \rd__addr$99  == 5'h17;
+  assign \$32  = o__payload[388] & \$31 ;
+  assign fin = \$32  & out_last;
+  assign \$33  = ptr == n_ent;
+  assign \$34  = f_left - 5'h10;
+  assign \$35  = f_left <= 6'h20;
+  assign \$36  = ptr + 1'h1;
+  assign \$37  = ! wp;
+  assign \$38  = fetch1 & \$37 ;
+  assign \$39  = wp == 1'h1;
   assign \$40  = fetch1 & \$39 ;
-  assign \$41  = wp == 1'h1;
+  assign \$41  = wp == 2'h2;
   assign \$42  = fetch1 & \$41 ;
-  assign \$43  = wp == 2'h2;
+  assign \$43  = wp == 2'h3;
   assign \$44  = fetch1 & \$43 ;
-  assign \$45  = wp == 2'h3;
+  assign \$45  = wp == 3'h4;
   assign \$46  = fetch1 & \$45 ;
   assign \$47  = wp == 3'h4;
-  assign \$48  = fetch1 & \$47 ;
-  assign \$49  = wp == 3'h4;
-  assign \$50  = wp + 1'h1;
-  assign \$51  = \$49  ? 4'h0 : \$50 ;
-  assign \$52  = rp == 3'h4;
-  assign \$53  = rp + 1'h1;
-  assign \$54  = \$52  ? 4'h0 : \$53 ;
-  assign \$55  = ring + fetch1;
-  assign \$56  = \$55  - load;
-  assign \$57  = ring > 1'h1;
-  assign \$58  = | ring;
-  assign \$59  = load ? \$57  : \$58 ;
-  assign \$60  = \$59  | fetch1;
-  assign \$61  = ~ pop;
-  assign \$62  = nonempty & \$61 ;
-  assign \$63  = load | \$62 ;
-  assign \$64  = held + fetch;
-  assign \$65  = \$64  - pop;
-  assign \$66  = go & \real ;
-  assign \$67  = ! oldest[26:23];
-  assign \$68  = a_off + 1'h1;
-  assign \$69  = \rd__addr$75  + 1'h1;
-  assign \$70  = kk + 1'h1;
-  assign \$71  = \$70  == ent_head[26:23];
-  assign \$72  = tcnt != 5'h10;
-  assign \$73  = tcnt + 1'h1;
-  assign \$74  = tcnt + 2'h2;
-  assign \$75  = \$74  >= 5'h10;
-  assign \$76  = ~ tile_end;
-  assign \$77  = ent_head[28] & \$76 ;
-  assign \$78  = kk + 1'h1;
-  assign \$79  = left - 5'h10;
-  assign \$80  = left <= 6'h20;
-  assign \$81  = a_base + 9'h180;
-  assign \$82  = ! tcnt;
-  assign \$83  = go & \real ;
-  assign \$84  = o__valid & o__payload[388];
-  assign \$85  = \rd__addr$100  == 5'h17;
-  assign \$86  = out_left - 5'h10;
-  assign \$87  = out_left <= 6'h20;
-  assign \$88  = tile_base + 9'h169;
-  assign \$89  = \rd__addr$100  + 1'h1;
-  assign \$90  = tile_base + 1'h1;
-  assign \$91  = o__valid & fin;
-  assign \$92  = o__payload[387:384] < out_left;
-  assign \$93  = ! o__payload[387:384];
-  assign \$94  = addr1 + 5'h18;
-  assign \$95  = \$93  ? { 1'h0, tile_base } : \$94 ;
-  assign \$96  = \$signal  & ok1;
-  assign \$97  = $signed(acc2[23:0]) + $signed(\rd__data$167 [5:0]);
-  assign \$98  = $signed(acc2[47:24]) + $signed(\rd__data$167 [11:6]);
-  assign \$99  = $signed(acc2[71:48]) + $signed(\rd__data$167 [17:12]);
-  assign \$100  = $signed(acc2[95:72]) + $signed(\rd__data$167 [23:18]);
-  assign \$101  = $signed(acc2[119:96]) + $signed(\rd__data$167 [29:24]);
-  assign \$102  = $signed(acc2[143:120]) + $signed(\rd__data$167 [35:30]);
-  assign \$103  = $signed(acc2[167:144]) + $signed(\rd__data$167 [41:36]);
-  assign \$104  = $signed(acc2[191:168]) + $signed(\rd__data$167 [47:42]);
-  assign \$105  = $signed(acc2[215:192]) + $signed(\rd__data$167 [53:48]);
-  assign \$106  = $signed(acc2[239:216]) + $signed(\rd__data$167 [59:54]);
-  assign \$107  = $signed(acc2[263:240]) + $signed(\rd__data$167 [65:60]);
-  assign \$108  = $signed(acc2[287:264]) + $signed(\rd__data$167 [71:66]);
-  assign \$109  = $signed(acc2[311:288]) + $signed(\rd__data$167 [77:72]);
-  assign \$110  = $signed(acc2[335:312]) + $signed(\rd__data$167 [83:78]);
-  assign \$111  = $signed(acc2[359:336]) + $signed(\rd__data$167 [89:84]);
-  assign \$112  = $signed(acc2[383:360]) + $signed(\rd__data$167 [95:90]);
-  assign \$113  = ~ \start$44 ;
-  assign \$114  = ~ busy;
-  assign \$115  = \$113  & \$114 ;
-  assign \$116  = \$115  | fin_o_d2;
-  assign \$117  = m_q <= 5'h10;
-  assign \$118  = m_q <= 5'h10;
+  assign \$48  = wp + 1'h1;
+  assign \$49  = \$47  ? 4'h0 : \$48 ;
+  assign \$50  = rp == 3'h4;
+  assign \$51  = rp + 1'h1;
+  assign \$52  = \$50  ? 4'h0 : \$51 ;
+  assign \$53  = ring + fetch1;
+  assign \$54  = \$53  - load;
+  assign \$55  = ring > 1'h1;
+  assign \$56  = | ring;
+  assign \$57  = load ? \$55  : \$56 ;
+  assign \$58  = \$57  | fetch1;
+  assign \$59  = ~ pop;
+  assign \$60  = nonempty & \$59 ;
+  assign \$61  = load | \$60 ;
+  assign \$62  = held + fetch;
+  assign \$63  = \$62  - pop;
+  assign \$64  = go & \real ;
+  assign \$65  = ! oldest[26:23];
+  assign \$66  = a_off + 1'h1;
+  assign \$67  = \rd__addr$74  + 1'h1;
+  assign \$68  = kk_rem - 1'h1;
+  assign \$69  = kk_rem == 1'h1;
+  assign \$70  = tcnt != 5'h10;
+  assign \$71  = tcnt + 1'h1;
+  assign \$72  = tcnt + 2'h2;
+  assign \$73  = \$72  >= 5'h10;
+  assign \$74  = entry_end & ent_head[28];
+  assign \$75  = ~ tile_end;
+  assign \$76  = \$74  & \$75 ;
+  assign \$77  = a_base + 9'h180;
+  assign \$78  = ! tcnt;
+  assign \$79  = go & \real ;
+  assign \$80  = o__valid & o__payload[388];
+  assign \$81  = \rd__addr$99  == 5'h17;
+  assign \$82  = out_left - 5'h10;
+  assign \$83  = out_left <= 6'h20;
+  assign \$84  = tile_base + 9'h169;
+  assign \$85  = \rd__addr$99  + 1'h1;
+  assign \$86  = tile_base + 1'h1;
+  assign \$87  = o__valid & fin;
+  assign \$88  = o__payload[387:384] < out_left;
+  assign \$89  = ! o__payload[387:384];
+  assign \$90  = addr1 + 5'h18;
+  assign \$91  = \$89  ? { 1'h0, tile_base } : \$90 ;
+  assign \$92  = \$signal  & ok1;
+  assign \$93  = $signed(acc2[23:0]) + $signed(\rd__data$166 [5:0]);
+  assign \$94  = $signed(acc2[47:24]) + $signed(\rd__data$166 [11:6]);
+  assign \$95  = $signed(acc2[71:48]) + $signed(\rd__data$166 [17:12]);
+  assign \$96  = $signed(acc2[95:72]) + $signed(\rd__data$166 [23:18]);
+  assign \$97  = $signed(acc2[119:96]) + $signed(\rd__data$166 [29:24]);
+  assign \$98  = $signed(acc2[143:120]) + $signed(\rd__data$166 [35:30]);
+  assign \$99  = $signed(acc2[167:144]) + $signed(\rd__data$166 [41:36]);
+  assign \$100  = $signed(acc2[191:168]) + $signed(\rd__data$166 [47:42]);
+  assign \$101  = $signed(acc2[215:192]) + $signed(\rd__data$166 [53:48]);
+  assign \$102  = $signed(acc2[239:216]) + $signed(\rd__data$166 [59:54]);
+  assign \$103  = $signed(acc2[263:240]) + $signed(\rd__data$166 [65:60]);
+  assign \$104  = $signed(acc2[287:264]) + $signed(\rd__data$166 [71:66]);
+  assign \$105  = $signed(acc2[311:288]) + $signed(\rd__data$166 [77:72]);
+  assign \$106  = $signed(acc2[335:312]) + $signed(\rd__data$166 [83:78]);
+  assign \$107  = $signed(acc2[359:336]) + $signed(\rd__data$166 [89:84]);
+  assign \$108  = $signed(acc2[383:360]) + $signed(\rd__data$166 [95:90]);
+  assign \$109  = ~ \start$44 ;
+  assign \$110  = ~ busy;
+  assign \$111  = \$109  & \$110 ;
+  assign \$112  = \$111  | fin_o_d2;
+  assign \$113  = m_q <= 5'h10;
+  assign \$114  = m_q <= 5'h10;
   always @(posedge clk)
-    fetch0 <= \$119 ;
+    fetch0 <= \$115 ;
   always @(posedge clk)
-    fetch1 <= \$120 ;
+    fetch1 <= \$116 ;
   always @(posedge clk)
-    ptr <= \$121 ;
+    ptr <= \$117 ;
   always @(posedge clk)
-    hdr0 <= \$122 ;
+    f_left <= \$118 ;
   always @(posedge clk)
-    hdr1 <= \$123 ;
+    f_last <= \$119 ;
   always @(posedge clk)
-    n_ent <= \$124 ;
+    fetching <= \$120 ;
   always @(posedge clk)
-    fetching <= \$125 ;
+    hdr0 <= \$121 ;
   always @(posedge clk)
-    ent_q0 <= \$126 ;
+    hdr1 <= \$122 ;
   always @(posedge clk)
-    ent_q1 <= \$127 ;
+    n_ent <= \$123 ;
   always @(posedge clk)
-    ent_q2 <= \$128 ;
+    ent_q0 <= \$124 ;
   always @(posedge clk)
-    ent_q3 <= \$129 ;
+    ent_q1 <= \$125 ;
   always @(posedge clk)
-    ent_q4 <= \$130 ;
+    ent_q2 <= \$126 ;
   always @(posedge clk)
-    wp <= \$131 ;
+    ent_q3 <= \$127 ;
   always @(posedge clk)
-    ent_head <= \$132 ;
+    ent_q4 <= \$128 ;
   always @(posedge clk)
-    rp <= \$133 ;
+    wp <= \$129 ;
   always @(posedge clk)
-    ring <= \$134 ;
+    ent_head <= \$130 ;
   always @(posedge clk)
-    ring_any <= \$135 ;
+    rp <= \$131 ;
   always @(posedge clk)
-    nonempty <= \$136 ;
+    ring <= \$132 ;
   always @(posedge clk)
-    held <= \$137 ;
+    ring_any <= \$133 ;
   always @(posedge clk)
-    a_off <= \$138 ;
+    nonempty <= \$134 ;
   always @(posedge clk)
-    \rd__addr$75  <= \$139 ;
+    held <= \$135 ;
   always @(posedge clk)
-    kk_last <= \$140 ;
+    a_off <= \$136 ;
   always @(posedge clk)
-    tcnt <= \$141 ;
+    \rd__addr$74  <= \$137 ;
   always @(posedge clk)
-    tcnt_ok <= \$142 ;
+    kk_rem <= \$138 ;
   always @(posedge clk)
-    kk <= \$143 ;
+    kk_last <= \$139 ;
   always @(posedge clk)
-    pad <= \$144 ;
+    tcnt <= \$140 ;
   always @(posedge clk)
-    sweep_end <= \$145 ;
+    tcnt_ok <= \$141 ;
   always @(posedge clk)
-    left <= \$146 ;
+    pad <= \$142 ;
   always @(posedge clk)
-    last_mt <= \$147 ;
+    sweep_end <= \$143 ;
   always @(posedge clk)
-    a_base <= \$148 ;
+    a_base <= \$144 ;
   always @(posedge clk)
-    run <= \$149 ;
+    valid_d0 <= \$145 ;
   always @(posedge clk)
-    valid_d0 <= \$150 ;
+    first_d0 <= \$146 ;
   always @(posedge clk)
-    first_d0 <= \$151 ;
+    last_d0 <= \$147 ;
   always @(posedge clk)
-    last_d0 <= \$152 ;
+    valid_d1 <= \$148 ;
   always @(posedge clk)
-    valid_d1 <= \$153 ;
+    first_d1 <= \$149 ;
   always @(posedge clk)
-    first_d1 <= \$154 ;
+    last_d1 <= \$150 ;
   always @(posedge clk)
-    last_d1 <= \$155 ;
+    valid_d2 <= \$151 ;
   always @(posedge clk)
-    valid_d2 <= \$156 ;
+    first_d2 <= \$152 ;
   always @(posedge clk)
-    first_d2 <= \$157 ;
+    last_d2 <= \$153 ;
   always @(posedge clk)
-    last_d2 <= \$158 ;
+    valid_d3 <= \$154 ;
   always @(posedge clk)
-    valid_d3 <= \$159 ;
+    first_d3 <= \$155 ;
   always @(posedge clk)
-    first_d3 <= \$160 ;
+    last_d3 <= \$156 ;
   always @(posedge clk)
-    last_d3 <= \$161 ;
+    valid_d4 <= \$157 ;
   always @(posedge clk)
-    valid_d4 <= \$162 ;
+    first_d4 <= \$158 ;
   always @(posedge clk)
-    first_d4 <= \$163 ;
+    last_d4 <= \$159 ;
   always @(posedge clk)
-    last_d4 <= \$164 ;
+    valid_d5 <= \$160 ;
   always @(posedge clk)
-    valid_d5 <= \$165 ;
+    first_d5 <= \$161 ;
   always @(posedge clk)
-    first_d5 <= \$166 ;
+    last_d5 <= \$162 ;
   always @(posedge clk)
-    last_d5 <= \$167 ;
+    i__valid <= \$163 ;
   always @(posedge clk)
-    i__valid <= \$168 ;
+    first_d6 <= \$164 ;
   always @(posedge clk)
-    first_d6 <= \$169 ;
+    last_d6 <= \$165 ;
   always @(posedge clk)
-    last_d6 <= \$170 ;
+    w_real_d0 <= \$166 ;
   always @(posedge clk)
-    w_real_d0 <= \$171 ;
+    w_real_d1 <= \$167 ;
   always @(posedge clk)
-    w_real_d1 <= \$172 ;
+    w_real_d2 <= \$168 ;
   always @(posedge clk)
-    w_real_d2 <= \$173 ;
+    w_real_d3 <= \$169 ;
   always @(posedge clk)
-    w_real_d3 <= \$174 ;
+    w_real_d4 <= \$170 ;
   always @(posedge clk)
-    w_real_d4 <= \$175 ;
+    w_real_g0 <= \$171 ;
   always @(posedge clk)
-    w_real_g0 <= \$176 ;
+    w_real_g1 <= \$172 ;
   always @(posedge clk)
-    w_real_g1 <= \$177 ;
+    w_real_g2 <= \$173 ;
   always @(posedge clk)
-    w_real_g2 <= \$178 ;
+    w_real_g3 <= \$174 ;
   always @(posedge clk)
-    w_real_g3 <= \$179 ;
+    w_real_c0 <= \$175 ;
   always @(posedge clk)
-    w_real_c0 <= \$180 ;
+    w_real_c1 <= \$176 ;
   always @(posedge clk)
-    w_real_c1 <= \$181 ;
+    w_real_c2 <= \$177 ;
   always @(posedge clk)
-    w_real_c2 <= \$182 ;
+    w_real_c3 <= \$178 ;
   always @(posedge clk)
-    w_real_c3 <= \$183 ;
+    w_real_c4 <= \$179 ;
   always @(posedge clk)
-    w_real_c4 <= \$184 ;
+    w_real_c5 <= \$180 ;
   always @(posedge clk)
-    w_real_c5 <= \$185 ;
+    w_real_c6 <= \$181 ;
   always @(posedge clk)
-    w_real_c6 <= \$186 ;
+    w_real_c7 <= \$182 ;
   always @(posedge clk)
-    w_real_c7 <= \$187 ;
+    w_real_c8 <= \$183 ;
   always @(posedge clk)
-    w_real_c8 <= \$188 ;
+    w_real_c9 <= \$184 ;
   always @(posedge clk)
-    w_real_c9 <= \$189 ;
+    w_real_c10 <= \$185 ;
   always @(posedge clk)
-    w_real_c10 <= \$190 ;
+    w_real_c11 <= \$186 ;
   always @(posedge clk)
-    w_real_c11 <= \$191 ;
+    w_real_c12 <= \$187 ;
   always @(posedge clk)
-    w_real_c12 <= \$192 ;
+    w_real_c13 <= \$188 ;
   always @(posedge clk)
-    w_real_c13 <= \$193 ;
+    w_real_c14 <= \$189 ;
   always @(posedge clk)
-    w_real_c14 <= \$194 ;
+    w_real_c15 <= \$190 ;
   always @(posedge clk)
-    w_real_c15 <= \$195 ;
+    \rd__addr$99  <= \$191 ;
   always @(posedge clk)
-    \rd__addr$100  <= \$196 ;
+    out_left <= \$192 ;
   always @(posedge clk)
-    out_left <= \$197 ;
+    out_last <= \$193 ;
   always @(posedge clk)
-    out_last <= \$198 ;
+    tile_base <= \$194 ;
   always @(posedge clk)
-    tile_base <= \$199 ;
+    \$signal  <= \$195 ;
   always @(posedge clk)
-    \$signal  <= \$200 ;
+    \$signal$154  <= \$196 ;
   always @(posedge clk)
-    \$signal$155  <= \$201 ;
+    ok1 <= \$197 ;
   always @(posedge clk)
-    ok1 <= \$202 ;
+    acc1 <= \$198 ;
   always @(posedge clk)
-    acc1 <= \$203 ;
+    addr1 <= \$199 ;
   always @(posedge clk)
-    addr1 <= \$204 ;
+    \$signal$158  <= \$200 ;
   always @(posedge clk)
-    \$signal$159  <= \$205 ;
+    fin2 <= \$201 ;
   always @(posedge clk)
-    fin2 <= \$206 ;
+    addr2 <= \$202 ;
   always @(posedge clk)
-    addr2 <= \$207 ;
+    acc2 <= \$203 ;
   always @(posedge clk)
-    acc2 <= \$208 ;
+    \$signal$162  <= \$204 ;
   always @(posedge clk)
-    \$signal$163  <= \$209 ;
+    fin3 <= \$205 ;
   always @(posedge clk)
-    fin3 <= \$210 ;
+    addr3 <= \$206 ;
   always @(posedge clk)
-    addr3 <= \$211 ;
+    i <= \$207 ;
   always @(posedge clk)
-    i <= \$212 ;
+    v_q_d0 <= \$208 ;
   always @(posedge clk)
-    v_q_d0 <= \$213 ;
+    fin_q_d0 <= \$209 ;
   always @(posedge clk)
-    fin_q_d0 <= \$214 ;
+    addr_q_d0 <= \$210 ;
   always @(posedge clk)
-    addr_q_d0 <= \$215 ;
+    v_q_d1 <= \$211 ;
   always @(posedge clk)
-    v_q_d1 <= \$216 ;
+    fin_q_d1 <= \$212 ;
   always @(posedge clk)
-    fin_q_d1 <= \$217 ;
+    addr_q_d1 <= \$213 ;
   always @(posedge clk)
-    addr_q_d1 <= \$218 ;
+    \wr__en$105  <= \$214 ;
   always @(posedge clk)
-    \wr__en$106  <= \$219 ;
+    fin_q_d2 <= \$215 ;
   always @(posedge clk)
-    fin_q_d2 <= \$220 ;
+    \wr__addr$107  <= \$216 ;
   always @(posedge clk)
-    \wr__addr$108  <= \$221 ;
+    fin_o_d0 <= \$217 ;
   always @(posedge clk)
-    fin_o_d0 <= \$222 ;
+    fin_o_d1 <= \$218 ;
   always @(posedge clk)
-    fin_o_d1 <= \$223 ;
+    fin_o_d2 <= \$219 ;
   always @(posedge clk)
-    fin_o_d2 <= \$224 ;
+    done <= \$220 ;
   always @(posedge clk)
-    done <= \$225 ;
+    idle <= \$221 ;
   always @(posedge clk)
-    idle <= \$226 ;
+    \busy$42  <= \$222 ;
   always @(posedge clk)
-    \busy$42  <= \$227 ;
-  always @(posedge clk)
-    m_q <= \$228 ;
+    m_q <= \$223 ;
   \encoder_layer_0_attention_self_key.mem_a  mem_a (
     .clk(clk),
-    .q_d1(\rd__data$82 ),
-    .rd__addr(\$17 [11:0]),
+    .q_d1(\rd__data$81 ),
+    .rd__addr(\$14 [11:0]),
     .rst(rst),
     .wr__addr(a_wr__addr),
     .wr__data(a_wr__data),
@@ -1203,8 +1191,8 @@ module encoder_layer_0_attention_self_key(m, a_wr__en, a_wr__addr, a_wr__data, w
   );
   \encoder_layer_0_attention_self_key.mem_bias  mem_bias (
     .clk(clk),
-    .rd__data(\rd__data$167 ),
-    .rp__addr(\rd__addr$100 ),
+    .rd__data(\rd__data$166 ),
+    .rp__addr(\rd__addr$99 ),
     .rst(rst),
     .wp__addr(bias_wr__addr),
     .wp__data(bias_wr__data),
@@ -1212,8 +1200,8 @@ module encoder_layer_0_attention_self_key(m, a_wr__en, a_wr__addr, a_wr__data, w
   );
   \encoder_layer_0_attention_self_key.mem_ent  mem_ent (
     .clk(clk),
-    .rd__data(\rd__data$117 ),
-    .rp__addr(\rd__addr$49 ),
+    .rd__data(\rd__data$118 ),
+    .rp__addr(\rd__addr$48 ),
     .rst(rst),
     .wp__addr(ent_wr__addr),
     .wp__data(ent_wr__data),
@@ -1225,14 +1213,14 @@ module encoder_layer_0_attention_self_key(m, a_wr__en, a_wr__addr, a_wr__data, w
     .rd__addr(o_rd__addr),
     .rd__en(o_rd__en),
     .rst(rst),
-    .wr__addr(\wr__addr$108 ),
-    .wr__data(\wr__data$110 ),
-    .wr__en(\wr__en$106 )
+    .wr__addr(\wr__addr$107 ),
+    .wr__data(\wr__data$109 ),
+    .wr__en(\wr__en$105 )
   );
   \encoder_layer_0_attention_self_key.mem_shift  mem_shift (
     .clk(clk),
-    .rd__data(\rd__data$168 ),
-    .rp__addr(\rd__addr$100 ),
+    .rd__data(\rd__data$167 ),
+    .rp__addr(\rd__addr$99 ),
     .rst(rst),
     .wp__addr(shift_wr__addr),
     .wp__data(shift_wr__data),
@@ -1240,8 +1228,8 @@ module encoder_layer_0_attention_self_key(m, a_wr__en, a_wr__addr, a_wr__data, w
   );
   \encoder_layer_0_attention_self_key.mem_w  mem_w (
     .clk(clk),
-    .q_d1(\rd__data$84 ),
-    .rd__addr(\rd__addr$75 ),
+    .q_d1(\rd__data$83 ),
+    .rd__addr(\rd__addr$74 ),
     .rst(rst),
     .wr__addr(w_wr__addr),
     .wr__data(w_wr__data),
@@ -1258,7 +1246,7 @@ module encoder_layer_0_attention_self_key(m, a_wr__en, a_wr__addr, a_wr__data, w
   \encoder_layer_0_attention_self_key.rq  rq (
     .clk(clk),
     .i(i),
-    .o(\wr__data$110 ),
+    .o(\wr__data$109 ),
     .rst(rst)
   );
   always @* begin
@@ -1279,79 +1267,141 @@ module encoder_layer_0_attention_self_key(m, a_wr__en, a_wr__addr, a_wr__data, w
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$119  = fetch;
+    \$115  = fetch;
     if (idle) begin
-      \$119  = 1'h0;
+      \$115  = 1'h0;
     end
     if (rst) begin
-      \$119  = 1'h0;
+      \$115  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$120  = fetch0;
+    \$116  = fetch0;
     if (idle) begin
-      \$120  = 1'h0;
+      \$116  = 1'h0;
     end
     if (rst) begin
-      \$120  = 1'h0;
+      \$116  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$121  = ptr;
+    \$117  = ptr;
     if (fetch) begin
-      \$121  = \$38 [9:0];
+      (* full_case = 32'd1 *)
+      if (\$33 ) begin
+        \$117  = 10'h001;
+      end else begin
+        \$117  = \$36 [9:0];
+      end
     end
     if (idle) begin
-      \$121  = 10'h001;
+      \$117  = 10'h001;
     end
     if (rst) begin
-      \$121  = 10'h000;
+      \$117  = 10'h000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$122  = \start$44 ;
+    \$118  = f_left;
+    if (fetch) begin
+      if (\$33 ) begin
+        \$118  = \$34 [7:0];
+      end
+    end
+    if (hdr0) begin
+      \$118  = m_q;
+    end
+    if (rst) begin
+      \$118  = 8'h00;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
+    \$119  = f_last;
+    if (fetch) begin
+      if (\$33 ) begin
+        \$119  = \$35 ;
+      end
+    end
+    if (hdr0) begin
+      \$119  = \$113 ;
+    end
+    if (rst) begin
+      \$119  = 1'h0;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
+    \$120  = fetching;
+    if (fetch) begin
+      if (\$33 ) begin
+        if (f_last) begin
+          \$120  = 1'h0;
+        end
+      end
+    end
+    if (hdr1) begin
+      \$120  = 1'h1;
+    end
+    if (idle) begin
+      \$120  = 1'h0;
+    end
+    if (rst) begin
+      \$120  = 1'h0;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
+    \$121  = \start$44 ;
+    if (rst) begin
+      \$121  = 1'h0;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
+    \$122  = hdr0;
     if (rst) begin
       \$122  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$123  = hdr0;
-    if (rst) begin
-      \$123  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$124  = n_ent;
+    \$123  = n_ent;
     if (hdr1) begin
-      \$124  = \rd__data$117 [9:0];
+      \$123  = \rd__data$118 [9:0];
     end
     if (rst) begin
-      \$124  = 10'h000;
+      \$123  = 10'h000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$125  = fetching;
-    if (hdr1) begin
-      \$125  = 1'h1;
-    end
-    if (idle) begin
-      \$125  = 1'h0;
+    \$124  = ent_q0;
+    if (\$38 ) begin
+      \$124  = \rd__data$118 ;
     end
     if (rst) begin
-      \$125  = 1'h0;
+      \$124  = 30'h00000000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$126  = ent_q0;
+    \$125  = ent_q1;
     if (\$40 ) begin
-      \$126  = \rd__data$117 ;
+      \$125  = \rd__data$118 ;
+    end
+    if (rst) begin
+      \$125  = 30'h00000000;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
+    \$126  = ent_q2;
+    if (\$42 ) begin
+      \$126  = \rd__data$118 ;
     end
     if (rst) begin
       \$126  = 30'h00000000;
@@ -1359,9 +1409,9 @@ module encoder_layer_0_attention_self_key(m, a_wr__en, a_wr__addr, a_wr__data, w
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$127  = ent_q1;
-    if (\$42 ) begin
-      \$127  = \rd__data$117 ;
+    \$127  = ent_q3;
+    if (\$44 ) begin
+      \$127  = \rd__data$118 ;
     end
     if (rst) begin
       \$127  = 30'h00000000;
@@ -1369,9 +1419,9 @@ module encoder_layer_0_attention_self_key(m, a_wr__en, a_wr__addr, a_wr__data, w
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$128  = ent_q2;
-    if (\$44 ) begin
-      \$128  = \rd__data$117 ;
+    \$128  = ent_q4;
+    if (\$46 ) begin
+      \$128  = \rd__data$118 ;
     end
     if (rst) begin
       \$128  = 30'h00000000;
@@ -1379,19 +1429,22 @@ module encoder_layer_0_attention_self_key(m, a_wr__en, a_wr__addr, a_wr__data, w
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$129  = ent_q3;
-    if (\$46 ) begin
-      \$129  = \rd__data$117 ;
+    \$129  = wp;
+    if (fetch1) begin
+      \$129  = \$49 [2:0];
+    end
+    if (idle) begin
+      \$129  = 3'h0;
     end
     if (rst) begin
-      \$129  = 30'h00000000;
+      \$129  = 3'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$130  = ent_q4;
-    if (\$48 ) begin
-      \$130  = \rd__data$117 ;
+    \$130  = ent_head;
+    if (load) begin
+      \$130  = oldest;
     end
     if (rst) begin
       \$130  = 30'h00000000;
@@ -1399,9 +1452,9 @@ module encoder_layer_0_attention_self_key(m, a_wr__en, a_wr__addr, a_wr__data, w
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$131  = wp;
-    if (fetch1) begin
-      \$131  = \$51 [2:0];
+    \$131  = rp;
+    if (load) begin
+      \$131  = \$52 [2:0];
     end
     if (idle) begin
       \$131  = 3'h0;
@@ -1412,128 +1465,135 @@ module encoder_layer_0_attention_self_key(m, a_wr__en, a_wr__addr, a_wr__data, w
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$132  = ent_head;
-    if (load) begin
-      \$132  = oldest;
-    end
-    if (rst) begin
-      \$132  = 30'h00000000;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$133  = rp;
-    if (load) begin
-      \$133  = \$54 [2:0];
-    end
+    \$132  = \$54 [2:0];
     if (idle) begin
-      \$133  = 3'h0;
+      \$132  = 3'h0;
     end
     if (rst) begin
-      \$133  = 3'h0;
+      \$132  = 3'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$134  = \$56 [2:0];
+    \$133  = \$58 ;
     if (idle) begin
-      \$134  = 3'h0;
+      \$133  = 1'h0;
     end
     if (rst) begin
-      \$134  = 3'h0;
+      \$133  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$135  = \$60 ;
+    \$134  = \$61 ;
     if (idle) begin
-      \$135  = 1'h0;
+      \$134  = 1'h0;
     end
     if (rst) begin
-      \$135  = 1'h0;
+      \$134  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$136  = \$63 ;
+    \$135  = \$63 [2:0];
     if (idle) begin
-      \$136  = 1'h0;
+      \$135  = 3'h0;
     end
     if (rst) begin
-      \$136  = 1'h0;
+      \$135  = 3'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$137  = \$65 [2:0];
-    if (idle) begin
-      \$137  = 3'h0;
-    end
-    if (rst) begin
-      \$137  = 3'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$138  = a_off;
+    \$136  = a_off;
     if (load) begin
-      \$138  = oldest[8:0];
-    end else if (\$66 ) begin
-      \$138  = \$68 [8:0];
+      \$136  = oldest[8:0];
+    end else if (\$64 ) begin
+      \$136  = \$66 [8:0];
     end
     if (rst) begin
-      \$138  = 9'h000;
+      \$136  = 9'h000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$139  = \rd__addr$75 ;
+    \$137  = \rd__addr$74 ;
     if (load) begin
-      \$139  = oldest[22:9];
-    end else if (\$66 ) begin
-      \$139  = \$69 [13:0];
+      \$137  = oldest[22:9];
+    end else if (\$64 ) begin
+      \$137  = \$67 [13:0];
     end
     if (rst) begin
-      \$139  = 14'h0000;
+      \$137  = 14'h0000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$140  = kk_last;
+    \$138  = kk_rem;
     if (load) begin
-      \$140  = \$67 ;
-    end else if (\$66 ) begin
-      \$140  = \$71 ;
+      \$138  = oldest[26:23];
+    end else if (\$64 ) begin
+      \$138  = \$68 [3:0];
     end
     if (rst) begin
-      \$140  = 1'h0;
+      \$138  = 4'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$141  = tcnt;
+    \$139  = kk_last;
+    if (load) begin
+      \$139  = \$65 ;
+    end else if (\$64 ) begin
+      \$139  = \$69 ;
+    end
+    if (rst) begin
+      \$139  = 1'h0;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
+    \$140  = tcnt;
     if (go) begin
       if (tile_end) begin
-        \$141  = 5'h00;
-      end else if (\$72 ) begin
-        \$141  = \$73 [4:0];
+        \$140  = 5'h00;
+      end else if (\$70 ) begin
+        \$140  = \$71 [4:0];
       end
     end
     if (idle) begin
-      \$141  = 5'h00;
+      \$140  = 5'h00;
     end
     if (rst) begin
-      \$141  = 5'h00;
+      \$140  = 5'h00;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$142  = tcnt_ok;
+    \$141  = tcnt_ok;
     if (go) begin
+      if (tile_end) begin
+        \$141  = 1'h0;
+      end else if (\$70 ) begin
+        \$141  = \$73 ;
+      end
+    end
+    if (idle) begin
+      \$141  = 1'h0;
+    end
+    if (rst) begin
+      \$141  = 1'h0;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
+    \$142  = pad;
+    if (go) begin
+      if (\$76 ) begin
+        \$142  = 1'h1;
+      end
       if (tile_end) begin
         \$142  = 1'h0;
-      end else if (\$72 ) begin
-        \$142  = \$75 ;
       end
     end
     if (idle) begin
@@ -1545,508 +1605,454 @@ module encoder_layer_0_attention_self_key(m, a_wr__en, a_wr__addr, a_wr__data, w
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$143  = kk;
+    \$143  = sweep_end;
     if (go) begin
-      if (entry_end) begin
-        \$143  = 4'h0;
-      end else if (\real ) begin
-        \$143  = \$78 [3:0];
+      if (\$76 ) begin
+        \$143  = ent_head[29];
       end
     end
-    if (idle) begin
-      \$143  = 4'h0;
-    end
     if (rst) begin
-      \$143  = 4'h0;
+      \$143  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$144  = pad;
+    \$144  = a_base;
     if (go) begin
-      if (entry_end) begin
-        if (\$77 ) begin
-          \$144  = 1'h1;
-        end
-      end
       if (tile_end) begin
-        \$144  = 1'h0;
+        if (list_end) begin
+          \$144  = \$77 [11:0];
+        end
       end
     end
     if (idle) begin
-      \$144  = 1'h0;
+      \$144  = 12'h000;
     end
     if (rst) begin
-      \$144  = 1'h0;
+      \$144  = 12'h000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$145  = sweep_end;
-    if (go) begin
-      if (entry_end) begin
-        if (\$77 ) begin
-          \$145  = ent_head[29];
-        end
-      end
-    end
+    \$145  = go;
     if (rst) begin
       \$145  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$146  = left;
-    if (go) begin
-      if (tile_end) begin
-        if (list_end) begin
-          \$146  = \$79 [7:0];
-        end
-      end
-    end
-    if (hdr0) begin
-      \$146  = m_q;
-    end
+    \$146  = \$78 ;
     if (rst) begin
-      \$146  = 8'h00;
+      \$146  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$147  = last_mt;
-    if (go) begin
-      if (tile_end) begin
-        if (list_end) begin
-          \$147  = \$80 ;
-        end
-      end
-    end
-    if (hdr0) begin
-      \$147  = \$117 ;
-    end
+    \$147  = tile_end;
     if (rst) begin
       \$147  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$148  = a_base;
-    if (go) begin
-      if (tile_end) begin
-        if (list_end) begin
-          \$148  = \$81 [11:0];
-        end
-      end
-    end
-    if (idle) begin
-      \$148  = 12'h000;
-    end
+    \$148  = valid_d0;
     if (rst) begin
-      \$148  = 12'h000;
+      \$148  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$149  = run;
-    if (go) begin
-      if (tile_end) begin
-        if (list_end) begin
-          if (last_mt) begin
-            \$149  = 1'h0;
-          end
-        end
-      end
-    end
-    if (\start$44 ) begin
-      \$149  = 1'h1;
-    end
+    \$149  = first_d0;
     if (rst) begin
       \$149  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$150  = go;
+    \$150  = last_d0;
     if (rst) begin
       \$150  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$151  = \$82 ;
+    \$151  = valid_d1;
     if (rst) begin
       \$151  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$152  = tile_end;
+    \$152  = first_d1;
     if (rst) begin
       \$152  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$153  = valid_d0;
+    \$153  = last_d1;
     if (rst) begin
       \$153  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$154  = first_d0;
+    \$154  = valid_d2;
     if (rst) begin
       \$154  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$155  = last_d0;
+    \$155  = first_d2;
     if (rst) begin
       \$155  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$156  = valid_d1;
+    \$156  = last_d2;
     if (rst) begin
       \$156  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$157  = first_d1;
+    \$157  = valid_d3;
     if (rst) begin
       \$157  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$158  = last_d1;
+    \$158  = first_d3;
     if (rst) begin
       \$158  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$159  = valid_d2;
+    \$159  = last_d3;
     if (rst) begin
       \$159  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$160  = first_d2;
+    \$160  = valid_d4;
     if (rst) begin
       \$160  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$161  = last_d2;
+    \$161  = first_d4;
     if (rst) begin
       \$161  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$162  = valid_d3;
+    \$162  = last_d4;
     if (rst) begin
       \$162  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$163  = first_d3;
+    \$163  = valid_d5;
     if (rst) begin
       \$163  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$164  = last_d3;
+    \$164  = first_d5;
     if (rst) begin
       \$164  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$165  = valid_d4;
+    \$165  = last_d5;
     if (rst) begin
       \$165  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$166  = first_d4;
+    \$166  = \$79 ;
     if (rst) begin
       \$166  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$167  = last_d4;
+    \$167  = w_real_d0;
     if (rst) begin
       \$167  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$168  = valid_d5;
+    \$168  = w_real_d1;
     if (rst) begin
       \$168  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$169  = first_d5;
+    \$169  = w_real_d2;
     if (rst) begin
       \$169  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$170  = last_d5;
+    \$170  = w_real_d3;
     if (rst) begin
       \$170  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$171  = \$83 ;
+    \$171  = w_real_d4;
     if (rst) begin
       \$171  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$172  = w_real_d0;
+    \$172  = w_real_d4;
     if (rst) begin
       \$172  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$173  = w_real_d1;
+    \$173  = w_real_d4;
     if (rst) begin
       \$173  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$174  = w_real_d2;
+    \$174  = w_real_d4;
     if (rst) begin
       \$174  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$175  = w_real_d3;
+    \$175  = w_real_g0;
     if (rst) begin
       \$175  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$176  = w_real_d4;
+    \$176  = w_real_g0;
     if (rst) begin
       \$176  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$177  = w_real_d4;
+    \$177  = w_real_g0;
     if (rst) begin
       \$177  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$178  = w_real_d4;
+    \$178  = w_real_g0;
     if (rst) begin
       \$178  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$179  = w_real_d4;
+    \$179  = w_real_g1;
     if (rst) begin
       \$179  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$180  = w_real_g0;
+    \$180  = w_real_g1;
     if (rst) begin
       \$180  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$181  = w_real_g0;
+    \$181  = w_real_g1;
     if (rst) begin
       \$181  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$182  = w_real_g0;
+    \$182  = w_real_g1;
     if (rst) begin
       \$182  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$183  = w_real_g0;
+    \$183  = w_real_g2;
     if (rst) begin
       \$183  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$184  = w_real_g1;
+    \$184  = w_real_g2;
     if (rst) begin
       \$184  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$185  = w_real_g1;
+    \$185  = w_real_g2;
     if (rst) begin
       \$185  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$186  = w_real_g1;
+    \$186  = w_real_g2;
     if (rst) begin
       \$186  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$187  = w_real_g1;
+    \$187  = w_real_g3;
     if (rst) begin
       \$187  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$188  = w_real_g2;
+    \$188  = w_real_g3;
     if (rst) begin
       \$188  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$189  = w_real_g2;
+    \$189  = w_real_g3;
     if (rst) begin
       \$189  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$190  = w_real_g2;
+    \$190  = w_real_g3;
     if (rst) begin
       \$190  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$191  = w_real_g2;
+    \$191  = \rd__addr$99 ;
+    if (\$80 ) begin
+      (* full_case = 32'd1 *)
+      if (\$81 ) begin
+        \$191  = 5'h00;
+      end else begin
+        \$191  = \$85 [4:0];
+      end
+    end
+    if (idle) begin
+      \$191  = 5'h00;
+    end
     if (rst) begin
-      \$191  = 1'h0;
+      \$191  = 5'h00;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$192  = w_real_g3;
+    \$192  = out_left;
+    if (\$80 ) begin
+      if (\$81 ) begin
+        \$192  = \$82 [7:0];
+      end
+    end
+    if (hdr0) begin
+      \$192  = m_q;
+    end
     if (rst) begin
-      \$192  = 1'h0;
+      \$192  = 8'h00;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$193  = w_real_g3;
+    \$193  = out_last;
+    if (\$80 ) begin
+      if (\$81 ) begin
+        \$193  = \$83 ;
+      end
+    end
+    if (hdr0) begin
+      \$193  = \$114 ;
+    end
     if (rst) begin
       \$193  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$194  = w_real_g3;
+    \$194  = tile_base;
+    if (\$80 ) begin
+      (* full_case = 32'd1 *)
+      if (\$81 ) begin
+        \$194  = \$84 [11:0];
+      end else begin
+        \$194  = \$86 [11:0];
+      end
+    end
+    if (idle) begin
+      \$194  = 12'h000;
+    end
     if (rst) begin
-      \$194  = 1'h0;
+      \$194  = 12'h000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$195  = w_real_g3;
+    \$195  = o__valid;
     if (rst) begin
       \$195  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$196  = \rd__addr$100 ;
-    if (\$84 ) begin
-      (* full_case = 32'd1 *)
-      if (\$85 ) begin
-        \$196  = 5'h00;
-      end else begin
-        \$196  = \$89 [4:0];
-      end
-    end
-    if (idle) begin
-      \$196  = 5'h00;
-    end
+    \$196  = \$87 ;
     if (rst) begin
-      \$196  = 5'h00;
+      \$196  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$197  = out_left;
-    if (\$84 ) begin
-      if (\$85 ) begin
-        \$197  = \$86 [7:0];
-      end
-    end
-    if (hdr0) begin
-      \$197  = m_q;
-    end
+    \$197  = \$88 ;
     if (rst) begin
-      \$197  = 8'h00;
+      \$197  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$198  = out_last;
-    if (\$84 ) begin
-      if (\$85 ) begin
-        \$198  = \$87 ;
-      end
-    end
-    if (hdr0) begin
-      \$198  = \$118 ;
-    end
+    \$198  = o__payload[383:0];
     if (rst) begin
-      \$198  = 1'h0;
+      \$198  = 384'h000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$199  = tile_base;
-    if (\$84 ) begin
-      (* full_case = 32'd1 *)
-      if (\$85 ) begin
-        \$199  = \$88 [11:0];
-      end else begin
-        \$199  = \$90 [11:0];
-      end
-    end
-    if (idle) begin
-      \$199  = 12'h000;
+    \$199  = addr1;
+    if (o__valid) begin
+      \$199  = \$91 [11:0];
     end
     if (rst) begin
       \$199  = 12'h000;
@@ -2054,248 +2060,210 @@ module encoder_layer_0_attention_self_key(m, a_wr__en, a_wr__addr, a_wr__data, w
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$200  = o__valid;
+    \$200  = \$92 ;
     if (rst) begin
       \$200  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$201  = \$91 ;
+    \$201  = \$signal$154 ;
     if (rst) begin
       \$201  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$202  = \$92 ;
+    \$202  = addr1;
     if (rst) begin
-      \$202  = 1'h0;
+      \$202  = 12'h000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$203  = o__payload[383:0];
+    \$203  = acc1;
     if (rst) begin
       \$203  = 384'h000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$204  = addr1;
-    if (o__valid) begin
-      \$204  = \$95 [11:0];
-    end
+    \$204  = \$signal$158 ;
     if (rst) begin
-      \$204  = 12'h000;
+      \$204  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$205  = \$96 ;
+    \$205  = fin2;
     if (rst) begin
       \$205  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$206  = \$signal$155 ;
+    \$206  = addr2;
     if (rst) begin
-      \$206  = 1'h0;
+      \$206  = 12'h000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$207  = addr1;
+    \$207 [23:0] = \$93 [23:0];
+    \$207 [386:384] = \rd__data$167 [2:0];
+    \$207 [47:24] = \$94 [23:0];
+    \$207 [389:387] = \rd__data$167 [5:3];
+    \$207 [71:48] = \$95 [23:0];
+    \$207 [392:390] = \rd__data$167 [8:6];
+    \$207 [95:72] = \$96 [23:0];
+    \$207 [395:393] = \rd__data$167 [11:9];
+    \$207 [119:96] = \$97 [23:0];
+    \$207 [398:396] = \rd__data$167 [14:12];
+    \$207 [143:120] = \$98 [23:0];
+    \$207 [401:399] = \rd__data$167 [17:15];
+    \$207 [167:144] = \$99 [23:0];
+    \$207 [404:402] = \rd__data$167 [20:18];
+    \$207 [191:168] = \$100 [23:0];
+    \$207 [407:405] = \rd__data$167 [23:21];
+    \$207 [215:192] = \$101 [23:0];
+    \$207 [410:408] = \rd__data$167 [26:24];
+    \$207 [239:216] = \$102 [23:0];
+    \$207 [413:411] = \rd__data$167 [29:27];
+    \$207 [263:240] = \$103 [23:0];
+    \$207 [416:414] = \rd__data$167 [32:30];
+    \$207 [287:264] = \$104 [23:0];
+    \$207 [419:417] = \rd__data$167 [35:33];
+    \$207 [311:288] = \$105 [23:0];
+    \$207 [422:420] = \rd__data$167 [38:36];
+    \$207 [335:312] = \$106 [23:0];
+    \$207 [425:423] = \rd__data$167 [41:39];
+    \$207 [359:336] = \$107 [23:0];
+    \$207 [428:426] = \rd__data$167 [44:42];
+    \$207 [383:360] = \$108 [23:0];
+    \$207 [431:429] = \rd__data$167 [47:45];
     if (rst) begin
-      \$207  = 12'h000;
+      \$207  = 432'h000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$208  = acc1;
+    \$208  = \$signal$162 ;
     if (rst) begin
-      \$208  = 384'h000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000;
+      \$208  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$209  = \$signal$159 ;
+    \$209  = fin3;
     if (rst) begin
       \$209  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$210  = fin2;
+    \$210  = addr3;
     if (rst) begin
-      \$210  = 1'h0;
+      \$210  = 12'h000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$211  = addr2;
+    \$211  = v_q_d0;
     if (rst) begin
-      \$211  = 12'h000;
+      \$211  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$212 [23:0] = \$97 [23:0];
-    \$212 [386:384] = \rd__data$168 [2:0];
-    \$212 [47:24] = \$98 [23:0];
-    \$212 [389:387] = \rd__data$168 [5:3];
-    \$212 [71:48] = \$99 [23:0];
-    \$212 [392:390] = \rd__data$168 [8:6];
-    \$212 [95:72] = \$100 [23:0];
-    \$212 [395:393] = \rd__data$168 [11:9];
-    \$212 [119:96] = \$101 [23:0];
-    \$212 [398:396] = \rd__data$168 [14:12];
-    \$212 [143:120] = \$102 [23:0];
-    \$212 [401:399] = \rd__data$168 [17:15];
-    \$212 [167:144] = \$103 [23:0];
-    \$212 [404:402] = \rd__data$168 [20:18];
-    \$212 [191:168] = \$104 [23:0];
-    \$212 [407:405] = \rd__data$168 [23:21];
-    \$212 [215:192] = \$105 [23:0];
-    \$212 [410:408] = \rd__data$168 [26:24];
-    \$212 [239:216] = \$106 [23:0];
-    \$212 [413:411] = \rd__data$168 [29:27];
-    \$212 [263:240] = \$107 [23:0];
-    \$212 [416:414] = \rd__data$168 [32:30];
-    \$212 [287:264] = \$108 [23:0];
-    \$212 [419:417] = \rd__data$168 [35:33];
-    \$212 [311:288] = \$109 [23:0];
-    \$212 [422:420] = \rd__data$168 [38:36];
-    \$212 [335:312] = \$110 [23:0];
-    \$212 [425:423] = \rd__data$168 [41:39];
-    \$212 [359:336] = \$111 [23:0];
-    \$212 [428:426] = \rd__data$168 [44:42];
-    \$212 [383:360] = \$112 [23:0];
-    \$212 [431:429] = \rd__data$168 [47:45];
+    \$212  = fin_q_d0;
     if (rst) begin
-      \$212  = 432'h000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000;
+      \$212  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$213  = \$signal$163 ;
+    \$213  = addr_q_d0;
     if (rst) begin
-      \$213  = 1'h0;
+      \$213  = 12'h000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$214  = fin3;
+    \$214  = v_q_d1;
     if (rst) begin
       \$214  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$215  = addr3;
+    \$215  = fin_q_d1;
     if (rst) begin
-      \$215  = 12'h000;
+      \$215  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$216  = v_q_d0;
+    \$216  = addr_q_d1;
     if (rst) begin
-      \$216  = 1'h0;
+      \$216  = 12'h000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$217  = fin_q_d0;
+    \$217  = fin_q_d2;
     if (rst) begin
       \$217  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$218  = addr_q_d0;
+    \$218  = fin_o_d0;
     if (rst) begin
-      \$218  = 12'h000;
+      \$218  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$219  = v_q_d1;
+    \$219  = fin_o_d1;
     if (rst) begin
       \$219  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$220  = fin_q_d1;
+    \$220  = fin_o_d2;
     if (rst) begin
       \$220  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$221  = addr_q_d1;
+    \$221  = \$112 ;
     if (rst) begin
-      \$221  = 12'h000;
+      \$221  = 1'h1;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$222  = fin_q_d2;
+    \$222  = \busy$42 ;
+    if (done) begin
+      \$222  = 1'h0;
+    end
+    if (\start$44 ) begin
+      \$222  = 1'h1;
+    end
     if (rst) begin
       \$222  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$223  = fin_o_d0;
-    if (rst) begin
-      \$223  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$224  = fin_o_d1;
-    if (rst) begin
-      \$224  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$225  = fin_o_d2;
-    if (rst) begin
-      \$225  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$226  = \$116 ;
-    if (rst) begin
-      \$226  = 1'h1;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$227  = \busy$42 ;
-    if (done) begin
-      \$227  = 1'h0;
-    end
-    if (\start$44 ) begin
-      \$227  = 1'h1;
-    end
-    if (rst) begin
-      \$227  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$228  = m_q;
+    \$223  = m_q;
     if (idle) begin
-      \$228  = m;
+      \$223  = m;
     end
     if (rst) begin
-      \$228  = 8'h00;
+      \$223  = 8'h00;
     end
   end
   assign wr__addr = a_wr__addr;
@@ -2317,14 +2285,14 @@ module encoder_layer_0_attention_self_key(m, a_wr__en, a_wr__addr, a_wr__data, w
   assign rd__data = o_rd__data;
   assign rd__en = o_rd__en;
   assign \done$43  = done;
-  assign \rd__addr$72  = \$17 [11:0];
-  assign w_addr = \rd__addr$75 ;
+  assign \rd__addr$71  = \$14 [11:0];
+  assign w_addr = \rd__addr$74 ;
   assign valid_d6 = i__valid;
-  assign out_nt = \rd__addr$100 ;
-  assign \rd__addr$102  = \rd__addr$100 ;
-  assign v_q_d2 = \wr__en$106 ;
-  assign addr_q_d2 = \wr__addr$108 ;
-  assign o = \wr__data$110 ;
+  assign out_nt = \rd__addr$99 ;
+  assign \rd__addr$101  = \rd__addr$99 ;
+  assign v_q_d2 = \wr__en$105 ;
+  assign addr_q_d2 = \wr__addr$107 ;
+  assign o = \wr__data$109 ;
   assign \a_wr__data[0]  = a_wr__data[7:0];
   assign \a_wr__data[1]  = a_wr__data[15:8];
   assign \a_wr__data[2]  = a_wr__data[23:16];
@@ -2521,38 +2489,38 @@ module encoder_layer_0_attention_self_key(m, a_wr__en, a_wr__addr, a_wr__data, w
   assign \i__payload.b[15]  = i__payload[255:248];
   assign \i__payload.first  = i__payload[256];
   assign \i__payload.last  = i__payload[257];
-  assign \rd__data$82[0]  = \rd__data$82 [7:0];
-  assign \rd__data$82[1]  = \rd__data$82 [15:8];
-  assign \rd__data$82[2]  = \rd__data$82 [23:16];
-  assign \rd__data$82[3]  = \rd__data$82 [31:24];
-  assign \rd__data$82[4]  = \rd__data$82 [39:32];
-  assign \rd__data$82[5]  = \rd__data$82 [47:40];
-  assign \rd__data$82[6]  = \rd__data$82 [55:48];
-  assign \rd__data$82[7]  = \rd__data$82 [63:56];
-  assign \rd__data$82[8]  = \rd__data$82 [71:64];
-  assign \rd__data$82[9]  = \rd__data$82 [79:72];
-  assign \rd__data$82[10]  = \rd__data$82 [87:80];
-  assign \rd__data$82[11]  = \rd__data$82 [95:88];
-  assign \rd__data$82[12]  = \rd__data$82 [103:96];
-  assign \rd__data$82[13]  = \rd__data$82 [111:104];
-  assign \rd__data$82[14]  = \rd__data$82 [119:112];
-  assign \rd__data$82[15]  = \rd__data$82 [127:120];
-  assign \rd__data$84[0]  = \rd__data$84 [7:0];
-  assign \rd__data$84[1]  = \rd__data$84 [15:8];
-  assign \rd__data$84[2]  = \rd__data$84 [23:16];
-  assign \rd__data$84[3]  = \rd__data$84 [31:24];
-  assign \rd__data$84[4]  = \rd__data$84 [39:32];
-  assign \rd__data$84[5]  = \rd__data$84 [47:40];
-  assign \rd__data$84[6]  = \rd__data$84 [55:48];
-  assign \rd__data$84[7]  = \rd__data$84 [63:56];
-  assign \rd__data$84[8]  = \rd__data$84 [71:64];
-  assign \rd__data$84[9]  = \rd__data$84 [79:72];
-  assign \rd__data$84[10]  = \rd__data$84 [87:80];
-  assign \rd__data$84[11]  = \rd__data$84 [95:88];
-  assign \rd__data$84[12]  = \rd__data$84 [103:96];
-  assign \rd__data$84[13]  = \rd__data$84 [111:104];
-  assign \rd__data$84[14]  = \rd__data$84 [119:112];
-  assign \rd__data$84[15]  = \rd__data$84 [127:120];
+  assign \rd__data$81[0]  = \rd__data$81 [7:0];
+  assign \rd__data$81[1]  = \rd__data$81 [15:8];
+  assign \rd__data$81[2]  = \rd__data$81 [23:16];
+  assign \rd__data$81[3]  = \rd__data$81 [31:24];
+  assign \rd__data$81[4]  = \rd__data$81 [39:32];
+  assign \rd__data$81[5]  = \rd__data$81 [47:40];
+  assign \rd__data$81[6]  = \rd__data$81 [55:48];
+  assign \rd__data$81[7]  = \rd__data$81 [63:56];
+  assign \rd__data$81[8]  = \rd__data$81 [71:64];
+  assign \rd__data$81[9]  = \rd__data$81 [79:72];
+  assign \rd__data$81[10]  = \rd__data$81 [87:80];
+  assign \rd__data$81[11]  = \rd__data$81 [95:88];
+  assign \rd__data$81[12]  = \rd__data$81 [103:96];
+  assign \rd__data$81[13]  = \rd__data$81 [111:104];
+  assign \rd__data$81[14]  = \rd__data$81 [119:112];
+  assign \rd__data$81[15]  = \rd__data$81 [127:120];
+  assign \rd__data$83[0]  = \rd__data$83 [7:0];
+  assign \rd__data$83[1]  = \rd__data$83 [15:8];
+  assign \rd__data$83[2]  = \rd__data$83 [23:16];
+  assign \rd__data$83[3]  = \rd__data$83 [31:24];
+  assign \rd__data$83[4]  = \rd__data$83 [39:32];
+  assign \rd__data$83[5]  = \rd__data$83 [47:40];
+  assign \rd__data$83[6]  = \rd__data$83 [55:48];
+  assign \rd__data$83[7]  = \rd__data$83 [63:56];
+  assign \rd__data$83[8]  = \rd__data$83 [71:64];
+  assign \rd__data$83[9]  = \rd__data$83 [79:72];
+  assign \rd__data$83[10]  = \rd__data$83 [87:80];
+  assign \rd__data$83[11]  = \rd__data$83 [95:88];
+  assign \rd__data$83[12]  = \rd__data$83 [103:96];
+  assign \rd__data$83[13]  = \rd__data$83 [111:104];
+  assign \rd__data$83[14]  = \rd__data$83 [119:112];
+  assign \rd__data$83[15]  = \rd__data$83 [127:120];
   assign \o__payload.data  = o__payload[383:0];
   assign \o__payload.data[0]  = o__payload[23:0];
   assign \o__payload.data[1]  = o__payload[47:24];
@@ -2572,38 +2540,38 @@ module encoder_layer_0_attention_self_key(m, a_wr__en, a_wr__addr, a_wr__data, w
   assign \o__payload.data[15]  = o__payload[383:360];
   assign \o__payload.row  = o__payload[387:384];
   assign \o__payload.last  = o__payload[388];
-  assign \wr__data$110[0]  = \wr__data$110 [7:0];
-  assign \wr__data$110[1]  = \wr__data$110 [15:8];
-  assign \wr__data$110[2]  = \wr__data$110 [23:16];
-  assign \wr__data$110[3]  = \wr__data$110 [31:24];
-  assign \wr__data$110[4]  = \wr__data$110 [39:32];
-  assign \wr__data$110[5]  = \wr__data$110 [47:40];
-  assign \wr__data$110[6]  = \wr__data$110 [55:48];
-  assign \wr__data$110[7]  = \wr__data$110 [63:56];
-  assign \wr__data$110[8]  = \wr__data$110 [71:64];
-  assign \wr__data$110[9]  = \wr__data$110 [79:72];
-  assign \wr__data$110[10]  = \wr__data$110 [87:80];
-  assign \wr__data$110[11]  = \wr__data$110 [95:88];
-  assign \wr__data$110[12]  = \wr__data$110 [103:96];
-  assign \wr__data$110[13]  = \wr__data$110 [111:104];
-  assign \wr__data$110[14]  = \wr__data$110 [119:112];
-  assign \wr__data$110[15]  = \wr__data$110 [127:120];
-  assign \o[0]  = \wr__data$110 [7:0];
-  assign \o[1]  = \wr__data$110 [15:8];
-  assign \o[2]  = \wr__data$110 [23:16];
-  assign \o[3]  = \wr__data$110 [31:24];
-  assign \o[4]  = \wr__data$110 [39:32];
-  assign \o[5]  = \wr__data$110 [47:40];
-  assign \o[6]  = \wr__data$110 [55:48];
-  assign \o[7]  = \wr__data$110 [63:56];
-  assign \o[8]  = \wr__data$110 [71:64];
-  assign \o[9]  = \wr__data$110 [79:72];
-  assign \o[10]  = \wr__data$110 [87:80];
-  assign \o[11]  = \wr__data$110 [95:88];
-  assign \o[12]  = \wr__data$110 [103:96];
-  assign \o[13]  = \wr__data$110 [111:104];
-  assign \o[14]  = \wr__data$110 [119:112];
-  assign \o[15]  = \wr__data$110 [127:120];
+  assign \wr__data$109[0]  = \wr__data$109 [7:0];
+  assign \wr__data$109[1]  = \wr__data$109 [15:8];
+  assign \wr__data$109[2]  = \wr__data$109 [23:16];
+  assign \wr__data$109[3]  = \wr__data$109 [31:24];
+  assign \wr__data$109[4]  = \wr__data$109 [39:32];
+  assign \wr__data$109[5]  = \wr__data$109 [47:40];
+  assign \wr__data$109[6]  = \wr__data$109 [55:48];
+  assign \wr__data$109[7]  = \wr__data$109 [63:56];
+  assign \wr__data$109[8]  = \wr__data$109 [71:64];
+  assign \wr__data$109[9]  = \wr__data$109 [79:72];
+  assign \wr__data$109[10]  = \wr__data$109 [87:80];
+  assign \wr__data$109[11]  = \wr__data$109 [95:88];
+  assign \wr__data$109[12]  = \wr__data$109 [103:96];
+  assign \wr__data$109[13]  = \wr__data$109 [111:104];
+  assign \wr__data$109[14]  = \wr__data$109 [119:112];
+  assign \wr__data$109[15]  = \wr__data$109 [127:120];
+  assign \o[0]  = \wr__data$109 [7:0];
+  assign \o[1]  = \wr__data$109 [15:8];
+  assign \o[2]  = \wr__data$109 [23:16];
+  assign \o[3]  = \wr__data$109 [31:24];
+  assign \o[4]  = \wr__data$109 [39:32];
+  assign \o[5]  = \wr__data$109 [47:40];
+  assign \o[6]  = \wr__data$109 [55:48];
+  assign \o[7]  = \wr__data$109 [63:56];
+  assign \o[8]  = \wr__data$109 [71:64];
+  assign \o[9]  = \wr__data$109 [79:72];
+  assign \o[10]  = \wr__data$109 [87:80];
+  assign \o[11]  = \wr__data$109 [95:88];
+  assign \o[12]  = \wr__data$109 [103:96];
+  assign \o[13]  = \wr__data$109 [111:104];
+  assign \o[14]  = \wr__data$109 [119:112];
+  assign \o[15]  = \wr__data$109 [127:120];
   assign \acc1[0]  = acc1[23:0];
   assign \acc1[1]  = acc1[47:24];
   assign \acc1[2]  = acc1[71:48];
@@ -2670,70 +2638,70 @@ module encoder_layer_0_attention_self_key(m, a_wr__en, a_wr__addr, a_wr__data, w
   assign \i.t[13]  = i[425:423];
   assign \i.t[14]  = i[428:426];
   assign \i.t[15]  = i[431:429];
-  assign \rd__data$167[0]  = \rd__data$167 [5:0];
-  assign \rd__data$167[1]  = \rd__data$167 [11:6];
-  assign \rd__data$167[2]  = \rd__data$167 [17:12];
-  assign \rd__data$167[3]  = \rd__data$167 [23:18];
-  assign \rd__data$167[4]  = \rd__data$167 [29:24];
-  assign \rd__data$167[5]  = \rd__data$167 [35:30];
-  assign \rd__data$167[6]  = \rd__data$167 [41:36];
-  assign \rd__data$167[7]  = \rd__data$167 [47:42];
-  assign \rd__data$167[8]  = \rd__data$167 [53:48];
-  assign \rd__data$167[9]  = \rd__data$167 [59:54];
-  assign \rd__data$167[10]  = \rd__data$167 [65:60];
-  assign \rd__data$167[11]  = \rd__data$167 [71:66];
-  assign \rd__data$167[12]  = \rd__data$167 [77:72];
-  assign \rd__data$167[13]  = \rd__data$167 [83:78];
-  assign \rd__data$167[14]  = \rd__data$167 [89:84];
-  assign \rd__data$167[15]  = \rd__data$167 [95:90];
-  assign \rd__data$168[0]  = \rd__data$168 [2:0];
-  assign \rd__data$168[1]  = \rd__data$168 [5:3];
-  assign \rd__data$168[2]  = \rd__data$168 [8:6];
-  assign \rd__data$168[3]  = \rd__data$168 [11:9];
-  assign \rd__data$168[4]  = \rd__data$168 [14:12];
-  assign \rd__data$168[5]  = \rd__data$168 [17:15];
-  assign \rd__data$168[6]  = \rd__data$168 [20:18];
-  assign \rd__data$168[7]  = \rd__data$168 [23:21];
-  assign \rd__data$168[8]  = \rd__data$168 [26:24];
-  assign \rd__data$168[9]  = \rd__data$168 [29:27];
-  assign \rd__data$168[10]  = \rd__data$168 [32:30];
-  assign \rd__data$168[11]  = \rd__data$168 [35:33];
-  assign \rd__data$168[12]  = \rd__data$168 [38:36];
-  assign \rd__data$168[13]  = \rd__data$168 [41:39];
-  assign \rd__data$168[14]  = \rd__data$168 [44:42];
-  assign \rd__data$168[15]  = \rd__data$168 [47:45];
-  assign i__payload[255:248] = \$33 ;
-  assign i__payload[247:240] = \$32 ;
-  assign i__payload[239:232] = \$31 ;
-  assign i__payload[231:224] = \$30 ;
-  assign i__payload[223:216] = \$29 ;
-  assign i__payload[215:208] = \$28 ;
-  assign i__payload[207:200] = \$27 ;
-  assign i__payload[199:192] = \$26 ;
-  assign i__payload[191:184] = \$25 ;
-  assign i__payload[183:176] = \$24 ;
-  assign i__payload[175:168] = \$23 ;
-  assign i__payload[167:160] = \$22 ;
-  assign i__payload[159:152] = \$21 ;
-  assign i__payload[151:144] = \$20 ;
-  assign i__payload[143:136] = \$19 ;
-  assign i__payload[135:128] = \$18 ;
-  assign i__payload[127:120] = \rd__data$82 [127:120];
-  assign i__payload[119:112] = \rd__data$82 [119:112];
-  assign i__payload[111:104] = \rd__data$82 [111:104];
-  assign i__payload[103:96] = \rd__data$82 [103:96];
-  assign i__payload[95:88] = \rd__data$82 [95:88];
-  assign i__payload[87:80] = \rd__data$82 [87:80];
-  assign i__payload[79:72] = \rd__data$82 [79:72];
-  assign i__payload[71:64] = \rd__data$82 [71:64];
-  assign i__payload[63:56] = \rd__data$82 [63:56];
-  assign i__payload[55:48] = \rd__data$82 [55:48];
-  assign i__payload[47:40] = \rd__data$82 [47:40];
-  assign i__payload[39:32] = \rd__data$82 [39:32];
-  assign i__payload[31:24] = \rd__data$82 [31:24];
-  assign i__payload[23:16] = \rd__data$82 [23:16];
-  assign i__payload[15:8] = \rd__data$82 [15:8];
-  assign i__payload[7:0] = \rd__data$82 [7:0];
+  assign \rd__data$166[0]  = \rd__data$166 [5:0];
+  assign \rd__data$166[1]  = \rd__data$166 [11:6];
+  assign \rd__data$166[2]  = \rd__data$166 [17:12];
+  assign \rd__data$166[3]  = \rd__data$166 [23:18];
+  assign \rd__data$166[4]  = \rd__data$166 [29:24];
+  assign \rd__data$166[5]  = \rd__data$166 [35:30];
+  assign \rd__data$166[6]  = \rd__data$166 [41:36];
+  assign \rd__data$166[7]  = \rd__data$166 [47:42];
+  assign \rd__data$166[8]  = \rd__data$166 [53:48];
+  assign \rd__data$166[9]  = \rd__data$166 [59:54];
+  assign \rd__data$166[10]  = \rd__data$166 [65:60];
+  assign \rd__data$166[11]  = \rd__data$166 [71:66];
+  assign \rd__data$166[12]  = \rd__data$166 [77:72];
+  assign \rd__data$166[13]  = \rd__data$166 [83:78];
+  assign \rd__data$166[14]  = \rd__data$166 [89:84];
+  assign \rd__data$166[15]  = \rd__data$166 [95:90];
+  assign \rd__data$167[0]  = \rd__data$167 [2:0];
+  assign \rd__data$167[1]  = \rd__data$167 [5:3];
+  assign \rd__data$167[2]  = \rd__data$167 [8:6];
+  assign \rd__data$167[3]  = \rd__data$167 [11:9];
+  assign \rd__data$167[4]  = \rd__data$167 [14:12];
+  assign \rd__data$167[5]  = \rd__data$167 [17:15];
+  assign \rd__data$167[6]  = \rd__data$167 [20:18];
+  assign \rd__data$167[7]  = \rd__data$167 [23:21];
+  assign \rd__data$167[8]  = \rd__data$167 [26:24];
+  assign \rd__data$167[9]  = \rd__data$167 [29:27];
+  assign \rd__data$167[10]  = \rd__data$167 [32:30];
+  assign \rd__data$167[11]  = \rd__data$167 [35:33];
+  assign \rd__data$167[12]  = \rd__data$167 [38:36];
+  assign \rd__data$167[13]  = \rd__data$167 [41:39];
+  assign \rd__data$167[14]  = \rd__data$167 [44:42];
+  assign \rd__data$167[15]  = \rd__data$167 [47:45];
+  assign i__payload[255:248] = \$30 ;
+  assign i__payload[247:240] = \$29 ;
+  assign i__payload[239:232] = \$28 ;
+  assign i__payload[231:224] = \$27 ;
+  assign i__payload[223:216] = \$26 ;
+  assign i__payload[215:208] = \$25 ;
+  assign i__payload[207:200] = \$24 ;
+  assign i__payload[199:192] = \$23 ;
+  assign i__payload[191:184] = \$22 ;
+  assign i__payload[183:176] = \$21 ;
+  assign i__payload[175:168] = \$20 ;
+  assign i__payload[167:160] = \$19 ;
+  assign i__payload[159:152] = \$18 ;
+  assign i__payload[151:144] = \$17 ;
+  assign i__payload[143:136] = \$16 ;
+  assign i__payload[135:128] = \$15 ;
+  assign i__payload[127:120] = \rd__data$81 [127:120];
+  assign i__payload[119:112] = \rd__data$81 [119:112];
+  assign i__payload[111:104] = \rd__data$81 [111:104];
+  assign i__payload[103:96] = \rd__data$81 [103:96];
+  assign i__payload[95:88] = \rd__data$81 [95:88];
+  assign i__payload[87:80] = \rd__data$81 [87:80];
+  assign i__payload[79:72] = \rd__data$81 [79:72];
+  assign i__payload[71:64] = \rd__data$81 [71:64];
+  assign i__payload[63:56] = \rd__data$81 [63:56];
+  assign i__payload[55:48] = \rd__data$81 [55:48];
+  assign i__payload[47:40] = \rd__data$81 [47:40];
+  assign i__payload[39:32] = \rd__data$81 [39:32];
+  assign i__payload[31:24] = \rd__data$81 [31:24];
+  assign i__payload[23:16] = \rd__data$81 [23:16];
+  assign i__payload[15:8] = \rd__data$81 [15:8];
+  assign i__payload[7:0] = \rd__data$81 [7:0];
   assign i__payload[257] = last_d6;
   assign i__payload[256] = first_d6;
 endmodule

@@ -8,10 +8,10 @@ module encoder_layer_0_output_dense(m, a_wr__en, a_wr__addr, a_wr__data, w_wr__e
   wire \$1 ;
   wire \$10 ;
   wire \$100 ;
-  wire \$101 ;
-  wire [12:0] \$102 ;
-  wire [12:0] \$103 ;
-  wire \$104 ;
+  wire [26:0] \$101 ;
+  wire [26:0] \$102 ;
+  wire [26:0] \$103 ;
+  wire [26:0] \$104 ;
   wire [26:0] \$105 ;
   wire [26:0] \$106 ;
   wire [26:0] \$107 ;
@@ -25,34 +25,34 @@ module encoder_layer_0_output_dense(m, a_wr__en, a_wr__addr, a_wr__data, w_wr__e
   wire [26:0] \$114 ;
   wire [26:0] \$115 ;
   wire [26:0] \$116 ;
-  wire [26:0] \$117 ;
-  wire [26:0] \$118 ;
-  wire [26:0] \$119 ;
+  wire \$117 ;
+  wire \$118 ;
+  wire \$119 ;
   wire \$12 ;
-  wire [26:0] \$120 ;
+  wire \$120 ;
   wire \$121 ;
   wire \$122 ;
-  wire \$123 ;
-  wire \$124 ;
-  wire \$125 ;
-  wire \$126 ;
+  reg \$123 ;
+  reg \$124 ;
+  reg \$125 ;
+  reg \$126 ;
   reg \$127 ;
   reg \$128 ;
-  reg \$129 ;
+  reg [11:0] \$129 ;
   wire \$13 ;
-  reg \$130 ;
+  reg [7:0] \$130 ;
   reg \$131 ;
   reg \$132 ;
-  reg [11:0] \$133 ;
+  reg \$133 ;
   reg \$134 ;
   reg \$135 ;
   reg \$136 ;
   reg \$137 ;
   reg \$138 ;
-  reg \$139 ;
-  wire \$14 ;
-  reg [11:0] \$140 ;
-  reg \$141 ;
+  reg [11:0] \$139 ;
+  wire [14:0] \$14 ;
+  reg [33:0] \$140 ;
+  reg [33:0] \$141 ;
   reg [33:0] \$142 ;
   reg [33:0] \$143 ;
   reg [33:0] \$144 ;
@@ -60,30 +60,30 @@ module encoder_layer_0_output_dense(m, a_wr__en, a_wr__addr, a_wr__data, w_wr__e
   reg [33:0] \$146 ;
   reg [33:0] \$147 ;
   reg [33:0] \$148 ;
-  reg [33:0] \$149 ;
-  wire \$15 ;
+  reg [3:0] \$149 ;
+  wire [7:0] \$15 ;
   reg [33:0] \$150 ;
   reg [3:0] \$151 ;
-  reg [33:0] \$152 ;
-  reg [3:0] \$153 ;
-  reg [3:0] \$154 ;
-  reg \$155 ;
-  reg \$156 ;
-  reg [3:0] \$157 ;
-  reg [10:0] \$158 ;
-  reg [15:0] \$159 ;
-  wire \$16 ;
-  reg \$160 ;
-  reg [4:0] \$161 ;
+  reg [3:0] \$152 ;
+  reg \$153 ;
+  reg \$154 ;
+  reg [3:0] \$155 ;
+  reg [10:0] \$156 ;
+  reg [15:0] \$157 ;
+  reg [3:0] \$158 ;
+  reg \$159 ;
+  wire [7:0] \$16 ;
+  reg [4:0] \$160 ;
+  reg \$161 ;
   reg \$162 ;
-  reg [3:0] \$163 ;
-  reg \$164 ;
+  reg \$163 ;
+  reg [13:0] \$164 ;
   reg \$165 ;
-  reg [7:0] \$166 ;
+  reg \$166 ;
   reg \$167 ;
-  reg [13:0] \$168 ;
+  reg \$168 ;
   reg \$169 ;
-  wire [14:0] \$17 ;
+  wire [7:0] \$17 ;
   reg \$170 ;
   reg \$171 ;
   reg \$172 ;
@@ -130,47 +130,42 @@ module encoder_layer_0_output_dense(m, a_wr__en, a_wr__addr, a_wr__data, w_wr__e
   reg \$209 ;
   wire [7:0] \$21 ;
   reg \$210 ;
-  reg \$211 ;
-  reg \$212 ;
+  reg [4:0] \$211 ;
+  reg [7:0] \$212 ;
   reg \$213 ;
-  reg \$214 ;
+  reg [11:0] \$214 ;
   reg \$215 ;
-  reg [4:0] \$216 ;
-  reg [7:0] \$217 ;
-  reg \$218 ;
+  reg \$216 ;
+  reg \$217 ;
+  reg [415:0] \$218 ;
   reg [11:0] \$219 ;
   wire [7:0] \$22 ;
   reg \$220 ;
   reg \$221 ;
-  reg \$222 ;
+  reg [11:0] \$222 ;
   reg [415:0] \$223 ;
-  reg [11:0] \$224 ;
+  reg \$224 ;
   reg \$225 ;
-  reg \$226 ;
-  reg [11:0] \$227 ;
-  reg [415:0] \$228 ;
+  reg [11:0] \$226 ;
+  reg [479:0] \$227 ;
+  reg \$228 ;
   reg \$229 ;
   wire [7:0] \$23 ;
-  reg \$230 ;
-  reg [11:0] \$231 ;
-  reg [479:0] \$232 ;
-  reg \$233 ;
+  reg [11:0] \$230 ;
+  reg \$231 ;
+  reg \$232 ;
+  reg [11:0] \$233 ;
   reg \$234 ;
-  reg [11:0] \$235 ;
-  reg \$236 ;
+  reg \$235 ;
+  reg [11:0] \$236 ;
   reg \$237 ;
-  reg [11:0] \$238 ;
+  reg \$238 ;
   reg \$239 ;
   wire [7:0] \$24 ;
   reg \$240 ;
-  reg [11:0] \$241 ;
+  reg \$241 ;
   reg \$242 ;
-  reg \$243 ;
-  reg \$244 ;
-  reg \$245 ;
-  reg \$246 ;
-  reg \$247 ;
-  reg [7:0] \$248 ;
+  reg [7:0] \$243 ;
   wire [7:0] \$25 ;
   wire [7:0] \$26 ;
   wire [7:0] \$27 ;
@@ -178,14 +173,14 @@ module encoder_layer_0_output_dense(m, a_wr__en, a_wr__addr, a_wr__data, w_wr__e
   wire [7:0] \$29 ;
   wire \$3 ;
   wire [7:0] \$30 ;
-  wire [7:0] \$31 ;
-  wire [7:0] \$32 ;
-  wire [7:0] \$33 ;
-  wire \$34 ;
+  wire \$31 ;
+  wire \$32 ;
+  wire \$33 ;
+  wire [8:0] \$34 ;
   wire \$35 ;
-  wire \$36 ;
-  wire [12:0] \$37 ;
-  wire [12:0] \$38 ;
+  wire [12:0] \$36 ;
+  wire \$37 ;
+  wire \$38 ;
   wire \$39 ;
   wire \$4 ;
   wire \$40 ;
@@ -205,58 +200,58 @@ module encoder_layer_0_output_dense(m, a_wr__en, a_wr__addr, a_wr__data, w_wr__e
   wire \$53 ;
   wire \$54 ;
   wire \$55 ;
-  wire \$56 ;
-  wire \$57 ;
-  wire [4:0] \$58 ;
+  wire [4:0] \$56 ;
+  wire [4:0] \$57 ;
+  wire \$58 ;
   wire [4:0] \$59 ;
   wire \$6 ;
-  wire \$60 ;
+  wire [4:0] \$60 ;
   wire [4:0] \$61 ;
-  wire [4:0] \$62 ;
-  wire [4:0] \$63 ;
-  wire [5:0] \$64 ;
+  wire [5:0] \$62 ;
+  wire \$63 ;
+  wire \$64 ;
   wire \$65 ;
   wire \$66 ;
   wire \$67 ;
   wire \$68 ;
   wire \$69 ;
   wire \$7 ;
-  wire \$70 ;
-  wire \$71 ;
-  wire [4:0] \$72 ;
-  wire [5:0] \$73 ;
-  wire \$74 ;
-  wire \$75 ;
-  wire [11:0] \$76 ;
-  wire [16:0] \$77 ;
-  wire [4:0] \$78 ;
-  wire \$79 ;
+  wire [4:0] \$70 ;
+  wire [5:0] \$71 ;
+  wire \$72 ;
+  wire \$73 ;
+  wire [11:0] \$74 ;
+  wire [16:0] \$75 ;
+  wire [4:0] \$76 ;
+  wire \$77 ;
+  wire \$78 ;
+  wire [5:0] \$79 ;
   wire \$8 ;
-  wire \$80 ;
-  wire [5:0] \$81 ;
-  wire [5:0] \$82 ;
+  wire [5:0] \$80 ;
+  wire \$81 ;
+  wire \$82 ;
   wire \$83 ;
   wire \$84 ;
-  wire \$85 ;
-  wire [4:0] \$86 ;
-  wire [8:0] \$87 ;
+  wire [14:0] \$85 ;
+  wire \$86 ;
+  wire \$87 ;
   wire \$88 ;
-  wire [14:0] \$89 ;
+  wire \$89 ;
   wire \$9 ;
-  wire \$90 ;
+  wire [8:0] \$90 ;
   wire \$91 ;
-  wire \$92 ;
-  wire \$93 ;
-  wire [8:0] \$94 ;
+  wire [12:0] \$92 ;
+  wire [5:0] \$93 ;
+  wire [12:0] \$94 ;
   wire \$95 ;
-  wire [12:0] \$96 ;
-  wire [5:0] \$97 ;
+  wire \$96 ;
+  wire \$97 ;
   wire [12:0] \$98 ;
-  wire \$99 ;
+  wire [12:0] \$99 ;
   reg \$signal  = 1'h0;
-  reg \$signal$167  = 1'h0;
-  reg \$signal$171  = 1'h0;
-  reg \$signal$175  = 1'h0;
+  reg \$signal$166  = 1'h0;
+  reg \$signal$170  = 1'h0;
+  reg \$signal$174  = 1'h0;
   reg [13:0] a_base = 14'h0000;
   reg [10:0] a_off = 11'h000;
   input [13:0] a_wr__addr;
@@ -370,6 +365,8 @@ module encoder_layer_0_output_dense(m, a_wr__en, a_wr__addr, a_wr__data, w_wr__e
   input ent_wr__en;
   wire ent_wr__en;
   wire entry_end;
+  reg f_last = 1'h0;
+  reg [7:0] f_left = 8'h00;
   wire fetch;
   reg fetch0 = 1'h0;
   reg fetch1 = 1'h0;
@@ -476,8 +473,8 @@ module encoder_layer_0_output_dense(m, a_wr__en, a_wr__addr, a_wr__data, w_wr__e
   wire \i__payload.last ;
   reg i__valid = 1'h0;
   reg idle = 1'h1;
-  reg [3:0] kk = 4'h0;
   reg kk_last = 1'h0;
+  reg [3:0] kk_rem = 4'h0;
   reg last_d0 = 1'h0;
   reg last_d1 = 1'h0;
   reg last_d2 = 1'h0;
@@ -485,8 +482,6 @@ module encoder_layer_0_output_dense(m, a_wr__en, a_wr__addr, a_wr__data, w_wr__e
   reg last_d4 = 1'h0;
   reg last_d5 = 1'h0;
   reg last_d6 = 1'h0;
-  reg last_mt = 1'h0;
-  reg [7:0] left = 8'h00;
   wire list_end;
   wire load;
   input [7:0] m;
@@ -564,82 +559,82 @@ module encoder_layer_0_output_dense(m, a_wr__en, a_wr__addr, a_wr__data, w_wr__e
   wire pop;
   reg [11:0] ptr = 12'h000;
   wire [11:0] rd__addr;
-  reg [4:0] \rd__addr$104  = 5'h00;
+  reg [4:0] \rd__addr$103  = 5'h00;
   (* init = 5'h00 *)
-  wire [4:0] \rd__addr$106 ;
-  wire [11:0] \rd__addr$49 ;
-  wire [13:0] \rd__addr$76 ;
-  reg [15:0] \rd__addr$79  = 16'h0000;
+  wire [4:0] \rd__addr$105 ;
+  wire [11:0] \rd__addr$48 ;
+  wire [13:0] \rd__addr$75 ;
+  reg [15:0] \rd__addr$78  = 16'h0000;
   wire [255:0] rd__data;
-  wire [33:0] \rd__data$129 ;
-  wire [207:0] \rd__data$179 ;
-  wire [12:0] \rd__data$179[0] ;
-  wire [12:0] \rd__data$179[10] ;
-  wire [12:0] \rd__data$179[11] ;
-  wire [12:0] \rd__data$179[12] ;
-  wire [12:0] \rd__data$179[13] ;
-  wire [12:0] \rd__data$179[14] ;
-  wire [12:0] \rd__data$179[15] ;
-  wire [12:0] \rd__data$179[1] ;
-  wire [12:0] \rd__data$179[2] ;
-  wire [12:0] \rd__data$179[3] ;
-  wire [12:0] \rd__data$179[4] ;
-  wire [12:0] \rd__data$179[5] ;
-  wire [12:0] \rd__data$179[6] ;
-  wire [12:0] \rd__data$179[7] ;
-  wire [12:0] \rd__data$179[8] ;
-  wire [12:0] \rd__data$179[9] ;
-  wire [63:0] \rd__data$180 ;
-  wire [3:0] \rd__data$180[0] ;
-  wire [3:0] \rd__data$180[10] ;
-  wire [3:0] \rd__data$180[11] ;
-  wire [3:0] \rd__data$180[12] ;
-  wire [3:0] \rd__data$180[13] ;
-  wire [3:0] \rd__data$180[14] ;
-  wire [3:0] \rd__data$180[15] ;
-  wire [3:0] \rd__data$180[1] ;
-  wire [3:0] \rd__data$180[2] ;
-  wire [3:0] \rd__data$180[3] ;
-  wire [3:0] \rd__data$180[4] ;
-  wire [3:0] \rd__data$180[5] ;
-  wire [3:0] \rd__data$180[6] ;
-  wire [3:0] \rd__data$180[7] ;
-  wire [3:0] \rd__data$180[8] ;
-  wire [3:0] \rd__data$180[9] ;
-  wire [127:0] \rd__data$86 ;
-  wire [7:0] \rd__data$86[0] ;
-  wire [7:0] \rd__data$86[10] ;
-  wire [7:0] \rd__data$86[11] ;
-  wire [7:0] \rd__data$86[12] ;
-  wire [7:0] \rd__data$86[13] ;
-  wire [7:0] \rd__data$86[14] ;
-  wire [7:0] \rd__data$86[15] ;
-  wire [7:0] \rd__data$86[1] ;
-  wire [7:0] \rd__data$86[2] ;
-  wire [7:0] \rd__data$86[3] ;
-  wire [7:0] \rd__data$86[4] ;
-  wire [7:0] \rd__data$86[5] ;
-  wire [7:0] \rd__data$86[6] ;
-  wire [7:0] \rd__data$86[7] ;
-  wire [7:0] \rd__data$86[8] ;
-  wire [7:0] \rd__data$86[9] ;
-  wire [127:0] \rd__data$88 ;
-  wire [7:0] \rd__data$88[0] ;
-  wire [7:0] \rd__data$88[10] ;
-  wire [7:0] \rd__data$88[11] ;
-  wire [7:0] \rd__data$88[12] ;
-  wire [7:0] \rd__data$88[13] ;
-  wire [7:0] \rd__data$88[14] ;
-  wire [7:0] \rd__data$88[15] ;
-  wire [7:0] \rd__data$88[1] ;
-  wire [7:0] \rd__data$88[2] ;
-  wire [7:0] \rd__data$88[3] ;
-  wire [7:0] \rd__data$88[4] ;
-  wire [7:0] \rd__data$88[5] ;
-  wire [7:0] \rd__data$88[6] ;
-  wire [7:0] \rd__data$88[7] ;
-  wire [7:0] \rd__data$88[8] ;
-  wire [7:0] \rd__data$88[9] ;
+  wire [33:0] \rd__data$130 ;
+  wire [207:0] \rd__data$178 ;
+  wire [12:0] \rd__data$178[0] ;
+  wire [12:0] \rd__data$178[10] ;
+  wire [12:0] \rd__data$178[11] ;
+  wire [12:0] \rd__data$178[12] ;
+  wire [12:0] \rd__data$178[13] ;
+  wire [12:0] \rd__data$178[14] ;
+  wire [12:0] \rd__data$178[15] ;
+  wire [12:0] \rd__data$178[1] ;
+  wire [12:0] \rd__data$178[2] ;
+  wire [12:0] \rd__data$178[3] ;
+  wire [12:0] \rd__data$178[4] ;
+  wire [12:0] \rd__data$178[5] ;
+  wire [12:0] \rd__data$178[6] ;
+  wire [12:0] \rd__data$178[7] ;
+  wire [12:0] \rd__data$178[8] ;
+  wire [12:0] \rd__data$178[9] ;
+  wire [63:0] \rd__data$179 ;
+  wire [3:0] \rd__data$179[0] ;
+  wire [3:0] \rd__data$179[10] ;
+  wire [3:0] \rd__data$179[11] ;
+  wire [3:0] \rd__data$179[12] ;
+  wire [3:0] \rd__data$179[13] ;
+  wire [3:0] \rd__data$179[14] ;
+  wire [3:0] \rd__data$179[15] ;
+  wire [3:0] \rd__data$179[1] ;
+  wire [3:0] \rd__data$179[2] ;
+  wire [3:0] \rd__data$179[3] ;
+  wire [3:0] \rd__data$179[4] ;
+  wire [3:0] \rd__data$179[5] ;
+  wire [3:0] \rd__data$179[6] ;
+  wire [3:0] \rd__data$179[7] ;
+  wire [3:0] \rd__data$179[8] ;
+  wire [3:0] \rd__data$179[9] ;
+  wire [127:0] \rd__data$85 ;
+  wire [7:0] \rd__data$85[0] ;
+  wire [7:0] \rd__data$85[10] ;
+  wire [7:0] \rd__data$85[11] ;
+  wire [7:0] \rd__data$85[12] ;
+  wire [7:0] \rd__data$85[13] ;
+  wire [7:0] \rd__data$85[14] ;
+  wire [7:0] \rd__data$85[15] ;
+  wire [7:0] \rd__data$85[1] ;
+  wire [7:0] \rd__data$85[2] ;
+  wire [7:0] \rd__data$85[3] ;
+  wire [7:0] \rd__data$85[4] ;
+  wire [7:0] \rd__data$85[5] ;
+  wire [7:0] \rd__data$85[6] ;
+  wire [7:0] \rd__data$85[7] ;
+  wire [7:0] \rd__data$85[8] ;
+  wire [7:0] \rd__data$85[9] ;
+  wire [127:0] \rd__data$87 ;
+  wire [7:0] \rd__data$87[0] ;
+  wire [7:0] \rd__data$87[10] ;
+  wire [7:0] \rd__data$87[11] ;
+  wire [7:0] \rd__data$87[12] ;
+  wire [7:0] \rd__data$87[13] ;
+  wire [7:0] \rd__data$87[14] ;
+  wire [7:0] \rd__data$87[15] ;
+  wire [7:0] \rd__data$87[1] ;
+  wire [7:0] \rd__data$87[2] ;
+  wire [7:0] \rd__data$87[3] ;
+  wire [7:0] \rd__data$87[4] ;
+  wire [7:0] \rd__data$87[5] ;
+  wire [7:0] \rd__data$87[6] ;
+  wire [7:0] \rd__data$87[7] ;
+  wire [7:0] \rd__data$87[8] ;
+  wire [7:0] \rd__data$87[9] ;
   wire [15:0] \rd__data[0] ;
   wire [15:0] \rd__data[10] ;
   wire [15:0] \rd__data[11] ;
@@ -663,7 +658,6 @@ module encoder_layer_0_output_dense(m, a_wr__en, a_wr__addr, a_wr__data, w_wr__e
   reg [3:0] rp = 4'h0;
   input rst;
   wire rst;
-  reg run = 1'h0;
   input [4:0] shift_wr__addr;
   wire [4:0] shift_wr__addr;
   input [63:0] shift_wr__data;
@@ -777,29 +771,29 @@ module encoder_layer_0_output_dense(m, a_wr__en, a_wr__addr, a_wr__data, w_wr__e
   wire w_wr__en;
   reg [3:0] wp = 4'h0;
   wire [13:0] wr__addr;
-  reg [11:0] \wr__addr$112  = 12'h000;
+  reg [11:0] \wr__addr$111  = 12'h000;
   wire [15:0] \wr__addr$27 ;
   wire [11:0] \wr__addr$30 ;
   wire [4:0] \wr__addr$33 ;
   wire [4:0] \wr__addr$36 ;
   wire [127:0] wr__data;
-  wire [255:0] \wr__data$114 ;
-  wire [15:0] \wr__data$114[0] ;
-  wire [15:0] \wr__data$114[10] ;
-  wire [15:0] \wr__data$114[11] ;
-  wire [15:0] \wr__data$114[12] ;
-  wire [15:0] \wr__data$114[13] ;
-  wire [15:0] \wr__data$114[14] ;
-  wire [15:0] \wr__data$114[15] ;
-  wire [15:0] \wr__data$114[1] ;
-  wire [15:0] \wr__data$114[2] ;
-  wire [15:0] \wr__data$114[3] ;
-  wire [15:0] \wr__data$114[4] ;
-  wire [15:0] \wr__data$114[5] ;
-  wire [15:0] \wr__data$114[6] ;
-  wire [15:0] \wr__data$114[7] ;
-  wire [15:0] \wr__data$114[8] ;
-  wire [15:0] \wr__data$114[9] ;
+  wire [255:0] \wr__data$113 ;
+  wire [15:0] \wr__data$113[0] ;
+  wire [15:0] \wr__data$113[10] ;
+  wire [15:0] \wr__data$113[11] ;
+  wire [15:0] \wr__data$113[12] ;
+  wire [15:0] \wr__data$113[13] ;
+  wire [15:0] \wr__data$113[14] ;
+  wire [15:0] \wr__data$113[15] ;
+  wire [15:0] \wr__data$113[1] ;
+  wire [15:0] \wr__data$113[2] ;
+  wire [15:0] \wr__data$113[3] ;
+  wire [15:0] \wr__data$113[4] ;
+  wire [15:0] \wr__data$113[5] ;
+  wire [15:0] \wr__data$113[6] ;
+  wire [15:0] \wr__data$113[7] ;
+  wire [15:0] \wr__data$113[8] ;
+  wire [15:0] \wr__data$113[9] ;
   wire [127:0] \wr__data$28 ;
   wire [7:0] \wr__data$28[0] ;
   wire [7:0] \wr__data$28[10] ;
@@ -869,7 +863,7 @@ module encoder_layer_0_output_dense(m, a_wr__en, a_wr__addr, a_wr__data, w_wr__e
   wire [7:0] \wr__data[8] ;
   wire [7:0] \wr__data[9] ;
   wire wr__en;
-  reg \wr__en$110  = 1'h0;
+  reg \wr__en$109  = 1'h0;
   wire \wr__en$29 ;
   wire \wr__en$32 ;
   wire \wr__en$35 ;
@@ -878,388 +872,382 @@ module encoder_layer_0_output_dense(m, a_wr__en, a_wr__addr, a_wr__data, w_wr__e
   assign busy = \busy$42  & \$1 ;
   assign \$2  = ~ busy;
   assign \start$44  = start & \$2 ;
-  assign \$3  = fetching & run;
-  assign \$4  = held < 4'h9;
-  assign fetch = \$3  & \$4 ;
-  assign \$5  = fetching & run;
-  assign \rd__addr$49  = \$5  ? ptr : 12'h000;
-  assign \$6  = ~ nonempty;
-  assign \$7  = pop | \$6 ;
-  assign load = \$7  & ring_any;
-  assign \$8  = pad | nonempty;
-  assign go = run & \$8 ;
-  assign \$9  = ~ pad;
-  assign \$10  = ~ ent_head[31];
-  assign \real  = \$9  & \$10 ;
+  assign \$3  = held < 4'h9;
+  assign fetch = fetching & \$3 ;
+  assign \rd__addr$48  = fetching ? ptr : 12'h000;
+  assign \$4  = ~ nonempty;
+  assign \$5  = pop | \$4 ;
+  assign load = \$5  & ring_any;
+  assign go = pad | nonempty;
+  assign \$6  = ~ pad;
+  assign \$7  = ~ ent_head[31];
+  assign \real  = \$6  & \$7 ;
   assign entry_end = \real  & kk_last;
-  assign \$11  = entry_end & ent_head[32];
-  assign \$12  = \real  ? \$11  : 1'h1;
-  assign tile_end = \$12  & tcnt_ok;
+  assign \$8  = entry_end & ent_head[32];
+  assign \$9  = \real  ? \$8  : 1'h1;
+  assign tile_end = \$9  & tcnt_ok;
   assign list_end = pad ? sweep_end : ent_head[33];
-  assign \$13  = ~ pad;
-  assign \$14  = \$13  & ent_head[31];
-  assign \$15  = \$14  & tile_end;
-  assign \$16  = entry_end | \$15 ;
-  assign pop = go & \$16 ;
-  assign \$17  = a_base + a_off;
-  assign \$18  = w_real_c0 ? \rd__data$88 [7:0] : 8'h00;
-  assign \$19  = w_real_c1 ? \rd__data$88 [15:8] : 8'h00;
-  assign \$20  = w_real_c2 ? \rd__data$88 [23:16] : 8'h00;
-  assign \$21  = w_real_c3 ? \rd__data$88 [31:24] : 8'h00;
-  assign \$22  = w_real_c4 ? \rd__data$88 [39:32] : 8'h00;
-  assign \$23  = w_real_c5 ? \rd__data$88 [47:40] : 8'h00;
-  assign \$24  = w_real_c6 ? \rd__data$88 [55:48] : 8'h00;
-  assign \$25  = w_real_c7 ? \rd__data$88 [63:56] : 8'h00;
-  assign \$26  = w_real_c8 ? \rd__data$88 [71:64] : 8'h00;
-  assign \$27  = w_real_c9 ? \rd__data$88 [79:72] : 8'h00;
-  assign \$28  = w_real_c10 ? \rd__data$88 [87:80] : 8'h00;
-  assign \$29  = w_real_c11 ? \rd__data$88 [95:88] : 8'h00;
-  assign \$30  = w_real_c12 ? \rd__data$88 [103:96] : 8'h00;
-  assign \$31  = w_real_c13 ? \rd__data$88 [111:104] : 8'h00;
-  assign \$32  = w_real_c14 ? \rd__data$88 [119:112] : 8'h00;
-  assign \$33  = w_real_c15 ? \rd__data$88 [127:120] : 8'h00;
-  assign \$34  = \rd__addr$104  == 5'h17;
-  assign \$35  = o__payload[420] & \$34 ;
-  assign fin = \$35  & out_last;
-  assign \$36  = ptr == n_ent;
-  assign \$37  = ptr + 1'h1;
-  assign \$38  = \$36  ? 13'h0001 : \$37 ;
-  assign \$39  = ! wp;
+  assign \$10  = ~ pad;
+  assign \$11  = \$10  & ent_head[31];
+  assign \$12  = \$11  & tile_end;
+  assign \$13  = entry_end | \$12 ;
+  assign pop = go & \$13 ;
+  assign \$14  = a_base + a_off;
+  assign \$15  = w_real_c0 ? \rd__data$87 [7:0] : 8'h00;
+  assign \$16  = w_real_c1 ? \rd__data$87 [15:8] : 8'h00;
+  assign \$17  = w_real_c2 ? \rd__data$87 [23:16] : 8'h00;
+  assign \$18  = w_real_c3 ? \rd__data$87 [31:24] : 8'h00;
+  assign \$19  = w_real_c4 ? \rd__data$87 [39:32] : 8'h00;
+  assign \$20  = w_real_c5 ? \rd__data$87 [47:40] : 8'h00;
+  assign \$21  = w_real_c6 ? \rd__data$87 [55:48] : 8'h00;
+  assign \$22  = w_real_c7 ? \rd__data$87 [63:56] : 8'h00;
+  assign \$23  = w_real_c8 ? \rd__data$87 [71:64] : 8'h00;
+  assign \$24  = w_real_c9 ? \rd__data$87 [79:72] : 8'h00;
+  assign \$25  = w_real_c10 ? \rd__data$87 [87:80] : 8'h00;
+  assign \$26  = w_real_c11 ? \rd__data$87 [95:88] : 8'h00;
+  assign \$27  = w_real_c12 ? \rd__data$87 [103:96] : 8'h00;
+  assign \$28  = w_real_c13 ? \rd__data$87 [111:104] : 8'h00;
+  assign \$29  = w_real_c14 ? \rd__data$87 [119:112] : 8'h00;
+  assign \$30  = w_real_c15 ? \rd__data$87 [127:120] : 8'h00;
+  assign \$31  = \rd__addr$103  == 5'h17;
+  assign \$32  = o__payload[420] & \$31 ;
+  assign fin = \$32  & out_last;
+  assign \$33  = ptr == n_ent;
+  assign \$34  = f_left - 5'h10;
+  assign \$35  = f_left <= 6'h20;
+  assign \$36  = ptr + 1'h1;
+  assign \$37  = ! wp;
+  assign \$38  = fetch5 & \$37 ;
+  assign \$39  = wp == 1'h1;
   assign \$40  = fetch5 & \$39 ;
-  assign \$41  = wp == 1'h1;
+  assign \$41  = wp == 2'h2;
   assign \$42  = fetch5 & \$41 ;
-  assign \$43  = wp == 2'h2;
+  assign \$43  = wp == 2'h3;
   assign \$44  = fetch5 & \$43 ;
-  assign \$45  = wp == 2'h3;
+  assign \$45  = wp == 3'h4;
   assign \$46  = fetch5 & \$45 ;
-  assign \$47  = wp == 3'h4;
+  assign \$47  = wp == 3'h5;
   assign \$48  = fetch5 & \$47 ;
-  assign \$49  = wp == 3'h5;
+  assign \$49  = wp == 3'h6;
   assign \$50  = fetch5 & \$49 ;
-  assign \$51  = wp == 3'h6;
+  assign \$51  = wp == 3'h7;
   assign \$52  = fetch5 & \$51 ;
-  assign \$53  = wp == 3'h7;
+  assign \$53  = wp == 4'h8;
   assign \$54  = fetch5 & \$53 ;
   assign \$55  = wp == 4'h8;
-  assign \$56  = fetch5 & \$55 ;
-  assign \$57  = wp == 4'h8;
-  assign \$58  = wp + 1'h1;
-  assign \$59  = \$57  ? 5'h00 : \$58 ;
-  assign \$60  = rp == 4'h8;
-  assign \$61  = rp + 1'h1;
-  assign \$62  = \$60  ? 5'h00 : \$61 ;
-  assign \$63  = ring + fetch5;
-  assign \$64  = \$63  - load;
-  assign \$65  = ring > 1'h1;
-  assign \$66  = | ring;
-  assign \$67  = load ? \$65  : \$66 ;
-  assign \$68  = \$67  | fetch5;
-  assign \$69  = ~ pop;
-  assign \$70  = nonempty & \$69 ;
-  assign \$71  = load | \$70 ;
-  assign \$72  = held + fetch;
-  assign \$73  = \$72  - pop;
-  assign \$74  = go & \real ;
-  assign \$75  = ! oldest[30:27];
-  assign \$76  = a_off + 1'h1;
-  assign \$77  = \rd__addr$79  + 1'h1;
-  assign \$78  = kk + 1'h1;
-  assign \$79  = \$78  == ent_head[30:27];
-  assign \$80  = tcnt != 5'h10;
-  assign \$81  = tcnt + 1'h1;
-  assign \$82  = tcnt + 2'h2;
-  assign \$83  = \$82  >= 5'h10;
-  assign \$84  = ~ tile_end;
-  assign \$85  = ent_head[32] & \$84 ;
-  assign \$86  = kk + 1'h1;
-  assign \$87  = left - 5'h10;
-  assign \$88  = left <= 6'h20;
-  assign \$89  = a_base + 11'h600;
-  assign \$90  = ! tcnt;
-  assign \$91  = go & \real ;
-  assign \$92  = o__valid & o__payload[420];
-  assign \$93  = \rd__addr$104  == 5'h17;
-  assign \$94  = out_left - 5'h10;
-  assign \$95  = out_left <= 6'h20;
-  assign \$96  = tile_base + 9'h169;
-  assign \$97  = \rd__addr$104  + 1'h1;
-  assign \$98  = tile_base + 1'h1;
-  assign \$99  = o__valid & fin;
-  assign \$100  = o__payload[419:416] < out_left;
-  assign \$101  = ! o__payload[419:416];
-  assign \$102  = addr1 + 5'h18;
-  assign \$103  = \$101  ? { 1'h0, tile_base } : \$102 ;
-  assign \$104  = \$signal  & ok1;
-  assign \$105  = $signed(acc2[25:0]) + $signed(\rd__data$179 [12:0]);
-  assign \$106  = $signed(acc2[51:26]) + $signed(\rd__data$179 [25:13]);
-  assign \$107  = $signed(acc2[77:52]) + $signed(\rd__data$179 [38:26]);
-  assign \$108  = $signed(acc2[103:78]) + $signed(\rd__data$179 [51:39]);
-  assign \$109  = $signed(acc2[129:104]) + $signed(\rd__data$179 [64:52]);
-  assign \$110  = $signed(acc2[155:130]) + $signed(\rd__data$179 [77:65]);
-  assign \$111  = $signed(acc2[181:156]) + $signed(\rd__data$179 [90:78]);
-  assign \$112  = $signed(acc2[207:182]) + $signed(\rd__data$179 [103:91]);
-  assign \$113  = $signed(acc2[233:208]) + $signed(\rd__data$179 [116:104]);
-  assign \$114  = $signed(acc2[259:234]) + $signed(\rd__data$179 [129:117]);
-  assign \$115  = $signed(acc2[285:260]) + $signed(\rd__data$179 [142:130]);
-  assign \$116  = $signed(acc2[311:286]) + $signed(\rd__data$179 [155:143]);
-  assign \$117  = $signed(acc2[337:312]) + $signed(\rd__data$179 [168:156]);
-  assign \$118  = $signed(acc2[363:338]) + $signed(\rd__data$179 [181:169]);
-  assign \$119  = $signed(acc2[389:364]) + $signed(\rd__data$179 [194:182]);
-  assign \$120  = $signed(acc2[415:390]) + $signed(\rd__data$179 [207:195]);
-  assign \$121  = ~ \start$44 ;
-  assign \$122  = ~ busy;
-  assign \$123  = \$121  & \$122 ;
-  assign \$124  = \$123  | fin_o_d2;
-  assign \$125  = m_q <= 5'h10;
-  assign \$126  = m_q <= 5'h10;
+  assign \$56  = wp + 1'h1;
+  assign \$57  = \$55  ? 5'h00 : \$56 ;
+  assign \$58  = rp == 4'h8;
+  assign \$59  = rp + 1'h1;
+  assign \$60  = \$58  ? 5'h00 : \$59 ;
+  assign \$61  = ring + fetch5;
+  assign \$62  = \$61  - load;
+  assign \$63  = ring > 1'h1;
+  assign \$64  = | ring;
+  assign \$65  = load ? \$63  : \$64 ;
+  assign \$66  = \$65  | fetch5;
+  assign \$67  = ~ pop;
+  assign \$68  = nonempty & \$67 ;
+  assign \$69  = load | \$68 ;
+  assign \$70  = held + fetch;
+  assign \$71  = \$70  - pop;
+  assign \$72  = go & \real ;
+  assign \$73  = ! oldest[30:27];
+  assign \$74  = a_off + 1'h1;
+  assign \$75  = \rd__addr$78  + 1'h1;
+  assign \$76  = kk_rem - 1'h1;
+  assign \$77  = kk_rem == 1'h1;
+  assign \$78  = tcnt != 5'h10;
+  assign \$79  = tcnt + 1'h1;
+  assign \$80  = tcnt + 2'h2;
+  assign \$81  = \$80  >= 5'h10;
+  assign \$82  = entry_end & ent_head[32];
+  assign \$83  = ~ tile_end;
+  assign \$84  = \$82  & \$83 ;
+  assign \$85  = a_base + 11'h600;
+  assign \$86  = ! tcnt;
+  assign \$87  = go & \real ;
+  assign \$88  = o__valid & o__payload[420];
+  assign \$89  = \rd__addr$103  == 5'h17;
+  assign \$90  = out_left - 5'h10;
+  assign \$91  = out_left <= 6'h20;
+  assign \$92  = tile_base + 9'h169;
+  assign \$93  = \rd__addr$103  + 1'h1;
+  assign \$94  = tile_base + 1'h1;
+  assign \$95  = o__valid & fin;
+  assign \$96  = o__payload[419:416] < out_left;
+  assign \$97  = ! o__payload[419:416];
+  assign \$98  = addr1 + 5'h18;
+  assign \$99  = \$97  ? { 1'h0, tile_base } : \$98 ;
+  assign \$100  = \$signal  & ok1;
+  assign \$101  = $signed(acc2[25:0]) + $signed(\rd__data$178 [12:0]);
+  assign \$102  = $signed(acc2[51:26]) + $signed(\rd__data$178 [25:13]);
+  assign \$103  = $signed(acc2[77:52]) + $signed(\rd__data$178 [38:26]);
+  assign \$104  = $signed(acc2[103:78]) + $signed(\rd__data$178 [51:39]);
+  assign \$105  = $signed(acc2[129:104]) + $signed(\rd__data$178 [64:52]);
+  assign \$106  = $signed(acc2[155:130]) + $signed(\rd__data$178 [77:65]);
+  assign \$107  = $signed(acc2[181:156]) + $signed(\rd__data$178 [90:78]);
+  assign \$108  = $signed(acc2[207:182]) + $signed(\rd__data$178 [103:91]);
+  assign \$109  = $signed(acc2[233:208]) + $signed(\rd__data$178 [116:104]);
+  assign \$110  = $signed(acc2[259:234]) + $signed(\rd__data$178 [129:117]);
+  assign \$111  = $signed(acc2[285:260]) + $signed(\rd__data$178 [142:130]);
+  assign \$112  = $signed(acc2[311:286]) + $signed(\rd__data$178 [155:143]);
+  assign \$113  = $signed(acc2[337:312]) + $signed(\rd__data$178 [168:156]);
+  assign \$114  = $signed(acc2[363:338]) + $signed(\rd__data$178 [181:169]);
+  assign \$115  = $signed(acc2[389:364]) + $signed(\rd__data$178 [194:182]);
+  assign \$116  = $signed(acc2[415:390]) + $signed(\rd__data$178 [207:195]);
+  assign \$117  = ~ \start$44 ;
+  assign \$118  = ~ busy;
+  assign \$119  = \$117  & \$118 ;
+  assign \$120  = \$119  | fin_o_d2;
+  assign \$121  = m_q <= 5'h10;
+  assign \$122  = m_q <= 5'h10;
   always @(posedge clk)
-    fetch0 <= \$127 ;
+    fetch0 <= \$123 ;
   always @(posedge clk)
-    fetch1 <= \$128 ;
+    fetch1 <= \$124 ;
   always @(posedge clk)
-    fetch2 <= \$129 ;
+    fetch2 <= \$125 ;
   always @(posedge clk)
-    fetch3 <= \$130 ;
+    fetch3 <= \$126 ;
   always @(posedge clk)
-    fetch4 <= \$131 ;
+    fetch4 <= \$127 ;
   always @(posedge clk)
-    fetch5 <= \$132 ;
+    fetch5 <= \$128 ;
   always @(posedge clk)
-    ptr <= \$133 ;
+    ptr <= \$129 ;
   always @(posedge clk)
-    hdr0 <= \$134 ;
+    f_left <= \$130 ;
   always @(posedge clk)
-    hdr1 <= \$135 ;
+    f_last <= \$131 ;
   always @(posedge clk)
-    hdr2 <= \$136 ;
+    fetching <= \$132 ;
   always @(posedge clk)
-    hdr3 <= \$137 ;
+    hdr0 <= \$133 ;
   always @(posedge clk)
-    hdr4 <= \$138 ;
+    hdr1 <= \$134 ;
   always @(posedge clk)
-    hdr5 <= \$139 ;
+    hdr2 <= \$135 ;
   always @(posedge clk)
-    n_ent <= \$140 ;
+    hdr3 <= \$136 ;
   always @(posedge clk)
-    fetching <= \$141 ;
+    hdr4 <= \$137 ;
   always @(posedge clk)
-    ent_q0 <= \$142 ;
+    hdr5 <= \$138 ;
   always @(posedge clk)
-    ent_q1 <= \$143 ;
+    n_ent <= \$139 ;
   always @(posedge clk)
-    ent_q2 <= \$144 ;
+    ent_q0 <= \$140 ;
   always @(posedge clk)
-    ent_q3 <= \$145 ;
+    ent_q1 <= \$141 ;
   always @(posedge clk)
-    ent_q4 <= \$146 ;
+    ent_q2 <= \$142 ;
   always @(posedge clk)
-    ent_q5 <= \$147 ;
+    ent_q3 <= \$143 ;
   always @(posedge clk)
-    ent_q6 <= \$148 ;
+    ent_q4 <= \$144 ;
   always @(posedge clk)
-    ent_q7 <= \$149 ;
+    ent_q5 <= \$145 ;
   always @(posedge clk)
-    ent_q8 <= \$150 ;
+    ent_q6 <= \$146 ;
   always @(posedge clk)
-    wp <= \$151 ;
+    ent_q7 <= \$147 ;
   always @(posedge clk)
-    ent_head <= \$152 ;
+    ent_q8 <= \$148 ;
   always @(posedge clk)
-    rp <= \$153 ;
+    wp <= \$149 ;
   always @(posedge clk)
-    ring <= \$154 ;
+    ent_head <= \$150 ;
   always @(posedge clk)
-    ring_any <= \$155 ;
+    rp <= \$151 ;
   always @(posedge clk)
-    nonempty <= \$156 ;
+    ring <= \$152 ;
   always @(posedge clk)
-    held <= \$157 ;
+    ring_any <= \$153 ;
   always @(posedge clk)
-    a_off <= \$158 ;
+    nonempty <= \$154 ;
   always @(posedge clk)
-    \rd__addr$79  <= \$159 ;
+    held <= \$155 ;
   always @(posedge clk)
-    kk_last <= \$160 ;
+    a_off <= \$156 ;
   always @(posedge clk)
-    tcnt <= \$161 ;
+    \rd__addr$78  <= \$157 ;
   always @(posedge clk)
-    tcnt_ok <= \$162 ;
+    kk_rem <= \$158 ;
   always @(posedge clk)
-    kk <= \$163 ;
+    kk_last <= \$159 ;
   always @(posedge clk)
-    pad <= \$164 ;
+    tcnt <= \$160 ;
   always @(posedge clk)
-    sweep_end <= \$165 ;
+    tcnt_ok <= \$161 ;
   always @(posedge clk)
-    left <= \$166 ;
+    pad <= \$162 ;
   always @(posedge clk)
-    last_mt <= \$167 ;
+    sweep_end <= \$163 ;
   always @(posedge clk)
-    a_base <= \$168 ;
+    a_base <= \$164 ;
   always @(posedge clk)
-    run <= \$169 ;
+    valid_d0 <= \$165 ;
   always @(posedge clk)
-    valid_d0 <= \$170 ;
+    first_d0 <= \$166 ;
   always @(posedge clk)
-    first_d0 <= \$171 ;
+    last_d0 <= \$167 ;
   always @(posedge clk)
-    last_d0 <= \$172 ;
+    valid_d1 <= \$168 ;
   always @(posedge clk)
-    valid_d1 <= \$173 ;
+    first_d1 <= \$169 ;
   always @(posedge clk)
-    first_d1 <= \$174 ;
+    last_d1 <= \$170 ;
   always @(posedge clk)
-    last_d1 <= \$175 ;
+    valid_d2 <= \$171 ;
   always @(posedge clk)
-    valid_d2 <= \$176 ;
+    first_d2 <= \$172 ;
   always @(posedge clk)
-    first_d2 <= \$177 ;
+    last_d2 <= \$173 ;
   always @(posedge clk)
-    last_d2 <= \$178 ;
+    valid_d3 <= \$174 ;
   always @(posedge clk)
-    valid_d3 <= \$179 ;
+    first_d3 <= \$175 ;
   always @(posedge clk)
-    first_d3 <= \$180 ;
+    last_d3 <= \$176 ;
   always @(posedge clk)
-    last_d3 <= \$181 ;
+    valid_d4 <= \$177 ;
   always @(posedge clk)
-    valid_d4 <= \$182 ;
+    first_d4 <= \$178 ;
   always @(posedge clk)
-    first_d4 <= \$183 ;
+    last_d4 <= \$179 ;
   always @(posedge clk)
-    last_d4 <= \$184 ;
+    valid_d5 <= \$180 ;
   always @(posedge clk)
-    valid_d5 <= \$185 ;
+    first_d5 <= \$181 ;
   always @(posedge clk)
-    first_d5 <= \$186 ;
+    last_d5 <= \$182 ;
   always @(posedge clk)
-    last_d5 <= \$187 ;
+    i__valid <= \$183 ;
   always @(posedge clk)
-    i__valid <= \$188 ;
+    first_d6 <= \$184 ;
   always @(posedge clk)
-    first_d6 <= \$189 ;
+    last_d6 <= \$185 ;
   always @(posedge clk)
-    last_d6 <= \$190 ;
+    w_real_d0 <= \$186 ;
   always @(posedge clk)
-    w_real_d0 <= \$191 ;
+    w_real_d1 <= \$187 ;
   always @(posedge clk)
-    w_real_d1 <= \$192 ;
+    w_real_d2 <= \$188 ;
   always @(posedge clk)
-    w_real_d2 <= \$193 ;
+    w_real_d3 <= \$189 ;
   always @(posedge clk)
-    w_real_d3 <= \$194 ;
+    w_real_d4 <= \$190 ;
   always @(posedge clk)
-    w_real_d4 <= \$195 ;
+    w_real_g0 <= \$191 ;
   always @(posedge clk)
-    w_real_g0 <= \$196 ;
+    w_real_g1 <= \$192 ;
   always @(posedge clk)
-    w_real_g1 <= \$197 ;
+    w_real_g2 <= \$193 ;
   always @(posedge clk)
-    w_real_g2 <= \$198 ;
+    w_real_g3 <= \$194 ;
   always @(posedge clk)
-    w_real_g3 <= \$199 ;
+    w_real_c0 <= \$195 ;
   always @(posedge clk)
-    w_real_c0 <= \$200 ;
+    w_real_c1 <= \$196 ;
   always @(posedge clk)
-    w_real_c1 <= \$201 ;
+    w_real_c2 <= \$197 ;
   always @(posedge clk)
-    w_real_c2 <= \$202 ;
+    w_real_c3 <= \$198 ;
   always @(posedge clk)
-    w_real_c3 <= \$203 ;
+    w_real_c4 <= \$199 ;
   always @(posedge clk)
-    w_real_c4 <= \$204 ;
+    w_real_c5 <= \$200 ;
   always @(posedge clk)
-    w_real_c5 <= \$205 ;
+    w_real_c6 <= \$201 ;
   always @(posedge clk)
-    w_real_c6 <= \$206 ;
+    w_real_c7 <= \$202 ;
   always @(posedge clk)
-    w_real_c7 <= \$207 ;
+    w_real_c8 <= \$203 ;
   always @(posedge clk)
-    w_real_c8 <= \$208 ;
+    w_real_c9 <= \$204 ;
   always @(posedge clk)
-    w_real_c9 <= \$209 ;
+    w_real_c10 <= \$205 ;
   always @(posedge clk)
-    w_real_c10 <= \$210 ;
+    w_real_c11 <= \$206 ;
   always @(posedge clk)
-    w_real_c11 <= \$211 ;
+    w_real_c12 <= \$207 ;
   always @(posedge clk)
-    w_real_c12 <= \$212 ;
+    w_real_c13 <= \$208 ;
   always @(posedge clk)
-    w_real_c13 <= \$213 ;
+    w_real_c14 <= \$209 ;
   always @(posedge clk)
-    w_real_c14 <= \$214 ;
+    w_real_c15 <= \$210 ;
   always @(posedge clk)
-    w_real_c15 <= \$215 ;
+    \rd__addr$103  <= \$211 ;
   always @(posedge clk)
-    \rd__addr$104  <= \$216 ;
+    out_left <= \$212 ;
   always @(posedge clk)
-    out_left <= \$217 ;
+    out_last <= \$213 ;
   always @(posedge clk)
-    out_last <= \$218 ;
+    tile_base <= \$214 ;
   always @(posedge clk)
-    tile_base <= \$219 ;
+    \$signal  <= \$215 ;
   always @(posedge clk)
-    \$signal  <= \$220 ;
+    \$signal$166  <= \$216 ;
   always @(posedge clk)
-    \$signal$167  <= \$221 ;
+    ok1 <= \$217 ;
   always @(posedge clk)
-    ok1 <= \$222 ;
+    acc1 <= \$218 ;
   always @(posedge clk)
-    acc1 <= \$223 ;
+    addr1 <= \$219 ;
   always @(posedge clk)
-    addr1 <= \$224 ;
+    \$signal$170  <= \$220 ;
   always @(posedge clk)
-    \$signal$171  <= \$225 ;
+    fin2 <= \$221 ;
   always @(posedge clk)
-    fin2 <= \$226 ;
+    addr2 <= \$222 ;
   always @(posedge clk)
-    addr2 <= \$227 ;
+    acc2 <= \$223 ;
   always @(posedge clk)
-    acc2 <= \$228 ;
+    \$signal$174  <= \$224 ;
   always @(posedge clk)
-    \$signal$175  <= \$229 ;
+    fin3 <= \$225 ;
   always @(posedge clk)
-    fin3 <= \$230 ;
+    addr3 <= \$226 ;
   always @(posedge clk)
-    addr3 <= \$231 ;
+    i <= \$227 ;
   always @(posedge clk)
-    i <= \$232 ;
+    v_q_d0 <= \$228 ;
   always @(posedge clk)
-    v_q_d0 <= \$233 ;
+    fin_q_d0 <= \$229 ;
   always @(posedge clk)
-    fin_q_d0 <= \$234 ;
+    addr_q_d0 <= \$230 ;
   always @(posedge clk)
-    addr_q_d0 <= \$235 ;
+    v_q_d1 <= \$231 ;
   always @(posedge clk)
-    v_q_d1 <= \$236 ;
+    fin_q_d1 <= \$232 ;
   always @(posedge clk)
-    fin_q_d1 <= \$237 ;
+    addr_q_d1 <= \$233 ;
   always @(posedge clk)
-    addr_q_d1 <= \$238 ;
+    \wr__en$109  <= \$234 ;
   always @(posedge clk)
-    \wr__en$110  <= \$239 ;
+    fin_q_d2 <= \$235 ;
   always @(posedge clk)
-    fin_q_d2 <= \$240 ;
+    \wr__addr$111  <= \$236 ;
   always @(posedge clk)
-    \wr__addr$112  <= \$241 ;
+    fin_o_d0 <= \$237 ;
   always @(posedge clk)
-    fin_o_d0 <= \$242 ;
+    fin_o_d1 <= \$238 ;
   always @(posedge clk)
-    fin_o_d1 <= \$243 ;
+    fin_o_d2 <= \$239 ;
   always @(posedge clk)
-    fin_o_d2 <= \$244 ;
+    done <= \$240 ;
   always @(posedge clk)
-    done <= \$245 ;
+    idle <= \$241 ;
   always @(posedge clk)
-    idle <= \$246 ;
+    \busy$42  <= \$242 ;
   always @(posedge clk)
-    \busy$42  <= \$247 ;
-  always @(posedge clk)
-    m_q <= \$248 ;
+    m_q <= \$243 ;
   \encoder_layer_0_output_dense.mem_a  mem_a (
     .clk(clk),
-    .q_d1(\rd__data$86 ),
-    .rd__addr(\$17 [13:0]),
+    .q_d1(\rd__data$85 ),
+    .rd__addr(\$14 [13:0]),
     .rst(rst),
     .wr__addr(a_wr__addr),
     .wr__data(a_wr__data),
@@ -1267,8 +1255,8 @@ module encoder_layer_0_output_dense(m, a_wr__en, a_wr__addr, a_wr__data, w_wr__e
   );
   \encoder_layer_0_output_dense.mem_bias  mem_bias (
     .clk(clk),
-    .rd__data(\rd__data$179 ),
-    .rp__addr(\rd__addr$104 ),
+    .rd__data(\rd__data$178 ),
+    .rp__addr(\rd__addr$103 ),
     .rst(rst),
     .wp__addr(bias_wr__addr),
     .wp__data(bias_wr__data),
@@ -1276,8 +1264,8 @@ module encoder_layer_0_output_dense(m, a_wr__en, a_wr__addr, a_wr__data, w_wr__e
   );
   \encoder_layer_0_output_dense.mem_ent  mem_ent (
     .clk(clk),
-    .q_d1(\rd__data$129 ),
-    .rd__addr(\rd__addr$49 ),
+    .q_d1(\rd__data$130 ),
+    .rd__addr(\rd__addr$48 ),
     .rst(rst),
     .wr__addr(ent_wr__addr),
     .wr__data(ent_wr__data),
@@ -1289,14 +1277,14 @@ module encoder_layer_0_output_dense(m, a_wr__en, a_wr__addr, a_wr__data, w_wr__e
     .rd__addr(o_rd__addr),
     .rd__en(o_rd__en),
     .rst(rst),
-    .wr__addr(\wr__addr$112 ),
-    .wr__data(\wr__data$114 ),
-    .wr__en(\wr__en$110 )
+    .wr__addr(\wr__addr$111 ),
+    .wr__data(\wr__data$113 ),
+    .wr__en(\wr__en$109 )
   );
   \encoder_layer_0_output_dense.mem_shift  mem_shift (
     .clk(clk),
-    .rd__data(\rd__data$180 ),
-    .rp__addr(\rd__addr$104 ),
+    .rd__data(\rd__data$179 ),
+    .rp__addr(\rd__addr$103 ),
     .rst(rst),
     .wp__addr(shift_wr__addr),
     .wp__data(shift_wr__data),
@@ -1304,8 +1292,8 @@ module encoder_layer_0_output_dense(m, a_wr__en, a_wr__addr, a_wr__data, w_wr__e
   );
   \encoder_layer_0_output_dense.mem_w  mem_w (
     .clk(clk),
-    .q_d1(\rd__data$88 ),
-    .rd__addr(\rd__addr$79 ),
+    .q_d1(\rd__data$87 ),
+    .rd__addr(\rd__addr$78 ),
     .rst(rst),
     .wr__addr(w_wr__addr),
     .wr__data(w_wr__data),
@@ -1322,7 +1310,7 @@ module encoder_layer_0_output_dense(m, a_wr__en, a_wr__addr, a_wr__data, w_wr__e
   \encoder_layer_0_output_dense.rq  rq (
     .clk(clk),
     .i(i),
-    .o(\wr__data$114 ),
+    .o(\wr__data$113 ),
     .rst(rst)
   );
   always @* begin
@@ -1351,7 +1339,47 @@ module encoder_layer_0_output_dense(m, a_wr__en, a_wr__addr, a_wr__data, w_wr__e
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$127  = fetch;
+    \$123  = fetch;
+    if (idle) begin
+      \$123  = 1'h0;
+    end
+    if (rst) begin
+      \$123  = 1'h0;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
+    \$124  = fetch0;
+    if (idle) begin
+      \$124  = 1'h0;
+    end
+    if (rst) begin
+      \$124  = 1'h0;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
+    \$125  = fetch1;
+    if (idle) begin
+      \$125  = 1'h0;
+    end
+    if (rst) begin
+      \$125  = 1'h0;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
+    \$126  = fetch2;
+    if (idle) begin
+      \$126  = 1'h0;
+    end
+    if (rst) begin
+      \$126  = 1'h0;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
+    \$127  = fetch3;
     if (idle) begin
       \$127  = 1'h0;
     end
@@ -1361,7 +1389,7 @@ module encoder_layer_0_output_dense(m, a_wr__en, a_wr__addr, a_wr__data, w_wr__e
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$128  = fetch0;
+    \$128  = fetch4;
     if (idle) begin
       \$128  = 1'h0;
     end
@@ -1371,127 +1399,149 @@ module encoder_layer_0_output_dense(m, a_wr__en, a_wr__addr, a_wr__data, w_wr__e
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$129  = fetch1;
-    if (idle) begin
-      \$129  = 1'h0;
-    end
-    if (rst) begin
-      \$129  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$130  = fetch2;
-    if (idle) begin
-      \$130  = 1'h0;
-    end
-    if (rst) begin
-      \$130  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$131  = fetch3;
-    if (idle) begin
-      \$131  = 1'h0;
-    end
-    if (rst) begin
-      \$131  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$132  = fetch4;
-    if (idle) begin
-      \$132  = 1'h0;
-    end
-    if (rst) begin
-      \$132  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$133  = ptr;
+    \$129  = ptr;
     if (fetch) begin
-      \$133  = \$38 [11:0];
+      (* full_case = 32'd1 *)
+      if (\$33 ) begin
+        \$129  = 12'h001;
+      end else begin
+        \$129  = \$36 [11:0];
+      end
     end
     if (idle) begin
-      \$133  = 12'h001;
+      \$129  = 12'h001;
     end
     if (rst) begin
-      \$133  = 12'h000;
+      \$129  = 12'h000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$134  = \start$44 ;
+    \$130  = f_left;
+    if (fetch) begin
+      if (\$33 ) begin
+        \$130  = \$34 [7:0];
+      end
+    end
+    if (hdr0) begin
+      \$130  = m_q;
+    end
+    if (rst) begin
+      \$130  = 8'h00;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
+    \$131  = f_last;
+    if (fetch) begin
+      if (\$33 ) begin
+        \$131  = \$35 ;
+      end
+    end
+    if (hdr0) begin
+      \$131  = \$121 ;
+    end
+    if (rst) begin
+      \$131  = 1'h0;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
+    \$132  = fetching;
+    if (fetch) begin
+      if (\$33 ) begin
+        if (f_last) begin
+          \$132  = 1'h0;
+        end
+      end
+    end
+    if (hdr5) begin
+      \$132  = 1'h1;
+    end
+    if (idle) begin
+      \$132  = 1'h0;
+    end
+    if (rst) begin
+      \$132  = 1'h0;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
+    \$133  = \start$44 ;
+    if (rst) begin
+      \$133  = 1'h0;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
+    \$134  = hdr0;
     if (rst) begin
       \$134  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$135  = hdr0;
+    \$135  = hdr1;
     if (rst) begin
       \$135  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$136  = hdr1;
+    \$136  = hdr2;
     if (rst) begin
       \$136  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$137  = hdr2;
+    \$137  = hdr3;
     if (rst) begin
       \$137  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$138  = hdr3;
+    \$138  = hdr4;
     if (rst) begin
       \$138  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$139  = hdr4;
-    if (rst) begin
-      \$139  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$140  = n_ent;
+    \$139  = n_ent;
     if (hdr5) begin
-      \$140  = \rd__data$129 [11:0];
+      \$139  = \rd__data$130 [11:0];
     end
     if (rst) begin
-      \$140  = 12'h000;
+      \$139  = 12'h000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$141  = fetching;
-    if (hdr5) begin
-      \$141  = 1'h1;
-    end
-    if (idle) begin
-      \$141  = 1'h0;
+    \$140  = ent_q0;
+    if (\$38 ) begin
+      \$140  = \rd__data$130 ;
     end
     if (rst) begin
-      \$141  = 1'h0;
+      \$140  = 34'h000000000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$142  = ent_q0;
+    \$141  = ent_q1;
     if (\$40 ) begin
-      \$142  = \rd__data$129 ;
+      \$141  = \rd__data$130 ;
+    end
+    if (rst) begin
+      \$141  = 34'h000000000;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
+    \$142  = ent_q2;
+    if (\$42 ) begin
+      \$142  = \rd__data$130 ;
     end
     if (rst) begin
       \$142  = 34'h000000000;
@@ -1499,9 +1549,9 @@ module encoder_layer_0_output_dense(m, a_wr__en, a_wr__addr, a_wr__data, w_wr__e
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$143  = ent_q1;
-    if (\$42 ) begin
-      \$143  = \rd__data$129 ;
+    \$143  = ent_q3;
+    if (\$44 ) begin
+      \$143  = \rd__data$130 ;
     end
     if (rst) begin
       \$143  = 34'h000000000;
@@ -1509,9 +1559,9 @@ module encoder_layer_0_output_dense(m, a_wr__en, a_wr__addr, a_wr__data, w_wr__e
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$144  = ent_q2;
-    if (\$44 ) begin
-      \$144  = \rd__data$129 ;
+    \$144  = ent_q4;
+    if (\$46 ) begin
+      \$144  = \rd__data$130 ;
     end
     if (rst) begin
       \$144  = 34'h000000000;
@@ -1519,9 +1569,9 @@ module encoder_layer_0_output_dense(m, a_wr__en, a_wr__addr, a_wr__data, w_wr__e
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$145  = ent_q3;
-    if (\$46 ) begin
-      \$145  = \rd__data$129 ;
+    \$145  = ent_q5;
+    if (\$48 ) begin
+      \$145  = \rd__data$130 ;
     end
     if (rst) begin
       \$145  = 34'h000000000;
@@ -1529,9 +1579,9 @@ module encoder_layer_0_output_dense(m, a_wr__en, a_wr__addr, a_wr__data, w_wr__e
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$146  = ent_q4;
-    if (\$48 ) begin
-      \$146  = \rd__data$129 ;
+    \$146  = ent_q6;
+    if (\$50 ) begin
+      \$146  = \rd__data$130 ;
     end
     if (rst) begin
       \$146  = 34'h000000000;
@@ -1539,9 +1589,9 @@ module encoder_layer_0_output_dense(m, a_wr__en, a_wr__addr, a_wr__data, w_wr__e
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$147  = ent_q5;
-    if (\$50 ) begin
-      \$147  = \rd__data$129 ;
+    \$147  = ent_q7;
+    if (\$52 ) begin
+      \$147  = \rd__data$130 ;
     end
     if (rst) begin
       \$147  = 34'h000000000;
@@ -1549,9 +1599,9 @@ module encoder_layer_0_output_dense(m, a_wr__en, a_wr__addr, a_wr__data, w_wr__e
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$148  = ent_q6;
-    if (\$52 ) begin
-      \$148  = \rd__data$129 ;
+    \$148  = ent_q8;
+    if (\$54 ) begin
+      \$148  = \rd__data$130 ;
     end
     if (rst) begin
       \$148  = 34'h000000000;
@@ -1559,19 +1609,22 @@ module encoder_layer_0_output_dense(m, a_wr__en, a_wr__addr, a_wr__data, w_wr__e
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$149  = ent_q7;
-    if (\$54 ) begin
-      \$149  = \rd__data$129 ;
+    \$149  = wp;
+    if (fetch5) begin
+      \$149  = \$57 [3:0];
+    end
+    if (idle) begin
+      \$149  = 4'h0;
     end
     if (rst) begin
-      \$149  = 34'h000000000;
+      \$149  = 4'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$150  = ent_q8;
-    if (\$56 ) begin
-      \$150  = \rd__data$129 ;
+    \$150  = ent_head;
+    if (load) begin
+      \$150  = oldest;
     end
     if (rst) begin
       \$150  = 34'h000000000;
@@ -1579,9 +1632,9 @@ module encoder_layer_0_output_dense(m, a_wr__en, a_wr__addr, a_wr__data, w_wr__e
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$151  = wp;
-    if (fetch5) begin
-      \$151  = \$59 [3:0];
+    \$151  = rp;
+    if (load) begin
+      \$151  = \$60 [3:0];
     end
     if (idle) begin
       \$151  = 4'h0;
@@ -1592,128 +1645,135 @@ module encoder_layer_0_output_dense(m, a_wr__en, a_wr__addr, a_wr__data, w_wr__e
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$152  = ent_head;
-    if (load) begin
-      \$152  = oldest;
-    end
-    if (rst) begin
-      \$152  = 34'h000000000;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$153  = rp;
-    if (load) begin
-      \$153  = \$62 [3:0];
-    end
+    \$152  = \$62 [3:0];
     if (idle) begin
-      \$153  = 4'h0;
+      \$152  = 4'h0;
     end
     if (rst) begin
-      \$153  = 4'h0;
+      \$152  = 4'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$154  = \$64 [3:0];
+    \$153  = \$66 ;
     if (idle) begin
-      \$154  = 4'h0;
+      \$153  = 1'h0;
     end
     if (rst) begin
-      \$154  = 4'h0;
+      \$153  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$155  = \$68 ;
+    \$154  = \$69 ;
     if (idle) begin
-      \$155  = 1'h0;
+      \$154  = 1'h0;
     end
     if (rst) begin
-      \$155  = 1'h0;
+      \$154  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$156  = \$71 ;
+    \$155  = \$71 [3:0];
     if (idle) begin
-      \$156  = 1'h0;
+      \$155  = 4'h0;
     end
     if (rst) begin
-      \$156  = 1'h0;
+      \$155  = 4'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$157  = \$73 [3:0];
-    if (idle) begin
-      \$157  = 4'h0;
-    end
-    if (rst) begin
-      \$157  = 4'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$158  = a_off;
+    \$156  = a_off;
     if (load) begin
-      \$158  = oldest[10:0];
-    end else if (\$74 ) begin
-      \$158  = \$76 [10:0];
+      \$156  = oldest[10:0];
+    end else if (\$72 ) begin
+      \$156  = \$74 [10:0];
     end
     if (rst) begin
-      \$158  = 11'h000;
+      \$156  = 11'h000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$159  = \rd__addr$79 ;
+    \$157  = \rd__addr$78 ;
     if (load) begin
-      \$159  = oldest[26:11];
-    end else if (\$74 ) begin
-      \$159  = \$77 [15:0];
+      \$157  = oldest[26:11];
+    end else if (\$72 ) begin
+      \$157  = \$75 [15:0];
     end
     if (rst) begin
-      \$159  = 16'h0000;
+      \$157  = 16'h0000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$160  = kk_last;
+    \$158  = kk_rem;
     if (load) begin
-      \$160  = \$75 ;
-    end else if (\$74 ) begin
-      \$160  = \$79 ;
+      \$158  = oldest[30:27];
+    end else if (\$72 ) begin
+      \$158  = \$76 [3:0];
     end
     if (rst) begin
-      \$160  = 1'h0;
+      \$158  = 4'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$161  = tcnt;
+    \$159  = kk_last;
+    if (load) begin
+      \$159  = \$73 ;
+    end else if (\$72 ) begin
+      \$159  = \$77 ;
+    end
+    if (rst) begin
+      \$159  = 1'h0;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
+    \$160  = tcnt;
     if (go) begin
       if (tile_end) begin
-        \$161  = 5'h00;
-      end else if (\$80 ) begin
-        \$161  = \$81 [4:0];
+        \$160  = 5'h00;
+      end else if (\$78 ) begin
+        \$160  = \$79 [4:0];
       end
     end
     if (idle) begin
-      \$161  = 5'h00;
+      \$160  = 5'h00;
     end
     if (rst) begin
-      \$161  = 5'h00;
+      \$160  = 5'h00;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$162  = tcnt_ok;
+    \$161  = tcnt_ok;
     if (go) begin
+      if (tile_end) begin
+        \$161  = 1'h0;
+      end else if (\$78 ) begin
+        \$161  = \$81 ;
+      end
+    end
+    if (idle) begin
+      \$161  = 1'h0;
+    end
+    if (rst) begin
+      \$161  = 1'h0;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
+    \$162  = pad;
+    if (go) begin
+      if (\$84 ) begin
+        \$162  = 1'h1;
+      end
       if (tile_end) begin
         \$162  = 1'h0;
-      end else if (\$80 ) begin
-        \$162  = \$83 ;
       end
     end
     if (idle) begin
@@ -1725,508 +1785,454 @@ module encoder_layer_0_output_dense(m, a_wr__en, a_wr__addr, a_wr__data, w_wr__e
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$163  = kk;
+    \$163  = sweep_end;
     if (go) begin
-      if (entry_end) begin
-        \$163  = 4'h0;
-      end else if (\real ) begin
-        \$163  = \$86 [3:0];
+      if (\$84 ) begin
+        \$163  = ent_head[33];
       end
     end
-    if (idle) begin
-      \$163  = 4'h0;
-    end
     if (rst) begin
-      \$163  = 4'h0;
+      \$163  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$164  = pad;
+    \$164  = a_base;
     if (go) begin
-      if (entry_end) begin
-        if (\$85 ) begin
-          \$164  = 1'h1;
-        end
-      end
       if (tile_end) begin
-        \$164  = 1'h0;
+        if (list_end) begin
+          \$164  = \$85 [13:0];
+        end
       end
     end
     if (idle) begin
-      \$164  = 1'h0;
+      \$164  = 14'h0000;
     end
     if (rst) begin
-      \$164  = 1'h0;
+      \$164  = 14'h0000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$165  = sweep_end;
-    if (go) begin
-      if (entry_end) begin
-        if (\$85 ) begin
-          \$165  = ent_head[33];
-        end
-      end
-    end
+    \$165  = go;
     if (rst) begin
       \$165  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$166  = left;
-    if (go) begin
-      if (tile_end) begin
-        if (list_end) begin
-          \$166  = \$87 [7:0];
-        end
-      end
-    end
-    if (hdr0) begin
-      \$166  = m_q;
-    end
+    \$166  = \$86 ;
     if (rst) begin
-      \$166  = 8'h00;
+      \$166  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$167  = last_mt;
-    if (go) begin
-      if (tile_end) begin
-        if (list_end) begin
-          \$167  = \$88 ;
-        end
-      end
-    end
-    if (hdr0) begin
-      \$167  = \$125 ;
-    end
+    \$167  = tile_end;
     if (rst) begin
       \$167  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$168  = a_base;
-    if (go) begin
-      if (tile_end) begin
-        if (list_end) begin
-          \$168  = \$89 [13:0];
-        end
-      end
-    end
-    if (idle) begin
-      \$168  = 14'h0000;
-    end
+    \$168  = valid_d0;
     if (rst) begin
-      \$168  = 14'h0000;
+      \$168  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$169  = run;
-    if (go) begin
-      if (tile_end) begin
-        if (list_end) begin
-          if (last_mt) begin
-            \$169  = 1'h0;
-          end
-        end
-      end
-    end
-    if (\start$44 ) begin
-      \$169  = 1'h1;
-    end
+    \$169  = first_d0;
     if (rst) begin
       \$169  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$170  = go;
+    \$170  = last_d0;
     if (rst) begin
       \$170  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$171  = \$90 ;
+    \$171  = valid_d1;
     if (rst) begin
       \$171  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$172  = tile_end;
+    \$172  = first_d1;
     if (rst) begin
       \$172  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$173  = valid_d0;
+    \$173  = last_d1;
     if (rst) begin
       \$173  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$174  = first_d0;
+    \$174  = valid_d2;
     if (rst) begin
       \$174  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$175  = last_d0;
+    \$175  = first_d2;
     if (rst) begin
       \$175  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$176  = valid_d1;
+    \$176  = last_d2;
     if (rst) begin
       \$176  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$177  = first_d1;
+    \$177  = valid_d3;
     if (rst) begin
       \$177  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$178  = last_d1;
+    \$178  = first_d3;
     if (rst) begin
       \$178  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$179  = valid_d2;
+    \$179  = last_d3;
     if (rst) begin
       \$179  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$180  = first_d2;
+    \$180  = valid_d4;
     if (rst) begin
       \$180  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$181  = last_d2;
+    \$181  = first_d4;
     if (rst) begin
       \$181  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$182  = valid_d3;
+    \$182  = last_d4;
     if (rst) begin
       \$182  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$183  = first_d3;
+    \$183  = valid_d5;
     if (rst) begin
       \$183  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$184  = last_d3;
+    \$184  = first_d5;
     if (rst) begin
       \$184  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$185  = valid_d4;
+    \$185  = last_d5;
     if (rst) begin
       \$185  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$186  = first_d4;
+    \$186  = \$87 ;
     if (rst) begin
       \$186  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$187  = last_d4;
+    \$187  = w_real_d0;
     if (rst) begin
       \$187  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$188  = valid_d5;
+    \$188  = w_real_d1;
     if (rst) begin
       \$188  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$189  = first_d5;
+    \$189  = w_real_d2;
     if (rst) begin
       \$189  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$190  = last_d5;
+    \$190  = w_real_d3;
     if (rst) begin
       \$190  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$191  = \$91 ;
+    \$191  = w_real_d4;
     if (rst) begin
       \$191  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$192  = w_real_d0;
+    \$192  = w_real_d4;
     if (rst) begin
       \$192  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$193  = w_real_d1;
+    \$193  = w_real_d4;
     if (rst) begin
       \$193  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$194  = w_real_d2;
+    \$194  = w_real_d4;
     if (rst) begin
       \$194  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$195  = w_real_d3;
+    \$195  = w_real_g0;
     if (rst) begin
       \$195  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$196  = w_real_d4;
+    \$196  = w_real_g0;
     if (rst) begin
       \$196  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$197  = w_real_d4;
+    \$197  = w_real_g0;
     if (rst) begin
       \$197  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$198  = w_real_d4;
+    \$198  = w_real_g0;
     if (rst) begin
       \$198  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$199  = w_real_d4;
+    \$199  = w_real_g1;
     if (rst) begin
       \$199  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$200  = w_real_g0;
+    \$200  = w_real_g1;
     if (rst) begin
       \$200  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$201  = w_real_g0;
+    \$201  = w_real_g1;
     if (rst) begin
       \$201  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$202  = w_real_g0;
+    \$202  = w_real_g1;
     if (rst) begin
       \$202  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$203  = w_real_g0;
+    \$203  = w_real_g2;
     if (rst) begin
       \$203  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$204  = w_real_g1;
+    \$204  = w_real_g2;
     if (rst) begin
       \$204  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$205  = w_real_g1;
+    \$205  = w_real_g2;
     if (rst) begin
       \$205  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$206  = w_real_g1;
+    \$206  = w_real_g2;
     if (rst) begin
       \$206  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$207  = w_real_g1;
+    \$207  = w_real_g3;
     if (rst) begin
       \$207  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$208  = w_real_g2;
+    \$208  = w_real_g3;
     if (rst) begin
       \$208  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$209  = w_real_g2;
+    \$209  = w_real_g3;
     if (rst) begin
       \$209  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$210  = w_real_g2;
+    \$210  = w_real_g3;
     if (rst) begin
       \$210  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$211  = w_real_g2;
+    \$211  = \rd__addr$103 ;
+    if (\$88 ) begin
+      (* full_case = 32'd1 *)
+      if (\$89 ) begin
+        \$211  = 5'h00;
+      end else begin
+        \$211  = \$93 [4:0];
+      end
+    end
+    if (idle) begin
+      \$211  = 5'h00;
+    end
     if (rst) begin
-      \$211  = 1'h0;
+      \$211  = 5'h00;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$212  = w_real_g3;
+    \$212  = out_left;
+    if (\$88 ) begin
+      if (\$89 ) begin
+        \$212  = \$90 [7:0];
+      end
+    end
+    if (hdr0) begin
+      \$212  = m_q;
+    end
     if (rst) begin
-      \$212  = 1'h0;
+      \$212  = 8'h00;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$213  = w_real_g3;
+    \$213  = out_last;
+    if (\$88 ) begin
+      if (\$89 ) begin
+        \$213  = \$91 ;
+      end
+    end
+    if (hdr0) begin
+      \$213  = \$122 ;
+    end
     if (rst) begin
       \$213  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$214  = w_real_g3;
+    \$214  = tile_base;
+    if (\$88 ) begin
+      (* full_case = 32'd1 *)
+      if (\$89 ) begin
+        \$214  = \$92 [11:0];
+      end else begin
+        \$214  = \$94 [11:0];
+      end
+    end
+    if (idle) begin
+      \$214  = 12'h000;
+    end
     if (rst) begin
-      \$214  = 1'h0;
+      \$214  = 12'h000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$215  = w_real_g3;
+    \$215  = o__valid;
     if (rst) begin
       \$215  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$216  = \rd__addr$104 ;
-    if (\$92 ) begin
-      (* full_case = 32'd1 *)
-      if (\$93 ) begin
-        \$216  = 5'h00;
-      end else begin
-        \$216  = \$97 [4:0];
-      end
-    end
-    if (idle) begin
-      \$216  = 5'h00;
-    end
+    \$216  = \$95 ;
     if (rst) begin
-      \$216  = 5'h00;
+      \$216  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$217  = out_left;
-    if (\$92 ) begin
-      if (\$93 ) begin
-        \$217  = \$94 [7:0];
-      end
-    end
-    if (hdr0) begin
-      \$217  = m_q;
-    end
+    \$217  = \$96 ;
     if (rst) begin
-      \$217  = 8'h00;
+      \$217  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$218  = out_last;
-    if (\$92 ) begin
-      if (\$93 ) begin
-        \$218  = \$95 ;
-      end
-    end
-    if (hdr0) begin
-      \$218  = \$126 ;
-    end
+    \$218  = o__payload[415:0];
     if (rst) begin
-      \$218  = 1'h0;
+      \$218  = 416'h00000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$219  = tile_base;
-    if (\$92 ) begin
-      (* full_case = 32'd1 *)
-      if (\$93 ) begin
-        \$219  = \$96 [11:0];
-      end else begin
-        \$219  = \$98 [11:0];
-      end
-    end
-    if (idle) begin
-      \$219  = 12'h000;
+    \$219  = addr1;
+    if (o__valid) begin
+      \$219  = \$99 [11:0];
     end
     if (rst) begin
       \$219  = 12'h000;
@@ -2234,248 +2240,210 @@ module encoder_layer_0_output_dense(m, a_wr__en, a_wr__addr, a_wr__data, w_wr__e
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$220  = o__valid;
+    \$220  = \$100 ;
     if (rst) begin
       \$220  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$221  = \$99 ;
+    \$221  = \$signal$166 ;
     if (rst) begin
       \$221  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$222  = \$100 ;
+    \$222  = addr1;
     if (rst) begin
-      \$222  = 1'h0;
+      \$222  = 12'h000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$223  = o__payload[415:0];
+    \$223  = acc1;
     if (rst) begin
       \$223  = 416'h00000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$224  = addr1;
-    if (o__valid) begin
-      \$224  = \$103 [11:0];
-    end
+    \$224  = \$signal$170 ;
     if (rst) begin
-      \$224  = 12'h000;
+      \$224  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$225  = \$104 ;
+    \$225  = fin2;
     if (rst) begin
       \$225  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$226  = \$signal$167 ;
+    \$226  = addr2;
     if (rst) begin
-      \$226  = 1'h0;
+      \$226  = 12'h000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$227  = addr1;
+    \$227 [25:0] = \$101 [25:0];
+    \$227 [419:416] = \rd__data$179 [3:0];
+    \$227 [51:26] = \$102 [25:0];
+    \$227 [423:420] = \rd__data$179 [7:4];
+    \$227 [77:52] = \$103 [25:0];
+    \$227 [427:424] = \rd__data$179 [11:8];
+    \$227 [103:78] = \$104 [25:0];
+    \$227 [431:428] = \rd__data$179 [15:12];
+    \$227 [129:104] = \$105 [25:0];
+    \$227 [435:432] = \rd__data$179 [19:16];
+    \$227 [155:130] = \$106 [25:0];
+    \$227 [439:436] = \rd__data$179 [23:20];
+    \$227 [181:156] = \$107 [25:0];
+    \$227 [443:440] = \rd__data$179 [27:24];
+    \$227 [207:182] = \$108 [25:0];
+    \$227 [447:444] = \rd__data$179 [31:28];
+    \$227 [233:208] = \$109 [25:0];
+    \$227 [451:448] = \rd__data$179 [35:32];
+    \$227 [259:234] = \$110 [25:0];
+    \$227 [455:452] = \rd__data$179 [39:36];
+    \$227 [285:260] = \$111 [25:0];
+    \$227 [459:456] = \rd__data$179 [43:40];
+    \$227 [311:286] = \$112 [25:0];
+    \$227 [463:460] = \rd__data$179 [47:44];
+    \$227 [337:312] = \$113 [25:0];
+    \$227 [467:464] = \rd__data$179 [51:48];
+    \$227 [363:338] = \$114 [25:0];
+    \$227 [471:468] = \rd__data$179 [55:52];
+    \$227 [389:364] = \$115 [25:0];
+    \$227 [475:472] = \rd__data$179 [59:56];
+    \$227 [415:390] = \$116 [25:0];
+    \$227 [479:476] = \rd__data$179 [63:60];
     if (rst) begin
-      \$227  = 12'h000;
+      \$227  = 480'h000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$228  = acc1;
+    \$228  = \$signal$174 ;
     if (rst) begin
-      \$228  = 416'h00000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000;
+      \$228  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$229  = \$signal$171 ;
+    \$229  = fin3;
     if (rst) begin
       \$229  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$230  = fin2;
+    \$230  = addr3;
     if (rst) begin
-      \$230  = 1'h0;
+      \$230  = 12'h000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$231  = addr2;
+    \$231  = v_q_d0;
     if (rst) begin
-      \$231  = 12'h000;
+      \$231  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$232 [25:0] = \$105 [25:0];
-    \$232 [419:416] = \rd__data$180 [3:0];
-    \$232 [51:26] = \$106 [25:0];
-    \$232 [423:420] = \rd__data$180 [7:4];
-    \$232 [77:52] = \$107 [25:0];
-    \$232 [427:424] = \rd__data$180 [11:8];
-    \$232 [103:78] = \$108 [25:0];
-    \$232 [431:428] = \rd__data$180 [15:12];
-    \$232 [129:104] = \$109 [25:0];
-    \$232 [435:432] = \rd__data$180 [19:16];
-    \$232 [155:130] = \$110 [25:0];
-    \$232 [439:436] = \rd__data$180 [23:20];
-    \$232 [181:156] = \$111 [25:0];
-    \$232 [443:440] = \rd__data$180 [27:24];
-    \$232 [207:182] = \$112 [25:0];
-    \$232 [447:444] = \rd__data$180 [31:28];
-    \$232 [233:208] = \$113 [25:0];
-    \$232 [451:448] = \rd__data$180 [35:32];
-    \$232 [259:234] = \$114 [25:0];
-    \$232 [455:452] = \rd__data$180 [39:36];
-    \$232 [285:260] = \$115 [25:0];
-    \$232 [459:456] = \rd__data$180 [43:40];
-    \$232 [311:286] = \$116 [25:0];
-    \$232 [463:460] = \rd__data$180 [47:44];
-    \$232 [337:312] = \$117 [25:0];
-    \$232 [467:464] = \rd__data$180 [51:48];
-    \$232 [363:338] = \$118 [25:0];
-    \$232 [471:468] = \rd__data$180 [55:52];
-    \$232 [389:364] = \$119 [25:0];
-    \$232 [475:472] = \rd__data$180 [59:56];
-    \$232 [415:390] = \$120 [25:0];
-    \$232 [479:476] = \rd__data$180 [63:60];
+    \$232  = fin_q_d0;
     if (rst) begin
-      \$232  = 480'h000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000;
+      \$232  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$233  = \$signal$175 ;
+    \$233  = addr_q_d0;
     if (rst) begin
-      \$233  = 1'h0;
+      \$233  = 12'h000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$234  = fin3;
+    \$234  = v_q_d1;
     if (rst) begin
       \$234  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$235  = addr3;
+    \$235  = fin_q_d1;
     if (rst) begin
-      \$235  = 12'h000;
+      \$235  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$236  = v_q_d0;
+    \$236  = addr_q_d1;
     if (rst) begin
-      \$236  = 1'h0;
+      \$236  = 12'h000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$237  = fin_q_d0;
+    \$237  = fin_q_d2;
     if (rst) begin
       \$237  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$238  = addr_q_d0;
+    \$238  = fin_o_d0;
     if (rst) begin
-      \$238  = 12'h000;
+      \$238  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$239  = v_q_d1;
+    \$239  = fin_o_d1;
     if (rst) begin
       \$239  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$240  = fin_q_d1;
+    \$240  = fin_o_d2;
     if (rst) begin
       \$240  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$241  = addr_q_d1;
+    \$241  = \$120 ;
     if (rst) begin
-      \$241  = 12'h000;
+      \$241  = 1'h1;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$242  = fin_q_d2;
+    \$242  = \busy$42 ;
+    if (done) begin
+      \$242  = 1'h0;
+    end
+    if (\start$44 ) begin
+      \$242  = 1'h1;
+    end
     if (rst) begin
       \$242  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$243  = fin_o_d0;
-    if (rst) begin
-      \$243  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$244  = fin_o_d1;
-    if (rst) begin
-      \$244  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$245  = fin_o_d2;
-    if (rst) begin
-      \$245  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$246  = \$124 ;
-    if (rst) begin
-      \$246  = 1'h1;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$247  = \busy$42 ;
-    if (done) begin
-      \$247  = 1'h0;
-    end
-    if (\start$44 ) begin
-      \$247  = 1'h1;
-    end
-    if (rst) begin
-      \$247  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$248  = m_q;
+    \$243  = m_q;
     if (idle) begin
-      \$248  = m;
+      \$243  = m;
     end
     if (rst) begin
-      \$248  = 8'h00;
+      \$243  = 8'h00;
     end
   end
   assign wr__addr = a_wr__addr;
@@ -2497,14 +2465,14 @@ module encoder_layer_0_output_dense(m, a_wr__en, a_wr__addr, a_wr__data, w_wr__e
   assign rd__data = o_rd__data;
   assign rd__en = o_rd__en;
   assign \done$43  = done;
-  assign \rd__addr$76  = \$17 [13:0];
-  assign w_addr = \rd__addr$79 ;
+  assign \rd__addr$75  = \$14 [13:0];
+  assign w_addr = \rd__addr$78 ;
   assign valid_d6 = i__valid;
-  assign out_nt = \rd__addr$104 ;
-  assign \rd__addr$106  = \rd__addr$104 ;
-  assign v_q_d2 = \wr__en$110 ;
-  assign addr_q_d2 = \wr__addr$112 ;
-  assign o = \wr__data$114 ;
+  assign out_nt = \rd__addr$103 ;
+  assign \rd__addr$105  = \rd__addr$103 ;
+  assign v_q_d2 = \wr__en$109 ;
+  assign addr_q_d2 = \wr__addr$111 ;
+  assign o = \wr__data$113 ;
   assign \a_wr__data[0]  = a_wr__data[7:0];
   assign \a_wr__data[1]  = a_wr__data[15:8];
   assign \a_wr__data[2]  = a_wr__data[23:16];
@@ -2701,38 +2669,38 @@ module encoder_layer_0_output_dense(m, a_wr__en, a_wr__addr, a_wr__data, w_wr__e
   assign \i__payload.b[15]  = i__payload[255:248];
   assign \i__payload.first  = i__payload[256];
   assign \i__payload.last  = i__payload[257];
-  assign \rd__data$86[0]  = \rd__data$86 [7:0];
-  assign \rd__data$86[1]  = \rd__data$86 [15:8];
-  assign \rd__data$86[2]  = \rd__data$86 [23:16];
-  assign \rd__data$86[3]  = \rd__data$86 [31:24];
-  assign \rd__data$86[4]  = \rd__data$86 [39:32];
-  assign \rd__data$86[5]  = \rd__data$86 [47:40];
-  assign \rd__data$86[6]  = \rd__data$86 [55:48];
-  assign \rd__data$86[7]  = \rd__data$86 [63:56];
-  assign \rd__data$86[8]  = \rd__data$86 [71:64];
-  assign \rd__data$86[9]  = \rd__data$86 [79:72];
-  assign \rd__data$86[10]  = \rd__data$86 [87:80];
-  assign \rd__data$86[11]  = \rd__data$86 [95:88];
-  assign \rd__data$86[12]  = \rd__data$86 [103:96];
-  assign \rd__data$86[13]  = \rd__data$86 [111:104];
-  assign \rd__data$86[14]  = \rd__data$86 [119:112];
-  assign \rd__data$86[15]  = \rd__data$86 [127:120];
-  assign \rd__data$88[0]  = \rd__data$88 [7:0];
-  assign \rd__data$88[1]  = \rd__data$88 [15:8];
-  assign \rd__data$88[2]  = \rd__data$88 [23:16];
-  assign \rd__data$88[3]  = \rd__data$88 [31:24];
-  assign \rd__data$88[4]  = \rd__data$88 [39:32];
-  assign \rd__data$88[5]  = \rd__data$88 [47:40];
-  assign \rd__data$88[6]  = \rd__data$88 [55:48];
-  assign \rd__data$88[7]  = \rd__data$88 [63:56];
-  assign \rd__data$88[8]  = \rd__data$88 [71:64];
-  assign \rd__data$88[9]  = \rd__data$88 [79:72];
-  assign \rd__data$88[10]  = \rd__data$88 [87:80];
-  assign \rd__data$88[11]  = \rd__data$88 [95:88];
-  assign \rd__data$88[12]  = \rd__data$88 [103:96];
-  assign \rd__data$88[13]  = \rd__data$88 [111:104];
-  assign \rd__data$88[14]  = \rd__data$88 [119:112];
-  assign \rd__data$88[15]  = \rd__data$88 [127:120];
+  assign \rd__data$85[0]  = \rd__data$85 [7:0];
+  assign \rd__data$85[1]  = \rd__data$85 [15:8];
+  assign \rd__data$85[2]  = \rd__data$85 [23:16];
+  assign \rd__data$85[3]  = \rd__data$85 [31:24];
+  assign \rd__data$85[4]  = \rd__data$85 [39:32];
+  assign \rd__data$85[5]  = \rd__data$85 [47:40];
+  assign \rd__data$85[6]  = \rd__data$85 [55:48];
+  assign \rd__data$85[7]  = \rd__data$85 [63:56];
+  assign \rd__data$85[8]  = \rd__data$85 [71:64];
+  assign \rd__data$85[9]  = \rd__data$85 [79:72];
+  assign \rd__data$85[10]  = \rd__data$85 [87:80];
+  assign \rd__data$85[11]  = \rd__data$85 [95:88];
+  assign \rd__data$85[12]  = \rd__data$85 [103:96];
+  assign \rd__data$85[13]  = \rd__data$85 [111:104];
+  assign \rd__data$85[14]  = \rd__data$85 [119:112];
+  assign \rd__data$85[15]  = \rd__data$85 [127:120];
+  assign \rd__data$87[0]  = \rd__data$87 [7:0];
+  assign \rd__data$87[1]  = \rd__data$87 [15:8];
+  assign \rd__data$87[2]  = \rd__data$87 [23:16];
+  assign \rd__data$87[3]  = \rd__data$87 [31:24];
+  assign \rd__data$87[4]  = \rd__data$87 [39:32];
+  assign \rd__data$87[5]  = \rd__data$87 [47:40];
+  assign \rd__data$87[6]  = \rd__data$87 [55:48];
+  assign \rd__data$87[7]  = \rd__data$87 [63:56];
+  assign \rd__data$87[8]  = \rd__data$87 [71:64];
+  assign \rd__data$87[9]  = \rd__data$87 [79:72];
+  assign \rd__data$87[10]  = \rd__data$87 [87:80];
+  assign \rd__data$87[11]  = \rd__data$87 [95:88];
+  assign \rd__data$87[12]  = \rd__data$87 [103:96];
+  assign \rd__data$87[13]  = \rd__data$87 [111:104];
+  assign \rd__data$87[14]  = \rd__data$87 [119:112];
+  assign \rd__data$87[15]  = \rd__data$87 [127:120];
   assign \o__payload.data  = o__payload[415:0];
   assign \o__payload.data[0]  = o__payload[25:0];
   assign \o__payload.data[1]  = o__payload[51:26];
@@ -2752,38 +2720,38 @@ module encoder_layer_0_output_dense(m, a_wr__en, a_wr__addr, a_wr__data, w_wr__e
   assign \o__payload.data[15]  = o__payload[415:390];
   assign \o__payload.row  = o__payload[419:416];
   assign \o__payload.last  = o__payload[420];
-  assign \wr__data$114[0]  = \wr__data$114 [15:0];
-  assign \wr__data$114[1]  = \wr__data$114 [31:16];
-  assign \wr__data$114[2]  = \wr__data$114 [47:32];
-  assign \wr__data$114[3]  = \wr__data$114 [63:48];
-  assign \wr__data$114[4]  = \wr__data$114 [79:64];
-  assign \wr__data$114[5]  = \wr__data$114 [95:80];
-  assign \wr__data$114[6]  = \wr__data$114 [111:96];
-  assign \wr__data$114[7]  = \wr__data$114 [127:112];
-  assign \wr__data$114[8]  = \wr__data$114 [143:128];
-  assign \wr__data$114[9]  = \wr__data$114 [159:144];
-  assign \wr__data$114[10]  = \wr__data$114 [175:160];
-  assign \wr__data$114[11]  = \wr__data$114 [191:176];
-  assign \wr__data$114[12]  = \wr__data$114 [207:192];
-  assign \wr__data$114[13]  = \wr__data$114 [223:208];
-  assign \wr__data$114[14]  = \wr__data$114 [239:224];
-  assign \wr__data$114[15]  = \wr__data$114 [255:240];
-  assign \o[0]  = \wr__data$114 [15:0];
-  assign \o[1]  = \wr__data$114 [31:16];
-  assign \o[2]  = \wr__data$114 [47:32];
-  assign \o[3]  = \wr__data$114 [63:48];
-  assign \o[4]  = \wr__data$114 [79:64];
-  assign \o[5]  = \wr__data$114 [95:80];
-  assign \o[6]  = \wr__data$114 [111:96];
-  assign \o[7]  = \wr__data$114 [127:112];
-  assign \o[8]  = \wr__data$114 [143:128];
-  assign \o[9]  = \wr__data$114 [159:144];
-  assign \o[10]  = \wr__data$114 [175:160];
-  assign \o[11]  = \wr__data$114 [191:176];
-  assign \o[12]  = \wr__data$114 [207:192];
-  assign \o[13]  = \wr__data$114 [223:208];
-  assign \o[14]  = \wr__data$114 [239:224];
-  assign \o[15]  = \wr__data$114 [255:240];
+  assign \wr__data$113[0]  = \wr__data$113 [15:0];
+  assign \wr__data$113[1]  = \wr__data$113 [31:16];
+  assign \wr__data$113[2]  = \wr__data$113 [47:32];
+  assign \wr__data$113[3]  = \wr__data$113 [63:48];
+  assign \wr__data$113[4]  = \wr__data$113 [79:64];
+  assign \wr__data$113[5]  = \wr__data$113 [95:80];
+  assign \wr__data$113[6]  = \wr__data$113 [111:96];
+  assign \wr__data$113[7]  = \wr__data$113 [127:112];
+  assign \wr__data$113[8]  = \wr__data$113 [143:128];
+  assign \wr__data$113[9]  = \wr__data$113 [159:144];
+  assign \wr__data$113[10]  = \wr__data$113 [175:160];
+  assign \wr__data$113[11]  = \wr__data$113 [191:176];
+  assign \wr__data$113[12]  = \wr__data$113 [207:192];
+  assign \wr__data$113[13]  = \wr__data$113 [223:208];
+  assign \wr__data$113[14]  = \wr__data$113 [239:224];
+  assign \wr__data$113[15]  = \wr__data$113 [255:240];
+  assign \o[0]  = \wr__data$113 [15:0];
+  assign \o[1]  = \wr__data$113 [31:16];
+  assign \o[2]  = \wr__data$113 [47:32];
+  assign \o[3]  = \wr__data$113 [63:48];
+  assign \o[4]  = \wr__data$113 [79:64];
+  assign \o[5]  = \wr__data$113 [95:80];
+  assign \o[6]  = \wr__data$113 [111:96];
+  assign \o[7]  = \wr__data$113 [127:112];
+  assign \o[8]  = \wr__data$113 [143:128];
+  assign \o[9]  = \wr__data$113 [159:144];
+  assign \o[10]  = \wr__data$113 [175:160];
+  assign \o[11]  = \wr__data$113 [191:176];
+  assign \o[12]  = \wr__data$113 [207:192];
+  assign \o[13]  = \wr__data$113 [223:208];
+  assign \o[14]  = \wr__data$113 [239:224];
+  assign \o[15]  = \wr__data$113 [255:240];
   assign \acc1[0]  = acc1[25:0];
   assign \acc1[1]  = acc1[51:26];
   assign \acc1[2]  = acc1[77:52];
@@ -2850,70 +2818,70 @@ module encoder_layer_0_output_dense(m, a_wr__en, a_wr__addr, a_wr__data, w_wr__e
   assign \i.t[13]  = i[471:468];
   assign \i.t[14]  = i[475:472];
   assign \i.t[15]  = i[479:476];
-  assign \rd__data$179[0]  = \rd__data$179 [12:0];
-  assign \rd__data$179[1]  = \rd__data$179 [25:13];
-  assign \rd__data$179[2]  = \rd__data$179 [38:26];
-  assign \rd__data$179[3]  = \rd__data$179 [51:39];
-  assign \rd__data$179[4]  = \rd__data$179 [64:52];
-  assign \rd__data$179[5]  = \rd__data$179 [77:65];
-  assign \rd__data$179[6]  = \rd__data$179 [90:78];
-  assign \rd__data$179[7]  = \rd__data$179 [103:91];
-  assign \rd__data$179[8]  = \rd__data$179 [116:104];
-  assign \rd__data$179[9]  = \rd__data$179 [129:117];
-  assign \rd__data$179[10]  = \rd__data$179 [142:130];
-  assign \rd__data$179[11]  = \rd__data$179 [155:143];
-  assign \rd__data$179[12]  = \rd__data$179 [168:156];
-  assign \rd__data$179[13]  = \rd__data$179 [181:169];
-  assign \rd__data$179[14]  = \rd__data$179 [194:182];
-  assign \rd__data$179[15]  = \rd__data$179 [207:195];
-  assign \rd__data$180[0]  = \rd__data$180 [3:0];
-  assign \rd__data$180[1]  = \rd__data$180 [7:4];
-  assign \rd__data$180[2]  = \rd__data$180 [11:8];
-  assign \rd__data$180[3]  = \rd__data$180 [15:12];
-  assign \rd__data$180[4]  = \rd__data$180 [19:16];
-  assign \rd__data$180[5]  = \rd__data$180 [23:20];
-  assign \rd__data$180[6]  = \rd__data$180 [27:24];
-  assign \rd__data$180[7]  = \rd__data$180 [31:28];
-  assign \rd__data$180[8]  = \rd__data$180 [35:32];
-  assign \rd__data$180[9]  = \rd__data$180 [39:36];
-  assign \rd__data$180[10]  = \rd__data$180 [43:40];
-  assign \rd__data$180[11]  = \rd__data$180 [47:44];
-  assign \rd__data$180[12]  = \rd__data$180 [51:48];
-  assign \rd__data$180[13]  = \rd__data$180 [55:52];
-  assign \rd__data$180[14]  = \rd__data$180 [59:56];
-  assign \rd__data$180[15]  = \rd__data$180 [63:60];
-  assign i__payload[255:248] = \$33 ;
-  assign i__payload[247:240] = \$32 ;
-  assign i__payload[239:232] = \$31 ;
-  assign i__payload[231:224] = \$30 ;
-  assign i__payload[223:216] = \$29 ;
-  assign i__payload[215:208] = \$28 ;
-  assign i__payload[207:200] = \$27 ;
-  assign i__payload[199:192] = \$26 ;
-  assign i__payload[191:184] = \$25 ;
-  assign i__payload[183:176] = \$24 ;
-  assign i__payload[175:168] = \$23 ;
-  assign i__payload[167:160] = \$22 ;
-  assign i__payload[159:152] = \$21 ;
-  assign i__payload[151:144] = \$20 ;
-  assign i__payload[143:136] = \$19 ;
-  assign i__payload[135:128] = \$18 ;
-  assign i__payload[127:120] = \rd__data$86 [127:120];
-  assign i__payload[119:112] = \rd__data$86 [119:112];
-  assign i__payload[111:104] = \rd__data$86 [111:104];
-  assign i__payload[103:96] = \rd__data$86 [103:96];
-  assign i__payload[95:88] = \rd__data$86 [95:88];
-  assign i__payload[87:80] = \rd__data$86 [87:80];
-  assign i__payload[79:72] = \rd__data$86 [79:72];
-  assign i__payload[71:64] = \rd__data$86 [71:64];
-  assign i__payload[63:56] = \rd__data$86 [63:56];
-  assign i__payload[55:48] = \rd__data$86 [55:48];
-  assign i__payload[47:40] = \rd__data$86 [47:40];
-  assign i__payload[39:32] = \rd__data$86 [39:32];
-  assign i__payload[31:24] = \rd__data$86 [31:24];
-  assign i__payload[23:16] = \rd__data$86 [23:16];
-  assign i__payload[15:8] = \rd__data$86 [15:8];
-  assign i__payload[7:0] = \rd__data$86 [7:0];
+  assign \rd__data$178[0]  = \rd__data$178 [12:0];
+  assign \rd__data$178[1]  = \rd__data$178 [25:13];
+  assign \rd__data$178[2]  = \rd__data$178 [38:26];
+  assign \rd__data$178[3]  = \rd__data$178 [51:39];
+  assign \rd__data$178[4]  = \rd__data$178 [64:52];
+  assign \rd__data$178[5]  = \rd__data$178 [77:65];
+  assign \rd__data$178[6]  = \rd__data$178 [90:78];
+  assign \rd__data$178[7]  = \rd__data$178 [103:91];
+  assign \rd__data$178[8]  = \rd__data$178 [116:104];
+  assign \rd__data$178[9]  = \rd__data$178 [129:117];
+  assign \rd__data$178[10]  = \rd__data$178 [142:130];
+  assign \rd__data$178[11]  = \rd__data$178 [155:143];
+  assign \rd__data$178[12]  = \rd__data$178 [168:156];
+  assign \rd__data$178[13]  = \rd__data$178 [181:169];
+  assign \rd__data$178[14]  = \rd__data$178 [194:182];
+  assign \rd__data$178[15]  = \rd__data$178 [207:195];
+  assign \rd__data$179[0]  = \rd__data$179 [3:0];
+  assign \rd__data$179[1]  = \rd__data$179 [7:4];
+  assign \rd__data$179[2]  = \rd__data$179 [11:8];
+  assign \rd__data$179[3]  = \rd__data$179 [15:12];
+  assign \rd__data$179[4]  = \rd__data$179 [19:16];
+  assign \rd__data$179[5]  = \rd__data$179 [23:20];
+  assign \rd__data$179[6]  = \rd__data$179 [27:24];
+  assign \rd__data$179[7]  = \rd__data$179 [31:28];
+  assign \rd__data$179[8]  = \rd__data$179 [35:32];
+  assign \rd__data$179[9]  = \rd__data$179 [39:36];
+  assign \rd__data$179[10]  = \rd__data$179 [43:40];
+  assign \rd__data$179[11]  = \rd__data$179 [47:44];
+  assign \rd__data$179[12]  = \rd__data$179 [51:48];
+  assign \rd__data$179[13]  = \rd__data$179 [55:52];
+  assign \rd__data$179[14]  = \rd__data$179 [59:56];
+  assign \rd__data$179[15]  = \rd__data$179 [63:60];
+  assign i__payload[255:248] = \$30 ;
+  assign i__payload[247:240] = \$29 ;
+  assign i__payload[239:232] = \$28 ;
+  assign i__payload[231:224] = \$27 ;
+  assign i__payload[223:216] = \$26 ;
+  assign i__payload[215:208] = \$25 ;
+  assign i__payload[207:200] = \$24 ;
+  assign i__payload[199:192] = \$23 ;
+  assign i__payload[191:184] = \$22 ;
+  assign i__payload[183:176] = \$21 ;
+  assign i__payload[175:168] = \$20 ;
+  assign i__payload[167:160] = \$19 ;
+  assign i__payload[159:152] = \$18 ;
+  assign i__payload[151:144] = \$17 ;
+  assign i__payload[143:136] = \$16 ;
+  assign i__payload[135:128] = \$15 ;
+  assign i__payload[127:120] = \rd__data$85 [127:120];
+  assign i__payload[119:112] = \rd__data$85 [119:112];
+  assign i__payload[111:104] = \rd__data$85 [111:104];
+  assign i__payload[103:96] = \rd__data$85 [103:96];
+  assign i__payload[95:88] = \rd__data$85 [95:88];
+  assign i__payload[87:80] = \rd__data$85 [87:80];
+  assign i__payload[79:72] = \rd__data$85 [79:72];
+  assign i__payload[71:64] = \rd__data$85 [71:64];
+  assign i__payload[63:56] = \rd__data$85 [63:56];
+  assign i__payload[55:48] = \rd__data$85 [55:48];
+  assign i__payload[47:40] = \rd__data$85 [47:40];
+  assign i__payload[39:32] = \rd__data$85 [39:32];
+  assign i__payload[31:24] = \rd__data$85 [31:24];
+  assign i__payload[23:16] = \rd__data$85 [23:16];
+  assign i__payload[15:8] = \rd__data$85 [15:8];
+  assign i__payload[7:0] = \rd__data$85 [7:0];
   assign i__payload[257] = last_d6;
   assign i__payload[256] = first_d6;
 endmodule

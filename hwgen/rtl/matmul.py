@@ -108,7 +108,7 @@ addresses and a registered bank select):
 
 * entry fetch: cycle 0 reads the header, cycle ``L_ent`` latches ``n_ent``;
   from the next cycle entries ``1 .. n_ent`` (then again from 1: one pass per
-  M-tile) are read and pushed into a :attr:`MatmulSpec.fifo_depth`
+  M-tile, counted here, and the fetch stops after the last) are read and pushed into a :attr:`MatmulSpec.fifo_depth`
   (``L_ent + 3``) register FIFO whenever it has room (one read per cycle,
   paced by credit: at most ``fifo_depth`` held or in flight), so the issue
   stage never waits for an entry once the first one is in. The FIFO is a ring
@@ -118,14 +118,16 @@ addresses and a registered bank select):
 * issue (stage 0): from the FIFO head (registers) the operand addresses
   ``a_base + k0 + kk`` and ``w0 + kk``, the tile flags, padding beats. The
   control reads registers only: whether the FIFO holds an entry, whether
-  ``kk`` is the entry's last row, whether the tile has its minimum beats and
-  whether the M-tile is the last are each kept in a register, so no adder or
-  compare sits in front of the pop decision;
+  the beat is the entry's last row (``kk_rem`` counts down) and whether the
+  tile has its minimum beats are each kept in a register, so no adder or
+  compare sits in front of the pop decision. The stage issues while the FIFO
+  holds entries (or the tile pads): it has no run flag and no M-tile count,
+  since the fetch stops after the last M-tile's pass;
 * idle: the run's counters are loaded in every cycle the engine is idle, under
-  a register, so the ``start`` input drives only ``busy`` and the issue stage's
-  ``run``; ``m`` is sampled into its own register in the idle cycles (the
-  ``start`` cycle is the last) and copied into the row counters the cycle
-  after, so the ``m`` input pulls no control register towards it;
+  a register, so the ``start`` input drives only ``busy``; ``m`` is sampled
+  into its own register in the idle cycles (the ``start`` cycle is the last)
+  and copied into the row counters (the fetch's passes, the output's rows)
+  the cycle after, so the ``m`` input pulls no control register towards it;
 * stages 1 .. ``L_op``: the operand reads (the flags ride along); then the PE
   array's input (which is always ready: nothing stalls). Whether a beat's
   weight row is real (not padding, not a bubble) reaches the B operands
@@ -729,14 +731,15 @@ class MatmulEngine(wiring.Component):
 
         # ---- control ---------------------------------------------------------
         busy = Signal()
-        run = Signal()                       # the issue stage still has beats to send
         start = Signal()
         done = Signal()
         m.d.comb += [self.busy.eq(busy & ~done), start.eq(self.start & ~self.busy)]
 
         # ---- entry fetch: block list -> a FIFO of registers ----------------------
         # Word 0 of `ent` is the header (the entry count E); entries 1..E are read in
-        # a loop, paced by FIFO credit only. Every buffer read ends in registers (the
+        # a loop, one pass per M-tile, paced by FIFO credit only; the fetch stops after
+        # the last M-tile's pass, so the FIFO holds exactly the entries still to issue
+        # and the issue stage needs no run flag of its own. Every buffer read ends in registers (the
         # block RAM's own output register and more: hwgen.rtl.buffer): nothing read
         # from a memory reaches logic before it has passed a register.
         ent_rd = bufs["ent"].rd
@@ -746,6 +749,8 @@ class MatmulEngine(wiring.Component):
         n_ent = Signal(s.ent_header_layout.members["n_ent"])
         hdr_pipe = [Signal(name=f"hdr{i}") for i in range(lat_e)]  # the header read under way
         fetching = Signal()
+        f_left = Signal(range(s.mt_max * R + 1))  # m - the fetched pass's first row
+        f_last = Signal()                         # registered: f_left <= R (the last pass)
         ptr = Signal(ent_rd.addr.shape())
         inflight = [Signal(name=f"fetch{i}") for i in range(lat_e)]  # fetches 1 .. lat_e cycles ago
         held = Signal(range(depth + 1))       # entries held or in flight, kept by a register
@@ -753,12 +758,17 @@ class MatmulEngine(wiring.Component):
         pop = Signal()
         arrive = inflight[-1]                 # the entry fetched lat_e cycles ago is on the port
         m.d.comb += [
-            fetch.eq(fetching & run & (held < depth)),
-            ent_rd.addr.eq(Mux(fetching & run, ptr, 0)),
+            fetch.eq(fetching & (held < depth)),
+            ent_rd.addr.eq(Mux(fetching, ptr, 0)),
         ]
         m.d.sync += [q.eq(d) for q, d in zip(inflight, [fetch] + inflight[:-1])]
         with m.If(fetch):
-            m.d.sync += ptr.eq(Mux(ptr == n_ent, 1, ptr + 1))
+            with m.If(ptr == n_ent):          # the M-tile's pass ends
+                m.d.sync += [ptr.eq(1), f_left.eq(f_left - R), f_last.eq(f_left <= 2 * R)]
+                with m.If(f_last):
+                    m.d.sync += fetching.eq(0)
+            with m.Else():
+                m.d.sync += ptr.eq(ptr + 1)
         m.d.sync += [q.eq(d) for q, d in zip(hdr_pipe, [start] + hdr_pipe[:-1])]
         with m.If(hdr_pipe[-1]):              # the header is on the read port
             m.d.sync += [n_ent.eq(hdr.n_ent), fetching.eq(1)]
@@ -797,20 +807,16 @@ class MatmulEngine(wiring.Component):
         a_rd = bufs["a"].rd
         w_rd = bufs["w"].rd
         e = data.View(s.ent_layout, head)
-        kk = Signal(range(s.block_k))
-        kk_last = Signal()                    # registered: kk == e.len_m1 (the entry's last beat)
+        kk_rem = Signal(range(s.block_k))     # the entry's beats after this one
+        kk_last = Signal()                    # registered: kk_rem == 0 (the entry's last beat)
         tcnt = Signal(range(s.min_beats + 1))   # beats of this tile so far (saturating)
         tcnt_ok = Signal(init=s.min_beats <= 1)  # registered: tcnt + 1 >= min_beats
         pad = Signal()                        # padding beats after the tile's last block
         sweep_end = Signal()                  # the tile being padded is the list's last
-        # the M-tile now issued is the last one (m - first row <= R), a register
-        # kept with the rows left, so no adder or compare of m sits in the control
-        left = Signal(range(s.mt_max * R + 1))  # m - the M-tile's first row
-        last_mt = Signal()
         a_base = Signal(range(s.mt_max * s.k + 1))
 
-        go = Signal()
-        m.d.comb += go.eq(run & (pad | nonempty))
+        go = Signal()                         # a beat is issued: the FIFO's entries run dry
+        m.d.comb += go.eq(pad | nonempty)     # after the last M-tile (the fetch stops)
 
         real = Signal()
         entry_end = Signal()
@@ -830,28 +836,25 @@ class MatmulEngine(wiring.Component):
         w_addr = Signal(w_rd.addr.shape())
         nh = data.View(s.ent_layout, oldest)
         m.d.comb += [a_rd.addr.eq(a_base + a_off), w_rd.addr.eq(w_addr)]
-        # kk_last follows them: a new head (loaded from the ring) starts at kk = 0
+        # kk_rem and kk_last follow them: a new head (loaded from the ring) has len_m1
+        # beats after its first, and each beat counts one down
         with m.If(load):
-            m.d.sync += [a_off.eq(nh.k0), w_addr.eq(nh.w0), kk_last.eq(nh.len_m1 == 0)]
+            m.d.sync += [a_off.eq(nh.k0), w_addr.eq(nh.w0), kk_rem.eq(nh.len_m1),
+                         kk_last.eq(nh.len_m1 == 0)]
         with m.Elif(go & real):
-            m.d.sync += [a_off.eq(a_off + 1), w_addr.eq(w_addr + 1), kk_last.eq(kk + 1 == e.len_m1)]
+            m.d.sync += [a_off.eq(a_off + 1), w_addr.eq(w_addr + 1), kk_rem.eq(kk_rem - 1),
+                         kk_last.eq(kk_rem == 1)]
         with m.If(go):
             with m.If(tile_end):
                 m.d.sync += [tcnt.eq(0), tcnt_ok.eq(s.min_beats <= 1)]
             with m.Elif(tcnt != s.min_beats):
                 m.d.sync += [tcnt.eq(tcnt + 1), tcnt_ok.eq(tcnt + 2 >= s.min_beats)]
-            with m.If(entry_end):
-                m.d.sync += kk.eq(0)
-                with m.If(e.tile_last & ~tile_end):
-                    m.d.sync += [pad.eq(1), sweep_end.eq(e.list_last)]
-            with m.Elif(real):
-                m.d.sync += kk.eq(kk + 1)
+            with m.If(entry_end & e.tile_last & ~tile_end):
+                m.d.sync += [pad.eq(1), sweep_end.eq(e.list_last)]
             with m.If(tile_end):
                 m.d.sync += pad.eq(0)
                 with m.If(list_end):
-                    m.d.sync += [left.eq(left - R), last_mt.eq(left <= 2 * R), a_base.eq(a_base + s.k)]
-                    with m.If(last_mt):
-                        m.d.sync += run.eq(0)
+                    m.d.sync += a_base.eq(a_base + s.k)
         # stages 1 .. lat_op: the operand reads; the beat's flags ride along
         lat_op = s.read_latencies["a"]
         op_valid, op_first, op_last = delayed(
@@ -935,17 +938,17 @@ class MatmulEngine(wiring.Component):
         with m.If(done):
             m.d.sync += busy.eq(0)
         with m.If(start):   # the header is read in this cycle (port address 0)
-            m.d.sync += [busy.eq(1), run.eq(1)]
+            m.d.sync += busy.eq(1)
         # m is sampled into its own register (in the start cycle: the last idle one) and
         # copied into the row counters the cycle after, which are first read far later;
         # so the m input pulls no control register towards it
         m_q = Signal.like(self.m)
         with m.If(hdr_pipe[0]):
-            m.d.sync += [left.eq(m_q), last_mt.eq(m_q <= R), out_left.eq(m_q), out_last.eq(m_q <= R)]
+            m.d.sync += [f_left.eq(m_q), f_last.eq(m_q <= R), out_left.eq(m_q), out_last.eq(m_q <= R)]
         with m.If(idle):
             m.d.sync += [a_base.eq(0), m_q.eq(self.m),
                          out_nt.eq(0), tile_base.eq(0), tcnt.eq(0), tcnt_ok.eq(s.min_beats <= 1),
-                         kk.eq(0), pad.eq(0),
+                         pad.eq(0),
                          fetching.eq(0), ptr.eq(1), held.eq(0), nonempty.eq(0),
                          rp.eq(0), wp.eq(0), ring.eq(0), ring_any.eq(0)]
             m.d.sync += [f.eq(0) for f in inflight]
