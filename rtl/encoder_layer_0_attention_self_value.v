@@ -79,20 +79,20 @@ module encoder_layer_0_attention_self_value(m, a_wr__en, a_wr__addr, a_wr__data,
   reg \$163 ;
   reg \$164 ;
   reg \$165 ;
-  reg \$166 ;
-  reg \$167 ;
+  reg [4:0] \$166 ;
+  reg [7:0] \$167 ;
   reg \$168 ;
-  reg \$169 ;
+  reg [11:0] \$169 ;
   wire [7:0] \$17 ;
   reg \$170 ;
   reg \$171 ;
   reg \$172 ;
-  reg \$173 ;
+  reg [11:0] \$173 ;
   reg \$174 ;
   reg \$175 ;
   reg \$176 ;
   reg \$177 ;
-  reg \$178 ;
+  wire [431:0] \$178 ;
   reg \$179 ;
   wire [7:0] \$18 ;
   reg \$180 ;
@@ -107,43 +107,11 @@ module encoder_layer_0_attention_self_value(m, a_wr__en, a_wr__addr, a_wr__data,
   reg \$189 ;
   wire [7:0] \$19 ;
   reg \$190 ;
-  reg [4:0] \$191 ;
-  reg [7:0] \$192 ;
-  reg \$193 ;
-  reg [11:0] \$194 ;
-  reg \$195 ;
-  reg \$196 ;
-  reg \$197 ;
-  reg [383:0] \$198 ;
-  reg [11:0] \$199 ;
+  reg [7:0] \$191 ;
   wire \$2 ;
   wire [7:0] \$20 ;
-  reg \$200 ;
-  reg \$201 ;
-  reg [11:0] \$202 ;
-  reg [383:0] \$203 ;
-  reg \$204 ;
-  reg \$205 ;
-  reg [11:0] \$206 ;
-  reg [431:0] \$207 ;
-  reg \$208 ;
-  reg \$209 ;
   wire [7:0] \$21 ;
-  reg [11:0] \$210 ;
-  reg \$211 ;
-  reg \$212 ;
-  reg [11:0] \$213 ;
-  reg \$214 ;
-  reg \$215 ;
-  reg [11:0] \$216 ;
-  reg \$217 ;
-  reg \$218 ;
-  reg \$219 ;
   wire [7:0] \$22 ;
-  reg \$220 ;
-  reg \$221 ;
-  reg \$222 ;
-  reg [7:0] \$223 ;
   wire [7:0] \$23 ;
   wire [7:0] \$24 ;
   wire [7:0] \$25 ;
@@ -229,9 +197,9 @@ module encoder_layer_0_attention_self_value(m, a_wr__en, a_wr__addr, a_wr__data,
   wire [24:0] \$98 ;
   wire [24:0] \$99 ;
   reg \$signal  = 1'h0;
-  reg \$signal$154  = 1'h0;
-  reg \$signal$158  = 1'h0;
-  reg \$signal$162  = 1'h0;
+  reg \$signal$156  = 1'h0;
+  reg \$signal$160  = 1'h0;
+  reg \$signal$164  = 1'h0;
   reg [11:0] a_base = 12'h000;
   reg [8:0] a_off = 9'h000;
   input [11:0] a_wr__addr;
@@ -534,41 +502,41 @@ module encoder_layer_0_attention_self_value(m, a_wr__en, a_wr__addr, a_wr__data,
   reg [13:0] \rd__addr$74  = 14'h0000;
   reg [4:0] \rd__addr$99  = 5'h00;
   wire [127:0] rd__data;
-  wire [29:0] \rd__data$118 ;
-  wire [239:0] \rd__data$166 ;
-  wire [14:0] \rd__data$166[0] ;
-  wire [14:0] \rd__data$166[10] ;
-  wire [14:0] \rd__data$166[11] ;
-  wire [14:0] \rd__data$166[12] ;
-  wire [14:0] \rd__data$166[13] ;
-  wire [14:0] \rd__data$166[14] ;
-  wire [14:0] \rd__data$166[15] ;
-  wire [14:0] \rd__data$166[1] ;
-  wire [14:0] \rd__data$166[2] ;
-  wire [14:0] \rd__data$166[3] ;
-  wire [14:0] \rd__data$166[4] ;
-  wire [14:0] \rd__data$166[5] ;
-  wire [14:0] \rd__data$166[6] ;
-  wire [14:0] \rd__data$166[7] ;
-  wire [14:0] \rd__data$166[8] ;
-  wire [14:0] \rd__data$166[9] ;
-  wire [47:0] \rd__data$167 ;
-  wire [2:0] \rd__data$167[0] ;
-  wire [2:0] \rd__data$167[10] ;
-  wire [2:0] \rd__data$167[11] ;
-  wire [2:0] \rd__data$167[12] ;
-  wire [2:0] \rd__data$167[13] ;
-  wire [2:0] \rd__data$167[14] ;
-  wire [2:0] \rd__data$167[15] ;
-  wire [2:0] \rd__data$167[1] ;
-  wire [2:0] \rd__data$167[2] ;
-  wire [2:0] \rd__data$167[3] ;
-  wire [2:0] \rd__data$167[4] ;
-  wire [2:0] \rd__data$167[5] ;
-  wire [2:0] \rd__data$167[6] ;
-  wire [2:0] \rd__data$167[7] ;
-  wire [2:0] \rd__data$167[8] ;
-  wire [2:0] \rd__data$167[9] ;
+  wire [29:0] \rd__data$120 ;
+  wire [239:0] \rd__data$167 ;
+  wire [14:0] \rd__data$167[0] ;
+  wire [14:0] \rd__data$167[10] ;
+  wire [14:0] \rd__data$167[11] ;
+  wire [14:0] \rd__data$167[12] ;
+  wire [14:0] \rd__data$167[13] ;
+  wire [14:0] \rd__data$167[14] ;
+  wire [14:0] \rd__data$167[15] ;
+  wire [14:0] \rd__data$167[1] ;
+  wire [14:0] \rd__data$167[2] ;
+  wire [14:0] \rd__data$167[3] ;
+  wire [14:0] \rd__data$167[4] ;
+  wire [14:0] \rd__data$167[5] ;
+  wire [14:0] \rd__data$167[6] ;
+  wire [14:0] \rd__data$167[7] ;
+  wire [14:0] \rd__data$167[8] ;
+  wire [14:0] \rd__data$167[9] ;
+  wire [47:0] \rd__data$168 ;
+  wire [2:0] \rd__data$168[0] ;
+  wire [2:0] \rd__data$168[10] ;
+  wire [2:0] \rd__data$168[11] ;
+  wire [2:0] \rd__data$168[12] ;
+  wire [2:0] \rd__data$168[13] ;
+  wire [2:0] \rd__data$168[14] ;
+  wire [2:0] \rd__data$168[15] ;
+  wire [2:0] \rd__data$168[1] ;
+  wire [2:0] \rd__data$168[2] ;
+  wire [2:0] \rd__data$168[3] ;
+  wire [2:0] \rd__data$168[4] ;
+  wire [2:0] \rd__data$168[5] ;
+  wire [2:0] \rd__data$168[6] ;
+  wire [2:0] \rd__data$168[7] ;
+  wire [2:0] \rd__data$168[8] ;
+  wire [2:0] \rd__data$168[9] ;
   wire [127:0] \rd__data$81 ;
   wire [7:0] \rd__data$81[0] ;
   wire [7:0] \rd__data$81[10] ;
@@ -624,6 +592,42 @@ module encoder_layer_0_attention_self_value(m, a_wr__en, a_wr__addr, a_wr__data,
   reg [2:0] ring = 3'h0;
   reg ring_any = 1'h0;
   reg [2:0] rp = 3'h0;
+  (* init = 432'h000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000 *)
+  wire [431:0] rq_in;
+  wire [383:0] \rq_in.c ;
+  wire [23:0] \rq_in.c[0] ;
+  wire [23:0] \rq_in.c[10] ;
+  wire [23:0] \rq_in.c[11] ;
+  wire [23:0] \rq_in.c[12] ;
+  wire [23:0] \rq_in.c[13] ;
+  wire [23:0] \rq_in.c[14] ;
+  wire [23:0] \rq_in.c[15] ;
+  wire [23:0] \rq_in.c[1] ;
+  wire [23:0] \rq_in.c[2] ;
+  wire [23:0] \rq_in.c[3] ;
+  wire [23:0] \rq_in.c[4] ;
+  wire [23:0] \rq_in.c[5] ;
+  wire [23:0] \rq_in.c[6] ;
+  wire [23:0] \rq_in.c[7] ;
+  wire [23:0] \rq_in.c[8] ;
+  wire [23:0] \rq_in.c[9] ;
+  wire [47:0] \rq_in.t ;
+  wire [2:0] \rq_in.t[0] ;
+  wire [2:0] \rq_in.t[10] ;
+  wire [2:0] \rq_in.t[11] ;
+  wire [2:0] \rq_in.t[12] ;
+  wire [2:0] \rq_in.t[13] ;
+  wire [2:0] \rq_in.t[14] ;
+  wire [2:0] \rq_in.t[15] ;
+  wire [2:0] \rq_in.t[1] ;
+  wire [2:0] \rq_in.t[2] ;
+  wire [2:0] \rq_in.t[3] ;
+  wire [2:0] \rq_in.t[4] ;
+  wire [2:0] \rq_in.t[5] ;
+  wire [2:0] \rq_in.t[6] ;
+  wire [2:0] \rq_in.t[7] ;
+  wire [2:0] \rq_in.t[8] ;
+  wire [2:0] \rq_in.t[9] ;
   input rst;
   wire rst;
   input [4:0] shift_wr__addr;
@@ -739,29 +743,29 @@ module encoder_layer_0_attention_self_value(m, a_wr__en, a_wr__addr, a_wr__data,
   wire w_wr__en;
   reg [2:0] wp = 3'h0;
   wire [11:0] wr__addr;
-  reg [11:0] \wr__addr$107  = 12'h000;
+  reg [11:0] \wr__addr$109  = 12'h000;
   wire [13:0] \wr__addr$27 ;
   wire [9:0] \wr__addr$30 ;
   wire [4:0] \wr__addr$33 ;
   wire [4:0] \wr__addr$36 ;
   wire [127:0] wr__data;
-  wire [127:0] \wr__data$109 ;
-  wire [7:0] \wr__data$109[0] ;
-  wire [7:0] \wr__data$109[10] ;
-  wire [7:0] \wr__data$109[11] ;
-  wire [7:0] \wr__data$109[12] ;
-  wire [7:0] \wr__data$109[13] ;
-  wire [7:0] \wr__data$109[14] ;
-  wire [7:0] \wr__data$109[15] ;
-  wire [7:0] \wr__data$109[1] ;
-  wire [7:0] \wr__data$109[2] ;
-  wire [7:0] \wr__data$109[3] ;
-  wire [7:0] \wr__data$109[4] ;
-  wire [7:0] \wr__data$109[5] ;
-  wire [7:0] \wr__data$109[6] ;
-  wire [7:0] \wr__data$109[7] ;
-  wire [7:0] \wr__data$109[8] ;
-  wire [7:0] \wr__data$109[9] ;
+  wire [127:0] \wr__data$111 ;
+  wire [7:0] \wr__data$111[0] ;
+  wire [7:0] \wr__data$111[10] ;
+  wire [7:0] \wr__data$111[11] ;
+  wire [7:0] \wr__data$111[12] ;
+  wire [7:0] \wr__data$111[13] ;
+  wire [7:0] \wr__data$111[14] ;
+  wire [7:0] \wr__data$111[15] ;
+  wire [7:0] \wr__data$111[1] ;
+  wire [7:0] \wr__data$111[2] ;
+  wire [7:0] \wr__data$111[3] ;
+  wire [7:0] \wr__data$111[4] ;
+  wire [7:0] \wr__data$111[5] ;
+  wire [7:0] \wr__data$111[6] ;
+  wire [7:0] \wr__data$111[7] ;
+  wire [7:0] \wr__data$111[8] ;
+  wire [7:0] \wr__data$111[9] ;
   wire [127:0] \wr__data$28 ;
   wire [7:0] \wr__data$28[0] ;
   wire [7:0] \wr__data$28[10] ;
@@ -831,7 +835,7 @@ module encoder_layer_0_attention_self_value(m, a_wr__en, a_wr__addr, a_wr__data,
   wire [7:0] \wr__data[8] ;
   wire [7:0] \wr__data[9] ;
   wire wr__en;
-  reg \wr__en$105  = 1'h0;
+  reg \wr__en$107  = 1'h0;
   wire \wr__en$29 ;
   wire \wr__en$32 ;
   wire \wr__en$35 ;
@@ -940,22 +944,22 @@ module encoder_layer_0_attention_self_value(m, a_wr__en, a_wr__addr, a_wr__data,
   assign \$90  = addr1 + 5'h18;
   assign \$91  = \$89  ? { 1'h0, tile_base } : \$90 ;
   assign \$92  = \$signal  & ok1;
-  assign \$93  = $signed(acc2[23:0]) + $signed(\rd__data$166 [14:0]);
-  assign \$94  = $signed(acc2[47:24]) + $signed(\rd__data$166 [29:15]);
-  assign \$95  = $signed(acc2[71:48]) + $signed(\rd__data$166 [44:30]);
-  assign \$96  = $signed(acc2[95:72]) + $signed(\rd__data$166 [59:45]);
-  assign \$97  = $signed(acc2[119:96]) + $signed(\rd__data$166 [74:60]);
-  assign \$98  = $signed(acc2[143:120]) + $signed(\rd__data$166 [89:75]);
-  assign \$99  = $signed(acc2[167:144]) + $signed(\rd__data$166 [104:90]);
-  assign \$100  = $signed(acc2[191:168]) + $signed(\rd__data$166 [119:105]);
-  assign \$101  = $signed(acc2[215:192]) + $signed(\rd__data$166 [134:120]);
-  assign \$102  = $signed(acc2[239:216]) + $signed(\rd__data$166 [149:135]);
-  assign \$103  = $signed(acc2[263:240]) + $signed(\rd__data$166 [164:150]);
-  assign \$104  = $signed(acc2[287:264]) + $signed(\rd__data$166 [179:165]);
-  assign \$105  = $signed(acc2[311:288]) + $signed(\rd__data$166 [194:180]);
-  assign \$106  = $signed(acc2[335:312]) + $signed(\rd__data$166 [209:195]);
-  assign \$107  = $signed(acc2[359:336]) + $signed(\rd__data$166 [224:210]);
-  assign \$108  = $signed(acc2[383:360]) + $signed(\rd__data$166 [239:225]);
+  assign \$93  = $signed(acc2[23:0]) + $signed(\rd__data$167 [14:0]);
+  assign \$94  = $signed(acc2[47:24]) + $signed(\rd__data$167 [29:15]);
+  assign \$95  = $signed(acc2[71:48]) + $signed(\rd__data$167 [44:30]);
+  assign \$96  = $signed(acc2[95:72]) + $signed(\rd__data$167 [59:45]);
+  assign \$97  = $signed(acc2[119:96]) + $signed(\rd__data$167 [74:60]);
+  assign \$98  = $signed(acc2[143:120]) + $signed(\rd__data$167 [89:75]);
+  assign \$99  = $signed(acc2[167:144]) + $signed(\rd__data$167 [104:90]);
+  assign \$100  = $signed(acc2[191:168]) + $signed(\rd__data$167 [119:105]);
+  assign \$101  = $signed(acc2[215:192]) + $signed(\rd__data$167 [134:120]);
+  assign \$102  = $signed(acc2[239:216]) + $signed(\rd__data$167 [149:135]);
+  assign \$103  = $signed(acc2[263:240]) + $signed(\rd__data$167 [164:150]);
+  assign \$104  = $signed(acc2[287:264]) + $signed(\rd__data$167 [179:165]);
+  assign \$105  = $signed(acc2[311:288]) + $signed(\rd__data$167 [194:180]);
+  assign \$106  = $signed(acc2[335:312]) + $signed(\rd__data$167 [209:195]);
+  assign \$107  = $signed(acc2[359:336]) + $signed(\rd__data$167 [224:210]);
+  assign \$108  = $signed(acc2[383:360]) + $signed(\rd__data$167 [239:225]);
   assign \$109  = ~ \start$44 ;
   assign \$110  = ~ busy;
   assign \$111  = \$109  & \$110 ;
@@ -1065,121 +1069,121 @@ module encoder_layer_0_attention_self_value(m, a_wr__en, a_wr__addr, a_wr__data,
   always @(posedge clk)
     last_d6 <= \$165 ;
   always @(posedge clk)
-    w_real_d0 <= \$166 ;
+    w_real_d0 <= \$79 ;
   always @(posedge clk)
-    w_real_d1 <= \$167 ;
+    w_real_d1 <= w_real_d0;
   always @(posedge clk)
-    w_real_d2 <= \$168 ;
+    w_real_d2 <= w_real_d1;
   always @(posedge clk)
-    w_real_d3 <= \$169 ;
+    w_real_d3 <= w_real_d2;
   always @(posedge clk)
-    w_real_d4 <= \$170 ;
+    w_real_d4 <= w_real_d3;
   always @(posedge clk)
-    w_real_g0 <= \$171 ;
+    w_real_g0 <= w_real_d4;
   always @(posedge clk)
-    w_real_g1 <= \$172 ;
+    w_real_g1 <= w_real_d4;
   always @(posedge clk)
-    w_real_g2 <= \$173 ;
+    w_real_g2 <= w_real_d4;
   always @(posedge clk)
-    w_real_g3 <= \$174 ;
+    w_real_g3 <= w_real_d4;
   always @(posedge clk)
-    w_real_c0 <= \$175 ;
+    w_real_c0 <= w_real_g0;
   always @(posedge clk)
-    w_real_c1 <= \$176 ;
+    w_real_c1 <= w_real_g0;
   always @(posedge clk)
-    w_real_c2 <= \$177 ;
+    w_real_c2 <= w_real_g0;
   always @(posedge clk)
-    w_real_c3 <= \$178 ;
+    w_real_c3 <= w_real_g0;
   always @(posedge clk)
-    w_real_c4 <= \$179 ;
+    w_real_c4 <= w_real_g1;
   always @(posedge clk)
-    w_real_c5 <= \$180 ;
+    w_real_c5 <= w_real_g1;
   always @(posedge clk)
-    w_real_c6 <= \$181 ;
+    w_real_c6 <= w_real_g1;
   always @(posedge clk)
-    w_real_c7 <= \$182 ;
+    w_real_c7 <= w_real_g1;
   always @(posedge clk)
-    w_real_c8 <= \$183 ;
+    w_real_c8 <= w_real_g2;
   always @(posedge clk)
-    w_real_c9 <= \$184 ;
+    w_real_c9 <= w_real_g2;
   always @(posedge clk)
-    w_real_c10 <= \$185 ;
+    w_real_c10 <= w_real_g2;
   always @(posedge clk)
-    w_real_c11 <= \$186 ;
+    w_real_c11 <= w_real_g2;
   always @(posedge clk)
-    w_real_c12 <= \$187 ;
+    w_real_c12 <= w_real_g3;
   always @(posedge clk)
-    w_real_c13 <= \$188 ;
+    w_real_c13 <= w_real_g3;
   always @(posedge clk)
-    w_real_c14 <= \$189 ;
+    w_real_c14 <= w_real_g3;
   always @(posedge clk)
-    w_real_c15 <= \$190 ;
+    w_real_c15 <= w_real_g3;
   always @(posedge clk)
-    \rd__addr$99  <= \$191 ;
+    \rd__addr$99  <= \$166 ;
   always @(posedge clk)
-    out_left <= \$192 ;
+    out_left <= \$167 ;
   always @(posedge clk)
-    out_last <= \$193 ;
+    out_last <= \$168 ;
   always @(posedge clk)
-    tile_base <= \$194 ;
+    tile_base <= \$169 ;
   always @(posedge clk)
-    \$signal  <= \$195 ;
+    \$signal  <= \$170 ;
   always @(posedge clk)
-    \$signal$154  <= \$196 ;
+    \$signal$156  <= \$171 ;
   always @(posedge clk)
-    ok1 <= \$197 ;
+    ok1 <= \$172 ;
   always @(posedge clk)
-    acc1 <= \$198 ;
+    acc1 <= o__payload[383:0];
   always @(posedge clk)
-    addr1 <= \$199 ;
+    addr1 <= \$173 ;
   always @(posedge clk)
-    \$signal$158  <= \$200 ;
+    \$signal$160  <= \$174 ;
   always @(posedge clk)
-    fin2 <= \$201 ;
+    fin2 <= \$175 ;
   always @(posedge clk)
-    addr2 <= \$202 ;
+    addr2 <= addr1;
   always @(posedge clk)
-    acc2 <= \$203 ;
+    acc2 <= acc1;
   always @(posedge clk)
-    \$signal$162  <= \$204 ;
+    \$signal$164  <= \$176 ;
   always @(posedge clk)
-    fin3 <= \$205 ;
+    fin3 <= \$177 ;
   always @(posedge clk)
-    addr3 <= \$206 ;
+    addr3 <= addr2;
   always @(posedge clk)
-    i <= \$207 ;
+    i <= \$178 ;
   always @(posedge clk)
-    v_q_d0 <= \$208 ;
+    v_q_d0 <= \$179 ;
   always @(posedge clk)
-    fin_q_d0 <= \$209 ;
+    fin_q_d0 <= \$180 ;
   always @(posedge clk)
-    addr_q_d0 <= \$210 ;
+    v_q_d1 <= \$181 ;
   always @(posedge clk)
-    v_q_d1 <= \$211 ;
+    fin_q_d1 <= \$182 ;
   always @(posedge clk)
-    fin_q_d1 <= \$212 ;
+    \wr__en$107  <= \$183 ;
   always @(posedge clk)
-    addr_q_d1 <= \$213 ;
+    fin_q_d2 <= \$184 ;
   always @(posedge clk)
-    \wr__en$105  <= \$214 ;
+    addr_q_d0 <= addr3;
   always @(posedge clk)
-    fin_q_d2 <= \$215 ;
+    addr_q_d1 <= addr_q_d0;
   always @(posedge clk)
-    \wr__addr$107  <= \$216 ;
+    \wr__addr$109  <= addr_q_d1;
   always @(posedge clk)
-    fin_o_d0 <= \$217 ;
+    fin_o_d0 <= \$185 ;
   always @(posedge clk)
-    fin_o_d1 <= \$218 ;
+    fin_o_d1 <= \$186 ;
   always @(posedge clk)
-    fin_o_d2 <= \$219 ;
+    fin_o_d2 <= \$187 ;
   always @(posedge clk)
-    done <= \$220 ;
+    done <= \$188 ;
   always @(posedge clk)
-    idle <= \$221 ;
+    idle <= \$189 ;
   always @(posedge clk)
-    \busy$42  <= \$222 ;
+    \busy$42  <= \$190 ;
   always @(posedge clk)
-    m_q <= \$223 ;
+    m_q <= \$191 ;
   \encoder_layer_0_attention_self_value.mem_a  mem_a (
     .clk(clk),
     .q_d1(\rd__data$81 ),
@@ -1191,7 +1195,7 @@ module encoder_layer_0_attention_self_value(m, a_wr__en, a_wr__addr, a_wr__data,
   );
   \encoder_layer_0_attention_self_value.mem_bias  mem_bias (
     .clk(clk),
-    .rd__data(\rd__data$166 ),
+    .rd__data(\rd__data$167 ),
     .rp__addr(\rd__addr$99 ),
     .rst(rst),
     .wp__addr(bias_wr__addr),
@@ -1200,7 +1204,7 @@ module encoder_layer_0_attention_self_value(m, a_wr__en, a_wr__addr, a_wr__data,
   );
   \encoder_layer_0_attention_self_value.mem_ent  mem_ent (
     .clk(clk),
-    .rd__data(\rd__data$118 ),
+    .rd__data(\rd__data$120 ),
     .rp__addr(\rd__addr$48 ),
     .rst(rst),
     .wp__addr(ent_wr__addr),
@@ -1213,13 +1217,13 @@ module encoder_layer_0_attention_self_value(m, a_wr__en, a_wr__addr, a_wr__data,
     .rd__addr(o_rd__addr),
     .rd__en(o_rd__en),
     .rst(rst),
-    .wr__addr(\wr__addr$107 ),
-    .wr__data(\wr__data$109 ),
-    .wr__en(\wr__en$105 )
+    .wr__addr(\wr__addr$109 ),
+    .wr__data(\wr__data$111 ),
+    .wr__en(\wr__en$107 )
   );
   \encoder_layer_0_attention_self_value.mem_shift  mem_shift (
     .clk(clk),
-    .rd__data(\rd__data$167 ),
+    .rd__data(\rd__data$168 ),
     .rp__addr(\rd__addr$99 ),
     .rst(rst),
     .wp__addr(shift_wr__addr),
@@ -1246,7 +1250,7 @@ module encoder_layer_0_attention_self_value(m, a_wr__en, a_wr__addr, a_wr__data,
   \encoder_layer_0_attention_self_value.rq  rq (
     .clk(clk),
     .i(i),
-    .o(\wr__data$109 ),
+    .o(\wr__data$111 ),
     .rst(rst)
   );
   always @* begin
@@ -1371,7 +1375,7 @@ module encoder_layer_0_attention_self_value(m, a_wr__en, a_wr__addr, a_wr__data,
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
     \$123  = n_ent;
     if (hdr1) begin
-      \$123  = \rd__data$118 [9:0];
+      \$123  = \rd__data$120 [9:0];
     end
     if (rst) begin
       \$123  = 10'h000;
@@ -1381,50 +1385,35 @@ module encoder_layer_0_attention_self_value(m, a_wr__en, a_wr__addr, a_wr__data,
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
     \$124  = ent_q0;
     if (\$38 ) begin
-      \$124  = \rd__data$118 ;
-    end
-    if (rst) begin
-      \$124  = 30'h00000000;
+      \$124  = \rd__data$120 ;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
     \$125  = ent_q1;
     if (\$40 ) begin
-      \$125  = \rd__data$118 ;
-    end
-    if (rst) begin
-      \$125  = 30'h00000000;
+      \$125  = \rd__data$120 ;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
     \$126  = ent_q2;
     if (\$42 ) begin
-      \$126  = \rd__data$118 ;
-    end
-    if (rst) begin
-      \$126  = 30'h00000000;
+      \$126  = \rd__data$120 ;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
     \$127  = ent_q3;
     if (\$44 ) begin
-      \$127  = \rd__data$118 ;
-    end
-    if (rst) begin
-      \$127  = 30'h00000000;
+      \$127  = \rd__data$120 ;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
     \$128  = ent_q4;
     if (\$46 ) begin
-      \$128  = \rd__data$118 ;
-    end
-    if (rst) begin
-      \$128  = 30'h00000000;
+      \$128  = \rd__data$120 ;
     end
   end
   always @* begin
@@ -1445,9 +1434,6 @@ module encoder_layer_0_attention_self_value(m, a_wr__en, a_wr__addr, a_wr__data,
     \$130  = ent_head;
     if (load) begin
       \$130  = oldest;
-    end
-    if (rst) begin
-      \$130  = 30'h00000000;
     end
   end
   always @* begin
@@ -1781,489 +1767,224 @@ module encoder_layer_0_attention_self_value(m, a_wr__en, a_wr__addr, a_wr__data,
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$166  = \$79 ;
+    \$166  = \rd__addr$99 ;
+    if (\$80 ) begin
+      (* full_case = 32'd1 *)
+      if (\$81 ) begin
+        \$166  = 5'h00;
+      end else begin
+        \$166  = \$85 [4:0];
+      end
+    end
+    if (idle) begin
+      \$166  = 5'h00;
+    end
     if (rst) begin
-      \$166  = 1'h0;
+      \$166  = 5'h00;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$167  = w_real_d0;
+    \$167  = out_left;
+    if (\$80 ) begin
+      if (\$81 ) begin
+        \$167  = \$82 [7:0];
+      end
+    end
+    if (hdr0) begin
+      \$167  = m_q;
+    end
     if (rst) begin
-      \$167  = 1'h0;
+      \$167  = 8'h00;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$168  = w_real_d1;
+    \$168  = out_last;
+    if (\$80 ) begin
+      if (\$81 ) begin
+        \$168  = \$83 ;
+      end
+    end
+    if (hdr0) begin
+      \$168  = \$114 ;
+    end
     if (rst) begin
       \$168  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$169  = w_real_d2;
+    \$169  = tile_base;
+    if (\$80 ) begin
+      (* full_case = 32'd1 *)
+      if (\$81 ) begin
+        \$169  = \$84 [11:0];
+      end else begin
+        \$169  = \$86 [11:0];
+      end
+    end
+    if (idle) begin
+      \$169  = 12'h000;
+    end
     if (rst) begin
-      \$169  = 1'h0;
+      \$169  = 12'h000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$170  = w_real_d3;
+    \$170  = o__valid;
     if (rst) begin
       \$170  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$171  = w_real_d4;
+    \$171  = \$87 ;
     if (rst) begin
       \$171  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$172  = w_real_d4;
+    \$172  = \$88 ;
     if (rst) begin
       \$172  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$173  = w_real_d4;
-    if (rst) begin
-      \$173  = 1'h0;
+    \$173  = addr1;
+    if (o__valid) begin
+      \$173  = \$91 [11:0];
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$174  = w_real_d4;
+    \$174  = \$92 ;
     if (rst) begin
       \$174  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$175  = w_real_g0;
+    \$175  = \$signal$156 ;
     if (rst) begin
       \$175  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$176  = w_real_g0;
+    \$176  = \$signal$160 ;
     if (rst) begin
       \$176  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$177  = w_real_g0;
+    \$177  = fin2;
     if (rst) begin
       \$177  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$178  = w_real_g0;
-    if (rst) begin
-      \$178  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$179  = w_real_g1;
+    \$179  = \$signal$164 ;
     if (rst) begin
       \$179  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$180  = w_real_g1;
+    \$180  = fin3;
     if (rst) begin
       \$180  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$181  = w_real_g1;
+    \$181  = v_q_d0;
     if (rst) begin
       \$181  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$182  = w_real_g1;
+    \$182  = fin_q_d0;
     if (rst) begin
       \$182  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$183  = w_real_g2;
+    \$183  = v_q_d1;
     if (rst) begin
       \$183  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$184  = w_real_g2;
+    \$184  = fin_q_d1;
     if (rst) begin
       \$184  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$185  = w_real_g2;
+    \$185  = fin_q_d2;
     if (rst) begin
       \$185  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$186  = w_real_g2;
+    \$186  = fin_o_d0;
     if (rst) begin
       \$186  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$187  = w_real_g3;
+    \$187  = fin_o_d1;
     if (rst) begin
       \$187  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$188  = w_real_g3;
+    \$188  = fin_o_d2;
     if (rst) begin
       \$188  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$189  = w_real_g3;
+    \$189  = \$112 ;
     if (rst) begin
-      \$189  = 1'h0;
+      \$189  = 1'h1;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$190  = w_real_g3;
+    \$190  = \busy$42 ;
+    if (done) begin
+      \$190  = 1'h0;
+    end
+    if (\start$44 ) begin
+      \$190  = 1'h1;
+    end
     if (rst) begin
       \$190  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$191  = \rd__addr$99 ;
-    if (\$80 ) begin
-      (* full_case = 32'd1 *)
-      if (\$81 ) begin
-        \$191  = 5'h00;
-      end else begin
-        \$191  = \$85 [4:0];
-      end
-    end
+    \$191  = m_q;
     if (idle) begin
-      \$191  = 5'h00;
+      \$191  = m;
     end
     if (rst) begin
-      \$191  = 5'h00;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$192  = out_left;
-    if (\$80 ) begin
-      if (\$81 ) begin
-        \$192  = \$82 [7:0];
-      end
-    end
-    if (hdr0) begin
-      \$192  = m_q;
-    end
-    if (rst) begin
-      \$192  = 8'h00;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$193  = out_last;
-    if (\$80 ) begin
-      if (\$81 ) begin
-        \$193  = \$83 ;
-      end
-    end
-    if (hdr0) begin
-      \$193  = \$114 ;
-    end
-    if (rst) begin
-      \$193  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$194  = tile_base;
-    if (\$80 ) begin
-      (* full_case = 32'd1 *)
-      if (\$81 ) begin
-        \$194  = \$84 [11:0];
-      end else begin
-        \$194  = \$86 [11:0];
-      end
-    end
-    if (idle) begin
-      \$194  = 12'h000;
-    end
-    if (rst) begin
-      \$194  = 12'h000;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$195  = o__valid;
-    if (rst) begin
-      \$195  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$196  = \$87 ;
-    if (rst) begin
-      \$196  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$197  = \$88 ;
-    if (rst) begin
-      \$197  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$198  = o__payload[383:0];
-    if (rst) begin
-      \$198  = 384'h000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$199  = addr1;
-    if (o__valid) begin
-      \$199  = \$91 [11:0];
-    end
-    if (rst) begin
-      \$199  = 12'h000;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$200  = \$92 ;
-    if (rst) begin
-      \$200  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$201  = \$signal$154 ;
-    if (rst) begin
-      \$201  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$202  = addr1;
-    if (rst) begin
-      \$202  = 12'h000;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$203  = acc1;
-    if (rst) begin
-      \$203  = 384'h000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$204  = \$signal$158 ;
-    if (rst) begin
-      \$204  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$205  = fin2;
-    if (rst) begin
-      \$205  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$206  = addr2;
-    if (rst) begin
-      \$206  = 12'h000;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$207 [23:0] = \$93 [23:0];
-    \$207 [386:384] = \rd__data$167 [2:0];
-    \$207 [47:24] = \$94 [23:0];
-    \$207 [389:387] = \rd__data$167 [5:3];
-    \$207 [71:48] = \$95 [23:0];
-    \$207 [392:390] = \rd__data$167 [8:6];
-    \$207 [95:72] = \$96 [23:0];
-    \$207 [395:393] = \rd__data$167 [11:9];
-    \$207 [119:96] = \$97 [23:0];
-    \$207 [398:396] = \rd__data$167 [14:12];
-    \$207 [143:120] = \$98 [23:0];
-    \$207 [401:399] = \rd__data$167 [17:15];
-    \$207 [167:144] = \$99 [23:0];
-    \$207 [404:402] = \rd__data$167 [20:18];
-    \$207 [191:168] = \$100 [23:0];
-    \$207 [407:405] = \rd__data$167 [23:21];
-    \$207 [215:192] = \$101 [23:0];
-    \$207 [410:408] = \rd__data$167 [26:24];
-    \$207 [239:216] = \$102 [23:0];
-    \$207 [413:411] = \rd__data$167 [29:27];
-    \$207 [263:240] = \$103 [23:0];
-    \$207 [416:414] = \rd__data$167 [32:30];
-    \$207 [287:264] = \$104 [23:0];
-    \$207 [419:417] = \rd__data$167 [35:33];
-    \$207 [311:288] = \$105 [23:0];
-    \$207 [422:420] = \rd__data$167 [38:36];
-    \$207 [335:312] = \$106 [23:0];
-    \$207 [425:423] = \rd__data$167 [41:39];
-    \$207 [359:336] = \$107 [23:0];
-    \$207 [428:426] = \rd__data$167 [44:42];
-    \$207 [383:360] = \$108 [23:0];
-    \$207 [431:429] = \rd__data$167 [47:45];
-    if (rst) begin
-      \$207  = 432'h000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$208  = \$signal$162 ;
-    if (rst) begin
-      \$208  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$209  = fin3;
-    if (rst) begin
-      \$209  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$210  = addr3;
-    if (rst) begin
-      \$210  = 12'h000;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$211  = v_q_d0;
-    if (rst) begin
-      \$211  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$212  = fin_q_d0;
-    if (rst) begin
-      \$212  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$213  = addr_q_d0;
-    if (rst) begin
-      \$213  = 12'h000;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$214  = v_q_d1;
-    if (rst) begin
-      \$214  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$215  = fin_q_d1;
-    if (rst) begin
-      \$215  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$216  = addr_q_d1;
-    if (rst) begin
-      \$216  = 12'h000;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$217  = fin_q_d2;
-    if (rst) begin
-      \$217  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$218  = fin_o_d0;
-    if (rst) begin
-      \$218  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$219  = fin_o_d1;
-    if (rst) begin
-      \$219  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$220  = fin_o_d2;
-    if (rst) begin
-      \$220  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$221  = \$112 ;
-    if (rst) begin
-      \$221  = 1'h1;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$222  = \busy$42 ;
-    if (done) begin
-      \$222  = 1'h0;
-    end
-    if (\start$44 ) begin
-      \$222  = 1'h1;
-    end
-    if (rst) begin
-      \$222  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$223  = m_q;
-    if (idle) begin
-      \$223  = m;
-    end
-    if (rst) begin
-      \$223  = 8'h00;
+      \$191  = 8'h00;
     end
   end
   assign wr__addr = a_wr__addr;
@@ -2290,9 +2011,10 @@ module encoder_layer_0_attention_self_value(m, a_wr__en, a_wr__addr, a_wr__data,
   assign valid_d6 = i__valid;
   assign out_nt = \rd__addr$99 ;
   assign \rd__addr$101  = \rd__addr$99 ;
-  assign v_q_d2 = \wr__en$105 ;
-  assign addr_q_d2 = \wr__addr$107 ;
-  assign o = \wr__data$109 ;
+  assign rq_in = i;
+  assign v_q_d2 = \wr__en$107 ;
+  assign addr_q_d2 = \wr__addr$109 ;
+  assign o = \wr__data$111 ;
   assign \a_wr__data[0]  = a_wr__data[7:0];
   assign \a_wr__data[1]  = a_wr__data[15:8];
   assign \a_wr__data[2]  = a_wr__data[23:16];
@@ -2540,70 +2262,6 @@ module encoder_layer_0_attention_self_value(m, a_wr__en, a_wr__addr, a_wr__data,
   assign \o__payload.data[15]  = o__payload[383:360];
   assign \o__payload.row  = o__payload[387:384];
   assign \o__payload.last  = o__payload[388];
-  assign \wr__data$109[0]  = \wr__data$109 [7:0];
-  assign \wr__data$109[1]  = \wr__data$109 [15:8];
-  assign \wr__data$109[2]  = \wr__data$109 [23:16];
-  assign \wr__data$109[3]  = \wr__data$109 [31:24];
-  assign \wr__data$109[4]  = \wr__data$109 [39:32];
-  assign \wr__data$109[5]  = \wr__data$109 [47:40];
-  assign \wr__data$109[6]  = \wr__data$109 [55:48];
-  assign \wr__data$109[7]  = \wr__data$109 [63:56];
-  assign \wr__data$109[8]  = \wr__data$109 [71:64];
-  assign \wr__data$109[9]  = \wr__data$109 [79:72];
-  assign \wr__data$109[10]  = \wr__data$109 [87:80];
-  assign \wr__data$109[11]  = \wr__data$109 [95:88];
-  assign \wr__data$109[12]  = \wr__data$109 [103:96];
-  assign \wr__data$109[13]  = \wr__data$109 [111:104];
-  assign \wr__data$109[14]  = \wr__data$109 [119:112];
-  assign \wr__data$109[15]  = \wr__data$109 [127:120];
-  assign \o[0]  = \wr__data$109 [7:0];
-  assign \o[1]  = \wr__data$109 [15:8];
-  assign \o[2]  = \wr__data$109 [23:16];
-  assign \o[3]  = \wr__data$109 [31:24];
-  assign \o[4]  = \wr__data$109 [39:32];
-  assign \o[5]  = \wr__data$109 [47:40];
-  assign \o[6]  = \wr__data$109 [55:48];
-  assign \o[7]  = \wr__data$109 [63:56];
-  assign \o[8]  = \wr__data$109 [71:64];
-  assign \o[9]  = \wr__data$109 [79:72];
-  assign \o[10]  = \wr__data$109 [87:80];
-  assign \o[11]  = \wr__data$109 [95:88];
-  assign \o[12]  = \wr__data$109 [103:96];
-  assign \o[13]  = \wr__data$109 [111:104];
-  assign \o[14]  = \wr__data$109 [119:112];
-  assign \o[15]  = \wr__data$109 [127:120];
-  assign \acc1[0]  = acc1[23:0];
-  assign \acc1[1]  = acc1[47:24];
-  assign \acc1[2]  = acc1[71:48];
-  assign \acc1[3]  = acc1[95:72];
-  assign \acc1[4]  = acc1[119:96];
-  assign \acc1[5]  = acc1[143:120];
-  assign \acc1[6]  = acc1[167:144];
-  assign \acc1[7]  = acc1[191:168];
-  assign \acc1[8]  = acc1[215:192];
-  assign \acc1[9]  = acc1[239:216];
-  assign \acc1[10]  = acc1[263:240];
-  assign \acc1[11]  = acc1[287:264];
-  assign \acc1[12]  = acc1[311:288];
-  assign \acc1[13]  = acc1[335:312];
-  assign \acc1[14]  = acc1[359:336];
-  assign \acc1[15]  = acc1[383:360];
-  assign \acc2[0]  = acc2[23:0];
-  assign \acc2[1]  = acc2[47:24];
-  assign \acc2[2]  = acc2[71:48];
-  assign \acc2[3]  = acc2[95:72];
-  assign \acc2[4]  = acc2[119:96];
-  assign \acc2[5]  = acc2[143:120];
-  assign \acc2[6]  = acc2[167:144];
-  assign \acc2[7]  = acc2[191:168];
-  assign \acc2[8]  = acc2[215:192];
-  assign \acc2[9]  = acc2[239:216];
-  assign \acc2[10]  = acc2[263:240];
-  assign \acc2[11]  = acc2[287:264];
-  assign \acc2[12]  = acc2[311:288];
-  assign \acc2[13]  = acc2[335:312];
-  assign \acc2[14]  = acc2[359:336];
-  assign \acc2[15]  = acc2[383:360];
   assign \i.c  = i[383:0];
   assign \i.c[0]  = i[23:0];
   assign \i.c[1]  = i[47:24];
@@ -2638,38 +2296,168 @@ module encoder_layer_0_attention_self_value(m, a_wr__en, a_wr__addr, a_wr__data,
   assign \i.t[13]  = i[425:423];
   assign \i.t[14]  = i[428:426];
   assign \i.t[15]  = i[431:429];
-  assign \rd__data$166[0]  = \rd__data$166 [14:0];
-  assign \rd__data$166[1]  = \rd__data$166 [29:15];
-  assign \rd__data$166[2]  = \rd__data$166 [44:30];
-  assign \rd__data$166[3]  = \rd__data$166 [59:45];
-  assign \rd__data$166[4]  = \rd__data$166 [74:60];
-  assign \rd__data$166[5]  = \rd__data$166 [89:75];
-  assign \rd__data$166[6]  = \rd__data$166 [104:90];
-  assign \rd__data$166[7]  = \rd__data$166 [119:105];
-  assign \rd__data$166[8]  = \rd__data$166 [134:120];
-  assign \rd__data$166[9]  = \rd__data$166 [149:135];
-  assign \rd__data$166[10]  = \rd__data$166 [164:150];
-  assign \rd__data$166[11]  = \rd__data$166 [179:165];
-  assign \rd__data$166[12]  = \rd__data$166 [194:180];
-  assign \rd__data$166[13]  = \rd__data$166 [209:195];
-  assign \rd__data$166[14]  = \rd__data$166 [224:210];
-  assign \rd__data$166[15]  = \rd__data$166 [239:225];
-  assign \rd__data$167[0]  = \rd__data$167 [2:0];
-  assign \rd__data$167[1]  = \rd__data$167 [5:3];
-  assign \rd__data$167[2]  = \rd__data$167 [8:6];
-  assign \rd__data$167[3]  = \rd__data$167 [11:9];
-  assign \rd__data$167[4]  = \rd__data$167 [14:12];
-  assign \rd__data$167[5]  = \rd__data$167 [17:15];
-  assign \rd__data$167[6]  = \rd__data$167 [20:18];
-  assign \rd__data$167[7]  = \rd__data$167 [23:21];
-  assign \rd__data$167[8]  = \rd__data$167 [26:24];
-  assign \rd__data$167[9]  = \rd__data$167 [29:27];
-  assign \rd__data$167[10]  = \rd__data$167 [32:30];
-  assign \rd__data$167[11]  = \rd__data$167 [35:33];
-  assign \rd__data$167[12]  = \rd__data$167 [38:36];
-  assign \rd__data$167[13]  = \rd__data$167 [41:39];
-  assign \rd__data$167[14]  = \rd__data$167 [44:42];
-  assign \rd__data$167[15]  = \rd__data$167 [47:45];
+  assign \rq_in.c  = i[383:0];
+  assign \rq_in.c[0]  = i[23:0];
+  assign \rq_in.c[1]  = i[47:24];
+  assign \rq_in.c[2]  = i[71:48];
+  assign \rq_in.c[3]  = i[95:72];
+  assign \rq_in.c[4]  = i[119:96];
+  assign \rq_in.c[5]  = i[143:120];
+  assign \rq_in.c[6]  = i[167:144];
+  assign \rq_in.c[7]  = i[191:168];
+  assign \rq_in.c[8]  = i[215:192];
+  assign \rq_in.c[9]  = i[239:216];
+  assign \rq_in.c[10]  = i[263:240];
+  assign \rq_in.c[11]  = i[287:264];
+  assign \rq_in.c[12]  = i[311:288];
+  assign \rq_in.c[13]  = i[335:312];
+  assign \rq_in.c[14]  = i[359:336];
+  assign \rq_in.c[15]  = i[383:360];
+  assign \rq_in.t  = i[431:384];
+  assign \rq_in.t[0]  = i[386:384];
+  assign \rq_in.t[1]  = i[389:387];
+  assign \rq_in.t[2]  = i[392:390];
+  assign \rq_in.t[3]  = i[395:393];
+  assign \rq_in.t[4]  = i[398:396];
+  assign \rq_in.t[5]  = i[401:399];
+  assign \rq_in.t[6]  = i[404:402];
+  assign \rq_in.t[7]  = i[407:405];
+  assign \rq_in.t[8]  = i[410:408];
+  assign \rq_in.t[9]  = i[413:411];
+  assign \rq_in.t[10]  = i[416:414];
+  assign \rq_in.t[11]  = i[419:417];
+  assign \rq_in.t[12]  = i[422:420];
+  assign \rq_in.t[13]  = i[425:423];
+  assign \rq_in.t[14]  = i[428:426];
+  assign \rq_in.t[15]  = i[431:429];
+  assign \wr__data$111[0]  = \wr__data$111 [7:0];
+  assign \wr__data$111[1]  = \wr__data$111 [15:8];
+  assign \wr__data$111[2]  = \wr__data$111 [23:16];
+  assign \wr__data$111[3]  = \wr__data$111 [31:24];
+  assign \wr__data$111[4]  = \wr__data$111 [39:32];
+  assign \wr__data$111[5]  = \wr__data$111 [47:40];
+  assign \wr__data$111[6]  = \wr__data$111 [55:48];
+  assign \wr__data$111[7]  = \wr__data$111 [63:56];
+  assign \wr__data$111[8]  = \wr__data$111 [71:64];
+  assign \wr__data$111[9]  = \wr__data$111 [79:72];
+  assign \wr__data$111[10]  = \wr__data$111 [87:80];
+  assign \wr__data$111[11]  = \wr__data$111 [95:88];
+  assign \wr__data$111[12]  = \wr__data$111 [103:96];
+  assign \wr__data$111[13]  = \wr__data$111 [111:104];
+  assign \wr__data$111[14]  = \wr__data$111 [119:112];
+  assign \wr__data$111[15]  = \wr__data$111 [127:120];
+  assign \o[0]  = \wr__data$111 [7:0];
+  assign \o[1]  = \wr__data$111 [15:8];
+  assign \o[2]  = \wr__data$111 [23:16];
+  assign \o[3]  = \wr__data$111 [31:24];
+  assign \o[4]  = \wr__data$111 [39:32];
+  assign \o[5]  = \wr__data$111 [47:40];
+  assign \o[6]  = \wr__data$111 [55:48];
+  assign \o[7]  = \wr__data$111 [63:56];
+  assign \o[8]  = \wr__data$111 [71:64];
+  assign \o[9]  = \wr__data$111 [79:72];
+  assign \o[10]  = \wr__data$111 [87:80];
+  assign \o[11]  = \wr__data$111 [95:88];
+  assign \o[12]  = \wr__data$111 [103:96];
+  assign \o[13]  = \wr__data$111 [111:104];
+  assign \o[14]  = \wr__data$111 [119:112];
+  assign \o[15]  = \wr__data$111 [127:120];
+  assign \acc1[0]  = acc1[23:0];
+  assign \acc1[1]  = acc1[47:24];
+  assign \acc1[2]  = acc1[71:48];
+  assign \acc1[3]  = acc1[95:72];
+  assign \acc1[4]  = acc1[119:96];
+  assign \acc1[5]  = acc1[143:120];
+  assign \acc1[6]  = acc1[167:144];
+  assign \acc1[7]  = acc1[191:168];
+  assign \acc1[8]  = acc1[215:192];
+  assign \acc1[9]  = acc1[239:216];
+  assign \acc1[10]  = acc1[263:240];
+  assign \acc1[11]  = acc1[287:264];
+  assign \acc1[12]  = acc1[311:288];
+  assign \acc1[13]  = acc1[335:312];
+  assign \acc1[14]  = acc1[359:336];
+  assign \acc1[15]  = acc1[383:360];
+  assign \acc2[0]  = acc2[23:0];
+  assign \acc2[1]  = acc2[47:24];
+  assign \acc2[2]  = acc2[71:48];
+  assign \acc2[3]  = acc2[95:72];
+  assign \acc2[4]  = acc2[119:96];
+  assign \acc2[5]  = acc2[143:120];
+  assign \acc2[6]  = acc2[167:144];
+  assign \acc2[7]  = acc2[191:168];
+  assign \acc2[8]  = acc2[215:192];
+  assign \acc2[9]  = acc2[239:216];
+  assign \acc2[10]  = acc2[263:240];
+  assign \acc2[11]  = acc2[287:264];
+  assign \acc2[12]  = acc2[311:288];
+  assign \acc2[13]  = acc2[335:312];
+  assign \acc2[14]  = acc2[359:336];
+  assign \acc2[15]  = acc2[383:360];
+  assign \rd__data$167[0]  = \rd__data$167 [14:0];
+  assign \rd__data$167[1]  = \rd__data$167 [29:15];
+  assign \rd__data$167[2]  = \rd__data$167 [44:30];
+  assign \rd__data$167[3]  = \rd__data$167 [59:45];
+  assign \rd__data$167[4]  = \rd__data$167 [74:60];
+  assign \rd__data$167[5]  = \rd__data$167 [89:75];
+  assign \rd__data$167[6]  = \rd__data$167 [104:90];
+  assign \rd__data$167[7]  = \rd__data$167 [119:105];
+  assign \rd__data$167[8]  = \rd__data$167 [134:120];
+  assign \rd__data$167[9]  = \rd__data$167 [149:135];
+  assign \rd__data$167[10]  = \rd__data$167 [164:150];
+  assign \rd__data$167[11]  = \rd__data$167 [179:165];
+  assign \rd__data$167[12]  = \rd__data$167 [194:180];
+  assign \rd__data$167[13]  = \rd__data$167 [209:195];
+  assign \rd__data$167[14]  = \rd__data$167 [224:210];
+  assign \rd__data$167[15]  = \rd__data$167 [239:225];
+  assign \rd__data$168[0]  = \rd__data$168 [2:0];
+  assign \rd__data$168[1]  = \rd__data$168 [5:3];
+  assign \rd__data$168[2]  = \rd__data$168 [8:6];
+  assign \rd__data$168[3]  = \rd__data$168 [11:9];
+  assign \rd__data$168[4]  = \rd__data$168 [14:12];
+  assign \rd__data$168[5]  = \rd__data$168 [17:15];
+  assign \rd__data$168[6]  = \rd__data$168 [20:18];
+  assign \rd__data$168[7]  = \rd__data$168 [23:21];
+  assign \rd__data$168[8]  = \rd__data$168 [26:24];
+  assign \rd__data$168[9]  = \rd__data$168 [29:27];
+  assign \rd__data$168[10]  = \rd__data$168 [32:30];
+  assign \rd__data$168[11]  = \rd__data$168 [35:33];
+  assign \rd__data$168[12]  = \rd__data$168 [38:36];
+  assign \rd__data$168[13]  = \rd__data$168 [41:39];
+  assign \rd__data$168[14]  = \rd__data$168 [44:42];
+  assign \rd__data$168[15]  = \rd__data$168 [47:45];
+  assign \$178 [431:429] = \rd__data$168 [47:45];
+  assign \$178 [383:360] = \$108 [23:0];
+  assign \$178 [428:426] = \rd__data$168 [44:42];
+  assign \$178 [359:336] = \$107 [23:0];
+  assign \$178 [425:423] = \rd__data$168 [41:39];
+  assign \$178 [335:312] = \$106 [23:0];
+  assign \$178 [422:420] = \rd__data$168 [38:36];
+  assign \$178 [311:288] = \$105 [23:0];
+  assign \$178 [419:417] = \rd__data$168 [35:33];
+  assign \$178 [287:264] = \$104 [23:0];
+  assign \$178 [416:414] = \rd__data$168 [32:30];
+  assign \$178 [263:240] = \$103 [23:0];
+  assign \$178 [413:411] = \rd__data$168 [29:27];
+  assign \$178 [239:216] = \$102 [23:0];
+  assign \$178 [410:408] = \rd__data$168 [26:24];
+  assign \$178 [215:192] = \$101 [23:0];
+  assign \$178 [407:405] = \rd__data$168 [23:21];
+  assign \$178 [191:168] = \$100 [23:0];
+  assign \$178 [404:402] = \rd__data$168 [20:18];
+  assign \$178 [167:144] = \$99 [23:0];
+  assign \$178 [401:399] = \rd__data$168 [17:15];
+  assign \$178 [143:120] = \$98 [23:0];
+  assign \$178 [398:396] = \rd__data$168 [14:12];
+  assign \$178 [119:96] = \$97 [23:0];
+  assign \$178 [395:393] = \rd__data$168 [11:9];
+  assign \$178 [95:72] = \$96 [23:0];
+  assign \$178 [392:390] = \rd__data$168 [8:6];
+  assign \$178 [71:48] = \$95 [23:0];
+  assign \$178 [389:387] = \rd__data$168 [5:3];
+  assign \$178 [47:24] = \$94 [23:0];
+  assign \$178 [386:384] = \rd__data$168 [2:0];
+  assign \$178 [23:0] = \$93 [23:0];
   assign i__payload[255:248] = \$30 ;
   assign i__payload[247:240] = \$29 ;
   assign i__payload[239:232] = \$28 ;
@@ -19477,1095 +19265,761 @@ endmodule
 module \encoder_layer_0_attention_self_value.pe (rst, i__payload, i__valid, bank_busy, o__payload, clk);
   reg \$auto$verilog_backend.cc:2355:dump_module$2  = 0;
   wire \$1 ;
-  wire [23:0] \$10 ;
-  wire [23:0] \$100 ;
-  reg \$1000 ;
-  reg \$1001 ;
-  reg \$1002 ;
-  reg \$1003 ;
-  reg \$1004 ;
-  reg \$1005 ;
-  reg \$1006 ;
-  reg \$1007 ;
-  reg \$1008 ;
-  reg \$1009 ;
+  wire [24:0] \$10 ;
+  wire [24:0] \$100 ;
   wire [23:0] \$101 ;
-  reg \$1010 ;
-  reg \$1011 ;
-  reg \$1012 ;
-  reg \$1013 ;
-  reg \$1014 ;
-  reg \$1015 ;
-  reg \$1016 ;
-  reg \$1017 ;
-  reg \$1018 ;
-  reg \$1019 ;
-  wire [23:0] \$102 ;
-  reg \$1020 ;
-  reg \$1021 ;
-  reg \$1022 ;
-  reg \$1023 ;
-  reg \$1024 ;
-  reg \$1025 ;
-  reg \$1026 ;
-  reg \$1027 ;
-  reg \$1028 ;
-  reg \$1029 ;
-  wire [23:0] \$103 ;
-  reg \$1030 ;
-  reg \$1031 ;
-  reg \$1032 ;
-  reg \$1033 ;
-  reg \$1034 ;
-  reg \$1035 ;
-  reg \$1036 ;
-  reg \$1037 ;
-  reg \$1038 ;
-  reg \$1039 ;
+  wire [24:0] \$102 ;
+  wire [24:0] \$103 ;
   wire [23:0] \$104 ;
-  reg \$1040 ;
-  reg \$1041 ;
-  reg \$1042 ;
-  reg \$1043 ;
-  reg \$1044 ;
-  reg \$1045 ;
-  reg \$1046 ;
-  reg \$1047 ;
-  reg \$1048 ;
-  reg \$1049 ;
-  wire [23:0] \$105 ;
-  reg \$1050 ;
-  reg \$1051 ;
-  reg \$1052 ;
-  reg \$1053 ;
-  reg \$1054 ;
-  reg \$1055 ;
-  reg \$1056 ;
-  reg \$1057 ;
-  reg \$1058 ;
-  reg \$1059 ;
-  wire [23:0] \$106 ;
-  reg \$1060 ;
-  reg \$1061 ;
-  reg \$1062 ;
-  reg \$1063 ;
-  reg \$1064 ;
-  reg \$1065 ;
-  reg \$1066 ;
-  reg \$1067 ;
-  reg \$1068 ;
-  reg \$1069 ;
+  wire [24:0] \$105 ;
+  wire [24:0] \$106 ;
   wire [23:0] \$107 ;
-  reg \$1070 ;
-  reg \$1071 ;
-  reg \$1072 ;
-  reg \$1073 ;
-  reg \$1074 ;
-  reg \$1075 ;
-  reg \$1076 ;
-  reg \$1077 ;
-  reg \$1078 ;
-  reg \$1079 ;
-  wire [23:0] \$108 ;
-  reg \$1080 ;
-  reg \$1081 ;
-  reg \$1082 ;
-  reg \$1083 ;
-  reg \$1084 ;
-  reg \$1085 ;
-  reg \$1086 ;
-  reg \$1087 ;
-  reg \$1088 ;
-  reg \$1089 ;
-  wire [23:0] \$109 ;
-  reg \$1090 ;
-  reg \$1091 ;
-  reg \$1092 ;
-  reg \$1093 ;
-  reg \$1094 ;
-  reg \$1095 ;
-  reg \$1096 ;
-  reg \$1097 ;
-  reg \$1098 ;
-  reg \$1099 ;
+  wire [24:0] \$108 ;
+  wire [24:0] \$109 ;
   wire [23:0] \$11 ;
   wire [23:0] \$110 ;
-  reg \$1100 ;
-  reg \$1101 ;
-  reg \$1102 ;
-  reg \$1103 ;
-  reg \$1104 ;
-  reg \$1105 ;
-  reg \$1106 ;
-  reg \$1107 ;
-  reg \$1108 ;
-  reg \$1109 ;
-  wire [23:0] \$111 ;
-  reg \$1110 ;
-  reg \$1111 ;
-  reg \$1112 ;
-  reg \$1113 ;
-  reg \$1114 ;
-  reg \$1115 ;
-  reg \$1116 ;
-  reg \$1117 ;
-  reg \$1118 ;
-  reg \$1119 ;
-  wire [23:0] \$112 ;
-  reg \$1120 ;
-  reg \$1121 ;
-  reg \$1122 ;
-  reg \$1123 ;
-  reg \$1124 ;
-  reg \$1125 ;
-  reg \$1126 ;
-  reg \$1127 ;
-  reg \$1128 ;
-  reg \$1129 ;
+  wire [24:0] \$111 ;
+  wire [24:0] \$112 ;
   wire [23:0] \$113 ;
-  reg \$1130 ;
-  reg \$1131 ;
-  reg \$1132 ;
-  reg \$1133 ;
-  reg \$1134 ;
-  reg \$1135 ;
-  reg \$1136 ;
-  reg \$1137 ;
-  reg \$1138 ;
-  reg \$1139 ;
-  wire [23:0] \$114 ;
-  reg \$1140 ;
-  reg \$1141 ;
-  reg \$1142 ;
-  reg \$1143 ;
-  reg \$1144 ;
-  reg \$1145 ;
-  reg \$1146 ;
-  reg \$1147 ;
-  reg \$1148 ;
-  reg \$1149 ;
-  wire [23:0] \$115 ;
-  reg \$1150 ;
-  reg \$1151 ;
-  reg \$1152 ;
-  reg \$1153 ;
-  reg \$1154 ;
-  reg \$1155 ;
-  reg \$1156 ;
-  reg \$1157 ;
-  reg \$1158 ;
-  reg \$1159 ;
+  wire [24:0] \$114 ;
+  wire [24:0] \$115 ;
   wire [23:0] \$116 ;
-  reg \$1160 ;
-  reg \$1161 ;
-  reg \$1162 ;
-  reg \$1163 ;
-  reg \$1164 ;
-  reg \$1165 ;
-  reg \$1166 ;
-  reg \$1167 ;
-  reg \$1168 ;
-  reg \$1169 ;
-  wire [23:0] \$117 ;
-  reg \$1170 ;
-  reg \$1171 ;
-  reg \$1172 ;
-  reg \$1173 ;
-  reg \$1174 ;
-  reg \$1175 ;
-  reg \$1176 ;
-  reg \$1177 ;
-  reg \$1178 ;
-  reg \$1179 ;
-  wire [23:0] \$118 ;
-  reg \$1180 ;
-  reg \$1181 ;
-  reg \$1182 ;
-  reg \$1183 ;
-  reg \$1184 ;
-  reg \$1185 ;
-  reg \$1186 ;
-  reg \$1187 ;
-  reg \$1188 ;
-  reg \$1189 ;
+  wire [24:0] \$117 ;
+  wire [24:0] \$118 ;
   wire [23:0] \$119 ;
-  reg \$1190 ;
-  reg \$1191 ;
-  reg \$1192 ;
-  reg \$1193 ;
-  reg \$1194 ;
-  reg \$1195 ;
-  reg \$1196 ;
-  reg \$1197 ;
-  reg \$1198 ;
-  reg \$1199 ;
-  wire [23:0] \$12 ;
-  wire [23:0] \$120 ;
-  reg \$1200 ;
-  reg \$1201 ;
-  reg \$1202 ;
-  reg \$1203 ;
-  reg \$1204 ;
-  reg \$1205 ;
-  reg \$1206 ;
-  reg \$1207 ;
-  reg \$1208 ;
-  reg \$1209 ;
-  wire [23:0] \$121 ;
-  reg \$1210 ;
-  reg \$1211 ;
-  reg \$1212 ;
-  reg \$1213 ;
-  reg \$1214 ;
-  reg \$1215 ;
-  reg \$1216 ;
-  reg \$1217 ;
-  reg \$1218 ;
-  reg \$1219 ;
+  wire [24:0] \$12 ;
+  wire [24:0] \$120 ;
+  wire [24:0] \$121 ;
   wire [23:0] \$122 ;
-  reg \$1220 ;
-  reg \$1221 ;
-  reg \$1222 ;
-  reg \$1223 ;
-  reg \$1224 ;
-  reg \$1225 ;
-  reg \$1226 ;
-  reg \$1227 ;
-  reg \$1228 ;
-  reg \$1229 ;
-  wire [23:0] \$123 ;
-  reg \$1230 ;
-  reg \$1231 ;
-  reg \$1232 ;
-  reg \$1233 ;
-  reg \$1234 ;
-  reg \$1235 ;
-  reg \$1236 ;
-  reg \$1237 ;
-  reg \$1238 ;
-  reg \$1239 ;
-  wire [23:0] \$124 ;
-  reg \$1240 ;
-  reg \$1241 ;
-  reg \$1242 ;
-  reg \$1243 ;
-  reg \$1244 ;
-  reg \$1245 ;
-  reg \$1246 ;
-  reg \$1247 ;
-  reg \$1248 ;
-  reg \$1249 ;
+  wire [24:0] \$123 ;
+  wire [24:0] \$124 ;
   wire [23:0] \$125 ;
-  reg \$1250 ;
-  reg \$1251 ;
-  reg \$1252 ;
-  reg \$1253 ;
-  reg \$1254 ;
-  reg \$1255 ;
-  reg \$1256 ;
-  reg \$1257 ;
-  reg \$1258 ;
-  reg \$1259 ;
-  wire [23:0] \$126 ;
-  reg \$1260 ;
-  reg \$1261 ;
-  reg \$1262 ;
-  reg \$1263 ;
-  reg \$1264 ;
-  reg \$1265 ;
-  reg \$1266 ;
-  reg \$1267 ;
-  reg \$1268 ;
-  reg \$1269 ;
-  wire [23:0] \$127 ;
-  reg \$1270 ;
-  reg \$1271 ;
-  reg \$1272 ;
-  reg \$1273 ;
-  reg \$1274 ;
-  reg \$1275 ;
-  reg \$1276 ;
-  reg \$1277 ;
-  reg \$1278 ;
-  reg \$1279 ;
+  wire [24:0] \$126 ;
+  wire [24:0] \$127 ;
   wire [23:0] \$128 ;
-  reg \$1280 ;
-  reg \$1281 ;
-  reg \$1282 ;
-  reg \$1283 ;
-  reg \$1284 ;
-  reg \$1285 ;
-  reg \$1286 ;
-  reg \$1287 ;
-  reg \$1288 ;
-  reg \$1289 ;
-  wire [23:0] \$129 ;
-  reg \$1290 ;
-  reg \$1291 ;
-  reg \$1292 ;
-  reg \$1293 ;
-  reg \$1294 ;
-  reg \$1295 ;
-  reg \$1296 ;
-  reg \$1297 ;
-  reg \$1298 ;
-  reg \$1299 ;
-  wire [23:0] \$13 ;
-  wire [23:0] \$130 ;
-  reg \$1300 ;
-  reg \$1301 ;
-  reg \$1302 ;
-  reg \$1303 ;
-  reg \$1304 ;
-  reg \$1305 ;
-  reg \$1306 ;
-  reg \$1307 ;
-  reg \$1308 ;
-  reg \$1309 ;
+  wire [24:0] \$129 ;
+  wire [24:0] \$13 ;
+  wire [24:0] \$130 ;
   wire [23:0] \$131 ;
-  reg \$1310 ;
-  reg \$1311 ;
-  reg \$1312 ;
-  reg \$1313 ;
-  reg \$1314 ;
-  reg \$1315 ;
-  reg \$1316 ;
-  reg \$1317 ;
-  reg \$1318 ;
-  reg \$1319 ;
-  wire [23:0] \$132 ;
-  reg \$1320 ;
-  reg \$1321 ;
-  reg \$1322 ;
-  reg \$1323 ;
-  reg \$1324 ;
-  reg \$1325 ;
-  reg \$1326 ;
-  reg \$1327 ;
-  reg \$1328 ;
-  reg \$1329 ;
-  wire [23:0] \$133 ;
-  reg \$1330 ;
-  reg \$1331 ;
-  reg [3:0] \$1332 ;
-  reg \$1333 ;
+  wire [24:0] \$132 ;
+  wire [24:0] \$133 ;
   wire [23:0] \$134 ;
-  wire [23:0] \$135 ;
-  wire [23:0] \$136 ;
+  wire [24:0] \$135 ;
+  wire [24:0] \$136 ;
   wire [23:0] \$137 ;
-  wire [23:0] \$138 ;
-  wire [23:0] \$139 ;
+  wire [24:0] \$138 ;
+  wire [24:0] \$139 ;
   wire [23:0] \$14 ;
   wire [23:0] \$140 ;
-  wire [23:0] \$141 ;
-  wire [23:0] \$142 ;
+  wire [24:0] \$141 ;
+  wire [24:0] \$142 ;
   wire [23:0] \$143 ;
-  wire [23:0] \$144 ;
-  wire [23:0] \$145 ;
+  wire [24:0] \$144 ;
+  wire [24:0] \$145 ;
   wire [23:0] \$146 ;
-  wire [23:0] \$147 ;
-  wire [23:0] \$148 ;
+  wire [24:0] \$147 ;
+  wire [24:0] \$148 ;
   wire [23:0] \$149 ;
-  wire [23:0] \$15 ;
-  wire [23:0] \$150 ;
-  wire [23:0] \$151 ;
+  wire [24:0] \$15 ;
+  wire [24:0] \$150 ;
+  wire [24:0] \$151 ;
   wire [23:0] \$152 ;
-  wire [23:0] \$153 ;
-  wire [23:0] \$154 ;
+  wire [24:0] \$153 ;
+  wire [24:0] \$154 ;
   wire [23:0] \$155 ;
-  wire [23:0] \$156 ;
-  wire [23:0] \$157 ;
+  wire [24:0] \$156 ;
+  wire [24:0] \$157 ;
   wire [23:0] \$158 ;
-  wire [23:0] \$159 ;
-  wire [23:0] \$16 ;
-  wire [23:0] \$160 ;
+  wire [24:0] \$159 ;
+  wire [24:0] \$16 ;
+  wire [24:0] \$160 ;
   wire [23:0] \$161 ;
-  wire [23:0] \$162 ;
-  wire [23:0] \$163 ;
+  wire [24:0] \$162 ;
+  wire [24:0] \$163 ;
   wire [23:0] \$164 ;
-  wire [23:0] \$165 ;
-  wire [23:0] \$166 ;
+  wire [24:0] \$165 ;
+  wire [24:0] \$166 ;
   wire [23:0] \$167 ;
-  wire [23:0] \$168 ;
-  wire [23:0] \$169 ;
+  wire [24:0] \$168 ;
+  wire [24:0] \$169 ;
   wire [23:0] \$17 ;
   wire [23:0] \$170 ;
-  wire [23:0] \$171 ;
-  wire [23:0] \$172 ;
+  wire [24:0] \$171 ;
+  wire [24:0] \$172 ;
   wire [23:0] \$173 ;
-  wire [23:0] \$174 ;
-  wire [23:0] \$175 ;
+  wire [24:0] \$174 ;
+  wire [24:0] \$175 ;
   wire [23:0] \$176 ;
-  wire [23:0] \$177 ;
-  wire [23:0] \$178 ;
+  wire [24:0] \$177 ;
+  wire [24:0] \$178 ;
   wire [23:0] \$179 ;
-  wire [23:0] \$18 ;
-  wire [23:0] \$180 ;
-  wire [23:0] \$181 ;
+  wire [24:0] \$18 ;
+  wire [24:0] \$180 ;
+  wire [24:0] \$181 ;
   wire [23:0] \$182 ;
-  wire [23:0] \$183 ;
-  wire [23:0] \$184 ;
+  wire [24:0] \$183 ;
+  wire [24:0] \$184 ;
   wire [23:0] \$185 ;
-  wire [23:0] \$186 ;
-  wire [23:0] \$187 ;
+  wire [24:0] \$186 ;
+  wire [24:0] \$187 ;
   wire [23:0] \$188 ;
-  wire [23:0] \$189 ;
-  wire [23:0] \$19 ;
-  wire [23:0] \$190 ;
+  wire [24:0] \$189 ;
+  wire [24:0] \$19 ;
+  wire [24:0] \$190 ;
   wire [23:0] \$191 ;
-  wire [23:0] \$192 ;
-  wire [23:0] \$193 ;
+  wire [24:0] \$192 ;
+  wire [24:0] \$193 ;
   wire [23:0] \$194 ;
-  wire [23:0] \$195 ;
-  wire [23:0] \$196 ;
+  wire [24:0] \$195 ;
+  wire [24:0] \$196 ;
   wire [23:0] \$197 ;
-  wire [23:0] \$198 ;
-  wire [23:0] \$199 ;
+  wire [24:0] \$198 ;
+  wire [24:0] \$199 ;
   wire \$2 ;
   wire [23:0] \$20 ;
   wire [23:0] \$200 ;
-  wire [23:0] \$201 ;
-  wire [23:0] \$202 ;
+  wire [24:0] \$201 ;
+  wire [24:0] \$202 ;
   wire [23:0] \$203 ;
-  wire [23:0] \$204 ;
-  wire [23:0] \$205 ;
+  wire [24:0] \$204 ;
+  wire [24:0] \$205 ;
   wire [23:0] \$206 ;
-  wire [23:0] \$207 ;
-  wire [23:0] \$208 ;
+  wire [24:0] \$207 ;
+  wire [24:0] \$208 ;
   wire [23:0] \$209 ;
-  wire [23:0] \$21 ;
-  wire [23:0] \$210 ;
-  wire [23:0] \$211 ;
+  wire [24:0] \$21 ;
+  wire [24:0] \$210 ;
+  wire [24:0] \$211 ;
   wire [23:0] \$212 ;
-  wire [23:0] \$213 ;
-  wire [23:0] \$214 ;
+  wire [24:0] \$213 ;
+  wire [24:0] \$214 ;
   wire [23:0] \$215 ;
-  wire [23:0] \$216 ;
-  wire [23:0] \$217 ;
+  wire [24:0] \$216 ;
+  wire [24:0] \$217 ;
   wire [23:0] \$218 ;
-  wire [23:0] \$219 ;
-  wire [23:0] \$22 ;
-  wire [23:0] \$220 ;
+  wire [24:0] \$219 ;
+  wire [24:0] \$22 ;
+  wire [24:0] \$220 ;
   wire [23:0] \$221 ;
-  wire [23:0] \$222 ;
-  wire [23:0] \$223 ;
+  wire [24:0] \$222 ;
+  wire [24:0] \$223 ;
   wire [23:0] \$224 ;
-  wire [23:0] \$225 ;
-  wire [23:0] \$226 ;
+  wire [24:0] \$225 ;
+  wire [24:0] \$226 ;
   wire [23:0] \$227 ;
-  wire [23:0] \$228 ;
-  wire [23:0] \$229 ;
+  wire [24:0] \$228 ;
+  wire [24:0] \$229 ;
   wire [23:0] \$23 ;
   wire [23:0] \$230 ;
-  wire [23:0] \$231 ;
-  wire [23:0] \$232 ;
+  wire [24:0] \$231 ;
+  wire [24:0] \$232 ;
   wire [23:0] \$233 ;
-  wire [23:0] \$234 ;
-  wire [23:0] \$235 ;
+  wire [24:0] \$234 ;
+  wire [24:0] \$235 ;
   wire [23:0] \$236 ;
-  wire [23:0] \$237 ;
-  wire [23:0] \$238 ;
+  wire [24:0] \$237 ;
+  wire [24:0] \$238 ;
   wire [23:0] \$239 ;
-  wire [23:0] \$24 ;
-  wire [23:0] \$240 ;
-  wire [23:0] \$241 ;
+  wire [24:0] \$24 ;
+  wire [24:0] \$240 ;
+  wire [24:0] \$241 ;
   wire [23:0] \$242 ;
-  wire [23:0] \$243 ;
-  wire [23:0] \$244 ;
+  wire [24:0] \$243 ;
+  wire [24:0] \$244 ;
   wire [23:0] \$245 ;
-  wire [23:0] \$246 ;
-  wire [23:0] \$247 ;
+  wire [24:0] \$246 ;
+  wire [24:0] \$247 ;
   wire [23:0] \$248 ;
-  wire [23:0] \$249 ;
-  wire [23:0] \$25 ;
-  wire [23:0] \$250 ;
+  wire [24:0] \$249 ;
+  wire [24:0] \$25 ;
+  wire [24:0] \$250 ;
   wire [23:0] \$251 ;
-  wire [23:0] \$252 ;
-  wire [23:0] \$253 ;
+  wire [24:0] \$252 ;
+  wire [24:0] \$253 ;
   wire [23:0] \$254 ;
-  wire [23:0] \$255 ;
-  wire [23:0] \$256 ;
+  wire [24:0] \$255 ;
+  wire [24:0] \$256 ;
   wire [23:0] \$257 ;
-  wire [23:0] \$258 ;
-  wire \$259 ;
+  wire [24:0] \$258 ;
+  wire [24:0] \$259 ;
   wire [23:0] \$26 ;
-  wire \$260 ;
-  wire [4:0] \$261 ;
-  wire \$262 ;
-  wire [24:0] \$263 ;
+  wire [23:0] \$260 ;
+  wire [24:0] \$261 ;
+  wire [24:0] \$262 ;
+  wire [23:0] \$263 ;
   wire [24:0] \$264 ;
   wire [24:0] \$265 ;
-  wire [24:0] \$266 ;
+  wire [23:0] \$266 ;
   wire [24:0] \$267 ;
   wire [24:0] \$268 ;
-  wire [24:0] \$269 ;
-  wire [23:0] \$27 ;
+  wire [23:0] \$269 ;
+  wire [24:0] \$27 ;
   wire [24:0] \$270 ;
   wire [24:0] \$271 ;
-  wire [24:0] \$272 ;
+  wire [23:0] \$272 ;
   wire [24:0] \$273 ;
   wire [24:0] \$274 ;
-  wire [24:0] \$275 ;
+  wire [23:0] \$275 ;
   wire [24:0] \$276 ;
   wire [24:0] \$277 ;
-  wire [24:0] \$278 ;
+  wire [23:0] \$278 ;
   wire [24:0] \$279 ;
-  wire [23:0] \$28 ;
+  wire [24:0] \$28 ;
   wire [24:0] \$280 ;
-  wire [24:0] \$281 ;
+  wire [23:0] \$281 ;
   wire [24:0] \$282 ;
   wire [24:0] \$283 ;
-  wire [24:0] \$284 ;
+  wire [23:0] \$284 ;
   wire [24:0] \$285 ;
   wire [24:0] \$286 ;
-  wire [24:0] \$287 ;
+  wire [23:0] \$287 ;
   wire [24:0] \$288 ;
   wire [24:0] \$289 ;
   wire [23:0] \$29 ;
-  wire [24:0] \$290 ;
+  wire [23:0] \$290 ;
   wire [24:0] \$291 ;
   wire [24:0] \$292 ;
-  wire [24:0] \$293 ;
+  wire [23:0] \$293 ;
   wire [24:0] \$294 ;
   wire [24:0] \$295 ;
-  wire [24:0] \$296 ;
+  wire [23:0] \$296 ;
   wire [24:0] \$297 ;
   wire [24:0] \$298 ;
-  wire [24:0] \$299 ;
-  wire [23:0] \$3 ;
-  wire [23:0] \$30 ;
+  wire [23:0] \$299 ;
+  wire [24:0] \$3 ;
+  wire [24:0] \$30 ;
   wire [24:0] \$300 ;
   wire [24:0] \$301 ;
-  wire [24:0] \$302 ;
+  wire [23:0] \$302 ;
   wire [24:0] \$303 ;
   wire [24:0] \$304 ;
-  wire [24:0] \$305 ;
+  wire [23:0] \$305 ;
   wire [24:0] \$306 ;
   wire [24:0] \$307 ;
-  wire [24:0] \$308 ;
+  wire [23:0] \$308 ;
   wire [24:0] \$309 ;
-  wire [23:0] \$31 ;
+  wire [24:0] \$31 ;
   wire [24:0] \$310 ;
-  wire [24:0] \$311 ;
+  wire [23:0] \$311 ;
   wire [24:0] \$312 ;
   wire [24:0] \$313 ;
-  wire [24:0] \$314 ;
+  wire [23:0] \$314 ;
   wire [24:0] \$315 ;
   wire [24:0] \$316 ;
-  wire [24:0] \$317 ;
+  wire [23:0] \$317 ;
   wire [24:0] \$318 ;
   wire [24:0] \$319 ;
   wire [23:0] \$32 ;
-  wire [24:0] \$320 ;
+  wire [23:0] \$320 ;
   wire [24:0] \$321 ;
   wire [24:0] \$322 ;
-  wire [24:0] \$323 ;
+  wire [23:0] \$323 ;
   wire [24:0] \$324 ;
   wire [24:0] \$325 ;
-  wire [24:0] \$326 ;
+  wire [23:0] \$326 ;
   wire [24:0] \$327 ;
   wire [24:0] \$328 ;
-  wire [24:0] \$329 ;
-  wire [23:0] \$33 ;
+  wire [23:0] \$329 ;
+  wire [24:0] \$33 ;
   wire [24:0] \$330 ;
   wire [24:0] \$331 ;
-  wire [24:0] \$332 ;
+  wire [23:0] \$332 ;
   wire [24:0] \$333 ;
   wire [24:0] \$334 ;
-  wire [24:0] \$335 ;
+  wire [23:0] \$335 ;
   wire [24:0] \$336 ;
   wire [24:0] \$337 ;
-  wire [24:0] \$338 ;
+  wire [23:0] \$338 ;
   wire [24:0] \$339 ;
-  wire [23:0] \$34 ;
+  wire [24:0] \$34 ;
   wire [24:0] \$340 ;
-  wire [24:0] \$341 ;
+  wire [23:0] \$341 ;
   wire [24:0] \$342 ;
   wire [24:0] \$343 ;
-  wire [24:0] \$344 ;
+  wire [23:0] \$344 ;
   wire [24:0] \$345 ;
   wire [24:0] \$346 ;
-  wire [24:0] \$347 ;
+  wire [23:0] \$347 ;
   wire [24:0] \$348 ;
   wire [24:0] \$349 ;
   wire [23:0] \$35 ;
-  wire [24:0] \$350 ;
+  wire [23:0] \$350 ;
   wire [24:0] \$351 ;
   wire [24:0] \$352 ;
-  wire [24:0] \$353 ;
+  wire [23:0] \$353 ;
   wire [24:0] \$354 ;
   wire [24:0] \$355 ;
-  wire [24:0] \$356 ;
+  wire [23:0] \$356 ;
   wire [24:0] \$357 ;
   wire [24:0] \$358 ;
-  wire [24:0] \$359 ;
-  wire [23:0] \$36 ;
+  wire [23:0] \$359 ;
+  wire [24:0] \$36 ;
   wire [24:0] \$360 ;
   wire [24:0] \$361 ;
-  wire [24:0] \$362 ;
+  wire [23:0] \$362 ;
   wire [24:0] \$363 ;
   wire [24:0] \$364 ;
-  wire [24:0] \$365 ;
+  wire [23:0] \$365 ;
   wire [24:0] \$366 ;
   wire [24:0] \$367 ;
-  wire [24:0] \$368 ;
+  wire [23:0] \$368 ;
   wire [24:0] \$369 ;
-  wire [23:0] \$37 ;
+  wire [24:0] \$37 ;
   wire [24:0] \$370 ;
-  wire [24:0] \$371 ;
+  wire [23:0] \$371 ;
   wire [24:0] \$372 ;
   wire [24:0] \$373 ;
-  wire [24:0] \$374 ;
+  wire [23:0] \$374 ;
   wire [24:0] \$375 ;
   wire [24:0] \$376 ;
-  wire [24:0] \$377 ;
+  wire [23:0] \$377 ;
   wire [24:0] \$378 ;
   wire [24:0] \$379 ;
   wire [23:0] \$38 ;
-  wire [24:0] \$380 ;
+  wire [23:0] \$380 ;
   wire [24:0] \$381 ;
   wire [24:0] \$382 ;
-  wire [24:0] \$383 ;
+  wire [23:0] \$383 ;
   wire [24:0] \$384 ;
   wire [24:0] \$385 ;
-  wire [24:0] \$386 ;
+  wire [23:0] \$386 ;
   wire [24:0] \$387 ;
   wire [24:0] \$388 ;
-  wire [24:0] \$389 ;
-  wire [23:0] \$39 ;
+  wire [23:0] \$389 ;
+  wire [24:0] \$39 ;
   wire [24:0] \$390 ;
   wire [24:0] \$391 ;
-  wire [24:0] \$392 ;
+  wire [23:0] \$392 ;
   wire [24:0] \$393 ;
   wire [24:0] \$394 ;
-  wire [24:0] \$395 ;
+  wire [23:0] \$395 ;
   wire [24:0] \$396 ;
   wire [24:0] \$397 ;
-  wire [24:0] \$398 ;
+  wire [23:0] \$398 ;
   wire [24:0] \$399 ;
-  wire [23:0] \$4 ;
-  wire [23:0] \$40 ;
+  wire [24:0] \$4 ;
+  wire [24:0] \$40 ;
   wire [24:0] \$400 ;
-  wire [24:0] \$401 ;
+  wire [23:0] \$401 ;
   wire [24:0] \$402 ;
   wire [24:0] \$403 ;
-  wire [24:0] \$404 ;
+  wire [23:0] \$404 ;
   wire [24:0] \$405 ;
   wire [24:0] \$406 ;
-  wire [24:0] \$407 ;
+  wire [23:0] \$407 ;
   wire [24:0] \$408 ;
   wire [24:0] \$409 ;
   wire [23:0] \$41 ;
-  wire [24:0] \$410 ;
+  wire [23:0] \$410 ;
   wire [24:0] \$411 ;
   wire [24:0] \$412 ;
-  wire [24:0] \$413 ;
+  wire [23:0] \$413 ;
   wire [24:0] \$414 ;
   wire [24:0] \$415 ;
-  wire [24:0] \$416 ;
+  wire [23:0] \$416 ;
   wire [24:0] \$417 ;
   wire [24:0] \$418 ;
-  wire [24:0] \$419 ;
-  wire [23:0] \$42 ;
+  wire [23:0] \$419 ;
+  wire [24:0] \$42 ;
   wire [24:0] \$420 ;
   wire [24:0] \$421 ;
-  wire [24:0] \$422 ;
+  wire [23:0] \$422 ;
   wire [24:0] \$423 ;
   wire [24:0] \$424 ;
-  wire [24:0] \$425 ;
+  wire [23:0] \$425 ;
   wire [24:0] \$426 ;
   wire [24:0] \$427 ;
-  wire [24:0] \$428 ;
+  wire [23:0] \$428 ;
   wire [24:0] \$429 ;
-  wire [23:0] \$43 ;
+  wire [24:0] \$43 ;
   wire [24:0] \$430 ;
-  wire [24:0] \$431 ;
+  wire [23:0] \$431 ;
   wire [24:0] \$432 ;
   wire [24:0] \$433 ;
-  wire [24:0] \$434 ;
+  wire [23:0] \$434 ;
   wire [24:0] \$435 ;
   wire [24:0] \$436 ;
-  wire [24:0] \$437 ;
+  wire [23:0] \$437 ;
   wire [24:0] \$438 ;
   wire [24:0] \$439 ;
   wire [23:0] \$44 ;
-  wire [24:0] \$440 ;
+  wire [23:0] \$440 ;
   wire [24:0] \$441 ;
   wire [24:0] \$442 ;
-  wire [24:0] \$443 ;
+  wire [23:0] \$443 ;
   wire [24:0] \$444 ;
   wire [24:0] \$445 ;
-  wire [24:0] \$446 ;
+  wire [23:0] \$446 ;
   wire [24:0] \$447 ;
   wire [24:0] \$448 ;
-  wire [24:0] \$449 ;
-  wire [23:0] \$45 ;
+  wire [23:0] \$449 ;
+  wire [24:0] \$45 ;
   wire [24:0] \$450 ;
   wire [24:0] \$451 ;
-  wire [24:0] \$452 ;
+  wire [23:0] \$452 ;
   wire [24:0] \$453 ;
   wire [24:0] \$454 ;
-  wire [24:0] \$455 ;
+  wire [23:0] \$455 ;
   wire [24:0] \$456 ;
   wire [24:0] \$457 ;
-  wire [24:0] \$458 ;
+  wire [23:0] \$458 ;
   wire [24:0] \$459 ;
-  wire [23:0] \$46 ;
+  wire [24:0] \$46 ;
   wire [24:0] \$460 ;
-  wire [24:0] \$461 ;
+  wire [23:0] \$461 ;
   wire [24:0] \$462 ;
   wire [24:0] \$463 ;
-  wire [24:0] \$464 ;
+  wire [23:0] \$464 ;
   wire [24:0] \$465 ;
   wire [24:0] \$466 ;
-  wire [24:0] \$467 ;
+  wire [23:0] \$467 ;
   wire [24:0] \$468 ;
   wire [24:0] \$469 ;
   wire [23:0] \$47 ;
-  wire [24:0] \$470 ;
+  wire [23:0] \$470 ;
   wire [24:0] \$471 ;
   wire [24:0] \$472 ;
-  wire [24:0] \$473 ;
+  wire [23:0] \$473 ;
   wire [24:0] \$474 ;
   wire [24:0] \$475 ;
-  wire [24:0] \$476 ;
+  wire [23:0] \$476 ;
   wire [24:0] \$477 ;
   wire [24:0] \$478 ;
-  wire [24:0] \$479 ;
-  wire [23:0] \$48 ;
+  wire [23:0] \$479 ;
+  wire [24:0] \$48 ;
   wire [24:0] \$480 ;
   wire [24:0] \$481 ;
-  wire [24:0] \$482 ;
+  wire [23:0] \$482 ;
   wire [24:0] \$483 ;
   wire [24:0] \$484 ;
-  wire [24:0] \$485 ;
+  wire [23:0] \$485 ;
   wire [24:0] \$486 ;
   wire [24:0] \$487 ;
-  wire [24:0] \$488 ;
+  wire [23:0] \$488 ;
   wire [24:0] \$489 ;
-  wire [23:0] \$49 ;
+  wire [24:0] \$49 ;
   wire [24:0] \$490 ;
-  wire [24:0] \$491 ;
+  wire [23:0] \$491 ;
   wire [24:0] \$492 ;
   wire [24:0] \$493 ;
-  wire [24:0] \$494 ;
+  wire [23:0] \$494 ;
   wire [24:0] \$495 ;
   wire [24:0] \$496 ;
-  wire [24:0] \$497 ;
+  wire [23:0] \$497 ;
   wire [24:0] \$498 ;
   wire [24:0] \$499 ;
   wire [23:0] \$5 ;
   wire [23:0] \$50 ;
-  wire [24:0] \$500 ;
+  wire [23:0] \$500 ;
   wire [24:0] \$501 ;
   wire [24:0] \$502 ;
-  wire [24:0] \$503 ;
+  wire [23:0] \$503 ;
   wire [24:0] \$504 ;
   wire [24:0] \$505 ;
-  wire [24:0] \$506 ;
+  wire [23:0] \$506 ;
   wire [24:0] \$507 ;
   wire [24:0] \$508 ;
-  wire [24:0] \$509 ;
-  wire [23:0] \$51 ;
+  wire [23:0] \$509 ;
+  wire [24:0] \$51 ;
   wire [24:0] \$510 ;
   wire [24:0] \$511 ;
-  wire [24:0] \$512 ;
+  wire [23:0] \$512 ;
   wire [24:0] \$513 ;
   wire [24:0] \$514 ;
-  wire [24:0] \$515 ;
+  wire [23:0] \$515 ;
   wire [24:0] \$516 ;
   wire [24:0] \$517 ;
-  wire [24:0] \$518 ;
+  wire [23:0] \$518 ;
   wire [24:0] \$519 ;
-  wire [23:0] \$52 ;
+  wire [24:0] \$52 ;
   wire [24:0] \$520 ;
-  wire [24:0] \$521 ;
+  wire [23:0] \$521 ;
   wire [24:0] \$522 ;
   wire [24:0] \$523 ;
-  wire [24:0] \$524 ;
+  wire [23:0] \$524 ;
   wire [24:0] \$525 ;
   wire [24:0] \$526 ;
-  wire [24:0] \$527 ;
+  wire [23:0] \$527 ;
   wire [24:0] \$528 ;
   wire [24:0] \$529 ;
   wire [23:0] \$53 ;
-  wire [24:0] \$530 ;
+  wire [23:0] \$530 ;
   wire [24:0] \$531 ;
   wire [24:0] \$532 ;
-  wire [24:0] \$533 ;
+  wire [23:0] \$533 ;
   wire [24:0] \$534 ;
   wire [24:0] \$535 ;
-  wire [24:0] \$536 ;
+  wire [23:0] \$536 ;
   wire [24:0] \$537 ;
   wire [24:0] \$538 ;
-  wire [24:0] \$539 ;
-  wire [23:0] \$54 ;
+  wire [23:0] \$539 ;
+  wire [24:0] \$54 ;
   wire [24:0] \$540 ;
   wire [24:0] \$541 ;
-  wire [24:0] \$542 ;
+  wire [23:0] \$542 ;
   wire [24:0] \$543 ;
   wire [24:0] \$544 ;
-  wire [24:0] \$545 ;
+  wire [23:0] \$545 ;
   wire [24:0] \$546 ;
   wire [24:0] \$547 ;
-  wire [24:0] \$548 ;
+  wire [23:0] \$548 ;
   wire [24:0] \$549 ;
-  wire [23:0] \$55 ;
+  wire [24:0] \$55 ;
   wire [24:0] \$550 ;
-  wire [24:0] \$551 ;
+  wire [23:0] \$551 ;
   wire [24:0] \$552 ;
   wire [24:0] \$553 ;
-  wire [24:0] \$554 ;
+  wire [23:0] \$554 ;
   wire [24:0] \$555 ;
   wire [24:0] \$556 ;
-  wire [24:0] \$557 ;
+  wire [23:0] \$557 ;
   wire [24:0] \$558 ;
   wire [24:0] \$559 ;
   wire [23:0] \$56 ;
-  wire [24:0] \$560 ;
+  wire [23:0] \$560 ;
   wire [24:0] \$561 ;
   wire [24:0] \$562 ;
-  wire [24:0] \$563 ;
+  wire [23:0] \$563 ;
   wire [24:0] \$564 ;
   wire [24:0] \$565 ;
-  wire [24:0] \$566 ;
+  wire [23:0] \$566 ;
   wire [24:0] \$567 ;
   wire [24:0] \$568 ;
-  wire [24:0] \$569 ;
-  wire [23:0] \$57 ;
+  wire [23:0] \$569 ;
+  wire [24:0] \$57 ;
   wire [24:0] \$570 ;
   wire [24:0] \$571 ;
-  wire [24:0] \$572 ;
+  wire [23:0] \$572 ;
   wire [24:0] \$573 ;
   wire [24:0] \$574 ;
-  wire [24:0] \$575 ;
+  wire [23:0] \$575 ;
   wire [24:0] \$576 ;
   wire [24:0] \$577 ;
-  wire [24:0] \$578 ;
+  wire [23:0] \$578 ;
   wire [24:0] \$579 ;
-  wire [23:0] \$58 ;
+  wire [24:0] \$58 ;
   wire [24:0] \$580 ;
-  wire [24:0] \$581 ;
+  wire [23:0] \$581 ;
   wire [24:0] \$582 ;
   wire [24:0] \$583 ;
-  wire [24:0] \$584 ;
+  wire [23:0] \$584 ;
   wire [24:0] \$585 ;
   wire [24:0] \$586 ;
-  wire [24:0] \$587 ;
+  wire [23:0] \$587 ;
   wire [24:0] \$588 ;
   wire [24:0] \$589 ;
   wire [23:0] \$59 ;
-  wire [24:0] \$590 ;
+  wire [23:0] \$590 ;
   wire [24:0] \$591 ;
   wire [24:0] \$592 ;
-  wire [24:0] \$593 ;
+  wire [23:0] \$593 ;
   wire [24:0] \$594 ;
   wire [24:0] \$595 ;
-  wire [24:0] \$596 ;
+  wire [23:0] \$596 ;
   wire [24:0] \$597 ;
   wire [24:0] \$598 ;
-  wire [24:0] \$599 ;
-  wire [23:0] \$6 ;
-  wire [23:0] \$60 ;
+  wire [23:0] \$599 ;
+  wire [24:0] \$6 ;
+  wire [24:0] \$60 ;
   wire [24:0] \$600 ;
   wire [24:0] \$601 ;
-  wire [24:0] \$602 ;
+  wire [23:0] \$602 ;
   wire [24:0] \$603 ;
   wire [24:0] \$604 ;
-  wire [24:0] \$605 ;
+  wire [23:0] \$605 ;
   wire [24:0] \$606 ;
   wire [24:0] \$607 ;
-  wire [24:0] \$608 ;
+  wire [23:0] \$608 ;
   wire [24:0] \$609 ;
-  wire [23:0] \$61 ;
+  wire [24:0] \$61 ;
   wire [24:0] \$610 ;
-  wire [24:0] \$611 ;
+  wire [23:0] \$611 ;
   wire [24:0] \$612 ;
   wire [24:0] \$613 ;
-  wire [24:0] \$614 ;
+  wire [23:0] \$614 ;
   wire [24:0] \$615 ;
   wire [24:0] \$616 ;
-  wire [24:0] \$617 ;
+  wire [23:0] \$617 ;
   wire [24:0] \$618 ;
   wire [24:0] \$619 ;
   wire [23:0] \$62 ;
-  wire [24:0] \$620 ;
+  wire [23:0] \$620 ;
   wire [24:0] \$621 ;
   wire [24:0] \$622 ;
-  wire [24:0] \$623 ;
+  wire [23:0] \$623 ;
   wire [24:0] \$624 ;
   wire [24:0] \$625 ;
-  wire [24:0] \$626 ;
+  wire [23:0] \$626 ;
   wire [24:0] \$627 ;
   wire [24:0] \$628 ;
-  wire [24:0] \$629 ;
-  wire [23:0] \$63 ;
+  wire [23:0] \$629 ;
+  wire [24:0] \$63 ;
   wire [24:0] \$630 ;
   wire [24:0] \$631 ;
-  wire [24:0] \$632 ;
+  wire [23:0] \$632 ;
   wire [24:0] \$633 ;
   wire [24:0] \$634 ;
-  wire [24:0] \$635 ;
+  wire [23:0] \$635 ;
   wire [24:0] \$636 ;
   wire [24:0] \$637 ;
-  wire [24:0] \$638 ;
+  wire [23:0] \$638 ;
   wire [24:0] \$639 ;
-  wire [23:0] \$64 ;
+  wire [24:0] \$64 ;
   wire [24:0] \$640 ;
-  wire [24:0] \$641 ;
+  wire [23:0] \$641 ;
   wire [24:0] \$642 ;
   wire [24:0] \$643 ;
-  wire [24:0] \$644 ;
+  wire [23:0] \$644 ;
   wire [24:0] \$645 ;
   wire [24:0] \$646 ;
-  wire [24:0] \$647 ;
+  wire [23:0] \$647 ;
   wire [24:0] \$648 ;
   wire [24:0] \$649 ;
   wire [23:0] \$65 ;
-  wire [24:0] \$650 ;
+  wire [23:0] \$650 ;
   wire [24:0] \$651 ;
   wire [24:0] \$652 ;
-  wire [24:0] \$653 ;
+  wire [23:0] \$653 ;
   wire [24:0] \$654 ;
   wire [24:0] \$655 ;
-  wire [24:0] \$656 ;
+  wire [23:0] \$656 ;
   wire [24:0] \$657 ;
   wire [24:0] \$658 ;
-  wire [24:0] \$659 ;
-  wire [23:0] \$66 ;
+  wire [23:0] \$659 ;
+  wire [24:0] \$66 ;
   wire [24:0] \$660 ;
   wire [24:0] \$661 ;
-  wire [24:0] \$662 ;
+  wire [23:0] \$662 ;
   wire [24:0] \$663 ;
   wire [24:0] \$664 ;
-  wire [24:0] \$665 ;
+  wire [23:0] \$665 ;
   wire [24:0] \$666 ;
   wire [24:0] \$667 ;
-  wire [24:0] \$668 ;
+  wire [23:0] \$668 ;
   wire [24:0] \$669 ;
-  wire [23:0] \$67 ;
+  wire [24:0] \$67 ;
   wire [24:0] \$670 ;
-  wire [24:0] \$671 ;
+  wire [23:0] \$671 ;
   wire [24:0] \$672 ;
   wire [24:0] \$673 ;
-  wire [24:0] \$674 ;
+  wire [23:0] \$674 ;
   wire [24:0] \$675 ;
   wire [24:0] \$676 ;
-  wire [24:0] \$677 ;
+  wire [23:0] \$677 ;
   wire [24:0] \$678 ;
   wire [24:0] \$679 ;
   wire [23:0] \$68 ;
-  wire [24:0] \$680 ;
+  wire [23:0] \$680 ;
   wire [24:0] \$681 ;
   wire [24:0] \$682 ;
-  wire [24:0] \$683 ;
+  wire [23:0] \$683 ;
   wire [24:0] \$684 ;
   wire [24:0] \$685 ;
-  wire [24:0] \$686 ;
+  wire [23:0] \$686 ;
   wire [24:0] \$687 ;
   wire [24:0] \$688 ;
-  wire [24:0] \$689 ;
-  wire [23:0] \$69 ;
+  wire [23:0] \$689 ;
+  wire [24:0] \$69 ;
   wire [24:0] \$690 ;
   wire [24:0] \$691 ;
-  wire [24:0] \$692 ;
+  wire [23:0] \$692 ;
   wire [24:0] \$693 ;
   wire [24:0] \$694 ;
-  wire [24:0] \$695 ;
+  wire [23:0] \$695 ;
   wire [24:0] \$696 ;
   wire [24:0] \$697 ;
-  wire [24:0] \$698 ;
+  wire [23:0] \$698 ;
   wire [24:0] \$699 ;
-  wire [23:0] \$7 ;
-  wire [23:0] \$70 ;
+  wire [24:0] \$7 ;
+  wire [24:0] \$70 ;
   wire [24:0] \$700 ;
-  wire [24:0] \$701 ;
+  wire [23:0] \$701 ;
   wire [24:0] \$702 ;
   wire [24:0] \$703 ;
-  wire [24:0] \$704 ;
+  wire [23:0] \$704 ;
   wire [24:0] \$705 ;
   wire [24:0] \$706 ;
-  wire [24:0] \$707 ;
+  wire [23:0] \$707 ;
   wire [24:0] \$708 ;
   wire [24:0] \$709 ;
   wire [23:0] \$71 ;
-  wire [24:0] \$710 ;
+  wire [23:0] \$710 ;
   wire [24:0] \$711 ;
   wire [24:0] \$712 ;
-  wire [24:0] \$713 ;
+  wire [23:0] \$713 ;
   wire [24:0] \$714 ;
   wire [24:0] \$715 ;
-  wire [24:0] \$716 ;
+  wire [23:0] \$716 ;
   wire [24:0] \$717 ;
   wire [24:0] \$718 ;
-  wire [24:0] \$719 ;
-  wire [23:0] \$72 ;
+  wire [23:0] \$719 ;
+  wire [24:0] \$72 ;
   wire [24:0] \$720 ;
   wire [24:0] \$721 ;
-  wire [24:0] \$722 ;
+  wire [23:0] \$722 ;
   wire [24:0] \$723 ;
   wire [24:0] \$724 ;
-  wire [24:0] \$725 ;
+  wire [23:0] \$725 ;
   wire [24:0] \$726 ;
   wire [24:0] \$727 ;
-  wire [24:0] \$728 ;
+  wire [23:0] \$728 ;
   wire [24:0] \$729 ;
-  wire [23:0] \$73 ;
+  wire [24:0] \$73 ;
   wire [24:0] \$730 ;
-  wire [24:0] \$731 ;
+  wire [23:0] \$731 ;
   wire [24:0] \$732 ;
   wire [24:0] \$733 ;
-  wire [24:0] \$734 ;
+  wire [23:0] \$734 ;
   wire [24:0] \$735 ;
   wire [24:0] \$736 ;
-  wire [24:0] \$737 ;
+  wire [23:0] \$737 ;
   wire [24:0] \$738 ;
   wire [24:0] \$739 ;
   wire [23:0] \$74 ;
-  wire [24:0] \$740 ;
+  wire [23:0] \$740 ;
   wire [24:0] \$741 ;
   wire [24:0] \$742 ;
-  wire [24:0] \$743 ;
+  wire [23:0] \$743 ;
   wire [24:0] \$744 ;
   wire [24:0] \$745 ;
-  wire [24:0] \$746 ;
+  wire [23:0] \$746 ;
   wire [24:0] \$747 ;
   wire [24:0] \$748 ;
-  wire [24:0] \$749 ;
-  wire [23:0] \$75 ;
+  wire [23:0] \$749 ;
+  wire [24:0] \$75 ;
   wire [24:0] \$750 ;
   wire [24:0] \$751 ;
-  wire [24:0] \$752 ;
+  wire [23:0] \$752 ;
   wire [24:0] \$753 ;
   wire [24:0] \$754 ;
-  wire [24:0] \$755 ;
+  wire [23:0] \$755 ;
   wire [24:0] \$756 ;
   wire [24:0] \$757 ;
-  wire [24:0] \$758 ;
+  wire [23:0] \$758 ;
   wire [24:0] \$759 ;
-  wire [23:0] \$76 ;
+  wire [24:0] \$76 ;
   wire [24:0] \$760 ;
-  wire [24:0] \$761 ;
+  wire [23:0] \$761 ;
   wire [24:0] \$762 ;
   wire [24:0] \$763 ;
-  wire [24:0] \$764 ;
+  wire [23:0] \$764 ;
   wire [24:0] \$765 ;
   wire [24:0] \$766 ;
-  wire [24:0] \$767 ;
+  wire [23:0] \$767 ;
   wire [24:0] \$768 ;
   wire [24:0] \$769 ;
   wire [23:0] \$77 ;
-  wire [24:0] \$770 ;
-  wire [24:0] \$771 ;
-  wire [24:0] \$772 ;
-  wire [24:0] \$773 ;
-  wire [24:0] \$774 ;
+  wire [23:0] \$770 ;
+  wire \$771 ;
+  wire \$772 ;
+  wire [4:0] \$773 ;
+  wire \$774 ;
   wire \$775 ;
   reg \$776 ;
   reg \$777 ;
   reg \$778 ;
   reg \$779 ;
-  wire [23:0] \$78 ;
+  wire [24:0] \$78 ;
   reg \$780 ;
   reg \$781 ;
   reg \$782 ;
@@ -20576,630 +20030,35 @@ module \encoder_layer_0_attention_self_value.pe (rst, i__payload, i__valid, bank
   reg \$787 ;
   reg \$788 ;
   reg \$789 ;
-  wire [23:0] \$79 ;
-  reg \$790 ;
+  wire [24:0] \$79 ;
+  reg [3:0] \$790 ;
   reg \$791 ;
-  reg \$792 ;
-  reg \$793 ;
-  reg \$794 ;
-  reg \$795 ;
-  reg \$796 ;
-  reg \$797 ;
-  reg \$798 ;
-  reg \$799 ;
   wire [23:0] \$8 ;
   wire [23:0] \$80 ;
-  reg \$800 ;
-  reg \$801 ;
-  reg \$802 ;
-  reg \$803 ;
-  reg \$804 ;
-  reg \$805 ;
-  reg \$806 ;
-  reg \$807 ;
-  reg \$808 ;
-  reg \$809 ;
-  wire [23:0] \$81 ;
-  reg \$810 ;
-  reg \$811 ;
-  reg \$812 ;
-  reg \$813 ;
-  reg \$814 ;
-  reg \$815 ;
-  reg \$816 ;
-  reg \$817 ;
-  reg \$818 ;
-  reg \$819 ;
-  wire [23:0] \$82 ;
-  reg \$820 ;
-  reg \$821 ;
-  reg \$822 ;
-  reg \$823 ;
-  reg \$824 ;
-  reg \$825 ;
-  reg \$826 ;
-  reg \$827 ;
-  reg \$828 ;
-  reg \$829 ;
+  wire [24:0] \$81 ;
+  wire [24:0] \$82 ;
   wire [23:0] \$83 ;
-  reg \$830 ;
-  reg \$831 ;
-  reg \$832 ;
-  reg \$833 ;
-  reg \$834 ;
-  reg \$835 ;
-  reg \$836 ;
-  reg \$837 ;
-  reg \$838 ;
-  reg \$839 ;
-  wire [23:0] \$84 ;
-  reg \$840 ;
-  reg \$841 ;
-  reg \$842 ;
-  reg \$843 ;
-  reg \$844 ;
-  reg \$845 ;
-  reg \$846 ;
-  reg \$847 ;
-  reg \$848 ;
-  reg \$849 ;
-  wire [23:0] \$85 ;
-  reg \$850 ;
-  reg \$851 ;
-  reg \$852 ;
-  reg \$853 ;
-  reg \$854 ;
-  reg \$855 ;
-  reg \$856 ;
-  reg \$857 ;
-  reg \$858 ;
-  reg \$859 ;
+  wire [24:0] \$84 ;
+  wire [24:0] \$85 ;
   wire [23:0] \$86 ;
-  reg \$860 ;
-  reg \$861 ;
-  reg \$862 ;
-  reg \$863 ;
-  reg \$864 ;
-  reg \$865 ;
-  reg \$866 ;
-  reg \$867 ;
-  reg \$868 ;
-  reg \$869 ;
-  wire [23:0] \$87 ;
-  reg \$870 ;
-  reg \$871 ;
-  reg \$872 ;
-  reg \$873 ;
-  reg \$874 ;
-  reg \$875 ;
-  reg \$876 ;
-  reg \$877 ;
-  reg \$878 ;
-  reg \$879 ;
-  wire [23:0] \$88 ;
-  reg \$880 ;
-  reg \$881 ;
-  reg \$882 ;
-  reg \$883 ;
-  reg \$884 ;
-  reg \$885 ;
-  reg \$886 ;
-  reg \$887 ;
-  reg \$888 ;
-  reg \$889 ;
+  wire [24:0] \$87 ;
+  wire [24:0] \$88 ;
   wire [23:0] \$89 ;
-  reg \$890 ;
-  reg \$891 ;
-  reg \$892 ;
-  reg \$893 ;
-  reg \$894 ;
-  reg \$895 ;
-  reg \$896 ;
-  reg \$897 ;
-  reg \$898 ;
-  reg \$899 ;
-  wire [23:0] \$9 ;
-  wire [23:0] \$90 ;
-  reg \$900 ;
-  reg \$901 ;
-  reg \$902 ;
-  reg \$903 ;
-  reg \$904 ;
-  reg \$905 ;
-  reg \$906 ;
-  reg \$907 ;
-  reg \$908 ;
-  reg \$909 ;
-  wire [23:0] \$91 ;
-  reg \$910 ;
-  reg \$911 ;
-  reg \$912 ;
-  reg \$913 ;
-  reg \$914 ;
-  reg \$915 ;
-  reg \$916 ;
-  reg \$917 ;
-  reg \$918 ;
-  reg \$919 ;
+  wire [24:0] \$9 ;
+  wire [24:0] \$90 ;
+  wire [24:0] \$91 ;
   wire [23:0] \$92 ;
-  reg \$920 ;
-  reg \$921 ;
-  reg \$922 ;
-  reg \$923 ;
-  reg \$924 ;
-  reg \$925 ;
-  reg \$926 ;
-  reg \$927 ;
-  reg \$928 ;
-  reg \$929 ;
-  wire [23:0] \$93 ;
-  reg \$930 ;
-  reg \$931 ;
-  reg \$932 ;
-  reg \$933 ;
-  reg \$934 ;
-  reg \$935 ;
-  reg \$936 ;
-  reg \$937 ;
-  reg \$938 ;
-  reg \$939 ;
-  wire [23:0] \$94 ;
-  reg \$940 ;
-  reg \$941 ;
-  reg \$942 ;
-  reg \$943 ;
-  reg \$944 ;
-  reg \$945 ;
-  reg \$946 ;
-  reg \$947 ;
-  reg \$948 ;
-  reg \$949 ;
+  wire [24:0] \$93 ;
+  wire [24:0] \$94 ;
   wire [23:0] \$95 ;
-  reg \$950 ;
-  reg \$951 ;
-  reg \$952 ;
-  reg \$953 ;
-  reg \$954 ;
-  reg \$955 ;
-  reg \$956 ;
-  reg \$957 ;
-  reg \$958 ;
-  reg \$959 ;
-  wire [23:0] \$96 ;
-  reg \$960 ;
-  reg \$961 ;
-  reg \$962 ;
-  reg \$963 ;
-  reg \$964 ;
-  reg \$965 ;
-  reg \$966 ;
-  reg \$967 ;
-  reg \$968 ;
-  reg \$969 ;
-  wire [23:0] \$97 ;
-  reg \$970 ;
-  reg \$971 ;
-  reg \$972 ;
-  reg \$973 ;
-  reg \$974 ;
-  reg \$975 ;
-  reg \$976 ;
-  reg \$977 ;
-  reg \$978 ;
-  reg \$979 ;
+  wire [24:0] \$96 ;
+  wire [24:0] \$97 ;
   wire [23:0] \$98 ;
-  reg \$980 ;
-  reg \$981 ;
-  reg \$982 ;
-  reg \$983 ;
-  reg \$984 ;
-  reg \$985 ;
-  reg \$986 ;
-  reg \$987 ;
-  reg \$988 ;
-  reg \$989 ;
-  wire [23:0] \$99 ;
-  reg \$990 ;
-  reg \$991 ;
-  reg \$992 ;
-  reg \$993 ;
-  reg \$994 ;
-  reg \$995 ;
-  reg \$996 ;
-  reg \$997 ;
-  reg \$998 ;
-  reg \$999 ;
+  wire [24:0] \$99 ;
   reg \$signal  = 1'h0;
   (* init = 8'h00 *)
   (* keep = 32'd1 *)
   wire [7:0] a;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1556 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1558 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1560 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1562 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1564 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1566 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1568 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1570 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1572 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1574 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1576 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1578 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1580 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1582 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1584 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1586 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1588 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1590 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1592 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1594 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1596 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1598 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1600 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1602 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1604 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1606 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1608 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1610 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1612 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1614 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1616 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1618 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1620 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1622 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1624 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1626 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1628 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1630 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1632 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1634 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1636 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1638 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1640 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1642 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1644 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1646 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1648 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1650 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1652 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1654 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1656 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1658 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1660 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1662 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1664 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1666 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1668 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1670 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1672 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1674 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1676 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1678 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1680 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1682 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1684 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1686 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1688 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1690 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1692 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1694 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1696 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1698 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1700 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1702 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1704 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1706 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1708 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1710 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1712 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1714 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1716 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1718 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1720 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1722 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1724 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1726 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1728 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1730 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1732 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1734 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1736 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1738 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1740 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1742 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1744 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1746 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1748 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1750 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1752 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1754 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1756 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1758 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1760 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1762 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1764 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1766 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1768 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1770 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1772 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1774 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1776 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1778 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1780 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1782 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1784 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1786 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1788 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1790 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1792 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1794 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1796 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1798 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1800 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1802 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1804 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1806 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1808 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1810 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1812 ;
   (* init = 8'h00 *)
   (* keep = 32'd1 *)
   wire [7:0] \a$1814 ;
@@ -21578,6 +20437,393 @@ module \encoder_layer_0_attention_self_value.pe (rst, i__payload, i__valid, bank
   (* init = 8'h00 *)
   (* keep = 32'd1 *)
   wire [7:0] \a$2064 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2066 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2068 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2070 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2072 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2074 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2076 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2078 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2080 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2082 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2084 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2086 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2088 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2090 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2092 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2094 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2096 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2098 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2100 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2102 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2104 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2106 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2108 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2110 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2112 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2114 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2116 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2118 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2120 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2122 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2124 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2126 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2128 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2130 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2132 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2134 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2136 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2138 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2140 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2142 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2144 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2146 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2148 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2150 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2152 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2154 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2156 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2158 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2160 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2162 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2164 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2166 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2168 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2170 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2172 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2174 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2176 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2178 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2180 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2182 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2184 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2186 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2188 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2190 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2192 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2194 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2196 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2198 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2200 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2202 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2204 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2206 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2208 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2210 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2212 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2214 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2216 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2218 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2220 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2222 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2224 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2226 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2228 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2230 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2232 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2234 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2236 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2238 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2240 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2242 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2244 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2246 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2248 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2250 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2252 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2254 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2256 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2258 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2260 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2262 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2264 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2266 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2268 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2270 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2272 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2274 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2276 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2278 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2280 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2282 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2284 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2286 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2288 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2290 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2292 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2294 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2296 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2298 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2300 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2302 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2304 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2306 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2308 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2310 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2312 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2314 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2316 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2318 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2320 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2322 ;
   reg [7:0] a0_0 = 8'h00;
   reg [7:0] a0_1 = 8'h00;
   reg [7:0] a0_10 = 8'h00;
@@ -22047,393 +21293,6 @@ module \encoder_layer_0_attention_self_value.pe (rst, i__payload, i__valid, bank
   wire [7:0] b;
   (* init = 8'h00 *)
   (* keep = 32'd1 *)
-  wire [7:0] \b$1557 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1559 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1561 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1563 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1565 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1567 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1569 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1571 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1573 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1575 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1577 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1579 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1581 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1583 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1585 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1587 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1589 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1591 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1593 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1595 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1597 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1599 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1601 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1603 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1605 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1607 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1609 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1611 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1613 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1615 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1617 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1619 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1621 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1623 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1625 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1627 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1629 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1631 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1633 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1635 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1637 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1639 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1641 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1643 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1645 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1647 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1649 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1651 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1653 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1655 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1657 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1659 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1661 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1663 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1665 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1667 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1669 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1671 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1673 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1675 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1677 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1679 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1681 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1683 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1685 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1687 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1689 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1691 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1693 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1695 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1697 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1699 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1701 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1703 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1705 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1707 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1709 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1711 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1713 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1715 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1717 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1719 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1721 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1723 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1725 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1727 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1729 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1731 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1733 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1735 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1737 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1739 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1741 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1743 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1745 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1747 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1749 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1751 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1753 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1755 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1757 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1759 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1761 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1763 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1765 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1767 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1769 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1771 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1773 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1775 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1777 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1779 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1781 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1783 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1785 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1787 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1789 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1791 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1793 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1795 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1797 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1799 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1801 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1803 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1805 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1807 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1809 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1811 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1813 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
   wire [7:0] \b$1815 ;
   (* init = 8'h00 *)
   (* keep = 32'd1 *)
@@ -22810,6 +21669,393 @@ module \encoder_layer_0_attention_self_value.pe (rst, i__payload, i__valid, bank
   (* init = 8'h00 *)
   (* keep = 32'd1 *)
   wire [7:0] \b$2065 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2067 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2069 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2071 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2073 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2075 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2077 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2079 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2081 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2083 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2085 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2087 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2089 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2091 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2093 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2095 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2097 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2099 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2101 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2103 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2105 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2107 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2109 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2111 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2113 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2115 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2117 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2119 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2121 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2123 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2125 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2127 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2129 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2131 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2133 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2135 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2137 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2139 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2141 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2143 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2145 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2147 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2149 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2151 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2153 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2155 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2157 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2159 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2161 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2163 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2165 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2167 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2169 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2171 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2173 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2175 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2177 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2179 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2181 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2183 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2185 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2187 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2189 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2191 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2193 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2195 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2197 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2199 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2201 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2203 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2205 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2207 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2209 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2211 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2213 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2215 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2217 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2219 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2221 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2223 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2225 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2227 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2229 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2231 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2233 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2235 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2237 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2239 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2241 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2243 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2245 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2247 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2249 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2251 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2253 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2255 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2257 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2259 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2261 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2263 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2265 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2267 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2269 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2271 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2273 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2275 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2277 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2279 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2281 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2283 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2285 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2287 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2289 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2291 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2293 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2295 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2297 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2299 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2301 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2303 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2305 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2307 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2309 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2311 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2313 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2315 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2317 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2319 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2321 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2323 ;
   reg [7:0] b0_0 = 8'h00;
   reg [7:0] b0_1 = 8'h00;
   reg [7:0] b0_10 = 8'h00;
@@ -23278,7 +22524,521 @@ module \encoder_layer_0_attention_self_value.pe (rst, i__payload, i__valid, bank
   reg bank_busy = 1'h0;
   input clk;
   wire clk;
-  reg commit = 1'h0;
+  reg commit_d0 = 1'h0;
+  reg commit_d1 = 1'h0;
+  reg commit_d2 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe0_0 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe0_1 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe0_10 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe0_11 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe0_12 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe0_13 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe0_14 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe0_15 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe0_2 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe0_3 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe0_4 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe0_5 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe0_6 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe0_7 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe0_8 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe0_9 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe10_0 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe10_1 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe10_10 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe10_11 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe10_12 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe10_13 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe10_14 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe10_15 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe10_2 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe10_3 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe10_4 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe10_5 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe10_6 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe10_7 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe10_8 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe10_9 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe11_0 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe11_1 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe11_10 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe11_11 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe11_12 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe11_13 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe11_14 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe11_15 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe11_2 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe11_3 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe11_4 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe11_5 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe11_6 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe11_7 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe11_8 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe11_9 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe12_0 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe12_1 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe12_10 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe12_11 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe12_12 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe12_13 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe12_14 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe12_15 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe12_2 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe12_3 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe12_4 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe12_5 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe12_6 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe12_7 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe12_8 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe12_9 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe13_0 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe13_1 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe13_10 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe13_11 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe13_12 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe13_13 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe13_14 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe13_15 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe13_2 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe13_3 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe13_4 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe13_5 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe13_6 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe13_7 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe13_8 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe13_9 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe14_0 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe14_1 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe14_10 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe14_11 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe14_12 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe14_13 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe14_14 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe14_15 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe14_2 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe14_3 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe14_4 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe14_5 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe14_6 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe14_7 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe14_8 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe14_9 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe15_0 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe15_1 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe15_10 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe15_11 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe15_12 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe15_13 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe15_14 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe15_15 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe15_2 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe15_3 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe15_4 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe15_5 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe15_6 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe15_7 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe15_8 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe15_9 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe1_0 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe1_1 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe1_10 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe1_11 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe1_12 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe1_13 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe1_14 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe1_15 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe1_2 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe1_3 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe1_4 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe1_5 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe1_6 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe1_7 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe1_8 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe1_9 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe2_0 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe2_1 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe2_10 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe2_11 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe2_12 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe2_13 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe2_14 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe2_15 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe2_2 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe2_3 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe2_4 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe2_5 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe2_6 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe2_7 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe2_8 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe2_9 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe3_0 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe3_1 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe3_10 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe3_11 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe3_12 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe3_13 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe3_14 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe3_15 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe3_2 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe3_3 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe3_4 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe3_5 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe3_6 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe3_7 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe3_8 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe3_9 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe4_0 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe4_1 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe4_10 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe4_11 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe4_12 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe4_13 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe4_14 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe4_15 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe4_2 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe4_3 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe4_4 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe4_5 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe4_6 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe4_7 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe4_8 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe4_9 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe5_0 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe5_1 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe5_10 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe5_11 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe5_12 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe5_13 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe5_14 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe5_15 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe5_2 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe5_3 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe5_4 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe5_5 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe5_6 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe5_7 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe5_8 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe5_9 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe6_0 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe6_1 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe6_10 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe6_11 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe6_12 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe6_13 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe6_14 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe6_15 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe6_2 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe6_3 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe6_4 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe6_5 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe6_6 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe6_7 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe6_8 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe6_9 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe7_0 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe7_1 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe7_10 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe7_11 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe7_12 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe7_13 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe7_14 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe7_15 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe7_2 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe7_3 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe7_4 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe7_5 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe7_6 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe7_7 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe7_8 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe7_9 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe8_0 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe8_1 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe8_10 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe8_11 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe8_12 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe8_13 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe8_14 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe8_15 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe8_2 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe8_3 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe8_4 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe8_5 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe8_6 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe8_7 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe8_8 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe8_9 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe9_0 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe9_1 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe9_10 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe9_11 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe9_12 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe9_13 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe9_14 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe9_15 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe9_2 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe9_3 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe9_4 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe9_5 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe9_6 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe9_7 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe9_8 = 1'h0;
+  (* keep = 32'd1 *)
+  reg done_pe9_9 = 1'h0;
   reg first_d0 = 1'h0;
   reg first_d1 = 1'h0;
   reg first_d2 = 1'h0;
@@ -24416,262 +24176,6 @@ module \encoder_layer_0_attention_self_value.pe (rst, i__payload, i__valid, bank
   reg last_r8 = 1'h0;
   (* keep = 32'd1 *)
   reg last_r9 = 1'h0;
-  wire [23:0] nxt_0_0;
-  wire [23:0] nxt_0_1;
-  wire [23:0] nxt_0_10;
-  wire [23:0] nxt_0_11;
-  wire [23:0] nxt_0_12;
-  wire [23:0] nxt_0_13;
-  wire [23:0] nxt_0_14;
-  wire [23:0] nxt_0_15;
-  wire [23:0] nxt_0_2;
-  wire [23:0] nxt_0_3;
-  wire [23:0] nxt_0_4;
-  wire [23:0] nxt_0_5;
-  wire [23:0] nxt_0_6;
-  wire [23:0] nxt_0_7;
-  wire [23:0] nxt_0_8;
-  wire [23:0] nxt_0_9;
-  wire [23:0] nxt_10_0;
-  wire [23:0] nxt_10_1;
-  wire [23:0] nxt_10_10;
-  wire [23:0] nxt_10_11;
-  wire [23:0] nxt_10_12;
-  wire [23:0] nxt_10_13;
-  wire [23:0] nxt_10_14;
-  wire [23:0] nxt_10_15;
-  wire [23:0] nxt_10_2;
-  wire [23:0] nxt_10_3;
-  wire [23:0] nxt_10_4;
-  wire [23:0] nxt_10_5;
-  wire [23:0] nxt_10_6;
-  wire [23:0] nxt_10_7;
-  wire [23:0] nxt_10_8;
-  wire [23:0] nxt_10_9;
-  wire [23:0] nxt_11_0;
-  wire [23:0] nxt_11_1;
-  wire [23:0] nxt_11_10;
-  wire [23:0] nxt_11_11;
-  wire [23:0] nxt_11_12;
-  wire [23:0] nxt_11_13;
-  wire [23:0] nxt_11_14;
-  wire [23:0] nxt_11_15;
-  wire [23:0] nxt_11_2;
-  wire [23:0] nxt_11_3;
-  wire [23:0] nxt_11_4;
-  wire [23:0] nxt_11_5;
-  wire [23:0] nxt_11_6;
-  wire [23:0] nxt_11_7;
-  wire [23:0] nxt_11_8;
-  wire [23:0] nxt_11_9;
-  wire [23:0] nxt_12_0;
-  wire [23:0] nxt_12_1;
-  wire [23:0] nxt_12_10;
-  wire [23:0] nxt_12_11;
-  wire [23:0] nxt_12_12;
-  wire [23:0] nxt_12_13;
-  wire [23:0] nxt_12_14;
-  wire [23:0] nxt_12_15;
-  wire [23:0] nxt_12_2;
-  wire [23:0] nxt_12_3;
-  wire [23:0] nxt_12_4;
-  wire [23:0] nxt_12_5;
-  wire [23:0] nxt_12_6;
-  wire [23:0] nxt_12_7;
-  wire [23:0] nxt_12_8;
-  wire [23:0] nxt_12_9;
-  wire [23:0] nxt_13_0;
-  wire [23:0] nxt_13_1;
-  wire [23:0] nxt_13_10;
-  wire [23:0] nxt_13_11;
-  wire [23:0] nxt_13_12;
-  wire [23:0] nxt_13_13;
-  wire [23:0] nxt_13_14;
-  wire [23:0] nxt_13_15;
-  wire [23:0] nxt_13_2;
-  wire [23:0] nxt_13_3;
-  wire [23:0] nxt_13_4;
-  wire [23:0] nxt_13_5;
-  wire [23:0] nxt_13_6;
-  wire [23:0] nxt_13_7;
-  wire [23:0] nxt_13_8;
-  wire [23:0] nxt_13_9;
-  wire [23:0] nxt_14_0;
-  wire [23:0] nxt_14_1;
-  wire [23:0] nxt_14_10;
-  wire [23:0] nxt_14_11;
-  wire [23:0] nxt_14_12;
-  wire [23:0] nxt_14_13;
-  wire [23:0] nxt_14_14;
-  wire [23:0] nxt_14_15;
-  wire [23:0] nxt_14_2;
-  wire [23:0] nxt_14_3;
-  wire [23:0] nxt_14_4;
-  wire [23:0] nxt_14_5;
-  wire [23:0] nxt_14_6;
-  wire [23:0] nxt_14_7;
-  wire [23:0] nxt_14_8;
-  wire [23:0] nxt_14_9;
-  wire [23:0] nxt_15_0;
-  wire [23:0] nxt_15_1;
-  wire [23:0] nxt_15_10;
-  wire [23:0] nxt_15_11;
-  wire [23:0] nxt_15_12;
-  wire [23:0] nxt_15_13;
-  wire [23:0] nxt_15_14;
-  wire [23:0] nxt_15_15;
-  wire [23:0] nxt_15_2;
-  wire [23:0] nxt_15_3;
-  wire [23:0] nxt_15_4;
-  wire [23:0] nxt_15_5;
-  wire [23:0] nxt_15_6;
-  wire [23:0] nxt_15_7;
-  wire [23:0] nxt_15_8;
-  wire [23:0] nxt_15_9;
-  wire [23:0] nxt_1_0;
-  wire [23:0] nxt_1_1;
-  wire [23:0] nxt_1_10;
-  wire [23:0] nxt_1_11;
-  wire [23:0] nxt_1_12;
-  wire [23:0] nxt_1_13;
-  wire [23:0] nxt_1_14;
-  wire [23:0] nxt_1_15;
-  wire [23:0] nxt_1_2;
-  wire [23:0] nxt_1_3;
-  wire [23:0] nxt_1_4;
-  wire [23:0] nxt_1_5;
-  wire [23:0] nxt_1_6;
-  wire [23:0] nxt_1_7;
-  wire [23:0] nxt_1_8;
-  wire [23:0] nxt_1_9;
-  wire [23:0] nxt_2_0;
-  wire [23:0] nxt_2_1;
-  wire [23:0] nxt_2_10;
-  wire [23:0] nxt_2_11;
-  wire [23:0] nxt_2_12;
-  wire [23:0] nxt_2_13;
-  wire [23:0] nxt_2_14;
-  wire [23:0] nxt_2_15;
-  wire [23:0] nxt_2_2;
-  wire [23:0] nxt_2_3;
-  wire [23:0] nxt_2_4;
-  wire [23:0] nxt_2_5;
-  wire [23:0] nxt_2_6;
-  wire [23:0] nxt_2_7;
-  wire [23:0] nxt_2_8;
-  wire [23:0] nxt_2_9;
-  wire [23:0] nxt_3_0;
-  wire [23:0] nxt_3_1;
-  wire [23:0] nxt_3_10;
-  wire [23:0] nxt_3_11;
-  wire [23:0] nxt_3_12;
-  wire [23:0] nxt_3_13;
-  wire [23:0] nxt_3_14;
-  wire [23:0] nxt_3_15;
-  wire [23:0] nxt_3_2;
-  wire [23:0] nxt_3_3;
-  wire [23:0] nxt_3_4;
-  wire [23:0] nxt_3_5;
-  wire [23:0] nxt_3_6;
-  wire [23:0] nxt_3_7;
-  wire [23:0] nxt_3_8;
-  wire [23:0] nxt_3_9;
-  wire [23:0] nxt_4_0;
-  wire [23:0] nxt_4_1;
-  wire [23:0] nxt_4_10;
-  wire [23:0] nxt_4_11;
-  wire [23:0] nxt_4_12;
-  wire [23:0] nxt_4_13;
-  wire [23:0] nxt_4_14;
-  wire [23:0] nxt_4_15;
-  wire [23:0] nxt_4_2;
-  wire [23:0] nxt_4_3;
-  wire [23:0] nxt_4_4;
-  wire [23:0] nxt_4_5;
-  wire [23:0] nxt_4_6;
-  wire [23:0] nxt_4_7;
-  wire [23:0] nxt_4_8;
-  wire [23:0] nxt_4_9;
-  wire [23:0] nxt_5_0;
-  wire [23:0] nxt_5_1;
-  wire [23:0] nxt_5_10;
-  wire [23:0] nxt_5_11;
-  wire [23:0] nxt_5_12;
-  wire [23:0] nxt_5_13;
-  wire [23:0] nxt_5_14;
-  wire [23:0] nxt_5_15;
-  wire [23:0] nxt_5_2;
-  wire [23:0] nxt_5_3;
-  wire [23:0] nxt_5_4;
-  wire [23:0] nxt_5_5;
-  wire [23:0] nxt_5_6;
-  wire [23:0] nxt_5_7;
-  wire [23:0] nxt_5_8;
-  wire [23:0] nxt_5_9;
-  wire [23:0] nxt_6_0;
-  wire [23:0] nxt_6_1;
-  wire [23:0] nxt_6_10;
-  wire [23:0] nxt_6_11;
-  wire [23:0] nxt_6_12;
-  wire [23:0] nxt_6_13;
-  wire [23:0] nxt_6_14;
-  wire [23:0] nxt_6_15;
-  wire [23:0] nxt_6_2;
-  wire [23:0] nxt_6_3;
-  wire [23:0] nxt_6_4;
-  wire [23:0] nxt_6_5;
-  wire [23:0] nxt_6_6;
-  wire [23:0] nxt_6_7;
-  wire [23:0] nxt_6_8;
-  wire [23:0] nxt_6_9;
-  wire [23:0] nxt_7_0;
-  wire [23:0] nxt_7_1;
-  wire [23:0] nxt_7_10;
-  wire [23:0] nxt_7_11;
-  wire [23:0] nxt_7_12;
-  wire [23:0] nxt_7_13;
-  wire [23:0] nxt_7_14;
-  wire [23:0] nxt_7_15;
-  wire [23:0] nxt_7_2;
-  wire [23:0] nxt_7_3;
-  wire [23:0] nxt_7_4;
-  wire [23:0] nxt_7_5;
-  wire [23:0] nxt_7_6;
-  wire [23:0] nxt_7_7;
-  wire [23:0] nxt_7_8;
-  wire [23:0] nxt_7_9;
-  wire [23:0] nxt_8_0;
-  wire [23:0] nxt_8_1;
-  wire [23:0] nxt_8_10;
-  wire [23:0] nxt_8_11;
-  wire [23:0] nxt_8_12;
-  wire [23:0] nxt_8_13;
-  wire [23:0] nxt_8_14;
-  wire [23:0] nxt_8_15;
-  wire [23:0] nxt_8_2;
-  wire [23:0] nxt_8_3;
-  wire [23:0] nxt_8_4;
-  wire [23:0] nxt_8_5;
-  wire [23:0] nxt_8_6;
-  wire [23:0] nxt_8_7;
-  wire [23:0] nxt_8_8;
-  wire [23:0] nxt_8_9;
-  wire [23:0] nxt_9_0;
-  wire [23:0] nxt_9_1;
-  wire [23:0] nxt_9_10;
-  wire [23:0] nxt_9_11;
-  wire [23:0] nxt_9_12;
-  wire [23:0] nxt_9_13;
-  wire [23:0] nxt_9_14;
-  wire [23:0] nxt_9_15;
-  wire [23:0] nxt_9_2;
-  wire [23:0] nxt_9_3;
-  wire [23:0] nxt_9_4;
-  wire [23:0] nxt_9_5;
-  wire [23:0] nxt_9_6;
-  wire [23:0] nxt_9_7;
-  wire [23:0] nxt_9_8;
-  wire [23:0] nxt_9_9;
   output [388:0] o__payload;
   wire [388:0] o__payload;
   wire [383:0] \o__payload.data ;
@@ -24697,1038 +24201,830 @@ module \encoder_layer_0_attention_self_value.pe (rst, i__payload, i__valid, bank
   wire o__valid;
   reg overrun = 1'h0;
   wire [15:0] p;
-  wire [15:0] \p$2067 ;
-  wire [15:0] \p$2068 ;
-  wire [15:0] \p$2069 ;
-  wire [15:0] \p$2070 ;
-  wire [15:0] \p$2071 ;
-  wire [15:0] \p$2072 ;
-  wire [15:0] \p$2073 ;
-  wire [15:0] \p$2074 ;
-  wire [15:0] \p$2075 ;
-  wire [15:0] \p$2076 ;
-  wire [15:0] \p$2077 ;
-  wire [15:0] \p$2078 ;
-  wire [15:0] \p$2079 ;
-  wire [15:0] \p$2080 ;
-  wire [15:0] \p$2081 ;
-  wire [15:0] \p$2082 ;
-  wire [15:0] \p$2083 ;
-  wire [15:0] \p$2084 ;
-  wire [15:0] \p$2085 ;
-  wire [15:0] \p$2086 ;
-  wire [15:0] \p$2087 ;
-  wire [15:0] \p$2088 ;
-  wire [15:0] \p$2089 ;
-  wire [15:0] \p$2090 ;
-  wire [15:0] \p$2091 ;
-  wire [15:0] \p$2092 ;
-  wire [15:0] \p$2093 ;
-  wire [15:0] \p$2094 ;
-  wire [15:0] \p$2095 ;
-  wire [15:0] \p$2096 ;
-  wire [15:0] \p$2097 ;
-  wire [15:0] \p$2098 ;
-  wire [15:0] \p$2099 ;
-  wire [15:0] \p$2100 ;
-  wire [15:0] \p$2101 ;
-  wire [15:0] \p$2102 ;
-  wire [15:0] \p$2103 ;
-  wire [15:0] \p$2104 ;
-  wire [15:0] \p$2105 ;
-  wire [15:0] \p$2106 ;
-  wire [15:0] \p$2107 ;
-  wire [15:0] \p$2108 ;
-  wire [15:0] \p$2109 ;
-  wire [15:0] \p$2110 ;
-  wire [15:0] \p$2111 ;
-  wire [15:0] \p$2112 ;
-  wire [15:0] \p$2113 ;
-  wire [15:0] \p$2114 ;
-  wire [15:0] \p$2115 ;
-  wire [15:0] \p$2116 ;
-  wire [15:0] \p$2117 ;
-  wire [15:0] \p$2118 ;
-  wire [15:0] \p$2119 ;
-  wire [15:0] \p$2120 ;
-  wire [15:0] \p$2121 ;
-  wire [15:0] \p$2122 ;
-  wire [15:0] \p$2123 ;
-  wire [15:0] \p$2124 ;
-  wire [15:0] \p$2125 ;
-  wire [15:0] \p$2126 ;
-  wire [15:0] \p$2127 ;
-  wire [15:0] \p$2128 ;
-  wire [15:0] \p$2129 ;
-  wire [15:0] \p$2130 ;
-  wire [15:0] \p$2131 ;
-  wire [15:0] \p$2132 ;
-  wire [15:0] \p$2133 ;
-  wire [15:0] \p$2134 ;
-  wire [15:0] \p$2135 ;
-  wire [15:0] \p$2136 ;
-  wire [15:0] \p$2137 ;
-  wire [15:0] \p$2138 ;
-  wire [15:0] \p$2139 ;
-  wire [15:0] \p$2140 ;
-  wire [15:0] \p$2141 ;
-  wire [15:0] \p$2142 ;
-  wire [15:0] \p$2143 ;
-  wire [15:0] \p$2144 ;
-  wire [15:0] \p$2145 ;
-  wire [15:0] \p$2146 ;
-  wire [15:0] \p$2147 ;
-  wire [15:0] \p$2148 ;
-  wire [15:0] \p$2149 ;
-  wire [15:0] \p$2150 ;
-  wire [15:0] \p$2151 ;
-  wire [15:0] \p$2152 ;
-  wire [15:0] \p$2153 ;
-  wire [15:0] \p$2154 ;
-  wire [15:0] \p$2155 ;
-  wire [15:0] \p$2156 ;
-  wire [15:0] \p$2157 ;
-  wire [15:0] \p$2158 ;
-  wire [15:0] \p$2159 ;
-  wire [15:0] \p$2160 ;
-  wire [15:0] \p$2161 ;
-  wire [15:0] \p$2162 ;
-  wire [15:0] \p$2163 ;
-  wire [15:0] \p$2164 ;
-  wire [15:0] \p$2165 ;
-  wire [15:0] \p$2166 ;
-  wire [15:0] \p$2167 ;
-  wire [15:0] \p$2168 ;
-  wire [15:0] \p$2169 ;
-  wire [15:0] \p$2170 ;
-  wire [15:0] \p$2171 ;
-  wire [15:0] \p$2172 ;
-  wire [15:0] \p$2173 ;
-  wire [15:0] \p$2174 ;
-  wire [15:0] \p$2175 ;
-  wire [15:0] \p$2176 ;
-  wire [15:0] \p$2177 ;
-  wire [15:0] \p$2178 ;
-  wire [15:0] \p$2179 ;
-  wire [15:0] \p$2180 ;
-  wire [15:0] \p$2181 ;
-  wire [15:0] \p$2182 ;
-  wire [15:0] \p$2183 ;
-  wire [15:0] \p$2184 ;
-  wire [15:0] \p$2185 ;
-  wire [15:0] \p$2186 ;
-  wire [15:0] \p$2187 ;
-  wire [15:0] \p$2188 ;
-  wire [15:0] \p$2189 ;
-  wire [15:0] \p$2190 ;
-  wire [15:0] \p$2191 ;
-  wire [15:0] \p$2192 ;
-  wire [15:0] \p$2193 ;
-  wire [15:0] \p$2194 ;
-  wire [15:0] \p$2195 ;
-  wire [15:0] \p$2196 ;
-  wire [15:0] \p$2197 ;
-  wire [15:0] \p$2198 ;
-  wire [15:0] \p$2199 ;
-  wire [15:0] \p$2200 ;
-  wire [15:0] \p$2201 ;
-  wire [15:0] \p$2202 ;
-  wire [15:0] \p$2203 ;
-  wire [15:0] \p$2204 ;
-  wire [15:0] \p$2205 ;
-  wire [15:0] \p$2206 ;
-  wire [15:0] \p$2207 ;
-  wire [15:0] \p$2208 ;
-  wire [15:0] \p$2209 ;
-  wire [15:0] \p$2210 ;
-  wire [15:0] \p$2211 ;
-  wire [15:0] \p$2212 ;
-  wire [15:0] \p$2213 ;
-  wire [15:0] \p$2214 ;
-  wire [15:0] \p$2215 ;
-  wire [15:0] \p$2216 ;
-  wire [15:0] \p$2217 ;
-  wire [15:0] \p$2218 ;
-  wire [15:0] \p$2219 ;
-  wire [15:0] \p$2220 ;
-  wire [15:0] \p$2221 ;
-  wire [15:0] \p$2222 ;
-  wire [15:0] \p$2223 ;
-  wire [15:0] \p$2224 ;
-  wire [15:0] \p$2225 ;
-  wire [15:0] \p$2226 ;
-  wire [15:0] \p$2227 ;
-  wire [15:0] \p$2228 ;
-  wire [15:0] \p$2229 ;
-  wire [15:0] \p$2230 ;
-  wire [15:0] \p$2231 ;
-  wire [15:0] \p$2232 ;
-  wire [15:0] \p$2233 ;
-  wire [15:0] \p$2234 ;
-  wire [15:0] \p$2235 ;
-  wire [15:0] \p$2236 ;
-  wire [15:0] \p$2237 ;
-  wire [15:0] \p$2238 ;
-  wire [15:0] \p$2239 ;
-  wire [15:0] \p$2240 ;
-  wire [15:0] \p$2241 ;
-  wire [15:0] \p$2242 ;
-  wire [15:0] \p$2243 ;
-  wire [15:0] \p$2244 ;
-  wire [15:0] \p$2245 ;
-  wire [15:0] \p$2246 ;
-  wire [15:0] \p$2247 ;
-  wire [15:0] \p$2248 ;
-  wire [15:0] \p$2249 ;
-  wire [15:0] \p$2250 ;
-  wire [15:0] \p$2251 ;
-  wire [15:0] \p$2252 ;
-  wire [15:0] \p$2253 ;
-  wire [15:0] \p$2254 ;
-  wire [15:0] \p$2255 ;
-  wire [15:0] \p$2256 ;
-  wire [15:0] \p$2257 ;
-  wire [15:0] \p$2258 ;
-  wire [15:0] \p$2259 ;
-  wire [15:0] \p$2260 ;
-  wire [15:0] \p$2261 ;
-  wire [15:0] \p$2262 ;
-  wire [15:0] \p$2263 ;
-  wire [15:0] \p$2264 ;
-  wire [15:0] \p$2265 ;
-  wire [15:0] \p$2266 ;
-  wire [15:0] \p$2267 ;
-  wire [15:0] \p$2268 ;
-  wire [15:0] \p$2269 ;
-  wire [15:0] \p$2270 ;
-  wire [15:0] \p$2271 ;
-  wire [15:0] \p$2272 ;
-  wire [15:0] \p$2273 ;
-  wire [15:0] \p$2274 ;
-  wire [15:0] \p$2275 ;
-  wire [15:0] \p$2276 ;
-  wire [15:0] \p$2277 ;
-  wire [15:0] \p$2278 ;
-  wire [15:0] \p$2279 ;
-  wire [15:0] \p$2280 ;
-  wire [15:0] \p$2281 ;
-  wire [15:0] \p$2282 ;
-  wire [15:0] \p$2283 ;
-  wire [15:0] \p$2284 ;
-  wire [15:0] \p$2285 ;
-  wire [15:0] \p$2286 ;
-  wire [15:0] \p$2287 ;
-  wire [15:0] \p$2288 ;
-  wire [15:0] \p$2289 ;
-  wire [15:0] \p$2290 ;
-  wire [15:0] \p$2291 ;
-  wire [15:0] \p$2292 ;
-  wire [15:0] \p$2293 ;
-  wire [15:0] \p$2294 ;
-  wire [15:0] \p$2295 ;
-  wire [15:0] \p$2296 ;
-  wire [15:0] \p$2297 ;
-  wire [15:0] \p$2298 ;
-  wire [15:0] \p$2299 ;
-  wire [15:0] \p$2300 ;
-  wire [15:0] \p$2301 ;
-  wire [15:0] \p$2302 ;
-  wire [15:0] \p$2303 ;
-  wire [15:0] \p$2304 ;
-  wire [15:0] \p$2305 ;
-  wire [15:0] \p$2306 ;
-  wire [15:0] \p$2307 ;
-  wire [15:0] \p$2308 ;
-  wire [15:0] \p$2309 ;
-  wire [15:0] \p$2310 ;
-  wire [15:0] \p$2311 ;
-  wire [15:0] \p$2312 ;
-  wire [15:0] \p$2313 ;
-  wire [15:0] \p$2314 ;
-  wire [15:0] \p$2315 ;
-  wire [15:0] \p$2316 ;
-  wire [15:0] \p$2317 ;
-  wire [15:0] \p$2318 ;
-  wire [15:0] \p$2319 ;
-  wire [15:0] \p$2320 ;
-  wire [15:0] \p$2321 ;
+  wire [15:0] \p$1046 ;
+  wire [15:0] \p$1050 ;
+  wire [15:0] \p$1054 ;
+  wire [15:0] \p$1058 ;
+  wire [15:0] \p$1062 ;
+  wire [15:0] \p$1066 ;
+  wire [15:0] \p$1070 ;
+  wire [15:0] \p$1074 ;
+  wire [15:0] \p$1078 ;
+  wire [15:0] \p$1082 ;
+  wire [15:0] \p$1086 ;
+  wire [15:0] \p$1090 ;
+  wire [15:0] \p$1094 ;
+  wire [15:0] \p$1098 ;
+  wire [15:0] \p$1102 ;
+  wire [15:0] \p$1106 ;
+  wire [15:0] \p$1109 ;
+  wire [15:0] \p$1112 ;
+  wire [15:0] \p$1115 ;
+  wire [15:0] \p$1118 ;
+  wire [15:0] \p$1121 ;
+  wire [15:0] \p$1124 ;
+  wire [15:0] \p$1127 ;
+  wire [15:0] \p$1130 ;
+  wire [15:0] \p$1133 ;
+  wire [15:0] \p$1136 ;
+  wire [15:0] \p$1139 ;
+  wire [15:0] \p$1142 ;
+  wire [15:0] \p$1145 ;
+  wire [15:0] \p$1148 ;
+  wire [15:0] \p$1151 ;
+  wire [15:0] \p$1154 ;
+  wire [15:0] \p$1157 ;
+  wire [15:0] \p$1160 ;
+  wire [15:0] \p$1163 ;
+  wire [15:0] \p$1166 ;
+  wire [15:0] \p$1169 ;
+  wire [15:0] \p$1172 ;
+  wire [15:0] \p$1175 ;
+  wire [15:0] \p$1178 ;
+  wire [15:0] \p$1181 ;
+  wire [15:0] \p$1184 ;
+  wire [15:0] \p$1187 ;
+  wire [15:0] \p$1190 ;
+  wire [15:0] \p$1193 ;
+  wire [15:0] \p$1196 ;
+  wire [15:0] \p$1199 ;
+  wire [15:0] \p$1202 ;
+  wire [15:0] \p$1205 ;
+  wire [15:0] \p$1208 ;
+  wire [15:0] \p$1211 ;
+  wire [15:0] \p$1214 ;
+  wire [15:0] \p$1217 ;
+  wire [15:0] \p$1220 ;
+  wire [15:0] \p$1223 ;
+  wire [15:0] \p$1226 ;
+  wire [15:0] \p$1229 ;
+  wire [15:0] \p$1232 ;
+  wire [15:0] \p$1235 ;
+  wire [15:0] \p$1238 ;
+  wire [15:0] \p$1241 ;
+  wire [15:0] \p$1244 ;
+  wire [15:0] \p$1247 ;
+  wire [15:0] \p$1250 ;
+  wire [15:0] \p$1253 ;
+  wire [15:0] \p$1256 ;
+  wire [15:0] \p$1259 ;
+  wire [15:0] \p$1262 ;
+  wire [15:0] \p$1265 ;
+  wire [15:0] \p$1268 ;
+  wire [15:0] \p$1271 ;
+  wire [15:0] \p$1274 ;
+  wire [15:0] \p$1277 ;
+  wire [15:0] \p$1280 ;
+  wire [15:0] \p$1283 ;
+  wire [15:0] \p$1286 ;
+  wire [15:0] \p$1289 ;
+  wire [15:0] \p$1292 ;
+  wire [15:0] \p$1295 ;
+  wire [15:0] \p$1298 ;
+  wire [15:0] \p$1301 ;
+  wire [15:0] \p$1304 ;
+  wire [15:0] \p$1307 ;
+  wire [15:0] \p$1310 ;
+  wire [15:0] \p$1313 ;
+  wire [15:0] \p$1316 ;
+  wire [15:0] \p$1319 ;
+  wire [15:0] \p$1322 ;
+  wire [15:0] \p$1325 ;
+  wire [15:0] \p$1328 ;
+  wire [15:0] \p$1331 ;
+  wire [15:0] \p$1334 ;
+  wire [15:0] \p$1337 ;
+  wire [15:0] \p$1340 ;
+  wire [15:0] \p$1343 ;
+  wire [15:0] \p$1346 ;
+  wire [15:0] \p$1349 ;
+  wire [15:0] \p$1352 ;
+  wire [15:0] \p$1355 ;
+  wire [15:0] \p$1358 ;
+  wire [15:0] \p$1361 ;
+  wire [15:0] \p$1364 ;
+  wire [15:0] \p$1367 ;
+  wire [15:0] \p$1370 ;
+  wire [15:0] \p$1373 ;
+  wire [15:0] \p$1376 ;
+  wire [15:0] \p$1379 ;
+  wire [15:0] \p$1382 ;
+  wire [15:0] \p$1385 ;
+  wire [15:0] \p$1388 ;
+  wire [15:0] \p$1391 ;
+  wire [15:0] \p$1394 ;
+  wire [15:0] \p$1397 ;
+  wire [15:0] \p$1400 ;
+  wire [15:0] \p$1403 ;
+  wire [15:0] \p$1406 ;
+  wire [15:0] \p$1409 ;
+  wire [15:0] \p$1412 ;
+  wire [15:0] \p$1415 ;
+  wire [15:0] \p$1418 ;
+  wire [15:0] \p$1421 ;
+  wire [15:0] \p$1424 ;
+  wire [15:0] \p$1427 ;
+  wire [15:0] \p$1430 ;
+  wire [15:0] \p$1433 ;
+  wire [15:0] \p$1436 ;
+  wire [15:0] \p$1439 ;
+  wire [15:0] \p$1442 ;
+  wire [15:0] \p$1445 ;
+  wire [15:0] \p$1448 ;
+  wire [15:0] \p$1451 ;
+  wire [15:0] \p$1454 ;
+  wire [15:0] \p$1457 ;
+  wire [15:0] \p$1460 ;
+  wire [15:0] \p$1463 ;
+  wire [15:0] \p$1466 ;
+  wire [15:0] \p$1469 ;
+  wire [15:0] \p$1472 ;
+  wire [15:0] \p$1475 ;
+  wire [15:0] \p$1478 ;
+  wire [15:0] \p$1481 ;
+  wire [15:0] \p$1484 ;
+  wire [15:0] \p$1487 ;
+  wire [15:0] \p$1490 ;
+  wire [15:0] \p$1493 ;
+  wire [15:0] \p$1496 ;
+  wire [15:0] \p$1499 ;
+  wire [15:0] \p$1502 ;
+  wire [15:0] \p$1505 ;
+  wire [15:0] \p$1508 ;
+  wire [15:0] \p$1511 ;
+  wire [15:0] \p$1514 ;
+  wire [15:0] \p$1517 ;
+  wire [15:0] \p$1520 ;
+  wire [15:0] \p$1523 ;
+  wire [15:0] \p$1526 ;
+  wire [15:0] \p$1529 ;
+  wire [15:0] \p$1532 ;
+  wire [15:0] \p$1535 ;
+  wire [15:0] \p$1538 ;
+  wire [15:0] \p$1541 ;
+  wire [15:0] \p$1544 ;
+  wire [15:0] \p$1547 ;
+  wire [15:0] \p$1550 ;
+  wire [15:0] \p$1553 ;
+  wire [15:0] \p$1556 ;
+  wire [15:0] \p$1559 ;
+  wire [15:0] \p$1562 ;
+  wire [15:0] \p$1565 ;
+  wire [15:0] \p$1568 ;
+  wire [15:0] \p$1571 ;
+  wire [15:0] \p$1574 ;
+  wire [15:0] \p$1577 ;
+  wire [15:0] \p$1580 ;
+  wire [15:0] \p$1583 ;
+  wire [15:0] \p$1586 ;
+  wire [15:0] \p$1589 ;
+  wire [15:0] \p$1592 ;
+  wire [15:0] \p$1595 ;
+  wire [15:0] \p$1598 ;
+  wire [15:0] \p$1601 ;
+  wire [15:0] \p$1604 ;
+  wire [15:0] \p$1607 ;
+  wire [15:0] \p$1610 ;
+  wire [15:0] \p$1613 ;
+  wire [15:0] \p$1616 ;
+  wire [15:0] \p$1619 ;
+  wire [15:0] \p$1622 ;
+  wire [15:0] \p$1625 ;
+  wire [15:0] \p$1628 ;
+  wire [15:0] \p$1631 ;
+  wire [15:0] \p$1634 ;
+  wire [15:0] \p$1637 ;
+  wire [15:0] \p$1640 ;
+  wire [15:0] \p$1643 ;
+  wire [15:0] \p$1646 ;
+  wire [15:0] \p$1649 ;
+  wire [15:0] \p$1652 ;
+  wire [15:0] \p$1655 ;
+  wire [15:0] \p$1658 ;
+  wire [15:0] \p$1661 ;
+  wire [15:0] \p$1664 ;
+  wire [15:0] \p$1667 ;
+  wire [15:0] \p$1670 ;
+  wire [15:0] \p$1673 ;
+  wire [15:0] \p$1676 ;
+  wire [15:0] \p$1679 ;
+  wire [15:0] \p$1682 ;
+  wire [15:0] \p$1685 ;
+  wire [15:0] \p$1688 ;
+  wire [15:0] \p$1691 ;
+  wire [15:0] \p$1694 ;
+  wire [15:0] \p$1697 ;
+  wire [15:0] \p$1700 ;
+  wire [15:0] \p$1703 ;
+  wire [15:0] \p$1706 ;
+  wire [15:0] \p$1709 ;
+  wire [15:0] \p$1712 ;
+  wire [15:0] \p$1715 ;
+  wire [15:0] \p$1718 ;
+  wire [15:0] \p$1721 ;
+  wire [15:0] \p$1724 ;
+  wire [15:0] \p$1727 ;
+  wire [15:0] \p$1730 ;
+  wire [15:0] \p$1733 ;
+  wire [15:0] \p$1736 ;
+  wire [15:0] \p$1739 ;
+  wire [15:0] \p$1742 ;
+  wire [15:0] \p$1745 ;
+  wire [15:0] \p$1748 ;
+  wire [15:0] \p$1751 ;
+  wire [15:0] \p$1754 ;
+  wire [15:0] \p$1757 ;
+  wire [15:0] \p$1760 ;
+  wire [15:0] \p$1763 ;
+  wire [15:0] \p$1766 ;
+  wire [15:0] \p$1769 ;
+  wire [15:0] \p$1772 ;
+  wire [15:0] \p$1775 ;
+  wire [15:0] \p$1778 ;
+  wire [15:0] \p$1780 ;
+  wire [15:0] \p$1782 ;
+  wire [15:0] \p$1784 ;
+  wire [15:0] \p$1786 ;
+  wire [15:0] \p$1788 ;
+  wire [15:0] \p$1790 ;
+  wire [15:0] \p$1792 ;
+  wire [15:0] \p$1794 ;
+  wire [15:0] \p$1796 ;
+  wire [15:0] \p$1798 ;
+  wire [15:0] \p$1800 ;
+  wire [15:0] \p$1802 ;
+  wire [15:0] \p$1804 ;
+  wire [15:0] \p$1806 ;
+  wire [15:0] \p$1808 ;
   reg [3:0] row = 4'h0;
   input rst;
   wire rst;
-  assign \$1  = i__valid & i__payload[256];
-  assign \$2  = i__valid & i__payload[257];
-  assign \$3  = last_pe0_0 ? \$264 [23:0] : bank_1_0;
-  assign \$4  = last_pe0_1 ? \$266 [23:0] : bank_1_1;
-  assign \$5  = last_pe0_2 ? \$268 [23:0] : bank_1_2;
-  assign \$6  = last_pe0_3 ? \$270 [23:0] : bank_1_3;
-  assign \$7  = last_pe0_4 ? \$272 [23:0] : bank_1_4;
-  assign \$8  = last_pe0_5 ? \$274 [23:0] : bank_1_5;
-  assign \$9  = last_pe0_6 ? \$276 [23:0] : bank_1_6;
-  assign \$10  = last_pe0_7 ? \$278 [23:0] : bank_1_7;
-  assign \$11  = last_pe0_8 ? \$280 [23:0] : bank_1_8;
-  assign \$12  = last_pe0_9 ? \$282 [23:0] : bank_1_9;
-  assign \$13  = last_pe0_10 ? \$284 [23:0] : bank_1_10;
-  assign \$14  = last_pe0_11 ? \$286 [23:0] : bank_1_11;
-  assign \$15  = last_pe0_12 ? \$288 [23:0] : bank_1_12;
-  assign \$16  = last_pe0_13 ? \$290 [23:0] : bank_1_13;
-  assign \$17  = last_pe0_14 ? \$292 [23:0] : bank_1_14;
-  assign \$18  = last_pe0_15 ? \$294 [23:0] : bank_1_15;
-  assign \$19  = last_pe1_0 ? \$296 [23:0] : bank_2_0;
-  assign \$20  = last_pe1_1 ? \$298 [23:0] : bank_2_1;
-  assign \$21  = last_pe1_2 ? \$300 [23:0] : bank_2_2;
-  assign \$22  = last_pe1_3 ? \$302 [23:0] : bank_2_3;
-  assign \$23  = last_pe1_4 ? \$304 [23:0] : bank_2_4;
-  assign \$24  = last_pe1_5 ? \$306 [23:0] : bank_2_5;
-  assign \$25  = last_pe1_6 ? \$308 [23:0] : bank_2_6;
-  assign \$26  = last_pe1_7 ? \$310 [23:0] : bank_2_7;
-  assign \$27  = last_pe1_8 ? \$312 [23:0] : bank_2_8;
-  assign \$28  = last_pe1_9 ? \$314 [23:0] : bank_2_9;
-  assign \$29  = last_pe1_10 ? \$316 [23:0] : bank_2_10;
-  assign \$30  = last_pe1_11 ? \$318 [23:0] : bank_2_11;
-  assign \$31  = last_pe1_12 ? \$320 [23:0] : bank_2_12;
-  assign \$32  = last_pe1_13 ? \$322 [23:0] : bank_2_13;
-  assign \$33  = last_pe1_14 ? \$324 [23:0] : bank_2_14;
-  assign \$34  = last_pe1_15 ? \$326 [23:0] : bank_2_15;
-  assign \$35  = last_pe2_0 ? \$328 [23:0] : bank_3_0;
-  assign \$36  = last_pe2_1 ? \$330 [23:0] : bank_3_1;
-  assign \$37  = last_pe2_2 ? \$332 [23:0] : bank_3_2;
-  assign \$38  = last_pe2_3 ? \$334 [23:0] : bank_3_3;
-  assign \$39  = last_pe2_4 ? \$336 [23:0] : bank_3_4;
-  assign \$40  = last_pe2_5 ? \$338 [23:0] : bank_3_5;
-  assign \$41  = last_pe2_6 ? \$340 [23:0] : bank_3_6;
-  assign \$42  = last_pe2_7 ? \$342 [23:0] : bank_3_7;
-  assign \$43  = last_pe2_8 ? \$344 [23:0] : bank_3_8;
-  assign \$44  = last_pe2_9 ? \$346 [23:0] : bank_3_9;
-  assign \$45  = last_pe2_10 ? \$348 [23:0] : bank_3_10;
-  assign \$46  = last_pe2_11 ? \$350 [23:0] : bank_3_11;
-  assign \$47  = last_pe2_12 ? \$352 [23:0] : bank_3_12;
-  assign \$48  = last_pe2_13 ? \$354 [23:0] : bank_3_13;
-  assign \$49  = last_pe2_14 ? \$356 [23:0] : bank_3_14;
-  assign \$50  = last_pe2_15 ? \$358 [23:0] : bank_3_15;
-  assign \$51  = last_pe3_0 ? \$360 [23:0] : bank_4_0;
-  assign \$52  = last_pe3_1 ? \$362 [23:0] : bank_4_1;
-  assign \$53  = last_pe3_2 ? \$364 [23:0] : bank_4_2;
-  assign \$54  = last_pe3_3 ? \$366 [23:0] : bank_4_3;
-  assign \$55  = last_pe3_4 ? \$368 [23:0] : bank_4_4;
-  assign \$56  = last_pe3_5 ? \$370 [23:0] : bank_4_5;
-  assign \$57  = last_pe3_6 ? \$372 [23:0] : bank_4_6;
-  assign \$58  = last_pe3_7 ? \$374 [23:0] : bank_4_7;
-  assign \$59  = last_pe3_8 ? \$376 [23:0] : bank_4_8;
-  assign \$60  = last_pe3_9 ? \$378 [23:0] : bank_4_9;
-  assign \$61  = last_pe3_10 ? \$380 [23:0] : bank_4_10;
-  assign \$62  = last_pe3_11 ? \$382 [23:0] : bank_4_11;
-  assign \$63  = last_pe3_12 ? \$384 [23:0] : bank_4_12;
-  assign \$64  = last_pe3_13 ? \$386 [23:0] : bank_4_13;
-  assign \$65  = last_pe3_14 ? \$388 [23:0] : bank_4_14;
-  assign \$66  = last_pe3_15 ? \$390 [23:0] : bank_4_15;
-  assign \$67  = last_pe4_0 ? \$392 [23:0] : bank_5_0;
-  assign \$68  = last_pe4_1 ? \$394 [23:0] : bank_5_1;
-  assign \$69  = last_pe4_2 ? \$396 [23:0] : bank_5_2;
-  assign \$70  = last_pe4_3 ? \$398 [23:0] : bank_5_3;
-  assign \$71  = last_pe4_4 ? \$400 [23:0] : bank_5_4;
-  assign \$72  = last_pe4_5 ? \$402 [23:0] : bank_5_5;
-  assign \$73  = last_pe4_6 ? \$404 [23:0] : bank_5_6;
-  assign \$74  = last_pe4_7 ? \$406 [23:0] : bank_5_7;
-  assign \$75  = last_pe4_8 ? \$408 [23:0] : bank_5_8;
-  assign \$76  = last_pe4_9 ? \$410 [23:0] : bank_5_9;
-  assign \$77  = last_pe4_10 ? \$412 [23:0] : bank_5_10;
-  assign \$78  = last_pe4_11 ? \$414 [23:0] : bank_5_11;
-  assign \$79  = last_pe4_12 ? \$416 [23:0] : bank_5_12;
-  assign \$80  = last_pe4_13 ? \$418 [23:0] : bank_5_13;
-  assign \$81  = last_pe4_14 ? \$420 [23:0] : bank_5_14;
-  assign \$82  = last_pe4_15 ? \$422 [23:0] : bank_5_15;
-  assign \$83  = last_pe5_0 ? \$424 [23:0] : bank_6_0;
-  assign \$84  = last_pe5_1 ? \$426 [23:0] : bank_6_1;
-  assign \$85  = last_pe5_2 ? \$428 [23:0] : bank_6_2;
-  assign \$86  = last_pe5_3 ? \$430 [23:0] : bank_6_3;
-  assign \$87  = last_pe5_4 ? \$432 [23:0] : bank_6_4;
-  assign \$88  = last_pe5_5 ? \$434 [23:0] : bank_6_5;
-  assign \$89  = last_pe5_6 ? \$436 [23:0] : bank_6_6;
-  assign \$90  = last_pe5_7 ? \$438 [23:0] : bank_6_7;
-  assign \$91  = last_pe5_8 ? \$440 [23:0] : bank_6_8;
-  assign \$92  = last_pe5_9 ? \$442 [23:0] : bank_6_9;
-  assign \$93  = last_pe5_10 ? \$444 [23:0] : bank_6_10;
-  assign \$94  = last_pe5_11 ? \$446 [23:0] : bank_6_11;
-  assign \$95  = last_pe5_12 ? \$448 [23:0] : bank_6_12;
-  assign \$96  = last_pe5_13 ? \$450 [23:0] : bank_6_13;
-  assign \$97  = last_pe5_14 ? \$452 [23:0] : bank_6_14;
-  assign \$98  = last_pe5_15 ? \$454 [23:0] : bank_6_15;
-  assign \$99  = last_pe6_0 ? \$456 [23:0] : bank_7_0;
-  assign \$100  = last_pe6_1 ? \$458 [23:0] : bank_7_1;
-  assign \$101  = last_pe6_2 ? \$460 [23:0] : bank_7_2;
-  assign \$102  = last_pe6_3 ? \$462 [23:0] : bank_7_3;
-  assign \$103  = last_pe6_4 ? \$464 [23:0] : bank_7_4;
-  assign \$104  = last_pe6_5 ? \$466 [23:0] : bank_7_5;
-  assign \$105  = last_pe6_6 ? \$468 [23:0] : bank_7_6;
-  assign \$106  = last_pe6_7 ? \$470 [23:0] : bank_7_7;
-  assign \$107  = last_pe6_8 ? \$472 [23:0] : bank_7_8;
-  assign \$108  = last_pe6_9 ? \$474 [23:0] : bank_7_9;
-  assign \$109  = last_pe6_10 ? \$476 [23:0] : bank_7_10;
-  assign \$110  = last_pe6_11 ? \$478 [23:0] : bank_7_11;
-  assign \$111  = last_pe6_12 ? \$480 [23:0] : bank_7_12;
-  assign \$112  = last_pe6_13 ? \$482 [23:0] : bank_7_13;
-  assign \$113  = last_pe6_14 ? \$484 [23:0] : bank_7_14;
-  assign \$114  = last_pe6_15 ? \$486 [23:0] : bank_7_15;
-  assign \$115  = last_pe7_0 ? \$488 [23:0] : bank_8_0;
-  assign \$116  = last_pe7_1 ? \$490 [23:0] : bank_8_1;
-  assign \$117  = last_pe7_2 ? \$492 [23:0] : bank_8_2;
-  assign \$118  = last_pe7_3 ? \$494 [23:0] : bank_8_3;
-  assign \$119  = last_pe7_4 ? \$496 [23:0] : bank_8_4;
-  assign \$120  = last_pe7_5 ? \$498 [23:0] : bank_8_5;
-  assign \$121  = last_pe7_6 ? \$500 [23:0] : bank_8_6;
-  assign \$122  = last_pe7_7 ? \$502 [23:0] : bank_8_7;
-  assign \$123  = last_pe7_8 ? \$504 [23:0] : bank_8_8;
-  assign \$124  = last_pe7_9 ? \$506 [23:0] : bank_8_9;
-  assign \$125  = last_pe7_10 ? \$508 [23:0] : bank_8_10;
-  assign \$126  = last_pe7_11 ? \$510 [23:0] : bank_8_11;
-  assign \$127  = last_pe7_12 ? \$512 [23:0] : bank_8_12;
-  assign \$128  = last_pe7_13 ? \$514 [23:0] : bank_8_13;
-  assign \$129  = last_pe7_14 ? \$516 [23:0] : bank_8_14;
-  assign \$130  = last_pe7_15 ? \$518 [23:0] : bank_8_15;
-  assign \$131  = last_pe8_0 ? \$520 [23:0] : bank_9_0;
-  assign \$132  = last_pe8_1 ? \$522 [23:0] : bank_9_1;
-  assign \$133  = last_pe8_2 ? \$524 [23:0] : bank_9_2;
-  assign \$134  = last_pe8_3 ? \$526 [23:0] : bank_9_3;
-  assign \$135  = last_pe8_4 ? \$528 [23:0] : bank_9_4;
-  assign \$136  = last_pe8_5 ? \$530 [23:0] : bank_9_5;
-  assign \$137  = last_pe8_6 ? \$532 [23:0] : bank_9_6;
-  assign \$138  = last_pe8_7 ? \$534 [23:0] : bank_9_7;
-  assign \$139  = last_pe8_8 ? \$536 [23:0] : bank_9_8;
-  assign \$140  = last_pe8_9 ? \$538 [23:0] : bank_9_9;
-  assign \$141  = last_pe8_10 ? \$540 [23:0] : bank_9_10;
-  assign \$142  = last_pe8_11 ? \$542 [23:0] : bank_9_11;
-  assign \$143  = last_pe8_12 ? \$544 [23:0] : bank_9_12;
-  assign \$144  = last_pe8_13 ? \$546 [23:0] : bank_9_13;
-  assign \$145  = last_pe8_14 ? \$548 [23:0] : bank_9_14;
-  assign \$146  = last_pe8_15 ? \$550 [23:0] : bank_9_15;
-  assign \$147  = last_pe9_0 ? \$552 [23:0] : bank_10_0;
-  assign \$148  = last_pe9_1 ? \$554 [23:0] : bank_10_1;
-  assign \$149  = last_pe9_2 ? \$556 [23:0] : bank_10_2;
-  assign \$150  = last_pe9_3 ? \$558 [23:0] : bank_10_3;
-  assign \$151  = last_pe9_4 ? \$560 [23:0] : bank_10_4;
-  assign \$152  = last_pe9_5 ? \$562 [23:0] : bank_10_5;
-  assign \$153  = last_pe9_6 ? \$564 [23:0] : bank_10_6;
-  assign \$154  = last_pe9_7 ? \$566 [23:0] : bank_10_7;
-  assign \$155  = last_pe9_8 ? \$568 [23:0] : bank_10_8;
-  assign \$156  = last_pe9_9 ? \$570 [23:0] : bank_10_9;
-  assign \$157  = last_pe9_10 ? \$572 [23:0] : bank_10_10;
-  assign \$158  = last_pe9_11 ? \$574 [23:0] : bank_10_11;
-  assign \$159  = last_pe9_12 ? \$576 [23:0] : bank_10_12;
-  assign \$160  = last_pe9_13 ? \$578 [23:0] : bank_10_13;
-  assign \$161  = last_pe9_14 ? \$580 [23:0] : bank_10_14;
-  assign \$162  = last_pe9_15 ? \$582 [23:0] : bank_10_15;
-  assign \$163  = last_pe10_0 ? \$584 [23:0] : bank_11_0;
-  assign \$164  = last_pe10_1 ? \$586 [23:0] : bank_11_1;
-  assign \$165  = last_pe10_2 ? \$588 [23:0] : bank_11_2;
-  assign \$166  = last_pe10_3 ? \$590 [23:0] : bank_11_3;
-  assign \$167  = last_pe10_4 ? \$592 [23:0] : bank_11_4;
-  assign \$168  = last_pe10_5 ? \$594 [23:0] : bank_11_5;
-  assign \$169  = last_pe10_6 ? \$596 [23:0] : bank_11_6;
-  assign \$170  = last_pe10_7 ? \$598 [23:0] : bank_11_7;
-  assign \$171  = last_pe10_8 ? \$600 [23:0] : bank_11_8;
-  assign \$172  = last_pe10_9 ? \$602 [23:0] : bank_11_9;
-  assign \$173  = last_pe10_10 ? \$604 [23:0] : bank_11_10;
-  assign \$174  = last_pe10_11 ? \$606 [23:0] : bank_11_11;
-  assign \$175  = last_pe10_12 ? \$608 [23:0] : bank_11_12;
-  assign \$176  = last_pe10_13 ? \$610 [23:0] : bank_11_13;
-  assign \$177  = last_pe10_14 ? \$612 [23:0] : bank_11_14;
-  assign \$178  = last_pe10_15 ? \$614 [23:0] : bank_11_15;
-  assign \$179  = last_pe11_0 ? \$616 [23:0] : bank_12_0;
-  assign \$180  = last_pe11_1 ? \$618 [23:0] : bank_12_1;
-  assign \$181  = last_pe11_2 ? \$620 [23:0] : bank_12_2;
-  assign \$182  = last_pe11_3 ? \$622 [23:0] : bank_12_3;
-  assign \$183  = last_pe11_4 ? \$624 [23:0] : bank_12_4;
-  assign \$184  = last_pe11_5 ? \$626 [23:0] : bank_12_5;
-  assign \$185  = last_pe11_6 ? \$628 [23:0] : bank_12_6;
-  assign \$186  = last_pe11_7 ? \$630 [23:0] : bank_12_7;
-  assign \$187  = last_pe11_8 ? \$632 [23:0] : bank_12_8;
-  assign \$188  = last_pe11_9 ? \$634 [23:0] : bank_12_9;
-  assign \$189  = last_pe11_10 ? \$636 [23:0] : bank_12_10;
-  assign \$190  = last_pe11_11 ? \$638 [23:0] : bank_12_11;
-  assign \$191  = last_pe11_12 ? \$640 [23:0] : bank_12_12;
-  assign \$192  = last_pe11_13 ? \$642 [23:0] : bank_12_13;
-  assign \$193  = last_pe11_14 ? \$644 [23:0] : bank_12_14;
-  assign \$194  = last_pe11_15 ? \$646 [23:0] : bank_12_15;
-  assign \$195  = last_pe12_0 ? \$648 [23:0] : bank_13_0;
-  assign \$196  = last_pe12_1 ? \$650 [23:0] : bank_13_1;
-  assign \$197  = last_pe12_2 ? \$652 [23:0] : bank_13_2;
-  assign \$198  = last_pe12_3 ? \$654 [23:0] : bank_13_3;
-  assign \$199  = last_pe12_4 ? \$656 [23:0] : bank_13_4;
-  assign \$200  = last_pe12_5 ? \$658 [23:0] : bank_13_5;
-  assign \$201  = last_pe12_6 ? \$660 [23:0] : bank_13_6;
-  assign \$202  = last_pe12_7 ? \$662 [23:0] : bank_13_7;
-  assign \$203  = last_pe12_8 ? \$664 [23:0] : bank_13_8;
-  assign \$204  = last_pe12_9 ? \$666 [23:0] : bank_13_9;
-  assign \$205  = last_pe12_10 ? \$668 [23:0] : bank_13_10;
-  assign \$206  = last_pe12_11 ? \$670 [23:0] : bank_13_11;
-  assign \$207  = last_pe12_12 ? \$672 [23:0] : bank_13_12;
-  assign \$208  = last_pe12_13 ? \$674 [23:0] : bank_13_13;
-  assign \$209  = last_pe12_14 ? \$676 [23:0] : bank_13_14;
-  assign \$210  = last_pe12_15 ? \$678 [23:0] : bank_13_15;
-  assign \$211  = last_pe13_0 ? \$680 [23:0] : bank_14_0;
-  assign \$212  = last_pe13_1 ? \$682 [23:0] : bank_14_1;
-  assign \$213  = last_pe13_2 ? \$684 [23:0] : bank_14_2;
-  assign \$214  = last_pe13_3 ? \$686 [23:0] : bank_14_3;
-  assign \$215  = last_pe13_4 ? \$688 [23:0] : bank_14_4;
-  assign \$216  = last_pe13_5 ? \$690 [23:0] : bank_14_5;
-  assign \$217  = last_pe13_6 ? \$692 [23:0] : bank_14_6;
-  assign \$218  = last_pe13_7 ? \$694 [23:0] : bank_14_7;
-  assign \$219  = last_pe13_8 ? \$696 [23:0] : bank_14_8;
-  assign \$220  = last_pe13_9 ? \$698 [23:0] : bank_14_9;
-  assign \$221  = last_pe13_10 ? \$700 [23:0] : bank_14_10;
-  assign \$222  = last_pe13_11 ? \$702 [23:0] : bank_14_11;
-  assign \$223  = last_pe13_12 ? \$704 [23:0] : bank_14_12;
-  assign \$224  = last_pe13_13 ? \$706 [23:0] : bank_14_13;
-  assign \$225  = last_pe13_14 ? \$708 [23:0] : bank_14_14;
-  assign \$226  = last_pe13_15 ? \$710 [23:0] : bank_14_15;
-  assign \$227  = last_pe14_0 ? \$712 [23:0] : bank_15_0;
-  assign \$228  = last_pe14_1 ? \$714 [23:0] : bank_15_1;
-  assign \$229  = last_pe14_2 ? \$716 [23:0] : bank_15_2;
-  assign \$230  = last_pe14_3 ? \$718 [23:0] : bank_15_3;
-  assign \$231  = last_pe14_4 ? \$720 [23:0] : bank_15_4;
-  assign \$232  = last_pe14_5 ? \$722 [23:0] : bank_15_5;
-  assign \$233  = last_pe14_6 ? \$724 [23:0] : bank_15_6;
-  assign \$234  = last_pe14_7 ? \$726 [23:0] : bank_15_7;
-  assign \$235  = last_pe14_8 ? \$728 [23:0] : bank_15_8;
-  assign \$236  = last_pe14_9 ? \$730 [23:0] : bank_15_9;
-  assign \$237  = last_pe14_10 ? \$732 [23:0] : bank_15_10;
-  assign \$238  = last_pe14_11 ? \$734 [23:0] : bank_15_11;
-  assign \$239  = last_pe14_12 ? \$736 [23:0] : bank_15_12;
-  assign \$240  = last_pe14_13 ? \$738 [23:0] : bank_15_13;
-  assign \$241  = last_pe14_14 ? \$740 [23:0] : bank_15_14;
-  assign \$242  = last_pe14_15 ? \$742 [23:0] : bank_15_15;
-  assign \$243  = last_pe15_0 ? \$744 [23:0] : 24'h000000;
-  assign \$244  = last_pe15_1 ? \$746 [23:0] : 24'h000000;
-  assign \$245  = last_pe15_2 ? \$748 [23:0] : 24'h000000;
-  assign \$246  = last_pe15_3 ? \$750 [23:0] : 24'h000000;
-  assign \$247  = last_pe15_4 ? \$752 [23:0] : 24'h000000;
-  assign \$248  = last_pe15_5 ? \$754 [23:0] : 24'h000000;
-  assign \$249  = last_pe15_6 ? \$756 [23:0] : 24'h000000;
-  assign \$250  = last_pe15_7 ? \$758 [23:0] : 24'h000000;
-  assign \$251  = last_pe15_8 ? \$760 [23:0] : 24'h000000;
-  assign \$252  = last_pe15_9 ? \$762 [23:0] : 24'h000000;
-  assign \$253  = last_pe15_10 ? \$764 [23:0] : 24'h000000;
-  assign \$254  = last_pe15_11 ? \$766 [23:0] : 24'h000000;
-  assign \$255  = last_pe15_12 ? \$768 [23:0] : 24'h000000;
-  assign \$256  = last_pe15_13 ? \$770 [23:0] : 24'h000000;
-  assign \$257  = last_pe15_14 ? \$772 [23:0] : 24'h000000;
-  assign \$258  = last_pe15_15 ? \$774 [23:0] : 24'h000000;
-  assign \$259  = row != 4'hf;
-  assign \$260  = bank_busy & \$259 ;
-  assign \$261  = row + 1'h1;
-  assign \$262  = row == 4'hf;
-  assign \$263  = $signed(acc_0_0) + $signed(p);
-  assign \$264  = first_pe0_0 ? { p[15], p[15], p[15], p[15], p[15], p[15], p[15], p[15], p[15], p } : \$263 ;
-  assign \$265  = $signed(acc_0_1) + $signed(\p$2067 );
-  assign \$266  = first_pe0_1 ? { \p$2067 [15], \p$2067 [15], \p$2067 [15], \p$2067 [15], \p$2067 [15], \p$2067 [15], \p$2067 [15], \p$2067 [15], \p$2067 [15], \p$2067  } : \$265 ;
-  assign \$267  = $signed(acc_0_2) + $signed(\p$2068 );
-  assign \$268  = first_pe0_2 ? { \p$2068 [15], \p$2068 [15], \p$2068 [15], \p$2068 [15], \p$2068 [15], \p$2068 [15], \p$2068 [15], \p$2068 [15], \p$2068 [15], \p$2068  } : \$267 ;
-  assign \$269  = $signed(acc_0_3) + $signed(\p$2069 );
-  assign \$270  = first_pe0_3 ? { \p$2069 [15], \p$2069 [15], \p$2069 [15], \p$2069 [15], \p$2069 [15], \p$2069 [15], \p$2069 [15], \p$2069 [15], \p$2069 [15], \p$2069  } : \$269 ;
-  assign \$271  = $signed(acc_0_4) + $signed(\p$2070 );
-  assign \$272  = first_pe0_4 ? { \p$2070 [15], \p$2070 [15], \p$2070 [15], \p$2070 [15], \p$2070 [15], \p$2070 [15], \p$2070 [15], \p$2070 [15], \p$2070 [15], \p$2070  } : \$271 ;
-  assign \$273  = $signed(acc_0_5) + $signed(\p$2071 );
-  assign \$274  = first_pe0_5 ? { \p$2071 [15], \p$2071 [15], \p$2071 [15], \p$2071 [15], \p$2071 [15], \p$2071 [15], \p$2071 [15], \p$2071 [15], \p$2071 [15], \p$2071  } : \$273 ;
-  assign \$275  = $signed(acc_0_6) + $signed(\p$2072 );
-  assign \$276  = first_pe0_6 ? { \p$2072 [15], \p$2072 [15], \p$2072 [15], \p$2072 [15], \p$2072 [15], \p$2072 [15], \p$2072 [15], \p$2072 [15], \p$2072 [15], \p$2072  } : \$275 ;
-  assign \$277  = $signed(acc_0_7) + $signed(\p$2073 );
-  assign \$278  = first_pe0_7 ? { \p$2073 [15], \p$2073 [15], \p$2073 [15], \p$2073 [15], \p$2073 [15], \p$2073 [15], \p$2073 [15], \p$2073 [15], \p$2073 [15], \p$2073  } : \$277 ;
-  assign \$279  = $signed(acc_0_8) + $signed(\p$2074 );
-  assign \$280  = first_pe0_8 ? { \p$2074 [15], \p$2074 [15], \p$2074 [15], \p$2074 [15], \p$2074 [15], \p$2074 [15], \p$2074 [15], \p$2074 [15], \p$2074 [15], \p$2074  } : \$279 ;
-  assign \$281  = $signed(acc_0_9) + $signed(\p$2075 );
-  assign \$282  = first_pe0_9 ? { \p$2075 [15], \p$2075 [15], \p$2075 [15], \p$2075 [15], \p$2075 [15], \p$2075 [15], \p$2075 [15], \p$2075 [15], \p$2075 [15], \p$2075  } : \$281 ;
-  assign \$283  = $signed(acc_0_10) + $signed(\p$2076 );
-  assign \$284  = first_pe0_10 ? { \p$2076 [15], \p$2076 [15], \p$2076 [15], \p$2076 [15], \p$2076 [15], \p$2076 [15], \p$2076 [15], \p$2076 [15], \p$2076 [15], \p$2076  } : \$283 ;
-  assign \$285  = $signed(acc_0_11) + $signed(\p$2077 );
-  assign \$286  = first_pe0_11 ? { \p$2077 [15], \p$2077 [15], \p$2077 [15], \p$2077 [15], \p$2077 [15], \p$2077 [15], \p$2077 [15], \p$2077 [15], \p$2077 [15], \p$2077  } : \$285 ;
-  assign \$287  = $signed(acc_0_12) + $signed(\p$2078 );
-  assign \$288  = first_pe0_12 ? { \p$2078 [15], \p$2078 [15], \p$2078 [15], \p$2078 [15], \p$2078 [15], \p$2078 [15], \p$2078 [15], \p$2078 [15], \p$2078 [15], \p$2078  } : \$287 ;
-  assign \$289  = $signed(acc_0_13) + $signed(\p$2079 );
-  assign \$290  = first_pe0_13 ? { \p$2079 [15], \p$2079 [15], \p$2079 [15], \p$2079 [15], \p$2079 [15], \p$2079 [15], \p$2079 [15], \p$2079 [15], \p$2079 [15], \p$2079  } : \$289 ;
-  assign \$291  = $signed(acc_0_14) + $signed(\p$2080 );
-  assign \$292  = first_pe0_14 ? { \p$2080 [15], \p$2080 [15], \p$2080 [15], \p$2080 [15], \p$2080 [15], \p$2080 [15], \p$2080 [15], \p$2080 [15], \p$2080 [15], \p$2080  } : \$291 ;
-  assign \$293  = $signed(acc_0_15) + $signed(\p$2081 );
-  assign \$294  = first_pe0_15 ? { \p$2081 [15], \p$2081 [15], \p$2081 [15], \p$2081 [15], \p$2081 [15], \p$2081 [15], \p$2081 [15], \p$2081 [15], \p$2081 [15], \p$2081  } : \$293 ;
-  assign \$295  = $signed(acc_1_0) + $signed(\p$2082 );
-  assign \$296  = first_pe1_0 ? { \p$2082 [15], \p$2082 [15], \p$2082 [15], \p$2082 [15], \p$2082 [15], \p$2082 [15], \p$2082 [15], \p$2082 [15], \p$2082 [15], \p$2082  } : \$295 ;
-  assign \$297  = $signed(acc_1_1) + $signed(\p$2083 );
-  assign \$298  = first_pe1_1 ? { \p$2083 [15], \p$2083 [15], \p$2083 [15], \p$2083 [15], \p$2083 [15], \p$2083 [15], \p$2083 [15], \p$2083 [15], \p$2083 [15], \p$2083  } : \$297 ;
-  assign \$299  = $signed(acc_1_2) + $signed(\p$2084 );
-  assign \$300  = first_pe1_2 ? { \p$2084 [15], \p$2084 [15], \p$2084 [15], \p$2084 [15], \p$2084 [15], \p$2084 [15], \p$2084 [15], \p$2084 [15], \p$2084 [15], \p$2084  } : \$299 ;
-  assign \$301  = $signed(acc_1_3) + $signed(\p$2085 );
-  assign \$302  = first_pe1_3 ? { \p$2085 [15], \p$2085 [15], \p$2085 [15], \p$2085 [15], \p$2085 [15], \p$2085 [15], \p$2085 [15], \p$2085 [15], \p$2085 [15], \p$2085  } : \$301 ;
-  assign \$303  = $signed(acc_1_4) + $signed(\p$2086 );
-  assign \$304  = first_pe1_4 ? { \p$2086 [15], \p$2086 [15], \p$2086 [15], \p$2086 [15], \p$2086 [15], \p$2086 [15], \p$2086 [15], \p$2086 [15], \p$2086 [15], \p$2086  } : \$303 ;
-  assign \$305  = $signed(acc_1_5) + $signed(\p$2087 );
-  assign \$306  = first_pe1_5 ? { \p$2087 [15], \p$2087 [15], \p$2087 [15], \p$2087 [15], \p$2087 [15], \p$2087 [15], \p$2087 [15], \p$2087 [15], \p$2087 [15], \p$2087  } : \$305 ;
-  assign \$307  = $signed(acc_1_6) + $signed(\p$2088 );
-  assign \$308  = first_pe1_6 ? { \p$2088 [15], \p$2088 [15], \p$2088 [15], \p$2088 [15], \p$2088 [15], \p$2088 [15], \p$2088 [15], \p$2088 [15], \p$2088 [15], \p$2088  } : \$307 ;
-  assign \$309  = $signed(acc_1_7) + $signed(\p$2089 );
-  assign \$310  = first_pe1_7 ? { \p$2089 [15], \p$2089 [15], \p$2089 [15], \p$2089 [15], \p$2089 [15], \p$2089 [15], \p$2089 [15], \p$2089 [15], \p$2089 [15], \p$2089  } : \$309 ;
-  assign \$311  = $signed(acc_1_8) + $signed(\p$2090 );
-  assign \$312  = first_pe1_8 ? { \p$2090 [15], \p$2090 [15], \p$2090 [15], \p$2090 [15], \p$2090 [15], \p$2090 [15], \p$2090 [15], \p$2090 [15], \p$2090 [15], \p$2090  } : \$311 ;
-  assign \$313  = $signed(acc_1_9) + $signed(\p$2091 );
-  assign \$314  = first_pe1_9 ? { \p$2091 [15], \p$2091 [15], \p$2091 [15], \p$2091 [15], \p$2091 [15], \p$2091 [15], \p$2091 [15], \p$2091 [15], \p$2091 [15], \p$2091  } : \$313 ;
-  assign \$315  = $signed(acc_1_10) + $signed(\p$2092 );
-  assign \$316  = first_pe1_10 ? { \p$2092 [15], \p$2092 [15], \p$2092 [15], \p$2092 [15], \p$2092 [15], \p$2092 [15], \p$2092 [15], \p$2092 [15], \p$2092 [15], \p$2092  } : \$315 ;
-  assign \$317  = $signed(acc_1_11) + $signed(\p$2093 );
-  assign \$318  = first_pe1_11 ? { \p$2093 [15], \p$2093 [15], \p$2093 [15], \p$2093 [15], \p$2093 [15], \p$2093 [15], \p$2093 [15], \p$2093 [15], \p$2093 [15], \p$2093  } : \$317 ;
-  assign \$319  = $signed(acc_1_12) + $signed(\p$2094 );
-  assign \$320  = first_pe1_12 ? { \p$2094 [15], \p$2094 [15], \p$2094 [15], \p$2094 [15], \p$2094 [15], \p$2094 [15], \p$2094 [15], \p$2094 [15], \p$2094 [15], \p$2094  } : \$319 ;
-  assign \$321  = $signed(acc_1_13) + $signed(\p$2095 );
-  assign \$322  = first_pe1_13 ? { \p$2095 [15], \p$2095 [15], \p$2095 [15], \p$2095 [15], \p$2095 [15], \p$2095 [15], \p$2095 [15], \p$2095 [15], \p$2095 [15], \p$2095  } : \$321 ;
-  assign \$323  = $signed(acc_1_14) + $signed(\p$2096 );
-  assign \$324  = first_pe1_14 ? { \p$2096 [15], \p$2096 [15], \p$2096 [15], \p$2096 [15], \p$2096 [15], \p$2096 [15], \p$2096 [15], \p$2096 [15], \p$2096 [15], \p$2096  } : \$323 ;
-  assign \$325  = $signed(acc_1_15) + $signed(\p$2097 );
-  assign \$326  = first_pe1_15 ? { \p$2097 [15], \p$2097 [15], \p$2097 [15], \p$2097 [15], \p$2097 [15], \p$2097 [15], \p$2097 [15], \p$2097 [15], \p$2097 [15], \p$2097  } : \$325 ;
-  assign \$327  = $signed(acc_2_0) + $signed(\p$2098 );
-  assign \$328  = first_pe2_0 ? { \p$2098 [15], \p$2098 [15], \p$2098 [15], \p$2098 [15], \p$2098 [15], \p$2098 [15], \p$2098 [15], \p$2098 [15], \p$2098 [15], \p$2098  } : \$327 ;
-  assign \$329  = $signed(acc_2_1) + $signed(\p$2099 );
-  assign \$330  = first_pe2_1 ? { \p$2099 [15], \p$2099 [15], \p$2099 [15], \p$2099 [15], \p$2099 [15], \p$2099 [15], \p$2099 [15], \p$2099 [15], \p$2099 [15], \p$2099  } : \$329 ;
-  assign \$331  = $signed(acc_2_2) + $signed(\p$2100 );
-  assign \$332  = first_pe2_2 ? { \p$2100 [15], \p$2100 [15], \p$2100 [15], \p$2100 [15], \p$2100 [15], \p$2100 [15], \p$2100 [15], \p$2100 [15], \p$2100 [15], \p$2100  } : \$331 ;
-  assign \$333  = $signed(acc_2_3) + $signed(\p$2101 );
-  assign \$334  = first_pe2_3 ? { \p$2101 [15], \p$2101 [15], \p$2101 [15], \p$2101 [15], \p$2101 [15], \p$2101 [15], \p$2101 [15], \p$2101 [15], \p$2101 [15], \p$2101  } : \$333 ;
-  assign \$335  = $signed(acc_2_4) + $signed(\p$2102 );
-  assign \$336  = first_pe2_4 ? { \p$2102 [15], \p$2102 [15], \p$2102 [15], \p$2102 [15], \p$2102 [15], \p$2102 [15], \p$2102 [15], \p$2102 [15], \p$2102 [15], \p$2102  } : \$335 ;
-  assign \$337  = $signed(acc_2_5) + $signed(\p$2103 );
-  assign \$338  = first_pe2_5 ? { \p$2103 [15], \p$2103 [15], \p$2103 [15], \p$2103 [15], \p$2103 [15], \p$2103 [15], \p$2103 [15], \p$2103 [15], \p$2103 [15], \p$2103  } : \$337 ;
-  assign \$339  = $signed(acc_2_6) + $signed(\p$2104 );
-  assign \$340  = first_pe2_6 ? { \p$2104 [15], \p$2104 [15], \p$2104 [15], \p$2104 [15], \p$2104 [15], \p$2104 [15], \p$2104 [15], \p$2104 [15], \p$2104 [15], \p$2104  } : \$339 ;
-  assign \$341  = $signed(acc_2_7) + $signed(\p$2105 );
-  assign \$342  = first_pe2_7 ? { \p$2105 [15], \p$2105 [15], \p$2105 [15], \p$2105 [15], \p$2105 [15], \p$2105 [15], \p$2105 [15], \p$2105 [15], \p$2105 [15], \p$2105  } : \$341 ;
-  assign \$343  = $signed(acc_2_8) + $signed(\p$2106 );
-  assign \$344  = first_pe2_8 ? { \p$2106 [15], \p$2106 [15], \p$2106 [15], \p$2106 [15], \p$2106 [15], \p$2106 [15], \p$2106 [15], \p$2106 [15], \p$2106 [15], \p$2106  } : \$343 ;
-  assign \$345  = $signed(acc_2_9) + $signed(\p$2107 );
-  assign \$346  = first_pe2_9 ? { \p$2107 [15], \p$2107 [15], \p$2107 [15], \p$2107 [15], \p$2107 [15], \p$2107 [15], \p$2107 [15], \p$2107 [15], \p$2107 [15], \p$2107  } : \$345 ;
-  assign \$347  = $signed(acc_2_10) + $signed(\p$2108 );
-  assign \$348  = first_pe2_10 ? { \p$2108 [15], \p$2108 [15], \p$2108 [15], \p$2108 [15], \p$2108 [15], \p$2108 [15], \p$2108 [15], \p$2108 [15], \p$2108 [15], \p$2108  } : \$347 ;
-  assign \$349  = $signed(acc_2_11) + $signed(\p$2109 );
-  assign \$350  = first_pe2_11 ? { \p$2109 [15], \p$2109 [15], \p$2109 [15], \p$2109 [15], \p$2109 [15], \p$2109 [15], \p$2109 [15], \p$2109 [15], \p$2109 [15], \p$2109  } : \$349 ;
-  assign \$351  = $signed(acc_2_12) + $signed(\p$2110 );
-  assign \$352  = first_pe2_12 ? { \p$2110 [15], \p$2110 [15], \p$2110 [15], \p$2110 [15], \p$2110 [15], \p$2110 [15], \p$2110 [15], \p$2110 [15], \p$2110 [15], \p$2110  } : \$351 ;
-  assign \$353  = $signed(acc_2_13) + $signed(\p$2111 );
-  assign \$354  = first_pe2_13 ? { \p$2111 [15], \p$2111 [15], \p$2111 [15], \p$2111 [15], \p$2111 [15], \p$2111 [15], \p$2111 [15], \p$2111 [15], \p$2111 [15], \p$2111  } : \$353 ;
-  assign \$355  = $signed(acc_2_14) + $signed(\p$2112 );
-  assign \$356  = first_pe2_14 ? { \p$2112 [15], \p$2112 [15], \p$2112 [15], \p$2112 [15], \p$2112 [15], \p$2112 [15], \p$2112 [15], \p$2112 [15], \p$2112 [15], \p$2112  } : \$355 ;
-  assign \$357  = $signed(acc_2_15) + $signed(\p$2113 );
-  assign \$358  = first_pe2_15 ? { \p$2113 [15], \p$2113 [15], \p$2113 [15], \p$2113 [15], \p$2113 [15], \p$2113 [15], \p$2113 [15], \p$2113 [15], \p$2113 [15], \p$2113  } : \$357 ;
-  assign \$359  = $signed(acc_3_0) + $signed(\p$2114 );
-  assign \$360  = first_pe3_0 ? { \p$2114 [15], \p$2114 [15], \p$2114 [15], \p$2114 [15], \p$2114 [15], \p$2114 [15], \p$2114 [15], \p$2114 [15], \p$2114 [15], \p$2114  } : \$359 ;
-  assign \$361  = $signed(acc_3_1) + $signed(\p$2115 );
-  assign \$362  = first_pe3_1 ? { \p$2115 [15], \p$2115 [15], \p$2115 [15], \p$2115 [15], \p$2115 [15], \p$2115 [15], \p$2115 [15], \p$2115 [15], \p$2115 [15], \p$2115  } : \$361 ;
-  assign \$363  = $signed(acc_3_2) + $signed(\p$2116 );
-  assign \$364  = first_pe3_2 ? { \p$2116 [15], \p$2116 [15], \p$2116 [15], \p$2116 [15], \p$2116 [15], \p$2116 [15], \p$2116 [15], \p$2116 [15], \p$2116 [15], \p$2116  } : \$363 ;
-  assign \$365  = $signed(acc_3_3) + $signed(\p$2117 );
-  assign \$366  = first_pe3_3 ? { \p$2117 [15], \p$2117 [15], \p$2117 [15], \p$2117 [15], \p$2117 [15], \p$2117 [15], \p$2117 [15], \p$2117 [15], \p$2117 [15], \p$2117  } : \$365 ;
-  assign \$367  = $signed(acc_3_4) + $signed(\p$2118 );
-  assign \$368  = first_pe3_4 ? { \p$2118 [15], \p$2118 [15], \p$2118 [15], \p$2118 [15], \p$2118 [15], \p$2118 [15], \p$2118 [15], \p$2118 [15], \p$2118 [15], \p$2118  } : \$367 ;
-  assign \$369  = $signed(acc_3_5) + $signed(\p$2119 );
-  assign \$370  = first_pe3_5 ? { \p$2119 [15], \p$2119 [15], \p$2119 [15], \p$2119 [15], \p$2119 [15], \p$2119 [15], \p$2119 [15], \p$2119 [15], \p$2119 [15], \p$2119  } : \$369 ;
-  assign \$371  = $signed(acc_3_6) + $signed(\p$2120 );
-  assign \$372  = first_pe3_6 ? { \p$2120 [15], \p$2120 [15], \p$2120 [15], \p$2120 [15], \p$2120 [15], \p$2120 [15], \p$2120 [15], \p$2120 [15], \p$2120 [15], \p$2120  } : \$371 ;
-  assign \$373  = $signed(acc_3_7) + $signed(\p$2121 );
-  assign \$374  = first_pe3_7 ? { \p$2121 [15], \p$2121 [15], \p$2121 [15], \p$2121 [15], \p$2121 [15], \p$2121 [15], \p$2121 [15], \p$2121 [15], \p$2121 [15], \p$2121  } : \$373 ;
-  assign \$375  = $signed(acc_3_8) + $signed(\p$2122 );
-  assign \$376  = first_pe3_8 ? { \p$2122 [15], \p$2122 [15], \p$2122 [15], \p$2122 [15], \p$2122 [15], \p$2122 [15], \p$2122 [15], \p$2122 [15], \p$2122 [15], \p$2122  } : \$375 ;
-  assign \$377  = $signed(acc_3_9) + $signed(\p$2123 );
-  assign \$378  = first_pe3_9 ? { \p$2123 [15], \p$2123 [15], \p$2123 [15], \p$2123 [15], \p$2123 [15], \p$2123 [15], \p$2123 [15], \p$2123 [15], \p$2123 [15], \p$2123  } : \$377 ;
-  assign \$379  = $signed(acc_3_10) + $signed(\p$2124 );
-  assign \$380  = first_pe3_10 ? { \p$2124 [15], \p$2124 [15], \p$2124 [15], \p$2124 [15], \p$2124 [15], \p$2124 [15], \p$2124 [15], \p$2124 [15], \p$2124 [15], \p$2124  } : \$379 ;
-  assign \$381  = $signed(acc_3_11) + $signed(\p$2125 );
-  assign \$382  = first_pe3_11 ? { \p$2125 [15], \p$2125 [15], \p$2125 [15], \p$2125 [15], \p$2125 [15], \p$2125 [15], \p$2125 [15], \p$2125 [15], \p$2125 [15], \p$2125  } : \$381 ;
-  assign \$383  = $signed(acc_3_12) + $signed(\p$2126 );
-  assign \$384  = first_pe3_12 ? { \p$2126 [15], \p$2126 [15], \p$2126 [15], \p$2126 [15], \p$2126 [15], \p$2126 [15], \p$2126 [15], \p$2126 [15], \p$2126 [15], \p$2126  } : \$383 ;
-  assign \$385  = $signed(acc_3_13) + $signed(\p$2127 );
-  assign \$386  = first_pe3_13 ? { \p$2127 [15], \p$2127 [15], \p$2127 [15], \p$2127 [15], \p$2127 [15], \p$2127 [15], \p$2127 [15], \p$2127 [15], \p$2127 [15], \p$2127  } : \$385 ;
-  assign \$387  = $signed(acc_3_14) + $signed(\p$2128 );
-  assign \$388  = first_pe3_14 ? { \p$2128 [15], \p$2128 [15], \p$2128 [15], \p$2128 [15], \p$2128 [15], \p$2128 [15], \p$2128 [15], \p$2128 [15], \p$2128 [15], \p$2128  } : \$387 ;
-  assign \$389  = $signed(acc_3_15) + $signed(\p$2129 );
-  assign \$390  = first_pe3_15 ? { \p$2129 [15], \p$2129 [15], \p$2129 [15], \p$2129 [15], \p$2129 [15], \p$2129 [15], \p$2129 [15], \p$2129 [15], \p$2129 [15], \p$2129  } : \$389 ;
-  assign \$391  = $signed(acc_4_0) + $signed(\p$2130 );
-  assign \$392  = first_pe4_0 ? { \p$2130 [15], \p$2130 [15], \p$2130 [15], \p$2130 [15], \p$2130 [15], \p$2130 [15], \p$2130 [15], \p$2130 [15], \p$2130 [15], \p$2130  } : \$391 ;
-  assign \$393  = $signed(acc_4_1) + $signed(\p$2131 );
-  assign \$394  = first_pe4_1 ? { \p$2131 [15], \p$2131 [15], \p$2131 [15], \p$2131 [15], \p$2131 [15], \p$2131 [15], \p$2131 [15], \p$2131 [15], \p$2131 [15], \p$2131  } : \$393 ;
-  assign \$395  = $signed(acc_4_2) + $signed(\p$2132 );
-  assign \$396  = first_pe4_2 ? { \p$2132 [15], \p$2132 [15], \p$2132 [15], \p$2132 [15], \p$2132 [15], \p$2132 [15], \p$2132 [15], \p$2132 [15], \p$2132 [15], \p$2132  } : \$395 ;
-  assign \$397  = $signed(acc_4_3) + $signed(\p$2133 );
-  assign \$398  = first_pe4_3 ? { \p$2133 [15], \p$2133 [15], \p$2133 [15], \p$2133 [15], \p$2133 [15], \p$2133 [15], \p$2133 [15], \p$2133 [15], \p$2133 [15], \p$2133  } : \$397 ;
-  assign \$399  = $signed(acc_4_4) + $signed(\p$2134 );
-  assign \$400  = first_pe4_4 ? { \p$2134 [15], \p$2134 [15], \p$2134 [15], \p$2134 [15], \p$2134 [15], \p$2134 [15], \p$2134 [15], \p$2134 [15], \p$2134 [15], \p$2134  } : \$399 ;
-  assign \$401  = $signed(acc_4_5) + $signed(\p$2135 );
-  assign \$402  = first_pe4_5 ? { \p$2135 [15], \p$2135 [15], \p$2135 [15], \p$2135 [15], \p$2135 [15], \p$2135 [15], \p$2135 [15], \p$2135 [15], \p$2135 [15], \p$2135  } : \$401 ;
-  assign \$403  = $signed(acc_4_6) + $signed(\p$2136 );
-  assign \$404  = first_pe4_6 ? { \p$2136 [15], \p$2136 [15], \p$2136 [15], \p$2136 [15], \p$2136 [15], \p$2136 [15], \p$2136 [15], \p$2136 [15], \p$2136 [15], \p$2136  } : \$403 ;
-  assign \$405  = $signed(acc_4_7) + $signed(\p$2137 );
-  assign \$406  = first_pe4_7 ? { \p$2137 [15], \p$2137 [15], \p$2137 [15], \p$2137 [15], \p$2137 [15], \p$2137 [15], \p$2137 [15], \p$2137 [15], \p$2137 [15], \p$2137  } : \$405 ;
-  assign \$407  = $signed(acc_4_8) + $signed(\p$2138 );
-  assign \$408  = first_pe4_8 ? { \p$2138 [15], \p$2138 [15], \p$2138 [15], \p$2138 [15], \p$2138 [15], \p$2138 [15], \p$2138 [15], \p$2138 [15], \p$2138 [15], \p$2138  } : \$407 ;
-  assign \$409  = $signed(acc_4_9) + $signed(\p$2139 );
-  assign \$410  = first_pe4_9 ? { \p$2139 [15], \p$2139 [15], \p$2139 [15], \p$2139 [15], \p$2139 [15], \p$2139 [15], \p$2139 [15], \p$2139 [15], \p$2139 [15], \p$2139  } : \$409 ;
-  assign \$411  = $signed(acc_4_10) + $signed(\p$2140 );
-  assign \$412  = first_pe4_10 ? { \p$2140 [15], \p$2140 [15], \p$2140 [15], \p$2140 [15], \p$2140 [15], \p$2140 [15], \p$2140 [15], \p$2140 [15], \p$2140 [15], \p$2140  } : \$411 ;
-  assign \$413  = $signed(acc_4_11) + $signed(\p$2141 );
-  assign \$414  = first_pe4_11 ? { \p$2141 [15], \p$2141 [15], \p$2141 [15], \p$2141 [15], \p$2141 [15], \p$2141 [15], \p$2141 [15], \p$2141 [15], \p$2141 [15], \p$2141  } : \$413 ;
-  assign \$415  = $signed(acc_4_12) + $signed(\p$2142 );
-  assign \$416  = first_pe4_12 ? { \p$2142 [15], \p$2142 [15], \p$2142 [15], \p$2142 [15], \p$2142 [15], \p$2142 [15], \p$2142 [15], \p$2142 [15], \p$2142 [15], \p$2142  } : \$415 ;
-  assign \$417  = $signed(acc_4_13) + $signed(\p$2143 );
-  assign \$418  = first_pe4_13 ? { \p$2143 [15], \p$2143 [15], \p$2143 [15], \p$2143 [15], \p$2143 [15], \p$2143 [15], \p$2143 [15], \p$2143 [15], \p$2143 [15], \p$2143  } : \$417 ;
-  assign \$419  = $signed(acc_4_14) + $signed(\p$2144 );
-  assign \$420  = first_pe4_14 ? { \p$2144 [15], \p$2144 [15], \p$2144 [15], \p$2144 [15], \p$2144 [15], \p$2144 [15], \p$2144 [15], \p$2144 [15], \p$2144 [15], \p$2144  } : \$419 ;
-  assign \$421  = $signed(acc_4_15) + $signed(\p$2145 );
-  assign \$422  = first_pe4_15 ? { \p$2145 [15], \p$2145 [15], \p$2145 [15], \p$2145 [15], \p$2145 [15], \p$2145 [15], \p$2145 [15], \p$2145 [15], \p$2145 [15], \p$2145  } : \$421 ;
-  assign \$423  = $signed(acc_5_0) + $signed(\p$2146 );
-  assign \$424  = first_pe5_0 ? { \p$2146 [15], \p$2146 [15], \p$2146 [15], \p$2146 [15], \p$2146 [15], \p$2146 [15], \p$2146 [15], \p$2146 [15], \p$2146 [15], \p$2146  } : \$423 ;
-  assign \$425  = $signed(acc_5_1) + $signed(\p$2147 );
-  assign \$426  = first_pe5_1 ? { \p$2147 [15], \p$2147 [15], \p$2147 [15], \p$2147 [15], \p$2147 [15], \p$2147 [15], \p$2147 [15], \p$2147 [15], \p$2147 [15], \p$2147  } : \$425 ;
-  assign \$427  = $signed(acc_5_2) + $signed(\p$2148 );
-  assign \$428  = first_pe5_2 ? { \p$2148 [15], \p$2148 [15], \p$2148 [15], \p$2148 [15], \p$2148 [15], \p$2148 [15], \p$2148 [15], \p$2148 [15], \p$2148 [15], \p$2148  } : \$427 ;
-  assign \$429  = $signed(acc_5_3) + $signed(\p$2149 );
-  assign \$430  = first_pe5_3 ? { \p$2149 [15], \p$2149 [15], \p$2149 [15], \p$2149 [15], \p$2149 [15], \p$2149 [15], \p$2149 [15], \p$2149 [15], \p$2149 [15], \p$2149  } : \$429 ;
-  assign \$431  = $signed(acc_5_4) + $signed(\p$2150 );
-  assign \$432  = first_pe5_4 ? { \p$2150 [15], \p$2150 [15], \p$2150 [15], \p$2150 [15], \p$2150 [15], \p$2150 [15], \p$2150 [15], \p$2150 [15], \p$2150 [15], \p$2150  } : \$431 ;
-  assign \$433  = $signed(acc_5_5) + $signed(\p$2151 );
-  assign \$434  = first_pe5_5 ? { \p$2151 [15], \p$2151 [15], \p$2151 [15], \p$2151 [15], \p$2151 [15], \p$2151 [15], \p$2151 [15], \p$2151 [15], \p$2151 [15], \p$2151  } : \$433 ;
-  assign \$435  = $signed(acc_5_6) + $signed(\p$2152 );
-  assign \$436  = first_pe5_6 ? { \p$2152 [15], \p$2152 [15], \p$2152 [15], \p$2152 [15], \p$2152 [15], \p$2152 [15], \p$2152 [15], \p$2152 [15], \p$2152 [15], \p$2152  } : \$435 ;
-  assign \$437  = $signed(acc_5_7) + $signed(\p$2153 );
-  assign \$438  = first_pe5_7 ? { \p$2153 [15], \p$2153 [15], \p$2153 [15], \p$2153 [15], \p$2153 [15], \p$2153 [15], \p$2153 [15], \p$2153 [15], \p$2153 [15], \p$2153  } : \$437 ;
-  assign \$439  = $signed(acc_5_8) + $signed(\p$2154 );
-  assign \$440  = first_pe5_8 ? { \p$2154 [15], \p$2154 [15], \p$2154 [15], \p$2154 [15], \p$2154 [15], \p$2154 [15], \p$2154 [15], \p$2154 [15], \p$2154 [15], \p$2154  } : \$439 ;
-  assign \$441  = $signed(acc_5_9) + $signed(\p$2155 );
-  assign \$442  = first_pe5_9 ? { \p$2155 [15], \p$2155 [15], \p$2155 [15], \p$2155 [15], \p$2155 [15], \p$2155 [15], \p$2155 [15], \p$2155 [15], \p$2155 [15], \p$2155  } : \$441 ;
-  assign \$443  = $signed(acc_5_10) + $signed(\p$2156 );
-  assign \$444  = first_pe5_10 ? { \p$2156 [15], \p$2156 [15], \p$2156 [15], \p$2156 [15], \p$2156 [15], \p$2156 [15], \p$2156 [15], \p$2156 [15], \p$2156 [15], \p$2156  } : \$443 ;
-  assign \$445  = $signed(acc_5_11) + $signed(\p$2157 );
-  assign \$446  = first_pe5_11 ? { \p$2157 [15], \p$2157 [15], \p$2157 [15], \p$2157 [15], \p$2157 [15], \p$2157 [15], \p$2157 [15], \p$2157 [15], \p$2157 [15], \p$2157  } : \$445 ;
-  assign \$447  = $signed(acc_5_12) + $signed(\p$2158 );
-  assign \$448  = first_pe5_12 ? { \p$2158 [15], \p$2158 [15], \p$2158 [15], \p$2158 [15], \p$2158 [15], \p$2158 [15], \p$2158 [15], \p$2158 [15], \p$2158 [15], \p$2158  } : \$447 ;
-  assign \$449  = $signed(acc_5_13) + $signed(\p$2159 );
-  assign \$450  = first_pe5_13 ? { \p$2159 [15], \p$2159 [15], \p$2159 [15], \p$2159 [15], \p$2159 [15], \p$2159 [15], \p$2159 [15], \p$2159 [15], \p$2159 [15], \p$2159  } : \$449 ;
-  assign \$451  = $signed(acc_5_14) + $signed(\p$2160 );
-  assign \$452  = first_pe5_14 ? { \p$2160 [15], \p$2160 [15], \p$2160 [15], \p$2160 [15], \p$2160 [15], \p$2160 [15], \p$2160 [15], \p$2160 [15], \p$2160 [15], \p$2160  } : \$451 ;
-  assign \$453  = $signed(acc_5_15) + $signed(\p$2161 );
-  assign \$454  = first_pe5_15 ? { \p$2161 [15], \p$2161 [15], \p$2161 [15], \p$2161 [15], \p$2161 [15], \p$2161 [15], \p$2161 [15], \p$2161 [15], \p$2161 [15], \p$2161  } : \$453 ;
-  assign \$455  = $signed(acc_6_0) + $signed(\p$2162 );
-  assign \$456  = first_pe6_0 ? { \p$2162 [15], \p$2162 [15], \p$2162 [15], \p$2162 [15], \p$2162 [15], \p$2162 [15], \p$2162 [15], \p$2162 [15], \p$2162 [15], \p$2162  } : \$455 ;
-  assign \$457  = $signed(acc_6_1) + $signed(\p$2163 );
-  assign \$458  = first_pe6_1 ? { \p$2163 [15], \p$2163 [15], \p$2163 [15], \p$2163 [15], \p$2163 [15], \p$2163 [15], \p$2163 [15], \p$2163 [15], \p$2163 [15], \p$2163  } : \$457 ;
-  assign \$459  = $signed(acc_6_2) + $signed(\p$2164 );
-  assign \$460  = first_pe6_2 ? { \p$2164 [15], \p$2164 [15], \p$2164 [15], \p$2164 [15], \p$2164 [15], \p$2164 [15], \p$2164 [15], \p$2164 [15], \p$2164 [15], \p$2164  } : \$459 ;
-  assign \$461  = $signed(acc_6_3) + $signed(\p$2165 );
-  assign \$462  = first_pe6_3 ? { \p$2165 [15], \p$2165 [15], \p$2165 [15], \p$2165 [15], \p$2165 [15], \p$2165 [15], \p$2165 [15], \p$2165 [15], \p$2165 [15], \p$2165  } : \$461 ;
-  assign \$463  = $signed(acc_6_4) + $signed(\p$2166 );
-  assign \$464  = first_pe6_4 ? { \p$2166 [15], \p$2166 [15], \p$2166 [15], \p$2166 [15], \p$2166 [15], \p$2166 [15], \p$2166 [15], \p$2166 [15], \p$2166 [15], \p$2166  } : \$463 ;
-  assign \$465  = $signed(acc_6_5) + $signed(\p$2167 );
-  assign \$466  = first_pe6_5 ? { \p$2167 [15], \p$2167 [15], \p$2167 [15], \p$2167 [15], \p$2167 [15], \p$2167 [15], \p$2167 [15], \p$2167 [15], \p$2167 [15], \p$2167  } : \$465 ;
-  assign \$467  = $signed(acc_6_6) + $signed(\p$2168 );
-  assign \$468  = first_pe6_6 ? { \p$2168 [15], \p$2168 [15], \p$2168 [15], \p$2168 [15], \p$2168 [15], \p$2168 [15], \p$2168 [15], \p$2168 [15], \p$2168 [15], \p$2168  } : \$467 ;
-  assign \$469  = $signed(acc_6_7) + $signed(\p$2169 );
-  assign \$470  = first_pe6_7 ? { \p$2169 [15], \p$2169 [15], \p$2169 [15], \p$2169 [15], \p$2169 [15], \p$2169 [15], \p$2169 [15], \p$2169 [15], \p$2169 [15], \p$2169  } : \$469 ;
-  assign \$471  = $signed(acc_6_8) + $signed(\p$2170 );
-  assign \$472  = first_pe6_8 ? { \p$2170 [15], \p$2170 [15], \p$2170 [15], \p$2170 [15], \p$2170 [15], \p$2170 [15], \p$2170 [15], \p$2170 [15], \p$2170 [15], \p$2170  } : \$471 ;
-  assign \$473  = $signed(acc_6_9) + $signed(\p$2171 );
-  assign \$474  = first_pe6_9 ? { \p$2171 [15], \p$2171 [15], \p$2171 [15], \p$2171 [15], \p$2171 [15], \p$2171 [15], \p$2171 [15], \p$2171 [15], \p$2171 [15], \p$2171  } : \$473 ;
-  assign \$475  = $signed(acc_6_10) + $signed(\p$2172 );
-  assign \$476  = first_pe6_10 ? { \p$2172 [15], \p$2172 [15], \p$2172 [15], \p$2172 [15], \p$2172 [15], \p$2172 [15], \p$2172 [15], \p$2172 [15], \p$2172 [15], \p$2172  } : \$475 ;
-  assign \$477  = $signed(acc_6_11) + $signed(\p$2173 );
-  assign \$478  = first_pe6_11 ? { \p$2173 [15], \p$2173 [15], \p$2173 [15], \p$2173 [15], \p$2173 [15], \p$2173 [15], \p$2173 [15], \p$2173 [15], \p$2173 [15], \p$2173  } : \$477 ;
-  assign \$479  = $signed(acc_6_12) + $signed(\p$2174 );
-  assign \$480  = first_pe6_12 ? { \p$2174 [15], \p$2174 [15], \p$2174 [15], \p$2174 [15], \p$2174 [15], \p$2174 [15], \p$2174 [15], \p$2174 [15], \p$2174 [15], \p$2174  } : \$479 ;
-  assign \$481  = $signed(acc_6_13) + $signed(\p$2175 );
-  assign \$482  = first_pe6_13 ? { \p$2175 [15], \p$2175 [15], \p$2175 [15], \p$2175 [15], \p$2175 [15], \p$2175 [15], \p$2175 [15], \p$2175 [15], \p$2175 [15], \p$2175  } : \$481 ;
-  assign \$483  = $signed(acc_6_14) + $signed(\p$2176 );
-  assign \$484  = first_pe6_14 ? { \p$2176 [15], \p$2176 [15], \p$2176 [15], \p$2176 [15], \p$2176 [15], \p$2176 [15], \p$2176 [15], \p$2176 [15], \p$2176 [15], \p$2176  } : \$483 ;
-  assign \$485  = $signed(acc_6_15) + $signed(\p$2177 );
-  assign \$486  = first_pe6_15 ? { \p$2177 [15], \p$2177 [15], \p$2177 [15], \p$2177 [15], \p$2177 [15], \p$2177 [15], \p$2177 [15], \p$2177 [15], \p$2177 [15], \p$2177  } : \$485 ;
-  assign \$487  = $signed(acc_7_0) + $signed(\p$2178 );
-  assign \$488  = first_pe7_0 ? { \p$2178 [15], \p$2178 [15], \p$2178 [15], \p$2178 [15], \p$2178 [15], \p$2178 [15], \p$2178 [15], \p$2178 [15], \p$2178 [15], \p$2178  } : \$487 ;
-  assign \$489  = $signed(acc_7_1) + $signed(\p$2179 );
-  assign \$490  = first_pe7_1 ? { \p$2179 [15], \p$2179 [15], \p$2179 [15], \p$2179 [15], \p$2179 [15], \p$2179 [15], \p$2179 [15], \p$2179 [15], \p$2179 [15], \p$2179  } : \$489 ;
-  assign \$491  = $signed(acc_7_2) + $signed(\p$2180 );
-  assign \$492  = first_pe7_2 ? { \p$2180 [15], \p$2180 [15], \p$2180 [15], \p$2180 [15], \p$2180 [15], \p$2180 [15], \p$2180 [15], \p$2180 [15], \p$2180 [15], \p$2180  } : \$491 ;
-  assign \$493  = $signed(acc_7_3) + $signed(\p$2181 );
-  assign \$494  = first_pe7_3 ? { \p$2181 [15], \p$2181 [15], \p$2181 [15], \p$2181 [15], \p$2181 [15], \p$2181 [15], \p$2181 [15], \p$2181 [15], \p$2181 [15], \p$2181  } : \$493 ;
-  assign \$495  = $signed(acc_7_4) + $signed(\p$2182 );
-  assign \$496  = first_pe7_4 ? { \p$2182 [15], \p$2182 [15], \p$2182 [15], \p$2182 [15], \p$2182 [15], \p$2182 [15], \p$2182 [15], \p$2182 [15], \p$2182 [15], \p$2182  } : \$495 ;
-  assign \$497  = $signed(acc_7_5) + $signed(\p$2183 );
-  assign \$498  = first_pe7_5 ? { \p$2183 [15], \p$2183 [15], \p$2183 [15], \p$2183 [15], \p$2183 [15], \p$2183 [15], \p$2183 [15], \p$2183 [15], \p$2183 [15], \p$2183  } : \$497 ;
-  assign \$499  = $signed(acc_7_6) + $signed(\p$2184 );
-  assign \$500  = first_pe7_6 ? { \p$2184 [15], \p$2184 [15], \p$2184 [15], \p$2184 [15], \p$2184 [15], \p$2184 [15], \p$2184 [15], \p$2184 [15], \p$2184 [15], \p$2184  } : \$499 ;
-  assign \$501  = $signed(acc_7_7) + $signed(\p$2185 );
-  assign \$502  = first_pe7_7 ? { \p$2185 [15], \p$2185 [15], \p$2185 [15], \p$2185 [15], \p$2185 [15], \p$2185 [15], \p$2185 [15], \p$2185 [15], \p$2185 [15], \p$2185  } : \$501 ;
-  assign \$503  = $signed(acc_7_8) + $signed(\p$2186 );
-  assign \$504  = first_pe7_8 ? { \p$2186 [15], \p$2186 [15], \p$2186 [15], \p$2186 [15], \p$2186 [15], \p$2186 [15], \p$2186 [15], \p$2186 [15], \p$2186 [15], \p$2186  } : \$503 ;
-  assign \$505  = $signed(acc_7_9) + $signed(\p$2187 );
-  assign \$506  = first_pe7_9 ? { \p$2187 [15], \p$2187 [15], \p$2187 [15], \p$2187 [15], \p$2187 [15], \p$2187 [15], \p$2187 [15], \p$2187 [15], \p$2187 [15], \p$2187  } : \$505 ;
-  assign \$507  = $signed(acc_7_10) + $signed(\p$2188 );
-  assign \$508  = first_pe7_10 ? { \p$2188 [15], \p$2188 [15], \p$2188 [15], \p$2188 [15], \p$2188 [15], \p$2188 [15], \p$2188 [15], \p$2188 [15], \p$2188 [15], \p$2188  } : \$507 ;
-  assign \$509  = $signed(acc_7_11) + $signed(\p$2189 );
-  assign \$510  = first_pe7_11 ? { \p$2189 [15], \p$2189 [15], \p$2189 [15], \p$2189 [15], \p$2189 [15], \p$2189 [15], \p$2189 [15], \p$2189 [15], \p$2189 [15], \p$2189  } : \$509 ;
-  assign \$511  = $signed(acc_7_12) + $signed(\p$2190 );
-  assign \$512  = first_pe7_12 ? { \p$2190 [15], \p$2190 [15], \p$2190 [15], \p$2190 [15], \p$2190 [15], \p$2190 [15], \p$2190 [15], \p$2190 [15], \p$2190 [15], \p$2190  } : \$511 ;
-  assign \$513  = $signed(acc_7_13) + $signed(\p$2191 );
-  assign \$514  = first_pe7_13 ? { \p$2191 [15], \p$2191 [15], \p$2191 [15], \p$2191 [15], \p$2191 [15], \p$2191 [15], \p$2191 [15], \p$2191 [15], \p$2191 [15], \p$2191  } : \$513 ;
-  assign \$515  = $signed(acc_7_14) + $signed(\p$2192 );
-  assign \$516  = first_pe7_14 ? { \p$2192 [15], \p$2192 [15], \p$2192 [15], \p$2192 [15], \p$2192 [15], \p$2192 [15], \p$2192 [15], \p$2192 [15], \p$2192 [15], \p$2192  } : \$515 ;
-  assign \$517  = $signed(acc_7_15) + $signed(\p$2193 );
-  assign \$518  = first_pe7_15 ? { \p$2193 [15], \p$2193 [15], \p$2193 [15], \p$2193 [15], \p$2193 [15], \p$2193 [15], \p$2193 [15], \p$2193 [15], \p$2193 [15], \p$2193  } : \$517 ;
-  assign \$519  = $signed(acc_8_0) + $signed(\p$2194 );
-  assign \$520  = first_pe8_0 ? { \p$2194 [15], \p$2194 [15], \p$2194 [15], \p$2194 [15], \p$2194 [15], \p$2194 [15], \p$2194 [15], \p$2194 [15], \p$2194 [15], \p$2194  } : \$519 ;
-  assign \$521  = $signed(acc_8_1) + $signed(\p$2195 );
-  assign \$522  = first_pe8_1 ? { \p$2195 [15], \p$2195 [15], \p$2195 [15], \p$2195 [15], \p$2195 [15], \p$2195 [15], \p$2195 [15], \p$2195 [15], \p$2195 [15], \p$2195  } : \$521 ;
-  assign \$523  = $signed(acc_8_2) + $signed(\p$2196 );
-  assign \$524  = first_pe8_2 ? { \p$2196 [15], \p$2196 [15], \p$2196 [15], \p$2196 [15], \p$2196 [15], \p$2196 [15], \p$2196 [15], \p$2196 [15], \p$2196 [15], \p$2196  } : \$523 ;
-  assign \$525  = $signed(acc_8_3) + $signed(\p$2197 );
-  assign \$526  = first_pe8_3 ? { \p$2197 [15], \p$2197 [15], \p$2197 [15], \p$2197 [15], \p$2197 [15], \p$2197 [15], \p$2197 [15], \p$2197 [15], \p$2197 [15], \p$2197  } : \$525 ;
-  assign \$527  = $signed(acc_8_4) + $signed(\p$2198 );
-  assign \$528  = first_pe8_4 ? { \p$2198 [15], \p$2198 [15], \p$2198 [15], \p$2198 [15], \p$2198 [15], \p$2198 [15], \p$2198 [15], \p$2198 [15], \p$2198 [15], \p$2198  } : \$527 ;
-  assign \$529  = $signed(acc_8_5) + $signed(\p$2199 );
-  assign \$530  = first_pe8_5 ? { \p$2199 [15], \p$2199 [15], \p$2199 [15], \p$2199 [15], \p$2199 [15], \p$2199 [15], \p$2199 [15], \p$2199 [15], \p$2199 [15], \p$2199  } : \$529 ;
-  assign \$531  = $signed(acc_8_6) + $signed(\p$2200 );
-  assign \$532  = first_pe8_6 ? { \p$2200 [15], \p$2200 [15], \p$2200 [15], \p$2200 [15], \p$2200 [15], \p$2200 [15], \p$2200 [15], \p$2200 [15], \p$2200 [15], \p$2200  } : \$531 ;
-  assign \$533  = $signed(acc_8_7) + $signed(\p$2201 );
-  assign \$534  = first_pe8_7 ? { \p$2201 [15], \p$2201 [15], \p$2201 [15], \p$2201 [15], \p$2201 [15], \p$2201 [15], \p$2201 [15], \p$2201 [15], \p$2201 [15], \p$2201  } : \$533 ;
-  assign \$535  = $signed(acc_8_8) + $signed(\p$2202 );
-  assign \$536  = first_pe8_8 ? { \p$2202 [15], \p$2202 [15], \p$2202 [15], \p$2202 [15], \p$2202 [15], \p$2202 [15], \p$2202 [15], \p$2202 [15], \p$2202 [15], \p$2202  } : \$535 ;
-  assign \$537  = $signed(acc_8_9) + $signed(\p$2203 );
-  assign \$538  = first_pe8_9 ? { \p$2203 [15], \p$2203 [15], \p$2203 [15], \p$2203 [15], \p$2203 [15], \p$2203 [15], \p$2203 [15], \p$2203 [15], \p$2203 [15], \p$2203  } : \$537 ;
-  assign \$539  = $signed(acc_8_10) + $signed(\p$2204 );
-  assign \$540  = first_pe8_10 ? { \p$2204 [15], \p$2204 [15], \p$2204 [15], \p$2204 [15], \p$2204 [15], \p$2204 [15], \p$2204 [15], \p$2204 [15], \p$2204 [15], \p$2204  } : \$539 ;
-  assign \$541  = $signed(acc_8_11) + $signed(\p$2205 );
-  assign \$542  = first_pe8_11 ? { \p$2205 [15], \p$2205 [15], \p$2205 [15], \p$2205 [15], \p$2205 [15], \p$2205 [15], \p$2205 [15], \p$2205 [15], \p$2205 [15], \p$2205  } : \$541 ;
-  assign \$543  = $signed(acc_8_12) + $signed(\p$2206 );
-  assign \$544  = first_pe8_12 ? { \p$2206 [15], \p$2206 [15], \p$2206 [15], \p$2206 [15], \p$2206 [15], \p$2206 [15], \p$2206 [15], \p$2206 [15], \p$2206 [15], \p$2206  } : \$543 ;
-  assign \$545  = $signed(acc_8_13) + $signed(\p$2207 );
-  assign \$546  = first_pe8_13 ? { \p$2207 [15], \p$2207 [15], \p$2207 [15], \p$2207 [15], \p$2207 [15], \p$2207 [15], \p$2207 [15], \p$2207 [15], \p$2207 [15], \p$2207  } : \$545 ;
-  assign \$547  = $signed(acc_8_14) + $signed(\p$2208 );
-  assign \$548  = first_pe8_14 ? { \p$2208 [15], \p$2208 [15], \p$2208 [15], \p$2208 [15], \p$2208 [15], \p$2208 [15], \p$2208 [15], \p$2208 [15], \p$2208 [15], \p$2208  } : \$547 ;
-  assign \$549  = $signed(acc_8_15) + $signed(\p$2209 );
-  assign \$550  = first_pe8_15 ? { \p$2209 [15], \p$2209 [15], \p$2209 [15], \p$2209 [15], \p$2209 [15], \p$2209 [15], \p$2209 [15], \p$2209 [15], \p$2209 [15], \p$2209  } : \$549 ;
-  assign \$551  = $signed(acc_9_0) + $signed(\p$2210 );
-  assign \$552  = first_pe9_0 ? { \p$2210 [15], \p$2210 [15], \p$2210 [15], \p$2210 [15], \p$2210 [15], \p$2210 [15], \p$2210 [15], \p$2210 [15], \p$2210 [15], \p$2210  } : \$551 ;
-  assign \$553  = $signed(acc_9_1) + $signed(\p$2211 );
-  assign \$554  = first_pe9_1 ? { \p$2211 [15], \p$2211 [15], \p$2211 [15], \p$2211 [15], \p$2211 [15], \p$2211 [15], \p$2211 [15], \p$2211 [15], \p$2211 [15], \p$2211  } : \$553 ;
-  assign \$555  = $signed(acc_9_2) + $signed(\p$2212 );
-  assign \$556  = first_pe9_2 ? { \p$2212 [15], \p$2212 [15], \p$2212 [15], \p$2212 [15], \p$2212 [15], \p$2212 [15], \p$2212 [15], \p$2212 [15], \p$2212 [15], \p$2212  } : \$555 ;
-  assign \$557  = $signed(acc_9_3) + $signed(\p$2213 );
-  assign \$558  = first_pe9_3 ? { \p$2213 [15], \p$2213 [15], \p$2213 [15], \p$2213 [15], \p$2213 [15], \p$2213 [15], \p$2213 [15], \p$2213 [15], \p$2213 [15], \p$2213  } : \$557 ;
-  assign \$559  = $signed(acc_9_4) + $signed(\p$2214 );
-  assign \$560  = first_pe9_4 ? { \p$2214 [15], \p$2214 [15], \p$2214 [15], \p$2214 [15], \p$2214 [15], \p$2214 [15], \p$2214 [15], \p$2214 [15], \p$2214 [15], \p$2214  } : \$559 ;
-  assign \$561  = $signed(acc_9_5) + $signed(\p$2215 );
-  assign \$562  = first_pe9_5 ? { \p$2215 [15], \p$2215 [15], \p$2215 [15], \p$2215 [15], \p$2215 [15], \p$2215 [15], \p$2215 [15], \p$2215 [15], \p$2215 [15], \p$2215  } : \$561 ;
-  assign \$563  = $signed(acc_9_6) + $signed(\p$2216 );
-  assign \$564  = first_pe9_6 ? { \p$2216 [15], \p$2216 [15], \p$2216 [15], \p$2216 [15], \p$2216 [15], \p$2216 [15], \p$2216 [15], \p$2216 [15], \p$2216 [15], \p$2216  } : \$563 ;
-  assign \$565  = $signed(acc_9_7) + $signed(\p$2217 );
-  assign \$566  = first_pe9_7 ? { \p$2217 [15], \p$2217 [15], \p$2217 [15], \p$2217 [15], \p$2217 [15], \p$2217 [15], \p$2217 [15], \p$2217 [15], \p$2217 [15], \p$2217  } : \$565 ;
-  assign \$567  = $signed(acc_9_8) + $signed(\p$2218 );
-  assign \$568  = first_pe9_8 ? { \p$2218 [15], \p$2218 [15], \p$2218 [15], \p$2218 [15], \p$2218 [15], \p$2218 [15], \p$2218 [15], \p$2218 [15], \p$2218 [15], \p$2218  } : \$567 ;
-  assign \$569  = $signed(acc_9_9) + $signed(\p$2219 );
-  assign \$570  = first_pe9_9 ? { \p$2219 [15], \p$2219 [15], \p$2219 [15], \p$2219 [15], \p$2219 [15], \p$2219 [15], \p$2219 [15], \p$2219 [15], \p$2219 [15], \p$2219  } : \$569 ;
-  assign \$571  = $signed(acc_9_10) + $signed(\p$2220 );
-  assign \$572  = first_pe9_10 ? { \p$2220 [15], \p$2220 [15], \p$2220 [15], \p$2220 [15], \p$2220 [15], \p$2220 [15], \p$2220 [15], \p$2220 [15], \p$2220 [15], \p$2220  } : \$571 ;
-  assign \$573  = $signed(acc_9_11) + $signed(\p$2221 );
-  assign \$574  = first_pe9_11 ? { \p$2221 [15], \p$2221 [15], \p$2221 [15], \p$2221 [15], \p$2221 [15], \p$2221 [15], \p$2221 [15], \p$2221 [15], \p$2221 [15], \p$2221  } : \$573 ;
-  assign \$575  = $signed(acc_9_12) + $signed(\p$2222 );
-  assign \$576  = first_pe9_12 ? { \p$2222 [15], \p$2222 [15], \p$2222 [15], \p$2222 [15], \p$2222 [15], \p$2222 [15], \p$2222 [15], \p$2222 [15], \p$2222 [15], \p$2222  } : \$575 ;
-  assign \$577  = $signed(acc_9_13) + $signed(\p$2223 );
-  assign \$578  = first_pe9_13 ? { \p$2223 [15], \p$2223 [15], \p$2223 [15], \p$2223 [15], \p$2223 [15], \p$2223 [15], \p$2223 [15], \p$2223 [15], \p$2223 [15], \p$2223  } : \$577 ;
-  assign \$579  = $signed(acc_9_14) + $signed(\p$2224 );
-  assign \$580  = first_pe9_14 ? { \p$2224 [15], \p$2224 [15], \p$2224 [15], \p$2224 [15], \p$2224 [15], \p$2224 [15], \p$2224 [15], \p$2224 [15], \p$2224 [15], \p$2224  } : \$579 ;
-  assign \$581  = $signed(acc_9_15) + $signed(\p$2225 );
-  assign \$582  = first_pe9_15 ? { \p$2225 [15], \p$2225 [15], \p$2225 [15], \p$2225 [15], \p$2225 [15], \p$2225 [15], \p$2225 [15], \p$2225 [15], \p$2225 [15], \p$2225  } : \$581 ;
-  assign \$583  = $signed(acc_10_0) + $signed(\p$2226 );
-  assign \$584  = first_pe10_0 ? { \p$2226 [15], \p$2226 [15], \p$2226 [15], \p$2226 [15], \p$2226 [15], \p$2226 [15], \p$2226 [15], \p$2226 [15], \p$2226 [15], \p$2226  } : \$583 ;
-  assign \$585  = $signed(acc_10_1) + $signed(\p$2227 );
-  assign \$586  = first_pe10_1 ? { \p$2227 [15], \p$2227 [15], \p$2227 [15], \p$2227 [15], \p$2227 [15], \p$2227 [15], \p$2227 [15], \p$2227 [15], \p$2227 [15], \p$2227  } : \$585 ;
-  assign \$587  = $signed(acc_10_2) + $signed(\p$2228 );
-  assign \$588  = first_pe10_2 ? { \p$2228 [15], \p$2228 [15], \p$2228 [15], \p$2228 [15], \p$2228 [15], \p$2228 [15], \p$2228 [15], \p$2228 [15], \p$2228 [15], \p$2228  } : \$587 ;
-  assign \$589  = $signed(acc_10_3) + $signed(\p$2229 );
-  assign \$590  = first_pe10_3 ? { \p$2229 [15], \p$2229 [15], \p$2229 [15], \p$2229 [15], \p$2229 [15], \p$2229 [15], \p$2229 [15], \p$2229 [15], \p$2229 [15], \p$2229  } : \$589 ;
-  assign \$591  = $signed(acc_10_4) + $signed(\p$2230 );
-  assign \$592  = first_pe10_4 ? { \p$2230 [15], \p$2230 [15], \p$2230 [15], \p$2230 [15], \p$2230 [15], \p$2230 [15], \p$2230 [15], \p$2230 [15], \p$2230 [15], \p$2230  } : \$591 ;
-  assign \$593  = $signed(acc_10_5) + $signed(\p$2231 );
-  assign \$594  = first_pe10_5 ? { \p$2231 [15], \p$2231 [15], \p$2231 [15], \p$2231 [15], \p$2231 [15], \p$2231 [15], \p$2231 [15], \p$2231 [15], \p$2231 [15], \p$2231  } : \$593 ;
-  assign \$595  = $signed(acc_10_6) + $signed(\p$2232 );
-  assign \$596  = first_pe10_6 ? { \p$2232 [15], \p$2232 [15], \p$2232 [15], \p$2232 [15], \p$2232 [15], \p$2232 [15], \p$2232 [15], \p$2232 [15], \p$2232 [15], \p$2232  } : \$595 ;
-  assign \$597  = $signed(acc_10_7) + $signed(\p$2233 );
-  assign \$598  = first_pe10_7 ? { \p$2233 [15], \p$2233 [15], \p$2233 [15], \p$2233 [15], \p$2233 [15], \p$2233 [15], \p$2233 [15], \p$2233 [15], \p$2233 [15], \p$2233  } : \$597 ;
-  assign \$599  = $signed(acc_10_8) + $signed(\p$2234 );
-  assign \$600  = first_pe10_8 ? { \p$2234 [15], \p$2234 [15], \p$2234 [15], \p$2234 [15], \p$2234 [15], \p$2234 [15], \p$2234 [15], \p$2234 [15], \p$2234 [15], \p$2234  } : \$599 ;
-  assign \$601  = $signed(acc_10_9) + $signed(\p$2235 );
-  assign \$602  = first_pe10_9 ? { \p$2235 [15], \p$2235 [15], \p$2235 [15], \p$2235 [15], \p$2235 [15], \p$2235 [15], \p$2235 [15], \p$2235 [15], \p$2235 [15], \p$2235  } : \$601 ;
-  assign \$603  = $signed(acc_10_10) + $signed(\p$2236 );
-  assign \$604  = first_pe10_10 ? { \p$2236 [15], \p$2236 [15], \p$2236 [15], \p$2236 [15], \p$2236 [15], \p$2236 [15], \p$2236 [15], \p$2236 [15], \p$2236 [15], \p$2236  } : \$603 ;
-  assign \$605  = $signed(acc_10_11) + $signed(\p$2237 );
-  assign \$606  = first_pe10_11 ? { \p$2237 [15], \p$2237 [15], \p$2237 [15], \p$2237 [15], \p$2237 [15], \p$2237 [15], \p$2237 [15], \p$2237 [15], \p$2237 [15], \p$2237  } : \$605 ;
-  assign \$607  = $signed(acc_10_12) + $signed(\p$2238 );
-  assign \$608  = first_pe10_12 ? { \p$2238 [15], \p$2238 [15], \p$2238 [15], \p$2238 [15], \p$2238 [15], \p$2238 [15], \p$2238 [15], \p$2238 [15], \p$2238 [15], \p$2238  } : \$607 ;
-  assign \$609  = $signed(acc_10_13) + $signed(\p$2239 );
-  assign \$610  = first_pe10_13 ? { \p$2239 [15], \p$2239 [15], \p$2239 [15], \p$2239 [15], \p$2239 [15], \p$2239 [15], \p$2239 [15], \p$2239 [15], \p$2239 [15], \p$2239  } : \$609 ;
-  assign \$611  = $signed(acc_10_14) + $signed(\p$2240 );
-  assign \$612  = first_pe10_14 ? { \p$2240 [15], \p$2240 [15], \p$2240 [15], \p$2240 [15], \p$2240 [15], \p$2240 [15], \p$2240 [15], \p$2240 [15], \p$2240 [15], \p$2240  } : \$611 ;
-  assign \$613  = $signed(acc_10_15) + $signed(\p$2241 );
-  assign \$614  = first_pe10_15 ? { \p$2241 [15], \p$2241 [15], \p$2241 [15], \p$2241 [15], \p$2241 [15], \p$2241 [15], \p$2241 [15], \p$2241 [15], \p$2241 [15], \p$2241  } : \$613 ;
-  assign \$615  = $signed(acc_11_0) + $signed(\p$2242 );
-  assign \$616  = first_pe11_0 ? { \p$2242 [15], \p$2242 [15], \p$2242 [15], \p$2242 [15], \p$2242 [15], \p$2242 [15], \p$2242 [15], \p$2242 [15], \p$2242 [15], \p$2242  } : \$615 ;
-  assign \$617  = $signed(acc_11_1) + $signed(\p$2243 );
-  assign \$618  = first_pe11_1 ? { \p$2243 [15], \p$2243 [15], \p$2243 [15], \p$2243 [15], \p$2243 [15], \p$2243 [15], \p$2243 [15], \p$2243 [15], \p$2243 [15], \p$2243  } : \$617 ;
-  assign \$619  = $signed(acc_11_2) + $signed(\p$2244 );
-  assign \$620  = first_pe11_2 ? { \p$2244 [15], \p$2244 [15], \p$2244 [15], \p$2244 [15], \p$2244 [15], \p$2244 [15], \p$2244 [15], \p$2244 [15], \p$2244 [15], \p$2244  } : \$619 ;
-  assign \$621  = $signed(acc_11_3) + $signed(\p$2245 );
-  assign \$622  = first_pe11_3 ? { \p$2245 [15], \p$2245 [15], \p$2245 [15], \p$2245 [15], \p$2245 [15], \p$2245 [15], \p$2245 [15], \p$2245 [15], \p$2245 [15], \p$2245  } : \$621 ;
-  assign \$623  = $signed(acc_11_4) + $signed(\p$2246 );
-  assign \$624  = first_pe11_4 ? { \p$2246 [15], \p$2246 [15], \p$2246 [15], \p$2246 [15], \p$2246 [15], \p$2246 [15], \p$2246 [15], \p$2246 [15], \p$2246 [15], \p$2246  } : \$623 ;
-  assign \$625  = $signed(acc_11_5) + $signed(\p$2247 );
-  assign \$626  = first_pe11_5 ? { \p$2247 [15], \p$2247 [15], \p$2247 [15], \p$2247 [15], \p$2247 [15], \p$2247 [15], \p$2247 [15], \p$2247 [15], \p$2247 [15], \p$2247  } : \$625 ;
-  assign \$627  = $signed(acc_11_6) + $signed(\p$2248 );
-  assign \$628  = first_pe11_6 ? { \p$2248 [15], \p$2248 [15], \p$2248 [15], \p$2248 [15], \p$2248 [15], \p$2248 [15], \p$2248 [15], \p$2248 [15], \p$2248 [15], \p$2248  } : \$627 ;
-  assign \$629  = $signed(acc_11_7) + $signed(\p$2249 );
-  assign \$630  = first_pe11_7 ? { \p$2249 [15], \p$2249 [15], \p$2249 [15], \p$2249 [15], \p$2249 [15], \p$2249 [15], \p$2249 [15], \p$2249 [15], \p$2249 [15], \p$2249  } : \$629 ;
-  assign \$631  = $signed(acc_11_8) + $signed(\p$2250 );
-  assign \$632  = first_pe11_8 ? { \p$2250 [15], \p$2250 [15], \p$2250 [15], \p$2250 [15], \p$2250 [15], \p$2250 [15], \p$2250 [15], \p$2250 [15], \p$2250 [15], \p$2250  } : \$631 ;
-  assign \$633  = $signed(acc_11_9) + $signed(\p$2251 );
-  assign \$634  = first_pe11_9 ? { \p$2251 [15], \p$2251 [15], \p$2251 [15], \p$2251 [15], \p$2251 [15], \p$2251 [15], \p$2251 [15], \p$2251 [15], \p$2251 [15], \p$2251  } : \$633 ;
-  assign \$635  = $signed(acc_11_10) + $signed(\p$2252 );
-  assign \$636  = first_pe11_10 ? { \p$2252 [15], \p$2252 [15], \p$2252 [15], \p$2252 [15], \p$2252 [15], \p$2252 [15], \p$2252 [15], \p$2252 [15], \p$2252 [15], \p$2252  } : \$635 ;
-  assign \$637  = $signed(acc_11_11) + $signed(\p$2253 );
-  assign \$638  = first_pe11_11 ? { \p$2253 [15], \p$2253 [15], \p$2253 [15], \p$2253 [15], \p$2253 [15], \p$2253 [15], \p$2253 [15], \p$2253 [15], \p$2253 [15], \p$2253  } : \$637 ;
-  assign \$639  = $signed(acc_11_12) + $signed(\p$2254 );
-  assign \$640  = first_pe11_12 ? { \p$2254 [15], \p$2254 [15], \p$2254 [15], \p$2254 [15], \p$2254 [15], \p$2254 [15], \p$2254 [15], \p$2254 [15], \p$2254 [15], \p$2254  } : \$639 ;
-  assign \$641  = $signed(acc_11_13) + $signed(\p$2255 );
-  assign \$642  = first_pe11_13 ? { \p$2255 [15], \p$2255 [15], \p$2255 [15], \p$2255 [15], \p$2255 [15], \p$2255 [15], \p$2255 [15], \p$2255 [15], \p$2255 [15], \p$2255  } : \$641 ;
-  assign \$643  = $signed(acc_11_14) + $signed(\p$2256 );
-  assign \$644  = first_pe11_14 ? { \p$2256 [15], \p$2256 [15], \p$2256 [15], \p$2256 [15], \p$2256 [15], \p$2256 [15], \p$2256 [15], \p$2256 [15], \p$2256 [15], \p$2256  } : \$643 ;
-  assign \$645  = $signed(acc_11_15) + $signed(\p$2257 );
-  assign \$646  = first_pe11_15 ? { \p$2257 [15], \p$2257 [15], \p$2257 [15], \p$2257 [15], \p$2257 [15], \p$2257 [15], \p$2257 [15], \p$2257 [15], \p$2257 [15], \p$2257  } : \$645 ;
-  assign \$647  = $signed(acc_12_0) + $signed(\p$2258 );
-  assign \$648  = first_pe12_0 ? { \p$2258 [15], \p$2258 [15], \p$2258 [15], \p$2258 [15], \p$2258 [15], \p$2258 [15], \p$2258 [15], \p$2258 [15], \p$2258 [15], \p$2258  } : \$647 ;
-  assign \$649  = $signed(acc_12_1) + $signed(\p$2259 );
-  assign \$650  = first_pe12_1 ? { \p$2259 [15], \p$2259 [15], \p$2259 [15], \p$2259 [15], \p$2259 [15], \p$2259 [15], \p$2259 [15], \p$2259 [15], \p$2259 [15], \p$2259  } : \$649 ;
-  assign \$651  = $signed(acc_12_2) + $signed(\p$2260 );
-  assign \$652  = first_pe12_2 ? { \p$2260 [15], \p$2260 [15], \p$2260 [15], \p$2260 [15], \p$2260 [15], \p$2260 [15], \p$2260 [15], \p$2260 [15], \p$2260 [15], \p$2260  } : \$651 ;
-  assign \$653  = $signed(acc_12_3) + $signed(\p$2261 );
-  assign \$654  = first_pe12_3 ? { \p$2261 [15], \p$2261 [15], \p$2261 [15], \p$2261 [15], \p$2261 [15], \p$2261 [15], \p$2261 [15], \p$2261 [15], \p$2261 [15], \p$2261  } : \$653 ;
-  assign \$655  = $signed(acc_12_4) + $signed(\p$2262 );
-  assign \$656  = first_pe12_4 ? { \p$2262 [15], \p$2262 [15], \p$2262 [15], \p$2262 [15], \p$2262 [15], \p$2262 [15], \p$2262 [15], \p$2262 [15], \p$2262 [15], \p$2262  } : \$655 ;
-  assign \$657  = $signed(acc_12_5) + $signed(\p$2263 );
-  assign \$658  = first_pe12_5 ? { \p$2263 [15], \p$2263 [15], \p$2263 [15], \p$2263 [15], \p$2263 [15], \p$2263 [15], \p$2263 [15], \p$2263 [15], \p$2263 [15], \p$2263  } : \$657 ;
-  assign \$659  = $signed(acc_12_6) + $signed(\p$2264 );
-  assign \$660  = first_pe12_6 ? { \p$2264 [15], \p$2264 [15], \p$2264 [15], \p$2264 [15], \p$2264 [15], \p$2264 [15], \p$2264 [15], \p$2264 [15], \p$2264 [15], \p$2264  } : \$659 ;
-  assign \$661  = $signed(acc_12_7) + $signed(\p$2265 );
-  assign \$662  = first_pe12_7 ? { \p$2265 [15], \p$2265 [15], \p$2265 [15], \p$2265 [15], \p$2265 [15], \p$2265 [15], \p$2265 [15], \p$2265 [15], \p$2265 [15], \p$2265  } : \$661 ;
-  assign \$663  = $signed(acc_12_8) + $signed(\p$2266 );
-  assign \$664  = first_pe12_8 ? { \p$2266 [15], \p$2266 [15], \p$2266 [15], \p$2266 [15], \p$2266 [15], \p$2266 [15], \p$2266 [15], \p$2266 [15], \p$2266 [15], \p$2266  } : \$663 ;
-  assign \$665  = $signed(acc_12_9) + $signed(\p$2267 );
-  assign \$666  = first_pe12_9 ? { \p$2267 [15], \p$2267 [15], \p$2267 [15], \p$2267 [15], \p$2267 [15], \p$2267 [15], \p$2267 [15], \p$2267 [15], \p$2267 [15], \p$2267  } : \$665 ;
-  assign \$667  = $signed(acc_12_10) + $signed(\p$2268 );
-  assign \$668  = first_pe12_10 ? { \p$2268 [15], \p$2268 [15], \p$2268 [15], \p$2268 [15], \p$2268 [15], \p$2268 [15], \p$2268 [15], \p$2268 [15], \p$2268 [15], \p$2268  } : \$667 ;
-  assign \$669  = $signed(acc_12_11) + $signed(\p$2269 );
-  assign \$670  = first_pe12_11 ? { \p$2269 [15], \p$2269 [15], \p$2269 [15], \p$2269 [15], \p$2269 [15], \p$2269 [15], \p$2269 [15], \p$2269 [15], \p$2269 [15], \p$2269  } : \$669 ;
-  assign \$671  = $signed(acc_12_12) + $signed(\p$2270 );
-  assign \$672  = first_pe12_12 ? { \p$2270 [15], \p$2270 [15], \p$2270 [15], \p$2270 [15], \p$2270 [15], \p$2270 [15], \p$2270 [15], \p$2270 [15], \p$2270 [15], \p$2270  } : \$671 ;
-  assign \$673  = $signed(acc_12_13) + $signed(\p$2271 );
-  assign \$674  = first_pe12_13 ? { \p$2271 [15], \p$2271 [15], \p$2271 [15], \p$2271 [15], \p$2271 [15], \p$2271 [15], \p$2271 [15], \p$2271 [15], \p$2271 [15], \p$2271  } : \$673 ;
-  assign \$675  = $signed(acc_12_14) + $signed(\p$2272 );
-  assign \$676  = first_pe12_14 ? { \p$2272 [15], \p$2272 [15], \p$2272 [15], \p$2272 [15], \p$2272 [15], \p$2272 [15], \p$2272 [15], \p$2272 [15], \p$2272 [15], \p$2272  } : \$675 ;
-  assign \$677  = $signed(acc_12_15) + $signed(\p$2273 );
-  assign \$678  = first_pe12_15 ? { \p$2273 [15], \p$2273 [15], \p$2273 [15], \p$2273 [15], \p$2273 [15], \p$2273 [15], \p$2273 [15], \p$2273 [15], \p$2273 [15], \p$2273  } : \$677 ;
-  assign \$679  = $signed(acc_13_0) + $signed(\p$2274 );
-  assign \$680  = first_pe13_0 ? { \p$2274 [15], \p$2274 [15], \p$2274 [15], \p$2274 [15], \p$2274 [15], \p$2274 [15], \p$2274 [15], \p$2274 [15], \p$2274 [15], \p$2274  } : \$679 ;
-  assign \$681  = $signed(acc_13_1) + $signed(\p$2275 );
-  assign \$682  = first_pe13_1 ? { \p$2275 [15], \p$2275 [15], \p$2275 [15], \p$2275 [15], \p$2275 [15], \p$2275 [15], \p$2275 [15], \p$2275 [15], \p$2275 [15], \p$2275  } : \$681 ;
-  assign \$683  = $signed(acc_13_2) + $signed(\p$2276 );
-  assign \$684  = first_pe13_2 ? { \p$2276 [15], \p$2276 [15], \p$2276 [15], \p$2276 [15], \p$2276 [15], \p$2276 [15], \p$2276 [15], \p$2276 [15], \p$2276 [15], \p$2276  } : \$683 ;
-  assign \$685  = $signed(acc_13_3) + $signed(\p$2277 );
-  assign \$686  = first_pe13_3 ? { \p$2277 [15], \p$2277 [15], \p$2277 [15], \p$2277 [15], \p$2277 [15], \p$2277 [15], \p$2277 [15], \p$2277 [15], \p$2277 [15], \p$2277  } : \$685 ;
-  assign \$687  = $signed(acc_13_4) + $signed(\p$2278 );
-  assign \$688  = first_pe13_4 ? { \p$2278 [15], \p$2278 [15], \p$2278 [15], \p$2278 [15], \p$2278 [15], \p$2278 [15], \p$2278 [15], \p$2278 [15], \p$2278 [15], \p$2278  } : \$687 ;
-  assign \$689  = $signed(acc_13_5) + $signed(\p$2279 );
-  assign \$690  = first_pe13_5 ? { \p$2279 [15], \p$2279 [15], \p$2279 [15], \p$2279 [15], \p$2279 [15], \p$2279 [15], \p$2279 [15], \p$2279 [15], \p$2279 [15], \p$2279  } : \$689 ;
-  assign \$691  = $signed(acc_13_6) + $signed(\p$2280 );
-  assign \$692  = first_pe13_6 ? { \p$2280 [15], \p$2280 [15], \p$2280 [15], \p$2280 [15], \p$2280 [15], \p$2280 [15], \p$2280 [15], \p$2280 [15], \p$2280 [15], \p$2280  } : \$691 ;
-  assign \$693  = $signed(acc_13_7) + $signed(\p$2281 );
-  assign \$694  = first_pe13_7 ? { \p$2281 [15], \p$2281 [15], \p$2281 [15], \p$2281 [15], \p$2281 [15], \p$2281 [15], \p$2281 [15], \p$2281 [15], \p$2281 [15], \p$2281  } : \$693 ;
-  assign \$695  = $signed(acc_13_8) + $signed(\p$2282 );
-  assign \$696  = first_pe13_8 ? { \p$2282 [15], \p$2282 [15], \p$2282 [15], \p$2282 [15], \p$2282 [15], \p$2282 [15], \p$2282 [15], \p$2282 [15], \p$2282 [15], \p$2282  } : \$695 ;
-  assign \$697  = $signed(acc_13_9) + $signed(\p$2283 );
-  assign \$698  = first_pe13_9 ? { \p$2283 [15], \p$2283 [15], \p$2283 [15], \p$2283 [15], \p$2283 [15], \p$2283 [15], \p$2283 [15], \p$2283 [15], \p$2283 [15], \p$2283  } : \$697 ;
-  assign \$699  = $signed(acc_13_10) + $signed(\p$2284 );
-  assign \$700  = first_pe13_10 ? { \p$2284 [15], \p$2284 [15], \p$2284 [15], \p$2284 [15], \p$2284 [15], \p$2284 [15], \p$2284 [15], \p$2284 [15], \p$2284 [15], \p$2284  } : \$699 ;
-  assign \$701  = $signed(acc_13_11) + $signed(\p$2285 );
-  assign \$702  = first_pe13_11 ? { \p$2285 [15], \p$2285 [15], \p$2285 [15], \p$2285 [15], \p$2285 [15], \p$2285 [15], \p$2285 [15], \p$2285 [15], \p$2285 [15], \p$2285  } : \$701 ;
-  assign \$703  = $signed(acc_13_12) + $signed(\p$2286 );
-  assign \$704  = first_pe13_12 ? { \p$2286 [15], \p$2286 [15], \p$2286 [15], \p$2286 [15], \p$2286 [15], \p$2286 [15], \p$2286 [15], \p$2286 [15], \p$2286 [15], \p$2286  } : \$703 ;
-  assign \$705  = $signed(acc_13_13) + $signed(\p$2287 );
-  assign \$706  = first_pe13_13 ? { \p$2287 [15], \p$2287 [15], \p$2287 [15], \p$2287 [15], \p$2287 [15], \p$2287 [15], \p$2287 [15], \p$2287 [15], \p$2287 [15], \p$2287  } : \$705 ;
-  assign \$707  = $signed(acc_13_14) + $signed(\p$2288 );
-  assign \$708  = first_pe13_14 ? { \p$2288 [15], \p$2288 [15], \p$2288 [15], \p$2288 [15], \p$2288 [15], \p$2288 [15], \p$2288 [15], \p$2288 [15], \p$2288 [15], \p$2288  } : \$707 ;
-  assign \$709  = $signed(acc_13_15) + $signed(\p$2289 );
-  assign \$710  = first_pe13_15 ? { \p$2289 [15], \p$2289 [15], \p$2289 [15], \p$2289 [15], \p$2289 [15], \p$2289 [15], \p$2289 [15], \p$2289 [15], \p$2289 [15], \p$2289  } : \$709 ;
-  assign \$711  = $signed(acc_14_0) + $signed(\p$2290 );
-  assign \$712  = first_pe14_0 ? { \p$2290 [15], \p$2290 [15], \p$2290 [15], \p$2290 [15], \p$2290 [15], \p$2290 [15], \p$2290 [15], \p$2290 [15], \p$2290 [15], \p$2290  } : \$711 ;
-  assign \$713  = $signed(acc_14_1) + $signed(\p$2291 );
-  assign \$714  = first_pe14_1 ? { \p$2291 [15], \p$2291 [15], \p$2291 [15], \p$2291 [15], \p$2291 [15], \p$2291 [15], \p$2291 [15], \p$2291 [15], \p$2291 [15], \p$2291  } : \$713 ;
-  assign \$715  = $signed(acc_14_2) + $signed(\p$2292 );
-  assign \$716  = first_pe14_2 ? { \p$2292 [15], \p$2292 [15], \p$2292 [15], \p$2292 [15], \p$2292 [15], \p$2292 [15], \p$2292 [15], \p$2292 [15], \p$2292 [15], \p$2292  } : \$715 ;
-  assign \$717  = $signed(acc_14_3) + $signed(\p$2293 );
-  assign \$718  = first_pe14_3 ? { \p$2293 [15], \p$2293 [15], \p$2293 [15], \p$2293 [15], \p$2293 [15], \p$2293 [15], \p$2293 [15], \p$2293 [15], \p$2293 [15], \p$2293  } : \$717 ;
-  assign \$719  = $signed(acc_14_4) + $signed(\p$2294 );
-  assign \$720  = first_pe14_4 ? { \p$2294 [15], \p$2294 [15], \p$2294 [15], \p$2294 [15], \p$2294 [15], \p$2294 [15], \p$2294 [15], \p$2294 [15], \p$2294 [15], \p$2294  } : \$719 ;
-  assign \$721  = $signed(acc_14_5) + $signed(\p$2295 );
-  assign \$722  = first_pe14_5 ? { \p$2295 [15], \p$2295 [15], \p$2295 [15], \p$2295 [15], \p$2295 [15], \p$2295 [15], \p$2295 [15], \p$2295 [15], \p$2295 [15], \p$2295  } : \$721 ;
-  assign \$723  = $signed(acc_14_6) + $signed(\p$2296 );
-  assign \$724  = first_pe14_6 ? { \p$2296 [15], \p$2296 [15], \p$2296 [15], \p$2296 [15], \p$2296 [15], \p$2296 [15], \p$2296 [15], \p$2296 [15], \p$2296 [15], \p$2296  } : \$723 ;
-  assign \$725  = $signed(acc_14_7) + $signed(\p$2297 );
-  assign \$726  = first_pe14_7 ? { \p$2297 [15], \p$2297 [15], \p$2297 [15], \p$2297 [15], \p$2297 [15], \p$2297 [15], \p$2297 [15], \p$2297 [15], \p$2297 [15], \p$2297  } : \$725 ;
-  assign \$727  = $signed(acc_14_8) + $signed(\p$2298 );
-  assign \$728  = first_pe14_8 ? { \p$2298 [15], \p$2298 [15], \p$2298 [15], \p$2298 [15], \p$2298 [15], \p$2298 [15], \p$2298 [15], \p$2298 [15], \p$2298 [15], \p$2298  } : \$727 ;
-  assign \$729  = $signed(acc_14_9) + $signed(\p$2299 );
-  assign \$730  = first_pe14_9 ? { \p$2299 [15], \p$2299 [15], \p$2299 [15], \p$2299 [15], \p$2299 [15], \p$2299 [15], \p$2299 [15], \p$2299 [15], \p$2299 [15], \p$2299  } : \$729 ;
-  assign \$731  = $signed(acc_14_10) + $signed(\p$2300 );
-  assign \$732  = first_pe14_10 ? { \p$2300 [15], \p$2300 [15], \p$2300 [15], \p$2300 [15], \p$2300 [15], \p$2300 [15], \p$2300 [15], \p$2300 [15], \p$2300 [15], \p$2300  } : \$731 ;
-  assign \$733  = $signed(acc_14_11) + $signed(\p$2301 );
-  assign \$734  = first_pe14_11 ? { \p$2301 [15], \p$2301 [15], \p$2301 [15], \p$2301 [15], \p$2301 [15], \p$2301 [15], \p$2301 [15], \p$2301 [15], \p$2301 [15], \p$2301  } : \$733 ;
-  assign \$735  = $signed(acc_14_12) + $signed(\p$2302 );
-  assign \$736  = first_pe14_12 ? { \p$2302 [15], \p$2302 [15], \p$2302 [15], \p$2302 [15], \p$2302 [15], \p$2302 [15], \p$2302 [15], \p$2302 [15], \p$2302 [15], \p$2302  } : \$735 ;
-  assign \$737  = $signed(acc_14_13) + $signed(\p$2303 );
-  assign \$738  = first_pe14_13 ? { \p$2303 [15], \p$2303 [15], \p$2303 [15], \p$2303 [15], \p$2303 [15], \p$2303 [15], \p$2303 [15], \p$2303 [15], \p$2303 [15], \p$2303  } : \$737 ;
-  assign \$739  = $signed(acc_14_14) + $signed(\p$2304 );
-  assign \$740  = first_pe14_14 ? { \p$2304 [15], \p$2304 [15], \p$2304 [15], \p$2304 [15], \p$2304 [15], \p$2304 [15], \p$2304 [15], \p$2304 [15], \p$2304 [15], \p$2304  } : \$739 ;
-  assign \$741  = $signed(acc_14_15) + $signed(\p$2305 );
-  assign \$742  = first_pe14_15 ? { \p$2305 [15], \p$2305 [15], \p$2305 [15], \p$2305 [15], \p$2305 [15], \p$2305 [15], \p$2305 [15], \p$2305 [15], \p$2305 [15], \p$2305  } : \$741 ;
-  assign \$743  = $signed(acc_15_0) + $signed(\p$2306 );
-  assign \$744  = first_pe15_0 ? { \p$2306 [15], \p$2306 [15], \p$2306 [15], \p$2306 [15], \p$2306 [15], \p$2306 [15], \p$2306 [15], \p$2306 [15], \p$2306 [15], \p$2306  } : \$743 ;
-  assign \$745  = $signed(acc_15_1) + $signed(\p$2307 );
-  assign \$746  = first_pe15_1 ? { \p$2307 [15], \p$2307 [15], \p$2307 [15], \p$2307 [15], \p$2307 [15], \p$2307 [15], \p$2307 [15], \p$2307 [15], \p$2307 [15], \p$2307  } : \$745 ;
-  assign \$747  = $signed(acc_15_2) + $signed(\p$2308 );
-  assign \$748  = first_pe15_2 ? { \p$2308 [15], \p$2308 [15], \p$2308 [15], \p$2308 [15], \p$2308 [15], \p$2308 [15], \p$2308 [15], \p$2308 [15], \p$2308 [15], \p$2308  } : \$747 ;
-  assign \$749  = $signed(acc_15_3) + $signed(\p$2309 );
-  assign \$750  = first_pe15_3 ? { \p$2309 [15], \p$2309 [15], \p$2309 [15], \p$2309 [15], \p$2309 [15], \p$2309 [15], \p$2309 [15], \p$2309 [15], \p$2309 [15], \p$2309  } : \$749 ;
-  assign \$751  = $signed(acc_15_4) + $signed(\p$2310 );
-  assign \$752  = first_pe15_4 ? { \p$2310 [15], \p$2310 [15], \p$2310 [15], \p$2310 [15], \p$2310 [15], \p$2310 [15], \p$2310 [15], \p$2310 [15], \p$2310 [15], \p$2310  } : \$751 ;
-  assign \$753  = $signed(acc_15_5) + $signed(\p$2311 );
-  assign \$754  = first_pe15_5 ? { \p$2311 [15], \p$2311 [15], \p$2311 [15], \p$2311 [15], \p$2311 [15], \p$2311 [15], \p$2311 [15], \p$2311 [15], \p$2311 [15], \p$2311  } : \$753 ;
-  assign \$755  = $signed(acc_15_6) + $signed(\p$2312 );
-  assign \$756  = first_pe15_6 ? { \p$2312 [15], \p$2312 [15], \p$2312 [15], \p$2312 [15], \p$2312 [15], \p$2312 [15], \p$2312 [15], \p$2312 [15], \p$2312 [15], \p$2312  } : \$755 ;
-  assign \$757  = $signed(acc_15_7) + $signed(\p$2313 );
-  assign \$758  = first_pe15_7 ? { \p$2313 [15], \p$2313 [15], \p$2313 [15], \p$2313 [15], \p$2313 [15], \p$2313 [15], \p$2313 [15], \p$2313 [15], \p$2313 [15], \p$2313  } : \$757 ;
-  assign \$759  = $signed(acc_15_8) + $signed(\p$2314 );
-  assign \$760  = first_pe15_8 ? { \p$2314 [15], \p$2314 [15], \p$2314 [15], \p$2314 [15], \p$2314 [15], \p$2314 [15], \p$2314 [15], \p$2314 [15], \p$2314 [15], \p$2314  } : \$759 ;
-  assign \$761  = $signed(acc_15_9) + $signed(\p$2315 );
-  assign \$762  = first_pe15_9 ? { \p$2315 [15], \p$2315 [15], \p$2315 [15], \p$2315 [15], \p$2315 [15], \p$2315 [15], \p$2315 [15], \p$2315 [15], \p$2315 [15], \p$2315  } : \$761 ;
-  assign \$763  = $signed(acc_15_10) + $signed(\p$2316 );
-  assign \$764  = first_pe15_10 ? { \p$2316 [15], \p$2316 [15], \p$2316 [15], \p$2316 [15], \p$2316 [15], \p$2316 [15], \p$2316 [15], \p$2316 [15], \p$2316 [15], \p$2316  } : \$763 ;
-  assign \$765  = $signed(acc_15_11) + $signed(\p$2317 );
-  assign \$766  = first_pe15_11 ? { \p$2317 [15], \p$2317 [15], \p$2317 [15], \p$2317 [15], \p$2317 [15], \p$2317 [15], \p$2317 [15], \p$2317 [15], \p$2317 [15], \p$2317  } : \$765 ;
-  assign \$767  = $signed(acc_15_12) + $signed(\p$2318 );
-  assign \$768  = first_pe15_12 ? { \p$2318 [15], \p$2318 [15], \p$2318 [15], \p$2318 [15], \p$2318 [15], \p$2318 [15], \p$2318 [15], \p$2318 [15], \p$2318 [15], \p$2318  } : \$767 ;
-  assign \$769  = $signed(acc_15_13) + $signed(\p$2319 );
-  assign \$770  = first_pe15_13 ? { \p$2319 [15], \p$2319 [15], \p$2319 [15], \p$2319 [15], \p$2319 [15], \p$2319 [15], \p$2319 [15], \p$2319 [15], \p$2319 [15], \p$2319  } : \$769 ;
-  assign \$771  = $signed(acc_15_14) + $signed(\p$2320 );
-  assign \$772  = first_pe15_14 ? { \p$2320 [15], \p$2320 [15], \p$2320 [15], \p$2320 [15], \p$2320 [15], \p$2320 [15], \p$2320 [15], \p$2320 [15], \p$2320 [15], \p$2320  } : \$771 ;
-  assign \$773  = $signed(acc_15_15) + $signed(\p$2321 );
-  assign \$774  = first_pe15_15 ? { \p$2321 [15], \p$2321 [15], \p$2321 [15], \p$2321 [15], \p$2321 [15], \p$2321 [15], \p$2321 [15], \p$2321 [15], \p$2321 [15], \p$2321  } : \$773 ;
+  assign \$209  = done_pe4_4 ? acc_4_4 : bank_5_4;
+  assign \$210  = $signed(acc_4_5) + $signed(\p$1265 );
+  assign \$211  = first_pe4_5 ? { \p$1265 [15], \p$1265 [15], \p$1265 [15], \p$1265 [15], \p$1265 [15], \p$1265 [15], \p$1265 [15], \p$1265 [15], \p$1265 [15], \p$1265  } : \$210 ;
+  assign \$212  = done_pe4_5 ? acc_4_5 : bank_5_5;
+  assign \$213  = $signed(acc_4_6) + $signed(\p$1268 );
+  assign \$214  = first_pe4_6 ? { \p$1268 [15], \p$1268 [15], \p$1268 [15], \p$1268 [15], \p$1268 [15], \p$1268 [15], \p$1268 [15], \p$1268 [15], \p$1268 [15], \p$1268  } : \$213 ;
+  assign \$215  = done_pe4_6 ? acc_4_6 : bank_5_6;
+  assign \$216  = $signed(acc_4_7) + $signed(\p$1271 );
+  assign \$217  = first_pe4_7 ? { \p$1271 [15], \p$1271 [15], \p$1271 [15], \p$1271 [15], \p$1271 [15], \p$1271 [15], \p$1271 [15], \p$1271 [15], \p$1271 [15], \p$1271  } : \$216 ;
+  assign \$218  = done_pe4_7 ? acc_4_7 : bank_5_7;
+  assign \$219  = $signed(acc_4_8) + $signed(\p$1274 );
+  assign \$220  = first_pe4_8 ? { \p$1274 [15], \p$1274 [15], \p$1274 [15], \p$1274 [15], \p$1274 [15], \p$1274 [15], \p$1274 [15], \p$1274 [15], \p$1274 [15], \p$1274  } : \$219 ;
+  assign \$221  = done_pe4_8 ? acc_4_8 : bank_5_8;
+  assign \$222  = $signed(acc_4_9) + $signed(\p$1277 );
+  assign \$223  = first_pe4_9 ? { \p$1277 [15], \p$1277 [15], \p$1277 [15], \p$1277 [15], \p$1277 [15], \p$1277 [15], \p$1277 [15], \p$1277 [15], \p$1277 [15], \p$1277  } : \$222 ;
+  assign \$224  = done_pe4_9 ? acc_4_9 : bank_5_9;
+  assign \$225  = $signed(acc_4_10) + $signed(\p$1280 );
+  assign \$226  = first_pe4_10 ? { \p$1280 [15], \p$1280 [15], \p$1280 [15], \p$1280 [15], \p$1280 [15], \p$1280 [15], \p$1280 [15], \p$1280 [15], \p$1280 [15], \p$1280  } : \$225 ;
+  assign \$227  = done_pe4_10 ? acc_4_10 : bank_5_10;
+  assign \$228  = $signed(acc_4_11) + $signed(\p$1283 );
+  assign \$229  = first_pe4_11 ? { \p$1283 [15], \p$1283 [15], \p$1283 [15], \p$1283 [15], \p$1283 [15], \p$1283 [15], \p$1283 [15], \p$1283 [15], \p$1283 [15], \p$1283  } : \$228 ;
+  assign \$230  = done_pe4_11 ? acc_4_11 : bank_5_11;
+  assign \$231  = $signed(acc_4_12) + $signed(\p$1286 );
+  assign \$232  = first_pe4_12 ? { \p$1286 [15], \p$1286 [15], \p$1286 [15], \p$1286 [15], \p$1286 [15], \p$1286 [15], \p$1286 [15], \p$1286 [15], \p$1286 [15], \p$1286  } : \$231 ;
+  assign \$233  = done_pe4_12 ? acc_4_12 : bank_5_12;
+  assign \$234  = $signed(acc_4_13) + $signed(\p$1289 );
+  assign \$235  = first_pe4_13 ? { \p$1289 [15], \p$1289 [15], \p$1289 [15], \p$1289 [15], \p$1289 [15], \p$1289 [15], \p$1289 [15], \p$1289 [15], \p$1289 [15], \p$1289  } : \$234 ;
+  assign \$236  = done_pe4_13 ? acc_4_13 : bank_5_13;
+  assign \$237  = $signed(acc_4_14) + $signed(\p$1292 );
+  assign \$238  = first_pe4_14 ? { \p$1292 [15], \p$1292 [15], \p$1292 [15], \p$1292 [15], \p$1292 [15], \p$1292 [15], \p$1292 [15], \p$1292 [15], \p$1292 [15], \p$1292  } : \$237 ;
+  assign \$239  = done_pe4_14 ? acc_4_14 : bank_5_14;
+  assign \$240  = $signed(acc_4_15) + $signed(\p$1295 );
+  assign \$241  = first_pe4_15 ? { \p$1295 [15], \p$1295 [15], \p$1295 [15], \p$1295 [15], \p$1295 [15], \p$1295 [15], \p$1295 [15], \p$1295 [15], \p$1295 [15], \p$1295  } : \$240 ;
+  assign \$242  = done_pe4_15 ? acc_4_15 : bank_5_15;
+  assign \$243  = $signed(acc_5_0) + $signed(\p$1298 );
+  assign \$244  = first_pe5_0 ? { \p$1298 [15], \p$1298 [15], \p$1298 [15], \p$1298 [15], \p$1298 [15], \p$1298 [15], \p$1298 [15], \p$1298 [15], \p$1298 [15], \p$1298  } : \$243 ;
+  assign \$245  = done_pe5_0 ? acc_5_0 : bank_6_0;
+  assign \$246  = $signed(acc_5_1) + $signed(\p$1301 );
+  assign \$247  = first_pe5_1 ? { \p$1301 [15], \p$1301 [15], \p$1301 [15], \p$1301 [15], \p$1301 [15], \p$1301 [15], \p$1301 [15], \p$1301 [15], \p$1301 [15], \p$1301  } : \$246 ;
+  assign \$248  = done_pe5_1 ? acc_5_1 : bank_6_1;
+  assign \$249  = $signed(acc_5_2) + $signed(\p$1304 );
+  assign \$250  = first_pe5_2 ? { \p$1304 [15], \p$1304 [15], \p$1304 [15], \p$1304 [15], \p$1304 [15], \p$1304 [15], \p$1304 [15], \p$1304 [15], \p$1304 [15], \p$1304  } : \$249 ;
+  assign \$251  = done_pe5_2 ? acc_5_2 : bank_6_2;
+  assign \$252  = $signed(acc_5_3) + $signed(\p$1307 );
+  assign \$253  = first_pe5_3 ? { \p$1307 [15], \p$1307 [15], \p$1307 [15], \p$1307 [15], \p$1307 [15], \p$1307 [15], \p$1307 [15], \p$1307 [15], \p$1307 [15], \p$1307  } : \$252 ;
+  assign \$254  = done_pe5_3 ? acc_5_3 : bank_6_3;
+  assign \$255  = $signed(acc_5_4) + $signed(\p$1310 );
+  assign \$256  = first_pe5_4 ? { \p$1310 [15], \p$1310 [15], \p$1310 [15], \p$1310 [15], \p$1310 [15], \p$1310 [15], \p$1310 [15], \p$1310 [15], \p$1310 [15], \p$1310  } : \$255 ;
+  assign \$257  = done_pe5_4 ? acc_5_4 : bank_6_4;
+  assign \$258  = $signed(acc_5_5) + $signed(\p$1313 );
+  assign \$259  = first_pe5_5 ? { \p$1313 [15], \p$1313 [15], \p$1313 [15], \p$1313 [15], \p$1313 [15], \p$1313 [15], \p$1313 [15], \p$1313 [15], \p$1313 [15], \p$1313  } : \$258 ;
+  assign \$260  = done_pe5_5 ? acc_5_5 : bank_6_5;
+  assign \$261  = $signed(acc_5_6) + $signed(\p$1316 );
+  assign \$262  = first_pe5_6 ? { \p$1316 [15], \p$1316 [15], \p$1316 [15], \p$1316 [15], \p$1316 [15], \p$1316 [15], \p$1316 [15], \p$1316 [15], \p$1316 [15], \p$1316  } : \$261 ;
+  assign \$263  = done_pe5_6 ? acc_5_6 : bank_6_6;
+  assign \$264  = $signed(acc_5_7) + $signed(\p$1319 );
+  assign \$265  = first_pe5_7 ? { \p$1319 [15], \p$1319 [15], \p$1319 [15], \p$1319 [15], \p$1319 [15], \p$1319 [15], \p$1319 [15], \p$1319 [15], \p$1319 [15], \p$1319  } : \$264 ;
+  assign \$266  = done_pe5_7 ? acc_5_7 : bank_6_7;
+  assign \$267  = $signed(acc_5_8) + $signed(\p$1322 );
+  assign \$268  = first_pe5_8 ? { \p$1322 [15], \p$1322 [15], \p$1322 [15], \p$1322 [15], \p$1322 [15], \p$1322 [15], \p$1322 [15], \p$1322 [15], \p$1322 [15], \p$1322  } : \$267 ;
+  assign \$269  = done_pe5_8 ? acc_5_8 : bank_6_8;
+  assign \$270  = $signed(acc_5_9) + $signed(\p$1325 );
+  assign \$271  = first_pe5_9 ? { \p$1325 [15], \p$1325 [15], \p$1325 [15], \p$1325 [15], \p$1325 [15], \p$1325 [15], \p$1325 [15], \p$1325 [15], \p$1325 [15], \p$1325  } : \$270 ;
+  assign \$272  = done_pe5_9 ? acc_5_9 : bank_6_9;
+  assign \$273  = $signed(acc_5_10) + $signed(\p$1328 );
+  assign \$274  = first_pe5_10 ? { \p$1328 [15], \p$1328 [15], \p$1328 [15], \p$1328 [15], \p$1328 [15], \p$1328 [15], \p$1328 [15], \p$1328 [15], \p$1328 [15], \p$1328  } : \$273 ;
+  assign \$275  = done_pe5_10 ? acc_5_10 : bank_6_10;
+  assign \$276  = $signed(acc_5_11) + $signed(\p$1331 );
+  assign \$277  = first_pe5_11 ? { \p$1331 [15], \p$1331 [15], \p$1331 [15], \p$1331 [15], \p$1331 [15], \p$1331 [15], \p$1331 [15], \p$1331 [15], \p$1331 [15], \p$1331  } : \$276 ;
+  assign \$278  = done_pe5_11 ? acc_5_11 : bank_6_11;
+  assign \$279  = $signed(acc_5_12) + $signed(\p$1334 );
+  assign \$280  = first_pe5_12 ? { \p$1334 [15], \p$1334 [15], \p$1334 [15], \p$1334 [15], \p$1334 [15], \p$1334 [15], \p$1334 [15], \p$1334 [15], \p$1334 [15], \p$1334  } : \$279 ;
+  assign \$281  = done_pe5_12 ? acc_5_12 : bank_6_12;
+  assign \$282  = $signed(acc_5_13) + $signed(\p$1337 );
+  assign \$283  = first_pe5_13 ? { \p$1337 [15], \p$1337 [15], \p$1337 [15], \p$1337 [15], \p$1337 [15], \p$1337 [15], \p$1337 [15], \p$1337 [15], \p$1337 [15], \p$1337  } : \$282 ;
+  assign \$284  = done_pe5_13 ? acc_5_13 : bank_6_13;
+  assign \$285  = $signed(acc_5_14) + $signed(\p$1340 );
+  assign \$286  = first_pe5_14 ? { \p$1340 [15], \p$1340 [15], \p$1340 [15], \p$1340 [15], \p$1340 [15], \p$1340 [15], \p$1340 [15], \p$1340 [15], \p$1340 [15], \p$1340  } : \$285 ;
+  assign \$287  = done_pe5_14 ? acc_5_14 : bank_6_14;
+  assign \$288  = $signed(acc_5_15) + $signed(\p$1343 );
+  assign \$289  = first_pe5_15 ? { \p$1343 [15], \p$1343 [15], \p$1343 [15], \p$1343 [15], \p$1343 [15], \p$1343 [15], \p$1343 [15], \p$1343 [15], \p$1343 [15], \p$1343  } : \$288 ;
+  assign \$290  = done_pe5_15 ? acc_5_15 : bank_6_15;
+  assign \$291  = $signed(acc_6_0) + $signed(\p$1346 );
+  assign \$292  = first_pe6_0 ? { \p$1346 [15], \p$1346 [15], \p$1346 [15], \p$1346 [15], \p$1346 [15], \p$1346 [15], \p$1346 [15], \p$1346 [15], \p$1346 [15], \p$1346  } : \$291 ;
+  assign \$293  = done_pe6_0 ? acc_6_0 : bank_7_0;
+  assign \$294  = $signed(acc_6_1) + $signed(\p$1349 );
+  assign \$295  = first_pe6_1 ? { \p$1349 [15], \p$1349 [15], \p$1349 [15], \p$1349 [15], \p$1349 [15], \p$1349 [15], \p$1349 [15], \p$1349 [15], \p$1349 [15], \p$1349  } : \$294 ;
+  assign \$296  = done_pe6_1 ? acc_6_1 : bank_7_1;
+  assign \$297  = $signed(acc_6_2) + $signed(\p$1352 );
+  assign \$298  = first_pe6_2 ? { \p$1352 [15], \p$1352 [15], \p$1352 [15], \p$1352 [15], \p$1352 [15], \p$1352 [15], \p$1352 [15], \p$1352 [15], \p$1352 [15], \p$1352  } : \$297 ;
+  assign \$299  = done_pe6_2 ? acc_6_2 : bank_7_2;
+  assign \$300  = $signed(acc_6_3) + $signed(\p$1355 );
+  assign \$301  = first_pe6_3 ? { \p$1355 [15], \p$1355 [15], \p$1355 [15], \p$1355 [15], \p$1355 [15], \p$1355 [15], \p$1355 [15], \p$1355 [15], \p$1355 [15], \p$1355  } : \$300 ;
+  assign \$302  = done_pe6_3 ? acc_6_3 : bank_7_3;
+  assign \$303  = $signed(acc_6_4) + $signed(\p$1358 );
+  assign \$304  = first_pe6_4 ? { \p$1358 [15], \p$1358 [15], \p$1358 [15], \p$1358 [15], \p$1358 [15], \p$1358 [15], \p$1358 [15], \p$1358 [15], \p$1358 [15], \p$1358  } : \$303 ;
+  assign \$305  = done_pe6_4 ? acc_6_4 : bank_7_4;
+  assign \$306  = $signed(acc_6_5) + $signed(\p$1361 );
+  assign \$307  = first_pe6_5 ? { \p$1361 [15], \p$1361 [15], \p$1361 [15], \p$1361 [15], \p$1361 [15], \p$1361 [15], \p$1361 [15], \p$1361 [15], \p$1361 [15], \p$1361  } : \$306 ;
+  assign \$308  = done_pe6_5 ? acc_6_5 : bank_7_5;
+  assign \$309  = $signed(acc_6_6) + $signed(\p$1364 );
+  assign \$310  = first_pe6_6 ? { \p$1364 [15], \p$1364 [15], \p$1364 [15], \p$1364 [15], \p$1364 [15], \p$1364 [15], \p$1364 [15], \p$1364 [15], \p$1364 [15], \p$1364  } : \$309 ;
+  assign \$311  = done_pe6_6 ? acc_6_6 : bank_7_6;
+  assign \$312  = $signed(acc_6_7) + $signed(\p$1367 );
+  assign \$313  = first_pe6_7 ? { \p$1367 [15], \p$1367 [15], \p$1367 [15], \p$1367 [15], \p$1367 [15], \p$1367 [15], \p$1367 [15], \p$1367 [15], \p$1367 [15], \p$1367  } : \$312 ;
+  assign \$314  = done_pe6_7 ? acc_6_7 : bank_7_7;
+  assign \$315  = $signed(acc_6_8) + $signed(\p$1370 );
+  assign \$316  = first_pe6_8 ? { \p$1370 [15], \p$1370 [15], \p$1370 [15], \p$1370 [15], \p$1370 [15], \p$1370 [15], \p$1370 [15], \p$1370 [15], \p$1370 [15], \p$1370  } : \$315 ;
+  assign \$317  = done_pe6_8 ? acc_6_8 : bank_7_8;
+  assign \$318  = $signed(acc_6_9) + $signed(\p$1373 );
+  assign \$319  = first_pe6_9 ? { \p$1373 [15], \p$1373 [15], \p$1373 [15], \p$1373 [15], \p$1373 [15], \p$1373 [15], \p$1373 [15], \p$1373 [15], \p$1373 [15], \p$1373  } : \$318 ;
+  assign \$320  = done_pe6_9 ? acc_6_9 : bank_7_9;
+  assign \$321  = $signed(acc_6_10) + $signed(\p$1376 );
+  assign \$322  = first_pe6_10 ? { \p$1376 [15], \p$1376 [15], \p$1376 [15], \p$1376 [15], \p$1376 [15], \p$1376 [15], \p$1376 [15], \p$1376 [15], \p$1376 [15], \p$1376  } : \$321 ;
+  assign \$323  = done_pe6_10 ? acc_6_10 : bank_7_10;
+  assign \$324  = $signed(acc_6_11) + $signed(\p$1379 );
+  assign \$325  = first_pe6_11 ? { \p$1379 [15], \p$1379 [15], \p$1379 [15], \p$1379 [15], \p$1379 [15], \p$1379 [15], \p$1379 [15], \p$1379 [15], \p$1379 [15], \p$1379  } : \$324 ;
+  assign \$326  = done_pe6_11 ? acc_6_11 : bank_7_11;
+  assign \$327  = $signed(acc_6_12) + $signed(\p$1382 );
+  assign \$328  = first_pe6_12 ? { \p$1382 [15], \p$1382 [15], \p$1382 [15], \p$1382 [15], \p$1382 [15], \p$1382 [15], \p$1382 [15], \p$1382 [15], \p$1382 [15], \p$1382  } : \$327 ;
+  assign \$329  = done_pe6_12 ? acc_6_12 : bank_7_12;
+  assign \$330  = $signed(acc_6_13) + $signed(\p$1385 );
+  assign \$331  = first_pe6_13 ? { \p$1385 [15], \p$1385 [15], \p$1385 [15], \p$1385 [15], \p$1385 [15], \p$1385 [15], \p$1385 [15], \p$1385 [15], \p$1385 [15], \p$1385  } : \$330 ;
+  assign \$332  = done_pe6_13 ? acc_6_13 : bank_7_13;
+  assign \$333  = $signed(acc_6_14) + $signed(\p$1388 );
+  assign \$334  = first_pe6_14 ? { \p$1388 [15], \p$1388 [15], \p$1388 [15], \p$1388 [15], \p$1388 [15], \p$1388 [15], \p$1388 [15], \p$1388 [15], \p$1388 [15], \p$1388  } : \$333 ;
+  assign \$335  = done_pe6_14 ? acc_6_14 : bank_7_14;
+  assign \$336  = $signed(acc_6_15) + $signed(\p$1391 );
+  assign \$337  = first_pe6_15 ? { \p$1391 [15], \p$1391 [15], \p$1391 [15], \p$1391 [15], \p$1391 [15], \p$1391 [15], \p$1391 [15], \p$1391 [15], \p$1391 [15], \p$1391  } : \$336 ;
+  assign \$338  = done_pe6_15 ? acc_6_15 : bank_7_15;
+  assign \$339  = $signed(acc_7_0) + $signed(\p$1394 );
+  assign \$340  = first_pe7_0 ? { \p$1394 [15], \p$1394 [15], \p$1394 [15], \p$1394 [15], \p$1394 [15], \p$1394 [15], \p$1394 [15], \p$1394 [15], \p$1394 [15], \p$1394  } : \$339 ;
+  assign \$341  = done_pe7_0 ? acc_7_0 : bank_8_0;
+  assign \$342  = $signed(acc_7_1) + $signed(\p$1397 );
+  assign \$343  = first_pe7_1 ? { \p$1397 [15], \p$1397 [15], \p$1397 [15], \p$1397 [15], \p$1397 [15], \p$1397 [15], \p$1397 [15], \p$1397 [15], \p$1397 [15], \p$1397  } : \$342 ;
+  assign \$344  = done_pe7_1 ? acc_7_1 : bank_8_1;
+  assign \$345  = $signed(acc_7_2) + $signed(\p$1400 );
+  assign \$346  = first_pe7_2 ? { \p$1400 [15], \p$1400 [15], \p$1400 [15], \p$1400 [15], \p$1400 [15], \p$1400 [15], \p$1400 [15], \p$1400 [15], \p$1400 [15], \p$1400  } : \$345 ;
+  assign \$347  = done_pe7_2 ? acc_7_2 : bank_8_2;
+  assign \$348  = $signed(acc_7_3) + $signed(\p$1403 );
+  assign \$349  = first_pe7_3 ? { \p$1403 [15], \p$1403 [15], \p$1403 [15], \p$1403 [15], \p$1403 [15], \p$1403 [15], \p$1403 [15], \p$1403 [15], \p$1403 [15], \p$1403  } : \$348 ;
+  assign \$350  = done_pe7_3 ? acc_7_3 : bank_8_3;
+  assign \$351  = $signed(acc_7_4) + $signed(\p$1406 );
+  assign \$352  = first_pe7_4 ? { \p$1406 [15], \p$1406 [15], \p$1406 [15], \p$1406 [15], \p$1406 [15], \p$1406 [15], \p$1406 [15], \p$1406 [15], \p$1406 [15], \p$1406  } : \$351 ;
+  assign \$353  = done_pe7_4 ? acc_7_4 : bank_8_4;
+  assign \$354  = $signed(acc_7_5) + $signed(\p$1409 );
+  assign \$355  = first_pe7_5 ? { \p$1409 [15], \p$1409 [15], \p$1409 [15], \p$1409 [15], \p$1409 [15], \p$1409 [15], \p$1409 [15], \p$1409 [15], \p$1409 [15], \p$1409  } : \$354 ;
+  assign \$356  = done_pe7_5 ? acc_7_5 : bank_8_5;
+  assign \$357  = $signed(acc_7_6) + $signed(\p$1412 );
+  assign \$358  = first_pe7_6 ? { \p$1412 [15], \p$1412 [15], \p$1412 [15], \p$1412 [15], \p$1412 [15], \p$1412 [15], \p$1412 [15], \p$1412 [15], \p$1412 [15], \p$1412  } : \$357 ;
+  assign \$359  = done_pe7_6 ? acc_7_6 : bank_8_6;
+  assign \$360  = $signed(acc_7_7) + $signed(\p$1415 );
+  assign \$361  = first_pe7_7 ? { \p$1415 [15], \p$1415 [15], \p$1415 [15], \p$1415 [15], \p$1415 [15], \p$1415 [15], \p$1415 [15], \p$1415 [15], \p$1415 [15], \p$1415  } : \$360 ;
+  assign \$362  = done_pe7_7 ? acc_7_7 : bank_8_7;
+  assign \$363  = $signed(acc_7_8) + $signed(\p$1418 );
+  assign \$364  = first_pe7_8 ? { \p$1418 [15], \p$1418 [15], \p$1418 [15], \p$1418 [15], \p$1418 [15], \p$1418 [15], \p$1418 [15], \p$1418 [15], \p$1418 [15], \p$1418  } : \$363 ;
+  assign \$365  = done_pe7_8 ? acc_7_8 : bank_8_8;
+  assign \$366  = $signed(acc_7_9) + $signed(\p$1421 );
+  assign \$367  = first_pe7_9 ? { \p$1421 [15], \p$1421 [15], \p$1421 [15], \p$1421 [15], \p$1421 [15], \p$1421 [15], \p$1421 [15], \p$1421 [15], \p$1421 [15], \p$1421  } : \$366 ;
+  assign \$368  = done_pe7_9 ? acc_7_9 : bank_8_9;
+  assign \$369  = $signed(acc_7_10) + $signed(\p$1424 );
+  assign \$370  = first_pe7_10 ? { \p$1424 [15], \p$1424 [15], \p$1424 [15], \p$1424 [15], \p$1424 [15], \p$1424 [15], \p$1424 [15], \p$1424 [15], \p$1424 [15], \p$1424  } : \$369 ;
+  assign \$371  = done_pe7_10 ? acc_7_10 : bank_8_10;
+  assign \$372  = $signed(acc_7_11) + $signed(\p$1427 );
+  assign \$373  = first_pe7_11 ? { \p$1427 [15], \p$1427 [15], \p$1427 [15], \p$1427 [15], \p$1427 [15], \p$1427 [15], \p$1427 [15], \p$1427 [15], \p$1427 [15], \p$1427  } : \$372 ;
+  assign \$374  = done_pe7_11 ? acc_7_11 : bank_8_11;
+  assign \$375  = $signed(acc_7_12) + $signed(\p$1430 );
+  assign \$376  = first_pe7_12 ? { \p$1430 [15], \p$1430 [15], \p$1430 [15], \p$1430 [15], \p$1430 [15], \p$1430 [15], \p$1430 [15], \p$1430 [15], \p$1430 [15], \p$1430  } : \$375 ;
+  assign \$377  = done_pe7_12 ? acc_7_12 : bank_8_12;
+  assign \$378  = $signed(acc_7_13) + $signed(\p$1433 );
+  assign \$379  = first_pe7_13 ? { \p$1433 [15], \p$1433 [15], \p$1433 [15], \p$1433 [15], \p$1433 [15], \p$1433 [15], \p$1433 [15], \p$1433 [15], \p$1433 [15], \p$1433  } : \$378 ;
+  assign \$380  = done_pe7_13 ? acc_7_13 : bank_8_13;
+  assign \$381  = $signed(acc_7_14) + $signed(\p$1436 );
+  assign \$382  = first_pe7_14 ? { \p$1436 [15], \p$1436 [15], \p$1436 [15], \p$1436 [15], \p$1436 [15], \p$1436 [15], \p$1436 [15], \p$1436 [15], \p$1436 [15], \p$1436  } : \$381 ;
+  assign \$383  = done_pe7_14 ? acc_7_14 : bank_8_14;
+  assign \$384  = $signed(acc_7_15) + $signed(\p$1439 );
+  assign \$385  = first_pe7_15 ? { \p$1439 [15], \p$1439 [15], \p$1439 [15], \p$1439 [15], \p$1439 [15], \p$1439 [15], \p$1439 [15], \p$1439 [15], \p$1439 [15], \p$1439  } : \$384 ;
+  assign \$386  = done_pe7_15 ? acc_7_15 : bank_8_15;
+  assign \$387  = $signed(acc_8_0) + $signed(\p$1442 );
+  assign \$388  = first_pe8_0 ? { \p$1442 [15], \p$1442 [15], \p$1442 [15], \p$1442 [15], \p$1442 [15], \p$1442 [15], \p$1442 [15], \p$1442 [15], \p$1442 [15], \p$1442  } : \$387 ;
+  assign \$389  = done_pe8_0 ? acc_8_0 : bank_9_0;
+  assign \$390  = $signed(acc_8_1) + $signed(\p$1445 );
+  assign \$391  = first_pe8_1 ? { \p$1445 [15], \p$1445 [15], \p$1445 [15], \p$1445 [15], \p$1445 [15], \p$1445 [15], \p$1445 [15], \p$1445 [15], \p$1445 [15], \p$1445  } : \$390 ;
+  assign \$392  = done_pe8_1 ? acc_8_1 : bank_9_1;
+  assign \$393  = $signed(acc_8_2) + $signed(\p$1448 );
+  assign \$394  = first_pe8_2 ? { \p$1448 [15], \p$1448 [15], \p$1448 [15], \p$1448 [15], \p$1448 [15], \p$1448 [15], \p$1448 [15], \p$1448 [15], \p$1448 [15], \p$1448  } : \$393 ;
+  assign \$395  = done_pe8_2 ? acc_8_2 : bank_9_2;
+  assign \$396  = $signed(acc_8_3) + $signed(\p$1451 );
+  assign \$397  = first_pe8_3 ? { \p$1451 [15], \p$1451 [15], \p$1451 [15], \p$1451 [15], \p$1451 [15], \p$1451 [15], \p$1451 [15], \p$1451 [15], \p$1451 [15], \p$1451  } : \$396 ;
+  assign \$398  = done_pe8_3 ? acc_8_3 : bank_9_3;
+  assign \$399  = $signed(acc_8_4) + $signed(\p$1454 );
+  assign \$400  = first_pe8_4 ? { \p$1454 [15], \p$1454 [15], \p$1454 [15], \p$1454 [15], \p$1454 [15], \p$1454 [15], \p$1454 [15], \p$1454 [15], \p$1454 [15], \p$1454  } : \$399 ;
+  assign \$401  = done_pe8_4 ? acc_8_4 : bank_9_4;
+  assign \$402  = $signed(acc_8_5) + $signed(\p$1457 );
+  assign \$403  = first_pe8_5 ? { \p$1457 [15], \p$1457 [15], \p$1457 [15], \p$1457 [15], \p$1457 [15], \p$1457 [15], \p$1457 [15], \p$1457 [15], \p$1457 [15], \p$1457  } : \$402 ;
+  assign \$404  = done_pe8_5 ? acc_8_5 : bank_9_5;
+  assign \$405  = $signed(acc_8_6) + $signed(\p$1460 );
+  assign \$406  = first_pe8_6 ? { \p$1460 [15], \p$1460 [15], \p$1460 [15], \p$1460 [15], \p$1460 [15], \p$1460 [15], \p$1460 [15], \p$1460 [15], \p$1460 [15], \p$1460  } : \$405 ;
+  assign \$407  = done_pe8_6 ? acc_8_6 : bank_9_6;
+  assign \$408  = $signed(acc_8_7) + $signed(\p$1463 );
+  assign \$409  = first_pe8_7 ? { \p$1463 [15], \p$1463 [15], \p$1463 [15], \p$1463 [15], \p$1463 [15], \p$1463 [15], \p$1463 [15], \p$1463 [15], \p$1463 [15], \p$1463  } : \$408 ;
+  assign \$410  = done_pe8_7 ? acc_8_7 : bank_9_7;
+  assign \$411  = $signed(acc_8_8) + $signed(\p$1466 );
+  assign \$412  = first_pe8_8 ? { \p$1466 [15], \p$1466 [15], \p$1466 [15], \p$1466 [15], \p$1466 [15], \p$1466 [15], \p$1466 [15], \p$1466 [15], \p$1466 [15], \p$1466  } : \$411 ;
+  assign \$413  = done_pe8_8 ? acc_8_8 : bank_9_8;
+  assign \$414  = $signed(acc_8_9) + $signed(\p$1469 );
+  assign \$415  = first_pe8_9 ? { \p$1469 [15], \p$1469 [15], \p$1469 [15], \p$1469 [15], \p$1469 [15], \p$1469 [15], \p$1469 [15], \p$1469 [15], \p$1469 [15], \p$1469  } : \$414 ;
+  assign \$416  = done_pe8_9 ? acc_8_9 : bank_9_9;
+  assign \$417  = $signed(acc_8_10) + $signed(\p$1472 );
+  assign \$418  = first_pe8_10 ? { \p$1472 [15], \p$1472 [15], \p$1472 [15], \p$1472 [15], \p$1472 [15], \p$1472 [15], \p$1472 [15], \p$1472 [15], \p$1472 [15], \p$1472  } : \$417 ;
+  assign \$419  = done_pe8_10 ? acc_8_10 : bank_9_10;
+  assign \$420  = $signed(acc_8_11) + $signed(\p$1475 );
+  assign \$421  = first_pe8_11 ? { \p$1475 [15], \p$1475 [15], \p$1475 [15], \p$1475 [15], \p$1475 [15], \p$1475 [15], \p$1475 [15], \p$1475 [15], \p$1475 [15], \p$1475  } : \$420 ;
+  assign \$422  = done_pe8_11 ? acc_8_11 : bank_9_11;
+  assign \$423  = $signed(acc_8_12) + $signed(\p$1478 );
+  assign \$424  = first_pe8_12 ? { \p$1478 [15], \p$1478 [15], \p$1478 [15], \p$1478 [15], \p$1478 [15], \p$1478 [15], \p$1478 [15], \p$1478 [15], \p$1478 [15], \p$1478  } : \$423 ;
+  assign \$425  = done_pe8_12 ? acc_8_12 : bank_9_12;
+  assign \$426  = $signed(acc_8_13) + $signed(\p$1481 );
+  assign \$427  = first_pe8_13 ? { \p$1481 [15], \p$1481 [15], \p$1481 [15], \p$1481 [15], \p$1481 [15], \p$1481 [15], \p$1481 [15], \p$1481 [15], \p$1481 [15], \p$1481  } : \$426 ;
+  assign \$428  = done_pe8_13 ? acc_8_13 : bank_9_13;
+  assign \$429  = $signed(acc_8_14) + $signed(\p$1484 );
+  assign \$430  = first_pe8_14 ? { \p$1484 [15], \p$1484 [15], \p$1484 [15], \p$1484 [15], \p$1484 [15], \p$1484 [15], \p$1484 [15], \p$1484 [15], \p$1484 [15], \p$1484  } : \$429 ;
+  assign \$431  = done_pe8_14 ? acc_8_14 : bank_9_14;
+  assign \$432  = $signed(acc_8_15) + $signed(\p$1487 );
+  assign \$433  = first_pe8_15 ? { \p$1487 [15], \p$1487 [15], \p$1487 [15], \p$1487 [15], \p$1487 [15], \p$1487 [15], \p$1487 [15], \p$1487 [15], \p$1487 [15], \p$1487  } : \$432 ;
+  assign \$434  = done_pe8_15 ? acc_8_15 : bank_9_15;
+  assign \$435  = $signed(acc_9_0) + $signed(\p$1490 );
+  assign \$436  = first_pe9_0 ? { \p$1490 [15], \p$1490 [15], \p$1490 [15], \p$1490 [15], \p$1490 [15], \p$1490 [15], \p$1490 [15], \p$1490 [15], \p$1490 [15], \p$1490  } : \$435 ;
+  assign \$437  = done_pe9_0 ? acc_9_0 : bank_10_0;
+  assign \$438  = $signed(acc_9_1) + $signed(\p$1493 );
+  assign \$439  = first_pe9_1 ? { \p$1493 [15], \p$1493 [15], \p$1493 [15], \p$1493 [15], \p$1493 [15], \p$1493 [15], \p$1493 [15], \p$1493 [15], \p$1493 [15], \p$1493  } : \$438 ;
+  assign \$440  = done_pe9_1 ? acc_9_1 : bank_10_1;
+  assign \$441  = $signed(acc_9_2) + $signed(\p$1496 );
+  assign \$442  = first_pe9_2 ? { \p$1496 [15], \p$1496 [15], \p$1496 [15], \p$1496 [15], \p$1496 [15], \p$1496 [15], \p$1496 [15], \p$1496 [15], \p$1496 [15], \p$1496  } : \$441 ;
+  assign \$443  = done_pe9_2 ? acc_9_2 : bank_10_2;
+  assign \$444  = $signed(acc_9_3) + $signed(\p$1499 );
+  assign \$445  = first_pe9_3 ? { \p$1499 [15], \p$1499 [15], \p$1499 [15], \p$1499 [15], \p$1499 [15], \p$1499 [15], \p$1499 [15], \p$1499 [15], \p$1499 [15], \p$1499  } : \$444 ;
+  assign \$446  = done_pe9_3 ? acc_9_3 : bank_10_3;
+  assign \$447  = $signed(acc_9_4) + $signed(\p$1502 );
+  assign \$448  = first_pe9_4 ? { \p$1502 [15], \p$1502 [15], \p$1502 [15], \p$1502 [15], \p$1502 [15], \p$1502 [15], \p$1502 [15], \p$1502 [15], \p$1502 [15], \p$1502  } : \$447 ;
+  assign \$449  = done_pe9_4 ? acc_9_4 : bank_10_4;
+  assign \$450  = $signed(acc_9_5) + $signed(\p$1505 );
+  assign \$451  = first_pe9_5 ? { \p$1505 [15], \p$1505 [15], \p$1505 [15], \p$1505 [15], \p$1505 [15], \p$1505 [15], \p$1505 [15], \p$1505 [15], \p$1505 [15], \p$1505  } : \$450 ;
+  assign \$452  = done_pe9_5 ? acc_9_5 : bank_10_5;
+  assign \$453  = $signed(acc_9_6) + $signed(\p$1508 );
+  assign \$454  = first_pe9_6 ? { \p$1508 [15], \p$1508 [15], \p$1508 [15], \p$1508 [15], \p$1508 [15], \p$1508 [15], \p$1508 [15], \p$1508 [15], \p$1508 [15], \p$1508  } : \$453 ;
+  assign \$455  = done_pe9_6 ? acc_9_6 : bank_10_6;
+  assign \$456  = $signed(acc_9_7) + $signed(\p$1511 );
+  assign \$457  = first_pe9_7 ? { \p$1511 [15], \p$1511 [15], \p$1511 [15], \p$1511 [15], \p$1511 [15], \p$1511 [15], \p$1511 [15], \p$1511 [15], \p$1511 [15], \p$1511  } : \$456 ;
+  assign \$458  = done_pe9_7 ? acc_9_7 : bank_10_7;
+  assign \$459  = $signed(acc_9_8) + $signed(\p$1514 );
+  assign \$460  = first_pe9_8 ? { \p$1514 [15], \p$1514 [15], \p$1514 [15], \p$1514 [15], \p$1514 [15], \p$1514 [15], \p$1514 [15], \p$1514 [15], \p$1514 [15], \p$1514  } : \$459 ;
+  assign \$461  = done_pe9_8 ? acc_9_8 : bank_10_8;
+  assign \$462  = $signed(acc_9_9) + $signed(\p$1517 );
+  assign \$463  = first_pe9_9 ? { \p$1517 [15], \p$1517 [15], \p$1517 [15], \p$1517 [15], \p$1517 [15], \p$1517 [15], \p$1517 [15], \p$1517 [15], \p$1517 [15], \p$1517  } : \$462 ;
+  assign \$464  = done_pe9_9 ? acc_9_9 : bank_10_9;
+  assign \$465  = $signed(acc_9_10) + $signed(\p$1520 );
+  assign \$466  = first_pe9_10 ? { \p$1520 [15], \p$1520 [15], \p$1520 [15], \p$1520 [15], \p$1520 [15], \p$1520 [15], \p$1520 [15], \p$1520 [15], \p$1520 [15], \p$1520  } : \$465 ;
+  assign \$467  = done_pe9_10 ? acc_9_10 : bank_10_10;
+  assign \$468  = $signed(acc_9_11) + $signed(\p$1523 );
+  assign \$469  = first_pe9_11 ? { \p$1523 [15], \p$1523 [15], \p$1523 [15], \p$1523 [15], \p$1523 [15], \p$1523 [15], \p$1523 [15], \p$1523 [15], \p$1523 [15], \p$1523  } : \$468 ;
+  assign \$470  = done_pe9_11 ? acc_9_11 : bank_10_11;
+  assign \$471  = $signed(acc_9_12) + $signed(\p$1526 );
+  assign \$472  = first_pe9_12 ? { \p$1526 [15], \p$1526 [15], \p$1526 [15], \p$1526 [15], \p$1526 [15], \p$1526 [15], \p$1526 [15], \p$1526 [15], \p$1526 [15], \p$1526  } : \$471 ;
+  assign \$473  = done_pe9_12 ? acc_9_12 : bank_10_12;
+  assign \$474  = $signed(acc_9_13) + $signed(\p$1529 );
+  assign \$475  = first_pe9_13 ? { \p$1529 [15], \p$1529 [15], \p$1529 [15], \p$1529 [15], \p$1529 [15], \p$1529 [15], \p$1529 [15], \p$1529 [15], \p$1529 [15], \p$1529  } : \$474 ;
+  assign \$476  = done_pe9_13 ? acc_9_13 : bank_10_13;
+  assign \$477  = $signed(acc_9_14) + $signed(\p$1532 );
+  assign \$478  = first_pe9_14 ? { \p$1532 [15], \p$1532 [15], \p$1532 [15], \p$1532 [15], \p$1532 [15], \p$1532 [15], \p$1532 [15], \p$1532 [15], \p$1532 [15], \p$1532  } : \$477 ;
+  assign \$479  = done_pe9_14 ? acc_9_14 : bank_10_14;
+  assign \$480  = $signed(acc_9_15) + $signed(\p$1535 );
+  assign \$481  = first_pe9_15 ? { \p$1535 [15], \p$1535 [15], \p$1535 [15], \p$1535 [15], \p$1535 [15], \p$1535 [15], \p$1535 [15], \p$1535 [15], \p$1535 [15], \p$1535  } : \$480 ;
+  assign \$482  = done_pe9_15 ? acc_9_15 : bank_10_15;
+  assign \$483  = $signed(acc_10_0) + $signed(\p$1538 );
+  assign \$484  = first_pe10_0 ? { \p$1538 [15], \p$1538 [15], \p$1538 [15], \p$1538 [15], \p$1538 [15], \p$1538 [15], \p$1538 [15], \p$1538 [15], \p$1538 [15], \p$1538  } : \$483 ;
+  assign \$485  = done_pe10_0 ? acc_10_0 : bank_11_0;
+  assign \$486  = $signed(acc_10_1) + $signed(\p$1541 );
+  assign \$487  = first_pe10_1 ? { \p$1541 [15], \p$1541 [15], \p$1541 [15], \p$1541 [15], \p$1541 [15], \p$1541 [15], \p$1541 [15], \p$1541 [15], \p$1541 [15], \p$1541  } : \$486 ;
+  assign \$488  = done_pe10_1 ? acc_10_1 : bank_11_1;
+  assign \$489  = $signed(acc_10_2) + $signed(\p$1544 );
+  assign \$490  = first_pe10_2 ? { \p$1544 [15], \p$1544 [15], \p$1544 [15], \p$1544 [15], \p$1544 [15], \p$1544 [15], \p$1544 [15], \p$1544 [15], \p$1544 [15], \p$1544  } : \$489 ;
+  assign \$491  = done_pe10_2 ? acc_10_2 : bank_11_2;
+  assign \$492  = $signed(acc_10_3) + $signed(\p$1547 );
+  assign \$493  = first_pe10_3 ? { \p$1547 [15], \p$1547 [15], \p$1547 [15], \p$1547 [15], \p$1547 [15], \p$1547 [15], \p$1547 [15], \p$1547 [15], \p$1547 [15], \p$1547  } : \$492 ;
+  assign \$494  = done_pe10_3 ? acc_10_3 : bank_11_3;
+  assign \$495  = $signed(acc_10_4) + $signed(\p$1550 );
+  assign \$496  = first_pe10_4 ? { \p$1550 [15], \p$1550 [15], \p$1550 [15], \p$1550 [15], \p$1550 [15], \p$1550 [15], \p$1550 [15], \p$1550 [15], \p$1550 [15], \p$1550  } : \$495 ;
+  assign \$497  = done_pe10_4 ? acc_10_4 : bank_11_4;
+  assign \$498  = $signed(acc_10_5) + $signed(\p$1553 );
+  assign \$499  = first_pe10_5 ? { \p$1553 [15], \p$1553 [15], \p$1553 [15], \p$1553 [15], \p$1553 [15], \p$1553 [15], \p$1553 [15], \p$1553 [15], \p$1553 [15], \p$1553  } : \$498 ;
+  assign \$500  = done_pe10_5 ? acc_10_5 : bank_11_5;
+  assign \$501  = $signed(acc_10_6) + $signed(\p$1556 );
+  assign \$502  = first_pe10_6 ? { \p$1556 [15], \p$1556 [15], \p$1556 [15], \p$1556 [15], \p$1556 [15], \p$1556 [15], \p$1556 [15], \p$1556 [15], \p$1556 [15], \p$1556  } : \$501 ;
+  assign \$503  = done_pe10_6 ? acc_10_6 : bank_11_6;
+  assign \$504  = $signed(acc_10_7) + $signed(\p$1559 );
+  assign \$505  = first_pe10_7 ? { \p$1559 [15], \p$1559 [15], \p$1559 [15], \p$1559 [15], \p$1559 [15], \p$1559 [15], \p$1559 [15], \p$1559 [15], \p$1559 [15], \p$1559  } : \$504 ;
+  assign \$506  = done_pe10_7 ? acc_10_7 : bank_11_7;
+  assign \$507  = $signed(acc_10_8) + $signed(\p$1562 );
+  assign \$508  = first_pe10_8 ? { \p$1562 [15], \p$1562 [15], \p$1562 [15], \p$1562 [15], \p$1562 [15], \p$1562 [15], \p$1562 [15], \p$1562 [15], \p$1562 [15], \p$1562  } : \$507 ;
+  assign \$509  = done_pe10_8 ? acc_10_8 : bank_11_8;
+  assign \$510  = $signed(acc_10_9) + $signed(\p$1565 );
+  assign \$511  = first_pe10_9 ? { \p$1565 [15], \p$1565 [15], \p$1565 [15], \p$1565 [15], \p$1565 [15], \p$1565 [15], \p$1565 [15], \p$1565 [15], \p$1565 [15], \p$1565  } : \$510 ;
+  assign \$512  = done_pe10_9 ? acc_10_9 : bank_11_9;
+  assign \$513  = $signed(acc_10_10) + $signed(\p$1568 );
+  assign \$514  = first_pe10_10 ? { \p$1568 [15], \p$1568 [15], \p$1568 [15], \p$1568 [15], \p$1568 [15], \p$1568 [15], \p$1568 [15], \p$1568 [15], \p$1568 [15], \p$1568  } : \$513 ;
+  assign \$515  = done_pe10_10 ? acc_10_10 : bank_11_10;
+  assign \$516  = $signed(acc_10_11) + $signed(\p$1571 );
+  assign \$517  = first_pe10_11 ? { \p$1571 [15], \p$1571 [15], \p$1571 [15], \p$1571 [15], \p$1571 [15], \p$1571 [15], \p$1571 [15], \p$1571 [15], \p$1571 [15], \p$1571  } : \$516 ;
+  assign \$518  = done_pe10_11 ? acc_10_11 : bank_11_11;
+  assign \$519  = $signed(acc_10_12) + $signed(\p$1574 );
+  assign \$520  = first_pe10_12 ? { \p$1574 [15], \p$1574 [15], \p$1574 [15], \p$1574 [15], \p$1574 [15], \p$1574 [15], \p$1574 [15], \p$1574 [15], \p$1574 [15], \p$1574  } : \$519 ;
+  assign \$521  = done_pe10_12 ? acc_10_12 : bank_11_12;
+  assign \$522  = $signed(acc_10_13) + $signed(\p$1577 );
+  assign \$523  = first_pe10_13 ? { \p$1577 [15], \p$1577 [15], \p$1577 [15], \p$1577 [15], \p$1577 [15], \p$1577 [15], \p$1577 [15], \p$1577 [15], \p$1577 [15], \p$1577  } : \$522 ;
+  assign \$524  = done_pe10_13 ? acc_10_13 : bank_11_13;
+  assign \$525  = $signed(acc_10_14) + $signed(\p$1580 );
+  assign \$526  = first_pe10_14 ? { \p$1580 [15], \p$1580 [15], \p$1580 [15], \p$1580 [15], \p$1580 [15], \p$1580 [15], \p$1580 [15], \p$1580 [15], \p$1580 [15], \p$1580  } : \$525 ;
+  assign \$527  = done_pe10_14 ? acc_10_14 : bank_11_14;
+  assign \$528  = $signed(acc_10_15) + $signed(\p$1583 );
+  assign \$529  = first_pe10_15 ? { \p$1583 [15], \p$1583 [15], \p$1583 [15], \p$1583 [15], \p$1583 [15], \p$1583 [15], \p$1583 [15], \p$1583 [15], \p$1583 [15], \p$1583  } : \$528 ;
+  assign \$530  = done_pe10_15 ? acc_10_15 : bank_11_15;
+  assign \$531  = $signed(acc_11_0) + $signed(\p$1586 );
+  assign \$532  = first_pe11_0 ? { \p$1586 [15], \p$1586 [15], \p$1586 [15], \p$1586 [15], \p$1586 [15], \p$1586 [15], \p$1586 [15], \p$1586 [15], \p$1586 [15], \p$1586  } : \$531 ;
+  assign \$533  = done_pe11_0 ? acc_11_0 : bank_12_0;
+  assign \$534  = $signed(acc_11_1) + $signed(\p$1589 );
+  assign \$535  = first_pe11_1 ? { \p$1589 [15], \p$1589 [15], \p$1589 [15], \p$1589 [15], \p$1589 [15], \p$1589 [15], \p$1589 [15], \p$1589 [15], \p$1589 [15], \p$1589  } : \$534 ;
+  assign \$536  = done_pe11_1 ? acc_11_1 : bank_12_1;
+  assign \$537  = $signed(acc_11_2) + $signed(\p$1592 );
+  assign \$538  = first_pe11_2 ? { \p$1592 [15], \p$1592 [15], \p$1592 [15], \p$1592 [15], \p$1592 [15], \p$1592 [15], \p$1592 [15], \p$1592 [15], \p$1592 [15], \p$1592  } : \$537 ;
+  assign \$539  = done_pe11_2 ? acc_11_2 : bank_12_2;
+  assign \$540  = $signed(acc_11_3) + $signed(\p$1595 );
+  assign \$541  = first_pe11_3 ? { \p$1595 [15], \p$1595 [15], \p$1595 [15], \p$1595 [15], \p$1595 [15], \p$1595 [15], \p$1595 [15], \p$1595 [15], \p$1595 [15], \p$1595  } : \$540 ;
+  assign \$542  = done_pe11_3 ? acc_11_3 : bank_12_3;
+  assign \$543  = $signed(acc_11_4) + $signed(\p$1598 );
+  assign \$544  = first_pe11_4 ? { \p$1598 [15], \p$1598 [15], \p$1598 [15], \p$1598 [15], \p$1598 [15], \p$1598 [15], \p$1598 [15], \p$1598 [15], \p$1598 [15], \p$1598  } : \$543 ;
+  assign \$545  = done_pe11_4 ? acc_11_4 : bank_12_4;
+  assign \$546  = $signed(acc_11_5) + $signed(\p$1601 );
+  assign \$547  = first_pe11_5 ? { \p$1601 [15], \p$1601 [15], \p$1601 [15], \p$1601 [15], \p$1601 [15], \p$1601 [15], \p$1601 [15], \p$1601 [15], \p$1601 [15], \p$1601  } : \$546 ;
+  assign \$548  = done_pe11_5 ? acc_11_5 : bank_12_5;
+  assign \$549  = $signed(acc_11_6) + $signed(\p$1604 );
+  assign \$550  = first_pe11_6 ? { \p$1604 [15], \p$1604 [15], \p$1604 [15], \p$1604 [15], \p$1604 [15], \p$1604 [15], \p$1604 [15], \p$1604 [15], \p$1604 [15], \p$1604  } : \$549 ;
+  assign \$551  = done_pe11_6 ? acc_11_6 : bank_12_6;
+  assign \$552  = $signed(acc_11_7) + $signed(\p$1607 );
+  assign \$553  = first_pe11_7 ? { \p$1607 [15], \p$1607 [15], \p$1607 [15], \p$1607 [15], \p$1607 [15], \p$1607 [15], \p$1607 [15], \p$1607 [15], \p$1607 [15], \p$1607  } : \$552 ;
+  assign \$554  = done_pe11_7 ? acc_11_7 : bank_12_7;
+  assign \$555  = $signed(acc_11_8) + $signed(\p$1610 );
+  assign \$556  = first_pe11_8 ? { \p$1610 [15], \p$1610 [15], \p$1610 [15], \p$1610 [15], \p$1610 [15], \p$1610 [15], \p$1610 [15], \p$1610 [15], \p$1610 [15], \p$1610  } : \$555 ;
+  assign \$557  = done_pe11_8 ? acc_11_8 : bank_12_8;
+  assign \$558  = $signed(acc_11_9) + $signed(\p$1613 );
+  assign \$559  = first_pe11_9 ? { \p$1613 [15], \p$1613 [15], \p$1613 [15], \p$1613 [15], \p$1613 [15], \p$1613 [15], \p$1613 [15], \p$1613 [15], \p$1613 [15], \p$1613  } : \$558 ;
+  assign \$560  = done_pe11_9 ? acc_11_9 : bank_12_9;
+  assign \$561  = $signed(acc_11_10) + $signed(\p$1616 );
+  assign \$562  = first_pe11_10 ? { \p$1616 [15], \p$1616 [15], \p$1616 [15], \p$1616 [15], \p$1616 [15], \p$1616 [15], \p$1616 [15], \p$1616 [15], \p$1616 [15], \p$1616  } : \$561 ;
+  assign \$563  = done_pe11_10 ? acc_11_10 : bank_12_10;
+  assign \$564  = $signed(acc_11_11) + $signed(\p$1619 );
+  assign \$565  = first_pe11_11 ? { \p$1619 [15], \p$1619 [15], \p$1619 [15], \p$1619 [15], \p$1619 [15], \p$1619 [15], \p$1619 [15], \p$1619 [15], \p$1619 [15], \p$1619  } : \$564 ;
+  assign \$566  = done_pe11_11 ? acc_11_11 : bank_12_11;
+  assign \$567  = $signed(acc_11_12) + $signed(\p$1622 );
+  assign \$568  = first_pe11_12 ? { \p$1622 [15], \p$1622 [15], \p$1622 [15], \p$1622 [15], \p$1622 [15], \p$1622 [15], \p$1622 [15], \p$1622 [15], \p$1622 [15], \p$1622  } : \$567 ;
+  assign \$569  = done_pe11_12 ? acc_11_12 : bank_12_12;
+  assign \$570  = $signed(acc_11_13) + $signed(\p$1625 );
+  assign \$571  = first_pe11_13 ? { \p$1625 [15], \p$1625 [15], \p$1625 [15], \p$1625 [15], \p$1625 [15], \p$1625 [15], \p$1625 [15], \p$1625 [15], \p$1625 [15], \p$1625  } : \$570 ;
+  assign \$572  = done_pe11_13 ? acc_11_13 : bank_12_13;
+  assign \$573  = $signed(acc_11_14) + $signed(\p$1628 );
+  assign \$574  = first_pe11_14 ? { \p$1628 [15], \p$1628 [15], \p$1628 [15], \p$1628 [15], \p$1628 [15], \p$1628 [15], \p$1628 [15], \p$1628 [15], \p$1628 [15], \p$1628  } : \$573 ;
+  assign \$575  = done_pe11_14 ? acc_11_14 : bank_12_14;
+  assign \$576  = $signed(acc_11_15) + $signed(\p$1631 );
+  assign \$577  = first_pe11_15 ? { \p$1631 [15], \p$1631 [15], \p$1631 [15], \p$1631 [15], \p$1631 [15], \p$1631 [15], \p$1631 [15], \p$1631 [15], \p$1631 [15], \p$1631  } : \$576 ;
+  assign \$578  = done_pe11_15 ? acc_11_15 : bank_12_15;
+  assign \$579  = $signed(acc_12_0) + $signed(\p$1634 );
+  assign \$580  = first_pe12_0 ? { \p$1634 [15], \p$1634 [15], \p$1634 [15], \p$1634 [15], \p$1634 [15], \p$1634 [15], \p$1634 [15], \p$1634 [15], \p$1634 [15], \p$1634  } : \$579 ;
+  assign \$581  = done_pe12_0 ? acc_12_0 : bank_13_0;
+  assign \$582  = $signed(acc_12_1) + $signed(\p$1637 );
+  assign \$583  = first_pe12_1 ? { \p$1637 [15], \p$1637 [15], \p$1637 [15], \p$1637 [15], \p$1637 [15], \p$1637 [15], \p$1637 [15], \p$1637 [15], \p$1637 [15], \p$1637  } : \$582 ;
+  assign \$584  = done_pe12_1 ? acc_12_1 : bank_13_1;
+  assign \$585  = $signed(acc_12_2) + $signed(\p$1640 );
+  assign \$586  = first_pe12_2 ? { \p$1640 [15], \p$1640 [15], \p$1640 [15], \p$1640 [15], \p$1640 [15], \p$1640 [15], \p$1640 [15], \p$1640 [15], \p$1640 [15], \p$1640  } : \$585 ;
+  assign \$587  = done_pe12_2 ? acc_12_2 : bank_13_2;
+  assign \$588  = $signed(acc_12_3) + $signed(\p$1643 );
+  assign \$589  = first_pe12_3 ? { \p$1643 [15], \p$1643 [15], \p$1643 [15], \p$1643 [15], \p$1643 [15], \p$1643 [15], \p$1643 [15], \p$1643 [15], \p$1643 [15], \p$1643  } : \$588 ;
+  assign \$590  = done_pe12_3 ? acc_12_3 : bank_13_3;
+  assign \$591  = $signed(acc_12_4) + $signed(\p$1646 );
+  assign \$592  = first_pe12_4 ? { \p$1646 [15], \p$1646 [15], \p$1646 [15], \p$1646 [15], \p$1646 [15], \p$1646 [15], \p$1646 [15], \p$1646 [15], \p$1646 [15], \p$1646  } : \$591 ;
+  assign \$593  = done_pe12_4 ? acc_12_4 : bank_13_4;
+  assign \$594  = $signed(acc_12_5) + $signed(\p$1649 );
+  assign \$595  = first_pe12_5 ? { \p$1649 [15], \p$1649 [15], \p$1649 [15], \p$1649 [15], \p$1649 [15], \p$1649 [15], \p$1649 [15], \p$1649 [15], \p$1649 [15], \p$1649  } : \$594 ;
+  assign \$596  = done_pe12_5 ? acc_12_5 : bank_13_5;
+  assign \$597  = $signed(acc_12_6) + $signed(\p$1652 );
+  assign \$598  = first_pe12_6 ? { \p$1652 [15], \p$1652 [15], \p$1652 [15], \p$1652 [15], \p$1652 [15], \p$1652 [15], \p$1652 [15], \p$1652 [15], \p$1652 [15], \p$1652  } : \$597 ;
+  assign \$599  = done_pe12_6 ? acc_12_6 : bank_13_6;
+  assign \$600  = $signed(acc_12_7) + $signed(\p$1655 );
+  assign \$601  = first_pe12_7 ? { \p$1655 [15], \p$1655 [15], \p$1655 [15], \p$1655 [15], \p$1655 [15], \p$1655 [15], \p$1655 [15], \p$1655 [15], \p$1655 [15], \p$1655  } : \$600 ;
+  assign \$602  = done_pe12_7 ? acc_12_7 : bank_13_7;
+  assign \$603  = $signed(acc_12_8) + $signed(\p$1658 );
+  assign \$604  = first_pe12_8 ? { \p$1658 [15], \p$1658 [15], \p$1658 [15], \p$1658 [15], \p$1658 [15], \p$1658 [15], \p$1658 [15], \p$1658 [15], \p$1658 [15], \p$1658  } : \$603 ;
+  assign \$605  = done_pe12_8 ? acc_12_8 : bank_13_8;
+  assign \$606  = $signed(acc_12_9) + $signed(\p$1661 );
+  assign \$607  = first_pe12_9 ? { \p$1661 [15], \p$1661 [15], \p$1661 [15], \p$1661 [15], \p$1661 [15], \p$1661 [15], \p$1661 [15], \p$1661 [15], \p$1661 [15], \p$1661  } : \$606 ;
+  assign \$608  = done_pe12_9 ? acc_12_9 : bank_13_9;
+  assign \$609  = $signed(acc_12_10) + $signed(\p$1664 );
+  assign \$610  = first_pe12_10 ? { \p$1664 [15], \p$1664 [15], \p$1664 [15], \p$1664 [15], \p$1664 [15], \p$1664 [15], \p$1664 [15], \p$1664 [15], \p$1664 [15], \p$1664  } : \$609 ;
+  assign \$611  = done_pe12_10 ? acc_12_10 : bank_13_10;
+  assign \$612  = $signed(acc_12_11) + $signed(\p$1667 );
+  assign \$613  = first_pe12_11 ? { \p$1667 [15], \p$1667 [15], \p$1667 [15], \p$1667 [15], \p$1667 [15], \p$1667 [15], \p$1667 [15], \p$1667 [15], \p$1667 [15], \p$1667  } : \$612 ;
+  assign \$614  = done_pe12_11 ? acc_12_11 : bank_13_11;
+  assign \$615  = $signed(acc_12_12) + $signed(\p$1670 );
+  assign \$616  = first_pe12_12 ? { \p$1670 [15], \p$1670 [15], \p$1670 [15], \p$1670 [15], \p$1670 [15], \p$1670 [15], \p$1670 [15], \p$1670 [15], \p$1670 [15], \p$1670  } : \$615 ;
+  assign \$617  = done_pe12_12 ? acc_12_12 : bank_13_12;
+  assign \$618  = $signed(acc_12_13) + $signed(\p$1673 );
+  assign \$619  = first_pe12_13 ? { \p$1673 [15], \p$1673 [15], \p$1673 [15], \p$1673 [15], \p$1673 [15], \p$1673 [15], \p$1673 [15], \p$1673 [15], \p$1673 [15], \p$1673  } : \$618 ;
+  assign \$620  = done_pe12_13 ? acc_12_13 : bank_13_13;
+  assign \$621  = $signed(acc_12_14) + $signed(\p$1676 );
+  assign \$622  = first_pe12_14 ? { \p$1676 [15], \p$1676 [15], \p$1676 [15], \p$1676 [15], \p$1676 [15], \p$1676 [15], \p$1676 [15], \p$1676 [15], \p$1676 [15], \p$1676  } : \$621 ;
+  assign \$623  = done_pe12_14 ? acc_12_14 : bank_13_14;
+  assign \$624  = $signed(acc_12_15) + $signed(\p$1679 );
+  assign \$625  = first_pe12_15 ? { \p$1679 [15], \p$1679 [15], \p$1679 [15], \p$1679 [15], \p$1679 [15], \p$1679 [15], \p$1679 [15], \p$1679 [15], \p$1679 [15], \p$1679  } : \$624 ;
+  assign \$626  = done_pe12_15 ? acc_12_15 : bank_13_15;
+  assign \$627  = $signed(acc_13_0) + $signed(\p$1682 );
+  assign \$628  = first_pe13_0 ? { \p$1682 [15], \p$1682 [15], \p$1682 [15], \p$1682 [15], \p$1682 [15], \p$1682 [15], \p$1682 [15], \p$1682 [15], \p$1682 [15], \p$1682  } : \$627 ;
+  assign \$629  = done_pe13_0 ? acc_13_0 : bank_14_0;
+  assign \$630  = $signed(acc_13_1) + $signed(\p$1685 );
+  assign \$631  = first_pe13_1 ? { \p$1685 [15], \p$1685 [15], \p$1685 [15], \p$1685 [15], \p$1685 [15], \p$1685 [15], \p$1685 [15], \p$1685 [15], \p$1685 [15], \p$1685  } : \$630 ;
+  assign \$632  = done_pe13_1 ? acc_13_1 : bank_14_1;
+  assign \$633  = $signed(acc_13_2) + $signed(\p$1688 );
+  assign \$634  = first_pe13_2 ? { \p$1688 [15], \p$1688 [15], \p$1688 [15], \p$1688 [15], \p$1688 [15], \p$1688 [15], \p$1688 [15], \p$1688 [15], \p$1688 [15], \p$1688  } : \$633 ;
+  assign \$635  = done_pe13_2 ? acc_13_2 : bank_14_2;
+  assign \$636  = $signed(acc_13_3) + $signed(\p$1691 );
+  assign \$637  = first_pe13_3 ? { \p$1691 [15], \p$1691 [15], \p$1691 [15], \p$1691 [15], \p$1691 [15], \p$1691 [15], \p$1691 [15], \p$1691 [15], \p$1691 [15], \p$1691  } : \$636 ;
+  assign \$638  = done_pe13_3 ? acc_13_3 : bank_14_3;
+  assign \$639  = $signed(acc_13_4) + $signed(\p$1694 );
+  assign \$640  = first_pe13_4 ? { \p$1694 [15], \p$1694 [15], \p$1694 [15], \p$1694 [15], \p$1694 [15], \p$1694 [15], \p$1694 [15], \p$1694 [15], \p$1694 [15], \p$1694  } : \$639 ;
+  assign \$641  = done_pe13_4 ? acc_13_4 : bank_14_4;
+  assign \$642  = $signed(acc_13_5) + $signed(\p$1697 );
+  assign \$643  = first_pe13_5 ? { \p$1697 [15], \p$1697 [15], \p$1697 [15], \p$1697 [15], \p$1697 [15], \p$1697 [15], \p$1697 [15], \p$1697 [15], \p$1697 [15], \p$1697  } : \$642 ;
+  assign \$644  = done_pe13_5 ? acc_13_5 : bank_14_5;
+  assign \$645  = $signed(acc_13_6) + $signed(\p$1700 );
+  assign \$646  = first_pe13_6 ? { \p$1700 [15], \p$1700 [15], \p$1700 [15], \p$1700 [15], \p$1700 [15], \p$1700 [15], \p$1700 [15], \p$1700 [15], \p$1700 [15], \p$1700  } : \$645 ;
+  assign \$647  = done_pe13_6 ? acc_13_6 : bank_14_6;
+  assign \$648  = $signed(acc_13_7) + $signed(\p$1703 );
+  assign \$649  = first_pe13_7 ? { \p$1703 [15], \p$1703 [15], \p$1703 [15], \p$1703 [15], \p$1703 [15], \p$1703 [15], \p$1703 [15], \p$1703 [15], \p$1703 [15], \p$1703  } : \$648 ;
+  assign \$650  = done_pe13_7 ? acc_13_7 : bank_14_7;
+  assign \$651  = $signed(acc_13_8) + $signed(\p$1706 );
+  assign \$652  = first_pe13_8 ? { \p$1706 [15], \p$1706 [15], \p$1706 [15], \p$1706 [15], \p$1706 [15], \p$1706 [15], \p$1706 [15], \p$1706 [15], \p$1706 [15], \p$1706  } : \$651 ;
+  assign \$653  = done_pe13_8 ? acc_13_8 : bank_14_8;
+  assign \$654  = $signed(acc_13_9) + $signed(\p$1709 );
+  assign \$655  = first_pe13_9 ? { \p$1709 [15], \p$1709 [15], \p$1709 [15], \p$1709 [15], \p$1709 [15], \p$1709 [15], \p$1709 [15], \p$1709 [15], \p$1709 [15], \p$1709  } : \$654 ;
+  assign \$656  = done_pe13_9 ? acc_13_9 : bank_14_9;
+  assign \$657  = $signed(acc_13_10) + $signed(\p$1712 );
+  assign \$658  = first_pe13_10 ? { \p$1712 [15], \p$1712 [15], \p$1712 [15], \p$1712 [15], \p$1712 [15], \p$1712 [15], \p$1712 [15], \p$1712 [15], \p$1712 [15], \p$1712  } : \$657 ;
+  assign \$659  = done_pe13_10 ? acc_13_10 : bank_14_10;
+  assign \$660  = $signed(acc_13_11) + $signed(\p$1715 );
+  assign \$661  = first_pe13_11 ? { \p$1715 [15], \p$1715 [15], \p$1715 [15], \p$1715 [15], \p$1715 [15], \p$1715 [15], \p$1715 [15], \p$1715 [15], \p$1715 [15], \p$1715  } : \$660 ;
+  assign \$662  = done_pe13_11 ? acc_13_11 : bank_14_11;
+  assign \$663  = $signed(acc_13_12) + $signed(\p$1718 );
+  assign \$664  = first_pe13_12 ? { \p$1718 [15], \p$1718 [15], \p$1718 [15], \p$1718 [15], \p$1718 [15], \p$1718 [15], \p$1718 [15], \p$1718 [15], \p$1718 [15], \p$1718  } : \$663 ;
+  assign \$665  = done_pe13_12 ? acc_13_12 : bank_14_12;
+  assign \$666  = $signed(acc_13_13) + $signed(\p$1721 );
+  assign \$667  = first_pe13_13 ? { \p$1721 [15], \p$1721 [15], \p$1721 [15], \p$1721 [15], \p$1721 [15], \p$1721 [15], \p$1721 [15], \p$1721 [15], \p$1721 [15], \p$1721  } : \$666 ;
+  assign \$668  = done_pe13_13 ? acc_13_13 : bank_14_13;
+  assign \$669  = $signed(acc_13_14) + $signed(\p$1724 );
+  assign \$670  = first_pe13_14 ? { \p$1724 [15], \p$1724 [15], \p$1724 [15], \p$1724 [15], \p$1724 [15], \p$1724 [15], \p$1724 [15], \p$1724 [15], \p$1724 [15], \p$1724  } : \$669 ;
+  assign \$671  = done_pe13_14 ? acc_13_14 : bank_14_14;
+  assign \$672  = $signed(acc_13_15) + $signed(\p$1727 );
+  assign \$673  = first_pe13_15 ? { \p$1727 [15], \p$1727 [15], \p$1727 [15], \p$1727 [15], \p$1727 [15], \p$1727 [15], \p$1727 [15], \p$1727 [15], \p$1727 [15], \p$1727  } : \$672 ;
+  assign \$674  = done_pe13_15 ? acc_13_15 : bank_14_15;
+  assign \$675  = $signed(acc_14_0) + $signed(\p$1730 );
+  assign \$676  = first_pe14_0 ? { \p$1730 [15], \p$1730 [15], \p$1730 [15], \p$1730 [15], \p$1730 [15], \p$1730 [15], \p$1730 [15], \p$1730 [15], \p$1730 [15], \p$1730  } : \$675 ;
+  assign \$677  = done_pe14_0 ? acc_14_0 : bank_15_0;
+  assign \$678  = $signed(acc_14_1) + $signed(\p$1733 );
+  assign \$679  = first_pe14_1 ? { \p$1733 [15], \p$1733 [15], \p$1733 [15], \p$1733 [15], \p$1733 [15], \p$1733 [15], \p$1733 [15], \p$1733 [15], \p$1733 [15], \p$1733  } : \$678 ;
+  assign \$680  = done_pe14_1 ? acc_14_1 : bank_15_1;
+  assign \$681  = $signed(acc_14_2) + $signed(\p$1736 );
+  assign \$682  = first_pe14_2 ? { \p$1736 [15], \p$1736 [15], \p$1736 [15], \p$1736 [15], \p$1736 [15], \p$1736 [15], \p$1736 [15], \p$1736 [15], \p$1736 [15], \p$1736  } : \$681 ;
+  assign \$683  = done_pe14_2 ? acc_14_2 : bank_15_2;
+  assign \$684  = $signed(acc_14_3) + $signed(\p$1739 );
+  assign \$685  = first_pe14_3 ? { \p$1739 [15], \p$1739 [15], \p$1739 [15], \p$1739 [15], \p$1739 [15], \p$1739 [15], \p$1739 [15], \p$1739 [15], \p$1739 [15], \p$1739  } : \$684 ;
+  assign \$686  = done_pe14_3 ? acc_14_3 : bank_15_3;
+  assign \$687  = $signed(acc_14_4) + $signed(\p$1742 );
+  assign \$688  = first_pe14_4 ? { \p$1742 [15], \p$1742 [15], \p$1742 [15], \p$1742 [15], \p$1742 [15], \p$1742 [15], \p$1742 [15], \p$1742 [15], \p$1742 [15], \p$1742  } : \$687 ;
+  assign \$689  = done_pe14_4 ? acc_14_4 : bank_15_4;
+  assign \$690  = $signed(acc_14_5) + $signed(\p$1745 );
+  assign \$691  = first_pe14_5 ? { \p$1745 [15], \p$1745 [15], \p$1745 [15], \p$1745 [15], \p$1745 [15], \p$1745 [15], \p$1745 [15], \p$1745 [15], \p$1745 [15], \p$1745  } : \$690 ;
+  assign \$692  = done_pe14_5 ? acc_14_5 : bank_15_5;
+  assign \$693  = $signed(acc_14_6) + $signed(\p$1748 );
+  assign \$694  = first_pe14_6 ? { \p$1748 [15], \p$1748 [15], \p$1748 [15], \p$1748 [15], \p$1748 [15], \p$1748 [15], \p$1748 [15], \p$1748 [15], \p$1748 [15], \p$1748  } : \$693 ;
+  assign \$695  = done_pe14_6 ? acc_14_6 : bank_15_6;
+  assign \$696  = $signed(acc_14_7) + $signed(\p$1751 );
+  assign \$697  = first_pe14_7 ? { \p$1751 [15], \p$1751 [15], \p$1751 [15], \p$1751 [15], \p$1751 [15], \p$1751 [15], \p$1751 [15], \p$1751 [15], \p$1751 [15], \p$1751  } : \$696 ;
+  assign \$698  = done_pe14_7 ? acc_14_7 : bank_15_7;
+  assign \$699  = $signed(acc_14_8) + $signed(\p$1754 );
+  assign \$700  = first_pe14_8 ? { \p$1754 [15], \p$1754 [15], \p$1754 [15], \p$1754 [15], \p$1754 [15], \p$1754 [15], \p$1754 [15], \p$1754 [15], \p$1754 [15], \p$1754  } : \$699 ;
+  assign \$701  = done_pe14_8 ? acc_14_8 : bank_15_8;
+  assign \$702  = $signed(acc_14_9) + $signed(\p$1757 );
+  assign \$703  = first_pe14_9 ? { \p$1757 [15], \p$1757 [15], \p$1757 [15], \p$1757 [15], \p$1757 [15], \p$1757 [15], \p$1757 [15], \p$1757 [15], \p$1757 [15], \p$1757  } : \$702 ;
+  assign \$704  = done_pe14_9 ? acc_14_9 : bank_15_9;
+  assign \$705  = $signed(acc_14_10) + $signed(\p$1760 );
+  assign \$706  = first_pe14_10 ? { \p$1760 [15], \p$1760 [15], \p$1760 [15], \p$1760 [15], \p$1760 [15], \p$1760 [15], \p$1760 [15], \p$1760 [15], \p$1760 [15], \p$1760  } : \$705 ;
+  assign \$707  = done_pe14_10 ? acc_14_10 : bank_15_10;
+  assign \$708  = $signed(acc_14_11) + $signed(\p$1763 );
+  assign \$709  = first_pe14_11 ? { \p$1763 [15], \p$1763 [15], \p$1763 [15], \p$1763 [15], \p$1763 [15], \p$1763 [15], \p$1763 [15], \p$1763 [15], \p$1763 [15], \p$1763  } : \$708 ;
+  assign \$710  = done_pe14_11 ? acc_14_11 : bank_15_11;
+  assign \$711  = $signed(acc_14_12) + $signed(\p$1766 );
+  assign \$712  = first_pe14_12 ? { \p$1766 [15], \p$1766 [15], \p$1766 [15], \p$1766 [15], \p$1766 [15], \p$1766 [15], \p$1766 [15], \p$1766 [15], \p$1766 [15], \p$1766  } : \$711 ;
+  assign \$713  = done_pe14_12 ? acc_14_12 : bank_15_12;
+  assign \$714  = $signed(acc_14_13) + $signed(\p$1769 );
+  assign \$715  = first_pe14_13 ? { \p$1769 [15], \p$1769 [15], \p$1769 [15], \p$1769 [15], \p$1769 [15], \p$1769 [15], \p$1769 [15], \p$1769 [15], \p$1769 [15], \p$1769  } : \$714 ;
+  assign \$716  = done_pe14_13 ? acc_14_13 : bank_15_13;
+  assign \$717  = $signed(acc_14_14) + $signed(\p$1772 );
+  assign \$718  = first_pe14_14 ? { \p$1772 [15], \p$1772 [15], \p$1772 [15], \p$1772 [15], \p$1772 [15], \p$1772 [15], \p$1772 [15], \p$1772 [15], \p$1772 [15], \p$1772  } : \$717 ;
+  assign \$719  = done_pe14_14 ? acc_14_14 : bank_15_14;
+  assign \$720  = $signed(acc_14_15) + $signed(\p$1775 );
+  assign \$721  = first_pe14_15 ? { \p$1775 [15], \p$1775 [15], \p$1775 [15], \p$1775 [15], \p$1775 [15], \p$1775 [15], \p$1775 [15], \p$1775 [15], \p$1775 [15], \p$1775  } : \$720 ;
+  assign \$722  = done_pe14_15 ? acc_14_15 : bank_15_15;
+  assign \$723  = $signed(acc_15_0) + $signed(\p$1778 );
+  assign \$724  = first_pe15_0 ? { \p$1778 [15], \p$1778 [15], \p$1778 [15], \p$1778 [15], \p$1778 [15], \p$1778 [15], \p$1778 [15], \p$1778 [15], \p$1778 [15], \p$1778  } : \$723 ;
+  assign \$725  = done_pe15_0 ? acc_15_0 : 24'h000000;
+  assign \$726  = $signed(acc_15_1) + $signed(\p$1780 );
+  assign \$727  = first_pe15_1 ? { \p$1780 [15], \p$1780 [15], \p$1780 [15], \p$1780 [15], \p$1780 [15], \p$1780 [15], \p$1780 [15], \p$1780 [15], \p$1780 [15], \p$1780  } : \$726 ;
+  assign \$728  = done_pe15_1 ? acc_15_1 : 24'h000000;
+  assign \$729  = $signed(acc_15_2) + $signed(\p$1782 );
+  assign \$730  = first_pe15_2 ? { \p$1782 [15], \p$1782 [15], \p$1782 [15], \p$1782 [15], \p$1782 [15], \p$1782 [15], \p$1782 [15], \p$1782 [15], \p$1782 [15], \p$1782  } : \$729 ;
+  assign \$731  = done_pe15_2 ? acc_15_2 : 24'h000000;
+  assign \$732  = $signed(acc_15_3) + $signed(\p$1784 );
+  assign \$733  = first_pe15_3 ? { \p$1784 [15], \p$1784 [15], \p$1784 [15], \p$1784 [15], \p$1784 [15], \p$1784 [15], \p$1784 [15], \p$1784 [15], \p$1784 [15], \p$1784  } : \$732 ;
+  assign \$734  = done_pe15_3 ? acc_15_3 : 24'h000000;
+  assign \$735  = $signed(acc_15_4) + $signed(\p$1786 );
+  assign \$736  = first_pe15_4 ? { \p$1786 [15], \p$1786 [15], \p$1786 [15], \p$1786 [15], \p$1786 [15], \p$1786 [15], \p$1786 [15], \p$1786 [15], \p$1786 [15], \p$1786  } : \$735 ;
+  assign \$737  = done_pe15_4 ? acc_15_4 : 24'h000000;
+  assign \$738  = $signed(acc_15_5) + $signed(\p$1788 );
+  assign \$739  = first_pe15_5 ? { \p$1788 [15], \p$1788 [15], \p$1788 [15], \p$1788 [15], \p$1788 [15], \p$1788 [15], \p$1788 [15], \p$1788 [15], \p$1788 [15], \p$1788  } : \$738 ;
+  assign \$740  = done_pe15_5 ? acc_15_5 : 24'h000000;
+  assign \$741  = $signed(acc_15_6) + $signed(\p$1790 );
+  assign \$742  = first_pe15_6 ? { \p$1790 [15], \p$1790 [15], \p$1790 [15], \p$1790 [15], \p$1790 [15], \p$1790 [15], \p$1790 [15], \p$1790 [15], \p$1790 [15], \p$1790  } : \$741 ;
+  assign \$743  = done_pe15_6 ? acc_15_6 : 24'h000000;
+  assign \$744  = $signed(acc_15_7) + $signed(\p$1792 );
+  assign \$745  = first_pe15_7 ? { \p$1792 [15], \p$1792 [15], \p$1792 [15], \p$1792 [15], \p$1792 [15], \p$1792 [15], \p$1792 [15], \p$1792 [15], \p$1792 [15], \p$1792  } : \$744 ;
+  assign \$746  = done_pe15_7 ? acc_15_7 : 24'h000000;
+  assign \$747  = $signed(acc_15_8) + $signed(\p$1794 );
+  assign \$748  = first_pe15_8 ? { \p$1794 [15], \p$1794 [15], \p$1794 [15], \p$1794 [15], \p$1794 [15], \p$1794 [15], \p$1794 [15], \p$1794 [15], \p$1794 [15], \p$1794  } : \$747 ;
+  assign \$749  = done_pe15_8 ? acc_15_8 : 24'h000000;
+  assign \$750  = $signed(acc_15_9) + $signed(\p$1796 );
+  assign \$751  = first_pe15_9 ? { \p$1796 [15], \p$1796 [15], \p$1796 [15], \p$1796 [15], \p$1796 [15], \p$1796 [15], \p$1796 [15], \p$1796 [15], \p$1796 [15], \p$1796  } : \$750 ;
+  assign \$752  = done_pe15_9 ? acc_15_9 : 24'h000000;
+  assign \$753  = $signed(acc_15_10) + $signed(\p$1798 );
+  assign \$754  = first_pe15_10 ? { \p$1798 [15], \p$1798 [15], \p$1798 [15], \p$1798 [15], \p$1798 [15], \p$1798 [15], \p$1798 [15], \p$1798 [15], \p$1798 [15], \p$1798  } : \$753 ;
+  assign \$755  = done_pe15_10 ? acc_15_10 : 24'h000000;
+  assign \$756  = $signed(acc_15_11) + $signed(\p$1800 );
+  assign \$757  = first_pe15_11 ? { \p$1800 [15], \p$1800 [15], \p$1800 [15], \p$1800 [15], \p$1800 [15], \p$1800 [15], \p$1800 [15], \p$1800 [15], \p$1800 [15], \p$1800  } : \$756 ;
+  assign \$758  = done_pe15_11 ? acc_15_11 : 24'h000000;
+  assign \$759  = $signed(acc_15_12) + $signed(\p$1802 );
+  assign \$760  = first_pe15_12 ? { \p$1802 [15], \p$1802 [15], \p$1802 [15], \p$1802 [15], \p$1802 [15], \p$1802 [15], \p$1802 [15], \p$1802 [15], \p$1802 [15], \p$1802  } : \$759 ;
+  assign \$761  = done_pe15_12 ? acc_15_12 : 24'h000000;
+  assign \$762  = $signed(acc_15_13) + $signed(\p$1804 );
+  assign \$763  = first_pe15_13 ? { \p$1804 [15], \p$1804 [15], \p$1804 [15], \p$1804 [15], \p$1804 [15], \p$1804 [15], \p$1804 [15], \p$1804 [15], \p$1804 [15], \p$1804  } : \$762 ;
+  assign \$764  = done_pe15_13 ? acc_15_13 : 24'h000000;
+  assign \$765  = $signed(acc_15_14) + $signed(\p$1806 );
+  assign \$766  = first_pe15_14 ? { \p$1806 [15], \p$1806 [15], \p$1806 [15], \p$1806 [15], \p$1806 [15], \p$1806 [15], \p$1806 [15], \p$1806 [15], \p$1806 [15], \p$1806  } : \$765 ;
+  assign \$767  = done_pe15_14 ? acc_15_14 : 24'h000000;
+  assign \$768  = $signed(acc_15_15) + $signed(\p$1808 );
+  assign \$769  = first_pe15_15 ? { \p$1808 [15], \p$1808 [15], \p$1808 [15], \p$1808 [15], \p$1808 [15], \p$1808 [15], \p$1808 [15], \p$1808 [15], \p$1808 [15], \p$1808  } : \$768 ;
+  assign \$770  = done_pe15_15 ? acc_15_15 : 24'h000000;
+  assign \$771  = row != 4'hf;
+  assign \$772  = bank_busy & \$771 ;
+  assign \$773  = row + 1'h1;
+  assign \$774  = row == 4'hf;
   assign \$775  = row == 4'hf;
   always @(posedge clk)
     \$signal  <= \$776 ;
@@ -26199,2125 +25495,2849 @@ module \encoder_layer_0_attention_self_value.pe (rst, i__payload, i__valid, bank
   always @(posedge clk)
     last_d3 <= \$785 ;
   always @(posedge clk)
-    first_r0 <= \$786 ;
+    first_r0 <= first_d3;
   always @(posedge clk)
-    first_r1 <= \$787 ;
+    first_r1 <= first_d3;
   always @(posedge clk)
-    first_r2 <= \$788 ;
+    first_r2 <= first_d3;
   always @(posedge clk)
-    first_r3 <= \$789 ;
+    first_r3 <= first_d3;
   always @(posedge clk)
-    first_r4 <= \$790 ;
+    first_r4 <= first_d3;
   always @(posedge clk)
-    first_r5 <= \$791 ;
+    first_r5 <= first_d3;
   always @(posedge clk)
-    first_r6 <= \$792 ;
+    first_r6 <= first_d3;
   always @(posedge clk)
-    first_r7 <= \$793 ;
+    first_r7 <= first_d3;
   always @(posedge clk)
-    first_r8 <= \$794 ;
+    first_r8 <= first_d3;
   always @(posedge clk)
-    first_r9 <= \$795 ;
+    first_r9 <= first_d3;
   always @(posedge clk)
-    first_r10 <= \$796 ;
+    first_r10 <= first_d3;
   always @(posedge clk)
-    first_r11 <= \$797 ;
+    first_r11 <= first_d3;
   always @(posedge clk)
-    first_r12 <= \$798 ;
+    first_r12 <= first_d3;
   always @(posedge clk)
-    first_r13 <= \$799 ;
+    first_r13 <= first_d3;
   always @(posedge clk)
-    first_r14 <= \$800 ;
+    first_r14 <= first_d3;
   always @(posedge clk)
-    first_r15 <= \$801 ;
+    first_r15 <= first_d3;
   always @(posedge clk)
-    last_r0 <= \$802 ;
+    last_r0 <= last_d3;
   always @(posedge clk)
-    last_r1 <= \$803 ;
+    last_r1 <= last_d3;
   always @(posedge clk)
-    last_r2 <= \$804 ;
+    last_r2 <= last_d3;
   always @(posedge clk)
-    last_r3 <= \$805 ;
+    last_r3 <= last_d3;
   always @(posedge clk)
-    last_r4 <= \$806 ;
+    last_r4 <= last_d3;
   always @(posedge clk)
-    last_r5 <= \$807 ;
+    last_r5 <= last_d3;
   always @(posedge clk)
-    last_r6 <= \$808 ;
+    last_r6 <= last_d3;
   always @(posedge clk)
-    last_r7 <= \$809 ;
+    last_r7 <= last_d3;
   always @(posedge clk)
-    last_r8 <= \$810 ;
+    last_r8 <= last_d3;
   always @(posedge clk)
-    last_r9 <= \$811 ;
+    last_r9 <= last_d3;
   always @(posedge clk)
-    last_r10 <= \$812 ;
+    last_r10 <= last_d3;
   always @(posedge clk)
-    last_r11 <= \$813 ;
+    last_r11 <= last_d3;
   always @(posedge clk)
-    last_r12 <= \$814 ;
+    last_r12 <= last_d3;
   always @(posedge clk)
-    last_r13 <= \$815 ;
+    last_r13 <= last_d3;
   always @(posedge clk)
-    last_r14 <= \$816 ;
+    last_r14 <= last_d3;
   always @(posedge clk)
-    last_r15 <= \$817 ;
+    last_r15 <= last_d3;
   always @(posedge clk)
-    first_pe0_0 <= \$818 ;
+    first_pe0_0 <= first_r0;
   always @(posedge clk)
-    first_pe0_1 <= \$819 ;
+    first_pe0_1 <= first_r0;
   always @(posedge clk)
-    first_pe0_2 <= \$820 ;
+    first_pe0_2 <= first_r0;
   always @(posedge clk)
-    first_pe0_3 <= \$821 ;
+    first_pe0_3 <= first_r0;
   always @(posedge clk)
-    first_pe0_4 <= \$822 ;
+    first_pe0_4 <= first_r0;
   always @(posedge clk)
-    first_pe0_5 <= \$823 ;
+    first_pe0_5 <= first_r0;
   always @(posedge clk)
-    first_pe0_6 <= \$824 ;
+    first_pe0_6 <= first_r0;
   always @(posedge clk)
-    first_pe0_7 <= \$825 ;
+    first_pe0_7 <= first_r0;
   always @(posedge clk)
-    first_pe0_8 <= \$826 ;
+    first_pe0_8 <= first_r0;
   always @(posedge clk)
-    first_pe0_9 <= \$827 ;
+    first_pe0_9 <= first_r0;
   always @(posedge clk)
-    first_pe0_10 <= \$828 ;
+    first_pe0_10 <= first_r0;
   always @(posedge clk)
-    first_pe0_11 <= \$829 ;
+    first_pe0_11 <= first_r0;
   always @(posedge clk)
-    first_pe0_12 <= \$830 ;
+    first_pe0_12 <= first_r0;
   always @(posedge clk)
-    first_pe0_13 <= \$831 ;
+    first_pe0_13 <= first_r0;
   always @(posedge clk)
-    first_pe0_14 <= \$832 ;
+    first_pe0_14 <= first_r0;
   always @(posedge clk)
-    first_pe0_15 <= \$833 ;
+    first_pe0_15 <= first_r0;
   always @(posedge clk)
-    first_pe1_0 <= \$834 ;
+    first_pe1_0 <= first_r1;
   always @(posedge clk)
-    first_pe1_1 <= \$835 ;
+    first_pe1_1 <= first_r1;
   always @(posedge clk)
-    first_pe1_2 <= \$836 ;
+    first_pe1_2 <= first_r1;
   always @(posedge clk)
-    first_pe1_3 <= \$837 ;
+    first_pe1_3 <= first_r1;
   always @(posedge clk)
-    first_pe1_4 <= \$838 ;
+    first_pe1_4 <= first_r1;
   always @(posedge clk)
-    first_pe1_5 <= \$839 ;
+    first_pe1_5 <= first_r1;
   always @(posedge clk)
-    first_pe1_6 <= \$840 ;
+    first_pe1_6 <= first_r1;
   always @(posedge clk)
-    first_pe1_7 <= \$841 ;
+    first_pe1_7 <= first_r1;
   always @(posedge clk)
-    first_pe1_8 <= \$842 ;
+    first_pe1_8 <= first_r1;
   always @(posedge clk)
-    first_pe1_9 <= \$843 ;
+    first_pe1_9 <= first_r1;
   always @(posedge clk)
-    first_pe1_10 <= \$844 ;
+    first_pe1_10 <= first_r1;
   always @(posedge clk)
-    first_pe1_11 <= \$845 ;
+    first_pe1_11 <= first_r1;
   always @(posedge clk)
-    first_pe1_12 <= \$846 ;
+    first_pe1_12 <= first_r1;
   always @(posedge clk)
-    first_pe1_13 <= \$847 ;
+    first_pe1_13 <= first_r1;
   always @(posedge clk)
-    first_pe1_14 <= \$848 ;
+    first_pe1_14 <= first_r1;
   always @(posedge clk)
-    first_pe1_15 <= \$849 ;
+    first_pe1_15 <= first_r1;
   always @(posedge clk)
-    first_pe2_0 <= \$850 ;
+    first_pe2_0 <= first_r2;
   always @(posedge clk)
-    first_pe2_1 <= \$851 ;
+    first_pe2_1 <= first_r2;
   always @(posedge clk)
-    first_pe2_2 <= \$852 ;
+    first_pe2_2 <= first_r2;
   always @(posedge clk)
-    first_pe2_3 <= \$853 ;
+    first_pe2_3 <= first_r2;
   always @(posedge clk)
-    first_pe2_4 <= \$854 ;
+    first_pe2_4 <= first_r2;
   always @(posedge clk)
-    first_pe2_5 <= \$855 ;
+    first_pe2_5 <= first_r2;
   always @(posedge clk)
-    first_pe2_6 <= \$856 ;
+    first_pe2_6 <= first_r2;
   always @(posedge clk)
-    first_pe2_7 <= \$857 ;
+    first_pe2_7 <= first_r2;
   always @(posedge clk)
-    first_pe2_8 <= \$858 ;
+    first_pe2_8 <= first_r2;
   always @(posedge clk)
-    first_pe2_9 <= \$859 ;
+    first_pe2_9 <= first_r2;
   always @(posedge clk)
-    first_pe2_10 <= \$860 ;
+    first_pe2_10 <= first_r2;
   always @(posedge clk)
-    first_pe2_11 <= \$861 ;
+    first_pe2_11 <= first_r2;
   always @(posedge clk)
-    first_pe2_12 <= \$862 ;
+    first_pe2_12 <= first_r2;
   always @(posedge clk)
-    first_pe2_13 <= \$863 ;
+    first_pe2_13 <= first_r2;
   always @(posedge clk)
-    first_pe2_14 <= \$864 ;
+    first_pe2_14 <= first_r2;
   always @(posedge clk)
-    first_pe2_15 <= \$865 ;
+    first_pe2_15 <= first_r2;
   always @(posedge clk)
-    first_pe3_0 <= \$866 ;
+    first_pe3_0 <= first_r3;
   always @(posedge clk)
-    first_pe3_1 <= \$867 ;
+    first_pe3_1 <= first_r3;
   always @(posedge clk)
-    first_pe3_2 <= \$868 ;
+    first_pe3_2 <= first_r3;
   always @(posedge clk)
-    first_pe3_3 <= \$869 ;
+    first_pe3_3 <= first_r3;
   always @(posedge clk)
-    first_pe3_4 <= \$870 ;
+    first_pe3_4 <= first_r3;
   always @(posedge clk)
-    first_pe3_5 <= \$871 ;
+    first_pe3_5 <= first_r3;
   always @(posedge clk)
-    first_pe3_6 <= \$872 ;
+    first_pe3_6 <= first_r3;
   always @(posedge clk)
-    first_pe3_7 <= \$873 ;
+    first_pe3_7 <= first_r3;
   always @(posedge clk)
-    first_pe3_8 <= \$874 ;
+    first_pe3_8 <= first_r3;
   always @(posedge clk)
-    first_pe3_9 <= \$875 ;
+    first_pe3_9 <= first_r3;
   always @(posedge clk)
-    first_pe3_10 <= \$876 ;
+    first_pe3_10 <= first_r3;
   always @(posedge clk)
-    first_pe3_11 <= \$877 ;
+    first_pe3_11 <= first_r3;
   always @(posedge clk)
-    first_pe3_12 <= \$878 ;
+    first_pe3_12 <= first_r3;
   always @(posedge clk)
-    first_pe3_13 <= \$879 ;
+    first_pe3_13 <= first_r3;
   always @(posedge clk)
-    first_pe3_14 <= \$880 ;
+    first_pe3_14 <= first_r3;
   always @(posedge clk)
-    first_pe3_15 <= \$881 ;
+    first_pe3_15 <= first_r3;
   always @(posedge clk)
-    first_pe4_0 <= \$882 ;
+    first_pe4_0 <= first_r4;
   always @(posedge clk)
-    first_pe4_1 <= \$883 ;
+    first_pe4_1 <= first_r4;
   always @(posedge clk)
-    first_pe4_2 <= \$884 ;
+    first_pe4_2 <= first_r4;
   always @(posedge clk)
-    first_pe4_3 <= \$885 ;
+    first_pe4_3 <= first_r4;
   always @(posedge clk)
-    first_pe4_4 <= \$886 ;
+    first_pe4_4 <= first_r4;
   always @(posedge clk)
-    first_pe4_5 <= \$887 ;
+    first_pe4_5 <= first_r4;
   always @(posedge clk)
-    first_pe4_6 <= \$888 ;
+    first_pe4_6 <= first_r4;
   always @(posedge clk)
-    first_pe4_7 <= \$889 ;
+    first_pe4_7 <= first_r4;
   always @(posedge clk)
-    first_pe4_8 <= \$890 ;
+    first_pe4_8 <= first_r4;
   always @(posedge clk)
-    first_pe4_9 <= \$891 ;
+    first_pe4_9 <= first_r4;
   always @(posedge clk)
-    first_pe4_10 <= \$892 ;
+    first_pe4_10 <= first_r4;
   always @(posedge clk)
-    first_pe4_11 <= \$893 ;
+    first_pe4_11 <= first_r4;
   always @(posedge clk)
-    first_pe4_12 <= \$894 ;
+    first_pe4_12 <= first_r4;
   always @(posedge clk)
-    first_pe4_13 <= \$895 ;
+    first_pe4_13 <= first_r4;
   always @(posedge clk)
-    first_pe4_14 <= \$896 ;
+    first_pe4_14 <= first_r4;
   always @(posedge clk)
-    first_pe4_15 <= \$897 ;
+    first_pe4_15 <= first_r4;
   always @(posedge clk)
-    first_pe5_0 <= \$898 ;
+    first_pe5_0 <= first_r5;
   always @(posedge clk)
-    first_pe5_1 <= \$899 ;
+    first_pe5_1 <= first_r5;
   always @(posedge clk)
-    first_pe5_2 <= \$900 ;
+    first_pe5_2 <= first_r5;
   always @(posedge clk)
-    first_pe5_3 <= \$901 ;
+    first_pe5_3 <= first_r5;
   always @(posedge clk)
-    first_pe5_4 <= \$902 ;
+    first_pe5_4 <= first_r5;
   always @(posedge clk)
-    first_pe5_5 <= \$903 ;
+    first_pe5_5 <= first_r5;
   always @(posedge clk)
-    first_pe5_6 <= \$904 ;
+    first_pe5_6 <= first_r5;
   always @(posedge clk)
-    first_pe5_7 <= \$905 ;
+    first_pe5_7 <= first_r5;
   always @(posedge clk)
-    first_pe5_8 <= \$906 ;
+    first_pe5_8 <= first_r5;
   always @(posedge clk)
-    first_pe5_9 <= \$907 ;
+    first_pe5_9 <= first_r5;
   always @(posedge clk)
-    first_pe5_10 <= \$908 ;
+    first_pe5_10 <= first_r5;
   always @(posedge clk)
-    first_pe5_11 <= \$909 ;
+    first_pe5_11 <= first_r5;
   always @(posedge clk)
-    first_pe5_12 <= \$910 ;
+    first_pe5_12 <= first_r5;
   always @(posedge clk)
-    first_pe5_13 <= \$911 ;
+    first_pe5_13 <= first_r5;
   always @(posedge clk)
-    first_pe5_14 <= \$912 ;
+    first_pe5_14 <= first_r5;
   always @(posedge clk)
-    first_pe5_15 <= \$913 ;
+    first_pe5_15 <= first_r5;
   always @(posedge clk)
-    first_pe6_0 <= \$914 ;
+    first_pe6_0 <= first_r6;
   always @(posedge clk)
-    first_pe6_1 <= \$915 ;
+    first_pe6_1 <= first_r6;
   always @(posedge clk)
-    first_pe6_2 <= \$916 ;
+    first_pe6_2 <= first_r6;
   always @(posedge clk)
-    first_pe6_3 <= \$917 ;
+    first_pe6_3 <= first_r6;
   always @(posedge clk)
-    first_pe6_4 <= \$918 ;
+    first_pe6_4 <= first_r6;
   always @(posedge clk)
-    first_pe6_5 <= \$919 ;
+    first_pe6_5 <= first_r6;
   always @(posedge clk)
-    first_pe6_6 <= \$920 ;
+    first_pe6_6 <= first_r6;
   always @(posedge clk)
-    first_pe6_7 <= \$921 ;
+    first_pe6_7 <= first_r6;
   always @(posedge clk)
-    first_pe6_8 <= \$922 ;
+    first_pe6_8 <= first_r6;
   always @(posedge clk)
-    first_pe6_9 <= \$923 ;
+    first_pe6_9 <= first_r6;
   always @(posedge clk)
-    first_pe6_10 <= \$924 ;
+    first_pe6_10 <= first_r6;
   always @(posedge clk)
-    first_pe6_11 <= \$925 ;
+    first_pe6_11 <= first_r6;
   always @(posedge clk)
-    first_pe6_12 <= \$926 ;
+    first_pe6_12 <= first_r6;
   always @(posedge clk)
-    first_pe6_13 <= \$927 ;
+    first_pe6_13 <= first_r6;
   always @(posedge clk)
-    first_pe6_14 <= \$928 ;
+    first_pe6_14 <= first_r6;
   always @(posedge clk)
-    first_pe6_15 <= \$929 ;
+    first_pe6_15 <= first_r6;
   always @(posedge clk)
-    first_pe7_0 <= \$930 ;
+    first_pe7_0 <= first_r7;
   always @(posedge clk)
-    first_pe7_1 <= \$931 ;
+    first_pe7_1 <= first_r7;
   always @(posedge clk)
-    first_pe7_2 <= \$932 ;
+    first_pe7_2 <= first_r7;
   always @(posedge clk)
-    first_pe7_3 <= \$933 ;
+    first_pe7_3 <= first_r7;
   always @(posedge clk)
-    first_pe7_4 <= \$934 ;
+    first_pe7_4 <= first_r7;
   always @(posedge clk)
-    first_pe7_5 <= \$935 ;
+    first_pe7_5 <= first_r7;
   always @(posedge clk)
-    first_pe7_6 <= \$936 ;
+    first_pe7_6 <= first_r7;
   always @(posedge clk)
-    first_pe7_7 <= \$937 ;
+    first_pe7_7 <= first_r7;
   always @(posedge clk)
-    first_pe7_8 <= \$938 ;
+    first_pe7_8 <= first_r7;
   always @(posedge clk)
-    first_pe7_9 <= \$939 ;
+    first_pe7_9 <= first_r7;
   always @(posedge clk)
-    first_pe7_10 <= \$940 ;
+    first_pe7_10 <= first_r7;
   always @(posedge clk)
-    first_pe7_11 <= \$941 ;
+    first_pe7_11 <= first_r7;
   always @(posedge clk)
-    first_pe7_12 <= \$942 ;
+    first_pe7_12 <= first_r7;
   always @(posedge clk)
-    first_pe7_13 <= \$943 ;
+    first_pe7_13 <= first_r7;
   always @(posedge clk)
-    first_pe7_14 <= \$944 ;
+    first_pe7_14 <= first_r7;
   always @(posedge clk)
-    first_pe7_15 <= \$945 ;
+    first_pe7_15 <= first_r7;
   always @(posedge clk)
-    first_pe8_0 <= \$946 ;
+    first_pe8_0 <= first_r8;
   always @(posedge clk)
-    first_pe8_1 <= \$947 ;
+    first_pe8_1 <= first_r8;
   always @(posedge clk)
-    first_pe8_2 <= \$948 ;
+    first_pe8_2 <= first_r8;
   always @(posedge clk)
-    first_pe8_3 <= \$949 ;
+    first_pe8_3 <= first_r8;
   always @(posedge clk)
-    first_pe8_4 <= \$950 ;
+    first_pe8_4 <= first_r8;
   always @(posedge clk)
-    first_pe8_5 <= \$951 ;
+    first_pe8_5 <= first_r8;
   always @(posedge clk)
-    first_pe8_6 <= \$952 ;
+    first_pe8_6 <= first_r8;
   always @(posedge clk)
-    first_pe8_7 <= \$953 ;
+    first_pe8_7 <= first_r8;
   always @(posedge clk)
-    first_pe8_8 <= \$954 ;
+    first_pe8_8 <= first_r8;
   always @(posedge clk)
-    first_pe8_9 <= \$955 ;
+    first_pe8_9 <= first_r8;
   always @(posedge clk)
-    first_pe8_10 <= \$956 ;
+    first_pe8_10 <= first_r8;
   always @(posedge clk)
-    first_pe8_11 <= \$957 ;
+    first_pe8_11 <= first_r8;
   always @(posedge clk)
-    first_pe8_12 <= \$958 ;
+    first_pe8_12 <= first_r8;
   always @(posedge clk)
-    first_pe8_13 <= \$959 ;
+    first_pe8_13 <= first_r8;
   always @(posedge clk)
-    first_pe8_14 <= \$960 ;
+    first_pe8_14 <= first_r8;
   always @(posedge clk)
-    first_pe8_15 <= \$961 ;
+    first_pe8_15 <= first_r8;
   always @(posedge clk)
-    first_pe9_0 <= \$962 ;
+    first_pe9_0 <= first_r9;
   always @(posedge clk)
-    first_pe9_1 <= \$963 ;
+    first_pe9_1 <= first_r9;
   always @(posedge clk)
-    first_pe9_2 <= \$964 ;
+    first_pe9_2 <= first_r9;
   always @(posedge clk)
-    first_pe9_3 <= \$965 ;
+    first_pe9_3 <= first_r9;
   always @(posedge clk)
-    first_pe9_4 <= \$966 ;
+    first_pe9_4 <= first_r9;
   always @(posedge clk)
-    first_pe9_5 <= \$967 ;
+    first_pe9_5 <= first_r9;
   always @(posedge clk)
-    first_pe9_6 <= \$968 ;
+    first_pe9_6 <= first_r9;
   always @(posedge clk)
-    first_pe9_7 <= \$969 ;
+    first_pe9_7 <= first_r9;
   always @(posedge clk)
-    first_pe9_8 <= \$970 ;
+    first_pe9_8 <= first_r9;
   always @(posedge clk)
-    first_pe9_9 <= \$971 ;
+    first_pe9_9 <= first_r9;
   always @(posedge clk)
-    first_pe9_10 <= \$972 ;
+    first_pe9_10 <= first_r9;
   always @(posedge clk)
-    first_pe9_11 <= \$973 ;
+    first_pe9_11 <= first_r9;
   always @(posedge clk)
-    first_pe9_12 <= \$974 ;
+    first_pe9_12 <= first_r9;
   always @(posedge clk)
-    first_pe9_13 <= \$975 ;
+    first_pe9_13 <= first_r9;
   always @(posedge clk)
-    first_pe9_14 <= \$976 ;
+    first_pe9_14 <= first_r9;
   always @(posedge clk)
-    first_pe9_15 <= \$977 ;
+    first_pe9_15 <= first_r9;
   always @(posedge clk)
-    first_pe10_0 <= \$978 ;
+    first_pe10_0 <= first_r10;
   always @(posedge clk)
-    first_pe10_1 <= \$979 ;
+    first_pe10_1 <= first_r10;
   always @(posedge clk)
-    first_pe10_2 <= \$980 ;
+    first_pe10_2 <= first_r10;
   always @(posedge clk)
-    first_pe10_3 <= \$981 ;
+    first_pe10_3 <= first_r10;
   always @(posedge clk)
-    first_pe10_4 <= \$982 ;
+    first_pe10_4 <= first_r10;
   always @(posedge clk)
-    first_pe10_5 <= \$983 ;
+    first_pe10_5 <= first_r10;
   always @(posedge clk)
-    first_pe10_6 <= \$984 ;
+    first_pe10_6 <= first_r10;
   always @(posedge clk)
-    first_pe10_7 <= \$985 ;
+    first_pe10_7 <= first_r10;
   always @(posedge clk)
-    first_pe10_8 <= \$986 ;
+    first_pe10_8 <= first_r10;
   always @(posedge clk)
-    first_pe10_9 <= \$987 ;
+    first_pe10_9 <= first_r10;
   always @(posedge clk)
-    first_pe10_10 <= \$988 ;
+    first_pe10_10 <= first_r10;
   always @(posedge clk)
-    first_pe10_11 <= \$989 ;
+    first_pe10_11 <= first_r10;
   always @(posedge clk)
-    first_pe10_12 <= \$990 ;
+    first_pe10_12 <= first_r10;
   always @(posedge clk)
-    first_pe10_13 <= \$991 ;
+    first_pe10_13 <= first_r10;
   always @(posedge clk)
-    first_pe10_14 <= \$992 ;
+    first_pe10_14 <= first_r10;
   always @(posedge clk)
-    first_pe10_15 <= \$993 ;
+    first_pe10_15 <= first_r10;
   always @(posedge clk)
-    first_pe11_0 <= \$994 ;
+    first_pe11_0 <= first_r11;
   always @(posedge clk)
-    first_pe11_1 <= \$995 ;
+    first_pe11_1 <= first_r11;
   always @(posedge clk)
-    first_pe11_2 <= \$996 ;
+    first_pe11_2 <= first_r11;
   always @(posedge clk)
-    first_pe11_3 <= \$997 ;
+    first_pe11_3 <= first_r11;
   always @(posedge clk)
-    first_pe11_4 <= \$998 ;
+    first_pe11_4 <= first_r11;
   always @(posedge clk)
-    first_pe11_5 <= \$999 ;
+    first_pe11_5 <= first_r11;
   always @(posedge clk)
-    first_pe11_6 <= \$1000 ;
+    first_pe11_6 <= first_r11;
   always @(posedge clk)
-    first_pe11_7 <= \$1001 ;
+    first_pe11_7 <= first_r11;
   always @(posedge clk)
-    first_pe11_8 <= \$1002 ;
+    first_pe11_8 <= first_r11;
   always @(posedge clk)
-    first_pe11_9 <= \$1003 ;
+    first_pe11_9 <= first_r11;
   always @(posedge clk)
-    first_pe11_10 <= \$1004 ;
+    first_pe11_10 <= first_r11;
   always @(posedge clk)
-    first_pe11_11 <= \$1005 ;
+    first_pe11_11 <= first_r11;
   always @(posedge clk)
-    first_pe11_12 <= \$1006 ;
+    first_pe11_12 <= first_r11;
   always @(posedge clk)
-    first_pe11_13 <= \$1007 ;
+    first_pe11_13 <= first_r11;
   always @(posedge clk)
-    first_pe11_14 <= \$1008 ;
+    first_pe11_14 <= first_r11;
   always @(posedge clk)
-    first_pe11_15 <= \$1009 ;
+    first_pe11_15 <= first_r11;
   always @(posedge clk)
-    first_pe12_0 <= \$1010 ;
+    first_pe12_0 <= first_r12;
   always @(posedge clk)
-    first_pe12_1 <= \$1011 ;
+    first_pe12_1 <= first_r12;
   always @(posedge clk)
-    first_pe12_2 <= \$1012 ;
+    first_pe12_2 <= first_r12;
   always @(posedge clk)
-    first_pe12_3 <= \$1013 ;
+    first_pe12_3 <= first_r12;
   always @(posedge clk)
-    first_pe12_4 <= \$1014 ;
+    first_pe12_4 <= first_r12;
   always @(posedge clk)
-    first_pe12_5 <= \$1015 ;
+    first_pe12_5 <= first_r12;
   always @(posedge clk)
-    first_pe12_6 <= \$1016 ;
+    first_pe12_6 <= first_r12;
   always @(posedge clk)
-    first_pe12_7 <= \$1017 ;
+    first_pe12_7 <= first_r12;
   always @(posedge clk)
-    first_pe12_8 <= \$1018 ;
+    first_pe12_8 <= first_r12;
   always @(posedge clk)
-    first_pe12_9 <= \$1019 ;
+    first_pe12_9 <= first_r12;
   always @(posedge clk)
-    first_pe12_10 <= \$1020 ;
+    first_pe12_10 <= first_r12;
   always @(posedge clk)
-    first_pe12_11 <= \$1021 ;
+    first_pe12_11 <= first_r12;
   always @(posedge clk)
-    first_pe12_12 <= \$1022 ;
+    first_pe12_12 <= first_r12;
   always @(posedge clk)
-    first_pe12_13 <= \$1023 ;
+    first_pe12_13 <= first_r12;
   always @(posedge clk)
-    first_pe12_14 <= \$1024 ;
+    first_pe12_14 <= first_r12;
   always @(posedge clk)
-    first_pe12_15 <= \$1025 ;
+    first_pe12_15 <= first_r12;
   always @(posedge clk)
-    first_pe13_0 <= \$1026 ;
+    first_pe13_0 <= first_r13;
   always @(posedge clk)
-    first_pe13_1 <= \$1027 ;
+    first_pe13_1 <= first_r13;
   always @(posedge clk)
-    first_pe13_2 <= \$1028 ;
+    first_pe13_2 <= first_r13;
   always @(posedge clk)
-    first_pe13_3 <= \$1029 ;
+    first_pe13_3 <= first_r13;
   always @(posedge clk)
-    first_pe13_4 <= \$1030 ;
+    first_pe13_4 <= first_r13;
   always @(posedge clk)
-    first_pe13_5 <= \$1031 ;
+    first_pe13_5 <= first_r13;
   always @(posedge clk)
-    first_pe13_6 <= \$1032 ;
+    first_pe13_6 <= first_r13;
   always @(posedge clk)
-    first_pe13_7 <= \$1033 ;
+    first_pe13_7 <= first_r13;
   always @(posedge clk)
-    first_pe13_8 <= \$1034 ;
+    first_pe13_8 <= first_r13;
   always @(posedge clk)
-    first_pe13_9 <= \$1035 ;
+    first_pe13_9 <= first_r13;
   always @(posedge clk)
-    first_pe13_10 <= \$1036 ;
+    first_pe13_10 <= first_r13;
   always @(posedge clk)
-    first_pe13_11 <= \$1037 ;
+    first_pe13_11 <= first_r13;
   always @(posedge clk)
-    first_pe13_12 <= \$1038 ;
+    first_pe13_12 <= first_r13;
   always @(posedge clk)
-    first_pe13_13 <= \$1039 ;
+    first_pe13_13 <= first_r13;
   always @(posedge clk)
-    first_pe13_14 <= \$1040 ;
+    first_pe13_14 <= first_r13;
   always @(posedge clk)
-    first_pe13_15 <= \$1041 ;
+    first_pe13_15 <= first_r13;
   always @(posedge clk)
-    first_pe14_0 <= \$1042 ;
+    first_pe14_0 <= first_r14;
   always @(posedge clk)
-    first_pe14_1 <= \$1043 ;
+    first_pe14_1 <= first_r14;
   always @(posedge clk)
-    first_pe14_2 <= \$1044 ;
+    first_pe14_2 <= first_r14;
   always @(posedge clk)
-    first_pe14_3 <= \$1045 ;
+    first_pe14_3 <= first_r14;
   always @(posedge clk)
-    first_pe14_4 <= \$1046 ;
+    first_pe14_4 <= first_r14;
   always @(posedge clk)
-    first_pe14_5 <= \$1047 ;
+    first_pe14_5 <= first_r14;
   always @(posedge clk)
-    first_pe14_6 <= \$1048 ;
+    first_pe14_6 <= first_r14;
   always @(posedge clk)
-    first_pe14_7 <= \$1049 ;
+    first_pe14_7 <= first_r14;
   always @(posedge clk)
-    first_pe14_8 <= \$1050 ;
+    first_pe14_8 <= first_r14;
   always @(posedge clk)
-    first_pe14_9 <= \$1051 ;
+    first_pe14_9 <= first_r14;
   always @(posedge clk)
-    first_pe14_10 <= \$1052 ;
+    first_pe14_10 <= first_r14;
   always @(posedge clk)
-    first_pe14_11 <= \$1053 ;
+    first_pe14_11 <= first_r14;
   always @(posedge clk)
-    first_pe14_12 <= \$1054 ;
+    first_pe14_12 <= first_r14;
   always @(posedge clk)
-    first_pe14_13 <= \$1055 ;
+    first_pe14_13 <= first_r14;
   always @(posedge clk)
-    first_pe14_14 <= \$1056 ;
+    first_pe14_14 <= first_r14;
   always @(posedge clk)
-    first_pe14_15 <= \$1057 ;
+    first_pe14_15 <= first_r14;
   always @(posedge clk)
-    first_pe15_0 <= \$1058 ;
+    first_pe15_0 <= first_r15;
   always @(posedge clk)
-    first_pe15_1 <= \$1059 ;
+    first_pe15_1 <= first_r15;
   always @(posedge clk)
-    first_pe15_2 <= \$1060 ;
+    first_pe15_2 <= first_r15;
   always @(posedge clk)
-    first_pe15_3 <= \$1061 ;
+    first_pe15_3 <= first_r15;
   always @(posedge clk)
-    first_pe15_4 <= \$1062 ;
+    first_pe15_4 <= first_r15;
   always @(posedge clk)
-    first_pe15_5 <= \$1063 ;
+    first_pe15_5 <= first_r15;
   always @(posedge clk)
-    first_pe15_6 <= \$1064 ;
+    first_pe15_6 <= first_r15;
   always @(posedge clk)
-    first_pe15_7 <= \$1065 ;
+    first_pe15_7 <= first_r15;
   always @(posedge clk)
-    first_pe15_8 <= \$1066 ;
+    first_pe15_8 <= first_r15;
   always @(posedge clk)
-    first_pe15_9 <= \$1067 ;
+    first_pe15_9 <= first_r15;
   always @(posedge clk)
-    first_pe15_10 <= \$1068 ;
+    first_pe15_10 <= first_r15;
   always @(posedge clk)
-    first_pe15_11 <= \$1069 ;
+    first_pe15_11 <= first_r15;
   always @(posedge clk)
-    first_pe15_12 <= \$1070 ;
+    first_pe15_12 <= first_r15;
   always @(posedge clk)
-    first_pe15_13 <= \$1071 ;
+    first_pe15_13 <= first_r15;
   always @(posedge clk)
-    first_pe15_14 <= \$1072 ;
+    first_pe15_14 <= first_r15;
   always @(posedge clk)
-    first_pe15_15 <= \$1073 ;
+    first_pe15_15 <= first_r15;
   always @(posedge clk)
-    last_pe0_0 <= \$1074 ;
+    last_pe0_0 <= last_r0;
   always @(posedge clk)
-    last_pe0_1 <= \$1075 ;
+    last_pe0_1 <= last_r0;
   always @(posedge clk)
-    last_pe0_2 <= \$1076 ;
+    last_pe0_2 <= last_r0;
   always @(posedge clk)
-    last_pe0_3 <= \$1077 ;
+    last_pe0_3 <= last_r0;
   always @(posedge clk)
-    last_pe0_4 <= \$1078 ;
+    last_pe0_4 <= last_r0;
   always @(posedge clk)
-    last_pe0_5 <= \$1079 ;
+    last_pe0_5 <= last_r0;
   always @(posedge clk)
-    last_pe0_6 <= \$1080 ;
+    last_pe0_6 <= last_r0;
   always @(posedge clk)
-    last_pe0_7 <= \$1081 ;
+    last_pe0_7 <= last_r0;
   always @(posedge clk)
-    last_pe0_8 <= \$1082 ;
+    last_pe0_8 <= last_r0;
   always @(posedge clk)
-    last_pe0_9 <= \$1083 ;
+    last_pe0_9 <= last_r0;
   always @(posedge clk)
-    last_pe0_10 <= \$1084 ;
+    last_pe0_10 <= last_r0;
   always @(posedge clk)
-    last_pe0_11 <= \$1085 ;
+    last_pe0_11 <= last_r0;
   always @(posedge clk)
-    last_pe0_12 <= \$1086 ;
+    last_pe0_12 <= last_r0;
   always @(posedge clk)
-    last_pe0_13 <= \$1087 ;
+    last_pe0_13 <= last_r0;
   always @(posedge clk)
-    last_pe0_14 <= \$1088 ;
+    last_pe0_14 <= last_r0;
   always @(posedge clk)
-    last_pe0_15 <= \$1089 ;
+    last_pe0_15 <= last_r0;
   always @(posedge clk)
-    last_pe1_0 <= \$1090 ;
+    last_pe1_0 <= last_r1;
   always @(posedge clk)
-    last_pe1_1 <= \$1091 ;
+    last_pe1_1 <= last_r1;
   always @(posedge clk)
-    last_pe1_2 <= \$1092 ;
+    last_pe1_2 <= last_r1;
   always @(posedge clk)
-    last_pe1_3 <= \$1093 ;
+    last_pe1_3 <= last_r1;
   always @(posedge clk)
-    last_pe1_4 <= \$1094 ;
+    last_pe1_4 <= last_r1;
   always @(posedge clk)
-    last_pe1_5 <= \$1095 ;
+    last_pe1_5 <= last_r1;
   always @(posedge clk)
-    last_pe1_6 <= \$1096 ;
+    last_pe1_6 <= last_r1;
   always @(posedge clk)
-    last_pe1_7 <= \$1097 ;
+    last_pe1_7 <= last_r1;
   always @(posedge clk)
-    last_pe1_8 <= \$1098 ;
+    last_pe1_8 <= last_r1;
   always @(posedge clk)
-    last_pe1_9 <= \$1099 ;
+    last_pe1_9 <= last_r1;
   always @(posedge clk)
-    last_pe1_10 <= \$1100 ;
+    last_pe1_10 <= last_r1;
   always @(posedge clk)
-    last_pe1_11 <= \$1101 ;
+    last_pe1_11 <= last_r1;
   always @(posedge clk)
-    last_pe1_12 <= \$1102 ;
+    last_pe1_12 <= last_r1;
   always @(posedge clk)
-    last_pe1_13 <= \$1103 ;
+    last_pe1_13 <= last_r1;
   always @(posedge clk)
-    last_pe1_14 <= \$1104 ;
+    last_pe1_14 <= last_r1;
   always @(posedge clk)
-    last_pe1_15 <= \$1105 ;
+    last_pe1_15 <= last_r1;
   always @(posedge clk)
-    last_pe2_0 <= \$1106 ;
+    last_pe2_0 <= last_r2;
   always @(posedge clk)
-    last_pe2_1 <= \$1107 ;
+    last_pe2_1 <= last_r2;
   always @(posedge clk)
-    last_pe2_2 <= \$1108 ;
+    last_pe2_2 <= last_r2;
   always @(posedge clk)
-    last_pe2_3 <= \$1109 ;
+    last_pe2_3 <= last_r2;
   always @(posedge clk)
-    last_pe2_4 <= \$1110 ;
+    last_pe2_4 <= last_r2;
   always @(posedge clk)
-    last_pe2_5 <= \$1111 ;
+    last_pe2_5 <= last_r2;
   always @(posedge clk)
-    last_pe2_6 <= \$1112 ;
+    last_pe2_6 <= last_r2;
   always @(posedge clk)
-    last_pe2_7 <= \$1113 ;
+    last_pe2_7 <= last_r2;
   always @(posedge clk)
-    last_pe2_8 <= \$1114 ;
+    last_pe2_8 <= last_r2;
   always @(posedge clk)
-    last_pe2_9 <= \$1115 ;
+    last_pe2_9 <= last_r2;
   always @(posedge clk)
-    last_pe2_10 <= \$1116 ;
+    last_pe2_10 <= last_r2;
   always @(posedge clk)
-    last_pe2_11 <= \$1117 ;
+    last_pe2_11 <= last_r2;
   always @(posedge clk)
-    last_pe2_12 <= \$1118 ;
+    last_pe2_12 <= last_r2;
   always @(posedge clk)
-    last_pe2_13 <= \$1119 ;
+    last_pe2_13 <= last_r2;
   always @(posedge clk)
-    last_pe2_14 <= \$1120 ;
+    last_pe2_14 <= last_r2;
   always @(posedge clk)
-    last_pe2_15 <= \$1121 ;
+    last_pe2_15 <= last_r2;
   always @(posedge clk)
-    last_pe3_0 <= \$1122 ;
+    last_pe3_0 <= last_r3;
   always @(posedge clk)
-    last_pe3_1 <= \$1123 ;
+    last_pe3_1 <= last_r3;
   always @(posedge clk)
-    last_pe3_2 <= \$1124 ;
+    last_pe3_2 <= last_r3;
   always @(posedge clk)
-    last_pe3_3 <= \$1125 ;
+    last_pe3_3 <= last_r3;
   always @(posedge clk)
-    last_pe3_4 <= \$1126 ;
+    last_pe3_4 <= last_r3;
   always @(posedge clk)
-    last_pe3_5 <= \$1127 ;
+    last_pe3_5 <= last_r3;
   always @(posedge clk)
-    last_pe3_6 <= \$1128 ;
+    last_pe3_6 <= last_r3;
   always @(posedge clk)
-    last_pe3_7 <= \$1129 ;
+    last_pe3_7 <= last_r3;
   always @(posedge clk)
-    last_pe3_8 <= \$1130 ;
+    last_pe3_8 <= last_r3;
   always @(posedge clk)
-    last_pe3_9 <= \$1131 ;
+    last_pe3_9 <= last_r3;
   always @(posedge clk)
-    last_pe3_10 <= \$1132 ;
+    last_pe3_10 <= last_r3;
   always @(posedge clk)
-    last_pe3_11 <= \$1133 ;
+    last_pe3_11 <= last_r3;
   always @(posedge clk)
-    last_pe3_12 <= \$1134 ;
+    last_pe3_12 <= last_r3;
   always @(posedge clk)
-    last_pe3_13 <= \$1135 ;
+    last_pe3_13 <= last_r3;
   always @(posedge clk)
-    last_pe3_14 <= \$1136 ;
+    last_pe3_14 <= last_r3;
   always @(posedge clk)
-    last_pe3_15 <= \$1137 ;
+    last_pe3_15 <= last_r3;
   always @(posedge clk)
-    last_pe4_0 <= \$1138 ;
+    last_pe4_0 <= last_r4;
   always @(posedge clk)
-    last_pe4_1 <= \$1139 ;
+    last_pe4_1 <= last_r4;
   always @(posedge clk)
-    last_pe4_2 <= \$1140 ;
+    last_pe4_2 <= last_r4;
   always @(posedge clk)
-    last_pe4_3 <= \$1141 ;
+    last_pe4_3 <= last_r4;
   always @(posedge clk)
-    last_pe4_4 <= \$1142 ;
+    last_pe4_4 <= last_r4;
   always @(posedge clk)
-    last_pe4_5 <= \$1143 ;
+    last_pe4_5 <= last_r4;
   always @(posedge clk)
-    last_pe4_6 <= \$1144 ;
+    last_pe4_6 <= last_r4;
   always @(posedge clk)
-    last_pe4_7 <= \$1145 ;
+    last_pe4_7 <= last_r4;
   always @(posedge clk)
-    last_pe4_8 <= \$1146 ;
+    last_pe4_8 <= last_r4;
   always @(posedge clk)
-    last_pe4_9 <= \$1147 ;
+    last_pe4_9 <= last_r4;
   always @(posedge clk)
-    last_pe4_10 <= \$1148 ;
+    last_pe4_10 <= last_r4;
   always @(posedge clk)
-    last_pe4_11 <= \$1149 ;
+    last_pe4_11 <= last_r4;
   always @(posedge clk)
-    last_pe4_12 <= \$1150 ;
+    last_pe4_12 <= last_r4;
   always @(posedge clk)
-    last_pe4_13 <= \$1151 ;
+    last_pe4_13 <= last_r4;
   always @(posedge clk)
-    last_pe4_14 <= \$1152 ;
+    last_pe4_14 <= last_r4;
   always @(posedge clk)
-    last_pe4_15 <= \$1153 ;
+    last_pe4_15 <= last_r4;
   always @(posedge clk)
-    last_pe5_0 <= \$1154 ;
+    last_pe5_0 <= last_r5;
   always @(posedge clk)
-    last_pe5_1 <= \$1155 ;
+    last_pe5_1 <= last_r5;
   always @(posedge clk)
-    last_pe5_2 <= \$1156 ;
+    last_pe5_2 <= last_r5;
   always @(posedge clk)
-    last_pe5_3 <= \$1157 ;
+    last_pe5_3 <= last_r5;
   always @(posedge clk)
-    last_pe5_4 <= \$1158 ;
+    last_pe5_4 <= last_r5;
   always @(posedge clk)
-    last_pe5_5 <= \$1159 ;
+    last_pe5_5 <= last_r5;
   always @(posedge clk)
-    last_pe5_6 <= \$1160 ;
+    last_pe5_6 <= last_r5;
   always @(posedge clk)
-    last_pe5_7 <= \$1161 ;
+    last_pe5_7 <= last_r5;
   always @(posedge clk)
-    last_pe5_8 <= \$1162 ;
+    last_pe5_8 <= last_r5;
   always @(posedge clk)
-    last_pe5_9 <= \$1163 ;
+    last_pe5_9 <= last_r5;
   always @(posedge clk)
-    last_pe5_10 <= \$1164 ;
+    last_pe5_10 <= last_r5;
   always @(posedge clk)
-    last_pe5_11 <= \$1165 ;
+    last_pe5_11 <= last_r5;
   always @(posedge clk)
-    last_pe5_12 <= \$1166 ;
+    last_pe5_12 <= last_r5;
   always @(posedge clk)
-    last_pe5_13 <= \$1167 ;
+    last_pe5_13 <= last_r5;
   always @(posedge clk)
-    last_pe5_14 <= \$1168 ;
+    last_pe5_14 <= last_r5;
   always @(posedge clk)
-    last_pe5_15 <= \$1169 ;
+    last_pe5_15 <= last_r5;
   always @(posedge clk)
-    last_pe6_0 <= \$1170 ;
+    last_pe6_0 <= last_r6;
   always @(posedge clk)
-    last_pe6_1 <= \$1171 ;
+    last_pe6_1 <= last_r6;
   always @(posedge clk)
-    last_pe6_2 <= \$1172 ;
+    last_pe6_2 <= last_r6;
   always @(posedge clk)
-    last_pe6_3 <= \$1173 ;
+    last_pe6_3 <= last_r6;
   always @(posedge clk)
-    last_pe6_4 <= \$1174 ;
+    last_pe6_4 <= last_r6;
   always @(posedge clk)
-    last_pe6_5 <= \$1175 ;
+    last_pe6_5 <= last_r6;
   always @(posedge clk)
-    last_pe6_6 <= \$1176 ;
+    last_pe6_6 <= last_r6;
   always @(posedge clk)
-    last_pe6_7 <= \$1177 ;
+    last_pe6_7 <= last_r6;
   always @(posedge clk)
-    last_pe6_8 <= \$1178 ;
+    last_pe6_8 <= last_r6;
   always @(posedge clk)
-    last_pe6_9 <= \$1179 ;
+    last_pe6_9 <= last_r6;
   always @(posedge clk)
-    last_pe6_10 <= \$1180 ;
+    last_pe6_10 <= last_r6;
   always @(posedge clk)
-    last_pe6_11 <= \$1181 ;
+    last_pe6_11 <= last_r6;
   always @(posedge clk)
-    last_pe6_12 <= \$1182 ;
+    last_pe6_12 <= last_r6;
   always @(posedge clk)
-    last_pe6_13 <= \$1183 ;
+    last_pe6_13 <= last_r6;
   always @(posedge clk)
-    last_pe6_14 <= \$1184 ;
+    last_pe6_14 <= last_r6;
   always @(posedge clk)
-    last_pe6_15 <= \$1185 ;
+    last_pe6_15 <= last_r6;
   always @(posedge clk)
-    last_pe7_0 <= \$1186 ;
+    last_pe7_0 <= last_r7;
   always @(posedge clk)
-    last_pe7_1 <= \$1187 ;
+    last_pe7_1 <= last_r7;
   always @(posedge clk)
-    last_pe7_2 <= \$1188 ;
+    last_pe7_2 <= last_r7;
   always @(posedge clk)
-    last_pe7_3 <= \$1189 ;
+    last_pe7_3 <= last_r7;
   always @(posedge clk)
-    last_pe7_4 <= \$1190 ;
+    last_pe7_4 <= last_r7;
   always @(posedge clk)
-    last_pe7_5 <= \$1191 ;
+    last_pe7_5 <= last_r7;
   always @(posedge clk)
-    last_pe7_6 <= \$1192 ;
+    last_pe7_6 <= last_r7;
   always @(posedge clk)
-    last_pe7_7 <= \$1193 ;
+    last_pe7_7 <= last_r7;
   always @(posedge clk)
-    last_pe7_8 <= \$1194 ;
+    last_pe7_8 <= last_r7;
   always @(posedge clk)
-    last_pe7_9 <= \$1195 ;
+    last_pe7_9 <= last_r7;
   always @(posedge clk)
-    last_pe7_10 <= \$1196 ;
+    last_pe7_10 <= last_r7;
   always @(posedge clk)
-    last_pe7_11 <= \$1197 ;
+    last_pe7_11 <= last_r7;
   always @(posedge clk)
-    last_pe7_12 <= \$1198 ;
+    last_pe7_12 <= last_r7;
   always @(posedge clk)
-    last_pe7_13 <= \$1199 ;
+    last_pe7_13 <= last_r7;
   always @(posedge clk)
-    last_pe7_14 <= \$1200 ;
+    last_pe7_14 <= last_r7;
   always @(posedge clk)
-    last_pe7_15 <= \$1201 ;
+    last_pe7_15 <= last_r7;
   always @(posedge clk)
-    last_pe8_0 <= \$1202 ;
+    last_pe8_0 <= last_r8;
   always @(posedge clk)
-    last_pe8_1 <= \$1203 ;
+    last_pe8_1 <= last_r8;
   always @(posedge clk)
-    last_pe8_2 <= \$1204 ;
+    last_pe8_2 <= last_r8;
   always @(posedge clk)
-    last_pe8_3 <= \$1205 ;
+    last_pe8_3 <= last_r8;
   always @(posedge clk)
-    last_pe8_4 <= \$1206 ;
+    last_pe8_4 <= last_r8;
   always @(posedge clk)
-    last_pe8_5 <= \$1207 ;
+    last_pe8_5 <= last_r8;
   always @(posedge clk)
-    last_pe8_6 <= \$1208 ;
+    last_pe8_6 <= last_r8;
   always @(posedge clk)
-    last_pe8_7 <= \$1209 ;
+    last_pe8_7 <= last_r8;
   always @(posedge clk)
-    last_pe8_8 <= \$1210 ;
+    last_pe8_8 <= last_r8;
   always @(posedge clk)
-    last_pe8_9 <= \$1211 ;
+    last_pe8_9 <= last_r8;
   always @(posedge clk)
-    last_pe8_10 <= \$1212 ;
+    last_pe8_10 <= last_r8;
   always @(posedge clk)
-    last_pe8_11 <= \$1213 ;
+    last_pe8_11 <= last_r8;
   always @(posedge clk)
-    last_pe8_12 <= \$1214 ;
+    last_pe8_12 <= last_r8;
   always @(posedge clk)
-    last_pe8_13 <= \$1215 ;
+    last_pe8_13 <= last_r8;
   always @(posedge clk)
-    last_pe8_14 <= \$1216 ;
+    last_pe8_14 <= last_r8;
   always @(posedge clk)
-    last_pe8_15 <= \$1217 ;
+    last_pe8_15 <= last_r8;
   always @(posedge clk)
-    last_pe9_0 <= \$1218 ;
+    last_pe9_0 <= last_r9;
   always @(posedge clk)
-    last_pe9_1 <= \$1219 ;
+    last_pe9_1 <= last_r9;
   always @(posedge clk)
-    last_pe9_2 <= \$1220 ;
+    last_pe9_2 <= last_r9;
   always @(posedge clk)
-    last_pe9_3 <= \$1221 ;
+    last_pe9_3 <= last_r9;
   always @(posedge clk)
-    last_pe9_4 <= \$1222 ;
+    last_pe9_4 <= last_r9;
   always @(posedge clk)
-    last_pe9_5 <= \$1223 ;
+    last_pe9_5 <= last_r9;
   always @(posedge clk)
-    last_pe9_6 <= \$1224 ;
+    last_pe9_6 <= last_r9;
   always @(posedge clk)
-    last_pe9_7 <= \$1225 ;
+    last_pe9_7 <= last_r9;
   always @(posedge clk)
-    last_pe9_8 <= \$1226 ;
+    last_pe9_8 <= last_r9;
   always @(posedge clk)
-    last_pe9_9 <= \$1227 ;
+    last_pe9_9 <= last_r9;
   always @(posedge clk)
-    last_pe9_10 <= \$1228 ;
+    last_pe9_10 <= last_r9;
   always @(posedge clk)
-    last_pe9_11 <= \$1229 ;
+    last_pe9_11 <= last_r9;
   always @(posedge clk)
-    last_pe9_12 <= \$1230 ;
+    last_pe9_12 <= last_r9;
   always @(posedge clk)
-    last_pe9_13 <= \$1231 ;
+    last_pe9_13 <= last_r9;
   always @(posedge clk)
-    last_pe9_14 <= \$1232 ;
+    last_pe9_14 <= last_r9;
   always @(posedge clk)
-    last_pe9_15 <= \$1233 ;
+    last_pe9_15 <= last_r9;
   always @(posedge clk)
-    last_pe10_0 <= \$1234 ;
+    last_pe10_0 <= last_r10;
   always @(posedge clk)
-    last_pe10_1 <= \$1235 ;
+    last_pe10_1 <= last_r10;
   always @(posedge clk)
-    last_pe10_2 <= \$1236 ;
+    last_pe10_2 <= last_r10;
   always @(posedge clk)
-    last_pe10_3 <= \$1237 ;
+    last_pe10_3 <= last_r10;
   always @(posedge clk)
-    last_pe10_4 <= \$1238 ;
+    last_pe10_4 <= last_r10;
   always @(posedge clk)
-    last_pe10_5 <= \$1239 ;
+    last_pe10_5 <= last_r10;
   always @(posedge clk)
-    last_pe10_6 <= \$1240 ;
+    last_pe10_6 <= last_r10;
   always @(posedge clk)
-    last_pe10_7 <= \$1241 ;
+    last_pe10_7 <= last_r10;
   always @(posedge clk)
-    last_pe10_8 <= \$1242 ;
+    last_pe10_8 <= last_r10;
   always @(posedge clk)
-    last_pe10_9 <= \$1243 ;
+    last_pe10_9 <= last_r10;
   always @(posedge clk)
-    last_pe10_10 <= \$1244 ;
+    last_pe10_10 <= last_r10;
   always @(posedge clk)
-    last_pe10_11 <= \$1245 ;
+    last_pe10_11 <= last_r10;
   always @(posedge clk)
-    last_pe10_12 <= \$1246 ;
+    last_pe10_12 <= last_r10;
   always @(posedge clk)
-    last_pe10_13 <= \$1247 ;
+    last_pe10_13 <= last_r10;
   always @(posedge clk)
-    last_pe10_14 <= \$1248 ;
+    last_pe10_14 <= last_r10;
   always @(posedge clk)
-    last_pe10_15 <= \$1249 ;
+    last_pe10_15 <= last_r10;
   always @(posedge clk)
-    last_pe11_0 <= \$1250 ;
+    last_pe11_0 <= last_r11;
   always @(posedge clk)
-    last_pe11_1 <= \$1251 ;
+    last_pe11_1 <= last_r11;
   always @(posedge clk)
-    last_pe11_2 <= \$1252 ;
+    last_pe11_2 <= last_r11;
   always @(posedge clk)
-    last_pe11_3 <= \$1253 ;
+    last_pe11_3 <= last_r11;
   always @(posedge clk)
-    last_pe11_4 <= \$1254 ;
+    last_pe11_4 <= last_r11;
   always @(posedge clk)
-    last_pe11_5 <= \$1255 ;
+    last_pe11_5 <= last_r11;
   always @(posedge clk)
-    last_pe11_6 <= \$1256 ;
+    last_pe11_6 <= last_r11;
   always @(posedge clk)
-    last_pe11_7 <= \$1257 ;
+    last_pe11_7 <= last_r11;
   always @(posedge clk)
-    last_pe11_8 <= \$1258 ;
+    last_pe11_8 <= last_r11;
   always @(posedge clk)
-    last_pe11_9 <= \$1259 ;
+    last_pe11_9 <= last_r11;
   always @(posedge clk)
-    last_pe11_10 <= \$1260 ;
+    last_pe11_10 <= last_r11;
   always @(posedge clk)
-    last_pe11_11 <= \$1261 ;
+    last_pe11_11 <= last_r11;
   always @(posedge clk)
-    last_pe11_12 <= \$1262 ;
+    last_pe11_12 <= last_r11;
   always @(posedge clk)
-    last_pe11_13 <= \$1263 ;
+    last_pe11_13 <= last_r11;
   always @(posedge clk)
-    last_pe11_14 <= \$1264 ;
+    last_pe11_14 <= last_r11;
   always @(posedge clk)
-    last_pe11_15 <= \$1265 ;
+    last_pe11_15 <= last_r11;
   always @(posedge clk)
-    last_pe12_0 <= \$1266 ;
+    last_pe12_0 <= last_r12;
   always @(posedge clk)
-    last_pe12_1 <= \$1267 ;
+    last_pe12_1 <= last_r12;
   always @(posedge clk)
-    last_pe12_2 <= \$1268 ;
+    last_pe12_2 <= last_r12;
   always @(posedge clk)
-    last_pe12_3 <= \$1269 ;
+    last_pe12_3 <= last_r12;
   always @(posedge clk)
-    last_pe12_4 <= \$1270 ;
+    last_pe12_4 <= last_r12;
   always @(posedge clk)
-    last_pe12_5 <= \$1271 ;
+    last_pe12_5 <= last_r12;
   always @(posedge clk)
-    last_pe12_6 <= \$1272 ;
+    last_pe12_6 <= last_r12;
   always @(posedge clk)
-    last_pe12_7 <= \$1273 ;
+    last_pe12_7 <= last_r12;
   always @(posedge clk)
-    last_pe12_8 <= \$1274 ;
+    last_pe12_8 <= last_r12;
   always @(posedge clk)
-    last_pe12_9 <= \$1275 ;
+    last_pe12_9 <= last_r12;
   always @(posedge clk)
-    last_pe12_10 <= \$1276 ;
+    last_pe12_10 <= last_r12;
   always @(posedge clk)
-    last_pe12_11 <= \$1277 ;
+    last_pe12_11 <= last_r12;
   always @(posedge clk)
-    last_pe12_12 <= \$1278 ;
+    last_pe12_12 <= last_r12;
   always @(posedge clk)
-    last_pe12_13 <= \$1279 ;
+    last_pe12_13 <= last_r12;
   always @(posedge clk)
-    last_pe12_14 <= \$1280 ;
+    last_pe12_14 <= last_r12;
   always @(posedge clk)
-    last_pe12_15 <= \$1281 ;
+    last_pe12_15 <= last_r12;
   always @(posedge clk)
-    last_pe13_0 <= \$1282 ;
+    last_pe13_0 <= last_r13;
   always @(posedge clk)
-    last_pe13_1 <= \$1283 ;
+    last_pe13_1 <= last_r13;
   always @(posedge clk)
-    last_pe13_2 <= \$1284 ;
+    last_pe13_2 <= last_r13;
   always @(posedge clk)
-    last_pe13_3 <= \$1285 ;
+    last_pe13_3 <= last_r13;
   always @(posedge clk)
-    last_pe13_4 <= \$1286 ;
+    last_pe13_4 <= last_r13;
   always @(posedge clk)
-    last_pe13_5 <= \$1287 ;
+    last_pe13_5 <= last_r13;
   always @(posedge clk)
-    last_pe13_6 <= \$1288 ;
+    last_pe13_6 <= last_r13;
   always @(posedge clk)
-    last_pe13_7 <= \$1289 ;
+    last_pe13_7 <= last_r13;
   always @(posedge clk)
-    last_pe13_8 <= \$1290 ;
+    last_pe13_8 <= last_r13;
   always @(posedge clk)
-    last_pe13_9 <= \$1291 ;
+    last_pe13_9 <= last_r13;
   always @(posedge clk)
-    last_pe13_10 <= \$1292 ;
+    last_pe13_10 <= last_r13;
   always @(posedge clk)
-    last_pe13_11 <= \$1293 ;
+    last_pe13_11 <= last_r13;
   always @(posedge clk)
-    last_pe13_12 <= \$1294 ;
+    last_pe13_12 <= last_r13;
   always @(posedge clk)
-    last_pe13_13 <= \$1295 ;
+    last_pe13_13 <= last_r13;
   always @(posedge clk)
-    last_pe13_14 <= \$1296 ;
+    last_pe13_14 <= last_r13;
   always @(posedge clk)
-    last_pe13_15 <= \$1297 ;
+    last_pe13_15 <= last_r13;
   always @(posedge clk)
-    last_pe14_0 <= \$1298 ;
+    last_pe14_0 <= last_r14;
   always @(posedge clk)
-    last_pe14_1 <= \$1299 ;
+    last_pe14_1 <= last_r14;
   always @(posedge clk)
-    last_pe14_2 <= \$1300 ;
+    last_pe14_2 <= last_r14;
   always @(posedge clk)
-    last_pe14_3 <= \$1301 ;
+    last_pe14_3 <= last_r14;
   always @(posedge clk)
-    last_pe14_4 <= \$1302 ;
+    last_pe14_4 <= last_r14;
   always @(posedge clk)
-    last_pe14_5 <= \$1303 ;
+    last_pe14_5 <= last_r14;
   always @(posedge clk)
-    last_pe14_6 <= \$1304 ;
+    last_pe14_6 <= last_r14;
   always @(posedge clk)
-    last_pe14_7 <= \$1305 ;
+    last_pe14_7 <= last_r14;
   always @(posedge clk)
-    last_pe14_8 <= \$1306 ;
+    last_pe14_8 <= last_r14;
   always @(posedge clk)
-    last_pe14_9 <= \$1307 ;
+    last_pe14_9 <= last_r14;
   always @(posedge clk)
-    last_pe14_10 <= \$1308 ;
+    last_pe14_10 <= last_r14;
   always @(posedge clk)
-    last_pe14_11 <= \$1309 ;
+    last_pe14_11 <= last_r14;
   always @(posedge clk)
-    last_pe14_12 <= \$1310 ;
+    last_pe14_12 <= last_r14;
   always @(posedge clk)
-    last_pe14_13 <= \$1311 ;
+    last_pe14_13 <= last_r14;
   always @(posedge clk)
-    last_pe14_14 <= \$1312 ;
+    last_pe14_14 <= last_r14;
   always @(posedge clk)
-    last_pe14_15 <= \$1313 ;
+    last_pe14_15 <= last_r14;
   always @(posedge clk)
-    last_pe15_0 <= \$1314 ;
+    last_pe15_0 <= last_r15;
   always @(posedge clk)
-    last_pe15_1 <= \$1315 ;
+    last_pe15_1 <= last_r15;
   always @(posedge clk)
-    last_pe15_2 <= \$1316 ;
+    last_pe15_2 <= last_r15;
   always @(posedge clk)
-    last_pe15_3 <= \$1317 ;
+    last_pe15_3 <= last_r15;
   always @(posedge clk)
-    last_pe15_4 <= \$1318 ;
+    last_pe15_4 <= last_r15;
   always @(posedge clk)
-    last_pe15_5 <= \$1319 ;
+    last_pe15_5 <= last_r15;
   always @(posedge clk)
-    last_pe15_6 <= \$1320 ;
+    last_pe15_6 <= last_r15;
   always @(posedge clk)
-    last_pe15_7 <= \$1321 ;
+    last_pe15_7 <= last_r15;
   always @(posedge clk)
-    last_pe15_8 <= \$1322 ;
+    last_pe15_8 <= last_r15;
   always @(posedge clk)
-    last_pe15_9 <= \$1323 ;
+    last_pe15_9 <= last_r15;
   always @(posedge clk)
-    last_pe15_10 <= \$1324 ;
+    last_pe15_10 <= last_r15;
   always @(posedge clk)
-    last_pe15_11 <= \$1325 ;
+    last_pe15_11 <= last_r15;
   always @(posedge clk)
-    last_pe15_12 <= \$1326 ;
+    last_pe15_12 <= last_r15;
   always @(posedge clk)
-    last_pe15_13 <= \$1327 ;
+    last_pe15_13 <= last_r15;
   always @(posedge clk)
-    last_pe15_14 <= \$1328 ;
+    last_pe15_14 <= last_r15;
   always @(posedge clk)
-    last_pe15_15 <= \$1329 ;
+    last_pe15_15 <= last_r15;
   always @(posedge clk)
-    commit <= \$1330 ;
+    done_pe0_0 <= last_pe0_0;
   always @(posedge clk)
-    acc_0_0 <= \$264 [23:0];
+    done_pe0_1 <= last_pe0_1;
   always @(posedge clk)
-    bank_0_0 <= \$3 ;
+    done_pe0_2 <= last_pe0_2;
   always @(posedge clk)
-    acc_0_1 <= \$266 [23:0];
+    done_pe0_3 <= last_pe0_3;
   always @(posedge clk)
-    bank_0_1 <= \$4 ;
+    done_pe0_4 <= last_pe0_4;
   always @(posedge clk)
-    acc_0_2 <= \$268 [23:0];
+    done_pe0_5 <= last_pe0_5;
   always @(posedge clk)
-    bank_0_2 <= \$5 ;
+    done_pe0_6 <= last_pe0_6;
   always @(posedge clk)
-    acc_0_3 <= \$270 [23:0];
+    done_pe0_7 <= last_pe0_7;
   always @(posedge clk)
-    bank_0_3 <= \$6 ;
+    done_pe0_8 <= last_pe0_8;
   always @(posedge clk)
-    acc_0_4 <= \$272 [23:0];
+    done_pe0_9 <= last_pe0_9;
   always @(posedge clk)
-    bank_0_4 <= \$7 ;
+    done_pe0_10 <= last_pe0_10;
   always @(posedge clk)
-    acc_0_5 <= \$274 [23:0];
+    done_pe0_11 <= last_pe0_11;
   always @(posedge clk)
-    bank_0_5 <= \$8 ;
+    done_pe0_12 <= last_pe0_12;
   always @(posedge clk)
-    acc_0_6 <= \$276 [23:0];
+    done_pe0_13 <= last_pe0_13;
   always @(posedge clk)
-    bank_0_6 <= \$9 ;
+    done_pe0_14 <= last_pe0_14;
   always @(posedge clk)
-    acc_0_7 <= \$278 [23:0];
+    done_pe0_15 <= last_pe0_15;
   always @(posedge clk)
-    bank_0_7 <= \$10 ;
+    done_pe1_0 <= last_pe1_0;
   always @(posedge clk)
-    acc_0_8 <= \$280 [23:0];
+    done_pe1_1 <= last_pe1_1;
   always @(posedge clk)
-    bank_0_8 <= \$11 ;
+    done_pe1_2 <= last_pe1_2;
   always @(posedge clk)
-    acc_0_9 <= \$282 [23:0];
+    done_pe1_3 <= last_pe1_3;
   always @(posedge clk)
-    bank_0_9 <= \$12 ;
+    done_pe1_4 <= last_pe1_4;
   always @(posedge clk)
-    acc_0_10 <= \$284 [23:0];
+    done_pe1_5 <= last_pe1_5;
   always @(posedge clk)
-    bank_0_10 <= \$13 ;
+    done_pe1_6 <= last_pe1_6;
   always @(posedge clk)
-    acc_0_11 <= \$286 [23:0];
+    done_pe1_7 <= last_pe1_7;
   always @(posedge clk)
-    bank_0_11 <= \$14 ;
+    done_pe1_8 <= last_pe1_8;
   always @(posedge clk)
-    acc_0_12 <= \$288 [23:0];
+    done_pe1_9 <= last_pe1_9;
   always @(posedge clk)
-    bank_0_12 <= \$15 ;
+    done_pe1_10 <= last_pe1_10;
   always @(posedge clk)
-    acc_0_13 <= \$290 [23:0];
+    done_pe1_11 <= last_pe1_11;
   always @(posedge clk)
-    bank_0_13 <= \$16 ;
+    done_pe1_12 <= last_pe1_12;
   always @(posedge clk)
-    acc_0_14 <= \$292 [23:0];
+    done_pe1_13 <= last_pe1_13;
   always @(posedge clk)
-    bank_0_14 <= \$17 ;
+    done_pe1_14 <= last_pe1_14;
   always @(posedge clk)
-    acc_0_15 <= \$294 [23:0];
+    done_pe1_15 <= last_pe1_15;
   always @(posedge clk)
-    bank_0_15 <= \$18 ;
+    done_pe2_0 <= last_pe2_0;
   always @(posedge clk)
-    acc_1_0 <= \$296 [23:0];
+    done_pe2_1 <= last_pe2_1;
   always @(posedge clk)
-    bank_1_0 <= \$19 ;
+    done_pe2_2 <= last_pe2_2;
   always @(posedge clk)
-    acc_1_1 <= \$298 [23:0];
+    done_pe2_3 <= last_pe2_3;
   always @(posedge clk)
-    bank_1_1 <= \$20 ;
+    done_pe2_4 <= last_pe2_4;
   always @(posedge clk)
-    acc_1_2 <= \$300 [23:0];
+    done_pe2_5 <= last_pe2_5;
   always @(posedge clk)
-    bank_1_2 <= \$21 ;
+    done_pe2_6 <= last_pe2_6;
   always @(posedge clk)
-    acc_1_3 <= \$302 [23:0];
+    done_pe2_7 <= last_pe2_7;
   always @(posedge clk)
-    bank_1_3 <= \$22 ;
+    done_pe2_8 <= last_pe2_8;
   always @(posedge clk)
-    acc_1_4 <= \$304 [23:0];
+    done_pe2_9 <= last_pe2_9;
   always @(posedge clk)
-    bank_1_4 <= \$23 ;
+    done_pe2_10 <= last_pe2_10;
   always @(posedge clk)
-    acc_1_5 <= \$306 [23:0];
+    done_pe2_11 <= last_pe2_11;
   always @(posedge clk)
-    bank_1_5 <= \$24 ;
+    done_pe2_12 <= last_pe2_12;
   always @(posedge clk)
-    acc_1_6 <= \$308 [23:0];
+    done_pe2_13 <= last_pe2_13;
   always @(posedge clk)
-    bank_1_6 <= \$25 ;
+    done_pe2_14 <= last_pe2_14;
   always @(posedge clk)
-    acc_1_7 <= \$310 [23:0];
+    done_pe2_15 <= last_pe2_15;
   always @(posedge clk)
-    bank_1_7 <= \$26 ;
+    done_pe3_0 <= last_pe3_0;
   always @(posedge clk)
-    acc_1_8 <= \$312 [23:0];
+    done_pe3_1 <= last_pe3_1;
   always @(posedge clk)
-    bank_1_8 <= \$27 ;
+    done_pe3_2 <= last_pe3_2;
   always @(posedge clk)
-    acc_1_9 <= \$314 [23:0];
+    done_pe3_3 <= last_pe3_3;
   always @(posedge clk)
-    bank_1_9 <= \$28 ;
+    done_pe3_4 <= last_pe3_4;
   always @(posedge clk)
-    acc_1_10 <= \$316 [23:0];
+    done_pe3_5 <= last_pe3_5;
   always @(posedge clk)
-    bank_1_10 <= \$29 ;
+    done_pe3_6 <= last_pe3_6;
   always @(posedge clk)
-    acc_1_11 <= \$318 [23:0];
+    done_pe3_7 <= last_pe3_7;
   always @(posedge clk)
-    bank_1_11 <= \$30 ;
+    done_pe3_8 <= last_pe3_8;
   always @(posedge clk)
-    acc_1_12 <= \$320 [23:0];
+    done_pe3_9 <= last_pe3_9;
   always @(posedge clk)
-    bank_1_12 <= \$31 ;
+    done_pe3_10 <= last_pe3_10;
   always @(posedge clk)
-    acc_1_13 <= \$322 [23:0];
+    done_pe3_11 <= last_pe3_11;
   always @(posedge clk)
-    bank_1_13 <= \$32 ;
+    done_pe3_12 <= last_pe3_12;
   always @(posedge clk)
-    acc_1_14 <= \$324 [23:0];
+    done_pe3_13 <= last_pe3_13;
   always @(posedge clk)
-    bank_1_14 <= \$33 ;
+    done_pe3_14 <= last_pe3_14;
   always @(posedge clk)
-    acc_1_15 <= \$326 [23:0];
+    done_pe3_15 <= last_pe3_15;
   always @(posedge clk)
-    bank_1_15 <= \$34 ;
+    done_pe4_0 <= last_pe4_0;
   always @(posedge clk)
-    acc_2_0 <= \$328 [23:0];
+    done_pe4_1 <= last_pe4_1;
   always @(posedge clk)
-    bank_2_0 <= \$35 ;
+    done_pe4_2 <= last_pe4_2;
   always @(posedge clk)
-    acc_2_1 <= \$330 [23:0];
+    done_pe4_3 <= last_pe4_3;
   always @(posedge clk)
-    bank_2_1 <= \$36 ;
+    done_pe4_4 <= last_pe4_4;
   always @(posedge clk)
-    acc_2_2 <= \$332 [23:0];
+    done_pe4_5 <= last_pe4_5;
   always @(posedge clk)
-    bank_2_2 <= \$37 ;
+    done_pe4_6 <= last_pe4_6;
   always @(posedge clk)
-    acc_2_3 <= \$334 [23:0];
+    done_pe4_7 <= last_pe4_7;
   always @(posedge clk)
-    bank_2_3 <= \$38 ;
+    done_pe4_8 <= last_pe4_8;
   always @(posedge clk)
-    acc_2_4 <= \$336 [23:0];
+    done_pe4_9 <= last_pe4_9;
   always @(posedge clk)
-    bank_2_4 <= \$39 ;
+    done_pe4_10 <= last_pe4_10;
   always @(posedge clk)
-    acc_2_5 <= \$338 [23:0];
+    done_pe4_11 <= last_pe4_11;
   always @(posedge clk)
-    bank_2_5 <= \$40 ;
+    done_pe4_12 <= last_pe4_12;
   always @(posedge clk)
-    acc_2_6 <= \$340 [23:0];
+    done_pe4_13 <= last_pe4_13;
   always @(posedge clk)
-    bank_2_6 <= \$41 ;
+    done_pe4_14 <= last_pe4_14;
   always @(posedge clk)
-    acc_2_7 <= \$342 [23:0];
+    done_pe4_15 <= last_pe4_15;
   always @(posedge clk)
-    bank_2_7 <= \$42 ;
+    done_pe5_0 <= last_pe5_0;
   always @(posedge clk)
-    acc_2_8 <= \$344 [23:0];
+    done_pe5_1 <= last_pe5_1;
   always @(posedge clk)
-    bank_2_8 <= \$43 ;
+    done_pe5_2 <= last_pe5_2;
   always @(posedge clk)
-    acc_2_9 <= \$346 [23:0];
+    done_pe5_3 <= last_pe5_3;
   always @(posedge clk)
-    bank_2_9 <= \$44 ;
+    done_pe5_4 <= last_pe5_4;
   always @(posedge clk)
-    acc_2_10 <= \$348 [23:0];
+    done_pe5_5 <= last_pe5_5;
   always @(posedge clk)
-    bank_2_10 <= \$45 ;
+    done_pe5_6 <= last_pe5_6;
   always @(posedge clk)
-    acc_2_11 <= \$350 [23:0];
+    done_pe5_7 <= last_pe5_7;
   always @(posedge clk)
-    bank_2_11 <= \$46 ;
+    done_pe5_8 <= last_pe5_8;
   always @(posedge clk)
-    acc_2_12 <= \$352 [23:0];
+    done_pe5_9 <= last_pe5_9;
   always @(posedge clk)
-    bank_2_12 <= \$47 ;
+    done_pe5_10 <= last_pe5_10;
   always @(posedge clk)
-    acc_2_13 <= \$354 [23:0];
+    done_pe5_11 <= last_pe5_11;
   always @(posedge clk)
-    bank_2_13 <= \$48 ;
+    done_pe5_12 <= last_pe5_12;
   always @(posedge clk)
-    acc_2_14 <= \$356 [23:0];
+    done_pe5_13 <= last_pe5_13;
   always @(posedge clk)
-    bank_2_14 <= \$49 ;
+    done_pe5_14 <= last_pe5_14;
   always @(posedge clk)
-    acc_2_15 <= \$358 [23:0];
+    done_pe5_15 <= last_pe5_15;
   always @(posedge clk)
-    bank_2_15 <= \$50 ;
+    done_pe6_0 <= last_pe6_0;
   always @(posedge clk)
-    acc_3_0 <= \$360 [23:0];
+    done_pe6_1 <= last_pe6_1;
   always @(posedge clk)
-    bank_3_0 <= \$51 ;
+    done_pe6_2 <= last_pe6_2;
   always @(posedge clk)
-    acc_3_1 <= \$362 [23:0];
+    done_pe6_3 <= last_pe6_3;
   always @(posedge clk)
-    bank_3_1 <= \$52 ;
+    done_pe6_4 <= last_pe6_4;
   always @(posedge clk)
-    acc_3_2 <= \$364 [23:0];
+    done_pe6_5 <= last_pe6_5;
   always @(posedge clk)
-    bank_3_2 <= \$53 ;
+    done_pe6_6 <= last_pe6_6;
   always @(posedge clk)
-    acc_3_3 <= \$366 [23:0];
+    done_pe6_7 <= last_pe6_7;
   always @(posedge clk)
-    bank_3_3 <= \$54 ;
+    done_pe6_8 <= last_pe6_8;
   always @(posedge clk)
-    acc_3_4 <= \$368 [23:0];
+    done_pe6_9 <= last_pe6_9;
   always @(posedge clk)
-    bank_3_4 <= \$55 ;
+    done_pe6_10 <= last_pe6_10;
   always @(posedge clk)
-    acc_3_5 <= \$370 [23:0];
+    done_pe6_11 <= last_pe6_11;
   always @(posedge clk)
-    bank_3_5 <= \$56 ;
+    done_pe6_12 <= last_pe6_12;
   always @(posedge clk)
-    acc_3_6 <= \$372 [23:0];
+    done_pe6_13 <= last_pe6_13;
   always @(posedge clk)
-    bank_3_6 <= \$57 ;
+    done_pe6_14 <= last_pe6_14;
   always @(posedge clk)
-    acc_3_7 <= \$374 [23:0];
+    done_pe6_15 <= last_pe6_15;
   always @(posedge clk)
-    bank_3_7 <= \$58 ;
+    done_pe7_0 <= last_pe7_0;
   always @(posedge clk)
-    acc_3_8 <= \$376 [23:0];
+    done_pe7_1 <= last_pe7_1;
   always @(posedge clk)
-    bank_3_8 <= \$59 ;
+    done_pe7_2 <= last_pe7_2;
   always @(posedge clk)
-    acc_3_9 <= \$378 [23:0];
+    done_pe7_3 <= last_pe7_3;
   always @(posedge clk)
-    bank_3_9 <= \$60 ;
+    done_pe7_4 <= last_pe7_4;
   always @(posedge clk)
-    acc_3_10 <= \$380 [23:0];
+    done_pe7_5 <= last_pe7_5;
   always @(posedge clk)
-    bank_3_10 <= \$61 ;
+    done_pe7_6 <= last_pe7_6;
   always @(posedge clk)
-    acc_3_11 <= \$382 [23:0];
+    done_pe7_7 <= last_pe7_7;
   always @(posedge clk)
-    bank_3_11 <= \$62 ;
+    done_pe7_8 <= last_pe7_8;
   always @(posedge clk)
-    acc_3_12 <= \$384 [23:0];
+    done_pe7_9 <= last_pe7_9;
   always @(posedge clk)
-    bank_3_12 <= \$63 ;
+    done_pe7_10 <= last_pe7_10;
   always @(posedge clk)
-    acc_3_13 <= \$386 [23:0];
+    done_pe7_11 <= last_pe7_11;
   always @(posedge clk)
-    bank_3_13 <= \$64 ;
+    done_pe7_12 <= last_pe7_12;
   always @(posedge clk)
-    acc_3_14 <= \$388 [23:0];
+    done_pe7_13 <= last_pe7_13;
   always @(posedge clk)
-    bank_3_14 <= \$65 ;
+    done_pe7_14 <= last_pe7_14;
   always @(posedge clk)
-    acc_3_15 <= \$390 [23:0];
+    done_pe7_15 <= last_pe7_15;
   always @(posedge clk)
-    bank_3_15 <= \$66 ;
+    done_pe8_0 <= last_pe8_0;
   always @(posedge clk)
-    acc_4_0 <= \$392 [23:0];
+    done_pe8_1 <= last_pe8_1;
   always @(posedge clk)
-    bank_4_0 <= \$67 ;
+    done_pe8_2 <= last_pe8_2;
   always @(posedge clk)
-    acc_4_1 <= \$394 [23:0];
+    done_pe8_3 <= last_pe8_3;
   always @(posedge clk)
-    bank_4_1 <= \$68 ;
+    done_pe8_4 <= last_pe8_4;
   always @(posedge clk)
-    acc_4_2 <= \$396 [23:0];
+    done_pe8_5 <= last_pe8_5;
   always @(posedge clk)
-    bank_4_2 <= \$69 ;
+    done_pe8_6 <= last_pe8_6;
   always @(posedge clk)
-    acc_4_3 <= \$398 [23:0];
+    done_pe8_7 <= last_pe8_7;
   always @(posedge clk)
-    bank_4_3 <= \$70 ;
+    done_pe8_8 <= last_pe8_8;
   always @(posedge clk)
-    acc_4_4 <= \$400 [23:0];
+    done_pe8_9 <= last_pe8_9;
   always @(posedge clk)
-    bank_4_4 <= \$71 ;
+    done_pe8_10 <= last_pe8_10;
   always @(posedge clk)
-    acc_4_5 <= \$402 [23:0];
+    done_pe8_11 <= last_pe8_11;
   always @(posedge clk)
-    bank_4_5 <= \$72 ;
+    done_pe8_12 <= last_pe8_12;
   always @(posedge clk)
-    acc_4_6 <= \$404 [23:0];
+    done_pe8_13 <= last_pe8_13;
   always @(posedge clk)
-    bank_4_6 <= \$73 ;
+    done_pe8_14 <= last_pe8_14;
   always @(posedge clk)
-    acc_4_7 <= \$406 [23:0];
+    done_pe8_15 <= last_pe8_15;
   always @(posedge clk)
-    bank_4_7 <= \$74 ;
+    done_pe9_0 <= last_pe9_0;
   always @(posedge clk)
-    acc_4_8 <= \$408 [23:0];
+    done_pe9_1 <= last_pe9_1;
   always @(posedge clk)
-    bank_4_8 <= \$75 ;
+    done_pe9_2 <= last_pe9_2;
   always @(posedge clk)
-    acc_4_9 <= \$410 [23:0];
+    done_pe9_3 <= last_pe9_3;
   always @(posedge clk)
-    bank_4_9 <= \$76 ;
+    done_pe9_4 <= last_pe9_4;
   always @(posedge clk)
-    acc_4_10 <= \$412 [23:0];
+    done_pe9_5 <= last_pe9_5;
   always @(posedge clk)
-    bank_4_10 <= \$77 ;
+    done_pe9_6 <= last_pe9_6;
   always @(posedge clk)
-    acc_4_11 <= \$414 [23:0];
+    done_pe9_7 <= last_pe9_7;
   always @(posedge clk)
-    bank_4_11 <= \$78 ;
+    done_pe9_8 <= last_pe9_8;
   always @(posedge clk)
-    acc_4_12 <= \$416 [23:0];
+    done_pe9_9 <= last_pe9_9;
   always @(posedge clk)
-    bank_4_12 <= \$79 ;
+    done_pe9_10 <= last_pe9_10;
   always @(posedge clk)
-    acc_4_13 <= \$418 [23:0];
+    done_pe9_11 <= last_pe9_11;
   always @(posedge clk)
-    bank_4_13 <= \$80 ;
+    done_pe9_12 <= last_pe9_12;
   always @(posedge clk)
-    acc_4_14 <= \$420 [23:0];
+    done_pe9_13 <= last_pe9_13;
   always @(posedge clk)
-    bank_4_14 <= \$81 ;
+    done_pe9_14 <= last_pe9_14;
   always @(posedge clk)
-    acc_4_15 <= \$422 [23:0];
+    done_pe9_15 <= last_pe9_15;
   always @(posedge clk)
-    bank_4_15 <= \$82 ;
+    done_pe10_0 <= last_pe10_0;
   always @(posedge clk)
-    acc_5_0 <= \$424 [23:0];
+    done_pe10_1 <= last_pe10_1;
   always @(posedge clk)
-    bank_5_0 <= \$83 ;
+    done_pe10_2 <= last_pe10_2;
   always @(posedge clk)
-    acc_5_1 <= \$426 [23:0];
+    done_pe10_3 <= last_pe10_3;
   always @(posedge clk)
-    bank_5_1 <= \$84 ;
+    done_pe10_4 <= last_pe10_4;
   always @(posedge clk)
-    acc_5_2 <= \$428 [23:0];
+    done_pe10_5 <= last_pe10_5;
   always @(posedge clk)
-    bank_5_2 <= \$85 ;
+    done_pe10_6 <= last_pe10_6;
   always @(posedge clk)
-    acc_5_3 <= \$430 [23:0];
+    done_pe10_7 <= last_pe10_7;
   always @(posedge clk)
-    bank_5_3 <= \$86 ;
+    done_pe10_8 <= last_pe10_8;
   always @(posedge clk)
-    acc_5_4 <= \$432 [23:0];
+    done_pe10_9 <= last_pe10_9;
   always @(posedge clk)
-    bank_5_4 <= \$87 ;
+    done_pe10_10 <= last_pe10_10;
   always @(posedge clk)
-    acc_5_5 <= \$434 [23:0];
+    done_pe10_11 <= last_pe10_11;
   always @(posedge clk)
-    bank_5_5 <= \$88 ;
+    done_pe10_12 <= last_pe10_12;
   always @(posedge clk)
-    acc_5_6 <= \$436 [23:0];
+    done_pe10_13 <= last_pe10_13;
   always @(posedge clk)
-    bank_5_6 <= \$89 ;
+    done_pe10_14 <= last_pe10_14;
   always @(posedge clk)
-    acc_5_7 <= \$438 [23:0];
+    done_pe10_15 <= last_pe10_15;
   always @(posedge clk)
-    bank_5_7 <= \$90 ;
+    done_pe11_0 <= last_pe11_0;
   always @(posedge clk)
-    acc_5_8 <= \$440 [23:0];
+    done_pe11_1 <= last_pe11_1;
   always @(posedge clk)
-    bank_5_8 <= \$91 ;
+    done_pe11_2 <= last_pe11_2;
   always @(posedge clk)
-    acc_5_9 <= \$442 [23:0];
+    done_pe11_3 <= last_pe11_3;
   always @(posedge clk)
-    bank_5_9 <= \$92 ;
+    done_pe11_4 <= last_pe11_4;
   always @(posedge clk)
-    acc_5_10 <= \$444 [23:0];
+    done_pe11_5 <= last_pe11_5;
   always @(posedge clk)
-    bank_5_10 <= \$93 ;
+    done_pe11_6 <= last_pe11_6;
   always @(posedge clk)
-    acc_5_11 <= \$446 [23:0];
+    done_pe11_7 <= last_pe11_7;
   always @(posedge clk)
-    bank_5_11 <= \$94 ;
+    done_pe11_8 <= last_pe11_8;
   always @(posedge clk)
-    acc_5_12 <= \$448 [23:0];
+    done_pe11_9 <= last_pe11_9;
   always @(posedge clk)
-    bank_5_12 <= \$95 ;
+    done_pe11_10 <= last_pe11_10;
   always @(posedge clk)
-    acc_5_13 <= \$450 [23:0];
+    done_pe11_11 <= last_pe11_11;
   always @(posedge clk)
-    bank_5_13 <= \$96 ;
+    done_pe11_12 <= last_pe11_12;
   always @(posedge clk)
-    acc_5_14 <= \$452 [23:0];
+    done_pe11_13 <= last_pe11_13;
   always @(posedge clk)
-    bank_5_14 <= \$97 ;
+    done_pe11_14 <= last_pe11_14;
   always @(posedge clk)
-    acc_5_15 <= \$454 [23:0];
+    done_pe11_15 <= last_pe11_15;
   always @(posedge clk)
-    bank_5_15 <= \$98 ;
+    done_pe12_0 <= last_pe12_0;
   always @(posedge clk)
-    acc_6_0 <= \$456 [23:0];
+    done_pe12_1 <= last_pe12_1;
   always @(posedge clk)
-    bank_6_0 <= \$99 ;
+    done_pe12_2 <= last_pe12_2;
   always @(posedge clk)
-    acc_6_1 <= \$458 [23:0];
+    done_pe12_3 <= last_pe12_3;
   always @(posedge clk)
-    bank_6_1 <= \$100 ;
+    done_pe12_4 <= last_pe12_4;
   always @(posedge clk)
-    acc_6_2 <= \$460 [23:0];
+    done_pe12_5 <= last_pe12_5;
   always @(posedge clk)
-    bank_6_2 <= \$101 ;
+    done_pe12_6 <= last_pe12_6;
   always @(posedge clk)
-    acc_6_3 <= \$462 [23:0];
+    done_pe12_7 <= last_pe12_7;
   always @(posedge clk)
-    bank_6_3 <= \$102 ;
+    done_pe12_8 <= last_pe12_8;
   always @(posedge clk)
-    acc_6_4 <= \$464 [23:0];
+    done_pe12_9 <= last_pe12_9;
   always @(posedge clk)
-    bank_6_4 <= \$103 ;
+    done_pe12_10 <= last_pe12_10;
   always @(posedge clk)
-    acc_6_5 <= \$466 [23:0];
+    done_pe12_11 <= last_pe12_11;
   always @(posedge clk)
-    bank_6_5 <= \$104 ;
+    done_pe12_12 <= last_pe12_12;
   always @(posedge clk)
-    acc_6_6 <= \$468 [23:0];
+    done_pe12_13 <= last_pe12_13;
   always @(posedge clk)
-    bank_6_6 <= \$105 ;
+    done_pe12_14 <= last_pe12_14;
   always @(posedge clk)
-    acc_6_7 <= \$470 [23:0];
+    done_pe12_15 <= last_pe12_15;
   always @(posedge clk)
-    bank_6_7 <= \$106 ;
+    done_pe13_0 <= last_pe13_0;
   always @(posedge clk)
-    acc_6_8 <= \$472 [23:0];
+    done_pe13_1 <= last_pe13_1;
   always @(posedge clk)
-    bank_6_8 <= \$107 ;
+    done_pe13_2 <= last_pe13_2;
   always @(posedge clk)
-    acc_6_9 <= \$474 [23:0];
+    done_pe13_3 <= last_pe13_3;
   always @(posedge clk)
-    bank_6_9 <= \$108 ;
+    done_pe13_4 <= last_pe13_4;
   always @(posedge clk)
-    acc_6_10 <= \$476 [23:0];
+    done_pe13_5 <= last_pe13_5;
   always @(posedge clk)
-    bank_6_10 <= \$109 ;
+    done_pe13_6 <= last_pe13_6;
   always @(posedge clk)
-    acc_6_11 <= \$478 [23:0];
+    done_pe13_7 <= last_pe13_7;
   always @(posedge clk)
-    bank_6_11 <= \$110 ;
+    done_pe13_8 <= last_pe13_8;
   always @(posedge clk)
-    acc_6_12 <= \$480 [23:0];
+    done_pe13_9 <= last_pe13_9;
   always @(posedge clk)
-    bank_6_12 <= \$111 ;
+    done_pe13_10 <= last_pe13_10;
   always @(posedge clk)
-    acc_6_13 <= \$482 [23:0];
+    done_pe13_11 <= last_pe13_11;
   always @(posedge clk)
-    bank_6_13 <= \$112 ;
+    done_pe13_12 <= last_pe13_12;
   always @(posedge clk)
-    acc_6_14 <= \$484 [23:0];
+    done_pe13_13 <= last_pe13_13;
   always @(posedge clk)
-    bank_6_14 <= \$113 ;
+    done_pe13_14 <= last_pe13_14;
   always @(posedge clk)
-    acc_6_15 <= \$486 [23:0];
+    done_pe13_15 <= last_pe13_15;
   always @(posedge clk)
-    bank_6_15 <= \$114 ;
+    done_pe14_0 <= last_pe14_0;
   always @(posedge clk)
-    acc_7_0 <= \$488 [23:0];
+    done_pe14_1 <= last_pe14_1;
   always @(posedge clk)
-    bank_7_0 <= \$115 ;
+    done_pe14_2 <= last_pe14_2;
   always @(posedge clk)
-    acc_7_1 <= \$490 [23:0];
+    done_pe14_3 <= last_pe14_3;
   always @(posedge clk)
-    bank_7_1 <= \$116 ;
+    done_pe14_4 <= last_pe14_4;
   always @(posedge clk)
-    acc_7_2 <= \$492 [23:0];
+    done_pe14_5 <= last_pe14_5;
   always @(posedge clk)
-    bank_7_2 <= \$117 ;
+    done_pe14_6 <= last_pe14_6;
   always @(posedge clk)
-    acc_7_3 <= \$494 [23:0];
+    done_pe14_7 <= last_pe14_7;
   always @(posedge clk)
-    bank_7_3 <= \$118 ;
+    done_pe14_8 <= last_pe14_8;
   always @(posedge clk)
-    acc_7_4 <= \$496 [23:0];
+    done_pe14_9 <= last_pe14_9;
   always @(posedge clk)
-    bank_7_4 <= \$119 ;
+    done_pe14_10 <= last_pe14_10;
   always @(posedge clk)
-    acc_7_5 <= \$498 [23:0];
+    done_pe14_11 <= last_pe14_11;
   always @(posedge clk)
-    bank_7_5 <= \$120 ;
+    done_pe14_12 <= last_pe14_12;
   always @(posedge clk)
-    acc_7_6 <= \$500 [23:0];
+    done_pe14_13 <= last_pe14_13;
   always @(posedge clk)
-    bank_7_6 <= \$121 ;
+    done_pe14_14 <= last_pe14_14;
   always @(posedge clk)
-    acc_7_7 <= \$502 [23:0];
+    done_pe14_15 <= last_pe14_15;
   always @(posedge clk)
-    bank_7_7 <= \$122 ;
+    done_pe15_0 <= last_pe15_0;
   always @(posedge clk)
-    acc_7_8 <= \$504 [23:0];
+    done_pe15_1 <= last_pe15_1;
   always @(posedge clk)
-    bank_7_8 <= \$123 ;
+    done_pe15_2 <= last_pe15_2;
   always @(posedge clk)
-    acc_7_9 <= \$506 [23:0];
+    done_pe15_3 <= last_pe15_3;
   always @(posedge clk)
-    bank_7_9 <= \$124 ;
+    done_pe15_4 <= last_pe15_4;
   always @(posedge clk)
-    acc_7_10 <= \$508 [23:0];
+    done_pe15_5 <= last_pe15_5;
   always @(posedge clk)
-    bank_7_10 <= \$125 ;
+    done_pe15_6 <= last_pe15_6;
   always @(posedge clk)
-    acc_7_11 <= \$510 [23:0];
+    done_pe15_7 <= last_pe15_7;
   always @(posedge clk)
-    bank_7_11 <= \$126 ;
+    done_pe15_8 <= last_pe15_8;
   always @(posedge clk)
-    acc_7_12 <= \$512 [23:0];
+    done_pe15_9 <= last_pe15_9;
   always @(posedge clk)
-    bank_7_12 <= \$127 ;
+    done_pe15_10 <= last_pe15_10;
   always @(posedge clk)
-    acc_7_13 <= \$514 [23:0];
+    done_pe15_11 <= last_pe15_11;
   always @(posedge clk)
-    bank_7_13 <= \$128 ;
+    done_pe15_12 <= last_pe15_12;
   always @(posedge clk)
-    acc_7_14 <= \$516 [23:0];
+    done_pe15_13 <= last_pe15_13;
   always @(posedge clk)
-    bank_7_14 <= \$129 ;
+    done_pe15_14 <= last_pe15_14;
   always @(posedge clk)
-    acc_7_15 <= \$518 [23:0];
+    done_pe15_15 <= last_pe15_15;
   always @(posedge clk)
-    bank_7_15 <= \$130 ;
+    commit_d0 <= \$786 ;
   always @(posedge clk)
-    acc_8_0 <= \$520 [23:0];
+    commit_d1 <= \$787 ;
   always @(posedge clk)
-    bank_8_0 <= \$131 ;
+    commit_d2 <= \$788 ;
   always @(posedge clk)
-    acc_8_1 <= \$522 [23:0];
+    acc_0_0 <= \$4 [23:0];
   always @(posedge clk)
-    bank_8_1 <= \$132 ;
+    bank_0_0 <= \$5 ;
   always @(posedge clk)
-    acc_8_2 <= \$524 [23:0];
+    acc_0_1 <= \$7 [23:0];
   always @(posedge clk)
-    bank_8_2 <= \$133 ;
+    bank_0_1 <= \$8 ;
   always @(posedge clk)
-    acc_8_3 <= \$526 [23:0];
+    acc_0_2 <= \$10 [23:0];
   always @(posedge clk)
-    bank_8_3 <= \$134 ;
+    bank_0_2 <= \$11 ;
   always @(posedge clk)
-    acc_8_4 <= \$528 [23:0];
+    acc_0_3 <= \$13 [23:0];
   always @(posedge clk)
-    bank_8_4 <= \$135 ;
+    bank_0_3 <= \$14 ;
   always @(posedge clk)
-    acc_8_5 <= \$530 [23:0];
+    acc_0_4 <= \$16 [23:0];
   always @(posedge clk)
-    bank_8_5 <= \$136 ;
+    bank_0_4 <= \$17 ;
   always @(posedge clk)
-    acc_8_6 <= \$532 [23:0];
+    acc_0_5 <= \$19 [23:0];
   always @(posedge clk)
-    bank_8_6 <= \$137 ;
+    bank_0_5 <= \$20 ;
   always @(posedge clk)
-    acc_8_7 <= \$534 [23:0];
+    acc_0_6 <= \$22 [23:0];
   always @(posedge clk)
-    bank_8_7 <= \$138 ;
+    bank_0_6 <= \$23 ;
   always @(posedge clk)
-    acc_8_8 <= \$536 [23:0];
+    acc_0_7 <= \$25 [23:0];
   always @(posedge clk)
-    bank_8_8 <= \$139 ;
+    bank_0_7 <= \$26 ;
   always @(posedge clk)
-    acc_8_9 <= \$538 [23:0];
+    acc_0_8 <= \$28 [23:0];
   always @(posedge clk)
-    bank_8_9 <= \$140 ;
+    bank_0_8 <= \$29 ;
   always @(posedge clk)
-    acc_8_10 <= \$540 [23:0];
+    acc_0_9 <= \$31 [23:0];
   always @(posedge clk)
-    bank_8_10 <= \$141 ;
+    bank_0_9 <= \$32 ;
   always @(posedge clk)
-    acc_8_11 <= \$542 [23:0];
+    acc_0_10 <= \$34 [23:0];
   always @(posedge clk)
-    bank_8_11 <= \$142 ;
+    bank_0_10 <= \$35 ;
   always @(posedge clk)
-    acc_8_12 <= \$544 [23:0];
+    acc_0_11 <= \$37 [23:0];
   always @(posedge clk)
-    bank_8_12 <= \$143 ;
+    bank_0_11 <= \$38 ;
   always @(posedge clk)
-    acc_8_13 <= \$546 [23:0];
+    acc_0_12 <= \$40 [23:0];
   always @(posedge clk)
-    bank_8_13 <= \$144 ;
+    bank_0_12 <= \$41 ;
   always @(posedge clk)
-    acc_8_14 <= \$548 [23:0];
+    acc_0_13 <= \$43 [23:0];
   always @(posedge clk)
-    bank_8_14 <= \$145 ;
+    bank_0_13 <= \$44 ;
   always @(posedge clk)
-    acc_8_15 <= \$550 [23:0];
+    acc_0_14 <= \$46 [23:0];
   always @(posedge clk)
-    bank_8_15 <= \$146 ;
+    bank_0_14 <= \$47 ;
   always @(posedge clk)
-    acc_9_0 <= \$552 [23:0];
+    acc_0_15 <= \$49 [23:0];
   always @(posedge clk)
-    bank_9_0 <= \$147 ;
+    bank_0_15 <= \$50 ;
   always @(posedge clk)
-    acc_9_1 <= \$554 [23:0];
+    acc_1_0 <= \$52 [23:0];
   always @(posedge clk)
-    bank_9_1 <= \$148 ;
+    bank_1_0 <= \$53 ;
   always @(posedge clk)
-    acc_9_2 <= \$556 [23:0];
+    acc_1_1 <= \$55 [23:0];
   always @(posedge clk)
-    bank_9_2 <= \$149 ;
+    bank_1_1 <= \$56 ;
   always @(posedge clk)
-    acc_9_3 <= \$558 [23:0];
+    acc_1_2 <= \$58 [23:0];
   always @(posedge clk)
-    bank_9_3 <= \$150 ;
+    bank_1_2 <= \$59 ;
   always @(posedge clk)
-    acc_9_4 <= \$560 [23:0];
+    acc_1_3 <= \$61 [23:0];
   always @(posedge clk)
-    bank_9_4 <= \$151 ;
+    bank_1_3 <= \$62 ;
   always @(posedge clk)
-    acc_9_5 <= \$562 [23:0];
+    acc_1_4 <= \$64 [23:0];
   always @(posedge clk)
-    bank_9_5 <= \$152 ;
+    bank_1_4 <= \$65 ;
   always @(posedge clk)
-    acc_9_6 <= \$564 [23:0];
+    acc_1_5 <= \$67 [23:0];
   always @(posedge clk)
-    bank_9_6 <= \$153 ;
+    bank_1_5 <= \$68 ;
   always @(posedge clk)
-    acc_9_7 <= \$566 [23:0];
+    acc_1_6 <= \$70 [23:0];
   always @(posedge clk)
-    bank_9_7 <= \$154 ;
+    bank_1_6 <= \$71 ;
   always @(posedge clk)
-    acc_9_8 <= \$568 [23:0];
+    acc_1_7 <= \$73 [23:0];
   always @(posedge clk)
-    bank_9_8 <= \$155 ;
+    bank_1_7 <= \$74 ;
   always @(posedge clk)
-    acc_9_9 <= \$570 [23:0];
+    acc_1_8 <= \$76 [23:0];
   always @(posedge clk)
-    bank_9_9 <= \$156 ;
+    bank_1_8 <= \$77 ;
   always @(posedge clk)
-    acc_9_10 <= \$572 [23:0];
+    acc_1_9 <= \$79 [23:0];
   always @(posedge clk)
-    bank_9_10 <= \$157 ;
+    bank_1_9 <= \$80 ;
   always @(posedge clk)
-    acc_9_11 <= \$574 [23:0];
+    acc_1_10 <= \$82 [23:0];
   always @(posedge clk)
-    bank_9_11 <= \$158 ;
+    bank_1_10 <= \$83 ;
   always @(posedge clk)
-    acc_9_12 <= \$576 [23:0];
+    acc_1_11 <= \$85 [23:0];
   always @(posedge clk)
-    bank_9_12 <= \$159 ;
+    bank_1_11 <= \$86 ;
   always @(posedge clk)
-    acc_9_13 <= \$578 [23:0];
+    acc_1_12 <= \$88 [23:0];
   always @(posedge clk)
-    bank_9_13 <= \$160 ;
+    bank_1_12 <= \$89 ;
   always @(posedge clk)
-    acc_9_14 <= \$580 [23:0];
+    acc_1_13 <= \$91 [23:0];
   always @(posedge clk)
-    bank_9_14 <= \$161 ;
+    bank_1_13 <= \$92 ;
   always @(posedge clk)
-    acc_9_15 <= \$582 [23:0];
+    acc_1_14 <= \$94 [23:0];
   always @(posedge clk)
-    bank_9_15 <= \$162 ;
+    bank_1_14 <= \$95 ;
   always @(posedge clk)
-    acc_10_0 <= \$584 [23:0];
+    acc_1_15 <= \$97 [23:0];
   always @(posedge clk)
-    bank_10_0 <= \$163 ;
+    bank_1_15 <= \$98 ;
   always @(posedge clk)
-    acc_10_1 <= \$586 [23:0];
+    acc_2_0 <= \$100 [23:0];
   always @(posedge clk)
-    bank_10_1 <= \$164 ;
+    bank_2_0 <= \$101 ;
   always @(posedge clk)
-    acc_10_2 <= \$588 [23:0];
+    acc_2_1 <= \$103 [23:0];
   always @(posedge clk)
-    bank_10_2 <= \$165 ;
+    bank_2_1 <= \$104 ;
   always @(posedge clk)
-    acc_10_3 <= \$590 [23:0];
+    acc_2_2 <= \$106 [23:0];
   always @(posedge clk)
-    bank_10_3 <= \$166 ;
+    bank_2_2 <= \$107 ;
   always @(posedge clk)
-    acc_10_4 <= \$592 [23:0];
+    acc_2_3 <= \$109 [23:0];
   always @(posedge clk)
-    bank_10_4 <= \$167 ;
+    bank_2_3 <= \$110 ;
   always @(posedge clk)
-    acc_10_5 <= \$594 [23:0];
+    acc_2_4 <= \$112 [23:0];
   always @(posedge clk)
-    bank_10_5 <= \$168 ;
+    bank_2_4 <= \$113 ;
   always @(posedge clk)
-    acc_10_6 <= \$596 [23:0];
+    acc_2_5 <= \$115 [23:0];
   always @(posedge clk)
-    bank_10_6 <= \$169 ;
+    bank_2_5 <= \$116 ;
   always @(posedge clk)
-    acc_10_7 <= \$598 [23:0];
+    acc_2_6 <= \$118 [23:0];
   always @(posedge clk)
-    bank_10_7 <= \$170 ;
+    bank_2_6 <= \$119 ;
   always @(posedge clk)
-    acc_10_8 <= \$600 [23:0];
+    acc_2_7 <= \$121 [23:0];
   always @(posedge clk)
-    bank_10_8 <= \$171 ;
+    bank_2_7 <= \$122 ;
   always @(posedge clk)
-    acc_10_9 <= \$602 [23:0];
+    acc_2_8 <= \$124 [23:0];
   always @(posedge clk)
-    bank_10_9 <= \$172 ;
+    bank_2_8 <= \$125 ;
   always @(posedge clk)
-    acc_10_10 <= \$604 [23:0];
+    acc_2_9 <= \$127 [23:0];
   always @(posedge clk)
-    bank_10_10 <= \$173 ;
+    bank_2_9 <= \$128 ;
   always @(posedge clk)
-    acc_10_11 <= \$606 [23:0];
+    acc_2_10 <= \$130 [23:0];
   always @(posedge clk)
-    bank_10_11 <= \$174 ;
+    bank_2_10 <= \$131 ;
   always @(posedge clk)
-    acc_10_12 <= \$608 [23:0];
+    acc_2_11 <= \$133 [23:0];
   always @(posedge clk)
-    bank_10_12 <= \$175 ;
+    bank_2_11 <= \$134 ;
   always @(posedge clk)
-    acc_10_13 <= \$610 [23:0];
+    acc_2_12 <= \$136 [23:0];
   always @(posedge clk)
-    bank_10_13 <= \$176 ;
+    bank_2_12 <= \$137 ;
   always @(posedge clk)
-    acc_10_14 <= \$612 [23:0];
+    acc_2_13 <= \$139 [23:0];
   always @(posedge clk)
-    bank_10_14 <= \$177 ;
+    bank_2_13 <= \$140 ;
   always @(posedge clk)
-    acc_10_15 <= \$614 [23:0];
+    acc_2_14 <= \$142 [23:0];
   always @(posedge clk)
-    bank_10_15 <= \$178 ;
+    bank_2_14 <= \$143 ;
   always @(posedge clk)
-    acc_11_0 <= \$616 [23:0];
+    acc_2_15 <= \$145 [23:0];
   always @(posedge clk)
-    bank_11_0 <= \$179 ;
+    bank_2_15 <= \$146 ;
   always @(posedge clk)
-    acc_11_1 <= \$618 [23:0];
+    acc_3_0 <= \$148 [23:0];
   always @(posedge clk)
-    bank_11_1 <= \$180 ;
+    bank_3_0 <= \$149 ;
   always @(posedge clk)
-    acc_11_2 <= \$620 [23:0];
+    acc_3_1 <= \$151 [23:0];
   always @(posedge clk)
-    bank_11_2 <= \$181 ;
+    bank_3_1 <= \$152 ;
   always @(posedge clk)
-    acc_11_3 <= \$622 [23:0];
+    acc_3_2 <= \$154 [23:0];
   always @(posedge clk)
-    bank_11_3 <= \$182 ;
+    bank_3_2 <= \$155 ;
   always @(posedge clk)
-    acc_11_4 <= \$624 [23:0];
+    acc_3_3 <= \$157 [23:0];
   always @(posedge clk)
-    bank_11_4 <= \$183 ;
+    bank_3_3 <= \$158 ;
   always @(posedge clk)
-    acc_11_5 <= \$626 [23:0];
+    acc_3_4 <= \$160 [23:0];
   always @(posedge clk)
-    bank_11_5 <= \$184 ;
+    bank_3_4 <= \$161 ;
   always @(posedge clk)
-    acc_11_6 <= \$628 [23:0];
+    acc_3_5 <= \$163 [23:0];
   always @(posedge clk)
-    bank_11_6 <= \$185 ;
+    bank_3_5 <= \$164 ;
   always @(posedge clk)
-    acc_11_7 <= \$630 [23:0];
+    acc_3_6 <= \$166 [23:0];
   always @(posedge clk)
-    bank_11_7 <= \$186 ;
+    bank_3_6 <= \$167 ;
   always @(posedge clk)
-    acc_11_8 <= \$632 [23:0];
+    acc_3_7 <= \$169 [23:0];
   always @(posedge clk)
-    bank_11_8 <= \$187 ;
+    bank_3_7 <= \$170 ;
   always @(posedge clk)
-    acc_11_9 <= \$634 [23:0];
+    acc_3_8 <= \$172 [23:0];
   always @(posedge clk)
-    bank_11_9 <= \$188 ;
+    bank_3_8 <= \$173 ;
   always @(posedge clk)
-    acc_11_10 <= \$636 [23:0];
+    acc_3_9 <= \$175 [23:0];
   always @(posedge clk)
-    bank_11_10 <= \$189 ;
+    bank_3_9 <= \$176 ;
   always @(posedge clk)
-    acc_11_11 <= \$638 [23:0];
+    acc_3_10 <= \$178 [23:0];
   always @(posedge clk)
-    bank_11_11 <= \$190 ;
+    bank_3_10 <= \$179 ;
   always @(posedge clk)
-    acc_11_12 <= \$640 [23:0];
+    acc_3_11 <= \$181 [23:0];
   always @(posedge clk)
-    bank_11_12 <= \$191 ;
+    bank_3_11 <= \$182 ;
   always @(posedge clk)
-    acc_11_13 <= \$642 [23:0];
+    acc_3_12 <= \$184 [23:0];
   always @(posedge clk)
-    bank_11_13 <= \$192 ;
+    bank_3_12 <= \$185 ;
   always @(posedge clk)
-    acc_11_14 <= \$644 [23:0];
+    acc_3_13 <= \$187 [23:0];
   always @(posedge clk)
-    bank_11_14 <= \$193 ;
+    bank_3_13 <= \$188 ;
   always @(posedge clk)
-    acc_11_15 <= \$646 [23:0];
+    acc_3_14 <= \$190 [23:0];
   always @(posedge clk)
-    bank_11_15 <= \$194 ;
+    bank_3_14 <= \$191 ;
   always @(posedge clk)
-    acc_12_0 <= \$648 [23:0];
+    acc_3_15 <= \$193 [23:0];
   always @(posedge clk)
-    bank_12_0 <= \$195 ;
+    bank_3_15 <= \$194 ;
   always @(posedge clk)
-    acc_12_1 <= \$650 [23:0];
+    acc_4_0 <= \$196 [23:0];
   always @(posedge clk)
-    bank_12_1 <= \$196 ;
+    bank_4_0 <= \$197 ;
   always @(posedge clk)
-    acc_12_2 <= \$652 [23:0];
+    acc_4_1 <= \$199 [23:0];
   always @(posedge clk)
-    bank_12_2 <= \$197 ;
+    bank_4_1 <= \$200 ;
   always @(posedge clk)
-    acc_12_3 <= \$654 [23:0];
+    acc_4_2 <= \$202 [23:0];
   always @(posedge clk)
-    bank_12_3 <= \$198 ;
+    bank_4_2 <= \$203 ;
   always @(posedge clk)
-    acc_12_4 <= \$656 [23:0];
+    acc_4_3 <= \$205 [23:0];
   always @(posedge clk)
-    bank_12_4 <= \$199 ;
+    bank_4_3 <= \$206 ;
   always @(posedge clk)
-    acc_12_5 <= \$658 [23:0];
+    acc_4_4 <= \$208 [23:0];
   always @(posedge clk)
-    bank_12_5 <= \$200 ;
+    bank_4_4 <= \$209 ;
   always @(posedge clk)
-    acc_12_6 <= \$660 [23:0];
+    acc_4_5 <= \$211 [23:0];
   always @(posedge clk)
-    bank_12_6 <= \$201 ;
+    bank_4_5 <= \$212 ;
   always @(posedge clk)
-    acc_12_7 <= \$662 [23:0];
+    acc_4_6 <= \$214 [23:0];
   always @(posedge clk)
-    bank_12_7 <= \$202 ;
+    bank_4_6 <= \$215 ;
   always @(posedge clk)
-    acc_12_8 <= \$664 [23:0];
+    acc_4_7 <= \$217 [23:0];
   always @(posedge clk)
-    bank_12_8 <= \$203 ;
+    bank_4_7 <= \$218 ;
   always @(posedge clk)
-    acc_12_9 <= \$666 [23:0];
+    acc_4_8 <= \$220 [23:0];
   always @(posedge clk)
-    bank_12_9 <= \$204 ;
+    bank_4_8 <= \$221 ;
   always @(posedge clk)
-    acc_12_10 <= \$668 [23:0];
+    acc_4_9 <= \$223 [23:0];
   always @(posedge clk)
-    bank_12_10 <= \$205 ;
+    bank_4_9 <= \$224 ;
   always @(posedge clk)
-    acc_12_11 <= \$670 [23:0];
+    acc_4_10 <= \$226 [23:0];
   always @(posedge clk)
-    bank_12_11 <= \$206 ;
+    bank_4_10 <= \$227 ;
   always @(posedge clk)
-    acc_12_12 <= \$672 [23:0];
+    acc_4_11 <= \$229 [23:0];
   always @(posedge clk)
-    bank_12_12 <= \$207 ;
+    bank_4_11 <= \$230 ;
   always @(posedge clk)
-    acc_12_13 <= \$674 [23:0];
+    acc_4_12 <= \$232 [23:0];
   always @(posedge clk)
-    bank_12_13 <= \$208 ;
+    bank_4_12 <= \$233 ;
   always @(posedge clk)
-    acc_12_14 <= \$676 [23:0];
+    acc_4_13 <= \$235 [23:0];
   always @(posedge clk)
-    bank_12_14 <= \$209 ;
+    bank_4_13 <= \$236 ;
   always @(posedge clk)
-    acc_12_15 <= \$678 [23:0];
+    acc_4_14 <= \$238 [23:0];
   always @(posedge clk)
-    bank_12_15 <= \$210 ;
+    bank_4_14 <= \$239 ;
   always @(posedge clk)
-    acc_13_0 <= \$680 [23:0];
+    acc_4_15 <= \$241 [23:0];
   always @(posedge clk)
-    bank_13_0 <= \$211 ;
+    bank_4_15 <= \$242 ;
   always @(posedge clk)
-    acc_13_1 <= \$682 [23:0];
+    acc_5_0 <= \$244 [23:0];
   always @(posedge clk)
-    bank_13_1 <= \$212 ;
+    bank_5_0 <= \$245 ;
   always @(posedge clk)
-    acc_13_2 <= \$684 [23:0];
+    acc_5_1 <= \$247 [23:0];
   always @(posedge clk)
-    bank_13_2 <= \$213 ;
+    bank_5_1 <= \$248 ;
   always @(posedge clk)
-    acc_13_3 <= \$686 [23:0];
+    acc_5_2 <= \$250 [23:0];
   always @(posedge clk)
-    bank_13_3 <= \$214 ;
+    bank_5_2 <= \$251 ;
   always @(posedge clk)
-    acc_13_4 <= \$688 [23:0];
+    acc_5_3 <= \$253 [23:0];
   always @(posedge clk)
-    bank_13_4 <= \$215 ;
+    bank_5_3 <= \$254 ;
   always @(posedge clk)
-    acc_13_5 <= \$690 [23:0];
+    acc_5_4 <= \$256 [23:0];
   always @(posedge clk)
-    bank_13_5 <= \$216 ;
+    bank_5_4 <= \$257 ;
   always @(posedge clk)
-    acc_13_6 <= \$692 [23:0];
+    acc_5_5 <= \$259 [23:0];
   always @(posedge clk)
-    bank_13_6 <= \$217 ;
+    bank_5_5 <= \$260 ;
   always @(posedge clk)
-    acc_13_7 <= \$694 [23:0];
+    acc_5_6 <= \$262 [23:0];
   always @(posedge clk)
-    bank_13_7 <= \$218 ;
+    bank_5_6 <= \$263 ;
   always @(posedge clk)
-    acc_13_8 <= \$696 [23:0];
+    acc_5_7 <= \$265 [23:0];
   always @(posedge clk)
-    bank_13_8 <= \$219 ;
+    bank_5_7 <= \$266 ;
   always @(posedge clk)
-    acc_13_9 <= \$698 [23:0];
+    acc_5_8 <= \$268 [23:0];
   always @(posedge clk)
-    bank_13_9 <= \$220 ;
+    bank_5_8 <= \$269 ;
   always @(posedge clk)
-    acc_13_10 <= \$700 [23:0];
+    acc_5_9 <= \$271 [23:0];
   always @(posedge clk)
-    bank_13_10 <= \$221 ;
+    bank_5_9 <= \$272 ;
   always @(posedge clk)
-    acc_13_11 <= \$702 [23:0];
+    acc_5_10 <= \$274 [23:0];
   always @(posedge clk)
-    bank_13_11 <= \$222 ;
+    bank_5_10 <= \$275 ;
   always @(posedge clk)
-    acc_13_12 <= \$704 [23:0];
+    acc_5_11 <= \$277 [23:0];
   always @(posedge clk)
-    bank_13_12 <= \$223 ;
+    bank_5_11 <= \$278 ;
   always @(posedge clk)
-    acc_13_13 <= \$706 [23:0];
+    acc_5_12 <= \$280 [23:0];
   always @(posedge clk)
-    bank_13_13 <= \$224 ;
+    bank_5_12 <= \$281 ;
   always @(posedge clk)
-    acc_13_14 <= \$708 [23:0];
+    acc_5_13 <= \$283 [23:0];
   always @(posedge clk)
-    bank_13_14 <= \$225 ;
+    bank_5_13 <= \$284 ;
   always @(posedge clk)
-    acc_13_15 <= \$710 [23:0];
+    acc_5_14 <= \$286 [23:0];
   always @(posedge clk)
-    bank_13_15 <= \$226 ;
+    bank_5_14 <= \$287 ;
   always @(posedge clk)
-    acc_14_0 <= \$712 [23:0];
+    acc_5_15 <= \$289 [23:0];
   always @(posedge clk)
-    bank_14_0 <= \$227 ;
+    bank_5_15 <= \$290 ;
   always @(posedge clk)
-    acc_14_1 <= \$714 [23:0];
+    acc_6_0 <= \$292 [23:0];
   always @(posedge clk)
-    bank_14_1 <= \$228 ;
+    bank_6_0 <= \$293 ;
   always @(posedge clk)
-    acc_14_2 <= \$716 [23:0];
+    acc_6_1 <= \$295 [23:0];
   always @(posedge clk)
-    bank_14_2 <= \$229 ;
+    bank_6_1 <= \$296 ;
   always @(posedge clk)
-    acc_14_3 <= \$718 [23:0];
+    acc_6_2 <= \$298 [23:0];
   always @(posedge clk)
-    bank_14_3 <= \$230 ;
+    bank_6_2 <= \$299 ;
   always @(posedge clk)
-    acc_14_4 <= \$720 [23:0];
+    acc_6_3 <= \$301 [23:0];
   always @(posedge clk)
-    bank_14_4 <= \$231 ;
+    bank_6_3 <= \$302 ;
   always @(posedge clk)
-    acc_14_5 <= \$722 [23:0];
+    acc_6_4 <= \$304 [23:0];
   always @(posedge clk)
-    bank_14_5 <= \$232 ;
+    bank_6_4 <= \$305 ;
   always @(posedge clk)
-    acc_14_6 <= \$724 [23:0];
+    acc_6_5 <= \$307 [23:0];
   always @(posedge clk)
-    bank_14_6 <= \$233 ;
+    bank_6_5 <= \$308 ;
   always @(posedge clk)
-    acc_14_7 <= \$726 [23:0];
+    acc_6_6 <= \$310 [23:0];
   always @(posedge clk)
-    bank_14_7 <= \$234 ;
+    bank_6_6 <= \$311 ;
   always @(posedge clk)
-    acc_14_8 <= \$728 [23:0];
+    acc_6_7 <= \$313 [23:0];
   always @(posedge clk)
-    bank_14_8 <= \$235 ;
+    bank_6_7 <= \$314 ;
   always @(posedge clk)
-    acc_14_9 <= \$730 [23:0];
+    acc_6_8 <= \$316 [23:0];
   always @(posedge clk)
-    bank_14_9 <= \$236 ;
+    bank_6_8 <= \$317 ;
   always @(posedge clk)
-    acc_14_10 <= \$732 [23:0];
+    acc_6_9 <= \$319 [23:0];
   always @(posedge clk)
-    bank_14_10 <= \$237 ;
+    bank_6_9 <= \$320 ;
   always @(posedge clk)
-    acc_14_11 <= \$734 [23:0];
+    acc_6_10 <= \$322 [23:0];
   always @(posedge clk)
-    bank_14_11 <= \$238 ;
+    bank_6_10 <= \$323 ;
   always @(posedge clk)
-    acc_14_12 <= \$736 [23:0];
+    acc_6_11 <= \$325 [23:0];
   always @(posedge clk)
-    bank_14_12 <= \$239 ;
+    bank_6_11 <= \$326 ;
   always @(posedge clk)
-    acc_14_13 <= \$738 [23:0];
+    acc_6_12 <= \$328 [23:0];
   always @(posedge clk)
-    bank_14_13 <= \$240 ;
+    bank_6_12 <= \$329 ;
   always @(posedge clk)
-    acc_14_14 <= \$740 [23:0];
+    acc_6_13 <= \$331 [23:0];
   always @(posedge clk)
-    bank_14_14 <= \$241 ;
+    bank_6_13 <= \$332 ;
   always @(posedge clk)
-    acc_14_15 <= \$742 [23:0];
+    acc_6_14 <= \$334 [23:0];
   always @(posedge clk)
-    bank_14_15 <= \$242 ;
+    bank_6_14 <= \$335 ;
   always @(posedge clk)
-    acc_15_0 <= \$744 [23:0];
+    acc_6_15 <= \$337 [23:0];
   always @(posedge clk)
-    bank_15_0 <= \$243 ;
+    bank_6_15 <= \$338 ;
   always @(posedge clk)
-    acc_15_1 <= \$746 [23:0];
+    acc_7_0 <= \$340 [23:0];
   always @(posedge clk)
-    bank_15_1 <= \$244 ;
+    bank_7_0 <= \$341 ;
   always @(posedge clk)
-    acc_15_2 <= \$748 [23:0];
+    acc_7_1 <= \$343 [23:0];
   always @(posedge clk)
-    bank_15_2 <= \$245 ;
+    bank_7_1 <= \$344 ;
   always @(posedge clk)
-    acc_15_3 <= \$750 [23:0];
+    acc_7_2 <= \$346 [23:0];
   always @(posedge clk)
-    bank_15_3 <= \$246 ;
+    bank_7_2 <= \$347 ;
   always @(posedge clk)
-    acc_15_4 <= \$752 [23:0];
+    acc_7_3 <= \$349 [23:0];
   always @(posedge clk)
-    bank_15_4 <= \$247 ;
+    bank_7_3 <= \$350 ;
   always @(posedge clk)
-    acc_15_5 <= \$754 [23:0];
+    acc_7_4 <= \$352 [23:0];
   always @(posedge clk)
-    bank_15_5 <= \$248 ;
+    bank_7_4 <= \$353 ;
   always @(posedge clk)
-    acc_15_6 <= \$756 [23:0];
+    acc_7_5 <= \$355 [23:0];
   always @(posedge clk)
-    bank_15_6 <= \$249 ;
+    bank_7_5 <= \$356 ;
   always @(posedge clk)
-    acc_15_7 <= \$758 [23:0];
+    acc_7_6 <= \$358 [23:0];
   always @(posedge clk)
-    bank_15_7 <= \$250 ;
+    bank_7_6 <= \$359 ;
   always @(posedge clk)
-    acc_15_8 <= \$760 [23:0];
+    acc_7_7 <= \$361 [23:0];
   always @(posedge clk)
-    bank_15_8 <= \$251 ;
+    bank_7_7 <= \$362 ;
   always @(posedge clk)
-    acc_15_9 <= \$762 [23:0];
+    acc_7_8 <= \$364 [23:0];
   always @(posedge clk)
-    bank_15_9 <= \$252 ;
+    bank_7_8 <= \$365 ;
   always @(posedge clk)
-    acc_15_10 <= \$764 [23:0];
+    acc_7_9 <= \$367 [23:0];
   always @(posedge clk)
-    bank_15_10 <= \$253 ;
+    bank_7_9 <= \$368 ;
   always @(posedge clk)
-    acc_15_11 <= \$766 [23:0];
+    acc_7_10 <= \$370 [23:0];
   always @(posedge clk)
-    bank_15_11 <= \$254 ;
+    bank_7_10 <= \$371 ;
   always @(posedge clk)
-    acc_15_12 <= \$768 [23:0];
+    acc_7_11 <= \$373 [23:0];
   always @(posedge clk)
-    bank_15_12 <= \$255 ;
+    bank_7_11 <= \$374 ;
   always @(posedge clk)
-    acc_15_13 <= \$770 [23:0];
+    acc_7_12 <= \$376 [23:0];
   always @(posedge clk)
-    bank_15_13 <= \$256 ;
+    bank_7_12 <= \$377 ;
   always @(posedge clk)
-    acc_15_14 <= \$772 [23:0];
+    acc_7_13 <= \$379 [23:0];
   always @(posedge clk)
-    bank_15_14 <= \$257 ;
+    bank_7_13 <= \$380 ;
   always @(posedge clk)
-    acc_15_15 <= \$774 [23:0];
+    acc_7_14 <= \$382 [23:0];
   always @(posedge clk)
-    bank_15_15 <= \$258 ;
+    bank_7_14 <= \$383 ;
   always @(posedge clk)
-    bank_busy <= \$1331 ;
+    acc_7_15 <= \$385 [23:0];
   always @(posedge clk)
-    row <= \$1332 ;
+    bank_7_15 <= \$386 ;
   always @(posedge clk)
-    overrun <= \$1333 ;
+    acc_8_0 <= \$388 [23:0];
+  always @(posedge clk)
+    bank_8_0 <= \$389 ;
+  always @(posedge clk)
+    acc_8_1 <= \$391 [23:0];
+  always @(posedge clk)
+    bank_8_1 <= \$392 ;
+  always @(posedge clk)
+    acc_8_2 <= \$394 [23:0];
+  always @(posedge clk)
+    bank_8_2 <= \$395 ;
+  always @(posedge clk)
+    acc_8_3 <= \$397 [23:0];
+  always @(posedge clk)
+    bank_8_3 <= \$398 ;
+  always @(posedge clk)
+    acc_8_4 <= \$400 [23:0];
+  always @(posedge clk)
+    bank_8_4 <= \$401 ;
+  always @(posedge clk)
+    acc_8_5 <= \$403 [23:0];
+  always @(posedge clk)
+    bank_8_5 <= \$404 ;
+  always @(posedge clk)
+    acc_8_6 <= \$406 [23:0];
+  always @(posedge clk)
+    bank_8_6 <= \$407 ;
+  always @(posedge clk)
+    acc_8_7 <= \$409 [23:0];
+  always @(posedge clk)
+    bank_8_7 <= \$410 ;
+  always @(posedge clk)
+    acc_8_8 <= \$412 [23:0];
+  always @(posedge clk)
+    bank_8_8 <= \$413 ;
+  always @(posedge clk)
+    acc_8_9 <= \$415 [23:0];
+  always @(posedge clk)
+    bank_8_9 <= \$416 ;
+  always @(posedge clk)
+    acc_8_10 <= \$418 [23:0];
+  always @(posedge clk)
+    bank_8_10 <= \$419 ;
+  always @(posedge clk)
+    acc_8_11 <= \$421 [23:0];
+  always @(posedge clk)
+    bank_8_11 <= \$422 ;
+  always @(posedge clk)
+    acc_8_12 <= \$424 [23:0];
+  always @(posedge clk)
+    bank_8_12 <= \$425 ;
+  always @(posedge clk)
+    acc_8_13 <= \$427 [23:0];
+  always @(posedge clk)
+    bank_8_13 <= \$428 ;
+  always @(posedge clk)
+    acc_8_14 <= \$430 [23:0];
+  always @(posedge clk)
+    bank_8_14 <= \$431 ;
+  always @(posedge clk)
+    acc_8_15 <= \$433 [23:0];
+  always @(posedge clk)
+    bank_8_15 <= \$434 ;
+  always @(posedge clk)
+    acc_9_0 <= \$436 [23:0];
+  always @(posedge clk)
+    bank_9_0 <= \$437 ;
+  always @(posedge clk)
+    acc_9_1 <= \$439 [23:0];
+  always @(posedge clk)
+    bank_9_1 <= \$440 ;
+  always @(posedge clk)
+    acc_9_2 <= \$442 [23:0];
+  always @(posedge clk)
+    bank_9_2 <= \$443 ;
+  always @(posedge clk)
+    acc_9_3 <= \$445 [23:0];
+  always @(posedge clk)
+    bank_9_3 <= \$446 ;
+  always @(posedge clk)
+    acc_9_4 <= \$448 [23:0];
+  always @(posedge clk)
+    bank_9_4 <= \$449 ;
+  always @(posedge clk)
+    acc_9_5 <= \$451 [23:0];
+  always @(posedge clk)
+    bank_9_5 <= \$452 ;
+  always @(posedge clk)
+    acc_9_6 <= \$454 [23:0];
+  always @(posedge clk)
+    bank_9_6 <= \$455 ;
+  always @(posedge clk)
+    acc_9_7 <= \$457 [23:0];
+  always @(posedge clk)
+    bank_9_7 <= \$458 ;
+  always @(posedge clk)
+    acc_9_8 <= \$460 [23:0];
+  always @(posedge clk)
+    bank_9_8 <= \$461 ;
+  always @(posedge clk)
+    acc_9_9 <= \$463 [23:0];
+  always @(posedge clk)
+    bank_9_9 <= \$464 ;
+  always @(posedge clk)
+    acc_9_10 <= \$466 [23:0];
+  always @(posedge clk)
+    bank_9_10 <= \$467 ;
+  always @(posedge clk)
+    acc_9_11 <= \$469 [23:0];
+  always @(posedge clk)
+    bank_9_11 <= \$470 ;
+  always @(posedge clk)
+    acc_9_12 <= \$472 [23:0];
+  always @(posedge clk)
+    bank_9_12 <= \$473 ;
+  always @(posedge clk)
+    acc_9_13 <= \$475 [23:0];
+  always @(posedge clk)
+    bank_9_13 <= \$476 ;
+  always @(posedge clk)
+    acc_9_14 <= \$478 [23:0];
+  always @(posedge clk)
+    bank_9_14 <= \$479 ;
+  always @(posedge clk)
+    acc_9_15 <= \$481 [23:0];
+  always @(posedge clk)
+    bank_9_15 <= \$482 ;
+  always @(posedge clk)
+    acc_10_0 <= \$484 [23:0];
+  always @(posedge clk)
+    bank_10_0 <= \$485 ;
+  always @(posedge clk)
+    acc_10_1 <= \$487 [23:0];
+  always @(posedge clk)
+    bank_10_1 <= \$488 ;
+  always @(posedge clk)
+    acc_10_2 <= \$490 [23:0];
+  always @(posedge clk)
+    bank_10_2 <= \$491 ;
+  always @(posedge clk)
+    acc_10_3 <= \$493 [23:0];
+  always @(posedge clk)
+    bank_10_3 <= \$494 ;
+  always @(posedge clk)
+    acc_10_4 <= \$496 [23:0];
+  always @(posedge clk)
+    bank_10_4 <= \$497 ;
+  always @(posedge clk)
+    acc_10_5 <= \$499 [23:0];
+  always @(posedge clk)
+    bank_10_5 <= \$500 ;
+  always @(posedge clk)
+    acc_10_6 <= \$502 [23:0];
+  always @(posedge clk)
+    bank_10_6 <= \$503 ;
+  always @(posedge clk)
+    acc_10_7 <= \$505 [23:0];
+  always @(posedge clk)
+    bank_10_7 <= \$506 ;
+  always @(posedge clk)
+    acc_10_8 <= \$508 [23:0];
+  always @(posedge clk)
+    bank_10_8 <= \$509 ;
+  always @(posedge clk)
+    acc_10_9 <= \$511 [23:0];
+  always @(posedge clk)
+    bank_10_9 <= \$512 ;
+  always @(posedge clk)
+    acc_10_10 <= \$514 [23:0];
+  always @(posedge clk)
+    bank_10_10 <= \$515 ;
+  always @(posedge clk)
+    acc_10_11 <= \$517 [23:0];
+  always @(posedge clk)
+    bank_10_11 <= \$518 ;
+  always @(posedge clk)
+    acc_10_12 <= \$520 [23:0];
+  always @(posedge clk)
+    bank_10_12 <= \$521 ;
+  always @(posedge clk)
+    acc_10_13 <= \$523 [23:0];
+  always @(posedge clk)
+    bank_10_13 <= \$524 ;
+  always @(posedge clk)
+    acc_10_14 <= \$526 [23:0];
+  always @(posedge clk)
+    bank_10_14 <= \$527 ;
+  always @(posedge clk)
+    acc_10_15 <= \$529 [23:0];
+  always @(posedge clk)
+    bank_10_15 <= \$530 ;
+  always @(posedge clk)
+    acc_11_0 <= \$532 [23:0];
+  always @(posedge clk)
+    bank_11_0 <= \$533 ;
+  always @(posedge clk)
+    acc_11_1 <= \$535 [23:0];
+  always @(posedge clk)
+    bank_11_1 <= \$536 ;
+  always @(posedge clk)
+    acc_11_2 <= \$538 [23:0];
+  always @(posedge clk)
+    bank_11_2 <= \$539 ;
+  always @(posedge clk)
+    acc_11_3 <= \$541 [23:0];
+  always @(posedge clk)
+    bank_11_3 <= \$542 ;
+  always @(posedge clk)
+    acc_11_4 <= \$544 [23:0];
+  always @(posedge clk)
+    bank_11_4 <= \$545 ;
+  always @(posedge clk)
+    acc_11_5 <= \$547 [23:0];
+  always @(posedge clk)
+    bank_11_5 <= \$548 ;
+  always @(posedge clk)
+    acc_11_6 <= \$550 [23:0];
+  always @(posedge clk)
+    bank_11_6 <= \$551 ;
+  always @(posedge clk)
+    acc_11_7 <= \$553 [23:0];
+  always @(posedge clk)
+    bank_11_7 <= \$554 ;
+  always @(posedge clk)
+    acc_11_8 <= \$556 [23:0];
+  always @(posedge clk)
+    bank_11_8 <= \$557 ;
+  always @(posedge clk)
+    acc_11_9 <= \$559 [23:0];
+  always @(posedge clk)
+    bank_11_9 <= \$560 ;
+  always @(posedge clk)
+    acc_11_10 <= \$562 [23:0];
+  always @(posedge clk)
+    bank_11_10 <= \$563 ;
+  always @(posedge clk)
+    acc_11_11 <= \$565 [23:0];
+  always @(posedge clk)
+    bank_11_11 <= \$566 ;
+  always @(posedge clk)
+    acc_11_12 <= \$568 [23:0];
+  always @(posedge clk)
+    bank_11_12 <= \$569 ;
+  always @(posedge clk)
+    acc_11_13 <= \$571 [23:0];
+  always @(posedge clk)
+    bank_11_13 <= \$572 ;
+  always @(posedge clk)
+    acc_11_14 <= \$574 [23:0];
+  always @(posedge clk)
+    bank_11_14 <= \$575 ;
+  always @(posedge clk)
+    acc_11_15 <= \$577 [23:0];
+  always @(posedge clk)
+    bank_11_15 <= \$578 ;
+  always @(posedge clk)
+    acc_12_0 <= \$580 [23:0];
+  always @(posedge clk)
+    bank_12_0 <= \$581 ;
+  always @(posedge clk)
+    acc_12_1 <= \$583 [23:0];
+  always @(posedge clk)
+    bank_12_1 <= \$584 ;
+  always @(posedge clk)
+    acc_12_2 <= \$586 [23:0];
+  always @(posedge clk)
+    bank_12_2 <= \$587 ;
+  always @(posedge clk)
+    acc_12_3 <= \$589 [23:0];
+  always @(posedge clk)
+    bank_12_3 <= \$590 ;
+  always @(posedge clk)
+    acc_12_4 <= \$592 [23:0];
+  always @(posedge clk)
+    bank_12_4 <= \$593 ;
+  always @(posedge clk)
+    acc_12_5 <= \$595 [23:0];
+  always @(posedge clk)
+    bank_12_5 <= \$596 ;
+  always @(posedge clk)
+    acc_12_6 <= \$598 [23:0];
+  always @(posedge clk)
+    bank_12_6 <= \$599 ;
+  always @(posedge clk)
+    acc_12_7 <= \$601 [23:0];
+  always @(posedge clk)
+    bank_12_7 <= \$602 ;
+  always @(posedge clk)
+    acc_12_8 <= \$604 [23:0];
+  always @(posedge clk)
+    bank_12_8 <= \$605 ;
+  always @(posedge clk)
+    acc_12_9 <= \$607 [23:0];
+  always @(posedge clk)
+    bank_12_9 <= \$608 ;
+  always @(posedge clk)
+    acc_12_10 <= \$610 [23:0];
+  always @(posedge clk)
+    bank_12_10 <= \$611 ;
+  always @(posedge clk)
+    acc_12_11 <= \$613 [23:0];
+  always @(posedge clk)
+    bank_12_11 <= \$614 ;
+  always @(posedge clk)
+    acc_12_12 <= \$616 [23:0];
+  always @(posedge clk)
+    bank_12_12 <= \$617 ;
+  always @(posedge clk)
+    acc_12_13 <= \$619 [23:0];
+  always @(posedge clk)
+    bank_12_13 <= \$620 ;
+  always @(posedge clk)
+    acc_12_14 <= \$622 [23:0];
+  always @(posedge clk)
+    bank_12_14 <= \$623 ;
+  always @(posedge clk)
+    acc_12_15 <= \$625 [23:0];
+  always @(posedge clk)
+    bank_12_15 <= \$626 ;
+  always @(posedge clk)
+    acc_13_0 <= \$628 [23:0];
+  always @(posedge clk)
+    bank_13_0 <= \$629 ;
+  always @(posedge clk)
+    acc_13_1 <= \$631 [23:0];
+  always @(posedge clk)
+    bank_13_1 <= \$632 ;
+  always @(posedge clk)
+    acc_13_2 <= \$634 [23:0];
+  always @(posedge clk)
+    bank_13_2 <= \$635 ;
+  always @(posedge clk)
+    acc_13_3 <= \$637 [23:0];
+  always @(posedge clk)
+    bank_13_3 <= \$638 ;
+  always @(posedge clk)
+    acc_13_4 <= \$640 [23:0];
+  always @(posedge clk)
+    bank_13_4 <= \$641 ;
+  always @(posedge clk)
+    acc_13_5 <= \$643 [23:0];
+  always @(posedge clk)
+    bank_13_5 <= \$644 ;
+  always @(posedge clk)
+    acc_13_6 <= \$646 [23:0];
+  always @(posedge clk)
+    bank_13_6 <= \$647 ;
+  always @(posedge clk)
+    acc_13_7 <= \$649 [23:0];
+  always @(posedge clk)
+    bank_13_7 <= \$650 ;
+  always @(posedge clk)
+    acc_13_8 <= \$652 [23:0];
+  always @(posedge clk)
+    bank_13_8 <= \$653 ;
+  always @(posedge clk)
+    acc_13_9 <= \$655 [23:0];
+  always @(posedge clk)
+    bank_13_9 <= \$656 ;
+  always @(posedge clk)
+    acc_13_10 <= \$658 [23:0];
+  always @(posedge clk)
+    bank_13_10 <= \$659 ;
+  always @(posedge clk)
+    acc_13_11 <= \$661 [23:0];
+  always @(posedge clk)
+    bank_13_11 <= \$662 ;
+  always @(posedge clk)
+    acc_13_12 <= \$664 [23:0];
+  always @(posedge clk)
+    bank_13_12 <= \$665 ;
+  always @(posedge clk)
+    acc_13_13 <= \$667 [23:0];
+  always @(posedge clk)
+    bank_13_13 <= \$668 ;
+  always @(posedge clk)
+    acc_13_14 <= \$670 [23:0];
+  always @(posedge clk)
+    bank_13_14 <= \$671 ;
+  always @(posedge clk)
+    acc_13_15 <= \$673 [23:0];
+  always @(posedge clk)
+    bank_13_15 <= \$674 ;
+  always @(posedge clk)
+    acc_14_0 <= \$676 [23:0];
+  always @(posedge clk)
+    bank_14_0 <= \$677 ;
+  always @(posedge clk)
+    acc_14_1 <= \$679 [23:0];
+  always @(posedge clk)
+    bank_14_1 <= \$680 ;
+  always @(posedge clk)
+    acc_14_2 <= \$682 [23:0];
+  always @(posedge clk)
+    bank_14_2 <= \$683 ;
+  always @(posedge clk)
+    acc_14_3 <= \$685 [23:0];
+  always @(posedge clk)
+    bank_14_3 <= \$686 ;
+  always @(posedge clk)
+    acc_14_4 <= \$688 [23:0];
+  always @(posedge clk)
+    bank_14_4 <= \$689 ;
+  always @(posedge clk)
+    acc_14_5 <= \$691 [23:0];
+  always @(posedge clk)
+    bank_14_5 <= \$692 ;
+  always @(posedge clk)
+    acc_14_6 <= \$694 [23:0];
+  always @(posedge clk)
+    bank_14_6 <= \$695 ;
+  always @(posedge clk)
+    acc_14_7 <= \$697 [23:0];
+  always @(posedge clk)
+    bank_14_7 <= \$698 ;
+  always @(posedge clk)
+    acc_14_8 <= \$700 [23:0];
+  always @(posedge clk)
+    bank_14_8 <= \$701 ;
+  always @(posedge clk)
+    acc_14_9 <= \$703 [23:0];
+  always @(posedge clk)
+    bank_14_9 <= \$704 ;
+  always @(posedge clk)
+    acc_14_10 <= \$706 [23:0];
+  always @(posedge clk)
+    bank_14_10 <= \$707 ;
+  always @(posedge clk)
+    acc_14_11 <= \$709 [23:0];
+  always @(posedge clk)
+    bank_14_11 <= \$710 ;
+  always @(posedge clk)
+    acc_14_12 <= \$712 [23:0];
+  always @(posedge clk)
+    bank_14_12 <= \$713 ;
+  always @(posedge clk)
+    acc_14_13 <= \$715 [23:0];
+  always @(posedge clk)
+    bank_14_13 <= \$716 ;
+  always @(posedge clk)
+    acc_14_14 <= \$718 [23:0];
+  always @(posedge clk)
+    bank_14_14 <= \$719 ;
+  always @(posedge clk)
+    acc_14_15 <= \$721 [23:0];
+  always @(posedge clk)
+    bank_14_15 <= \$722 ;
+  always @(posedge clk)
+    acc_15_0 <= \$724 [23:0];
+  always @(posedge clk)
+    bank_15_0 <= \$725 ;
+  always @(posedge clk)
+    acc_15_1 <= \$727 [23:0];
+  always @(posedge clk)
+    bank_15_1 <= \$728 ;
+  always @(posedge clk)
+    acc_15_2 <= \$730 [23:0];
+  always @(posedge clk)
+    bank_15_2 <= \$731 ;
+  always @(posedge clk)
+    acc_15_3 <= \$733 [23:0];
+  always @(posedge clk)
+    bank_15_3 <= \$734 ;
+  always @(posedge clk)
+    acc_15_4 <= \$736 [23:0];
+  always @(posedge clk)
+    bank_15_4 <= \$737 ;
+  always @(posedge clk)
+    acc_15_5 <= \$739 [23:0];
+  always @(posedge clk)
+    bank_15_5 <= \$740 ;
+  always @(posedge clk)
+    acc_15_6 <= \$742 [23:0];
+  always @(posedge clk)
+    bank_15_6 <= \$743 ;
+  always @(posedge clk)
+    acc_15_7 <= \$745 [23:0];
+  always @(posedge clk)
+    bank_15_7 <= \$746 ;
+  always @(posedge clk)
+    acc_15_8 <= \$748 [23:0];
+  always @(posedge clk)
+    bank_15_8 <= \$749 ;
+  always @(posedge clk)
+    acc_15_9 <= \$751 [23:0];
+  always @(posedge clk)
+    bank_15_9 <= \$752 ;
+  always @(posedge clk)
+    acc_15_10 <= \$754 [23:0];
+  always @(posedge clk)
+    bank_15_10 <= \$755 ;
+  always @(posedge clk)
+    acc_15_11 <= \$757 [23:0];
+  always @(posedge clk)
+    bank_15_11 <= \$758 ;
+  always @(posedge clk)
+    acc_15_12 <= \$760 [23:0];
+  always @(posedge clk)
+    bank_15_12 <= \$761 ;
+  always @(posedge clk)
+    acc_15_13 <= \$763 [23:0];
+  always @(posedge clk)
+    bank_15_13 <= \$764 ;
+  always @(posedge clk)
+    acc_15_14 <= \$766 [23:0];
+  always @(posedge clk)
+    bank_15_14 <= \$767 ;
+  always @(posedge clk)
+    acc_15_15 <= \$769 [23:0];
+  always @(posedge clk)
+    bank_15_15 <= \$770 ;
+  always @(posedge clk)
+    bank_busy <= \$789 ;
+  always @(posedge clk)
+    row <= \$790 ;
+  always @(posedge clk)
+    overrun <= \$791 ;
+  assign \$1  = i__valid & i__payload[256];
+  assign \$2  = i__valid & i__payload[257];
+  assign \$3  = $signed(acc_0_0) + $signed(p);
+  assign \$4  = first_pe0_0 ? { p[15], p[15], p[15], p[15], p[15], p[15], p[15], p[15], p[15], p } : \$3 ;
+  assign \$5  = done_pe0_0 ? acc_0_0 : bank_1_0;
+  assign \$6  = $signed(acc_0_1) + $signed(\p$1046 );
+  assign \$7  = first_pe0_1 ? { \p$1046 [15], \p$1046 [15], \p$1046 [15], \p$1046 [15], \p$1046 [15], \p$1046 [15], \p$1046 [15], \p$1046 [15], \p$1046 [15], \p$1046  } : \$6 ;
+  assign \$8  = done_pe0_1 ? acc_0_1 : bank_1_1;
+  assign \$9  = $signed(acc_0_2) + $signed(\p$1050 );
+  assign \$10  = first_pe0_2 ? { \p$1050 [15], \p$1050 [15], \p$1050 [15], \p$1050 [15], \p$1050 [15], \p$1050 [15], \p$1050 [15], \p$1050 [15], \p$1050 [15], \p$1050  } : \$9 ;
+  assign \$11  = done_pe0_2 ? acc_0_2 : bank_1_2;
+  assign \$12  = $signed(acc_0_3) + $signed(\p$1054 );
+  assign \$13  = first_pe0_3 ? { \p$1054 [15], \p$1054 [15], \p$1054 [15], \p$1054 [15], \p$1054 [15], \p$1054 [15], \p$1054 [15], \p$1054 [15], \p$1054 [15], \p$1054  } : \$12 ;
+  assign \$14  = done_pe0_3 ? acc_0_3 : bank_1_3;
+  assign \$15  = $signed(acc_0_4) + $signed(\p$1058 );
+  assign \$16  = first_pe0_4 ? { \p$1058 [15], \p$1058 [15], \p$1058 [15], \p$1058 [15], \p$1058 [15], \p$1058 [15], \p$1058 [15], \p$1058 [15], \p$1058 [15], \p$1058  } : \$15 ;
+  assign \$17  = done_pe0_4 ? acc_0_4 : bank_1_4;
+  assign \$18  = $signed(acc_0_5) + $signed(\p$1062 );
+  assign \$19  = first_pe0_5 ? { \p$1062 [15], \p$1062 [15], \p$1062 [15], \p$1062 [15], \p$1062 [15], \p$1062 [15], \p$1062 [15], \p$1062 [15], \p$1062 [15], \p$1062  } : \$18 ;
+  assign \$20  = done_pe0_5 ? acc_0_5 : bank_1_5;
+  assign \$21  = $signed(acc_0_6) + $signed(\p$1066 );
+  assign \$22  = first_pe0_6 ? { \p$1066 [15], \p$1066 [15], \p$1066 [15], \p$1066 [15], \p$1066 [15], \p$1066 [15], \p$1066 [15], \p$1066 [15], \p$1066 [15], \p$1066  } : \$21 ;
+  assign \$23  = done_pe0_6 ? acc_0_6 : bank_1_6;
+  assign \$24  = $signed(acc_0_7) + $signed(\p$1070 );
+  assign \$25  = first_pe0_7 ? { \p$1070 [15], \p$1070 [15], \p$1070 [15], \p$1070 [15], \p$1070 [15], \p$1070 [15], \p$1070 [15], \p$1070 [15], \p$1070 [15], \p$1070  } : \$24 ;
+  assign \$26  = done_pe0_7 ? acc_0_7 : bank_1_7;
+  assign \$27  = $signed(acc_0_8) + $signed(\p$1074 );
+  assign \$28  = first_pe0_8 ? { \p$1074 [15], \p$1074 [15], \p$1074 [15], \p$1074 [15], \p$1074 [15], \p$1074 [15], \p$1074 [15], \p$1074 [15], \p$1074 [15], \p$1074  } : \$27 ;
+  assign \$29  = done_pe0_8 ? acc_0_8 : bank_1_8;
+  assign \$30  = $signed(acc_0_9) + $signed(\p$1078 );
+  assign \$31  = first_pe0_9 ? { \p$1078 [15], \p$1078 [15], \p$1078 [15], \p$1078 [15], \p$1078 [15], \p$1078 [15], \p$1078 [15], \p$1078 [15], \p$1078 [15], \p$1078  } : \$30 ;
+  assign \$32  = done_pe0_9 ? acc_0_9 : bank_1_9;
+  assign \$33  = $signed(acc_0_10) + $signed(\p$1082 );
+  assign \$34  = first_pe0_10 ? { \p$1082 [15], \p$1082 [15], \p$1082 [15], \p$1082 [15], \p$1082 [15], \p$1082 [15], \p$1082 [15], \p$1082 [15], \p$1082 [15], \p$1082  } : \$33 ;
+  assign \$35  = done_pe0_10 ? acc_0_10 : bank_1_10;
+  assign \$36  = $signed(acc_0_11) + $signed(\p$1086 );
+  assign \$37  = first_pe0_11 ? { \p$1086 [15], \p$1086 [15], \p$1086 [15], \p$1086 [15], \p$1086 [15], \p$1086 [15], \p$1086 [15], \p$1086 [15], \p$1086 [15], \p$1086  } : \$36 ;
+  assign \$38  = done_pe0_11 ? acc_0_11 : bank_1_11;
+  assign \$39  = $signed(acc_0_12) + $signed(\p$1090 );
+  assign \$40  = first_pe0_12 ? { \p$1090 [15], \p$1090 [15], \p$1090 [15], \p$1090 [15], \p$1090 [15], \p$1090 [15], \p$1090 [15], \p$1090 [15], \p$1090 [15], \p$1090  } : \$39 ;
+  assign \$41  = done_pe0_12 ? acc_0_12 : bank_1_12;
+  assign \$42  = $signed(acc_0_13) + $signed(\p$1094 );
+  assign \$43  = first_pe0_13 ? { \p$1094 [15], \p$1094 [15], \p$1094 [15], \p$1094 [15], \p$1094 [15], \p$1094 [15], \p$1094 [15], \p$1094 [15], \p$1094 [15], \p$1094  } : \$42 ;
+  assign \$44  = done_pe0_13 ? acc_0_13 : bank_1_13;
+  assign \$45  = $signed(acc_0_14) + $signed(\p$1098 );
+  assign \$46  = first_pe0_14 ? { \p$1098 [15], \p$1098 [15], \p$1098 [15], \p$1098 [15], \p$1098 [15], \p$1098 [15], \p$1098 [15], \p$1098 [15], \p$1098 [15], \p$1098  } : \$45 ;
+  assign \$47  = done_pe0_14 ? acc_0_14 : bank_1_14;
+  assign \$48  = $signed(acc_0_15) + $signed(\p$1102 );
+  assign \$49  = first_pe0_15 ? { \p$1102 [15], \p$1102 [15], \p$1102 [15], \p$1102 [15], \p$1102 [15], \p$1102 [15], \p$1102 [15], \p$1102 [15], \p$1102 [15], \p$1102  } : \$48 ;
+  assign \$50  = done_pe0_15 ? acc_0_15 : bank_1_15;
+  assign \$51  = $signed(acc_1_0) + $signed(\p$1106 );
+  assign \$52  = first_pe1_0 ? { \p$1106 [15], \p$1106 [15], \p$1106 [15], \p$1106 [15], \p$1106 [15], \p$1106 [15], \p$1106 [15], \p$1106 [15], \p$1106 [15], \p$1106  } : \$51 ;
+  assign \$53  = done_pe1_0 ? acc_1_0 : bank_2_0;
+  assign \$54  = $signed(acc_1_1) + $signed(\p$1109 );
+  assign \$55  = first_pe1_1 ? { \p$1109 [15], \p$1109 [15], \p$1109 [15], \p$1109 [15], \p$1109 [15], \p$1109 [15], \p$1109 [15], \p$1109 [15], \p$1109 [15], \p$1109  } : \$54 ;
+  assign \$56  = done_pe1_1 ? acc_1_1 : bank_2_1;
+  assign \$57  = $signed(acc_1_2) + $signed(\p$1112 );
+  assign \$58  = first_pe1_2 ? { \p$1112 [15], \p$1112 [15], \p$1112 [15], \p$1112 [15], \p$1112 [15], \p$1112 [15], \p$1112 [15], \p$1112 [15], \p$1112 [15], \p$1112  } : \$57 ;
+  assign \$59  = done_pe1_2 ? acc_1_2 : bank_2_2;
+  assign \$60  = $signed(acc_1_3) + $signed(\p$1115 );
+  assign \$61  = first_pe1_3 ? { \p$1115 [15], \p$1115 [15], \p$1115 [15], \p$1115 [15], \p$1115 [15], \p$1115 [15], \p$1115 [15], \p$1115 [15], \p$1115 [15], \p$1115  } : \$60 ;
+  assign \$62  = done_pe1_3 ? acc_1_3 : bank_2_3;
+  assign \$63  = $signed(acc_1_4) + $signed(\p$1118 );
+  assign \$64  = first_pe1_4 ? { \p$1118 [15], \p$1118 [15], \p$1118 [15], \p$1118 [15], \p$1118 [15], \p$1118 [15], \p$1118 [15], \p$1118 [15], \p$1118 [15], \p$1118  } : \$63 ;
+  assign \$65  = done_pe1_4 ? acc_1_4 : bank_2_4;
+  assign \$66  = $signed(acc_1_5) + $signed(\p$1121 );
+  assign \$67  = first_pe1_5 ? { \p$1121 [15], \p$1121 [15], \p$1121 [15], \p$1121 [15], \p$1121 [15], \p$1121 [15], \p$1121 [15], \p$1121 [15], \p$1121 [15], \p$1121  } : \$66 ;
+  assign \$68  = done_pe1_5 ? acc_1_5 : bank_2_5;
+  assign \$69  = $signed(acc_1_6) + $signed(\p$1124 );
+  assign \$70  = first_pe1_6 ? { \p$1124 [15], \p$1124 [15], \p$1124 [15], \p$1124 [15], \p$1124 [15], \p$1124 [15], \p$1124 [15], \p$1124 [15], \p$1124 [15], \p$1124  } : \$69 ;
+  assign \$71  = done_pe1_6 ? acc_1_6 : bank_2_6;
+  assign \$72  = $signed(acc_1_7) + $signed(\p$1127 );
+  assign \$73  = first_pe1_7 ? { \p$1127 [15], \p$1127 [15], \p$1127 [15], \p$1127 [15], \p$1127 [15], \p$1127 [15], \p$1127 [15], \p$1127 [15], \p$1127 [15], \p$1127  } : \$72 ;
+  assign \$74  = done_pe1_7 ? acc_1_7 : bank_2_7;
+  assign \$75  = $signed(acc_1_8) + $signed(\p$1130 );
+  assign \$76  = first_pe1_8 ? { \p$1130 [15], \p$1130 [15], \p$1130 [15], \p$1130 [15], \p$1130 [15], \p$1130 [15], \p$1130 [15], \p$1130 [15], \p$1130 [15], \p$1130  } : \$75 ;
+  assign \$77  = done_pe1_8 ? acc_1_8 : bank_2_8;
+  assign \$78  = $signed(acc_1_9) + $signed(\p$1133 );
+  assign \$79  = first_pe1_9 ? { \p$1133 [15], \p$1133 [15], \p$1133 [15], \p$1133 [15], \p$1133 [15], \p$1133 [15], \p$1133 [15], \p$1133 [15], \p$1133 [15], \p$1133  } : \$78 ;
+  assign \$80  = done_pe1_9 ? acc_1_9 : bank_2_9;
+  assign \$81  = $signed(acc_1_10) + $signed(\p$1136 );
+  assign \$82  = first_pe1_10 ? { \p$1136 [15], \p$1136 [15], \p$1136 [15], \p$1136 [15], \p$1136 [15], \p$1136 [15], \p$1136 [15], \p$1136 [15], \p$1136 [15], \p$1136  } : \$81 ;
+  assign \$83  = done_pe1_10 ? acc_1_10 : bank_2_10;
+  assign \$84  = $signed(acc_1_11) + $signed(\p$1139 );
+  assign \$85  = first_pe1_11 ? { \p$1139 [15], \p$1139 [15], \p$1139 [15], \p$1139 [15], \p$1139 [15], \p$1139 [15], \p$1139 [15], \p$1139 [15], \p$1139 [15], \p$1139  } : \$84 ;
+  assign \$86  = done_pe1_11 ? acc_1_11 : bank_2_11;
+  assign \$87  = $signed(acc_1_12) + $signed(\p$1142 );
+  assign \$88  = first_pe1_12 ? { \p$1142 [15], \p$1142 [15], \p$1142 [15], \p$1142 [15], \p$1142 [15], \p$1142 [15], \p$1142 [15], \p$1142 [15], \p$1142 [15], \p$1142  } : \$87 ;
+  assign \$89  = done_pe1_12 ? acc_1_12 : bank_2_12;
+  assign \$90  = $signed(acc_1_13) + $signed(\p$1145 );
+  assign \$91  = first_pe1_13 ? { \p$1145 [15], \p$1145 [15], \p$1145 [15], \p$1145 [15], \p$1145 [15], \p$1145 [15], \p$1145 [15], \p$1145 [15], \p$1145 [15], \p$1145  } : \$90 ;
+  assign \$92  = done_pe1_13 ? acc_1_13 : bank_2_13;
+  assign \$93  = $signed(acc_1_14) + $signed(\p$1148 );
+  assign \$94  = first_pe1_14 ? { \p$1148 [15], \p$1148 [15], \p$1148 [15], \p$1148 [15], \p$1148 [15], \p$1148 [15], \p$1148 [15], \p$1148 [15], \p$1148 [15], \p$1148  } : \$93 ;
+  assign \$95  = done_pe1_14 ? acc_1_14 : bank_2_14;
+  assign \$96  = $signed(acc_1_15) + $signed(\p$1151 );
+  assign \$97  = first_pe1_15 ? { \p$1151 [15], \p$1151 [15], \p$1151 [15], \p$1151 [15], \p$1151 [15], \p$1151 [15], \p$1151 [15], \p$1151 [15], \p$1151 [15], \p$1151  } : \$96 ;
+  assign \$98  = done_pe1_15 ? acc_1_15 : bank_2_15;
+  assign \$99  = $signed(acc_2_0) + $signed(\p$1154 );
+  assign \$100  = first_pe2_0 ? { \p$1154 [15], \p$1154 [15], \p$1154 [15], \p$1154 [15], \p$1154 [15], \p$1154 [15], \p$1154 [15], \p$1154 [15], \p$1154 [15], \p$1154  } : \$99 ;
+  assign \$101  = done_pe2_0 ? acc_2_0 : bank_3_0;
+  assign \$102  = $signed(acc_2_1) + $signed(\p$1157 );
+  assign \$103  = first_pe2_1 ? { \p$1157 [15], \p$1157 [15], \p$1157 [15], \p$1157 [15], \p$1157 [15], \p$1157 [15], \p$1157 [15], \p$1157 [15], \p$1157 [15], \p$1157  } : \$102 ;
+  assign \$104  = done_pe2_1 ? acc_2_1 : bank_3_1;
+  assign \$105  = $signed(acc_2_2) + $signed(\p$1160 );
+  assign \$106  = first_pe2_2 ? { \p$1160 [15], \p$1160 [15], \p$1160 [15], \p$1160 [15], \p$1160 [15], \p$1160 [15], \p$1160 [15], \p$1160 [15], \p$1160 [15], \p$1160  } : \$105 ;
+  assign \$107  = done_pe2_2 ? acc_2_2 : bank_3_2;
+  assign \$108  = $signed(acc_2_3) + $signed(\p$1163 );
+  assign \$109  = first_pe2_3 ? { \p$1163 [15], \p$1163 [15], \p$1163 [15], \p$1163 [15], \p$1163 [15], \p$1163 [15], \p$1163 [15], \p$1163 [15], \p$1163 [15], \p$1163  } : \$108 ;
+  assign \$110  = done_pe2_3 ? acc_2_3 : bank_3_3;
+  assign \$111  = $signed(acc_2_4) + $signed(\p$1166 );
+  assign \$112  = first_pe2_4 ? { \p$1166 [15], \p$1166 [15], \p$1166 [15], \p$1166 [15], \p$1166 [15], \p$1166 [15], \p$1166 [15], \p$1166 [15], \p$1166 [15], \p$1166  } : \$111 ;
+  assign \$113  = done_pe2_4 ? acc_2_4 : bank_3_4;
+  assign \$114  = $signed(acc_2_5) + $signed(\p$1169 );
+  assign \$115  = first_pe2_5 ? { \p$1169 [15], \p$1169 [15], \p$1169 [15], \p$1169 [15], \p$1169 [15], \p$1169 [15], \p$1169 [15], \p$1169 [15], \p$1169 [15], \p$1169  } : \$114 ;
+  assign \$116  = done_pe2_5 ? acc_2_5 : bank_3_5;
+  assign \$117  = $signed(acc_2_6) + $signed(\p$1172 );
+  assign \$118  = first_pe2_6 ? { \p$1172 [15], \p$1172 [15], \p$1172 [15], \p$1172 [15], \p$1172 [15], \p$1172 [15], \p$1172 [15], \p$1172 [15], \p$1172 [15], \p$1172  } : \$117 ;
+  assign \$119  = done_pe2_6 ? acc_2_6 : bank_3_6;
+  assign \$120  = $signed(acc_2_7) + $signed(\p$1175 );
+  assign \$121  = first_pe2_7 ? { \p$1175 [15], \p$1175 [15], \p$1175 [15], \p$1175 [15], \p$1175 [15], \p$1175 [15], \p$1175 [15], \p$1175 [15], \p$1175 [15], \p$1175  } : \$120 ;
+  assign \$122  = done_pe2_7 ? acc_2_7 : bank_3_7;
+  assign \$123  = $signed(acc_2_8) + $signed(\p$1178 );
+  assign \$124  = first_pe2_8 ? { \p$1178 [15], \p$1178 [15], \p$1178 [15], \p$1178 [15], \p$1178 [15], \p$1178 [15], \p$1178 [15], \p$1178 [15], \p$1178 [15], \p$1178  } : \$123 ;
+  assign \$125  = done_pe2_8 ? acc_2_8 : bank_3_8;
+  assign \$126  = $signed(acc_2_9) + $signed(\p$1181 );
+  assign \$127  = first_pe2_9 ? { \p$1181 [15], \p$1181 [15], \p$1181 [15], \p$1181 [15], \p$1181 [15], \p$1181 [15], \p$1181 [15], \p$1181 [15], \p$1181 [15], \p$1181  } : \$126 ;
+  assign \$128  = done_pe2_9 ? acc_2_9 : bank_3_9;
+  assign \$129  = $signed(acc_2_10) + $signed(\p$1184 );
+  assign \$130  = first_pe2_10 ? { \p$1184 [15], \p$1184 [15], \p$1184 [15], \p$1184 [15], \p$1184 [15], \p$1184 [15], \p$1184 [15], \p$1184 [15], \p$1184 [15], \p$1184  } : \$129 ;
+  assign \$131  = done_pe2_10 ? acc_2_10 : bank_3_10;
+  assign \$132  = $signed(acc_2_11) + $signed(\p$1187 );
+  assign \$133  = first_pe2_11 ? { \p$1187 [15], \p$1187 [15], \p$1187 [15], \p$1187 [15], \p$1187 [15], \p$1187 [15], \p$1187 [15], \p$1187 [15], \p$1187 [15], \p$1187  } : \$132 ;
+  assign \$134  = done_pe2_11 ? acc_2_11 : bank_3_11;
+  assign \$135  = $signed(acc_2_12) + $signed(\p$1190 );
+  assign \$136  = first_pe2_12 ? { \p$1190 [15], \p$1190 [15], \p$1190 [15], \p$1190 [15], \p$1190 [15], \p$1190 [15], \p$1190 [15], \p$1190 [15], \p$1190 [15], \p$1190  } : \$135 ;
+  assign \$137  = done_pe2_12 ? acc_2_12 : bank_3_12;
+  assign \$138  = $signed(acc_2_13) + $signed(\p$1193 );
+  assign \$139  = first_pe2_13 ? { \p$1193 [15], \p$1193 [15], \p$1193 [15], \p$1193 [15], \p$1193 [15], \p$1193 [15], \p$1193 [15], \p$1193 [15], \p$1193 [15], \p$1193  } : \$138 ;
+  assign \$140  = done_pe2_13 ? acc_2_13 : bank_3_13;
+  assign \$141  = $signed(acc_2_14) + $signed(\p$1196 );
+  assign \$142  = first_pe2_14 ? { \p$1196 [15], \p$1196 [15], \p$1196 [15], \p$1196 [15], \p$1196 [15], \p$1196 [15], \p$1196 [15], \p$1196 [15], \p$1196 [15], \p$1196  } : \$141 ;
+  assign \$143  = done_pe2_14 ? acc_2_14 : bank_3_14;
+  assign \$144  = $signed(acc_2_15) + $signed(\p$1199 );
+  assign \$145  = first_pe2_15 ? { \p$1199 [15], \p$1199 [15], \p$1199 [15], \p$1199 [15], \p$1199 [15], \p$1199 [15], \p$1199 [15], \p$1199 [15], \p$1199 [15], \p$1199  } : \$144 ;
+  assign \$146  = done_pe2_15 ? acc_2_15 : bank_3_15;
+  assign \$147  = $signed(acc_3_0) + $signed(\p$1202 );
+  assign \$148  = first_pe3_0 ? { \p$1202 [15], \p$1202 [15], \p$1202 [15], \p$1202 [15], \p$1202 [15], \p$1202 [15], \p$1202 [15], \p$1202 [15], \p$1202 [15], \p$1202  } : \$147 ;
+  assign \$149  = done_pe3_0 ? acc_3_0 : bank_4_0;
+  assign \$150  = $signed(acc_3_1) + $signed(\p$1205 );
+  assign \$151  = first_pe3_1 ? { \p$1205 [15], \p$1205 [15], \p$1205 [15], \p$1205 [15], \p$1205 [15], \p$1205 [15], \p$1205 [15], \p$1205 [15], \p$1205 [15], \p$1205  } : \$150 ;
+  assign \$152  = done_pe3_1 ? acc_3_1 : bank_4_1;
+  assign \$153  = $signed(acc_3_2) + $signed(\p$1208 );
+  assign \$154  = first_pe3_2 ? { \p$1208 [15], \p$1208 [15], \p$1208 [15], \p$1208 [15], \p$1208 [15], \p$1208 [15], \p$1208 [15], \p$1208 [15], \p$1208 [15], \p$1208  } : \$153 ;
+  assign \$155  = done_pe3_2 ? acc_3_2 : bank_4_2;
+  assign \$156  = $signed(acc_3_3) + $signed(\p$1211 );
+  assign \$157  = first_pe3_3 ? { \p$1211 [15], \p$1211 [15], \p$1211 [15], \p$1211 [15], \p$1211 [15], \p$1211 [15], \p$1211 [15], \p$1211 [15], \p$1211 [15], \p$1211  } : \$156 ;
+  assign \$158  = done_pe3_3 ? acc_3_3 : bank_4_3;
+  assign \$159  = $signed(acc_3_4) + $signed(\p$1214 );
+  assign \$160  = first_pe3_4 ? { \p$1214 [15], \p$1214 [15], \p$1214 [15], \p$1214 [15], \p$1214 [15], \p$1214 [15], \p$1214 [15], \p$1214 [15], \p$1214 [15], \p$1214  } : \$159 ;
+  assign \$161  = done_pe3_4 ? acc_3_4 : bank_4_4;
+  assign \$162  = $signed(acc_3_5) + $signed(\p$1217 );
+  assign \$163  = first_pe3_5 ? { \p$1217 [15], \p$1217 [15], \p$1217 [15], \p$1217 [15], \p$1217 [15], \p$1217 [15], \p$1217 [15], \p$1217 [15], \p$1217 [15], \p$1217  } : \$162 ;
+  assign \$164  = done_pe3_5 ? acc_3_5 : bank_4_5;
+  assign \$165  = $signed(acc_3_6) + $signed(\p$1220 );
+  assign \$166  = first_pe3_6 ? { \p$1220 [15], \p$1220 [15], \p$1220 [15], \p$1220 [15], \p$1220 [15], \p$1220 [15], \p$1220 [15], \p$1220 [15], \p$1220 [15], \p$1220  } : \$165 ;
+  assign \$167  = done_pe3_6 ? acc_3_6 : bank_4_6;
+  assign \$168  = $signed(acc_3_7) + $signed(\p$1223 );
+  assign \$169  = first_pe3_7 ? { \p$1223 [15], \p$1223 [15], \p$1223 [15], \p$1223 [15], \p$1223 [15], \p$1223 [15], \p$1223 [15], \p$1223 [15], \p$1223 [15], \p$1223  } : \$168 ;
+  assign \$170  = done_pe3_7 ? acc_3_7 : bank_4_7;
+  assign \$171  = $signed(acc_3_8) + $signed(\p$1226 );
+  assign \$172  = first_pe3_8 ? { \p$1226 [15], \p$1226 [15], \p$1226 [15], \p$1226 [15], \p$1226 [15], \p$1226 [15], \p$1226 [15], \p$1226 [15], \p$1226 [15], \p$1226  } : \$171 ;
+  assign \$173  = done_pe3_8 ? acc_3_8 : bank_4_8;
+  assign \$174  = $signed(acc_3_9) + $signed(\p$1229 );
+  assign \$175  = first_pe3_9 ? { \p$1229 [15], \p$1229 [15], \p$1229 [15], \p$1229 [15], \p$1229 [15], \p$1229 [15], \p$1229 [15], \p$1229 [15], \p$1229 [15], \p$1229  } : \$174 ;
+  assign \$176  = done_pe3_9 ? acc_3_9 : bank_4_9;
+  assign \$177  = $signed(acc_3_10) + $signed(\p$1232 );
+  assign \$178  = first_pe3_10 ? { \p$1232 [15], \p$1232 [15], \p$1232 [15], \p$1232 [15], \p$1232 [15], \p$1232 [15], \p$1232 [15], \p$1232 [15], \p$1232 [15], \p$1232  } : \$177 ;
+  assign \$179  = done_pe3_10 ? acc_3_10 : bank_4_10;
+  assign \$180  = $signed(acc_3_11) + $signed(\p$1235 );
+  assign \$181  = first_pe3_11 ? { \p$1235 [15], \p$1235 [15], \p$1235 [15], \p$1235 [15], \p$1235 [15], \p$1235 [15], \p$1235 [15], \p$1235 [15], \p$1235 [15], \p$1235  } : \$180 ;
+  assign \$182  = done_pe3_11 ? acc_3_11 : bank_4_11;
+  assign \$183  = $signed(acc_3_12) + $signed(\p$1238 );
+  assign \$184  = first_pe3_12 ? { \p$1238 [15], \p$1238 [15], \p$1238 [15], \p$1238 [15], \p$1238 [15], \p$1238 [15], \p$1238 [15], \p$1238 [15], \p$1238 [15], \p$1238  } : \$183 ;
+  assign \$185  = done_pe3_12 ? acc_3_12 : bank_4_12;
+  assign \$186  = $signed(acc_3_13) + $signed(\p$1241 );
+  assign \$187  = first_pe3_13 ? { \p$1241 [15], \p$1241 [15], \p$1241 [15], \p$1241 [15], \p$1241 [15], \p$1241 [15], \p$1241 [15], \p$1241 [15], \p$1241 [15], \p$1241  } : \$186 ;
+  assign \$188  = done_pe3_13 ? acc_3_13 : bank_4_13;
+  assign \$189  = $signed(acc_3_14) + $signed(\p$1244 );
+  assign \$190  = first_pe3_14 ? { \p$1244 [15], \p$1244 [15], \p$1244 [15], \p$1244 [15], \p$1244 [15], \p$1244 [15], \p$1244 [15], \p$1244 [15], \p$1244 [15], \p$1244  } : \$189 ;
+  assign \$191  = done_pe3_14 ? acc_3_14 : bank_4_14;
+  assign \$192  = $signed(acc_3_15) + $signed(\p$1247 );
+  assign \$193  = first_pe3_15 ? { \p$1247 [15], \p$1247 [15], \p$1247 [15], \p$1247 [15], \p$1247 [15], \p$1247 [15], \p$1247 [15], \p$1247 [15], \p$1247 [15], \p$1247  } : \$192 ;
+  assign \$194  = done_pe3_15 ? acc_3_15 : bank_4_15;
+  assign \$195  = $signed(acc_4_0) + $signed(\p$1250 );
+  assign \$196  = first_pe4_0 ? { \p$1250 [15], \p$1250 [15], \p$1250 [15], \p$1250 [15], \p$1250 [15], \p$1250 [15], \p$1250 [15], \p$1250 [15], \p$1250 [15], \p$1250  } : \$195 ;
+  assign \$197  = done_pe4_0 ? acc_4_0 : bank_5_0;
+  assign \$198  = $signed(acc_4_1) + $signed(\p$1253 );
+  assign \$199  = first_pe4_1 ? { \p$1253 [15], \p$1253 [15], \p$1253 [15], \p$1253 [15], \p$1253 [15], \p$1253 [15], \p$1253 [15], \p$1253 [15], \p$1253 [15], \p$1253  } : \$198 ;
+  assign \$200  = done_pe4_1 ? acc_4_1 : bank_5_1;
+  assign \$201  = $signed(acc_4_2) + $signed(\p$1256 );
+  assign \$202  = first_pe4_2 ? { \p$1256 [15], \p$1256 [15], \p$1256 [15], \p$1256 [15], \p$1256 [15], \p$1256 [15], \p$1256 [15], \p$1256 [15], \p$1256 [15], \p$1256  } : \$201 ;
+  assign \$203  = done_pe4_2 ? acc_4_2 : bank_5_2;
+  assign \$204  = $signed(acc_4_3) + $signed(\p$1259 );
+  assign \$205  = first_pe4_3 ? { \p$1259 [15], \p$1259 [15], \p$1259 [15], \p$1259 [15], \p$1259 [15], \p$1259 [15], \p$1259 [15], \p$1259 [15], \p$1259 [15], \p$1259  } : \$204 ;
+  assign \$206  = done_pe4_3 ? acc_4_3 : bank_5_3;
+  assign \$207  = $signed(acc_4_4) + $signed(\p$1262 );
+  assign \$208  = first_pe4_4 ? { \p$1262 [15], \p$1262 [15], \p$1262 [15], \p$1262 [15], \p$1262 [15], \p$1262 [15], \p$1262 [15], \p$1262 [15], \p$1262 [15], \p$1262  } : \$207 ;
   \encoder_layer_0_attention_self_value.pe.pe_0_0  pe_0_0 (
     .a(a_0_l2_0),
     .b(b_0_l2_0),
@@ -28329,1785 +28349,1785 @@ module \encoder_layer_0_attention_self_value.pe (rst, i__payload, i__valid, bank
     .a(a_0_l2_0),
     .b(b_1_l2_0),
     .clk(clk),
-    .p4(\p$2067 ),
+    .p4(\p$1046 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_0_10  pe_0_10 (
     .a(a_0_l2_2),
     .b(b_10_l2_0),
     .clk(clk),
-    .p4(\p$2076 ),
+    .p4(\p$1082 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_0_11  pe_0_11 (
     .a(a_0_l2_2),
     .b(b_11_l2_0),
     .clk(clk),
-    .p4(\p$2077 ),
+    .p4(\p$1086 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_0_12  pe_0_12 (
     .a(a_0_l2_3),
     .b(b_12_l2_0),
     .clk(clk),
-    .p4(\p$2078 ),
+    .p4(\p$1090 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_0_13  pe_0_13 (
     .a(a_0_l2_3),
     .b(b_13_l2_0),
     .clk(clk),
-    .p4(\p$2079 ),
+    .p4(\p$1094 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_0_14  pe_0_14 (
     .a(a_0_l2_3),
     .b(b_14_l2_0),
     .clk(clk),
-    .p4(\p$2080 ),
+    .p4(\p$1098 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_0_15  pe_0_15 (
     .a(a_0_l2_3),
     .b(b_15_l2_0),
     .clk(clk),
-    .p4(\p$2081 ),
+    .p4(\p$1102 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_0_2  pe_0_2 (
     .a(a_0_l2_0),
     .b(b_2_l2_0),
     .clk(clk),
-    .p4(\p$2068 ),
+    .p4(\p$1050 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_0_3  pe_0_3 (
     .a(a_0_l2_0),
     .b(b_3_l2_0),
     .clk(clk),
-    .p4(\p$2069 ),
+    .p4(\p$1054 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_0_4  pe_0_4 (
     .a(a_0_l2_1),
     .b(b_4_l2_0),
     .clk(clk),
-    .p4(\p$2070 ),
+    .p4(\p$1058 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_0_5  pe_0_5 (
     .a(a_0_l2_1),
     .b(b_5_l2_0),
     .clk(clk),
-    .p4(\p$2071 ),
+    .p4(\p$1062 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_0_6  pe_0_6 (
     .a(a_0_l2_1),
     .b(b_6_l2_0),
     .clk(clk),
-    .p4(\p$2072 ),
+    .p4(\p$1066 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_0_7  pe_0_7 (
     .a(a_0_l2_1),
     .b(b_7_l2_0),
     .clk(clk),
-    .p4(\p$2073 ),
+    .p4(\p$1070 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_0_8  pe_0_8 (
     .a(a_0_l2_2),
     .b(b_8_l2_0),
     .clk(clk),
-    .p4(\p$2074 ),
+    .p4(\p$1074 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_0_9  pe_0_9 (
     .a(a_0_l2_2),
     .b(b_9_l2_0),
     .clk(clk),
-    .p4(\p$2075 ),
+    .p4(\p$1078 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_10_0  pe_10_0 (
     .a(a_10_l2_0),
     .b(b_0_l2_2),
     .clk(clk),
-    .p4(\p$2226 ),
+    .p4(\p$1538 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_10_1  pe_10_1 (
     .a(a_10_l2_0),
     .b(b_1_l2_2),
     .clk(clk),
-    .p4(\p$2227 ),
+    .p4(\p$1541 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_10_10  pe_10_10 (
     .a(a_10_l2_2),
     .b(b_10_l2_2),
     .clk(clk),
-    .p4(\p$2236 ),
+    .p4(\p$1568 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_10_11  pe_10_11 (
     .a(a_10_l2_2),
     .b(b_11_l2_2),
     .clk(clk),
-    .p4(\p$2237 ),
+    .p4(\p$1571 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_10_12  pe_10_12 (
     .a(a_10_l2_3),
     .b(b_12_l2_2),
     .clk(clk),
-    .p4(\p$2238 ),
+    .p4(\p$1574 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_10_13  pe_10_13 (
     .a(a_10_l2_3),
     .b(b_13_l2_2),
     .clk(clk),
-    .p4(\p$2239 ),
+    .p4(\p$1577 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_10_14  pe_10_14 (
     .a(a_10_l2_3),
     .b(b_14_l2_2),
     .clk(clk),
-    .p4(\p$2240 ),
+    .p4(\p$1580 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_10_15  pe_10_15 (
     .a(a_10_l2_3),
     .b(b_15_l2_2),
     .clk(clk),
-    .p4(\p$2241 ),
+    .p4(\p$1583 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_10_2  pe_10_2 (
     .a(a_10_l2_0),
     .b(b_2_l2_2),
     .clk(clk),
-    .p4(\p$2228 ),
+    .p4(\p$1544 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_10_3  pe_10_3 (
     .a(a_10_l2_0),
     .b(b_3_l2_2),
     .clk(clk),
-    .p4(\p$2229 ),
+    .p4(\p$1547 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_10_4  pe_10_4 (
     .a(a_10_l2_1),
     .b(b_4_l2_2),
     .clk(clk),
-    .p4(\p$2230 ),
+    .p4(\p$1550 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_10_5  pe_10_5 (
     .a(a_10_l2_1),
     .b(b_5_l2_2),
     .clk(clk),
-    .p4(\p$2231 ),
+    .p4(\p$1553 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_10_6  pe_10_6 (
     .a(a_10_l2_1),
     .b(b_6_l2_2),
     .clk(clk),
-    .p4(\p$2232 ),
+    .p4(\p$1556 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_10_7  pe_10_7 (
     .a(a_10_l2_1),
     .b(b_7_l2_2),
     .clk(clk),
-    .p4(\p$2233 ),
+    .p4(\p$1559 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_10_8  pe_10_8 (
     .a(a_10_l2_2),
     .b(b_8_l2_2),
     .clk(clk),
-    .p4(\p$2234 ),
+    .p4(\p$1562 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_10_9  pe_10_9 (
     .a(a_10_l2_2),
     .b(b_9_l2_2),
     .clk(clk),
-    .p4(\p$2235 ),
+    .p4(\p$1565 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_11_0  pe_11_0 (
     .a(a_11_l2_0),
     .b(b_0_l2_2),
     .clk(clk),
-    .p4(\p$2242 ),
+    .p4(\p$1586 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_11_1  pe_11_1 (
     .a(a_11_l2_0),
     .b(b_1_l2_2),
     .clk(clk),
-    .p4(\p$2243 ),
+    .p4(\p$1589 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_11_10  pe_11_10 (
     .a(a_11_l2_2),
     .b(b_10_l2_2),
     .clk(clk),
-    .p4(\p$2252 ),
+    .p4(\p$1616 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_11_11  pe_11_11 (
     .a(a_11_l2_2),
     .b(b_11_l2_2),
     .clk(clk),
-    .p4(\p$2253 ),
+    .p4(\p$1619 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_11_12  pe_11_12 (
     .a(a_11_l2_3),
     .b(b_12_l2_2),
     .clk(clk),
-    .p4(\p$2254 ),
+    .p4(\p$1622 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_11_13  pe_11_13 (
     .a(a_11_l2_3),
     .b(b_13_l2_2),
     .clk(clk),
-    .p4(\p$2255 ),
+    .p4(\p$1625 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_11_14  pe_11_14 (
     .a(a_11_l2_3),
     .b(b_14_l2_2),
     .clk(clk),
-    .p4(\p$2256 ),
+    .p4(\p$1628 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_11_15  pe_11_15 (
     .a(a_11_l2_3),
     .b(b_15_l2_2),
     .clk(clk),
-    .p4(\p$2257 ),
+    .p4(\p$1631 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_11_2  pe_11_2 (
     .a(a_11_l2_0),
     .b(b_2_l2_2),
     .clk(clk),
-    .p4(\p$2244 ),
+    .p4(\p$1592 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_11_3  pe_11_3 (
     .a(a_11_l2_0),
     .b(b_3_l2_2),
     .clk(clk),
-    .p4(\p$2245 ),
+    .p4(\p$1595 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_11_4  pe_11_4 (
     .a(a_11_l2_1),
     .b(b_4_l2_2),
     .clk(clk),
-    .p4(\p$2246 ),
+    .p4(\p$1598 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_11_5  pe_11_5 (
     .a(a_11_l2_1),
     .b(b_5_l2_2),
     .clk(clk),
-    .p4(\p$2247 ),
+    .p4(\p$1601 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_11_6  pe_11_6 (
     .a(a_11_l2_1),
     .b(b_6_l2_2),
     .clk(clk),
-    .p4(\p$2248 ),
+    .p4(\p$1604 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_11_7  pe_11_7 (
     .a(a_11_l2_1),
     .b(b_7_l2_2),
     .clk(clk),
-    .p4(\p$2249 ),
+    .p4(\p$1607 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_11_8  pe_11_8 (
     .a(a_11_l2_2),
     .b(b_8_l2_2),
     .clk(clk),
-    .p4(\p$2250 ),
+    .p4(\p$1610 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_11_9  pe_11_9 (
     .a(a_11_l2_2),
     .b(b_9_l2_2),
     .clk(clk),
-    .p4(\p$2251 ),
+    .p4(\p$1613 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_12_0  pe_12_0 (
     .a(a_12_l2_0),
     .b(b_0_l2_3),
     .clk(clk),
-    .p4(\p$2258 ),
+    .p4(\p$1634 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_12_1  pe_12_1 (
     .a(a_12_l2_0),
     .b(b_1_l2_3),
     .clk(clk),
-    .p4(\p$2259 ),
+    .p4(\p$1637 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_12_10  pe_12_10 (
     .a(a_12_l2_2),
     .b(b_10_l2_3),
     .clk(clk),
-    .p4(\p$2268 ),
+    .p4(\p$1664 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_12_11  pe_12_11 (
     .a(a_12_l2_2),
     .b(b_11_l2_3),
     .clk(clk),
-    .p4(\p$2269 ),
+    .p4(\p$1667 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_12_12  pe_12_12 (
     .a(a_12_l2_3),
     .b(b_12_l2_3),
     .clk(clk),
-    .p4(\p$2270 ),
+    .p4(\p$1670 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_12_13  pe_12_13 (
     .a(a_12_l2_3),
     .b(b_13_l2_3),
     .clk(clk),
-    .p4(\p$2271 ),
+    .p4(\p$1673 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_12_14  pe_12_14 (
     .a(a_12_l2_3),
     .b(b_14_l2_3),
     .clk(clk),
-    .p4(\p$2272 ),
+    .p4(\p$1676 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_12_15  pe_12_15 (
     .a(a_12_l2_3),
     .b(b_15_l2_3),
     .clk(clk),
-    .p4(\p$2273 ),
+    .p4(\p$1679 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_12_2  pe_12_2 (
     .a(a_12_l2_0),
     .b(b_2_l2_3),
     .clk(clk),
-    .p4(\p$2260 ),
+    .p4(\p$1640 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_12_3  pe_12_3 (
     .a(a_12_l2_0),
     .b(b_3_l2_3),
     .clk(clk),
-    .p4(\p$2261 ),
+    .p4(\p$1643 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_12_4  pe_12_4 (
     .a(a_12_l2_1),
     .b(b_4_l2_3),
     .clk(clk),
-    .p4(\p$2262 ),
+    .p4(\p$1646 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_12_5  pe_12_5 (
     .a(a_12_l2_1),
     .b(b_5_l2_3),
     .clk(clk),
-    .p4(\p$2263 ),
+    .p4(\p$1649 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_12_6  pe_12_6 (
     .a(a_12_l2_1),
     .b(b_6_l2_3),
     .clk(clk),
-    .p4(\p$2264 ),
+    .p4(\p$1652 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_12_7  pe_12_7 (
     .a(a_12_l2_1),
     .b(b_7_l2_3),
     .clk(clk),
-    .p4(\p$2265 ),
+    .p4(\p$1655 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_12_8  pe_12_8 (
     .a(a_12_l2_2),
     .b(b_8_l2_3),
     .clk(clk),
-    .p4(\p$2266 ),
+    .p4(\p$1658 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_12_9  pe_12_9 (
     .a(a_12_l2_2),
     .b(b_9_l2_3),
     .clk(clk),
-    .p4(\p$2267 ),
+    .p4(\p$1661 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_13_0  pe_13_0 (
     .a(a_13_l2_0),
     .b(b_0_l2_3),
     .clk(clk),
-    .p4(\p$2274 ),
+    .p4(\p$1682 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_13_1  pe_13_1 (
     .a(a_13_l2_0),
     .b(b_1_l2_3),
     .clk(clk),
-    .p4(\p$2275 ),
+    .p4(\p$1685 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_13_10  pe_13_10 (
     .a(a_13_l2_2),
     .b(b_10_l2_3),
     .clk(clk),
-    .p4(\p$2284 ),
+    .p4(\p$1712 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_13_11  pe_13_11 (
     .a(a_13_l2_2),
     .b(b_11_l2_3),
     .clk(clk),
-    .p4(\p$2285 ),
+    .p4(\p$1715 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_13_12  pe_13_12 (
     .a(a_13_l2_3),
     .b(b_12_l2_3),
     .clk(clk),
-    .p4(\p$2286 ),
+    .p4(\p$1718 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_13_13  pe_13_13 (
     .a(a_13_l2_3),
     .b(b_13_l2_3),
     .clk(clk),
-    .p4(\p$2287 ),
+    .p4(\p$1721 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_13_14  pe_13_14 (
     .a(a_13_l2_3),
     .b(b_14_l2_3),
     .clk(clk),
-    .p4(\p$2288 ),
+    .p4(\p$1724 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_13_15  pe_13_15 (
     .a(a_13_l2_3),
     .b(b_15_l2_3),
     .clk(clk),
-    .p4(\p$2289 ),
+    .p4(\p$1727 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_13_2  pe_13_2 (
     .a(a_13_l2_0),
     .b(b_2_l2_3),
     .clk(clk),
-    .p4(\p$2276 ),
+    .p4(\p$1688 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_13_3  pe_13_3 (
     .a(a_13_l2_0),
     .b(b_3_l2_3),
     .clk(clk),
-    .p4(\p$2277 ),
+    .p4(\p$1691 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_13_4  pe_13_4 (
     .a(a_13_l2_1),
     .b(b_4_l2_3),
     .clk(clk),
-    .p4(\p$2278 ),
+    .p4(\p$1694 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_13_5  pe_13_5 (
     .a(a_13_l2_1),
     .b(b_5_l2_3),
     .clk(clk),
-    .p4(\p$2279 ),
+    .p4(\p$1697 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_13_6  pe_13_6 (
     .a(a_13_l2_1),
     .b(b_6_l2_3),
     .clk(clk),
-    .p4(\p$2280 ),
+    .p4(\p$1700 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_13_7  pe_13_7 (
     .a(a_13_l2_1),
     .b(b_7_l2_3),
     .clk(clk),
-    .p4(\p$2281 ),
+    .p4(\p$1703 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_13_8  pe_13_8 (
     .a(a_13_l2_2),
     .b(b_8_l2_3),
     .clk(clk),
-    .p4(\p$2282 ),
+    .p4(\p$1706 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_13_9  pe_13_9 (
     .a(a_13_l2_2),
     .b(b_9_l2_3),
     .clk(clk),
-    .p4(\p$2283 ),
+    .p4(\p$1709 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_14_0  pe_14_0 (
     .a(a_14_l2_0),
     .b(b_0_l2_3),
     .clk(clk),
-    .p4(\p$2290 ),
+    .p4(\p$1730 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_14_1  pe_14_1 (
     .a(a_14_l2_0),
     .b(b_1_l2_3),
     .clk(clk),
-    .p4(\p$2291 ),
+    .p4(\p$1733 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_14_10  pe_14_10 (
     .a(a_14_l2_2),
     .b(b_10_l2_3),
     .clk(clk),
-    .p4(\p$2300 ),
+    .p4(\p$1760 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_14_11  pe_14_11 (
     .a(a_14_l2_2),
     .b(b_11_l2_3),
     .clk(clk),
-    .p4(\p$2301 ),
+    .p4(\p$1763 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_14_12  pe_14_12 (
     .a(a_14_l2_3),
     .b(b_12_l2_3),
     .clk(clk),
-    .p4(\p$2302 ),
+    .p4(\p$1766 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_14_13  pe_14_13 (
     .a(a_14_l2_3),
     .b(b_13_l2_3),
     .clk(clk),
-    .p4(\p$2303 ),
+    .p4(\p$1769 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_14_14  pe_14_14 (
     .a(a_14_l2_3),
     .b(b_14_l2_3),
     .clk(clk),
-    .p4(\p$2304 ),
+    .p4(\p$1772 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_14_15  pe_14_15 (
     .a(a_14_l2_3),
     .b(b_15_l2_3),
     .clk(clk),
-    .p4(\p$2305 ),
+    .p4(\p$1775 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_14_2  pe_14_2 (
     .a(a_14_l2_0),
     .b(b_2_l2_3),
     .clk(clk),
-    .p4(\p$2292 ),
+    .p4(\p$1736 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_14_3  pe_14_3 (
     .a(a_14_l2_0),
     .b(b_3_l2_3),
     .clk(clk),
-    .p4(\p$2293 ),
+    .p4(\p$1739 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_14_4  pe_14_4 (
     .a(a_14_l2_1),
     .b(b_4_l2_3),
     .clk(clk),
-    .p4(\p$2294 ),
+    .p4(\p$1742 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_14_5  pe_14_5 (
     .a(a_14_l2_1),
     .b(b_5_l2_3),
     .clk(clk),
-    .p4(\p$2295 ),
+    .p4(\p$1745 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_14_6  pe_14_6 (
     .a(a_14_l2_1),
     .b(b_6_l2_3),
     .clk(clk),
-    .p4(\p$2296 ),
+    .p4(\p$1748 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_14_7  pe_14_7 (
     .a(a_14_l2_1),
     .b(b_7_l2_3),
     .clk(clk),
-    .p4(\p$2297 ),
+    .p4(\p$1751 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_14_8  pe_14_8 (
     .a(a_14_l2_2),
     .b(b_8_l2_3),
     .clk(clk),
-    .p4(\p$2298 ),
+    .p4(\p$1754 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_14_9  pe_14_9 (
     .a(a_14_l2_2),
     .b(b_9_l2_3),
     .clk(clk),
-    .p4(\p$2299 ),
+    .p4(\p$1757 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_15_0  pe_15_0 (
     .a(a_15_l2_0),
     .b(b_0_l2_3),
     .clk(clk),
-    .p4(\p$2306 ),
+    .p4(\p$1778 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_15_1  pe_15_1 (
     .a(a_15_l2_0),
     .b(b_1_l2_3),
     .clk(clk),
-    .p4(\p$2307 ),
+    .p4(\p$1780 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_15_10  pe_15_10 (
     .a(a_15_l2_2),
     .b(b_10_l2_3),
     .clk(clk),
-    .p4(\p$2316 ),
+    .p4(\p$1798 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_15_11  pe_15_11 (
     .a(a_15_l2_2),
     .b(b_11_l2_3),
     .clk(clk),
-    .p4(\p$2317 ),
+    .p4(\p$1800 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_15_12  pe_15_12 (
     .a(a_15_l2_3),
     .b(b_12_l2_3),
     .clk(clk),
-    .p4(\p$2318 ),
+    .p4(\p$1802 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_15_13  pe_15_13 (
     .a(a_15_l2_3),
     .b(b_13_l2_3),
     .clk(clk),
-    .p4(\p$2319 ),
+    .p4(\p$1804 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_15_14  pe_15_14 (
     .a(a_15_l2_3),
     .b(b_14_l2_3),
     .clk(clk),
-    .p4(\p$2320 ),
+    .p4(\p$1806 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_15_15  pe_15_15 (
     .a(a_15_l2_3),
     .b(b_15_l2_3),
     .clk(clk),
-    .p4(\p$2321 ),
+    .p4(\p$1808 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_15_2  pe_15_2 (
     .a(a_15_l2_0),
     .b(b_2_l2_3),
     .clk(clk),
-    .p4(\p$2308 ),
+    .p4(\p$1782 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_15_3  pe_15_3 (
     .a(a_15_l2_0),
     .b(b_3_l2_3),
     .clk(clk),
-    .p4(\p$2309 ),
+    .p4(\p$1784 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_15_4  pe_15_4 (
     .a(a_15_l2_1),
     .b(b_4_l2_3),
     .clk(clk),
-    .p4(\p$2310 ),
+    .p4(\p$1786 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_15_5  pe_15_5 (
     .a(a_15_l2_1),
     .b(b_5_l2_3),
     .clk(clk),
-    .p4(\p$2311 ),
+    .p4(\p$1788 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_15_6  pe_15_6 (
     .a(a_15_l2_1),
     .b(b_6_l2_3),
     .clk(clk),
-    .p4(\p$2312 ),
+    .p4(\p$1790 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_15_7  pe_15_7 (
     .a(a_15_l2_1),
     .b(b_7_l2_3),
     .clk(clk),
-    .p4(\p$2313 ),
+    .p4(\p$1792 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_15_8  pe_15_8 (
     .a(a_15_l2_2),
     .b(b_8_l2_3),
     .clk(clk),
-    .p4(\p$2314 ),
+    .p4(\p$1794 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_15_9  pe_15_9 (
     .a(a_15_l2_2),
     .b(b_9_l2_3),
     .clk(clk),
-    .p4(\p$2315 ),
+    .p4(\p$1796 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_1_0  pe_1_0 (
     .a(a_1_l2_0),
     .b(b_0_l2_0),
     .clk(clk),
-    .p4(\p$2082 ),
+    .p4(\p$1106 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_1_1  pe_1_1 (
     .a(a_1_l2_0),
     .b(b_1_l2_0),
     .clk(clk),
-    .p4(\p$2083 ),
+    .p4(\p$1109 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_1_10  pe_1_10 (
     .a(a_1_l2_2),
     .b(b_10_l2_0),
     .clk(clk),
-    .p4(\p$2092 ),
+    .p4(\p$1136 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_1_11  pe_1_11 (
     .a(a_1_l2_2),
     .b(b_11_l2_0),
     .clk(clk),
-    .p4(\p$2093 ),
+    .p4(\p$1139 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_1_12  pe_1_12 (
     .a(a_1_l2_3),
     .b(b_12_l2_0),
     .clk(clk),
-    .p4(\p$2094 ),
+    .p4(\p$1142 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_1_13  pe_1_13 (
     .a(a_1_l2_3),
     .b(b_13_l2_0),
     .clk(clk),
-    .p4(\p$2095 ),
+    .p4(\p$1145 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_1_14  pe_1_14 (
     .a(a_1_l2_3),
     .b(b_14_l2_0),
     .clk(clk),
-    .p4(\p$2096 ),
+    .p4(\p$1148 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_1_15  pe_1_15 (
     .a(a_1_l2_3),
     .b(b_15_l2_0),
     .clk(clk),
-    .p4(\p$2097 ),
+    .p4(\p$1151 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_1_2  pe_1_2 (
     .a(a_1_l2_0),
     .b(b_2_l2_0),
     .clk(clk),
-    .p4(\p$2084 ),
+    .p4(\p$1112 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_1_3  pe_1_3 (
     .a(a_1_l2_0),
     .b(b_3_l2_0),
     .clk(clk),
-    .p4(\p$2085 ),
+    .p4(\p$1115 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_1_4  pe_1_4 (
     .a(a_1_l2_1),
     .b(b_4_l2_0),
     .clk(clk),
-    .p4(\p$2086 ),
+    .p4(\p$1118 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_1_5  pe_1_5 (
     .a(a_1_l2_1),
     .b(b_5_l2_0),
     .clk(clk),
-    .p4(\p$2087 ),
+    .p4(\p$1121 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_1_6  pe_1_6 (
     .a(a_1_l2_1),
     .b(b_6_l2_0),
     .clk(clk),
-    .p4(\p$2088 ),
+    .p4(\p$1124 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_1_7  pe_1_7 (
     .a(a_1_l2_1),
     .b(b_7_l2_0),
     .clk(clk),
-    .p4(\p$2089 ),
+    .p4(\p$1127 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_1_8  pe_1_8 (
     .a(a_1_l2_2),
     .b(b_8_l2_0),
     .clk(clk),
-    .p4(\p$2090 ),
+    .p4(\p$1130 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_1_9  pe_1_9 (
     .a(a_1_l2_2),
     .b(b_9_l2_0),
     .clk(clk),
-    .p4(\p$2091 ),
+    .p4(\p$1133 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_2_0  pe_2_0 (
     .a(a_2_l2_0),
     .b(b_0_l2_0),
     .clk(clk),
-    .p4(\p$2098 ),
+    .p4(\p$1154 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_2_1  pe_2_1 (
     .a(a_2_l2_0),
     .b(b_1_l2_0),
     .clk(clk),
-    .p4(\p$2099 ),
+    .p4(\p$1157 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_2_10  pe_2_10 (
     .a(a_2_l2_2),
     .b(b_10_l2_0),
     .clk(clk),
-    .p4(\p$2108 ),
+    .p4(\p$1184 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_2_11  pe_2_11 (
     .a(a_2_l2_2),
     .b(b_11_l2_0),
     .clk(clk),
-    .p4(\p$2109 ),
+    .p4(\p$1187 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_2_12  pe_2_12 (
     .a(a_2_l2_3),
     .b(b_12_l2_0),
     .clk(clk),
-    .p4(\p$2110 ),
+    .p4(\p$1190 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_2_13  pe_2_13 (
     .a(a_2_l2_3),
     .b(b_13_l2_0),
     .clk(clk),
-    .p4(\p$2111 ),
+    .p4(\p$1193 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_2_14  pe_2_14 (
     .a(a_2_l2_3),
     .b(b_14_l2_0),
     .clk(clk),
-    .p4(\p$2112 ),
+    .p4(\p$1196 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_2_15  pe_2_15 (
     .a(a_2_l2_3),
     .b(b_15_l2_0),
     .clk(clk),
-    .p4(\p$2113 ),
+    .p4(\p$1199 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_2_2  pe_2_2 (
     .a(a_2_l2_0),
     .b(b_2_l2_0),
     .clk(clk),
-    .p4(\p$2100 ),
+    .p4(\p$1160 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_2_3  pe_2_3 (
     .a(a_2_l2_0),
     .b(b_3_l2_0),
     .clk(clk),
-    .p4(\p$2101 ),
+    .p4(\p$1163 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_2_4  pe_2_4 (
     .a(a_2_l2_1),
     .b(b_4_l2_0),
     .clk(clk),
-    .p4(\p$2102 ),
+    .p4(\p$1166 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_2_5  pe_2_5 (
     .a(a_2_l2_1),
     .b(b_5_l2_0),
     .clk(clk),
-    .p4(\p$2103 ),
+    .p4(\p$1169 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_2_6  pe_2_6 (
     .a(a_2_l2_1),
     .b(b_6_l2_0),
     .clk(clk),
-    .p4(\p$2104 ),
+    .p4(\p$1172 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_2_7  pe_2_7 (
     .a(a_2_l2_1),
     .b(b_7_l2_0),
     .clk(clk),
-    .p4(\p$2105 ),
+    .p4(\p$1175 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_2_8  pe_2_8 (
     .a(a_2_l2_2),
     .b(b_8_l2_0),
     .clk(clk),
-    .p4(\p$2106 ),
+    .p4(\p$1178 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_2_9  pe_2_9 (
     .a(a_2_l2_2),
     .b(b_9_l2_0),
     .clk(clk),
-    .p4(\p$2107 ),
+    .p4(\p$1181 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_3_0  pe_3_0 (
     .a(a_3_l2_0),
     .b(b_0_l2_0),
     .clk(clk),
-    .p4(\p$2114 ),
+    .p4(\p$1202 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_3_1  pe_3_1 (
     .a(a_3_l2_0),
     .b(b_1_l2_0),
     .clk(clk),
-    .p4(\p$2115 ),
+    .p4(\p$1205 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_3_10  pe_3_10 (
     .a(a_3_l2_2),
     .b(b_10_l2_0),
     .clk(clk),
-    .p4(\p$2124 ),
+    .p4(\p$1232 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_3_11  pe_3_11 (
     .a(a_3_l2_2),
     .b(b_11_l2_0),
     .clk(clk),
-    .p4(\p$2125 ),
+    .p4(\p$1235 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_3_12  pe_3_12 (
     .a(a_3_l2_3),
     .b(b_12_l2_0),
     .clk(clk),
-    .p4(\p$2126 ),
+    .p4(\p$1238 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_3_13  pe_3_13 (
     .a(a_3_l2_3),
     .b(b_13_l2_0),
     .clk(clk),
-    .p4(\p$2127 ),
+    .p4(\p$1241 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_3_14  pe_3_14 (
     .a(a_3_l2_3),
     .b(b_14_l2_0),
     .clk(clk),
-    .p4(\p$2128 ),
+    .p4(\p$1244 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_3_15  pe_3_15 (
     .a(a_3_l2_3),
     .b(b_15_l2_0),
     .clk(clk),
-    .p4(\p$2129 ),
+    .p4(\p$1247 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_3_2  pe_3_2 (
     .a(a_3_l2_0),
     .b(b_2_l2_0),
     .clk(clk),
-    .p4(\p$2116 ),
+    .p4(\p$1208 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_3_3  pe_3_3 (
     .a(a_3_l2_0),
     .b(b_3_l2_0),
     .clk(clk),
-    .p4(\p$2117 ),
+    .p4(\p$1211 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_3_4  pe_3_4 (
     .a(a_3_l2_1),
     .b(b_4_l2_0),
     .clk(clk),
-    .p4(\p$2118 ),
+    .p4(\p$1214 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_3_5  pe_3_5 (
     .a(a_3_l2_1),
     .b(b_5_l2_0),
     .clk(clk),
-    .p4(\p$2119 ),
+    .p4(\p$1217 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_3_6  pe_3_6 (
     .a(a_3_l2_1),
     .b(b_6_l2_0),
     .clk(clk),
-    .p4(\p$2120 ),
+    .p4(\p$1220 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_3_7  pe_3_7 (
     .a(a_3_l2_1),
     .b(b_7_l2_0),
     .clk(clk),
-    .p4(\p$2121 ),
+    .p4(\p$1223 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_3_8  pe_3_8 (
     .a(a_3_l2_2),
     .b(b_8_l2_0),
     .clk(clk),
-    .p4(\p$2122 ),
+    .p4(\p$1226 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_3_9  pe_3_9 (
     .a(a_3_l2_2),
     .b(b_9_l2_0),
     .clk(clk),
-    .p4(\p$2123 ),
+    .p4(\p$1229 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_4_0  pe_4_0 (
     .a(a_4_l2_0),
     .b(b_0_l2_1),
     .clk(clk),
-    .p4(\p$2130 ),
+    .p4(\p$1250 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_4_1  pe_4_1 (
     .a(a_4_l2_0),
     .b(b_1_l2_1),
     .clk(clk),
-    .p4(\p$2131 ),
+    .p4(\p$1253 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_4_10  pe_4_10 (
     .a(a_4_l2_2),
     .b(b_10_l2_1),
     .clk(clk),
-    .p4(\p$2140 ),
+    .p4(\p$1280 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_4_11  pe_4_11 (
     .a(a_4_l2_2),
     .b(b_11_l2_1),
     .clk(clk),
-    .p4(\p$2141 ),
+    .p4(\p$1283 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_4_12  pe_4_12 (
     .a(a_4_l2_3),
     .b(b_12_l2_1),
     .clk(clk),
-    .p4(\p$2142 ),
+    .p4(\p$1286 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_4_13  pe_4_13 (
     .a(a_4_l2_3),
     .b(b_13_l2_1),
     .clk(clk),
-    .p4(\p$2143 ),
+    .p4(\p$1289 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_4_14  pe_4_14 (
     .a(a_4_l2_3),
     .b(b_14_l2_1),
     .clk(clk),
-    .p4(\p$2144 ),
+    .p4(\p$1292 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_4_15  pe_4_15 (
     .a(a_4_l2_3),
     .b(b_15_l2_1),
     .clk(clk),
-    .p4(\p$2145 ),
+    .p4(\p$1295 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_4_2  pe_4_2 (
     .a(a_4_l2_0),
     .b(b_2_l2_1),
     .clk(clk),
-    .p4(\p$2132 ),
+    .p4(\p$1256 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_4_3  pe_4_3 (
     .a(a_4_l2_0),
     .b(b_3_l2_1),
     .clk(clk),
-    .p4(\p$2133 ),
+    .p4(\p$1259 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_4_4  pe_4_4 (
     .a(a_4_l2_1),
     .b(b_4_l2_1),
     .clk(clk),
-    .p4(\p$2134 ),
+    .p4(\p$1262 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_4_5  pe_4_5 (
     .a(a_4_l2_1),
     .b(b_5_l2_1),
     .clk(clk),
-    .p4(\p$2135 ),
+    .p4(\p$1265 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_4_6  pe_4_6 (
     .a(a_4_l2_1),
     .b(b_6_l2_1),
     .clk(clk),
-    .p4(\p$2136 ),
+    .p4(\p$1268 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_4_7  pe_4_7 (
     .a(a_4_l2_1),
     .b(b_7_l2_1),
     .clk(clk),
-    .p4(\p$2137 ),
+    .p4(\p$1271 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_4_8  pe_4_8 (
     .a(a_4_l2_2),
     .b(b_8_l2_1),
     .clk(clk),
-    .p4(\p$2138 ),
+    .p4(\p$1274 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_4_9  pe_4_9 (
     .a(a_4_l2_2),
     .b(b_9_l2_1),
     .clk(clk),
-    .p4(\p$2139 ),
+    .p4(\p$1277 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_5_0  pe_5_0 (
     .a(a_5_l2_0),
     .b(b_0_l2_1),
     .clk(clk),
-    .p4(\p$2146 ),
+    .p4(\p$1298 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_5_1  pe_5_1 (
     .a(a_5_l2_0),
     .b(b_1_l2_1),
     .clk(clk),
-    .p4(\p$2147 ),
+    .p4(\p$1301 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_5_10  pe_5_10 (
     .a(a_5_l2_2),
     .b(b_10_l2_1),
     .clk(clk),
-    .p4(\p$2156 ),
+    .p4(\p$1328 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_5_11  pe_5_11 (
     .a(a_5_l2_2),
     .b(b_11_l2_1),
     .clk(clk),
-    .p4(\p$2157 ),
+    .p4(\p$1331 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_5_12  pe_5_12 (
     .a(a_5_l2_3),
     .b(b_12_l2_1),
     .clk(clk),
-    .p4(\p$2158 ),
+    .p4(\p$1334 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_5_13  pe_5_13 (
     .a(a_5_l2_3),
     .b(b_13_l2_1),
     .clk(clk),
-    .p4(\p$2159 ),
+    .p4(\p$1337 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_5_14  pe_5_14 (
     .a(a_5_l2_3),
     .b(b_14_l2_1),
     .clk(clk),
-    .p4(\p$2160 ),
+    .p4(\p$1340 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_5_15  pe_5_15 (
     .a(a_5_l2_3),
     .b(b_15_l2_1),
     .clk(clk),
-    .p4(\p$2161 ),
+    .p4(\p$1343 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_5_2  pe_5_2 (
     .a(a_5_l2_0),
     .b(b_2_l2_1),
     .clk(clk),
-    .p4(\p$2148 ),
+    .p4(\p$1304 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_5_3  pe_5_3 (
     .a(a_5_l2_0),
     .b(b_3_l2_1),
     .clk(clk),
-    .p4(\p$2149 ),
+    .p4(\p$1307 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_5_4  pe_5_4 (
     .a(a_5_l2_1),
     .b(b_4_l2_1),
     .clk(clk),
-    .p4(\p$2150 ),
+    .p4(\p$1310 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_5_5  pe_5_5 (
     .a(a_5_l2_1),
     .b(b_5_l2_1),
     .clk(clk),
-    .p4(\p$2151 ),
+    .p4(\p$1313 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_5_6  pe_5_6 (
     .a(a_5_l2_1),
     .b(b_6_l2_1),
     .clk(clk),
-    .p4(\p$2152 ),
+    .p4(\p$1316 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_5_7  pe_5_7 (
     .a(a_5_l2_1),
     .b(b_7_l2_1),
     .clk(clk),
-    .p4(\p$2153 ),
+    .p4(\p$1319 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_5_8  pe_5_8 (
     .a(a_5_l2_2),
     .b(b_8_l2_1),
     .clk(clk),
-    .p4(\p$2154 ),
+    .p4(\p$1322 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_5_9  pe_5_9 (
     .a(a_5_l2_2),
     .b(b_9_l2_1),
     .clk(clk),
-    .p4(\p$2155 ),
+    .p4(\p$1325 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_6_0  pe_6_0 (
     .a(a_6_l2_0),
     .b(b_0_l2_1),
     .clk(clk),
-    .p4(\p$2162 ),
+    .p4(\p$1346 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_6_1  pe_6_1 (
     .a(a_6_l2_0),
     .b(b_1_l2_1),
     .clk(clk),
-    .p4(\p$2163 ),
+    .p4(\p$1349 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_6_10  pe_6_10 (
     .a(a_6_l2_2),
     .b(b_10_l2_1),
     .clk(clk),
-    .p4(\p$2172 ),
+    .p4(\p$1376 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_6_11  pe_6_11 (
     .a(a_6_l2_2),
     .b(b_11_l2_1),
     .clk(clk),
-    .p4(\p$2173 ),
+    .p4(\p$1379 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_6_12  pe_6_12 (
     .a(a_6_l2_3),
     .b(b_12_l2_1),
     .clk(clk),
-    .p4(\p$2174 ),
+    .p4(\p$1382 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_6_13  pe_6_13 (
     .a(a_6_l2_3),
     .b(b_13_l2_1),
     .clk(clk),
-    .p4(\p$2175 ),
+    .p4(\p$1385 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_6_14  pe_6_14 (
     .a(a_6_l2_3),
     .b(b_14_l2_1),
     .clk(clk),
-    .p4(\p$2176 ),
+    .p4(\p$1388 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_6_15  pe_6_15 (
     .a(a_6_l2_3),
     .b(b_15_l2_1),
     .clk(clk),
-    .p4(\p$2177 ),
+    .p4(\p$1391 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_6_2  pe_6_2 (
     .a(a_6_l2_0),
     .b(b_2_l2_1),
     .clk(clk),
-    .p4(\p$2164 ),
+    .p4(\p$1352 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_6_3  pe_6_3 (
     .a(a_6_l2_0),
     .b(b_3_l2_1),
     .clk(clk),
-    .p4(\p$2165 ),
+    .p4(\p$1355 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_6_4  pe_6_4 (
     .a(a_6_l2_1),
     .b(b_4_l2_1),
     .clk(clk),
-    .p4(\p$2166 ),
+    .p4(\p$1358 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_6_5  pe_6_5 (
     .a(a_6_l2_1),
     .b(b_5_l2_1),
     .clk(clk),
-    .p4(\p$2167 ),
+    .p4(\p$1361 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_6_6  pe_6_6 (
     .a(a_6_l2_1),
     .b(b_6_l2_1),
     .clk(clk),
-    .p4(\p$2168 ),
+    .p4(\p$1364 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_6_7  pe_6_7 (
     .a(a_6_l2_1),
     .b(b_7_l2_1),
     .clk(clk),
-    .p4(\p$2169 ),
+    .p4(\p$1367 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_6_8  pe_6_8 (
     .a(a_6_l2_2),
     .b(b_8_l2_1),
     .clk(clk),
-    .p4(\p$2170 ),
+    .p4(\p$1370 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_6_9  pe_6_9 (
     .a(a_6_l2_2),
     .b(b_9_l2_1),
     .clk(clk),
-    .p4(\p$2171 ),
+    .p4(\p$1373 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_7_0  pe_7_0 (
     .a(a_7_l2_0),
     .b(b_0_l2_1),
     .clk(clk),
-    .p4(\p$2178 ),
+    .p4(\p$1394 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_7_1  pe_7_1 (
     .a(a_7_l2_0),
     .b(b_1_l2_1),
     .clk(clk),
-    .p4(\p$2179 ),
+    .p4(\p$1397 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_7_10  pe_7_10 (
     .a(a_7_l2_2),
     .b(b_10_l2_1),
     .clk(clk),
-    .p4(\p$2188 ),
+    .p4(\p$1424 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_7_11  pe_7_11 (
     .a(a_7_l2_2),
     .b(b_11_l2_1),
     .clk(clk),
-    .p4(\p$2189 ),
+    .p4(\p$1427 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_7_12  pe_7_12 (
     .a(a_7_l2_3),
     .b(b_12_l2_1),
     .clk(clk),
-    .p4(\p$2190 ),
+    .p4(\p$1430 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_7_13  pe_7_13 (
     .a(a_7_l2_3),
     .b(b_13_l2_1),
     .clk(clk),
-    .p4(\p$2191 ),
+    .p4(\p$1433 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_7_14  pe_7_14 (
     .a(a_7_l2_3),
     .b(b_14_l2_1),
     .clk(clk),
-    .p4(\p$2192 ),
+    .p4(\p$1436 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_7_15  pe_7_15 (
     .a(a_7_l2_3),
     .b(b_15_l2_1),
     .clk(clk),
-    .p4(\p$2193 ),
+    .p4(\p$1439 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_7_2  pe_7_2 (
     .a(a_7_l2_0),
     .b(b_2_l2_1),
     .clk(clk),
-    .p4(\p$2180 ),
+    .p4(\p$1400 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_7_3  pe_7_3 (
     .a(a_7_l2_0),
     .b(b_3_l2_1),
     .clk(clk),
-    .p4(\p$2181 ),
+    .p4(\p$1403 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_7_4  pe_7_4 (
     .a(a_7_l2_1),
     .b(b_4_l2_1),
     .clk(clk),
-    .p4(\p$2182 ),
+    .p4(\p$1406 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_7_5  pe_7_5 (
     .a(a_7_l2_1),
     .b(b_5_l2_1),
     .clk(clk),
-    .p4(\p$2183 ),
+    .p4(\p$1409 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_7_6  pe_7_6 (
     .a(a_7_l2_1),
     .b(b_6_l2_1),
     .clk(clk),
-    .p4(\p$2184 ),
+    .p4(\p$1412 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_7_7  pe_7_7 (
     .a(a_7_l2_1),
     .b(b_7_l2_1),
     .clk(clk),
-    .p4(\p$2185 ),
+    .p4(\p$1415 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_7_8  pe_7_8 (
     .a(a_7_l2_2),
     .b(b_8_l2_1),
     .clk(clk),
-    .p4(\p$2186 ),
+    .p4(\p$1418 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_7_9  pe_7_9 (
     .a(a_7_l2_2),
     .b(b_9_l2_1),
     .clk(clk),
-    .p4(\p$2187 ),
+    .p4(\p$1421 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_8_0  pe_8_0 (
     .a(a_8_l2_0),
     .b(b_0_l2_2),
     .clk(clk),
-    .p4(\p$2194 ),
+    .p4(\p$1442 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_8_1  pe_8_1 (
     .a(a_8_l2_0),
     .b(b_1_l2_2),
     .clk(clk),
-    .p4(\p$2195 ),
+    .p4(\p$1445 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_8_10  pe_8_10 (
     .a(a_8_l2_2),
     .b(b_10_l2_2),
     .clk(clk),
-    .p4(\p$2204 ),
+    .p4(\p$1472 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_8_11  pe_8_11 (
     .a(a_8_l2_2),
     .b(b_11_l2_2),
     .clk(clk),
-    .p4(\p$2205 ),
+    .p4(\p$1475 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_8_12  pe_8_12 (
     .a(a_8_l2_3),
     .b(b_12_l2_2),
     .clk(clk),
-    .p4(\p$2206 ),
+    .p4(\p$1478 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_8_13  pe_8_13 (
     .a(a_8_l2_3),
     .b(b_13_l2_2),
     .clk(clk),
-    .p4(\p$2207 ),
+    .p4(\p$1481 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_8_14  pe_8_14 (
     .a(a_8_l2_3),
     .b(b_14_l2_2),
     .clk(clk),
-    .p4(\p$2208 ),
+    .p4(\p$1484 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_8_15  pe_8_15 (
     .a(a_8_l2_3),
     .b(b_15_l2_2),
     .clk(clk),
-    .p4(\p$2209 ),
+    .p4(\p$1487 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_8_2  pe_8_2 (
     .a(a_8_l2_0),
     .b(b_2_l2_2),
     .clk(clk),
-    .p4(\p$2196 ),
+    .p4(\p$1448 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_8_3  pe_8_3 (
     .a(a_8_l2_0),
     .b(b_3_l2_2),
     .clk(clk),
-    .p4(\p$2197 ),
+    .p4(\p$1451 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_8_4  pe_8_4 (
     .a(a_8_l2_1),
     .b(b_4_l2_2),
     .clk(clk),
-    .p4(\p$2198 ),
+    .p4(\p$1454 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_8_5  pe_8_5 (
     .a(a_8_l2_1),
     .b(b_5_l2_2),
     .clk(clk),
-    .p4(\p$2199 ),
+    .p4(\p$1457 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_8_6  pe_8_6 (
     .a(a_8_l2_1),
     .b(b_6_l2_2),
     .clk(clk),
-    .p4(\p$2200 ),
+    .p4(\p$1460 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_8_7  pe_8_7 (
     .a(a_8_l2_1),
     .b(b_7_l2_2),
     .clk(clk),
-    .p4(\p$2201 ),
+    .p4(\p$1463 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_8_8  pe_8_8 (
     .a(a_8_l2_2),
     .b(b_8_l2_2),
     .clk(clk),
-    .p4(\p$2202 ),
+    .p4(\p$1466 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_8_9  pe_8_9 (
     .a(a_8_l2_2),
     .b(b_9_l2_2),
     .clk(clk),
-    .p4(\p$2203 ),
+    .p4(\p$1469 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_9_0  pe_9_0 (
     .a(a_9_l2_0),
     .b(b_0_l2_2),
     .clk(clk),
-    .p4(\p$2210 ),
+    .p4(\p$1490 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_9_1  pe_9_1 (
     .a(a_9_l2_0),
     .b(b_1_l2_2),
     .clk(clk),
-    .p4(\p$2211 ),
+    .p4(\p$1493 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_9_10  pe_9_10 (
     .a(a_9_l2_2),
     .b(b_10_l2_2),
     .clk(clk),
-    .p4(\p$2220 ),
+    .p4(\p$1520 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_9_11  pe_9_11 (
     .a(a_9_l2_2),
     .b(b_11_l2_2),
     .clk(clk),
-    .p4(\p$2221 ),
+    .p4(\p$1523 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_9_12  pe_9_12 (
     .a(a_9_l2_3),
     .b(b_12_l2_2),
     .clk(clk),
-    .p4(\p$2222 ),
+    .p4(\p$1526 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_9_13  pe_9_13 (
     .a(a_9_l2_3),
     .b(b_13_l2_2),
     .clk(clk),
-    .p4(\p$2223 ),
+    .p4(\p$1529 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_9_14  pe_9_14 (
     .a(a_9_l2_3),
     .b(b_14_l2_2),
     .clk(clk),
-    .p4(\p$2224 ),
+    .p4(\p$1532 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_9_15  pe_9_15 (
     .a(a_9_l2_3),
     .b(b_15_l2_2),
     .clk(clk),
-    .p4(\p$2225 ),
+    .p4(\p$1535 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_9_2  pe_9_2 (
     .a(a_9_l2_0),
     .b(b_2_l2_2),
     .clk(clk),
-    .p4(\p$2212 ),
+    .p4(\p$1496 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_9_3  pe_9_3 (
     .a(a_9_l2_0),
     .b(b_3_l2_2),
     .clk(clk),
-    .p4(\p$2213 ),
+    .p4(\p$1499 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_9_4  pe_9_4 (
     .a(a_9_l2_1),
     .b(b_4_l2_2),
     .clk(clk),
-    .p4(\p$2214 ),
+    .p4(\p$1502 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_9_5  pe_9_5 (
     .a(a_9_l2_1),
     .b(b_5_l2_2),
     .clk(clk),
-    .p4(\p$2215 ),
+    .p4(\p$1505 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_9_6  pe_9_6 (
     .a(a_9_l2_1),
     .b(b_6_l2_2),
     .clk(clk),
-    .p4(\p$2216 ),
+    .p4(\p$1508 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_9_7  pe_9_7 (
     .a(a_9_l2_1),
     .b(b_7_l2_2),
     .clk(clk),
-    .p4(\p$2217 ),
+    .p4(\p$1511 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_9_8  pe_9_8 (
     .a(a_9_l2_2),
     .b(b_8_l2_2),
     .clk(clk),
-    .p4(\p$2218 ),
+    .p4(\p$1514 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_self_value.pe.pe_9_9  pe_9_9 (
     .a(a_9_l2_2),
     .b(b_9_l2_2),
     .clk(clk),
-    .p4(\p$2219 ),
+    .p4(\p$1517 ),
     .rst(rst)
   );
   always @* begin
@@ -30182,4628 +30202,578 @@ module \encoder_layer_0_attention_self_value.pe (rst, i__payload, i__valid, bank
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$786  = first_d3;
+    \$786  = last_d3;
     if (rst) begin
       \$786  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$787  = first_d3;
+    \$787  = commit_d0;
     if (rst) begin
       \$787  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$788  = first_d3;
+    \$788  = commit_d1;
     if (rst) begin
       \$788  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$789  = first_d3;
+    \$789  = bank_busy;
+    if (commit_d2) begin
+      \$789  = 1'h1;
+    end else if (bank_busy) begin
+      if (\$774 ) begin
+        \$789  = 1'h0;
+      end
+    end
     if (rst) begin
       \$789  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$790  = first_d3;
+    \$790  = row;
+    if (commit_d2) begin
+      \$790  = 4'h0;
+    end else if (bank_busy) begin
+      \$790  = \$773 [3:0];
+      if (\$774 ) begin
+        \$790  = 4'h0;
+      end
+    end
     if (rst) begin
-      \$790  = 1'h0;
+      \$790  = 4'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$791  = first_d3;
+    \$791  = overrun;
+    if (commit_d2) begin
+      if (\$772 ) begin
+        \$791  = 1'h1;
+      end
+    end
     if (rst) begin
       \$791  = 1'h0;
     end
   end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$792  = first_d3;
-    if (rst) begin
-      \$792  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$793  = first_d3;
-    if (rst) begin
-      \$793  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$794  = first_d3;
-    if (rst) begin
-      \$794  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$795  = first_d3;
-    if (rst) begin
-      \$795  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$796  = first_d3;
-    if (rst) begin
-      \$796  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$797  = first_d3;
-    if (rst) begin
-      \$797  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$798  = first_d3;
-    if (rst) begin
-      \$798  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$799  = first_d3;
-    if (rst) begin
-      \$799  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$800  = first_d3;
-    if (rst) begin
-      \$800  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$801  = first_d3;
-    if (rst) begin
-      \$801  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$802  = last_d3;
-    if (rst) begin
-      \$802  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$803  = last_d3;
-    if (rst) begin
-      \$803  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$804  = last_d3;
-    if (rst) begin
-      \$804  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$805  = last_d3;
-    if (rst) begin
-      \$805  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$806  = last_d3;
-    if (rst) begin
-      \$806  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$807  = last_d3;
-    if (rst) begin
-      \$807  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$808  = last_d3;
-    if (rst) begin
-      \$808  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$809  = last_d3;
-    if (rst) begin
-      \$809  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$810  = last_d3;
-    if (rst) begin
-      \$810  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$811  = last_d3;
-    if (rst) begin
-      \$811  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$812  = last_d3;
-    if (rst) begin
-      \$812  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$813  = last_d3;
-    if (rst) begin
-      \$813  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$814  = last_d3;
-    if (rst) begin
-      \$814  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$815  = last_d3;
-    if (rst) begin
-      \$815  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$816  = last_d3;
-    if (rst) begin
-      \$816  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$817  = last_d3;
-    if (rst) begin
-      \$817  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$818  = first_r0;
-    if (rst) begin
-      \$818  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$819  = first_r0;
-    if (rst) begin
-      \$819  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$820  = first_r0;
-    if (rst) begin
-      \$820  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$821  = first_r0;
-    if (rst) begin
-      \$821  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$822  = first_r0;
-    if (rst) begin
-      \$822  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$823  = first_r0;
-    if (rst) begin
-      \$823  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$824  = first_r0;
-    if (rst) begin
-      \$824  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$825  = first_r0;
-    if (rst) begin
-      \$825  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$826  = first_r0;
-    if (rst) begin
-      \$826  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$827  = first_r0;
-    if (rst) begin
-      \$827  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$828  = first_r0;
-    if (rst) begin
-      \$828  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$829  = first_r0;
-    if (rst) begin
-      \$829  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$830  = first_r0;
-    if (rst) begin
-      \$830  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$831  = first_r0;
-    if (rst) begin
-      \$831  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$832  = first_r0;
-    if (rst) begin
-      \$832  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$833  = first_r0;
-    if (rst) begin
-      \$833  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$834  = first_r1;
-    if (rst) begin
-      \$834  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$835  = first_r1;
-    if (rst) begin
-      \$835  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$836  = first_r1;
-    if (rst) begin
-      \$836  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$837  = first_r1;
-    if (rst) begin
-      \$837  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$838  = first_r1;
-    if (rst) begin
-      \$838  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$839  = first_r1;
-    if (rst) begin
-      \$839  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$840  = first_r1;
-    if (rst) begin
-      \$840  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$841  = first_r1;
-    if (rst) begin
-      \$841  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$842  = first_r1;
-    if (rst) begin
-      \$842  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$843  = first_r1;
-    if (rst) begin
-      \$843  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$844  = first_r1;
-    if (rst) begin
-      \$844  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$845  = first_r1;
-    if (rst) begin
-      \$845  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$846  = first_r1;
-    if (rst) begin
-      \$846  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$847  = first_r1;
-    if (rst) begin
-      \$847  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$848  = first_r1;
-    if (rst) begin
-      \$848  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$849  = first_r1;
-    if (rst) begin
-      \$849  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$850  = first_r2;
-    if (rst) begin
-      \$850  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$851  = first_r2;
-    if (rst) begin
-      \$851  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$852  = first_r2;
-    if (rst) begin
-      \$852  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$853  = first_r2;
-    if (rst) begin
-      \$853  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$854  = first_r2;
-    if (rst) begin
-      \$854  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$855  = first_r2;
-    if (rst) begin
-      \$855  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$856  = first_r2;
-    if (rst) begin
-      \$856  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$857  = first_r2;
-    if (rst) begin
-      \$857  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$858  = first_r2;
-    if (rst) begin
-      \$858  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$859  = first_r2;
-    if (rst) begin
-      \$859  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$860  = first_r2;
-    if (rst) begin
-      \$860  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$861  = first_r2;
-    if (rst) begin
-      \$861  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$862  = first_r2;
-    if (rst) begin
-      \$862  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$863  = first_r2;
-    if (rst) begin
-      \$863  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$864  = first_r2;
-    if (rst) begin
-      \$864  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$865  = first_r2;
-    if (rst) begin
-      \$865  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$866  = first_r3;
-    if (rst) begin
-      \$866  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$867  = first_r3;
-    if (rst) begin
-      \$867  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$868  = first_r3;
-    if (rst) begin
-      \$868  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$869  = first_r3;
-    if (rst) begin
-      \$869  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$870  = first_r3;
-    if (rst) begin
-      \$870  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$871  = first_r3;
-    if (rst) begin
-      \$871  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$872  = first_r3;
-    if (rst) begin
-      \$872  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$873  = first_r3;
-    if (rst) begin
-      \$873  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$874  = first_r3;
-    if (rst) begin
-      \$874  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$875  = first_r3;
-    if (rst) begin
-      \$875  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$876  = first_r3;
-    if (rst) begin
-      \$876  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$877  = first_r3;
-    if (rst) begin
-      \$877  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$878  = first_r3;
-    if (rst) begin
-      \$878  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$879  = first_r3;
-    if (rst) begin
-      \$879  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$880  = first_r3;
-    if (rst) begin
-      \$880  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$881  = first_r3;
-    if (rst) begin
-      \$881  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$882  = first_r4;
-    if (rst) begin
-      \$882  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$883  = first_r4;
-    if (rst) begin
-      \$883  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$884  = first_r4;
-    if (rst) begin
-      \$884  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$885  = first_r4;
-    if (rst) begin
-      \$885  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$886  = first_r4;
-    if (rst) begin
-      \$886  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$887  = first_r4;
-    if (rst) begin
-      \$887  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$888  = first_r4;
-    if (rst) begin
-      \$888  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$889  = first_r4;
-    if (rst) begin
-      \$889  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$890  = first_r4;
-    if (rst) begin
-      \$890  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$891  = first_r4;
-    if (rst) begin
-      \$891  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$892  = first_r4;
-    if (rst) begin
-      \$892  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$893  = first_r4;
-    if (rst) begin
-      \$893  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$894  = first_r4;
-    if (rst) begin
-      \$894  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$895  = first_r4;
-    if (rst) begin
-      \$895  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$896  = first_r4;
-    if (rst) begin
-      \$896  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$897  = first_r4;
-    if (rst) begin
-      \$897  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$898  = first_r5;
-    if (rst) begin
-      \$898  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$899  = first_r5;
-    if (rst) begin
-      \$899  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$900  = first_r5;
-    if (rst) begin
-      \$900  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$901  = first_r5;
-    if (rst) begin
-      \$901  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$902  = first_r5;
-    if (rst) begin
-      \$902  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$903  = first_r5;
-    if (rst) begin
-      \$903  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$904  = first_r5;
-    if (rst) begin
-      \$904  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$905  = first_r5;
-    if (rst) begin
-      \$905  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$906  = first_r5;
-    if (rst) begin
-      \$906  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$907  = first_r5;
-    if (rst) begin
-      \$907  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$908  = first_r5;
-    if (rst) begin
-      \$908  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$909  = first_r5;
-    if (rst) begin
-      \$909  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$910  = first_r5;
-    if (rst) begin
-      \$910  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$911  = first_r5;
-    if (rst) begin
-      \$911  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$912  = first_r5;
-    if (rst) begin
-      \$912  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$913  = first_r5;
-    if (rst) begin
-      \$913  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$914  = first_r6;
-    if (rst) begin
-      \$914  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$915  = first_r6;
-    if (rst) begin
-      \$915  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$916  = first_r6;
-    if (rst) begin
-      \$916  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$917  = first_r6;
-    if (rst) begin
-      \$917  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$918  = first_r6;
-    if (rst) begin
-      \$918  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$919  = first_r6;
-    if (rst) begin
-      \$919  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$920  = first_r6;
-    if (rst) begin
-      \$920  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$921  = first_r6;
-    if (rst) begin
-      \$921  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$922  = first_r6;
-    if (rst) begin
-      \$922  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$923  = first_r6;
-    if (rst) begin
-      \$923  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$924  = first_r6;
-    if (rst) begin
-      \$924  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$925  = first_r6;
-    if (rst) begin
-      \$925  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$926  = first_r6;
-    if (rst) begin
-      \$926  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$927  = first_r6;
-    if (rst) begin
-      \$927  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$928  = first_r6;
-    if (rst) begin
-      \$928  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$929  = first_r6;
-    if (rst) begin
-      \$929  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$930  = first_r7;
-    if (rst) begin
-      \$930  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$931  = first_r7;
-    if (rst) begin
-      \$931  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$932  = first_r7;
-    if (rst) begin
-      \$932  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$933  = first_r7;
-    if (rst) begin
-      \$933  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$934  = first_r7;
-    if (rst) begin
-      \$934  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$935  = first_r7;
-    if (rst) begin
-      \$935  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$936  = first_r7;
-    if (rst) begin
-      \$936  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$937  = first_r7;
-    if (rst) begin
-      \$937  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$938  = first_r7;
-    if (rst) begin
-      \$938  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$939  = first_r7;
-    if (rst) begin
-      \$939  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$940  = first_r7;
-    if (rst) begin
-      \$940  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$941  = first_r7;
-    if (rst) begin
-      \$941  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$942  = first_r7;
-    if (rst) begin
-      \$942  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$943  = first_r7;
-    if (rst) begin
-      \$943  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$944  = first_r7;
-    if (rst) begin
-      \$944  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$945  = first_r7;
-    if (rst) begin
-      \$945  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$946  = first_r8;
-    if (rst) begin
-      \$946  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$947  = first_r8;
-    if (rst) begin
-      \$947  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$948  = first_r8;
-    if (rst) begin
-      \$948  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$949  = first_r8;
-    if (rst) begin
-      \$949  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$950  = first_r8;
-    if (rst) begin
-      \$950  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$951  = first_r8;
-    if (rst) begin
-      \$951  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$952  = first_r8;
-    if (rst) begin
-      \$952  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$953  = first_r8;
-    if (rst) begin
-      \$953  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$954  = first_r8;
-    if (rst) begin
-      \$954  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$955  = first_r8;
-    if (rst) begin
-      \$955  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$956  = first_r8;
-    if (rst) begin
-      \$956  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$957  = first_r8;
-    if (rst) begin
-      \$957  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$958  = first_r8;
-    if (rst) begin
-      \$958  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$959  = first_r8;
-    if (rst) begin
-      \$959  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$960  = first_r8;
-    if (rst) begin
-      \$960  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$961  = first_r8;
-    if (rst) begin
-      \$961  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$962  = first_r9;
-    if (rst) begin
-      \$962  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$963  = first_r9;
-    if (rst) begin
-      \$963  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$964  = first_r9;
-    if (rst) begin
-      \$964  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$965  = first_r9;
-    if (rst) begin
-      \$965  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$966  = first_r9;
-    if (rst) begin
-      \$966  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$967  = first_r9;
-    if (rst) begin
-      \$967  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$968  = first_r9;
-    if (rst) begin
-      \$968  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$969  = first_r9;
-    if (rst) begin
-      \$969  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$970  = first_r9;
-    if (rst) begin
-      \$970  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$971  = first_r9;
-    if (rst) begin
-      \$971  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$972  = first_r9;
-    if (rst) begin
-      \$972  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$973  = first_r9;
-    if (rst) begin
-      \$973  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$974  = first_r9;
-    if (rst) begin
-      \$974  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$975  = first_r9;
-    if (rst) begin
-      \$975  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$976  = first_r9;
-    if (rst) begin
-      \$976  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$977  = first_r9;
-    if (rst) begin
-      \$977  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$978  = first_r10;
-    if (rst) begin
-      \$978  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$979  = first_r10;
-    if (rst) begin
-      \$979  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$980  = first_r10;
-    if (rst) begin
-      \$980  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$981  = first_r10;
-    if (rst) begin
-      \$981  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$982  = first_r10;
-    if (rst) begin
-      \$982  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$983  = first_r10;
-    if (rst) begin
-      \$983  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$984  = first_r10;
-    if (rst) begin
-      \$984  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$985  = first_r10;
-    if (rst) begin
-      \$985  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$986  = first_r10;
-    if (rst) begin
-      \$986  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$987  = first_r10;
-    if (rst) begin
-      \$987  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$988  = first_r10;
-    if (rst) begin
-      \$988  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$989  = first_r10;
-    if (rst) begin
-      \$989  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$990  = first_r10;
-    if (rst) begin
-      \$990  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$991  = first_r10;
-    if (rst) begin
-      \$991  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$992  = first_r10;
-    if (rst) begin
-      \$992  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$993  = first_r10;
-    if (rst) begin
-      \$993  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$994  = first_r11;
-    if (rst) begin
-      \$994  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$995  = first_r11;
-    if (rst) begin
-      \$995  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$996  = first_r11;
-    if (rst) begin
-      \$996  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$997  = first_r11;
-    if (rst) begin
-      \$997  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$998  = first_r11;
-    if (rst) begin
-      \$998  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$999  = first_r11;
-    if (rst) begin
-      \$999  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1000  = first_r11;
-    if (rst) begin
-      \$1000  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1001  = first_r11;
-    if (rst) begin
-      \$1001  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1002  = first_r11;
-    if (rst) begin
-      \$1002  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1003  = first_r11;
-    if (rst) begin
-      \$1003  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1004  = first_r11;
-    if (rst) begin
-      \$1004  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1005  = first_r11;
-    if (rst) begin
-      \$1005  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1006  = first_r11;
-    if (rst) begin
-      \$1006  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1007  = first_r11;
-    if (rst) begin
-      \$1007  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1008  = first_r11;
-    if (rst) begin
-      \$1008  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1009  = first_r11;
-    if (rst) begin
-      \$1009  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1010  = first_r12;
-    if (rst) begin
-      \$1010  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1011  = first_r12;
-    if (rst) begin
-      \$1011  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1012  = first_r12;
-    if (rst) begin
-      \$1012  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1013  = first_r12;
-    if (rst) begin
-      \$1013  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1014  = first_r12;
-    if (rst) begin
-      \$1014  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1015  = first_r12;
-    if (rst) begin
-      \$1015  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1016  = first_r12;
-    if (rst) begin
-      \$1016  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1017  = first_r12;
-    if (rst) begin
-      \$1017  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1018  = first_r12;
-    if (rst) begin
-      \$1018  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1019  = first_r12;
-    if (rst) begin
-      \$1019  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1020  = first_r12;
-    if (rst) begin
-      \$1020  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1021  = first_r12;
-    if (rst) begin
-      \$1021  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1022  = first_r12;
-    if (rst) begin
-      \$1022  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1023  = first_r12;
-    if (rst) begin
-      \$1023  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1024  = first_r12;
-    if (rst) begin
-      \$1024  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1025  = first_r12;
-    if (rst) begin
-      \$1025  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1026  = first_r13;
-    if (rst) begin
-      \$1026  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1027  = first_r13;
-    if (rst) begin
-      \$1027  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1028  = first_r13;
-    if (rst) begin
-      \$1028  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1029  = first_r13;
-    if (rst) begin
-      \$1029  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1030  = first_r13;
-    if (rst) begin
-      \$1030  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1031  = first_r13;
-    if (rst) begin
-      \$1031  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1032  = first_r13;
-    if (rst) begin
-      \$1032  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1033  = first_r13;
-    if (rst) begin
-      \$1033  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1034  = first_r13;
-    if (rst) begin
-      \$1034  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1035  = first_r13;
-    if (rst) begin
-      \$1035  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1036  = first_r13;
-    if (rst) begin
-      \$1036  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1037  = first_r13;
-    if (rst) begin
-      \$1037  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1038  = first_r13;
-    if (rst) begin
-      \$1038  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1039  = first_r13;
-    if (rst) begin
-      \$1039  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1040  = first_r13;
-    if (rst) begin
-      \$1040  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1041  = first_r13;
-    if (rst) begin
-      \$1041  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1042  = first_r14;
-    if (rst) begin
-      \$1042  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1043  = first_r14;
-    if (rst) begin
-      \$1043  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1044  = first_r14;
-    if (rst) begin
-      \$1044  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1045  = first_r14;
-    if (rst) begin
-      \$1045  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1046  = first_r14;
-    if (rst) begin
-      \$1046  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1047  = first_r14;
-    if (rst) begin
-      \$1047  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1048  = first_r14;
-    if (rst) begin
-      \$1048  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1049  = first_r14;
-    if (rst) begin
-      \$1049  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1050  = first_r14;
-    if (rst) begin
-      \$1050  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1051  = first_r14;
-    if (rst) begin
-      \$1051  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1052  = first_r14;
-    if (rst) begin
-      \$1052  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1053  = first_r14;
-    if (rst) begin
-      \$1053  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1054  = first_r14;
-    if (rst) begin
-      \$1054  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1055  = first_r14;
-    if (rst) begin
-      \$1055  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1056  = first_r14;
-    if (rst) begin
-      \$1056  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1057  = first_r14;
-    if (rst) begin
-      \$1057  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1058  = first_r15;
-    if (rst) begin
-      \$1058  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1059  = first_r15;
-    if (rst) begin
-      \$1059  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1060  = first_r15;
-    if (rst) begin
-      \$1060  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1061  = first_r15;
-    if (rst) begin
-      \$1061  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1062  = first_r15;
-    if (rst) begin
-      \$1062  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1063  = first_r15;
-    if (rst) begin
-      \$1063  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1064  = first_r15;
-    if (rst) begin
-      \$1064  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1065  = first_r15;
-    if (rst) begin
-      \$1065  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1066  = first_r15;
-    if (rst) begin
-      \$1066  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1067  = first_r15;
-    if (rst) begin
-      \$1067  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1068  = first_r15;
-    if (rst) begin
-      \$1068  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1069  = first_r15;
-    if (rst) begin
-      \$1069  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1070  = first_r15;
-    if (rst) begin
-      \$1070  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1071  = first_r15;
-    if (rst) begin
-      \$1071  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1072  = first_r15;
-    if (rst) begin
-      \$1072  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1073  = first_r15;
-    if (rst) begin
-      \$1073  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1074  = last_r0;
-    if (rst) begin
-      \$1074  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1075  = last_r0;
-    if (rst) begin
-      \$1075  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1076  = last_r0;
-    if (rst) begin
-      \$1076  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1077  = last_r0;
-    if (rst) begin
-      \$1077  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1078  = last_r0;
-    if (rst) begin
-      \$1078  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1079  = last_r0;
-    if (rst) begin
-      \$1079  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1080  = last_r0;
-    if (rst) begin
-      \$1080  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1081  = last_r0;
-    if (rst) begin
-      \$1081  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1082  = last_r0;
-    if (rst) begin
-      \$1082  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1083  = last_r0;
-    if (rst) begin
-      \$1083  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1084  = last_r0;
-    if (rst) begin
-      \$1084  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1085  = last_r0;
-    if (rst) begin
-      \$1085  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1086  = last_r0;
-    if (rst) begin
-      \$1086  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1087  = last_r0;
-    if (rst) begin
-      \$1087  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1088  = last_r0;
-    if (rst) begin
-      \$1088  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1089  = last_r0;
-    if (rst) begin
-      \$1089  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1090  = last_r1;
-    if (rst) begin
-      \$1090  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1091  = last_r1;
-    if (rst) begin
-      \$1091  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1092  = last_r1;
-    if (rst) begin
-      \$1092  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1093  = last_r1;
-    if (rst) begin
-      \$1093  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1094  = last_r1;
-    if (rst) begin
-      \$1094  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1095  = last_r1;
-    if (rst) begin
-      \$1095  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1096  = last_r1;
-    if (rst) begin
-      \$1096  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1097  = last_r1;
-    if (rst) begin
-      \$1097  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1098  = last_r1;
-    if (rst) begin
-      \$1098  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1099  = last_r1;
-    if (rst) begin
-      \$1099  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1100  = last_r1;
-    if (rst) begin
-      \$1100  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1101  = last_r1;
-    if (rst) begin
-      \$1101  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1102  = last_r1;
-    if (rst) begin
-      \$1102  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1103  = last_r1;
-    if (rst) begin
-      \$1103  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1104  = last_r1;
-    if (rst) begin
-      \$1104  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1105  = last_r1;
-    if (rst) begin
-      \$1105  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1106  = last_r2;
-    if (rst) begin
-      \$1106  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1107  = last_r2;
-    if (rst) begin
-      \$1107  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1108  = last_r2;
-    if (rst) begin
-      \$1108  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1109  = last_r2;
-    if (rst) begin
-      \$1109  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1110  = last_r2;
-    if (rst) begin
-      \$1110  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1111  = last_r2;
-    if (rst) begin
-      \$1111  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1112  = last_r2;
-    if (rst) begin
-      \$1112  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1113  = last_r2;
-    if (rst) begin
-      \$1113  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1114  = last_r2;
-    if (rst) begin
-      \$1114  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1115  = last_r2;
-    if (rst) begin
-      \$1115  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1116  = last_r2;
-    if (rst) begin
-      \$1116  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1117  = last_r2;
-    if (rst) begin
-      \$1117  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1118  = last_r2;
-    if (rst) begin
-      \$1118  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1119  = last_r2;
-    if (rst) begin
-      \$1119  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1120  = last_r2;
-    if (rst) begin
-      \$1120  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1121  = last_r2;
-    if (rst) begin
-      \$1121  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1122  = last_r3;
-    if (rst) begin
-      \$1122  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1123  = last_r3;
-    if (rst) begin
-      \$1123  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1124  = last_r3;
-    if (rst) begin
-      \$1124  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1125  = last_r3;
-    if (rst) begin
-      \$1125  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1126  = last_r3;
-    if (rst) begin
-      \$1126  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1127  = last_r3;
-    if (rst) begin
-      \$1127  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1128  = last_r3;
-    if (rst) begin
-      \$1128  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1129  = last_r3;
-    if (rst) begin
-      \$1129  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1130  = last_r3;
-    if (rst) begin
-      \$1130  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1131  = last_r3;
-    if (rst) begin
-      \$1131  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1132  = last_r3;
-    if (rst) begin
-      \$1132  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1133  = last_r3;
-    if (rst) begin
-      \$1133  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1134  = last_r3;
-    if (rst) begin
-      \$1134  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1135  = last_r3;
-    if (rst) begin
-      \$1135  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1136  = last_r3;
-    if (rst) begin
-      \$1136  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1137  = last_r3;
-    if (rst) begin
-      \$1137  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1138  = last_r4;
-    if (rst) begin
-      \$1138  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1139  = last_r4;
-    if (rst) begin
-      \$1139  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1140  = last_r4;
-    if (rst) begin
-      \$1140  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1141  = last_r4;
-    if (rst) begin
-      \$1141  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1142  = last_r4;
-    if (rst) begin
-      \$1142  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1143  = last_r4;
-    if (rst) begin
-      \$1143  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1144  = last_r4;
-    if (rst) begin
-      \$1144  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1145  = last_r4;
-    if (rst) begin
-      \$1145  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1146  = last_r4;
-    if (rst) begin
-      \$1146  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1147  = last_r4;
-    if (rst) begin
-      \$1147  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1148  = last_r4;
-    if (rst) begin
-      \$1148  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1149  = last_r4;
-    if (rst) begin
-      \$1149  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1150  = last_r4;
-    if (rst) begin
-      \$1150  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1151  = last_r4;
-    if (rst) begin
-      \$1151  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1152  = last_r4;
-    if (rst) begin
-      \$1152  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1153  = last_r4;
-    if (rst) begin
-      \$1153  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1154  = last_r5;
-    if (rst) begin
-      \$1154  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1155  = last_r5;
-    if (rst) begin
-      \$1155  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1156  = last_r5;
-    if (rst) begin
-      \$1156  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1157  = last_r5;
-    if (rst) begin
-      \$1157  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1158  = last_r5;
-    if (rst) begin
-      \$1158  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1159  = last_r5;
-    if (rst) begin
-      \$1159  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1160  = last_r5;
-    if (rst) begin
-      \$1160  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1161  = last_r5;
-    if (rst) begin
-      \$1161  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1162  = last_r5;
-    if (rst) begin
-      \$1162  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1163  = last_r5;
-    if (rst) begin
-      \$1163  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1164  = last_r5;
-    if (rst) begin
-      \$1164  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1165  = last_r5;
-    if (rst) begin
-      \$1165  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1166  = last_r5;
-    if (rst) begin
-      \$1166  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1167  = last_r5;
-    if (rst) begin
-      \$1167  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1168  = last_r5;
-    if (rst) begin
-      \$1168  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1169  = last_r5;
-    if (rst) begin
-      \$1169  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1170  = last_r6;
-    if (rst) begin
-      \$1170  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1171  = last_r6;
-    if (rst) begin
-      \$1171  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1172  = last_r6;
-    if (rst) begin
-      \$1172  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1173  = last_r6;
-    if (rst) begin
-      \$1173  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1174  = last_r6;
-    if (rst) begin
-      \$1174  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1175  = last_r6;
-    if (rst) begin
-      \$1175  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1176  = last_r6;
-    if (rst) begin
-      \$1176  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1177  = last_r6;
-    if (rst) begin
-      \$1177  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1178  = last_r6;
-    if (rst) begin
-      \$1178  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1179  = last_r6;
-    if (rst) begin
-      \$1179  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1180  = last_r6;
-    if (rst) begin
-      \$1180  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1181  = last_r6;
-    if (rst) begin
-      \$1181  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1182  = last_r6;
-    if (rst) begin
-      \$1182  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1183  = last_r6;
-    if (rst) begin
-      \$1183  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1184  = last_r6;
-    if (rst) begin
-      \$1184  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1185  = last_r6;
-    if (rst) begin
-      \$1185  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1186  = last_r7;
-    if (rst) begin
-      \$1186  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1187  = last_r7;
-    if (rst) begin
-      \$1187  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1188  = last_r7;
-    if (rst) begin
-      \$1188  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1189  = last_r7;
-    if (rst) begin
-      \$1189  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1190  = last_r7;
-    if (rst) begin
-      \$1190  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1191  = last_r7;
-    if (rst) begin
-      \$1191  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1192  = last_r7;
-    if (rst) begin
-      \$1192  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1193  = last_r7;
-    if (rst) begin
-      \$1193  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1194  = last_r7;
-    if (rst) begin
-      \$1194  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1195  = last_r7;
-    if (rst) begin
-      \$1195  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1196  = last_r7;
-    if (rst) begin
-      \$1196  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1197  = last_r7;
-    if (rst) begin
-      \$1197  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1198  = last_r7;
-    if (rst) begin
-      \$1198  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1199  = last_r7;
-    if (rst) begin
-      \$1199  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1200  = last_r7;
-    if (rst) begin
-      \$1200  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1201  = last_r7;
-    if (rst) begin
-      \$1201  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1202  = last_r8;
-    if (rst) begin
-      \$1202  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1203  = last_r8;
-    if (rst) begin
-      \$1203  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1204  = last_r8;
-    if (rst) begin
-      \$1204  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1205  = last_r8;
-    if (rst) begin
-      \$1205  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1206  = last_r8;
-    if (rst) begin
-      \$1206  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1207  = last_r8;
-    if (rst) begin
-      \$1207  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1208  = last_r8;
-    if (rst) begin
-      \$1208  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1209  = last_r8;
-    if (rst) begin
-      \$1209  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1210  = last_r8;
-    if (rst) begin
-      \$1210  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1211  = last_r8;
-    if (rst) begin
-      \$1211  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1212  = last_r8;
-    if (rst) begin
-      \$1212  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1213  = last_r8;
-    if (rst) begin
-      \$1213  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1214  = last_r8;
-    if (rst) begin
-      \$1214  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1215  = last_r8;
-    if (rst) begin
-      \$1215  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1216  = last_r8;
-    if (rst) begin
-      \$1216  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1217  = last_r8;
-    if (rst) begin
-      \$1217  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1218  = last_r9;
-    if (rst) begin
-      \$1218  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1219  = last_r9;
-    if (rst) begin
-      \$1219  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1220  = last_r9;
-    if (rst) begin
-      \$1220  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1221  = last_r9;
-    if (rst) begin
-      \$1221  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1222  = last_r9;
-    if (rst) begin
-      \$1222  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1223  = last_r9;
-    if (rst) begin
-      \$1223  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1224  = last_r9;
-    if (rst) begin
-      \$1224  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1225  = last_r9;
-    if (rst) begin
-      \$1225  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1226  = last_r9;
-    if (rst) begin
-      \$1226  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1227  = last_r9;
-    if (rst) begin
-      \$1227  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1228  = last_r9;
-    if (rst) begin
-      \$1228  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1229  = last_r9;
-    if (rst) begin
-      \$1229  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1230  = last_r9;
-    if (rst) begin
-      \$1230  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1231  = last_r9;
-    if (rst) begin
-      \$1231  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1232  = last_r9;
-    if (rst) begin
-      \$1232  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1233  = last_r9;
-    if (rst) begin
-      \$1233  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1234  = last_r10;
-    if (rst) begin
-      \$1234  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1235  = last_r10;
-    if (rst) begin
-      \$1235  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1236  = last_r10;
-    if (rst) begin
-      \$1236  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1237  = last_r10;
-    if (rst) begin
-      \$1237  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1238  = last_r10;
-    if (rst) begin
-      \$1238  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1239  = last_r10;
-    if (rst) begin
-      \$1239  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1240  = last_r10;
-    if (rst) begin
-      \$1240  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1241  = last_r10;
-    if (rst) begin
-      \$1241  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1242  = last_r10;
-    if (rst) begin
-      \$1242  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1243  = last_r10;
-    if (rst) begin
-      \$1243  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1244  = last_r10;
-    if (rst) begin
-      \$1244  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1245  = last_r10;
-    if (rst) begin
-      \$1245  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1246  = last_r10;
-    if (rst) begin
-      \$1246  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1247  = last_r10;
-    if (rst) begin
-      \$1247  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1248  = last_r10;
-    if (rst) begin
-      \$1248  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1249  = last_r10;
-    if (rst) begin
-      \$1249  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1250  = last_r11;
-    if (rst) begin
-      \$1250  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1251  = last_r11;
-    if (rst) begin
-      \$1251  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1252  = last_r11;
-    if (rst) begin
-      \$1252  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1253  = last_r11;
-    if (rst) begin
-      \$1253  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1254  = last_r11;
-    if (rst) begin
-      \$1254  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1255  = last_r11;
-    if (rst) begin
-      \$1255  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1256  = last_r11;
-    if (rst) begin
-      \$1256  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1257  = last_r11;
-    if (rst) begin
-      \$1257  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1258  = last_r11;
-    if (rst) begin
-      \$1258  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1259  = last_r11;
-    if (rst) begin
-      \$1259  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1260  = last_r11;
-    if (rst) begin
-      \$1260  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1261  = last_r11;
-    if (rst) begin
-      \$1261  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1262  = last_r11;
-    if (rst) begin
-      \$1262  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1263  = last_r11;
-    if (rst) begin
-      \$1263  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1264  = last_r11;
-    if (rst) begin
-      \$1264  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1265  = last_r11;
-    if (rst) begin
-      \$1265  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1266  = last_r12;
-    if (rst) begin
-      \$1266  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1267  = last_r12;
-    if (rst) begin
-      \$1267  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1268  = last_r12;
-    if (rst) begin
-      \$1268  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1269  = last_r12;
-    if (rst) begin
-      \$1269  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1270  = last_r12;
-    if (rst) begin
-      \$1270  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1271  = last_r12;
-    if (rst) begin
-      \$1271  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1272  = last_r12;
-    if (rst) begin
-      \$1272  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1273  = last_r12;
-    if (rst) begin
-      \$1273  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1274  = last_r12;
-    if (rst) begin
-      \$1274  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1275  = last_r12;
-    if (rst) begin
-      \$1275  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1276  = last_r12;
-    if (rst) begin
-      \$1276  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1277  = last_r12;
-    if (rst) begin
-      \$1277  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1278  = last_r12;
-    if (rst) begin
-      \$1278  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1279  = last_r12;
-    if (rst) begin
-      \$1279  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1280  = last_r12;
-    if (rst) begin
-      \$1280  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1281  = last_r12;
-    if (rst) begin
-      \$1281  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1282  = last_r13;
-    if (rst) begin
-      \$1282  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1283  = last_r13;
-    if (rst) begin
-      \$1283  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1284  = last_r13;
-    if (rst) begin
-      \$1284  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1285  = last_r13;
-    if (rst) begin
-      \$1285  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1286  = last_r13;
-    if (rst) begin
-      \$1286  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1287  = last_r13;
-    if (rst) begin
-      \$1287  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1288  = last_r13;
-    if (rst) begin
-      \$1288  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1289  = last_r13;
-    if (rst) begin
-      \$1289  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1290  = last_r13;
-    if (rst) begin
-      \$1290  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1291  = last_r13;
-    if (rst) begin
-      \$1291  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1292  = last_r13;
-    if (rst) begin
-      \$1292  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1293  = last_r13;
-    if (rst) begin
-      \$1293  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1294  = last_r13;
-    if (rst) begin
-      \$1294  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1295  = last_r13;
-    if (rst) begin
-      \$1295  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1296  = last_r13;
-    if (rst) begin
-      \$1296  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1297  = last_r13;
-    if (rst) begin
-      \$1297  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1298  = last_r14;
-    if (rst) begin
-      \$1298  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1299  = last_r14;
-    if (rst) begin
-      \$1299  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1300  = last_r14;
-    if (rst) begin
-      \$1300  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1301  = last_r14;
-    if (rst) begin
-      \$1301  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1302  = last_r14;
-    if (rst) begin
-      \$1302  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1303  = last_r14;
-    if (rst) begin
-      \$1303  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1304  = last_r14;
-    if (rst) begin
-      \$1304  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1305  = last_r14;
-    if (rst) begin
-      \$1305  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1306  = last_r14;
-    if (rst) begin
-      \$1306  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1307  = last_r14;
-    if (rst) begin
-      \$1307  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1308  = last_r14;
-    if (rst) begin
-      \$1308  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1309  = last_r14;
-    if (rst) begin
-      \$1309  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1310  = last_r14;
-    if (rst) begin
-      \$1310  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1311  = last_r14;
-    if (rst) begin
-      \$1311  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1312  = last_r14;
-    if (rst) begin
-      \$1312  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1313  = last_r14;
-    if (rst) begin
-      \$1313  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1314  = last_r15;
-    if (rst) begin
-      \$1314  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1315  = last_r15;
-    if (rst) begin
-      \$1315  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1316  = last_r15;
-    if (rst) begin
-      \$1316  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1317  = last_r15;
-    if (rst) begin
-      \$1317  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1318  = last_r15;
-    if (rst) begin
-      \$1318  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1319  = last_r15;
-    if (rst) begin
-      \$1319  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1320  = last_r15;
-    if (rst) begin
-      \$1320  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1321  = last_r15;
-    if (rst) begin
-      \$1321  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1322  = last_r15;
-    if (rst) begin
-      \$1322  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1323  = last_r15;
-    if (rst) begin
-      \$1323  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1324  = last_r15;
-    if (rst) begin
-      \$1324  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1325  = last_r15;
-    if (rst) begin
-      \$1325  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1326  = last_r15;
-    if (rst) begin
-      \$1326  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1327  = last_r15;
-    if (rst) begin
-      \$1327  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1328  = last_r15;
-    if (rst) begin
-      \$1328  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1329  = last_r15;
-    if (rst) begin
-      \$1329  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1330  = last_r0;
-    if (rst) begin
-      \$1330  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1331  = bank_busy;
-    if (commit) begin
-      \$1331  = 1'h1;
-    end else if (bank_busy) begin
-      if (\$262 ) begin
-        \$1331  = 1'h0;
-      end
-    end
-    if (rst) begin
-      \$1331  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1332  = row;
-    if (commit) begin
-      \$1332  = 4'h0;
-    end else if (bank_busy) begin
-      \$1332  = \$261 [3:0];
-      if (\$262 ) begin
-        \$1332  = 4'h0;
-      end
-    end
-    if (rst) begin
-      \$1332  = 4'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$2 ) begin end
-    \$1333  = overrun;
-    if (commit) begin
-      if (\$260 ) begin
-        \$1333  = 1'h1;
-      end
-    end
-    if (rst) begin
-      \$1333  = 1'h0;
-    end
-  end
-  assign nxt_0_0 = \$264 [23:0];
-  assign nxt_0_1 = \$266 [23:0];
-  assign nxt_0_2 = \$268 [23:0];
-  assign nxt_0_3 = \$270 [23:0];
-  assign nxt_0_4 = \$272 [23:0];
-  assign nxt_0_5 = \$274 [23:0];
-  assign nxt_0_6 = \$276 [23:0];
-  assign nxt_0_7 = \$278 [23:0];
-  assign nxt_0_8 = \$280 [23:0];
-  assign nxt_0_9 = \$282 [23:0];
-  assign nxt_0_10 = \$284 [23:0];
-  assign nxt_0_11 = \$286 [23:0];
-  assign nxt_0_12 = \$288 [23:0];
-  assign nxt_0_13 = \$290 [23:0];
-  assign nxt_0_14 = \$292 [23:0];
-  assign nxt_0_15 = \$294 [23:0];
-  assign nxt_1_0 = \$296 [23:0];
-  assign nxt_1_1 = \$298 [23:0];
-  assign nxt_1_2 = \$300 [23:0];
-  assign nxt_1_3 = \$302 [23:0];
-  assign nxt_1_4 = \$304 [23:0];
-  assign nxt_1_5 = \$306 [23:0];
-  assign nxt_1_6 = \$308 [23:0];
-  assign nxt_1_7 = \$310 [23:0];
-  assign nxt_1_8 = \$312 [23:0];
-  assign nxt_1_9 = \$314 [23:0];
-  assign nxt_1_10 = \$316 [23:0];
-  assign nxt_1_11 = \$318 [23:0];
-  assign nxt_1_12 = \$320 [23:0];
-  assign nxt_1_13 = \$322 [23:0];
-  assign nxt_1_14 = \$324 [23:0];
-  assign nxt_1_15 = \$326 [23:0];
-  assign nxt_2_0 = \$328 [23:0];
-  assign nxt_2_1 = \$330 [23:0];
-  assign nxt_2_2 = \$332 [23:0];
-  assign nxt_2_3 = \$334 [23:0];
-  assign nxt_2_4 = \$336 [23:0];
-  assign nxt_2_5 = \$338 [23:0];
-  assign nxt_2_6 = \$340 [23:0];
-  assign nxt_2_7 = \$342 [23:0];
-  assign nxt_2_8 = \$344 [23:0];
-  assign nxt_2_9 = \$346 [23:0];
-  assign nxt_2_10 = \$348 [23:0];
-  assign nxt_2_11 = \$350 [23:0];
-  assign nxt_2_12 = \$352 [23:0];
-  assign nxt_2_13 = \$354 [23:0];
-  assign nxt_2_14 = \$356 [23:0];
-  assign nxt_2_15 = \$358 [23:0];
-  assign nxt_3_0 = \$360 [23:0];
-  assign nxt_3_1 = \$362 [23:0];
-  assign nxt_3_2 = \$364 [23:0];
-  assign nxt_3_3 = \$366 [23:0];
-  assign nxt_3_4 = \$368 [23:0];
-  assign nxt_3_5 = \$370 [23:0];
-  assign nxt_3_6 = \$372 [23:0];
-  assign nxt_3_7 = \$374 [23:0];
-  assign nxt_3_8 = \$376 [23:0];
-  assign nxt_3_9 = \$378 [23:0];
-  assign nxt_3_10 = \$380 [23:0];
-  assign nxt_3_11 = \$382 [23:0];
-  assign nxt_3_12 = \$384 [23:0];
-  assign nxt_3_13 = \$386 [23:0];
-  assign nxt_3_14 = \$388 [23:0];
-  assign nxt_3_15 = \$390 [23:0];
-  assign nxt_4_0 = \$392 [23:0];
-  assign nxt_4_1 = \$394 [23:0];
-  assign nxt_4_2 = \$396 [23:0];
-  assign nxt_4_3 = \$398 [23:0];
-  assign nxt_4_4 = \$400 [23:0];
-  assign nxt_4_5 = \$402 [23:0];
-  assign nxt_4_6 = \$404 [23:0];
-  assign nxt_4_7 = \$406 [23:0];
-  assign nxt_4_8 = \$408 [23:0];
-  assign nxt_4_9 = \$410 [23:0];
-  assign nxt_4_10 = \$412 [23:0];
-  assign nxt_4_11 = \$414 [23:0];
-  assign nxt_4_12 = \$416 [23:0];
-  assign nxt_4_13 = \$418 [23:0];
-  assign nxt_4_14 = \$420 [23:0];
-  assign nxt_4_15 = \$422 [23:0];
-  assign nxt_5_0 = \$424 [23:0];
-  assign nxt_5_1 = \$426 [23:0];
-  assign nxt_5_2 = \$428 [23:0];
-  assign nxt_5_3 = \$430 [23:0];
-  assign nxt_5_4 = \$432 [23:0];
-  assign nxt_5_5 = \$434 [23:0];
-  assign nxt_5_6 = \$436 [23:0];
-  assign nxt_5_7 = \$438 [23:0];
-  assign nxt_5_8 = \$440 [23:0];
-  assign nxt_5_9 = \$442 [23:0];
-  assign nxt_5_10 = \$444 [23:0];
-  assign nxt_5_11 = \$446 [23:0];
-  assign nxt_5_12 = \$448 [23:0];
-  assign nxt_5_13 = \$450 [23:0];
-  assign nxt_5_14 = \$452 [23:0];
-  assign nxt_5_15 = \$454 [23:0];
-  assign nxt_6_0 = \$456 [23:0];
-  assign nxt_6_1 = \$458 [23:0];
-  assign nxt_6_2 = \$460 [23:0];
-  assign nxt_6_3 = \$462 [23:0];
-  assign nxt_6_4 = \$464 [23:0];
-  assign nxt_6_5 = \$466 [23:0];
-  assign nxt_6_6 = \$468 [23:0];
-  assign nxt_6_7 = \$470 [23:0];
-  assign nxt_6_8 = \$472 [23:0];
-  assign nxt_6_9 = \$474 [23:0];
-  assign nxt_6_10 = \$476 [23:0];
-  assign nxt_6_11 = \$478 [23:0];
-  assign nxt_6_12 = \$480 [23:0];
-  assign nxt_6_13 = \$482 [23:0];
-  assign nxt_6_14 = \$484 [23:0];
-  assign nxt_6_15 = \$486 [23:0];
-  assign nxt_7_0 = \$488 [23:0];
-  assign nxt_7_1 = \$490 [23:0];
-  assign nxt_7_2 = \$492 [23:0];
-  assign nxt_7_3 = \$494 [23:0];
-  assign nxt_7_4 = \$496 [23:0];
-  assign nxt_7_5 = \$498 [23:0];
-  assign nxt_7_6 = \$500 [23:0];
-  assign nxt_7_7 = \$502 [23:0];
-  assign nxt_7_8 = \$504 [23:0];
-  assign nxt_7_9 = \$506 [23:0];
-  assign nxt_7_10 = \$508 [23:0];
-  assign nxt_7_11 = \$510 [23:0];
-  assign nxt_7_12 = \$512 [23:0];
-  assign nxt_7_13 = \$514 [23:0];
-  assign nxt_7_14 = \$516 [23:0];
-  assign nxt_7_15 = \$518 [23:0];
-  assign nxt_8_0 = \$520 [23:0];
-  assign nxt_8_1 = \$522 [23:0];
-  assign nxt_8_2 = \$524 [23:0];
-  assign nxt_8_3 = \$526 [23:0];
-  assign nxt_8_4 = \$528 [23:0];
-  assign nxt_8_5 = \$530 [23:0];
-  assign nxt_8_6 = \$532 [23:0];
-  assign nxt_8_7 = \$534 [23:0];
-  assign nxt_8_8 = \$536 [23:0];
-  assign nxt_8_9 = \$538 [23:0];
-  assign nxt_8_10 = \$540 [23:0];
-  assign nxt_8_11 = \$542 [23:0];
-  assign nxt_8_12 = \$544 [23:0];
-  assign nxt_8_13 = \$546 [23:0];
-  assign nxt_8_14 = \$548 [23:0];
-  assign nxt_8_15 = \$550 [23:0];
-  assign nxt_9_0 = \$552 [23:0];
-  assign nxt_9_1 = \$554 [23:0];
-  assign nxt_9_2 = \$556 [23:0];
-  assign nxt_9_3 = \$558 [23:0];
-  assign nxt_9_4 = \$560 [23:0];
-  assign nxt_9_5 = \$562 [23:0];
-  assign nxt_9_6 = \$564 [23:0];
-  assign nxt_9_7 = \$566 [23:0];
-  assign nxt_9_8 = \$568 [23:0];
-  assign nxt_9_9 = \$570 [23:0];
-  assign nxt_9_10 = \$572 [23:0];
-  assign nxt_9_11 = \$574 [23:0];
-  assign nxt_9_12 = \$576 [23:0];
-  assign nxt_9_13 = \$578 [23:0];
-  assign nxt_9_14 = \$580 [23:0];
-  assign nxt_9_15 = \$582 [23:0];
-  assign nxt_10_0 = \$584 [23:0];
-  assign nxt_10_1 = \$586 [23:0];
-  assign nxt_10_2 = \$588 [23:0];
-  assign nxt_10_3 = \$590 [23:0];
-  assign nxt_10_4 = \$592 [23:0];
-  assign nxt_10_5 = \$594 [23:0];
-  assign nxt_10_6 = \$596 [23:0];
-  assign nxt_10_7 = \$598 [23:0];
-  assign nxt_10_8 = \$600 [23:0];
-  assign nxt_10_9 = \$602 [23:0];
-  assign nxt_10_10 = \$604 [23:0];
-  assign nxt_10_11 = \$606 [23:0];
-  assign nxt_10_12 = \$608 [23:0];
-  assign nxt_10_13 = \$610 [23:0];
-  assign nxt_10_14 = \$612 [23:0];
-  assign nxt_10_15 = \$614 [23:0];
-  assign nxt_11_0 = \$616 [23:0];
-  assign nxt_11_1 = \$618 [23:0];
-  assign nxt_11_2 = \$620 [23:0];
-  assign nxt_11_3 = \$622 [23:0];
-  assign nxt_11_4 = \$624 [23:0];
-  assign nxt_11_5 = \$626 [23:0];
-  assign nxt_11_6 = \$628 [23:0];
-  assign nxt_11_7 = \$630 [23:0];
-  assign nxt_11_8 = \$632 [23:0];
-  assign nxt_11_9 = \$634 [23:0];
-  assign nxt_11_10 = \$636 [23:0];
-  assign nxt_11_11 = \$638 [23:0];
-  assign nxt_11_12 = \$640 [23:0];
-  assign nxt_11_13 = \$642 [23:0];
-  assign nxt_11_14 = \$644 [23:0];
-  assign nxt_11_15 = \$646 [23:0];
-  assign nxt_12_0 = \$648 [23:0];
-  assign nxt_12_1 = \$650 [23:0];
-  assign nxt_12_2 = \$652 [23:0];
-  assign nxt_12_3 = \$654 [23:0];
-  assign nxt_12_4 = \$656 [23:0];
-  assign nxt_12_5 = \$658 [23:0];
-  assign nxt_12_6 = \$660 [23:0];
-  assign nxt_12_7 = \$662 [23:0];
-  assign nxt_12_8 = \$664 [23:0];
-  assign nxt_12_9 = \$666 [23:0];
-  assign nxt_12_10 = \$668 [23:0];
-  assign nxt_12_11 = \$670 [23:0];
-  assign nxt_12_12 = \$672 [23:0];
-  assign nxt_12_13 = \$674 [23:0];
-  assign nxt_12_14 = \$676 [23:0];
-  assign nxt_12_15 = \$678 [23:0];
-  assign nxt_13_0 = \$680 [23:0];
-  assign nxt_13_1 = \$682 [23:0];
-  assign nxt_13_2 = \$684 [23:0];
-  assign nxt_13_3 = \$686 [23:0];
-  assign nxt_13_4 = \$688 [23:0];
-  assign nxt_13_5 = \$690 [23:0];
-  assign nxt_13_6 = \$692 [23:0];
-  assign nxt_13_7 = \$694 [23:0];
-  assign nxt_13_8 = \$696 [23:0];
-  assign nxt_13_9 = \$698 [23:0];
-  assign nxt_13_10 = \$700 [23:0];
-  assign nxt_13_11 = \$702 [23:0];
-  assign nxt_13_12 = \$704 [23:0];
-  assign nxt_13_13 = \$706 [23:0];
-  assign nxt_13_14 = \$708 [23:0];
-  assign nxt_13_15 = \$710 [23:0];
-  assign nxt_14_0 = \$712 [23:0];
-  assign nxt_14_1 = \$714 [23:0];
-  assign nxt_14_2 = \$716 [23:0];
-  assign nxt_14_3 = \$718 [23:0];
-  assign nxt_14_4 = \$720 [23:0];
-  assign nxt_14_5 = \$722 [23:0];
-  assign nxt_14_6 = \$724 [23:0];
-  assign nxt_14_7 = \$726 [23:0];
-  assign nxt_14_8 = \$728 [23:0];
-  assign nxt_14_9 = \$730 [23:0];
-  assign nxt_14_10 = \$732 [23:0];
-  assign nxt_14_11 = \$734 [23:0];
-  assign nxt_14_12 = \$736 [23:0];
-  assign nxt_14_13 = \$738 [23:0];
-  assign nxt_14_14 = \$740 [23:0];
-  assign nxt_14_15 = \$742 [23:0];
-  assign nxt_15_0 = \$744 [23:0];
-  assign nxt_15_1 = \$746 [23:0];
-  assign nxt_15_2 = \$748 [23:0];
-  assign nxt_15_3 = \$750 [23:0];
-  assign nxt_15_4 = \$752 [23:0];
-  assign nxt_15_5 = \$754 [23:0];
-  assign nxt_15_6 = \$756 [23:0];
-  assign nxt_15_7 = \$758 [23:0];
-  assign nxt_15_8 = \$760 [23:0];
-  assign nxt_15_9 = \$762 [23:0];
-  assign nxt_15_10 = \$764 [23:0];
-  assign nxt_15_11 = \$766 [23:0];
-  assign nxt_15_12 = \$768 [23:0];
-  assign nxt_15_13 = \$770 [23:0];
-  assign nxt_15_14 = \$772 [23:0];
-  assign nxt_15_15 = \$774 [23:0];
   assign a = a_0_l2_0;
   assign b = b_0_l2_0;
-  assign \a$1556  = a_0_l2_0;
-  assign \b$1557  = b_1_l2_0;
-  assign \a$1558  = a_0_l2_0;
-  assign \b$1559  = b_2_l2_0;
-  assign \a$1560  = a_0_l2_0;
-  assign \b$1561  = b_3_l2_0;
-  assign \a$1562  = a_0_l2_1;
-  assign \b$1563  = b_4_l2_0;
-  assign \a$1564  = a_0_l2_1;
-  assign \b$1565  = b_5_l2_0;
-  assign \a$1566  = a_0_l2_1;
-  assign \b$1567  = b_6_l2_0;
-  assign \a$1568  = a_0_l2_1;
-  assign \b$1569  = b_7_l2_0;
-  assign \a$1570  = a_0_l2_2;
-  assign \b$1571  = b_8_l2_0;
-  assign \a$1572  = a_0_l2_2;
-  assign \b$1573  = b_9_l2_0;
-  assign \a$1574  = a_0_l2_2;
-  assign \b$1575  = b_10_l2_0;
-  assign \a$1576  = a_0_l2_2;
-  assign \b$1577  = b_11_l2_0;
-  assign \a$1578  = a_0_l2_3;
-  assign \b$1579  = b_12_l2_0;
-  assign \a$1580  = a_0_l2_3;
-  assign \b$1581  = b_13_l2_0;
-  assign \a$1582  = a_0_l2_3;
-  assign \b$1583  = b_14_l2_0;
-  assign \a$1584  = a_0_l2_3;
-  assign \b$1585  = b_15_l2_0;
-  assign \a$1586  = a_1_l2_0;
-  assign \b$1587  = b_0_l2_0;
-  assign \a$1588  = a_1_l2_0;
-  assign \b$1589  = b_1_l2_0;
-  assign \a$1590  = a_1_l2_0;
-  assign \b$1591  = b_2_l2_0;
-  assign \a$1592  = a_1_l2_0;
-  assign \b$1593  = b_3_l2_0;
-  assign \a$1594  = a_1_l2_1;
-  assign \b$1595  = b_4_l2_0;
-  assign \a$1596  = a_1_l2_1;
-  assign \b$1597  = b_5_l2_0;
-  assign \a$1598  = a_1_l2_1;
-  assign \b$1599  = b_6_l2_0;
-  assign \a$1600  = a_1_l2_1;
-  assign \b$1601  = b_7_l2_0;
-  assign \a$1602  = a_1_l2_2;
-  assign \b$1603  = b_8_l2_0;
-  assign \a$1604  = a_1_l2_2;
-  assign \b$1605  = b_9_l2_0;
-  assign \a$1606  = a_1_l2_2;
-  assign \b$1607  = b_10_l2_0;
-  assign \a$1608  = a_1_l2_2;
-  assign \b$1609  = b_11_l2_0;
-  assign \a$1610  = a_1_l2_3;
-  assign \b$1611  = b_12_l2_0;
-  assign \a$1612  = a_1_l2_3;
-  assign \b$1613  = b_13_l2_0;
-  assign \a$1614  = a_1_l2_3;
-  assign \b$1615  = b_14_l2_0;
-  assign \a$1616  = a_1_l2_3;
-  assign \b$1617  = b_15_l2_0;
-  assign \a$1618  = a_2_l2_0;
-  assign \b$1619  = b_0_l2_0;
-  assign \a$1620  = a_2_l2_0;
-  assign \b$1621  = b_1_l2_0;
-  assign \a$1622  = a_2_l2_0;
-  assign \b$1623  = b_2_l2_0;
-  assign \a$1624  = a_2_l2_0;
-  assign \b$1625  = b_3_l2_0;
-  assign \a$1626  = a_2_l2_1;
-  assign \b$1627  = b_4_l2_0;
-  assign \a$1628  = a_2_l2_1;
-  assign \b$1629  = b_5_l2_0;
-  assign \a$1630  = a_2_l2_1;
-  assign \b$1631  = b_6_l2_0;
-  assign \a$1632  = a_2_l2_1;
-  assign \b$1633  = b_7_l2_0;
-  assign \a$1634  = a_2_l2_2;
-  assign \b$1635  = b_8_l2_0;
-  assign \a$1636  = a_2_l2_2;
-  assign \b$1637  = b_9_l2_0;
-  assign \a$1638  = a_2_l2_2;
-  assign \b$1639  = b_10_l2_0;
-  assign \a$1640  = a_2_l2_2;
-  assign \b$1641  = b_11_l2_0;
-  assign \a$1642  = a_2_l2_3;
-  assign \b$1643  = b_12_l2_0;
-  assign \a$1644  = a_2_l2_3;
-  assign \b$1645  = b_13_l2_0;
-  assign \a$1646  = a_2_l2_3;
-  assign \b$1647  = b_14_l2_0;
-  assign \a$1648  = a_2_l2_3;
-  assign \b$1649  = b_15_l2_0;
-  assign \a$1650  = a_3_l2_0;
-  assign \b$1651  = b_0_l2_0;
-  assign \a$1652  = a_3_l2_0;
-  assign \b$1653  = b_1_l2_0;
-  assign \a$1654  = a_3_l2_0;
-  assign \b$1655  = b_2_l2_0;
-  assign \a$1656  = a_3_l2_0;
-  assign \b$1657  = b_3_l2_0;
-  assign \a$1658  = a_3_l2_1;
-  assign \b$1659  = b_4_l2_0;
-  assign \a$1660  = a_3_l2_1;
-  assign \b$1661  = b_5_l2_0;
-  assign \a$1662  = a_3_l2_1;
-  assign \b$1663  = b_6_l2_0;
-  assign \a$1664  = a_3_l2_1;
-  assign \b$1665  = b_7_l2_0;
-  assign \a$1666  = a_3_l2_2;
-  assign \b$1667  = b_8_l2_0;
-  assign \a$1668  = a_3_l2_2;
-  assign \b$1669  = b_9_l2_0;
-  assign \a$1670  = a_3_l2_2;
-  assign \b$1671  = b_10_l2_0;
-  assign \a$1672  = a_3_l2_2;
-  assign \b$1673  = b_11_l2_0;
-  assign \a$1674  = a_3_l2_3;
-  assign \b$1675  = b_12_l2_0;
-  assign \a$1676  = a_3_l2_3;
-  assign \b$1677  = b_13_l2_0;
-  assign \a$1678  = a_3_l2_3;
-  assign \b$1679  = b_14_l2_0;
-  assign \a$1680  = a_3_l2_3;
-  assign \b$1681  = b_15_l2_0;
-  assign \a$1682  = a_4_l2_0;
-  assign \b$1683  = b_0_l2_1;
-  assign \a$1684  = a_4_l2_0;
-  assign \b$1685  = b_1_l2_1;
-  assign \a$1686  = a_4_l2_0;
-  assign \b$1687  = b_2_l2_1;
-  assign \a$1688  = a_4_l2_0;
-  assign \b$1689  = b_3_l2_1;
-  assign \a$1690  = a_4_l2_1;
-  assign \b$1691  = b_4_l2_1;
-  assign \a$1692  = a_4_l2_1;
-  assign \b$1693  = b_5_l2_1;
-  assign \a$1694  = a_4_l2_1;
-  assign \b$1695  = b_6_l2_1;
-  assign \a$1696  = a_4_l2_1;
-  assign \b$1697  = b_7_l2_1;
-  assign \a$1698  = a_4_l2_2;
-  assign \b$1699  = b_8_l2_1;
-  assign \a$1700  = a_4_l2_2;
-  assign \b$1701  = b_9_l2_1;
-  assign \a$1702  = a_4_l2_2;
-  assign \b$1703  = b_10_l2_1;
-  assign \a$1704  = a_4_l2_2;
-  assign \b$1705  = b_11_l2_1;
-  assign \a$1706  = a_4_l2_3;
-  assign \b$1707  = b_12_l2_1;
-  assign \a$1708  = a_4_l2_3;
-  assign \b$1709  = b_13_l2_1;
-  assign \a$1710  = a_4_l2_3;
-  assign \b$1711  = b_14_l2_1;
-  assign \a$1712  = a_4_l2_3;
-  assign \b$1713  = b_15_l2_1;
-  assign \a$1714  = a_5_l2_0;
-  assign \b$1715  = b_0_l2_1;
-  assign \a$1716  = a_5_l2_0;
-  assign \b$1717  = b_1_l2_1;
-  assign \a$1718  = a_5_l2_0;
-  assign \b$1719  = b_2_l2_1;
-  assign \a$1720  = a_5_l2_0;
-  assign \b$1721  = b_3_l2_1;
-  assign \a$1722  = a_5_l2_1;
-  assign \b$1723  = b_4_l2_1;
-  assign \a$1724  = a_5_l2_1;
-  assign \b$1725  = b_5_l2_1;
-  assign \a$1726  = a_5_l2_1;
-  assign \b$1727  = b_6_l2_1;
-  assign \a$1728  = a_5_l2_1;
-  assign \b$1729  = b_7_l2_1;
-  assign \a$1730  = a_5_l2_2;
-  assign \b$1731  = b_8_l2_1;
-  assign \a$1732  = a_5_l2_2;
-  assign \b$1733  = b_9_l2_1;
-  assign \a$1734  = a_5_l2_2;
-  assign \b$1735  = b_10_l2_1;
-  assign \a$1736  = a_5_l2_2;
-  assign \b$1737  = b_11_l2_1;
-  assign \a$1738  = a_5_l2_3;
-  assign \b$1739  = b_12_l2_1;
-  assign \a$1740  = a_5_l2_3;
-  assign \b$1741  = b_13_l2_1;
-  assign \a$1742  = a_5_l2_3;
-  assign \b$1743  = b_14_l2_1;
-  assign \a$1744  = a_5_l2_3;
-  assign \b$1745  = b_15_l2_1;
-  assign \a$1746  = a_6_l2_0;
-  assign \b$1747  = b_0_l2_1;
-  assign \a$1748  = a_6_l2_0;
-  assign \b$1749  = b_1_l2_1;
-  assign \a$1750  = a_6_l2_0;
-  assign \b$1751  = b_2_l2_1;
-  assign \a$1752  = a_6_l2_0;
-  assign \b$1753  = b_3_l2_1;
-  assign \a$1754  = a_6_l2_1;
-  assign \b$1755  = b_4_l2_1;
-  assign \a$1756  = a_6_l2_1;
-  assign \b$1757  = b_5_l2_1;
-  assign \a$1758  = a_6_l2_1;
-  assign \b$1759  = b_6_l2_1;
-  assign \a$1760  = a_6_l2_1;
-  assign \b$1761  = b_7_l2_1;
-  assign \a$1762  = a_6_l2_2;
-  assign \b$1763  = b_8_l2_1;
-  assign \a$1764  = a_6_l2_2;
-  assign \b$1765  = b_9_l2_1;
-  assign \a$1766  = a_6_l2_2;
-  assign \b$1767  = b_10_l2_1;
-  assign \a$1768  = a_6_l2_2;
-  assign \b$1769  = b_11_l2_1;
-  assign \a$1770  = a_6_l2_3;
-  assign \b$1771  = b_12_l2_1;
-  assign \a$1772  = a_6_l2_3;
-  assign \b$1773  = b_13_l2_1;
-  assign \a$1774  = a_6_l2_3;
-  assign \b$1775  = b_14_l2_1;
-  assign \a$1776  = a_6_l2_3;
-  assign \b$1777  = b_15_l2_1;
-  assign \a$1778  = a_7_l2_0;
-  assign \b$1779  = b_0_l2_1;
-  assign \a$1780  = a_7_l2_0;
-  assign \b$1781  = b_1_l2_1;
-  assign \a$1782  = a_7_l2_0;
-  assign \b$1783  = b_2_l2_1;
-  assign \a$1784  = a_7_l2_0;
-  assign \b$1785  = b_3_l2_1;
-  assign \a$1786  = a_7_l2_1;
-  assign \b$1787  = b_4_l2_1;
-  assign \a$1788  = a_7_l2_1;
-  assign \b$1789  = b_5_l2_1;
-  assign \a$1790  = a_7_l2_1;
-  assign \b$1791  = b_6_l2_1;
-  assign \a$1792  = a_7_l2_1;
-  assign \b$1793  = b_7_l2_1;
-  assign \a$1794  = a_7_l2_2;
-  assign \b$1795  = b_8_l2_1;
-  assign \a$1796  = a_7_l2_2;
-  assign \b$1797  = b_9_l2_1;
-  assign \a$1798  = a_7_l2_2;
-  assign \b$1799  = b_10_l2_1;
-  assign \a$1800  = a_7_l2_2;
-  assign \b$1801  = b_11_l2_1;
-  assign \a$1802  = a_7_l2_3;
-  assign \b$1803  = b_12_l2_1;
-  assign \a$1804  = a_7_l2_3;
-  assign \b$1805  = b_13_l2_1;
-  assign \a$1806  = a_7_l2_3;
-  assign \b$1807  = b_14_l2_1;
-  assign \a$1808  = a_7_l2_3;
-  assign \b$1809  = b_15_l2_1;
-  assign \a$1810  = a_8_l2_0;
-  assign \b$1811  = b_0_l2_2;
-  assign \a$1812  = a_8_l2_0;
-  assign \b$1813  = b_1_l2_2;
-  assign \a$1814  = a_8_l2_0;
-  assign \b$1815  = b_2_l2_2;
-  assign \a$1816  = a_8_l2_0;
-  assign \b$1817  = b_3_l2_2;
-  assign \a$1818  = a_8_l2_1;
-  assign \b$1819  = b_4_l2_2;
-  assign \a$1820  = a_8_l2_1;
-  assign \b$1821  = b_5_l2_2;
-  assign \a$1822  = a_8_l2_1;
-  assign \b$1823  = b_6_l2_2;
-  assign \a$1824  = a_8_l2_1;
-  assign \b$1825  = b_7_l2_2;
-  assign \a$1826  = a_8_l2_2;
-  assign \b$1827  = b_8_l2_2;
-  assign \a$1828  = a_8_l2_2;
-  assign \b$1829  = b_9_l2_2;
-  assign \a$1830  = a_8_l2_2;
-  assign \b$1831  = b_10_l2_2;
-  assign \a$1832  = a_8_l2_2;
-  assign \b$1833  = b_11_l2_2;
-  assign \a$1834  = a_8_l2_3;
-  assign \b$1835  = b_12_l2_2;
-  assign \a$1836  = a_8_l2_3;
-  assign \b$1837  = b_13_l2_2;
-  assign \a$1838  = a_8_l2_3;
-  assign \b$1839  = b_14_l2_2;
-  assign \a$1840  = a_8_l2_3;
-  assign \b$1841  = b_15_l2_2;
-  assign \a$1842  = a_9_l2_0;
-  assign \b$1843  = b_0_l2_2;
-  assign \a$1844  = a_9_l2_0;
-  assign \b$1845  = b_1_l2_2;
-  assign \a$1846  = a_9_l2_0;
-  assign \b$1847  = b_2_l2_2;
-  assign \a$1848  = a_9_l2_0;
-  assign \b$1849  = b_3_l2_2;
-  assign \a$1850  = a_9_l2_1;
-  assign \b$1851  = b_4_l2_2;
-  assign \a$1852  = a_9_l2_1;
-  assign \b$1853  = b_5_l2_2;
-  assign \a$1854  = a_9_l2_1;
-  assign \b$1855  = b_6_l2_2;
-  assign \a$1856  = a_9_l2_1;
-  assign \b$1857  = b_7_l2_2;
-  assign \a$1858  = a_9_l2_2;
-  assign \b$1859  = b_8_l2_2;
-  assign \a$1860  = a_9_l2_2;
-  assign \b$1861  = b_9_l2_2;
-  assign \a$1862  = a_9_l2_2;
-  assign \b$1863  = b_10_l2_2;
-  assign \a$1864  = a_9_l2_2;
-  assign \b$1865  = b_11_l2_2;
-  assign \a$1866  = a_9_l2_3;
-  assign \b$1867  = b_12_l2_2;
-  assign \a$1868  = a_9_l2_3;
-  assign \b$1869  = b_13_l2_2;
-  assign \a$1870  = a_9_l2_3;
-  assign \b$1871  = b_14_l2_2;
-  assign \a$1872  = a_9_l2_3;
-  assign \b$1873  = b_15_l2_2;
-  assign \a$1874  = a_10_l2_0;
-  assign \b$1875  = b_0_l2_2;
-  assign \a$1876  = a_10_l2_0;
-  assign \b$1877  = b_1_l2_2;
-  assign \a$1878  = a_10_l2_0;
-  assign \b$1879  = b_2_l2_2;
-  assign \a$1880  = a_10_l2_0;
-  assign \b$1881  = b_3_l2_2;
-  assign \a$1882  = a_10_l2_1;
-  assign \b$1883  = b_4_l2_2;
-  assign \a$1884  = a_10_l2_1;
-  assign \b$1885  = b_5_l2_2;
-  assign \a$1886  = a_10_l2_1;
-  assign \b$1887  = b_6_l2_2;
-  assign \a$1888  = a_10_l2_1;
-  assign \b$1889  = b_7_l2_2;
-  assign \a$1890  = a_10_l2_2;
-  assign \b$1891  = b_8_l2_2;
-  assign \a$1892  = a_10_l2_2;
-  assign \b$1893  = b_9_l2_2;
-  assign \a$1894  = a_10_l2_2;
-  assign \b$1895  = b_10_l2_2;
-  assign \a$1896  = a_10_l2_2;
-  assign \b$1897  = b_11_l2_2;
-  assign \a$1898  = a_10_l2_3;
-  assign \b$1899  = b_12_l2_2;
-  assign \a$1900  = a_10_l2_3;
-  assign \b$1901  = b_13_l2_2;
-  assign \a$1902  = a_10_l2_3;
-  assign \b$1903  = b_14_l2_2;
-  assign \a$1904  = a_10_l2_3;
-  assign \b$1905  = b_15_l2_2;
-  assign \a$1906  = a_11_l2_0;
-  assign \b$1907  = b_0_l2_2;
-  assign \a$1908  = a_11_l2_0;
-  assign \b$1909  = b_1_l2_2;
-  assign \a$1910  = a_11_l2_0;
-  assign \b$1911  = b_2_l2_2;
-  assign \a$1912  = a_11_l2_0;
-  assign \b$1913  = b_3_l2_2;
-  assign \a$1914  = a_11_l2_1;
-  assign \b$1915  = b_4_l2_2;
-  assign \a$1916  = a_11_l2_1;
-  assign \b$1917  = b_5_l2_2;
-  assign \a$1918  = a_11_l2_1;
-  assign \b$1919  = b_6_l2_2;
-  assign \a$1920  = a_11_l2_1;
-  assign \b$1921  = b_7_l2_2;
-  assign \a$1922  = a_11_l2_2;
-  assign \b$1923  = b_8_l2_2;
-  assign \a$1924  = a_11_l2_2;
-  assign \b$1925  = b_9_l2_2;
-  assign \a$1926  = a_11_l2_2;
-  assign \b$1927  = b_10_l2_2;
-  assign \a$1928  = a_11_l2_2;
-  assign \b$1929  = b_11_l2_2;
-  assign \a$1930  = a_11_l2_3;
-  assign \b$1931  = b_12_l2_2;
-  assign \a$1932  = a_11_l2_3;
-  assign \b$1933  = b_13_l2_2;
-  assign \a$1934  = a_11_l2_3;
-  assign \b$1935  = b_14_l2_2;
-  assign \a$1936  = a_11_l2_3;
-  assign \b$1937  = b_15_l2_2;
-  assign \a$1938  = a_12_l2_0;
-  assign \b$1939  = b_0_l2_3;
-  assign \a$1940  = a_12_l2_0;
-  assign \b$1941  = b_1_l2_3;
-  assign \a$1942  = a_12_l2_0;
-  assign \b$1943  = b_2_l2_3;
-  assign \a$1944  = a_12_l2_0;
-  assign \b$1945  = b_3_l2_3;
-  assign \a$1946  = a_12_l2_1;
-  assign \b$1947  = b_4_l2_3;
-  assign \a$1948  = a_12_l2_1;
-  assign \b$1949  = b_5_l2_3;
-  assign \a$1950  = a_12_l2_1;
-  assign \b$1951  = b_6_l2_3;
-  assign \a$1952  = a_12_l2_1;
-  assign \b$1953  = b_7_l2_3;
-  assign \a$1954  = a_12_l2_2;
-  assign \b$1955  = b_8_l2_3;
-  assign \a$1956  = a_12_l2_2;
-  assign \b$1957  = b_9_l2_3;
-  assign \a$1958  = a_12_l2_2;
-  assign \b$1959  = b_10_l2_3;
-  assign \a$1960  = a_12_l2_2;
-  assign \b$1961  = b_11_l2_3;
-  assign \a$1962  = a_12_l2_3;
-  assign \b$1963  = b_12_l2_3;
-  assign \a$1964  = a_12_l2_3;
-  assign \b$1965  = b_13_l2_3;
-  assign \a$1966  = a_12_l2_3;
-  assign \b$1967  = b_14_l2_3;
-  assign \a$1968  = a_12_l2_3;
-  assign \b$1969  = b_15_l2_3;
-  assign \a$1970  = a_13_l2_0;
-  assign \b$1971  = b_0_l2_3;
-  assign \a$1972  = a_13_l2_0;
-  assign \b$1973  = b_1_l2_3;
-  assign \a$1974  = a_13_l2_0;
-  assign \b$1975  = b_2_l2_3;
-  assign \a$1976  = a_13_l2_0;
-  assign \b$1977  = b_3_l2_3;
-  assign \a$1978  = a_13_l2_1;
-  assign \b$1979  = b_4_l2_3;
-  assign \a$1980  = a_13_l2_1;
-  assign \b$1981  = b_5_l2_3;
-  assign \a$1982  = a_13_l2_1;
-  assign \b$1983  = b_6_l2_3;
-  assign \a$1984  = a_13_l2_1;
-  assign \b$1985  = b_7_l2_3;
-  assign \a$1986  = a_13_l2_2;
-  assign \b$1987  = b_8_l2_3;
-  assign \a$1988  = a_13_l2_2;
-  assign \b$1989  = b_9_l2_3;
-  assign \a$1990  = a_13_l2_2;
-  assign \b$1991  = b_10_l2_3;
-  assign \a$1992  = a_13_l2_2;
-  assign \b$1993  = b_11_l2_3;
-  assign \a$1994  = a_13_l2_3;
-  assign \b$1995  = b_12_l2_3;
-  assign \a$1996  = a_13_l2_3;
-  assign \b$1997  = b_13_l2_3;
-  assign \a$1998  = a_13_l2_3;
-  assign \b$1999  = b_14_l2_3;
-  assign \a$2000  = a_13_l2_3;
-  assign \b$2001  = b_15_l2_3;
-  assign \a$2002  = a_14_l2_0;
-  assign \b$2003  = b_0_l2_3;
-  assign \a$2004  = a_14_l2_0;
-  assign \b$2005  = b_1_l2_3;
-  assign \a$2006  = a_14_l2_0;
-  assign \b$2007  = b_2_l2_3;
-  assign \a$2008  = a_14_l2_0;
-  assign \b$2009  = b_3_l2_3;
-  assign \a$2010  = a_14_l2_1;
-  assign \b$2011  = b_4_l2_3;
-  assign \a$2012  = a_14_l2_1;
-  assign \b$2013  = b_5_l2_3;
-  assign \a$2014  = a_14_l2_1;
-  assign \b$2015  = b_6_l2_3;
-  assign \a$2016  = a_14_l2_1;
-  assign \b$2017  = b_7_l2_3;
-  assign \a$2018  = a_14_l2_2;
-  assign \b$2019  = b_8_l2_3;
-  assign \a$2020  = a_14_l2_2;
-  assign \b$2021  = b_9_l2_3;
-  assign \a$2022  = a_14_l2_2;
-  assign \b$2023  = b_10_l2_3;
-  assign \a$2024  = a_14_l2_2;
-  assign \b$2025  = b_11_l2_3;
-  assign \a$2026  = a_14_l2_3;
-  assign \b$2027  = b_12_l2_3;
-  assign \a$2028  = a_14_l2_3;
-  assign \b$2029  = b_13_l2_3;
-  assign \a$2030  = a_14_l2_3;
-  assign \b$2031  = b_14_l2_3;
-  assign \a$2032  = a_14_l2_3;
-  assign \b$2033  = b_15_l2_3;
-  assign \a$2034  = a_15_l2_0;
-  assign \b$2035  = b_0_l2_3;
-  assign \a$2036  = a_15_l2_0;
-  assign \b$2037  = b_1_l2_3;
-  assign \a$2038  = a_15_l2_0;
-  assign \b$2039  = b_2_l2_3;
-  assign \a$2040  = a_15_l2_0;
-  assign \b$2041  = b_3_l2_3;
-  assign \a$2042  = a_15_l2_1;
-  assign \b$2043  = b_4_l2_3;
-  assign \a$2044  = a_15_l2_1;
-  assign \b$2045  = b_5_l2_3;
-  assign \a$2046  = a_15_l2_1;
-  assign \b$2047  = b_6_l2_3;
-  assign \a$2048  = a_15_l2_1;
-  assign \b$2049  = b_7_l2_3;
-  assign \a$2050  = a_15_l2_2;
-  assign \b$2051  = b_8_l2_3;
-  assign \a$2052  = a_15_l2_2;
-  assign \b$2053  = b_9_l2_3;
-  assign \a$2054  = a_15_l2_2;
-  assign \b$2055  = b_10_l2_3;
-  assign \a$2056  = a_15_l2_2;
-  assign \b$2057  = b_11_l2_3;
-  assign \a$2058  = a_15_l2_3;
-  assign \b$2059  = b_12_l2_3;
-  assign \a$2060  = a_15_l2_3;
-  assign \b$2061  = b_13_l2_3;
-  assign \a$2062  = a_15_l2_3;
-  assign \b$2063  = b_14_l2_3;
-  assign \a$2064  = a_15_l2_3;
-  assign \b$2065  = b_15_l2_3;
+  assign \a$1814  = a_0_l2_0;
+  assign \b$1815  = b_1_l2_0;
+  assign \a$1816  = a_0_l2_0;
+  assign \b$1817  = b_2_l2_0;
+  assign \a$1818  = a_0_l2_0;
+  assign \b$1819  = b_3_l2_0;
+  assign \a$1820  = a_0_l2_1;
+  assign \b$1821  = b_4_l2_0;
+  assign \a$1822  = a_0_l2_1;
+  assign \b$1823  = b_5_l2_0;
+  assign \a$1824  = a_0_l2_1;
+  assign \b$1825  = b_6_l2_0;
+  assign \a$1826  = a_0_l2_1;
+  assign \b$1827  = b_7_l2_0;
+  assign \a$1828  = a_0_l2_2;
+  assign \b$1829  = b_8_l2_0;
+  assign \a$1830  = a_0_l2_2;
+  assign \b$1831  = b_9_l2_0;
+  assign \a$1832  = a_0_l2_2;
+  assign \b$1833  = b_10_l2_0;
+  assign \a$1834  = a_0_l2_2;
+  assign \b$1835  = b_11_l2_0;
+  assign \a$1836  = a_0_l2_3;
+  assign \b$1837  = b_12_l2_0;
+  assign \a$1838  = a_0_l2_3;
+  assign \b$1839  = b_13_l2_0;
+  assign \a$1840  = a_0_l2_3;
+  assign \b$1841  = b_14_l2_0;
+  assign \a$1842  = a_0_l2_3;
+  assign \b$1843  = b_15_l2_0;
+  assign \a$1844  = a_1_l2_0;
+  assign \b$1845  = b_0_l2_0;
+  assign \a$1846  = a_1_l2_0;
+  assign \b$1847  = b_1_l2_0;
+  assign \a$1848  = a_1_l2_0;
+  assign \b$1849  = b_2_l2_0;
+  assign \a$1850  = a_1_l2_0;
+  assign \b$1851  = b_3_l2_0;
+  assign \a$1852  = a_1_l2_1;
+  assign \b$1853  = b_4_l2_0;
+  assign \a$1854  = a_1_l2_1;
+  assign \b$1855  = b_5_l2_0;
+  assign \a$1856  = a_1_l2_1;
+  assign \b$1857  = b_6_l2_0;
+  assign \a$1858  = a_1_l2_1;
+  assign \b$1859  = b_7_l2_0;
+  assign \a$1860  = a_1_l2_2;
+  assign \b$1861  = b_8_l2_0;
+  assign \a$1862  = a_1_l2_2;
+  assign \b$1863  = b_9_l2_0;
+  assign \a$1864  = a_1_l2_2;
+  assign \b$1865  = b_10_l2_0;
+  assign \a$1866  = a_1_l2_2;
+  assign \b$1867  = b_11_l2_0;
+  assign \a$1868  = a_1_l2_3;
+  assign \b$1869  = b_12_l2_0;
+  assign \a$1870  = a_1_l2_3;
+  assign \b$1871  = b_13_l2_0;
+  assign \a$1872  = a_1_l2_3;
+  assign \b$1873  = b_14_l2_0;
+  assign \a$1874  = a_1_l2_3;
+  assign \b$1875  = b_15_l2_0;
+  assign \a$1876  = a_2_l2_0;
+  assign \b$1877  = b_0_l2_0;
+  assign \a$1878  = a_2_l2_0;
+  assign \b$1879  = b_1_l2_0;
+  assign \a$1880  = a_2_l2_0;
+  assign \b$1881  = b_2_l2_0;
+  assign \a$1882  = a_2_l2_0;
+  assign \b$1883  = b_3_l2_0;
+  assign \a$1884  = a_2_l2_1;
+  assign \b$1885  = b_4_l2_0;
+  assign \a$1886  = a_2_l2_1;
+  assign \b$1887  = b_5_l2_0;
+  assign \a$1888  = a_2_l2_1;
+  assign \b$1889  = b_6_l2_0;
+  assign \a$1890  = a_2_l2_1;
+  assign \b$1891  = b_7_l2_0;
+  assign \a$1892  = a_2_l2_2;
+  assign \b$1893  = b_8_l2_0;
+  assign \a$1894  = a_2_l2_2;
+  assign \b$1895  = b_9_l2_0;
+  assign \a$1896  = a_2_l2_2;
+  assign \b$1897  = b_10_l2_0;
+  assign \a$1898  = a_2_l2_2;
+  assign \b$1899  = b_11_l2_0;
+  assign \a$1900  = a_2_l2_3;
+  assign \b$1901  = b_12_l2_0;
+  assign \a$1902  = a_2_l2_3;
+  assign \b$1903  = b_13_l2_0;
+  assign \a$1904  = a_2_l2_3;
+  assign \b$1905  = b_14_l2_0;
+  assign \a$1906  = a_2_l2_3;
+  assign \b$1907  = b_15_l2_0;
+  assign \a$1908  = a_3_l2_0;
+  assign \b$1909  = b_0_l2_0;
+  assign \a$1910  = a_3_l2_0;
+  assign \b$1911  = b_1_l2_0;
+  assign \a$1912  = a_3_l2_0;
+  assign \b$1913  = b_2_l2_0;
+  assign \a$1914  = a_3_l2_0;
+  assign \b$1915  = b_3_l2_0;
+  assign \a$1916  = a_3_l2_1;
+  assign \b$1917  = b_4_l2_0;
+  assign \a$1918  = a_3_l2_1;
+  assign \b$1919  = b_5_l2_0;
+  assign \a$1920  = a_3_l2_1;
+  assign \b$1921  = b_6_l2_0;
+  assign \a$1922  = a_3_l2_1;
+  assign \b$1923  = b_7_l2_0;
+  assign \a$1924  = a_3_l2_2;
+  assign \b$1925  = b_8_l2_0;
+  assign \a$1926  = a_3_l2_2;
+  assign \b$1927  = b_9_l2_0;
+  assign \a$1928  = a_3_l2_2;
+  assign \b$1929  = b_10_l2_0;
+  assign \a$1930  = a_3_l2_2;
+  assign \b$1931  = b_11_l2_0;
+  assign \a$1932  = a_3_l2_3;
+  assign \b$1933  = b_12_l2_0;
+  assign \a$1934  = a_3_l2_3;
+  assign \b$1935  = b_13_l2_0;
+  assign \a$1936  = a_3_l2_3;
+  assign \b$1937  = b_14_l2_0;
+  assign \a$1938  = a_3_l2_3;
+  assign \b$1939  = b_15_l2_0;
+  assign \a$1940  = a_4_l2_0;
+  assign \b$1941  = b_0_l2_1;
+  assign \a$1942  = a_4_l2_0;
+  assign \b$1943  = b_1_l2_1;
+  assign \a$1944  = a_4_l2_0;
+  assign \b$1945  = b_2_l2_1;
+  assign \a$1946  = a_4_l2_0;
+  assign \b$1947  = b_3_l2_1;
+  assign \a$1948  = a_4_l2_1;
+  assign \b$1949  = b_4_l2_1;
+  assign \a$1950  = a_4_l2_1;
+  assign \b$1951  = b_5_l2_1;
+  assign \a$1952  = a_4_l2_1;
+  assign \b$1953  = b_6_l2_1;
+  assign \a$1954  = a_4_l2_1;
+  assign \b$1955  = b_7_l2_1;
+  assign \a$1956  = a_4_l2_2;
+  assign \b$1957  = b_8_l2_1;
+  assign \a$1958  = a_4_l2_2;
+  assign \b$1959  = b_9_l2_1;
+  assign \a$1960  = a_4_l2_2;
+  assign \b$1961  = b_10_l2_1;
+  assign \a$1962  = a_4_l2_2;
+  assign \b$1963  = b_11_l2_1;
+  assign \a$1964  = a_4_l2_3;
+  assign \b$1965  = b_12_l2_1;
+  assign \a$1966  = a_4_l2_3;
+  assign \b$1967  = b_13_l2_1;
+  assign \a$1968  = a_4_l2_3;
+  assign \b$1969  = b_14_l2_1;
+  assign \a$1970  = a_4_l2_3;
+  assign \b$1971  = b_15_l2_1;
+  assign \a$1972  = a_5_l2_0;
+  assign \b$1973  = b_0_l2_1;
+  assign \a$1974  = a_5_l2_0;
+  assign \b$1975  = b_1_l2_1;
+  assign \a$1976  = a_5_l2_0;
+  assign \b$1977  = b_2_l2_1;
+  assign \a$1978  = a_5_l2_0;
+  assign \b$1979  = b_3_l2_1;
+  assign \a$1980  = a_5_l2_1;
+  assign \b$1981  = b_4_l2_1;
+  assign \a$1982  = a_5_l2_1;
+  assign \b$1983  = b_5_l2_1;
+  assign \a$1984  = a_5_l2_1;
+  assign \b$1985  = b_6_l2_1;
+  assign \a$1986  = a_5_l2_1;
+  assign \b$1987  = b_7_l2_1;
+  assign \a$1988  = a_5_l2_2;
+  assign \b$1989  = b_8_l2_1;
+  assign \a$1990  = a_5_l2_2;
+  assign \b$1991  = b_9_l2_1;
+  assign \a$1992  = a_5_l2_2;
+  assign \b$1993  = b_10_l2_1;
+  assign \a$1994  = a_5_l2_2;
+  assign \b$1995  = b_11_l2_1;
+  assign \a$1996  = a_5_l2_3;
+  assign \b$1997  = b_12_l2_1;
+  assign \a$1998  = a_5_l2_3;
+  assign \b$1999  = b_13_l2_1;
+  assign \a$2000  = a_5_l2_3;
+  assign \b$2001  = b_14_l2_1;
+  assign \a$2002  = a_5_l2_3;
+  assign \b$2003  = b_15_l2_1;
+  assign \a$2004  = a_6_l2_0;
+  assign \b$2005  = b_0_l2_1;
+  assign \a$2006  = a_6_l2_0;
+  assign \b$2007  = b_1_l2_1;
+  assign \a$2008  = a_6_l2_0;
+  assign \b$2009  = b_2_l2_1;
+  assign \a$2010  = a_6_l2_0;
+  assign \b$2011  = b_3_l2_1;
+  assign \a$2012  = a_6_l2_1;
+  assign \b$2013  = b_4_l2_1;
+  assign \a$2014  = a_6_l2_1;
+  assign \b$2015  = b_5_l2_1;
+  assign \a$2016  = a_6_l2_1;
+  assign \b$2017  = b_6_l2_1;
+  assign \a$2018  = a_6_l2_1;
+  assign \b$2019  = b_7_l2_1;
+  assign \a$2020  = a_6_l2_2;
+  assign \b$2021  = b_8_l2_1;
+  assign \a$2022  = a_6_l2_2;
+  assign \b$2023  = b_9_l2_1;
+  assign \a$2024  = a_6_l2_2;
+  assign \b$2025  = b_10_l2_1;
+  assign \a$2026  = a_6_l2_2;
+  assign \b$2027  = b_11_l2_1;
+  assign \a$2028  = a_6_l2_3;
+  assign \b$2029  = b_12_l2_1;
+  assign \a$2030  = a_6_l2_3;
+  assign \b$2031  = b_13_l2_1;
+  assign \a$2032  = a_6_l2_3;
+  assign \b$2033  = b_14_l2_1;
+  assign \a$2034  = a_6_l2_3;
+  assign \b$2035  = b_15_l2_1;
+  assign \a$2036  = a_7_l2_0;
+  assign \b$2037  = b_0_l2_1;
+  assign \a$2038  = a_7_l2_0;
+  assign \b$2039  = b_1_l2_1;
+  assign \a$2040  = a_7_l2_0;
+  assign \b$2041  = b_2_l2_1;
+  assign \a$2042  = a_7_l2_0;
+  assign \b$2043  = b_3_l2_1;
+  assign \a$2044  = a_7_l2_1;
+  assign \b$2045  = b_4_l2_1;
+  assign \a$2046  = a_7_l2_1;
+  assign \b$2047  = b_5_l2_1;
+  assign \a$2048  = a_7_l2_1;
+  assign \b$2049  = b_6_l2_1;
+  assign \a$2050  = a_7_l2_1;
+  assign \b$2051  = b_7_l2_1;
+  assign \a$2052  = a_7_l2_2;
+  assign \b$2053  = b_8_l2_1;
+  assign \a$2054  = a_7_l2_2;
+  assign \b$2055  = b_9_l2_1;
+  assign \a$2056  = a_7_l2_2;
+  assign \b$2057  = b_10_l2_1;
+  assign \a$2058  = a_7_l2_2;
+  assign \b$2059  = b_11_l2_1;
+  assign \a$2060  = a_7_l2_3;
+  assign \b$2061  = b_12_l2_1;
+  assign \a$2062  = a_7_l2_3;
+  assign \b$2063  = b_13_l2_1;
+  assign \a$2064  = a_7_l2_3;
+  assign \b$2065  = b_14_l2_1;
+  assign \a$2066  = a_7_l2_3;
+  assign \b$2067  = b_15_l2_1;
+  assign \a$2068  = a_8_l2_0;
+  assign \b$2069  = b_0_l2_2;
+  assign \a$2070  = a_8_l2_0;
+  assign \b$2071  = b_1_l2_2;
+  assign \a$2072  = a_8_l2_0;
+  assign \b$2073  = b_2_l2_2;
+  assign \a$2074  = a_8_l2_0;
+  assign \b$2075  = b_3_l2_2;
+  assign \a$2076  = a_8_l2_1;
+  assign \b$2077  = b_4_l2_2;
+  assign \a$2078  = a_8_l2_1;
+  assign \b$2079  = b_5_l2_2;
+  assign \a$2080  = a_8_l2_1;
+  assign \b$2081  = b_6_l2_2;
+  assign \a$2082  = a_8_l2_1;
+  assign \b$2083  = b_7_l2_2;
+  assign \a$2084  = a_8_l2_2;
+  assign \b$2085  = b_8_l2_2;
+  assign \a$2086  = a_8_l2_2;
+  assign \b$2087  = b_9_l2_2;
+  assign \a$2088  = a_8_l2_2;
+  assign \b$2089  = b_10_l2_2;
+  assign \a$2090  = a_8_l2_2;
+  assign \b$2091  = b_11_l2_2;
+  assign \a$2092  = a_8_l2_3;
+  assign \b$2093  = b_12_l2_2;
+  assign \a$2094  = a_8_l2_3;
+  assign \b$2095  = b_13_l2_2;
+  assign \a$2096  = a_8_l2_3;
+  assign \b$2097  = b_14_l2_2;
+  assign \a$2098  = a_8_l2_3;
+  assign \b$2099  = b_15_l2_2;
+  assign \a$2100  = a_9_l2_0;
+  assign \b$2101  = b_0_l2_2;
+  assign \a$2102  = a_9_l2_0;
+  assign \b$2103  = b_1_l2_2;
+  assign \a$2104  = a_9_l2_0;
+  assign \b$2105  = b_2_l2_2;
+  assign \a$2106  = a_9_l2_0;
+  assign \b$2107  = b_3_l2_2;
+  assign \a$2108  = a_9_l2_1;
+  assign \b$2109  = b_4_l2_2;
+  assign \a$2110  = a_9_l2_1;
+  assign \b$2111  = b_5_l2_2;
+  assign \a$2112  = a_9_l2_1;
+  assign \b$2113  = b_6_l2_2;
+  assign \a$2114  = a_9_l2_1;
+  assign \b$2115  = b_7_l2_2;
+  assign \a$2116  = a_9_l2_2;
+  assign \b$2117  = b_8_l2_2;
+  assign \a$2118  = a_9_l2_2;
+  assign \b$2119  = b_9_l2_2;
+  assign \a$2120  = a_9_l2_2;
+  assign \b$2121  = b_10_l2_2;
+  assign \a$2122  = a_9_l2_2;
+  assign \b$2123  = b_11_l2_2;
+  assign \a$2124  = a_9_l2_3;
+  assign \b$2125  = b_12_l2_2;
+  assign \a$2126  = a_9_l2_3;
+  assign \b$2127  = b_13_l2_2;
+  assign \a$2128  = a_9_l2_3;
+  assign \b$2129  = b_14_l2_2;
+  assign \a$2130  = a_9_l2_3;
+  assign \b$2131  = b_15_l2_2;
+  assign \a$2132  = a_10_l2_0;
+  assign \b$2133  = b_0_l2_2;
+  assign \a$2134  = a_10_l2_0;
+  assign \b$2135  = b_1_l2_2;
+  assign \a$2136  = a_10_l2_0;
+  assign \b$2137  = b_2_l2_2;
+  assign \a$2138  = a_10_l2_0;
+  assign \b$2139  = b_3_l2_2;
+  assign \a$2140  = a_10_l2_1;
+  assign \b$2141  = b_4_l2_2;
+  assign \a$2142  = a_10_l2_1;
+  assign \b$2143  = b_5_l2_2;
+  assign \a$2144  = a_10_l2_1;
+  assign \b$2145  = b_6_l2_2;
+  assign \a$2146  = a_10_l2_1;
+  assign \b$2147  = b_7_l2_2;
+  assign \a$2148  = a_10_l2_2;
+  assign \b$2149  = b_8_l2_2;
+  assign \a$2150  = a_10_l2_2;
+  assign \b$2151  = b_9_l2_2;
+  assign \a$2152  = a_10_l2_2;
+  assign \b$2153  = b_10_l2_2;
+  assign \a$2154  = a_10_l2_2;
+  assign \b$2155  = b_11_l2_2;
+  assign \a$2156  = a_10_l2_3;
+  assign \b$2157  = b_12_l2_2;
+  assign \a$2158  = a_10_l2_3;
+  assign \b$2159  = b_13_l2_2;
+  assign \a$2160  = a_10_l2_3;
+  assign \b$2161  = b_14_l2_2;
+  assign \a$2162  = a_10_l2_3;
+  assign \b$2163  = b_15_l2_2;
+  assign \a$2164  = a_11_l2_0;
+  assign \b$2165  = b_0_l2_2;
+  assign \a$2166  = a_11_l2_0;
+  assign \b$2167  = b_1_l2_2;
+  assign \a$2168  = a_11_l2_0;
+  assign \b$2169  = b_2_l2_2;
+  assign \a$2170  = a_11_l2_0;
+  assign \b$2171  = b_3_l2_2;
+  assign \a$2172  = a_11_l2_1;
+  assign \b$2173  = b_4_l2_2;
+  assign \a$2174  = a_11_l2_1;
+  assign \b$2175  = b_5_l2_2;
+  assign \a$2176  = a_11_l2_1;
+  assign \b$2177  = b_6_l2_2;
+  assign \a$2178  = a_11_l2_1;
+  assign \b$2179  = b_7_l2_2;
+  assign \a$2180  = a_11_l2_2;
+  assign \b$2181  = b_8_l2_2;
+  assign \a$2182  = a_11_l2_2;
+  assign \b$2183  = b_9_l2_2;
+  assign \a$2184  = a_11_l2_2;
+  assign \b$2185  = b_10_l2_2;
+  assign \a$2186  = a_11_l2_2;
+  assign \b$2187  = b_11_l2_2;
+  assign \a$2188  = a_11_l2_3;
+  assign \b$2189  = b_12_l2_2;
+  assign \a$2190  = a_11_l2_3;
+  assign \b$2191  = b_13_l2_2;
+  assign \a$2192  = a_11_l2_3;
+  assign \b$2193  = b_14_l2_2;
+  assign \a$2194  = a_11_l2_3;
+  assign \b$2195  = b_15_l2_2;
+  assign \a$2196  = a_12_l2_0;
+  assign \b$2197  = b_0_l2_3;
+  assign \a$2198  = a_12_l2_0;
+  assign \b$2199  = b_1_l2_3;
+  assign \a$2200  = a_12_l2_0;
+  assign \b$2201  = b_2_l2_3;
+  assign \a$2202  = a_12_l2_0;
+  assign \b$2203  = b_3_l2_3;
+  assign \a$2204  = a_12_l2_1;
+  assign \b$2205  = b_4_l2_3;
+  assign \a$2206  = a_12_l2_1;
+  assign \b$2207  = b_5_l2_3;
+  assign \a$2208  = a_12_l2_1;
+  assign \b$2209  = b_6_l2_3;
+  assign \a$2210  = a_12_l2_1;
+  assign \b$2211  = b_7_l2_3;
+  assign \a$2212  = a_12_l2_2;
+  assign \b$2213  = b_8_l2_3;
+  assign \a$2214  = a_12_l2_2;
+  assign \b$2215  = b_9_l2_3;
+  assign \a$2216  = a_12_l2_2;
+  assign \b$2217  = b_10_l2_3;
+  assign \a$2218  = a_12_l2_2;
+  assign \b$2219  = b_11_l2_3;
+  assign \a$2220  = a_12_l2_3;
+  assign \b$2221  = b_12_l2_3;
+  assign \a$2222  = a_12_l2_3;
+  assign \b$2223  = b_13_l2_3;
+  assign \a$2224  = a_12_l2_3;
+  assign \b$2225  = b_14_l2_3;
+  assign \a$2226  = a_12_l2_3;
+  assign \b$2227  = b_15_l2_3;
+  assign \a$2228  = a_13_l2_0;
+  assign \b$2229  = b_0_l2_3;
+  assign \a$2230  = a_13_l2_0;
+  assign \b$2231  = b_1_l2_3;
+  assign \a$2232  = a_13_l2_0;
+  assign \b$2233  = b_2_l2_3;
+  assign \a$2234  = a_13_l2_0;
+  assign \b$2235  = b_3_l2_3;
+  assign \a$2236  = a_13_l2_1;
+  assign \b$2237  = b_4_l2_3;
+  assign \a$2238  = a_13_l2_1;
+  assign \b$2239  = b_5_l2_3;
+  assign \a$2240  = a_13_l2_1;
+  assign \b$2241  = b_6_l2_3;
+  assign \a$2242  = a_13_l2_1;
+  assign \b$2243  = b_7_l2_3;
+  assign \a$2244  = a_13_l2_2;
+  assign \b$2245  = b_8_l2_3;
+  assign \a$2246  = a_13_l2_2;
+  assign \b$2247  = b_9_l2_3;
+  assign \a$2248  = a_13_l2_2;
+  assign \b$2249  = b_10_l2_3;
+  assign \a$2250  = a_13_l2_2;
+  assign \b$2251  = b_11_l2_3;
+  assign \a$2252  = a_13_l2_3;
+  assign \b$2253  = b_12_l2_3;
+  assign \a$2254  = a_13_l2_3;
+  assign \b$2255  = b_13_l2_3;
+  assign \a$2256  = a_13_l2_3;
+  assign \b$2257  = b_14_l2_3;
+  assign \a$2258  = a_13_l2_3;
+  assign \b$2259  = b_15_l2_3;
+  assign \a$2260  = a_14_l2_0;
+  assign \b$2261  = b_0_l2_3;
+  assign \a$2262  = a_14_l2_0;
+  assign \b$2263  = b_1_l2_3;
+  assign \a$2264  = a_14_l2_0;
+  assign \b$2265  = b_2_l2_3;
+  assign \a$2266  = a_14_l2_0;
+  assign \b$2267  = b_3_l2_3;
+  assign \a$2268  = a_14_l2_1;
+  assign \b$2269  = b_4_l2_3;
+  assign \a$2270  = a_14_l2_1;
+  assign \b$2271  = b_5_l2_3;
+  assign \a$2272  = a_14_l2_1;
+  assign \b$2273  = b_6_l2_3;
+  assign \a$2274  = a_14_l2_1;
+  assign \b$2275  = b_7_l2_3;
+  assign \a$2276  = a_14_l2_2;
+  assign \b$2277  = b_8_l2_3;
+  assign \a$2278  = a_14_l2_2;
+  assign \b$2279  = b_9_l2_3;
+  assign \a$2280  = a_14_l2_2;
+  assign \b$2281  = b_10_l2_3;
+  assign \a$2282  = a_14_l2_2;
+  assign \b$2283  = b_11_l2_3;
+  assign \a$2284  = a_14_l2_3;
+  assign \b$2285  = b_12_l2_3;
+  assign \a$2286  = a_14_l2_3;
+  assign \b$2287  = b_13_l2_3;
+  assign \a$2288  = a_14_l2_3;
+  assign \b$2289  = b_14_l2_3;
+  assign \a$2290  = a_14_l2_3;
+  assign \b$2291  = b_15_l2_3;
+  assign \a$2292  = a_15_l2_0;
+  assign \b$2293  = b_0_l2_3;
+  assign \a$2294  = a_15_l2_0;
+  assign \b$2295  = b_1_l2_3;
+  assign \a$2296  = a_15_l2_0;
+  assign \b$2297  = b_2_l2_3;
+  assign \a$2298  = a_15_l2_0;
+  assign \b$2299  = b_3_l2_3;
+  assign \a$2300  = a_15_l2_1;
+  assign \b$2301  = b_4_l2_3;
+  assign \a$2302  = a_15_l2_1;
+  assign \b$2303  = b_5_l2_3;
+  assign \a$2304  = a_15_l2_1;
+  assign \b$2305  = b_6_l2_3;
+  assign \a$2306  = a_15_l2_1;
+  assign \b$2307  = b_7_l2_3;
+  assign \a$2308  = a_15_l2_2;
+  assign \b$2309  = b_8_l2_3;
+  assign \a$2310  = a_15_l2_2;
+  assign \b$2311  = b_9_l2_3;
+  assign \a$2312  = a_15_l2_2;
+  assign \b$2313  = b_10_l2_3;
+  assign \a$2314  = a_15_l2_2;
+  assign \b$2315  = b_11_l2_3;
+  assign \a$2316  = a_15_l2_3;
+  assign \b$2317  = b_12_l2_3;
+  assign \a$2318  = a_15_l2_3;
+  assign \b$2319  = b_13_l2_3;
+  assign \a$2320  = a_15_l2_3;
+  assign \b$2321  = b_14_l2_3;
+  assign \a$2322  = a_15_l2_3;
+  assign \b$2323  = b_15_l2_3;
   assign o__valid = bank_busy;
   assign \i__payload.a  = i__payload[127:0];
   assign \i__payload.a[0]  = i__payload[7:0];
@@ -43330,7 +39300,6 @@ endmodule
 
 (* generator = "Amaranth" *)
 module \encoder_layer_0_attention_self_value.rq (rst, i, o, clk);
-  reg \$auto$verilog_backend.cc:2355:dump_module$3  = 0;
   wire [24:0] \$1 ;
   wire [24:0] \$10 ;
   wire \$100 ;
@@ -43435,61 +39404,12 @@ module \encoder_layer_0_attention_self_value.rq (rst, i, o, clk);
   wire \$190 ;
   wire [7:0] \$191 ;
   wire [8:0] \$192 ;
-  reg [18:0] \$193 ;
-  reg [2:0] \$194 ;
-  reg [17:0] \$195 ;
-  reg [127:0] \$196 ;
-  reg [18:0] \$197 ;
-  reg [2:0] \$198 ;
-  reg [17:0] \$199 ;
   wire [24:0] \$2 ;
   wire [11:0] \$20 ;
-  reg [18:0] \$200 ;
-  reg [2:0] \$201 ;
-  reg [17:0] \$202 ;
-  reg [18:0] \$203 ;
-  reg [2:0] \$204 ;
-  reg [17:0] \$205 ;
-  reg [18:0] \$206 ;
-  reg [2:0] \$207 ;
-  reg [17:0] \$208 ;
-  reg [18:0] \$209 ;
   wire [24:0] \$21 ;
-  reg [2:0] \$210 ;
-  reg [17:0] \$211 ;
-  reg [18:0] \$212 ;
-  reg [2:0] \$213 ;
-  reg [17:0] \$214 ;
-  reg [18:0] \$215 ;
-  reg [2:0] \$216 ;
-  reg [17:0] \$217 ;
-  reg [18:0] \$218 ;
-  reg [2:0] \$219 ;
   wire [24:0] \$22 ;
-  reg [17:0] \$220 ;
-  reg [18:0] \$221 ;
-  reg [2:0] \$222 ;
-  reg [17:0] \$223 ;
-  reg [18:0] \$224 ;
-  reg [2:0] \$225 ;
-  reg [17:0] \$226 ;
-  reg [18:0] \$227 ;
-  reg [2:0] \$228 ;
-  reg [17:0] \$229 ;
   wire [11:0] \$23 ;
-  reg [18:0] \$230 ;
-  reg [2:0] \$231 ;
-  reg [17:0] \$232 ;
-  reg [18:0] \$233 ;
-  reg [2:0] \$234 ;
-  reg [17:0] \$235 ;
-  reg [18:0] \$236 ;
-  reg [2:0] \$237 ;
-  reg [17:0] \$238 ;
-  reg [18:0] \$239 ;
   wire [11:0] \$24 ;
-  reg [2:0] \$240 ;
-  reg [17:0] \$241 ;
   wire [24:0] \$25 ;
   wire [24:0] \$26 ;
   wire [11:0] \$27 ;
@@ -43611,7 +39531,7 @@ module \encoder_layer_0_attention_self_value.rq (rst, i, o, clk);
   wire [2:0] \i.t[8] ;
   wire [2:0] \i.t[9] ;
   output [127:0] o;
-  reg [127:0] o = 128'h00000000000000000000000000000000;
+  wire [127:0] o;
   wire [7:0] \o[0] ;
   wire [7:0] \o[10] ;
   wire [7:0] \o[11] ;
@@ -43628,6 +39548,22 @@ module \encoder_layer_0_attention_self_value.rq (rst, i, o, clk);
   wire [7:0] \o[7] ;
   wire [7:0] \o[8] ;
   wire [7:0] \o[9] ;
+  reg [7:0] q_0 = 8'h00;
+  reg [7:0] q_1 = 8'h00;
+  reg [7:0] q_10 = 8'h00;
+  reg [7:0] q_11 = 8'h00;
+  reg [7:0] q_12 = 8'h00;
+  reg [7:0] q_13 = 8'h00;
+  reg [7:0] q_14 = 8'h00;
+  reg [7:0] q_15 = 8'h00;
+  reg [7:0] q_2 = 8'h00;
+  reg [7:0] q_3 = 8'h00;
+  reg [7:0] q_4 = 8'h00;
+  reg [7:0] q_5 = 8'h00;
+  reg [7:0] q_6 = 8'h00;
+  reg [7:0] q_7 = 8'h00;
+  reg [7:0] q_8 = 8'h00;
+  reg [7:0] q_9 = 8'h00;
   reg [17:0] r_0 = 18'h00000;
   reg [17:0] r_1 = 18'h00000;
   reg [17:0] r_10 = 18'h00000;
@@ -43855,461 +39791,133 @@ module \encoder_layer_0_attention_self_value.rq (rst, i, o, clk);
   assign \$191  = r_15[17] ? 8'h80 : 8'h7f;
   assign \$192  = \$190  ? { 1'h0, r_15[7:0] } : { \$191 [7], \$191  };
   always @(posedge clk)
-    v_0 <= \$193 ;
+    v_0 <= \$65 ;
   always @(posedge clk)
-    t1_0 <= \$194 ;
+    t1_0 <= i[386:384];
   always @(posedge clk)
-    r_0 <= \$195 ;
+    r_0 <= \$66 [17:0];
   always @(posedge clk)
-    o <= \$196 ;
+    q_0 <= \$72 [7:0];
   always @(posedge clk)
-    v_1 <= \$197 ;
+    v_1 <= \$73 ;
   always @(posedge clk)
-    t1_1 <= \$198 ;
+    t1_1 <= i[389:387];
   always @(posedge clk)
-    r_1 <= \$199 ;
+    r_1 <= \$74 [17:0];
   always @(posedge clk)
-    v_2 <= \$200 ;
+    q_1 <= \$80 [7:0];
   always @(posedge clk)
-    t1_2 <= \$201 ;
+    v_2 <= \$81 ;
   always @(posedge clk)
-    r_2 <= \$202 ;
+    t1_2 <= i[392:390];
   always @(posedge clk)
-    v_3 <= \$203 ;
+    r_2 <= \$82 [17:0];
   always @(posedge clk)
-    t1_3 <= \$204 ;
+    q_2 <= \$88 [7:0];
   always @(posedge clk)
-    r_3 <= \$205 ;
+    v_3 <= \$89 ;
   always @(posedge clk)
-    v_4 <= \$206 ;
+    t1_3 <= i[395:393];
   always @(posedge clk)
-    t1_4 <= \$207 ;
+    r_3 <= \$90 [17:0];
   always @(posedge clk)
-    r_4 <= \$208 ;
+    q_3 <= \$96 [7:0];
   always @(posedge clk)
-    v_5 <= \$209 ;
+    v_4 <= \$97 ;
   always @(posedge clk)
-    t1_5 <= \$210 ;
+    t1_4 <= i[398:396];
   always @(posedge clk)
-    r_5 <= \$211 ;
+    r_4 <= \$98 [17:0];
   always @(posedge clk)
-    v_6 <= \$212 ;
+    q_4 <= \$104 [7:0];
   always @(posedge clk)
-    t1_6 <= \$213 ;
+    v_5 <= \$105 ;
   always @(posedge clk)
-    r_6 <= \$214 ;
+    t1_5 <= i[401:399];
   always @(posedge clk)
-    v_7 <= \$215 ;
+    r_5 <= \$106 [17:0];
   always @(posedge clk)
-    t1_7 <= \$216 ;
+    q_5 <= \$112 [7:0];
   always @(posedge clk)
-    r_7 <= \$217 ;
+    v_6 <= \$113 ;
   always @(posedge clk)
-    v_8 <= \$218 ;
+    t1_6 <= i[404:402];
   always @(posedge clk)
-    t1_8 <= \$219 ;
+    r_6 <= \$114 [17:0];
   always @(posedge clk)
-    r_8 <= \$220 ;
+    q_6 <= \$120 [7:0];
   always @(posedge clk)
-    v_9 <= \$221 ;
+    v_7 <= \$121 ;
   always @(posedge clk)
-    t1_9 <= \$222 ;
+    t1_7 <= i[407:405];
   always @(posedge clk)
-    r_9 <= \$223 ;
+    r_7 <= \$122 [17:0];
   always @(posedge clk)
-    v_10 <= \$224 ;
+    q_7 <= \$128 [7:0];
   always @(posedge clk)
-    t1_10 <= \$225 ;
+    v_8 <= \$129 ;
   always @(posedge clk)
-    r_10 <= \$226 ;
+    t1_8 <= i[410:408];
   always @(posedge clk)
-    v_11 <= \$227 ;
+    r_8 <= \$130 [17:0];
   always @(posedge clk)
-    t1_11 <= \$228 ;
+    q_8 <= \$136 [7:0];
   always @(posedge clk)
-    r_11 <= \$229 ;
+    v_9 <= \$137 ;
   always @(posedge clk)
-    v_12 <= \$230 ;
+    t1_9 <= i[413:411];
   always @(posedge clk)
-    t1_12 <= \$231 ;
+    r_9 <= \$138 [17:0];
   always @(posedge clk)
-    r_12 <= \$232 ;
+    q_9 <= \$144 [7:0];
   always @(posedge clk)
-    v_13 <= \$233 ;
+    v_10 <= \$145 ;
   always @(posedge clk)
-    t1_13 <= \$234 ;
+    t1_10 <= i[416:414];
   always @(posedge clk)
-    r_13 <= \$235 ;
+    r_10 <= \$146 [17:0];
   always @(posedge clk)
-    v_14 <= \$236 ;
+    q_10 <= \$152 [7:0];
   always @(posedge clk)
-    t1_14 <= \$237 ;
+    v_11 <= \$153 ;
   always @(posedge clk)
-    r_14 <= \$238 ;
+    t1_11 <= i[419:417];
   always @(posedge clk)
-    v_15 <= \$239 ;
+    r_11 <= \$154 [17:0];
   always @(posedge clk)
-    t1_15 <= \$240 ;
+    q_11 <= \$160 [7:0];
   always @(posedge clk)
-    r_15 <= \$241 ;
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$193  = \$65 ;
-    if (rst) begin
-      \$193  = 19'h00000;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$194  = i[386:384];
-    if (rst) begin
-      \$194  = 3'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$195  = \$66 [17:0];
-    if (rst) begin
-      \$195  = 18'h00000;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$196 [7:0] = \$72 [7:0];
-    \$196 [15:8] = \$80 [7:0];
-    \$196 [23:16] = \$88 [7:0];
-    \$196 [31:24] = \$96 [7:0];
-    \$196 [39:32] = \$104 [7:0];
-    \$196 [47:40] = \$112 [7:0];
-    \$196 [55:48] = \$120 [7:0];
-    \$196 [63:56] = \$128 [7:0];
-    \$196 [71:64] = \$136 [7:0];
-    \$196 [79:72] = \$144 [7:0];
-    \$196 [87:80] = \$152 [7:0];
-    \$196 [95:88] = \$160 [7:0];
-    \$196 [103:96] = \$168 [7:0];
-    \$196 [111:104] = \$176 [7:0];
-    \$196 [119:112] = \$184 [7:0];
-    \$196 [127:120] = \$192 [7:0];
-    if (rst) begin
-      \$196  = 128'h00000000000000000000000000000000;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$197  = \$73 ;
-    if (rst) begin
-      \$197  = 19'h00000;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$198  = i[389:387];
-    if (rst) begin
-      \$198  = 3'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$199  = \$74 [17:0];
-    if (rst) begin
-      \$199  = 18'h00000;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$200  = \$81 ;
-    if (rst) begin
-      \$200  = 19'h00000;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$201  = i[392:390];
-    if (rst) begin
-      \$201  = 3'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$202  = \$82 [17:0];
-    if (rst) begin
-      \$202  = 18'h00000;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$203  = \$89 ;
-    if (rst) begin
-      \$203  = 19'h00000;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$204  = i[395:393];
-    if (rst) begin
-      \$204  = 3'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$205  = \$90 [17:0];
-    if (rst) begin
-      \$205  = 18'h00000;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$206  = \$97 ;
-    if (rst) begin
-      \$206  = 19'h00000;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$207  = i[398:396];
-    if (rst) begin
-      \$207  = 3'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$208  = \$98 [17:0];
-    if (rst) begin
-      \$208  = 18'h00000;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$209  = \$105 ;
-    if (rst) begin
-      \$209  = 19'h00000;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$210  = i[401:399];
-    if (rst) begin
-      \$210  = 3'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$211  = \$106 [17:0];
-    if (rst) begin
-      \$211  = 18'h00000;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$212  = \$113 ;
-    if (rst) begin
-      \$212  = 19'h00000;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$213  = i[404:402];
-    if (rst) begin
-      \$213  = 3'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$214  = \$114 [17:0];
-    if (rst) begin
-      \$214  = 18'h00000;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$215  = \$121 ;
-    if (rst) begin
-      \$215  = 19'h00000;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$216  = i[407:405];
-    if (rst) begin
-      \$216  = 3'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$217  = \$122 [17:0];
-    if (rst) begin
-      \$217  = 18'h00000;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$218  = \$129 ;
-    if (rst) begin
-      \$218  = 19'h00000;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$219  = i[410:408];
-    if (rst) begin
-      \$219  = 3'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$220  = \$130 [17:0];
-    if (rst) begin
-      \$220  = 18'h00000;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$221  = \$137 ;
-    if (rst) begin
-      \$221  = 19'h00000;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$222  = i[413:411];
-    if (rst) begin
-      \$222  = 3'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$223  = \$138 [17:0];
-    if (rst) begin
-      \$223  = 18'h00000;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$224  = \$145 ;
-    if (rst) begin
-      \$224  = 19'h00000;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$225  = i[416:414];
-    if (rst) begin
-      \$225  = 3'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$226  = \$146 [17:0];
-    if (rst) begin
-      \$226  = 18'h00000;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$227  = \$153 ;
-    if (rst) begin
-      \$227  = 19'h00000;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$228  = i[419:417];
-    if (rst) begin
-      \$228  = 3'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$229  = \$154 [17:0];
-    if (rst) begin
-      \$229  = 18'h00000;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$230  = \$161 ;
-    if (rst) begin
-      \$230  = 19'h00000;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$231  = i[422:420];
-    if (rst) begin
-      \$231  = 3'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$232  = \$162 [17:0];
-    if (rst) begin
-      \$232  = 18'h00000;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$233  = \$169 ;
-    if (rst) begin
-      \$233  = 19'h00000;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$234  = i[425:423];
-    if (rst) begin
-      \$234  = 3'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$235  = \$170 [17:0];
-    if (rst) begin
-      \$235  = 18'h00000;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$236  = \$177 ;
-    if (rst) begin
-      \$236  = 19'h00000;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$237  = i[428:426];
-    if (rst) begin
-      \$237  = 3'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$238  = \$178 [17:0];
-    if (rst) begin
-      \$238  = 18'h00000;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$239  = \$185 ;
-    if (rst) begin
-      \$239  = 19'h00000;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$240  = i[431:429];
-    if (rst) begin
-      \$240  = 3'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$3 ) begin end
-    \$241  = \$186 [17:0];
-    if (rst) begin
-      \$241  = 18'h00000;
-    end
-  end
+    v_12 <= \$161 ;
+  always @(posedge clk)
+    t1_12 <= i[422:420];
+  always @(posedge clk)
+    r_12 <= \$162 [17:0];
+  always @(posedge clk)
+    q_12 <= \$168 [7:0];
+  always @(posedge clk)
+    v_13 <= \$169 ;
+  always @(posedge clk)
+    t1_13 <= i[425:423];
+  always @(posedge clk)
+    r_13 <= \$170 [17:0];
+  always @(posedge clk)
+    q_13 <= \$176 [7:0];
+  always @(posedge clk)
+    v_14 <= \$177 ;
+  always @(posedge clk)
+    t1_14 <= i[428:426];
+  always @(posedge clk)
+    r_14 <= \$178 [17:0];
+  always @(posedge clk)
+    q_14 <= \$184 [7:0];
+  always @(posedge clk)
+    v_15 <= \$185 ;
+  always @(posedge clk)
+    t1_15 <= i[431:429];
+  always @(posedge clk)
+    r_15 <= \$186 [17:0];
+  always @(posedge clk)
+    q_15 <= \$192 [7:0];
   assign u_0 = \$2 [17:0];
   assign rc_0 = \$4 [3:0];
   assign u_1 = \$6 [17:0];
@@ -44392,6 +40000,22 @@ module \encoder_layer_0_attention_self_value.rq (rst, i, o, clk);
   assign \o[13]  = o[111:104];
   assign \o[14]  = o[119:112];
   assign \o[15]  = o[127:120];
+  assign o[127:120] = q_15;
+  assign o[119:112] = q_14;
+  assign o[111:104] = q_13;
+  assign o[103:96] = q_12;
+  assign o[95:88] = q_11;
+  assign o[87:80] = q_10;
+  assign o[79:72] = q_9;
+  assign o[71:64] = q_8;
+  assign o[63:56] = q_7;
+  assign o[55:48] = q_6;
+  assign o[47:40] = q_5;
+  assign o[39:32] = q_4;
+  assign o[31:24] = q_3;
+  assign o[23:16] = q_2;
+  assign o[15:8] = q_1;
+  assign o[7:0] = q_0;
   assign \$1  = { i[23], i[23:0] };
   assign \$2  = { \$1 [24], \$1 [24], \$1 [24], \$1 [24], \$1 [24], \$1 [24], \$1 [24], \$1 [24:7] };
   assign \$4  = { 1'h0, \$3 [11:1] };

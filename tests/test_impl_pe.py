@@ -41,7 +41,7 @@ def test_mixed_mapping_cycles_and_odd_widths():
     got, per_tile, _, _ = run_tiles(dut, [(a, b)])
     assert _mismatches(got, [(a, b)]) == 0
     assert per_tile[0] == PEArray.cycles(6, 2) == 6 + 2 + PEArray.LATENCY - 1
-    assert PEArray.LATENCY == PIPE + 1 == 1 + FANOUT_LEVELS + MUL_STAGES + 1
+    assert PEArray.LATENCY == PIPE + 2 == 1 + FANOUT_LEVELS + MUL_STAGES + 2
 
 
 def test_fabric_mul_exhaustive_4x4():

@@ -777,8 +777,9 @@ class MatmulEngine(wiring.Component):
         # RAM), and the head entry (what the issue stage reads) in its own register,
         # loaded from the oldest slot on a pop or when it is empty; so a pop drives the
         # head's register, not every slot.
-        head = Signal(ent_w, name="ent_head")
-        slots = [Signal(ent_w, name=f"ent_q{i}") for i in range(depth)]
+        # entry words are data (no reset): the counters below say which are held
+        head = Signal(ent_w, name="ent_head", reset_less=True)
+        slots = [Signal(ent_w, name=f"ent_q{i}", reset_less=True) for i in range(depth)]
         rp = Signal(range(depth))
         wp = Signal(range(depth))
         ring = Signal(range(depth + 1))       # entries in the slots
@@ -862,8 +863,10 @@ class MatmulEngine(wiring.Component):
         # whether the beat's weight row is real (not a padding beat, not a bubble) reaches
         # the B operands through a tree of kept register copies, one per column at the
         # end, so no single register drives every B bit across the array
-        w_real, = delayed(m, [go & real], lat_op - 2, ("w_real",))
-        w_real_c = fanout_tree(m, w_real, N, [PE_FANOUT_GROUP, 1], ["w_real_g", "w_real_c"])
+        # (no reset: a stale flag in the cycles after a reset only feeds the
+        # accumulators before any tile's first beat, which overwrites them)
+        w_real, = delayed(m, [go & real], lat_op - 2, ("w_real",), reset_less=True)
+        w_real_c = fanout_tree(m, w_real, N, [PE_FANOUT_GROUP, 1], ["w_real_g", "w_real_c"], reset_less=True)
 
         # ---- the operand words -> PE array -----------------------------------
         av, wv = a_rd.data, w_rd.data
@@ -895,10 +898,11 @@ class MatmulEngine(wiring.Component):
                 m.d.sync += [out_nt.eq(out_nt + 1), tile_base.eq(tile_base + 1)]
 
         # stage R1: accumulator row, whether it is a row < m, and its out address (rows
-        # drain in order, row 0 first: each row's address is the previous one's + NT)
+        # drain in order, row 0 first: each row's address is the previous one's + NT).
+        # Only the valid and done flags are reset; rows and addresses are data
         v1, fin1, ok1 = Signal(), Signal(), Signal()
-        addr1 = Signal(range((s.mt_max + 1) * R * s.nt + 1))
-        acc1 = Signal(pe.o.payload.data.shape())
+        addr1 = Signal(range((s.mt_max + 1) * R * s.nt + 1), reset_less=True)
+        acc1 = Signal(pe.o.payload.data.shape(), reset_less=True)
         m.d.sync += [v1.eq(pe.o.valid), fin1.eq(pe.o.valid & fin), ok1.eq(pe.o.payload.row < out_left),
                      acc1.eq(pe.o.payload.data)]
         with m.If(pe.o.valid):
@@ -906,12 +910,13 @@ class MatmulEngine(wiring.Component):
         # stage R2: the row's out address; then the row waits for its bias/shift
         # words (read_latencies["bias"] cycles after the address, which is out_nt)
         v2, fin2 = Signal(), Signal()
-        addr2 = Signal(bufs["out"].wr.addr.shape())
+        addr2 = Signal(bufs["out"].wr.addr.shape(), reset_less=True)
         acc2 = Signal.like(acc1)
         m.d.sync += [v2.eq(v1 & ok1), fin2.eq(fin1), addr2.eq(addr1),
                      acc2.eq(acc1)]
-        v2, fin2, addr2, acc2 = delayed(m, [v2, fin2, addr2, acc2], s.read_latencies["bias"] - 2,
-                                        ("v_w", "fin_w", "addr_w", "acc_w"))
+        v2, fin2 = delayed(m, [v2, fin2], s.read_latencies["bias"] - 2, ("v_w", "fin_w"))
+        addr2, acc2 = delayed(m, [addr2, acc2], s.read_latencies["bias"] - 2, ("addr_w", "acc_w"),
+                              reset_less=True)
         bv, tv = bias_rd.data, shift_rd.data
         # stage R3: sum = acc + bias, shift codes -> ShiftRequant
         m.submodules.rq = rq = ShiftRequant(s.sum_width, s.shift_min, s.shift_max,
@@ -919,10 +924,13 @@ class MatmulEngine(wiring.Component):
         v3, fin3 = Signal(), Signal()
         addr3 = Signal.like(addr2)
         m.d.sync += [v3.eq(v2), fin3.eq(fin2), addr3.eq(addr2)]
+        rq_in = Signal.like(rq.i, name="rq_in", reset_less=True)
+        m.d.comb += rq.i.eq(rq_in)
         for c in range(N):
-            m.d.sync += [rq.i.c[c].eq(acc2[c] + bv[c]), rq.i.t[c].eq(tv[c])]
+            m.d.sync += [rq_in.c[c].eq(acc2[c] + bv[c]), rq_in.t[c].eq(tv[c])]
         # ShiftRequant stages (R3, R4): valid/address ride alongside
-        vq, finq, addrq = delayed(m, [v3, fin3, addr3], ShiftRequant.LATENCY, ("v_q", "fin_q", "addr_q"))
+        vq, finq = delayed(m, [v3, fin3], ShiftRequant.LATENCY, ("v_q", "fin_q"))
+        addrq, = delayed(m, [addr3], ShiftRequant.LATENCY, ("addr_q",), reset_less=True)
         ow = bufs["out"].wr
         m.d.comb += [ow.en.eq(vq), ow.addr.eq(addrq), ow.data.eq(rq.o.as_value())]
         # the last word through out's front registers, then done

@@ -46,19 +46,22 @@ with its input and output registers plus two in fabric, so that the route
 from the DSP block to the accumulator gets a register at each end; its
 behavioural twin :class:`RegisteredMul`; or the pipelined :class:`FabricMul`
 in logic, per :class:`PEMapping`); stage 7 adds the product into the
-accumulator. The ``first``/``last`` flags travel beside the products through
+accumulator; stage 8 copies a finished tile from the accumulator registers
+into the output bank (the bank never sees the adder: on a 8 x 8 array the
+accumulator's carry chain into the bank was the critical path, 6.6 ns). The ``first``/``last`` flags travel beside the products through
 a fan-out tree of registers (single copies until stage 4, one per row at
 stage 5, one per PE at stage 6; each copy carries a ``keep`` attribute, which
 :mod:`hwgen.impl` turns into kept cells so synthesis does not merge the
 copies), so no control net drives more than one PE's registers. ``PIPE``
-(7) registers sit in front of the accumulators and ``LATENCY = PIPE + 1``.
+(7) registers sit in front of the accumulators and ``LATENCY = PIPE + 2``.
 Measured placed on an LFE5U-85F (16 x 16, before the second fan-out level
 and the fourth multiplier register): half of the DSP output bits travelled
 more than 40 tiles to their fabric register, the operand copies up to 94.
 Counting cycle 0 as the one in which beat 0 is taken, with no bubbles:
 
 * beats are taken in cycles ``0 .. K-1``;
-* the tile is copied into the output bank at the end of cycle ``K - 1 + PIPE``;
+* the tile is in the accumulators at the end of cycle ``K - 1 + PIPE`` and
+  copied into the output bank at the end of the next;
 * row ``r`` of C is valid on ``o`` in cycle ``K - 1 + LATENCY + r``;
 * so one tile takes exactly ``cycles(K, rows) = K + rows + LATENCY - 1``
   cycles from its first beat to its last output row (``LATENCY`` from the
@@ -167,7 +170,7 @@ class PEArray(wiring.Component):
     """
 
     #: cycles from accepting a tile's last beat to its row 0 appearing on ``o``
-    LATENCY = PIPE + 1
+    LATENCY = PIPE + 2
 
     def __init__(self, rows: int, cols: int, a_width: int, b_width: int, acc_width: int,
                  mapping: "PEMapping | None" = None, zero_bubbles: bool = True):
@@ -258,18 +261,28 @@ class PEArray(wiring.Component):
         b1 = [tree(b0[j], R, f"b_{j}") for j in range(N)]
 
         # the flags' fan-out tree: a delay line until the multipliers' input stage,
-        # then one copy per row, then one per PE
+        # then one copy per row, then one per PE. The copies have no reset (a reset
+        # net reaching every PE across the die was the 16 x 16's critical path): they
+        # steer only the accumulators and the bank, which a tile's own first and last
+        # beats overwrite, while the output's valid (`commit`) comes from the reset
+        # delay line itself
         first2, last2 = delayed(m, [first0, last0], FANOUT_LEVELS + MUL_STAGES - 2, ("first", "last"))
-        first3 = [Signal(name=f"first_r{i}", attrs=keep) for i in range(R)]
-        last3 = [Signal(name=f"last_r{i}", attrs=keep) for i in range(R)]
+        first3 = [Signal(name=f"first_r{i}", attrs=keep, reset_less=True) for i in range(R)]
+        last3 = [Signal(name=f"last_r{i}", attrs=keep, reset_less=True) for i in range(R)]
         m.d.sync += [first3[i].eq(first2) for i in range(R)]
         m.d.sync += [last3[i].eq(last2) for i in range(R)]
-        first4 = [[Signal(name=f"first_pe{i}_{j}", attrs=keep) for j in range(N)] for i in range(R)]
-        last4 = [[Signal(name=f"last_pe{i}_{j}", attrs=keep) for j in range(N)] for i in range(R)]
+        first4 = [[Signal(name=f"first_pe{i}_{j}", attrs=keep, reset_less=True) for j in range(N)]
+                  for i in range(R)]
+        last4 = [[Signal(name=f"last_pe{i}_{j}", attrs=keep, reset_less=True) for j in range(N)]
+                 for i in range(R)]
         m.d.sync += [first4[i][j].eq(first3[i]) for i in range(R) for j in range(N)]
         m.d.sync += [last4[i][j].eq(last3[i]) for i in range(R) for j in range(N)]
-        commit = Signal()        # the control logic's own copy of last4
-        m.d.sync += commit.eq(last3[0])
+        # stage 8's flags: whether the accumulator now holds a finished tile (last4 a
+        # cycle later, one per PE), and the drain control's own copy of it
+        last5 = [[Signal(name=f"done_pe{i}_{j}", attrs=keep, reset_less=True) for j in range(N)]
+                 for i in range(R)]
+        m.d.sync += [last5[i][j].eq(last4[i][j]) for i in range(R) for j in range(N)]
+        commit, = delayed(m, [last2], 3, ("commit",))
 
         # stages 3..6: one product per PE, MUL_STAGES registers deep (MULT18X18D
         # with its registers, its twin, or a pipelined fabric multiplier), never held
@@ -288,18 +301,18 @@ class PEArray(wiring.Component):
                 m.d.comb += [mul.a.eq(a1[i][j // FANOUT_GROUP]), mul.b.eq(b1[j][i // FANOUT_GROUP])]
                 prod[i][j] = mul.p
 
-        # stage 7: accumulators; the output bank (a row shift register) drained on `o`
+        # stage 7: accumulators; stage 8: the output bank (a row shift register, drained
+        # on `o`) copies a finished tile from the accumulator registers, so no adder
+        # sits between the accumulator and the bank
         acc = [[Signal(signed(W), name=f"acc_{i}_{j}", reset_less=True) for j in range(N)]
                for i in range(R)]
         bank = [[Signal(signed(W), name=f"bank_{i}_{j}", reset_less=True) for j in range(N)]
                 for i in range(R)]
-        nxt = [[Signal(signed(W), name=f"nxt_{i}_{j}") for j in range(N)] for i in range(R)]
         for i in range(R):
             for j in range(N):
-                m.d.comb += nxt[i][j].eq(Mux(first4[i][j], prod[i][j], acc[i][j] + prod[i][j]))
-                m.d.sync += acc[i][j].eq(nxt[i][j])
-                # commit the tile (its last product included), else shift up one row
-                m.d.sync += bank[i][j].eq(Mux(last4[i][j], nxt[i][j],
+                m.d.sync += acc[i][j].eq(Mux(first4[i][j], prod[i][j], acc[i][j] + prod[i][j]))
+                # commit the finished tile, else shift up one row
+                m.d.sync += bank[i][j].eq(Mux(last5[i][j], acc[i][j],
                                               bank[i + 1][j] if i + 1 < R else 0))
 
         bank_busy = Signal()

@@ -141,7 +141,8 @@ class ShiftRequant(wiring.Component):
     ``r = (u + ((1 << t) >> 1)) >> t`` (arithmetic shift: round half up), then
     saturation. Timing: three register stages (``LATENCY = 3``: the rounding
     add, the variable shift, the saturation): ``o`` shows the result for the
-    ``i`` presented three cycles earlier; no enable, no stall.
+    ``i`` presented three cycles earlier; no enable, no stall, and no reset (data
+    registers only: a reset net to every lane spans the die on a wide engine).
     """
 
     #: cycles from ``i`` to ``o``
@@ -189,16 +190,18 @@ class ShiftRequant(wiring.Component):
             u = Signal(signed(uw), name=f"u_{lane}")
             rc = Signal(max(t_max, 1), name=f"rc_{lane}")   # (1 << t) >> 1
             m.d.comb += [u.eq((c << lft) >> p), rc.eq((Const(1, t_max + 1) << t) >> 1)]
-            v = Signal(signed(max(uw, t_max + 1) + 1), name=f"v_{lane}")
-            t1 = Signal.like(t, name=f"t1_{lane}")
+            # data registers: no reset (the lanes carry no control)
+            v = Signal(signed(max(uw, t_max + 1) + 1), name=f"v_{lane}", reset_less=True)
+            t1 = Signal.like(t, name=f"t1_{lane}", reset_less=True)
             m.d.sync += [v.eq(u + rc), t1.eq(t)]                  # stage 1: rounding add
-            r = Signal(signed(rw), name=f"r_{lane}")
+            r = Signal(signed(rw), name=f"r_{lane}", reset_less=True)
             m.d.sync += r.eq(v >> t1)                             # stage 2: shift
             # stage 3: saturate. r fits the output iff its bits above the output's
             # (from its sign bit when signed) are all equal (signed) or all zero
             # (unsigned; r's own sign bit among them): reduction trees, no compare
             upper = r[self.out_width - 1:] if self.out_signed else r[self.out_width:]
             fits = (upper.all() | ~upper.any()) if self.out_signed else ~upper.any()
-            m.d.sync += self.o[lane].eq(Mux(fits, r[:self.out_width],
-                                            Mux(r[-1], self.lo, self.hi)))
+            q = Signal.like(self.o[lane], name=f"q_{lane}", reset_less=True)
+            m.d.sync += q.eq(Mux(fits, r[:self.out_width], Mux(r[-1], self.lo, self.hi)))
+            m.d.comb += self.o[lane].eq(q)
         return m
