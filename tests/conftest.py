@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+from amaranth import ClockDomain, Elaboratable, Module, Signal
 
 from hwgen.ir import Graph, Node, Tensor
 
@@ -105,6 +106,22 @@ def tiny_decoder_fixed(tiny_decoder):
 
     fixed, _ = quantize(tiny_decoder, tiny_decoder_feeds(), QuantConfig.from_bits("w8a8"))
     return fixed
+
+
+class WithReset(Elaboratable):
+    """An elaboratable holding ``dut`` in a ``sync`` domain whose reset is the
+    signal ``rst``, so a testbench can pulse the reset (the simulator's own
+    domain reset cannot be driven)."""
+
+    def __init__(self, dut):
+        self.dut, self.rst = dut, Signal(name="rst_tb")
+
+    def elaborate(self, platform):
+        m = Module()
+        m.domains.sync = cd = ClockDomain("sync")
+        m.d.comb += cd.rst.eq(self.rst)
+        m.submodules.dut = self.dut
+        return m
 
 
 def run_cli(capsys, *argv):

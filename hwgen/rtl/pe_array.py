@@ -450,8 +450,11 @@ class FabricMul(wiring.Component):
     partial products ``b[k] ? a << k : 0``, the sign bit's taken from the
     extra input ``a_neg`` (which must carry ``-a``, registered by the caller so
     no negation sits in the tree), summed by a balanced adder tree whose levels
-    are spread over the registered stages (one adder level per stage for
-    8-bit ``b``, the last stage a plain register); every stage loads each cycle; registers without reset. Same
+    are spread over the registered stages; when the tree has fewer levels than
+    ``MUL_STAGES`` the first stage registers the operands next to the
+    multiplier (then one adder level per stage for 8-bit ``b``; for 4-bit ``b``
+    the last stage is a plain register); every stage loads each cycle;
+    registers without reset. Same
     ports (plus ``a_neg``) and timing as :class:`RegisteredMul`. Written without
     ``*`` so synthesis never maps it to a DSP."""
 
@@ -463,12 +466,22 @@ class FabricMul(wiring.Component):
         m = Module()
         pw = self.a_width + self.b_width
         wb = self.b_width
-        terms = [Mux(self.b[k], self.a, 0) << k for k in range(wb - 1)]
-        terms.append(Mux(self.b[wb - 1], self.a_neg, 0) << (wb - 1))
-        levels = (len(terms) - 1).bit_length()  # adder-tree depth
-        per_stage = [levels // MUL_STAGES + (x < levels % MUL_STAGES) for x in range(MUL_STAGES)]
+        levels = (wb - 1).bit_length()          # adder-tree depth over wb partial products
+        a, a_neg, b = self.a, self.a_neg, self.b
+        stages = MUL_STAGES
+        if levels < MUL_STAGES:
+            # a spare stage: the operands are registered next to the multiplier first,
+            # so the route from the fan-out tree's copy ends in a register, not in
+            # the partial products and a carry chain
+            a, a_neg, b = (Signal.like(v, name=f"{n}_in", reset_less=True)
+                           for v, n in ((self.a, "a"), (self.a_neg, "a_neg"), (self.b, "b")))
+            m.d.sync += [a.eq(self.a), a_neg.eq(self.a_neg), b.eq(self.b)]
+            stages -= 1
+        terms = [Mux(b[k], a, 0) << k for k in range(wb - 1)]
+        terms.append(Mux(b[wb - 1], a_neg, 0) << (wb - 1))
+        per_stage = [levels // stages + (x < levels % stages) for x in range(stages)]
         vals = terms
-        for st, n in enumerate(per_stage):
+        for st, n in enumerate(per_stage, start=MUL_STAGES - stages):
             for _ in range(n):
                 vals = [vals[x] + vals[x + 1] if x + 1 < len(vals) else vals[x]
                         for x in range(0, len(vals), 2)]
