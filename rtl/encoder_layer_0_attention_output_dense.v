@@ -16,50 +16,50 @@ module encoder_layer_0_attention_output_dense(m, a_wr__en, a_wr__addr, a_wr__dat
   wire [24:0] \$106 ;
   wire [24:0] \$107 ;
   wire [24:0] \$108 ;
-  wire \$109 ;
+  wire [24:0] \$109 ;
   wire \$11 ;
-  wire \$110 ;
-  wire \$111 ;
+  wire [24:0] \$110 ;
+  wire [24:0] \$111 ;
   wire \$112 ;
   wire \$113 ;
   wire \$114 ;
-  reg \$115 ;
-  reg \$116 ;
-  reg [9:0] \$117 ;
-  reg [7:0] \$118 ;
+  wire \$115 ;
+  wire \$116 ;
+  wire \$117 ;
+  reg \$118 ;
   reg \$119 ;
   wire \$12 ;
-  reg \$120 ;
-  reg \$121 ;
+  reg [9:0] \$120 ;
+  reg [7:0] \$121 ;
   reg \$122 ;
-  reg [9:0] \$123 ;
-  reg [29:0] \$124 ;
-  reg [29:0] \$125 ;
-  reg [29:0] \$126 ;
+  reg \$123 ;
+  reg \$124 ;
+  reg \$125 ;
+  reg [9:0] \$126 ;
   reg [29:0] \$127 ;
   reg [29:0] \$128 ;
-  reg [2:0] \$129 ;
+  reg [29:0] \$129 ;
   wire \$13 ;
   reg [29:0] \$130 ;
-  reg [2:0] \$131 ;
+  reg [29:0] \$131 ;
   reg [2:0] \$132 ;
-  reg \$133 ;
-  reg \$134 ;
+  reg [29:0] \$133 ;
+  reg [2:0] \$134 ;
   reg [2:0] \$135 ;
-  reg [8:0] \$136 ;
-  reg [13:0] \$137 ;
-  reg [3:0] \$138 ;
-  reg \$139 ;
+  reg [2:0] \$136 ;
+  reg \$137 ;
+  reg \$138 ;
+  reg [2:0] \$139 ;
   wire [12:0] \$14 ;
-  reg [4:0] \$140 ;
-  reg \$141 ;
-  reg \$142 ;
+  reg [8:0] \$140 ;
+  reg [13:0] \$141 ;
+  reg [3:0] \$142 ;
   reg \$143 ;
-  reg [11:0] \$144 ;
+  reg [4:0] \$144 ;
   reg \$145 ;
   reg \$146 ;
   reg \$147 ;
-  reg \$148 ;
+  reg [11:0] \$148 ;
   reg \$149 ;
   wire [7:0] \$15 ;
   reg \$150 ;
@@ -79,26 +79,26 @@ module encoder_layer_0_attention_output_dense(m, a_wr__en, a_wr__addr, a_wr__dat
   reg \$163 ;
   reg \$164 ;
   reg \$165 ;
-  reg [4:0] \$166 ;
-  reg [7:0] \$167 ;
+  reg \$166 ;
+  reg \$167 ;
   reg \$168 ;
-  reg [11:0] \$169 ;
+  reg \$169 ;
   wire [7:0] \$17 ;
-  reg \$170 ;
+  reg [4:0] \$170 ;
   reg \$171 ;
-  reg \$172 ;
-  reg [11:0] \$173 ;
-  reg \$174 ;
+  reg [7:0] \$172 ;
+  reg \$173 ;
+  reg [11:0] \$174 ;
   reg \$175 ;
   reg \$176 ;
   reg \$177 ;
-  wire [415:0] \$178 ;
+  reg [11:0] \$178 ;
   reg \$179 ;
   wire [7:0] \$18 ;
   reg \$180 ;
   reg \$181 ;
   reg \$182 ;
-  reg \$183 ;
+  wire [415:0] \$183 ;
   reg \$184 ;
   reg \$185 ;
   reg \$186 ;
@@ -107,7 +107,12 @@ module encoder_layer_0_attention_output_dense(m, a_wr__en, a_wr__addr, a_wr__dat
   reg \$189 ;
   wire [7:0] \$19 ;
   reg \$190 ;
-  reg [7:0] \$191 ;
+  reg \$191 ;
+  reg \$192 ;
+  reg \$193 ;
+  reg \$194 ;
+  reg \$195 ;
+  reg [7:0] \$196 ;
   wire \$2 ;
   wire [7:0] \$20 ;
   wire [7:0] \$21 ;
@@ -123,10 +128,10 @@ module encoder_layer_0_attention_output_dense(m, a_wr__en, a_wr__addr, a_wr__dat
   wire [7:0] \$30 ;
   wire \$31 ;
   wire \$32 ;
-  wire \$33 ;
-  wire [8:0] \$34 ;
-  wire \$35 ;
-  wire [10:0] \$36 ;
+  wire [8:0] \$33 ;
+  wire \$34 ;
+  wire [10:0] \$35 ;
+  wire \$36 ;
   wire \$37 ;
   wire \$38 ;
   wire \$39 ;
@@ -138,68 +143,68 @@ module encoder_layer_0_attention_output_dense(m, a_wr__en, a_wr__addr, a_wr__dat
   wire \$44 ;
   wire \$45 ;
   wire \$46 ;
-  wire \$47 ;
+  wire [3:0] \$47 ;
   wire [3:0] \$48 ;
-  wire [3:0] \$49 ;
+  wire \$49 ;
   wire \$5 ;
-  wire \$50 ;
+  wire [3:0] \$50 ;
   wire [3:0] \$51 ;
-  wire [3:0] \$52 ;
+  wire \$52 ;
   wire [3:0] \$53 ;
-  wire [4:0] \$54 ;
-  wire \$55 ;
-  wire \$56 ;
+  wire [3:0] \$54 ;
+  wire [3:0] \$55 ;
+  wire [4:0] \$56 ;
   wire \$57 ;
   wire \$58 ;
   wire \$59 ;
   wire \$6 ;
   wire \$60 ;
   wire \$61 ;
-  wire [3:0] \$62 ;
-  wire [4:0] \$63 ;
-  wire \$64 ;
-  wire \$65 ;
-  wire [9:0] \$66 ;
-  wire [14:0] \$67 ;
-  wire [4:0] \$68 ;
-  wire \$69 ;
+  wire \$62 ;
+  wire \$63 ;
+  wire [3:0] \$64 ;
+  wire [4:0] \$65 ;
+  wire \$66 ;
+  wire \$67 ;
+  wire [9:0] \$68 ;
+  wire [14:0] \$69 ;
   wire \$7 ;
-  wire \$70 ;
-  wire [5:0] \$71 ;
-  wire [5:0] \$72 ;
-  wire \$73 ;
-  wire \$74 ;
+  wire [4:0] \$70 ;
+  wire \$71 ;
+  wire \$72 ;
+  wire [5:0] \$73 ;
+  wire [5:0] \$74 ;
   wire \$75 ;
   wire \$76 ;
-  wire [12:0] \$77 ;
+  wire \$77 ;
   wire \$78 ;
-  wire \$79 ;
+  wire [12:0] \$79 ;
   wire \$8 ;
   wire \$80 ;
   wire \$81 ;
-  wire [8:0] \$82 ;
-  wire \$83 ;
-  wire [12:0] \$84 ;
-  wire [5:0] \$85 ;
-  wire [12:0] \$86 ;
-  wire \$87 ;
+  wire \$82 ;
+  wire [8:0] \$83 ;
+  wire \$84 ;
+  wire [12:0] \$85 ;
+  wire [5:0] \$86 ;
+  wire [5:0] \$87 ;
   wire \$88 ;
-  wire \$89 ;
+  wire [12:0] \$89 ;
   wire \$9 ;
-  wire [12:0] \$90 ;
-  wire [12:0] \$91 ;
+  wire \$90 ;
+  wire \$91 ;
   wire \$92 ;
-  wire [24:0] \$93 ;
-  wire [24:0] \$94 ;
-  wire [24:0] \$95 ;
+  wire [12:0] \$93 ;
+  wire [12:0] \$94 ;
+  wire \$95 ;
   wire [24:0] \$96 ;
   wire [24:0] \$97 ;
   wire [24:0] \$98 ;
   wire [24:0] \$99 ;
   reg \$signal  = 1'h0;
-  reg \$signal$156  = 1'h0;
-  reg \$signal$160  = 1'h0;
-  reg \$signal$164  = 1'h0;
+  reg \$signal$159  = 1'h0;
+  reg \$signal$163  = 1'h0;
+  reg \$signal$167  = 1'h0;
   reg [11:0] a_base = 12'h000;
   reg [8:0] a_off = 9'h000;
   input [11:0] a_wr__addr;
@@ -487,73 +492,58 @@ module encoder_layer_0_attention_output_dense(m, a_wr__en, a_wr__addr, a_wr__dat
   wire o_rd__en;
   reg ok1 = 1'h0;
   reg [29:0] oldest;
+  reg [29:0] oldest_rows;
   reg out_last = 1'h0;
   reg [7:0] out_left = 8'h00;
   (* init = 5'h00 *)
   wire [4:0] out_nt;
+  reg out_nt_last = 1'h0;
   reg pad = 1'h0;
   wire pop;
   reg [9:0] ptr = 10'h000;
   wire [11:0] rd__addr;
+  reg [4:0] \rd__addr$101  = 5'h00;
   (* init = 5'h00 *)
-  wire [4:0] \rd__addr$101 ;
+  wire [4:0] \rd__addr$103 ;
   wire [9:0] \rd__addr$48 ;
-  wire [11:0] \rd__addr$71 ;
-  reg [13:0] \rd__addr$74  = 14'h0000;
-  reg [4:0] \rd__addr$99  = 5'h00;
+  wire [11:0] \rd__addr$73 ;
+  reg [13:0] \rd__addr$76  = 14'h0000;
   wire [255:0] rd__data;
-  wire [29:0] \rd__data$120 ;
-  wire [223:0] \rd__data$167 ;
-  wire [13:0] \rd__data$167[0] ;
-  wire [13:0] \rd__data$167[10] ;
-  wire [13:0] \rd__data$167[11] ;
-  wire [13:0] \rd__data$167[12] ;
-  wire [13:0] \rd__data$167[13] ;
-  wire [13:0] \rd__data$167[14] ;
-  wire [13:0] \rd__data$167[15] ;
-  wire [13:0] \rd__data$167[1] ;
-  wire [13:0] \rd__data$167[2] ;
-  wire [13:0] \rd__data$167[3] ;
-  wire [13:0] \rd__data$167[4] ;
-  wire [13:0] \rd__data$167[5] ;
-  wire [13:0] \rd__data$167[6] ;
-  wire [13:0] \rd__data$167[7] ;
-  wire [13:0] \rd__data$167[8] ;
-  wire [13:0] \rd__data$167[9] ;
-  wire [31:0] \rd__data$168 ;
-  wire [1:0] \rd__data$168[0] ;
-  wire [1:0] \rd__data$168[10] ;
-  wire [1:0] \rd__data$168[11] ;
-  wire [1:0] \rd__data$168[12] ;
-  wire [1:0] \rd__data$168[13] ;
-  wire [1:0] \rd__data$168[14] ;
-  wire [1:0] \rd__data$168[15] ;
-  wire [1:0] \rd__data$168[1] ;
-  wire [1:0] \rd__data$168[2] ;
-  wire [1:0] \rd__data$168[3] ;
-  wire [1:0] \rd__data$168[4] ;
-  wire [1:0] \rd__data$168[5] ;
-  wire [1:0] \rd__data$168[6] ;
-  wire [1:0] \rd__data$168[7] ;
-  wire [1:0] \rd__data$168[8] ;
-  wire [1:0] \rd__data$168[9] ;
-  wire [127:0] \rd__data$81 ;
-  wire [7:0] \rd__data$81[0] ;
-  wire [7:0] \rd__data$81[10] ;
-  wire [7:0] \rd__data$81[11] ;
-  wire [7:0] \rd__data$81[12] ;
-  wire [7:0] \rd__data$81[13] ;
-  wire [7:0] \rd__data$81[14] ;
-  wire [7:0] \rd__data$81[15] ;
-  wire [7:0] \rd__data$81[1] ;
-  wire [7:0] \rd__data$81[2] ;
-  wire [7:0] \rd__data$81[3] ;
-  wire [7:0] \rd__data$81[4] ;
-  wire [7:0] \rd__data$81[5] ;
-  wire [7:0] \rd__data$81[6] ;
-  wire [7:0] \rd__data$81[7] ;
-  wire [7:0] \rd__data$81[8] ;
-  wire [7:0] \rd__data$81[9] ;
+  wire [29:0] \rd__data$123 ;
+  wire [223:0] \rd__data$170 ;
+  wire [13:0] \rd__data$170[0] ;
+  wire [13:0] \rd__data$170[10] ;
+  wire [13:0] \rd__data$170[11] ;
+  wire [13:0] \rd__data$170[12] ;
+  wire [13:0] \rd__data$170[13] ;
+  wire [13:0] \rd__data$170[14] ;
+  wire [13:0] \rd__data$170[15] ;
+  wire [13:0] \rd__data$170[1] ;
+  wire [13:0] \rd__data$170[2] ;
+  wire [13:0] \rd__data$170[3] ;
+  wire [13:0] \rd__data$170[4] ;
+  wire [13:0] \rd__data$170[5] ;
+  wire [13:0] \rd__data$170[6] ;
+  wire [13:0] \rd__data$170[7] ;
+  wire [13:0] \rd__data$170[8] ;
+  wire [13:0] \rd__data$170[9] ;
+  wire [31:0] \rd__data$171 ;
+  wire [1:0] \rd__data$171[0] ;
+  wire [1:0] \rd__data$171[10] ;
+  wire [1:0] \rd__data$171[11] ;
+  wire [1:0] \rd__data$171[12] ;
+  wire [1:0] \rd__data$171[13] ;
+  wire [1:0] \rd__data$171[14] ;
+  wire [1:0] \rd__data$171[15] ;
+  wire [1:0] \rd__data$171[1] ;
+  wire [1:0] \rd__data$171[2] ;
+  wire [1:0] \rd__data$171[3] ;
+  wire [1:0] \rd__data$171[4] ;
+  wire [1:0] \rd__data$171[5] ;
+  wire [1:0] \rd__data$171[6] ;
+  wire [1:0] \rd__data$171[7] ;
+  wire [1:0] \rd__data$171[8] ;
+  wire [1:0] \rd__data$171[9] ;
   wire [127:0] \rd__data$83 ;
   wire [7:0] \rd__data$83[0] ;
   wire [7:0] \rd__data$83[10] ;
@@ -571,6 +561,23 @@ module encoder_layer_0_attention_output_dense(m, a_wr__en, a_wr__addr, a_wr__dat
   wire [7:0] \rd__data$83[7] ;
   wire [7:0] \rd__data$83[8] ;
   wire [7:0] \rd__data$83[9] ;
+  wire [127:0] \rd__data$85 ;
+  wire [7:0] \rd__data$85[0] ;
+  wire [7:0] \rd__data$85[10] ;
+  wire [7:0] \rd__data$85[11] ;
+  wire [7:0] \rd__data$85[12] ;
+  wire [7:0] \rd__data$85[13] ;
+  wire [7:0] \rd__data$85[14] ;
+  wire [7:0] \rd__data$85[15] ;
+  wire [7:0] \rd__data$85[1] ;
+  wire [7:0] \rd__data$85[2] ;
+  wire [7:0] \rd__data$85[3] ;
+  wire [7:0] \rd__data$85[4] ;
+  wire [7:0] \rd__data$85[5] ;
+  wire [7:0] \rd__data$85[6] ;
+  wire [7:0] \rd__data$85[7] ;
+  wire [7:0] \rd__data$85[8] ;
+  wire [7:0] \rd__data$85[9] ;
   wire [15:0] \rd__data[0] ;
   wire [15:0] \rd__data[10] ;
   wire [15:0] \rd__data[11] ;
@@ -592,6 +599,8 @@ module encoder_layer_0_attention_output_dense(m, a_wr__en, a_wr__addr, a_wr__dat
   reg [2:0] ring = 3'h0;
   reg ring_any = 1'h0;
   reg [2:0] rp = 3'h0;
+  (* keep = 32'd1 *)
+  reg [2:0] rp_rows = 3'h0;
   (* init = 416'h00000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000 *)
   wire [415:0] rq_in;
   wire [383:0] \rq_in.c ;
@@ -743,29 +752,29 @@ module encoder_layer_0_attention_output_dense(m, a_wr__en, a_wr__addr, a_wr__dat
   wire w_wr__en;
   reg [2:0] wp = 3'h0;
   wire [11:0] wr__addr;
-  reg [11:0] \wr__addr$109  = 12'h000;
+  reg [11:0] \wr__addr$112  = 12'h000;
   wire [13:0] \wr__addr$27 ;
   wire [9:0] \wr__addr$30 ;
   wire [4:0] \wr__addr$33 ;
   wire [4:0] \wr__addr$36 ;
   wire [127:0] wr__data;
-  wire [255:0] \wr__data$111 ;
-  wire [15:0] \wr__data$111[0] ;
-  wire [15:0] \wr__data$111[10] ;
-  wire [15:0] \wr__data$111[11] ;
-  wire [15:0] \wr__data$111[12] ;
-  wire [15:0] \wr__data$111[13] ;
-  wire [15:0] \wr__data$111[14] ;
-  wire [15:0] \wr__data$111[15] ;
-  wire [15:0] \wr__data$111[1] ;
-  wire [15:0] \wr__data$111[2] ;
-  wire [15:0] \wr__data$111[3] ;
-  wire [15:0] \wr__data$111[4] ;
-  wire [15:0] \wr__data$111[5] ;
-  wire [15:0] \wr__data$111[6] ;
-  wire [15:0] \wr__data$111[7] ;
-  wire [15:0] \wr__data$111[8] ;
-  wire [15:0] \wr__data$111[9] ;
+  wire [255:0] \wr__data$114 ;
+  wire [15:0] \wr__data$114[0] ;
+  wire [15:0] \wr__data$114[10] ;
+  wire [15:0] \wr__data$114[11] ;
+  wire [15:0] \wr__data$114[12] ;
+  wire [15:0] \wr__data$114[13] ;
+  wire [15:0] \wr__data$114[14] ;
+  wire [15:0] \wr__data$114[15] ;
+  wire [15:0] \wr__data$114[1] ;
+  wire [15:0] \wr__data$114[2] ;
+  wire [15:0] \wr__data$114[3] ;
+  wire [15:0] \wr__data$114[4] ;
+  wire [15:0] \wr__data$114[5] ;
+  wire [15:0] \wr__data$114[6] ;
+  wire [15:0] \wr__data$114[7] ;
+  wire [15:0] \wr__data$114[8] ;
+  wire [15:0] \wr__data$114[9] ;
   wire [127:0] \wr__data$28 ;
   wire [7:0] \wr__data$28[0] ;
   wire [7:0] \wr__data$28[10] ;
@@ -835,7 +844,7 @@ module encoder_layer_0_attention_output_dense(m, a_wr__en, a_wr__addr, a_wr__dat
   wire [7:0] \wr__data[8] ;
   wire [7:0] \wr__data[9] ;
   wire wr__en;
-  reg \wr__en$107  = 1'h0;
+  reg \wr__en$110  = 1'h0;
   wire \wr__en$29 ;
   wire \wr__en$32 ;
   wire \wr__en$35 ;
@@ -865,211 +874,216 @@ module encoder_layer_0_attention_output_dense(m, a_wr__en, a_wr__addr, a_wr__dat
   assign \$13  = entry_end | \$12 ;
   assign pop = go & \$13 ;
   assign \$14  = a_base + a_off;
-  assign \$15  = w_real_c0 ? \rd__data$83 [7:0] : 8'h00;
-  assign \$16  = w_real_c1 ? \rd__data$83 [15:8] : 8'h00;
-  assign \$17  = w_real_c2 ? \rd__data$83 [23:16] : 8'h00;
-  assign \$18  = w_real_c3 ? \rd__data$83 [31:24] : 8'h00;
-  assign \$19  = w_real_c4 ? \rd__data$83 [39:32] : 8'h00;
-  assign \$20  = w_real_c5 ? \rd__data$83 [47:40] : 8'h00;
-  assign \$21  = w_real_c6 ? \rd__data$83 [55:48] : 8'h00;
-  assign \$22  = w_real_c7 ? \rd__data$83 [63:56] : 8'h00;
-  assign \$23  = w_real_c8 ? \rd__data$83 [71:64] : 8'h00;
-  assign \$24  = w_real_c9 ? \rd__data$83 [79:72] : 8'h00;
-  assign \$25  = w_real_c10 ? \rd__data$83 [87:80] : 8'h00;
-  assign \$26  = w_real_c11 ? \rd__data$83 [95:88] : 8'h00;
-  assign \$27  = w_real_c12 ? \rd__data$83 [103:96] : 8'h00;
-  assign \$28  = w_real_c13 ? \rd__data$83 [111:104] : 8'h00;
-  assign \$29  = w_real_c14 ? \rd__data$83 [119:112] : 8'h00;
-  assign \$30  = w_real_c15 ? \rd__data$83 [127:120] : 8'h00;
-  assign \$31  = \rd__addr$99  == 5'h17;
-  assign \$32  = o__payload[388] & \$31 ;
-  assign fin = \$32  & out_last;
-  assign \$33  = ptr == n_ent;
-  assign \$34  = f_left - 5'h10;
-  assign \$35  = f_left <= 6'h20;
-  assign \$36  = ptr + 1'h1;
-  assign \$37  = ! wp;
-  assign \$38  = fetch1 & \$37 ;
-  assign \$39  = wp == 1'h1;
-  assign \$40  = fetch1 & \$39 ;
-  assign \$41  = wp == 2'h2;
-  assign \$42  = fetch1 & \$41 ;
-  assign \$43  = wp == 2'h3;
-  assign \$44  = fetch1 & \$43 ;
-  assign \$45  = wp == 3'h4;
-  assign \$46  = fetch1 & \$45 ;
-  assign \$47  = wp == 3'h4;
-  assign \$48  = wp + 1'h1;
-  assign \$49  = \$47  ? 4'h0 : \$48 ;
-  assign \$50  = rp == 3'h4;
-  assign \$51  = rp + 1'h1;
-  assign \$52  = \$50  ? 4'h0 : \$51 ;
-  assign \$53  = ring + fetch1;
-  assign \$54  = \$53  - load;
-  assign \$55  = ring > 1'h1;
-  assign \$56  = | ring;
-  assign \$57  = load ? \$55  : \$56 ;
-  assign \$58  = \$57  | fetch1;
-  assign \$59  = ~ pop;
-  assign \$60  = nonempty & \$59 ;
-  assign \$61  = load | \$60 ;
-  assign \$62  = held + fetch;
-  assign \$63  = \$62  - pop;
-  assign \$64  = go & \real ;
-  assign \$65  = ! oldest[26:23];
-  assign \$66  = a_off + 1'h1;
-  assign \$67  = \rd__addr$74  + 1'h1;
-  assign \$68  = kk_rem - 1'h1;
-  assign \$69  = kk_rem == 1'h1;
-  assign \$70  = tcnt != 5'h10;
-  assign \$71  = tcnt + 1'h1;
-  assign \$72  = tcnt + 2'h2;
-  assign \$73  = \$72  >= 5'h10;
-  assign \$74  = entry_end & ent_head[28];
-  assign \$75  = ~ tile_end;
-  assign \$76  = \$74  & \$75 ;
-  assign \$77  = a_base + 9'h180;
-  assign \$78  = ! tcnt;
-  assign \$79  = go & \real ;
-  assign \$80  = o__valid & o__payload[388];
-  assign \$81  = \rd__addr$99  == 5'h17;
-  assign \$82  = out_left - 5'h10;
-  assign \$83  = out_left <= 6'h20;
-  assign \$84  = tile_base + 9'h169;
-  assign \$85  = \rd__addr$99  + 1'h1;
-  assign \$86  = tile_base + 1'h1;
-  assign \$87  = o__valid & fin;
-  assign \$88  = o__payload[387:384] < out_left;
-  assign \$89  = ! o__payload[387:384];
-  assign \$90  = addr1 + 5'h18;
-  assign \$91  = \$89  ? { 1'h0, tile_base } : \$90 ;
-  assign \$92  = \$signal  & ok1;
-  assign \$93  = $signed(acc2[23:0]) + $signed(\rd__data$167 [13:0]);
-  assign \$94  = $signed(acc2[47:24]) + $signed(\rd__data$167 [27:14]);
-  assign \$95  = $signed(acc2[71:48]) + $signed(\rd__data$167 [41:28]);
-  assign \$96  = $signed(acc2[95:72]) + $signed(\rd__data$167 [55:42]);
-  assign \$97  = $signed(acc2[119:96]) + $signed(\rd__data$167 [69:56]);
-  assign \$98  = $signed(acc2[143:120]) + $signed(\rd__data$167 [83:70]);
-  assign \$99  = $signed(acc2[167:144]) + $signed(\rd__data$167 [97:84]);
-  assign \$100  = $signed(acc2[191:168]) + $signed(\rd__data$167 [111:98]);
-  assign \$101  = $signed(acc2[215:192]) + $signed(\rd__data$167 [125:112]);
-  assign \$102  = $signed(acc2[239:216]) + $signed(\rd__data$167 [139:126]);
-  assign \$103  = $signed(acc2[263:240]) + $signed(\rd__data$167 [153:140]);
-  assign \$104  = $signed(acc2[287:264]) + $signed(\rd__data$167 [167:154]);
-  assign \$105  = $signed(acc2[311:288]) + $signed(\rd__data$167 [181:168]);
-  assign \$106  = $signed(acc2[335:312]) + $signed(\rd__data$167 [195:182]);
-  assign \$107  = $signed(acc2[359:336]) + $signed(\rd__data$167 [209:196]);
-  assign \$108  = $signed(acc2[383:360]) + $signed(\rd__data$167 [223:210]);
-  assign \$109  = ~ \start$44 ;
-  assign \$110  = ~ busy;
-  assign \$111  = \$109  & \$110 ;
-  assign \$112  = \$111  | fin_o_d2;
-  assign \$113  = m_q <= 5'h10;
-  assign \$114  = m_q <= 5'h10;
+  assign \$15  = w_real_c0 ? \rd__data$85 [7:0] : 8'h00;
+  assign \$16  = w_real_c1 ? \rd__data$85 [15:8] : 8'h00;
+  assign \$17  = w_real_c2 ? \rd__data$85 [23:16] : 8'h00;
+  assign \$18  = w_real_c3 ? \rd__data$85 [31:24] : 8'h00;
+  assign \$19  = w_real_c4 ? \rd__data$85 [39:32] : 8'h00;
+  assign \$20  = w_real_c5 ? \rd__data$85 [47:40] : 8'h00;
+  assign \$21  = w_real_c6 ? \rd__data$85 [55:48] : 8'h00;
+  assign \$22  = w_real_c7 ? \rd__data$85 [63:56] : 8'h00;
+  assign \$23  = w_real_c8 ? \rd__data$85 [71:64] : 8'h00;
+  assign \$24  = w_real_c9 ? \rd__data$85 [79:72] : 8'h00;
+  assign \$25  = w_real_c10 ? \rd__data$85 [87:80] : 8'h00;
+  assign \$26  = w_real_c11 ? \rd__data$85 [95:88] : 8'h00;
+  assign \$27  = w_real_c12 ? \rd__data$85 [103:96] : 8'h00;
+  assign \$28  = w_real_c13 ? \rd__data$85 [111:104] : 8'h00;
+  assign \$29  = w_real_c14 ? \rd__data$85 [119:112] : 8'h00;
+  assign \$30  = w_real_c15 ? \rd__data$85 [127:120] : 8'h00;
+  assign \$31  = o__payload[388] & out_nt_last;
+  assign fin = \$31  & out_last;
+  assign \$32  = ptr == n_ent;
+  assign \$33  = f_left - 5'h10;
+  assign \$34  = f_left <= 6'h20;
+  assign \$35  = ptr + 1'h1;
+  assign \$36  = ! wp;
+  assign \$37  = fetch1 & \$36 ;
+  assign \$38  = wp == 1'h1;
+  assign \$39  = fetch1 & \$38 ;
+  assign \$40  = wp == 2'h2;
+  assign \$41  = fetch1 & \$40 ;
+  assign \$42  = wp == 2'h3;
+  assign \$43  = fetch1 & \$42 ;
+  assign \$44  = wp == 3'h4;
+  assign \$45  = fetch1 & \$44 ;
+  assign \$46  = wp == 3'h4;
+  assign \$47  = wp + 1'h1;
+  assign \$48  = \$46  ? 4'h0 : \$47 ;
+  assign \$49  = rp == 3'h4;
+  assign \$50  = rp + 1'h1;
+  assign \$51  = \$49  ? 4'h0 : \$50 ;
+  assign \$52  = rp_rows == 3'h4;
+  assign \$53  = rp_rows + 1'h1;
+  assign \$54  = \$52  ? 4'h0 : \$53 ;
+  assign \$55  = ring + fetch1;
+  assign \$56  = \$55  - load;
+  assign \$57  = ring > 1'h1;
+  assign \$58  = | ring;
+  assign \$59  = load ? \$57  : \$58 ;
+  assign \$60  = \$59  | fetch1;
+  assign \$61  = ~ pop;
+  assign \$62  = nonempty & \$61 ;
+  assign \$63  = load | \$62 ;
+  assign \$64  = held + fetch;
+  assign \$65  = \$64  - pop;
+  assign \$66  = go & \real ;
+  assign \$67  = ! oldest_rows[26:23];
+  assign \$68  = a_off + 1'h1;
+  assign \$69  = \rd__addr$76  + 1'h1;
+  assign \$70  = kk_rem - 1'h1;
+  assign \$71  = kk_rem == 1'h1;
+  assign \$72  = tcnt != 5'h10;
+  assign \$73  = tcnt + 1'h1;
+  assign \$74  = tcnt + 2'h2;
+  assign \$75  = \$74  >= 5'h10;
+  assign \$76  = entry_end & ent_head[28];
+  assign \$77  = ~ tile_end;
+  assign \$78  = \$76  & \$77 ;
+  assign \$79  = a_base + 9'h180;
+  assign \$80  = ! tcnt;
+  assign \$81  = go & \real ;
+  assign \$82  = o__valid & o__payload[388];
+  assign \$83  = out_left - 5'h10;
+  assign \$84  = out_left <= 6'h20;
+  assign \$85  = tile_base + 9'h169;
+  assign \$86  = \rd__addr$101  + 1'h1;
+  assign \$87  = \rd__addr$101  + 2'h2;
+  assign \$88  = \$87  == 5'h18;
+  assign \$89  = tile_base + 1'h1;
+  assign \$90  = o__valid & fin;
+  assign \$91  = o__payload[387:384] < out_left;
+  assign \$92  = ! o__payload[387:384];
+  assign \$93  = addr1 + 5'h18;
+  assign \$94  = \$92  ? { 1'h0, tile_base } : \$93 ;
+  assign \$95  = \$signal  & ok1;
+  assign \$96  = $signed(acc2[23:0]) + $signed(\rd__data$170 [13:0]);
+  assign \$97  = $signed(acc2[47:24]) + $signed(\rd__data$170 [27:14]);
+  assign \$98  = $signed(acc2[71:48]) + $signed(\rd__data$170 [41:28]);
+  assign \$99  = $signed(acc2[95:72]) + $signed(\rd__data$170 [55:42]);
+  assign \$100  = $signed(acc2[119:96]) + $signed(\rd__data$170 [69:56]);
+  assign \$101  = $signed(acc2[143:120]) + $signed(\rd__data$170 [83:70]);
+  assign \$102  = $signed(acc2[167:144]) + $signed(\rd__data$170 [97:84]);
+  assign \$103  = $signed(acc2[191:168]) + $signed(\rd__data$170 [111:98]);
+  assign \$104  = $signed(acc2[215:192]) + $signed(\rd__data$170 [125:112]);
+  assign \$105  = $signed(acc2[239:216]) + $signed(\rd__data$170 [139:126]);
+  assign \$106  = $signed(acc2[263:240]) + $signed(\rd__data$170 [153:140]);
+  assign \$107  = $signed(acc2[287:264]) + $signed(\rd__data$170 [167:154]);
+  assign \$108  = $signed(acc2[311:288]) + $signed(\rd__data$170 [181:168]);
+  assign \$109  = $signed(acc2[335:312]) + $signed(\rd__data$170 [195:182]);
+  assign \$110  = $signed(acc2[359:336]) + $signed(\rd__data$170 [209:196]);
+  assign \$111  = $signed(acc2[383:360]) + $signed(\rd__data$170 [223:210]);
+  assign \$112  = ~ \start$44 ;
+  assign \$113  = ~ busy;
+  assign \$114  = \$112  & \$113 ;
+  assign \$115  = \$114  | fin_o_d2;
+  assign \$116  = m_q <= 5'h10;
+  assign \$117  = m_q <= 5'h10;
   always @(posedge clk)
-    fetch0 <= \$115 ;
+    fetch0 <= \$118 ;
   always @(posedge clk)
-    fetch1 <= \$116 ;
+    fetch1 <= \$119 ;
   always @(posedge clk)
-    ptr <= \$117 ;
+    ptr <= \$120 ;
   always @(posedge clk)
-    f_left <= \$118 ;
+    f_left <= \$121 ;
   always @(posedge clk)
-    f_last <= \$119 ;
+    f_last <= \$122 ;
   always @(posedge clk)
-    fetching <= \$120 ;
+    fetching <= \$123 ;
   always @(posedge clk)
-    hdr0 <= \$121 ;
+    hdr0 <= \$124 ;
   always @(posedge clk)
-    hdr1 <= \$122 ;
+    hdr1 <= \$125 ;
   always @(posedge clk)
-    n_ent <= \$123 ;
+    n_ent <= \$126 ;
   always @(posedge clk)
-    ent_q0 <= \$124 ;
+    ent_q0 <= \$127 ;
   always @(posedge clk)
-    ent_q1 <= \$125 ;
+    ent_q1 <= \$128 ;
   always @(posedge clk)
-    ent_q2 <= \$126 ;
+    ent_q2 <= \$129 ;
   always @(posedge clk)
-    ent_q3 <= \$127 ;
+    ent_q3 <= \$130 ;
   always @(posedge clk)
-    ent_q4 <= \$128 ;
+    ent_q4 <= \$131 ;
   always @(posedge clk)
-    wp <= \$129 ;
+    wp <= \$132 ;
   always @(posedge clk)
-    ent_head <= \$130 ;
+    ent_head <= \$133 ;
   always @(posedge clk)
-    rp <= \$131 ;
+    rp <= \$134 ;
   always @(posedge clk)
-    ring <= \$132 ;
+    rp_rows <= \$135 ;
   always @(posedge clk)
-    ring_any <= \$133 ;
+    ring <= \$136 ;
   always @(posedge clk)
-    nonempty <= \$134 ;
+    ring_any <= \$137 ;
   always @(posedge clk)
-    held <= \$135 ;
+    nonempty <= \$138 ;
   always @(posedge clk)
-    a_off <= \$136 ;
+    held <= \$139 ;
   always @(posedge clk)
-    \rd__addr$74  <= \$137 ;
+    a_off <= \$140 ;
   always @(posedge clk)
-    kk_rem <= \$138 ;
+    \rd__addr$76  <= \$141 ;
   always @(posedge clk)
-    kk_last <= \$139 ;
+    kk_rem <= \$142 ;
   always @(posedge clk)
-    tcnt <= \$140 ;
+    kk_last <= \$143 ;
   always @(posedge clk)
-    tcnt_ok <= \$141 ;
+    tcnt <= \$144 ;
   always @(posedge clk)
-    pad <= \$142 ;
+    tcnt_ok <= \$145 ;
   always @(posedge clk)
-    sweep_end <= \$143 ;
+    pad <= \$146 ;
   always @(posedge clk)
-    a_base <= \$144 ;
+    sweep_end <= \$147 ;
   always @(posedge clk)
-    valid_d0 <= \$145 ;
+    a_base <= \$148 ;
   always @(posedge clk)
-    first_d0 <= \$146 ;
+    valid_d0 <= \$149 ;
   always @(posedge clk)
-    last_d0 <= \$147 ;
+    first_d0 <= \$150 ;
   always @(posedge clk)
-    valid_d1 <= \$148 ;
+    last_d0 <= \$151 ;
   always @(posedge clk)
-    first_d1 <= \$149 ;
+    valid_d1 <= \$152 ;
   always @(posedge clk)
-    last_d1 <= \$150 ;
+    first_d1 <= \$153 ;
   always @(posedge clk)
-    valid_d2 <= \$151 ;
+    last_d1 <= \$154 ;
   always @(posedge clk)
-    first_d2 <= \$152 ;
+    valid_d2 <= \$155 ;
   always @(posedge clk)
-    last_d2 <= \$153 ;
+    first_d2 <= \$156 ;
   always @(posedge clk)
-    valid_d3 <= \$154 ;
+    last_d2 <= \$157 ;
   always @(posedge clk)
-    first_d3 <= \$155 ;
+    valid_d3 <= \$158 ;
   always @(posedge clk)
-    last_d3 <= \$156 ;
+    first_d3 <= \$159 ;
   always @(posedge clk)
-    valid_d4 <= \$157 ;
+    last_d3 <= \$160 ;
   always @(posedge clk)
-    first_d4 <= \$158 ;
+    valid_d4 <= \$161 ;
   always @(posedge clk)
-    last_d4 <= \$159 ;
+    first_d4 <= \$162 ;
   always @(posedge clk)
-    valid_d5 <= \$160 ;
+    last_d4 <= \$163 ;
   always @(posedge clk)
-    first_d5 <= \$161 ;
+    valid_d5 <= \$164 ;
   always @(posedge clk)
-    last_d5 <= \$162 ;
+    first_d5 <= \$165 ;
   always @(posedge clk)
-    i__valid <= \$163 ;
+    last_d5 <= \$166 ;
   always @(posedge clk)
-    first_d6 <= \$164 ;
+    i__valid <= \$167 ;
   always @(posedge clk)
-    last_d6 <= \$165 ;
+    first_d6 <= \$168 ;
   always @(posedge clk)
-    w_real_d0 <= \$79 ;
+    last_d6 <= \$169 ;
+  always @(posedge clk)
+    w_real_d0 <= \$81 ;
   always @(posedge clk)
     w_real_d1 <= w_real_d0;
   always @(posedge clk)
@@ -1119,74 +1133,76 @@ module encoder_layer_0_attention_output_dense(m, a_wr__en, a_wr__addr, a_wr__dat
   always @(posedge clk)
     w_real_c15 <= w_real_g3;
   always @(posedge clk)
-    \rd__addr$99  <= \$166 ;
+    \rd__addr$101  <= \$170 ;
   always @(posedge clk)
-    out_left <= \$167 ;
+    out_nt_last <= \$171 ;
   always @(posedge clk)
-    out_last <= \$168 ;
+    out_left <= \$172 ;
   always @(posedge clk)
-    tile_base <= \$169 ;
+    out_last <= \$173 ;
   always @(posedge clk)
-    \$signal  <= \$170 ;
+    tile_base <= \$174 ;
   always @(posedge clk)
-    \$signal$156  <= \$171 ;
+    \$signal  <= \$175 ;
   always @(posedge clk)
-    ok1 <= \$172 ;
+    \$signal$159  <= \$176 ;
+  always @(posedge clk)
+    ok1 <= \$177 ;
   always @(posedge clk)
     acc1 <= o__payload[383:0];
   always @(posedge clk)
-    addr1 <= \$173 ;
+    addr1 <= \$178 ;
   always @(posedge clk)
-    \$signal$160  <= \$174 ;
+    \$signal$163  <= \$179 ;
   always @(posedge clk)
-    fin2 <= \$175 ;
+    fin2 <= \$180 ;
   always @(posedge clk)
     addr2 <= addr1;
   always @(posedge clk)
     acc2 <= acc1;
   always @(posedge clk)
-    \$signal$164  <= \$176 ;
+    \$signal$167  <= \$181 ;
   always @(posedge clk)
-    fin3 <= \$177 ;
+    fin3 <= \$182 ;
   always @(posedge clk)
     addr3 <= addr2;
   always @(posedge clk)
-    i <= \$178 ;
+    i <= \$183 ;
   always @(posedge clk)
-    v_q_d0 <= \$179 ;
+    v_q_d0 <= \$184 ;
   always @(posedge clk)
-    fin_q_d0 <= \$180 ;
+    fin_q_d0 <= \$185 ;
   always @(posedge clk)
-    v_q_d1 <= \$181 ;
+    v_q_d1 <= \$186 ;
   always @(posedge clk)
-    fin_q_d1 <= \$182 ;
+    fin_q_d1 <= \$187 ;
   always @(posedge clk)
-    \wr__en$107  <= \$183 ;
+    \wr__en$110  <= \$188 ;
   always @(posedge clk)
-    fin_q_d2 <= \$184 ;
+    fin_q_d2 <= \$189 ;
   always @(posedge clk)
     addr_q_d0 <= addr3;
   always @(posedge clk)
     addr_q_d1 <= addr_q_d0;
   always @(posedge clk)
-    \wr__addr$109  <= addr_q_d1;
+    \wr__addr$112  <= addr_q_d1;
   always @(posedge clk)
-    fin_o_d0 <= \$185 ;
+    fin_o_d0 <= \$190 ;
   always @(posedge clk)
-    fin_o_d1 <= \$186 ;
+    fin_o_d1 <= \$191 ;
   always @(posedge clk)
-    fin_o_d2 <= \$187 ;
+    fin_o_d2 <= \$192 ;
   always @(posedge clk)
-    done <= \$188 ;
+    done <= \$193 ;
   always @(posedge clk)
-    idle <= \$189 ;
+    idle <= \$194 ;
   always @(posedge clk)
-    \busy$42  <= \$190 ;
+    \busy$42  <= \$195 ;
   always @(posedge clk)
-    m_q <= \$191 ;
+    m_q <= \$196 ;
   \encoder_layer_0_attention_output_dense.mem_a  mem_a (
     .clk(clk),
-    .q_d1(\rd__data$81 ),
+    .q_d1(\rd__data$83 ),
     .rd__addr(\$14 [11:0]),
     .rst(rst),
     .wr__addr(a_wr__addr),
@@ -1195,8 +1211,8 @@ module encoder_layer_0_attention_output_dense(m, a_wr__en, a_wr__addr, a_wr__dat
   );
   \encoder_layer_0_attention_output_dense.mem_bias  mem_bias (
     .clk(clk),
-    .rd__data(\rd__data$167 ),
-    .rp__addr(\rd__addr$99 ),
+    .rd__data(\rd__data$170 ),
+    .rp__addr(\rd__addr$101 ),
     .rst(rst),
     .wp__addr(bias_wr__addr),
     .wp__data(bias_wr__data),
@@ -1204,7 +1220,7 @@ module encoder_layer_0_attention_output_dense(m, a_wr__en, a_wr__addr, a_wr__dat
   );
   \encoder_layer_0_attention_output_dense.mem_ent  mem_ent (
     .clk(clk),
-    .rd__data(\rd__data$120 ),
+    .rd__data(\rd__data$123 ),
     .rp__addr(\rd__addr$48 ),
     .rst(rst),
     .wp__addr(ent_wr__addr),
@@ -1217,14 +1233,14 @@ module encoder_layer_0_attention_output_dense(m, a_wr__en, a_wr__addr, a_wr__dat
     .rd__addr(o_rd__addr),
     .rd__en(o_rd__en),
     .rst(rst),
-    .wr__addr(\wr__addr$109 ),
-    .wr__data(\wr__data$111 ),
-    .wr__en(\wr__en$107 )
+    .wr__addr(\wr__addr$112 ),
+    .wr__data(\wr__data$114 ),
+    .wr__en(\wr__en$110 )
   );
   \encoder_layer_0_attention_output_dense.mem_shift  mem_shift (
     .clk(clk),
-    .rd__data(\rd__data$168 ),
-    .rp__addr(\rd__addr$99 ),
+    .rd__data(\rd__data$171 ),
+    .rp__addr(\rd__addr$101 ),
     .rst(rst),
     .wp__addr(shift_wr__addr),
     .wp__data(shift_wr__data),
@@ -1232,8 +1248,8 @@ module encoder_layer_0_attention_output_dense(m, a_wr__en, a_wr__addr, a_wr__dat
   );
   \encoder_layer_0_attention_output_dense.mem_w  mem_w (
     .clk(clk),
-    .q_d1(\rd__data$83 ),
-    .rd__addr(\rd__addr$74 ),
+    .q_d1(\rd__data$85 ),
+    .rd__addr(\rd__addr$76 ),
     .rst(rst),
     .wr__addr(w_wr__addr),
     .wr__data(w_wr__data),
@@ -1250,7 +1266,7 @@ module encoder_layer_0_attention_output_dense(m, a_wr__en, a_wr__addr, a_wr__dat
   \encoder_layer_0_attention_output_dense.rq  rq (
     .clk(clk),
     .i(i),
-    .o(\wr__data$111 ),
+    .o(\wr__data$114 ),
     .rst(rst)
   );
   always @* begin
@@ -1271,67 +1287,35 @@ module encoder_layer_0_attention_output_dense(m, a_wr__en, a_wr__addr, a_wr__dat
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$115  = fetch;
+    (* full_case = 32'd1 *)
+    casez (rp_rows)
+      3'h0:
+          oldest_rows = ent_q0;
+      3'h1:
+          oldest_rows = ent_q1;
+      3'h2:
+          oldest_rows = ent_q2;
+      3'h3:
+          oldest_rows = ent_q3;
+      default:
+          oldest_rows = ent_q4;
+    endcase
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
+    \$118  = fetch;
     if (idle) begin
-      \$115  = 1'h0;
+      \$118  = 1'h0;
     end
     if (rst) begin
-      \$115  = 1'h0;
+      \$118  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$116  = fetch0;
+    \$119  = fetch0;
     if (idle) begin
-      \$116  = 1'h0;
-    end
-    if (rst) begin
-      \$116  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$117  = ptr;
-    if (fetch) begin
-      (* full_case = 32'd1 *)
-      if (\$33 ) begin
-        \$117  = 10'h001;
-      end else begin
-        \$117  = \$36 [9:0];
-      end
-    end
-    if (idle) begin
-      \$117  = 10'h001;
-    end
-    if (rst) begin
-      \$117  = 10'h000;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$118  = f_left;
-    if (fetch) begin
-      if (\$33 ) begin
-        \$118  = \$34 [7:0];
-      end
-    end
-    if (hdr0) begin
-      \$118  = m_q;
-    end
-    if (rst) begin
-      \$118  = 8'h00;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$119  = f_last;
-    if (fetch) begin
-      if (\$33 ) begin
-        \$119  = \$35 ;
-      end
-    end
-    if (hdr0) begin
-      \$119  = \$113 ;
+      \$119  = 1'h0;
     end
     if (rst) begin
       \$119  = 1'h0;
@@ -1339,119 +1323,137 @@ module encoder_layer_0_attention_output_dense(m, a_wr__en, a_wr__addr, a_wr__dat
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$120  = fetching;
+    \$120  = ptr;
     if (fetch) begin
-      if (\$33 ) begin
-        if (f_last) begin
-          \$120  = 1'h0;
-        end
+      (* full_case = 32'd1 *)
+      if (\$32 ) begin
+        \$120  = 10'h001;
+      end else begin
+        \$120  = \$35 [9:0];
       end
     end
-    if (hdr1) begin
-      \$120  = 1'h1;
-    end
     if (idle) begin
-      \$120  = 1'h0;
+      \$120  = 10'h001;
     end
     if (rst) begin
-      \$120  = 1'h0;
+      \$120  = 10'h000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$121  = \start$44 ;
+    \$121  = f_left;
+    if (fetch) begin
+      if (\$32 ) begin
+        \$121  = \$33 [7:0];
+      end
+    end
+    if (hdr0) begin
+      \$121  = m_q;
+    end
     if (rst) begin
-      \$121  = 1'h0;
+      \$121  = 8'h00;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$122  = hdr0;
+    \$122  = f_last;
+    if (fetch) begin
+      if (\$32 ) begin
+        \$122  = \$34 ;
+      end
+    end
+    if (hdr0) begin
+      \$122  = \$116 ;
+    end
     if (rst) begin
       \$122  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$123  = n_ent;
+    \$123  = fetching;
+    if (fetch) begin
+      if (\$32 ) begin
+        if (f_last) begin
+          \$123  = 1'h0;
+        end
+      end
+    end
     if (hdr1) begin
-      \$123  = \rd__data$120 [9:0];
+      \$123  = 1'h1;
+    end
+    if (idle) begin
+      \$123  = 1'h0;
     end
     if (rst) begin
-      \$123  = 10'h000;
+      \$123  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$124  = ent_q0;
-    if (\$38 ) begin
-      \$124  = \rd__data$120 ;
+    \$124  = \start$44 ;
+    if (rst) begin
+      \$124  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$125  = ent_q1;
-    if (\$40 ) begin
-      \$125  = \rd__data$120 ;
+    \$125  = hdr0;
+    if (rst) begin
+      \$125  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$126  = ent_q2;
-    if (\$42 ) begin
-      \$126  = \rd__data$120 ;
+    \$126  = n_ent;
+    if (hdr1) begin
+      \$126  = \rd__data$123 [9:0];
+    end
+    if (rst) begin
+      \$126  = 10'h000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$127  = ent_q3;
-    if (\$44 ) begin
-      \$127  = \rd__data$120 ;
+    \$127  = ent_q0;
+    if (\$37 ) begin
+      \$127  = \rd__data$123 ;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$128  = ent_q4;
-    if (\$46 ) begin
-      \$128  = \rd__data$120 ;
+    \$128  = ent_q1;
+    if (\$39 ) begin
+      \$128  = \rd__data$123 ;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$129  = wp;
+    \$129  = ent_q2;
+    if (\$41 ) begin
+      \$129  = \rd__data$123 ;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
+    \$130  = ent_q3;
+    if (\$43 ) begin
+      \$130  = \rd__data$123 ;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
+    \$131  = ent_q4;
+    if (\$45 ) begin
+      \$131  = \rd__data$123 ;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
+    \$132  = wp;
     if (fetch1) begin
-      \$129  = \$49 [2:0];
+      \$132  = \$48 [2:0];
     end
-    if (idle) begin
-      \$129  = 3'h0;
-    end
-    if (rst) begin
-      \$129  = 3'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$130  = ent_head;
-    if (load) begin
-      \$130  = oldest;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$131  = rp;
-    if (load) begin
-      \$131  = \$52 [2:0];
-    end
-    if (idle) begin
-      \$131  = 3'h0;
-    end
-    if (rst) begin
-      \$131  = 3'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$132  = \$54 [2:0];
     if (idle) begin
       \$132  = 3'h0;
     end
@@ -1461,27 +1463,30 @@ module encoder_layer_0_attention_output_dense(m, a_wr__en, a_wr__addr, a_wr__dat
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$133  = \$58 ;
-    if (idle) begin
-      \$133  = 1'h0;
-    end
-    if (rst) begin
-      \$133  = 1'h0;
+    \$133  = ent_head;
+    if (load) begin
+      \$133  = oldest;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$134  = \$61 ;
+    \$134  = rp;
+    if (load) begin
+      \$134  = \$51 [2:0];
+    end
     if (idle) begin
-      \$134  = 1'h0;
+      \$134  = 3'h0;
     end
     if (rst) begin
-      \$134  = 1'h0;
+      \$134  = 3'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$135  = \$63 [2:0];
+    \$135  = rp_rows;
+    if (load) begin
+      \$135  = \$54 [2:0];
+    end
     if (idle) begin
       \$135  = 3'h0;
     end
@@ -1491,111 +1496,87 @@ module encoder_layer_0_attention_output_dense(m, a_wr__en, a_wr__addr, a_wr__dat
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$136  = a_off;
-    if (load) begin
-      \$136  = oldest[8:0];
-    end else if (\$64 ) begin
-      \$136  = \$66 [8:0];
-    end
-    if (rst) begin
-      \$136  = 9'h000;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$137  = \rd__addr$74 ;
-    if (load) begin
-      \$137  = oldest[22:9];
-    end else if (\$64 ) begin
-      \$137  = \$67 [13:0];
-    end
-    if (rst) begin
-      \$137  = 14'h0000;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$138  = kk_rem;
-    if (load) begin
-      \$138  = oldest[26:23];
-    end else if (\$64 ) begin
-      \$138  = \$68 [3:0];
-    end
-    if (rst) begin
-      \$138  = 4'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$139  = kk_last;
-    if (load) begin
-      \$139  = \$65 ;
-    end else if (\$64 ) begin
-      \$139  = \$69 ;
-    end
-    if (rst) begin
-      \$139  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$140  = tcnt;
-    if (go) begin
-      if (tile_end) begin
-        \$140  = 5'h00;
-      end else if (\$70 ) begin
-        \$140  = \$71 [4:0];
-      end
-    end
+    \$136  = \$56 [2:0];
     if (idle) begin
-      \$140  = 5'h00;
+      \$136  = 3'h0;
     end
     if (rst) begin
-      \$140  = 5'h00;
+      \$136  = 3'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$141  = tcnt_ok;
-    if (go) begin
-      if (tile_end) begin
-        \$141  = 1'h0;
-      end else if (\$70 ) begin
-        \$141  = \$73 ;
-      end
-    end
+    \$137  = \$60 ;
     if (idle) begin
-      \$141  = 1'h0;
+      \$137  = 1'h0;
     end
     if (rst) begin
-      \$141  = 1'h0;
+      \$137  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$142  = pad;
-    if (go) begin
-      if (\$76 ) begin
-        \$142  = 1'h1;
-      end
-      if (tile_end) begin
-        \$142  = 1'h0;
-      end
-    end
+    \$138  = \$63 ;
     if (idle) begin
-      \$142  = 1'h0;
+      \$138  = 1'h0;
     end
     if (rst) begin
-      \$142  = 1'h0;
+      \$138  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$143  = sweep_end;
-    if (go) begin
-      if (\$76 ) begin
-        \$143  = ent_head[29];
-      end
+    \$139  = \$65 [2:0];
+    if (idle) begin
+      \$139  = 3'h0;
+    end
+    if (rst) begin
+      \$139  = 3'h0;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
+    \$140  = a_off;
+    if (load) begin
+      \$140  = oldest_rows[8:0];
+    end else if (\$66 ) begin
+      \$140  = \$68 [8:0];
+    end
+    if (rst) begin
+      \$140  = 9'h000;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
+    \$141  = \rd__addr$76 ;
+    if (load) begin
+      \$141  = oldest_rows[22:9];
+    end else if (\$66 ) begin
+      \$141  = \$69 [13:0];
+    end
+    if (rst) begin
+      \$141  = 14'h0000;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
+    \$142  = kk_rem;
+    if (load) begin
+      \$142  = oldest_rows[26:23];
+    end else if (\$66 ) begin
+      \$142  = \$70 [3:0];
+    end
+    if (rst) begin
+      \$142  = 4'h0;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
+    \$143  = kk_last;
+    if (load) begin
+      \$143  = \$67 ;
+    end else if (\$66 ) begin
+      \$143  = \$71 ;
     end
     if (rst) begin
       \$143  = 1'h0;
@@ -1603,388 +1584,470 @@ module encoder_layer_0_attention_output_dense(m, a_wr__en, a_wr__addr, a_wr__dat
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$144  = a_base;
+    \$144  = tcnt;
     if (go) begin
       if (tile_end) begin
-        if (list_end) begin
-          \$144  = \$77 [11:0];
-        end
+        \$144  = 5'h00;
+      end else if (\$72 ) begin
+        \$144  = \$73 [4:0];
       end
     end
     if (idle) begin
-      \$144  = 12'h000;
+      \$144  = 5'h00;
     end
     if (rst) begin
-      \$144  = 12'h000;
+      \$144  = 5'h00;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$145  = go;
+    \$145  = tcnt_ok;
+    if (go) begin
+      if (tile_end) begin
+        \$145  = 1'h0;
+      end else if (\$72 ) begin
+        \$145  = \$75 ;
+      end
+    end
+    if (idle) begin
+      \$145  = 1'h0;
+    end
     if (rst) begin
       \$145  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$146  = \$78 ;
+    \$146  = pad;
+    if (go) begin
+      if (\$78 ) begin
+        \$146  = 1'h1;
+      end
+      if (tile_end) begin
+        \$146  = 1'h0;
+      end
+    end
+    if (idle) begin
+      \$146  = 1'h0;
+    end
     if (rst) begin
       \$146  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$147  = tile_end;
+    \$147  = sweep_end;
+    if (go) begin
+      if (\$78 ) begin
+        \$147  = ent_head[29];
+      end
+    end
     if (rst) begin
       \$147  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$148  = valid_d0;
+    \$148  = a_base;
+    if (go) begin
+      if (tile_end) begin
+        if (list_end) begin
+          \$148  = \$79 [11:0];
+        end
+      end
+    end
+    if (idle) begin
+      \$148  = 12'h000;
+    end
     if (rst) begin
-      \$148  = 1'h0;
+      \$148  = 12'h000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$149  = first_d0;
+    \$149  = go;
     if (rst) begin
       \$149  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$150  = last_d0;
+    \$150  = \$80 ;
     if (rst) begin
       \$150  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$151  = valid_d1;
+    \$151  = tile_end;
     if (rst) begin
       \$151  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$152  = first_d1;
+    \$152  = valid_d0;
     if (rst) begin
       \$152  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$153  = last_d1;
+    \$153  = first_d0;
     if (rst) begin
       \$153  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$154  = valid_d2;
+    \$154  = last_d0;
     if (rst) begin
       \$154  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$155  = first_d2;
+    \$155  = valid_d1;
     if (rst) begin
       \$155  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$156  = last_d2;
+    \$156  = first_d1;
     if (rst) begin
       \$156  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$157  = valid_d3;
+    \$157  = last_d1;
     if (rst) begin
       \$157  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$158  = first_d3;
+    \$158  = valid_d2;
     if (rst) begin
       \$158  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$159  = last_d3;
+    \$159  = first_d2;
     if (rst) begin
       \$159  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$160  = valid_d4;
+    \$160  = last_d2;
     if (rst) begin
       \$160  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$161  = first_d4;
+    \$161  = valid_d3;
     if (rst) begin
       \$161  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$162  = last_d4;
+    \$162  = first_d3;
     if (rst) begin
       \$162  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$163  = valid_d5;
+    \$163  = last_d3;
     if (rst) begin
       \$163  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$164  = first_d5;
+    \$164  = valid_d4;
     if (rst) begin
       \$164  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$165  = last_d5;
+    \$165  = first_d4;
     if (rst) begin
       \$165  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$166  = \rd__addr$99 ;
-    if (\$80 ) begin
-      (* full_case = 32'd1 *)
-      if (\$81 ) begin
-        \$166  = 5'h00;
-      end else begin
-        \$166  = \$85 [4:0];
-      end
-    end
-    if (idle) begin
-      \$166  = 5'h00;
-    end
+    \$166  = last_d4;
     if (rst) begin
-      \$166  = 5'h00;
+      \$166  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$167  = out_left;
-    if (\$80 ) begin
-      if (\$81 ) begin
-        \$167  = \$82 [7:0];
-      end
-    end
-    if (hdr0) begin
-      \$167  = m_q;
-    end
+    \$167  = valid_d5;
     if (rst) begin
-      \$167  = 8'h00;
+      \$167  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$168  = out_last;
-    if (\$80 ) begin
-      if (\$81 ) begin
-        \$168  = \$83 ;
-      end
-    end
-    if (hdr0) begin
-      \$168  = \$114 ;
-    end
+    \$168  = first_d5;
     if (rst) begin
       \$168  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$169  = tile_base;
-    if (\$80 ) begin
+    \$169  = last_d5;
+    if (rst) begin
+      \$169  = 1'h0;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
+    \$170  = \rd__addr$101 ;
+    if (\$82 ) begin
       (* full_case = 32'd1 *)
-      if (\$81 ) begin
-        \$169  = \$84 [11:0];
+      if (out_nt_last) begin
+        \$170  = 5'h00;
       end else begin
-        \$169  = \$86 [11:0];
+        \$170  = \$86 [4:0];
       end
     end
     if (idle) begin
-      \$169  = 12'h000;
+      \$170  = 5'h00;
     end
     if (rst) begin
-      \$169  = 12'h000;
+      \$170  = 5'h00;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$170  = o__valid;
-    if (rst) begin
-      \$170  = 1'h0;
+    \$171  = out_nt_last;
+    if (\$82 ) begin
+      (* full_case = 32'd1 *)
+      if (out_nt_last) begin
+        \$171  = 1'h0;
+      end else begin
+        \$171  = \$88 ;
+      end
     end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$171  = \$87 ;
+    if (idle) begin
+      \$171  = 1'h0;
+    end
     if (rst) begin
       \$171  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$172  = \$88 ;
+    \$172  = out_left;
+    if (\$82 ) begin
+      if (out_nt_last) begin
+        \$172  = \$83 [7:0];
+      end
+    end
+    if (hdr0) begin
+      \$172  = m_q;
+    end
     if (rst) begin
-      \$172  = 1'h0;
+      \$172  = 8'h00;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$173  = addr1;
-    if (o__valid) begin
-      \$173  = \$91 [11:0];
+    \$173  = out_last;
+    if (\$82 ) begin
+      if (out_nt_last) begin
+        \$173  = \$84 ;
+      end
     end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$174  = \$92 ;
+    if (hdr0) begin
+      \$173  = \$117 ;
+    end
     if (rst) begin
-      \$174  = 1'h0;
+      \$173  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$175  = \$signal$156 ;
+    \$174  = tile_base;
+    if (\$82 ) begin
+      (* full_case = 32'd1 *)
+      if (out_nt_last) begin
+        \$174  = \$85 [11:0];
+      end else begin
+        \$174  = \$89 [11:0];
+      end
+    end
+    if (idle) begin
+      \$174  = 12'h000;
+    end
+    if (rst) begin
+      \$174  = 12'h000;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
+    \$175  = o__valid;
     if (rst) begin
       \$175  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$176  = \$signal$160 ;
+    \$176  = \$90 ;
     if (rst) begin
       \$176  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$177  = fin2;
+    \$177  = \$91 ;
     if (rst) begin
       \$177  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$179  = \$signal$164 ;
+    \$178  = addr1;
+    if (o__valid) begin
+      \$178  = \$94 [11:0];
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
+    \$179  = \$95 ;
     if (rst) begin
       \$179  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$180  = fin3;
+    \$180  = \$signal$159 ;
     if (rst) begin
       \$180  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$181  = v_q_d0;
+    \$181  = \$signal$163 ;
     if (rst) begin
       \$181  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$182  = fin_q_d0;
+    \$182  = fin2;
     if (rst) begin
       \$182  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$183  = v_q_d1;
-    if (rst) begin
-      \$183  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$184  = fin_q_d1;
+    \$184  = \$signal$167 ;
     if (rst) begin
       \$184  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$185  = fin_q_d2;
+    \$185  = fin3;
     if (rst) begin
       \$185  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$186  = fin_o_d0;
+    \$186  = v_q_d0;
     if (rst) begin
       \$186  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$187  = fin_o_d1;
+    \$187  = fin_q_d0;
     if (rst) begin
       \$187  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$188  = fin_o_d2;
+    \$188  = v_q_d1;
     if (rst) begin
       \$188  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$189  = \$112 ;
+    \$189  = fin_q_d1;
     if (rst) begin
-      \$189  = 1'h1;
+      \$189  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$190  = \busy$42 ;
-    if (done) begin
+    \$190  = fin_q_d2;
+    if (rst) begin
       \$190  = 1'h0;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
+    \$191  = fin_o_d0;
+    if (rst) begin
+      \$191  = 1'h0;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
+    \$192  = fin_o_d1;
+    if (rst) begin
+      \$192  = 1'h0;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
+    \$193  = fin_o_d2;
+    if (rst) begin
+      \$193  = 1'h0;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
+    \$194  = \$115 ;
+    if (rst) begin
+      \$194  = 1'h1;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
+    \$195  = \busy$42 ;
+    if (done) begin
+      \$195  = 1'h0;
     end
     if (\start$44 ) begin
-      \$190  = 1'h1;
+      \$195  = 1'h1;
     end
     if (rst) begin
-      \$190  = 1'h0;
+      \$195  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$191  = m_q;
+    \$196  = m_q;
     if (idle) begin
-      \$191  = m;
+      \$196  = m;
     end
     if (rst) begin
-      \$191  = 8'h00;
+      \$196  = 8'h00;
     end
   end
   assign wr__addr = a_wr__addr;
@@ -2006,15 +2069,15 @@ module encoder_layer_0_attention_output_dense(m, a_wr__en, a_wr__addr, a_wr__dat
   assign rd__data = o_rd__data;
   assign rd__en = o_rd__en;
   assign \done$43  = done;
-  assign \rd__addr$71  = \$14 [11:0];
-  assign w_addr = \rd__addr$74 ;
+  assign \rd__addr$73  = \$14 [11:0];
+  assign w_addr = \rd__addr$76 ;
   assign valid_d6 = i__valid;
-  assign out_nt = \rd__addr$99 ;
-  assign \rd__addr$101  = \rd__addr$99 ;
+  assign out_nt = \rd__addr$101 ;
+  assign \rd__addr$103  = \rd__addr$101 ;
   assign rq_in = i;
-  assign v_q_d2 = \wr__en$107 ;
-  assign addr_q_d2 = \wr__addr$109 ;
-  assign o = \wr__data$111 ;
+  assign v_q_d2 = \wr__en$110 ;
+  assign addr_q_d2 = \wr__addr$112 ;
+  assign o = \wr__data$114 ;
   assign \a_wr__data[0]  = a_wr__data[7:0];
   assign \a_wr__data[1]  = a_wr__data[15:8];
   assign \a_wr__data[2]  = a_wr__data[23:16];
@@ -2211,22 +2274,6 @@ module encoder_layer_0_attention_output_dense(m, a_wr__en, a_wr__addr, a_wr__dat
   assign \i__payload.b[15]  = i__payload[255:248];
   assign \i__payload.first  = i__payload[256];
   assign \i__payload.last  = i__payload[257];
-  assign \rd__data$81[0]  = \rd__data$81 [7:0];
-  assign \rd__data$81[1]  = \rd__data$81 [15:8];
-  assign \rd__data$81[2]  = \rd__data$81 [23:16];
-  assign \rd__data$81[3]  = \rd__data$81 [31:24];
-  assign \rd__data$81[4]  = \rd__data$81 [39:32];
-  assign \rd__data$81[5]  = \rd__data$81 [47:40];
-  assign \rd__data$81[6]  = \rd__data$81 [55:48];
-  assign \rd__data$81[7]  = \rd__data$81 [63:56];
-  assign \rd__data$81[8]  = \rd__data$81 [71:64];
-  assign \rd__data$81[9]  = \rd__data$81 [79:72];
-  assign \rd__data$81[10]  = \rd__data$81 [87:80];
-  assign \rd__data$81[11]  = \rd__data$81 [95:88];
-  assign \rd__data$81[12]  = \rd__data$81 [103:96];
-  assign \rd__data$81[13]  = \rd__data$81 [111:104];
-  assign \rd__data$81[14]  = \rd__data$81 [119:112];
-  assign \rd__data$81[15]  = \rd__data$81 [127:120];
   assign \rd__data$83[0]  = \rd__data$83 [7:0];
   assign \rd__data$83[1]  = \rd__data$83 [15:8];
   assign \rd__data$83[2]  = \rd__data$83 [23:16];
@@ -2243,6 +2290,22 @@ module encoder_layer_0_attention_output_dense(m, a_wr__en, a_wr__addr, a_wr__dat
   assign \rd__data$83[13]  = \rd__data$83 [111:104];
   assign \rd__data$83[14]  = \rd__data$83 [119:112];
   assign \rd__data$83[15]  = \rd__data$83 [127:120];
+  assign \rd__data$85[0]  = \rd__data$85 [7:0];
+  assign \rd__data$85[1]  = \rd__data$85 [15:8];
+  assign \rd__data$85[2]  = \rd__data$85 [23:16];
+  assign \rd__data$85[3]  = \rd__data$85 [31:24];
+  assign \rd__data$85[4]  = \rd__data$85 [39:32];
+  assign \rd__data$85[5]  = \rd__data$85 [47:40];
+  assign \rd__data$85[6]  = \rd__data$85 [55:48];
+  assign \rd__data$85[7]  = \rd__data$85 [63:56];
+  assign \rd__data$85[8]  = \rd__data$85 [71:64];
+  assign \rd__data$85[9]  = \rd__data$85 [79:72];
+  assign \rd__data$85[10]  = \rd__data$85 [87:80];
+  assign \rd__data$85[11]  = \rd__data$85 [95:88];
+  assign \rd__data$85[12]  = \rd__data$85 [103:96];
+  assign \rd__data$85[13]  = \rd__data$85 [111:104];
+  assign \rd__data$85[14]  = \rd__data$85 [119:112];
+  assign \rd__data$85[15]  = \rd__data$85 [127:120];
   assign \o__payload.data  = o__payload[383:0];
   assign \o__payload.data[0]  = o__payload[23:0];
   assign \o__payload.data[1]  = o__payload[47:24];
@@ -2330,38 +2393,38 @@ module encoder_layer_0_attention_output_dense(m, a_wr__en, a_wr__addr, a_wr__dat
   assign \rq_in.t[13]  = i[411:410];
   assign \rq_in.t[14]  = i[413:412];
   assign \rq_in.t[15]  = i[415:414];
-  assign \wr__data$111[0]  = \wr__data$111 [15:0];
-  assign \wr__data$111[1]  = \wr__data$111 [31:16];
-  assign \wr__data$111[2]  = \wr__data$111 [47:32];
-  assign \wr__data$111[3]  = \wr__data$111 [63:48];
-  assign \wr__data$111[4]  = \wr__data$111 [79:64];
-  assign \wr__data$111[5]  = \wr__data$111 [95:80];
-  assign \wr__data$111[6]  = \wr__data$111 [111:96];
-  assign \wr__data$111[7]  = \wr__data$111 [127:112];
-  assign \wr__data$111[8]  = \wr__data$111 [143:128];
-  assign \wr__data$111[9]  = \wr__data$111 [159:144];
-  assign \wr__data$111[10]  = \wr__data$111 [175:160];
-  assign \wr__data$111[11]  = \wr__data$111 [191:176];
-  assign \wr__data$111[12]  = \wr__data$111 [207:192];
-  assign \wr__data$111[13]  = \wr__data$111 [223:208];
-  assign \wr__data$111[14]  = \wr__data$111 [239:224];
-  assign \wr__data$111[15]  = \wr__data$111 [255:240];
-  assign \o[0]  = \wr__data$111 [15:0];
-  assign \o[1]  = \wr__data$111 [31:16];
-  assign \o[2]  = \wr__data$111 [47:32];
-  assign \o[3]  = \wr__data$111 [63:48];
-  assign \o[4]  = \wr__data$111 [79:64];
-  assign \o[5]  = \wr__data$111 [95:80];
-  assign \o[6]  = \wr__data$111 [111:96];
-  assign \o[7]  = \wr__data$111 [127:112];
-  assign \o[8]  = \wr__data$111 [143:128];
-  assign \o[9]  = \wr__data$111 [159:144];
-  assign \o[10]  = \wr__data$111 [175:160];
-  assign \o[11]  = \wr__data$111 [191:176];
-  assign \o[12]  = \wr__data$111 [207:192];
-  assign \o[13]  = \wr__data$111 [223:208];
-  assign \o[14]  = \wr__data$111 [239:224];
-  assign \o[15]  = \wr__data$111 [255:240];
+  assign \wr__data$114[0]  = \wr__data$114 [15:0];
+  assign \wr__data$114[1]  = \wr__data$114 [31:16];
+  assign \wr__data$114[2]  = \wr__data$114 [47:32];
+  assign \wr__data$114[3]  = \wr__data$114 [63:48];
+  assign \wr__data$114[4]  = \wr__data$114 [79:64];
+  assign \wr__data$114[5]  = \wr__data$114 [95:80];
+  assign \wr__data$114[6]  = \wr__data$114 [111:96];
+  assign \wr__data$114[7]  = \wr__data$114 [127:112];
+  assign \wr__data$114[8]  = \wr__data$114 [143:128];
+  assign \wr__data$114[9]  = \wr__data$114 [159:144];
+  assign \wr__data$114[10]  = \wr__data$114 [175:160];
+  assign \wr__data$114[11]  = \wr__data$114 [191:176];
+  assign \wr__data$114[12]  = \wr__data$114 [207:192];
+  assign \wr__data$114[13]  = \wr__data$114 [223:208];
+  assign \wr__data$114[14]  = \wr__data$114 [239:224];
+  assign \wr__data$114[15]  = \wr__data$114 [255:240];
+  assign \o[0]  = \wr__data$114 [15:0];
+  assign \o[1]  = \wr__data$114 [31:16];
+  assign \o[2]  = \wr__data$114 [47:32];
+  assign \o[3]  = \wr__data$114 [63:48];
+  assign \o[4]  = \wr__data$114 [79:64];
+  assign \o[5]  = \wr__data$114 [95:80];
+  assign \o[6]  = \wr__data$114 [111:96];
+  assign \o[7]  = \wr__data$114 [127:112];
+  assign \o[8]  = \wr__data$114 [143:128];
+  assign \o[9]  = \wr__data$114 [159:144];
+  assign \o[10]  = \wr__data$114 [175:160];
+  assign \o[11]  = \wr__data$114 [191:176];
+  assign \o[12]  = \wr__data$114 [207:192];
+  assign \o[13]  = \wr__data$114 [223:208];
+  assign \o[14]  = \wr__data$114 [239:224];
+  assign \o[15]  = \wr__data$114 [255:240];
   assign \acc1[0]  = acc1[23:0];
   assign \acc1[1]  = acc1[47:24];
   assign \acc1[2]  = acc1[71:48];
@@ -2394,70 +2457,70 @@ module encoder_layer_0_attention_output_dense(m, a_wr__en, a_wr__addr, a_wr__dat
   assign \acc2[13]  = acc2[335:312];
   assign \acc2[14]  = acc2[359:336];
   assign \acc2[15]  = acc2[383:360];
-  assign \rd__data$167[0]  = \rd__data$167 [13:0];
-  assign \rd__data$167[1]  = \rd__data$167 [27:14];
-  assign \rd__data$167[2]  = \rd__data$167 [41:28];
-  assign \rd__data$167[3]  = \rd__data$167 [55:42];
-  assign \rd__data$167[4]  = \rd__data$167 [69:56];
-  assign \rd__data$167[5]  = \rd__data$167 [83:70];
-  assign \rd__data$167[6]  = \rd__data$167 [97:84];
-  assign \rd__data$167[7]  = \rd__data$167 [111:98];
-  assign \rd__data$167[8]  = \rd__data$167 [125:112];
-  assign \rd__data$167[9]  = \rd__data$167 [139:126];
-  assign \rd__data$167[10]  = \rd__data$167 [153:140];
-  assign \rd__data$167[11]  = \rd__data$167 [167:154];
-  assign \rd__data$167[12]  = \rd__data$167 [181:168];
-  assign \rd__data$167[13]  = \rd__data$167 [195:182];
-  assign \rd__data$167[14]  = \rd__data$167 [209:196];
-  assign \rd__data$167[15]  = \rd__data$167 [223:210];
-  assign \rd__data$168[0]  = \rd__data$168 [1:0];
-  assign \rd__data$168[1]  = \rd__data$168 [3:2];
-  assign \rd__data$168[2]  = \rd__data$168 [5:4];
-  assign \rd__data$168[3]  = \rd__data$168 [7:6];
-  assign \rd__data$168[4]  = \rd__data$168 [9:8];
-  assign \rd__data$168[5]  = \rd__data$168 [11:10];
-  assign \rd__data$168[6]  = \rd__data$168 [13:12];
-  assign \rd__data$168[7]  = \rd__data$168 [15:14];
-  assign \rd__data$168[8]  = \rd__data$168 [17:16];
-  assign \rd__data$168[9]  = \rd__data$168 [19:18];
-  assign \rd__data$168[10]  = \rd__data$168 [21:20];
-  assign \rd__data$168[11]  = \rd__data$168 [23:22];
-  assign \rd__data$168[12]  = \rd__data$168 [25:24];
-  assign \rd__data$168[13]  = \rd__data$168 [27:26];
-  assign \rd__data$168[14]  = \rd__data$168 [29:28];
-  assign \rd__data$168[15]  = \rd__data$168 [31:30];
-  assign \$178 [415:414] = \rd__data$168 [31:30];
-  assign \$178 [383:360] = \$108 [23:0];
-  assign \$178 [413:412] = \rd__data$168 [29:28];
-  assign \$178 [359:336] = \$107 [23:0];
-  assign \$178 [411:410] = \rd__data$168 [27:26];
-  assign \$178 [335:312] = \$106 [23:0];
-  assign \$178 [409:408] = \rd__data$168 [25:24];
-  assign \$178 [311:288] = \$105 [23:0];
-  assign \$178 [407:406] = \rd__data$168 [23:22];
-  assign \$178 [287:264] = \$104 [23:0];
-  assign \$178 [405:404] = \rd__data$168 [21:20];
-  assign \$178 [263:240] = \$103 [23:0];
-  assign \$178 [403:402] = \rd__data$168 [19:18];
-  assign \$178 [239:216] = \$102 [23:0];
-  assign \$178 [401:400] = \rd__data$168 [17:16];
-  assign \$178 [215:192] = \$101 [23:0];
-  assign \$178 [399:398] = \rd__data$168 [15:14];
-  assign \$178 [191:168] = \$100 [23:0];
-  assign \$178 [397:396] = \rd__data$168 [13:12];
-  assign \$178 [167:144] = \$99 [23:0];
-  assign \$178 [395:394] = \rd__data$168 [11:10];
-  assign \$178 [143:120] = \$98 [23:0];
-  assign \$178 [393:392] = \rd__data$168 [9:8];
-  assign \$178 [119:96] = \$97 [23:0];
-  assign \$178 [391:390] = \rd__data$168 [7:6];
-  assign \$178 [95:72] = \$96 [23:0];
-  assign \$178 [389:388] = \rd__data$168 [5:4];
-  assign \$178 [71:48] = \$95 [23:0];
-  assign \$178 [387:386] = \rd__data$168 [3:2];
-  assign \$178 [47:24] = \$94 [23:0];
-  assign \$178 [385:384] = \rd__data$168 [1:0];
-  assign \$178 [23:0] = \$93 [23:0];
+  assign \rd__data$170[0]  = \rd__data$170 [13:0];
+  assign \rd__data$170[1]  = \rd__data$170 [27:14];
+  assign \rd__data$170[2]  = \rd__data$170 [41:28];
+  assign \rd__data$170[3]  = \rd__data$170 [55:42];
+  assign \rd__data$170[4]  = \rd__data$170 [69:56];
+  assign \rd__data$170[5]  = \rd__data$170 [83:70];
+  assign \rd__data$170[6]  = \rd__data$170 [97:84];
+  assign \rd__data$170[7]  = \rd__data$170 [111:98];
+  assign \rd__data$170[8]  = \rd__data$170 [125:112];
+  assign \rd__data$170[9]  = \rd__data$170 [139:126];
+  assign \rd__data$170[10]  = \rd__data$170 [153:140];
+  assign \rd__data$170[11]  = \rd__data$170 [167:154];
+  assign \rd__data$170[12]  = \rd__data$170 [181:168];
+  assign \rd__data$170[13]  = \rd__data$170 [195:182];
+  assign \rd__data$170[14]  = \rd__data$170 [209:196];
+  assign \rd__data$170[15]  = \rd__data$170 [223:210];
+  assign \rd__data$171[0]  = \rd__data$171 [1:0];
+  assign \rd__data$171[1]  = \rd__data$171 [3:2];
+  assign \rd__data$171[2]  = \rd__data$171 [5:4];
+  assign \rd__data$171[3]  = \rd__data$171 [7:6];
+  assign \rd__data$171[4]  = \rd__data$171 [9:8];
+  assign \rd__data$171[5]  = \rd__data$171 [11:10];
+  assign \rd__data$171[6]  = \rd__data$171 [13:12];
+  assign \rd__data$171[7]  = \rd__data$171 [15:14];
+  assign \rd__data$171[8]  = \rd__data$171 [17:16];
+  assign \rd__data$171[9]  = \rd__data$171 [19:18];
+  assign \rd__data$171[10]  = \rd__data$171 [21:20];
+  assign \rd__data$171[11]  = \rd__data$171 [23:22];
+  assign \rd__data$171[12]  = \rd__data$171 [25:24];
+  assign \rd__data$171[13]  = \rd__data$171 [27:26];
+  assign \rd__data$171[14]  = \rd__data$171 [29:28];
+  assign \rd__data$171[15]  = \rd__data$171 [31:30];
+  assign \$183 [415:414] = \rd__data$171 [31:30];
+  assign \$183 [383:360] = \$111 [23:0];
+  assign \$183 [413:412] = \rd__data$171 [29:28];
+  assign \$183 [359:336] = \$110 [23:0];
+  assign \$183 [411:410] = \rd__data$171 [27:26];
+  assign \$183 [335:312] = \$109 [23:0];
+  assign \$183 [409:408] = \rd__data$171 [25:24];
+  assign \$183 [311:288] = \$108 [23:0];
+  assign \$183 [407:406] = \rd__data$171 [23:22];
+  assign \$183 [287:264] = \$107 [23:0];
+  assign \$183 [405:404] = \rd__data$171 [21:20];
+  assign \$183 [263:240] = \$106 [23:0];
+  assign \$183 [403:402] = \rd__data$171 [19:18];
+  assign \$183 [239:216] = \$105 [23:0];
+  assign \$183 [401:400] = \rd__data$171 [17:16];
+  assign \$183 [215:192] = \$104 [23:0];
+  assign \$183 [399:398] = \rd__data$171 [15:14];
+  assign \$183 [191:168] = \$103 [23:0];
+  assign \$183 [397:396] = \rd__data$171 [13:12];
+  assign \$183 [167:144] = \$102 [23:0];
+  assign \$183 [395:394] = \rd__data$171 [11:10];
+  assign \$183 [143:120] = \$101 [23:0];
+  assign \$183 [393:392] = \rd__data$171 [9:8];
+  assign \$183 [119:96] = \$100 [23:0];
+  assign \$183 [391:390] = \rd__data$171 [7:6];
+  assign \$183 [95:72] = \$99 [23:0];
+  assign \$183 [389:388] = \rd__data$171 [5:4];
+  assign \$183 [71:48] = \$98 [23:0];
+  assign \$183 [387:386] = \rd__data$171 [3:2];
+  assign \$183 [47:24] = \$97 [23:0];
+  assign \$183 [385:384] = \rd__data$171 [1:0];
+  assign \$183 [23:0] = \$96 [23:0];
   assign i__payload[255:248] = \$30 ;
   assign i__payload[247:240] = \$29 ;
   assign i__payload[239:232] = \$28 ;
@@ -2474,22 +2537,22 @@ module encoder_layer_0_attention_output_dense(m, a_wr__en, a_wr__addr, a_wr__dat
   assign i__payload[151:144] = \$17 ;
   assign i__payload[143:136] = \$16 ;
   assign i__payload[135:128] = \$15 ;
-  assign i__payload[127:120] = \rd__data$81 [127:120];
-  assign i__payload[119:112] = \rd__data$81 [119:112];
-  assign i__payload[111:104] = \rd__data$81 [111:104];
-  assign i__payload[103:96] = \rd__data$81 [103:96];
-  assign i__payload[95:88] = \rd__data$81 [95:88];
-  assign i__payload[87:80] = \rd__data$81 [87:80];
-  assign i__payload[79:72] = \rd__data$81 [79:72];
-  assign i__payload[71:64] = \rd__data$81 [71:64];
-  assign i__payload[63:56] = \rd__data$81 [63:56];
-  assign i__payload[55:48] = \rd__data$81 [55:48];
-  assign i__payload[47:40] = \rd__data$81 [47:40];
-  assign i__payload[39:32] = \rd__data$81 [39:32];
-  assign i__payload[31:24] = \rd__data$81 [31:24];
-  assign i__payload[23:16] = \rd__data$81 [23:16];
-  assign i__payload[15:8] = \rd__data$81 [15:8];
-  assign i__payload[7:0] = \rd__data$81 [7:0];
+  assign i__payload[127:120] = \rd__data$83 [127:120];
+  assign i__payload[119:112] = \rd__data$83 [119:112];
+  assign i__payload[111:104] = \rd__data$83 [111:104];
+  assign i__payload[103:96] = \rd__data$83 [103:96];
+  assign i__payload[95:88] = \rd__data$83 [95:88];
+  assign i__payload[87:80] = \rd__data$83 [87:80];
+  assign i__payload[79:72] = \rd__data$83 [79:72];
+  assign i__payload[71:64] = \rd__data$83 [71:64];
+  assign i__payload[63:56] = \rd__data$83 [63:56];
+  assign i__payload[55:48] = \rd__data$83 [55:48];
+  assign i__payload[47:40] = \rd__data$83 [47:40];
+  assign i__payload[39:32] = \rd__data$83 [39:32];
+  assign i__payload[31:24] = \rd__data$83 [31:24];
+  assign i__payload[23:16] = \rd__data$83 [23:16];
+  assign i__payload[15:8] = \rd__data$83 [15:8];
+  assign i__payload[7:0] = \rd__data$83 [7:0];
   assign i__payload[257] = last_d6;
   assign i__payload[256] = first_d6;
 endmodule

@@ -8,9 +8,9 @@ module encoder_layer_0_output_dense(m, a_wr__en, a_wr__addr, a_wr__data, w_wr__e
   wire \$1 ;
   wire \$10 ;
   wire \$100 ;
-  wire [26:0] \$101 ;
-  wire [26:0] \$102 ;
-  wire [26:0] \$103 ;
+  wire [12:0] \$101 ;
+  wire [12:0] \$102 ;
+  wire \$103 ;
   wire [26:0] \$104 ;
   wire [26:0] \$105 ;
   wire [26:0] \$106 ;
@@ -25,63 +25,63 @@ module encoder_layer_0_output_dense(m, a_wr__en, a_wr__addr, a_wr__data, w_wr__e
   wire [26:0] \$114 ;
   wire [26:0] \$115 ;
   wire [26:0] \$116 ;
-  wire \$117 ;
-  wire \$118 ;
-  wire \$119 ;
+  wire [26:0] \$117 ;
+  wire [26:0] \$118 ;
+  wire [26:0] \$119 ;
   wire \$12 ;
   wire \$120 ;
   wire \$121 ;
   wire \$122 ;
-  reg \$123 ;
-  reg \$124 ;
-  reg \$125 ;
+  wire \$123 ;
+  wire \$124 ;
+  wire \$125 ;
   reg \$126 ;
   reg \$127 ;
   reg \$128 ;
-  reg [11:0] \$129 ;
+  reg \$129 ;
   wire \$13 ;
-  reg [7:0] \$130 ;
+  reg \$130 ;
   reg \$131 ;
-  reg \$132 ;
-  reg \$133 ;
+  reg [11:0] \$132 ;
+  reg [7:0] \$133 ;
   reg \$134 ;
   reg \$135 ;
   reg \$136 ;
   reg \$137 ;
   reg \$138 ;
-  reg [11:0] \$139 ;
+  reg \$139 ;
   wire [14:0] \$14 ;
-  reg [33:0] \$140 ;
-  reg [33:0] \$141 ;
-  reg [33:0] \$142 ;
+  reg \$140 ;
+  reg \$141 ;
+  reg [11:0] \$142 ;
   reg [33:0] \$143 ;
   reg [33:0] \$144 ;
   reg [33:0] \$145 ;
   reg [33:0] \$146 ;
   reg [33:0] \$147 ;
   reg [33:0] \$148 ;
-  reg [3:0] \$149 ;
+  reg [33:0] \$149 ;
   wire [7:0] \$15 ;
   reg [33:0] \$150 ;
-  reg [3:0] \$151 ;
+  reg [33:0] \$151 ;
   reg [3:0] \$152 ;
-  reg \$153 ;
-  reg \$154 ;
+  reg [33:0] \$153 ;
+  reg [3:0] \$154 ;
   reg [3:0] \$155 ;
-  reg [10:0] \$156 ;
-  reg [15:0] \$157 ;
-  reg [3:0] \$158 ;
-  reg \$159 ;
+  reg [3:0] \$156 ;
+  reg \$157 ;
+  reg \$158 ;
+  reg [3:0] \$159 ;
   wire [7:0] \$16 ;
-  reg [4:0] \$160 ;
-  reg \$161 ;
-  reg \$162 ;
+  reg [10:0] \$160 ;
+  reg [15:0] \$161 ;
+  reg [3:0] \$162 ;
   reg \$163 ;
-  reg [13:0] \$164 ;
+  reg [4:0] \$164 ;
   reg \$165 ;
   reg \$166 ;
   reg \$167 ;
-  reg \$168 ;
+  reg [13:0] \$168 ;
   reg \$169 ;
   wire [7:0] \$17 ;
   reg \$170 ;
@@ -101,27 +101,27 @@ module encoder_layer_0_output_dense(m, a_wr__en, a_wr__addr, a_wr__data, w_wr__e
   reg \$183 ;
   reg \$184 ;
   reg \$185 ;
-  reg [4:0] \$186 ;
-  reg [7:0] \$187 ;
+  reg \$186 ;
+  reg \$187 ;
   reg \$188 ;
-  reg [11:0] \$189 ;
+  reg \$189 ;
   wire [7:0] \$19 ;
-  reg \$190 ;
+  reg [4:0] \$190 ;
   reg \$191 ;
-  reg \$192 ;
-  reg [11:0] \$193 ;
-  reg \$194 ;
+  reg [7:0] \$192 ;
+  reg \$193 ;
+  reg [11:0] \$194 ;
   reg \$195 ;
   reg \$196 ;
   reg \$197 ;
-  wire [479:0] \$198 ;
+  reg [11:0] \$198 ;
   reg \$199 ;
   wire \$2 ;
   wire [7:0] \$20 ;
   reg \$200 ;
   reg \$201 ;
   reg \$202 ;
-  reg \$203 ;
+  wire [479:0] \$203 ;
   reg \$204 ;
   reg \$205 ;
   reg \$206 ;
@@ -130,7 +130,12 @@ module encoder_layer_0_output_dense(m, a_wr__en, a_wr__addr, a_wr__data, w_wr__e
   reg \$209 ;
   wire [7:0] \$21 ;
   reg \$210 ;
-  reg [7:0] \$211 ;
+  reg \$211 ;
+  reg \$212 ;
+  reg \$213 ;
+  reg \$214 ;
+  reg \$215 ;
+  reg [7:0] \$216 ;
   wire [7:0] \$22 ;
   wire [7:0] \$23 ;
   wire [7:0] \$24 ;
@@ -143,10 +148,10 @@ module encoder_layer_0_output_dense(m, a_wr__en, a_wr__addr, a_wr__data, w_wr__e
   wire [7:0] \$30 ;
   wire \$31 ;
   wire \$32 ;
-  wire \$33 ;
-  wire [8:0] \$34 ;
-  wire \$35 ;
-  wire [12:0] \$36 ;
+  wire [8:0] \$33 ;
+  wire \$34 ;
+  wire [12:0] \$35 ;
+  wire \$36 ;
   wire \$37 ;
   wire \$38 ;
   wire \$39 ;
@@ -167,59 +172,59 @@ module encoder_layer_0_output_dense(m, a_wr__en, a_wr__addr, a_wr__data, w_wr__e
   wire \$52 ;
   wire \$53 ;
   wire \$54 ;
-  wire \$55 ;
+  wire [4:0] \$55 ;
   wire [4:0] \$56 ;
-  wire [4:0] \$57 ;
-  wire \$58 ;
+  wire \$57 ;
+  wire [4:0] \$58 ;
   wire [4:0] \$59 ;
   wire \$6 ;
-  wire [4:0] \$60 ;
+  wire \$60 ;
   wire [4:0] \$61 ;
-  wire [5:0] \$62 ;
-  wire \$63 ;
-  wire \$64 ;
+  wire [4:0] \$62 ;
+  wire [4:0] \$63 ;
+  wire [5:0] \$64 ;
   wire \$65 ;
   wire \$66 ;
   wire \$67 ;
   wire \$68 ;
   wire \$69 ;
   wire \$7 ;
-  wire [4:0] \$70 ;
-  wire [5:0] \$71 ;
-  wire \$72 ;
-  wire \$73 ;
-  wire [11:0] \$74 ;
-  wire [16:0] \$75 ;
-  wire [4:0] \$76 ;
-  wire \$77 ;
-  wire \$78 ;
-  wire [5:0] \$79 ;
+  wire \$70 ;
+  wire \$71 ;
+  wire [4:0] \$72 ;
+  wire [5:0] \$73 ;
+  wire \$74 ;
+  wire \$75 ;
+  wire [11:0] \$76 ;
+  wire [16:0] \$77 ;
+  wire [4:0] \$78 ;
+  wire \$79 ;
   wire \$8 ;
-  wire [5:0] \$80 ;
-  wire \$81 ;
-  wire \$82 ;
+  wire \$80 ;
+  wire [5:0] \$81 ;
+  wire [5:0] \$82 ;
   wire \$83 ;
   wire \$84 ;
-  wire [14:0] \$85 ;
+  wire \$85 ;
   wire \$86 ;
-  wire \$87 ;
+  wire [14:0] \$87 ;
   wire \$88 ;
   wire \$89 ;
   wire \$9 ;
-  wire [8:0] \$90 ;
-  wire \$91 ;
-  wire [12:0] \$92 ;
-  wire [5:0] \$93 ;
-  wire [12:0] \$94 ;
-  wire \$95 ;
+  wire \$90 ;
+  wire [8:0] \$91 ;
+  wire \$92 ;
+  wire [12:0] \$93 ;
+  wire [5:0] \$94 ;
+  wire [5:0] \$95 ;
   wire \$96 ;
-  wire \$97 ;
-  wire [12:0] \$98 ;
-  wire [12:0] \$99 ;
+  wire [12:0] \$97 ;
+  wire \$98 ;
+  wire \$99 ;
   reg \$signal  = 1'h0;
-  reg \$signal$168  = 1'h0;
-  reg \$signal$172  = 1'h0;
-  reg \$signal$176  = 1'h0;
+  reg \$signal$171  = 1'h0;
+  reg \$signal$175  = 1'h0;
+  reg \$signal$179  = 1'h0;
   reg [13:0] a_base = 14'h0000;
   reg [10:0] a_off = 11'h000;
   input [13:0] a_wr__addr;
@@ -519,73 +524,58 @@ module encoder_layer_0_output_dense(m, a_wr__en, a_wr__addr, a_wr__data, w_wr__e
   wire o_rd__en;
   reg ok1 = 1'h0;
   reg [33:0] oldest;
+  reg [33:0] oldest_rows;
   reg out_last = 1'h0;
   reg [7:0] out_left = 8'h00;
   (* init = 5'h00 *)
   wire [4:0] out_nt;
+  reg out_nt_last = 1'h0;
   reg pad = 1'h0;
   wire pop;
   reg [11:0] ptr = 12'h000;
   wire [11:0] rd__addr;
-  reg [4:0] \rd__addr$103  = 5'h00;
+  reg [4:0] \rd__addr$105  = 5'h00;
   (* init = 5'h00 *)
-  wire [4:0] \rd__addr$105 ;
+  wire [4:0] \rd__addr$107 ;
   wire [11:0] \rd__addr$48 ;
-  wire [13:0] \rd__addr$75 ;
-  reg [15:0] \rd__addr$78  = 16'h0000;
+  wire [13:0] \rd__addr$77 ;
+  reg [15:0] \rd__addr$80  = 16'h0000;
   wire [255:0] rd__data;
-  wire [33:0] \rd__data$132 ;
-  wire [207:0] \rd__data$179 ;
-  wire [12:0] \rd__data$179[0] ;
-  wire [12:0] \rd__data$179[10] ;
-  wire [12:0] \rd__data$179[11] ;
-  wire [12:0] \rd__data$179[12] ;
-  wire [12:0] \rd__data$179[13] ;
-  wire [12:0] \rd__data$179[14] ;
-  wire [12:0] \rd__data$179[15] ;
-  wire [12:0] \rd__data$179[1] ;
-  wire [12:0] \rd__data$179[2] ;
-  wire [12:0] \rd__data$179[3] ;
-  wire [12:0] \rd__data$179[4] ;
-  wire [12:0] \rd__data$179[5] ;
-  wire [12:0] \rd__data$179[6] ;
-  wire [12:0] \rd__data$179[7] ;
-  wire [12:0] \rd__data$179[8] ;
-  wire [12:0] \rd__data$179[9] ;
-  wire [63:0] \rd__data$180 ;
-  wire [3:0] \rd__data$180[0] ;
-  wire [3:0] \rd__data$180[10] ;
-  wire [3:0] \rd__data$180[11] ;
-  wire [3:0] \rd__data$180[12] ;
-  wire [3:0] \rd__data$180[13] ;
-  wire [3:0] \rd__data$180[14] ;
-  wire [3:0] \rd__data$180[15] ;
-  wire [3:0] \rd__data$180[1] ;
-  wire [3:0] \rd__data$180[2] ;
-  wire [3:0] \rd__data$180[3] ;
-  wire [3:0] \rd__data$180[4] ;
-  wire [3:0] \rd__data$180[5] ;
-  wire [3:0] \rd__data$180[6] ;
-  wire [3:0] \rd__data$180[7] ;
-  wire [3:0] \rd__data$180[8] ;
-  wire [3:0] \rd__data$180[9] ;
-  wire [127:0] \rd__data$85 ;
-  wire [7:0] \rd__data$85[0] ;
-  wire [7:0] \rd__data$85[10] ;
-  wire [7:0] \rd__data$85[11] ;
-  wire [7:0] \rd__data$85[12] ;
-  wire [7:0] \rd__data$85[13] ;
-  wire [7:0] \rd__data$85[14] ;
-  wire [7:0] \rd__data$85[15] ;
-  wire [7:0] \rd__data$85[1] ;
-  wire [7:0] \rd__data$85[2] ;
-  wire [7:0] \rd__data$85[3] ;
-  wire [7:0] \rd__data$85[4] ;
-  wire [7:0] \rd__data$85[5] ;
-  wire [7:0] \rd__data$85[6] ;
-  wire [7:0] \rd__data$85[7] ;
-  wire [7:0] \rd__data$85[8] ;
-  wire [7:0] \rd__data$85[9] ;
+  wire [33:0] \rd__data$135 ;
+  wire [207:0] \rd__data$182 ;
+  wire [12:0] \rd__data$182[0] ;
+  wire [12:0] \rd__data$182[10] ;
+  wire [12:0] \rd__data$182[11] ;
+  wire [12:0] \rd__data$182[12] ;
+  wire [12:0] \rd__data$182[13] ;
+  wire [12:0] \rd__data$182[14] ;
+  wire [12:0] \rd__data$182[15] ;
+  wire [12:0] \rd__data$182[1] ;
+  wire [12:0] \rd__data$182[2] ;
+  wire [12:0] \rd__data$182[3] ;
+  wire [12:0] \rd__data$182[4] ;
+  wire [12:0] \rd__data$182[5] ;
+  wire [12:0] \rd__data$182[6] ;
+  wire [12:0] \rd__data$182[7] ;
+  wire [12:0] \rd__data$182[8] ;
+  wire [12:0] \rd__data$182[9] ;
+  wire [63:0] \rd__data$183 ;
+  wire [3:0] \rd__data$183[0] ;
+  wire [3:0] \rd__data$183[10] ;
+  wire [3:0] \rd__data$183[11] ;
+  wire [3:0] \rd__data$183[12] ;
+  wire [3:0] \rd__data$183[13] ;
+  wire [3:0] \rd__data$183[14] ;
+  wire [3:0] \rd__data$183[15] ;
+  wire [3:0] \rd__data$183[1] ;
+  wire [3:0] \rd__data$183[2] ;
+  wire [3:0] \rd__data$183[3] ;
+  wire [3:0] \rd__data$183[4] ;
+  wire [3:0] \rd__data$183[5] ;
+  wire [3:0] \rd__data$183[6] ;
+  wire [3:0] \rd__data$183[7] ;
+  wire [3:0] \rd__data$183[8] ;
+  wire [3:0] \rd__data$183[9] ;
   wire [127:0] \rd__data$87 ;
   wire [7:0] \rd__data$87[0] ;
   wire [7:0] \rd__data$87[10] ;
@@ -603,6 +593,23 @@ module encoder_layer_0_output_dense(m, a_wr__en, a_wr__addr, a_wr__data, w_wr__e
   wire [7:0] \rd__data$87[7] ;
   wire [7:0] \rd__data$87[8] ;
   wire [7:0] \rd__data$87[9] ;
+  wire [127:0] \rd__data$89 ;
+  wire [7:0] \rd__data$89[0] ;
+  wire [7:0] \rd__data$89[10] ;
+  wire [7:0] \rd__data$89[11] ;
+  wire [7:0] \rd__data$89[12] ;
+  wire [7:0] \rd__data$89[13] ;
+  wire [7:0] \rd__data$89[14] ;
+  wire [7:0] \rd__data$89[15] ;
+  wire [7:0] \rd__data$89[1] ;
+  wire [7:0] \rd__data$89[2] ;
+  wire [7:0] \rd__data$89[3] ;
+  wire [7:0] \rd__data$89[4] ;
+  wire [7:0] \rd__data$89[5] ;
+  wire [7:0] \rd__data$89[6] ;
+  wire [7:0] \rd__data$89[7] ;
+  wire [7:0] \rd__data$89[8] ;
+  wire [7:0] \rd__data$89[9] ;
   wire [15:0] \rd__data[0] ;
   wire [15:0] \rd__data[10] ;
   wire [15:0] \rd__data[11] ;
@@ -624,6 +631,8 @@ module encoder_layer_0_output_dense(m, a_wr__en, a_wr__addr, a_wr__data, w_wr__e
   reg [3:0] ring = 4'h0;
   reg ring_any = 1'h0;
   reg [3:0] rp = 4'h0;
+  (* keep = 32'd1 *)
+  reg [3:0] rp_rows = 4'h0;
   (* init = 480'h000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000 *)
   wire [479:0] rq_in;
   wire [415:0] \rq_in.c ;
@@ -775,29 +784,29 @@ module encoder_layer_0_output_dense(m, a_wr__en, a_wr__addr, a_wr__data, w_wr__e
   wire w_wr__en;
   reg [3:0] wp = 4'h0;
   wire [13:0] wr__addr;
-  reg [11:0] \wr__addr$113  = 12'h000;
+  reg [11:0] \wr__addr$116  = 12'h000;
   wire [15:0] \wr__addr$27 ;
   wire [11:0] \wr__addr$30 ;
   wire [4:0] \wr__addr$33 ;
   wire [4:0] \wr__addr$36 ;
   wire [127:0] wr__data;
-  wire [255:0] \wr__data$115 ;
-  wire [15:0] \wr__data$115[0] ;
-  wire [15:0] \wr__data$115[10] ;
-  wire [15:0] \wr__data$115[11] ;
-  wire [15:0] \wr__data$115[12] ;
-  wire [15:0] \wr__data$115[13] ;
-  wire [15:0] \wr__data$115[14] ;
-  wire [15:0] \wr__data$115[15] ;
-  wire [15:0] \wr__data$115[1] ;
-  wire [15:0] \wr__data$115[2] ;
-  wire [15:0] \wr__data$115[3] ;
-  wire [15:0] \wr__data$115[4] ;
-  wire [15:0] \wr__data$115[5] ;
-  wire [15:0] \wr__data$115[6] ;
-  wire [15:0] \wr__data$115[7] ;
-  wire [15:0] \wr__data$115[8] ;
-  wire [15:0] \wr__data$115[9] ;
+  wire [255:0] \wr__data$118 ;
+  wire [15:0] \wr__data$118[0] ;
+  wire [15:0] \wr__data$118[10] ;
+  wire [15:0] \wr__data$118[11] ;
+  wire [15:0] \wr__data$118[12] ;
+  wire [15:0] \wr__data$118[13] ;
+  wire [15:0] \wr__data$118[14] ;
+  wire [15:0] \wr__data$118[15] ;
+  wire [15:0] \wr__data$118[1] ;
+  wire [15:0] \wr__data$118[2] ;
+  wire [15:0] \wr__data$118[3] ;
+  wire [15:0] \wr__data$118[4] ;
+  wire [15:0] \wr__data$118[5] ;
+  wire [15:0] \wr__data$118[6] ;
+  wire [15:0] \wr__data$118[7] ;
+  wire [15:0] \wr__data$118[8] ;
+  wire [15:0] \wr__data$118[9] ;
   wire [127:0] \wr__data$28 ;
   wire [7:0] \wr__data$28[0] ;
   wire [7:0] \wr__data$28[10] ;
@@ -867,7 +876,7 @@ module encoder_layer_0_output_dense(m, a_wr__en, a_wr__addr, a_wr__data, w_wr__e
   wire [7:0] \wr__data[8] ;
   wire [7:0] \wr__data[9] ;
   wire wr__en;
-  reg \wr__en$111  = 1'h0;
+  reg \wr__en$114  = 1'h0;
   wire \wr__en$29 ;
   wire \wr__en$32 ;
   wire \wr__en$35 ;
@@ -897,243 +906,248 @@ module encoder_layer_0_output_dense(m, a_wr__en, a_wr__addr, a_wr__data, w_wr__e
   assign \$13  = entry_end | \$12 ;
   assign pop = go & \$13 ;
   assign \$14  = a_base + a_off;
-  assign \$15  = w_real_c0 ? \rd__data$87 [7:0] : 8'h00;
-  assign \$16  = w_real_c1 ? \rd__data$87 [15:8] : 8'h00;
-  assign \$17  = w_real_c2 ? \rd__data$87 [23:16] : 8'h00;
-  assign \$18  = w_real_c3 ? \rd__data$87 [31:24] : 8'h00;
-  assign \$19  = w_real_c4 ? \rd__data$87 [39:32] : 8'h00;
-  assign \$20  = w_real_c5 ? \rd__data$87 [47:40] : 8'h00;
-  assign \$21  = w_real_c6 ? \rd__data$87 [55:48] : 8'h00;
-  assign \$22  = w_real_c7 ? \rd__data$87 [63:56] : 8'h00;
-  assign \$23  = w_real_c8 ? \rd__data$87 [71:64] : 8'h00;
-  assign \$24  = w_real_c9 ? \rd__data$87 [79:72] : 8'h00;
-  assign \$25  = w_real_c10 ? \rd__data$87 [87:80] : 8'h00;
-  assign \$26  = w_real_c11 ? \rd__data$87 [95:88] : 8'h00;
-  assign \$27  = w_real_c12 ? \rd__data$87 [103:96] : 8'h00;
-  assign \$28  = w_real_c13 ? \rd__data$87 [111:104] : 8'h00;
-  assign \$29  = w_real_c14 ? \rd__data$87 [119:112] : 8'h00;
-  assign \$30  = w_real_c15 ? \rd__data$87 [127:120] : 8'h00;
-  assign \$31  = \rd__addr$103  == 5'h17;
-  assign \$32  = o__payload[420] & \$31 ;
-  assign fin = \$32  & out_last;
-  assign \$33  = ptr == n_ent;
-  assign \$34  = f_left - 5'h10;
-  assign \$35  = f_left <= 6'h20;
-  assign \$36  = ptr + 1'h1;
-  assign \$37  = ! wp;
-  assign \$38  = fetch5 & \$37 ;
-  assign \$39  = wp == 1'h1;
-  assign \$40  = fetch5 & \$39 ;
-  assign \$41  = wp == 2'h2;
-  assign \$42  = fetch5 & \$41 ;
-  assign \$43  = wp == 2'h3;
-  assign \$44  = fetch5 & \$43 ;
-  assign \$45  = wp == 3'h4;
-  assign \$46  = fetch5 & \$45 ;
-  assign \$47  = wp == 3'h5;
-  assign \$48  = fetch5 & \$47 ;
-  assign \$49  = wp == 3'h6;
-  assign \$50  = fetch5 & \$49 ;
-  assign \$51  = wp == 3'h7;
-  assign \$52  = fetch5 & \$51 ;
-  assign \$53  = wp == 4'h8;
-  assign \$54  = fetch5 & \$53 ;
-  assign \$55  = wp == 4'h8;
-  assign \$56  = wp + 1'h1;
-  assign \$57  = \$55  ? 5'h00 : \$56 ;
-  assign \$58  = rp == 4'h8;
-  assign \$59  = rp + 1'h1;
-  assign \$60  = \$58  ? 5'h00 : \$59 ;
-  assign \$61  = ring + fetch5;
-  assign \$62  = \$61  - load;
-  assign \$63  = ring > 1'h1;
-  assign \$64  = | ring;
-  assign \$65  = load ? \$63  : \$64 ;
-  assign \$66  = \$65  | fetch5;
-  assign \$67  = ~ pop;
-  assign \$68  = nonempty & \$67 ;
-  assign \$69  = load | \$68 ;
-  assign \$70  = held + fetch;
-  assign \$71  = \$70  - pop;
-  assign \$72  = go & \real ;
-  assign \$73  = ! oldest[30:27];
-  assign \$74  = a_off + 1'h1;
-  assign \$75  = \rd__addr$78  + 1'h1;
-  assign \$76  = kk_rem - 1'h1;
-  assign \$77  = kk_rem == 1'h1;
-  assign \$78  = tcnt != 5'h10;
-  assign \$79  = tcnt + 1'h1;
-  assign \$80  = tcnt + 2'h2;
-  assign \$81  = \$80  >= 5'h10;
-  assign \$82  = entry_end & ent_head[32];
-  assign \$83  = ~ tile_end;
-  assign \$84  = \$82  & \$83 ;
-  assign \$85  = a_base + 11'h600;
-  assign \$86  = ! tcnt;
-  assign \$87  = go & \real ;
-  assign \$88  = o__valid & o__payload[420];
-  assign \$89  = \rd__addr$103  == 5'h17;
-  assign \$90  = out_left - 5'h10;
-  assign \$91  = out_left <= 6'h20;
-  assign \$92  = tile_base + 9'h169;
-  assign \$93  = \rd__addr$103  + 1'h1;
-  assign \$94  = tile_base + 1'h1;
-  assign \$95  = o__valid & fin;
-  assign \$96  = o__payload[419:416] < out_left;
-  assign \$97  = ! o__payload[419:416];
-  assign \$98  = addr1 + 5'h18;
-  assign \$99  = \$97  ? { 1'h0, tile_base } : \$98 ;
-  assign \$100  = \$signal  & ok1;
-  assign \$101  = $signed(acc2[25:0]) + $signed(\rd__data$179 [12:0]);
-  assign \$102  = $signed(acc2[51:26]) + $signed(\rd__data$179 [25:13]);
-  assign \$103  = $signed(acc2[77:52]) + $signed(\rd__data$179 [38:26]);
-  assign \$104  = $signed(acc2[103:78]) + $signed(\rd__data$179 [51:39]);
-  assign \$105  = $signed(acc2[129:104]) + $signed(\rd__data$179 [64:52]);
-  assign \$106  = $signed(acc2[155:130]) + $signed(\rd__data$179 [77:65]);
-  assign \$107  = $signed(acc2[181:156]) + $signed(\rd__data$179 [90:78]);
-  assign \$108  = $signed(acc2[207:182]) + $signed(\rd__data$179 [103:91]);
-  assign \$109  = $signed(acc2[233:208]) + $signed(\rd__data$179 [116:104]);
-  assign \$110  = $signed(acc2[259:234]) + $signed(\rd__data$179 [129:117]);
-  assign \$111  = $signed(acc2[285:260]) + $signed(\rd__data$179 [142:130]);
-  assign \$112  = $signed(acc2[311:286]) + $signed(\rd__data$179 [155:143]);
-  assign \$113  = $signed(acc2[337:312]) + $signed(\rd__data$179 [168:156]);
-  assign \$114  = $signed(acc2[363:338]) + $signed(\rd__data$179 [181:169]);
-  assign \$115  = $signed(acc2[389:364]) + $signed(\rd__data$179 [194:182]);
-  assign \$116  = $signed(acc2[415:390]) + $signed(\rd__data$179 [207:195]);
-  assign \$117  = ~ \start$44 ;
-  assign \$118  = ~ busy;
-  assign \$119  = \$117  & \$118 ;
-  assign \$120  = \$119  | fin_o_d2;
-  assign \$121  = m_q <= 5'h10;
-  assign \$122  = m_q <= 5'h10;
+  assign \$15  = w_real_c0 ? \rd__data$89 [7:0] : 8'h00;
+  assign \$16  = w_real_c1 ? \rd__data$89 [15:8] : 8'h00;
+  assign \$17  = w_real_c2 ? \rd__data$89 [23:16] : 8'h00;
+  assign \$18  = w_real_c3 ? \rd__data$89 [31:24] : 8'h00;
+  assign \$19  = w_real_c4 ? \rd__data$89 [39:32] : 8'h00;
+  assign \$20  = w_real_c5 ? \rd__data$89 [47:40] : 8'h00;
+  assign \$21  = w_real_c6 ? \rd__data$89 [55:48] : 8'h00;
+  assign \$22  = w_real_c7 ? \rd__data$89 [63:56] : 8'h00;
+  assign \$23  = w_real_c8 ? \rd__data$89 [71:64] : 8'h00;
+  assign \$24  = w_real_c9 ? \rd__data$89 [79:72] : 8'h00;
+  assign \$25  = w_real_c10 ? \rd__data$89 [87:80] : 8'h00;
+  assign \$26  = w_real_c11 ? \rd__data$89 [95:88] : 8'h00;
+  assign \$27  = w_real_c12 ? \rd__data$89 [103:96] : 8'h00;
+  assign \$28  = w_real_c13 ? \rd__data$89 [111:104] : 8'h00;
+  assign \$29  = w_real_c14 ? \rd__data$89 [119:112] : 8'h00;
+  assign \$30  = w_real_c15 ? \rd__data$89 [127:120] : 8'h00;
+  assign \$31  = o__payload[420] & out_nt_last;
+  assign fin = \$31  & out_last;
+  assign \$32  = ptr == n_ent;
+  assign \$33  = f_left - 5'h10;
+  assign \$34  = f_left <= 6'h20;
+  assign \$35  = ptr + 1'h1;
+  assign \$36  = ! wp;
+  assign \$37  = fetch5 & \$36 ;
+  assign \$38  = wp == 1'h1;
+  assign \$39  = fetch5 & \$38 ;
+  assign \$40  = wp == 2'h2;
+  assign \$41  = fetch5 & \$40 ;
+  assign \$42  = wp == 2'h3;
+  assign \$43  = fetch5 & \$42 ;
+  assign \$44  = wp == 3'h4;
+  assign \$45  = fetch5 & \$44 ;
+  assign \$46  = wp == 3'h5;
+  assign \$47  = fetch5 & \$46 ;
+  assign \$48  = wp == 3'h6;
+  assign \$49  = fetch5 & \$48 ;
+  assign \$50  = wp == 3'h7;
+  assign \$51  = fetch5 & \$50 ;
+  assign \$52  = wp == 4'h8;
+  assign \$53  = fetch5 & \$52 ;
+  assign \$54  = wp == 4'h8;
+  assign \$55  = wp + 1'h1;
+  assign \$56  = \$54  ? 5'h00 : \$55 ;
+  assign \$57  = rp == 4'h8;
+  assign \$58  = rp + 1'h1;
+  assign \$59  = \$57  ? 5'h00 : \$58 ;
+  assign \$60  = rp_rows == 4'h8;
+  assign \$61  = rp_rows + 1'h1;
+  assign \$62  = \$60  ? 5'h00 : \$61 ;
+  assign \$63  = ring + fetch5;
+  assign \$64  = \$63  - load;
+  assign \$65  = ring > 1'h1;
+  assign \$66  = | ring;
+  assign \$67  = load ? \$65  : \$66 ;
+  assign \$68  = \$67  | fetch5;
+  assign \$69  = ~ pop;
+  assign \$70  = nonempty & \$69 ;
+  assign \$71  = load | \$70 ;
+  assign \$72  = held + fetch;
+  assign \$73  = \$72  - pop;
+  assign \$74  = go & \real ;
+  assign \$75  = ! oldest_rows[30:27];
+  assign \$76  = a_off + 1'h1;
+  assign \$77  = \rd__addr$80  + 1'h1;
+  assign \$78  = kk_rem - 1'h1;
+  assign \$79  = kk_rem == 1'h1;
+  assign \$80  = tcnt != 5'h10;
+  assign \$81  = tcnt + 1'h1;
+  assign \$82  = tcnt + 2'h2;
+  assign \$83  = \$82  >= 5'h10;
+  assign \$84  = entry_end & ent_head[32];
+  assign \$85  = ~ tile_end;
+  assign \$86  = \$84  & \$85 ;
+  assign \$87  = a_base + 11'h600;
+  assign \$88  = ! tcnt;
+  assign \$89  = go & \real ;
+  assign \$90  = o__valid & o__payload[420];
+  assign \$91  = out_left - 5'h10;
+  assign \$92  = out_left <= 6'h20;
+  assign \$93  = tile_base + 9'h169;
+  assign \$94  = \rd__addr$105  + 1'h1;
+  assign \$95  = \rd__addr$105  + 2'h2;
+  assign \$96  = \$95  == 5'h18;
+  assign \$97  = tile_base + 1'h1;
+  assign \$98  = o__valid & fin;
+  assign \$99  = o__payload[419:416] < out_left;
+  assign \$100  = ! o__payload[419:416];
+  assign \$101  = addr1 + 5'h18;
+  assign \$102  = \$100  ? { 1'h0, tile_base } : \$101 ;
+  assign \$103  = \$signal  & ok1;
+  assign \$104  = $signed(acc2[25:0]) + $signed(\rd__data$182 [12:0]);
+  assign \$105  = $signed(acc2[51:26]) + $signed(\rd__data$182 [25:13]);
+  assign \$106  = $signed(acc2[77:52]) + $signed(\rd__data$182 [38:26]);
+  assign \$107  = $signed(acc2[103:78]) + $signed(\rd__data$182 [51:39]);
+  assign \$108  = $signed(acc2[129:104]) + $signed(\rd__data$182 [64:52]);
+  assign \$109  = $signed(acc2[155:130]) + $signed(\rd__data$182 [77:65]);
+  assign \$110  = $signed(acc2[181:156]) + $signed(\rd__data$182 [90:78]);
+  assign \$111  = $signed(acc2[207:182]) + $signed(\rd__data$182 [103:91]);
+  assign \$112  = $signed(acc2[233:208]) + $signed(\rd__data$182 [116:104]);
+  assign \$113  = $signed(acc2[259:234]) + $signed(\rd__data$182 [129:117]);
+  assign \$114  = $signed(acc2[285:260]) + $signed(\rd__data$182 [142:130]);
+  assign \$115  = $signed(acc2[311:286]) + $signed(\rd__data$182 [155:143]);
+  assign \$116  = $signed(acc2[337:312]) + $signed(\rd__data$182 [168:156]);
+  assign \$117  = $signed(acc2[363:338]) + $signed(\rd__data$182 [181:169]);
+  assign \$118  = $signed(acc2[389:364]) + $signed(\rd__data$182 [194:182]);
+  assign \$119  = $signed(acc2[415:390]) + $signed(\rd__data$182 [207:195]);
+  assign \$120  = ~ \start$44 ;
+  assign \$121  = ~ busy;
+  assign \$122  = \$120  & \$121 ;
+  assign \$123  = \$122  | fin_o_d2;
+  assign \$124  = m_q <= 5'h10;
+  assign \$125  = m_q <= 5'h10;
   always @(posedge clk)
-    fetch0 <= \$123 ;
+    fetch0 <= \$126 ;
   always @(posedge clk)
-    fetch1 <= \$124 ;
+    fetch1 <= \$127 ;
   always @(posedge clk)
-    fetch2 <= \$125 ;
+    fetch2 <= \$128 ;
   always @(posedge clk)
-    fetch3 <= \$126 ;
+    fetch3 <= \$129 ;
   always @(posedge clk)
-    fetch4 <= \$127 ;
+    fetch4 <= \$130 ;
   always @(posedge clk)
-    fetch5 <= \$128 ;
+    fetch5 <= \$131 ;
   always @(posedge clk)
-    ptr <= \$129 ;
+    ptr <= \$132 ;
   always @(posedge clk)
-    f_left <= \$130 ;
+    f_left <= \$133 ;
   always @(posedge clk)
-    f_last <= \$131 ;
+    f_last <= \$134 ;
   always @(posedge clk)
-    fetching <= \$132 ;
+    fetching <= \$135 ;
   always @(posedge clk)
-    hdr0 <= \$133 ;
+    hdr0 <= \$136 ;
   always @(posedge clk)
-    hdr1 <= \$134 ;
+    hdr1 <= \$137 ;
   always @(posedge clk)
-    hdr2 <= \$135 ;
+    hdr2 <= \$138 ;
   always @(posedge clk)
-    hdr3 <= \$136 ;
+    hdr3 <= \$139 ;
   always @(posedge clk)
-    hdr4 <= \$137 ;
+    hdr4 <= \$140 ;
   always @(posedge clk)
-    hdr5 <= \$138 ;
+    hdr5 <= \$141 ;
   always @(posedge clk)
-    n_ent <= \$139 ;
+    n_ent <= \$142 ;
   always @(posedge clk)
-    ent_q0 <= \$140 ;
+    ent_q0 <= \$143 ;
   always @(posedge clk)
-    ent_q1 <= \$141 ;
+    ent_q1 <= \$144 ;
   always @(posedge clk)
-    ent_q2 <= \$142 ;
+    ent_q2 <= \$145 ;
   always @(posedge clk)
-    ent_q3 <= \$143 ;
+    ent_q3 <= \$146 ;
   always @(posedge clk)
-    ent_q4 <= \$144 ;
+    ent_q4 <= \$147 ;
   always @(posedge clk)
-    ent_q5 <= \$145 ;
+    ent_q5 <= \$148 ;
   always @(posedge clk)
-    ent_q6 <= \$146 ;
+    ent_q6 <= \$149 ;
   always @(posedge clk)
-    ent_q7 <= \$147 ;
+    ent_q7 <= \$150 ;
   always @(posedge clk)
-    ent_q8 <= \$148 ;
+    ent_q8 <= \$151 ;
   always @(posedge clk)
-    wp <= \$149 ;
+    wp <= \$152 ;
   always @(posedge clk)
-    ent_head <= \$150 ;
+    ent_head <= \$153 ;
   always @(posedge clk)
-    rp <= \$151 ;
+    rp <= \$154 ;
   always @(posedge clk)
-    ring <= \$152 ;
+    rp_rows <= \$155 ;
   always @(posedge clk)
-    ring_any <= \$153 ;
+    ring <= \$156 ;
   always @(posedge clk)
-    nonempty <= \$154 ;
+    ring_any <= \$157 ;
   always @(posedge clk)
-    held <= \$155 ;
+    nonempty <= \$158 ;
   always @(posedge clk)
-    a_off <= \$156 ;
+    held <= \$159 ;
   always @(posedge clk)
-    \rd__addr$78  <= \$157 ;
+    a_off <= \$160 ;
   always @(posedge clk)
-    kk_rem <= \$158 ;
+    \rd__addr$80  <= \$161 ;
   always @(posedge clk)
-    kk_last <= \$159 ;
+    kk_rem <= \$162 ;
   always @(posedge clk)
-    tcnt <= \$160 ;
+    kk_last <= \$163 ;
   always @(posedge clk)
-    tcnt_ok <= \$161 ;
+    tcnt <= \$164 ;
   always @(posedge clk)
-    pad <= \$162 ;
+    tcnt_ok <= \$165 ;
   always @(posedge clk)
-    sweep_end <= \$163 ;
+    pad <= \$166 ;
   always @(posedge clk)
-    a_base <= \$164 ;
+    sweep_end <= \$167 ;
   always @(posedge clk)
-    valid_d0 <= \$165 ;
+    a_base <= \$168 ;
   always @(posedge clk)
-    first_d0 <= \$166 ;
+    valid_d0 <= \$169 ;
   always @(posedge clk)
-    last_d0 <= \$167 ;
+    first_d0 <= \$170 ;
   always @(posedge clk)
-    valid_d1 <= \$168 ;
+    last_d0 <= \$171 ;
   always @(posedge clk)
-    first_d1 <= \$169 ;
+    valid_d1 <= \$172 ;
   always @(posedge clk)
-    last_d1 <= \$170 ;
+    first_d1 <= \$173 ;
   always @(posedge clk)
-    valid_d2 <= \$171 ;
+    last_d1 <= \$174 ;
   always @(posedge clk)
-    first_d2 <= \$172 ;
+    valid_d2 <= \$175 ;
   always @(posedge clk)
-    last_d2 <= \$173 ;
+    first_d2 <= \$176 ;
   always @(posedge clk)
-    valid_d3 <= \$174 ;
+    last_d2 <= \$177 ;
   always @(posedge clk)
-    first_d3 <= \$175 ;
+    valid_d3 <= \$178 ;
   always @(posedge clk)
-    last_d3 <= \$176 ;
+    first_d3 <= \$179 ;
   always @(posedge clk)
-    valid_d4 <= \$177 ;
+    last_d3 <= \$180 ;
   always @(posedge clk)
-    first_d4 <= \$178 ;
+    valid_d4 <= \$181 ;
   always @(posedge clk)
-    last_d4 <= \$179 ;
+    first_d4 <= \$182 ;
   always @(posedge clk)
-    valid_d5 <= \$180 ;
+    last_d4 <= \$183 ;
   always @(posedge clk)
-    first_d5 <= \$181 ;
+    valid_d5 <= \$184 ;
   always @(posedge clk)
-    last_d5 <= \$182 ;
+    first_d5 <= \$185 ;
   always @(posedge clk)
-    i__valid <= \$183 ;
+    last_d5 <= \$186 ;
   always @(posedge clk)
-    first_d6 <= \$184 ;
+    i__valid <= \$187 ;
   always @(posedge clk)
-    last_d6 <= \$185 ;
+    first_d6 <= \$188 ;
   always @(posedge clk)
-    w_real_d0 <= \$87 ;
+    last_d6 <= \$189 ;
+  always @(posedge clk)
+    w_real_d0 <= \$89 ;
   always @(posedge clk)
     w_real_d1 <= w_real_d0;
   always @(posedge clk)
@@ -1183,74 +1197,76 @@ module encoder_layer_0_output_dense(m, a_wr__en, a_wr__addr, a_wr__data, w_wr__e
   always @(posedge clk)
     w_real_c15 <= w_real_g3;
   always @(posedge clk)
-    \rd__addr$103  <= \$186 ;
+    \rd__addr$105  <= \$190 ;
   always @(posedge clk)
-    out_left <= \$187 ;
+    out_nt_last <= \$191 ;
   always @(posedge clk)
-    out_last <= \$188 ;
+    out_left <= \$192 ;
   always @(posedge clk)
-    tile_base <= \$189 ;
+    out_last <= \$193 ;
   always @(posedge clk)
-    \$signal  <= \$190 ;
+    tile_base <= \$194 ;
   always @(posedge clk)
-    \$signal$168  <= \$191 ;
+    \$signal  <= \$195 ;
   always @(posedge clk)
-    ok1 <= \$192 ;
+    \$signal$171  <= \$196 ;
+  always @(posedge clk)
+    ok1 <= \$197 ;
   always @(posedge clk)
     acc1 <= o__payload[415:0];
   always @(posedge clk)
-    addr1 <= \$193 ;
+    addr1 <= \$198 ;
   always @(posedge clk)
-    \$signal$172  <= \$194 ;
+    \$signal$175  <= \$199 ;
   always @(posedge clk)
-    fin2 <= \$195 ;
+    fin2 <= \$200 ;
   always @(posedge clk)
     addr2 <= addr1;
   always @(posedge clk)
     acc2 <= acc1;
   always @(posedge clk)
-    \$signal$176  <= \$196 ;
+    \$signal$179  <= \$201 ;
   always @(posedge clk)
-    fin3 <= \$197 ;
+    fin3 <= \$202 ;
   always @(posedge clk)
     addr3 <= addr2;
   always @(posedge clk)
-    i <= \$198 ;
+    i <= \$203 ;
   always @(posedge clk)
-    v_q_d0 <= \$199 ;
+    v_q_d0 <= \$204 ;
   always @(posedge clk)
-    fin_q_d0 <= \$200 ;
+    fin_q_d0 <= \$205 ;
   always @(posedge clk)
-    v_q_d1 <= \$201 ;
+    v_q_d1 <= \$206 ;
   always @(posedge clk)
-    fin_q_d1 <= \$202 ;
+    fin_q_d1 <= \$207 ;
   always @(posedge clk)
-    \wr__en$111  <= \$203 ;
+    \wr__en$114  <= \$208 ;
   always @(posedge clk)
-    fin_q_d2 <= \$204 ;
+    fin_q_d2 <= \$209 ;
   always @(posedge clk)
     addr_q_d0 <= addr3;
   always @(posedge clk)
     addr_q_d1 <= addr_q_d0;
   always @(posedge clk)
-    \wr__addr$113  <= addr_q_d1;
+    \wr__addr$116  <= addr_q_d1;
   always @(posedge clk)
-    fin_o_d0 <= \$205 ;
+    fin_o_d0 <= \$210 ;
   always @(posedge clk)
-    fin_o_d1 <= \$206 ;
+    fin_o_d1 <= \$211 ;
   always @(posedge clk)
-    fin_o_d2 <= \$207 ;
+    fin_o_d2 <= \$212 ;
   always @(posedge clk)
-    done <= \$208 ;
+    done <= \$213 ;
   always @(posedge clk)
-    idle <= \$209 ;
+    idle <= \$214 ;
   always @(posedge clk)
-    \busy$42  <= \$210 ;
+    \busy$42  <= \$215 ;
   always @(posedge clk)
-    m_q <= \$211 ;
+    m_q <= \$216 ;
   \encoder_layer_0_output_dense.mem_a  mem_a (
     .clk(clk),
-    .q_d1(\rd__data$85 ),
+    .q_d1(\rd__data$87 ),
     .rd__addr(\$14 [13:0]),
     .rst(rst),
     .wr__addr(a_wr__addr),
@@ -1259,8 +1275,8 @@ module encoder_layer_0_output_dense(m, a_wr__en, a_wr__addr, a_wr__data, w_wr__e
   );
   \encoder_layer_0_output_dense.mem_bias  mem_bias (
     .clk(clk),
-    .rd__data(\rd__data$179 ),
-    .rp__addr(\rd__addr$103 ),
+    .rd__data(\rd__data$182 ),
+    .rp__addr(\rd__addr$105 ),
     .rst(rst),
     .wp__addr(bias_wr__addr),
     .wp__data(bias_wr__data),
@@ -1268,7 +1284,7 @@ module encoder_layer_0_output_dense(m, a_wr__en, a_wr__addr, a_wr__data, w_wr__e
   );
   \encoder_layer_0_output_dense.mem_ent  mem_ent (
     .clk(clk),
-    .q_d1(\rd__data$132 ),
+    .q_d1(\rd__data$135 ),
     .rd__addr(\rd__addr$48 ),
     .rst(rst),
     .wr__addr(ent_wr__addr),
@@ -1281,14 +1297,14 @@ module encoder_layer_0_output_dense(m, a_wr__en, a_wr__addr, a_wr__data, w_wr__e
     .rd__addr(o_rd__addr),
     .rd__en(o_rd__en),
     .rst(rst),
-    .wr__addr(\wr__addr$113 ),
-    .wr__data(\wr__data$115 ),
-    .wr__en(\wr__en$111 )
+    .wr__addr(\wr__addr$116 ),
+    .wr__data(\wr__data$118 ),
+    .wr__en(\wr__en$114 )
   );
   \encoder_layer_0_output_dense.mem_shift  mem_shift (
     .clk(clk),
-    .rd__data(\rd__data$180 ),
-    .rp__addr(\rd__addr$103 ),
+    .rd__data(\rd__data$183 ),
+    .rp__addr(\rd__addr$105 ),
     .rst(rst),
     .wp__addr(shift_wr__addr),
     .wp__data(shift_wr__data),
@@ -1296,8 +1312,8 @@ module encoder_layer_0_output_dense(m, a_wr__en, a_wr__addr, a_wr__data, w_wr__e
   );
   \encoder_layer_0_output_dense.mem_w  mem_w (
     .clk(clk),
-    .q_d1(\rd__data$87 ),
-    .rd__addr(\rd__addr$78 ),
+    .q_d1(\rd__data$89 ),
+    .rd__addr(\rd__addr$80 ),
     .rst(rst),
     .wr__addr(w_wr__addr),
     .wr__data(w_wr__data),
@@ -1314,7 +1330,7 @@ module encoder_layer_0_output_dense(m, a_wr__en, a_wr__addr, a_wr__data, w_wr__e
   \encoder_layer_0_output_dense.rq  rq (
     .clk(clk),
     .i(i),
-    .o(\wr__data$115 ),
+    .o(\wr__data$118 ),
     .rst(rst)
   );
   always @* begin
@@ -1343,37 +1359,31 @@ module encoder_layer_0_output_dense(m, a_wr__en, a_wr__addr, a_wr__data, w_wr__e
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$123  = fetch;
-    if (idle) begin
-      \$123  = 1'h0;
-    end
-    if (rst) begin
-      \$123  = 1'h0;
-    end
+    (* full_case = 32'd1 *)
+    casez (rp_rows)
+      4'h0:
+          oldest_rows = ent_q0;
+      4'h1:
+          oldest_rows = ent_q1;
+      4'h2:
+          oldest_rows = ent_q2;
+      4'h3:
+          oldest_rows = ent_q3;
+      4'h4:
+          oldest_rows = ent_q4;
+      4'h5:
+          oldest_rows = ent_q5;
+      4'h6:
+          oldest_rows = ent_q6;
+      4'h7:
+          oldest_rows = ent_q7;
+      default:
+          oldest_rows = ent_q8;
+    endcase
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$124  = fetch0;
-    if (idle) begin
-      \$124  = 1'h0;
-    end
-    if (rst) begin
-      \$124  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$125  = fetch1;
-    if (idle) begin
-      \$125  = 1'h0;
-    end
-    if (rst) begin
-      \$125  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$126  = fetch2;
+    \$126  = fetch;
     if (idle) begin
       \$126  = 1'h0;
     end
@@ -1383,7 +1393,7 @@ module encoder_layer_0_output_dense(m, a_wr__en, a_wr__addr, a_wr__data, w_wr__e
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$127  = fetch3;
+    \$127  = fetch0;
     if (idle) begin
       \$127  = 1'h0;
     end
@@ -1393,7 +1403,7 @@ module encoder_layer_0_output_dense(m, a_wr__en, a_wr__addr, a_wr__data, w_wr__e
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$128  = fetch4;
+    \$128  = fetch1;
     if (idle) begin
       \$128  = 1'h0;
     end
@@ -1403,47 +1413,29 @@ module encoder_layer_0_output_dense(m, a_wr__en, a_wr__addr, a_wr__data, w_wr__e
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$129  = ptr;
-    if (fetch) begin
-      (* full_case = 32'd1 *)
-      if (\$33 ) begin
-        \$129  = 12'h001;
-      end else begin
-        \$129  = \$36 [11:0];
-      end
-    end
+    \$129  = fetch2;
     if (idle) begin
-      \$129  = 12'h001;
+      \$129  = 1'h0;
     end
     if (rst) begin
-      \$129  = 12'h000;
+      \$129  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$130  = f_left;
-    if (fetch) begin
-      if (\$33 ) begin
-        \$130  = \$34 [7:0];
-      end
-    end
-    if (hdr0) begin
-      \$130  = m_q;
+    \$130  = fetch3;
+    if (idle) begin
+      \$130  = 1'h0;
     end
     if (rst) begin
-      \$130  = 8'h00;
+      \$130  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$131  = f_last;
-    if (fetch) begin
-      if (\$33 ) begin
-        \$131  = \$35 ;
-      end
-    end
-    if (hdr0) begin
-      \$131  = \$121 ;
+    \$131  = fetch4;
+    if (idle) begin
+      \$131  = 1'h0;
     end
     if (rst) begin
       \$131  = 1'h0;
@@ -1451,175 +1443,193 @@ module encoder_layer_0_output_dense(m, a_wr__en, a_wr__addr, a_wr__data, w_wr__e
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$132  = fetching;
+    \$132  = ptr;
     if (fetch) begin
-      if (\$33 ) begin
-        if (f_last) begin
-          \$132  = 1'h0;
-        end
+      (* full_case = 32'd1 *)
+      if (\$32 ) begin
+        \$132  = 12'h001;
+      end else begin
+        \$132  = \$35 [11:0];
       end
     end
-    if (hdr5) begin
-      \$132  = 1'h1;
-    end
     if (idle) begin
-      \$132  = 1'h0;
+      \$132  = 12'h001;
     end
     if (rst) begin
-      \$132  = 1'h0;
+      \$132  = 12'h000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$133  = \start$44 ;
+    \$133  = f_left;
+    if (fetch) begin
+      if (\$32 ) begin
+        \$133  = \$33 [7:0];
+      end
+    end
+    if (hdr0) begin
+      \$133  = m_q;
+    end
     if (rst) begin
-      \$133  = 1'h0;
+      \$133  = 8'h00;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$134  = hdr0;
+    \$134  = f_last;
+    if (fetch) begin
+      if (\$32 ) begin
+        \$134  = \$34 ;
+      end
+    end
+    if (hdr0) begin
+      \$134  = \$124 ;
+    end
     if (rst) begin
       \$134  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$135  = hdr1;
+    \$135  = fetching;
+    if (fetch) begin
+      if (\$32 ) begin
+        if (f_last) begin
+          \$135  = 1'h0;
+        end
+      end
+    end
+    if (hdr5) begin
+      \$135  = 1'h1;
+    end
+    if (idle) begin
+      \$135  = 1'h0;
+    end
     if (rst) begin
       \$135  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$136  = hdr2;
+    \$136  = \start$44 ;
     if (rst) begin
       \$136  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$137  = hdr3;
+    \$137  = hdr0;
     if (rst) begin
       \$137  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$138  = hdr4;
+    \$138  = hdr1;
     if (rst) begin
       \$138  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$139  = n_ent;
+    \$139  = hdr2;
+    if (rst) begin
+      \$139  = 1'h0;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
+    \$140  = hdr3;
+    if (rst) begin
+      \$140  = 1'h0;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
+    \$141  = hdr4;
+    if (rst) begin
+      \$141  = 1'h0;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
+    \$142  = n_ent;
     if (hdr5) begin
-      \$139  = \rd__data$132 [11:0];
+      \$142  = \rd__data$135 [11:0];
     end
     if (rst) begin
-      \$139  = 12'h000;
+      \$142  = 12'h000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$140  = ent_q0;
-    if (\$38 ) begin
-      \$140  = \rd__data$132 ;
+    \$143  = ent_q0;
+    if (\$37 ) begin
+      \$143  = \rd__data$135 ;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$141  = ent_q1;
-    if (\$40 ) begin
-      \$141  = \rd__data$132 ;
+    \$144  = ent_q1;
+    if (\$39 ) begin
+      \$144  = \rd__data$135 ;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$142  = ent_q2;
-    if (\$42 ) begin
-      \$142  = \rd__data$132 ;
+    \$145  = ent_q2;
+    if (\$41 ) begin
+      \$145  = \rd__data$135 ;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$143  = ent_q3;
-    if (\$44 ) begin
-      \$143  = \rd__data$132 ;
+    \$146  = ent_q3;
+    if (\$43 ) begin
+      \$146  = \rd__data$135 ;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$144  = ent_q4;
-    if (\$46 ) begin
-      \$144  = \rd__data$132 ;
+    \$147  = ent_q4;
+    if (\$45 ) begin
+      \$147  = \rd__data$135 ;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$145  = ent_q5;
-    if (\$48 ) begin
-      \$145  = \rd__data$132 ;
+    \$148  = ent_q5;
+    if (\$47 ) begin
+      \$148  = \rd__data$135 ;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$146  = ent_q6;
-    if (\$50 ) begin
-      \$146  = \rd__data$132 ;
+    \$149  = ent_q6;
+    if (\$49 ) begin
+      \$149  = \rd__data$135 ;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$147  = ent_q7;
-    if (\$52 ) begin
-      \$147  = \rd__data$132 ;
+    \$150  = ent_q7;
+    if (\$51 ) begin
+      \$150  = \rd__data$135 ;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$148  = ent_q8;
-    if (\$54 ) begin
-      \$148  = \rd__data$132 ;
+    \$151  = ent_q8;
+    if (\$53 ) begin
+      \$151  = \rd__data$135 ;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$149  = wp;
+    \$152  = wp;
     if (fetch5) begin
-      \$149  = \$57 [3:0];
+      \$152  = \$56 [3:0];
     end
-    if (idle) begin
-      \$149  = 4'h0;
-    end
-    if (rst) begin
-      \$149  = 4'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$150  = ent_head;
-    if (load) begin
-      \$150  = oldest;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$151  = rp;
-    if (load) begin
-      \$151  = \$60 [3:0];
-    end
-    if (idle) begin
-      \$151  = 4'h0;
-    end
-    if (rst) begin
-      \$151  = 4'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$152  = \$62 [3:0];
     if (idle) begin
       \$152  = 4'h0;
     end
@@ -1629,27 +1639,30 @@ module encoder_layer_0_output_dense(m, a_wr__en, a_wr__addr, a_wr__data, w_wr__e
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$153  = \$66 ;
-    if (idle) begin
-      \$153  = 1'h0;
-    end
-    if (rst) begin
-      \$153  = 1'h0;
+    \$153  = ent_head;
+    if (load) begin
+      \$153  = oldest;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$154  = \$69 ;
+    \$154  = rp;
+    if (load) begin
+      \$154  = \$59 [3:0];
+    end
     if (idle) begin
-      \$154  = 1'h0;
+      \$154  = 4'h0;
     end
     if (rst) begin
-      \$154  = 1'h0;
+      \$154  = 4'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$155  = \$71 [3:0];
+    \$155  = rp_rows;
+    if (load) begin
+      \$155  = \$62 [3:0];
+    end
     if (idle) begin
       \$155  = 4'h0;
     end
@@ -1659,111 +1672,87 @@ module encoder_layer_0_output_dense(m, a_wr__en, a_wr__addr, a_wr__data, w_wr__e
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$156  = a_off;
-    if (load) begin
-      \$156  = oldest[10:0];
-    end else if (\$72 ) begin
-      \$156  = \$74 [10:0];
-    end
-    if (rst) begin
-      \$156  = 11'h000;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$157  = \rd__addr$78 ;
-    if (load) begin
-      \$157  = oldest[26:11];
-    end else if (\$72 ) begin
-      \$157  = \$75 [15:0];
-    end
-    if (rst) begin
-      \$157  = 16'h0000;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$158  = kk_rem;
-    if (load) begin
-      \$158  = oldest[30:27];
-    end else if (\$72 ) begin
-      \$158  = \$76 [3:0];
-    end
-    if (rst) begin
-      \$158  = 4'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$159  = kk_last;
-    if (load) begin
-      \$159  = \$73 ;
-    end else if (\$72 ) begin
-      \$159  = \$77 ;
-    end
-    if (rst) begin
-      \$159  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$160  = tcnt;
-    if (go) begin
-      if (tile_end) begin
-        \$160  = 5'h00;
-      end else if (\$78 ) begin
-        \$160  = \$79 [4:0];
-      end
-    end
+    \$156  = \$64 [3:0];
     if (idle) begin
-      \$160  = 5'h00;
+      \$156  = 4'h0;
     end
     if (rst) begin
-      \$160  = 5'h00;
+      \$156  = 4'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$161  = tcnt_ok;
-    if (go) begin
-      if (tile_end) begin
-        \$161  = 1'h0;
-      end else if (\$78 ) begin
-        \$161  = \$81 ;
-      end
-    end
+    \$157  = \$68 ;
     if (idle) begin
-      \$161  = 1'h0;
+      \$157  = 1'h0;
     end
     if (rst) begin
-      \$161  = 1'h0;
+      \$157  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$162  = pad;
-    if (go) begin
-      if (\$84 ) begin
-        \$162  = 1'h1;
-      end
-      if (tile_end) begin
-        \$162  = 1'h0;
-      end
-    end
+    \$158  = \$71 ;
     if (idle) begin
-      \$162  = 1'h0;
+      \$158  = 1'h0;
     end
     if (rst) begin
-      \$162  = 1'h0;
+      \$158  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$163  = sweep_end;
-    if (go) begin
-      if (\$84 ) begin
-        \$163  = ent_head[33];
-      end
+    \$159  = \$73 [3:0];
+    if (idle) begin
+      \$159  = 4'h0;
+    end
+    if (rst) begin
+      \$159  = 4'h0;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
+    \$160  = a_off;
+    if (load) begin
+      \$160  = oldest_rows[10:0];
+    end else if (\$74 ) begin
+      \$160  = \$76 [10:0];
+    end
+    if (rst) begin
+      \$160  = 11'h000;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
+    \$161  = \rd__addr$80 ;
+    if (load) begin
+      \$161  = oldest_rows[26:11];
+    end else if (\$74 ) begin
+      \$161  = \$77 [15:0];
+    end
+    if (rst) begin
+      \$161  = 16'h0000;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
+    \$162  = kk_rem;
+    if (load) begin
+      \$162  = oldest_rows[30:27];
+    end else if (\$74 ) begin
+      \$162  = \$78 [3:0];
+    end
+    if (rst) begin
+      \$162  = 4'h0;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
+    \$163  = kk_last;
+    if (load) begin
+      \$163  = \$75 ;
+    end else if (\$74 ) begin
+      \$163  = \$79 ;
     end
     if (rst) begin
       \$163  = 1'h0;
@@ -1771,388 +1760,470 @@ module encoder_layer_0_output_dense(m, a_wr__en, a_wr__addr, a_wr__data, w_wr__e
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$164  = a_base;
+    \$164  = tcnt;
     if (go) begin
       if (tile_end) begin
-        if (list_end) begin
-          \$164  = \$85 [13:0];
-        end
+        \$164  = 5'h00;
+      end else if (\$80 ) begin
+        \$164  = \$81 [4:0];
       end
     end
     if (idle) begin
-      \$164  = 14'h0000;
+      \$164  = 5'h00;
     end
     if (rst) begin
-      \$164  = 14'h0000;
+      \$164  = 5'h00;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$165  = go;
+    \$165  = tcnt_ok;
+    if (go) begin
+      if (tile_end) begin
+        \$165  = 1'h0;
+      end else if (\$80 ) begin
+        \$165  = \$83 ;
+      end
+    end
+    if (idle) begin
+      \$165  = 1'h0;
+    end
     if (rst) begin
       \$165  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$166  = \$86 ;
+    \$166  = pad;
+    if (go) begin
+      if (\$86 ) begin
+        \$166  = 1'h1;
+      end
+      if (tile_end) begin
+        \$166  = 1'h0;
+      end
+    end
+    if (idle) begin
+      \$166  = 1'h0;
+    end
     if (rst) begin
       \$166  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$167  = tile_end;
+    \$167  = sweep_end;
+    if (go) begin
+      if (\$86 ) begin
+        \$167  = ent_head[33];
+      end
+    end
     if (rst) begin
       \$167  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$168  = valid_d0;
+    \$168  = a_base;
+    if (go) begin
+      if (tile_end) begin
+        if (list_end) begin
+          \$168  = \$87 [13:0];
+        end
+      end
+    end
+    if (idle) begin
+      \$168  = 14'h0000;
+    end
     if (rst) begin
-      \$168  = 1'h0;
+      \$168  = 14'h0000;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$169  = first_d0;
+    \$169  = go;
     if (rst) begin
       \$169  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$170  = last_d0;
+    \$170  = \$88 ;
     if (rst) begin
       \$170  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$171  = valid_d1;
+    \$171  = tile_end;
     if (rst) begin
       \$171  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$172  = first_d1;
+    \$172  = valid_d0;
     if (rst) begin
       \$172  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$173  = last_d1;
+    \$173  = first_d0;
     if (rst) begin
       \$173  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$174  = valid_d2;
+    \$174  = last_d0;
     if (rst) begin
       \$174  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$175  = first_d2;
+    \$175  = valid_d1;
     if (rst) begin
       \$175  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$176  = last_d2;
+    \$176  = first_d1;
     if (rst) begin
       \$176  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$177  = valid_d3;
+    \$177  = last_d1;
     if (rst) begin
       \$177  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$178  = first_d3;
+    \$178  = valid_d2;
     if (rst) begin
       \$178  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$179  = last_d3;
+    \$179  = first_d2;
     if (rst) begin
       \$179  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$180  = valid_d4;
+    \$180  = last_d2;
     if (rst) begin
       \$180  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$181  = first_d4;
+    \$181  = valid_d3;
     if (rst) begin
       \$181  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$182  = last_d4;
+    \$182  = first_d3;
     if (rst) begin
       \$182  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$183  = valid_d5;
+    \$183  = last_d3;
     if (rst) begin
       \$183  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$184  = first_d5;
+    \$184  = valid_d4;
     if (rst) begin
       \$184  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$185  = last_d5;
+    \$185  = first_d4;
     if (rst) begin
       \$185  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$186  = \rd__addr$103 ;
-    if (\$88 ) begin
-      (* full_case = 32'd1 *)
-      if (\$89 ) begin
-        \$186  = 5'h00;
-      end else begin
-        \$186  = \$93 [4:0];
-      end
-    end
-    if (idle) begin
-      \$186  = 5'h00;
-    end
+    \$186  = last_d4;
     if (rst) begin
-      \$186  = 5'h00;
+      \$186  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$187  = out_left;
-    if (\$88 ) begin
-      if (\$89 ) begin
-        \$187  = \$90 [7:0];
-      end
-    end
-    if (hdr0) begin
-      \$187  = m_q;
-    end
+    \$187  = valid_d5;
     if (rst) begin
-      \$187  = 8'h00;
+      \$187  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$188  = out_last;
-    if (\$88 ) begin
-      if (\$89 ) begin
-        \$188  = \$91 ;
-      end
-    end
-    if (hdr0) begin
-      \$188  = \$122 ;
-    end
+    \$188  = first_d5;
     if (rst) begin
       \$188  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$189  = tile_base;
-    if (\$88 ) begin
+    \$189  = last_d5;
+    if (rst) begin
+      \$189  = 1'h0;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
+    \$190  = \rd__addr$105 ;
+    if (\$90 ) begin
       (* full_case = 32'd1 *)
-      if (\$89 ) begin
-        \$189  = \$92 [11:0];
+      if (out_nt_last) begin
+        \$190  = 5'h00;
       end else begin
-        \$189  = \$94 [11:0];
+        \$190  = \$94 [4:0];
       end
     end
     if (idle) begin
-      \$189  = 12'h000;
+      \$190  = 5'h00;
     end
     if (rst) begin
-      \$189  = 12'h000;
+      \$190  = 5'h00;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$190  = o__valid;
-    if (rst) begin
-      \$190  = 1'h0;
+    \$191  = out_nt_last;
+    if (\$90 ) begin
+      (* full_case = 32'd1 *)
+      if (out_nt_last) begin
+        \$191  = 1'h0;
+      end else begin
+        \$191  = \$96 ;
+      end
     end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$191  = \$95 ;
+    if (idle) begin
+      \$191  = 1'h0;
+    end
     if (rst) begin
       \$191  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$192  = \$96 ;
+    \$192  = out_left;
+    if (\$90 ) begin
+      if (out_nt_last) begin
+        \$192  = \$91 [7:0];
+      end
+    end
+    if (hdr0) begin
+      \$192  = m_q;
+    end
     if (rst) begin
-      \$192  = 1'h0;
+      \$192  = 8'h00;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$193  = addr1;
-    if (o__valid) begin
-      \$193  = \$99 [11:0];
+    \$193  = out_last;
+    if (\$90 ) begin
+      if (out_nt_last) begin
+        \$193  = \$92 ;
+      end
     end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$194  = \$100 ;
+    if (hdr0) begin
+      \$193  = \$125 ;
+    end
     if (rst) begin
-      \$194  = 1'h0;
+      \$193  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$195  = \$signal$168 ;
+    \$194  = tile_base;
+    if (\$90 ) begin
+      (* full_case = 32'd1 *)
+      if (out_nt_last) begin
+        \$194  = \$93 [11:0];
+      end else begin
+        \$194  = \$97 [11:0];
+      end
+    end
+    if (idle) begin
+      \$194  = 12'h000;
+    end
+    if (rst) begin
+      \$194  = 12'h000;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
+    \$195  = o__valid;
     if (rst) begin
       \$195  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$196  = \$signal$172 ;
+    \$196  = \$98 ;
     if (rst) begin
       \$196  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$197  = fin2;
+    \$197  = \$99 ;
     if (rst) begin
       \$197  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$199  = \$signal$176 ;
+    \$198  = addr1;
+    if (o__valid) begin
+      \$198  = \$102 [11:0];
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
+    \$199  = \$103 ;
     if (rst) begin
       \$199  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$200  = fin3;
+    \$200  = \$signal$171 ;
     if (rst) begin
       \$200  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$201  = v_q_d0;
+    \$201  = \$signal$175 ;
     if (rst) begin
       \$201  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$202  = fin_q_d0;
+    \$202  = fin2;
     if (rst) begin
       \$202  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$203  = v_q_d1;
-    if (rst) begin
-      \$203  = 1'h0;
-    end
-  end
-  always @* begin
-    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$204  = fin_q_d1;
+    \$204  = \$signal$179 ;
     if (rst) begin
       \$204  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$205  = fin_q_d2;
+    \$205  = fin3;
     if (rst) begin
       \$205  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$206  = fin_o_d0;
+    \$206  = v_q_d0;
     if (rst) begin
       \$206  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$207  = fin_o_d1;
+    \$207  = fin_q_d0;
     if (rst) begin
       \$207  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$208  = fin_o_d2;
+    \$208  = v_q_d1;
     if (rst) begin
       \$208  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$209  = \$120 ;
+    \$209  = fin_q_d1;
     if (rst) begin
-      \$209  = 1'h1;
+      \$209  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$210  = \busy$42 ;
-    if (done) begin
+    \$210  = fin_q_d2;
+    if (rst) begin
       \$210  = 1'h0;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
+    \$211  = fin_o_d0;
+    if (rst) begin
+      \$211  = 1'h0;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
+    \$212  = fin_o_d1;
+    if (rst) begin
+      \$212  = 1'h0;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
+    \$213  = fin_o_d2;
+    if (rst) begin
+      \$213  = 1'h0;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
+    \$214  = \$123 ;
+    if (rst) begin
+      \$214  = 1'h1;
+    end
+  end
+  always @* begin
+    if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
+    \$215  = \busy$42 ;
+    if (done) begin
+      \$215  = 1'h0;
     end
     if (\start$44 ) begin
-      \$210  = 1'h1;
+      \$215  = 1'h1;
     end
     if (rst) begin
-      \$210  = 1'h0;
+      \$215  = 1'h0;
     end
   end
   always @* begin
     if (\$auto$verilog_backend.cc:2355:dump_module$1 ) begin end
-    \$211  = m_q;
+    \$216  = m_q;
     if (idle) begin
-      \$211  = m;
+      \$216  = m;
     end
     if (rst) begin
-      \$211  = 8'h00;
+      \$216  = 8'h00;
     end
   end
   assign wr__addr = a_wr__addr;
@@ -2174,15 +2245,15 @@ module encoder_layer_0_output_dense(m, a_wr__en, a_wr__addr, a_wr__data, w_wr__e
   assign rd__data = o_rd__data;
   assign rd__en = o_rd__en;
   assign \done$43  = done;
-  assign \rd__addr$75  = \$14 [13:0];
-  assign w_addr = \rd__addr$78 ;
+  assign \rd__addr$77  = \$14 [13:0];
+  assign w_addr = \rd__addr$80 ;
   assign valid_d6 = i__valid;
-  assign out_nt = \rd__addr$103 ;
-  assign \rd__addr$105  = \rd__addr$103 ;
+  assign out_nt = \rd__addr$105 ;
+  assign \rd__addr$107  = \rd__addr$105 ;
   assign rq_in = i;
-  assign v_q_d2 = \wr__en$111 ;
-  assign addr_q_d2 = \wr__addr$113 ;
-  assign o = \wr__data$115 ;
+  assign v_q_d2 = \wr__en$114 ;
+  assign addr_q_d2 = \wr__addr$116 ;
+  assign o = \wr__data$118 ;
   assign \a_wr__data[0]  = a_wr__data[7:0];
   assign \a_wr__data[1]  = a_wr__data[15:8];
   assign \a_wr__data[2]  = a_wr__data[23:16];
@@ -2379,22 +2450,6 @@ module encoder_layer_0_output_dense(m, a_wr__en, a_wr__addr, a_wr__data, w_wr__e
   assign \i__payload.b[15]  = i__payload[255:248];
   assign \i__payload.first  = i__payload[256];
   assign \i__payload.last  = i__payload[257];
-  assign \rd__data$85[0]  = \rd__data$85 [7:0];
-  assign \rd__data$85[1]  = \rd__data$85 [15:8];
-  assign \rd__data$85[2]  = \rd__data$85 [23:16];
-  assign \rd__data$85[3]  = \rd__data$85 [31:24];
-  assign \rd__data$85[4]  = \rd__data$85 [39:32];
-  assign \rd__data$85[5]  = \rd__data$85 [47:40];
-  assign \rd__data$85[6]  = \rd__data$85 [55:48];
-  assign \rd__data$85[7]  = \rd__data$85 [63:56];
-  assign \rd__data$85[8]  = \rd__data$85 [71:64];
-  assign \rd__data$85[9]  = \rd__data$85 [79:72];
-  assign \rd__data$85[10]  = \rd__data$85 [87:80];
-  assign \rd__data$85[11]  = \rd__data$85 [95:88];
-  assign \rd__data$85[12]  = \rd__data$85 [103:96];
-  assign \rd__data$85[13]  = \rd__data$85 [111:104];
-  assign \rd__data$85[14]  = \rd__data$85 [119:112];
-  assign \rd__data$85[15]  = \rd__data$85 [127:120];
   assign \rd__data$87[0]  = \rd__data$87 [7:0];
   assign \rd__data$87[1]  = \rd__data$87 [15:8];
   assign \rd__data$87[2]  = \rd__data$87 [23:16];
@@ -2411,6 +2466,22 @@ module encoder_layer_0_output_dense(m, a_wr__en, a_wr__addr, a_wr__data, w_wr__e
   assign \rd__data$87[13]  = \rd__data$87 [111:104];
   assign \rd__data$87[14]  = \rd__data$87 [119:112];
   assign \rd__data$87[15]  = \rd__data$87 [127:120];
+  assign \rd__data$89[0]  = \rd__data$89 [7:0];
+  assign \rd__data$89[1]  = \rd__data$89 [15:8];
+  assign \rd__data$89[2]  = \rd__data$89 [23:16];
+  assign \rd__data$89[3]  = \rd__data$89 [31:24];
+  assign \rd__data$89[4]  = \rd__data$89 [39:32];
+  assign \rd__data$89[5]  = \rd__data$89 [47:40];
+  assign \rd__data$89[6]  = \rd__data$89 [55:48];
+  assign \rd__data$89[7]  = \rd__data$89 [63:56];
+  assign \rd__data$89[8]  = \rd__data$89 [71:64];
+  assign \rd__data$89[9]  = \rd__data$89 [79:72];
+  assign \rd__data$89[10]  = \rd__data$89 [87:80];
+  assign \rd__data$89[11]  = \rd__data$89 [95:88];
+  assign \rd__data$89[12]  = \rd__data$89 [103:96];
+  assign \rd__data$89[13]  = \rd__data$89 [111:104];
+  assign \rd__data$89[14]  = \rd__data$89 [119:112];
+  assign \rd__data$89[15]  = \rd__data$89 [127:120];
   assign \o__payload.data  = o__payload[415:0];
   assign \o__payload.data[0]  = o__payload[25:0];
   assign \o__payload.data[1]  = o__payload[51:26];
@@ -2498,38 +2569,38 @@ module encoder_layer_0_output_dense(m, a_wr__en, a_wr__addr, a_wr__data, w_wr__e
   assign \rq_in.t[13]  = i[471:468];
   assign \rq_in.t[14]  = i[475:472];
   assign \rq_in.t[15]  = i[479:476];
-  assign \wr__data$115[0]  = \wr__data$115 [15:0];
-  assign \wr__data$115[1]  = \wr__data$115 [31:16];
-  assign \wr__data$115[2]  = \wr__data$115 [47:32];
-  assign \wr__data$115[3]  = \wr__data$115 [63:48];
-  assign \wr__data$115[4]  = \wr__data$115 [79:64];
-  assign \wr__data$115[5]  = \wr__data$115 [95:80];
-  assign \wr__data$115[6]  = \wr__data$115 [111:96];
-  assign \wr__data$115[7]  = \wr__data$115 [127:112];
-  assign \wr__data$115[8]  = \wr__data$115 [143:128];
-  assign \wr__data$115[9]  = \wr__data$115 [159:144];
-  assign \wr__data$115[10]  = \wr__data$115 [175:160];
-  assign \wr__data$115[11]  = \wr__data$115 [191:176];
-  assign \wr__data$115[12]  = \wr__data$115 [207:192];
-  assign \wr__data$115[13]  = \wr__data$115 [223:208];
-  assign \wr__data$115[14]  = \wr__data$115 [239:224];
-  assign \wr__data$115[15]  = \wr__data$115 [255:240];
-  assign \o[0]  = \wr__data$115 [15:0];
-  assign \o[1]  = \wr__data$115 [31:16];
-  assign \o[2]  = \wr__data$115 [47:32];
-  assign \o[3]  = \wr__data$115 [63:48];
-  assign \o[4]  = \wr__data$115 [79:64];
-  assign \o[5]  = \wr__data$115 [95:80];
-  assign \o[6]  = \wr__data$115 [111:96];
-  assign \o[7]  = \wr__data$115 [127:112];
-  assign \o[8]  = \wr__data$115 [143:128];
-  assign \o[9]  = \wr__data$115 [159:144];
-  assign \o[10]  = \wr__data$115 [175:160];
-  assign \o[11]  = \wr__data$115 [191:176];
-  assign \o[12]  = \wr__data$115 [207:192];
-  assign \o[13]  = \wr__data$115 [223:208];
-  assign \o[14]  = \wr__data$115 [239:224];
-  assign \o[15]  = \wr__data$115 [255:240];
+  assign \wr__data$118[0]  = \wr__data$118 [15:0];
+  assign \wr__data$118[1]  = \wr__data$118 [31:16];
+  assign \wr__data$118[2]  = \wr__data$118 [47:32];
+  assign \wr__data$118[3]  = \wr__data$118 [63:48];
+  assign \wr__data$118[4]  = \wr__data$118 [79:64];
+  assign \wr__data$118[5]  = \wr__data$118 [95:80];
+  assign \wr__data$118[6]  = \wr__data$118 [111:96];
+  assign \wr__data$118[7]  = \wr__data$118 [127:112];
+  assign \wr__data$118[8]  = \wr__data$118 [143:128];
+  assign \wr__data$118[9]  = \wr__data$118 [159:144];
+  assign \wr__data$118[10]  = \wr__data$118 [175:160];
+  assign \wr__data$118[11]  = \wr__data$118 [191:176];
+  assign \wr__data$118[12]  = \wr__data$118 [207:192];
+  assign \wr__data$118[13]  = \wr__data$118 [223:208];
+  assign \wr__data$118[14]  = \wr__data$118 [239:224];
+  assign \wr__data$118[15]  = \wr__data$118 [255:240];
+  assign \o[0]  = \wr__data$118 [15:0];
+  assign \o[1]  = \wr__data$118 [31:16];
+  assign \o[2]  = \wr__data$118 [47:32];
+  assign \o[3]  = \wr__data$118 [63:48];
+  assign \o[4]  = \wr__data$118 [79:64];
+  assign \o[5]  = \wr__data$118 [95:80];
+  assign \o[6]  = \wr__data$118 [111:96];
+  assign \o[7]  = \wr__data$118 [127:112];
+  assign \o[8]  = \wr__data$118 [143:128];
+  assign \o[9]  = \wr__data$118 [159:144];
+  assign \o[10]  = \wr__data$118 [175:160];
+  assign \o[11]  = \wr__data$118 [191:176];
+  assign \o[12]  = \wr__data$118 [207:192];
+  assign \o[13]  = \wr__data$118 [223:208];
+  assign \o[14]  = \wr__data$118 [239:224];
+  assign \o[15]  = \wr__data$118 [255:240];
   assign \acc1[0]  = acc1[25:0];
   assign \acc1[1]  = acc1[51:26];
   assign \acc1[2]  = acc1[77:52];
@@ -2562,70 +2633,70 @@ module encoder_layer_0_output_dense(m, a_wr__en, a_wr__addr, a_wr__data, w_wr__e
   assign \acc2[13]  = acc2[363:338];
   assign \acc2[14]  = acc2[389:364];
   assign \acc2[15]  = acc2[415:390];
-  assign \rd__data$179[0]  = \rd__data$179 [12:0];
-  assign \rd__data$179[1]  = \rd__data$179 [25:13];
-  assign \rd__data$179[2]  = \rd__data$179 [38:26];
-  assign \rd__data$179[3]  = \rd__data$179 [51:39];
-  assign \rd__data$179[4]  = \rd__data$179 [64:52];
-  assign \rd__data$179[5]  = \rd__data$179 [77:65];
-  assign \rd__data$179[6]  = \rd__data$179 [90:78];
-  assign \rd__data$179[7]  = \rd__data$179 [103:91];
-  assign \rd__data$179[8]  = \rd__data$179 [116:104];
-  assign \rd__data$179[9]  = \rd__data$179 [129:117];
-  assign \rd__data$179[10]  = \rd__data$179 [142:130];
-  assign \rd__data$179[11]  = \rd__data$179 [155:143];
-  assign \rd__data$179[12]  = \rd__data$179 [168:156];
-  assign \rd__data$179[13]  = \rd__data$179 [181:169];
-  assign \rd__data$179[14]  = \rd__data$179 [194:182];
-  assign \rd__data$179[15]  = \rd__data$179 [207:195];
-  assign \rd__data$180[0]  = \rd__data$180 [3:0];
-  assign \rd__data$180[1]  = \rd__data$180 [7:4];
-  assign \rd__data$180[2]  = \rd__data$180 [11:8];
-  assign \rd__data$180[3]  = \rd__data$180 [15:12];
-  assign \rd__data$180[4]  = \rd__data$180 [19:16];
-  assign \rd__data$180[5]  = \rd__data$180 [23:20];
-  assign \rd__data$180[6]  = \rd__data$180 [27:24];
-  assign \rd__data$180[7]  = \rd__data$180 [31:28];
-  assign \rd__data$180[8]  = \rd__data$180 [35:32];
-  assign \rd__data$180[9]  = \rd__data$180 [39:36];
-  assign \rd__data$180[10]  = \rd__data$180 [43:40];
-  assign \rd__data$180[11]  = \rd__data$180 [47:44];
-  assign \rd__data$180[12]  = \rd__data$180 [51:48];
-  assign \rd__data$180[13]  = \rd__data$180 [55:52];
-  assign \rd__data$180[14]  = \rd__data$180 [59:56];
-  assign \rd__data$180[15]  = \rd__data$180 [63:60];
-  assign \$198 [479:476] = \rd__data$180 [63:60];
-  assign \$198 [415:390] = \$116 [25:0];
-  assign \$198 [475:472] = \rd__data$180 [59:56];
-  assign \$198 [389:364] = \$115 [25:0];
-  assign \$198 [471:468] = \rd__data$180 [55:52];
-  assign \$198 [363:338] = \$114 [25:0];
-  assign \$198 [467:464] = \rd__data$180 [51:48];
-  assign \$198 [337:312] = \$113 [25:0];
-  assign \$198 [463:460] = \rd__data$180 [47:44];
-  assign \$198 [311:286] = \$112 [25:0];
-  assign \$198 [459:456] = \rd__data$180 [43:40];
-  assign \$198 [285:260] = \$111 [25:0];
-  assign \$198 [455:452] = \rd__data$180 [39:36];
-  assign \$198 [259:234] = \$110 [25:0];
-  assign \$198 [451:448] = \rd__data$180 [35:32];
-  assign \$198 [233:208] = \$109 [25:0];
-  assign \$198 [447:444] = \rd__data$180 [31:28];
-  assign \$198 [207:182] = \$108 [25:0];
-  assign \$198 [443:440] = \rd__data$180 [27:24];
-  assign \$198 [181:156] = \$107 [25:0];
-  assign \$198 [439:436] = \rd__data$180 [23:20];
-  assign \$198 [155:130] = \$106 [25:0];
-  assign \$198 [435:432] = \rd__data$180 [19:16];
-  assign \$198 [129:104] = \$105 [25:0];
-  assign \$198 [431:428] = \rd__data$180 [15:12];
-  assign \$198 [103:78] = \$104 [25:0];
-  assign \$198 [427:424] = \rd__data$180 [11:8];
-  assign \$198 [77:52] = \$103 [25:0];
-  assign \$198 [423:420] = \rd__data$180 [7:4];
-  assign \$198 [51:26] = \$102 [25:0];
-  assign \$198 [419:416] = \rd__data$180 [3:0];
-  assign \$198 [25:0] = \$101 [25:0];
+  assign \rd__data$182[0]  = \rd__data$182 [12:0];
+  assign \rd__data$182[1]  = \rd__data$182 [25:13];
+  assign \rd__data$182[2]  = \rd__data$182 [38:26];
+  assign \rd__data$182[3]  = \rd__data$182 [51:39];
+  assign \rd__data$182[4]  = \rd__data$182 [64:52];
+  assign \rd__data$182[5]  = \rd__data$182 [77:65];
+  assign \rd__data$182[6]  = \rd__data$182 [90:78];
+  assign \rd__data$182[7]  = \rd__data$182 [103:91];
+  assign \rd__data$182[8]  = \rd__data$182 [116:104];
+  assign \rd__data$182[9]  = \rd__data$182 [129:117];
+  assign \rd__data$182[10]  = \rd__data$182 [142:130];
+  assign \rd__data$182[11]  = \rd__data$182 [155:143];
+  assign \rd__data$182[12]  = \rd__data$182 [168:156];
+  assign \rd__data$182[13]  = \rd__data$182 [181:169];
+  assign \rd__data$182[14]  = \rd__data$182 [194:182];
+  assign \rd__data$182[15]  = \rd__data$182 [207:195];
+  assign \rd__data$183[0]  = \rd__data$183 [3:0];
+  assign \rd__data$183[1]  = \rd__data$183 [7:4];
+  assign \rd__data$183[2]  = \rd__data$183 [11:8];
+  assign \rd__data$183[3]  = \rd__data$183 [15:12];
+  assign \rd__data$183[4]  = \rd__data$183 [19:16];
+  assign \rd__data$183[5]  = \rd__data$183 [23:20];
+  assign \rd__data$183[6]  = \rd__data$183 [27:24];
+  assign \rd__data$183[7]  = \rd__data$183 [31:28];
+  assign \rd__data$183[8]  = \rd__data$183 [35:32];
+  assign \rd__data$183[9]  = \rd__data$183 [39:36];
+  assign \rd__data$183[10]  = \rd__data$183 [43:40];
+  assign \rd__data$183[11]  = \rd__data$183 [47:44];
+  assign \rd__data$183[12]  = \rd__data$183 [51:48];
+  assign \rd__data$183[13]  = \rd__data$183 [55:52];
+  assign \rd__data$183[14]  = \rd__data$183 [59:56];
+  assign \rd__data$183[15]  = \rd__data$183 [63:60];
+  assign \$203 [479:476] = \rd__data$183 [63:60];
+  assign \$203 [415:390] = \$119 [25:0];
+  assign \$203 [475:472] = \rd__data$183 [59:56];
+  assign \$203 [389:364] = \$118 [25:0];
+  assign \$203 [471:468] = \rd__data$183 [55:52];
+  assign \$203 [363:338] = \$117 [25:0];
+  assign \$203 [467:464] = \rd__data$183 [51:48];
+  assign \$203 [337:312] = \$116 [25:0];
+  assign \$203 [463:460] = \rd__data$183 [47:44];
+  assign \$203 [311:286] = \$115 [25:0];
+  assign \$203 [459:456] = \rd__data$183 [43:40];
+  assign \$203 [285:260] = \$114 [25:0];
+  assign \$203 [455:452] = \rd__data$183 [39:36];
+  assign \$203 [259:234] = \$113 [25:0];
+  assign \$203 [451:448] = \rd__data$183 [35:32];
+  assign \$203 [233:208] = \$112 [25:0];
+  assign \$203 [447:444] = \rd__data$183 [31:28];
+  assign \$203 [207:182] = \$111 [25:0];
+  assign \$203 [443:440] = \rd__data$183 [27:24];
+  assign \$203 [181:156] = \$110 [25:0];
+  assign \$203 [439:436] = \rd__data$183 [23:20];
+  assign \$203 [155:130] = \$109 [25:0];
+  assign \$203 [435:432] = \rd__data$183 [19:16];
+  assign \$203 [129:104] = \$108 [25:0];
+  assign \$203 [431:428] = \rd__data$183 [15:12];
+  assign \$203 [103:78] = \$107 [25:0];
+  assign \$203 [427:424] = \rd__data$183 [11:8];
+  assign \$203 [77:52] = \$106 [25:0];
+  assign \$203 [423:420] = \rd__data$183 [7:4];
+  assign \$203 [51:26] = \$105 [25:0];
+  assign \$203 [419:416] = \rd__data$183 [3:0];
+  assign \$203 [25:0] = \$104 [25:0];
   assign i__payload[255:248] = \$30 ;
   assign i__payload[247:240] = \$29 ;
   assign i__payload[239:232] = \$28 ;
@@ -2642,22 +2713,22 @@ module encoder_layer_0_output_dense(m, a_wr__en, a_wr__addr, a_wr__data, w_wr__e
   assign i__payload[151:144] = \$17 ;
   assign i__payload[143:136] = \$16 ;
   assign i__payload[135:128] = \$15 ;
-  assign i__payload[127:120] = \rd__data$85 [127:120];
-  assign i__payload[119:112] = \rd__data$85 [119:112];
-  assign i__payload[111:104] = \rd__data$85 [111:104];
-  assign i__payload[103:96] = \rd__data$85 [103:96];
-  assign i__payload[95:88] = \rd__data$85 [95:88];
-  assign i__payload[87:80] = \rd__data$85 [87:80];
-  assign i__payload[79:72] = \rd__data$85 [79:72];
-  assign i__payload[71:64] = \rd__data$85 [71:64];
-  assign i__payload[63:56] = \rd__data$85 [63:56];
-  assign i__payload[55:48] = \rd__data$85 [55:48];
-  assign i__payload[47:40] = \rd__data$85 [47:40];
-  assign i__payload[39:32] = \rd__data$85 [39:32];
-  assign i__payload[31:24] = \rd__data$85 [31:24];
-  assign i__payload[23:16] = \rd__data$85 [23:16];
-  assign i__payload[15:8] = \rd__data$85 [15:8];
-  assign i__payload[7:0] = \rd__data$85 [7:0];
+  assign i__payload[127:120] = \rd__data$87 [127:120];
+  assign i__payload[119:112] = \rd__data$87 [119:112];
+  assign i__payload[111:104] = \rd__data$87 [111:104];
+  assign i__payload[103:96] = \rd__data$87 [103:96];
+  assign i__payload[95:88] = \rd__data$87 [95:88];
+  assign i__payload[87:80] = \rd__data$87 [87:80];
+  assign i__payload[79:72] = \rd__data$87 [79:72];
+  assign i__payload[71:64] = \rd__data$87 [71:64];
+  assign i__payload[63:56] = \rd__data$87 [63:56];
+  assign i__payload[55:48] = \rd__data$87 [55:48];
+  assign i__payload[47:40] = \rd__data$87 [47:40];
+  assign i__payload[39:32] = \rd__data$87 [39:32];
+  assign i__payload[31:24] = \rd__data$87 [31:24];
+  assign i__payload[23:16] = \rd__data$87 [23:16];
+  assign i__payload[15:8] = \rd__data$87 [15:8];
+  assign i__payload[7:0] = \rd__data$87 [7:0];
   assign i__payload[257] = last_d6;
   assign i__payload[256] = first_d6;
 endmodule

@@ -780,18 +780,26 @@ class MatmulEngine(wiring.Component):
         # entry words are data (no reset): the counters below say which are held
         head = Signal(ent_w, name="ent_head", reset_less=True)
         slots = [Signal(ent_w, name=f"ent_q{i}", reset_less=True) for i in range(depth)]
+        # the read pointer twice: one selects the head's word, a kept copy selects the
+        # fields the operand-row registers load (k0, w0, len_m1), so neither slot
+        # multiplexer is spread over both sets of registers
         rp = Signal(range(depth))
+        rp_rows = Signal(range(depth), attrs={"keep": 1})
         wp = Signal(range(depth))
         ring = Signal(range(depth + 1))       # entries in the slots
         ring_any = Signal()                   # registered: ring != 0
         nonempty = Signal()                   # registered: the head holds an entry
-        oldest = Signal(ent_w)
-        with m.Switch(rp):                    # every case listed: no latch, no lint warning
-            for i in range(depth - 1):
-                with m.Case(i):
-                    m.d.comb += oldest.eq(slots[i])
-            with m.Default():
-                m.d.comb += oldest.eq(slots[depth - 1])
+
+        def oldest_slot(sel, name):
+            word = Signal(ent_w, name=name)
+            with m.Switch(sel):               # every case listed: no latch, no lint warning
+                for i in range(depth - 1):
+                    with m.Case(i):
+                        m.d.comb += word.eq(slots[i])
+                with m.Default():
+                    m.d.comb += word.eq(slots[depth - 1])
+            return word
+        oldest = oldest_slot(rp, "oldest")
         for i in range(depth):
             with m.If(arrive & (wp == i)):
                 m.d.sync += slots[i].eq(ent_rd.data[:ent_w])
@@ -800,7 +808,8 @@ class MatmulEngine(wiring.Component):
         load = Signal()                       # the oldest slot moves into the head
         m.d.comb += load.eq((pop | ~nonempty) & ring_any)
         with m.If(load):
-            m.d.sync += [head.eq(oldest), rp.eq(Mux(rp == depth - 1, 0, rp + 1))]
+            m.d.sync += [head.eq(oldest), rp.eq(Mux(rp == depth - 1, 0, rp + 1)),
+                         rp_rows.eq(Mux(rp_rows == depth - 1, 0, rp_rows + 1))]
         m.d.sync += [ring.eq(ring + arrive - load), ring_any.eq(Mux(load, ring > 1, ring != 0) | arrive),
                      nonempty.eq(load | (nonempty & ~pop)), held.eq(held + fetch - pop)]
 
@@ -835,7 +844,7 @@ class MatmulEngine(wiring.Component):
         # and a buffer; the a address adds the M-tile's base, register to register.
         a_off = Signal(range(s.k + 1))
         w_addr = Signal(w_rd.addr.shape())
-        nh = data.View(s.ent_layout, oldest)
+        nh = data.View(s.ent_layout, oldest_slot(rp_rows, "oldest_rows"))
         m.d.comb += [a_rd.addr.eq(a_base + a_off), w_rd.addr.eq(w_addr)]
         # kk_rem and kk_last follow them: a new head (loaded from the ring) has len_m1
         # beats after its first, and each beat counts one down
@@ -879,23 +888,25 @@ class MatmulEngine(wiring.Component):
 
         # ---- output side: PE rows -> + bias -> requant -> out buffer -------------
         out_nt = Signal(range(max(s.nt, 2)))
+        out_nt_last = Signal(init=s.nt == 1)         # registered: out_nt == NT - 1
         out_left = Signal(range(s.mt_max * R + 1))  # m - the draining M-tile's first row
         out_last = Signal()                          # ... <= R: it is the last M-tile
         bias_rd = bufs["bias"].rd
         shift_rd = bufs["shift"].rd
         m.d.comb += [bias_rd.addr.eq(out_nt), shift_rd.addr.eq(out_nt)]
         fin = Signal()
-        m.d.comb += fin.eq(pe.o.payload.last & (out_nt == s.nt - 1) & out_last)
+        m.d.comb += fin.eq(pe.o.payload.last & out_nt_last & out_last)
         # out address of the draining tile's row 0, (m - out_left) * NT + out_nt, kept by
         # additions (no multiplier on the way to the out buffer's address)
         tile_base = Signal(range((s.mt_max + 1) * R * s.nt + 1))
         with m.If(pe.o.valid & pe.o.payload.last):
-            with m.If(out_nt == s.nt - 1):
-                m.d.sync += [out_nt.eq(0), out_left.eq(out_left - R),
+            with m.If(out_nt_last):
+                m.d.sync += [out_nt.eq(0), out_nt_last.eq(s.nt == 1), out_left.eq(out_left - R),
                              out_last.eq(out_left <= 2 * R),
                              tile_base.eq(tile_base + (R * s.nt - (s.nt - 1)))]
             with m.Else():
-                m.d.sync += [out_nt.eq(out_nt + 1), tile_base.eq(tile_base + 1)]
+                m.d.sync += [out_nt.eq(out_nt + 1), out_nt_last.eq(out_nt + 2 == s.nt),
+                             tile_base.eq(tile_base + 1)]
 
         # stage R1: accumulator row, whether it is a row < m, and its out address (rows
         # drain in order, row 0 first: each row's address is the previous one's + NT).
@@ -955,9 +966,9 @@ class MatmulEngine(wiring.Component):
             m.d.sync += [f_left.eq(m_q), f_last.eq(m_q <= R), out_left.eq(m_q), out_last.eq(m_q <= R)]
         with m.If(idle):
             m.d.sync += [a_base.eq(0), m_q.eq(self.m),
-                         out_nt.eq(0), tile_base.eq(0), tcnt.eq(0), tcnt_ok.eq(s.min_beats <= 1),
+                         out_nt.eq(0), out_nt_last.eq(s.nt == 1), tile_base.eq(0), tcnt.eq(0), tcnt_ok.eq(s.min_beats <= 1),
                          pad.eq(0),
                          fetching.eq(0), ptr.eq(1), held.eq(0), nonempty.eq(0),
-                         rp.eq(0), wp.eq(0), ring.eq(0), ring_any.eq(0)]
+                         rp.eq(0), rp_rows.eq(0), wp.eq(0), ring.eq(0), ring_any.eq(0)]
             m.d.sync += [f.eq(0) for f in inflight]
         return m
