@@ -44,19 +44,22 @@ def test_mixed_mapping_cycles_and_odd_widths():
     assert PEArray.LATENCY == PIPE + 2 == 1 + FANOUT_LEVELS + MUL_STAGES + 2
 
 
-def test_fabric_mul_exhaustive_4x4():
-    """Every 4-bit x 4-bit signed product through one FabricMul."""
+@pytest.mark.parametrize("aw, bw", [(4, 4), (4, 1), (3, 2), (5, 3), (4, 5), (2, 9)])
+def test_fabric_mul_exhaustive(aw, bw):
+    """Every signed product through one FabricMul, for b of 1 to 5 bits: the
+    sign row subtracted where the adder tree first pairs it (or alone, 1 bit),
+    the spare stage's operand registers (b of up to 8 bits: at most 3 adder
+    levels) or none (9-bit b: 4 levels in the 4 stages)."""
     from amaranth.sim import Simulator
 
-    dut = FabricMul(4, 4)
-    pairs = [(x, y) for x in range(-8, 8) for y in range(-8, 8)]
+    dut = FabricMul(aw, bw)
+    pairs = [(x, y) for x in range(-(1 << aw - 1), 1 << aw - 1) for y in range(-(1 << bw - 1), 1 << bw - 1)]
     out = []
 
     async def tb(ctx):
         for n in range(len(pairs) + MUL_STAGES):
             if n < len(pairs):
                 ctx.set(dut.a, pairs[n][0])
-                ctx.set(dut.a_neg, -pairs[n][0])
                 ctx.set(dut.b, pairs[n][1])
             if n >= MUL_STAGES:
                 out.append(ctx.get(dut.p))
@@ -67,7 +70,7 @@ def test_fabric_mul_exhaustive_4x4():
     sim.add_testbench(tb)
     sim.run()
     bad = sum(int(o != x * y) for o, (x, y) in zip(out, pairs))
-    print(f"[fabric 4x4 exhaustive] mismatches {bad} of {len(pairs)}")
+    print(f"[fabric {aw}x{bw} exhaustive] mismatches {bad} of {len(pairs)}")
     assert bad == 0 and len(out) == len(pairs)
 
 
@@ -75,7 +78,7 @@ def test_netlist_instances():
     """With a platform mapping of 3 DSPs, the Verilog has exactly 3 MULT18X18D
     with input and output registers on CLK0/CE0, and no `*` left in the fabric PEs;
     the flags' and the operands' fan-out copies carry `keep` (hwgen.impl keeps
-    them apart): a tree of operand copies, one per 8 then one per FANOUT_GROUP
+    them apart): a tree of operand copies, one per 4 then one per FANOUT_GROUP
     PEs of a row or column."""
     class Plat:
         pe_mapping = PEMapping(dsp=3)
@@ -91,14 +94,13 @@ def test_netlist_instances():
             if "keep" in d and " reg " in d]
     assert sorted(k for k in kept if k.startswith("first_pe")) == sorted(f"first_pe{i}_{j}" for i in range(2) for j in range(10))
     assert sorted(k for k in kept if k.startswith("last_r")) == ["last_r0", "last_r1"]
-    assert (FANOUT_GROUP, FANOUT_LEVELS) == (4, 2)
-    for i in range(2):   # a row of 10 PEs: 2 copies (8 PEs each), then 3 (4 PEs each)
-        assert sorted(k for k in kept if k.startswith(f"a_{i}_")) == [f"a_{i}_l1_0", f"a_{i}_l1_1", f"a_{i}_l2_0",
-                                                                       f"a_{i}_l2_1", f"a_{i}_l2_2"]
-        assert sorted(k for k in kept if k.startswith(f"an_{i}_")) == [f"an_{i}_l1_0", f"an_{i}_l1_1", f"an_{i}_l2_0",
-                                                                        f"an_{i}_l2_1", f"an_{i}_l2_2"]
-    # the level-2 copy 2 (PEs 8, 9) is loaded from level-1 copy 1 (PEs 8 .. 15)
-    assert re.search(r"a_0_l2_2 <= a_0_l1_1;", text)
+    assert (FANOUT_GROUP, FANOUT_LEVELS) == (2, 2)
+    for i in range(2):   # a row of 10 PEs: 3 copies (4 PEs each), then 5 (2 PEs each)
+        assert sorted(k for k in kept if k.startswith(f"a_{i}_")) == (
+            [f"a_{i}_l1_{g}" for g in range(3)] + [f"a_{i}_l2_{g}" for g in range(5)])
+    assert not [k for k in kept if k.startswith("an_")]   # no negated copies: FabricMul subtracts
+    # the level-2 copy 2 (PEs 4, 5) is loaded from level-1 copy 1 (PEs 4 .. 7), copy 4 (PEs 8, 9) from copy 2
+    assert re.search(r"a_0_l2_2 <= a_0_l1_1;", text) and re.search(r"a_0_l2_4 <= a_0_l1_2;", text)
     assert sorted(k for k in kept if k.startswith("b_")) == sorted(f"b_{j}_l{v}_0" for j in range(10) for v in (1, 2))
     assert pe_kinds(2, 3, 8, 8, Plat.pe_mapping) == [["dsp"] * 3, ["fabric"] * 3]
     assert pe_kinds(2, 3, 24, 8, Plat.pe_mapping) == [["dsp"] * 3] * 2  # wider than 18 bits

@@ -155,7 +155,6 @@ from amaranth.lib.wiring import In, Out
 from .. import contract as C
 from ..fixed import FixedType, bits_for_range
 from .buffer import Buffer, read_latency, write_latency
-from .pe_array import FANOUT_GROUP as PE_FANOUT_GROUP
 from .pe_array import PEArray, RTLError, _is_int, check_positive
 from .pipeline import delayed, fanout_tree
 from .requant import ShiftRequant, check_shift_range, shift_code, shift_code_width
@@ -164,6 +163,9 @@ from .requant import ShiftRequant, check_shift_range, shift_code, shift_code_wid
 RTL_Q, RTL_O = "AP_RND", "AP_SAT"
 #: input buffers in load order, then the output buffer
 IN_BUFFERS = ("a", "w", "ent", "bias", "shift")
+#: B columns served by one copy at the first level of the weight-row flag's tree
+#: (then one copy per column)
+W_REAL_GROUP = 4
 
 
 def _fmt_str(f: FixedType) -> str:
@@ -875,7 +877,7 @@ class MatmulEngine(wiring.Component):
         # (no reset: a stale flag in the cycles after a reset only feeds the
         # accumulators before any tile's first beat, which overwrites them)
         w_real, = delayed(m, [go & real], lat_op - 2, ("w_real",), reset_less=True)
-        w_real_c = fanout_tree(m, w_real, N, [PE_FANOUT_GROUP, 1], ["w_real_g", "w_real_c"], reset_less=True)
+        w_real_c = fanout_tree(m, w_real, N, [W_REAL_GROUP, 1], ["w_real_g", "w_real_c"], reset_less=True)
 
         # ---- the operand words -> PE array -----------------------------------
         av, wv = a_rd.data, w_rd.data

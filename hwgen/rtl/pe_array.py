@@ -38,8 +38,8 @@ Seven register stages lead to the accumulators, built for FPGA timing closure
 (DESIGN.md, Known traps: registered operands and products, DSP registers):
 stage 0 registers the operands (one register per row of A and column of B)
 and the flags; stages 1 and 2 (``FANOUT_LEVELS``) fan the operands out in a
-tree of kept register copies, one per 8 PEs of a row (A) or a column (B),
-then one per ``FANOUT_GROUP`` (4), so no operand net spans the whole array (a
+tree of kept register copies, one per 4 PEs of a row (A) or a column (B),
+then one per ``FANOUT_GROUP`` (2), so no operand net spans the whole array (a
 16 x 16 array covers most of an LFE5U-85F: the DSP blocks sit in rows across
 the die); stages 3..6 are the multiplier's registers (:class:`MULT18X18D`
 with its input and output registers plus two in fabric, so that the route
@@ -94,7 +94,7 @@ from .pipeline import delayed, fanout_tree
 MUL_STAGES = 4
 
 #: PEs fed by one operand register copy (the last level of the fan-out tree)
-FANOUT_GROUP = 4
+FANOUT_GROUP = 2
 
 #: levels of the operands' fan-out tree after stage 0: one copy per
 #: ``FANOUT_GROUP * 2 ** (FANOUT_LEVELS - 1 - l)`` PEs at level l
@@ -237,14 +237,10 @@ class PEArray(wiring.Component):
         # unless the producer zeroes it (zero_bubbles=False: no net from `valid` to
         # every B bit)
         a0 = [Signal(signed(self.a_width), name=f"a0_{i}", reset_less=True) for i in range(R)]
-        fabric_rows = [i for i in range(R) if "fabric" in kinds[i]]
-        a0n = {i: Signal(signed(self.a_width + 1), name=f"a0n_{i}", reset_less=True)
-               for i in fabric_rows}
         b0 = [Signal(signed(self.b_width), name=f"b0_{j}", reset_less=True) for j in range(N)]
         first0, last0 = Signal(), Signal()
         m.d.sync += [first0.eq(i_.valid & i_.payload.first), last0.eq(i_.valid & i_.payload.last)]
         m.d.sync += [a0[i].eq(i_.payload.a[i]) for i in range(R)]
-        m.d.sync += [a0n[i].eq(-i_.payload.a[i]) for i in fabric_rows]
         m.d.sync += [b0[j].eq(Mux(i_.valid, i_.payload.b[j], 0) if self.zero_bubbles else i_.payload.b[j])
                      for j in range(N)]
 
@@ -257,7 +253,6 @@ class PEArray(wiring.Component):
             return fanout_tree(m, src, n, serves, [f"{name}_l{lv + 1}_" for lv in range(FANOUT_LEVELS)],
                                reset_less=True)
         a1 = [tree(a0[i], N, f"a_{i}") for i in range(R)]
-        a1n = {i: tree(a0n[i], N, f"an_{i}") for i in fabric_rows}
         b1 = [tree(b0[j], R, f"b_{j}") for j in range(N)]
 
         # the flags' fan-out tree: a delay line until the multipliers' input stage,
@@ -296,7 +291,6 @@ class PEArray(wiring.Component):
                     mul = RegisteredMul(self.a_width, self.b_width)
                 else:
                     mul = FabricMul(self.a_width, self.b_width)
-                    m.d.comb += mul.a_neg.eq(a1n[i][j // FANOUT_GROUP])
                 m.submodules[name] = mul
                 m.d.comb += [mul.a.eq(a1[i][j // FANOUT_GROUP]), mul.b.eq(b1[j][i // FANOUT_GROUP])]
                 prod[i][j] = mul.p
@@ -447,47 +441,55 @@ class MULT18X18D(wiring.Component):
 
 class FabricMul(wiring.Component):
     """``p = a * b`` ``MUL_STAGES`` (4) cycles later in logic (no DSP): the
-    partial products ``b[k] ? a << k : 0``, the sign bit's taken from the
-    extra input ``a_neg`` (which must carry ``-a``, registered by the caller so
-    no negation sits in the tree), summed by a balanced adder tree whose levels
+    partial products ``b[k] ? a << k : 0``, the sign bit's subtracted (two's
+    complement ``b``: its top bit weighs ``-2**(wb-1)``; a subtraction is one
+    carry chain, like an addition), summed by a balanced adder tree whose levels
     are spread over the registered stages; when the tree has fewer levels than
     ``MUL_STAGES`` the first stage registers the operands next to the
     multiplier (then one adder level per stage for 8-bit ``b``; for 4-bit ``b``
     the last stage is a plain register); every stage loads each cycle;
     registers without reset. Same
-    ports (plus ``a_neg``) and timing as :class:`RegisteredMul`. Written without
+    ports and timing as :class:`RegisteredMul`. Written without
     ``*`` so synthesis never maps it to a DSP."""
 
     def __init__(self, a_width: int, b_width: int):
         self.a_width, self.b_width = a_width, b_width
-        super().__init__({**_mul_ports(a_width, b_width), "a_neg": In(signed(a_width + 1))})
+        super().__init__(_mul_ports(a_width, b_width))
 
     def elaborate(self, platform):
         m = Module()
         pw = self.a_width + self.b_width
         wb = self.b_width
         levels = (wb - 1).bit_length()          # adder-tree depth over wb partial products
-        a, a_neg, b = self.a, self.a_neg, self.b
+        a, b = self.a, self.b
         stages = MUL_STAGES
         if levels < MUL_STAGES:
             # a spare stage: the operands are registered next to the multiplier first,
             # so the route from the fan-out tree's copy ends in a register, not in
             # the partial products and a carry chain
-            a, a_neg, b = (Signal.like(v, name=f"{n}_in", reset_less=True)
-                           for v, n in ((self.a, "a"), (self.a_neg, "a_neg"), (self.b, "b")))
-            m.d.sync += [a.eq(self.a), a_neg.eq(self.a_neg), b.eq(self.b)]
+            a, b = (Signal.like(v, name=f"{n}_in", reset_less=True) for v, n in ((self.a, "a"), (self.b, "b")))
+            m.d.sync += [a.eq(self.a), b.eq(self.b)]
             stages -= 1
-        terms = [Mux(b[k], a, 0) << k for k in range(wb - 1)]
-        terms.append(Mux(b[wb - 1], a_neg, 0) << (wb - 1))
+        # (value, subtracted): the sign row is the last term, subtracted where the
+        # tree first pairs it (its value is kept positive until then)
+        terms = [(Mux(b[k], a, 0) << k, False) for k in range(wb - 1)]
+        terms.append((Mux(b[wb - 1], a, 0) << (wb - 1), True))
+        if len(terms) == 1:                     # 1-bit b: p = -(b ? a : 0)
+            terms = [(-terms[0][0], False)]
+
+        def pair(x, y):
+            return (x[0] - y[0] if y[1] else x[0] + y[0], x[1])
+
         per_stage = [levels // stages + (x < levels % stages) for x in range(stages)]
         vals = terms
         for st, n in enumerate(per_stage, start=MUL_STAGES - stages):
             for _ in range(n):
-                vals = [vals[x] + vals[x + 1] if x + 1 < len(vals) else vals[x]
+                vals = [pair(vals[x], vals[x + 1]) if x + 1 < len(vals) else vals[x]
                         for x in range(0, len(vals), 2)]
             regs = [Signal(signed(pw + 1), name=f"s{st + 1}_{x}", reset_less=True)
                     for x in range(len(vals))]
-            m.d.sync += [r.eq(v) for r, v in zip(regs, vals)]
-            vals = regs
-        m.d.comb += self.p.eq(vals[0])
+            m.d.sync += [r.eq(v) for r, (v, _) in zip(regs, vals)]
+            vals = [(r, neg) for r, (_, neg) in zip(regs, vals)]
+        assert not vals[0][1]
+        m.d.comb += self.p.eq(vals[0][0])
         return m
