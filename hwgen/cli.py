@@ -63,7 +63,7 @@ def cmd_quantize(args: argparse.Namespace) -> dict:
     say(f"traced {len(bundle.graph.nodes)} ops over {layers} layer(s); calibrating on "
         f"{len(bundle.calib_feeds)} batch(es)")
     compress = bool(args.prune or args.distill or args.prune_layers is not None
-                    or args.prune_budget is not None)  # hwgen.distill.compress does both
+                    or args.prune_budget is not None or args.prune_channels)  # hwgen.distill.compress does both
     fixed, fmts = (None, None) if compress else quantize(bundle.graph, bundle.calib_feeds, cfg)
     losses: list[float] = []
     extra: dict = {}
@@ -73,7 +73,8 @@ def cmd_quantize(args: argparse.Namespace) -> dict:
         fixed, extra = run_compress(bundle, cfg, args.prune, args.distill, args.distill_steps,
                                     args.qat_steps, args.lr, gradual=args.gradual, say=say,
                                     layers=args.prune_layers, budget=args.prune_budget,
-                                    train_pruned_only=args.distill_pruned_only)
+                                    train_pruned_only=args.distill_pruned_only,
+                                    channels=args.prune_channels)
         losses = extra.pop("qat_losses")
     if args.qat_steps and not compress:
         from .qat import QATModel, finetune
@@ -347,6 +348,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--prune-budget", type=float, metavar="COS",
                    help="with --prune: prune the linears chosen by measured sensitivity, as many as keep "
                    "the float model's mean output cosine >= COS on the calibration inputs")
+    q.add_argument("--prune-channels", action="store_true",
+                   help="with --prune block:RATIO: prune channels two linears share (FFN neurons, attention "
+                   "value and query/key channels), whole blocks of both, permuted and refitted")
     q.add_argument("--distill", action="store_true",
                    help="fine-tune against the float model (outputs + hidden states): "
                    "--distill-steps float steps, then --qat-steps QAT steps")

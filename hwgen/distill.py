@@ -332,7 +332,7 @@ def compress(bundle, cfg, prune: str | None = None, distill_on: bool = False, di
              qat_steps: int = 0, lr: float = 2e-5, distill_lr: float = 1e-4, cycles_m: int = 128,
              gradual: bool = False, say: Callable[[str], None] | None = None,
              layers: str | None = None, budget: float | None = None,
-             train_pruned_only: bool = False) -> tuple[Graph, dict]:
+             train_pruned_only: bool = False, channels: bool = False) -> tuple[Graph, dict]:
     """The ``hwgen quantize --prune ... --distill`` recipe on a model bundle.
 
     Which linears: all prunable ones, or (layer-selective) those matching
@@ -340,7 +340,11 @@ def compress(bundle, cfg, prune: str | None = None, distill_on: bool = False, di
     :func:`hwgen.prune.select_by_budget` picks for a float output cosine ``budget``
     on the calibration inputs (``--prune-budget``); the others stay dense.
     ``train_pruned_only``: the float distillation stage trains only the pruned
-    linears' weights and biases (``--distill-pruned-only``).
+    linears' weights and biases (``--distill-pruned-only``). ``channels``
+    (``--prune-channels``, ``block:RATIO`` only): prune channel pairs instead of
+    single linears (:mod:`hwgen.prune_channels`): the units ``layers`` and
+    ``budget`` choose are pairs (a pair is taken when a pattern matches one of
+    its linears), pruned one-shot with their refit.
 
     Pruning, by default one-shot: masks from activation-aware magnitudes, then
     the kept weights refitted by least squares (:func:`hwgen.prune.reconstruct`,
@@ -375,14 +379,21 @@ def compress(bundle, cfg, prune: str | None = None, distill_on: bool = False, di
         raise DistillError("--distill-pruned-only needs --distill with --distill-steps > 0")
     if (layers is not None or budget is not None) and spec is None:
         raise DistillError("--prune-layers and --prune-budget need --prune")
+    if channels and (spec is None or spec.kind != "block"):
+        raise DistillError("--prune-channels needs --prune block:RATIO (whole blocks of each channel pair)")
+    if channels and gradual:
+        raise DistillError("--prune-channels is one-shot (permuted, pruned and refitted): drop --gradual")
     if layers is not None and budget is not None:
         raise DistillError("--prune-layers and --prune-budget exclude each other: name the linears "
                            "or give a budget")
     folded = prepare(bundle.graph)
-    norms = masks = names = None
+    norms = masks = names = pair_names = None
     ranking = None
     start = folded
-    if spec is not None:
+    if spec is not None and channels:
+        masks, names, ranking, start, pair_names = _prune_channels(folded, bundle, spec, layers, budget,
+                                                                   say)
+    elif spec is not None:
         say(f"pruning {spec.name}: activation norms over {len(bundle.calib_feeds)} calibration batch(es)")
         norms = P.activation_norms(folded, bundle.calib_feeds)
         if layers is not None:
@@ -432,7 +443,8 @@ def compress(bundle, cfg, prune: str | None = None, distill_on: bool = False, di
     cyc = P.cycle_report(fixed, cycles_m, rows=rows, cols=cols, block_k=block_k)
     pruned_nodes = [n for n in P.prunable_linears(fixed) if n.name in set(rec["pruned_linears"])]
     cyp = P.cycle_report(fixed, cycles_m, rows=rows, cols=cols, block_k=block_k, nodes=pruned_nodes)
-    selection = None if spec is None else (f"layers:{layers}" if layers is not None else
+    selection = None if spec is None else ("channels:" if channels else "") + (
+                                           f"layers:{layers}" if layers is not None else
                                            f"budget:{budget}" if budget is not None else "all")
     return fixed, {"prune": spec.name if spec else None,
                    "prune_schedule": None if spec is None else ("gradual" if gradual else "oneshot+refit"),
@@ -441,10 +453,41 @@ def compress(bundle, cfg, prune: str | None = None, distill_on: bool = False, di
                    "linears_pruned": rec["linears_pruned"], "pruned_linears": rec["pruned_linears"],
                    "weight_share": rec["weight_share"], "cycles_pruned_dense": cyp["cycles_dense"],
                    "cycles_pruned_sparse": cyp["cycles_sparse"], "cycles_pruned_ratio": cyp["cycles_ratio"],
-                   "sensitivity": ranking,
+                   "sensitivity": ranking, "channel_pairs": pair_names,
                    "distill": bool(distill_on), "distill_steps": distill_steps if distill_on else 0,
                    "distill_loss_first": f_losses[0] if f_losses else None,
                    "distill_loss_last": f_losses[-1] if f_losses else None, "qat_losses": q_losses}
+
+
+def _prune_channels(folded: Graph, bundle, spec, layers: str | None, budget: float | None, say):
+    """``compress``'s channel-pair pruning: which pairs (all, by name, by
+    budget), then :func:`hwgen.prune_channels.prune_pairs` refitted on the
+    reconstruction inputs. Returns (masks, pruned weight names, ranking, start,
+    the pruned pairs' names)."""
+    from . import prune as P
+    from . import prune_channels as C
+
+    pairs = C.channel_pairs(folded)
+    if not pairs:
+        raise DistillError("--prune-channels: the model has no channel pairs (FFN up -> gelu -> down, "
+                           "attention value -> output, query/key)")
+    ranking = None
+    if layers is not None:
+        hit = {n.name for n in P.select_linears(folded, layers)}
+        pairs = [p for p in pairs if hit & set(p.linears())]
+        if not pairs:
+            raise DistillError(f"--prune-layers {layers!r} matches no linear of a channel pair")
+    elif budget is not None:
+        say(f"selecting channel pairs for float cosine >= {budget} on the calibration inputs")
+        pairs, ranking = C.select_by_budget(folded, pairs, spec.ratio, spec.block_k, spec.block_n,
+                                            bundle.calib_feeds, budget, say=say)
+        if not pairs:
+            raise DistillError(f"--prune-budget {budget}: pruning any one channel pair with {spec.name} "
+                               "already falls below it; lower the budget")
+    say(f"channel-pruning {len(pairs)} pair(s): {', '.join(p.name for p in pairs)}")
+    start, masks = C.prune_pairs(folded, pairs, spec.ratio, spec.block_k, spec.block_n,
+                                 train_feeds(bundle, RECON_SENTENCES), say=say)
+    return masks, list(masks), ranking, start, [p.name for p in pairs]
 
 
 def _pruned_params(graph: Graph, masks: dict[str, np.ndarray] | None) -> list[str]:
@@ -461,6 +504,11 @@ def _pruned_params(graph: Graph, masks: dict[str, np.ndarray] | None) -> list[st
 #: float output cosine budget of the bench's layer-selective row (``--prune-budget``)
 BENCH_BUDGET = 0.985
 
+#: the bench's MiniLM rows: (pattern, selective by ``budget``, channel pairs); the
+#: selective rows train only the pruned linears in the float stage
+BENCH_ROWS = (("2:4", False, False), ("block:0.5", False, False), ("block:0.5", True, False),
+              ("block:0.5", False, True), ("block:0.5", True, True))
+
 
 def bench(quick: bool = False, float_steps: int = 300, qat_steps: int = 4,
           say: Callable[[str], None] | None = None, model: str = "minilm",
@@ -475,6 +523,8 @@ def bench(quick: bool = False, float_steps: int = 300, qat_steps: int = 4,
       picks for a float cosine ``budget`` on the calibration inputs, the same
       steps with the float stage training only the pruned linears; which
       linears, their weight share, pruned-linear and whole-model cycle ratios;
+    * the same two block:0.5 rows with channel pairs (``--prune-channels``,
+      :mod:`hwgen.prune_channels`): every pair, and the pairs a budget picks;
     * tiny-gpt student (``models/tiny_gpt_student.pt``, half the layers): float
       perplexity vs the teacher's float perplexity, and its W8A8 perplexity;
     * adaptive precision, per token on tiny-gpt (:func:`hwgen.adaptive.bench`):
@@ -495,12 +545,14 @@ def bench(quick: bool = False, float_steps: int = 300, qat_steps: int = 4,
     bundle = zoo.load(model)
     res["model"] = model
     res["pruned"] = []
-    for pattern, bud in (("2:4", None), ("block:0.5", None), ("block:0.5", budget)):
+    for pattern, bud, chan in BENCH_ROWS:
         t0 = time.perf_counter()
-        say(f"minilm w8a8 {pattern}{'' if bud is None else f' (budget {bud})'} + distillation "
+        say(f"minilm w8a8 {pattern}{' channel pairs' if chan else ''}"
+            f"{'' if bud is None else f' (budget {budget})'} + distillation "
             f"({float_steps} float + {qat_steps} QAT steps)")
-        fixed, info = compress(bundle, cfg, pattern, True, float_steps, qat_steps, say=say, budget=bud,
-                               train_pruned_only=bud is not None)
+        fixed, info = compress(bundle, cfg, pattern, True, float_steps, qat_steps, say=say,
+                               budget=budget if bud else None, train_pruned_only=bud,
+                               channels=chan)
         m = evaluate(bundle, fixed)
         res["pruned"].append({**{k: v for k, v in info.items() if k != "qat_losses"},
                               "cosine_mean": m["cosine_mean"], "cosine_min": m["cosine_min"],
@@ -520,8 +572,11 @@ def bench(quick: bool = False, float_steps: int = 300, qat_steps: int = 4,
     res["adaptive"] = adaptive_bench(quick=quick, say=say)
     sel = res["pruned"][2]
     res["targets"] = {
-        "cosine_ge_0.98": {r["prune"]: r["cosine_mean"] >= 0.98 for r in res["pruned"][:2]},
+        "cosine_ge_0.98": {r["prune"] + (" channels" if r["channel_pairs"] else ""): r["cosine_mean"] >= 0.98
+                           for r, (_, bud, _) in zip(res["pruned"], BENCH_ROWS) if not bud},
         "block_cycles_le_0.55": res["pruned"][1]["cycles_ratio"] <= 0.55,
+        "channels_selective_cosine_ge_0.98": res["pruned"][4]["cosine_mean"] >= 0.98,
+        "channels_selective_pruned_cycles_le_0.55": res["pruned"][4]["cycles_pruned_ratio"] <= 0.55,
         # layer-selective: only the linears the budget chose are pruned (see linears_pruned,
         # weight_share); the cycle ratio is of those linears, the whole model's is cycles_ratio
         "selective_cosine_ge_0.98": sel["cosine_mean"] >= 0.98,

@@ -49,7 +49,7 @@ import copy
 import fnmatch
 import re
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Callable, Iterable
 
 import numpy as np
 
@@ -310,6 +310,52 @@ def _output_cosine(graph: Graph, feeds: list[dict[str, np.ndarray]], ref: list[n
     return np.concatenate([cosine_rows(y, r) for y, r in zip(_float_outputs(graph, feeds), ref)])
 
 
+def rank_units(units: list, pruned: Callable[[object], Graph], feeds: list[dict[str, np.ndarray]],
+               ref: list[np.ndarray], row_of: Callable[[object], dict], say=None) -> list[dict]:
+    """The sensitivity ranking of any pruning units (linears, channel pairs):
+    per unit, ``pruned(unit)`` (the float graph with that unit alone pruned)
+    against ``ref`` over ``feeds``; ``row_of(unit)`` gives its ``name`` and
+    ``weights`` (weight count) plus any keys to report. Rows add
+    ``cosine_mean``, ``cosine_min``, ``drop`` and ``drop_per_mweight``, sorted
+    cheapest first (ties: the units' order)."""
+    say = say or (lambda m: None)
+    rows = []
+    for i, unit in enumerate(units):
+        c = _output_cosine(pruned(unit), feeds, ref)
+        r = row_of(unit)
+        drop = 1.0 - float(c.mean())
+        rows.append({**r, "cosine_mean": float(c.mean()), "cosine_min": float(c.min()), "drop": drop,
+                     "drop_per_mweight": drop / r["weights"] * 1e6, "order": i})
+        say(f"sensitivity {r['name']}: cosine {c.mean():.5f}")
+    rows.sort(key=lambda r: (r["drop_per_mweight"], r["order"]))
+    for r in rows:
+        del r["order"]
+    return rows
+
+
+def greedy_budget(ranking: list[dict], pruned_with: Callable[[list[dict]], Graph],
+                  feeds: list[dict[str, np.ndarray]], ref: list[np.ndarray], budget: float,
+                  say=None) -> list[dict]:
+    """Walk ``ranking`` (cheapest first) and choose each unit whose pruning
+    together with the ones chosen before (``pruned_with(rows)``: the float graph
+    with those rows' units pruned) keeps the mean output cosine against ``ref``
+    over ``feeds`` >= ``budget``. Returns the ranking with ``chosen`` and
+    ``cosine_with`` (the combined cosine when it was tried)."""
+    if not 0 < budget <= 1:
+        raise PruneError(f"--prune-budget must be a cosine in (0, 1], e.g. 0.99; got {budget}")
+    say = say or (lambda m: None)
+    chosen: list[dict] = []
+    rows = []
+    for r in ranking:
+        c = float(_output_cosine(pruned_with(chosen + [r]), feeds, ref).mean())
+        ok = c >= budget
+        if ok:
+            chosen.append(r)
+        rows.append({**r, "chosen": ok, "cosine_with": c})
+        say(f"budget {budget}: {r['name']} -> {c:.5f} {'chosen' if ok else 'skipped'}")
+    return rows
+
+
 def sensitivity(graph: Graph, spec: PruneSpec, feeds: Iterable[dict[str, np.ndarray]],
                 norms: dict[str, np.ndarray] | None = None, nodes: list[Node] | None = None,
                 say=None, ref: list[np.ndarray] | None = None) -> list[dict]:
@@ -322,27 +368,14 @@ def sensitivity(graph: Graph, spec: PruneSpec, feeds: Iterable[dict[str, np.ndar
     per million weights), sorted cheapest first by ``drop_per_mweight`` (ties:
     graph order). Deterministic: the same graph and feeds give the same list.
     ``ref``: the dense float outputs over ``feeds`` when the caller has them."""
-    say = say or (lambda m: None)
     feeds = list(feeds)
     if not feeds:
         raise PruneError("sensitivity needs at least one calibration batch")
     ref = _float_outputs(graph, feeds) if ref is None else ref
     nodes = prunable_linears(graph) if nodes is None else nodes
-    rows = []
-    for i, node in enumerate(nodes):
-        w = node.inputs[1]
-        masks = compute_masks(graph, spec, norms, names=[w])
-        c = _output_cosine(apply_masks(graph, masks), feeds, ref)
-        size = int(graph.weights[w].size)
-        drop = 1.0 - float(c.mean())
-        rows.append({"name": node.name, "weight": w, "weights": size, "cosine_mean": float(c.mean()),
-                     "cosine_min": float(c.min()), "drop": drop, "drop_per_mweight": drop / size * 1e6,
-                     "order": i})
-        say(f"sensitivity {node.name}: cosine {c.mean():.5f}")
-    rows.sort(key=lambda r: (r["drop_per_mweight"], r["order"]))
-    for r in rows:
-        del r["order"]
-    return rows
+    return rank_units(nodes, lambda n: apply_masks(graph, compute_masks(graph, spec, norms, names=[n.inputs[1]])),
+                      feeds, ref, lambda n: {"name": n.name, "weight": n.inputs[1],
+                                             "weights": int(graph.weights[n.inputs[1]].size)}, say)
 
 
 def select_by_budget(graph: Graph, spec: PruneSpec, feeds: Iterable[dict[str, np.ndarray]], budget: float,
@@ -357,21 +390,12 @@ def select_by_budget(graph: Graph, spec: PruneSpec, feeds: Iterable[dict[str, np
     added)."""
     if not 0 < budget <= 1:
         raise PruneError(f"--prune-budget must be a cosine in (0, 1], e.g. 0.99; got {budget}")
-    say = say or (lambda m: None)
     feeds = list(feeds)
     ref = _float_outputs(graph, feeds)
     ranking = sensitivity(graph, spec, feeds, norms, say=say, ref=ref) if ranking is None else ranking
-    masks: dict[str, np.ndarray] = {}
-    rows = []
-    for r in ranking:
-        trial = {**masks, **compute_masks(graph, spec, norms, names=[r["weight"]])}
-        c = float(_output_cosine(apply_masks(graph, trial), feeds, ref).mean())
-        ok = c >= budget
-        if ok:
-            masks = trial
-        rows.append({**r, "chosen": ok, "cosine_with": c})
-        say(f"budget {budget}: {r['name']} -> {c:.5f} {'chosen' if ok else 'skipped'}")
-    chosen = set(masks)
+    rows = greedy_budget(ranking, lambda rs: apply_masks(graph, compute_masks(
+        graph, spec, norms, names=[r["weight"] for r in rs])), feeds, ref, budget, say)
+    chosen = {r["weight"] for r in rows if r["chosen"]}
     return [n for n in prunable_linears(graph) if n.inputs[1] in chosen], rows
 
 
