@@ -42,6 +42,10 @@ measures the mean cosine of the model's output against the dense float model on
 calibration inputs; linears are tried in order of cosine loss per weight
 (cheapest first) and kept while the float model with all kept ones pruned stays
 at mean cosine >= ``COS``.
+
+Channel-pair pruning (the CLI's ``--prune-channels``) chooses the blocks of two
+linears that share channels together: :mod:`hwgen.prune_channels`; its budget
+selection uses :func:`rank_units` and :func:`greedy_budget` as this module's does.
 """
 from __future__ import annotations
 

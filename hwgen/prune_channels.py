@@ -192,7 +192,8 @@ def choose(imp: np.ndarray, heads: int, group: int, ratio: float) -> tuple[np.nd
     that puts each head's kept channels first, most important first, and the
     keep mask in that new order. ``round(ratio * groups)`` groups of ``group``
     channels are pruned, the ones with the least summed importance (each head's
-    channels sorted, so a head keeps a prefix of its groups; ties: lower channel)."""
+    channels sorted, so a head keeps a prefix of its groups; equal importances:
+    the lower channel first, and of two equal groups the later one is pruned)."""
     c = imp.size
     per = c // heads
     perm = np.concatenate([h * per + np.argsort(-imp[h * per:(h + 1) * per], kind="stable")
