@@ -167,6 +167,40 @@ def test_hls_csim_bit_exact_on_pruned_graph(pruned):
     assert len(nodes) == 6 and mismatches == 0
 
 
+@pytest.mark.parametrize("prune_it", [True, False])
+def test_hls_kernel_visits_only_nonzero_blocks(pruned, tiny_decoder_fixed, tmp_path, prune_it):
+    """A block-pruned linear's HLS kernel loops over its nonzero blocks only:
+    the C-simulation counts its MAC loop iterations, and they equal the
+    model's count (``mac_iterations`` in the manifest) times the rows, below
+    the dense kernel's K * N / PAR; a dense linear keeps the dense loop and its
+    count. Both give the golden model's output codes."""
+    import subprocess
+
+    from hwgen.hls.csim import build, emit_kernels, pack_calls, write_rows
+
+    fixed = pruned[3] if prune_it else tiny_decoder_fixed
+    node = P.prunable_linears(fixed)[4]                                  # layer 0's FFN up, 16 x 32
+    m = GoldenModel(fixed)
+    rec = m(tiny_decoder_feeds(1, seed=9)[0], record=True)
+    x, y = rec[node.inputs[0]].reshape(-1, 16), rec[node.outputs[0]].reshape(-1, 32)
+    (ks,), files = emit_kernels(fixed, [node.name], 4)
+    k, n = fixed.weights[node.inputs[1]].shape
+    bm = P.linear_bitmap(fixed, node, 4, 4)
+    assert ks.meta["mac_iterations_dense"] == k * n // 4
+    if prune_it:
+        assert "MAC_BLK" in files[f"{ks.name}.h"] and ks.meta["blocks"]["visited"] == bm.sum()
+        assert ks.meta["mac_iterations"] == bm.sum() * 4 * (4 // 4) < ks.meta["mac_iterations_dense"]
+    else:
+        assert "MAC_BLK" not in files[f"{ks.name}.h"] and ks.meta["blocks"] is None
+        assert ks.meta["mac_iterations"] == ks.meta["mac_iterations_dense"]
+    exe = build(files)
+    write_rows(tmp_path / "in.txt", pack_calls(ks, x)[0])
+    r = subprocess.run([str(exe), ks.name, str(tmp_path / "in.txt"), str(tmp_path / "out.txt")],
+                       capture_output=True, text=True, check=True)
+    assert r.stderr.split() == ["mac_iterations", str(len(x) * ks.meta["mac_iterations"])]
+    assert np.array_equal(np.loadtxt(tmp_path / "out.txt", dtype=np.int64).reshape(y.shape), y)
+
+
 def test_qat_keeps_pruned_weights_zero_and_gradual_schedule(tiny_decoder, pruned):
     import torch
 

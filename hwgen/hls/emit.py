@@ -161,8 +161,40 @@ inline y_t requant({src_t} v) {{
 """
 
 
+def linear_blocks(graph: Graph, node: Node, par: int) -> tuple[int, int, list[tuple[int, int]]] | None:
+    """The weight blocks a pruned linear's kernel visits: ``(block_k, block_n,
+    [(k0, n0), ...])`` for the blocks that hold a nonzero code, in row-major
+    order, read from the graph's sparsity record (:func:`hwgen.prune.linear_bitmap`
+    at the record's block shape). ``None`` (the dense loop) when the linear has
+    no record, is recorded dense, has no empty block, or ``par`` does not divide
+    ``block_n`` (the lanes would straddle blocks)."""
+    from ..prune import linear_bitmap
+
+    rec = node.attrs.get("sparsity")
+    if not rec or rec.get("pattern") == "dense" or rec["block_n"] % par:
+        return None
+    bk, bn = int(rec["block_k"]), int(rec["block_n"])
+    bm = linear_bitmap(graph, node, bk, bn)
+    if bm.all():
+        return None
+    return bk, bn, [(int(i) * bk, int(j) * bn) for i, j in zip(*np.nonzero(bm))]
+
+
+def mac_iterations(k: int, n: int, par: int, blocks: tuple[int, int, list[tuple[int, int]]] | None) -> int:
+    """Iterations of a linear kernel's pipelined MAC loop (II = 1) per input row:
+    ``K * ceil(N / par)`` dense; with ``blocks``, ``sum over visited blocks of
+    min(block_k, K - k0) * block_n / par``. The C-simulation counts them too
+    (``MAC_ITERATIONS``)."""
+    if blocks is None:
+        return k * -(-n // par)
+    bk, bn, visit = blocks
+    return sum(min(bk, k - k0) for k0, _ in visit) * (bn // par)
+
+
 def emit_linear(graph: Graph, node: Node | str, par: int = DEFAULT_PAR) -> KernelSources:
-    """Kernel header and weights header of one ``linear`` node (see the module doc)."""
+    """Kernel header and weights header of one ``linear`` node (see the module doc).
+    A block-pruned linear (:func:`linear_blocks`) gets a MAC loop over its
+    nonzero blocks only, so its empty blocks cost no loop iterations."""
     node = _resolve_node(graph, node)
     check_par(par)
     name = sanitize(node.name)
@@ -211,6 +243,56 @@ def emit_linear(graph: Graph, node: Node | str, par: int = DEFAULT_PAR) -> Kerne
     else:
         b_width = 1
 
+    blocks = linear_blocks(graph, node, par)
+    iters = mac_iterations(k, n, par, blocks)
+    count = "#ifndef __SYNTHESIS__\n      MAC_ITERATIONS++;\n#endif\n"
+    if blocks is None:
+        mac_loop = f"""\
+MAC_K:
+  for (int k = 0; k < K; k++) {{
+    x_code_t xc;
+    xc.range() = x[k].range();
+  MAC_N:
+    for (int n0 = 0; n0 < N; n0 += PAR) {{
+#pragma HLS PIPELINE II=1
+{count}    LANE:
+      for (int p = 0; p < PAR; p++) {{
+#pragma HLS UNROLL
+        const int n = n0 + p;
+        if (n < N) acc[n] += xc * w_t(W[k][n]);
+      }}
+    }}
+  }}"""
+    else:
+        mac_loop = f"""\
+  // block-sparse: only the {len(blocks[2])} weight blocks holding a nonzero code (BLK_K0/BLK_N0)
+MAC_BLK:
+  for (int b = 0; b < NBLK; b++) {{
+  MAC_K:
+    for (int kk = 0; kk < BK; kk++) {{
+      const int k = BLK_K0[b] + kk;
+      if (k < K) {{
+        x_code_t xc;
+        xc.range() = x[k].range();
+      MAC_N:
+        for (int n0 = 0; n0 < BN; n0 += PAR) {{
+#pragma HLS PIPELINE II=1
+{count}        LANE:
+          for (int p = 0; p < PAR; p++) {{
+#pragma HLS UNROLL
+            const int n = BLK_N0[b] + n0 + p;
+            if (n < N) acc[n] += xc * w_t(W[k][n]);
+          }}
+        }}
+      }}
+    }}
+  }}"""
+
+    blk_arrays = "" if blocks is None else (
+        "\n// first row and column of each weight block the MAC loop visits (the nonzero ones)\n"
+        f"static const unsigned short BLK_K0[NBLK] = {_array_1d(np.array([b[0] for b in blocks[2]]), per_line=32)};\n"
+        f"static const unsigned short BLK_N0[NBLK] = {_array_1d(np.array([b[1] for b in blocks[2]]), per_line=32)};\n")
+
     # ---------------------------------------------------------------- types
     x_int = xf.width - x_frac
     guard = f"HWGEN_HLS_{name.upper()}_H"
@@ -253,6 +335,11 @@ static const int K = {k};
 static const int N = {n};
 static const int PAR = {par_macro};
 static const int ACC_BITS = {acc_bits};
+static const long MAC_ITERATIONS_PER_ROW = {iters};  // pipelined MAC loop iterations (II=1) per row
+{f"static const int BK = {blocks[0]}, BN = {blocks[1]}, NBLK = {len(blocks[2])};  // weight blocks visited" if blocks else ""}
+#ifndef __SYNTHESIS__
+static long long MAC_ITERATIONS = 0;  // C-simulation: MAC loop iterations run so far
+#endif
 
 typedef {_fixed_ctype(xf.width, x_int, xf.signed, xf.q, xf.o)} x_t;
 typedef {_int_ctype(xf.width, xf.signed)} x_code_t;  // x's integer code
@@ -288,21 +375,7 @@ INIT:
 #pragma HLS PIPELINE II=1
     acc[n] = {"b_t(B[n])" if bias is not None else "0"};
   }}
-MAC_K:
-  for (int k = 0; k < K; k++) {{
-    x_code_t xc;
-    xc.range() = x[k].range();
-  MAC_N:
-    for (int n0 = 0; n0 < N; n0 += PAR) {{
-#pragma HLS PIPELINE II=1
-    LANE:
-      for (int p = 0; p < PAR; p++) {{
-#pragma HLS UNROLL
-        const int n = n0 + p;
-        if (n < N) acc[n] += xc * w_t(W[k][n]);
-      }}
-    }}
-  }}
+{mac_loop}
 OUT:
   for (int n = 0; n < N; n++) {{
 #pragma HLS PIPELINE II=1
@@ -330,7 +403,7 @@ static const b_rom_t B[N] = {_array_1d(bias)};
 ''' if bias is not None else ""}
 // requantization class of each column (see {name}.h)
 static const unsigned char COL_CLASS[N] = {_array_1d(col_class, per_line=32)};
-
+{blk_arrays}
 }}  // namespace {ns}
 
 #endif
@@ -338,7 +411,11 @@ static const unsigned char COL_CLASS[N] = {_array_1d(col_class, per_line=32)};
     yfmt_codes = FixedType(yw, int(y_int.max()), ys, yf.q, yf.o)
     xfmt_codes = FixedType(xf.width, x_int, xf.signed, xf.q, xf.o)
     return KernelSources(name=name, node=node.name, k=k, n=n, x_fmt=xfmt_codes, y_fmt=yfmt_codes,
-                         files={f"{name}.h": header, f"{name}_weights.h": weights}, meta={"par": par})
+                         files={f"{name}.h": header, f"{name}_weights.h": weights},
+                         meta={"par": par, "mac_iterations": iters,
+                               "mac_iterations_dense": mac_iterations(k, n, par, None),
+                               "blocks": None if blocks is None else
+                               {"block_k": blocks[0], "block_n": blocks[1], "visited": len(blocks[2])}})
 
 
 def emit_node(graph: Graph, node: Node, par: int = DEFAULT_PAR, max_seq: int | None = None) -> KernelSources:
@@ -473,6 +550,8 @@ def emit_testbench(kernels: list[KernelSources]) -> str:
             runs.append(ks.run)
             continue
         ns = f"{ks.name}_ns"
+        # the C-simulation's MAC loop count (linear kernels; read by tests against the model)
+        count = '  fprintf(stderr, "mac_iterations %lld\\n", MAC_ITERATIONS);' if ks.op == "linear" else ""
         runs.append(f"""\
 static int run_{ks.name}(FILE* fi, FILE* fo, long rows) {{
   using namespace {ns};
@@ -485,6 +564,7 @@ static int run_{ks.name}(FILE* fi, FILE* fo, long rows) {{
     for (int n = 0; n < N; n++)
       fprintf(fo, "%lld%c", hwgen_code<y_code_t>(y[n]), n + 1 < N ? ' ' : '\\n');
   }}
+{count}
   return 0;
 }}
 """)

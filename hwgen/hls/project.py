@@ -260,6 +260,9 @@ def write_project(graph: Graph, kernels: list[KernelSources], skipped: list[dict
                      "files": sorted(ks.files) + [f"{ks.name}.cpp"], "formats": _formats(graph, ks)}
             if ks.op == "block":
                 entry["chains"] = ks.meta["kernels"]
+            if ks.op == "linear":   # the MAC loop's trip count per row, and the blocks it visits
+                entry.update({key: ks.meta[key] for key in ("mac_iterations", "mac_iterations_dense",
+                                                            "blocks")})
             if ks.name in with_vectors:
                 entry["vectors"] = {"in": f"vectors/{ks.name}.in", "golden": f"vectors/{ks.name}.golden",
                                     "records": rows[ks.name]}
