@@ -191,6 +191,27 @@ def mac_iterations(k: int, n: int, par: int, blocks: tuple[int, int, list[tuple[
     return sum(min(bk, k - k0) for k0, _ in visit) * (bn // par)
 
 
+def _mac_row(ind: str, n_end: str, n_base: str) -> str:
+    """The MAC loop over one input row ``k``: columns ``n_base + 0 .. n_end - 1``,
+    ``PAR`` lanes per pipelined iteration, counted in C-simulation."""
+    return f"""\
+{ind}x_code_t xc;
+{ind}xc.range() = x[k].range();
+{ind[:-2]}MAC_N:
+{ind}for (int n0 = 0; n0 < {n_end}; n0 += PAR) {{
+#pragma HLS PIPELINE II=1
+#ifndef __SYNTHESIS__
+{ind}  MAC_ITERATIONS++;
+#endif
+{ind}LANE:
+{ind}  for (int p = 0; p < PAR; p++) {{
+#pragma HLS UNROLL
+{ind}    const int n = {n_base}n0 + p;
+{ind}    if (n < N) acc[n] += xc * w_t(W[k][n]);
+{ind}  }}
+{ind}}}"""
+
+
 def emit_linear(graph: Graph, node: Node | str, par: int = DEFAULT_PAR) -> KernelSources:
     """Kernel header and weights header of one ``linear`` node (see the module doc).
     A block-pruned linear (:func:`linear_blocks`) gets a MAC loop over its
@@ -245,23 +266,11 @@ def emit_linear(graph: Graph, node: Node | str, par: int = DEFAULT_PAR) -> Kerne
 
     blocks = linear_blocks(graph, node, par)
     iters = mac_iterations(k, n, par, blocks)
-    count = "#ifndef __SYNTHESIS__\n      MAC_ITERATIONS++;\n#endif\n"
     if blocks is None:
         mac_loop = f"""\
 MAC_K:
   for (int k = 0; k < K; k++) {{
-    x_code_t xc;
-    xc.range() = x[k].range();
-  MAC_N:
-    for (int n0 = 0; n0 < N; n0 += PAR) {{
-#pragma HLS PIPELINE II=1
-{count}    LANE:
-      for (int p = 0; p < PAR; p++) {{
-#pragma HLS UNROLL
-        const int n = n0 + p;
-        if (n < N) acc[n] += xc * w_t(W[k][n]);
-      }}
-    }}
+{_mac_row("    ", "N", "")}
   }}"""
     else:
         mac_loop = f"""\
@@ -272,22 +281,10 @@ MAC_BLK:
     for (int kk = 0; kk < BK; kk++) {{
       const int k = BLK_K0[b] + kk;
       if (k < K) {{
-        x_code_t xc;
-        xc.range() = x[k].range();
-      MAC_N:
-        for (int n0 = 0; n0 < BN; n0 += PAR) {{
-#pragma HLS PIPELINE II=1
-{count}        LANE:
-          for (int p = 0; p < PAR; p++) {{
-#pragma HLS UNROLL
-            const int n = BLK_N0[b] + n0 + p;
-            if (n < N) acc[n] += xc * w_t(W[k][n]);
-          }}
-        }}
+{_mac_row("        ", "BN", "BLK_N0[b] + ")}
       }}
     }}
   }}"""
-
     blk_arrays = "" if blocks is None else (
         "\n// first row and column of each weight block the MAC loop visits (the nonzero ones)\n"
         f"static const unsigned short BLK_K0[NBLK] = {_array_1d(np.array([b[0] for b in blocks[2]]), per_line=32)};\n"
