@@ -1,6 +1,7 @@
 """Channel-pair pruning (hwgen.prune_channels): pairs found, permutations exact,
 whole blocks of both linears emptied, refit, and the CLI path."""
 import copy
+import json
 
 import numpy as np
 import pytest
@@ -143,6 +144,15 @@ def test_cli_prune_channels(capsys, tmp_path):
         assert bm.size - bm.sum() == bm.size // 2
         dense, sparse = P.linear_cycles(g, node, 128, rows, cols, bk)
         assert sparse / dense == pytest.approx(0.5 if node.name in ("attn.o", "out") else 0.625, abs=0.02)
+    # the C-simulated HLS kernels (block loops over the nonzero blocks) give the golden codes
+    code, so, _ = run_cli(capsys, "verify", "--graph", tmp_path / "b", "--target", "hls", "--json", "--quiet")
+    v = last_json(so)
+    assert code == 0 and v["mismatches"] == 0 and v["vectors"] > 0
+    code, so, _ = run_cli(capsys, "gen", "--graph", tmp_path / "b", "--target", "hls", "--out", tmp_path / "h",
+                          "--json", "--quiet")
+    lin = {k["node"]: k for k in json.loads((tmp_path / "h" / "manifest.json").read_text())["kernels"]
+           if k["op"] == "linear"}
+    assert len(lin) == 6 and all(k["mac_iterations"] * 2 == k["mac_iterations_dense"] for k in lin.values())
     code, so, _ = run_cli(capsys, "quantize", "--model", "bert-block", "--prune", "block:0.5",
                           "--prune-channels", "--prune-layers", "out", "--out", tmp_path / "c", "--json",
                           "--quiet")
