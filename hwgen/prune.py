@@ -133,6 +133,16 @@ def prunable_linears(graph: Graph) -> list[Node]:
     return [n for n in graph.nodes if n.op == "linear" and n.layer is not None]
 
 
+def valid_rows(feed: dict[str, np.ndarray], v) -> np.ndarray:
+    """A recorded activation (a tensor or array, features last) as float64 rows,
+    without the padding positions (``feed``'s ``mask`` of 0) when it is
+    (batch, sequence, features) over the mask's shape."""
+    v = np.asarray(v.detach().cpu().numpy() if hasattr(v, "detach") else v, dtype=np.float64)
+    if "mask" in feed and v.ndim == 3 and v.shape[:2] == np.shape(feed["mask"]):
+        v = v[np.asarray(feed["mask"]) != 0]
+    return v.reshape(-1, v.shape[-1])
+
+
 def activation_norms(graph: Graph, feeds: Iterable[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     """Per input channel L2 norm of every prunable linear's input over ``feeds``
     (float graph), keyed by the linear's weight tensor name. Padding positions
@@ -143,12 +153,8 @@ def activation_norms(graph: Graph, feeds: Iterable[dict[str, np.ndarray]]) -> di
     sq: dict[str, np.ndarray] = {}
     for feed in feeds:
         vals = run_float(graph, feed, record=True)
-        mask = np.asarray(feed["mask"]).astype(bool) if "mask" in feed else None
         for x, w in xs.items():
-            v = vals[x].detach().cpu().numpy().astype(np.float64)
-            if mask is not None and v.ndim == 3 and v.shape[:2] == mask.shape:
-                v = v[mask]
-            v = v.reshape(-1, v.shape[-1])
+            v = valid_rows(feed, vals[x])
             sq[w] = sq.get(w, 0) + (v * v).sum(0)
     return {w: np.sqrt(s) for w, s in sq.items()}
 
@@ -322,6 +328,8 @@ def rank_units(units: list, pruned: Callable[[object], Graph], feeds: list[dict[
     ``weights`` (weight count) plus any keys to report. Rows add
     ``cosine_mean``, ``cosine_min``, ``drop`` and ``drop_per_mweight``, sorted
     cheapest first (ties: the units' order)."""
+    if not feeds:
+        raise PruneError("sensitivity needs at least one calibration batch")
     say = say or (lambda m: None)
     rows = []
     for i, unit in enumerate(units):
@@ -373,8 +381,6 @@ def sensitivity(graph: Graph, spec: PruneSpec, feeds: Iterable[dict[str, np.ndar
     graph order). Deterministic: the same graph and feeds give the same list.
     ``ref``: the dense float outputs over ``feeds`` when the caller has them."""
     feeds = list(feeds)
-    if not feeds:
-        raise PruneError("sensitivity needs at least one calibration batch")
     ref = _float_outputs(graph, feeds) if ref is None else ref
     nodes = prunable_linears(graph) if nodes is None else nodes
     return rank_units(nodes, lambda n: apply_masks(graph, compute_masks(graph, spec, norms, names=[n.inputs[1]])),
@@ -637,13 +643,7 @@ def reconstruct(graph: Graph, masks: dict[str, np.ndarray], feeds: Iterable[dict
 
 
 def _refit_group(graph, g, masks, nodes, feeds, envs, x_name, damp, say) -> None:
-    xs = []
-    for feed, env in zip(feeds, envs):
-        v = env[x_name].cpu().numpy().astype(np.float64)
-        if "mask" in feed and v.ndim == 3 and v.shape[:2] == np.shape(feed["mask"]):
-            v = v[np.asarray(feed["mask"]) != 0]
-        xs.append(v.reshape(-1, v.shape[-1]))
-    x = np.concatenate(xs)
+    x = np.concatenate([valid_rows(feed, env[x_name]) for feed, env in zip(feeds, envs)])
     h = x.T @ x
     hd = h + damp * float(np.mean(np.diag(h))) * np.eye(h.shape[0])
     for node in nodes:

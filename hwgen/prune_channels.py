@@ -44,7 +44,7 @@ from typing import Iterable
 import numpy as np
 
 from .ir import Graph, Node
-from .prune import PruneError, prunable_linears
+from .prune import PruneError, prunable_linears, valid_rows
 
 KINDS = ("ffn", "vo", "qk")
 
@@ -73,17 +73,6 @@ class ChannelPair:
         return self.producers + ((self.consumer,) if self.consumer else ())
 
 
-def _consumers(graph: Graph) -> dict[str, list[Node]]:
-    out: dict[str, list[Node]] = {}
-    for n in graph.nodes:
-        for t in n.inputs:
-            if t:
-                out.setdefault(t, []).append(n)
-    for t in graph.outputs:
-        out.setdefault(t, []).append(None)
-    return out
-
-
 def channel_pairs(graph: Graph, kinds: Iterable[str] = KINDS) -> list[ChannelPair]:
     """Every channel set of the float graph's transformer blocks, in graph
     order: for each attention node whose q, k, v are prunable linears feeding
@@ -95,11 +84,11 @@ def channel_pairs(graph: Graph, kinds: Iterable[str] = KINDS) -> list[ChannelPai
         if k not in KINDS:
             raise PruneError(f"channel pair kind {k!r}: expected one of {', '.join(KINDS)}")
     lin = {n.outputs[0]: n for n in prunable_linears(graph)}
-    cons = _consumers(graph)
 
     def only(t: str) -> Node | None:
-        c = cons.get(t, [])
-        return c[0] if len(c) == 1 else None
+        """``t``'s one consumer (None: several, none, or ``t`` is a graph output)."""
+        c = graph.consumers(t)
+        return c[0] if len(c) == 1 and t not in graph.outputs else None
 
     pairs = []
     for node in graph.nodes:
@@ -158,31 +147,23 @@ class _Stats:
         return np.maximum(self.ss / max(self.n, 1) - self.mean ** 2, 0.0)
 
 
-def _rows(feed: dict, v) -> np.ndarray:
-    v = v.detach().cpu().numpy().astype(np.float64)
-    if "mask" in feed and v.ndim == 3 and v.shape[:2] == np.shape(feed["mask"]):
-        v = v[np.asarray(feed["mask"]) != 0]
-    return v.reshape(-1, v.shape[-1])
-
-
 def importance(graph: Graph, pairs: list[ChannelPair], feeds: Iterable[dict[str, np.ndarray]]
                ) -> dict[str, np.ndarray]:
     """Per pair (by name), the importance of each channel (see the module
     docstring), from one float pass over ``feeds``."""
     from .float_exec import run_float
 
-    nodes = {n.name: n for n in graph.nodes}
     stats: dict[str, _Stats] = {}
     for feed in feeds:
         vals = run_float(graph, feed, record=True)
         for t in {p.x for p in pairs} | {p.q for p in pairs if p.q}:
-            stats.setdefault(t, _Stats()).add(_rows(feed, vals[t]))
+            stats.setdefault(t, _Stats()).add(valid_rows(feed, vals[t]))
     out = {}
     for p in pairs:
         if p.consumer is None:
             out[p.name] = stats[p.q].ss / max(stats[p.q].n, 1) * stats[p.x].var
         else:
-            w = np.asarray(graph.weights[nodes[p.consumer].inputs[1]], dtype=np.float64)
+            w = np.asarray(graph.weights[graph.node(p.consumer).inputs[1]], dtype=np.float64)
             out[p.name] = stats[p.x].var * (w * w).sum(1)
     return out
 
@@ -210,14 +191,14 @@ def permute_pair(graph: Graph, pair: ChannelPair, perm: np.ndarray) -> None:
     """Permute the pair's channels in place (new position ``i`` holds old
     channel ``perm[i]``): the producers' weight columns and biases, the
     consumer's weight rows. The float function is unchanged."""
-    nodes = {n.name: n for n in graph.nodes}
     for name in pair.producers:
-        w, b = nodes[name].inputs[1], nodes[name].inputs[2] if len(nodes[name].inputs) > 2 else None
+        node = graph.node(name)
+        w, b = node.inputs[1], graph.node_input(node, "bias")
         graph.weights[w] = np.ascontiguousarray(graph.weights[w][:, perm])
         if b:
             graph.weights[b] = np.ascontiguousarray(graph.weights[b][perm])
     if pair.consumer:
-        w = nodes[pair.consumer].inputs[1]
+        w = graph.node(pair.consumer).inputs[1]
         graph.weights[w] = np.ascontiguousarray(graph.weights[w][perm])
 
 
@@ -230,11 +211,11 @@ def _refit_consumer(graph: Graph, dense: Graph, pair: ChannelPair, keep: np.ndar
     (``b += mean(x[:, pruned]) @ w[pruned]``)."""
     from .float_exec import run_float
 
-    node = next(n for n in graph.nodes if n.name == pair.consumer)
-    wname, bname = node.inputs[1], node.inputs[2] if len(node.inputs) > 2 else None
+    node = graph.node(pair.consumer)
+    wname, bname = node.inputs[1], graph.node_input(node, "bias")
     w0 = np.asarray(dense.weights[wname], dtype=np.float64)
     b0 = np.asarray(dense.weights[bname], dtype=np.float64) if bname else np.zeros(w0.shape[1])
-    xs = np.concatenate([_rows(f, run_float(dense, f, record=True)[pair.x]) for f in feeds])
+    xs = np.concatenate([valid_rows(f, run_float(dense, f, record=True)[pair.x]) for f in feeds])
     if not rows:
         if bname:
             graph.weights[bname] = (b0 + xs[:, ~keep].mean(0) @ w0[~keep]).astype(dense.weights[bname].dtype)
@@ -269,24 +250,25 @@ def prune_pairs(graph: Graph, pairs: list[ChannelPair], ratio: float, block_k: i
     g = copy.copy(graph)
     g.weights = dict(graph.weights)
     g.meta = dict(graph.meta)
-    nodes = {n.name: n for n in g.nodes}
     imp = importance(g, pairs, feeds)
     masks: dict[str, np.ndarray] = {}
     for p in pairs:
         group = group_size(p, block_k, block_n)
         perm, keep = choose(imp[p.name], p.heads, group, ratio)
         permute_pair(g, p, perm)
-        before = copy.copy(g)
-        before.weights = dict(g.weights)
+        if p.consumer:                  # the consumer is refitted against the graph before this pair
+            before = copy.copy(g)
+            before.weights = dict(g.weights)
         for name in p.producers:
-            wn, bn = nodes[name].inputs[1], nodes[name].inputs[2] if len(nodes[name].inputs) > 2 else None
+            node = g.node(name)
+            wn, bn = node.inputs[1], g.node_input(node, "bias")
             m = np.broadcast_to(keep[None, :], g.weights[wn].shape)
             masks[wn] = masks.get(wn, np.ones(m.shape, bool)) & m
             g.weights[wn] = np.where(masks[wn], g.weights[wn], 0).astype(g.weights[wn].dtype)
             if bn:
                 g.weights[bn] = np.where(keep, g.weights[bn], 0).astype(g.weights[bn].dtype)
         if p.consumer:
-            wn = nodes[p.consumer].inputs[1]
+            wn = g.node(p.consumer).inputs[1]
             m = np.broadcast_to(keep[:, None], g.weights[wn].shape)
             masks[wn] = masks.get(wn, np.ones(m.shape, bool)) & m
             _refit_consumer(g, before, p, keep, feeds, damp, rows=refit)
@@ -297,9 +279,8 @@ def prune_pairs(graph: Graph, pairs: list[ChannelPair], ratio: float, block_k: i
 
 
 def _pair_row(graph: Graph, pair: ChannelPair) -> dict:
-    nodes = {n.name: n for n in graph.nodes}
     return {"name": pair.name, "kind": pair.kind, "layer": pair.layer, "linears": list(pair.linears()),
-            "weights": int(sum(graph.weights[nodes[n].inputs[1]].size for n in pair.linears()))}
+            "weights": int(sum(graph.weights[graph.node(n).inputs[1]].size for n in pair.linears()))}
 
 
 def select_by_budget(graph: Graph, pairs: list[ChannelPair], ratio: float, block_k: int, block_n: int,
@@ -318,8 +299,6 @@ def select_by_budget(graph: Graph, pairs: list[ChannelPair], ratio: float, block
     from .prune import _float_outputs, greedy_budget, rank_units
 
     feeds = list(feeds)
-    if not feeds:
-        raise PruneError("sensitivity needs at least one calibration batch")
     ref = _float_outputs(graph, feeds)
     by_name = {p.name: p for p in pairs}
 

@@ -180,7 +180,8 @@ def test_bias_refit_keeps_the_consumer_mean(folded, one_torch_thread):
     dense one (a pair pruned alone, so its inputs are the dense graph's)."""
     feeds = tiny_decoder_feeds(3)
     ffn = C.channel_pairs(folded, ["ffn"])[0]
-    out = next(n for n in folded.nodes if n.name == ffn.consumer).outputs[0]
+    consumer = folded.node(ffn.consumer)
+    out = consumer.outputs[0]
 
     def mean_out(g):
         return np.concatenate([run_float(g, f, record=True)[out].numpy().reshape(-1, 16) for f in feeds]).mean(0)
@@ -188,6 +189,5 @@ def test_bias_refit_keeps_the_consumer_mean(folded, one_torch_thread):
     g, _ = C.prune_pairs(folded, [ffn], 0.5, 4, 4, feeds, refit=False)
     np.testing.assert_allclose(mean_out(g), mean_out(folded), atol=1e-5)
     zeroed = copy.copy(g)
-    zeroed.weights = {**g.weights, next(n for n in g.nodes if n.name == ffn.consumer).inputs[2]:
-                      folded.weights[next(n for n in g.nodes if n.name == ffn.consumer).inputs[2]]}
+    zeroed.weights = {**g.weights, consumer.inputs[2]: folded.weights[consumer.inputs[2]]}
     assert np.abs(mean_out(zeroed) - mean_out(folded)).max() > 1e-3      # the bias is what keeps it
