@@ -46,7 +46,7 @@ def test_mixed_mapping_cycles_and_odd_widths():
 
 @pytest.mark.parametrize("aw, bw", [(4, 4), (4, 1), (3, 2), (5, 3), (4, 5), (2, 9)])
 def test_fabric_mul_exhaustive(aw, bw):
-    """Every signed product through one FabricMul, for b of 1 to 5 bits: the
+    """Every signed product through one FabricMul, for b of 1 to 5 and 9 bits: the
     sign row subtracted where the adder tree first pairs it (or alone, 1 bit),
     the spare stage's operand registers (b of up to 8 bits: at most 3 adder
     levels) or none (9-bit b: 4 levels in the 4 stages)."""
