@@ -570,13 +570,14 @@ def bench(quick: bool = False, float_steps: int = 300, qat_steps: int = 4,
     say("adaptive precision: tiny-gpt w4a8 (QAT) / w8a8, per-token margin check")
     from .adaptive import bench as adaptive_bench
     res["adaptive"] = adaptive_bench(quick=quick, say=say)
-    sel = res["pruned"][2]
+    row = dict(zip(BENCH_ROWS, res["pruned"]))          # (pattern, budget, channels) -> result
+    sel, chan_sel = row[("block:0.5", True, False)], row[("block:0.5", True, True)]
     res["targets"] = {
-        "cosine_ge_0.98": {r["prune"] + (" channels" if r["channel_pairs"] else ""): r["cosine_mean"] >= 0.98
-                           for r, (_, bud, _) in zip(res["pruned"], BENCH_ROWS) if not bud},
-        "block_cycles_le_0.55": res["pruned"][1]["cycles_ratio"] <= 0.55,
-        "channels_selective_cosine_ge_0.98": res["pruned"][4]["cosine_mean"] >= 0.98,
-        "channels_selective_pruned_cycles_le_0.55": res["pruned"][4]["cycles_pruned_ratio"] <= 0.55,
+        "cosine_ge_0.98": {pat + (" channels" if chan else ""): r["cosine_mean"] >= 0.98
+                           for (pat, bud, chan), r in row.items() if not bud},
+        "block_cycles_le_0.55": row[("block:0.5", False, False)]["cycles_ratio"] <= 0.55,
+        "channels_selective_cosine_ge_0.98": chan_sel["cosine_mean"] >= 0.98,
+        "channels_selective_pruned_cycles_le_0.55": chan_sel["cycles_pruned_ratio"] <= 0.55,
         # layer-selective: only the linears the budget chose are pruned (see linears_pruned,
         # weight_share); the cycle ratio is of those linears, the whole model's is cycles_ratio
         "selective_cosine_ge_0.98": sel["cosine_mean"] >= 0.98,
