@@ -332,7 +332,6 @@ static const int K = {k};
 static const int N = {n};
 static const int PAR = {par_macro};
 static const int ACC_BITS = {acc_bits};
-static const long MAC_ITERATIONS_PER_ROW = {iters};  // pipelined MAC loop iterations (II=1) per row
 {f"static const int BK = {blocks[0]}, BN = {blocks[1]}, NBLK = {len(blocks[2])};  // weight blocks visited" if blocks else ""}
 #ifndef __SYNTHESIS__
 static long long MAC_ITERATIONS = 0;  // C-simulation: MAC loop iterations run so far
