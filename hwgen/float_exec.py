@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from .ir import Graph, Node
 
-__all__ = ["FloatState", "run_float", "attention_float", "FLOAT_OPS"]
+__all__ = ["FloatState", "run_float", "run_float_ordered", "attention_float", "FLOAT_OPS"]
 
 
 class FloatState:
@@ -260,3 +260,45 @@ def run_float(graph: Graph, feeds: Mapping[str, np.ndarray | torch.Tensor],
     if record:
         return {k: v for k, v in env.items() if k not in graph.weights}
     return {name: env[name] for name in graph.outputs}
+
+
+def run_float_ordered(graph: Graph, feeds: list[Mapping[str, np.ndarray | torch.Tensor]],
+                      before: Callable[[Node, list[dict[str, torch.Tensor]]], None] | None = None
+                      ) -> list[dict[str, torch.Tensor]]:
+    """Run a float graph (no decoder state) over several ``feeds`` at once, node
+    by node, keeping every feed's values: returns one environment per feed (every
+    input and activation tensor by name, as ``run_float(record=True)``).
+
+    ``before(node, envs)`` is called before each node runs, with the values of
+    every node before it in all the environments. It may change
+    ``graph.weights`` (each node reads its weights when it runs) and the values
+    in ``envs`` (later nodes read them). This is the one pass that layer-wise
+    reconstruction needs: fit a linear on the inputs it sees in the graph as
+    changed so far, then run it."""
+    dev = torch.device("cpu")
+    envs: list[dict[str, torch.Tensor]] = []
+    for feed in feeds:
+        missing = [n for n in graph.inputs if n not in feed]
+        if missing:
+            raise ValueError(f"missing feed(s) {missing}; graph '{graph.name}' takes inputs {graph.inputs}")
+        env: dict[str, torch.Tensor] = {}
+        bound: dict[str, int] = {}
+        for name in graph.inputs:
+            spec = graph.tensors[name]
+            env[name] = _as_tensor(feed[name], spec.dtype, name, dev)
+            _check_shape(name, env[name], spec.shape, bound)
+        envs.append(env)
+    with torch.no_grad():
+        for node in graph.nodes:
+            fn = FLOAT_OPS.get(node.op)
+            if fn is None:
+                raise ValueError(f"node '{node.name}': op '{node.op}' has no float semantics")
+            if before is not None:
+                before(node, envs)
+            weights = {n: torch.from_numpy(np.ascontiguousarray(graph.weights[n], dtype=np.float32))
+                       for n in node.inputs if n in graph.weights}
+            for env in envs:
+                ctx = _RunContext(state=None, offset=0, device=dev)
+                env[node.outputs[0]] = fn(node, [(env[t] if t in env else weights[t]) if t else None
+                                                 for t in node.inputs], ctx)
+    return envs

@@ -313,18 +313,23 @@ def _float_outputs(graph: Graph, feeds: list[dict[str, np.ndarray]]) -> list[np.
     return [run_float(graph, f)[out].detach().cpu().numpy() for f in feeds]
 
 
-def _output_cosine(graph: Graph, feeds: list[dict[str, np.ndarray]], ref: list[np.ndarray]) -> np.ndarray:
-    """Per output vector cosine of ``graph``'s float output against ``ref``."""
+def _cosine(outs: list[np.ndarray], ref: list[np.ndarray]) -> np.ndarray:
+    """Per output vector cosine of per-feed outputs against ``ref``."""
     from .accuracy import cosine_rows
 
-    return np.concatenate([cosine_rows(y, r) for y, r in zip(_float_outputs(graph, feeds), ref)])
+    return np.concatenate([cosine_rows(y, r) for y, r in zip(outs, ref)])
 
 
-def rank_units(units: list, pruned: Callable[[object], Graph], feeds: list[dict[str, np.ndarray]],
+def _output_cosine(graph: Graph, feeds: list[dict[str, np.ndarray]], ref: list[np.ndarray]) -> np.ndarray:
+    """Per output vector cosine of ``graph``'s float output against ``ref``."""
+    return _cosine(_float_outputs(graph, feeds), ref)
+
+
+def rank_units(units: list, outputs: Callable[[object], list[np.ndarray]], feeds: list[dict[str, np.ndarray]],
                ref: list[np.ndarray], row_of: Callable[[object], dict], say=None) -> list[dict]:
     """The sensitivity ranking of any pruning units (linears, channel pairs):
-    per unit, ``pruned(unit)`` (the float graph with that unit alone pruned)
-    against ``ref`` over ``feeds``; ``row_of(unit)`` gives its ``name`` and
+    per unit, ``outputs(unit)`` (the float graph's outputs over ``feeds`` with
+    that unit alone pruned) against ``ref``; ``row_of(unit)`` gives its ``name`` and
     ``weights`` (weight count) plus any keys to report. Rows add
     ``cosine_mean``, ``cosine_min``, ``drop`` and ``drop_per_mweight``, sorted
     cheapest first (ties: the units' order)."""
@@ -333,7 +338,7 @@ def rank_units(units: list, pruned: Callable[[object], Graph], feeds: list[dict[
     say = say or (lambda m: None)
     rows = []
     for i, unit in enumerate(units):
-        c = _output_cosine(pruned(unit), feeds, ref)
+        c = _cosine(outputs(unit), ref)
         r = row_of(unit)
         drop = 1.0 - float(c.mean())
         rows.append({**r, "cosine_mean": float(c.mean()), "cosine_min": float(c.min()), "drop": drop,
@@ -345,13 +350,12 @@ def rank_units(units: list, pruned: Callable[[object], Graph], feeds: list[dict[
     return rows
 
 
-def greedy_budget(ranking: list[dict], pruned_with: Callable[[list[dict]], Graph],
-                  feeds: list[dict[str, np.ndarray]], ref: list[np.ndarray], budget: float,
-                  say=None) -> list[dict]:
+def greedy_budget(ranking: list[dict], outputs_with: Callable[[list[dict]], list[np.ndarray]],
+                  ref: list[np.ndarray], budget: float, say=None) -> list[dict]:
     """Walk ``ranking`` (cheapest first) and choose each unit whose pruning
-    together with the ones chosen before (``pruned_with(rows)``: the float graph
-    with those rows' units pruned) keeps the mean output cosine against ``ref``
-    over ``feeds`` >= ``budget``. Returns the ranking with ``chosen`` and
+    together with the ones chosen before (``outputs_with(rows)``: the float
+    graph's outputs over the feeds of ``ref`` with those rows' units pruned)
+    keeps the mean output cosine against ``ref`` >= ``budget``. Returns the ranking with ``chosen`` and
     ``cosine_with`` (the combined cosine when it was tried)."""
     if not 0 < budget <= 1:
         raise PruneError(f"--prune-budget must be a cosine in (0, 1], e.g. 0.99; got {budget}")
@@ -359,7 +363,7 @@ def greedy_budget(ranking: list[dict], pruned_with: Callable[[list[dict]], Graph
     chosen: list[dict] = []
     rows = []
     for r in ranking:
-        c = float(_output_cosine(pruned_with(chosen + [r]), feeds, ref).mean())
+        c = float(_cosine(outputs_with(chosen + [r]), ref).mean())
         ok = c >= budget
         if ok:
             chosen.append(r)
@@ -383,9 +387,12 @@ def sensitivity(graph: Graph, spec: PruneSpec, feeds: Iterable[dict[str, np.ndar
     feeds = list(feeds)
     ref = _float_outputs(graph, feeds) if ref is None else ref
     nodes = prunable_linears(graph) if nodes is None else nodes
-    return rank_units(nodes, lambda n: apply_masks(graph, compute_masks(graph, spec, norms, names=[n.inputs[1]])),
-                      feeds, ref, lambda n: {"name": n.name, "weight": n.inputs[1],
-                                             "weights": int(graph.weights[n.inputs[1]].size)}, say)
+
+    def outputs(n: Node) -> list[np.ndarray]:
+        return _float_outputs(apply_masks(graph, compute_masks(graph, spec, norms, names=[n.inputs[1]])), feeds)
+
+    return rank_units(nodes, outputs, feeds, ref, lambda n: {"name": n.name, "weight": n.inputs[1],
+                                                           "weights": int(graph.weights[n.inputs[1]].size)}, say)
 
 
 def select_by_budget(graph: Graph, spec: PruneSpec, feeds: Iterable[dict[str, np.ndarray]], budget: float,
@@ -403,8 +410,8 @@ def select_by_budget(graph: Graph, spec: PruneSpec, feeds: Iterable[dict[str, np
     feeds = list(feeds)
     ref = _float_outputs(graph, feeds)
     ranking = sensitivity(graph, spec, feeds, norms, say=say, ref=ref) if ranking is None else ranking
-    rows = greedy_budget(ranking, lambda rs: apply_masks(graph, compute_masks(
-        graph, spec, norms, names=[r["weight"] for r in rs])), feeds, ref, budget, say)
+    rows = greedy_budget(ranking, lambda rs: _float_outputs(apply_masks(graph, compute_masks(
+        graph, spec, norms, names=[r["weight"] for r in rs])), feeds), ref, budget, say)
     chosen = {r["weight"] for r in rows if r["chosen"]}
     return [n for n in prunable_linears(graph) if n.inputs[1] in chosen], rows
 
@@ -609,9 +616,7 @@ def reconstruct(graph: Graph, masks: dict[str, np.ndarray], feeds: Iterable[dict
     an input are refitted together. One float pass over the graph: every feed's
     values are kept while the nodes run in order, each linear group refitted
     when its input is ready."""
-    import torch
-
-    from .float_exec import FLOAT_OPS, _RunContext
+    from .float_exec import run_float_ordered
 
     say = say or (lambda m: None)
     feeds = list(feeds)
@@ -620,25 +625,12 @@ def reconstruct(graph: Graph, masks: dict[str, np.ndarray], feeds: Iterable[dict
     for node in prunable_linears(graph):
         if node.inputs[1] in masks:
             groups.setdefault(node.inputs[0], []).append(node)
-    weights = {n: torch.from_numpy(np.asarray(w, dtype=np.float32)) for n, w in g.weights.items()}
-    envs = []
-    for feed in feeds:
-        env = {}
-        for name in g.inputs:
-            v = torch.from_numpy(np.asarray(feed[name]))
-            env[name] = v.float() if g.tensors[name].dtype == "float" else v.long()
-        envs.append(env)
-    ctx = _RunContext(state=None, offset=0, device=torch.device("cpu"))
-    with torch.no_grad():
-        for node in g.nodes:
-            x_name = node.inputs[0]
-            if node.op == "linear" and x_name in groups:
-                _refit_group(graph, g, masks, groups.pop(x_name), feeds, envs, x_name, damp, say)
-                for n in g.weights:
-                    weights[n] = torch.from_numpy(np.asarray(g.weights[n], dtype=np.float32))
-            for env in envs:
-                args = [(env[t] if t in env else weights[t]) if t else None for t in node.inputs]
-                env[node.outputs[0]] = FLOAT_OPS[node.op](node, args, ctx)
+
+    def before(node: Node, envs: list[dict]) -> None:
+        if node.op == "linear" and node.inputs[0] in groups:
+            _refit_group(graph, g, masks, groups.pop(node.inputs[0]), feeds, envs, node.inputs[0], damp, say)
+
+    run_float_ordered(g, feeds, before)
     return g
 
 

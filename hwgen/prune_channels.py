@@ -202,23 +202,21 @@ def permute_pair(graph: Graph, pair: ChannelPair, perm: np.ndarray) -> None:
         graph.weights[w] = np.ascontiguousarray(graph.weights[w][perm])
 
 
-def _refit_consumer(graph: Graph, dense: Graph, pair: ChannelPair, keep: np.ndarray,
-                    feeds: list[dict[str, np.ndarray]], damp: float, rows: bool) -> None:
-    """Refit the consumer to reproduce its dense output (``dense``: the graph
-    before this pair was pruned) on the inputs it sees there: with ``rows``,
-    its kept rows and bias by least squares (ridge ``damp``, intercept free);
-    else only its bias, which then keeps the pruned channels' mean
-    (``b += mean(x[:, pruned]) @ w[pruned]``)."""
-    from .float_exec import run_float
-
+def _refit_consumer(graph: Graph, pair: ChannelPair, keep: np.ndarray, xs: np.ndarray, damp: float,
+                    rows: bool) -> None:
+    """Refit the consumer in place to reproduce its dense output (its weights
+    in ``graph`` now) on ``xs`` (the inputs it sees in the graph before this
+    pair's producers are pruned, valid rows): with ``rows``, its kept rows and
+    bias by least squares (ridge ``damp``, intercept free); else only its bias,
+    which then keeps the pruned channels' mean (``b += mean(x[:, pruned]) @
+    w[pruned]``). The pruned rows are left as they were (the caller zeroes them)."""
     node = graph.node(pair.consumer)
     wname, bname = node.inputs[1], graph.node_input(node, "bias")
-    w0 = np.asarray(dense.weights[wname], dtype=np.float64)
-    b0 = np.asarray(dense.weights[bname], dtype=np.float64) if bname else np.zeros(w0.shape[1])
-    xs = np.concatenate([valid_rows(f, run_float(dense, f, record=True)[pair.x]) for f in feeds])
+    w0 = np.asarray(graph.weights[wname], dtype=np.float64)
+    b0 = np.asarray(graph.weights[bname], dtype=np.float64) if bname else np.zeros(w0.shape[1])
     if not rows:
         if bname:
-            graph.weights[bname] = (b0 + xs[:, ~keep].mean(0) @ w0[~keep]).astype(dense.weights[bname].dtype)
+            graph.weights[bname] = (b0 + xs[:, ~keep].mean(0) @ w0[~keep]).astype(graph.weights[bname].dtype)
         return
     y = xs @ w0 + b0
     icpt = bname is not None                     # without a bias there is no mean to keep
@@ -230,52 +228,95 @@ def _refit_consumer(graph: Graph, dense: Graph, pair: ChannelPair, keep: np.ndar
     sol = np.linalg.solve(h + reg, a.T @ y)
     w = np.zeros_like(w0)
     w[keep] = sol[:int(keep.sum())]
-    graph.weights[wname] = w.astype(dense.weights[wname].dtype)
+    graph.weights[wname] = w.astype(graph.weights[wname].dtype)
     if icpt:
-        graph.weights[bname] = sol[-1].astype(dense.weights[bname].dtype)
+        graph.weights[bname] = sol[-1].astype(graph.weights[bname].dtype)
+
+
+def _mask(graph: Graph, masks: dict[str, np.ndarray], wname: str, keep: np.ndarray) -> None:
+    """AND ``keep`` (broadcast to the weight) into ``masks[wname]`` and zero the
+    weight where the mask is False."""
+    w = graph.weights[wname]
+    m = np.broadcast_to(keep, w.shape)
+    masks[wname] = masks.get(wname, np.ones(m.shape, bool)) & m
+    graph.weights[wname] = np.where(masks[wname], w, 0).astype(w.dtype)
+
+
+def _prune_producers(graph: Graph, pair: ChannelPair, keep: np.ndarray, masks: dict[str, np.ndarray]) -> None:
+    """Zero the producers' pruned columns and bias entries."""
+    for name in pair.producers:
+        node = graph.node(name)
+        _mask(graph, masks, node.inputs[1], keep[None, :])
+        bn = graph.node_input(node, "bias")
+        if bn:
+            graph.weights[bn] = np.where(keep, graph.weights[bn], 0).astype(graph.weights[bn].dtype)
 
 
 def prune_pairs(graph: Graph, pairs: list[ChannelPair], ratio: float, block_k: int, block_n: int,
                 feeds: Iterable[dict[str, np.ndarray]], refit: bool = True, damp: float = 0.01,
-                say=None) -> tuple[Graph, dict[str, np.ndarray]]:
+                say=None, imp: dict[str, np.ndarray] | None = None) -> tuple[Graph, dict[str, np.ndarray]]:
     """Channel-prune ``pairs`` of the float ``graph`` at ``ratio`` (of each
     pair's channel groups, so of each of its linears' blocks): (the pruned,
     permuted and refitted copy, keep masks by weight name). Importance from
-    ``feeds``; ``refit`` refits each consumer (``vo``, ``ffn``) on ``feeds``
-    against the graph before its pair was pruned."""
+    ``feeds`` (or ``imp``, :func:`importance` of these pairs); ``refit``
+    refits each consumer (``vo``, ``ffn``) on ``feeds`` against the graph
+    before its pair was pruned, else only its bias.
+
+    Two float passes over ``feeds``: one for the importance, and one in graph
+    order (:func:`hwgen.float_exec.run_float_ordered`) that refits each
+    consumer when it comes up, on its input as computed so far (its pair's
+    producers still dense, every earlier pair pruned), then zeroes the pair's
+    producer columns and consumer rows before the consumer runs. The pass has
+    already run the producers densely, but their pruned channels (``x``'s) meet
+    only the consumer's zero rows, so every value after the consumer is the
+    pruned graph's. ``qk`` pairs have no consumer: they are pruned before the
+    pass."""
+    g, masks, _ = _prune_pass(graph, pairs, ratio, block_k, block_n, list(feeds), refit, damp, say, imp)
+    return g, masks
+
+
+def _prune_pass(graph: Graph, pairs: list[ChannelPair], ratio: float, block_k: int, block_n: int,
+                feeds: list[dict[str, np.ndarray]], refit: bool, damp: float, say,
+                imp: dict[str, np.ndarray] | None) -> tuple[Graph, dict[str, np.ndarray], list[np.ndarray]]:
+    """:func:`prune_pairs`, also returning the pruned graph's float outputs
+    over ``feeds`` (the ordered pass computes them)."""
+    from .float_exec import run_float_ordered
+
     if not 0 < ratio < 1:
         raise PruneError(f"channel pruning ratio must be between 0 and 1 (exclusive), got {ratio}")
     say = say or (lambda m: None)
-    feeds = list(feeds)
     g = copy.copy(graph)
     g.weights = dict(graph.weights)
     g.meta = dict(graph.meta)
-    imp = importance(g, pairs, feeds)
+    if imp is None:
+        imp = importance(g, pairs, feeds)
     masks: dict[str, np.ndarray] = {}
+    at_consumer: dict[str, tuple[ChannelPair, np.ndarray]] = {}
     for p in pairs:
-        group = group_size(p, block_k, block_n)
-        perm, keep = choose(imp[p.name], p.heads, group, ratio)
+        perm, keep = choose(imp[p.name], p.heads, group_size(p, block_k, block_n), ratio)
         permute_pair(g, p, perm)
-        if p.consumer:                  # the consumer is refitted against the graph before this pair
-            before = copy.copy(g)
-            before.weights = dict(g.weights)
-        for name in p.producers:
-            node = g.node(name)
-            wn, bn = node.inputs[1], g.node_input(node, "bias")
-            m = np.broadcast_to(keep[None, :], g.weights[wn].shape)
-            masks[wn] = masks.get(wn, np.ones(m.shape, bool)) & m
-            g.weights[wn] = np.where(masks[wn], g.weights[wn], 0).astype(g.weights[wn].dtype)
-            if bn:
-                g.weights[bn] = np.where(keep, g.weights[bn], 0).astype(g.weights[bn].dtype)
-        if p.consumer:
-            wn = g.node(p.consumer).inputs[1]
-            m = np.broadcast_to(keep[:, None], g.weights[wn].shape)
-            masks[wn] = masks.get(wn, np.ones(m.shape, bool)) & m
-            _refit_consumer(g, before, p, keep, feeds, damp, rows=refit)
-            g.weights[wn] = np.where(masks[wn], g.weights[wn], 0).astype(g.weights[wn].dtype)
-        say(f"channel-pruned {p.name}: {int((~keep).sum())} of {keep.size} channels"
-            + ((", consumer refitted" if refit else ", consumer bias keeps the mean") if p.consumer else ""))
-    return g, {k: np.ascontiguousarray(v) for k, v in masks.items()}
+        if p.consumer is None:
+            _prune_producers(g, p, keep, masks)
+            say(f"channel-pruned {p.name}: {int((~keep).sum())} of {keep.size} channels")
+        elif p.consumer in at_consumer:
+            raise PruneError(f"{p.name} and {at_consumer[p.consumer][0].name} share the consumer {p.consumer}")
+        else:
+            at_consumer[p.consumer] = (p, keep)
+
+    def before(node: Node, envs: list[dict]) -> None:
+        if node.name not in at_consumer:
+            return
+        p, keep = at_consumer.pop(node.name)
+        xs = np.concatenate([valid_rows(f, env[p.x]) for f, env in zip(feeds, envs)])
+        _refit_consumer(g, p, keep, xs, damp, rows=refit)
+        _mask(g, masks, node.inputs[1], keep[:, None])
+        _prune_producers(g, p, keep, masks)
+        say(f"channel-pruned {p.name}: {int((~keep).sum())} of {keep.size} channels, "
+            + ("consumer refitted" if refit else "consumer bias keeps the mean"))
+
+    envs = run_float_ordered(g, feeds, before)
+    outs = [env[g.outputs[0]].numpy() for env in envs]
+    return g, {k: np.ascontiguousarray(v) for k, v in masks.items()}, outs
 
 
 def _pair_row(graph: Graph, pair: ChannelPair) -> dict:
@@ -301,12 +342,13 @@ def select_by_budget(graph: Graph, pairs: list[ChannelPair], ratio: float, block
     feeds = list(feeds)
     ref = _float_outputs(graph, feeds)
     by_name = {p.name: p for p in pairs}
+    imp = importance(graph, pairs, feeds)
 
-    def pruned(ps: list[ChannelPair]) -> Graph:
-        return prune_pairs(graph, sorted(ps, key=pairs.index), ratio, block_k, block_n, feeds, refit=False)[0]
+    def outputs(ps: list[ChannelPair]) -> list[np.ndarray]:
+        return _prune_pass(graph, sorted(ps, key=pairs.index), ratio, block_k, block_n, feeds, False, 0.0,
+                           None, imp)[2]
 
-    ranking = rank_units(pairs, lambda p: pruned([p]), feeds, ref, lambda p: _pair_row(graph, p), say)
-    rows = greedy_budget(ranking, lambda rs: pruned([by_name[r["name"]] for r in rs]), feeds, ref,
-                         budget, say)
+    ranking = rank_units(pairs, lambda p: outputs([p]), feeds, ref, lambda p: _pair_row(graph, p), say)
+    rows = greedy_budget(ranking, lambda rs: outputs([by_name[r["name"]] for r in rs]), ref, budget, say)
     chosen = {r["name"] for r in rows if r["chosen"]}
     return [p for p in pairs if p.name in chosen], rows

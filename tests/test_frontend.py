@@ -1,6 +1,7 @@
 """Frontend + float executor: every supported model's float graph equals the torch module."""
 from __future__ import annotations
 
+import copy
 import os
 import sys
 from pathlib import Path
@@ -11,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from hwgen.float_exec import FloatState, run_float
+from hwgen.float_exec import FloatState, run_float, run_float_ordered
 from hwgen.frontend import UnsupportedOpError, reference_forward, trace
 from hwgen.ir import Graph
 
@@ -87,6 +88,36 @@ def test_record_returns_every_activation():
     rec = run_float(g, {"x": x}, record=True)
     acts = {n for n, t in g.tensors.items() if t.kind == "activation"}
     assert acts <= set(rec) and "x" in rec and not set(g.weights) & set(rec)
+
+
+def test_ordered_run_equals_run_float_and_its_hook_changes_what_follows():
+    """``run_float_ordered``: one environment per feed, every value equal to
+    ``run_float(record=True)`` of that feed; a hook that changes a weight before
+    its node runs changes that node's output and nothing before it."""
+    block, x = bert_block.factory()
+    g = trace(block, example_input=x)
+    feeds = [{"x": x}, {"x": x.flip(0) * 0.5}]
+    envs = run_float_ordered(g, feeds)
+    for feed, env in zip(feeds, envs):
+        rec = run_float(g, feed, record=True)
+        assert set(env) == set(rec)
+        for name, v in rec.items():
+            assert torch.equal(env[name], v), name
+    last = [n for n in g.nodes if n.op == "linear"][-1]
+    seen = []
+
+    def zero_last_linear(node, es):
+        seen.append(node.name)
+        if node is last:
+            g2.weights[node.inputs[1]] = np.zeros_like(g2.weights[node.inputs[1]])
+
+    g2 = copy.copy(g)
+    g2.weights = dict(g.weights)
+    envs2 = run_float_ordered(g2, feeds, zero_last_linear)
+    assert seen == [n.name for n in g.nodes]
+    before_last = [n.outputs[0] for n in g.nodes[:g.nodes.index(last)]]
+    assert all(torch.equal(envs2[0][t], envs[0][t]) for t in before_last)
+    assert not torch.equal(envs2[0][last.outputs[0]], envs[0][last.outputs[0]])
 
 
 # ----------------------------------------------------------------------------- generic user modules (fx)

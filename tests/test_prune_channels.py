@@ -102,6 +102,21 @@ def test_prune_pairs_empties_whole_blocks_of_both_linears(folded, one_torch_thre
     assert P.check_sparsity(fixed) == len(masks) == 12
 
 
+def test_pruning_pass_values_equal_a_run_of_the_pruned_graph(folded, one_torch_thread):
+    """The ordered pass runs each pair's producers before they are pruned (the
+    consumer's refit needs their dense output): the outputs it computes (what
+    the budget search measures) still equal a fresh float run of the graph it
+    returns."""
+    feeds = tiny_decoder_feeds(2)
+    pairs = C.channel_pairs(folded)
+    for refit in (False, True):
+        g, masks, outs = C._prune_pass(folded, pairs, 0.5, 4, 4, feeds, refit, 0.01, None, None)
+        fresh = [run_float(g, f)[g.outputs[0]].numpy() for f in feeds]
+        for a, b in zip(outs, fresh):
+            np.testing.assert_array_equal(a, b)
+        assert np.abs(np.concatenate(outs) - _out(folded, feeds).reshape(np.concatenate(outs).shape)).max() > 1e-3
+
+
 def test_refit_brings_the_output_closer(folded, one_torch_thread):
     feeds = tiny_decoder_feeds(4, b=4, s=16)
     pairs = C.channel_pairs(folded, ["vo", "ffn"])
