@@ -968,8 +968,8 @@ class MatmulEngine(wiring.Component):
             m.d.sync += [f_left.eq(m_q), f_last.eq(m_q <= R), out_left.eq(m_q), out_last.eq(m_q <= R)]
         with m.If(idle):
             m.d.sync += [a_base.eq(0), m_q.eq(self.m),
-                         out_nt.eq(0), out_nt_last.eq(s.nt == 1), tile_base.eq(0), tcnt.eq(0), tcnt_ok.eq(s.min_beats <= 1),
-                         pad.eq(0),
+                         out_nt.eq(0), out_nt_last.eq(s.nt == 1), tile_base.eq(0), tcnt.eq(0),
+                         tcnt_ok.eq(s.min_beats <= 1), pad.eq(0),
                          fetching.eq(0), ptr.eq(1), held.eq(0), nonempty.eq(0),
                          rp.eq(0), rp_rows.eq(0), wp.eq(0), ring.eq(0), ring_any.eq(0)]
             m.d.sync += [f.eq(0) for f in inflight]
