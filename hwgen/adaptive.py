@@ -16,7 +16,9 @@ W16A16, or a block-sparse and a dense W8A8) and one *check*, a number per input
 An input whose score exceeds ``threshold`` is run again on the high graph and
 takes its outputs from there. :meth:`AdaptiveRunner.fit_threshold` picks the
 threshold on held-out inputs as the score quantile that reruns a given
-fraction (neither the calibration nor the evaluation inputs are used for that).
+fraction, :meth:`AdaptiveRunner.fit_budget` as the one that reruns the most
+held-out inputs within a cycle budget (a ratio to the low graph's cycles);
+neither the calibration nor the evaluation inputs are used for that.
 
 :class:`TokenAdaptive` does the same per decoded token of a KV-cache decoder
 (tiny-gpt): the low graph runs every step, the ``margin`` or ``entropy`` of that
@@ -41,6 +43,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 
@@ -211,6 +214,32 @@ def _quantile_threshold(scores: np.ndarray, rerun_fraction: float) -> float:
     return float(np.quantile(scores, 1 - rerun_fraction))
 
 
+def _check_budget(max_ratio: float) -> None:
+    if not (max_ratio >= 1 and math.isfinite(max_ratio)):
+        raise AdaptiveError(f"cycle budget must be a ratio to the low graph's cycles >= 1, got {max_ratio}")
+
+
+def _budget_threshold(scores: np.ndarray, ratio_at: Callable[[float], float], max_ratio: float) -> float:
+    """The lowest threshold (the most reruns: score > threshold) among the
+    scores' own values and inf whose cycle ratio ``ratio_at(threshold)`` is at
+    most ``max_ratio``. Lowering the threshold only adds reruns, and each adds
+    a pass, so the ratio grows as the threshold falls: bisection over the sorted
+    distinct scores."""
+    _check_budget(max_ratio)
+    cand = np.unique(scores)[:-1]                # ascending: rerunning score > cand[i]; the max reruns
+                                                 # nothing, which inf says for any score
+    lo, hi = 0, len(cand)                        # cand[hi] := inf (no reruns) fits
+    if ratio_at(-math.inf) <= max_ratio:
+        return -math.inf
+    while lo < hi:                               # invariant: cand[hi] (or inf) fits, cand[< lo] do not
+        mid = (lo + hi) // 2
+        if ratio_at(float(cand[mid])) <= max_ratio:
+            hi = mid
+        else:
+            lo = mid + 1
+    return math.inf if hi == len(cand) else float(cand[hi])
+
+
 def _check_same_model(low: Graph, high: Graph) -> None:
     """Both graphs must be quantizations of one model: the same weights by name and shape."""
     for name in sorted(set(low.weights) | set(high.weights)):
@@ -271,6 +300,25 @@ class AdaptiveRunner:
         _check_fraction(rerun_fraction)
         self.threshold = _quantile_threshold(np.concatenate([self.low_pass(f)[1] for f in feeds]),
                                              rerun_fraction)
+        return self.threshold
+
+    def fit_budget(self, feeds: list[dict], max_ratio: float) -> float:
+        """Set (and return) the threshold that reruns the most rows of ``feeds``
+        (held-out inputs) whose cycles stay within ``max_ratio`` x the low
+        graph's: the rows' low pass costs ``cycles_low(tokens)``, a rerun adds
+        ``cycles_high(tokens)`` (:func:`_budget_threshold`)."""
+        if not feeds:
+            raise AdaptiveError("no held-out inputs to fit the threshold on")
+        scores, low, high = [], [], []
+        for f in feeds:
+            scores.append(self.low_pass(f)[1])
+            rows, seq = np.shape(next(iter(f.values())))[:2]
+            tok = _valid(f, rows, seq).sum(1)
+            low += [self.cycles_low(int(t)) for t in tok]
+            high += [self.cycles_high(int(t)) for t in tok]
+        s, low, high = np.concatenate(scores), np.array(low, dtype=np.float64), np.array(high, dtype=np.float64)
+        self.threshold = _budget_threshold(s, lambda thr: (low.sum() + high[s > thr].sum()) / low.sum(),
+                                           max_ratio)
         return self.threshold
 
     def run(self, feed: dict) -> AdaptiveRun:
@@ -353,6 +401,7 @@ class TokenAdaptive:
         self.out = low.outputs[0]
         self._gl, self._gh = GoldenModel(low), GoldenModel(high)
         self.cycles_low, self.cycles_high = GraphCycles(low, max_m), GraphCycles(high, max_m)
+        self._step_memo: dict[tuple[str, int, int], int] = {}     # (graph, rows, offset) -> cycles
 
     def scores(self, graph: Graph, codes: np.ndarray) -> np.ndarray:
         return token_scores(graph, codes, self.check)
@@ -363,11 +412,52 @@ class TokenAdaptive:
         graph's per-step check over positions 0 .. T-2. The low logits come from
         one pass per window, the same integers as decoding it step by step."""
         _check_fraction(rerun_fraction)
+        self.threshold = _quantile_threshold(self._fit_scores(feeds).ravel(), rerun_fraction)
+        return self.threshold
+
+    def fit_budget(self, feeds: list[dict], max_ratio: float) -> float:
+        """Set (and return) the threshold that reruns the most scored steps of
+        ``feeds`` (held-out windows) whose teacher-forced dispatch costs at most
+        ``max_ratio`` x the low graph's cycles: the catch-up passes each rerun
+        pattern implies, counted by :meth:`dispatch_cycles` (the cycle model,
+        no high-graph run)."""
+        s = self._fit_scores(feeds)
+        low = float(self.dispatch_cycles(np.zeros(s.shape, dtype=bool)).sum())
+        self.threshold = _budget_threshold(s.ravel(), lambda thr: float(self.dispatch_cycles(s > thr).sum()) / low,
+                                           max_ratio)
+        return self.threshold
+
+    def _fit_scores(self, feeds: list[dict]) -> np.ndarray:
+        """The low graph's check per scored step (positions 0 .. T-2) of every
+        window of ``feeds``, (windows, T-1). The low logits come from one pass
+        per window, the same integers as decoding it step by step."""
         if not feeds:
             raise AdaptiveError("no held-out inputs to fit the threshold on")
-        s = np.concatenate([self.scores(self.low, self._gl(f)[self.out])[:, :-1].ravel() for f in feeds])
-        self.threshold = _quantile_threshold(s, rerun_fraction)
-        return self.threshold
+        return np.concatenate([self.scores(self.low, self._gl(f)[self.out])[:, :-1] for f in feeds])
+
+    def dispatch_cycles(self, rerun: np.ndarray) -> np.ndarray:
+        """Engine cycles per window ``(B,)`` of teacher-forced decoding with
+        the reruns ``rerun`` ``(B, T-1)``: a low step per position, and per
+        rerun at ``t`` the high graph's catch-up pass over ``h .. t`` (``h``:
+        one past the previous rerun), as :meth:`score_ids` counts them."""
+        rerun = np.asarray(rerun, dtype=bool)
+        n = rerun.shape[1]
+        memo = self._step_memo
+
+        def step(which: str, rows: int, off: int) -> int:
+            key = (which, rows, off)
+            if key not in memo:
+                memo[key] = (self.cycles_low if which == "low" else self.cycles_high).step(rows, off)
+            return memo[key]
+
+        low = sum(step("low", 1, t) for t in range(n))
+        out = np.full(rerun.shape[0], low, dtype=np.int64)
+        for r in range(rerun.shape[0]):
+            h = 0
+            for t in np.flatnonzero(rerun[r]):
+                out[r] += step("high", int(t) + 1 - h, h)
+                h = int(t) + 1
+        return out
 
     def score_ids(self, ids: np.ndarray) -> TokenRun:
         """Teacher-forced decoding of the rows of ``ids`` (B, T), batched over rows
@@ -528,10 +618,11 @@ def _nll_correct(y: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray
 
 def evaluate_token_adaptive(eval_feeds: list[dict], low: Graph, high: Graph, fit_feeds: list[dict],
                             check: str = "margin", rerun_fraction: float = 0.2, max_m: int = 128,
-                            say=lambda m: None) -> dict:
+                            say=lambda m: None, budget: float | None = None) -> dict:
     """Per-token adaptive precision of a decoder on ``eval_feeds`` (windows of
-    ids), the threshold fitted for ``rerun_fraction`` on ``fit_feeds`` (held-out
-    windows: neither calibration nor evaluation). Every window is decoded one
+    ids), the threshold fitted for ``rerun_fraction`` (or, with ``budget``, for
+    the most reruns within ``budget`` x the low graph's cycles) on ``fit_feeds``
+    (held-out windows: neither calibration nor evaluation). Every window is decoded one
     token per step with the true previous token fed (teacher forcing): next-token
     top-1 accuracy and perplexity of the low graph alone, the high graph alone
     and the adaptive dispatch; engine cycles per window of each (the low or
@@ -540,9 +631,10 @@ def evaluate_token_adaptive(eval_feeds: list[dict], low: Graph, high: Graph, fit
     import time
 
     dec = TokenAdaptive(low, high, check, max_m=max_m)
-    thr = dec.fit_threshold(fit_feeds, rerun_fraction)
-    say(f"adaptive: {check} threshold {thr:.4g} reruns {rerun_fraction:.0%} of the "
-        f"{sum(np.asarray(f['ids']).shape[0] for f in fit_feeds)} held-out windows' steps")
+    fit_rule = Fit.of(None, budget) if budget is not None else Fit.of(rerun_fraction, None)
+    thr = fit_rule.apply(dec, fit_feeds)
+    say(f"adaptive: {check} threshold {thr:.4g} ({fit_rule.describe()} on the "
+        f"{sum(np.asarray(f['ids']).shape[0] for f in fit_feeds)} held-out windows' steps)")
     gh = GoldenModel(high)
     acc = {k: {"nll": 0.0, "hits": 0} for k in ("low", "high", "adaptive")}
     cyc = {"low": [], "high": [], "adaptive": []}
@@ -575,7 +667,8 @@ def evaluate_token_adaptive(eval_feeds: list[dict], low: Graph, high: Graph, fit
         windows += len(ids)
         say(f"adaptive: batch {i + 1}/{len(eval_feeds)}, {reruns}/{steps} steps rerun so far "
             f"({time.perf_counter() - t0:.0f} s)")
-    res = {"mode": "per-token", "check": check, "threshold": thr, "rerun_fraction_fit": rerun_fraction,
+    res = {"mode": "per-token", "check": check, "fit": fit_rule.to_dict(), "threshold": thr,
+           "rerun_fraction_fit": rerun_fraction if budget is None else None,
            "low_graph": low.meta.get("bits"), "high_graph": high.meta.get("bits"),
            "windows": windows, "steps": steps, "low_passes": steps, "high_passes": reruns,
            "low_only": steps - reruns, "rerun": reruns, "rerun_fraction": reruns / steps,
@@ -675,11 +768,11 @@ def low_graph(bundle, bits: str = "w4a8", qat_steps: int = LOW_QAT_STEPS, lr: fl
 
 def bench(quick: bool = False, say=lambda m: None, qat_steps: int = LOW_QAT_STEPS,
           check: str = TOKEN_CHECK, rerun_fraction: float = TOKEN_RERUN_FRACTION,
-          save_low: str | None = None) -> dict:
+          save_low: str | None = None, budget: float | None = None) -> dict:
     """The adaptive-precision target of ``make bench`` (called by
     :func:`hwgen.distill.bench`): tiny-gpt, low W4A8 with QAT (:func:`low_graph`),
     high W8A8 (post-training), per-token ``check`` with the threshold fitted for
-    ``rerun_fraction`` on :func:`heldout_windows`, evaluated on every evaluation
+    ``rerun_fraction`` (or ``budget``) on :func:`heldout_windows`, evaluated on every evaluation
     window (:func:`evaluate_token_adaptive`). Adds ``model``, ``wall_s`` and the
     target booleans ``target_cycles_lt_1.3x`` and ``target_accuracy_of_high``.
     ``quick``: 3 QAT steps and the first two evaluation batches (a smoke run);
@@ -697,7 +790,8 @@ def bench(quick: bool = False, say=lambda m: None, qat_steps: int = LOW_QAT_STEP
     high = quantize(bundle.graph, bundle.calib_feeds, QuantConfig.from_bits("w8a8"))[0]
     high.meta.update(kind=bundle.kind, bits="w8a8")
     evals = bundle.eval_feeds[:2] if quick else bundle.eval_feeds
-    res = evaluate_token_adaptive(evals, low, high, heldout_windows(bundle), check, rerun_fraction, say=say)
+    res = evaluate_token_adaptive(evals, low, high, heldout_windows(bundle), check, rerun_fraction, say=say,
+                                  budget=budget)
     res.update(model="tiny-gpt", quick=quick, wall_s=time.perf_counter() - t0)
     return res
 
@@ -712,30 +806,67 @@ RUN_RERUN_FRACTION = 0.2
 
 
 def run_adaptive(low: Graph, text: str, high_bits: str, batch: int = 8, check: str | None = None,
-                 rerun_fraction: float = RUN_RERUN_FRACTION, say=lambda m: None,
-                 max_new_tokens: int = 16) -> dict:
+                 rerun_fraction: float | None = None, say=lambda m: None,
+                 max_new_tokens: int = 16, budget: float | None = None) -> dict:
     """The ``adaptive`` object of ``hwgen run ... --adaptive HIGH_BITS``: the run's
     graph is the low graph; the high graph is the same model quantized at
     ``high_bits`` (the driver's cached quantization). minilm (``text``: sentences):
     a ``saturation`` check per sentence, see :func:`_run_adaptive_minilm`; tiny-gpt
     (``text``: the prompt): a ``margin`` check per generated token, see
-    :func:`_run_adaptive_decoder`. Both passes run on the golden model (the same
-    integers as every backend)."""
+    :func:`_run_adaptive_decoder`. The threshold is fitted on held-out inputs to
+    rerun ``rerun_fraction`` of them (default :data:`RUN_RERUN_FRACTION`) or, with
+    ``budget``, the most of them within ``budget`` x the low graph's cycles
+    (:class:`Fit`). Both passes run on the golden model (the same integers as every
+    backend)."""
     from .runtime import jobs
 
+    fit = Fit.of(rerun_fraction, budget)
     model = jobs._model_of(low)
     if model == "minilm":
-        return _run_adaptive_minilm(low, text, high_bits, batch, check or "saturation", rerun_fraction, say)
-    return _run_adaptive_decoder(low, text, high_bits, check or TOKEN_CHECK, rerun_fraction, max_new_tokens,
-                                 say)
+        return _run_adaptive_minilm(low, text, high_bits, batch, check or "saturation", fit, say)
+    return _run_adaptive_decoder(low, text, high_bits, check or TOKEN_CHECK, fit, max_new_tokens, say)
 
 
-def _run_adaptive_decoder(low: Graph, prompt: str, high_bits: str, check: str, rerun_fraction: float,
+@dataclass(frozen=True)
+class Fit:
+    """How the threshold is fitted on held-out inputs: ``rule`` ``"rerun_fraction"``
+    (the score quantile that reruns ``value`` of them) or ``"cycles_budget"``
+    (the most reruns whose cycles stay within ``value`` x the low graph's)."""
+
+    rule: str
+    value: float
+
+    @classmethod
+    def of(cls, rerun_fraction: float | None, budget: float | None) -> "Fit":
+        if rerun_fraction is not None and budget is not None:
+            raise AdaptiveError("give a rerun fraction or a cycle budget, not both")
+        if budget is not None:
+            _check_budget(budget)
+            return cls("cycles_budget", float(budget))
+        rerun_fraction = RUN_RERUN_FRACTION if rerun_fraction is None else rerun_fraction
+        _check_fraction(rerun_fraction)
+        return cls("rerun_fraction", float(rerun_fraction))
+
+    def apply(self, fitter, feeds: list[dict]) -> float:
+        """Fit ``fitter`` (an :class:`AdaptiveRunner` or :class:`TokenAdaptive`) on ``feeds``."""
+        if self.rule == "cycles_budget":
+            return fitter.fit_budget(feeds, self.value)
+        return fitter.fit_threshold(feeds, self.value)
+
+    def describe(self) -> str:
+        return (f"within {self.value:g}x the low graph's cycles" if self.rule == "cycles_budget"
+                else f"{self.value:.0%} reruns")
+
+    def to_dict(self) -> dict:
+        return {"rule": self.rule, "value": self.value}
+
+
+def _run_adaptive_decoder(low: Graph, prompt: str, high_bits: str, check: str, fit_rule: Fit,
                           max_new_tokens: int, say) -> dict:
     """tiny-gpt: greedy generation after ``prompt`` with per-token dispatch
-    (:meth:`TokenAdaptive.generate`), the threshold reruns ``rerun_fraction`` of
+    (:meth:`TokenAdaptive.generate`), the threshold fitted by ``fit_rule`` on
     the steps of :func:`heldout_windows`. Keys: ``mode`` ("per-token"), ``low``,
-    ``high``, ``check``, ``threshold``, ``steps`` (low passes: the prefill and
+    ``high``, ``check``, ``fit`` (``rule``, ``value``), ``threshold``, ``steps`` (low passes: the prefill and
     one per token), ``low_only``, ``rerun``, ``rerun_steps`` (indices),
     ``high_rows``, ``cycles_low``, ``cycles_adaptive``, ``cycles_ratio_vs_low``,
     ``text`` (prompt and the adaptive continuation)."""
@@ -749,13 +880,13 @@ def _run_adaptive_decoder(low: Graph, prompt: str, high_bits: str, check: str, r
     bundle = zoo.load("tiny-gpt")
     fit = heldout_windows(bundle)
     say(f"adaptive: fitting the {check} threshold on {sum(len(f['ids']) for f in fit)} held-out windows "
-        f"({rerun_fraction:.0%} reruns)")
-    thr = dec.fit_threshold(fit, rerun_fraction)
+        f"({fit_rule.describe()})")
+    thr = fit_rule.apply(dec, fit)
     ids = list(str(prompt).encode("utf-8"))
     ctx = int(low.meta.get("max_positions") or bundle.meta["ctx"])
     g = dec.generate(ids, max_new_tokens, ctx)
     return {"mode": "per-token", "low": low.meta.get("bits"), "high": high_bits, "check": check,
-            "threshold": thr, "steps": g["steps"], "low_only": g["steps"] - len(g["rerun"]),
+            "fit": fit_rule.to_dict(), "threshold": thr, "steps": g["steps"], "low_only": g["steps"] - len(g["rerun"]),
             "rerun": len(g["rerun"]), "rerun_steps": g["rerun"], "high_rows": g["high_rows"],
             "cycles_low": g["cycles_low"], "cycles_adaptive": g["cycles"],
             "cycles_ratio_vs_low": g["cycles"] / g["cycles_low"],
@@ -763,9 +894,9 @@ def _run_adaptive_decoder(low: Graph, prompt: str, high_bits: str, check: str, r
 
 
 def _run_adaptive_minilm(low: Graph, text: str, high_bits: str, batch: int, check: str,
-                         rerun_fraction: float, say) -> dict:
-    """minilm: the threshold reruns ``rerun_fraction`` of ``FIT_SENTENCES``
-    held-out corpus sentences. Keys: ``low``, ``high``, ``check``,
+                         fit_rule: Fit, say) -> dict:
+    """minilm: the threshold fitted by ``fit_rule`` on ``FIT_SENTENCES``
+    held-out corpus sentences. Keys: ``low``, ``high``, ``check``, ``fit``,
     ``threshold``, ``inputs``, ``low_only``, ``rerun``, ``rerun_rows`` (sentence
     indices), ``cycles_low_mean``, ``cycles_high_mean``, ``cycles_adaptive_mean``,
     ``cycles_ratio_vs_low``."""
@@ -778,8 +909,8 @@ def _run_adaptive_minilm(low: Graph, text: str, high_bits: str, batch: int, chec
     fit_s = corpus_sentences(FIT_SENTENCES, seed=1)
     fit = [zoo.feeds_from_text("minilm", "\n".join(fit_s[i:i + 16])) for i in range(0, len(fit_s), 16)]
     say(f"adaptive: fitting the {check} threshold on {len(fit_s)} held-out sentences "
-        f"({rerun_fraction:.0%} reruns)")
-    thr = runner.fit_threshold(fit, rerun_fraction)
+        f"({fit_rule.describe()})")
+    thr = fit_rule.apply(runner, fit)
     lines = jobs.sentences(text)
     rerun_rows, cyc, cl, ch = [], [], [], []
     for i in range(0, len(lines), batch):
@@ -789,7 +920,8 @@ def _run_adaptive_minilm(low: Graph, text: str, high_bits: str, batch: int, chec
         cyc += run.cycles.tolist()
         cl += [runner.cycles_low(int(t)) for t in run.tokens]
         ch += [runner.cycles_high(int(t)) for t in run.tokens]
-    return {"low": low.meta.get("bits"), "high": high_bits, "check": check, "threshold": thr,
+    return {"low": low.meta.get("bits"), "high": high_bits, "check": check, "fit": fit_rule.to_dict(),
+            "threshold": thr,
             "inputs": len(lines), "low_only": len(lines) - len(rerun_rows), "rerun": len(rerun_rows),
             "rerun_rows": rerun_rows, "cycles_low_mean": float(np.mean(cl)),
             "cycles_high_mean": float(np.mean(ch)), "cycles_adaptive_mean": float(np.mean(cyc)),

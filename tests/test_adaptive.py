@@ -311,3 +311,97 @@ def test_token_report_paired_counts(pair):
         (p["kept_low_right_high_wrong"] + p["rerun_low_right_high_wrong"]
          - p["kept_low_wrong_high_right"] - p["rerun_low_wrong_high_right"]) / n)
     assert p["disagree"] >= sum(v for k, v in p.items() if k != "disagree")
+
+
+# ----------------------------------------------------------------------------
+# thresholds fitted to a cycle budget
+# ----------------------------------------------------------------------------
+
+def test_token_dispatch_cycles_equal_score_ids(pair):
+    """``dispatch_cycles`` (the cycle model of a rerun pattern, no high-graph run)
+    counts exactly what teacher-forced decoding counts."""
+    low, high = pair
+    ids = np.random.default_rng(6).integers(0, 40, (3, 12))
+    dec = A.TokenAdaptive(low, high, "margin")
+    dec.fit_threshold([{"ids": ids}], 0.4)
+    run = dec.score_ids(ids)
+    assert 0 < run.rerun.sum() < run.rerun.size
+    assert np.array_equal(dec.dispatch_cycles(run.rerun), run.cycles)
+    assert np.array_equal(dec.dispatch_cycles(np.zeros_like(run.rerun)), run.cycles_low)
+
+
+def test_token_budget_fit_is_the_most_reruns_within_the_budget(pair):
+    """``fit_budget``: on the fit windows the dispatch stays within the budget,
+    and rerunning the next step by score as well would exceed it; a budget of 1
+    reruns nothing, a budget above rerunning everything reruns everything."""
+    low, high = pair
+    fit = tiny_decoder_feeds(2, b=3, seed=21)
+    dec = A.TokenAdaptive(low, high, "margin")
+    s = dec._fit_scores(fit)
+    low_cyc = dec.dispatch_cycles(np.zeros(s.shape, dtype=bool)).sum()
+
+    def ratio(thr):
+        return dec.dispatch_cycles(s > thr).sum() / low_cyc
+
+    all_ratio = ratio(-math.inf)
+    for budget in (1.1, 1.3, 1.6):
+        thr = dec.fit_budget(fit, budget)
+        assert dec.threshold == thr and ratio(thr) <= budget
+        below = s[s < thr]                       # one more distinct score rerun
+        if below.size:
+            assert ratio(float(below.max())) > budget
+        assert 0 < (s > thr).mean() < 1
+    assert dec.fit_budget(fit, 1.0) == math.inf
+    assert dec.fit_budget(fit, all_ratio) == -math.inf
+    with pytest.raises(A.AdaptiveError, match=r"cycle budget must be a ratio to the low graph's cycles >= 1, "
+                                               r"got 0.9"):
+        dec.fit_budget(fit, 0.9)
+
+
+def test_input_budget_fit(pair):
+    """Per input: the rows rerun on the fit inputs cost at most the budget, one
+    row more (the next by score) would not fit."""
+    low, high = pair
+    feeds = tiny_decoder_feeds(3, b=4, seed=22)
+    r = A.AdaptiveRunner(low, high, "margin")
+    s = np.concatenate([r.low_pass(f)[1] for f in feeds])
+    runs_cl = np.array([r.cycles_low(f["ids"].shape[1]) for f in feeds for _ in range(4)], dtype=float)
+    runs_ch = np.array([r.cycles_high(f["ids"].shape[1]) for f in feeds for _ in range(4)], dtype=float)
+    budget = 1 + 0.5 * runs_ch.sum() / runs_cl.sum()        # about half the rows
+    thr = r.fit_budget(feeds, budget)
+    rr = s > thr
+    assert (runs_cl.sum() + runs_ch[rr].sum()) / runs_cl.sum() <= budget
+    nxt = s[~rr].max()
+    assert (runs_cl.sum() + runs_ch[s >= nxt].sum()) / runs_cl.sum() > budget
+    assert sum(int(r.run(f).rerun.sum()) for f in feeds) == int(rr.sum())
+
+
+@pytest.mark.parametrize("argv, msg", [
+    (["--adaptive-budget", "1.2"], "--adaptive-rerun and --adaptive-budget need --adaptive HIGH_BITS"),
+    (["--adaptive", "w8a8", "--adaptive-budget", "1.2", "--adaptive-rerun", "0.1"],
+     "give a rerun fraction or a cycle budget, not both"),
+    (["--adaptive", "w8a8", "--adaptive-budget", "0.5"], "cycle budget must be a ratio to the low graph's cycles >= 1"),
+    (["--adaptive", "w8a8", "--adaptive-rerun", "1.5"], "rerun fraction must be in [0, 1], got 1.5"),
+])
+def test_run_adaptive_fit_flags_errors(capsys, argv, msg):
+    from conftest import run_cli
+
+    code, _, err = run_cli(capsys, "run", "--model", "tiny-gpt", "--bits", "w4a8", "--prompt", "x",
+                           "--no-float", "--quiet", *argv)
+    assert code == 1 and msg in err
+
+
+def test_run_adaptive_tiny_gpt_budget(capsys):
+    """`hwgen run --adaptive w8a8 --adaptive-budget 1.2`: the JSON names the fit
+    rule; a budget of 1 reruns no token."""
+    from conftest import last_json, run_cli
+
+    for budget, rerun_none in (("1.2", False), ("1", True)):
+        code, out, _ = run_cli(capsys, "run", "--model", "tiny-gpt", "--bits", "w4a8", "--prompt", "def f(x):",
+                               "--max-new-tokens", "4", "--adaptive", "w8a8", "--adaptive-budget", budget,
+                               "--no-float", "--json", "--quiet")
+        assert code == 0
+        a = last_json(out)["adaptive"]
+        assert a["fit"] == {"rule": "cycles_budget", "value": float(budget)}
+        if rerun_none:
+            assert a["threshold"] == math.inf and a["rerun"] == 0 and a["cycles_adaptive"] == a["cycles_low"]

@@ -44,6 +44,12 @@ def add_parsers(sub) -> None:
                    help="adaptive precision (hwgen.adaptive): rerun at HIGH_BITS (e.g. w8a8) the sentences "
                    "whose low pass saturates most (minilm) or the generated tokens whose low-pass top-1 "
                    "margin is smallest (tiny-gpt); adds an 'adaptive' object")
+    r.add_argument("--adaptive-rerun", type=float, metavar="FRACTION",
+                   help="with --adaptive: fit the threshold to rerun this fraction of held-out inputs "
+                   "(default 0.2)")
+    r.add_argument("--adaptive-budget", type=float, metavar="RATIO",
+                   help="with --adaptive: fit the threshold to rerun the most held-out inputs whose cycles "
+                   "stay within RATIO x the low graph's (e.g. 1.25); excludes --adaptive-rerun")
     r.set_defaults(fn=cmd_run)
 
     p = sub.add_parser("plan", help="print the placement table: op, device, predicted time, bytes",
@@ -80,6 +86,12 @@ def cmd_run(args) -> dict:
     for flag, v in (("--text", args.text), ("--prompt", args.prompt)):
         if v is not None and not v.strip():
             raise DriverError(f"{flag} is empty: give at least one character")
+    fit = None
+    if args.adaptive:
+        from ..adaptive import Fit
+        fit = Fit.of(args.adaptive_rerun, args.adaptive_budget)      # checked before anything runs
+    elif args.adaptive_rerun is not None or args.adaptive_budget is not None:
+        raise DriverError("--adaptive-rerun and --adaptive-budget need --adaptive HIGH_BITS")
     graph = jobs.load_graph(args.model, args.graph, args.bits, say)
     model = jobs._model_of(graph)
     tracer = Tracer() if args.trace else None
@@ -108,7 +120,9 @@ def cmd_run(args) -> dict:
     if args.adaptive:
         from ..adaptive import run_adaptive
         result["adaptive"] = run_adaptive(graph, args.text if model == "minilm" else prompt, args.adaptive,
-                                          args.batch, say=say, max_new_tokens=args.max_new_tokens)
+                                          args.batch, say=say, max_new_tokens=args.max_new_tokens,
+                                          rerun_fraction=fit.value if fit.rule == "rerun_fraction" else None,
+                                          budget=fit.value if fit.rule == "cycles_budget" else None)
     if tracer is not None:
         result["trace"] = str(tracer.write(args.trace))
         say(f"wrote trace {args.trace} (open in https://ui.perfetto.dev)")
