@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..adaptive import RUN_RERUN_FRACTION
 from ..cli import add_output_options
 from . import cost as cost_mod
 from .backends import BACKENDS
@@ -46,7 +47,7 @@ def add_parsers(sub) -> None:
                    "margin is smallest (tiny-gpt); adds an 'adaptive' object")
     r.add_argument("--adaptive-rerun", type=float, metavar="FRACTION",
                    help="with --adaptive: fit the threshold to rerun this fraction of held-out inputs "
-                   "(default 0.2)")
+                   f"(default {RUN_RERUN_FRACTION:g})")
     r.add_argument("--adaptive-budget", type=float, metavar="RATIO",
                    help="with --adaptive: fit the threshold to rerun the most held-out inputs whose cycles "
                    "stay within RATIO x the low graph's (e.g. 1.25); excludes --adaptive-rerun")
