@@ -222,9 +222,10 @@ def _check_budget(max_ratio: float) -> None:
 def _budget_threshold(scores: np.ndarray, ratio_at: Callable[[float], float], max_ratio: float) -> float:
     """The lowest threshold (the most reruns: score > threshold) among the
     scores' own values and inf whose cycle ratio ``ratio_at(threshold)`` is at
-    most ``max_ratio``. Lowering the threshold only adds reruns, and each adds
-    a pass, so the ratio grows as the threshold falls: bisection over the sorted
-    distinct scores."""
+    most ``max_ratio``, by bisection over the sorted distinct scores. Lowering
+    the threshold only adds reruns and each rerun adds a pass, so the ratio
+    grows as the threshold falls; the returned threshold was itself measured
+    within the budget (inf, no reruns, always is)."""
     _check_budget(max_ratio)
     cand = np.unique(scores)[:-1]                # ascending: rerunning score > cand[i]; the max reruns
                                                  # nothing, which inf says for any score
