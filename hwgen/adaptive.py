@@ -440,7 +440,8 @@ class TokenAdaptive:
         """Engine cycles per window ``(B,)`` of teacher-forced decoding with
         the reruns ``rerun`` ``(B, T-1)``: a low step per position, and per
         rerun at ``t`` the high graph's catch-up pass over ``h .. t`` (``h``:
-        one past the previous rerun), as :meth:`score_ids` counts them."""
+        one past the previous rerun): :meth:`score_ids`'s count, and
+        :meth:`fit_budget`'s for patterns that never ran."""
         rerun = np.asarray(rerun, dtype=bool)
         n = rerun.shape[1]
         memo = self._step_memo
@@ -473,8 +474,6 @@ class TokenAdaptive:
         lo = hi = None
         rerun = np.zeros((b, t_len - 1), dtype=bool)
         scores = np.zeros((b, t_len - 1))
-        cyc_low = np.zeros(b, dtype=np.int64)
-        cyc_high = np.zeros(b, dtype=np.int64)
         passes = np.zeros(b, dtype=np.int64)
         for t in range(t_len - 1):
             codes = self._gl({self.low.inputs[0]: ids[:, t:t + 1]}, st_low)[self.out]
@@ -483,7 +482,6 @@ class TokenAdaptive:
                 lo = np.zeros((b, t_len - 1, y.shape[-1]))
             lo[:, t] = y
             scores[:, t] = self.scores(self.low, codes)[:, 0]
-            cyc_low += self.cycles_low.step(1, t)
             rerun[:, t] = scores[:, t] > self.threshold
             for r in np.flatnonzero(rerun[:, t]):
                 h = int(seen[r])
@@ -491,12 +489,12 @@ class TokenAdaptive:
                 if hi is None:
                     hi = lo.copy()
                 hi[r, t] = dequantize(self.high, self.out, hc)[0, -1]
-                cyc_high[r] += self.cycles_high.step(t + 1 - h, h)
                 passes[r] += 1
                 seen[r] = t + 1
         rows = np.where(passes > 0, seen, 0)
         logits = lo if hi is None else np.where(rerun[..., None], hi, lo)
-        return TokenRun(logits, lo, rerun, scores, cyc_low + cyc_high, cyc_low, passes, rows)
+        return TokenRun(logits, lo, rerun, scores, self.dispatch_cycles(rerun),
+                        self.dispatch_cycles(np.zeros_like(rerun)), passes, rows)
 
     def generate(self, prompt_ids: list[int], max_new_tokens: int, ctx: int) -> dict:
         """Greedy generation (:func:`hwgen.runtime.driver.greedy_decode`, the

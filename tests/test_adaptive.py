@@ -318,8 +318,9 @@ def test_token_report_paired_counts(pair):
 # ----------------------------------------------------------------------------
 
 def test_token_dispatch_cycles_equal_score_ids(pair):
-    """``dispatch_cycles`` (the cycle model of a rerun pattern, no high-graph run)
-    counts exactly what teacher-forced decoding counts."""
+    """``dispatch_cycles`` (the cycle model of a rerun pattern, no high-graph run,
+    checked term by term in ``test_token_cycles_add_up``) is what teacher-forced
+    decoding reports."""
     low, high = pair
     ids = np.random.default_rng(6).integers(0, 40, (3, 12))
     dec = A.TokenAdaptive(low, high, "margin")
