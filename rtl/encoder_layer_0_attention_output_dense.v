@@ -20124,366 +20124,6 @@ module \encoder_layer_0_attention_output_dense.pe (rst, i__payload, i__valid, ba
   wire [7:0] a;
   (* init = 8'h00 *)
   (* keep = 32'd1 *)
-  wire [7:0] \a$1766 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1768 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1770 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1772 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1774 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1776 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1778 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1780 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1782 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1784 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1786 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1788 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1790 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1792 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1794 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1796 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1798 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1800 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1802 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1804 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1806 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1808 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1810 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1812 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1814 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1816 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1818 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1820 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1822 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1824 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1826 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1828 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1830 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1832 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1834 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1836 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1838 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1840 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1842 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1844 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1846 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1848 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1850 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1852 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1854 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1856 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1858 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1860 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1862 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1864 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1866 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1868 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1870 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1872 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1874 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1876 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1878 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1880 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1882 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1884 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1886 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1888 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1890 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1892 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1894 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1896 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1898 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1900 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1902 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1904 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1906 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1908 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1910 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1912 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1914 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1916 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1918 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1920 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1922 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1924 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1926 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1928 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1930 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1932 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1934 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1936 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1938 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1940 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1942 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1944 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1946 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1948 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1950 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1952 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1954 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1956 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1958 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1960 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1962 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1964 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1966 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1968 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1970 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1972 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1974 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1976 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1978 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1980 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1982 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1984 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1986 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1988 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1990 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1992 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1994 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1996 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$1998 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$2000 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$2002 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \a$2004 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
   wire [7:0] \a$2006 ;
   (* init = 8'h00 *)
   (* keep = 32'd1 *)
@@ -20887,6 +20527,366 @@ module \encoder_layer_0_attention_output_dense.pe (rst, i__payload, i__valid, ba
   (* init = 8'h00 *)
   (* keep = 32'd1 *)
   wire [7:0] \a$2274 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2276 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2278 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2280 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2282 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2284 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2286 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2288 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2290 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2292 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2294 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2296 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2298 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2300 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2302 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2304 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2306 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2308 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2310 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2312 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2314 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2316 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2318 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2320 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2322 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2324 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2326 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2328 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2330 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2332 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2334 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2336 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2338 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2340 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2342 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2344 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2346 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2348 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2350 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2352 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2354 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2356 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2358 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2360 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2362 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2364 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2366 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2368 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2370 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2372 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2374 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2376 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2378 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2380 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2382 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2384 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2386 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2388 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2390 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2392 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2394 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2396 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2398 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2400 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2402 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2404 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2406 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2408 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2410 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2412 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2414 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2416 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2418 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2420 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2422 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2424 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2426 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2428 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2430 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2432 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2434 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2436 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2438 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2440 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2442 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2444 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2446 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2448 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2450 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2452 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2454 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2456 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2458 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2460 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2462 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2464 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2466 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2468 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2470 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2472 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2474 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2476 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2478 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2480 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2482 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2484 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2486 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2488 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2490 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2492 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2494 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2496 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2498 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2500 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2502 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2504 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2506 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2508 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2510 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2512 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \a$2514 ;
   reg [7:0] a0_0 = 8'h00;
   reg [7:0] a0_1 = 8'h00;
   reg [7:0] a0_10 = 8'h00;
@@ -21548,366 +21548,6 @@ module \encoder_layer_0_attention_output_dense.pe (rst, i__payload, i__valid, ba
   wire [7:0] b;
   (* init = 8'h00 *)
   (* keep = 32'd1 *)
-  wire [7:0] \b$1767 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1769 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1771 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1773 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1775 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1777 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1779 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1781 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1783 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1785 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1787 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1789 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1791 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1793 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1795 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1797 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1799 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1801 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1803 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1805 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1807 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1809 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1811 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1813 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1815 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1817 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1819 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1821 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1823 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1825 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1827 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1829 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1831 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1833 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1835 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1837 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1839 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1841 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1843 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1845 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1847 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1849 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1851 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1853 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1855 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1857 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1859 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1861 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1863 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1865 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1867 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1869 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1871 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1873 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1875 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1877 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1879 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1881 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1883 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1885 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1887 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1889 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1891 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1893 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1895 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1897 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1899 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1901 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1903 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1905 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1907 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1909 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1911 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1913 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1915 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1917 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1919 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1921 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1923 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1925 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1927 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1929 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1931 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1933 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1935 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1937 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1939 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1941 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1943 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1945 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1947 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1949 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1951 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1953 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1955 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1957 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1959 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1961 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1963 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1965 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1967 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1969 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1971 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1973 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1975 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1977 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1979 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1981 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1983 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1985 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1987 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1989 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1991 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1993 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1995 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1997 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$1999 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$2001 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$2003 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
-  wire [7:0] \b$2005 ;
-  (* init = 8'h00 *)
-  (* keep = 32'd1 *)
   wire [7:0] \b$2007 ;
   (* init = 8'h00 *)
   (* keep = 32'd1 *)
@@ -22311,6 +21951,366 @@ module \encoder_layer_0_attention_output_dense.pe (rst, i__payload, i__valid, ba
   (* init = 8'h00 *)
   (* keep = 32'd1 *)
   wire [7:0] \b$2275 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2277 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2279 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2281 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2283 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2285 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2287 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2289 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2291 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2293 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2295 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2297 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2299 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2301 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2303 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2305 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2307 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2309 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2311 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2313 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2315 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2317 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2319 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2321 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2323 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2325 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2327 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2329 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2331 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2333 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2335 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2337 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2339 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2341 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2343 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2345 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2347 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2349 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2351 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2353 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2355 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2357 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2359 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2361 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2363 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2365 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2367 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2369 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2371 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2373 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2375 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2377 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2379 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2381 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2383 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2385 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2387 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2389 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2391 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2393 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2395 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2397 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2399 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2401 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2403 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2405 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2407 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2409 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2411 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2413 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2415 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2417 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2419 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2421 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2423 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2425 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2427 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2429 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2431 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2433 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2435 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2437 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2439 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2441 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2443 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2445 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2447 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2449 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2451 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2453 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2455 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2457 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2459 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2461 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2463 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2465 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2467 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2469 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2471 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2473 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2475 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2477 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2479 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2481 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2483 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2485 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2487 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2489 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2491 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2493 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2495 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2497 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2499 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2501 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2503 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2505 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2507 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2509 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2511 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2513 ;
+  (* init = 8'h00 *)
+  (* keep = 32'd1 *)
+  wire [7:0] \b$2515 ;
   reg [7:0] b0_0 = 8'h00;
   reg [7:0] b0_1 = 8'h00;
   reg [7:0] b0_10 = 8'h00;
@@ -24080,69 +24080,549 @@ module \encoder_layer_0_attention_output_dense.pe (rst, i__payload, i__valid, ba
   reg last_d2 = 1'h0;
   reg last_d3 = 1'h0;
   (* keep = 32'd1 *)
-  reg last_r0 = 1'h0;
+  reg last_pe0_0 = 1'h0;
   (* keep = 32'd1 *)
-  reg last_r0_d = 1'h0;
+  reg last_pe0_1 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe0_10 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe0_11 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe0_12 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe0_13 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe0_14 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe0_15 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe0_2 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe0_3 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe0_4 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe0_5 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe0_6 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe0_7 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe0_8 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe0_9 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe10_0 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe10_1 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe10_10 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe10_11 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe10_12 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe10_13 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe10_14 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe10_15 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe10_2 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe10_3 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe10_4 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe10_5 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe10_6 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe10_7 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe10_8 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe10_9 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe11_0 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe11_1 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe11_10 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe11_11 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe11_12 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe11_13 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe11_14 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe11_15 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe11_2 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe11_3 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe11_4 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe11_5 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe11_6 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe11_7 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe11_8 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe11_9 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe12_0 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe12_1 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe12_10 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe12_11 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe12_12 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe12_13 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe12_14 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe12_15 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe12_2 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe12_3 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe12_4 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe12_5 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe12_6 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe12_7 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe12_8 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe12_9 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe13_0 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe13_1 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe13_10 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe13_11 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe13_12 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe13_13 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe13_14 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe13_15 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe13_2 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe13_3 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe13_4 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe13_5 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe13_6 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe13_7 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe13_8 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe13_9 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe14_0 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe14_1 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe14_10 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe14_11 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe14_12 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe14_13 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe14_14 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe14_15 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe14_2 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe14_3 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe14_4 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe14_5 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe14_6 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe14_7 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe14_8 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe14_9 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe15_0 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe15_1 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe15_10 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe15_11 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe15_12 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe15_13 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe15_14 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe15_15 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe15_2 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe15_3 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe15_4 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe15_5 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe15_6 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe15_7 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe15_8 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe15_9 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe1_0 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe1_1 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe1_10 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe1_11 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe1_12 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe1_13 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe1_14 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe1_15 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe1_2 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe1_3 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe1_4 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe1_5 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe1_6 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe1_7 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe1_8 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe1_9 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe2_0 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe2_1 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe2_10 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe2_11 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe2_12 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe2_13 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe2_14 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe2_15 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe2_2 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe2_3 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe2_4 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe2_5 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe2_6 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe2_7 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe2_8 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe2_9 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe3_0 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe3_1 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe3_10 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe3_11 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe3_12 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe3_13 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe3_14 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe3_15 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe3_2 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe3_3 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe3_4 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe3_5 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe3_6 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe3_7 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe3_8 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe3_9 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe4_0 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe4_1 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe4_10 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe4_11 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe4_12 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe4_13 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe4_14 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe4_15 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe4_2 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe4_3 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe4_4 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe4_5 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe4_6 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe4_7 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe4_8 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe4_9 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe5_0 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe5_1 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe5_10 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe5_11 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe5_12 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe5_13 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe5_14 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe5_15 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe5_2 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe5_3 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe5_4 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe5_5 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe5_6 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe5_7 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe5_8 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe5_9 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe6_0 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe6_1 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe6_10 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe6_11 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe6_12 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe6_13 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe6_14 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe6_15 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe6_2 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe6_3 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe6_4 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe6_5 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe6_6 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe6_7 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe6_8 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe6_9 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe7_0 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe7_1 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe7_10 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe7_11 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe7_12 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe7_13 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe7_14 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe7_15 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe7_2 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe7_3 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe7_4 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe7_5 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe7_6 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe7_7 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe7_8 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe7_9 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe8_0 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe8_1 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe8_10 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe8_11 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe8_12 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe8_13 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe8_14 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe8_15 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe8_2 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe8_3 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe8_4 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe8_5 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe8_6 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe8_7 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe8_8 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe8_9 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe9_0 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe9_1 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe9_10 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe9_11 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe9_12 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe9_13 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe9_14 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe9_15 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe9_2 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe9_3 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe9_4 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe9_5 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe9_6 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe9_7 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe9_8 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_pe9_9 = 1'h0;
+  (* keep = 32'd1 *)
+  reg last_r0 = 1'h0;
   (* keep = 32'd1 *)
   reg last_r1 = 1'h0;
   (* keep = 32'd1 *)
   reg last_r10 = 1'h0;
   (* keep = 32'd1 *)
-  reg last_r10_d = 1'h0;
-  (* keep = 32'd1 *)
   reg last_r11 = 1'h0;
-  (* keep = 32'd1 *)
-  reg last_r11_d = 1'h0;
   (* keep = 32'd1 *)
   reg last_r12 = 1'h0;
   (* keep = 32'd1 *)
-  reg last_r12_d = 1'h0;
-  (* keep = 32'd1 *)
   reg last_r13 = 1'h0;
-  (* keep = 32'd1 *)
-  reg last_r13_d = 1'h0;
   (* keep = 32'd1 *)
   reg last_r14 = 1'h0;
   (* keep = 32'd1 *)
-  reg last_r14_d = 1'h0;
-  (* keep = 32'd1 *)
   reg last_r15 = 1'h0;
-  (* keep = 32'd1 *)
-  reg last_r15_d = 1'h0;
-  (* keep = 32'd1 *)
-  reg last_r1_d = 1'h0;
   (* keep = 32'd1 *)
   reg last_r2 = 1'h0;
   (* keep = 32'd1 *)
-  reg last_r2_d = 1'h0;
-  (* keep = 32'd1 *)
   reg last_r3 = 1'h0;
-  (* keep = 32'd1 *)
-  reg last_r3_d = 1'h0;
   (* keep = 32'd1 *)
   reg last_r4 = 1'h0;
   (* keep = 32'd1 *)
-  reg last_r4_d = 1'h0;
-  (* keep = 32'd1 *)
   reg last_r5 = 1'h0;
-  (* keep = 32'd1 *)
-  reg last_r5_d = 1'h0;
   (* keep = 32'd1 *)
   reg last_r6 = 1'h0;
   (* keep = 32'd1 *)
-  reg last_r6_d = 1'h0;
-  (* keep = 32'd1 *)
   reg last_r7 = 1'h0;
-  (* keep = 32'd1 *)
-  reg last_r7_d = 1'h0;
   (* keep = 32'd1 *)
   reg last_r8 = 1'h0;
   (* keep = 32'd1 *)
-  reg last_r8_d = 1'h0;
-  (* keep = 32'd1 *)
   reg last_r9 = 1'h0;
-  (* keep = 32'd1 *)
-  reg last_r9_d = 1'h0;
   output [388:0] o__payload;
   wire [388:0] o__payload;
   wire [383:0] \o__payload.data ;
@@ -24168,100 +24648,21 @@ module \encoder_layer_0_attention_output_dense.pe (rst, i__payload, i__valid, ba
   wire o__valid;
   reg overrun = 1'h0;
   wire [15:0] p;
-  wire [15:0] \p$1002 ;
-  wire [15:0] \p$1006 ;
-  wire [15:0] \p$1010 ;
-  wire [15:0] \p$1014 ;
-  wire [15:0] \p$1018 ;
-  wire [15:0] \p$1022 ;
-  wire [15:0] \p$1026 ;
-  wire [15:0] \p$1030 ;
-  wire [15:0] \p$1034 ;
-  wire [15:0] \p$1038 ;
-  wire [15:0] \p$1042 ;
-  wire [15:0] \p$1046 ;
-  wire [15:0] \p$1050 ;
-  wire [15:0] \p$1054 ;
-  wire [15:0] \p$1058 ;
-  wire [15:0] \p$1061 ;
-  wire [15:0] \p$1064 ;
-  wire [15:0] \p$1067 ;
-  wire [15:0] \p$1070 ;
-  wire [15:0] \p$1073 ;
-  wire [15:0] \p$1076 ;
-  wire [15:0] \p$1079 ;
-  wire [15:0] \p$1082 ;
-  wire [15:0] \p$1085 ;
-  wire [15:0] \p$1088 ;
-  wire [15:0] \p$1091 ;
-  wire [15:0] \p$1094 ;
-  wire [15:0] \p$1097 ;
-  wire [15:0] \p$1100 ;
-  wire [15:0] \p$1103 ;
-  wire [15:0] \p$1106 ;
-  wire [15:0] \p$1109 ;
-  wire [15:0] \p$1112 ;
-  wire [15:0] \p$1115 ;
-  wire [15:0] \p$1118 ;
-  wire [15:0] \p$1121 ;
-  wire [15:0] \p$1124 ;
-  wire [15:0] \p$1127 ;
-  wire [15:0] \p$1130 ;
-  wire [15:0] \p$1133 ;
-  wire [15:0] \p$1136 ;
-  wire [15:0] \p$1139 ;
-  wire [15:0] \p$1142 ;
-  wire [15:0] \p$1145 ;
-  wire [15:0] \p$1148 ;
-  wire [15:0] \p$1151 ;
-  wire [15:0] \p$1154 ;
-  wire [15:0] \p$1157 ;
-  wire [15:0] \p$1160 ;
-  wire [15:0] \p$1163 ;
-  wire [15:0] \p$1166 ;
-  wire [15:0] \p$1169 ;
-  wire [15:0] \p$1172 ;
-  wire [15:0] \p$1175 ;
-  wire [15:0] \p$1178 ;
-  wire [15:0] \p$1181 ;
-  wire [15:0] \p$1184 ;
-  wire [15:0] \p$1187 ;
-  wire [15:0] \p$1190 ;
-  wire [15:0] \p$1193 ;
-  wire [15:0] \p$1196 ;
-  wire [15:0] \p$1199 ;
-  wire [15:0] \p$1202 ;
-  wire [15:0] \p$1205 ;
-  wire [15:0] \p$1208 ;
-  wire [15:0] \p$1211 ;
-  wire [15:0] \p$1214 ;
-  wire [15:0] \p$1217 ;
-  wire [15:0] \p$1220 ;
-  wire [15:0] \p$1223 ;
-  wire [15:0] \p$1226 ;
-  wire [15:0] \p$1229 ;
-  wire [15:0] \p$1232 ;
-  wire [15:0] \p$1235 ;
   wire [15:0] \p$1238 ;
-  wire [15:0] \p$1241 ;
-  wire [15:0] \p$1244 ;
-  wire [15:0] \p$1247 ;
+  wire [15:0] \p$1242 ;
+  wire [15:0] \p$1246 ;
   wire [15:0] \p$1250 ;
-  wire [15:0] \p$1253 ;
-  wire [15:0] \p$1256 ;
-  wire [15:0] \p$1259 ;
+  wire [15:0] \p$1254 ;
+  wire [15:0] \p$1258 ;
   wire [15:0] \p$1262 ;
-  wire [15:0] \p$1265 ;
-  wire [15:0] \p$1268 ;
-  wire [15:0] \p$1271 ;
+  wire [15:0] \p$1266 ;
+  wire [15:0] \p$1270 ;
   wire [15:0] \p$1274 ;
-  wire [15:0] \p$1277 ;
-  wire [15:0] \p$1280 ;
-  wire [15:0] \p$1283 ;
+  wire [15:0] \p$1278 ;
+  wire [15:0] \p$1282 ;
   wire [15:0] \p$1286 ;
-  wire [15:0] \p$1289 ;
-  wire [15:0] \p$1292 ;
-  wire [15:0] \p$1295 ;
+  wire [15:0] \p$1290 ;
+  wire [15:0] \p$1294 ;
   wire [15:0] \p$1298 ;
   wire [15:0] \p$1301 ;
   wire [15:0] \p$1304 ;
@@ -24407,586 +24808,665 @@ module \encoder_layer_0_attention_output_dense.pe (rst, i__payload, i__valid, ba
   wire [15:0] \p$1724 ;
   wire [15:0] \p$1727 ;
   wire [15:0] \p$1730 ;
-  wire [15:0] \p$1732 ;
-  wire [15:0] \p$1734 ;
+  wire [15:0] \p$1733 ;
   wire [15:0] \p$1736 ;
-  wire [15:0] \p$1738 ;
-  wire [15:0] \p$1740 ;
+  wire [15:0] \p$1739 ;
   wire [15:0] \p$1742 ;
-  wire [15:0] \p$1744 ;
-  wire [15:0] \p$1746 ;
+  wire [15:0] \p$1745 ;
   wire [15:0] \p$1748 ;
-  wire [15:0] \p$1750 ;
-  wire [15:0] \p$1752 ;
+  wire [15:0] \p$1751 ;
   wire [15:0] \p$1754 ;
-  wire [15:0] \p$1756 ;
-  wire [15:0] \p$1758 ;
+  wire [15:0] \p$1757 ;
   wire [15:0] \p$1760 ;
-  wire [15:0] \p$998 ;
+  wire [15:0] \p$1763 ;
+  wire [15:0] \p$1766 ;
+  wire [15:0] \p$1769 ;
+  wire [15:0] \p$1772 ;
+  wire [15:0] \p$1775 ;
+  wire [15:0] \p$1778 ;
+  wire [15:0] \p$1781 ;
+  wire [15:0] \p$1784 ;
+  wire [15:0] \p$1787 ;
+  wire [15:0] \p$1790 ;
+  wire [15:0] \p$1793 ;
+  wire [15:0] \p$1796 ;
+  wire [15:0] \p$1799 ;
+  wire [15:0] \p$1802 ;
+  wire [15:0] \p$1805 ;
+  wire [15:0] \p$1808 ;
+  wire [15:0] \p$1811 ;
+  wire [15:0] \p$1814 ;
+  wire [15:0] \p$1817 ;
+  wire [15:0] \p$1820 ;
+  wire [15:0] \p$1823 ;
+  wire [15:0] \p$1826 ;
+  wire [15:0] \p$1829 ;
+  wire [15:0] \p$1832 ;
+  wire [15:0] \p$1835 ;
+  wire [15:0] \p$1838 ;
+  wire [15:0] \p$1841 ;
+  wire [15:0] \p$1844 ;
+  wire [15:0] \p$1847 ;
+  wire [15:0] \p$1850 ;
+  wire [15:0] \p$1853 ;
+  wire [15:0] \p$1856 ;
+  wire [15:0] \p$1859 ;
+  wire [15:0] \p$1862 ;
+  wire [15:0] \p$1865 ;
+  wire [15:0] \p$1868 ;
+  wire [15:0] \p$1871 ;
+  wire [15:0] \p$1874 ;
+  wire [15:0] \p$1877 ;
+  wire [15:0] \p$1880 ;
+  wire [15:0] \p$1883 ;
+  wire [15:0] \p$1886 ;
+  wire [15:0] \p$1889 ;
+  wire [15:0] \p$1892 ;
+  wire [15:0] \p$1895 ;
+  wire [15:0] \p$1898 ;
+  wire [15:0] \p$1901 ;
+  wire [15:0] \p$1904 ;
+  wire [15:0] \p$1907 ;
+  wire [15:0] \p$1910 ;
+  wire [15:0] \p$1913 ;
+  wire [15:0] \p$1916 ;
+  wire [15:0] \p$1919 ;
+  wire [15:0] \p$1922 ;
+  wire [15:0] \p$1925 ;
+  wire [15:0] \p$1928 ;
+  wire [15:0] \p$1931 ;
+  wire [15:0] \p$1934 ;
+  wire [15:0] \p$1937 ;
+  wire [15:0] \p$1940 ;
+  wire [15:0] \p$1943 ;
+  wire [15:0] \p$1946 ;
+  wire [15:0] \p$1949 ;
+  wire [15:0] \p$1952 ;
+  wire [15:0] \p$1955 ;
+  wire [15:0] \p$1958 ;
+  wire [15:0] \p$1961 ;
+  wire [15:0] \p$1964 ;
+  wire [15:0] \p$1967 ;
+  wire [15:0] \p$1970 ;
+  wire [15:0] \p$1972 ;
+  wire [15:0] \p$1974 ;
+  wire [15:0] \p$1976 ;
+  wire [15:0] \p$1978 ;
+  wire [15:0] \p$1980 ;
+  wire [15:0] \p$1982 ;
+  wire [15:0] \p$1984 ;
+  wire [15:0] \p$1986 ;
+  wire [15:0] \p$1988 ;
+  wire [15:0] \p$1990 ;
+  wire [15:0] \p$1992 ;
+  wire [15:0] \p$1994 ;
+  wire [15:0] \p$1996 ;
+  wire [15:0] \p$1998 ;
+  wire [15:0] \p$2000 ;
   reg [3:0] row = 4'h0;
   input rst;
   wire rst;
   assign \$209  = done_pe4_4 ? acc_4_4 : bank_5_4;
-  assign \$210  = $signed(acc_4_5) + $signed(\p$1217 );
-  assign \$211  = first_pe4_5 ? { \p$1217 [15], \p$1217 [15], \p$1217 [15], \p$1217 [15], \p$1217 [15], \p$1217 [15], \p$1217 [15], \p$1217 [15], \p$1217 [15], \p$1217  } : \$210 ;
+  assign \$210  = $signed(acc_4_5) + $signed(\p$1457 );
+  assign \$211  = first_pe4_5 ? { \p$1457 [15], \p$1457 [15], \p$1457 [15], \p$1457 [15], \p$1457 [15], \p$1457 [15], \p$1457 [15], \p$1457 [15], \p$1457 [15], \p$1457  } : \$210 ;
   assign \$212  = done_pe4_5 ? acc_4_5 : bank_5_5;
-  assign \$213  = $signed(acc_4_6) + $signed(\p$1220 );
-  assign \$214  = first_pe4_6 ? { \p$1220 [15], \p$1220 [15], \p$1220 [15], \p$1220 [15], \p$1220 [15], \p$1220 [15], \p$1220 [15], \p$1220 [15], \p$1220 [15], \p$1220  } : \$213 ;
+  assign \$213  = $signed(acc_4_6) + $signed(\p$1460 );
+  assign \$214  = first_pe4_6 ? { \p$1460 [15], \p$1460 [15], \p$1460 [15], \p$1460 [15], \p$1460 [15], \p$1460 [15], \p$1460 [15], \p$1460 [15], \p$1460 [15], \p$1460  } : \$213 ;
   assign \$215  = done_pe4_6 ? acc_4_6 : bank_5_6;
-  assign \$216  = $signed(acc_4_7) + $signed(\p$1223 );
-  assign \$217  = first_pe4_7 ? { \p$1223 [15], \p$1223 [15], \p$1223 [15], \p$1223 [15], \p$1223 [15], \p$1223 [15], \p$1223 [15], \p$1223 [15], \p$1223 [15], \p$1223  } : \$216 ;
+  assign \$216  = $signed(acc_4_7) + $signed(\p$1463 );
+  assign \$217  = first_pe4_7 ? { \p$1463 [15], \p$1463 [15], \p$1463 [15], \p$1463 [15], \p$1463 [15], \p$1463 [15], \p$1463 [15], \p$1463 [15], \p$1463 [15], \p$1463  } : \$216 ;
   assign \$218  = done_pe4_7 ? acc_4_7 : bank_5_7;
-  assign \$219  = $signed(acc_4_8) + $signed(\p$1226 );
-  assign \$220  = first_pe4_8 ? { \p$1226 [15], \p$1226 [15], \p$1226 [15], \p$1226 [15], \p$1226 [15], \p$1226 [15], \p$1226 [15], \p$1226 [15], \p$1226 [15], \p$1226  } : \$219 ;
+  assign \$219  = $signed(acc_4_8) + $signed(\p$1466 );
+  assign \$220  = first_pe4_8 ? { \p$1466 [15], \p$1466 [15], \p$1466 [15], \p$1466 [15], \p$1466 [15], \p$1466 [15], \p$1466 [15], \p$1466 [15], \p$1466 [15], \p$1466  } : \$219 ;
   assign \$221  = done_pe4_8 ? acc_4_8 : bank_5_8;
-  assign \$222  = $signed(acc_4_9) + $signed(\p$1229 );
-  assign \$223  = first_pe4_9 ? { \p$1229 [15], \p$1229 [15], \p$1229 [15], \p$1229 [15], \p$1229 [15], \p$1229 [15], \p$1229 [15], \p$1229 [15], \p$1229 [15], \p$1229  } : \$222 ;
+  assign \$222  = $signed(acc_4_9) + $signed(\p$1469 );
+  assign \$223  = first_pe4_9 ? { \p$1469 [15], \p$1469 [15], \p$1469 [15], \p$1469 [15], \p$1469 [15], \p$1469 [15], \p$1469 [15], \p$1469 [15], \p$1469 [15], \p$1469  } : \$222 ;
   assign \$224  = done_pe4_9 ? acc_4_9 : bank_5_9;
-  assign \$225  = $signed(acc_4_10) + $signed(\p$1232 );
-  assign \$226  = first_pe4_10 ? { \p$1232 [15], \p$1232 [15], \p$1232 [15], \p$1232 [15], \p$1232 [15], \p$1232 [15], \p$1232 [15], \p$1232 [15], \p$1232 [15], \p$1232  } : \$225 ;
+  assign \$225  = $signed(acc_4_10) + $signed(\p$1472 );
+  assign \$226  = first_pe4_10 ? { \p$1472 [15], \p$1472 [15], \p$1472 [15], \p$1472 [15], \p$1472 [15], \p$1472 [15], \p$1472 [15], \p$1472 [15], \p$1472 [15], \p$1472  } : \$225 ;
   assign \$227  = done_pe4_10 ? acc_4_10 : bank_5_10;
-  assign \$228  = $signed(acc_4_11) + $signed(\p$1235 );
-  assign \$229  = first_pe4_11 ? { \p$1235 [15], \p$1235 [15], \p$1235 [15], \p$1235 [15], \p$1235 [15], \p$1235 [15], \p$1235 [15], \p$1235 [15], \p$1235 [15], \p$1235  } : \$228 ;
+  assign \$228  = $signed(acc_4_11) + $signed(\p$1475 );
+  assign \$229  = first_pe4_11 ? { \p$1475 [15], \p$1475 [15], \p$1475 [15], \p$1475 [15], \p$1475 [15], \p$1475 [15], \p$1475 [15], \p$1475 [15], \p$1475 [15], \p$1475  } : \$228 ;
   assign \$230  = done_pe4_11 ? acc_4_11 : bank_5_11;
-  assign \$231  = $signed(acc_4_12) + $signed(\p$1238 );
-  assign \$232  = first_pe4_12 ? { \p$1238 [15], \p$1238 [15], \p$1238 [15], \p$1238 [15], \p$1238 [15], \p$1238 [15], \p$1238 [15], \p$1238 [15], \p$1238 [15], \p$1238  } : \$231 ;
+  assign \$231  = $signed(acc_4_12) + $signed(\p$1478 );
+  assign \$232  = first_pe4_12 ? { \p$1478 [15], \p$1478 [15], \p$1478 [15], \p$1478 [15], \p$1478 [15], \p$1478 [15], \p$1478 [15], \p$1478 [15], \p$1478 [15], \p$1478  } : \$231 ;
   assign \$233  = done_pe4_12 ? acc_4_12 : bank_5_12;
-  assign \$234  = $signed(acc_4_13) + $signed(\p$1241 );
-  assign \$235  = first_pe4_13 ? { \p$1241 [15], \p$1241 [15], \p$1241 [15], \p$1241 [15], \p$1241 [15], \p$1241 [15], \p$1241 [15], \p$1241 [15], \p$1241 [15], \p$1241  } : \$234 ;
+  assign \$234  = $signed(acc_4_13) + $signed(\p$1481 );
+  assign \$235  = first_pe4_13 ? { \p$1481 [15], \p$1481 [15], \p$1481 [15], \p$1481 [15], \p$1481 [15], \p$1481 [15], \p$1481 [15], \p$1481 [15], \p$1481 [15], \p$1481  } : \$234 ;
   assign \$236  = done_pe4_13 ? acc_4_13 : bank_5_13;
-  assign \$237  = $signed(acc_4_14) + $signed(\p$1244 );
-  assign \$238  = first_pe4_14 ? { \p$1244 [15], \p$1244 [15], \p$1244 [15], \p$1244 [15], \p$1244 [15], \p$1244 [15], \p$1244 [15], \p$1244 [15], \p$1244 [15], \p$1244  } : \$237 ;
+  assign \$237  = $signed(acc_4_14) + $signed(\p$1484 );
+  assign \$238  = first_pe4_14 ? { \p$1484 [15], \p$1484 [15], \p$1484 [15], \p$1484 [15], \p$1484 [15], \p$1484 [15], \p$1484 [15], \p$1484 [15], \p$1484 [15], \p$1484  } : \$237 ;
   assign \$239  = done_pe4_14 ? acc_4_14 : bank_5_14;
-  assign \$240  = $signed(acc_4_15) + $signed(\p$1247 );
-  assign \$241  = first_pe4_15 ? { \p$1247 [15], \p$1247 [15], \p$1247 [15], \p$1247 [15], \p$1247 [15], \p$1247 [15], \p$1247 [15], \p$1247 [15], \p$1247 [15], \p$1247  } : \$240 ;
+  assign \$240  = $signed(acc_4_15) + $signed(\p$1487 );
+  assign \$241  = first_pe4_15 ? { \p$1487 [15], \p$1487 [15], \p$1487 [15], \p$1487 [15], \p$1487 [15], \p$1487 [15], \p$1487 [15], \p$1487 [15], \p$1487 [15], \p$1487  } : \$240 ;
   assign \$242  = done_pe4_15 ? acc_4_15 : bank_5_15;
-  assign \$243  = $signed(acc_5_0) + $signed(\p$1250 );
-  assign \$244  = first_pe5_0 ? { \p$1250 [15], \p$1250 [15], \p$1250 [15], \p$1250 [15], \p$1250 [15], \p$1250 [15], \p$1250 [15], \p$1250 [15], \p$1250 [15], \p$1250  } : \$243 ;
+  assign \$243  = $signed(acc_5_0) + $signed(\p$1490 );
+  assign \$244  = first_pe5_0 ? { \p$1490 [15], \p$1490 [15], \p$1490 [15], \p$1490 [15], \p$1490 [15], \p$1490 [15], \p$1490 [15], \p$1490 [15], \p$1490 [15], \p$1490  } : \$243 ;
   assign \$245  = done_pe5_0 ? acc_5_0 : bank_6_0;
-  assign \$246  = $signed(acc_5_1) + $signed(\p$1253 );
-  assign \$247  = first_pe5_1 ? { \p$1253 [15], \p$1253 [15], \p$1253 [15], \p$1253 [15], \p$1253 [15], \p$1253 [15], \p$1253 [15], \p$1253 [15], \p$1253 [15], \p$1253  } : \$246 ;
+  assign \$246  = $signed(acc_5_1) + $signed(\p$1493 );
+  assign \$247  = first_pe5_1 ? { \p$1493 [15], \p$1493 [15], \p$1493 [15], \p$1493 [15], \p$1493 [15], \p$1493 [15], \p$1493 [15], \p$1493 [15], \p$1493 [15], \p$1493  } : \$246 ;
   assign \$248  = done_pe5_1 ? acc_5_1 : bank_6_1;
-  assign \$249  = $signed(acc_5_2) + $signed(\p$1256 );
-  assign \$250  = first_pe5_2 ? { \p$1256 [15], \p$1256 [15], \p$1256 [15], \p$1256 [15], \p$1256 [15], \p$1256 [15], \p$1256 [15], \p$1256 [15], \p$1256 [15], \p$1256  } : \$249 ;
+  assign \$249  = $signed(acc_5_2) + $signed(\p$1496 );
+  assign \$250  = first_pe5_2 ? { \p$1496 [15], \p$1496 [15], \p$1496 [15], \p$1496 [15], \p$1496 [15], \p$1496 [15], \p$1496 [15], \p$1496 [15], \p$1496 [15], \p$1496  } : \$249 ;
   assign \$251  = done_pe5_2 ? acc_5_2 : bank_6_2;
-  assign \$252  = $signed(acc_5_3) + $signed(\p$1259 );
-  assign \$253  = first_pe5_3 ? { \p$1259 [15], \p$1259 [15], \p$1259 [15], \p$1259 [15], \p$1259 [15], \p$1259 [15], \p$1259 [15], \p$1259 [15], \p$1259 [15], \p$1259  } : \$252 ;
+  assign \$252  = $signed(acc_5_3) + $signed(\p$1499 );
+  assign \$253  = first_pe5_3 ? { \p$1499 [15], \p$1499 [15], \p$1499 [15], \p$1499 [15], \p$1499 [15], \p$1499 [15], \p$1499 [15], \p$1499 [15], \p$1499 [15], \p$1499  } : \$252 ;
   assign \$254  = done_pe5_3 ? acc_5_3 : bank_6_3;
-  assign \$255  = $signed(acc_5_4) + $signed(\p$1262 );
-  assign \$256  = first_pe5_4 ? { \p$1262 [15], \p$1262 [15], \p$1262 [15], \p$1262 [15], \p$1262 [15], \p$1262 [15], \p$1262 [15], \p$1262 [15], \p$1262 [15], \p$1262  } : \$255 ;
+  assign \$255  = $signed(acc_5_4) + $signed(\p$1502 );
+  assign \$256  = first_pe5_4 ? { \p$1502 [15], \p$1502 [15], \p$1502 [15], \p$1502 [15], \p$1502 [15], \p$1502 [15], \p$1502 [15], \p$1502 [15], \p$1502 [15], \p$1502  } : \$255 ;
   assign \$257  = done_pe5_4 ? acc_5_4 : bank_6_4;
-  assign \$258  = $signed(acc_5_5) + $signed(\p$1265 );
-  assign \$259  = first_pe5_5 ? { \p$1265 [15], \p$1265 [15], \p$1265 [15], \p$1265 [15], \p$1265 [15], \p$1265 [15], \p$1265 [15], \p$1265 [15], \p$1265 [15], \p$1265  } : \$258 ;
+  assign \$258  = $signed(acc_5_5) + $signed(\p$1505 );
+  assign \$259  = first_pe5_5 ? { \p$1505 [15], \p$1505 [15], \p$1505 [15], \p$1505 [15], \p$1505 [15], \p$1505 [15], \p$1505 [15], \p$1505 [15], \p$1505 [15], \p$1505  } : \$258 ;
   assign \$260  = done_pe5_5 ? acc_5_5 : bank_6_5;
-  assign \$261  = $signed(acc_5_6) + $signed(\p$1268 );
-  assign \$262  = first_pe5_6 ? { \p$1268 [15], \p$1268 [15], \p$1268 [15], \p$1268 [15], \p$1268 [15], \p$1268 [15], \p$1268 [15], \p$1268 [15], \p$1268 [15], \p$1268  } : \$261 ;
+  assign \$261  = $signed(acc_5_6) + $signed(\p$1508 );
+  assign \$262  = first_pe5_6 ? { \p$1508 [15], \p$1508 [15], \p$1508 [15], \p$1508 [15], \p$1508 [15], \p$1508 [15], \p$1508 [15], \p$1508 [15], \p$1508 [15], \p$1508  } : \$261 ;
   assign \$263  = done_pe5_6 ? acc_5_6 : bank_6_6;
-  assign \$264  = $signed(acc_5_7) + $signed(\p$1271 );
-  assign \$265  = first_pe5_7 ? { \p$1271 [15], \p$1271 [15], \p$1271 [15], \p$1271 [15], \p$1271 [15], \p$1271 [15], \p$1271 [15], \p$1271 [15], \p$1271 [15], \p$1271  } : \$264 ;
+  assign \$264  = $signed(acc_5_7) + $signed(\p$1511 );
+  assign \$265  = first_pe5_7 ? { \p$1511 [15], \p$1511 [15], \p$1511 [15], \p$1511 [15], \p$1511 [15], \p$1511 [15], \p$1511 [15], \p$1511 [15], \p$1511 [15], \p$1511  } : \$264 ;
   assign \$266  = done_pe5_7 ? acc_5_7 : bank_6_7;
-  assign \$267  = $signed(acc_5_8) + $signed(\p$1274 );
-  assign \$268  = first_pe5_8 ? { \p$1274 [15], \p$1274 [15], \p$1274 [15], \p$1274 [15], \p$1274 [15], \p$1274 [15], \p$1274 [15], \p$1274 [15], \p$1274 [15], \p$1274  } : \$267 ;
+  assign \$267  = $signed(acc_5_8) + $signed(\p$1514 );
+  assign \$268  = first_pe5_8 ? { \p$1514 [15], \p$1514 [15], \p$1514 [15], \p$1514 [15], \p$1514 [15], \p$1514 [15], \p$1514 [15], \p$1514 [15], \p$1514 [15], \p$1514  } : \$267 ;
   assign \$269  = done_pe5_8 ? acc_5_8 : bank_6_8;
-  assign \$270  = $signed(acc_5_9) + $signed(\p$1277 );
-  assign \$271  = first_pe5_9 ? { \p$1277 [15], \p$1277 [15], \p$1277 [15], \p$1277 [15], \p$1277 [15], \p$1277 [15], \p$1277 [15], \p$1277 [15], \p$1277 [15], \p$1277  } : \$270 ;
+  assign \$270  = $signed(acc_5_9) + $signed(\p$1517 );
+  assign \$271  = first_pe5_9 ? { \p$1517 [15], \p$1517 [15], \p$1517 [15], \p$1517 [15], \p$1517 [15], \p$1517 [15], \p$1517 [15], \p$1517 [15], \p$1517 [15], \p$1517  } : \$270 ;
   assign \$272  = done_pe5_9 ? acc_5_9 : bank_6_9;
-  assign \$273  = $signed(acc_5_10) + $signed(\p$1280 );
-  assign \$274  = first_pe5_10 ? { \p$1280 [15], \p$1280 [15], \p$1280 [15], \p$1280 [15], \p$1280 [15], \p$1280 [15], \p$1280 [15], \p$1280 [15], \p$1280 [15], \p$1280  } : \$273 ;
+  assign \$273  = $signed(acc_5_10) + $signed(\p$1520 );
+  assign \$274  = first_pe5_10 ? { \p$1520 [15], \p$1520 [15], \p$1520 [15], \p$1520 [15], \p$1520 [15], \p$1520 [15], \p$1520 [15], \p$1520 [15], \p$1520 [15], \p$1520  } : \$273 ;
   assign \$275  = done_pe5_10 ? acc_5_10 : bank_6_10;
-  assign \$276  = $signed(acc_5_11) + $signed(\p$1283 );
-  assign \$277  = first_pe5_11 ? { \p$1283 [15], \p$1283 [15], \p$1283 [15], \p$1283 [15], \p$1283 [15], \p$1283 [15], \p$1283 [15], \p$1283 [15], \p$1283 [15], \p$1283  } : \$276 ;
+  assign \$276  = $signed(acc_5_11) + $signed(\p$1523 );
+  assign \$277  = first_pe5_11 ? { \p$1523 [15], \p$1523 [15], \p$1523 [15], \p$1523 [15], \p$1523 [15], \p$1523 [15], \p$1523 [15], \p$1523 [15], \p$1523 [15], \p$1523  } : \$276 ;
   assign \$278  = done_pe5_11 ? acc_5_11 : bank_6_11;
-  assign \$279  = $signed(acc_5_12) + $signed(\p$1286 );
-  assign \$280  = first_pe5_12 ? { \p$1286 [15], \p$1286 [15], \p$1286 [15], \p$1286 [15], \p$1286 [15], \p$1286 [15], \p$1286 [15], \p$1286 [15], \p$1286 [15], \p$1286  } : \$279 ;
+  assign \$279  = $signed(acc_5_12) + $signed(\p$1526 );
+  assign \$280  = first_pe5_12 ? { \p$1526 [15], \p$1526 [15], \p$1526 [15], \p$1526 [15], \p$1526 [15], \p$1526 [15], \p$1526 [15], \p$1526 [15], \p$1526 [15], \p$1526  } : \$279 ;
   assign \$281  = done_pe5_12 ? acc_5_12 : bank_6_12;
-  assign \$282  = $signed(acc_5_13) + $signed(\p$1289 );
-  assign \$283  = first_pe5_13 ? { \p$1289 [15], \p$1289 [15], \p$1289 [15], \p$1289 [15], \p$1289 [15], \p$1289 [15], \p$1289 [15], \p$1289 [15], \p$1289 [15], \p$1289  } : \$282 ;
+  assign \$282  = $signed(acc_5_13) + $signed(\p$1529 );
+  assign \$283  = first_pe5_13 ? { \p$1529 [15], \p$1529 [15], \p$1529 [15], \p$1529 [15], \p$1529 [15], \p$1529 [15], \p$1529 [15], \p$1529 [15], \p$1529 [15], \p$1529  } : \$282 ;
   assign \$284  = done_pe5_13 ? acc_5_13 : bank_6_13;
-  assign \$285  = $signed(acc_5_14) + $signed(\p$1292 );
-  assign \$286  = first_pe5_14 ? { \p$1292 [15], \p$1292 [15], \p$1292 [15], \p$1292 [15], \p$1292 [15], \p$1292 [15], \p$1292 [15], \p$1292 [15], \p$1292 [15], \p$1292  } : \$285 ;
+  assign \$285  = $signed(acc_5_14) + $signed(\p$1532 );
+  assign \$286  = first_pe5_14 ? { \p$1532 [15], \p$1532 [15], \p$1532 [15], \p$1532 [15], \p$1532 [15], \p$1532 [15], \p$1532 [15], \p$1532 [15], \p$1532 [15], \p$1532  } : \$285 ;
   assign \$287  = done_pe5_14 ? acc_5_14 : bank_6_14;
-  assign \$288  = $signed(acc_5_15) + $signed(\p$1295 );
-  assign \$289  = first_pe5_15 ? { \p$1295 [15], \p$1295 [15], \p$1295 [15], \p$1295 [15], \p$1295 [15], \p$1295 [15], \p$1295 [15], \p$1295 [15], \p$1295 [15], \p$1295  } : \$288 ;
+  assign \$288  = $signed(acc_5_15) + $signed(\p$1535 );
+  assign \$289  = first_pe5_15 ? { \p$1535 [15], \p$1535 [15], \p$1535 [15], \p$1535 [15], \p$1535 [15], \p$1535 [15], \p$1535 [15], \p$1535 [15], \p$1535 [15], \p$1535  } : \$288 ;
   assign \$290  = done_pe5_15 ? acc_5_15 : bank_6_15;
-  assign \$291  = $signed(acc_6_0) + $signed(\p$1298 );
-  assign \$292  = first_pe6_0 ? { \p$1298 [15], \p$1298 [15], \p$1298 [15], \p$1298 [15], \p$1298 [15], \p$1298 [15], \p$1298 [15], \p$1298 [15], \p$1298 [15], \p$1298  } : \$291 ;
+  assign \$291  = $signed(acc_6_0) + $signed(\p$1538 );
+  assign \$292  = first_pe6_0 ? { \p$1538 [15], \p$1538 [15], \p$1538 [15], \p$1538 [15], \p$1538 [15], \p$1538 [15], \p$1538 [15], \p$1538 [15], \p$1538 [15], \p$1538  } : \$291 ;
   assign \$293  = done_pe6_0 ? acc_6_0 : bank_7_0;
-  assign \$294  = $signed(acc_6_1) + $signed(\p$1301 );
-  assign \$295  = first_pe6_1 ? { \p$1301 [15], \p$1301 [15], \p$1301 [15], \p$1301 [15], \p$1301 [15], \p$1301 [15], \p$1301 [15], \p$1301 [15], \p$1301 [15], \p$1301  } : \$294 ;
+  assign \$294  = $signed(acc_6_1) + $signed(\p$1541 );
+  assign \$295  = first_pe6_1 ? { \p$1541 [15], \p$1541 [15], \p$1541 [15], \p$1541 [15], \p$1541 [15], \p$1541 [15], \p$1541 [15], \p$1541 [15], \p$1541 [15], \p$1541  } : \$294 ;
   assign \$296  = done_pe6_1 ? acc_6_1 : bank_7_1;
-  assign \$297  = $signed(acc_6_2) + $signed(\p$1304 );
-  assign \$298  = first_pe6_2 ? { \p$1304 [15], \p$1304 [15], \p$1304 [15], \p$1304 [15], \p$1304 [15], \p$1304 [15], \p$1304 [15], \p$1304 [15], \p$1304 [15], \p$1304  } : \$297 ;
+  assign \$297  = $signed(acc_6_2) + $signed(\p$1544 );
+  assign \$298  = first_pe6_2 ? { \p$1544 [15], \p$1544 [15], \p$1544 [15], \p$1544 [15], \p$1544 [15], \p$1544 [15], \p$1544 [15], \p$1544 [15], \p$1544 [15], \p$1544  } : \$297 ;
   assign \$299  = done_pe6_2 ? acc_6_2 : bank_7_2;
-  assign \$300  = $signed(acc_6_3) + $signed(\p$1307 );
-  assign \$301  = first_pe6_3 ? { \p$1307 [15], \p$1307 [15], \p$1307 [15], \p$1307 [15], \p$1307 [15], \p$1307 [15], \p$1307 [15], \p$1307 [15], \p$1307 [15], \p$1307  } : \$300 ;
+  assign \$300  = $signed(acc_6_3) + $signed(\p$1547 );
+  assign \$301  = first_pe6_3 ? { \p$1547 [15], \p$1547 [15], \p$1547 [15], \p$1547 [15], \p$1547 [15], \p$1547 [15], \p$1547 [15], \p$1547 [15], \p$1547 [15], \p$1547  } : \$300 ;
   assign \$302  = done_pe6_3 ? acc_6_3 : bank_7_3;
-  assign \$303  = $signed(acc_6_4) + $signed(\p$1310 );
-  assign \$304  = first_pe6_4 ? { \p$1310 [15], \p$1310 [15], \p$1310 [15], \p$1310 [15], \p$1310 [15], \p$1310 [15], \p$1310 [15], \p$1310 [15], \p$1310 [15], \p$1310  } : \$303 ;
+  assign \$303  = $signed(acc_6_4) + $signed(\p$1550 );
+  assign \$304  = first_pe6_4 ? { \p$1550 [15], \p$1550 [15], \p$1550 [15], \p$1550 [15], \p$1550 [15], \p$1550 [15], \p$1550 [15], \p$1550 [15], \p$1550 [15], \p$1550  } : \$303 ;
   assign \$305  = done_pe6_4 ? acc_6_4 : bank_7_4;
-  assign \$306  = $signed(acc_6_5) + $signed(\p$1313 );
-  assign \$307  = first_pe6_5 ? { \p$1313 [15], \p$1313 [15], \p$1313 [15], \p$1313 [15], \p$1313 [15], \p$1313 [15], \p$1313 [15], \p$1313 [15], \p$1313 [15], \p$1313  } : \$306 ;
+  assign \$306  = $signed(acc_6_5) + $signed(\p$1553 );
+  assign \$307  = first_pe6_5 ? { \p$1553 [15], \p$1553 [15], \p$1553 [15], \p$1553 [15], \p$1553 [15], \p$1553 [15], \p$1553 [15], \p$1553 [15], \p$1553 [15], \p$1553  } : \$306 ;
   assign \$308  = done_pe6_5 ? acc_6_5 : bank_7_5;
-  assign \$309  = $signed(acc_6_6) + $signed(\p$1316 );
-  assign \$310  = first_pe6_6 ? { \p$1316 [15], \p$1316 [15], \p$1316 [15], \p$1316 [15], \p$1316 [15], \p$1316 [15], \p$1316 [15], \p$1316 [15], \p$1316 [15], \p$1316  } : \$309 ;
+  assign \$309  = $signed(acc_6_6) + $signed(\p$1556 );
+  assign \$310  = first_pe6_6 ? { \p$1556 [15], \p$1556 [15], \p$1556 [15], \p$1556 [15], \p$1556 [15], \p$1556 [15], \p$1556 [15], \p$1556 [15], \p$1556 [15], \p$1556  } : \$309 ;
   assign \$311  = done_pe6_6 ? acc_6_6 : bank_7_6;
-  assign \$312  = $signed(acc_6_7) + $signed(\p$1319 );
-  assign \$313  = first_pe6_7 ? { \p$1319 [15], \p$1319 [15], \p$1319 [15], \p$1319 [15], \p$1319 [15], \p$1319 [15], \p$1319 [15], \p$1319 [15], \p$1319 [15], \p$1319  } : \$312 ;
+  assign \$312  = $signed(acc_6_7) + $signed(\p$1559 );
+  assign \$313  = first_pe6_7 ? { \p$1559 [15], \p$1559 [15], \p$1559 [15], \p$1559 [15], \p$1559 [15], \p$1559 [15], \p$1559 [15], \p$1559 [15], \p$1559 [15], \p$1559  } : \$312 ;
   assign \$314  = done_pe6_7 ? acc_6_7 : bank_7_7;
-  assign \$315  = $signed(acc_6_8) + $signed(\p$1322 );
-  assign \$316  = first_pe6_8 ? { \p$1322 [15], \p$1322 [15], \p$1322 [15], \p$1322 [15], \p$1322 [15], \p$1322 [15], \p$1322 [15], \p$1322 [15], \p$1322 [15], \p$1322  } : \$315 ;
+  assign \$315  = $signed(acc_6_8) + $signed(\p$1562 );
+  assign \$316  = first_pe6_8 ? { \p$1562 [15], \p$1562 [15], \p$1562 [15], \p$1562 [15], \p$1562 [15], \p$1562 [15], \p$1562 [15], \p$1562 [15], \p$1562 [15], \p$1562  } : \$315 ;
   assign \$317  = done_pe6_8 ? acc_6_8 : bank_7_8;
-  assign \$318  = $signed(acc_6_9) + $signed(\p$1325 );
-  assign \$319  = first_pe6_9 ? { \p$1325 [15], \p$1325 [15], \p$1325 [15], \p$1325 [15], \p$1325 [15], \p$1325 [15], \p$1325 [15], \p$1325 [15], \p$1325 [15], \p$1325  } : \$318 ;
+  assign \$318  = $signed(acc_6_9) + $signed(\p$1565 );
+  assign \$319  = first_pe6_9 ? { \p$1565 [15], \p$1565 [15], \p$1565 [15], \p$1565 [15], \p$1565 [15], \p$1565 [15], \p$1565 [15], \p$1565 [15], \p$1565 [15], \p$1565  } : \$318 ;
   assign \$320  = done_pe6_9 ? acc_6_9 : bank_7_9;
-  assign \$321  = $signed(acc_6_10) + $signed(\p$1328 );
-  assign \$322  = first_pe6_10 ? { \p$1328 [15], \p$1328 [15], \p$1328 [15], \p$1328 [15], \p$1328 [15], \p$1328 [15], \p$1328 [15], \p$1328 [15], \p$1328 [15], \p$1328  } : \$321 ;
+  assign \$321  = $signed(acc_6_10) + $signed(\p$1568 );
+  assign \$322  = first_pe6_10 ? { \p$1568 [15], \p$1568 [15], \p$1568 [15], \p$1568 [15], \p$1568 [15], \p$1568 [15], \p$1568 [15], \p$1568 [15], \p$1568 [15], \p$1568  } : \$321 ;
   assign \$323  = done_pe6_10 ? acc_6_10 : bank_7_10;
-  assign \$324  = $signed(acc_6_11) + $signed(\p$1331 );
-  assign \$325  = first_pe6_11 ? { \p$1331 [15], \p$1331 [15], \p$1331 [15], \p$1331 [15], \p$1331 [15], \p$1331 [15], \p$1331 [15], \p$1331 [15], \p$1331 [15], \p$1331  } : \$324 ;
+  assign \$324  = $signed(acc_6_11) + $signed(\p$1571 );
+  assign \$325  = first_pe6_11 ? { \p$1571 [15], \p$1571 [15], \p$1571 [15], \p$1571 [15], \p$1571 [15], \p$1571 [15], \p$1571 [15], \p$1571 [15], \p$1571 [15], \p$1571  } : \$324 ;
   assign \$326  = done_pe6_11 ? acc_6_11 : bank_7_11;
-  assign \$327  = $signed(acc_6_12) + $signed(\p$1334 );
-  assign \$328  = first_pe6_12 ? { \p$1334 [15], \p$1334 [15], \p$1334 [15], \p$1334 [15], \p$1334 [15], \p$1334 [15], \p$1334 [15], \p$1334 [15], \p$1334 [15], \p$1334  } : \$327 ;
+  assign \$327  = $signed(acc_6_12) + $signed(\p$1574 );
+  assign \$328  = first_pe6_12 ? { \p$1574 [15], \p$1574 [15], \p$1574 [15], \p$1574 [15], \p$1574 [15], \p$1574 [15], \p$1574 [15], \p$1574 [15], \p$1574 [15], \p$1574  } : \$327 ;
   assign \$329  = done_pe6_12 ? acc_6_12 : bank_7_12;
-  assign \$330  = $signed(acc_6_13) + $signed(\p$1337 );
-  assign \$331  = first_pe6_13 ? { \p$1337 [15], \p$1337 [15], \p$1337 [15], \p$1337 [15], \p$1337 [15], \p$1337 [15], \p$1337 [15], \p$1337 [15], \p$1337 [15], \p$1337  } : \$330 ;
+  assign \$330  = $signed(acc_6_13) + $signed(\p$1577 );
+  assign \$331  = first_pe6_13 ? { \p$1577 [15], \p$1577 [15], \p$1577 [15], \p$1577 [15], \p$1577 [15], \p$1577 [15], \p$1577 [15], \p$1577 [15], \p$1577 [15], \p$1577  } : \$330 ;
   assign \$332  = done_pe6_13 ? acc_6_13 : bank_7_13;
-  assign \$333  = $signed(acc_6_14) + $signed(\p$1340 );
-  assign \$334  = first_pe6_14 ? { \p$1340 [15], \p$1340 [15], \p$1340 [15], \p$1340 [15], \p$1340 [15], \p$1340 [15], \p$1340 [15], \p$1340 [15], \p$1340 [15], \p$1340  } : \$333 ;
+  assign \$333  = $signed(acc_6_14) + $signed(\p$1580 );
+  assign \$334  = first_pe6_14 ? { \p$1580 [15], \p$1580 [15], \p$1580 [15], \p$1580 [15], \p$1580 [15], \p$1580 [15], \p$1580 [15], \p$1580 [15], \p$1580 [15], \p$1580  } : \$333 ;
   assign \$335  = done_pe6_14 ? acc_6_14 : bank_7_14;
-  assign \$336  = $signed(acc_6_15) + $signed(\p$1343 );
-  assign \$337  = first_pe6_15 ? { \p$1343 [15], \p$1343 [15], \p$1343 [15], \p$1343 [15], \p$1343 [15], \p$1343 [15], \p$1343 [15], \p$1343 [15], \p$1343 [15], \p$1343  } : \$336 ;
+  assign \$336  = $signed(acc_6_15) + $signed(\p$1583 );
+  assign \$337  = first_pe6_15 ? { \p$1583 [15], \p$1583 [15], \p$1583 [15], \p$1583 [15], \p$1583 [15], \p$1583 [15], \p$1583 [15], \p$1583 [15], \p$1583 [15], \p$1583  } : \$336 ;
   assign \$338  = done_pe6_15 ? acc_6_15 : bank_7_15;
-  assign \$339  = $signed(acc_7_0) + $signed(\p$1346 );
-  assign \$340  = first_pe7_0 ? { \p$1346 [15], \p$1346 [15], \p$1346 [15], \p$1346 [15], \p$1346 [15], \p$1346 [15], \p$1346 [15], \p$1346 [15], \p$1346 [15], \p$1346  } : \$339 ;
+  assign \$339  = $signed(acc_7_0) + $signed(\p$1586 );
+  assign \$340  = first_pe7_0 ? { \p$1586 [15], \p$1586 [15], \p$1586 [15], \p$1586 [15], \p$1586 [15], \p$1586 [15], \p$1586 [15], \p$1586 [15], \p$1586 [15], \p$1586  } : \$339 ;
   assign \$341  = done_pe7_0 ? acc_7_0 : bank_8_0;
-  assign \$342  = $signed(acc_7_1) + $signed(\p$1349 );
-  assign \$343  = first_pe7_1 ? { \p$1349 [15], \p$1349 [15], \p$1349 [15], \p$1349 [15], \p$1349 [15], \p$1349 [15], \p$1349 [15], \p$1349 [15], \p$1349 [15], \p$1349  } : \$342 ;
+  assign \$342  = $signed(acc_7_1) + $signed(\p$1589 );
+  assign \$343  = first_pe7_1 ? { \p$1589 [15], \p$1589 [15], \p$1589 [15], \p$1589 [15], \p$1589 [15], \p$1589 [15], \p$1589 [15], \p$1589 [15], \p$1589 [15], \p$1589  } : \$342 ;
   assign \$344  = done_pe7_1 ? acc_7_1 : bank_8_1;
-  assign \$345  = $signed(acc_7_2) + $signed(\p$1352 );
-  assign \$346  = first_pe7_2 ? { \p$1352 [15], \p$1352 [15], \p$1352 [15], \p$1352 [15], \p$1352 [15], \p$1352 [15], \p$1352 [15], \p$1352 [15], \p$1352 [15], \p$1352  } : \$345 ;
+  assign \$345  = $signed(acc_7_2) + $signed(\p$1592 );
+  assign \$346  = first_pe7_2 ? { \p$1592 [15], \p$1592 [15], \p$1592 [15], \p$1592 [15], \p$1592 [15], \p$1592 [15], \p$1592 [15], \p$1592 [15], \p$1592 [15], \p$1592  } : \$345 ;
   assign \$347  = done_pe7_2 ? acc_7_2 : bank_8_2;
-  assign \$348  = $signed(acc_7_3) + $signed(\p$1355 );
-  assign \$349  = first_pe7_3 ? { \p$1355 [15], \p$1355 [15], \p$1355 [15], \p$1355 [15], \p$1355 [15], \p$1355 [15], \p$1355 [15], \p$1355 [15], \p$1355 [15], \p$1355  } : \$348 ;
+  assign \$348  = $signed(acc_7_3) + $signed(\p$1595 );
+  assign \$349  = first_pe7_3 ? { \p$1595 [15], \p$1595 [15], \p$1595 [15], \p$1595 [15], \p$1595 [15], \p$1595 [15], \p$1595 [15], \p$1595 [15], \p$1595 [15], \p$1595  } : \$348 ;
   assign \$350  = done_pe7_3 ? acc_7_3 : bank_8_3;
-  assign \$351  = $signed(acc_7_4) + $signed(\p$1358 );
-  assign \$352  = first_pe7_4 ? { \p$1358 [15], \p$1358 [15], \p$1358 [15], \p$1358 [15], \p$1358 [15], \p$1358 [15], \p$1358 [15], \p$1358 [15], \p$1358 [15], \p$1358  } : \$351 ;
+  assign \$351  = $signed(acc_7_4) + $signed(\p$1598 );
+  assign \$352  = first_pe7_4 ? { \p$1598 [15], \p$1598 [15], \p$1598 [15], \p$1598 [15], \p$1598 [15], \p$1598 [15], \p$1598 [15], \p$1598 [15], \p$1598 [15], \p$1598  } : \$351 ;
   assign \$353  = done_pe7_4 ? acc_7_4 : bank_8_4;
-  assign \$354  = $signed(acc_7_5) + $signed(\p$1361 );
-  assign \$355  = first_pe7_5 ? { \p$1361 [15], \p$1361 [15], \p$1361 [15], \p$1361 [15], \p$1361 [15], \p$1361 [15], \p$1361 [15], \p$1361 [15], \p$1361 [15], \p$1361  } : \$354 ;
+  assign \$354  = $signed(acc_7_5) + $signed(\p$1601 );
+  assign \$355  = first_pe7_5 ? { \p$1601 [15], \p$1601 [15], \p$1601 [15], \p$1601 [15], \p$1601 [15], \p$1601 [15], \p$1601 [15], \p$1601 [15], \p$1601 [15], \p$1601  } : \$354 ;
   assign \$356  = done_pe7_5 ? acc_7_5 : bank_8_5;
-  assign \$357  = $signed(acc_7_6) + $signed(\p$1364 );
-  assign \$358  = first_pe7_6 ? { \p$1364 [15], \p$1364 [15], \p$1364 [15], \p$1364 [15], \p$1364 [15], \p$1364 [15], \p$1364 [15], \p$1364 [15], \p$1364 [15], \p$1364  } : \$357 ;
+  assign \$357  = $signed(acc_7_6) + $signed(\p$1604 );
+  assign \$358  = first_pe7_6 ? { \p$1604 [15], \p$1604 [15], \p$1604 [15], \p$1604 [15], \p$1604 [15], \p$1604 [15], \p$1604 [15], \p$1604 [15], \p$1604 [15], \p$1604  } : \$357 ;
   assign \$359  = done_pe7_6 ? acc_7_6 : bank_8_6;
-  assign \$360  = $signed(acc_7_7) + $signed(\p$1367 );
-  assign \$361  = first_pe7_7 ? { \p$1367 [15], \p$1367 [15], \p$1367 [15], \p$1367 [15], \p$1367 [15], \p$1367 [15], \p$1367 [15], \p$1367 [15], \p$1367 [15], \p$1367  } : \$360 ;
+  assign \$360  = $signed(acc_7_7) + $signed(\p$1607 );
+  assign \$361  = first_pe7_7 ? { \p$1607 [15], \p$1607 [15], \p$1607 [15], \p$1607 [15], \p$1607 [15], \p$1607 [15], \p$1607 [15], \p$1607 [15], \p$1607 [15], \p$1607  } : \$360 ;
   assign \$362  = done_pe7_7 ? acc_7_7 : bank_8_7;
-  assign \$363  = $signed(acc_7_8) + $signed(\p$1370 );
-  assign \$364  = first_pe7_8 ? { \p$1370 [15], \p$1370 [15], \p$1370 [15], \p$1370 [15], \p$1370 [15], \p$1370 [15], \p$1370 [15], \p$1370 [15], \p$1370 [15], \p$1370  } : \$363 ;
+  assign \$363  = $signed(acc_7_8) + $signed(\p$1610 );
+  assign \$364  = first_pe7_8 ? { \p$1610 [15], \p$1610 [15], \p$1610 [15], \p$1610 [15], \p$1610 [15], \p$1610 [15], \p$1610 [15], \p$1610 [15], \p$1610 [15], \p$1610  } : \$363 ;
   assign \$365  = done_pe7_8 ? acc_7_8 : bank_8_8;
-  assign \$366  = $signed(acc_7_9) + $signed(\p$1373 );
-  assign \$367  = first_pe7_9 ? { \p$1373 [15], \p$1373 [15], \p$1373 [15], \p$1373 [15], \p$1373 [15], \p$1373 [15], \p$1373 [15], \p$1373 [15], \p$1373 [15], \p$1373  } : \$366 ;
+  assign \$366  = $signed(acc_7_9) + $signed(\p$1613 );
+  assign \$367  = first_pe7_9 ? { \p$1613 [15], \p$1613 [15], \p$1613 [15], \p$1613 [15], \p$1613 [15], \p$1613 [15], \p$1613 [15], \p$1613 [15], \p$1613 [15], \p$1613  } : \$366 ;
   assign \$368  = done_pe7_9 ? acc_7_9 : bank_8_9;
-  assign \$369  = $signed(acc_7_10) + $signed(\p$1376 );
-  assign \$370  = first_pe7_10 ? { \p$1376 [15], \p$1376 [15], \p$1376 [15], \p$1376 [15], \p$1376 [15], \p$1376 [15], \p$1376 [15], \p$1376 [15], \p$1376 [15], \p$1376  } : \$369 ;
+  assign \$369  = $signed(acc_7_10) + $signed(\p$1616 );
+  assign \$370  = first_pe7_10 ? { \p$1616 [15], \p$1616 [15], \p$1616 [15], \p$1616 [15], \p$1616 [15], \p$1616 [15], \p$1616 [15], \p$1616 [15], \p$1616 [15], \p$1616  } : \$369 ;
   assign \$371  = done_pe7_10 ? acc_7_10 : bank_8_10;
-  assign \$372  = $signed(acc_7_11) + $signed(\p$1379 );
-  assign \$373  = first_pe7_11 ? { \p$1379 [15], \p$1379 [15], \p$1379 [15], \p$1379 [15], \p$1379 [15], \p$1379 [15], \p$1379 [15], \p$1379 [15], \p$1379 [15], \p$1379  } : \$372 ;
+  assign \$372  = $signed(acc_7_11) + $signed(\p$1619 );
+  assign \$373  = first_pe7_11 ? { \p$1619 [15], \p$1619 [15], \p$1619 [15], \p$1619 [15], \p$1619 [15], \p$1619 [15], \p$1619 [15], \p$1619 [15], \p$1619 [15], \p$1619  } : \$372 ;
   assign \$374  = done_pe7_11 ? acc_7_11 : bank_8_11;
-  assign \$375  = $signed(acc_7_12) + $signed(\p$1382 );
-  assign \$376  = first_pe7_12 ? { \p$1382 [15], \p$1382 [15], \p$1382 [15], \p$1382 [15], \p$1382 [15], \p$1382 [15], \p$1382 [15], \p$1382 [15], \p$1382 [15], \p$1382  } : \$375 ;
+  assign \$375  = $signed(acc_7_12) + $signed(\p$1622 );
+  assign \$376  = first_pe7_12 ? { \p$1622 [15], \p$1622 [15], \p$1622 [15], \p$1622 [15], \p$1622 [15], \p$1622 [15], \p$1622 [15], \p$1622 [15], \p$1622 [15], \p$1622  } : \$375 ;
   assign \$377  = done_pe7_12 ? acc_7_12 : bank_8_12;
-  assign \$378  = $signed(acc_7_13) + $signed(\p$1385 );
-  assign \$379  = first_pe7_13 ? { \p$1385 [15], \p$1385 [15], \p$1385 [15], \p$1385 [15], \p$1385 [15], \p$1385 [15], \p$1385 [15], \p$1385 [15], \p$1385 [15], \p$1385  } : \$378 ;
+  assign \$378  = $signed(acc_7_13) + $signed(\p$1625 );
+  assign \$379  = first_pe7_13 ? { \p$1625 [15], \p$1625 [15], \p$1625 [15], \p$1625 [15], \p$1625 [15], \p$1625 [15], \p$1625 [15], \p$1625 [15], \p$1625 [15], \p$1625  } : \$378 ;
   assign \$380  = done_pe7_13 ? acc_7_13 : bank_8_13;
-  assign \$381  = $signed(acc_7_14) + $signed(\p$1388 );
-  assign \$382  = first_pe7_14 ? { \p$1388 [15], \p$1388 [15], \p$1388 [15], \p$1388 [15], \p$1388 [15], \p$1388 [15], \p$1388 [15], \p$1388 [15], \p$1388 [15], \p$1388  } : \$381 ;
+  assign \$381  = $signed(acc_7_14) + $signed(\p$1628 );
+  assign \$382  = first_pe7_14 ? { \p$1628 [15], \p$1628 [15], \p$1628 [15], \p$1628 [15], \p$1628 [15], \p$1628 [15], \p$1628 [15], \p$1628 [15], \p$1628 [15], \p$1628  } : \$381 ;
   assign \$383  = done_pe7_14 ? acc_7_14 : bank_8_14;
-  assign \$384  = $signed(acc_7_15) + $signed(\p$1391 );
-  assign \$385  = first_pe7_15 ? { \p$1391 [15], \p$1391 [15], \p$1391 [15], \p$1391 [15], \p$1391 [15], \p$1391 [15], \p$1391 [15], \p$1391 [15], \p$1391 [15], \p$1391  } : \$384 ;
+  assign \$384  = $signed(acc_7_15) + $signed(\p$1631 );
+  assign \$385  = first_pe7_15 ? { \p$1631 [15], \p$1631 [15], \p$1631 [15], \p$1631 [15], \p$1631 [15], \p$1631 [15], \p$1631 [15], \p$1631 [15], \p$1631 [15], \p$1631  } : \$384 ;
   assign \$386  = done_pe7_15 ? acc_7_15 : bank_8_15;
-  assign \$387  = $signed(acc_8_0) + $signed(\p$1394 );
-  assign \$388  = first_pe8_0 ? { \p$1394 [15], \p$1394 [15], \p$1394 [15], \p$1394 [15], \p$1394 [15], \p$1394 [15], \p$1394 [15], \p$1394 [15], \p$1394 [15], \p$1394  } : \$387 ;
+  assign \$387  = $signed(acc_8_0) + $signed(\p$1634 );
+  assign \$388  = first_pe8_0 ? { \p$1634 [15], \p$1634 [15], \p$1634 [15], \p$1634 [15], \p$1634 [15], \p$1634 [15], \p$1634 [15], \p$1634 [15], \p$1634 [15], \p$1634  } : \$387 ;
   assign \$389  = done_pe8_0 ? acc_8_0 : bank_9_0;
-  assign \$390  = $signed(acc_8_1) + $signed(\p$1397 );
-  assign \$391  = first_pe8_1 ? { \p$1397 [15], \p$1397 [15], \p$1397 [15], \p$1397 [15], \p$1397 [15], \p$1397 [15], \p$1397 [15], \p$1397 [15], \p$1397 [15], \p$1397  } : \$390 ;
+  assign \$390  = $signed(acc_8_1) + $signed(\p$1637 );
+  assign \$391  = first_pe8_1 ? { \p$1637 [15], \p$1637 [15], \p$1637 [15], \p$1637 [15], \p$1637 [15], \p$1637 [15], \p$1637 [15], \p$1637 [15], \p$1637 [15], \p$1637  } : \$390 ;
   assign \$392  = done_pe8_1 ? acc_8_1 : bank_9_1;
-  assign \$393  = $signed(acc_8_2) + $signed(\p$1400 );
-  assign \$394  = first_pe8_2 ? { \p$1400 [15], \p$1400 [15], \p$1400 [15], \p$1400 [15], \p$1400 [15], \p$1400 [15], \p$1400 [15], \p$1400 [15], \p$1400 [15], \p$1400  } : \$393 ;
+  assign \$393  = $signed(acc_8_2) + $signed(\p$1640 );
+  assign \$394  = first_pe8_2 ? { \p$1640 [15], \p$1640 [15], \p$1640 [15], \p$1640 [15], \p$1640 [15], \p$1640 [15], \p$1640 [15], \p$1640 [15], \p$1640 [15], \p$1640  } : \$393 ;
   assign \$395  = done_pe8_2 ? acc_8_2 : bank_9_2;
-  assign \$396  = $signed(acc_8_3) + $signed(\p$1403 );
-  assign \$397  = first_pe8_3 ? { \p$1403 [15], \p$1403 [15], \p$1403 [15], \p$1403 [15], \p$1403 [15], \p$1403 [15], \p$1403 [15], \p$1403 [15], \p$1403 [15], \p$1403  } : \$396 ;
+  assign \$396  = $signed(acc_8_3) + $signed(\p$1643 );
+  assign \$397  = first_pe8_3 ? { \p$1643 [15], \p$1643 [15], \p$1643 [15], \p$1643 [15], \p$1643 [15], \p$1643 [15], \p$1643 [15], \p$1643 [15], \p$1643 [15], \p$1643  } : \$396 ;
   assign \$398  = done_pe8_3 ? acc_8_3 : bank_9_3;
-  assign \$399  = $signed(acc_8_4) + $signed(\p$1406 );
-  assign \$400  = first_pe8_4 ? { \p$1406 [15], \p$1406 [15], \p$1406 [15], \p$1406 [15], \p$1406 [15], \p$1406 [15], \p$1406 [15], \p$1406 [15], \p$1406 [15], \p$1406  } : \$399 ;
+  assign \$399  = $signed(acc_8_4) + $signed(\p$1646 );
+  assign \$400  = first_pe8_4 ? { \p$1646 [15], \p$1646 [15], \p$1646 [15], \p$1646 [15], \p$1646 [15], \p$1646 [15], \p$1646 [15], \p$1646 [15], \p$1646 [15], \p$1646  } : \$399 ;
   assign \$401  = done_pe8_4 ? acc_8_4 : bank_9_4;
-  assign \$402  = $signed(acc_8_5) + $signed(\p$1409 );
-  assign \$403  = first_pe8_5 ? { \p$1409 [15], \p$1409 [15], \p$1409 [15], \p$1409 [15], \p$1409 [15], \p$1409 [15], \p$1409 [15], \p$1409 [15], \p$1409 [15], \p$1409  } : \$402 ;
+  assign \$402  = $signed(acc_8_5) + $signed(\p$1649 );
+  assign \$403  = first_pe8_5 ? { \p$1649 [15], \p$1649 [15], \p$1649 [15], \p$1649 [15], \p$1649 [15], \p$1649 [15], \p$1649 [15], \p$1649 [15], \p$1649 [15], \p$1649  } : \$402 ;
   assign \$404  = done_pe8_5 ? acc_8_5 : bank_9_5;
-  assign \$405  = $signed(acc_8_6) + $signed(\p$1412 );
-  assign \$406  = first_pe8_6 ? { \p$1412 [15], \p$1412 [15], \p$1412 [15], \p$1412 [15], \p$1412 [15], \p$1412 [15], \p$1412 [15], \p$1412 [15], \p$1412 [15], \p$1412  } : \$405 ;
+  assign \$405  = $signed(acc_8_6) + $signed(\p$1652 );
+  assign \$406  = first_pe8_6 ? { \p$1652 [15], \p$1652 [15], \p$1652 [15], \p$1652 [15], \p$1652 [15], \p$1652 [15], \p$1652 [15], \p$1652 [15], \p$1652 [15], \p$1652  } : \$405 ;
   assign \$407  = done_pe8_6 ? acc_8_6 : bank_9_6;
-  assign \$408  = $signed(acc_8_7) + $signed(\p$1415 );
-  assign \$409  = first_pe8_7 ? { \p$1415 [15], \p$1415 [15], \p$1415 [15], \p$1415 [15], \p$1415 [15], \p$1415 [15], \p$1415 [15], \p$1415 [15], \p$1415 [15], \p$1415  } : \$408 ;
+  assign \$408  = $signed(acc_8_7) + $signed(\p$1655 );
+  assign \$409  = first_pe8_7 ? { \p$1655 [15], \p$1655 [15], \p$1655 [15], \p$1655 [15], \p$1655 [15], \p$1655 [15], \p$1655 [15], \p$1655 [15], \p$1655 [15], \p$1655  } : \$408 ;
   assign \$410  = done_pe8_7 ? acc_8_7 : bank_9_7;
-  assign \$411  = $signed(acc_8_8) + $signed(\p$1418 );
-  assign \$412  = first_pe8_8 ? { \p$1418 [15], \p$1418 [15], \p$1418 [15], \p$1418 [15], \p$1418 [15], \p$1418 [15], \p$1418 [15], \p$1418 [15], \p$1418 [15], \p$1418  } : \$411 ;
+  assign \$411  = $signed(acc_8_8) + $signed(\p$1658 );
+  assign \$412  = first_pe8_8 ? { \p$1658 [15], \p$1658 [15], \p$1658 [15], \p$1658 [15], \p$1658 [15], \p$1658 [15], \p$1658 [15], \p$1658 [15], \p$1658 [15], \p$1658  } : \$411 ;
   assign \$413  = done_pe8_8 ? acc_8_8 : bank_9_8;
-  assign \$414  = $signed(acc_8_9) + $signed(\p$1421 );
-  assign \$415  = first_pe8_9 ? { \p$1421 [15], \p$1421 [15], \p$1421 [15], \p$1421 [15], \p$1421 [15], \p$1421 [15], \p$1421 [15], \p$1421 [15], \p$1421 [15], \p$1421  } : \$414 ;
+  assign \$414  = $signed(acc_8_9) + $signed(\p$1661 );
+  assign \$415  = first_pe8_9 ? { \p$1661 [15], \p$1661 [15], \p$1661 [15], \p$1661 [15], \p$1661 [15], \p$1661 [15], \p$1661 [15], \p$1661 [15], \p$1661 [15], \p$1661  } : \$414 ;
   assign \$416  = done_pe8_9 ? acc_8_9 : bank_9_9;
-  assign \$417  = $signed(acc_8_10) + $signed(\p$1424 );
-  assign \$418  = first_pe8_10 ? { \p$1424 [15], \p$1424 [15], \p$1424 [15], \p$1424 [15], \p$1424 [15], \p$1424 [15], \p$1424 [15], \p$1424 [15], \p$1424 [15], \p$1424  } : \$417 ;
+  assign \$417  = $signed(acc_8_10) + $signed(\p$1664 );
+  assign \$418  = first_pe8_10 ? { \p$1664 [15], \p$1664 [15], \p$1664 [15], \p$1664 [15], \p$1664 [15], \p$1664 [15], \p$1664 [15], \p$1664 [15], \p$1664 [15], \p$1664  } : \$417 ;
   assign \$419  = done_pe8_10 ? acc_8_10 : bank_9_10;
-  assign \$420  = $signed(acc_8_11) + $signed(\p$1427 );
-  assign \$421  = first_pe8_11 ? { \p$1427 [15], \p$1427 [15], \p$1427 [15], \p$1427 [15], \p$1427 [15], \p$1427 [15], \p$1427 [15], \p$1427 [15], \p$1427 [15], \p$1427  } : \$420 ;
+  assign \$420  = $signed(acc_8_11) + $signed(\p$1667 );
+  assign \$421  = first_pe8_11 ? { \p$1667 [15], \p$1667 [15], \p$1667 [15], \p$1667 [15], \p$1667 [15], \p$1667 [15], \p$1667 [15], \p$1667 [15], \p$1667 [15], \p$1667  } : \$420 ;
   assign \$422  = done_pe8_11 ? acc_8_11 : bank_9_11;
-  assign \$423  = $signed(acc_8_12) + $signed(\p$1430 );
-  assign \$424  = first_pe8_12 ? { \p$1430 [15], \p$1430 [15], \p$1430 [15], \p$1430 [15], \p$1430 [15], \p$1430 [15], \p$1430 [15], \p$1430 [15], \p$1430 [15], \p$1430  } : \$423 ;
+  assign \$423  = $signed(acc_8_12) + $signed(\p$1670 );
+  assign \$424  = first_pe8_12 ? { \p$1670 [15], \p$1670 [15], \p$1670 [15], \p$1670 [15], \p$1670 [15], \p$1670 [15], \p$1670 [15], \p$1670 [15], \p$1670 [15], \p$1670  } : \$423 ;
   assign \$425  = done_pe8_12 ? acc_8_12 : bank_9_12;
-  assign \$426  = $signed(acc_8_13) + $signed(\p$1433 );
-  assign \$427  = first_pe8_13 ? { \p$1433 [15], \p$1433 [15], \p$1433 [15], \p$1433 [15], \p$1433 [15], \p$1433 [15], \p$1433 [15], \p$1433 [15], \p$1433 [15], \p$1433  } : \$426 ;
+  assign \$426  = $signed(acc_8_13) + $signed(\p$1673 );
+  assign \$427  = first_pe8_13 ? { \p$1673 [15], \p$1673 [15], \p$1673 [15], \p$1673 [15], \p$1673 [15], \p$1673 [15], \p$1673 [15], \p$1673 [15], \p$1673 [15], \p$1673  } : \$426 ;
   assign \$428  = done_pe8_13 ? acc_8_13 : bank_9_13;
-  assign \$429  = $signed(acc_8_14) + $signed(\p$1436 );
-  assign \$430  = first_pe8_14 ? { \p$1436 [15], \p$1436 [15], \p$1436 [15], \p$1436 [15], \p$1436 [15], \p$1436 [15], \p$1436 [15], \p$1436 [15], \p$1436 [15], \p$1436  } : \$429 ;
+  assign \$429  = $signed(acc_8_14) + $signed(\p$1676 );
+  assign \$430  = first_pe8_14 ? { \p$1676 [15], \p$1676 [15], \p$1676 [15], \p$1676 [15], \p$1676 [15], \p$1676 [15], \p$1676 [15], \p$1676 [15], \p$1676 [15], \p$1676  } : \$429 ;
   assign \$431  = done_pe8_14 ? acc_8_14 : bank_9_14;
-  assign \$432  = $signed(acc_8_15) + $signed(\p$1439 );
-  assign \$433  = first_pe8_15 ? { \p$1439 [15], \p$1439 [15], \p$1439 [15], \p$1439 [15], \p$1439 [15], \p$1439 [15], \p$1439 [15], \p$1439 [15], \p$1439 [15], \p$1439  } : \$432 ;
+  assign \$432  = $signed(acc_8_15) + $signed(\p$1679 );
+  assign \$433  = first_pe8_15 ? { \p$1679 [15], \p$1679 [15], \p$1679 [15], \p$1679 [15], \p$1679 [15], \p$1679 [15], \p$1679 [15], \p$1679 [15], \p$1679 [15], \p$1679  } : \$432 ;
   assign \$434  = done_pe8_15 ? acc_8_15 : bank_9_15;
-  assign \$435  = $signed(acc_9_0) + $signed(\p$1442 );
-  assign \$436  = first_pe9_0 ? { \p$1442 [15], \p$1442 [15], \p$1442 [15], \p$1442 [15], \p$1442 [15], \p$1442 [15], \p$1442 [15], \p$1442 [15], \p$1442 [15], \p$1442  } : \$435 ;
+  assign \$435  = $signed(acc_9_0) + $signed(\p$1682 );
+  assign \$436  = first_pe9_0 ? { \p$1682 [15], \p$1682 [15], \p$1682 [15], \p$1682 [15], \p$1682 [15], \p$1682 [15], \p$1682 [15], \p$1682 [15], \p$1682 [15], \p$1682  } : \$435 ;
   assign \$437  = done_pe9_0 ? acc_9_0 : bank_10_0;
-  assign \$438  = $signed(acc_9_1) + $signed(\p$1445 );
-  assign \$439  = first_pe9_1 ? { \p$1445 [15], \p$1445 [15], \p$1445 [15], \p$1445 [15], \p$1445 [15], \p$1445 [15], \p$1445 [15], \p$1445 [15], \p$1445 [15], \p$1445  } : \$438 ;
+  assign \$438  = $signed(acc_9_1) + $signed(\p$1685 );
+  assign \$439  = first_pe9_1 ? { \p$1685 [15], \p$1685 [15], \p$1685 [15], \p$1685 [15], \p$1685 [15], \p$1685 [15], \p$1685 [15], \p$1685 [15], \p$1685 [15], \p$1685  } : \$438 ;
   assign \$440  = done_pe9_1 ? acc_9_1 : bank_10_1;
-  assign \$441  = $signed(acc_9_2) + $signed(\p$1448 );
-  assign \$442  = first_pe9_2 ? { \p$1448 [15], \p$1448 [15], \p$1448 [15], \p$1448 [15], \p$1448 [15], \p$1448 [15], \p$1448 [15], \p$1448 [15], \p$1448 [15], \p$1448  } : \$441 ;
+  assign \$441  = $signed(acc_9_2) + $signed(\p$1688 );
+  assign \$442  = first_pe9_2 ? { \p$1688 [15], \p$1688 [15], \p$1688 [15], \p$1688 [15], \p$1688 [15], \p$1688 [15], \p$1688 [15], \p$1688 [15], \p$1688 [15], \p$1688  } : \$441 ;
   assign \$443  = done_pe9_2 ? acc_9_2 : bank_10_2;
-  assign \$444  = $signed(acc_9_3) + $signed(\p$1451 );
-  assign \$445  = first_pe9_3 ? { \p$1451 [15], \p$1451 [15], \p$1451 [15], \p$1451 [15], \p$1451 [15], \p$1451 [15], \p$1451 [15], \p$1451 [15], \p$1451 [15], \p$1451  } : \$444 ;
+  assign \$444  = $signed(acc_9_3) + $signed(\p$1691 );
+  assign \$445  = first_pe9_3 ? { \p$1691 [15], \p$1691 [15], \p$1691 [15], \p$1691 [15], \p$1691 [15], \p$1691 [15], \p$1691 [15], \p$1691 [15], \p$1691 [15], \p$1691  } : \$444 ;
   assign \$446  = done_pe9_3 ? acc_9_3 : bank_10_3;
-  assign \$447  = $signed(acc_9_4) + $signed(\p$1454 );
-  assign \$448  = first_pe9_4 ? { \p$1454 [15], \p$1454 [15], \p$1454 [15], \p$1454 [15], \p$1454 [15], \p$1454 [15], \p$1454 [15], \p$1454 [15], \p$1454 [15], \p$1454  } : \$447 ;
+  assign \$447  = $signed(acc_9_4) + $signed(\p$1694 );
+  assign \$448  = first_pe9_4 ? { \p$1694 [15], \p$1694 [15], \p$1694 [15], \p$1694 [15], \p$1694 [15], \p$1694 [15], \p$1694 [15], \p$1694 [15], \p$1694 [15], \p$1694  } : \$447 ;
   assign \$449  = done_pe9_4 ? acc_9_4 : bank_10_4;
-  assign \$450  = $signed(acc_9_5) + $signed(\p$1457 );
-  assign \$451  = first_pe9_5 ? { \p$1457 [15], \p$1457 [15], \p$1457 [15], \p$1457 [15], \p$1457 [15], \p$1457 [15], \p$1457 [15], \p$1457 [15], \p$1457 [15], \p$1457  } : \$450 ;
+  assign \$450  = $signed(acc_9_5) + $signed(\p$1697 );
+  assign \$451  = first_pe9_5 ? { \p$1697 [15], \p$1697 [15], \p$1697 [15], \p$1697 [15], \p$1697 [15], \p$1697 [15], \p$1697 [15], \p$1697 [15], \p$1697 [15], \p$1697  } : \$450 ;
   assign \$452  = done_pe9_5 ? acc_9_5 : bank_10_5;
-  assign \$453  = $signed(acc_9_6) + $signed(\p$1460 );
-  assign \$454  = first_pe9_6 ? { \p$1460 [15], \p$1460 [15], \p$1460 [15], \p$1460 [15], \p$1460 [15], \p$1460 [15], \p$1460 [15], \p$1460 [15], \p$1460 [15], \p$1460  } : \$453 ;
+  assign \$453  = $signed(acc_9_6) + $signed(\p$1700 );
+  assign \$454  = first_pe9_6 ? { \p$1700 [15], \p$1700 [15], \p$1700 [15], \p$1700 [15], \p$1700 [15], \p$1700 [15], \p$1700 [15], \p$1700 [15], \p$1700 [15], \p$1700  } : \$453 ;
   assign \$455  = done_pe9_6 ? acc_9_6 : bank_10_6;
-  assign \$456  = $signed(acc_9_7) + $signed(\p$1463 );
-  assign \$457  = first_pe9_7 ? { \p$1463 [15], \p$1463 [15], \p$1463 [15], \p$1463 [15], \p$1463 [15], \p$1463 [15], \p$1463 [15], \p$1463 [15], \p$1463 [15], \p$1463  } : \$456 ;
+  assign \$456  = $signed(acc_9_7) + $signed(\p$1703 );
+  assign \$457  = first_pe9_7 ? { \p$1703 [15], \p$1703 [15], \p$1703 [15], \p$1703 [15], \p$1703 [15], \p$1703 [15], \p$1703 [15], \p$1703 [15], \p$1703 [15], \p$1703  } : \$456 ;
   assign \$458  = done_pe9_7 ? acc_9_7 : bank_10_7;
-  assign \$459  = $signed(acc_9_8) + $signed(\p$1466 );
-  assign \$460  = first_pe9_8 ? { \p$1466 [15], \p$1466 [15], \p$1466 [15], \p$1466 [15], \p$1466 [15], \p$1466 [15], \p$1466 [15], \p$1466 [15], \p$1466 [15], \p$1466  } : \$459 ;
+  assign \$459  = $signed(acc_9_8) + $signed(\p$1706 );
+  assign \$460  = first_pe9_8 ? { \p$1706 [15], \p$1706 [15], \p$1706 [15], \p$1706 [15], \p$1706 [15], \p$1706 [15], \p$1706 [15], \p$1706 [15], \p$1706 [15], \p$1706  } : \$459 ;
   assign \$461  = done_pe9_8 ? acc_9_8 : bank_10_8;
-  assign \$462  = $signed(acc_9_9) + $signed(\p$1469 );
-  assign \$463  = first_pe9_9 ? { \p$1469 [15], \p$1469 [15], \p$1469 [15], \p$1469 [15], \p$1469 [15], \p$1469 [15], \p$1469 [15], \p$1469 [15], \p$1469 [15], \p$1469  } : \$462 ;
+  assign \$462  = $signed(acc_9_9) + $signed(\p$1709 );
+  assign \$463  = first_pe9_9 ? { \p$1709 [15], \p$1709 [15], \p$1709 [15], \p$1709 [15], \p$1709 [15], \p$1709 [15], \p$1709 [15], \p$1709 [15], \p$1709 [15], \p$1709  } : \$462 ;
   assign \$464  = done_pe9_9 ? acc_9_9 : bank_10_9;
-  assign \$465  = $signed(acc_9_10) + $signed(\p$1472 );
-  assign \$466  = first_pe9_10 ? { \p$1472 [15], \p$1472 [15], \p$1472 [15], \p$1472 [15], \p$1472 [15], \p$1472 [15], \p$1472 [15], \p$1472 [15], \p$1472 [15], \p$1472  } : \$465 ;
+  assign \$465  = $signed(acc_9_10) + $signed(\p$1712 );
+  assign \$466  = first_pe9_10 ? { \p$1712 [15], \p$1712 [15], \p$1712 [15], \p$1712 [15], \p$1712 [15], \p$1712 [15], \p$1712 [15], \p$1712 [15], \p$1712 [15], \p$1712  } : \$465 ;
   assign \$467  = done_pe9_10 ? acc_9_10 : bank_10_10;
-  assign \$468  = $signed(acc_9_11) + $signed(\p$1475 );
-  assign \$469  = first_pe9_11 ? { \p$1475 [15], \p$1475 [15], \p$1475 [15], \p$1475 [15], \p$1475 [15], \p$1475 [15], \p$1475 [15], \p$1475 [15], \p$1475 [15], \p$1475  } : \$468 ;
+  assign \$468  = $signed(acc_9_11) + $signed(\p$1715 );
+  assign \$469  = first_pe9_11 ? { \p$1715 [15], \p$1715 [15], \p$1715 [15], \p$1715 [15], \p$1715 [15], \p$1715 [15], \p$1715 [15], \p$1715 [15], \p$1715 [15], \p$1715  } : \$468 ;
   assign \$470  = done_pe9_11 ? acc_9_11 : bank_10_11;
-  assign \$471  = $signed(acc_9_12) + $signed(\p$1478 );
-  assign \$472  = first_pe9_12 ? { \p$1478 [15], \p$1478 [15], \p$1478 [15], \p$1478 [15], \p$1478 [15], \p$1478 [15], \p$1478 [15], \p$1478 [15], \p$1478 [15], \p$1478  } : \$471 ;
+  assign \$471  = $signed(acc_9_12) + $signed(\p$1718 );
+  assign \$472  = first_pe9_12 ? { \p$1718 [15], \p$1718 [15], \p$1718 [15], \p$1718 [15], \p$1718 [15], \p$1718 [15], \p$1718 [15], \p$1718 [15], \p$1718 [15], \p$1718  } : \$471 ;
   assign \$473  = done_pe9_12 ? acc_9_12 : bank_10_12;
-  assign \$474  = $signed(acc_9_13) + $signed(\p$1481 );
-  assign \$475  = first_pe9_13 ? { \p$1481 [15], \p$1481 [15], \p$1481 [15], \p$1481 [15], \p$1481 [15], \p$1481 [15], \p$1481 [15], \p$1481 [15], \p$1481 [15], \p$1481  } : \$474 ;
+  assign \$474  = $signed(acc_9_13) + $signed(\p$1721 );
+  assign \$475  = first_pe9_13 ? { \p$1721 [15], \p$1721 [15], \p$1721 [15], \p$1721 [15], \p$1721 [15], \p$1721 [15], \p$1721 [15], \p$1721 [15], \p$1721 [15], \p$1721  } : \$474 ;
   assign \$476  = done_pe9_13 ? acc_9_13 : bank_10_13;
-  assign \$477  = $signed(acc_9_14) + $signed(\p$1484 );
-  assign \$478  = first_pe9_14 ? { \p$1484 [15], \p$1484 [15], \p$1484 [15], \p$1484 [15], \p$1484 [15], \p$1484 [15], \p$1484 [15], \p$1484 [15], \p$1484 [15], \p$1484  } : \$477 ;
+  assign \$477  = $signed(acc_9_14) + $signed(\p$1724 );
+  assign \$478  = first_pe9_14 ? { \p$1724 [15], \p$1724 [15], \p$1724 [15], \p$1724 [15], \p$1724 [15], \p$1724 [15], \p$1724 [15], \p$1724 [15], \p$1724 [15], \p$1724  } : \$477 ;
   assign \$479  = done_pe9_14 ? acc_9_14 : bank_10_14;
-  assign \$480  = $signed(acc_9_15) + $signed(\p$1487 );
-  assign \$481  = first_pe9_15 ? { \p$1487 [15], \p$1487 [15], \p$1487 [15], \p$1487 [15], \p$1487 [15], \p$1487 [15], \p$1487 [15], \p$1487 [15], \p$1487 [15], \p$1487  } : \$480 ;
+  assign \$480  = $signed(acc_9_15) + $signed(\p$1727 );
+  assign \$481  = first_pe9_15 ? { \p$1727 [15], \p$1727 [15], \p$1727 [15], \p$1727 [15], \p$1727 [15], \p$1727 [15], \p$1727 [15], \p$1727 [15], \p$1727 [15], \p$1727  } : \$480 ;
   assign \$482  = done_pe9_15 ? acc_9_15 : bank_10_15;
-  assign \$483  = $signed(acc_10_0) + $signed(\p$1490 );
-  assign \$484  = first_pe10_0 ? { \p$1490 [15], \p$1490 [15], \p$1490 [15], \p$1490 [15], \p$1490 [15], \p$1490 [15], \p$1490 [15], \p$1490 [15], \p$1490 [15], \p$1490  } : \$483 ;
+  assign \$483  = $signed(acc_10_0) + $signed(\p$1730 );
+  assign \$484  = first_pe10_0 ? { \p$1730 [15], \p$1730 [15], \p$1730 [15], \p$1730 [15], \p$1730 [15], \p$1730 [15], \p$1730 [15], \p$1730 [15], \p$1730 [15], \p$1730  } : \$483 ;
   assign \$485  = done_pe10_0 ? acc_10_0 : bank_11_0;
-  assign \$486  = $signed(acc_10_1) + $signed(\p$1493 );
-  assign \$487  = first_pe10_1 ? { \p$1493 [15], \p$1493 [15], \p$1493 [15], \p$1493 [15], \p$1493 [15], \p$1493 [15], \p$1493 [15], \p$1493 [15], \p$1493 [15], \p$1493  } : \$486 ;
+  assign \$486  = $signed(acc_10_1) + $signed(\p$1733 );
+  assign \$487  = first_pe10_1 ? { \p$1733 [15], \p$1733 [15], \p$1733 [15], \p$1733 [15], \p$1733 [15], \p$1733 [15], \p$1733 [15], \p$1733 [15], \p$1733 [15], \p$1733  } : \$486 ;
   assign \$488  = done_pe10_1 ? acc_10_1 : bank_11_1;
-  assign \$489  = $signed(acc_10_2) + $signed(\p$1496 );
-  assign \$490  = first_pe10_2 ? { \p$1496 [15], \p$1496 [15], \p$1496 [15], \p$1496 [15], \p$1496 [15], \p$1496 [15], \p$1496 [15], \p$1496 [15], \p$1496 [15], \p$1496  } : \$489 ;
+  assign \$489  = $signed(acc_10_2) + $signed(\p$1736 );
+  assign \$490  = first_pe10_2 ? { \p$1736 [15], \p$1736 [15], \p$1736 [15], \p$1736 [15], \p$1736 [15], \p$1736 [15], \p$1736 [15], \p$1736 [15], \p$1736 [15], \p$1736  } : \$489 ;
   assign \$491  = done_pe10_2 ? acc_10_2 : bank_11_2;
-  assign \$492  = $signed(acc_10_3) + $signed(\p$1499 );
-  assign \$493  = first_pe10_3 ? { \p$1499 [15], \p$1499 [15], \p$1499 [15], \p$1499 [15], \p$1499 [15], \p$1499 [15], \p$1499 [15], \p$1499 [15], \p$1499 [15], \p$1499  } : \$492 ;
+  assign \$492  = $signed(acc_10_3) + $signed(\p$1739 );
+  assign \$493  = first_pe10_3 ? { \p$1739 [15], \p$1739 [15], \p$1739 [15], \p$1739 [15], \p$1739 [15], \p$1739 [15], \p$1739 [15], \p$1739 [15], \p$1739 [15], \p$1739  } : \$492 ;
   assign \$494  = done_pe10_3 ? acc_10_3 : bank_11_3;
-  assign \$495  = $signed(acc_10_4) + $signed(\p$1502 );
-  assign \$496  = first_pe10_4 ? { \p$1502 [15], \p$1502 [15], \p$1502 [15], \p$1502 [15], \p$1502 [15], \p$1502 [15], \p$1502 [15], \p$1502 [15], \p$1502 [15], \p$1502  } : \$495 ;
+  assign \$495  = $signed(acc_10_4) + $signed(\p$1742 );
+  assign \$496  = first_pe10_4 ? { \p$1742 [15], \p$1742 [15], \p$1742 [15], \p$1742 [15], \p$1742 [15], \p$1742 [15], \p$1742 [15], \p$1742 [15], \p$1742 [15], \p$1742  } : \$495 ;
   assign \$497  = done_pe10_4 ? acc_10_4 : bank_11_4;
-  assign \$498  = $signed(acc_10_5) + $signed(\p$1505 );
-  assign \$499  = first_pe10_5 ? { \p$1505 [15], \p$1505 [15], \p$1505 [15], \p$1505 [15], \p$1505 [15], \p$1505 [15], \p$1505 [15], \p$1505 [15], \p$1505 [15], \p$1505  } : \$498 ;
+  assign \$498  = $signed(acc_10_5) + $signed(\p$1745 );
+  assign \$499  = first_pe10_5 ? { \p$1745 [15], \p$1745 [15], \p$1745 [15], \p$1745 [15], \p$1745 [15], \p$1745 [15], \p$1745 [15], \p$1745 [15], \p$1745 [15], \p$1745  } : \$498 ;
   assign \$500  = done_pe10_5 ? acc_10_5 : bank_11_5;
-  assign \$501  = $signed(acc_10_6) + $signed(\p$1508 );
-  assign \$502  = first_pe10_6 ? { \p$1508 [15], \p$1508 [15], \p$1508 [15], \p$1508 [15], \p$1508 [15], \p$1508 [15], \p$1508 [15], \p$1508 [15], \p$1508 [15], \p$1508  } : \$501 ;
+  assign \$501  = $signed(acc_10_6) + $signed(\p$1748 );
+  assign \$502  = first_pe10_6 ? { \p$1748 [15], \p$1748 [15], \p$1748 [15], \p$1748 [15], \p$1748 [15], \p$1748 [15], \p$1748 [15], \p$1748 [15], \p$1748 [15], \p$1748  } : \$501 ;
   assign \$503  = done_pe10_6 ? acc_10_6 : bank_11_6;
-  assign \$504  = $signed(acc_10_7) + $signed(\p$1511 );
-  assign \$505  = first_pe10_7 ? { \p$1511 [15], \p$1511 [15], \p$1511 [15], \p$1511 [15], \p$1511 [15], \p$1511 [15], \p$1511 [15], \p$1511 [15], \p$1511 [15], \p$1511  } : \$504 ;
+  assign \$504  = $signed(acc_10_7) + $signed(\p$1751 );
+  assign \$505  = first_pe10_7 ? { \p$1751 [15], \p$1751 [15], \p$1751 [15], \p$1751 [15], \p$1751 [15], \p$1751 [15], \p$1751 [15], \p$1751 [15], \p$1751 [15], \p$1751  } : \$504 ;
   assign \$506  = done_pe10_7 ? acc_10_7 : bank_11_7;
-  assign \$507  = $signed(acc_10_8) + $signed(\p$1514 );
-  assign \$508  = first_pe10_8 ? { \p$1514 [15], \p$1514 [15], \p$1514 [15], \p$1514 [15], \p$1514 [15], \p$1514 [15], \p$1514 [15], \p$1514 [15], \p$1514 [15], \p$1514  } : \$507 ;
+  assign \$507  = $signed(acc_10_8) + $signed(\p$1754 );
+  assign \$508  = first_pe10_8 ? { \p$1754 [15], \p$1754 [15], \p$1754 [15], \p$1754 [15], \p$1754 [15], \p$1754 [15], \p$1754 [15], \p$1754 [15], \p$1754 [15], \p$1754  } : \$507 ;
   assign \$509  = done_pe10_8 ? acc_10_8 : bank_11_8;
-  assign \$510  = $signed(acc_10_9) + $signed(\p$1517 );
-  assign \$511  = first_pe10_9 ? { \p$1517 [15], \p$1517 [15], \p$1517 [15], \p$1517 [15], \p$1517 [15], \p$1517 [15], \p$1517 [15], \p$1517 [15], \p$1517 [15], \p$1517  } : \$510 ;
+  assign \$510  = $signed(acc_10_9) + $signed(\p$1757 );
+  assign \$511  = first_pe10_9 ? { \p$1757 [15], \p$1757 [15], \p$1757 [15], \p$1757 [15], \p$1757 [15], \p$1757 [15], \p$1757 [15], \p$1757 [15], \p$1757 [15], \p$1757  } : \$510 ;
   assign \$512  = done_pe10_9 ? acc_10_9 : bank_11_9;
-  assign \$513  = $signed(acc_10_10) + $signed(\p$1520 );
-  assign \$514  = first_pe10_10 ? { \p$1520 [15], \p$1520 [15], \p$1520 [15], \p$1520 [15], \p$1520 [15], \p$1520 [15], \p$1520 [15], \p$1520 [15], \p$1520 [15], \p$1520  } : \$513 ;
+  assign \$513  = $signed(acc_10_10) + $signed(\p$1760 );
+  assign \$514  = first_pe10_10 ? { \p$1760 [15], \p$1760 [15], \p$1760 [15], \p$1760 [15], \p$1760 [15], \p$1760 [15], \p$1760 [15], \p$1760 [15], \p$1760 [15], \p$1760  } : \$513 ;
   assign \$515  = done_pe10_10 ? acc_10_10 : bank_11_10;
-  assign \$516  = $signed(acc_10_11) + $signed(\p$1523 );
-  assign \$517  = first_pe10_11 ? { \p$1523 [15], \p$1523 [15], \p$1523 [15], \p$1523 [15], \p$1523 [15], \p$1523 [15], \p$1523 [15], \p$1523 [15], \p$1523 [15], \p$1523  } : \$516 ;
+  assign \$516  = $signed(acc_10_11) + $signed(\p$1763 );
+  assign \$517  = first_pe10_11 ? { \p$1763 [15], \p$1763 [15], \p$1763 [15], \p$1763 [15], \p$1763 [15], \p$1763 [15], \p$1763 [15], \p$1763 [15], \p$1763 [15], \p$1763  } : \$516 ;
   assign \$518  = done_pe10_11 ? acc_10_11 : bank_11_11;
-  assign \$519  = $signed(acc_10_12) + $signed(\p$1526 );
-  assign \$520  = first_pe10_12 ? { \p$1526 [15], \p$1526 [15], \p$1526 [15], \p$1526 [15], \p$1526 [15], \p$1526 [15], \p$1526 [15], \p$1526 [15], \p$1526 [15], \p$1526  } : \$519 ;
+  assign \$519  = $signed(acc_10_12) + $signed(\p$1766 );
+  assign \$520  = first_pe10_12 ? { \p$1766 [15], \p$1766 [15], \p$1766 [15], \p$1766 [15], \p$1766 [15], \p$1766 [15], \p$1766 [15], \p$1766 [15], \p$1766 [15], \p$1766  } : \$519 ;
   assign \$521  = done_pe10_12 ? acc_10_12 : bank_11_12;
-  assign \$522  = $signed(acc_10_13) + $signed(\p$1529 );
-  assign \$523  = first_pe10_13 ? { \p$1529 [15], \p$1529 [15], \p$1529 [15], \p$1529 [15], \p$1529 [15], \p$1529 [15], \p$1529 [15], \p$1529 [15], \p$1529 [15], \p$1529  } : \$522 ;
+  assign \$522  = $signed(acc_10_13) + $signed(\p$1769 );
+  assign \$523  = first_pe10_13 ? { \p$1769 [15], \p$1769 [15], \p$1769 [15], \p$1769 [15], \p$1769 [15], \p$1769 [15], \p$1769 [15], \p$1769 [15], \p$1769 [15], \p$1769  } : \$522 ;
   assign \$524  = done_pe10_13 ? acc_10_13 : bank_11_13;
-  assign \$525  = $signed(acc_10_14) + $signed(\p$1532 );
-  assign \$526  = first_pe10_14 ? { \p$1532 [15], \p$1532 [15], \p$1532 [15], \p$1532 [15], \p$1532 [15], \p$1532 [15], \p$1532 [15], \p$1532 [15], \p$1532 [15], \p$1532  } : \$525 ;
+  assign \$525  = $signed(acc_10_14) + $signed(\p$1772 );
+  assign \$526  = first_pe10_14 ? { \p$1772 [15], \p$1772 [15], \p$1772 [15], \p$1772 [15], \p$1772 [15], \p$1772 [15], \p$1772 [15], \p$1772 [15], \p$1772 [15], \p$1772  } : \$525 ;
   assign \$527  = done_pe10_14 ? acc_10_14 : bank_11_14;
-  assign \$528  = $signed(acc_10_15) + $signed(\p$1535 );
-  assign \$529  = first_pe10_15 ? { \p$1535 [15], \p$1535 [15], \p$1535 [15], \p$1535 [15], \p$1535 [15], \p$1535 [15], \p$1535 [15], \p$1535 [15], \p$1535 [15], \p$1535  } : \$528 ;
+  assign \$528  = $signed(acc_10_15) + $signed(\p$1775 );
+  assign \$529  = first_pe10_15 ? { \p$1775 [15], \p$1775 [15], \p$1775 [15], \p$1775 [15], \p$1775 [15], \p$1775 [15], \p$1775 [15], \p$1775 [15], \p$1775 [15], \p$1775  } : \$528 ;
   assign \$530  = done_pe10_15 ? acc_10_15 : bank_11_15;
-  assign \$531  = $signed(acc_11_0) + $signed(\p$1538 );
-  assign \$532  = first_pe11_0 ? { \p$1538 [15], \p$1538 [15], \p$1538 [15], \p$1538 [15], \p$1538 [15], \p$1538 [15], \p$1538 [15], \p$1538 [15], \p$1538 [15], \p$1538  } : \$531 ;
+  assign \$531  = $signed(acc_11_0) + $signed(\p$1778 );
+  assign \$532  = first_pe11_0 ? { \p$1778 [15], \p$1778 [15], \p$1778 [15], \p$1778 [15], \p$1778 [15], \p$1778 [15], \p$1778 [15], \p$1778 [15], \p$1778 [15], \p$1778  } : \$531 ;
   assign \$533  = done_pe11_0 ? acc_11_0 : bank_12_0;
-  assign \$534  = $signed(acc_11_1) + $signed(\p$1541 );
-  assign \$535  = first_pe11_1 ? { \p$1541 [15], \p$1541 [15], \p$1541 [15], \p$1541 [15], \p$1541 [15], \p$1541 [15], \p$1541 [15], \p$1541 [15], \p$1541 [15], \p$1541  } : \$534 ;
+  assign \$534  = $signed(acc_11_1) + $signed(\p$1781 );
+  assign \$535  = first_pe11_1 ? { \p$1781 [15], \p$1781 [15], \p$1781 [15], \p$1781 [15], \p$1781 [15], \p$1781 [15], \p$1781 [15], \p$1781 [15], \p$1781 [15], \p$1781  } : \$534 ;
   assign \$536  = done_pe11_1 ? acc_11_1 : bank_12_1;
-  assign \$537  = $signed(acc_11_2) + $signed(\p$1544 );
-  assign \$538  = first_pe11_2 ? { \p$1544 [15], \p$1544 [15], \p$1544 [15], \p$1544 [15], \p$1544 [15], \p$1544 [15], \p$1544 [15], \p$1544 [15], \p$1544 [15], \p$1544  } : \$537 ;
+  assign \$537  = $signed(acc_11_2) + $signed(\p$1784 );
+  assign \$538  = first_pe11_2 ? { \p$1784 [15], \p$1784 [15], \p$1784 [15], \p$1784 [15], \p$1784 [15], \p$1784 [15], \p$1784 [15], \p$1784 [15], \p$1784 [15], \p$1784  } : \$537 ;
   assign \$539  = done_pe11_2 ? acc_11_2 : bank_12_2;
-  assign \$540  = $signed(acc_11_3) + $signed(\p$1547 );
-  assign \$541  = first_pe11_3 ? { \p$1547 [15], \p$1547 [15], \p$1547 [15], \p$1547 [15], \p$1547 [15], \p$1547 [15], \p$1547 [15], \p$1547 [15], \p$1547 [15], \p$1547  } : \$540 ;
+  assign \$540  = $signed(acc_11_3) + $signed(\p$1787 );
+  assign \$541  = first_pe11_3 ? { \p$1787 [15], \p$1787 [15], \p$1787 [15], \p$1787 [15], \p$1787 [15], \p$1787 [15], \p$1787 [15], \p$1787 [15], \p$1787 [15], \p$1787  } : \$540 ;
   assign \$542  = done_pe11_3 ? acc_11_3 : bank_12_3;
-  assign \$543  = $signed(acc_11_4) + $signed(\p$1550 );
-  assign \$544  = first_pe11_4 ? { \p$1550 [15], \p$1550 [15], \p$1550 [15], \p$1550 [15], \p$1550 [15], \p$1550 [15], \p$1550 [15], \p$1550 [15], \p$1550 [15], \p$1550  } : \$543 ;
+  assign \$543  = $signed(acc_11_4) + $signed(\p$1790 );
+  assign \$544  = first_pe11_4 ? { \p$1790 [15], \p$1790 [15], \p$1790 [15], \p$1790 [15], \p$1790 [15], \p$1790 [15], \p$1790 [15], \p$1790 [15], \p$1790 [15], \p$1790  } : \$543 ;
   assign \$545  = done_pe11_4 ? acc_11_4 : bank_12_4;
-  assign \$546  = $signed(acc_11_5) + $signed(\p$1553 );
-  assign \$547  = first_pe11_5 ? { \p$1553 [15], \p$1553 [15], \p$1553 [15], \p$1553 [15], \p$1553 [15], \p$1553 [15], \p$1553 [15], \p$1553 [15], \p$1553 [15], \p$1553  } : \$546 ;
+  assign \$546  = $signed(acc_11_5) + $signed(\p$1793 );
+  assign \$547  = first_pe11_5 ? { \p$1793 [15], \p$1793 [15], \p$1793 [15], \p$1793 [15], \p$1793 [15], \p$1793 [15], \p$1793 [15], \p$1793 [15], \p$1793 [15], \p$1793  } : \$546 ;
   assign \$548  = done_pe11_5 ? acc_11_5 : bank_12_5;
-  assign \$549  = $signed(acc_11_6) + $signed(\p$1556 );
-  assign \$550  = first_pe11_6 ? { \p$1556 [15], \p$1556 [15], \p$1556 [15], \p$1556 [15], \p$1556 [15], \p$1556 [15], \p$1556 [15], \p$1556 [15], \p$1556 [15], \p$1556  } : \$549 ;
+  assign \$549  = $signed(acc_11_6) + $signed(\p$1796 );
+  assign \$550  = first_pe11_6 ? { \p$1796 [15], \p$1796 [15], \p$1796 [15], \p$1796 [15], \p$1796 [15], \p$1796 [15], \p$1796 [15], \p$1796 [15], \p$1796 [15], \p$1796  } : \$549 ;
   assign \$551  = done_pe11_6 ? acc_11_6 : bank_12_6;
-  assign \$552  = $signed(acc_11_7) + $signed(\p$1559 );
-  assign \$553  = first_pe11_7 ? { \p$1559 [15], \p$1559 [15], \p$1559 [15], \p$1559 [15], \p$1559 [15], \p$1559 [15], \p$1559 [15], \p$1559 [15], \p$1559 [15], \p$1559  } : \$552 ;
+  assign \$552  = $signed(acc_11_7) + $signed(\p$1799 );
+  assign \$553  = first_pe11_7 ? { \p$1799 [15], \p$1799 [15], \p$1799 [15], \p$1799 [15], \p$1799 [15], \p$1799 [15], \p$1799 [15], \p$1799 [15], \p$1799 [15], \p$1799  } : \$552 ;
   assign \$554  = done_pe11_7 ? acc_11_7 : bank_12_7;
-  assign \$555  = $signed(acc_11_8) + $signed(\p$1562 );
-  assign \$556  = first_pe11_8 ? { \p$1562 [15], \p$1562 [15], \p$1562 [15], \p$1562 [15], \p$1562 [15], \p$1562 [15], \p$1562 [15], \p$1562 [15], \p$1562 [15], \p$1562  } : \$555 ;
+  assign \$555  = $signed(acc_11_8) + $signed(\p$1802 );
+  assign \$556  = first_pe11_8 ? { \p$1802 [15], \p$1802 [15], \p$1802 [15], \p$1802 [15], \p$1802 [15], \p$1802 [15], \p$1802 [15], \p$1802 [15], \p$1802 [15], \p$1802  } : \$555 ;
   assign \$557  = done_pe11_8 ? acc_11_8 : bank_12_8;
-  assign \$558  = $signed(acc_11_9) + $signed(\p$1565 );
-  assign \$559  = first_pe11_9 ? { \p$1565 [15], \p$1565 [15], \p$1565 [15], \p$1565 [15], \p$1565 [15], \p$1565 [15], \p$1565 [15], \p$1565 [15], \p$1565 [15], \p$1565  } : \$558 ;
+  assign \$558  = $signed(acc_11_9) + $signed(\p$1805 );
+  assign \$559  = first_pe11_9 ? { \p$1805 [15], \p$1805 [15], \p$1805 [15], \p$1805 [15], \p$1805 [15], \p$1805 [15], \p$1805 [15], \p$1805 [15], \p$1805 [15], \p$1805  } : \$558 ;
   assign \$560  = done_pe11_9 ? acc_11_9 : bank_12_9;
-  assign \$561  = $signed(acc_11_10) + $signed(\p$1568 );
-  assign \$562  = first_pe11_10 ? { \p$1568 [15], \p$1568 [15], \p$1568 [15], \p$1568 [15], \p$1568 [15], \p$1568 [15], \p$1568 [15], \p$1568 [15], \p$1568 [15], \p$1568  } : \$561 ;
+  assign \$561  = $signed(acc_11_10) + $signed(\p$1808 );
+  assign \$562  = first_pe11_10 ? { \p$1808 [15], \p$1808 [15], \p$1808 [15], \p$1808 [15], \p$1808 [15], \p$1808 [15], \p$1808 [15], \p$1808 [15], \p$1808 [15], \p$1808  } : \$561 ;
   assign \$563  = done_pe11_10 ? acc_11_10 : bank_12_10;
-  assign \$564  = $signed(acc_11_11) + $signed(\p$1571 );
-  assign \$565  = first_pe11_11 ? { \p$1571 [15], \p$1571 [15], \p$1571 [15], \p$1571 [15], \p$1571 [15], \p$1571 [15], \p$1571 [15], \p$1571 [15], \p$1571 [15], \p$1571  } : \$564 ;
+  assign \$564  = $signed(acc_11_11) + $signed(\p$1811 );
+  assign \$565  = first_pe11_11 ? { \p$1811 [15], \p$1811 [15], \p$1811 [15], \p$1811 [15], \p$1811 [15], \p$1811 [15], \p$1811 [15], \p$1811 [15], \p$1811 [15], \p$1811  } : \$564 ;
   assign \$566  = done_pe11_11 ? acc_11_11 : bank_12_11;
-  assign \$567  = $signed(acc_11_12) + $signed(\p$1574 );
-  assign \$568  = first_pe11_12 ? { \p$1574 [15], \p$1574 [15], \p$1574 [15], \p$1574 [15], \p$1574 [15], \p$1574 [15], \p$1574 [15], \p$1574 [15], \p$1574 [15], \p$1574  } : \$567 ;
+  assign \$567  = $signed(acc_11_12) + $signed(\p$1814 );
+  assign \$568  = first_pe11_12 ? { \p$1814 [15], \p$1814 [15], \p$1814 [15], \p$1814 [15], \p$1814 [15], \p$1814 [15], \p$1814 [15], \p$1814 [15], \p$1814 [15], \p$1814  } : \$567 ;
   assign \$569  = done_pe11_12 ? acc_11_12 : bank_12_12;
-  assign \$570  = $signed(acc_11_13) + $signed(\p$1577 );
-  assign \$571  = first_pe11_13 ? { \p$1577 [15], \p$1577 [15], \p$1577 [15], \p$1577 [15], \p$1577 [15], \p$1577 [15], \p$1577 [15], \p$1577 [15], \p$1577 [15], \p$1577  } : \$570 ;
+  assign \$570  = $signed(acc_11_13) + $signed(\p$1817 );
+  assign \$571  = first_pe11_13 ? { \p$1817 [15], \p$1817 [15], \p$1817 [15], \p$1817 [15], \p$1817 [15], \p$1817 [15], \p$1817 [15], \p$1817 [15], \p$1817 [15], \p$1817  } : \$570 ;
   assign \$572  = done_pe11_13 ? acc_11_13 : bank_12_13;
-  assign \$573  = $signed(acc_11_14) + $signed(\p$1580 );
-  assign \$574  = first_pe11_14 ? { \p$1580 [15], \p$1580 [15], \p$1580 [15], \p$1580 [15], \p$1580 [15], \p$1580 [15], \p$1580 [15], \p$1580 [15], \p$1580 [15], \p$1580  } : \$573 ;
+  assign \$573  = $signed(acc_11_14) + $signed(\p$1820 );
+  assign \$574  = first_pe11_14 ? { \p$1820 [15], \p$1820 [15], \p$1820 [15], \p$1820 [15], \p$1820 [15], \p$1820 [15], \p$1820 [15], \p$1820 [15], \p$1820 [15], \p$1820  } : \$573 ;
   assign \$575  = done_pe11_14 ? acc_11_14 : bank_12_14;
-  assign \$576  = $signed(acc_11_15) + $signed(\p$1583 );
-  assign \$577  = first_pe11_15 ? { \p$1583 [15], \p$1583 [15], \p$1583 [15], \p$1583 [15], \p$1583 [15], \p$1583 [15], \p$1583 [15], \p$1583 [15], \p$1583 [15], \p$1583  } : \$576 ;
+  assign \$576  = $signed(acc_11_15) + $signed(\p$1823 );
+  assign \$577  = first_pe11_15 ? { \p$1823 [15], \p$1823 [15], \p$1823 [15], \p$1823 [15], \p$1823 [15], \p$1823 [15], \p$1823 [15], \p$1823 [15], \p$1823 [15], \p$1823  } : \$576 ;
   assign \$578  = done_pe11_15 ? acc_11_15 : bank_12_15;
-  assign \$579  = $signed(acc_12_0) + $signed(\p$1586 );
-  assign \$580  = first_pe12_0 ? { \p$1586 [15], \p$1586 [15], \p$1586 [15], \p$1586 [15], \p$1586 [15], \p$1586 [15], \p$1586 [15], \p$1586 [15], \p$1586 [15], \p$1586  } : \$579 ;
+  assign \$579  = $signed(acc_12_0) + $signed(\p$1826 );
+  assign \$580  = first_pe12_0 ? { \p$1826 [15], \p$1826 [15], \p$1826 [15], \p$1826 [15], \p$1826 [15], \p$1826 [15], \p$1826 [15], \p$1826 [15], \p$1826 [15], \p$1826  } : \$579 ;
   assign \$581  = done_pe12_0 ? acc_12_0 : bank_13_0;
-  assign \$582  = $signed(acc_12_1) + $signed(\p$1589 );
-  assign \$583  = first_pe12_1 ? { \p$1589 [15], \p$1589 [15], \p$1589 [15], \p$1589 [15], \p$1589 [15], \p$1589 [15], \p$1589 [15], \p$1589 [15], \p$1589 [15], \p$1589  } : \$582 ;
+  assign \$582  = $signed(acc_12_1) + $signed(\p$1829 );
+  assign \$583  = first_pe12_1 ? { \p$1829 [15], \p$1829 [15], \p$1829 [15], \p$1829 [15], \p$1829 [15], \p$1829 [15], \p$1829 [15], \p$1829 [15], \p$1829 [15], \p$1829  } : \$582 ;
   assign \$584  = done_pe12_1 ? acc_12_1 : bank_13_1;
-  assign \$585  = $signed(acc_12_2) + $signed(\p$1592 );
-  assign \$586  = first_pe12_2 ? { \p$1592 [15], \p$1592 [15], \p$1592 [15], \p$1592 [15], \p$1592 [15], \p$1592 [15], \p$1592 [15], \p$1592 [15], \p$1592 [15], \p$1592  } : \$585 ;
+  assign \$585  = $signed(acc_12_2) + $signed(\p$1832 );
+  assign \$586  = first_pe12_2 ? { \p$1832 [15], \p$1832 [15], \p$1832 [15], \p$1832 [15], \p$1832 [15], \p$1832 [15], \p$1832 [15], \p$1832 [15], \p$1832 [15], \p$1832  } : \$585 ;
   assign \$587  = done_pe12_2 ? acc_12_2 : bank_13_2;
-  assign \$588  = $signed(acc_12_3) + $signed(\p$1595 );
-  assign \$589  = first_pe12_3 ? { \p$1595 [15], \p$1595 [15], \p$1595 [15], \p$1595 [15], \p$1595 [15], \p$1595 [15], \p$1595 [15], \p$1595 [15], \p$1595 [15], \p$1595  } : \$588 ;
+  assign \$588  = $signed(acc_12_3) + $signed(\p$1835 );
+  assign \$589  = first_pe12_3 ? { \p$1835 [15], \p$1835 [15], \p$1835 [15], \p$1835 [15], \p$1835 [15], \p$1835 [15], \p$1835 [15], \p$1835 [15], \p$1835 [15], \p$1835  } : \$588 ;
   assign \$590  = done_pe12_3 ? acc_12_3 : bank_13_3;
-  assign \$591  = $signed(acc_12_4) + $signed(\p$1598 );
-  assign \$592  = first_pe12_4 ? { \p$1598 [15], \p$1598 [15], \p$1598 [15], \p$1598 [15], \p$1598 [15], \p$1598 [15], \p$1598 [15], \p$1598 [15], \p$1598 [15], \p$1598  } : \$591 ;
+  assign \$591  = $signed(acc_12_4) + $signed(\p$1838 );
+  assign \$592  = first_pe12_4 ? { \p$1838 [15], \p$1838 [15], \p$1838 [15], \p$1838 [15], \p$1838 [15], \p$1838 [15], \p$1838 [15], \p$1838 [15], \p$1838 [15], \p$1838  } : \$591 ;
   assign \$593  = done_pe12_4 ? acc_12_4 : bank_13_4;
-  assign \$594  = $signed(acc_12_5) + $signed(\p$1601 );
-  assign \$595  = first_pe12_5 ? { \p$1601 [15], \p$1601 [15], \p$1601 [15], \p$1601 [15], \p$1601 [15], \p$1601 [15], \p$1601 [15], \p$1601 [15], \p$1601 [15], \p$1601  } : \$594 ;
+  assign \$594  = $signed(acc_12_5) + $signed(\p$1841 );
+  assign \$595  = first_pe12_5 ? { \p$1841 [15], \p$1841 [15], \p$1841 [15], \p$1841 [15], \p$1841 [15], \p$1841 [15], \p$1841 [15], \p$1841 [15], \p$1841 [15], \p$1841  } : \$594 ;
   assign \$596  = done_pe12_5 ? acc_12_5 : bank_13_5;
-  assign \$597  = $signed(acc_12_6) + $signed(\p$1604 );
-  assign \$598  = first_pe12_6 ? { \p$1604 [15], \p$1604 [15], \p$1604 [15], \p$1604 [15], \p$1604 [15], \p$1604 [15], \p$1604 [15], \p$1604 [15], \p$1604 [15], \p$1604  } : \$597 ;
+  assign \$597  = $signed(acc_12_6) + $signed(\p$1844 );
+  assign \$598  = first_pe12_6 ? { \p$1844 [15], \p$1844 [15], \p$1844 [15], \p$1844 [15], \p$1844 [15], \p$1844 [15], \p$1844 [15], \p$1844 [15], \p$1844 [15], \p$1844  } : \$597 ;
   assign \$599  = done_pe12_6 ? acc_12_6 : bank_13_6;
-  assign \$600  = $signed(acc_12_7) + $signed(\p$1607 );
-  assign \$601  = first_pe12_7 ? { \p$1607 [15], \p$1607 [15], \p$1607 [15], \p$1607 [15], \p$1607 [15], \p$1607 [15], \p$1607 [15], \p$1607 [15], \p$1607 [15], \p$1607  } : \$600 ;
+  assign \$600  = $signed(acc_12_7) + $signed(\p$1847 );
+  assign \$601  = first_pe12_7 ? { \p$1847 [15], \p$1847 [15], \p$1847 [15], \p$1847 [15], \p$1847 [15], \p$1847 [15], \p$1847 [15], \p$1847 [15], \p$1847 [15], \p$1847  } : \$600 ;
   assign \$602  = done_pe12_7 ? acc_12_7 : bank_13_7;
-  assign \$603  = $signed(acc_12_8) + $signed(\p$1610 );
-  assign \$604  = first_pe12_8 ? { \p$1610 [15], \p$1610 [15], \p$1610 [15], \p$1610 [15], \p$1610 [15], \p$1610 [15], \p$1610 [15], \p$1610 [15], \p$1610 [15], \p$1610  } : \$603 ;
+  assign \$603  = $signed(acc_12_8) + $signed(\p$1850 );
+  assign \$604  = first_pe12_8 ? { \p$1850 [15], \p$1850 [15], \p$1850 [15], \p$1850 [15], \p$1850 [15], \p$1850 [15], \p$1850 [15], \p$1850 [15], \p$1850 [15], \p$1850  } : \$603 ;
   assign \$605  = done_pe12_8 ? acc_12_8 : bank_13_8;
-  assign \$606  = $signed(acc_12_9) + $signed(\p$1613 );
-  assign \$607  = first_pe12_9 ? { \p$1613 [15], \p$1613 [15], \p$1613 [15], \p$1613 [15], \p$1613 [15], \p$1613 [15], \p$1613 [15], \p$1613 [15], \p$1613 [15], \p$1613  } : \$606 ;
+  assign \$606  = $signed(acc_12_9) + $signed(\p$1853 );
+  assign \$607  = first_pe12_9 ? { \p$1853 [15], \p$1853 [15], \p$1853 [15], \p$1853 [15], \p$1853 [15], \p$1853 [15], \p$1853 [15], \p$1853 [15], \p$1853 [15], \p$1853  } : \$606 ;
   assign \$608  = done_pe12_9 ? acc_12_9 : bank_13_9;
-  assign \$609  = $signed(acc_12_10) + $signed(\p$1616 );
-  assign \$610  = first_pe12_10 ? { \p$1616 [15], \p$1616 [15], \p$1616 [15], \p$1616 [15], \p$1616 [15], \p$1616 [15], \p$1616 [15], \p$1616 [15], \p$1616 [15], \p$1616  } : \$609 ;
+  assign \$609  = $signed(acc_12_10) + $signed(\p$1856 );
+  assign \$610  = first_pe12_10 ? { \p$1856 [15], \p$1856 [15], \p$1856 [15], \p$1856 [15], \p$1856 [15], \p$1856 [15], \p$1856 [15], \p$1856 [15], \p$1856 [15], \p$1856  } : \$609 ;
   assign \$611  = done_pe12_10 ? acc_12_10 : bank_13_10;
-  assign \$612  = $signed(acc_12_11) + $signed(\p$1619 );
-  assign \$613  = first_pe12_11 ? { \p$1619 [15], \p$1619 [15], \p$1619 [15], \p$1619 [15], \p$1619 [15], \p$1619 [15], \p$1619 [15], \p$1619 [15], \p$1619 [15], \p$1619  } : \$612 ;
+  assign \$612  = $signed(acc_12_11) + $signed(\p$1859 );
+  assign \$613  = first_pe12_11 ? { \p$1859 [15], \p$1859 [15], \p$1859 [15], \p$1859 [15], \p$1859 [15], \p$1859 [15], \p$1859 [15], \p$1859 [15], \p$1859 [15], \p$1859  } : \$612 ;
   assign \$614  = done_pe12_11 ? acc_12_11 : bank_13_11;
-  assign \$615  = $signed(acc_12_12) + $signed(\p$1622 );
-  assign \$616  = first_pe12_12 ? { \p$1622 [15], \p$1622 [15], \p$1622 [15], \p$1622 [15], \p$1622 [15], \p$1622 [15], \p$1622 [15], \p$1622 [15], \p$1622 [15], \p$1622  } : \$615 ;
+  assign \$615  = $signed(acc_12_12) + $signed(\p$1862 );
+  assign \$616  = first_pe12_12 ? { \p$1862 [15], \p$1862 [15], \p$1862 [15], \p$1862 [15], \p$1862 [15], \p$1862 [15], \p$1862 [15], \p$1862 [15], \p$1862 [15], \p$1862  } : \$615 ;
   assign \$617  = done_pe12_12 ? acc_12_12 : bank_13_12;
-  assign \$618  = $signed(acc_12_13) + $signed(\p$1625 );
-  assign \$619  = first_pe12_13 ? { \p$1625 [15], \p$1625 [15], \p$1625 [15], \p$1625 [15], \p$1625 [15], \p$1625 [15], \p$1625 [15], \p$1625 [15], \p$1625 [15], \p$1625  } : \$618 ;
+  assign \$618  = $signed(acc_12_13) + $signed(\p$1865 );
+  assign \$619  = first_pe12_13 ? { \p$1865 [15], \p$1865 [15], \p$1865 [15], \p$1865 [15], \p$1865 [15], \p$1865 [15], \p$1865 [15], \p$1865 [15], \p$1865 [15], \p$1865  } : \$618 ;
   assign \$620  = done_pe12_13 ? acc_12_13 : bank_13_13;
-  assign \$621  = $signed(acc_12_14) + $signed(\p$1628 );
-  assign \$622  = first_pe12_14 ? { \p$1628 [15], \p$1628 [15], \p$1628 [15], \p$1628 [15], \p$1628 [15], \p$1628 [15], \p$1628 [15], \p$1628 [15], \p$1628 [15], \p$1628  } : \$621 ;
+  assign \$621  = $signed(acc_12_14) + $signed(\p$1868 );
+  assign \$622  = first_pe12_14 ? { \p$1868 [15], \p$1868 [15], \p$1868 [15], \p$1868 [15], \p$1868 [15], \p$1868 [15], \p$1868 [15], \p$1868 [15], \p$1868 [15], \p$1868  } : \$621 ;
   assign \$623  = done_pe12_14 ? acc_12_14 : bank_13_14;
-  assign \$624  = $signed(acc_12_15) + $signed(\p$1631 );
-  assign \$625  = first_pe12_15 ? { \p$1631 [15], \p$1631 [15], \p$1631 [15], \p$1631 [15], \p$1631 [15], \p$1631 [15], \p$1631 [15], \p$1631 [15], \p$1631 [15], \p$1631  } : \$624 ;
+  assign \$624  = $signed(acc_12_15) + $signed(\p$1871 );
+  assign \$625  = first_pe12_15 ? { \p$1871 [15], \p$1871 [15], \p$1871 [15], \p$1871 [15], \p$1871 [15], \p$1871 [15], \p$1871 [15], \p$1871 [15], \p$1871 [15], \p$1871  } : \$624 ;
   assign \$626  = done_pe12_15 ? acc_12_15 : bank_13_15;
-  assign \$627  = $signed(acc_13_0) + $signed(\p$1634 );
-  assign \$628  = first_pe13_0 ? { \p$1634 [15], \p$1634 [15], \p$1634 [15], \p$1634 [15], \p$1634 [15], \p$1634 [15], \p$1634 [15], \p$1634 [15], \p$1634 [15], \p$1634  } : \$627 ;
+  assign \$627  = $signed(acc_13_0) + $signed(\p$1874 );
+  assign \$628  = first_pe13_0 ? { \p$1874 [15], \p$1874 [15], \p$1874 [15], \p$1874 [15], \p$1874 [15], \p$1874 [15], \p$1874 [15], \p$1874 [15], \p$1874 [15], \p$1874  } : \$627 ;
   assign \$629  = done_pe13_0 ? acc_13_0 : bank_14_0;
-  assign \$630  = $signed(acc_13_1) + $signed(\p$1637 );
-  assign \$631  = first_pe13_1 ? { \p$1637 [15], \p$1637 [15], \p$1637 [15], \p$1637 [15], \p$1637 [15], \p$1637 [15], \p$1637 [15], \p$1637 [15], \p$1637 [15], \p$1637  } : \$630 ;
+  assign \$630  = $signed(acc_13_1) + $signed(\p$1877 );
+  assign \$631  = first_pe13_1 ? { \p$1877 [15], \p$1877 [15], \p$1877 [15], \p$1877 [15], \p$1877 [15], \p$1877 [15], \p$1877 [15], \p$1877 [15], \p$1877 [15], \p$1877  } : \$630 ;
   assign \$632  = done_pe13_1 ? acc_13_1 : bank_14_1;
-  assign \$633  = $signed(acc_13_2) + $signed(\p$1640 );
-  assign \$634  = first_pe13_2 ? { \p$1640 [15], \p$1640 [15], \p$1640 [15], \p$1640 [15], \p$1640 [15], \p$1640 [15], \p$1640 [15], \p$1640 [15], \p$1640 [15], \p$1640  } : \$633 ;
+  assign \$633  = $signed(acc_13_2) + $signed(\p$1880 );
+  assign \$634  = first_pe13_2 ? { \p$1880 [15], \p$1880 [15], \p$1880 [15], \p$1880 [15], \p$1880 [15], \p$1880 [15], \p$1880 [15], \p$1880 [15], \p$1880 [15], \p$1880  } : \$633 ;
   assign \$635  = done_pe13_2 ? acc_13_2 : bank_14_2;
-  assign \$636  = $signed(acc_13_3) + $signed(\p$1643 );
-  assign \$637  = first_pe13_3 ? { \p$1643 [15], \p$1643 [15], \p$1643 [15], \p$1643 [15], \p$1643 [15], \p$1643 [15], \p$1643 [15], \p$1643 [15], \p$1643 [15], \p$1643  } : \$636 ;
+  assign \$636  = $signed(acc_13_3) + $signed(\p$1883 );
+  assign \$637  = first_pe13_3 ? { \p$1883 [15], \p$1883 [15], \p$1883 [15], \p$1883 [15], \p$1883 [15], \p$1883 [15], \p$1883 [15], \p$1883 [15], \p$1883 [15], \p$1883  } : \$636 ;
   assign \$638  = done_pe13_3 ? acc_13_3 : bank_14_3;
-  assign \$639  = $signed(acc_13_4) + $signed(\p$1646 );
-  assign \$640  = first_pe13_4 ? { \p$1646 [15], \p$1646 [15], \p$1646 [15], \p$1646 [15], \p$1646 [15], \p$1646 [15], \p$1646 [15], \p$1646 [15], \p$1646 [15], \p$1646  } : \$639 ;
+  assign \$639  = $signed(acc_13_4) + $signed(\p$1886 );
+  assign \$640  = first_pe13_4 ? { \p$1886 [15], \p$1886 [15], \p$1886 [15], \p$1886 [15], \p$1886 [15], \p$1886 [15], \p$1886 [15], \p$1886 [15], \p$1886 [15], \p$1886  } : \$639 ;
   assign \$641  = done_pe13_4 ? acc_13_4 : bank_14_4;
-  assign \$642  = $signed(acc_13_5) + $signed(\p$1649 );
-  assign \$643  = first_pe13_5 ? { \p$1649 [15], \p$1649 [15], \p$1649 [15], \p$1649 [15], \p$1649 [15], \p$1649 [15], \p$1649 [15], \p$1649 [15], \p$1649 [15], \p$1649  } : \$642 ;
+  assign \$642  = $signed(acc_13_5) + $signed(\p$1889 );
+  assign \$643  = first_pe13_5 ? { \p$1889 [15], \p$1889 [15], \p$1889 [15], \p$1889 [15], \p$1889 [15], \p$1889 [15], \p$1889 [15], \p$1889 [15], \p$1889 [15], \p$1889  } : \$642 ;
   assign \$644  = done_pe13_5 ? acc_13_5 : bank_14_5;
-  assign \$645  = $signed(acc_13_6) + $signed(\p$1652 );
-  assign \$646  = first_pe13_6 ? { \p$1652 [15], \p$1652 [15], \p$1652 [15], \p$1652 [15], \p$1652 [15], \p$1652 [15], \p$1652 [15], \p$1652 [15], \p$1652 [15], \p$1652  } : \$645 ;
+  assign \$645  = $signed(acc_13_6) + $signed(\p$1892 );
+  assign \$646  = first_pe13_6 ? { \p$1892 [15], \p$1892 [15], \p$1892 [15], \p$1892 [15], \p$1892 [15], \p$1892 [15], \p$1892 [15], \p$1892 [15], \p$1892 [15], \p$1892  } : \$645 ;
   assign \$647  = done_pe13_6 ? acc_13_6 : bank_14_6;
-  assign \$648  = $signed(acc_13_7) + $signed(\p$1655 );
-  assign \$649  = first_pe13_7 ? { \p$1655 [15], \p$1655 [15], \p$1655 [15], \p$1655 [15], \p$1655 [15], \p$1655 [15], \p$1655 [15], \p$1655 [15], \p$1655 [15], \p$1655  } : \$648 ;
+  assign \$648  = $signed(acc_13_7) + $signed(\p$1895 );
+  assign \$649  = first_pe13_7 ? { \p$1895 [15], \p$1895 [15], \p$1895 [15], \p$1895 [15], \p$1895 [15], \p$1895 [15], \p$1895 [15], \p$1895 [15], \p$1895 [15], \p$1895  } : \$648 ;
   assign \$650  = done_pe13_7 ? acc_13_7 : bank_14_7;
-  assign \$651  = $signed(acc_13_8) + $signed(\p$1658 );
-  assign \$652  = first_pe13_8 ? { \p$1658 [15], \p$1658 [15], \p$1658 [15], \p$1658 [15], \p$1658 [15], \p$1658 [15], \p$1658 [15], \p$1658 [15], \p$1658 [15], \p$1658  } : \$651 ;
+  assign \$651  = $signed(acc_13_8) + $signed(\p$1898 );
+  assign \$652  = first_pe13_8 ? { \p$1898 [15], \p$1898 [15], \p$1898 [15], \p$1898 [15], \p$1898 [15], \p$1898 [15], \p$1898 [15], \p$1898 [15], \p$1898 [15], \p$1898  } : \$651 ;
   assign \$653  = done_pe13_8 ? acc_13_8 : bank_14_8;
-  assign \$654  = $signed(acc_13_9) + $signed(\p$1661 );
-  assign \$655  = first_pe13_9 ? { \p$1661 [15], \p$1661 [15], \p$1661 [15], \p$1661 [15], \p$1661 [15], \p$1661 [15], \p$1661 [15], \p$1661 [15], \p$1661 [15], \p$1661  } : \$654 ;
+  assign \$654  = $signed(acc_13_9) + $signed(\p$1901 );
+  assign \$655  = first_pe13_9 ? { \p$1901 [15], \p$1901 [15], \p$1901 [15], \p$1901 [15], \p$1901 [15], \p$1901 [15], \p$1901 [15], \p$1901 [15], \p$1901 [15], \p$1901  } : \$654 ;
   assign \$656  = done_pe13_9 ? acc_13_9 : bank_14_9;
-  assign \$657  = $signed(acc_13_10) + $signed(\p$1664 );
-  assign \$658  = first_pe13_10 ? { \p$1664 [15], \p$1664 [15], \p$1664 [15], \p$1664 [15], \p$1664 [15], \p$1664 [15], \p$1664 [15], \p$1664 [15], \p$1664 [15], \p$1664  } : \$657 ;
+  assign \$657  = $signed(acc_13_10) + $signed(\p$1904 );
+  assign \$658  = first_pe13_10 ? { \p$1904 [15], \p$1904 [15], \p$1904 [15], \p$1904 [15], \p$1904 [15], \p$1904 [15], \p$1904 [15], \p$1904 [15], \p$1904 [15], \p$1904  } : \$657 ;
   assign \$659  = done_pe13_10 ? acc_13_10 : bank_14_10;
-  assign \$660  = $signed(acc_13_11) + $signed(\p$1667 );
-  assign \$661  = first_pe13_11 ? { \p$1667 [15], \p$1667 [15], \p$1667 [15], \p$1667 [15], \p$1667 [15], \p$1667 [15], \p$1667 [15], \p$1667 [15], \p$1667 [15], \p$1667  } : \$660 ;
+  assign \$660  = $signed(acc_13_11) + $signed(\p$1907 );
+  assign \$661  = first_pe13_11 ? { \p$1907 [15], \p$1907 [15], \p$1907 [15], \p$1907 [15], \p$1907 [15], \p$1907 [15], \p$1907 [15], \p$1907 [15], \p$1907 [15], \p$1907  } : \$660 ;
   assign \$662  = done_pe13_11 ? acc_13_11 : bank_14_11;
-  assign \$663  = $signed(acc_13_12) + $signed(\p$1670 );
-  assign \$664  = first_pe13_12 ? { \p$1670 [15], \p$1670 [15], \p$1670 [15], \p$1670 [15], \p$1670 [15], \p$1670 [15], \p$1670 [15], \p$1670 [15], \p$1670 [15], \p$1670  } : \$663 ;
+  assign \$663  = $signed(acc_13_12) + $signed(\p$1910 );
+  assign \$664  = first_pe13_12 ? { \p$1910 [15], \p$1910 [15], \p$1910 [15], \p$1910 [15], \p$1910 [15], \p$1910 [15], \p$1910 [15], \p$1910 [15], \p$1910 [15], \p$1910  } : \$663 ;
   assign \$665  = done_pe13_12 ? acc_13_12 : bank_14_12;
-  assign \$666  = $signed(acc_13_13) + $signed(\p$1673 );
-  assign \$667  = first_pe13_13 ? { \p$1673 [15], \p$1673 [15], \p$1673 [15], \p$1673 [15], \p$1673 [15], \p$1673 [15], \p$1673 [15], \p$1673 [15], \p$1673 [15], \p$1673  } : \$666 ;
+  assign \$666  = $signed(acc_13_13) + $signed(\p$1913 );
+  assign \$667  = first_pe13_13 ? { \p$1913 [15], \p$1913 [15], \p$1913 [15], \p$1913 [15], \p$1913 [15], \p$1913 [15], \p$1913 [15], \p$1913 [15], \p$1913 [15], \p$1913  } : \$666 ;
   assign \$668  = done_pe13_13 ? acc_13_13 : bank_14_13;
-  assign \$669  = $signed(acc_13_14) + $signed(\p$1676 );
-  assign \$670  = first_pe13_14 ? { \p$1676 [15], \p$1676 [15], \p$1676 [15], \p$1676 [15], \p$1676 [15], \p$1676 [15], \p$1676 [15], \p$1676 [15], \p$1676 [15], \p$1676  } : \$669 ;
+  assign \$669  = $signed(acc_13_14) + $signed(\p$1916 );
+  assign \$670  = first_pe13_14 ? { \p$1916 [15], \p$1916 [15], \p$1916 [15], \p$1916 [15], \p$1916 [15], \p$1916 [15], \p$1916 [15], \p$1916 [15], \p$1916 [15], \p$1916  } : \$669 ;
   assign \$671  = done_pe13_14 ? acc_13_14 : bank_14_14;
-  assign \$672  = $signed(acc_13_15) + $signed(\p$1679 );
-  assign \$673  = first_pe13_15 ? { \p$1679 [15], \p$1679 [15], \p$1679 [15], \p$1679 [15], \p$1679 [15], \p$1679 [15], \p$1679 [15], \p$1679 [15], \p$1679 [15], \p$1679  } : \$672 ;
+  assign \$672  = $signed(acc_13_15) + $signed(\p$1919 );
+  assign \$673  = first_pe13_15 ? { \p$1919 [15], \p$1919 [15], \p$1919 [15], \p$1919 [15], \p$1919 [15], \p$1919 [15], \p$1919 [15], \p$1919 [15], \p$1919 [15], \p$1919  } : \$672 ;
   assign \$674  = done_pe13_15 ? acc_13_15 : bank_14_15;
-  assign \$675  = $signed(acc_14_0) + $signed(\p$1682 );
-  assign \$676  = first_pe14_0 ? { \p$1682 [15], \p$1682 [15], \p$1682 [15], \p$1682 [15], \p$1682 [15], \p$1682 [15], \p$1682 [15], \p$1682 [15], \p$1682 [15], \p$1682  } : \$675 ;
+  assign \$675  = $signed(acc_14_0) + $signed(\p$1922 );
+  assign \$676  = first_pe14_0 ? { \p$1922 [15], \p$1922 [15], \p$1922 [15], \p$1922 [15], \p$1922 [15], \p$1922 [15], \p$1922 [15], \p$1922 [15], \p$1922 [15], \p$1922  } : \$675 ;
   assign \$677  = done_pe14_0 ? acc_14_0 : bank_15_0;
-  assign \$678  = $signed(acc_14_1) + $signed(\p$1685 );
-  assign \$679  = first_pe14_1 ? { \p$1685 [15], \p$1685 [15], \p$1685 [15], \p$1685 [15], \p$1685 [15], \p$1685 [15], \p$1685 [15], \p$1685 [15], \p$1685 [15], \p$1685  } : \$678 ;
+  assign \$678  = $signed(acc_14_1) + $signed(\p$1925 );
+  assign \$679  = first_pe14_1 ? { \p$1925 [15], \p$1925 [15], \p$1925 [15], \p$1925 [15], \p$1925 [15], \p$1925 [15], \p$1925 [15], \p$1925 [15], \p$1925 [15], \p$1925  } : \$678 ;
   assign \$680  = done_pe14_1 ? acc_14_1 : bank_15_1;
-  assign \$681  = $signed(acc_14_2) + $signed(\p$1688 );
-  assign \$682  = first_pe14_2 ? { \p$1688 [15], \p$1688 [15], \p$1688 [15], \p$1688 [15], \p$1688 [15], \p$1688 [15], \p$1688 [15], \p$1688 [15], \p$1688 [15], \p$1688  } : \$681 ;
+  assign \$681  = $signed(acc_14_2) + $signed(\p$1928 );
+  assign \$682  = first_pe14_2 ? { \p$1928 [15], \p$1928 [15], \p$1928 [15], \p$1928 [15], \p$1928 [15], \p$1928 [15], \p$1928 [15], \p$1928 [15], \p$1928 [15], \p$1928  } : \$681 ;
   assign \$683  = done_pe14_2 ? acc_14_2 : bank_15_2;
-  assign \$684  = $signed(acc_14_3) + $signed(\p$1691 );
-  assign \$685  = first_pe14_3 ? { \p$1691 [15], \p$1691 [15], \p$1691 [15], \p$1691 [15], \p$1691 [15], \p$1691 [15], \p$1691 [15], \p$1691 [15], \p$1691 [15], \p$1691  } : \$684 ;
+  assign \$684  = $signed(acc_14_3) + $signed(\p$1931 );
+  assign \$685  = first_pe14_3 ? { \p$1931 [15], \p$1931 [15], \p$1931 [15], \p$1931 [15], \p$1931 [15], \p$1931 [15], \p$1931 [15], \p$1931 [15], \p$1931 [15], \p$1931  } : \$684 ;
   assign \$686  = done_pe14_3 ? acc_14_3 : bank_15_3;
-  assign \$687  = $signed(acc_14_4) + $signed(\p$1694 );
-  assign \$688  = first_pe14_4 ? { \p$1694 [15], \p$1694 [15], \p$1694 [15], \p$1694 [15], \p$1694 [15], \p$1694 [15], \p$1694 [15], \p$1694 [15], \p$1694 [15], \p$1694  } : \$687 ;
+  assign \$687  = $signed(acc_14_4) + $signed(\p$1934 );
+  assign \$688  = first_pe14_4 ? { \p$1934 [15], \p$1934 [15], \p$1934 [15], \p$1934 [15], \p$1934 [15], \p$1934 [15], \p$1934 [15], \p$1934 [15], \p$1934 [15], \p$1934  } : \$687 ;
   assign \$689  = done_pe14_4 ? acc_14_4 : bank_15_4;
-  assign \$690  = $signed(acc_14_5) + $signed(\p$1697 );
-  assign \$691  = first_pe14_5 ? { \p$1697 [15], \p$1697 [15], \p$1697 [15], \p$1697 [15], \p$1697 [15], \p$1697 [15], \p$1697 [15], \p$1697 [15], \p$1697 [15], \p$1697  } : \$690 ;
+  assign \$690  = $signed(acc_14_5) + $signed(\p$1937 );
+  assign \$691  = first_pe14_5 ? { \p$1937 [15], \p$1937 [15], \p$1937 [15], \p$1937 [15], \p$1937 [15], \p$1937 [15], \p$1937 [15], \p$1937 [15], \p$1937 [15], \p$1937  } : \$690 ;
   assign \$692  = done_pe14_5 ? acc_14_5 : bank_15_5;
-  assign \$693  = $signed(acc_14_6) + $signed(\p$1700 );
-  assign \$694  = first_pe14_6 ? { \p$1700 [15], \p$1700 [15], \p$1700 [15], \p$1700 [15], \p$1700 [15], \p$1700 [15], \p$1700 [15], \p$1700 [15], \p$1700 [15], \p$1700  } : \$693 ;
+  assign \$693  = $signed(acc_14_6) + $signed(\p$1940 );
+  assign \$694  = first_pe14_6 ? { \p$1940 [15], \p$1940 [15], \p$1940 [15], \p$1940 [15], \p$1940 [15], \p$1940 [15], \p$1940 [15], \p$1940 [15], \p$1940 [15], \p$1940  } : \$693 ;
   assign \$695  = done_pe14_6 ? acc_14_6 : bank_15_6;
-  assign \$696  = $signed(acc_14_7) + $signed(\p$1703 );
-  assign \$697  = first_pe14_7 ? { \p$1703 [15], \p$1703 [15], \p$1703 [15], \p$1703 [15], \p$1703 [15], \p$1703 [15], \p$1703 [15], \p$1703 [15], \p$1703 [15], \p$1703  } : \$696 ;
+  assign \$696  = $signed(acc_14_7) + $signed(\p$1943 );
+  assign \$697  = first_pe14_7 ? { \p$1943 [15], \p$1943 [15], \p$1943 [15], \p$1943 [15], \p$1943 [15], \p$1943 [15], \p$1943 [15], \p$1943 [15], \p$1943 [15], \p$1943  } : \$696 ;
   assign \$698  = done_pe14_7 ? acc_14_7 : bank_15_7;
-  assign \$699  = $signed(acc_14_8) + $signed(\p$1706 );
-  assign \$700  = first_pe14_8 ? { \p$1706 [15], \p$1706 [15], \p$1706 [15], \p$1706 [15], \p$1706 [15], \p$1706 [15], \p$1706 [15], \p$1706 [15], \p$1706 [15], \p$1706  } : \$699 ;
+  assign \$699  = $signed(acc_14_8) + $signed(\p$1946 );
+  assign \$700  = first_pe14_8 ? { \p$1946 [15], \p$1946 [15], \p$1946 [15], \p$1946 [15], \p$1946 [15], \p$1946 [15], \p$1946 [15], \p$1946 [15], \p$1946 [15], \p$1946  } : \$699 ;
   assign \$701  = done_pe14_8 ? acc_14_8 : bank_15_8;
-  assign \$702  = $signed(acc_14_9) + $signed(\p$1709 );
-  assign \$703  = first_pe14_9 ? { \p$1709 [15], \p$1709 [15], \p$1709 [15], \p$1709 [15], \p$1709 [15], \p$1709 [15], \p$1709 [15], \p$1709 [15], \p$1709 [15], \p$1709  } : \$702 ;
+  assign \$702  = $signed(acc_14_9) + $signed(\p$1949 );
+  assign \$703  = first_pe14_9 ? { \p$1949 [15], \p$1949 [15], \p$1949 [15], \p$1949 [15], \p$1949 [15], \p$1949 [15], \p$1949 [15], \p$1949 [15], \p$1949 [15], \p$1949  } : \$702 ;
   assign \$704  = done_pe14_9 ? acc_14_9 : bank_15_9;
-  assign \$705  = $signed(acc_14_10) + $signed(\p$1712 );
-  assign \$706  = first_pe14_10 ? { \p$1712 [15], \p$1712 [15], \p$1712 [15], \p$1712 [15], \p$1712 [15], \p$1712 [15], \p$1712 [15], \p$1712 [15], \p$1712 [15], \p$1712  } : \$705 ;
+  assign \$705  = $signed(acc_14_10) + $signed(\p$1952 );
+  assign \$706  = first_pe14_10 ? { \p$1952 [15], \p$1952 [15], \p$1952 [15], \p$1952 [15], \p$1952 [15], \p$1952 [15], \p$1952 [15], \p$1952 [15], \p$1952 [15], \p$1952  } : \$705 ;
   assign \$707  = done_pe14_10 ? acc_14_10 : bank_15_10;
-  assign \$708  = $signed(acc_14_11) + $signed(\p$1715 );
-  assign \$709  = first_pe14_11 ? { \p$1715 [15], \p$1715 [15], \p$1715 [15], \p$1715 [15], \p$1715 [15], \p$1715 [15], \p$1715 [15], \p$1715 [15], \p$1715 [15], \p$1715  } : \$708 ;
+  assign \$708  = $signed(acc_14_11) + $signed(\p$1955 );
+  assign \$709  = first_pe14_11 ? { \p$1955 [15], \p$1955 [15], \p$1955 [15], \p$1955 [15], \p$1955 [15], \p$1955 [15], \p$1955 [15], \p$1955 [15], \p$1955 [15], \p$1955  } : \$708 ;
   assign \$710  = done_pe14_11 ? acc_14_11 : bank_15_11;
-  assign \$711  = $signed(acc_14_12) + $signed(\p$1718 );
-  assign \$712  = first_pe14_12 ? { \p$1718 [15], \p$1718 [15], \p$1718 [15], \p$1718 [15], \p$1718 [15], \p$1718 [15], \p$1718 [15], \p$1718 [15], \p$1718 [15], \p$1718  } : \$711 ;
+  assign \$711  = $signed(acc_14_12) + $signed(\p$1958 );
+  assign \$712  = first_pe14_12 ? { \p$1958 [15], \p$1958 [15], \p$1958 [15], \p$1958 [15], \p$1958 [15], \p$1958 [15], \p$1958 [15], \p$1958 [15], \p$1958 [15], \p$1958  } : \$711 ;
   assign \$713  = done_pe14_12 ? acc_14_12 : bank_15_12;
-  assign \$714  = $signed(acc_14_13) + $signed(\p$1721 );
-  assign \$715  = first_pe14_13 ? { \p$1721 [15], \p$1721 [15], \p$1721 [15], \p$1721 [15], \p$1721 [15], \p$1721 [15], \p$1721 [15], \p$1721 [15], \p$1721 [15], \p$1721  } : \$714 ;
+  assign \$714  = $signed(acc_14_13) + $signed(\p$1961 );
+  assign \$715  = first_pe14_13 ? { \p$1961 [15], \p$1961 [15], \p$1961 [15], \p$1961 [15], \p$1961 [15], \p$1961 [15], \p$1961 [15], \p$1961 [15], \p$1961 [15], \p$1961  } : \$714 ;
   assign \$716  = done_pe14_13 ? acc_14_13 : bank_15_13;
-  assign \$717  = $signed(acc_14_14) + $signed(\p$1724 );
-  assign \$718  = first_pe14_14 ? { \p$1724 [15], \p$1724 [15], \p$1724 [15], \p$1724 [15], \p$1724 [15], \p$1724 [15], \p$1724 [15], \p$1724 [15], \p$1724 [15], \p$1724  } : \$717 ;
+  assign \$717  = $signed(acc_14_14) + $signed(\p$1964 );
+  assign \$718  = first_pe14_14 ? { \p$1964 [15], \p$1964 [15], \p$1964 [15], \p$1964 [15], \p$1964 [15], \p$1964 [15], \p$1964 [15], \p$1964 [15], \p$1964 [15], \p$1964  } : \$717 ;
   assign \$719  = done_pe14_14 ? acc_14_14 : bank_15_14;
-  assign \$720  = $signed(acc_14_15) + $signed(\p$1727 );
-  assign \$721  = first_pe14_15 ? { \p$1727 [15], \p$1727 [15], \p$1727 [15], \p$1727 [15], \p$1727 [15], \p$1727 [15], \p$1727 [15], \p$1727 [15], \p$1727 [15], \p$1727  } : \$720 ;
+  assign \$720  = $signed(acc_14_15) + $signed(\p$1967 );
+  assign \$721  = first_pe14_15 ? { \p$1967 [15], \p$1967 [15], \p$1967 [15], \p$1967 [15], \p$1967 [15], \p$1967 [15], \p$1967 [15], \p$1967 [15], \p$1967 [15], \p$1967  } : \$720 ;
   assign \$722  = done_pe14_15 ? acc_14_15 : bank_15_15;
-  assign \$723  = $signed(acc_15_0) + $signed(\p$1730 );
-  assign \$724  = first_pe15_0 ? { \p$1730 [15], \p$1730 [15], \p$1730 [15], \p$1730 [15], \p$1730 [15], \p$1730 [15], \p$1730 [15], \p$1730 [15], \p$1730 [15], \p$1730  } : \$723 ;
+  assign \$723  = $signed(acc_15_0) + $signed(\p$1970 );
+  assign \$724  = first_pe15_0 ? { \p$1970 [15], \p$1970 [15], \p$1970 [15], \p$1970 [15], \p$1970 [15], \p$1970 [15], \p$1970 [15], \p$1970 [15], \p$1970 [15], \p$1970  } : \$723 ;
   assign \$725  = done_pe15_0 ? acc_15_0 : 24'h000000;
-  assign \$726  = $signed(acc_15_1) + $signed(\p$1732 );
-  assign \$727  = first_pe15_1 ? { \p$1732 [15], \p$1732 [15], \p$1732 [15], \p$1732 [15], \p$1732 [15], \p$1732 [15], \p$1732 [15], \p$1732 [15], \p$1732 [15], \p$1732  } : \$726 ;
+  assign \$726  = $signed(acc_15_1) + $signed(\p$1972 );
+  assign \$727  = first_pe15_1 ? { \p$1972 [15], \p$1972 [15], \p$1972 [15], \p$1972 [15], \p$1972 [15], \p$1972 [15], \p$1972 [15], \p$1972 [15], \p$1972 [15], \p$1972  } : \$726 ;
   assign \$728  = done_pe15_1 ? acc_15_1 : 24'h000000;
-  assign \$729  = $signed(acc_15_2) + $signed(\p$1734 );
-  assign \$730  = first_pe15_2 ? { \p$1734 [15], \p$1734 [15], \p$1734 [15], \p$1734 [15], \p$1734 [15], \p$1734 [15], \p$1734 [15], \p$1734 [15], \p$1734 [15], \p$1734  } : \$729 ;
+  assign \$729  = $signed(acc_15_2) + $signed(\p$1974 );
+  assign \$730  = first_pe15_2 ? { \p$1974 [15], \p$1974 [15], \p$1974 [15], \p$1974 [15], \p$1974 [15], \p$1974 [15], \p$1974 [15], \p$1974 [15], \p$1974 [15], \p$1974  } : \$729 ;
   assign \$731  = done_pe15_2 ? acc_15_2 : 24'h000000;
-  assign \$732  = $signed(acc_15_3) + $signed(\p$1736 );
-  assign \$733  = first_pe15_3 ? { \p$1736 [15], \p$1736 [15], \p$1736 [15], \p$1736 [15], \p$1736 [15], \p$1736 [15], \p$1736 [15], \p$1736 [15], \p$1736 [15], \p$1736  } : \$732 ;
+  assign \$732  = $signed(acc_15_3) + $signed(\p$1976 );
+  assign \$733  = first_pe15_3 ? { \p$1976 [15], \p$1976 [15], \p$1976 [15], \p$1976 [15], \p$1976 [15], \p$1976 [15], \p$1976 [15], \p$1976 [15], \p$1976 [15], \p$1976  } : \$732 ;
   assign \$734  = done_pe15_3 ? acc_15_3 : 24'h000000;
-  assign \$735  = $signed(acc_15_4) + $signed(\p$1738 );
-  assign \$736  = first_pe15_4 ? { \p$1738 [15], \p$1738 [15], \p$1738 [15], \p$1738 [15], \p$1738 [15], \p$1738 [15], \p$1738 [15], \p$1738 [15], \p$1738 [15], \p$1738  } : \$735 ;
+  assign \$735  = $signed(acc_15_4) + $signed(\p$1978 );
+  assign \$736  = first_pe15_4 ? { \p$1978 [15], \p$1978 [15], \p$1978 [15], \p$1978 [15], \p$1978 [15], \p$1978 [15], \p$1978 [15], \p$1978 [15], \p$1978 [15], \p$1978  } : \$735 ;
   assign \$737  = done_pe15_4 ? acc_15_4 : 24'h000000;
-  assign \$738  = $signed(acc_15_5) + $signed(\p$1740 );
-  assign \$739  = first_pe15_5 ? { \p$1740 [15], \p$1740 [15], \p$1740 [15], \p$1740 [15], \p$1740 [15], \p$1740 [15], \p$1740 [15], \p$1740 [15], \p$1740 [15], \p$1740  } : \$738 ;
+  assign \$738  = $signed(acc_15_5) + $signed(\p$1980 );
+  assign \$739  = first_pe15_5 ? { \p$1980 [15], \p$1980 [15], \p$1980 [15], \p$1980 [15], \p$1980 [15], \p$1980 [15], \p$1980 [15], \p$1980 [15], \p$1980 [15], \p$1980  } : \$738 ;
   assign \$740  = done_pe15_5 ? acc_15_5 : 24'h000000;
-  assign \$741  = $signed(acc_15_6) + $signed(\p$1742 );
-  assign \$742  = first_pe15_6 ? { \p$1742 [15], \p$1742 [15], \p$1742 [15], \p$1742 [15], \p$1742 [15], \p$1742 [15], \p$1742 [15], \p$1742 [15], \p$1742 [15], \p$1742  } : \$741 ;
+  assign \$741  = $signed(acc_15_6) + $signed(\p$1982 );
+  assign \$742  = first_pe15_6 ? { \p$1982 [15], \p$1982 [15], \p$1982 [15], \p$1982 [15], \p$1982 [15], \p$1982 [15], \p$1982 [15], \p$1982 [15], \p$1982 [15], \p$1982  } : \$741 ;
   assign \$743  = done_pe15_6 ? acc_15_6 : 24'h000000;
-  assign \$744  = $signed(acc_15_7) + $signed(\p$1744 );
-  assign \$745  = first_pe15_7 ? { \p$1744 [15], \p$1744 [15], \p$1744 [15], \p$1744 [15], \p$1744 [15], \p$1744 [15], \p$1744 [15], \p$1744 [15], \p$1744 [15], \p$1744  } : \$744 ;
+  assign \$744  = $signed(acc_15_7) + $signed(\p$1984 );
+  assign \$745  = first_pe15_7 ? { \p$1984 [15], \p$1984 [15], \p$1984 [15], \p$1984 [15], \p$1984 [15], \p$1984 [15], \p$1984 [15], \p$1984 [15], \p$1984 [15], \p$1984  } : \$744 ;
   assign \$746  = done_pe15_7 ? acc_15_7 : 24'h000000;
-  assign \$747  = $signed(acc_15_8) + $signed(\p$1746 );
-  assign \$748  = first_pe15_8 ? { \p$1746 [15], \p$1746 [15], \p$1746 [15], \p$1746 [15], \p$1746 [15], \p$1746 [15], \p$1746 [15], \p$1746 [15], \p$1746 [15], \p$1746  } : \$747 ;
+  assign \$747  = $signed(acc_15_8) + $signed(\p$1986 );
+  assign \$748  = first_pe15_8 ? { \p$1986 [15], \p$1986 [15], \p$1986 [15], \p$1986 [15], \p$1986 [15], \p$1986 [15], \p$1986 [15], \p$1986 [15], \p$1986 [15], \p$1986  } : \$747 ;
   assign \$749  = done_pe15_8 ? acc_15_8 : 24'h000000;
-  assign \$750  = $signed(acc_15_9) + $signed(\p$1748 );
-  assign \$751  = first_pe15_9 ? { \p$1748 [15], \p$1748 [15], \p$1748 [15], \p$1748 [15], \p$1748 [15], \p$1748 [15], \p$1748 [15], \p$1748 [15], \p$1748 [15], \p$1748  } : \$750 ;
+  assign \$750  = $signed(acc_15_9) + $signed(\p$1988 );
+  assign \$751  = first_pe15_9 ? { \p$1988 [15], \p$1988 [15], \p$1988 [15], \p$1988 [15], \p$1988 [15], \p$1988 [15], \p$1988 [15], \p$1988 [15], \p$1988 [15], \p$1988  } : \$750 ;
   assign \$752  = done_pe15_9 ? acc_15_9 : 24'h000000;
-  assign \$753  = $signed(acc_15_10) + $signed(\p$1750 );
-  assign \$754  = first_pe15_10 ? { \p$1750 [15], \p$1750 [15], \p$1750 [15], \p$1750 [15], \p$1750 [15], \p$1750 [15], \p$1750 [15], \p$1750 [15], \p$1750 [15], \p$1750  } : \$753 ;
+  assign \$753  = $signed(acc_15_10) + $signed(\p$1990 );
+  assign \$754  = first_pe15_10 ? { \p$1990 [15], \p$1990 [15], \p$1990 [15], \p$1990 [15], \p$1990 [15], \p$1990 [15], \p$1990 [15], \p$1990 [15], \p$1990 [15], \p$1990  } : \$753 ;
   assign \$755  = done_pe15_10 ? acc_15_10 : 24'h000000;
-  assign \$756  = $signed(acc_15_11) + $signed(\p$1752 );
-  assign \$757  = first_pe15_11 ? { \p$1752 [15], \p$1752 [15], \p$1752 [15], \p$1752 [15], \p$1752 [15], \p$1752 [15], \p$1752 [15], \p$1752 [15], \p$1752 [15], \p$1752  } : \$756 ;
+  assign \$756  = $signed(acc_15_11) + $signed(\p$1992 );
+  assign \$757  = first_pe15_11 ? { \p$1992 [15], \p$1992 [15], \p$1992 [15], \p$1992 [15], \p$1992 [15], \p$1992 [15], \p$1992 [15], \p$1992 [15], \p$1992 [15], \p$1992  } : \$756 ;
   assign \$758  = done_pe15_11 ? acc_15_11 : 24'h000000;
-  assign \$759  = $signed(acc_15_12) + $signed(\p$1754 );
-  assign \$760  = first_pe15_12 ? { \p$1754 [15], \p$1754 [15], \p$1754 [15], \p$1754 [15], \p$1754 [15], \p$1754 [15], \p$1754 [15], \p$1754 [15], \p$1754 [15], \p$1754  } : \$759 ;
+  assign \$759  = $signed(acc_15_12) + $signed(\p$1994 );
+  assign \$760  = first_pe15_12 ? { \p$1994 [15], \p$1994 [15], \p$1994 [15], \p$1994 [15], \p$1994 [15], \p$1994 [15], \p$1994 [15], \p$1994 [15], \p$1994 [15], \p$1994  } : \$759 ;
   assign \$761  = done_pe15_12 ? acc_15_12 : 24'h000000;
-  assign \$762  = $signed(acc_15_13) + $signed(\p$1756 );
-  assign \$763  = first_pe15_13 ? { \p$1756 [15], \p$1756 [15], \p$1756 [15], \p$1756 [15], \p$1756 [15], \p$1756 [15], \p$1756 [15], \p$1756 [15], \p$1756 [15], \p$1756  } : \$762 ;
+  assign \$762  = $signed(acc_15_13) + $signed(\p$1996 );
+  assign \$763  = first_pe15_13 ? { \p$1996 [15], \p$1996 [15], \p$1996 [15], \p$1996 [15], \p$1996 [15], \p$1996 [15], \p$1996 [15], \p$1996 [15], \p$1996 [15], \p$1996  } : \$762 ;
   assign \$764  = done_pe15_13 ? acc_15_13 : 24'h000000;
-  assign \$765  = $signed(acc_15_14) + $signed(\p$1758 );
-  assign \$766  = first_pe15_14 ? { \p$1758 [15], \p$1758 [15], \p$1758 [15], \p$1758 [15], \p$1758 [15], \p$1758 [15], \p$1758 [15], \p$1758 [15], \p$1758 [15], \p$1758  } : \$765 ;
+  assign \$765  = $signed(acc_15_14) + $signed(\p$1998 );
+  assign \$766  = first_pe15_14 ? { \p$1998 [15], \p$1998 [15], \p$1998 [15], \p$1998 [15], \p$1998 [15], \p$1998 [15], \p$1998 [15], \p$1998 [15], \p$1998 [15], \p$1998  } : \$765 ;
   assign \$767  = done_pe15_14 ? acc_15_14 : 24'h000000;
-  assign \$768  = $signed(acc_15_15) + $signed(\p$1760 );
-  assign \$769  = first_pe15_15 ? { \p$1760 [15], \p$1760 [15], \p$1760 [15], \p$1760 [15], \p$1760 [15], \p$1760 [15], \p$1760 [15], \p$1760 [15], \p$1760 [15], \p$1760  } : \$768 ;
+  assign \$768  = $signed(acc_15_15) + $signed(\p$2000 );
+  assign \$769  = first_pe15_15 ? { \p$2000 [15], \p$2000 [15], \p$2000 [15], \p$2000 [15], \p$2000 [15], \p$2000 [15], \p$2000 [15], \p$2000 [15], \p$2000 [15], \p$2000  } : \$768 ;
   assign \$770  = done_pe15_15 ? acc_15_15 : 24'h000000;
   assign \$771  = row != 4'hf;
   assign \$772  = bank_busy & \$771 ;
@@ -26422,549 +26902,1029 @@ module \encoder_layer_0_attention_output_dense.pe (rst, i__payload, i__valid, ba
   always @(posedge clk)
     first_pe15_15 <= first_r15;
   always @(posedge clk)
-    last_r0_d <= last_r0;
+    last_pe0_0 <= last_r0;
   always @(posedge clk)
-    last_r1_d <= last_r1;
+    last_pe0_1 <= last_r0;
   always @(posedge clk)
-    last_r2_d <= last_r2;
+    last_pe0_2 <= last_r0;
   always @(posedge clk)
-    last_r3_d <= last_r3;
+    last_pe0_3 <= last_r0;
   always @(posedge clk)
-    last_r4_d <= last_r4;
+    last_pe0_4 <= last_r0;
   always @(posedge clk)
-    last_r5_d <= last_r5;
+    last_pe0_5 <= last_r0;
   always @(posedge clk)
-    last_r6_d <= last_r6;
+    last_pe0_6 <= last_r0;
   always @(posedge clk)
-    last_r7_d <= last_r7;
+    last_pe0_7 <= last_r0;
   always @(posedge clk)
-    last_r8_d <= last_r8;
+    last_pe0_8 <= last_r0;
   always @(posedge clk)
-    last_r9_d <= last_r9;
+    last_pe0_9 <= last_r0;
   always @(posedge clk)
-    last_r10_d <= last_r10;
+    last_pe0_10 <= last_r0;
   always @(posedge clk)
-    last_r11_d <= last_r11;
+    last_pe0_11 <= last_r0;
   always @(posedge clk)
-    last_r12_d <= last_r12;
+    last_pe0_12 <= last_r0;
   always @(posedge clk)
-    last_r13_d <= last_r13;
+    last_pe0_13 <= last_r0;
   always @(posedge clk)
-    last_r14_d <= last_r14;
+    last_pe0_14 <= last_r0;
   always @(posedge clk)
-    last_r15_d <= last_r15;
+    last_pe0_15 <= last_r0;
   always @(posedge clk)
-    done_pe0_0 <= last_r0_d;
+    last_pe1_0 <= last_r1;
   always @(posedge clk)
-    done_pe0_1 <= last_r0_d;
+    last_pe1_1 <= last_r1;
   always @(posedge clk)
-    done_pe0_2 <= last_r0_d;
+    last_pe1_2 <= last_r1;
   always @(posedge clk)
-    done_pe0_3 <= last_r0_d;
+    last_pe1_3 <= last_r1;
   always @(posedge clk)
-    done_pe0_4 <= last_r0_d;
+    last_pe1_4 <= last_r1;
   always @(posedge clk)
-    done_pe0_5 <= last_r0_d;
+    last_pe1_5 <= last_r1;
   always @(posedge clk)
-    done_pe0_6 <= last_r0_d;
+    last_pe1_6 <= last_r1;
   always @(posedge clk)
-    done_pe0_7 <= last_r0_d;
+    last_pe1_7 <= last_r1;
   always @(posedge clk)
-    done_pe0_8 <= last_r0_d;
+    last_pe1_8 <= last_r1;
   always @(posedge clk)
-    done_pe0_9 <= last_r0_d;
+    last_pe1_9 <= last_r1;
   always @(posedge clk)
-    done_pe0_10 <= last_r0_d;
+    last_pe1_10 <= last_r1;
   always @(posedge clk)
-    done_pe0_11 <= last_r0_d;
+    last_pe1_11 <= last_r1;
   always @(posedge clk)
-    done_pe0_12 <= last_r0_d;
+    last_pe1_12 <= last_r1;
   always @(posedge clk)
-    done_pe0_13 <= last_r0_d;
+    last_pe1_13 <= last_r1;
   always @(posedge clk)
-    done_pe0_14 <= last_r0_d;
+    last_pe1_14 <= last_r1;
   always @(posedge clk)
-    done_pe0_15 <= last_r0_d;
+    last_pe1_15 <= last_r1;
   always @(posedge clk)
-    done_pe1_0 <= last_r1_d;
+    last_pe2_0 <= last_r2;
   always @(posedge clk)
-    done_pe1_1 <= last_r1_d;
+    last_pe2_1 <= last_r2;
   always @(posedge clk)
-    done_pe1_2 <= last_r1_d;
+    last_pe2_2 <= last_r2;
   always @(posedge clk)
-    done_pe1_3 <= last_r1_d;
+    last_pe2_3 <= last_r2;
   always @(posedge clk)
-    done_pe1_4 <= last_r1_d;
+    last_pe2_4 <= last_r2;
   always @(posedge clk)
-    done_pe1_5 <= last_r1_d;
+    last_pe2_5 <= last_r2;
   always @(posedge clk)
-    done_pe1_6 <= last_r1_d;
+    last_pe2_6 <= last_r2;
   always @(posedge clk)
-    done_pe1_7 <= last_r1_d;
+    last_pe2_7 <= last_r2;
   always @(posedge clk)
-    done_pe1_8 <= last_r1_d;
+    last_pe2_8 <= last_r2;
   always @(posedge clk)
-    done_pe1_9 <= last_r1_d;
+    last_pe2_9 <= last_r2;
   always @(posedge clk)
-    done_pe1_10 <= last_r1_d;
+    last_pe2_10 <= last_r2;
   always @(posedge clk)
-    done_pe1_11 <= last_r1_d;
+    last_pe2_11 <= last_r2;
   always @(posedge clk)
-    done_pe1_12 <= last_r1_d;
+    last_pe2_12 <= last_r2;
   always @(posedge clk)
-    done_pe1_13 <= last_r1_d;
+    last_pe2_13 <= last_r2;
   always @(posedge clk)
-    done_pe1_14 <= last_r1_d;
+    last_pe2_14 <= last_r2;
   always @(posedge clk)
-    done_pe1_15 <= last_r1_d;
+    last_pe2_15 <= last_r2;
   always @(posedge clk)
-    done_pe2_0 <= last_r2_d;
+    last_pe3_0 <= last_r3;
   always @(posedge clk)
-    done_pe2_1 <= last_r2_d;
+    last_pe3_1 <= last_r3;
   always @(posedge clk)
-    done_pe2_2 <= last_r2_d;
+    last_pe3_2 <= last_r3;
   always @(posedge clk)
-    done_pe2_3 <= last_r2_d;
+    last_pe3_3 <= last_r3;
   always @(posedge clk)
-    done_pe2_4 <= last_r2_d;
+    last_pe3_4 <= last_r3;
   always @(posedge clk)
-    done_pe2_5 <= last_r2_d;
+    last_pe3_5 <= last_r3;
   always @(posedge clk)
-    done_pe2_6 <= last_r2_d;
+    last_pe3_6 <= last_r3;
   always @(posedge clk)
-    done_pe2_7 <= last_r2_d;
+    last_pe3_7 <= last_r3;
   always @(posedge clk)
-    done_pe2_8 <= last_r2_d;
+    last_pe3_8 <= last_r3;
   always @(posedge clk)
-    done_pe2_9 <= last_r2_d;
+    last_pe3_9 <= last_r3;
   always @(posedge clk)
-    done_pe2_10 <= last_r2_d;
+    last_pe3_10 <= last_r3;
   always @(posedge clk)
-    done_pe2_11 <= last_r2_d;
+    last_pe3_11 <= last_r3;
   always @(posedge clk)
-    done_pe2_12 <= last_r2_d;
+    last_pe3_12 <= last_r3;
   always @(posedge clk)
-    done_pe2_13 <= last_r2_d;
+    last_pe3_13 <= last_r3;
   always @(posedge clk)
-    done_pe2_14 <= last_r2_d;
+    last_pe3_14 <= last_r3;
   always @(posedge clk)
-    done_pe2_15 <= last_r2_d;
+    last_pe3_15 <= last_r3;
   always @(posedge clk)
-    done_pe3_0 <= last_r3_d;
+    last_pe4_0 <= last_r4;
   always @(posedge clk)
-    done_pe3_1 <= last_r3_d;
+    last_pe4_1 <= last_r4;
   always @(posedge clk)
-    done_pe3_2 <= last_r3_d;
+    last_pe4_2 <= last_r4;
   always @(posedge clk)
-    done_pe3_3 <= last_r3_d;
+    last_pe4_3 <= last_r4;
   always @(posedge clk)
-    done_pe3_4 <= last_r3_d;
+    last_pe4_4 <= last_r4;
   always @(posedge clk)
-    done_pe3_5 <= last_r3_d;
+    last_pe4_5 <= last_r4;
   always @(posedge clk)
-    done_pe3_6 <= last_r3_d;
+    last_pe4_6 <= last_r4;
   always @(posedge clk)
-    done_pe3_7 <= last_r3_d;
+    last_pe4_7 <= last_r4;
   always @(posedge clk)
-    done_pe3_8 <= last_r3_d;
+    last_pe4_8 <= last_r4;
   always @(posedge clk)
-    done_pe3_9 <= last_r3_d;
+    last_pe4_9 <= last_r4;
   always @(posedge clk)
-    done_pe3_10 <= last_r3_d;
+    last_pe4_10 <= last_r4;
   always @(posedge clk)
-    done_pe3_11 <= last_r3_d;
+    last_pe4_11 <= last_r4;
   always @(posedge clk)
-    done_pe3_12 <= last_r3_d;
+    last_pe4_12 <= last_r4;
   always @(posedge clk)
-    done_pe3_13 <= last_r3_d;
+    last_pe4_13 <= last_r4;
   always @(posedge clk)
-    done_pe3_14 <= last_r3_d;
+    last_pe4_14 <= last_r4;
   always @(posedge clk)
-    done_pe3_15 <= last_r3_d;
+    last_pe4_15 <= last_r4;
   always @(posedge clk)
-    done_pe4_0 <= last_r4_d;
+    last_pe5_0 <= last_r5;
   always @(posedge clk)
-    done_pe4_1 <= last_r4_d;
+    last_pe5_1 <= last_r5;
   always @(posedge clk)
-    done_pe4_2 <= last_r4_d;
+    last_pe5_2 <= last_r5;
   always @(posedge clk)
-    done_pe4_3 <= last_r4_d;
+    last_pe5_3 <= last_r5;
   always @(posedge clk)
-    done_pe4_4 <= last_r4_d;
+    last_pe5_4 <= last_r5;
   always @(posedge clk)
-    done_pe4_5 <= last_r4_d;
+    last_pe5_5 <= last_r5;
   always @(posedge clk)
-    done_pe4_6 <= last_r4_d;
+    last_pe5_6 <= last_r5;
   always @(posedge clk)
-    done_pe4_7 <= last_r4_d;
+    last_pe5_7 <= last_r5;
   always @(posedge clk)
-    done_pe4_8 <= last_r4_d;
+    last_pe5_8 <= last_r5;
   always @(posedge clk)
-    done_pe4_9 <= last_r4_d;
+    last_pe5_9 <= last_r5;
   always @(posedge clk)
-    done_pe4_10 <= last_r4_d;
+    last_pe5_10 <= last_r5;
   always @(posedge clk)
-    done_pe4_11 <= last_r4_d;
+    last_pe5_11 <= last_r5;
   always @(posedge clk)
-    done_pe4_12 <= last_r4_d;
+    last_pe5_12 <= last_r5;
   always @(posedge clk)
-    done_pe4_13 <= last_r4_d;
+    last_pe5_13 <= last_r5;
   always @(posedge clk)
-    done_pe4_14 <= last_r4_d;
+    last_pe5_14 <= last_r5;
   always @(posedge clk)
-    done_pe4_15 <= last_r4_d;
+    last_pe5_15 <= last_r5;
   always @(posedge clk)
-    done_pe5_0 <= last_r5_d;
+    last_pe6_0 <= last_r6;
   always @(posedge clk)
-    done_pe5_1 <= last_r5_d;
+    last_pe6_1 <= last_r6;
   always @(posedge clk)
-    done_pe5_2 <= last_r5_d;
+    last_pe6_2 <= last_r6;
   always @(posedge clk)
-    done_pe5_3 <= last_r5_d;
+    last_pe6_3 <= last_r6;
   always @(posedge clk)
-    done_pe5_4 <= last_r5_d;
+    last_pe6_4 <= last_r6;
   always @(posedge clk)
-    done_pe5_5 <= last_r5_d;
+    last_pe6_5 <= last_r6;
   always @(posedge clk)
-    done_pe5_6 <= last_r5_d;
+    last_pe6_6 <= last_r6;
   always @(posedge clk)
-    done_pe5_7 <= last_r5_d;
+    last_pe6_7 <= last_r6;
   always @(posedge clk)
-    done_pe5_8 <= last_r5_d;
+    last_pe6_8 <= last_r6;
   always @(posedge clk)
-    done_pe5_9 <= last_r5_d;
+    last_pe6_9 <= last_r6;
   always @(posedge clk)
-    done_pe5_10 <= last_r5_d;
+    last_pe6_10 <= last_r6;
   always @(posedge clk)
-    done_pe5_11 <= last_r5_d;
+    last_pe6_11 <= last_r6;
   always @(posedge clk)
-    done_pe5_12 <= last_r5_d;
+    last_pe6_12 <= last_r6;
   always @(posedge clk)
-    done_pe5_13 <= last_r5_d;
+    last_pe6_13 <= last_r6;
   always @(posedge clk)
-    done_pe5_14 <= last_r5_d;
+    last_pe6_14 <= last_r6;
   always @(posedge clk)
-    done_pe5_15 <= last_r5_d;
+    last_pe6_15 <= last_r6;
   always @(posedge clk)
-    done_pe6_0 <= last_r6_d;
+    last_pe7_0 <= last_r7;
   always @(posedge clk)
-    done_pe6_1 <= last_r6_d;
+    last_pe7_1 <= last_r7;
   always @(posedge clk)
-    done_pe6_2 <= last_r6_d;
+    last_pe7_2 <= last_r7;
   always @(posedge clk)
-    done_pe6_3 <= last_r6_d;
+    last_pe7_3 <= last_r7;
   always @(posedge clk)
-    done_pe6_4 <= last_r6_d;
+    last_pe7_4 <= last_r7;
   always @(posedge clk)
-    done_pe6_5 <= last_r6_d;
+    last_pe7_5 <= last_r7;
   always @(posedge clk)
-    done_pe6_6 <= last_r6_d;
+    last_pe7_6 <= last_r7;
   always @(posedge clk)
-    done_pe6_7 <= last_r6_d;
+    last_pe7_7 <= last_r7;
   always @(posedge clk)
-    done_pe6_8 <= last_r6_d;
+    last_pe7_8 <= last_r7;
   always @(posedge clk)
-    done_pe6_9 <= last_r6_d;
+    last_pe7_9 <= last_r7;
   always @(posedge clk)
-    done_pe6_10 <= last_r6_d;
+    last_pe7_10 <= last_r7;
   always @(posedge clk)
-    done_pe6_11 <= last_r6_d;
+    last_pe7_11 <= last_r7;
   always @(posedge clk)
-    done_pe6_12 <= last_r6_d;
+    last_pe7_12 <= last_r7;
   always @(posedge clk)
-    done_pe6_13 <= last_r6_d;
+    last_pe7_13 <= last_r7;
   always @(posedge clk)
-    done_pe6_14 <= last_r6_d;
+    last_pe7_14 <= last_r7;
   always @(posedge clk)
-    done_pe6_15 <= last_r6_d;
+    last_pe7_15 <= last_r7;
   always @(posedge clk)
-    done_pe7_0 <= last_r7_d;
+    last_pe8_0 <= last_r8;
   always @(posedge clk)
-    done_pe7_1 <= last_r7_d;
+    last_pe8_1 <= last_r8;
   always @(posedge clk)
-    done_pe7_2 <= last_r7_d;
+    last_pe8_2 <= last_r8;
   always @(posedge clk)
-    done_pe7_3 <= last_r7_d;
+    last_pe8_3 <= last_r8;
   always @(posedge clk)
-    done_pe7_4 <= last_r7_d;
+    last_pe8_4 <= last_r8;
   always @(posedge clk)
-    done_pe7_5 <= last_r7_d;
+    last_pe8_5 <= last_r8;
   always @(posedge clk)
-    done_pe7_6 <= last_r7_d;
+    last_pe8_6 <= last_r8;
   always @(posedge clk)
-    done_pe7_7 <= last_r7_d;
+    last_pe8_7 <= last_r8;
   always @(posedge clk)
-    done_pe7_8 <= last_r7_d;
+    last_pe8_8 <= last_r8;
   always @(posedge clk)
-    done_pe7_9 <= last_r7_d;
+    last_pe8_9 <= last_r8;
   always @(posedge clk)
-    done_pe7_10 <= last_r7_d;
+    last_pe8_10 <= last_r8;
   always @(posedge clk)
-    done_pe7_11 <= last_r7_d;
+    last_pe8_11 <= last_r8;
   always @(posedge clk)
-    done_pe7_12 <= last_r7_d;
+    last_pe8_12 <= last_r8;
   always @(posedge clk)
-    done_pe7_13 <= last_r7_d;
+    last_pe8_13 <= last_r8;
   always @(posedge clk)
-    done_pe7_14 <= last_r7_d;
+    last_pe8_14 <= last_r8;
   always @(posedge clk)
-    done_pe7_15 <= last_r7_d;
+    last_pe8_15 <= last_r8;
   always @(posedge clk)
-    done_pe8_0 <= last_r8_d;
+    last_pe9_0 <= last_r9;
   always @(posedge clk)
-    done_pe8_1 <= last_r8_d;
+    last_pe9_1 <= last_r9;
   always @(posedge clk)
-    done_pe8_2 <= last_r8_d;
+    last_pe9_2 <= last_r9;
   always @(posedge clk)
-    done_pe8_3 <= last_r8_d;
+    last_pe9_3 <= last_r9;
   always @(posedge clk)
-    done_pe8_4 <= last_r8_d;
+    last_pe9_4 <= last_r9;
   always @(posedge clk)
-    done_pe8_5 <= last_r8_d;
+    last_pe9_5 <= last_r9;
   always @(posedge clk)
-    done_pe8_6 <= last_r8_d;
+    last_pe9_6 <= last_r9;
   always @(posedge clk)
-    done_pe8_7 <= last_r8_d;
+    last_pe9_7 <= last_r9;
   always @(posedge clk)
-    done_pe8_8 <= last_r8_d;
+    last_pe9_8 <= last_r9;
   always @(posedge clk)
-    done_pe8_9 <= last_r8_d;
+    last_pe9_9 <= last_r9;
   always @(posedge clk)
-    done_pe8_10 <= last_r8_d;
+    last_pe9_10 <= last_r9;
   always @(posedge clk)
-    done_pe8_11 <= last_r8_d;
+    last_pe9_11 <= last_r9;
   always @(posedge clk)
-    done_pe8_12 <= last_r8_d;
+    last_pe9_12 <= last_r9;
   always @(posedge clk)
-    done_pe8_13 <= last_r8_d;
+    last_pe9_13 <= last_r9;
   always @(posedge clk)
-    done_pe8_14 <= last_r8_d;
+    last_pe9_14 <= last_r9;
   always @(posedge clk)
-    done_pe8_15 <= last_r8_d;
+    last_pe9_15 <= last_r9;
   always @(posedge clk)
-    done_pe9_0 <= last_r9_d;
+    last_pe10_0 <= last_r10;
   always @(posedge clk)
-    done_pe9_1 <= last_r9_d;
+    last_pe10_1 <= last_r10;
   always @(posedge clk)
-    done_pe9_2 <= last_r9_d;
+    last_pe10_2 <= last_r10;
   always @(posedge clk)
-    done_pe9_3 <= last_r9_d;
+    last_pe10_3 <= last_r10;
   always @(posedge clk)
-    done_pe9_4 <= last_r9_d;
+    last_pe10_4 <= last_r10;
   always @(posedge clk)
-    done_pe9_5 <= last_r9_d;
+    last_pe10_5 <= last_r10;
   always @(posedge clk)
-    done_pe9_6 <= last_r9_d;
+    last_pe10_6 <= last_r10;
   always @(posedge clk)
-    done_pe9_7 <= last_r9_d;
+    last_pe10_7 <= last_r10;
   always @(posedge clk)
-    done_pe9_8 <= last_r9_d;
+    last_pe10_8 <= last_r10;
   always @(posedge clk)
-    done_pe9_9 <= last_r9_d;
+    last_pe10_9 <= last_r10;
   always @(posedge clk)
-    done_pe9_10 <= last_r9_d;
+    last_pe10_10 <= last_r10;
   always @(posedge clk)
-    done_pe9_11 <= last_r9_d;
+    last_pe10_11 <= last_r10;
   always @(posedge clk)
-    done_pe9_12 <= last_r9_d;
+    last_pe10_12 <= last_r10;
   always @(posedge clk)
-    done_pe9_13 <= last_r9_d;
+    last_pe10_13 <= last_r10;
   always @(posedge clk)
-    done_pe9_14 <= last_r9_d;
+    last_pe10_14 <= last_r10;
   always @(posedge clk)
-    done_pe9_15 <= last_r9_d;
+    last_pe10_15 <= last_r10;
   always @(posedge clk)
-    done_pe10_0 <= last_r10_d;
+    last_pe11_0 <= last_r11;
   always @(posedge clk)
-    done_pe10_1 <= last_r10_d;
+    last_pe11_1 <= last_r11;
   always @(posedge clk)
-    done_pe10_2 <= last_r10_d;
+    last_pe11_2 <= last_r11;
   always @(posedge clk)
-    done_pe10_3 <= last_r10_d;
+    last_pe11_3 <= last_r11;
   always @(posedge clk)
-    done_pe10_4 <= last_r10_d;
+    last_pe11_4 <= last_r11;
   always @(posedge clk)
-    done_pe10_5 <= last_r10_d;
+    last_pe11_5 <= last_r11;
   always @(posedge clk)
-    done_pe10_6 <= last_r10_d;
+    last_pe11_6 <= last_r11;
   always @(posedge clk)
-    done_pe10_7 <= last_r10_d;
+    last_pe11_7 <= last_r11;
   always @(posedge clk)
-    done_pe10_8 <= last_r10_d;
+    last_pe11_8 <= last_r11;
   always @(posedge clk)
-    done_pe10_9 <= last_r10_d;
+    last_pe11_9 <= last_r11;
   always @(posedge clk)
-    done_pe10_10 <= last_r10_d;
+    last_pe11_10 <= last_r11;
   always @(posedge clk)
-    done_pe10_11 <= last_r10_d;
+    last_pe11_11 <= last_r11;
   always @(posedge clk)
-    done_pe10_12 <= last_r10_d;
+    last_pe11_12 <= last_r11;
   always @(posedge clk)
-    done_pe10_13 <= last_r10_d;
+    last_pe11_13 <= last_r11;
   always @(posedge clk)
-    done_pe10_14 <= last_r10_d;
+    last_pe11_14 <= last_r11;
   always @(posedge clk)
-    done_pe10_15 <= last_r10_d;
+    last_pe11_15 <= last_r11;
   always @(posedge clk)
-    done_pe11_0 <= last_r11_d;
+    last_pe12_0 <= last_r12;
   always @(posedge clk)
-    done_pe11_1 <= last_r11_d;
+    last_pe12_1 <= last_r12;
   always @(posedge clk)
-    done_pe11_2 <= last_r11_d;
+    last_pe12_2 <= last_r12;
   always @(posedge clk)
-    done_pe11_3 <= last_r11_d;
+    last_pe12_3 <= last_r12;
   always @(posedge clk)
-    done_pe11_4 <= last_r11_d;
+    last_pe12_4 <= last_r12;
   always @(posedge clk)
-    done_pe11_5 <= last_r11_d;
+    last_pe12_5 <= last_r12;
   always @(posedge clk)
-    done_pe11_6 <= last_r11_d;
+    last_pe12_6 <= last_r12;
   always @(posedge clk)
-    done_pe11_7 <= last_r11_d;
+    last_pe12_7 <= last_r12;
   always @(posedge clk)
-    done_pe11_8 <= last_r11_d;
+    last_pe12_8 <= last_r12;
   always @(posedge clk)
-    done_pe11_9 <= last_r11_d;
+    last_pe12_9 <= last_r12;
   always @(posedge clk)
-    done_pe11_10 <= last_r11_d;
+    last_pe12_10 <= last_r12;
   always @(posedge clk)
-    done_pe11_11 <= last_r11_d;
+    last_pe12_11 <= last_r12;
   always @(posedge clk)
-    done_pe11_12 <= last_r11_d;
+    last_pe12_12 <= last_r12;
   always @(posedge clk)
-    done_pe11_13 <= last_r11_d;
+    last_pe12_13 <= last_r12;
   always @(posedge clk)
-    done_pe11_14 <= last_r11_d;
+    last_pe12_14 <= last_r12;
   always @(posedge clk)
-    done_pe11_15 <= last_r11_d;
+    last_pe12_15 <= last_r12;
   always @(posedge clk)
-    done_pe12_0 <= last_r12_d;
+    last_pe13_0 <= last_r13;
   always @(posedge clk)
-    done_pe12_1 <= last_r12_d;
+    last_pe13_1 <= last_r13;
   always @(posedge clk)
-    done_pe12_2 <= last_r12_d;
+    last_pe13_2 <= last_r13;
   always @(posedge clk)
-    done_pe12_3 <= last_r12_d;
+    last_pe13_3 <= last_r13;
   always @(posedge clk)
-    done_pe12_4 <= last_r12_d;
+    last_pe13_4 <= last_r13;
   always @(posedge clk)
-    done_pe12_5 <= last_r12_d;
+    last_pe13_5 <= last_r13;
   always @(posedge clk)
-    done_pe12_6 <= last_r12_d;
+    last_pe13_6 <= last_r13;
   always @(posedge clk)
-    done_pe12_7 <= last_r12_d;
+    last_pe13_7 <= last_r13;
   always @(posedge clk)
-    done_pe12_8 <= last_r12_d;
+    last_pe13_8 <= last_r13;
   always @(posedge clk)
-    done_pe12_9 <= last_r12_d;
+    last_pe13_9 <= last_r13;
   always @(posedge clk)
-    done_pe12_10 <= last_r12_d;
+    last_pe13_10 <= last_r13;
   always @(posedge clk)
-    done_pe12_11 <= last_r12_d;
+    last_pe13_11 <= last_r13;
   always @(posedge clk)
-    done_pe12_12 <= last_r12_d;
+    last_pe13_12 <= last_r13;
   always @(posedge clk)
-    done_pe12_13 <= last_r12_d;
+    last_pe13_13 <= last_r13;
   always @(posedge clk)
-    done_pe12_14 <= last_r12_d;
+    last_pe13_14 <= last_r13;
   always @(posedge clk)
-    done_pe12_15 <= last_r12_d;
+    last_pe13_15 <= last_r13;
   always @(posedge clk)
-    done_pe13_0 <= last_r13_d;
+    last_pe14_0 <= last_r14;
   always @(posedge clk)
-    done_pe13_1 <= last_r13_d;
+    last_pe14_1 <= last_r14;
   always @(posedge clk)
-    done_pe13_2 <= last_r13_d;
+    last_pe14_2 <= last_r14;
   always @(posedge clk)
-    done_pe13_3 <= last_r13_d;
+    last_pe14_3 <= last_r14;
   always @(posedge clk)
-    done_pe13_4 <= last_r13_d;
+    last_pe14_4 <= last_r14;
   always @(posedge clk)
-    done_pe13_5 <= last_r13_d;
+    last_pe14_5 <= last_r14;
   always @(posedge clk)
-    done_pe13_6 <= last_r13_d;
+    last_pe14_6 <= last_r14;
   always @(posedge clk)
-    done_pe13_7 <= last_r13_d;
+    last_pe14_7 <= last_r14;
   always @(posedge clk)
-    done_pe13_8 <= last_r13_d;
+    last_pe14_8 <= last_r14;
   always @(posedge clk)
-    done_pe13_9 <= last_r13_d;
+    last_pe14_9 <= last_r14;
   always @(posedge clk)
-    done_pe13_10 <= last_r13_d;
+    last_pe14_10 <= last_r14;
   always @(posedge clk)
-    done_pe13_11 <= last_r13_d;
+    last_pe14_11 <= last_r14;
   always @(posedge clk)
-    done_pe13_12 <= last_r13_d;
+    last_pe14_12 <= last_r14;
   always @(posedge clk)
-    done_pe13_13 <= last_r13_d;
+    last_pe14_13 <= last_r14;
   always @(posedge clk)
-    done_pe13_14 <= last_r13_d;
+    last_pe14_14 <= last_r14;
   always @(posedge clk)
-    done_pe13_15 <= last_r13_d;
+    last_pe14_15 <= last_r14;
   always @(posedge clk)
-    done_pe14_0 <= last_r14_d;
+    last_pe15_0 <= last_r15;
   always @(posedge clk)
-    done_pe14_1 <= last_r14_d;
+    last_pe15_1 <= last_r15;
   always @(posedge clk)
-    done_pe14_2 <= last_r14_d;
+    last_pe15_2 <= last_r15;
   always @(posedge clk)
-    done_pe14_3 <= last_r14_d;
+    last_pe15_3 <= last_r15;
   always @(posedge clk)
-    done_pe14_4 <= last_r14_d;
+    last_pe15_4 <= last_r15;
   always @(posedge clk)
-    done_pe14_5 <= last_r14_d;
+    last_pe15_5 <= last_r15;
   always @(posedge clk)
-    done_pe14_6 <= last_r14_d;
+    last_pe15_6 <= last_r15;
   always @(posedge clk)
-    done_pe14_7 <= last_r14_d;
+    last_pe15_7 <= last_r15;
   always @(posedge clk)
-    done_pe14_8 <= last_r14_d;
+    last_pe15_8 <= last_r15;
   always @(posedge clk)
-    done_pe14_9 <= last_r14_d;
+    last_pe15_9 <= last_r15;
   always @(posedge clk)
-    done_pe14_10 <= last_r14_d;
+    last_pe15_10 <= last_r15;
   always @(posedge clk)
-    done_pe14_11 <= last_r14_d;
+    last_pe15_11 <= last_r15;
   always @(posedge clk)
-    done_pe14_12 <= last_r14_d;
+    last_pe15_12 <= last_r15;
   always @(posedge clk)
-    done_pe14_13 <= last_r14_d;
+    last_pe15_13 <= last_r15;
   always @(posedge clk)
-    done_pe14_14 <= last_r14_d;
+    last_pe15_14 <= last_r15;
   always @(posedge clk)
-    done_pe14_15 <= last_r14_d;
+    last_pe15_15 <= last_r15;
   always @(posedge clk)
-    done_pe15_0 <= last_r15_d;
+    done_pe0_0 <= last_pe0_0;
   always @(posedge clk)
-    done_pe15_1 <= last_r15_d;
+    done_pe0_1 <= last_pe0_1;
   always @(posedge clk)
-    done_pe15_2 <= last_r15_d;
+    done_pe0_2 <= last_pe0_2;
   always @(posedge clk)
-    done_pe15_3 <= last_r15_d;
+    done_pe0_3 <= last_pe0_3;
   always @(posedge clk)
-    done_pe15_4 <= last_r15_d;
+    done_pe0_4 <= last_pe0_4;
   always @(posedge clk)
-    done_pe15_5 <= last_r15_d;
+    done_pe0_5 <= last_pe0_5;
   always @(posedge clk)
-    done_pe15_6 <= last_r15_d;
+    done_pe0_6 <= last_pe0_6;
   always @(posedge clk)
-    done_pe15_7 <= last_r15_d;
+    done_pe0_7 <= last_pe0_7;
   always @(posedge clk)
-    done_pe15_8 <= last_r15_d;
+    done_pe0_8 <= last_pe0_8;
   always @(posedge clk)
-    done_pe15_9 <= last_r15_d;
+    done_pe0_9 <= last_pe0_9;
   always @(posedge clk)
-    done_pe15_10 <= last_r15_d;
+    done_pe0_10 <= last_pe0_10;
   always @(posedge clk)
-    done_pe15_11 <= last_r15_d;
+    done_pe0_11 <= last_pe0_11;
   always @(posedge clk)
-    done_pe15_12 <= last_r15_d;
+    done_pe0_12 <= last_pe0_12;
   always @(posedge clk)
-    done_pe15_13 <= last_r15_d;
+    done_pe0_13 <= last_pe0_13;
   always @(posedge clk)
-    done_pe15_14 <= last_r15_d;
+    done_pe0_14 <= last_pe0_14;
   always @(posedge clk)
-    done_pe15_15 <= last_r15_d;
+    done_pe0_15 <= last_pe0_15;
+  always @(posedge clk)
+    done_pe1_0 <= last_pe1_0;
+  always @(posedge clk)
+    done_pe1_1 <= last_pe1_1;
+  always @(posedge clk)
+    done_pe1_2 <= last_pe1_2;
+  always @(posedge clk)
+    done_pe1_3 <= last_pe1_3;
+  always @(posedge clk)
+    done_pe1_4 <= last_pe1_4;
+  always @(posedge clk)
+    done_pe1_5 <= last_pe1_5;
+  always @(posedge clk)
+    done_pe1_6 <= last_pe1_6;
+  always @(posedge clk)
+    done_pe1_7 <= last_pe1_7;
+  always @(posedge clk)
+    done_pe1_8 <= last_pe1_8;
+  always @(posedge clk)
+    done_pe1_9 <= last_pe1_9;
+  always @(posedge clk)
+    done_pe1_10 <= last_pe1_10;
+  always @(posedge clk)
+    done_pe1_11 <= last_pe1_11;
+  always @(posedge clk)
+    done_pe1_12 <= last_pe1_12;
+  always @(posedge clk)
+    done_pe1_13 <= last_pe1_13;
+  always @(posedge clk)
+    done_pe1_14 <= last_pe1_14;
+  always @(posedge clk)
+    done_pe1_15 <= last_pe1_15;
+  always @(posedge clk)
+    done_pe2_0 <= last_pe2_0;
+  always @(posedge clk)
+    done_pe2_1 <= last_pe2_1;
+  always @(posedge clk)
+    done_pe2_2 <= last_pe2_2;
+  always @(posedge clk)
+    done_pe2_3 <= last_pe2_3;
+  always @(posedge clk)
+    done_pe2_4 <= last_pe2_4;
+  always @(posedge clk)
+    done_pe2_5 <= last_pe2_5;
+  always @(posedge clk)
+    done_pe2_6 <= last_pe2_6;
+  always @(posedge clk)
+    done_pe2_7 <= last_pe2_7;
+  always @(posedge clk)
+    done_pe2_8 <= last_pe2_8;
+  always @(posedge clk)
+    done_pe2_9 <= last_pe2_9;
+  always @(posedge clk)
+    done_pe2_10 <= last_pe2_10;
+  always @(posedge clk)
+    done_pe2_11 <= last_pe2_11;
+  always @(posedge clk)
+    done_pe2_12 <= last_pe2_12;
+  always @(posedge clk)
+    done_pe2_13 <= last_pe2_13;
+  always @(posedge clk)
+    done_pe2_14 <= last_pe2_14;
+  always @(posedge clk)
+    done_pe2_15 <= last_pe2_15;
+  always @(posedge clk)
+    done_pe3_0 <= last_pe3_0;
+  always @(posedge clk)
+    done_pe3_1 <= last_pe3_1;
+  always @(posedge clk)
+    done_pe3_2 <= last_pe3_2;
+  always @(posedge clk)
+    done_pe3_3 <= last_pe3_3;
+  always @(posedge clk)
+    done_pe3_4 <= last_pe3_4;
+  always @(posedge clk)
+    done_pe3_5 <= last_pe3_5;
+  always @(posedge clk)
+    done_pe3_6 <= last_pe3_6;
+  always @(posedge clk)
+    done_pe3_7 <= last_pe3_7;
+  always @(posedge clk)
+    done_pe3_8 <= last_pe3_8;
+  always @(posedge clk)
+    done_pe3_9 <= last_pe3_9;
+  always @(posedge clk)
+    done_pe3_10 <= last_pe3_10;
+  always @(posedge clk)
+    done_pe3_11 <= last_pe3_11;
+  always @(posedge clk)
+    done_pe3_12 <= last_pe3_12;
+  always @(posedge clk)
+    done_pe3_13 <= last_pe3_13;
+  always @(posedge clk)
+    done_pe3_14 <= last_pe3_14;
+  always @(posedge clk)
+    done_pe3_15 <= last_pe3_15;
+  always @(posedge clk)
+    done_pe4_0 <= last_pe4_0;
+  always @(posedge clk)
+    done_pe4_1 <= last_pe4_1;
+  always @(posedge clk)
+    done_pe4_2 <= last_pe4_2;
+  always @(posedge clk)
+    done_pe4_3 <= last_pe4_3;
+  always @(posedge clk)
+    done_pe4_4 <= last_pe4_4;
+  always @(posedge clk)
+    done_pe4_5 <= last_pe4_5;
+  always @(posedge clk)
+    done_pe4_6 <= last_pe4_6;
+  always @(posedge clk)
+    done_pe4_7 <= last_pe4_7;
+  always @(posedge clk)
+    done_pe4_8 <= last_pe4_8;
+  always @(posedge clk)
+    done_pe4_9 <= last_pe4_9;
+  always @(posedge clk)
+    done_pe4_10 <= last_pe4_10;
+  always @(posedge clk)
+    done_pe4_11 <= last_pe4_11;
+  always @(posedge clk)
+    done_pe4_12 <= last_pe4_12;
+  always @(posedge clk)
+    done_pe4_13 <= last_pe4_13;
+  always @(posedge clk)
+    done_pe4_14 <= last_pe4_14;
+  always @(posedge clk)
+    done_pe4_15 <= last_pe4_15;
+  always @(posedge clk)
+    done_pe5_0 <= last_pe5_0;
+  always @(posedge clk)
+    done_pe5_1 <= last_pe5_1;
+  always @(posedge clk)
+    done_pe5_2 <= last_pe5_2;
+  always @(posedge clk)
+    done_pe5_3 <= last_pe5_3;
+  always @(posedge clk)
+    done_pe5_4 <= last_pe5_4;
+  always @(posedge clk)
+    done_pe5_5 <= last_pe5_5;
+  always @(posedge clk)
+    done_pe5_6 <= last_pe5_6;
+  always @(posedge clk)
+    done_pe5_7 <= last_pe5_7;
+  always @(posedge clk)
+    done_pe5_8 <= last_pe5_8;
+  always @(posedge clk)
+    done_pe5_9 <= last_pe5_9;
+  always @(posedge clk)
+    done_pe5_10 <= last_pe5_10;
+  always @(posedge clk)
+    done_pe5_11 <= last_pe5_11;
+  always @(posedge clk)
+    done_pe5_12 <= last_pe5_12;
+  always @(posedge clk)
+    done_pe5_13 <= last_pe5_13;
+  always @(posedge clk)
+    done_pe5_14 <= last_pe5_14;
+  always @(posedge clk)
+    done_pe5_15 <= last_pe5_15;
+  always @(posedge clk)
+    done_pe6_0 <= last_pe6_0;
+  always @(posedge clk)
+    done_pe6_1 <= last_pe6_1;
+  always @(posedge clk)
+    done_pe6_2 <= last_pe6_2;
+  always @(posedge clk)
+    done_pe6_3 <= last_pe6_3;
+  always @(posedge clk)
+    done_pe6_4 <= last_pe6_4;
+  always @(posedge clk)
+    done_pe6_5 <= last_pe6_5;
+  always @(posedge clk)
+    done_pe6_6 <= last_pe6_6;
+  always @(posedge clk)
+    done_pe6_7 <= last_pe6_7;
+  always @(posedge clk)
+    done_pe6_8 <= last_pe6_8;
+  always @(posedge clk)
+    done_pe6_9 <= last_pe6_9;
+  always @(posedge clk)
+    done_pe6_10 <= last_pe6_10;
+  always @(posedge clk)
+    done_pe6_11 <= last_pe6_11;
+  always @(posedge clk)
+    done_pe6_12 <= last_pe6_12;
+  always @(posedge clk)
+    done_pe6_13 <= last_pe6_13;
+  always @(posedge clk)
+    done_pe6_14 <= last_pe6_14;
+  always @(posedge clk)
+    done_pe6_15 <= last_pe6_15;
+  always @(posedge clk)
+    done_pe7_0 <= last_pe7_0;
+  always @(posedge clk)
+    done_pe7_1 <= last_pe7_1;
+  always @(posedge clk)
+    done_pe7_2 <= last_pe7_2;
+  always @(posedge clk)
+    done_pe7_3 <= last_pe7_3;
+  always @(posedge clk)
+    done_pe7_4 <= last_pe7_4;
+  always @(posedge clk)
+    done_pe7_5 <= last_pe7_5;
+  always @(posedge clk)
+    done_pe7_6 <= last_pe7_6;
+  always @(posedge clk)
+    done_pe7_7 <= last_pe7_7;
+  always @(posedge clk)
+    done_pe7_8 <= last_pe7_8;
+  always @(posedge clk)
+    done_pe7_9 <= last_pe7_9;
+  always @(posedge clk)
+    done_pe7_10 <= last_pe7_10;
+  always @(posedge clk)
+    done_pe7_11 <= last_pe7_11;
+  always @(posedge clk)
+    done_pe7_12 <= last_pe7_12;
+  always @(posedge clk)
+    done_pe7_13 <= last_pe7_13;
+  always @(posedge clk)
+    done_pe7_14 <= last_pe7_14;
+  always @(posedge clk)
+    done_pe7_15 <= last_pe7_15;
+  always @(posedge clk)
+    done_pe8_0 <= last_pe8_0;
+  always @(posedge clk)
+    done_pe8_1 <= last_pe8_1;
+  always @(posedge clk)
+    done_pe8_2 <= last_pe8_2;
+  always @(posedge clk)
+    done_pe8_3 <= last_pe8_3;
+  always @(posedge clk)
+    done_pe8_4 <= last_pe8_4;
+  always @(posedge clk)
+    done_pe8_5 <= last_pe8_5;
+  always @(posedge clk)
+    done_pe8_6 <= last_pe8_6;
+  always @(posedge clk)
+    done_pe8_7 <= last_pe8_7;
+  always @(posedge clk)
+    done_pe8_8 <= last_pe8_8;
+  always @(posedge clk)
+    done_pe8_9 <= last_pe8_9;
+  always @(posedge clk)
+    done_pe8_10 <= last_pe8_10;
+  always @(posedge clk)
+    done_pe8_11 <= last_pe8_11;
+  always @(posedge clk)
+    done_pe8_12 <= last_pe8_12;
+  always @(posedge clk)
+    done_pe8_13 <= last_pe8_13;
+  always @(posedge clk)
+    done_pe8_14 <= last_pe8_14;
+  always @(posedge clk)
+    done_pe8_15 <= last_pe8_15;
+  always @(posedge clk)
+    done_pe9_0 <= last_pe9_0;
+  always @(posedge clk)
+    done_pe9_1 <= last_pe9_1;
+  always @(posedge clk)
+    done_pe9_2 <= last_pe9_2;
+  always @(posedge clk)
+    done_pe9_3 <= last_pe9_3;
+  always @(posedge clk)
+    done_pe9_4 <= last_pe9_4;
+  always @(posedge clk)
+    done_pe9_5 <= last_pe9_5;
+  always @(posedge clk)
+    done_pe9_6 <= last_pe9_6;
+  always @(posedge clk)
+    done_pe9_7 <= last_pe9_7;
+  always @(posedge clk)
+    done_pe9_8 <= last_pe9_8;
+  always @(posedge clk)
+    done_pe9_9 <= last_pe9_9;
+  always @(posedge clk)
+    done_pe9_10 <= last_pe9_10;
+  always @(posedge clk)
+    done_pe9_11 <= last_pe9_11;
+  always @(posedge clk)
+    done_pe9_12 <= last_pe9_12;
+  always @(posedge clk)
+    done_pe9_13 <= last_pe9_13;
+  always @(posedge clk)
+    done_pe9_14 <= last_pe9_14;
+  always @(posedge clk)
+    done_pe9_15 <= last_pe9_15;
+  always @(posedge clk)
+    done_pe10_0 <= last_pe10_0;
+  always @(posedge clk)
+    done_pe10_1 <= last_pe10_1;
+  always @(posedge clk)
+    done_pe10_2 <= last_pe10_2;
+  always @(posedge clk)
+    done_pe10_3 <= last_pe10_3;
+  always @(posedge clk)
+    done_pe10_4 <= last_pe10_4;
+  always @(posedge clk)
+    done_pe10_5 <= last_pe10_5;
+  always @(posedge clk)
+    done_pe10_6 <= last_pe10_6;
+  always @(posedge clk)
+    done_pe10_7 <= last_pe10_7;
+  always @(posedge clk)
+    done_pe10_8 <= last_pe10_8;
+  always @(posedge clk)
+    done_pe10_9 <= last_pe10_9;
+  always @(posedge clk)
+    done_pe10_10 <= last_pe10_10;
+  always @(posedge clk)
+    done_pe10_11 <= last_pe10_11;
+  always @(posedge clk)
+    done_pe10_12 <= last_pe10_12;
+  always @(posedge clk)
+    done_pe10_13 <= last_pe10_13;
+  always @(posedge clk)
+    done_pe10_14 <= last_pe10_14;
+  always @(posedge clk)
+    done_pe10_15 <= last_pe10_15;
+  always @(posedge clk)
+    done_pe11_0 <= last_pe11_0;
+  always @(posedge clk)
+    done_pe11_1 <= last_pe11_1;
+  always @(posedge clk)
+    done_pe11_2 <= last_pe11_2;
+  always @(posedge clk)
+    done_pe11_3 <= last_pe11_3;
+  always @(posedge clk)
+    done_pe11_4 <= last_pe11_4;
+  always @(posedge clk)
+    done_pe11_5 <= last_pe11_5;
+  always @(posedge clk)
+    done_pe11_6 <= last_pe11_6;
+  always @(posedge clk)
+    done_pe11_7 <= last_pe11_7;
+  always @(posedge clk)
+    done_pe11_8 <= last_pe11_8;
+  always @(posedge clk)
+    done_pe11_9 <= last_pe11_9;
+  always @(posedge clk)
+    done_pe11_10 <= last_pe11_10;
+  always @(posedge clk)
+    done_pe11_11 <= last_pe11_11;
+  always @(posedge clk)
+    done_pe11_12 <= last_pe11_12;
+  always @(posedge clk)
+    done_pe11_13 <= last_pe11_13;
+  always @(posedge clk)
+    done_pe11_14 <= last_pe11_14;
+  always @(posedge clk)
+    done_pe11_15 <= last_pe11_15;
+  always @(posedge clk)
+    done_pe12_0 <= last_pe12_0;
+  always @(posedge clk)
+    done_pe12_1 <= last_pe12_1;
+  always @(posedge clk)
+    done_pe12_2 <= last_pe12_2;
+  always @(posedge clk)
+    done_pe12_3 <= last_pe12_3;
+  always @(posedge clk)
+    done_pe12_4 <= last_pe12_4;
+  always @(posedge clk)
+    done_pe12_5 <= last_pe12_5;
+  always @(posedge clk)
+    done_pe12_6 <= last_pe12_6;
+  always @(posedge clk)
+    done_pe12_7 <= last_pe12_7;
+  always @(posedge clk)
+    done_pe12_8 <= last_pe12_8;
+  always @(posedge clk)
+    done_pe12_9 <= last_pe12_9;
+  always @(posedge clk)
+    done_pe12_10 <= last_pe12_10;
+  always @(posedge clk)
+    done_pe12_11 <= last_pe12_11;
+  always @(posedge clk)
+    done_pe12_12 <= last_pe12_12;
+  always @(posedge clk)
+    done_pe12_13 <= last_pe12_13;
+  always @(posedge clk)
+    done_pe12_14 <= last_pe12_14;
+  always @(posedge clk)
+    done_pe12_15 <= last_pe12_15;
+  always @(posedge clk)
+    done_pe13_0 <= last_pe13_0;
+  always @(posedge clk)
+    done_pe13_1 <= last_pe13_1;
+  always @(posedge clk)
+    done_pe13_2 <= last_pe13_2;
+  always @(posedge clk)
+    done_pe13_3 <= last_pe13_3;
+  always @(posedge clk)
+    done_pe13_4 <= last_pe13_4;
+  always @(posedge clk)
+    done_pe13_5 <= last_pe13_5;
+  always @(posedge clk)
+    done_pe13_6 <= last_pe13_6;
+  always @(posedge clk)
+    done_pe13_7 <= last_pe13_7;
+  always @(posedge clk)
+    done_pe13_8 <= last_pe13_8;
+  always @(posedge clk)
+    done_pe13_9 <= last_pe13_9;
+  always @(posedge clk)
+    done_pe13_10 <= last_pe13_10;
+  always @(posedge clk)
+    done_pe13_11 <= last_pe13_11;
+  always @(posedge clk)
+    done_pe13_12 <= last_pe13_12;
+  always @(posedge clk)
+    done_pe13_13 <= last_pe13_13;
+  always @(posedge clk)
+    done_pe13_14 <= last_pe13_14;
+  always @(posedge clk)
+    done_pe13_15 <= last_pe13_15;
+  always @(posedge clk)
+    done_pe14_0 <= last_pe14_0;
+  always @(posedge clk)
+    done_pe14_1 <= last_pe14_1;
+  always @(posedge clk)
+    done_pe14_2 <= last_pe14_2;
+  always @(posedge clk)
+    done_pe14_3 <= last_pe14_3;
+  always @(posedge clk)
+    done_pe14_4 <= last_pe14_4;
+  always @(posedge clk)
+    done_pe14_5 <= last_pe14_5;
+  always @(posedge clk)
+    done_pe14_6 <= last_pe14_6;
+  always @(posedge clk)
+    done_pe14_7 <= last_pe14_7;
+  always @(posedge clk)
+    done_pe14_8 <= last_pe14_8;
+  always @(posedge clk)
+    done_pe14_9 <= last_pe14_9;
+  always @(posedge clk)
+    done_pe14_10 <= last_pe14_10;
+  always @(posedge clk)
+    done_pe14_11 <= last_pe14_11;
+  always @(posedge clk)
+    done_pe14_12 <= last_pe14_12;
+  always @(posedge clk)
+    done_pe14_13 <= last_pe14_13;
+  always @(posedge clk)
+    done_pe14_14 <= last_pe14_14;
+  always @(posedge clk)
+    done_pe14_15 <= last_pe14_15;
+  always @(posedge clk)
+    done_pe15_0 <= last_pe15_0;
+  always @(posedge clk)
+    done_pe15_1 <= last_pe15_1;
+  always @(posedge clk)
+    done_pe15_2 <= last_pe15_2;
+  always @(posedge clk)
+    done_pe15_3 <= last_pe15_3;
+  always @(posedge clk)
+    done_pe15_4 <= last_pe15_4;
+  always @(posedge clk)
+    done_pe15_5 <= last_pe15_5;
+  always @(posedge clk)
+    done_pe15_6 <= last_pe15_6;
+  always @(posedge clk)
+    done_pe15_7 <= last_pe15_7;
+  always @(posedge clk)
+    done_pe15_8 <= last_pe15_8;
+  always @(posedge clk)
+    done_pe15_9 <= last_pe15_9;
+  always @(posedge clk)
+    done_pe15_10 <= last_pe15_10;
+  always @(posedge clk)
+    done_pe15_11 <= last_pe15_11;
+  always @(posedge clk)
+    done_pe15_12 <= last_pe15_12;
+  always @(posedge clk)
+    done_pe15_13 <= last_pe15_13;
+  always @(posedge clk)
+    done_pe15_14 <= last_pe15_14;
+  always @(posedge clk)
+    done_pe15_15 <= last_pe15_15;
   always @(posedge clk)
     commit_d0 <= \$786 ;
   always @(posedge clk)
@@ -28006,209 +28966,209 @@ module \encoder_layer_0_attention_output_dense.pe (rst, i__payload, i__valid, ba
   assign \$3  = $signed(acc_0_0) + $signed(p);
   assign \$4  = first_pe0_0 ? { p[15], p[15], p[15], p[15], p[15], p[15], p[15], p[15], p[15], p } : \$3 ;
   assign \$5  = done_pe0_0 ? acc_0_0 : bank_1_0;
-  assign \$6  = $signed(acc_0_1) + $signed(\p$998 );
-  assign \$7  = first_pe0_1 ? { \p$998 [15], \p$998 [15], \p$998 [15], \p$998 [15], \p$998 [15], \p$998 [15], \p$998 [15], \p$998 [15], \p$998 [15], \p$998  } : \$6 ;
+  assign \$6  = $signed(acc_0_1) + $signed(\p$1238 );
+  assign \$7  = first_pe0_1 ? { \p$1238 [15], \p$1238 [15], \p$1238 [15], \p$1238 [15], \p$1238 [15], \p$1238 [15], \p$1238 [15], \p$1238 [15], \p$1238 [15], \p$1238  } : \$6 ;
   assign \$8  = done_pe0_1 ? acc_0_1 : bank_1_1;
-  assign \$9  = $signed(acc_0_2) + $signed(\p$1002 );
-  assign \$10  = first_pe0_2 ? { \p$1002 [15], \p$1002 [15], \p$1002 [15], \p$1002 [15], \p$1002 [15], \p$1002 [15], \p$1002 [15], \p$1002 [15], \p$1002 [15], \p$1002  } : \$9 ;
+  assign \$9  = $signed(acc_0_2) + $signed(\p$1242 );
+  assign \$10  = first_pe0_2 ? { \p$1242 [15], \p$1242 [15], \p$1242 [15], \p$1242 [15], \p$1242 [15], \p$1242 [15], \p$1242 [15], \p$1242 [15], \p$1242 [15], \p$1242  } : \$9 ;
   assign \$11  = done_pe0_2 ? acc_0_2 : bank_1_2;
-  assign \$12  = $signed(acc_0_3) + $signed(\p$1006 );
-  assign \$13  = first_pe0_3 ? { \p$1006 [15], \p$1006 [15], \p$1006 [15], \p$1006 [15], \p$1006 [15], \p$1006 [15], \p$1006 [15], \p$1006 [15], \p$1006 [15], \p$1006  } : \$12 ;
+  assign \$12  = $signed(acc_0_3) + $signed(\p$1246 );
+  assign \$13  = first_pe0_3 ? { \p$1246 [15], \p$1246 [15], \p$1246 [15], \p$1246 [15], \p$1246 [15], \p$1246 [15], \p$1246 [15], \p$1246 [15], \p$1246 [15], \p$1246  } : \$12 ;
   assign \$14  = done_pe0_3 ? acc_0_3 : bank_1_3;
-  assign \$15  = $signed(acc_0_4) + $signed(\p$1010 );
-  assign \$16  = first_pe0_4 ? { \p$1010 [15], \p$1010 [15], \p$1010 [15], \p$1010 [15], \p$1010 [15], \p$1010 [15], \p$1010 [15], \p$1010 [15], \p$1010 [15], \p$1010  } : \$15 ;
+  assign \$15  = $signed(acc_0_4) + $signed(\p$1250 );
+  assign \$16  = first_pe0_4 ? { \p$1250 [15], \p$1250 [15], \p$1250 [15], \p$1250 [15], \p$1250 [15], \p$1250 [15], \p$1250 [15], \p$1250 [15], \p$1250 [15], \p$1250  } : \$15 ;
   assign \$17  = done_pe0_4 ? acc_0_4 : bank_1_4;
-  assign \$18  = $signed(acc_0_5) + $signed(\p$1014 );
-  assign \$19  = first_pe0_5 ? { \p$1014 [15], \p$1014 [15], \p$1014 [15], \p$1014 [15], \p$1014 [15], \p$1014 [15], \p$1014 [15], \p$1014 [15], \p$1014 [15], \p$1014  } : \$18 ;
+  assign \$18  = $signed(acc_0_5) + $signed(\p$1254 );
+  assign \$19  = first_pe0_5 ? { \p$1254 [15], \p$1254 [15], \p$1254 [15], \p$1254 [15], \p$1254 [15], \p$1254 [15], \p$1254 [15], \p$1254 [15], \p$1254 [15], \p$1254  } : \$18 ;
   assign \$20  = done_pe0_5 ? acc_0_5 : bank_1_5;
-  assign \$21  = $signed(acc_0_6) + $signed(\p$1018 );
-  assign \$22  = first_pe0_6 ? { \p$1018 [15], \p$1018 [15], \p$1018 [15], \p$1018 [15], \p$1018 [15], \p$1018 [15], \p$1018 [15], \p$1018 [15], \p$1018 [15], \p$1018  } : \$21 ;
+  assign \$21  = $signed(acc_0_6) + $signed(\p$1258 );
+  assign \$22  = first_pe0_6 ? { \p$1258 [15], \p$1258 [15], \p$1258 [15], \p$1258 [15], \p$1258 [15], \p$1258 [15], \p$1258 [15], \p$1258 [15], \p$1258 [15], \p$1258  } : \$21 ;
   assign \$23  = done_pe0_6 ? acc_0_6 : bank_1_6;
-  assign \$24  = $signed(acc_0_7) + $signed(\p$1022 );
-  assign \$25  = first_pe0_7 ? { \p$1022 [15], \p$1022 [15], \p$1022 [15], \p$1022 [15], \p$1022 [15], \p$1022 [15], \p$1022 [15], \p$1022 [15], \p$1022 [15], \p$1022  } : \$24 ;
+  assign \$24  = $signed(acc_0_7) + $signed(\p$1262 );
+  assign \$25  = first_pe0_7 ? { \p$1262 [15], \p$1262 [15], \p$1262 [15], \p$1262 [15], \p$1262 [15], \p$1262 [15], \p$1262 [15], \p$1262 [15], \p$1262 [15], \p$1262  } : \$24 ;
   assign \$26  = done_pe0_7 ? acc_0_7 : bank_1_7;
-  assign \$27  = $signed(acc_0_8) + $signed(\p$1026 );
-  assign \$28  = first_pe0_8 ? { \p$1026 [15], \p$1026 [15], \p$1026 [15], \p$1026 [15], \p$1026 [15], \p$1026 [15], \p$1026 [15], \p$1026 [15], \p$1026 [15], \p$1026  } : \$27 ;
+  assign \$27  = $signed(acc_0_8) + $signed(\p$1266 );
+  assign \$28  = first_pe0_8 ? { \p$1266 [15], \p$1266 [15], \p$1266 [15], \p$1266 [15], \p$1266 [15], \p$1266 [15], \p$1266 [15], \p$1266 [15], \p$1266 [15], \p$1266  } : \$27 ;
   assign \$29  = done_pe0_8 ? acc_0_8 : bank_1_8;
-  assign \$30  = $signed(acc_0_9) + $signed(\p$1030 );
-  assign \$31  = first_pe0_9 ? { \p$1030 [15], \p$1030 [15], \p$1030 [15], \p$1030 [15], \p$1030 [15], \p$1030 [15], \p$1030 [15], \p$1030 [15], \p$1030 [15], \p$1030  } : \$30 ;
+  assign \$30  = $signed(acc_0_9) + $signed(\p$1270 );
+  assign \$31  = first_pe0_9 ? { \p$1270 [15], \p$1270 [15], \p$1270 [15], \p$1270 [15], \p$1270 [15], \p$1270 [15], \p$1270 [15], \p$1270 [15], \p$1270 [15], \p$1270  } : \$30 ;
   assign \$32  = done_pe0_9 ? acc_0_9 : bank_1_9;
-  assign \$33  = $signed(acc_0_10) + $signed(\p$1034 );
-  assign \$34  = first_pe0_10 ? { \p$1034 [15], \p$1034 [15], \p$1034 [15], \p$1034 [15], \p$1034 [15], \p$1034 [15], \p$1034 [15], \p$1034 [15], \p$1034 [15], \p$1034  } : \$33 ;
+  assign \$33  = $signed(acc_0_10) + $signed(\p$1274 );
+  assign \$34  = first_pe0_10 ? { \p$1274 [15], \p$1274 [15], \p$1274 [15], \p$1274 [15], \p$1274 [15], \p$1274 [15], \p$1274 [15], \p$1274 [15], \p$1274 [15], \p$1274  } : \$33 ;
   assign \$35  = done_pe0_10 ? acc_0_10 : bank_1_10;
-  assign \$36  = $signed(acc_0_11) + $signed(\p$1038 );
-  assign \$37  = first_pe0_11 ? { \p$1038 [15], \p$1038 [15], \p$1038 [15], \p$1038 [15], \p$1038 [15], \p$1038 [15], \p$1038 [15], \p$1038 [15], \p$1038 [15], \p$1038  } : \$36 ;
+  assign \$36  = $signed(acc_0_11) + $signed(\p$1278 );
+  assign \$37  = first_pe0_11 ? { \p$1278 [15], \p$1278 [15], \p$1278 [15], \p$1278 [15], \p$1278 [15], \p$1278 [15], \p$1278 [15], \p$1278 [15], \p$1278 [15], \p$1278  } : \$36 ;
   assign \$38  = done_pe0_11 ? acc_0_11 : bank_1_11;
-  assign \$39  = $signed(acc_0_12) + $signed(\p$1042 );
-  assign \$40  = first_pe0_12 ? { \p$1042 [15], \p$1042 [15], \p$1042 [15], \p$1042 [15], \p$1042 [15], \p$1042 [15], \p$1042 [15], \p$1042 [15], \p$1042 [15], \p$1042  } : \$39 ;
+  assign \$39  = $signed(acc_0_12) + $signed(\p$1282 );
+  assign \$40  = first_pe0_12 ? { \p$1282 [15], \p$1282 [15], \p$1282 [15], \p$1282 [15], \p$1282 [15], \p$1282 [15], \p$1282 [15], \p$1282 [15], \p$1282 [15], \p$1282  } : \$39 ;
   assign \$41  = done_pe0_12 ? acc_0_12 : bank_1_12;
-  assign \$42  = $signed(acc_0_13) + $signed(\p$1046 );
-  assign \$43  = first_pe0_13 ? { \p$1046 [15], \p$1046 [15], \p$1046 [15], \p$1046 [15], \p$1046 [15], \p$1046 [15], \p$1046 [15], \p$1046 [15], \p$1046 [15], \p$1046  } : \$42 ;
+  assign \$42  = $signed(acc_0_13) + $signed(\p$1286 );
+  assign \$43  = first_pe0_13 ? { \p$1286 [15], \p$1286 [15], \p$1286 [15], \p$1286 [15], \p$1286 [15], \p$1286 [15], \p$1286 [15], \p$1286 [15], \p$1286 [15], \p$1286  } : \$42 ;
   assign \$44  = done_pe0_13 ? acc_0_13 : bank_1_13;
-  assign \$45  = $signed(acc_0_14) + $signed(\p$1050 );
-  assign \$46  = first_pe0_14 ? { \p$1050 [15], \p$1050 [15], \p$1050 [15], \p$1050 [15], \p$1050 [15], \p$1050 [15], \p$1050 [15], \p$1050 [15], \p$1050 [15], \p$1050  } : \$45 ;
+  assign \$45  = $signed(acc_0_14) + $signed(\p$1290 );
+  assign \$46  = first_pe0_14 ? { \p$1290 [15], \p$1290 [15], \p$1290 [15], \p$1290 [15], \p$1290 [15], \p$1290 [15], \p$1290 [15], \p$1290 [15], \p$1290 [15], \p$1290  } : \$45 ;
   assign \$47  = done_pe0_14 ? acc_0_14 : bank_1_14;
-  assign \$48  = $signed(acc_0_15) + $signed(\p$1054 );
-  assign \$49  = first_pe0_15 ? { \p$1054 [15], \p$1054 [15], \p$1054 [15], \p$1054 [15], \p$1054 [15], \p$1054 [15], \p$1054 [15], \p$1054 [15], \p$1054 [15], \p$1054  } : \$48 ;
+  assign \$48  = $signed(acc_0_15) + $signed(\p$1294 );
+  assign \$49  = first_pe0_15 ? { \p$1294 [15], \p$1294 [15], \p$1294 [15], \p$1294 [15], \p$1294 [15], \p$1294 [15], \p$1294 [15], \p$1294 [15], \p$1294 [15], \p$1294  } : \$48 ;
   assign \$50  = done_pe0_15 ? acc_0_15 : bank_1_15;
-  assign \$51  = $signed(acc_1_0) + $signed(\p$1058 );
-  assign \$52  = first_pe1_0 ? { \p$1058 [15], \p$1058 [15], \p$1058 [15], \p$1058 [15], \p$1058 [15], \p$1058 [15], \p$1058 [15], \p$1058 [15], \p$1058 [15], \p$1058  } : \$51 ;
+  assign \$51  = $signed(acc_1_0) + $signed(\p$1298 );
+  assign \$52  = first_pe1_0 ? { \p$1298 [15], \p$1298 [15], \p$1298 [15], \p$1298 [15], \p$1298 [15], \p$1298 [15], \p$1298 [15], \p$1298 [15], \p$1298 [15], \p$1298  } : \$51 ;
   assign \$53  = done_pe1_0 ? acc_1_0 : bank_2_0;
-  assign \$54  = $signed(acc_1_1) + $signed(\p$1061 );
-  assign \$55  = first_pe1_1 ? { \p$1061 [15], \p$1061 [15], \p$1061 [15], \p$1061 [15], \p$1061 [15], \p$1061 [15], \p$1061 [15], \p$1061 [15], \p$1061 [15], \p$1061  } : \$54 ;
+  assign \$54  = $signed(acc_1_1) + $signed(\p$1301 );
+  assign \$55  = first_pe1_1 ? { \p$1301 [15], \p$1301 [15], \p$1301 [15], \p$1301 [15], \p$1301 [15], \p$1301 [15], \p$1301 [15], \p$1301 [15], \p$1301 [15], \p$1301  } : \$54 ;
   assign \$56  = done_pe1_1 ? acc_1_1 : bank_2_1;
-  assign \$57  = $signed(acc_1_2) + $signed(\p$1064 );
-  assign \$58  = first_pe1_2 ? { \p$1064 [15], \p$1064 [15], \p$1064 [15], \p$1064 [15], \p$1064 [15], \p$1064 [15], \p$1064 [15], \p$1064 [15], \p$1064 [15], \p$1064  } : \$57 ;
+  assign \$57  = $signed(acc_1_2) + $signed(\p$1304 );
+  assign \$58  = first_pe1_2 ? { \p$1304 [15], \p$1304 [15], \p$1304 [15], \p$1304 [15], \p$1304 [15], \p$1304 [15], \p$1304 [15], \p$1304 [15], \p$1304 [15], \p$1304  } : \$57 ;
   assign \$59  = done_pe1_2 ? acc_1_2 : bank_2_2;
-  assign \$60  = $signed(acc_1_3) + $signed(\p$1067 );
-  assign \$61  = first_pe1_3 ? { \p$1067 [15], \p$1067 [15], \p$1067 [15], \p$1067 [15], \p$1067 [15], \p$1067 [15], \p$1067 [15], \p$1067 [15], \p$1067 [15], \p$1067  } : \$60 ;
+  assign \$60  = $signed(acc_1_3) + $signed(\p$1307 );
+  assign \$61  = first_pe1_3 ? { \p$1307 [15], \p$1307 [15], \p$1307 [15], \p$1307 [15], \p$1307 [15], \p$1307 [15], \p$1307 [15], \p$1307 [15], \p$1307 [15], \p$1307  } : \$60 ;
   assign \$62  = done_pe1_3 ? acc_1_3 : bank_2_3;
-  assign \$63  = $signed(acc_1_4) + $signed(\p$1070 );
-  assign \$64  = first_pe1_4 ? { \p$1070 [15], \p$1070 [15], \p$1070 [15], \p$1070 [15], \p$1070 [15], \p$1070 [15], \p$1070 [15], \p$1070 [15], \p$1070 [15], \p$1070  } : \$63 ;
+  assign \$63  = $signed(acc_1_4) + $signed(\p$1310 );
+  assign \$64  = first_pe1_4 ? { \p$1310 [15], \p$1310 [15], \p$1310 [15], \p$1310 [15], \p$1310 [15], \p$1310 [15], \p$1310 [15], \p$1310 [15], \p$1310 [15], \p$1310  } : \$63 ;
   assign \$65  = done_pe1_4 ? acc_1_4 : bank_2_4;
-  assign \$66  = $signed(acc_1_5) + $signed(\p$1073 );
-  assign \$67  = first_pe1_5 ? { \p$1073 [15], \p$1073 [15], \p$1073 [15], \p$1073 [15], \p$1073 [15], \p$1073 [15], \p$1073 [15], \p$1073 [15], \p$1073 [15], \p$1073  } : \$66 ;
+  assign \$66  = $signed(acc_1_5) + $signed(\p$1313 );
+  assign \$67  = first_pe1_5 ? { \p$1313 [15], \p$1313 [15], \p$1313 [15], \p$1313 [15], \p$1313 [15], \p$1313 [15], \p$1313 [15], \p$1313 [15], \p$1313 [15], \p$1313  } : \$66 ;
   assign \$68  = done_pe1_5 ? acc_1_5 : bank_2_5;
-  assign \$69  = $signed(acc_1_6) + $signed(\p$1076 );
-  assign \$70  = first_pe1_6 ? { \p$1076 [15], \p$1076 [15], \p$1076 [15], \p$1076 [15], \p$1076 [15], \p$1076 [15], \p$1076 [15], \p$1076 [15], \p$1076 [15], \p$1076  } : \$69 ;
+  assign \$69  = $signed(acc_1_6) + $signed(\p$1316 );
+  assign \$70  = first_pe1_6 ? { \p$1316 [15], \p$1316 [15], \p$1316 [15], \p$1316 [15], \p$1316 [15], \p$1316 [15], \p$1316 [15], \p$1316 [15], \p$1316 [15], \p$1316  } : \$69 ;
   assign \$71  = done_pe1_6 ? acc_1_6 : bank_2_6;
-  assign \$72  = $signed(acc_1_7) + $signed(\p$1079 );
-  assign \$73  = first_pe1_7 ? { \p$1079 [15], \p$1079 [15], \p$1079 [15], \p$1079 [15], \p$1079 [15], \p$1079 [15], \p$1079 [15], \p$1079 [15], \p$1079 [15], \p$1079  } : \$72 ;
+  assign \$72  = $signed(acc_1_7) + $signed(\p$1319 );
+  assign \$73  = first_pe1_7 ? { \p$1319 [15], \p$1319 [15], \p$1319 [15], \p$1319 [15], \p$1319 [15], \p$1319 [15], \p$1319 [15], \p$1319 [15], \p$1319 [15], \p$1319  } : \$72 ;
   assign \$74  = done_pe1_7 ? acc_1_7 : bank_2_7;
-  assign \$75  = $signed(acc_1_8) + $signed(\p$1082 );
-  assign \$76  = first_pe1_8 ? { \p$1082 [15], \p$1082 [15], \p$1082 [15], \p$1082 [15], \p$1082 [15], \p$1082 [15], \p$1082 [15], \p$1082 [15], \p$1082 [15], \p$1082  } : \$75 ;
+  assign \$75  = $signed(acc_1_8) + $signed(\p$1322 );
+  assign \$76  = first_pe1_8 ? { \p$1322 [15], \p$1322 [15], \p$1322 [15], \p$1322 [15], \p$1322 [15], \p$1322 [15], \p$1322 [15], \p$1322 [15], \p$1322 [15], \p$1322  } : \$75 ;
   assign \$77  = done_pe1_8 ? acc_1_8 : bank_2_8;
-  assign \$78  = $signed(acc_1_9) + $signed(\p$1085 );
-  assign \$79  = first_pe1_9 ? { \p$1085 [15], \p$1085 [15], \p$1085 [15], \p$1085 [15], \p$1085 [15], \p$1085 [15], \p$1085 [15], \p$1085 [15], \p$1085 [15], \p$1085  } : \$78 ;
+  assign \$78  = $signed(acc_1_9) + $signed(\p$1325 );
+  assign \$79  = first_pe1_9 ? { \p$1325 [15], \p$1325 [15], \p$1325 [15], \p$1325 [15], \p$1325 [15], \p$1325 [15], \p$1325 [15], \p$1325 [15], \p$1325 [15], \p$1325  } : \$78 ;
   assign \$80  = done_pe1_9 ? acc_1_9 : bank_2_9;
-  assign \$81  = $signed(acc_1_10) + $signed(\p$1088 );
-  assign \$82  = first_pe1_10 ? { \p$1088 [15], \p$1088 [15], \p$1088 [15], \p$1088 [15], \p$1088 [15], \p$1088 [15], \p$1088 [15], \p$1088 [15], \p$1088 [15], \p$1088  } : \$81 ;
+  assign \$81  = $signed(acc_1_10) + $signed(\p$1328 );
+  assign \$82  = first_pe1_10 ? { \p$1328 [15], \p$1328 [15], \p$1328 [15], \p$1328 [15], \p$1328 [15], \p$1328 [15], \p$1328 [15], \p$1328 [15], \p$1328 [15], \p$1328  } : \$81 ;
   assign \$83  = done_pe1_10 ? acc_1_10 : bank_2_10;
-  assign \$84  = $signed(acc_1_11) + $signed(\p$1091 );
-  assign \$85  = first_pe1_11 ? { \p$1091 [15], \p$1091 [15], \p$1091 [15], \p$1091 [15], \p$1091 [15], \p$1091 [15], \p$1091 [15], \p$1091 [15], \p$1091 [15], \p$1091  } : \$84 ;
+  assign \$84  = $signed(acc_1_11) + $signed(\p$1331 );
+  assign \$85  = first_pe1_11 ? { \p$1331 [15], \p$1331 [15], \p$1331 [15], \p$1331 [15], \p$1331 [15], \p$1331 [15], \p$1331 [15], \p$1331 [15], \p$1331 [15], \p$1331  } : \$84 ;
   assign \$86  = done_pe1_11 ? acc_1_11 : bank_2_11;
-  assign \$87  = $signed(acc_1_12) + $signed(\p$1094 );
-  assign \$88  = first_pe1_12 ? { \p$1094 [15], \p$1094 [15], \p$1094 [15], \p$1094 [15], \p$1094 [15], \p$1094 [15], \p$1094 [15], \p$1094 [15], \p$1094 [15], \p$1094  } : \$87 ;
+  assign \$87  = $signed(acc_1_12) + $signed(\p$1334 );
+  assign \$88  = first_pe1_12 ? { \p$1334 [15], \p$1334 [15], \p$1334 [15], \p$1334 [15], \p$1334 [15], \p$1334 [15], \p$1334 [15], \p$1334 [15], \p$1334 [15], \p$1334  } : \$87 ;
   assign \$89  = done_pe1_12 ? acc_1_12 : bank_2_12;
-  assign \$90  = $signed(acc_1_13) + $signed(\p$1097 );
-  assign \$91  = first_pe1_13 ? { \p$1097 [15], \p$1097 [15], \p$1097 [15], \p$1097 [15], \p$1097 [15], \p$1097 [15], \p$1097 [15], \p$1097 [15], \p$1097 [15], \p$1097  } : \$90 ;
+  assign \$90  = $signed(acc_1_13) + $signed(\p$1337 );
+  assign \$91  = first_pe1_13 ? { \p$1337 [15], \p$1337 [15], \p$1337 [15], \p$1337 [15], \p$1337 [15], \p$1337 [15], \p$1337 [15], \p$1337 [15], \p$1337 [15], \p$1337  } : \$90 ;
   assign \$92  = done_pe1_13 ? acc_1_13 : bank_2_13;
-  assign \$93  = $signed(acc_1_14) + $signed(\p$1100 );
-  assign \$94  = first_pe1_14 ? { \p$1100 [15], \p$1100 [15], \p$1100 [15], \p$1100 [15], \p$1100 [15], \p$1100 [15], \p$1100 [15], \p$1100 [15], \p$1100 [15], \p$1100  } : \$93 ;
+  assign \$93  = $signed(acc_1_14) + $signed(\p$1340 );
+  assign \$94  = first_pe1_14 ? { \p$1340 [15], \p$1340 [15], \p$1340 [15], \p$1340 [15], \p$1340 [15], \p$1340 [15], \p$1340 [15], \p$1340 [15], \p$1340 [15], \p$1340  } : \$93 ;
   assign \$95  = done_pe1_14 ? acc_1_14 : bank_2_14;
-  assign \$96  = $signed(acc_1_15) + $signed(\p$1103 );
-  assign \$97  = first_pe1_15 ? { \p$1103 [15], \p$1103 [15], \p$1103 [15], \p$1103 [15], \p$1103 [15], \p$1103 [15], \p$1103 [15], \p$1103 [15], \p$1103 [15], \p$1103  } : \$96 ;
+  assign \$96  = $signed(acc_1_15) + $signed(\p$1343 );
+  assign \$97  = first_pe1_15 ? { \p$1343 [15], \p$1343 [15], \p$1343 [15], \p$1343 [15], \p$1343 [15], \p$1343 [15], \p$1343 [15], \p$1343 [15], \p$1343 [15], \p$1343  } : \$96 ;
   assign \$98  = done_pe1_15 ? acc_1_15 : bank_2_15;
-  assign \$99  = $signed(acc_2_0) + $signed(\p$1106 );
-  assign \$100  = first_pe2_0 ? { \p$1106 [15], \p$1106 [15], \p$1106 [15], \p$1106 [15], \p$1106 [15], \p$1106 [15], \p$1106 [15], \p$1106 [15], \p$1106 [15], \p$1106  } : \$99 ;
+  assign \$99  = $signed(acc_2_0) + $signed(\p$1346 );
+  assign \$100  = first_pe2_0 ? { \p$1346 [15], \p$1346 [15], \p$1346 [15], \p$1346 [15], \p$1346 [15], \p$1346 [15], \p$1346 [15], \p$1346 [15], \p$1346 [15], \p$1346  } : \$99 ;
   assign \$101  = done_pe2_0 ? acc_2_0 : bank_3_0;
-  assign \$102  = $signed(acc_2_1) + $signed(\p$1109 );
-  assign \$103  = first_pe2_1 ? { \p$1109 [15], \p$1109 [15], \p$1109 [15], \p$1109 [15], \p$1109 [15], \p$1109 [15], \p$1109 [15], \p$1109 [15], \p$1109 [15], \p$1109  } : \$102 ;
+  assign \$102  = $signed(acc_2_1) + $signed(\p$1349 );
+  assign \$103  = first_pe2_1 ? { \p$1349 [15], \p$1349 [15], \p$1349 [15], \p$1349 [15], \p$1349 [15], \p$1349 [15], \p$1349 [15], \p$1349 [15], \p$1349 [15], \p$1349  } : \$102 ;
   assign \$104  = done_pe2_1 ? acc_2_1 : bank_3_1;
-  assign \$105  = $signed(acc_2_2) + $signed(\p$1112 );
-  assign \$106  = first_pe2_2 ? { \p$1112 [15], \p$1112 [15], \p$1112 [15], \p$1112 [15], \p$1112 [15], \p$1112 [15], \p$1112 [15], \p$1112 [15], \p$1112 [15], \p$1112  } : \$105 ;
+  assign \$105  = $signed(acc_2_2) + $signed(\p$1352 );
+  assign \$106  = first_pe2_2 ? { \p$1352 [15], \p$1352 [15], \p$1352 [15], \p$1352 [15], \p$1352 [15], \p$1352 [15], \p$1352 [15], \p$1352 [15], \p$1352 [15], \p$1352  } : \$105 ;
   assign \$107  = done_pe2_2 ? acc_2_2 : bank_3_2;
-  assign \$108  = $signed(acc_2_3) + $signed(\p$1115 );
-  assign \$109  = first_pe2_3 ? { \p$1115 [15], \p$1115 [15], \p$1115 [15], \p$1115 [15], \p$1115 [15], \p$1115 [15], \p$1115 [15], \p$1115 [15], \p$1115 [15], \p$1115  } : \$108 ;
+  assign \$108  = $signed(acc_2_3) + $signed(\p$1355 );
+  assign \$109  = first_pe2_3 ? { \p$1355 [15], \p$1355 [15], \p$1355 [15], \p$1355 [15], \p$1355 [15], \p$1355 [15], \p$1355 [15], \p$1355 [15], \p$1355 [15], \p$1355  } : \$108 ;
   assign \$110  = done_pe2_3 ? acc_2_3 : bank_3_3;
-  assign \$111  = $signed(acc_2_4) + $signed(\p$1118 );
-  assign \$112  = first_pe2_4 ? { \p$1118 [15], \p$1118 [15], \p$1118 [15], \p$1118 [15], \p$1118 [15], \p$1118 [15], \p$1118 [15], \p$1118 [15], \p$1118 [15], \p$1118  } : \$111 ;
+  assign \$111  = $signed(acc_2_4) + $signed(\p$1358 );
+  assign \$112  = first_pe2_4 ? { \p$1358 [15], \p$1358 [15], \p$1358 [15], \p$1358 [15], \p$1358 [15], \p$1358 [15], \p$1358 [15], \p$1358 [15], \p$1358 [15], \p$1358  } : \$111 ;
   assign \$113  = done_pe2_4 ? acc_2_4 : bank_3_4;
-  assign \$114  = $signed(acc_2_5) + $signed(\p$1121 );
-  assign \$115  = first_pe2_5 ? { \p$1121 [15], \p$1121 [15], \p$1121 [15], \p$1121 [15], \p$1121 [15], \p$1121 [15], \p$1121 [15], \p$1121 [15], \p$1121 [15], \p$1121  } : \$114 ;
+  assign \$114  = $signed(acc_2_5) + $signed(\p$1361 );
+  assign \$115  = first_pe2_5 ? { \p$1361 [15], \p$1361 [15], \p$1361 [15], \p$1361 [15], \p$1361 [15], \p$1361 [15], \p$1361 [15], \p$1361 [15], \p$1361 [15], \p$1361  } : \$114 ;
   assign \$116  = done_pe2_5 ? acc_2_5 : bank_3_5;
-  assign \$117  = $signed(acc_2_6) + $signed(\p$1124 );
-  assign \$118  = first_pe2_6 ? { \p$1124 [15], \p$1124 [15], \p$1124 [15], \p$1124 [15], \p$1124 [15], \p$1124 [15], \p$1124 [15], \p$1124 [15], \p$1124 [15], \p$1124  } : \$117 ;
+  assign \$117  = $signed(acc_2_6) + $signed(\p$1364 );
+  assign \$118  = first_pe2_6 ? { \p$1364 [15], \p$1364 [15], \p$1364 [15], \p$1364 [15], \p$1364 [15], \p$1364 [15], \p$1364 [15], \p$1364 [15], \p$1364 [15], \p$1364  } : \$117 ;
   assign \$119  = done_pe2_6 ? acc_2_6 : bank_3_6;
-  assign \$120  = $signed(acc_2_7) + $signed(\p$1127 );
-  assign \$121  = first_pe2_7 ? { \p$1127 [15], \p$1127 [15], \p$1127 [15], \p$1127 [15], \p$1127 [15], \p$1127 [15], \p$1127 [15], \p$1127 [15], \p$1127 [15], \p$1127  } : \$120 ;
+  assign \$120  = $signed(acc_2_7) + $signed(\p$1367 );
+  assign \$121  = first_pe2_7 ? { \p$1367 [15], \p$1367 [15], \p$1367 [15], \p$1367 [15], \p$1367 [15], \p$1367 [15], \p$1367 [15], \p$1367 [15], \p$1367 [15], \p$1367  } : \$120 ;
   assign \$122  = done_pe2_7 ? acc_2_7 : bank_3_7;
-  assign \$123  = $signed(acc_2_8) + $signed(\p$1130 );
-  assign \$124  = first_pe2_8 ? { \p$1130 [15], \p$1130 [15], \p$1130 [15], \p$1130 [15], \p$1130 [15], \p$1130 [15], \p$1130 [15], \p$1130 [15], \p$1130 [15], \p$1130  } : \$123 ;
+  assign \$123  = $signed(acc_2_8) + $signed(\p$1370 );
+  assign \$124  = first_pe2_8 ? { \p$1370 [15], \p$1370 [15], \p$1370 [15], \p$1370 [15], \p$1370 [15], \p$1370 [15], \p$1370 [15], \p$1370 [15], \p$1370 [15], \p$1370  } : \$123 ;
   assign \$125  = done_pe2_8 ? acc_2_8 : bank_3_8;
-  assign \$126  = $signed(acc_2_9) + $signed(\p$1133 );
-  assign \$127  = first_pe2_9 ? { \p$1133 [15], \p$1133 [15], \p$1133 [15], \p$1133 [15], \p$1133 [15], \p$1133 [15], \p$1133 [15], \p$1133 [15], \p$1133 [15], \p$1133  } : \$126 ;
+  assign \$126  = $signed(acc_2_9) + $signed(\p$1373 );
+  assign \$127  = first_pe2_9 ? { \p$1373 [15], \p$1373 [15], \p$1373 [15], \p$1373 [15], \p$1373 [15], \p$1373 [15], \p$1373 [15], \p$1373 [15], \p$1373 [15], \p$1373  } : \$126 ;
   assign \$128  = done_pe2_9 ? acc_2_9 : bank_3_9;
-  assign \$129  = $signed(acc_2_10) + $signed(\p$1136 );
-  assign \$130  = first_pe2_10 ? { \p$1136 [15], \p$1136 [15], \p$1136 [15], \p$1136 [15], \p$1136 [15], \p$1136 [15], \p$1136 [15], \p$1136 [15], \p$1136 [15], \p$1136  } : \$129 ;
+  assign \$129  = $signed(acc_2_10) + $signed(\p$1376 );
+  assign \$130  = first_pe2_10 ? { \p$1376 [15], \p$1376 [15], \p$1376 [15], \p$1376 [15], \p$1376 [15], \p$1376 [15], \p$1376 [15], \p$1376 [15], \p$1376 [15], \p$1376  } : \$129 ;
   assign \$131  = done_pe2_10 ? acc_2_10 : bank_3_10;
-  assign \$132  = $signed(acc_2_11) + $signed(\p$1139 );
-  assign \$133  = first_pe2_11 ? { \p$1139 [15], \p$1139 [15], \p$1139 [15], \p$1139 [15], \p$1139 [15], \p$1139 [15], \p$1139 [15], \p$1139 [15], \p$1139 [15], \p$1139  } : \$132 ;
+  assign \$132  = $signed(acc_2_11) + $signed(\p$1379 );
+  assign \$133  = first_pe2_11 ? { \p$1379 [15], \p$1379 [15], \p$1379 [15], \p$1379 [15], \p$1379 [15], \p$1379 [15], \p$1379 [15], \p$1379 [15], \p$1379 [15], \p$1379  } : \$132 ;
   assign \$134  = done_pe2_11 ? acc_2_11 : bank_3_11;
-  assign \$135  = $signed(acc_2_12) + $signed(\p$1142 );
-  assign \$136  = first_pe2_12 ? { \p$1142 [15], \p$1142 [15], \p$1142 [15], \p$1142 [15], \p$1142 [15], \p$1142 [15], \p$1142 [15], \p$1142 [15], \p$1142 [15], \p$1142  } : \$135 ;
+  assign \$135  = $signed(acc_2_12) + $signed(\p$1382 );
+  assign \$136  = first_pe2_12 ? { \p$1382 [15], \p$1382 [15], \p$1382 [15], \p$1382 [15], \p$1382 [15], \p$1382 [15], \p$1382 [15], \p$1382 [15], \p$1382 [15], \p$1382  } : \$135 ;
   assign \$137  = done_pe2_12 ? acc_2_12 : bank_3_12;
-  assign \$138  = $signed(acc_2_13) + $signed(\p$1145 );
-  assign \$139  = first_pe2_13 ? { \p$1145 [15], \p$1145 [15], \p$1145 [15], \p$1145 [15], \p$1145 [15], \p$1145 [15], \p$1145 [15], \p$1145 [15], \p$1145 [15], \p$1145  } : \$138 ;
+  assign \$138  = $signed(acc_2_13) + $signed(\p$1385 );
+  assign \$139  = first_pe2_13 ? { \p$1385 [15], \p$1385 [15], \p$1385 [15], \p$1385 [15], \p$1385 [15], \p$1385 [15], \p$1385 [15], \p$1385 [15], \p$1385 [15], \p$1385  } : \$138 ;
   assign \$140  = done_pe2_13 ? acc_2_13 : bank_3_13;
-  assign \$141  = $signed(acc_2_14) + $signed(\p$1148 );
-  assign \$142  = first_pe2_14 ? { \p$1148 [15], \p$1148 [15], \p$1148 [15], \p$1148 [15], \p$1148 [15], \p$1148 [15], \p$1148 [15], \p$1148 [15], \p$1148 [15], \p$1148  } : \$141 ;
+  assign \$141  = $signed(acc_2_14) + $signed(\p$1388 );
+  assign \$142  = first_pe2_14 ? { \p$1388 [15], \p$1388 [15], \p$1388 [15], \p$1388 [15], \p$1388 [15], \p$1388 [15], \p$1388 [15], \p$1388 [15], \p$1388 [15], \p$1388  } : \$141 ;
   assign \$143  = done_pe2_14 ? acc_2_14 : bank_3_14;
-  assign \$144  = $signed(acc_2_15) + $signed(\p$1151 );
-  assign \$145  = first_pe2_15 ? { \p$1151 [15], \p$1151 [15], \p$1151 [15], \p$1151 [15], \p$1151 [15], \p$1151 [15], \p$1151 [15], \p$1151 [15], \p$1151 [15], \p$1151  } : \$144 ;
+  assign \$144  = $signed(acc_2_15) + $signed(\p$1391 );
+  assign \$145  = first_pe2_15 ? { \p$1391 [15], \p$1391 [15], \p$1391 [15], \p$1391 [15], \p$1391 [15], \p$1391 [15], \p$1391 [15], \p$1391 [15], \p$1391 [15], \p$1391  } : \$144 ;
   assign \$146  = done_pe2_15 ? acc_2_15 : bank_3_15;
-  assign \$147  = $signed(acc_3_0) + $signed(\p$1154 );
-  assign \$148  = first_pe3_0 ? { \p$1154 [15], \p$1154 [15], \p$1154 [15], \p$1154 [15], \p$1154 [15], \p$1154 [15], \p$1154 [15], \p$1154 [15], \p$1154 [15], \p$1154  } : \$147 ;
+  assign \$147  = $signed(acc_3_0) + $signed(\p$1394 );
+  assign \$148  = first_pe3_0 ? { \p$1394 [15], \p$1394 [15], \p$1394 [15], \p$1394 [15], \p$1394 [15], \p$1394 [15], \p$1394 [15], \p$1394 [15], \p$1394 [15], \p$1394  } : \$147 ;
   assign \$149  = done_pe3_0 ? acc_3_0 : bank_4_0;
-  assign \$150  = $signed(acc_3_1) + $signed(\p$1157 );
-  assign \$151  = first_pe3_1 ? { \p$1157 [15], \p$1157 [15], \p$1157 [15], \p$1157 [15], \p$1157 [15], \p$1157 [15], \p$1157 [15], \p$1157 [15], \p$1157 [15], \p$1157  } : \$150 ;
+  assign \$150  = $signed(acc_3_1) + $signed(\p$1397 );
+  assign \$151  = first_pe3_1 ? { \p$1397 [15], \p$1397 [15], \p$1397 [15], \p$1397 [15], \p$1397 [15], \p$1397 [15], \p$1397 [15], \p$1397 [15], \p$1397 [15], \p$1397  } : \$150 ;
   assign \$152  = done_pe3_1 ? acc_3_1 : bank_4_1;
-  assign \$153  = $signed(acc_3_2) + $signed(\p$1160 );
-  assign \$154  = first_pe3_2 ? { \p$1160 [15], \p$1160 [15], \p$1160 [15], \p$1160 [15], \p$1160 [15], \p$1160 [15], \p$1160 [15], \p$1160 [15], \p$1160 [15], \p$1160  } : \$153 ;
+  assign \$153  = $signed(acc_3_2) + $signed(\p$1400 );
+  assign \$154  = first_pe3_2 ? { \p$1400 [15], \p$1400 [15], \p$1400 [15], \p$1400 [15], \p$1400 [15], \p$1400 [15], \p$1400 [15], \p$1400 [15], \p$1400 [15], \p$1400  } : \$153 ;
   assign \$155  = done_pe3_2 ? acc_3_2 : bank_4_2;
-  assign \$156  = $signed(acc_3_3) + $signed(\p$1163 );
-  assign \$157  = first_pe3_3 ? { \p$1163 [15], \p$1163 [15], \p$1163 [15], \p$1163 [15], \p$1163 [15], \p$1163 [15], \p$1163 [15], \p$1163 [15], \p$1163 [15], \p$1163  } : \$156 ;
+  assign \$156  = $signed(acc_3_3) + $signed(\p$1403 );
+  assign \$157  = first_pe3_3 ? { \p$1403 [15], \p$1403 [15], \p$1403 [15], \p$1403 [15], \p$1403 [15], \p$1403 [15], \p$1403 [15], \p$1403 [15], \p$1403 [15], \p$1403  } : \$156 ;
   assign \$158  = done_pe3_3 ? acc_3_3 : bank_4_3;
-  assign \$159  = $signed(acc_3_4) + $signed(\p$1166 );
-  assign \$160  = first_pe3_4 ? { \p$1166 [15], \p$1166 [15], \p$1166 [15], \p$1166 [15], \p$1166 [15], \p$1166 [15], \p$1166 [15], \p$1166 [15], \p$1166 [15], \p$1166  } : \$159 ;
+  assign \$159  = $signed(acc_3_4) + $signed(\p$1406 );
+  assign \$160  = first_pe3_4 ? { \p$1406 [15], \p$1406 [15], \p$1406 [15], \p$1406 [15], \p$1406 [15], \p$1406 [15], \p$1406 [15], \p$1406 [15], \p$1406 [15], \p$1406  } : \$159 ;
   assign \$161  = done_pe3_4 ? acc_3_4 : bank_4_4;
-  assign \$162  = $signed(acc_3_5) + $signed(\p$1169 );
-  assign \$163  = first_pe3_5 ? { \p$1169 [15], \p$1169 [15], \p$1169 [15], \p$1169 [15], \p$1169 [15], \p$1169 [15], \p$1169 [15], \p$1169 [15], \p$1169 [15], \p$1169  } : \$162 ;
+  assign \$162  = $signed(acc_3_5) + $signed(\p$1409 );
+  assign \$163  = first_pe3_5 ? { \p$1409 [15], \p$1409 [15], \p$1409 [15], \p$1409 [15], \p$1409 [15], \p$1409 [15], \p$1409 [15], \p$1409 [15], \p$1409 [15], \p$1409  } : \$162 ;
   assign \$164  = done_pe3_5 ? acc_3_5 : bank_4_5;
-  assign \$165  = $signed(acc_3_6) + $signed(\p$1172 );
-  assign \$166  = first_pe3_6 ? { \p$1172 [15], \p$1172 [15], \p$1172 [15], \p$1172 [15], \p$1172 [15], \p$1172 [15], \p$1172 [15], \p$1172 [15], \p$1172 [15], \p$1172  } : \$165 ;
+  assign \$165  = $signed(acc_3_6) + $signed(\p$1412 );
+  assign \$166  = first_pe3_6 ? { \p$1412 [15], \p$1412 [15], \p$1412 [15], \p$1412 [15], \p$1412 [15], \p$1412 [15], \p$1412 [15], \p$1412 [15], \p$1412 [15], \p$1412  } : \$165 ;
   assign \$167  = done_pe3_6 ? acc_3_6 : bank_4_6;
-  assign \$168  = $signed(acc_3_7) + $signed(\p$1175 );
-  assign \$169  = first_pe3_7 ? { \p$1175 [15], \p$1175 [15], \p$1175 [15], \p$1175 [15], \p$1175 [15], \p$1175 [15], \p$1175 [15], \p$1175 [15], \p$1175 [15], \p$1175  } : \$168 ;
+  assign \$168  = $signed(acc_3_7) + $signed(\p$1415 );
+  assign \$169  = first_pe3_7 ? { \p$1415 [15], \p$1415 [15], \p$1415 [15], \p$1415 [15], \p$1415 [15], \p$1415 [15], \p$1415 [15], \p$1415 [15], \p$1415 [15], \p$1415  } : \$168 ;
   assign \$170  = done_pe3_7 ? acc_3_7 : bank_4_7;
-  assign \$171  = $signed(acc_3_8) + $signed(\p$1178 );
-  assign \$172  = first_pe3_8 ? { \p$1178 [15], \p$1178 [15], \p$1178 [15], \p$1178 [15], \p$1178 [15], \p$1178 [15], \p$1178 [15], \p$1178 [15], \p$1178 [15], \p$1178  } : \$171 ;
+  assign \$171  = $signed(acc_3_8) + $signed(\p$1418 );
+  assign \$172  = first_pe3_8 ? { \p$1418 [15], \p$1418 [15], \p$1418 [15], \p$1418 [15], \p$1418 [15], \p$1418 [15], \p$1418 [15], \p$1418 [15], \p$1418 [15], \p$1418  } : \$171 ;
   assign \$173  = done_pe3_8 ? acc_3_8 : bank_4_8;
-  assign \$174  = $signed(acc_3_9) + $signed(\p$1181 );
-  assign \$175  = first_pe3_9 ? { \p$1181 [15], \p$1181 [15], \p$1181 [15], \p$1181 [15], \p$1181 [15], \p$1181 [15], \p$1181 [15], \p$1181 [15], \p$1181 [15], \p$1181  } : \$174 ;
+  assign \$174  = $signed(acc_3_9) + $signed(\p$1421 );
+  assign \$175  = first_pe3_9 ? { \p$1421 [15], \p$1421 [15], \p$1421 [15], \p$1421 [15], \p$1421 [15], \p$1421 [15], \p$1421 [15], \p$1421 [15], \p$1421 [15], \p$1421  } : \$174 ;
   assign \$176  = done_pe3_9 ? acc_3_9 : bank_4_9;
-  assign \$177  = $signed(acc_3_10) + $signed(\p$1184 );
-  assign \$178  = first_pe3_10 ? { \p$1184 [15], \p$1184 [15], \p$1184 [15], \p$1184 [15], \p$1184 [15], \p$1184 [15], \p$1184 [15], \p$1184 [15], \p$1184 [15], \p$1184  } : \$177 ;
+  assign \$177  = $signed(acc_3_10) + $signed(\p$1424 );
+  assign \$178  = first_pe3_10 ? { \p$1424 [15], \p$1424 [15], \p$1424 [15], \p$1424 [15], \p$1424 [15], \p$1424 [15], \p$1424 [15], \p$1424 [15], \p$1424 [15], \p$1424  } : \$177 ;
   assign \$179  = done_pe3_10 ? acc_3_10 : bank_4_10;
-  assign \$180  = $signed(acc_3_11) + $signed(\p$1187 );
-  assign \$181  = first_pe3_11 ? { \p$1187 [15], \p$1187 [15], \p$1187 [15], \p$1187 [15], \p$1187 [15], \p$1187 [15], \p$1187 [15], \p$1187 [15], \p$1187 [15], \p$1187  } : \$180 ;
+  assign \$180  = $signed(acc_3_11) + $signed(\p$1427 );
+  assign \$181  = first_pe3_11 ? { \p$1427 [15], \p$1427 [15], \p$1427 [15], \p$1427 [15], \p$1427 [15], \p$1427 [15], \p$1427 [15], \p$1427 [15], \p$1427 [15], \p$1427  } : \$180 ;
   assign \$182  = done_pe3_11 ? acc_3_11 : bank_4_11;
-  assign \$183  = $signed(acc_3_12) + $signed(\p$1190 );
-  assign \$184  = first_pe3_12 ? { \p$1190 [15], \p$1190 [15], \p$1190 [15], \p$1190 [15], \p$1190 [15], \p$1190 [15], \p$1190 [15], \p$1190 [15], \p$1190 [15], \p$1190  } : \$183 ;
+  assign \$183  = $signed(acc_3_12) + $signed(\p$1430 );
+  assign \$184  = first_pe3_12 ? { \p$1430 [15], \p$1430 [15], \p$1430 [15], \p$1430 [15], \p$1430 [15], \p$1430 [15], \p$1430 [15], \p$1430 [15], \p$1430 [15], \p$1430  } : \$183 ;
   assign \$185  = done_pe3_12 ? acc_3_12 : bank_4_12;
-  assign \$186  = $signed(acc_3_13) + $signed(\p$1193 );
-  assign \$187  = first_pe3_13 ? { \p$1193 [15], \p$1193 [15], \p$1193 [15], \p$1193 [15], \p$1193 [15], \p$1193 [15], \p$1193 [15], \p$1193 [15], \p$1193 [15], \p$1193  } : \$186 ;
+  assign \$186  = $signed(acc_3_13) + $signed(\p$1433 );
+  assign \$187  = first_pe3_13 ? { \p$1433 [15], \p$1433 [15], \p$1433 [15], \p$1433 [15], \p$1433 [15], \p$1433 [15], \p$1433 [15], \p$1433 [15], \p$1433 [15], \p$1433  } : \$186 ;
   assign \$188  = done_pe3_13 ? acc_3_13 : bank_4_13;
-  assign \$189  = $signed(acc_3_14) + $signed(\p$1196 );
-  assign \$190  = first_pe3_14 ? { \p$1196 [15], \p$1196 [15], \p$1196 [15], \p$1196 [15], \p$1196 [15], \p$1196 [15], \p$1196 [15], \p$1196 [15], \p$1196 [15], \p$1196  } : \$189 ;
+  assign \$189  = $signed(acc_3_14) + $signed(\p$1436 );
+  assign \$190  = first_pe3_14 ? { \p$1436 [15], \p$1436 [15], \p$1436 [15], \p$1436 [15], \p$1436 [15], \p$1436 [15], \p$1436 [15], \p$1436 [15], \p$1436 [15], \p$1436  } : \$189 ;
   assign \$191  = done_pe3_14 ? acc_3_14 : bank_4_14;
-  assign \$192  = $signed(acc_3_15) + $signed(\p$1199 );
-  assign \$193  = first_pe3_15 ? { \p$1199 [15], \p$1199 [15], \p$1199 [15], \p$1199 [15], \p$1199 [15], \p$1199 [15], \p$1199 [15], \p$1199 [15], \p$1199 [15], \p$1199  } : \$192 ;
+  assign \$192  = $signed(acc_3_15) + $signed(\p$1439 );
+  assign \$193  = first_pe3_15 ? { \p$1439 [15], \p$1439 [15], \p$1439 [15], \p$1439 [15], \p$1439 [15], \p$1439 [15], \p$1439 [15], \p$1439 [15], \p$1439 [15], \p$1439  } : \$192 ;
   assign \$194  = done_pe3_15 ? acc_3_15 : bank_4_15;
-  assign \$195  = $signed(acc_4_0) + $signed(\p$1202 );
-  assign \$196  = first_pe4_0 ? { \p$1202 [15], \p$1202 [15], \p$1202 [15], \p$1202 [15], \p$1202 [15], \p$1202 [15], \p$1202 [15], \p$1202 [15], \p$1202 [15], \p$1202  } : \$195 ;
+  assign \$195  = $signed(acc_4_0) + $signed(\p$1442 );
+  assign \$196  = first_pe4_0 ? { \p$1442 [15], \p$1442 [15], \p$1442 [15], \p$1442 [15], \p$1442 [15], \p$1442 [15], \p$1442 [15], \p$1442 [15], \p$1442 [15], \p$1442  } : \$195 ;
   assign \$197  = done_pe4_0 ? acc_4_0 : bank_5_0;
-  assign \$198  = $signed(acc_4_1) + $signed(\p$1205 );
-  assign \$199  = first_pe4_1 ? { \p$1205 [15], \p$1205 [15], \p$1205 [15], \p$1205 [15], \p$1205 [15], \p$1205 [15], \p$1205 [15], \p$1205 [15], \p$1205 [15], \p$1205  } : \$198 ;
+  assign \$198  = $signed(acc_4_1) + $signed(\p$1445 );
+  assign \$199  = first_pe4_1 ? { \p$1445 [15], \p$1445 [15], \p$1445 [15], \p$1445 [15], \p$1445 [15], \p$1445 [15], \p$1445 [15], \p$1445 [15], \p$1445 [15], \p$1445  } : \$198 ;
   assign \$200  = done_pe4_1 ? acc_4_1 : bank_5_1;
-  assign \$201  = $signed(acc_4_2) + $signed(\p$1208 );
-  assign \$202  = first_pe4_2 ? { \p$1208 [15], \p$1208 [15], \p$1208 [15], \p$1208 [15], \p$1208 [15], \p$1208 [15], \p$1208 [15], \p$1208 [15], \p$1208 [15], \p$1208  } : \$201 ;
+  assign \$201  = $signed(acc_4_2) + $signed(\p$1448 );
+  assign \$202  = first_pe4_2 ? { \p$1448 [15], \p$1448 [15], \p$1448 [15], \p$1448 [15], \p$1448 [15], \p$1448 [15], \p$1448 [15], \p$1448 [15], \p$1448 [15], \p$1448  } : \$201 ;
   assign \$203  = done_pe4_2 ? acc_4_2 : bank_5_2;
-  assign \$204  = $signed(acc_4_3) + $signed(\p$1211 );
-  assign \$205  = first_pe4_3 ? { \p$1211 [15], \p$1211 [15], \p$1211 [15], \p$1211 [15], \p$1211 [15], \p$1211 [15], \p$1211 [15], \p$1211 [15], \p$1211 [15], \p$1211  } : \$204 ;
+  assign \$204  = $signed(acc_4_3) + $signed(\p$1451 );
+  assign \$205  = first_pe4_3 ? { \p$1451 [15], \p$1451 [15], \p$1451 [15], \p$1451 [15], \p$1451 [15], \p$1451 [15], \p$1451 [15], \p$1451 [15], \p$1451 [15], \p$1451  } : \$204 ;
   assign \$206  = done_pe4_3 ? acc_4_3 : bank_5_3;
-  assign \$207  = $signed(acc_4_4) + $signed(\p$1214 );
-  assign \$208  = first_pe4_4 ? { \p$1214 [15], \p$1214 [15], \p$1214 [15], \p$1214 [15], \p$1214 [15], \p$1214 [15], \p$1214 [15], \p$1214 [15], \p$1214 [15], \p$1214  } : \$207 ;
+  assign \$207  = $signed(acc_4_4) + $signed(\p$1454 );
+  assign \$208  = first_pe4_4 ? { \p$1454 [15], \p$1454 [15], \p$1454 [15], \p$1454 [15], \p$1454 [15], \p$1454 [15], \p$1454 [15], \p$1454 [15], \p$1454 [15], \p$1454  } : \$207 ;
   \encoder_layer_0_attention_output_dense.pe.pe_0_0  pe_0_0 (
     .a(a_0_l2_0),
     .b(b_0_l2_0),
@@ -28220,1785 +29180,1785 @@ module \encoder_layer_0_attention_output_dense.pe (rst, i__payload, i__valid, ba
     .a(a_0_l2_0),
     .b(b_1_l2_0),
     .clk(clk),
-    .p4(\p$998 ),
+    .p4(\p$1238 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_0_10  pe_0_10 (
     .a(a_0_l2_5),
     .b(b_10_l2_0),
     .clk(clk),
-    .p4(\p$1034 ),
+    .p4(\p$1274 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_0_11  pe_0_11 (
     .a(a_0_l2_5),
     .b(b_11_l2_0),
     .clk(clk),
-    .p4(\p$1038 ),
+    .p4(\p$1278 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_0_12  pe_0_12 (
     .a(a_0_l2_6),
     .b(b_12_l2_0),
     .clk(clk),
-    .p4(\p$1042 ),
+    .p4(\p$1282 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_0_13  pe_0_13 (
     .a(a_0_l2_6),
     .b(b_13_l2_0),
     .clk(clk),
-    .p4(\p$1046 ),
+    .p4(\p$1286 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_0_14  pe_0_14 (
     .a(a_0_l2_7),
     .b(b_14_l2_0),
     .clk(clk),
-    .p4(\p$1050 ),
+    .p4(\p$1290 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_0_15  pe_0_15 (
     .a(a_0_l2_7),
     .b(b_15_l2_0),
     .clk(clk),
-    .p4(\p$1054 ),
+    .p4(\p$1294 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_0_2  pe_0_2 (
     .a(a_0_l2_1),
     .b(b_2_l2_0),
     .clk(clk),
-    .p4(\p$1002 ),
+    .p4(\p$1242 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_0_3  pe_0_3 (
     .a(a_0_l2_1),
     .b(b_3_l2_0),
     .clk(clk),
-    .p4(\p$1006 ),
+    .p4(\p$1246 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_0_4  pe_0_4 (
     .a(a_0_l2_2),
     .b(b_4_l2_0),
     .clk(clk),
-    .p4(\p$1010 ),
+    .p4(\p$1250 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_0_5  pe_0_5 (
     .a(a_0_l2_2),
     .b(b_5_l2_0),
     .clk(clk),
-    .p4(\p$1014 ),
+    .p4(\p$1254 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_0_6  pe_0_6 (
     .a(a_0_l2_3),
     .b(b_6_l2_0),
     .clk(clk),
-    .p4(\p$1018 ),
+    .p4(\p$1258 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_0_7  pe_0_7 (
     .a(a_0_l2_3),
     .b(b_7_l2_0),
     .clk(clk),
-    .p4(\p$1022 ),
+    .p4(\p$1262 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_0_8  pe_0_8 (
     .a(a_0_l2_4),
     .b(b_8_l2_0),
     .clk(clk),
-    .p4(\p$1026 ),
+    .p4(\p$1266 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_0_9  pe_0_9 (
     .a(a_0_l2_4),
     .b(b_9_l2_0),
     .clk(clk),
-    .p4(\p$1030 ),
+    .p4(\p$1270 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_10_0  pe_10_0 (
     .a(a_10_l2_0),
     .b(b_0_l2_5),
     .clk(clk),
-    .p4(\p$1490 ),
+    .p4(\p$1730 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_10_1  pe_10_1 (
     .a(a_10_l2_0),
     .b(b_1_l2_5),
     .clk(clk),
-    .p4(\p$1493 ),
+    .p4(\p$1733 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_10_10  pe_10_10 (
     .a(a_10_l2_5),
     .b(b_10_l2_5),
     .clk(clk),
-    .p4(\p$1520 ),
+    .p4(\p$1760 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_10_11  pe_10_11 (
     .a(a_10_l2_5),
     .b(b_11_l2_5),
     .clk(clk),
-    .p4(\p$1523 ),
+    .p4(\p$1763 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_10_12  pe_10_12 (
     .a(a_10_l2_6),
     .b(b_12_l2_5),
     .clk(clk),
-    .p4(\p$1526 ),
+    .p4(\p$1766 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_10_13  pe_10_13 (
     .a(a_10_l2_6),
     .b(b_13_l2_5),
     .clk(clk),
-    .p4(\p$1529 ),
+    .p4(\p$1769 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_10_14  pe_10_14 (
     .a(a_10_l2_7),
     .b(b_14_l2_5),
     .clk(clk),
-    .p4(\p$1532 ),
+    .p4(\p$1772 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_10_15  pe_10_15 (
     .a(a_10_l2_7),
     .b(b_15_l2_5),
     .clk(clk),
-    .p4(\p$1535 ),
+    .p4(\p$1775 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_10_2  pe_10_2 (
     .a(a_10_l2_1),
     .b(b_2_l2_5),
     .clk(clk),
-    .p4(\p$1496 ),
+    .p4(\p$1736 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_10_3  pe_10_3 (
     .a(a_10_l2_1),
     .b(b_3_l2_5),
     .clk(clk),
-    .p4(\p$1499 ),
+    .p4(\p$1739 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_10_4  pe_10_4 (
     .a(a_10_l2_2),
     .b(b_4_l2_5),
     .clk(clk),
-    .p4(\p$1502 ),
+    .p4(\p$1742 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_10_5  pe_10_5 (
     .a(a_10_l2_2),
     .b(b_5_l2_5),
     .clk(clk),
-    .p4(\p$1505 ),
+    .p4(\p$1745 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_10_6  pe_10_6 (
     .a(a_10_l2_3),
     .b(b_6_l2_5),
     .clk(clk),
-    .p4(\p$1508 ),
+    .p4(\p$1748 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_10_7  pe_10_7 (
     .a(a_10_l2_3),
     .b(b_7_l2_5),
     .clk(clk),
-    .p4(\p$1511 ),
+    .p4(\p$1751 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_10_8  pe_10_8 (
     .a(a_10_l2_4),
     .b(b_8_l2_5),
     .clk(clk),
-    .p4(\p$1514 ),
+    .p4(\p$1754 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_10_9  pe_10_9 (
     .a(a_10_l2_4),
     .b(b_9_l2_5),
     .clk(clk),
-    .p4(\p$1517 ),
+    .p4(\p$1757 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_11_0  pe_11_0 (
     .a(a_11_l2_0),
     .b(b_0_l2_5),
     .clk(clk),
-    .p4(\p$1538 ),
+    .p4(\p$1778 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_11_1  pe_11_1 (
     .a(a_11_l2_0),
     .b(b_1_l2_5),
     .clk(clk),
-    .p4(\p$1541 ),
+    .p4(\p$1781 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_11_10  pe_11_10 (
     .a(a_11_l2_5),
     .b(b_10_l2_5),
     .clk(clk),
-    .p4(\p$1568 ),
+    .p4(\p$1808 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_11_11  pe_11_11 (
     .a(a_11_l2_5),
     .b(b_11_l2_5),
     .clk(clk),
-    .p4(\p$1571 ),
+    .p4(\p$1811 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_11_12  pe_11_12 (
     .a(a_11_l2_6),
     .b(b_12_l2_5),
     .clk(clk),
-    .p4(\p$1574 ),
+    .p4(\p$1814 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_11_13  pe_11_13 (
     .a(a_11_l2_6),
     .b(b_13_l2_5),
     .clk(clk),
-    .p4(\p$1577 ),
+    .p4(\p$1817 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_11_14  pe_11_14 (
     .a(a_11_l2_7),
     .b(b_14_l2_5),
     .clk(clk),
-    .p4(\p$1580 ),
+    .p4(\p$1820 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_11_15  pe_11_15 (
     .a(a_11_l2_7),
     .b(b_15_l2_5),
     .clk(clk),
-    .p4(\p$1583 ),
+    .p4(\p$1823 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_11_2  pe_11_2 (
     .a(a_11_l2_1),
     .b(b_2_l2_5),
     .clk(clk),
-    .p4(\p$1544 ),
+    .p4(\p$1784 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_11_3  pe_11_3 (
     .a(a_11_l2_1),
     .b(b_3_l2_5),
     .clk(clk),
-    .p4(\p$1547 ),
+    .p4(\p$1787 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_11_4  pe_11_4 (
     .a(a_11_l2_2),
     .b(b_4_l2_5),
     .clk(clk),
-    .p4(\p$1550 ),
+    .p4(\p$1790 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_11_5  pe_11_5 (
     .a(a_11_l2_2),
     .b(b_5_l2_5),
     .clk(clk),
-    .p4(\p$1553 ),
+    .p4(\p$1793 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_11_6  pe_11_6 (
     .a(a_11_l2_3),
     .b(b_6_l2_5),
     .clk(clk),
-    .p4(\p$1556 ),
+    .p4(\p$1796 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_11_7  pe_11_7 (
     .a(a_11_l2_3),
     .b(b_7_l2_5),
     .clk(clk),
-    .p4(\p$1559 ),
+    .p4(\p$1799 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_11_8  pe_11_8 (
     .a(a_11_l2_4),
     .b(b_8_l2_5),
     .clk(clk),
-    .p4(\p$1562 ),
+    .p4(\p$1802 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_11_9  pe_11_9 (
     .a(a_11_l2_4),
     .b(b_9_l2_5),
     .clk(clk),
-    .p4(\p$1565 ),
+    .p4(\p$1805 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_12_0  pe_12_0 (
     .a(a_12_l2_0),
     .b(b_0_l2_6),
     .clk(clk),
-    .p4(\p$1586 ),
+    .p4(\p$1826 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_12_1  pe_12_1 (
     .a(a_12_l2_0),
     .b(b_1_l2_6),
     .clk(clk),
-    .p4(\p$1589 ),
+    .p4(\p$1829 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_12_10  pe_12_10 (
     .a(a_12_l2_5),
     .b(b_10_l2_6),
     .clk(clk),
-    .p4(\p$1616 ),
+    .p4(\p$1856 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_12_11  pe_12_11 (
     .a(a_12_l2_5),
     .b(b_11_l2_6),
     .clk(clk),
-    .p4(\p$1619 ),
+    .p4(\p$1859 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_12_12  pe_12_12 (
     .a(a_12_l2_6),
     .b(b_12_l2_6),
     .clk(clk),
-    .p4(\p$1622 ),
+    .p4(\p$1862 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_12_13  pe_12_13 (
     .a(a_12_l2_6),
     .b(b_13_l2_6),
     .clk(clk),
-    .p4(\p$1625 ),
+    .p4(\p$1865 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_12_14  pe_12_14 (
     .a(a_12_l2_7),
     .b(b_14_l2_6),
     .clk(clk),
-    .p4(\p$1628 ),
+    .p4(\p$1868 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_12_15  pe_12_15 (
     .a(a_12_l2_7),
     .b(b_15_l2_6),
     .clk(clk),
-    .p4(\p$1631 ),
+    .p4(\p$1871 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_12_2  pe_12_2 (
     .a(a_12_l2_1),
     .b(b_2_l2_6),
     .clk(clk),
-    .p4(\p$1592 ),
+    .p4(\p$1832 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_12_3  pe_12_3 (
     .a(a_12_l2_1),
     .b(b_3_l2_6),
     .clk(clk),
-    .p4(\p$1595 ),
+    .p4(\p$1835 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_12_4  pe_12_4 (
     .a(a_12_l2_2),
     .b(b_4_l2_6),
     .clk(clk),
-    .p4(\p$1598 ),
+    .p4(\p$1838 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_12_5  pe_12_5 (
     .a(a_12_l2_2),
     .b(b_5_l2_6),
     .clk(clk),
-    .p4(\p$1601 ),
+    .p4(\p$1841 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_12_6  pe_12_6 (
     .a(a_12_l2_3),
     .b(b_6_l2_6),
     .clk(clk),
-    .p4(\p$1604 ),
+    .p4(\p$1844 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_12_7  pe_12_7 (
     .a(a_12_l2_3),
     .b(b_7_l2_6),
     .clk(clk),
-    .p4(\p$1607 ),
+    .p4(\p$1847 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_12_8  pe_12_8 (
     .a(a_12_l2_4),
     .b(b_8_l2_6),
     .clk(clk),
-    .p4(\p$1610 ),
+    .p4(\p$1850 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_12_9  pe_12_9 (
     .a(a_12_l2_4),
     .b(b_9_l2_6),
     .clk(clk),
-    .p4(\p$1613 ),
+    .p4(\p$1853 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_13_0  pe_13_0 (
     .a(a_13_l2_0),
     .b(b_0_l2_6),
     .clk(clk),
-    .p4(\p$1634 ),
+    .p4(\p$1874 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_13_1  pe_13_1 (
     .a(a_13_l2_0),
     .b(b_1_l2_6),
     .clk(clk),
-    .p4(\p$1637 ),
+    .p4(\p$1877 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_13_10  pe_13_10 (
     .a(a_13_l2_5),
     .b(b_10_l2_6),
     .clk(clk),
-    .p4(\p$1664 ),
+    .p4(\p$1904 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_13_11  pe_13_11 (
     .a(a_13_l2_5),
     .b(b_11_l2_6),
     .clk(clk),
-    .p4(\p$1667 ),
+    .p4(\p$1907 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_13_12  pe_13_12 (
     .a(a_13_l2_6),
     .b(b_12_l2_6),
     .clk(clk),
-    .p4(\p$1670 ),
+    .p4(\p$1910 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_13_13  pe_13_13 (
     .a(a_13_l2_6),
     .b(b_13_l2_6),
     .clk(clk),
-    .p4(\p$1673 ),
+    .p4(\p$1913 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_13_14  pe_13_14 (
     .a(a_13_l2_7),
     .b(b_14_l2_6),
     .clk(clk),
-    .p4(\p$1676 ),
+    .p4(\p$1916 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_13_15  pe_13_15 (
     .a(a_13_l2_7),
     .b(b_15_l2_6),
     .clk(clk),
-    .p4(\p$1679 ),
+    .p4(\p$1919 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_13_2  pe_13_2 (
     .a(a_13_l2_1),
     .b(b_2_l2_6),
     .clk(clk),
-    .p4(\p$1640 ),
+    .p4(\p$1880 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_13_3  pe_13_3 (
     .a(a_13_l2_1),
     .b(b_3_l2_6),
     .clk(clk),
-    .p4(\p$1643 ),
+    .p4(\p$1883 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_13_4  pe_13_4 (
     .a(a_13_l2_2),
     .b(b_4_l2_6),
     .clk(clk),
-    .p4(\p$1646 ),
+    .p4(\p$1886 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_13_5  pe_13_5 (
     .a(a_13_l2_2),
     .b(b_5_l2_6),
     .clk(clk),
-    .p4(\p$1649 ),
+    .p4(\p$1889 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_13_6  pe_13_6 (
     .a(a_13_l2_3),
     .b(b_6_l2_6),
     .clk(clk),
-    .p4(\p$1652 ),
+    .p4(\p$1892 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_13_7  pe_13_7 (
     .a(a_13_l2_3),
     .b(b_7_l2_6),
     .clk(clk),
-    .p4(\p$1655 ),
+    .p4(\p$1895 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_13_8  pe_13_8 (
     .a(a_13_l2_4),
     .b(b_8_l2_6),
     .clk(clk),
-    .p4(\p$1658 ),
+    .p4(\p$1898 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_13_9  pe_13_9 (
     .a(a_13_l2_4),
     .b(b_9_l2_6),
     .clk(clk),
-    .p4(\p$1661 ),
+    .p4(\p$1901 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_14_0  pe_14_0 (
     .a(a_14_l2_0),
     .b(b_0_l2_7),
     .clk(clk),
-    .p4(\p$1682 ),
+    .p4(\p$1922 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_14_1  pe_14_1 (
     .a(a_14_l2_0),
     .b(b_1_l2_7),
     .clk(clk),
-    .p4(\p$1685 ),
+    .p4(\p$1925 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_14_10  pe_14_10 (
     .a(a_14_l2_5),
     .b(b_10_l2_7),
     .clk(clk),
-    .p4(\p$1712 ),
+    .p4(\p$1952 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_14_11  pe_14_11 (
     .a(a_14_l2_5),
     .b(b_11_l2_7),
     .clk(clk),
-    .p4(\p$1715 ),
+    .p4(\p$1955 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_14_12  pe_14_12 (
     .a(a_14_l2_6),
     .b(b_12_l2_7),
     .clk(clk),
-    .p4(\p$1718 ),
+    .p4(\p$1958 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_14_13  pe_14_13 (
     .a(a_14_l2_6),
     .b(b_13_l2_7),
     .clk(clk),
-    .p4(\p$1721 ),
+    .p4(\p$1961 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_14_14  pe_14_14 (
     .a(a_14_l2_7),
     .b(b_14_l2_7),
     .clk(clk),
-    .p4(\p$1724 ),
+    .p4(\p$1964 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_14_15  pe_14_15 (
     .a(a_14_l2_7),
     .b(b_15_l2_7),
     .clk(clk),
-    .p4(\p$1727 ),
+    .p4(\p$1967 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_14_2  pe_14_2 (
     .a(a_14_l2_1),
     .b(b_2_l2_7),
     .clk(clk),
-    .p4(\p$1688 ),
+    .p4(\p$1928 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_14_3  pe_14_3 (
     .a(a_14_l2_1),
     .b(b_3_l2_7),
     .clk(clk),
-    .p4(\p$1691 ),
+    .p4(\p$1931 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_14_4  pe_14_4 (
     .a(a_14_l2_2),
     .b(b_4_l2_7),
     .clk(clk),
-    .p4(\p$1694 ),
+    .p4(\p$1934 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_14_5  pe_14_5 (
     .a(a_14_l2_2),
     .b(b_5_l2_7),
     .clk(clk),
-    .p4(\p$1697 ),
+    .p4(\p$1937 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_14_6  pe_14_6 (
     .a(a_14_l2_3),
     .b(b_6_l2_7),
     .clk(clk),
-    .p4(\p$1700 ),
+    .p4(\p$1940 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_14_7  pe_14_7 (
     .a(a_14_l2_3),
     .b(b_7_l2_7),
     .clk(clk),
-    .p4(\p$1703 ),
+    .p4(\p$1943 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_14_8  pe_14_8 (
     .a(a_14_l2_4),
     .b(b_8_l2_7),
     .clk(clk),
-    .p4(\p$1706 ),
+    .p4(\p$1946 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_14_9  pe_14_9 (
     .a(a_14_l2_4),
     .b(b_9_l2_7),
     .clk(clk),
-    .p4(\p$1709 ),
+    .p4(\p$1949 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_15_0  pe_15_0 (
     .a(a_15_l2_0),
     .b(b_0_l2_7),
     .clk(clk),
-    .p4(\p$1730 ),
+    .p4(\p$1970 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_15_1  pe_15_1 (
     .a(a_15_l2_0),
     .b(b_1_l2_7),
     .clk(clk),
-    .p4(\p$1732 ),
+    .p4(\p$1972 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_15_10  pe_15_10 (
     .a(a_15_l2_5),
     .b(b_10_l2_7),
     .clk(clk),
-    .p4(\p$1750 ),
+    .p4(\p$1990 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_15_11  pe_15_11 (
     .a(a_15_l2_5),
     .b(b_11_l2_7),
     .clk(clk),
-    .p4(\p$1752 ),
+    .p4(\p$1992 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_15_12  pe_15_12 (
     .a(a_15_l2_6),
     .b(b_12_l2_7),
     .clk(clk),
-    .p4(\p$1754 ),
+    .p4(\p$1994 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_15_13  pe_15_13 (
     .a(a_15_l2_6),
     .b(b_13_l2_7),
     .clk(clk),
-    .p4(\p$1756 ),
+    .p4(\p$1996 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_15_14  pe_15_14 (
     .a(a_15_l2_7),
     .b(b_14_l2_7),
     .clk(clk),
-    .p4(\p$1758 ),
+    .p4(\p$1998 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_15_15  pe_15_15 (
     .a(a_15_l2_7),
     .b(b_15_l2_7),
     .clk(clk),
-    .p4(\p$1760 ),
+    .p4(\p$2000 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_15_2  pe_15_2 (
     .a(a_15_l2_1),
     .b(b_2_l2_7),
     .clk(clk),
-    .p4(\p$1734 ),
+    .p4(\p$1974 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_15_3  pe_15_3 (
     .a(a_15_l2_1),
     .b(b_3_l2_7),
     .clk(clk),
-    .p4(\p$1736 ),
+    .p4(\p$1976 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_15_4  pe_15_4 (
     .a(a_15_l2_2),
     .b(b_4_l2_7),
     .clk(clk),
-    .p4(\p$1738 ),
+    .p4(\p$1978 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_15_5  pe_15_5 (
     .a(a_15_l2_2),
     .b(b_5_l2_7),
     .clk(clk),
-    .p4(\p$1740 ),
+    .p4(\p$1980 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_15_6  pe_15_6 (
     .a(a_15_l2_3),
     .b(b_6_l2_7),
     .clk(clk),
-    .p4(\p$1742 ),
+    .p4(\p$1982 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_15_7  pe_15_7 (
     .a(a_15_l2_3),
     .b(b_7_l2_7),
     .clk(clk),
-    .p4(\p$1744 ),
+    .p4(\p$1984 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_15_8  pe_15_8 (
     .a(a_15_l2_4),
     .b(b_8_l2_7),
     .clk(clk),
-    .p4(\p$1746 ),
+    .p4(\p$1986 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_15_9  pe_15_9 (
     .a(a_15_l2_4),
     .b(b_9_l2_7),
     .clk(clk),
-    .p4(\p$1748 ),
+    .p4(\p$1988 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_1_0  pe_1_0 (
     .a(a_1_l2_0),
     .b(b_0_l2_0),
     .clk(clk),
-    .p4(\p$1058 ),
+    .p4(\p$1298 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_1_1  pe_1_1 (
     .a(a_1_l2_0),
     .b(b_1_l2_0),
     .clk(clk),
-    .p4(\p$1061 ),
+    .p4(\p$1301 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_1_10  pe_1_10 (
     .a(a_1_l2_5),
     .b(b_10_l2_0),
     .clk(clk),
-    .p4(\p$1088 ),
+    .p4(\p$1328 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_1_11  pe_1_11 (
     .a(a_1_l2_5),
     .b(b_11_l2_0),
     .clk(clk),
-    .p4(\p$1091 ),
+    .p4(\p$1331 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_1_12  pe_1_12 (
     .a(a_1_l2_6),
     .b(b_12_l2_0),
     .clk(clk),
-    .p4(\p$1094 ),
+    .p4(\p$1334 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_1_13  pe_1_13 (
     .a(a_1_l2_6),
     .b(b_13_l2_0),
     .clk(clk),
-    .p4(\p$1097 ),
+    .p4(\p$1337 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_1_14  pe_1_14 (
     .a(a_1_l2_7),
     .b(b_14_l2_0),
     .clk(clk),
-    .p4(\p$1100 ),
+    .p4(\p$1340 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_1_15  pe_1_15 (
     .a(a_1_l2_7),
     .b(b_15_l2_0),
     .clk(clk),
-    .p4(\p$1103 ),
+    .p4(\p$1343 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_1_2  pe_1_2 (
     .a(a_1_l2_1),
     .b(b_2_l2_0),
     .clk(clk),
-    .p4(\p$1064 ),
+    .p4(\p$1304 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_1_3  pe_1_3 (
     .a(a_1_l2_1),
     .b(b_3_l2_0),
     .clk(clk),
-    .p4(\p$1067 ),
+    .p4(\p$1307 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_1_4  pe_1_4 (
     .a(a_1_l2_2),
     .b(b_4_l2_0),
     .clk(clk),
-    .p4(\p$1070 ),
+    .p4(\p$1310 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_1_5  pe_1_5 (
     .a(a_1_l2_2),
     .b(b_5_l2_0),
     .clk(clk),
-    .p4(\p$1073 ),
+    .p4(\p$1313 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_1_6  pe_1_6 (
     .a(a_1_l2_3),
     .b(b_6_l2_0),
     .clk(clk),
-    .p4(\p$1076 ),
+    .p4(\p$1316 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_1_7  pe_1_7 (
     .a(a_1_l2_3),
     .b(b_7_l2_0),
     .clk(clk),
-    .p4(\p$1079 ),
+    .p4(\p$1319 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_1_8  pe_1_8 (
     .a(a_1_l2_4),
     .b(b_8_l2_0),
     .clk(clk),
-    .p4(\p$1082 ),
+    .p4(\p$1322 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_1_9  pe_1_9 (
     .a(a_1_l2_4),
     .b(b_9_l2_0),
     .clk(clk),
-    .p4(\p$1085 ),
+    .p4(\p$1325 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_2_0  pe_2_0 (
     .a(a_2_l2_0),
     .b(b_0_l2_1),
     .clk(clk),
-    .p4(\p$1106 ),
+    .p4(\p$1346 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_2_1  pe_2_1 (
     .a(a_2_l2_0),
     .b(b_1_l2_1),
     .clk(clk),
-    .p4(\p$1109 ),
+    .p4(\p$1349 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_2_10  pe_2_10 (
     .a(a_2_l2_5),
     .b(b_10_l2_1),
     .clk(clk),
-    .p4(\p$1136 ),
+    .p4(\p$1376 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_2_11  pe_2_11 (
     .a(a_2_l2_5),
     .b(b_11_l2_1),
     .clk(clk),
-    .p4(\p$1139 ),
+    .p4(\p$1379 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_2_12  pe_2_12 (
     .a(a_2_l2_6),
     .b(b_12_l2_1),
     .clk(clk),
-    .p4(\p$1142 ),
+    .p4(\p$1382 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_2_13  pe_2_13 (
     .a(a_2_l2_6),
     .b(b_13_l2_1),
     .clk(clk),
-    .p4(\p$1145 ),
+    .p4(\p$1385 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_2_14  pe_2_14 (
     .a(a_2_l2_7),
     .b(b_14_l2_1),
     .clk(clk),
-    .p4(\p$1148 ),
+    .p4(\p$1388 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_2_15  pe_2_15 (
     .a(a_2_l2_7),
     .b(b_15_l2_1),
     .clk(clk),
-    .p4(\p$1151 ),
+    .p4(\p$1391 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_2_2  pe_2_2 (
     .a(a_2_l2_1),
     .b(b_2_l2_1),
     .clk(clk),
-    .p4(\p$1112 ),
+    .p4(\p$1352 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_2_3  pe_2_3 (
     .a(a_2_l2_1),
     .b(b_3_l2_1),
     .clk(clk),
-    .p4(\p$1115 ),
+    .p4(\p$1355 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_2_4  pe_2_4 (
     .a(a_2_l2_2),
     .b(b_4_l2_1),
     .clk(clk),
-    .p4(\p$1118 ),
+    .p4(\p$1358 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_2_5  pe_2_5 (
     .a(a_2_l2_2),
     .b(b_5_l2_1),
     .clk(clk),
-    .p4(\p$1121 ),
+    .p4(\p$1361 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_2_6  pe_2_6 (
     .a(a_2_l2_3),
     .b(b_6_l2_1),
     .clk(clk),
-    .p4(\p$1124 ),
+    .p4(\p$1364 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_2_7  pe_2_7 (
     .a(a_2_l2_3),
     .b(b_7_l2_1),
     .clk(clk),
-    .p4(\p$1127 ),
+    .p4(\p$1367 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_2_8  pe_2_8 (
     .a(a_2_l2_4),
     .b(b_8_l2_1),
     .clk(clk),
-    .p4(\p$1130 ),
+    .p4(\p$1370 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_2_9  pe_2_9 (
     .a(a_2_l2_4),
     .b(b_9_l2_1),
     .clk(clk),
-    .p4(\p$1133 ),
+    .p4(\p$1373 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_3_0  pe_3_0 (
     .a(a_3_l2_0),
     .b(b_0_l2_1),
     .clk(clk),
-    .p4(\p$1154 ),
+    .p4(\p$1394 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_3_1  pe_3_1 (
     .a(a_3_l2_0),
     .b(b_1_l2_1),
     .clk(clk),
-    .p4(\p$1157 ),
+    .p4(\p$1397 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_3_10  pe_3_10 (
     .a(a_3_l2_5),
     .b(b_10_l2_1),
     .clk(clk),
-    .p4(\p$1184 ),
+    .p4(\p$1424 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_3_11  pe_3_11 (
     .a(a_3_l2_5),
     .b(b_11_l2_1),
     .clk(clk),
-    .p4(\p$1187 ),
+    .p4(\p$1427 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_3_12  pe_3_12 (
     .a(a_3_l2_6),
     .b(b_12_l2_1),
     .clk(clk),
-    .p4(\p$1190 ),
+    .p4(\p$1430 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_3_13  pe_3_13 (
     .a(a_3_l2_6),
     .b(b_13_l2_1),
     .clk(clk),
-    .p4(\p$1193 ),
+    .p4(\p$1433 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_3_14  pe_3_14 (
     .a(a_3_l2_7),
     .b(b_14_l2_1),
     .clk(clk),
-    .p4(\p$1196 ),
+    .p4(\p$1436 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_3_15  pe_3_15 (
     .a(a_3_l2_7),
     .b(b_15_l2_1),
     .clk(clk),
-    .p4(\p$1199 ),
+    .p4(\p$1439 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_3_2  pe_3_2 (
     .a(a_3_l2_1),
     .b(b_2_l2_1),
     .clk(clk),
-    .p4(\p$1160 ),
+    .p4(\p$1400 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_3_3  pe_3_3 (
     .a(a_3_l2_1),
     .b(b_3_l2_1),
     .clk(clk),
-    .p4(\p$1163 ),
+    .p4(\p$1403 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_3_4  pe_3_4 (
     .a(a_3_l2_2),
     .b(b_4_l2_1),
     .clk(clk),
-    .p4(\p$1166 ),
+    .p4(\p$1406 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_3_5  pe_3_5 (
     .a(a_3_l2_2),
     .b(b_5_l2_1),
     .clk(clk),
-    .p4(\p$1169 ),
+    .p4(\p$1409 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_3_6  pe_3_6 (
     .a(a_3_l2_3),
     .b(b_6_l2_1),
     .clk(clk),
-    .p4(\p$1172 ),
+    .p4(\p$1412 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_3_7  pe_3_7 (
     .a(a_3_l2_3),
     .b(b_7_l2_1),
     .clk(clk),
-    .p4(\p$1175 ),
+    .p4(\p$1415 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_3_8  pe_3_8 (
     .a(a_3_l2_4),
     .b(b_8_l2_1),
     .clk(clk),
-    .p4(\p$1178 ),
+    .p4(\p$1418 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_3_9  pe_3_9 (
     .a(a_3_l2_4),
     .b(b_9_l2_1),
     .clk(clk),
-    .p4(\p$1181 ),
+    .p4(\p$1421 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_4_0  pe_4_0 (
     .a(a_4_l2_0),
     .b(b_0_l2_2),
     .clk(clk),
-    .p4(\p$1202 ),
+    .p4(\p$1442 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_4_1  pe_4_1 (
     .a(a_4_l2_0),
     .b(b_1_l2_2),
     .clk(clk),
-    .p4(\p$1205 ),
+    .p4(\p$1445 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_4_10  pe_4_10 (
     .a(a_4_l2_5),
     .b(b_10_l2_2),
     .clk(clk),
-    .p4(\p$1232 ),
+    .p4(\p$1472 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_4_11  pe_4_11 (
     .a(a_4_l2_5),
     .b(b_11_l2_2),
     .clk(clk),
-    .p4(\p$1235 ),
+    .p4(\p$1475 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_4_12  pe_4_12 (
     .a(a_4_l2_6),
     .b(b_12_l2_2),
     .clk(clk),
-    .p4(\p$1238 ),
+    .p4(\p$1478 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_4_13  pe_4_13 (
     .a(a_4_l2_6),
     .b(b_13_l2_2),
     .clk(clk),
-    .p4(\p$1241 ),
+    .p4(\p$1481 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_4_14  pe_4_14 (
     .a(a_4_l2_7),
     .b(b_14_l2_2),
     .clk(clk),
-    .p4(\p$1244 ),
+    .p4(\p$1484 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_4_15  pe_4_15 (
     .a(a_4_l2_7),
     .b(b_15_l2_2),
     .clk(clk),
-    .p4(\p$1247 ),
+    .p4(\p$1487 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_4_2  pe_4_2 (
     .a(a_4_l2_1),
     .b(b_2_l2_2),
     .clk(clk),
-    .p4(\p$1208 ),
+    .p4(\p$1448 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_4_3  pe_4_3 (
     .a(a_4_l2_1),
     .b(b_3_l2_2),
     .clk(clk),
-    .p4(\p$1211 ),
+    .p4(\p$1451 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_4_4  pe_4_4 (
     .a(a_4_l2_2),
     .b(b_4_l2_2),
     .clk(clk),
-    .p4(\p$1214 ),
+    .p4(\p$1454 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_4_5  pe_4_5 (
     .a(a_4_l2_2),
     .b(b_5_l2_2),
     .clk(clk),
-    .p4(\p$1217 ),
+    .p4(\p$1457 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_4_6  pe_4_6 (
     .a(a_4_l2_3),
     .b(b_6_l2_2),
     .clk(clk),
-    .p4(\p$1220 ),
+    .p4(\p$1460 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_4_7  pe_4_7 (
     .a(a_4_l2_3),
     .b(b_7_l2_2),
     .clk(clk),
-    .p4(\p$1223 ),
+    .p4(\p$1463 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_4_8  pe_4_8 (
     .a(a_4_l2_4),
     .b(b_8_l2_2),
     .clk(clk),
-    .p4(\p$1226 ),
+    .p4(\p$1466 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_4_9  pe_4_9 (
     .a(a_4_l2_4),
     .b(b_9_l2_2),
     .clk(clk),
-    .p4(\p$1229 ),
+    .p4(\p$1469 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_5_0  pe_5_0 (
     .a(a_5_l2_0),
     .b(b_0_l2_2),
     .clk(clk),
-    .p4(\p$1250 ),
+    .p4(\p$1490 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_5_1  pe_5_1 (
     .a(a_5_l2_0),
     .b(b_1_l2_2),
     .clk(clk),
-    .p4(\p$1253 ),
+    .p4(\p$1493 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_5_10  pe_5_10 (
     .a(a_5_l2_5),
     .b(b_10_l2_2),
     .clk(clk),
-    .p4(\p$1280 ),
+    .p4(\p$1520 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_5_11  pe_5_11 (
     .a(a_5_l2_5),
     .b(b_11_l2_2),
     .clk(clk),
-    .p4(\p$1283 ),
+    .p4(\p$1523 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_5_12  pe_5_12 (
     .a(a_5_l2_6),
     .b(b_12_l2_2),
     .clk(clk),
-    .p4(\p$1286 ),
+    .p4(\p$1526 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_5_13  pe_5_13 (
     .a(a_5_l2_6),
     .b(b_13_l2_2),
     .clk(clk),
-    .p4(\p$1289 ),
+    .p4(\p$1529 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_5_14  pe_5_14 (
     .a(a_5_l2_7),
     .b(b_14_l2_2),
     .clk(clk),
-    .p4(\p$1292 ),
+    .p4(\p$1532 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_5_15  pe_5_15 (
     .a(a_5_l2_7),
     .b(b_15_l2_2),
     .clk(clk),
-    .p4(\p$1295 ),
+    .p4(\p$1535 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_5_2  pe_5_2 (
     .a(a_5_l2_1),
     .b(b_2_l2_2),
     .clk(clk),
-    .p4(\p$1256 ),
+    .p4(\p$1496 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_5_3  pe_5_3 (
     .a(a_5_l2_1),
     .b(b_3_l2_2),
     .clk(clk),
-    .p4(\p$1259 ),
+    .p4(\p$1499 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_5_4  pe_5_4 (
     .a(a_5_l2_2),
     .b(b_4_l2_2),
     .clk(clk),
-    .p4(\p$1262 ),
+    .p4(\p$1502 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_5_5  pe_5_5 (
     .a(a_5_l2_2),
     .b(b_5_l2_2),
     .clk(clk),
-    .p4(\p$1265 ),
+    .p4(\p$1505 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_5_6  pe_5_6 (
     .a(a_5_l2_3),
     .b(b_6_l2_2),
     .clk(clk),
-    .p4(\p$1268 ),
+    .p4(\p$1508 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_5_7  pe_5_7 (
     .a(a_5_l2_3),
     .b(b_7_l2_2),
     .clk(clk),
-    .p4(\p$1271 ),
+    .p4(\p$1511 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_5_8  pe_5_8 (
     .a(a_5_l2_4),
     .b(b_8_l2_2),
     .clk(clk),
-    .p4(\p$1274 ),
+    .p4(\p$1514 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_5_9  pe_5_9 (
     .a(a_5_l2_4),
     .b(b_9_l2_2),
     .clk(clk),
-    .p4(\p$1277 ),
+    .p4(\p$1517 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_6_0  pe_6_0 (
     .a(a_6_l2_0),
     .b(b_0_l2_3),
     .clk(clk),
-    .p4(\p$1298 ),
+    .p4(\p$1538 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_6_1  pe_6_1 (
     .a(a_6_l2_0),
     .b(b_1_l2_3),
     .clk(clk),
-    .p4(\p$1301 ),
+    .p4(\p$1541 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_6_10  pe_6_10 (
     .a(a_6_l2_5),
     .b(b_10_l2_3),
     .clk(clk),
-    .p4(\p$1328 ),
+    .p4(\p$1568 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_6_11  pe_6_11 (
     .a(a_6_l2_5),
     .b(b_11_l2_3),
     .clk(clk),
-    .p4(\p$1331 ),
+    .p4(\p$1571 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_6_12  pe_6_12 (
     .a(a_6_l2_6),
     .b(b_12_l2_3),
     .clk(clk),
-    .p4(\p$1334 ),
+    .p4(\p$1574 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_6_13  pe_6_13 (
     .a(a_6_l2_6),
     .b(b_13_l2_3),
     .clk(clk),
-    .p4(\p$1337 ),
+    .p4(\p$1577 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_6_14  pe_6_14 (
     .a(a_6_l2_7),
     .b(b_14_l2_3),
     .clk(clk),
-    .p4(\p$1340 ),
+    .p4(\p$1580 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_6_15  pe_6_15 (
     .a(a_6_l2_7),
     .b(b_15_l2_3),
     .clk(clk),
-    .p4(\p$1343 ),
+    .p4(\p$1583 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_6_2  pe_6_2 (
     .a(a_6_l2_1),
     .b(b_2_l2_3),
     .clk(clk),
-    .p4(\p$1304 ),
+    .p4(\p$1544 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_6_3  pe_6_3 (
     .a(a_6_l2_1),
     .b(b_3_l2_3),
     .clk(clk),
-    .p4(\p$1307 ),
+    .p4(\p$1547 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_6_4  pe_6_4 (
     .a(a_6_l2_2),
     .b(b_4_l2_3),
     .clk(clk),
-    .p4(\p$1310 ),
+    .p4(\p$1550 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_6_5  pe_6_5 (
     .a(a_6_l2_2),
     .b(b_5_l2_3),
     .clk(clk),
-    .p4(\p$1313 ),
+    .p4(\p$1553 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_6_6  pe_6_6 (
     .a(a_6_l2_3),
     .b(b_6_l2_3),
     .clk(clk),
-    .p4(\p$1316 ),
+    .p4(\p$1556 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_6_7  pe_6_7 (
     .a(a_6_l2_3),
     .b(b_7_l2_3),
     .clk(clk),
-    .p4(\p$1319 ),
+    .p4(\p$1559 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_6_8  pe_6_8 (
     .a(a_6_l2_4),
     .b(b_8_l2_3),
     .clk(clk),
-    .p4(\p$1322 ),
+    .p4(\p$1562 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_6_9  pe_6_9 (
     .a(a_6_l2_4),
     .b(b_9_l2_3),
     .clk(clk),
-    .p4(\p$1325 ),
+    .p4(\p$1565 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_7_0  pe_7_0 (
     .a(a_7_l2_0),
     .b(b_0_l2_3),
     .clk(clk),
-    .p4(\p$1346 ),
+    .p4(\p$1586 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_7_1  pe_7_1 (
     .a(a_7_l2_0),
     .b(b_1_l2_3),
     .clk(clk),
-    .p4(\p$1349 ),
+    .p4(\p$1589 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_7_10  pe_7_10 (
     .a(a_7_l2_5),
     .b(b_10_l2_3),
     .clk(clk),
-    .p4(\p$1376 ),
+    .p4(\p$1616 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_7_11  pe_7_11 (
     .a(a_7_l2_5),
     .b(b_11_l2_3),
     .clk(clk),
-    .p4(\p$1379 ),
+    .p4(\p$1619 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_7_12  pe_7_12 (
     .a(a_7_l2_6),
     .b(b_12_l2_3),
     .clk(clk),
-    .p4(\p$1382 ),
+    .p4(\p$1622 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_7_13  pe_7_13 (
     .a(a_7_l2_6),
     .b(b_13_l2_3),
     .clk(clk),
-    .p4(\p$1385 ),
+    .p4(\p$1625 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_7_14  pe_7_14 (
     .a(a_7_l2_7),
     .b(b_14_l2_3),
     .clk(clk),
-    .p4(\p$1388 ),
+    .p4(\p$1628 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_7_15  pe_7_15 (
     .a(a_7_l2_7),
     .b(b_15_l2_3),
     .clk(clk),
-    .p4(\p$1391 ),
+    .p4(\p$1631 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_7_2  pe_7_2 (
     .a(a_7_l2_1),
     .b(b_2_l2_3),
     .clk(clk),
-    .p4(\p$1352 ),
+    .p4(\p$1592 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_7_3  pe_7_3 (
     .a(a_7_l2_1),
     .b(b_3_l2_3),
     .clk(clk),
-    .p4(\p$1355 ),
+    .p4(\p$1595 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_7_4  pe_7_4 (
     .a(a_7_l2_2),
     .b(b_4_l2_3),
     .clk(clk),
-    .p4(\p$1358 ),
+    .p4(\p$1598 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_7_5  pe_7_5 (
     .a(a_7_l2_2),
     .b(b_5_l2_3),
     .clk(clk),
-    .p4(\p$1361 ),
+    .p4(\p$1601 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_7_6  pe_7_6 (
     .a(a_7_l2_3),
     .b(b_6_l2_3),
     .clk(clk),
-    .p4(\p$1364 ),
+    .p4(\p$1604 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_7_7  pe_7_7 (
     .a(a_7_l2_3),
     .b(b_7_l2_3),
     .clk(clk),
-    .p4(\p$1367 ),
+    .p4(\p$1607 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_7_8  pe_7_8 (
     .a(a_7_l2_4),
     .b(b_8_l2_3),
     .clk(clk),
-    .p4(\p$1370 ),
+    .p4(\p$1610 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_7_9  pe_7_9 (
     .a(a_7_l2_4),
     .b(b_9_l2_3),
     .clk(clk),
-    .p4(\p$1373 ),
+    .p4(\p$1613 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_8_0  pe_8_0 (
     .a(a_8_l2_0),
     .b(b_0_l2_4),
     .clk(clk),
-    .p4(\p$1394 ),
+    .p4(\p$1634 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_8_1  pe_8_1 (
     .a(a_8_l2_0),
     .b(b_1_l2_4),
     .clk(clk),
-    .p4(\p$1397 ),
+    .p4(\p$1637 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_8_10  pe_8_10 (
     .a(a_8_l2_5),
     .b(b_10_l2_4),
     .clk(clk),
-    .p4(\p$1424 ),
+    .p4(\p$1664 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_8_11  pe_8_11 (
     .a(a_8_l2_5),
     .b(b_11_l2_4),
     .clk(clk),
-    .p4(\p$1427 ),
+    .p4(\p$1667 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_8_12  pe_8_12 (
     .a(a_8_l2_6),
     .b(b_12_l2_4),
     .clk(clk),
-    .p4(\p$1430 ),
+    .p4(\p$1670 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_8_13  pe_8_13 (
     .a(a_8_l2_6),
     .b(b_13_l2_4),
     .clk(clk),
-    .p4(\p$1433 ),
+    .p4(\p$1673 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_8_14  pe_8_14 (
     .a(a_8_l2_7),
     .b(b_14_l2_4),
     .clk(clk),
-    .p4(\p$1436 ),
+    .p4(\p$1676 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_8_15  pe_8_15 (
     .a(a_8_l2_7),
     .b(b_15_l2_4),
     .clk(clk),
-    .p4(\p$1439 ),
+    .p4(\p$1679 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_8_2  pe_8_2 (
     .a(a_8_l2_1),
     .b(b_2_l2_4),
     .clk(clk),
-    .p4(\p$1400 ),
+    .p4(\p$1640 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_8_3  pe_8_3 (
     .a(a_8_l2_1),
     .b(b_3_l2_4),
     .clk(clk),
-    .p4(\p$1403 ),
+    .p4(\p$1643 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_8_4  pe_8_4 (
     .a(a_8_l2_2),
     .b(b_4_l2_4),
     .clk(clk),
-    .p4(\p$1406 ),
+    .p4(\p$1646 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_8_5  pe_8_5 (
     .a(a_8_l2_2),
     .b(b_5_l2_4),
     .clk(clk),
-    .p4(\p$1409 ),
+    .p4(\p$1649 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_8_6  pe_8_6 (
     .a(a_8_l2_3),
     .b(b_6_l2_4),
     .clk(clk),
-    .p4(\p$1412 ),
+    .p4(\p$1652 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_8_7  pe_8_7 (
     .a(a_8_l2_3),
     .b(b_7_l2_4),
     .clk(clk),
-    .p4(\p$1415 ),
+    .p4(\p$1655 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_8_8  pe_8_8 (
     .a(a_8_l2_4),
     .b(b_8_l2_4),
     .clk(clk),
-    .p4(\p$1418 ),
+    .p4(\p$1658 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_8_9  pe_8_9 (
     .a(a_8_l2_4),
     .b(b_9_l2_4),
     .clk(clk),
-    .p4(\p$1421 ),
+    .p4(\p$1661 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_9_0  pe_9_0 (
     .a(a_9_l2_0),
     .b(b_0_l2_4),
     .clk(clk),
-    .p4(\p$1442 ),
+    .p4(\p$1682 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_9_1  pe_9_1 (
     .a(a_9_l2_0),
     .b(b_1_l2_4),
     .clk(clk),
-    .p4(\p$1445 ),
+    .p4(\p$1685 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_9_10  pe_9_10 (
     .a(a_9_l2_5),
     .b(b_10_l2_4),
     .clk(clk),
-    .p4(\p$1472 ),
+    .p4(\p$1712 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_9_11  pe_9_11 (
     .a(a_9_l2_5),
     .b(b_11_l2_4),
     .clk(clk),
-    .p4(\p$1475 ),
+    .p4(\p$1715 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_9_12  pe_9_12 (
     .a(a_9_l2_6),
     .b(b_12_l2_4),
     .clk(clk),
-    .p4(\p$1478 ),
+    .p4(\p$1718 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_9_13  pe_9_13 (
     .a(a_9_l2_6),
     .b(b_13_l2_4),
     .clk(clk),
-    .p4(\p$1481 ),
+    .p4(\p$1721 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_9_14  pe_9_14 (
     .a(a_9_l2_7),
     .b(b_14_l2_4),
     .clk(clk),
-    .p4(\p$1484 ),
+    .p4(\p$1724 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_9_15  pe_9_15 (
     .a(a_9_l2_7),
     .b(b_15_l2_4),
     .clk(clk),
-    .p4(\p$1487 ),
+    .p4(\p$1727 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_9_2  pe_9_2 (
     .a(a_9_l2_1),
     .b(b_2_l2_4),
     .clk(clk),
-    .p4(\p$1448 ),
+    .p4(\p$1688 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_9_3  pe_9_3 (
     .a(a_9_l2_1),
     .b(b_3_l2_4),
     .clk(clk),
-    .p4(\p$1451 ),
+    .p4(\p$1691 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_9_4  pe_9_4 (
     .a(a_9_l2_2),
     .b(b_4_l2_4),
     .clk(clk),
-    .p4(\p$1454 ),
+    .p4(\p$1694 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_9_5  pe_9_5 (
     .a(a_9_l2_2),
     .b(b_5_l2_4),
     .clk(clk),
-    .p4(\p$1457 ),
+    .p4(\p$1697 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_9_6  pe_9_6 (
     .a(a_9_l2_3),
     .b(b_6_l2_4),
     .clk(clk),
-    .p4(\p$1460 ),
+    .p4(\p$1700 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_9_7  pe_9_7 (
     .a(a_9_l2_3),
     .b(b_7_l2_4),
     .clk(clk),
-    .p4(\p$1463 ),
+    .p4(\p$1703 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_9_8  pe_9_8 (
     .a(a_9_l2_4),
     .b(b_8_l2_4),
     .clk(clk),
-    .p4(\p$1466 ),
+    .p4(\p$1706 ),
     .rst(rst)
   );
   \encoder_layer_0_attention_output_dense.pe.pe_9_9  pe_9_9 (
     .a(a_9_l2_4),
     .b(b_9_l2_4),
     .clk(clk),
-    .p4(\p$1469 ),
+    .p4(\p$1709 ),
     .rst(rst)
   );
   always @* begin
@@ -30135,516 +31095,516 @@ module \encoder_layer_0_attention_output_dense.pe (rst, i__payload, i__valid, ba
   end
   assign a = a_0_l2_0;
   assign b = b_0_l2_0;
-  assign \a$1766  = a_0_l2_0;
-  assign \b$1767  = b_1_l2_0;
-  assign \a$1768  = a_0_l2_1;
-  assign \b$1769  = b_2_l2_0;
-  assign \a$1770  = a_0_l2_1;
-  assign \b$1771  = b_3_l2_0;
-  assign \a$1772  = a_0_l2_2;
-  assign \b$1773  = b_4_l2_0;
-  assign \a$1774  = a_0_l2_2;
-  assign \b$1775  = b_5_l2_0;
-  assign \a$1776  = a_0_l2_3;
-  assign \b$1777  = b_6_l2_0;
-  assign \a$1778  = a_0_l2_3;
-  assign \b$1779  = b_7_l2_0;
-  assign \a$1780  = a_0_l2_4;
-  assign \b$1781  = b_8_l2_0;
-  assign \a$1782  = a_0_l2_4;
-  assign \b$1783  = b_9_l2_0;
-  assign \a$1784  = a_0_l2_5;
-  assign \b$1785  = b_10_l2_0;
-  assign \a$1786  = a_0_l2_5;
-  assign \b$1787  = b_11_l2_0;
-  assign \a$1788  = a_0_l2_6;
-  assign \b$1789  = b_12_l2_0;
-  assign \a$1790  = a_0_l2_6;
-  assign \b$1791  = b_13_l2_0;
-  assign \a$1792  = a_0_l2_7;
-  assign \b$1793  = b_14_l2_0;
-  assign \a$1794  = a_0_l2_7;
-  assign \b$1795  = b_15_l2_0;
-  assign \a$1796  = a_1_l2_0;
-  assign \b$1797  = b_0_l2_0;
-  assign \a$1798  = a_1_l2_0;
-  assign \b$1799  = b_1_l2_0;
-  assign \a$1800  = a_1_l2_1;
-  assign \b$1801  = b_2_l2_0;
-  assign \a$1802  = a_1_l2_1;
-  assign \b$1803  = b_3_l2_0;
-  assign \a$1804  = a_1_l2_2;
-  assign \b$1805  = b_4_l2_0;
-  assign \a$1806  = a_1_l2_2;
-  assign \b$1807  = b_5_l2_0;
-  assign \a$1808  = a_1_l2_3;
-  assign \b$1809  = b_6_l2_0;
-  assign \a$1810  = a_1_l2_3;
-  assign \b$1811  = b_7_l2_0;
-  assign \a$1812  = a_1_l2_4;
-  assign \b$1813  = b_8_l2_0;
-  assign \a$1814  = a_1_l2_4;
-  assign \b$1815  = b_9_l2_0;
-  assign \a$1816  = a_1_l2_5;
-  assign \b$1817  = b_10_l2_0;
-  assign \a$1818  = a_1_l2_5;
-  assign \b$1819  = b_11_l2_0;
-  assign \a$1820  = a_1_l2_6;
-  assign \b$1821  = b_12_l2_0;
-  assign \a$1822  = a_1_l2_6;
-  assign \b$1823  = b_13_l2_0;
-  assign \a$1824  = a_1_l2_7;
-  assign \b$1825  = b_14_l2_0;
-  assign \a$1826  = a_1_l2_7;
-  assign \b$1827  = b_15_l2_0;
-  assign \a$1828  = a_2_l2_0;
-  assign \b$1829  = b_0_l2_1;
-  assign \a$1830  = a_2_l2_0;
-  assign \b$1831  = b_1_l2_1;
-  assign \a$1832  = a_2_l2_1;
-  assign \b$1833  = b_2_l2_1;
-  assign \a$1834  = a_2_l2_1;
-  assign \b$1835  = b_3_l2_1;
-  assign \a$1836  = a_2_l2_2;
-  assign \b$1837  = b_4_l2_1;
-  assign \a$1838  = a_2_l2_2;
-  assign \b$1839  = b_5_l2_1;
-  assign \a$1840  = a_2_l2_3;
-  assign \b$1841  = b_6_l2_1;
-  assign \a$1842  = a_2_l2_3;
-  assign \b$1843  = b_7_l2_1;
-  assign \a$1844  = a_2_l2_4;
-  assign \b$1845  = b_8_l2_1;
-  assign \a$1846  = a_2_l2_4;
-  assign \b$1847  = b_9_l2_1;
-  assign \a$1848  = a_2_l2_5;
-  assign \b$1849  = b_10_l2_1;
-  assign \a$1850  = a_2_l2_5;
-  assign \b$1851  = b_11_l2_1;
-  assign \a$1852  = a_2_l2_6;
-  assign \b$1853  = b_12_l2_1;
-  assign \a$1854  = a_2_l2_6;
-  assign \b$1855  = b_13_l2_1;
-  assign \a$1856  = a_2_l2_7;
-  assign \b$1857  = b_14_l2_1;
-  assign \a$1858  = a_2_l2_7;
-  assign \b$1859  = b_15_l2_1;
-  assign \a$1860  = a_3_l2_0;
-  assign \b$1861  = b_0_l2_1;
-  assign \a$1862  = a_3_l2_0;
-  assign \b$1863  = b_1_l2_1;
-  assign \a$1864  = a_3_l2_1;
-  assign \b$1865  = b_2_l2_1;
-  assign \a$1866  = a_3_l2_1;
-  assign \b$1867  = b_3_l2_1;
-  assign \a$1868  = a_3_l2_2;
-  assign \b$1869  = b_4_l2_1;
-  assign \a$1870  = a_3_l2_2;
-  assign \b$1871  = b_5_l2_1;
-  assign \a$1872  = a_3_l2_3;
-  assign \b$1873  = b_6_l2_1;
-  assign \a$1874  = a_3_l2_3;
-  assign \b$1875  = b_7_l2_1;
-  assign \a$1876  = a_3_l2_4;
-  assign \b$1877  = b_8_l2_1;
-  assign \a$1878  = a_3_l2_4;
-  assign \b$1879  = b_9_l2_1;
-  assign \a$1880  = a_3_l2_5;
-  assign \b$1881  = b_10_l2_1;
-  assign \a$1882  = a_3_l2_5;
-  assign \b$1883  = b_11_l2_1;
-  assign \a$1884  = a_3_l2_6;
-  assign \b$1885  = b_12_l2_1;
-  assign \a$1886  = a_3_l2_6;
-  assign \b$1887  = b_13_l2_1;
-  assign \a$1888  = a_3_l2_7;
-  assign \b$1889  = b_14_l2_1;
-  assign \a$1890  = a_3_l2_7;
-  assign \b$1891  = b_15_l2_1;
-  assign \a$1892  = a_4_l2_0;
-  assign \b$1893  = b_0_l2_2;
-  assign \a$1894  = a_4_l2_0;
-  assign \b$1895  = b_1_l2_2;
-  assign \a$1896  = a_4_l2_1;
-  assign \b$1897  = b_2_l2_2;
-  assign \a$1898  = a_4_l2_1;
-  assign \b$1899  = b_3_l2_2;
-  assign \a$1900  = a_4_l2_2;
-  assign \b$1901  = b_4_l2_2;
-  assign \a$1902  = a_4_l2_2;
-  assign \b$1903  = b_5_l2_2;
-  assign \a$1904  = a_4_l2_3;
-  assign \b$1905  = b_6_l2_2;
-  assign \a$1906  = a_4_l2_3;
-  assign \b$1907  = b_7_l2_2;
-  assign \a$1908  = a_4_l2_4;
-  assign \b$1909  = b_8_l2_2;
-  assign \a$1910  = a_4_l2_4;
-  assign \b$1911  = b_9_l2_2;
-  assign \a$1912  = a_4_l2_5;
-  assign \b$1913  = b_10_l2_2;
-  assign \a$1914  = a_4_l2_5;
-  assign \b$1915  = b_11_l2_2;
-  assign \a$1916  = a_4_l2_6;
-  assign \b$1917  = b_12_l2_2;
-  assign \a$1918  = a_4_l2_6;
-  assign \b$1919  = b_13_l2_2;
-  assign \a$1920  = a_4_l2_7;
-  assign \b$1921  = b_14_l2_2;
-  assign \a$1922  = a_4_l2_7;
-  assign \b$1923  = b_15_l2_2;
-  assign \a$1924  = a_5_l2_0;
-  assign \b$1925  = b_0_l2_2;
-  assign \a$1926  = a_5_l2_0;
-  assign \b$1927  = b_1_l2_2;
-  assign \a$1928  = a_5_l2_1;
-  assign \b$1929  = b_2_l2_2;
-  assign \a$1930  = a_5_l2_1;
-  assign \b$1931  = b_3_l2_2;
-  assign \a$1932  = a_5_l2_2;
-  assign \b$1933  = b_4_l2_2;
-  assign \a$1934  = a_5_l2_2;
-  assign \b$1935  = b_5_l2_2;
-  assign \a$1936  = a_5_l2_3;
-  assign \b$1937  = b_6_l2_2;
-  assign \a$1938  = a_5_l2_3;
-  assign \b$1939  = b_7_l2_2;
-  assign \a$1940  = a_5_l2_4;
-  assign \b$1941  = b_8_l2_2;
-  assign \a$1942  = a_5_l2_4;
-  assign \b$1943  = b_9_l2_2;
-  assign \a$1944  = a_5_l2_5;
-  assign \b$1945  = b_10_l2_2;
-  assign \a$1946  = a_5_l2_5;
-  assign \b$1947  = b_11_l2_2;
-  assign \a$1948  = a_5_l2_6;
-  assign \b$1949  = b_12_l2_2;
-  assign \a$1950  = a_5_l2_6;
-  assign \b$1951  = b_13_l2_2;
-  assign \a$1952  = a_5_l2_7;
-  assign \b$1953  = b_14_l2_2;
-  assign \a$1954  = a_5_l2_7;
-  assign \b$1955  = b_15_l2_2;
-  assign \a$1956  = a_6_l2_0;
-  assign \b$1957  = b_0_l2_3;
-  assign \a$1958  = a_6_l2_0;
-  assign \b$1959  = b_1_l2_3;
-  assign \a$1960  = a_6_l2_1;
-  assign \b$1961  = b_2_l2_3;
-  assign \a$1962  = a_6_l2_1;
-  assign \b$1963  = b_3_l2_3;
-  assign \a$1964  = a_6_l2_2;
-  assign \b$1965  = b_4_l2_3;
-  assign \a$1966  = a_6_l2_2;
-  assign \b$1967  = b_5_l2_3;
-  assign \a$1968  = a_6_l2_3;
-  assign \b$1969  = b_6_l2_3;
-  assign \a$1970  = a_6_l2_3;
-  assign \b$1971  = b_7_l2_3;
-  assign \a$1972  = a_6_l2_4;
-  assign \b$1973  = b_8_l2_3;
-  assign \a$1974  = a_6_l2_4;
-  assign \b$1975  = b_9_l2_3;
-  assign \a$1976  = a_6_l2_5;
-  assign \b$1977  = b_10_l2_3;
-  assign \a$1978  = a_6_l2_5;
-  assign \b$1979  = b_11_l2_3;
-  assign \a$1980  = a_6_l2_6;
-  assign \b$1981  = b_12_l2_3;
-  assign \a$1982  = a_6_l2_6;
-  assign \b$1983  = b_13_l2_3;
-  assign \a$1984  = a_6_l2_7;
-  assign \b$1985  = b_14_l2_3;
-  assign \a$1986  = a_6_l2_7;
-  assign \b$1987  = b_15_l2_3;
-  assign \a$1988  = a_7_l2_0;
-  assign \b$1989  = b_0_l2_3;
-  assign \a$1990  = a_7_l2_0;
-  assign \b$1991  = b_1_l2_3;
-  assign \a$1992  = a_7_l2_1;
-  assign \b$1993  = b_2_l2_3;
-  assign \a$1994  = a_7_l2_1;
-  assign \b$1995  = b_3_l2_3;
-  assign \a$1996  = a_7_l2_2;
-  assign \b$1997  = b_4_l2_3;
-  assign \a$1998  = a_7_l2_2;
-  assign \b$1999  = b_5_l2_3;
-  assign \a$2000  = a_7_l2_3;
-  assign \b$2001  = b_6_l2_3;
-  assign \a$2002  = a_7_l2_3;
-  assign \b$2003  = b_7_l2_3;
-  assign \a$2004  = a_7_l2_4;
-  assign \b$2005  = b_8_l2_3;
-  assign \a$2006  = a_7_l2_4;
-  assign \b$2007  = b_9_l2_3;
-  assign \a$2008  = a_7_l2_5;
-  assign \b$2009  = b_10_l2_3;
-  assign \a$2010  = a_7_l2_5;
-  assign \b$2011  = b_11_l2_3;
-  assign \a$2012  = a_7_l2_6;
-  assign \b$2013  = b_12_l2_3;
-  assign \a$2014  = a_7_l2_6;
-  assign \b$2015  = b_13_l2_3;
-  assign \a$2016  = a_7_l2_7;
-  assign \b$2017  = b_14_l2_3;
-  assign \a$2018  = a_7_l2_7;
-  assign \b$2019  = b_15_l2_3;
-  assign \a$2020  = a_8_l2_0;
-  assign \b$2021  = b_0_l2_4;
-  assign \a$2022  = a_8_l2_0;
-  assign \b$2023  = b_1_l2_4;
-  assign \a$2024  = a_8_l2_1;
-  assign \b$2025  = b_2_l2_4;
-  assign \a$2026  = a_8_l2_1;
-  assign \b$2027  = b_3_l2_4;
-  assign \a$2028  = a_8_l2_2;
-  assign \b$2029  = b_4_l2_4;
-  assign \a$2030  = a_8_l2_2;
-  assign \b$2031  = b_5_l2_4;
-  assign \a$2032  = a_8_l2_3;
-  assign \b$2033  = b_6_l2_4;
-  assign \a$2034  = a_8_l2_3;
-  assign \b$2035  = b_7_l2_4;
-  assign \a$2036  = a_8_l2_4;
-  assign \b$2037  = b_8_l2_4;
-  assign \a$2038  = a_8_l2_4;
-  assign \b$2039  = b_9_l2_4;
-  assign \a$2040  = a_8_l2_5;
-  assign \b$2041  = b_10_l2_4;
-  assign \a$2042  = a_8_l2_5;
-  assign \b$2043  = b_11_l2_4;
-  assign \a$2044  = a_8_l2_6;
-  assign \b$2045  = b_12_l2_4;
-  assign \a$2046  = a_8_l2_6;
-  assign \b$2047  = b_13_l2_4;
-  assign \a$2048  = a_8_l2_7;
-  assign \b$2049  = b_14_l2_4;
-  assign \a$2050  = a_8_l2_7;
-  assign \b$2051  = b_15_l2_4;
-  assign \a$2052  = a_9_l2_0;
-  assign \b$2053  = b_0_l2_4;
-  assign \a$2054  = a_9_l2_0;
-  assign \b$2055  = b_1_l2_4;
-  assign \a$2056  = a_9_l2_1;
-  assign \b$2057  = b_2_l2_4;
-  assign \a$2058  = a_9_l2_1;
-  assign \b$2059  = b_3_l2_4;
-  assign \a$2060  = a_9_l2_2;
-  assign \b$2061  = b_4_l2_4;
-  assign \a$2062  = a_9_l2_2;
-  assign \b$2063  = b_5_l2_4;
-  assign \a$2064  = a_9_l2_3;
-  assign \b$2065  = b_6_l2_4;
-  assign \a$2066  = a_9_l2_3;
-  assign \b$2067  = b_7_l2_4;
-  assign \a$2068  = a_9_l2_4;
-  assign \b$2069  = b_8_l2_4;
-  assign \a$2070  = a_9_l2_4;
-  assign \b$2071  = b_9_l2_4;
-  assign \a$2072  = a_9_l2_5;
-  assign \b$2073  = b_10_l2_4;
-  assign \a$2074  = a_9_l2_5;
-  assign \b$2075  = b_11_l2_4;
-  assign \a$2076  = a_9_l2_6;
-  assign \b$2077  = b_12_l2_4;
-  assign \a$2078  = a_9_l2_6;
-  assign \b$2079  = b_13_l2_4;
-  assign \a$2080  = a_9_l2_7;
-  assign \b$2081  = b_14_l2_4;
-  assign \a$2082  = a_9_l2_7;
-  assign \b$2083  = b_15_l2_4;
-  assign \a$2084  = a_10_l2_0;
-  assign \b$2085  = b_0_l2_5;
-  assign \a$2086  = a_10_l2_0;
-  assign \b$2087  = b_1_l2_5;
-  assign \a$2088  = a_10_l2_1;
-  assign \b$2089  = b_2_l2_5;
-  assign \a$2090  = a_10_l2_1;
-  assign \b$2091  = b_3_l2_5;
-  assign \a$2092  = a_10_l2_2;
-  assign \b$2093  = b_4_l2_5;
-  assign \a$2094  = a_10_l2_2;
-  assign \b$2095  = b_5_l2_5;
-  assign \a$2096  = a_10_l2_3;
-  assign \b$2097  = b_6_l2_5;
-  assign \a$2098  = a_10_l2_3;
-  assign \b$2099  = b_7_l2_5;
-  assign \a$2100  = a_10_l2_4;
-  assign \b$2101  = b_8_l2_5;
-  assign \a$2102  = a_10_l2_4;
-  assign \b$2103  = b_9_l2_5;
-  assign \a$2104  = a_10_l2_5;
-  assign \b$2105  = b_10_l2_5;
-  assign \a$2106  = a_10_l2_5;
-  assign \b$2107  = b_11_l2_5;
-  assign \a$2108  = a_10_l2_6;
-  assign \b$2109  = b_12_l2_5;
-  assign \a$2110  = a_10_l2_6;
-  assign \b$2111  = b_13_l2_5;
-  assign \a$2112  = a_10_l2_7;
-  assign \b$2113  = b_14_l2_5;
-  assign \a$2114  = a_10_l2_7;
-  assign \b$2115  = b_15_l2_5;
-  assign \a$2116  = a_11_l2_0;
-  assign \b$2117  = b_0_l2_5;
-  assign \a$2118  = a_11_l2_0;
-  assign \b$2119  = b_1_l2_5;
-  assign \a$2120  = a_11_l2_1;
-  assign \b$2121  = b_2_l2_5;
-  assign \a$2122  = a_11_l2_1;
-  assign \b$2123  = b_3_l2_5;
-  assign \a$2124  = a_11_l2_2;
-  assign \b$2125  = b_4_l2_5;
-  assign \a$2126  = a_11_l2_2;
-  assign \b$2127  = b_5_l2_5;
-  assign \a$2128  = a_11_l2_3;
-  assign \b$2129  = b_6_l2_5;
-  assign \a$2130  = a_11_l2_3;
-  assign \b$2131  = b_7_l2_5;
-  assign \a$2132  = a_11_l2_4;
-  assign \b$2133  = b_8_l2_5;
-  assign \a$2134  = a_11_l2_4;
-  assign \b$2135  = b_9_l2_5;
-  assign \a$2136  = a_11_l2_5;
-  assign \b$2137  = b_10_l2_5;
-  assign \a$2138  = a_11_l2_5;
-  assign \b$2139  = b_11_l2_5;
-  assign \a$2140  = a_11_l2_6;
-  assign \b$2141  = b_12_l2_5;
-  assign \a$2142  = a_11_l2_6;
-  assign \b$2143  = b_13_l2_5;
-  assign \a$2144  = a_11_l2_7;
-  assign \b$2145  = b_14_l2_5;
-  assign \a$2146  = a_11_l2_7;
-  assign \b$2147  = b_15_l2_5;
-  assign \a$2148  = a_12_l2_0;
-  assign \b$2149  = b_0_l2_6;
-  assign \a$2150  = a_12_l2_0;
-  assign \b$2151  = b_1_l2_6;
-  assign \a$2152  = a_12_l2_1;
-  assign \b$2153  = b_2_l2_6;
-  assign \a$2154  = a_12_l2_1;
-  assign \b$2155  = b_3_l2_6;
-  assign \a$2156  = a_12_l2_2;
-  assign \b$2157  = b_4_l2_6;
-  assign \a$2158  = a_12_l2_2;
-  assign \b$2159  = b_5_l2_6;
-  assign \a$2160  = a_12_l2_3;
-  assign \b$2161  = b_6_l2_6;
-  assign \a$2162  = a_12_l2_3;
-  assign \b$2163  = b_7_l2_6;
-  assign \a$2164  = a_12_l2_4;
-  assign \b$2165  = b_8_l2_6;
-  assign \a$2166  = a_12_l2_4;
-  assign \b$2167  = b_9_l2_6;
-  assign \a$2168  = a_12_l2_5;
-  assign \b$2169  = b_10_l2_6;
-  assign \a$2170  = a_12_l2_5;
-  assign \b$2171  = b_11_l2_6;
-  assign \a$2172  = a_12_l2_6;
-  assign \b$2173  = b_12_l2_6;
-  assign \a$2174  = a_12_l2_6;
-  assign \b$2175  = b_13_l2_6;
-  assign \a$2176  = a_12_l2_7;
-  assign \b$2177  = b_14_l2_6;
-  assign \a$2178  = a_12_l2_7;
-  assign \b$2179  = b_15_l2_6;
-  assign \a$2180  = a_13_l2_0;
-  assign \b$2181  = b_0_l2_6;
-  assign \a$2182  = a_13_l2_0;
-  assign \b$2183  = b_1_l2_6;
-  assign \a$2184  = a_13_l2_1;
-  assign \b$2185  = b_2_l2_6;
-  assign \a$2186  = a_13_l2_1;
-  assign \b$2187  = b_3_l2_6;
-  assign \a$2188  = a_13_l2_2;
-  assign \b$2189  = b_4_l2_6;
-  assign \a$2190  = a_13_l2_2;
-  assign \b$2191  = b_5_l2_6;
-  assign \a$2192  = a_13_l2_3;
-  assign \b$2193  = b_6_l2_6;
-  assign \a$2194  = a_13_l2_3;
-  assign \b$2195  = b_7_l2_6;
-  assign \a$2196  = a_13_l2_4;
-  assign \b$2197  = b_8_l2_6;
-  assign \a$2198  = a_13_l2_4;
-  assign \b$2199  = b_9_l2_6;
-  assign \a$2200  = a_13_l2_5;
-  assign \b$2201  = b_10_l2_6;
-  assign \a$2202  = a_13_l2_5;
-  assign \b$2203  = b_11_l2_6;
-  assign \a$2204  = a_13_l2_6;
-  assign \b$2205  = b_12_l2_6;
-  assign \a$2206  = a_13_l2_6;
-  assign \b$2207  = b_13_l2_6;
-  assign \a$2208  = a_13_l2_7;
-  assign \b$2209  = b_14_l2_6;
-  assign \a$2210  = a_13_l2_7;
-  assign \b$2211  = b_15_l2_6;
-  assign \a$2212  = a_14_l2_0;
-  assign \b$2213  = b_0_l2_7;
-  assign \a$2214  = a_14_l2_0;
-  assign \b$2215  = b_1_l2_7;
-  assign \a$2216  = a_14_l2_1;
-  assign \b$2217  = b_2_l2_7;
-  assign \a$2218  = a_14_l2_1;
-  assign \b$2219  = b_3_l2_7;
-  assign \a$2220  = a_14_l2_2;
-  assign \b$2221  = b_4_l2_7;
-  assign \a$2222  = a_14_l2_2;
-  assign \b$2223  = b_5_l2_7;
-  assign \a$2224  = a_14_l2_3;
-  assign \b$2225  = b_6_l2_7;
-  assign \a$2226  = a_14_l2_3;
-  assign \b$2227  = b_7_l2_7;
-  assign \a$2228  = a_14_l2_4;
-  assign \b$2229  = b_8_l2_7;
-  assign \a$2230  = a_14_l2_4;
-  assign \b$2231  = b_9_l2_7;
-  assign \a$2232  = a_14_l2_5;
-  assign \b$2233  = b_10_l2_7;
-  assign \a$2234  = a_14_l2_5;
-  assign \b$2235  = b_11_l2_7;
-  assign \a$2236  = a_14_l2_6;
-  assign \b$2237  = b_12_l2_7;
-  assign \a$2238  = a_14_l2_6;
-  assign \b$2239  = b_13_l2_7;
-  assign \a$2240  = a_14_l2_7;
-  assign \b$2241  = b_14_l2_7;
-  assign \a$2242  = a_14_l2_7;
-  assign \b$2243  = b_15_l2_7;
-  assign \a$2244  = a_15_l2_0;
-  assign \b$2245  = b_0_l2_7;
-  assign \a$2246  = a_15_l2_0;
-  assign \b$2247  = b_1_l2_7;
-  assign \a$2248  = a_15_l2_1;
-  assign \b$2249  = b_2_l2_7;
-  assign \a$2250  = a_15_l2_1;
-  assign \b$2251  = b_3_l2_7;
-  assign \a$2252  = a_15_l2_2;
-  assign \b$2253  = b_4_l2_7;
-  assign \a$2254  = a_15_l2_2;
-  assign \b$2255  = b_5_l2_7;
-  assign \a$2256  = a_15_l2_3;
-  assign \b$2257  = b_6_l2_7;
-  assign \a$2258  = a_15_l2_3;
-  assign \b$2259  = b_7_l2_7;
-  assign \a$2260  = a_15_l2_4;
-  assign \b$2261  = b_8_l2_7;
-  assign \a$2262  = a_15_l2_4;
-  assign \b$2263  = b_9_l2_7;
-  assign \a$2264  = a_15_l2_5;
-  assign \b$2265  = b_10_l2_7;
-  assign \a$2266  = a_15_l2_5;
-  assign \b$2267  = b_11_l2_7;
-  assign \a$2268  = a_15_l2_6;
-  assign \b$2269  = b_12_l2_7;
-  assign \a$2270  = a_15_l2_6;
-  assign \b$2271  = b_13_l2_7;
-  assign \a$2272  = a_15_l2_7;
-  assign \b$2273  = b_14_l2_7;
-  assign \a$2274  = a_15_l2_7;
-  assign \b$2275  = b_15_l2_7;
+  assign \a$2006  = a_0_l2_0;
+  assign \b$2007  = b_1_l2_0;
+  assign \a$2008  = a_0_l2_1;
+  assign \b$2009  = b_2_l2_0;
+  assign \a$2010  = a_0_l2_1;
+  assign \b$2011  = b_3_l2_0;
+  assign \a$2012  = a_0_l2_2;
+  assign \b$2013  = b_4_l2_0;
+  assign \a$2014  = a_0_l2_2;
+  assign \b$2015  = b_5_l2_0;
+  assign \a$2016  = a_0_l2_3;
+  assign \b$2017  = b_6_l2_0;
+  assign \a$2018  = a_0_l2_3;
+  assign \b$2019  = b_7_l2_0;
+  assign \a$2020  = a_0_l2_4;
+  assign \b$2021  = b_8_l2_0;
+  assign \a$2022  = a_0_l2_4;
+  assign \b$2023  = b_9_l2_0;
+  assign \a$2024  = a_0_l2_5;
+  assign \b$2025  = b_10_l2_0;
+  assign \a$2026  = a_0_l2_5;
+  assign \b$2027  = b_11_l2_0;
+  assign \a$2028  = a_0_l2_6;
+  assign \b$2029  = b_12_l2_0;
+  assign \a$2030  = a_0_l2_6;
+  assign \b$2031  = b_13_l2_0;
+  assign \a$2032  = a_0_l2_7;
+  assign \b$2033  = b_14_l2_0;
+  assign \a$2034  = a_0_l2_7;
+  assign \b$2035  = b_15_l2_0;
+  assign \a$2036  = a_1_l2_0;
+  assign \b$2037  = b_0_l2_0;
+  assign \a$2038  = a_1_l2_0;
+  assign \b$2039  = b_1_l2_0;
+  assign \a$2040  = a_1_l2_1;
+  assign \b$2041  = b_2_l2_0;
+  assign \a$2042  = a_1_l2_1;
+  assign \b$2043  = b_3_l2_0;
+  assign \a$2044  = a_1_l2_2;
+  assign \b$2045  = b_4_l2_0;
+  assign \a$2046  = a_1_l2_2;
+  assign \b$2047  = b_5_l2_0;
+  assign \a$2048  = a_1_l2_3;
+  assign \b$2049  = b_6_l2_0;
+  assign \a$2050  = a_1_l2_3;
+  assign \b$2051  = b_7_l2_0;
+  assign \a$2052  = a_1_l2_4;
+  assign \b$2053  = b_8_l2_0;
+  assign \a$2054  = a_1_l2_4;
+  assign \b$2055  = b_9_l2_0;
+  assign \a$2056  = a_1_l2_5;
+  assign \b$2057  = b_10_l2_0;
+  assign \a$2058  = a_1_l2_5;
+  assign \b$2059  = b_11_l2_0;
+  assign \a$2060  = a_1_l2_6;
+  assign \b$2061  = b_12_l2_0;
+  assign \a$2062  = a_1_l2_6;
+  assign \b$2063  = b_13_l2_0;
+  assign \a$2064  = a_1_l2_7;
+  assign \b$2065  = b_14_l2_0;
+  assign \a$2066  = a_1_l2_7;
+  assign \b$2067  = b_15_l2_0;
+  assign \a$2068  = a_2_l2_0;
+  assign \b$2069  = b_0_l2_1;
+  assign \a$2070  = a_2_l2_0;
+  assign \b$2071  = b_1_l2_1;
+  assign \a$2072  = a_2_l2_1;
+  assign \b$2073  = b_2_l2_1;
+  assign \a$2074  = a_2_l2_1;
+  assign \b$2075  = b_3_l2_1;
+  assign \a$2076  = a_2_l2_2;
+  assign \b$2077  = b_4_l2_1;
+  assign \a$2078  = a_2_l2_2;
+  assign \b$2079  = b_5_l2_1;
+  assign \a$2080  = a_2_l2_3;
+  assign \b$2081  = b_6_l2_1;
+  assign \a$2082  = a_2_l2_3;
+  assign \b$2083  = b_7_l2_1;
+  assign \a$2084  = a_2_l2_4;
+  assign \b$2085  = b_8_l2_1;
+  assign \a$2086  = a_2_l2_4;
+  assign \b$2087  = b_9_l2_1;
+  assign \a$2088  = a_2_l2_5;
+  assign \b$2089  = b_10_l2_1;
+  assign \a$2090  = a_2_l2_5;
+  assign \b$2091  = b_11_l2_1;
+  assign \a$2092  = a_2_l2_6;
+  assign \b$2093  = b_12_l2_1;
+  assign \a$2094  = a_2_l2_6;
+  assign \b$2095  = b_13_l2_1;
+  assign \a$2096  = a_2_l2_7;
+  assign \b$2097  = b_14_l2_1;
+  assign \a$2098  = a_2_l2_7;
+  assign \b$2099  = b_15_l2_1;
+  assign \a$2100  = a_3_l2_0;
+  assign \b$2101  = b_0_l2_1;
+  assign \a$2102  = a_3_l2_0;
+  assign \b$2103  = b_1_l2_1;
+  assign \a$2104  = a_3_l2_1;
+  assign \b$2105  = b_2_l2_1;
+  assign \a$2106  = a_3_l2_1;
+  assign \b$2107  = b_3_l2_1;
+  assign \a$2108  = a_3_l2_2;
+  assign \b$2109  = b_4_l2_1;
+  assign \a$2110  = a_3_l2_2;
+  assign \b$2111  = b_5_l2_1;
+  assign \a$2112  = a_3_l2_3;
+  assign \b$2113  = b_6_l2_1;
+  assign \a$2114  = a_3_l2_3;
+  assign \b$2115  = b_7_l2_1;
+  assign \a$2116  = a_3_l2_4;
+  assign \b$2117  = b_8_l2_1;
+  assign \a$2118  = a_3_l2_4;
+  assign \b$2119  = b_9_l2_1;
+  assign \a$2120  = a_3_l2_5;
+  assign \b$2121  = b_10_l2_1;
+  assign \a$2122  = a_3_l2_5;
+  assign \b$2123  = b_11_l2_1;
+  assign \a$2124  = a_3_l2_6;
+  assign \b$2125  = b_12_l2_1;
+  assign \a$2126  = a_3_l2_6;
+  assign \b$2127  = b_13_l2_1;
+  assign \a$2128  = a_3_l2_7;
+  assign \b$2129  = b_14_l2_1;
+  assign \a$2130  = a_3_l2_7;
+  assign \b$2131  = b_15_l2_1;
+  assign \a$2132  = a_4_l2_0;
+  assign \b$2133  = b_0_l2_2;
+  assign \a$2134  = a_4_l2_0;
+  assign \b$2135  = b_1_l2_2;
+  assign \a$2136  = a_4_l2_1;
+  assign \b$2137  = b_2_l2_2;
+  assign \a$2138  = a_4_l2_1;
+  assign \b$2139  = b_3_l2_2;
+  assign \a$2140  = a_4_l2_2;
+  assign \b$2141  = b_4_l2_2;
+  assign \a$2142  = a_4_l2_2;
+  assign \b$2143  = b_5_l2_2;
+  assign \a$2144  = a_4_l2_3;
+  assign \b$2145  = b_6_l2_2;
+  assign \a$2146  = a_4_l2_3;
+  assign \b$2147  = b_7_l2_2;
+  assign \a$2148  = a_4_l2_4;
+  assign \b$2149  = b_8_l2_2;
+  assign \a$2150  = a_4_l2_4;
+  assign \b$2151  = b_9_l2_2;
+  assign \a$2152  = a_4_l2_5;
+  assign \b$2153  = b_10_l2_2;
+  assign \a$2154  = a_4_l2_5;
+  assign \b$2155  = b_11_l2_2;
+  assign \a$2156  = a_4_l2_6;
+  assign \b$2157  = b_12_l2_2;
+  assign \a$2158  = a_4_l2_6;
+  assign \b$2159  = b_13_l2_2;
+  assign \a$2160  = a_4_l2_7;
+  assign \b$2161  = b_14_l2_2;
+  assign \a$2162  = a_4_l2_7;
+  assign \b$2163  = b_15_l2_2;
+  assign \a$2164  = a_5_l2_0;
+  assign \b$2165  = b_0_l2_2;
+  assign \a$2166  = a_5_l2_0;
+  assign \b$2167  = b_1_l2_2;
+  assign \a$2168  = a_5_l2_1;
+  assign \b$2169  = b_2_l2_2;
+  assign \a$2170  = a_5_l2_1;
+  assign \b$2171  = b_3_l2_2;
+  assign \a$2172  = a_5_l2_2;
+  assign \b$2173  = b_4_l2_2;
+  assign \a$2174  = a_5_l2_2;
+  assign \b$2175  = b_5_l2_2;
+  assign \a$2176  = a_5_l2_3;
+  assign \b$2177  = b_6_l2_2;
+  assign \a$2178  = a_5_l2_3;
+  assign \b$2179  = b_7_l2_2;
+  assign \a$2180  = a_5_l2_4;
+  assign \b$2181  = b_8_l2_2;
+  assign \a$2182  = a_5_l2_4;
+  assign \b$2183  = b_9_l2_2;
+  assign \a$2184  = a_5_l2_5;
+  assign \b$2185  = b_10_l2_2;
+  assign \a$2186  = a_5_l2_5;
+  assign \b$2187  = b_11_l2_2;
+  assign \a$2188  = a_5_l2_6;
+  assign \b$2189  = b_12_l2_2;
+  assign \a$2190  = a_5_l2_6;
+  assign \b$2191  = b_13_l2_2;
+  assign \a$2192  = a_5_l2_7;
+  assign \b$2193  = b_14_l2_2;
+  assign \a$2194  = a_5_l2_7;
+  assign \b$2195  = b_15_l2_2;
+  assign \a$2196  = a_6_l2_0;
+  assign \b$2197  = b_0_l2_3;
+  assign \a$2198  = a_6_l2_0;
+  assign \b$2199  = b_1_l2_3;
+  assign \a$2200  = a_6_l2_1;
+  assign \b$2201  = b_2_l2_3;
+  assign \a$2202  = a_6_l2_1;
+  assign \b$2203  = b_3_l2_3;
+  assign \a$2204  = a_6_l2_2;
+  assign \b$2205  = b_4_l2_3;
+  assign \a$2206  = a_6_l2_2;
+  assign \b$2207  = b_5_l2_3;
+  assign \a$2208  = a_6_l2_3;
+  assign \b$2209  = b_6_l2_3;
+  assign \a$2210  = a_6_l2_3;
+  assign \b$2211  = b_7_l2_3;
+  assign \a$2212  = a_6_l2_4;
+  assign \b$2213  = b_8_l2_3;
+  assign \a$2214  = a_6_l2_4;
+  assign \b$2215  = b_9_l2_3;
+  assign \a$2216  = a_6_l2_5;
+  assign \b$2217  = b_10_l2_3;
+  assign \a$2218  = a_6_l2_5;
+  assign \b$2219  = b_11_l2_3;
+  assign \a$2220  = a_6_l2_6;
+  assign \b$2221  = b_12_l2_3;
+  assign \a$2222  = a_6_l2_6;
+  assign \b$2223  = b_13_l2_3;
+  assign \a$2224  = a_6_l2_7;
+  assign \b$2225  = b_14_l2_3;
+  assign \a$2226  = a_6_l2_7;
+  assign \b$2227  = b_15_l2_3;
+  assign \a$2228  = a_7_l2_0;
+  assign \b$2229  = b_0_l2_3;
+  assign \a$2230  = a_7_l2_0;
+  assign \b$2231  = b_1_l2_3;
+  assign \a$2232  = a_7_l2_1;
+  assign \b$2233  = b_2_l2_3;
+  assign \a$2234  = a_7_l2_1;
+  assign \b$2235  = b_3_l2_3;
+  assign \a$2236  = a_7_l2_2;
+  assign \b$2237  = b_4_l2_3;
+  assign \a$2238  = a_7_l2_2;
+  assign \b$2239  = b_5_l2_3;
+  assign \a$2240  = a_7_l2_3;
+  assign \b$2241  = b_6_l2_3;
+  assign \a$2242  = a_7_l2_3;
+  assign \b$2243  = b_7_l2_3;
+  assign \a$2244  = a_7_l2_4;
+  assign \b$2245  = b_8_l2_3;
+  assign \a$2246  = a_7_l2_4;
+  assign \b$2247  = b_9_l2_3;
+  assign \a$2248  = a_7_l2_5;
+  assign \b$2249  = b_10_l2_3;
+  assign \a$2250  = a_7_l2_5;
+  assign \b$2251  = b_11_l2_3;
+  assign \a$2252  = a_7_l2_6;
+  assign \b$2253  = b_12_l2_3;
+  assign \a$2254  = a_7_l2_6;
+  assign \b$2255  = b_13_l2_3;
+  assign \a$2256  = a_7_l2_7;
+  assign \b$2257  = b_14_l2_3;
+  assign \a$2258  = a_7_l2_7;
+  assign \b$2259  = b_15_l2_3;
+  assign \a$2260  = a_8_l2_0;
+  assign \b$2261  = b_0_l2_4;
+  assign \a$2262  = a_8_l2_0;
+  assign \b$2263  = b_1_l2_4;
+  assign \a$2264  = a_8_l2_1;
+  assign \b$2265  = b_2_l2_4;
+  assign \a$2266  = a_8_l2_1;
+  assign \b$2267  = b_3_l2_4;
+  assign \a$2268  = a_8_l2_2;
+  assign \b$2269  = b_4_l2_4;
+  assign \a$2270  = a_8_l2_2;
+  assign \b$2271  = b_5_l2_4;
+  assign \a$2272  = a_8_l2_3;
+  assign \b$2273  = b_6_l2_4;
+  assign \a$2274  = a_8_l2_3;
+  assign \b$2275  = b_7_l2_4;
+  assign \a$2276  = a_8_l2_4;
+  assign \b$2277  = b_8_l2_4;
+  assign \a$2278  = a_8_l2_4;
+  assign \b$2279  = b_9_l2_4;
+  assign \a$2280  = a_8_l2_5;
+  assign \b$2281  = b_10_l2_4;
+  assign \a$2282  = a_8_l2_5;
+  assign \b$2283  = b_11_l2_4;
+  assign \a$2284  = a_8_l2_6;
+  assign \b$2285  = b_12_l2_4;
+  assign \a$2286  = a_8_l2_6;
+  assign \b$2287  = b_13_l2_4;
+  assign \a$2288  = a_8_l2_7;
+  assign \b$2289  = b_14_l2_4;
+  assign \a$2290  = a_8_l2_7;
+  assign \b$2291  = b_15_l2_4;
+  assign \a$2292  = a_9_l2_0;
+  assign \b$2293  = b_0_l2_4;
+  assign \a$2294  = a_9_l2_0;
+  assign \b$2295  = b_1_l2_4;
+  assign \a$2296  = a_9_l2_1;
+  assign \b$2297  = b_2_l2_4;
+  assign \a$2298  = a_9_l2_1;
+  assign \b$2299  = b_3_l2_4;
+  assign \a$2300  = a_9_l2_2;
+  assign \b$2301  = b_4_l2_4;
+  assign \a$2302  = a_9_l2_2;
+  assign \b$2303  = b_5_l2_4;
+  assign \a$2304  = a_9_l2_3;
+  assign \b$2305  = b_6_l2_4;
+  assign \a$2306  = a_9_l2_3;
+  assign \b$2307  = b_7_l2_4;
+  assign \a$2308  = a_9_l2_4;
+  assign \b$2309  = b_8_l2_4;
+  assign \a$2310  = a_9_l2_4;
+  assign \b$2311  = b_9_l2_4;
+  assign \a$2312  = a_9_l2_5;
+  assign \b$2313  = b_10_l2_4;
+  assign \a$2314  = a_9_l2_5;
+  assign \b$2315  = b_11_l2_4;
+  assign \a$2316  = a_9_l2_6;
+  assign \b$2317  = b_12_l2_4;
+  assign \a$2318  = a_9_l2_6;
+  assign \b$2319  = b_13_l2_4;
+  assign \a$2320  = a_9_l2_7;
+  assign \b$2321  = b_14_l2_4;
+  assign \a$2322  = a_9_l2_7;
+  assign \b$2323  = b_15_l2_4;
+  assign \a$2324  = a_10_l2_0;
+  assign \b$2325  = b_0_l2_5;
+  assign \a$2326  = a_10_l2_0;
+  assign \b$2327  = b_1_l2_5;
+  assign \a$2328  = a_10_l2_1;
+  assign \b$2329  = b_2_l2_5;
+  assign \a$2330  = a_10_l2_1;
+  assign \b$2331  = b_3_l2_5;
+  assign \a$2332  = a_10_l2_2;
+  assign \b$2333  = b_4_l2_5;
+  assign \a$2334  = a_10_l2_2;
+  assign \b$2335  = b_5_l2_5;
+  assign \a$2336  = a_10_l2_3;
+  assign \b$2337  = b_6_l2_5;
+  assign \a$2338  = a_10_l2_3;
+  assign \b$2339  = b_7_l2_5;
+  assign \a$2340  = a_10_l2_4;
+  assign \b$2341  = b_8_l2_5;
+  assign \a$2342  = a_10_l2_4;
+  assign \b$2343  = b_9_l2_5;
+  assign \a$2344  = a_10_l2_5;
+  assign \b$2345  = b_10_l2_5;
+  assign \a$2346  = a_10_l2_5;
+  assign \b$2347  = b_11_l2_5;
+  assign \a$2348  = a_10_l2_6;
+  assign \b$2349  = b_12_l2_5;
+  assign \a$2350  = a_10_l2_6;
+  assign \b$2351  = b_13_l2_5;
+  assign \a$2352  = a_10_l2_7;
+  assign \b$2353  = b_14_l2_5;
+  assign \a$2354  = a_10_l2_7;
+  assign \b$2355  = b_15_l2_5;
+  assign \a$2356  = a_11_l2_0;
+  assign \b$2357  = b_0_l2_5;
+  assign \a$2358  = a_11_l2_0;
+  assign \b$2359  = b_1_l2_5;
+  assign \a$2360  = a_11_l2_1;
+  assign \b$2361  = b_2_l2_5;
+  assign \a$2362  = a_11_l2_1;
+  assign \b$2363  = b_3_l2_5;
+  assign \a$2364  = a_11_l2_2;
+  assign \b$2365  = b_4_l2_5;
+  assign \a$2366  = a_11_l2_2;
+  assign \b$2367  = b_5_l2_5;
+  assign \a$2368  = a_11_l2_3;
+  assign \b$2369  = b_6_l2_5;
+  assign \a$2370  = a_11_l2_3;
+  assign \b$2371  = b_7_l2_5;
+  assign \a$2372  = a_11_l2_4;
+  assign \b$2373  = b_8_l2_5;
+  assign \a$2374  = a_11_l2_4;
+  assign \b$2375  = b_9_l2_5;
+  assign \a$2376  = a_11_l2_5;
+  assign \b$2377  = b_10_l2_5;
+  assign \a$2378  = a_11_l2_5;
+  assign \b$2379  = b_11_l2_5;
+  assign \a$2380  = a_11_l2_6;
+  assign \b$2381  = b_12_l2_5;
+  assign \a$2382  = a_11_l2_6;
+  assign \b$2383  = b_13_l2_5;
+  assign \a$2384  = a_11_l2_7;
+  assign \b$2385  = b_14_l2_5;
+  assign \a$2386  = a_11_l2_7;
+  assign \b$2387  = b_15_l2_5;
+  assign \a$2388  = a_12_l2_0;
+  assign \b$2389  = b_0_l2_6;
+  assign \a$2390  = a_12_l2_0;
+  assign \b$2391  = b_1_l2_6;
+  assign \a$2392  = a_12_l2_1;
+  assign \b$2393  = b_2_l2_6;
+  assign \a$2394  = a_12_l2_1;
+  assign \b$2395  = b_3_l2_6;
+  assign \a$2396  = a_12_l2_2;
+  assign \b$2397  = b_4_l2_6;
+  assign \a$2398  = a_12_l2_2;
+  assign \b$2399  = b_5_l2_6;
+  assign \a$2400  = a_12_l2_3;
+  assign \b$2401  = b_6_l2_6;
+  assign \a$2402  = a_12_l2_3;
+  assign \b$2403  = b_7_l2_6;
+  assign \a$2404  = a_12_l2_4;
+  assign \b$2405  = b_8_l2_6;
+  assign \a$2406  = a_12_l2_4;
+  assign \b$2407  = b_9_l2_6;
+  assign \a$2408  = a_12_l2_5;
+  assign \b$2409  = b_10_l2_6;
+  assign \a$2410  = a_12_l2_5;
+  assign \b$2411  = b_11_l2_6;
+  assign \a$2412  = a_12_l2_6;
+  assign \b$2413  = b_12_l2_6;
+  assign \a$2414  = a_12_l2_6;
+  assign \b$2415  = b_13_l2_6;
+  assign \a$2416  = a_12_l2_7;
+  assign \b$2417  = b_14_l2_6;
+  assign \a$2418  = a_12_l2_7;
+  assign \b$2419  = b_15_l2_6;
+  assign \a$2420  = a_13_l2_0;
+  assign \b$2421  = b_0_l2_6;
+  assign \a$2422  = a_13_l2_0;
+  assign \b$2423  = b_1_l2_6;
+  assign \a$2424  = a_13_l2_1;
+  assign \b$2425  = b_2_l2_6;
+  assign \a$2426  = a_13_l2_1;
+  assign \b$2427  = b_3_l2_6;
+  assign \a$2428  = a_13_l2_2;
+  assign \b$2429  = b_4_l2_6;
+  assign \a$2430  = a_13_l2_2;
+  assign \b$2431  = b_5_l2_6;
+  assign \a$2432  = a_13_l2_3;
+  assign \b$2433  = b_6_l2_6;
+  assign \a$2434  = a_13_l2_3;
+  assign \b$2435  = b_7_l2_6;
+  assign \a$2436  = a_13_l2_4;
+  assign \b$2437  = b_8_l2_6;
+  assign \a$2438  = a_13_l2_4;
+  assign \b$2439  = b_9_l2_6;
+  assign \a$2440  = a_13_l2_5;
+  assign \b$2441  = b_10_l2_6;
+  assign \a$2442  = a_13_l2_5;
+  assign \b$2443  = b_11_l2_6;
+  assign \a$2444  = a_13_l2_6;
+  assign \b$2445  = b_12_l2_6;
+  assign \a$2446  = a_13_l2_6;
+  assign \b$2447  = b_13_l2_6;
+  assign \a$2448  = a_13_l2_7;
+  assign \b$2449  = b_14_l2_6;
+  assign \a$2450  = a_13_l2_7;
+  assign \b$2451  = b_15_l2_6;
+  assign \a$2452  = a_14_l2_0;
+  assign \b$2453  = b_0_l2_7;
+  assign \a$2454  = a_14_l2_0;
+  assign \b$2455  = b_1_l2_7;
+  assign \a$2456  = a_14_l2_1;
+  assign \b$2457  = b_2_l2_7;
+  assign \a$2458  = a_14_l2_1;
+  assign \b$2459  = b_3_l2_7;
+  assign \a$2460  = a_14_l2_2;
+  assign \b$2461  = b_4_l2_7;
+  assign \a$2462  = a_14_l2_2;
+  assign \b$2463  = b_5_l2_7;
+  assign \a$2464  = a_14_l2_3;
+  assign \b$2465  = b_6_l2_7;
+  assign \a$2466  = a_14_l2_3;
+  assign \b$2467  = b_7_l2_7;
+  assign \a$2468  = a_14_l2_4;
+  assign \b$2469  = b_8_l2_7;
+  assign \a$2470  = a_14_l2_4;
+  assign \b$2471  = b_9_l2_7;
+  assign \a$2472  = a_14_l2_5;
+  assign \b$2473  = b_10_l2_7;
+  assign \a$2474  = a_14_l2_5;
+  assign \b$2475  = b_11_l2_7;
+  assign \a$2476  = a_14_l2_6;
+  assign \b$2477  = b_12_l2_7;
+  assign \a$2478  = a_14_l2_6;
+  assign \b$2479  = b_13_l2_7;
+  assign \a$2480  = a_14_l2_7;
+  assign \b$2481  = b_14_l2_7;
+  assign \a$2482  = a_14_l2_7;
+  assign \b$2483  = b_15_l2_7;
+  assign \a$2484  = a_15_l2_0;
+  assign \b$2485  = b_0_l2_7;
+  assign \a$2486  = a_15_l2_0;
+  assign \b$2487  = b_1_l2_7;
+  assign \a$2488  = a_15_l2_1;
+  assign \b$2489  = b_2_l2_7;
+  assign \a$2490  = a_15_l2_1;
+  assign \b$2491  = b_3_l2_7;
+  assign \a$2492  = a_15_l2_2;
+  assign \b$2493  = b_4_l2_7;
+  assign \a$2494  = a_15_l2_2;
+  assign \b$2495  = b_5_l2_7;
+  assign \a$2496  = a_15_l2_3;
+  assign \b$2497  = b_6_l2_7;
+  assign \a$2498  = a_15_l2_3;
+  assign \b$2499  = b_7_l2_7;
+  assign \a$2500  = a_15_l2_4;
+  assign \b$2501  = b_8_l2_7;
+  assign \a$2502  = a_15_l2_4;
+  assign \b$2503  = b_9_l2_7;
+  assign \a$2504  = a_15_l2_5;
+  assign \b$2505  = b_10_l2_7;
+  assign \a$2506  = a_15_l2_5;
+  assign \b$2507  = b_11_l2_7;
+  assign \a$2508  = a_15_l2_6;
+  assign \b$2509  = b_12_l2_7;
+  assign \a$2510  = a_15_l2_6;
+  assign \b$2511  = b_13_l2_7;
+  assign \a$2512  = a_15_l2_7;
+  assign \b$2513  = b_14_l2_7;
+  assign \a$2514  = a_15_l2_7;
+  assign \b$2515  = b_15_l2_7;
   assign o__valid = bank_busy;
   assign \i__payload.a  = i__payload[127:0];
   assign \i__payload.a[0]  = i__payload[7:0];

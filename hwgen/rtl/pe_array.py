@@ -50,9 +50,8 @@ accumulator; stage 8 copies a finished tile from the accumulator registers
 into the output bank (the bank never sees the adder: on a 8 x 8 array the
 accumulator's carry chain into the bank was the critical path, 6.6 ns).
 The ``first``/``last`` flags travel beside the products through a fan-out
-tree of registers (single copies until stage 4, one per row at stage 5;
-``first`` one per PE at stage 6, ``last`` a second per row at stage 6 and one
-per PE at stage 7, steering the bank; each copy carries a ``keep`` attribute, which
+tree of registers (single copies until stage 4, one per row at
+stage 5, one per PE at stage 6; each copy carries a ``keep`` attribute, which
 :mod:`hwgen.impl` turns into kept cells so synthesis does not merge the
 copies), so no control net drives more than one PE's registers. ``PIPE``
 (7) registers sit in front of the accumulators and ``LATENCY = PIPE + 2``.
@@ -270,15 +269,15 @@ class PEArray(wiring.Component):
         m.d.sync += [last3[i].eq(last2) for i in range(R)]
         first4 = [[Signal(name=f"first_pe{i}_{j}", attrs=keep, reset_less=True) for j in range(N)]
                   for i in range(R)]
+        last4 = [[Signal(name=f"last_pe{i}_{j}", attrs=keep, reset_less=True) for j in range(N)]
+                 for i in range(R)]
         m.d.sync += [first4[i][j].eq(first3[i]) for i in range(R) for j in range(N)]
-        # stage 8's flags: whether the accumulator now holds a finished tile (`last`
-        # three cycles after stage 2: a second copy per row, then one per PE), and the
-        # drain control's own copy of it
-        last4 = [Signal(name=f"last_r{i}_d", attrs=keep, reset_less=True) for i in range(R)]
-        m.d.sync += [last4[i].eq(last3[i]) for i in range(R)]
+        m.d.sync += [last4[i][j].eq(last3[i]) for i in range(R) for j in range(N)]
+        # stage 8's flags: whether the accumulator now holds a finished tile (last4 a
+        # cycle later, one per PE), and the drain control's own copy of it
         last5 = [[Signal(name=f"done_pe{i}_{j}", attrs=keep, reset_less=True) for j in range(N)]
                  for i in range(R)]
-        m.d.sync += [last5[i][j].eq(last4[i]) for i in range(R) for j in range(N)]
+        m.d.sync += [last5[i][j].eq(last4[i][j]) for i in range(R) for j in range(N)]
         commit, = delayed(m, [last2], 3, ("commit",))
 
         # stages 3..6: one product per PE, MUL_STAGES registers deep (MULT18X18D
