@@ -310,25 +310,25 @@ class AdaptiveRunner:
         ``cycles_high(tokens)`` (:func:`_budget_threshold`)."""
         if not feeds:
             raise AdaptiveError("no held-out inputs to fit the threshold on")
-        scores, low, high = [], [], []
-        for f in feeds:
-            scores.append(self.low_pass(f)[1])
-            rows, seq = np.shape(next(iter(f.values())))[:2]
-            tok = _valid(f, rows, seq).sum(1)
-            low += [self.cycles_low(int(t)) for t in tok]
-            high += [self.cycles_high(int(t)) for t in tok]
-        s, low, high = np.concatenate(scores), np.array(low, dtype=np.float64), np.array(high, dtype=np.float64)
+        s = np.concatenate([self.low_pass(f)[1] for f in feeds])
+        low, high = (np.concatenate(c).astype(np.float64) for c in zip(*(self.row_cycles(f)[1:] for f in feeds)))
         self.threshold = _budget_threshold(s, lambda thr: (low.sum() + high[s > thr].sum()) / low.sum(),
                                            max_ratio)
         return self.threshold
+
+    def row_cycles(self, feed: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per batch row of ``feed``: its valid tokens, the low pass's cycles and
+        the high pass's (what a rerun adds)."""
+        rows, seq = np.shape(next(iter(feed.values())))[:2]
+        tokens = _valid(feed, rows, seq).sum(1)
+        return (tokens, np.array([self.cycles_low(int(t)) for t in tokens], dtype=np.int64),
+                np.array([self.cycles_high(int(t)) for t in tokens], dtype=np.int64))
 
     def run(self, feed: dict) -> AdaptiveRun:
         rec, scores = self.low_pass(feed)
         outs = {n: rec[n].copy() for n in self.low.outputs}
         rerun = scores > self.threshold
-        ids = next(iter(feed.values()))
-        rows, seq = np.shape(ids)[:2]
-        tokens = _valid(feed, rows, seq).sum(1)
+        tokens, cyc_low, cyc_high = self.row_cycles(feed)
         if rerun.any():
             idx = np.flatnonzero(rerun)
             hi = self._gh({k: np.asarray(v)[idx] for k, v in feed.items()})
@@ -336,9 +336,8 @@ class AdaptiveRunner:
                 if outs[n].dtype != hi[n].dtype:
                     outs[n] = outs[n].astype(np.result_type(outs[n].dtype, hi[n].dtype))
                 outs[n][idx] = hi[n]
-        cyc = np.array([self.cycles_low(int(t)) + (self.cycles_high(int(t)) if r else 0)
-                        for t, r in zip(tokens, rerun)], dtype=np.int64)
-        return AdaptiveRun(outs, rerun, scores, cyc, tokens, {n: rec[n] for n in self.low.outputs})
+        return AdaptiveRun(outs, rerun, scores, cyc_low + np.where(rerun, cyc_high, 0), tokens,
+                           {n: rec[n] for n in self.low.outputs})
 
 
 # ----------------------------------------------------------------------------
@@ -402,7 +401,6 @@ class TokenAdaptive:
         self.out = low.outputs[0]
         self._gl, self._gh = GoldenModel(low), GoldenModel(high)
         self.cycles_low, self.cycles_high = GraphCycles(low, max_m), GraphCycles(high, max_m)
-        self._step_memo: dict[tuple[str, int, int], int] = {}     # (graph, rows, offset) -> cycles
 
     def scores(self, graph: Graph, codes: np.ndarray) -> np.ndarray:
         return token_scores(graph, codes, self.check)
@@ -443,21 +441,12 @@ class TokenAdaptive:
         one past the previous rerun): :meth:`score_ids`'s count, and
         :meth:`fit_budget`'s for patterns that never ran."""
         rerun = np.asarray(rerun, dtype=bool)
-        n = rerun.shape[1]
-        memo = self._step_memo
-
-        def step(which: str, rows: int, off: int) -> int:
-            key = (which, rows, off)
-            if key not in memo:
-                memo[key] = (self.cycles_low if which == "low" else self.cycles_high).step(rows, off)
-            return memo[key]
-
-        low = sum(step("low", 1, t) for t in range(n))
+        low = sum(self.cycles_low.step(1, t) for t in range(rerun.shape[1]))   # GraphCycles caches steps
         out = np.full(rerun.shape[0], low, dtype=np.int64)
         for r in range(rerun.shape[0]):
             h = 0
             for t in np.flatnonzero(rerun[r]):
-                out[r] += step("high", int(t) + 1 - h, h)
+                out[r] += self.cycles_high.step(int(t) + 1 - h, h)
                 h = int(t) + 1
         return out
 
@@ -804,28 +793,6 @@ FIT_SENTENCES = 256
 RUN_RERUN_FRACTION = 0.2
 
 
-def run_adaptive(low: Graph, text: str, high_bits: str, batch: int = 8, check: str | None = None,
-                 rerun_fraction: float | None = None, say=lambda m: None,
-                 max_new_tokens: int = 16, budget: float | None = None) -> dict:
-    """The ``adaptive`` object of ``hwgen run ... --adaptive HIGH_BITS``: the run's
-    graph is the low graph; the high graph is the same model quantized at
-    ``high_bits`` (the driver's cached quantization). minilm (``text``: sentences):
-    a ``saturation`` check per sentence, see :func:`_run_adaptive_minilm`; tiny-gpt
-    (``text``: the prompt): a ``margin`` check per generated token, see
-    :func:`_run_adaptive_decoder`. The threshold is fitted on held-out inputs to
-    rerun ``rerun_fraction`` of them (default :data:`RUN_RERUN_FRACTION`) or, with
-    ``budget``, the most of them within ``budget`` x the low graph's cycles
-    (:class:`Fit`). Both passes run on the golden model (the same integers as every
-    backend)."""
-    from .runtime import jobs
-
-    fit = Fit.of(rerun_fraction, budget)
-    model = jobs._model_of(low)
-    if model == "minilm":
-        return _run_adaptive_minilm(low, text, high_bits, batch, check or "saturation", fit, say)
-    return _run_adaptive_decoder(low, text, high_bits, check or TOKEN_CHECK, fit, max_new_tokens, say)
-
-
 @dataclass(frozen=True)
 class Fit:
     """How the threshold is fitted on held-out inputs: ``rule`` ``"rerun_fraction"``
@@ -858,6 +825,25 @@ class Fit:
 
     def to_dict(self) -> dict:
         return {"rule": self.rule, "value": self.value}
+
+
+def run_adaptive(low: Graph, text: str, high_bits: str, batch: int = 8, check: str | None = None,
+                 fit: Fit | None = None, say=lambda m: None, max_new_tokens: int = 16) -> dict:
+    """The ``adaptive`` object of ``hwgen run ... --adaptive HIGH_BITS``: the run's
+    graph is the low graph; the high graph is the same model quantized at
+    ``high_bits`` (the driver's cached quantization). minilm (``text``: sentences):
+    a ``saturation`` check per sentence, see :func:`_run_adaptive_minilm`; tiny-gpt
+    (``text``: the prompt): a ``margin`` check per generated token, see
+    :func:`_run_adaptive_decoder`. The threshold is fitted on held-out inputs by
+    ``fit`` (:class:`Fit`; default: rerun :data:`RUN_RERUN_FRACTION` of them).
+    Both passes run on the golden model (the same integers as every backend)."""
+    from .runtime import jobs
+
+    fit = Fit.of(None, None) if fit is None else fit
+    model = jobs._model_of(low)
+    if model == "minilm":
+        return _run_adaptive_minilm(low, text, high_bits, batch, check or "saturation", fit, say)
+    return _run_adaptive_decoder(low, text, high_bits, check or TOKEN_CHECK, fit, max_new_tokens, say)
 
 
 def _run_adaptive_decoder(low: Graph, prompt: str, high_bits: str, check: str, fit_rule: Fit,

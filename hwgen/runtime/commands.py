@@ -121,9 +121,7 @@ def cmd_run(args) -> dict:
     if args.adaptive:
         from ..adaptive import run_adaptive
         result["adaptive"] = run_adaptive(graph, args.text if model == "minilm" else prompt, args.adaptive,
-                                          args.batch, say=say, max_new_tokens=args.max_new_tokens,
-                                          rerun_fraction=fit.value if fit.rule == "rerun_fraction" else None,
-                                          budget=fit.value if fit.rule == "cycles_budget" else None)
+                                          args.batch, fit=fit, say=say, max_new_tokens=args.max_new_tokens)
     if tracer is not None:
         result["trace"] = str(tracer.write(args.trace))
         say(f"wrote trace {args.trace} (open in https://ui.perfetto.dev)")
