@@ -211,6 +211,30 @@ def _check_shape(name: str, t: torch.Tensor, shape: tuple, bound: dict) -> None:
             raise ValueError(f"feed '{name}' has shape {list(t.shape)}; the graph expects {list(shape)}")
 
 
+def _check_float_graph(graph: Graph) -> None:
+    for t in graph.tensors.values():
+        if t.kind == "weight" and t.dtype != "float":
+            raise ValueError(f"run_float runs float graphs; weight '{t.name}' is {t.dtype} "
+                             "(run a quantized graph with the golden model)")
+
+
+def _input_env(graph: Graph, feeds: Mapping[str, np.ndarray | torch.Tensor], dev: torch.device
+               ) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+    """The graph inputs of one feed as tensors (checked: present, shaped as
+    declared, symbolic dimensions consistent) and the symbolic dimensions bound."""
+    missing = [n for n in graph.inputs if n not in feeds]
+    if missing:
+        raise ValueError(f"missing feed(s) {missing}; graph '{graph.name}' takes inputs {graph.inputs}")
+    env: dict[str, torch.Tensor] = {}
+    bound: dict[str, int] = {}
+    for name in graph.inputs:
+        spec = graph.tensors[name]
+        t = _as_tensor(feeds[name], spec.dtype, name, dev)
+        _check_shape(name, t, spec.shape, bound)
+        env[name] = t
+    return env, bound
+
+
 def run_float(graph: Graph, feeds: Mapping[str, np.ndarray | torch.Tensor],
               state: FloatState | None = None, record: bool = False,
               device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
@@ -223,21 +247,9 @@ def run_float(graph: Graph, feeds: Mapping[str, np.ndarray | torch.Tensor],
     the result holds every input and activation tensor, keyed by tensor name.
     Runs under ``torch.no_grad()``.
     """
-    for t in graph.tensors.values():
-        if t.kind == "weight" and t.dtype != "float":
-            raise ValueError(f"run_float runs float graphs; weight '{t.name}' is {t.dtype} "
-                             "(run a quantized graph with the golden model)")
-    missing = [n for n in graph.inputs if n not in feeds]
-    if missing:
-        raise ValueError(f"missing feed(s) {missing}; graph '{graph.name}' takes inputs {graph.inputs}")
+    _check_float_graph(graph)
     dev = torch.device(device)
-    env: dict[str, torch.Tensor] = {}
-    bound: dict[str, int] = {}
-    for name in graph.inputs:
-        spec = graph.tensors[name]
-        t = _as_tensor(feeds[name], spec.dtype, name, dev)
-        _check_shape(name, t, spec.shape, bound)
-        env[name] = t
+    env, bound = _input_env(graph, feeds, dev)
     for name, w in graph.weights.items():
         arr = np.ascontiguousarray(w, dtype=np.float32)
         env[name] = torch.from_numpy(arr).to(dev)
@@ -275,19 +287,9 @@ def run_float_ordered(graph: Graph, feeds: list[Mapping[str, np.ndarray | torch.
     in ``envs`` (later nodes read them). This is the one pass that layer-wise
     reconstruction needs: fit a linear on the inputs it sees in the graph as
     changed so far, then run it."""
+    _check_float_graph(graph)
     dev = torch.device("cpu")
-    envs: list[dict[str, torch.Tensor]] = []
-    for feed in feeds:
-        missing = [n for n in graph.inputs if n not in feed]
-        if missing:
-            raise ValueError(f"missing feed(s) {missing}; graph '{graph.name}' takes inputs {graph.inputs}")
-        env: dict[str, torch.Tensor] = {}
-        bound: dict[str, int] = {}
-        for name in graph.inputs:
-            spec = graph.tensors[name]
-            env[name] = _as_tensor(feed[name], spec.dtype, name, dev)
-            _check_shape(name, env[name], spec.shape, bound)
-        envs.append(env)
+    envs = [_input_env(graph, feed, dev)[0] for feed in feeds]
     with torch.no_grad():
         for node in graph.nodes:
             fn = FLOAT_OPS.get(node.op)
