@@ -325,15 +325,16 @@ def _output_cosine(graph: Graph, feeds: list[dict[str, np.ndarray]], ref: list[n
     return _cosine(_float_outputs(graph, feeds), ref)
 
 
-def rank_units(units: list, outputs: Callable[[object], list[np.ndarray]], feeds: list[dict[str, np.ndarray]],
-               ref: list[np.ndarray], row_of: Callable[[object], dict], say=None) -> list[dict]:
+def rank_units(units: list, outputs: Callable[[object], list[np.ndarray]], ref: list[np.ndarray],
+               row_of: Callable[[object], dict], say=None) -> list[dict]:
     """The sensitivity ranking of any pruning units (linears, channel pairs):
-    per unit, ``outputs(unit)`` (the float graph's outputs over ``feeds`` with
-    that unit alone pruned) against ``ref``; ``row_of(unit)`` gives its ``name`` and
+    per unit, ``outputs(unit)`` (the float graph's outputs over the feeds of
+    ``ref``, one per feed, with that unit alone pruned) against ``ref`` (the
+    dense outputs); ``row_of(unit)`` gives its ``name`` and
     ``weights`` (weight count) plus any keys to report. Rows add
     ``cosine_mean``, ``cosine_min``, ``drop`` and ``drop_per_mweight``, sorted
     cheapest first (ties: the units' order)."""
-    if not feeds:
+    if not ref:
         raise PruneError("sensitivity needs at least one calibration batch")
     say = say or (lambda m: None)
     rows = []
@@ -391,8 +392,8 @@ def sensitivity(graph: Graph, spec: PruneSpec, feeds: Iterable[dict[str, np.ndar
     def outputs(n: Node) -> list[np.ndarray]:
         return _float_outputs(apply_masks(graph, compute_masks(graph, spec, norms, names=[n.inputs[1]])), feeds)
 
-    return rank_units(nodes, outputs, feeds, ref, lambda n: {"name": n.name, "weight": n.inputs[1],
-                                                           "weights": int(graph.weights[n.inputs[1]].size)}, say)
+    return rank_units(nodes, outputs, ref, lambda n: {"name": n.name, "weight": n.inputs[1],
+                                                      "weights": int(graph.weights[n.inputs[1]].size)}, say)
 
 
 def select_by_budget(graph: Graph, spec: PruneSpec, feeds: Iterable[dict[str, np.ndarray]], budget: float,

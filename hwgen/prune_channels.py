@@ -153,6 +153,9 @@ def importance(graph: Graph, pairs: list[ChannelPair], feeds: Iterable[dict[str,
     docstring), from one float pass over ``feeds``."""
     from .float_exec import run_float
 
+    feeds = list(feeds)
+    if not feeds:
+        raise PruneError("channel importance needs at least one calibration batch")
     stats: dict[str, _Stats] = {}
     for feed in feeds:
         vals = run_float(graph, feed, record=True)
@@ -348,7 +351,7 @@ def select_by_budget(graph: Graph, pairs: list[ChannelPair], ratio: float, block
         return _prune_pass(graph, sorted(ps, key=pairs.index), ratio, block_k, block_n, feeds, False, 0.0,
                            None, imp)[2]
 
-    ranking = rank_units(pairs, lambda p: outputs([p]), feeds, ref, lambda p: _pair_row(graph, p), say)
+    ranking = rank_units(pairs, lambda p: outputs([p]), ref, lambda p: _pair_row(graph, p), say)
     rows = greedy_budget(ranking, lambda rs: outputs([by_name[r["name"]] for r in rs]), ref, budget, say)
     chosen = {r["name"] for r in rows if r["chosen"]}
     return [p for p in pairs if p.name in chosen], rows

@@ -138,6 +138,18 @@ def test_select_by_budget_over_pairs(folded, one_torch_thread):
     assert all(r["cosine_with"] < 0.9 for r in rows if not r["chosen"])
 
 
+def test_no_calibration_inputs_is_an_error(folded):
+    """Without calibration batches there is no importance and no ranking: a
+    PruneError, not a failure deep inside."""
+    pairs = C.channel_pairs(folded)
+    with pytest.raises(P.PruneError, match="channel importance needs at least one calibration batch"):
+        C.select_by_budget(folded, pairs, 0.5, 4, 4, [], 0.9)
+    with pytest.raises(P.PruneError, match="channel importance needs at least one calibration batch"):
+        C.prune_pairs(folded, pairs, 0.5, 4, 4, [])
+    with pytest.raises(P.PruneError, match="sensitivity needs at least one calibration batch"):
+        P.sensitivity(folded, P.PruneSpec.parse("block:0.5", 4, 4), [])
+
+
 def test_cli_prune_channels(capsys, tmp_path):
     """bert-block: every pair at block:0.5 halves each of the 6 linears' blocks
     (q, k, v, o, up, down). An N-tile with no block left still costs the PE
