@@ -902,9 +902,10 @@ def _run_adaptive_minilm(low: Graph, text: str, high_bits: str, batch: int, chec
         feed = zoo.feeds_from_text("minilm", "\n".join(lines[i:i + batch]))
         run = runner.run(feed)
         rerun_rows += [i + int(j) for j in np.flatnonzero(run.rerun)]
+        _, low_c, high_c = runner.row_cycles(feed)
         cyc += run.cycles.tolist()
-        cl += [runner.cycles_low(int(t)) for t in run.tokens]
-        ch += [runner.cycles_high(int(t)) for t in run.tokens]
+        cl += low_c.tolist()
+        ch += high_c.tolist()
     return {"low": low.meta.get("bits"), "high": high_bits, "check": check, "fit": fit_rule.to_dict(),
             "threshold": thr,
             "inputs": len(lines), "low_only": len(lines) - len(rerun_rows), "rerun": len(rerun_rows),
