@@ -62,7 +62,7 @@ def cmd_quantize(args: argparse.Namespace) -> dict:
     layers = len(bundle.graph.layers)
     say(f"traced {len(bundle.graph.nodes)} ops over {layers} layer(s); calibrating on "
         f"{len(bundle.calib_feeds)} batch(es)")
-    compress = bool(args.prune or args.distill or args.prune_layers is not None
+    compress = bool(args.prune or args.distill or args.distill_synthetic or args.prune_layers is not None
                     or args.prune_budget is not None or args.prune_channels)  # hwgen.distill.compress does both
     fixed, fmts = (None, None) if compress else quantize(bundle.graph, bundle.calib_feeds, cfg)
     losses: list[float] = []
@@ -74,7 +74,7 @@ def cmd_quantize(args: argparse.Namespace) -> dict:
                                     args.qat_steps, args.lr, gradual=args.gradual, say=say,
                                     layers=args.prune_layers, budget=args.prune_budget,
                                     train_pruned_only=args.distill_pruned_only,
-                                    channels=args.prune_channels)
+                                    channels=args.prune_channels, synthetic=args.distill_synthetic)
         losses = extra.pop("qat_losses")
     if args.qat_steps and not compress:
         from .qat import QATModel, finetune
@@ -356,6 +356,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "--distill-steps float steps, then --qat-steps QAT steps")
     q.add_argument("--distill-steps", type=int, default=100,
                    help="float distillation steps with --distill (default 100)")
+    q.add_argument("--distill-synthetic", type=int, default=0, metavar="N",
+                   help="with --distill (minilm): add N synthetic everyday-English sentences to the "
+                   "distillation inputs (default 0)")
     q.add_argument("--distill-pruned-only", action="store_true",
                    help="with --prune --distill: the float stage trains only the pruned linears")
     q.add_argument("--gradual", action="store_true",

@@ -313,14 +313,33 @@ def corpus_sentences(n: int, seed: int = 0) -> list[str]:
     return [sents[i] for i in order[:n]]
 
 
-def train_feeds(bundle, extra: int = EXTRA_SENTENCES) -> list[dict[str, np.ndarray]]:
+def _check_synthetic(bundle, synthetic: int) -> None:
+    if synthetic < 0:
+        raise DistillError(f"--distill-synthetic {synthetic}: the sentence count must be >= 0")
+    if synthetic and bundle.name != "minilm":
+        raise DistillError(f"--distill-synthetic: synthetic sentences are everyday English for minilm, "
+                           f"not {bundle.name!r}")
+
+
+def train_feeds(bundle, extra: int = EXTRA_SENTENCES, synthetic: int = 0) -> list[dict[str, np.ndarray]]:
     """Distillation inputs of a model bundle: its calibration batches, plus for
     minilm ``extra`` sentences of the training corpus in batches of 16 (the
-    teacher labels them, so any text will do; the evaluation set is never used)."""
+    teacher labels them, so any text will do; the evaluation set is never used).
+    ``synthetic`` (minilm only) adds that many everyday-English sentences of
+    :func:`hwgen.synth_sentences.sentences` in batches of 16, and then all the
+    batches are shuffled (seeded), so the training loop, which takes the
+    batches in order, alternates the domains."""
+    _check_synthetic(bundle, synthetic)
     feeds = list(bundle.calib_feeds)
     if bundle.name == "minilm" and extra:
         sents = corpus_sentences(extra)
         feeds += [bundle.encode(sents[i:i + 16]) for i in range(0, len(sents), 16)]
+    if synthetic:
+        from .synth_sentences import sentences
+
+        sents = sentences(synthetic)
+        feeds += [bundle.encode(sents[i:i + 16]) for i in range(0, len(sents), 16)]
+        feeds = [feeds[i] for i in np.random.default_rng(0).permutation(len(feeds))]
     return feeds
 
 
@@ -332,7 +351,8 @@ def compress(bundle, cfg, prune: str | None = None, distill_on: bool = False, di
              qat_steps: int = 0, lr: float = 2e-5, distill_lr: float = 1e-4, cycles_m: int = 128,
              gradual: bool = False, say: Callable[[str], None] | None = None,
              layers: str | None = None, budget: float | None = None,
-             train_pruned_only: bool = False, channels: bool = False) -> tuple[Graph, dict]:
+             train_pruned_only: bool = False, channels: bool = False,
+             synthetic: int = 0) -> tuple[Graph, dict]:
     """The ``hwgen quantize --prune ... --distill`` recipe on a model bundle.
 
     Which linears: all prunable ones, or (layer-selective) those matching
@@ -344,7 +364,9 @@ def compress(bundle, cfg, prune: str | None = None, distill_on: bool = False, di
     (``--prune-channels``, ``block:RATIO`` only): prune channel pairs instead of
     single linears (:mod:`hwgen.prune_channels`): the units ``layers`` and
     ``budget`` choose are pairs (a pair is taken when a pattern matches one of
-    its linears), pruned one-shot with their refit.
+    its linears), pruned one-shot with their refit. ``synthetic``
+    (``--distill-synthetic``, minilm): that many synthetic everyday sentences
+    added to the distillation inputs (:func:`train_feeds`).
 
     Pruning, by default one-shot: masks from activation-aware magnitudes, then
     the kept weights refitted by least squares (:func:`hwgen.prune.reconstruct`,
@@ -377,6 +399,9 @@ def compress(bundle, cfg, prune: str | None = None, distill_on: bool = False, di
         raise DistillError("--gradual needs --prune and fine-tuning steps (--distill or --qat-steps)")
     if train_pruned_only and not (distill_on and distill_steps):
         raise DistillError("--distill-pruned-only needs --distill with --distill-steps > 0")
+    if synthetic and not distill_on:
+        raise DistillError("--distill-synthetic needs --distill")
+    _check_synthetic(bundle, synthetic)
     if (layers is not None or budget is not None) and spec is None:
         raise DistillError("--prune-layers and --prune-budget need --prune")
     if channels and (spec is None or spec.kind != "block"):
@@ -416,7 +441,7 @@ def compress(bundle, cfg, prune: str | None = None, distill_on: bool = False, di
     if distill_on:
         res = distill(bundle.graph, bundle.kind, bundle.calib_feeds, cfg, spec, norms,
                       float_steps=distill_steps, qat_steps=qat_steps, lr=distill_lr, qat_lr=lr,
-                      train_feeds=train_feeds(bundle), say=say, start=start, masks=masks, names=names,
+                      train_feeds=train_feeds(bundle, synthetic=synthetic), say=say, start=start, masks=masks, names=names,
                       trainable=_pruned_params(folded, masks) if train_pruned_only else None)
         fixed, masks, f_losses, q_losses = res.fixed, res.masks, res.float_losses, res.qat_losses
     elif qat_steps:
@@ -455,6 +480,7 @@ def compress(bundle, cfg, prune: str | None = None, distill_on: bool = False, di
                    "cycles_pruned_sparse": cyp["cycles_sparse"], "cycles_pruned_ratio": cyp["cycles_ratio"],
                    "sensitivity": ranking, "channel_pairs": pair_names,
                    "distill": bool(distill_on), "distill_steps": distill_steps if distill_on else 0,
+                   "distill_synthetic": synthetic,
                    "distill_loss_first": f_losses[0] if f_losses else None,
                    "distill_loss_last": f_losses[-1] if f_losses else None, "qat_losses": q_losses}
 

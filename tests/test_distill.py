@@ -200,9 +200,29 @@ def test_cli_prune_budget(capsys, tmp_path):
     (["--prune", "block:2"], "RATIO must be between 0 and 1"),
     (["--prune", "5:4"], "N:M needs 1 <= N < M"),
     (["--distill", "--distill-steps", "0"], "--distill needs --distill-steps > 0"),
+    (["--distill-synthetic", "8"], "--distill-synthetic needs --distill"),
+    (["--distill", "--distill-steps", "1", "--distill-synthetic", "-1"],
+     "--distill-synthetic -1: the sentence count must be >= 0"),
+    (["--distill", "--distill-steps", "1", "--distill-synthetic", "8"],
+     "synthetic sentences are everyday English for minilm, not 'bert-block'"),
 ])
 def test_cli_bad_compression_args(capsys, tmp_path, argv, msg):
     out = tmp_path / "bad"
     code, _, err = run_cli(capsys, "quantize", "--model", "bert-block", "--out", out, *argv, "--quiet")
     assert code == 1 and msg in err and err.startswith("hwgen: error:")
     assert not out.exists()
+
+
+def test_train_feeds_add_shuffled_synthetic_batches():
+    from hwgen import zoo
+    from hwgen.synth_sentences import sentences
+
+    b = zoo.load("minilm")
+    plain = D.train_feeds(b, extra=0)
+    assert len(plain) == len(b.calib_feeds)
+    mixed = D.train_feeds(b, extra=0, synthetic=40)
+    want = plain + [b.encode(s) for s in (sentences(40)[:16], sentences(40)[16:32], sentences(40)[32:])]
+    key = lambda f: f["ids"].tobytes() + f["mask"].tobytes()
+    assert sorted(map(key, mixed)) == sorted(map(key, want))
+    assert list(map(key, mixed)) != list(map(key, want))       # shuffled, so the loop alternates domains
+    assert list(map(key, D.train_feeds(b, extra=0, synthetic=40))) == list(map(key, mixed))
