@@ -526,6 +526,121 @@ class TokenAdaptive:
         new, _, _ = greedy_decode(step, list(prompt_ids), max_new_tokens, ctx)
         return {"ids": new, **log}
 
+    def generate_verified(self, prompt_ids: list[int], max_new_tokens: int, ctx: int,
+                          max_draft: int | None = None) -> dict:
+        """Greedy generation in which every token is the **high graph's**: the
+        low graph drafts, the high graph verifies (speculative decoding, with the
+        check choosing when to verify).
+
+        The low graph generates draft tokens one step at a time until the check
+        flags one (its score exceeds the threshold: the low graph is unsure, so a
+        wrong token, and the drafts after it, are likely), or ``max_draft``
+        drafts are pending, or the output is full. Then one high-graph pass on its
+        own cache runs over every position it has not seen (the last verified
+        token and the drafts) and gives the high graph's prediction at each
+        drafted position. Drafts are accepted up to the first that differs from
+        the high graph's prediction; that one is replaced by the high graph's
+        token and the drafts after it are dropped (both caches are cut back,
+        :meth:`hwgen.golden.GoldenState.truncate`). If every draft matched, the
+        pass's last row adds one more token (the high graph's next prediction).
+
+        Every emitted token is therefore the high graph's greedy choice after
+        the same prefix, and the golden model gives the same integers for any
+        split of a sequence into cached passes, so the output is exactly the
+        high graph's own greedy generation (tested, token for token). The check
+        only sets the cost: drafts after a rejected one are low steps spent for
+        nothing, and each verification is a high pass.
+
+        ``max_draft`` defaults to the PE array's rows less one, so a
+        verification pass (drafts + the last verified token) is at most one
+        pass of the PE array's rows. One cache of ``ctx`` positions: the prompt
+        and the new tokens must fit (no cache restart).
+
+        Returns ``ids`` (new tokens), ``tokens``, ``low_passes`` (low-graph
+        passes, the first the prompt's prefill), ``low_rows``, ``high_passes``,
+        ``high_rows``, ``drafted``, ``accepted`` (drafts the high graph
+        confirmed), ``rejected`` (drafts replaced), ``discarded`` (drafts dropped
+        after a rejected one), ``bonus`` (tokens from a pass's last row),
+        ``check_stops`` (verifications the check called), ``scores`` (the check
+        per draft), ``passes`` (``(graph, rows, offset)`` of every pass, ``graph``
+        ``"low"`` or ``"high"``), ``cycles`` (low passes + high passes), ``cycles_low`` and
+        ``cycles_high`` (the low or the high graph alone generating as many
+        tokens: the prefill, then a step per further token)."""
+        prompt = [int(t) for t in prompt_ids]
+        if not prompt:
+            raise AdaptiveError("verified generation needs a prompt of at least one token")
+        if max_new_tokens < 1:
+            raise AdaptiveError(f"max_new_tokens {max_new_tokens}: generate at least one token")
+        if max_draft is None:
+            max_draft = _default_draft()
+        if max_draft < 1:
+            raise AdaptiveError(f"max_draft {max_draft}: draft at least one token per verification")
+        total = len(prompt) + max_new_tokens
+        if total > ctx:
+            raise AdaptiveError(f"verified generation keeps one cache of {ctx} positions: the prompt "
+                                f"({len(prompt)}) and the new tokens ({max_new_tokens}) must fit")
+        inp = self.low.inputs[0]
+        hist = list(prompt)
+        verified = len(prompt)                  # hist[:verified]: the prompt and high-graph tokens
+        st_low, st_high = GoldenState(), GoldenState()
+        log = {"low_passes": 0, "low_rows": 0, "high_passes": 0, "high_rows": 0, "drafted": 0,
+               "accepted": 0, "rejected": 0, "discarded": 0, "bonus": 0, "check_stops": 0,
+               "scores": [], "passes": [], "cycles": 0}
+
+        def run_unseen(model: GoldenModel, state: GoldenState, cycles: GraphCycles, kind: str) -> np.ndarray:
+            off = state.offset
+            codes = model({inp: np.asarray([hist[off:]], dtype=np.int64)}, state)[self.out]
+            log["cycles"] += cycles.step(len(hist) - off, off)
+            log["passes"].append((kind, len(hist) - off, off))
+            log[f"{kind}_passes"] += 1
+            log[f"{kind}_rows"] += len(hist) - off
+            return codes
+
+        while verified < total:
+            while True:                         # draft
+                codes = run_unseen(self._gl, st_low, self.cycles_low, "low")
+                hist.append(int(np.argmax(codes[0, -1])))
+                score = float(self.scores(self.low, codes[:, -1:])[0, 0])
+                log["scores"].append(score)
+                log["drafted"] += 1
+                if score > self.threshold:
+                    log["check_stops"] += 1
+                    break
+                if len(hist) - verified >= max_draft or len(hist) >= total:
+                    break
+            base = st_high.offset               # verify: rows base .. len-1 predict base+1 .. len
+            pred = np.argmax(run_unseen(self._gh, st_high, self.cycles_high, "high")[0], axis=-1)
+            for q in range(verified, len(hist)):
+                want = int(pred[q - 1 - base])
+                if want != hist[q]:
+                    log["accepted"] += q - verified
+                    log["rejected"] += 1
+                    log["discarded"] += len(hist) - q - 1
+                    hist[q:] = [want]
+                    st_high.truncate(q)
+                    st_low.truncate(min(st_low.offset, q))
+                    verified = q + 1
+                    break
+            else:
+                log["accepted"] += len(hist) - verified
+                if len(hist) < total:
+                    hist.append(int(pred[-1]))
+                    log["bonus"] += 1
+                verified = len(hist)
+        n = len(prompt)
+        alone = {f"cycles_{k}": c.step(n, 0) + sum(c.step(1, t) for t in range(n, total - 1))
+                 for k, c in (("low", self.cycles_low), ("high", self.cycles_high))}
+        return {"ids": hist[n:], "tokens": max_new_tokens, **log, **alone}
+
+
+def _default_draft() -> int:
+    """Drafts per verification by default: the PE array's rows less one, so the
+    verifying pass (the last verified token and the drafts) is one pass of
+    the array's rows."""
+    from .prune import engine_geometry
+
+    return engine_geometry()[0] - 1
+
 
 # ----------------------------------------------------------------------------
 # the report
@@ -679,6 +794,92 @@ def evaluate_token_adaptive(eval_feeds: list[dict], low: Graph, high: Graph, fit
     return res
 
 
+def greedy_golden(model: GoldenModel, prompt_ids: list[int], max_new_tokens: int, ctx: int) -> list[int]:
+    """One graph's own greedy generation on the golden model (the driver's
+    decoding loop, :func:`hwgen.runtime.driver.greedy_decode`): the new ids."""
+    from .runtime.driver import greedy_decode
+
+    state = GoldenState()
+    inp, out = model.graph.inputs[0], model.graph.outputs[0]
+
+    def step(feed, restart, label):
+        if restart:
+            state.reset()
+        return model({inp: np.asarray(feed)}, state)[out]
+    return greedy_decode(step, list(prompt_ids), max_new_tokens, ctx)[0]
+
+
+#: verified generation in the bench: the first VERIFY_PROMPT ids of each evaluation
+#: window are a prompt, and VERIFY_NEW tokens are generated after it
+VERIFY_PROMPT = 32
+VERIFY_NEW = 64
+
+#: the counts :meth:`TokenAdaptive.generate_verified` returns, summed over prompts
+_VERIFY_COUNTS = ("drafted", "accepted", "rejected", "discarded", "bonus", "check_stops", "low_passes",
+                  "low_rows", "high_passes", "high_rows", "cycles", "cycles_low", "cycles_high")
+
+
+def evaluate_verified(eval_feeds: list[dict], low: Graph, high: Graph, fit_feeds: list[dict],
+                      check: str = "margin", rerun_fraction: float = 0.2, prompt_len: int = VERIFY_PROMPT,
+                      new_tokens: int = VERIFY_NEW, max_draft: int | None = None, max_m: int = 128,
+                      say=lambda m: None) -> dict:
+    """Verified generation (:meth:`TokenAdaptive.generate_verified`) from a
+    prompt of the first ``prompt_len`` ids of every evaluation window,
+    ``new_tokens`` generated per prompt; the check's threshold is the quantile
+    that flags ``rerun_fraction`` of the held-out windows' steps (``fit_feeds``).
+    The high graph alone and the low graph alone generate from the same
+    prompts (greedy, on their own caches), and every token is compared:
+    ``mismatches_vs_high`` counts the verified tokens that differ from the high
+    graph's (0 by construction; measured), ``low_alone_differs`` the prompts
+    whose low-graph-alone generation is not the high graph's, and
+    ``low_alone_tokens_differ`` its positions that differ. Cycles are totals
+    over the prompts: ``cycles_adaptive`` (every low and high pass),
+    ``cycles_low`` / ``cycles_high`` (one graph alone: the prefill, then a step
+    per further token), their ratios, and the targets ``target_cycles_lt_1.3x``
+    and ``target_tokens_of_high``."""
+    import time
+
+    dec = TokenAdaptive(low, high, check, max_m=max_m)
+    thr = dec.fit_threshold(fit_feeds, rerun_fraction)
+    gl, gh = GoldenModel(low), GoldenModel(high)
+    ctx = prompt_len + new_tokens
+    tot = dict.fromkeys(_VERIFY_COUNTS, 0)
+    res = {"mode": "verified", "check": check, "fit": Fit.of(rerun_fraction, None).to_dict(), "threshold": thr,
+           "low_graph": low.meta.get("bits"), "high_graph": high.meta.get("bits"), "prompt_len": prompt_len,
+           "new_tokens": new_tokens, "prompts": 0, "tokens": 0, "identical_to_high": 0,
+           "mismatches_vs_high": 0, "low_alone_differs": 0, "low_alone_tokens_differ": 0}
+    t0 = time.perf_counter()
+    for feed in eval_feeds:
+        for row in np.asarray(feed[low.inputs[0]], dtype=np.int64):
+            if len(row) < prompt_len:
+                raise AdaptiveError(f"an evaluation window of {len(row)} ids is shorter than the "
+                                    f"{prompt_len}-id prompt")
+            prompt = [int(t) for t in row[:prompt_len]]
+            g = dec.generate_verified(prompt, new_tokens, ctx, max_draft)
+            want = np.asarray(greedy_golden(gh, prompt, new_tokens, ctx))
+            alone = np.asarray(greedy_golden(gl, prompt, new_tokens, ctx))
+            wrong = int((np.asarray(g["ids"]) != want).sum())
+            res["mismatches_vs_high"] += wrong
+            res["identical_to_high"] += wrong == 0
+            res["low_alone_tokens_differ"] += int((alone != want).sum())
+            res["low_alone_differs"] += bool((alone != want).any())
+            res["prompts"] += 1
+            res["tokens"] += len(g["ids"])
+            for k in _VERIFY_COUNTS:
+                tot[k] += g[k]
+        say(f"verified: {res['prompts']} prompts, {tot['check_stops']} check stops, "
+            f"{res['mismatches_vs_high']} tokens differ from the high graph's "
+            f"({time.perf_counter() - t0:.0f} s)")
+    res.update({k: v for k, v in tot.items() if not k.startswith("cycles")})
+    res["max_draft"] = max_draft if max_draft is not None else _default_draft()
+    res.update(cycles_adaptive=tot["cycles"], cycles_low=tot["cycles_low"], cycles_high=tot["cycles_high"],
+               cycles_ratio_vs_low=tot["cycles"] / tot["cycles_low"],
+               cycles_ratio_vs_high=tot["cycles"] / tot["cycles_high"])
+    res["target_cycles_lt_1.3x"] = res["cycles_ratio_vs_low"] < 1.3
+    res["target_tokens_of_high"] = res["mismatches_vs_high"] == 0
+    return res
+
+
 # ----------------------------------------------------------------------------
 # tiny-gpt: held-out windows, the low graph, `make bench`
 # ----------------------------------------------------------------------------
@@ -761,8 +962,11 @@ def bench(quick: bool = False, say=lambda m: None, qat_steps: int = LOW_QAT_STEP
     :func:`hwgen.distill.bench`): tiny-gpt, low W4A8 with QAT (:func:`low_graph`),
     high W8A8 (post-training), per-token ``check`` with the threshold fitted for
     ``rerun_fraction`` (or ``budget``) on :func:`heldout_windows`, evaluated on every evaluation
-    window (:func:`evaluate_token_adaptive`). Adds ``model``, ``wall_s`` and the
-    target booleans ``target_cycles_lt_1.3x`` and ``target_accuracy_of_high``.
+    window (:func:`evaluate_token_adaptive`), and ``verified``: generation from
+    every evaluation window's first 32 ids, drafted by the low graph and
+    verified by the high graph (:func:`evaluate_verified`). Adds ``model``,
+    ``wall_s`` and the target booleans ``target_cycles_lt_1.3x`` and
+    ``target_accuracy_of_high`` (``verified`` has its own).
     ``quick``: 3 QAT steps and the first two evaluation batches (a smoke run);
     ``save_low``: a directory the low graph is saved to (``hwgen run --graph``)."""
     import time
@@ -778,8 +982,9 @@ def bench(quick: bool = False, say=lambda m: None, qat_steps: int = LOW_QAT_STEP
     high = quantize(bundle.graph, bundle.calib_feeds, QuantConfig.from_bits("w8a8"))[0]
     high.meta.update(kind=bundle.kind, bits="w8a8")
     evals = bundle.eval_feeds[:2] if quick else bundle.eval_feeds
-    res = evaluate_token_adaptive(evals, low, high, heldout_windows(bundle), check, rerun_fraction, say=say,
-                                  budget=budget)
+    fit = heldout_windows(bundle)
+    res = evaluate_token_adaptive(evals, low, high, fit, check, rerun_fraction, say=say, budget=budget)
+    res["verified"] = evaluate_verified(evals, low, high, fit, check, rerun_fraction, say=say)
     res.update(model="tiny-gpt", quick=quick, wall_s=time.perf_counter() - t0)
     return res
 
@@ -828,7 +1033,8 @@ class Fit:
 
 
 def run_adaptive(low: Graph, text: str, high_bits: str, batch: int = 8, check: str | None = None,
-                 fit: Fit | None = None, say=lambda m: None, max_new_tokens: int = 16) -> dict:
+                 fit: Fit | None = None, say=lambda m: None, max_new_tokens: int = 16,
+                 verify: bool = False) -> dict:
     """The ``adaptive`` object of ``hwgen run ... --adaptive HIGH_BITS``: the run's
     graph is the low graph; the high graph is the same model quantized at
     ``high_bits`` (the driver's cached quantization). minilm (``text``: sentences):
@@ -836,25 +1042,34 @@ def run_adaptive(low: Graph, text: str, high_bits: str, batch: int = 8, check: s
     (``text``: the prompt): a ``margin`` check per generated token, see
     :func:`_run_adaptive_decoder`. The threshold is fitted on held-out inputs by
     ``fit`` (:class:`Fit`; default: rerun :data:`RUN_RERUN_FRACTION` of them).
+    ``verify`` (tiny-gpt): verified generation instead, every token the high
+    graph's (:meth:`TokenAdaptive.generate_verified`).
     Both passes run on the golden model (the same integers as every backend)."""
     from .runtime import jobs
 
     fit = Fit.of(None, None) if fit is None else fit
+    if verify and fit.rule != "rerun_fraction":
+        raise AdaptiveError("verified generation fits its check by a rerun fraction, not a cycle budget")
     model = jobs._model_of(low)
     if model == "minilm":
+        if verify:
+            raise AdaptiveError("verified generation drafts and verifies generated tokens: it is for "
+                                "tiny-gpt, not minilm")
         return _run_adaptive_minilm(low, text, high_bits, batch, check or "saturation", fit, say)
-    return _run_adaptive_decoder(low, text, high_bits, check or TOKEN_CHECK, fit, max_new_tokens, say)
+    return _run_adaptive_decoder(low, text, high_bits, check or TOKEN_CHECK, fit, max_new_tokens, say,
+                                 verify)
 
 
 def _run_adaptive_decoder(low: Graph, prompt: str, high_bits: str, check: str, fit_rule: Fit,
-                          max_new_tokens: int, say) -> dict:
+                          max_new_tokens: int, say, verify: bool = False) -> dict:
     """tiny-gpt: greedy generation after ``prompt`` with per-token dispatch
     (:meth:`TokenAdaptive.generate`), the threshold fitted by ``fit_rule`` on
     the steps of :func:`heldout_windows`. Keys: ``mode`` ("per-token"), ``low``,
     ``high``, ``check``, ``fit`` (``rule``, ``value``), ``threshold``, ``steps`` (low passes: the prefill and
     one per token), ``low_only``, ``rerun``, ``rerun_steps`` (indices),
     ``high_rows``, ``cycles_low``, ``cycles_adaptive``, ``cycles_ratio_vs_low``,
-    ``text`` (prompt and the adaptive continuation)."""
+    ``text`` (prompt and the adaptive continuation). ``verify``: see
+    :func:`_verified_run`."""
     from . import zoo
     from .runtime import jobs
 
@@ -869,12 +1084,36 @@ def _run_adaptive_decoder(low: Graph, prompt: str, high_bits: str, check: str, f
     thr = fit_rule.apply(dec, fit)
     ids = list(str(prompt).encode("utf-8"))
     ctx = int(low.meta.get("max_positions") or bundle.meta["ctx"])
+    if verify:
+        return _verified_run(dec, fit_rule, thr, high_bits, ids, max_new_tokens, ctx)
     g = dec.generate(ids, max_new_tokens, ctx)
     return {"mode": "per-token", "low": low.meta.get("bits"), "high": high_bits, "check": check,
             "fit": fit_rule.to_dict(), "threshold": thr, "steps": g["steps"], "low_only": g["steps"] - len(g["rerun"]),
             "rerun": len(g["rerun"]), "rerun_steps": g["rerun"], "high_rows": g["high_rows"],
             "cycles_low": g["cycles_low"], "cycles_adaptive": g["cycles"],
             "cycles_ratio_vs_low": g["cycles"] / g["cycles_low"],
+            "text": bytes(ids + g["ids"]).decode("utf-8", errors="replace")}
+
+
+def _verified_run(dec: TokenAdaptive, fit_rule: Fit, thr: float, high_bits: str, ids: list[int],
+                  max_new_tokens: int, ctx: int) -> dict:
+    """``hwgen run --adaptive HIGH --adaptive-verify``: verified generation after
+    the prompt ``ids``, and the high graph alone from the same prompt to compare
+    with. Keys: ``mode`` ("verified"), ``low``, ``high``, ``check``, ``fit``,
+    ``threshold``, ``max_draft``, ``tokens``, ``drafted``, ``accepted``,
+    ``rejected``, ``discarded``, ``bonus``, ``check_stops``, ``low_passes``,
+    ``high_passes``, ``high_rows``, ``tokens_differ_from_high`` (0 by
+    construction; measured), ``cycles_low``, ``cycles_high`` (one graph alone),
+    ``cycles_adaptive``, ``cycles_ratio_vs_low``, ``text``."""
+    g = dec.generate_verified(ids, max_new_tokens, ctx)
+    want = greedy_golden(dec._gh, ids, max_new_tokens, ctx)
+    keep = ("tokens", "drafted", "accepted", "rejected", "discarded", "bonus", "check_stops", "low_passes",
+            "high_passes", "high_rows", "cycles_low", "cycles_high")
+    return {"mode": "verified", "low": dec.low.meta.get("bits"), "high": high_bits, "check": dec.check,
+            "fit": fit_rule.to_dict(), "threshold": thr, "max_draft": _default_draft(),
+            **{k: g[k] for k in keep},
+            "tokens_differ_from_high": int(sum(a != b for a, b in zip(g["ids"], want))),
+            "cycles_adaptive": g["cycles"], "cycles_ratio_vs_low": g["cycles"] / g["cycles_low"],
             "text": bytes(ids + g["ids"]).decode("utf-8", errors="replace")}
 
 

@@ -41,6 +41,14 @@ class GoldenState:
         self.kv.clear()
         self.offset = 0
 
+    def truncate(self, n: int) -> None:
+        """Forget every position from ``n`` on (a rejected draft): the caches keep
+        positions ``0 .. n-1`` and the next pass starts at position ``n``."""
+        if not 0 <= n <= self.offset:
+            raise ValueError(f"cannot truncate a cache of {self.offset} positions to {n}")
+        self.kv = {name: (k[:, :, :n], v[:, :, :n]) for name, (k, v) in self.kv.items()}
+        self.offset = n
+
 
 def fmt_of(graph: Graph, name: str) -> FixedType:
     t = graph.tensors[name]

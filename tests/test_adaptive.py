@@ -168,6 +168,32 @@ def test_run_adaptive_tiny_gpt(capsys):
     assert a["text"].startswith("def f(x):") and len(a["text"].encode()) >= 9
 
 
+def test_run_adaptive_verify_tiny_gpt(capsys):
+    """`hwgen run --adaptive w8a8 --adaptive-verify`: every generated token is the
+    high graph's (compared in the run), the counts add up."""
+    from conftest import last_json, run_cli
+
+    code, out, _ = run_cli(capsys, "run", "--model", "tiny-gpt", "--bits", "w4a8", "--prompt", "def f(x):",
+                           "--max-new-tokens", "12", "--adaptive", "w8a8", "--adaptive-verify", "--no-float",
+                           "--json", "--quiet")
+    assert code == 0
+    a = last_json(out)["adaptive"]
+    assert a["mode"] == "verified" and a["tokens"] == 12 and a["tokens_differ_from_high"] == 0
+    assert a["accepted"] + a["rejected"] + a["bonus"] == 12
+    assert a["accepted"] + a["rejected"] + a["discarded"] == a["drafted"] == a["low_passes"]
+    assert a["cycles_ratio_vs_low"] == a["cycles_adaptive"] / a["cycles_low"] > 1
+    assert a["max_draft"] == 15 and a["fit"] == {"rule": "rerun_fraction", "value": 0.2}
+    assert a["text"].startswith("def f(x):")
+
+
+def test_run_adaptive_verify_refuses_minilm(capsys):
+    from conftest import run_cli
+
+    code, _, err = run_cli(capsys, "run", "--model", "minilm", "--text", "A cat.", "--adaptive", "w16a16",
+                           "--adaptive-verify", "--no-float", "--quiet")
+    assert code == 1 and "--adaptive-verify drafts and verifies generated tokens: it is for tiny-gpt" in err
+
+
 @pytest.mark.slow
 def test_run_adaptive_minilm(capsys):
     """`hwgen run --adaptive`: counts add up, rerun rows cost low + high cycles."""
@@ -261,19 +287,10 @@ def test_token_threshold_fit_never_sees_eval(pair, monkeypatch):
 def test_token_generate(pair):
     """Greedy generation with per-token dispatch: threshold +inf gives the low
     graph's greedy tokens, -inf the high graph's (every step rerun)."""
-    from hwgen.runtime.driver import greedy_decode
-    from hwgen.golden import GoldenState
-
     low, high = pair
 
     def plain(g):
-        gm, st = GoldenModel(g), GoldenState()
-
-        def step(feed, restart, label):
-            if restart:
-                st.reset()
-            return gm({"ids": feed}, st)["logits"]
-        return greedy_decode(step, [1, 2, 3], 8, 24)[0]
+        return A.greedy_golden(GoldenModel(g), [1, 2, 3], 8, 24)
 
     dec = A.TokenAdaptive(low, high, "margin", threshold=math.inf)
     g = dec.generate([1, 2, 3], 8, 24)
@@ -378,7 +395,10 @@ def test_input_budget_fit(pair):
 
 
 @pytest.mark.parametrize("argv, msg", [
-    (["--adaptive-budget", "1.2"], "--adaptive-rerun and --adaptive-budget need --adaptive HIGH_BITS"),
+    (["--adaptive-budget", "1.2"], "--adaptive-rerun, --adaptive-budget and --adaptive-verify need --adaptive"),
+    (["--adaptive-verify"], "--adaptive-rerun, --adaptive-budget and --adaptive-verify need --adaptive HIGH_BITS"),
+    (["--adaptive", "w8a8", "--adaptive-verify", "--adaptive-budget", "1.2"],
+     "--adaptive-verify fits its check with --adaptive-rerun FRACTION"),
     (["--adaptive", "w8a8", "--adaptive-budget", "1.2", "--adaptive-rerun", "0.1"],
      "give a rerun fraction or a cycle budget, not both"),
     (["--adaptive", "w8a8", "--adaptive-budget", "0.5"], "cycle budget must be a ratio to the low graph's cycles >= 1"),
@@ -406,3 +426,96 @@ def test_run_adaptive_tiny_gpt_budget(capsys):
         assert a["fit"] == {"rule": "cycles_budget", "value": float(budget)}
         if rerun_none:
             assert a["threshold"] == math.inf and a["rerun"] == 0 and a["cycles_adaptive"] == a["cycles_low"]
+
+
+def _greedy(graph, prompt, n, ctx=24):
+    return A.greedy_golden(GoldenModel(graph), prompt, n, ctx)
+
+
+def test_verified_generation_is_the_high_graphs(pair):
+    """Draft on the low graph, verify on the high graph: for any threshold and
+    draft length the tokens are exactly the high graph's own greedy generation,
+    although the low graph's differ; rejections (cache cut back) do happen."""
+    low, high = pair
+    dec = A.TokenAdaptive(low, high, "margin")
+    prompts = [[1, 2, 3], [7], [5, 9, 11, 2, 30]]
+    fit = dec.scores(low, GoldenModel(low)({"ids": np.asarray([[1, 2, 3, 4, 5, 6, 7, 8]])})["logits"])
+    seen = {"rejected": 0, "discarded": 0, "bonus": 0, "check_stops": 0}
+    differs = False
+    for prompt in prompts:
+        want = _greedy(high, prompt, 12)
+        differs |= want != _greedy(low, prompt, 12)
+        for thr in (math.inf, -math.inf, float(np.median(fit))):
+            for max_draft in (1, 3, 15):
+                dec.threshold = thr
+                g = dec.generate_verified(prompt, 12, 24, max_draft=max_draft)
+                assert g["ids"] == want, (prompt, thr, max_draft)
+                for k in seen:
+                    seen[k] += g[k]
+    assert differs and all(seen.values()), seen
+
+
+def test_verified_generation_counts_and_cycles(pair):
+    """Every draft is accepted, rejected or discarded; every token is an accepted
+    draft, a replacement or a pass's extra token; the cycles are the passes'
+    engine cycles, and the passes cover the sequence with cut-backs only after
+    a rejection."""
+    low, high = pair
+    for thr, max_draft in ((-1.0, 4), (math.inf, 6), (math.inf, 15), (-math.inf, 2)):
+        _check_verified_counts(A.TokenAdaptive(low, high, "margin", threshold=thr), max_draft)
+
+
+def _check_verified_counts(dec, max_draft):
+    thr = dec.threshold
+    g = dec.generate_verified([4, 8, 15, 16], 14, 24, max_draft=max_draft)
+    assert g["accepted"] + g["rejected"] + g["discarded"] == g["drafted"] == len(g["scores"])
+    assert g["accepted"] + g["rejected"] + g["bonus"] == g["tokens"] == len(g["ids"]) == 14
+    assert g["check_stops"] == sum(s > thr for s in g["scores"])
+    cyc = {"low": dec.cycles_low, "high": dec.cycles_high}
+    assert g["cycles"] == sum(cyc[k].step(rows, off) for k, rows, off in g["passes"])
+    for kind in ("low", "high"):
+        passes = [(rows, off) for k, rows, off in g["passes"] if k == kind]
+        assert len(passes) == g[f"{kind}_passes"] and sum(r for r, _ in passes) == g[f"{kind}_rows"]
+        assert passes[0] == (4, 0) if kind == "low" else passes[0][1] == 0
+        ends = [off + rows for rows, off in passes]
+        assert all(off <= end for (_, off), end in zip(passes[1:], ends))   # never a gap
+        assert sum(off < end for (_, off), end in zip(passes[1:], ends)) <= g["rejected"]
+    assert g["cycles_low"] == dec.cycles_low.step(4, 0) + sum(dec.cycles_low.step(1, t) for t in range(4, 17))
+    assert g["high_passes"] <= g["drafted"] and g["low_passes"] == g["drafted"]
+
+
+def test_verified_generation_errors(pair):
+    low, high = pair
+    dec = A.TokenAdaptive(low, high)
+    with pytest.raises(A.AdaptiveError, match="a prompt of at least one token"):
+        dec.generate_verified([], 4, 24)
+    with pytest.raises(A.AdaptiveError, match="max_new_tokens 0: generate at least one token"):
+        dec.generate_verified([1], 0, 24)
+    with pytest.raises(A.AdaptiveError, match="max_draft 0: draft at least one token"):
+        dec.generate_verified([1], 4, 24, max_draft=0)
+    with pytest.raises(A.AdaptiveError, match=r"one cache of 24 positions: the prompt \(20\) and the new "
+                       r"tokens \(5\) must fit"):
+        dec.generate_verified(list(range(20)), 5, 24)
+
+
+def test_evaluate_verified_report(pair):
+    """The bench's verified-generation report: every token compared with the high
+    graph's own generation (0 differ), the low graph alone differs, the counts
+    and cycles add up, the threshold is fitted on the fit windows only."""
+    low, high = pair
+    evals = tiny_decoder_feeds(n=2, b=3, s=12, seed=8)
+    fit = tiny_decoder_feeds(n=2, b=2, s=12, seed=9)
+    r = A.evaluate_verified(evals, low, high, fit, "margin", 0.3, prompt_len=4, new_tokens=8, max_draft=5)
+    dec = A.TokenAdaptive(low, high, "margin")
+    assert r["threshold"] == dec.fit_threshold(fit, 0.3)
+    assert r["prompts"] == 6 and r["tokens"] == 48 and r["identical_to_high"] == 6
+    assert r["mismatches_vs_high"] == 0 and r["target_tokens_of_high"]
+    assert r["low_alone_differs"] > 0 and r["low_alone_tokens_differ"] > 0
+    dec.threshold = r["threshold"]
+    runs = [dec.generate_verified([int(t) for t in row[:4]], 8, 12, max_draft=5)
+            for f in evals for row in f["ids"]]
+    for k in ("drafted", "accepted", "rejected", "check_stops", "high_passes"):
+        assert r[k] == sum(g[k] for g in runs)
+    assert r["cycles_adaptive"] == sum(g["cycles"] for g in runs)
+    assert r["cycles_ratio_vs_low"] == r["cycles_adaptive"] / r["cycles_low"] > 1
+    assert r["max_draft"] == 5 and r["fit"] == {"rule": "rerun_fraction", "value": 0.3}

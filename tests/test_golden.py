@@ -90,3 +90,20 @@ def test_real_tiny_gpt_kv_cache_decoding_is_exact():
     for t in range(10, ids.shape[1]):
         steps.append(m({"ids": ids[:, t:t + 1]}, state)["logits"])
     assert np.array_equal(np.concatenate(steps, axis=1), full)
+
+
+def test_state_truncate_forgets_positions(tiny_decoder_fixed):
+    """A cache cut back to n and fed the rest again gives the uncut run's codes."""
+    from hwgen.golden import GoldenModel, GoldenState
+
+    gm = GoldenModel(tiny_decoder_fixed)
+    ids = np.asarray([[3, 1, 4, 1, 5, 9, 2]])
+    whole = gm({"ids": ids}, GoldenState())["logits"]
+    st = GoldenState()
+    gm({"ids": np.asarray([[3, 1, 4, 1, 7, 7]])}, st)      # a wrong draft from position 4 on
+    st.truncate(4)
+    assert st.offset == 4 and all(k.shape[2] == 4 and v.shape[2] == 4 for k, v in st.kv.values())
+    again = gm({"ids": ids[:, 4:]}, st)["logits"]
+    assert np.array_equal(again, whole[:, 4:])
+    with pytest.raises(ValueError, match="cannot truncate a cache of 7 positions to 8"):
+        st.truncate(8)

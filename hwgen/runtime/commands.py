@@ -51,6 +51,10 @@ def add_parsers(sub) -> None:
     r.add_argument("--adaptive-budget", type=float, metavar="RATIO",
                    help="with --adaptive: fit the threshold to rerun the most held-out inputs whose cycles "
                    "stay within RATIO x the low graph's (e.g. 1.25); excludes --adaptive-rerun")
+    r.add_argument("--adaptive-verify", action="store_true",
+                   help="with --adaptive (tiny-gpt): verified generation: the low graph drafts tokens, the "
+                   "high graph verifies them (a pass when the check flags a draft, or 15 are pending) and "
+                   "replaces the first it disagrees with, so every token is the high graph's")
     r.set_defaults(fn=cmd_run)
 
     p = sub.add_parser("plan", help="print the placement table: op, device, predicted time, bytes",
@@ -91,10 +95,15 @@ def cmd_run(args) -> dict:
     if args.adaptive:
         from ..adaptive import Fit
         fit = Fit.of(args.adaptive_rerun, args.adaptive_budget)      # checked before anything runs
-    elif args.adaptive_rerun is not None or args.adaptive_budget is not None:
-        raise DriverError("--adaptive-rerun and --adaptive-budget need --adaptive HIGH_BITS")
+        if args.adaptive_verify and args.adaptive_budget is not None:
+            raise DriverError("--adaptive-verify fits its check with --adaptive-rerun FRACTION; "
+                              "--adaptive-budget models the rerun dispatch, not verified generation")
+    elif args.adaptive_rerun is not None or args.adaptive_budget is not None or args.adaptive_verify:
+        raise DriverError("--adaptive-rerun, --adaptive-budget and --adaptive-verify need --adaptive HIGH_BITS")
     graph = jobs.load_graph(args.model, args.graph, args.bits, say)
     model = jobs._model_of(graph)
+    if args.adaptive_verify and model == "minilm":
+        raise DriverError("--adaptive-verify drafts and verifies generated tokens: it is for tiny-gpt, not minilm")
     tracer = Tracer() if args.trace else None
     if args.policy not in ("kernels", "cost"):
         raise DriverError(f"unknown placement policy '{args.policy}': expected kernels or cost")
@@ -121,7 +130,8 @@ def cmd_run(args) -> dict:
     if args.adaptive:
         from ..adaptive import run_adaptive
         result["adaptive"] = run_adaptive(graph, args.text if model == "minilm" else prompt, args.adaptive,
-                                          args.batch, fit=fit, say=say, max_new_tokens=args.max_new_tokens)
+                                          args.batch, fit=fit, say=say, max_new_tokens=args.max_new_tokens,
+                                          verify=args.adaptive_verify)
     if tracer is not None:
         result["trace"] = str(tracer.write(args.trace))
         say(f"wrote trace {args.trace} (open in https://ui.perfetto.dev)")
