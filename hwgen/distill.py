@@ -554,7 +554,8 @@ def bench(quick: bool = False, float_steps: int = 300, qat_steps: int = 4,
     * tiny-gpt student (``models/tiny_gpt_student.pt``, half the layers): float
       perplexity vs the teacher's float perplexity, and its W8A8 perplexity;
     * adaptive precision, per token on tiny-gpt (:func:`hwgen.adaptive.bench`):
-      low W4A8 + QAT, high W8A8, margin check, threshold fitted on held-out windows.
+      low W4A8 + QAT, high W8A8, margin check, threshold fitted on held-out windows;
+      the teacher-forced dispatch and verified generation.
     ``quick``: 20 float steps, 1 QAT step (a smoke run, not the numbers)."""
     import sys
     import time
@@ -610,7 +611,10 @@ def bench(quick: bool = False, float_steps: int = 300, qat_steps: int = 4,
         "selective_pruned_cycles_le_0.55": sel["cycles_pruned_ratio"] <= 0.55,
         "student_ppl_within_10pct": res["tiny_gpt_student"]["ratio_float"] <= 1.10,
         "adaptive_cycles_lt_1.3x": res["adaptive"]["target_cycles_lt_1.3x"],
-        "adaptive_accuracy_of_high": res["adaptive"]["target_accuracy_of_high"]}
+        "adaptive_accuracy_of_high": res["adaptive"]["target_accuracy_of_high"],
+        # verified generation: every generated token the high graph's, at < 1.3x the low graph's cycles
+        "adaptive_verified_tokens_of_high_lt_1.3x": res["adaptive"]["verified"]["target_tokens_of_high"]
+        and res["adaptive"]["verified"]["target_cycles_lt_1.3x"]}
     return res
 
 
