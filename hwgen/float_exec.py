@@ -258,20 +258,41 @@ def run_float(graph: Graph, feeds: Mapping[str, np.ndarray | torch.Tensor],
         first = env[graph.inputs[0]] if graph.inputs else None
         seq = int(first.shape[1]) if first is not None and first.dim() >= 2 else 0
     ctx = _RunContext(state=state, offset=state.offset if state is not None else 0, device=dev)
-    with torch.no_grad():
-        for node in graph.nodes:
-            fn = FLOAT_OPS.get(node.op)
-            if fn is None:
-                raise ValueError(f"node '{node.name}': op '{node.op}' has no float semantics")
-            args = [env[n] if n else None for n in node.inputs]
-            out = fn(node, args, ctx)
-            env[node.outputs[0]] = out
+    _run_nodes(graph.nodes, env, ctx)
     if state is not None:
         state.kv.update(ctx.new_kv)
         state.offset += seq
     if record:
         return {k: v for k, v in env.items() if k not in graph.weights}
     return {name: env[name] for name in graph.outputs}
+
+
+def _run_nodes(nodes: list[Node], env: dict[str, torch.Tensor], ctx: _RunContext) -> None:
+    """Run ``nodes`` in order on ``env`` (values by name), adding their outputs."""
+    with torch.no_grad():
+        for node in nodes:
+            fn = FLOAT_OPS.get(node.op)
+            if fn is None:
+                raise ValueError(f"node '{node.name}': op '{node.op}' has no float semantics")
+            env[node.outputs[0]] = fn(node, [env[n] if n else None for n in node.inputs], ctx)
+
+
+def run_float_from(graph: Graph, recorded: Mapping[str, torch.Tensor], start: int) -> dict[str, torch.Tensor]:
+    """Rerun a float graph (no decoder state) from its node ``start`` on, every
+    value before that node read from ``recorded``: a ``run_float(g, feeds,
+    record=True)`` environment of a graph ``g`` that differs from ``graph`` at
+    most in the weights of nodes ``start`` and later. Gives exactly what
+    ``run_float(graph, feeds, record=True)`` gives, without recomputing the
+    unchanged prefix (pruning one linear at a time)."""
+    _check_float_graph(graph)
+    if not 0 <= start <= len(graph.nodes):
+        raise ValueError(f"start node {start} is not in 0 .. {len(graph.nodes)}")
+    env = dict(recorded)
+    dev = next(iter(recorded.values())).device if recorded else torch.device("cpu")
+    for name, w in graph.weights.items():
+        env[name] = torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32)).to(dev)
+    _run_nodes(graph.nodes[start:], env, _RunContext(state=None, offset=0, device=dev))
+    return {k: v for k, v in env.items() if k not in graph.weights}
 
 
 def run_float_ordered(graph: Graph, feeds: list[Mapping[str, np.ndarray | torch.Tensor]],

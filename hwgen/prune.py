@@ -313,6 +313,43 @@ def _float_outputs(graph: Graph, feeds: list[dict[str, np.ndarray]]) -> list[np.
     return [run_float(graph, f)[out].detach().cpu().numpy() for f in feeds]
 
 
+class DenseRuns:
+    """The float graph's recorded run over ``feeds``, kept so a graph with some
+    linears pruned reruns only from the first linear whose weight differs
+    (:func:`hwgen.float_exec.run_float_from`): from the dense run, or from the
+    run of the pruned set last passed to :meth:`rebase` when the masks extend
+    it (the greedy budget walk: the linears chosen so far, plus one). ``ref``
+    is the dense output per feed."""
+
+    def __init__(self, graph: Graph, feeds: list[dict[str, np.ndarray]]):
+        from .float_exec import run_float
+
+        self.graph, self.out, self.feeds = graph, graph.outputs[0], feeds
+        self.index = {n.inputs[1]: i for i, n in enumerate(graph.nodes) if n.op == "linear"}
+        self.dense = [run_float(graph, f, record=True) for f in feeds]
+        self.ref = [r[self.out].detach().cpu().numpy() for r in self.dense]
+        self.base_masks: dict[str, np.ndarray] = {}
+        self.base = self.dense
+
+    def rebase(self, masks: dict[str, np.ndarray]) -> None:
+        """Record the run with ``masks`` applied, for masks that extend them."""
+        from .float_exec import run_float
+
+        self.base_masks = {k: np.asarray(v) for k, v in masks.items()}
+        pruned = apply_masks(self.graph, masks)
+        self.base = [run_float(pruned, f, record=True) for f in self.feeds]
+
+    def outputs(self, masks: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """The float outputs with ``masks`` (weight name -> keep mask) applied."""
+        from .float_exec import run_float_from
+
+        extends = all(w in masks and np.array_equal(masks[w], m) for w, m in self.base_masks.items())
+        records, known = (self.base, self.base_masks) if extends else (self.dense, {})
+        start = min((self.index[w] for w in masks if w not in known), default=len(self.graph.nodes))
+        pruned = apply_masks(self.graph, masks)
+        return [run_float_from(pruned, r, start)[self.out].detach().cpu().numpy() for r in records]
+
+
 def _cosine(outs: list[np.ndarray], ref: list[np.ndarray]) -> np.ndarray:
     """Per output vector cosine of per-feed outputs against ``ref``."""
     from .accuracy import cosine_rows
@@ -352,11 +389,13 @@ def rank_units(units: list, outputs: Callable[[object], list[np.ndarray]], ref: 
 
 
 def greedy_budget(ranking: list[dict], outputs_with: Callable[[list[dict]], list[np.ndarray]],
-                  ref: list[np.ndarray], budget: float, say=None) -> list[dict]:
+                  ref: list[np.ndarray], budget: float, say=None,
+                  on_choose: Callable[[list[dict]], None] | None = None) -> list[dict]:
     """Walk ``ranking`` (cheapest first) and choose each unit whose pruning
     together with the ones chosen before (``outputs_with(rows)``: the float
     graph's outputs over the feeds of ``ref`` with those rows' units pruned)
-    keeps the mean output cosine against ``ref`` >= ``budget``. Returns the ranking with ``chosen`` and
+    keeps the mean output cosine against ``ref`` >= ``budget``; ``on_choose(rows)``
+    is called with the chosen rows each time one is added. Returns the ranking with ``chosen`` and
     ``cosine_with`` (the combined cosine when it was tried)."""
     if not 0 < budget <= 1:
         raise PruneError(f"--prune-budget must be a cosine in (0, 1], e.g. 0.99; got {budget}")
@@ -368,6 +407,8 @@ def greedy_budget(ranking: list[dict], outputs_with: Callable[[list[dict]], list
         ok = c >= budget
         if ok:
             chosen.append(r)
+            if on_choose is not None:
+                on_choose(chosen)
         rows.append({**r, "chosen": ok, "cosine_with": c})
         say(f"budget {budget}: {r['name']} -> {c:.5f} {'chosen' if ok else 'skipped'}")
     return rows
@@ -375,7 +416,7 @@ def greedy_budget(ranking: list[dict], outputs_with: Callable[[list[dict]], list
 
 def sensitivity(graph: Graph, spec: PruneSpec, feeds: Iterable[dict[str, np.ndarray]],
                 norms: dict[str, np.ndarray] | None = None, nodes: list[Node] | None = None,
-                say=None, ref: list[np.ndarray] | None = None) -> list[dict]:
+                say=None, runs: DenseRuns | None = None) -> list[dict]:
     """Per prunable linear (or ``nodes``): prune it alone (``spec``, one-shot,
     ``norms``-aware scores, no refit) in the float ``graph`` and measure the
     cosine of the model's output against the dense float output over ``feeds``
@@ -384,16 +425,17 @@ def sensitivity(graph: Graph, spec: PruneSpec, feeds: Iterable[dict[str, np.ndar
     ``cosine_min``, ``drop`` (1 - cosine_mean) and ``drop_per_mweight`` (drop
     per million weights), sorted cheapest first by ``drop_per_mweight`` (ties:
     graph order). Deterministic: the same graph and feeds give the same list.
-    ``ref``: the dense float outputs over ``feeds`` when the caller has them."""
-    feeds = list(feeds)
-    ref = _float_outputs(graph, feeds) if ref is None else ref
+    Each pruned graph reruns from its linear on (:class:`DenseRuns`; ``runs``:
+    the dense run over ``feeds`` when the caller has it)."""
+    runs = DenseRuns(graph, list(feeds)) if runs is None else runs
     nodes = prunable_linears(graph) if nodes is None else nodes
 
     def outputs(n: Node) -> list[np.ndarray]:
-        return _float_outputs(apply_masks(graph, compute_masks(graph, spec, norms, names=[n.inputs[1]])), feeds)
+        return runs.outputs(compute_masks(graph, spec, norms, names=[n.inputs[1]]))
 
-    return rank_units(nodes, outputs, ref, lambda n: {"name": n.name, "weight": n.inputs[1],
-                                                      "weights": int(graph.weights[n.inputs[1]].size)}, say)
+    return rank_units(nodes, outputs, runs.ref, lambda n: {"name": n.name, "weight": n.inputs[1],
+                                                           "weights": int(graph.weights[n.inputs[1]].size)},
+                      say)
 
 
 def select_by_budget(graph: Graph, spec: PruneSpec, feeds: Iterable[dict[str, np.ndarray]], budget: float,
@@ -408,11 +450,13 @@ def select_by_budget(graph: Graph, spec: PruneSpec, feeds: Iterable[dict[str, np
     added)."""
     if not 0 < budget <= 1:
         raise PruneError(f"--prune-budget must be a cosine in (0, 1], e.g. 0.99; got {budget}")
-    feeds = list(feeds)
-    ref = _float_outputs(graph, feeds)
-    ranking = sensitivity(graph, spec, feeds, norms, say=say, ref=ref) if ranking is None else ranking
-    rows = greedy_budget(ranking, lambda rs: _float_outputs(apply_masks(graph, compute_masks(
-        graph, spec, norms, names=[r["weight"] for r in rs])), feeds), ref, budget, say)
+    runs = DenseRuns(graph, list(feeds))
+    ranking = sensitivity(graph, spec, feeds, norms, say=say, runs=runs) if ranking is None else ranking
+    def masks_of(rs: list[dict]) -> dict[str, np.ndarray]:
+        return compute_masks(graph, spec, norms, names=[r["weight"] for r in rs])
+
+    rows = greedy_budget(ranking, lambda rs: runs.outputs(masks_of(rs)), runs.ref, budget, say,
+                         on_choose=lambda rs: runs.rebase(masks_of(rs)))
     chosen = {r["weight"] for r in rows if r["chosen"]}
     return [n for n in prunable_linears(graph) if n.inputs[1] in chosen], rows
 

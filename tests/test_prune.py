@@ -361,6 +361,12 @@ def test_sensitivity_ranking_deterministic_and_budget(tiny_decoder, one_torch_th
     assert a == b and len(a) == 12
     key = [r["drop_per_mweight"] for r in a]
     assert key == sorted(key) and all(r["drop"] == pytest.approx(1 - r["cosine_mean"]) for r in a)
+    # rerun from the pruned linear on (DenseRuns) = a full run of the pruned graph, exactly
+    ref = P._float_outputs(folded, feeds)
+    for r in a:
+        full = P._output_cosine(P.apply_masks(folded, P.compute_masks(folded, spec, norms, names=[r["weight"]])),
+                                feeds, ref)
+        assert (r["cosine_mean"], r["cosine_min"]) == (float(full.mean()), float(full.min()))
     budget = float(np.median([r["cosine_mean"] for r in a]))   # some, not all, fit
     chosen, rows = P.select_by_budget(folded, spec, feeds, budget, norms, ranking=a)
     assert [r["name"] for r in rows] == [r["name"] for r in a]
@@ -368,11 +374,32 @@ def test_sensitivity_ranking_deterministic_and_budget(tiny_decoder, one_torch_th
     assert 0 < len(chosen) < 12
     assert all(r["cosine_with"] >= budget for r in rows if r["chosen"])
     assert all(r["cosine_with"] < budget for r in rows if not r["chosen"])
-    # the combined cosine of the chosen set is the last accepted one, >= budget
-    g, _ = P.prune(folded, spec, norms, names=[n.inputs[1] for n in chosen])
-    ref = P._float_outputs(folded, feeds)
-    assert float(P._output_cosine(g, feeds, ref).mean()) == pytest.approx(
-        [r["cosine_with"] for r in rows if r["chosen"]][-1], abs=1e-12)
+    # every combined cosine is a full run of the graph pruned with the chosen-so-far set plus
+    # that linear (DenseRuns reruns from the new linear on the chosen set's run), exactly
+    so_far = []
+    for r in rows:
+        g, _ = P.prune(folded, spec, norms, names=so_far + [r["weight"]])
+        assert float(P._output_cosine(g, feeds, ref).mean()) == r["cosine_with"]
+        so_far += [r["weight"]] if r["chosen"] else []
+    assert so_far == [r["weight"] for r in rows if r["chosen"]] and len(so_far) >= 2
     assert P.select_by_budget(folded, spec, feeds, 1e-9, norms, ranking=a)[0] == P.prunable_linears(folded)
     with pytest.raises(P.PruneError, match="--prune-budget must be a cosine"):
         P.select_by_budget(folded, spec, feeds, 1.5, norms, ranking=a)
+
+
+def test_dense_runs_rerun_from_the_first_changed_linear(tiny_decoder, one_torch_thread):
+    """DenseRuns.outputs equals a full float run of the masked graph whether the
+    masks extend the rebased set (rerun from the new linear) or not (rerun from
+    the dense run)."""
+    spec = P.PruneSpec.parse("block:0.5", block_k=4, block_n=4)
+    folded = prepare(tiny_decoder)
+    feeds = tiny_decoder_feeds(2)
+    lin = [n.inputs[1] for n in P.prunable_linears(folded)]
+    masks = lambda names: P.compute_masks(folded, spec, None, names=names)
+    runs = P.DenseRuns(folded, feeds)
+    full = lambda names: P._float_outputs(P.apply_masks(folded, masks(names)), feeds)
+    same = lambda a, b: all(np.array_equal(x, y) for x, y in zip(a, b))
+    assert same(runs.ref, P._float_outputs(folded, feeds))
+    runs.rebase(masks([lin[1]]))
+    for names in ([lin[1], lin[5]], [lin[1], lin[0]], [lin[4]], [lin[0], lin[6]], []):
+        assert same(runs.outputs(masks(names)), full(names)), names
