@@ -258,6 +258,8 @@ class AdaptiveRun:
     scores: np.ndarray               # the check per batch row
     cycles: np.ndarray               # engine cycles per batch row (low, plus high if rerun)
     tokens: np.ndarray               # valid tokens per batch row
+    cycles_low: np.ndarray           # the low pass's cycles per batch row (the low graph alone)
+    cycles_high: np.ndarray          # the high pass's cycles per batch row (what a rerun adds)
     low_outputs: dict[str, np.ndarray] = field(default_factory=dict)  # the low pass's codes
 
 
@@ -336,8 +338,8 @@ class AdaptiveRunner:
                 if outs[n].dtype != hi[n].dtype:
                     outs[n] = outs[n].astype(np.result_type(outs[n].dtype, hi[n].dtype))
                 outs[n][idx] = hi[n]
-        return AdaptiveRun(outs, rerun, scores, cyc_low + np.where(rerun, cyc_high, 0), tokens,
-                           {n: rec[n] for n in self.low.outputs})
+        return AdaptiveRun(outs, rerun, scores, cyc_low + np.where(rerun, cyc_high, 0), tokens, cyc_low,
+                           cyc_high, {n: rec[n] for n in self.low.outputs})
 
 
 # ----------------------------------------------------------------------------
@@ -556,7 +558,7 @@ class TokenAdaptive:
         pass of the PE array's rows. One cache of ``ctx`` positions: the prompt
         and the new tokens must fit (no cache restart).
 
-        Returns ``ids`` (new tokens), ``tokens``, ``low_passes`` (low-graph
+        Returns ``ids`` (new tokens), ``tokens``, ``max_draft``, ``low_passes`` (low-graph
         passes, the first the prompt's prefill), ``low_rows``, ``high_passes``,
         ``high_rows``, ``drafted``, ``accepted`` (drafts the high graph
         confirmed), ``rejected`` (drafts replaced), ``discarded`` (drafts dropped
@@ -630,7 +632,7 @@ class TokenAdaptive:
         n = len(prompt)
         alone = {f"cycles_{k}": c.step(n, 0) + sum(c.step(1, t) for t in range(n, total - 1))
                  for k, c in (("low", self.cycles_low), ("high", self.cycles_high))}
-        return {"ids": hist[n:], "tokens": max_new_tokens, **log, **alone}
+        return {"ids": hist[n:], "tokens": max_new_tokens, "max_draft": max_draft, **log, **alone}
 
 
 def _default_draft() -> int:
@@ -691,8 +693,8 @@ def evaluate_adaptive(bundle, low: Graph, high: Graph, check: str = "saturation"
                 m = _row_metrics(bundle, g, feed, codes, ref)
             for k, v in m.items():
                 acc[key].setdefault(k, []).append(np.asarray(v, dtype=np.float64))
-        cyc["low"] += [runner.cycles_low(int(t)) for t in run.tokens]
-        cyc["high"] += [runner.cycles_high(int(t)) for t in run.tokens]
+        cyc["low"] += run.cycles_low.tolist()
+        cyc["high"] += run.cycles_high.tolist()
         cyc["adaptive"] += run.cycles.tolist()
         rerun_rows += int(run.rerun.sum())
         total_rows += len(run.rerun)
@@ -871,7 +873,7 @@ def evaluate_verified(eval_feeds: list[dict], low: Graph, high: Graph, fit_feeds
             f"{res['mismatches_vs_high']} tokens differ from the high graph's "
             f"({time.perf_counter() - t0:.0f} s)")
     res.update({k: v for k, v in tot.items() if not k.startswith("cycles")})
-    res["max_draft"] = max_draft if max_draft is not None else _default_draft()
+    res["max_draft"] = g["max_draft"]
     res.update(cycles_adaptive=tot["cycles"], cycles_low=tot["cycles_low"], cycles_high=tot["cycles_high"],
                cycles_ratio_vs_low=tot["cycles"] / tot["cycles_low"],
                cycles_ratio_vs_high=tot["cycles"] / tot["cycles_high"])
@@ -1048,16 +1050,25 @@ def run_adaptive(low: Graph, text: str, high_bits: str, batch: int = 8, check: s
     from .runtime import jobs
 
     fit = Fit.of(None, None) if fit is None else fit
-    if verify and fit.rule != "rerun_fraction":
-        raise AdaptiveError("verified generation fits its check by a rerun fraction, not a cycle budget")
     model = jobs._model_of(low)
+    if verify:
+        check_verify(fit, model)
     if model == "minilm":
-        if verify:
-            raise AdaptiveError("verified generation drafts and verifies generated tokens: it is for "
-                                "tiny-gpt, not minilm")
         return _run_adaptive_minilm(low, text, high_bits, batch, check or "saturation", fit, say)
     return _run_adaptive_decoder(low, text, high_bits, check or TOKEN_CHECK, fit, max_new_tokens, say,
                                  verify)
+
+
+def check_verify(fit: Fit, model: str) -> None:
+    """Refuse verified generation (``--adaptive-verify``) where it does not
+    apply: its check is fitted by a rerun fraction (a cycle budget models the
+    rerun dispatch), and it verifies generated tokens (tiny-gpt, not minilm)."""
+    if fit.rule != "rerun_fraction":
+        raise AdaptiveError("--adaptive-verify fits its check with --adaptive-rerun FRACTION; "
+                            "--adaptive-budget models the rerun dispatch, not verified generation")
+    if model == "minilm":
+        raise AdaptiveError("--adaptive-verify drafts and verifies generated tokens: it is for tiny-gpt, "
+                            "not minilm")
 
 
 def _run_adaptive_decoder(low: Graph, prompt: str, high_bits: str, check: str, fit_rule: Fit,
@@ -1107,11 +1118,10 @@ def _verified_run(dec: TokenAdaptive, fit_rule: Fit, thr: float, high_bits: str,
     ``cycles_adaptive``, ``cycles_ratio_vs_low``, ``text``."""
     g = dec.generate_verified(ids, max_new_tokens, ctx)
     want = greedy_golden(dec._gh, ids, max_new_tokens, ctx)
-    keep = ("tokens", "drafted", "accepted", "rejected", "discarded", "bonus", "check_stops", "low_passes",
-            "high_passes", "high_rows", "cycles_low", "cycles_high")
+    keep = ("max_draft", "tokens", "drafted", "accepted", "rejected", "discarded", "bonus", "check_stops",
+            "low_passes", "high_passes", "high_rows", "cycles_low", "cycles_high")
     return {"mode": "verified", "low": dec.low.meta.get("bits"), "high": high_bits, "check": dec.check,
-            "fit": fit_rule.to_dict(), "threshold": thr, "max_draft": _default_draft(),
-            **{k: g[k] for k in keep},
+            "fit": fit_rule.to_dict(), "threshold": thr, **{k: g[k] for k in keep},
             "tokens_differ_from_high": int(sum(a != b for a, b in zip(g["ids"], want))),
             "cycles_adaptive": g["cycles"], "cycles_ratio_vs_low": g["cycles"] / g["cycles_low"],
             "text": bytes(ids + g["ids"]).decode("utf-8", errors="replace")}
@@ -1141,10 +1151,9 @@ def _run_adaptive_minilm(low: Graph, text: str, high_bits: str, batch: int, chec
         feed = zoo.feeds_from_text("minilm", "\n".join(lines[i:i + batch]))
         run = runner.run(feed)
         rerun_rows += [i + int(j) for j in np.flatnonzero(run.rerun)]
-        _, low_c, high_c = runner.row_cycles(feed)
         cyc += run.cycles.tolist()
-        cl += low_c.tolist()
-        ch += high_c.tolist()
+        cl += run.cycles_low.tolist()
+        ch += run.cycles_high.tolist()
     return {"low": low.meta.get("bits"), "high": high_bits, "check": check, "fit": fit_rule.to_dict(),
             "threshold": thr,
             "inputs": len(lines), "low_only": len(lines) - len(rerun_rows), "rerun": len(rerun_rows),

@@ -95,15 +95,13 @@ def cmd_run(args) -> dict:
     if args.adaptive:
         from ..adaptive import Fit
         fit = Fit.of(args.adaptive_rerun, args.adaptive_budget)      # checked before anything runs
-        if args.adaptive_verify and args.adaptive_budget is not None:
-            raise DriverError("--adaptive-verify fits its check with --adaptive-rerun FRACTION; "
-                              "--adaptive-budget models the rerun dispatch, not verified generation")
     elif args.adaptive_rerun is not None or args.adaptive_budget is not None or args.adaptive_verify:
         raise DriverError("--adaptive-rerun, --adaptive-budget and --adaptive-verify need --adaptive HIGH_BITS")
     graph = jobs.load_graph(args.model, args.graph, args.bits, say)
     model = jobs._model_of(graph)
-    if args.adaptive_verify and model == "minilm":
-        raise DriverError("--adaptive-verify drafts and verifies generated tokens: it is for tiny-gpt, not minilm")
+    if args.adaptive_verify:
+        from ..adaptive import check_verify
+        check_verify(fit, model)                                     # before the run, not after it
     tracer = Tracer() if args.trace else None
     if args.policy not in ("kernels", "cost"):
         raise DriverError(f"unknown placement policy '{args.policy}': expected kernels or cost")
