@@ -250,9 +250,7 @@ def run_float(graph: Graph, feeds: Mapping[str, np.ndarray | torch.Tensor],
     _check_float_graph(graph)
     dev = torch.device(device)
     env, bound = _input_env(graph, feeds, dev)
-    for name, w in graph.weights.items():
-        arr = np.ascontiguousarray(w, dtype=np.float32)
-        env[name] = torch.from_numpy(arr).to(dev)
+    env.update(_weight_env(graph, graph.nodes, dev))
     seq = bound.get("S")
     if seq is None:
         first = env[graph.inputs[0]] if graph.inputs else None
@@ -265,6 +263,13 @@ def run_float(graph: Graph, feeds: Mapping[str, np.ndarray | torch.Tensor],
     if record:
         return {k: v for k, v in env.items() if k not in graph.weights}
     return {name: env[name] for name in graph.outputs}
+
+
+def _weight_env(graph: Graph, nodes: list[Node], dev: torch.device) -> dict[str, torch.Tensor]:
+    """The weights ``nodes`` read, as float32 tensors on ``dev``."""
+    names = {t for node in nodes for t in node.inputs if t in graph.weights}
+    return {n: torch.from_numpy(np.ascontiguousarray(graph.weights[n], dtype=np.float32)).to(dev)
+            for n in names}
 
 
 def _run_nodes(nodes: list[Node], env: dict[str, torch.Tensor], ctx: _RunContext) -> None:
@@ -289,8 +294,7 @@ def run_float_from(graph: Graph, recorded: Mapping[str, torch.Tensor], start: in
         raise ValueError(f"start node {start} is not in 0 .. {len(graph.nodes)}")
     env = dict(recorded)
     dev = next(iter(recorded.values())).device if recorded else torch.device("cpu")
-    for name, w in graph.weights.items():
-        env[name] = torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32)).to(dev)
+    env.update(_weight_env(graph, graph.nodes[start:], dev))
     _run_nodes(graph.nodes[start:], env, _RunContext(state=None, offset=0, device=dev))
     return {k: v for k, v in env.items() if k not in graph.weights}
 
@@ -318,8 +322,7 @@ def run_float_ordered(graph: Graph, feeds: list[Mapping[str, np.ndarray | torch.
                 raise ValueError(f"node '{node.name}': op '{node.op}' has no float semantics")
             if before is not None:
                 before(node, envs)
-            weights = {n: torch.from_numpy(np.ascontiguousarray(graph.weights[n], dtype=np.float32))
-                       for n in node.inputs if n in graph.weights}
+            weights = _weight_env(graph, [node], dev)
             for env in envs:
                 ctx = _RunContext(state=None, offset=0, device=dev)
                 env[node.outputs[0]] = fn(node, [(env[t] if t in env else weights[t]) if t else None
