@@ -62,7 +62,8 @@ def cmd_quantize(args: argparse.Namespace) -> dict:
     layers = len(bundle.graph.layers)
     say(f"traced {len(bundle.graph.nodes)} ops over {layers} layer(s); calibrating on "
         f"{len(bundle.calib_feeds)} batch(es)")
-    compress = bool(args.prune or args.distill or args.distill_synthetic or args.prune_layers is not None
+    compress = bool(args.prune or args.distill or args.distill_synthetic or args.distill_text
+                    or args.prune_layers is not None
                     or args.prune_budget is not None or args.prune_channels)  # hwgen.distill.compress does both
     fixed, fmts = (None, None) if compress else quantize(bundle.graph, bundle.calib_feeds, cfg)
     losses: list[float] = []
@@ -74,7 +75,8 @@ def cmd_quantize(args: argparse.Namespace) -> dict:
                                     args.qat_steps, args.lr, gradual=args.gradual, say=say,
                                     layers=args.prune_layers, budget=args.prune_budget,
                                     train_pruned_only=args.distill_pruned_only,
-                                    channels=args.prune_channels, synthetic=args.distill_synthetic)
+                                    channels=args.prune_channels, synthetic=args.distill_synthetic,
+                                    texts=args.distill_text)
         losses = extra.pop("qat_losses")
     if args.qat_steps and not compress:
         from .qat import QATModel, finetune
@@ -359,6 +361,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--distill-synthetic", type=int, default=0, metavar="N",
                    help="with --distill (minilm): add N synthetic everyday-English sentences to the "
                    "distillation inputs (default 0)")
+    q.add_argument("--distill-text", action="append", default=[], metavar="FILE",
+                   help="with --distill: add this text file to the distillation inputs (minilm: one "
+                   "sentence per line; tiny-gpt: its bytes in windows); repeatable. "
+                   "models/data/sentences_distill.txt is a built-in everyday-English one")
     q.add_argument("--distill-pruned-only", action="store_true",
                    help="with --prune --distill: the float stage trains only the pruned linears")
     q.add_argument("--gradual", action="store_true",

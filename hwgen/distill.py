@@ -28,7 +28,8 @@ blocks), trained by ``models/distill_tiny_gpt_student.py`` with
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterable
+import os
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -321,13 +322,47 @@ def _check_synthetic(bundle, synthetic: int) -> None:
                            f"not {bundle.name!r}")
 
 
-def train_feeds(bundle, extra: int = EXTRA_SENTENCES, synthetic: int = 0) -> list[dict[str, np.ndarray]]:
+def _read_texts(bundle, texts: Sequence[str | os.PathLike]) -> list[list[str]]:
+    """The non-empty lines of each ``--distill-text`` file, refused with the
+    file's name when it is missing, unreadable or empty, or when the model
+    takes no text."""
+    from .zoo import ModelLoadError, _read_lines
+
+    if texts and bundle.kind not in ("encoder", "decoder"):
+        raise DistillError(f"--distill-text: model {bundle.name!r} ({bundle.kind}) takes tensors, not text")
+    try:
+        return [_read_lines(path, "distillation text") for path in texts]
+    except ModelLoadError as e:
+        raise DistillError(str(e)) from None
+
+
+def text_feeds(bundle, texts: Sequence[str | os.PathLike]) -> list[dict[str, np.ndarray]]:
+    """Graph feeds of the user's own distillation text files (``--distill-text``):
+    an encoder (minilm) reads one sentence per non-empty line, in batches of 16;
+    a decoder (tiny-gpt) reads each file's lines, joined by newlines, as bytes
+    in windows of the model's calibration width. The teacher labels them, so
+    any unlabelled text of the target domain will do; keep the evaluation text
+    out of them."""
+    from .zoo import GPT_BATCH, _windows
+
+    feeds: list[dict[str, np.ndarray]] = []
+    for lines in _read_texts(bundle, texts):
+        if bundle.kind == "encoder":
+            feeds += [bundle.encode(lines[i:i + 16]) for i in range(0, len(lines), 16)]
+        else:
+            feeds += _windows("\n".join(lines).encode("utf-8"), int(bundle.meta["window"]), GPT_BATCH)
+    return feeds
+
+
+def train_feeds(bundle, extra: int = EXTRA_SENTENCES, synthetic: int = 0,
+                texts: Sequence[str | os.PathLike] = ()) -> list[dict[str, np.ndarray]]:
     """Distillation inputs of a model bundle: its calibration batches, plus for
     minilm ``extra`` sentences of the training corpus in batches of 16 (the
     teacher labels them, so any text will do; the evaluation set is never used).
     ``synthetic`` (minilm only) adds that many everyday-English sentences of
-    :func:`hwgen.synth_sentences.sentences` in batches of 16, and then all the
-    batches are shuffled (seeded), so the training loop, which takes the
+    :func:`hwgen.synth_sentences.sentences` in batches of 16; ``texts`` adds the
+    batches of those text files (:func:`text_feeds`). With either, all the
+    batches are then shuffled (seeded), so the training loop, which takes the
     batches in order, alternates the domains."""
     _check_synthetic(bundle, synthetic)
     feeds = list(bundle.calib_feeds)
@@ -339,6 +374,8 @@ def train_feeds(bundle, extra: int = EXTRA_SENTENCES, synthetic: int = 0) -> lis
 
         sents = sentences(synthetic)
         feeds += [bundle.encode(sents[i:i + 16]) for i in range(0, len(sents), 16)]
+    feeds += text_feeds(bundle, texts)
+    if synthetic or texts:
         feeds = [feeds[i] for i in np.random.default_rng(0).permutation(len(feeds))]
     return feeds
 
@@ -352,7 +389,7 @@ def compress(bundle, cfg, prune: str | None = None, distill_on: bool = False, di
              gradual: bool = False, say: Callable[[str], None] | None = None,
              layers: str | None = None, budget: float | None = None,
              train_pruned_only: bool = False, channels: bool = False,
-             synthetic: int = 0) -> tuple[Graph, dict]:
+             synthetic: int = 0, texts: Sequence[str | os.PathLike] = ()) -> tuple[Graph, dict]:
     """The ``hwgen quantize --prune ... --distill`` recipe on a model bundle.
 
     Which linears: all prunable ones, or (layer-selective) those matching
@@ -366,7 +403,8 @@ def compress(bundle, cfg, prune: str | None = None, distill_on: bool = False, di
     ``budget`` choose are pairs (a pair is taken when a pattern matches one of
     its linears), pruned one-shot with their refit. ``synthetic``
     (``--distill-synthetic``, minilm): that many synthetic everyday sentences
-    added to the distillation inputs (:func:`train_feeds`).
+    added to the distillation inputs (:func:`train_feeds`); ``texts``
+    (``--distill-text``): the user's own text files added to them.
 
     Pruning, by default one-shot: masks from activation-aware magnitudes, then
     the kept weights refitted by least squares (:func:`hwgen.prune.reconstruct`,
@@ -402,6 +440,9 @@ def compress(bundle, cfg, prune: str | None = None, distill_on: bool = False, di
     if synthetic and not distill_on:
         raise DistillError("--distill-synthetic needs --distill")
     _check_synthetic(bundle, synthetic)
+    if texts and not distill_on:
+        raise DistillError("--distill-text needs --distill")
+    _read_texts(bundle, texts)  # refuses a bad file now, not after pruning
     if (layers is not None or budget is not None) and spec is None:
         raise DistillError("--prune-layers and --prune-budget need --prune")
     if channels and (spec is None or spec.kind != "block"):
@@ -441,7 +482,7 @@ def compress(bundle, cfg, prune: str | None = None, distill_on: bool = False, di
     if distill_on:
         res = distill(bundle.graph, bundle.kind, bundle.calib_feeds, cfg, spec, norms,
                       float_steps=distill_steps, qat_steps=qat_steps, lr=distill_lr, qat_lr=lr,
-                      train_feeds=train_feeds(bundle, synthetic=synthetic), say=say, start=start, masks=masks, names=names,
+                      train_feeds=train_feeds(bundle, synthetic=synthetic, texts=texts), say=say, start=start, masks=masks, names=names,
                       trainable=_pruned_params(folded, masks) if train_pruned_only else None)
         fixed, masks, f_losses, q_losses = res.fixed, res.masks, res.float_losses, res.qat_losses
     elif qat_steps:
@@ -480,7 +521,7 @@ def compress(bundle, cfg, prune: str | None = None, distill_on: bool = False, di
                    "cycles_pruned_sparse": cyp["cycles_sparse"], "cycles_pruned_ratio": cyp["cycles_ratio"],
                    "sensitivity": ranking, "channel_pairs": pair_names,
                    "distill": bool(distill_on), "distill_steps": distill_steps if distill_on else 0,
-                   "distill_synthetic": synthetic,
+                   "distill_synthetic": synthetic, "distill_text": [str(t) for t in texts],
                    "distill_loss_first": f_losses[0] if f_losses else None,
                    "distill_loss_last": f_losses[-1] if f_losses else None, "qat_losses": q_losses}
 

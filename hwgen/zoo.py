@@ -46,6 +46,9 @@ __all__ = ["ModelBundle", "ModelLoadError", "load", "feeds_from_text", "MODELS_D
 
 MODELS_DIR = Path(__file__).resolve().parents[1] / "models"
 DATA_DIR = MODELS_DIR / "data"
+#: everyday-English sentences written for MiniLM distillation (``--distill-text``), held out
+#: from the evaluation and calibration sentences (tests/test_models.py checks it)
+DISTILL_SENTENCES = DATA_DIR / "sentences_distill.txt"
 BUILTIN_MODELS = ("minilm", "tiny-gpt", "bert-block")
 _ALIASES = {"minilm": "minilm", "all-minilm-l6-v2": "minilm", "tiny-gpt": "tiny-gpt",
             "tiny_gpt": "tiny-gpt", "tinygpt": "tiny-gpt", "bert-block": "bert-block",

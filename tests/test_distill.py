@@ -205,6 +205,9 @@ def test_cli_prune_budget(capsys, tmp_path):
      "--distill-synthetic -1: the sentence count must be >= 0"),
     (["--distill", "--distill-steps", "1", "--distill-synthetic", "8"],
      "synthetic sentences are everyday English for minilm, not 'bert-block'"),
+    (["--distill-text", "models/data/sentences_calib.txt"], "--distill-text needs --distill"),
+    (["--distill", "--distill-steps", "1", "--distill-text", "models/data/sentences_calib.txt"],
+     "--distill-text: model 'bert-block' (block) takes tensors, not text"),
 ])
 def test_cli_bad_compression_args(capsys, tmp_path, argv, msg):
     out = tmp_path / "bad"
@@ -226,3 +229,64 @@ def test_train_feeds_add_shuffled_synthetic_batches():
     assert sorted(map(key, mixed)) == sorted(map(key, want))
     assert list(map(key, mixed)) != list(map(key, want))       # shuffled, so the loop alternates domains
     assert list(map(key, D.train_feeds(b, extra=0, synthetic=40))) == list(map(key, mixed))
+
+
+def test_text_feeds_minilm_lines_in_batches_shuffled_in(tmp_path):
+    from hwgen import zoo
+
+    b = zoo.load("minilm")
+    lines = [f"Sentence number {i} is about {w}." for i, w in enumerate(["rain", "bread", "trains"] * 7)]
+    a = tmp_path / "a.txt"
+    a.write_text("\n".join(lines[:18]) + "\n\n   \n", encoding="utf-8")   # blank lines are skipped
+    c = tmp_path / "c.txt"
+    c.write_text("\n".join(lines[18:]), encoding="utf-8")
+    key = lambda f: f["ids"].tobytes() + f["mask"].tobytes()
+    got = D.text_feeds(b, [a, c])
+    want = [b.encode(lines[:16]), b.encode(lines[16:18]), b.encode(lines[18:])]
+    assert list(map(key, got)) == list(map(key, want))
+    mixed = D.train_feeds(b, extra=0, texts=[a, c])
+    assert sorted(map(key, mixed)) == sorted(map(key, list(b.calib_feeds) + want))
+    assert list(map(key, mixed)) != list(map(key, list(b.calib_feeds) + want))   # shuffled
+    assert list(map(key, D.train_feeds(b, extra=0))) == list(map(key, b.calib_feeds))  # none: not shuffled
+
+
+def test_text_feeds_tiny_gpt_windows(tmp_path):
+    from hwgen import zoo
+
+    b = zoo.load("tiny-gpt")
+    w = int(b.meta["window"])
+    t = tmp_path / "t.txt"
+    t.write_text("first line\n" + "x" * (3 * w) + "\n", encoding="utf-8")
+    got = D.text_feeds(b, [t])
+    data = np.frombuffer(("first line\n" + "x" * (3 * w)).encode(), dtype=np.uint8).astype(np.int64)
+    ids = np.concatenate([f["ids"] for f in got])
+    assert ids.shape == (len(data) // w, w)
+    assert np.array_equal(ids.reshape(-1), data[:ids.size])
+
+
+@pytest.mark.parametrize("content,msg", [
+    (None, "distillation text file not found"),
+    ("\n  \n", "distillation text file has no non-empty lines"),
+    (b"\xff\xfe bad", "cannot read distillation text file"),
+])
+def test_text_feeds_refuse_bad_files(tmp_path, content, msg):
+    from hwgen import zoo
+
+    b = zoo.load("tiny-gpt")
+    f = tmp_path / "d.txt"
+    if isinstance(content, bytes):
+        f.write_bytes(content)
+    elif content is not None:
+        f.write_text(content)
+    with pytest.raises(D.DistillError, match=msg) as e:
+        D.text_feeds(b, [f])
+    assert str(e.value).startswith(str(f))
+
+
+def test_cli_distill_text_missing_file_refused_before_pruning(capsys, tmp_path):
+    out = tmp_path / "q"
+    code, _, err = run_cli(capsys, "quantize", "--model", "tiny-gpt", "--out", out, "--prune", "2:4",
+                           "--distill", "--distill-steps", "1", "--distill-text", tmp_path / "none.txt")
+    assert code == 1 and "none.txt: distillation text file not found" in err
+    assert "pruning" not in err                                     # refused before any work
+    assert not out.exists()

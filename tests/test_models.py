@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
@@ -175,3 +176,26 @@ def test_sentence_sets():
     assert not set(ev) & set(cal) and len(set(ev)) == len(ev) and len(set(cal)) == len(cal)
     for s in ev + cal:
         assert s == s.strip() and 4 <= len(s.split()) <= 60
+
+
+def _words(s):
+    return re.findall(r"[a-z0-9']+", s.lower())
+
+
+def test_distill_sentences_held_out_from_eval_and_calibration():
+    """The distillation corpus shares no 5-word run with, and is never a close
+    rewording (word-set Jaccard >= 0.4) of, an evaluation or calibration sentence."""
+    from hwgen.zoo import DISTILL_SENTENCES
+
+    lines = DISTILL_SENTENCES.read_text(encoding="ascii").splitlines()
+    assert len(lines) >= 4000 and len(set(lines)) == len(lines)
+    assert all(s == s.strip() and s for s in lines)
+    held = [s for f in ("sentences_eval.txt", "sentences_calib.txt")
+            for s in (DATA_DIR / f).read_text(encoding="utf-8").splitlines()]
+    grams = lambda s: {tuple(w[i:i + 5]) for w in [_words(s)] for i in range(len(w) - 4)}
+    held_grams = set().union(*map(grams, held))
+    held_sets = [set(_words(s)) for s in held]
+    for s in lines:
+        ws = set(_words(s))
+        assert not grams(s) & held_grams, s
+        assert all(len(ws & h) < 0.4 * len(ws | h) for h in held_sets), s
