@@ -63,6 +63,7 @@ def cmd_quantize(args: argparse.Namespace) -> dict:
     say(f"traced {len(bundle.graph.nodes)} ops over {layers} layer(s); calibrating on "
         f"{len(bundle.calib_feeds)} batch(es)")
     compress = bool(args.prune or args.distill or args.distill_synthetic or args.distill_text
+                    or args.distill_schedule != "constant"
                     or args.prune_layers is not None
                     or args.prune_budget is not None or args.prune_channels)  # hwgen.distill.compress does both
     fixed, fmts = (None, None) if compress else quantize(bundle.graph, bundle.calib_feeds, cfg)
@@ -76,7 +77,7 @@ def cmd_quantize(args: argparse.Namespace) -> dict:
                                     layers=args.prune_layers, budget=args.prune_budget,
                                     train_pruned_only=args.distill_pruned_only,
                                     channels=args.prune_channels, synthetic=args.distill_synthetic,
-                                    texts=args.distill_text)
+                                    texts=args.distill_text, distill_schedule=args.distill_schedule)
         losses = extra.pop("qat_losses")
     if args.qat_steps and not compress:
         from .qat import QATModel, finetune
@@ -361,6 +362,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--distill-synthetic", type=int, default=0, metavar="N",
                    help="with --distill (minilm): add N synthetic everyday-English sentences to the "
                    "distillation inputs (default 0)")
+    q.add_argument("--distill-schedule", default="constant", metavar="constant|cosine",
+                   help="with --distill: the float stage's learning rate, constant (default) or "
+                   "decayed along half a cosine to 0")
     q.add_argument("--distill-text", action="append", default=[], metavar="FILE",
                    help="with --distill: add this text file to the distillation inputs (minilm: one "
                    "sentence per line; tiny-gpt: its bytes in windows); repeatable. "

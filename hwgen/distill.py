@@ -27,8 +27,8 @@ blocks), trained by ``models/distill_tiny_gpt_student.py`` with
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 import os
+from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
 
 import numpy as np
@@ -37,6 +37,7 @@ import torch.nn.functional as F
 
 from .float_exec import FLOAT_OPS, _RunContext, run_float
 from .ir import Graph
+from .qat import LR_SCHEDULES
 
 
 class DistillError(ValueError):
@@ -198,16 +199,18 @@ class FloatStudent(torch.nn.Module):
 
 def distill_float(student: FloatStudent, feeds: Iterable[dict[str, np.ndarray]], loss: DistillLoss,
                   steps: int, lr: float = 1e-4, before_step: Callable[[int], None] | None = None,
-                  progress: Callable[[int, float], None] | None = None) -> list[float]:
-    """``steps`` Adam steps of the distillation loss on the float student;
-    ``before_step(i)`` runs first (a pruning schedule). Returns the losses."""
+                  progress: Callable[[int, float], None] | None = None,
+                  schedule: str = "constant") -> list[float]:
+    """``steps`` Adam steps of the distillation loss on the float student, the
+    learning rate by ``schedule`` (:func:`hwgen.qat.lr_at`); ``before_step(i)``
+    runs first (a pruning schedule). Returns the losses."""
     feeds = list(feeds)
     if not feeds:
         raise DistillError("distillation needs at least one input batch")
     from .qat import adam_steps
 
     return adam_steps(student.parameters(), feeds, lambda f: loss(f, student(f)), steps, lr, progress,
-                      before_step)
+                      before_step, schedule=schedule)
 
 
 # ----------------------------------------------------------------------------
@@ -229,7 +232,8 @@ def distill(float_graph: Graph, kind: str, calib_feeds: list[dict[str, np.ndarra
             train_feeds: list[dict[str, np.ndarray]] | None = None,
             hidden_weight: float = 1.0, say: Callable[[str], None] | None = None,
             start: Graph | None = None, masks: dict[str, np.ndarray] | None = None,
-            names: list[str] | None = None, trainable: Iterable[str] | None = None) -> DistillResult:
+            names: list[str] | None = None, trainable: Iterable[str] | None = None,
+            float_schedule: str = "constant") -> DistillResult:
     """Prune (gradually over the float stage, else one-shot or gradually over
     QAT), distill in float, recalibrate, then distill with QAT; returns the
     quantized student. ``float_graph`` is the model's float graph (unfolded,
@@ -238,7 +242,8 @@ def distill(float_graph: Graph, kind: str, calib_feeds: list[dict[str, np.ndarra
     folded float graph, e.g. pruned and reconstructed) and fixed keep ``masks``
     replace the gradual schedule: the student starts there and keeps those zeros.
     ``names`` (weight names) restricts pruning to those linears (layer-selective);
-    ``trainable`` (weight names) restricts the float stage's training to those."""
+    ``trainable`` (weight names) restricts the float stage's training to those;
+    ``float_schedule``: the float stage's learning-rate schedule (:func:`hwgen.qat.lr_at`)."""
     from . import prune as P
     from .qat import QATModel, finetune
     from .quant import prepare, quantize
@@ -258,9 +263,10 @@ def distill(float_graph: Graph, kind: str, calib_feeds: list[dict[str, np.ndarra
         if spec is not None and not fixed_masks:
             hook = P.GradualPruner(st, spec, float_steps, norms, names=names)
         say(f"distill (float): {float_steps} step(s), lr {lr}"
+            + (f" ({float_schedule})" if float_schedule != "constant" else "")
             + (f", pruning {spec.name} gradually" if hook is not None else "")
             + (f", {spec.name} masks fixed" if spec is not None and fixed_masks else ""))
-        f_losses = distill_float(st, feeds, loss, float_steps, lr=lr, before_step=hook,
+        f_losses = distill_float(st, feeds, loss, float_steps, lr=lr, before_step=hook, schedule=float_schedule,
                                  progress=lambda i, l: say(f"float step {i}/{float_steps} loss {l:.6f}")
                                  if i % 10 == 0 or i == float_steps else None)
         if hook is not None:
@@ -389,7 +395,8 @@ def compress(bundle, cfg, prune: str | None = None, distill_on: bool = False, di
              gradual: bool = False, say: Callable[[str], None] | None = None,
              layers: str | None = None, budget: float | None = None,
              train_pruned_only: bool = False, channels: bool = False,
-             synthetic: int = 0, texts: Sequence[str | os.PathLike] = ()) -> tuple[Graph, dict]:
+             synthetic: int = 0, texts: Sequence[str | os.PathLike] = (),
+             distill_schedule: str = "constant") -> tuple[Graph, dict]:
     """The ``hwgen quantize --prune ... --distill`` recipe on a model bundle.
 
     Which linears: all prunable ones, or (layer-selective) those matching
@@ -405,6 +412,8 @@ def compress(bundle, cfg, prune: str | None = None, distill_on: bool = False, di
     (``--distill-synthetic``, minilm): that many synthetic everyday sentences
     added to the distillation inputs (:func:`train_feeds`); ``texts``
     (``--distill-text``): the user's own text files added to them.
+    ``distill_schedule`` (``--distill-schedule``): the float stage's
+    learning-rate schedule, ``constant`` or ``cosine`` (:func:`hwgen.qat.lr_at`).
 
     Pruning, by default one-shot: masks from activation-aware magnitudes, then
     the kept weights refitted by least squares (:func:`hwgen.prune.reconstruct`,
@@ -442,6 +451,10 @@ def compress(bundle, cfg, prune: str | None = None, distill_on: bool = False, di
     _check_synthetic(bundle, synthetic)
     if texts and not distill_on:
         raise DistillError("--distill-text needs --distill")
+    if distill_schedule != "constant" and not (distill_on and distill_steps):
+        raise DistillError("--distill-schedule needs --distill with --distill-steps > 0")
+    if distill_schedule not in LR_SCHEDULES:
+        raise DistillError(f"--distill-schedule {distill_schedule}: expected one of {', '.join(LR_SCHEDULES)}")
     _read_texts(bundle, texts)  # refuses a bad file now, not after pruning
     if (layers is not None or budget is not None) and spec is None:
         raise DistillError("--prune-layers and --prune-budget need --prune")
@@ -483,7 +496,8 @@ def compress(bundle, cfg, prune: str | None = None, distill_on: bool = False, di
         res = distill(bundle.graph, bundle.kind, bundle.calib_feeds, cfg, spec, norms,
                       float_steps=distill_steps, qat_steps=qat_steps, lr=distill_lr, qat_lr=lr,
                       train_feeds=train_feeds(bundle, synthetic=synthetic, texts=texts), say=say, start=start, masks=masks, names=names,
-                      trainable=_pruned_params(folded, masks) if train_pruned_only else None)
+                      trainable=_pruned_params(folded, masks) if train_pruned_only else None,
+                      float_schedule=distill_schedule)
         fixed, masks, f_losses, q_losses = res.fixed, res.masks, res.float_losses, res.qat_losses
     elif qat_steps:
         _, fmts = quantize(start if masks is not None else P.prune(folded, spec, norms, names=names)[0]
@@ -522,6 +536,7 @@ def compress(bundle, cfg, prune: str | None = None, distill_on: bool = False, di
                    "sensitivity": ranking, "channel_pairs": pair_names,
                    "distill": bool(distill_on), "distill_steps": distill_steps if distill_on else 0,
                    "distill_synthetic": synthetic, "distill_text": [str(t) for t in texts],
+                   "distill_schedule": distill_schedule if distill_on and distill_steps else None,
                    "distill_loss_first": f_losses[0] if f_losses else None,
                    "distill_loss_last": f_losses[-1] if f_losses else None, "qat_losses": q_losses}
 

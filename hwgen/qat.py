@@ -25,6 +25,7 @@ sparsity as training goes.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
@@ -144,21 +145,39 @@ class QATModel(torch.nn.Module):
         return StepResult({n: vals[n] for n in fixed.outputs}, codes, fixed, vals)
 
 
+#: learning-rate schedules of :func:`adam_steps`
+LR_SCHEDULES = ("constant", "cosine")
+
+
+def lr_at(lr: float, i: int, steps: int, schedule: str = "constant") -> float:
+    """The learning rate of step ``i`` of ``steps``: ``lr`` throughout
+    (``constant``), or ``lr`` decayed along half a cosine to 0 after the last
+    step (``cosine``: ``lr * (1 + cos(pi * i / steps)) / 2``)."""
+    if schedule not in LR_SCHEDULES:
+        raise ValueError(f"learning-rate schedule {schedule!r}: expected one of {', '.join(LR_SCHEDULES)}")
+    if schedule == "constant":
+        return lr
+    return lr * 0.5 * (1.0 + math.cos(math.pi * i / steps))
+
+
 def adam_steps(params, feeds: list[dict[str, np.ndarray]],
                loss_of: Callable[[dict[str, np.ndarray]], torch.Tensor], steps: int, lr: float,
                progress: Callable[[int, float], None] | None = None,
-               before_step: Callable[[int], None] | None = None) -> list[float]:
+               before_step: Callable[[int], None] | None = None, schedule: str = "constant") -> list[float]:
     """The one training loop of QAT and distillation: ``steps`` Adam steps on
     ``params``, step ``i`` on ``feeds[i % len(feeds)]`` with the loss
-    ``loss_of(feed)``; ``before_step(i)`` runs first (a pruning schedule),
-    ``progress(i + 1, loss)`` after. Returns the losses."""
+    ``loss_of(feed)`` at learning rate :func:`lr_at`; ``before_step(i)`` runs
+    first (a pruning schedule), ``progress(i + 1, loss)`` after. Returns the losses."""
     if steps and not feeds:
         raise ValueError(f"{steps} training step(s) need at least one input batch")
+    lr_at(lr, 0, 1, schedule)                        # refuses an unknown schedule before any step
     opt = torch.optim.Adam(params, lr=lr)
     losses = []
     for i in range(steps):
         if before_step:
             before_step(i)
+        for group in opt.param_groups:
+            group["lr"] = lr_at(lr, i, steps, schedule)
         opt.zero_grad()
         loss = loss_of(feeds[i % len(feeds)])
         loss.backward()

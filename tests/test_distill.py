@@ -206,6 +206,9 @@ def test_cli_prune_budget(capsys, tmp_path):
     (["--distill", "--distill-steps", "1", "--distill-synthetic", "8"],
      "synthetic sentences are everyday English for minilm, not 'bert-block'"),
     (["--distill-text", "models/data/sentences_calib.txt"], "--distill-text needs --distill"),
+    (["--distill-schedule", "cosine"], "--distill-schedule needs --distill with --distill-steps > 0"),
+    (["--distill", "--distill-steps", "1", "--distill-schedule", "linear"],
+     "--distill-schedule linear: expected one of constant, cosine"),
     (["--distill", "--distill-steps", "1", "--distill-text", "models/data/sentences_calib.txt"],
      "--distill-text: model 'bert-block' (block) takes tensors, not text"),
 ])

@@ -90,3 +90,24 @@ def test_adam_steps_cycles_feeds_and_refuses_none():
     with pytest.raises(ValueError, match=r"^3 training step\(s\) need at least one input batch$"):
         adam_steps([p], [], loss_of, 3, lr=0.1)
     assert adam_steps([p], [], loss_of, 0, lr=0.1) == []
+
+
+def test_adam_steps_learning_rate_schedules():
+    """A linear loss makes every Adam update exactly the step's learning rate,
+    so the parameter's moves read the schedule off: constant, or half a cosine."""
+    import math
+
+    from hwgen.qat import adam_steps, lr_at
+
+    for schedule, want in (("constant", [0.5] * 4),
+                           ("cosine", [0.5 * (1 + math.cos(math.pi * i / 4)) / 2 for i in range(4)])):
+        p = torch.nn.Parameter(torch.tensor([0.0], dtype=torch.float64))
+        trace = []
+        adam_steps([p], [{}], lambda f: p.sum(), 4, lr=0.5, schedule=schedule,
+                   progress=lambda i, l: trace.append(float(p.detach())))
+        moves = [a - b for a, b in zip([0.0] + trace, trace)]
+        assert moves == pytest.approx(want, rel=1e-6)
+        assert [lr_at(0.5, i, 4, schedule) for i in range(4)] == pytest.approx(want, rel=1e-12)
+    assert lr_at(0.5, 4, 4, "cosine") == pytest.approx(0.0, abs=1e-12)
+    with pytest.raises(ValueError, match=r"^learning-rate schedule 'linear': expected one of constant, cosine$"):
+        adam_steps([p], [{}], lambda f: p.sum(), 1, lr=0.5, schedule="linear")
