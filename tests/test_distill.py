@@ -293,3 +293,25 @@ def test_cli_distill_text_missing_file_refused_before_pruning(capsys, tmp_path):
     assert code == 1 and "none.txt: distillation text file not found" in err
     assert "pruning" not in err                                     # refused before any work
     assert not out.exists()
+
+
+def test_teacher_cache_budget_changes_time_not_losses(tiny_decoder):
+    """The teacher cache keeps batches up to its byte budget; the batches beyond
+    it are rerun, and the losses are the same bit for bit as with every batch kept."""
+    g = prepare(tiny_decoder)
+    feeds = tiny_decoder_feeds(3)
+    full = D.DistillLoss(g, "decoder")
+    one = full.teacher(feeds[0])
+    per_batch = sum(t.numel() * 4 for t in one.values())
+    budgets = {"all": full, "one": D.DistillLoss(g, "decoder", cache_bytes=per_batch),
+               "none": D.DistillLoss(g, "decoder", cache_bytes=0)}
+    losses = {}
+    for name, loss in budgets.items():
+        torch.manual_seed(0)
+        st = D.FloatStudent(g)
+        losses[name] = D.distill_float(st, feeds, loss, 7, lr=1e-2)
+    assert losses["one"] == losses["all"] and losses["none"] == losses["all"]
+    assert full.cached_bytes == 3 * per_batch and len(full._teacher) == 3
+    assert budgets["one"].cached_bytes == per_batch and len(budgets["one"]._teacher) == 1
+    assert budgets["none"].cached_bytes == 0 and not budgets["none"]._teacher
+    assert all(t.dtype == torch.float64 for t in full.teacher(feeds[1]).values())
