@@ -611,7 +611,7 @@ BENCH_BUDGET = 0.985
 BENCH_ROWS = (("2:4", False, False, False), ("block:0.5", False, False, False),
               ("block:0.5", True, False, False), ("block:0.5", False, True, False),
               ("block:0.5", True, True, False), ("2:4", False, False, True),
-              ("block:0.5", False, False, True))
+              ("block:0.5", False, True, True))
 
 
 def bench(quick: bool = False, float_steps: int = 300, qat_steps: int = 4,
@@ -624,9 +624,9 @@ def bench(quick: bool = False, float_steps: int = 300, qat_steps: int = 4,
       then ``qat_steps`` QAT steps): mean/min embedding cosine vs float over
       the evaluation sentences, and the matmul engine's cycles of the pruned
       linears at m = 128, sparse vs dense;
-    * the same two with the shipped distillation sentences
-      (:data:`hwgen.zoo.DISTILL_SENTENCES`) added to the inputs and
-      ``corpus_steps`` float steps, cosine-decayed;
+    * 2:4 and block:0.5 channel pairs on every linear with the shipped
+      distillation sentences (:data:`hwgen.zoo.DISTILL_SENTENCES`) added to the
+      inputs and ``corpus_steps`` float steps, cosine-decayed;
     * the layer-selective row: block:0.5 on the linears :func:`hwgen.prune.select_by_budget`
       picks for a float cosine ``budget`` on the calibration inputs, the same
       steps with the float stage training only the pruned linears; which
