@@ -679,6 +679,18 @@ def reconstruct(graph: Graph, masks: dict[str, np.ndarray], feeds: Iterable[dict
     return g
 
 
+def _solve(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``a x = b`` for a (batch of) symmetric positive semi-definite normal
+    matrices; a singular one (``damp`` 0 on inputs of lower rank than the kept
+    rows) gets the minimum-norm least-squares solution instead of an error."""
+    try:
+        return np.linalg.solve(a, b)
+    except np.linalg.LinAlgError:
+        if a.ndim == 2:
+            return np.linalg.lstsq(a, b, rcond=None)[0]
+        return np.stack([np.linalg.lstsq(ai, bi, rcond=None)[0] for ai, bi in zip(a, b)])
+
+
 def _refit_group(graph, g, masks, nodes, feeds, envs, x_name, damp, say) -> None:
     x = np.concatenate([valid_rows(feed, env[x_name]) for feed, env in zip(feeds, envs)])
     h = x.T @ x
@@ -703,10 +715,10 @@ def _refit_group(graph, g, masks, nodes, feeds, envs, x_name, damp, say) -> None
                 one = np.array([len(cols_of[u]) == 1 for u in chunk])
                 if one.any():                        # one column per support (N:M): batched
                     cols = np.array([cols_of[u][0] for u in chunk[one]])
-                    sol = np.linalg.solve(a[one], rhs[idx[one], cols[:, None]][..., None])[..., 0]
+                    sol = _solve(a[one], rhs[idx[one], cols[:, None]][..., None])[..., 0]
                     w[idx[one], cols[:, None]] = sol
                 for j in np.flatnonzero(~one):       # shared supports (blocks): many right-hand sides
                     cols = cols_of[chunk[j]]
-                    w[idx[j][:, None], cols[None, :]] = np.linalg.solve(a[j], rhs[idx[j][:, None], cols[None, :]])
+                    w[idx[j][:, None], cols[None, :]] = _solve(a[j], rhs[idx[j][:, None], cols[None, :]])
         g.weights[wname] = w.astype(graph.weights[wname].dtype)
     say(f"refitted {', '.join(n.name for n in nodes)} on {x.shape[0]} rows")

@@ -403,3 +403,18 @@ def test_dense_runs_rerun_from_the_first_changed_linear(tiny_decoder, one_torch_
     runs.rebase(masks([lin[1]]))
     for names in ([lin[1], lin[5]], [lin[1], lin[0]], [lin[4]], [lin[0], lin[6]], []):
         assert same(runs.outputs(masks(names)), full(names)), names
+
+
+def test_refit_solve_singular_normal_matrix():
+    """A normal matrix of rank-deficient inputs (damp 0) is solved by least
+    squares, minimum norm, instead of failing; a regular one by the exact solve."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(20, 3))
+    x = np.concatenate([x, np.zeros((20, 1))], axis=1)             # a dead input: rank 3 of 4
+    a, b = x.T @ x, x.T @ rng.normal(size=(20, 2))
+    with pytest.raises(np.linalg.LinAlgError):
+        np.linalg.solve(a, b)
+    got = P._solve(a, b)
+    assert np.allclose(a @ got, b) and np.allclose(got, np.linalg.pinv(a) @ b)
+    batch = P._solve(np.stack([a, a + np.eye(4)]), np.stack([b, b]))
+    assert np.allclose(batch[0], got) and np.allclose(batch[1], np.linalg.solve(a + np.eye(4), b))
