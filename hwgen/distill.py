@@ -346,6 +346,14 @@ def _check_synthetic(bundle, synthetic: int) -> None:
                            f"not {bundle.name!r}")
 
 
+def _sentence_batches(bundle, sents: list[str]) -> list[dict[str, np.ndarray]]:
+    """Graph feeds of ``sents`` in order, in batches of the calibration batch
+    size (:data:`hwgen.zoo.SENTENCE_BATCH`)."""
+    from .zoo import SENTENCE_BATCH
+
+    return [bundle.encode(sents[i:i + SENTENCE_BATCH]) for i in range(0, len(sents), SENTENCE_BATCH)]
+
+
 def _read_texts(bundle, texts: Sequence[str | os.PathLike]) -> list[list[str]]:
     """The non-empty lines of each ``--distill-text`` file, refused with the
     file's name when it is missing, unreadable or empty, or when the model
@@ -372,7 +380,7 @@ def text_feeds(bundle, texts: Sequence[str | os.PathLike]) -> list[dict[str, np.
     feeds: list[dict[str, np.ndarray]] = []
     for lines in _read_texts(bundle, texts):
         if bundle.kind == "encoder":
-            feeds += [bundle.encode(lines[i:i + 16]) for i in range(0, len(lines), 16)]
+            feeds += _sentence_batches(bundle, lines)
         else:
             feeds += _windows("\n".join(lines).encode("utf-8"), int(bundle.meta["window"]), GPT_BATCH)
     return feeds
@@ -392,12 +400,12 @@ def train_feeds(bundle, extra: int = EXTRA_SENTENCES, synthetic: int = 0,
     feeds = list(bundle.calib_feeds)
     if bundle.name == "minilm" and extra:
         sents = corpus_sentences(extra)
-        feeds += [bundle.encode(sents[i:i + 16]) for i in range(0, len(sents), 16)]
+        feeds += _sentence_batches(bundle, sents)
     if synthetic:
         from .synth_sentences import sentences
 
         sents = sentences(synthetic)
-        feeds += [bundle.encode(sents[i:i + 16]) for i in range(0, len(sents), 16)]
+        feeds += _sentence_batches(bundle, sents)
     feeds += text_feeds(bundle, texts)
     if synthetic or texts:
         feeds = [feeds[i] for i in np.random.default_rng(0).permutation(len(feeds))]

@@ -149,12 +149,17 @@ class QATModel(torch.nn.Module):
 LR_SCHEDULES = ("constant", "cosine")
 
 
+def check_schedule(schedule: str) -> None:
+    """Refuse a learning-rate schedule that is not one of :data:`LR_SCHEDULES`."""
+    if schedule not in LR_SCHEDULES:
+        raise ValueError(f"learning-rate schedule {schedule!r}: expected one of {', '.join(LR_SCHEDULES)}")
+
+
 def lr_at(lr: float, i: int, steps: int, schedule: str = "constant") -> float:
     """The learning rate of step ``i`` of ``steps``: ``lr`` throughout
     (``constant``), or ``lr`` decayed along half a cosine to 0 after the last
     step (``cosine``: ``lr * (1 + cos(pi * i / steps)) / 2``)."""
-    if schedule not in LR_SCHEDULES:
-        raise ValueError(f"learning-rate schedule {schedule!r}: expected one of {', '.join(LR_SCHEDULES)}")
+    check_schedule(schedule)
     if schedule == "constant":
         return lr
     return lr * 0.5 * (1.0 + math.cos(math.pi * i / steps))
@@ -170,7 +175,7 @@ def adam_steps(params, feeds: list[dict[str, np.ndarray]],
     first (a pruning schedule), ``progress(i + 1, loss)`` after. Returns the losses."""
     if steps and not feeds:
         raise ValueError(f"{steps} training step(s) need at least one input batch")
-    lr_at(lr, 0, 1, schedule)                        # refuses an unknown schedule before any step
+    check_schedule(schedule)                         # before any step
     opt = torch.optim.Adam(params, lr=lr)
     losses = []
     for i in range(steps):
