@@ -63,7 +63,8 @@ def cmd_quantize(args: argparse.Namespace) -> dict:
     say(f"traced {len(bundle.graph.nodes)} ops over {layers} layer(s); calibrating on "
         f"{len(bundle.calib_feeds)} batch(es)")
     compress = bool(args.prune or args.distill or args.distill_synthetic or args.distill_text
-                    or args.distill_schedule != "constant"
+                    or args.distill_schedule != "constant" or args.distill_device != "cpu"
+                    or args.distill_lr is not None
                     or args.prune_layers is not None
                     or args.prune_budget is not None or args.prune_channels)  # hwgen.distill.compress does both
     fixed, fmts = (None, None) if compress else quantize(bundle.graph, bundle.calib_feeds, cfg)
@@ -77,7 +78,8 @@ def cmd_quantize(args: argparse.Namespace) -> dict:
                                     layers=args.prune_layers, budget=args.prune_budget,
                                     train_pruned_only=args.distill_pruned_only,
                                     channels=args.prune_channels, synthetic=args.distill_synthetic,
-                                    texts=args.distill_text, distill_schedule=args.distill_schedule)
+                                    texts=args.distill_text, distill_schedule=args.distill_schedule,
+                                    distill_lr=args.distill_lr, distill_device=args.distill_device)
         losses = extra.pop("qat_losses")
     if args.qat_steps and not compress:
         from .qat import QATModel, finetune
@@ -328,6 +330,8 @@ def _rtl_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .distill import DISTILL_LR
+
     p = argparse.ArgumentParser(prog="hwgen", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--version", action="version", version=f"hwgen {__version__}")
@@ -365,6 +369,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--distill-schedule", default="constant", metavar="constant|cosine",
                    help="with --distill: the float stage's learning rate, constant (default) or "
                    "decayed along half a cosine to 0")
+    q.add_argument("--distill-lr", type=float, default=None, metavar="LR",
+                   help="with --distill: the float stage's (peak) Adam learning rate (default "
+                   f"{DISTILL_LR:g})")
+    q.add_argument("--distill-device", default="cpu", metavar="cpu|cuda",
+                   help="with --distill: the torch device the float stage trains on (default cpu; "
+                   "cuda where torch sees a GPU)")
     q.add_argument("--distill-text", action="append", default=[], metavar="FILE",
                    help="with --distill: add this text file to the distillation inputs (minilm: one "
                    "sentence per line; tiny-gpt: its bytes in windows); repeatable. "

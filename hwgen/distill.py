@@ -35,6 +35,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .devices import torch_device
 from .float_exec import FLOAT_OPS, _RunContext, run_float
 from .ir import Graph
 from .qat import LR_SCHEDULES
@@ -48,6 +49,9 @@ class DistillError(ValueError):
 #: revisit a batch (MiniLM distilled on the shipped sentences, keeping every
 #: batch, was killed for memory at 13 GB)
 TEACHER_CACHE_BYTES = 1 << 30
+
+#: the float distillation stage's default (peak) Adam learning rate (``--distill-lr``)
+DISTILL_LR = 1e-4
 
 
 # ----------------------------------------------------------------------------
@@ -68,7 +72,7 @@ def hidden_mse(student: torch.Tensor, teacher: torch.Tensor, valid: torch.Tensor
     s = student.reshape(-1, student.shape[-1])
     t = teacher.reshape(-1, teacher.shape[-1]).to(s.dtype)
     if valid is not None:
-        v = valid.reshape(-1).bool()
+        v = valid.reshape(-1).bool().to(s.device)
         s, t = s[v], t[v]
     return ((s - t) ** 2).sum() / (t * t).sum().clamp_min(1e-12)
 
@@ -104,6 +108,7 @@ class DistillLoss:
     hidden_weight: float = 1.0
     temperature: float = 1.0
     cache_bytes: int = TEACHER_CACHE_BYTES
+    device: str | torch.device = "cpu"   # where the teacher runs and its values are kept
 
     def __post_init__(self):
         if self.kind not in ("encoder", "decoder", "block"):
@@ -118,7 +123,7 @@ class DistillLoss:
         kept for the next time while the cache has room (``cache_bytes``)."""
         vals = self._teacher.get(id(feed))
         if vals is None:
-            run = run_float(self.graph, feed, record=True)
+            run = run_float(self.graph, feed, record=True, device=self.device)
             vals = {n: run[n].detach() for n in [self.out, *self.hidden]}
             size = sum(t.numel() * t.element_size() for t in vals.values())
             if self.cached_bytes + size <= self.cache_bytes:
@@ -156,12 +161,17 @@ class FloatStudent(torch.nn.Module):
 
     ``forward(feed)`` runs the float op semantics differentiably and returns
     every tensor by name. Embedding tables are frozen (as in QAT); with
-    ``trainable`` (weight tensor names) everything else is frozen too."""
+    ``trainable`` (weight tensor names) everything else is frozen too. The
+    weights, masks and the forward live on ``device`` (a torch device:
+    ``cuda`` trains on the GPU); :meth:`float_weights` hands them back as
+    NumPy arrays."""
 
     def __init__(self, graph: Graph, masks: dict[str, np.ndarray] | None = None,
-                 train_embeddings: bool = False, trainable: Iterable[str] | None = None):
+                 train_embeddings: bool = False, trainable: Iterable[str] | None = None,
+                 device: str | torch.device = "cpu"):
         super().__init__()
         self.graph = graph
+        self.device = torch.device(device)
         frozen = set() if train_embeddings else {n.inputs[1] for n in graph.nodes if n.op == "embedding"}
         if trainable is not None:
             unknown = set(trainable) - set(graph.weights)
@@ -170,10 +180,8 @@ class FloatStudent(torch.nn.Module):
             frozen |= set(graph.weights) - set(trainable)
         self.names = sorted(set(graph.weights) - frozen)
         self.weights = torch.nn.ParameterList(
-            torch.nn.Parameter(torch.from_numpy(np.asarray(graph.weights[n], dtype=np.float32).copy()))
-            for n in self.names)
-        self._frozen = {n: torch.from_numpy(np.asarray(graph.weights[n], dtype=np.float32))
-                        for n in frozen}
+            torch.nn.Parameter(self._tensor(graph.weights[n])) for n in self.names)
+        self._frozen = {n: self._tensor(graph.weights[n]) for n in frozen}
         self.masks: dict[str, np.ndarray] = {}
         if masks:
             self.set_masks(masks)
@@ -183,7 +191,11 @@ class FloatStudent(torch.nn.Module):
             if name not in self.graph.weights or self.graph.weights[name].shape != m.shape:
                 raise DistillError(f"mask for '{name}' does not match a weight of the graph")
         self.masks = {k: np.asarray(v, dtype=bool) for k, v in masks.items()}
-        self._mask_t = {k: torch.from_numpy(v.astype(np.float32)) for k, v in self.masks.items()}
+        self._mask_t = {k: self._tensor(v) for k, v in self.masks.items()}
+
+    def _tensor(self, a: np.ndarray) -> torch.Tensor:
+        """A float32 copy of ``a`` on the student's device."""
+        return torch.from_numpy(np.array(a, dtype=np.float32)).to(self.device)
 
     def _w(self, name: str, p: torch.Tensor) -> torch.Tensor:
         m = getattr(self, "_mask_t", {}).get(name)
@@ -191,8 +203,7 @@ class FloatStudent(torch.nn.Module):
 
     def float_weights(self) -> dict[str, np.ndarray]:
         """Current weights, masks applied (float32)."""
-        out = {n: self._w(n, p.detach()).numpy().copy() for n, p in zip(self.names, self.weights)}
-        return out
+        return {n: self._w(n, p.detach()).cpu().numpy().copy() for n, p in zip(self.names, self.weights)}
 
     def current_graph(self) -> Graph:
         """A float graph holding the current (masked) weights."""
@@ -203,12 +214,12 @@ class FloatStudent(torch.nn.Module):
     def forward(self, feed: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
         vals: dict[str, torch.Tensor] = {}
         for name in self.graph.inputs:
-            v = torch.from_numpy(np.asarray(feed[name]))
+            v = torch.from_numpy(np.asarray(feed[name])).to(self.device)
             vals[name] = v.to(torch.float32) if self.graph.tensors[name].dtype == "float" else v.long()
         for name, p in zip(self.names, self.weights):
             vals[name] = self._w(name, p)
         vals.update(self._frozen)
-        ctx = _RunContext(state=None, offset=0, device=torch.device("cpu"))
+        ctx = _RunContext(state=None, offset=0, device=self.device)
         for node in self.graph.nodes:
             args = [vals[t] if t else None for t in node.inputs]
             vals[node.outputs[0]] = FLOAT_OPS[node.op](node, args, ctx)
@@ -246,12 +257,12 @@ class DistillResult:
 
 def distill(float_graph: Graph, kind: str, calib_feeds: list[dict[str, np.ndarray]], cfg,
             spec=None, norms: dict[str, np.ndarray] | None = None, float_steps: int = 100,
-            qat_steps: int = 0, lr: float = 1e-4, qat_lr: float = 2e-5,
+            qat_steps: int = 0, lr: float = DISTILL_LR, qat_lr: float = 2e-5,
             train_feeds: list[dict[str, np.ndarray]] | None = None,
             hidden_weight: float = 1.0, say: Callable[[str], None] | None = None,
             start: Graph | None = None, masks: dict[str, np.ndarray] | None = None,
             names: list[str] | None = None, trainable: Iterable[str] | None = None,
-            float_schedule: str = "constant") -> DistillResult:
+            float_schedule: str = "constant", device: str | torch.device = "cpu") -> DistillResult:
     """Prune (gradually over the float stage, else one-shot or gradually over
     QAT), distill in float, recalibrate, then distill with QAT; returns the
     quantized student. ``float_graph`` is the model's float graph (unfolded,
@@ -261,14 +272,17 @@ def distill(float_graph: Graph, kind: str, calib_feeds: list[dict[str, np.ndarra
     replace the gradual schedule: the student starts there and keeps those zeros.
     ``names`` (weight names) restricts pruning to those linears (layer-selective);
     ``trainable`` (weight names) restricts the float stage's training to those;
-    ``float_schedule``: the float stage's learning-rate schedule (:func:`hwgen.qat.lr_at`)."""
+    ``float_schedule``: the float stage's learning-rate schedule (:func:`hwgen.qat.lr_at`);
+    ``device``: the torch device of the float stage (teacher and student; ``cuda``
+    for long runs): the QAT stage, whose forward is the golden model, runs on the CPU."""
     from . import prune as P
     from .qat import QATModel, finetune
     from .quant import prepare, quantize
 
     say = say or (lambda m: None)
     teacher = prepare(float_graph)
-    loss = DistillLoss(teacher, kind, hidden_weight=hidden_weight)
+    device = torch.device(device)
+    loss = DistillLoss(teacher, kind, hidden_weight=hidden_weight, device=device)
     feeds = train_feeds if train_feeds is not None else calib_feeds
     fixed_masks = masks is not None
     masks = dict(masks) if masks else {}
@@ -276,11 +290,12 @@ def distill(float_graph: Graph, kind: str, calib_feeds: list[dict[str, np.ndarra
     f_losses: list[float] = []
     student_graph = teacher if start is None else start
     if float_steps:
-        st = FloatStudent(student_graph, masks or None, trainable=trainable)
+        st = FloatStudent(student_graph, masks or None, trainable=trainable, device=device)
         hook = None
         if spec is not None and not fixed_masks:
             hook = P.GradualPruner(st, spec, float_steps, norms, names=names)
         say(f"distill (float): {float_steps} step(s), lr {lr}"
+            + (f", on {device}" if device.type != "cpu" else "")
             + (f" ({float_schedule})" if float_schedule != "constant" else "")
             + (f", pruning {spec.name} gradually" if hook is not None else "")
             + (f", {spec.name} masks fixed" if spec is not None and fixed_masks else ""))
@@ -304,6 +319,8 @@ def distill(float_graph: Graph, kind: str, calib_feeds: list[dict[str, np.ndarra
         if spec is not None and not masks and not fixed_masks:
             hook = P.GradualPruner(model, spec, qat_steps, norms, names=names)
         say(f"distill (QAT): {qat_steps} step(s), lr {qat_lr}")
+        if device.type != "cpu":  # the QAT forward (the golden model) is on the CPU: so is its teacher
+            loss = DistillLoss(teacher, kind, hidden_weight=hidden_weight)
         q_losses = finetune(model, feeds, loss.qat(), qat_steps, lr=qat_lr, before_step=hook,
                             progress=lambda i, l: say(f"QAT step {i}/{qat_steps} loss {l:.6f}"))
         if hook is not None:
@@ -417,12 +434,12 @@ RECON_SENTENCES = 128
 
 
 def compress(bundle, cfg, prune: str | None = None, distill_on: bool = False, distill_steps: int = 100,
-             qat_steps: int = 0, lr: float = 2e-5, distill_lr: float = 1e-4, cycles_m: int = 128,
+             qat_steps: int = 0, lr: float = 2e-5, distill_lr: float | None = None, cycles_m: int = 128,
              gradual: bool = False, say: Callable[[str], None] | None = None,
              layers: str | None = None, budget: float | None = None,
              train_pruned_only: bool = False, channels: bool = False,
              synthetic: int = 0, texts: Sequence[str | os.PathLike] = (),
-             distill_schedule: str = "constant") -> tuple[Graph, dict]:
+             distill_schedule: str = "constant", distill_device: str = "cpu") -> tuple[Graph, dict]:
     """The ``hwgen quantize --prune ... --distill`` recipe on a model bundle.
 
     Which linears: all prunable ones, or (layer-selective) those matching
@@ -439,7 +456,9 @@ def compress(bundle, cfg, prune: str | None = None, distill_on: bool = False, di
     added to the distillation inputs (:func:`train_feeds`); ``texts``
     (``--distill-text``): the user's own text files added to them.
     ``distill_schedule`` (``--distill-schedule``): the float stage's
-    learning-rate schedule, ``constant`` or ``cosine`` (:func:`hwgen.qat.lr_at`).
+    learning-rate schedule, ``constant`` or ``cosine`` (:func:`hwgen.qat.lr_at`);
+    ``distill_lr`` (``--distill-lr``) its peak learning rate (None: :data:`DISTILL_LR`); ``distill_device``
+    (``--distill-device``): the torch device it trains on, ``cpu`` or ``cuda``.
 
     Pruning, by default one-shot: masks from activation-aware magnitudes, then
     the kept weights refitted by least squares (:func:`hwgen.prune.reconstruct`,
@@ -481,6 +500,17 @@ def compress(bundle, cfg, prune: str | None = None, distill_on: bool = False, di
         raise DistillError("--distill-schedule needs --distill with --distill-steps > 0")
     if distill_schedule not in LR_SCHEDULES:
         raise DistillError(f"--distill-schedule {distill_schedule}: expected one of {', '.join(LR_SCHEDULES)}")
+    if distill_lr is not None and not (distill_on and distill_steps):
+        raise DistillError("--distill-lr needs --distill with --distill-steps > 0")
+    if distill_lr is not None and not distill_lr > 0:
+        raise DistillError(f"--distill-lr {distill_lr}: the learning rate must be > 0")
+    distill_lr = DISTILL_LR if distill_lr is None else distill_lr
+    if distill_device != "cpu" and not (distill_on and distill_steps):
+        raise DistillError("--distill-device needs --distill with --distill-steps > 0")
+    try:
+        torch_device(distill_device, "--distill-device")
+    except ValueError as e:
+        raise DistillError(str(e)) from None
     _read_texts(bundle, texts)  # refuses a bad file now, not after pruning
     if (layers is not None or budget is not None) and spec is None:
         raise DistillError("--prune-layers and --prune-budget need --prune")
@@ -523,7 +553,7 @@ def compress(bundle, cfg, prune: str | None = None, distill_on: bool = False, di
                       float_steps=distill_steps, qat_steps=qat_steps, lr=distill_lr, qat_lr=lr,
                       train_feeds=train_feeds(bundle, synthetic=synthetic, texts=texts), say=say, start=start, masks=masks, names=names,
                       trainable=_pruned_params(folded, masks) if train_pruned_only else None,
-                      float_schedule=distill_schedule)
+                      float_schedule=distill_schedule, device=distill_device)
         fixed, masks, f_losses, q_losses = res.fixed, res.masks, res.float_losses, res.qat_losses
     elif qat_steps:
         _, fmts = quantize(start if masks is not None else P.prune(folded, spec, norms, names=names)[0]
@@ -563,6 +593,8 @@ def compress(bundle, cfg, prune: str | None = None, distill_on: bool = False, di
                    "distill": bool(distill_on), "distill_steps": distill_steps if distill_on else 0,
                    "distill_synthetic": synthetic, "distill_text": [str(t) for t in texts],
                    "distill_schedule": distill_schedule if distill_on and distill_steps else None,
+                   "distill_lr": distill_lr if distill_on and distill_steps else None,
+                   "distill_device": distill_device if distill_on and distill_steps else None,
                    "distill_loss_first": f_losses[0] if f_losses else None,
                    "distill_loss_last": f_losses[-1] if f_losses else None, "qat_losses": q_losses}
 

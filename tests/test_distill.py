@@ -211,6 +211,14 @@ def test_cli_prune_budget(capsys, tmp_path):
      "--distill-schedule linear: expected one of constant, cosine"),
     (["--distill", "--distill-steps", "1", "--distill-text", "models/data/sentences_calib.txt"],
      "--distill-text: model 'bert-block' (block) takes tensors, not text"),
+    (["--distill-lr", "1e-3"], "--distill-lr needs --distill with --distill-steps > 0"),
+    (["--distill", "--distill-steps", "1", "--distill-lr", "0"], "--distill-lr 0.0: the learning rate must be > 0"),
+    (["--distill-device", "cuda"], "--distill-device needs --distill with --distill-steps > 0"),
+    (["--distill", "--distill-steps", "1", "--distill-device", "tpu"],
+     "--distill-device tpu: unknown device, expected one of cpu, cuda"),
+    pytest.param(["--distill", "--distill-steps", "1", "--distill-device", "cuda"],
+                 "--distill-device cuda: torch sees no CUDA GPU here", id="no-gpu",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="torch sees a GPU here")),
 ])
 def test_cli_bad_compression_args(capsys, tmp_path, argv, msg):
     out = tmp_path / "bad"
@@ -315,3 +323,47 @@ def test_teacher_cache_budget_changes_time_not_losses(tiny_decoder):
     assert budgets["one"].cached_bytes == per_batch and len(budgets["one"]._teacher) == 1
     assert budgets["none"].cached_bytes == 0 and not budgets["none"]._teacher
     assert all(t.dtype == torch.float64 for t in full.teacher(feeds[1]).values())
+
+
+def test_cli_distill_lr_and_device_in_json(capsys, tmp_path):
+    code, so, _ = run_cli(capsys, "quantize", "--model", "bert-block", "--prune", "2:4", "--distill",
+                          "--distill-steps", "2", "--distill-lr", "3e-4", "--distill-device", "cpu",
+                          "--out", tmp_path / "b", "--json", "--quiet")
+    r = last_json(so)
+    assert code == 0 and r["distill_lr"] == 3e-4 and r["distill_device"] == "cpu"
+    code, so, _ = run_cli(capsys, "quantize", "--model", "bert-block", "--prune", "2:4", "--distill",
+                          "--distill-steps", "2", "--out", tmp_path / "c", "--json", "--quiet")
+    r = last_json(so)
+    assert r["distill_lr"] == D.DISTILL_LR and r["distill_device"] == "cpu"
+    code, so, _ = run_cli(capsys, "quantize", "--model", "bert-block", "--prune", "2:4",
+                          "--out", tmp_path / "d", "--json", "--quiet")
+    r = last_json(so)
+    assert r["distill_lr"] is None and r["distill_device"] is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (torch.cuda.is_available())")
+def test_distill_float_stage_on_cuda(tiny_decoder, one_torch_thread):
+    """The float stage on the GPU: the student's forward equals the CPU's (float32,
+    to rounding), its weights stay on the GPU while it trains, the masks hold, the
+    losses follow the CPU run's, and the exported student is a fixed graph the
+    golden model (CPU) runs."""
+    g = prepare(tiny_decoder)
+    feeds = tiny_decoder_feeds(2)
+    masks = P.compute_masks(g, P.PruneSpec.parse("2:4"))
+    cpu, gpu = D.FloatStudent(g, masks), D.FloatStudent(g, masks, device="cuda")
+    assert all(p.is_cuda for p in gpu.parameters())
+    with torch.no_grad():
+        want, got = cpu(feeds[0])["logits"], gpu(feeds[0])["logits"]
+    assert got.is_cuda and torch.allclose(got.cpu(), want, atol=1e-4, rtol=1e-4)
+    loss_c, loss_g = D.DistillLoss(g, "decoder"), D.DistillLoss(g, "decoder", device="cuda")
+    lc = D.distill_float(cpu, feeds, loss_c, 10, lr=3e-3)
+    lg = D.distill_float(gpu, feeds, loss_g, 10, lr=3e-3)
+    assert np.allclose(lg, lc, rtol=1e-2, atol=1e-4) and lg[-1] < lg[0]
+    assert all(p.is_cuda for p in gpu.parameters())
+    cg = gpu.current_graph()
+    assert all(not np.any(cg.weights[n][~m]) for n, m in masks.items())
+    cfg = QuantConfig.from_bits("w8a8")
+    res = D.distill(tiny_decoder, "decoder", feeds, cfg, P.PruneSpec.parse("2:4"), float_steps=6,
+                    qat_steps=1, lr=3e-3, qat_lr=1e-4, start=g, masks=masks, device="cuda")
+    assert P.mask_violations(res.fixed, res.masks) == 0 and len(res.qat_losses) == 1
+    assert GoldenModel(res.fixed)(tiny_decoder_feeds(1, seed=4)[0])["logits"].shape == (2, 12, 40)

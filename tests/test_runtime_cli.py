@@ -52,7 +52,7 @@ def test_plan_prints_table_and_json(capsys):
     (["run", "--model", "minilm", "--text", "  \n "], "--text is empty"),
     (["run", "--model", "tiny-gpt", "--prompt", ""], "--prompt is empty"),
     (["run", "--model", "tiny-gpt", "--prompt", "x", "--backend", "vhdl"], "unknown backend 'vhdl'"),
-    (["run", "--model", "tiny-gpt", "--prompt", "x", "--device", "tpu"], "unknown device 'tpu'"),
+    (["run", "--model", "tiny-gpt", "--prompt", "x", "--device", "tpu"], "--device tpu: unknown device, expected one of cpu, cuda"),
     (["run", "--model", "tiny-gpt", "--prompt", "x" * 200], "--prompt is 200 bytes; the model's context holds 128"),
     (["run", "--model", "minilm", "--text", "word " * 400], "tokens long; the model takes at most"),
     (["run", "--model", "tiny-gpt", "--prompt", "x", "--place", "embedding=accel", "--backend", "hls"],

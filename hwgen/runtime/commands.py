@@ -6,9 +6,9 @@ import argparse
 
 from ..adaptive import RUN_RERUN_FRACTION
 from ..cli import add_output_options
+from ..devices import DEVICES
 from . import cost as cost_mod
 from .backends import BACKENDS
-from .driver import DEVICES
 from .partition import DriverError, parse_force
 
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from ..devices import torch_device
 from ..golden import check_feeds
 from ..ir import Graph, Node
 from . import cost as cost_mod
@@ -33,16 +34,13 @@ from .partition import ACCEL, HOST, DriverError, counts, place, segments
 from .torch_ops import HostState, TorchHost, to_device, to_numpy
 from .trace import Tracer
 
-DEVICES = ("cpu", "cuda")
-
-
 def check_device(device: str) -> torch.device:
-    if device not in DEVICES:
-        raise DriverError(f"unknown device '{device}': expected one of {', '.join(DEVICES)}")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise DriverError("--device cuda: torch sees no CUDA GPU here (torch.cuda.is_available() is "
-                          "False); use --device cpu")
-    return torch.device(device)
+    """The host device of ``--device`` (:func:`hwgen.devices.torch_device`), as a
+    :class:`DriverError`."""
+    try:
+        return torch_device(device, "--device")
+    except ValueError as e:
+        raise DriverError(str(e)) from None
 
 
 @dataclass
