@@ -64,7 +64,8 @@ def cmd_quantize(args: argparse.Namespace) -> dict:
         f"{len(bundle.calib_feeds)} batch(es)")
     compress = bool(args.prune or args.distill or args.distill_synthetic or args.distill_text
                     or args.distill_schedule != "constant" or args.distill_device != "cpu"
-                    or args.distill_lr is not None
+                    or args.distill_lr is not None or args.distill_linear_weight
+                    or args.distill_attention_weight
                     or args.prune_layers is not None
                     or args.prune_budget is not None or args.prune_channels)  # hwgen.distill.compress does both
     fixed, fmts = (None, None) if compress else quantize(bundle.graph, bundle.calib_feeds, cfg)
@@ -79,7 +80,9 @@ def cmd_quantize(args: argparse.Namespace) -> dict:
                                     train_pruned_only=args.distill_pruned_only,
                                     channels=args.prune_channels, synthetic=args.distill_synthetic,
                                     texts=args.distill_text, distill_schedule=args.distill_schedule,
-                                    distill_lr=args.distill_lr, distill_device=args.distill_device)
+                                    distill_lr=args.distill_lr, distill_device=args.distill_device,
+                                    distill_linear_weight=args.distill_linear_weight,
+                                    distill_attention_weight=args.distill_attention_weight)
         losses = extra.pop("qat_losses")
     if args.qat_steps and not compress:
         from .qat import QATModel, finetune
@@ -375,6 +378,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--distill-device", default="cpu", metavar="cpu|cuda",
                    help="with --distill: the torch device the float stage trains on (default cpu; "
                    "cuda where torch sees a GPU)")
+    q.add_argument("--distill-linear-weight", type=float, default=0.0, metavar="W",
+                   help="with --distill: add W x the mean error of every linear's output inside the "
+                   "blocks to the loss (default 0)")
+    q.add_argument("--distill-attention-weight", type=float, default=0.0, metavar="W",
+                   help="with --distill: add W x the mean KL of every attention's distributions to the "
+                   "loss (default 0)")
     q.add_argument("--distill-text", action="append", default=[], metavar="FILE",
                    help="with --distill: add this text file to the distillation inputs (minilm: one "
                    "sentence per line; tiny-gpt: its bytes in windows); repeatable. "

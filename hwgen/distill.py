@@ -19,7 +19,10 @@ output vector (encoders: sentence embeddings; blocks), or for decoders the
 KL divergence of the student's next-byte distribution from the teacher's at
 ``temperature`` (x T^2). Hidden states: each block's output tensor (the last
 node of that layer), ``||s - t||^2 / ||t||^2`` over valid positions (a ``mask``
-input's padding left out). Teacher values are computed once per feed.
+input's padding left out). Optional finer terms (``linear_weight``,
+``attention_weight``): every linear's output inside the blocks, the same
+normalized error, and every attention's distributions, KL of the student's
+from the teacher's. Teacher values are computed once per feed.
 
 The tiny-gpt student with half the layers is a different module (fewer
 blocks), trained by ``models/distill_tiny_gpt_student.py`` with
@@ -36,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from .devices import torch_device
-from .float_exec import FLOAT_OPS, _RunContext, run_float
+from .float_exec import FLOAT_OPS, _RunContext, attention_scores, run_float, split_heads
 from .ir import Graph
 from .qat import LR_SCHEDULES
 
@@ -83,6 +86,31 @@ def cosine_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     return (1 - F.cosine_similarity(s, t, dim=-1)).mean()
 
 
+def attention_kl(q: torch.Tensor, k: torch.Tensor, q_t: torch.Tensor, k_t: torch.Tensor, node,
+                 mask: torch.Tensor | None = None) -> torch.Tensor:
+    """KL(teacher || student) of the attention distributions of attention
+    ``node`` (its heads, scale and causality; ``mask`` (B, S), 1 = valid, is
+    its key mask input, :func:`hwgen.float_exec.attention_scores`): the
+    student's projected ``q``, ``k`` against the teacher's ``q_t``, ``k_t``
+    (B, S, heads*head_dim), summed over keys and averaged over heads and the
+    valid queries."""
+    a = node.attrs
+    h, d, causal, scale = int(a["heads"]), int(a["head_dim"]), bool(a["causal"]), float(a["scale"])
+
+    def log_probs(qq, kk):
+        return F.log_softmax(attention_scores(split_heads(qq, h, d), split_heads(kk, h, d), mask, causal,
+                                              scale), dim=-1)
+
+    ls = log_probs(q, k)
+    lt = log_probs(q_t.to(q.dtype), k_t.to(k.dtype))
+    pt = lt.exp()
+    kl = torch.where(pt > 0, pt * (lt - ls), torch.zeros_like(pt)).sum(-1)    # (B, heads, S)
+    if mask is None:
+        return kl.mean()
+    w = (mask.to(kl.device) != 0).to(kl.dtype)[:, None, :].expand_as(kl)
+    return (kl * w).sum() / w.sum().clamp_min(1)
+
+
 def layer_outputs(graph: Graph) -> list[str]:
     """Each transformer block's output tensor: the output of the last node of
     each layer index, in layer order."""
@@ -97,6 +125,12 @@ def layer_outputs(graph: Graph) -> list[str]:
 class DistillLoss:
     """The distillation objective for one graph (see the module docstring).
 
+    Two optional finer terms supervise the inside of each block too:
+    ``linear_weight`` x the mean over the blocks' linears of each output's
+    :func:`hidden_mse`, and ``attention_weight`` x the mean over attention
+    nodes of :func:`attention_kl` (TinyBERT / MiniLM-style attention
+    distillation: the query/key projections get a direct signal).
+
     The teacher's values of a batch are kept (float32, as the float executor
     computes them) up to ``cache_bytes`` in all; a batch beyond that is rerun
     each time it comes round, which gives the same values, so the budget
@@ -109,12 +143,22 @@ class DistillLoss:
     temperature: float = 1.0
     cache_bytes: int = TEACHER_CACHE_BYTES
     device: str | torch.device = "cpu"   # where the teacher runs and its values are kept
+    linear_weight: float = 0.0
+    attention_weight: float = 0.0
 
     def __post_init__(self):
         if self.kind not in ("encoder", "decoder", "block"):
             raise DistillError(f"model kind {self.kind!r}: distillation supports encoder, decoder, block")
         self.hidden = layer_outputs(self.graph)
         self.out = self.graph.outputs[0]
+        self.linears = [n.outputs[0] for n in self.graph.nodes if n.op == "linear" and n.layer is not None]
+        self.attentions = [n for n in self.graph.nodes if n.op == "attention"]
+        kept = [self.out, *self.hidden]
+        if self.linear_weight:
+            kept += self.linears
+        if self.attention_weight:
+            kept += [t for n in self.attentions for t in n.inputs[:2]]
+        self._kept = list(dict.fromkeys(kept))
         self._teacher: dict[int, dict[str, torch.Tensor]] = {}
         self.cached_bytes = 0
 
@@ -124,7 +168,7 @@ class DistillLoss:
         vals = self._teacher.get(id(feed))
         if vals is None:
             run = run_float(self.graph, feed, record=True, device=self.device)
-            vals = {n: run[n].detach() for n in [self.out, *self.hidden]}
+            vals = {n: run[n].detach() for n in self._kept}
             size = sum(t.numel() * t.element_size() for t in vals.values())
             if self.cached_bytes + size <= self.cache_bytes:
                 self._teacher[id(feed)] = vals
@@ -139,12 +183,18 @@ class DistillLoss:
         else:
             out = cosine_loss(s_out, t[self.out])
         loss = self.out_weight * out
+        valid = torch.as_tensor(np.asarray(feed["mask"]) != 0) if "mask" in feed else None
         if self.hidden_weight and self.hidden:
-            valid = None
-            if "mask" in feed:
-                valid = torch.as_tensor(np.asarray(feed["mask"]) != 0)
             h = sum(hidden_mse(values[n], t[n], valid) for n in self.hidden) / len(self.hidden)
             loss = loss + self.hidden_weight * h
+        if self.linear_weight and self.linears:
+            lin = sum(hidden_mse(values[n], t[n], valid) for n in self.linears) / len(self.linears)
+            loss = loss + self.linear_weight * lin
+        if self.attention_weight and self.attentions:
+            att = sum(attention_kl(values[n.inputs[0]], values[n.inputs[1]], t[n.inputs[0]], t[n.inputs[1]],
+                                   n, values[n.inputs[3]] if len(n.inputs) > 3 and n.inputs[3] else None)
+                      for n in self.attentions) / len(self.attentions)
+            loss = loss + self.attention_weight * att
         return loss
 
     def qat(self) -> Callable:
@@ -262,7 +312,8 @@ def distill(float_graph: Graph, kind: str, calib_feeds: list[dict[str, np.ndarra
             hidden_weight: float = 1.0, say: Callable[[str], None] | None = None,
             start: Graph | None = None, masks: dict[str, np.ndarray] | None = None,
             names: list[str] | None = None, trainable: Iterable[str] | None = None,
-            float_schedule: str = "constant", device: str | torch.device = "cpu") -> DistillResult:
+            float_schedule: str = "constant", device: str | torch.device = "cpu",
+            linear_weight: float = 0.0, attention_weight: float = 0.0) -> DistillResult:
     """Prune (gradually over the float stage, else one-shot or gradually over
     QAT), distill in float, recalibrate, then distill with QAT; returns the
     quantized student. ``float_graph`` is the model's float graph (unfolded,
@@ -274,7 +325,8 @@ def distill(float_graph: Graph, kind: str, calib_feeds: list[dict[str, np.ndarra
     ``trainable`` (weight names) restricts the float stage's training to those;
     ``float_schedule``: the float stage's learning-rate schedule (:func:`hwgen.qat.lr_at`);
     ``device``: the torch device of the float stage (teacher and student; ``cuda``
-    for long runs): the QAT stage, whose forward is the golden model, runs on the CPU."""
+    for long runs): the QAT stage, whose forward is the golden model, runs on the CPU;
+    ``linear_weight``, ``attention_weight``: :class:`DistillLoss`'s finer terms."""
     from . import prune as P
     from .qat import QATModel, finetune
     from .quant import prepare, quantize
@@ -282,7 +334,8 @@ def distill(float_graph: Graph, kind: str, calib_feeds: list[dict[str, np.ndarra
     say = say or (lambda m: None)
     teacher = prepare(float_graph)
     device = torch.device(device)
-    loss = DistillLoss(teacher, kind, hidden_weight=hidden_weight, device=device)
+    terms = dict(hidden_weight=hidden_weight, linear_weight=linear_weight, attention_weight=attention_weight)
+    loss = DistillLoss(teacher, kind, device=device, **terms)
     feeds = train_feeds if train_feeds is not None else calib_feeds
     fixed_masks = masks is not None
     masks = dict(masks) if masks else {}
@@ -320,7 +373,7 @@ def distill(float_graph: Graph, kind: str, calib_feeds: list[dict[str, np.ndarra
             hook = P.GradualPruner(model, spec, qat_steps, norms, names=names)
         say(f"distill (QAT): {qat_steps} step(s), lr {qat_lr}")
         if device.type != "cpu":  # the QAT forward (the golden model) is on the CPU: so is its teacher
-            loss = DistillLoss(teacher, kind, hidden_weight=hidden_weight)
+            loss = DistillLoss(teacher, kind, **terms)
         q_losses = finetune(model, feeds, loss.qat(), qat_steps, lr=qat_lr, before_step=hook,
                             progress=lambda i, l: say(f"QAT step {i}/{qat_steps} loss {l:.6f}"))
         if hook is not None:
@@ -439,7 +492,8 @@ def compress(bundle, cfg, prune: str | None = None, distill_on: bool = False, di
              layers: str | None = None, budget: float | None = None,
              train_pruned_only: bool = False, channels: bool = False,
              synthetic: int = 0, texts: Sequence[str | os.PathLike] = (),
-             distill_schedule: str = "constant", distill_device: str = "cpu") -> tuple[Graph, dict]:
+             distill_schedule: str = "constant", distill_device: str = "cpu",
+             distill_linear_weight: float = 0.0, distill_attention_weight: float = 0.0) -> tuple[Graph, dict]:
     """The ``hwgen quantize --prune ... --distill`` recipe on a model bundle.
 
     Which linears: all prunable ones, or (layer-selective) those matching
@@ -459,6 +513,10 @@ def compress(bundle, cfg, prune: str | None = None, distill_on: bool = False, di
     learning-rate schedule, ``constant`` or ``cosine`` (:func:`hwgen.qat.lr_at`);
     ``distill_lr`` (``--distill-lr``) its peak learning rate (None: :data:`DISTILL_LR`); ``distill_device``
     (``--distill-device``): the torch device it trains on, ``cpu`` or ``cuda``.
+    ``distill_linear_weight``, ``distill_attention_weight``
+    (``--distill-linear-weight``, ``--distill-attention-weight``): the weights of
+    :class:`DistillLoss`'s per-linear output and attention-distribution terms
+    (both stages; 0 leaves them out).
 
     Pruning, by default one-shot: masks from activation-aware magnitudes, then
     the kept weights refitted by least squares (:func:`hwgen.prune.reconstruct`,
@@ -505,6 +563,12 @@ def compress(bundle, cfg, prune: str | None = None, distill_on: bool = False, di
     if distill_lr is not None and not distill_lr > 0:
         raise DistillError(f"--distill-lr {distill_lr}: the learning rate must be > 0")
     distill_lr = DISTILL_LR if distill_lr is None else distill_lr
+    for flag, w in (("--distill-linear-weight", distill_linear_weight),
+                    ("--distill-attention-weight", distill_attention_weight)):
+        if w and not distill_on:
+            raise DistillError(f"{flag} needs --distill")
+        if not w >= 0:
+            raise DistillError(f"{flag} {w}: the weight must be >= 0")
     if distill_device != "cpu" and not (distill_on and distill_steps):
         raise DistillError("--distill-device needs --distill with --distill-steps > 0")
     try:
@@ -553,7 +617,8 @@ def compress(bundle, cfg, prune: str | None = None, distill_on: bool = False, di
                       float_steps=distill_steps, qat_steps=qat_steps, lr=distill_lr, qat_lr=lr,
                       train_feeds=train_feeds(bundle, synthetic=synthetic, texts=texts), say=say, start=start, masks=masks, names=names,
                       trainable=_pruned_params(folded, masks) if train_pruned_only else None,
-                      float_schedule=distill_schedule, device=distill_device)
+                      float_schedule=distill_schedule, device=distill_device,
+                      linear_weight=distill_linear_weight, attention_weight=distill_attention_weight)
         fixed, masks, f_losses, q_losses = res.fixed, res.masks, res.float_losses, res.qat_losses
     elif qat_steps:
         _, fmts = quantize(start if masks is not None else P.prune(folded, spec, norms, names=names)[0]
@@ -595,6 +660,8 @@ def compress(bundle, cfg, prune: str | None = None, distill_on: bool = False, di
                    "distill_schedule": distill_schedule if distill_on and distill_steps else None,
                    "distill_lr": distill_lr if distill_on and distill_steps else None,
                    "distill_device": distill_device if distill_on and distill_steps else None,
+                   "distill_linear_weight": distill_linear_weight if distill_on else None,
+                   "distill_attention_weight": distill_attention_weight if distill_on else None,
                    "distill_loss_first": f_losses[0] if f_losses else None,
                    "distill_loss_last": f_losses[-1] if f_losses else None, "qat_losses": q_losses}
 

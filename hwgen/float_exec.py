@@ -24,7 +24,8 @@ import torch.nn.functional as F
 
 from .ir import Graph, Node
 
-__all__ = ["FloatState", "run_float", "run_float_ordered", "attention_float", "FLOAT_OPS"]
+__all__ = ["FloatState", "run_float", "run_float_ordered", "attention_float", "attention_scores", "split_heads",
+           "FLOAT_OPS"]
 
 
 class FloatState:
@@ -65,20 +66,37 @@ def attention_float(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: tor
     """Multi-head attention on projected q, k, v (B, S, heads*head_dim).
 
     Returns the merged context (B, S, heads*head_dim) and the (k, v) heads including
-    ``past`` (B, heads, T, head_dim), T = past + S. ``mask`` (B, T) or (B, S) is 1 for
-    valid keys (a mask shorter than T covers the newest keys; cached ones count as
-    valid). Query i sits at absolute position T - S + i; with ``causal`` it sees keys
-    0 .. T - S + i. Excluded scores are set to the most negative float, so a row with
-    no valid key becomes uniform (as in HF transformers) instead of NaN.
+    ``past`` (B, heads, T, head_dim), T = past + S. The probabilities are the softmax
+    of :func:`attention_scores` (its masking rules).
     """
     b, s, _ = q.shape
-    qh = q.reshape(b, s, heads, head_dim).transpose(1, 2)
-    kh = k.reshape(b, k.shape[1], heads, head_dim).transpose(1, 2)
-    vh = v.reshape(b, v.shape[1], heads, head_dim).transpose(1, 2)
+    kh = split_heads(k, heads, head_dim)
+    vh = split_heads(v, heads, head_dim)
     if past is not None:
         kh = torch.cat([past[0], kh], dim=2)
         vh = torch.cat([past[1], vh], dim=2)
-    t = kh.shape[2]
+    probs = F.softmax(attention_scores(split_heads(q, heads, head_dim), kh, mask, causal, scale), dim=-1)
+    ctx = torch.matmul(probs, vh).transpose(1, 2).reshape(b, s, heads * head_dim)
+    return ctx, (kh, vh)
+
+
+def split_heads(x: torch.Tensor, heads: int, head_dim: int) -> torch.Tensor:
+    """(B, S, heads*head_dim) -> (B, heads, S, head_dim)."""
+    return x.reshape(x.shape[0], x.shape[1], heads, head_dim).transpose(1, 2)
+
+
+def attention_scores(qh: torch.Tensor, kh: torch.Tensor, mask: torch.Tensor | None, causal: bool,
+                     scale: float) -> torch.Tensor:
+    """The masked attention scores (B, heads, S, T) of query heads ``qh`` (B,
+    heads, S, head_dim) against key heads ``kh`` (B, heads, T, head_dim).
+
+    ``mask`` (B, T) or (B, S) is 1 for valid keys (a mask shorter than T covers
+    the newest keys; cached ones count as valid). Query i sits at absolute
+    position T - S + i; with ``causal`` it sees keys 0 .. T - S + i. Excluded
+    scores are set to the most negative float, so a row with no valid key
+    becomes uniform under softmax (as in HF transformers) instead of NaN.
+    """
+    b, s, t = qh.shape[0], qh.shape[2], kh.shape[2]
     scores = torch.matmul(qh, kh.transpose(-2, -1)) * scale
     allowed = None
     if mask is not None:
@@ -94,9 +112,7 @@ def attention_float(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: tor
         allowed = tri[None, None] if allowed is None else allowed & tri[None, None]
     if allowed is not None:
         scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
-    probs = F.softmax(scores, dim=-1)
-    ctx = torch.matmul(probs, vh).transpose(1, 2).reshape(b, s, heads * head_dim)
-    return ctx, (kh, vh)
+    return scores
 
 
 # ----------------------------------------------------------------------------- ops

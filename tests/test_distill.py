@@ -28,6 +28,71 @@ def test_loss_terms():
     assert float(D.cosine_loss(3 * t, t)) == pytest.approx(0, abs=1e-12)
 
 
+def _encoder_block_graph():
+    """A one-layer float encoder block with a key mask: ln -> q, k, v -> attention -> o."""
+    from conftest import GraphBuilder
+
+    b = GraphBuilder("enc", 3, layer=0)
+    w, act, node = b.w, b.act, b.node
+    b.input("x", "B", "S", 8, dtype="float")
+    b.input("mask", "B", "S")
+    q = node("linear", ["x", w("q.w", 8, 8), w("q.b", 8, scale=0.1)], act("q", "B", "S", 8))
+    k = node("linear", ["x", w("k.w", 8, 8), w("k.b", 8, scale=0.1)], act("k", "B", "S", 8))
+    v = node("linear", ["x", w("v.w", 8, 8), w("v.b", 8, scale=0.1)], act("v", "B", "S", 8))
+    a = node("attention", [q, k, v, "mask"], act("a", "B", "S", 8), heads=2, head_dim=4, causal=False,
+             scale=0.5)
+    o = node("linear", [a, w("o.w", 8, 8), w("o.b", 8, scale=0.1)], act("o", "B", "S", 8))
+    return b.done(o)
+
+
+def test_attention_kl():
+    g = _encoder_block_graph()
+    node = next(n for n in g.nodes if n.op == "attention")
+    rng = np.random.default_rng(0)
+    q, k = (torch.from_numpy(rng.normal(size=(2, 5, 8))) for _ in range(2))
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+    assert float(D.attention_kl(q, k, q, k, node, mask)) == 0
+    assert float(D.attention_kl(q, k + 0.3 * torch.randn_like(k), q, k, node, mask)) > 0
+    # what the mask excludes does not count: keys and queries at padded positions
+    q2, k2 = q.clone(), k.clone()
+    q2[1, 3:] += 5
+    k2[1, 3:] -= 5
+    assert float(D.attention_kl(q2, k2, q, k, node, mask)) == pytest.approx(0, abs=1e-12)
+    assert float(D.attention_kl(q2, k2, q, k, node)) > 0               # no mask: every position counts
+    # by hand: one head's KL at one query, against the softmax of the scaled scores
+    s_t = torch.softmax(0.5 * q[0, :, :4] @ k[0, :, :4].T, -1)
+    k3 = k.clone()
+    k3[0, :, :4] *= 2
+    s_s = torch.softmax(0.5 * q[0, :, :4] @ k3[0, :, :4].T, -1)
+    kl00 = (s_t * (s_t.log() - s_s.log())).sum(-1)                    # (S,) for head 0 of row 0
+    got = D.attention_kl(q[:1], k3[:1], q[:1], k[:1], node)            # heads 0 and 1; head 1 unchanged
+    assert float(got) == pytest.approx(float(kl00.sum()) / (2 * 5), rel=1e-9)
+
+
+def test_distill_loss_linear_and_attention_terms():
+    """The finer terms add their weights times the per-linear error and the
+    attention KL; the teacher keeps the values they read."""
+    g = _encoder_block_graph()
+    rng = np.random.default_rng(1)
+    feed = {"x": rng.normal(size=(2, 5, 8)).astype(np.float32), "mask": np.array([[1] * 5, [1, 1, 1, 0, 0]])}
+    st = D.FloatStudent(g)
+    with torch.no_grad():
+        for p in st.weights:
+            p.add_(0.05 * torch.randn_like(p))
+    with torch.no_grad():
+        vals = st(feed)
+    base = D.DistillLoss(g, "block")
+    full = D.DistillLoss(g, "block", linear_weight=0.5, attention_weight=2.0)
+    assert full.linears == ["q", "k", "v", "o"] and [n.name for n in full.attentions] == [g.nodes[3].name]
+    t = full.teacher(feed)
+    assert {"q", "k", "v", "o"} <= set(t) and "q" not in base.teacher(feed)
+    valid = torch.as_tensor(feed["mask"] != 0)
+    lin = sum(D.hidden_mse(vals[n], t[n], valid) for n in "qkvo") / 4
+    att = D.attention_kl(vals["q"], vals["k"], t["q"], t["k"], g.nodes[3], vals["mask"])
+    assert float(lin) > 0 and float(att) > 0
+    assert float(full(feed, vals)) == pytest.approx(float(base(feed, vals) + 0.5 * lin + 2.0 * att), rel=1e-12)
+
+
 def test_layer_outputs(tiny_decoder):
     assert D.layer_outputs(tiny_decoder) == ["L0.r2", "L1.r2"]
 
@@ -216,6 +281,9 @@ def test_cli_prune_budget(capsys, tmp_path):
     (["--distill-device", "cuda"], "--distill-device needs --distill with --distill-steps > 0"),
     (["--distill", "--distill-steps", "1", "--distill-device", "tpu"],
      "--distill-device tpu: unknown device, expected one of cpu, cuda"),
+    (["--distill-linear-weight", "1"], "--distill-linear-weight needs --distill"),
+    (["--distill", "--distill-steps", "1", "--distill-attention-weight", "-1"],
+     "--distill-attention-weight -1.0: the weight must be >= 0"),
     pytest.param(["--distill", "--distill-steps", "1", "--distill-device", "cuda"],
                  "--distill-device cuda: torch sees no CUDA GPU here", id="no-gpu",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="torch sees a GPU here")),
@@ -328,9 +396,11 @@ def test_teacher_cache_budget_changes_time_not_losses(tiny_decoder):
 def test_cli_distill_lr_and_device_in_json(capsys, tmp_path):
     code, so, _ = run_cli(capsys, "quantize", "--model", "bert-block", "--prune", "2:4", "--distill",
                           "--distill-steps", "2", "--distill-lr", "3e-4", "--distill-device", "cpu",
+                          "--distill-linear-weight", "1", "--distill-attention-weight", "0.5",
                           "--out", tmp_path / "b", "--json", "--quiet")
     r = last_json(so)
     assert code == 0 and r["distill_lr"] == 3e-4 and r["distill_device"] == "cpu"
+    assert r["distill_linear_weight"] == 1 and r["distill_attention_weight"] == 0.5
     code, so, _ = run_cli(capsys, "quantize", "--model", "bert-block", "--prune", "2:4", "--distill",
                           "--distill-steps", "2", "--out", tmp_path / "c", "--json", "--quiet")
     r = last_json(so)
