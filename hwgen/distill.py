@@ -723,6 +723,8 @@ class BenchRow(NamedTuple):
     corpus: bool = False         # --distill-text models/data/sentences_distill.txt
     steps: int | None = None     # --distill-steps (None: the bench's float_steps)
     schedule: str = "constant"   # --distill-schedule
+    lr: float | None = None      # --distill-lr (None: DISTILL_LR)
+    terms: float = 0.0           # --distill-linear-weight and --distill-attention-weight
 
 
 BENCH_ROWS = (
@@ -731,7 +733,7 @@ BENCH_ROWS = (
     BenchRow("block:0.5 selective", "block:0.5", budget=BENCH_BUDGET),
     BenchRow("block:0.5 channels", "block:0.5", channels=True),
     BenchRow("block:0.5 channels selective", "block:0.5", budget=BENCH_BUDGET, channels=True),
-    BenchRow("2:4 corpus", "2:4", corpus=True, steps=4000, schedule="cosine"),
+    BenchRow("2:4 corpus", "2:4", corpus=True, steps=4000, schedule="cosine", lr=4e-4, terms=1.0),
     BenchRow("block:0.5 channels corpus", "block:0.5", channels=True, corpus=True, steps=4000,
              schedule="cosine"),
     BenchRow("block:0.5 channels selective corpus", "block:0.5", budget=0.975, channels=True,
@@ -753,7 +755,8 @@ def bench(quick: bool = False, float_steps: int = 300, qat_steps: int = 4,
       mean/min embedding cosine vs float over the evaluation sentences, and
       the matmul engine's cycles at m = 128, sparse vs dense, of the pruned
       linears and of all block linears (the corpus rows are minilm's, the
-      sentences being English: skipped for other models);
+      sentences being English: skipped for other models). The float stages
+      run on the GPU where torch sees one (``distill_device`` in the result);
     * tiny-gpt student (``models/tiny_gpt_student.pt``, half the layers): float
       perplexity vs the teacher's float perplexity, and its W8A8 perplexity;
     * adaptive precision, per token on tiny-gpt (:func:`hwgen.adaptive.bench`):
@@ -776,16 +779,20 @@ def bench(quick: bool = False, float_steps: int = 300, qat_steps: int = 4,
     res["model"] = model
     res["pruned"] = []
     rows = [r for r in BENCH_ROWS if not r.corpus or bundle.name == "minilm"]
+    device = "cuda" if torch.cuda.is_available() else "cpu"     # the float stages, where torch sees a GPU
+    res["distill_device"] = device
     for r in rows:
         t0 = time.perf_counter()
         steps = float_steps if quick or r.steps is None else r.steps
         say(f"{model} w8a8 {r.key}{f' (budget {r.budget})' if r.budget else ''} + distillation "
-            f"({steps} float steps, {r.schedule}{', with the distillation sentences' if r.corpus else ''}"
-            f" + {qat_steps} QAT steps)")
+            f"({steps} float steps, {r.schedule}, lr {r.lr or DISTILL_LR:g}"
+            f"{f', linear and attention terms x{r.terms:g}' if r.terms else ''}"
+            f"{', with the distillation sentences' if r.corpus else ''} on {device} + {qat_steps} QAT steps)")
         fixed, info = compress(bundle, cfg, r.pattern, True, steps, qat_steps, say=say, budget=r.budget,
                                train_pruned_only=r.budget is not None, channels=r.channels,
                                texts=[zoo.DISTILL_SENTENCES] if r.corpus else (),
-                               distill_schedule=r.schedule)
+                               distill_schedule=r.schedule, distill_lr=r.lr, distill_device=device,
+                               distill_linear_weight=r.terms, distill_attention_weight=r.terms)
         m = evaluate(bundle, fixed)
         res["pruned"].append({"row": r.key, **{k: v for k, v in info.items() if k != "qat_losses"},
                               "cosine_mean": m["cosine_mean"], "cosine_min": m["cosine_min"],
