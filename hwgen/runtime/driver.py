@@ -34,6 +34,7 @@ from .partition import ACCEL, HOST, DriverError, counts, place, segments
 from .torch_ops import HostState, TorchHost, to_device, to_numpy
 from .trace import Tracer
 
+
 def check_device(device: str) -> torch.device:
     """The host device of ``--device`` (:func:`hwgen.devices.torch_device`), as a
     :class:`DriverError`."""
