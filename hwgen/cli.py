@@ -65,7 +65,8 @@ def cmd_quantize(args: argparse.Namespace) -> dict:
     compress = bool(args.prune or args.distill or args.distill_synthetic or args.distill_text
                     or args.distill_schedule != "constant" or args.distill_device != "cpu"
                     or args.distill_lr is not None or args.distill_linear_weight
-                    or args.distill_attention_weight
+                    or args.distill_attention_weight or args.distill_precision != "fp32"
+                    or args.distill_group_by_length or args.distill_teacher_cache is not None
                     or args.prune_layers is not None
                     or args.prune_budget is not None or args.prune_channels)  # hwgen.distill.compress does both
     fixed, fmts = (None, None) if compress else quantize(bundle.graph, bundle.calib_feeds, cfg)
@@ -82,7 +83,10 @@ def cmd_quantize(args: argparse.Namespace) -> dict:
                                     texts=args.distill_text, distill_schedule=args.distill_schedule,
                                     distill_lr=args.distill_lr, distill_device=args.distill_device,
                                     distill_linear_weight=args.distill_linear_weight,
-                                    distill_attention_weight=args.distill_attention_weight)
+                                    distill_attention_weight=args.distill_attention_weight,
+                                    distill_precision=args.distill_precision,
+                                    distill_group_by_length=args.distill_group_by_length,
+                                    distill_teacher_cache_gb=args.distill_teacher_cache)
         losses = extra.pop("qat_losses")
     if args.qat_steps and not compress:
         from .qat import QATModel, finetune
@@ -333,7 +337,7 @@ def _rtl_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .distill import DISTILL_LR
+    from .distill import DISTILL_LR, TEACHER_CACHE_BYTES
 
     p = argparse.ArgumentParser(prog="hwgen", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -384,6 +388,15 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--distill-attention-weight", type=float, default=0.0, metavar="W",
                    help="with --distill: add W x the mean KL of every attention's distributions to the "
                    "loss (default 0)")
+    q.add_argument("--distill-precision", default="fp32", metavar="fp32|bf16",
+                   help="with --distill: the float stage's matmuls, fp32 (default) or bf16 (torch "
+                   "autocast; weights, optimizer, teacher and loss stay fp32; QAT is exact)")
+    q.add_argument("--distill-group-by-length", action="store_true",
+                   help="with --distill (minilm): batch the distillation sentences by token count "
+                   "(less padding), the batches shuffled")
+    q.add_argument("--distill-teacher-cache", type=float, default=None, metavar="GIB",
+                   help="with --distill: GiB of teacher values the float stage keeps between epochs "
+                   f"(default {TEACHER_CACHE_BYTES / 2**30:g}; batches beyond it rerun the teacher)")
     q.add_argument("--distill-text", action="append", default=[], metavar="FILE",
                    help="with --distill: add this text file to the distillation inputs (minilm: one "
                    "sentence per line; tiny-gpt: its bytes in windows); repeatable. "

@@ -56,6 +56,31 @@ TEACHER_CACHE_BYTES = 1 << 30
 #: the float distillation stage's default (peak) Adam learning rate (``--distill-lr``)
 DISTILL_LR = 1e-4
 
+#: the float stage's matmul precisions (``--distill-precision``): ``fp32``, or
+#: ``bf16`` (torch autocast: matmuls in bfloat16, weights, optimizer state,
+#: teacher and loss in float32)
+FLOAT_PRECISIONS = ("fp32", "bf16")
+
+#: ``--distill-group-by-length``: sentences are sorted by token count within
+#: runs of this many sentences (64 batches), then batched and the batches shuffled
+GROUP_SENTENCES = 1024
+
+
+def check_precision(precision: str) -> None:
+    if precision not in FLOAT_PRECISIONS:
+        raise DistillError(f"--distill-precision {precision}: expected one of {', '.join(FLOAT_PRECISIONS)}")
+
+
+def autocast(device: torch.device, precision: str):
+    """The context the float student's forward runs in: nothing for ``fp32``;
+    for ``bf16`` torch autocast on ``device``'s type (matmuls in bfloat16)."""
+    import contextlib
+
+    check_precision(precision)
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
+
 
 # ----------------------------------------------------------------------------
 # loss terms (also used by models/distill_tiny_gpt_student.py)
@@ -175,6 +200,11 @@ class DistillLoss:
                 self.cached_bytes += size
         return {n: t.to(torch.float64) for n, t in vals.items()}
 
+    @property
+    def cached_batches(self) -> int:
+        """How many batches' teacher values are kept."""
+        return len(self._teacher)
+
     def __call__(self, feed: dict[str, np.ndarray], values: dict[str, torch.Tensor]) -> torch.Tensor:
         t = self.teacher(feed)
         s_out = values[self.out]
@@ -279,17 +309,25 @@ class FloatStudent(torch.nn.Module):
 def distill_float(student: FloatStudent, feeds: Iterable[dict[str, np.ndarray]], loss: DistillLoss,
                   steps: int, lr: float = 1e-4, before_step: Callable[[int], None] | None = None,
                   progress: Callable[[int, float], None] | None = None,
-                  schedule: str = "constant") -> list[float]:
+                  schedule: str = "constant", precision: str = "fp32") -> list[float]:
     """``steps`` Adam steps of the distillation loss on the float student, the
     learning rate by ``schedule`` (:func:`hwgen.qat.lr_at`); ``before_step(i)``
-    runs first (a pruning schedule). Returns the losses."""
+    runs first (a pruning schedule). ``precision``: the student's forward (and
+    so its backward) under :func:`autocast`; the loss is taken outside it.
+    Returns the losses."""
     feeds = list(feeds)
     if not feeds:
         raise DistillError("distillation needs at least one input batch")
+    check_precision(precision)
     from .qat import adam_steps
 
-    return adam_steps(student.parameters(), feeds, lambda f: loss(f, student(f)), steps, lr, progress,
-                      before_step, schedule=schedule)
+    def loss_of(feed):
+        with autocast(student.device, precision):
+            values = student(feed)
+        return loss(feed, values)
+
+    return adam_steps(student.parameters(), feeds, loss_of, steps, lr, progress, before_step,
+                      schedule=schedule)
 
 
 # ----------------------------------------------------------------------------
@@ -303,6 +341,7 @@ class DistillResult:
     float_losses: list[float]
     qat_losses: list[float]
     schedule: list[float]                 # pruning fraction per float (or QAT) step
+    teacher_cached: int = 0               # float stage: batches whose teacher values were kept
 
 
 def distill(float_graph: Graph, kind: str, calib_feeds: list[dict[str, np.ndarray]], cfg,
@@ -313,7 +352,8 @@ def distill(float_graph: Graph, kind: str, calib_feeds: list[dict[str, np.ndarra
             start: Graph | None = None, masks: dict[str, np.ndarray] | None = None,
             names: list[str] | None = None, trainable: Iterable[str] | None = None,
             float_schedule: str = "constant", device: str | torch.device = "cpu",
-            linear_weight: float = 0.0, attention_weight: float = 0.0) -> DistillResult:
+            linear_weight: float = 0.0, attention_weight: float = 0.0,
+            precision: str = "fp32", teacher_cache_bytes: int = TEACHER_CACHE_BYTES) -> DistillResult:
     """Prune (gradually over the float stage, else one-shot or gradually over
     QAT), distill in float, recalibrate, then distill with QAT; returns the
     quantized student. ``float_graph`` is the model's float graph (unfolded,
@@ -326,7 +366,10 @@ def distill(float_graph: Graph, kind: str, calib_feeds: list[dict[str, np.ndarra
     ``float_schedule``: the float stage's learning-rate schedule (:func:`hwgen.qat.lr_at`);
     ``device``: the torch device of the float stage (teacher and student; ``cuda``
     for long runs): the QAT stage, whose forward is the golden model, runs on the CPU;
-    ``linear_weight``, ``attention_weight``: :class:`DistillLoss`'s finer terms."""
+    ``linear_weight``, ``attention_weight``: :class:`DistillLoss`'s finer terms;
+    ``precision``: the float stage's matmuls (:func:`autocast`; the QAT stage is
+    the golden model, exact); ``teacher_cache_bytes``: the float stage's teacher
+    cache budget (:class:`DistillLoss`)."""
     from . import prune as P
     from .qat import QATModel, finetune
     from .quant import prepare, quantize
@@ -335,12 +378,14 @@ def distill(float_graph: Graph, kind: str, calib_feeds: list[dict[str, np.ndarra
     teacher = prepare(float_graph)
     device = torch.device(device)
     terms = dict(hidden_weight=hidden_weight, linear_weight=linear_weight, attention_weight=attention_weight)
-    loss = DistillLoss(teacher, kind, device=device, **terms)
+    check_precision(precision)
+    loss = DistillLoss(teacher, kind, device=device, cache_bytes=teacher_cache_bytes, **terms)
     feeds = train_feeds if train_feeds is not None else calib_feeds
     fixed_masks = masks is not None
     masks = dict(masks) if masks else {}
     schedule: list[float] = []
     f_losses: list[float] = []
+    teacher_cached = 0
     student_graph = teacher if start is None else start
     if float_steps:
         st = FloatStudent(student_graph, masks or None, trainable=trainable, device=device)
@@ -349,15 +394,19 @@ def distill(float_graph: Graph, kind: str, calib_feeds: list[dict[str, np.ndarra
             hook = P.GradualPruner(st, spec, float_steps, norms, names=names)
         say(f"distill (float): {float_steps} step(s), lr {lr}"
             + (f", on {device}" if device.type != "cpu" else "")
+            + (f", {precision} matmuls" if precision != "fp32" else "")
             + (f" ({float_schedule})" if float_schedule != "constant" else "")
             + (f", pruning {spec.name} gradually" if hook is not None else "")
             + (f", {spec.name} masks fixed" if spec is not None and fixed_masks else ""))
         f_losses = distill_float(st, feeds, loss, float_steps, lr=lr, before_step=hook, schedule=float_schedule,
-                                 progress=lambda i, l: say(f"float step {i}/{float_steps} loss {l:.6f}")
+                                 precision=precision, progress=lambda i, l: say(f"float step {i}/{float_steps} loss {l:.6f}")
                                  if i % 10 == 0 or i == float_steps else None)
         if hook is not None:
             masks, schedule = st.masks, hook.history
         student_graph = st.current_graph()
+        teacher_cached = loss.cached_batches
+        say(f"teacher values of {teacher_cached} of {len(feeds)} batch(es) kept "
+            f"({loss.cached_bytes / 2**20:.0f} MiB)")
     elif spec is not None and not qat_steps and not fixed_masks:
         student_graph, masks = P.prune(teacher, spec, norms, names=names)
     # formats from the student as it is now (pruning and training move activation ranges)
@@ -382,7 +431,7 @@ def distill(float_graph: Graph, kind: str, calib_feeds: list[dict[str, np.ndarra
     fixed = model.export()
     fixed.meta["passes"] = fixed.meta.get("passes", []) + (["distill_float"] if float_steps else []) \
         + (["distill_qat"] if qat_steps else [])
-    return DistillResult(fixed, masks, f_losses, q_losses, schedule)
+    return DistillResult(fixed, masks, f_losses, q_losses, schedule, teacher_cached)
 
 
 # ----------------------------------------------------------------------------
@@ -416,12 +465,35 @@ def _check_synthetic(bundle, synthetic: int) -> None:
                            f"not {bundle.name!r}")
 
 
-def _sentence_batches(bundle, sents: list[str]) -> list[dict[str, np.ndarray]]:
-    """Graph feeds of ``sents`` in order, in batches of the calibration batch
-    size (:data:`hwgen.zoo.SENTENCE_BATCH`)."""
+def _check_grouping(bundle, group_by_length: bool) -> None:
+    if group_by_length and (bundle.kind != "encoder" or bundle.tokenizer is None):
+        raise DistillError(f"--distill-group-by-length: model {bundle.name!r} ({bundle.kind}) reads "
+                           "fixed-width inputs, not sentences: nothing to group")
+
+
+def _sentence_batches(bundle, sents: list[str], group_by_length: bool = False) -> list[dict[str, np.ndarray]]:
+    """Graph feeds of ``sents`` in batches of the calibration batch size
+    (:data:`hwgen.zoo.SENTENCE_BATCH`): in order, or with ``group_by_length``
+    in :func:`length_groups` order (batches of similar length: less padding)."""
     from .zoo import SENTENCE_BATCH
 
+    if group_by_length:
+        sents = length_groups(sents, [len(ids) for ids in bundle.tokenizer(sents)["input_ids"]])
     return [bundle.encode(sents[i:i + SENTENCE_BATCH]) for i in range(0, len(sents), SENTENCE_BATCH)]
+
+
+def length_groups(sents: list[str], lengths: Sequence[int], run: int = GROUP_SENTENCES) -> list[str]:
+    """``sents`` sorted by ``lengths`` (token counts; longest first, ties in
+    order) within each run of ``run`` consecutive sentences: batches cut from
+    the result pad to nearly their own length, while sentences of different
+    runs never meet (a corpus's order of topics is kept run by run)."""
+    if len(lengths) != len(sents):
+        raise DistillError(f"{len(sents)} sentences but {len(lengths)} lengths")
+    out: list[str] = []
+    for r0 in range(0, len(sents), run):
+        idx = sorted(range(r0, min(r0 + run, len(sents))), key=lambda i: (-lengths[i], i))
+        out += [sents[i] for i in idx]
+    return out
 
 
 def _read_texts(bundle, texts: Sequence[str | os.PathLike]) -> list[list[str]]:
@@ -438,9 +510,11 @@ def _read_texts(bundle, texts: Sequence[str | os.PathLike]) -> list[list[str]]:
         raise DistillError(str(e)) from None
 
 
-def text_feeds(bundle, texts: Sequence[str | os.PathLike]) -> list[dict[str, np.ndarray]]:
+def text_feeds(bundle, texts: Sequence[str | os.PathLike],
+               group_by_length: bool = False) -> list[dict[str, np.ndarray]]:
     """Graph feeds of the user's own distillation text files (``--distill-text``):
-    an encoder (minilm) reads one sentence per non-empty line, in batches of 16;
+    an encoder (minilm) reads one sentence per non-empty line, in batches of 16
+    (``group_by_length``: :func:`length_groups` per file);
     a decoder (tiny-gpt) reads each file's lines, joined by newlines, as bytes
     in windows of the model's calibration width. The teacher labels them, so
     any unlabelled text of the target domain will do; keep the evaluation text
@@ -450,14 +524,15 @@ def text_feeds(bundle, texts: Sequence[str | os.PathLike]) -> list[dict[str, np.
     feeds: list[dict[str, np.ndarray]] = []
     for lines in _read_texts(bundle, texts):
         if bundle.kind == "encoder":
-            feeds += _sentence_batches(bundle, lines)
+            feeds += _sentence_batches(bundle, lines, group_by_length)
         else:
             feeds += _windows("\n".join(lines).encode("utf-8"), int(bundle.meta["window"]), GPT_BATCH)
     return feeds
 
 
 def train_feeds(bundle, extra: int = EXTRA_SENTENCES, synthetic: int = 0,
-                texts: Sequence[str | os.PathLike] = ()) -> list[dict[str, np.ndarray]]:
+                texts: Sequence[str | os.PathLike] = (),
+                group_by_length: bool = False) -> list[dict[str, np.ndarray]]:
     """Distillation inputs of a model bundle: its calibration batches, plus for
     minilm ``extra`` sentences of the training corpus in batches of 16 (the
     teacher labels them, so any text will do; the evaluation set is never used).
@@ -465,19 +540,23 @@ def train_feeds(bundle, extra: int = EXTRA_SENTENCES, synthetic: int = 0,
     :func:`hwgen.synth_sentences.sentences` in batches of 16; ``texts`` adds the
     batches of those text files (:func:`text_feeds`). With either, all the
     batches are then shuffled (seeded), so the training loop, which takes the
-    batches in order, alternates the domains."""
+    batches in order, alternates the domains. ``group_by_length``
+    (``--distill-group-by-length``, sentence models): the corpus, synthetic and
+    text sentences are batched by :func:`length_groups`, and the batches are
+    always shuffled."""
     _check_synthetic(bundle, synthetic)
+    _check_grouping(bundle, group_by_length)
     feeds = list(bundle.calib_feeds)
     if bundle.name == "minilm" and extra:
         sents = corpus_sentences(extra)
-        feeds += _sentence_batches(bundle, sents)
+        feeds += _sentence_batches(bundle, sents, group_by_length)
     if synthetic:
         from .synth_sentences import sentences
 
         sents = sentences(synthetic)
-        feeds += _sentence_batches(bundle, sents)
-    feeds += text_feeds(bundle, texts)
-    if synthetic or texts:
+        feeds += _sentence_batches(bundle, sents, group_by_length)
+    feeds += text_feeds(bundle, texts, group_by_length)
+    if synthetic or texts or group_by_length:
         feeds = [feeds[i] for i in np.random.default_rng(0).permutation(len(feeds))]
     return feeds
 
@@ -493,7 +572,9 @@ def compress(bundle, cfg, prune: str | None = None, distill_on: bool = False, di
              train_pruned_only: bool = False, channels: bool = False,
              synthetic: int = 0, texts: Sequence[str | os.PathLike] = (),
              distill_schedule: str = "constant", distill_device: str = "cpu",
-             distill_linear_weight: float = 0.0, distill_attention_weight: float = 0.0) -> tuple[Graph, dict]:
+             distill_linear_weight: float = 0.0, distill_attention_weight: float = 0.0,
+             distill_precision: str = "fp32", distill_group_by_length: bool = False,
+             distill_teacher_cache_gb: float | None = None) -> tuple[Graph, dict]:
     """The ``hwgen quantize --prune ... --distill`` recipe on a model bundle.
 
     Which linears: all prunable ones, or (layer-selective) those matching
@@ -516,7 +597,12 @@ def compress(bundle, cfg, prune: str | None = None, distill_on: bool = False, di
     ``distill_linear_weight``, ``distill_attention_weight``
     (``--distill-linear-weight``, ``--distill-attention-weight``): the weights of
     :class:`DistillLoss`'s per-linear output and attention-distribution terms
-    (both stages; 0 leaves them out).
+    (both stages; 0 leaves them out). ``distill_precision``
+    (``--distill-precision``): the float stage's matmuls, ``fp32`` or ``bf16``
+    (:func:`autocast`); ``distill_group_by_length`` (``--distill-group-by-length``):
+    the distillation sentences batched by length (:func:`train_feeds`);
+    ``distill_teacher_cache_gb`` (``--distill-teacher-cache``): the float stage's
+    teacher cache budget in GiB (None: :data:`TEACHER_CACHE_BYTES`).
 
     Pruning, by default one-shot: masks from activation-aware magnitudes, then
     the kept weights refitted by least squares (:func:`hwgen.prune.reconstruct`,
@@ -532,7 +618,10 @@ def compress(bundle, cfg, prune: str | None = None, distill_on: bool = False, di
     ``linears_pruned``, ``pruned_linears``, ``weight_share``, ``cycles_pruned_dense``,
     ``cycles_pruned_sparse``, ``cycles_pruned_ratio`` (the pruned linears only),
     ``sensitivity`` (with ``budget``: the ranking, each row ``chosen`` or not), ``distill``,
-    ``distill_steps``, ``distill_loss_first``, ``distill_loss_last``, ``qat_losses``."""
+    ``distill_steps``, ``distill_loss_first``, ``distill_loss_last``, ``qat_losses``, and the
+    float stage's settings ``distill_schedule``, ``distill_lr``, ``distill_device``,
+    ``distill_precision``, ``distill_group_by_length``, ``distill_teacher_cache_gb`` and
+    ``distill_teacher_cached`` (batches whose teacher values were kept)."""
     from . import prune as P
     from .accuracy import qat_loss
     from .qat import QATModel, finetune
@@ -571,6 +660,17 @@ def compress(bundle, cfg, prune: str | None = None, distill_on: bool = False, di
             raise DistillError(f"{flag} {w}: the weight must be >= 0")
     if distill_device != "cpu" and not (distill_on and distill_steps):
         raise DistillError("--distill-device needs --distill with --distill-steps > 0")
+    if distill_precision != "fp32" and not (distill_on and distill_steps):
+        raise DistillError("--distill-precision needs --distill with --distill-steps > 0")
+    check_precision(distill_precision)
+    if distill_group_by_length and not distill_on:
+        raise DistillError("--distill-group-by-length needs --distill")
+    _check_grouping(bundle, distill_group_by_length)
+    if distill_teacher_cache_gb is not None and not (distill_on and distill_steps):
+        raise DistillError("--distill-teacher-cache needs --distill with --distill-steps > 0")
+    if distill_teacher_cache_gb is not None and not distill_teacher_cache_gb >= 0:
+        raise DistillError(f"--distill-teacher-cache {distill_teacher_cache_gb}: the budget (GiB) must be >= 0")
+    cache_bytes = TEACHER_CACHE_BYTES if distill_teacher_cache_gb is None else int(distill_teacher_cache_gb * 2**30)
     try:
         torch_device(distill_device, "--distill-device")
     except ValueError as e:
@@ -612,14 +712,19 @@ def compress(bundle, cfg, prune: str | None = None, distill_on: bool = False, di
             start = P.reconstruct(folded, masks, train_feeds(bundle, RECON_SENTENCES), say=say)
     f_losses: list[float] = []
     q_losses: list[float] = []
+    cached = None
     if distill_on:
         res = distill(bundle.graph, bundle.kind, bundle.calib_feeds, cfg, spec, norms,
                       float_steps=distill_steps, qat_steps=qat_steps, lr=distill_lr, qat_lr=lr,
-                      train_feeds=train_feeds(bundle, synthetic=synthetic, texts=texts), say=say, start=start, masks=masks, names=names,
+                      train_feeds=train_feeds(bundle, synthetic=synthetic, texts=texts,
+                                              group_by_length=distill_group_by_length),
+                      say=say, start=start, masks=masks, names=names,
                       trainable=_pruned_params(folded, masks) if train_pruned_only else None,
                       float_schedule=distill_schedule, device=distill_device,
-                      linear_weight=distill_linear_weight, attention_weight=distill_attention_weight)
+                      linear_weight=distill_linear_weight, attention_weight=distill_attention_weight,
+                      precision=distill_precision, teacher_cache_bytes=cache_bytes)
         fixed, masks, f_losses, q_losses = res.fixed, res.masks, res.float_losses, res.qat_losses
+        cached = res.teacher_cached
     elif qat_steps:
         _, fmts = quantize(start if masks is not None else P.prune(folded, spec, norms, names=names)[0]
                            if spec is not None else folded, bundle.calib_feeds, cfg)
@@ -660,6 +765,10 @@ def compress(bundle, cfg, prune: str | None = None, distill_on: bool = False, di
                    "distill_schedule": distill_schedule if distill_on and distill_steps else None,
                    "distill_lr": distill_lr if distill_on and distill_steps else None,
                    "distill_device": distill_device if distill_on and distill_steps else None,
+                   "distill_precision": distill_precision if distill_on and distill_steps else None,
+                   "distill_group_by_length": bool(distill_group_by_length),
+                   "distill_teacher_cache_gb": cache_bytes / 2**30 if distill_on and distill_steps else None,
+                   "distill_teacher_cached": cached if distill_on and distill_steps else None,
                    "distill_linear_weight": distill_linear_weight if distill_on else None,
                    "distill_attention_weight": distill_attention_weight if distill_on else None,
                    "distill_loss_first": f_losses[0] if f_losses else None,
@@ -725,6 +834,9 @@ class BenchRow(NamedTuple):
     schedule: str = "constant"   # --distill-schedule
     lr: float | None = None      # --distill-lr (None: DISTILL_LR)
     terms: float = 0.0           # --distill-linear-weight and --distill-attention-weight
+    precision: str = "fp32"      # --distill-precision
+    group: bool = False          # --distill-group-by-length
+    cache_gb: float | None = None  # --distill-teacher-cache (None: TEACHER_CACHE_BYTES)
 
 
 BENCH_ROWS = (
@@ -787,12 +899,16 @@ def bench(quick: bool = False, float_steps: int = 300, qat_steps: int = 4,
         say(f"{model} w8a8 {r.key}{f' (budget {r.budget})' if r.budget else ''} + distillation "
             f"({steps} float steps, {r.schedule}, lr {r.lr or DISTILL_LR:g}"
             f"{f', linear and attention terms x{r.terms:g}' if r.terms else ''}"
+            f"{f', {r.precision} matmuls' if r.precision != 'fp32' else ''}"
+            f"{', batched by length' if r.group else ''}"
             f"{', with the distillation sentences' if r.corpus else ''} on {device} + {qat_steps} QAT steps)")
         fixed, info = compress(bundle, cfg, r.pattern, True, steps, qat_steps, say=say, budget=r.budget,
                                train_pruned_only=r.budget is not None, channels=r.channels,
                                texts=[zoo.DISTILL_SENTENCES] if r.corpus else (),
                                distill_schedule=r.schedule, distill_lr=r.lr, distill_device=device,
-                               distill_linear_weight=r.terms, distill_attention_weight=r.terms)
+                               distill_linear_weight=r.terms, distill_attention_weight=r.terms,
+                               distill_precision=r.precision, distill_group_by_length=r.group,
+                               distill_teacher_cache_gb=r.cache_gb)
         m = evaluate(bundle, fixed)
         res["pruned"].append({"row": r.key, **{k: v for k, v in info.items() if k != "qat_losses"},
                               "cosine_mean": m["cosine_mean"], "cosine_min": m["cosine_min"],

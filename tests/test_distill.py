@@ -284,6 +284,15 @@ def test_cli_prune_budget(capsys, tmp_path):
     (["--distill-linear-weight", "1"], "--distill-linear-weight needs --distill"),
     (["--distill", "--distill-steps", "1", "--distill-attention-weight", "-1"],
      "--distill-attention-weight -1.0: the weight must be >= 0"),
+    (["--distill-precision", "bf16"], "--distill-precision needs --distill with --distill-steps > 0"),
+    (["--distill", "--distill-steps", "1", "--distill-precision", "fp16"],
+     "--distill-precision fp16: expected one of fp32, bf16"),
+    (["--distill-group-by-length"], "--distill-group-by-length needs --distill"),
+    (["--distill", "--distill-steps", "1", "--distill-group-by-length"],
+     "--distill-group-by-length: model 'bert-block' (block) reads fixed-width inputs, not sentences"),
+    (["--distill-teacher-cache", "2"], "--distill-teacher-cache needs --distill with --distill-steps > 0"),
+    (["--distill", "--distill-steps", "1", "--distill-teacher-cache", "-1"],
+     "--distill-teacher-cache -1.0: the budget (GiB) must be >= 0"),
     pytest.param(["--distill", "--distill-steps", "1", "--distill-device", "cuda"],
                  "--distill-device cuda: torch sees no CUDA GPU here", id="no-gpu",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="torch sees a GPU here")),
@@ -405,10 +414,97 @@ def test_cli_distill_lr_and_device_in_json(capsys, tmp_path):
                           "--distill-steps", "2", "--out", tmp_path / "c", "--json", "--quiet")
     r = last_json(so)
     assert r["distill_lr"] == D.DISTILL_LR and r["distill_device"] == "cpu"
+    assert r["distill_precision"] == "fp32" and r["distill_group_by_length"] is False
+    assert r["distill_teacher_cache_gb"] == D.TEACHER_CACHE_BYTES / 2**30 and r["distill_teacher_cached"] >= 1
+    code, so, _ = run_cli(capsys, "quantize", "--model", "bert-block", "--prune", "2:4", "--distill",
+                          "--distill-steps", "2", "--distill-precision", "bf16", "--distill-teacher-cache", "0",
+                          "--out", tmp_path / "e", "--json", "--quiet")
+    r = last_json(so)
+    assert code == 0 and r["distill_precision"] == "bf16"
+    assert r["distill_teacher_cache_gb"] == 0 and r["distill_teacher_cached"] == 0    # nothing kept
     code, so, _ = run_cli(capsys, "quantize", "--model", "bert-block", "--prune", "2:4",
                           "--out", tmp_path / "d", "--json", "--quiet")
     r = last_json(so)
     assert r["distill_lr"] is None and r["distill_device"] is None
+    assert r["distill_precision"] is None and r["distill_teacher_cache_gb"] is None
+    assert r["distill_teacher_cached"] is None
+
+
+def test_autocast_bf16_runs_the_matmuls_in_bfloat16(tiny_decoder):
+    """``bf16``: the student's matmuls round to bfloat16 (every linear's output
+    moves, by about bfloat16's precision) and its output stays near the fp32
+    one; ``fp32`` is the plain forward, bit for bit; other names are refused."""
+    g = prepare(tiny_decoder)
+    feed = tiny_decoder_feeds(1)[0]
+    st = D.FloatStudent(g)
+    lin = [n.outputs[0] for n in g.nodes if n.op == "linear"]
+    with torch.no_grad():
+        plain = st(feed)
+        with D.autocast(st.device, "fp32"):
+            same = st(feed)
+        with D.autocast(st.device, "bf16"):
+            half = st(feed)
+    assert all(same[n].dtype == torch.float32 and torch.equal(same[n], plain[n]) for n in lin)
+    for n in lin:
+        err = float((half[n].float() - plain[n]).norm() / plain[n].norm())
+        assert 1e-4 < err < 0.02, (n, err)
+    want, got = plain["logits"], half["logits"].float()
+    assert not torch.equal(got, want)
+    assert float((got - want).norm() / want.norm()) < 0.05
+    with pytest.raises(D.DistillError, match="--distill-precision fp16: expected one of fp32, bf16"):
+        D.autocast(st.device, "fp16")
+
+
+def test_distill_float_bf16_trains_float32_weights(tiny_decoder, one_torch_thread):
+    """The bf16 float stage: the loss falls as in fp32 (not equal: the matmuls
+    round), the weights and their masks stay float32 and exact zeros."""
+    g = prepare(tiny_decoder)
+    feeds = tiny_decoder_feeds(2)
+    masks = P.compute_masks(g, P.PruneSpec.parse("2:4"))
+    losses = {}
+    for prec in D.FLOAT_PRECISIONS:
+        torch.manual_seed(0)
+        st = D.FloatStudent(g, masks)
+        losses[prec] = D.distill_float(st, feeds, D.DistillLoss(g, "decoder"), 20, lr=3e-3, precision=prec)
+        assert all(p.dtype == torch.float32 for p in st.parameters())
+        assert all(not np.any(st.current_graph().weights[n][~m]) for n, m in masks.items())
+    lf, lb = np.array(losses["fp32"]), np.array(losses["bf16"])
+    assert lb[-5:].mean() < 0.7 * lb[:5].mean()
+    assert not np.array_equal(lf, lb) and np.allclose(lb, lf, rtol=0.1)
+    with pytest.raises(D.DistillError, match="expected one of fp32, bf16"):
+        D.distill_float(st, feeds, D.DistillLoss(g, "decoder"), 1, precision="fp16")
+
+
+def test_length_groups_sort_within_runs():
+    sents = [f"s{i}" for i in range(7)]
+    lengths = [3, 9, 3, 1, 8, 2, 8]
+    assert D.length_groups(sents, lengths, run=4) == ["s1", "s0", "s2", "s3", "s4", "s6", "s5"]
+    assert D.length_groups(sents, lengths, run=100) == ["s1", "s4", "s6", "s0", "s2", "s5", "s3"]
+    assert D.length_groups(sents, lengths, run=1) == sents
+    with pytest.raises(D.DistillError, match="7 sentences but 6 lengths"):
+        D.length_groups(sents, lengths[:6])
+
+
+def test_train_feeds_group_by_length_same_sentences_less_padding(tmp_path):
+    from hwgen import zoo
+
+    b = zoo.load("minilm")
+    words = "the quick brown fox jumps over a lazy dog near our quiet river bank today".split()
+    rng = np.random.default_rng(3)
+    lines = [" ".join(words[:int(k)]).capitalize() + "." for k in rng.integers(2, len(words), 50)]
+    t = tmp_path / "t.txt"
+    t.write_text("\n".join(lines), encoding="utf-8")
+    plain = D.train_feeds(b, extra=0, texts=[t])
+    grouped = D.train_feeds(b, extra=0, texts=[t], group_by_length=True)
+    rows = lambda fs: sorted(f["ids"][i][f["mask"][i] != 0].tobytes() for f in fs for i in range(len(f["ids"])))
+    assert rows(grouped) == rows(plain)                               # the same sentences
+    padded = lambda fs: sum(f["mask"].size for f in fs)
+    assert padded(grouped) < padded(plain)
+    assert sum(np.all(f["mask"] != 0) for f in grouped) > sum(np.all(f["mask"] != 0) for f in plain)
+    again = D.train_feeds(b, extra=0, texts=[t], group_by_length=True)
+    assert [f["ids"].tobytes() for f in again] == [f["ids"].tobytes() for f in grouped]   # seeded
+    with pytest.raises(D.DistillError, match="reads fixed-width inputs, not sentences"):
+        D.train_feeds(zoo.load("tiny-gpt"), group_by_length=True)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (torch.cuda.is_available())")
@@ -430,6 +526,9 @@ def test_distill_float_stage_on_cuda(tiny_decoder, one_torch_thread):
     lg = D.distill_float(gpu, feeds, loss_g, 10, lr=3e-3)
     assert np.allclose(lg, lc, rtol=1e-2, atol=1e-4) and lg[-1] < lg[0]
     assert all(p.is_cuda for p in gpu.parameters())
+    gpu16 = D.FloatStudent(g, masks, device="cuda")
+    lb = D.distill_float(gpu16, feeds, loss_g, 10, lr=3e-3, precision="bf16")
+    assert np.allclose(lb, lc, rtol=0.1) and lb[-1] < lb[0]
     cg = gpu.current_graph()
     assert all(not np.any(cg.weights[n][~m]) for n, m in masks.items())
     cfg = QuantConfig.from_bits("w8a8")
