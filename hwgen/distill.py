@@ -399,7 +399,8 @@ def distill(float_graph: Graph, kind: str, calib_feeds: list[dict[str, np.ndarra
             + (f", pruning {spec.name} gradually" if hook is not None else "")
             + (f", {spec.name} masks fixed" if spec is not None and fixed_masks else ""))
         f_losses = distill_float(st, feeds, loss, float_steps, lr=lr, before_step=hook, schedule=float_schedule,
-                                 precision=precision, progress=lambda i, l: say(f"float step {i}/{float_steps} loss {l:.6f}")
+                                 precision=precision,
+                                 progress=lambda i, l: say(f"float step {i}/{float_steps} loss {l:.6f}")
                                  if i % 10 == 0 or i == float_steps else None)
         if hook is not None:
             masks, schedule = st.masks, hook.history
