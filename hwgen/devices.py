@@ -18,3 +18,9 @@ def torch_device(device: str, flag: str = "--device") -> torch.device:
         raise ValueError(f"{flag} cuda: torch sees no CUDA GPU here (torch.cuda.is_available() is "
                          f"False); use {flag} cpu")
     return torch.device(device)
+
+
+def default_device() -> str:
+    """``cuda`` where torch sees a GPU, else ``cpu``: the device long float work
+    (the bench's distillation stages) picks when nobody names one."""
+    return "cuda" if torch.cuda.is_available() else "cpu"

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .devices import torch_device
+from .devices import default_device, torch_device
 from .float_exec import FLOAT_OPS, _RunContext, attention_scores, run_float, split_heads
 from .ir import Graph
 from .qat import LR_SCHEDULES
@@ -633,22 +633,23 @@ def compress(bundle, cfg, prune: str | None = None, distill_on: bool = False, di
     spec = P.PruneSpec.parse(prune, block_k=block_k, block_n=cols) if prune else None
     if (distill_on and distill_steps < 0) or qat_steps < 0:
         raise DistillError("--distill-steps and --qat-steps must be >= 0")
+    float_stage = bool(distill_on and distill_steps)     # the float distillation stage runs
     if distill_on and not (distill_steps or qat_steps):
         raise DistillError("--distill needs --distill-steps > 0 or --qat-steps > 0")
-    if gradual and not (spec is not None and ((distill_on and distill_steps) or qat_steps)):
+    if gradual and not (spec is not None and (float_stage or qat_steps)):
         raise DistillError("--gradual needs --prune and fine-tuning steps (--distill or --qat-steps)")
-    if train_pruned_only and not (distill_on and distill_steps):
+    if train_pruned_only and not float_stage:
         raise DistillError("--distill-pruned-only needs --distill with --distill-steps > 0")
     if synthetic and not distill_on:
         raise DistillError("--distill-synthetic needs --distill")
     _check_synthetic(bundle, synthetic)
     if texts and not distill_on:
         raise DistillError("--distill-text needs --distill")
-    if distill_schedule != "constant" and not (distill_on and distill_steps):
+    if distill_schedule != "constant" and not float_stage:
         raise DistillError("--distill-schedule needs --distill with --distill-steps > 0")
     if distill_schedule not in LR_SCHEDULES:
         raise DistillError(f"--distill-schedule {distill_schedule}: expected one of {', '.join(LR_SCHEDULES)}")
-    if distill_lr is not None and not (distill_on and distill_steps):
+    if distill_lr is not None and not float_stage:
         raise DistillError("--distill-lr needs --distill with --distill-steps > 0")
     if distill_lr is not None and not distill_lr > 0:
         raise DistillError(f"--distill-lr {distill_lr}: the learning rate must be > 0")
@@ -659,15 +660,15 @@ def compress(bundle, cfg, prune: str | None = None, distill_on: bool = False, di
             raise DistillError(f"{flag} needs --distill")
         if not w >= 0:
             raise DistillError(f"{flag} {w}: the weight must be >= 0")
-    if distill_device != "cpu" and not (distill_on and distill_steps):
+    if distill_device != "cpu" and not float_stage:
         raise DistillError("--distill-device needs --distill with --distill-steps > 0")
-    if distill_precision != "fp32" and not (distill_on and distill_steps):
+    if distill_precision != "fp32" and not float_stage:
         raise DistillError("--distill-precision needs --distill with --distill-steps > 0")
     check_precision(distill_precision)
     if distill_group_by_length and not distill_on:
         raise DistillError("--distill-group-by-length needs --distill")
     _check_grouping(bundle, distill_group_by_length)
-    if distill_teacher_cache_gb is not None and not (distill_on and distill_steps):
+    if distill_teacher_cache_gb is not None and not float_stage:
         raise DistillError("--distill-teacher-cache needs --distill with --distill-steps > 0")
     if distill_teacher_cache_gb is not None and not distill_teacher_cache_gb >= 0:
         raise DistillError(f"--distill-teacher-cache {distill_teacher_cache_gb}: the budget (GiB) must be >= 0")
@@ -763,13 +764,13 @@ def compress(bundle, cfg, prune: str | None = None, distill_on: bool = False, di
                    "sensitivity": ranking, "channel_pairs": pair_names,
                    "distill": bool(distill_on), "distill_steps": distill_steps if distill_on else 0,
                    "distill_synthetic": synthetic, "distill_text": [str(t) for t in texts],
-                   "distill_schedule": distill_schedule if distill_on and distill_steps else None,
-                   "distill_lr": distill_lr if distill_on and distill_steps else None,
-                   "distill_device": distill_device if distill_on and distill_steps else None,
-                   "distill_precision": distill_precision if distill_on and distill_steps else None,
+                   "distill_schedule": distill_schedule if float_stage else None,
+                   "distill_lr": distill_lr if float_stage else None,
+                   "distill_device": distill_device if float_stage else None,
+                   "distill_precision": distill_precision if float_stage else None,
                    "distill_group_by_length": bool(distill_group_by_length),
-                   "distill_teacher_cache_gb": cache_bytes / 2**30 if distill_on and distill_steps else None,
-                   "distill_teacher_cached": cached if distill_on and distill_steps else None,
+                   "distill_teacher_cache_gb": cache_bytes / 2**30 if float_stage else None,
+                   "distill_teacher_cached": cached if float_stage else None,
                    "distill_linear_weight": distill_linear_weight if distill_on else None,
                    "distill_attention_weight": distill_attention_weight if distill_on else None,
                    "distill_loss_first": f_losses[0] if f_losses else None,
@@ -893,7 +894,7 @@ def bench(quick: bool = False, float_steps: int = 300, qat_steps: int = 4,
     res["model"] = model
     res["pruned"] = []
     rows = [r for r in BENCH_ROWS if not r.corpus or bundle.name == "minilm"]
-    device = "cuda" if torch.cuda.is_available() else "cpu"     # the float stages, where torch sees a GPU
+    device = default_device()     # the float stages, where torch sees a GPU
     res["distill_device"] = device
     for r in rows:
         t0 = time.perf_counter()
