@@ -67,6 +67,7 @@ def cmd_quantize(args: argparse.Namespace) -> dict:
                     or args.distill_lr is not None or args.distill_linear_weight
                     or args.distill_attention_weight or args.distill_precision != "fp32"
                     or args.distill_group_by_length or args.distill_teacher_cache is not None
+                    or args.distill_init is not None or args.distill_save is not None or args.distill_ema
                     or args.prune_layers is not None
                     or args.prune_budget is not None or args.prune_channels)  # hwgen.distill.compress does both
     fixed, fmts = (None, None) if compress else quantize(bundle.graph, bundle.calib_feeds, cfg)
@@ -86,7 +87,9 @@ def cmd_quantize(args: argparse.Namespace) -> dict:
                                     distill_attention_weight=args.distill_attention_weight,
                                     distill_precision=args.distill_precision,
                                     distill_group_by_length=args.distill_group_by_length,
-                                    distill_teacher_cache_gb=args.distill_teacher_cache)
+                                    distill_teacher_cache_gb=args.distill_teacher_cache,
+                                    distill_init=args.distill_init, distill_save=args.distill_save,
+                                    distill_ema=args.distill_ema)
         losses = extra.pop("qat_losses")
     if args.qat_steps and not compress:
         from .qat import QATModel, finetune
@@ -397,6 +400,16 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--distill-teacher-cache", type=float, default=None, metavar="GIB",
                    help="with --distill: GiB of teacher values the float stage keeps between epochs "
                    f"(default {TEACHER_CACHE_BYTES / 2**30:g}; batches beyond it rerun the teacher)")
+    q.add_argument("--distill-ema", type=float, default=0.0, metavar="DECAY",
+                   help="with --distill: end the float stage with the moving average of its weights at "
+                   "this decay (e.g. 0.999: about the last 1,000 steps; default 0, off)")
+    q.add_argument("--distill-save", metavar="FILE",
+                   help="with --distill: write the float student after the float stage to FILE (.npz), "
+                   "to go on from later with --distill-init")
+    q.add_argument("--distill-init", metavar="FILE|DIR",
+                   help="with --distill: start from a float student saved by --distill-save, or recovered "
+                   "from an earlier --out folder of the model (same --prune), instead of the pruned, "
+                   "refitted weights")
     q.add_argument("--distill-text", action="append", default=[], metavar="FILE",
                    help="with --distill: add this text file to the distillation inputs (minilm: one "
                    "sentence per line; tiny-gpt: its bytes in windows); repeatable. "

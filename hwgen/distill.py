@@ -287,9 +287,7 @@ class FloatStudent(torch.nn.Module):
 
     def current_graph(self) -> Graph:
         """A float graph holding the current (masked) weights."""
-        return Graph(name=self.graph.name, tensors=self.graph.tensors, nodes=self.graph.nodes,
-                     inputs=self.graph.inputs, outputs=self.graph.outputs,
-                     weights={**self.graph.weights, **self.float_weights()}, meta=dict(self.graph.meta))
+        return with_weights(self.graph, self.float_weights())
 
     def forward(self, feed: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
         vals: dict[str, torch.Tensor] = {}
@@ -306,19 +304,51 @@ class FloatStudent(torch.nn.Module):
         return vals
 
 
+def check_ema(decay: float) -> None:
+    if not 0 <= decay < 1:
+        raise DistillError(f"--distill-ema {decay}: the decay must be in [0, 1) (0: no average)")
+
+
+class WeightEMA:
+    """An exponential moving average of parameters (Polyak averaging): after
+    each step ``avg <- decay * avg + (1 - decay) * p``, starting at the
+    parameters' values; :meth:`copy_to_params` puts the averages in their place.
+    The average of a noisy small-batch trajectory lies nearer the minimum than
+    its last point; ``1 / (1 - decay)`` steps is its window."""
+
+    def __init__(self, params: Iterable[torch.nn.Parameter], decay: float):
+        check_ema(decay)
+        self.params = list(params)
+        self.decay = decay
+        self.avg = [p.detach().clone() for p in self.params]
+
+    def update(self, i: int = 0) -> None:
+        with torch.no_grad():
+            for a, p in zip(self.avg, self.params):
+                a.lerp_(p.detach(), 1.0 - self.decay)
+
+    def copy_to_params(self) -> None:
+        with torch.no_grad():
+            for a, p in zip(self.avg, self.params):
+                p.copy_(a)
+
+
 def distill_float(student: FloatStudent, feeds: Iterable[dict[str, np.ndarray]], loss: DistillLoss,
                   steps: int, lr: float = 1e-4, before_step: Callable[[int], None] | None = None,
                   progress: Callable[[int, float], None] | None = None,
-                  schedule: str = "constant", precision: str = "fp32") -> list[float]:
+                  schedule: str = "constant", precision: str = "fp32", ema: float = 0.0) -> list[float]:
     """``steps`` Adam steps of the distillation loss on the float student, the
     learning rate by ``schedule`` (:func:`hwgen.qat.lr_at`); ``before_step(i)``
     runs first (a pruning schedule). ``precision``: the student's forward (and
     so its backward) under :func:`autocast`; the loss is taken outside it.
+    ``ema`` > 0: the student ends with the :class:`WeightEMA` of its weights at
+    that decay instead of the last step's (masks apply to it as to them).
     Returns the losses."""
     feeds = list(feeds)
     if not feeds:
         raise DistillError("distillation needs at least one input batch")
     check_precision(precision)
+    check_ema(ema)
     from .qat import adam_steps
 
     def loss_of(feed):
@@ -326,8 +356,161 @@ def distill_float(student: FloatStudent, feeds: Iterable[dict[str, np.ndarray]],
             values = student(feed)
         return loss(feed, values)
 
-    return adam_steps(student.parameters(), feeds, loss_of, steps, lr, progress, before_step,
-                      schedule=schedule)
+    average = WeightEMA(student.parameters(), ema) if ema else None
+    losses = adam_steps(student.parameters(), feeds, loss_of, steps, lr, progress, before_step,
+                        schedule=schedule, after_step=average.update if average else None)
+    if average:
+        average.copy_to_params()
+    return losses
+
+
+# ----------------------------------------------------------------------------
+# float student files (--distill-save / --distill-init)
+# ----------------------------------------------------------------------------
+
+#: the format tag of a float student file
+STUDENT_FORMAT = "hwgen-float-student/1"
+
+
+def student_weights(graph: Graph) -> dict[str, np.ndarray]:
+    """The weights a float student file holds: every weight of ``graph`` but the
+    embedding tables (frozen in the float stage, and most of MiniLM's bytes)."""
+    frozen = {n.inputs[1] for n in graph.nodes if n.op == "embedding"}
+    return {k: np.asarray(v, dtype=np.float32) for k, v in graph.weights.items() if k not in frozen}
+
+
+def save_student(path: str | os.PathLike, graph: Graph, info: dict) -> None:
+    """Write the float student ``graph``'s weights (:func:`student_weights`,
+    masks applied) and ``info`` (JSON: model, prune, steps) to the ``.npz`` file
+    ``path``, atomically: a half-written file never takes its name."""
+    import json
+
+    path = os.fspath(path)
+    tmp = f"{path}.part"
+    with open(tmp, "wb") as f:
+        np.savez(f, __hwgen__=np.array(json.dumps({"format": STUDENT_FORMAT, **info})),
+                 **student_weights(graph))
+    os.replace(tmp, path)
+
+
+def load_student(path: str | os.PathLike, graph: Graph, model: str) -> tuple[dict[str, np.ndarray], dict]:
+    """The weights and info of a float student file, checked against ``graph``
+    (the folded float graph it must fit: same weight names and shapes, float)
+    and ``model`` (the name it was saved for); every refusal names the file and
+    what is wrong with it. ``path`` may also be the output folder of an earlier
+    ``hwgen quantize --out`` of this model: its student is recovered from the
+    integer codes (:func:`student_from_fixed`)."""
+    import json
+    import zipfile
+
+    where = f"--distill-init {os.fspath(path)}"
+    if os.path.isdir(path):
+        weights, info = _student_from_folder(path, graph, where)
+        _check_student(weights, graph, where)
+        return weights, info
+    try:
+        z = np.load(path, allow_pickle=False)
+        weights = {}
+        if isinstance(z, np.lib.npyio.NpzFile):     # a .npy file loads as one array: not a student
+            with z:
+                weights = {k: z[k] for k in z.files}
+        info = json.loads(str(weights.pop("__hwgen__"))) if "__hwgen__" in weights else None
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:   # JSONDecodeError is a ValueError
+        raise DistillError(f"{where}: cannot read it as a float student file ({e})") from None
+    if not isinstance(info, dict):
+        raise DistillError(f"{where}: not a float student file (saved by --distill-save)")
+    if info.get("format") != STUDENT_FORMAT:
+        raise DistillError(f"{where}: format {info.get('format')!r}, expected {STUDENT_FORMAT!r}")
+    if info.get("model") != model:
+        raise DistillError(f"{where}: saved for model {info.get('model')!r}, not {model!r}")
+    _check_student(weights, graph, where)
+    return {k: v.astype(np.float32) for k, v in weights.items()}, info
+
+
+def _check_student(weights: dict[str, np.ndarray], graph: Graph, where: str) -> None:
+    want = student_weights(graph)
+    if set(weights) != set(want):
+        odd = sorted(set(weights) ^ set(want))
+        raise DistillError(f"{where}: its weights are not the model's ({len(odd)} name(s) differ, "
+                           f"e.g. {odd[0]!r})")
+    for k, v in weights.items():
+        if v.shape != want[k].shape or v.dtype.kind != "f":
+            raise DistillError(f"{where}: weight {k!r} is {v.dtype} {v.shape}, the model's is "
+                               f"float {want[k].shape}")
+        if not np.all(np.isfinite(v)):
+            raise DistillError(f"{where}: weight {k!r} holds non-finite values")
+
+
+def student_from_fixed(fixed: Graph) -> dict[str, np.ndarray]:
+    """The float weights a quantized graph was made from, as far as its codes
+    tell (:func:`student_weights`' names): each linear's weight codes at their
+    per-column format with the row pre-scale of its input's per-channel format
+    undone (:func:`hwgen.quant.linear_row_shift`), biases and layernorm
+    parameters at theirs. Each value is within half a code step of the float
+    weight it was rounded from (a saturated one within its format's range)."""
+    from .golden import dequantize
+    from .quant import linear_row_shift
+
+    out: dict[str, np.ndarray] = {}
+    for node in fixed.nodes:
+        if node.op == "linear":
+            w = node.inputs[1]
+            out[w] = np.ldexp(dequantize(fixed, w, fixed.weights[w]), -linear_row_shift(fixed, node)[:, None])
+            names = [fixed.node_input(node, "bias")]
+        elif node.op == "layernorm":
+            names = node.inputs[1:3]
+        else:
+            continue
+        for t in names:
+            if t:
+                out[t] = dequantize(fixed, t, fixed.weights[t])
+    return {k: v.astype(np.float32) for k, v in out.items()}
+
+
+def _student_from_folder(path, graph: Graph, where: str) -> tuple[dict[str, np.ndarray], dict]:
+    """:func:`load_student` for a ``hwgen quantize --out`` folder."""
+    from .ir import GraphError
+
+    try:
+        fixed = Graph.load(path)
+    except GraphError as e:
+        raise DistillError(f"{where}: {e}") from None
+    if not fixed.meta.get("quantized"):
+        raise DistillError(f"{where}: the graph in it is not quantized")
+    if fixed.name != graph.name:
+        raise DistillError(f"{where}: a graph of {fixed.name!r}, not {graph.name!r}")
+    prune = fixed.meta.get("prune")
+    info = {"format": "hwgen quantize --out", "model": fixed.meta.get("model"),
+            "prune": prune.get("pattern") if isinstance(prune, dict) else None,
+            "steps": (fixed.meta.get("distill") or {}).get("float_steps")}
+    weights = student_from_fixed(fixed)
+    missing = sorted(set(student_weights(graph)) - set(weights))
+    if missing:
+        raise DistillError(f"{where}: its graph has no codes for weight {missing[0]!r}")
+    return weights, info
+
+
+def check_init_masks(path: str | os.PathLike, weights: dict[str, np.ndarray], masks: dict[str, np.ndarray],
+                     saved_prune: str | None, prune: str | None) -> None:
+    """Refuse a saved student pruned otherwise than this run (``prune``, the
+    pattern's name, against ``saved_prune``), or whose weights are nonzero where
+    ``masks`` prune (other linears chosen): training from it would silently
+    zero weights it relies on, or let its zeros grow back."""
+    if saved_prune != prune:
+        raise DistillError(f"--distill-init {os.fspath(path)}: saved with --prune {saved_prune or 'none'}, "
+                           f"this run has --prune {prune or 'none'}; use the same --prune")
+    for name, keep in masks.items():
+        bad = int(np.count_nonzero(weights[name][~keep]))
+        if bad:
+            raise DistillError(f"--distill-init {os.fspath(path)}: weight {name!r} has {bad} nonzero "
+                               "value(s) where this run's masks prune it (the file was saved with other "
+                               "linears pruned); use the same --prune-layers / --prune-budget")
+
+
+def with_weights(graph: Graph, weights: dict[str, np.ndarray]) -> Graph:
+    """``graph`` with some weights replaced (nodes and tensors shared)."""
+    return Graph(name=graph.name, tensors=graph.tensors, nodes=graph.nodes, inputs=graph.inputs,
+                 outputs=graph.outputs, weights={**graph.weights, **weights}, meta=dict(graph.meta))
 
 
 # ----------------------------------------------------------------------------
@@ -342,6 +525,7 @@ class DistillResult:
     qat_losses: list[float]
     schedule: list[float]                 # pruning fraction per float (or QAT) step
     teacher_cached: int = 0               # float stage: batches whose teacher values were kept
+    float_student: Graph | None = None    # the float student after the float stage (None: no float stage)
 
 
 def distill(float_graph: Graph, kind: str, calib_feeds: list[dict[str, np.ndarray]], cfg,
@@ -353,7 +537,8 @@ def distill(float_graph: Graph, kind: str, calib_feeds: list[dict[str, np.ndarra
             names: list[str] | None = None, trainable: Iterable[str] | None = None,
             float_schedule: str = "constant", device: str | torch.device = "cpu",
             linear_weight: float = 0.0, attention_weight: float = 0.0,
-            precision: str = "fp32", teacher_cache_bytes: int = TEACHER_CACHE_BYTES) -> DistillResult:
+            precision: str = "fp32", teacher_cache_bytes: int = TEACHER_CACHE_BYTES,
+            float_ema: float = 0.0) -> DistillResult:
     """Prune (gradually over the float stage, else one-shot or gradually over
     QAT), distill in float, recalibrate, then distill with QAT; returns the
     quantized student. ``float_graph`` is the model's float graph (unfolded,
@@ -369,7 +554,8 @@ def distill(float_graph: Graph, kind: str, calib_feeds: list[dict[str, np.ndarra
     ``linear_weight``, ``attention_weight``: :class:`DistillLoss`'s finer terms;
     ``precision``: the float stage's matmuls (:func:`autocast`; the QAT stage is
     the golden model, exact); ``teacher_cache_bytes``: the float stage's teacher
-    cache budget (:class:`DistillLoss`)."""
+    cache budget (:class:`DistillLoss`); ``float_ema``: the float stage ends with
+    its weights' moving average at this decay (:class:`WeightEMA`; 0: the last step's)."""
     from . import prune as P
     from .qat import QATModel, finetune
     from .quant import prepare, quantize
@@ -396,10 +582,11 @@ def distill(float_graph: Graph, kind: str, calib_feeds: list[dict[str, np.ndarra
             + (f", on {device}" if device.type != "cpu" else "")
             + (f", {precision} matmuls" if precision != "fp32" else "")
             + (f" ({float_schedule})" if float_schedule != "constant" else "")
+            + (f", weights averaged (EMA {float_ema})" if float_ema else "")
             + (f", pruning {spec.name} gradually" if hook is not None else "")
             + (f", {spec.name} masks fixed" if spec is not None and fixed_masks else ""))
         f_losses = distill_float(st, feeds, loss, float_steps, lr=lr, before_step=hook, schedule=float_schedule,
-                                 precision=precision,
+                                 precision=precision, ema=float_ema,
                                  progress=lambda i, l: say(f"float step {i}/{float_steps} loss {l:.6f}")
                                  if i % 10 == 0 or i == float_steps else None)
         if hook is not None:
@@ -432,7 +619,8 @@ def distill(float_graph: Graph, kind: str, calib_feeds: list[dict[str, np.ndarra
     fixed = model.export()
     fixed.meta["passes"] = fixed.meta.get("passes", []) + (["distill_float"] if float_steps else []) \
         + (["distill_qat"] if qat_steps else [])
-    return DistillResult(fixed, masks, f_losses, q_losses, schedule, teacher_cached)
+    return DistillResult(fixed, masks, f_losses, q_losses, schedule, teacher_cached,
+                         student_graph if float_steps else None)
 
 
 # ----------------------------------------------------------------------------
@@ -575,7 +763,9 @@ def compress(bundle, cfg, prune: str | None = None, distill_on: bool = False, di
              distill_schedule: str = "constant", distill_device: str = "cpu",
              distill_linear_weight: float = 0.0, distill_attention_weight: float = 0.0,
              distill_precision: str = "fp32", distill_group_by_length: bool = False,
-             distill_teacher_cache_gb: float | None = None) -> tuple[Graph, dict]:
+             distill_teacher_cache_gb: float | None = None,
+             distill_init: str | os.PathLike | None = None,
+             distill_save: str | os.PathLike | None = None, distill_ema: float = 0.0) -> tuple[Graph, dict]:
     """The ``hwgen quantize --prune ... --distill`` recipe on a model bundle.
 
     Which linears: all prunable ones, or (layer-selective) those matching
@@ -604,6 +794,14 @@ def compress(bundle, cfg, prune: str | None = None, distill_on: bool = False, di
     the distillation sentences batched by length (:func:`train_feeds`);
     ``distill_teacher_cache_gb`` (``--distill-teacher-cache``): the float stage's
     teacher cache budget in GiB (None: :data:`TEACHER_CACHE_BYTES`).
+    ``distill_save`` (``--distill-save``): write the float student after the
+    float stage to this file (:func:`save_student`); ``distill_init``
+    (``--distill-init``): start from such a file instead of the pruned and
+    refitted weights (no refit; the masks are computed as without it and the
+    file's weights must be zero where they prune, :func:`check_init_masks`), a
+    warm start: the learning-rate schedule and Adam's moments begin afresh.
+    ``distill_ema`` (``--distill-ema``): the float stage ends with the moving
+    average of its weights at this decay (:class:`WeightEMA`; 0: off).
 
     Pruning, by default one-shot: masks from activation-aware magnitudes, then
     the kept weights refitted by least squares (:func:`hwgen.prune.reconstruct`,
@@ -622,7 +820,9 @@ def compress(bundle, cfg, prune: str | None = None, distill_on: bool = False, di
     ``distill_steps``, ``distill_loss_first``, ``distill_loss_last``, ``qat_losses``, and the
     float stage's settings ``distill_schedule``, ``distill_lr``, ``distill_device``,
     ``distill_precision``, ``distill_group_by_length``, ``distill_teacher_cache_gb`` and
-    ``distill_teacher_cached`` (batches whose teacher values were kept)."""
+    ``distill_teacher_cached`` (batches whose teacher values were kept), ``distill_init``,
+    ``distill_init_steps`` (the float steps behind that file, summed over its own
+    inits), ``distill_save`` and ``distill_ema``."""
     from . import prune as P
     from .accuracy import qat_loss
     from .qat import QATModel, finetune
@@ -634,8 +834,8 @@ def compress(bundle, cfg, prune: str | None = None, distill_on: bool = False, di
     if (distill_on and distill_steps < 0) or qat_steps < 0:
         raise DistillError("--distill-steps and --qat-steps must be >= 0")
     float_stage = bool(distill_on and distill_steps)     # the float distillation stage runs
-    if distill_on and not (distill_steps or qat_steps):
-        raise DistillError("--distill needs --distill-steps > 0 or --qat-steps > 0")
+    if distill_on and not (distill_steps or qat_steps or distill_init is not None):
+        raise DistillError("--distill needs --distill-steps > 0, --qat-steps > 0 or --distill-init")
     if gradual and not (spec is not None and (float_stage or qat_steps)):
         raise DistillError("--gradual needs --prune and fine-tuning steps (--distill or --qat-steps)")
     if train_pruned_only and not float_stage:
@@ -678,6 +878,18 @@ def compress(bundle, cfg, prune: str | None = None, distill_on: bool = False, di
     except ValueError as e:
         raise DistillError(str(e)) from None
     _read_texts(bundle, texts)  # refuses a bad file now, not after pruning
+    if distill_init is not None and not distill_on:
+        raise DistillError("--distill-init needs --distill")
+    if distill_init is not None and gradual:
+        raise DistillError("--distill-init starts from a saved student, whose zeros are its masks: "
+                           "drop --gradual")
+    if distill_ema and not float_stage:
+        raise DistillError("--distill-ema needs --distill with --distill-steps > 0")
+    check_ema(distill_ema)
+    if distill_save is not None and not float_stage:
+        raise DistillError("--distill-save needs --distill with --distill-steps > 0")
+    if distill_save is not None and not os.path.isdir(os.path.dirname(os.path.abspath(distill_save))):
+        raise DistillError(f"--distill-save {os.fspath(distill_save)}: its folder does not exist")
     if (layers is not None or budget is not None) and spec is None:
         raise DistillError("--prune-layers and --prune-budget need --prune")
     if channels and (spec is None or spec.kind != "block"):
@@ -688,6 +900,9 @@ def compress(bundle, cfg, prune: str | None = None, distill_on: bool = False, di
         raise DistillError("--prune-layers and --prune-budget exclude each other: name the linears "
                            "or give a budget")
     folded = prepare(bundle.graph)
+    init_w = init_info = None
+    if distill_init is not None:
+        init_w, init_info = load_student(distill_init, folded, bundle.name)
     norms = masks = names = pair_names = None
     ranking = None
     start = folded
@@ -710,11 +925,17 @@ def compress(bundle, cfg, prune: str | None = None, distill_on: bool = False, di
             say(f"pruning {len(names)} of {len(P.prunable_linears(folded))} linears")
         if not gradual:
             masks = P.compute_masks(folded, spec, norms, names=names)
-            say("refitting the kept weights (least squares, layer by layer)")
-            start = P.reconstruct(folded, masks, train_feeds(bundle, RECON_SENTENCES), say=say)
+            if init_w is None:
+                say("refitting the kept weights (least squares, layer by layer)")
+                start = P.reconstruct(folded, masks, train_feeds(bundle, RECON_SENTENCES), say=say)
+    if init_w is not None:
+        check_init_masks(distill_init, init_w, masks or {}, init_info.get("prune"), spec.name if spec else None)
+        say(f"starting from the saved student {os.fspath(distill_init)} "
+            f"({init_info.get('steps')} float step(s) behind it)")
+        start = with_weights(start, init_w)
     f_losses: list[float] = []
     q_losses: list[float] = []
-    cached = None
+    cached = steps_total = None
     if distill_on:
         res = distill(bundle.graph, bundle.kind, bundle.calib_feeds, cfg, spec, norms,
                       float_steps=distill_steps, qat_steps=qat_steps, lr=distill_lr, qat_lr=lr,
@@ -724,9 +945,18 @@ def compress(bundle, cfg, prune: str | None = None, distill_on: bool = False, di
                       trainable=_pruned_params(folded, masks) if train_pruned_only else None,
                       float_schedule=distill_schedule, device=distill_device,
                       linear_weight=distill_linear_weight, attention_weight=distill_attention_weight,
-                      precision=distill_precision, teacher_cache_bytes=cache_bytes)
+                      precision=distill_precision, teacher_cache_bytes=cache_bytes, float_ema=distill_ema)
         fixed, masks, f_losses, q_losses = res.fixed, res.masks, res.float_losses, res.qat_losses
         cached = res.teacher_cached
+        # float steps behind the student, over its --distill-init chain (None: a folder's unknown count)
+        steps_total = None if init_info and init_info.get("steps") is None else \
+            (init_info["steps"] if init_info else 0) + distill_steps
+        fixed.meta["distill"] = {"float_steps": steps_total}
+        if distill_save is not None:
+            save_student(distill_save, res.float_student,
+                         {"model": bundle.name, "prune": spec.name if spec else None, "steps": steps_total,
+                          "loss_last": f_losses[-1]})
+            say(f"float student saved to {os.fspath(distill_save)}")
     elif qat_steps:
         _, fmts = quantize(start if masks is not None else P.prune(folded, spec, norms, names=names)[0]
                            if spec is not None else folded, bundle.calib_feeds, cfg)
@@ -771,6 +1001,11 @@ def compress(bundle, cfg, prune: str | None = None, distill_on: bool = False, di
                    "distill_group_by_length": bool(distill_group_by_length),
                    "distill_teacher_cache_gb": cache_bytes / 2**30 if float_stage else None,
                    "distill_teacher_cached": cached if float_stage else None,
+                   "distill_init": None if distill_init is None else os.fspath(distill_init),
+                   "distill_init_steps": init_info.get("steps") if init_info else None,
+                   "distill_float_steps_total": steps_total,
+                   "distill_save": None if distill_save is None else os.fspath(distill_save),
+                   "distill_ema": distill_ema if float_stage else None,
                    "distill_linear_weight": distill_linear_weight if distill_on else None,
                    "distill_attention_weight": distill_attention_weight if distill_on else None,
                    "distill_loss_first": f_losses[0] if f_losses else None,
@@ -839,6 +1074,8 @@ class BenchRow(NamedTuple):
     precision: str = "fp32"      # --distill-precision
     group: bool = False          # --distill-group-by-length
     cache_gb: float | None = None  # --distill-teacher-cache (None: TEACHER_CACHE_BYTES)
+    ema: float = 0.0             # --distill-ema
+    init: str | None = None      # --distill-init: the float student of this earlier row (its key)
 
 
 BENCH_ROWS = (
@@ -849,6 +1086,8 @@ BENCH_ROWS = (
     BenchRow("block:0.5 channels selective", "block:0.5", budget=BENCH_BUDGET, channels=True),
     BenchRow("2:4 corpus", "2:4", corpus=True, steps=25000, schedule="cosine", lr=4e-4, precision="bf16",
              group=True, cache_gb=6.0),
+    BenchRow("2:4 corpus continued", "2:4", corpus=True, steps=24000, schedule="cosine", lr=1e-4,
+             precision="bf16", group=True, cache_gb=6.0, ema=0.9995, init="2:4 corpus"),
     BenchRow("block:0.5 channels corpus", "block:0.5", channels=True, corpus=True, steps=4000,
              schedule="cosine"),
     BenchRow("block:0.5 channels selective corpus", "block:0.5", budget=0.975, channels=True,
@@ -870,8 +1109,10 @@ def bench(quick: bool = False, float_steps: int = 300, qat_steps: int = 4,
       mean/min embedding cosine vs float over the evaluation sentences, and
       the matmul engine's cycles at m = 128, sparse vs dense, of the pruned
       linears and of all block linears (the corpus rows are minilm's, the
-      sentences being English: skipped for other models). The float stages
-      run on the GPU where torch sees one (``distill_device`` in the result);
+      sentences being English: skipped for other models). A row with ``init``
+      goes on from that earlier row's float student (``--distill-init``; skipped
+      when that row did not run). The float stages run on the GPU where torch
+      sees one (``distill_device`` in the result);
     * tiny-gpt student (``models/tiny_gpt_student.pt``, half the layers): float
       perplexity vs the teacher's float perplexity, and its W8A8 perplexity;
     * adaptive precision, per token on tiny-gpt (:func:`hwgen.adaptive.bench`):
@@ -879,6 +1120,7 @@ def bench(quick: bool = False, float_steps: int = 300, qat_steps: int = 4,
       the teacher-forced dispatch and verified generation.
     ``quick``: every row 20 float steps, 1 QAT step (a smoke run, not the numbers)."""
     import sys
+    import tempfile
     import time
 
     from . import zoo
@@ -894,8 +1136,11 @@ def bench(quick: bool = False, float_steps: int = 300, qat_steps: int = 4,
     res["model"] = model
     res["pruned"] = []
     rows = [r for r in BENCH_ROWS if not r.corpus or bundle.name == "minilm"]
+    rows = [r for r in rows if r.init is None or r.init in {q.key for q in rows}]
     device = default_device()     # the float stages, where torch sees a GPU
     res["distill_device"] = device
+    students = tempfile.TemporaryDirectory(prefix="hwgen-bench-")   # float students later rows go on from
+    saves = {r.init for r in rows if r.init}
     for r in rows:
         t0 = time.perf_counter()
         steps = float_steps if quick or r.steps is None else r.steps
@@ -904,6 +1149,7 @@ def bench(quick: bool = False, float_steps: int = 300, qat_steps: int = 4,
             f"{f', linear and attention terms x{r.terms:g}' if r.terms else ''}"
             f"{f', {r.precision} matmuls' if r.precision != 'fp32' else ''}"
             f"{', batched by length' if r.group else ''}"
+            f"{f', EMA {r.ema}' if r.ema else ''}{f', from the {r.init} row' if r.init else ''}"
             f"{', with the distillation sentences' if r.corpus else ''} on {device} + {qat_steps} QAT steps)")
         fixed, info = compress(bundle, cfg, r.pattern, True, steps, qat_steps, say=say, budget=r.budget,
                                train_pruned_only=r.budget is not None, channels=r.channels,
@@ -911,11 +1157,14 @@ def bench(quick: bool = False, float_steps: int = 300, qat_steps: int = 4,
                                distill_schedule=r.schedule, distill_lr=r.lr, distill_device=device,
                                distill_linear_weight=r.terms, distill_attention_weight=r.terms,
                                distill_precision=r.precision, distill_group_by_length=r.group,
-                               distill_teacher_cache_gb=r.cache_gb)
+                               distill_teacher_cache_gb=r.cache_gb, distill_ema=r.ema,
+                               distill_init=_bench_student(students.name, r.init) if r.init else None,
+                               distill_save=_bench_student(students.name, r.key) if r.key in saves else None)
         m = evaluate(bundle, fixed)
         res["pruned"].append({"row": r.key, **{k: v for k, v in info.items() if k != "qat_losses"},
                               "cosine_mean": m["cosine_mean"], "cosine_min": m["cosine_min"],
                               "wall_s": time.perf_counter() - t0})
+    students.cleanup()
     say("tiny-gpt student vs teacher")
     teacher = zoo.load("tiny-gpt")
     student = zoo.load(str(zoo.MODELS_DIR / "tiny_gpt_student.pt"))
@@ -951,6 +1200,11 @@ def bench(quick: bool = False, float_steps: int = 300, qat_steps: int = 4,
         res["targets"]["channels_selective_corpus_cosine_ge_0.98"] = csel["cosine_mean"] >= 0.98
         res["targets"]["channels_selective_corpus_pruned_cycles_le_0.55"] = csel["cycles_pruned_ratio"] <= 0.55
     return res
+
+
+def _bench_student(folder: str, key: str) -> str:
+    """Where the bench keeps row ``key``'s float student."""
+    return os.path.join(folder, key.replace(" ", "_").replace(":", "-") + ".npz")
 
 
 def _batches(items: list, n: int) -> list[list]:

@@ -168,11 +168,13 @@ def lr_at(lr: float, i: int, steps: int, schedule: str = "constant") -> float:
 def adam_steps(params, feeds: list[dict[str, np.ndarray]],
                loss_of: Callable[[dict[str, np.ndarray]], torch.Tensor], steps: int, lr: float,
                progress: Callable[[int, float], None] | None = None,
-               before_step: Callable[[int], None] | None = None, schedule: str = "constant") -> list[float]:
+               before_step: Callable[[int], None] | None = None, schedule: str = "constant",
+               after_step: Callable[[int], None] | None = None) -> list[float]:
     """The one training loop of QAT and distillation: ``steps`` Adam steps on
     ``params``, step ``i`` on ``feeds[i % len(feeds)]`` with the loss
     ``loss_of(feed)`` at learning rate :func:`lr_at`; ``before_step(i)`` runs
-    first (a pruning schedule), ``progress(i + 1, loss)`` after. Returns the losses."""
+    first (a pruning schedule), ``after_step(i)`` after the update (a weight
+    average), ``progress(i + 1, loss)`` last. Returns the losses."""
     if steps and not feeds:
         raise ValueError(f"{steps} training step(s) need at least one input batch")
     check_schedule(schedule)                         # before any step
@@ -187,6 +189,8 @@ def adam_steps(params, feeds: list[dict[str, np.ndarray]],
         loss = loss_of(feeds[i % len(feeds)])
         loss.backward()
         opt.step()
+        if after_step:
+            after_step(i)
         losses.append(float(loss.detach()))
         if progress:
             progress(i + 1, losses[-1])

@@ -293,6 +293,18 @@ def test_cli_prune_budget(capsys, tmp_path):
     (["--distill-teacher-cache", "2"], "--distill-teacher-cache needs --distill with --distill-steps > 0"),
     (["--distill", "--distill-steps", "1", "--distill-teacher-cache", "-1"],
      "--distill-teacher-cache -1.0: the budget (GiB) must be >= 0"),
+    (["--distill-ema", "0.99"], "--distill-ema needs --distill with --distill-steps > 0"),
+    (["--distill", "--distill-steps", "1", "--distill-ema", "1"],
+     "--distill-ema 1.0: the decay must be in [0, 1) (0: no average)"),
+    (["--distill-init", "s.npz"], "--distill-init needs --distill"),
+    (["--prune", "2:4", "--gradual", "--distill", "--distill-steps", "1", "--distill-init", "s.npz"],
+     "--distill-init starts from a saved student, whose zeros are its masks: drop --gradual"),
+    (["--distill", "--distill-steps", "0", "--qat-steps", "1", "--distill-save", "s.npz"],
+     "--distill-save needs --distill with --distill-steps > 0"),
+    (["--distill", "--distill-steps", "1", "--distill-save", "no/such/folder/s.npz"],
+     "--distill-save no/such/folder/s.npz: its folder does not exist"),
+    (["--distill", "--distill-steps", "1", "--distill-init", "no-such-student.npz"],
+     "--distill-init no-such-student.npz: cannot read it as a float student file"),
     pytest.param(["--distill", "--distill-steps", "1", "--distill-device", "cuda"],
                  "--distill-device cuda: torch sees no CUDA GPU here", id="no-gpu",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="torch sees a GPU here")),
@@ -536,3 +548,156 @@ def test_distill_float_stage_on_cuda(tiny_decoder, one_torch_thread):
                     qat_steps=1, lr=3e-3, qat_lr=1e-4, start=g, masks=masks, device="cuda")
     assert P.mask_violations(res.fixed, res.masks) == 0 and len(res.qat_losses) == 1
     assert GoldenModel(res.fixed)(tiny_decoder_feeds(1, seed=4)[0])["logits"].shape == (2, 12, 40)
+
+
+def test_cli_distill_save_then_init_goes_on_from_the_student(capsys, tmp_path):
+    """``--distill-save`` writes the float student (its 2:4 zeros, the steps
+    behind it); ``--distill-init`` starts there: with no further steps it
+    exports the very same fixed graph, and further steps add to the count."""
+    base = ["quantize", "--model", "bert-block", "--prune", "2:4", "--distill", "--json", "--quiet"]
+    saved = tmp_path / "student.npz"
+    code, so, _ = run_cli(capsys, *base, "--distill-steps", "3", "--distill-save", saved, "--out", tmp_path / "a")
+    r = last_json(so)
+    assert code == 0 and r["distill_save"] == str(saved) and r["distill_init"] is None
+    assert r["distill_init_steps"] is None
+    assert saved.exists() and not (tmp_path / "student.npz.part").exists()
+    from hwgen import zoo
+
+    folded = prepare(zoo.load("bert-block").graph)
+    weights, info = D.load_student(saved, folded, "bert-block")
+    assert info["steps"] == 3 and info["prune"] == "2:4" and info["loss_last"] == r["distill_loss_last"]
+    assert set(weights) == set(D.student_weights(folded))          # all but the embedding tables
+    for node in P.prunable_linears(folded):
+        w = weights[node.inputs[1]]
+        assert P.nm_violations(w, 2, 4) == 0 and not np.array_equal(w, folded.weights[node.inputs[1]])
+
+    code, so, err = run_cli(capsys, *base, "--distill-steps", "0", "--distill-init", saved, "--out", tmp_path / "b")
+    r = last_json(so)
+    assert code == 0 and r["distill_init"] == str(saved) and r["distill_init_steps"] == 3
+    a, b = Graph.load(tmp_path / "a"), Graph.load(tmp_path / "b")
+    assert a.weights.keys() == b.weights.keys()
+    assert all(np.array_equal(a.weights[k], b.weights[k]) for k in a.weights)   # the same student, exported
+
+    again = tmp_path / "student2.npz"
+    code, so, _ = run_cli(capsys, *base, "--distill-steps", "2", "--distill-init", saved, "--distill-save", again,
+                          "--out", tmp_path / "c")
+    r = last_json(so)
+    assert code == 0 and r["distill_init_steps"] == 3
+    assert D.load_student(again, folded, "bert-block")[1]["steps"] == 5
+
+    code, _, err = run_cli(capsys, "quantize", "--model", "bert-block", "--prune", "unstructured:0.5", "--distill",
+                           "--distill-steps", "1", "--distill-init", saved, "--out", tmp_path / "d", "--quiet")
+    assert code == 1 and "saved with --prune 2:4, this run has --prune unstructured:0.5" in err
+    assert not (tmp_path / "d").exists()
+
+
+def test_load_student_refuses_what_does_not_fit(tmp_path, tiny_decoder):
+    g = prepare(tiny_decoder)
+    good = tmp_path / "s.npz"
+    D.save_student(good, g, {"model": "tiny", "prune": None, "steps": 4})
+    weights, info = D.load_student(good, g, "tiny")
+    assert info == {"format": D.STUDENT_FORMAT, "model": "tiny", "prune": None, "steps": 4}
+    assert all(np.array_equal(weights[k], g.weights[k]) for k in weights)
+    lin = next(n.inputs[1] for n in g.nodes if n.op == "linear")
+
+    def refused(make, msg, model="tiny"):
+        path = tmp_path / "bad.npz"
+        make(path)
+        with pytest.raises(D.DistillError, match=msg):
+            D.load_student(path, g, model)
+
+    def variant(**change):
+        def make(path):
+            arrays = {**D.student_weights(g), **change.pop("weights", {})}
+            for k in change.pop("drop", ()):
+                arrays.pop(k)
+            np.savez(path, **arrays, **change)
+        return make
+
+    import json
+    meta = np.array(json.dumps({"format": D.STUDENT_FORMAT, "model": "tiny", "prune": None, "steps": 1}))
+    refused(lambda p: p.write_bytes(b"not a zip"), "cannot read it as a float student file")
+    refused(variant(), "not a float student file")
+
+    def npy(path):
+        with open(path, "wb") as f:
+            np.save(f, np.zeros(3))
+    refused(npy, "not a float student file")
+    refused(variant(__hwgen__=np.array(json.dumps({"format": "other/9", "model": "tiny"}))), "format 'other/9'")
+    refused(variant(__hwgen__=meta), "saved for model 'tiny', not 'minilm'", model="minilm")
+    refused(variant(__hwgen__=meta, drop=[lin]), rf"1 name\(s\) differ, e.g. '{lin}'")
+    refused(variant(__hwgen__=meta, weights={lin: np.zeros((3, 3), np.float32)}), f"weight '{lin}' is float32")
+    bad = np.array(g.weights[lin], dtype=np.float32)
+    bad[0, 0] = np.nan
+    refused(variant(__hwgen__=meta, weights={lin: bad}), f"weight '{lin}' holds non-finite values")
+    keep = np.ones(g.weights[lin].shape, dtype=bool)
+    keep[0, :] = False
+    with pytest.raises(D.DistillError, match=f"weight '{lin}' has {keep.shape[1]} nonzero value"):
+        D.check_init_masks(good, weights, {lin: keep}, "2:4", "2:4")
+    with pytest.raises(D.DistillError, match="saved with --prune none, this run has --prune 2:4"):
+        D.check_init_masks(good, weights, {}, None, "2:4")
+    D.check_init_masks(good, {lin: np.where(keep, weights[lin], 0)}, {lin: keep}, "2:4", "2:4")   # zeros: fine
+
+
+def test_distill_float_ema_ends_at_the_weights_average(tiny_decoder, one_torch_thread):
+    """``ema``: the student ends with the moving average of the weights after
+    every step, started at the start, masks still applied; 0 is the last step."""
+    g = prepare(tiny_decoder)
+    feeds = tiny_decoder_feeds(2)
+    masks = P.compute_masks(g, P.PruneSpec.parse("2:4"))
+    torch.manual_seed(0)
+    st = D.FloatStudent(g, masks)
+    avg = [p.detach().clone().double() for p in st.parameters()]
+
+    def track(i, loss):
+        for a, p in zip(avg, st.parameters()):
+            a.mul_(0.8).add_(0.2 * p.detach().double())
+    D.distill_float(st, feeds, D.DistillLoss(g, "decoder"), 5, lr=3e-3, progress=track)
+    last = [p.detach().clone() for p in st.parameters()]
+    torch.manual_seed(0)
+    st2 = D.FloatStudent(g, masks)
+    D.distill_float(st2, feeds, D.DistillLoss(g, "decoder"), 5, lr=3e-3, ema=0.8)
+    for a, p, q in zip(avg, st2.parameters(), last):
+        assert torch.allclose(p.double(), a, rtol=1e-5, atol=1e-7)
+        assert not torch.equal(p, q)
+    assert all(not np.any(st2.current_graph().weights[n][~m]) for n, m in masks.items())
+    with pytest.raises(D.DistillError, match="--distill-ema -0.5: the decay must be in"):
+        D.distill_float(st2, feeds, D.DistillLoss(g, "decoder"), 1, ema=-0.5)
+
+
+def test_cli_distill_init_from_a_quantize_output_folder(capsys, tmp_path):
+    """``--distill-init`` an earlier ``--out`` folder: its student recovered from
+    the codes, each weight within half a code step of the float student saved by
+    the same run; the folder records the float steps behind it."""
+    base = ["quantize", "--model", "bert-block", "--prune", "2:4", "--distill", "--json", "--quiet"]
+    saved = tmp_path / "student.npz"
+    code, so, _ = run_cli(capsys, *base, "--distill-steps", "3", "--distill-ema", "0.5", "--distill-save", saved,
+                          "--out", tmp_path / "a")
+    r = last_json(so)
+    assert code == 0 and r["distill_ema"] == 0.5 and r["distill_float_steps_total"] == 3
+    fixed = Graph.load(tmp_path / "a")
+    assert fixed.meta["distill"] == {"float_steps": 3}
+    from hwgen import zoo
+    from hwgen.golden import frac_of
+    from hwgen.quant import linear_row_shift
+
+    folded = prepare(zoo.load("bert-block").graph)
+    floats, _ = D.load_student(saved, folded, "bert-block")
+    got, info = D.load_student(tmp_path / "a", folded, "bert-block")
+    assert info["steps"] == 3 and info["prune"] == "2:4" and set(got) == set(floats)
+    for node in fixed.nodes:
+        if node.op == "linear":
+            w = node.inputs[1]
+            step = np.ldexp(1.0, -np.asarray(frac_of(fixed, w)) - linear_row_shift(fixed, node)[:, None])
+            codes = fixed.weights[w]
+            inside = (codes > codes.min()) & (codes < codes.max())     # not saturated
+            assert np.all(np.abs(got[w] - floats[w])[inside] <= (step / 2 * (1 + 1e-6))[inside]), w
+            assert np.all(np.abs(floats[w][~inside]) >= np.abs(got[w][~inside]) - step[~inside] / 2), w
+            assert np.all(got[w][floats[w] == 0] == 0)                  # pruned stays pruned
+    code, so, _ = run_cli(capsys, *base, "--distill-steps", "2", "--distill-init", tmp_path / "a",
+                          "--out", tmp_path / "b")
+    r = last_json(so)
+    assert code == 0 and r["distill_init_steps"] == 3 and r["distill_float_steps_total"] == 5
+    code, _, err = run_cli(capsys, *base, "--distill-steps", "1", "--distill-init", tmp_path,
+                           "--out", tmp_path / "c")
+    assert code == 1 and f"--distill-init {tmp_path}: {tmp_path / 'graph.json'}: no such graph file" in err
