@@ -481,7 +481,7 @@ def _student_from_folder(path, graph: Graph, where: str) -> tuple[dict[str, np.n
         raise DistillError(f"{where}: a graph of {fixed.name!r}, not {graph.name!r}")
     prune = fixed.meta.get("prune")
     info = {"format": "hwgen quantize --out", "model": fixed.meta.get("model"),
-            "prune": prune.get("pattern") if isinstance(prune, dict) else None,
+            "prune": prune.get("pattern") if isinstance(prune, dict) and prune.get("pattern") != "dense" else None,
             "steps": (fixed.meta.get("distill") or {}).get("float_steps")}
     weights = student_from_fixed(fixed)
     missing = sorted(set(student_weights(graph)) - set(weights))
@@ -930,8 +930,9 @@ def compress(bundle, cfg, prune: str | None = None, distill_on: bool = False, di
                 start = P.reconstruct(folded, masks, train_feeds(bundle, RECON_SENTENCES), say=say)
     if init_w is not None:
         check_init_masks(distill_init, init_w, masks or {}, init_info.get("prune"), spec.name if spec else None)
-        say(f"starting from the saved student {os.fspath(distill_init)} "
-            f"({init_info.get('steps')} float step(s) behind it)")
+        behind = init_info.get("steps")
+        say(f"starting from the saved student {os.fspath(distill_init)} ("
+            + ("float steps behind it not recorded)" if behind is None else f"{behind} float step(s) behind it)"))
         start = with_weights(start, init_w)
     f_losses: list[float] = []
     q_losses: list[float] = []

@@ -701,3 +701,12 @@ def test_cli_distill_init_from_a_quantize_output_folder(capsys, tmp_path):
     code, _, err = run_cli(capsys, *base, "--distill-steps", "1", "--distill-init", tmp_path,
                            "--out", tmp_path / "c")
     assert code == 1 and f"--distill-init {tmp_path}: {tmp_path / 'graph.json'}: no such graph file" in err
+    dense = ["quantize", "--model", "bert-block", "--distill", "--json", "--quiet"]
+    code, so, _ = run_cli(capsys, *dense, "--distill-steps", "1", "--out", tmp_path / "d")
+    assert code == 0 and D.load_student(tmp_path / "d", folded, "bert-block")[1]["prune"] is None
+    code, so, _ = run_cli(capsys, *dense, "--distill-steps", "0", "--distill-init", tmp_path / "d",
+                          "--out", tmp_path / "e")
+    assert code == 0 and last_json(so)["distill_float_steps_total"] == 1
+    code, _, err = run_cli(capsys, *base, "--distill-steps", "1", "--distill-init", tmp_path / "d",
+                           "--out", tmp_path / "f")
+    assert code == 1 and "saved with --prune none, this run has --prune 2:4" in err
