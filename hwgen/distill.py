@@ -822,7 +822,9 @@ def compress(bundle, cfg, prune: str | None = None, distill_on: bool = False, di
     ``distill_precision``, ``distill_group_by_length``, ``distill_teacher_cache_gb`` and
     ``distill_teacher_cached`` (batches whose teacher values were kept), ``distill_init``,
     ``distill_init_steps`` (the float steps behind that file, summed over its own
-    inits), ``distill_save`` and ``distill_ema``."""
+    inits), ``distill_float_steps_total`` (those plus this run's; None when a folder's
+    are unknown; also recorded as ``meta["distill"]["float_steps"]``), ``distill_save``
+    and ``distill_ema``."""
     from . import prune as P
     from .accuracy import qat_loss
     from .qat import QATModel, finetune
