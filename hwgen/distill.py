@@ -287,7 +287,7 @@ class FloatStudent(torch.nn.Module):
 
     def current_graph(self) -> Graph:
         """A float graph holding the current (masked) weights."""
-        return with_weights(self.graph, self.float_weights())
+        return self.graph.with_weights(self.float_weights())
 
     def forward(self, feed: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
         vals: dict[str, torch.Tensor] = {}
@@ -348,7 +348,6 @@ def distill_float(student: FloatStudent, feeds: Iterable[dict[str, np.ndarray]],
     if not feeds:
         raise DistillError("distillation needs at least one input batch")
     check_precision(precision)
-    check_ema(ema)
     from .qat import adam_steps
 
     def loss_of(feed):
@@ -445,26 +444,15 @@ def student_from_fixed(fixed: Graph) -> dict[str, np.ndarray]:
     """The float weights a quantized graph was made from, as far as its codes
     tell (:func:`student_weights`' names): each linear's weight codes at their
     per-column format with the row pre-scale of its input's per-channel format
-    undone (:func:`hwgen.quant.linear_row_shift`), biases and layernorm
+    undone (:func:`hwgen.qat.dequantize_weight`), biases and layernorm
     parameters at theirs. Each value is within half a code step of the float
     weight it was rounded from (a saturated one within its format's range)."""
-    from .golden import dequantize
-    from .quant import linear_row_shift
+    from .qat import dequantize_weight
 
-    out: dict[str, np.ndarray] = {}
-    for node in fixed.nodes:
-        if node.op == "linear":
-            w = node.inputs[1]
-            out[w] = np.ldexp(dequantize(fixed, w, fixed.weights[w]), -linear_row_shift(fixed, node)[:, None])
-            names = [fixed.node_input(node, "bias")]
-        elif node.op == "layernorm":
-            names = node.inputs[1:3]
-        else:
-            continue
-        for t in names:
-            if t:
-                out[t] = dequantize(fixed, t, fixed.weights[t])
-    return {k: v.astype(np.float32) for k, v in out.items()}
+    names = [t for node in fixed.nodes
+             for t in ([node.inputs[1], fixed.node_input(node, "bias")] if node.op == "linear" else
+                       node.inputs[1:3] if node.op == "layernorm" else []) if t]
+    return {t: dequantize_weight(fixed, t).astype(np.float32) for t in names}
 
 
 def _student_from_folder(path, graph: Graph, where: str) -> tuple[dict[str, np.ndarray], dict]:
@@ -505,12 +493,6 @@ def check_init_masks(path: str | os.PathLike, weights: dict[str, np.ndarray], ma
             raise DistillError(f"--distill-init {os.fspath(path)}: weight {name!r} has {bad} nonzero "
                                "value(s) where this run's masks prune it (the file was saved with other "
                                "linears pruned); use the same --prune-layers / --prune-budget")
-
-
-def with_weights(graph: Graph, weights: dict[str, np.ndarray]) -> Graph:
-    """``graph`` with some weights replaced (nodes and tensors shared)."""
-    return Graph(name=graph.name, tensors=graph.tensors, nodes=graph.nodes, inputs=graph.inputs,
-                 outputs=graph.outputs, weights={**graph.weights, **weights}, meta=dict(graph.meta))
 
 
 # ----------------------------------------------------------------------------
@@ -935,7 +917,7 @@ def compress(bundle, cfg, prune: str | None = None, distill_on: bool = False, di
         behind = init_info.get("steps")
         say(f"starting from the saved student {os.fspath(distill_init)} ("
             + ("float steps behind it not recorded)" if behind is None else f"{behind} float step(s) behind it)"))
-        start = with_weights(start, init_w)
+        start = start.with_weights(init_w)
     f_losses: list[float] = []
     q_losses: list[float] = []
     cached = steps_total = None

@@ -205,6 +205,11 @@ class Graph:
     def consumers(self, tensor: str) -> list[Node]:
         return [n for n in self.nodes if tensor in n.inputs]
 
+    def with_weights(self, weights: dict[str, np.ndarray]) -> "Graph":
+        """This graph with some weights replaced (nodes and tensors shared, meta copied)."""
+        return Graph(name=self.name, tensors=self.tensors, nodes=self.nodes, inputs=self.inputs,
+                     outputs=self.outputs, weights={**self.weights, **weights}, meta=dict(self.meta))
+
     def node(self, name: str) -> Node:
         for n in self.nodes:
             if n.name == name:

@@ -110,11 +110,7 @@ class QATModel(torch.nn.Module):
         return ws
 
     def current_float_graph(self) -> Graph:
-        g = Graph(name=self.graph.name, tensors=self.graph.tensors, nodes=self.graph.nodes,
-                  inputs=self.graph.inputs, outputs=self.graph.outputs,
-                  weights={**self.graph.weights, **self.float_weights()},
-                  meta=dict(self.graph.meta))
-        return g
+        return self.graph.with_weights(self.float_weights())
 
     def export(self) -> Graph:
         """The fixed graph of the current weights (what `hwgen quantize` saves)."""
