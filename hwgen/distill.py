@@ -384,12 +384,11 @@ def save_student(path: str | os.PathLike, graph: Graph, info: dict) -> None:
     ``path``, atomically: a half-written file never takes its name."""
     import json
 
-    path = os.fspath(path)
-    tmp = f"{path}.part"
-    with open(tmp, "wb") as f:
+    from .files import atomic_file
+
+    with atomic_file(path) as tmp, open(tmp, "wb") as f:
         np.savez(f, __hwgen__=np.array(json.dumps({"format": STUDENT_FORMAT, **info})),
                  **student_weights(graph))
-    os.replace(tmp, path)
 
 
 def load_student(path: str | os.PathLike, graph: Graph, model: str) -> tuple[dict[str, np.ndarray], dict]:

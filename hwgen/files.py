@@ -31,6 +31,22 @@ def atomic_directory(directory: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
+@contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path`` (``.NAME.tmp``) to write; when the
+    block finishes it is renamed to ``path``, if the block raises it is removed
+    and ``path`` is left as it was: a reader never sees a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def installed_package_dir(name: str) -> Path | None:
     """The folder of installed Python package ``name`` (not imported), or None."""
     import importlib.util

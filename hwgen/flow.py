@@ -33,12 +33,13 @@ import contextlib
 import hashlib
 import io
 import json
-import os
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
+
+from .files import atomic_file
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 
@@ -240,10 +241,8 @@ def _load_record(out: Path) -> dict:
 
 def _write_json(path: Path, obj) -> None:
     """Write JSON through a temporary file and a rename (never half-written)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1, default=str))
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=1, default=str))
 
 
 def run_verb(argv: list[str], quiet: bool = True) -> tuple[dict, int]:

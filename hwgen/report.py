@@ -29,6 +29,8 @@ import json
 import os
 from pathlib import Path
 
+from .files import atomic_file
+
 SECTIONS = ("overview", "accuracy", "bitexact", "cycles", "resources", "placement", "timeline")
 
 
@@ -336,9 +338,8 @@ def write_report(out: str | os.PathLike) -> dict:
             f"{_CHECK}</head><body><h1>hwgen report: {_e(cfg.get('model', out.name))}</h1>"
             f"{sections}</body></html>")
     path = out / "report.html"
-    tmp = path.with_name(".report.html.tmp")
-    tmp.write_text(page, encoding="utf-8")
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        tmp.write_text(page, encoding="utf-8")
     present = [s for s, r in results.items() if r is not None]
     return {"report": str(path), "plots": [str(p) for p in plots.files], "sections": list(SECTIONS),
             "stages_with_results": present, "bytes": path.stat().st_size}

@@ -560,7 +560,7 @@ def test_cli_distill_save_then_init_goes_on_from_the_student(capsys, tmp_path):
     r = last_json(so)
     assert code == 0 and r["distill_save"] == str(saved) and r["distill_init"] is None
     assert r["distill_init_steps"] is None
-    assert saved.exists() and not (tmp_path / "student.npz.part").exists()
+    assert saved.exists() and not [p for p in tmp_path.iterdir() if p.name.endswith((".tmp", ".part"))]
     from hwgen import zoo
 
     folded = prepare(zoo.load("bert-block").graph)

@@ -12,6 +12,8 @@ import threading
 import time
 from pathlib import Path
 
+from ..files import atomic_file
+
 
 class Tracer:
     """Thread-safe collector of timed slices (seconds from the tracer's creation)."""
@@ -64,10 +66,8 @@ class Tracer:
     def write(self, path: str | os.PathLike) -> Path:
         """Write the trace atomically (a temporary file renamed into place)."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(self.to_chrome(), default=_default))
-        os.replace(tmp, path)
+        with atomic_file(path) as tmp:
+            tmp.write_text(json.dumps(self.to_chrome(), default=_default))
         return path
 
 
