@@ -62,34 +62,17 @@ def cmd_quantize(args: argparse.Namespace) -> dict:
     layers = len(bundle.graph.layers)
     say(f"traced {len(bundle.graph.nodes)} ops over {layers} layer(s); calibrating on "
         f"{len(bundle.calib_feeds)} batch(es)")
-    compress = bool(args.prune or args.distill or args.distill_synthetic or args.distill_text
-                    or args.distill_schedule != "constant" or args.distill_device != "cpu"
-                    or args.distill_lr is not None or args.distill_linear_weight
-                    or args.distill_attention_weight or args.distill_precision != "fp32"
-                    or args.distill_group_by_length or args.distill_teacher_cache is not None
-                    or args.distill_init is not None or args.distill_save is not None or args.distill_ema
-                    or args.prune_layers is not None
-                    or args.prune_budget is not None or args.prune_channels)  # hwgen.distill.compress does both
+    from .distill import Compression
+
+    compression = Compression.from_args(args)
+    compress = compression.requested     # hwgen.distill.compress prunes and/or distills
     fixed, fmts = (None, None) if compress else quantize(bundle.graph, bundle.calib_feeds, cfg)
     losses: list[float] = []
     extra: dict = {}
     if compress:
         from .distill import compress as run_compress
 
-        fixed, extra = run_compress(bundle, cfg, args.prune, args.distill, args.distill_steps,
-                                    args.qat_steps, args.lr, gradual=args.gradual, say=say,
-                                    layers=args.prune_layers, budget=args.prune_budget,
-                                    train_pruned_only=args.distill_pruned_only,
-                                    channels=args.prune_channels, synthetic=args.distill_synthetic,
-                                    texts=args.distill_text, distill_schedule=args.distill_schedule,
-                                    distill_lr=args.distill_lr, distill_device=args.distill_device,
-                                    distill_linear_weight=args.distill_linear_weight,
-                                    distill_attention_weight=args.distill_attention_weight,
-                                    distill_precision=args.distill_precision,
-                                    distill_group_by_length=args.distill_group_by_length,
-                                    distill_teacher_cache_gb=args.distill_teacher_cache,
-                                    distill_init=args.distill_init, distill_save=args.distill_save,
-                                    distill_ema=args.distill_ema)
+        fixed, extra = run_compress(bundle, cfg, compression, say=say)
         losses = extra.pop("qat_losses")
     if args.qat_steps and not compress:
         from .qat import QATModel, finetune
@@ -340,7 +323,7 @@ def _rtl_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .distill import DISTILL_LR, TEACHER_CACHE_BYTES
+    from .distill import DISTILL_LR, DISTILL_STEPS, TEACHER_CACHE_BYTES
 
     p = argparse.ArgumentParser(prog="hwgen", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -371,8 +354,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--distill", action="store_true",
                    help="fine-tune against the float model (outputs + hidden states): "
                    "--distill-steps float steps, then --qat-steps QAT steps")
-    q.add_argument("--distill-steps", type=int, default=100,
-                   help="float distillation steps with --distill (default 100)")
+    q.add_argument("--distill-steps", type=int, default=None,
+                   help=f"float distillation steps with --distill (default {DISTILL_STEPS})")
     q.add_argument("--distill-synthetic", type=int, default=0, metavar="N",
                    help="with --distill (minilm): add N synthetic everyday-English sentences to the "
                    "distillation inputs (default 0)")

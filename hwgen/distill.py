@@ -31,7 +31,7 @@ blocks), trained by ``models/distill_tiny_gpt_student.py`` with
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Callable, Iterable, NamedTuple, Sequence
 
 import numpy as np
@@ -735,32 +735,79 @@ def train_feeds(bundle, extra: int = EXTRA_SENTENCES, synthetic: int = 0,
 RECON_SENTENCES = 128
 
 
-def compress(bundle, cfg, prune: str | None = None, distill_on: bool = False, distill_steps: int = 100,
-             qat_steps: int = 0, lr: float = 2e-5, distill_lr: float | None = None, cycles_m: int = 128,
-             gradual: bool = False, say: Callable[[str], None] | None = None,
-             layers: str | None = None, budget: float | None = None,
-             train_pruned_only: bool = False, channels: bool = False,
-             synthetic: int = 0, texts: Sequence[str | os.PathLike] = (),
-             distill_schedule: str = "constant", distill_device: str = "cpu",
-             distill_linear_weight: float = 0.0, distill_attention_weight: float = 0.0,
-             distill_precision: str = "fp32", distill_group_by_length: bool = False,
-             distill_teacher_cache_gb: float | None = None,
-             distill_init: str | os.PathLike | None = None,
-             distill_save: str | os.PathLike | None = None, distill_ema: float = 0.0) -> tuple[Graph, dict]:
-    """The ``hwgen quantize --prune ... --distill`` recipe on a model bundle.
+#: float distillation steps when ``--distill`` is given without ``--distill-steps``
+DISTILL_STEPS = 100
+
+
+@dataclass(frozen=True)
+class Compression:
+    """What ``hwgen quantize`` does beyond calibration: one field per flag of
+    README's Compression section (``--prune*``, ``--gradual``, ``--distill*``),
+    named as the flag, plus the QAT stage's ``--qat-steps`` and ``--lr``. The
+    CLI builds it from its arguments (:meth:`from_args`), the bench from its
+    rows; :func:`compress` checks and runs it. ``None`` means "not given"
+    where the flag's default depends on others (``distill_steps``:
+    :data:`DISTILL_STEPS` with ``distill``; ``distill_lr``: :data:`DISTILL_LR`;
+    ``distill_teacher_cache`` (GiB): :data:`TEACHER_CACHE_BYTES`)."""
+
+    prune: str | None = None
+    prune_layers: str | None = None
+    prune_budget: float | None = None
+    prune_channels: bool = False
+    gradual: bool = False
+    distill: bool = False
+    distill_steps: int | None = None
+    distill_pruned_only: bool = False
+    distill_synthetic: int = 0
+    distill_text: Sequence[str | os.PathLike] = ()
+    distill_schedule: str = "constant"
+    distill_lr: float | None = None
+    distill_device: str = "cpu"
+    distill_linear_weight: float = 0.0
+    distill_attention_weight: float = 0.0
+    distill_precision: str = "fp32"
+    distill_group_by_length: bool = False
+    distill_teacher_cache: float | None = None
+    distill_ema: float = 0.0
+    distill_init: str | os.PathLike | None = None
+    distill_save: str | os.PathLike | None = None
+    qat_steps: int = 0
+    lr: float = 2e-5
+    cycles_m: int = 128
+
+    #: the fields that are not compression requests by themselves (plain QAT, the cycle report's m)
+    PLAIN = ("qat_steps", "lr", "cycles_m")
+
+    @classmethod
+    def from_args(cls, args) -> "Compression":
+        """The settings of parsed ``hwgen quantize`` arguments (an attribute per
+        flag; ``cycles_m`` is not a flag: the default)."""
+        given = {f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)}
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in given.items()})
+
+    @property
+    def requested(self) -> bool:
+        """Whether any compression flag differs from its default: then
+        :func:`compress` runs (and refuses what does not fit together), else
+        the model is only calibrated (and QAT-trained with ``qat_steps``)."""
+        return any(getattr(self, f.name) != f.default for f in fields(self) if f.name not in self.PLAIN)
+
+
+def compress(bundle, cfg, c: Compression, say: Callable[[str], None] | None = None) -> tuple[Graph, dict]:
+    """The ``hwgen quantize --prune ... --distill`` recipe on a model bundle, with the settings ``c``.
 
     Which linears: all prunable ones, or (layer-selective) those matching
-    ``layers`` (:func:`hwgen.prune.select_linears`, ``--prune-layers``), or those
-    :func:`hwgen.prune.select_by_budget` picks for a float output cosine ``budget``
+    ``prune_layers`` (:func:`hwgen.prune.select_linears`, ``--prune-layers``), or those
+    :func:`hwgen.prune.select_by_budget` picks for a float output cosine ``prune_budget``
     on the calibration inputs (``--prune-budget``); the others stay dense.
-    ``train_pruned_only``: the float distillation stage trains only the pruned
-    linears' weights and biases (``--distill-pruned-only``). ``channels``
+    ``distill_pruned_only``: the float distillation stage trains only the pruned
+    linears' weights and biases (``--distill-pruned-only``). ``prune_channels``
     (``--prune-channels``, ``block:RATIO`` only): prune channel pairs instead of
-    single linears (:mod:`hwgen.prune_channels`): the units ``layers`` and
-    ``budget`` choose are pairs (a pair is taken when a pattern matches one of
-    its linears), pruned one-shot with their refit. ``synthetic``
+    single linears (:mod:`hwgen.prune_channels`): the units ``prune_layers`` and
+    ``prune_budget`` choose are pairs (a pair is taken when a pattern matches one of
+    its linears), pruned one-shot with their refit. ``distill_synthetic``
     (``--distill-synthetic``, minilm): that many synthetic everyday sentences
-    added to the distillation inputs (:func:`train_feeds`); ``texts``
+    added to the distillation inputs (:func:`train_feeds`); ``distill_text``
     (``--distill-text``): the user's own text files added to them.
     ``distill_schedule`` (``--distill-schedule``): the float stage's
     learning-rate schedule, ``constant`` or ``cosine`` (:func:`hwgen.qat.lr_at`);
@@ -773,7 +820,7 @@ def compress(bundle, cfg, prune: str | None = None, distill_on: bool = False, di
     (``--distill-precision``): the float stage's matmuls, ``fp32`` or ``bf16``
     (:func:`autocast`); ``distill_group_by_length`` (``--distill-group-by-length``):
     the distillation sentences batched by length (:func:`train_feeds`);
-    ``distill_teacher_cache_gb`` (``--distill-teacher-cache``): the float stage's
+    ``distill_teacher_cache`` (``--distill-teacher-cache``): the float stage's
     teacher cache budget in GiB (None: :data:`TEACHER_CACHE_BYTES`).
     ``distill_save`` (``--distill-save``): write the float student after the
     float stage to this file (:func:`save_student`); ``distill_init``
@@ -788,7 +835,7 @@ def compress(bundle, cfg, prune: str | None = None, distill_on: bool = False, di
     the kept weights refitted by least squares (:func:`hwgen.prune.reconstruct`,
     on the calibration inputs plus, for minilm, ``RECON_SENTENCES`` corpus
     sentences); fine-tuning (``distill_steps`` float distillation steps and/or
-    ``qat_steps`` QAT steps, distillation loss with ``distill_on``, else the plain
+    ``qat_steps`` QAT steps, distillation loss with ``distill``, else the plain
     QAT loss) then keeps those zeros. ``gradual``: no reconstruction; sparsity rises
     over the fine-tuning steps (:class:`hwgen.prune.GradualPruner`) instead.
     Returns the fixed graph (sparsity recorded, :func:`hwgen.prune.record_sparsity`)
@@ -797,7 +844,7 @@ def compress(bundle, cfg, prune: str | None = None, distill_on: bool = False, di
     whole model's linears in the blocks), ``engine``, ``prune_selection``, ``linears``,
     ``linears_pruned``, ``pruned_linears``, ``weight_share``, ``cycles_pruned_dense``,
     ``cycles_pruned_sparse``, ``cycles_pruned_ratio`` (the pruned linears only),
-    ``sensitivity`` (with ``budget``: the ranking, each row ``chosen`` or not), ``distill``,
+    ``sensitivity`` (with ``prune_budget``: the ranking, each row ``chosen`` or not), ``distill``,
     ``distill_steps``, ``distill_loss_first``, ``distill_loss_last``, ``qat_losses``, and the
     float stage's settings ``distill_schedule``, ``distill_lr``, ``distill_device``,
     ``distill_precision``, ``distill_group_by_length``, ``distill_teacher_cache_gb`` and
@@ -813,135 +860,138 @@ def compress(bundle, cfg, prune: str | None = None, distill_on: bool = False, di
 
     say = say or (lambda m: None)
     rows, cols, block_k = P.engine_geometry()
-    spec = P.PruneSpec.parse(prune, block_k=block_k, block_n=cols) if prune else None
-    if (distill_on and distill_steps < 0) or qat_steps < 0:
+    spec = P.PruneSpec.parse(c.prune, block_k=block_k, block_n=cols) if c.prune else None
+    if c.distill_steps is not None and not c.distill:
+        raise DistillError("--distill-steps needs --distill")
+    distill_steps = DISTILL_STEPS if c.distill_steps is None else c.distill_steps
+    if (c.distill and distill_steps < 0) or c.qat_steps < 0:
         raise DistillError("--distill-steps and --qat-steps must be >= 0")
-    float_stage = bool(distill_on and distill_steps)     # the float distillation stage runs
-    if distill_on and not (distill_steps or qat_steps or distill_init is not None):
+    float_stage = bool(c.distill and distill_steps)     # the float distillation stage runs
+    if c.distill and not (distill_steps or c.qat_steps or c.distill_init is not None):
         raise DistillError("--distill needs --distill-steps > 0, --qat-steps > 0 or --distill-init")
-    if gradual and not (spec is not None and (float_stage or qat_steps)):
+    if c.gradual and not (spec is not None and (float_stage or c.qat_steps)):
         raise DistillError("--gradual needs --prune and fine-tuning steps (--distill or --qat-steps)")
-    if train_pruned_only and not float_stage:
+    if c.distill_pruned_only and not float_stage:
         raise DistillError("--distill-pruned-only needs --distill with --distill-steps > 0")
-    if synthetic and not distill_on:
+    if c.distill_synthetic and not c.distill:
         raise DistillError("--distill-synthetic needs --distill")
-    _check_synthetic(bundle, synthetic)
-    if texts and not distill_on:
+    _check_synthetic(bundle, c.distill_synthetic)
+    if c.distill_text and not c.distill:
         raise DistillError("--distill-text needs --distill")
-    if distill_schedule != "constant" and not float_stage:
+    if c.distill_schedule != "constant" and not float_stage:
         raise DistillError("--distill-schedule needs --distill with --distill-steps > 0")
-    if distill_schedule not in LR_SCHEDULES:
-        raise DistillError(f"--distill-schedule {distill_schedule}: expected one of {', '.join(LR_SCHEDULES)}")
-    if distill_lr is not None and not float_stage:
+    if c.distill_schedule not in LR_SCHEDULES:
+        raise DistillError(f"--distill-schedule {c.distill_schedule}: expected one of {', '.join(LR_SCHEDULES)}")
+    if c.distill_lr is not None and not float_stage:
         raise DistillError("--distill-lr needs --distill with --distill-steps > 0")
-    if distill_lr is not None and not distill_lr > 0:
-        raise DistillError(f"--distill-lr {distill_lr}: the learning rate must be > 0")
-    distill_lr = DISTILL_LR if distill_lr is None else distill_lr
-    for flag, w in (("--distill-linear-weight", distill_linear_weight),
-                    ("--distill-attention-weight", distill_attention_weight)):
-        if w and not distill_on:
+    if c.distill_lr is not None and not c.distill_lr > 0:
+        raise DistillError(f"--distill-lr {c.distill_lr}: the learning rate must be > 0")
+    distill_lr = DISTILL_LR if c.distill_lr is None else c.distill_lr
+    for flag, w in (("--distill-linear-weight", c.distill_linear_weight),
+                    ("--distill-attention-weight", c.distill_attention_weight)):
+        if w and not c.distill:
             raise DistillError(f"{flag} needs --distill")
         if not w >= 0:
             raise DistillError(f"{flag} {w}: the weight must be >= 0")
-    if distill_device != "cpu" and not float_stage:
+    if c.distill_device != "cpu" and not float_stage:
         raise DistillError("--distill-device needs --distill with --distill-steps > 0")
-    if distill_precision != "fp32" and not float_stage:
+    if c.distill_precision != "fp32" and not float_stage:
         raise DistillError("--distill-precision needs --distill with --distill-steps > 0")
-    check_precision(distill_precision)
-    if distill_group_by_length and not distill_on:
+    check_precision(c.distill_precision)
+    if c.distill_group_by_length and not c.distill:
         raise DistillError("--distill-group-by-length needs --distill")
-    _check_grouping(bundle, distill_group_by_length)
-    if distill_teacher_cache_gb is not None and not float_stage:
+    _check_grouping(bundle, c.distill_group_by_length)
+    if c.distill_teacher_cache is not None and not float_stage:
         raise DistillError("--distill-teacher-cache needs --distill with --distill-steps > 0")
-    if distill_teacher_cache_gb is not None and not distill_teacher_cache_gb >= 0:
-        raise DistillError(f"--distill-teacher-cache {distill_teacher_cache_gb}: the budget (GiB) must be >= 0")
-    cache_bytes = TEACHER_CACHE_BYTES if distill_teacher_cache_gb is None else int(distill_teacher_cache_gb * 2**30)
+    if c.distill_teacher_cache is not None and not c.distill_teacher_cache >= 0:
+        raise DistillError(f"--distill-teacher-cache {c.distill_teacher_cache}: the budget (GiB) must be >= 0")
+    cache_bytes = TEACHER_CACHE_BYTES if c.distill_teacher_cache is None else int(c.distill_teacher_cache * 2**30)
     try:
-        torch_device(distill_device, "--distill-device")
+        torch_device(c.distill_device, "--distill-device")
     except ValueError as e:
         raise DistillError(str(e)) from None
-    _read_texts(bundle, texts)  # refuses a bad file now, not after pruning
-    if distill_init is not None and not distill_on:
+    _read_texts(bundle, c.distill_text)  # refuses a bad file now, not after pruning
+    if c.distill_init is not None and not c.distill:
         raise DistillError("--distill-init needs --distill")
-    if distill_init is not None and gradual:
+    if c.distill_init is not None and c.gradual:
         raise DistillError("--distill-init starts from a saved student, whose zeros are its masks: "
                            "drop --gradual")
-    if distill_ema and not float_stage:
+    if c.distill_ema and not float_stage:
         raise DistillError("--distill-ema needs --distill with --distill-steps > 0")
-    check_ema(distill_ema)
-    if distill_save is not None and not float_stage:
+    check_ema(c.distill_ema)
+    if c.distill_save is not None and not float_stage:
         raise DistillError("--distill-save needs --distill with --distill-steps > 0")
-    if distill_save is not None and not os.path.isdir(os.path.dirname(os.path.abspath(distill_save))):
-        raise DistillError(f"--distill-save {os.fspath(distill_save)}: its folder does not exist")
-    if (layers is not None or budget is not None) and spec is None:
+    if c.distill_save is not None and not os.path.isdir(os.path.dirname(os.path.abspath(c.distill_save))):
+        raise DistillError(f"--distill-save {os.fspath(c.distill_save)}: its folder does not exist")
+    if (c.prune_layers is not None or c.prune_budget is not None) and spec is None:
         raise DistillError("--prune-layers and --prune-budget need --prune")
-    if channels and (spec is None or spec.kind != "block"):
+    if c.prune_channels and (spec is None or spec.kind != "block"):
         raise DistillError("--prune-channels needs --prune block:RATIO (whole blocks of each channel pair)")
-    if channels and gradual:
+    if c.prune_channels and c.gradual:
         raise DistillError("--prune-channels is one-shot (permuted, pruned and refitted): drop --gradual")
-    if layers is not None and budget is not None:
+    if c.prune_layers is not None and c.prune_budget is not None:
         raise DistillError("--prune-layers and --prune-budget exclude each other: name the linears "
                            "or give a budget")
     folded = prepare(bundle.graph)
     init_w = init_info = None
-    if distill_init is not None:
-        init_w, init_info = load_student(distill_init, folded, bundle.name)
+    if c.distill_init is not None:
+        init_w, init_info = load_student(c.distill_init, folded, bundle.name)
     norms = masks = names = pair_names = None
     ranking = None
     start = folded
-    if spec is not None and channels:
-        masks, names, ranking, start, pair_names = _prune_channels(folded, bundle, spec, layers, budget,
-                                                                   say)
+    if spec is not None and c.prune_channels:
+        masks, names, ranking, start, pair_names = _prune_channels(folded, bundle, spec, c.prune_layers,
+                                                                   c.prune_budget, say)
     elif spec is not None:
         say(f"pruning {spec.name}: activation norms over {len(bundle.calib_feeds)} calibration batch(es)")
         norms = P.activation_norms(folded, bundle.calib_feeds)
-        if layers is not None:
-            names = [n.inputs[1] for n in P.select_linears(folded, layers)]
-        elif budget is not None:
-            say(f"selecting linears for float cosine >= {budget} on the calibration inputs")
-            chosen, ranking = P.select_by_budget(folded, spec, bundle.calib_feeds, budget, norms, say=say)
+        if c.prune_layers is not None:
+            names = [n.inputs[1] for n in P.select_linears(folded, c.prune_layers)]
+        elif c.prune_budget is not None:
+            say(f"selecting linears for float cosine >= {c.prune_budget} on the calibration inputs")
+            chosen, ranking = P.select_by_budget(folded, spec, bundle.calib_feeds, c.prune_budget, norms, say=say)
             if not chosen:
-                raise DistillError(f"--prune-budget {budget}: pruning any one linear with {spec.name} "
+                raise DistillError(f"--prune-budget {c.prune_budget}: pruning any one linear with {spec.name} "
                                    "already falls below it; lower the budget")
             names = [n.inputs[1] for n in chosen]
         if names is not None:
             say(f"pruning {len(names)} of {len(P.prunable_linears(folded))} linears")
-        if not gradual:
+        if not c.gradual:
             masks = P.compute_masks(folded, spec, norms, names=names)
             if init_w is None:
                 say("refitting the kept weights (least squares, layer by layer)")
                 start = P.reconstruct(folded, masks, train_feeds(bundle, RECON_SENTENCES), say=say)
     if init_w is not None:
-        check_init_masks(distill_init, init_w, masks or {}, init_info.get("prune"), spec.name if spec else None)
+        check_init_masks(c.distill_init, init_w, masks or {}, init_info.get("prune"), spec.name if spec else None)
         behind = init_info.get("steps")
-        say(f"starting from the saved student {os.fspath(distill_init)} ("
+        say(f"starting from the saved student {os.fspath(c.distill_init)} ("
             + ("float steps behind it not recorded)" if behind is None else f"{behind} float step(s) behind it)"))
         start = start.with_weights(init_w)
     f_losses: list[float] = []
     q_losses: list[float] = []
     cached = steps_total = None
-    if distill_on:
+    if c.distill:
         res = distill(bundle.graph, bundle.kind, bundle.calib_feeds, cfg, spec, norms,
-                      float_steps=distill_steps, qat_steps=qat_steps, lr=distill_lr, qat_lr=lr,
-                      train_feeds=train_feeds(bundle, synthetic=synthetic, texts=texts,
-                                              group_by_length=distill_group_by_length),
+                      float_steps=distill_steps, qat_steps=c.qat_steps, lr=distill_lr, qat_lr=c.lr,
+                      train_feeds=train_feeds(bundle, synthetic=c.distill_synthetic, texts=c.distill_text,
+                                              group_by_length=c.distill_group_by_length),
                       say=say, start=start, masks=masks, names=names,
-                      trainable=_pruned_params(folded, masks) if train_pruned_only else None,
-                      float_schedule=distill_schedule, device=distill_device,
-                      linear_weight=distill_linear_weight, attention_weight=distill_attention_weight,
-                      precision=distill_precision, teacher_cache_bytes=cache_bytes, float_ema=distill_ema)
+                      trainable=_pruned_params(folded, masks) if c.distill_pruned_only else None,
+                      float_schedule=c.distill_schedule, device=c.distill_device,
+                      linear_weight=c.distill_linear_weight, attention_weight=c.distill_attention_weight,
+                      precision=c.distill_precision, teacher_cache_bytes=cache_bytes, float_ema=c.distill_ema)
         fixed, masks, f_losses, q_losses = res.fixed, res.masks, res.float_losses, res.qat_losses
         cached = res.teacher_cached
         # float steps behind the student, over its --distill-init chain (None: a folder's unknown count)
         steps_total = None if init_info and init_info.get("steps") is None else \
             (init_info["steps"] if init_info else 0) + distill_steps
         fixed.meta["distill"] = {"float_steps": steps_total}
-        if distill_save is not None:
-            save_student(distill_save, res.float_student,
+        if c.distill_save is not None:
+            save_student(c.distill_save, res.float_student,
                          {"model": bundle.name, "prune": spec.name if spec else None, "steps": steps_total,
                           "loss_last": f_losses[-1]})
-            say(f"float student saved to {os.fspath(distill_save)}")
-    elif qat_steps:
+            say(f"float student saved to {os.fspath(c.distill_save)}")
+    elif c.qat_steps:
         _, fmts = quantize(start if masks is not None else P.prune(folded, spec, norms, names=names)[0]
                            if spec is not None else folded, bundle.calib_feeds, cfg)
         model = QATModel(start, fmts, cfg)
@@ -949,10 +999,10 @@ def compress(bundle, cfg, prune: str | None = None, distill_on: bool = False, di
         if masks is not None:
             model.set_masks(masks)
         elif spec is not None:
-            hook = P.GradualPruner(model, spec, qat_steps, norms, names=names)
-        say(f"QAT: {qat_steps} step(s), lr {lr}" + (f", pruning {spec.name} gradually" if hook else ""))
-        q_losses = finetune(model, bundle.calib_feeds, qat_loss(bundle), qat_steps, lr=lr, before_step=hook,
-                            progress=lambda i, l: say(f"QAT step {i}/{qat_steps} loss {l:.6f}"))
+            hook = P.GradualPruner(model, spec, c.qat_steps, norms, names=names)
+        say(f"QAT: {c.qat_steps} step(s), lr {c.lr}" + (f", pruning {spec.name} gradually" if hook else ""))
+        q_losses = finetune(model, bundle.calib_feeds, qat_loss(bundle), c.qat_steps, lr=c.lr, before_step=hook,
+                            progress=lambda i, l: say(f"QAT step {i}/{c.qat_steps} loss {l:.6f}"))
         fixed, masks = model.export(), model.masks
         fixed.meta["passes"] = fixed.meta.get("passes", []) + ["qat"]
     else:
@@ -962,36 +1012,36 @@ def compress(bundle, cfg, prune: str | None = None, distill_on: bool = False, di
     if bad:  # cannot happen: zeros quantize to 0; checked so a regression is loud
         raise DistillError(f"{bad} pruned weight(s) have nonzero codes after quantization")
     rec = P.record_sparsity(fixed, spec, block_k, cols, names=names)
-    cyc = P.cycle_report(fixed, cycles_m, rows=rows, cols=cols, block_k=block_k)
+    cyc = P.cycle_report(fixed, c.cycles_m, rows=rows, cols=cols, block_k=block_k)
     pruned_nodes = [n for n in P.prunable_linears(fixed) if n.name in set(rec["pruned_linears"])]
-    cyp = P.cycle_report(fixed, cycles_m, rows=rows, cols=cols, block_k=block_k, nodes=pruned_nodes)
-    selection = None if spec is None else ("channels:" if channels else "") + (
-                                           f"layers:{layers}" if layers is not None else
-                                           f"budget:{budget}" if budget is not None else "all")
+    cyp = P.cycle_report(fixed, c.cycles_m, rows=rows, cols=cols, block_k=block_k, nodes=pruned_nodes)
+    selection = None if spec is None else ("channels:" if c.prune_channels else "") + (
+                                           f"layers:{c.prune_layers}" if c.prune_layers is not None else
+                                           f"budget:{c.prune_budget}" if c.prune_budget is not None else "all")
     return fixed, {"prune": spec.name if spec else None,
-                   "prune_schedule": None if spec is None else ("gradual" if gradual else "oneshot+refit"),
+                   "prune_schedule": None if spec is None else ("gradual" if c.gradual else "oneshot+refit"),
                    "sparsity": rec["sparsity"], **cyc,
                    "prune_selection": selection, "linears": rec["linears"],
                    "linears_pruned": rec["linears_pruned"], "pruned_linears": rec["pruned_linears"],
                    "weight_share": rec["weight_share"], "cycles_pruned_dense": cyp["cycles_dense"],
                    "cycles_pruned_sparse": cyp["cycles_sparse"], "cycles_pruned_ratio": cyp["cycles_ratio"],
                    "sensitivity": ranking, "channel_pairs": pair_names,
-                   "distill": bool(distill_on), "distill_steps": distill_steps if distill_on else 0,
-                   "distill_synthetic": synthetic, "distill_text": [str(t) for t in texts],
-                   "distill_schedule": distill_schedule if float_stage else None,
+                   "distill": bool(c.distill), "distill_steps": distill_steps if c.distill else 0,
+                   "distill_synthetic": c.distill_synthetic, "distill_text": [str(t) for t in c.distill_text],
+                   "distill_schedule": c.distill_schedule if float_stage else None,
                    "distill_lr": distill_lr if float_stage else None,
-                   "distill_device": distill_device if float_stage else None,
-                   "distill_precision": distill_precision if float_stage else None,
-                   "distill_group_by_length": bool(distill_group_by_length),
+                   "distill_device": c.distill_device if float_stage else None,
+                   "distill_precision": c.distill_precision if float_stage else None,
+                   "distill_group_by_length": bool(c.distill_group_by_length),
                    "distill_teacher_cache_gb": cache_bytes / 2**30 if float_stage else None,
                    "distill_teacher_cached": cached if float_stage else None,
-                   "distill_init": None if distill_init is None else os.fspath(distill_init),
+                   "distill_init": None if c.distill_init is None else os.fspath(c.distill_init),
                    "distill_init_steps": init_info.get("steps") if init_info else None,
                    "distill_float_steps_total": steps_total,
-                   "distill_save": None if distill_save is None else os.fspath(distill_save),
-                   "distill_ema": distill_ema if float_stage else None,
-                   "distill_linear_weight": distill_linear_weight if distill_on else None,
-                   "distill_attention_weight": distill_attention_weight if distill_on else None,
+                   "distill_save": None if c.distill_save is None else os.fspath(c.distill_save),
+                   "distill_ema": c.distill_ema if float_stage else None,
+                   "distill_linear_weight": c.distill_linear_weight if c.distill else None,
+                   "distill_attention_weight": c.distill_attention_weight if c.distill else None,
                    "distill_loss_first": f_losses[0] if f_losses else None,
                    "distill_loss_last": f_losses[-1] if f_losses else None, "qat_losses": q_losses}
 
@@ -1135,15 +1185,16 @@ def bench(quick: bool = False, float_steps: int = 300, qat_steps: int = 4,
             f"{', batched by length' if r.group else ''}"
             f"{f', EMA {r.ema}' if r.ema else ''}{f', from the {r.init} row' if r.init else ''}"
             f"{', with the distillation sentences' if r.corpus else ''} on {device} + {qat_steps} QAT steps)")
-        fixed, info = compress(bundle, cfg, r.pattern, True, steps, qat_steps, say=say, budget=r.budget,
-                               train_pruned_only=r.budget is not None, channels=r.channels,
-                               texts=[zoo.DISTILL_SENTENCES] if r.corpus else (),
-                               distill_schedule=r.schedule, distill_lr=r.lr, distill_device=device,
-                               distill_linear_weight=r.terms, distill_attention_weight=r.terms,
-                               distill_precision=r.precision, distill_group_by_length=r.group,
-                               distill_teacher_cache_gb=r.cache_gb, distill_ema=r.ema,
-                               distill_init=_bench_student(students.name, r.init) if r.init else None,
-                               distill_save=_bench_student(students.name, r.key) if r.key in saves else None)
+        fixed, info = compress(bundle, cfg, Compression(
+            prune=r.pattern, prune_budget=r.budget, prune_channels=r.channels, distill=True,
+            distill_steps=steps, distill_pruned_only=r.budget is not None,
+            distill_text=(zoo.DISTILL_SENTENCES,) if r.corpus else (), distill_schedule=r.schedule,
+            distill_lr=r.lr, distill_device=device, distill_linear_weight=r.terms,
+            distill_attention_weight=r.terms, distill_precision=r.precision, distill_group_by_length=r.group,
+            distill_teacher_cache=r.cache_gb, distill_ema=r.ema,
+            distill_init=_bench_student(students.name, r.init) if r.init else None,
+            distill_save=_bench_student(students.name, r.key) if r.key in saves else None,
+            qat_steps=qat_steps), say=say)
         m = evaluate(bundle, fixed)
         res["pruned"].append({"row": r.key, **{k: v for k, v in info.items() if k != "qat_losses"},
                               "cosine_mean": m["cosine_mean"], "cosine_min": m["cosine_min"],

@@ -290,6 +290,9 @@ def test_cli_prune_budget(capsys, tmp_path):
     (["--distill-group-by-length"], "--distill-group-by-length needs --distill"),
     (["--distill", "--distill-steps", "1", "--distill-group-by-length"],
      "--distill-group-by-length: model 'bert-block' (block) reads fixed-width inputs, not sentences"),
+    (["--gradual"], "--gradual needs --prune and fine-tuning steps"),
+    (["--distill-pruned-only"], "--distill-pruned-only needs --distill with --distill-steps > 0"),
+    (["--distill-steps", "5"], "--distill-steps needs --distill"),
     (["--distill-teacher-cache", "2"], "--distill-teacher-cache needs --distill with --distill-steps > 0"),
     (["--distill", "--distill-steps", "1", "--distill-teacher-cache", "-1"],
      "--distill-teacher-cache -1.0: the budget (GiB) must be >= 0"),
@@ -710,3 +713,29 @@ def test_cli_distill_init_from_a_quantize_output_folder(capsys, tmp_path):
     code, _, err = run_cli(capsys, *base, "--distill-steps", "1", "--distill-init", tmp_path / "d",
                            "--out", tmp_path / "f")
     assert code == 1 and "saved with --prune none, this run has --prune 2:4" in err
+
+
+def test_compression_record_mirrors_the_quantize_flags():
+    """One field per compression flag of ``hwgen quantize`` (named as the flag),
+    filled from the parsed arguments; any of them set away from its default
+    makes the run a compression run (so none is silently ignored)."""
+    from dataclasses import fields
+
+    from hwgen.cli import build_parser
+
+    parse = lambda *a: build_parser().parse_args(["quantize", "--model", "bert-block", "--out", "x", *a])
+    args = parse()
+    flags = {k for k in vars(args) if k.startswith(("prune", "distill", "gradual"))} | {"qat_steps", "lr"}
+    names = {f.name for f in fields(D.Compression)}
+    assert flags == names - {"cycles_m"}
+    plain = D.Compression.from_args(args)
+    assert plain == D.Compression() and not plain.requested
+    assert not D.Compression.from_args(parse("--qat-steps", "3", "--lr", "1e-4")).requested   # plain QAT
+    c = D.Compression.from_args(parse("--prune", "2:4", "--distill", "--distill-text", "a.txt",
+                                      "--distill-text", "b.txt", "--distill-steps", "7"))
+    assert c.requested and c.prune == "2:4" and c.distill and c.distill_steps == 7
+    assert c.distill_text == ("a.txt", "b.txt")
+    for name in names - set(D.Compression.PLAIN):
+        f = next(f for f in fields(D.Compression) if f.name == name)
+        other = {bool: True, int: 1, float: 0.5}.get(type(f.default), "x") if f.default != () else ("t",)
+        assert D.Compression(**{name: other}).requested, name
