@@ -386,6 +386,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--distill-ema", type=float, default=0.0, metavar="DECAY",
                    help="with --distill: end the float stage with the moving average of its weights at "
                    "this decay (e.g. 0.999: about the last 1,000 steps; default 0, off)")
+    q.add_argument("--distill-train-embeddings", action="store_true",
+                   help="with --distill: the float stage trains the embedding tables too (saved with "
+                   "--distill-save; default: frozen)")
     q.add_argument("--distill-save", metavar="FILE",
                    help="with --distill: write the float student after the float stage to FILE (.npz), "
                    "to go on from later with --distill-init")

@@ -371,16 +371,24 @@ def distill_float(student: FloatStudent, feeds: Iterable[dict[str, np.ndarray]],
 STUDENT_FORMAT = "hwgen-float-student/1"
 
 
-def student_weights(graph: Graph) -> dict[str, np.ndarray]:
+def embedding_tables(graph: Graph) -> set[str]:
+    """The names of ``graph``'s embedding tables (frozen in the float stage
+    unless ``--distill-train-embeddings``)."""
+    return {n.inputs[1] for n in graph.nodes if n.op == "embedding"}
+
+
+def student_weights(graph: Graph, embeddings: bool = False) -> dict[str, np.ndarray]:
     """The weights a float student file holds: every weight of ``graph`` but the
-    embedding tables (frozen in the float stage, and most of MiniLM's bytes)."""
-    frozen = {n.inputs[1] for n in graph.nodes if n.op == "embedding"}
+    embedding tables (most of MiniLM's bytes), which it holds too when they
+    were trained (``embeddings``)."""
+    frozen = set() if embeddings else embedding_tables(graph)
     return {k: np.asarray(v, dtype=np.float32) for k, v in graph.weights.items() if k not in frozen}
 
 
 def save_student(path: str | os.PathLike, graph: Graph, info: dict) -> None:
     """Write the float student ``graph``'s weights (:func:`student_weights`,
-    masks applied) and ``info`` (JSON: model, prune, steps) to the ``.npz`` file
+    masks applied; with the embedding tables when ``info["embeddings"]``) and
+    ``info`` (JSON: model, prune, steps, embeddings) to the ``.npz`` file
     ``path``, atomically: a half-written file never takes its name."""
     import json
 
@@ -388,7 +396,7 @@ def save_student(path: str | os.PathLike, graph: Graph, info: dict) -> None:
 
     with atomic_file(path) as tmp, open(tmp, "wb") as f:
         np.savez(f, __hwgen__=np.array(json.dumps({"format": STUDENT_FORMAT, **info})),
-                 **student_weights(graph))
+                 **student_weights(graph, bool(info.get("embeddings"))))
 
 
 def load_student(path: str | os.PathLike, graph: Graph, model: str) -> tuple[dict[str, np.ndarray], dict]:
@@ -426,7 +434,7 @@ def load_student(path: str | os.PathLike, graph: Graph, model: str) -> tuple[dic
 
 
 def _check_student(weights: dict[str, np.ndarray], graph: Graph, where: str) -> None:
-    want = student_weights(graph)
+    want = student_weights(graph, embeddings=bool(embedding_tables(graph) & set(weights)))
     if set(weights) != set(want):
         odd = sorted(set(weights) ^ set(want))
         raise DistillError(f"{where}: its weights are not the model's ({len(odd)} name(s) differ, "
@@ -439,18 +447,20 @@ def _check_student(weights: dict[str, np.ndarray], graph: Graph, where: str) -> 
             raise DistillError(f"{where}: weight {k!r} holds non-finite values")
 
 
-def student_from_fixed(fixed: Graph) -> dict[str, np.ndarray]:
+def student_from_fixed(fixed: Graph, embeddings: bool = False) -> dict[str, np.ndarray]:
     """The float weights a quantized graph was made from, as far as its codes
-    tell (:func:`student_weights`' names): each linear's weight codes at their
-    per-column format with the row pre-scale of its input's per-channel format
-    undone (:func:`hwgen.qat.dequantize_weight`), biases and layernorm
-    parameters at theirs. Each value is within half a code step of the float
+    tell (:func:`student_weights`' names; with ``embeddings`` the embedding
+    tables too): each linear's weight codes at their per-column format with
+    the row pre-scale of its input's per-channel format undone
+    (:func:`hwgen.qat.dequantize_weight`), biases, layernorm parameters and
+    tables at theirs. Each value is within half a code step of the float
     weight it was rounded from (a saturated one within its format's range)."""
     from .qat import dequantize_weight
 
     names = [t for node in fixed.nodes
              for t in ([node.inputs[1], fixed.node_input(node, "bias")] if node.op == "linear" else
-                       node.inputs[1:3] if node.op == "layernorm" else []) if t]
+                       node.inputs[1:3] if node.op == "layernorm" else
+                       node.inputs[1:2] if node.op == "embedding" and embeddings else []) if t]
     return {t: dequantize_weight(fixed, t).astype(np.float32) for t in names}
 
 
@@ -469,9 +479,10 @@ def _student_from_folder(path, graph: Graph, where: str) -> tuple[dict[str, np.n
     prune = fixed.meta.get("prune")
     info = {"format": "hwgen quantize --out", "model": fixed.meta.get("model"),
             "prune": prune.get("pattern") if isinstance(prune, dict) and prune.get("pattern") != "dense" else None,
-            "steps": (fixed.meta.get("distill") or {}).get("float_steps")}
-    weights = student_from_fixed(fixed)
-    missing = sorted(set(student_weights(graph)) - set(weights))
+            "steps": (fixed.meta.get("distill") or {}).get("float_steps"),
+            "embeddings": bool((fixed.meta.get("distill") or {}).get("embeddings"))}
+    weights = student_from_fixed(fixed, info["embeddings"])
+    missing = sorted(set(student_weights(graph, info["embeddings"])) - set(weights))
     if missing:
         raise DistillError(f"{where}: its graph has no codes for weight {missing[0]!r}")
     return weights, info
@@ -519,7 +530,7 @@ def distill(float_graph: Graph, kind: str, calib_feeds: list[dict[str, np.ndarra
             float_schedule: str = "constant", device: str | torch.device = "cpu",
             linear_weight: float = 0.0, attention_weight: float = 0.0,
             precision: str = "fp32", teacher_cache_bytes: int = TEACHER_CACHE_BYTES,
-            float_ema: float = 0.0) -> DistillResult:
+            float_ema: float = 0.0, train_embeddings: bool = False) -> DistillResult:
     """Prune (gradually over the float stage, else one-shot or gradually over
     QAT), distill in float, recalibrate, then distill with QAT; returns the
     quantized student. ``float_graph`` is the model's float graph (unfolded,
@@ -536,7 +547,9 @@ def distill(float_graph: Graph, kind: str, calib_feeds: list[dict[str, np.ndarra
     ``precision``: the float stage's matmuls (:func:`autocast`; the QAT stage is
     the golden model, exact); ``teacher_cache_bytes``: the float stage's teacher
     cache budget (:class:`DistillLoss`); ``float_ema``: the float stage ends with
-    its weights' moving average at this decay (:class:`WeightEMA`; 0: the last step's)."""
+    its weights' moving average at this decay (:class:`WeightEMA`; 0: the last step's);
+    ``train_embeddings``: the float stage trains the embedding tables too
+    (:class:`FloatStudent`; the QAT stage keeps them as they are then)."""
     from . import prune as P
     from .qat import QATModel, finetune
     from .quant import prepare, quantize
@@ -555,7 +568,8 @@ def distill(float_graph: Graph, kind: str, calib_feeds: list[dict[str, np.ndarra
     teacher_cached = 0
     student_graph = teacher if start is None else start
     if float_steps:
-        st = FloatStudent(student_graph, masks or None, trainable=trainable, device=device)
+        st = FloatStudent(student_graph, masks or None, train_embeddings=train_embeddings, trainable=trainable,
+                          device=device)
         hook = None
         if spec is not None and not fixed_masks:
             hook = P.GradualPruner(st, spec, float_steps, norms, names=names)
@@ -564,6 +578,7 @@ def distill(float_graph: Graph, kind: str, calib_feeds: list[dict[str, np.ndarra
             + (f", {precision} matmuls" if precision != "fp32" else "")
             + (f" ({float_schedule})" if float_schedule != "constant" else "")
             + (f", weights averaged (EMA {float_ema})" if float_ema else "")
+            + (", embedding tables trained" if train_embeddings else "")
             + (f", pruning {spec.name} gradually" if hook is not None else "")
             + (f", {spec.name} masks fixed" if spec is not None and fixed_masks else ""))
         f_losses = distill_float(st, feeds, loss, float_steps, lr=lr, before_step=hook, schedule=float_schedule,
@@ -769,6 +784,7 @@ class Compression:
     distill_group_by_length: bool = False
     distill_teacher_cache: float | None = None
     distill_ema: float = 0.0
+    distill_train_embeddings: bool = False
     distill_init: str | os.PathLike | None = None
     distill_save: str | os.PathLike | None = None
     qat_steps: int = 0
@@ -830,6 +846,10 @@ def compress(bundle, cfg, c: Compression, say: Callable[[str], None] | None = No
     warm start: the learning-rate schedule and Adam's moments begin afresh.
     ``distill_ema`` (``--distill-ema``): the float stage ends with the moving
     average of its weights at this decay (:class:`WeightEMA`; 0: off).
+    ``distill_train_embeddings`` (``--distill-train-embeddings``): the float
+    stage trains the embedding tables too; trained tables (this run's or its
+    ``distill_init``'s) are saved with the student and recorded as
+    ``meta["distill"]["embeddings"]``, so a folder's student recovers them.
 
     Pruning, by default one-shot: masks from activation-aware magnitudes, then
     the kept weights refitted by least squares (:func:`hwgen.prune.reconstruct`,
@@ -851,8 +871,8 @@ def compress(bundle, cfg, c: Compression, say: Callable[[str], None] | None = No
     ``distill_teacher_cached`` (batches whose teacher values were kept), ``distill_init``,
     ``distill_init_steps`` (the float steps behind that file, summed over its own
     inits), ``distill_float_steps_total`` (those plus this run's; None when a folder's
-    are unknown; also recorded as ``meta["distill"]["float_steps"]``), ``distill_save``
-    and ``distill_ema``."""
+    are unknown; also recorded as ``meta["distill"]["float_steps"]``), ``distill_save``,
+    ``distill_ema`` and ``distill_train_embeddings``."""
     from . import prune as P
     from .accuracy import qat_loss
     from .qat import QATModel, finetune
@@ -919,6 +939,8 @@ def compress(bundle, cfg, c: Compression, say: Callable[[str], None] | None = No
     if c.distill_ema and not float_stage:
         raise DistillError("--distill-ema needs --distill with --distill-steps > 0")
     check_ema(c.distill_ema)
+    if c.distill_train_embeddings and not float_stage:
+        raise DistillError("--distill-train-embeddings needs --distill with --distill-steps > 0")
     if c.distill_save is not None and not float_stage:
         raise DistillError("--distill-save needs --distill with --distill-steps > 0")
     if c.distill_save is not None and not os.path.isdir(os.path.dirname(os.path.abspath(c.distill_save))):
@@ -979,17 +1001,20 @@ def compress(bundle, cfg, c: Compression, say: Callable[[str], None] | None = No
                       trainable=_pruned_params(folded, masks) if c.distill_pruned_only else None,
                       float_schedule=c.distill_schedule, device=c.distill_device,
                       linear_weight=c.distill_linear_weight, attention_weight=c.distill_attention_weight,
-                      precision=c.distill_precision, teacher_cache_bytes=cache_bytes, float_ema=c.distill_ema)
+                      precision=c.distill_precision, teacher_cache_bytes=cache_bytes, float_ema=c.distill_ema,
+                      train_embeddings=c.distill_train_embeddings)
         fixed, masks, f_losses, q_losses = res.fixed, res.masks, res.float_losses, res.qat_losses
         cached = res.teacher_cached
         # float steps behind the student, over its --distill-init chain (None: a folder's unknown count)
         steps_total = None if init_info and init_info.get("steps") is None else \
             (init_info["steps"] if init_info else 0) + distill_steps
-        fixed.meta["distill"] = {"float_steps": steps_total}
+        # trained tables (this run's or its init's) go with the student: files and folders
+        tables = c.distill_train_embeddings or bool(init_w is not None and embedding_tables(folded) & set(init_w))
+        fixed.meta["distill"] = {"float_steps": steps_total, "embeddings": tables}
         if c.distill_save is not None:
             save_student(c.distill_save, res.float_student,
                          {"model": bundle.name, "prune": spec.name if spec else None, "steps": steps_total,
-                          "loss_last": f_losses[-1]})
+                          "loss_last": f_losses[-1], "embeddings": tables})
             say(f"float student saved to {os.fspath(c.distill_save)}")
     elif c.qat_steps:
         _, fmts = quantize(start if masks is not None else P.prune(folded, spec, norms, names=names)[0]
@@ -1040,6 +1065,7 @@ def compress(bundle, cfg, c: Compression, say: Callable[[str], None] | None = No
                    "distill_float_steps_total": steps_total,
                    "distill_save": None if c.distill_save is None else os.fspath(c.distill_save),
                    "distill_ema": c.distill_ema if float_stage else None,
+                   "distill_train_embeddings": c.distill_train_embeddings,
                    "distill_linear_weight": c.distill_linear_weight if c.distill else None,
                    "distill_attention_weight": c.distill_attention_weight if c.distill else None,
                    "distill_loss_first": f_losses[0] if f_losses else None,

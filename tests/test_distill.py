@@ -297,6 +297,7 @@ def test_cli_prune_budget(capsys, tmp_path):
     (["--distill", "--distill-steps", "1", "--distill-teacher-cache", "-1"],
      "--distill-teacher-cache -1.0: the budget (GiB) must be >= 0"),
     (["--distill-ema", "0.99"], "--distill-ema needs --distill with --distill-steps > 0"),
+    (["--distill-train-embeddings"], "--distill-train-embeddings needs --distill with --distill-steps > 0"),
     (["--distill", "--distill-steps", "1", "--distill-ema", "1"],
      "--distill-ema 1.0: the decay must be in [0, 1) (0: no average)"),
     (["--distill-init", "s.npz"], "--distill-init needs --distill"),
@@ -679,7 +680,7 @@ def test_cli_distill_init_from_a_quantize_output_folder(capsys, tmp_path):
     r = last_json(so)
     assert code == 0 and r["distill_ema"] == 0.5 and r["distill_float_steps_total"] == 3
     fixed = Graph.load(tmp_path / "a")
-    assert fixed.meta["distill"] == {"float_steps": 3}
+    assert fixed.meta["distill"] == {"float_steps": 3, "embeddings": False}
     from hwgen import zoo
     from hwgen.golden import frac_of
     from hwgen.quant import linear_row_shift
@@ -739,3 +740,48 @@ def test_compression_record_mirrors_the_quantize_flags():
         f = next(f for f in fields(D.Compression) if f.name == name)
         other = {bool: True, int: 1, float: 0.5}.get(type(f.default), "x") if f.default != () else ("t",)
         assert D.Compression(**{name: other}).requested, name
+
+
+def test_cli_distill_train_embeddings_saved_and_recovered(capsys, tmp_path):
+    """``--distill-train-embeddings``: the float stage trains the embedding
+    tables; the saved student holds them, the output folder records it and the
+    student recovered from its codes holds them (within half a code step), and a
+    run from such an init keeps, saves and records them though it trains them no
+    further."""
+    from hwgen import zoo
+    from hwgen.golden import frac_of
+
+    base = ["quantize", "--model", "tiny-gpt", "--prune", "2:4", "--distill", "--json", "--quiet"]
+    saved = tmp_path / "s.npz"
+    code, so, _ = run_cli(capsys, *base, "--distill-steps", "2", "--distill-lr", "1e-3",
+                          "--distill-train-embeddings", "--distill-save", saved, "--out", tmp_path / "a")
+    r = last_json(so)
+    assert code == 0 and r["distill_train_embeddings"] is True
+    folded = prepare(zoo.load("tiny-gpt").graph)
+    tables = D.embedding_tables(folded)
+    assert tables
+    w, info = D.load_student(saved, folded, "tiny-gpt")
+    assert info["embeddings"] is True and set(w) == set(D.student_weights(folded, embeddings=True))
+    assert all(not np.array_equal(w[t], folded.weights[t]) for t in tables)         # trained
+    fixed = Graph.load(tmp_path / "a")
+    assert fixed.meta["distill"] == {"float_steps": 2, "embeddings": True}
+    got, finfo = D.load_student(tmp_path / "a", folded, "tiny-gpt")
+    assert finfo["embeddings"] is True and set(got) == set(w)
+    for t in tables:
+        step = np.ldexp(1.0, -np.asarray(frac_of(fixed, t), dtype=np.int64))
+        codes = fixed.weights[t]
+        inside = (codes > codes.min()) & (codes < codes.max())
+        assert np.all(np.abs(got[t] - w[t])[inside] <= (np.broadcast_to(step, w[t].shape) / 2 * (1 + 1e-6))[inside])
+    again = tmp_path / "s2.npz"
+    code, so, _ = run_cli(capsys, *base, "--distill-steps", "1", "--distill-init", saved, "--distill-save", again,
+                          "--out", tmp_path / "b")
+    assert code == 0 and last_json(so)["distill_train_embeddings"] is False
+    w2, info2 = D.load_student(again, folded, "tiny-gpt")
+    assert info2["embeddings"] is True and all(np.array_equal(w2[t], w[t]) for t in tables)   # kept as they were
+    assert Graph.load(tmp_path / "b").meta["distill"]["embeddings"] is True
+    plain = tmp_path / "s3.npz"
+    code, _, _ = run_cli(capsys, *base, "--distill-steps", "1", "--distill-save", plain, "--out", tmp_path / "c")
+    assert code == 0 and not tables & set(D.load_student(plain, folded, "tiny-gpt")[0])
+    assert len(tables) == 2
+    with pytest.raises(D.DistillError, match=r"1 name\(s\) differ"):        # one table but not the other
+        D._check_student({k: v for k, v in w.items() if k != sorted(tables)[0]}, folded, "x")
