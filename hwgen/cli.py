@@ -400,6 +400,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --distill: add this text file to the distillation inputs (minilm: one "
                    "sentence per line; tiny-gpt: its bytes in windows); repeatable. "
                    "models/data/sentences_distill.txt is a built-in everyday-English one")
+    q.add_argument("--distill-augment", type=int, default=0, metavar="K",
+                   help="with --distill-text (minilm): add K variants of every one of its sentences "
+                   "(spliced with another, a quarter of its words replaced, or a span of it; default 0)")
     q.add_argument("--distill-pruned-only", action="store_true",
                    help="with --prune --distill: the float stage trains only the pruned linears")
     q.add_argument("--gradual", action="store_true",

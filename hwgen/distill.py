@@ -650,6 +650,20 @@ def _check_synthetic(bundle, synthetic: int) -> None:
                            f"not {bundle.name!r}")
 
 
+def _check_augment(bundle, augment: int, texts: Sequence[str | os.PathLike]) -> None:
+    from .augment import AugmentError, augment as variants
+
+    try:
+        variants([], augment)          # the count's own check
+    except AugmentError as e:
+        raise DistillError(str(e)) from None
+    if augment and (bundle.kind != "encoder" or bundle.tokenizer is None):
+        raise DistillError(f"--distill-augment: model {bundle.name!r} ({bundle.kind}) reads "
+                           "fixed-width inputs, not sentences: nothing to vary")
+    if augment and not texts:
+        raise DistillError("--distill-augment varies the --distill-text sentences: give --distill-text")
+
+
 def _check_grouping(bundle, group_by_length: bool) -> None:
     if group_by_length and (bundle.kind != "encoder" or bundle.tokenizer is None):
         raise DistillError(f"--distill-group-by-length: model {bundle.name!r} ({bundle.kind}) reads "
@@ -717,7 +731,7 @@ def text_feeds(bundle, texts: Sequence[str | os.PathLike],
 
 def train_feeds(bundle, extra: int = EXTRA_SENTENCES, synthetic: int = 0,
                 texts: Sequence[str | os.PathLike] = (),
-                group_by_length: bool = False) -> list[dict[str, np.ndarray]]:
+                group_by_length: bool = False, augment: int = 0) -> list[dict[str, np.ndarray]]:
     """Distillation inputs of a model bundle: its calibration batches, plus for
     minilm ``extra`` sentences of the training corpus in batches of 16 (the
     teacher labels them, so any text will do; the evaluation set is never used).
@@ -728,9 +742,12 @@ def train_feeds(bundle, extra: int = EXTRA_SENTENCES, synthetic: int = 0,
     batches in order, alternates the domains. ``group_by_length``
     (``--distill-group-by-length``, sentence models): the corpus, synthetic and
     text sentences are batched by :func:`length_groups`, and the batches are
-    always shuffled."""
+    always shuffled. ``augment`` (``--distill-augment``, sentence models): that
+    many variants of every sentence of the ``texts`` (:func:`hwgen.augment.augment`,
+    all files' sentences as one list) are added after them, batched the same way."""
     _check_synthetic(bundle, synthetic)
     _check_grouping(bundle, group_by_length)
+    _check_augment(bundle, augment, texts)
     feeds = list(bundle.calib_feeds)
     if bundle.name == "minilm" and extra:
         sents = corpus_sentences(extra)
@@ -741,6 +758,11 @@ def train_feeds(bundle, extra: int = EXTRA_SENTENCES, synthetic: int = 0,
         sents = sentences(synthetic)
         feeds += _sentence_batches(bundle, sents, group_by_length)
     feeds += text_feeds(bundle, texts, group_by_length)
+    if augment:
+        from .augment import augment as variants
+
+        sents = [s for lines in _read_texts(bundle, texts) for s in lines]
+        feeds += _sentence_batches(bundle, variants(sents, augment), group_by_length)
     if synthetic or texts or group_by_length:
         feeds = [feeds[i] for i in np.random.default_rng(0).permutation(len(feeds))]
     return feeds
@@ -775,6 +797,7 @@ class Compression:
     distill_pruned_only: bool = False
     distill_synthetic: int = 0
     distill_text: Sequence[str | os.PathLike] = ()
+    distill_augment: int = 0
     distill_schedule: str = "constant"
     distill_lr: float | None = None
     distill_device: str = "cpu"
@@ -824,7 +847,9 @@ def compress(bundle, cfg, c: Compression, say: Callable[[str], None] | None = No
     its linears), pruned one-shot with their refit. ``distill_synthetic``
     (``--distill-synthetic``, minilm): that many synthetic everyday sentences
     added to the distillation inputs (:func:`train_feeds`); ``distill_text``
-    (``--distill-text``): the user's own text files added to them.
+    (``--distill-text``): the user's own text files added to them, and
+    ``distill_augment`` (``--distill-augment``) variants of their sentences
+    (:mod:`hwgen.augment`).
     ``distill_schedule`` (``--distill-schedule``): the float stage's
     learning-rate schedule, ``constant`` or ``cosine`` (:func:`hwgen.qat.lr_at`);
     ``distill_lr`` (``--distill-lr``) its peak learning rate (None: :data:`DISTILL_LR`); ``distill_device``
@@ -867,7 +892,7 @@ def compress(bundle, cfg, c: Compression, say: Callable[[str], None] | None = No
     ``sensitivity`` (with ``prune_budget``: the ranking, each row ``chosen`` or not), ``distill``,
     ``distill_steps``, ``distill_loss_first``, ``distill_loss_last``, ``qat_losses``, and the
     float stage's settings ``distill_schedule``, ``distill_lr``, ``distill_device``,
-    ``distill_precision``, ``distill_group_by_length``, ``distill_teacher_cache_gb`` and
+    ``distill_precision``, ``distill_group_by_length``, ``distill_augment``, ``distill_teacher_cache_gb`` and
     ``distill_teacher_cached`` (batches whose teacher values were kept), ``distill_init``,
     ``distill_init_steps`` (the float steps behind that file, summed over its own
     inits), ``distill_float_steps_total`` (those plus this run's; None when a folder's
@@ -898,6 +923,9 @@ def compress(bundle, cfg, c: Compression, say: Callable[[str], None] | None = No
     _check_synthetic(bundle, c.distill_synthetic)
     if c.distill_text and not c.distill:
         raise DistillError("--distill-text needs --distill")
+    if c.distill_augment and not c.distill:
+        raise DistillError("--distill-augment needs --distill")
+    _check_augment(bundle, c.distill_augment, c.distill_text)
     if c.distill_schedule != "constant" and not float_stage:
         raise DistillError("--distill-schedule needs --distill with --distill-steps > 0")
     if c.distill_schedule not in LR_SCHEDULES:
@@ -996,7 +1024,8 @@ def compress(bundle, cfg, c: Compression, say: Callable[[str], None] | None = No
         res = distill(bundle.graph, bundle.kind, bundle.calib_feeds, cfg, spec, norms,
                       float_steps=distill_steps, qat_steps=c.qat_steps, lr=distill_lr, qat_lr=c.lr,
                       train_feeds=train_feeds(bundle, synthetic=c.distill_synthetic, texts=c.distill_text,
-                                              group_by_length=c.distill_group_by_length),
+                                              group_by_length=c.distill_group_by_length,
+                                              augment=c.distill_augment),
                       say=say, start=start, masks=masks, names=names,
                       trainable=_pruned_params(folded, masks) if c.distill_pruned_only else None,
                       float_schedule=c.distill_schedule, device=c.distill_device,
@@ -1053,6 +1082,7 @@ def compress(bundle, cfg, c: Compression, say: Callable[[str], None] | None = No
                    "sensitivity": ranking, "channel_pairs": pair_names,
                    "distill": bool(c.distill), "distill_steps": distill_steps if c.distill else 0,
                    "distill_synthetic": c.distill_synthetic, "distill_text": [str(t) for t in c.distill_text],
+                   "distill_augment": c.distill_augment,
                    "distill_schedule": c.distill_schedule if float_stage else None,
                    "distill_lr": distill_lr if float_stage else None,
                    "distill_device": c.distill_device if float_stage else None,

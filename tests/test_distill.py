@@ -293,6 +293,11 @@ def test_cli_prune_budget(capsys, tmp_path):
     (["--gradual"], "--gradual needs --prune and fine-tuning steps"),
     (["--distill-pruned-only"], "--distill-pruned-only needs --distill with --distill-steps > 0"),
     (["--distill-steps", "5"], "--distill-steps needs --distill"),
+    (["--distill-augment", "2"], "--distill-augment needs --distill"),
+    (["--distill", "--distill-steps", "1", "--distill-augment", "-1"],
+     "--distill-augment -1: the number of copies must be an integer >= 0"),
+    (["--distill", "--distill-steps", "1", "--distill-augment", "1"],
+     "--distill-augment: model 'bert-block' (block) reads fixed-width inputs, not sentences"),
     (["--distill-teacher-cache", "2"], "--distill-teacher-cache needs --distill with --distill-steps > 0"),
     (["--distill", "--distill-steps", "1", "--distill-teacher-cache", "-1"],
      "--distill-teacher-cache -1.0: the budget (GiB) must be >= 0"),
@@ -430,7 +435,7 @@ def test_cli_distill_lr_and_device_in_json(capsys, tmp_path):
                           "--distill-steps", "2", "--out", tmp_path / "c", "--json", "--quiet")
     r = last_json(so)
     assert r["distill_lr"] == D.DISTILL_LR and r["distill_device"] == "cpu"
-    assert r["distill_precision"] == "fp32" and r["distill_group_by_length"] is False
+    assert r["distill_precision"] == "fp32" and r["distill_group_by_length"] is False and r["distill_augment"] == 0
     assert r["distill_teacher_cache_gb"] == D.TEACHER_CACHE_BYTES / 2**30 and r["distill_teacher_cached"] >= 1
     code, so, _ = run_cli(capsys, "quantize", "--model", "bert-block", "--prune", "2:4", "--distill",
                           "--distill-steps", "2", "--distill-precision", "bf16", "--distill-teacher-cache", "0",
@@ -785,3 +790,32 @@ def test_cli_distill_train_embeddings_saved_and_recovered(capsys, tmp_path):
     assert len(tables) == 2
     with pytest.raises(D.DistillError, match=r"1 name\(s\) differ"):        # one table but not the other
         D._check_student({k: v for k, v in w.items() if k != sorted(tables)[0]}, folded, "x")
+
+
+def test_train_feeds_augment_adds_variants_of_the_text_sentences(tmp_path):
+    from hwgen import zoo
+    from hwgen.augment import augment
+
+    b = zoo.load("minilm")
+    t, u = tmp_path / "t.txt", tmp_path / "u.txt"
+    lines = ["The ferry leaves the harbour at seven every morning.", "Our neighbour grows tomatoes on the balcony.",
+             "Snow closed the mountain pass for two days last week."]
+    t.write_text("\n".join(lines[:2]), encoding="utf-8")
+    u.write_text(lines[2], encoding="utf-8")
+    key = lambda f: f["ids"].tobytes() + f["mask"].tobytes()
+    plain = D.train_feeds(b, extra=0, synthetic=20, texts=[t, u])
+    aug = D.train_feeds(b, extra=0, synthetic=20, texts=[t, u], augment=3)
+    extra = augment(lines, 3)                   # the files' sentences as one list; synthetic ones are not varied
+    want = plain + [b.encode(extra[i:i + 16]) for i in range(0, len(extra), 16)]
+    assert sorted(map(key, aug)) == sorted(map(key, want))
+    assert list(map(key, D.train_feeds(b, extra=0, synthetic=20, texts=[t, u], augment=3))) == list(map(key, aug))
+    v = tmp_path / "v.txt"                      # the same as giving the variants as one more text file
+    v.write_text("\n".join(extra), encoding="utf-8")
+    assert list(map(key, D.train_feeds(b, extra=0, texts=[t, u], augment=3))) == \
+        list(map(key, D.train_feeds(b, extra=0, texts=[t, u, v])))
+    with pytest.raises(D.DistillError, match="--distill-augment: model 'tiny-gpt' .decoder. reads fixed-width"):
+        D.train_feeds(zoo.load("tiny-gpt"), texts=[t], augment=1)
+    with pytest.raises(D.DistillError, match="--distill-augment -2: the number of copies must be an integer >= 0"):
+        D.train_feeds(b, texts=[t], augment=-2)
+    with pytest.raises(D.DistillError, match="varies the --distill-text sentences: give --distill-text"):
+        D.train_feeds(b, augment=1)
