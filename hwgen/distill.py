@@ -1166,6 +1166,8 @@ class BenchRow(NamedTuple):
     cache_gb: float | None = None  # --distill-teacher-cache (None: TEACHER_CACHE_BYTES)
     ema: float = 0.0             # --distill-ema
     init: str | None = None      # --distill-init: the float student of this earlier row (its key)
+    embeddings: bool = False     # --distill-train-embeddings
+    augment: int = 0             # --distill-augment (with corpus)
 
 
 BENCH_ROWS = (
@@ -1178,6 +1180,9 @@ BENCH_ROWS = (
              group=True, cache_gb=6.0),
     BenchRow("2:4 corpus continued", "2:4", corpus=True, steps=24000, schedule="cosine", lr=1e-4,
              precision="bf16", group=True, cache_gb=6.0, ema=0.9995, init="2:4 corpus"),
+    BenchRow("2:4 corpus embeddings", "2:4", corpus=True, steps=10000, schedule="cosine", lr=1e-4,
+             precision="bf16", group=True, cache_gb=6.0, ema=0.9995, init="2:4 corpus continued",
+             embeddings=True, augment=2),
     BenchRow("block:0.5 channels corpus", "block:0.5", channels=True, corpus=True, steps=4000,
              schedule="cosine"),
     BenchRow("block:0.5 channels selective corpus", "block:0.5", budget=0.975, channels=True,
@@ -1240,6 +1245,8 @@ def bench(quick: bool = False, float_steps: int = 300, qat_steps: int = 4,
             f"{f', {r.precision} matmuls' if r.precision != 'fp32' else ''}"
             f"{', batched by length' if r.group else ''}"
             f"{f', EMA {r.ema}' if r.ema else ''}{f', from the {r.init} row' if r.init else ''}"
+            f"{', embedding tables trained' if r.embeddings else ''}"
+            f"{f', {r.augment} variants of each sentence' if r.augment else ''}"
             f"{', with the distillation sentences' if r.corpus else ''} on {device} + {qat_steps} QAT steps)")
         fixed, info = compress(bundle, cfg, Compression(
             prune=r.pattern, prune_budget=r.budget, prune_channels=r.channels, distill=True,
@@ -1247,7 +1254,8 @@ def bench(quick: bool = False, float_steps: int = 300, qat_steps: int = 4,
             distill_text=(zoo.DISTILL_SENTENCES,) if r.corpus else (), distill_schedule=r.schedule,
             distill_lr=r.lr, distill_device=device, distill_linear_weight=r.terms,
             distill_attention_weight=r.terms, distill_precision=r.precision, distill_group_by_length=r.group,
-            distill_teacher_cache=r.cache_gb, distill_ema=r.ema,
+            distill_teacher_cache=r.cache_gb, distill_ema=r.ema, distill_train_embeddings=r.embeddings,
+            distill_augment=r.augment,
             distill_init=_bench_student(students.name, r.init) if r.init else None,
             distill_save=_bench_student(students.name, r.key) if r.key in saves else None,
             qat_steps=qat_steps), say=say)
