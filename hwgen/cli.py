@@ -62,7 +62,7 @@ def cmd_quantize(args: argparse.Namespace) -> dict:
     layers = len(bundle.graph.layers)
     say(f"traced {len(bundle.graph.nodes)} ops over {layers} layer(s); calibrating on "
         f"{len(bundle.calib_feeds)} batch(es)")
-    from .distill import Compression
+    from .distill import Compression, compress as run_compress
 
     compression = Compression.from_args(args)
     compress = compression.requested     # hwgen.distill.compress prunes and/or distills
@@ -70,8 +70,6 @@ def cmd_quantize(args: argparse.Namespace) -> dict:
     losses: list[float] = []
     extra: dict = {}
     if compress:
-        from .distill import compress as run_compress
-
         fixed, extra = run_compress(bundle, cfg, compression, say=say)
         losses = extra.pop("qat_losses")
     if args.qat_steps and not compress:

@@ -817,12 +817,14 @@ class Compression:
     #: the fields that are not compression requests by themselves (plain QAT, the cycle report's m)
     PLAIN = ("qat_steps", "lr", "cycles_m")
 
+    def __post_init__(self):
+        object.__setattr__(self, "distill_text", tuple(self.distill_text))   # a list from argparse
+
     @classmethod
     def from_args(cls, args) -> "Compression":
         """The settings of parsed ``hwgen quantize`` arguments (an attribute per
         flag; ``cycles_m`` is not a flag: the default)."""
-        given = {f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)}
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in given.items()})
+        return cls(**{f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)})
 
     @property
     def requested(self) -> bool:

@@ -740,7 +740,7 @@ def test_compression_record_mirrors_the_quantize_flags():
     c = D.Compression.from_args(parse("--prune", "2:4", "--distill", "--distill-text", "a.txt",
                                       "--distill-text", "b.txt", "--distill-steps", "7"))
     assert c.requested and c.prune == "2:4" and c.distill and c.distill_steps == 7
-    assert c.distill_text == ("a.txt", "b.txt")
+    assert c.distill_text == ("a.txt", "b.txt") and D.Compression(distill_text=[]) == D.Compression()
     for name in names - set(D.Compression.PLAIN):
         f = next(f for f in fields(D.Compression) if f.name == name)
         other = {bool: True, int: 1, float: 0.5}.get(type(f.default), "x") if f.default != () else ("t",)
