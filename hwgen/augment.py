@@ -53,13 +53,18 @@ class AugmentError(ValueError):
     """Bad augmentation request (the message names the flag)."""
 
 
+def check_copies(copies: int) -> None:
+    """Refuse a count of variants that is not an integer >= 0."""
+    if isinstance(copies, bool) or not isinstance(copies, int) or copies < 0:
+        raise AugmentError(f"--distill-augment {copies}: the number of copies must be an integer >= 0")
+
+
 def augment(sentences: Sequence[str], copies: int, seed: int = SEED) -> list[str]:
     """``copies`` variants of every one of ``sentences``: one variant of each
     sentence in order, then a second of each, and so on
     (``copies * len(sentences)`` strings). Words are split on whitespace and
     joined by one space."""
-    if isinstance(copies, bool) or not isinstance(copies, int) or copies < 0:
-        raise AugmentError(f"--distill-augment {copies}: the number of copies must be an integer >= 0")
+    check_copies(copies)
     words = [s.split() for s in sentences]
     if copies == 0 or not words:
         return []

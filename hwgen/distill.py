@@ -650,24 +650,30 @@ def _check_synthetic(bundle, synthetic: int) -> None:
                            f"not {bundle.name!r}")
 
 
+def _check_reads_sentences(bundle, flag: str, verb: str) -> None:
+    """Refuse ``flag``, a sentence-level option, for a model that reads
+    fixed-width inputs (no tokenizer of sentences)."""
+    if bundle.kind != "encoder" or bundle.tokenizer is None:
+        raise DistillError(f"{flag}: model {bundle.name!r} ({bundle.kind}) reads "
+                           f"fixed-width inputs, not sentences: nothing to {verb}")
+
+
 def _check_augment(bundle, augment: int, texts: Sequence[str | os.PathLike]) -> None:
-    from .augment import AugmentError, augment as variants
+    from .augment import AugmentError, check_copies
 
     try:
-        variants([], augment)          # the count's own check
+        check_copies(augment)
     except AugmentError as e:
         raise DistillError(str(e)) from None
-    if augment and (bundle.kind != "encoder" or bundle.tokenizer is None):
-        raise DistillError(f"--distill-augment: model {bundle.name!r} ({bundle.kind}) reads "
-                           "fixed-width inputs, not sentences: nothing to vary")
+    if augment:
+        _check_reads_sentences(bundle, "--distill-augment", "vary")
     if augment and not texts:
         raise DistillError("--distill-augment varies the --distill-text sentences: give --distill-text")
 
 
 def _check_grouping(bundle, group_by_length: bool) -> None:
-    if group_by_length and (bundle.kind != "encoder" or bundle.tokenizer is None):
-        raise DistillError(f"--distill-group-by-length: model {bundle.name!r} ({bundle.kind}) reads "
-                           "fixed-width inputs, not sentences: nothing to group")
+    if group_by_length:
+        _check_reads_sentences(bundle, "--distill-group-by-length", "group")
 
 
 def _sentence_batches(bundle, sents: list[str], group_by_length: bool = False) -> list[dict[str, np.ndarray]]:
@@ -718,10 +724,15 @@ def text_feeds(bundle, texts: Sequence[str | os.PathLike],
     in windows of the model's calibration width. The teacher labels them, so
     any unlabelled text of the target domain will do; keep the evaluation text
     out of them."""
+    return _text_batches(bundle, _read_texts(bundle, texts), group_by_length)
+
+
+def _text_batches(bundle, files: list[list[str]], group_by_length: bool) -> list[dict[str, np.ndarray]]:
+    """:func:`text_feeds` of files already read (:func:`_read_texts`: lines per file)."""
     from .zoo import GPT_BATCH, _windows
 
     feeds: list[dict[str, np.ndarray]] = []
-    for lines in _read_texts(bundle, texts):
+    for lines in files:
         if bundle.kind == "encoder":
             feeds += _sentence_batches(bundle, lines, group_by_length)
         else:
@@ -757,12 +768,13 @@ def train_feeds(bundle, extra: int = EXTRA_SENTENCES, synthetic: int = 0,
 
         sents = sentences(synthetic)
         feeds += _sentence_batches(bundle, sents, group_by_length)
-    feeds += text_feeds(bundle, texts, group_by_length)
+    files = _read_texts(bundle, texts)
+    feeds += _text_batches(bundle, files, group_by_length)
     if augment:
         from .augment import augment as variants
 
-        sents = [s for lines in _read_texts(bundle, texts) for s in lines]
-        feeds += _sentence_batches(bundle, variants(sents, augment), group_by_length)
+        feeds += _sentence_batches(bundle, variants([s for lines in files for s in lines], augment),
+                                   group_by_length)
     if synthetic or texts or group_by_length:
         feeds = [feeds[i] for i in np.random.default_rng(0).permutation(len(feeds))]
     return feeds
