@@ -387,6 +387,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--distill-train-embeddings", action="store_true",
                    help="with --distill: the float stage trains the embedding tables too (saved with "
                    "--distill-save; default: frozen)")
+    q.add_argument("--distill-fake-quant", action="store_true",
+                   help="with --distill: the float stage's forward rounds linear weights and activations "
+                   "to the --bits formats (straight-through gradients), so the student learns around the "
+                   "rounding at float speed; the exact QAT stage follows unchanged")
     q.add_argument("--distill-save", metavar="FILE",
                    help="with --distill: write the float student after the float stage to FILE (.npz), "
                    "to go on from later with --distill-init")

@@ -9,6 +9,8 @@ its weights being trained, in two stages that share one loss
    differentiable float forward (the float executor's op semantics,
    :data:`hwgen.float_exec.FLOAT_OPS`) with pruning masks applied, cheap enough
    for hundreds of steps on a CPU; a gradual pruning schedule runs here;
+   optionally with the quantized graph's weight and activation rounding in
+   its forward (:mod:`hwgen.fake_quant`, approximate, straight-through);
 2. **QAT stage** (:func:`distill_qat`): the same loss on
    :class:`hwgen.qat.QATModel`, whose forward *is* the golden model of the
    quantized student (fake quantization in the loop, bit for bit), masks kept.
@@ -244,14 +246,18 @@ class FloatStudent(torch.nn.Module):
     ``trainable`` (weight tensor names) everything else is frozen too. The
     weights, masks and the forward live on ``device`` (a torch device:
     ``cuda`` trains on the GPU); :meth:`float_weights` hands them back as
-    NumPy arrays."""
+    NumPy arrays. With ``fake_quant`` (a :class:`hwgen.fake_quant.FakeQuant`
+    of this graph) the forward rounds linear weights, tables and op outputs as
+    the quantized graph does (straight-through gradients); the weights
+    themselves stay float."""
 
     def __init__(self, graph: Graph, masks: dict[str, np.ndarray] | None = None,
                  train_embeddings: bool = False, trainable: Iterable[str] | None = None,
-                 device: str | torch.device = "cpu"):
+                 device: str | torch.device = "cpu", fake_quant=None):
         super().__init__()
         self.graph = graph
         self.device = torch.device(device)
+        self.fake_quant = fake_quant
         frozen = set() if train_embeddings else {n.inputs[1] for n in graph.nodes if n.op == "embedding"}
         if trainable is not None:
             unknown = set(trainable) - set(graph.weights)
@@ -297,10 +303,15 @@ class FloatStudent(torch.nn.Module):
         for name, p in zip(self.names, self.weights):
             vals[name] = self._w(name, p)
         vals.update(self._frozen)
+        fq = self.fake_quant
+        if fq is not None:
+            for name in self.graph.weights:
+                vals[name] = fq.weight(name, vals[name])
         ctx = _RunContext(state=None, offset=0, device=self.device)
         for node in self.graph.nodes:
             args = [vals[t] if t else None for t in node.inputs]
-            vals[node.outputs[0]] = FLOAT_OPS[node.op](node, args, ctx)
+            y = FLOAT_OPS[node.op](node, args, ctx)
+            vals[node.outputs[0]] = y if fq is None else fq.act(node.outputs[0], y)
         return vals
 
 
@@ -530,7 +541,8 @@ def distill(float_graph: Graph, kind: str, calib_feeds: list[dict[str, np.ndarra
             float_schedule: str = "constant", device: str | torch.device = "cpu",
             linear_weight: float = 0.0, attention_weight: float = 0.0,
             precision: str = "fp32", teacher_cache_bytes: int = TEACHER_CACHE_BYTES,
-            float_ema: float = 0.0, train_embeddings: bool = False) -> DistillResult:
+            float_ema: float = 0.0, train_embeddings: bool = False,
+            fake_quant: bool = False) -> DistillResult:
     """Prune (gradually over the float stage, else one-shot or gradually over
     QAT), distill in float, recalibrate, then distill with QAT; returns the
     quantized student. ``float_graph`` is the model's float graph (unfolded,
@@ -549,7 +561,10 @@ def distill(float_graph: Graph, kind: str, calib_feeds: list[dict[str, np.ndarra
     cache budget (:class:`DistillLoss`); ``float_ema``: the float stage ends with
     its weights' moving average at this decay (:class:`WeightEMA`; 0: the last step's);
     ``train_embeddings``: the float stage trains the embedding tables too
-    (:class:`FloatStudent`; the QAT stage keeps them as they are then)."""
+    (:class:`FloatStudent`; the QAT stage keeps them as they are then);
+    ``fake_quant``: the float stage's forward rounds weights and activations
+    as ``cfg`` does (:class:`hwgen.fake_quant.FakeQuant`, formats calibrated on
+    the student as it starts)."""
     from . import prune as P
     from .qat import QATModel, finetune
     from .quant import prepare, quantize
@@ -568,8 +583,13 @@ def distill(float_graph: Graph, kind: str, calib_feeds: list[dict[str, np.ndarra
     teacher_cached = 0
     student_graph = teacher if start is None else start
     if float_steps:
+        fq = None
+        if fake_quant:
+            from .fake_quant import FakeQuant
+            say("calibrating the student for the float stage's fake quantization")
+            fq = FakeQuant(quantize(student_graph, calib_feeds, cfg)[0], device)
         st = FloatStudent(student_graph, masks or None, train_embeddings=train_embeddings, trainable=trainable,
-                          device=device)
+                          device=device, fake_quant=fq)
         hook = None
         if spec is not None and not fixed_masks:
             hook = P.GradualPruner(st, spec, float_steps, norms, names=names)
@@ -579,6 +599,7 @@ def distill(float_graph: Graph, kind: str, calib_feeds: list[dict[str, np.ndarra
             + (f" ({float_schedule})" if float_schedule != "constant" else "")
             + (f", weights averaged (EMA {float_ema})" if float_ema else "")
             + (", embedding tables trained" if train_embeddings else "")
+            + (f", {cfg.name} fake quantization" if fake_quant else "")
             + (f", pruning {spec.name} gradually" if hook is not None else "")
             + (f", {spec.name} masks fixed" if spec is not None and fixed_masks else ""))
         f_losses = distill_float(st, feeds, loss, float_steps, lr=lr, before_step=hook, schedule=float_schedule,
@@ -820,6 +841,7 @@ class Compression:
     distill_teacher_cache: float | None = None
     distill_ema: float = 0.0
     distill_train_embeddings: bool = False
+    distill_fake_quant: bool = False
     distill_init: str | os.PathLike | None = None
     distill_save: str | os.PathLike | None = None
     qat_steps: int = 0
@@ -889,6 +911,10 @@ def compress(bundle, cfg, c: Compression, say: Callable[[str], None] | None = No
     stage trains the embedding tables too; trained tables (this run's or its
     ``distill_init``'s) are saved with the student and recorded as
     ``meta["distill"]["embeddings"]``, so a folder's student recovers them.
+    ``distill_fake_quant`` (``--distill-fake-quant``): the float stage's forward
+    rounds linear weights and activations as the quantized graph will
+    (:mod:`hwgen.fake_quant`), so the float student learns around the W8A8
+    rounding at float speed; the exact QAT stage follows unchanged.
 
     Pruning, by default one-shot: masks from activation-aware magnitudes, then
     the kept weights refitted by least squares (:func:`hwgen.prune.reconstruct`,
@@ -911,7 +937,7 @@ def compress(bundle, cfg, c: Compression, say: Callable[[str], None] | None = No
     ``distill_init_steps`` (the float steps behind that file, summed over its own
     inits), ``distill_float_steps_total`` (those plus this run's; None when a folder's
     are unknown; also recorded as ``meta["distill"]["float_steps"]``), ``distill_save``,
-    ``distill_ema`` and ``distill_train_embeddings``."""
+    ``distill_ema``, ``distill_train_embeddings`` and ``distill_fake_quant``."""
     from . import prune as P
     from .accuracy import qat_loss
     from .qat import QATModel, finetune
@@ -983,6 +1009,8 @@ def compress(bundle, cfg, c: Compression, say: Callable[[str], None] | None = No
     check_ema(c.distill_ema)
     if c.distill_train_embeddings and not float_stage:
         raise DistillError("--distill-train-embeddings needs --distill with --distill-steps > 0")
+    if c.distill_fake_quant and not float_stage:
+        raise DistillError("--distill-fake-quant needs --distill with --distill-steps > 0")
     if c.distill_save is not None and not float_stage:
         raise DistillError("--distill-save needs --distill with --distill-steps > 0")
     if c.distill_save is not None and not os.path.isdir(os.path.dirname(os.path.abspath(c.distill_save))):
@@ -1045,7 +1073,7 @@ def compress(bundle, cfg, c: Compression, say: Callable[[str], None] | None = No
                       float_schedule=c.distill_schedule, device=c.distill_device,
                       linear_weight=c.distill_linear_weight, attention_weight=c.distill_attention_weight,
                       precision=c.distill_precision, teacher_cache_bytes=cache_bytes, float_ema=c.distill_ema,
-                      train_embeddings=c.distill_train_embeddings)
+                      train_embeddings=c.distill_train_embeddings, fake_quant=c.distill_fake_quant)
         fixed, masks, f_losses, q_losses = res.fixed, res.masks, res.float_losses, res.qat_losses
         cached = res.teacher_cached
         # float steps behind the student, over its --distill-init chain (None: a folder's unknown count)
@@ -1110,6 +1138,7 @@ def compress(bundle, cfg, c: Compression, say: Callable[[str], None] | None = No
                    "distill_save": None if c.distill_save is None else os.fspath(c.distill_save),
                    "distill_ema": c.distill_ema if float_stage else None,
                    "distill_train_embeddings": c.distill_train_embeddings,
+                   "distill_fake_quant": c.distill_fake_quant,
                    "distill_linear_weight": c.distill_linear_weight if c.distill else None,
                    "distill_attention_weight": c.distill_attention_weight if c.distill else None,
                    "distill_loss_first": f_losses[0] if f_losses else None,

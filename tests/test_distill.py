@@ -303,6 +303,9 @@ def test_cli_prune_budget(capsys, tmp_path):
      "--distill-teacher-cache -1.0: the budget (GiB) must be >= 0"),
     (["--distill-ema", "0.99"], "--distill-ema needs --distill with --distill-steps > 0"),
     (["--distill-train-embeddings"], "--distill-train-embeddings needs --distill with --distill-steps > 0"),
+    (["--distill-fake-quant"], "--distill-fake-quant needs --distill with --distill-steps > 0"),
+    (["--distill", "--distill-steps", "0", "--qat-steps", "1", "--distill-fake-quant"],
+     "--distill-fake-quant needs --distill with --distill-steps > 0"),
     (["--distill", "--distill-steps", "1", "--distill-ema", "1"],
      "--distill-ema 1.0: the decay must be in [0, 1) (0: no average)"),
     (["--distill-init", "s.npz"], "--distill-init needs --distill"),
@@ -745,6 +748,21 @@ def test_compression_record_mirrors_the_quantize_flags():
         f = next(f for f in fields(D.Compression) if f.name == name)
         other = {bool: True, int: 1, float: 0.5}.get(type(f.default), "x") if f.default != () else ("t",)
         assert D.Compression(**{name: other}).requested, name
+
+
+def test_cli_distill_fake_quant(capsys, tmp_path):
+    """``--distill-fake-quant``: the float stage's forward rounds as W8A8 does,
+    so its first loss (same student, same batch) differs from the plain float
+    stage's; the JSON says which ran."""
+    base = ["quantize", "--model", "tiny-gpt", "--prune", "2:4", "--distill", "--distill-steps", "2",
+            "--json", "--quiet"]
+    code, so, _ = run_cli(capsys, *base, "--out", tmp_path / "a")
+    plain = last_json(so)
+    code2, so, _ = run_cli(capsys, *base, "--distill-fake-quant", "--out", tmp_path / "b")
+    fake = last_json(so)
+    assert code == code2 == 0
+    assert plain["distill_fake_quant"] is False and fake["distill_fake_quant"] is True
+    assert np.isfinite(fake["distill_loss_first"]) and fake["distill_loss_first"] != plain["distill_loss_first"]
 
 
 def test_cli_distill_train_embeddings_saved_and_recovered(capsys, tmp_path):
