@@ -247,8 +247,8 @@ class FloatStudent(torch.nn.Module):
     weights, masks and the forward live on ``device`` (a torch device:
     ``cuda`` trains on the GPU); :meth:`float_weights` hands them back as
     NumPy arrays. With ``fake_quant`` (a :class:`hwgen.fake_quant.FakeQuant`
-    of this graph) the forward rounds linear weights, tables and op outputs as
-    the quantized graph does (straight-through gradients); the weights
+    of this graph) the forward rounds linear weights and op outputs (embedding
+    outputs: to their tables' formats) as the quantized graph does (straight-through gradients); the weights
     themselves stay float."""
 
     def __init__(self, graph: Graph, masks: dict[str, np.ndarray] | None = None,
@@ -1211,6 +1211,8 @@ class BenchRow(NamedTuple):
     init: str | None = None      # --distill-init: the float student of this earlier row (its key)
     embeddings: bool = False     # --distill-train-embeddings
     augment: int = 0             # --distill-augment (with corpus)
+    fake_quant: bool = False     # --distill-fake-quant
+    qat_steps: int | None = None  # --qat-steps (None: the bench's qat_steps)
 
 
 BENCH_ROWS = (
@@ -1226,6 +1228,10 @@ BENCH_ROWS = (
     BenchRow("2:4 corpus embeddings", "2:4", corpus=True, steps=10000, schedule="cosine", lr=1e-4,
              precision="bf16", group=True, cache_gb=6.0, ema=0.9995, init="2:4 corpus continued",
              embeddings=True, augment=2),
+    BenchRow("2:4 corpus fake-quant", "2:4", corpus=True, steps=1500, schedule="cosine", lr=5e-5, ema=0.998,
+             init="2:4 corpus embeddings", embeddings=True, augment=2, fake_quant=True, qat_steps=120),
+    BenchRow("2:4 corpus fake-quant continued", "2:4", corpus=True, steps=2000, schedule="cosine", lr=5e-5,
+             ema=0.998, init="2:4 corpus fake-quant", embeddings=True, augment=2, fake_quant=True, qat_steps=0),
     BenchRow("block:0.5 channels corpus", "block:0.5", channels=True, corpus=True, steps=4000,
              schedule="cosine"),
     BenchRow("block:0.5 channels selective corpus", "block:0.5", budget=0.975, channels=True,
@@ -1282,6 +1288,7 @@ def bench(quick: bool = False, float_steps: int = 300, qat_steps: int = 4,
     for r in rows:
         t0 = time.perf_counter()
         steps = float_steps if quick or r.steps is None else r.steps
+        q_steps = qat_steps if quick or r.qat_steps is None else r.qat_steps
         say(f"{model} w8a8 {r.key}{f' (budget {r.budget})' if r.budget else ''} + distillation "
             f"({steps} float steps, {r.schedule}, lr {r.lr or DISTILL_LR:g}"
             f"{f', linear and attention terms x{r.terms:g}' if r.terms else ''}"
@@ -1290,7 +1297,8 @@ def bench(quick: bool = False, float_steps: int = 300, qat_steps: int = 4,
             f"{f', EMA {r.ema}' if r.ema else ''}{f', from the {r.init} row' if r.init else ''}"
             f"{', embedding tables trained' if r.embeddings else ''}"
             f"{f', {r.augment} variants of each sentence' if r.augment else ''}"
-            f"{', with the distillation sentences' if r.corpus else ''} on {device} + {qat_steps} QAT steps)")
+            f"{', W8A8 fake quantization' if r.fake_quant else ''}"
+            f"{', with the distillation sentences' if r.corpus else ''} on {device} + {q_steps} QAT steps)")
         fixed, info = compress(bundle, cfg, Compression(
             prune=r.pattern, prune_budget=r.budget, prune_channels=r.channels, distill=True,
             distill_steps=steps, distill_pruned_only=r.budget is not None,
@@ -1298,12 +1306,13 @@ def bench(quick: bool = False, float_steps: int = 300, qat_steps: int = 4,
             distill_lr=r.lr, distill_device=device, distill_linear_weight=r.terms,
             distill_attention_weight=r.terms, distill_precision=r.precision, distill_group_by_length=r.group,
             distill_teacher_cache=r.cache_gb, distill_ema=r.ema, distill_train_embeddings=r.embeddings,
-            distill_augment=r.augment,
+            distill_augment=r.augment, distill_fake_quant=r.fake_quant,
             distill_init=_bench_student(students.name, r.init) if r.init else None,
             distill_save=_bench_student(students.name, r.key) if r.key in saves else None,
-            qat_steps=qat_steps), say=say)
+            qat_steps=q_steps), say=say)
         m = evaluate(bundle, fixed)
-        res["pruned"].append({"row": r.key, **{k: v for k, v in info.items() if k != "qat_losses"},
+        res["pruned"].append({"row": r.key, "qat_steps": q_steps,
+                              **{k: v for k, v in info.items() if k != "qat_losses"},
                               "cosine_mean": m["cosine_mean"], "cosine_min": m["cosine_min"],
                               "wall_s": time.perf_counter() - t0})
     students.cleanup()

@@ -6,7 +6,7 @@ step: bit-exact, CPU only, about ten times the cost of a float step. Most of
 the W8A8 error of a transformer is the rounding of two kinds of value, which
 can be reproduced in torch float on any device:
 
-* **linear weights**: each column rounded to its 8-bit code as
+* **linear weights**: each column rounded to its code (8 bits at W8) as
   :func:`hwgen.quant.quantize_weights` does (row pre-scale of a per-channel
   input, per-column integer bits chosen by least squared error among three
   candidates, ``AP_RND`` rounding, ``AP_SAT`` saturation), recomputed from the
@@ -50,7 +50,7 @@ class FakeQuant:
     to a float forward of the same graph on ``device``.
 
     ``weight(name, w)``: a linear's weight ``w`` (float, any values) through its
-    8-bit codes, the integer bits recomputed from ``w``; other weights pass
+    codes (the weight width), the integer bits recomputed from ``w``; other weights pass
     unchanged. ``act(name, y)``: an op output rounded to its frozen format (an
     embedding's output: its table's format)."""
 
