@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, fields
-from typing import Callable, Iterable, NamedTuple, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -44,6 +44,9 @@ from .devices import default_device, torch_device
 from .float_exec import FLOAT_OPS, _RunContext, attention_scores, run_float, split_heads
 from .ir import Graph
 from .qat import LR_SCHEDULES
+
+if TYPE_CHECKING:
+    from .fake_quant import FakeQuant
 
 
 class DistillError(ValueError):
@@ -248,12 +251,12 @@ class FloatStudent(torch.nn.Module):
     ``cuda`` trains on the GPU); :meth:`float_weights` hands them back as
     NumPy arrays. With ``fake_quant`` (a :class:`hwgen.fake_quant.FakeQuant`
     of this graph) the forward rounds linear weights and op outputs (embedding
-    outputs: to their tables' formats) as the quantized graph does (straight-through gradients); the weights
-    themselves stay float."""
+    outputs: to their tables' formats) as the quantized graph does, with
+    straight-through gradients; the weights themselves stay float."""
 
     def __init__(self, graph: Graph, masks: dict[str, np.ndarray] | None = None,
                  train_embeddings: bool = False, trainable: Iterable[str] | None = None,
-                 device: str | torch.device = "cpu", fake_quant=None):
+                 device: str | torch.device = "cpu", fake_quant: "FakeQuant | None" = None):
         super().__init__()
         self.graph = graph
         self.device = torch.device(device)

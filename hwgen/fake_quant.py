@@ -52,7 +52,8 @@ class FakeQuant:
     ``weight(name, w)``: a linear's weight ``w`` (float, any values) through its
     codes (the weight width), the integer bits recomputed from ``w``; other weights pass
     unchanged. ``act(name, y)``: an op output rounded to its frozen format (an
-    embedding's output: its table's format)."""
+    embedding's output: its table's format), as float32 whatever ``y``'s
+    dtype (under bfloat16 autocast the rounded values stay exact)."""
 
     def __init__(self, fixed: Graph, device: str | torch.device = "cpu"):
         if not fixed.meta.get("quantized"):
@@ -90,8 +91,11 @@ class FakeQuant:
         f = self._acts.get(name)
         if f is None:
             return y
-        frac, lo, hi = f   # float32 holds every code of up to 24 bits exactly
-        return _straight_through(y, _round_sat(y.detach().float(), frac, lo, hi).to(y.dtype))
+        # float32 holds every code of up to 24 bits exactly; a bfloat16 output (autocast)
+        # comes back float32, so a 16-bit format's codes keep their low bits
+        frac, lo, hi = f
+        y = y.float()
+        return _straight_through(y, _round_sat(y.detach(), frac, lo, hi))
 
 
 def linear_weight_values(w: torch.Tensor, shift: torch.Tensor, width: int, per_channel: bool = True,

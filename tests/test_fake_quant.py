@@ -90,6 +90,26 @@ def test_activations_land_on_their_formats(tiny_decoder):
     assert per_channel > 0
 
 
+def test_activations_stay_on_their_grids_under_bf16_autocast(tiny_decoder):
+    """Under ``--distill-precision bf16`` the rounded outputs come back float32,
+    so a 16-bit format's codes are not rounded again to bfloat16's 8 bits."""
+    from hwgen.distill import autocast
+
+    fixed, _ = quantize(tiny_decoder, tiny_decoder_feeds(), QuantConfig.from_bits("w8a8"))
+    fq = FakeQuant(fixed)
+    student = FloatStudent(prepare(tiny_decoder), fake_quant=fq)
+    with autocast(torch.device("cpu"), "bf16"):
+        vals = student(tiny_decoder_feeds(1, seed=5)[0])
+    wide = 0
+    for name in fq.activations:
+        t = fixed.tensors[name]
+        assert vals[name].dtype == torch.float32, name
+        codes = np.ldexp(vals[name].detach().numpy().astype(np.float64), t.frac_bits())
+        assert np.array_equal(codes, np.round(codes)), name
+        wide += bool(np.any((np.abs(codes) > 256) & (codes % 2 == 1)))
+    assert wide > 0          # odd codes above 256: not bfloat16 values (8-bit significand)
+
+
 def test_forward_is_nearer_the_golden_model(tiny_decoder):
     """The fake-quantized forward of the student is nearer the golden model of
     its quantized graph than the plain float forward, at every op output (at
