@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from .devices import default_device, torch_device
 from .float_exec import FLOAT_OPS, _RunContext, attention_scores, run_float, split_heads
 from .ir import Graph
-from .qat import LR_SCHEDULES
+from .qat import LR_SCHEDULES, embedding_tables
 
 if TYPE_CHECKING:
     from .fake_quant import FakeQuant
@@ -261,7 +261,7 @@ class FloatStudent(torch.nn.Module):
         self.graph = graph
         self.device = torch.device(device)
         self.fake_quant = fake_quant
-        frozen = set() if train_embeddings else {n.inputs[1] for n in graph.nodes if n.op == "embedding"}
+        frozen = set() if train_embeddings else embedding_tables(graph)
         if trainable is not None:
             unknown = set(trainable) - set(graph.weights)
             if unknown:
@@ -383,12 +383,6 @@ def distill_float(student: FloatStudent, feeds: Iterable[dict[str, np.ndarray]],
 
 #: the format tag of a float student file
 STUDENT_FORMAT = "hwgen-float-student/1"
-
-
-def embedding_tables(graph: Graph) -> set[str]:
-    """The names of ``graph``'s embedding tables (frozen in the float stage
-    unless ``--distill-train-embeddings``)."""
-    return {n.inputs[1] for n in graph.nodes if n.op == "embedding"}
 
 
 def student_weights(graph: Graph, embeddings: bool = False) -> dict[str, np.ndarray]:

@@ -59,6 +59,12 @@ def dequantize_weight(graph: Graph, name: str) -> np.ndarray:
     return real
 
 
+def embedding_tables(graph: Graph) -> set[str]:
+    """The names of ``graph``'s embedding tables (frozen in QAT and in the float
+    distillation stage unless their ``train_embeddings``)."""
+    return {n.inputs[1] for n in graph.nodes if n.op == "embedding"}
+
+
 @dataclass
 class StepResult:
     outputs: dict[str, torch.Tensor]       # dequantized golden values, differentiable
@@ -81,8 +87,7 @@ class QATModel(torch.nn.Module):
         self.graph = float_graph
         self.fmts = fmts
         self.cfg = cfg
-        frozen = set() if train_embeddings else {
-            n.inputs[1] for n in float_graph.nodes if n.op == "embedding"}
+        frozen = set() if train_embeddings else embedding_tables(float_graph)
         self.names = sorted(set(float_graph.weights) - frozen)
         self.weights = torch.nn.ParameterList(
             torch.nn.Parameter(torch.from_numpy(float_graph.weights[n].astype(np.float64)))
