@@ -36,16 +36,17 @@ def next_token_nll(logits: np.ndarray | torch.Tensor, ids: np.ndarray) -> tuple[
     return float(nll), int(tgt.numel())
 
 
-def evaluate(bundle, fixed: Graph, progress: Callable[[int, int], None] | None = None) -> dict:
-    """Cosine mean/min over the evaluation inputs; perplexities for decoders."""
-    golden = GoldenModel(fixed)
-    out = fixed.outputs[0]
+def score(bundle, outputs: Callable[[dict], np.ndarray],
+          progress: Callable[[int, int], None] | None = None) -> dict:
+    """Cosine mean/min of ``outputs(feed)`` (float values of the graph output)
+    against the float reference over the evaluation inputs; perplexities for
+    decoders (``ppl_float``: the reference's, ``ppl_quant``: the outputs')."""
     cos = []
     nll_f = nll_q = 0.0
     count = 0
     for i, feed in enumerate(bundle.eval_feeds):
         ref = np.asarray(bundle.reference(feed), dtype=np.float64)
-        got = dequantize(fixed, out, golden(feed)[out])
+        got = outputs(feed)
         cos.append(cosine_rows(got, ref))
         if bundle.kind == "decoder":
             f, n = next_token_nll(ref, feed["ids"])
@@ -60,6 +61,23 @@ def evaluate(bundle, fixed: Graph, progress: Callable[[int, int], None] | None =
         res["ppl_float"] = math.exp(nll_f / count)
         res["ppl_quant"] = math.exp(nll_q / count)
     return res
+
+
+def evaluate(bundle, fixed: Graph, progress: Callable[[int, int], None] | None = None) -> dict:
+    """Cosine mean/min over the evaluation inputs; perplexities for decoders."""
+    golden = GoldenModel(fixed)
+    out = fixed.outputs[0]
+    return score(bundle, lambda feed: dequantize(fixed, out, golden(feed)[out]), progress)
+
+
+def evaluate_float(bundle, graph: Graph) -> dict:
+    """:func:`evaluate`'s scores for a float graph of the bundle's model (for
+    example a distillation student), run by :func:`hwgen.float_exec.run_float`
+    on the CPU; for decoders ``ppl_quant`` is this graph's perplexity."""
+    from .float_exec import run_float
+
+    out = graph.outputs[0]
+    return score(bundle, lambda feed: run_float(graph, feed)[out].cpu().double().numpy())
 
 
 def qat_loss(bundle) -> Callable:

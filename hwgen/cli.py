@@ -391,6 +391,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --distill: the float stage's forward rounds linear weights and activations "
                    "to the --bits formats (straight-through gradients), so the student learns around the "
                    "rounding at float speed; the exact QAT stage follows unchanged")
+    q.add_argument("--distill-eval-every", type=int, default=0, metavar="N",
+                   help="with --distill: every N float steps, score the float student (its weight average "
+                   "with --distill-ema) in float and quantized to --bits without QAT on the evaluation "
+                   "inputs (JSON distill_evals), and write it to --distill-save if given (default 0, off)")
     q.add_argument("--distill-save", metavar="FILE",
                    help="with --distill: write the float student after the float stage to FILE (.npz), "
                    "to go on from later with --distill-init")

@@ -32,6 +32,7 @@ blocks), trained by ``models/distill_tiny_gpt_student.py`` with
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Callable, Iterable, NamedTuple, Sequence
@@ -346,18 +347,35 @@ class WeightEMA:
             for a, p in zip(self.avg, self.params):
                 p.copy_(a)
 
+    @contextlib.contextmanager
+    def applied(self):
+        """The averages in the parameters' place for the ``with`` block, then
+        the parameters back as they were (training goes on from them)."""
+        saved = [p.detach().clone() for p in self.params]
+        self.copy_to_params()
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for s, p in zip(saved, self.params):
+                    p.copy_(s)
+
 
 def distill_float(student: FloatStudent, feeds: Iterable[dict[str, np.ndarray]], loss: DistillLoss,
                   steps: int, lr: float = 1e-4, before_step: Callable[[int], None] | None = None,
                   progress: Callable[[int, float], None] | None = None,
-                  schedule: str = "constant", precision: str = "fp32", ema: float = 0.0) -> list[float]:
+                  schedule: str = "constant", precision: str = "fp32", ema: float = 0.0,
+                  checkpoint: Callable[[int], None] | None = None, checkpoint_every: int = 0) -> list[float]:
     """``steps`` Adam steps of the distillation loss on the float student, the
     learning rate by ``schedule`` (:func:`hwgen.qat.lr_at`); ``before_step(i)``
     runs first (a pruning schedule). ``precision``: the student's forward (and
     so its backward) under :func:`autocast`; the loss is taken outside it.
     ``ema`` > 0: the student ends with the :class:`WeightEMA` of its weights at
     that decay instead of the last step's (masks apply to it as to them).
-    Returns the losses."""
+    ``checkpoint(n)`` runs after every ``checkpoint_every``-th step ``n`` short
+    of the last, with the student holding the weights it would end with if it
+    stopped there (the average with ``ema``); training then goes on from its
+    own weights. Returns the losses."""
     feeds = list(feeds)
     if not feeds:
         raise DistillError("distillation needs at least one input batch")
@@ -370,8 +388,16 @@ def distill_float(student: FloatStudent, feeds: Iterable[dict[str, np.ndarray]],
         return loss(feed, values)
 
     average = WeightEMA(student.parameters(), ema) if ema else None
+
+    def after_step(i: int) -> None:
+        if average:
+            average.update(i)
+        if checkpoint and checkpoint_every and (i + 1) % checkpoint_every == 0 and i + 1 < steps:
+            with average.applied() if average else contextlib.nullcontext():
+                checkpoint(i + 1)
+
     losses = adam_steps(student.parameters(), feeds, loss_of, steps, lr, progress, before_step,
-                        schedule=schedule, after_step=average.update if average else None)
+                        schedule=schedule, after_step=after_step)
     if average:
         average.copy_to_params()
     return losses
@@ -539,7 +565,8 @@ def distill(float_graph: Graph, kind: str, calib_feeds: list[dict[str, np.ndarra
             linear_weight: float = 0.0, attention_weight: float = 0.0,
             precision: str = "fp32", teacher_cache_bytes: int = TEACHER_CACHE_BYTES,
             float_ema: float = 0.0, train_embeddings: bool = False,
-            fake_quant: bool = False) -> DistillResult:
+            fake_quant: bool = False, float_checkpoint: Callable[[int, Graph], None] | None = None,
+            checkpoint_every: int = 0) -> DistillResult:
     """Prune (gradually over the float stage, else one-shot or gradually over
     QAT), distill in float, recalibrate, then distill with QAT; returns the
     quantized student. ``float_graph`` is the model's float graph (unfolded,
@@ -561,7 +588,9 @@ def distill(float_graph: Graph, kind: str, calib_feeds: list[dict[str, np.ndarra
     (:class:`FloatStudent`; the QAT stage keeps them as they are then);
     ``fake_quant``: the float stage's forward rounds weights and activations
     as ``cfg`` does (:class:`hwgen.fake_quant.FakeQuant`, formats calibrated on
-    the student as it starts)."""
+    the student as it starts); ``float_checkpoint(n, graph)``: called every
+    ``checkpoint_every`` float steps (not after the last) with the step count and
+    the float student's graph as it would end there (:func:`distill_float`)."""
     from . import prune as P
     from .qat import QATModel, finetune
     from .quant import prepare, quantize
@@ -600,7 +629,9 @@ def distill(float_graph: Graph, kind: str, calib_feeds: list[dict[str, np.ndarra
             + (f", pruning {spec.name} gradually" if hook is not None else "")
             + (f", {spec.name} masks fixed" if spec is not None and fixed_masks else ""))
         f_losses = distill_float(st, feeds, loss, float_steps, lr=lr, before_step=hook, schedule=float_schedule,
-                                 precision=precision, ema=float_ema,
+                                 precision=precision, ema=float_ema, checkpoint_every=checkpoint_every,
+                                 checkpoint=(lambda n: float_checkpoint(n, st.current_graph()))
+                                 if float_checkpoint else None,
                                  progress=lambda i, l: say(f"float step {i}/{float_steps} loss {l:.6f}")
                                  if i % 10 == 0 or i == float_steps else None)
         if hook is not None:
@@ -839,6 +870,7 @@ class Compression:
     distill_ema: float = 0.0
     distill_train_embeddings: bool = False
     distill_fake_quant: bool = False
+    distill_eval_every: int = 0
     distill_init: str | os.PathLike | None = None
     distill_save: str | os.PathLike | None = None
     qat_steps: int = 0
@@ -912,6 +944,13 @@ def compress(bundle, cfg, c: Compression, say: Callable[[str], None] | None = No
     rounds linear weights and activations as the quantized graph will
     (:mod:`hwgen.fake_quant`), so the float student learns around the W8A8
     rounding at float speed; the exact QAT stage follows unchanged.
+    ``distill_eval_every`` (``--distill-eval-every``): every that many float
+    steps (not after the last), the float student as it would end there (its
+    weight average with ``distill_ema``) is scored on the evaluation inputs, in
+    float (:func:`hwgen.accuracy.evaluate_float`) and quantized to ``cfg`` as it
+    stands, without QAT (:func:`hwgen.accuracy.evaluate`); with
+    ``distill_save`` it is also written there, so a stopped run leaves its last
+    checkpoint. The scores only report: no checkpoint is chosen by them.
 
     Pruning, by default one-shot: masks from activation-aware magnitudes, then
     the kept weights refitted by least squares (:func:`hwgen.prune.reconstruct`,
@@ -934,7 +973,10 @@ def compress(bundle, cfg, c: Compression, say: Callable[[str], None] | None = No
     ``distill_init_steps`` (the float steps behind that file, summed over its own
     inits), ``distill_float_steps_total`` (those plus this run's; None when a folder's
     are unknown; also recorded as ``meta["distill"]["float_steps"]``), ``distill_save``,
-    ``distill_ema``, ``distill_train_embeddings`` and ``distill_fake_quant``."""
+    ``distill_ema``, ``distill_train_embeddings``, ``distill_fake_quant``,
+    ``distill_eval_every`` and ``distill_evals`` (one row per checkpoint:
+    ``step``, ``float_cosine_mean``, ``float_cosine_min``, ``cosine_mean``,
+    ``cosine_min``, and for decoders ``float_ppl`` and ``ppl_quant``)."""
     from . import prune as P
     from .accuracy import qat_loss
     from .qat import QATModel, finetune
@@ -1008,6 +1050,12 @@ def compress(bundle, cfg, c: Compression, say: Callable[[str], None] | None = No
         raise DistillError("--distill-train-embeddings needs --distill with --distill-steps > 0")
     if c.distill_fake_quant and not float_stage:
         raise DistillError("--distill-fake-quant needs --distill with --distill-steps > 0")
+    if c.distill_eval_every and not float_stage:
+        raise DistillError("--distill-eval-every needs --distill with --distill-steps > 0")
+    if isinstance(c.distill_eval_every, bool) or not isinstance(c.distill_eval_every, int) \
+            or c.distill_eval_every < 0:
+        raise DistillError(f"--distill-eval-every {c.distill_eval_every}: the interval must be an "
+                           "integer >= 1 (steps; 0: off)")
     if c.distill_save is not None and not float_stage:
         raise DistillError("--distill-save needs --distill with --distill-steps > 0")
     if c.distill_save is not None and not os.path.isdir(os.path.dirname(os.path.abspath(c.distill_save))):
@@ -1059,7 +1107,22 @@ def compress(bundle, cfg, c: Compression, say: Callable[[str], None] | None = No
     f_losses: list[float] = []
     q_losses: list[float] = []
     cached = steps_total = None
+    evals: list[dict] = []
     if c.distill:
+        # float steps behind the start, over its --distill-init chain (None: a folder's unknown count)
+        init_steps = None if init_info and init_info.get("steps") is None else \
+            (init_info["steps"] if init_info else 0)
+        tables = c.distill_train_embeddings or bool(init_w is not None and embedding_tables(folded) & set(init_w))
+
+        def checkpoint(step: int, student: Graph) -> None:
+            row = _checkpoint_scores(bundle, cfg, student, step)
+            evals.append(row)
+            say(f"checkpoint at float step {step}: float cosine {row['float_cosine_mean']:.5f}, "
+                f"{cfg.name} {row['cosine_mean']:.5f} (min {row['cosine_min']:.4f})")
+            if c.distill_save is not None:
+                save_student(c.distill_save, student,
+                             {"model": bundle.name, "prune": spec.name if spec else None,
+                              "steps": None if init_steps is None else init_steps + step, "embeddings": tables})
         res = distill(bundle.graph, bundle.kind, bundle.calib_feeds, cfg, spec, norms,
                       float_steps=distill_steps, qat_steps=c.qat_steps, lr=distill_lr, qat_lr=c.lr,
                       train_feeds=train_feeds(bundle, synthetic=c.distill_synthetic, texts=c.distill_text,
@@ -1070,14 +1133,13 @@ def compress(bundle, cfg, c: Compression, say: Callable[[str], None] | None = No
                       float_schedule=c.distill_schedule, device=c.distill_device,
                       linear_weight=c.distill_linear_weight, attention_weight=c.distill_attention_weight,
                       precision=c.distill_precision, teacher_cache_bytes=cache_bytes, float_ema=c.distill_ema,
-                      train_embeddings=c.distill_train_embeddings, fake_quant=c.distill_fake_quant)
+                      train_embeddings=c.distill_train_embeddings, fake_quant=c.distill_fake_quant,
+                      float_checkpoint=checkpoint if c.distill_eval_every else None,
+                      checkpoint_every=c.distill_eval_every)
         fixed, masks, f_losses, q_losses = res.fixed, res.masks, res.float_losses, res.qat_losses
         cached = res.teacher_cached
-        # float steps behind the student, over its --distill-init chain (None: a folder's unknown count)
-        steps_total = None if init_info and init_info.get("steps") is None else \
-            (init_info["steps"] if init_info else 0) + distill_steps
+        steps_total = None if init_steps is None else init_steps + distill_steps
         # trained tables (this run's or its init's) go with the student: files and folders
-        tables = c.distill_train_embeddings or bool(init_w is not None and embedding_tables(folded) & set(init_w))
         fixed.meta["distill"] = {"float_steps": steps_total, "embeddings": tables}
         if c.distill_save is not None:
             save_student(c.distill_save, res.float_student,
@@ -1136,10 +1198,26 @@ def compress(bundle, cfg, c: Compression, say: Callable[[str], None] | None = No
                    "distill_ema": c.distill_ema if float_stage else None,
                    "distill_train_embeddings": c.distill_train_embeddings,
                    "distill_fake_quant": c.distill_fake_quant,
+                   "distill_eval_every": c.distill_eval_every or None, "distill_evals": evals,
                    "distill_linear_weight": c.distill_linear_weight if c.distill else None,
                    "distill_attention_weight": c.distill_attention_weight if c.distill else None,
                    "distill_loss_first": f_losses[0] if f_losses else None,
                    "distill_loss_last": f_losses[-1] if f_losses else None, "qat_losses": q_losses}
+
+
+def _checkpoint_scores(bundle, cfg, student: Graph, step: int) -> dict:
+    """A ``distill_evals`` row: the float student ``student`` scored in float
+    and quantized to ``cfg`` (calibrated on the calibration inputs, no QAT)."""
+    from .accuracy import evaluate, evaluate_float
+    from .quant import quantize
+
+    f = evaluate_float(bundle, student)
+    q = evaluate(bundle, quantize(student, bundle.calib_feeds, cfg)[0])
+    row = {"step": step, "float_cosine_mean": f["cosine_mean"], "float_cosine_min": f["cosine_min"],
+           "cosine_mean": q["cosine_mean"], "cosine_min": q["cosine_min"]}
+    if bundle.kind == "decoder":
+        row.update(float_ppl=f["ppl_quant"], ppl_quant=q["ppl_quant"])
+    return row
 
 
 def _prune_channels(folded: Graph, bundle, spec, layers: str | None, budget: float | None, say):

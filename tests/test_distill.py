@@ -308,6 +308,9 @@ def test_cli_prune_budget(capsys, tmp_path):
      "--distill-fake-quant needs --distill with --distill-steps > 0"),
     (["--distill", "--distill-steps", "1", "--distill-ema", "1"],
      "--distill-ema 1.0: the decay must be in [0, 1) (0: no average)"),
+    (["--distill-eval-every", "2"], "--distill-eval-every needs --distill with --distill-steps > 0"),
+    (["--distill", "--distill-steps", "1", "--distill-eval-every", "-1"],
+     "--distill-eval-every -1: the interval must be an integer >= 1 (steps; 0: off)"),
     (["--distill-init", "s.npz"], "--distill-init needs --distill"),
     (["--prune", "2:4", "--gradual", "--distill", "--distill-steps", "1", "--distill-init", "s.npz"],
      "--distill-init starts from a saved student, whose zeros are its masks: drop --gradual"),
@@ -837,3 +840,72 @@ def test_train_feeds_augment_adds_variants_of_the_text_sentences(tmp_path):
         D.train_feeds(b, texts=[t], augment=-2)
     with pytest.raises(D.DistillError, match="varies the --distill-text sentences: give --distill-text"):
         D.train_feeds(b, augment=1)
+
+
+def test_distill_float_checkpoints_see_the_average_and_leave_training_alone(tiny_decoder, one_torch_thread):
+    """``checkpoint(n)`` runs every ``checkpoint_every`` steps short of the
+    last, with the student holding what it would end with if stopped there
+    (the weight average: the final weights of an ``n``-step run), and the
+    run's own end is the same, bit for bit, as without checkpoints."""
+    g = prepare(tiny_decoder)
+    feeds = tiny_decoder_feeds(3)
+    masks = P.compute_masks(g, P.PruneSpec.parse("2:4"))
+    seen = {}
+
+    def run(steps, every=0):
+        st = D.FloatStudent(g, masks)
+        D.distill_float(st, feeds, D.DistillLoss(g, "decoder"), steps, lr=3e-3, ema=0.8, checkpoint_every=every,
+                        checkpoint=lambda n: seen.setdefault(n, st.current_graph().weights))
+        return st.current_graph().weights
+
+    end = run(5, every=2)
+    assert sorted(seen) == [2, 4]
+    plain = run(5)
+    assert all(np.array_equal(end[k], plain[k]) for k in plain)
+    for n in (2, 4):
+        stopped = run(n)
+        assert all(np.array_equal(seen[n][k], stopped[k]) for k in stopped), n
+    assert not all(np.array_equal(seen[2][k], seen[4][k]) for k in plain)
+    assert all(not np.any(seen[2][k][~m]) for k, m in masks.items())
+
+
+def test_cli_distill_eval_every_scores_and_saves_checkpoints(capsys, tmp_path, monkeypatch):
+    """``--distill-eval-every 2`` over 5 float steps: rows at steps 2 and 4 (not
+    the last); a row's quantized score is what a run stopped there exports
+    (the same command with ``--distill-steps 2``: its ``cosine_mean``); each
+    checkpoint is written to ``--distill-save`` before the final student."""
+    base = ["quantize", "--model", "bert-block", "--prune", "2:4", "--distill", "--json", "--quiet"]
+    saves = []
+    real = D.save_student
+    monkeypatch.setattr(D, "save_student", lambda path, graph, info: (saves.append(info["steps"]),
+                                                                      real(path, graph, info)))
+    code, so, _ = run_cli(capsys, *base, "--distill-steps", "5", "--distill-eval-every", "2",
+                          "--distill-save", tmp_path / "s.npz", "--out", tmp_path / "a")
+    r = last_json(so)
+    assert code == 0 and r["distill_eval_every"] == 2 and saves == [2, 4, 5]
+    assert [e["step"] for e in r["distill_evals"]] == [2, 4]
+    assert set(r["distill_evals"][0]) == {"step", "float_cosine_mean", "float_cosine_min", "cosine_mean",
+                                          "cosine_min"}
+    for e in r["distill_evals"]:
+        assert 0 < e["cosine_min"] <= e["cosine_mean"] <= 1 and 0 < e["float_cosine_min"] <= e["float_cosine_mean"] <= 1
+    code, so, _ = run_cli(capsys, *base, "--distill-steps", "2", "--out", tmp_path / "b")
+    stopped = last_json(so)
+    assert code == 0 and stopped["distill_evals"] == [] and stopped["distill_eval_every"] is None
+    assert r["distill_evals"][0]["cosine_mean"] == stopped["cosine_mean"]
+    assert r["distill_evals"][0]["cosine_min"] == stopped["cosine_min"]
+
+
+def test_evaluate_float_scores_a_float_graph():
+    """:func:`evaluate_float` runs a float graph through :func:`evaluate`'s
+    scoring: the model's own float graph matches its reference (cosine 1, its
+    perplexity the float one), a perturbed one does not."""
+    from hwgen import zoo
+    from hwgen.accuracy import evaluate_float
+
+    tiny_gpt_bundle = zoo.load("tiny-gpt")
+    g = prepare(tiny_gpt_bundle.graph)
+    same = evaluate_float(tiny_gpt_bundle, g)
+    assert same["cosine_min"] > 1 - 1e-6 and same["ppl_quant"] == pytest.approx(same["ppl_float"], rel=1e-6)
+    lin = P.prunable_linears(g)[0].inputs[1]
+    off = evaluate_float(tiny_gpt_bundle, g.with_weights({lin: g.weights[lin] * 0.5}))
+    assert off["cosine_mean"] < same["cosine_mean"] and off["ppl_quant"] != same["ppl_quant"]
