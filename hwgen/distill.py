@@ -1112,7 +1112,17 @@ def compress(bundle, cfg, c: Compression, say: Callable[[str], None] | None = No
         # float steps behind the start, over its --distill-init chain (None: a folder's unknown count)
         init_steps = None if init_info and init_info.get("steps") is None else \
             (init_info["steps"] if init_info else 0)
+        # trained tables (this run's or its init's) go with the student: files and folders
         tables = c.distill_train_embeddings or bool(init_w is not None and embedding_tables(folded) & set(init_w))
+
+        def behind(step: int) -> int | None:
+            """The float steps behind the student after this run's step ``step``."""
+            return None if init_steps is None else init_steps + step
+
+        def student_info(step: int, **extra) -> dict:
+            """A student file's info after this run's float step ``step``."""
+            return {"model": bundle.name, "prune": spec.name if spec else None, "steps": behind(step),
+                    "embeddings": tables, **extra}
 
         def checkpoint(step: int, student: Graph) -> None:
             row = _checkpoint_scores(bundle, cfg, student, step)
@@ -1120,9 +1130,7 @@ def compress(bundle, cfg, c: Compression, say: Callable[[str], None] | None = No
             say(f"checkpoint at float step {step}: float cosine {row['float_cosine_mean']:.5f}, "
                 f"{cfg.name} {row['cosine_mean']:.5f} (min {row['cosine_min']:.4f})")
             if c.distill_save is not None:
-                save_student(c.distill_save, student,
-                             {"model": bundle.name, "prune": spec.name if spec else None,
-                              "steps": None if init_steps is None else init_steps + step, "embeddings": tables})
+                save_student(c.distill_save, student, student_info(step))
         res = distill(bundle.graph, bundle.kind, bundle.calib_feeds, cfg, spec, norms,
                       float_steps=distill_steps, qat_steps=c.qat_steps, lr=distill_lr, qat_lr=c.lr,
                       train_feeds=train_feeds(bundle, synthetic=c.distill_synthetic, texts=c.distill_text,
@@ -1138,13 +1146,10 @@ def compress(bundle, cfg, c: Compression, say: Callable[[str], None] | None = No
                       checkpoint_every=c.distill_eval_every)
         fixed, masks, f_losses, q_losses = res.fixed, res.masks, res.float_losses, res.qat_losses
         cached = res.teacher_cached
-        steps_total = None if init_steps is None else init_steps + distill_steps
-        # trained tables (this run's or its init's) go with the student: files and folders
+        steps_total = behind(distill_steps)
         fixed.meta["distill"] = {"float_steps": steps_total, "embeddings": tables}
         if c.distill_save is not None:
-            save_student(c.distill_save, res.float_student,
-                         {"model": bundle.name, "prune": spec.name if spec else None, "steps": steps_total,
-                          "loss_last": f_losses[-1], "embeddings": tables})
+            save_student(c.distill_save, res.float_student, student_info(distill_steps, loss_last=f_losses[-1]))
             say(f"float student saved to {os.fspath(c.distill_save)}")
     elif c.qat_steps:
         _, fmts = quantize(start if masks is not None else P.prune(folded, spec, norms, names=names)[0]
